@@ -1,0 +1,95 @@
+//! Command implementations, one module per noun.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub mod artifact;
+pub mod key;
+pub mod root;
+pub mod store;
+
+/// Exit code: the operation failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: usage or configuration error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: temporary failure; safe to retry.
+pub const EXIT_TEMPFAIL: u8 = 75;
+
+/// An error that carries its own exit code. Attach it with
+/// `Err(anyhow::Error::new(Exit::usage(..)))` or `.context(..)` on top of it.
+#[derive(Debug)]
+pub struct Exit {
+    /// The process exit code.
+    pub code: u8,
+    /// What went wrong, one line.
+    pub message: String,
+}
+
+impl Exit {
+    /// A usage or configuration error (exit code 2).
+    pub fn usage(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit { code: EXIT_USAGE, message: message.into() })
+    }
+
+    /// A temporary failure that is safe to retry (exit code 75).
+    pub fn tempfail(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit { code: EXIT_TEMPFAIL, message: message.into() })
+    }
+}
+
+/// Picks the exit code for an error: the innermost [`Exit`] in its chain decides,
+/// otherwise 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<Exit>())
+        .last()
+        .map_or(EXIT_FAILED, |e| e.code)
+}
+
+/// How a command talks to the person running it.
+#[derive(Debug)]
+pub struct Ui {
+    quiet: bool,
+    tty: bool,
+}
+
+impl Ui {
+    /// `quiet` suppresses informational messages and progress bars.
+    pub fn new(quiet: bool) -> Self {
+        Ui { quiet, tty: std::io::stderr().is_terminal() }
+    }
+
+    /// An informational line on stderr, unless quiet.
+    pub fn info(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// A byte progress bar on stderr, shown only on a TTY, never when quiet or when
+    /// `json` output was asked for. Otherwise a hidden bar that costs nothing.
+    pub fn progress(&self, total_bytes: u64, what: &str, json: bool) -> ProgressBar {
+        if self.quiet || json || !self.tty {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(total_bytes);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        bar
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}

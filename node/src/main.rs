@@ -1,0 +1,66 @@
+//! `shoal`: the one binary of Shoal (tools, device installer, later daemon and server).
+//!
+//! Each noun-verb command group lives in its own module under `cmd/`. `main` parses the
+//! command line, installs the tracing subscriber (diagnostics go to stderr, data to
+//! stdout), runs the command, prints an error chain once and picks the exit code:
+//! 0 success, 1 operation failed, 2 usage or config error, 75 temporary failure that is
+//! safe to retry.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Shoal: atomic A/B over-the-air updates for fleets of embedded Linux devices.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, long_about = None)]
+struct Cli {
+    /// Print only errors (no progress bars, no informational messages).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make and inspect signing keys.
+    #[command(subcommand)]
+    Key(cmd::key::Command),
+    /// Make, rotate and inspect trust roots.
+    #[command(subcommand)]
+    Root(cmd::root::Command),
+    /// Build, sign, inspect, verify, extract and diff `.shoal` artifacts.
+    #[command(subcommand)]
+    Artifact(cmd::artifact::Command),
+    /// Manage chunk stores (plain directories servable as static files).
+    #[command(subcommand)]
+    Store(cmd::store::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if cli.quiet { "error" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let ui = cmd::Ui::new(cli.quiet);
+    let result = match cli.command {
+        Command::Key(c) => cmd::key::run(c, &ui),
+        Command::Root(c) => cmd::root::run(c, &ui),
+        Command::Artifact(c) => cmd::artifact::run(c, &ui),
+        Command::Store(c) => cmd::store::run(c, &ui),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shoal: {err:#}");
+            ExitCode::from(cmd::exit_code(&err))
+        }
+    }
+}
