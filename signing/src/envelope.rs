@@ -1,0 +1,215 @@
+//! Signed envelopes: bytes plus any number of `(key id, signature)` pairs.
+
+use crate::key::{KeyId, SecretKey};
+
+/// The largest encoded envelope accepted, in bytes. A manifest of a 4 GiB image with
+/// 64 KiB chunks is about 2.7 MB, so releases larger than that use bigger chunks.
+pub const ENVELOPE_SIZE_MAX: usize = 16 * 1024 * 1024;
+
+/// The most signatures an envelope may carry.
+pub const SIGNATURES_MAX: usize = 256;
+
+/// Prefix of every signed message: domain separation from other uses of the key.
+pub const SIGNING_CONTEXT: &[u8] = b"shoal-envelope-v1\0";
+
+/// Errors decoding an envelope, a trust root or another signed CBOR structure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The input is larger than the format allows.
+    #[error("{size} bytes is larger than the limit of {max} bytes")]
+    TooLarge {
+        /// Input size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The input is empty.
+    #[error("empty input")]
+    Empty,
+    /// The bytes are not the expected CBOR structure.
+    #[error("malformed CBOR: {0}")]
+    Cbor(String),
+    /// The CBOR is valid but not in canonical form (it would not re-encode to itself).
+    #[error("CBOR is not in canonical form")]
+    NonCanonical,
+    /// More signatures than [`SIGNATURES_MAX`].
+    #[error("{count} signatures is more than the limit of {max}")]
+    TooManySignatures {
+        /// How many there were.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// One signature.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Signature {
+    /// The signing key's id.
+    pub key_id: KeyId,
+    /// The ed25519 signature of [`SIGNING_CONTEXT`] followed by the signed bytes.
+    #[serde(with = "serde_bytes")]
+    pub sig: [u8; 64],
+}
+
+/// Signed bytes plus signatures.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Envelope {
+    /// The bytes that are signed (canonical CBOR of a manifest, a root, ...).
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
+    /// Signatures, in the order they were added.
+    pub signatures: Vec<Signature>,
+}
+
+impl Envelope {
+    /// An envelope around `signed` with no signatures yet.
+    pub fn new(signed: Vec<u8>) -> Envelope {
+        Envelope {
+            signed,
+            signatures: Vec::new(),
+        }
+    }
+
+    /// The message a key signs for these bytes.
+    pub fn message(signed: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + signed.len());
+        msg.extend_from_slice(SIGNING_CONTEXT);
+        msg.extend_from_slice(signed);
+        msg
+    }
+
+    /// Adds `key`'s signature, replacing an earlier one by the same key.
+    pub fn sign(&mut self, key: &SecretKey) {
+        let sig = Signature {
+            key_id: key.id(),
+            sig: key.sign(&Self::message(&self.signed)),
+        };
+        match self.signatures.iter_mut().find(|s| s.key_id == sig.key_id) {
+            Some(existing) => *existing = sig,
+            None => self.signatures.push(sig),
+        }
+    }
+
+    /// Canonical CBOR encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+
+    /// Decodes an envelope, bounded by [`ENVELOPE_SIZE_MAX`] and [`SIGNATURES_MAX`].
+    /// Says nothing about whether the signatures are valid: see
+    /// [`TrustRoot::verify`](crate::TrustRoot::verify).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        let env: Envelope = from_cbor(bytes, ENVELOPE_SIZE_MAX)?;
+        if env.signatures.len() > SIGNATURES_MAX {
+            return Err(DecodeError::TooManySignatures {
+                count: env.signatures.len(),
+                max: SIGNATURES_MAX,
+            });
+        }
+        Ok(env)
+    }
+}
+
+/// Canonical CBOR of a value (struct fields in declaration order, maps sorted).
+pub(crate) fn to_cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), value).expect("encoding into a Vec cannot fail")
+}
+
+/// Decodes canonical CBOR of at most `max` bytes; rejects trailing bytes and
+/// encodings that do not re-encode to themselves.
+pub(crate) fn from_cbor<T>(bytes: &[u8], max: usize) -> Result<T, DecodeError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if bytes.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max,
+        });
+    }
+    let value: T =
+        cbor4ii::serde::from_slice(bytes).map_err(|e| DecodeError::Cbor(e.to_string()))?;
+    if to_cbor(&value) != bytes {
+        return Err(DecodeError::NonCanonical);
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn signing_twice_with_one_key_keeps_one_signature() {
+        let key = SecretKey::from_seed(&[9; 32]);
+        let mut env = Envelope::new(b"payload".to_vec());
+        env.sign(&key);
+        env.sign(&key);
+        assert_eq!(env.signatures.len(), 1);
+        assert!(
+            key.public()
+                .verify(&Envelope::message(b"payload"), &env.signatures[0].sig)
+        );
+    }
+
+    #[test]
+    fn malformed_envelopes_give_specific_errors() {
+        assert_eq!(Envelope::from_bytes(&[]), Err(DecodeError::Empty));
+        assert!(matches!(
+            Envelope::from_bytes(b"not cbor at all"),
+            Err(DecodeError::Cbor(_))
+        ));
+        let big = vec![0u8; ENVELOPE_SIZE_MAX + 1];
+        assert_eq!(
+            Envelope::from_bytes(&big),
+            Err(DecodeError::TooLarge {
+                size: ENVELOPE_SIZE_MAX + 1,
+                max: ENVELOPE_SIZE_MAX
+            })
+        );
+        let mut env = Envelope::new(vec![1, 2, 3]);
+        env.sign(&SecretKey::from_seed(&[1; 32]));
+        let bytes = env.to_bytes();
+        // Truncated.
+        assert!(matches!(
+            Envelope::from_bytes(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Cbor(_))
+        ));
+        // Trailing garbage.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Envelope::from_bytes(&longer).is_err());
+    }
+
+    #[test]
+    fn too_many_signatures_are_refused() {
+        let key = SecretKey::from_seed(&[1; 32]);
+        let mut env = Envelope::new(vec![1]);
+        env.sign(&key);
+        let one = env.signatures[0].clone();
+        env.signatures = vec![one; SIGNATURES_MAX + 1];
+        assert_eq!(
+            Envelope::from_bytes(&env.to_bytes()),
+            Err(DecodeError::TooManySignatures {
+                count: SIGNATURES_MAX + 1,
+                max: SIGNATURES_MAX
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn envelope_round_trips(signed in proptest::collection::vec(any::<u8>(), 0..512), seeds in proptest::collection::vec(any::<[u8; 32]>(), 0..4)) {
+            let mut env = Envelope::new(signed);
+            for seed in &seeds {
+                env.sign(&SecretKey::from_seed(seed));
+            }
+            prop_assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! ed25519 keys in PKCS#8 / SPKI PEM and their ids.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+/// Errors reading, writing or making keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The text is not a PKCS#8 PEM ed25519 private key.
+    #[error("not an ed25519 private key in PKCS#8 PEM ({0})")]
+    BadPrivateKey(String),
+    /// The text is not an SPKI PEM ed25519 public key.
+    #[error("not an ed25519 public key in SPKI PEM ({0})")]
+    BadPublicKey(String),
+    /// The bytes are not a valid ed25519 public key point.
+    #[error("invalid ed25519 public key bytes")]
+    BadPublicKeyBytes,
+    /// The operating system's random number generator failed.
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
+    /// A key id is not 64 hex digits.
+    #[error("a key id is 64 hex digits, got {0:?}")]
+    BadKeyId(String),
+}
+
+/// The id of a key: BLAKE3 of the raw 32-byte ed25519 public key.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct KeyId(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl KeyId {
+    /// The first 8 bytes in hex: enough for people, not for machines.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.short())
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(s, &mut id).map_err(|_| KeyError::BadKeyId(s.to_string()))?;
+        Ok(KeyId(id))
+    }
+}
+
+/// An ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// Parses an SPKI PEM public key (`openssl pkey -pubout` output).
+    pub fn from_spki_pem(pem: &str) -> Result<Self, KeyError> {
+        VerifyingKey::from_public_key_pem(pem)
+            .map(PublicKey)
+            .map_err(|e| KeyError::BadPublicKey(e.to_string()))
+    }
+
+    /// The SPKI PEM text of this key.
+    pub fn to_spki_pem(&self) -> String {
+        self.0
+            .to_public_key_pem(LineEnding::LF)
+            .expect("encoding a valid ed25519 public key cannot fail")
+    }
+
+    /// Reads an SPKI PEM public key file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        Self::from_spki_pem(&read_text(path)?)
+    }
+
+    /// Writes this key as an SPKI PEM file.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        std::fs::write(path, self.to_spki_pem()).map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The key from its raw 32 bytes.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
+        VerifyingKey::from_bytes(bytes)
+            .map(PublicKey)
+            .map_err(|_| KeyError::BadPublicKeyBytes)
+    }
+
+    /// The raw 32 bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// This key's id.
+    pub fn id(&self) -> KeyId {
+        KeyId(*blake3::hash(self.0.as_bytes()).as_bytes())
+    }
+
+    /// Whether `sig` is this key's strict ed25519 signature of `msg`.
+    pub fn verify(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
+        let sig = ed25519_dalek::Signature::from_bytes(sig);
+        self.0.verify_strict(msg, &sig).is_ok()
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.id().short())
+    }
+}
+
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(self.0.as_bytes()).serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes: [u8; 32] = serde_bytes::deserialize(d)?;
+        PublicKey::from_bytes(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An ed25519 private key. Its bytes are zeroed on drop.
+#[derive(Clone)]
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// A new key from the operating system's random number generator.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        let key = SecretKey(SigningKey::from_bytes(&seed));
+        seed.fill(0);
+        Ok(key)
+    }
+
+    /// A key from a 32-byte seed: for tests and reproducible demos only.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        SecretKey(SigningKey::from_bytes(seed))
+    }
+
+    /// Parses a PKCS#8 PEM private key (`openssl genpkey -algorithm ed25519` output).
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
+        SigningKey::from_pkcs8_pem(pem)
+            .map(SecretKey)
+            .map_err(|e| KeyError::BadPrivateKey(e.to_string()))
+    }
+
+    /// The PKCS#8 PEM text of this key: a v1 `PrivateKeyInfo` without the optional
+    /// public key, the form `openssl genpkey` writes and OpenSSL 3.0 reads (it refuses
+    /// the v2 form with the public key attached).
+    pub fn to_pkcs8_pem(&self) -> String {
+        let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        };
+        v1.to_pkcs8_pem(LineEnding::LF)
+            .expect("encoding a valid ed25519 private key cannot fail")
+            .to_string()
+    }
+
+    /// Reads a PKCS#8 PEM private key file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        Self::from_pkcs8_pem(&read_text(path)?)
+    }
+
+    /// Writes this key as a PKCS#8 PEM file readable by its owner only. Refuses to
+    /// overwrite an existing file.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        file.write_all(self.to_pkcs8_pem().as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// The id of the public half.
+    pub fn id(&self) -> KeyId {
+        self.public().id()
+    }
+
+    /// Signs `msg`.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({})", self.id().short())
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, KeyError> {
+    // A PEM key is a few hundred bytes; refuse to slurp anything large.
+    const KEY_FILE_SIZE_MAX: u64 = 64 * 1024;
+    let io = |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.len() > KEY_FILE_SIZE_MAX {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes is too large for a key file", meta.len()),
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_round_trip_keeps_the_key() {
+        let key = SecretKey::from_seed(&[7; 32]);
+        let again = SecretKey::from_pkcs8_pem(&key.to_pkcs8_pem()).unwrap();
+        assert_eq!(again.id(), key.id());
+        let public = PublicKey::from_spki_pem(&key.public().to_spki_pem()).unwrap();
+        assert_eq!(public, key.public());
+        assert!(
+            key.to_pkcs8_pem()
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
+        assert!(
+            public
+                .to_spki_pem()
+                .starts_with("-----BEGIN PUBLIC KEY-----")
+        );
+    }
+
+    #[test]
+    fn key_id_is_blake3_of_public_key_and_parses_from_hex() {
+        let key = SecretKey::from_seed(&[1; 32]);
+        let id = key.id();
+        assert_eq!(id.0, *blake3::hash(&key.public().to_bytes()).as_bytes());
+        assert_eq!(id.to_string().parse::<KeyId>().unwrap(), id);
+        assert!(matches!("abc".parse::<KeyId>(), Err(KeyError::BadKeyId(_))));
+    }
+
+    #[test]
+    fn garbage_pem_is_a_specific_error() {
+        assert!(matches!(
+            SecretKey::from_pkcs8_pem(
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+            ),
+            Err(KeyError::BadPrivateKey(_))
+        ));
+        assert!(matches!(
+            PublicKey::from_spki_pem("hello"),
+            Err(KeyError::BadPublicKey(_))
+        ));
+        // A private key where a public key is expected.
+        let key = SecretKey::from_seed(&[2; 32]);
+        assert!(matches!(
+            PublicKey::from_spki_pem(&key.to_pkcs8_pem()),
+            Err(KeyError::BadPublicKey(_))
+        ));
+    }
+
+    #[test]
+    fn save_refuses_to_overwrite_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let key = SecretKey::generate().unwrap();
+        key.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(key.save(&path), Err(KeyError::Io { .. })));
+        assert_eq!(SecretKey::load(&path).unwrap().id(), key.id());
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_right_message_and_key() {
+        let key = SecretKey::from_seed(&[3; 32]);
+        let other = SecretKey::from_seed(&[4; 32]);
+        let sig = key.sign(b"hello");
+        assert!(key.public().verify(b"hello", &sig));
+        assert!(!key.public().verify(b"hellO", &sig));
+        assert!(!other.public().verify(b"hello", &sig));
+    }
+}
