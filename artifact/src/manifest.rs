@@ -1,0 +1,805 @@
+//! The release manifest: what a `.shoal` artifact (or a chunk store) holds, in
+//! canonical CBOR.
+//!
+//! The manifest is the *signed* part of an artifact: an envelope's signed bytes are
+//! exactly [`Manifest::to_cbor`]. Its encoding is RFC 8949 §4.2.1 "core deterministic"
+//! CBOR: definite lengths, shortest-form integers, map keys sorted by their encoded
+//! bytes (so shorter text keys first). [`Manifest::from_cbor`] accepts only that one
+//! encoding: it decodes, validates, re-encodes and compares byte for byte, so one
+//! manifest has exactly one byte string and one hash.
+//!
+//! Decoding untrusted bytes is bounded: the input is at most [`MANIFEST_SIZE_MAX`]
+//! bytes, strings, lists and maps have limits (see the `*_MAX` constants), nesting is
+//! bounded by the fixed schema (and cbor4ii's depth limit), and every payload's chunk
+//! list is checked against its declared size and chunking parameters before anyone
+//! sees the manifest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::Deserializer;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this crate writes and the only one it reads.
+///
+/// A later version adds chunk entries encoded against data a device already holds
+/// (see `artifact/DESIGN.md`); a reader refuses versions it does not know instead of
+/// guessing.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest manifest accepted, in bytes of CBOR (about 350 000 chunks).
+pub const MANIFEST_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// Most payloads in one manifest.
+pub const PAYLOADS_MAX: usize = 64;
+/// Longest name, version, device type, provides/depends key or value, in bytes.
+pub const STRING_LEN_MAX: usize = 256;
+/// Most compatible device types.
+pub const DEVICE_TYPES_MAX: usize = 256;
+/// Most provides (and, separately, depends) entries.
+pub const KEY_VALUES_MAX: usize = 256;
+/// Largest `max_size` of the chunking parameters (and so the largest chunk), in bytes.
+pub const CHUNK_SIZE_MAX: u32 = 4 * 1024 * 1024;
+/// Smallest `min_size` of the chunking parameters, in bytes (FastCDC's own minimum).
+pub const CHUNK_SIZE_MIN: u32 = 64;
+
+/// A chunk's id: the BLAKE3 hash of its *uncompressed* bytes.
+///
+/// `Display`/`FromStr` are lowercase hex (64 characters); serde as a 32-byte string.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id of `bytes` (BLAKE3).
+    pub fn of(bytes: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The bytes of the id.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl From<blake3::Hash> for ChunkId {
+    fn from(h: blake3::Hash) -> Self {
+        ChunkId(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+/// Text that is not 64 hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a chunk id is 64 hex characters")]
+pub struct ParseChunkIdError;
+
+impl FromStr for ChunkId {
+    type Err = ParseChunkIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| ParseChunkIdError)?;
+        Ok(ChunkId(out))
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(&self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b = serde_bytes::ByteArray::<32>::deserialize(d)?;
+        Ok(ChunkId(b.into_array()))
+    }
+}
+
+/// One release: the signed description of an artifact's content.
+///
+/// Field order is the canonical CBOR key order (shorter keys first, then bytewise);
+/// keep it that way when adding fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Set for a *thin* artifact: the release whose chunks this artifact leaves out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRelease>,
+    /// Release name, e.g. `"acme-os"`.
+    pub name: String,
+    /// What this release needs the device to have (Mender's `depends`): for each key,
+    /// the acceptable values; the device's provides must hold one of them, for every key.
+    #[serde(serialize_with = "ser_canonical_map")]
+    pub depends: BTreeMap<String, Vec<String>>,
+    /// Release version, free-form text (e.g. `"2.0.0"`).
+    pub version: String,
+    /// The FastCDC parameters every payload was cut with.
+    pub chunking: Chunking,
+    /// The payloads, in install order.
+    pub payloads: Vec<Payload>,
+    /// What the device has once this release is installed (Mender's `provides`).
+    #[serde(serialize_with = "ser_canonical_map")]
+    pub provides: BTreeMap<String, String>,
+    /// Device types this release may be installed on (at least one).
+    pub device_types: Vec<String>,
+    /// The manifest format version, [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Anti-rollback counter: a device refuses a release whose counter is lower than
+    /// the highest it has committed.
+    pub security_counter: u64,
+}
+
+/// The release a thin artifact was built against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRelease {
+    /// The base release's name.
+    pub name: String,
+    /// The base release's version.
+    pub version: String,
+    /// BLAKE3 of the base release's manifest CBOR ([`Manifest::hash`]).
+    #[serde(with = "serde_bytes")]
+    pub manifest_hash: [u8; 32],
+}
+
+/// What a payload is, so the installer knows where it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadKind {
+    /// A whole root filesystem image, written to the inactive A/B slot.
+    #[serde(rename = "rootfs-image")]
+    RootfsImage,
+    /// A single file (its `name` is the destination path). Reserved: the format
+    /// carries it, installers refuse it until a later issue implements it.
+    #[serde(rename = "file")]
+    File,
+}
+
+impl fmt::Display for PayloadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PayloadKind::RootfsImage => "rootfs-image",
+            PayloadKind::File => "file",
+        })
+    }
+}
+
+/// One payload: a byte string cut into content-defined chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// BLAKE3 of the whole payload.
+    #[serde(with = "serde_bytes")]
+    pub hash: [u8; 32],
+    /// What the payload is.
+    pub kind: PayloadKind,
+    /// A name unique within the manifest (`"rootfs"` for the root filesystem; the
+    /// destination path for a `file`).
+    pub name: String,
+    /// Size of the payload in bytes; equals the sum of its chunks' sizes.
+    pub size: u64,
+    /// The chunks, in payload order. A chunk id may repeat (e.g. zero blocks).
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// FastCDC (2020 variant, normalization level 1, seed 0) parameters, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunking {
+    /// Target average chunk size.
+    pub avg_size: u32,
+    /// Largest chunk.
+    pub max_size: u32,
+    /// Smallest chunk (except the last chunk of a payload).
+    pub min_size: u32,
+}
+
+impl Chunking {
+    /// Checks the parameters are within FastCDC's and this format's bounds.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let Chunking {
+            min_size,
+            avg_size,
+            max_size,
+        } = *self;
+        let ok = (CHUNK_SIZE_MIN..=1024 * 1024).contains(&min_size)
+            && (256..=CHUNK_SIZE_MAX).contains(&avg_size)
+            && (1024..=CHUNK_SIZE_MAX).contains(&max_size)
+            && min_size <= avg_size
+            && avg_size <= max_size
+            && min_size % 2 == 0
+            && avg_size % 2 == 0
+            && max_size % 2 == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(ManifestError::BadChunking(*self))
+        }
+    }
+}
+
+/// One chunk of a payload.
+///
+/// Encoded as a 3-element CBOR array `[id, size, stored_size]` to keep manifests of
+/// big images small. The room for chunks encoded against data the device already
+/// holds is here: a later format version appends an element naming the reference
+/// (see DESIGN.md); this version refuses any other array length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// BLAKE3 of the uncompressed chunk.
+    pub id: ChunkId,
+    /// Uncompressed size in bytes.
+    pub size: u32,
+    /// Size of the chunk's stored form (zstd frame, or raw) in the artifact it was
+    /// built into, in bytes: what a device downloads for it from that artifact.
+    pub stored_size: u32,
+}
+
+impl Serialize for ChunkRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (
+            serde_bytes::Bytes::new(&self.id.0),
+            self.size,
+            self.stored_size,
+        )
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (id, size, stored_size) = <(serde_bytes::ByteArray<32>, u32, u32)>::deserialize(d)?;
+        Ok(ChunkRef {
+            id: ChunkId(id.into_array()),
+            size,
+            stored_size,
+        })
+    }
+}
+
+/// Serializes a string map with keys in canonical CBOR order (length, then bytes).
+fn ser_canonical_map<S: Serializer, V: Serialize>(
+    map: &BTreeMap<String, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<(&String, &V)> = map.iter().collect();
+    entries.sort_by(|a, b| (a.0.len(), a.0.as_bytes()).cmp(&(b.0.len(), b.0.as_bytes())));
+    let mut m = s.serialize_map(Some(entries.len()))?;
+    for (k, v) in entries {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
+}
+
+/// Why manifest bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The manifest is larger than [`MANIFEST_SIZE_MAX`].
+    #[error("manifest is {size} bytes, more than the limit of {max}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bytes are not a CBOR manifest of this schema.
+    #[error("manifest is not valid CBOR for this schema: {0}")]
+    Decode(String),
+    /// The manifest's format version is not one this build reads.
+    #[error("manifest format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u64,
+    },
+    /// The CBOR is valid but not in canonical form (so its hash would be ambiguous).
+    #[error("manifest CBOR is not in canonical form")]
+    NotCanonical,
+    /// A string, list or map is longer than its limit, or a required list is empty.
+    #[error("manifest field {field} has {len} entries or bytes (allowed {min}..={max})")]
+    FieldLength {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The least allowed.
+        min: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// Two payloads share a name.
+    #[error("two payloads are named {0:?}")]
+    DuplicatePayload(String),
+    /// The chunking parameters are out of bounds.
+    #[error("chunking parameters {0:?} are out of bounds")]
+    BadChunking(Chunking),
+    /// A payload's chunk sizes do not add up to its size.
+    #[error("payload {payload:?}: chunk sizes add up to {sum}, but its size is {size}")]
+    SizeMismatch {
+        /// The payload's name.
+        payload: String,
+        /// Sum of chunk sizes.
+        sum: u64,
+        /// Declared payload size.
+        size: u64,
+    },
+    /// A chunk is empty, larger than `max_size`, or smaller than `min_size` without
+    /// being the payload's last chunk.
+    #[error("payload {payload:?}: chunk {index} has size {size}, outside the chunking bounds")]
+    ChunkSize {
+        /// The payload's name.
+        payload: String,
+        /// Index of the chunk in the payload.
+        index: usize,
+        /// Its size.
+        size: u32,
+    },
+    /// A chunk's stored size is zero or more than zstd's worst case for its size.
+    #[error("payload {payload:?}: chunk {index} has stored size {stored_size} for size {size}")]
+    StoredSize {
+        /// The payload's name.
+        payload: String,
+        /// Index of the chunk in the payload.
+        index: usize,
+        /// Its uncompressed size.
+        size: u32,
+        /// Its stored size.
+        stored_size: u32,
+    },
+}
+
+/// Largest stored form a chunk of `size` bytes may have: zstd's worst case.
+pub fn stored_size_max(size: u32) -> u32 {
+    let bound = zstd::zstd_safe::compress_bound(size as usize);
+    u32::try_from(bound).unwrap_or(u32::MAX)
+}
+
+fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<(), ManifestError> {
+    if len < min || len > max {
+        return Err(ManifestError::FieldLength {
+            field,
+            len,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Only the version, decoded first so that a newer manifest gets a clear error.
+#[derive(Deserialize)]
+struct VersionProbe {
+    format_version: u64,
+}
+
+impl Manifest {
+    /// The canonical CBOR encoding: the bytes that are signed.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        cbor4ii::serde::to_vec(Vec::new(), self).expect("encoding to a Vec cannot fail")
+    }
+
+    /// BLAKE3 of [`Manifest::to_cbor`]: names this exact release.
+    pub fn hash(&self) -> [u8; 32] {
+        *blake3::hash(&self.to_cbor()).as_bytes()
+    }
+
+    /// Decodes and validates untrusted manifest bytes (bounded; canonical form only).
+    pub fn from_cbor(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() > MANIFEST_SIZE_MAX {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len(),
+                max: MANIFEST_SIZE_MAX,
+            });
+        }
+        let probe: VersionProbe =
+            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        if probe.format_version != u64::from(FORMAT_VERSION) {
+            return Err(ManifestError::UnsupportedVersion {
+                found: probe.format_version,
+            });
+        }
+        let manifest: Manifest =
+            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        manifest.validate()?;
+        if manifest.to_cbor() != bytes {
+            return Err(ManifestError::NotCanonical);
+        }
+        Ok(manifest)
+    }
+
+    /// Checks every invariant a reader relies on. [`Manifest::from_cbor`] calls it;
+    /// writers call it before signing.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion {
+                found: self.format_version.into(),
+            });
+        }
+        check_len("name", self.name.len(), 1, STRING_LEN_MAX)?;
+        check_len("version", self.version.len(), 1, STRING_LEN_MAX)?;
+        check_len("device_types", self.device_types.len(), 1, DEVICE_TYPES_MAX)?;
+        for t in &self.device_types {
+            check_len("device_types[]", t.len(), 1, STRING_LEN_MAX)?;
+        }
+        check_len("provides", self.provides.len(), 0, KEY_VALUES_MAX)?;
+        for (k, v) in &self.provides {
+            check_len("provides", k.len(), 1, STRING_LEN_MAX)?;
+            check_len("provides[]", v.len(), 0, STRING_LEN_MAX)?;
+        }
+        check_len("depends", self.depends.len(), 0, KEY_VALUES_MAX)?;
+        for (k, values) in &self.depends {
+            check_len("depends", k.len(), 1, STRING_LEN_MAX)?;
+            check_len("depends[]", values.len(), 1, KEY_VALUES_MAX)?;
+            for v in values {
+                check_len("depends[][]", v.len(), 0, STRING_LEN_MAX)?;
+            }
+        }
+        if let Some(base) = &self.base {
+            check_len("base.name", base.name.len(), 1, STRING_LEN_MAX)?;
+            check_len("base.version", base.version.len(), 1, STRING_LEN_MAX)?;
+        }
+        self.chunking.validate()?;
+        check_len("payloads", self.payloads.len(), 1, PAYLOADS_MAX)?;
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.payloads {
+            check_len("payloads[].name", p.name.len(), 1, STRING_LEN_MAX)?;
+            if !names.insert(p.name.as_str()) {
+                return Err(ManifestError::DuplicatePayload(p.name.clone()));
+            }
+            p.validate(&self.chunking)?;
+        }
+        Ok(())
+    }
+
+    /// The payload named `name`.
+    pub fn payload(&self, name: &str) -> Option<&Payload> {
+        self.payloads.iter().find(|p| p.name == name)
+    }
+
+    /// Every chunk of every payload, in artifact order, each distinct id once (the
+    /// first occurrence).
+    pub fn distinct_chunks(&self) -> Vec<ChunkRef> {
+        let mut seen = std::collections::HashSet::new();
+        self.payloads
+            .iter()
+            .flat_map(|p| p.chunks.iter())
+            .filter(|c| seen.insert(c.id))
+            .copied()
+            .collect()
+    }
+}
+
+impl Payload {
+    /// Checks chunk sizes against the chunking bounds and the payload size.
+    pub fn validate(&self, chunking: &Chunking) -> Result<(), ManifestError> {
+        let n = self.chunks.len();
+        let mut sum: u64 = 0;
+        for (index, c) in self.chunks.iter().enumerate() {
+            let last = index + 1 == n;
+            let too_small = c.size == 0 || (!last && c.size < chunking.min_size);
+            if too_small || c.size > chunking.max_size {
+                return Err(ManifestError::ChunkSize {
+                    payload: self.name.clone(),
+                    index,
+                    size: c.size,
+                });
+            }
+            if c.stored_size == 0 || c.stored_size > stored_size_max(c.size) {
+                return Err(ManifestError::StoredSize {
+                    payload: self.name.clone(),
+                    index,
+                    size: c.size,
+                    stored_size: c.stored_size,
+                });
+            }
+            sum += u64::from(c.size);
+        }
+        if sum != self.size {
+            return Err(ManifestError::SizeMismatch {
+                payload: self.name.clone(),
+                sum,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Byte offset of each chunk in the payload, in order.
+    pub fn chunk_offsets(&self) -> impl Iterator<Item = (u64, &ChunkRef)> {
+        let mut off = 0u64;
+        self.chunks.iter().map(move |c| {
+            let o = off;
+            off += u64::from(c.size);
+            (o, c)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let chunks = vec![
+            ChunkRef {
+                id: ChunkId::of(b"a"),
+                size: 4000,
+                stored_size: 100,
+            },
+            ChunkRef {
+                id: ChunkId::of(b"b"),
+                size: 16384,
+                stored_size: 16384,
+            },
+            ChunkRef {
+                id: ChunkId::of(b"a"),
+                size: 4000,
+                stored_size: 100,
+            },
+            ChunkRef {
+                id: ChunkId::of(b"c"),
+                size: 1,
+                stored_size: 1,
+            },
+        ];
+        Manifest {
+            base: None,
+            name: "acme-os".into(),
+            depends: BTreeMap::from([(
+                "rootfs-image.version".into(),
+                vec!["1.0".into(), "1.0.1".into()],
+            )]),
+            version: "1.1".into(),
+            chunking: Chunking {
+                min_size: 1024,
+                avg_size: 4096,
+                max_size: 16384,
+            },
+            payloads: vec![Payload {
+                hash: *blake3::hash(b"payload").as_bytes(),
+                kind: PayloadKind::RootfsImage,
+                name: "rootfs".into(),
+                size: 4000 + 16384 + 4000 + 1,
+                chunks,
+            }],
+            provides: BTreeMap::from([
+                ("zz".into(), "1".into()),
+                ("rootfs-image.version".into(), "1.1".into()),
+            ]),
+            device_types: vec!["qemu-x86_64".into()],
+            format_version: FORMAT_VERSION,
+            security_counter: 7,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let bytes = m.to_cbor();
+        assert_eq!(Manifest::from_cbor(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn canonical_key_order() {
+        // Top-level map: 10 keys minus the absent `base` = 9, and "name" comes first.
+        let bytes = sample().to_cbor();
+        assert_eq!(bytes[0], 0xa9);
+        assert_eq!(&bytes[1..6], b"\x64name");
+    }
+
+    #[test]
+    fn non_canonical_rejected() {
+        // Same content, provides keys in the wrong (BTreeMap, not length-first) order.
+        #[derive(Serialize)]
+        struct Loose<'a> {
+            name: &'a str,
+            depends: &'a BTreeMap<String, Vec<String>>,
+            version: &'a str,
+            chunking: Chunking,
+            payloads: &'a Vec<Payload>,
+            provides: &'a BTreeMap<String, String>,
+            device_types: &'a Vec<String>,
+            format_version: u32,
+            security_counter: u64,
+        }
+        let m = sample();
+        let loose = Loose {
+            name: &m.name,
+            depends: &m.depends,
+            version: &m.version,
+            chunking: m.chunking,
+            payloads: &m.payloads,
+            provides: &m.provides,
+            device_types: &m.device_types,
+            format_version: m.format_version,
+            security_counter: m.security_counter,
+        };
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), &loose).unwrap();
+        assert_ne!(bytes, m.to_cbor());
+        assert_eq!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::NotCanonical)
+        );
+    }
+
+    #[test]
+    fn unknown_version_rejected() {
+        let mut m = sample();
+        m.format_version = 2;
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), &m).unwrap();
+        assert_eq!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::UnsupportedVersion { found: 2 })
+        );
+    }
+
+    #[test]
+    fn size_mismatch_rejected() {
+        let mut m = sample();
+        m.payloads[0].size += 1;
+        let bytes = m.to_cbor();
+        assert!(matches!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn chunk_bounds_rejected() {
+        let mut m = sample();
+        m.payloads[0].chunks[0].size = 10; // below min, not last
+        m.payloads[0].size = m.payloads[0].chunks.iter().map(|c| u64::from(c.size)).sum();
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::ChunkSize { index: 0, .. })
+        ));
+        let mut m = sample();
+        m.payloads[0].chunks[1].size = 16386; // above max
+        m.payloads[0].size = m.payloads[0].chunks.iter().map(|c| u64::from(c.size)).sum();
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::ChunkSize { index: 1, .. })
+        ));
+        let mut m = sample();
+        m.payloads[0].chunks[1].stored_size = 1 << 30;
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::StoredSize { .. })
+        ));
+        let mut m = sample();
+        m.chunking.max_size = 64 * 1024 * 1024;
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::BadChunking(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_and_limits_rejected() {
+        assert!(matches!(
+            Manifest::from_cbor(b""),
+            Err(ManifestError::Decode(_))
+        ));
+        assert!(matches!(
+            Manifest::from_cbor(b"\xff\x00garbage"),
+            Err(ManifestError::Decode(_))
+        ));
+        let big = vec![0u8; MANIFEST_SIZE_MAX + 1];
+        assert!(matches!(
+            Manifest::from_cbor(&big),
+            Err(ManifestError::TooLarge { .. })
+        ));
+        let mut m = sample();
+        m.device_types.clear();
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::FieldLength {
+                field: "device_types",
+                ..
+            })
+        ));
+        let mut m = sample();
+        m.payloads.push(m.payloads[0].clone());
+        assert!(matches!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::DuplicatePayload(_))
+        ));
+    }
+
+    #[test]
+    fn every_bit_flip_is_caught_or_changes_the_manifest() {
+        let m = sample();
+        let bytes = m.to_cbor();
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            if let Ok(m2) = Manifest::from_cbor(&b) {
+                assert_ne!(m2, m, "bit {i} flipped yet decoded to the same manifest");
+            }
+        }
+    }
+
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        let chunk =
+            (any::<[u8; 32]>(), 1024u32..=16384, 1u32..=16384).prop_map(|(id, size, stored)| {
+                ChunkRef {
+                    id: ChunkId(id),
+                    size,
+                    stored_size: stored.min(size),
+                }
+            });
+        (
+            "[a-z0-9.-]{1,20}",
+            "[0-9.]{1,10}",
+            any::<u64>(),
+            prop::collection::vec("[a-z0-9_-]{1,12}", 1..4),
+            prop::collection::btree_map("[a-z.-]{1,20}", "[a-z0-9.]{0,8}", 0..5),
+            prop::collection::btree_map(
+                "[a-z.-]{1,20}",
+                prop::collection::vec("[a-z0-9.]{0,8}", 1..3),
+                0..5,
+            ),
+            prop::collection::vec(chunk, 0..20),
+            any::<[u8; 32]>(),
+            prop::option::of(("[a-z]{1,5}", "[0-9]{1,5}", any::<[u8; 32]>())),
+        )
+            .prop_map(
+                |(name, version, counter, types, provides, depends, chunks, h, base)| Manifest {
+                    base: base.map(|(name, version, h)| BaseRelease {
+                        name,
+                        version,
+                        manifest_hash: h,
+                    }),
+                    name,
+                    depends,
+                    version,
+                    chunking: Chunking {
+                        min_size: 1024,
+                        avg_size: 4096,
+                        max_size: 16384,
+                    },
+                    payloads: vec![Payload {
+                        hash: h,
+                        kind: PayloadKind::RootfsImage,
+                        name: "rootfs".into(),
+                        size: chunks.iter().map(|c| u64::from(c.size)).sum(),
+                        chunks,
+                    }],
+                    provides,
+                    device_types: types,
+                    format_version: FORMAT_VERSION,
+                    security_counter: counter,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decode_encode_round_trip(m in arb_manifest()) {
+            let bytes = m.to_cbor();
+            prop_assert_eq!(Manifest::from_cbor(&bytes).unwrap(), m);
+        }
+
+        #[test]
+        fn from_cbor_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Manifest::from_cbor(&bytes);
+        }
+    }
+}
