@@ -1,0 +1,271 @@
+//! `shoal-bench`: measures the `shoal` binary against the tools it replaces, on real
+//! root filesystem images, and prints one Markdown goal table per issue.
+//!
+//! Every figure comes from running the real programs (`shoal`, `zck`,
+//! `zck_delta_size`, `mender-artifact`, `casync`, `dd`) as child processes in the same
+//! invocation, so each ratio compares runs made on the same machine under the same
+//! load. Timed commands run round-robin (round 1 runs every command once, then round
+//! 2, ...) so a burst of load from elsewhere hits all tools alike; each figure is the
+//! median over the rounds, peak RSS the worst round. See `bench/README.md` for the
+//! exact competitor commands and why they are the fair ones.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+
+mod measure;
+mod report;
+mod sections;
+mod shoal;
+
+use measure::{Cmd, Meter};
+use report::Report;
+
+/// Benchmark Shoal against mender-artifact, casync and zchunk on real rootfs images.
+///
+/// Build the binary under test first: `cargo build --release -p shoal-node`.
+/// Make the images with `../shared/bench/make-rootfs-images.sh /tmp/shoal-images`.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-bench", version)]
+struct Args {
+    /// Directory holding `v1.img` and `v2.img`.
+    #[arg(default_value = "/tmp/shoal-images")]
+    images: PathBuf,
+    /// The `shoal` binary to measure.
+    #[arg(long, default_value = "target/release/shoal")]
+    shoal: PathBuf,
+    /// Timed runs of each command; figures are medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Which goals to measure.
+    #[arg(long, value_enum, default_value_t = Only::All)]
+    only: Only,
+    /// Scratch directory for artifacts, stores and slots (default: a fresh temporary
+    /// directory under /tmp, removed at the end unless `--keep`).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    keep: bool,
+    /// Also write the Markdown report to FILE (for the README).
+    #[arg(long, value_name = "FILE")]
+    markdown_out: Option<PathBuf>,
+    /// Also write every measurement as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// The goal groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    /// Both groups.
+    All,
+    /// Issue 2: artifact size, build time, delta size, verify throughput, RSS.
+    Artifact,
+    /// Issue 4: `shoal install`, full and delta, against `dd`.
+    Install,
+}
+
+/// Everything the sections share.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Runs GNU time around children.
+    pub meter: Meter,
+    /// Timed rounds.
+    pub runs: u32,
+    /// Scratch directory.
+    pub work: PathBuf,
+    /// The old image (what the device runs).
+    pub v1: PathBuf,
+    /// The new image (the release).
+    pub v2: PathBuf,
+    /// The `shoal` binary under test.
+    pub shoal: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shoal-bench: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let v1 = args.images.join("v1.img");
+    let v2 = args.images.join("v2.img");
+    for img in [&v1, &v2] {
+        if !img.is_file() {
+            bail!(
+                "{} is missing: run ../shared/bench/make-rootfs-images.sh {} as root",
+                img.display(),
+                args.images.display()
+            );
+        }
+    }
+    let shoal = fs::canonicalize(&args.shoal).unwrap_or(args.shoal.clone());
+
+    let temp;
+    let work = match &args.work_dir {
+        Some(dir) => {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("shoal-bench-")
+                .tempdir_in("/tmp")
+                .context("cannot create a scratch directory in /tmp")?;
+            if args.keep {
+                temp.keep()
+            } else {
+                temp.path().to_path_buf()
+            }
+        }
+    };
+    let ctx = Ctx {
+        meter: Meter::new(&work)?,
+        runs: args.runs,
+        work: work.clone(),
+        v1,
+        v2,
+        shoal,
+    };
+
+    // Every tool starts from a warm page cache: read both images once now.
+    for img in [&ctx.v1, &ctx.v2] {
+        let mut f =
+            fs::File::open(img).with_context(|| format!("cannot open {}", img.display()))?;
+        io::copy(&mut f, &mut io::sink())?;
+    }
+
+    let load_before = loadavg();
+    let mut report = Report {
+        context: Vec::new(),
+        sections: Vec::new(),
+    };
+    if matches!(args.only, Only::All | Only::Artifact) {
+        report.sections.push(sections::artifact(&ctx)?);
+    }
+    if matches!(args.only, Only::All | Only::Install) {
+        report.sections.push(sections::install(&ctx)?);
+    }
+    report.context = context(&ctx, &args, &load_before)?;
+
+    let md = report.to_markdown();
+    io::stdout().write_all(md.as_bytes())?;
+    if let Some(path) = &args.markdown_out {
+        fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.work_dir.is_none() && !args.keep {
+        measure::remove_any(&work)?;
+    } else {
+        eprintln!("shoal-bench: scratch files kept in {}", work.display());
+    }
+    Ok(())
+}
+
+/// `/proc/loadavg`'s three averages.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// The first line a command prints (for tool versions), or why there is none.
+fn first_line(cmd: &Cmd) -> String {
+    match cmd.run_plain() {
+        Ok(out) => String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        Err(_) => "not available".to_owned(),
+    }
+}
+
+fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, String)>> {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = Cmd::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .run_plain()?;
+    Ok(vec![
+        (
+            "date".into(),
+            String::from_utf8_lossy(&date).trim().to_owned(),
+        ),
+        (
+            "machine".into(),
+            format!("{cpus} CPUs, Linux {}", kernel.trim()),
+        ),
+        (
+            "load average (1/5/15 min) before → after".into(),
+            format!("{load_before} → {}", loadavg()),
+        ),
+        (
+            "images".into(),
+            format!(
+                "{} ({}), {} ({}); page cache warm",
+                ctx.v1.display(),
+                report::Quantity::Bytes(measure::file_bytes(&ctx.v1)?),
+                ctx.v2.display(),
+                report::Quantity::Bytes(measure::file_bytes(&ctx.v2)?),
+            ),
+        ),
+        (
+            "runs".into(),
+            format!(
+                "{} per timed command, round-robin; wall = median, peak RSS = max",
+                ctx.runs
+            ),
+        ),
+        (
+            "versions".into(),
+            [
+                first_line(&Cmd::new(&ctx.shoal).arg("--version")),
+                first_line(&Cmd::new("zck").arg("--version")),
+                first_line(&Cmd::new("mender-artifact").arg("--version")),
+                format!(
+                    "casync {}",
+                    first_line(&Cmd::new("casync").arg("--version"))
+                ),
+            ]
+            .join("; "),
+        ),
+        (
+            "command".into(),
+            format!(
+                "`shoal-bench {} --shoal {} --runs {}{}`",
+                args.images.display(),
+                args.shoal.display(),
+                args.runs,
+                match args.only {
+                    Only::All => "",
+                    Only::Artifact => " --only artifact",
+                    Only::Install => " --only install",
+                }
+            ),
+        ),
+    ])
+}
+
+/// Path of `name` in the scratch directory.
+pub fn work_path(ctx: &Ctx, name: &str) -> PathBuf {
+    ctx.work.join(name)
+}
+
+/// Prints progress to stderr (the report goes to stdout).
+pub fn progress(msg: &str) {
+    eprintln!("shoal-bench: {msg}");
+}

@@ -1,0 +1,495 @@
+//! The two goal groups: issue 2 (artifact) and issue 4 (install).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::measure::{self, Cmd, Series};
+use crate::report::{Baseline, Goal, Quantity, Section, Target};
+use crate::shoal::{self, Release, Shoal};
+use crate::{Ctx, progress, work_path};
+
+/// What a timed command leaves behind, whose size the tables report.
+#[derive(Debug)]
+enum Output {
+    /// Nothing to size.
+    None,
+    /// One file.
+    File(PathBuf),
+    /// A chunk store directory: the sum of its files.
+    Store(PathBuf),
+}
+
+/// One timed command, run once per round.
+#[derive(Debug)]
+struct Job {
+    series: Series,
+    cmd: Cmd,
+    /// Removed before each run, so every run starts from the same state.
+    clean: Vec<PathBuf>,
+    output: Output,
+    /// A Shoal command may fail (it is what is under test): the failure is reported in
+    /// the table instead of ending the bench. A competitor failing ends the bench.
+    is_shoal: bool,
+    error: Option<String>,
+}
+
+impl Job {
+    fn new(label: &str, cmd: Cmd, clean: &[&Path], output: Output, is_shoal: bool) -> Self {
+        Self {
+            series: Series::new(label),
+            cmd,
+            clean: clean.iter().map(|p| p.to_path_buf()).collect(),
+            output,
+            is_shoal,
+            error: None,
+        }
+    }
+
+    /// The series if every run succeeded, otherwise why not.
+    fn result(&self) -> Result<&Series, String> {
+        match &self.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(&self.series),
+        }
+    }
+}
+
+/// Runs every job once per round, round-robin, with `sync` before each run so one
+/// command's dirty pages are not flushed on the next command's clock.
+fn run_rounds(ctx: &Ctx, jobs: &mut [Job]) -> Result<()> {
+    for round in 1..=ctx.runs {
+        for job in jobs.iter_mut() {
+            if job.error.is_some() {
+                continue;
+            }
+            for path in &job.clean {
+                measure::remove_any(path)?;
+            }
+            Cmd::new("sync").run_plain()?;
+            progress(&format!(
+                "round {round}/{}: {}",
+                ctx.runs,
+                job.cmd.display()
+            ));
+            match ctx.meter.run(&job.cmd) {
+                Ok(run) => job.series.push(&job.cmd, &run),
+                Err(e) if job.is_shoal => {
+                    progress(&format!("shoal command failed: {e:#}"));
+                    job.error = Some(one_line(&format!("{e:#}")));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let bytes = match &job.output {
+                Output::None => continue,
+                Output::File(path) => measure::file_bytes(path)?,
+                Output::Store(dir) => measure::files_by_name(dir)?.values().sum(),
+            };
+            if let Err(e) = job.series.set_output_bytes(bytes) {
+                if !job.is_shoal {
+                    return Err(e);
+                }
+                job.error = Some(format!("{e:#}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last line of a (multi-line) error, short enough for a table cell.
+fn one_line(s: &str) -> String {
+    let line = s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(s);
+    line.chars().take(160).collect()
+}
+
+fn find<'a>(jobs: &'a [Job], label: &str) -> Option<&'a Job> {
+    jobs.iter().find(|j| j.series.label == label)
+}
+
+/// A figure from the job labelled `label`, or why there is none.
+fn figure(
+    jobs: &[Job],
+    label: &str,
+    missing: &Result<Shoal, String>,
+    f: impl Fn(&Series) -> Option<Quantity>,
+) -> Result<Quantity, String> {
+    match find(jobs, label) {
+        None => Err(missing.as_ref().err().cloned().unwrap_or_default()),
+        Some(job) => job
+            .result()
+            .and_then(|s| f(s).ok_or_else(|| format!("`{label}` produced no output"))),
+    }
+}
+
+/// The competitor's figure (always measured; the bench fails without it).
+fn must(jobs: &[Job], label: &str, f: impl Fn(&Series) -> Option<Quantity>) -> Result<Quantity> {
+    let job = find(jobs, label).with_context(|| format!("no `{label}` measured"))?;
+    f(&job.series).with_context(|| format!("`{label}` produced no output"))
+}
+
+fn size(s: &Series) -> Option<Quantity> {
+    s.output_bytes.map(Quantity::Bytes)
+}
+
+fn wall(s: &Series) -> Option<Quantity> {
+    (!s.wall_s.is_empty()).then(|| Quantity::Seconds(s.median_wall_s()))
+}
+
+fn rss(s: &Series) -> Option<Quantity> {
+    (!s.peak_rss_kib.is_empty()).then(|| Quantity::Mebibytes(s.max_rss_mib()))
+}
+
+fn baseline(label: &str, quantity: Quantity) -> Baseline {
+    Baseline {
+        label: label.to_owned(),
+        quantity,
+    }
+}
+
+/// Issue 2: the artifact goals.
+pub fn artifact(ctx: &Ctx) -> Result<Section> {
+    let w = |name: &str| work_path(ctx, name);
+    let shoal = Shoal::setup(ctx);
+    if let Err(why) = &shoal {
+        progress(&format!("Shoal side not measured: {why}"));
+    }
+    let v1 = Release {
+        image: &ctx.v1,
+        version: "1.0.0",
+        counter: 1,
+    };
+    let v2 = Release {
+        image: &ctx.v2,
+        version: "2.0.0",
+        counter: 2,
+    };
+    let (v2_shoal, v2_fast) = (w("v2.shoal"), w("v2-fast.shoal"));
+    let (v2_zck, v2_mender) = (w("v2.zck"), w("v2.mender"));
+    let (v2_castr, v2_caibx) = (w("v2.castr"), w("v2.caibx"));
+
+    let mut jobs = Vec::new();
+    if let Ok(s) = &shoal {
+        jobs.push(Job::new(
+            "shoal build",
+            s.build(v2, &v2_shoal, false, None),
+            &[&v2_shoal],
+            Output::File(v2_shoal.clone()),
+            true,
+        ));
+        jobs.push(Job::new(
+            "shoal verify",
+            s.verify(&v2_shoal),
+            &[],
+            Output::None,
+            true,
+        ));
+        jobs.push(Job::new(
+            "shoal build --fast",
+            s.build(v2, &v2_fast, true, None),
+            &[&v2_fast],
+            Output::File(v2_fast.clone()),
+            true,
+        ));
+    }
+    jobs.push(Job::new(
+        "zck",
+        zck(&ctx.v2, &v2_zck),
+        &[&v2_zck],
+        Output::File(v2_zck.clone()),
+        false,
+    ));
+    jobs.push(Job::new(
+        "mender-artifact",
+        Cmd::new("mender-artifact")
+            .args(["write", "rootfs-image", "--no-progress", "--file"])
+            .arg(&ctx.v2)
+            .args(["--artifact-name", "bench-os-2.0.0", "--device-type"])
+            .arg(shoal::DEVICE_TYPE)
+            .arg("--output-path")
+            .arg(&v2_mender),
+        &[&v2_mender],
+        Output::File(v2_mender.clone()),
+        false,
+    ));
+    jobs.push(Job::new(
+        "casync make",
+        casync_make(&v2_castr, &v2_caibx, &ctx.v2),
+        &[&v2_castr, &v2_caibx],
+        Output::Store(v2_castr.clone()),
+        false,
+    ));
+    run_rounds(ctx, &mut jobs)?;
+
+    // The old release, built once, for the delta goals.
+    progress("building the v1 competitors' files for the delta figures");
+    let (v1_zck, v1_castr, v1_caibx) = (w("v1.zck"), w("v1.castr"), w("v1.caibx"));
+    measure::remove_any(&v1_zck)?;
+    zck(&ctx.v1, &v1_zck).run_plain()?;
+    measure::remove_any(&v1_castr)?;
+    measure::remove_any(&v1_caibx)?;
+    casync_make(&v1_castr, &v1_caibx, &ctx.v1).run_plain()?;
+    let zck_delta = parse_zck_delta_size(
+        &Cmd::new("zck_delta_size")
+            .arg(&v1_zck)
+            .arg(&v2_zck)
+            .run_plain()?,
+    )?;
+    let v1_chunks = measure::files_by_name(&v1_castr)?;
+    let v2_chunks = measure::files_by_name(&v2_castr)?;
+    let casync_new: u64 = v2_chunks
+        .iter()
+        .filter(|(name, _)| !v1_chunks.contains_key(*name))
+        .map(|(_, bytes)| bytes)
+        .sum();
+    let casync_new_count = v2_chunks
+        .keys()
+        .filter(|name| !v1_chunks.contains_key(*name))
+        .count();
+
+    let mut facts = vec![
+        (
+            "casync v2 index (.caibx), not counted in the store size".to_owned(),
+            Quantity::Bytes(measure::file_bytes(&v2_caibx)?).to_string(),
+        ),
+        (
+            "casync chunks: v1 store / v2 store / v2 chunks not in v1".to_owned(),
+            format!(
+                "{} / {} / {casync_new_count}",
+                v1_chunks.len(),
+                v2_chunks.len()
+            ),
+        ),
+    ];
+
+    let diff = match (&shoal, find(&jobs, "shoal build").map(Job::result)) {
+        (Ok(s), Some(Ok(_))) => shoal_delta(ctx, s, v1, v2, &v2_shoal, &mut facts),
+        (Err(why), _) => Err(why.clone()),
+        (Ok(_), _) => Err("the v2 build failed".to_owned()),
+    };
+
+    let image_bytes = measure::file_bytes(&ctx.v2)?;
+    let rss_cap = Target::AtMost(Quantity::Mebibytes(64.0));
+    let goals = vec![
+        Goal::relative(
+            "full v2 artifact size (default) vs zchunk",
+            figure(&jobs, "shoal build", &shoal, size),
+            baseline("`zck` .zck", must(&jobs, "zck", size)?),
+            Target::RatioBelow(1.0),
+        ),
+        Goal::relative(
+            "full v2 artifact size (default) vs mender-artifact (gzip)",
+            figure(&jobs, "shoal build", &shoal, size),
+            baseline("mender-artifact", must(&jobs, "mender-artifact", size)?),
+            Target::RatioAtMost(0.92),
+        ),
+        Goal::relative(
+            "build time (default) vs zchunk",
+            figure(&jobs, "shoal build", &shoal, wall),
+            baseline("`zck`", must(&jobs, "zck", wall)?),
+            Target::RatioBelow(1.0),
+        ),
+        Goal::relative(
+            "full v2 artifact size (`--fast`) vs casync store",
+            figure(&jobs, "shoal build --fast", &shoal, size),
+            baseline("casync store chunks", must(&jobs, "casync make", size)?),
+            Target::RatioBelow(1.0),
+        ),
+        Goal::relative(
+            "build time (`--fast`) vs `casync make`",
+            figure(&jobs, "shoal build --fast", &shoal, wall),
+            baseline("`casync make`", must(&jobs, "casync make", wall)?),
+            Target::RatioAtMost(1.0),
+        ),
+        Goal::relative(
+            "download v1 → v2 (`shoal artifact diff`, manifest included) vs casync",
+            diff.clone(),
+            baseline("casync new-chunk bytes", Quantity::Bytes(casync_new)),
+            Target::RatioAtMost(0.70),
+        ),
+        Goal::relative(
+            "download v1 → v2 (`shoal artifact diff`, manifest included) vs zchunk",
+            diff,
+            baseline("`zck_delta_size`", Quantity::Bytes(zck_delta)),
+            Target::RatioAtMost(0.80),
+        ),
+        Goal::absolute(
+            "`shoal artifact verify` throughput (payload MB/s)",
+            figure(&jobs, "shoal verify", &shoal, |s| {
+                wall(s).map(|_| {
+                    Quantity::MegabytesPerSecond(image_bytes as f64 / 1e6 / s.median_wall_s())
+                })
+            }),
+            Target::AtLeast(Quantity::MegabytesPerSecond(400.0)),
+        ),
+        Goal::absolute(
+            "peak RSS of `shoal artifact build` (default)",
+            figure(&jobs, "shoal build", &shoal, rss),
+            rss_cap,
+        ),
+        Goal::absolute(
+            "peak RSS of `shoal artifact build --fast`",
+            figure(&jobs, "shoal build --fast", &shoal, rss),
+            rss_cap,
+        ),
+        Goal::absolute(
+            "peak RSS of `shoal artifact verify`",
+            figure(&jobs, "shoal verify", &shoal, rss),
+            rss_cap,
+        ),
+    ];
+    Ok(Section {
+        title: "Issue 2 — artifact: size, build time, delta, verify".to_owned(),
+        goals,
+        series: jobs.into_iter().map(|j| j.series).collect(),
+        facts,
+    })
+}
+
+/// Builds v1 (and a thin v2 against it), and asks `shoal artifact diff` for the
+/// download size of v1 → v2.
+fn shoal_delta(
+    ctx: &Ctx,
+    shoal: &Shoal,
+    v1: Release<'_>,
+    v2: Release<'_>,
+    v2_shoal: &Path,
+    facts: &mut Vec<(String, String)>,
+) -> Result<Quantity, String> {
+    let v1_shoal = work_path(ctx, "v1.shoal");
+    let thin = work_path(ctx, "v2-thin.shoal");
+    let mut step = || -> Result<u64> {
+        progress("building the v1 artifact for the delta figure");
+        measure::remove_any(&v1_shoal)?;
+        shoal.build(v1, &v1_shoal, false, None).run_plain()?;
+        let diff = shoal.diff(&v1_shoal, v2_shoal).run_plain()?;
+        let bytes = shoal::parse_diff_download_bytes(&diff)?;
+        facts.push((
+            "`shoal artifact diff --json` v1 → v2".to_owned(),
+            format!(
+                "`{}`",
+                String::from_utf8_lossy(&diff)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ));
+        Ok(bytes)
+    };
+    let bytes = step().map_err(|e| one_line(&format!("{e:#}")))?;
+    measure::remove_any(&thin).map_err(|e| format!("{e:#}"))?;
+    let thin_fact = match shoal.build(v2, &thin, false, Some(&v1_shoal)).run_plain() {
+        Ok(_) => match measure::file_bytes(&thin) {
+            Ok(b) => Quantity::Bytes(b).to_string(),
+            Err(e) => format!("{e:#}"),
+        },
+        Err(e) => format!("build failed: {}", one_line(&format!("{e:#}"))),
+    };
+    facts.push(("thin v2 artifact (`--base v1.shoal`)".to_owned(), thin_fact));
+    Ok(Quantity::Bytes(bytes))
+}
+
+/// `zck -o OUT IMAGE` with zchunk's defaults (zstd, automatic content-defined chunks).
+fn zck(image: &Path, out: &Path) -> Cmd {
+    Cmd::new("zck").arg("-o").arg(out).arg(image)
+}
+
+/// `casync make` of a blob index with a fresh store, casync's defaults (chunks
+/// 16/64/256 KiB min/avg/max, zstd, SHA-512/256).
+fn casync_make(store: &Path, index: &Path, image: &Path) -> Cmd {
+    let mut store_arg = std::ffi::OsString::from("--store=");
+    store_arg.push(store);
+    Cmd::new("casync")
+        .arg(store_arg)
+        .arg("make")
+        .arg(index)
+        .arg(image)
+}
+
+/// The "Would download N of M bytes" figure of `zck_delta_size` (it includes the new
+/// file's header, which holds the chunk index).
+fn parse_zck_delta_size(stdout: &[u8]) -> Result<u64> {
+    let text = String::from_utf8_lossy(stdout);
+    for line in text.lines() {
+        if let Some(rest) = line.trim().strip_prefix("Would download ")
+            && let Some(n) = rest.split_whitespace().next()
+        {
+            return n
+                .parse()
+                .with_context(|| format!("bad number in zck_delta_size line {line:?}"));
+        }
+    }
+    bail!("zck_delta_size printed no \"Would download\" line: {text:?}")
+}
+
+/// Issue 4: the install goals.
+pub fn install(ctx: &Ctx) -> Result<Section> {
+    let slot = work_path(ctx, "slot-dd.img");
+    let mut jobs = vec![Job::new(
+        "dd",
+        Cmd::new("dd")
+            .arg(concat_os("if=", &ctx.v2))
+            .arg(concat_os("of=", &slot))
+            .args(["bs=4M", "conv=fsync", "status=none"]),
+        &[&slot],
+        Output::File(slot.clone()),
+        false,
+    )];
+    let shoal_install: Result<(), String> = if !ctx.shoal.is_file() {
+        Err(format!(
+            "{} not found; run `cargo build --release -p shoal-node`",
+            ctx.shoal.display()
+        ))
+    } else if !Cmd::new(&ctx.shoal).args(["install", "--help"]).succeeds() {
+        Err("this shoal build has no `shoal install`".to_owned())
+    } else {
+        Err("the bench does not drive `shoal install` yet".to_owned())
+    };
+    run_rounds(ctx, &mut jobs)?;
+    measure::remove_any(&slot)?;
+    let dd = must(&jobs, "dd", wall)?;
+    let why = shoal_install.clone().err().unwrap_or_default();
+    let goals = vec![
+        Goal::relative(
+            "install of full v2 artifact from a local file into a file slot",
+            Err(why.clone()),
+            baseline("`dd bs=4M conv=fsync` of the raw image", dd),
+            Target::RatioAtMost(2.0),
+        ),
+        Goal::absolute(
+            "peak RSS of `shoal install` (512 MiB image)",
+            Err(why),
+            Target::AtMost(Quantity::Mebibytes(32.0)),
+        ),
+    ];
+    Ok(Section {
+        title: "Issue 4 — `shoal install`".to_owned(),
+        goals,
+        series: jobs.into_iter().map(|j| j.series).collect(),
+        facts: Vec::new(),
+    })
+}
+
+fn concat_os(prefix: &str, path: &Path) -> std::ffi::OsString {
+    let mut s = std::ffi::OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zck_delta_size_output_is_parsed() {
+        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
+        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
+        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
+        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
+    }
+
+    #[test]
+    fn one_line_keeps_the_last_line() {
+        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
+    }
+}
