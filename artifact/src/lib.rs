@@ -1,16 +1,27 @@
 //! Shoal's artifact format: content-defined chunking, the signed release manifest,
-//! the `.shoal` artifact (writer and streaming reader) and chunk stores.
+//! the `.shoal` artifact (writer and streaming reader), chunk stores and delta previews.
 //!
 //! Key design decision: everything is addressed by the BLAKE3 hash of *uncompressed*
-//! chunk bytes, and nothing is trusted before it is checked. A reader verifies the
-//! signed manifest against a trust root before it reads a single chunk, and hashes
-//! every chunk before it yields a byte of it; sizes read from the input only ever
-//! bound allocations after they were checked against the signed manifest's limits.
-//! See `artifact/DESIGN.md` for the byte layout.
+//! chunk bytes, and nothing read is trusted before it is checked. A reader verifies
+//! the signed manifest against a trust root before it reads a single chunk, and
+//! hashes every chunk before it yields a byte of it; sizes read from the input bound
+//! allocations only after they were checked against the signed manifest and its
+//! limits. See `artifact/DESIGN.md` for the byte layout.
 
+pub mod chunk;
+pub mod diff;
 pub mod manifest;
+pub mod read;
+pub mod store;
+pub mod ustar;
+pub mod write;
 
+pub use chunk::{ChunkError, Chunker};
+pub use diff::{Diff, diff};
 pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
+pub use read::{ArtifactReader, RawChunk, ReadError};
+pub use store::{ChunkStore, StoreError};
+pub use write::{BuildError, BuildOptions, BuildReport, SignError, add_signatures, build};

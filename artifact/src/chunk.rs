@@ -1,0 +1,467 @@
+//! Chunks: content-defined cutting (FastCDC), hashing, and the stored form
+//! (zstd frame or raw bytes) with bounded, verifying decoding.
+//!
+//! The stored form is self-describing: it is a zstd frame exactly when it starts with
+//! the zstd magic number. A chunk is stored raw only when compression does not make it
+//! smaller *and* its bytes do not start with that magic (such a chunk is stored as a
+//! zstd frame even when that is a few bytes larger). So a stored chunk decodes the
+//! same way wherever it comes from: an artifact, a chunk store, a peer.
+
+use std::cell::RefCell;
+use std::io::{self, Read};
+
+use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Chunking, stored_size_max};
+
+/// The zstd frame magic number, little-endian, as it starts a frame.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Default chunking, chosen by measurement on Debian root filesystem images (see
+/// `artifact/DESIGN.md`).
+pub const CHUNKING_DEFAULT: Chunking = Chunking {
+    min_size: 16 * 1024,
+    avg_size: 64 * 1024,
+    max_size: 256 * 1024,
+};
+
+/// Chunking of `--fast` builds: bigger chunks, fewer per-chunk costs.
+pub const CHUNKING_FAST: Chunking = Chunking {
+    min_size: 32 * 1024,
+    avg_size: 128 * 1024,
+    max_size: 512 * 1024,
+};
+
+/// Default zstd level, chosen by measurement (see `artifact/DESIGN.md`).
+pub const ZSTD_LEVEL_DEFAULT: i32 = 12;
+
+/// zstd level of `--fast` builds.
+pub const ZSTD_LEVEL_FAST: i32 = 3;
+
+/// One chunk cut from a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset of the chunk in the payload.
+    pub offset: u64,
+    /// The uncompressed bytes.
+    pub data: Vec<u8>,
+}
+
+/// Cuts any reader into content-defined chunks with the given parameters, streaming:
+/// it holds at most `max_size` bytes of the input (plus the chunk it yields).
+///
+/// A device uses this to index the payload in its active slot, so it must cut exactly
+/// as the builder did: FastCDC 2020, normalization level 1, seed 0.
+pub struct Chunker<R: Read> {
+    inner: fastcdc::v2020::StreamCDC<R>,
+}
+
+impl<R: Read> std::fmt::Debug for Chunker<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunker").finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> Chunker<R> {
+    /// A chunker over `source`. The parameters must be valid
+    /// ([`Chunking::validate`]); they are asserted.
+    pub fn new(source: R, chunking: Chunking) -> Self {
+        assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
+        Chunker {
+            inner: fastcdc::v2020::StreamCDC::new(
+                source,
+                chunking.min_size as usize,
+                chunking.avg_size as usize,
+                chunking.max_size as usize,
+            ),
+        }
+    }
+}
+
+impl<R: Read> Iterator for Chunker<R> {
+    type Item = io::Result<Chunk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.next().map(|r| {
+            r.map(|c| Chunk {
+                offset: c.offset,
+                data: c.data,
+            })
+            .map_err(io::Error::from)
+        })
+    }
+}
+
+/// Cuts `source` and returns `(offset, id, length)` of every chunk, without keeping
+/// chunk bytes: what a device needs to index its active slot.
+pub fn index<R: Read>(source: R, chunking: Chunking) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    let mut out = Vec::new();
+    for chunk in Chunker::new(source, chunking) {
+        let chunk = chunk?;
+        let len = u32::try_from(chunk.data.len()).expect("chunk is at most max_size");
+        out.push((chunk.offset, ChunkId::of(&chunk.data), len));
+    }
+    Ok(out)
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// The stored form of `data` at zstd `level` (see the module doc for the rule).
+pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    let compressed = COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut c = zstd::bulk::Compressor::new(level).expect("zstd context");
+            // A chunk is one frame; its size in the header lets readers check it early.
+            c.include_contentsize(true).expect("zstd parameter");
+            c.include_checksum(false).expect("zstd parameter");
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().expect("set above");
+        c.compress(data)
+            .expect("compressing into a sized buffer cannot fail")
+    });
+    if compressed.len() < data.len() || data.starts_with(&ZSTD_MAGIC) {
+        compressed
+    } else {
+        data.to_vec()
+    }
+}
+
+/// Why a stored chunk was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// The stored form is larger than any honest encoding of the declared size.
+    #[error("chunk {id}: stored form is {stored} bytes, more than {max} for its size")]
+    StoredTooLarge {
+        /// The chunk.
+        id: ChunkId,
+        /// Stored size found.
+        stored: usize,
+        /// The most allowed.
+        max: u32,
+    },
+    /// The zstd frame decompresses to more bytes than declared (a zstd bomb, or a
+    /// chunk swapped for a bigger one).
+    #[error("chunk {id}: decompresses to more than the declared {size} bytes")]
+    DecompressedTooLarge {
+        /// The chunk.
+        id: ChunkId,
+        /// The declared size.
+        size: u32,
+    },
+    /// The chunk decodes to a different number of bytes than declared.
+    #[error("chunk {id}: decodes to {found} bytes, declared {size}")]
+    SizeMismatch {
+        /// The chunk.
+        id: ChunkId,
+        /// The declared size.
+        size: u32,
+        /// Bytes found.
+        found: usize,
+    },
+    /// The zstd frame is corrupt.
+    #[error("chunk {id}: corrupt zstd frame: {reason}")]
+    Corrupt {
+        /// The chunk.
+        id: ChunkId,
+        /// zstd's reason.
+        reason: String,
+    },
+    /// The decoded bytes do not hash to the chunk id.
+    #[error("chunk {id}: content hashes to {actual}, not to its id")]
+    HashMismatch {
+        /// The expected id.
+        id: ChunkId,
+        /// The hash of what was decoded.
+        actual: ChunkId,
+    },
+}
+
+/// Decodes a stored chunk expected to be `expected` (its id and uncompressed size)
+/// and checks its hash. Never allocates more than the declared size (bounded by
+/// [`CHUNK_SIZE_MAX`]), whatever the stored bytes claim.
+pub fn decode(stored: &[u8], expected: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
+    decode_bounded(stored, expected.id, expected.size, true)
+}
+
+/// Decodes a stored chunk whose size is not known, bounded by [`CHUNK_SIZE_MAX`],
+/// and checks its hash.
+pub fn decode_any_size(stored: &[u8], id: ChunkId) -> Result<Vec<u8>, ChunkError> {
+    decode_bounded(stored, id, CHUNK_SIZE_MAX, false)
+}
+
+fn decode_bounded(
+    stored: &[u8],
+    id: ChunkId,
+    size: u32,
+    exact: bool,
+) -> Result<Vec<u8>, ChunkError> {
+    let size = size.min(CHUNK_SIZE_MAX);
+    let max = stored_size_max(size);
+    if stored.len() > max as usize {
+        return Err(ChunkError::StoredTooLarge {
+            id,
+            stored: stored.len(),
+            max,
+        });
+    }
+    let data = if stored.starts_with(&ZSTD_MAGIC) {
+        let mut out = Vec::with_capacity(size as usize);
+        let result = DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new().expect("zstd context"));
+            }
+            let d = slot.as_mut().expect("set above");
+            d.decompress_to_buffer(stored, &mut out)
+        });
+        match result {
+            Ok(_) => out,
+            Err(e) => {
+                let reason = e.to_string();
+                let too_large = reason.contains("Destination buffer is too small")
+                    || zstd::zstd_safe::get_frame_content_size(stored)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|n| n > u64::from(size));
+                return Err(if too_large {
+                    ChunkError::DecompressedTooLarge { id, size }
+                } else {
+                    ChunkError::Corrupt { id, reason }
+                });
+            }
+        }
+    } else {
+        stored.to_vec()
+    };
+    if (exact && data.len() != size as usize) || data.is_empty() {
+        return Err(ChunkError::SizeMismatch {
+            id,
+            size,
+            found: data.len(),
+        });
+    }
+    let actual = ChunkId::of(&data);
+    if actual != id {
+        return Err(ChunkError::HashMismatch { id, actual });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressible_chunk_is_zstd_and_round_trips() {
+        let data = vec![7u8; 100_000];
+        let stored = encode(&data, 3);
+        assert!(stored.starts_with(&ZSTD_MAGIC));
+        assert!(stored.len() < 100);
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: 100_000,
+            stored_size: 0,
+        };
+        assert_eq!(decode(&stored, &r).unwrap(), data);
+    }
+
+    #[test]
+    fn incompressible_chunk_is_raw() {
+        let data = pseudo_random(10_000, 1);
+        let stored = encode(&data, 19);
+        assert_eq!(stored, data);
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: 10_000,
+            stored_size: 0,
+        };
+        assert_eq!(decode(&stored, &r).unwrap(), data);
+    }
+
+    #[test]
+    fn raw_chunk_starting_with_magic_is_framed() {
+        let mut data = pseudo_random(10_000, 2);
+        data[..4].copy_from_slice(&ZSTD_MAGIC);
+        let stored = encode(&data, 3);
+        assert_ne!(stored, data);
+        assert!(stored.starts_with(&ZSTD_MAGIC));
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: 10_000,
+            stored_size: 0,
+        };
+        assert_eq!(decode(&stored, &r).unwrap(), data);
+    }
+
+    #[test]
+    fn zstd_bomb_is_refused() {
+        // 4 MiB of zeros compresses to a few hundred bytes; declared as 64 KiB.
+        let big = vec![0u8; 4 * 1024 * 1024];
+        let stored = encode(&big, 3);
+        let r = ChunkRef {
+            id: ChunkId::of(&big[..65536]),
+            size: 65536,
+            stored_size: 0,
+        };
+        assert_eq!(
+            decode(&stored, &r),
+            Err(ChunkError::DecompressedTooLarge {
+                id: r.id,
+                size: 65536
+            })
+        );
+    }
+
+    #[test]
+    fn zstd_bomb_without_content_size_is_refused() {
+        // A streamed frame does not declare its content size in the header.
+        let big = vec![0u8; 1024 * 1024];
+        let mut stored = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut stored, 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        io::Write::write_all(&mut enc, &big).unwrap();
+        enc.finish().unwrap();
+        let r = ChunkRef {
+            id: ChunkId::of(&big[..1000]),
+            size: 1000,
+            stored_size: 0,
+        };
+        assert_eq!(
+            decode(&stored, &r),
+            Err(ChunkError::DecompressedTooLarge {
+                id: r.id,
+                size: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn flipped_bit_and_wrong_chunk_are_refused() {
+        let data = pseudo_random(50_000, 3)
+            .iter()
+            .map(|b| b % 4)
+            .collect::<Vec<_>>();
+        let stored = encode(&data, 3);
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: 50_000,
+            stored_size: 0,
+        };
+        let mut bad = stored.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        assert!(matches!(
+            decode(&bad, &r),
+            Err(ChunkError::Corrupt { .. } | ChunkError::HashMismatch { .. })
+        ));
+        let other = vec![1u8; 50_000];
+        assert!(matches!(
+            decode(&encode(&other, 3), &r),
+            Err(ChunkError::HashMismatch { .. })
+        ));
+        assert!(matches!(
+            decode(&encode(&other[..40_000], 3), &r),
+            Err(ChunkError::SizeMismatch { found: 40_000, .. })
+        ));
+        assert!(matches!(
+            decode(&[], &r),
+            Err(ChunkError::SizeMismatch { found: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_stored_form_is_refused_before_decoding() {
+        let r = ChunkRef {
+            id: ChunkId::of(b"x"),
+            size: 10,
+            stored_size: 0,
+        };
+        assert!(matches!(
+            decode(&[0u8; 1000], &r),
+            Err(ChunkError::StoredTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn chunker_respects_bounds() {
+        let data = pseudo_random(3_000_000, 4);
+        let c = Chunking {
+            min_size: 4096,
+            avg_size: 16384,
+            max_size: 65536,
+        };
+        let chunks: Vec<Chunk> = Chunker::new(&data[..], c).map(Result::unwrap).collect();
+        let n = chunks.len();
+        assert!(n > 50, "{n} chunks");
+        for (i, ch) in chunks.iter().enumerate() {
+            assert!(ch.data.len() <= 65536);
+            assert!(i + 1 == n || ch.data.len() >= 4096);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn concat_of_chunks_is_input(
+            seed in any::<u64>(),
+            len in 0usize..400_000,
+            runs in 0usize..4,
+        ) {
+            let mut data = pseudo_random(len, seed);
+            // Add some long runs so chunks of max size and repeats occur.
+            for r in 0..runs {
+                let start = (r * 97_531) % (len.max(1));
+                let end = (start + 70_000).min(len);
+                data[start..end].fill(0);
+            }
+            let c = Chunking { min_size: 2048, avg_size: 8192, max_size: 32768 };
+            let mut joined = Vec::new();
+            let mut offset = 0u64;
+            for ch in Chunker::new(&data[..], c) {
+                let ch = ch.unwrap();
+                prop_assert_eq!(ch.offset, offset);
+                offset += ch.data.len() as u64;
+                joined.extend_from_slice(&ch.data);
+            }
+            prop_assert_eq!(joined, data);
+        }
+
+        #[test]
+        fn stored_form_round_trips(seed in any::<u64>(), len in 1usize..20_000, level in 1i32..6) {
+            let data: Vec<u8> = pseudo_random(len, seed).iter().map(|b| b % 3).collect();
+            let stored = encode(&data, level);
+            let r = ChunkRef {
+                id: ChunkId::of(&data),
+                size: u32::try_from(len).unwrap(),
+                stored_size: 0,
+            };
+            prop_assert_eq!(decode(&stored, &r).unwrap(), data);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let r = ChunkRef { id: ChunkId::of(b"x"), size: 100, stored_size: 0 };
+            let mut framed = ZSTD_MAGIC.to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = decode(&bytes, &r);
+            let _ = decode(&framed, &r);
+        }
+    }
+}

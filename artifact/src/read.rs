@@ -1,0 +1,505 @@
+//! The streaming artifact reader: verifies, then yields.
+//!
+//! [`ArtifactReader::open`] reads the first tar member (the envelope), checks its
+//! signatures against the `release` role of a trust root and decodes the manifest;
+//! nothing is returned before that succeeded. Then each call to
+//! [`ArtifactReader::next_chunk`] reads one chunk member, checks that it is the chunk
+//! the manifest says comes next, decodes it (bounded by its declared size) and checks
+//! its hash before returning a byte of it. Works on any `Read`, a pipe included: it
+//! never seeks and holds one chunk at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+
+use rayon::prelude::*;
+use shoal_signing::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot, VerifyError};
+
+use crate::chunk::{self, ChunkError};
+use crate::manifest::{BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError};
+use crate::ustar::{self, BLOCK, Block, HeaderError};
+
+/// Path of the first member: the signed manifest envelope (canonical CBOR).
+pub const ENVELOPE_MEMBER: &str = "manifest.envelope";
+
+/// Path of a chunk's member in an artifact (and of its file in a chunk store).
+pub fn chunk_path(id: &ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("chunks/{}/{hex}", &hex[..2])
+}
+
+/// Why an artifact was refused. Nothing read from an artifact is used after one.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Reading the source failed.
+    #[error("reading the artifact: {0}")]
+    Io(#[from] io::Error),
+    /// The file is empty.
+    #[error("the artifact is empty")]
+    Empty,
+    /// The first block is not a tar header.
+    #[error("not a .shoal artifact (not a tar file: {0})")]
+    NotTar(HeaderError),
+    /// A later header block is corrupt.
+    #[error("corrupt tar header at byte {offset}: {reason}")]
+    BadHeader {
+        /// Byte offset of the header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: HeaderError,
+    },
+    /// The file ends before the archive does.
+    #[error("the artifact is truncated (ends inside {what})")]
+    Truncated {
+        /// Where it ends: "the envelope", "chunk <id>", "a header", "the chunk list".
+        what: String,
+    },
+    /// A member path is absolute or contains `..`.
+    #[error("tar member {path:?} has an unsafe path")]
+    UnsafePath {
+        /// The path.
+        path: String,
+    },
+    /// The first member is not the manifest envelope.
+    #[error("the first member is {path:?}, not {ENVELOPE_MEMBER:?}")]
+    MissingEnvelope {
+        /// What came first.
+        path: String,
+    },
+    /// The envelope member is larger than envelopes may be.
+    #[error("the envelope member is {size} bytes, more than the limit of {max}")]
+    EnvelopeTooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// The envelope bytes are malformed.
+    #[error("bad manifest envelope: {0}")]
+    Envelope(#[from] DecodeError),
+    /// The envelope's signatures do not satisfy the trust root.
+    #[error("manifest signature check failed: {0}")]
+    Signature(#[from] VerifyError),
+    /// The signed manifest is malformed.
+    #[error("bad manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// A member that is neither the envelope nor a chunk (or not a regular file).
+    #[error("unexpected tar member {path:?}")]
+    UnexpectedMember {
+        /// The member's path.
+        path: String,
+    },
+    /// A chunk that the manifest does not list.
+    #[error("chunk {0} is not in the manifest")]
+    UnknownChunk(ChunkId),
+    /// A chunk that appeared before.
+    #[error("chunk {0} appears twice")]
+    DuplicateChunk(ChunkId),
+    /// A chunk that is not where the manifest's order puts it.
+    #[error("chunk {0} is out of order")]
+    OutOfOrder(ChunkId),
+    /// A chunk the artifact should hold but does not.
+    #[error("chunk {0} is missing from the artifact")]
+    MissingChunk(ChunkId),
+    /// A chunk member whose size differs from the signed stored size.
+    #[error("chunk {id} member is {found} bytes, the manifest says {expected}")]
+    StoredSizeMismatch {
+        /// The chunk.
+        id: ChunkId,
+        /// Signed stored size.
+        expected: u32,
+        /// Member size.
+        found: u64,
+    },
+    /// A chunk's bytes are bad (hash mismatch, zstd bomb, corrupt frame).
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+}
+
+/// A chunk member read from the artifact, checked against the manifest's order and
+/// size, but **not yet verified**: call [`RawChunk::verify`].
+#[derive(Debug, Clone)]
+pub struct RawChunk {
+    /// The manifest's entry for it.
+    pub chunk: ChunkRef,
+    stored: Vec<u8>,
+}
+
+impl RawChunk {
+    /// Decodes (bounded by the declared size) and checks the hash.
+    pub fn verify(&self) -> Result<Vec<u8>, ChunkError> {
+        chunk::decode(&self.stored, &self.chunk)
+    }
+
+    /// The stored form as read. Only trust it after [`RawChunk::verify`] succeeded.
+    pub fn stored(&self) -> &[u8] {
+        &self.stored
+    }
+}
+
+/// What is known about which chunks an artifact holds.
+#[derive(Debug)]
+enum Expect {
+    /// Exactly this list, in this order (full artifacts; thin ones with a base).
+    Exact,
+    /// A subsequence of the distinct chunks (a thin artifact read without its base).
+    Subsequence,
+}
+
+/// A streaming, verifying `.shoal` reader. See the module doc.
+#[derive(Debug)]
+pub struct ArtifactReader<R: Read> {
+    src: R,
+    offset: u64,
+    envelope: Envelope,
+    envelope_len: u64,
+    manifest: Manifest,
+    expected: Vec<ChunkRef>,
+    position: HashMap<ChunkId, usize>,
+    next: usize,
+    seen: HashSet<ChunkId>,
+    expect: Expect,
+    done: bool,
+}
+
+impl<R: Read> ArtifactReader<R> {
+    /// Reads the envelope, verifies it against `root`'s `release` role (and its
+    /// expiry, when `now_unix_s` is known) and decodes the manifest. A thin artifact
+    /// read this way can only be checked for order, not completeness: use
+    /// [`ArtifactReader::open_with_base`] when the base release is at hand.
+    pub fn open(src: R, root: &TrustRoot, now_unix_s: Option<u64>) -> Result<Self, ReadError> {
+        Self::open_with_base(src, root, now_unix_s, None)
+    }
+
+    /// Like [`ArtifactReader::open`]; for a thin artifact, `base` (the base release's
+    /// manifest) tells exactly which chunks it must hold.
+    pub fn open_with_base(
+        mut src: R,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+        base: Option<&Manifest>,
+    ) -> Result<Self, ReadError> {
+        let (envelope, envelope_len) = read_envelope(&mut src)?;
+        let signed = root.verify(RoleName::Release, &envelope, now_unix_s)?;
+        let manifest = Manifest::from_cbor(signed)?;
+        Ok(Self::from_parts(
+            src,
+            envelope,
+            envelope_len,
+            manifest,
+            base,
+        ))
+    }
+
+    /// Reads the envelope and decodes the manifest **without checking any
+    /// signature**, for `inspect` and for adding signatures. Never install from it.
+    pub fn open_unverified(mut src: R) -> Result<Self, ReadError> {
+        let (envelope, envelope_len) = read_envelope(&mut src)?;
+        let manifest = Manifest::from_cbor(&envelope.signed)?;
+        Ok(Self::from_parts(
+            src,
+            envelope,
+            envelope_len,
+            manifest,
+            None,
+        ))
+    }
+
+    fn from_parts(
+        src: R,
+        envelope: Envelope,
+        envelope_len: u64,
+        manifest: Manifest,
+        base: Option<&Manifest>,
+    ) -> Self {
+        let mut expected = manifest.distinct_chunks();
+        let expect = match (&manifest.base, base) {
+            (None, _) => Expect::Exact,
+            (Some(_), Some(base)) => {
+                let held: HashSet<ChunkId> = base
+                    .payloads
+                    .iter()
+                    .flat_map(|p| p.chunks.iter().map(|c| c.id))
+                    .collect();
+                expected.retain(|c| !held.contains(&c.id));
+                Expect::Exact
+            }
+            (Some(_), None) => Expect::Subsequence,
+        };
+        let position = expected
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
+        let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
+        ArtifactReader {
+            src,
+            offset,
+            envelope,
+            envelope_len,
+            manifest,
+            expected,
+            position,
+            next: 0,
+            seen: HashSet::new(),
+            expect,
+            done: false,
+        }
+    }
+
+    /// The verified (or, from `open_unverified`, unverified) manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The envelope as read.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Size of the envelope member's data, in bytes.
+    pub fn envelope_len(&self) -> u64 {
+        self.envelope_len
+    }
+
+    /// The base release, when this is a thin artifact.
+    pub fn base(&self) -> Option<&BaseRelease> {
+        self.manifest.base.as_ref()
+    }
+
+    /// Whether the artifact is thin (holds only chunks its base lacks).
+    pub fn is_thin(&self) -> bool {
+        self.manifest.base.is_some()
+    }
+
+    /// Bytes of the artifact consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Consumes the reader, returning the source positioned after what was read.
+    pub fn into_inner(self) -> R {
+        self.src
+    }
+
+    /// Reads the next chunk member, checks its place and size, but does not decode it.
+    /// `Ok(None)` once the archive ended and every expected chunk was seen.
+    pub fn next_raw(&mut self) -> Result<Option<RawChunk>, ReadError> {
+        if self.done {
+            return Ok(None);
+        }
+        let member = match read_block(&mut self.src, &mut self.offset, "the chunk list")? {
+            Some(Block::End) => {
+                self.done = true;
+                if matches!(self.expect, Expect::Exact) && self.next < self.expected.len() {
+                    return Err(ReadError::MissingChunk(self.expected[self.next].id));
+                }
+                return Ok(None);
+            }
+            Some(Block::Member(m)) => m,
+            None => {
+                return Err(ReadError::Truncated {
+                    what: "the chunk list".into(),
+                });
+            }
+        };
+        if ustar::is_unsafe_path(&member.path) {
+            return Err(ReadError::UnsafePath { path: member.path });
+        }
+        let id = match member_chunk_id(&member) {
+            Some(id) => id,
+            None => return Err(ReadError::UnexpectedMember { path: member.path }),
+        };
+        let Some(&index) = self.position.get(&id) else {
+            if self.seen.contains(&id) {
+                return Err(ReadError::DuplicateChunk(id));
+            }
+            return Err(ReadError::UnknownChunk(id));
+        };
+        if self.seen.contains(&id) {
+            return Err(ReadError::DuplicateChunk(id));
+        }
+        match self.expect {
+            Expect::Exact if index != self.next => {
+                return Err(ReadError::MissingChunk(self.expected[self.next].id));
+            }
+            Expect::Subsequence if index < self.next => return Err(ReadError::OutOfOrder(id)),
+            _ => {}
+        }
+        let chunk = self.expected[index];
+        if member.size != u64::from(chunk.stored_size) {
+            return Err(ReadError::StoredSizeMismatch {
+                id,
+                expected: chunk.stored_size,
+                found: member.size,
+            });
+        }
+        // Bounded: stored_size was checked against the chunk size limit by the manifest.
+        let mut stored = vec![0u8; chunk.stored_size as usize];
+        let mut got = 0;
+        let what = || ReadError::Truncated {
+            what: format!("chunk {id}"),
+        };
+        if !ustar::read_full(&mut self.src, &mut stored, &mut got)? {
+            return Err(what());
+        }
+        let mut pad = [0u8; BLOCK];
+        let pad = &mut pad[..ustar::padding(member.size)];
+        if !ustar::read_full(&mut self.src, pad, &mut got)? {
+            return Err(what());
+        }
+        self.offset += member.size + pad.len() as u64;
+        self.seen.insert(id);
+        self.next = index + 1;
+        Ok(Some(RawChunk { chunk, stored }))
+    }
+
+    /// Reads, decodes and verifies the next chunk; `Ok(None)` at the (checked) end.
+    pub fn next_chunk(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>, ReadError> {
+        match self.next_raw()? {
+            None => Ok(None),
+            Some(raw) => {
+                let data = raw.verify()?;
+                Ok(Some((raw.chunk.id, data)))
+            }
+        }
+    }
+
+    /// Reads chunks until about `max_stored_bytes` of stored data were read (at least
+    /// one chunk), then verifies them in parallel. Empty at the (checked) end. The
+    /// first error in artifact order wins, so errors are the same as sequentially.
+    pub fn next_batch(
+        &mut self,
+        max_stored_bytes: usize,
+    ) -> Result<Vec<(ChunkRef, Vec<u8>)>, ReadError> {
+        let mut raws = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_stored_bytes {
+            match self.next_raw() {
+                Ok(Some(raw)) => {
+                    bytes += raw.stored.len();
+                    raws.push(raw);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Report a bad chunk already read before a later structural error.
+                    raws.par_iter()
+                        .map(RawChunk::verify)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    return Err(e);
+                }
+            }
+        }
+        let verified: Vec<Vec<u8>> = raws
+            .par_iter()
+            .map(RawChunk::verify)
+            .collect::<Result<_, _>>()?;
+        Ok(raws.into_iter().map(|r| r.chunk).zip(verified).collect())
+    }
+
+    /// Reads and verifies every remaining chunk (in parallel batches), discarding the
+    /// bytes. Returns the number of chunks verified.
+    pub fn verify_rest(&mut self, mut progress: impl FnMut(u64)) -> Result<u64, ReadError> {
+        let mut n = 0u64;
+        loop {
+            let batch = self.next_batch(BATCH_BYTES)?;
+            if batch.is_empty() {
+                return Ok(n);
+            }
+            n += batch.len() as u64;
+            progress(batch.iter().map(|(c, _)| u64::from(c.size)).sum());
+        }
+    }
+}
+
+/// Stored bytes read per parallel verification batch.
+pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+fn member_chunk_id(member: &ustar::Member) -> Option<ChunkId> {
+    if member.kind != b'0' && member.kind != 0 {
+        return None;
+    }
+    let rest = member.path.strip_prefix("chunks/")?;
+    let (dir, hex) = rest.split_once('/')?;
+    let id: ChunkId = hex.parse().ok()?;
+    if dir.len() != 2 || !hex.starts_with(dir) || id.to_hex() != hex {
+        return None;
+    }
+    Some(id)
+}
+
+/// Reads one header block. `Ok(None)` when the source ends exactly at the boundary.
+fn read_block<R: Read>(
+    src: &mut R,
+    offset: &mut u64,
+    what: &str,
+) -> Result<Option<Block>, ReadError> {
+    let mut block = [0u8; BLOCK];
+    let mut got = 0;
+    if !ustar::read_full(src, &mut block, &mut got)? {
+        if got == 0 {
+            return Ok(None);
+        }
+        return Err(ReadError::Truncated {
+            what: format!("a header in {what}"),
+        });
+    }
+    let at = *offset;
+    *offset += BLOCK as u64;
+    ustar::parse(&block)
+        .map(Some)
+        .map_err(|reason| ReadError::BadHeader { offset: at, reason })
+}
+
+/// Reads and decodes the first member: the envelope.
+fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
+    let mut block = [0u8; BLOCK];
+    let mut got = 0;
+    if !ustar::read_full(src, &mut block, &mut got)? {
+        if got == 0 {
+            return Err(ReadError::Empty);
+        }
+        // A short first block is either a truncated tar or not a tar at all.
+        return Err(match ustar::parse(&block) {
+            Ok(Block::Member(_)) => ReadError::Truncated {
+                what: "the envelope".into(),
+            },
+            Ok(Block::End) => ReadError::Truncated {
+                what: "the envelope".into(),
+            },
+            Err(e) => ReadError::NotTar(e),
+        });
+    }
+    let member = match ustar::parse(&block).map_err(ReadError::NotTar)? {
+        Block::End => {
+            return Err(ReadError::MissingEnvelope {
+                path: String::new(),
+            });
+        }
+        Block::Member(m) => m,
+    };
+    if ustar::is_unsafe_path(&member.path) {
+        return Err(ReadError::UnsafePath { path: member.path });
+    }
+    if member.path != ENVELOPE_MEMBER || (member.kind != b'0' && member.kind != 0) {
+        return Err(ReadError::MissingEnvelope { path: member.path });
+    }
+    if member.size > ENVELOPE_SIZE_MAX as u64 {
+        return Err(ReadError::EnvelopeTooLarge {
+            size: member.size,
+            max: ENVELOPE_SIZE_MAX,
+        });
+    }
+    let mut bytes = vec![0u8; member.size as usize];
+    let truncated = || ReadError::Truncated {
+        what: "the envelope".into(),
+    };
+    if !ustar::read_full(src, &mut bytes, &mut got)? {
+        return Err(truncated());
+    }
+    let mut pad = [0u8; BLOCK];
+    let pad = &mut pad[..ustar::padding(member.size)];
+    if !ustar::read_full(src, pad, &mut got)? {
+        return Err(truncated());
+    }
+    Ok((Envelope::from_bytes(&bytes)?, member.size))
+}

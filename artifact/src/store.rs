@@ -1,0 +1,419 @@
+//! Chunk stores: a plain directory that any static file server can serve.
+//!
+//! ```text
+//! STORE/chunks/<2 hex>/<64 hex>        a chunk's stored form (zstd frame or raw)
+//! STORE/manifests/<64 hex>.envelope    a signed manifest envelope, named by the
+//!                                      BLAKE3 of its manifest CBOR
+//! ```
+//!
+//! Files are written to a temporary name in the same directory and renamed, so a
+//! reader (or a crash) never sees half a chunk under its final name; a manifest is
+//! written only after every chunk it lists is in the store.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot};
+
+use crate::chunk::{self, ChunkError};
+use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Manifest, stored_size_max};
+use crate::read::{ArtifactReader, ReadError, chunk_path};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A store file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The artifact being added was refused.
+    #[error(transparent)]
+    Artifact(#[from] ReadError),
+    /// A chunk the store should hold is not there.
+    #[error("chunk {id} (listed by manifest {manifest}) is missing from the store")]
+    MissingChunk {
+        /// The chunk.
+        id: ChunkId,
+        /// The manifest file naming it.
+        manifest: String,
+    },
+    /// A chunk file is corrupt.
+    #[error("chunk file {path}: {source}")]
+    BadChunk {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ChunkError,
+    },
+    /// A chunk file is larger than any chunk's stored form may be.
+    #[error("chunk file {path} is {size} bytes, more than any chunk may be")]
+    ChunkFileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A file in the store that does not belong there.
+    #[error("unexpected file in the store: {0}")]
+    UnexpectedFile(PathBuf),
+    /// A stored manifest is refused (bad envelope, signatures, or manifest).
+    #[error("manifest {path}: {source}")]
+    BadManifest {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: ReadError,
+    },
+    /// A stored manifest's file name is not the hash of its manifest.
+    #[error("manifest {0} is not named by its hash")]
+    MisnamedManifest(PathBuf),
+    /// A thin artifact's base chunks are not in the store.
+    #[error(
+        "thin artifact needs {missing} chunk(s) of base release {base} that the store lacks \
+         (first: {first}); add the base release first"
+    )]
+    BaseMissing {
+        /// The base, `name version`.
+        base: String,
+        /// How many chunks are missing.
+        missing: u64,
+        /// The first missing chunk.
+        first: ChunkId,
+    },
+}
+
+/// What adding an artifact did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddReport {
+    /// The release added.
+    pub manifest: Manifest,
+    /// Chunks written (new to the store).
+    pub chunks_added: u64,
+    /// Chunks the store already had.
+    pub chunks_present: u64,
+    /// Where the signed manifest was written.
+    pub manifest_path: PathBuf,
+}
+
+/// What verifying a store checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Manifests verified.
+    pub manifests: u64,
+    /// Chunk files verified.
+    pub chunks: u64,
+    /// Stored bytes of the chunk files.
+    pub stored_bytes: u64,
+}
+
+/// A chunk store directory.
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ChunkStore {
+    /// Opens the store at `dir`, creating its directories if missing.
+    pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
+        for sub in ["chunks", "manifests"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a chunk's file.
+    pub fn chunk_file(&self, id: &ChunkId) -> PathBuf {
+        self.dir.join(chunk_path(id))
+    }
+
+    /// Path of a manifest envelope file, named by the manifest's hash.
+    pub fn manifest_file(&self, manifest_hash: &[u8; 32]) -> PathBuf {
+        self.dir
+            .join("manifests")
+            .join(format!("{}.envelope", hex::encode(manifest_hash)))
+    }
+
+    /// Whether the store has a file for this chunk (not verified).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.chunk_file(id).is_file()
+    }
+
+    /// The chunk's stored form as in the store, bounded in size but **not verified**:
+    /// what a server sends. Decode with [`chunk::decode`] before use.
+    pub fn get_stored(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let path = self.chunk_file(id);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let max = u64::from(stored_size_max(CHUNK_SIZE_MAX));
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        if size > max {
+            return Err(StoreError::ChunkFileTooLarge { path, size });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        file.take(max + 1)
+            .read_to_end(&mut buf)
+            .map_err(io_err(&path))?;
+        if buf.len() as u64 > max {
+            return Err(StoreError::ChunkFileTooLarge {
+                path,
+                size: buf.len() as u64,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// The chunk's uncompressed bytes, decoded (bounded by `chunk.size`) and verified.
+    pub fn get(&self, chunk: &ChunkRef) -> Result<Vec<u8>, StoreError> {
+        let stored = self.get_stored(&chunk.id)?;
+        chunk::decode(&stored, chunk).map_err(|source| StoreError::BadChunk {
+            path: self.chunk_file(&chunk.id),
+            source,
+        })
+    }
+
+    /// Writes a chunk's stored form under its id (atomically; no-op if present).
+    /// The caller must have verified it. Returns whether it was new.
+    pub fn put_stored(&self, id: &ChunkId, stored: &[u8]) -> Result<bool, StoreError> {
+        let path = self.chunk_file(id);
+        if path.is_file() {
+            return Ok(false);
+        }
+        write_atomic(&path, stored, false)?;
+        Ok(true)
+    }
+
+    /// Verifies an artifact against `root` and adds its chunks and signed manifest.
+    /// A thin artifact needs its base release's chunks in the store already.
+    pub fn add_artifact<R: Read>(
+        &self,
+        src: R,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+    ) -> Result<AddReport, StoreError> {
+        let mut reader = ArtifactReader::open(src, root, now_unix_s)?;
+        let (mut added, mut present) = (0u64, 0u64);
+        let mut new_files = Vec::new();
+        while let Some(raw) = reader.next_raw()? {
+            let id = raw.chunk.id;
+            if self.contains(&id) {
+                present += 1;
+                // Still verify: the artifact as a whole must be sound.
+                raw.verify().map_err(ReadError::from)?;
+                continue;
+            }
+            raw.verify().map_err(ReadError::from)?;
+            if self.put_stored(&id, raw.stored())? {
+                new_files.push(self.chunk_file(&id));
+            }
+            added += 1;
+        }
+        // Chunks are durable before the manifest that names them appears.
+        for path in &new_files {
+            File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(path))?;
+        }
+        let manifest = reader.manifest().clone();
+        let mut missing = manifest
+            .distinct_chunks()
+            .into_iter()
+            .filter(|c| !self.contains(&c.id));
+        if let Some(first) = missing.next() {
+            let base = manifest
+                .base
+                .as_ref()
+                .map_or_else(String::new, |b| format!("{} {}", b.name, b.version));
+            return Err(StoreError::BaseMissing {
+                base,
+                missing: 1 + missing.count() as u64,
+                first: first.id,
+            });
+        }
+        let manifest_path = self.manifest_file(&manifest.hash());
+        write_atomic(&manifest_path, &reader.envelope().to_bytes(), true)?;
+        Ok(AddReport {
+            manifest,
+            chunks_added: added,
+            chunks_present: present,
+            manifest_path,
+        })
+    }
+
+    /// Verifies the store: every manifest against `root`, every chunk it lists present
+    /// and intact, every chunk file named by the hash of its content.
+    pub fn verify(
+        &self,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+    ) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport {
+            manifests: 0,
+            chunks: 0,
+            stored_bytes: 0,
+        };
+        let mut checked: HashSet<ChunkId> = HashSet::new();
+        let mdir = self.dir.join("manifests");
+        for entry in sorted_dir(&mdir)? {
+            let name = entry
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let Some(hash) = name
+                .strip_suffix(".envelope")
+                .and_then(|h| h.parse::<ChunkId>().ok())
+            else {
+                return Err(StoreError::UnexpectedFile(entry));
+            };
+            let manifest = self.load_manifest(&entry, root, now_unix_s)?;
+            if manifest.hash() != hash.0 {
+                return Err(StoreError::MisnamedManifest(entry));
+            }
+            for c in manifest.distinct_chunks() {
+                if !checked.insert(c.id) {
+                    continue;
+                }
+                if !self.contains(&c.id) {
+                    return Err(StoreError::MissingChunk {
+                        id: c.id,
+                        manifest: name,
+                    });
+                }
+                let stored = self.get_stored(&c.id)?;
+                chunk::decode(&stored, &c).map_err(|source| StoreError::BadChunk {
+                    path: self.chunk_file(&c.id),
+                    source,
+                })?;
+                report.chunks += 1;
+                report.stored_bytes += stored.len() as u64;
+            }
+            report.manifests += 1;
+        }
+        // Chunk files no manifest lists: still named by the hash of their content.
+        let cdir = self.dir.join("chunks");
+        for sub in sorted_dir(&cdir)? {
+            let ok = sub.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.len() == 2
+                    && n.bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            });
+            if !ok || !sub.is_dir() {
+                return Err(StoreError::UnexpectedFile(sub));
+            }
+            for file in sorted_dir(&sub)? {
+                let id = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<ChunkId>().ok())
+                    .filter(|id| self.chunk_file(id) == file);
+                let Some(id) = id else {
+                    return Err(StoreError::UnexpectedFile(file));
+                };
+                if checked.contains(&id) {
+                    continue;
+                }
+                let stored = self.get_stored(&id)?;
+                chunk::decode_any_size(&stored, id).map_err(|source| StoreError::BadChunk {
+                    path: file.clone(),
+                    source,
+                })?;
+                report.chunks += 1;
+                report.stored_bytes += stored.len() as u64;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads a stored manifest envelope and verifies it against `root`.
+    pub fn load_manifest(
+        &self,
+        path: &Path,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+    ) -> Result<Manifest, StoreError> {
+        let bad = |source: ReadError| StoreError::BadManifest {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut bytes = Vec::new();
+        file.take(ENVELOPE_SIZE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(path))?;
+        if bytes.len() > ENVELOPE_SIZE_MAX {
+            return Err(bad(ReadError::EnvelopeTooLarge {
+                size: bytes.len() as u64,
+                max: ENVELOPE_SIZE_MAX,
+            }));
+        }
+        let env = Envelope::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
+        let signed = root
+            .verify(RoleName::Release, &env, now_unix_s)
+            .map_err(|e| bad(e.into()))?;
+        Manifest::from_cbor(signed).map_err(|e| bad(e.into()))
+    }
+}
+
+/// The entries of a directory, sorted, skipping our own temporary files.
+fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let is_tmp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".tmp"));
+        if !is_tmp {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
+fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError> {
+    let dir = path.parent().expect("store paths have a parent");
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(bytes).map_err(io_err(path))?;
+    if sync {
+        tmp.as_file().sync_all().map_err(io_err(path))?;
+    }
+    // Readable by a static file server, like any other file it serves.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(io_err(path))?;
+    }
+    tmp.persist(path).map_err(|e| StoreError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The small subset of POSIX ustar that `.shoal` artifacts use, read strictly.
+//!
+//! Writing goes through the `tar` crate's [`tar::Header`]. Reading does not use
+//! `tar::Archive`: an artifact reader must tell a truncated file from a finished one,
+//! refuse extension headers (pax, GNU long names) instead of interpreting them, and
+//! bound every size before it allocates. That takes one 512-byte header parser.
+
+use std::io::{self, Read, Write};
+
+/// Size of a tar block.
+pub const BLOCK: usize = 512;
+
+/// A member header, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's path (prefix joined with name).
+    pub path: String,
+    /// The ustar type flag byte.
+    pub kind: u8,
+    /// Size of the member's data in bytes.
+    pub size: u64,
+}
+
+/// A header block that is not a valid ustar header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    /// The checksum does not match.
+    Checksum,
+    /// No `ustar` magic.
+    Magic,
+    /// A numeric field is not octal.
+    Number(&'static str),
+    /// The path is not UTF-8.
+    PathEncoding,
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Checksum => f.write_str("header checksum mismatch"),
+            HeaderError::Magic => f.write_str("no ustar magic"),
+            HeaderError::Number(field) => write!(f, "field {field} is not an octal number"),
+            HeaderError::PathEncoding => f.write_str("path is not UTF-8"),
+        }
+    }
+}
+
+/// What one block at a member boundary was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    /// A member header.
+    Member(Member),
+    /// An all-zero block: the end of the archive.
+    End,
+}
+
+fn octal(field: &[u8], name: &'static str) -> Result<u64, HeaderError> {
+    let text: &[u8] = {
+        let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+        &field[..end]
+    };
+    let text = std::str::from_utf8(text).map_err(|_| HeaderError::Number(name))?;
+    let text = text.trim_matches(' ');
+    if text.is_empty() {
+        return Ok(0);
+    }
+    u64::from_str_radix(text, 8).map_err(|_| HeaderError::Number(name))
+}
+
+fn cstr(field: &[u8]) -> &[u8] {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    &field[..end]
+}
+
+/// Parses one header block.
+pub fn parse(block: &[u8; BLOCK]) -> Result<Block, HeaderError> {
+    if block.iter().all(|&b| b == 0) {
+        return Ok(Block::End);
+    }
+    let stored = octal(&block[148..156], "checksum")?;
+    let sum: u64 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(b)
+            }
+        })
+        .sum();
+    if stored != sum {
+        return Err(HeaderError::Checksum);
+    }
+    if &block[257..263] != b"ustar\0" && &block[257..263] != b"ustar " {
+        return Err(HeaderError::Magic);
+    }
+    let size = octal(&block[124..136], "size")?;
+    let name = cstr(&block[0..100]);
+    let prefix = cstr(&block[345..500]);
+    let mut path = Vec::with_capacity(prefix.len() + 1 + name.len());
+    if !prefix.is_empty() {
+        path.extend_from_slice(prefix);
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+    let path = String::from_utf8(path).map_err(|_| HeaderError::PathEncoding)?;
+    Ok(Block::Member(Member {
+        path,
+        kind: block[156],
+        size,
+    }))
+}
+
+/// Whether a member path could escape the directory it is extracted into.
+pub fn is_unsafe_path(path: &str) -> bool {
+    path.starts_with('/') || path.split('/').any(|c| c == "..") || path.contains('\\')
+}
+
+/// Zero bytes to pad `size` bytes of data to a block boundary.
+pub fn padding(size: u64) -> usize {
+    let rem = (size % BLOCK as u64) as usize;
+    if rem == 0 { 0 } else { BLOCK - rem }
+}
+
+/// A deterministic header for a regular file member (mode 0644, owner 0, mtime 0).
+pub fn header(path: &str, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path)
+        .expect("member paths are short, relative and ASCII");
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h
+}
+
+/// Writes one member: header, data, padding. Returns the bytes written.
+pub fn write_member<W: Write>(out: &mut W, path: &str, data: &[u8]) -> io::Result<u64> {
+    let h = header(path, data.len() as u64);
+    out.write_all(h.as_bytes())?;
+    out.write_all(data)?;
+    let pad = padding(data.len() as u64);
+    out.write_all(&[0u8; BLOCK][..pad])?;
+    Ok((BLOCK + data.len() + pad) as u64)
+}
+
+/// The end-of-archive marker: two zero blocks.
+pub fn write_end<W: Write>(out: &mut W) -> io::Result<u64> {
+    out.write_all(&[0u8; 2 * BLOCK])?;
+    Ok(2 * BLOCK as u64)
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` when the source ended first (after
+/// reading `*got` bytes).
+pub fn read_full<R: Read>(src: &mut R, buf: &mut [u8], got: &mut usize) -> io::Result<bool> {
+    *got = 0;
+    while *got < buf.len() {
+        match src.read(&mut buf[*got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => *got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let mut out = Vec::new();
+        write_member(&mut out, "chunks/ab/abcdef", b"hello").unwrap();
+        assert_eq!(out.len(), 1024);
+        let block: &[u8; BLOCK] = out[..BLOCK].try_into().unwrap();
+        assert_eq!(
+            parse(block).unwrap(),
+            Block::Member(Member {
+                path: "chunks/ab/abcdef".into(),
+                kind: b'0',
+                size: 5
+            })
+        );
+    }
+
+    #[test]
+    fn corrupt_headers_are_refused() {
+        let h = header("x", 1);
+        let mut b = *h.as_bytes();
+        b[0] = b'y';
+        assert_eq!(parse(&b), Err(HeaderError::Checksum));
+        assert_eq!(parse(&[0u8; BLOCK]), Ok(Block::End));
+        let mut not_tar = [b'a'; BLOCK];
+        not_tar[148..156].copy_from_slice(b"0000000\0");
+        assert!(parse(&not_tar).is_err());
+    }
+
+    #[test]
+    fn unsafe_paths() {
+        assert!(is_unsafe_path("/etc/passwd"));
+        assert!(is_unsafe_path("chunks/../../x"));
+        assert!(is_unsafe_path(".."));
+        assert!(!is_unsafe_path("chunks/ab/ab..cd"));
+    }
+}
