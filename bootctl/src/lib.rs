@@ -1,1 +1,41 @@
-//! bootctl
+//! `shoal-bootctl`: how Shoal commits an update through the bootloader.
+//!
+//! This crate owns everything between "the new image is in memory" and "the
+//! bootloader will try it": the two A/B [`Slot`]s, the [`SlotWriter`] that fills the
+//! inactive slot and verifies it by reading it back, the bootloader environments
+//! ([`env::uboot`], [`env::grub`], [`env::file`]) in the exact byte formats the
+//! standard tools use (`fw_printenv`/`fw_setenv`, `mkenvimage`, `grub-editenv`), the
+//! two variable [`scheme`]s (Shoal's own and Mender's), and [`BootControl`], which ties
+//! them together into arm / commit / rollback / status.
+//!
+//! # Key design decision
+//!
+//! Every byte that reaches a disk goes through the small [`Storage`] seam
+//! (`len/read_at/write_at/set_len/sync`), and every environment update is a
+//! sequence of single-block writes, each made durable before the next begins, such
+//! that *any prefix* of the sequence, with the last write torn, leaves the bootloader
+//! choosing a slot that holds a complete, verified image. The `testing` module
+//! (feature `testing`) provides a crash backend that keeps a "durable" and a "live"
+//! image and crashes at write N; the crate's tests run every crash point of every env
+//! update and of every arm / commit / rollback sequence, not a sample. `DESIGN.md`
+//! gives the byte layouts and the commit protocols.
+//!
+//! There is no async runtime and no networking here: this crate is plain blocking
+//! I/O, driven by the daemon (or by the simulator, through the `testing` backends).
+
+pub mod config;
+pub mod control;
+pub mod detect;
+pub mod env;
+pub mod scheme;
+mod slot;
+pub mod storage;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod writer;
+
+pub use control::{BootControl, Status};
+pub use scheme::{BootState, Scheme, Trial};
+pub use slot::{ParseSlotError, Slot};
+pub use storage::{FileStorage, Storage};
+pub use writer::SlotWriter;

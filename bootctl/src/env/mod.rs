@@ -1,0 +1,322 @@
+//! Bootloader environments: a set of `name=value` variables stored by a backend.
+//!
+//! - [`uboot`]: U-Boot environments as `fw_printenv`/`fw_setenv` and `mkenvimage`
+//!   read and write them (single copy, or redundant copies with a flag byte).
+//! - [`grub`]: GRUB `grubenv` blocks in the two-copy, lock-file layout of Mender's
+//!   GRUB integration, which keeps GRUB able to choose a bootable slot across an
+//!   interrupted write.
+//! - [`file`]: a plain `key=value` backend (two copies with a sequence number and a
+//!   CRC) for tests and the simulator.
+//!
+//! Every backend implements [`Env`]: [`Env::load`] returns the variables the
+//! bootloader would see right now, and [`Env::store`] replaces the whole set in a
+//! power-safe sequence of writes (see `DESIGN.md` for each backend's protocol).
+
+use std::collections::BTreeMap;
+use std::io;
+
+pub mod file;
+pub mod grub;
+pub mod uboot;
+
+/// Environment variables, ordered by name.
+pub type Vars = BTreeMap<String, String>;
+
+/// A bootloader environment backend.
+pub trait Env: std::fmt::Debug + Send {
+    /// Reads the variables the bootloader would use if it started now.
+    fn load(&self) -> Result<Vars, LoadError>;
+
+    /// Replaces the whole variable set, power-safely where the backend can be.
+    fn store(&mut self, vars: &Vars) -> Result<(), StoreError>;
+
+    /// Whether an interrupted [`Env::store`] always leaves either the old or the new
+    /// variable set readable (false only for a single-copy U-Boot environment).
+    fn is_power_safe(&self) -> bool;
+
+    /// A short human description, e.g. `U-Boot environment (redundant) in /dev/mmcblk0`.
+    fn describe(&self) -> String;
+}
+
+/// Why a block of environment bytes is not a valid environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The block does not have the size the format or configuration requires.
+    #[error("environment block is {actual} bytes, expected {expected}")]
+    WrongSize {
+        /// The required size in bytes.
+        expected: u64,
+        /// The size found.
+        actual: u64,
+    },
+    /// The stored CRC32 does not match the data.
+    #[error("environment crc32 mismatch: stored {stored:08x}, computed {computed:08x}")]
+    BadCrc {
+        /// The CRC32 stored in the block.
+        stored: u32,
+        /// The CRC32 of the data as read.
+        computed: u32,
+    },
+    /// The data runs to the end of the block without its end marker (U-Boot: an
+    /// empty entry; GRUB and file: a newline after the last variable).
+    #[error("environment data has no terminator")]
+    NoTerminator,
+    /// The same variable appears twice.
+    #[error("variable {name:?} appears more than once")]
+    DuplicateKey {
+        /// The repeated name.
+        name: String,
+    },
+    /// An entry is not valid UTF-8.
+    #[error("entry at byte {offset} is not valid utf-8")]
+    NotUtf8 {
+        /// Offset of the entry in the block.
+        offset: usize,
+    },
+    /// An entry has no `=` between name and value.
+    #[error("entry at byte {offset} has no '='")]
+    MissingEquals {
+        /// Offset of the entry in the block.
+        offset: usize,
+    },
+    /// An entry has an empty name.
+    #[error("entry at byte {offset} has an empty name")]
+    EmptyName {
+        /// Offset of the entry in the block.
+        offset: usize,
+    },
+    /// The block does not start with the header its format requires.
+    #[error("environment header is invalid: {detail}")]
+    BadHeader {
+        /// What is wrong with the header.
+        detail: String,
+    },
+}
+
+/// Why a variable set cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The variables do not fit in the block.
+    #[error("variables need {needed} bytes but the environment holds {capacity}")]
+    TooLarge {
+        /// Bytes the encoding needs.
+        needed: usize,
+        /// Bytes available.
+        capacity: usize,
+    },
+    /// A name is empty, or contains `=`, a NUL or a newline, or starts with `#`.
+    #[error("invalid variable name {name:?}")]
+    InvalidName {
+        /// The offending name.
+        name: String,
+    },
+    /// A value contains a NUL byte.
+    #[error("value of variable {name:?} contains a nul byte")]
+    InvalidValue {
+        /// The variable whose value is invalid.
+        name: String,
+    },
+}
+
+/// Why [`Env::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading the storage failed.
+    #[error("cannot read {what}")]
+    Io {
+        /// What was being read.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The (only) copy of the environment is invalid.
+    #[error("{what} is not a valid environment")]
+    Invalid {
+        /// Which copy.
+        what: String,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// Neither copy of a redundant environment is valid.
+    #[error("no valid copy of the environment: copy 1: {first}; copy 2: {second}")]
+    NoValidCopy {
+        /// Why copy 1 is invalid.
+        first: DecodeError,
+        /// Why copy 2 is invalid.
+        second: DecodeError,
+    },
+}
+
+/// Why [`Env::store`] failed. The environment is left as the backend's protocol
+/// guarantees: the old or the new variable set, never neither (except a single-copy
+/// U-Boot environment).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A storage read, write or sync failed.
+    #[error("cannot write {what}")]
+    Io {
+        /// What was being written or read.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The variables cannot be encoded in this backend's format.
+    #[error("cannot encode the environment")]
+    Encode(#[from] EncodeError),
+}
+
+/// Checks names and values common to every backend: names non-empty, without `=`,
+/// NUL or newline and not starting with `#`; values without NUL.
+pub fn validate(vars: &Vars) -> Result<(), EncodeError> {
+    for (name, value) in vars {
+        if name.is_empty() || name.starts_with('#') || name.contains(['=', '\0', '\n']) {
+            return Err(EncodeError::InvalidName { name: name.clone() });
+        }
+        if value.contains('\0') {
+            return Err(EncodeError::InvalidValue { name: name.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Inserts `name=value` parsed from `entry` (at `offset` in its block), rejecting
+/// bad UTF-8, a missing `=`, an empty name and duplicates.
+fn insert_entry(vars: &mut Vars, entry: &[u8], offset: usize) -> Result<(), DecodeError> {
+    let text = std::str::from_utf8(entry).map_err(|_| DecodeError::NotUtf8 { offset })?;
+    let (name, value) = text
+        .split_once('=')
+        .ok_or(DecodeError::MissingEquals { offset })?;
+    if name.is_empty() {
+        return Err(DecodeError::EmptyName { offset });
+    }
+    if vars.insert(name.to_string(), value.to_string()).is_some() {
+        return Err(DecodeError::DuplicateKey {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Line codec shared by GRUB blocks and the file backend: `name=value\n` lines,
+/// where a value's `\` and newline are escaped with a `\` (as `grub-editenv` does),
+/// and lines starting with `#` are comments (GRUB's padding is one long comment).
+mod lines {
+    use super::{DecodeError, Vars, insert_entry};
+
+    /// Appends the encoding of `vars` to `out`.
+    pub(crate) fn encode(vars: &Vars, out: &mut Vec<u8>) {
+        for (name, value) in vars {
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+            for &b in value.as_bytes() {
+                if b == b'\\' || b == b'\n' {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
+            out.push(b'\n');
+        }
+    }
+
+    /// Decodes `text`, which starts at byte `base` of its block.
+    pub(crate) fn decode(text: &[u8], base: usize) -> Result<Vars, DecodeError> {
+        let mut vars = Vars::new();
+        let mut pos = 0;
+        while pos < text.len() {
+            if text[pos] == b'#' {
+                // A comment runs to the next newline or the end of the block.
+                match text[pos..].iter().position(|&b| b == b'\n') {
+                    Some(n) => pos += n + 1,
+                    None => break,
+                }
+                continue;
+            }
+            let start = pos;
+            let mut entry = Vec::new();
+            loop {
+                match text.get(pos) {
+                    None => return Err(DecodeError::NoTerminator),
+                    Some(b'\n') => break,
+                    Some(b'\\') => {
+                        let escaped = *text.get(pos + 1).ok_or(DecodeError::NoTerminator)?;
+                        entry.push(escaped);
+                        pos += 2;
+                    }
+                    Some(&b) => {
+                        entry.push(b);
+                        pos += 1;
+                    }
+                }
+            }
+            pos += 1;
+            if entry.contains(&0) {
+                return Err(DecodeError::NotUtf8 {
+                    offset: base + start,
+                });
+            }
+            insert_entry(&mut vars, &entry, base + start)?;
+        }
+        Ok(vars)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_bad_names_and_values() {
+        for bad in ["", "a=b", "#x", "a\nb", "a\0"] {
+            let vars = Vars::from([(bad.to_string(), "v".to_string())]);
+            assert_eq!(
+                validate(&vars),
+                Err(EncodeError::InvalidName { name: bad.into() })
+            );
+        }
+        let vars = Vars::from([("n".to_string(), "a\0b".to_string())]);
+        assert_eq!(
+            validate(&vars),
+            Err(EncodeError::InvalidValue { name: "n".into() })
+        );
+        let ok = Vars::from([("n".to_string(), "a=b\\c\nd e".to_string())]);
+        assert_eq!(validate(&ok), Ok(()));
+    }
+
+    #[test]
+    fn line_codec_escapes_and_rejects_malformed() {
+        let vars = Vars::from([
+            ("a".to_string(), "x\\y".to_string()),
+            ("b".to_string(), "l1\nl2".to_string()),
+            ("c".to_string(), String::new()),
+        ]);
+        let mut out = Vec::new();
+        lines::encode(&vars, &mut out);
+        assert_eq!(out, b"a=x\\\\y\nb=l1\\\nl2\nc=\n");
+        assert_eq!(lines::decode(&out, 0), Ok(vars));
+        assert_eq!(lines::decode(b"a=1", 0), Err(DecodeError::NoTerminator));
+        assert_eq!(lines::decode(b"a=1\\", 0), Err(DecodeError::NoTerminator));
+        assert_eq!(
+            lines::decode(b"a=1\nnoeq\n", 7),
+            Err(DecodeError::MissingEquals { offset: 11 })
+        );
+        assert_eq!(
+            lines::decode(b"=1\n", 0),
+            Err(DecodeError::EmptyName { offset: 0 })
+        );
+        assert_eq!(
+            lines::decode(b"a=1\na=2\n", 0),
+            Err(DecodeError::DuplicateKey { name: "a".into() })
+        );
+        assert_eq!(
+            lines::decode(b"a=\xff\n", 0),
+            Err(DecodeError::NotUtf8 { offset: 0 })
+        );
+        assert_eq!(
+            lines::decode(b"#c\na=1\n####", 0),
+            Ok(Vars::from([("a".into(), "1".into())]))
+        );
+    }
+}

@@ -1,0 +1,457 @@
+//! Fakes for tests and the simulator: a crash-injecting disk and a model of the
+//! bootloader side of both schemes.
+//!
+//! # The crash model
+//!
+//! A [`CrashDisk`] holds named files, each with a *live* image (what reads see) and
+//! a *durable* image (what survived the last [`Storage::sync`] of that file).
+//! Mutating operations (`write_at`, `set_len`) are counted across the whole disk,
+//! starting at 1. With [`CrashDisk::crash_at`] set to `n`, operation `n` is applied
+//! to the live image only as the chosen [`Tear`] says, and from then on every
+//! operation fails with "simulated power loss". [`CrashDisk::reboot`] then builds
+//! the disk a rebooted machine would see: every file's durable image
+//! ([`Image::Durable`], unsynced writes lost) or its live image ([`Image::Live`],
+//! everything written reached the medium, the last write torn).
+//!
+//! Bootctl's protocols sync after every write that matters, so these two images
+//! bound everything a real medium can show after power loss, except reordering of
+//! unsynced writes to different sectors within one write, which the `Prefix` and
+//! `Suffix` tears cover for the two-sector blocks used here.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::Slot;
+use crate::env::{Env, Vars};
+use crate::scheme::{Flavor, Scheme};
+use crate::storage::Storage;
+
+/// How the operation that crashes reaches the live image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tear {
+    /// Nothing of it is written.
+    Lost,
+    /// Its first half is written.
+    Prefix,
+    /// Its second half is written (the medium reordered sectors).
+    Suffix,
+    /// All of it is written, but the crash comes before any sync.
+    Full,
+}
+
+impl Tear {
+    /// Every tear mode.
+    pub const ALL: [Tear; 4] = [Tear::Lost, Tear::Prefix, Tear::Suffix, Tear::Full];
+}
+
+/// Which image of each file survives a reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// What was synced: unsynced writes are lost.
+    Durable,
+    /// Everything written, including the torn last write.
+    Live,
+}
+
+impl Image {
+    /// Both images.
+    pub const ALL: [Image; 2] = [Image::Durable, Image::Live];
+}
+
+#[derive(Debug, Default, Clone)]
+struct File {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct DiskState {
+    files: BTreeMap<String, File>,
+    ops: u64,
+    crash_at: Option<u64>,
+    tear: Option<Tear>,
+    crashed: bool,
+}
+
+/// A simulated disk of named files that can lose power at any write. Clones share
+/// the same disk.
+#[derive(Debug, Clone, Default)]
+pub struct CrashDisk {
+    state: Arc<Mutex<DiskState>>,
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl CrashDisk {
+    /// An empty disk that never crashes until told to.
+    pub fn new() -> CrashDisk {
+        CrashDisk::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        // A panic while holding the lock is a test failure already; keep going so the
+        // panic message, not a poison error, is what the test reports.
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A storage handle for file `name` (created empty if missing).
+    pub fn storage(&self, name: &str) -> CrashStorage {
+        self.lock().files.entry(name.to_string()).or_default();
+        CrashStorage {
+            disk: self.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Sets file `name` to `bytes`, durable, without counting an operation.
+    pub fn put(&self, name: &str, bytes: &[u8]) {
+        let file = File {
+            live: bytes.to_vec(),
+            durable: bytes.to_vec(),
+        };
+        self.lock().files.insert(name.to_string(), file);
+    }
+
+    /// The live image of file `name` (empty if it does not exist).
+    pub fn live(&self, name: &str) -> Vec<u8> {
+        self.lock()
+            .files
+            .get(name)
+            .map(|f| f.live.clone())
+            .unwrap_or_default()
+    }
+
+    /// The durable image of file `name` (empty if it does not exist).
+    pub fn durable(&self, name: &str) -> Vec<u8> {
+        self.lock()
+            .files
+            .get(name)
+            .map(|f| f.durable.clone())
+            .unwrap_or_default()
+    }
+
+    /// Makes mutating operation number `op` (1-based, counted from now on across
+    /// all files) crash with `tear`.
+    pub fn crash_at(&self, op: u64, tear: Tear) {
+        let mut state = self.lock();
+        state.ops = 0;
+        state.crash_at = Some(op);
+        state.tear = Some(tear);
+        state.crashed = false;
+    }
+
+    /// Mutating operations counted so far (since creation, reboot or `crash_at`).
+    pub fn ops(&self) -> u64 {
+        self.lock().ops
+    }
+
+    /// Whether the disk has lost power.
+    pub fn has_crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// The disk a rebooted machine sees: a new, independent disk holding `image` of
+    /// every file, durable, with the operation counter at zero and no crash armed.
+    pub fn reboot(&self, image: Image) -> CrashDisk {
+        let state = self.lock();
+        let files = state
+            .files
+            .iter()
+            .map(|(name, f)| {
+                let bytes = match image {
+                    Image::Durable => f.durable.clone(),
+                    Image::Live => f.live.clone(),
+                };
+                (
+                    name.clone(),
+                    File {
+                        live: bytes.clone(),
+                        durable: bytes,
+                    },
+                )
+            })
+            .collect();
+        CrashDisk {
+            state: Arc::new(Mutex::new(DiskState {
+                files,
+                ..DiskState::default()
+            })),
+        }
+    }
+
+    /// Counts one mutating operation and says how much of it to apply: `None` to
+    /// apply it whole, `Some(tear)` when it is the crashing one. Errors once crashed.
+    fn begin_op(state: &mut DiskState) -> io::Result<Option<Tear>> {
+        if state.crashed {
+            return Err(crashed());
+        }
+        state.ops += 1;
+        if state.crash_at == Some(state.ops) {
+            state.crashed = true;
+            return Ok(Some(state.tear.unwrap_or(Tear::Lost)));
+        }
+        Ok(None)
+    }
+}
+
+/// One file of a [`CrashDisk`].
+#[derive(Debug, Clone)]
+pub struct CrashStorage {
+    disk: CrashDisk,
+    name: String,
+}
+
+impl CrashStorage {
+    /// The file's name on its disk.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Storage for CrashStorage {
+    fn len(&self) -> io::Result<u64> {
+        let state = self.disk.lock();
+        if state.crashed {
+            return Err(crashed());
+        }
+        Ok(state
+            .files
+            .get(&self.name)
+            .map_or(0, |f| f.live.len() as u64))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let state = self.disk.lock();
+        if state.crashed {
+            return Err(crashed());
+        }
+        let live = state
+            .files
+            .get(&self.name)
+            .map(|f| f.live.as_slice())
+            .unwrap_or(&[]);
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let src = live.get(start..end).ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut state = self.disk.lock();
+        let tear = CrashDisk::begin_op(&mut state)?;
+        let (from, to) = match tear {
+            None | Some(Tear::Full) => (0, data.len()),
+            Some(Tear::Lost) => (0, 0),
+            Some(Tear::Prefix) => (0, data.len() / 2),
+            Some(Tear::Suffix) => (data.len() / 2, data.len()),
+        };
+        let file = state.files.entry(self.name.clone()).or_default();
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start + data.len();
+        if tear.is_none() || from < to {
+            if file.live.len() < end {
+                file.live.resize(end, 0);
+            }
+            file.live[start + from..start + to].copy_from_slice(&data[from..to]);
+        }
+        match tear {
+            None => Ok(()),
+            Some(_) => Err(crashed()),
+        }
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let mut state = self.disk.lock();
+        let tear = CrashDisk::begin_op(&mut state)?;
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let file = state.files.entry(self.name.clone()).or_default();
+        match tear {
+            None | Some(Tear::Full) | Some(Tear::Suffix) | Some(Tear::Prefix) => {
+                file.live.resize(len, 0)
+            }
+            Some(Tear::Lost) => {}
+        }
+        match tear {
+            None => Ok(()),
+            Some(_) => Err(crashed()),
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let mut state = self.disk.lock();
+        if state.crashed {
+            return Err(crashed());
+        }
+        let file = state.files.entry(self.name.clone()).or_default();
+        file.durable = file.live.clone();
+        Ok(())
+    }
+}
+
+/// What the bootloader model did on one boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boot {
+    /// The slot whose kernel and root filesystem were started.
+    pub slot: Slot,
+    /// Whether the environment had to be replaced by the bootloader's built-in
+    /// default (no readable environment).
+    pub used_default_env: bool,
+}
+
+/// A model of the bootloader side: it runs, in Rust, the same decisions as the
+/// scripts in `bootctl/integration/` (Shoal scheme) or Mender's U-Boot and GRUB
+/// integration (Mender scheme), including their own environment writes, through
+/// the same [`Env`] backends (so those writes can crash too).
+///
+/// `default_slot` is what the board boots when no environment is readable (U-Boot's
+/// built-in default environment, GRUB's fallback).
+pub fn boot(
+    env: &mut dyn Env,
+    scheme: &Scheme,
+    flavor: Flavor,
+    default_slot: Slot,
+) -> io::Result<Boot> {
+    let Ok(mut vars) = env.load() else {
+        return Ok(Boot {
+            slot: default_slot,
+            used_default_env: true,
+        });
+    };
+    let before = vars.clone();
+    let slot = match scheme {
+        Scheme::Shoal => boot_shoal(&mut vars, default_slot),
+        Scheme::Mender(m) => {
+            let part = |v: &Vars| {
+                v.get("mender_boot_part")
+                    .and_then(|p| p.parse::<u32>().ok())
+            };
+            let slot_of = |p: Option<u32>| match p {
+                Some(p) if p == m.part_b => Slot::B,
+                Some(p) if p == m.part_a => Slot::A,
+                _ => default_slot,
+            };
+            let num = |v: &Vars, k: &str| v.get(k).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            if vars.get("upgrade_available").map(String::as_str) == Some("1") {
+                match flavor {
+                    Flavor::Uboot | Flavor::File => {
+                        // U-Boot CONFIG_BOOTCOUNT_ENV: count, then altbootcmd past the limit.
+                        let count = num(&vars, "bootcount") + 1;
+                        vars.insert("bootcount".into(), count.to_string());
+                        let limit = num(&vars, "bootlimit");
+                        if limit != 0 && count > limit {
+                            let back = slot_of(part(&vars)).other();
+                            let p = m.part(back);
+                            vars.insert("mender_boot_part".into(), p.to_string());
+                            vars.insert("mender_boot_part_hex".into(), format!("{p:x}"));
+                            vars.insert("upgrade_available".into(), "0".into());
+                        }
+                    }
+                    Flavor::Grub => {
+                        if vars.get("bootcount").map(String::as_str) != Some("0") {
+                            let back = slot_of(part(&vars)).other();
+                            vars.insert("mender_boot_part".into(), m.part(back).to_string());
+                            vars.insert("upgrade_available".into(), "0".into());
+                            vars.insert("bootcount".into(), "0".into());
+                        } else {
+                            vars.insert("bootcount".into(), "1".into());
+                        }
+                    }
+                }
+            }
+            slot_of(part(&vars))
+        }
+    };
+    if vars != before {
+        env.store(&vars).map_err(io::Error::other)?;
+    }
+    Ok(Boot {
+        slot,
+        used_default_env: false,
+    })
+}
+
+/// The Shoal scheme's boot decision, as `integration/shoal-boot.cmd` and
+/// `integration/grub.cfg` implement it.
+fn boot_shoal(vars: &mut Vars, default_slot: Slot) -> Slot {
+    let get_slot = |v: &Vars, k: &str| v.get(k).and_then(|s| s.parse::<Slot>().ok());
+    let committed = get_slot(vars, "shoal_slot").unwrap_or(default_slot);
+    let tries = vars
+        .get("shoal_tries")
+        .and_then(|t| t.parse::<u32>().ok())
+        .unwrap_or(0);
+    let slot = match get_slot(vars, "shoal_try_slot") {
+        Some(trial) if tries > 0 => {
+            vars.insert("shoal_tries".into(), (tries - 1).to_string());
+            trial
+        }
+        _ => committed,
+    };
+    if get_slot(vars, "shoal_booted") != Some(slot) {
+        vars.insert("shoal_booted".into(), slot.to_string());
+    }
+    slot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_tears_and_reboot_images() {
+        let disk = CrashDisk::new();
+        let mut s = disk.storage("f");
+        s.write_at(0, b"aaaa").unwrap();
+        s.sync().unwrap();
+        disk.crash_at(2, Tear::Prefix);
+        s.write_at(0, b"bbbb").unwrap();
+        assert!(s.write_at(0, b"cccc").is_err());
+        assert!(disk.has_crashed());
+        assert!(s.sync().is_err());
+        assert_eq!(disk.live("f"), b"ccbb");
+        assert_eq!(disk.durable("f"), b"aaaa");
+        assert_eq!(disk.reboot(Image::Durable).live("f"), b"aaaa");
+        let live = disk.reboot(Image::Live);
+        assert_eq!(live.durable("f"), b"ccbb");
+        let mut s2 = live.storage("f");
+        s2.write_at(4, b"d").unwrap();
+        assert_eq!(live.live("f"), b"ccbbd");
+    }
+
+    #[test]
+    fn suffix_and_lost_tears() {
+        for (tear, want) in [
+            (Tear::Suffix, &b"aacc"[..]),
+            (Tear::Lost, b"aaaa"),
+            (Tear::Full, b"cccc"),
+        ] {
+            let disk = CrashDisk::new();
+            disk.put("f", b"aaaa");
+            disk.crash_at(1, tear);
+            let mut s = disk.storage("f");
+            assert!(s.write_at(0, b"cccc").is_err());
+            assert_eq!(disk.live("f"), want, "{tear:?}");
+        }
+    }
+
+    #[test]
+    fn shoal_boot_counts_down_then_falls_back() {
+        let mut vars = Vars::new();
+        vars.insert("shoal_slot".into(), "A".into());
+        vars.insert("shoal_try_slot".into(), "B".into());
+        vars.insert("shoal_tries".into(), "2".into());
+        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::B);
+        assert_eq!(vars["shoal_tries"], "1");
+        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::B);
+        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
+        assert_eq!(vars["shoal_tries"], "0");
+        assert_eq!(vars["shoal_booted"], "A");
+    }
+}
