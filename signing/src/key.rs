@@ -12,11 +12,12 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The key file could not be read or written.
-    #[error("key file {path}: {source}")]
+    #[error("key file {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
+        #[source]
         source: std::io::Error,
     },
     /// The text is not a PKCS#8 PEM ed25519 private key.

@@ -97,11 +97,12 @@ pub enum VerifyError {
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
     /// The root file could not be read or written.
-    #[error("trust root file {path}: {source}")]
+    #[error("trust root file {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
+        #[source]
         source: std::io::Error,
     },
     /// The bytes are not a signed root.
