@@ -224,6 +224,17 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
             ),
         ),
         (
+            "paths in commands".into(),
+            format!(
+                "`$IMAGES` = {}, `$WORK` = {} (scratch), `shoal` = {}",
+                ctx.v2
+                    .parent()
+                    .map_or(String::new(), |p| p.display().to_string()),
+                ctx.work.display(),
+                ctx.shoal.display()
+            ),
+        ),
+        (
             "runs".into(),
             format!(
                 "{} per timed command, round-robin; wall = median, peak RSS = max",
@@ -258,6 +269,19 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
             ),
         ),
     ])
+}
+
+impl Ctx {
+    /// A command line with the scratch directory, the image directory and the binary
+    /// under test written as `$WORK`, `$IMAGES` and `shoal`, so tables stay readable.
+    pub fn shorten(&self, command: &str) -> String {
+        let mut s = command.replace(&*self.shoal.to_string_lossy(), "shoal");
+        s = s.replace(&*self.work.to_string_lossy(), "$WORK");
+        if let Some(images) = self.v2.parent() {
+            s = s.replace(&*images.to_string_lossy(), "$IMAGES");
+        }
+        s
+    }
 }
 
 /// Path of `name` in the scratch directory.

@@ -189,13 +189,24 @@ impl Report {
         }
         for section in &self.sections {
             let _ = writeln!(md, "\n### {}\n", section.title);
+            // Why a figure is missing is usually the same for many rows: say it once.
+            let mut reasons: Vec<&str> = Vec::new();
             if !section.goals.is_empty() {
                 md.push_str("| Goal | Shoal | Baseline (same run) | Ratio | Target | Result |\n");
                 md.push_str("|---|---:|---:|---:|---:|---|\n");
                 for g in &section.goals {
                     let shoal = match &g.shoal {
                         Ok(q) => q.to_string(),
-                        Err(why) => format!("— ({why})"),
+                        Err(why) => {
+                            let n = match reasons.iter().position(|r| r == why) {
+                                Some(i) => i + 1,
+                                None => {
+                                    reasons.push(why);
+                                    reasons.len()
+                                }
+                            };
+                            format!("— (note {n})")
+                        }
                     };
                     let baseline = g.baseline.as_ref().map_or("—".to_owned(), |b| {
                         format!("{} ({})", b.quantity, b.label)
@@ -211,6 +222,12 @@ impl Report {
                         "| {} | {shoal} | {baseline} | {ratio} | {} | {verdict} |",
                         g.name, g.target
                     );
+                }
+            }
+            if !reasons.is_empty() {
+                md.push('\n');
+                for (i, why) in reasons.iter().enumerate() {
+                    let _ = writeln!(md, "- note {}: not measured: {why}", i + 1);
                 }
             }
             if !section.series.is_empty() {

@@ -73,7 +73,10 @@ fn run_rounds(ctx: &Ctx, jobs: &mut [Job]) -> Result<()> {
                 job.cmd.display()
             ));
             match ctx.meter.run(&job.cmd) {
-                Ok(run) => job.series.push(&job.cmd, &run),
+                Ok(run) => {
+                    job.series.push(&job.cmd, &run);
+                    job.series.command = ctx.shorten(&job.series.command);
+                }
                 Err(e) if job.is_shoal => {
                     progress(&format!("shoal command failed: {e:#}"));
                     job.error = Some(one_line(&format!("{e:#}")));
