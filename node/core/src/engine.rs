@@ -586,10 +586,17 @@ impl Engine {
             info!(release = %release, slot = %target, done = self.state.done.len(), "resuming install");
             self.persist(vec![Record::Deployment(Some(dep.clone()))]);
         } else {
-            info!(release = %release, slot = %target, "starting install");
+            // A slot that already holds this payload (a release rolled back, then
+            // offered again) is not written again: it is only verified.
+            let held = self.state.releases[target.index()]
+                .as_ref()
+                .is_some_and(|r| {
+                    r.payload_hash == release.payload_hash && r.payload_size == release.payload_size
+                });
+            info!(release = %release, slot = %target, held, "starting install");
             self.state.done.clear();
             self.state.releases[target.index()] = None;
-            self.persist(vec![
+            let mut records = vec![
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
                 Record::SlotRelease {
@@ -600,7 +607,14 @@ impl Engine {
                     slot: target,
                     index: None,
                 },
-            ]);
+            ];
+            if held {
+                let n = u32::try_from(manifest.payloads[payload].chunks.len())
+                    .expect("chunk count fits u32");
+                self.state.done = (0..n).collect();
+                records.push(Record::Done(self.state.done.clone()));
+            }
+            self.persist(records);
         }
         self.state.deployment = Some(dep);
 
@@ -1135,7 +1149,7 @@ impl Engine {
         };
         let target = dep.target;
         match &dep.phase {
-            Phase::Fetching | Phase::Verified => {
+            Phase::Fetching => {
                 if boot.slot == target {
                     // The slot being written booted: whatever it holds now runs.
                     let reason =
@@ -1148,7 +1162,9 @@ impl Engine {
                     );
                 }
             }
-            Phase::TrialArmed | Phase::Rebooting | Phase::Trial => {
+            Phase::Verified | Phase::TrialArmed | Phase::Rebooting | Phase::Trial => {
+                // A verified slot may be armed even when the store says Verified (a
+                // power cut between arming and recording it).
                 if boot.slot == target && boot.trial {
                     if dep.phase != Phase::Trial {
                         let mut d = dep.clone();
@@ -1167,6 +1183,8 @@ impl Engine {
                     self.finish_commit(dep);
                 } else if boot.pending == Some(target) {
                     self.event(Event::TrialPending { slot: target });
+                } else if dep.phase == Phase::Verified {
+                    // Not armed yet: offering the release again arms it.
                 } else {
                     let reason = format!(
                         "the trial boot of slot {target} did not come up; the bootloader went back to slot {}",

@@ -29,6 +29,11 @@ mod source;
 mod state;
 mod time;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, Offer, Output, Progress, Status,
 };

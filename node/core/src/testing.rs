@@ -1,0 +1,481 @@
+//! An in-memory device that drives the engine, with power cuts: for the engine's own
+//! tests and for the fleet simulator.
+//!
+//! [`SimDevice`] keeps two images of each slot, *live* (what reads see) and *durable*
+//! (what survives a power cut: the live image as of the last sync), an in-memory
+//! device store ([`MemStore`]) that applies each [`Output::Persist`] atomically, and a
+//! bootloader model (committed slot, armed trial, trial boot). Every durable step
+//! (slot write, sync, store transaction, bootloader update) counts as one operation;
+//! [`SimDevice::crash_at`] cuts the power right before operation N, and unsynced slot
+//! writes then survive or vanish by a seeded coin each (both are what a real disk may
+//! do).
+
+use std::collections::BTreeMap;
+
+use shoal_artifact::{ChunkId, ChunkRef, Chunking, Manifest, Payload, PayloadKind};
+use shoal_signing::{Envelope, SecretKey, TrustRoot};
+
+use crate::engine::{Boot, Engine, Event, Input, Output};
+use crate::source::{Origin, SourceId};
+use crate::state::{DeviceState, Record, Release, Slot, SlotIndex};
+use crate::time::{Instant, Rng};
+
+/// The device store, in memory: what a driver keeps in redb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemStore {
+    /// Everything but the per-slot indexes.
+    pub state: DeviceState,
+    /// Each slot's chunk index.
+    pub indexes: [Option<SlotIndex>; 2],
+    /// Transactions applied.
+    pub transactions: u64,
+}
+
+impl MemStore {
+    /// A store of a device Shoal never touched, running `active`.
+    pub fn fresh(active: Slot, slot_capacity: [u64; 2]) -> MemStore {
+        MemStore {
+            state: DeviceState::fresh(active, slot_capacity),
+            indexes: [None, None],
+            transactions: 0,
+        }
+    }
+
+    /// Applies one transaction.
+    pub fn apply(&mut self, records: &[Record]) {
+        self.transactions += 1;
+        let s = &mut self.state;
+        for r in records {
+            match r {
+                Record::Deployment(d) => s.deployment = d.clone(),
+                Record::ClearProgress => s.done.clear(),
+                Record::Done(list) => s.done.extend_from_slice(list),
+                Record::SlotRelease { slot, release } => s.releases[slot.index()] = release.clone(),
+                Record::SlotIndex { slot, index } => self.indexes[slot.index()] = index.clone(),
+                Record::Unindex { slot, id } => {
+                    if let Some(index) = self.indexes[slot.index()].as_mut() {
+                        index.chunks.retain(|c| c.id != *id);
+                    }
+                }
+                Record::Active(slot) => s.active = *slot,
+                Record::Floor(f) => s.floor = *f,
+                Record::Last(o) => s.last = Some(o.clone()),
+            }
+        }
+    }
+
+    /// What [`Engine::new`] is given after a (re)start.
+    pub fn load(&self) -> DeviceState {
+        let mut state = self.state.clone();
+        state.active_index = self.indexes[state.active.index()].clone();
+        state
+    }
+}
+
+/// The bootloader model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootEnv {
+    /// The slot booted when no trial is armed.
+    pub committed: Slot,
+    /// The slot to try once on the next boot.
+    pub armed: Option<Slot>,
+    /// The running slot.
+    pub running: Slot,
+    /// Whether the running boot is a trial.
+    pub trial: bool,
+}
+
+impl BootEnv {
+    /// The slot the next boot runs.
+    pub fn next_boot(&self) -> Slot {
+        self.armed.unwrap_or(self.committed)
+    }
+}
+
+/// A stream source: its id and the chunks it pushes, in order.
+pub type Stream = (SourceId, std::vec::IntoIter<(ChunkId, Vec<u8>)>);
+
+/// The power went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crashed;
+
+/// A device in memory. See the module documentation.
+#[derive(Debug)]
+pub struct SimDevice {
+    /// Live slot images.
+    pub live: [Vec<u8>; 2],
+    /// Durable slot images.
+    pub durable: [Vec<u8>; 2],
+    /// Unsynced writes per slot: (offset, len).
+    unsynced: [Vec<(u64, usize)>; 2],
+    /// The durable store.
+    pub store: MemStore,
+    /// The bootloader.
+    pub boot: BootEnv,
+    /// Durable operations so far.
+    pub ops: u64,
+    /// Cut the power right before this operation.
+    pub crash_at: Option<u64>,
+    /// Events the engine reported.
+    pub events: Vec<Event>,
+    /// Reboots asked for.
+    pub reboots: u32,
+    /// Answers for [`Output::RunHealthChecks`].
+    pub health: Result<(), String>,
+    /// Request sources: chunk bytes by id. A source answers only ids it holds.
+    pub stores: BTreeMap<SourceId, BTreeMap<ChunkId, Vec<u8>>>,
+    /// Requests sources ignore (to exercise timeouts): how many requests to drop.
+    pub drop_requests: u32,
+    /// Bytes written to slots, over the device's life.
+    pub bytes_written: u64,
+    rng: Rng,
+    now: u64,
+}
+
+impl SimDevice {
+    /// A device running slot A with `image_a` in it (not installed by Shoal), slot B
+    /// zeroed, both of `capacity` bytes.
+    pub fn new(image_a: &[u8], capacity: u64, seed: u64) -> SimDevice {
+        let cap = usize::try_from(capacity).expect("test capacity fits usize");
+        let mut a = vec![0u8; cap];
+        a[..image_a.len()].copy_from_slice(image_a);
+        let b = vec![0u8; cap];
+        SimDevice {
+            live: [a.clone(), b.clone()],
+            durable: [a, b],
+            unsynced: [Vec::new(), Vec::new()],
+            store: MemStore::fresh(Slot::A, [capacity, capacity]),
+            boot: BootEnv {
+                committed: Slot::A,
+                armed: None,
+                running: Slot::A,
+                trial: false,
+            },
+            ops: 0,
+            crash_at: None,
+            events: Vec::new(),
+            reboots: 0,
+            health: Ok(()),
+            stores: BTreeMap::new(),
+            drop_requests: 0,
+            bytes_written: 0,
+            rng: Rng::new(seed),
+            now: 0,
+        }
+    }
+
+    /// The engine as it restarts on this device.
+    pub fn engine(&self, config: crate::Config) -> Engine {
+        Engine::new(config, self.store.load())
+    }
+
+    /// The monotonic clock.
+    pub fn now(&self) -> Instant {
+        Instant::from_millis(self.now)
+    }
+
+    fn op(&mut self) -> Result<(), Crashed> {
+        self.ops += 1;
+        if self.crash_at == Some(self.ops) {
+            self.power_cut();
+            return Err(Crashed);
+        }
+        Ok(())
+    }
+
+    /// Cuts the power: each unsynced write survives or not, by the seeded coin. The
+    /// device is off until [`SimDevice::reboot`].
+    pub fn power_cut(&mut self) {
+        for s in 0..2 {
+            for &(off, len) in &self.unsynced[s] {
+                let o = usize::try_from(off).expect("offset fits usize");
+                if self.rng.below(2) == 0 {
+                    let live = self.live[s][o..o + len].to_vec();
+                    self.durable[s][o..o + len].copy_from_slice(&live);
+                }
+            }
+            self.unsynced[s].clear();
+            self.live[s] = self.durable[s].clone();
+        }
+        self.crash_at = None;
+    }
+
+    /// A reboot: the bootloader consumes an armed trial.
+    pub fn reboot(&mut self) {
+        match self.boot.armed.take() {
+            Some(slot) => {
+                self.boot.running = slot;
+                self.boot.trial = true;
+            }
+            None => {
+                self.boot.running = self.boot.committed;
+                self.boot.trial = false;
+            }
+        }
+    }
+
+    /// What [`Engine::boot`] is told.
+    pub fn boot_info(&self) -> Boot {
+        Boot {
+            slot: self.boot.running,
+            trial: self.boot.trial,
+            pending: self.boot.armed,
+        }
+    }
+
+    /// Carries out every output, feeding the stream (if any) whenever the engine is
+    /// idle, until nothing is left to do.
+    pub fn run(&mut self, engine: &mut Engine, mut stream: Option<Stream>) -> Result<(), Crashed> {
+        loop {
+            while let Some(out) = engine.poll_output() {
+                self.execute(engine, out)?;
+            }
+            if let Some((source, chunks)) = stream.as_mut() {
+                let source = *source;
+                match chunks.next() {
+                    Some((id, data)) => {
+                        if engine.wants(&id) {
+                            engine.handle(
+                                self.now(),
+                                Input::Chunk {
+                                    origin: Origin::Source(source),
+                                    id,
+                                    data,
+                                },
+                            );
+                        }
+                    }
+                    None => {
+                        stream = None;
+                        engine.handle(self.now(), Input::SourceEnded { source });
+                    }
+                }
+                continue;
+            }
+            match engine.poll_timeout() {
+                Some(t) => {
+                    self.now = self.now.max(t.as_millis());
+                    engine.handle_timeout(self.now());
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn execute(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
+        let now = self.now();
+        match out {
+            Output::IndexSlot {
+                slot,
+                chunking,
+                len,
+            } => {
+                let end = usize::try_from(len)
+                    .expect("fits")
+                    .min(self.live[slot.index()].len());
+                let index = index_fixed(&self.live[slot.index()][..end], chunking);
+                engine.handle(now, Input::SlotIndexed { slot, index });
+            }
+            Output::Read {
+                slot,
+                id,
+                offset,
+                len,
+            } => {
+                let o = usize::try_from(offset).expect("fits");
+                let data = self.live[slot.index()][o..o + len as usize].to_vec();
+                engine.handle(
+                    now,
+                    Input::Chunk {
+                        origin: Origin::Slot(slot),
+                        id,
+                        data,
+                    },
+                );
+            }
+            Output::Fetch { source, ids } => {
+                if self.drop_requests > 0 {
+                    self.drop_requests -= 1;
+                    return Ok(());
+                }
+                for id in ids {
+                    match self.stores.get(&source).and_then(|s| s.get(&id)).cloned() {
+                        Some(data) => engine.handle(
+                            now,
+                            Input::Chunk {
+                                origin: Origin::Source(source),
+                                id,
+                                data,
+                            },
+                        ),
+                        None => engine.handle(now, Input::Unavailable { source, id }),
+                    }
+                }
+            }
+            Output::Write {
+                slot,
+                offsets,
+                data,
+            } => {
+                for off in offsets {
+                    self.op()?;
+                    let o = usize::try_from(off).expect("fits");
+                    self.live[slot.index()][o..o + data.len()].copy_from_slice(&data);
+                    self.unsynced[slot.index()].push((off, data.len()));
+                    self.bytes_written += data.len() as u64;
+                }
+            }
+            Output::Sync { slot } => {
+                self.op()?;
+                self.durable[slot.index()] = self.live[slot.index()].clone();
+                self.unsynced[slot.index()].clear();
+            }
+            Output::Persist(records) => {
+                self.op()?;
+                self.store.apply(&records);
+            }
+            Output::HashSlot { slot, len } => {
+                let end = usize::try_from(len).expect("fits");
+                let hash = *blake3::hash(&self.live[slot.index()][..end]).as_bytes();
+                engine.handle(now, Input::SlotHashed { slot, hash });
+            }
+            Output::DisarmTrial { slot } => {
+                self.op()?;
+                if self.boot.armed == Some(slot) {
+                    self.boot.armed = None;
+                }
+            }
+            Output::ArmTrial { slot } => {
+                self.op()?;
+                self.boot.armed = Some(slot);
+            }
+            Output::Commit { slot } => {
+                self.op()?;
+                self.boot.committed = slot;
+                self.boot.trial = false;
+            }
+            Output::Rollback { to } => {
+                self.op()?;
+                self.boot.committed = to;
+                self.boot.armed = None;
+            }
+            Output::Reboot => {
+                self.reboots += 1;
+            }
+            Output::RunHealthChecks => {
+                engine.handle(now, Input::HealthChecked(self.health.clone()));
+            }
+            Output::Event(e) => self.events.push(e),
+        }
+        Ok(())
+    }
+
+    /// The release whose payload the slot holds, by hashing it against `candidates`.
+    pub fn holds(&self, slot: Slot, candidates: &[&Release]) -> Option<Release> {
+        candidates
+            .iter()
+            .find(|r| {
+                let len = usize::try_from(r.payload_size).expect("fits");
+                *blake3::hash(&self.live[slot.index()][..len]).as_bytes() == r.payload_hash
+            })
+            .map(|r| (*r).clone())
+    }
+}
+
+/// Cuts `data` into fixed-size chunks of `chunking.avg_size` (tests only need stable,
+/// valid chunks; the device cuts with FastCDC).
+pub fn index_fixed(data: &[u8], chunking: Chunking) -> SlotIndex {
+    let size = chunking.avg_size as usize;
+    let chunks = data
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| crate::IndexedChunk {
+            id: ChunkId::from(blake3::hash(c)),
+            offset: (i * size) as u64,
+            len: u32::try_from(c.len()).expect("chunk fits u32"),
+        })
+        .collect();
+    SlotIndex { chunking, chunks }
+}
+
+/// Chunking used by the test releases: fixed 4 KiB chunks are within its bounds.
+pub const TEST_CHUNKING: Chunking = Chunking {
+    min_size: 1024,
+    avg_size: 4096,
+    max_size: 16384,
+};
+
+/// A key and a trust root trusting it for releases.
+pub fn keys(seed: u8) -> (SecretKey, TrustRoot) {
+    let key = SecretKey::from_seed(&[seed; 32]);
+    let root =
+        TrustRoot::new(1, u64::MAX, &[key.public()], 1, &[key.public()], 1).expect("a valid root");
+    (key, root)
+}
+
+/// A release manifest for `image` (fixed 4 KiB chunks) and its chunks, each id once.
+pub fn release(
+    name: &str,
+    version: &str,
+    counter: u64,
+    device_type: &str,
+    image: &[u8],
+) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
+    let index = index_fixed(image, TEST_CHUNKING);
+    let chunks: Vec<ChunkRef> = index
+        .chunks
+        .iter()
+        .map(|c| ChunkRef {
+            id: c.id,
+            size: c.len,
+            stored_size: c.len,
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let data = index
+        .chunks
+        .iter()
+        .filter(|c| seen.insert(c.id))
+        .map(|c| {
+            let o = usize::try_from(c.offset).expect("fits");
+            (c.id, image[o..o + c.len as usize].to_vec())
+        })
+        .collect();
+    let manifest = Manifest {
+        base: None,
+        name: name.into(),
+        depends: BTreeMap::new(),
+        version: version.into(),
+        chunking: TEST_CHUNKING,
+        payloads: vec![Payload {
+            hash: *blake3::hash(image).as_bytes(),
+            kind: PayloadKind::RootfsImage,
+            name: "rootfs".into(),
+            size: image.len() as u64,
+            chunks,
+        }],
+        provides: BTreeMap::from([("rootfs-image.version".to_string(), version.to_string())]),
+        device_types: vec![device_type.into()],
+        format_version: shoal_artifact::FORMAT_VERSION,
+        security_counter: counter,
+    };
+    (manifest, data)
+}
+
+/// The signed envelope bytes of `manifest`.
+pub fn sign(manifest: &Manifest, key: &SecretKey) -> Vec<u8> {
+    let mut env = Envelope::new(manifest.to_cbor());
+    env.sign(key);
+    env.to_bytes()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -1,0 +1,690 @@
+//! Engine tests, through the in-memory device of [`crate::testing`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use shoal_artifact::{BaseRelease, ChunkId, Manifest};
+use shoal_signing::{RoleName, SecretKey, TrustRoot, VerifyError};
+
+use crate::testing::{SimDevice, bytes, keys, release, sign};
+use crate::{
+    CommitError, Config, Engine, Event, InstallError, Offer, OfferError, Origin, Phase, Release,
+    RollbackError, Slot, SourceId, SourceInfo, SourceKind, Verdict,
+};
+
+const DEVICE: &str = "acme-board";
+const MIB: usize = 1024 * 1024;
+
+struct Fixture {
+    key: SecretKey,
+    root: TrustRoot,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let (key, root) = keys(1);
+        Fixture { key, root }
+    }
+
+    fn config(&self) -> Config {
+        let mut c = Config::new(DEVICE, self.root.clone());
+        c.journal_batch_bytes = 64 * 1024;
+        c.fetch_timeout = Duration::from_secs(5);
+        c
+    }
+}
+
+fn stream_offer(envelope: Vec<u8>) -> Offer {
+    Offer {
+        envelope,
+        wall_unix_s: Some(1_800_000_000),
+        sources: vec![SourceInfo {
+            id: SourceId(1),
+            kind: SourceKind::Stream,
+            name: "artifact".into(),
+        }],
+        reboot: false,
+    }
+}
+
+fn stream(chunks: &[(ChunkId, Vec<u8>)]) -> Option<crate::testing::Stream> {
+    let chunks: Vec<(ChunkId, Vec<u8>)> = chunks.to_vec();
+    Some((SourceId(1), chunks.into_iter()))
+}
+
+/// v2 shares most of v1: a changed stretch in the middle.
+fn images() -> (Vec<u8>, Vec<u8>) {
+    let v1 = bytes(1, MIB);
+    let mut v2 = v1.clone();
+    v2[300_000..400_000].copy_from_slice(&bytes(2, 100_000));
+    (v1, v2)
+}
+
+fn failed(events: &[Event]) -> Option<&InstallError> {
+    events.iter().find_map(|e| match e {
+        Event::Failed(err) => Some(err),
+        _ => None,
+    })
+}
+
+fn release_of(m: &Manifest) -> Release {
+    Release::from_manifest(m, 0)
+}
+
+/// Installs `image` (as v1, counter 1) on a fresh device and commits it; returns it.
+fn device_running_v1(f: &Fixture, v1: &[u8]) -> (SimDevice, Manifest) {
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 5);
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, v1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer v1");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    dev.reboot();
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.store.state.active, Slot::B);
+    dev.events.clear();
+    (dev, m1)
+}
+
+#[test]
+fn full_install_from_stream_then_trial_commit_raises_floor() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let (m1, c1) = release("acme-os", "1.0", 7, DEVICE, &v1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        dev.boot.armed,
+        Some(Slot::B),
+        "trial armed on the inactive slot"
+    );
+    assert_eq!(
+        &dev.durable[1][..v1.len()],
+        &v1[..],
+        "slot B holds v1, durably"
+    );
+    let p = engine.progress();
+    assert_eq!(
+        (p.written_bytes, p.fetched_bytes, p.resumed_bytes),
+        (MIB as u64, MIB as u64, 0)
+    );
+    assert_eq!(
+        dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),
+        Some(Phase::TrialArmed)
+    );
+    assert!(
+        dev.events
+            .iter()
+            .any(|e| matches!(e, Event::Indexing { slot: Slot::A, .. }))
+    );
+
+    dev.reboot();
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.store.state.floor, 7);
+    assert_eq!(dev.store.state.active, Slot::B);
+    assert_eq!(dev.store.state.deployment, None);
+    assert_eq!(
+        dev.store.state.last.as_ref().map(|o| o.verdict.clone()),
+        Some(Verdict::Committed)
+    );
+    assert_eq!(dev.store.state.releases[1], Some(release_of(&m1)));
+}
+
+#[test]
+fn delta_install_reuses_active_slot_and_fetches_only_the_difference() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    dev.stores.insert(SourceId(3), c2.into_iter().collect());
+    let mut engine = dev.engine(f.config());
+    let offer = Offer {
+        envelope: sign(&m2, &f.key),
+        wall_unix_s: None,
+        sources: vec![SourceInfo {
+            id: SourceId(3),
+            kind: SourceKind::Requests,
+            name: "usb".into(),
+        }],
+        reboot: true,
+    };
+    engine.offer(dev.now(), offer).expect("offer v2");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    let p = engine.progress();
+    // 100 000 changed bytes touch 25 chunks of 4 KiB (bytes 299 008..401 408).
+    assert_eq!(p.fetched_bytes, 25 * 4096);
+    assert_eq!(p.reused_bytes, MIB as u64 - 25 * 4096);
+    assert!(
+        !dev.events
+            .iter()
+            .any(|e| matches!(e, Event::Indexing { .. })),
+        "index known from install"
+    );
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+    assert_eq!(dev.reboots, 1, "reboot asked for");
+    assert_eq!(
+        dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),
+        Some(Phase::Rebooting)
+    );
+}
+
+#[test]
+fn offer_checks_refuse_before_anything_is_written() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let check = |m: &Manifest, key: &SecretKey, config: Config| {
+        let mut engine = Engine::new(config, dev.store.load());
+        let r = engine.offer(dev.now(), stream_offer(sign(m, key)));
+        if r.is_err() {
+            assert_eq!(
+                engine.poll_output(),
+                None,
+                "no output after a refused offer"
+            );
+        }
+        r
+    };
+    let (m, _) = release("acme-os", "1.0", 5, DEVICE, &v1);
+
+    let (other_key, _) = keys(2);
+    assert!(matches!(
+        check(&m, &other_key, f.config()),
+        Err(OfferError::Signature(VerifyError::BelowThreshold {
+            role: RoleName::Release,
+            valid: 0,
+            ..
+        }))
+    ));
+
+    let (wrong_type, _) = release("acme-os", "1.0", 5, "other-board", &v1);
+    assert_eq!(
+        check(&wrong_type, &f.key, f.config()),
+        Err(OfferError::DeviceType {
+            device_type: DEVICE.into(),
+            supported: vec!["other-board".into()]
+        })
+    );
+
+    let mut depends = m.clone();
+    depends.depends = BTreeMap::from([("bootloader".to_string(), vec!["v2".to_string()])]);
+    assert_eq!(
+        check(&depends, &f.key, f.config()),
+        Err(OfferError::Depends {
+            key: "bootloader".into(),
+            wanted: vec!["v2".into()],
+            have: None
+        })
+    );
+    let mut provides = f.config();
+    provides.provides.insert("bootloader".into(), "v2".into());
+    assert_eq!(check(&depends, &f.key, provides), Ok(()));
+
+    let mut big = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    big.store.state.slot_capacity = [2 * MIB as u64, MIB as u64 - 1];
+    let mut engine = Engine::new(f.config(), big.store.load());
+    assert_eq!(
+        engine.offer(big.now(), stream_offer(sign(&m, &f.key))),
+        Err(OfferError::SlotTooSmall {
+            slot: Slot::B,
+            need: MIB as u64,
+            capacity: MIB as u64 - 1
+        })
+    );
+
+    let mut engine = Engine::new(f.config(), dev.store.load());
+    assert!(matches!(
+        engine.offer(dev.now(), stream_offer(b"not an envelope".to_vec())),
+        Err(OfferError::Envelope(_))
+    ));
+
+    let mut expired_root = f.root.clone();
+    expired_root.expires_unix_s = 1_000;
+    let mut config = f.config();
+    config.trust_root = expired_root;
+    assert!(matches!(
+        check(&m, &f.key, config),
+        Err(OfferError::Signature(VerifyError::Expired { .. }))
+    ));
+}
+
+#[test]
+fn anti_rollback_floor_rises_only_at_commit() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    assert_eq!(dev.store.state.floor, 1);
+    let (m5, c5) = release("acme-os", "5.0", 5, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m5, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c5)).expect("no crash");
+    assert_eq!(
+        dev.store.state.floor, 1,
+        "armed, not committed: the floor stays"
+    );
+
+    // Cancelling the armed install leaves the floor alone; an older release is fine.
+    engine
+        .rollback(dev.now(), "operator cancelled")
+        .expect("rollback");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.boot.armed, None);
+    let (m0, _) = release("acme-os", "0.9", 0, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    assert_eq!(
+        engine.offer(dev.now(), stream_offer(sign(&m0, &f.key))),
+        Err(OfferError::BelowFloor {
+            counter: 0,
+            floor: 1
+        })
+    );
+}
+
+#[test]
+fn failed_health_check_rolls_back_with_its_reason() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m3, c3) = release("acme-os", "3.0", 3, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m3, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c3)).expect("no crash");
+    assert_eq!(dev.boot.armed, Some(Slot::A));
+
+    dev.reboot();
+    dev.health = Err("check-network exited with 1".into());
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.reboots, 1);
+    assert_eq!(dev.boot.committed, Slot::B, "bootloader points back at v1");
+    let last = dev.store.state.last.clone().expect("a result");
+    assert_eq!(
+        last.verdict,
+        Verdict::RolledBack {
+            reason: "check-network exited with 1".into()
+        }
+    );
+    assert_eq!(
+        dev.store.state.floor, 1,
+        "floor not raised by a rolled back release"
+    );
+
+    dev.reboot();
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.store.state.active, Slot::B);
+    assert_eq!(
+        engine.commit(dev.now()),
+        Err(CommitError::NotInTrial { phase: None })
+    );
+    assert_eq!(
+        engine.rollback(dev.now(), "x"),
+        Err(RollbackError::NothingToRollBack)
+    );
+}
+
+#[test]
+fn trial_that_never_came_up_is_recorded_as_rolled_back() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m3, c3) = release("acme-os", "3.0", 3, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m3, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c3)).expect("no crash");
+
+    // Before the reboot, boot-check sees the trial still pending: nothing happens.
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(
+        dev.events
+            .iter()
+            .any(|e| matches!(e, Event::TrialPending { slot: Slot::A }))
+    );
+    assert!(dev.store.state.deployment.is_some());
+
+    // The trial kernel hangs; the bootloader falls back to B.
+    dev.boot.armed = None;
+    dev.reboot();
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None).expect("no crash");
+    let last = dev.store.state.last.clone().expect("a result");
+    assert!(
+        matches!(&last.verdict, Verdict::RolledBack { reason } if reason.contains("did not come up")),
+        "{last:?}"
+    );
+    assert_eq!(dev.store.state.deployment, None);
+}
+
+#[test]
+fn thin_artifact_without_its_base_names_the_base_and_the_count() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let (mut m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    m2.base = Some(BaseRelease {
+        name: "acme-os".into(),
+        version: "1.0".into(),
+        manifest_hash: m1.hash(),
+    });
+    let base_ids: std::collections::BTreeSet<ChunkId> = c1.iter().map(|c| c.0).collect();
+    let thin: Vec<(ChunkId, Vec<u8>)> = c2
+        .into_iter()
+        .filter(|c| !base_ids.contains(&c.0))
+        .collect();
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m2, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&thin)).expect("no crash");
+    match failed(&dev.events) {
+        Some(InstallError::MissingChunks {
+            count,
+            bytes,
+            base: Some(base),
+            active: None,
+        }) => {
+            assert_eq!(*count, 256 - 25);
+            assert_eq!(*bytes, (256 - 25) * 4096);
+            assert_eq!(
+                (base.name.as_str(), base.version.as_str()),
+                ("acme-os", "1.0")
+            );
+        }
+        other => panic!("expected MissingChunks, got {other:?}"),
+    }
+    assert_eq!(dev.boot.armed, None);
+    let msg = failed(&dev.events)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(msg.contains("base release acme-os 1.0"), "{msg}");
+}
+
+#[test]
+fn corrupt_stream_chunk_fails_and_bad_request_source_is_avoided() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let (m1, mut c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    c1[3].1[0] ^= 1;
+    let bad_id = c1[3].0;
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    assert_eq!(
+        failed(&dev.events),
+        Some(&InstallError::CorruptChunk {
+            origin: Origin::Source(SourceId(1)),
+            id: bad_id
+        })
+    );
+    assert_eq!(dev.boot.armed, None);
+
+    // Two request sources, one of them lying about one chunk: the other serves it.
+    let (_, good) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    dev.stores.insert(SourceId(1), c1.into_iter().collect());
+    dev.stores.insert(SourceId(2), good.into_iter().collect());
+    let mut engine = dev.engine(f.config());
+    let offer = Offer {
+        envelope: sign(&m1, &f.key),
+        wall_unix_s: None,
+        sources: vec![
+            SourceInfo {
+                id: SourceId(1),
+                kind: SourceKind::Requests,
+                name: "liar".into(),
+            },
+            SourceInfo {
+                id: SourceId(2),
+                kind: SourceKind::Requests,
+                name: "honest".into(),
+            },
+        ],
+        reboot: false,
+    };
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
+}
+
+#[test]
+fn unanswered_requests_time_out_and_are_asked_again() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    dev.stores.insert(SourceId(1), c1.into_iter().collect());
+    dev.drop_requests = 2;
+    let mut engine = dev.engine(f.config());
+    let offer = Offer {
+        envelope: sign(&m1, &f.key),
+        wall_unix_s: None,
+        sources: vec![SourceInfo {
+            id: SourceId(1),
+            kind: SourceKind::Requests,
+            name: "server".into(),
+        }],
+        reboot: false,
+    };
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.now().as_millis() >= 5_000,
+        "a timeout fired: now={}",
+        dev.now().as_millis()
+    );
+    assert_eq!(dev.boot.armed, Some(Slot::B));
+}
+
+#[test]
+fn offering_the_armed_release_again_rearms_without_writing() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    let written = dev.bytes_written;
+    dev.boot.armed = None; // lost, e.g. a crash between two bootloader steps
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer again");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    assert_eq!(dev.bytes_written, written);
+    assert_eq!(dev.boot.armed, Some(Slot::B));
+    assert_eq!(engine.progress().resumed_bytes, MIB as u64);
+}
+
+#[test]
+fn a_new_release_during_a_trial_is_refused() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m3, c3) = release("acme-os", "3.0", 3, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m3, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c3)).expect("no crash");
+    dev.reboot();
+    dev.health = Err("pending".into());
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    // Health checks asked for; the answer has not come: a trial is in progress.
+    while let Some(out) = engine.poll_output() {
+        if out == crate::Output::RunHealthChecks {
+            break;
+        }
+        if let crate::Output::Persist(r) = out {
+            dev.store.apply(&r);
+        }
+    }
+    let (m4, _) = release("acme-os", "4.0", 4, DEVICE, &v1);
+    let mut engine = dev.engine(f.config());
+    assert_eq!(
+        engine.offer(dev.now(), stream_offer(sign(&m4, &f.key))),
+        Err(OfferError::Busy {
+            release: "acme-os 3.0".into(),
+            phase: Phase::Trial
+        })
+    );
+    engine.commit(dev.now()).expect("commit in trial");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.store.state.floor, 3);
+    assert_eq!(dev.boot.committed, Slot::A);
+}
+
+/// Cuts the power before every durable operation of an install + trial + commit, and
+/// checks after each: the next boot runs a slot holding a complete verified image; a
+/// rerun completes; it rewrites nothing the journal recorded.
+#[test]
+fn power_cut_at_every_operation_keeps_a_bootable_verified_slot_and_resumes() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (base_dev, m1) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let r1 = release_of(&m1);
+    let r2 = release_of(&m2);
+
+    // A clean run, to count the operations.
+    let mut total_ops = 0;
+    {
+        let mut dev = clone_device(&base_dev, 0);
+        let before = dev.ops;
+        run_to_commit(&f, &mut dev, &m2, &c2).expect("clean run");
+        total_ops = total_ops.max(dev.ops - before);
+    }
+    assert!(total_ops > 40, "enough operations to cut: {total_ops}");
+
+    for cut in 1..=total_ops {
+        let mut dev = clone_device(&base_dev, cut);
+        let start = dev.ops;
+        dev.crash_at = Some(start + cut);
+        let crashed = run_to_commit(&f, &mut dev, &m2, &c2).is_err();
+        assert!(crashed, "cut {cut} happened");
+
+        // Safety: whatever boots next holds a complete, verified release.
+        let next = dev.boot.next_boot();
+        dev.reboot();
+        let held = dev.holds(next, &[&r1, &r2]);
+        assert!(
+            held.is_some(),
+            "cut {cut}: next boot slot {next} holds no verified image"
+        );
+        if dev.store.state.releases[next.index()].is_some() {
+            assert_eq!(
+                dev.store.state.releases[next.index()],
+                held,
+                "cut {cut}: store agrees"
+            );
+        }
+
+        // Liveness: the rerun completes (re-offering if the install had not armed).
+        let journal_bytes = if dev.holds(Slot::A, &[&r2]).is_some()
+            && dev.store.state.releases[0].as_ref() == Some(&r2)
+        {
+            r2.payload_size
+        } else {
+            dev.engine(f.config()).status().deployment.map_or(0, |d| {
+                if d.phase == Phase::Fetching {
+                    d.journal_bytes
+                } else {
+                    0
+                }
+            })
+        };
+        let written_before = dev.bytes_written;
+        let mut engine = dev.engine(f.config());
+        engine.boot(dev.now(), dev.boot_info());
+        dev.run(&mut engine, None).expect("no crash");
+        if dev.store.state.last.as_ref().map(|o| &o.verdict) != Some(&Verdict::Committed)
+            || dev.store.state.active != Slot::A
+        {
+            run_to_commit(&f, &mut dev, &m2, &c2).expect("rerun without crash");
+        }
+        assert_eq!(
+            dev.store.state.active,
+            Slot::A,
+            "cut {cut}: v2 committed in the end"
+        );
+        assert_eq!(dev.boot.committed, Slot::A, "cut {cut}");
+        assert_eq!(dev.holds(Slot::A, &[&r2]), Some(r2.clone()), "cut {cut}");
+        assert_eq!(dev.store.state.floor, 2, "cut {cut}");
+        // Nothing the journal recorded was rewritten: the rerun wrote at most the rest.
+        let rewritten = dev.bytes_written - written_before;
+        assert!(
+            rewritten <= r2.payload_size - journal_bytes,
+            "cut {cut}: rerun wrote {rewritten}, journal had {journal_bytes} of {}",
+            r2.payload_size
+        );
+    }
+}
+
+fn clone_device(base: &SimDevice, seed: u64) -> SimDevice {
+    let mut dev = SimDevice::new(&[], base.live[0].len() as u64, seed);
+    dev.live = base.live.clone();
+    dev.durable = base.durable.clone();
+    dev.store = base.store.clone();
+    dev.boot = base.boot;
+    dev.ops = base.ops;
+    dev
+}
+
+/// Offer (if needed), install, reboot into the trial, boot-check commit.
+fn run_to_commit(
+    f: &Fixture,
+    dev: &mut SimDevice,
+    m: &Manifest,
+    chunks: &[(ChunkId, Vec<u8>)],
+) -> Result<(), crate::testing::Crashed> {
+    let mut engine = dev.engine(f.config());
+    let armed_already = matches!(
+        dev.store.state.deployment.as_ref().map(|d| &d.phase),
+        Some(Phase::Rebooting | Phase::Trial | Phase::RollingBack { .. })
+    );
+    if !armed_already {
+        engine
+            .offer(dev.now(), stream_offer(sign(m, &f.key)))
+            .expect("offer");
+        dev.run(&mut engine, stream(chunks))?;
+        assert_eq!(failed(&dev.events), None);
+        dev.reboot();
+    }
+    let mut engine = dev.engine(f.config());
+    engine.boot(dev.now(), dev.boot_info());
+    dev.run(&mut engine, None)
+}
