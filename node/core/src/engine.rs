@@ -11,7 +11,7 @@ use crate::error::{CommitError, InstallError, IoOp, OfferError, RollbackError};
 use crate::source::{Origin, SourceId, SourceInfo, SourceKind};
 use crate::state::{
     Deployment, DeviceState, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex,
-    Verdict,
+    Verdict, slot_index,
 };
 use crate::time::{Instant, Rng};
 
@@ -565,7 +565,7 @@ impl Engine {
             }
         }
         let target = self.state.active.other();
-        let capacity = self.state.slot_capacity[target.index()];
+        let capacity = self.state.slot_capacity[slot_index(target)];
         if release.payload_size > capacity {
             return Err(OfferError::SlotTooSmall {
                 slot: target,
@@ -588,14 +588,14 @@ impl Engine {
         } else {
             // A slot that already holds this payload (a release rolled back, then
             // offered again) is not written again: it is only verified.
-            let held = self.state.releases[target.index()]
+            let held = self.state.releases[slot_index(target)]
                 .as_ref()
                 .is_some_and(|r| {
                     r.payload_hash == release.payload_hash && r.payload_size == release.payload_size
                 });
             info!(release = %release, slot = %target, held, "starting install");
             self.state.done.clear();
-            self.state.releases[target.index()] = None;
+            self.state.releases[slot_index(target)] = None;
             let mut records = vec![
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
@@ -671,9 +671,11 @@ impl Engine {
             self.plan(now);
         } else {
             let active = self.state.active;
-            let len = self.state.releases[active.index()]
+            let len = self.state.releases[slot_index(active)]
                 .as_ref()
-                .map_or(self.state.slot_capacity[active.index()], |r| r.payload_size);
+                .map_or(self.state.slot_capacity[slot_index(active)], |r| {
+                    r.payload_size
+                });
             info!(slot = %active, len, "indexing the active slot");
             self.event(Event::Indexing { slot: active, len });
             self.outputs.push_back(Output::IndexSlot {
@@ -686,7 +688,7 @@ impl Engine {
     }
 
     fn provided(&self, key: &str) -> Option<String> {
-        let running = self.state.releases[self.state.active.index()].as_ref();
+        let running = self.state.releases[slot_index(self.state.active)].as_ref();
         running
             .and_then(|r| r.provides.get(key))
             .or_else(|| self.config.provides.get(key))
@@ -831,7 +833,7 @@ impl Engine {
             let count = job.needs.len();
             let bytes = job.needs.values().map(|n| u64::from(n.size)).sum();
             let base = job.manifest.base.clone();
-            let active = self.state.releases[active.index()]
+            let active = self.state.releases[slot_index(active)]
                 .as_ref()
                 .map(ToString::to_string);
             self.flush_batch();
@@ -1088,7 +1090,7 @@ impl Engine {
             chunks,
         };
         dep.phase = Phase::Verified;
-        self.state.releases[slot.index()] = Some(dep.release.clone());
+        self.state.releases[slot_index(slot)] = Some(dep.release.clone());
         self.state.done.clear();
         self.persist(vec![
             Record::Deployment(Some(dep.clone())),
@@ -1113,7 +1115,7 @@ impl Engine {
             return;
         };
         assert!(
-            self.state.releases[slot.index()]
+            self.state.releases[slot_index(slot)]
                 .as_ref()
                 .map(|r| r.manifest_hash)
                 == Some(dep.release.manifest_hash),

@@ -41,6 +41,6 @@ pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError};
 pub use source::{Origin, SourceId, SourceInfo, SourceKind};
 pub use state::{
     Deployment, DeviceState, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex,
-    Verdict,
+    Verdict, slot_index,
 };
 pub use time::Instant;

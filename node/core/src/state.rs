@@ -7,39 +7,13 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use shoal_artifact::{ChunkId, Chunking, Manifest};
 
-/// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Slot {
-    /// Slot A.
-    A,
-    /// Slot B.
-    B,
-}
+pub use shoal_bootctl::Slot;
 
-impl Slot {
-    /// The other slot.
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    /// `0` for A, `1` for B.
-    pub fn index(self) -> usize {
-        match self {
-            Slot::A => 0,
-            Slot::B => 1,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
+/// Index of a slot in per-slot arrays: `0` for A, `1` for B.
+pub fn slot_index(slot: Slot) -> usize {
+    match slot {
+        Slot::A => 0,
+        Slot::B => 1,
     }
 }
 
@@ -191,9 +165,9 @@ pub struct DeviceState {
     pub active: Slot,
     /// The anti-rollback floor: the highest security counter ever committed.
     pub floor: u64,
-    /// The verified release each slot holds, by [`Slot::index`].
+    /// The verified release each slot holds, by [`slot_index`].
     pub releases: [Option<Release>; 2],
-    /// Capacity of each slot in bytes, by [`Slot::index`].
+    /// Capacity of each slot in bytes, by [`slot_index`].
     pub slot_capacity: [u64; 2],
     /// The deployment in progress.
     pub deployment: Option<Deployment>,

@@ -17,7 +17,7 @@ use shoal_signing::{Envelope, SecretKey, TrustRoot};
 
 use crate::engine::{Boot, Engine, Event, Input, Output};
 use crate::source::{Origin, SourceId};
-use crate::state::{DeviceState, Record, Release, Slot, SlotIndex};
+use crate::state::{DeviceState, Record, Release, Slot, SlotIndex, slot_index};
 use crate::time::{Instant, Rng};
 
 /// The device store, in memory: what a driver keeps in redb.
@@ -50,10 +50,14 @@ impl MemStore {
                 Record::Deployment(d) => s.deployment = d.clone(),
                 Record::ClearProgress => s.done.clear(),
                 Record::Done(list) => s.done.extend_from_slice(list),
-                Record::SlotRelease { slot, release } => s.releases[slot.index()] = release.clone(),
-                Record::SlotIndex { slot, index } => self.indexes[slot.index()] = index.clone(),
+                Record::SlotRelease { slot, release } => {
+                    s.releases[slot_index(*slot)] = release.clone()
+                }
+                Record::SlotIndex { slot, index } => {
+                    self.indexes[slot_index(*slot)] = index.clone()
+                }
                 Record::Unindex { slot, id } => {
-                    if let Some(index) = self.indexes[slot.index()].as_mut() {
+                    if let Some(index) = self.indexes[slot_index(*slot)].as_mut() {
                         index.chunks.retain(|c| c.id != *id);
                     }
                 }
@@ -67,7 +71,7 @@ impl MemStore {
     /// What [`Engine::new`] is given after a (re)start.
     pub fn load(&self) -> DeviceState {
         let mut state = self.state.clone();
-        state.active_index = self.indexes[state.active.index()].clone();
+        state.active_index = self.indexes[slot_index(state.active)].clone();
         state
     }
 }
@@ -272,8 +276,8 @@ impl SimDevice {
             } => {
                 let end = usize::try_from(len)
                     .expect("fits")
-                    .min(self.live[slot.index()].len());
-                let index = index_fixed(&self.live[slot.index()][..end], chunking);
+                    .min(self.live[slot_index(slot)].len());
+                let index = index_fixed(&self.live[slot_index(slot)][..end], chunking);
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
             Output::Read {
@@ -283,7 +287,7 @@ impl SimDevice {
                 len,
             } => {
                 let o = usize::try_from(offset).expect("fits");
-                let data = self.live[slot.index()][o..o + len as usize].to_vec();
+                let data = self.live[slot_index(slot)][o..o + len as usize].to_vec();
                 engine.handle(
                     now,
                     Input::Chunk {
@@ -320,15 +324,15 @@ impl SimDevice {
                 for off in offsets {
                     self.op()?;
                     let o = usize::try_from(off).expect("fits");
-                    self.live[slot.index()][o..o + data.len()].copy_from_slice(&data);
-                    self.unsynced[slot.index()].push((off, data.len()));
+                    self.live[slot_index(slot)][o..o + data.len()].copy_from_slice(&data);
+                    self.unsynced[slot_index(slot)].push((off, data.len()));
                     self.bytes_written += data.len() as u64;
                 }
             }
             Output::Sync { slot } => {
                 self.op()?;
-                self.durable[slot.index()] = self.live[slot.index()].clone();
-                self.unsynced[slot.index()].clear();
+                self.durable[slot_index(slot)] = self.live[slot_index(slot)].clone();
+                self.unsynced[slot_index(slot)].clear();
             }
             Output::Persist(records) => {
                 self.op()?;
@@ -336,7 +340,7 @@ impl SimDevice {
             }
             Output::HashSlot { slot, len } => {
                 let end = usize::try_from(len).expect("fits");
-                let hash = *blake3::hash(&self.live[slot.index()][..end]).as_bytes();
+                let hash = *blake3::hash(&self.live[slot_index(slot)][..end]).as_bytes();
                 engine.handle(now, Input::SlotHashed { slot, hash });
             }
             Output::DisarmTrial { slot } => {
@@ -376,7 +380,7 @@ impl SimDevice {
             .iter()
             .find(|r| {
                 let len = usize::try_from(r.payload_size).expect("fits");
-                *blake3::hash(&self.live[slot.index()][..len]).as_bytes() == r.payload_hash
+                *blake3::hash(&self.live[slot_index(slot)][..len]).as_bytes() == r.payload_hash
             })
             .map(|r| (*r).clone())
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use shoal_artifact::{BaseRelease, ChunkId, Manifest};
 use shoal_signing::{RoleName, SecretKey, TrustRoot, VerifyError};
 
+use crate::state::slot_index;
 use crate::testing::{SimDevice, bytes, keys, release, sign};
 use crate::{
     CommitError, Config, Engine, Event, InstallError, Offer, OfferError, Origin, Phase, Release,
@@ -605,9 +606,9 @@ fn power_cut_at_every_operation_keeps_a_bootable_verified_slot_and_resumes() {
             held.is_some(),
             "cut {cut}: next boot slot {next} holds no verified image"
         );
-        if dev.store.state.releases[next.index()].is_some() {
+        if dev.store.state.releases[slot_index(next)].is_some() {
             assert_eq!(
-                dev.store.state.releases[next.index()],
+                dev.store.state.releases[slot_index(next)],
                 held,
                 "cut {cut}: store agrees"
             );
