@@ -10,6 +10,7 @@
 
 pub mod chunk;
 pub mod diff;
+pub mod extract;
 pub mod manifest;
 pub mod read;
 pub mod store;
@@ -18,6 +19,7 @@ pub mod write;
 
 pub use chunk::{ChunkError, Chunker};
 pub use diff::{Diff, diff};
+pub use extract::{ExtractError, extract};
 pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,

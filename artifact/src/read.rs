@@ -21,10 +21,27 @@ use crate::ustar::{self, BLOCK, Block, HeaderError};
 /// Path of the first member: the signed manifest envelope (canonical CBOR).
 pub const ENVELOPE_MEMBER: &str = "manifest.envelope";
 
-/// Path of a chunk's member in an artifact (and of its file in a chunk store).
+/// Path of a chunk's file in a chunk store.
 pub fn chunk_path(id: &ChunkId) -> String {
     let hex = id.to_hex();
     format!("chunks/{}/{hex}", &hex[..2])
+}
+
+/// Path of the `seq`th pack member (from 0) of an artifact.
+pub fn pack_path(seq: u64) -> String {
+    format!("packs/{seq:08}")
+}
+
+/// Most chunks in one pack.
+pub const PACK_CHUNKS_MAX: usize = 4096;
+
+/// A pack member being read.
+#[derive(Debug)]
+struct Pack {
+    seq: u64,
+    chunks: Vec<ChunkRef>,
+    next: usize,
+    padding: usize,
 }
 
 /// Why an artifact was refused. Nothing read from an artifact is used after one.
@@ -82,7 +99,25 @@ pub enum ReadError {
     /// The signed manifest is malformed.
     #[error("bad manifest: {0}")]
     Manifest(#[from] ManifestError),
-    /// A member that is neither the envelope nor a chunk (or not a regular file).
+    /// A pack's index is malformed (no chunks, too many, larger than the member).
+    #[error("pack {seq}: {reason}")]
+    BadPack {
+        /// The pack's sequence number.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A pack member's size is not its index plus the signed stored sizes it names.
+    #[error("pack {seq} is {found} bytes, its index and the manifest say {expected}")]
+    PackSizeMismatch {
+        /// The pack's sequence number.
+        seq: u64,
+        /// Size from the index and manifest.
+        expected: u64,
+        /// Member size.
+        found: u64,
+    },
+    /// A member that is not the next pack (or not a regular file).
     #[error("unexpected tar member {path:?}")]
     UnexpectedMember {
         /// The member's path.
@@ -100,22 +135,12 @@ pub enum ReadError {
     /// A chunk the artifact should hold but does not.
     #[error("chunk {0} is missing from the artifact")]
     MissingChunk(ChunkId),
-    /// A chunk member whose size differs from the signed stored size.
-    #[error("chunk {id} member is {found} bytes, the manifest says {expected}")]
-    StoredSizeMismatch {
-        /// The chunk.
-        id: ChunkId,
-        /// Signed stored size.
-        expected: u32,
-        /// Member size.
-        found: u64,
-    },
     /// A chunk's bytes are bad (hash mismatch, zstd bomb, corrupt frame).
     #[error(transparent)]
     Chunk(#[from] ChunkError),
 }
 
-/// A chunk member read from the artifact, checked against the manifest's order and
+/// A chunk read from the artifact, checked against the manifest's order and
 /// size, but **not yet verified**: call [`RawChunk::verify`].
 #[derive(Debug, Clone)]
 pub struct RawChunk {
@@ -158,6 +183,8 @@ pub struct ArtifactReader<R: Read> {
     next: usize,
     seen: HashSet<ChunkId>,
     expect: Expect,
+    pack: Option<Pack>,
+    packs_read: u64,
     done: bool,
 }
 
@@ -211,8 +238,40 @@ impl<R: Read> ArtifactReader<R> {
         manifest: Manifest,
         base: Option<&Manifest>,
     ) -> Self {
-        let mut expected = manifest.distinct_chunks();
-        let expect = match (&manifest.base, base) {
+        let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
+        let mut reader = ArtifactReader {
+            src,
+            offset,
+            envelope,
+            envelope_len,
+            manifest,
+            expected: Vec::new(),
+            position: HashMap::new(),
+            next: 0,
+            seen: HashSet::new(),
+            expect: Expect::Subsequence,
+            pack: None,
+            packs_read: 0,
+            done: false,
+        };
+        reader.set_expected(base);
+        reader
+    }
+
+    /// Tells the reader of a thin artifact its base release's manifest, so it checks
+    /// that exactly the chunks the base lacks are present. Call it before reading any
+    /// chunk; it is a no-op for a full artifact.
+    pub fn set_base(&mut self, base: &Manifest) {
+        assert!(
+            self.next == 0 && self.seen.is_empty(),
+            "set_base after reading chunks"
+        );
+        self.set_expected(Some(base));
+    }
+
+    fn set_expected(&mut self, base: Option<&Manifest>) {
+        let mut expected = self.manifest.distinct_chunks();
+        self.expect = match (&self.manifest.base, base) {
             (None, _) => Expect::Exact,
             (Some(_), Some(base)) => {
                 let held: HashSet<ChunkId> = base
@@ -225,25 +284,12 @@ impl<R: Read> ArtifactReader<R> {
             }
             (Some(_), None) => Expect::Subsequence,
         };
-        let position = expected
+        self.position = expected
             .iter()
             .enumerate()
             .map(|(i, c)| (c.id, i))
             .collect();
-        let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
-        ArtifactReader {
-            src,
-            offset,
-            envelope,
-            envelope_len,
-            manifest,
-            expected,
-            position,
-            next: 0,
-            seen: HashSet::new(),
-            expect,
-            done: false,
-        }
+        self.expected = expected;
     }
 
     /// The verified (or, from `open_unverified`, unverified) manifest.
@@ -281,19 +327,53 @@ impl<R: Read> ArtifactReader<R> {
         self.src
     }
 
-    /// Reads the next chunk member, checks its place and size, but does not decode it.
-    /// `Ok(None)` once the archive ended and every expected chunk was seen.
+    /// Reads the next chunk (from the current pack, or the next pack member), checks
+    /// its place and size, but does not decode it. `Ok(None)` once the archive ended
+    /// and every expected chunk was seen.
     pub fn next_raw(&mut self) -> Result<Option<RawChunk>, ReadError> {
         if self.done {
             return Ok(None);
         }
+        if self.pack.is_none() && !self.open_pack()? {
+            return Ok(None);
+        }
+        let pack = self.pack.as_mut().expect("a pack is open");
+        let chunk = pack.chunks[pack.next];
+        pack.next += 1;
+        // Bounded: stored_size was checked against the chunk size limit by the manifest.
+        let mut stored = vec![0u8; chunk.stored_size as usize];
+        let mut got = 0;
+        if !ustar::read_full(&mut self.src, &mut stored, &mut got)? {
+            return Err(ReadError::Truncated {
+                what: format!("chunk {}", chunk.id),
+            });
+        }
+        self.offset += u64::from(chunk.stored_size);
+        if pack.next == pack.chunks.len() {
+            let seq = pack.seq;
+            let mut pad = [0u8; BLOCK];
+            let pad = &mut pad[..pack.padding];
+            if !ustar::read_full(&mut self.src, pad, &mut got)? {
+                return Err(ReadError::Truncated {
+                    what: format!("pack {seq}"),
+                });
+            }
+            self.offset += pad.len() as u64;
+            self.pack = None;
+        }
+        Ok(Some(RawChunk { chunk, stored }))
+    }
+
+    /// Reads the next member header and the pack's index, checking every chunk it
+    /// names against the manifest's order. `Ok(false)` at the (checked) end.
+    fn open_pack(&mut self) -> Result<bool, ReadError> {
         let member = match read_block(&mut self.src, &mut self.offset, "the chunk list")? {
             Some(Block::End) => {
                 self.done = true;
                 if matches!(self.expect, Expect::Exact) && self.next < self.expected.len() {
                     return Err(ReadError::MissingChunk(self.expected[self.next].id));
                 }
-                return Ok(None);
+                return Ok(false);
             }
             Some(Block::Member(m)) => m,
             None => {
@@ -305,19 +385,70 @@ impl<R: Read> ArtifactReader<R> {
         if ustar::is_unsafe_path(&member.path) {
             return Err(ReadError::UnsafePath { path: member.path });
         }
-        let id = match member_chunk_id(&member) {
-            Some(id) => id,
-            None => return Err(ReadError::UnexpectedMember { path: member.path }),
+        let is_file = member.kind == b'0' || member.kind == 0;
+        if !is_file || member.path != pack_path(self.packs_read) {
+            return Err(ReadError::UnexpectedMember { path: member.path });
+        }
+        let seq = self.packs_read;
+        self.packs_read += 1;
+        let bad = |reason: String| ReadError::BadPack { seq, reason };
+        let truncated = || ReadError::Truncated {
+            what: format!("pack {seq}"),
         };
-        let Some(&index) = self.position.get(&id) else {
-            if self.seen.contains(&id) {
-                return Err(ReadError::DuplicateChunk(id));
-            }
-            return Err(ReadError::UnknownChunk(id));
-        };
+        let mut count = [0u8; 4];
+        let mut got = 0;
+        if member.size < 4 {
+            return Err(bad(format!("member of {} bytes has no index", member.size)));
+        }
+        if !ustar::read_full(&mut self.src, &mut count, &mut got)? {
+            return Err(truncated());
+        }
+        let count = u32::from_le_bytes(count) as usize;
+        let index_len = 4 + 32 * count as u64;
+        if count == 0 || count > PACK_CHUNKS_MAX || index_len > member.size {
+            return Err(bad(format!(
+                "index of {count} chunks in a {} byte member",
+                member.size
+            )));
+        }
+        // Bounded by PACK_CHUNKS_MAX.
+        let mut ids = vec![0u8; 32 * count];
+        if !ustar::read_full(&mut self.src, &mut ids, &mut got)? {
+            return Err(truncated());
+        }
+        self.offset += index_len;
+        let mut chunks = Vec::with_capacity(count);
+        let mut data_len = 0u64;
+        for raw in ids.chunks_exact(32) {
+            let id = ChunkId(raw.try_into().expect("32 bytes"));
+            let chunk = self.check_next(id)?;
+            data_len += u64::from(chunk.stored_size);
+            chunks.push(chunk);
+        }
+        if index_len + data_len != member.size {
+            return Err(ReadError::PackSizeMismatch {
+                seq,
+                expected: index_len + data_len,
+                found: member.size,
+            });
+        }
+        self.pack = Some(Pack {
+            seq,
+            chunks,
+            next: 0,
+            padding: ustar::padding(member.size),
+        });
+        Ok(true)
+    }
+
+    /// Checks that `id` may come next; returns its manifest entry.
+    fn check_next(&mut self, id: ChunkId) -> Result<ChunkRef, ReadError> {
         if self.seen.contains(&id) {
             return Err(ReadError::DuplicateChunk(id));
         }
+        let Some(&index) = self.position.get(&id) else {
+            return Err(ReadError::UnknownChunk(id));
+        };
         match self.expect {
             Expect::Exact if index != self.next => {
                 return Err(ReadError::MissingChunk(self.expected[self.next].id));
@@ -325,32 +456,9 @@ impl<R: Read> ArtifactReader<R> {
             Expect::Subsequence if index < self.next => return Err(ReadError::OutOfOrder(id)),
             _ => {}
         }
-        let chunk = self.expected[index];
-        if member.size != u64::from(chunk.stored_size) {
-            return Err(ReadError::StoredSizeMismatch {
-                id,
-                expected: chunk.stored_size,
-                found: member.size,
-            });
-        }
-        // Bounded: stored_size was checked against the chunk size limit by the manifest.
-        let mut stored = vec![0u8; chunk.stored_size as usize];
-        let mut got = 0;
-        let what = || ReadError::Truncated {
-            what: format!("chunk {id}"),
-        };
-        if !ustar::read_full(&mut self.src, &mut stored, &mut got)? {
-            return Err(what());
-        }
-        let mut pad = [0u8; BLOCK];
-        let pad = &mut pad[..ustar::padding(member.size)];
-        if !ustar::read_full(&mut self.src, pad, &mut got)? {
-            return Err(what());
-        }
-        self.offset += member.size + pad.len() as u64;
         self.seen.insert(id);
         self.next = index + 1;
-        Ok(Some(RawChunk { chunk, stored }))
+        Ok(self.expected[index])
     }
 
     /// Reads, decodes and verifies the next chunk; `Ok(None)` at the (checked) end.
@@ -414,19 +522,6 @@ impl<R: Read> ArtifactReader<R> {
 /// Stored bytes read per parallel verification batch.
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
-fn member_chunk_id(member: &ustar::Member) -> Option<ChunkId> {
-    if member.kind != b'0' && member.kind != 0 {
-        return None;
-    }
-    let rest = member.path.strip_prefix("chunks/")?;
-    let (dir, hex) = rest.split_once('/')?;
-    let id: ChunkId = hex.parse().ok()?;
-    if dir.len() != 2 || !hex.starts_with(dir) || id.to_hex() != hex {
-        return None;
-    }
-    Some(id)
-}
-
 /// Reads one header block. `Ok(None)` when the source ends exactly at the boundary.
 fn read_block<R: Read>(
     src: &mut R,
@@ -458,12 +553,17 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
         if got == 0 {
             return Err(ReadError::Empty);
         }
-        // A short first block is either a truncated tar or not a tar at all.
-        return Err(match ustar::parse(&block) {
-            Ok(Block::Member(_)) => ReadError::Truncated {
+        // A short first block is a truncated artifact if what is there starts like
+        // the envelope member's header, and not a tar at all otherwise.
+        let name = ENVELOPE_MEMBER.as_bytes();
+        let n = got.min(name.len());
+        if block[..n] == name[..n] && (got <= name.len() || block[name.len()] == 0) {
+            return Err(ReadError::Truncated {
                 what: "the envelope".into(),
-            },
-            Ok(Block::End) => ReadError::Truncated {
+            });
+        }
+        return Err(match ustar::parse(&block) {
+            Ok(_) => ReadError::Truncated {
                 what: "the envelope".into(),
             },
             Err(e) => ReadError::NotTar(e),

@@ -73,18 +73,11 @@ pub enum StoreError {
     /// A stored manifest's file name is not the hash of its manifest.
     #[error("manifest {0} is not named by its hash")]
     MisnamedManifest(PathBuf),
-    /// A thin artifact's base chunks are not in the store.
-    #[error(
-        "thin artifact needs {missing} chunk(s) of base release {base} that the store lacks \
-         (first: {first}); add the base release first"
-    )]
+    /// A thin artifact whose base release is not in the store.
+    #[error("thin artifact: its base release {base} is not in the store; add that first")]
     BaseMissing {
         /// The base, `name version`.
         base: String,
-        /// How many chunks are missing.
-        missing: u64,
-        /// The first missing chunk.
-        first: ChunkId,
     },
 }
 
@@ -211,6 +204,18 @@ impl ChunkStore {
         now_unix_s: Option<u64>,
     ) -> Result<AddReport, StoreError> {
         let mut reader = ArtifactReader::open(src, root, now_unix_s)?;
+        if let Some(b) = reader.manifest().base.clone() {
+            // Refuse a thin artifact up front, before writing anything, unless its base
+            // is here; then the reader can check it holds exactly what the base lacks.
+            let path = self.manifest_file(&b.manifest_hash);
+            if !path.is_file() {
+                return Err(StoreError::BaseMissing {
+                    base: format!("{} {}", b.name, b.version),
+                });
+            }
+            let base = self.load_manifest(&path, root, now_unix_s)?;
+            reader.set_base(&base);
+        }
         let (mut added, mut present) = (0u64, 0u64);
         let mut new_files = Vec::new();
         while let Some(raw) = reader.next_raw()? {
@@ -234,19 +239,15 @@ impl ChunkStore {
                 .map_err(io_err(path))?;
         }
         let manifest = reader.manifest().clone();
-        let mut missing = manifest
+        let name = format!("{} {}", manifest.name, manifest.version);
+        if let Some(c) = manifest
             .distinct_chunks()
             .into_iter()
-            .filter(|c| !self.contains(&c.id));
-        if let Some(first) = missing.next() {
-            let base = manifest
-                .base
-                .as_ref()
-                .map_or_else(String::new, |b| format!("{} {}", b.name, b.version));
-            return Err(StoreError::BaseMissing {
-                base,
-                missing: 1 + missing.count() as u64,
-                first: first.id,
+            .find(|c| !self.contains(&c.id))
+        {
+            return Err(StoreError::MissingChunk {
+                id: c.id,
+                manifest: name,
             });
         }
         let manifest_path = self.manifest_file(&manifest.hash());

@@ -2,7 +2,7 @@
 //!
 //! The build streams: a chunker thread cuts the image and hashes the whole payload,
 //! batches of chunks are hashed and compressed on all cores (rayon), and each new
-//! distinct chunk is appended as a tar member to a spool file. Only when the image is
+//! distinct chunk is appended to a pack member in a spool file. Only when the image is
 //! done is the manifest known; the artifact is then written as the envelope member
 //! followed by a copy of the spool. Memory is bounded by a few batches, whatever the
 //! image size.
@@ -21,7 +21,7 @@ use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
-use crate::read::{ENVELOPE_MEMBER, chunk_path};
+use crate::read::{ENVELOPE_MEMBER, PACK_CHUNKS_MAX, pack_path};
 use crate::ustar;
 
 /// Raw payload bytes per batch handed from the chunker to the compressors.
@@ -50,6 +50,62 @@ pub struct BuildOptions {
     pub chunking: Chunking,
     /// zstd level.
     pub zstd_level: i32,
+    /// Stored bytes after which a pack member is closed.
+    pub pack_bytes: usize,
+}
+
+/// Default stored bytes per pack member: big enough that tar's per-member cost (a
+/// 512-byte header and padding) is noise, small enough to stay a streaming unit.
+pub const PACK_BYTES_DEFAULT: usize = 1024 * 1024;
+
+/// A pack member being filled.
+#[derive(Debug, Default)]
+struct PackWriter {
+    ids: Vec<ChunkId>,
+    data: Vec<u8>,
+    seq: u64,
+}
+
+impl PackWriter {
+    fn push<W: Write>(
+        &mut self,
+        out: &mut W,
+        id: ChunkId,
+        stored: &[u8],
+        limit: usize,
+    ) -> io::Result<()> {
+        self.ids.push(id);
+        self.data.extend_from_slice(stored);
+        if self.data.len() >= limit || self.ids.len() == PACK_CHUNKS_MAX {
+            self.flush(out)?;
+        }
+        Ok(())
+    }
+
+    fn flush<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let member = pack_member(&self.ids, &self.data);
+        ustar::write_member(out, &pack_path(self.seq), &member)?;
+        self.seq += 1;
+        self.ids.clear();
+        self.data.clear();
+        Ok(())
+    }
+}
+
+/// The data of a pack member: a little-endian u32 count, the chunk ids, then their
+/// stored forms concatenated (`stored` is that concatenation).
+pub fn pack_member(ids: &[ChunkId], stored: &[u8]) -> Vec<u8> {
+    assert!(!ids.is_empty() && ids.len() <= PACK_CHUNKS_MAX);
+    let mut out = Vec::with_capacity(4 + 32 * ids.len() + stored.len());
+    out.extend_from_slice(&u32::try_from(ids.len()).expect("bounded").to_le_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.0);
+    }
+    out.extend_from_slice(stored);
+    out
 }
 
 impl BuildOptions {
@@ -66,6 +122,7 @@ impl BuildOptions {
             payload_kind: PayloadKind::RootfsImage,
             chunking: chunk::CHUNKING_DEFAULT,
             zstd_level: chunk::ZSTD_LEVEL_DEFAULT,
+            pack_bytes: PACK_BYTES_DEFAULT,
         }
     }
 
@@ -165,6 +222,7 @@ pub fn build<R: Read + Send, W: Write>(
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut written: HashSet<ChunkId> = HashSet::new();
     let mut stored_bytes = 0u64;
+    let mut pack = PackWriter::default();
     let level = opts.zstd_level;
     let chunking = opts.chunking;
 
@@ -218,7 +276,7 @@ pub fn build<R: Read + Send, W: Write>(
                 .collect();
             for (&i, stored) in todo.iter().zip(&encoded) {
                 let id = ids[i];
-                ustar::write_member(&mut spool, &chunk_path(&id), stored)?;
+                pack.push(&mut spool, id, stored, opts.pack_bytes)?;
                 let stored_size = u32::try_from(stored.len()).expect("bounded by chunk size");
                 stored_of.insert(id, stored_size);
                 written.insert(id);
@@ -238,6 +296,7 @@ pub fn build<R: Read + Send, W: Write>(
             }
             progress(done);
         }
+        pack.flush(&mut spool)?;
         Ok(cutter.join().expect("chunker thread panicked"))
     })?;
     if size == 0 {

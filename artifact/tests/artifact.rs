@@ -1,0 +1,658 @@
+//! Artifact round trips and the bad-input matrix of issue #2: every malformed or
+//! malicious artifact is refused with its specific error, before anything is yielded.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use shoal_artifact::chunk;
+use shoal_artifact::manifest::Chunking;
+use shoal_artifact::read::{ENVELOPE_MEMBER, pack_path};
+use shoal_artifact::ustar;
+use shoal_artifact::write::pack_member;
+use shoal_artifact::{
+    ArtifactReader, BuildOptions, BuildReport, ChunkError, ChunkId, ChunkRef, ChunkStore,
+    ExtractError, Manifest, ReadError, StoreError,
+};
+use shoal_signing::{Envelope, RoleName, SecretKey, TrustRoot, VerifyError};
+
+const CHUNKING: Chunking = Chunking {
+    min_size: 1024,
+    avg_size: 4096,
+    max_size: 16384,
+};
+const NOW: Option<u64> = Some(1_000_000);
+
+fn key(seed: u8) -> SecretKey {
+    SecretKey::from_seed(&[seed; 32])
+}
+
+/// A root whose release role is keys `release` with `threshold`.
+fn root(release: &[u8], threshold: u32) -> TrustRoot {
+    let rk = key(200).public();
+    let rel: Vec<_> = release.iter().map(|&s| key(s).public()).collect();
+    TrustRoot::new(1, 2_000_000, &[rk], 1, &rel, threshold).unwrap()
+}
+
+/// Compressible, non-repeating payload with a repeated region and a zero run.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"abcdefgh"[(x >> 60) as usize % 8]
+        })
+        .collect();
+    if len > 200_000 {
+        let (a, b) = v.split_at_mut(100_000);
+        b[..50_000].copy_from_slice(&a[..50_000]);
+        v[150_000..200_000].fill(0);
+    }
+    v
+}
+
+fn opts() -> BuildOptions {
+    let mut o = BuildOptions::rootfs("acme-os", "1.0", vec!["board".into()], 3);
+    o.chunking = CHUNKING;
+    o.zstd_level = 3;
+    o.pack_bytes = 8 * 1024;
+    o
+}
+
+fn build_with(
+    data: &[u8],
+    o: &BuildOptions,
+    keys: &[SecretKey],
+    base: Option<&Manifest>,
+) -> (Vec<u8>, BuildReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    let report = shoal_artifact::build(data, o, keys, base, dir.path(), &mut out, |_| {}).unwrap();
+    assert_eq!(report.artifact_len, out.len() as u64);
+    (out, report)
+}
+
+fn build(data: &[u8]) -> (Vec<u8>, BuildReport) {
+    build_with(data, &opts(), &[key(1)], None)
+}
+
+/// Reads the whole artifact through the verifying reader.
+fn read_all(bytes: &[u8], root: &TrustRoot) -> Result<Vec<Vec<u8>>, ReadError> {
+    let mut r = ArtifactReader::open(bytes, root, NOW)?;
+    let mut out = Vec::new();
+    while let Some((_, d)) = r.next_chunk()? {
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Byte offsets of each member's header in an artifact: (offset, path, size).
+fn members(bytes: &[u8]) -> Vec<(usize, String, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() {
+        let block: &[u8; 512] = bytes[at..at + 512].try_into().unwrap();
+        match ustar::parse(block).unwrap() {
+            ustar::Block::End => break,
+            ustar::Block::Member(m) => {
+                out.push((at, m.path.clone(), m.size as usize));
+                at += 512 + m.size as usize + ustar::padding(m.size);
+            }
+        }
+    }
+    out
+}
+
+/// Reassembles a tar from (path, data) members, with the end marker.
+fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (p, d) in members {
+        ustar::write_member(&mut out, p, d).unwrap();
+    }
+    ustar::write_end(&mut out).unwrap();
+    out
+}
+
+/// An artifact taken apart: envelope bytes, manifest, and its chunks in order.
+/// Chunks with their stored forms, in artifact order.
+type Stored = Vec<(ChunkId, Vec<u8>)>;
+
+fn parts(bytes: &[u8]) -> (Vec<u8>, Manifest, Stored) {
+    let ms = members(bytes);
+    let env = bytes[512..512 + ms[0].2].to_vec();
+    let m = Manifest::from_cbor(&Envelope::from_bytes(&env).unwrap().signed).unwrap();
+    let sizes: HashMap<ChunkId, usize> = m
+        .distinct_chunks()
+        .iter()
+        .map(|c| (c.id, c.stored_size as usize))
+        .collect();
+    let mut chunks = Vec::new();
+    for (at, _, size) in &ms[1..] {
+        let data = &bytes[at + 512..at + 512 + size];
+        let count = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+        let mut pos = 4 + 32 * count;
+        for i in 0..count {
+            let id = ChunkId(data[4 + 32 * i..36 + 32 * i].try_into().unwrap());
+            let n = sizes[&id];
+            chunks.push((id, data[pos..pos + n].to_vec()));
+            pos += n;
+        }
+    }
+    (env, m, chunks)
+}
+
+/// Builds an artifact from an envelope and chunks, `per_pack` chunks per pack.
+fn assemble(env: &[u8], chunks: &[(ChunkId, Vec<u8>)], per_pack: usize) -> Vec<u8> {
+    let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.to_vec())];
+    for (seq, group) in chunks.chunks(per_pack).enumerate() {
+        let ids: Vec<ChunkId> = group.iter().map(|(id, _)| *id).collect();
+        let data: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        members.push((pack_path(seq as u64), pack_member(&ids, &data)));
+    }
+    tar(&members)
+}
+
+/// A signed envelope around `m`.
+fn signed(m: &Manifest) -> Vec<u8> {
+    let mut env = Envelope::new(m.to_cbor());
+    env.sign(&key(1));
+    env.to_bytes()
+}
+
+#[test]
+fn round_trip_and_extract() {
+    let data = payload(600_000, 1);
+    let (bytes, report) = build(&data);
+    assert!(
+        report.chunks_distinct < report.chunks_total,
+        "repeats are stored once"
+    );
+    assert_eq!(report.chunks_written, report.chunks_distinct);
+    let chunks = read_all(&bytes, &root(&[1], 1)).unwrap();
+    assert_eq!(chunks.len() as u64, report.chunks_distinct);
+
+    let r = ArtifactReader::open(&bytes[..], &root(&[1], 1), NOW).unwrap();
+    let mut out = Cursor::new(Vec::new());
+    let n = shoal_artifact::extract(r, None, &mut out, |_| {}).unwrap();
+    assert_eq!(n, data.len() as u64);
+    assert_eq!(out.into_inner(), data);
+    // The first member is the envelope, then numbered packs holding each chunk once.
+    let m = members(&bytes);
+    assert_eq!(m[0].1, ENVELOPE_MEMBER);
+    assert!(m.len() > 3);
+    for (i, (_, p, _)) in m[1..].iter().enumerate() {
+        assert_eq!(*p, pack_path(i as u64));
+    }
+    let (env, manifest, chunks) = parts(&bytes);
+    assert_eq!(manifest, report.manifest);
+    let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+    let want: Vec<ChunkId> = manifest.distinct_chunks().iter().map(|c| c.id).collect();
+    assert_eq!(ids, want);
+    // Re-packing the same chunks differently is still a valid artifact.
+    assert_eq!(
+        read_all(&assemble(&env, &chunks, 1), &root(&[1], 1)).unwrap(),
+        read_all(&bytes, &root(&[1], 1)).unwrap()
+    );
+}
+
+#[test]
+fn build_is_deterministic_and_streams_from_a_pipe() {
+    let data = payload(300_000, 2);
+    let (a, _) = build(&data);
+    let (b, _) = build(&data);
+    assert_eq!(a, b);
+    // A reader that hands out a few bytes at a time, like a pipe.
+    struct Trickle<'a>(&'a [u8]);
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(7).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    let mut r = ArtifactReader::open(Trickle(&a), &root(&[1], 1), NOW).unwrap();
+    let mut n = 0;
+    while r.next_chunk().unwrap().is_some() {
+        n += 1;
+    }
+    assert!(n > 10);
+}
+
+#[test]
+fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
+    let v1 = payload(600_000, 3);
+    let mut v2 = v1.clone();
+    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
+    v2.extend_from_slice(&payload(20_000, 5));
+    let (full1, r1) = build(&v1);
+    let mut o2 = opts();
+    o2.version = "2.0".into();
+    let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let base = r2.manifest.base.clone().unwrap();
+    assert_eq!(
+        (base.name.as_str(), base.version.as_str()),
+        ("acme-os", "1.0")
+    );
+    assert_eq!(base.manifest_hash, r1.manifest.hash());
+    assert!(r2.chunks_written < r2.chunks_distinct / 4, "{r2:?}");
+    assert!(thin.len() < full1.len() / 4);
+
+    let root = root(&[1], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    // Without the base in the store, adding the thin artifact is refused.
+    assert!(matches!(
+        store.add_artifact(&thin[..], &root, NOW),
+        Err(StoreError::BaseMissing { .. })
+    ));
+    store.add_artifact(&full1[..], &root, NOW).unwrap();
+    let added = store.add_artifact(&thin[..], &root, NOW).unwrap();
+    assert_eq!(added.chunks_added, r2.chunks_written);
+    store.verify(&root, NOW).unwrap();
+
+    let r = ArtifactReader::open_with_base(&thin[..], &root, NOW, Some(&r1.manifest)).unwrap();
+    let mut out = Cursor::new(Vec::new());
+    shoal_artifact::extract(r, Some((&store, &r1.manifest)), &mut out, |_| {}).unwrap();
+    assert_eq!(out.into_inner(), v2);
+
+    let r = ArtifactReader::open(&thin[..], &root, NOW).unwrap();
+    assert!(matches!(
+        shoal_artifact::extract(r, None, &mut Cursor::new(Vec::new()), |_| {}),
+        Err(ExtractError::NeedsBase(_))
+    ));
+
+    let d = shoal_artifact::diff(&r1.manifest, &r2.manifest, r2.envelope_len);
+    assert_eq!(d.chunks_needed, r2.chunks_written);
+    assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
+    assert_eq!(d.download_bytes, r2.envelope_len + r2.stored_bytes);
+}
+
+#[test]
+fn signatures_threshold_and_unknown_keys() {
+    let data = payload(100_000, 6);
+    let (one, _) = build(&data);
+    // 2-of-3 release role: one signature is not enough...
+    let r23 = root(&[1, 2, 3], 2);
+    assert!(matches!(
+        read_all(&one, &r23),
+        Err(ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 1,
+            threshold: 2,
+            ..
+        }))
+    ));
+    // ...two are (added to the existing artifact as a second holder would).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.shoal");
+    std::fs::write(&path, &one).unwrap();
+    assert_eq!(shoal_artifact::add_signatures(&path, &[key(2)]).unwrap(), 2);
+    let two = std::fs::read(&path).unwrap();
+    read_all(&two, &r23).unwrap();
+    // The same key twice counts once.
+    assert_eq!(shoal_artifact::add_signatures(&path, &[key(2)]).unwrap(), 2);
+    // A key not in the root.
+    assert!(matches!(
+        read_all(&one, &root(&[9], 1)),
+        Err(ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            unknown: 1,
+            ..
+        }))
+    ));
+    // An expired root.
+    assert!(matches!(
+        ArtifactReader::open(&one[..], &root(&[1], 1), Some(2_000_000)),
+        Err(ReadError::Signature(VerifyError::Expired { .. }))
+    ));
+    // The release role only: a root key cannot sign releases.
+    let rk_only =
+        TrustRoot::new(1, 2_000_000, &[key(1).public()], 1, &[key(2).public()], 1).unwrap();
+    assert!(rk_only.roles.contains_key(&RoleName::Root));
+    assert!(matches!(
+        read_all(&one, &rk_only),
+        Err(ReadError::Signature(_))
+    ));
+}
+
+#[test]
+fn truncated_anywhere_is_refused() {
+    let (bytes, _) = build(&payload(200_000, 7));
+    let root = root(&[1], 1);
+    let m = members(&bytes);
+    let (_, _, chunks) = parts(&bytes);
+    // At the envelope (inside its header, and inside its data).
+    for cut in [0usize, 100, 512 + 10] {
+        let r = read_all(&bytes[..cut], &root);
+        match cut {
+            0 => assert!(matches!(r, Err(ReadError::Empty)), "{r:?}"),
+            _ => assert!(
+                matches!(r, Err(ReadError::Truncated { .. })),
+                "cut {cut}: {r:?}"
+            ),
+        }
+    }
+    // Mid-chunk, exactly before the last chunk, between members, before the end marker.
+    let (mid_at, _, mid_size) = m[m.len() / 2];
+    let (last_at, _, last_size) = *m.last().unwrap();
+    let before_last_chunk = last_at + 512 + last_size - chunks.last().unwrap().1.len();
+    for cut in [
+        mid_at + 512 + mid_size - 3,
+        before_last_chunk,
+        last_at,
+        bytes.len() - 1024,
+    ] {
+        let r = read_all(&bytes[..cut], &root);
+        assert!(
+            matches!(r, Err(ReadError::Truncated { .. })),
+            "cut {cut}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn flipped_bits_are_refused() {
+    let (bytes, _) = build(&payload(200_000, 8));
+    let root = root(&[1], 1);
+    let env_bytes = parts(&bytes).0;
+    let env = Envelope::from_bytes(&env_bytes).unwrap();
+    let rest = &bytes[512 + env_bytes.len() + ustar::padding(env_bytes.len() as u64)..];
+
+    // In the manifest (the signed bytes): the signature no longer verifies.
+    let mut e = env.clone();
+    let i = e.signed.len() / 2;
+    e.signed[i] ^= 0x01;
+    let eb = e.to_bytes();
+    let head = tar(&[(ENVELOPE_MEMBER.into(), eb.clone())]);
+    let bad = [
+        &head[..512 + eb.len() + ustar::padding(eb.len() as u64)],
+        rest,
+    ]
+    .concat();
+    assert!(matches!(
+        read_all(&bad, &root),
+        Err(ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            invalid: 1,
+            ..
+        }))
+    ));
+    // In the signature.
+    let mut e = env.clone();
+    e.signatures[0].sig[10] ^= 0x80;
+    let eb = e.to_bytes();
+    let head = tar(&[(ENVELOPE_MEMBER.into(), eb.clone())]);
+    let bad = [
+        &head[..512 + eb.len() + ustar::padding(eb.len() as u64)],
+        rest,
+    ]
+    .concat();
+    assert!(matches!(
+        read_all(&bad, &root),
+        Err(ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            invalid: 1,
+            ..
+        }))
+    ));
+    // In a chunk's data (the last bytes of a pack are chunk data, not its index).
+    let m = members(&bytes);
+    let (at, _, size) = m[3];
+    let mut bad = bytes.clone();
+    bad[at + 512 + size - 2] ^= 0x04;
+    let r = read_all(&bad, &root);
+    assert!(
+        matches!(
+            r,
+            Err(ReadError::Chunk(
+                ChunkError::HashMismatch { .. } | ChunkError::Corrupt { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+    // In a tar header (checksum catches it).
+    let mut bad = bytes.clone();
+    bad[at + 5] ^= 0x01;
+    assert!(matches!(
+        read_all(&bad, &root),
+        Err(ReadError::BadHeader { .. })
+    ));
+}
+
+#[test]
+fn swapped_duplicate_missing_and_unexpected_chunks_are_refused() {
+    let (bytes, report) = build(&payload(200_000, 9));
+    let root = root(&[1], 1);
+    let (env, _, cs) = parts(&bytes);
+    assert!(cs.len() > 5);
+
+    // A chunk's data swapped for another valid chunk's, under the first one's id.
+    let mut swapped = cs.clone();
+    swapped[2].1 = cs[3].1.clone();
+    let r = read_all(&assemble(&env, &swapped, 4), &root);
+    assert!(
+        matches!(
+            r,
+            Err(ReadError::PackSizeMismatch { .. }
+                | ReadError::Chunk(ChunkError::HashMismatch { .. }))
+        ),
+        "{r:?}"
+    );
+    // Two chunks swapped in place: out of the signed order.
+    let mut reordered = cs.clone();
+    reordered.swap(2, 3);
+    assert!(matches!(
+        read_all(&assemble(&env, &reordered, 4), &root),
+        Err(ReadError::MissingChunk(id)) if id == cs[2].0
+    ));
+    // A duplicate chunk, in the same pack and in the next one.
+    for per_pack in [64, 1] {
+        let mut dup = cs.clone();
+        dup.insert(3, cs[2].clone());
+        assert!(matches!(
+            read_all(&assemble(&env, &dup, per_pack), &root),
+            Err(ReadError::DuplicateChunk(id)) if id == cs[2].0
+        ));
+    }
+    // A missing chunk (the archive ends cleanly without it), last and in the middle.
+    let want = report.manifest.distinct_chunks().last().unwrap().id;
+    assert!(matches!(
+        read_all(&assemble(&env, &cs[..cs.len() - 1], 4), &root),
+        Err(ReadError::MissingChunk(id)) if id == want
+    ));
+    let mut gap = cs.clone();
+    gap.remove(4);
+    assert!(matches!(
+        read_all(&assemble(&env, &gap, 4), &root),
+        Err(ReadError::MissingChunk(id)) if id == cs[4].0
+    ));
+    // A chunk the manifest does not list.
+    let mut extra = cs.clone();
+    let other = b"not in the manifest".to_vec();
+    let id = ChunkId::of(&other);
+    extra.insert(2, (id, chunk::encode(&other, 3)));
+    assert!(matches!(
+        read_all(&assemble(&env, &extra, 4), &root),
+        Err(ReadError::UnknownChunk(x)) if x == id
+    ));
+    // A member that is not a pack, and a pack out of sequence.
+    let mut junk = members(&bytes)
+        .iter()
+        .map(|(at, p, n)| (p.clone(), bytes[at + 512..at + 512 + n].to_vec()))
+        .collect::<Vec<_>>();
+    junk.insert(2, ("README".into(), b"hi".to_vec()));
+    assert!(matches!(
+        read_all(&tar(&junk), &root),
+        Err(ReadError::UnexpectedMember { .. })
+    ));
+    junk.remove(2);
+    junk[2].0 = pack_path(7);
+    assert!(matches!(
+        read_all(&tar(&junk), &root),
+        Err(ReadError::UnexpectedMember { .. })
+    ));
+}
+
+#[test]
+fn chunk_swapped_for_valid_chunk_of_same_size_is_refused() {
+    // Two incompressible chunks of one size (stored raw, so equal stored sizes too).
+    let a: Vec<u8> = payload(4096, 21)
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ (i * 31) as u8)
+        .collect();
+    let b: Vec<u8> = a.iter().map(|x| x.wrapping_add(1)).collect();
+    let (sa, sb) = (chunk::encode(&a, 3), chunk::encode(&b, 3));
+    assert_eq!(sa.len(), sb.len());
+    let mut m = build(&payload(10_000, 11)).1.manifest;
+    let p = &mut m.payloads[0];
+    let size = 4096u32;
+    let stored_size = u32::try_from(sa.len()).unwrap();
+    p.chunks = vec![
+        ChunkRef {
+            id: ChunkId::of(&a),
+            size,
+            stored_size,
+        },
+        ChunkRef {
+            id: ChunkId::of(&b),
+            size,
+            stored_size,
+        },
+    ];
+    p.size = 8192;
+    p.hash = *blake3::hash(&[a.clone(), b.clone()].concat()).as_bytes();
+    let env = signed(&m);
+    let good = assemble(
+        &env,
+        &[(ChunkId::of(&a), sa.clone()), (ChunkId::of(&b), sb.clone())],
+        2,
+    );
+    assert_eq!(
+        read_all(&good, &root(&[1], 1)).unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    let bad = assemble(&env, &[(ChunkId::of(&a), sb), (ChunkId::of(&b), sa)], 2);
+    assert!(matches!(
+        read_all(&bad, &root(&[1], 1)),
+        Err(ReadError::Chunk(ChunkError::HashMismatch { id, .. })) if id == ChunkId::of(&a)
+    ));
+}
+
+#[test]
+fn unsafe_paths_are_refused() {
+    let (bytes, _) = build(&payload(100_000, 10));
+    let root = root(&[1], 1);
+    let ms: Vec<(String, Vec<u8>)> = members(&bytes)
+        .iter()
+        .map(|(at, p, n)| (p.clone(), bytes[at + 512..at + 512 + n].to_vec()))
+        .collect();
+    for path in ["/etc/passwd", "../escape", "packs/../../x"] {
+        // As a chunk member...
+        let mut bad = ms.clone();
+        bad.insert(1, (path.into(), b"x".to_vec()));
+        let r = read_all(&tar(&bad), &root);
+        assert!(
+            matches!(&r, Err(ReadError::UnsafePath { path: p }) if p == path),
+            "{r:?}"
+        );
+        // ...and as the first member.
+        let mut bad = ms.clone();
+        bad[0].0 = path.into();
+        let r = read_all(&tar(&bad), &root);
+        assert!(matches!(&r, Err(ReadError::UnsafePath { .. })), "{r:?}");
+    }
+}
+
+#[test]
+fn zstd_bomb_is_refused() {
+    // Sign a manifest that declares a chunk of 4096 bytes whose stored frame
+    // decompresses to 4 MiB, with the stored size the frame really has.
+    let big = vec![0u8; 4 * 1024 * 1024];
+    let bomb = chunk::encode(&big, 19);
+    let small = vec![0u8; 4096];
+    let id = ChunkId::of(&small);
+    let mut m = build(&payload(10_000, 11)).1.manifest;
+    let p = &mut m.payloads[0];
+    p.chunks = vec![ChunkRef {
+        id,
+        size: 4096,
+        stored_size: u32::try_from(bomb.len()).unwrap(),
+    }];
+    p.size = 4096;
+    p.hash = *blake3::hash(&small).as_bytes();
+    let bytes = assemble(&signed(&m), &[(id, bomb)], 1);
+    assert!(matches!(
+        read_all(&bytes, &root(&[1], 1)),
+        Err(ReadError::Chunk(ChunkError::DecompressedTooLarge {
+            size: 4096,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn empty_and_non_tar_files_are_refused() {
+    let root = root(&[1], 1);
+    assert!(matches!(read_all(b"", &root), Err(ReadError::Empty)));
+    let text = b"This is not a tar file, just some text that goes on for a while.\n".repeat(20);
+    assert!(matches!(read_all(&text, &root), Err(ReadError::NotTar(_))));
+    assert!(matches!(
+        read_all(b"short", &root),
+        Err(ReadError::NotTar(_))
+    ));
+    // A tar whose first member is something else.
+    let other = tar(&[("hello.txt".into(), b"hi".to_vec())]);
+    assert!(matches!(
+        read_all(&other, &root),
+        Err(ReadError::MissingEnvelope { .. })
+    ));
+    // A tar with an envelope member that is not an envelope.
+    let bad_env = tar(&[(ENVELOPE_MEMBER.into(), b"garbage".to_vec())]);
+    assert!(matches!(
+        read_all(&bad_env, &root),
+        Err(ReadError::Envelope(_))
+    ));
+}
+
+#[test]
+fn store_verify_catches_corruption() {
+    let (bytes, report) = build(&payload(200_000, 12));
+    let root = root(&[1], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let added = store.add_artifact(&bytes[..], &root, NOW).unwrap();
+    assert_eq!(added.chunks_added, report.chunks_distinct);
+    let v = store.verify(&root, NOW).unwrap();
+    assert_eq!((v.manifests, v.chunks), (1, report.chunks_distinct));
+    // Adding again adds nothing.
+    assert_eq!(
+        store
+            .add_artifact(&bytes[..], &root, NOW)
+            .unwrap()
+            .chunks_added,
+        0
+    );
+
+    let c = report.manifest.distinct_chunks()[1];
+    assert_eq!(store.get(&c).unwrap().len(), c.size as usize);
+    let path = store.chunk_file(&c.id);
+    let mut stored = std::fs::read(&path).unwrap();
+    let n = stored.len();
+    stored[n / 2] ^= 1;
+    std::fs::write(&path, &stored).unwrap();
+    assert!(matches!(
+        store.verify(&root, NOW),
+        Err(StoreError::BadChunk { .. })
+    ));
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        matches!(store.verify(&root, NOW), Err(StoreError::MissingChunk { id, .. }) if id == c.id)
+    );
+    // A manifest signed by a key the root does not trust.
+    assert!(matches!(
+        store.verify(&self::root(&[5], 1), NOW),
+        Err(StoreError::BadManifest { .. })
+    ));
+}
