@@ -23,6 +23,10 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Slot;
+use crate::control::SlotStorage;
+use crate::env::file::FileEnv;
+use crate::env::grub::GrubEnv;
+use crate::env::uboot::UbootEnv;
 use crate::env::{Env, Vars};
 use crate::scheme::{Flavor, Scheme};
 use crate::storage::Storage;
@@ -32,17 +36,56 @@ use crate::storage::Storage;
 pub enum Tear {
     /// Nothing of it is written.
     Lost,
-    /// Its first half is written.
-    Prefix,
-    /// Its second half is written (the medium reordered sectors).
-    Suffix,
+    /// Only its first `n` bytes are written (at most all but one).
+    Prefix(usize),
+    /// Only its last `n` bytes are written (at most all but one): the medium
+    /// wrote sectors out of order.
+    Suffix(usize),
     /// All of it is written, but the crash comes before any sync.
     Full,
+    /// Written up to the middle of the bytes it changes (from the first changed
+    /// byte to the last): the adversarial tear that mixes old and new data.
+    ChangedPrefix,
+    /// Written from the middle of the bytes it changes to its end.
+    ChangedSuffix,
 }
 
 impl Tear {
-    /// Every tear mode.
-    pub const ALL: [Tear; 4] = [Tear::Lost, Tear::Prefix, Tear::Suffix, Tear::Full];
+    /// The tears every crash point is tried with: in the middle of what changes,
+    /// nothing, everything, and torn after 1 byte, after a CRC and flag (5 bytes),
+    /// after one 512-byte sector, and the same from the end.
+    pub const ALL: [Tear; 10] = [
+        Tear::ChangedPrefix,
+        Tear::ChangedSuffix,
+        Tear::Lost,
+        Tear::Full,
+        Tear::Prefix(1),
+        Tear::Prefix(5),
+        Tear::Prefix(512),
+        Tear::Suffix(1),
+        Tear::Suffix(5),
+        Tear::Suffix(512),
+    ];
+
+    /// The byte range of `new` that reaches the medium, where `old` is what the
+    /// medium held there.
+    fn range(self, old: &[u8], new: &[u8]) -> (usize, usize) {
+        let len = new.len();
+        let changed = || {
+            let differs = |i: &usize| old.get(*i) != Some(&new[*i]);
+            let first = (0..len).find(differs)?;
+            let last = (0..len).rev().find(differs)?;
+            Some(first + (last + 1 - first) / 2)
+        };
+        match self {
+            Tear::ChangedPrefix => changed().map_or((0, 0), |mid| (0, mid)),
+            Tear::ChangedSuffix => changed().map_or((0, 0), |mid| (mid, len)),
+            Tear::Lost => (0, 0),
+            Tear::Full => (0, len),
+            Tear::Prefix(n) => (0, n.min(len.saturating_sub(1))),
+            Tear::Suffix(n) => (len - n.min(len.saturating_sub(1)), len),
+        }
+    }
 }
 
 /// Which image of each file survives a reboot.
@@ -247,15 +290,14 @@ impl Storage for CrashStorage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut state = self.disk.lock();
         let tear = CrashDisk::begin_op(&mut state)?;
-        let (from, to) = match tear {
-            None | Some(Tear::Full) => (0, data.len()),
-            Some(Tear::Lost) => (0, 0),
-            Some(Tear::Prefix) => (0, data.len() / 2),
-            Some(Tear::Suffix) => (data.len() / 2, data.len()),
-        };
         let file = state.files.entry(self.name.clone()).or_default();
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
         let end = start + data.len();
+        let old = file
+            .live
+            .get(start..end.min(file.live.len()))
+            .unwrap_or(&[]);
+        let (from, to) = tear.unwrap_or(Tear::Full).range(old, data);
         if tear.is_none() || from < to {
             if file.live.len() < end {
                 file.live.resize(end, 0);
@@ -273,11 +315,9 @@ impl Storage for CrashStorage {
         let tear = CrashDisk::begin_op(&mut state)?;
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
         let file = state.files.entry(self.name.clone()).or_default();
-        match tear {
-            None | Some(Tear::Full) | Some(Tear::Suffix) | Some(Tear::Prefix) => {
-                file.live.resize(len, 0)
-            }
-            Some(Tear::Lost) => {}
+        // A resize is all or nothing: only a lost one is not applied.
+        if tear != Some(Tear::Lost) {
+            file.live.resize(len, 0);
         }
         match tear {
             None => Ok(()),
@@ -293,6 +333,104 @@ impl Storage for CrashStorage {
         let file = state.files.entry(self.name.clone()).or_default();
         file.durable = file.live.clone();
         Ok(())
+    }
+}
+
+/// The two slots as files `a_name` and `b_name` of a [`CrashDisk`]. A slot's
+/// capacity is its file's length, so put each slot at its size first.
+#[derive(Debug, Clone)]
+pub struct CrashSlots {
+    disk: CrashDisk,
+    names: [String; 2],
+}
+
+impl CrashSlots {
+    /// Slots A and B in files `a_name` and `b_name` of `disk`.
+    pub fn new(disk: &CrashDisk, a_name: &str, b_name: &str) -> CrashSlots {
+        CrashSlots {
+            disk: disk.clone(),
+            names: [a_name.to_string(), b_name.to_string()],
+        }
+    }
+
+    fn name(&self, slot: Slot) -> &str {
+        match slot {
+            Slot::A => &self.names[0],
+            Slot::B => &self.names[1],
+        }
+    }
+}
+
+impl SlotStorage for CrashSlots {
+    fn open(&self, slot: Slot, _writable: bool) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(self.disk.storage(self.name(slot))))
+    }
+
+    fn describe(&self, slot: Slot) -> String {
+        format!("simulated {}", self.name(slot))
+    }
+}
+
+/// An environment backend laid out on a [`CrashDisk`], for crash tests and the
+/// simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// U-Boot, two copies of [`Backend::UBOOT_SIZE`] bytes in files `uboot.1` and
+    /// `uboot.2`.
+    UbootRedundant,
+    /// U-Boot, one copy in file `uboot.1` (not power-safe).
+    UbootSingle,
+    /// GRUB env/lock blocks in files `grub1/env`, `grub1/lock`, `grub2/env`,
+    /// `grub2/lock`.
+    Grub,
+    /// The file backend in files `env` and `env.2`.
+    File,
+}
+
+impl Backend {
+    /// Every backend.
+    pub const ALL: [Backend; 4] = [
+        Backend::UbootRedundant,
+        Backend::UbootSingle,
+        Backend::Grub,
+        Backend::File,
+    ];
+    /// Size of each simulated U-Boot copy.
+    pub const UBOOT_SIZE: usize = 0x2000;
+
+    /// Opens this backend on `disk`.
+    pub fn open(self, disk: &CrashDisk) -> Box<dyn Env> {
+        let st = |name: &str| -> Box<dyn Storage> { Box::new(disk.storage(name)) };
+        match self {
+            Backend::UbootRedundant => Box::new(UbootEnv::new(
+                vec![st("uboot.1"), st("uboot.2")],
+                vec!["uboot.1".into(), "uboot.2".into()],
+                Backend::UBOOT_SIZE,
+            )),
+            Backend::UbootSingle => Box::new(UbootEnv::new(
+                vec![st("uboot.1")],
+                vec!["uboot.1".into()],
+                Backend::UBOOT_SIZE,
+            )),
+            Backend::Grub => Box::new(GrubEnv::new(
+                [st("grub1/env"), st("grub2/env")],
+                [st("grub1/lock"), st("grub2/lock")],
+                ["grub1/env".into(), "grub2/env".into()],
+            )),
+            Backend::File => Box::new(FileEnv::new(
+                [st("env"), st("env.2")],
+                ["env".into(), "env.2".into()],
+            )),
+        }
+    }
+
+    /// The bootloader semantics that go with this backend.
+    pub fn flavor(self) -> Flavor {
+        match self {
+            Backend::UbootRedundant | Backend::UbootSingle => Flavor::Uboot,
+            Backend::Grub => Flavor::Grub,
+            Backend::File => Flavor::File,
+        }
     }
 }
 
@@ -410,7 +548,7 @@ mod tests {
         let mut s = disk.storage("f");
         s.write_at(0, b"aaaa").unwrap();
         s.sync().unwrap();
-        disk.crash_at(2, Tear::Prefix);
+        disk.crash_at(2, Tear::Prefix(2));
         s.write_at(0, b"bbbb").unwrap();
         assert!(s.write_at(0, b"cccc").is_err());
         assert!(disk.has_crashed());
@@ -428,7 +566,9 @@ mod tests {
     #[test]
     fn suffix_and_lost_tears() {
         for (tear, want) in [
-            (Tear::Suffix, &b"aacc"[..]),
+            (Tear::Suffix(2), &b"aacc"[..]),
+            (Tear::Suffix(9), b"accc"),
+            (Tear::Prefix(9), b"ccca"),
             (Tear::Lost, b"aaaa"),
             (Tear::Full, b"cccc"),
         ] {
@@ -437,6 +577,23 @@ mod tests {
             disk.crash_at(1, tear);
             let mut s = disk.storage("f");
             assert!(s.write_at(0, b"cccc").is_err());
+            assert_eq!(disk.live("f"), want, "{tear:?}");
+        }
+    }
+
+    #[test]
+    fn changed_tears_split_the_changed_range() {
+        // Bytes 1..=7 change (6 and 7 extend the file): the middle is byte 4. A torn
+        // extending write leaves the file extended with zeros where nothing landed.
+        for (tear, want) in [
+            (Tear::ChangedPrefix, &b"axyzef\0\0"[..]),
+            (Tear::ChangedSuffix, b"abcdwvuf"),
+        ] {
+            let disk = CrashDisk::new();
+            disk.put("f", b"abcdef");
+            disk.crash_at(1, tear);
+            let mut s = disk.storage("f");
+            assert!(s.write_at(0, b"axyzwvuf").is_err());
             assert_eq!(disk.live("f"), want, "{tear:?}");
         }
     }

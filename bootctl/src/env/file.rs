@@ -12,14 +12,15 @@
 //!
 //! The body is the `len` bytes after the header line: `name=value` lines with a
 //! value's `\` and newline escaped by `\` (as in GRUB blocks); `crc32` covers the
-//! body. Bytes after the body are ignored, so a shorter write needs no truncation to
-//! be valid.
+//! body. Bytes after the body are ignored.
 //!
 //! # Power safety
 //!
 //! The same discipline as a redundant U-Boot environment: the valid copy with the
-//! higher `seq` wins; a write goes to the other copy with `seq + 1` and is synced; a
-//! torn or missing copy fails its length or CRC check and is ignored.
+//! higher `seq` wins; a write empties the other copy (synced), then writes it with
+//! `seq + 1` (synced); a torn or missing copy fails its length or CRC check and is
+//! ignored. Emptying first means a torn write cannot combine with the remnants of an
+//! earlier torn attempt (same `seq`) into a copy that was never committed.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -233,13 +234,12 @@ impl Env for FileEnv {
             source,
         };
         let storage = &mut self.copies[target];
+        // Empty the target first, so a torn write can never complete the remnants
+        // of an earlier torn attempt with the same seq into a valid copy.
+        storage.set_len(0).map_err(io_err)?;
+        storage.sync().map_err(io_err)?;
         storage.write_at(0, &bytes).map_err(io_err)?;
         storage.sync().map_err(io_err)?;
-        // Tidy the tail; the copy is already valid without this.
-        if storage.len().map_err(io_err)? > bytes.len() as u64 {
-            storage.set_len(bytes.len() as u64).map_err(io_err)?;
-            storage.sync().map_err(io_err)?;
-        }
         tracing::debug!(copy = %what, seq, "file environment written");
         Ok(())
     }

@@ -240,35 +240,15 @@ impl GrubEnv {
 
 impl Env for GrubEnv {
     fn load(&self) -> Result<Vars, LoadError> {
-        let io_err = |what: &str| {
-            let what = what.to_string();
-            move |source| LoadError::Io { what, source }
-        };
-        let chosen = self.chosen().map_err(io_err("grub lock files"))?;
-        match self.read_env(chosen).map_err(io_err(&self.names[chosen]))? {
-            Ok(vars) => Ok(vars),
-            Err(first) => {
-                // The protocol never leaves the chosen copy invalid; something else
-                // damaged it. GRUB would boot with what it could parse; we report the
-                // other copy if it is valid, loudly.
-                let other = 1 - chosen;
-                match self.read_env(other).map_err(io_err(&self.names[other]))? {
-                    Ok(vars) => {
-                        tracing::warn!(copy = %self.names[chosen], error = %first,
-                            "grub environment copy chosen by the lock files is invalid; using the other copy");
-                        Ok(vars)
-                    }
-                    Err(second) => {
-                        let (first, second) = if chosen == 0 {
-                            (first, second)
-                        } else {
-                            (second, first)
-                        };
-                        Err(LoadError::NoValidCopy { first, second })
-                    }
-                }
-            }
-        }
+        // Exactly GRUB's choice, and no second guessing: if the chosen copy is
+        // damaged, GRUB would boot with what it could parse, so report it. A store
+        // rewrites both copies and repairs it.
+        let io_err = |what: String| move |source| LoadError::Io { what, source };
+        let chosen = self.chosen().map_err(io_err("grub lock files".into()))?;
+        let what = self.names[chosen].clone();
+        self.read_env(chosen)
+            .map_err(io_err(what.clone()))?
+            .map_err(|source| LoadError::Invalid { what, source })
     }
 
     fn store(&mut self, vars: &Vars) -> Result<(), StoreError> {

@@ -10,10 +10,12 @@
 //!
 //! A redundant environment has two copies. A copy whose CRC does not match is
 //! absent. Of two valid copies the newer wins by U-Boot's rule for incremental flags
-//! (`flag + 1` is newer, with `0` newer than `255`; equal flags: copy 1). A write goes
-//! to the older (or invalid) copy with the newer flag, and is synced: until that
-//! write is complete the old copy stays the newest valid one, so a torn write is
-//! never seen as data.
+//! (`flag + 1` is newer, with `0` newer than `255`; equal flags: copy 1). A write
+//! first zeroes the older (or invalid) copy and syncs, then writes it with the newer
+//! flag and syncs: until that write is complete the old copy stays the newest valid
+//! one, so a torn write is never seen as data, and zeroing first keeps a torn write
+//! from completing the remnants of an earlier torn attempt (same flag) into a copy
+//! that was never committed.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -473,16 +475,20 @@ impl Env for UbootEnv {
         };
         let block = encode(vars, self.size, flag)?;
         let what = self.names[target].clone();
+        let io_err = |source| StoreError::Io {
+            what: what.clone(),
+            source,
+        };
         let storage = &mut self.copies[target];
-        storage
-            .write_at(0, &block)
-            .map_err(|source| StoreError::Io {
-                what: what.clone(),
-                source,
-            })?;
-        storage
-            .sync()
-            .map_err(|source| StoreError::Io { what, source })?;
+        if flag.is_some() {
+            // Erase the target first. Without this, a torn write could complete the
+            // remnants of an earlier torn attempt with the same flag into a valid,
+            // never-committed copy.
+            storage.write_at(0, &vec![0; self.size]).map_err(io_err)?;
+            storage.sync().map_err(io_err)?;
+        }
+        storage.write_at(0, &block).map_err(io_err)?;
+        storage.sync().map_err(io_err)?;
         tracing::debug!(copy = target + 1, ?flag, "u-boot environment copy written");
         Ok(())
     }
