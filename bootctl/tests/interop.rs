@@ -351,7 +351,7 @@ fn grub_env_in_mender_layout_round_trips_with_grub_editenv() {
     v.insert("mender_boot_part".into(), "3".into());
     v.insert("upgrade_available".into(), "1".into());
     env.store(&v).unwrap();
-    for i in 0..2 {
+    for (i, lock_before) in locks_before.iter().enumerate() {
         assert_eq!(
             editenv(&paths.env[i], &["list"]),
             "bootcount=0\nmender_boot_part=3\nupgrade_available=1\n",
@@ -360,8 +360,8 @@ fn grub_env_in_mender_layout_round_trips_with_grub_editenv() {
         // The lock files end byte-identical (editing=0), so Mender's
         // lock.sha256sum checks keep passing.
         assert_eq!(
-            std::fs::read(&paths.lock[i]).unwrap(),
-            locks_before[i],
+            &std::fs::read(&paths.lock[i]).unwrap(),
+            lock_before,
             "lock {i}"
         );
     }
