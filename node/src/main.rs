@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod config;
+mod device;
 
 /// Shoal: atomic A/B over-the-air updates for fleets of embedded Linux devices.
 #[derive(Debug, Parser)]
@@ -37,6 +39,18 @@ enum Command {
     /// Manage chunk stores (plain directories servable as static files).
     #[command(subcommand)]
     Store(cmd::store::Command),
+    /// Install a release (artifact, chunk store or stdin) and arm a trial boot.
+    Install(cmd::install::Args),
+    /// At boot: health-check a trial boot, then commit or roll back.
+    BootCheck(cmd::device::BootCheckArgs),
+    /// Commit the running trial boot.
+    Commit(cmd::device::CommitArgs),
+    /// Roll back the deployment in progress.
+    Rollback(cmd::device::RollbackArgs),
+    /// Show the slots, the trial state and the last result.
+    Status(cmd::device::StatusArgs),
+    /// Show Shoal end to end on a simulated device in a temporary directory.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +69,12 @@ fn main() -> ExitCode {
         Command::Root(c) => cmd::root::run(c, &ui),
         Command::Artifact(c) => cmd::artifact::run(c, &ui),
         Command::Store(c) => cmd::store::run(c, &ui),
+        Command::Install(a) => cmd::install::run(a, &ui),
+        Command::BootCheck(a) => cmd::device::boot_check(a, &ui),
+        Command::Commit(a) => cmd::device::commit(a, &ui),
+        Command::Rollback(a) => cmd::device::rollback(a, &ui),
+        Command::Status(a) => cmd::device::status(a, &ui),
+        Command::Demo(a) => cmd::demo::run(a, &ui),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

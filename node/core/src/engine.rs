@@ -861,7 +861,7 @@ impl Engine {
     }
 
     fn fail(&mut self, err: InstallError) {
-        warn!(error = %err, "install stopped");
+        info!(error = %err, "install stopped");
         if let Some(dep) = &self.state.deployment {
             let outcome = Outcome {
                 release: dep.release.clone(),
@@ -1297,7 +1297,7 @@ impl Engine {
     }
 
     fn start_rollback(&mut self, dep: Deployment, reason: String) {
-        warn!(release = %dep.release, %reason, "rolling back");
+        info!(release = %dep.release, %reason, "rolling back");
         let mut d = dep.clone();
         d.phase = Phase::RollingBack {
             reason: reason.clone(),

@@ -5,6 +5,9 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub mod artifact;
+pub mod demo;
+pub mod device;
+pub mod install;
 pub mod key;
 pub mod root;
 pub mod store;

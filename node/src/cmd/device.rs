@@ -1,0 +1,231 @@
+//! `shoal boot-check`, `shoal commit`, `shoal rollback`, `shoal status`.
+
+use serde_json::json;
+use shoal_engine::{Phase, Release, Slot, Verdict, slot_index};
+
+use crate::cmd::Ui;
+use crate::cmd::install::ConfigArg;
+use crate::device::{BootCheck, Device, Reboot};
+
+/// Run at boot: in a trial boot, run the health checks and commit, or roll back and
+/// reboot.
+///
+/// Health checks are the executables in `[health] dir`, run in name order, each
+/// within `timeout_s`. Run it from a boot-time unit (see
+/// `node/systemd/shoal-boot-check.service`).
+///
+/// Example: `shoal boot-check`
+#[derive(Debug, clap::Args)]
+pub struct BootCheckArgs {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Commit the running trial boot without running the health checks.
+///
+/// Example: `shoal commit`
+#[derive(Debug, clap::Args)]
+pub struct CommitArgs {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Roll back the deployment in progress: in a trial boot, go back to the previous
+/// slot and reboot; before it, cancel the install.
+///
+/// Example: `shoal rollback --reason "app misbehaves"`
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// Why (recorded in `shoal status`).
+    #[arg(long, default_value = "rolled back by the operator")]
+    pub reason: String,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Show the release in each slot, the trial state and the last result.
+///
+/// Example: `shoal status --json`
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Runs `shoal boot-check`.
+pub fn boot_check(args: BootCheckArgs, ui: &Ui) -> anyhow::Result<()> {
+    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let result = dev.boot_check()?;
+    report(&result, args.json, ui)
+}
+
+/// Runs `shoal commit`.
+pub fn commit(args: CommitArgs, ui: &Ui) -> anyhow::Result<()> {
+    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let result = dev.commit()?;
+    report(&result, args.json, ui)
+}
+
+/// Runs `shoal rollback`.
+pub fn rollback(args: RollbackArgs, ui: &Ui) -> anyhow::Result<()> {
+    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let result = dev.rollback(&args.reason)?;
+    report(&result, args.json, ui)
+}
+
+/// Prints a boot-check/commit/rollback result.
+pub fn report(result: &BootCheck, json: bool, ui: &Ui) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(result)?);
+        return Ok(());
+    }
+    ui.info(match result {
+        BootCheck::Nothing => "no deployment is waiting for this boot".to_string(),
+        BootCheck::TrialPending { slot } => {
+            format!("a trial boot of slot {slot} is armed; it runs at the next boot")
+        }
+        BootCheck::InstallUnfinished => {
+            "an install was interrupted; run `shoal install` again to resume it".to_string()
+        }
+        BootCheck::Committed { release, slot } => format!("{release} on slot {slot} is committed"),
+        BootCheck::RolledBack {
+            release,
+            slot,
+            reason,
+        } => {
+            format!("{release} on slot {slot} was rolled back: {reason}")
+        }
+    });
+    Ok(())
+}
+
+fn release_json(r: &Option<Release>) -> serde_json::Value {
+    match r {
+        None => serde_json::Value::Null,
+        Some(r) => json!({
+            "name": r.name,
+            "version": r.version,
+            "security_counter": r.security_counter,
+            "size": r.payload_size,
+            "hash": hex::encode(r.payload_hash),
+        }),
+    }
+}
+
+/// Runs `shoal status`.
+pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
+    let dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let (st, boot) = dev.status()?;
+    let deployment = st.deployment.as_ref().map(|d| {
+        json!({
+            "release": d.release.name,
+            "version": d.release.version,
+            "slot": d.target,
+            "phase": d.phase.to_string(),
+            "journal_bytes": d.journal_bytes,
+            "total_bytes": d.release.payload_size,
+        })
+    });
+    let last = st.last.as_ref().map(|o| {
+        let (result, reason) = match &o.verdict {
+            Verdict::Committed => ("committed", None),
+            Verdict::RolledBack { reason } => ("rolled-back", Some(reason.clone())),
+            Verdict::Failed { reason } => ("failed", Some(reason.clone())),
+        };
+        json!({
+            "release": o.release.name,
+            "version": o.release.version,
+            "slot": o.slot,
+            "result": result,
+            "reason": reason,
+        })
+    });
+    let trial = boot
+        .state
+        .trial
+        .map(|t| json!({ "slot": t.slot, "tries_left": t.tries_left }));
+    if args.json {
+        let value = json!({
+            "active": st.active,
+            "next_boot": boot.next_boot,
+            "committed": boot.state.committed,
+            "trial": trial,
+            "boot": boot.summary,
+            "floor": st.floor,
+            "slots": {
+                "A": release_json(&st.releases[slot_index(Slot::A)]),
+                "B": release_json(&st.releases[slot_index(Slot::B)]),
+            },
+            "deployment": deployment,
+            "last": last,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let name = |r: &Option<Release>| {
+        r.as_ref().map_or(
+            "unknown (not installed by Shoal)".to_string(),
+            ToString::to_string,
+        )
+    };
+    let mut lines = vec![
+        format!(
+            "slot A: {}{}",
+            name(&st.releases[0]),
+            if st.active == Slot::A {
+                "  (running)"
+            } else {
+                ""
+            }
+        ),
+        format!(
+            "slot B: {}{}",
+            name(&st.releases[1]),
+            if st.active == Slot::B {
+                "  (running)"
+            } else {
+                ""
+            }
+        ),
+        format!("boot: {}", boot.summary),
+        format!("anti-rollback floor: {}", st.floor),
+    ];
+    if let Some(d) = &st.deployment {
+        let extra = if d.phase == Phase::Fetching {
+            format!(
+                " ({:.1} of {:.1} MiB written and verified)",
+                d.journal_bytes as f64 / 1048576.0,
+                d.release.payload_size as f64 / 1048576.0
+            )
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "deployment: {} to slot {}: {}{extra}",
+            d.release, d.target, d.phase
+        ));
+    }
+    if let Some(o) = &st.last {
+        let what = match &o.verdict {
+            Verdict::Committed => "committed".to_string(),
+            Verdict::RolledBack { reason } => format!("rolled back: {reason}"),
+            Verdict::Failed { reason } => format!("failed: {reason}"),
+        };
+        lines.push(format!("last: {} on slot {}: {what}", o.release, o.slot));
+    }
+    // Status is the data of this command: stdout.
+    println!("{}", lines.join("\n"));
+    Ok(())
+}

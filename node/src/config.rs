@@ -1,0 +1,300 @@
+//! The device configuration file (`--config`, default `/etc/shoal/shoal.toml`).
+//!
+//! ```toml
+//! [device]
+//! type = "acme-board"                    # must be in a release's device_types
+//! data_dir = "/var/lib/shoal"            # the device store (redb) lives here
+//! trust_root = "/etc/shoal/root.shoal"   # the signed trust root (`shoal root init`)
+//! provides = { "bootloader" = "2024.01" } # optional, checked against `depends`
+//! reboot_command = ["systemctl", "reboot"] # [] = never reboot by itself
+//!
+//! [health]
+//! dir = "/etc/shoal/health.d"            # executables run by `shoal boot-check`
+//! timeout_s = 60                         # per check
+//!
+//! [install]
+//! journal_batch_mib = 4                  # progress journal commit interval
+//!
+//! [slots]                                # and [bootloader]: see shoal-bootctl
+//! a = { path = "/dev/mmcblk0p2" }
+//! b = { path = "/dev/mmcblk0p3" }
+//! [bootloader]
+//! type = "uboot"
+//! ```
+//!
+//! Unknown keys and bad values are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shoal_bootctl::config::{BootloaderConfig, SlotsConfig};
+
+/// Default location of the device configuration.
+pub const DEFAULT_PATH: &str = "/etc/shoal/shoal.toml";
+
+/// The whole device configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[device]`.
+    pub device: Device,
+    /// `[health]`.
+    #[serde(default)]
+    pub health: Health,
+    /// `[install]`.
+    #[serde(default)]
+    pub install: Install,
+    /// `[slots]` (shoal-bootctl's table).
+    pub slots: SlotsConfig,
+    /// `[bootloader]` (shoal-bootctl's table).
+    pub bootloader: BootloaderConfig,
+}
+
+/// `[device]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// The device type releases must list.
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// Directory of the device store.
+    pub data_dir: PathBuf,
+    /// The signed trust root file.
+    pub trust_root: PathBuf,
+    /// What the device provides besides its running release's provides.
+    #[serde(default)]
+    pub provides: BTreeMap<String, String>,
+    /// The command that reboots the device; empty: never reboot automatically.
+    #[serde(default = "default_reboot")]
+    pub reboot_command: Vec<String>,
+}
+
+fn default_reboot() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Directory of health check executables, run in name order.
+    #[serde(default = "default_health_dir")]
+    pub dir: PathBuf,
+    /// Seconds each check may take.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+fn default_health_dir() -> PathBuf {
+    PathBuf::from("/etc/shoal/health.d")
+}
+
+fn default_timeout_s() -> u64 {
+    60
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            dir: default_health_dir(),
+            timeout_s: default_timeout_s(),
+        }
+    }
+}
+
+/// `[install]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// MiB written between two progress journal commits.
+    #[serde(default = "default_batch_mib")]
+    pub journal_batch_mib: u64,
+}
+
+fn default_batch_mib() -> u64 {
+    4
+}
+
+impl Default for Install {
+    fn default() -> Install {
+        Install {
+            journal_batch_mib: default_batch_mib(),
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the device configuration {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, or a value of the wrong type (the message names
+    /// the key and its line).
+    #[error("device configuration {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is of the right type but not acceptable.
+    #[error("device configuration {path}: {key} {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`health.timeout_s`).
+        key: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads and checks the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let invalid = |key, reason| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if config.device.device_type.trim().is_empty() {
+            return Err(invalid("device.type", "must not be empty"));
+        }
+        if config.device.data_dir.as_os_str().is_empty() {
+            return Err(invalid("device.data_dir", "must not be empty"));
+        }
+        if config.device.trust_root.as_os_str().is_empty() {
+            return Err(invalid("device.trust_root", "must not be empty"));
+        }
+        if config.health.timeout_s == 0 || config.health.timeout_s > 24 * 3600 {
+            return Err(invalid(
+                "health.timeout_s",
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        if config.install.journal_batch_mib == 0 || config.install.journal_batch_mib > 1024 {
+            return Err(invalid(
+                "install.journal_batch_mib",
+                "must be between 1 and 1024",
+            ));
+        }
+        if config
+            .device
+            .reboot_command
+            .first()
+            .is_some_and(|c| c.is_empty())
+        {
+            return Err(invalid(
+                "device.reboot_command",
+                "must start with a program name",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [device]
+        type = "acme-board"
+        data_dir = "/var/lib/shoal"
+        trust_root = "/etc/shoal/root.shoal"
+
+        [health]
+        dir = "/etc/shoal/health.d"
+        timeout_s = 30
+
+        [slots]
+        a = { path = "/dev/mmcblk0p2" }
+        b = { path = "/dev/mmcblk0p3" }
+
+        [bootloader]
+        type = "file"
+        path = "/var/lib/shoal/bootenv"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("shoal.toml"))
+    }
+
+    fn parse_err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.device.device_type, "acme-board");
+        assert_eq!(c.health.timeout_s, 30);
+        assert_eq!(c.install.journal_batch_mib, 4);
+        assert_eq!(
+            c.device.reboot_command,
+            vec!["systemctl".to_string(), "reboot".to_string()]
+        );
+        assert_eq!(c.slots.b.path, PathBuf::from("/dev/mmcblk0p3"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse_err(&GOOD.replace("timeout_s = 30", "timeout = 30"));
+        assert!(e.contains("unknown field `timeout`"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[server]\nurl = \"x\"\n"));
+        assert!(e.contains("unknown field `server`"), "{e}");
+        let e =
+            parse_err(&GOOD.replace("type = \"acme-board\"", "type = \"acme-board\"\ncolour = 1"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse_err(&GOOD.replace("timeout_s = 30", "timeout_s = \"soon\""));
+        assert!(e.contains("timeout_s"), "{e}");
+        let e = parse_err(&GOOD.replace("timeout_s = 30", "timeout_s = 0"));
+        assert!(
+            e.contains("health.timeout_s must be between 1 and 86400"),
+            "{e}"
+        );
+        let e = parse_err(&GOOD.replace("type = \"acme-board\"", "type = \"\""));
+        assert!(e.contains("device.type must not be empty"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[install]\njournal_batch_mib = 0\n"));
+        assert!(e.contains("install.journal_batch_mib"), "{e}");
+        let e = parse_err(&GOOD.replace("type = \"file\"", "type = \"floppy\""));
+        assert!(e.contains("floppy") && e.contains("type"), "{e}");
+    }
+
+    #[test]
+    fn missing_tables_and_keys_are_named() {
+        let e = parse_err(&GOOD.replace("data_dir = \"/var/lib/shoal\"", ""));
+        assert!(e.contains("missing field `data_dir`"), "{e}");
+        let no_slots = GOOD.replace("[slots]", "[other]");
+        let e = parse_err(&no_slots);
+        assert!(e.contains("other") || e.contains("slots"), "{e}");
+    }
+}

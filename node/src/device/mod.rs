@@ -1,0 +1,1047 @@
+//! The device side of Shoal: the engine driven with real files, the bootloader and
+//! the device store.
+//!
+//! [`Device`] opens the configuration's pieces (trust root, redb store, bootctl) and
+//! runs [`shoal_engine::Engine`]'s outputs synchronously: slot reads and writes go
+//! through bootctl's storage seam, journal records into the redb [`store::Store`],
+//! bootloader outputs into [`shoal_bootctl::BootControl`]. Sources are an artifact
+//! stream (a `.shoal` file or stdin, chunks decoded in parallel batches) or a chunk
+//! store directory (answered per request).
+
+pub mod health;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use rayon::prelude::*;
+use shoal_artifact::read::ArtifactReader;
+use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
+use shoal_bootctl::storage::Storage;
+use shoal_bootctl::{BootControl, SlotWriter};
+use shoal_engine::{
+    Boot, Engine, Event, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot, SourceId,
+    SourceInfo, SourceKind, Status, slot_index,
+};
+use shoal_signing::{SignedRoot, TrustRoot};
+use tracing::{info, warn};
+
+use crate::cmd::Exit;
+use crate::config::Config;
+use store::Store;
+
+/// Stored bytes of wanted chunks read from an artifact before they are decoded
+/// together (in parallel). Bounds the memory of a streaming install.
+const DECODE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Read buffer of artifact sources.
+const READ_BUFFER: usize = 1024 * 1024;
+/// Wall-clock times before this (2024-01-01) mean the device has no real clock: the
+/// trust root expiry is not checked rather than checked against 1970.
+const CLOCK_SANE_UNIX_S: u64 = 1_704_067_200;
+
+/// Where `shoal install` takes a release from.
+pub enum Source {
+    /// A `.shoal` artifact (full or thin) read as a stream: a file or stdin.
+    Artifact {
+        /// For messages: the path, or `-`.
+        name: String,
+        /// The bytes.
+        reader: Box<dyn Read + Send>,
+    },
+    /// A chunk store directory; `release` picks among its manifests
+    /// (`NAME` or `NAME@VERSION`), default: the only compatible one, or the one with
+    /// the highest security counter.
+    Store {
+        /// The directory.
+        dir: PathBuf,
+        /// Which release.
+        release: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Artifact { name, .. } => f
+                .debug_struct("Artifact")
+                .field("name", name)
+                .finish_non_exhaustive(),
+            Source::Store { dir, release } => f
+                .debug_struct("Store")
+                .field("dir", dir)
+                .field("release", release)
+                .finish(),
+        }
+    }
+}
+
+/// How reboots asked for by the engine are carried out.
+pub enum Reboot {
+    /// Run the configured `reboot_command` (if any).
+    Command,
+    /// Call this (the demo simulates the bootloader).
+    Hook(Box<dyn FnMut() -> anyhow::Result<()>>),
+}
+
+impl std::fmt::Debug for Reboot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reboot::Command => f.write_str("Reboot::Command"),
+            Reboot::Hook(_) => f.write_str("Reboot::Hook"),
+        }
+    }
+}
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstallReport {
+    /// Release name.
+    pub release: String,
+    /// Release version.
+    pub version: String,
+    /// The slot written.
+    pub slot: Slot,
+    /// Payload size.
+    pub total_bytes: u64,
+    /// Bytes the journal already had (an interrupted install resumed).
+    pub resumed_bytes: u64,
+    /// Bytes written to the slot by this run.
+    pub written_bytes: u64,
+    /// Of those, copied from the active slot.
+    pub reused_bytes: u64,
+    /// Of those, from the source (uncompressed).
+    pub fetched_bytes: u64,
+    /// Bytes read from the source (as stored: compressed, with framing).
+    pub source_bytes_read: u64,
+    /// Whether a reboot into the trial was started.
+    pub rebooting: bool,
+}
+
+/// What `boot-check` did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum BootCheck {
+    /// No deployment was waiting for this boot.
+    Nothing,
+    /// The trial was armed but not attempted yet.
+    TrialPending {
+        /// The slot that boots next.
+        slot: Slot,
+    },
+    /// The install had not finished; rerun it.
+    InstallUnfinished,
+    /// Health checks passed; the release is committed.
+    Committed {
+        /// `name version`.
+        release: String,
+        /// Its slot.
+        slot: Slot,
+    },
+    /// The release was rolled back.
+    RolledBack {
+        /// `name version`.
+        release: String,
+        /// Its slot.
+        slot: Slot,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A device: configuration, trust root, store and bootloader.
+#[derive(Debug)]
+pub struct Device {
+    config: Config,
+    root: TrustRoot,
+    store: Store,
+    boot: BootControl,
+    capacity: [u64; 2],
+    reboot: Reboot,
+}
+
+/// Unix seconds for the trust root expiry check, `None` without a sane clock.
+pub fn wall_clock() -> Option<u64> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    (now >= CLOCK_SANE_UNIX_S).then_some(now)
+}
+
+impl Device {
+    /// Opens the device described by `config`.
+    pub fn open(config: Config, reboot: Reboot) -> anyhow::Result<Device> {
+        let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
+            Exit::usage(format!(
+                "device.trust_root {}: {e}",
+                config.device.trust_root.display()
+            ))
+        })?;
+        signed.verify_self(None).map_err(|e| {
+            Exit::usage(format!("device.trust_root is not validly self-signed: {e}"))
+        })?;
+        let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, true)
+            .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", error_chain(&e))))?;
+        let mut capacity = [0u64; 2];
+        for slot in Slot::ALL {
+            let s = boot.open_reader(slot).with_context(|| {
+                format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
+            })?;
+            capacity[slot_index(slot)] = s
+                .len()
+                .with_context(|| format!("cannot measure slot {slot}"))?;
+        }
+        let store = Store::open(&config.device.data_dir).map_err(|e| match e {
+            store::StoreError::Busy { .. } => Exit::tempfail(e.to_string()),
+            other => anyhow!(other),
+        })?;
+        Ok(Device {
+            root: signed.root,
+            config,
+            store,
+            boot,
+            capacity,
+            reboot,
+        })
+    }
+
+    fn boot_info(&self) -> anyhow::Result<Boot> {
+        let status = self.boot.status().context("cannot read the boot state")?;
+        let trial = status.state.trial;
+        Ok(Boot {
+            slot: status.active,
+            trial: trial.is_some_and(|t| t.slot == status.active),
+            pending: trial
+                .filter(|t| t.slot != status.active && t.tries_left > 0)
+                .map(|t| t.slot),
+        })
+    }
+
+    /// The engine, restored from the store. On a device Shoal sees for the first
+    /// time, records the running slot.
+    fn engine(&self) -> anyhow::Result<Engine> {
+        let active = self
+            .boot
+            .active()
+            .context("cannot determine the running slot")?;
+        if self.store.is_fresh()? {
+            info!(slot = %active, "first run on this device");
+            self.store.init_active(active)?;
+        }
+        let mut state = self.store.load(active, self.capacity)?;
+        // A deployment in flight explains a slot change (boot-check settles it);
+        // without one the device was switched outside Shoal.
+        if state.active != active && state.deployment.is_none() {
+            info!(slot = %active, "the device runs the other slot now; recording it");
+            self.store.apply(&[shoal_engine::Record::Active(active)])?;
+            state = self.store.load(active, self.capacity)?;
+        }
+        let mut config =
+            shoal_engine::Config::new(self.config.device.device_type.clone(), self.root.clone());
+        config.provides = self.config.device.provides.clone();
+        config.journal_batch_bytes = self.config.install.journal_batch_mib * 1024 * 1024;
+        Ok(Engine::new(config, state))
+    }
+
+    /// The engine's status and the bootloader's.
+    pub fn status(&self) -> anyhow::Result<(Status, shoal_bootctl::Status)> {
+        let engine = self.engine()?;
+        let boot = self.boot.status().context("cannot read the boot state")?;
+        Ok((engine.status(), boot))
+    }
+
+    /// Installs a release into the inactive slot and arms its trial boot.
+    /// `progress(done, total)` is called as bytes are done.
+    pub fn install(
+        &mut self,
+        source: Source,
+        reboot: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<InstallReport> {
+        let engine = self.engine()?;
+        let running = self
+            .boot
+            .active()
+            .context("cannot determine the running slot")?;
+        if engine.status().active != running {
+            bail!(
+                "the device runs slot {running} but its store says slot {}: a trial boot was not checked; run `shoal boot-check` first",
+                engine.status().active
+            );
+        }
+        let mut driver = Driver::new(self, engine, progress);
+        let wall = wall_clock();
+        match source {
+            Source::Artifact { name, reader } => {
+                let mut counted = CountingReader {
+                    inner: reader,
+                    bytes: 0,
+                };
+                let artifact = ArtifactReader::open(
+                    BufReader::with_capacity(READ_BUFFER, &mut counted),
+                    &driver.dev.root,
+                    wall,
+                )
+                .map_err(|e| artifact_error(&name, e))?;
+                let offer = Offer {
+                    envelope: artifact.envelope().to_bytes(),
+                    wall_unix_s: wall,
+                    sources: vec![SourceInfo {
+                        id: STREAM,
+                        kind: SourceKind::Stream,
+                        name: name.clone(),
+                    }],
+                    reboot,
+                };
+                driver.offer(offer)?;
+                driver.stream(artifact, &name)?;
+                driver.source_bytes_read = counted.bytes;
+            }
+            Source::Store { dir, release } => {
+                let store = ChunkStore::open(&dir)
+                    .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
+                let (envelope, manifest) = pick_release(
+                    &store,
+                    &driver.dev.root,
+                    wall,
+                    release.as_deref(),
+                    &driver.dev.config.device.device_type,
+                )?;
+                let refs = manifest
+                    .payloads
+                    .iter()
+                    .flat_map(|p| p.chunks.iter())
+                    .map(|c| (c.id, *c))
+                    .collect();
+                driver.chunk_store = Some((store, refs));
+                let offer = Offer {
+                    envelope,
+                    wall_unix_s: wall,
+                    sources: vec![SourceInfo {
+                        id: STORE,
+                        kind: SourceKind::Requests,
+                        name: dir.display().to_string(),
+                    }],
+                    reboot,
+                };
+                driver.offer(offer)?;
+            }
+        }
+        driver.finish_install()
+    }
+
+    /// At boot: in a trial boot, runs the health checks and commits or rolls back
+    /// (and reboots); after a failed trial, records the rollback.
+    pub fn boot_check(&mut self) -> anyhow::Result<BootCheck> {
+        let mut engine = self.engine()?;
+        let info = self.boot_info()?;
+        let phase = engine.status().deployment.map(|d| d.phase);
+        engine.boot(shoal_engine::Instant::default(), info);
+        let mut progress = |_| {};
+        let mut driver = Driver::new(self, engine, &mut progress);
+        driver.drain()?;
+        driver.reboot_if_asked()?;
+        for e in &driver.events {
+            match e {
+                Event::Committed { release, slot } => {
+                    return Ok(BootCheck::Committed {
+                        release: release.to_string(),
+                        slot: *slot,
+                    });
+                }
+                Event::RolledBack {
+                    release,
+                    slot,
+                    reason,
+                } => {
+                    return Ok(BootCheck::RolledBack {
+                        release: release.to_string(),
+                        slot: *slot,
+                        reason: reason.clone(),
+                    });
+                }
+                Event::TrialPending { slot } => return Ok(BootCheck::TrialPending { slot: *slot }),
+                Event::Failed(err) => bail!("{err}"),
+                _ => {}
+            }
+        }
+        Ok(match phase {
+            Some(Phase::Fetching | Phase::Verified) => BootCheck::InstallUnfinished,
+            _ => BootCheck::Nothing,
+        })
+    }
+
+    /// Commits the running trial boot.
+    pub fn commit(&mut self) -> anyhow::Result<BootCheck> {
+        let mut engine = self.engine()?;
+        let info = self.boot_info()?;
+        let in_trial = engine
+            .status()
+            .deployment
+            .is_some_and(|d| d.phase == Phase::Trial);
+        if !in_trial && info.trial {
+            // The trial boot has not been recorded yet (boot-check did not run).
+            engine.boot(shoal_engine::Instant::default(), info);
+            while let Some(out) = engine.poll_output() {
+                match out {
+                    Output::RunHealthChecks => break,
+                    Output::Persist(records) => self.store.apply(&records)?,
+                    _ => {}
+                }
+            }
+        }
+        engine
+            .commit(shoal_engine::Instant::default())
+            .map_err(|e| anyhow!(e))?;
+        let mut progress = |_| {};
+        let mut driver = Driver::new(self, engine, &mut progress);
+        driver.drain()?;
+        for e in &driver.events {
+            if let Event::Committed { release, slot } = e {
+                return Ok(BootCheck::Committed {
+                    release: release.to_string(),
+                    slot: *slot,
+                });
+            }
+        }
+        bail!("the commit did not complete")
+    }
+
+    /// Rolls back the deployment in progress (rebooting when in a trial boot).
+    pub fn rollback(&mut self, reason: &str) -> anyhow::Result<BootCheck> {
+        let mut engine = self.engine()?;
+        engine
+            .rollback(shoal_engine::Instant::default(), reason)
+            .map_err(|e| anyhow!(e))?;
+        let mut progress = |_| {};
+        let mut driver = Driver::new(self, engine, &mut progress);
+        driver.drain()?;
+        driver.reboot_if_asked()?;
+        for e in &driver.events {
+            if let Event::RolledBack {
+                release,
+                slot,
+                reason,
+            } = e
+            {
+                return Ok(BootCheck::RolledBack {
+                    release: release.to_string(),
+                    slot: *slot,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        bail!("the rollback did not complete")
+    }
+}
+
+const STREAM: SourceId = SourceId(1);
+const STORE: SourceId = SourceId(2);
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
+    match e {
+        ReadError::Io(io) => Exit::tempfail(format!("reading {name}: {io}; safe to retry")),
+        ReadError::Empty | ReadError::NotTar(_) => anyhow!("{name} is not a .shoal artifact ({e})"),
+        other => anyhow!("{name}: {}", error_chain(&other)),
+    }
+}
+
+/// Picks the release to install from a chunk store's verified manifests.
+fn pick_release(
+    store: &ChunkStore,
+    root: &TrustRoot,
+    wall: Option<u64>,
+    want: Option<&str>,
+    device_type: &str,
+) -> anyhow::Result<(Vec<u8>, Manifest)> {
+    let dir = store.dir().join("manifests");
+    let entries = std::fs::read_dir(&dir).with_context(|| {
+        format!(
+            "{} is not a chunk store (no manifests/ directory)",
+            store.dir().display()
+        )
+    })?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("envelope") {
+            continue;
+        }
+        let manifest = store
+            .load_manifest(&path, root, wall)
+            .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        found.push((bytes, manifest));
+    }
+    let (name, version) = match want {
+        Some(w) => match w.split_once('@') {
+            Some((n, v)) => (Some(n), Some(v)),
+            None => (Some(w), None),
+        },
+        None => (None, None),
+    };
+    found.retain(|(_, m)| {
+        name.is_none_or(|n| m.name == n)
+            && version.is_none_or(|v| m.version == v)
+            && (want.is_some() || m.device_types.iter().any(|t| t == device_type))
+    });
+    found.sort_by_key(|(_, m)| m.security_counter);
+    match found.len() {
+        0 => bail!(
+            "the chunk store {} holds no {} release{}",
+            store.dir().display(),
+            if want.is_some() {
+                "matching"
+            } else {
+                "compatible"
+            },
+            want.map(|w| format!(" ({w})")).unwrap_or_default()
+        ),
+        1 => Ok(found.pop().expect("one")),
+        n => {
+            let top = found[n - 1].1.security_counter;
+            if found[n - 2].1.security_counter == top {
+                let names: Vec<String> = found
+                    .iter()
+                    .map(|(_, m)| format!("{}@{}", m.name, m.version))
+                    .collect();
+                bail!(
+                    "the chunk store holds several releases ({}); pick one with --release NAME@VERSION",
+                    names.join(", ")
+                )
+            }
+            Ok(found.pop().expect("several"))
+        }
+    }
+}
+
+struct CountingReader {
+    inner: Box<dyn Read + Send>,
+    bytes: u64,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads the first `len` bytes of a storage, sequentially.
+struct StorageReader<'a> {
+    storage: &'a dyn Storage,
+    offset: u64,
+    len: u64,
+}
+
+impl Read for StorageReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len - self.offset;
+        let n = usize::try_from(left.min(buf.len() as u64).min(READ_BUFFER as u64))
+            .unwrap_or(READ_BUFFER);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.storage.read_at(self.offset, &mut buf[..n])?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Runs an engine's outputs against the device.
+struct Driver<'a> {
+    dev: &'a mut Device,
+    engine: Engine,
+    start: std::time::Instant,
+    writer: Option<SlotWriter>,
+    readers: [Option<Box<dyn Storage>>; 2],
+    chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
+    events: Vec<Event>,
+    reboot_asked: bool,
+    source_bytes_read: u64,
+    progress: &'a mut dyn FnMut(Progress),
+}
+
+impl<'a> Driver<'a> {
+    fn new(
+        dev: &'a mut Device,
+        engine: Engine,
+        progress: &'a mut dyn FnMut(Progress),
+    ) -> Driver<'a> {
+        Driver {
+            dev,
+            engine,
+            start: std::time::Instant::now(),
+            writer: None,
+            readers: [None, None],
+            chunk_store: None,
+            events: Vec::new(),
+            reboot_asked: false,
+            source_bytes_read: 0,
+            progress,
+        }
+    }
+
+    fn now(&self) -> shoal_engine::Instant {
+        shoal_engine::Instant::from_millis(
+            u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        )
+    }
+
+    fn offer(&mut self, offer: Offer) -> anyhow::Result<()> {
+        let now = self.now();
+        self.engine
+            .offer(now, offer)
+            .map_err(|e| anyhow!(e).context("the release was refused"))?;
+        self.drain()
+    }
+
+    /// Feeds an artifact's chunks the engine still wants, decoded in parallel batches.
+    fn stream<R: Read>(
+        &mut self,
+        mut artifact: ArtifactReader<R>,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        while self.engine.is_installing() {
+            let mut raws = Vec::new();
+            let mut bytes = 0usize;
+            let mut ended = false;
+            while bytes < DECODE_BATCH_BYTES {
+                match artifact.next_raw() {
+                    Ok(Some(raw)) => {
+                        if self.engine.wants(&raw.chunk.id) {
+                            bytes += raw.stored().len();
+                            raws.push(raw);
+                        }
+                    }
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => {
+                        let message = error_chain(&e);
+                        let retry = matches!(e, ReadError::Io(_));
+                        self.engine.handle(
+                            self.now(),
+                            Input::Failed {
+                                op: IoOp::Fetch,
+                                message: message.clone(),
+                            },
+                        );
+                        self.drain()?;
+                        return Err(if retry {
+                            Exit::tempfail(format!("reading {name}: {message}; rerun to resume"))
+                        } else {
+                            anyhow!("{name}: {message}")
+                        });
+                    }
+                }
+            }
+            let decoded: Vec<Result<Vec<u8>, String>> = raws
+                .par_iter()
+                .map(|r| r.verify().map_err(|e| e.to_string()))
+                .collect();
+            for (raw, data) in raws.iter().zip(decoded) {
+                match data {
+                    Ok(data) => {
+                        let input = Input::Chunk {
+                            origin: Origin::Source(STREAM),
+                            id: raw.chunk.id,
+                            data,
+                        };
+                        self.engine.handle(self.now(), input);
+                    }
+                    Err(message) => {
+                        let message =
+                            format!("chunk {} in {name} is corrupt: {message}", raw.chunk.id);
+                        self.engine.handle(
+                            self.now(),
+                            Input::Failed {
+                                op: IoOp::Fetch,
+                                message,
+                            },
+                        );
+                    }
+                }
+                self.drain()?;
+            }
+            if ended {
+                self.engine
+                    .handle(self.now(), Input::SourceEnded { source: STREAM });
+                self.drain()?;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_install(mut self) -> anyhow::Result<InstallReport> {
+        self.drain()?;
+        self.reboot_if_asked()?;
+        let p = self.engine.progress();
+        for e in &self.events {
+            match e {
+                Event::Failed(err) => {
+                    let retry = matches!(
+                        err,
+                        shoal_engine::InstallError::Io {
+                            op: IoOp::Fetch,
+                            ..
+                        }
+                    );
+                    let msg = format!("install stopped: {err}; rerunning the install resumes it");
+                    return Err(if retry {
+                        Exit::tempfail(msg)
+                    } else {
+                        anyhow!(msg)
+                    });
+                }
+                Event::Armed { release, slot } => {
+                    return Ok(InstallReport {
+                        release: release.name.clone(),
+                        version: release.version.clone(),
+                        slot: *slot,
+                        total_bytes: p.total_bytes,
+                        resumed_bytes: p.resumed_bytes,
+                        written_bytes: p.written_bytes,
+                        reused_bytes: p.reused_bytes,
+                        fetched_bytes: p.fetched_bytes,
+                        source_bytes_read: self.source_bytes_read,
+                        rebooting: self.reboot_asked,
+                    });
+                }
+                _ => {}
+            }
+        }
+        bail!("the install ended without arming a trial boot")
+    }
+
+    fn reboot_if_asked(&mut self) -> anyhow::Result<()> {
+        if !self.reboot_asked {
+            return Ok(());
+        }
+        match &mut self.dev.reboot {
+            Reboot::Hook(f) => f(),
+            Reboot::Command => {
+                let cmd = &self.dev.config.device.reboot_command;
+                let Some((prog, args)) = cmd.split_first() else {
+                    warn!(
+                        "a reboot is needed; device.reboot_command is empty, so reboot the device yourself"
+                    );
+                    return Ok(());
+                };
+                info!(command = ?cmd, "rebooting");
+                let status = std::process::Command::new(prog)
+                    .args(args)
+                    .status()
+                    .with_context(|| format!("cannot run the reboot command {prog}"))?;
+                if !status.success() {
+                    bail!("the reboot command {prog} failed ({status})");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Carries out outputs until the engine has none.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        while let Some(out) = self.engine.poll_output() {
+            if let Err((op, e)) = self.execute(out) {
+                let message = format!("{e:#}");
+                warn!(%op, %message, "output failed");
+                self.engine
+                    .handle(self.now(), Input::Failed { op, message });
+            }
+        }
+        (self.progress)(self.engine.progress());
+        Ok(())
+    }
+
+    fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
+        let i = slot_index(slot);
+        if self.readers[i].is_none() {
+            let r = self
+                .dev
+                .boot
+                .open_reader(slot)
+                .with_context(|| format!("cannot open slot {slot}"))?;
+            self.readers[i] = Some(r);
+        }
+        Ok(&**self.readers[i].as_ref().expect("just opened"))
+    }
+
+    fn execute(&mut self, out: Output) -> Result<(), (IoOp, anyhow::Error)> {
+        let now = self.now();
+        match out {
+            Output::IndexSlot {
+                slot,
+                chunking,
+                len,
+            } => {
+                let index = (|| -> anyhow::Result<_> {
+                    let storage = self.reader(slot)?;
+                    let len = len.min(storage.len()?);
+                    let reader = StorageReader {
+                        storage,
+                        offset: 0,
+                        len,
+                    };
+                    let chunks = shoal_artifact::chunk::index(
+                        BufReader::with_capacity(READ_BUFFER, reader),
+                        chunking,
+                    )?;
+                    Ok(shoal_engine::SlotIndex {
+                        chunking,
+                        chunks: chunks
+                            .into_iter()
+                            .map(|(offset, id, len)| shoal_engine::IndexedChunk { id, offset, len })
+                            .collect(),
+                    })
+                })()
+                .map_err(|e| (IoOp::IndexSlot, e))?;
+                info!(slot = %slot, chunks = index.chunks.len(), "indexed the active slot");
+                self.engine.handle(now, Input::SlotIndexed { slot, index });
+            }
+            Output::Read {
+                slot,
+                id,
+                offset,
+                len,
+            } => {
+                let mut data = vec![0u8; len as usize];
+                self.reader(slot)
+                    .and_then(|r| Ok(r.read_at(offset, &mut data)?))
+                    .map_err(|e| (IoOp::Read, e))?;
+                self.engine.handle(
+                    now,
+                    Input::Chunk {
+                        origin: Origin::Slot(slot),
+                        id,
+                        data,
+                    },
+                );
+            }
+            Output::Fetch { source, ids } => {
+                let Some((store, refs)) = self.chunk_store.as_ref() else {
+                    return Err((IoOp::Fetch, anyhow!("no request source {source}")));
+                };
+                let mut answers = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let answer = match refs.get(&id).map(|r| (r, store.get(r))) {
+                        Some((r, Ok(data))) => {
+                            self.source_bytes_read += u64::from(r.stored_size);
+                            Input::Chunk {
+                                origin: Origin::Source(source),
+                                id,
+                                data,
+                            }
+                        }
+                        Some((_, Err(e))) => {
+                            if !matches!(&e, shoal_artifact::StoreError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+                            {
+                                warn!(%id, error = %error_chain(&e), "chunk store cannot serve a chunk");
+                            }
+                            Input::Unavailable { source, id }
+                        }
+                        None => Input::Unavailable { source, id },
+                    };
+                    answers.push(answer);
+                }
+                for a in answers {
+                    self.engine.handle(now, a);
+                }
+            }
+            Output::Write {
+                slot,
+                offsets,
+                data,
+            } => {
+                if self.writer.as_ref().is_none_or(|w| w.slot() != slot) {
+                    let size = self
+                        .engine
+                        .status()
+                        .deployment
+                        .map(|d| d.release.payload_size)
+                        .ok_or_else(|| (IoOp::Write, anyhow!("write without a deployment")))?;
+                    let mut w = self
+                        .dev
+                        .boot
+                        .open_writer(slot, size)
+                        .map_err(|e| (IoOp::Write, anyhow!(e)))?;
+                    // The engine syncs (then journals) in its own batches.
+                    w.set_sync_batch_bytes(u64::MAX);
+                    self.writer = Some(w);
+                }
+                let w = self.writer.as_mut().expect("just opened");
+                for off in offsets {
+                    w.write_at(off, &data)
+                        .map_err(|e| (IoOp::Write, anyhow!("{}", error_chain(&e))))?;
+                }
+            }
+            Output::Sync { slot } => {
+                if let Some(w) = self.writer.as_mut().filter(|w| w.slot() == slot) {
+                    w.sync()
+                        .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
+                }
+            }
+            Output::Persist(records) => {
+                self.dev
+                    .store
+                    .apply(&records)
+                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?;
+            }
+            Output::HashSlot { slot, len } => {
+                if let Some(mut w) = self.writer.take() {
+                    w.sync()
+                        .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
+                }
+                let hash = self
+                    .reader(slot)
+                    .and_then(|r| Ok(shoal_bootctl::writer::hash_prefix(r, len)?))
+                    .map_err(|e| (IoOp::HashSlot, e))?;
+                self.engine.handle(now, Input::SlotHashed { slot, hash });
+            }
+            Output::DisarmTrial { slot } => {
+                let state = self
+                    .dev
+                    .boot
+                    .state()
+                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                if state.trial.is_some_and(|t| t.slot == slot) {
+                    self.dev
+                        .boot
+                        .rollback()
+                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                }
+            }
+            Output::ArmTrial { slot } => {
+                let state = self
+                    .dev
+                    .boot
+                    .state()
+                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                if !state
+                    .trial
+                    .is_some_and(|t| t.slot == slot && t.tries_left > 0)
+                {
+                    self.dev
+                        .boot
+                        .arm(slot, 1)
+                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                }
+            }
+            Output::Commit { slot } => {
+                let state = self
+                    .dev
+                    .boot
+                    .state()
+                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                if state.trial.is_some() || state.committed != slot {
+                    self.dev
+                        .boot
+                        .commit()
+                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                }
+            }
+            Output::Rollback { to } => {
+                let state = self
+                    .dev
+                    .boot
+                    .state()
+                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                if state.trial.is_some() {
+                    self.dev
+                        .boot
+                        .rollback()
+                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
+                } else if state.committed != to {
+                    return Err((
+                        IoOp::Bootloader,
+                        anyhow!(
+                            "slot {} is committed and no trial is armed; cannot go back to slot {to}",
+                            state.committed
+                        ),
+                    ));
+                }
+            }
+            Output::Reboot => self.reboot_asked = true,
+            Output::RunHealthChecks => {
+                let h = &self.dev.config.health;
+                info!(dir = %h.dir.display(), "running health checks");
+                let result = health::run(&h.dir, Duration::from_secs(h.timeout_s));
+                self.engine.handle(now, Input::HealthChecked(result));
+            }
+            Output::Event(e) => {
+                info!(event = ?short(&e), "engine");
+                self.events.push(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn short(e: &Event) -> String {
+    match e {
+        Event::Accepted {
+            release,
+            target,
+            resumed_bytes,
+        } => {
+            format!("accepted {release} for slot {target} ({resumed_bytes} bytes already done)")
+        }
+        Event::Indexing { slot, len } => format!("indexing slot {slot} ({len} bytes)"),
+        Event::Verifying { slot } => format!("verifying slot {slot}"),
+        Event::Armed { release, slot } => {
+            format!("{release} armed for a trial boot of slot {slot}")
+        }
+        Event::Failed(err) => format!("failed: {err}"),
+        Event::Checking { release } => format!("checking {release}"),
+        Event::TrialPending { slot } => format!("trial of slot {slot} pending"),
+        Event::Committed { release, slot } => format!("{release} committed on slot {slot}"),
+        Event::RolledBack {
+            release,
+            slot,
+            reason,
+        } => format!("{release} on slot {slot} rolled back: {reason}"),
+    }
+}
+
+/// `path` as an install source (`-` = stdin; a directory = chunk store).
+pub fn source_from_arg(arg: &str, release: Option<String>) -> anyhow::Result<Source> {
+    if arg == "-" {
+        return Ok(Source::Artifact {
+            name: "stdin".into(),
+            reader: Box::new(io::stdin()),
+        });
+    }
+    let path = Path::new(arg);
+    let meta = std::fs::metadata(path).map_err(|e| Exit::usage(format!("{arg}: {e}")))?;
+    if meta.is_dir() {
+        return Ok(Source::Store {
+            dir: path.to_path_buf(),
+            release,
+        });
+    }
+    if release.is_some() {
+        return Err(Exit::usage(
+            "--release only applies to a chunk store directory",
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Exit::usage(format!("{arg}: {e}")))?;
+    Ok(Source::Artifact {
+        name: arg.to_string(),
+        reader: Box::new(file),
+    })
+}

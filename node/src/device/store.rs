@@ -1,0 +1,416 @@
+//! The device store: the engine's index and journal in one redb file.
+//!
+//! Only metadata lives here — chunk data stays in the slots (redb files grow to about
+//! twice the data for 64 KiB values). Tables:
+//!
+//! | table   | key                         | value                                   |
+//! |---------|-----------------------------|-----------------------------------------|
+//! | `meta`  | `active`, `floor`, `deployment`, `last`, `release.A/B`, `chunking.A/B` | CBOR or fixed-width bytes |
+//! | `done`  | payload chunk index (`u32`) | `()` — the progress journal              |
+//! | `index` | slot byte + chunk id (33 B) | `(offset u64, len u32)`                  |
+//!
+//! Every [`Output::Persist`](shoal_engine::Output::Persist) is one write transaction
+//! with redb's default (immediate) durability: after `apply` returns the records
+//! survive a power cut, and a cut during `apply` leaves none of them.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_artifact::{ChunkId, Chunking};
+use shoal_engine::{DeviceState, IndexedChunk, Record, Slot, SlotIndex, slot_index};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
+const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
+
+/// File name of the store in the data directory.
+pub const FILE_NAME: &str = "shoal.redb";
+
+/// Why the device store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process has the store open.
+    #[error("the device store {path} is in use by another shoal process")]
+    Busy {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// redb failed.
+    #[error("device store {path}: {message}")]
+    Db {
+        /// The store file.
+        path: PathBuf,
+        /// redb's message.
+        message: String,
+    },
+    /// A record in the store does not decode (the store is corrupt or from a newer
+    /// version).
+    #[error("device store {path}: record {key:?} is unreadable: {message}")]
+    Corrupt {
+        /// The store file.
+        path: PathBuf,
+        /// The record key.
+        key: String,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+/// The device store. See the module documentation.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+fn slot_name(slot: Slot) -> &'static str {
+    slot.as_str()
+}
+
+fn index_key(slot: Slot, id: &ChunkId) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = slot_name(slot).as_bytes()[0];
+    key[1..].copy_from_slice(&id.0);
+    key
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(FILE_NAME);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Busy { path }),
+            Err(e) => {
+                return Err(StoreError::Db {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        };
+        let store = Store { db, path };
+        // Create the tables so that readers never meet a missing one.
+        store.write(|_| Ok(()))?;
+        Ok(store)
+    }
+
+    fn db_err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        (|| -> Result<(), redb::Error> {
+            txn.open_table(META)?;
+            txn.open_table(DONE)?;
+            txn.open_table(INDEX)?;
+            f(&txn)
+        })()
+        .map_err(|e| self.db_err(e))?;
+        txn.commit().map_err(|e| self.db_err(e))
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(META).map_err(|e| self.db_err(e))?;
+        let Some(v) = table.get(key).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        cbor4ii::serde::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: key.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Whether Shoal has recorded anything on this device yet.
+    pub fn is_fresh(&self) -> Result<bool, StoreError> {
+        Ok(self.get::<Slot>("active")?.is_none())
+    }
+
+    /// The engine's state; `active` is used when the store has not recorded one.
+    pub fn load(&self, active: Slot, slot_capacity: [u64; 2]) -> Result<DeviceState, StoreError> {
+        let mut state = DeviceState::fresh(active, slot_capacity);
+        if let Some(a) = self.get::<Slot>("active")? {
+            state.active = a;
+        }
+        state.floor = self.get::<u64>("floor")?.unwrap_or(0);
+        for slot in Slot::ALL {
+            state.releases[slot_index(slot)] = self.get(&format!("release.{}", slot_name(slot)))?;
+        }
+        state.deployment = self.get("deployment")?;
+        state.last = self.get("last")?;
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let done = txn.open_table(DONE).map_err(|e| self.db_err(e))?;
+        for entry in done.iter().map_err(|e| self.db_err(e))? {
+            let (k, _) = entry.map_err(|e| self.db_err(e))?;
+            state.done.push(k.value());
+        }
+        state.active_index = self.slot_index(state.active)?;
+        Ok(state)
+    }
+
+    /// The chunk index recorded for `slot`.
+    pub fn slot_index(&self, slot: Slot) -> Result<Option<SlotIndex>, StoreError> {
+        let Some(chunking) = self.get::<Chunking>(&format!("chunking.{}", slot_name(slot)))? else {
+            return Ok(None);
+        };
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(INDEX).map_err(|e| self.db_err(e))?;
+        let lo = index_key(slot, &ChunkId([0; 32]));
+        let hi = index_key(slot, &ChunkId([0xff; 32]));
+        let mut chunks = Vec::new();
+        for entry in table
+            .range::<&[u8]>(&lo[..]..=&hi[..])
+            .map_err(|e| self.db_err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            let key = k.value();
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&key[1..33]);
+            let (offset, len) = v.value();
+            chunks.push(IndexedChunk {
+                id: ChunkId(id),
+                offset,
+                len,
+            });
+        }
+        chunks.sort_by_key(|c| c.offset);
+        Ok(Some(SlotIndex { chunking, chunks }))
+    }
+
+    /// Applies one [`Output::Persist`](shoal_engine::Output::Persist) atomically.
+    pub fn apply(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            let mut done = txn.open_table(DONE)?;
+            let mut index = txn.open_table(INDEX)?;
+            let put = |meta: &mut redb::Table<&str, &[u8]>,
+                       key: &str,
+                       value: Option<&dyn ErasedCbor>|
+             -> Result<(), redb::Error> {
+                match value {
+                    Some(v) => {
+                        meta.insert(key, v.cbor().as_slice())?;
+                    }
+                    None => {
+                        meta.remove(key)?;
+                    }
+                }
+                Ok(())
+            };
+            for record in records {
+                match record {
+                    Record::Deployment(d) => put(
+                        &mut meta,
+                        "deployment",
+                        d.as_ref().map(|d| d as &dyn ErasedCbor),
+                    )?,
+                    Record::ClearProgress => {
+                        done.retain(|_, _| false)?;
+                    }
+                    Record::Done(list) => {
+                        for &i in list {
+                            done.insert(i, ())?;
+                        }
+                    }
+                    Record::SlotRelease { slot, release } => put(
+                        &mut meta,
+                        &format!("release.{}", slot_name(*slot)),
+                        release.as_ref().map(|r| r as &dyn ErasedCbor),
+                    )?,
+                    Record::SlotIndex { slot, index: new } => {
+                        let lo = index_key(*slot, &ChunkId([0; 32]));
+                        let hi = index_key(*slot, &ChunkId([0xff; 32]));
+                        index.retain_in::<&[u8], _>(&lo[..]..=&hi[..], |_, _| false)?;
+                        let key = format!("chunking.{}", slot_name(*slot));
+                        match new {
+                            Some(new) => {
+                                put(&mut meta, &key, Some(&new.chunking))?;
+                                for c in &new.chunks {
+                                    let k = index_key(*slot, &c.id);
+                                    if index.get(&k[..])?.is_none() {
+                                        index.insert(&k[..], (c.offset, c.len))?;
+                                    }
+                                }
+                            }
+                            None => put(&mut meta, &key, None)?,
+                        }
+                    }
+                    Record::Unindex { slot, id } => {
+                        index.remove(&index_key(*slot, id)[..])?;
+                    }
+                    Record::Active(slot) => put(&mut meta, "active", Some(slot))?,
+                    Record::Floor(f) => put(&mut meta, "floor", Some(f))?,
+                    Record::Last(o) => put(&mut meta, "last", Some(o))?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Records the running slot of a device Shoal sees for the first time.
+    pub fn init_active(&self, slot: Slot) -> Result<(), StoreError> {
+        self.apply(&[Record::Active(slot)])
+    }
+}
+
+/// Values stored as CBOR in the `meta` table.
+trait ErasedCbor {
+    fn cbor(&self) -> Vec<u8>;
+}
+
+impl<T: Serialize> ErasedCbor for T {
+    fn cbor(&self) -> Vec<u8> {
+        cbor4ii::serde::to_vec(Vec::new(), self).expect("encoding to a Vec cannot fail")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_engine::testing::MemStore;
+    use shoal_engine::{Deployment, Outcome, Phase, Release, Verdict};
+
+    fn release(v: &str) -> Release {
+        Release {
+            name: "acme-os".into(),
+            version: v.into(),
+            security_counter: 3,
+            manifest_hash: [1; 32],
+            payload_size: 4096,
+            payload_hash: [2; 32],
+            provides: [("k".to_string(), "v".to_string())].into(),
+        }
+    }
+
+    fn index(seed: u8) -> SlotIndex {
+        SlotIndex {
+            chunking: Chunking {
+                min_size: 1024,
+                avg_size: 4096,
+                max_size: 16384,
+            },
+            chunks: (0..10u8)
+                .map(|i| IndexedChunk {
+                    id: ChunkId([seed.wrapping_add(i); 32]),
+                    offset: u64::from(i) * 4096,
+                    len: 4096,
+                })
+                .collect(),
+        }
+    }
+
+    /// The redb store and the engine's in-memory model agree after the same records.
+    #[test]
+    fn applies_records_like_the_engine_model_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dep = Deployment {
+            envelope: vec![9; 100],
+            release: release("2.0"),
+            target: Slot::B,
+            phase: Phase::Fetching,
+        };
+        let batches = vec![
+            vec![Record::Active(Slot::A)],
+            vec![Record::SlotIndex {
+                slot: Slot::A,
+                index: Some(index(0)),
+            }],
+            vec![
+                Record::Deployment(Some(dep.clone())),
+                Record::ClearProgress,
+                Record::SlotRelease {
+                    slot: Slot::B,
+                    release: None,
+                },
+                Record::SlotIndex {
+                    slot: Slot::B,
+                    index: None,
+                },
+            ],
+            vec![Record::Done(vec![0, 1, 2])],
+            vec![Record::Done(vec![5])],
+            vec![Record::Unindex {
+                slot: Slot::A,
+                id: ChunkId([3; 32]),
+            }],
+            vec![
+                Record::SlotRelease {
+                    slot: Slot::B,
+                    release: Some(release("2.0")),
+                },
+                Record::SlotIndex {
+                    slot: Slot::B,
+                    index: Some(index(100)),
+                },
+                Record::Floor(3),
+                Record::Last(Outcome {
+                    release: release("2.0"),
+                    slot: Slot::B,
+                    verdict: Verdict::Committed,
+                }),
+            ],
+        ];
+        let mut model = MemStore::fresh(Slot::A, [8192, 8192]);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert!(store.is_fresh().expect("fresh"));
+            for b in &batches {
+                store.apply(b).expect("apply");
+                model.apply(b);
+            }
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let mut expected = model.load();
+        let mut got = store.load(Slot::A, [8192, 8192]).expect("load");
+        expected.done.sort_unstable();
+        got.done.sort_unstable();
+        assert_eq!(got, expected);
+        assert_eq!(store.slot_index(Slot::B).expect("index"), model.indexes[1]);
+        assert_eq!(
+            got.active_index.as_ref().map(|i| i.chunks.len()),
+            Some(9),
+            "one chunk unindexed"
+        );
+
+        store
+            .apply(&[Record::ClearProgress, Record::Deployment(None)])
+            .expect("clear");
+        let got = store.load(Slot::A, [8192, 8192]).expect("load");
+        assert_eq!((got.done.len(), got.deployment), (0, None));
+    }
+
+    #[test]
+    fn a_second_open_is_refused_as_busy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Store::open(dir.path()).expect("open");
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Busy { .. })
+        ));
+    }
+}
