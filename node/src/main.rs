@@ -51,6 +51,13 @@ enum Command {
     Status(cmd::device::StatusArgs),
     /// Show Shoal end to end on a simulated device in a temporary directory.
     Demo(cmd::demo::Args),
+    /// Inspect the A/B slots and drive the bootloader directly (status, arm, commit,
+    /// rollback).
+    #[command(subcommand)]
+    Slot(cmd::slot::Command),
+    /// Print and set bootloader environment variables (U-Boot, GRUB, file).
+    #[command(subcommand)]
+    Env(cmd::env::Command),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +82,8 @@ fn main() -> ExitCode {
         Command::Rollback(a) => cmd::device::rollback(a, &ui),
         Command::Status(a) => cmd::device::status(a, &ui),
         Command::Demo(a) => cmd::demo::run(a, &ui),
+        Command::Slot(c) => cmd::slot::run(c, &ui),
+        Command::Env(c) => cmd::env::run(c, &ui),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

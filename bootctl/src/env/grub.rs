@@ -294,6 +294,80 @@ impl Env for GrubEnv {
     }
 }
 
+/// A single `grubenv` block used on its own, as `grub-editenv FILE` edits it (for
+/// inspecting and editing a plain `grubenv`). Not power-safe: a torn write can leave
+/// a block GRUB misreads; boot control uses [`GrubEnv`] instead.
+#[derive(Debug)]
+pub struct BlockEnv {
+    storage: Box<dyn Storage>,
+    name: String,
+}
+
+impl BlockEnv {
+    /// A block in `storage`, named `name` in messages.
+    pub fn new(storage: Box<dyn Storage>, name: String) -> BlockEnv {
+        BlockEnv { storage, name }
+    }
+
+    /// Opens `path` (when `writable`, creates it; an empty file reads as an empty
+    /// environment, as `grub-editenv` treats a missing one).
+    pub fn open(path: &Path, writable: bool) -> io::Result<BlockEnv> {
+        let storage: Box<dyn Storage> = if writable {
+            Box::new(FileStorage::create(path)?)
+        } else {
+            Box::new(FileStorage::open(path, false)?)
+        };
+        Ok(BlockEnv::new(storage, path.display().to_string()))
+    }
+}
+
+impl Env for BlockEnv {
+    fn load(&self) -> Result<Vars, LoadError> {
+        let io_err = |source| LoadError::Io {
+            what: self.name.clone(),
+            source,
+        };
+        if self.storage.is_empty().map_err(io_err)? {
+            return Ok(Vars::new());
+        }
+        let len = self.storage.len().map_err(io_err)?;
+        let block = GrubEnv::read_block(&*self.storage)
+            .map_err(io_err)?
+            .ok_or_else(|| LoadError::Invalid {
+                what: self.name.clone(),
+                source: DecodeError::WrongSize {
+                    expected: BLOCK_SIZE as u64,
+                    actual: len,
+                },
+            })?;
+        decode(&block).map_err(|source| LoadError::Invalid {
+            what: self.name.clone(),
+            source,
+        })
+    }
+
+    fn store(&mut self, vars: &Vars) -> Result<(), StoreError> {
+        let block = encode(vars)?;
+        let io_err = |source| StoreError::Io {
+            what: self.name.clone(),
+            source,
+        };
+        self.storage.write_at(0, &block).map_err(io_err)?;
+        if self.storage.len().map_err(io_err)? != BLOCK_SIZE as u64 {
+            self.storage.set_len(BLOCK_SIZE as u64).map_err(io_err)?;
+        }
+        self.storage.sync().map_err(io_err)
+    }
+
+    fn is_power_safe(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        format!("GRUB environment block {}", self.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +429,27 @@ mod tests {
                 offset: HEADER.len()
             })
         );
+    }
+
+    #[test]
+    fn block_env_reads_empty_as_empty_and_rejects_short_blocks() {
+        let disk = crate::testing::CrashDisk::new();
+        let mut env = BlockEnv::new(Box::new(disk.storage("g")), "g".into());
+        assert_eq!(env.load().unwrap(), Vars::new());
+        let v = Vars::from([("k".to_string(), "v".to_string())]);
+        env.store(&v).unwrap();
+        assert_eq!(env.load().unwrap(), v);
+        disk.put("g", b"# GRUB Environment Block\n");
+        assert!(matches!(
+            env.load(),
+            Err(LoadError::Invalid {
+                source: DecodeError::WrongSize {
+                    expected: 1024,
+                    actual: 25
+                },
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -7,9 +7,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub mod artifact;
 pub mod demo;
 pub mod device;
+pub mod env;
 pub mod install;
 pub mod key;
 pub mod root;
+pub mod slot;
 pub mod store;
 
 /// Exit code: the operation failed.

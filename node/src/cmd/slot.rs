@@ -1,0 +1,144 @@
+//! `shoal slot`: the A/B slots and the bootloader's boot state, directly.
+//!
+//! These are the low-level bootloader operations of `shoal-bootctl`. They do not
+//! touch the update journal: on a device whose updates Shoal manages, prefer
+//! `shoal commit` / `shoal rollback`, which also record the result.
+
+use anyhow::Context;
+use shoal_bootctl::control::{ArmError, CommitError, RollbackError};
+use shoal_bootctl::{BootControl, BootState, Slot};
+
+use crate::cmd::install::{ConfigArg, chain};
+use crate::cmd::{Exit, Ui};
+
+/// `shoal slot` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Show the running slot, the slot the next boot starts and the trial state.
+    ///
+    /// Example: `shoal slot status --json`
+    Status(StatusArgs),
+    /// Arm a trial boot of the other slot: the next TRIES boots start SLOT and, unless
+    /// it is committed, the bootloader then falls back to the running slot.
+    ///
+    /// Only arm a slot that holds a complete, verified image (`shoal install` does
+    /// this for you).
+    ///
+    /// Example: `shoal slot arm B --tries 3`
+    Arm(ArmArgs),
+    /// Make the running trial slot the committed one.
+    ///
+    /// Example: `shoal slot commit`
+    Commit(OpArgs),
+    /// Cancel the armed, running or exhausted trial: the committed slot boots next.
+    /// When the trial slot is running, reboot afterwards.
+    ///
+    /// Example: `shoal slot rollback`
+    Rollback(OpArgs),
+}
+
+/// Arguments of `shoal slot status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Arguments of `shoal slot arm`.
+#[derive(Debug, clap::Args)]
+pub struct ArmArgs {
+    /// The slot to try: A or B (not the running one).
+    pub slot: Slot,
+    /// How many boots to try it before falling back (1 to 9; Mender's GRUB
+    /// integration supports only 1).
+    #[arg(long, default_value_t = 1)]
+    pub tries: u32,
+    /// Print the resulting state as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Arguments of `shoal slot commit` and `shoal slot rollback`.
+#[derive(Debug, clap::Args)]
+pub struct OpArgs {
+    /// Print the resulting state as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Runs a `shoal slot` subcommand.
+pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
+    match command {
+        Command::Status(args) => {
+            let bc = open(&args.config, false)?;
+            let status = bc.status().context("cannot read the boot status")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
+            Ok(())
+        }
+        Command::Arm(args) => {
+            let mut bc = open(&args.config, true)?;
+            let state = bc.arm(args.slot, args.tries).map_err(|e| match e {
+                ArmError::Tries(_) | ArmError::ActiveSlot { .. } => Exit::usage(chain(&e)),
+                other => anyhow::Error::new(other).context("cannot arm the trial boot"),
+            })?;
+            ui.info(format!(
+                "armed slot {} for {} trial boot{}; next boot: {}",
+                args.slot,
+                args.tries,
+                if args.tries == 1 { "" } else { "s" },
+                state.next_boot()
+            ));
+            print_state(&state, args.json)
+        }
+        Command::Commit(args) => {
+            let mut bc = open(&args.config, true)?;
+            let state = bc.commit().map_err(|e| match e {
+                CommitError::NoTrial | CommitError::TrialNotRunning { .. } => {
+                    anyhow::Error::new(e).context("nothing to commit")
+                }
+                other => anyhow::Error::new(other).context("cannot commit"),
+            })?;
+            ui.info(format!("committed slot {}", state.committed));
+            print_state(&state, args.json)
+        }
+        Command::Rollback(args) => {
+            let mut bc = open(&args.config, true)?;
+            let state = bc.rollback().map_err(|e| match e {
+                RollbackError::NoTrial => anyhow::Error::new(e).context("nothing to roll back"),
+                other => anyhow::Error::new(other).context("cannot roll back"),
+            })?;
+            ui.info(format!("rolled back; next boot: {}", state.next_boot()));
+            print_state(&state, args.json)
+        }
+    }
+}
+
+/// Opens boot control from the device configuration. Configuration problems are
+/// usage errors (exit code 2); a device or file that cannot be opened is a failure.
+fn open(config: &ConfigArg, writable: bool) -> anyhow::Result<BootControl> {
+    let cfg = config.load()?;
+    shoal_bootctl::config::build(&cfg.slots, &cfg.bootloader, writable).map_err(|e| match e {
+        shoal_bootctl::config::BuildError::Open { .. } => {
+            anyhow::anyhow!("{}", chain(&e)).context("[slots]/[bootloader]")
+        }
+        other => Exit::usage(format!("[slots]/[bootloader]: {}", chain(&other))),
+    })
+}
+
+fn print_state(state: &BootState, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(state)?);
+    }
+    Ok(())
+}
