@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read};
+use std::sync::Arc;
 
 use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Chunking, stored_size_max};
 
@@ -18,20 +19,20 @@ pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Default chunking, chosen by measurement on Debian root filesystem images (see
 /// `artifact/DESIGN.md`).
 pub const CHUNKING_DEFAULT: Chunking = Chunking {
+    min_size: 4 * 1024,
+    avg_size: 16 * 1024,
+    max_size: 64 * 1024,
+};
+
+/// Chunking of `--fast` builds: bigger chunks, fewer per-chunk costs.
+pub const CHUNKING_FAST: Chunking = Chunking {
     min_size: 16 * 1024,
     avg_size: 64 * 1024,
     max_size: 256 * 1024,
 };
 
-/// Chunking of `--fast` builds: bigger chunks, fewer per-chunk costs.
-pub const CHUNKING_FAST: Chunking = Chunking {
-    min_size: 32 * 1024,
-    avg_size: 128 * 1024,
-    max_size: 512 * 1024,
-};
-
 /// Default zstd level, chosen by measurement (see `artifact/DESIGN.md`).
-pub const ZSTD_LEVEL_DEFAULT: i32 = 12;
+pub const ZSTD_LEVEL_DEFAULT: i32 = 9;
 
 /// zstd level of `--fast` builds.
 pub const ZSTD_LEVEL_FAST: i32 = 3;
@@ -102,25 +103,129 @@ pub fn index<R: Read>(source: R, chunking: Chunking) -> io::Result<Vec<(u64, Chu
     Ok(out)
 }
 
+/// Largest zstd dictionary accepted, in bytes.
+pub const DICTIONARY_SIZE_MAX: usize = 1024 * 1024;
+
+/// Size of the dictionaries the builder trains.
+pub const DICTIONARY_SIZE: usize = 112 * 1024;
+
+/// Bytes of sample chunks the builder trains a dictionary on.
+pub const DICTIONARY_SAMPLE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The zstd dictionary magic number, as it starts a dictionary.
+const DICTIONARY_MAGIC: [u8; 4] = [0x37, 0xa4, 0x30, 0xec];
+
+/// A zstd dictionary the chunks of a release were compressed with. Small chunks
+/// compress much better with one (see `artifact/DESIGN.md`). Identified by the
+/// BLAKE3 of its bytes; zstd frames name it by its 32-bit zstd dictionary id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Dictionary {
+    /// BLAKE3 of the dictionary bytes.
+    pub id: ChunkId,
+    /// The zstd dictionary id (from its header), as zstd frames name it.
+    pub zstd_id: u32,
+    bytes: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dictionary")
+            .field("id", &self.id)
+            .field("zstd_id", &self.zstd_id)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// Bytes that are not a usable zstd dictionary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DictionaryError {
+    /// Larger than [`DICTIONARY_SIZE_MAX`].
+    #[error("dictionary is {0} bytes, more than the limit of {DICTIONARY_SIZE_MAX}")]
+    TooLarge(usize),
+    /// No zstd dictionary header, or a zero dictionary id.
+    #[error("not a zstd dictionary")]
+    NotADictionary,
+}
+
+impl Dictionary {
+    /// Checks and wraps dictionary bytes (as found in an artifact or a store).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Dictionary, DictionaryError> {
+        if bytes.len() > DICTIONARY_SIZE_MAX {
+            return Err(DictionaryError::TooLarge(bytes.len()));
+        }
+        if !bytes.starts_with(&DICTIONARY_MAGIC) {
+            return Err(DictionaryError::NotADictionary);
+        }
+        let zstd_id = zstd::zstd_safe::get_dict_id_from_dict(&bytes)
+            .ok_or(DictionaryError::NotADictionary)?
+            .get();
+        Ok(Dictionary {
+            id: ChunkId::of(&bytes),
+            zstd_id,
+            bytes: Arc::new(bytes),
+        })
+    }
+
+    /// Trains a dictionary of about `size` bytes on sample chunks; `None` when zstd
+    /// finds nothing worth a dictionary (too few or too random samples).
+    pub fn train(samples: &[Vec<u8>], size: usize) -> Option<Dictionary> {
+        if samples.len() < 8 {
+            return None;
+        }
+        let bytes = zstd::dict::from_samples(samples, size).ok()?;
+        Dictionary::from_bytes(bytes).ok()
+    }
+
+    /// The dictionary's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The zstd dictionary id a stored chunk's frame names, if any.
+pub fn frame_dictionary_id(stored: &[u8]) -> Option<u32> {
+    if !stored.starts_with(&ZSTD_MAGIC) {
+        return None;
+    }
+    zstd::zstd_safe::get_dict_id_from_frame(stored).map(|n| n.get())
+}
+
+type CompressorSlot = Option<(i32, Option<ChunkId>, zstd::bulk::Compressor<'static>)>;
+type DecompressorSlot = Option<(Option<ChunkId>, zstd::bulk::Decompressor<'static>)>;
+
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<CompressorSlot> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<DecompressorSlot> = const { RefCell::new(None) };
 }
 
 /// The stored form of `data` at zstd `level` (see the module doc for the rule).
 pub fn encode(data: &[u8], level: i32) -> Vec<u8> {
+    encode_with(data, level, None)
+}
+
+/// The stored form of `data` at zstd `level`, compressed with `dict` if given.
+pub fn encode_with(data: &[u8], level: i32, dict: Option<&Dictionary>) -> Vec<u8> {
+    let dict_id = dict.map(|d| d.id);
     let compressed = COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let mut c = zstd::bulk::Compressor::new(level).expect("zstd context");
+        if slot
+            .as_ref()
+            .is_none_or(|(l, d, _)| *l != level || *d != dict_id)
+        {
+            let mut c = match dict {
+                None => zstd::bulk::Compressor::new(level),
+                Some(d) => zstd::bulk::Compressor::with_dictionary(level, d.bytes()),
+            }
+            .expect("zstd context");
             // A chunk is one frame; its size in the header lets readers check it early.
             c.include_contentsize(true).expect("zstd parameter");
             c.include_checksum(false).expect("zstd parameter");
-            *slot = Some((level, c));
+            // Frames name their dictionary, so a store can pick the right one.
+            c.include_dictid(true).expect("zstd parameter");
+            *slot = Some((level, dict_id, c));
         }
-        let (_, c) = slot.as_mut().expect("set above");
+        let (_, _, c) = slot.as_mut().expect("set above");
         c.compress(data)
             .expect("compressing into a sized buffer cannot fail")
     });
@@ -171,6 +276,14 @@ pub enum ChunkError {
         /// zstd's reason.
         reason: String,
     },
+    /// The zstd frame was made with a dictionary that was not given.
+    #[error("chunk {id}: compressed with zstd dictionary {zstd_id}, which is not at hand")]
+    NeedsDictionary {
+        /// The chunk.
+        id: ChunkId,
+        /// The zstd dictionary id the frame names.
+        zstd_id: u32,
+    },
     /// The decoded bytes do not hash to the chunk id.
     #[error("chunk {id}: content hashes to {actual}, not to its id")]
     HashMismatch {
@@ -185,13 +298,26 @@ pub enum ChunkError {
 /// and checks its hash. Never allocates more than the declared size (bounded by
 /// [`CHUNK_SIZE_MAX`]), whatever the stored bytes claim.
 pub fn decode(stored: &[u8], expected: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
-    decode_bounded(stored, expected.id, expected.size, true)
+    decode_bounded(stored, expected.id, expected.size, true, None)
+}
+
+/// Like [`decode`], for a chunk that may have been compressed with `dict`.
+pub fn decode_with(
+    stored: &[u8],
+    expected: &ChunkRef,
+    dict: Option<&Dictionary>,
+) -> Result<Vec<u8>, ChunkError> {
+    decode_bounded(stored, expected.id, expected.size, true, dict)
 }
 
 /// Decodes a stored chunk whose size is not known, bounded by [`CHUNK_SIZE_MAX`],
 /// and checks its hash.
-pub fn decode_any_size(stored: &[u8], id: ChunkId) -> Result<Vec<u8>, ChunkError> {
-    decode_bounded(stored, id, CHUNK_SIZE_MAX, false)
+pub fn decode_any_size(
+    stored: &[u8],
+    id: ChunkId,
+    dict: Option<&Dictionary>,
+) -> Result<Vec<u8>, ChunkError> {
+    decode_bounded(stored, id, CHUNK_SIZE_MAX, false, dict)
 }
 
 fn decode_bounded(
@@ -199,6 +325,7 @@ fn decode_bounded(
     id: ChunkId,
     size: u32,
     exact: bool,
+    dict: Option<&Dictionary>,
 ) -> Result<Vec<u8>, ChunkError> {
     let size = size.min(CHUNK_SIZE_MAX);
     let max = stored_size_max(size);
@@ -210,13 +337,26 @@ fn decode_bounded(
         });
     }
     let data = if stored.starts_with(&ZSTD_MAGIC) {
+        // A frame made with a dictionary needs exactly that dictionary.
+        let dict = match frame_dictionary_id(stored) {
+            None => None,
+            Some(zstd_id) => match dict {
+                Some(d) if d.zstd_id == zstd_id => Some(d),
+                _ => return Err(ChunkError::NeedsDictionary { id, zstd_id }),
+            },
+        };
+        let dict_id = dict.map(|d| d.id);
         let mut out = Vec::with_capacity(size as usize);
         let result = DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(zstd::bulk::Decompressor::new().expect("zstd context"));
+            if slot.as_ref().is_none_or(|(d, _)| *d != dict_id) {
+                let d = match dict {
+                    None => zstd::bulk::Decompressor::new(),
+                    Some(d) => zstd::bulk::Decompressor::with_dictionary(d.bytes()),
+                };
+                *slot = Some((dict_id, d.expect("zstd context")));
             }
-            let d = slot.as_mut().expect("set above");
+            let (_, d) = slot.as_mut().expect("set above");
             d.decompress_to_buffer(stored, &mut out)
         });
         match result {

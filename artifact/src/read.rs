@@ -14,7 +14,7 @@ use std::io::{self, Read};
 use rayon::prelude::*;
 use shoal_signing::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot, VerifyError};
 
-use crate::chunk::{self, ChunkError};
+use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError};
 use crate::ustar::{self, BLOCK, Block, HeaderError};
 
@@ -26,6 +26,9 @@ pub fn chunk_path(id: &ChunkId) -> String {
     let hex = id.to_hex();
     format!("chunks/{}/{hex}", &hex[..2])
 }
+
+/// Path of the optional zstd dictionary member, right after the envelope.
+pub const DICTIONARY_MEMBER: &str = "dictionary";
 
 /// Path of the `seq`th pack member (from 0) of an artifact.
 pub fn pack_path(seq: u64) -> String {
@@ -123,6 +126,9 @@ pub enum ReadError {
         /// The member's path.
         path: String,
     },
+    /// The dictionary member is not a usable zstd dictionary.
+    #[error("bad dictionary member: {0}")]
+    Dictionary(#[from] DictionaryError),
     /// A chunk that the manifest does not list.
     #[error("chunk {0} is not in the manifest")]
     UnknownChunk(ChunkId),
@@ -147,12 +153,13 @@ pub struct RawChunk {
     /// The manifest's entry for it.
     pub chunk: ChunkRef,
     stored: Vec<u8>,
+    dictionary: Option<Dictionary>,
 }
 
 impl RawChunk {
     /// Decodes (bounded by the declared size) and checks the hash.
     pub fn verify(&self) -> Result<Vec<u8>, ChunkError> {
-        chunk::decode(&self.stored, &self.chunk)
+        chunk::decode_with(&self.stored, &self.chunk, self.dictionary.as_ref())
     }
 
     /// The stored form as read. Only trust it after [`RawChunk::verify`] succeeded.
@@ -185,6 +192,7 @@ pub struct ArtifactReader<R: Read> {
     expect: Expect,
     pack: Option<Pack>,
     packs_read: u64,
+    dictionary: Option<Dictionary>,
     done: bool,
 }
 
@@ -252,6 +260,7 @@ impl<R: Read> ArtifactReader<R> {
             expect: Expect::Subsequence,
             pack: None,
             packs_read: 0,
+            dictionary: None,
             done: false,
         };
         reader.set_expected(base);
@@ -361,7 +370,11 @@ impl<R: Read> ArtifactReader<R> {
             self.offset += pad.len() as u64;
             self.pack = None;
         }
-        Ok(Some(RawChunk { chunk, stored }))
+        Ok(Some(RawChunk {
+            chunk,
+            stored,
+            dictionary: self.dictionary.clone(),
+        }))
     }
 
     /// Reads the next member header and the pack's index, checking every chunk it
@@ -386,6 +399,11 @@ impl<R: Read> ArtifactReader<R> {
             return Err(ReadError::UnsafePath { path: member.path });
         }
         let is_file = member.kind == b'0' || member.kind == 0;
+        let first = self.packs_read == 0 && self.dictionary.is_none();
+        if is_file && first && member.path == DICTIONARY_MEMBER {
+            self.read_dictionary_member(member.size)?;
+            return self.open_pack();
+        }
         if !is_file || member.path != pack_path(self.packs_read) {
             return Err(ReadError::UnexpectedMember { path: member.path });
         }
@@ -439,6 +457,46 @@ impl<R: Read> ArtifactReader<R> {
             padding: ustar::padding(member.size),
         });
         Ok(true)
+    }
+
+    /// Reads the dictionary member's data (bounded).
+    fn read_dictionary_member(&mut self, size: u64) -> Result<(), ReadError> {
+        if size > DICTIONARY_SIZE_MAX as u64 {
+            return Err(ReadError::Dictionary(DictionaryError::TooLarge(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            )));
+        }
+        let mut bytes = vec![0u8; size as usize];
+        let mut got = 0;
+        let truncated = || ReadError::Truncated {
+            what: "the dictionary".into(),
+        };
+        if !ustar::read_full(&mut self.src, &mut bytes, &mut got)? {
+            return Err(truncated());
+        }
+        let mut pad = [0u8; BLOCK];
+        let pad = &mut pad[..ustar::padding(size)];
+        if !ustar::read_full(&mut self.src, pad, &mut got)? {
+            return Err(truncated());
+        }
+        self.offset += size + pad.len() as u64;
+        self.dictionary = Some(Dictionary::from_bytes(bytes)?);
+        Ok(())
+    }
+
+    /// The zstd dictionary the chunks were compressed with, once it was read (it
+    /// comes before the first pack).
+    pub fn dictionary(&self) -> Option<&Dictionary> {
+        self.dictionary.as_ref()
+    }
+
+    /// Reads on to the first pack's index (so the dictionary, if any, is read) without
+    /// consuming a chunk, and returns the dictionary.
+    pub fn read_dictionary(&mut self) -> Result<Option<&Dictionary>, ReadError> {
+        if self.pack.is_none() && self.packs_read == 0 && !self.done {
+            self.open_pack()?;
+        }
+        Ok(self.dictionary.as_ref())
     }
 
     /// Checks that `id` may come next; returns its manifest entry.
@@ -520,7 +578,7 @@ impl<R: Read> ArtifactReader<R> {
 }
 
 /// Stored bytes read per parallel verification batch.
-pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads one header block. `Ok(None)` when the source ends exactly at the boundary.
 fn read_block<R: Read>(

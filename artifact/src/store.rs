@@ -4,20 +4,23 @@
 //! STORE/chunks/<2 hex>/<64 hex>        a chunk's stored form (zstd frame or raw)
 //! STORE/manifests/<64 hex>.envelope    a signed manifest envelope, named by the
 //!                                      BLAKE3 of its manifest CBOR
+//! STORE/dictionaries/<64 hex>          a zstd dictionary chunks were compressed
+//!                                      with, named by its BLAKE3
 //! ```
 //!
 //! Files are written to a temporary name in the same directory and renamed, so a
 //! reader (or a crash) never sees half a chunk under its final name; a manifest is
 //! written only after every chunk it lists is in the store.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot};
 
-use crate::chunk::{self, ChunkError};
+use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Manifest, stored_size_max};
 use crate::read::{ArtifactReader, ReadError, chunk_path};
 
@@ -73,6 +76,14 @@ pub enum StoreError {
     /// A stored manifest's file name is not the hash of its manifest.
     #[error("manifest {0} is not named by its hash")]
     MisnamedManifest(PathBuf),
+    /// A dictionary file is not a usable zstd dictionary.
+    #[error("dictionary file {path}: {source}")]
+    BadDictionary {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: DictionaryError,
+    },
     /// A thin artifact whose base release is not in the store.
     #[error("thin artifact: its base release {base} is not in the store; add that first")]
     BaseMissing {
@@ -105,10 +116,15 @@ pub struct VerifyReport {
     pub stored_bytes: u64,
 }
 
+/// Dictionaries by zstd dictionary id (ids are 32-bit, so several may share one).
+type DictionariesById = HashMap<u32, Vec<Dictionary>>;
+
 /// A chunk store directory.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     dir: PathBuf,
+    /// The store's zstd dictionaries by zstd dictionary id, loaded on first need.
+    dictionaries: Arc<Mutex<Option<DictionariesById>>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -121,12 +137,77 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 impl ChunkStore {
     /// Opens the store at `dir`, creating its directories if missing.
     pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
-        for sub in ["chunks", "manifests"] {
+        for sub in ["chunks", "manifests", "dictionaries"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         Ok(ChunkStore {
             dir: dir.to_path_buf(),
+            dictionaries: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Path of a zstd dictionary file, named by the BLAKE3 of its bytes.
+    pub fn dictionary_file(&self, id: &ChunkId) -> PathBuf {
+        self.dir.join("dictionaries").join(id.to_hex())
+    }
+
+    /// The store's dictionaries whose zstd id is `zstd_id`.
+    fn dictionaries_for(&self, zstd_id: u32) -> Result<Vec<Dictionary>, StoreError> {
+        let mut cache = self.dictionaries.lock().expect("dictionary cache lock");
+        if cache.is_none() {
+            let mut map: HashMap<u32, Vec<Dictionary>> = HashMap::new();
+            for path in sorted_dir(&self.dir.join("dictionaries"))? {
+                let bytes = read_bounded(&path, DICTIONARY_SIZE_MAX as u64)?;
+                let d =
+                    Dictionary::from_bytes(bytes).map_err(|source| StoreError::BadDictionary {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if self.dictionary_file(&d.id) != path {
+                    return Err(StoreError::UnexpectedFile(path));
+                }
+                map.entry(d.zstd_id).or_default().push(d);
+            }
+            *cache = Some(map);
+        }
+        let map = cache.as_ref().expect("loaded above");
+        Ok(map.get(&zstd_id).cloned().unwrap_or_default())
+    }
+
+    /// Decodes a stored chunk with whichever of the store's dictionaries its frame
+    /// names; `size` is the declared size, when known.
+    fn decode(&self, stored: &[u8], id: ChunkId, size: Option<u32>) -> Result<Vec<u8>, StoreError> {
+        let candidates = match chunk::frame_dictionary_id(stored) {
+            None => vec![None],
+            Some(z) => self.dictionaries_for(z)?.into_iter().map(Some).collect(),
+        };
+        let mut last = None;
+        for dict in &candidates {
+            let r = match size {
+                Some(size) => chunk::decode_with(
+                    stored,
+                    &ChunkRef {
+                        id,
+                        size,
+                        stored_size: 0,
+                    },
+                    dict.as_ref(),
+                ),
+                None => chunk::decode_any_size(stored, id, dict.as_ref()),
+            };
+            match r {
+                Ok(d) => return Ok(d),
+                Err(e) => last = Some(e),
+            }
+        }
+        let source = last.unwrap_or(ChunkError::NeedsDictionary {
+            id,
+            zstd_id: chunk::frame_dictionary_id(stored).unwrap_or(0),
+        });
+        Err(StoreError::BadChunk {
+            path: self.chunk_file(&id),
+            source,
         })
     }
 
@@ -178,10 +259,7 @@ impl ChunkStore {
     /// The chunk's uncompressed bytes, decoded (bounded by `chunk.size`) and verified.
     pub fn get(&self, chunk: &ChunkRef) -> Result<Vec<u8>, StoreError> {
         let stored = self.get_stored(&chunk.id)?;
-        chunk::decode(&stored, chunk).map_err(|source| StoreError::BadChunk {
-            path: self.chunk_file(&chunk.id),
-            source,
-        })
+        self.decode(&stored, chunk.id, Some(chunk.size))
     }
 
     /// Writes a chunk's stored form under its id (atomically; no-op if present).
@@ -218,7 +296,17 @@ impl ChunkStore {
         }
         let (mut added, mut present) = (0u64, 0u64);
         let mut new_files = Vec::new();
+        let mut have_dictionary = false;
         while let Some(raw) = reader.next_raw()? {
+            if !have_dictionary && let Some(d) = reader.dictionary() {
+                // The dictionary comes before every chunk that needs it.
+                let path = self.dictionary_file(&d.id);
+                if !path.is_file() {
+                    write_atomic(&path, d.bytes(), true)?;
+                    *self.dictionaries.lock().expect("dictionary cache lock") = None;
+                }
+                have_dictionary = true;
+            }
             let id = raw.chunk.id;
             if self.contains(&id) {
                 present += 1;
@@ -301,10 +389,7 @@ impl ChunkStore {
                     });
                 }
                 let stored = self.get_stored(&c.id)?;
-                chunk::decode(&stored, &c).map_err(|source| StoreError::BadChunk {
-                    path: self.chunk_file(&c.id),
-                    source,
-                })?;
+                self.decode(&stored, c.id, Some(c.size))?;
                 report.chunks += 1;
                 report.stored_bytes += stored.len() as u64;
             }
@@ -334,10 +419,7 @@ impl ChunkStore {
                     continue;
                 }
                 let stored = self.get_stored(&id)?;
-                chunk::decode_any_size(&stored, id).map_err(|source| StoreError::BadChunk {
-                    path: file.clone(),
-                    source,
-                })?;
+                self.decode(&stored, id, None)?;
                 report.chunks += 1;
                 report.stored_bytes += stored.len() as u64;
             }
@@ -373,6 +455,22 @@ impl ChunkStore {
             .map_err(|e| bad(e.into()))?;
         Manifest::from_cbor(signed).map_err(|e| bad(e.into()))
     }
+}
+
+/// Reads a whole file of at most `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, StoreError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
+    if buf.len() as u64 > max {
+        return Err(StoreError::ChunkFileTooLarge {
+            path: path.to_path_buf(),
+            size: buf.len() as u64,
+        });
+    }
+    Ok(buf)
 }
 
 /// The entries of a directory, sorted, skipping our own temporary files.

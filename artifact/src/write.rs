@@ -16,12 +16,13 @@ use std::sync::mpsc;
 use rayon::prelude::*;
 use shoal_signing::{Envelope, SecretKey};
 
+use crate::chunk::Dictionary;
 use crate::chunk::{self, Chunker};
 use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
-use crate::read::{ENVELOPE_MEMBER, PACK_CHUNKS_MAX, pack_path};
+use crate::read::{DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, pack_path};
 use crate::ustar;
 
 /// Raw payload bytes per batch handed from the chunker to the compressors.
@@ -52,6 +53,9 @@ pub struct BuildOptions {
     pub zstd_level: i32,
     /// Stored bytes after which a pack member is closed.
     pub pack_bytes: usize,
+    /// Train a zstd dictionary on a sample of the chunks and compress with it (one
+    /// more read of the image; see DESIGN.md for what it buys).
+    pub dictionary: bool,
 }
 
 /// Default stored bytes per pack member: big enough that tar's per-member cost (a
@@ -123,6 +127,7 @@ impl BuildOptions {
             chunking: chunk::CHUNKING_DEFAULT,
             zstd_level: chunk::ZSTD_LEVEL_DEFAULT,
             pack_bytes: PACK_BYTES_DEFAULT,
+            dictionary: true,
         }
     }
 
@@ -166,6 +171,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Size of the envelope member's data.
     pub envelope_len: u64,
+    /// Size of the dictionary member's data (0 without one).
+    pub dictionary_len: u64,
     /// Size of the whole artifact file.
     pub artifact_len: u64,
     /// Chunks in the payload (with repeats).
@@ -186,8 +193,8 @@ struct Batch {
 /// Builds an artifact from `image` into `out`, spooling chunk members in a
 /// temporary file in `spool_dir`. `base` makes a thin artifact. `progress` is called
 /// with payload bytes done.
-pub fn build<R: Read + Send, W: Write>(
-    image: R,
+pub fn build<R: Read + Seek + Send, W: Write>(
+    mut image: R,
     opts: &BuildOptions,
     keys: &[SecretKey],
     base: Option<&Manifest>,
@@ -217,6 +224,14 @@ pub fn build<R: Read + Send, W: Write>(
         })
         .unwrap_or_default();
 
+    let dictionary = if opts.dictionary {
+        let d = train_dictionary(&mut image, opts.chunking)?;
+        image.rewind()?;
+        d
+    } else {
+        None
+    };
+    let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
     let mut refs: Vec<ChunkRef> = Vec::new();
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
@@ -272,7 +287,7 @@ pub fn build<R: Read + Send, W: Write>(
             }
             let encoded: Vec<Vec<u8>> = todo
                 .par_iter()
-                .map(|&i| chunk::encode(&batch.chunks[i], level))
+                .map(|&i| chunk::encode_with(&batch.chunks[i], level, dict))
                 .collect();
             for (&i, stored) in todo.iter().zip(&encoded) {
                 let id = ids[i];
@@ -338,18 +353,43 @@ pub fn build<R: Read + Send, W: Write>(
     spool.rewind()?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut artifact_len = ustar::write_member(&mut out, ENVELOPE_MEMBER, &env_bytes)?;
+    if let Some(d) = dict {
+        artifact_len += ustar::write_member(&mut out, DICTIONARY_MEMBER, d.bytes())?;
+    }
     artifact_len += io::copy(&mut BufReader::with_capacity(1 << 20, spool), &mut out)?;
     artifact_len += ustar::write_end(&mut out)?;
     out.flush()?;
     Ok(BuildReport {
         manifest,
         envelope_len: env_bytes.len() as u64,
+        dictionary_len: dict.map_or(0, |d| d.bytes().len() as u64),
         artifact_len,
         chunks_total,
         chunks_distinct,
         chunks_written: written.len() as u64,
         stored_bytes,
     })
+}
+
+/// Samples about [`chunk::DICTIONARY_SAMPLE_BYTES`] of distinct chunks spread over
+/// the whole image and trains a zstd dictionary on them.
+fn train_dictionary<R: Read + Seek>(
+    image: &mut R,
+    chunking: Chunking,
+) -> io::Result<Option<Dictionary>> {
+    let len = image.seek(io::SeekFrom::End(0))?;
+    image.rewind()?;
+    let stride = (len / chunk::DICTIONARY_SAMPLE_BYTES as u64).max(1);
+    let mut seen = HashSet::new();
+    let mut samples = Vec::new();
+    for (i, c) in Chunker::new(BufReader::with_capacity(1 << 20, &mut *image), chunking).enumerate()
+    {
+        let c = c?;
+        if (i as u64).is_multiple_of(stride) && seen.insert(ChunkId::of(&c.data)) {
+            samples.push(c.data);
+        }
+    }
+    Ok(Dictionary::train(&samples, chunk::DICTIONARY_SIZE))
 }
 
 /// Why adding a signature failed.

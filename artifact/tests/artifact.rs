@@ -57,6 +57,8 @@ fn opts() -> BuildOptions {
     o.chunking = CHUNKING;
     o.zstd_level = 3;
     o.pack_bytes = 8 * 1024;
+    // Structure tests take artifacts apart; the dictionary has its own test.
+    o.dictionary = false;
     o
 }
 
@@ -68,7 +70,16 @@ fn build_with(
 ) -> (Vec<u8>, BuildReport) {
     let dir = tempfile::tempdir().unwrap();
     let mut out = Vec::new();
-    let report = shoal_artifact::build(data, o, keys, base, dir.path(), &mut out, |_| {}).unwrap();
+    let report = shoal_artifact::build(
+        Cursor::new(data),
+        o,
+        keys,
+        base,
+        dir.path(),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(report.artifact_len, out.len() as u64);
     (out, report)
 }
@@ -197,6 +208,57 @@ fn round_trip_and_extract() {
 }
 
 #[test]
+fn dictionary_compressed_artifact_round_trips_through_a_store() {
+    // Many similar small chunks: a dictionary pays off and is used.
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| {
+            b"the quick brown fox jumps over the lazy dog"
+                [(i as usize * 7 + (i as usize >> 11)) % 43]
+                ^ ((i >> 13) as u8 & 3)
+        })
+        .collect();
+    let mut o = opts();
+    o.dictionary = true;
+    let (bytes, report) = build_with(&data, &o, &[key(1)], None);
+    assert!(report.dictionary_len > 0, "{report:?}");
+    assert_eq!(members(&bytes)[1].1, "dictionary");
+    let root = root(&[1], 1);
+    let mut r = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
+    assert!(r.read_dictionary().unwrap().is_some());
+    let mut out = Cursor::new(Vec::new());
+    shoal_artifact::extract(r, None, &mut out, |_| {}).unwrap();
+    assert_eq!(out.into_inner(), data);
+    // Chunks in a store decode with the store's copy of the dictionary.
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    store.add_artifact(&bytes[..], &root, NOW).unwrap();
+    store.verify(&root, NOW).unwrap();
+    let c = report.manifest.distinct_chunks()[0];
+    assert_eq!(store.get(&c).unwrap(), data[..c.size as usize]);
+    // Without its dictionary a chunk is refused, not misread.
+    let stored = store.get_stored(&c.id).unwrap();
+    assert!(
+        chunk::frame_dictionary_id(&stored).is_some(),
+        "{:?}",
+        &stored[..8]
+    );
+    assert!(matches!(
+        chunk::decode(&stored, &c),
+        Err(ChunkError::NeedsDictionary { .. })
+    ));
+    // A dictionary member that is not a dictionary.
+    let mut ms: Vec<(String, Vec<u8>)> = members(&bytes)
+        .iter()
+        .map(|(at, p, n)| (p.clone(), bytes[at + 512..at + 512 + n].to_vec()))
+        .collect();
+    ms[1].1 = b"not a dictionary".to_vec();
+    assert!(matches!(
+        read_all(&tar(&ms), &root),
+        Err(ReadError::Dictionary(_))
+    ));
+}
+
+#[test]
 fn build_is_deterministic_and_streams_from_a_pipe() {
     let data = payload(300_000, 2);
     let (a, _) = build(&data);
@@ -263,10 +325,18 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
         Err(ExtractError::NeedsBase(_))
     ));
 
-    let d = shoal_artifact::diff(&r1.manifest, &r2.manifest, r2.envelope_len);
+    let d = shoal_artifact::diff(
+        &r1.manifest,
+        &r2.manifest,
+        r2.envelope_len,
+        r2.dictionary_len,
+    );
     assert_eq!(d.chunks_needed, r2.chunks_written);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
-    assert_eq!(d.download_bytes, r2.envelope_len + r2.stored_bytes);
+    assert_eq!(
+        d.download_bytes,
+        r2.envelope_len + r2.dictionary_len + r2.stored_bytes
+    );
 }
 
 #[test]

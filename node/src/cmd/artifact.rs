@@ -1,12 +1,712 @@
-//! `shoal artifact`.
+//! `shoal artifact`: build, sign, inspect, verify, extract and diff `.shoal` artifacts.
 
-use crate::cmd::Ui;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, Manifest};
+use shoal_signing::{SecretKey, TrustRoot};
+
+use crate::cmd::root::{load_root, now_unix_s};
+use crate::cmd::{Exit, Ui};
 
 /// `shoal artifact` subcommands.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Build a signed artifact from a payload image (streaming; uses all cores).
+    ///
+    /// Example:
+    ///   shoal artifact build --image rootfs.img --name acme-os --version 2.0 \
+    ///       --device-type board-a --security-counter 2 --key release.pem --out acme-os-2.0.shoal
+    Build(BuildArgs),
+    /// Add signatures to an artifact in place (threshold signing by several holders).
+    ///
+    /// Example: shoal artifact sign acme-os-2.0.shoal --key second-release.pem
+    Sign {
+        /// The artifact.
+        artifact: PathBuf,
+        /// Private keys (PKCS#8 PEM) to sign with (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Show an artifact's manifest and signatures. Checks no signature: use `verify`.
+    ///
+    /// Example: shoal artifact inspect acme-os-2.0.shoal --json
+    Inspect {
+        /// The artifact.
+        artifact: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Also list every chunk (id, size, stored size) of every payload.
+        #[arg(long)]
+        chunks: bool,
+    },
+    /// Verify an artifact: signatures against a trust root, then every chunk.
+    ///
+    /// Example: shoal artifact verify acme-os-2.0.shoal --root root.shoalroot
+    Verify {
+        /// The artifact (`-` for standard input).
+        artifact: PathBuf,
+        #[command(flatten)]
+        trust: Trust,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reassemble an artifact's payload into a file, verifying everything.
+    ///
+    /// Example: shoal artifact extract acme-os-2.0.shoal --root root.shoalroot --out rootfs.img
+    Extract {
+        /// The artifact (`-` for standard input).
+        artifact: PathBuf,
+        #[command(flatten)]
+        trust: Trust,
+        /// Where to write the payload (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// A chunk store holding the base release of a thin artifact.
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// How many bytes a device running OLD must download to get NEW (manifest included).
+    ///
+    /// Example: shoal artifact diff acme-os-1.0.shoal acme-os-2.0.shoal --json
+    Diff {
+        /// The release the device runs.
+        old: PathBuf,
+        /// The release it gets.
+        new: PathBuf,
+        /// Also verify both manifests against this trust root.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The trust root to verify against, and the time to check its expiry at.
+#[derive(Debug, clap::Args)]
+pub struct Trust {
+    /// The signed trust root file (from `shoal root init`).
+    #[arg(long)]
+    root: PathBuf,
+    /// Skip the root's expiry check (for a machine without a trustworthy clock).
+    #[arg(long)]
+    no_clock: bool,
+}
+
+impl Trust {
+    /// Loads the root and picks the time.
+    pub fn load(&self) -> anyhow::Result<(TrustRoot, Option<u64>)> {
+        let signed = load_root(&self.root)
+            .map_err(|e| Exit::usage(format!("trust root {}: {e:#}", self.root.display())))?;
+        let now = if self.no_clock {
+            None
+        } else {
+            Some(now_unix_s()?)
+        };
+        Ok((signed.root, now))
+    }
+}
+
+/// `shoal artifact build` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The payload image (a root filesystem image).
+    #[arg(long)]
+    image: PathBuf,
+    /// Release name.
+    #[arg(long)]
+    name: String,
+    /// Release version.
+    #[arg(long)]
+    version: String,
+    /// A device type this release may be installed on (repeatable, at least one).
+    #[arg(long = "device-type", required = true)]
+    device_types: Vec<String>,
+    /// Anti-rollback counter: devices refuse releases with a lower counter.
+    #[arg(long)]
+    security_counter: u64,
+    /// Private key (PKCS#8 PEM) to sign with (repeatable).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Make a thin artifact: leave out the chunks this earlier artifact holds.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Faster build, somewhat larger artifact: bigger chunks, lower zstd level.
+    #[arg(long)]
+    fast: bool,
+    /// What the device has once installed, `key=value` (repeatable).
+    #[arg(long = "provides", value_parser = parse_kv)]
+    provides: Vec<(String, String)>,
+    /// What the device must have, `key=value` (repeatable; one key several times
+    /// means any of those values).
+    #[arg(long = "depends", value_parser = parse_kv)]
+    depends: Vec<(String, String)>,
+    /// The artifact file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
 
 /// Runs a `shoal artifact` subcommand.
-pub fn run(command: Command, _ui: &Ui) -> anyhow::Result<()> {
-    match command {}
+pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
+    match command {
+        Command::Build(args) => build(args, ui),
+        Command::Sign { artifact, keys } => {
+            let keys = load_keys(&keys)?;
+            let n = shoal_artifact::add_signatures(&artifact, &keys)
+                .with_context(|| format!("signing {}", artifact.display()))?;
+            ui.info(format_args!("{}: {n} signature(s)", artifact.display()));
+            Ok(())
+        }
+        Command::Inspect {
+            artifact,
+            json,
+            chunks,
+        } => inspect(&artifact, json, chunks),
+        Command::Verify {
+            artifact,
+            trust,
+            json,
+        } => verify(&artifact, &trust, json, ui),
+        Command::Extract {
+            artifact,
+            trust,
+            out,
+            store,
+        } => extract(&artifact, &trust, &out, store.as_deref(), ui),
+        Command::Diff {
+            old,
+            new,
+            root,
+            json,
+        } => diff(&old, &new, root.as_deref(), json),
+    }
+}
+
+fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
+    paths
+        .iter()
+        .map(|p| SecretKey::load(p).map_err(|e| Exit::usage(format!("key {}: {e}", p.display()))))
+        .collect()
+}
+
+/// Opens an artifact file, or standard input for `-`.
+pub fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::Read>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            std::io::stdin(),
+        )));
+    }
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+}
+
+fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
+    let keys = load_keys(&args.keys)?;
+    let image = File::open(&args.image)
+        .map_err(|e| Exit::usage(format!("image {}: {e}", args.image.display())))?;
+    let image_len = image.metadata()?.len();
+    let mut opts = BuildOptions::rootfs(
+        &args.name,
+        &args.version,
+        args.device_types,
+        args.security_counter,
+    );
+    if args.fast {
+        opts = opts.fast();
+    }
+    opts.provides = args.provides.into_iter().collect();
+    let mut depends: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in args.depends {
+        depends.entry(k).or_default().push(v);
+    }
+    opts.depends = depends;
+    let base: Option<Manifest> = match &args.base {
+        None => None,
+        Some(p) => {
+            let r = ArtifactReader::open_unverified(open_input(p)?)
+                .with_context(|| format!("base artifact {}", p.display()))?;
+            Some(r.manifest().clone())
+        }
+    };
+    if let Some(b) = &base {
+        // A thin artifact must be cut like its base, or nothing would be shared.
+        opts.chunking = b.chunking;
+    }
+    let dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Written under a temporary name and renamed: a failed build leaves nothing.
+    let tmp = TempOut::create(&args.out)?;
+    let bar = ui.progress(image_len, "building", false);
+    let report = shoal_artifact::build(
+        BufReader::with_capacity(1 << 20, image),
+        &opts,
+        &keys,
+        base.as_ref(),
+        dir,
+        &tmp.file,
+        |n| bar.inc(n),
+    )
+    .with_context(|| format!("building from {}", args.image.display()))?;
+    bar.finish_and_clear();
+    tmp.persist()?;
+    ui.info(format_args!(
+        "{}: {} {} — {} bytes; {} chunks, {} distinct, {} stored{}",
+        args.out.display(),
+        report.manifest.name,
+        report.manifest.version,
+        report.artifact_len,
+        report.chunks_total,
+        report.chunks_distinct,
+        report.chunks_written,
+        if report.manifest.base.is_some() {
+            " (thin)"
+        } else {
+            ""
+        },
+    ));
+    Ok(())
+}
+
+/// A file written under a temporary name next to its destination, removed unless
+/// [`TempOut::persist`] renames it into place.
+struct TempOut {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl TempOut {
+    fn create(dest: &Path) -> anyhow::Result<TempOut> {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(TempOut {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
+    }
+
+    fn persist(mut self) -> anyhow::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("writing {}", self.dest.display()))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempOut {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PayloadInfo {
+    name: String,
+    kind: String,
+    size: u64,
+    hash: String,
+    chunks: usize,
+    distinct_chunks: usize,
+    stored_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_list: Option<Vec<(String, u32, u32)>>,
+}
+
+#[derive(Serialize)]
+struct ManifestInfo {
+    name: String,
+    version: String,
+    format_version: u32,
+    security_counter: u64,
+    device_types: Vec<String>,
+    provides: BTreeMap<String, String>,
+    depends: BTreeMap<String, Vec<String>>,
+    chunking: shoal_artifact::Chunking,
+    base: Option<BaseInfo>,
+    manifest_hash: String,
+    payloads: Vec<PayloadInfo>,
+}
+
+#[derive(Serialize)]
+struct BaseInfo {
+    name: String,
+    version: String,
+    manifest_hash: String,
+}
+
+fn manifest_info(m: &Manifest, with_chunks: bool) -> ManifestInfo {
+    ManifestInfo {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        format_version: m.format_version,
+        security_counter: m.security_counter,
+        device_types: m.device_types.clone(),
+        provides: m.provides.clone(),
+        depends: m.depends.clone(),
+        chunking: m.chunking,
+        base: m.base.as_ref().map(|b| BaseInfo {
+            name: b.name.clone(),
+            version: b.version.clone(),
+            manifest_hash: hex::encode(b.manifest_hash),
+        }),
+        manifest_hash: hex::encode(m.hash()),
+        payloads: m
+            .payloads
+            .iter()
+            .map(|p| {
+                let mut seen = std::collections::HashSet::new();
+                let distinct: Vec<_> = p.chunks.iter().filter(|c| seen.insert(c.id)).collect();
+                PayloadInfo {
+                    name: p.name.clone(),
+                    kind: p.kind.to_string(),
+                    size: p.size,
+                    hash: hex::encode(p.hash),
+                    chunks: p.chunks.len(),
+                    distinct_chunks: distinct.len(),
+                    stored_bytes: distinct.iter().map(|c| u64::from(c.stored_size)).sum(),
+                    chunk_list: with_chunks.then(|| {
+                        p.chunks
+                            .iter()
+                            .map(|c| (c.id.to_hex(), c.size, c.stored_size))
+                            .collect()
+                    }),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
+    let r = ArtifactReader::open_unverified(open_input(path)?)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let info = manifest_info(r.manifest(), chunks);
+    let sigs: Vec<String> = r
+        .envelope()
+        .signatures
+        .iter()
+        .map(|s| s.key_id.to_string())
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        #[derive(Serialize)]
+        struct Inspect<'a> {
+            #[serde(flatten)]
+            manifest: &'a ManifestInfo,
+            envelope_bytes: u64,
+            signature_key_ids: &'a [String],
+            signatures_verified: bool,
+        }
+        let v = Inspect {
+            manifest: &info,
+            envelope_bytes: r.envelope_len(),
+            signature_key_ids: &sigs,
+            signatures_verified: false,
+        };
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "release:          {} {}", info.name, info.version)?;
+    writeln!(out, "format version:   {}", info.format_version)?;
+    writeln!(out, "security counter: {}", info.security_counter)?;
+    writeln!(out, "device types:     {}", info.device_types.join(", "))?;
+    for (k, v) in &info.provides {
+        writeln!(out, "provides:         {k}={v}")?;
+    }
+    for (k, v) in &info.depends {
+        writeln!(out, "depends:          {k}={}", v.join(" | "))?;
+    }
+    let c = info.chunking;
+    writeln!(
+        out,
+        "chunking:         FastCDC min {} avg {} max {}",
+        c.min_size, c.avg_size, c.max_size
+    )?;
+    match &info.base {
+        Some(b) => writeln!(
+            out,
+            "thin, base:       {} {} ({})",
+            b.name, b.version, b.manifest_hash
+        )?,
+        None => writeln!(out, "thin:             no")?,
+    }
+    writeln!(out, "manifest hash:    {}", info.manifest_hash)?;
+    for p in &info.payloads {
+        writeln!(
+            out,
+            "payload {:?} ({}): {} bytes, {} chunks ({} distinct, {} stored bytes), blake3 {}",
+            p.name, p.kind, p.size, p.chunks, p.distinct_chunks, p.stored_bytes, p.hash
+        )?;
+        for (id, size, stored) in p.chunk_list.iter().flatten() {
+            writeln!(out, "  {id} {size} {stored}")?;
+        }
+    }
+    writeln!(out, "envelope:         {} bytes", r.envelope_len())?;
+    for s in &sigs {
+        writeln!(
+            out,
+            "signature by:     {s} (not verified; use `shoal artifact verify`)"
+        )?;
+    }
+    Ok(())
+}
+
+fn verify(path: &Path, trust: &Trust, json: bool, ui: &Ui) -> anyhow::Result<()> {
+    let (root, now) = trust.load()?;
+    let mut r = ArtifactReader::open(open_input(path)?, &root, now)
+        .with_context(|| format!("verifying {}", path.display()))?;
+    let m = r.manifest().clone();
+    let total: u64 = m.payloads.iter().map(|p| p.size).sum();
+    let bar = ui.progress(total, "verifying", json);
+    let n = r
+        .verify_rest(|b| bar.inc(b))
+        .with_context(|| format!("verifying {}", path.display()))?;
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    if json {
+        #[derive(Serialize)]
+        struct Verified<'a> {
+            ok: bool,
+            name: &'a str,
+            version: &'a str,
+            thin: bool,
+            chunks_verified: u64,
+            payload_bytes: u64,
+            manifest_hash: String,
+        }
+        let v = Verified {
+            ok: true,
+            name: &m.name,
+            version: &m.version,
+            thin: m.base.is_some(),
+            chunks_verified: n,
+            payload_bytes: total,
+            manifest_hash: hex::encode(m.hash()),
+        };
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "ok: {} {}: signatures meet the threshold, {n} chunks verified{}",
+            m.name,
+            m.version,
+            if m.base.is_some() {
+                " (thin artifact)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(())
+}
+
+fn extract(
+    path: &Path,
+    trust: &Trust,
+    out_path: &Path,
+    store: Option<&Path>,
+    ui: &Ui,
+) -> anyhow::Result<()> {
+    let (root, now) = trust.load()?;
+    let input = open_input(path)?;
+    // Peek at the manifest to find a thin artifact's base in the store.
+    let store = store
+        .map(ChunkStore::open)
+        .transpose()
+        .context("opening the chunk store")?;
+    let (reader, base) = {
+        let r = ArtifactReader::open(input, &root, now)
+            .with_context(|| format!("verifying {}", path.display()))?;
+        match (r.manifest().base.clone(), &store) {
+            (Some(b), Some(s)) => {
+                let file = s.manifest_file(&b.manifest_hash);
+                let base = s.load_manifest(&file, &root, now).with_context(|| {
+                    format!("base release {} {} in the chunk store", b.name, b.version)
+                })?;
+                // Reopen knowing the base, so the reader can check completeness.
+                drop(r);
+                let r = ArtifactReader::open_with_base(open_input(path)?, &root, now, Some(&base))
+                    .with_context(|| format!("verifying {}", path.display()))?;
+                (r, Some(base))
+            }
+            _ => (r, None),
+        }
+    };
+    let total = reader.manifest().payloads.iter().map(|p| p.size).sum();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(out_path)
+        .map_err(|e| Exit::usage(format!("output {}: {e}", out_path.display())))?;
+    let bar = ui.progress(total, "extracting", false);
+    let result = {
+        let mut w = BufRwFile::new(&mut file);
+        let base_ref = match (&store, &base) {
+            (Some(s), Some(b)) => Some((s, b)),
+            _ => None,
+        };
+        shoal_artifact::extract(reader, base_ref, &mut w, |n| bar.inc(n)).and_then(|n| {
+            w.flush()?;
+            Ok(n)
+        })
+    };
+    bar.finish_and_clear();
+    match result {
+        Ok(n) => {
+            file.sync_all()?;
+            ui.info(format_args!(
+                "{}: {n} bytes, payload hash verified",
+                out_path.display()
+            ));
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing else happens: no partial payload is left behind.
+            drop(file);
+            let _ = std::fs::remove_file(out_path);
+            Err(anyhow::Error::new(e).context(format!("extracting {}", path.display())))
+        }
+    }
+}
+
+/// A buffered read/write/seek wrapper over a file (writes are buffered; reads and
+/// seeks flush first).
+struct BufRwFile<'a> {
+    inner: BufWriter<&'a mut File>,
+}
+
+impl<'a> BufRwFile<'a> {
+    fn new(file: &'a mut File) -> Self {
+        BufRwFile {
+            inner: BufWriter::with_capacity(1 << 20, file),
+        }
+    }
+}
+
+impl std::io::Read for BufRwFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.flush()?;
+        self.inner.get_mut().read(buf)
+    }
+}
+
+impl Write for BufRwFile<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl std::io::Seek for BufRwFile<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let read = |p: &Path| -> anyhow::Result<(Manifest, u64, u64)> {
+        let input = open_input(p)?;
+        let r = match root {
+            Some(rp) => {
+                let trust = Trust {
+                    root: rp.to_path_buf(),
+                    no_clock: false,
+                };
+                let (root, now) = trust.load()?;
+                ArtifactReader::open(input, &root, now)
+            }
+            None => ArtifactReader::open_unverified(input),
+        }
+        .with_context(|| format!("reading {}", p.display()))?;
+        let mut r = r;
+        let dict_len = r
+            .read_dictionary()
+            .with_context(|| format!("reading {}", p.display()))?
+            .map_or(0, |d| d.bytes().len() as u64);
+        Ok((r.manifest().clone(), r.envelope_len(), dict_len))
+    };
+    let (old_m, _, _) = read(old)?;
+    let (new_m, new_env, new_dict) = read(new)?;
+    let d = shoal_artifact::diff(&old_m, &new_m, new_env, new_dict);
+    let mut out = std::io::stdout().lock();
+    if json {
+        #[derive(Serialize)]
+        struct DiffOut<'a> {
+            old: String,
+            new: String,
+            #[serde(flatten)]
+            diff: &'a shoal_artifact::Diff,
+        }
+        let v = DiffOut {
+            old: format!("{} {}", old_m.name, old_m.version),
+            new: format!("{} {}", new_m.name, new_m.version),
+            diff: &d,
+        };
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{} {} -> {} {}",
+        old_m.name, old_m.version, new_m.name, new_m.version
+    )?;
+    writeln!(
+        out,
+        "new payload:      {} bytes, {} chunks ({} distinct)",
+        d.new_payload_bytes, d.chunks_total, d.chunks_distinct
+    )?;
+    writeln!(
+        out,
+        "chunks needed:    {} ({} bytes uncompressed)",
+        d.chunks_needed, d.needed_raw_bytes
+    )?;
+    writeln!(
+        out,
+        "download:         {} bytes ({} manifest + {} dictionary + {} chunks)",
+        d.download_bytes, d.manifest_bytes, d.dictionary_bytes, d.needed_stored_bytes
+    )?;
+    writeln!(
+        out,
+        "full download:    {} bytes of chunks",
+        d.full_stored_bytes
+    )?;
+    Ok(())
 }
