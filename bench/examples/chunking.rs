@@ -6,7 +6,10 @@
 //! builder cuts), cuts both images, and prints: the number of v2 chunks, the bytes of
 //! the distinct v2 chunks that v1 lacks (raw, and zstd-compressed per chunk at levels
 //! 3, 12 and 19, stored raw when that is smaller), an estimate of the manifest's chunk
-//! list (40 bytes per chunk entry), and the full artifact's chunk bytes at level 12.
+//! list (40 bytes per chunk entry), and for the full artifact: the number of distinct
+//! chunks, their tar framing (a 512-byte header plus padding to 512 per member), and
+//! their stored bytes at levels 12 and 19, and at level 12 when consecutive distinct
+//! chunks are compressed together in groups of at least 1 MiB (one zstd frame each).
 //! This is an exploration aid for choosing the defaults, not one of the goal figures.
 
 use std::collections::HashSet;
@@ -46,15 +49,17 @@ fn main() -> Result<()> {
         vec![8 * 1024, 16 * 1024, 32 * 1024, 64 * 1024]
     };
     println!(
-        "| avg KiB | v2 chunks | new chunks | new raw MB | new z3 MB | new z12 MB | new z19 MB | manifest est. MB | full z12 MB |"
+        "| avg KiB | v2 chunks | new chunks | new raw MB | new z3 MB | new z12 MB | new z19 MB | manifest est. MB | distinct | tar framing MB | full z12 MB | full z19 MB | full z12 1 MiB groups MB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for avg in avgs {
         let mut old = HashSet::new();
         for chunk in cut(v1, avg)? {
             old.insert(*blake3::hash(&chunk?).as_bytes());
         }
         let (mut count, mut new_count, mut new_raw, mut full) = (0u64, 0u64, 0u64, 0u64);
+        let (mut distinct, mut framing, mut full19, mut grouped) = (0u64, 0u64, 0u64, 0u64);
+        let mut group = Vec::new();
         let mut new_z = [0u64; LEVELS.len()];
         let mut seen = HashSet::new();
         for chunk in cut(v2, avg)? {
@@ -66,6 +71,14 @@ fn main() -> Result<()> {
             }
             let z12 = stored(&chunk, 12)?;
             full += z12;
+            full19 += stored(&chunk, 19)?;
+            distinct += 1;
+            framing += 512 + (512 - z12 % 512) % 512;
+            group.extend_from_slice(&chunk);
+            if group.len() >= 1 << 20 {
+                grouped += stored(&group, 12)?;
+                group.clear();
+            }
             if old.contains(&id) {
                 continue;
             }
@@ -79,16 +92,22 @@ fn main() -> Result<()> {
                 };
             }
         }
+        if !group.is_empty() {
+            grouped += stored(&group, 12)?;
+        }
         let mb = |b: u64| b as f64 / 1e6;
         println!(
-            "| {} | {count} | {new_count} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {count} | {new_count} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {distinct} | {:.2} | {:.2} | {:.2} | {:.2} |",
             avg / 1024,
             mb(new_raw),
             mb(new_z[0]),
             mb(new_z[1]),
             mb(new_z[2]),
             mb(count * ENTRY_BYTES),
+            mb(framing),
             mb(full),
+            mb(full19),
+            mb(grouped),
         );
     }
     Ok(())

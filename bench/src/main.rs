@@ -20,6 +20,7 @@ mod measure;
 mod report;
 mod sections;
 mod shoal;
+mod strace;
 
 use measure::{Cmd, Meter};
 use report::Report;
@@ -149,11 +150,15 @@ fn run(args: Args) -> Result<()> {
         context: Vec::new(),
         sections: Vec::new(),
     };
+    let shoal = shoal::Shoal::setup(&ctx);
+    if let Err(why) = &shoal {
+        progress(&format!("Shoal side not measured: {why}"));
+    }
     if matches!(args.only, Only::All | Only::Artifact) {
-        report.sections.push(sections::artifact(&ctx)?);
+        report.sections.push(sections::artifact(&ctx, &shoal)?);
     }
     if matches!(args.only, Only::All | Only::Install) {
-        report.sections.push(sections::install(&ctx)?);
+        report.sections.push(sections::install(&ctx, &shoal)?);
     }
     report.context = context(&ctx, &args, &load_before)?;
 

@@ -52,6 +52,16 @@ impl Cmd {
         self
     }
 
+    /// The program.
+    pub fn program(&self) -> &OsStr {
+        &self.program
+    }
+
+    /// The arguments.
+    pub fn arguments(&self) -> &[OsString] {
+        &self.args
+    }
+
     /// The command line as a shell would show it (for the tables and errors).
     pub fn display(&self) -> String {
         std::iter::once(&self.program)

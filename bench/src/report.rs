@@ -154,6 +154,20 @@ impl Goal {
     }
 }
 
+impl Goal {
+    /// A goal whose baseline could not be measured either (it is itself a Shoal figure).
+    pub fn not_run(name: &str, why: String, target: Target) -> Self {
+        Self {
+            name: name.to_owned(),
+            shoal: Err(why),
+            baseline: None,
+            target,
+            ratio: None,
+            verdict: Verdict::NotRun,
+        }
+    }
+}
+
 fn pass_if(ok: bool) -> Verdict {
     if ok { Verdict::Pass } else { Verdict::Fail }
 }

@@ -1,5 +1,6 @@
 //! The two goal groups: issue 2 (artifact) and issue 4 (install).
 
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -7,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use crate::measure::{self, Cmd, Series};
 use crate::report::{Baseline, Goal, Quantity, Section, Target};
 use crate::shoal::{self, Release, Shoal};
-use crate::{Ctx, progress, work_path};
+use crate::{Ctx, progress, strace, work_path};
 
 /// What a timed command leaves behind, whose size the tables report.
 #[derive(Debug)]
@@ -27,11 +28,15 @@ struct Job {
     cmd: Cmd,
     /// Removed before each run, so every run starts from the same state.
     clean: Vec<PathBuf>,
+    /// Run (untimed) after the removals, before each run.
+    prepare: Vec<Cmd>,
     output: Output,
     /// A Shoal command may fail (it is what is under test): the failure is reported in
     /// the table instead of ending the bench. A competitor failing ends the bench.
     is_shoal: bool,
     error: Option<String>,
+    /// Standard output of the last run.
+    last_stdout: Vec<u8>,
 }
 
 impl Job {
@@ -40,10 +45,18 @@ impl Job {
             series: Series::new(label),
             cmd,
             clean: clean.iter().map(|p| p.to_path_buf()).collect(),
+            prepare: Vec::new(),
             output,
             is_shoal,
             error: None,
+            last_stdout: Vec::new(),
         }
+    }
+
+    /// Commands to run (untimed) before each run, after the removals.
+    fn with_prepare(mut self, prepare: Vec<Cmd>) -> Self {
+        self.prepare = prepare;
+        self
     }
 
     /// The series if every run succeeded, otherwise why not.
@@ -66,6 +79,18 @@ fn run_rounds(ctx: &Ctx, jobs: &mut [Job]) -> Result<()> {
             for path in &job.clean {
                 measure::remove_any(path)?;
             }
+            let prepared = job
+                .prepare
+                .iter()
+                .try_for_each(|cmd| cmd.run_plain().map(drop));
+            match prepared {
+                Ok(()) => {}
+                Err(e) if job.is_shoal => {
+                    job.error = Some(one_line(&format!("{e:#}")));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             Cmd::new("sync").run_plain()?;
             progress(&format!(
                 "round {round}/{}: {}",
@@ -76,6 +101,7 @@ fn run_rounds(ctx: &Ctx, jobs: &mut [Job]) -> Result<()> {
                 Ok(run) => {
                     job.series.push(&job.cmd, &run);
                     job.series.command = ctx.shorten(&job.series.command);
+                    job.last_stdout = run.stdout;
                 }
                 Err(e) if job.is_shoal => {
                     progress(&format!("shoal command failed: {e:#}"));
@@ -110,15 +136,16 @@ fn find<'a>(jobs: &'a [Job], label: &str) -> Option<&'a Job> {
     jobs.iter().find(|j| j.series.label == label)
 }
 
-/// A figure from the job labelled `label`, or why there is none.
+/// A figure from the job labelled `label`, or why there is none (`why_missing` when
+/// the job was never set up).
 fn figure(
     jobs: &[Job],
     label: &str,
-    missing: &Result<Shoal, String>,
+    why_missing: &str,
     f: impl Fn(&Series) -> Option<Quantity>,
 ) -> Result<Quantity, String> {
     match find(jobs, label) {
-        None => Err(missing.as_ref().err().cloned().unwrap_or_default()),
+        None => Err(why_missing.to_owned()),
         Some(job) => job
             .result()
             .and_then(|s| f(s).ok_or_else(|| format!("`{label}` produced no output"))),
@@ -150,29 +177,32 @@ fn baseline(label: &str, quantity: Quantity) -> Baseline {
     }
 }
 
+/// The two releases: v1 (what the device runs) and v2.
+fn releases(ctx: &Ctx) -> (Release<'_>, Release<'_>) {
+    (
+        Release {
+            image: &ctx.v1,
+            version: "1.0.0",
+            counter: 1,
+        },
+        Release {
+            image: &ctx.v2,
+            version: "2.0.0",
+            counter: 2,
+        },
+    )
+}
+
 /// Issue 2: the artifact goals.
-pub fn artifact(ctx: &Ctx) -> Result<Section> {
+pub fn artifact(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     let w = |name: &str| work_path(ctx, name);
-    let shoal = Shoal::setup(ctx);
-    if let Err(why) = &shoal {
-        progress(&format!("Shoal side not measured: {why}"));
-    }
-    let v1 = Release {
-        image: &ctx.v1,
-        version: "1.0.0",
-        counter: 1,
-    };
-    let v2 = Release {
-        image: &ctx.v2,
-        version: "2.0.0",
-        counter: 2,
-    };
+    let (v1, v2) = releases(ctx);
     let (v2_shoal, v2_fast) = (w("v2.shoal"), w("v2-fast.shoal"));
     let (v2_zck, v2_mender) = (w("v2.zck"), w("v2.mender"));
     let (v2_castr, v2_caibx) = (w("v2.castr"), w("v2.caibx"));
 
     let mut jobs = Vec::new();
-    if let Ok(s) = &shoal {
+    if let Ok(s) = shoal {
         jobs.push(Job::new(
             "shoal build",
             s.build(v2, &v2_shoal, false, None),
@@ -265,42 +295,43 @@ pub fn artifact(ctx: &Ctx) -> Result<Section> {
         ),
     ];
 
-    let diff = match (&shoal, find(&jobs, "shoal build").map(Job::result)) {
+    let diff = match (shoal, find(&jobs, "shoal build").map(Job::result)) {
         (Ok(s), Some(Ok(_))) => shoal_delta(ctx, s, v1, v2, &v2_shoal, &mut facts),
         (Err(why), _) => Err(why.clone()),
         (Ok(_), _) => Err("the v2 build failed".to_owned()),
     };
 
     let image_bytes = measure::file_bytes(&ctx.v2)?;
+    let why = shoal.as_ref().err().map_or("", String::as_str);
     let rss_cap = Target::AtMost(Quantity::Mebibytes(64.0));
     let goals = vec![
         Goal::relative(
             "full v2 artifact size (default) vs zchunk",
-            figure(&jobs, "shoal build", &shoal, size),
+            figure(&jobs, "shoal build", why, size),
             baseline("`zck` .zck", must(&jobs, "zck", size)?),
             Target::RatioBelow(1.0),
         ),
         Goal::relative(
             "full v2 artifact size (default) vs mender-artifact (gzip)",
-            figure(&jobs, "shoal build", &shoal, size),
+            figure(&jobs, "shoal build", why, size),
             baseline("mender-artifact", must(&jobs, "mender-artifact", size)?),
             Target::RatioAtMost(0.92),
         ),
         Goal::relative(
             "build time (default) vs zchunk",
-            figure(&jobs, "shoal build", &shoal, wall),
+            figure(&jobs, "shoal build", why, wall),
             baseline("`zck`", must(&jobs, "zck", wall)?),
             Target::RatioBelow(1.0),
         ),
         Goal::relative(
             "full v2 artifact size (`--fast`) vs casync store",
-            figure(&jobs, "shoal build --fast", &shoal, size),
+            figure(&jobs, "shoal build --fast", why, size),
             baseline("casync store chunks", must(&jobs, "casync make", size)?),
             Target::RatioBelow(1.0),
         ),
         Goal::relative(
             "build time (`--fast`) vs `casync make`",
-            figure(&jobs, "shoal build --fast", &shoal, wall),
+            figure(&jobs, "shoal build --fast", why, wall),
             baseline("`casync make`", must(&jobs, "casync make", wall)?),
             Target::RatioAtMost(1.0),
         ),
@@ -318,7 +349,7 @@ pub fn artifact(ctx: &Ctx) -> Result<Section> {
         ),
         Goal::absolute(
             "`shoal artifact verify` throughput (payload MB/s)",
-            figure(&jobs, "shoal verify", &shoal, |s| {
+            figure(&jobs, "shoal verify", why, |s| {
                 wall(s).map(|_| {
                     Quantity::MegabytesPerSecond(image_bytes as f64 / 1e6 / s.median_wall_s())
                 })
@@ -327,17 +358,17 @@ pub fn artifact(ctx: &Ctx) -> Result<Section> {
         ),
         Goal::absolute(
             "peak RSS of `shoal artifact build` (default)",
-            figure(&jobs, "shoal build", &shoal, rss),
+            figure(&jobs, "shoal build", why, rss),
             rss_cap,
         ),
         Goal::absolute(
             "peak RSS of `shoal artifact build --fast`",
-            figure(&jobs, "shoal build --fast", &shoal, rss),
+            figure(&jobs, "shoal build --fast", why, rss),
             rss_cap,
         ),
         Goal::absolute(
             "peak RSS of `shoal artifact verify`",
-            figure(&jobs, "shoal verify", &shoal, rss),
+            figure(&jobs, "shoal verify", why, rss),
             rss_cap,
         ),
     ];
@@ -426,51 +457,309 @@ fn parse_zck_delta_size(stdout: &[u8]) -> Result<u64> {
 }
 
 /// Issue 4: the install goals.
-pub fn install(ctx: &Ctx) -> Result<Section> {
-    let slot = work_path(ctx, "slot-dd.img");
+pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
+    let (v1, v2) = releases(ctx);
+    let image_bytes = measure::file_bytes(&ctx.v2)?;
+    let (v1_shoal, v2_shoal) = (work_path(ctx, "v1.shoal"), work_path(ctx, "v2.shoal"));
+    let dd_slot = work_path(ctx, "slot-dd.img");
     let mut jobs = vec![Job::new(
         "dd",
         Cmd::new("dd")
             .arg(concat_os("if=", &ctx.v2))
-            .arg(concat_os("of=", &slot))
+            .arg(concat_os("of=", &dd_slot))
             .args(["bs=4M", "conv=fsync", "status=none"]),
-        &[&slot],
-        Output::File(slot.clone()),
+        &[&dd_slot],
+        Output::File(dd_slot.clone()),
         false,
     )];
-    let shoal_install: Result<(), String> = if !ctx.shoal.is_file() {
-        Err(format!(
-            "{} not found; run `cargo build --release -p shoal-node`",
-            ctx.shoal.display()
-        ))
-    } else if !Cmd::new(&ctx.shoal).args(["install", "--help"]).succeeds() {
-        Err("this shoal build has no `shoal install`".to_owned())
-    } else {
-        Err("the bench does not drive `shoal install` yet".to_owned())
-    };
+
+    // The Shoal side needs `shoal install`, both artifacts, and the diff figure.
+    let ready = (|| -> Result<(&Shoal, u64), String> {
+        let s = shoal.as_ref().map_err(Clone::clone)?;
+        if !s.cmd().args(["install", "--help"]).succeeds() {
+            return Err("this shoal build has no `shoal install`".to_owned());
+        }
+        let untimed = || -> Result<u64> {
+            ensure_artifact(s, v1, &v1_shoal)?;
+            ensure_artifact(s, v2, &v2_shoal)?;
+            shoal::parse_diff_download_bytes(&s.diff(&v1_shoal, &v2_shoal).run_plain()?)
+        };
+        let diff = untimed().map_err(|e| one_line(&format!("{e:#}")))?;
+        Ok((s, diff))
+    })();
+    let mut devices = Vec::new();
+    if let Ok((s, _)) = &ready {
+        progress("setting up two file-backed devices (slot A: unrelated data / v1.img)");
+        for (label, name, slot_a) in [
+            ("shoal install (full)", "dev-full", SlotA::Random),
+            (
+                "shoal install (v1 → v2)",
+                "dev-delta",
+                SlotA::Image(&ctx.v1),
+            ),
+        ] {
+            let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
+            jobs.push(
+                Job::new(
+                    label,
+                    dev.install(s, &v2_shoal),
+                    &dev.clean(),
+                    Output::None,
+                    true,
+                )
+                .with_prepare(dev.prepare(s)),
+            );
+            devices.push(dev);
+        }
+    }
     run_rounds(ctx, &mut jobs)?;
-    measure::remove_any(&slot)?;
-    let dd = must(&jobs, "dd", wall)?;
-    let why = shoal_install.clone().err().unwrap_or_default();
-    let goals = vec![
-        Goal::relative(
-            "install of full v2 artifact from a local file into a file slot",
-            Err(why.clone()),
-            baseline("`dd bs=4M conv=fsync` of the raw image", dd),
-            Target::RatioAtMost(2.0),
+    measure::remove_any(&dd_slot)?;
+
+    let mut facts = Vec::new();
+    let mut source_read = Err(ready.as_ref().err().cloned().unwrap_or_default());
+    if let Ok((s, diff)) = &ready {
+        facts.push((
+            "`shoal artifact diff` v1 → v2 download".to_owned(),
+            Quantity::Bytes(*diff).to_string(),
+        ));
+        for (job, dev) in jobs[1..].iter().zip(&devices) {
+            if job.error.is_some() {
+                continue;
+            }
+            facts.push((
+                format!("`{}`: what `--json` reported (last run)", job.series.label),
+                format!("`{}`", String::from_utf8_lossy(&job.last_stdout).trim()),
+            ));
+            let same = Cmd::new("cmp")
+                .arg("-n")
+                .arg(image_bytes.to_string())
+                .arg(&dev.slot_b)
+                .arg(&ctx.v2)
+                .succeeds();
+            facts.push((
+                format!("`{}`: slot B equals v2.img afterwards", job.series.label),
+                if same { "yes" } else { "**NO**" }.to_owned(),
+            ));
+        }
+        if let (Some(job), Some(dev)) = (jobs.get(2), devices.get(1))
+            && job.error.is_none()
+        {
+            progress("counting the delta install's reads of the source with strace (untimed)");
+            source_read = dev
+                .strace_source_bytes(ctx, s, &v2_shoal)
+                .map(Quantity::Bytes)
+                .map_err(|e| one_line(&format!("{e:#}")));
+        } else if let Some(job) = jobs.get(2) {
+            source_read = job.result().map(|_| Quantity::Bytes(0));
+        }
+    }
+
+    let why = ready.as_ref().err().cloned().unwrap_or_default();
+    let full_wall = figure(&jobs, "shoal install (full)", &why, wall);
+    let rss_cap = Target::AtMost(Quantity::Mebibytes(32.0));
+    let mut goals = vec![Goal::relative(
+        "install of the full v2 artifact from a local file into a file slot",
+        full_wall.clone(),
+        baseline(
+            "`dd bs=4M conv=fsync` of the raw image",
+            must(&jobs, "dd", wall)?,
         ),
-        Goal::absolute(
-            "peak RSS of `shoal install` (512 MiB image)",
-            Err(why),
-            Target::AtMost(Quantity::Mebibytes(32.0)),
+        Target::RatioAtMost(2.0),
+    )];
+    goals.push(match &ready {
+        Ok((_, diff)) => Goal::relative(
+            "v1 → v2 install: bytes read from the source (strace)",
+            source_read,
+            baseline("`shoal artifact diff`", Quantity::Bytes(*diff)),
+            Target::RatioAtMost(1.0),
         ),
-    ];
+        Err(why) => Goal::not_run(
+            "v1 → v2 install: bytes read from the source vs `shoal artifact diff`",
+            why.clone(),
+            Target::RatioAtMost(1.0),
+        ),
+    });
+    goals.push(match &full_wall {
+        Ok(full) => Goal::relative(
+            "v1 → v2 install: wall time vs the full install",
+            figure(&jobs, "shoal install (v1 → v2)", &why, wall),
+            baseline("full `shoal install`", *full),
+            Target::RatioAtMost(1.0),
+        ),
+        Err(e) => Goal::not_run(
+            "v1 → v2 install: wall time vs the full install",
+            e.clone(),
+            Target::RatioAtMost(1.0),
+        ),
+    });
+    goals.push(Goal::absolute(
+        "peak RSS of `shoal install` (full, 512 MiB image)",
+        figure(&jobs, "shoal install (full)", &why, rss),
+        rss_cap,
+    ));
+    goals.push(Goal::absolute(
+        "peak RSS of `shoal install` (v1 → v2)",
+        figure(&jobs, "shoal install (v1 → v2)", &why, rss),
+        rss_cap,
+    ));
     Ok(Section {
         title: "Issue 4 — `shoal install`".to_owned(),
         goals,
         series: jobs.into_iter().map(|j| j.series).collect(),
-        facts: Vec::new(),
+        facts,
     })
+}
+
+/// Builds `release` into `out` (untimed) unless an earlier step already did.
+fn ensure_artifact(shoal: &Shoal, release: Release<'_>, out: &Path) -> Result<()> {
+    if !out.is_file() {
+        progress(&format!("building {} (untimed)", out.display()));
+        shoal.build(release, out, false, None).run_plain()?;
+    }
+    Ok(())
+}
+
+/// What the running slot A of a bench device holds.
+#[derive(Debug, Clone, Copy)]
+enum SlotA<'a> {
+    /// Bytes unrelated to any release (nothing can be reused): a full install.
+    Random,
+    /// An image the device runs (not installed by Shoal, so the install indexes it).
+    Image(&'a Path),
+}
+
+/// A file-backed device: two slot files, Shoal's file bootloader environment, a data
+/// directory, and its configuration file.
+#[derive(Debug)]
+struct Device {
+    config: PathBuf,
+    data: PathBuf,
+    slot_b: PathBuf,
+    env: PathBuf,
+    env2: PathBuf,
+    size: u64,
+}
+
+impl Device {
+    /// Makes the device's directory, slot A and configuration (untimed).
+    fn create(ctx: &Ctx, shoal: &Shoal, name: &str, slot_a: SlotA<'_>, size: u64) -> Result<Self> {
+        let dir = work_path(ctx, name);
+        measure::remove_any(&dir)?;
+        let health = dir.join("health.d");
+        fs::create_dir_all(&health)
+            .with_context(|| format!("cannot create {}", health.display()))?;
+        let a = dir.join("slot-a.img");
+        match slot_a {
+            SlotA::Random => Cmd::new("dd")
+                .arg("if=/dev/urandom")
+                .arg(concat_os("of=", &a))
+                .arg("bs=1M")
+                .arg(format!("count={}", size.div_ceil(1 << 20)))
+                .arg("status=none")
+                .run_plain()?,
+            // A real partition has no holes: copy without them.
+            SlotA::Image(image) => Cmd::new("cp")
+                .arg("--sparse=never")
+                .arg(image)
+                .arg(&a)
+                .run_plain()?,
+        };
+        Cmd::new("truncate")
+            .args(["-s", &size.to_string()])
+            .arg(&a)
+            .run_plain()?;
+        let dev = Self {
+            config: dir.join("shoal.toml"),
+            data: dir.join("data"),
+            slot_b: dir.join("slot-b.img"),
+            env: dir.join("bootenv"),
+            env2: dir.join("bootenv.2"),
+            size,
+        };
+        let toml_str = |p: &Path| toml_string(&p.to_string_lossy());
+        let config = format!(
+            "[device]\ntype = {}\ndata_dir = {}\ntrust_root = {}\nreboot_command = []\n\n\
+             [health]\ndir = {}\n\n\
+             [slots]\na = {{ path = {} }}\nb = {{ path = {} }}\n\n\
+             [slots.detect]\nfrom = \"bootloader\"\n\n\
+             [bootloader]\ntype = \"file\"\npath = {}\n",
+            toml_string(shoal::DEVICE_TYPE),
+            toml_str(&dev.data),
+            toml_str(shoal.root()),
+            toml_str(&health),
+            toml_str(&a),
+            toml_str(&dev.slot_b),
+            toml_str(&dev.env),
+        );
+        fs::write(&dev.config, config)
+            .with_context(|| format!("cannot write {}", dev.config.display()))?;
+        Ok(dev)
+    }
+
+    /// What each run removes: the device store, slot B, the bootloader environment.
+    fn clean(&self) -> Vec<&Path> {
+        vec![&self.data, &self.slot_b, &self.env, &self.env2]
+    }
+
+    /// What each run starts from: an empty slot B of the image's size, and a
+    /// bootloader environment that runs slot A (as a factory-provisioned board).
+    fn prepare(&self, shoal: &Shoal) -> Vec<Cmd> {
+        vec![
+            Cmd::new("truncate")
+                .args(["-s", &self.size.to_string()])
+                .arg(&self.slot_b),
+            shoal
+                .cmd()
+                .args(["--quiet", "env", "set", "--file"])
+                .arg(&self.env)
+                .args(["shoal_slot=A", "shoal_booted=A"]),
+        ]
+    }
+
+    /// `shoal install SOURCE --config CONFIG --json`.
+    fn install(&self, shoal: &Shoal, source: &Path) -> Cmd {
+        shoal
+            .cmd()
+            .args(["--quiet", "install"])
+            .arg(source)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--json")
+    }
+
+    /// Resets the device, installs once under strace and returns the bytes read
+    /// from `source`.
+    fn strace_source_bytes(&self, ctx: &Ctx, shoal: &Shoal, source: &Path) -> Result<u64> {
+        for p in self.clean() {
+            measure::remove_any(p)?;
+        }
+        for cmd in self.prepare(shoal) {
+            cmd.run_plain()?;
+        }
+        let log = work_path(ctx, "install.strace");
+        strace::wrap(&self.install(shoal, source), &log).run_plain()?;
+        let text =
+            fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
+        let canonical = fs::canonicalize(source)?;
+        let bytes = strace::bytes_read_from(&text, &canonical.to_string_lossy(), false)?;
+        measure::remove_any(&log)?;
+        Ok(bytes)
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn concat_os(prefix: &str, path: &Path) -> std::ffi::OsString {

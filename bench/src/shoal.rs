@@ -94,6 +94,11 @@ impl Shoal {
         Cmd::new(&self.bin)
     }
 
+    /// The trust root file made for this run.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// `shoal artifact build` of `release` into `out`; `fast` selects `--fast`, `base`
     /// makes a thin artifact.
     pub fn build(&self, release: Release<'_>, out: &Path, fast: bool, base: Option<&Path>) -> Cmd {
