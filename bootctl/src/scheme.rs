@@ -24,8 +24,8 @@ use crate::Slot;
 use crate::env::Vars;
 
 /// The most trial boots a trial can be armed with. GRUB's script language cannot
-/// do arithmetic, so the GRUB script counts down through a fixed chain of values,
-/// and U-Boot's `setexpr` works in hex, which agrees with decimal only below 10.
+/// do arithmetic, so the boot scripts count down through a fixed chain of
+/// one-digit values.
 pub const TRIES_MAX: u32 = 9;
 
 /// Which bootloader's script semantics apply to an environment.
@@ -141,15 +141,17 @@ fn get<'a>(vars: &'a Vars, name: &str) -> Option<&'a str> {
     vars.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
+/// A slot variable, exactly `A` or `B` as the boot scripts compare it.
 fn parse_slot(vars: &Vars, name: &'static str) -> Result<Option<Slot>, StateError> {
-    get(vars, name)
-        .map(|v| {
-            v.parse::<Slot>().map_err(|_| StateError::Invalid {
-                name,
-                value: v.to_string(),
-            })
-        })
-        .transpose()
+    match get(vars, name) {
+        None => Ok(None),
+        Some("A") => Ok(Some(Slot::A)),
+        Some("B") => Ok(Some(Slot::B)),
+        Some(v) => Err(StateError::Invalid {
+            name,
+            value: v.to_string(),
+        }),
+    }
 }
 
 fn parse_num(vars: &Vars, name: &'static str) -> Result<Option<u32>, StateError> {
@@ -200,7 +202,20 @@ impl Scheme {
                 let trial = match parse_slot(vars, "shoal_try_slot")? {
                     None => None,
                     Some(slot) => {
-                        let tries_left = parse_num(vars, "shoal_tries")?.unwrap_or(0);
+                        // The boot scripts count down from one digit only.
+                        let name = "shoal_tries";
+                        let tries_left = match get(vars, name) {
+                            None => 0,
+                            Some(t) if t.len() == 1 && t.as_bytes()[0].is_ascii_digit() => {
+                                u32::from(t.as_bytes()[0] - b'0')
+                            }
+                            Some(t) => {
+                                return Err(StateError::Invalid {
+                                    name,
+                                    value: t.to_string(),
+                                });
+                            }
+                        };
                         Some(Trial { slot, tries_left })
                     }
                 };

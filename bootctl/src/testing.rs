@@ -516,23 +516,28 @@ pub fn boot(
     })
 }
 
-/// The Shoal scheme's boot decision, as `integration/shoal-boot.cmd` and
-/// `integration/grub.cfg` implement it.
+/// The Shoal scheme's boot decision, exactly as `integration/shoal-boot.cmd` and
+/// `integration/grub.cfg` make it: slots must be exactly `A` or `B`, tries exactly
+/// one digit `1`..=`9` (anything else is no try left).
 fn boot_shoal(vars: &mut Vars, default_slot: Slot) -> Slot {
-    let get_slot = |v: &Vars, k: &str| v.get(k).and_then(|s| s.parse::<Slot>().ok());
-    let committed = get_slot(vars, "shoal_slot").unwrap_or(default_slot);
-    let tries = vars
-        .get("shoal_tries")
-        .and_then(|t| t.parse::<u32>().ok())
-        .unwrap_or(0);
-    let slot = match get_slot(vars, "shoal_try_slot") {
+    let exact_slot = |v: &Vars, k: &str| match v.get(k).map(String::as_str) {
+        Some("A") => Some(Slot::A),
+        Some("B") => Some(Slot::B),
+        _ => None,
+    };
+    let committed = exact_slot(vars, "shoal_slot").unwrap_or(default_slot);
+    let tries = match vars.get("shoal_tries").map(String::as_bytes) {
+        Some(&[d]) if (b'1'..=b'9').contains(&d) => u32::from(d - b'0'),
+        _ => 0,
+    };
+    let slot = match exact_slot(vars, "shoal_try_slot") {
         Some(trial) if tries > 0 => {
             vars.insert("shoal_tries".into(), (tries - 1).to_string());
             trial
         }
         _ => committed,
     };
-    if get_slot(vars, "shoal_booted") != Some(slot) {
+    if exact_slot(vars, "shoal_booted") != Some(slot) {
         vars.insert("shoal_booted".into(), slot.to_string());
     }
     slot
@@ -610,5 +615,12 @@ mod tests {
         assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
         assert_eq!(vars["shoal_tries"], "0");
         assert_eq!(vars["shoal_booted"], "A");
+        // As the scripts: only exact values count.
+        vars.insert("shoal_tries".into(), "10".into());
+        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
+        vars.insert("shoal_tries".into(), "3".into());
+        vars.insert("shoal_try_slot".into(), "b".into());
+        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
+        assert_eq!(vars["shoal_tries"], "3");
     }
 }
