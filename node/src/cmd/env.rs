@@ -74,6 +74,11 @@ pub struct SetArgs {
     /// Assignments `NAME=VALUE`.
     #[arg(value_name = "NAME=VALUE", required = true)]
     pub assignments: Vec<String>,
+    /// Start from an empty environment when no valid copy exists (provisioning a
+    /// new device). Without it, an unreadable environment is reported, not
+    /// overwritten; empty files are always treated as new.
+    #[arg(long)]
+    pub init: bool,
     #[command(flatten)]
     pub selector: Selector,
 }
@@ -119,11 +124,18 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
                 changes.push((name.to_string(), value.to_string()));
             }
             let mut env = open(&args.selector, true)?;
-            // An environment that has never been written starts empty; any other
-            // read error is reported rather than overwritten.
+            // An environment whose files are empty (or, with --init, that has no
+            // valid copy) starts empty; any other read error is reported rather
+            // than overwritten.
             let mut vars = match env.load() {
                 Ok(vars) => vars,
-                Err(e) if never_written(&e) => Vars::new(),
+                Err(e) if args.init || never_written(&e) => {
+                    ui.info(format!(
+                        "starting from an empty environment ({})",
+                        chain(&e)
+                    ));
+                    Vars::new()
+                }
                 Err(e) => {
                     return Err(anyhow::Error::new(e))
                         .with_context(|| format!("cannot read the {}", env.describe()));
