@@ -137,13 +137,14 @@ impl Demo<'_> {
             chunking: CHUNKING_DEFAULT,
             zstd_level: ZSTD_LEVEL_FAST,
             pack_bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
+            dictionary: false,
         };
         let out = BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
         );
         let bar = self.ui.progress(image.len() as u64, "building", false);
         let report = shoal_artifact::build(
-            image,
+            std::io::Cursor::new(image),
             &opts,
             std::slice::from_ref(&self.key),
             base,

@@ -452,8 +452,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Io(io) => Exit::tempfail(format!("reading {name}: {io}; safe to retry")),
-        ReadError::Empty | ReadError::NotTar(_) => anyhow!("{name} is not a .shoal artifact ({e})"),
-        other => anyhow!("{name}: {}", error_chain(&other)),
+        // The reader's messages carry their cause inline.
+        other => anyhow!("{name}: {other}"),
     }
 }
 

@@ -1,0 +1,292 @@
+//! `shoal install`, `boot-check`, `commit`, `rollback`, `status` on a file-backed
+//! device, through the real binary.
+
+mod install_common;
+
+use install_common::{Device, fails, hash, image, modify, ok, u};
+use shoal_bootctl::Slot;
+
+const MIB: usize = 1024 * 1024;
+const SIZE: usize = 8 * MIB;
+const SLOT: u64 = 10 * MIB as u64;
+
+/// A device running a factory image; v1 (its successor) and v2 (a small change).
+fn setup() -> (Device, Vec<u8>, Vec<u8>) {
+    let factory = image(1, SIZE);
+    let v1 = modify(&factory, 2, 3, 500_000);
+    let v2 = modify(&v1, 3, 2, 200_000);
+    (Device::new(&factory, SLOT), v1, v2)
+}
+
+fn boot_check(dev: &Device) -> serde_json::Value {
+    install_common::json(&ok(dev.run(&["boot-check", "--json"])))
+}
+
+#[test]
+fn full_install_trial_commit_then_delta_from_thin_artifact_and_chunk_store() {
+    let (dev, v1, v2) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+    let a2_thin = dev.build(&v2, "2.0", 2, Some(&a1));
+
+    let r = dev.install(&a1);
+    assert_eq!(
+        (r["slot"].as_str(), u(&r, "total_bytes")),
+        (Some("B"), SIZE as u64)
+    );
+    assert_eq!(u(&r, "written_bytes"), SIZE as u64);
+    assert!(
+        u(&r, "reused_bytes") > (SIZE / 2) as u64,
+        "indexed factory image reused: {r}"
+    );
+    assert_eq!(u(&r, "reused_bytes") + u(&r, "fetched_bytes"), SIZE as u64);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v1), "slot B holds v1");
+    let st = dev.status();
+    assert_eq!(st["deployment"]["phase"], "trial-armed");
+    assert_eq!(st["next_boot"], "B");
+    assert_eq!(st["slots"]["B"]["version"], "1.0");
+
+    // Before the reboot, boot-check leaves the armed trial alone.
+    assert_eq!(boot_check(&dev)["result"], "trial-pending");
+    assert_eq!(dev.reboot(), Slot::B);
+    let c = boot_check(&dev);
+    assert_eq!(
+        (c["result"].as_str(), c["slot"].as_str()),
+        (Some("committed"), Some("B")),
+        "{c}"
+    );
+    let st = dev.status();
+    assert_eq!(
+        (st["active"].as_str(), st["floor"].as_u64()),
+        (Some("B"), Some(1))
+    );
+    assert_eq!(st["last"]["result"], "committed");
+    assert_eq!(st["deployment"], serde_json::Value::Null);
+
+    // v2 as a delta from a thin artifact: most of it comes from the running slot.
+    let r = dev.install(&a2_thin);
+    assert_eq!(r["slot"], "A");
+    assert!(
+        u(&r, "fetched_bytes") <= 600_000 + 2 * 256 * 1024,
+        "only the changes fetched: {r}"
+    );
+    assert_eq!(u(&r, "reused_bytes") + u(&r, "fetched_bytes"), SIZE as u64);
+    assert!(
+        u(&r, "source_bytes_read") < 1_000_000,
+        "thin artifact read: {r}"
+    );
+    assert_eq!(dev.slot_hash(Slot::A, SIZE), hash(&v2));
+    // Rolling back before the reboot cancels the trial.
+    let rb = install_common::json(&ok(dev.run(&[
+        "rollback",
+        "--json",
+        "--reason",
+        "changed my mind",
+    ])));
+    assert_eq!(rb["result"], "rolled-back");
+    assert_eq!(dev.boot_state().next_boot(), Slot::B);
+    assert_eq!(dev.status()["last"]["reason"], "changed my mind");
+
+    // The same release from a chunk store directory: slot A already holds it, so
+    // nothing is written, only verified.
+    let store = dev.path("store");
+    let root = dev.root.display().to_string();
+    for a in [&a1, &a2_thin] {
+        ok(dev.run(&[
+            "store",
+            "add",
+            &store.display().to_string(),
+            &a.display().to_string(),
+            "--root",
+            &root,
+        ]));
+    }
+    let r = install_common::json(&ok(dev.run(&[
+        "install",
+        "--json",
+        &store.display().to_string(),
+        "--release",
+        "acme-os@2.0",
+    ])));
+    assert_eq!(
+        (u(&r, "written_bytes"), u(&r, "resumed_bytes")),
+        (0, SIZE as u64),
+        "{r}"
+    );
+    assert_eq!(dev.reboot(), Slot::A);
+    ok(dev.run(&["commit"]));
+    let st = dev.status();
+    assert_eq!(
+        (st["active"].as_str(), st["floor"].as_u64()),
+        (Some("A"), Some(2))
+    );
+}
+
+#[test]
+fn install_from_stdin_and_from_a_chunk_store_fetches_only_missing_chunks() {
+    let (dev, v1, _) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+    let store = dev.path("store");
+    ok(dev.run(&[
+        "store",
+        "add",
+        &store.display().to_string(),
+        &a1.display().to_string(),
+        "--root",
+        &dev.root.display().to_string(),
+    ]));
+    // Store: only what the factory image lacks is read.
+    let r = install_common::json(&ok(dev.run(&[
+        "install",
+        "--json",
+        &store.display().to_string(),
+    ])));
+    let artifact_len = std::fs::metadata(&a1).expect("meta").len();
+    assert!(
+        u(&r, "source_bytes_read") < artifact_len / 2,
+        "{r} vs artifact {artifact_len}"
+    );
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v1));
+
+    let (dev, v1, _) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+    let out = dev
+        .cmd(&["install", "--json", "-"])
+        .stdin(std::fs::File::open(&a1).expect("open"))
+        .output()
+        .expect("run");
+    let r = install_common::json(&ok(out));
+    assert_eq!(u(&r, "written_bytes"), SIZE as u64);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v1));
+}
+
+#[test]
+fn failing_health_check_rolls_back_with_its_reason() {
+    let (dev, v1, _) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+    dev.install(&a1);
+    let check = dev.path("health.d/20-app");
+    std::fs::write(&check, "#!/bin/sh\necho 'app is down' >&2\nexit 4\n").expect("write");
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    assert_eq!(dev.reboot(), Slot::B);
+    let c = boot_check(&dev);
+    assert_eq!(c["result"], "rolled-back", "{c}");
+    assert_eq!(
+        c["reason"],
+        "health check 20-app exited with status 4: app is down"
+    );
+    assert_eq!(
+        dev.boot_state().next_boot(),
+        Slot::A,
+        "the bootloader goes back to A"
+    );
+    assert_eq!(dev.reboot(), Slot::A);
+    assert_eq!(boot_check(&dev)["result"], "nothing");
+    let st = dev.status();
+    assert_eq!(
+        (st["active"].as_str(), st["floor"].as_u64()),
+        (Some("A"), Some(0))
+    );
+    assert_eq!(st["last"]["result"], "rolled-back");
+    assert_eq!(st["last"]["version"], "1.0");
+}
+
+#[test]
+fn clear_errors_for_bad_sources_and_refused_releases() {
+    let (dev, v1, v2) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+
+    let e = fails(dev.run(&["install", &dev.config.display().to_string()]), 1);
+    assert!(e.contains("not a .shoal artifact"), "{e}");
+
+    let toaster = dev.build_as(&v1, "1.0", 1, None, "toaster", &dev.key);
+    let e = fails(dev.run(&["install", &toaster.display().to_string()]), 1);
+    assert!(
+        e.contains(r#"release is for device types ["toaster"], this device is "board""#),
+        "{e}"
+    );
+
+    let other = dev.path("other.pem");
+    ok(shoal_tests::shoal()
+        .args(["key", "generate", "--out"])
+        .arg(&other)
+        .output()
+        .expect("run"));
+    let forged = dev.build_as(&v1, "1.0", 1, None, "board", &other);
+    let e = fails(dev.run(&["install", &forged.display().to_string()]), 1);
+    assert!(e.contains("release role needs 1 valid signature(s)"), "{e}");
+
+    // A thin artifact whose base the device does not run.
+    let a2_thin = dev.build(&v2, "2.0", 2, Some(&a1));
+    let e = fails(dev.run(&["install", &a2_thin.display().to_string()]), 1);
+    assert!(
+        e.contains("leaves out the chunks of base release acme-os 1.0"),
+        "{e}"
+    );
+    assert!(e.contains("chunk(s)") && e.contains("are missing"), "{e}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    // The full artifact of the same release then resumes into the same slot.
+    let a2 = dev.build(&v2, "2.0", 2, None);
+    let r = dev.install(&a2);
+    assert!(u(&r, "resumed_bytes") > (SIZE / 2) as u64, "{r}");
+    assert_eq!(u(&r, "resumed_bytes") + u(&r, "written_bytes"), SIZE as u64);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v2));
+
+    // Nothing was armed by the failures.
+    assert_eq!(dev.status()["deployment"]["phase"], "trial-armed");
+}
+
+#[test]
+fn slot_too_small_disk_write_error_and_config_errors() {
+    let (dev, v1, _) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+
+    dev.write_config_with_b(&dev.path("b.img"), Some(SIZE as u64 - 1), "");
+    let e = fails(dev.run(&["install", &a1.display().to_string()]), 1);
+    assert!(
+        e.contains(&format!(
+            "the image is {SIZE} bytes but slot B holds only {} bytes",
+            SIZE - 1
+        )),
+        "{e}"
+    );
+
+    // Slot B on a device that refuses every write.
+    dev.write_config_with_b(std::path::Path::new("/dev/full"), Some(SLOT), "");
+    let e = fails(dev.run(&["install", &a1.display().to_string()]), 1);
+    assert!(e.contains("writing the slot failed"), "{e}");
+    assert!(e.contains("No space left on device"), "{e}");
+
+    dev.write_config("\n[install]\njournal_batch_mb = 4\n");
+    let e = fails(dev.run(&["status"]), 2);
+    assert!(e.contains("unknown field `journal_batch_mb`"), "{e}");
+    dev.write_config("\n[install]\njournal_batch_mib = 0\n");
+    let e = fails(dev.run(&["install", &a1.display().to_string()]), 2);
+    assert!(
+        e.contains("install.journal_batch_mib must be between 1 and 1024"),
+        "{e}"
+    );
+    let e = fails(
+        dev.cmd(&["status"])
+            .env("SHOAL_CONFIG", dev.path("missing.toml"))
+            .output()
+            .expect("run"),
+        2,
+    );
+    assert!(e.contains("cannot read the device configuration"), "{e}");
+}
+
+#[test]
+fn anti_rollback_floor_refuses_older_releases_after_commit() {
+    let (dev, v1, v2) = setup();
+    let a2 = dev.build(&v2, "2.0", 5, None);
+    let a1 = dev.build(&v1, "1.0", 4, None);
+    dev.install(&a2);
+    assert_eq!(dev.reboot(), Slot::B);
+    assert_eq!(boot_check(&dev)["result"], "committed");
+    let e = fails(dev.run(&["install", &a1.display().to_string()]), 1);
+    assert!(
+        e.contains("release security counter 4 is below the device's anti-rollback floor 5"),
+        "{e}"
+    );
+}
