@@ -57,7 +57,7 @@ fn kill_loop(selector: &[String], open: &dyn Fn() -> Box<dyn Env>, seed: u64) {
     runs_us.sort_unstable();
     let run_us = runs_us[1];
     let start = Instant::now();
-    for n in 1..=60u64 {
+    for n in 1..=40u64 {
         // Big values make each update a few writes of real size.
         let value = format!("{n}-{}", "x".repeat((n % 7 * 40) as usize));
         let mut cmd = shoal();

@@ -114,12 +114,24 @@ pub fn paths(path: &Path) -> [PathBuf; 2] {
 pub struct FileEnv {
     copies: [Box<dyn Storage>; 2],
     names: [String; 2],
+    lock_file: Option<PathBuf>,
 }
 
 impl FileEnv {
     /// An environment over two storages (each holds one copy from offset 0).
     pub fn new(copies: [Box<dyn Storage>; 2], names: [String; 2]) -> FileEnv {
-        FileEnv { copies, names }
+        FileEnv {
+            copies,
+            names,
+            lock_file: None,
+        }
+    }
+
+    /// Sets the advisory lock file for read-modify-write updates
+    /// ([`crate::env::EnvLock`]); [`FileEnv::open`] uses `PATH.lock`.
+    pub fn with_lock_file(mut self, path: PathBuf) -> FileEnv {
+        self.lock_file = Some(path);
+        self
     }
 
     /// Opens (when `writable`, creates) `path` and `path.2`.
@@ -137,10 +149,13 @@ impl FileEnv {
                 }
             }
         };
+        let mut lock = path.as_os_str().to_owned();
+        lock.push(".lock");
         Ok(FileEnv::new(
             [open(&p1)?, open(&p2)?],
             [p1.display().to_string(), p2.display().to_string()],
-        ))
+        )
+        .with_lock_file(PathBuf::from(lock)))
     }
 
     fn read_copies(&self) -> Result<[Result<Copy, DecodeError>; 2], (String, io::Error)> {
@@ -242,6 +257,10 @@ impl Env for FileEnv {
         storage.sync().map_err(io_err)?;
         tracing::debug!(copy = %what, seq, "file environment written");
         Ok(())
+    }
+
+    fn lock_file(&self) -> Option<&Path> {
+        self.lock_file.as_deref()
     }
 
     fn is_power_safe(&self) -> bool {

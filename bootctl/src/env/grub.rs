@@ -76,6 +76,11 @@ pub fn encode(vars: &Vars) -> Result<Vec<u8>, EncodeError> {
     Ok(block)
 }
 
+/// The advisory lock file of Shoal's GRUB layout.
+pub const LOCK_FILE: &str = "/var/lock/shoal-grubenv.lock";
+/// The advisory lock file Mender's `grub-mender-grubenv-set` uses.
+pub const MENDER_LOCK_FILE: &str = "/var/lock/grub-mender-grubenv-set.lock";
+
 /// The paths of the four blocks of a [`GrubEnv`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
@@ -103,6 +108,7 @@ pub struct GrubEnv {
     env: [Box<dyn Storage>; 2],
     lock: [Box<dyn Storage>; 2],
     names: [String; 2],
+    lock_file: Option<PathBuf>,
 }
 
 /// Whether a lock block says its copy is consistent.
@@ -119,7 +125,19 @@ impl GrubEnv {
         lock: [Box<dyn Storage>; 2],
         names: [String; 2],
     ) -> GrubEnv {
-        GrubEnv { env, lock, names }
+        GrubEnv {
+            env,
+            lock,
+            names,
+            lock_file: None,
+        }
+    }
+
+    /// Sets the advisory lock file for read-modify-write updates
+    /// ([`crate::env::EnvLock`]).
+    pub fn with_lock_file(mut self, path: PathBuf) -> GrubEnv {
+        self.lock_file = Some(path);
+        self
     }
 
     /// Opens the four files of `paths`; when `writable`, missing directories and
@@ -280,6 +298,10 @@ impl Env for GrubEnv {
         self.set_lock(0, false)?;
         tracing::debug!(env = %self.names[0], "grub environment written");
         Ok(())
+    }
+
+    fn lock_file(&self) -> Option<&Path> {
+        self.lock_file.as_deref()
     }
 
     fn is_power_safe(&self) -> bool {

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::Path;
 
 pub mod file;
 pub mod grub;
@@ -36,6 +37,48 @@ pub trait Env: std::fmt::Debug + Send {
 
     /// A short human description, e.g. `U-Boot environment (redundant) in /dev/mmcblk0`.
     fn describe(&self) -> String;
+
+    /// The advisory lock file that serialises read-modify-write updates of this
+    /// environment between processes (see [`EnvLock`]), if any.
+    fn lock_file(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// An exclusive advisory lock (`flock`) on an environment's lock file, held while
+/// alive. Take it around a whole read-modify-write (load, change, store) so that
+/// two processes (the daemon, `shoal env set`, `fw_setenv`, which locks the same
+/// `/var/lock/fw_printenv.lock`) cannot lose each other's updates. Without it the
+/// environment stays consistent (every store is power-safe) but an update can be
+/// lost.
+#[derive(Debug)]
+pub struct EnvLock {
+    _file: Option<std::fs::File>,
+}
+
+impl EnvLock {
+    /// Locks `env`'s lock file, waiting for other holders. When the environment has
+    /// no lock file, or the lock file cannot be created (e.g. no `/var/lock`), this
+    /// warns and returns a lock that holds nothing.
+    pub fn acquire(env: &dyn Env) -> EnvLock {
+        let Some(path) = env.lock_file() else {
+            return EnvLock { _file: None };
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .and_then(|f| f.lock().map(|()| f));
+        match file {
+            Ok(f) => EnvLock { _file: Some(f) },
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot lock the environment; concurrent updates may be lost");
+                EnvLock { _file: None }
+            }
+        }
+    }
 }
 
 /// Why a block of environment bytes is not a valid environment.
@@ -283,6 +326,36 @@ mod tests {
         );
         let ok = Vars::from([("n".to_string(), "a=b\\c\nd e".to_string())]);
         assert_eq!(validate(&ok), Ok(()));
+    }
+
+    #[test]
+    fn env_lock_serialises_read_modify_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        file::FileEnv::open(&path, true)
+            .unwrap()
+            .store(&Vars::from([("n".to_string(), "0".to_string())]))
+            .unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        let mut env = file::FileEnv::open(&path, true).unwrap();
+                        let _lock = EnvLock::acquire(&env);
+                        let mut vars = env.load().unwrap();
+                        let n: u32 = vars["n"].parse().unwrap();
+                        vars.insert("n".into(), (n + 1).to_string());
+                        env.store(&vars).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let env = file::FileEnv::open(&path, false).unwrap();
+        assert_eq!(env.load().unwrap()["n"], "40");
     }
 
     #[test]

@@ -340,7 +340,11 @@ pub struct UbootEnv {
     copies: Vec<Box<dyn Storage>>,
     names: Vec<String>,
     size: usize,
+    lock_file: Option<PathBuf>,
 }
+
+/// The lock file `fw_printenv`/`fw_setenv` (libubootenv) use.
+pub const LOCK_FILE: &str = "/var/lock/fw_printenv.lock";
 
 impl UbootEnv {
     /// An environment over `copies` (one or two storages of at least `size` bytes,
@@ -358,7 +362,15 @@ impl UbootEnv {
             copies,
             names,
             size,
+            lock_file: None,
         }
+    }
+
+    /// Sets the advisory lock file for read-modify-write updates
+    /// ([`crate::env::EnvLock`]); [`UbootEnv::open`] uses [`LOCK_FILE`].
+    pub fn with_lock_file(mut self, path: PathBuf) -> UbootEnv {
+        self.lock_file = Some(path);
+        self
     }
 
     /// Opens the copies `config` describes. Files that do not exist are created
@@ -379,7 +391,7 @@ impl UbootEnv {
         let size = usize::try_from(config.copies[0].size).map_err(|_| {
             io::Error::new(io::ErrorKind::InvalidInput, "environment size too large")
         })?;
-        Ok(UbootEnv::new(copies, names, size))
+        Ok(UbootEnv::new(copies, names, size).with_lock_file(PathBuf::from(LOCK_FILE)))
     }
 
     fn layout(&self) -> Layout {
@@ -495,6 +507,10 @@ impl Env for UbootEnv {
 
     fn is_power_safe(&self) -> bool {
         self.layout() == Layout::Redundant
+    }
+
+    fn lock_file(&self) -> Option<&Path> {
+        self.lock_file.as_deref()
     }
 
     fn describe(&self) -> String {

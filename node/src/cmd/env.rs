@@ -7,7 +7,7 @@ use anyhow::Context;
 use shoal_bootctl::env::file::FileEnv;
 use shoal_bootctl::env::grub::{BlockEnv, GrubEnv, Paths};
 use shoal_bootctl::env::uboot::{FwEnvConfig, UbootEnv};
-use shoal_bootctl::env::{Env, Vars};
+use shoal_bootctl::env::{Env, EnvLock, Vars};
 
 use crate::cmd::install::{ConfigArg, chain};
 use crate::cmd::{Exit, Ui};
@@ -124,6 +124,9 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
                 changes.push((name.to_string(), value.to_string()));
             }
             let mut env = open(&args.selector, true)?;
+            // Serialise with other writers (the daemon, fw_setenv) for the whole
+            // read-modify-write.
+            let _lock = EnvLock::acquire(&*env);
             // An environment whose files are empty (or, with --init, that has no
             // valid copy) starts empty; any other read error is reported rather
             // than overwritten.
@@ -190,7 +193,12 @@ fn open(sel: &Selector, writable: bool) -> anyhow::Result<Box<dyn Env>> {
                 GrubEnv::open(&Paths::new(path, &sel.grub_prefix), writable).map_err(open_err(
                     format!("cannot open the GRUB environment under {}", path.display()),
                 ))?;
-            return Ok(Box::new(env));
+            let lock = if sel.grub_prefix == "mender_grubenv" {
+                shoal_bootctl::env::grub::MENDER_LOCK_FILE
+            } else {
+                shoal_bootctl::env::grub::LOCK_FILE
+            };
+            return Ok(Box::new(env.with_lock_file(PathBuf::from(lock))));
         }
         let env = BlockEnv::open(path, writable)
             .map_err(open_err(format!("cannot open {}", path.display())))?;
