@@ -557,6 +557,35 @@ mod tests {
     }
 
     #[test]
+    fn slot_devices_open_their_regions() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![0u8; 100]).unwrap();
+        let slot = |offset, size| SlotConfig {
+            path: disk.clone(),
+            offset,
+            size,
+            root_aliases: vec![],
+        };
+        let slots = SlotsConfig {
+            a: slot(10, Some(40)),
+            b: slot(50, None),
+            detect: DetectConfig::default(),
+        };
+        let dev = SlotDevices::new(&slots);
+        let mut a = dev.open(Slot::A, true).unwrap();
+        assert_eq!(a.len().unwrap(), 40);
+        assert_eq!(dev.open(Slot::B, false).unwrap().len().unwrap(), 50);
+        a.write_at(0, &[7; 40]).unwrap();
+        assert!(a.write_at(40, &[7]).is_err());
+        let bytes = std::fs::read(&disk).unwrap();
+        assert_eq!(&bytes[10..50], &[7; 40]);
+        assert!(bytes[..10].iter().chain(&bytes[50..]).all(|&b| b == 0));
+        assert!(!overlaps(&slots.a, &slots.b));
+        assert!(overlaps(&slots.a, &slot(49, Some(2))));
+    }
+
+    #[test]
     fn single_copy_uboot_needs_opt_in() {
         let dir = tempfile::tempdir().unwrap();
         let fw = dir.path().join("fw_env.config");

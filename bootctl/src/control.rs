@@ -481,3 +481,143 @@ impl fmt::Display for Status {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheme::MenderParts;
+    use crate::testing::{Backend, CrashDisk, CrashSlots};
+
+    fn device(scheme: Scheme, running: Slot) -> (CrashDisk, BootControl) {
+        let disk = CrashDisk::new();
+        disk.put("a", &[1; 4096]);
+        disk.put("b", &[2; 4096]);
+        let mut env = Backend::File.open(&disk);
+        env.store(&scheme.initial(Flavor::File, Slot::A)).unwrap();
+        let bc = BootControl::new(
+            Backend::File.open(&disk),
+            scheme,
+            Flavor::File,
+            Box::new(CrashSlots::new(&disk, "a", "b")),
+            Detect::Fixed(running),
+        );
+        (disk, bc)
+    }
+
+    #[test]
+    fn writer_refuses_active_armed_and_oversized() {
+        let (_disk, mut bc) = device(Scheme::Shoal, Slot::A);
+        assert!(matches!(
+            bc.open_writer(Slot::A, 10),
+            Err(OpenWriterError::ActiveSlot { slot: Slot::A })
+        ));
+        assert!(matches!(
+            bc.open_writer(Slot::B, 4097),
+            Err(OpenWriterError::Open(OpenError::TooLarge {
+                payload: 4097,
+                capacity: 4096,
+                ..
+            }))
+        ));
+        let w = bc.open_writer(Slot::B, 4096).unwrap();
+        assert_eq!((w.slot(), w.payload_size()), (Slot::B, 4096));
+        bc.arm(Slot::B, 1).unwrap();
+        assert!(matches!(
+            bc.open_writer(Slot::B, 10),
+            Err(OpenWriterError::ArmedSlot { slot: Slot::B })
+        ));
+    }
+
+    #[test]
+    fn arm_commit_rollback_preconditions() {
+        let (_disk, mut bc) = device(Scheme::Shoal, Slot::A);
+        assert!(matches!(
+            bc.arm(Slot::A, 1),
+            Err(ArmError::ActiveSlot { slot: Slot::A })
+        ));
+        assert!(matches!(
+            bc.arm(Slot::B, 0),
+            Err(ArmError::Tries(TriesError { tries: 0, max: 9 }))
+        ));
+        assert!(matches!(bc.commit(), Err(CommitError::NoTrial)));
+        assert!(matches!(bc.rollback(), Err(RollbackError::NoTrial)));
+        let state = bc.arm(Slot::B, 2).unwrap();
+        assert_eq!(state.next_boot(), Slot::B);
+        assert!(matches!(
+            bc.commit(),
+            Err(CommitError::TrialNotRunning {
+                trial: Slot::B,
+                active: Slot::A
+            })
+        ));
+        let status = bc.status().unwrap();
+        assert!(
+            status
+                .summary
+                .contains("slot B is armed for a trial (2 boots)"),
+            "{}",
+            status.summary
+        );
+        let state = bc.rollback().unwrap();
+        assert_eq!((state.committed, state.trial), (Slot::A, None));
+    }
+
+    #[test]
+    fn running_trial_cannot_arm_and_disagreement_is_refused() {
+        let (disk, mut bc) = device(Scheme::Shoal, Slot::A);
+        bc.arm(Slot::B, 1).unwrap();
+        let mut env = Backend::File.open(&disk);
+        let boot = crate::testing::boot(&mut *env, &Scheme::Shoal, Flavor::File, Slot::A).unwrap();
+        assert_eq!(boot.slot, Slot::B);
+        // Still told "A runs": the bootloader's record says B.
+        assert!(matches!(
+            bc.status(),
+            Err(StatusError::Active(ActiveError::Disagree {
+                bootloader: Some(Slot::B),
+                ..
+            }))
+        ));
+        let mut on_b = BootControl::new(
+            Backend::File.open(&disk),
+            Scheme::Shoal,
+            Flavor::File,
+            Box::new(CrashSlots::new(&disk, "a", "b")),
+            Detect::Fixed(Slot::B),
+        );
+        assert!(matches!(
+            on_b.arm(Slot::A, 1),
+            Err(ArmError::TrialRunning { slot: Slot::B })
+        ));
+        assert!(
+            on_b.status()
+                .unwrap()
+                .summary
+                .contains("on trial (0 boots left)")
+        );
+        assert_eq!(on_b.commit().unwrap().committed, Slot::B);
+    }
+
+    #[test]
+    fn mender_status_and_bootloader_detection() {
+        let parts = Scheme::Mender(MenderParts {
+            part_a: 2,
+            part_b: 3,
+        });
+        let (disk, mut bc) = device(parts, Slot::A);
+        bc.arm(Slot::B, 1).unwrap();
+        let by_record = BootControl::new(
+            Backend::File.open(&disk),
+            parts,
+            Flavor::File,
+            Box::new(CrashSlots::new(&disk, "a", "b")),
+            Detect::Bootloader,
+        );
+        // Armed, bootcount 0: the record says the committed slot runs.
+        assert_eq!(by_record.active().unwrap(), Slot::A);
+        let s = by_record.status().unwrap();
+        assert_eq!(
+            (s.scheme, s.next_boot, s.power_safe),
+            ("mender", Slot::B, true)
+        );
+    }
+}

@@ -726,6 +726,11 @@ mod tests {
         }
 
         #[test]
+        fn fw_env_config_parse_never_panics(text in "(\\PC{0,40}\n){0,4}") {
+            let _ = FwEnvConfig::parse(&text);
+        }
+
+        #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = decode(&bytes, 64, Layout::Redundant);
             let _ = decode(&bytes, 64, Layout::Single);
