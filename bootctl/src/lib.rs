@@ -22,6 +22,22 @@
 //!
 //! There is no async runtime and no networking here: this crate is plain blocking
 //! I/O, driven by the daemon (or by the simulator, through the `testing` backends).
+//!
+//! # Where to start
+//!
+//! - From a device configuration: [`config::BootConfig`] (or the `[slots]` and
+//!   `[bootloader]` tables, [`config::SlotsConfig`] / [`config::BootloaderConfig`],
+//!   embedded in a larger file) and [`config::build`] give a ready [`BootControl`].
+//! - [`BootControl::status`], [`BootControl::active`], [`BootControl::arm`],
+//!   [`BootControl::commit`], [`BootControl::rollback`]; [`BootControl::open_writer`]
+//!   returns a [`SlotWriter`] (`write_at`, `sync`, `verify`) for the inactive slot;
+//!   [`BootControl::open_reader`] reads a slot.
+//! - Environments directly: [`env::Env`] (`load`/`store`) implemented by
+//!   [`env::uboot::UbootEnv`], [`env::grub::GrubEnv`], [`env::file::FileEnv`];
+//!   [`env::EnvLock`] serialises read-modify-write between processes.
+//! - Tests and the simulator (feature `testing`): `testing::CrashDisk`,
+//!   `testing::CrashSlots`, `testing::Backend`, and `testing::boot`, the bootloader
+//!   model.
 
 pub mod config;
 pub mod control;

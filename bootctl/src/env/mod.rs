@@ -5,7 +5,7 @@
 //! - [`grub`]: GRUB `grubenv` blocks in the two-copy, lock-file layout of Mender's
 //!   GRUB integration, which keeps GRUB able to choose a bootable slot across an
 //!   interrupted write.
-//! - [`file`]: a plain `key=value` backend (two copies with a sequence number and a
+//! - [`file`](mod@file): a plain `key=value` backend (two copies with a sequence number and a
 //!   CRC) for tests and the simulator.
 //!
 //! Every backend implements [`Env`]: [`Env::load`] returns the variables the
