@@ -58,8 +58,8 @@ pub struct EnvLock {
 
 impl EnvLock {
     /// Locks `env`'s lock file, waiting for other holders. When the environment has
-    /// no lock file, or the lock file cannot be created (e.g. no `/var/lock`), this
-    /// warns and returns a lock that holds nothing.
+    /// no lock file or its directory does not exist, this returns a lock that holds
+    /// nothing; when the file cannot be created or locked otherwise, it also warns.
     pub fn acquire(env: &dyn Env) -> EnvLock {
         let Some(path) = env.lock_file() else {
             return EnvLock { _file: None };
@@ -72,6 +72,12 @@ impl EnvLock {
             .and_then(|f| f.lock().map(|()| f));
         match file {
             Ok(f) => EnvLock { _file: Some(f) },
+            // No lock directory at all (a minimal initramfs or test system): nobody
+            // else can be using that lock file either.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!(path = %path.display(), "no lock directory; not locking");
+                EnvLock { _file: None }
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
                     "cannot lock the environment; concurrent updates may be lost");
