@@ -179,6 +179,25 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The commit of the working directory's git tree and how many files differ from it
+/// (the binary under test is built from the working tree).
+fn source_tree() -> String {
+    let head = Cmd::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .run_plain();
+    let dirty = Cmd::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .run_plain();
+    match (head, dirty) {
+        (Ok(head), Ok(dirty)) => format!(
+            "git {} with {} uncommitted tracked files",
+            String::from_utf8_lossy(&head).trim(),
+            String::from_utf8_lossy(&dirty).lines().count()
+        ),
+        _ => "not a git checkout".to_owned(),
+    }
+}
+
 /// `/proc/loadavg`'s three averages.
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
@@ -239,6 +258,7 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
                 ctx.shoal.display()
             ),
         ),
+        ("source tree".into(), source_tree()),
         (
             "runs".into(),
             format!(

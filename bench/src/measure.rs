@@ -196,8 +196,11 @@ pub struct Series {
     pub wall_s: Vec<f64>,
     /// Peak RSS of each run, KiB.
     pub peak_rss_kib: Vec<u64>,
-    /// Size of what the command produced (file or store), bytes, when it produces one.
+    /// Size of what the command produced (file or store), bytes, when it produces one:
+    /// the largest over the runs (they should all be equal; see `output_sizes`).
     pub output_bytes: Option<u64>,
+    /// The size each run produced.
+    pub output_sizes: Vec<u64>,
 }
 
 impl Series {
@@ -209,6 +212,7 @@ impl Series {
             wall_s: Vec::new(),
             peak_rss_kib: Vec::new(),
             output_bytes: None,
+            output_sizes: Vec::new(),
         }
     }
 
@@ -219,18 +223,16 @@ impl Series {
         self.peak_rss_kib.push(run.peak_rss_kib);
     }
 
-    /// Records the size of the output; all runs must produce the same size, or the
-    /// comparison would depend on which run is picked.
-    pub fn set_output_bytes(&mut self, bytes: u64) -> Result<()> {
-        match self.output_bytes {
-            Some(prev) if prev != bytes => bail!(
-                "`{}` produced {prev} bytes in one run and {bytes} in another; \
-                 sizes must be reproducible to be compared",
-                self.label
-            ),
-            _ => self.output_bytes = Some(bytes),
-        }
-        Ok(())
+    /// Records the size of one run's output. The figure compared is the largest (the
+    /// size goals are ceilings).
+    pub fn record_output_bytes(&mut self, bytes: u64) {
+        self.output_sizes.push(bytes);
+        self.output_bytes = self.output_sizes.iter().copied().max();
+    }
+
+    /// Whether every run produced the same size (a build should be reproducible).
+    pub fn sizes_reproducible(&self) -> bool {
+        self.output_sizes.windows(2).all(|w| w[0] == w[1])
     }
 
     /// Median wall time, seconds.
@@ -311,11 +313,16 @@ mod tests {
     }
 
     #[test]
-    fn series_refuses_irreproducible_sizes() {
+    fn series_keeps_the_largest_size_and_flags_irreproducible_ones() {
         let mut s = Series::new("x");
-        s.set_output_bytes(10).unwrap();
-        s.set_output_bytes(10).unwrap();
-        assert!(s.set_output_bytes(11).is_err());
+        s.record_output_bytes(10);
+        s.record_output_bytes(10);
+        assert!(s.sizes_reproducible());
+        assert_eq!(s.output_bytes, Some(10));
+        s.record_output_bytes(12);
+        s.record_output_bytes(11);
+        assert!(!s.sizes_reproducible());
+        assert_eq!(s.output_bytes, Some(12));
     }
 
     #[test]
