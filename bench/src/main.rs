@@ -129,6 +129,16 @@ fn run(args: Args) -> Result<()> {
             }
         }
     };
+    // Measure a private copy: a rebuild of the workspace during the run (other people
+    // work in the same tree) must not swap the binary between rounds.
+    let shoal = if shoal.is_file() {
+        let copy = work.join("shoal-under-test");
+        fs::copy(&shoal, &copy)
+            .with_context(|| format!("cannot copy {} to {}", shoal.display(), copy.display()))?;
+        copy
+    } else {
+        shoal
+    };
     let ctx = Ctx {
         meter: Meter::new(&work)?,
         runs: args.runs,
@@ -250,12 +260,13 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
         (
             "paths in commands".into(),
             format!(
-                "`$IMAGES` = {}, `$WORK` = {} (scratch), `shoal` = {}",
+                "`$IMAGES` = {}, `$WORK` = {} (scratch), `shoal` = {} (a copy of {} taken at the start)",
                 ctx.v2
                     .parent()
                     .map_or(String::new(), |p| p.display().to_string()),
                 ctx.work.display(),
-                ctx.shoal.display()
+                ctx.shoal.display(),
+                args.shoal.display()
             ),
         ),
         ("source tree".into(), source_tree()),
