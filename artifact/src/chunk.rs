@@ -35,7 +35,7 @@ pub const CHUNKING_FAST: Chunking = Chunking {
 pub const ZSTD_LEVEL_DEFAULT: i32 = 9;
 
 /// zstd level of `--fast` builds.
-pub const ZSTD_LEVEL_FAST: i32 = 3;
+pub const ZSTD_LEVEL_FAST: i32 = 5;
 
 /// One chunk cut from a payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,10 +107,14 @@ pub fn index<R: Read>(source: R, chunking: Chunking) -> io::Result<Vec<(u64, Chu
 pub const DICTIONARY_SIZE_MAX: usize = 1024 * 1024;
 
 /// Size of the dictionaries the builder trains.
-pub const DICTIONARY_SIZE: usize = 112 * 1024;
+pub const DICTIONARY_SIZE: usize = 64 * 1024;
 
-/// Bytes of sample chunks the builder trains a dictionary on.
-pub const DICTIONARY_SAMPLE_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of image positions the builder samples chunks from to train a dictionary
+/// (distinct chunks at evenly spaced positions; zero runs deduplicate away).
+pub const DICTIONARY_SAMPLE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most sample bytes the builder keeps for training (bounds its memory).
+pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// The zstd dictionary magic number, as it starts a dictionary.
 const DICTIONARY_MAGIC: [u8; 4] = [0x37, 0xa4, 0x30, 0xec];
@@ -167,13 +171,14 @@ impl Dictionary {
         })
     }
 
-    /// Trains a dictionary of about `size` bytes on sample chunks; `None` when zstd
-    /// finds nothing worth a dictionary (too few or too random samples).
-    pub fn train(samples: &[Vec<u8>], size: usize) -> Option<Dictionary> {
-        if samples.len() < 8 {
+    /// Trains a dictionary of about `size` bytes on sample chunks (`data` holds them
+    /// back to back, `sizes` their lengths); `None` when zstd finds nothing worth a
+    /// dictionary (too few or too random samples).
+    pub fn train(data: &[u8], sizes: &[usize], size: usize) -> Option<Dictionary> {
+        if sizes.len() < 8 {
             return None;
         }
-        let bytes = zstd::dict::from_samples(samples, size).ok()?;
+        let bytes = zstd::dict::from_continuous(data, sizes, size).ok()?;
         Dictionary::from_bytes(bytes).ok()
     }
 

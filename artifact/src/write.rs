@@ -131,10 +131,12 @@ impl BuildOptions {
         }
     }
 
-    /// Switches to the `--fast` parameters (bigger chunks, lower zstd level).
+    /// Switches to the `--fast` parameters (bigger chunks, lower zstd level, no
+    /// dictionary).
     pub fn fast(mut self) -> Self {
         self.chunking = chunk::CHUNKING_FAST;
         self.zstd_level = chunk::ZSTD_LEVEL_FAST;
+        self.dictionary = false;
         self
     }
 }
@@ -381,15 +383,21 @@ fn train_dictionary<R: Read + Seek>(
     image.rewind()?;
     let stride = (len / chunk::DICTIONARY_SAMPLE_BYTES as u64).max(1);
     let mut seen = HashSet::new();
-    let mut samples = Vec::new();
+    // One contiguous buffer (zstd trains on that without another copy), capped.
+    let mut data = Vec::new();
+    let mut sizes = Vec::new();
     for (i, c) in Chunker::new(BufReader::with_capacity(1 << 20, &mut *image), chunking).enumerate()
     {
         let c = c?;
-        if (i as u64).is_multiple_of(stride) && seen.insert(ChunkId::of(&c.data)) {
-            samples.push(c.data);
+        if data.len() < chunk::DICTIONARY_SAMPLE_BYTES_MAX
+            && (i as u64).is_multiple_of(stride)
+            && seen.insert(ChunkId::of(&c.data))
+        {
+            data.extend_from_slice(&c.data);
+            sizes.push(c.data.len());
         }
     }
-    Ok(Dictionary::train(&samples, chunk::DICTIONARY_SIZE))
+    Ok(Dictionary::train(&data, &sizes, chunk::DICTIONARY_SIZE))
 }
 
 /// Why adding a signature failed.

@@ -21,10 +21,12 @@ pub enum Command {
     /// Example:
     ///   shoal artifact build --image rootfs.img --name acme-os --version 2.0 \
     ///       --device-type board-a --security-counter 2 --key release.pem --out acme-os-2.0.shoal
+    #[command(verbatim_doc_comment)]
     Build(BuildArgs),
     /// Add signatures to an artifact in place (threshold signing by several holders).
     ///
     /// Example: shoal artifact sign acme-os-2.0.shoal --key second-release.pem
+    #[command(verbatim_doc_comment)]
     Sign {
         /// The artifact.
         artifact: PathBuf,
@@ -35,6 +37,7 @@ pub enum Command {
     /// Show an artifact's manifest and signatures. Checks no signature: use `verify`.
     ///
     /// Example: shoal artifact inspect acme-os-2.0.shoal --json
+    #[command(verbatim_doc_comment)]
     Inspect {
         /// The artifact.
         artifact: PathBuf,
@@ -48,6 +51,7 @@ pub enum Command {
     /// Verify an artifact: signatures against a trust root, then every chunk.
     ///
     /// Example: shoal artifact verify acme-os-2.0.shoal --root root.shoalroot
+    #[command(verbatim_doc_comment)]
     Verify {
         /// The artifact (`-` for standard input).
         artifact: PathBuf,
@@ -60,6 +64,7 @@ pub enum Command {
     /// Reassemble an artifact's payload into a file, verifying everything.
     ///
     /// Example: shoal artifact extract acme-os-2.0.shoal --root root.shoalroot --out rootfs.img
+    #[command(verbatim_doc_comment)]
     Extract {
         /// The artifact (`-` for standard input).
         artifact: PathBuf,
@@ -75,6 +80,7 @@ pub enum Command {
     /// How many bytes a device running OLD must download to get NEW (manifest included).
     ///
     /// Example: shoal artifact diff acme-os-1.0.shoal acme-os-2.0.shoal --json
+    #[command(verbatim_doc_comment)]
     Diff {
         /// The release the device runs.
         old: PathBuf,

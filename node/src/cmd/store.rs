@@ -17,6 +17,7 @@ pub enum Command {
     /// if missing). A thin artifact needs its base release in the store first.
     ///
     /// Example: shoal store add /srv/shoal acme-os-2.0.shoal --root root.shoalroot
+    #[command(verbatim_doc_comment)]
     Add {
         /// The store directory.
         store: PathBuf,
@@ -28,6 +29,7 @@ pub enum Command {
     /// Verify a store: every manifest's signatures, every chunk present and intact.
     ///
     /// Example: shoal store verify /srv/shoal --root root.shoalroot --json
+    #[command(verbatim_doc_comment)]
     Verify {
         /// The store directory.
         store: PathBuf,
