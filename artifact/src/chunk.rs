@@ -107,13 +107,10 @@ pub fn index<R: Read>(source: R, chunking: Chunking) -> io::Result<Vec<(u64, Chu
 pub const DICTIONARY_SIZE_MAX: usize = 1024 * 1024;
 
 /// Size of the dictionaries the builder trains.
-pub const DICTIONARY_SIZE: usize = 64 * 1024;
+pub const DICTIONARY_SIZE: usize = 112 * 1024;
 
-/// Bytes of image positions the builder samples chunks from to train a dictionary
-/// (distinct chunks at evenly spaced positions; zero runs deduplicate away).
-pub const DICTIONARY_SAMPLE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Most sample bytes the builder keeps for training (bounds its memory).
+/// Most sample bytes the builder reads to train a dictionary (bounds its memory and
+/// the training time).
 pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// The zstd dictionary magic number, as it starts a dictionary.

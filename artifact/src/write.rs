@@ -373,29 +373,29 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     })
 }
 
-/// Samples about [`chunk::DICTIONARY_SAMPLE_BYTES`] of distinct chunks spread over
-/// the whole image and trains a zstd dictionary on them.
+/// Trains a zstd dictionary on blocks of the chunking's average size read at evenly
+/// spaced offsets over the whole image (distinct, not all zero), at most
+/// [`chunk::DICTIONARY_SAMPLE_BYTES_MAX`] of them: a sample of what the chunks hold
+/// that costs a fraction of a pass over the image.
 fn train_dictionary<R: Read + Seek>(
     image: &mut R,
     chunking: Chunking,
 ) -> io::Result<Option<Dictionary>> {
     let len = image.seek(io::SeekFrom::End(0))?;
-    image.rewind()?;
-    let stride = (len / chunk::DICTIONARY_SAMPLE_BYTES as u64).max(1);
+    let block = u64::from(chunking.avg_size);
+    let count = (chunk::DICTIONARY_SAMPLE_BYTES_MAX as u64 / block).min(len / block);
     let mut seen = HashSet::new();
-    // One contiguous buffer (zstd trains on that without another copy), capped.
     let mut data = Vec::new();
     let mut sizes = Vec::new();
-    for (i, c) in Chunker::new(BufReader::with_capacity(1 << 20, &mut *image), chunking).enumerate()
-    {
-        let c = c?;
-        if data.len() < chunk::DICTIONARY_SAMPLE_BYTES_MAX
-            && (i as u64).is_multiple_of(stride)
-            && seen.insert(ChunkId::of(&c.data))
-        {
-            data.extend_from_slice(&c.data);
-            sizes.push(c.data.len());
+    let mut buf = vec![0u8; block as usize];
+    for i in 0..count {
+        image.seek(io::SeekFrom::Start(i * (len / count.max(1))))?;
+        image.read_exact(&mut buf)?;
+        if buf.iter().all(|&b| b == 0) || !seen.insert(ChunkId::of(&buf)) {
+            continue;
         }
+        data.extend_from_slice(&buf);
+        sizes.push(buf.len());
     }
     Ok(Dictionary::train(&data, &sizes, chunk::DICTIONARY_SIZE))
 }
