@@ -117,8 +117,9 @@ pub const DICTIONARY_SAMPLE_BYTES_MAX: usize = 32 * 1024 * 1024;
 const DICTIONARY_MAGIC: [u8; 4] = [0x37, 0xa4, 0x30, 0xec];
 
 /// A zstd dictionary the chunks of a release were compressed with. Small chunks
-/// compress much better with one (see `artifact/DESIGN.md`). Identified by the
-/// BLAKE3 of its bytes; zstd frames name it by its 32-bit zstd dictionary id.
+/// compress much better with one (see `artifact/DESIGN.md`). zstd frames name it by
+/// its 32-bit zstd dictionary id, which Shoal derives from its content
+/// ([`derived_zstd_id`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Dictionary {
     /// BLAKE3 of the dictionary bytes.
@@ -147,6 +148,9 @@ pub enum DictionaryError {
     /// No zstd dictionary header, or a zero dictionary id.
     #[error("not a zstd dictionary")]
     NotADictionary,
+    /// The dictionary's zstd id is not the one derived from its content.
+    #[error("dictionary id {0} is not derived from its content")]
+    IdNotDerived(u32),
 }
 
 impl Dictionary {
@@ -161,6 +165,9 @@ impl Dictionary {
         let zstd_id = zstd::zstd_safe::get_dict_id_from_dict(&bytes)
             .ok_or(DictionaryError::NotADictionary)?
             .get();
+        if zstd_id != derived_zstd_id(&bytes) {
+            return Err(DictionaryError::IdNotDerived(zstd_id));
+        }
         Ok(Dictionary {
             id: ChunkId::of(&bytes),
             zstd_id,
@@ -175,7 +182,12 @@ impl Dictionary {
         if sizes.len() < 8 {
             return None;
         }
-        let bytes = zstd::dict::from_continuous(data, sizes, size).ok()?;
+        let mut bytes = zstd::dict::from_continuous(data, sizes, size).ok()?;
+        if bytes.len() < 8 || !bytes.starts_with(&DICTIONARY_MAGIC) {
+            return None;
+        }
+        let id = derived_zstd_id(&bytes);
+        bytes[4..8].copy_from_slice(&id.to_le_bytes());
         Dictionary::from_bytes(bytes).ok()
     }
 
@@ -183,6 +195,19 @@ impl Dictionary {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+}
+
+/// The zstd dictionary id Shoal gives a dictionary: derived from its content (BLAKE3
+/// of the dictionary with the id field zeroed), in zstd's private range
+/// `32768..2^31`. So a chunk's frame header names its dictionary's file in a store,
+/// and two different dictionaries share an id only by a 31-bit accident.
+pub fn derived_zstd_id(dict: &[u8]) -> u32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&dict[..4.min(dict.len())]);
+    h.update(&[0u8; 4]);
+    h.update(dict.get(8..).unwrap_or_default());
+    let n = u32::from_le_bytes(h.finalize().as_bytes()[..4].try_into().expect("4 bytes"));
+    32768 + n % (0x8000_0000 - 32768)
 }
 
 /// The zstd dictionary id a stored chunk's frame names, if any.

@@ -116,15 +116,12 @@ pub struct VerifyReport {
     pub stored_bytes: u64,
 }
 
-/// Dictionaries by zstd dictionary id (ids are 32-bit, so several may share one).
-type DictionariesById = HashMap<u32, Vec<Dictionary>>;
-
 /// A chunk store directory.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     dir: PathBuf,
     /// The store's zstd dictionaries by zstd dictionary id, loaded on first need.
-    dictionaries: Arc<Mutex<Option<DictionariesById>>>,
+    dictionaries: Arc<Mutex<HashMap<u32, Dictionary>>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -143,69 +140,59 @@ impl ChunkStore {
         }
         Ok(ChunkStore {
             dir: dir.to_path_buf(),
-            dictionaries: Arc::new(Mutex::new(None)),
+            dictionaries: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
-    /// Path of a zstd dictionary file, named by the BLAKE3 of its bytes.
-    pub fn dictionary_file(&self, id: &ChunkId) -> PathBuf {
-        self.dir.join("dictionaries").join(id.to_hex())
+    /// Path of a zstd dictionary file, named by its zstd dictionary id (8 hex digits),
+    /// which is what a chunk's zstd frame names. Shoal derives that id from the
+    /// dictionary's content ([`Dictionary::from_bytes`] checks it).
+    pub fn dictionary_file(&self, zstd_id: u32) -> PathBuf {
+        self.dir.join("dictionaries").join(format!("{zstd_id:08x}"))
     }
 
-    /// The store's dictionaries whose zstd id is `zstd_id`.
-    fn dictionaries_for(&self, zstd_id: u32) -> Result<Vec<Dictionary>, StoreError> {
+    /// The store's dictionary with this zstd id, if it has one.
+    pub fn dictionary(&self, zstd_id: u32) -> Result<Option<Dictionary>, StoreError> {
         let mut cache = self.dictionaries.lock().expect("dictionary cache lock");
-        if cache.is_none() {
-            let mut map: HashMap<u32, Vec<Dictionary>> = HashMap::new();
-            for path in sorted_dir(&self.dir.join("dictionaries"))? {
-                let bytes = read_bounded(&path, DICTIONARY_SIZE_MAX as u64)?;
-                let d =
-                    Dictionary::from_bytes(bytes).map_err(|source| StoreError::BadDictionary {
-                        path: path.clone(),
-                        source,
-                    })?;
-                if self.dictionary_file(&d.id) != path {
-                    return Err(StoreError::UnexpectedFile(path));
-                }
-                map.entry(d.zstd_id).or_default().push(d);
-            }
-            *cache = Some(map);
+        if let Some(d) = cache.get(&zstd_id) {
+            return Ok(Some(d.clone()));
         }
-        let map = cache.as_ref().expect("loaded above");
-        Ok(map.get(&zstd_id).cloned().unwrap_or_default())
+        let path = self.dictionary_file(zstd_id);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = read_bounded(&path, DICTIONARY_SIZE_MAX as u64)?;
+        let d = Dictionary::from_bytes(bytes).map_err(|source| StoreError::BadDictionary {
+            path: path.clone(),
+            source,
+        })?;
+        if d.zstd_id != zstd_id {
+            return Err(StoreError::UnexpectedFile(path));
+        }
+        cache.insert(zstd_id, d.clone());
+        Ok(Some(d))
     }
 
-    /// Decodes a stored chunk with whichever of the store's dictionaries its frame
-    /// names; `size` is the declared size, when known.
+    /// Decodes a stored chunk with the store's dictionary its frame names (if any);
+    /// `size` is the declared size, when known.
     fn decode(&self, stored: &[u8], id: ChunkId, size: Option<u32>) -> Result<Vec<u8>, StoreError> {
-        let candidates = match chunk::frame_dictionary_id(stored) {
-            None => vec![None],
-            Some(z) => self.dictionaries_for(z)?.into_iter().map(Some).collect(),
+        let dict = match chunk::frame_dictionary_id(stored) {
+            None => None,
+            Some(z) => self.dictionary(z)?,
         };
-        let mut last = None;
-        for dict in &candidates {
-            let r = match size {
-                Some(size) => chunk::decode_with(
-                    stored,
-                    &ChunkRef {
-                        id,
-                        size,
-                        stored_size: 0,
-                    },
-                    dict.as_ref(),
-                ),
-                None => chunk::decode_any_size(stored, id, dict.as_ref()),
-            };
-            match r {
-                Ok(d) => return Ok(d),
-                Err(e) => last = Some(e),
-            }
-        }
-        let source = last.unwrap_or(ChunkError::NeedsDictionary {
-            id,
-            zstd_id: chunk::frame_dictionary_id(stored).unwrap_or(0),
-        });
-        Err(StoreError::BadChunk {
+        let r = match size {
+            Some(size) => chunk::decode_with(
+                stored,
+                &ChunkRef {
+                    id,
+                    size,
+                    stored_size: 0,
+                },
+                dict.as_ref(),
+            ),
+            None => chunk::decode_any_size(stored, id, dict.as_ref()),
+        };
+        r.map_err(|source| StoreError::BadChunk {
             path: self.chunk_file(&id),
             source,
         })
@@ -300,10 +287,9 @@ impl ChunkStore {
         while let Some(raw) = reader.next_raw()? {
             if !have_dictionary && let Some(d) = reader.dictionary() {
                 // The dictionary comes before every chunk that needs it.
-                let path = self.dictionary_file(&d.id);
+                let path = self.dictionary_file(d.zstd_id);
                 if !path.is_file() {
                     write_atomic(&path, d.bytes(), true)?;
-                    *self.dictionaries.lock().expect("dictionary cache lock") = None;
                 }
                 have_dictionary = true;
             }
@@ -394,6 +380,19 @@ impl ChunkStore {
                 report.stored_bytes += stored.len() as u64;
             }
             report.manifests += 1;
+        }
+        // Dictionaries: each valid and named by its (content-derived) zstd id.
+        for path in sorted_dir(&self.dir.join("dictionaries"))? {
+            let zstd_id = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| n.len() == 8)
+                .and_then(|n| u32::from_str_radix(n, 16).ok())
+                .filter(|z| self.dictionary_file(*z) == path);
+            let Some(zstd_id) = zstd_id else {
+                return Err(StoreError::UnexpectedFile(path));
+            };
+            self.dictionary(zstd_id)?;
         }
         // Chunk files no manifest lists: still named by the hash of their content.
         let cdir = self.dir.join("chunks");

@@ -237,11 +237,21 @@ fn dictionary_compressed_artifact_round_trips_through_a_store() {
     assert_eq!(store.get(&c).unwrap(), data[..c.size as usize]);
     // Without its dictionary a chunk is refused, not misread.
     let stored = store.get_stored(&c.id).unwrap();
-    assert!(
-        chunk::frame_dictionary_id(&stored).is_some(),
-        "{:?}",
-        &stored[..8]
-    );
+    let zstd_id = chunk::frame_dictionary_id(&stored).expect("the frame names its dictionary");
+    // The frame's dictionary id names the store's dictionary file, and is derived
+    // from the dictionary's content.
+    let d = store
+        .dictionary(zstd_id)
+        .unwrap()
+        .expect("the store has the dictionary");
+    assert_eq!(d.zstd_id, chunk::derived_zstd_id(d.bytes()));
+    assert!(store.dictionary_file(zstd_id).is_file());
+    let mut forged = d.bytes().to_vec();
+    forged[4] ^= 1;
+    assert!(matches!(
+        chunk::Dictionary::from_bytes(forged),
+        Err(chunk::DictionaryError::IdNotDerived(_))
+    ));
     assert!(matches!(
         chunk::decode(&stored, &c),
         Err(ChunkError::NeedsDictionary { .. })
