@@ -463,6 +463,11 @@ fn parse_zck_delta_size(stdout: &[u8]) -> Result<u64> {
     bail!("zck_delta_size printed no \"Would download\" line: {text:?}")
 }
 
+/// Label of the full install (slot A holds nothing reusable).
+const FULL: &str = "shoal install (full)";
+/// Label of the install on a device running v1.
+const DELTA: &str = "shoal install (v1 → v2)";
+
 /// Issue 4: the install goals.
 pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     let (v1, v2) = releases(ctx);
@@ -498,12 +503,8 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     if let Ok((s, _)) = &ready {
         progress("setting up two file-backed devices (slot A: unrelated data / v1.img)");
         for (label, name, slot_a) in [
-            ("shoal install (full)", "dev-full", SlotA::Random),
-            (
-                "shoal install (v1 → v2)",
-                "dev-delta",
-                SlotA::Image(&ctx.v1),
-            ),
+            (FULL, "dev-full", SlotA::Random),
+            (DELTA, "dev-delta", SlotA::Image(&ctx.v1)),
         ] {
             let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
             jobs.push(
@@ -516,7 +517,7 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
                 )
                 .with_prepare(dev.prepare(s)),
             );
-            devices.push(dev);
+            devices.push((label, dev));
         }
     }
     run_rounds(ctx, &mut jobs)?;
@@ -529,12 +530,12 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
             "`shoal artifact diff` v1 → v2 download".to_owned(),
             Quantity::Bytes(*diff).to_string(),
         ));
-        for (job, dev) in jobs[1..].iter().zip(&devices) {
-            if job.error.is_some() {
+        for (label, dev) in &devices {
+            let Some(job) = find(&jobs, label).filter(|j| j.error.is_none()) else {
                 continue;
-            }
+            };
             facts.push((
-                format!("`{}`: what `--json` reported (last run)", job.series.label),
+                format!("`{label}`: what `--json` reported (last run)"),
                 format!("`{}`", String::from_utf8_lossy(&job.last_stdout).trim()),
             ));
             let same = Cmd::new("cmp")
@@ -544,25 +545,28 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
                 .arg(&ctx.v2)
                 .succeeds();
             facts.push((
-                format!("`{}`: slot B equals v2.img afterwards", job.series.label),
+                format!("`{label}`: slot B equals v2.img afterwards"),
                 if same { "yes" } else { "**NO**" }.to_owned(),
             ));
         }
-        if let (Some(job), Some(dev)) = (jobs.get(2), devices.get(1))
-            && job.error.is_none()
-        {
-            progress("counting the delta install's reads of the source with strace (untimed)");
-            source_read = dev
-                .strace_source_bytes(ctx, s, &v2_shoal)
-                .map(Quantity::Bytes)
-                .map_err(|e| one_line(&format!("{e:#}")));
-        } else if let Some(job) = jobs.get(2) {
-            source_read = job.result().map(|_| Quantity::Bytes(0));
+        let delta = devices.iter().find(|(label, _)| *label == DELTA);
+        if let (Some(job), Some((_, dev))) = (find(&jobs, DELTA), delta) {
+            source_read = match job.result() {
+                Ok(_) => {
+                    progress(
+                        "counting the delta install's reads of the source with strace (untimed)",
+                    );
+                    dev.strace_source_bytes(ctx, s, &v2_shoal)
+                        .map(Quantity::Bytes)
+                        .map_err(|e| one_line(&format!("{e:#}")))
+                }
+                Err(e) => Err(e),
+            };
         }
     }
 
     let why = ready.as_ref().err().cloned().unwrap_or_default();
-    let full_wall = figure(&jobs, "shoal install (full)", &why, wall);
+    let full_wall = figure(&jobs, FULL, &why, wall);
     let rss_cap = Target::AtMost(Quantity::Mebibytes(32.0));
     let mut goals = vec![Goal::relative(
         "install of the full v2 artifact from a local file into a file slot",
@@ -589,7 +593,7 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     goals.push(match &full_wall {
         Ok(full) => Goal::relative(
             "v1 → v2 install: wall time vs the full install",
-            figure(&jobs, "shoal install (v1 → v2)", &why, wall),
+            figure(&jobs, DELTA, &why, wall),
             baseline("full `shoal install`", *full),
             Target::RatioAtMost(1.0),
         ),
@@ -601,12 +605,12 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     });
     goals.push(Goal::absolute(
         "peak RSS of `shoal install` (full, 512 MiB image)",
-        figure(&jobs, "shoal install (full)", &why, rss),
+        figure(&jobs, FULL, &why, rss),
         rss_cap,
     ));
     goals.push(Goal::absolute(
         "peak RSS of `shoal install` (v1 → v2)",
-        figure(&jobs, "shoal install (v1 → v2)", &why, rss),
+        figure(&jobs, DELTA, &why, rss),
         rss_cap,
     ));
     Ok(Section {
