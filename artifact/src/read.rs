@@ -562,18 +562,65 @@ impl<R: Read> ArtifactReader<R> {
         Ok(raws.into_iter().map(|r| r.chunk).zip(verified).collect())
     }
 
-    /// Reads and verifies every remaining chunk (in parallel batches), discarding the
-    /// bytes. Returns the number of chunks verified.
-    pub fn verify_rest(&mut self, mut progress: impl FnMut(u64)) -> Result<u64, ReadError> {
+    /// Reads and verifies every remaining chunk, discarding the bytes: one batch is
+    /// verified on all cores while the next is read. Errors come in artifact order,
+    /// as if read one chunk at a time. Returns the number of chunks verified.
+    pub fn verify_rest(&mut self, mut progress: impl FnMut(u64)) -> Result<u64, ReadError>
+    where
+        R: Send,
+    {
         let mut n = 0u64;
+        let (mut pending, mut failure) = self.read_raw_batch(BATCH_BYTES);
         loop {
-            let batch = self.next_batch(BATCH_BYTES)?;
-            if batch.is_empty() {
-                return Ok(n);
+            if pending.is_empty() {
+                return match failure {
+                    Some(e) => Err(e),
+                    None => Ok(n),
+                };
             }
-            n += batch.len() as u64;
-            progress(batch.iter().map(|(c, _)| u64::from(c.size)).sum());
+            let read_next = failure.is_none();
+            let (verified, next) = rayon::join(
+                || {
+                    pending
+                        .par_iter()
+                        .map(|r| r.verify().map(|_| ()))
+                        .collect::<Result<(), _>>()
+                },
+                || {
+                    if read_next {
+                        self.read_raw_batch(BATCH_BYTES)
+                    } else {
+                        (Vec::new(), None)
+                    }
+                },
+            );
+            verified?;
+            n += pending.len() as u64;
+            progress(pending.iter().map(|r| u64::from(r.chunk.size)).sum());
+            if !read_next {
+                // Everything before the structural error was sound: report it now.
+                return Err(failure.take().expect("read_next is false only on failure"));
+            }
+            (pending, failure) = next;
         }
+    }
+
+    /// Reads chunks (not verifying them) until about `max_stored_bytes`, the end, or a
+    /// structural error, which is returned beside the chunks read before it.
+    fn read_raw_batch(&mut self, max_stored_bytes: usize) -> (Vec<RawChunk>, Option<ReadError>) {
+        let mut raws = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_stored_bytes {
+            match self.next_raw() {
+                Ok(Some(raw)) => {
+                    bytes += raw.stored.len();
+                    raws.push(raw);
+                }
+                Ok(None) => break,
+                Err(e) => return (raws, Some(e)),
+            }
+        }
+        (raws, None)
     }
 }
 

@@ -736,3 +736,31 @@ fn store_verify_catches_corruption() {
         Err(StoreError::BadManifest { .. })
     ));
 }
+
+#[test]
+fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
+    let (bytes, report) = build(&payload(600_000, 13));
+    let root = root(&[1], 1);
+    let verify = |b: &[u8]| -> Result<u64, ReadError> {
+        let mut r = ArtifactReader::open(b, &root, NOW)?;
+        r.verify_rest(|_| {})
+    };
+    assert_eq!(verify(&bytes).unwrap(), report.chunks_distinct);
+    let m = members(&bytes);
+    let (at, _, size) = m[m.len() / 2];
+    let mut flipped = bytes.clone();
+    flipped[at + 512 + size - 2] ^= 0x40;
+    let truncated = &bytes[..at + 512 + size / 2];
+    // A bad chunk early and a truncation later: the bad chunk is reported.
+    let mut both = flipped.clone();
+    both.truncate(bytes.len() - 700);
+    for (name, input) in [
+        ("flipped", &flipped[..]),
+        ("truncated", truncated),
+        ("both", &both[..]),
+    ] {
+        let sequential = format!("{:?}", read_all(input, &root).unwrap_err());
+        let parallel = format!("{:?}", verify(input).unwrap_err());
+        assert_eq!(sequential, parallel, "{name}");
+    }
+}

@@ -210,7 +210,7 @@ fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
 }
 
 /// Opens an artifact file, or standard input for `-`.
-pub fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::Read>> {
+pub fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
     if path == Path::new("-") {
         return Ok(Box::new(BufReader::with_capacity(
             1 << 20,
