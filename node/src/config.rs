@@ -13,7 +13,7 @@
 //! timeout_s = 60                         # per check
 //!
 //! [install]
-//! journal_batch_mib = 4                  # progress journal commit interval
+//! journal_batch_mib = 16                 # progress journal commit interval
 //!
 //! [slots]                                # and [bootloader]: see shoal-bootctl
 //! a = { path = "/dev/mmcblk0p2" }
@@ -113,7 +113,7 @@ pub struct Install {
 }
 
 fn default_batch_mib() -> u64 {
-    4
+    16
 }
 
 impl Default for Install {
@@ -253,7 +253,7 @@ mod tests {
         let c = parse(GOOD).expect("valid");
         assert_eq!(c.device.device_type, "acme-board");
         assert_eq!(c.health.timeout_s, 30);
-        assert_eq!(c.install.journal_batch_mib, 4);
+        assert_eq!(c.install.journal_batch_mib, 16);
         assert_eq!(
             c.device.reboot_command,
             vec!["systemctl".to_string(), "reboot".to_string()]

@@ -714,7 +714,14 @@ impl Engine {
                 .push(u32::try_from(i).expect("manifest chunk count fits u32"));
         }
         let mut from_slot = 0u64;
-        for (id, need) in &job.needs {
+        // In payload order (not id order): reads of the active slot and writes of the
+        // target then run mostly sequentially.
+        let mut planned = BTreeSet::new();
+        for (_, _, id) in &job.positions {
+            let Some(need) = job.needs.get(id) else { continue };
+            if !planned.insert(*id) {
+                continue;
+            }
             match self.index.get(id) {
                 Some(&(_, len)) if len == need.size => {
                     job.reads.push_back(*id);

@@ -171,8 +171,7 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
             "deployment": deployment,
             "last": last,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+        return print_data(&serde_json::to_string_pretty(&value)?);
     }
     let name = |r: &Option<Release>| {
         r.as_ref().map_or(
@@ -225,7 +224,15 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
         };
         lines.push(format!("last: {} on slot {}: {what}", o.release, o.slot));
     }
-    // Status is the data of this command: stdout.
-    println!("{}", lines.join("\n"));
-    Ok(())
+    // Status is the data of this command: stdout (a closed pipe is not an error).
+    print_data(&lines.join("\n"))
+}
+
+/// Prints `text` and a newline on stdout; a reader that went away (`| head`) is fine.
+fn print_data(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

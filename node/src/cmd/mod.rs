@@ -34,12 +34,18 @@ pub struct Exit {
 impl Exit {
     /// A usage or configuration error (exit code 2).
     pub fn usage(message: impl Into<String>) -> anyhow::Error {
-        anyhow::Error::new(Exit { code: EXIT_USAGE, message: message.into() })
+        anyhow::Error::new(Exit {
+            code: EXIT_USAGE,
+            message: message.into(),
+        })
     }
 
     /// A temporary failure that is safe to retry (exit code 75).
     pub fn tempfail(message: impl Into<String>) -> anyhow::Error {
-        anyhow::Error::new(Exit { code: EXIT_TEMPFAIL, message: message.into() })
+        anyhow::Error::new(Exit {
+            code: EXIT_TEMPFAIL,
+            message: message.into(),
+        })
     }
 }
 
@@ -62,7 +68,10 @@ pub struct Ui {
 impl Ui {
     /// `quiet` suppresses informational messages and progress bars.
     pub fn new(quiet: bool) -> Self {
-        Ui { quiet, tty: std::io::stderr().is_terminal() }
+        Ui {
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     /// An informational line on stderr, unless quiet.

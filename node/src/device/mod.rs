@@ -33,11 +33,14 @@ use crate::cmd::Exit;
 use crate::config::Config;
 use store::Store;
 
-/// Stored bytes of wanted chunks read from an artifact before they are decoded
-/// together (in parallel). Bounds the memory of a streaming install.
-const DECODE_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Read buffer of artifact sources.
-const READ_BUFFER: usize = 1024 * 1024;
+/// Bytes of wanted chunks (uncompressed, so a highly compressible stretch cannot
+/// balloon) read from an artifact before they are decoded together, in parallel.
+/// Bounds the memory of a streaming install.
+const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Read buffer of artifact sources and of slot indexing.
+const READ_BUFFER: usize = 256 * 1024;
+/// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
+const IO_WINDOW: usize = 1024 * 1024;
 /// Wall-clock times before this (2024-01-01) mean the device has no real clock: the
 /// trust root expiry is not checked rather than checked against 1970.
 const CLOCK_SANE_UNIX_S: u64 = 1_704_067_200;
@@ -240,6 +243,11 @@ impl Device {
             shoal_engine::Config::new(self.config.device.device_type.clone(), self.root.clone());
         config.provides = self.config.device.provides.clone();
         config.journal_batch_bytes = self.config.install.journal_batch_mib * 1024 * 1024;
+        // Local sources answer at once: a few requests in flight keep the queue of
+        // chunks waiting to be written (and so memory) small.
+        config.reads_in_flight_max = 2;
+        config.fetch_in_flight_max = 8;
+        config.fetch_batch_max = 8;
         Ok(Engine::new(config, state))
     }
 
@@ -566,6 +574,10 @@ struct Driver<'a> {
     engine: Engine,
     start: std::time::Instant,
     writer: Option<SlotWriter>,
+    /// Contiguous writes gathered into one (flushed before every sync).
+    pending: Option<(u64, Vec<u8>)>,
+    /// Read-ahead window over the slot read last: (slot, start, bytes).
+    window: Option<(Slot, u64, Vec<u8>)>,
     readers: [Option<Box<dyn Storage>>; 2],
     chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
     events: Vec<Event>,
@@ -585,6 +597,8 @@ impl<'a> Driver<'a> {
             engine,
             start: std::time::Instant::now(),
             writer: None,
+            pending: None,
+            window: None,
             readers: [None, None],
             chunk_store: None,
             events: Vec::new(),
@@ -622,7 +636,7 @@ impl<'a> Driver<'a> {
                 match artifact.next_raw() {
                     Ok(Some(raw)) => {
                         if self.engine.wants(&raw.chunk.id) {
-                            bytes += raw.stored().len();
+                            bytes += raw.chunk.size as usize + raw.stored().len();
                             raws.push(raw);
                         }
                     }
@@ -769,6 +783,69 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
+    /// `len` bytes at `offset` of a slot, through a read-ahead window (the chunks
+    /// reused from the running slot mostly come in slot order).
+    fn read(&mut self, slot: Slot, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+        let end = offset + len as u64;
+        let hit = |w: &Option<(Slot, u64, Vec<u8>)>| {
+            w.as_ref().is_some_and(|(s, start, buf)| {
+                *s == slot && *start <= offset && end <= start + buf.len() as u64
+            })
+        };
+        if !hit(&self.window) {
+            let mut buf = self.window.take().map(|(_, _, b)| b).unwrap_or_default();
+            let storage = self.reader(slot)?;
+            let want = (len.max(IO_WINDOW) as u64)
+                .min(storage.len()?.saturating_sub(offset))
+                .max(len as u64);
+            buf.resize(usize::try_from(want).unwrap_or(len), 0);
+            storage.read_at(offset, &mut buf)?;
+            self.window = Some((slot, offset, buf));
+        }
+        let (_, start, buf) = self.window.as_ref().expect("filled");
+        let at = usize::try_from(offset - start).unwrap_or(0);
+        Ok(buf[at..at + len].to_vec())
+    }
+
+    /// Writes at `offset` of the open writer, gathering contiguous writes.
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        if let Some((start, buf)) = self.pending.as_mut()
+            && *start + buf.len() as u64 == offset
+            && buf.len() + data.len() <= IO_WINDOW
+        {
+            buf.extend_from_slice(data);
+            return Ok(());
+        }
+        self.flush()?;
+        if data.len() >= IO_WINDOW {
+            let w = self
+                .writer
+                .as_mut()
+                .ok_or_else(|| anyhow!("no slot open for writing"))?;
+            return w
+                .write_at(offset, data)
+                .map(|_| ())
+                .map_err(|e| anyhow!("{}", error_chain(&e)));
+        }
+        let mut buf = Vec::with_capacity(IO_WINDOW);
+        buf.extend_from_slice(data);
+        self.pending = Some((offset, buf));
+        Ok(())
+    }
+
+    /// Writes out gathered writes.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some((start, buf)) = self.pending.take() {
+            let w = self
+                .writer
+                .as_mut()
+                .ok_or_else(|| anyhow!("no slot open for writing"))?;
+            w.write_at(start, &buf)
+                .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+        }
+        Ok(())
+    }
+
     fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
         let i = slot_index(slot);
         if self.readers[i].is_none() {
@@ -820,9 +897,8 @@ impl<'a> Driver<'a> {
                 offset,
                 len,
             } => {
-                let mut data = vec![0u8; len as usize];
-                self.reader(slot)
-                    .and_then(|r| Ok(r.read_at(offset, &mut data)?))
+                let data = self
+                    .read(slot, offset, len as usize)
                     .map_err(|e| (IoOp::Read, e))?;
                 self.engine.handle(
                     now,
@@ -869,12 +945,8 @@ impl<'a> Driver<'a> {
                 data,
             } => {
                 if self.writer.as_ref().is_none_or(|w| w.slot() != slot) {
-                    let size = self
-                        .engine
-                        .status()
-                        .deployment
-                        .map(|d| d.release.payload_size)
-                        .ok_or_else(|| (IoOp::Write, anyhow!("write without a deployment")))?;
+                    // Set from the offer's payload; no manifest parsing here.
+                    let size = self.engine.progress().total_bytes;
                     let mut w = self
                         .dev
                         .boot
@@ -884,13 +956,12 @@ impl<'a> Driver<'a> {
                     w.set_sync_batch_bytes(u64::MAX);
                     self.writer = Some(w);
                 }
-                let w = self.writer.as_mut().expect("just opened");
                 for off in offsets {
-                    w.write_at(off, &data)
-                        .map_err(|e| (IoOp::Write, anyhow!("{}", error_chain(&e))))?;
+                    self.write(off, &data).map_err(|e| (IoOp::Write, e))?;
                 }
             }
             Output::Sync { slot } => {
+                self.flush().map_err(|e| (IoOp::Write, e))?;
                 if let Some(w) = self.writer.as_mut().filter(|w| w.slot() == slot) {
                     w.sync()
                         .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
@@ -903,6 +974,7 @@ impl<'a> Driver<'a> {
                     .map_err(|e| (IoOp::Persist, anyhow!(e)))?;
             }
             Output::HashSlot { slot, len } => {
+                self.flush().map_err(|e| (IoOp::Write, e))?;
                 if let Some(mut w) = self.writer.take() {
                     w.sync()
                         .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;

@@ -25,6 +25,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
 const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
 
+/// redb cache size.
+const CACHE_BYTES: usize = 2 * 1024 * 1024;
+
 /// File name of the store in the data directory.
 pub const FILE_NAME: &str = "shoal.redb";
 
@@ -93,7 +96,10 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
+        if !path.exists() {
+            create_atomically(data_dir, &path)?;
+        }
+        let db = match builder().open(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Busy { path }),
             Err(e) => {
@@ -278,6 +284,49 @@ impl Store {
     }
 }
 
+/// The store is a small index and journal: a small cache keeps the installer's
+/// memory bounded (redb defaults to 1 GiB).
+fn builder() -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_cache_size(CACHE_BYTES);
+    b
+}
+
+/// Creates an empty store (with its tables) under a temporary name and renames it
+/// into place, so that a power cut while it is being created never leaves a
+/// half-written store behind.
+fn create_atomically(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let tmp = data_dir.join(format!("{FILE_NAME}.new"));
+    let db_err = |e: &dyn std::fmt::Display| StoreError::Db {
+        path: tmp.clone(),
+        message: e.to_string(),
+    };
+    let io_err = |source| StoreError::Dir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(e)),
+        _ => {}
+    }
+    {
+        let db = builder().create(&tmp).map_err(|e| db_err(&e))?;
+        let txn = db.begin_write().map_err(|e| db_err(&e))?;
+        txn.open_table(META).map_err(|e| db_err(&e))?;
+        txn.open_table(DONE).map_err(|e| db_err(&e))?;
+        txn.open_table(INDEX).map_err(|e| db_err(&e))?;
+        txn.commit().map_err(|e| db_err(&e))?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err)?;
+    std::fs::rename(&tmp, path).map_err(io_err)?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err)?;
+    Ok(())
+}
+
 /// Values stored as CBOR in the `meta` table.
 trait ErasedCbor {
     fn cbor(&self) -> Vec<u8>;
@@ -402,6 +451,17 @@ mod tests {
             .expect("clear");
         let got = store.load(Slot::A, [8192, 8192]).expect("load");
         assert_eq!((got.done.len(), got.deployment), (0, None));
+    }
+
+    /// Regression: a power cut while the store was first created left a half-written
+    /// file that later opens refused; creation is now atomic.
+    #[test]
+    fn a_half_created_store_is_discarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(format!("{FILE_NAME}.new")), b"half a header").expect("write");
+        let store = Store::open(dir.path()).expect("open");
+        assert!(store.is_fresh().expect("fresh"));
+        assert!(!dir.path().join(format!("{FILE_NAME}.new")).exists());
     }
 
     #[test]
