@@ -1,9 +1,9 @@
 //! The small subset of POSIX ustar that `.shoal` artifacts use, read strictly.
 //!
-//! Writing goes through the `tar` crate's [`tar::Header`]. Reading does not use
-//! `tar::Archive`: an artifact reader must tell a truncated file from a finished one,
-//! refuse extension headers (pax, GNU long names) instead of interpreting them, and
-//! bound every size before it allocates. That takes one 512-byte header parser.
+//! Headers are written and parsed by the `tar` crate's [`tar::Header`]. The member
+//! loop does not use `tar::Archive`: an artifact reader must tell a truncated file
+//! from a finished one, refuse extension headers (pax, GNU long names) instead of
+//! interpreting them, and bound every size before it allocates.
 
 use std::io::{self, Read, Write};
 
@@ -54,60 +54,30 @@ pub enum Block {
     End,
 }
 
-fn octal(field: &[u8], name: &'static str) -> Result<u64, HeaderError> {
-    let text: &[u8] = {
-        let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-        &field[..end]
-    };
-    let text = std::str::from_utf8(text).map_err(|_| HeaderError::Number(name))?;
-    let text = text.trim_matches(' ');
-    if text.is_empty() {
-        return Ok(0);
-    }
-    u64::from_str_radix(text, 8).map_err(|_| HeaderError::Number(name))
-}
-
-fn cstr(field: &[u8]) -> &[u8] {
-    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    &field[..end]
-}
-
-/// Parses one header block.
+/// Parses one header block with the `tar` crate's [`tar::Header`], strictly: the
+/// checksum must match and the magic must be ustar (POSIX or GNU).
 pub fn parse(block: &[u8; BLOCK]) -> Result<Block, HeaderError> {
     if block.iter().all(|&b| b == 0) {
         return Ok(Block::End);
     }
-    let stored = octal(&block[148..156], "checksum")?;
-    let sum: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                u64::from(b' ')
-            } else {
-                u64::from(b)
-            }
-        })
-        .sum();
-    if stored != sum {
+    let header = tar::Header::from_byte_slice(block);
+    let stored = header
+        .cksum()
+        .map_err(|_| HeaderError::Number("checksum"))?;
+    let mut recomputed = header.clone();
+    recomputed.set_cksum();
+    if recomputed.cksum().ok() != Some(stored) {
         return Err(HeaderError::Checksum);
     }
-    if &block[257..263] != b"ustar\0" && &block[257..263] != b"ustar " {
+    if header.as_ustar().is_none() && header.as_gnu().is_none() {
         return Err(HeaderError::Magic);
     }
-    let size = octal(&block[124..136], "size")?;
-    let name = cstr(&block[0..100]);
-    let prefix = cstr(&block[345..500]);
-    let mut path = Vec::with_capacity(prefix.len() + 1 + name.len());
-    if !prefix.is_empty() {
-        path.extend_from_slice(prefix);
-        path.push(b'/');
-    }
-    path.extend_from_slice(name);
-    let path = String::from_utf8(path).map_err(|_| HeaderError::PathEncoding)?;
+    let size = header.size().map_err(|_| HeaderError::Number("size"))?;
+    let path = String::from_utf8(header.path_bytes().into_owned())
+        .map_err(|_| HeaderError::PathEncoding)?;
     Ok(Block::Member(Member {
         path,
-        kind: block[156],
+        kind: header.entry_type().as_byte(),
         size,
     }))
 }
