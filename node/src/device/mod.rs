@@ -8,6 +8,8 @@
 //! stream (a `.shoal` file or stdin, chunks decoded in parallel batches) or a chunk
 //! store directory (answered per request).
 
+#[cfg(test)]
+mod crash_tests;
 pub mod health;
 pub mod store;
 
@@ -163,6 +165,8 @@ pub struct Device {
     boot: BootControl,
     capacity: [u64; 2],
     reboot: Reboot,
+    /// Read-ahead and write-gathering size.
+    io_window: usize,
 }
 
 /// Unix seconds for the trust root expiry check, `None` without a sane clock.
@@ -172,6 +176,31 @@ pub fn wall_clock() -> Option<u64> {
 }
 
 impl Device {
+    /// A device from already opened parts (tests: slots and bootloader on a crash
+    /// disk).
+    #[cfg(test)]
+    pub(crate) fn from_parts(
+        config: Config,
+        root: TrustRoot,
+        store: Store,
+        boot: BootControl,
+    ) -> anyhow::Result<Device> {
+        let mut capacity = [0u64; 2];
+        for slot in Slot::ALL {
+            capacity[slot_index(slot)] = boot.open_reader(slot)?.len()?;
+        }
+        Ok(Device {
+            config,
+            root,
+            store,
+            boot,
+            capacity,
+            reboot: Reboot::Command,
+            // Small, so a crash test meets many slot writes.
+            io_window: 16 * 1024,
+        })
+    }
+
     /// Opens the device described by `config`.
     pub fn open(config: Config, reboot: Reboot) -> anyhow::Result<Device> {
         let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
@@ -205,6 +234,7 @@ impl Device {
             boot,
             capacity,
             reboot,
+            io_window: IO_WINDOW,
         })
     }
 
@@ -794,8 +824,9 @@ impl<'a> Driver<'a> {
         };
         if !hit(&self.window) {
             let mut buf = self.window.take().map(|(_, _, b)| b).unwrap_or_default();
+            let window = self.dev.io_window;
             let storage = self.reader(slot)?;
-            let want = (len.max(IO_WINDOW) as u64)
+            let want = (len.max(window) as u64)
                 .min(storage.len()?.saturating_sub(offset))
                 .max(len as u64);
             buf.resize(usize::try_from(want).unwrap_or(len), 0);
@@ -811,13 +842,13 @@ impl<'a> Driver<'a> {
     fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
         if let Some((start, buf)) = self.pending.as_mut()
             && *start + buf.len() as u64 == offset
-            && buf.len() + data.len() <= IO_WINDOW
+            && buf.len() + data.len() <= self.dev.io_window
         {
             buf.extend_from_slice(data);
             return Ok(());
         }
         self.flush()?;
-        if data.len() >= IO_WINDOW {
+        if data.len() >= self.dev.io_window {
             let w = self
                 .writer
                 .as_mut()
@@ -827,7 +858,7 @@ impl<'a> Driver<'a> {
                 .map(|_| ())
                 .map_err(|e| anyhow!("{}", error_chain(&e)));
         }
-        let mut buf = Vec::with_capacity(IO_WINDOW);
+        let mut buf = Vec::with_capacity(self.dev.io_window);
         buf.extend_from_slice(data);
         self.pending = Some((offset, buf));
         Ok(())

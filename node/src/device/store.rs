@@ -458,7 +458,11 @@ mod tests {
     #[test]
     fn a_half_created_store_is_discarded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(format!("{FILE_NAME}.new")), b"half a header").expect("write");
+        std::fs::write(
+            dir.path().join(format!("{FILE_NAME}.new")),
+            b"half a header",
+        )
+        .expect("write");
         let store = Store::open(dir.path()).expect("open");
         assert!(store.is_fresh().expect("fresh"));
         assert!(!dir.path().join(format!("{FILE_NAME}.new")).exists());
