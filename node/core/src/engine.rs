@@ -335,8 +335,15 @@ pub struct DeploymentStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NeedState {
     Idle,
-    Reading,
-    Fetching { source: SourceId, deadline: Instant },
+    /// Read from the active slot; `guess`: at the chunk's own payload offset, not
+    /// from the index.
+    Reading {
+        guess: bool,
+    },
+    Fetching {
+        source: SourceId,
+        deadline: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -346,6 +353,8 @@ struct Need {
     state: NeedState,
     attempts: u32,
     lacking: BTreeSet<SourceId>,
+    /// Whether the active slot was already read at this chunk's payload offset.
+    guessed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -709,6 +718,7 @@ impl Engine {
                 state: NeedState::Idle,
                 attempts: 0,
                 lacking: BTreeSet::new(),
+                guessed: false,
             });
             need.positions
                 .push(u32::try_from(i).expect("manifest chunk count fits u32"));
@@ -718,7 +728,9 @@ impl Engine {
         // target then run mostly sequentially.
         let mut planned = BTreeSet::new();
         for (_, _, id) in &job.positions {
-            let Some(need) = job.needs.get(id) else { continue };
+            let Some(need) = job.needs.get(id) else {
+                continue;
+            };
             if !planned.insert(*id) {
                 continue;
             }
@@ -727,7 +739,10 @@ impl Engine {
                     job.reads.push_back(*id);
                     from_slot += u64::from(need.size) * need.positions.len() as u64;
                 }
-                _ => job.fetches.push_back(*id),
+                // Not indexed: an image changed in place (or the last chunk of an
+                // image cut with the slot's trailing bytes) may still hold it at the
+                // same offset; one verified read decides before any source is asked.
+                _ => job.reads.push_back(*id),
             }
         }
         debug!(
@@ -757,11 +772,20 @@ impl Engine {
             if need.state != NeedState::Idle {
                 continue;
             }
-            let Some(&(offset, len)) = self.index.get(&id) else {
-                job.fetches.push_back(id);
-                continue;
+            let (offset, len, guess) = match self.index.get(&id) {
+                Some(&(offset, len)) if len == need.size => (offset, len, false),
+                _ => {
+                    let offset = job.positions[need.positions[0] as usize].0;
+                    let end = offset + u64::from(need.size);
+                    if need.guessed || end > self.state.slot_capacity[slot_index(active)] {
+                        job.fetches.push_back(id);
+                        continue;
+                    }
+                    need.guessed = true;
+                    (offset, need.size, true)
+                }
             };
-            need.state = NeedState::Reading;
+            need.state = NeedState::Reading { guess };
             job.reads_in_flight += 1;
             self.outputs.push_back(Output::Read {
                 slot: active,
@@ -981,10 +1005,12 @@ impl Engine {
             return; // Not needed (any more).
         };
         // Release this chunk's claim on the bounds, whoever answered.
+        let mut guess = false;
         match (need.state, origin) {
-            (NeedState::Reading, Origin::Slot(_)) => {
+            (NeedState::Reading { guess: g }, Origin::Slot(_)) => {
                 job.reads_in_flight -= 1;
                 need.state = NeedState::Idle;
+                guess = g;
             }
             (NeedState::Fetching { source, deadline }, Origin::Source(s)) if s == source => {
                 job.deadlines.remove(&(deadline, id));
@@ -996,6 +1022,11 @@ impl Engine {
         let good = data.len() == need.size as usize && ChunkId::from(blake3::hash(&data)) == id;
         if !good {
             match origin {
+                Origin::Slot(_) if guess => {
+                    if need.state == NeedState::Idle {
+                        job.fetches.push_back(id);
+                    }
+                }
                 Origin::Slot(slot) => {
                     warn!(%id, %slot, "chunk in the slot index does not hash as recorded; fetching it instead");
                     if need.state == NeedState::Idle {
@@ -1029,7 +1060,7 @@ impl Engine {
             // Someone else answered first; forget the outstanding request.
             job.deadlines.remove(&(deadline, id));
             job.fetch_in_flight -= 1;
-        } else if need.state == NeedState::Reading {
+        } else if let NeedState::Reading { .. } = need.state {
             job.reads_in_flight -= 1;
         }
         let Some(need) = job.needs.remove(&id) else {

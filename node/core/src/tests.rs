@@ -689,3 +689,33 @@ fn run_to_commit(
     engine.boot(dev.now(), dev.boot_info());
     dev.run(&mut engine, None)
 }
+
+/// A chunk the index lacks (e.g. the last chunk of an image, which cutting the
+/// whole slot merges with the slot's trailing bytes) is read from the active slot at
+/// its own offset, verified, and not fetched.
+#[test]
+fn chunks_missing_from_the_index_are_found_at_their_own_offset() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    dev.store.indexes[0] = Some(crate::SlotIndex {
+        chunking: crate::testing::TEST_CHUNKING,
+        chunks: Vec::new(),
+    });
+    let (m1, _) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    // A stream that holds nothing: everything must come from the slot.
+    dev.run(&mut engine, stream(&[])).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    let p = engine.progress();
+    assert_eq!((p.reused_bytes, p.fetched_bytes), (MIB as u64, 0));
+    assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
+    assert!(
+        !dev.events
+            .iter()
+            .any(|e| matches!(e, Event::Indexing { .. }))
+    );
+}

@@ -38,11 +38,11 @@ use store::Store;
 /// Bytes of wanted chunks (uncompressed, so a highly compressible stretch cannot
 /// balloon) read from an artifact before they are decoded together, in parallel.
 /// Bounds the memory of a streaming install.
-const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+const DECODE_BATCH_BYTES: usize = 1024 * 1024;
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
 /// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
-const IO_WINDOW: usize = 1024 * 1024;
+const IO_WINDOW: usize = 512 * 1024;
 /// Wall-clock times before this (2024-01-01) mean the device has no real clock: the
 /// trust root expiry is not checked rather than checked against 1970.
 const CLOCK_SANE_UNIX_S: u64 = 1_704_067_200;
@@ -675,7 +675,7 @@ impl<'a> Driver<'a> {
                         break;
                     }
                     Err(e) => {
-                        let message = error_chain(&e);
+                        let message = e.to_string();
                         let retry = matches!(e, ReadError::Io(_));
                         self.engine.handle(
                             self.now(),

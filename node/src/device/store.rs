@@ -26,7 +26,7 @@ const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
 const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
 
 /// redb cache size.
-const CACHE_BYTES: usize = 2 * 1024 * 1024;
+const CACHE_BYTES: usize = 1024 * 1024;
 
 /// File name of the store in the data directory.
 pub const FILE_NAME: &str = "shoal.redb";
