@@ -161,23 +161,48 @@ pub struct Kernel {
 pub fn kernel(cache: &Path) -> Kernel {
     let meta =
         std::env::var("SHOAL_QEMU_KERNEL_PKG").unwrap_or_else(|_| "linux-image-amd64".into());
-    let depends = stdout(Command::new("apt-cache").args(["depends", &meta]));
-    let package = depends
+    let out = Command::new("apt-cache")
+        .args(["depends", &meta])
+        .output()
+        .expect("run apt-cache");
+    let depends = String::from_utf8_lossy(&out.stdout);
+    let resolved = depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| {
             p.starts_with("linux-image-") && p.as_bytes().get(12).is_some_and(u8::is_ascii_digit)
         })
-        .map_or_else(|| meta.clone(), str::to_string);
+        .map(str::to_string)
+        .or_else(|| (out.status.success() && !depends.is_empty()).then(|| meta.clone()));
+    // Without apt lists, a kernel cached earlier still does.
+    let cached = || {
+        fs::read_dir(cache)
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.path().join(".done").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+    };
+    let package = resolved.or_else(cached).unwrap_or_else(|| {
+        panic!(
+            "\n\n*** THE QEMU BOOT TEST CANNOT FETCH ITS KERNEL: apt knows no package {meta} ***\n\
+             run `apt-get update` (the test fetches the kernel with `apt-get download` into \
+             {})\n{}\n",
+            cache.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let dir = cache.join(&package);
     let done = dir.join(".done");
     if !done.exists() {
+        // Built in a private staging directory and renamed into place when
+        // complete, so concurrent test runs never see half a cache.
+        let staging = cache.join(format!("{package}.partial-{}", std::process::id()));
         eprintln!(
             "qemu: fetching kernel package {package} into {}",
             dir.display()
         );
-        let _ = fs::remove_dir_all(&dir);
-        let work = dir.join("work");
+        let _ = fs::remove_dir_all(&staging);
+        let work = staging.join("work");
         fs::create_dir_all(&work).expect("kernel cache directory");
         run(Command::new("apt-get")
             .args(["download", &package])
@@ -197,9 +222,12 @@ pub fn kernel(cache: &Path) -> Kernel {
             .next()
             .expect("a kernel version directory");
         run(Command::new("depmod").arg("-b").arg(&x).arg(&kver));
-        fs::copy(x.join(format!("boot/vmlinuz-{kver}")), dir.join("vmlinuz"))
-            .expect("copy vmlinuz");
-        let mods = dir.join("modules");
+        fs::copy(
+            x.join(format!("boot/vmlinuz-{kver}")),
+            staging.join("vmlinuz"),
+        )
+        .expect("copy vmlinuz");
+        let mods = staging.join("modules");
         fs::create_dir_all(&mods).expect("modules directory");
         let mut order: Vec<String> = Vec::new();
         for module in MODULES {
@@ -225,9 +253,18 @@ pub fn kernel(cache: &Path) -> Kernel {
                 }
             }
         }
-        fs::write(dir.join("modules.list"), order.join("\n") + "\n").expect("modules.list");
+        fs::write(staging.join("modules.list"), order.join("\n") + "\n").expect("modules.list");
         fs::remove_dir_all(&work).expect("remove the unpacked package");
-        fs::write(&done, &package).expect("mark the kernel cache complete");
+        fs::write(staging.join(".done"), &package).expect("mark the kernel cache complete");
+        if fs::rename(&staging, &dir).is_err() {
+            // Another run finished first (or a stale directory is in the way).
+            if done.exists() {
+                let _ = fs::remove_dir_all(&staging);
+            } else {
+                let _ = fs::remove_dir_all(&dir);
+                fs::rename(&staging, &dir).expect("move the kernel cache into place");
+            }
+        }
     }
     let list = fs::read_to_string(dir.join("modules.list")).expect("modules.list");
     Kernel {
