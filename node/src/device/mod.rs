@@ -352,6 +352,8 @@ impl Device {
                     .map(|c| (c.id, *c))
                     .collect();
                 driver.chunk_store = Some((store, refs));
+                // The signed manifest is read from the source too.
+                driver.source_bytes_read = envelope.len() as u64;
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
