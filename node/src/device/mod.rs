@@ -444,7 +444,13 @@ impl Device {
                 });
             }
         }
-        bail!("the commit did not complete")
+        match driver.events.iter().find_map(|e| match e {
+            Event::Failed(err) => Some(err.to_string()),
+            _ => None,
+        }) {
+            Some(err) => bail!("the commit did not complete: {err}"),
+            None => bail!("the commit did not complete"),
+        }
     }
 
     /// Rolls back the deployment in progress (rebooting when in a trial boot).
@@ -471,7 +477,13 @@ impl Device {
                 });
             }
         }
-        bail!("the rollback did not complete")
+        match driver.events.iter().find_map(|e| match e {
+            Event::Failed(err) => Some(err.to_string()),
+            _ => None,
+        }) {
+            Some(err) => bail!("the rollback did not complete: {err}"),
+            None => bail!("the rollback did not complete"),
+        }
     }
 }
 
