@@ -462,6 +462,9 @@ fn qemu_update_rollback_and_power_cuts() {
 
     // 2. GRUB boots B as a trial; the health check passes; boot-check commits.
     let boot = m.boot(Run::new("2: B's trial commits", &[STATUS]));
+    if !boot.shows("shoal: booting slot B") {
+        boot.fail("GRUB (Shoal's fragment) should have booted the trial slot B");
+    }
     boot.expect_booted("B", "v2");
     let check = boot_check(&boot);
     expect_eq(&boot, "boot-check", &check["result"], "committed");
@@ -593,9 +596,15 @@ fn qemu_update_rollback_and_power_cuts() {
         up.fail("v4's trial should have panicked at least once");
     }
     for b in &boots[..boots.len() - 1] {
+        if !b.shows("shoal: booting slot A") {
+            b.fail("GRUB (Shoal's fragment) should have booted v4's trial slot A");
+        }
         if b.step("boot-check").is_some() || !b.shows("@@panic") {
             b.fail("the trial boot of v4 should have panicked before any userspace of Shoal ran");
         }
+    }
+    if !up.shows("shoal: booting slot B") {
+        up.fail("GRUB (Shoal's fragment) should have fallen back to slot B by itself");
     }
     up.expect_booted("B", "v2");
     let check = boot_check(up);
@@ -630,16 +639,11 @@ fn qemu_update_rollback_and_power_cuts() {
     );
     journal = after_cut(&boot, journal, "early");
     expect_cut(&boot, "midway");
-    let mut verifying = false;
+    // Shoal logs "verifying slot A" as it starts re-reading the written slot;
+    // the cut lands while the verification runs.
     let mut cut_verifying = |line: &str| {
-        let Some(out) = line.strip_prefix("2| ") else {
-            return false;
-        };
-        if out.contains("verifying slot") {
-            verifying = true;
-            return false;
-        }
-        verifying && written(out).is_some()
+        line.strip_prefix("2| ")
+            .is_some_and(|out| out.contains("verifying slot"))
     };
     let boot = m.boot(
         Run::new(
