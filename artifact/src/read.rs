@@ -30,6 +30,23 @@ pub fn chunk_path(id: &ChunkId) -> String {
 /// Path of the optional zstd dictionary member, right after the envelope.
 pub const DICTIONARY_MEMBER: &str = "dictionary";
 
+/// Path of the optional contents member, after the envelope and the dictionary: one
+/// bit per distinct chunk of the manifest (in first-occurrence payload order, bit
+/// `i % 8` of byte `i / 8`) saying whether the artifact holds that chunk.
+pub const CONTENTS_MEMBER: &str = "contents";
+
+/// The contents member's data for `distinct` (the manifest's distinct chunks in
+/// order): bit `i` set when `holds(distinct[i])`.
+pub fn contents_bitmap(distinct: &[ChunkRef], holds: impl Fn(&ChunkId) -> bool) -> Vec<u8> {
+    let mut bits = vec![0u8; distinct.len().div_ceil(8)];
+    for (i, c) in distinct.iter().enumerate() {
+        if holds(&c.id) {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    bits
+}
+
 /// Path of the `seq`th pack member (from 0) of an artifact.
 pub fn pack_path(seq: u64) -> String {
     format!("packs/{seq:08}")
@@ -138,6 +155,27 @@ pub enum ReadError {
     /// A chunk that is not where the manifest's order puts it.
     #[error("chunk {0} is out of order")]
     OutOfOrder(ChunkId),
+    /// The contents member is not one bit per distinct chunk of the manifest.
+    #[error(
+        "the contents member is {found} bytes; the manifest's {chunks} distinct chunks need {expected}"
+    )]
+    ContentsLength {
+        /// Bytes it must have.
+        expected: u64,
+        /// Bytes it has.
+        found: u64,
+        /// Distinct chunks in the manifest.
+        chunks: usize,
+    },
+    /// The contents member marks chunks past the manifest's last distinct chunk.
+    #[error("the contents member marks chunks past the manifest's {chunks} distinct chunks")]
+    ContentsPadding {
+        /// Distinct chunks in the manifest.
+        chunks: usize,
+    },
+    /// A chunk the artifact holds though its contents member does not list it.
+    #[error("chunk {0} is in the artifact but not in its contents member")]
+    NotInContents(ChunkId),
     /// A chunk the artifact should hold but does not.
     #[error("chunk {0} is missing from the artifact")]
     MissingChunk(ChunkId),
@@ -193,6 +231,8 @@ pub struct ArtifactReader<R: Read> {
     pack: Option<Pack>,
     packs_read: u64,
     dictionary: Option<Dictionary>,
+    /// Chunks the contents member says the artifact holds, once it was read.
+    contents: Option<HashSet<ChunkId>>,
     done: bool,
 }
 
@@ -261,6 +301,7 @@ impl<R: Read> ArtifactReader<R> {
             pack: None,
             packs_read: 0,
             dictionary: None,
+            contents: None,
             done: false,
         };
         reader.set_expected(base);
@@ -386,6 +427,16 @@ impl<R: Read> ArtifactReader<R> {
                 if matches!(self.expect, Expect::Exact) && self.next < self.expected.len() {
                     return Err(ReadError::MissingChunk(self.expected[self.next].id));
                 }
+                if let Some(contents) = &self.contents
+                    && let Some(c) = self
+                        .manifest
+                        .distinct_chunks()
+                        .into_iter()
+                        .find(|c| contents.contains(&c.id) && !self.seen.contains(&c.id))
+                {
+                    // The contents member promised a chunk that never came.
+                    return Err(ReadError::MissingChunk(c.id));
+                }
                 return Ok(false);
             }
             Some(Block::Member(m)) => m,
@@ -399,9 +450,13 @@ impl<R: Read> ArtifactReader<R> {
             return Err(ReadError::UnsafePath { path: member.path });
         }
         let is_file = member.kind == b'0' || member.kind == 0;
-        let first = self.packs_read == 0 && self.dictionary.is_none();
-        if is_file && first && member.path == DICTIONARY_MEMBER {
+        let preamble = self.packs_read == 0 && self.contents.is_none();
+        if is_file && preamble && self.dictionary.is_none() && member.path == DICTIONARY_MEMBER {
             self.read_dictionary_member(member.size)?;
+            return self.open_pack();
+        }
+        if is_file && preamble && member.path == CONTENTS_MEMBER {
+            self.read_contents_member(member.size)?;
             return self.open_pack();
         }
         if !is_file || member.path != pack_path(self.packs_read) {
@@ -484,6 +539,70 @@ impl<R: Read> ArtifactReader<R> {
         Ok(())
     }
 
+    /// Reads the contents member's data (bounded by the manifest's chunk count).
+    fn read_contents_member(&mut self, size: u64) -> Result<(), ReadError> {
+        let distinct = self.manifest.distinct_chunks();
+        let expected = distinct.len().div_ceil(8) as u64;
+        if size != expected {
+            return Err(ReadError::ContentsLength {
+                expected,
+                found: size,
+                chunks: distinct.len(),
+            });
+        }
+        let mut bits = vec![0u8; distinct.len().div_ceil(8)];
+        let mut got = 0;
+        let truncated = || ReadError::Truncated {
+            what: "the contents member".into(),
+        };
+        if !ustar::read_full(&mut self.src, &mut bits, &mut got)? {
+            return Err(truncated());
+        }
+        let mut pad = [0u8; BLOCK];
+        let pad = &mut pad[..ustar::padding(size)];
+        if !ustar::read_full(&mut self.src, pad, &mut got)? {
+            return Err(truncated());
+        }
+        self.offset += size + pad.len() as u64;
+        let tail = distinct.len() % 8;
+        if tail != 0 && bits.last().is_some_and(|&b| b >> tail != 0) {
+            return Err(ReadError::ContentsPadding {
+                chunks: distinct.len(),
+            });
+        }
+        self.contents = Some(
+            distinct
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits[i / 8] & (1 << (i % 8)) != 0)
+                .map(|(_, c)| c.id)
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// Which chunks the artifact holds, in artifact order, as far as it says before
+    /// its first chunk: all distinct chunks for a full artifact, those its contents
+    /// member marks for a thin one, `None` for a thin artifact without one. Reads on
+    /// to the first pack's index (so the dictionary and contents members are read).
+    /// A hint for planning: the chunks themselves are still checked as they come, and
+    /// a chunk listed but absent is a [`ReadError::MissingChunk`] at the end.
+    pub fn holds(&mut self) -> Result<Option<Vec<ChunkId>>, ReadError> {
+        self.read_dictionary()?;
+        let distinct = self.manifest.distinct_chunks();
+        Ok(match (&self.contents, self.is_thin()) {
+            (Some(set), _) => Some(
+                distinct
+                    .iter()
+                    .filter(|c| set.contains(&c.id))
+                    .map(|c| c.id)
+                    .collect(),
+            ),
+            (None, false) => Some(distinct.iter().map(|c| c.id).collect()),
+            (None, true) => None,
+        })
+    }
+
     /// The zstd dictionary the chunks were compressed with, once it was read (it
     /// comes before the first pack).
     pub fn dictionary(&self) -> Option<&Dictionary> {
@@ -507,6 +626,9 @@ impl<R: Read> ArtifactReader<R> {
         let Some(&index) = self.position.get(&id) else {
             return Err(ReadError::UnknownChunk(id));
         };
+        if self.contents.as_ref().is_some_and(|c| !c.contains(&id)) {
+            return Err(ReadError::NotInContents(id));
+        }
         match self.expect {
             Expect::Exact if index != self.next => {
                 return Err(ReadError::MissingChunk(self.expected[self.next].id));

@@ -22,7 +22,10 @@ use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
-use crate::read::{DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, pack_path};
+use crate::read::{
+    CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, contents_bitmap,
+    pack_path,
+};
 use crate::ustar;
 
 /// Raw payload bytes per batch handed from the chunker to the compressors.
@@ -357,6 +360,12 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     let mut artifact_len = ustar::write_member(&mut out, ENVELOPE_MEMBER, &env_bytes)?;
     if let Some(d) = dict {
         artifact_len += ustar::write_member(&mut out, DICTIONARY_MEMBER, d.bytes())?;
+    }
+    if base.is_some() {
+        // Which chunks a thin artifact holds, so a device can tell before it writes
+        // anything whether it has the rest.
+        let bits = contents_bitmap(&manifest.distinct_chunks(), |id| written.contains(id));
+        artifact_len += ustar::write_member(&mut out, CONTENTS_MEMBER, &bits)?;
     }
     artifact_len += io::copy(&mut BufReader::with_capacity(1 << 20, spool), &mut out)?;
     artifact_len += ustar::write_end(&mut out)?;

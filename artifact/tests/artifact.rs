@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use shoal_artifact::chunk;
 use shoal_artifact::manifest::Chunking;
-use shoal_artifact::read::{ENVELOPE_MEMBER, pack_path};
+use shoal_artifact::read::{CONTENTS_MEMBER, ENVELOPE_MEMBER, pack_path};
 use shoal_artifact::ustar;
 use shoal_artifact::write::pack_member;
 use shoal_artifact::{
@@ -346,6 +346,118 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
     assert_eq!(
         d.download_bytes,
         r2.envelope_len + r2.dictionary_len + r2.stored_bytes
+    );
+}
+
+/// The members of an artifact as (path, data).
+fn member_data(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    members(bytes)
+        .into_iter()
+        .map(|(at, p, size)| (p, bytes[at + 512..at + 512 + size].to_vec()))
+        .collect()
+}
+
+#[test]
+fn thin_artifact_says_what_it_holds_and_a_bad_contents_member_is_refused() {
+    let v1 = payload(600_000, 3);
+    let mut v2 = v1.clone();
+    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
+    v2.extend_from_slice(&payload(20_000, 5));
+    let (full1, r1) = build(&v1);
+    let mut o2 = opts();
+    o2.version = "2.0".into();
+    let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let root = root(&[1], 1);
+
+    // A full artifact holds every distinct chunk and needs no contents member.
+    assert!(
+        member_data(&full1)
+            .iter()
+            .all(|(p, _)| p != CONTENTS_MEMBER)
+    );
+    let mut r = ArtifactReader::open(&full1[..], &root, NOW).unwrap();
+    let all: Vec<ChunkId> = r1.manifest.distinct_chunks().iter().map(|c| c.id).collect();
+    assert_eq!(r.holds().unwrap(), Some(all));
+
+    // A thin one lists exactly the chunks its base lacks, right after the envelope.
+    let ms = member_data(&thin);
+    assert_eq!(ms[1].0, CONTENTS_MEMBER);
+    let distinct = r2.manifest.distinct_chunks();
+    assert_eq!(ms[1].1.len(), distinct.len().div_ceil(8));
+    let in_base: std::collections::HashSet<ChunkId> =
+        r1.manifest.distinct_chunks().iter().map(|c| c.id).collect();
+    let new: Vec<ChunkId> = distinct
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| !in_base.contains(id))
+        .collect();
+    assert_eq!(new.len() as u64, r2.chunks_written);
+    let mut r = ArtifactReader::open(&thin[..], &root, NOW).unwrap();
+    assert_eq!(r.holds().unwrap(), Some(new.clone()));
+    assert_eq!(read_all(&thin, &root).unwrap().len(), new.len());
+
+    let with_contents = |bits: Vec<u8>| {
+        let mut ms = ms.clone();
+        ms[1].1 = bits;
+        tar(&ms)
+    };
+    // One byte too many, or too few: refused before any chunk, with both sizes.
+    let expected = distinct.len().div_ceil(8) as u64;
+    for found in [expected + 1, expected - 1] {
+        let mut bits = ms[1].1.clone();
+        bits.resize(found as usize, 0);
+        let bad = with_contents(bits);
+        let mut r = ArtifactReader::open(&bad[..], &root, NOW).unwrap();
+        let e = r.holds().unwrap_err();
+        assert!(
+            matches!(e, ReadError::ContentsLength { expected: x, found: f, chunks }
+                if x == expected && f == found && chunks == distinct.len()),
+            "{e:?}"
+        );
+    }
+    // Bits past the last chunk.
+    let tail = distinct.len() % 8;
+    if tail != 0 {
+        let mut bits = ms[1].1.clone();
+        *bits.last_mut().unwrap() |= 0x80;
+        let e = read_all(&with_contents(bits), &root).unwrap_err();
+        assert!(
+            matches!(e, ReadError::ContentsPadding { chunks } if chunks == distinct.len()),
+            "{e:?}"
+        );
+    }
+    let position = |id: &ChunkId| distinct.iter().position(|c| c.id == *id).unwrap();
+    // A contents member that leaves out a chunk the artifact holds.
+    let mut bits = ms[1].1.clone();
+    let i = position(&new[0]);
+    bits[i / 8] &= !(1 << (i % 8));
+    let e = read_all(&with_contents(bits), &root).unwrap_err();
+    assert!(
+        matches!(e, ReadError::NotInContents(id) if id == new[0]),
+        "{e:?}"
+    );
+    // One that promises a chunk the artifact does not hold: caught at the end.
+    let mut bits = ms[1].1.clone();
+    let absent = distinct
+        .iter()
+        .find(|c| in_base.contains(&c.id))
+        .unwrap()
+        .id;
+    let i = position(&absent);
+    bits[i / 8] |= 1 << (i % 8);
+    let e = read_all(&with_contents(bits), &root).unwrap_err();
+    assert!(
+        matches!(e, ReadError::MissingChunk(id) if id == absent),
+        "{e:?}"
+    );
+    // After a pack, a contents member is just an unexpected member.
+    let mut late = ms.clone();
+    let c = late.remove(1);
+    late.push(c);
+    let e = read_all(&tar(&late), &root).unwrap_err();
+    assert!(
+        matches!(&e, ReadError::UnexpectedMember { path } if path == CONTENTS_MEMBER),
+        "{e:?}"
     );
 }
 

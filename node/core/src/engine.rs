@@ -360,6 +360,10 @@ struct Need {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Indexing,
+    /// Reading, at their own payload offsets in the active slot, the needed chunks
+    /// that neither the slot's index nor any source holds: an absent one fails the
+    /// install before anything is written.
+    Probing,
     Fetching,
     Hashing,
 }
@@ -389,6 +393,11 @@ struct Job {
     deadlines: BTreeSet<(Instant, ChunkId)>,
     batch: Vec<u32>,
     batch_bytes: u64,
+    /// Chunks still to probe ([`Step::Probing`]), probes in flight, and those found
+    /// absent.
+    probes: VecDeque<ChunkId>,
+    probes_in_flight: usize,
+    absent: BTreeSet<ChunkId>,
 }
 
 /// The sans-IO update engine. See the crate documentation.
@@ -675,6 +684,9 @@ impl Engine {
             deadlines: BTreeSet::new(),
             batch: Vec::new(),
             batch_bytes: 0,
+            probes: VecDeque::new(),
+            probes_in_flight: 0,
+            absent: BTreeSet::new(),
         });
         if self.index_chunking == Some(chunking) {
             self.plan(now);
@@ -723,6 +735,39 @@ impl Engine {
             need.positions
                 .push(u32::try_from(i).expect("manifest chunk count fits u32"));
         }
+        // When every source says which chunks it holds, a needed chunk that neither
+        // they nor the slot's index have is looked for at its own offset in the
+        // active slot now, before anything is written.
+        let holds: Option<Vec<&BTreeSet<ChunkId>>> =
+            job.sources.iter().map(|s| s.info.holds.as_ref()).collect();
+        if let Some(holds) = holds {
+            let mut queued = BTreeSet::new();
+            for (_, _, id) in &job.positions {
+                let Some(need) = job.needs.get(id) else {
+                    continue;
+                };
+                let indexed = self.index.get(id).is_some_and(|&(_, len)| len == need.size);
+                if !indexed && !holds.iter().any(|h| h.contains(id)) && queued.insert(*id) {
+                    job.probes.push_back(*id);
+                }
+            }
+            if !job.probes.is_empty() {
+                debug!(
+                    chunks = job.probes.len(),
+                    "probing the active slot for chunks no source holds"
+                );
+                job.step = Step::Probing;
+                self.pump(now);
+                return;
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// Queues the needed chunks for reading from the active slot, in payload order.
+    fn schedule(&mut self, now: Instant) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.step = Step::Fetching;
         let mut from_slot = 0u64;
         // In payload order (not id order): reads of the active slot and writes of the
         // target then run mostly sequentially.
@@ -759,6 +804,10 @@ impl Engine {
     fn pump(&mut self, now: Instant) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
+        if job.step == Step::Probing {
+            self.probe(now);
+            return;
+        }
         if job.step != Step::Fetching {
             return;
         }
@@ -875,6 +924,78 @@ impl Engine {
                 active,
             });
         }
+    }
+
+    /// Issues probe reads within the read bound; once all are answered, fails with
+    /// the chunks found absent or goes on fetching.
+    fn probe(&mut self, now: Instant) {
+        let active = self.state.active;
+        let capacity = self.state.slot_capacity[slot_index(active)];
+        let Some(job) = self.job.as_mut() else { return };
+        while job.probes_in_flight < self.config.reads_in_flight_max {
+            let Some(id) = job.probes.pop_front() else {
+                break;
+            };
+            let Some(need) = job.needs.get(&id) else {
+                continue;
+            };
+            let offset = job.positions[need.positions[0] as usize].0;
+            if offset + u64::from(need.size) > capacity {
+                job.absent.insert(id);
+                continue;
+            }
+            job.probes_in_flight += 1;
+            self.outputs.push_back(Output::Read {
+                slot: active,
+                id,
+                offset,
+                len: need.size,
+            });
+        }
+        if job.probes_in_flight > 0 || !job.probes.is_empty() {
+            return;
+        }
+        if job.absent.is_empty() {
+            self.schedule(now);
+            return;
+        }
+        let count = job.absent.len();
+        let bytes = job
+            .absent
+            .iter()
+            .filter_map(|id| job.needs.get(id))
+            .map(|n| u64::from(n.size))
+            .sum();
+        let base = job.manifest.base.clone();
+        let active = self.state.releases[slot_index(active)]
+            .as_ref()
+            .map(ToString::to_string);
+        self.fail(InstallError::MissingChunks {
+            count,
+            bytes,
+            base,
+            active,
+        });
+    }
+
+    /// A probe read came back: a chunk found at its own offset joins the index.
+    fn on_probe(&mut self, now: Instant, origin: Origin, id: ChunkId, data: &[u8]) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Origin::Slot(slot) = origin else { return };
+        let Some(need) = job.needs.get(&id) else {
+            return;
+        };
+        if slot != self.state.active || job.probes_in_flight == 0 {
+            return;
+        }
+        job.probes_in_flight -= 1;
+        let offset = job.positions[need.positions[0] as usize].0;
+        if data.len() == need.size as usize && ChunkId::from(blake3::hash(data)) == id {
+            self.index.insert(id, (offset, need.size));
+        } else {
+            job.absent.insert(id);
+        }
+        self.pump(now);
     }
 
     /// Syncs the slot and commits the batch of written chunks to the journal.
@@ -998,6 +1119,10 @@ impl Engine {
     fn on_chunk(&mut self, now: Instant, origin: Origin, id: ChunkId, data: Vec<u8>) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
+        if job.step == Step::Probing {
+            self.on_probe(now, origin, id, &data);
+            return;
+        }
         if job.step != Step::Fetching {
             return;
         }

@@ -2,7 +2,10 @@
 //! the others (an artifact file or stdin, a chunk store directory, later the server and
 //! LAN peers). The plan decides per chunk.
 
+use std::collections::BTreeSet;
 use std::fmt;
+
+use shoal_artifact::ChunkId;
 
 /// Names a source within one deployment (chosen by the driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,6 +38,15 @@ pub struct SourceInfo {
     pub kind: SourceKind,
     /// A name for people (a path, a URL, a peer id).
     pub name: String,
+    /// The chunks it holds, when it says so up front (an artifact's contents);
+    /// `None` when unknown (a chunk store, a peer). When every source of an offer
+    /// says, the engine refuses before writing anything if a needed chunk is neither
+    /// in the active slot nor held by a source ([`InstallError::MissingChunks`]). A
+    /// hint only: chunks are still verified, and a chunk promised but never sent
+    /// fails the install when the source ends.
+    ///
+    /// [`InstallError::MissingChunks`]: crate::InstallError::MissingChunks
+    pub holds: Option<BTreeSet<ChunkId>>,
 }
 
 /// Where a chunk came from.

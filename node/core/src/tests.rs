@@ -1,6 +1,6 @@
 //! Engine tests, through the in-memory device of [`crate::testing`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use shoal_artifact::{BaseRelease, ChunkId, Manifest};
@@ -43,6 +43,7 @@ fn stream_offer(envelope: Vec<u8>) -> Offer {
             id: SourceId(1),
             kind: SourceKind::Stream,
             name: "artifact".into(),
+            holds: None,
         }],
         reboot: false,
     }
@@ -159,6 +160,7 @@ fn delta_install_reuses_active_slot_and_fetches_only_the_difference() {
             id: SourceId(3),
             kind: SourceKind::Requests,
             name: "usb".into(),
+            holds: None,
         }],
         reboot: true,
     };
@@ -462,11 +464,13 @@ fn corrupt_stream_chunk_fails_and_bad_request_source_is_avoided() {
                 id: SourceId(1),
                 kind: SourceKind::Requests,
                 name: "liar".into(),
+                holds: None,
             },
             SourceInfo {
                 id: SourceId(2),
                 kind: SourceKind::Requests,
                 name: "honest".into(),
+                holds: None,
             },
         ],
         reboot: false,
@@ -493,6 +497,7 @@ fn unanswered_requests_time_out_and_are_asked_again() {
             id: SourceId(1),
             kind: SourceKind::Requests,
             name: "server".into(),
+            holds: None,
         }],
         reboot: false,
     };
@@ -718,4 +723,74 @@ fn chunks_missing_from_the_index_are_found_at_their_own_offset() {
             .iter()
             .any(|e| matches!(e, Event::Indexing { .. }))
     );
+}
+
+/// A stream that says up front which chunks it holds (a thin artifact's contents)
+/// and lacks some the device does not have either: refused before anything is
+/// written, naming how many are missing.
+#[test]
+fn chunks_no_source_holds_are_refused_before_any_write() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, &v1)
+        .1
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    let new: Vec<(ChunkId, Vec<u8>)> = c2
+        .iter()
+        .filter(|(id, _)| !in_v1.contains(id))
+        .cloned()
+        .collect();
+    assert!(new.len() >= 2, "v2 has new chunks");
+    // The stream holds all new chunks but one.
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Some(new[1..].iter().map(|(id, _)| *id).collect());
+    let target = dev.live[0].clone();
+    let mut engine = dev.engine(f.config());
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, stream(&new[1..])).expect("no crash");
+    match failed(&dev.events) {
+        Some(InstallError::MissingChunks { count, bytes, .. }) => {
+            assert_eq!(*count, 1);
+            assert_eq!(*bytes, new[0].1.len() as u64);
+        }
+        other => panic!("expected MissingChunks, got {other:?}"),
+    }
+    assert_eq!(dev.live[0], target, "the inactive slot was not written");
+    assert_eq!(engine.progress().written_bytes, 0);
+
+    // Holding them all, the same offer installs.
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Some(new.iter().map(|(id, _)| *id).collect());
+    let mut engine = dev.engine(f.config());
+    dev.events.clear();
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, stream(&new)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+}
+
+/// A stream that says it holds nothing on a device whose index lacks every chunk:
+/// the probe finds them all at their own offsets in the active slot.
+#[test]
+fn probing_finds_unindexed_chunks_in_the_active_slot() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    dev.store.indexes[0] = Some(crate::SlotIndex {
+        chunking: crate::testing::TEST_CHUNKING,
+        chunks: Vec::new(),
+    });
+    let (m1, _) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut offer = stream_offer(sign(&m1, &f.key));
+    offer.sources[0].holds = Some(BTreeSet::new());
+    let mut engine = dev.engine(f.config());
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, stream(&[])).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(engine.progress().reused_bytes, MIB as u64);
+    assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
 }

@@ -315,12 +315,18 @@ impl Device {
                     inner: reader,
                     bytes: 0,
                 };
-                let artifact = ArtifactReader::open(
+                let mut artifact = ArtifactReader::open(
                     BufReader::with_capacity(READ_BUFFER, &mut counted),
                     &driver.dev.root,
                     wall,
                 )
                 .map_err(|e| artifact_error(&name, e))?;
+                // What the artifact holds (a thin one says so in its contents
+                // member), so chunks it lacks are found missing before any write.
+                let holds = artifact
+                    .holds()
+                    .map_err(|e| artifact_error(&name, e))?
+                    .map(|ids| ids.into_iter().collect());
                 let offer = Offer {
                     envelope: artifact.envelope().to_bytes(),
                     wall_unix_s: wall,
@@ -328,6 +334,7 @@ impl Device {
                         id: STREAM,
                         kind: SourceKind::Stream,
                         name: name.clone(),
+                        holds,
                     }],
                     reboot,
                 };
@@ -361,6 +368,7 @@ impl Device {
                         id: STORE,
                         kind: SourceKind::Requests,
                         name: dir.display().to_string(),
+                        holds: None,
                     }],
                     reboot,
                 };
