@@ -433,6 +433,12 @@ impl BootControl {
     }
 
     /// Opens `slot` read-only (e.g. to index or serve the running release's chunks).
+    ///
+    /// A slot on a block device (or a file on a file system that supports it) is
+    /// read with `O_DIRECT` ([`crate::storage::FileStorage`]): the running slot's
+    /// page cache is the mounted root file system's, and a journaled ext4 mounted
+    /// read-only changes cached blocks it never writes, so buffered reads would
+    /// return bytes that are not the installed release's.
     pub fn open_reader(&self, slot: Slot) -> io::Result<Box<dyn Storage>> {
         self.slots.open(slot, false)
     }

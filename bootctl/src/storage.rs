@@ -3,10 +3,15 @@
 //! The trait is deliberately small (`len/read_at/write_at/set_len/sync`, like redb's
 //! `StorageBackend`) so a crash backend can stand in for a disk in tests
 //! (`testing::CrashDisk`) and every write can be counted and interrupted.
+//!
+//! [`FileStorage`] reads with `O_DIRECT` (see [`ReadMode`]): the bytes a slot is
+//! indexed, served and verified from are the medium's, not the page cache's. A
+//! block device's page cache is shared with a file system mounted from it, and a
+//! journaled ext4 mounted read-only changes cached blocks it never writes back.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A byte-addressed storage object: a file, a block device, a region of one, or a
@@ -66,15 +71,205 @@ pub fn read_all(storage: &dyn Storage) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// How a [`FileStorage`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `O_DIRECT`: every read goes to the medium, bypassing the page cache, in
+    /// aligned blocks of `align` bytes (the requested bytes are copied out of them).
+    /// Always the mode of a block device.
+    Direct {
+        /// Alignment of offsets, lengths and buffers, in bytes.
+        align: usize,
+    },
+    /// Through the page cache: a regular file on a file system that refuses
+    /// `O_DIRECT` (e.g. overlayfs over one without it). Writes and reads of such a
+    /// file share one cache, so there is no stale view to avoid.
+    Buffered,
+}
+
+/// Smallest alignment of direct reads: a multiple of every common logical block
+/// size (512, 4096) and of the usual DMA alignment.
+const DIRECT_ALIGN_MIN: usize = 4096;
+/// Largest single direct read; larger requests are split (bounds the bounce buffer).
+const DIRECT_IO_MAX: usize = 1024 * 1024;
+
+/// A second descriptor of the same file, opened `O_RDONLY | O_DIRECT`.
+#[derive(Debug)]
+struct DirectReader {
+    file: File,
+    align: usize,
+}
+
+impl DirectReader {
+    /// Opens `path` for direct reads. `Ok(None)` when a regular file's file
+    /// system refuses `O_DIRECT` (at open or at the first read, both `EINVAL`); a
+    /// block device must accept it.
+    fn open(path: &Path, file: &File) -> io::Result<Option<DirectReader>> {
+        let meta = file.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        let refused = |e: &io::Error| !block_device && e.raw_os_error() == Some(libc::EINVAL);
+        let direct = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(direct) => direct,
+            Err(e) if refused(&e) => {
+                tracing::debug!(path = %path.display(), "O_DIRECT refused at open; reading through the page cache");
+                return Ok(None);
+            }
+            Err(e) => return Err(direct_error(path, e)),
+        };
+        let align = if block_device {
+            block_device_alignment(meta.rdev())
+        } else {
+            DIRECT_ALIGN_MIN
+        };
+        let reader = DirectReader {
+            file: direct,
+            align,
+        };
+        // Some file systems accept the flag at open and refuse the reads.
+        let mut probe = AlignedBuf::new(align, align);
+        match reader.read_full(probe.as_mut_slice(), 0) {
+            Ok(_) => Ok(Some(reader)),
+            Err(e) if refused(&e) => {
+                tracing::debug!(path = %path.display(), "O_DIRECT refused at read; reading through the page cache");
+                Ok(None)
+            }
+            Err(e) => Err(direct_error(path, e)),
+        }
+    }
+
+    /// Reads into `buf` (aligned, a multiple of `align` long) from the aligned
+    /// `pos` until it is full or the file ends; returns the bytes read.
+    fn read_full(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], pos + got as u64) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    // Only the end of a file gives a partial block; the next
+                    // read would be unaligned.
+                    if n % self.align != 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Fills `out` from byte `pos` of the file, reading the aligned blocks that
+    /// cover it.
+    fn read_exact_at(&self, mut out: &mut [u8], mut pos: u64) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let align = self.align as u64;
+        let head_max = self.align - 1;
+        let cover = (head_max + out.len())
+            .next_multiple_of(self.align)
+            .min(DIRECT_IO_MAX.max(self.align));
+        let mut bounce = AlignedBuf::new(cover, self.align);
+        while !out.is_empty() {
+            let start = pos - pos % align;
+            let head = (pos - start) as usize;
+            let want = (head + out.len())
+                .next_multiple_of(self.align)
+                .min(bounce.len);
+            let got = self.read_full(&mut bounce.as_mut_slice()[..want], start)?;
+            if got <= head {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "end of file at byte {} before the read ended",
+                        start + got as u64
+                    ),
+                ));
+            }
+            let take = (got - head).min(out.len());
+            out[..take].copy_from_slice(&bounce.as_mut_slice()[head..head + take]);
+            out = &mut out[take..];
+            pos += take as u64;
+        }
+        Ok(())
+    }
+}
+
+fn direct_error(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("cannot read {} with O_DIRECT: {e}", path.display()),
+    )
+}
+
+/// The alignment for direct reads of the block device `rdev`: its logical block
+/// size from sysfs (a partition's is its disk's), at least [`DIRECT_ALIGN_MIN`].
+fn block_device_alignment(rdev: u64) -> usize {
+    let dev = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    let logical = [
+        format!("{dev}/queue/logical_block_size"),
+        format!("{dev}/../queue/logical_block_size"),
+    ]
+    .iter()
+    .find_map(|p| {
+        std::fs::read_to_string(p)
+            .ok()?
+            .trim()
+            .parse::<usize>()
+            .ok()
+    })
+    .filter(|n| n.is_power_of_two());
+    logical.map_or(DIRECT_ALIGN_MIN, |n| n.max(DIRECT_ALIGN_MIN))
+}
+
+/// A zeroed buffer of `len` bytes whose start is aligned to `align`, without
+/// `unsafe`: an over-allocated `Vec` and the aligned window inside it.
+struct AlignedBuf {
+    backing: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize, align: usize) -> AlignedBuf {
+        let backing = vec![0u8; len + align];
+        let misalign = backing.as_ptr().addr() % align;
+        let start = (align - misalign) % align;
+        AlignedBuf {
+            backing,
+            start,
+            len,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.backing[self.start..self.start + self.len]
+    }
+}
+
 /// A [`Storage`] over a file or block device, optionally restricted to the region
 /// `offset..offset + size`.
 ///
 /// A region (or a block device) has a fixed size: writes past its end fail with
 /// [`io::ErrorKind::InvalidInput`] and [`Storage::set_len`] accepts only the current
 /// length. A plain file without a region grows on write and can be truncated.
+///
+/// Reads use `O_DIRECT` ([`ReadMode::Direct`]) through a second, read-only
+/// descriptor, so they return what is on the medium: for the running slot, not
+/// the view of a file system mounted from it; for a slot just written and synced,
+/// what reached the device. Writes stay buffered (a direct read first writes back
+/// any dirty cached pages of its range, so reads see this storage's own writes).
+/// A regular file whose file system refuses `O_DIRECT` is read through the page
+/// cache ([`ReadMode::Buffered`]); a block device that refuses it fails to open.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    direct: Option<DirectReader>,
     path: PathBuf,
     offset: u64,
     size: Option<u64>,
@@ -91,6 +286,7 @@ impl FileStorage {
             Some(file.seek(SeekFrom::End(0))?)
         };
         Ok(FileStorage {
+            direct: DirectReader::open(path, &file)?,
             file,
             path: path.to_path_buf(),
             offset: 0,
@@ -116,6 +312,7 @@ impl FileStorage {
             .truncate(false)
             .open(path)?;
         Ok(FileStorage {
+            direct: DirectReader::open(path, &file)?,
             file,
             path: path.to_path_buf(),
             offset,
@@ -132,6 +329,7 @@ impl FileStorage {
             .truncate(false)
             .open(path)?;
         Ok(FileStorage {
+            direct: DirectReader::open(path, &file)?,
             file,
             path: path.to_path_buf(),
             offset: 0,
@@ -142,6 +340,15 @@ impl FileStorage {
     /// The path this storage was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How this storage reads: [`ReadMode::Direct`] unless the file system of a
+    /// regular file refused `O_DIRECT`.
+    pub fn read_mode(&self) -> ReadMode {
+        match &self.direct {
+            Some(d) => ReadMode::Direct { align: d.align },
+            None => ReadMode::Buffered,
+        }
     }
 
     fn check_bounds(&self, offset: u64, len: usize) -> io::Result<()> {
@@ -171,7 +378,14 @@ impl Storage for FileStorage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_bounds(offset, buf.len())?;
-        self.file.read_exact_at(buf, self.offset + offset)
+        let pos = self
+            .offset
+            .checked_add(offset)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read offset overflows"))?;
+        match &self.direct {
+            Some(direct) => direct.read_exact_at(buf, pos),
+            None => self.file.read_exact_at(buf, pos),
+        }
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -223,6 +437,133 @@ mod tests {
         let mut buf = [0u8; 3];
         region.read_at(5, &mut buf).unwrap();
         assert_eq!(&buf, b"fgh");
+    }
+
+    /// Bytes that differ at every offset (a misplaced read cannot match).
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 ^ (i as u8))
+            .collect()
+    }
+
+    /// A file of `len` pattern bytes in a directory on a file system that accepts
+    /// `O_DIRECT`. Panics, naming what it tried, when none does: these tests must
+    /// exercise direct reads, not the buffered fallback.
+    fn direct_capable_file(len: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let data = pattern(len);
+        let mut tried = Vec::new();
+        for base in [std::env::temp_dir(), PathBuf::from("/var/tmp")] {
+            let Ok(dir) = tempfile::tempdir_in(&base) else {
+                tried.push(format!("{}: cannot create a directory", base.display()));
+                continue;
+            };
+            let path = dir.path().join("slot");
+            std::fs::write(&path, &data).unwrap();
+            match FileStorage::open(&path, false).unwrap().read_mode() {
+                ReadMode::Direct { .. } => return (dir, path, data),
+                ReadMode::Buffered => {
+                    tried.push(format!("{}: O_DIRECT refused", base.display()));
+                }
+            }
+        }
+        panic!(
+            "NO FILE SYSTEM HERE ACCEPTS O_DIRECT, so direct reads cannot be tested \
+             (tried {}); run the tests with TMPDIR on ext4, xfs or btrfs",
+            tried.join("; ")
+        );
+    }
+
+    #[test]
+    fn direct_reads_at_unaligned_ranges_return_the_exact_bytes() {
+        // Not a multiple of the alignment, and longer than one direct read.
+        let len = 2 * DIRECT_IO_MAX + 3 * DIRECT_ALIGN_MIN + 1234;
+        let (_dir, path, data) = direct_capable_file(len);
+        let s = FileStorage::open(&path, false).unwrap();
+        assert_eq!(s.read_mode(), ReadMode::Direct { align: 4096 });
+        assert_eq!(s.len().unwrap(), len as u64);
+        let ranges = [
+            (0, 0),
+            (0, 1),
+            (1, 1),
+            (1, 4095),
+            (4095, 2),
+            (4096, 4096),
+            (4097, 8190),
+            (5000, 70_000),
+            (DIRECT_IO_MAX - 3, 7),
+            (123, DIRECT_IO_MAX),
+            (4096 * 7 + 11, 2 * DIRECT_IO_MAX - 40_000),
+            (len - 1, 1),
+            (len - 1234, 1234),
+            (len - 5000, 5000),
+            (0, len),
+        ];
+        for (offset, n) in ranges {
+            let mut buf = vec![0xa5; n];
+            s.read_at(offset as u64, &mut buf).unwrap();
+            assert!(
+                buf == data[offset..offset + n],
+                "direct read of {n} bytes at {offset} differs from the file's bytes"
+            );
+        }
+        // What a buffered read of the same file returns, through the same seam.
+        let buffered = std::fs::read(&path).unwrap();
+        assert!(read_all(&s).unwrap() == buffered);
+        // Past the end: an error, not zeros.
+        for (offset, n) in [(len - 1, 2), (len, 1), (len + 4096, 10)] {
+            let mut buf = vec![0; n];
+            let err = s.read_at(offset as u64, &mut buf).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{offset}+{n}");
+        }
+    }
+
+    #[test]
+    fn direct_reads_of_a_region_see_its_own_unsynced_writes() {
+        let len = 64 * 1024 + 100;
+        let (_dir, path, mut data) = direct_capable_file(len);
+        let mut region = FileStorage::open_region(&path, 777, 50_000, true, false).unwrap();
+        assert_eq!(region.read_mode(), ReadMode::Direct { align: 4096 });
+        let mut buf = vec![0; 9000];
+        region.read_at(3, &mut buf).unwrap();
+        assert!(buf == data[780..9780]);
+        // Not synced: the direct read must still return it (the kernel writes
+        // back the dirty range before reading the medium).
+        region.write_at(4000, b"written, not synced").unwrap();
+        data[4777..4777 + 19].copy_from_slice(b"written, not synced");
+        let mut buf = vec![0; 5000];
+        region.read_at(1000, &mut buf).unwrap();
+        assert!(buf == data[1777..6777]);
+        let mut buf = vec![0; 2];
+        assert_eq!(
+            region.read_at(49_999, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        region.sync().unwrap();
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
+    #[test]
+    fn a_file_system_without_o_direct_is_read_through_the_page_cache() {
+        // procfs files refuse O_DIRECT at open (EINVAL).
+        let path = Path::new("/proc/self/cmdline");
+        let s = FileStorage::open(path, false).unwrap();
+        assert_eq!(s.read_mode(), ReadMode::Buffered);
+        let expected = std::fs::read(path).unwrap();
+        let mut buf = vec![0; expected.len().min(8)];
+        s.read_at(0, &mut buf).unwrap();
+        assert!(buf[..] == expected[..buf.len()]);
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned() {
+        for align in [512, 4096, 65536] {
+            for len in [0, 1, 4096, 100_000] {
+                let mut b = AlignedBuf::new(len, align);
+                let slice = b.as_mut_slice();
+                assert_eq!(slice.len(), len);
+                assert_eq!(slice.as_ptr().addr() % align, 0);
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! where it left off). Writes are synced in batches of
 //! [`SlotWriter::sync_batch_bytes`] (an fsync per chunk caps throughput), and
 //! [`SlotWriter::verify`] syncs, re-reads the whole payload from the medium and
-//! compares its BLAKE3 hash with the manifest's. Only a verified slot may be armed
+//! compares its BLAKE3 hash with the manifest's. "From the medium" is the
+//! storage's job: [`crate::storage::FileStorage`] reads a slot with `O_DIRECT`, so
+//! the check covers what reached the device, not the page cache that the writes
+//! filled. Only a verified slot may be armed
 //! for a trial boot; [`crate::BootControl::open_writer`] refuses to open the active
 //! slot or a payload larger than the slot.
 
@@ -208,6 +211,10 @@ impl SlotWriter {
     }
 
     /// Syncs, reads the whole payload back and checks its BLAKE3 hash.
+    ///
+    /// The read-back goes through the slot's [`Storage`]; for a slot on a block
+    /// device ([`crate::storage::FileStorage`]) that is an `O_DIRECT` read of the
+    /// medium, not of the cached pages the writes left behind.
     pub fn verify(&mut self, expected: &[u8; 32]) -> Result<(), VerifyError> {
         let slot = self.slot;
         self.sync().map_err(|e| match e {
