@@ -3,8 +3,10 @@
 use std::collections::HashSet;
 
 use serde::Serialize;
+use shoal_signing::Envelope;
 
 use crate::manifest::{ChunkId, Manifest};
+use crate::write::{PACK_BYTES_DEFAULT, artifact_len, thin_manifest};
 
 /// How much of a new release a device running an old one already has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,23 +23,31 @@ pub struct Diff {
     pub needed_raw_bytes: u64,
     /// Stored (compressed) bytes of the chunks needed.
     pub needed_stored_bytes: u64,
-    /// Bytes of the new release's signed manifest envelope.
+    /// Bytes of the signed manifest envelope of the thin artifact new-against-old.
     pub manifest_bytes: u64,
     /// Bytes of the zstd dictionary the new release's chunks need (0 without one).
     pub dictionary_bytes: u64,
-    /// What the device downloads: manifest, dictionary and needed chunks.
+    /// What the device downloads: the exact size of the thin artifact of the new
+    /// release against the old one (`shoal artifact build --base OLD`, default
+    /// packing), all framing included. Installing it reads exactly this.
     pub download_bytes: u64,
+    /// What the device downloads from a chunk store instead: the new release's
+    /// envelope as given, the dictionary (when a chunk is needed) and each needed
+    /// chunk file.
+    pub store_download_bytes: u64,
     /// Stored bytes of all distinct chunks of the new release (a full download).
     pub full_stored_bytes: u64,
 }
 
-/// Compares `new` (whose envelope is `new_envelope_len` bytes and whose dictionary is
-/// `new_dictionary_len` bytes) against what a device running `old` holds: every chunk
-/// of `old`'s payloads. The dictionary is counted only when a chunk is needed.
+/// Compares `new` (signed as `new_envelope`, its chunks compressed with a dictionary
+/// of `new_dictionary_len` bytes, 0 for none) against what a device running `old`
+/// holds: every chunk of `old`'s payloads. The thin artifact is sized by the
+/// writer's own packing ([`artifact_len`]) around the thin manifest the writer would
+/// sign ([`thin_manifest`]), with `new_envelope`'s signatures.
 pub fn diff(
     old: &Manifest,
     new: &Manifest,
-    new_envelope_len: u64,
+    new_envelope: &Envelope,
     new_dictionary_len: u64,
 ) -> Diff {
     let have: HashSet<ChunkId> = old
@@ -48,7 +58,21 @@ pub fn diff(
     let distinct = new.distinct_chunks();
     let needed: Vec<_> = distinct.iter().filter(|c| !have.contains(&c.id)).collect();
     let needed_stored_bytes = needed.iter().map(|c| u64::from(c.stored_size)).sum();
-    let dictionary_bytes = if needed.is_empty() {
+
+    let thin = thin_manifest(new, old);
+    let thin_envelope = Envelope {
+        signed: thin.to_cbor(),
+        signatures: new_envelope.signatures.clone(),
+    };
+    let manifest_bytes = thin_envelope.to_bytes().len() as u64;
+    let download_bytes = artifact_len(
+        manifest_bytes,
+        new_dictionary_len,
+        Some(distinct.len()),
+        needed.iter().map(|c| c.stored_size),
+        PACK_BYTES_DEFAULT,
+    );
+    let store_dictionary = if needed.is_empty() {
         0
     } else {
         new_dictionary_len
@@ -60,9 +84,12 @@ pub fn diff(
         chunks_needed: needed.len() as u64,
         needed_raw_bytes: needed.iter().map(|c| u64::from(c.size)).sum(),
         needed_stored_bytes,
-        manifest_bytes: new_envelope_len,
-        dictionary_bytes,
-        download_bytes: new_envelope_len + dictionary_bytes + needed_stored_bytes,
+        manifest_bytes,
+        dictionary_bytes: new_dictionary_len,
+        download_bytes,
+        store_download_bytes: new_envelope.to_bytes().len() as u64
+            + store_dictionary
+            + needed_stored_bytes,
         full_stored_bytes: distinct.iter().map(|c| u64::from(c.stored_size)).sum(),
     }
 }

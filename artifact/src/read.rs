@@ -5,10 +5,11 @@
 //! nothing is returned before that succeeded. Then each call to
 //! [`ArtifactReader::next_chunk`] reads one chunk member, checks that it is the chunk
 //! the manifest says comes next, decodes it (bounded by its declared size) and checks
-//! its hash before returning a byte of it. Works on any `Read`, a pipe included: it
-//! never seeks and holds one chunk at a time.
+//! its hash before returning a byte of it. Works on any `Read`, a pipe included, and
+//! holds one chunk at a time; [`ArtifactReader::next_wanted`] skips the chunks a
+//! caller does not want without reading them when the source can skip ([`Skip`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read};
 
 use rayon::prelude::*;
@@ -54,6 +55,9 @@ pub fn pack_path(seq: u64) -> String {
 
 /// Most chunks in one pack.
 pub const PACK_CHUNKS_MAX: usize = 4096;
+
+/// Bytes of a pack member before its chunks: the chunk count (u32 little-endian).
+pub const PACK_HEADER_LEN: usize = 4;
 
 /// A pack member being read.
 #[derive(Debug)]
@@ -146,13 +150,8 @@ pub enum ReadError {
     /// The dictionary member is not a usable zstd dictionary.
     #[error("bad dictionary member: {0}")]
     Dictionary(#[from] DictionaryError),
-    /// A chunk that the manifest does not list.
-    #[error("chunk {0} is not in the manifest")]
-    UnknownChunk(ChunkId),
-    /// A chunk that appeared before.
-    #[error("chunk {0} appears twice")]
-    DuplicateChunk(ChunkId),
-    /// A chunk that is not where the manifest's order puts it.
+    /// A chunk that is not where the payload's order puts it (when assembling a
+    /// payload: the artifact holds a chunk where its base's should be used).
     #[error("chunk {0} is out of order")]
     OutOfOrder(ChunkId),
     /// The contents member is not one bit per distinct chunk of the manifest.
@@ -173,9 +172,10 @@ pub enum ReadError {
         /// Distinct chunks in the manifest.
         chunks: usize,
     },
-    /// A chunk the artifact holds though its contents member does not list it.
-    #[error("chunk {0} is in the artifact but not in its contents member")]
-    NotInContents(ChunkId),
+    /// A thin artifact without a contents member, read without its base release:
+    /// which chunks its packs hold is unknown.
+    #[error("the thin artifact has no contents member and its base release is not at hand")]
+    MissingContents,
     /// A chunk the artifact should hold but does not.
     #[error("chunk {0} is missing from the artifact")]
     MissingChunk(ChunkId),
@@ -206,15 +206,6 @@ impl RawChunk {
     }
 }
 
-/// What is known about which chunks an artifact holds.
-#[derive(Debug)]
-enum Expect {
-    /// Exactly this list, in this order (full artifacts; thin ones with a base).
-    Exact,
-    /// A subsequence of the distinct chunks (a thin artifact read without its base).
-    Subsequence,
-}
-
 /// A streaming, verifying `.shoal` reader. See the module doc.
 #[derive(Debug)]
 pub struct ArtifactReader<R: Read> {
@@ -223,11 +214,15 @@ pub struct ArtifactReader<R: Read> {
     envelope: Envelope,
     envelope_len: u64,
     manifest: Manifest,
-    expected: Vec<ChunkRef>,
-    position: HashMap<ChunkId, usize>,
+    /// The chunks the packs hold, in order, once the members before the first pack
+    /// were read ([`ArtifactReader::bind`]).
+    expected: Option<Vec<ChunkRef>>,
+    /// Chunks of the base release, when told ([`ArtifactReader::set_base`]).
+    base_held: Option<HashSet<ChunkId>>,
+    /// Index in `expected` of the next chunk to come.
     next: usize,
-    seen: HashSet<ChunkId>,
-    expect: Expect,
+    /// Verified chunks read ahead by [`ArtifactReader::next_wanted`].
+    ready: std::collections::VecDeque<RawChunk>,
     pack: Option<Pack>,
     packs_read: u64,
     dictionary: Option<Dictionary>,
@@ -239,8 +234,9 @@ pub struct ArtifactReader<R: Read> {
 impl<R: Read> ArtifactReader<R> {
     /// Reads the envelope, verifies it against `root`'s `release` role (and its
     /// expiry, when `now_unix_s` is known) and decodes the manifest. A thin artifact
-    /// read this way can only be checked for order, not completeness: use
-    /// [`ArtifactReader::open_with_base`] when the base release is at hand.
+    /// read this way is checked against its contents member; use
+    /// [`ArtifactReader::open_with_base`] when the base release is at hand to also
+    /// check that it holds every chunk the base lacks.
     pub fn open(src: R, root: &TrustRoot, now_unix_s: Option<u64>) -> Result<Self, ReadError> {
         Self::open_with_base(src, root, now_unix_s, None)
     }
@@ -293,18 +289,19 @@ impl<R: Read> ArtifactReader<R> {
             envelope,
             envelope_len,
             manifest,
-            expected: Vec::new(),
-            position: HashMap::new(),
+            expected: None,
+            base_held: None,
             next: 0,
-            seen: HashSet::new(),
-            expect: Expect::Subsequence,
+            ready: std::collections::VecDeque::new(),
             pack: None,
             packs_read: 0,
             dictionary: None,
             contents: None,
             done: false,
         };
-        reader.set_expected(base);
+        if let Some(base) = base {
+            reader.set_base(base);
+        }
         reader
     }
 
@@ -313,33 +310,55 @@ impl<R: Read> ArtifactReader<R> {
     /// chunk; it is a no-op for a full artifact.
     pub fn set_base(&mut self, base: &Manifest) {
         assert!(
-            self.next == 0 && self.seen.is_empty(),
-            "set_base after reading chunks"
+            self.expected.is_none(),
+            "set_base after reading past the envelope"
         );
-        self.set_expected(Some(base));
-    }
-
-    fn set_expected(&mut self, base: Option<&Manifest>) {
-        let mut expected = self.manifest.distinct_chunks();
-        self.expect = match (&self.manifest.base, base) {
-            (None, _) => Expect::Exact,
-            (Some(_), Some(base)) => {
-                let held: HashSet<ChunkId> = base
-                    .payloads
+        if self.manifest.base.is_some() {
+            self.base_held = Some(
+                base.payloads
                     .iter()
                     .flat_map(|p| p.chunks.iter().map(|c| c.id))
-                    .collect();
-                expected.retain(|c| !held.contains(&c.id));
-                Expect::Exact
+                    .collect(),
+            );
+        }
+    }
+
+    /// Decides, once the members before the first pack were read, which chunks the
+    /// packs hold, in order: those the contents member marks; without one, every
+    /// distinct chunk of a full artifact, or those a thin artifact's base lacks.
+    fn bind(&mut self) -> Result<(), ReadError> {
+        if self.expected.is_some() {
+            return Ok(());
+        }
+        let distinct = self.manifest.distinct_chunks();
+        let thin = self.manifest.base.is_some();
+        let expected = match (&self.contents, &self.base_held) {
+            (Some(contents), held) => {
+                // Whatever the contents say, a full artifact holds every chunk and a
+                // thin one every chunk its base lacks (when the base is known).
+                let must =
+                    |c: &&ChunkRef| !thin || held.as_ref().is_some_and(|h| !h.contains(&c.id));
+                if let Some(c) = distinct
+                    .iter()
+                    .filter(must)
+                    .find(|c| !contents.contains(&c.id))
+                {
+                    return Err(ReadError::MissingChunk(c.id));
+                }
+                distinct
+                    .into_iter()
+                    .filter(|c| contents.contains(&c.id))
+                    .collect()
             }
-            (Some(_), None) => Expect::Subsequence,
+            (None, _) if !thin => distinct,
+            (None, Some(held)) => distinct
+                .into_iter()
+                .filter(|c| !held.contains(&c.id))
+                .collect(),
+            (None, None) => return Err(ReadError::MissingContents),
         };
-        self.position = expected
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id, i))
-            .collect();
-        self.expected = expected;
+        self.expected = Some(expected);
+        Ok(())
     }
 
     /// The verified (or, from `open_unverified`, unverified) manifest.
@@ -423,18 +442,26 @@ impl<R: Read> ArtifactReader<R> {
     fn open_pack(&mut self) -> Result<bool, ReadError> {
         let member = match read_block(&mut self.src, &mut self.offset, "the chunk list")? {
             Some(Block::End) => {
-                self.done = true;
-                if matches!(self.expect, Expect::Exact) && self.next < self.expected.len() {
-                    return Err(ReadError::MissingChunk(self.expected[self.next].id));
+                // The end of the archive is two zero blocks; the second must be there
+                // too (so a reader consumes the whole artifact, and no more).
+                let mut second = [0u8; BLOCK];
+                let mut got = 0;
+                if !ustar::read_full(&mut self.src, &mut second, &mut got)? {
+                    return Err(ReadError::Truncated {
+                        what: "the end of the archive".into(),
+                    });
                 }
-                if let Some(contents) = &self.contents
-                    && let Some(c) = self
-                        .manifest
-                        .distinct_chunks()
-                        .into_iter()
-                        .find(|c| contents.contains(&c.id) && !self.seen.contains(&c.id))
-                {
-                    // The contents member promised a chunk that never came.
+                if second.iter().any(|&b| b != 0) {
+                    return Err(ReadError::BadHeader {
+                        offset: self.offset,
+                        reason: HeaderError::NotEnd,
+                    });
+                }
+                self.offset += BLOCK as u64;
+                self.done = true;
+                self.bind()?;
+                let expected = self.expected.as_ref().expect("bound");
+                if let Some(c) = expected.get(self.next) {
                     return Err(ReadError::MissingChunk(c.id));
                 }
                 return Ok(false);
@@ -462,6 +489,7 @@ impl<R: Read> ArtifactReader<R> {
         if !is_file || member.path != pack_path(self.packs_read) {
             return Err(ReadError::UnexpectedMember { path: member.path });
         }
+        self.bind()?;
         let seq = self.packs_read;
         self.packs_read += 1;
         let bad = |reason: String| ReadError::BadPack { seq, reason };
@@ -477,27 +505,24 @@ impl<R: Read> ArtifactReader<R> {
             return Err(truncated());
         }
         let count = u32::from_le_bytes(count) as usize;
-        let index_len = 4 + 32 * count as u64;
-        if count == 0 || count > PACK_CHUNKS_MAX || index_len > member.size {
+        let index_len = PACK_HEADER_LEN as u64;
+        let expected = self.expected.as_ref().expect("bound");
+        let left = expected.len() - self.next;
+        if count == 0 || count > PACK_CHUNKS_MAX {
             return Err(bad(format!(
-                "index of {count} chunks in a {} byte member",
-                member.size
+                "{count} chunks (a pack holds 1 to {PACK_CHUNKS_MAX})"
             )));
         }
-        // Bounded by PACK_CHUNKS_MAX.
-        let mut ids = vec![0u8; 32 * count];
-        if !ustar::read_full(&mut self.src, &mut ids, &mut got)? {
-            return Err(truncated());
+        if count > left {
+            return Err(bad(format!(
+                "{count} chunks, but only {left} remain to come"
+            )));
         }
         self.offset += index_len;
-        let mut chunks = Vec::with_capacity(count);
-        let mut data_len = 0u64;
-        for raw in ids.chunks_exact(32) {
-            let id = ChunkId(raw.try_into().expect("32 bytes"));
-            let chunk = self.check_next(id)?;
-            data_len += u64::from(chunk.stored_size);
-            chunks.push(chunk);
-        }
+        // The pack holds the next `count` chunks in order; their hashes prove it.
+        let chunks = expected[self.next..self.next + count].to_vec();
+        self.next += count;
+        let data_len: u64 = chunks.iter().map(|c| u64::from(c.stored_size)).sum();
         if index_len + data_len != member.size {
             return Err(ReadError::PackSizeMismatch {
                 seq,
@@ -581,26 +606,22 @@ impl<R: Read> ArtifactReader<R> {
         Ok(())
     }
 
-    /// Which chunks the artifact holds, in artifact order, as far as it says before
-    /// its first chunk: all distinct chunks for a full artifact, those its contents
-    /// member marks for a thin one, `None` for a thin artifact without one. Reads on
-    /// to the first pack's index (so the dictionary and contents members are read).
-    /// A hint for planning: the chunks themselves are still checked as they come, and
-    /// a chunk listed but absent is a [`ReadError::MissingChunk`] at the end.
-    pub fn holds(&mut self) -> Result<Option<Vec<ChunkId>>, ReadError> {
+    /// Which chunks the artifact holds, in artifact order, as it says before its
+    /// first chunk: those its contents member marks; without one, all distinct
+    /// chunks of a full artifact, or those a thin one's base lacks. Reads on to the
+    /// first pack's header (so the dictionary and contents members are read). A hint
+    /// for planning, not a proof: the chunks themselves are still hash-checked as
+    /// they come, and one listed but absent fails the read at the latest at the end.
+    pub fn holds(&mut self) -> Result<Vec<ChunkId>, ReadError> {
         self.read_dictionary()?;
-        let distinct = self.manifest.distinct_chunks();
-        Ok(match (&self.contents, self.is_thin()) {
-            (Some(set), _) => Some(
-                distinct
-                    .iter()
-                    .filter(|c| set.contains(&c.id))
-                    .map(|c| c.id)
-                    .collect(),
-            ),
-            (None, false) => Some(distinct.iter().map(|c| c.id).collect()),
-            (None, true) => None,
-        })
+        self.bind()?;
+        Ok(self
+            .expected
+            .as_ref()
+            .expect("bound")
+            .iter()
+            .map(|c| c.id)
+            .collect())
     }
 
     /// The zstd dictionary the chunks were compressed with, once it was read (it
@@ -616,29 +637,6 @@ impl<R: Read> ArtifactReader<R> {
             self.open_pack()?;
         }
         Ok(self.dictionary.as_ref())
-    }
-
-    /// Checks that `id` may come next; returns its manifest entry.
-    fn check_next(&mut self, id: ChunkId) -> Result<ChunkRef, ReadError> {
-        if self.seen.contains(&id) {
-            return Err(ReadError::DuplicateChunk(id));
-        }
-        let Some(&index) = self.position.get(&id) else {
-            return Err(ReadError::UnknownChunk(id));
-        };
-        if self.contents.as_ref().is_some_and(|c| !c.contains(&id)) {
-            return Err(ReadError::NotInContents(id));
-        }
-        match self.expect {
-            Expect::Exact if index != self.next => {
-                return Err(ReadError::MissingChunk(self.expected[self.next].id));
-            }
-            Expect::Subsequence if index < self.next => return Err(ReadError::OutOfOrder(id)),
-            _ => {}
-        }
-        self.seen.insert(id);
-        self.next = index + 1;
-        Ok(self.expected[index])
     }
 
     /// Reads, decodes and verifies the next chunk; `Ok(None)` at the (checked) end.
@@ -743,6 +741,108 @@ impl<R: Read> ArtifactReader<R> {
             }
         }
         (raws, None)
+    }
+}
+
+/// A source the reader can move forward in without reading the bytes it passes: a
+/// file seeks, a pipe reads and discards.
+pub trait Skip: Read {
+    /// Moves `n` bytes forward.
+    fn skip(&mut self, n: u64) -> io::Result<()>;
+}
+
+impl<T: Skip + ?Sized> Skip for &mut T {
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        (**self).skip(n)
+    }
+}
+
+/// Most stored bytes [`ArtifactReader::next_wanted`] reads in one go (a run of
+/// wanted chunks of one pack).
+pub const RUN_BYTES_MAX: usize = 1024 * 1024;
+
+impl<R: Skip> ArtifactReader<R> {
+    /// Like [`ArtifactReader::next_raw`], but only for chunks `want` says yes to: the
+    /// others are skipped over without being read (their place and size are known
+    /// from the pack header and the signed manifest). Consecutive wanted chunks of a
+    /// pack are read together, up to [`RUN_BYTES_MAX`]. Structure is checked as by
+    /// `next_raw` (pack names and sizes, the end, every expected pack present).
+    pub fn next_wanted(
+        &mut self,
+        mut want: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<Option<RawChunk>, ReadError> {
+        loop {
+            if let Some(raw) = self.ready.pop_front() {
+                return Ok(Some(raw));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            if self.pack.is_none() && !self.open_pack()? {
+                return Ok(None);
+            }
+            let pack = self.pack.as_mut().expect("a pack is open");
+            // Skip the unwanted chunks ahead.
+            let mut skip = 0u64;
+            while pack.next < pack.chunks.len() && !want(&pack.chunks[pack.next].id) {
+                skip += u64::from(pack.chunks[pack.next].stored_size);
+                pack.next += 1;
+            }
+            // Then take the run of wanted ones after them.
+            let start = pack.next;
+            let mut run = 0usize;
+            while pack.next < pack.chunks.len()
+                && (pack.next == start || run < RUN_BYTES_MAX)
+                && want(&pack.chunks[pack.next].id)
+            {
+                run += pack.chunks[pack.next].stored_size as usize;
+                pack.next += 1;
+            }
+            let end = pack.next;
+            let last = pack.next == pack.chunks.len();
+            let padding = pack.padding as u64;
+            let chunks = pack.chunks[start..end].to_vec();
+            if last {
+                self.pack = None;
+            }
+            if skip > 0 {
+                self.src.skip(skip)?;
+                self.offset += skip;
+            }
+            if run > 0 {
+                // Bounded: at most RUN_BYTES_MAX plus one chunk's checked stored size.
+                let mut bytes = vec![0u8; run];
+                let mut got = 0;
+                if !ustar::read_full(&mut self.src, &mut bytes, &mut got)? {
+                    let at = chunks
+                        .iter()
+                        .scan(0usize, |sum, c| {
+                            *sum += c.stored_size as usize;
+                            Some((*sum, c.id))
+                        })
+                        .find(|(sum, _)| *sum > got)
+                        .map_or(chunks[0].id, |(_, id)| id);
+                    return Err(ReadError::Truncated {
+                        what: format!("chunk {at}"),
+                    });
+                }
+                self.offset += run as u64;
+                let mut at = 0;
+                for c in chunks {
+                    let n = c.stored_size as usize;
+                    self.ready.push_back(RawChunk {
+                        chunk: c,
+                        stored: bytes[at..at + n].to_vec(),
+                        dictionary: self.dictionary.clone(),
+                    });
+                    at += n;
+                }
+            }
+            if last && padding > 0 {
+                self.src.skip(padding)?;
+                self.offset += padding;
+            }
+        }
     }
 }
 

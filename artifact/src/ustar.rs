@@ -32,6 +32,8 @@ pub enum HeaderError {
     Number(&'static str),
     /// The path is not UTF-8.
     PathEncoding,
+    /// The block after the first end-of-archive block is not zero.
+    NotEnd,
 }
 
 impl std::fmt::Display for HeaderError {
@@ -41,6 +43,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::Magic => f.write_str("no ustar magic"),
             HeaderError::Number(field) => write!(f, "field {field} is not an octal number"),
             HeaderError::PathEncoding => f.write_str("path is not UTF-8"),
+            HeaderError::NotEnd => f.write_str("the second end-of-archive block is not zero"),
         }
     }
 }

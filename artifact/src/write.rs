@@ -23,8 +23,8 @@ use crate::manifest::{
     PayloadKind,
 };
 use crate::read::{
-    CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, contents_bitmap,
-    pack_path,
+    CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
+    contents_bitmap, pack_path,
 };
 use crate::ustar;
 
@@ -65,54 +65,136 @@ pub struct BuildOptions {
 /// 512-byte header and padding) is noise, small enough to stay a streaming unit.
 pub const PACK_BYTES_DEFAULT: usize = 1024 * 1024;
 
+/// Where packs close: after `limit` stored bytes or [`PACK_CHUNKS_MAX`] chunks. The
+/// writer packs with it, and [`artifact_len`] sizes artifacts with it, so a size
+/// computed from a manifest is the size a build writes.
+#[derive(Debug, Clone)]
+pub struct Packer {
+    limit: usize,
+    count: usize,
+    bytes: usize,
+}
+
+impl Packer {
+    /// Packs closed after `limit` stored bytes.
+    pub fn new(limit: usize) -> Packer {
+        Packer {
+            limit,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Adds a chunk of `stored` bytes to the open pack; returns the pack's
+    /// `(chunks, stored bytes)` when it closes after this chunk.
+    pub fn push(&mut self, stored: usize) -> Option<(usize, usize)> {
+        self.count += 1;
+        self.bytes += stored;
+        if self.bytes >= self.limit || self.count == PACK_CHUNKS_MAX {
+            return self.finish();
+        }
+        None
+    }
+
+    /// Closes the open pack, if it holds a chunk: its `(chunks, stored bytes)`.
+    pub fn finish(&mut self) -> Option<(usize, usize)> {
+        if self.count == 0 {
+            return None;
+        }
+        let closed = (self.count, self.bytes);
+        self.count = 0;
+        self.bytes = 0;
+        Some(closed)
+    }
+}
+
 /// A pack member being filled.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PackWriter {
-    ids: Vec<ChunkId>,
+    packer: Packer,
+    count: usize,
     data: Vec<u8>,
     seq: u64,
 }
 
 impl PackWriter {
-    fn push<W: Write>(
-        &mut self,
-        out: &mut W,
-        id: ChunkId,
-        stored: &[u8],
-        limit: usize,
-    ) -> io::Result<()> {
-        self.ids.push(id);
+    fn new(limit: usize) -> PackWriter {
+        PackWriter {
+            packer: Packer::new(limit),
+            count: 0,
+            data: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    fn push<W: Write>(&mut self, out: &mut W, stored: &[u8]) -> io::Result<()> {
+        self.count += 1;
         self.data.extend_from_slice(stored);
-        if self.data.len() >= limit || self.ids.len() == PACK_CHUNKS_MAX {
-            self.flush(out)?;
+        if self.packer.push(stored.len()).is_some() {
+            self.write(out)?;
         }
         Ok(())
     }
 
     fn flush<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
-        if self.ids.is_empty() {
-            return Ok(());
+        if self.packer.finish().is_some() {
+            self.write(out)?;
         }
-        let member = pack_member(&self.ids, &self.data);
+        Ok(())
+    }
+
+    fn write<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
+        let member = pack_member(self.count, &self.data);
         ustar::write_member(out, &pack_path(self.seq), &member)?;
         self.seq += 1;
-        self.ids.clear();
+        self.count = 0;
         self.data.clear();
         Ok(())
     }
 }
 
-/// The data of a pack member: a little-endian u32 count, the chunk ids, then their
-/// stored forms concatenated (`stored` is that concatenation).
-pub fn pack_member(ids: &[ChunkId], stored: &[u8]) -> Vec<u8> {
-    assert!(!ids.is_empty() && ids.len() <= PACK_CHUNKS_MAX);
-    let mut out = Vec::with_capacity(4 + 32 * ids.len() + stored.len());
-    out.extend_from_slice(&u32::try_from(ids.len()).expect("bounded").to_le_bytes());
-    for id in ids {
-        out.extend_from_slice(&id.0);
-    }
+/// The data of a pack member: the chunk count (u32 little-endian), then the
+/// chunks' stored forms concatenated (`stored` is that concatenation). Which chunks
+/// they are follows from the order: the next `count` the artifact holds.
+pub fn pack_member(count: usize, stored: &[u8]) -> Vec<u8> {
+    assert!(count > 0 && count <= PACK_CHUNKS_MAX);
+    let mut out = Vec::with_capacity(PACK_HEADER_LEN + stored.len());
+    out.extend_from_slice(&u32::try_from(count).expect("bounded").to_le_bytes());
     out.extend_from_slice(stored);
     out
+}
+
+/// Bytes of a tar member (header, data, padding) holding `len` bytes.
+pub fn member_len(len: u64) -> u64 {
+    ustar::BLOCK as u64 + len + ustar::padding(len) as u64
+}
+
+/// The exact size of the artifact the builder writes for these parts: an envelope
+/// of `envelope_len` bytes, a dictionary member of `dictionary_len` bytes (0: none),
+/// a contents member for `contents_chunks` distinct chunks (`None`: none), and
+/// chunks of these stored sizes, in order, packed after `pack_bytes` stored bytes.
+pub fn artifact_len(
+    envelope_len: u64,
+    dictionary_len: u64,
+    contents_chunks: Option<usize>,
+    stored_sizes: impl IntoIterator<Item = u32>,
+    pack_bytes: usize,
+) -> u64 {
+    let mut len = member_len(envelope_len);
+    if dictionary_len > 0 {
+        len += member_len(dictionary_len);
+    }
+    if let Some(n) = contents_chunks {
+        len += member_len(n.div_ceil(8) as u64);
+    }
+    let pack = |(_, bytes): (usize, usize)| member_len((PACK_HEADER_LEN + bytes) as u64);
+    let mut packer = Packer::new(pack_bytes);
+    for s in stored_sizes {
+        len += packer.push(s as usize).map_or(0, pack);
+    }
+    len += packer.finish().map_or(0, pack);
+    // The end of the archive: two zero blocks.
+    len + 2 * ustar::BLOCK as u64
 }
 
 impl BuildOptions {
@@ -242,7 +324,7 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut written: HashSet<ChunkId> = HashSet::new();
     let mut stored_bytes = 0u64;
-    let mut pack = PackWriter::default();
+    let mut pack = PackWriter::new(opts.pack_bytes);
     let level = opts.zstd_level;
     let chunking = opts.chunking;
 
@@ -296,7 +378,7 @@ pub fn build<R: Read + Seek + Send, W: Write>(
                 .collect();
             for (&i, stored) in todo.iter().zip(&encoded) {
                 let id = ids[i];
-                pack.push(&mut spool, id, stored, opts.pack_bytes)?;
+                pack.push(&mut spool, stored)?;
                 let stored_size = u32::try_from(stored.len()).expect("bounded by chunk size");
                 stored_of.insert(id, stored_size);
                 written.insert(id);
@@ -326,11 +408,7 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     let chunks_total = refs.len() as u64;
     let chunks_distinct = refs.iter().map(|c| c.id).collect::<HashSet<_>>().len() as u64;
     let manifest = Manifest {
-        base: base.map(|b| BaseRelease {
-            name: b.name.clone(),
-            version: b.version.clone(),
-            manifest_hash: b.hash(),
-        }),
+        base: base.map(base_release),
         name: opts.name.clone(),
         depends: opts.depends.clone(),
         version: opts.version.clone(),
@@ -380,6 +458,33 @@ pub fn build<R: Read + Seek + Send, W: Write>(
         chunks_written: written.len() as u64,
         stored_bytes,
     })
+}
+
+/// How a thin manifest names its base.
+fn base_release(base: &Manifest) -> BaseRelease {
+    BaseRelease {
+        name: base.name.clone(),
+        version: base.version.clone(),
+        manifest_hash: base.hash(),
+    }
+}
+
+/// The manifest a thin build of `new`'s payload against `base` signs: `new` with
+/// `base` named, and each chunk the base holds with the stored size it has there.
+pub fn thin_manifest(new: &Manifest, base: &Manifest) -> Manifest {
+    let held: HashMap<ChunkId, u32> = base
+        .payloads
+        .iter()
+        .flat_map(|p| p.chunks.iter().map(|c| (c.id, c.stored_size)))
+        .collect();
+    let mut thin = new.clone();
+    thin.base = Some(base_release(base));
+    for c in thin.payloads.iter_mut().flat_map(|p| p.chunks.iter_mut()) {
+        if let Some(&s) = held.get(&c.id) {
+            c.stored_size = s;
+        }
+    }
+    thin
 }
 
 /// Trains a zstd dictionary on blocks of the chunking's average size read at evenly

@@ -1,7 +1,6 @@
 //! Artifact round trips and the bad-input matrix of issue #2: every malformed or
 //! malicious artifact is refused with its specific error, before anything is yielded.
 
-use std::collections::HashMap;
 use std::io::Cursor;
 
 use shoal_artifact::chunk;
@@ -133,22 +132,21 @@ fn parts(bytes: &[u8]) -> (Vec<u8>, Manifest, Stored) {
     let ms = members(bytes);
     let env = bytes[512..512 + ms[0].2].to_vec();
     let m = Manifest::from_cbor(&Envelope::from_bytes(&env).unwrap().signed).unwrap();
-    let sizes: HashMap<ChunkId, usize> = m
-        .distinct_chunks()
-        .iter()
-        .map(|c| (c.id, c.stored_size as usize))
-        .collect();
+    // A full artifact's packs hold the distinct chunks in order; the header only
+    // counts them.
+    let mut order = m.distinct_chunks().into_iter();
     let mut chunks = Vec::new();
-    for (at, _, size) in &ms[1..] {
+    for (at, _, size) in ms[1..].iter().filter(|(_, p, _)| p.starts_with("packs/")) {
         let data = &bytes[at + 512..at + 512 + size];
         let count = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
-        let mut pos = 4 + 32 * count;
-        for i in 0..count {
-            let id = ChunkId(data[4 + 32 * i..36 + 32 * i].try_into().unwrap());
-            let n = sizes[&id];
-            chunks.push((id, data[pos..pos + n].to_vec()));
+        let mut pos = 4;
+        for _ in 0..count {
+            let c = order.next().unwrap();
+            let n = c.stored_size as usize;
+            chunks.push((c.id, data[pos..pos + n].to_vec()));
             pos += n;
         }
+        assert_eq!(pos, *size);
     }
     (env, m, chunks)
 }
@@ -157,9 +155,8 @@ fn parts(bytes: &[u8]) -> (Vec<u8>, Manifest, Stored) {
 fn assemble(env: &[u8], chunks: &[(ChunkId, Vec<u8>)], per_pack: usize) -> Vec<u8> {
     let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.to_vec())];
     for (seq, group) in chunks.chunks(per_pack).enumerate() {
-        let ids: Vec<ChunkId> = group.iter().map(|(id, _)| *id).collect();
         let data: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
-        members.push((pack_path(seq as u64), pack_member(&ids, &data)));
+        members.push((pack_path(seq as u64), pack_member(group.len(), &data)));
     }
     tar(&members)
 }
@@ -335,17 +332,46 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
         Err(ExtractError::NeedsBase(_))
     ));
 
+    let envelope = |bytes: &[u8]| {
+        ArtifactReader::open(bytes, &root, NOW)
+            .unwrap()
+            .envelope()
+            .clone()
+    };
     let d = shoal_artifact::diff(
         &r1.manifest,
         &r2.manifest,
-        r2.envelope_len,
+        &envelope(&thin),
         r2.dictionary_len,
     );
     assert_eq!(d.chunks_needed, r2.chunks_written);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
+    assert_eq!(d.manifest_bytes, r2.envelope_len);
+    // From the full artifact of v2, the diff sizes the thin artifact exactly, with
+    // the writer's own packing (small packs here, so several).
+    let mut o = opts();
+    o.version = "2.0".into();
+    o.pack_bytes = shoal_artifact::write::PACK_BYTES_DEFAULT;
+    let (thin_default, _) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
+    let (full2, f2) = build_with(&v2, &o, &[key(1)], None);
+    let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0);
+    assert_eq!(d.download_bytes, thin_default.len() as u64, "{d:?}");
+    assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
     assert_eq!(
-        d.download_bytes,
-        r2.envelope_len + r2.dictionary_len + r2.stored_bytes
+        d.store_download_bytes,
+        f2.envelope_len + r2.stored_bytes,
+        "{d:?}"
+    );
+    // The writer's size formula is its output's size.
+    assert_eq!(
+        shoal_artifact::write::artifact_len(
+            f2.envelope_len,
+            0,
+            None,
+            f2.manifest.distinct_chunks().iter().map(|c| c.stored_size),
+            o.pack_bytes,
+        ),
+        full2.len() as u64
     );
 }
 
@@ -377,7 +403,7 @@ fn thin_artifact_says_what_it_holds_and_a_bad_contents_member_is_refused() {
     );
     let mut r = ArtifactReader::open(&full1[..], &root, NOW).unwrap();
     let all: Vec<ChunkId> = r1.manifest.distinct_chunks().iter().map(|c| c.id).collect();
-    assert_eq!(r.holds().unwrap(), Some(all));
+    assert_eq!(r.holds().unwrap(), all);
 
     // A thin one lists exactly the chunks its base lacks, right after the envelope.
     let ms = member_data(&thin);
@@ -393,7 +419,7 @@ fn thin_artifact_says_what_it_holds_and_a_bad_contents_member_is_refused() {
         .collect();
     assert_eq!(new.len() as u64, r2.chunks_written);
     let mut r = ArtifactReader::open(&thin[..], &root, NOW).unwrap();
-    assert_eq!(r.holds().unwrap(), Some(new.clone()));
+    assert_eq!(r.holds().unwrap(), new);
     assert_eq!(read_all(&thin, &root).unwrap().len(), new.len());
 
     let with_contents = |bits: Vec<u8>| {
@@ -427,34 +453,70 @@ fn thin_artifact_says_what_it_holds_and_a_bad_contents_member_is_refused() {
         );
     }
     let position = |id: &ChunkId| distinct.iter().position(|c| c.id == *id).unwrap();
-    // A contents member that leaves out a chunk the artifact holds.
-    let mut bits = ms[1].1.clone();
+    // The packs hold what the contents member says, in order: a member that leaves
+    // out a chunk the artifact holds, or promises one it does not hold, puts the
+    // wrong bytes under a chunk's name. Refused, whether or not the base is known.
+    let mut left_out = ms[1].1.clone();
     let i = position(&new[0]);
-    bits[i / 8] &= !(1 << (i % 8));
-    let e = read_all(&with_contents(bits), &root).unwrap_err();
-    assert!(
-        matches!(e, ReadError::NotInContents(id) if id == new[0]),
-        "{e:?}"
-    );
-    // One that promises a chunk the artifact does not hold: caught at the end.
-    let mut bits = ms[1].1.clone();
+    left_out[i / 8] &= !(1 << (i % 8));
+    let mut promised = ms[1].1.clone();
     let absent = distinct
         .iter()
         .find(|c| in_base.contains(&c.id))
         .unwrap()
         .id;
     let i = position(&absent);
-    bits[i / 8] |= 1 << (i % 8);
-    let e = read_all(&with_contents(bits), &root).unwrap_err();
+    promised[i / 8] |= 1 << (i % 8);
+    for bits in [left_out.clone(), promised] {
+        let e = read_all(&with_contents(bits), &root).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ReadError::PackSizeMismatch { .. }
+                    | ReadError::BadPack { .. }
+                    | ReadError::Chunk(ChunkError::HashMismatch { .. })
+            ),
+            "{e:?}"
+        );
+    }
+    // With the base at hand, leaving out a chunk the base lacks is caught before
+    // any chunk is read.
+    let bad = with_contents(left_out);
+    let mut r = ArtifactReader::open_with_base(&bad[..], &root, NOW, Some(&r1.manifest)).unwrap();
+    let e = r.holds().unwrap_err();
     assert!(
-        matches!(e, ReadError::MissingChunk(id) if id == absent),
+        matches!(e, ReadError::MissingChunk(id) if id == new[0]),
         "{e:?}"
     );
-    // After a pack, a contents member is just an unexpected member.
+    // A thin artifact without a contents member cannot be read without its base,
+    // and reads as before with it.
+    let mut bare = ms.clone();
+    bare.remove(1);
+    let bare = tar(&bare);
+    assert!(matches!(
+        read_all(&bare, &root),
+        Err(ReadError::MissingContents)
+    ));
+    let mut r = ArtifactReader::open_with_base(&bare[..], &root, NOW, Some(&r1.manifest)).unwrap();
+    assert_eq!(r.holds().unwrap(), new);
+    // After a pack, a contents member is just an unexpected member (and without
+    // the base, the packs cannot be read without it).
     let mut late = ms.clone();
     let c = late.remove(1);
     late.push(c);
-    let e = read_all(&tar(&late), &root).unwrap_err();
+    let late = tar(&late);
+    assert!(matches!(
+        read_all(&late, &root),
+        Err(ReadError::MissingContents)
+    ));
+    let mut r = ArtifactReader::open_with_base(&late[..], &root, NOW, Some(&r1.manifest)).unwrap();
+    let e = loop {
+        match r.next_chunk() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("read to the end"),
+            Err(e) => break e,
+        }
+    };
     assert!(
         matches!(&e, ReadError::UnexpectedMember { path } if path == CONTENTS_MEMBER),
         "{e:?}"
@@ -534,6 +596,7 @@ fn truncated_anywhere_is_refused() {
         before_last_chunk,
         last_at,
         bytes.len() - 1024,
+        bytes.len() - 512,
     ] {
         let r = read_all(&bytes[..cut], &root);
         assert!(
@@ -631,22 +694,34 @@ fn swapped_duplicate_missing_and_unexpected_chunks_are_refused() {
         ),
         "{r:?}"
     );
-    // Two chunks swapped in place: out of the signed order.
+    // Packs only count their chunks; which ones they are follows from the signed
+    // order. So anything out of place is either a pack whose size does not match
+    // the signed sizes of the chunks that belong there, or bytes that do not hash to
+    // the chunk that belongs there: `wrong_at(pack, chunk)`.
+    let wrong_at = |r: Result<Vec<Vec<u8>>, ReadError>, pack: u64, chunk: ChunkId| match r {
+        Err(ReadError::PackSizeMismatch { seq, .. }) => seq == pack,
+        Err(ReadError::Chunk(
+            ChunkError::HashMismatch { id, .. }
+            | ChunkError::Corrupt { id, .. }
+            | ChunkError::SizeMismatch { id, .. }
+            | ChunkError::DecompressedTooLarge { id, .. },
+        )) => id == chunk,
+        _ => false,
+    };
+    // Two chunks swapped in place: out of the signed order. The pack's size still
+    // matches, so the first misplaced chunk fails its checks.
     let mut reordered = cs.clone();
     reordered.swap(2, 3);
-    assert!(matches!(
-        read_all(&assemble(&env, &reordered, 4), &root),
-        Err(ReadError::MissingChunk(id)) if id == cs[2].0
-    ));
-    // A duplicate chunk, in the same pack and in the next one.
-    for per_pack in [64, 1] {
-        let mut dup = cs.clone();
-        dup.insert(3, cs[2].clone());
-        assert!(matches!(
-            read_all(&assemble(&env, &dup, per_pack), &root),
-            Err(ReadError::DuplicateChunk(id)) if id == cs[2].0
-        ));
-    }
+    let r = read_all(&assemble(&env, &reordered, 4), &root);
+    assert!(!matches!(r, Err(ReadError::PackSizeMismatch { .. })) && wrong_at(r, 0, cs[2].0));
+    // A duplicate chunk, in the same pack (one chunk more than remain) and in the
+    // next one.
+    let mut dup = cs.clone();
+    dup.insert(3, cs[2].clone());
+    let r = read_all(&assemble(&env, &dup, 64), &root);
+    assert!(matches!(r, Err(ReadError::BadPack { seq: 0, .. })), "{r:?}");
+    let r = read_all(&assemble(&env, &dup, 1), &root);
+    assert!(wrong_at(r, 3, cs[3].0));
     // A missing chunk (the archive ends cleanly without it), last and in the middle.
     let want = report.manifest.distinct_chunks().last().unwrap().id;
     assert!(matches!(
@@ -655,18 +730,20 @@ fn swapped_duplicate_missing_and_unexpected_chunks_are_refused() {
     ));
     let mut gap = cs.clone();
     gap.remove(4);
-    assert!(matches!(
+    assert!(wrong_at(
         read_all(&assemble(&env, &gap, 4), &root),
-        Err(ReadError::MissingChunk(id)) if id == cs[4].0
+        1,
+        cs[4].0
     ));
     // A chunk the manifest does not list.
     let mut extra = cs.clone();
     let other = b"not in the manifest".to_vec();
     let id = ChunkId::of(&other);
     extra.insert(2, (id, chunk::encode(&other, 3)));
-    assert!(matches!(
+    assert!(wrong_at(
         read_all(&assemble(&env, &extra, 4), &root),
-        Err(ReadError::UnknownChunk(x)) if x == id
+        0,
+        cs[2].0
     ));
     // A member that is not a pack, and a pack out of sequence.
     let mut junk = members(&bytes)
@@ -875,4 +952,71 @@ fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
         let parallel = format!("{:?}", verify(input).unwrap_err());
         assert_eq!(sequential, parallel, "{name}");
     }
+}
+
+/// A seekable source that counts the bytes actually read.
+struct Counted<'a> {
+    inner: Cursor<&'a [u8]>,
+    read: u64,
+}
+
+impl std::io::Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl shoal_artifact::read::Skip for Counted<'_> {
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.inner
+            .seek(std::io::SeekFrom::Current(n as i64))
+            .map(|_| ())
+    }
+}
+
+#[test]
+fn wanted_chunks_are_read_and_the_rest_skipped_unread() {
+    let (bytes, report) = build(&payload(600_000, 11));
+    let root = root(&[1], 1);
+    let distinct = report.manifest.distinct_chunks();
+    // Every third chunk.
+    let want: Vec<ChunkRef> = distinct.iter().step_by(3).copied().collect();
+    let wanted: std::collections::HashSet<ChunkId> = want.iter().map(|c| c.id).collect();
+    let mut src = Counted {
+        inner: Cursor::new(&bytes[..]),
+        read: 0,
+    };
+    let mut r = ArtifactReader::open(&mut src, &root, NOW).unwrap();
+    let mut got = Vec::new();
+    while let Some(raw) = r.next_wanted(|id| wanted.contains(id)).unwrap() {
+        let data = raw.verify().unwrap();
+        assert_eq!(ChunkId::of(&data), raw.chunk.id);
+        got.push(raw.chunk);
+    }
+    assert_eq!(got, want);
+    drop(r);
+    let skipped: u64 = distinct
+        .iter()
+        .filter(|c| !wanted.contains(&c.id))
+        .map(|c| u64::from(c.stored_size))
+        .sum();
+    assert!(
+        src.read <= bytes.len() as u64 - skipped,
+        "read {} of {}, {skipped} skippable",
+        src.read,
+        bytes.len()
+    );
+
+    // Truncated inside a skipped stretch: still refused at the end.
+    let cut = &bytes[..bytes.len() - 2000];
+    let mut src = Counted {
+        inner: Cursor::new(cut),
+        read: 0,
+    };
+    let mut r = ArtifactReader::open(&mut src, &root, NOW).unwrap();
+    let e = r.next_wanted(|_| false).unwrap_err();
+    assert!(matches!(e, ReadError::Truncated { .. }), "{e:?}");
 }

@@ -175,6 +175,19 @@ fn build_inspect_verify_extract_diff_sign() {
     let full = v["full_stored_bytes"].as_u64().unwrap();
     assert!(v["manifest_bytes"].as_u64().unwrap() > 0);
     assert!(download > 0 && download < full / 2, "{v}");
+    // The download figure is the exact size of the thin artifact the device gets.
+    ok(build(
+        d,
+        "v2.img",
+        "2.0",
+        "v2-thin.shoal",
+        &["--base", "v1.shoal"],
+    ));
+    let thin_len = std::fs::metadata(d.join("v2-thin.shoal")).unwrap().len();
+    assert_eq!(download, thin_len, "{v}");
+    let needed = v["needed_stored_bytes"].as_u64().unwrap();
+    let store = v["store_download_bytes"].as_u64().unwrap();
+    assert!(store > needed && store < download, "{v}");
 
     // Threshold signing: a 2-of-2 root refuses one signature, accepts after `sign`.
     setup(d, &["rel1", "rel2"], 2);

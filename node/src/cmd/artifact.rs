@@ -647,7 +647,7 @@ impl std::io::Seek for BufRwFile<'_> {
 }
 
 fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let read = |p: &Path| -> anyhow::Result<(Manifest, u64, u64)> {
+    let read = |p: &Path| -> anyhow::Result<(Manifest, shoal_signing::Envelope, u64)> {
         let input = open_input(p)?;
         let r = match root {
             Some(rp) => {
@@ -666,11 +666,11 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
             .read_dictionary()
             .with_context(|| format!("reading {}", p.display()))?
             .map_or(0, |d| d.bytes().len() as u64);
-        Ok((r.manifest().clone(), r.envelope_len(), dict_len))
+        Ok((r.manifest().clone(), r.envelope().clone(), dict_len))
     };
     let (old_m, _, _) = read(old)?;
     let (new_m, new_env, new_dict) = read(new)?;
-    let d = shoal_artifact::diff(&old_m, &new_m, new_env, new_dict);
+    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict);
     let mut out = std::io::stdout().lock();
     if json {
         #[derive(Serialize)]
@@ -706,8 +706,13 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
     )?;
     writeln!(
         out,
-        "download:         {} bytes ({} manifest + {} dictionary + {} chunks)",
+        "download:         {} bytes (the thin artifact: {} manifest + {} dictionary + {} chunks + framing)",
         d.download_bytes, d.manifest_bytes, d.dictionary_bytes, d.needed_stored_bytes
+    )?;
+    writeln!(
+        out,
+        "from a store:     {} bytes (manifest, dictionary and chunk files)",
+        d.store_download_bytes
     )?;
     writeln!(
         out,

@@ -417,7 +417,7 @@ fn install(dev: &mut Device, path: &Path, ui: &Ui) -> anyhow::Result<InstallRepo
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let source = Source::Artifact {
         name: path.display().to_string(),
-        reader: Box::new(file),
+        reader: crate::device::ArtifactInput::File(file),
     };
     crate::cmd::install::install(dev, source, false, false, ui)
 }

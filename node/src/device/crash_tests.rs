@@ -131,7 +131,7 @@ fn device(f: &Fixture, disk: &CrashDisk, data: &std::path::Path) -> Device {
 fn install(f: &Fixture, dev: &mut Device) -> anyhow::Result<InstallReport> {
     let source = Source::Artifact {
         name: "test.shoal".into(),
-        reader: Box::new(Cursor::new(f.artifact.clone())),
+        reader: super::ArtifactInput::Stream(Box::new(Cursor::new(f.artifact.clone()))),
     };
     dev.install(source, false, &mut |_| {})
 }

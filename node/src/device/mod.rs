@@ -14,7 +14,7 @@ pub mod health;
 pub mod store;
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +54,7 @@ pub enum Source {
         /// For messages: the path, or `-`.
         name: String,
         /// The bytes.
-        reader: Box<dyn Read + Send>,
+        reader: ArtifactInput,
     },
     /// A chunk store directory; `release` picks among its manifests
     /// (`NAME` or `NAME@VERSION`), default: the only compatible one, or the one with
@@ -79,6 +79,70 @@ impl std::fmt::Debug for Source {
                 .field("dir", dir)
                 .field("release", release)
                 .finish(),
+        }
+    }
+}
+
+/// Where an artifact's bytes come from.
+pub enum ArtifactInput {
+    /// A regular file: the chunks the device does not need are seeked over, never
+    /// read, and the rest is read in large unbuffered reads.
+    File(std::fs::File),
+    /// A pipe (stdin) or anything else read front to back: skipped chunks are read
+    /// and dropped.
+    Stream(Box<dyn Read + Send>),
+}
+
+/// An [`ArtifactInput`] that counts the bytes it read (not those it skipped).
+struct CountingInput {
+    inner: CountingInner,
+    bytes: u64,
+}
+
+enum CountingInner {
+    File(std::fs::File),
+    Stream(BufReader<Box<dyn Read + Send>>),
+}
+
+impl CountingInput {
+    fn new(input: ArtifactInput) -> CountingInput {
+        let inner = match input {
+            ArtifactInput::File(f) => CountingInner::File(f),
+            ArtifactInput::Stream(r) => {
+                CountingInner::Stream(BufReader::with_capacity(READ_BUFFER, r))
+            }
+        };
+        CountingInput { inner, bytes: 0 }
+    }
+}
+
+impl Read for CountingInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match &mut self.inner {
+            CountingInner::File(f) => f.read(buf)?,
+            CountingInner::Stream(r) => r.read(buf)?,
+        };
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl shoal_artifact::read::Skip for CountingInput {
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        match &mut self.inner {
+            CountingInner::File(f) => {
+                let delta = i64::try_from(n)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "skip too far"))?;
+                f.seek(io::SeekFrom::Current(delta)).map(|_| ())
+            }
+            CountingInner::Stream(r) => {
+                let copied = io::copy(&mut r.by_ref().take(n), &mut io::sink())?;
+                self.bytes += copied;
+                if copied < n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -311,22 +375,16 @@ impl Device {
         let wall = wall_clock();
         match source {
             Source::Artifact { name, reader } => {
-                let mut counted = CountingReader {
-                    inner: reader,
-                    bytes: 0,
-                };
-                let mut artifact = ArtifactReader::open(
-                    BufReader::with_capacity(READ_BUFFER, &mut counted),
-                    &driver.dev.root,
-                    wall,
-                )
-                .map_err(|e| artifact_error(&name, e))?;
+                let mut counted = CountingInput::new(reader);
+                let mut artifact = ArtifactReader::open(&mut counted, &driver.dev.root, wall)
+                    .map_err(|e| artifact_error(&name, e))?;
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
                 let holds = artifact
                     .holds()
                     .map_err(|e| artifact_error(&name, e))?
-                    .map(|ids| ids.into_iter().collect());
+                    .into_iter()
+                    .collect();
                 let offer = Offer {
                     envelope: artifact.envelope().to_bytes(),
                     wall_unix_s: wall,
@@ -334,7 +392,7 @@ impl Device {
                         id: STREAM,
                         kind: SourceKind::Stream,
                         name: name.clone(),
-                        holds,
+                        holds: Some(holds),
                     }],
                     reboot,
                 };
@@ -586,19 +644,6 @@ fn pick_release(
     }
 }
 
-struct CountingReader {
-    inner: Box<dyn Read + Send>,
-    bytes: u64,
-}
-
-impl Read for CountingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
 /// Reads the first `len` bytes of a storage, sequentially.
 struct StorageReader<'a> {
     storage: &'a dyn Storage,
@@ -675,7 +720,7 @@ impl<'a> Driver<'a> {
     }
 
     /// Feeds an artifact's chunks the engine still wants, decoded in parallel batches.
-    fn stream<R: Read>(
+    fn stream<R: shoal_artifact::read::Skip>(
         &mut self,
         mut artifact: ArtifactReader<R>,
         name: &str,
@@ -685,12 +730,11 @@ impl<'a> Driver<'a> {
             let mut bytes = 0usize;
             let mut ended = false;
             while bytes < DECODE_BATCH_BYTES {
-                match artifact.next_raw() {
+                let engine = &self.engine;
+                match artifact.next_wanted(|id| engine.wants(id)) {
                     Ok(Some(raw)) => {
-                        if self.engine.wants(&raw.chunk.id) {
-                            bytes += raw.chunk.size as usize + raw.stored().len();
-                            raws.push(raw);
-                        }
+                        bytes += raw.chunk.size as usize + raw.stored().len();
+                        raws.push(raw);
                     }
                     Ok(None) => {
                         ended = true;
@@ -1148,7 +1192,7 @@ pub fn source_from_arg(arg: &str, release: Option<String>) -> anyhow::Result<Sou
     if arg == "-" {
         return Ok(Source::Artifact {
             name: "stdin".into(),
-            reader: Box::new(io::stdin()),
+            reader: ArtifactInput::Stream(Box::new(io::stdin())),
         });
     }
     let path = Path::new(arg);
@@ -1167,6 +1211,10 @@ pub fn source_from_arg(arg: &str, release: Option<String>) -> anyhow::Result<Sou
     let file = std::fs::File::open(path).map_err(|e| Exit::usage(format!("{arg}: {e}")))?;
     Ok(Source::Artifact {
         name: arg.to_string(),
-        reader: Box::new(file),
+        reader: if meta.is_file() {
+            ArtifactInput::File(file)
+        } else {
+            ArtifactInput::Stream(Box::new(file))
+        },
     })
 }
