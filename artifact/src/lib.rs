@@ -24,6 +24,6 @@ pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
-pub use read::{ArtifactReader, RawChunk, ReadError};
+pub use read::{ArtifactReader, RawChunk, ReadError, VerifiedChunk};
 pub use store::{ChunkStore, StoreError};
 pub use write::{BuildError, BuildOptions, BuildReport, SignError, add_signatures, build};

@@ -200,9 +200,44 @@ impl RawChunk {
         chunk::decode_with(&self.stored, &self.chunk, self.dictionary.as_ref())
     }
 
+    /// Like [`RawChunk::verify`], returning the bytes as a [`VerifiedChunk`], which
+    /// proves the check to whoever receives them.
+    pub fn verify_chunk(&self) -> Result<VerifiedChunk, ChunkError> {
+        Ok(VerifiedChunk {
+            chunk: self.chunk,
+            data: self.verify()?,
+        })
+    }
+
     /// The stored form as read. Only trust it after [`RawChunk::verify`] succeeded.
     pub fn stored(&self) -> &[u8] {
         &self.stored
+    }
+}
+
+/// Uncompressed chunk bytes that were decoded within their declared size and hashed
+/// to their id. Only [`RawChunk::verify_chunk`] makes one, so a consumer (the update
+/// engine) can take the bytes without hashing them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedChunk {
+    chunk: ChunkRef,
+    data: Vec<u8>,
+}
+
+impl VerifiedChunk {
+    /// The manifest entry the bytes match (id and size).
+    pub fn chunk(&self) -> &ChunkRef {
+        &self.chunk
+    }
+
+    /// The bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The bytes, owned.
+    pub fn into_data(self) -> Vec<u8> {
+        self.data
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use shoal_artifact::{ChunkId, Chunking, Manifest, PayloadKind};
+use shoal_artifact::{ChunkId, Chunking, Manifest, PayloadKind, VerifiedChunk};
 use shoal_signing::{Envelope, RoleName, TrustRoot};
 use tracing::{debug, info, warn};
 
@@ -105,6 +105,17 @@ pub enum Input {
         id: ChunkId,
         /// The uncompressed bytes.
         data: Vec<u8>,
+    },
+    /// Chunk bytes pushed by a stream source whose reader already decoded them
+    /// within their declared size and hashed them to their id (the
+    /// [`VerifiedChunk`] type proves it). The engine checks they are a chunk it
+    /// needs, of the right size, and does not hash them again; from a source that
+    /// is not a stream of this install they are treated as [`Input::Chunk`].
+    Verified {
+        /// The stream source.
+        source: SourceId,
+        /// The verified bytes.
+        chunk: VerifiedChunk,
     },
     /// A request source does not hold a chunk.
     Unavailable {
@@ -1033,7 +1044,16 @@ impl Engine {
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
             Input::SlotIndexed { slot, index } => self.on_indexed(now, slot, index),
-            Input::Chunk { origin, id, data } => self.on_chunk(now, origin, id, data),
+            Input::Chunk { origin, id, data } => self.on_chunk(now, origin, id, data, false),
+            Input::Verified { source, chunk } => {
+                let stream = self.job.as_ref().is_some_and(|j| {
+                    j.sources
+                        .iter()
+                        .any(|s| s.info.id == source && s.info.kind == SourceKind::Stream)
+                });
+                let id = chunk.chunk().id;
+                self.on_chunk(now, Origin::Source(source), id, chunk.into_data(), stream);
+            }
             Input::Unavailable { source, id } => {
                 if let Some(job) = self.job.as_mut()
                     && let Some(need) = job.needs.get_mut(&id)
@@ -1116,7 +1136,9 @@ impl Engine {
         self.plan(now);
     }
 
-    fn on_chunk(&mut self, now: Instant, origin: Origin, id: ChunkId, data: Vec<u8>) {
+    /// A chunk's bytes arrived; `hashed`: they were verified against `id` already
+    /// (by the stream's reader), so only their size is checked here.
+    fn on_chunk(&mut self, now: Instant, origin: Origin, id: ChunkId, data: Vec<u8>, hashed: bool) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
         if job.step == Step::Probing {
@@ -1144,7 +1166,8 @@ impl Engine {
             }
             _ => {}
         }
-        let good = data.len() == need.size as usize && ChunkId::from(blake3::hash(&data)) == id;
+        let good = data.len() == need.size as usize
+            && (hashed || ChunkId::from(blake3::hash(&data)) == id);
         if !good {
             match origin {
                 Origin::Slot(_) if guess => {

@@ -759,17 +759,18 @@ impl<'a> Driver<'a> {
                     }
                 }
             }
-            let decoded: Vec<Result<Vec<u8>, String>> = raws
+            // Decoded and hashed here, on all cores, once: the engine takes
+            // `VerifiedChunk`s from the stream without hashing them again.
+            let decoded: Vec<Result<shoal_artifact::VerifiedChunk, String>> = raws
                 .par_iter()
-                .map(|r| r.verify().map_err(|e| e.to_string()))
+                .map(|r| r.verify_chunk().map_err(|e| e.to_string()))
                 .collect();
             for (raw, data) in raws.iter().zip(decoded) {
                 match data {
-                    Ok(data) => {
-                        let input = Input::Chunk {
-                            origin: Origin::Source(STREAM),
-                            id: raw.chunk.id,
-                            data,
+                    Ok(chunk) => {
+                        let input = Input::Verified {
+                            source: STREAM,
+                            chunk,
                         };
                         self.engine.handle(self.now(), input);
                     }
