@@ -83,12 +83,13 @@ fn ext4_compat_options() -> Vec<&'static str> {
 /// Whether an ext4 file system gets a journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Journal {
-    /// A journal: for file systems mounted read-write (the data partition).
+    /// A journal: the data partition and the root slots. A journaled root mounted
+    /// read-only changes blocks of its block device's page cache without writing
+    /// them, so buffered reads of the running slot differ from its on-disk (and
+    /// released) bytes; Shoal reads slots with `O_DIRECT`, and the test checks
+    /// both that the difference is there and that Shoal is not fooled by it.
     Yes,
-    /// No journal: for read-only root file systems. Mounting a journaled ext4
-    /// read-only still loads its journal, and that changes the block device's
-    /// page cache without ever writing the disk: buffered reads of the running
-    /// slot then differ from its on-disk (and released) bytes.
+    /// No journal (the USB stick, which nothing writes).
     No,
 }
 

@@ -257,7 +257,15 @@ impl Builder {
             put(&root, path, *mode, bytes);
         }
         let image = self.dir.join(format!("slot-{}.img", release.name));
-        image::ext4(&image, "rootfs", SLOT_SIZE, Some(&root), image::Journal::No);
+        // Journaled, as a stock ext4 root is: mounted read-only it alters the
+        // slot's cached view (see `image::Journal`), which Shoal must see through.
+        image::ext4(
+            &image,
+            "rootfs",
+            SLOT_SIZE,
+            Some(&root),
+            image::Journal::Yes,
+        );
         fs::remove_dir_all(&root).expect("remove the rootfs tree");
         image
     }

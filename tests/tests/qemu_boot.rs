@@ -11,8 +11,11 @@
 //! 1. first boot from A: `shoal boot-check` has nothing to do, status says A runs v1;
 //! 2. v2 (full artifact) from the USB stick: B boots as a trial and commits, and
 //!    stays; 6 (anti-rollback) runs here: v1 is refused and nothing is written;
-//! 3. v3 (thin, against v2): only missing chunks come from the stick; A's trial
-//!    fails its health check, Shoal rolls back and reboots into B;
+//! 3. v3 (thin, against v2): only missing chunks come from the stick, the rest is
+//!    read from the running slot B, whose journaled ext4 root (mounted read-only)
+//!    makes its page cache differ from its disk (checked), so Shoal must read it
+//!    with `O_DIRECT`; A's trial fails its health check, Shoal rolls back and
+//!    reboots into B;
 //! 4. a release whose kernel does not come up: GRUB's try counter falls back to B;
 //! 5. power cuts (SIGKILL to QEMU) early, midway, during verification and right
 //!    after arming; the machine boots a verified slot every time and the rerun
@@ -375,6 +378,15 @@ const HASH_INACTIVE_A: &str = "md5sum /dev/vda2 /boot/efi/EFI/shoal/shoal_gruben
      /boot/efi/EFI/shoal/shoal_grubenv1/lock /boot/efi/EFI/shoal/shoal_grubenv2/env \
      /boot/efi/EFI/shoal/shoal_grubenv2/lock";
 
+/// The first 4 MiB of the running slot B (`/dev/vda3`, its journaled ext4 root
+/// mounted read-only) read twice: through the page cache, and with `O_DIRECT` from
+/// the disk. Prints how many bytes differ and the first differences (`cmp -l`:
+/// 1-based offset, cached byte, disk byte, octal).
+const CACHED_VS_DISK_B: &str = "dd if=/dev/vda3 of=/tmp/cached bs=65536 count=64 2>/dev/null \
+     && dd if=/dev/vda3 of=/tmp/disk bs=65536 count=64 iflag=direct 2>/dev/null \
+     && echo differing=$(cmp -l /tmp/cached /tmp/disk | wc -l) \
+     && { cmp -l /tmp/cached /tmp/disk | head -n 8; rm /tmp/cached /tmp/disk; }";
+
 fn install(name: &str) -> String {
     format!("shoal install --json /mnt/usb/{name}.shoal")
 }
@@ -479,7 +491,8 @@ fn qemu_update_rollback_and_power_cuts() {
 
     // The next boot stays on B. 6. Anti-rollback: v1 is refused and nothing is
     // written (the inactive slot and the GRUB environment hash the same before
-    // and after). 3. Then v3 as a thin artifact against v2.
+    // and after). 3. Then v3 as a thin artifact against v2, after checking that
+    // B's journaled root really shows a cached view that differs from the disk.
     let boot = m.boot(Run::new(
         "2: B stays; 6: v1 is refused; 3: install v3 (thin)",
         &[
@@ -488,6 +501,7 @@ fn qemu_update_rollback_and_power_cuts() {
             &install("v1"),
             HASH_INACTIVE_A,
             STATUS,
+            CACHED_VS_DISK_B,
             &install("v3"),
             "reboot",
         ],
@@ -517,13 +531,41 @@ fn qemu_update_rollback_and_power_cuts() {
         reason.lines().last().unwrap_or("")
     );
 
-    // 3. Only the missing chunks come from the stick.
+    // 3. The running slot's page cache is not its disk: the journaled ext4 root,
+    //    mounted read-only, changed cached blocks it never writes. Shoal reuses
+    //    B's chunks, so it must read them from the disk (O_DIRECT); through the
+    //    cache one chunk fails its hash and the thin install misses it.
+    let view = boot.expect_step("6", 0).text();
+    let differing: u64 = view
+        .lines()
+        .find_map(|l| l.strip_prefix("differing="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| boot.fail(&format!("no cached-vs-disk count in:\n{view}")));
+    if differing == 0 {
+        boot.fail(
+            "the running slot B reads the same through the page cache as from the disk, \
+             so this machine no longer reproduces the stale cached view of a journaled \
+             read-only ext4 root and cannot show that Shoal reads slots from the disk",
+        );
+    }
+    eprintln!(
+        "qemu:   running slot B: {differing} byte(s) of its first 4 MiB differ between the page cache and the disk (cmp -l: {})",
+        view.lines().skip(1).take(3).collect::<Vec<_>>().join("; ")
+    );
+    // Only the missing chunks come from the stick.
     let (thin, full) = (artifacts.size("v3"), artifacts.size("v2"));
     assert!(
         thin * 4 < full,
         "the thin v3 artifact ({thin} bytes) should be much smaller than the full v2 ({full} bytes)"
     );
-    let report = json_of(&boot, &boot.expect_step("6", 0));
+    let installed = boot.expect_step("7", 0);
+    if installed.text().contains("does not hash as recorded") {
+        boot.fail(&format!(
+            "Shoal read a chunk of the running slot that does not hash as indexed (the page cache's view, not the disk's):\n{}",
+            installed.text()
+        ));
+    }
+    let report = json_of(&boot, &installed);
     expect_eq(&boot, "v3 install slot", &report["slot"], "A");
     let n = |k: &str| report[k].as_u64().unwrap_or(0);
     if n("source_bytes_read") > thin || n("fetched_bytes") * 4 > n("total_bytes") {
