@@ -93,12 +93,46 @@ impl<R: Read> Iterator for Chunker<R> {
 
 /// Cuts `source` and returns `(offset, id, length)` of every chunk, without keeping
 /// chunk bytes: what a device needs to index its active slot.
-pub fn index<R: Read>(source: R, chunking: Chunking) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+pub fn index<R: Read + Send>(
+    source: R,
+    chunking: Chunking,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    use rayon::prelude::*;
+    // Batches of about 4 MiB: one is hashed on the other cores while the next is cut.
+    const BATCH: usize = 4 * 1024 * 1024;
+    let mut chunker = Chunker::new(source, chunking);
+    let mut cut = move || -> io::Result<Vec<Chunk>> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while bytes < BATCH {
+            match chunker.next() {
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    bytes += chunk.data.len();
+                    batch.push(chunk);
+                }
+                None => break,
+            }
+        }
+        Ok(batch)
+    };
     let mut out = Vec::new();
-    for chunk in Chunker::new(source, chunking) {
-        let chunk = chunk?;
-        let len = u32::try_from(chunk.data.len()).expect("chunk is at most max_size");
-        out.push((chunk.offset, ChunkId::of(&chunk.data), len));
+    let mut batch = cut()?;
+    while !batch.is_empty() {
+        let (ids, next) = rayon::join(
+            || {
+                batch
+                    .par_iter()
+                    .map(|c| ChunkId::of(&c.data))
+                    .collect::<Vec<_>>()
+            },
+            &mut cut,
+        );
+        for (chunk, id) in batch.iter().zip(ids) {
+            let len = u32::try_from(chunk.data.len()).expect("chunk is at most max_size");
+            out.push((chunk.offset, id, len));
+        }
+        batch = next?;
     }
     Ok(out)
 }

@@ -795,6 +795,12 @@ impl Engine {
                     job.reads.push_back(*id);
                     from_slot += u64::from(need.size) * need.positions.len() as u64;
                 }
+                // Not indexed, but a stream that said it holds the chunk brings it:
+                // no read of the active slot on the off chance.
+                _ if job.sources.iter().any(|s| {
+                    s.info.kind == SourceKind::Stream
+                        && s.info.holds.as_ref().is_some_and(|h| h.contains(id))
+                }) => {}
                 // Not indexed: an image changed in place (or the last chunk of an
                 // image cut with the slot's trailing bytes) may still hold it at the
                 // same offset; one verified read decides before any source is asked.

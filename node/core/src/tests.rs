@@ -794,3 +794,27 @@ fn probing_finds_unindexed_chunks_in_the_active_slot() {
     assert_eq!(engine.progress().reused_bytes, MIB as u64);
     assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
 }
+
+/// A chunk the index lacks but the stream says it holds is taken from the stream:
+/// the active slot is not read on the off chance (it would be a wasted read of the
+/// whole slot on a device whose slot shares nothing).
+#[test]
+fn chunks_a_stream_holds_are_not_guessed_in_the_active_slot() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    dev.store.indexes[0] = Some(crate::SlotIndex {
+        chunking: crate::testing::TEST_CHUNKING,
+        chunks: Vec::new(),
+    });
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut offer = stream_offer(sign(&m1, &f.key));
+    offer.sources[0].holds = Some(c1.iter().map(|(id, _)| *id).collect());
+    let mut engine = dev.engine(f.config());
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    let p = engine.progress();
+    assert_eq!((p.reused_bytes, p.fetched_bytes), (0, MIB as u64));
+    assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
+}

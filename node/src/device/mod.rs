@@ -38,7 +38,7 @@ use store::Store;
 /// Bytes of wanted chunks (uncompressed, so a highly compressible stretch cannot
 /// balloon) read from an artifact before they are decoded together, in parallel.
 /// Bounds the memory of a streaming install.
-const DECODE_BATCH_BYTES: usize = 1024 * 1024;
+const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
 /// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
@@ -644,23 +644,97 @@ fn pick_release(
     }
 }
 
-/// Reads the first `len` bytes of a storage, sequentially.
-struct StorageReader<'a> {
-    storage: &'a dyn Storage,
-    offset: u64,
-    len: u64,
+/// A chunk of an artifact, decoded and verified, or why not.
+type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
+
+/// Decodes and hashes chunks on all cores (each exactly once: the engine does not
+/// hash [`shoal_artifact::VerifiedChunk`]s again).
+fn decode(raws: Vec<shoal_artifact::RawChunk>) -> Vec<Decoded> {
+    raws.par_iter()
+        .map(|r| (r.chunk.id, r.verify_chunk().map_err(|e| e.to_string())))
+        .collect()
 }
 
-impl Read for StorageReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.len - self.offset;
-        let n = usize::try_from(left.min(buf.len() as u64).min(READ_BUFFER as u64))
-            .unwrap_or(READ_BUFFER);
-        if n == 0 {
-            return Ok(0);
+/// Bytes per read when a whole slot is read front to back (indexing, verifying):
+/// slots are read with `O_DIRECT`, where large reads are much faster.
+const SLOT_READ_BLOCK: usize = 2 * 1024 * 1024;
+
+/// Reads the first `len` bytes of `storage` in [`SLOT_READ_BLOCK`]s on this thread
+/// and hands them in order to `consume`, which runs on another thread: reading the
+/// medium overlaps the hashing or chunking of what was read. At most three blocks
+/// are alive at once (being read, waiting, being consumed). A read error wins over what `consume` made of the blocks
+/// before it.
+fn pipelined<T: Send>(
+    storage: &dyn Storage,
+    len: u64,
+    consume: impl FnOnce(&mut BlockReader) -> T + Send,
+) -> io::Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            let mut blocks = BlockReader {
+                rx,
+                block: Vec::new(),
+                at: 0,
+            };
+            consume(&mut blocks)
+        });
+        let mut offset = 0u64;
+        let mut result = Ok(());
+        while offset < len {
+            let n = usize::try_from((len - offset).min(SLOT_READ_BLOCK as u64))
+                .unwrap_or(SLOT_READ_BLOCK);
+            let mut block = vec![0u8; n];
+            if let Err(e) = storage.read_at(offset, &mut block) {
+                result = Err(e);
+                break;
+            }
+            offset += n as u64;
+            if tx.send(block).is_err() {
+                // The consumer stopped early (it failed); its result says why.
+                break;
+            }
         }
-        self.storage.read_at(self.offset, &mut buf[..n])?;
-        self.offset += n as u64;
+        drop(tx);
+        let out = worker.join().expect("the slot reading worker panicked");
+        result.map(|()| out)
+    })
+}
+
+/// The blocks [`pipelined`] reads, as they come: whole, or as a `Read`.
+struct BlockReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    block: Vec<u8>,
+    at: usize,
+}
+
+impl BlockReader {
+    /// The next block (the rest of the current one first), `None` at the end.
+    fn next_block(&mut self) -> Option<Vec<u8>> {
+        if self.at < self.block.len() {
+            let rest = self.block.split_off(self.at);
+            self.at = 0;
+            self.block.clear();
+            return Some(rest);
+        }
+        self.rx.recv().ok()
+    }
+}
+
+impl Read for BlockReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.block.len() {
+            match self.rx.recv() {
+                Ok(block) => {
+                    self.block = block;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
     }
 }
@@ -719,81 +793,83 @@ impl<'a> Driver<'a> {
         self.drain()
     }
 
-    /// Feeds an artifact's chunks the engine still wants, decoded in parallel batches.
+    /// Feeds an artifact's chunks the engine still wants, decoded in parallel
+    /// batches: one batch is decoded (on all cores) while the previous one is
+    /// written. Chunks and errors still reach the engine in artifact order.
     fn stream<R: shoal_artifact::read::Skip>(
         &mut self,
         mut artifact: ArtifactReader<R>,
         name: &str,
     ) -> anyhow::Result<()> {
+        let mut decoded: Vec<Decoded> = Vec::new();
+        let mut ended = false;
         while self.engine.is_installing() {
+            // Read the next batch. Each chunk comes once, so what the engine wants
+            // of it does not depend on the batch still to be written.
             let mut raws = Vec::new();
+            let mut failure = None;
             let mut bytes = 0usize;
-            let mut ended = false;
-            while bytes < DECODE_BATCH_BYTES {
+            while !ended && failure.is_none() && bytes < DECODE_BATCH_BYTES {
                 let engine = &self.engine;
                 match artifact.next_wanted(|id| engine.wants(id)) {
                     Ok(Some(raw)) => {
                         bytes += raw.chunk.size as usize + raw.stored().len();
                         raws.push(raw);
                     }
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        let retry = matches!(e, ReadError::Io(_));
-                        self.engine.handle(
-                            self.now(),
-                            Input::Failed {
-                                op: IoOp::Fetch,
-                                message: message.clone(),
-                            },
-                        );
-                        self.drain()?;
-                        return Err(if retry {
-                            Exit::tempfail(format!("reading {name}: {message}; rerun to resume"))
-                        } else {
-                            anyhow!("{name}: {message}")
-                        });
-                    }
+                    Ok(None) => ended = true,
+                    Err(e) => failure = Some(e),
                 }
             }
-            // Decoded and hashed here, on all cores, once: the engine takes
-            // `VerifiedChunk`s from the stream without hashing them again.
-            let decoded: Vec<Result<shoal_artifact::VerifiedChunk, String>> = raws
-                .par_iter()
-                .map(|r| r.verify_chunk().map_err(|e| e.to_string()))
-                .collect();
-            for (raw, data) in raws.iter().zip(decoded) {
-                match data {
-                    Ok(chunk) => {
-                        let input = Input::Verified {
-                            source: STREAM,
-                            chunk,
-                        };
-                        self.engine.handle(self.now(), input);
-                    }
-                    Err(message) => {
-                        let message =
-                            format!("chunk {} in {name} is corrupt: {message}", raw.chunk.id);
-                        self.engine.handle(
-                            self.now(),
-                            Input::Failed {
-                                op: IoOp::Fetch,
-                                message,
-                            },
-                        );
-                    }
-                }
+            let previous = std::mem::take(&mut decoded);
+            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
+                let worker = scope.spawn(move || decode(raws));
+                self.feed(previous, name)?;
+                Ok(worker.join().expect("the decoding thread panicked"))
+            })?;
+            if let Some(e) = failure {
+                // Everything before the structural error goes first.
+                self.feed(std::mem::take(&mut decoded), name)?;
+                let message = e.to_string();
+                let retry = matches!(e, ReadError::Io(_));
+                self.engine.handle(
+                    self.now(),
+                    Input::Failed {
+                        op: IoOp::Fetch,
+                        message: message.clone(),
+                    },
+                );
                 self.drain()?;
+                return Err(if retry {
+                    Exit::tempfail(format!("reading {name}: {message}; rerun to resume"))
+                } else {
+                    anyhow!("{name}: {message}")
+                });
             }
-            if ended {
+            if ended && decoded.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
                 self.drain()?;
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Hands decoded chunks to the engine and carries out what it asks.
+    fn feed(&mut self, decoded: Vec<Decoded>, name: &str) -> anyhow::Result<()> {
+        for (id, result) in decoded {
+            let input = match result {
+                Ok(chunk) => Input::Verified {
+                    source: STREAM,
+                    chunk,
+                },
+                Err(message) => Input::Failed {
+                    op: IoOp::Fetch,
+                    message: format!("chunk {id} in {name} is corrupt: {message}"),
+                },
+            };
+            self.engine.handle(self.now(), input);
+            self.drain()?;
         }
         Ok(())
     }
@@ -968,15 +1044,10 @@ impl<'a> Driver<'a> {
                 let index = (|| -> anyhow::Result<_> {
                     let storage = self.reader(slot)?;
                     let len = len.min(storage.len()?);
-                    let reader = StorageReader {
-                        storage,
-                        offset: 0,
-                        len,
-                    };
-                    let chunks = shoal_artifact::chunk::index(
-                        BufReader::with_capacity(READ_BUFFER, reader),
-                        chunking,
-                    )?;
+                    // Cut on another thread while this one reads the slot.
+                    let chunks = pipelined(storage, len, move |blocks| {
+                        shoal_artifact::chunk::index(blocks, chunking)
+                    })??;
                     Ok(shoal_engine::SlotIndex {
                         chunking,
                         chunks: chunks
@@ -1077,9 +1148,18 @@ impl<'a> Driver<'a> {
                     w.sync()
                         .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
                 }
+                // Hashed on another thread while this one reads the slot.
                 let hash = self
                     .reader(slot)
-                    .and_then(|r| Ok(shoal_bootctl::writer::hash_prefix(r, len)?))
+                    .and_then(|r| {
+                        Ok(pipelined(r, len, |blocks| {
+                            let mut hasher = blake3::Hasher::new();
+                            while let Some(block) = blocks.next_block() {
+                                hasher.update(&block);
+                            }
+                            *hasher.finalize().as_bytes()
+                        })?)
+                    })
                     .map_err(|e| (IoOp::HashSlot, e))?;
                 self.engine.handle(now, Input::SlotHashed { slot, hash });
             }

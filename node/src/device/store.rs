@@ -256,11 +256,16 @@ impl Store {
                         match new {
                             Some(new) => {
                                 put(&mut meta, &key, Some(&new.chunking))?;
+                                // First occurrence of a chunk wins; inserted in key
+                                // order, so the B-tree is appended to rather than
+                                // written all over (its cache is small).
+                                let mut rows = std::collections::BTreeMap::new();
                                 for c in &new.chunks {
-                                    let k = index_key(*slot, &c.id);
-                                    if index.get(&k[..])?.is_none() {
-                                        index.insert(&k[..], (c.offset, c.len))?;
-                                    }
+                                    rows.entry(index_key(*slot, &c.id))
+                                        .or_insert((c.offset, c.len));
+                                }
+                                for (k, v) in rows {
+                                    index.insert(&k[..], v)?;
                                 }
                             }
                             None => put(&mut meta, &key, None)?,
