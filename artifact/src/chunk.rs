@@ -98,8 +98,8 @@ pub fn index<R: Read + Send>(
     chunking: Chunking,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     use rayon::prelude::*;
-    // Batches of about 4 MiB: one is hashed on the other cores while the next is cut.
-    const BATCH: usize = 4 * 1024 * 1024;
+    // Batches of about 1 MiB: one is hashed on the other cores while the next is cut.
+    const BATCH: usize = 1024 * 1024;
     let mut chunker = Chunker::new(source, chunking);
     let mut cut = move || -> io::Result<Vec<Chunk>> {
         let mut batch = Vec::new();

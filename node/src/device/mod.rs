@@ -657,7 +657,7 @@ fn decode(raws: Vec<shoal_artifact::RawChunk>) -> Vec<Decoded> {
 
 /// Bytes per read when a whole slot is read front to back (indexing, verifying):
 /// slots are read with `O_DIRECT`, where large reads are much faster.
-const SLOT_READ_BLOCK: usize = 2 * 1024 * 1024;
+const SLOT_READ_BLOCK: usize = 1024 * 1024;
 
 /// Reads the first `len` bytes of `storage` in [`SLOT_READ_BLOCK`]s on this thread
 /// and hands them in order to `consume`, which runs on another thread: reading the
