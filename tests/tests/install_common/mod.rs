@@ -257,17 +257,7 @@ pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// Asserts success; returns stdout.
-pub fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "shoal failed with {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
+pub use shoal_tests::ok;
 
 /// Asserts failure with `code`; returns stderr.
 pub fn fails(out: Output, code: i32) -> String {
