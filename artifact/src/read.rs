@@ -574,18 +574,12 @@ impl<R: Read> ArtifactReader<R> {
         Ok(true)
     }
 
-    /// Reads the dictionary member's data (bounded).
-    fn read_dictionary_member(&mut self, size: u64) -> Result<(), ReadError> {
-        if size > DICTIONARY_SIZE_MAX as u64 {
-            return Err(ReadError::Dictionary(DictionaryError::TooLarge(
-                usize::try_from(size).unwrap_or(usize::MAX),
-            )));
-        }
-        let mut bytes = vec![0u8; size as usize];
+    /// Reads a member's `size` data bytes and its padding; the caller has bounded
+    /// `size`. `what` names the member in the truncation error.
+    fn read_member_data(&mut self, size: u64, what: &str) -> Result<Vec<u8>, ReadError> {
+        let truncated = || ReadError::Truncated { what: what.into() };
+        let mut bytes = vec![0u8; usize::try_from(size).map_err(|_| truncated())?];
         let mut got = 0;
-        let truncated = || ReadError::Truncated {
-            what: "the dictionary".into(),
-        };
         if !ustar::read_full(&mut self.src, &mut bytes, &mut got)? {
             return Err(truncated());
         }
@@ -595,6 +589,17 @@ impl<R: Read> ArtifactReader<R> {
             return Err(truncated());
         }
         self.offset += size + pad.len() as u64;
+        Ok(bytes)
+    }
+
+    /// Reads the dictionary member's data (bounded).
+    fn read_dictionary_member(&mut self, size: u64) -> Result<(), ReadError> {
+        if size > DICTIONARY_SIZE_MAX as u64 {
+            return Err(ReadError::Dictionary(DictionaryError::TooLarge(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            )));
+        }
+        let bytes = self.read_member_data(size, "the dictionary")?;
         self.dictionary = Some(Dictionary::from_bytes(bytes)?);
         Ok(())
     }
@@ -610,20 +615,7 @@ impl<R: Read> ArtifactReader<R> {
                 chunks: distinct.len(),
             });
         }
-        let mut bits = vec![0u8; distinct.len().div_ceil(8)];
-        let mut got = 0;
-        let truncated = || ReadError::Truncated {
-            what: "the contents member".into(),
-        };
-        if !ustar::read_full(&mut self.src, &mut bits, &mut got)? {
-            return Err(truncated());
-        }
-        let mut pad = [0u8; BLOCK];
-        let pad = &mut pad[..ustar::padding(size)];
-        if !ustar::read_full(&mut self.src, pad, &mut got)? {
-            return Err(truncated());
-        }
-        self.offset += size + pad.len() as u64;
+        let bits = self.read_member_data(size, "the contents member")?;
         let tail = distinct.len() % 8;
         if tail != 0 && bits.last().is_some_and(|&b| b >> tail != 0) {
             return Err(ReadError::ContentsPadding {
