@@ -10,6 +10,7 @@ use serde::Serialize;
 use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, Manifest};
 use shoal_signing::{SecretKey, TrustRoot};
 
+use crate::cmd::chain;
 use crate::cmd::root::{load_root, now_unix_s};
 use crate::cmd::{Exit, Ui};
 
@@ -205,7 +206,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
     paths
         .iter()
-        .map(|p| SecretKey::load(p).map_err(|e| Exit::usage(format!("key {}: {e}", p.display()))))
+        .map(|p| SecretKey::load(p).map_err(|e| Exit::usage(chain(&e))))
         .collect()
 }
 

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use shoal_artifact::chunk::{CHUNKING_DEFAULT, ZSTD_LEVEL_FAST};
@@ -208,10 +207,7 @@ fn demo(dir: &Path, size_mib: u64, ui: &Ui) -> anyhow::Result<()> {
     };
 
     // Keys and trust root.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.as_secs())
-        .unwrap_or(0);
+    let now = crate::cmd::root::now_unix_s()?;
     let root = TrustRoot::new(
         1,
         now + 365 * 86400,

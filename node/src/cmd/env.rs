@@ -9,7 +9,8 @@ use shoal_bootctl::env::grub::{BlockEnv, GrubEnv, Paths};
 use shoal_bootctl::env::uboot::{FwEnvConfig, UbootEnv};
 use shoal_bootctl::env::{Env, EnvLock, Vars};
 
-use crate::cmd::install::{ConfigArg, chain};
+use crate::cmd::chain;
+use crate::cmd::install::ConfigArg;
 use crate::cmd::{Exit, Ui};
 
 /// `shoal env` subcommands.

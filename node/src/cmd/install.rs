@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::cmd::Ui;
+use crate::cmd::{Ui, chain};
 use crate::config::Config;
 use crate::device::{self, Device, InstallReport, Reboot};
 
@@ -21,18 +21,6 @@ impl ConfigArg {
     pub fn load(&self) -> anyhow::Result<Config> {
         Config::load(&self.config).map_err(|e| crate::cmd::Exit::usage(chain(&e)))
     }
-}
-
-/// An error and its sources, on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Install a release into the inactive slot and arm a trial boot.

@@ -49,6 +49,18 @@ impl Exit {
     }
 }
 
+/// An error and its sources, on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Picks the exit code for an error: the innermost [`Exit`] in its chain decides,
 /// otherwise 1.
 pub fn exit_code(err: &anyhow::Error) -> u8 {

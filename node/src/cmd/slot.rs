@@ -8,7 +8,8 @@ use anyhow::Context;
 use shoal_bootctl::control::{ArmError, CommitError, RollbackError};
 use shoal_bootctl::{BootControl, BootState, Slot};
 
-use crate::cmd::install::{ConfigArg, chain};
+use crate::cmd::chain;
+use crate::cmd::install::ConfigArg;
 use crate::cmd::{Exit, Ui};
 
 /// `shoal slot` subcommands.

@@ -31,7 +31,7 @@ use shoal_engine::{
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
 
-use crate::cmd::Exit;
+use crate::cmd::{Exit, chain};
 use crate::config::Config;
 use store::Store;
 
@@ -269,15 +269,16 @@ impl Device {
     pub fn open(config: Config, reboot: Reboot) -> anyhow::Result<Device> {
         let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
             Exit::usage(format!(
-                "device.trust_root {}: {e}",
-                config.device.trust_root.display()
+                "device.trust_root {}: {}",
+                config.device.trust_root.display(),
+                chain(&e)
             ))
         })?;
         signed.verify_self(None).map_err(|e| {
             Exit::usage(format!("device.trust_root is not validly self-signed: {e}"))
         })?;
         let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, true)
-            .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", error_chain(&e))))?;
+            .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
         let mut capacity = [0u64; 2];
         for slot in Slot::ALL {
             let s = boot.open_reader(slot).with_context(|| {
@@ -556,17 +557,6 @@ impl Device {
 const STREAM: SourceId = SourceId(1);
 const STORE: SourceId = SourceId(2);
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Io(io) => Exit::tempfail(format!("reading {name}: {io}; safe to retry")),
@@ -598,7 +588,7 @@ fn pick_release(
         }
         let manifest = store
             .load_manifest(&path, root, wall)
-            .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+            .map_err(|e| anyhow!("{}", chain(&e)))?;
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         found.push((bytes, manifest));
     }
@@ -999,7 +989,7 @@ impl<'a> Driver<'a> {
             return w
                 .write_at(offset, data)
                 .map(|_| ())
-                .map_err(|e| anyhow!("{}", error_chain(&e)));
+                .map_err(|e| anyhow!("{}", chain(&e)));
         }
         let mut buf = Vec::with_capacity(self.dev.io_window);
         buf.extend_from_slice(data);
@@ -1015,7 +1005,7 @@ impl<'a> Driver<'a> {
                 .as_mut()
                 .ok_or_else(|| anyhow!("no slot open for writing"))?;
             w.write_at(start, &buf)
-                .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+                .map_err(|e| anyhow!("{}", chain(&e)))?;
         }
         Ok(())
     }
@@ -1096,7 +1086,7 @@ impl<'a> Driver<'a> {
                         Some((_, Err(e))) => {
                             if !matches!(&e, shoal_artifact::StoreError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
                             {
-                                warn!(%id, error = %error_chain(&e), "chunk store cannot serve a chunk");
+                                warn!(%id, error = %chain(&e), "chunk store cannot serve a chunk");
                             }
                             Input::Unavailable { source, id }
                         }
@@ -1133,7 +1123,7 @@ impl<'a> Driver<'a> {
                 self.flush().map_err(|e| (IoOp::Write, e))?;
                 if let Some(w) = self.writer.as_mut().filter(|w| w.slot() == slot) {
                     w.sync()
-                        .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
+                        .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
                 }
             }
             Output::Persist(records) => {
@@ -1146,7 +1136,7 @@ impl<'a> Driver<'a> {
                 self.flush().map_err(|e| (IoOp::Write, e))?;
                 if let Some(mut w) = self.writer.take() {
                     w.sync()
-                        .map_err(|e| (IoOp::Sync, anyhow!("{}", error_chain(&e))))?;
+                        .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
                 }
                 // Hashed on another thread while this one reads the slot.
                 let hash = self
