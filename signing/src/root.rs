@@ -394,18 +394,23 @@ impl SignedRoot {
         Self::from_bytes(&std::fs::read(path).map_err(io)?)
     }
 
-    /// Writes the root file atomically (temporary file, fsync, rename).
+    /// Writes the root file atomically: a uniquely named temporary file in the same
+    /// directory, fsync, rename over `path`.
     pub fn save(&self, path: &Path) -> Result<(), RootError> {
         use std::io::Write;
         let io = |source| RootError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&self.to_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        tmp.write_all(&self.to_bytes()).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
     }
 
     /// Checks the root is signed by a threshold of its own `root` keys and (when the
