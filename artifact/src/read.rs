@@ -7,7 +7,8 @@
 //! the manifest says comes next, decodes it (bounded by its declared size) and checks
 //! its hash before returning a byte of it. Works on any `Read`, a pipe included, and
 //! holds one chunk at a time; [`ArtifactReader::next_wanted`] skips the chunks a
-//! caller does not want without reading them when the source can skip ([`Skip`]).
+//! caller does not want without reading them when the source can skip ([`Skip`]),
+//! and, when the artifact has a pack table, without reading any pack's header.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -55,6 +56,19 @@ pub fn pack_path(seq: u64) -> String {
 
 /// Most chunks in one pack.
 pub const PACK_CHUNKS_MAX: usize = 4096;
+
+/// Path of the pack table member, after the envelope, dictionary and contents and
+/// before the first pack: the chunk count of each pack, in order, so a reader knows
+/// where every pack and chunk is without reading the packs' headers.
+pub const PACK_TABLE_MEMBER: &str = "packs.table";
+
+/// Bytes per pack in the pack table: its chunk count (u32 little-endian).
+pub const PACK_TABLE_ENTRY_LEN: usize = 4;
+
+/// The pack table member's data for packs of `counts` chunks, in order.
+pub fn pack_table(counts: &[u32]) -> Vec<u8> {
+    counts.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
 
 /// Bytes of a pack member before its chunks: the chunk count (u32 little-endian).
 pub const PACK_HEADER_LEN: usize = 4;
@@ -146,6 +160,53 @@ pub enum ReadError {
     UnexpectedMember {
         /// The member's path.
         path: String,
+    },
+    /// The pack table member's size is not a whole number of 4-byte entries.
+    #[error(
+        "the pack table member is {found} bytes, not a multiple of {PACK_TABLE_ENTRY_LEN} (one u32 per pack)"
+    )]
+    PackTableLength {
+        /// Its size.
+        found: u64,
+    },
+    /// The pack table lists more packs than the artifact holds chunks (every pack
+    /// holds at least one), checked before it is read.
+    #[error(
+        "the pack table member is {found} bytes, more than the {max} bytes of one entry per chunk the artifact holds ({chunks} chunks)"
+    )]
+    PackTableTooLarge {
+        /// Its size.
+        found: u64,
+        /// The most it may be.
+        max: u64,
+        /// Chunks the artifact holds.
+        chunks: usize,
+    },
+    /// A pack table entry is not a possible pack's chunk count.
+    #[error("the pack table gives pack {seq} {count} chunks (a pack holds 1 to {PACK_CHUNKS_MAX})")]
+    PackTableCount {
+        /// The pack's sequence number.
+        seq: u64,
+        /// The count the table gives.
+        count: u32,
+    },
+    /// The pack table's counts do not add up to the chunks the artifact holds.
+    #[error("the pack table counts {sum} chunks, but the artifact holds {chunks}")]
+    PackTableSum {
+        /// The sum of the table's counts.
+        sum: u64,
+        /// Chunks the artifact holds (from the manifest and contents member).
+        chunks: usize,
+    },
+    /// A pack's header counts other chunks than the pack table says it holds.
+    #[error("pack {seq} holds {found} chunks, the pack table says {table}")]
+    PackCountMismatch {
+        /// The pack's sequence number.
+        seq: u64,
+        /// The count in the pack table.
+        table: u32,
+        /// The count in the pack's header.
+        found: u32,
     },
     /// The dictionary member is not a usable zstd dictionary.
     #[error("bad dictionary member: {0}")]
@@ -263,6 +324,13 @@ pub struct ArtifactReader<R: Read> {
     dictionary: Option<Dictionary>,
     /// Chunks the contents member says the artifact holds, once it was read.
     contents: Option<HashSet<ChunkId>>,
+    /// Chunk count of each pack, from the pack table member, once it was read.
+    table: Option<Vec<u32>>,
+    /// Whether the members before the first pack were read.
+    preamble_done: bool,
+    /// A header block the preamble read that is not a preamble member (an artifact
+    /// without a pack table): the first pack's header, or what stands in its place.
+    peeked: Option<Block>,
     done: bool,
 }
 
@@ -332,6 +400,9 @@ impl<R: Read> ArtifactReader<R> {
             packs_read: 0,
             dictionary: None,
             contents: None,
+            table: None,
+            preamble_done: false,
+            peeked: None,
             done: false,
         };
         if let Some(base) = base {
@@ -472,55 +543,90 @@ impl<R: Read> ArtifactReader<R> {
         }))
     }
 
-    /// Reads the next member header and the pack's index, checking every chunk it
-    /// names against the manifest's order. `Ok(false)` at the (checked) end.
+    /// Reads the members before the first pack: the dictionary, contents and pack
+    /// table members, each optional, in that order. Stops right after the pack table
+    /// (so the next byte is the first pack's header); without one, at the first
+    /// other header, which it keeps for [`ArtifactReader::open_pack`].
+    fn read_preamble(&mut self) -> Result<(), ReadError> {
+        while !self.preamble_done {
+            let member = match self.read_header()? {
+                Block::Member(m) if m.kind == b'0' || m.kind == 0 => m,
+                other => {
+                    self.peeked = Some(other);
+                    self.preamble_done = true;
+                    break;
+                }
+            };
+            let path = member.path.as_str();
+            if path == DICTIONARY_MEMBER && self.dictionary.is_none() && self.contents.is_none() {
+                self.read_dictionary_member(member.size)?;
+            } else if path == CONTENTS_MEMBER && self.contents.is_none() {
+                self.read_contents_member(member.size)?;
+            } else if path == PACK_TABLE_MEMBER {
+                self.read_table_member(member.size)?;
+                self.preamble_done = true;
+            } else {
+                self.peeked = Some(Block::Member(member));
+                self.preamble_done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next header block; the archive must go on (`Truncated` otherwise).
+    fn read_header(&mut self) -> Result<Block, ReadError> {
+        read_block(&mut self.src, &mut self.offset, "the chunk list")?.ok_or_else(|| {
+            ReadError::Truncated {
+                what: "the chunk list".into(),
+            }
+        })
+    }
+
+    /// After the first end-of-archive block: checks the second (so a reader consumes
+    /// the whole artifact, and no more) and that every expected chunk came.
+    fn read_end(&mut self) -> Result<(), ReadError> {
+        let mut second = [0u8; BLOCK];
+        let mut got = 0;
+        if !ustar::read_full(&mut self.src, &mut second, &mut got)? {
+            return Err(ReadError::Truncated {
+                what: "the end of the archive".into(),
+            });
+        }
+        if second.iter().any(|&b| b != 0) {
+            return Err(ReadError::BadHeader {
+                offset: self.offset,
+                reason: HeaderError::NotEnd,
+            });
+        }
+        self.offset += BLOCK as u64;
+        self.done = true;
+        self.bind()?;
+        let expected = self.expected.as_ref().expect("bound");
+        if let Some(c) = expected.get(self.next) {
+            return Err(ReadError::MissingChunk(c.id));
+        }
+        Ok(())
+    }
+
+    /// Reads the next member header and the pack's count, checking them against the
+    /// manifest's order (and the pack table, if any). `Ok(false)` at the (checked) end.
     fn open_pack(&mut self) -> Result<bool, ReadError> {
-        let member = match read_block(&mut self.src, &mut self.offset, "the chunk list")? {
-            Some(Block::End) => {
-                // The end of the archive is two zero blocks; the second must be there
-                // too (so a reader consumes the whole artifact, and no more).
-                let mut second = [0u8; BLOCK];
-                let mut got = 0;
-                if !ustar::read_full(&mut self.src, &mut second, &mut got)? {
-                    return Err(ReadError::Truncated {
-                        what: "the end of the archive".into(),
-                    });
-                }
-                if second.iter().any(|&b| b != 0) {
-                    return Err(ReadError::BadHeader {
-                        offset: self.offset,
-                        reason: HeaderError::NotEnd,
-                    });
-                }
-                self.offset += BLOCK as u64;
-                self.done = true;
-                self.bind()?;
-                let expected = self.expected.as_ref().expect("bound");
-                if let Some(c) = expected.get(self.next) {
-                    return Err(ReadError::MissingChunk(c.id));
-                }
+        self.read_preamble()?;
+        let block = match self.peeked.take() {
+            Some(block) => block,
+            None => self.read_header()?,
+        };
+        let member = match block {
+            Block::End => {
+                self.read_end()?;
                 return Ok(false);
             }
-            Some(Block::Member(m)) => m,
-            None => {
-                return Err(ReadError::Truncated {
-                    what: "the chunk list".into(),
-                });
-            }
+            Block::Member(m) => m,
         };
         if ustar::is_unsafe_path(&member.path) {
             return Err(ReadError::UnsafePath { path: member.path });
         }
         let is_file = member.kind == b'0' || member.kind == 0;
-        let preamble = self.packs_read == 0 && self.contents.is_none();
-        if is_file && preamble && self.dictionary.is_none() && member.path == DICTIONARY_MEMBER {
-            self.read_dictionary_member(member.size)?;
-            return self.open_pack();
-        }
-        if is_file && preamble && member.path == CONTENTS_MEMBER {
-            self.read_contents_member(member.size)?;
-            return self.open_pack();
-        }
         if !is_file || member.path != pack_path(self.packs_read) {
             return Err(ReadError::UnexpectedMember { path: member.path });
         }
@@ -539,20 +645,33 @@ impl<R: Read> ArtifactReader<R> {
         if !ustar::read_full(&mut self.src, &mut count, &mut got)? {
             return Err(truncated());
         }
-        let count = u32::from_le_bytes(count) as usize;
+        let count = u32::from_le_bytes(count);
         let index_len = PACK_HEADER_LEN as u64;
         let expected = self.expected.as_ref().expect("bound");
         let left = expected.len() - self.next;
-        if count == 0 || count > PACK_CHUNKS_MAX {
+        if count == 0 || count as usize > PACK_CHUNKS_MAX {
             return Err(bad(format!(
                 "{count} chunks (a pack holds 1 to {PACK_CHUNKS_MAX})"
             )));
         }
-        if count > left {
+        if count as usize > left {
             return Err(bad(format!(
                 "{count} chunks, but only {left} remain to come"
             )));
         }
+        if let Some(table) = &self.table {
+            // The table's counts add up to what the artifact holds and every pack so
+            // far matched its entry, so this pack has one.
+            let entry = table.get(seq as usize).copied().unwrap_or(0);
+            if entry != count {
+                return Err(ReadError::PackCountMismatch {
+                    seq,
+                    table: entry,
+                    found: count,
+                });
+            }
+        }
+        let count = count as usize;
         self.offset += index_len;
         // The pack holds the next `count` chunks in order; their hashes prove it.
         let chunks = expected[self.next..self.next + count].to_vec();
@@ -633,12 +752,53 @@ impl<R: Read> ArtifactReader<R> {
         Ok(())
     }
 
+    /// Reads the pack table member's data: bounded by the chunks the artifact holds
+    /// (every pack holds at least one) before it is read, then every count must be a
+    /// possible pack's and they must add up to exactly those chunks.
+    fn read_table_member(&mut self, size: u64) -> Result<(), ReadError> {
+        self.bind()?;
+        let chunks = self.expected.as_ref().expect("bound").len();
+        let entry = PACK_TABLE_ENTRY_LEN as u64;
+        let max = chunks as u64 * entry;
+        if size > max {
+            return Err(ReadError::PackTableTooLarge {
+                found: size,
+                max,
+                chunks,
+            });
+        }
+        if !size.is_multiple_of(entry) {
+            return Err(ReadError::PackTableLength { found: size });
+        }
+        let bytes = self.read_member_data(size, "the pack table")?;
+        let table: Vec<u32> = bytes
+            .chunks_exact(PACK_TABLE_ENTRY_LEN)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("exact chunks")))
+            .collect();
+        if let Some((seq, &count)) = table
+            .iter()
+            .enumerate()
+            .find(|&(_, &c)| c == 0 || c as usize > PACK_CHUNKS_MAX)
+        {
+            return Err(ReadError::PackTableCount {
+                seq: seq as u64,
+                count,
+            });
+        }
+        let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
+        if sum != chunks as u64 {
+            return Err(ReadError::PackTableSum { sum, chunks });
+        }
+        self.table = Some(table);
+        Ok(())
+    }
+
     /// Which chunks the artifact holds, in artifact order, as it says before its
     /// first chunk: those its contents member marks; without one, all distinct
-    /// chunks of a full artifact, or those a thin one's base lacks. Reads on to the
-    /// first pack's header (so the dictionary and contents members are read). A hint
-    /// for planning, not a proof: the chunks themselves are still hash-checked as
-    /// they come, and one listed but absent fails the read at the latest at the end.
+    /// chunks of a full artifact, or those a thin one's base lacks. Reads the members
+    /// before the first pack (see [`ArtifactReader::read_dictionary`]). A hint for
+    /// planning, not a proof: the chunks themselves are still hash-checked as they
+    /// come, and one listed but absent fails the read at the latest at the end.
     pub fn holds(&mut self) -> Result<Vec<ChunkId>, ReadError> {
         self.read_dictionary()?;
         self.bind()?;
@@ -657,13 +817,19 @@ impl<R: Read> ArtifactReader<R> {
         self.dictionary.as_ref()
     }
 
-    /// Reads on to the first pack's index (so the dictionary, if any, is read) without
-    /// consuming a chunk, and returns the dictionary.
+    /// Reads the members before the first pack (dictionary, contents, pack table)
+    /// without consuming a chunk, and returns the dictionary. With a pack table it
+    /// stops right after the table; an older artifact without one is read on to the
+    /// first pack's tar header.
     pub fn read_dictionary(&mut self) -> Result<Option<&Dictionary>, ReadError> {
-        if self.pack.is_none() && self.packs_read == 0 && !self.done {
-            self.open_pack()?;
-        }
+        self.read_preamble()?;
         Ok(self.dictionary.as_ref())
+    }
+
+    /// The chunk count of each pack, from the pack table member, once it was read
+    /// (`None` for an artifact without one).
+    pub fn pack_table(&self) -> Option<&[u32]> {
+        self.table.as_deref()
     }
 
     /// Reads, decodes and verifies the next chunk; `Ok(None)` at the (checked) end.
@@ -791,9 +957,15 @@ pub const RUN_BYTES_MAX: usize = 1024 * 1024;
 impl<R: Skip> ArtifactReader<R> {
     /// Like [`ArtifactReader::next_raw`], but only for chunks `want` says yes to: the
     /// others are skipped over without being read (their place and size are known
-    /// from the pack header and the signed manifest). Consecutive wanted chunks of a
-    /// pack are read together, up to [`RUN_BYTES_MAX`]. Structure is checked as by
-    /// `next_raw` (pack names and sizes, the end, every expected pack present).
+    /// from the pack table, or the pack header, and the signed manifest). Consecutive
+    /// wanted chunks of a pack are read together, up to [`RUN_BYTES_MAX`].
+    ///
+    /// With a pack table, packs are never read: a pack without a wanted chunk is
+    /// skipped whole, and of one with wanted chunks only runs of them are read. A
+    /// table that lies can only put wrong bytes under a wanted chunk's id (its hash
+    /// check fails) or point past the end (`Truncated`); the end-of-archive blocks
+    /// are still read and checked. Without a table (older artifacts) every pack's
+    /// header is read and checked as by `next_raw`.
     pub fn next_wanted(
         &mut self,
         mut want: impl FnMut(&ChunkId) -> bool,
@@ -805,8 +977,16 @@ impl<R: Skip> ArtifactReader<R> {
             if self.done {
                 return Ok(None);
             }
-            if self.pack.is_none() && !self.open_pack()? {
-                return Ok(None);
+            if self.pack.is_none() {
+                self.read_preamble()?;
+                let opened = if self.table.is_some() && self.peeked.is_none() {
+                    self.seek_wanted_pack(&mut want)?
+                } else {
+                    self.open_pack()?
+                };
+                if !opened {
+                    return Ok(None);
+                }
             }
             let pack = self.pack.as_mut().expect("a pack is open");
             // Skip the unwanted chunks ahead.
@@ -832,44 +1012,104 @@ impl<R: Skip> ArtifactReader<R> {
             if last {
                 self.pack = None;
             }
-            if skip > 0 {
-                self.src.skip(skip)?;
-                self.offset += skip;
-            }
+            self.skip(skip)?;
             if run > 0 {
-                // Bounded: at most RUN_BYTES_MAX plus one chunk's checked stored size.
-                let mut bytes = vec![0u8; run];
-                let mut got = 0;
-                if !ustar::read_full(&mut self.src, &mut bytes, &mut got)? {
-                    let at = chunks
-                        .iter()
-                        .scan(0usize, |sum, c| {
-                            *sum += c.stored_size as usize;
-                            Some((*sum, c.id))
-                        })
-                        .find(|(sum, _)| *sum > got)
-                        .map_or(chunks[0].id, |(_, id)| id);
-                    return Err(ReadError::Truncated {
-                        what: format!("chunk {at}"),
-                    });
-                }
-                self.offset += run as u64;
-                let mut at = 0;
-                for c in chunks {
-                    let n = c.stored_size as usize;
-                    self.ready.push_back(RawChunk {
-                        chunk: c,
-                        stored: bytes[at..at + n].to_vec(),
-                        dictionary: self.dictionary.clone(),
-                    });
-                    at += n;
-                }
+                self.read_run(chunks, run)?;
             }
-            if last && padding > 0 {
-                self.src.skip(padding)?;
-                self.offset += padding;
+            if last {
+                self.skip(padding)?;
             }
         }
+    }
+
+    /// With a pack table, at a pack boundary: opens the next pack holding a wanted
+    /// chunk, positioned at that chunk, skipping (in one go) the packs before it
+    /// that hold none, its own header and count, and its unwanted chunks before that
+    /// one. Where each pack is follows from the table and the signed stored sizes:
+    /// pack `i + 1`'s header is `512 + round_up(4 + Σ stored_size, 512)` bytes after
+    /// pack `i`'s. Past the table's last pack, checks the end of the archive and
+    /// returns `Ok(false)`.
+    fn seek_wanted_pack(
+        &mut self,
+        want: &mut impl FnMut(&ChunkId) -> bool,
+    ) -> Result<bool, ReadError> {
+        let table = self.table.as_ref().expect("a pack table was read");
+        let expected = self.expected.as_ref().expect("bound with the table");
+        let mut skip = 0u64;
+        while let Some(&count) = table.get(self.packs_read as usize) {
+            let seq = self.packs_read;
+            // In bounds: the table's counts add up to `expected.len()`.
+            let chunks = &expected[self.next..self.next + count as usize];
+            let data_len: u64 = chunks.iter().map(|c| u64::from(c.stored_size)).sum();
+            let member_len = PACK_HEADER_LEN as u64 + data_len;
+            self.packs_read += 1;
+            self.next += chunks.len();
+            let Some(first) = chunks.iter().position(|c| want(&c.id)) else {
+                skip += BLOCK as u64 + member_len + ustar::padding(member_len) as u64;
+                continue;
+            };
+            skip += (BLOCK + PACK_HEADER_LEN) as u64;
+            skip += chunks[..first]
+                .iter()
+                .map(|c| u64::from(c.stored_size))
+                .sum::<u64>();
+            self.pack = Some(Pack {
+                seq,
+                chunks: chunks.to_vec(),
+                next: first,
+                padding: ustar::padding(member_len),
+            });
+            self.skip(skip)?;
+            return Ok(true);
+        }
+        self.skip(skip)?;
+        match self.read_header()? {
+            Block::End => self.read_end()?,
+            Block::Member(m) => return Err(ReadError::UnexpectedMember { path: m.path }),
+        }
+        Ok(false)
+    }
+
+    /// Moves `n` bytes forward without reading them.
+    fn skip(&mut self, n: u64) -> Result<(), ReadError> {
+        if n > 0 {
+            self.src.skip(n)?;
+            self.offset += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `run` stored bytes holding `chunks` (consecutive in a pack) in one read
+    /// and queues them. Bounded: at most [`RUN_BYTES_MAX`] plus one chunk's checked
+    /// stored size.
+    fn read_run(&mut self, chunks: Vec<ChunkRef>, run: usize) -> Result<(), ReadError> {
+        let mut bytes = vec![0u8; run];
+        let mut got = 0;
+        if !ustar::read_full(&mut self.src, &mut bytes, &mut got)? {
+            let at = chunks
+                .iter()
+                .scan(0usize, |sum, c| {
+                    *sum += c.stored_size as usize;
+                    Some((*sum, c.id))
+                })
+                .find(|(sum, _)| *sum > got)
+                .map_or(chunks[0].id, |(_, id)| id);
+            return Err(ReadError::Truncated {
+                what: format!("chunk {at}"),
+            });
+        }
+        self.offset += run as u64;
+        let mut at = 0;
+        for c in chunks {
+            let n = c.stored_size as usize;
+            self.ready.push_back(RawChunk {
+                chunk: c,
+                stored: bytes[at..at + n].to_vec(),
+                dictionary: self.dictionary.clone(),
+            });
+            at += n;
+        }
+        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@ use crate::manifest::{
 };
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
-    contents_bitmap, pack_path,
+    PACK_TABLE_ENTRY_LEN, PACK_TABLE_MEMBER, contents_bitmap, pack_path, pack_table,
 };
 use crate::ustar;
 
@@ -108,13 +108,15 @@ impl Packer {
     }
 }
 
-/// A pack member being filled.
+/// A pack member being filled, and the chunk counts of those written (the pack
+/// table).
 #[derive(Debug)]
 struct PackWriter {
     packer: Packer,
     count: usize,
     data: Vec<u8>,
     seq: u64,
+    counts: Vec<u32>,
 }
 
 impl PackWriter {
@@ -124,6 +126,7 @@ impl PackWriter {
             count: 0,
             data: Vec::new(),
             seq: 0,
+            counts: Vec::new(),
         }
     }
 
@@ -146,6 +149,8 @@ impl PackWriter {
     fn write<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
         let member = pack_member(self.count, &self.data);
         ustar::write_member(out, &pack_path(self.seq), &member)?;
+        self.counts
+            .push(u32::try_from(self.count).expect("at most PACK_CHUNKS_MAX"));
         self.seq += 1;
         self.count = 0;
         self.data.clear();
@@ -171,8 +176,9 @@ pub fn member_len(len: u64) -> u64 {
 
 /// The exact size of the artifact the builder writes for these parts: an envelope
 /// of `envelope_len` bytes, a dictionary member of `dictionary_len` bytes (0: none),
-/// a contents member for `contents_chunks` distinct chunks (`None`: none), and
-/// chunks of these stored sizes, in order, packed after `pack_bytes` stored bytes.
+/// a contents member for `contents_chunks` distinct chunks (`None`: none), the pack
+/// table, and chunks of these stored sizes, in order, packed after `pack_bytes`
+/// stored bytes.
 pub fn artifact_len(
     envelope_len: u64,
     dictionary_len: u64,
@@ -187,12 +193,17 @@ pub fn artifact_len(
     if let Some(n) = contents_chunks {
         len += member_len(n.div_ceil(8) as u64);
     }
-    let pack = |(_, bytes): (usize, usize)| member_len((PACK_HEADER_LEN + bytes) as u64);
+    let mut packs = 0u64;
+    let mut pack = |(_, bytes): (usize, usize)| {
+        packs += 1;
+        member_len((PACK_HEADER_LEN + bytes) as u64)
+    };
     let mut packer = Packer::new(pack_bytes);
     for s in stored_sizes {
-        len += packer.push(s as usize).map_or(0, pack);
+        len += packer.push(s as usize).map_or(0, &mut pack);
     }
-    len += packer.finish().map_or(0, pack);
+    len += packer.finish().map_or(0, &mut pack);
+    len += member_len(packs * PACK_TABLE_ENTRY_LEN as u64);
     // The end of the archive: two zero blocks.
     len + 2 * ustar::BLOCK as u64
 }
@@ -445,6 +456,8 @@ pub fn build<R: Read + Seek + Send, W: Write>(
         let bits = contents_bitmap(&manifest.distinct_chunks(), |id| written.contains(id));
         artifact_len += ustar::write_member(&mut out, CONTENTS_MEMBER, &bits)?;
     }
+    // Where each pack is, so a reader can seek to the chunks it wants.
+    artifact_len += ustar::write_member(&mut out, PACK_TABLE_MEMBER, &pack_table(&pack.counts))?;
     artifact_len += io::copy(&mut BufReader::with_capacity(1 << 20, spool), &mut out)?;
     artifact_len += ustar::write_end(&mut out)?;
     out.flush()?;

@@ -5,7 +5,9 @@ use std::io::Cursor;
 
 use shoal_artifact::chunk;
 use shoal_artifact::manifest::Chunking;
-use shoal_artifact::read::{CONTENTS_MEMBER, ENVELOPE_MEMBER, pack_path};
+use shoal_artifact::read::{
+    CONTENTS_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_TABLE_MEMBER, pack_path, pack_table,
+};
 use shoal_artifact::ustar;
 use shoal_artifact::write::pack_member;
 use shoal_artifact::{
@@ -151,13 +153,47 @@ fn parts(bytes: &[u8]) -> (Vec<u8>, Manifest, Stored) {
     (env, m, chunks)
 }
 
-/// Builds an artifact from an envelope and chunks, `per_pack` chunks per pack.
+/// Builds an artifact from an envelope and chunks, `per_pack` chunks per pack, as
+/// the builder did before the pack table existed (no table member).
 fn assemble(env: &[u8], chunks: &[(ChunkId, Vec<u8>)], per_pack: usize) -> Vec<u8> {
     let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.to_vec())];
     for (seq, group) in chunks.chunks(per_pack).enumerate() {
         let data: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
         members.push((pack_path(seq as u64), pack_member(group.len(), &data)));
     }
+    tar(&members)
+}
+
+/// The pack members holding `chunks` in packs of `counts` chunks, in order.
+fn pack_members(chunks: &[(ChunkId, Vec<u8>)], counts: &[u32]) -> Vec<(String, Vec<u8>)> {
+    assert_eq!(
+        counts.iter().map(|&c| c as usize).sum::<usize>(),
+        chunks.len()
+    );
+    let mut rest = chunks;
+    let mut members = Vec::new();
+    for (seq, &count) in counts.iter().enumerate() {
+        let (group, tail) = rest.split_at(count as usize);
+        rest = tail;
+        let data: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        members.push((pack_path(seq as u64), pack_member(group.len(), &data)));
+    }
+    members
+}
+
+/// An artifact of an envelope, a pack table member saying `table`, and the chunks
+/// really packed in packs of `counts` chunks.
+fn assemble_with_table(
+    env: &[u8],
+    chunks: &[(ChunkId, Vec<u8>)],
+    counts: &[u32],
+    table: &[u32],
+) -> Vec<u8> {
+    let mut members = vec![
+        (ENVELOPE_MEMBER.to_string(), env.to_vec()),
+        (PACK_TABLE_MEMBER.to_string(), pack_table(table)),
+    ];
+    members.extend(pack_members(chunks, counts));
     tar(&members)
 }
 
@@ -185,13 +221,25 @@ fn round_trip_and_extract() {
     let n = shoal_artifact::extract(r, None, &mut out, |_| {}).unwrap();
     assert_eq!(n, data.len() as u64);
     assert_eq!(out.into_inner(), data);
-    // The first member is the envelope, then numbered packs holding each chunk once.
+    // The first member is the envelope, then the pack table, then numbered packs
+    // holding each chunk once, as many as the table says.
     let m = members(&bytes);
     assert_eq!(m[0].1, ENVELOPE_MEMBER);
-    assert!(m.len() > 3);
-    for (i, (_, p, _)) in m[1..].iter().enumerate() {
+    assert_eq!(m[1].1, PACK_TABLE_MEMBER);
+    assert!(m.len() > 4);
+    let mut counts = Vec::new();
+    for (i, (at, p, _)) in m[2..].iter().enumerate() {
         assert_eq!(*p, pack_path(i as u64));
+        counts.push(u32::from_le_bytes(
+            bytes[at + 512..at + 516].try_into().unwrap(),
+        ));
     }
+    assert_eq!(bytes[m[1].0 + 512..][..m[1].2], pack_table(&counts)[..]);
+    // The table is read with the members before the first pack, and no further.
+    let mut r = ArtifactReader::open(&bytes[..], &root(&[1], 1), NOW).unwrap();
+    assert_eq!(r.holds().unwrap().len() as u64, report.chunks_distinct);
+    assert_eq!(r.pack_table(), Some(&counts[..]));
+    assert_eq!(r.offset(), m[2].0 as u64);
     let (env, manifest, chunks) = parts(&bytes);
     assert_eq!(manifest, report.manifest);
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
@@ -467,8 +515,23 @@ fn thin_artifact_says_what_it_holds_and_a_bad_contents_member_is_refused() {
         .id;
     let i = position(&absent);
     promised[i / 8] |= 1 << (i % 8);
-    for bits in [left_out.clone(), promised] {
-        let e = read_all(&with_contents(bits), &root).unwrap_err();
+    // The pack table's counts then no longer add up to what the artifact holds:
+    // refused before any chunk. Without a table (older artifacts), the packs' sizes
+    // or the chunks' hashes catch it.
+    assert_eq!(ms[2].0, PACK_TABLE_MEMBER);
+    for (bits, chunks) in [(left_out.clone(), new.len() - 1), (promised, new.len() + 1)] {
+        let bad = with_contents(bits.clone());
+        let mut r = ArtifactReader::open(&bad[..], &root, NOW).unwrap();
+        let e = r.holds().unwrap_err();
+        assert!(
+            matches!(e, ReadError::PackTableSum { sum, chunks: c }
+                if sum == new.len() as u64 && c == chunks),
+            "{e:?}"
+        );
+        let mut no_table = ms.clone();
+        no_table[1].1 = bits;
+        no_table.remove(2);
+        let e = read_all(&tar(&no_table), &root).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -977,6 +1040,36 @@ impl shoal_artifact::read::Skip for Counted<'_> {
     }
 }
 
+/// What [`read_wanted`] got: the verified chunks, the reader's offset at the end
+/// (or the error that stopped it), and the bytes read from the source.
+type Wanted = (Vec<(ChunkRef, Vec<u8>)>, Result<u64, ReadError>, u64);
+
+/// Reads the chunks `want` says yes to through the seeking path, verifying each
+/// (as an install does), until the end or the first error.
+fn read_wanted(bytes: &[u8], root: &TrustRoot, want: impl Fn(&ChunkId) -> bool) -> Wanted {
+    let mut src = Counted {
+        inner: Cursor::new(bytes),
+        read: 0,
+    };
+    let mut got = Vec::new();
+    let mut r = match ArtifactReader::open(&mut src, root, NOW) {
+        Ok(r) => r,
+        Err(e) => return (got, Err(e), 0),
+    };
+    let end = loop {
+        match r.next_wanted(&want) {
+            Ok(Some(raw)) => match raw.verify() {
+                Ok(data) => got.push((raw.chunk, data)),
+                Err(e) => break Err(e.into()),
+            },
+            Ok(None) => break Ok(r.offset()),
+            Err(e) => break Err(e),
+        }
+    };
+    drop(r);
+    (got, end, src.read)
+}
+
 #[test]
 fn wanted_chunks_are_read_and_the_rest_skipped_unread() {
     let (bytes, report) = build(&payload(600_000, 11));
@@ -985,38 +1078,196 @@ fn wanted_chunks_are_read_and_the_rest_skipped_unread() {
     // Every third chunk.
     let want: Vec<ChunkRef> = distinct.iter().step_by(3).copied().collect();
     let wanted: std::collections::HashSet<ChunkId> = want.iter().map(|c| c.id).collect();
-    let mut src = Counted {
-        inner: Cursor::new(&bytes[..]),
-        read: 0,
-    };
-    let mut r = ArtifactReader::open(&mut src, &root, NOW).unwrap();
-    let mut got = Vec::new();
-    while let Some(raw) = r.next_wanted(|id| wanted.contains(id)).unwrap() {
-        let data = raw.verify().unwrap();
-        assert_eq!(ChunkId::of(&data), raw.chunk.id);
-        got.push(raw.chunk);
-    }
-    assert_eq!(got, want);
-    drop(r);
-    let skipped: u64 = distinct
-        .iter()
-        .filter(|c| !wanted.contains(&c.id))
-        .map(|c| u64::from(c.stored_size))
-        .sum();
-    assert!(
-        src.read <= bytes.len() as u64 - skipped,
-        "read {} of {}, {skipped} skippable",
-        src.read,
-        bytes.len()
+    let (got, end, read) = read_wanted(&bytes, &root, |id| wanted.contains(id));
+    assert_eq!(got.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
+    assert!(got.iter().all(|(c, d)| ChunkId::of(d) == c.id));
+    // The whole artifact was consumed, and of it only the envelope and pack table
+    // members, the wanted chunks and the end blocks were read: no pack header.
+    assert_eq!(end.unwrap(), bytes.len() as u64);
+    let m = members(&bytes);
+    assert_eq!(m[1].1, PACK_TABLE_MEMBER);
+    let member =
+        |(_, _, size): &(usize, String, usize)| shoal_artifact::write::member_len(*size as u64);
+    let wanted_bytes: u64 = want.iter().map(|c| u64::from(c.stored_size)).sum();
+    assert_eq!(read, member(&m[0]) + member(&m[1]) + wanted_bytes + 1024);
+    // Nothing wanted: the packs are skipped whole, the end is still checked.
+    let (got, end, read) = read_wanted(&bytes, &root, |_| false);
+    assert!(got.is_empty());
+    assert_eq!(end.unwrap(), bytes.len() as u64);
+    assert_eq!(read, member(&m[0]) + member(&m[1]) + 1024);
+
+    // An artifact without a pack table (as built before it existed) is read as
+    // before: every pack's header, and the wanted chunks.
+    let (env, _, cs) = parts(&bytes);
+    let old = assemble(&env, &cs, 5);
+    let (got_old, end, read) = read_wanted(&old, &root, |id| wanted.contains(id));
+    assert_eq!(got_old.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
+    assert_eq!(end.unwrap(), old.len() as u64);
+    let packs = cs.len().div_ceil(5) as u64;
+    assert_eq!(
+        read,
+        member(&members(&old)[0]) + packs * (512 + 4) + wanted_bytes + 1024
     );
 
-    // Truncated inside a skipped stretch: still refused at the end.
-    let cut = &bytes[..bytes.len() - 2000];
-    let mut src = Counted {
-        inner: Cursor::new(cut),
-        read: 0,
+    // Truncated inside a skipped stretch: still refused at the end, with or without
+    // a table.
+    for artifact in [&bytes, &old] {
+        let cut = &artifact[..artifact.len() - 2000];
+        let (_, end, _) = read_wanted(cut, &root, |_| false);
+        assert!(matches!(end, Err(ReadError::Truncated { .. })), "{end:?}");
+    }
+    // Cut inside the end blocks.
+    let (_, end, _) = read_wanted(&bytes[..bytes.len() - 100], &root, |_| false);
+    assert!(matches!(end, Err(ReadError::Truncated { .. })), "{end:?}");
+}
+
+#[test]
+fn bad_pack_tables_are_refused_before_any_chunk() {
+    let (bytes, report) = build(&payload(200_000, 14));
+    let root = root(&[1], 1);
+    let held = report.chunks_distinct as usize;
+    let ms = member_data(&bytes);
+    assert_eq!(ms[1].0, PACK_TABLE_MEMBER);
+    let table: Vec<u32> = ms[1]
+        .1
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert!(table.len() >= 3, "{table:?}");
+    let holds = |data: Vec<u8>| {
+        let mut ms = ms.clone();
+        ms[1].1 = data;
+        let bad = tar(&ms);
+        let mut r = ArtifactReader::open(&bad[..], &root, NOW).unwrap();
+        r.holds().unwrap_err()
     };
-    let mut r = ArtifactReader::open(&mut src, &root, NOW).unwrap();
-    let e = r.next_wanted(|_| false).unwrap_err();
-    assert!(matches!(e, ReadError::Truncated { .. }), "{e:?}");
+    // Not whole entries.
+    let mut data = ms[1].1.clone();
+    data.push(0);
+    let e = holds(data);
+    assert!(
+        matches!(e, ReadError::PackTableLength { found } if found == 4 * table.len() as u64 + 1),
+        "{e:?}"
+    );
+    // More entries than the artifact holds chunks: refused before it is read.
+    let e = holds(pack_table(&vec![1; held + 1]));
+    assert!(
+        matches!(e, ReadError::PackTableTooLarge { found, max, chunks }
+            if found == 4 * (held as u64 + 1) && max == 4 * held as u64 && chunks == held),
+        "{e:?}"
+    );
+    // A pack of no chunks, or of more than a pack may hold.
+    let mut zero = table.clone();
+    zero[1] = 0;
+    let e = holds(pack_table(&zero));
+    assert!(
+        matches!(e, ReadError::PackTableCount { seq: 1, count: 0 }),
+        "{e:?}"
+    );
+    let mut huge = table.clone();
+    huge[0] = PACK_CHUNKS_MAX as u32 + 1;
+    let e = holds(pack_table(&huge));
+    assert!(
+        matches!(e, ReadError::PackTableCount { seq: 0, count } if count as usize == PACK_CHUNKS_MAX + 1),
+        "{e:?}"
+    );
+    // Counts that do not add up to the chunks the artifact holds.
+    let mut more = table.clone();
+    *more.last_mut().unwrap() += 1;
+    let e = holds(pack_table(&more));
+    assert!(
+        matches!(e, ReadError::PackTableSum { sum, chunks } if sum == held as u64 + 1 && chunks == held),
+        "{e:?}"
+    );
+    // A table after the first pack is just an unexpected member.
+    let mut late = ms.clone();
+    let t = late.remove(1);
+    late.insert(2, t);
+    let e = read_all(&tar(&late), &root).unwrap_err();
+    assert!(
+        matches!(&e, ReadError::UnexpectedMember { path } if path == PACK_TABLE_MEMBER),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_lying_pack_table_never_yields_a_wrong_chunk() {
+    let (bytes, _) = build(&payload(200_000, 15));
+    let root = root(&[1], 1);
+    let (env, _, cs) = parts(&bytes);
+    let n = cs.len() as u32;
+    assert!(n > 10, "{n} chunks");
+    // The packs hold 2, 5 and the rest; the table swaps the first two counts.
+    let truth = [2, 5, n - 7];
+    let lie = [5, 2, n - 7];
+    assert_eq!(
+        read_all(&assemble_with_table(&env, &cs, &truth, &truth), &root).unwrap(),
+        read_all(&bytes, &root).unwrap()
+    );
+    let bad = assemble_with_table(&env, &cs, &truth, &lie);
+    // Reading every pack (verify, store add): the first pack's header disagrees.
+    let e = read_all(&bad, &root).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ReadError::PackCountMismatch {
+                seq: 0,
+                table: 5,
+                found: 2
+            }
+        ),
+        "{e:?}"
+    );
+    let mut r = ArtifactReader::open(&bad[..], &root, NOW).unwrap();
+    assert!(matches!(
+        r.verify_rest(|_| {}),
+        Err(ReadError::PackCountMismatch { seq: 0, .. })
+    ));
+    // Seeking (install): the wanted chunks the table misplaces fail their checks,
+    // naming the chunk; the ones it places right are the right bytes.
+    let data: std::collections::HashMap<ChunkId, Vec<u8>> = read_all(&bytes, &root)
+        .unwrap()
+        .into_iter()
+        .map(|d| (ChunkId::of(&d), d))
+        .collect();
+    let misplaced = |e: &ReadError, want: ChunkId| match e {
+        ReadError::Chunk(
+            ChunkError::HashMismatch { id, .. }
+            | ChunkError::Corrupt { id, .. }
+            | ChunkError::SizeMismatch { id, .. }
+            | ChunkError::DecompressedTooLarge { id, .. },
+        ) => *id == want,
+        ReadError::Truncated { .. } => true,
+        _ => false,
+    };
+    for (wanted, first_wrong) in [
+        // Everything: chunks 0 and 1 are where the table says; chunk 2 is not.
+        ((0..cs.len()).collect::<Vec<_>>(), 2),
+        // Only chunks of the second pack.
+        (vec![3, 6], 3),
+        (vec![6], 6),
+    ] {
+        let ids: Vec<ChunkId> = wanted.iter().map(|&i| cs[i].0).collect();
+        let (got, end, _) = read_wanted(&bad, &root, |id| ids.contains(id));
+        for (c, d) in &got {
+            assert_eq!(data[&c.id], *d);
+        }
+        let right = wanted.iter().position(|&i| i == first_wrong).unwrap();
+        assert_eq!(got.len(), right, "wanted {wanted:?}");
+        let e = end.unwrap_err();
+        assert!(misplaced(&e, cs[first_wrong].0), "wanted {wanted:?}: {e:?}");
+    }
+    // A table that moves the end of the archive: the end check fails.
+    let moved = assemble_with_table(&env, &cs, &truth, &[2, 5, n - 8, 1]);
+    let (got, end, _) = read_wanted(&moved, &root, |_| false);
+    assert!(got.is_empty());
+    assert!(
+        matches!(
+            end,
+            Err(ReadError::Truncated { .. }
+                | ReadError::BadHeader { .. }
+                | ReadError::UnexpectedMember { .. })
+        ),
+        "{end:?}"
+    );
 }
