@@ -170,6 +170,23 @@ impl DirectReader {
             return Ok(());
         }
         let align = self.align as u64;
+        // An aligned buffer at an aligned offset is read into directly.
+        if pos.is_multiple_of(align)
+            && out.len().is_multiple_of(self.align)
+            && out.as_ptr().addr().is_multiple_of(self.align)
+        {
+            let got = self.read_full(out, pos)?;
+            if got < out.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "end of file at byte {} before the read ended",
+                        pos + got as u64
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         let head_max = self.align - 1;
         let cover = (head_max + out.len())
             .next_multiple_of(self.align)
@@ -249,6 +266,20 @@ impl AlignedBuf {
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.backing[self.start..self.start + self.len]
+    }
+}
+
+/// Starts writing back `len` bytes at `pos` of `file` without waiting for them, so
+/// the medium works while the writer goes on and the next [`Storage::sync`] finds
+/// little left to do. `POSIX_FADV_DONTNEED` does that on Linux (it starts
+/// asynchronous writeback of the range's dirty pages, and drops its clean ones: a
+/// slot being written is read back with `O_DIRECT` anyway). Only a hint: durability
+/// still comes from `sync` alone, and a failure here is ignored (`sync` reports
+/// write errors).
+fn start_writeback(file: &File, pos: u64, len: usize) {
+    let len = std::num::NonZeroU64::new(len as u64);
+    if len.is_some() {
+        let _ = rustix::fs::fadvise(file, pos, len, rustix::fs::Advice::DontNeed);
     }
 }
 
@@ -390,7 +421,10 @@ impl Storage for FileStorage {
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_bounds(offset, data.len())?;
-        self.file.write_all_at(data, self.offset + offset)
+        let pos = self.offset + offset;
+        self.file.write_all_at(data, pos)?;
+        start_writeback(&self.file, pos, data.len());
+        Ok(())
     }
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
@@ -471,6 +505,25 @@ mod tests {
              (tried {}); run the tests with TMPDIR on ext4, xfs or btrfs",
             tried.join("; ")
         );
+    }
+
+    #[test]
+    fn aligned_direct_reads_go_straight_into_the_buffer_and_stop_at_the_end() {
+        let len = 3 * DIRECT_IO_MAX + 2 * DIRECT_ALIGN_MIN;
+        let (_dir, path, data) = direct_capable_file(len);
+        let s = FileStorage::open(&path, false).unwrap();
+        assert_eq!(s.read_mode(), ReadMode::Direct { align: 4096 });
+        // Larger than one bounce buffer: only the direct path reads it in one go.
+        let mut buf = AlignedBuf::new(2 * DIRECT_IO_MAX + DIRECT_ALIGN_MIN, 4096);
+        s.read_at(4096, buf.as_mut_slice()).unwrap();
+        let n = buf.len;
+        assert!(buf.as_mut_slice()[..] == data[4096..4096 + n]);
+        // Reaching past the end of the file is an error, not a short read.
+        let mut tail = AlignedBuf::new(2 * DIRECT_ALIGN_MIN, 4096);
+        let err = s
+            .read_at((len - DIRECT_ALIGN_MIN) as u64, tail.as_mut_slice())
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 
     #[test]

@@ -477,6 +477,21 @@ impl Engine {
             .is_some_and(|j| j.step == Step::Fetching && j.needs.contains_key(id))
     }
 
+    /// The byte ranges `(offset, len)` of the target slot that the journal records
+    /// as written and synced: an interrupted install's verified work, which a
+    /// resumed install does not write again. Empty without an install in progress.
+    pub fn journaled_ranges(&self) -> Vec<(u64, u64)> {
+        let Some(job) = self.job.as_ref() else {
+            return Vec::new();
+        };
+        self.state
+            .done
+            .iter()
+            .filter_map(|&i| job.positions.get(i as usize))
+            .map(|&(offset, len, _)| (offset, u64::from(len)))
+            .collect()
+    }
+
     /// Whether an install is running (fetching, indexing or verifying).
     pub fn is_installing(&self) -> bool {
         self.job.is_some()

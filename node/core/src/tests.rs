@@ -818,3 +818,53 @@ fn chunks_a_stream_holds_are_not_guessed_in_the_active_slot() {
     assert_eq!((p.reused_bytes, p.fetched_bytes), (0, MIB as u64));
     assert_eq!(&dev.live[1][..v1.len()], &v1[..]);
 }
+
+#[test]
+fn an_interrupted_install_reports_its_journaled_ranges_on_resume() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (base_dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    // No install, no ranges.
+    assert!(base_dev.engine(f.config()).journaled_ranges().is_empty());
+
+    // Cut the power in the middle of the install, after some batches were journaled.
+    let mut clean = clone_device(&base_dev, 0);
+    let start = clean.ops;
+    let mut engine = clean.engine(f.config());
+    engine
+        .offer(clean.now(), stream_offer(sign(&m2, &f.key)))
+        .expect("offer");
+    clean.run(&mut engine, stream(&c2)).expect("clean run");
+    let ops = clean.ops - start;
+    let mut dev = clone_device(&base_dev, 1);
+    dev.crash_at = Some(dev.ops + ops * 2 / 3);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m2, &f.key)))
+        .expect("offer");
+    assert!(
+        dev.run(&mut engine, stream(&c2)).is_err(),
+        "the cut happened"
+    );
+    dev.reboot();
+
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m2, &f.key)))
+        .expect("offer again");
+    let ranges = engine.journaled_ranges();
+    let journaled: u64 = ranges.iter().map(|&(_, len)| len).sum();
+    assert!(journaled > 0, "some work was journaled before the cut");
+    assert_eq!(journaled, engine.progress().resumed_bytes);
+    // Each journaled range holds the new release's bytes on the medium already.
+    let target = slot_index(Slot::A);
+    for (offset, len) in ranges {
+        let (o, l) = (offset as usize, len as usize);
+        assert_eq!(
+            &dev.durable[target][o..o + l],
+            &v2[o..o + l],
+            "range {offset}+{len}"
+        );
+    }
+}

@@ -11,6 +11,7 @@
 #[cfg(test)]
 mod crash_tests;
 pub mod health;
+mod slotio;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -645,90 +646,6 @@ fn decode(raws: Vec<shoal_artifact::RawChunk>) -> Vec<Decoded> {
         .collect()
 }
 
-/// Bytes per read when a whole slot is read front to back (indexing, verifying):
-/// slots are read with `O_DIRECT`, where large reads are much faster.
-const SLOT_READ_BLOCK: usize = 1024 * 1024;
-
-/// Reads the first `len` bytes of `storage` in [`SLOT_READ_BLOCK`]s on this thread
-/// and hands them in order to `consume`, which runs on another thread: reading the
-/// medium overlaps the hashing or chunking of what was read. At most three blocks
-/// are alive at once (being read, waiting, being consumed). A read error wins over what `consume` made of the blocks
-/// before it.
-fn pipelined<T: Send>(
-    storage: &dyn Storage,
-    len: u64,
-    consume: impl FnOnce(&mut BlockReader) -> T + Send,
-) -> io::Result<T> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
-    std::thread::scope(|scope| {
-        let worker = scope.spawn(move || {
-            let mut blocks = BlockReader {
-                rx,
-                block: Vec::new(),
-                at: 0,
-            };
-            consume(&mut blocks)
-        });
-        let mut offset = 0u64;
-        let mut result = Ok(());
-        while offset < len {
-            let n = usize::try_from((len - offset).min(SLOT_READ_BLOCK as u64))
-                .unwrap_or(SLOT_READ_BLOCK);
-            let mut block = vec![0u8; n];
-            if let Err(e) = storage.read_at(offset, &mut block) {
-                result = Err(e);
-                break;
-            }
-            offset += n as u64;
-            if tx.send(block).is_err() {
-                // The consumer stopped early (it failed); its result says why.
-                break;
-            }
-        }
-        drop(tx);
-        let out = worker.join().expect("the slot reading worker panicked");
-        result.map(|()| out)
-    })
-}
-
-/// The blocks [`pipelined`] reads, as they come: whole, or as a `Read`.
-struct BlockReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    block: Vec<u8>,
-    at: usize,
-}
-
-impl BlockReader {
-    /// The next block (the rest of the current one first), `None` at the end.
-    fn next_block(&mut self) -> Option<Vec<u8>> {
-        if self.at < self.block.len() {
-            let rest = self.block.split_off(self.at);
-            self.at = 0;
-            self.block.clear();
-            return Some(rest);
-        }
-        self.rx.recv().ok()
-    }
-}
-
-impl Read for BlockReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.at == self.block.len() {
-            match self.rx.recv() {
-                Ok(block) => {
-                    self.block = block;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.block.len() - self.at);
-        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 /// Runs an engine's outputs against the device.
 struct Driver<'a> {
     dev: &'a mut Device,
@@ -740,6 +657,10 @@ struct Driver<'a> {
     /// Read-ahead window over the slot read last: (slot, start, bytes).
     window: Option<(Slot, u64, Vec<u8>)>,
     readers: [Option<Box<dyn Storage>>; 2],
+    /// Hashes the slot being written as it becomes durable.
+    verifier: Option<slotio::Verifier>,
+    /// Reads of a slot (the running one) served from a stream read ahead.
+    read_ahead: Option<(Slot, slotio::ReadAhead)>,
     chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
     events: Vec<Event>,
     reboot_asked: bool,
@@ -761,6 +682,8 @@ impl<'a> Driver<'a> {
             pending: None,
             window: None,
             readers: [None, None],
+            verifier: None,
+            read_ahead: None,
             chunk_store: None,
             events: Vec::new(),
             reboot_asked: false,
@@ -946,9 +869,27 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// `len` bytes at `offset` of a slot, through a read-ahead window (the chunks
-    /// reused from the running slot mostly come in slot order).
+    /// `len` bytes at `offset` of a slot: from the stream read ahead (the chunks
+    /// reused from the running slot mostly come in slot order), or for a read
+    /// behind it through a window of its own.
     fn read(&mut self, slot: Slot, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+        if self.read_ahead.as_ref().is_none_or(|(s, _)| *s != slot) {
+            let storage = self
+                .dev
+                .boot
+                .open_reader(slot)
+                .with_context(|| format!("cannot open slot {slot}"))?;
+            let len = self.dev.capacity[slot_index(slot)];
+            self.read_ahead = Some((slot, slotio::ReadAhead::start(storage, len)));
+        }
+        let (_, ahead) = self.read_ahead.as_mut().expect("just started");
+        if let Some(data) = ahead
+            .read(offset, len)
+            .with_context(|| format!("cannot read slot {slot}"))?
+        {
+            return Ok(data);
+        }
+        // Behind the stream: a read of its own.
         let end = offset + len as u64;
         let hit = |w: &Option<(Slot, u64, Vec<u8>)>| {
             w.as_ref().is_some_and(|(s, start, buf)| {
@@ -1034,10 +975,7 @@ impl<'a> Driver<'a> {
                 let index = (|| -> anyhow::Result<_> {
                     let storage = self.reader(slot)?;
                     let len = len.min(storage.len()?);
-                    // Cut on another thread while this one reads the slot.
-                    let chunks = pipelined(storage, len, move |blocks| {
-                        shoal_artifact::chunk::index(blocks, chunking)
-                    })??;
+                    let chunks = slotio::index(storage, len, chunking)?;
                     Ok(shoal_engine::SlotIndex {
                         chunking,
                         chunks: chunks
@@ -1114,9 +1052,28 @@ impl<'a> Driver<'a> {
                     // The engine syncs (then journals) in its own batches.
                     w.set_sync_batch_bytes(u64::MAX);
                     self.writer = Some(w);
+                    // Read back and hash what the journal already holds, and each
+                    // batch once synced, while the install goes on.
+                    let reader = self
+                        .dev
+                        .boot
+                        .open_reader(slot)
+                        .with_context(|| format!("cannot open slot {slot}"))
+                        .map_err(|e| (IoOp::Write, e))?;
+                    // (A payload of one piece has no tree to join: read at the end.)
+                    if size > slotio::PIECE {
+                        self.verifier = Some(slotio::Verifier::start(
+                            reader,
+                            size,
+                            &self.engine.journaled_ranges(),
+                        ));
+                    }
                 }
                 for off in offsets {
                     self.write(off, &data).map_err(|e| (IoOp::Write, e))?;
+                    if let Some(v) = self.verifier.as_mut() {
+                        v.wrote(off, data.len() as u64);
+                    }
                 }
             }
             Output::Sync { slot } => {
@@ -1124,6 +1081,9 @@ impl<'a> Driver<'a> {
                 if let Some(w) = self.writer.as_mut().filter(|w| w.slot() == slot) {
                     w.sync()
                         .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
+                    if let Some(v) = self.verifier.as_mut() {
+                        v.synced();
+                    }
                 }
             }
             Output::Persist(records) => {
@@ -1138,19 +1098,23 @@ impl<'a> Driver<'a> {
                     w.sync()
                         .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
                 }
-                // Hashed on another thread while this one reads the slot.
-                let hash = self
-                    .reader(slot)
-                    .and_then(|r| {
-                        Ok(pipelined(r, len, |blocks| {
-                            let mut hasher = blake3::Hasher::new();
-                            while let Some(block) = blocks.next_block() {
-                                hasher.update(&block);
-                            }
-                            *hasher.finalize().as_bytes()
-                        })?)
-                    })
-                    .map_err(|e| (IoOp::HashSlot, e))?;
+                // Most of the slot was read back and hashed while it was written;
+                // otherwise (nothing written by this run) it is read back now.
+                let early = match self.verifier.take().filter(|v| v.len() == len) {
+                    Some(v) => Some(
+                        v.finish()
+                            .with_context(|| format!("cannot read back slot {slot}"))
+                            .map_err(|e| (IoOp::HashSlot, e))?,
+                    ),
+                    None => None,
+                };
+                let hash = match early {
+                    Some(hash) => hash,
+                    None => self
+                        .reader(slot)
+                        .and_then(|r| Ok(slotio::hash(r, len)?))
+                        .map_err(|e| (IoOp::HashSlot, e))?,
+                };
                 self.engine.handle(now, Input::SlotHashed { slot, hash });
             }
             Output::DisarmTrial { slot } => {

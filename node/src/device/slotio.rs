@@ -1,0 +1,861 @@
+//! Reading whole slots fast: indexing the running slot and verifying the written
+//! one are reads of hundreds of MiB from the medium (`O_DIRECT`, see
+//! `shoal_bootctl::storage`), so they are read ahead on their own thread into
+//! aligned, recycled blocks (no bounce copy, no zeroing per read), and the work on
+//! what was read (cutting and hashing) runs beside the reading.
+//!
+//! [`Verifier`] goes further for the slot being written: it re-reads and hashes
+//! each part of the payload as soon as that part is written *and synced*, while the
+//! install goes on, so that at the end only the last batch is left to read.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
+use shoal_artifact::{ChunkId, Chunking};
+use shoal_bootctl::storage::Storage;
+
+/// Bytes per read when a slot is read front to back.
+pub const BLOCK: usize = 1024 * 1024;
+/// Blocks alive at once in [`read_ahead`]: being read, waiting, being consumed.
+const BLOCKS_IN_FLIGHT: usize = 3;
+/// Alignment of [`AlignedBlock`]s: a multiple of every common logical block size
+/// and of the usual DMA alignment, so `O_DIRECT` reads go straight into them.
+const ALIGN: usize = 4096;
+
+/// A heap buffer whose start is aligned to [`ALIGN`] (an over-allocated `Vec` and
+/// the aligned window inside it; no `unsafe`).
+pub struct AlignedBlock {
+    backing: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBlock {
+    /// A zeroed block of `capacity` bytes.
+    pub fn new(capacity: usize) -> AlignedBlock {
+        let backing = vec![0u8; capacity + ALIGN];
+        let start = (ALIGN - backing.as_ptr().addr() % ALIGN) % ALIGN;
+        AlignedBlock {
+            backing,
+            start,
+            len: capacity,
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.backing.len() - ALIGN
+    }
+
+    /// Fills the first `len` bytes (at most the capacity) from `offset` of
+    /// `storage`.
+    fn fill(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
+        assert!(len <= self.capacity(), "read larger than the block");
+        self.len = len;
+        storage.read_at(offset, &mut self.backing[self.start..self.start + len])
+    }
+
+    /// The bytes read.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.backing[self.start..self.start + self.len]
+    }
+}
+
+/// The blocks [`read_ahead`] reads, in order.
+pub struct Blocks {
+    rx: mpsc::Receiver<AlignedBlock>,
+    recycle: mpsc::Sender<AlignedBlock>,
+}
+
+impl Blocks {
+    /// The next block, `None` at the end (or when the reading failed: the reader
+    /// reports that error).
+    pub fn next(&mut self) -> Option<AlignedBlock> {
+        self.rx.recv().ok()
+    }
+
+    /// Gives a block back for the next read.
+    pub fn recycle(&mut self, block: AlignedBlock) {
+        // The reader may have finished; then the block is simply freed.
+        let _ = self.recycle.send(block);
+    }
+}
+
+/// Reads `start..end` of `storage` in [`BLOCK`]s on this thread and hands them in
+/// order to `consume`, which runs on another thread: reading the medium overlaps
+/// the work on what was read. At most [`BLOCKS_IN_FLIGHT`] blocks are alive. A
+/// read error wins over what `consume` made of the blocks before it.
+pub fn read_ahead<T: Send>(
+    storage: &dyn Storage,
+    start: u64,
+    end: u64,
+    consume: impl FnOnce(&mut Blocks) -> T + Send,
+) -> io::Result<T> {
+    let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(BLOCKS_IN_FLIGHT - 1);
+    let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
+        let mut allocated = 0;
+        let mut offset = start;
+        let mut result = Ok(());
+        while offset < end {
+            let n = usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
+            let mut block = match recycled.try_recv() {
+                Ok(block) => block,
+                Err(_) if allocated < BLOCKS_IN_FLIGHT => {
+                    allocated += 1;
+                    AlignedBlock::new(BLOCK)
+                }
+                Err(_) => match recycled.recv() {
+                    Ok(block) => block,
+                    // The consumer stopped early (it failed); its result says why.
+                    Err(_) => break,
+                },
+            };
+            if let Err(e) = block.fill(storage, offset, n) {
+                result = Err(e);
+                break;
+            }
+            offset += n as u64;
+            if tx.send(block).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let out = worker.join().expect("the slot reading worker panicked");
+        result.map(|()| out)
+    })
+}
+
+/// BLAKE3 of `0..len` of `storage`, read ahead.
+pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
+    read_ahead(storage, 0, len, |blocks| {
+        let mut hasher = blake3::Hasher::new();
+        while let Some(block) = blocks.next() {
+            hasher.update(block.as_slice());
+            blocks.recycle(block);
+        }
+        *hasher.finalize().as_bytes()
+    })
+}
+
+/// Cuts `0..len` of `storage` as the artifact builder cuts a payload (FastCDC 2020,
+/// normalization level 1: the same cut points as [`shoal_artifact::chunk::index`])
+/// and returns `(offset, id, length)` of every chunk.
+///
+/// Unlike that streaming chunker, which copies every chunk out of a sliding
+/// buffer, this cuts each block where it lies (carrying only the unfinished last
+/// chunk over to the next block) and hashes the chunks of one block on all cores
+/// while the next one is cut.
+pub fn index(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
+    read_ahead(storage, 0, len, move |blocks| {
+        let mut out = Vec::new();
+        // Two windows, each the carried-over tail of the previous one followed by a
+        // block: one is cut while the other's chunks are hashed.
+        let mut cutting: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
+        let mut hashing: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
+        // Payload offset of `cutting[0]`.
+        let mut base = 0u64;
+        // Chunks of `hashing` still to hash: (offset in payload, start in window, len).
+        let mut pending: Vec<(u64, usize, usize)> = Vec::new();
+        let mut more = true;
+        while more {
+            match blocks.next() {
+                Some(block) => {
+                    cutting.extend_from_slice(block.as_slice());
+                    blocks.recycle(block);
+                }
+                None => more = false,
+            }
+            let (ids, cuts) = rayon::join(
+                || hash_chunks(&hashing, &pending),
+                || cut(&cutting, chunking, !more),
+            );
+            for ((offset, _, len), id) in pending.iter().zip(ids) {
+                let len = u32::try_from(*len).expect("a chunk is at most max_size");
+                out.push((*offset, id, len));
+            }
+            // The finished chunks of `cutting` are hashed next round, from
+            // `hashing`; the unfinished tail starts the next window.
+            let finished: usize = cuts.iter().map(|&(_, len)| len).sum();
+            pending = cuts
+                .into_iter()
+                .map(|(start, len)| (base + start as u64, start, len))
+                .collect();
+            std::mem::swap(&mut hashing, &mut cutting);
+            // `cutting` now holds the previous window again; keep only its tail.
+            cutting.clear();
+            cutting.extend_from_slice(&hashing[finished..]);
+            base += finished as u64;
+        }
+        for ((offset, _, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
+            let len = u32::try_from(*len).expect("a chunk is at most max_size");
+            out.push((*offset, id, len));
+        }
+        out
+    })
+}
+
+/// The finished chunks `(start, len)` of `window`: every chunk whose end was
+/// decided by its content or the maximum size, and at the `end` of the payload
+/// the last one too. A chunk reaching the end of the window otherwise waits for
+/// the next block (its cut point may lie beyond).
+fn cut(window: &[u8], chunking: Chunking, end: bool) -> Vec<(usize, usize)> {
+    if window.is_empty() {
+        return Vec::new();
+    }
+    let mut cuts: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::new(
+        window,
+        chunking.min_size as usize,
+        chunking.avg_size as usize,
+        chunking.max_size as usize,
+    )
+    .map(|c| (c.offset, c.length))
+    .collect();
+    if !end
+        && let Some(&(start, len)) = cuts.last()
+        && start + len == window.len()
+        && len < chunking.max_size as usize
+    {
+        cuts.pop();
+    }
+    cuts
+}
+
+fn hash_chunks(window: &[u8], chunks: &[(u64, usize, usize)]) -> Vec<ChunkId> {
+    chunks
+        .par_iter()
+        .map(|&(_, start, len)| ChunkId::of(&window[start..start + len]))
+        .collect()
+}
+
+/// Coalesced byte ranges `start..end`.
+#[derive(Debug, Default)]
+struct Ranges(BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn insert(&mut self, start: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut start = start;
+        let mut end = start + len;
+        // Merge with a range that starts before and reaches `start`.
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+            self.0.remove(&s);
+        }
+        // And with every range that starts inside.
+        while let Some((&s, &e)) = self.0.range(start..=end).next() {
+            end = end.max(e);
+            self.0.remove(&s);
+        }
+        self.0.insert(start, end);
+    }
+}
+
+/// Bytes per piece of [`Verifier`]: a power of two, so each piece is a whole
+/// subtree of the BLAKE3 tree (and one read of the slot).
+pub const PIECE: u64 = 1024 * 1024;
+
+/// Hashes the payload written into a slot as it becomes durable, on its own
+/// thread: the driver reports each write ([`Verifier::wrote`]) and each completed
+/// sync ([`Verifier::synced`]); every [`PIECE`] of the payload that is then wholly
+/// written and synced is re-read from the slot and hashed while the install goes
+/// on, in whatever order the pieces complete. BLAKE3 is a tree hash: each piece is
+/// a subtree whose chaining value stands alone, and [`Verifier::finish`] reads the
+/// pieces still missing and joins all of them into the root, which is exactly
+/// `blake3::hash` of the payload as it is on the medium.
+///
+/// A piece written again after it was read (which the engine never does: it writes
+/// each position once) is read again after the next sync.
+pub struct Verifier {
+    tx: Option<mpsc::Sender<u64>>,
+    worker: Option<JoinHandle<io::Result<Vec<Option<ChainingValue>>>>>,
+    len: u64,
+    written: Ranges,
+    /// Pieces handed to the thread since they were last written.
+    sent: Vec<bool>,
+}
+
+type ChainingValue = blake3::hazmat::ChainingValue;
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("len", &self.len)
+            .field("sent", &self.sent.iter().filter(|s| **s).count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// Starts hashing `storage` (the slot being written with a payload of `len`
+    /// bytes) on its own thread. `durable` are ranges already written and synced
+    /// (an interrupted install's journaled work).
+    pub fn start(storage: Box<dyn Storage>, len: u64, durable: &[(u64, u64)]) -> Verifier {
+        let pieces = usize::try_from(len.div_ceil(PIECE)).expect("piece count fits usize");
+        let (tx, rx) = mpsc::channel::<u64>();
+        let worker = std::thread::spawn(move || {
+            use blake3::hazmat::HasherExt;
+            let mut cvs: Vec<Option<ChainingValue>> = vec![None; pieces];
+            let mut block = AlignedBlock::new(PIECE as usize);
+            // Each message is a piece to (re)read; the channel closes after the last.
+            while let Ok(piece) = rx.recv() {
+                let start = piece * PIECE;
+                let n = usize::try_from((len - start).min(PIECE)).unwrap_or(0);
+                block.fill(&*storage, start, n)?;
+                let cv = blake3::Hasher::new()
+                    .set_input_offset(start)
+                    .update(block.as_slice())
+                    .finalize_non_root();
+                cvs[usize::try_from(piece).expect("piece index fits usize")] = Some(cv);
+            }
+            Ok(cvs)
+        });
+        let mut verifier = Verifier {
+            tx: Some(tx),
+            worker: Some(worker),
+            len,
+            written: Ranges::default(),
+            sent: vec![false; pieces],
+        };
+        for &(offset, n) in durable {
+            verifier.written.insert(offset, n);
+        }
+        verifier.synced();
+        verifier
+    }
+
+    /// The payload size.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// `n` bytes were written at `offset` (not yet durable).
+    pub fn wrote(&mut self, offset: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.written.insert(offset, n);
+        let first = offset / PIECE;
+        let last = (offset + n - 1) / PIECE;
+        for piece in first..=last {
+            if let Some(sent) = usize::try_from(piece)
+                .ok()
+                .and_then(|i| self.sent.get_mut(i))
+            {
+                *sent = false;
+            }
+        }
+    }
+
+    /// Every write reported so far is durable: hands every piece now wholly
+    /// written to the thread.
+    pub fn synced(&mut self) {
+        let Some(tx) = &self.tx else { return };
+        for (&start, &end) in &self.written.0 {
+            let end = end.min(self.len);
+            let mut piece = start.div_ceil(PIECE);
+            while piece * PIECE < end && (piece * PIECE + PIECE).min(self.len) <= end {
+                let i = usize::try_from(piece).expect("piece index fits usize");
+                if !self.sent[i] && tx.send(piece).is_ok() {
+                    self.sent[i] = true;
+                }
+                piece += 1;
+            }
+        }
+    }
+
+    /// Once every write is synced: reads the pieces not read yet and returns the
+    /// BLAKE3 of the payload.
+    pub fn finish(mut self) -> io::Result<[u8; 32]> {
+        let tx = self.tx.take().expect("finish runs once");
+        for (i, sent) in self.sent.iter().enumerate() {
+            if !sent {
+                // A closed channel means the thread stopped on a read error: join
+                // says which.
+                let _ = tx.send(i as u64);
+            }
+        }
+        drop(tx);
+        let cvs = self
+            .worker
+            .take()
+            .expect("finish runs once")
+            .join()
+            .expect("the verifying thread panicked")?;
+        let cvs: Vec<ChainingValue> = cvs
+            .into_iter()
+            .map(|cv| cv.expect("every piece was sent"))
+            .collect();
+        Ok(*root(&cvs, self.len).as_bytes())
+    }
+}
+
+/// The BLAKE3 root of a payload of `len` bytes from the chaining values of its
+/// [`PIECE`]s. A payload of one piece or less has no parent node: its root is
+/// not a join, so it is hashed whole instead (see [`Verifier::finish`]).
+fn root(cvs: &[ChainingValue], len: u64) -> blake3::Hash {
+    use blake3::hazmat::{Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+    // The chaining value of the subtree of `len` bytes at `start`.
+    fn subtree(cvs: &[ChainingValue], start: u64, len: u64) -> ChainingValue {
+        if len <= PIECE {
+            return cvs[usize::try_from(start / PIECE).expect("piece index fits usize")];
+        }
+        // A power of two of at least one piece: the split falls between pieces.
+        let left = left_subtree_len(len);
+        merge_subtrees_non_root(
+            &subtree(cvs, start, left),
+            &subtree(cvs, start + left, len - left),
+            Mode::Hash,
+        )
+    }
+    assert!(len > PIECE, "a single piece has no parent node");
+    let left = left_subtree_len(len);
+    merge_subtrees_root(
+        &subtree(cvs, 0, left),
+        &subtree(cvs, left, len - left),
+        Mode::Hash,
+    )
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        // Stop the thread after its current read (an install that failed or
+        // stopped leaves it nothing more to do).
+        self.tx.take();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// How far past the block being served a read may land and still be reached by
+/// reading on through the stream (rather than starting it again there).
+const SKIP_MAX: u64 = 4 * 1024 * 1024;
+
+/// A block read ahead: the generation of the stream it belongs to, its offset,
+/// and the bytes (or why they could not be read).
+type Ahead = (u64, u64, io::Result<AlignedBlock>);
+
+/// Serves reads of the running slot from a stream of [`BLOCK`]s read ahead on
+/// its own thread. The chunks an install reuses from the running slot are asked
+/// for in payload order, which for two releases of one image is mostly the
+/// slot's own order: the stream reads the slot front to back while the driver
+/// writes, and a read that lands a little ahead is reached by reading on. A read
+/// far ahead moves the stream there; one behind it is not served
+/// ([`ReadAhead::read`] returns `None`) and the caller reads it on its own.
+pub struct ReadAhead {
+    seek: mpsc::Sender<(u64, u64)>,
+    blocks: mpsc::Receiver<Ahead>,
+    recycle: mpsc::Sender<AlignedBlock>,
+    generation: u64,
+    len: u64,
+    /// The block being served: its offset and bytes.
+    current: Option<(u64, AlignedBlock)>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("generation", &self.generation)
+            .field("at", &self.current.as_ref().map(|(at, _)| *at))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadAhead {
+    /// Starts the reading thread over `0..len` of `storage` (idle until the first
+    /// read).
+    pub fn start(storage: Box<dyn Storage>, len: u64) -> ReadAhead {
+        let (seek, seeks) = mpsc::channel::<(u64, u64)>();
+        let (tx, blocks) = mpsc::sync_channel::<Ahead>(1);
+        let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
+        let worker = std::thread::spawn(move || {
+            let mut generation = 0;
+            let mut at: Option<u64> = None;
+            let mut allocated = 0;
+            loop {
+                // A new position wins over reading on; with none to read on
+                // from, wait for one.
+                let next = match at {
+                    Some(_) => match seeks.try_recv() {
+                        Ok(seek) => Some(seek),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) => return,
+                    },
+                    None => match seeks.recv() {
+                        Ok(seek) => Some(seek),
+                        Err(_) => return,
+                    },
+                };
+                if let Some((g, offset)) = next {
+                    generation = g;
+                    at = Some(offset);
+                }
+                let Some(offset) = at.filter(|&o| o < len) else {
+                    at = None;
+                    continue;
+                };
+                let mut block = match recycled.try_recv() {
+                    Ok(block) => block,
+                    Err(_) if allocated < BLOCKS_IN_FLIGHT => {
+                        allocated += 1;
+                        AlignedBlock::new(BLOCK)
+                    }
+                    Err(_) => match recycled.recv() {
+                        Ok(block) => block,
+                        Err(_) => return,
+                    },
+                };
+                let n = usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
+                let result = block.fill(&*storage, offset, n).map(|()| block);
+                // After an error, wait for a new position.
+                at = result.is_ok().then_some(offset + n as u64);
+                if tx.send((generation, offset, result)).is_err() {
+                    return;
+                }
+            }
+        });
+        ReadAhead {
+            seek,
+            blocks,
+            recycle,
+            generation: 0,
+            len,
+            current: None,
+            worker: Some(worker),
+        }
+    }
+
+    /// `len` bytes at `offset`, or `None` when that is behind the stream.
+    pub fn read(&mut self, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        let end = offset + len as u64;
+        if end > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read of {len} bytes at {offset} is past the slot's {} bytes",
+                    self.len
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(len);
+        loop {
+            let at = offset + out.len() as u64;
+            if at == end {
+                return Ok(Some(out));
+            }
+            match &self.current {
+                Some((start, block)) if *start <= at => {
+                    let block_end = start + block.as_slice().len() as u64;
+                    if at < block_end {
+                        let from = usize::try_from(at - start).expect("inside the block");
+                        let to =
+                            usize::try_from(end.min(block_end) - start).expect("inside the block");
+                        out.extend_from_slice(&block.as_slice()[from..to]);
+                        continue;
+                    }
+                    if at - block_end < SKIP_MAX || !out.is_empty() {
+                        self.next_block()?;
+                    } else {
+                        self.restart(at)?;
+                    }
+                }
+                // Behind the stream (only the start of a read can be).
+                Some(_) => return Ok(None),
+                None => self.restart(at)?,
+            }
+        }
+    }
+
+    /// Moves the stream to the aligned block around `offset`.
+    fn restart(&mut self, offset: u64) -> io::Result<()> {
+        if let Some((_, block)) = self.current.take() {
+            let _ = self.recycle.send(block);
+        }
+        self.generation += 1;
+        let start = offset - offset % ALIGN as u64;
+        self.seek
+            .send((self.generation, start))
+            .map_err(|_| io::Error::other("the slot reading thread stopped"))?;
+        self.next_block()
+    }
+
+    /// Replaces the current block with the next one of this generation.
+    fn next_block(&mut self) -> io::Result<()> {
+        if let Some((_, block)) = self.current.take() {
+            let _ = self.recycle.send(block);
+        }
+        loop {
+            let (generation, offset, result) = self
+                .blocks
+                .recv()
+                .map_err(|_| io::Error::other("the slot reading thread stopped"))?;
+            if generation != self.generation {
+                if let Ok(block) = result {
+                    let _ = self.recycle.send(block);
+                }
+                continue;
+            }
+            self.current = Some((offset, result?));
+            return Ok(());
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Closing both ends stops the thread after its current read.
+        let (seek, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.seek, seek));
+        let (_, blocks) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.blocks, blocks));
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_bootctl::storage::FileStorage;
+
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        // xorshift: incompressible, content-defined cuts everywhere.
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn file_with(data: &[u8]) -> (tempfile::TempDir, Box<dyn Storage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        std::fs::write(&path, data).unwrap();
+        let storage = FileStorage::open(&path, true).unwrap();
+        (dir, Box::new(storage))
+    }
+
+    #[test]
+    fn index_cuts_exactly_as_the_streaming_chunker() {
+        // Several blocks, an unaligned end, and a run of zeros (max-size cuts that
+        // land on block boundaries).
+        let mut data = pattern(3 * BLOCK + 12_345, 7);
+        data[BLOCK - 100_000..BLOCK + 300_000].fill(0);
+        let (_dir, storage) = file_with(&data);
+        for chunking in [
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+            shoal_artifact::chunk::CHUNKING_FAST,
+        ] {
+            let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+            let got = index(&*storage, data.len() as u64, chunking).unwrap();
+            assert_eq!(got.len(), expected.len(), "{chunking:?}");
+            assert_eq!(got, expected, "{chunking:?}");
+        }
+        // A prefix of the storage, ending mid-block.
+        let len = BLOCK + 777;
+        let expected =
+            shoal_artifact::chunk::index(&data[..len], shoal_artifact::chunk::CHUNKING_DEFAULT)
+                .unwrap();
+        let got = index(
+            &*storage,
+            len as u64,
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+        )
+        .unwrap();
+        assert_eq!(got, expected);
+        assert!(
+            index(&*storage, 0, shoal_artifact::chunk::CHUNKING_DEFAULT)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn hash_reads_the_prefix_and_reports_a_short_storage() {
+        let data = pattern(2 * BLOCK + 5, 3);
+        let (_dir, storage) = file_with(&data);
+        let len = data.len() as u64 - 1;
+        assert_eq!(
+            hash(&*storage, len).unwrap(),
+            *blake3::hash(&data[..data.len() - 1]).as_bytes()
+        );
+        let err = hash(&*storage, data.len() as u64 + 10).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn ranges_coalesce() {
+        let mut r = Ranges::default();
+        let ranges = |r: &Ranges| r.0.iter().map(|(&s, &e)| (s, e)).collect::<Vec<_>>();
+        r.insert(10, 5);
+        r.insert(20, 5);
+        r.insert(0, 3);
+        assert_eq!(ranges(&r), [(0, 3), (10, 15), (20, 25)]);
+        r.insert(3, 7);
+        assert_eq!(ranges(&r), [(0, 15), (20, 25)]);
+        r.insert(15, 5);
+        assert_eq!(ranges(&r), [(0, 25)]);
+        r.insert(30, 0);
+        r.insert(5, 100);
+        assert_eq!(ranges(&r), [(0, 105)]);
+    }
+
+    #[test]
+    fn the_root_of_piece_hashes_is_the_blake3_of_the_payload() {
+        use blake3::hazmat::HasherExt;
+        let data = pattern(7 * PIECE as usize + 3000, 13);
+        // Sizes around piece and power-of-two boundaries.
+        for len in [
+            PIECE + 1,
+            2 * PIECE,
+            2 * PIECE + 1,
+            3 * PIECE - 1,
+            4 * PIECE,
+            5 * PIECE + 17,
+            data.len() as u64,
+        ] {
+            let cvs: Vec<ChainingValue> = (0..len.div_ceil(PIECE))
+                .map(|p| {
+                    let start = p * PIECE;
+                    let end = (start + PIECE).min(len);
+                    blake3::Hasher::new()
+                        .set_input_offset(start)
+                        .update(&data[start as usize..end as usize])
+                        .finalize_non_root()
+                })
+                .collect();
+            assert_eq!(
+                root(&cvs, len),
+                blake3::hash(&data[..len as usize]),
+                "len {len}"
+            );
+        }
+    }
+
+    /// A slot file of `len` zero bytes, a writer and a reader of it.
+    fn slot(len: usize) -> (tempfile::TempDir, FileStorage, Box<dyn Storage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let writer = FileStorage::open(&path, true).unwrap();
+        let reader = Box::new(FileStorage::open(&path, false).unwrap());
+        (dir, writer, reader)
+    }
+
+    #[test]
+    fn verifier_hashes_pieces_as_they_become_durable_in_any_order() {
+        let data = pattern(5 * PIECE as usize + 999, 11);
+        let len = data.len() as u64;
+        let (_dir, mut writer, reader) = slot(data.len());
+        // The first 1000 bytes were journaled by an earlier run.
+        writer.write_at(0, &data[..1000]).unwrap();
+        writer.sync().unwrap();
+        let mut v = Verifier::start(reader, len, &[(0, 1000)]);
+        assert!(v.sent.iter().all(|s| !s), "no whole piece yet");
+        // The second half first (its pieces are read before the first half is
+        // written), then the first half.
+        let half = 2 * PIECE as usize + 4321;
+        writer.write_at(half as u64, &data[half..]).unwrap();
+        v.wrote(half as u64, len - half as u64);
+        assert!(v.sent.iter().all(|s| !s), "nothing is read before a sync");
+        writer.sync().unwrap();
+        v.synced();
+        assert_eq!(v.sent, [false, false, false, true, true, true]);
+        writer.write_at(1000, &data[1000..half]).unwrap();
+        v.wrote(1000, (half - 1000) as u64);
+        writer.sync().unwrap();
+        v.synced();
+        assert!(v.sent.iter().all(|s| *s));
+        assert_eq!(v.finish().unwrap(), *blake3::hash(&data).as_bytes());
+    }
+
+    #[test]
+    fn verifier_rereads_a_piece_written_again_and_reads_unsent_pieces_at_the_end() {
+        let data = pattern(3 * PIECE as usize, 5);
+        let len = data.len() as u64;
+        let (_dir, mut writer, reader) = slot(data.len());
+        let mut garbage = data.clone();
+        garbage[PIECE as usize + 10] ^= 0xff;
+        writer.write_at(0, &garbage).unwrap();
+        writer.sync().unwrap();
+        let mut v = Verifier::start(reader, len, &[(0, len)]);
+        assert!(v.sent.iter().all(|s| *s));
+        // The bad byte is overwritten: its piece must be read again.
+        writer
+            .write_at(PIECE + 10, &data[PIECE as usize + 10..PIECE as usize + 11])
+            .unwrap();
+        v.wrote(PIECE + 10, 1);
+        assert_eq!(v.sent, [true, false, true]);
+        writer.sync().unwrap();
+        // `finish` without `synced`: the unsent piece is read at the end.
+        assert_eq!(v.finish().unwrap(), *blake3::hash(&data).as_bytes());
+    }
+
+    #[test]
+    fn verifier_reports_a_read_error() {
+        let (_dir, _writer, reader) = slot(1000);
+        // The payload claims more than the slot holds.
+        let v = Verifier::start(reader, 3 * PIECE, &[]);
+        let err = v.finish().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn read_ahead_serves_forward_reads_across_blocks_and_declines_reads_behind() {
+        let data = pattern(6 * BLOCK + 777, 17);
+        let len = data.len() as u64;
+        let (_dir, storage) = file_with(&data);
+        let mut ra = ReadAhead::start(storage, len);
+        let check = |ra: &mut ReadAhead, offset: usize, n: usize| {
+            let got = ra.read(offset as u64, n).unwrap();
+            assert!(
+                got.as_deref() == Some(&data[offset..offset + n]),
+                "read of {n} at {offset}"
+            );
+        };
+        check(&mut ra, 5000, 100);
+        // Straddling a block boundary.
+        check(&mut ra, BLOCK - 10, 64 * 1024);
+        // A little ahead: read on.
+        check(&mut ra, 2 * BLOCK + 3, 10);
+        // Far ahead: the stream moves.
+        check(&mut ra, 5 * BLOCK + 100, 1000);
+        // The very end.
+        check(&mut ra, data.len() - 777, 777);
+        // Behind the stream: not served.
+        assert_eq!(ra.read(BLOCK as u64, 10).unwrap(), None);
+        assert_eq!(ra.read(0, 0).unwrap(), Some(Vec::new()));
+        let err = ra.read(data.len() as u64 - 5, 10).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn read_ahead_reports_a_read_past_the_storage() {
+        let data = pattern(BLOCK + 10, 19);
+        let (_dir, storage) = file_with(&data);
+        // It believes the slot is longer than it is.
+        let mut ra = ReadAhead::start(storage, 3 * BLOCK as u64);
+        let err = ra.read(BLOCK as u64 + 5, 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
