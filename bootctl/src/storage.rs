@@ -36,12 +36,32 @@ pub trait Storage: std::fmt::Debug + Send {
     /// Writes all of `data` at `offset`, extending the storage if it can grow.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
 
+    /// Makes `len` bytes at `offset` read as zeros, extending the storage if it can
+    /// grow; like [`Storage::write_at`] of zeros (and as durable: only after a
+    /// sync). The default writes zeros; [`FileStorage`] asks the file system or
+    /// device to zero the range without transferring the bytes.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        write_zero_bytes(self, offset, len)
+    }
+
     /// Truncates or extends to `len` bytes. Fixed-size storage (a block device or a
     /// region) accepts only its own length.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
 
     /// Makes every completed write durable.
     fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Writes `len` zero bytes at `offset` of `storage`, a block at a time.
+fn write_zero_bytes<S: Storage + ?Sized>(storage: &mut S, offset: u64, len: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(ZEROS.len() as u64);
+        storage.write_at(offset + at, &ZEROS[..n as usize])?;
+        at += n;
+    }
+    Ok(())
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -53,6 +73,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         (**self).write_at(offset, data)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
@@ -304,6 +327,8 @@ pub struct FileStorage {
     path: PathBuf,
     offset: u64,
     size: Option<u64>,
+    /// The file system or device refused to zero a range: write zeros instead.
+    zero_range_refused: bool,
 }
 
 impl FileStorage {
@@ -322,6 +347,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             offset: 0,
             size,
+            zero_range_refused: false,
         })
     }
 
@@ -348,6 +374,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             offset,
             size: Some(size),
+            zero_range_refused: false,
         })
     }
 
@@ -365,6 +392,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             offset: 0,
             size: None,
+            zero_range_refused: false,
         })
     }
 
@@ -425,6 +453,45 @@ impl Storage for FileStorage {
         self.file.write_all_at(data, pos)?;
         start_writeback(&self.file, pos, data.len());
         Ok(())
+    }
+
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)`: a file system marks the range's extents
+    /// unwritten, a block device gets a write-zeroes (or discard that zeroes)
+    /// command, and no zeros cross the bus. Where that is refused (an older kernel
+    /// or file system, a device without the command) zeros are written, and the
+    /// refusal is remembered.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_bounds(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.zero_range_refused {
+            let pos = self.offset + offset;
+            // A block device keeps its size (and must be told so); a file grows
+            // to the end of the range like a write.
+            let flags = if self.file.metadata()?.file_type().is_block_device() {
+                rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE
+            } else {
+                rustix::fs::FallocateFlags::ZERO_RANGE
+            };
+            match rustix::fs::fallocate(&self.file, flags, pos, len) {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if [
+                        rustix::io::Errno::OPNOTSUPP,
+                        rustix::io::Errno::INVAL,
+                        rustix::io::Errno::NODEV,
+                        rustix::io::Errno::NOSYS,
+                    ]
+                    .contains(&e) =>
+                {
+                    tracing::debug!(path = %self.path.display(), error = %e, "zeroing a range refused; writing zeros");
+                    self.zero_range_refused = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        write_zero_bytes(self, offset, len)
     }
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
@@ -505,6 +572,54 @@ mod tests {
              (tried {}); run the tests with TMPDIR on ext4, xfs or btrfs",
             tried.join("; ")
         );
+    }
+
+    #[test]
+    fn zeroed_ranges_read_back_as_zeros_through_direct_reads() {
+        let len = 3 * DIRECT_IO_MAX;
+        let (_dir, path, data) = direct_capable_file(len);
+        let mut s = FileStorage::open(&path, true).unwrap();
+        // Unaligned, inside the file, and reaching past its end (a file grows).
+        s.write_zeroes(5000, 200_000).unwrap();
+        s.write_zeroes((len - 100) as u64, 4196).unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.len().unwrap(), (len + 4096) as u64);
+        let mut expected = data.clone();
+        expected[5000..205_000].fill(0);
+        expected[len - 100..].fill(0);
+        expected.extend_from_slice(&[0; 4096]);
+        let mut back = vec![0xa5; len + 4096];
+        s.read_at(0, &mut back).unwrap();
+        assert!(
+            back == expected,
+            "zeroed ranges and nothing else read as zeros"
+        );
+        // A region refuses to zero past its end.
+        let mut region = FileStorage::open_region(&path, 4096, 8192, true, false).unwrap();
+        let err = region.write_zeroes(4096, 8192).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        region.write_zeroes(0, 8192).unwrap();
+        let mut back = vec![0xa5; 8192];
+        region.read_at(0, &mut back).unwrap();
+        assert_eq!(back, vec![0; 8192]);
+    }
+
+    #[test]
+    fn zeroing_falls_back_to_writing_zeros_where_the_file_system_refuses() {
+        // tmpfs refuses FALLOC_FL_ZERO_RANGE (EOPNOTSUPP).
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            panic!("no /dev/shm (tmpfs) to test the fallback on");
+        };
+        let path = dir.path().join("slot");
+        std::fs::write(&path, pattern(100_000)).unwrap();
+        let mut s = FileStorage::open(&path, true).unwrap();
+        s.write_zeroes(10, 70_000).unwrap();
+        assert!(s.zero_range_refused, "tmpfs zeroed a range itself");
+        s.write_zeroes(80_000, 1_000).unwrap();
+        let mut expected = pattern(100_000);
+        expected[10..70_010].fill(0);
+        expected[80_000..81_000].fill(0);
+        assert!(std::fs::read(&path).unwrap() == expected);
     }
 
     #[test]

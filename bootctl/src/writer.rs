@@ -175,7 +175,21 @@ impl SlotWriter {
     /// Returns whether it synced, so a caller can persist its progress journal
     /// exactly for bytes that are durable.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<bool, WriteError> {
-        let len = data.len() as u64;
+        self.put(offset, data.len() as u64, |s| s.write_at(offset, data))
+    }
+
+    /// Like [`SlotWriter::write_at`] of `len` zero bytes, without transferring
+    /// them where the storage can zero a range ([`Storage::write_zeroes`]).
+    pub fn write_zeroes_at(&mut self, offset: u64, len: u64) -> Result<bool, WriteError> {
+        self.put(offset, len, |s| s.write_zeroes(offset, len))
+    }
+
+    fn put(
+        &mut self,
+        offset: u64,
+        len: u64,
+        write: impl FnOnce(&mut dyn Storage) -> io::Result<()>,
+    ) -> Result<bool, WriteError> {
         if offset
             .checked_add(len)
             .is_none_or(|end| end > self.payload_size)
@@ -186,12 +200,10 @@ impl SlotWriter {
                 payload_size: self.payload_size,
             });
         }
-        self.storage
-            .write_at(offset, data)
-            .map_err(|source| WriteError::Io {
-                slot: self.slot,
-                source,
-            })?;
+        write(&mut *self.storage).map_err(|source| WriteError::Io {
+            slot: self.slot,
+            source,
+        })?;
         self.unsynced_bytes += len;
         if self.unsynced_bytes >= self.sync_batch_bytes {
             self.sync()?;
@@ -268,6 +280,32 @@ mod tests {
             w.verify(&wrong),
             Err(VerifyError::Mismatch { slot: Slot::B, .. })
         ));
+    }
+
+    #[test]
+    fn zeroed_ranges_are_bounded_synced_and_verified_like_writes() {
+        let disk = CrashDisk::new();
+        disk.put("b", &[7; 100]);
+        let mut payload = vec![1u8; 90];
+        payload[20..70].fill(0);
+        let mut w = SlotWriter::new(Box::new(disk.storage("b")), Slot::B, 90).unwrap();
+        w.set_sync_batch_bytes(60);
+        assert!(!w.write_at(0, &payload[..20]).unwrap());
+        assert!(
+            w.write_zeroes_at(20, 50).unwrap(),
+            "70 bytes: a batch is full"
+        );
+        assert_eq!(&disk.durable("b")[..70], &payload[..70]);
+        assert!(matches!(
+            w.write_zeroes_at(80, 11),
+            Err(WriteError::OutOfBounds {
+                offset: 80,
+                len: 11,
+                payload_size: 90
+            })
+        ));
+        assert!(!w.write_at(70, &payload[70..]).unwrap());
+        w.verify(blake3::hash(&payload).as_bytes()).unwrap();
     }
 
     #[test]
