@@ -13,10 +13,12 @@ mod crash_tests;
 pub mod health;
 mod slotio;
 pub mod store;
+mod syncer;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
@@ -226,7 +228,7 @@ pub enum BootCheck {
 pub struct Device {
     config: Config,
     root: TrustRoot,
-    store: Store,
+    store: Arc<Store>,
     boot: BootControl,
     capacity: [u64; 2],
     reboot: Reboot,
@@ -257,7 +259,7 @@ impl Device {
         Ok(Device {
             config,
             root,
-            store,
+            store: Arc::new(store),
             boot,
             capacity,
             reboot: Reboot::Command,
@@ -296,7 +298,7 @@ impl Device {
         Ok(Device {
             root: signed.root,
             config,
-            store,
+            store: Arc::new(store),
             boot,
             capacity,
             reboot,
@@ -659,8 +661,9 @@ struct Driver<'a> {
     /// Read-ahead window over the slot read last: (slot, start, bytes).
     window: Option<(Slot, u64, Vec<u8>)>,
     readers: [Option<Box<dyn Storage>>; 2],
-    /// Hashes the slot being written as it becomes durable.
-    verifier: Option<slotio::Verifier>,
+    /// Syncs and journals the slot being written (and reads it back) on its own
+    /// thread.
+    syncer: Option<syncer::Syncer>,
     /// Reads of a slot (the running one) served from a stream read ahead.
     read_ahead: Option<(Slot, slotio::ReadAhead)>,
     chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
@@ -685,7 +688,7 @@ impl<'a> Driver<'a> {
             pending_zeros: None,
             window: None,
             readers: [None, None],
-            verifier: None,
+            syncer: None,
             read_ahead: None,
             chunk_store: None,
             events: Vec::new(),
@@ -867,6 +870,11 @@ impl<'a> Driver<'a> {
                 self.engine
                     .handle(self.now(), Input::Failed { op, message });
             }
+            // A sync or journal write that failed on the syncer's thread.
+            if let Some((op, message)) = self.syncer.as_ref().and_then(syncer::Syncer::failure) {
+                self.engine
+                    .handle(self.now(), Input::Failed { op, message });
+            }
         }
         (self.progress)(self.engine.progress());
         Ok(())
@@ -991,6 +999,21 @@ impl<'a> Driver<'a> {
     }
 
     fn execute(&mut self, out: Output) -> Result<(), (IoOp, anyhow::Error)> {
+        // What is not part of writing the slot (a bootloader change, a reboot,
+        // health checks, the final hash) runs with the journal current.
+        let writing = matches!(
+            out,
+            Output::Write { .. }
+                | Output::Sync { .. }
+                | Output::Persist(_)
+                | Output::Read { .. }
+                | Output::Fetch { .. }
+                | Output::Event(_)
+                | Output::HashSlot { .. }
+        );
+        if !writing && let Some(syncer) = self.syncer.as_ref() {
+            syncer.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
+        }
         let now = self.now();
         match out {
             Output::IndexSlot {
@@ -1078,22 +1101,36 @@ impl<'a> Driver<'a> {
                     // The engine syncs (then journals) in its own batches.
                     w.set_sync_batch_bytes(u64::MAX);
                     self.writer = Some(w);
-                    // Read back and hash what the journal already holds, and each
-                    // batch once synced, while the install goes on.
-                    let reader = self
+                    // Syncs through a second writer of the slot, on the syncer's
+                    // thread, which also reads back and hashes what the journal
+                    // already holds, and each batch once synced, while the install
+                    // goes on.
+                    let sync = self
                         .dev
                         .boot
-                        .open_reader(slot)
-                        .with_context(|| format!("cannot open slot {slot}"))
-                        .map_err(|e| (IoOp::Write, e))?;
+                        .open_writer(slot, size)
+                        .map_err(|e| (IoOp::Write, anyhow!(e)))?;
                     // (A payload of one piece has no tree to join: read at the end.)
-                    if size > slotio::PIECE {
-                        self.verifier = Some(slotio::Verifier::start(
+                    let verifier = if size > slotio::PIECE {
+                        let reader = self
+                            .dev
+                            .boot
+                            .open_reader(slot)
+                            .with_context(|| format!("cannot open slot {slot}"))
+                            .map_err(|e| (IoOp::Write, e))?;
+                        Some(slotio::Verifier::start(
                             reader,
                             size,
                             &self.engine.journaled_ranges(),
-                        ));
-                    }
+                        ))
+                    } else {
+                        None
+                    };
+                    self.syncer = Some(syncer::Syncer::start(
+                        sync,
+                        Arc::clone(&self.dev.store),
+                        verifier,
+                    ));
                 }
                 let zeros = is_zeros(&data);
                 for off in offsets {
@@ -1103,41 +1140,42 @@ impl<'a> Driver<'a> {
                         self.write(off, &data)
                     }
                     .map_err(|e| (IoOp::Write, e))?;
-                    if let Some(v) = self.verifier.as_mut() {
-                        v.wrote(off, data.len() as u64);
+                    if let Some(syncer) = self.syncer.as_mut() {
+                        syncer.wrote(off, data.len() as u64);
                     }
                 }
             }
             Output::Sync { slot } => {
                 self.flush().map_err(|e| (IoOp::Write, e))?;
-                if let Some(w) = self.writer.as_mut().filter(|w| w.slot() == slot) {
-                    w.sync()
-                        .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
-                    if let Some(v) = self.verifier.as_mut() {
-                        v.synced();
-                    }
+                if self.writer.as_ref().is_some_and(|w| w.slot() == slot)
+                    && let Some(syncer) = self.syncer.as_mut()
+                {
+                    syncer.sync().map_err(|(op, e)| (op, anyhow!(e)))?;
                 }
             }
-            Output::Persist(records) => {
-                self.dev
+            Output::Persist(records) => match self.syncer.as_ref() {
+                // Journals a batch once the sync queued before it returned.
+                Some(syncer) => syncer
+                    .persist(records)
+                    .map_err(|(op, e)| (op, anyhow!(e)))?,
+                None => self
+                    .dev
                     .store
                     .apply(&records)
-                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?;
-            }
+                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
+            },
             Output::HashSlot { slot, len } => {
                 self.flush().map_err(|e| (IoOp::Write, e))?;
-                if let Some(mut w) = self.writer.take() {
-                    w.sync()
-                        .map_err(|e| (IoOp::Sync, anyhow!("{}", chain(&e))))?;
-                }
+                // Every write reached the kernel; the syncer's final sync makes
+                // them durable.
+                let written = self.writer.take().is_some_and(|w| w.payload_size() == len);
                 // Most of the slot was read back and hashed while it was written;
                 // otherwise (nothing written by this run) it is read back now.
-                let early = match self.verifier.take().filter(|v| v.len() == len) {
-                    Some(v) => Some(
-                        v.finish()
-                            .with_context(|| format!("cannot read back slot {slot}"))
-                            .map_err(|e| (IoOp::HashSlot, e))?,
-                    ),
+                let early = match self.syncer.take() {
+                    Some(syncer) => syncer
+                        .finish()
+                        .map_err(|(op, e)| (op, anyhow!(e)))?
+                        .filter(|_| written),
                     None => None,
                 };
                 let hash = match early {

@@ -337,11 +337,6 @@ impl Verifier {
         verifier
     }
 
-    /// The payload size.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
     /// `n` bytes were written at `offset` (not yet durable).
     pub fn wrote(&mut self, offset: u64, n: u64) {
         if n == 0 {
