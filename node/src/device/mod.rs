@@ -13,7 +13,7 @@ mod crash_tests;
 pub mod health;
 mod slotio;
 pub mod store;
-mod syncer;
+mod write_behind;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read, Seek};
@@ -25,8 +25,8 @@ use anyhow::{Context, anyhow, bail};
 use rayon::prelude::*;
 use shoal_artifact::read::ArtifactReader;
 use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
+use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
-use shoal_bootctl::{BootControl, SlotWriter};
 use shoal_engine::{
     Boot, Engine, Event, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot, SourceId,
     SourceInfo, SourceKind, Status, slot_index,
@@ -653,17 +653,12 @@ struct Driver<'a> {
     dev: &'a mut Device,
     engine: Engine,
     start: std::time::Instant,
-    writer: Option<SlotWriter>,
-    /// Contiguous writes gathered into one (flushed before every sync).
-    pending: Option<(u64, Vec<u8>)>,
-    /// Contiguous zero chunks gathered into one range to zero: (start, length).
-    pending_zeros: Option<(u64, u64)>,
     /// Read-ahead window over the slot read last: (slot, start, bytes).
     window: Option<(Slot, u64, Vec<u8>)>,
     readers: [Option<Box<dyn Storage>>; 2],
-    /// Syncs and journals the slot being written (and reads it back) on its own
-    /// thread.
-    syncer: Option<syncer::Syncer>,
+    /// Writes, syncs and journals the slot being written (and reads it back) on
+    /// its own thread.
+    write_behind: Option<write_behind::WriteBehind>,
     /// Reads of a slot (the running one) served from a stream read ahead.
     read_ahead: Option<(Slot, slotio::ReadAhead)>,
     chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
@@ -683,12 +678,9 @@ impl<'a> Driver<'a> {
             dev,
             engine,
             start: std::time::Instant::now(),
-            writer: None,
-            pending: None,
-            pending_zeros: None,
             window: None,
             readers: [None, None],
-            syncer: None,
+            write_behind: None,
             read_ahead: None,
             chunk_store: None,
             events: Vec::new(),
@@ -870,8 +862,12 @@ impl<'a> Driver<'a> {
                 self.engine
                     .handle(self.now(), Input::Failed { op, message });
             }
-            // A sync or journal write that failed on the syncer's thread.
-            if let Some((op, message)) = self.syncer.as_ref().and_then(syncer::Syncer::failure) {
+            // A write, sync or journal record that failed on the writing thread.
+            if let Some((op, message)) = self
+                .write_behind
+                .as_ref()
+                .and_then(write_behind::WriteBehind::failure)
+            {
                 self.engine
                     .handle(self.now(), Input::Failed { op, message });
             }
@@ -923,68 +919,6 @@ impl<'a> Driver<'a> {
         Ok(buf[at..at + len].to_vec())
     }
 
-    /// Makes `len` bytes at `offset` of the open writer zeros, gathering
-    /// contiguous runs: a run of zero chunks (the free space of a file system
-    /// image) is zeroed in one request, without writing the zeros.
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> anyhow::Result<()> {
-        if let Some((start, run)) = self.pending_zeros.as_mut()
-            && *start + *run == offset
-        {
-            *run += len;
-            return Ok(());
-        }
-        self.flush()?;
-        self.pending_zeros = Some((offset, len));
-        Ok(())
-    }
-
-    /// Writes at `offset` of the open writer, gathering contiguous writes.
-    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
-        if let Some((start, buf)) = self.pending.as_mut()
-            && *start + buf.len() as u64 == offset
-            && buf.len() + data.len() <= self.dev.io_window
-        {
-            buf.extend_from_slice(data);
-            return Ok(());
-        }
-        self.flush()?;
-        if data.len() >= self.dev.io_window {
-            let w = self
-                .writer
-                .as_mut()
-                .ok_or_else(|| anyhow!("no slot open for writing"))?;
-            return w
-                .write_at(offset, data)
-                .map(|_| ())
-                .map_err(|e| anyhow!("{}", chain(&e)));
-        }
-        let mut buf = Vec::with_capacity(self.dev.io_window);
-        buf.extend_from_slice(data);
-        self.pending = Some((offset, buf));
-        Ok(())
-    }
-
-    /// Writes out gathered writes.
-    fn flush(&mut self) -> anyhow::Result<()> {
-        if let Some((start, len)) = self.pending_zeros.take() {
-            let w = self
-                .writer
-                .as_mut()
-                .ok_or_else(|| anyhow!("no slot open for writing"))?;
-            w.write_zeroes_at(start, len)
-                .map_err(|e| anyhow!("{}", chain(&e)))?;
-        }
-        if let Some((start, buf)) = self.pending.take() {
-            let w = self
-                .writer
-                .as_mut()
-                .ok_or_else(|| anyhow!("no slot open for writing"))?;
-            w.write_at(start, &buf)
-                .map_err(|e| anyhow!("{}", chain(&e)))?;
-        }
-        Ok(())
-    }
-
     fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
         let i = slot_index(slot);
         if self.readers[i].is_none() {
@@ -1011,8 +945,8 @@ impl<'a> Driver<'a> {
                 | Output::Event(_)
                 | Output::HashSlot { .. }
         );
-        if !writing && let Some(syncer) = self.syncer.as_ref() {
-            syncer.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
+        if !writing && let Some(wb) = self.write_behind.as_ref() {
+            wb.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
         }
         let now = self.now();
         match out {
@@ -1090,7 +1024,7 @@ impl<'a> Driver<'a> {
                 offsets,
                 data,
             } => {
-                if self.writer.as_ref().is_none_or(|w| w.slot() != slot) {
+                if self.write_behind.is_none() {
                     // Set from the offer's payload; no manifest parsing here.
                     let size = self.engine.progress().total_bytes;
                     let mut w = self
@@ -1100,17 +1034,9 @@ impl<'a> Driver<'a> {
                         .map_err(|e| (IoOp::Write, anyhow!(e)))?;
                     // The engine syncs (then journals) in its own batches.
                     w.set_sync_batch_bytes(u64::MAX);
-                    self.writer = Some(w);
-                    // Syncs through a second writer of the slot, on the syncer's
-                    // thread, which also reads back and hashes what the journal
-                    // already holds, and each batch once synced, while the install
-                    // goes on.
-                    let sync = self
-                        .dev
-                        .boot
-                        .open_writer(slot, size)
-                        .map_err(|e| (IoOp::Write, anyhow!(e)))?;
-                    // (A payload of one piece has no tree to join: read at the end.)
+                    // The read-back hashes what the journal already holds, and each
+                    // batch once synced, while the install goes on. (A payload of
+                    // one piece has no tree to join: it is read at the end.)
                     let verifier = if size > slotio::PIECE {
                         let reader = self
                             .dev
@@ -1126,38 +1052,25 @@ impl<'a> Driver<'a> {
                     } else {
                         None
                     };
-                    self.syncer = Some(syncer::Syncer::start(
-                        sync,
+                    self.write_behind = Some(write_behind::WriteBehind::start(
+                        w,
                         Arc::clone(&self.dev.store),
                         verifier,
+                        self.dev.io_window,
                     ));
                 }
-                let zeros = is_zeros(&data);
-                for off in offsets {
-                    if zeros {
-                        self.write_zeroes(off, data.len() as u64)
-                    } else {
-                        self.write(off, &data)
-                    }
-                    .map_err(|e| (IoOp::Write, e))?;
-                    if let Some(syncer) = self.syncer.as_mut() {
-                        syncer.wrote(off, data.len() as u64);
-                    }
+                let wb = self.write_behind.as_ref().expect("just started");
+                wb.write(offsets, data)
+                    .map_err(|(op, e)| (op, anyhow!(e)))?;
+            }
+            Output::Sync { .. } => {
+                if let Some(wb) = self.write_behind.as_ref() {
+                    wb.sync().map_err(|(op, e)| (op, anyhow!(e)))?;
                 }
             }
-            Output::Sync { slot } => {
-                self.flush().map_err(|e| (IoOp::Write, e))?;
-                if self.writer.as_ref().is_some_and(|w| w.slot() == slot)
-                    && let Some(syncer) = self.syncer.as_mut()
-                {
-                    syncer.sync().map_err(|(op, e)| (op, anyhow!(e)))?;
-                }
-            }
-            Output::Persist(records) => match self.syncer.as_ref() {
+            Output::Persist(records) => match self.write_behind.as_ref() {
                 // Journals a batch once the sync queued before it returned.
-                Some(syncer) => syncer
-                    .persist(records)
-                    .map_err(|(op, e)| (op, anyhow!(e)))?,
+                Some(wb) => wb.persist(records).map_err(|(op, e)| (op, anyhow!(e)))?,
                 None => self
                     .dev
                     .store
@@ -1165,17 +1078,11 @@ impl<'a> Driver<'a> {
                     .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
             },
             Output::HashSlot { slot, len } => {
-                self.flush().map_err(|e| (IoOp::Write, e))?;
-                // Every write reached the kernel; the syncer's final sync makes
-                // them durable.
-                let written = self.writer.take().is_some_and(|w| w.payload_size() == len);
-                // Most of the slot was read back and hashed while it was written;
-                // otherwise (nothing written by this run) it is read back now.
-                let early = match self.syncer.take() {
-                    Some(syncer) => syncer
-                        .finish()
-                        .map_err(|(op, e)| (op, anyhow!(e)))?
-                        .filter(|_| written),
+                // Every write is done and synced first. Most of the slot was read
+                // back and hashed while it was written; otherwise (nothing written
+                // by this run) it is read back now.
+                let early = match self.write_behind.take() {
+                    Some(wb) => wb.finish().map_err(|(op, e)| (op, anyhow!(e)))?,
                     None => None,
                 };
                 let hash = match early {
@@ -1266,12 +1173,6 @@ impl<'a> Driver<'a> {
     }
 }
 
-/// Whether `data` is all zero bytes (compared a block at a time: `memcmp` speed).
-fn is_zeros(data: &[u8]) -> bool {
-    static ZEROS: [u8; 4096] = [0; 4096];
-    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
-}
-
 fn short(e: &Event) -> String {
     match e {
         Event::Accepted {
@@ -1328,23 +1229,4 @@ pub fn source_from_arg(arg: &str, release: Option<String>) -> anyhow::Result<Sou
             ArtifactInput::Stream(Box::new(file))
         },
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_zeros;
-
-    #[test]
-    fn zero_chunks_are_recognized_whatever_their_length() {
-        assert!(is_zeros(&[]));
-        assert!(is_zeros(&[0; 1]));
-        assert!(is_zeros(&vec![0; 64 * 1024 + 3]));
-        for len in [1, 4096, 4097, 64 * 1024 + 3] {
-            for at in [0, len / 2, len - 1] {
-                let mut data = vec![0u8; len];
-                data[at] = 1;
-                assert!(!is_zeros(&data), "a 1 at {at} of {len}");
-            }
-        }
-    }
 }

@@ -1,0 +1,370 @@
+//! Writing the slot, syncing it and journaling what each sync made durable, on a
+//! thread of its own.
+//!
+//! The engine asks for writes of the target slot, a sync after every batch of
+//! them, and then the journal record of that batch ([`shoal_engine::Output::Write`],
+//! [`shoal_engine::Output::Sync`], [`shoal_engine::Output::Persist`]). Carried out
+//! in line, every write waits for the page cache and every sync for the medium,
+//! and the install stops meanwhile. The [`WriteBehind`] thread takes all three in
+//! order instead, while the driver goes on reading and decoding: a record is still
+//! persisted only after the sync before it returned, so the journal never claims a
+//! byte the slot may not hold. The data of the writes waiting for the thread is
+//! bounded ([`BUDGET`]). The read-back of the written slot ([`Verifier`]) rides
+//! along, told of each write and of each completed sync.
+//!
+//! The thread gathers contiguous writes into one, and runs of zero chunks into one
+//! range to zero ([`SlotWriter::write_zeroes_at`]: the free space of a file system
+//! image is not written byte by byte).
+//!
+//! The first failure stops the thread's work (nothing after it is written, synced
+//! or persisted) and is handed back to the driver, which tells the engine.
+//! Anything that must not run before the journal is current (a bootloader change,
+//! the final verification) waits for the queue to drain ([`WriteBehind::barrier`]).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use shoal_bootctl::SlotWriter;
+use shoal_engine::{IoOp, Record};
+
+use super::slotio::Verifier;
+use super::store::Store;
+use crate::cmd::chain;
+
+/// Bytes of write data queued for the thread at most.
+pub const BUDGET: u64 = 2 * 1024 * 1024;
+
+/// Why the thread's work failed: the operation and the message for the engine.
+pub type Failure = (IoOp, String);
+
+enum Job {
+    /// `data` at each of `offsets`; `zeros` when it is all zero bytes.
+    Write {
+        offsets: Vec<u64>,
+        data: Vec<u8>,
+        zeros: bool,
+    },
+    /// Makes every write before it durable.
+    Sync,
+    /// Journal records, persisted once every sync before them returned.
+    Persist(Vec<Record>),
+    /// Answered once every job before it is done.
+    Barrier(mpsc::Sender<()>),
+    /// Syncs, then answers with the payload's hash from the read-back (or `None`
+    /// without a verifier), and ends the thread.
+    Finish(mpsc::Sender<Result<Option<[u8; 32]>, Failure>>),
+}
+
+/// Bytes of write data queued and not yet written, and a signal when that falls.
+#[derive(Default)]
+struct Budget {
+    queued: Mutex<u64>,
+    fell: Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` more bytes fit (any amount fits an empty queue).
+    fn take(&self, n: u64) {
+        let mut queued = self.queued.lock().expect("budget lock");
+        while *queued > 0 && *queued + n > BUDGET {
+            queued = self.fell.wait(queued).expect("budget lock");
+        }
+        *queued += n;
+    }
+
+    fn give(&self, n: u64) {
+        let mut queued = self.queued.lock().expect("budget lock");
+        *queued = queued.saturating_sub(n);
+        self.fell.notify_all();
+    }
+}
+
+/// See the module documentation.
+pub struct WriteBehind {
+    tx: Option<mpsc::Sender<Job>>,
+    budget: Arc<Budget>,
+    failures: mpsc::Receiver<Failure>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WriteBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBehind").finish_non_exhaustive()
+    }
+}
+
+impl WriteBehind {
+    /// Starts the thread over `writer` (the slot being written), `store` (the
+    /// journal) and `verifier` (the read-back of the slot, if any). Contiguous
+    /// writes are gathered up to `gather` bytes.
+    pub fn start(
+        writer: SlotWriter,
+        store: Arc<Store>,
+        verifier: Option<Verifier>,
+        gather: usize,
+    ) -> WriteBehind {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (fail_tx, failures) = mpsc::channel();
+        let budget = Arc::new(Budget::default());
+        let thread = Thread {
+            writer,
+            store,
+            verifier,
+            gather,
+            pending: None,
+            pending_zeros: None,
+            budget: Arc::clone(&budget),
+            failures: fail_tx,
+            failed: false,
+        };
+        let worker = std::thread::spawn(move || thread.run(&rx));
+        WriteBehind {
+            tx: Some(tx),
+            budget,
+            failures,
+            worker: Some(worker),
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<(), Failure> {
+        self.tx
+            .as_ref()
+            .expect("not finished")
+            .send(job)
+            .map_err(|_| (IoOp::Write, "the slot writing thread stopped".to_owned()))
+    }
+
+    /// Queues `data` for each of `offsets` (waiting while [`BUDGET`] bytes are
+    /// queued).
+    pub fn write(&self, offsets: Vec<u64>, data: Vec<u8>) -> Result<(), Failure> {
+        let zeros = is_zeros(&data);
+        self.budget.take(data.len() as u64);
+        self.send(Job::Write {
+            offsets,
+            data,
+            zeros,
+        })
+    }
+
+    /// Queues a sync of every write so far.
+    pub fn sync(&self) -> Result<(), Failure> {
+        self.send(Job::Sync)
+    }
+
+    /// Queues journal records, persisted once every sync before them returned.
+    pub fn persist(&self, records: Vec<Record>) -> Result<(), Failure> {
+        self.send(Job::Persist(records))
+    }
+
+    /// A failure of the thread's work, if one happened (at most one is ever
+    /// reported: the thread stops working after it).
+    pub fn failure(&self) -> Option<Failure> {
+        self.failures.try_recv().ok()
+    }
+
+    /// Waits until every queued job is done; then says how the work went.
+    pub fn barrier(&self) -> Result<(), Failure> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Job::Barrier(tx))?;
+        rx.recv()
+            .map_err(|_| (IoOp::Write, "the slot writing thread stopped".to_owned()))?;
+        match self.failure() {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes and syncs everything queued and finishes the read-back: the
+    /// payload's hash, or `None` when there was no verifier. Ends the thread.
+    pub fn finish(mut self) -> Result<Option<[u8; 32]>, Failure> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Job::Finish(tx))?;
+        let answer = rx.recv().map_err(|_| match self.failure() {
+            Some(failure) => failure,
+            None => (IoOp::Write, "the slot writing thread stopped".to_owned()),
+        })?;
+        self.stop();
+        answer
+    }
+
+    fn stop(&mut self) {
+        // The thread does every job queued before the channel closed, then ends.
+        self.tx.take();
+        if let Some(worker) = self.worker.take() {
+            worker.join().expect("the slot writing thread panicked");
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        // An install that stopped early still writes, syncs and journals what it
+        // had queued: its work is kept for the next run.
+        self.stop();
+    }
+}
+
+/// Whether `data` is all zero bytes (compared a block at a time: `memcmp` speed).
+pub fn is_zeros(data: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
+/// The thread's side.
+struct Thread {
+    writer: SlotWriter,
+    store: Arc<Store>,
+    verifier: Option<Verifier>,
+    gather: usize,
+    /// Contiguous writes gathered into one.
+    pending: Option<(u64, Vec<u8>)>,
+    /// Contiguous zero chunks gathered into one range: (start, length).
+    pending_zeros: Option<(u64, u64)>,
+    budget: Arc<Budget>,
+    failures: mpsc::Sender<Failure>,
+    failed: bool,
+}
+
+impl Thread {
+    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            match job {
+                Job::Write {
+                    offsets,
+                    data,
+                    zeros,
+                } => {
+                    // After a failure nothing more is written, synced or persisted:
+                    // the journal stays at the last batch known durable.
+                    if !self.failed
+                        && let Err(e) = self.write(&offsets, &data, zeros)
+                    {
+                        self.fail(IoOp::Write, e);
+                    }
+                    self.budget.give(data.len() as u64);
+                }
+                Job::Sync if !self.failed => {
+                    if let Err(failure) = self.sync() {
+                        self.fail(failure.0, failure.1);
+                    }
+                }
+                Job::Persist(records) if !self.failed => {
+                    if let Err(e) = self.store.apply(&records) {
+                        self.fail(IoOp::Persist, chain(&e));
+                    }
+                }
+                Job::Sync | Job::Persist(_) => {}
+                Job::Barrier(answer) => {
+                    let _ = answer.send(());
+                }
+                Job::Finish(answer) => {
+                    let result = if self.failed {
+                        Err((
+                            IoOp::Write,
+                            "an earlier write, sync or journal record failed".to_owned(),
+                        ))
+                    } else {
+                        self.sync().and_then(|()| match self.verifier.take() {
+                            Some(v) => v.finish().map(Some).map_err(|e| {
+                                (IoOp::HashSlot, format!("cannot read back the slot: {e}"))
+                            }),
+                            None => Ok(None),
+                        })
+                    };
+                    let _ = answer.send(result);
+                    return;
+                }
+            }
+        }
+        // The driver went away (an install that stopped): what was queued is
+        // written; syncing it is left to the next run, which resumes from the
+        // journal.
+        let _ = self.flush();
+    }
+
+    fn fail(&mut self, op: IoOp, message: String) {
+        tracing::warn!(%op, %message, "output failed");
+        self.failed = true;
+        let _ = self.failures.send((op, message));
+    }
+
+    fn write(&mut self, offsets: &[u64], data: &[u8], zeros: bool) -> Result<(), String> {
+        let len = data.len() as u64;
+        for &offset in offsets {
+            if zeros {
+                match self.pending_zeros.as_mut() {
+                    Some((start, run)) if *start + *run == offset => *run += len,
+                    _ => {
+                        self.flush()?;
+                        self.pending_zeros = Some((offset, len));
+                    }
+                }
+            } else {
+                match self.pending.as_mut() {
+                    Some((start, buf))
+                        if *start + buf.len() as u64 == offset
+                            && buf.len() + data.len() <= self.gather =>
+                    {
+                        buf.extend_from_slice(data);
+                    }
+                    _ => {
+                        self.flush()?;
+                        if data.len() >= self.gather {
+                            self.writer.write_at(offset, data).map_err(|e| chain(&e))?;
+                        } else {
+                            let mut buf = Vec::with_capacity(self.gather);
+                            buf.extend_from_slice(data);
+                            self.pending = Some((offset, buf));
+                        }
+                    }
+                }
+            }
+            if let Some(v) = self.verifier.as_mut() {
+                v.wrote(offset, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes out what was gathered.
+    fn flush(&mut self) -> Result<(), String> {
+        if let Some((start, len)) = self.pending_zeros.take() {
+            self.writer
+                .write_zeroes_at(start, len)
+                .map_err(|e| chain(&e))?;
+        }
+        if let Some((start, buf)) = self.pending.take() {
+            self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), Failure> {
+        self.flush().map_err(|e| (IoOp::Write, e))?;
+        self.writer.sync().map_err(|e| (IoOp::Sync, chain(&e)))?;
+        if let Some(v) = self.verifier.as_mut() {
+            v.synced();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zeros;
+
+    #[test]
+    fn zero_chunks_are_recognized_whatever_their_length() {
+        assert!(is_zeros(&[]));
+        assert!(is_zeros(&[0; 1]));
+        assert!(is_zeros(&vec![0; 64 * 1024 + 3]));
+        for len in [1, 4096, 4097, 64 * 1024 + 3] {
+            for at in [0, len / 2, len - 1] {
+                let mut data = vec![0u8; len];
+                data[at] = 1;
+                assert!(!is_zeros(&data), "a 1 at {at} of {len}");
+            }
+        }
+    }
+}
