@@ -1052,8 +1052,15 @@ impl<'a> Driver<'a> {
                     } else {
                         None
                     };
+                    // Synced through a second writer, on a thread of its own.
+                    let sync = self
+                        .dev
+                        .boot
+                        .open_writer(slot, size)
+                        .map_err(|e| (IoOp::Write, anyhow!(e)))?;
                     self.write_behind = Some(write_behind::WriteBehind::start(
                         w,
+                        sync,
                         Arc::clone(&self.dev.store),
                         verifier,
                         self.dev.io_window,

@@ -6,7 +6,8 @@
 //! [`shoal_engine::Output::Sync`], [`shoal_engine::Output::Persist`]). Carried out
 //! in line, every write waits for the page cache and every sync for the medium,
 //! and the install stops meanwhile. The [`WriteBehind`] thread takes all three in
-//! order instead, while the driver goes on reading and decoding: a record is still
+//! order instead (one writing, one syncing, so writes go on while the medium
+//! syncs), while the driver goes on reading and decoding: a record is still
 //! persisted only after the sync before it returned, so the journal never claims a
 //! byte the slot may not hold. The data of the writes waiting for the thread is
 //! bounded ([`BUDGET`]). The read-back of the written slot ([`Verifier`]) rides
@@ -85,7 +86,7 @@ pub struct WriteBehind {
     tx: Option<mpsc::Sender<Job>>,
     budget: Arc<Budget>,
     failures: mpsc::Receiver<Failure>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for WriteBehind {
@@ -100,30 +101,42 @@ impl WriteBehind {
     /// writes are gathered up to `gather` bytes.
     pub fn start(
         writer: SlotWriter,
+        sync: SlotWriter,
         store: Arc<Store>,
         verifier: Option<Verifier>,
         gather: usize,
     ) -> WriteBehind {
         let (tx, rx) = mpsc::channel::<Job>();
+        let (to_sync, sync_rx) = mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
         let (fail_tx, failures) = mpsc::channel();
         let budget = Arc::new(Budget::default());
-        let thread = Thread {
+        let writing = Writing {
             writer,
-            store,
-            verifier,
             gather,
             pending: None,
             pending_zeros: None,
+            written: Vec::new(),
             budget: Arc::clone(&budget),
+            to_sync,
+            failures: fail_tx.clone(),
+            failed: false,
+        };
+        let syncing = Syncing {
+            sync,
+            store,
+            verifier,
             failures: fail_tx,
             failed: false,
         };
-        let worker = std::thread::spawn(move || thread.run(&rx));
+        let workers = vec![
+            std::thread::spawn(move || writing.run(&rx)),
+            std::thread::spawn(move || syncing.run(&sync_rx)),
+        ];
         WriteBehind {
             tx: Some(tx),
             budget,
             failures,
-            worker: Some(worker),
+            workers,
         }
     }
 
@@ -189,10 +202,10 @@ impl WriteBehind {
     }
 
     fn stop(&mut self) {
-        // The thread does every job queued before the channel closed, then ends.
+        // The threads do every job queued before the channel closed, then end.
         self.tx.take();
-        if let Some(worker) = self.worker.take() {
-            worker.join().expect("the slot writing thread panicked");
+        for worker in self.workers.drain(..) {
+            worker.join().expect("a slot writing thread panicked");
         }
     }
 }
@@ -211,70 +224,85 @@ pub fn is_zeros(data: &[u8]) -> bool {
     data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
-/// The thread's side.
-struct Thread {
+/// Syncs and journal records queued from the writing thread to the syncing one at
+/// most: writing runs at most about two batches ahead of what is durable.
+const SYNC_QUEUE: usize = 4;
+
+/// What the writing thread hands on to the syncing thread, in order.
+enum SyncJob {
+    /// Syncs; the ranges `(offset, len)` written before it are then durable.
+    Sync(Vec<(u64, u64)>),
+    Persist(Vec<Record>),
+    /// A write failed: nothing after it is synced or persisted.
+    WriteFailed,
+    Barrier(mpsc::Sender<()>),
+    Finish(
+        Vec<(u64, u64)>,
+        mpsc::Sender<Result<Option<[u8; 32]>, Failure>>,
+    ),
+}
+
+/// The writing thread: writes (gathered) and hands syncs on once the writes
+/// before them are done, so writing goes on while the medium syncs.
+struct Writing {
     writer: SlotWriter,
-    store: Arc<Store>,
-    verifier: Option<Verifier>,
     gather: usize,
     /// Contiguous writes gathered into one.
     pending: Option<(u64, Vec<u8>)>,
     /// Contiguous zero chunks gathered into one range: (start, length).
     pending_zeros: Option<(u64, u64)>,
+    /// Ranges written since the last sync was handed on.
+    written: Vec<(u64, u64)>,
     budget: Arc<Budget>,
+    to_sync: mpsc::SyncSender<SyncJob>,
     failures: mpsc::Sender<Failure>,
     failed: bool,
 }
 
-impl Thread {
+impl Writing {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         while let Ok(job) = rx.recv() {
-            match job {
+            let next = match job {
                 Job::Write {
                     offsets,
                     data,
                     zeros,
                 } => {
-                    // After a failure nothing more is written, synced or persisted:
-                    // the journal stays at the last batch known durable.
+                    // After a failure nothing more is written.
                     if !self.failed
                         && let Err(e) = self.write(&offsets, &data, zeros)
                     {
-                        self.fail(IoOp::Write, e);
+                        self.fail(e);
                     }
                     self.budget.give(data.len() as u64);
+                    None
                 }
-                Job::Sync if !self.failed => {
-                    if let Err(failure) = self.sync() {
-                        self.fail(failure.0, failure.1);
+                Job::Sync => {
+                    if !self.failed
+                        && let Err(e) = self.flush()
+                    {
+                        self.fail(e);
                     }
+                    Some(SyncJob::Sync(std::mem::take(&mut self.written)))
                 }
-                Job::Persist(records) if !self.failed => {
-                    if let Err(e) = self.store.apply(&records) {
-                        self.fail(IoOp::Persist, chain(&e));
-                    }
-                }
-                Job::Sync | Job::Persist(_) => {}
-                Job::Barrier(answer) => {
-                    let _ = answer.send(());
-                }
+                Job::Persist(records) => Some(SyncJob::Persist(records)),
+                Job::Barrier(answer) => Some(SyncJob::Barrier(answer)),
                 Job::Finish(answer) => {
-                    let result = if self.failed {
-                        Err((
-                            IoOp::Write,
-                            "an earlier write, sync or journal record failed".to_owned(),
-                        ))
-                    } else {
-                        self.sync().and_then(|()| match self.verifier.take() {
-                            Some(v) => v.finish().map(Some).map_err(|e| {
-                                (IoOp::HashSlot, format!("cannot read back the slot: {e}"))
-                            }),
-                            None => Ok(None),
-                        })
-                    };
-                    let _ = answer.send(result);
+                    if !self.failed
+                        && let Err(e) = self.flush()
+                    {
+                        self.fail(e);
+                    }
+                    let _ = self
+                        .to_sync
+                        .send(SyncJob::Finish(std::mem::take(&mut self.written), answer));
                     return;
                 }
+            };
+            if let Some(next) = next
+                && self.to_sync.send(next).is_err()
+            {
+                return;
             }
         }
         // The driver went away (an install that stopped): what was queued is
@@ -283,10 +311,11 @@ impl Thread {
         let _ = self.flush();
     }
 
-    fn fail(&mut self, op: IoOp, message: String) {
-        tracing::warn!(%op, %message, "output failed");
+    fn fail(&mut self, message: String) {
+        tracing::warn!(op = %IoOp::Write, %message, "output failed");
         self.failed = true;
-        let _ = self.failures.send((op, message));
+        let _ = self.failures.send((IoOp::Write, message));
+        let _ = self.to_sync.send(SyncJob::WriteFailed);
     }
 
     fn write(&mut self, offsets: &[u64], data: &[u8], zeros: bool) -> Result<(), String> {
@@ -320,8 +349,9 @@ impl Thread {
                     }
                 }
             }
-            if let Some(v) = self.verifier.as_mut() {
-                v.wrote(offset, len);
+            match self.written.last_mut() {
+                Some((start, n)) if *start + *n == offset => *n += len,
+                _ => self.written.push((offset, len)),
             }
         }
         Ok(())
@@ -339,11 +369,74 @@ impl Thread {
         }
         Ok(())
     }
+}
 
-    fn sync(&mut self) -> Result<(), Failure> {
-        self.flush().map_err(|e| (IoOp::Write, e))?;
-        self.writer.sync().map_err(|e| (IoOp::Sync, chain(&e)))?;
+/// The syncing thread: syncs, then journals, and tells the read-back.
+struct Syncing {
+    /// A second writer of the slot: a sync through it makes every write of the
+    /// slot durable.
+    sync: SlotWriter,
+    store: Arc<Store>,
+    verifier: Option<Verifier>,
+    failures: mpsc::Sender<Failure>,
+    failed: bool,
+}
+
+impl Syncing {
+    fn run(mut self, rx: &mpsc::Receiver<SyncJob>) {
+        while let Ok(job) = rx.recv() {
+            match job {
+                // After a failure nothing more is synced or persisted: the journal
+                // stays at the last batch known durable.
+                SyncJob::Sync(written) if !self.failed => {
+                    if let Err((op, message)) = self.sync(written) {
+                        self.fail(op, message);
+                    }
+                }
+                SyncJob::Persist(records) if !self.failed => {
+                    if let Err(e) = self.store.apply(&records) {
+                        self.fail(IoOp::Persist, chain(&e));
+                    }
+                }
+                SyncJob::Sync(_) | SyncJob::Persist(_) => {}
+                SyncJob::WriteFailed => self.failed = true,
+                SyncJob::Barrier(answer) => {
+                    let _ = answer.send(());
+                }
+                SyncJob::Finish(written, answer) => {
+                    let result = if self.failed {
+                        Err((
+                            IoOp::Write,
+                            "an earlier write, sync or journal record failed".to_owned(),
+                        ))
+                    } else {
+                        self.sync(written)
+                            .and_then(|()| match self.verifier.take() {
+                                Some(v) => v.finish().map(Some).map_err(|e| {
+                                    (IoOp::HashSlot, format!("cannot read back the slot: {e}"))
+                                }),
+                                None => Ok(None),
+                            })
+                    };
+                    let _ = answer.send(result);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, op: IoOp, message: String) {
+        tracing::warn!(%op, %message, "output failed");
+        self.failed = true;
+        let _ = self.failures.send((op, message));
+    }
+
+    fn sync(&mut self, written: Vec<(u64, u64)>) -> Result<(), Failure> {
+        self.sync.sync().map_err(|e| (IoOp::Sync, chain(&e)))?;
         if let Some(v) = self.verifier.as_mut() {
+            for (offset, len) in written {
+                v.wrote(offset, len);
+            }
             v.synced();
         }
         Ok(())
