@@ -25,7 +25,8 @@ const CHUNKING: Chunking = Chunking {
     max_size: 32768,
 };
 
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
+/// Pseudo-random (xorshift) bytes.
+pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {

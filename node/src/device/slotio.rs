@@ -63,6 +63,28 @@ impl AlignedBlock {
     }
 }
 
+/// Blocks for a reading thread: given back ones first, new ones up to
+/// [`BLOCKS_IN_FLIGHT`], then waiting for one to come back.
+struct BlockPool {
+    recycled: mpsc::Receiver<AlignedBlock>,
+    allocated: usize,
+}
+
+impl BlockPool {
+    /// A block to read into; `None` when every block is out and whoever had them
+    /// is gone.
+    fn get(&mut self) -> Option<AlignedBlock> {
+        match self.recycled.try_recv() {
+            Ok(block) => Some(block),
+            Err(_) if self.allocated < BLOCKS_IN_FLIGHT => {
+                self.allocated += 1;
+                Some(AlignedBlock::new(BLOCK))
+            }
+            Err(_) => self.recycled.recv().ok(),
+        }
+    }
+}
+
 /// The blocks [`read_ahead`] reads, in order.
 pub struct Blocks {
     rx: mpsc::Receiver<AlignedBlock>,
@@ -97,23 +119,16 @@ pub fn read_ahead<T: Send>(
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
         let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
-        let mut allocated = 0;
+        let mut pool = BlockPool {
+            recycled,
+            allocated: 0,
+        };
         let mut offset = start;
         let mut result = Ok(());
         while offset < end {
             let n = usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
-            let mut block = match recycled.try_recv() {
-                Ok(block) => block,
-                Err(_) if allocated < BLOCKS_IN_FLIGHT => {
-                    allocated += 1;
-                    AlignedBlock::new(BLOCK)
-                }
-                Err(_) => match recycled.recv() {
-                    Ok(block) => block,
-                    // The consumer stopped early (it failed); its result says why.
-                    Err(_) => break,
-                },
-            };
+            // None: the consumer stopped early (it failed); its result says why.
+            let Some(mut block) = pool.get() else { break };
             if let Err(e) = block.fill(storage, offset, n) {
                 result = Err(e);
                 break;
@@ -481,7 +496,10 @@ impl ReadAhead {
         let worker = std::thread::spawn(move || {
             let mut generation = 0;
             let mut at: Option<u64> = None;
-            let mut allocated = 0;
+            let mut pool = BlockPool {
+                recycled,
+                allocated: 0,
+            };
             loop {
                 // A new position wins over reading on; with none to read on
                 // from, wait for one.
@@ -504,17 +522,7 @@ impl ReadAhead {
                     at = None;
                     continue;
                 };
-                let mut block = match recycled.try_recv() {
-                    Ok(block) => block,
-                    Err(_) if allocated < BLOCKS_IN_FLIGHT => {
-                        allocated += 1;
-                        AlignedBlock::new(BLOCK)
-                    }
-                    Err(_) => match recycled.recv() {
-                        Ok(block) => block,
-                        Err(_) => return,
-                    },
-                };
+                let Some(mut block) = pool.get() else { return };
                 let n = usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
                 let result = block.fill(&*storage, offset, n).map(|()| block);
                 // After an error, wait for a new position.
@@ -629,17 +637,9 @@ mod tests {
     use super::*;
     use shoal_bootctl::storage::FileStorage;
 
+    /// Incompressible bytes: content-defined cuts everywhere.
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        // xorshift: incompressible, content-defined cuts everywhere.
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::device::crash_tests::bytes(seed, len)
     }
 
     fn file_with(data: &[u8]) -> (tempfile::TempDir, Box<dyn Storage>) {
