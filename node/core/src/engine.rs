@@ -409,6 +409,9 @@ struct Job {
     probes: VecDeque<ChunkId>,
     probes_in_flight: usize,
     absent: BTreeSet<ChunkId>,
+    /// Whether needed chunks met while the active slot is indexed are taken then
+    /// (see [`Engine::needed_ids`]).
+    take_while_indexing: bool,
 }
 
 /// The sans-IO update engine. See the crate documentation.
@@ -490,6 +493,24 @@ impl Engine {
             .filter_map(|&i| job.positions.get(i as usize))
             .map(|&(offset, len, _)| (offset, u64::from(len)))
             .collect()
+    }
+
+    /// The chunks the install in progress still needs. While the active slot is
+    /// being indexed ([`Output::IndexSlot`]), [`Input::Chunk`] from the active slot
+    /// is taken for any of them (hashed, then written like a chunk read from the
+    /// slot later), so a driver that cuts the slot can hand over what it meets and
+    /// the plan that follows the index leaves those chunks out.
+    ///
+    /// Empty when nothing may be written before the index is complete: every source
+    /// says what it holds and some needed chunk is held by none, so the plan first
+    /// checks the slot for it (a thin artifact whose base the device lacks is
+    /// refused before a byte is written).
+    pub fn needed_ids(&self) -> Vec<ChunkId> {
+        self.job
+            .as_ref()
+            .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
+            .map(|j| j.needs.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Whether an install is running (fetching, indexing or verifying).
@@ -713,7 +734,38 @@ impl Engine {
             probes: VecDeque::new(),
             probes_in_flight: 0,
             absent: BTreeSet::new(),
+            take_while_indexing: false,
         });
+        // What is still needed, known before the active slot is indexed: chunks met
+        // while indexing it are taken at once (`Engine::needed_ids`).
+        if let Some(job) = self.job.as_mut() {
+            for (i, &(_, size, id)) in job.positions.iter().enumerate() {
+                if job.done[i] {
+                    continue;
+                }
+                let need = job.needs.entry(id).or_insert_with(|| Need {
+                    positions: Vec::new(),
+                    size,
+                    state: NeedState::Idle,
+                    attempts: 0,
+                    lacking: BTreeSet::new(),
+                    guessed: false,
+                });
+                need.positions
+                    .push(u32::try_from(i).expect("manifest chunk count fits u32"));
+            }
+            // When every source says what it holds and some needed chunk is held by
+            // none, the plan checks the slot for it before anything is written (a
+            // thin artifact without its base is refused untouched): then nothing is
+            // taken early.
+            let holds: Option<Vec<&BTreeSet<ChunkId>>> =
+                job.sources.iter().map(|s| s.info.holds.as_ref()).collect();
+            job.take_while_indexing = holds.is_none_or(|holds| {
+                job.needs
+                    .keys()
+                    .all(|id| holds.iter().any(|h| h.contains(id)))
+            });
+        }
         if self.index_chunking == Some(chunking) {
             self.plan(now);
         } else {
@@ -746,21 +798,6 @@ impl Engine {
     fn plan(&mut self, now: Instant) {
         let Some(job) = self.job.as_mut() else { return };
         job.step = Step::Fetching;
-        for (i, &(_, size, id)) in job.positions.iter().enumerate() {
-            if job.done[i] {
-                continue;
-            }
-            let need = job.needs.entry(id).or_insert_with(|| Need {
-                positions: Vec::new(),
-                size,
-                state: NeedState::Idle,
-                attempts: 0,
-                lacking: BTreeSet::new(),
-                guessed: false,
-            });
-            need.positions
-                .push(u32::try_from(i).expect("manifest chunk count fits u32"));
-        }
         // When every source says which chunks it holds, a needed chunk that neither
         // they nor the slot's index have is looked for at its own offset in the
         // active slot now, before anything is written.
@@ -1166,7 +1203,11 @@ impl Engine {
             self.on_probe(now, origin, id, &data);
             return;
         }
-        if job.step != Step::Fetching {
+        // While the active slot is indexed, a driver may hand over the needed
+        // chunks it meets there: they are written now and not read again.
+        let met_while_indexing =
+            job.step == Step::Indexing && job.take_while_indexing && origin == Origin::Slot(active);
+        if job.step != Step::Fetching && !met_while_indexing {
             return;
         }
         let Some(need) = job.needs.get_mut(&id) else {

@@ -266,7 +266,8 @@ impl SimDevice {
         }
     }
 
-    fn execute(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
+    /// Carries out one output (as `run` does).
+    pub fn execute(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
         let now = self.now();
         match out {
             Output::IndexSlot {

@@ -9,8 +9,8 @@ use shoal_signing::{RoleName, SecretKey, TrustRoot, VerifyError};
 use crate::state::slot_index;
 use crate::testing::{SimDevice, bytes, keys, release, sign};
 use crate::{
-    CommitError, Config, Engine, Event, InstallError, Offer, OfferError, Origin, Phase, Release,
-    RollbackError, Slot, SourceId, SourceInfo, SourceKind, Verdict,
+    CommitError, Config, Engine, Event, Input, InstallError, Offer, OfferError, Origin, Output,
+    Phase, Release, RollbackError, Slot, SourceId, SourceInfo, SourceKind, Verdict,
 };
 
 const DEVICE: &str = "acme-board";
@@ -867,4 +867,124 @@ fn an_interrupted_install_reports_its_journaled_ranges_on_resume() {
             "range {offset}+{len}"
         );
     }
+}
+
+#[test]
+fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    // Slot A runs v1, not installed by Shoal: the install indexes it first.
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m2, &f.key)))
+        .expect("offer");
+    let mut index_slot = None;
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::IndexSlot { .. } => index_slot = Some(out),
+            other => dev.execute(&mut engine, other).expect("no crash"),
+        }
+    }
+    let Some(Output::IndexSlot {
+        slot,
+        chunking,
+        len,
+    }) = index_slot
+    else {
+        panic!("a device Shoal has not seen is indexed first");
+    };
+    assert_eq!(slot, Slot::A);
+
+    // The driver cuts the slot and hands over the needed chunks it meets.
+    let needed: BTreeSet<ChunkId> = engine.needed_ids().into_iter().collect();
+    let live = dev.live[slot_index(slot)].clone();
+    let end = usize::try_from(len).expect("fits").min(live.len());
+    let index = crate::testing::index_fixed(&live[..end], chunking);
+    let mut handed = BTreeSet::new();
+    for c in &index.chunks {
+        if needed.contains(&c.id) && handed.insert(c.id) {
+            let at = usize::try_from(c.offset).expect("fits");
+            engine.handle(
+                dev.now(),
+                Input::Chunk {
+                    origin: Origin::Slot(slot),
+                    id: c.id,
+                    data: live[at..at + c.len as usize].to_vec(),
+                },
+            );
+        }
+    }
+    assert!(handed.len() > 10, "v2 shares most of v1: {}", handed.len());
+    let mut writes = 0;
+    while let Some(out) = engine.poll_output() {
+        writes += usize::from(matches!(out, Output::Write { .. }));
+        dev.execute(&mut engine, out).expect("no crash");
+    }
+    assert!(
+        writes >= handed.len(),
+        "each handed chunk is written at once"
+    );
+    // A chunk the install does not need is ignored.
+    engine.handle(
+        dev.now(),
+        Input::Chunk {
+            origin: Origin::Slot(slot),
+            id: ChunkId::from(blake3::hash(b"not in v2")),
+            data: b"not in v2".to_vec(),
+        },
+    );
+    assert_eq!(engine.poll_output(), None);
+    let reused = engine.progress().reused_bytes;
+    assert!(reused > 0);
+
+    // After the index, none of them is read again; the rest comes from the stream.
+    engine.handle(dev.now(), Input::SlotIndexed { slot, index });
+    while let Some(out) = engine.poll_output() {
+        if let Output::Read { id, .. } = &out {
+            assert!(!handed.contains(id), "chunk {id} read again");
+        }
+        dev.execute(&mut engine, out).expect("no crash");
+    }
+    dev.run(&mut engine, stream(&c2)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.boot.armed, Some(Slot::B));
+    assert_eq!(&dev.durable[1][..v2.len()], &v2[..]);
+    let p = engine.progress();
+    assert_eq!(p.reused_bytes + p.fetched_bytes, v2.len() as u64);
+    assert!(p.reused_bytes >= reused);
+}
+
+#[test]
+fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    // The stream says it holds all of v2's chunks but one: that one may turn out
+    // missing, which must be found before anything is written.
+    let mut holds: BTreeSet<ChunkId> = c2.iter().map(|(id, _)| *id).collect();
+    let (lacking, data) = c2[0].clone();
+    holds.remove(&lacking);
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Some(holds);
+    let mut engine = dev.engine(f.config());
+    engine.offer(dev.now(), offer).expect("offer");
+    while engine.poll_output().is_some() {}
+    assert!(engine.needed_ids().is_empty());
+    engine.handle(
+        dev.now(),
+        Input::Chunk {
+            origin: Origin::Slot(Slot::A),
+            id: lacking,
+            data,
+        },
+    );
+    assert_eq!(
+        engine.poll_output(),
+        None,
+        "nothing written before the plan"
+    );
+    assert_eq!(engine.progress().written_bytes, 0);
 }

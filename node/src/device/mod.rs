@@ -15,7 +15,7 @@ mod slotio;
 pub mod store;
 mod write_behind;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +42,8 @@ use store::Store;
 /// balloon) read from an artifact before they are decoded together, in parallel.
 /// Bounds the memory of a streaming install.
 const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Needed chunks met while indexing the running slot, waiting for the engine.
+const MET_QUEUE: usize = 32;
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
 /// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
@@ -956,9 +958,32 @@ impl<'a> Driver<'a> {
                 len,
             } => {
                 let index = (|| -> anyhow::Result<_> {
-                    let storage = self.reader(slot)?;
+                    // Cut on threads of their own; the needed chunks met on the way
+                    // come back here and go to the engine (and on to the target
+                    // slot) at once, so they are not read again after the index.
+                    let storage = self
+                        .dev
+                        .boot
+                        .open_reader(slot)
+                        .with_context(|| format!("cannot open slot {slot}"))?;
                     let len = len.min(storage.len()?);
-                    let chunks = slotio::index(storage, len, chunking)?;
+                    let wanted: HashSet<ChunkId> = self.engine.needed_ids().into_iter().collect();
+                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+                    let worker = std::thread::spawn(move || {
+                        slotio::index(&*storage, len, chunking, &wanted, Some(&tx))
+                    });
+                    for (id, data) in met {
+                        self.engine.handle(
+                            self.now(),
+                            Input::Chunk {
+                                origin: Origin::Slot(slot),
+                                id,
+                                data,
+                            },
+                        );
+                        self.drain()?;
+                    }
+                    let chunks = worker.join().expect("the indexing thread panicked")?;
                     Ok(shoal_engine::SlotIndex {
                         chunking,
                         chunks: chunks

@@ -8,7 +8,7 @@
 //! each part of the payload as soon as that part is written *and synced*, while the
 //! install goes on, so that at the end only the last batch is left to read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -164,12 +164,29 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 /// buffer, this cuts each block where it lies (carrying only the unfinished last
 /// chunk over to the next block) and hashes the chunks of one block on all cores
 /// while the next one is cut.
+///
+/// The first time it meets a chunk in `wanted`, it sends its id and bytes to `met`
+/// (an install takes the chunks it needs while the slot is indexed, instead of
+/// reading them again afterwards). A closed `met` stops the sending, not the index.
 pub fn index(
     storage: &dyn Storage,
     len: u64,
     chunking: Chunking,
+    wanted: &HashSet<ChunkId>,
+    met: Option<&mpsc::SyncSender<(ChunkId, Vec<u8>)>>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
+    let mut sent: HashSet<ChunkId> = HashSet::new();
+    let mut met = met;
+    let mut hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
+        if let Some(tx) = met
+            && wanted.contains(&id)
+            && sent.insert(id)
+            && tx.send((id, window[start..start + len].to_vec())).is_err()
+        {
+            met = None;
+        }
+    };
     read_ahead(storage, 0, len, move |blocks| {
         let mut out = Vec::new();
         // Two windows, each the carried-over tail of the previous one followed by a
@@ -193,7 +210,8 @@ pub fn index(
                 || hash_chunks(&hashing, &pending),
                 || cut(&cutting, chunking, !more),
             );
-            for ((offset, _, len), id) in pending.iter().zip(ids) {
+            for ((offset, start, len), id) in pending.iter().zip(ids) {
+                hand_over(&hashing, *start, *len, id);
                 let len = u32::try_from(*len).expect("a chunk is at most max_size");
                 out.push((*offset, id, len));
             }
@@ -210,7 +228,8 @@ pub fn index(
             cutting.extend_from_slice(&hashing[finished..]);
             base += finished as u64;
         }
-        for ((offset, _, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
+        for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
+            hand_over(&hashing, *start, *len, id);
             let len = u32::try_from(*len).expect("a chunk is at most max_size");
             out.push((*offset, id, len));
         }
@@ -662,7 +681,14 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_FAST,
         ] {
             let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
-            let got = index(&*storage, data.len() as u64, chunking).unwrap();
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &HashSet::new(),
+                None,
+            )
+            .unwrap();
             assert_eq!(got.len(), expected.len(), "{chunking:?}");
             assert_eq!(got, expected, "{chunking:?}");
         }
@@ -675,14 +701,56 @@ mod tests {
             &*storage,
             len as u64,
             shoal_artifact::chunk::CHUNKING_DEFAULT,
+            &HashSet::new(),
+            None,
         )
         .unwrap();
         assert_eq!(got, expected);
         assert!(
-            index(&*storage, 0, shoal_artifact::chunk::CHUNKING_DEFAULT)
-                .unwrap()
-                .is_empty()
+            index(
+                &*storage,
+                0,
+                shoal_artifact::chunk::CHUNKING_DEFAULT,
+                &HashSet::new(),
+                None
+            )
+            .unwrap()
+            .is_empty()
         );
+    }
+
+    #[test]
+    fn index_hands_over_each_wanted_chunk_once_with_its_bytes() {
+        // A repeated stretch: some chunks occur twice.
+        let mut data = pattern(2 * BLOCK, 23);
+        let copy = data[100_000..400_000].to_vec();
+        data.extend_from_slice(&copy);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        // Every third chunk is wanted, and an id the slot does not hold.
+        let mut wanted: HashSet<ChunkId> = all.iter().step_by(3).map(|c| c.1).collect();
+        wanted.insert(ChunkId::of(b"elsewhere"));
+        let (tx, rx) = mpsc::sync_channel(4);
+        let got = std::thread::scope(|scope| {
+            let receiver = scope.spawn(move || rx.iter().collect::<Vec<_>>());
+            let index = index(&*storage, data.len() as u64, chunking, &wanted, Some(&tx)).unwrap();
+            drop(tx);
+            assert_eq!(index, all);
+            receiver.join().unwrap()
+        });
+        let ids: HashSet<ChunkId> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), got.len(), "each chunk once");
+        wanted.remove(&ChunkId::of(b"elsewhere"));
+        assert_eq!(ids, wanted);
+        for (id, bytes) in &got {
+            assert_eq!(ChunkId::of(bytes), *id);
+        }
+        // A receiver that went away stops the sending, not the index.
+        let (tx, rx) = mpsc::sync_channel(1);
+        drop(rx);
+        let index = index(&*storage, data.len() as u64, chunking, &wanted, Some(&tx)).unwrap();
+        assert_eq!(index, all);
     }
 
     #[test]
