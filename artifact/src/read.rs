@@ -843,38 +843,6 @@ impl<R: Read> ArtifactReader<R> {
         }
     }
 
-    /// Reads chunks until about `max_stored_bytes` of stored data were read (at least
-    /// one chunk), then verifies them in parallel. Empty at the (checked) end. The
-    /// first error in artifact order wins, so errors are the same as sequentially.
-    pub fn next_batch(
-        &mut self,
-        max_stored_bytes: usize,
-    ) -> Result<Vec<(ChunkRef, Vec<u8>)>, ReadError> {
-        let mut raws = Vec::new();
-        let mut bytes = 0;
-        while bytes < max_stored_bytes {
-            match self.next_raw() {
-                Ok(Some(raw)) => {
-                    bytes += raw.stored.len();
-                    raws.push(raw);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // Report a bad chunk already read before a later structural error.
-                    raws.par_iter()
-                        .map(RawChunk::verify)
-                        .collect::<Result<Vec<_>, _>>()?;
-                    return Err(e);
-                }
-            }
-        }
-        let verified: Vec<Vec<u8>> = raws
-            .par_iter()
-            .map(RawChunk::verify)
-            .collect::<Result<_, _>>()?;
-        Ok(raws.into_iter().map(|r| r.chunk).zip(verified).collect())
-    }
-
     /// Reads and verifies every remaining chunk, discarding the bytes: one batch is
     /// verified on all cores while the next is read. Errors come in artifact order,
     /// as if read one chunk at a time. Returns the number of chunks verified.

@@ -1126,68 +1126,11 @@ impl<'a> Driver<'a> {
                 };
                 self.engine.handle(now, Input::SlotHashed { slot, hash });
             }
-            Output::DisarmTrial { slot } => {
-                let state = self
-                    .dev
-                    .boot
-                    .state()
-                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                if state.trial.is_some_and(|t| t.slot == slot) {
-                    self.dev
-                        .boot
-                        .rollback()
-                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                }
-            }
-            Output::ArmTrial { slot } => {
-                let state = self
-                    .dev
-                    .boot
-                    .state()
-                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                if !state
-                    .trial
-                    .is_some_and(|t| t.slot == slot && t.tries_left > 0)
-                {
-                    self.dev
-                        .boot
-                        .arm(slot, 1)
-                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                }
-            }
-            Output::Commit { slot } => {
-                let state = self
-                    .dev
-                    .boot
-                    .state()
-                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                if state.trial.is_some() || state.committed != slot {
-                    self.dev
-                        .boot
-                        .commit()
-                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                }
-            }
-            Output::Rollback { to } => {
-                let state = self
-                    .dev
-                    .boot
-                    .state()
-                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                if state.trial.is_some() {
-                    self.dev
-                        .boot
-                        .rollback()
-                        .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
-                } else if state.committed != to {
-                    return Err((
-                        IoOp::Bootloader,
-                        anyhow!(
-                            "slot {} is committed and no trial is armed; cannot go back to slot {to}",
-                            state.committed
-                        ),
-                    ));
-                }
+            out @ (Output::DisarmTrial { .. }
+            | Output::ArmTrial { .. }
+            | Output::Commit { .. }
+            | Output::Rollback { .. }) => {
+                self.bootloader(out).map_err(|e| (IoOp::Bootloader, e))?;
             }
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
@@ -1200,6 +1143,47 @@ impl<'a> Driver<'a> {
                 info!(event = ?short(&e), "engine");
                 self.events.push(e);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Driver<'_> {
+    /// Carries out a bootloader output idempotently: the state is read first, and a
+    /// step already taken (a rerun after a crash between two steps) is not repeated.
+    fn bootloader(&mut self, out: Output) -> anyhow::Result<()> {
+        let boot = &mut self.dev.boot;
+        let state = boot.state()?;
+        match out {
+            Output::DisarmTrial { slot } => {
+                if state.trial.is_some_and(|t| t.slot == slot) {
+                    boot.rollback()?;
+                }
+            }
+            Output::ArmTrial { slot } => {
+                if !state
+                    .trial
+                    .is_some_and(|t| t.slot == slot && t.tries_left > 0)
+                {
+                    boot.arm(slot, 1)?;
+                }
+            }
+            Output::Commit { slot } => {
+                if state.trial.is_some() || state.committed != slot {
+                    boot.commit()?;
+                }
+            }
+            Output::Rollback { to } => {
+                if state.trial.is_some() {
+                    boot.rollback()?;
+                } else if state.committed != to {
+                    bail!(
+                        "slot {} is committed and no trial is armed; cannot go back to slot {to}",
+                        state.committed
+                    );
+                }
+            }
+            other => unreachable!("not a bootloader output: {other:?}"),
         }
         Ok(())
     }
