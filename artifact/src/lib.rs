@@ -9,21 +9,29 @@
 //! limits. See `artifact/DESIGN.md` for the byte layout.
 
 pub mod chunk;
+#[cfg(feature = "fs")]
 pub mod diff;
+#[cfg(feature = "fs")]
 pub mod extract;
 pub mod manifest;
 pub mod read;
+#[cfg(feature = "fs")]
 pub mod store;
 pub mod ustar;
+#[cfg(feature = "fs")]
 pub mod write;
 
 pub use chunk::{ChunkError, Chunker};
+#[cfg(feature = "fs")]
 pub use diff::{Diff, diff};
+#[cfg(feature = "fs")]
 pub use extract::{ExtractError, extract};
 pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
     PayloadKind,
 };
 pub use read::{ArtifactReader, RawChunk, ReadError, VerifiedChunk};
+#[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};
+#[cfg(feature = "fs")]
 pub use write::{BuildError, BuildOptions, BuildReport, SignError, add_signatures, build};

@@ -39,19 +39,30 @@
 //!   `testing::CrashSlots`, `testing::Backend`, and `testing::boot`, the bootloader
 //!   model.
 
+#[cfg(feature = "io")]
 pub mod config;
+#[cfg(feature = "io")]
 pub mod control;
+#[cfg(feature = "io")]
 pub mod detect;
+#[cfg(feature = "io")]
 pub mod env;
+#[cfg(feature = "io")]
 pub mod scheme;
 mod slot;
+#[cfg(feature = "io")]
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(feature = "io")]
 pub mod writer;
 
+#[cfg(feature = "io")]
 pub use control::{BootControl, Status};
+#[cfg(feature = "io")]
 pub use scheme::{BootState, Scheme, Trial};
 pub use slot::{ParseSlotError, Slot};
+#[cfg(feature = "io")]
 pub use storage::{FileStorage, Storage};
+#[cfg(feature = "io")]
 pub use writer::SlotWriter;

@@ -1,7 +1,9 @@
 //! ed25519 keys in PKCS#8 / SPKI PEM and their ids.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "fs")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -93,11 +95,13 @@ impl PublicKey {
     }
 
     /// Reads an SPKI PEM public key file.
+    #[cfg(feature = "fs")]
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         Self::from_spki_pem(&read_text(path)?)
     }
 
     /// Writes this key as an SPKI PEM file.
+    #[cfg(feature = "fs")]
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
         std::fs::write(path, self.to_spki_pem()).map_err(|source| KeyError::Io {
             path: path.to_path_buf(),
@@ -154,6 +158,7 @@ pub struct SecretKey(SigningKey);
 
 impl SecretKey {
     /// A new key from the operating system's random number generator.
+    #[cfg(feature = "keygen")]
     pub fn generate() -> Result<Self, KeyError> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
@@ -188,12 +193,14 @@ impl SecretKey {
     }
 
     /// Reads a PKCS#8 PEM private key file.
+    #[cfg(feature = "fs")]
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         Self::from_pkcs8_pem(&read_text(path)?)
     }
 
     /// Writes this key as a PKCS#8 PEM file readable by its owner only. Refuses to
     /// overwrite an existing file.
+    #[cfg(feature = "fs")]
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -233,6 +240,7 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+#[cfg(feature = "fs")]
 fn read_text(path: &Path) -> Result<String, KeyError> {
     // A PEM key is a few hundred bytes; refuse to slurp anything large.
     const KEY_FILE_SIZE_MAX: u64 = 64 * 1024;

@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "fs")]
+use std::path::Path;
+use std::path::PathBuf;
 
 use crate::envelope::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, from_cbor, to_cbor};
 use crate::key::{KeyId, PublicKey};
@@ -378,6 +380,7 @@ impl SignedRoot {
     }
 
     /// Reads and decodes a signed root file.
+    #[cfg(feature = "fs")]
     pub fn load(path: &Path) -> Result<SignedRoot, RootError> {
         let io = |source| RootError::Io {
             path: path.to_path_buf(),
@@ -396,6 +399,7 @@ impl SignedRoot {
 
     /// Writes the root file atomically: a uniquely named temporary file in the same
     /// directory, fsync, rename over `path`.
+    #[cfg(feature = "fs")]
     pub fn save(&self, path: &Path) -> Result<(), RootError> {
         use std::io::Write;
         let io = |source| RootError::Io {
