@@ -6,9 +6,27 @@
 //! 0 success, 1 operation failed, 2 usage or config error, 75 temporary failure that is
 //! safe to retry.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// `println!` for data on stdout that never panics: when stdout is closed (the reader
+/// went away) or full, the line is dropped; there is no one left to tell.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics: a closed stderr drops the line.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 mod cmd;
 mod config;
@@ -83,12 +101,14 @@ fn tune_allocator() {}
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let default_level = if cli.quiet { "error" } else { "warn" };
+    // The tracing log is for the daemon and for debugging (`SHOAL_LOG=debug`): a
+    // command reports a failure once, as the one line below, not also as log lines.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
         )
         .init();
     let ui = cmd::Ui::new(cli.quiet);
@@ -109,7 +129,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("shoal: {err:#}");
+            errln!("shoal: {}", cmd::one_line(&err));
             ExitCode::from(cmd::exit_code(&err))
         }
     }

@@ -42,6 +42,45 @@ pub enum DecodeError {
     },
 }
 
+/// A CBOR decoding error in words (cbor4ii's `Display` is its `Debug` text).
+fn describe<E: std::fmt::Debug>(e: &cbor4ii::serde::DecodeError<E>) -> String {
+    use cbor4ii::core::error::DecodeError as Core;
+    let major = |byte: u8| match byte >> 5 {
+        0 => "an unsigned integer",
+        1 => "a negative integer",
+        2 => "a byte string",
+        3 => "a text string",
+        4 => "an array",
+        5 => "a map",
+        6 => "a tag",
+        _ => "a simple value or float",
+    };
+    let core = match e {
+        cbor4ii::serde::DecodeError::Custom(msg) => return msg.to_string(),
+        cbor4ii::serde::DecodeError::Core(core) => core,
+    };
+    match core {
+        Core::Mismatch { name, found } => format!(
+            "expected {name}, found {} (initial byte 0x{found:02x})",
+            major(*found)
+        ),
+        Core::Unsupported { name, found } => {
+            format!("unsupported {name} (initial byte 0x{found:02x})")
+        }
+        Core::Eof { name, .. } => format!("the input ends inside {name}"),
+        Core::RequireLength { name, .. } => format!("{name} has no definite length"),
+        Core::RequireBorrowed { name } | Core::RequireUtf8 { name } => {
+            format!("{name} is not valid UTF-8")
+        }
+        Core::LengthOverflow { name, .. } => format!("{name} is longer than the input"),
+        Core::CastOverflow { name } | Core::ArithmeticOverflow { name, .. } => {
+            format!("{name} is out of range")
+        }
+        Core::DepthOverflow { name } => format!("{name} is nested too deeply"),
+        _ => "not the expected structure".to_string(),
+    }
+}
+
 /// One signature.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Signature {
@@ -132,7 +171,7 @@ where
         });
     }
     let value: T =
-        cbor4ii::serde::from_slice(bytes).map_err(|e| DecodeError::Cbor(e.to_string()))?;
+        cbor4ii::serde::from_slice(bytes).map_err(|e| DecodeError::Cbor(describe(&e)))?;
     if to_cbor(&value) != bytes {
         return Err(DecodeError::NonCanonical);
     }

@@ -88,7 +88,7 @@ pub fn rollback(args: RollbackArgs, ui: &Ui) -> anyhow::Result<()> {
 /// Prints a boot-check/commit/rollback result.
 pub fn report(result: &BootCheck, json: bool, ui: &Ui) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(result)?);
+        outln!("{}", serde_json::to_string(result)?);
         return Ok(());
     }
     ui.info(match result {

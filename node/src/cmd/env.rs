@@ -105,10 +105,10 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
                 out
             };
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&selected)?);
+                outln!("{}", serde_json::to_string_pretty(&selected)?);
             } else {
                 for (name, value) in &selected {
-                    println!("{name}={value}");
+                    outln!("{name}={value}");
                 }
             }
             Ok(())

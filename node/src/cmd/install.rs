@@ -82,7 +82,7 @@ pub fn install(
 /// Prints an install report: JSON on stdout, or words on stderr.
 pub fn print_report(r: &InstallReport, json: bool, ui: &Ui) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(r)?);
+        outln!("{}", serde_json::to_string(r)?);
         return Ok(());
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);

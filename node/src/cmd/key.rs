@@ -46,7 +46,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             key.public()
                 .save(&pub_path)
                 .with_context(|| format!("writing {}", pub_path.display()))?;
-            println!("{}", key.id());
+            outln!("{}", key.id());
             ui.info(format!(
                 "wrote private key {} and public key {}",
                 out.display(),
@@ -61,7 +61,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
                     .with_context(|| format!("reading {}", file.display()))?
                     .id(),
             };
-            println!("{id}");
+            outln!("{id}");
             Ok(())
         }
     }

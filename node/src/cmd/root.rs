@@ -262,33 +262,33 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
         rotation_problem: rotation.and_then(Result::err),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("trust root version {}", report.version);
-        println!(
+        outln!("trust root version {}", report.version);
+        outln!(
             "expires     unix {}{}",
             report.expires_unix_s,
             if report.expired { " (EXPIRED)" } else { "" }
         );
         for role in &report.roles {
-            println!(
+            outln!(
                 "role {:<8} threshold {} of {}",
                 role.role,
                 role.threshold,
                 role.key_ids.len()
             );
             for id in &role.key_ids {
-                println!("  key {id}");
+                outln!("  key {id}");
             }
         }
-        println!("signed by   {} key(s)", report.signatures.len());
+        outln!("signed by   {} key(s)", report.signatures.len());
         match &report.self_signed_problem {
-            None => println!("own root keys: threshold met"),
-            Some(e) => println!("own root keys: {e}"),
+            None => outln!("own root keys: threshold met"),
+            Some(e) => outln!("own root keys: {e}"),
         }
         match (&report.rotation_accepted, &report.rotation_problem) {
-            (Some(true), _) => println!("rotation from trusted root: accepted"),
-            (Some(false), Some(e)) => println!("rotation from trusted root: refused: {e}"),
+            (Some(true), _) => outln!("rotation from trusted root: accepted"),
+            (Some(false), Some(e)) => outln!("rotation from trusted root: refused: {e}"),
             _ => {}
         }
     }

@@ -81,9 +81,9 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             let bc = open(&args.config, false)?;
             let status = bc.status().context("cannot read the boot status")?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                println!("{status}");
+                outln!("{status}");
             }
             Ok(())
         }
@@ -139,7 +139,7 @@ fn open(config: &ConfigArg, writable: bool) -> anyhow::Result<BootControl> {
 
 fn print_state(state: &BootState, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(state)?);
+        outln!("{}", serde_json::to_string_pretty(state)?);
     }
     Ok(())
 }

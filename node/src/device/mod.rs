@@ -565,8 +565,9 @@ const STORE: SourceId = SourceId(2);
 fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Io(io) => Exit::tempfail(format!("reading {name}: {io}; safe to retry")),
-        // The reader's messages carry their cause inline.
-        other => anyhow!("{name}: {other}"),
+        // The caller's context names the artifact; the reader's messages carry their
+        // cause inline.
+        other => anyhow!(other),
     }
 }
 
@@ -667,6 +668,9 @@ struct Driver<'a> {
     events: Vec<Event>,
     reboot_asked: bool,
     source_bytes_read: u64,
+    /// Set when the driver reported a source failure: whether retrying can help
+    /// (an I/O error) or not (corrupt bytes, a malformed archive).
+    retry_safe: Option<bool>,
     progress: &'a mut dyn FnMut(Progress),
 }
 
@@ -688,6 +692,7 @@ impl<'a> Driver<'a> {
             events: Vec::new(),
             reboot_asked: false,
             source_bytes_read: 0,
+            retry_safe: None,
             progress,
         }
     }
@@ -733,17 +738,16 @@ impl<'a> Driver<'a> {
                     Err(e) => failure = Some(e),
                 }
             }
-            let previous = std::mem::take(&mut decoded);
-            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
-                let worker = scope.spawn(move || decode(raws));
-                self.feed(previous, name)?;
-                Ok(worker.join().expect("the decoding thread panicked"))
-            })?;
             if let Some(e) = failure {
-                // Everything before the structural error goes first.
-                self.feed(std::mem::take(&mut decoded), name)?;
+                // The archive is bad (or could not be read) past this point: the
+                // chunks read before it are not handed over, since the last of them
+                // would let the engine arm a trial of an artifact that failed. A
+                // batch is only ever handed over once the next one was read, so the
+                // one that completes the payload waits for the end of the archive
+                // to be read and checked.
                 let message = e.to_string();
                 let retry = matches!(e, ReadError::Io(_));
+                self.retry_safe = Some(retry);
                 self.engine.handle(
                     self.now(),
                     Input::Failed {
@@ -753,11 +757,17 @@ impl<'a> Driver<'a> {
                 );
                 self.drain()?;
                 return Err(if retry {
-                    Exit::tempfail(format!("reading {name}: {message}; rerun to resume"))
+                    Exit::tempfail(format!("{message}; rerunning the install resumes it"))
                 } else {
-                    anyhow!("{name}: {message}")
+                    anyhow!(message)
                 });
             }
+            let previous = std::mem::take(&mut decoded);
+            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
+                let worker = scope.spawn(move || decode(raws));
+                self.feed(previous, name)?;
+                Ok(worker.join().expect("the decoding thread panicked"))
+            })?;
             if ended && decoded.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
@@ -776,10 +786,14 @@ impl<'a> Driver<'a> {
                     source: STREAM,
                     chunk,
                 },
-                Err(message) => Input::Failed {
-                    op: IoOp::Fetch,
-                    message: format!("chunk {id} in {name} is corrupt: {message}"),
-                },
+                Err(message) => {
+                    // A corrupt chunk in an artifact is corrupt the next time too.
+                    self.retry_safe = Some(false);
+                    Input::Failed {
+                        op: IoOp::Fetch,
+                        message: format!("chunk {id} in {name} is corrupt: {message}"),
+                    }
+                }
             };
             self.engine.handle(self.now(), input);
             self.drain()?;
@@ -794,18 +808,22 @@ impl<'a> Driver<'a> {
         for e in &self.events {
             match e {
                 Event::Failed(err) => {
-                    let retry = matches!(
-                        err,
-                        shoal_engine::InstallError::Io {
-                            op: IoOp::Fetch,
-                            ..
-                        }
-                    );
-                    let msg = format!("install stopped: {err}; rerunning the install resumes it");
+                    // Only a failure to read the source can go away on its own;
+                    // the driver knows when the source's bytes themselves are bad.
+                    let retry = self.retry_safe != Some(false)
+                        && matches!(
+                            err,
+                            shoal_engine::InstallError::Io {
+                                op: IoOp::Fetch,
+                                ..
+                            }
+                        );
                     return Err(if retry {
-                        Exit::tempfail(msg)
+                        Exit::tempfail(format!(
+                            "install stopped: {err}; rerunning the install resumes it"
+                        ))
                     } else {
-                        anyhow!(msg)
+                        anyhow!("install stopped: {err}")
                     });
                 }
                 Event::Armed { release, slot } => {
