@@ -98,9 +98,30 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// A command-line error on one line: clap's first paragraph (its message and the
+/// arguments it names), without the usage block, pointing to `--help`.
+fn usage_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let text = text.trim_start().trim_start_matches("error:").trim();
+    let first = text.split("\n\n").next().unwrap_or_default();
+    let words: Vec<&str> = first.split_whitespace().collect();
+    format!("{} (see --help)", words.join(" "))
+}
+
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            errln!("shoal: {}", usage_line(&e));
+            return ExitCode::from(cmd::EXIT_USAGE);
+        }
+        Err(e) => {
+            // --help and --version: on stdout, never panicking on a closed one.
+            outln!("{}", e.render().to_string().trim_end());
+            return ExitCode::SUCCESS;
+        }
+    };
     // The tracing log is for the daemon and for debugging (`SHOAL_LOG=debug`): a
     // command reports a failure once, as the one line below, not also as log lines.
     tracing_subscriber::fmt()

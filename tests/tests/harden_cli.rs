@@ -101,3 +101,208 @@ fn an_extra_member_after_the_last_pack_fails_the_install_without_arming() {
     assert_ne!(status["deployment"]["phase"], "trial-armed", "{status}");
     let _ = ok;
 }
+
+/// Keys and roots in a directory: `release.pem` (release key), `root.pem` (root
+/// key), `good.shoalroot` (signed by the root key), `unsigned.shoalroot` (no
+/// signature, as `root init` without `--sign` writes) and `release-signed.shoalroot`
+/// (signed only by the release key).
+fn roots(dir: &Path) {
+    let run = |args: &[&str]| ok(shoal_tests::run_in(dir, args));
+    run(&["key", "generate", "--out", "release.pem"]);
+    run(&["key", "generate", "--out", "root.pem"]);
+    let init = |out: &str, sign: &[&str]| {
+        let mut args = vec![
+            "root",
+            "init",
+            "--root-key",
+            "root.pem.pub",
+            "--release-key",
+            "release.pem.pub",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(sign);
+        run(&args);
+    };
+    init("good.shoalroot", &["--sign", "root.pem"]);
+    init("unsigned.shoalroot", &[]);
+    init("release-signed.shoalroot", &["--sign", "release.pem"]);
+    std::fs::write(dir.join("img"), image(7, 300_000)).expect("image");
+    run(&[
+        "artifact",
+        "build",
+        "--image",
+        "img",
+        "--name",
+        "acme-os",
+        "--version",
+        "1.0",
+        "--device-type",
+        "board",
+        "--security-counter",
+        "1",
+        "--key",
+        "release.pem",
+        "--out",
+        "a.shoal",
+    ]);
+}
+
+/// Item 3: `artifact verify`, `artifact extract` and `store add` accepted a root
+/// whose self-signatures are incomplete (or signed only by a release key), which
+/// a device refuses.
+#[test]
+fn host_tools_verify_the_trust_root_the_way_the_device_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    for (root, found) in [
+        (
+            "unsigned.shoalroot",
+            "0 invalid, 0 by keys the root role does not list",
+        ),
+        (
+            "release-signed.shoalroot",
+            "0 invalid, 1 by keys the root role does not list",
+        ),
+    ] {
+        let want = format!(
+            "shoal: trust root {root} is not validly self-signed: root role needs 1 valid signature(s) from its keys, found 0 ({found})"
+        );
+        for args in [
+            vec!["artifact", "verify", "--root", root, "a.shoal"],
+            vec![
+                "artifact", "extract", "--root", root, "a.shoal", "--out", "x.img",
+            ],
+            vec!["store", "add", "--root", root, "store", "a.shoal"],
+            vec!["artifact", "diff", "--root", root, "a.shoal", "a.shoal"],
+        ] {
+            assert_eq!(fails(run(&args), 2), want, "{args:?}");
+        }
+    }
+    assert!(!d.join("x.img").exists() && !d.join("store").exists());
+    ok(run(&[
+        "artifact",
+        "verify",
+        "--root",
+        "good.shoalroot",
+        "a.shoal",
+    ]));
+    // A PEM key given as the root says so, not a CBOR decoder's debug text.
+    assert_eq!(
+        fails(
+            run(&["artifact", "verify", "--root", "root.pem", "a.shoal"]),
+            2
+        ),
+        "shoal: trust root root.pem: this is a PEM file (a key?), not a signed trust root such as `shoal root init` writes"
+    );
+}
+
+/// Item 7: `root rotate` of a root at version u64::MAX wrote version 0, and
+/// `root init --version 0` was accepted.
+#[test]
+fn root_versions_start_at_one_and_never_wrap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    let keys = [
+        "--root-key",
+        "root.pem.pub",
+        "--release-key",
+        "release.pem.pub",
+    ];
+    let init = |version: &str, out: &str| {
+        let mut args = vec![
+            "root",
+            "init",
+            "--version",
+            version,
+            "--sign",
+            "root.pem",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(&keys);
+        run(&args)
+    };
+    assert_eq!(
+        fails(init("0", "v0.shoalroot"), 2),
+        "shoal: invalid value '0' for '--version <VERSION>': 0 is not in 1..18446744073709551615 (see --help)"
+    );
+    assert!(!d.join("v0.shoalroot").exists());
+    ok(init(&u64::MAX.to_string(), "max.shoalroot"));
+    let mut rotate = vec![
+        "root",
+        "rotate",
+        "--current",
+        "max.shoalroot",
+        "--sign",
+        "root.pem",
+        "--out",
+        "next.shoalroot",
+    ];
+    rotate.extend_from_slice(&keys);
+    assert_eq!(
+        fails(run(&rotate), 1),
+        "shoal: the current root has version 18446744073709551615, the last possible one; it cannot be rotated"
+    );
+    assert!(!d.join("next.shoalroot").exists());
+}
+
+/// Item 6: an error with stderr a closed pipe exited 101 (a panic in `eprintln!`);
+/// data to a closed stdout too. Neither may panic.
+#[test]
+fn a_closed_stdout_or_stderr_is_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let closed = || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        writer
+    };
+    // An error path, stderr closed.
+    let out = shoal_tests::shoal()
+        .current_dir(d)
+        .args(["install", "--config", "nope.toml", "a.shoal"])
+        .stderr(closed())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let out = shoal_tests::shoal()
+        .current_dir(d)
+        .args([
+            "artifact",
+            "verify",
+            "--root",
+            "unsigned.shoalroot",
+            "a.shoal",
+        ])
+        .stderr(closed())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    // Data and help to a closed stdout, information to a closed stderr.
+    for args in [
+        vec!["key", "id", "release.pem"],
+        vec!["root", "inspect", "good.shoalroot"],
+        vec!["artifact", "inspect", "a.shoal"],
+        vec!["--help"],
+    ] {
+        let out = shoal_tests::shoal()
+            .current_dir(d)
+            .args(&args)
+            .stdout(closed())
+            .stderr(closed())
+            .output()
+            .expect("run");
+        assert_ne!(out.status.code(), Some(101), "{args:?} panicked");
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}

@@ -11,7 +11,7 @@ use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, Manifest};
 use shoal_signing::{SecretKey, TrustRoot};
 
 use crate::cmd::chain;
-use crate::cmd::root::{load_root, now_unix_s};
+use crate::cmd::root::{load_trusted_root, now_unix_s};
 use crate::cmd::{Exit, Ui};
 
 /// `shoal artifact` subcommands.
@@ -110,8 +110,7 @@ pub struct Trust {
 impl Trust {
     /// Loads the root and picks the time.
     pub fn load(&self) -> anyhow::Result<(TrustRoot, Option<u64>)> {
-        let signed = load_root(&self.root)
-            .map_err(|e| Exit::usage(format!("trust root {}: {e:#}", self.root.display())))?;
+        let signed = load_trusted_root(&self.root)?;
         let now = if self.no_clock {
             None
         } else {

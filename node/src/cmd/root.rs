@@ -19,8 +19,8 @@ pub enum Command {
     Init {
         #[command(flatten)]
         keys: RootKeys,
-        /// The root's version.
-        #[arg(long, default_value_t = 1)]
+        /// The root's version (1 or more).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         version: u64,
         #[command(flatten)]
         out: SignAndWrite,
@@ -109,7 +109,13 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
         }
         Command::Rotate { current, keys, out } => {
             let current = load_root(&current)?;
-            let root = keys.build(current.root.version + 1)?;
+            let version = current.root.version.checked_add(1).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the current root has version {}, the last possible one; it cannot be rotated",
+                    current.root.version
+                )
+            })?;
+            let root = keys.build(version)?;
             write_signed(SignedRoot::new(root), &out, Some(&current.root), ui)
         }
         Command::Sign { file, keys } => {
@@ -224,7 +230,7 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
     let root = &signed.root;
     let rotation = match trusted {
         Some(p) => Some(
-            load_root(p)?
+            load_trusted_root(p)?
                 .root
                 .rotate(&signed, Some(now))
                 .map(|_| ())
@@ -298,6 +304,26 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
 /// Loads a signed trust root file with a clear error.
 pub fn load_root(path: &Path) -> anyhow::Result<SignedRoot> {
     Ok(SignedRoot::load(path)?)
+}
+
+/// Loads a root to trust, checked the way a device checks its trust root: well
+/// formed and signed by a threshold of its own root keys. Problems are usage errors
+/// (exit code 2), naming the file.
+pub fn load_trusted_root(path: &Path) -> anyhow::Result<SignedRoot> {
+    let signed = load_root(path).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {}: {}",
+            path.display(),
+            crate::cmd::one_line(&e)
+        ))
+    })?;
+    signed.verify_self(None).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {} is not validly self-signed: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(signed)
 }
 
 fn load_secret(path: &Path) -> anyhow::Result<SecretKey> {
