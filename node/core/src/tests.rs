@@ -255,6 +255,18 @@ fn offer_checks_refuse_before_anything_is_written() {
         Err(OfferError::Envelope(_))
     ));
 
+    // Regression (issue 9, item 4): a signed release with a 0-byte payload was
+    // accepted and reported as "already written and verified".
+    let (empty, _) = release("acme-os", "1.0", 5, DEVICE, &[]);
+    assert_eq!(
+        check(&empty, &f.key, f.config()),
+        Err(OfferError::Manifest(
+            shoal_artifact::ManifestError::EmptyPayload {
+                payload: "rootfs".into()
+            }
+        ))
+    );
+
     let mut expired_root = f.root.clone();
     expired_root.expires_unix_s = 1_000;
     let mut config = f.config();

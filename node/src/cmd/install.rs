@@ -86,7 +86,9 @@ pub fn print_report(r: &InstallReport, json: bool, ui: &Ui) -> anyhow::Result<()
         return Ok(());
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    if r.resumed_bytes == r.total_bytes && r.written_bytes == 0 {
+    // Only when an earlier run wrote (and verified) the whole payload; an empty
+    // payload never gets here (the manifest is refused).
+    if r.total_bytes > 0 && r.resumed_bytes == r.total_bytes && r.written_bytes == 0 {
         ui.info(format!(
             "{} {} was already written and verified in slot {}; trial boot armed",
             r.release, r.version, r.slot
