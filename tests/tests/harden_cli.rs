@@ -306,3 +306,129 @@ fn a_closed_stdout_or_stderr_is_not_a_panic() {
         );
     }
 }
+
+/// `artifact` with its manifest replaced by `edit(manifest)`, unsigned (an attacker
+/// needs no key to hand someone a file to inspect).
+fn unsigned_with(artifact: &Path, out: &Path, edit: impl FnOnce(&mut shoal_artifact::Manifest)) {
+    let bytes = std::fs::read(artifact).expect("artifact");
+    let size = usize::from_str_radix(
+        std::str::from_utf8(&bytes[124..135]).expect("octal size"),
+        8,
+    )
+    .expect("size");
+    let member_end = 512 + size.next_multiple_of(512);
+    let envelope = shoal_signing::Envelope::from_bytes(&bytes[512..512 + size]).expect("envelope");
+    let mut manifest = shoal_artifact::Manifest::from_cbor(&envelope.signed).expect("manifest");
+    edit(&mut manifest);
+    let forged = shoal_signing::Envelope::new(manifest.to_cbor()).to_bytes();
+    let mut new = Vec::new();
+    shoal_artifact::ustar::write_member(&mut new, "manifest.envelope", &forged).expect("write");
+    new.extend_from_slice(&bytes[member_end..]);
+    std::fs::write(out, new).expect("write");
+}
+
+/// Item 5: manifest strings were printed raw: `artifact inspect` printed terminal
+/// escapes even from an unsigned artifact. New manifests with control characters
+/// are refused, and what is printed is escaped.
+#[test]
+fn terminal_escapes_in_manifests_are_refused_and_never_printed_raw() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    let esc = "acme\u{1b}]0;pwned\u{7}\u{1b}[31m";
+    unsigned_with(&d.join("a.shoal"), &d.join("evil.shoal"), |m| {
+        m.name = esc.into();
+    });
+    let out = run(&["artifact", "inspect", "evil.shoal"]);
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b));
+    assert_eq!(
+        fails(out, 1),
+        "shoal: reading evil.shoal: bad manifest: manifest field name holds a control character: \"acme\\u{1b}]0;pwned\\u{7}\\u{1b}[31m\""
+    );
+    let out = run(&[
+        "artifact",
+        "build",
+        "--image",
+        "img",
+        "--name",
+        esc,
+        "--version",
+        "1.0",
+        "--device-type",
+        "board",
+        "--security-counter",
+        "1",
+        "--key",
+        "release.pem",
+        "--out",
+        "new.shoal",
+    ]);
+    assert!(!out.stderr.contains(&0x1b));
+    assert_eq!(
+        fails(out, 1),
+        "shoal: building from img: invalid release: manifest field name holds a control character: \"acme\\u{1b}]0;pwned\\u{7}\\u{1b}[31m\""
+    );
+    assert!(!d.join("new.shoal").exists());
+}
+
+/// Throwaway keys of other kinds (`openssl genpkey -algorithm RSA|EC`).
+const RSA_PKCS8: &str = "-----BEGIN PRIVATE KEY-----\nMIICeAIBADANBgkqhkiG9w0BAQEFAASCAmIwggJeAgEAAoGBANA1u87zPqe0x+IE\nXGiF/8OCGMmmbwAGGas/lfvXHeEHLTwd5NcBb6dwPjtkIJU+Z4TBwk3zOYMoX1+x\ntexqFb+nexPXgseahOZNDilAd9nxrTdNV5ZyMZZD/JZUK6KDuaMGpa9r8alBZp9p\n4KTdDRjWMCkVBgpS0UwV/8ou0OvFAgMBAAECgYEAiKOK0gCeEK86MeCMyGeP9r0t\nCUD5PXnDZLgA9NoymJf+HqK7qEIgBTFLFeza2Tav9ta1bjR9fM6E8KcObc0c4Y+q\noXJtYFRYjkI9NHK4mI11PQmn2yF/svU7b63mxNDyUJtOL2/HCNZBYKhrfekCnwX0\nBYD2FKMHPlcVSAEThGECQQDsYI9NoDtmiQUJLeXylQnOCmIq9xj67gRik3c2hrug\nPbzhPDemQWHmevNxe2t19uZTlACgSUyuYP/xsHSI8rXpAkEA4X6RfAFgMyUz6ESs\nU3gLyUtOzgEngGC6J172KxZsvQaYSYBtXKoXN7e+sn9RIBXPafGR6v4xrLmSw2RM\nP0ixfQJBAKEQapUKSW9kjfnjPHw+8Z9jk+CS3oKdDH/e26xbwh099CXFUmYGxx61\nSIxa/K40vlzUzFhrmcR4c+3LvpxSRYECQGtLnk4zGWM8wIY0pwrQhEsz2juLsRAU\n9n7lYJz//p2zFaNjyKXfCU0p0UN98UwjFJ6Eo7n9WgWmB3+RqfYy0MECQQCjK0gS\n4Y5zK7xuMgEudehgJl2oshmkAdUZXLqnOyCkM0auWbf/uUV5jpBLVKLE1N5HZmJH\n5xCssyqVOFZNIpwe\n-----END PRIVATE KEY-----\n";
+const EC_PKCS8: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg6l7mozkYI55FTmVo\nM/xUgZD6Hkwt1iT0ZnG43Fiz6UmhRANCAATSrCv8bFyZjww1utMj5aON+Rc5T8jQ\nkMBnYkXrW05HaFHnoTWPb+R/mjU6tsJZ4mtdHn5O/wHxhPFJUpM2ojpA\n-----END PRIVATE KEY-----\n";
+
+/// Error contract: an empty key file says it is empty; `key id` given an RSA or EC
+/// private key says what it got (it said "not an ed25519 public key").
+#[test]
+fn key_files_of_the_wrong_kind_say_what_they_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    std::fs::write(d.join("empty.pem"), "").expect("write");
+    std::fs::write(d.join("rsa.pem"), RSA_PKCS8).expect("write");
+    std::fs::write(d.join("ec.pem"), EC_PKCS8).expect("write");
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    for (file, line) in [
+        (
+            "empty.pem",
+            "shoal: reading empty.pem: key file empty.pem is empty",
+        ),
+        (
+            "rsa.pem",
+            "shoal: reading rsa.pem: expected an ed25519 private key (PKCS#8 PEM), found an RSA private key (PKCS#8 PEM)",
+        ),
+        (
+            "ec.pem",
+            "shoal: reading ec.pem: expected an ed25519 private key (PKCS#8 PEM), found an EC private key (PKCS#8 PEM)",
+        ),
+    ] {
+        assert_eq!(fails(run(&["key", "id", file]), 1), line);
+    }
+    let build = |key: &str| {
+        run(&[
+            "artifact",
+            "build",
+            "--image",
+            "img",
+            "--name",
+            "acme-os",
+            "--version",
+            "2.0",
+            "--device-type",
+            "board",
+            "--security-counter",
+            "1",
+            "--key",
+            key,
+            "--out",
+            "b.shoal",
+        ])
+    };
+    assert_eq!(
+        fails(build("empty.pem"), 2),
+        "shoal: empty.pem: key file empty.pem is empty"
+    );
+    assert_eq!(
+        fails(build("release.pem.pub"), 2),
+        "shoal: release.pem.pub: expected an ed25519 private key (PKCS#8 PEM), found a public key (SPKI PEM)"
+    );
+}

@@ -205,7 +205,9 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
     paths
         .iter()
-        .map(|p| SecretKey::load(p).map_err(|e| Exit::usage(chain(&e))))
+        .map(|p| {
+            SecretKey::load(p).map_err(|e| Exit::usage(format!("{}: {}", p.display(), chain(&e))))
+        })
         .collect()
 }
 

@@ -129,7 +129,8 @@ impl Ui {
     /// An informational line on stderr, unless quiet.
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.quiet {
-            errln!("{msg}");
+            // Messages quote release names and paths: never a raw terminal escape.
+            errln!("{}", escape(&msg.to_string()));
         }
     }
 
