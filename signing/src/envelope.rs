@@ -199,6 +199,24 @@ mod tests {
     #[test]
     fn malformed_envelopes_give_specific_errors() {
         assert_eq!(Envelope::from_bytes(&[]), Err(DecodeError::Empty));
+        // Regression (issue 9, error contract): cbor4ii's errors display as Rust
+        // Debug text (`Core(Mismatch { name: "u32", found: 27 })`); they are words.
+        let words = |bytes: &[u8]| match Envelope::from_bytes(bytes) {
+            Err(DecodeError::Cbor(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            words(b"not cbor at all"),
+            "expected map, found a text string (initial byte 0x6e)"
+        );
+        let mut env = Envelope::new(vec![1, 2, 3]);
+        env.sign(&SecretKey::from_seed(&[1; 32]));
+        let bytes = env.to_bytes();
+        let message = words(&bytes[..bytes.len() - 1]);
+        assert!(
+            !message.contains('{') && !message.contains("Core("),
+            "{message}"
+        );
         assert!(matches!(
             Envelope::from_bytes(b"not cbor at all"),
             Err(DecodeError::Cbor(_))

@@ -374,11 +374,44 @@ mod tests {
             PublicKey::from_spki_pem("hello"),
             Err(KeyError::BadPublicKey(_))
         ));
-        // A private key where a public key is expected.
+        // A private key where a public key is expected, and the other way round:
+        // the error says what was found.
         let key = SecretKey::from_seed(&[2; 32]);
         assert!(matches!(
             PublicKey::from_spki_pem(&key.to_pkcs8_pem()),
-            Err(KeyError::BadPublicKey(_))
+            Err(KeyError::WrongKind { found, .. }) if found == "a private key (PKCS#8 PEM)"
+        ));
+        assert!(matches!(
+            SecretKey::from_pkcs8_pem(&key.public().to_spki_pem()),
+            Err(KeyError::WrongKind { found, .. }) if found == "a public key (SPKI PEM)"
+        ));
+        // Keys of other algorithms and formats, by label and OID.
+        assert_eq!(
+            key_kind("-----BEGIN RSA PRIVATE KEY-----\n", ""),
+            Some("an RSA private key (PKCS#1 PEM)".into())
+        );
+        assert_eq!(
+            key_kind(
+                "-----BEGIN PRIVATE KEY-----\n",
+                "unknown/unsupported algorithm OID: 1.2.840.10045.2.1"
+            ),
+            Some("an EC private key (PKCS#8 PEM)".into())
+        );
+        assert_eq!(key_kind("hello", ""), None);
+    }
+
+    #[test]
+    fn an_empty_key_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(
+            SecretKey::load(&path),
+            Err(KeyError::Empty { .. })
+        ));
+        assert!(matches!(
+            PublicKey::load(&path),
+            Err(KeyError::Empty { .. })
         ));
     }
 
