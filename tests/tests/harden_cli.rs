@@ -432,3 +432,91 @@ fn key_files_of_the_wrong_kind_say_what_they_are() {
         "shoal: release.pem.pub: expected an ed25519 private key (PKCS#8 PEM), found a public key (SPKI PEM)"
     );
 }
+
+/// Every file under `dir`, relative, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(
+                p.strip_prefix(dir)
+                    .expect("under dir")
+                    .display()
+                    .to_string(),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Error contract and new users: `shoal status` is read-only and creates no files;
+/// a bootloader environment never written says so (it said "no terminator") and
+/// `shoal slot init` provisions it.
+#[test]
+fn status_creates_nothing_and_a_new_environment_is_provisioned_by_slot_init() {
+    let dev = Device::new(&image(1, SIZE), SLOT);
+    for f in ["bootenv", "bootenv.2", "bootenv.lock"] {
+        let _ = std::fs::remove_file(dev.path(f));
+    }
+    let _ = std::fs::remove_dir_all(dev.path("data"));
+    let before = files(dev.dir.path());
+    assert_eq!(
+        fails(dev.run(&["status"]), 1),
+        format!(
+            "shoal: cannot read the boot state: cannot read the bootloader environment: the bootloader environment {0} and {0}.2 has never been written (a new device): provision it with `shoal slot init SLOT`, SLOT the slot the device runs",
+            dev.path("bootenv").display()
+        )
+    );
+    assert_eq!(files(dev.dir.path()), before, "status created files");
+    ok(dev.run(&["slot", "init", "A"]));
+    assert_eq!(
+        fails(dev.run(&["slot", "init", "B"]), 1),
+        "shoal: the bootloader environment already holds a boot state (slot A committed); --force replaces it"
+    );
+    let with_env = files(dev.dir.path());
+    let text = ok(dev.run(&["status"]));
+    assert!(
+        text.starts_with("slot A: unknown (not installed by Shoal)  (running)\n"),
+        "{text}"
+    );
+    assert_eq!(files(dev.dir.path()), with_env, "status created files");
+    assert!(!dev.path("data").exists());
+}
+
+/// New users: after the reboot into the trial (before `boot-check`), `status`
+/// said slot A was running while its boot line said slot B runs on trial.
+#[test]
+fn status_after_the_reboot_into_the_trial_agrees_with_itself() {
+    let dev = Device::new(&image(1, SIZE), SLOT);
+    let v1 = dev.build(&image(2, SIZE), "1.0", 1, None);
+    ok(dev.run(&["install", &v1.display().to_string()]));
+    assert_eq!(dev.reboot(), Slot::B);
+    let before = files(dev.dir.path());
+    let st = dev.status();
+    assert_eq!(st["active"], "B", "{st}");
+    assert_eq!(st["deployment"]["phase"], "trial", "{st}");
+    assert_eq!(st["deployment"]["boot_check_pending"], true, "{st}");
+    let text = ok(dev.run(&["status"]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0], "slot A: unknown (not installed by Shoal)",
+        "{text}"
+    );
+    assert_eq!(lines[1], "slot B: acme-os 1.0  (running)", "{text}");
+    assert!(
+        lines[2].starts_with("boot: running slot B on trial"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[4],
+        "deployment: acme-os 1.0 to slot B: trial (booted; `shoal boot-check` has not run yet)",
+        "{text}"
+    );
+    assert_eq!(files(dev.dir.path()), before, "status wrote nothing");
+}

@@ -188,6 +188,14 @@ pub enum LoadError {
         #[source]
         source: DecodeError,
     },
+    /// No copy was ever written: the files are missing or empty (a new device).
+    #[error(
+        "the bootloader environment {what} has never been written (a new device): provision it with `shoal slot init SLOT`, SLOT the slot the device runs"
+    )]
+    NeverWritten {
+        /// The copies.
+        what: String,
+    },
     /// Neither copy of a redundant environment is valid.
     #[error("no valid copy of the environment: copy 1: {first}; copy 2: {second}")]
     NoValidCopy {

@@ -174,6 +174,7 @@ fn never_written(e: &shoal_bootctl::env::LoadError) -> bool {
     match e {
         LoadError::NoValidCopy { first, second } => empty(first) && empty(second),
         LoadError::Invalid { source, .. } => empty(source),
+        LoadError::NeverWritten { .. } => true,
         LoadError::Io { .. } => false,
     }
 }

@@ -272,27 +272,7 @@ impl Device {
 
     /// Opens the device described by `config`.
     pub fn open(config: Config, reboot: Reboot) -> anyhow::Result<Device> {
-        let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
-            Exit::usage(format!(
-                "device.trust_root {}: {}",
-                config.device.trust_root.display(),
-                chain(&e)
-            ))
-        })?;
-        signed.verify_self(None).map_err(|e| {
-            Exit::usage(format!("device.trust_root is not validly self-signed: {e}"))
-        })?;
-        let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, true)
-            .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
-        let mut capacity = [0u64; 2];
-        for slot in Slot::ALL {
-            let s = boot.open_reader(slot).with_context(|| {
-                format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
-            })?;
-            capacity[slot_index(slot)] = s
-                .len()
-                .with_context(|| format!("cannot measure slot {slot}"))?;
-        }
+        let (signed, boot, capacity) = open_parts(&config, true)?;
         let store = Store::open(&config.device.data_dir).map_err(|e| match e {
             store::StoreError::Busy { .. } => Exit::tempfail(e.to_string()),
             other => anyhow!(other),
@@ -323,14 +303,24 @@ impl Device {
     /// The engine, restored from the store. On a device Shoal sees for the first
     /// time, records the running slot.
     fn engine(&self) -> anyhow::Result<Engine> {
+        self.engine_with(|dev, active| {
+            if dev.store.is_fresh()? {
+                info!(slot = %active, "first run on this device");
+                dev.store.init_active(active)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn engine_with(
+        &self,
+        first: impl FnOnce(&Device, Slot) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Engine> {
         let active = self
             .boot
             .active()
             .context("cannot determine the running slot")?;
-        if self.store.is_fresh()? {
-            info!(slot = %active, "first run on this device");
-            self.store.init_active(active)?;
-        }
+        first(self, active)?;
         let mut state = self.store.load(active, self.capacity)?;
         // A deployment in flight explains a slot change (boot-check settles it);
         // without one the device was switched outside Shoal.
@@ -339,16 +329,7 @@ impl Device {
             self.store.apply(&[shoal_engine::Record::Active(active)])?;
             state = self.store.load(active, self.capacity)?;
         }
-        let mut config =
-            shoal_engine::Config::new(self.config.device.device_type.clone(), self.root.clone());
-        config.provides = self.config.device.provides.clone();
-        config.journal_batch_bytes = self.config.install.journal_batch_mib * 1024 * 1024;
-        // Local sources answer at once: a few requests in flight keep the queue of
-        // chunks waiting to be written (and so memory) small.
-        config.reads_in_flight_max = 2;
-        config.fetch_in_flight_max = 8;
-        config.fetch_batch_max = 8;
-        Ok(Engine::new(config, state))
+        Ok(Engine::new(engine_config(&self.config, &self.root), state))
     }
 
     /// The engine's status and the bootloader's.
@@ -557,6 +538,67 @@ impl Device {
             None => bail!("the rollback did not complete"),
         }
     }
+}
+
+/// The engine's configuration for this device.
+fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
+    let mut config = shoal_engine::Config::new(device.device.device_type.clone(), root.clone());
+    config.provides = device.device.provides.clone();
+    config.journal_batch_bytes = device.install.journal_batch_mib * 1024 * 1024;
+    // Local sources answer at once: a few requests in flight keep the queue of
+    // chunks waiting to be written (and so memory) small.
+    config.reads_in_flight_max = 2;
+    config.fetch_in_flight_max = 8;
+    config.fetch_batch_max = 8;
+    config
+}
+
+/// The trust root (checked as at every start), boot control and slot capacities.
+fn open_parts(
+    config: &Config,
+    writable: bool,
+) -> anyhow::Result<(SignedRoot, BootControl, [u64; 2])> {
+    let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
+        Exit::usage(format!(
+            "device.trust_root {}: {}",
+            config.device.trust_root.display(),
+            chain(&e)
+        ))
+    })?;
+    signed
+        .verify_self(None)
+        .map_err(|e| Exit::usage(format!("device.trust_root is not validly self-signed: {e}")))?;
+    let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, writable)
+        .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
+    let mut capacity = [0u64; 2];
+    for slot in Slot::ALL {
+        let s = boot.open_reader(slot).with_context(|| {
+            format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
+        })?;
+        capacity[slot_index(slot)] = s
+            .len()
+            .with_context(|| format!("cannot measure slot {slot}"))?;
+    }
+    Ok((signed, boot, capacity))
+}
+
+/// The engine's status and the bootloader's, read without writing or creating
+/// anything (`shoal status`): the environment is opened read-only, the store only if
+/// it exists, and a device Shoal has not run on yet is shown as it would start.
+pub fn read_status(config: &Config) -> anyhow::Result<(Status, shoal_bootctl::Status)> {
+    let (signed, boot, capacity) = open_parts(config, false)?;
+    let boot_status = boot.status().context("cannot read the boot state")?;
+    let active = boot_status.active;
+    let store = Store::open_read_only(&config.device.data_dir).map_err(|e| match e {
+        store::StoreError::Busy { .. } => Exit::tempfail(e.to_string()),
+        other => anyhow!(other),
+    })?;
+    let state = match store {
+        Some(store) if !store.is_fresh()? => store.load(active, capacity)?,
+        _ => shoal_engine::DeviceState::fresh(active, capacity),
+    };
+    let engine = Engine::new(engine_config(config, &signed.root), state);
+    Ok((engine.status(), boot_status))
 }
 
 const STREAM: SourceId = SourceId(1);

@@ -73,8 +73,32 @@ pub enum StoreError {
 /// The device store. See the module documentation.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Db,
     path: PathBuf,
+}
+
+/// The redb database, opened for writing or (`shoal status`) only for reading.
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Db::ReadWrite(_) => "Db::ReadWrite",
+            Db::ReadOnly(_) => "Db::ReadOnly",
+        })
+    }
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
 }
 
 fn slot_name(slot: Slot) -> &'static str {
@@ -109,10 +133,36 @@ impl Store {
                 });
             }
         };
-        let store = Store { db, path };
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path,
+        };
         // Create the tables so that readers never meet a missing one.
         store.write(|_| Ok(()))?;
         Ok(store)
+    }
+
+    /// Opens the store in `data_dir` only for reading, creating nothing: `None` when
+    /// there is none yet (Shoal has not run on this device).
+    pub fn open_read_only(data_dir: &Path) -> Result<Option<Store>, StoreError> {
+        let path = data_dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = match builder().open_read_only(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Busy { path }),
+            Err(e) => {
+                return Err(StoreError::Db {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        };
+        Ok(Some(Store {
+            db: Db::ReadOnly(db),
+            path,
+        }))
     }
 
     fn db_err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -126,7 +176,10 @@ impl Store {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(self.db_err("opened read-only"));
+        };
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
         (|| -> Result<(), redb::Error> {
             txn.open_table(META)?;
             txn.open_table(DONE)?;
