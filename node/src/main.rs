@@ -58,14 +58,27 @@ enum Command {
     #[command(subcommand)]
     Store(cmd::store::Command),
     /// Install a release (artifact, chunk store or stdin) and arm a trial boot.
+    #[command(
+        after_help = "Examples:\n  shoal install /media/usb/acme-os-2.0.shoal\n  shoal install /media/usb/store --release acme-os@2.0\n  curl -s https://example.com/acme-os-2.0.shoal | shoal install -\n  shoal install --reboot --json acme-os-2.0.shoal"
+    )]
     Install(cmd::install::Args),
     /// At boot: health-check a trial boot, then commit or roll back.
+    #[command(
+        after_help = "Examples:\n  shoal boot-check              (from a boot-time unit, see node/systemd/)\n  shoal boot-check --json"
+    )]
     BootCheck(cmd::device::BootCheckArgs),
     /// Commit the running trial boot.
+    #[command(after_help = "Examples:\n  shoal commit\n  shoal commit --json")]
     Commit(cmd::device::CommitArgs),
     /// Roll back the deployment in progress.
+    #[command(
+        after_help = "Examples:\n  shoal rollback\n  shoal rollback --reason \"app misbehaves\""
+    )]
     Rollback(cmd::device::RollbackArgs),
     /// Show the slots, the trial state and the last result.
+    #[command(
+        after_help = "Examples:\n  shoal status\n  shoal status --json\n  shoal status --config /etc/shoal/shoal.toml"
+    )]
     Status(cmd::device::StatusArgs),
     /// Show Shoal end to end on a simulated device in a temporary directory.
     Demo(cmd::demo::Args),

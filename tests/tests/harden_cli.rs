@@ -520,3 +520,33 @@ fn status_after_the_reboot_into_the_trial_agrees_with_itself() {
     );
     assert_eq!(files(dev.dir.path()), before, "status wrote nothing");
 }
+
+/// New users: `install`, `status`, `boot-check`, `commit`, `rollback` show examples
+/// in `--help`; the `root init`/`rotate` examples render on their own lines.
+#[test]
+fn help_shows_examples_on_their_own_lines() {
+    let help = |args: &[&str]| {
+        ok(shoal_tests::shoal()
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("run"))
+    };
+    for cmd in ["install", "status", "boot-check", "commit", "rollback"] {
+        let text = help(&[cmd]);
+        assert!(
+            text.contains(&format!("Examples:\n  shoal {cmd}")),
+            "{cmd} --help:\n{text}"
+        );
+    }
+    let init = help(&["root", "init"]);
+    assert!(
+        init.contains("Example:\n  shoal root init --root-key root.pem.pub --release-key release.pem.pub \\\n      --sign root.pem --out root.shoalroot\n"),
+        "{init}"
+    );
+    let rotate = help(&["root", "rotate"]);
+    assert!(
+        rotate.contains("Example:\n  shoal root rotate --current root.shoalroot"),
+        "{rotate}"
+    );
+}

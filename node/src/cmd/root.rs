@@ -12,6 +12,7 @@ use crate::cmd::{Exit, Ui};
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Make a new signed trust root (version 1 unless --version).
+    #[command(verbatim_doc_comment)]
     ///
     /// Example:
     ///   shoal root init --root-key root.pem.pub --release-key release.pem.pub \
@@ -27,6 +28,7 @@ pub enum Command {
     },
     /// Make the next trust root, to be signed by a threshold of the current root's root
     /// keys and of the new root's own root keys. Its version is the current one plus 1.
+    #[command(verbatim_doc_comment)]
     ///
     /// Example:
     ///   shoal root rotate --current root.shoalroot --root-key new-root.pem.pub \
