@@ -550,3 +550,40 @@ fn help_shows_examples_on_their_own_lines() {
         "{rotate}"
     );
 }
+
+/// Error contract: exit 75 only where retrying can help. A hash mismatch read from
+/// a local artifact file and a thin artifact whose base is missing fail the same way
+/// every time: exit 1, and no "rerunning the install resumes it".
+#[test]
+fn corrupt_local_artifacts_exit_1_without_a_resume_hint() {
+    let factory = image(1, SIZE);
+    let dev = Device::new(&factory, SLOT);
+    let v1_image = image(2, SIZE);
+    let v1 = dev.build(&v1_image, "1.0", 1, None);
+    // Flip a byte in the middle of the packs (chunk data, not a header).
+    let mut bytes = std::fs::read(&v1).expect("artifact");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    let bad = dev.path("bad.shoal");
+    std::fs::write(&bad, &bytes).expect("write");
+    let line = fails(dev.run(&["install", &bad.display().to_string()]), 1);
+    assert!(
+        line.starts_with(&format!(
+            "shoal: installing {}: install stopped: ",
+            bad.display()
+        )) && line.contains("is corrupt")
+            && !line.contains("resume"),
+        "{line}"
+    );
+    no_trial_armed(&dev);
+
+    // A thin artifact against a base the device does not run.
+    let v2 = install_common::modify(&v1_image, 3, 2, 100_000);
+    let thin = dev.build(&v2, "2.0", 2, Some(&v1));
+    let line = fails(dev.run(&["install", &thin.display().to_string()]), 1);
+    assert!(
+        !line.contains("resume") && line.contains("acme-os 1.0"),
+        "{line}"
+    );
+    no_trial_armed(&dev);
+}
