@@ -29,8 +29,11 @@ macro_rules! errln {
 }
 
 mod cmd;
-mod config;
 mod device;
+
+// The device configuration parser lives in the library target so fuzz targets can
+// reach it.
+use shoal_node::config;
 
 /// Shoal: atomic A/B over-the-air updates for fleets of embedded Linux devices.
 #[derive(Debug, Parser)]
