@@ -14,7 +14,9 @@ use std::collections::HashSet;
 use std::io::{self, Read};
 
 use rayon::prelude::*;
-use shoal_signing::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot, VerifyError};
+use shoal_signing::{
+    DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, SIGNATURES_MAX, TrustRoot, VerifyError,
+};
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError};
@@ -131,6 +133,27 @@ pub enum ReadError {
     /// The envelope bytes are malformed.
     #[error("bad manifest envelope: {0}")]
     Envelope(#[from] DecodeError),
+    /// The envelope carries no signature at all (found before its signed bytes
+    /// were read: see [`check_envelope_signers`]).
+    #[error("the manifest envelope ({size} bytes) carries no signature")]
+    Unsigned {
+        /// Size of the envelope member.
+        size: u64,
+    },
+    /// Fewer distinct release keys of the trust root signed the envelope than its
+    /// threshold asks (counted by key id before the signed bytes were read; the
+    /// signatures themselves are checked after).
+    #[error(
+        "the manifest envelope ({size} bytes) is signed by {found} of the trust root's release keys; it needs {threshold}"
+    )]
+    TooFewSigners {
+        /// Size of the envelope member.
+        size: u64,
+        /// Distinct release keys among the signers.
+        found: u32,
+        /// The release role's threshold.
+        threshold: u32,
+    },
     /// The envelope's signatures do not satisfy the trust root.
     #[error("manifest signature check failed: {0}")]
     Signature(#[from] VerifyError),
@@ -1105,6 +1128,100 @@ fn read_block<R: Read>(
     ustar::parse(&block)
         .map(Some)
         .map_err(|reason| ReadError::BadHeader { offset: at, reason })
+}
+
+/// Checks, before an artifact's envelope is read into memory, that it is signed at
+/// all (and, with `root`, by at least the threshold of the root's release keys,
+/// counted by key id): an unsigned 15 MB envelope is refused after reading a few
+/// hundred bytes, not after holding and decoding it. The signed bytes come first in
+/// the (canonical) envelope, so the source seeks over them to the signatures and
+/// back; it is left where it was. The signatures are verified later, as always;
+/// anything unexpected here (not an artifact, a truncated file) is left for the
+/// reader to report.
+pub fn check_envelope_signers<R: Read + io::Seek>(
+    src: &mut R,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let start = src.stream_position()?;
+    let result = envelope_signers(src, start, root);
+    src.seek(io::SeekFrom::Start(start))?;
+    result
+}
+
+fn envelope_signers<R: Read + io::Seek>(
+    src: &mut R,
+    start: u64,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let mut block = [0u8; BLOCK];
+    let mut got = 0;
+    if !ustar::read_full(src, &mut block, &mut got)? {
+        return Ok(());
+    }
+    let member = match ustar::parse(&block) {
+        Ok(Block::Member(m)) if m.path == ENVELOPE_MEMBER => m,
+        _ => return Ok(()),
+    };
+    let size = member.size;
+    if size > ENVELOPE_SIZE_MAX as u64 {
+        return Ok(()); // EnvelopeTooLarge, before anything is read.
+    }
+    // `{ "signed": bstr(L), "signatures": [..] }`: map(2), text(6) "signed", and
+    // the byte string's header (1 to 9 bytes).
+    const KEY: &[u8] = b"\xa2\x66signed";
+    let mut head = [0u8; 8 + 9];
+    let head_len = usize::try_from(size).map_or(head.len(), |s| s.min(head.len()));
+    if !ustar::read_full(src, &mut head[..head_len], &mut got)? || head[..8] != *KEY {
+        return Ok(());
+    }
+    let (len, header) = match head[8] {
+        b @ 0x40..=0x57 => (u64::from(b - 0x40), 1),
+        0x58 => (u64::from(head[9]), 2),
+        0x59 => (u64::from(u16::from_be_bytes([head[9], head[10]])), 3),
+        0x5a => (
+            u64::from(u32::from_be_bytes(head[9..13].try_into().expect("4 bytes"))),
+            5,
+        ),
+        _ => return Ok(()),
+    };
+    let signed_end = 8 + header + len;
+    if signed_end > size {
+        return Ok(());
+    }
+    let tail_len = size - signed_end;
+    // What follows is `"signatures": [..]`, bounded by the signature limit.
+    let tail_max = 11 + 5 + SIGNATURES_MAX as u64 * 128;
+    if tail_len > tail_max {
+        return Ok(());
+    }
+    src.seek(io::SeekFrom::Start(start + BLOCK as u64 + signed_end))?;
+    let mut tail = vec![0xa1u8; 1 + tail_len as usize];
+    if !ustar::read_full(src, &mut tail[1..], &mut got)? {
+        return Ok(());
+    }
+    #[derive(serde::Deserialize)]
+    struct Tail {
+        signatures: Vec<shoal_signing::Signature>,
+    }
+    let Ok(Tail { signatures }) = cbor4ii::serde::from_slice::<Tail>(&tail) else {
+        return Ok(());
+    };
+    if signatures.is_empty() {
+        return Err(ReadError::Unsigned { size });
+    }
+    if let Some(role) = root.and_then(|r| r.roles.get(&RoleName::Release)) {
+        let signers: HashSet<_> = signatures.iter().map(|s| s.key_id).collect();
+        let found = role.key_ids.iter().filter(|k| signers.contains(k)).count();
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        if found < role.threshold {
+            return Err(ReadError::TooFewSigners {
+                size,
+                found,
+                threshold: role.threshold,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads and decodes the first member: the envelope.

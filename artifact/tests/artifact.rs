@@ -1271,3 +1271,63 @@ fn a_lying_pack_table_never_yields_a_wrong_chunk() {
         "{end:?}"
     );
 }
+
+impl std::io::Seek for Counted<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Regression (issue 9, error contract): an unsigned (or not enough signed)
+/// envelope of many megabytes was read whole and decoded before it was refused.
+/// `check_envelope_signers` refuses it after reading the tar header, the envelope's
+/// first bytes and its signatures, and leaves the source where it was.
+#[test]
+fn unsigned_and_undersigned_envelopes_are_refused_before_their_bytes_are_read() {
+    use shoal_artifact::read::check_envelope_signers;
+    let big = vec![0x5au8; 3_000_000];
+    let unsigned = tar(&[(
+        "manifest.envelope".into(),
+        Envelope::new(big.clone()).to_bytes(),
+    )]);
+    let mut src = Counted {
+        inner: Cursor::new(&unsigned),
+        read: 0,
+    };
+    match check_envelope_signers(&mut src, Some(&root(&[1], 1))) {
+        Err(ReadError::Unsigned { size }) => assert!(size > 3_000_000),
+        other => panic!("{other:?}"),
+    }
+    assert!(src.read < 1024, "read {} bytes", src.read);
+    assert_eq!(src.inner.position(), 0, "left where it was");
+    assert!(matches!(
+        check_envelope_signers(&mut Cursor::new(&unsigned), None),
+        Err(ReadError::Unsigned { .. })
+    ));
+
+    // Signed by keys 1 and 2; the root wants 2 of keys 2 and 3.
+    let mut env = Envelope::new(big);
+    env.sign(&key(1));
+    env.sign(&key(2));
+    let two = tar(&[("manifest.envelope".into(), env.to_bytes())]);
+    let mut src = Counted {
+        inner: Cursor::new(&two),
+        read: 0,
+    };
+    match check_envelope_signers(&mut src, Some(&root(&[2, 3], 2))) {
+        Err(ReadError::TooFewSigners {
+            found: 1,
+            threshold: 2,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(src.read < 1024, "read {} bytes", src.read);
+    // Enough signers by id, or no root: left to the full check.
+    check_envelope_signers(&mut Cursor::new(&two), Some(&root(&[1, 2], 2))).unwrap();
+    check_envelope_signers(&mut Cursor::new(&two), None).unwrap();
+    // A real artifact passes; garbage is left for the reader to report.
+    let (bytes, _) = build(&payload(100_000, 1));
+    check_envelope_signers(&mut Cursor::new(&bytes), Some(&root(&[1], 1))).unwrap();
+    check_envelope_signers(&mut Cursor::new(&b"not a tar"[..]), None).unwrap();
+}

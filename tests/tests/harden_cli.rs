@@ -307,8 +307,8 @@ fn a_closed_stdout_or_stderr_is_not_a_panic() {
     }
 }
 
-/// `artifact` with its manifest replaced by `edit(manifest)`, unsigned (an attacker
-/// needs no key to hand someone a file to inspect).
+/// `artifact` with its manifest replaced by `edit(manifest)`, its signatures no
+/// longer valid (an attacker needs no key to hand someone a file to inspect).
 fn unsigned_with(artifact: &Path, out: &Path, edit: impl FnOnce(&mut shoal_artifact::Manifest)) {
     let bytes = std::fs::read(artifact).expect("artifact");
     let size = usize::from_str_radix(
@@ -320,7 +320,10 @@ fn unsigned_with(artifact: &Path, out: &Path, edit: impl FnOnce(&mut shoal_artif
     let envelope = shoal_signing::Envelope::from_bytes(&bytes[512..512 + size]).expect("envelope");
     let mut manifest = shoal_artifact::Manifest::from_cbor(&envelope.signed).expect("manifest");
     edit(&mut manifest);
-    let forged = shoal_signing::Envelope::new(manifest.to_cbor()).to_bytes();
+    // The original signatures stay (they no longer verify; `inspect` does not check).
+    let mut forged = shoal_signing::Envelope::new(manifest.to_cbor());
+    forged.signatures = envelope.signatures;
+    let forged = forged.to_bytes();
     let mut new = Vec::new();
     shoal_artifact::ustar::write_member(&mut new, "manifest.envelope", &forged).expect("write");
     new.extend_from_slice(&bytes[member_end..]);
@@ -586,4 +589,60 @@ fn corrupt_local_artifacts_exit_1_without_a_resume_hint() {
         "{line}"
     );
     no_trial_armed(&dev);
+}
+
+/// Error contract: an unsigned envelope is refused before it costs memory. A 15 MB
+/// envelope without signatures was read whole and decoded by `verify`, `inspect`
+/// and `diff`; now each refuses it from its first bytes and its signature list
+/// (peak RSS: shoal-bench's `harden` section).
+#[test]
+fn a_big_unsigned_envelope_is_refused_from_its_signature_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let envelope = shoal_signing::Envelope::new(vec![0x5a; 15_000_000]).to_bytes();
+    let mut bytes = Vec::new();
+    shoal_artifact::ustar::write_member(&mut bytes, "manifest.envelope", &envelope).expect("tar");
+    shoal_artifact::ustar::write_end(&mut bytes).expect("tar");
+    std::fs::write(d.join("big.shoal"), bytes).expect("write");
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    let refused = format!(
+        "shoal: reading big.shoal: the manifest envelope ({} bytes) carries no signature",
+        envelope.len()
+    );
+    assert_eq!(
+        fails(run(&["artifact", "inspect", "big.shoal"]), 1),
+        refused
+    );
+    assert_eq!(
+        fails(
+            run(&[
+                "artifact",
+                "verify",
+                "--root",
+                "good.shoalroot",
+                "big.shoal"
+            ]),
+            1
+        ),
+        refused
+    );
+    assert_eq!(
+        fails(run(&["artifact", "diff", "a.shoal", "big.shoal"]), 1),
+        refused
+    );
+    assert_eq!(
+        fails(
+            run(&[
+                "store",
+                "add",
+                "--root",
+                "good.shoalroot",
+                "store",
+                "big.shoal"
+            ]),
+            1
+        ),
+        refused
+    );
 }

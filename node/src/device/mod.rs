@@ -361,7 +361,13 @@ impl Device {
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
-            Source::Artifact { name, reader } => {
+            Source::Artifact { name, mut reader } => {
+                // An unsigned (or not enough signed) envelope is refused before it
+                // is read into memory.
+                if let ArtifactInput::File(f) = &mut reader {
+                    shoal_artifact::read::check_envelope_signers(f, Some(&driver.dev.root))
+                        .map_err(|e| artifact_error(&name, e))?;
+                }
                 let mut counted = CountingInput::new(reader);
                 let mut artifact = ArtifactReader::open(&mut counted, &driver.dev.root, wall)
                     .map_err(|e| artifact_error(&name, e))?;
