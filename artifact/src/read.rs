@@ -948,15 +948,14 @@ pub const RUN_BYTES_MAX: usize = 1024 * 1024;
 impl<R: Skip> ArtifactReader<R> {
     /// Like [`ArtifactReader::next_raw`], but only for chunks `want` says yes to: the
     /// others are skipped over without being read (their place and size are known
-    /// from the pack table, or the pack header, and the signed manifest). Consecutive
-    /// wanted chunks of a pack are read together, up to [`RUN_BYTES_MAX`].
+    /// from the pack header and the signed manifest). Consecutive wanted chunks of a
+    /// pack are read together, up to [`RUN_BYTES_MAX`].
     ///
-    /// With a pack table, packs are never read: a pack without a wanted chunk is
-    /// skipped whole, and of one with wanted chunks only runs of them are read. A
-    /// table that lies can only put wrong bytes under a wanted chunk's id (its hash
-    /// check fails) or point past the end (`Truncated`); the end-of-archive blocks
-    /// are still read and checked. Without a table (older artifacts) every pack's
-    /// header is read and checked as by `next_raw`.
+    /// Every member header (and each pack's 4-byte count) is still read and checked
+    /// exactly as `next_raw` and `verify` check it, so an artifact `verify` refuses
+    /// (a `..` path, a hard link or device node, packs out of order, a second
+    /// dictionary, a count that disagrees with the pack table) is refused here too,
+    /// even where none of its chunks is wanted: 516 bytes per pack.
     pub fn next_wanted(
         &mut self,
         mut want: impl FnMut(&ChunkId) -> bool,
@@ -968,16 +967,11 @@ impl<R: Skip> ArtifactReader<R> {
             if self.done {
                 return Ok(None);
             }
-            if self.pack.is_none() {
-                self.read_preamble()?;
-                let opened = if self.table.is_some() && self.peeked.is_none() {
-                    self.seek_wanted_pack(&mut want)?
-                } else {
-                    self.open_pack()?
-                };
-                if !opened {
-                    return Ok(None);
-                }
+            // Every pack's header and count are read and checked as `next_raw`
+            // checks them (path, type, order, count against the table), also of a
+            // pack none of whose chunks are wanted: one reader, one set of rules.
+            if self.pack.is_none() && !self.open_pack()? {
+                return Ok(None);
             }
             let pack = self.pack.as_mut().expect("a pack is open");
             // Skip the unwanted chunks ahead.
@@ -1011,54 +1005,6 @@ impl<R: Skip> ArtifactReader<R> {
                 self.skip(padding)?;
             }
         }
-    }
-
-    /// With a pack table, at a pack boundary: opens the next pack holding a wanted
-    /// chunk, positioned at that chunk, skipping (in one go) the packs before it
-    /// that hold none, its own header and count, and its unwanted chunks before that
-    /// one. Where each pack is follows from the table and the signed stored sizes:
-    /// pack `i + 1`'s header is `512 + round_up(4 + Σ stored_size, 512)` bytes after
-    /// pack `i`'s. Past the table's last pack, checks the end of the archive and
-    /// returns `Ok(false)`.
-    fn seek_wanted_pack(
-        &mut self,
-        want: &mut impl FnMut(&ChunkId) -> bool,
-    ) -> Result<bool, ReadError> {
-        let table = self.table.as_ref().expect("a pack table was read");
-        let expected = self.expected.as_ref().expect("bound with the table");
-        let mut skip = 0u64;
-        while let Some(&count) = table.get(self.packs_read as usize) {
-            let seq = self.packs_read;
-            // In bounds: the table's counts add up to `expected.len()`.
-            let chunks = &expected[self.next..self.next + count as usize];
-            let data_len: u64 = chunks.iter().map(|c| u64::from(c.stored_size)).sum();
-            let member_len = PACK_HEADER_LEN as u64 + data_len;
-            self.packs_read += 1;
-            self.next += chunks.len();
-            let Some(first) = chunks.iter().position(|c| want(&c.id)) else {
-                skip += BLOCK as u64 + member_len + ustar::padding(member_len) as u64;
-                continue;
-            };
-            skip += (BLOCK + PACK_HEADER_LEN) as u64;
-            skip += chunks[..first]
-                .iter()
-                .map(|c| u64::from(c.stored_size))
-                .sum::<u64>();
-            self.pack = Some(Pack {
-                seq,
-                chunks: chunks.to_vec(),
-                next: first,
-                padding: ustar::padding(member_len),
-            });
-            self.skip(skip)?;
-            return Ok(true);
-        }
-        self.skip(skip)?;
-        match self.read_header()? {
-            Block::End => self.read_end()?,
-            Block::Member(m) => return Err(ReadError::UnexpectedMember { path: m.path }),
-        }
-        Ok(false)
     }
 
     /// Moves `n` bytes forward without reading them.

@@ -646,3 +646,90 @@ fn a_big_unsigned_envelope_is_refused_from_its_signature_list() {
         refused
     );
 }
+
+/// Offsets of the member headers of a tar: (offset, path, size).
+fn member_headers(bytes: &[u8]) -> Vec<(usize, String, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() && bytes[at..at + 512].iter().any(|&b| b != 0) {
+        let name_end = bytes[at..at + 100]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(100);
+        let path = String::from_utf8_lossy(&bytes[at..at + name_end]).into_owned();
+        let size_text = std::str::from_utf8(&bytes[at + 124..at + 135]).expect("size");
+        let size =
+            usize::from_str_radix(size_text.trim_matches(char::from(0)).trim(), 8).expect("octal");
+        out.push((at, path, size));
+        at += 512 + size.next_multiple_of(512);
+    }
+    out
+}
+
+/// Rewrites one header's path and type flag, with a valid checksum.
+fn rewrite_header(bytes: &mut [u8], at: usize, path: &str, kind: u8) {
+    let h = &mut bytes[at..at + 512];
+    h[..100].fill(0);
+    h[..path.len()].copy_from_slice(path.as_bytes());
+    h[156] = kind;
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Error contract: `install` refuses the members `verify` refuses (a `..` path, a
+/// hard link, packs out of order) even where it needs none of their bytes (here
+/// the running slot already holds every chunk): one reader, one set of rules.
+#[test]
+fn install_refuses_the_members_verify_refuses_even_unneeded() {
+    // Big enough for several packs (1 MiB each).
+    let factory = image(1, 5 * MIB);
+    let dev = Device::new(&factory, 6 * MIB as u64);
+    let same = dev.build(&factory, "1.0", 1, None);
+    let good = std::fs::read(&same).expect("artifact");
+    let headers = member_headers(&good);
+    let packs: Vec<usize> = headers
+        .iter()
+        .filter(|(_, p, _)| p.starts_with("packs/0"))
+        .map(|(at, _, _)| *at)
+        .collect();
+    assert!(packs.len() >= 2, "{headers:?}");
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, String)> = vec![
+        (
+            "dotdot",
+            Box::new(|b| rewrite_header(b, packs[1], "../packs/00000001", b'0')),
+            "tar member \"../packs/00000001\" has an unsafe path".to_string(),
+        ),
+        (
+            "hardlink",
+            Box::new(|b| rewrite_header(b, packs[1], "packs/00000001", b'1')),
+            "unexpected tar member \"packs/00000001\"".to_string(),
+        ),
+        (
+            "order",
+            Box::new(|b| rewrite_header(b, packs[0], "packs/00000001", b'0')),
+            "unexpected tar member \"packs/00000001\"".to_string(),
+        ),
+    ];
+    for (name, edit, why) in cases {
+        let mut bytes = good.clone();
+        edit(&mut bytes);
+        let path = dev.path(&format!("{name}.shoal"));
+        std::fs::write(&path, &bytes).expect("write");
+        let p = path.display().to_string();
+        let verify = fails(
+            dev.run(&[
+                "artifact",
+                "verify",
+                "--root",
+                &dev.root.display().to_string(),
+                &p,
+            ]),
+            1,
+        );
+        assert!(verify.ends_with(&why), "{name}: verify: {verify}");
+        let install = fails(dev.run(&["install", &p]), 1);
+        assert_eq!(install, format!("shoal: installing {p}: {why}"), "{name}");
+        no_trial_armed(&dev);
+    }
+}
