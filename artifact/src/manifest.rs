@@ -434,15 +434,15 @@ impl Manifest {
                 max: MANIFEST_SIZE_MAX,
             });
         }
-        let probe: VersionProbe =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let probe: VersionProbe = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         if probe.format_version != u64::from(FORMAT_VERSION) {
             return Err(ManifestError::UnsupportedVersion {
                 found: probe.format_version,
             });
         }
-        let manifest: Manifest =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let manifest: Manifest = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         manifest.validate()?;
         if manifest.to_cbor() != bytes {
             return Err(ManifestError::NotCanonical);
@@ -796,6 +796,18 @@ mod tests {
             Manifest::from_cbor(&m.to_cbor()),
             Err(ManifestError::BadChunking(_))
         ));
+    }
+
+    /// Regression (issue 9): decoding errors were cbor4ii's Debug text
+    /// (`Core(Mismatch { name: "map", found: 90 })`).
+    #[test]
+    fn decoding_errors_are_words() {
+        assert_eq!(
+            Manifest::from_cbor(b"\x5a\x00\x00\x00\x01Z"),
+            Err(ManifestError::Decode(
+                "expected map, found a byte string (initial byte 0x5a)".into()
+            ))
+        );
     }
 
     #[test]

@@ -1226,5 +1226,11 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if !ustar::read_full(src, pad, &mut got)? {
         return Err(truncated());
     }
-    Ok((Envelope::from_bytes(&bytes)?, member.size))
+    let envelope = Envelope::from_bytes(&bytes)?;
+    // No Shoal tool writes an envelope without a signature; every reader refuses
+    // one (from a file before reading it: `check_envelope_signers`).
+    if envelope.signatures.is_empty() {
+        return Err(ReadError::Unsigned { size: member.size });
+    }
+    Ok((envelope, member.size))
 }

@@ -204,7 +204,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 key: key.to_string(),
-                message: e.to_string(),
+                message: shoal_signing::describe_cbor_error(&e),
             })
     }
 
