@@ -723,7 +723,8 @@ mod tests {
     #[test]
     fn control_characters_rejected_in_every_text_field() {
         let esc = "x\u{1b}]0;pwned\u{7}";
-        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("name", Box::new(|m| m.name = esc.into())),
             ("version", Box::new(|m| m.version = "1\n2".into())),
             (

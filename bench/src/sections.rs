@@ -809,24 +809,6 @@ fn concat_os(prefix: &str, path: &Path) -> std::ffi::OsString {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zck_delta_size_output_is_parsed() {
-        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
-        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
-        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
-        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
-    }
-
-    #[test]
-    fn one_line_keeps_the_last_line() {
-        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
-    }
-}
-
 /// Size of the unsigned envelope the hardening goals refuse.
 const UNSIGNED_ENVELOPE_BYTES: usize = 15_000_000;
 
@@ -922,4 +904,22 @@ pub fn harden(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         series: jobs.into_iter().map(|j| j.series).collect(),
         facts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zck_delta_size_output_is_parsed() {
+        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
+        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
+        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
+        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
+    }
+
+    #[test]
+    fn one_line_keeps_the_last_line() {
+        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
+    }
 }

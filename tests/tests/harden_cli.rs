@@ -694,7 +694,8 @@ fn install_refuses_the_members_verify_refuses_even_unneeded() {
         .map(|(at, _, _)| *at)
         .collect();
     assert!(packs.len() >= 2, "{headers:?}");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, String)> = vec![
+    type Edit<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+    let cases: Vec<(&str, Edit, String)> = vec![
         (
             "dotdot",
             Box::new(|b| rewrite_header(b, packs[1], "../packs/00000001", b'0')),
