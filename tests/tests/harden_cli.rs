@@ -734,3 +734,49 @@ fn install_refuses_the_members_verify_refuses_even_unneeded() {
         no_trial_armed(&dev);
     }
 }
+
+/// Error contract: a signed manifest of 300,000 chunks (a 19 GB image) is refused
+/// by the slot size before the install builds anything from its chunk list.
+#[test]
+fn a_huge_signed_manifest_is_refused_by_the_slot_size() {
+    let dev = Device::new(&image(1, SIZE), SLOT);
+    let small = dev.build(&image(2, SIZE), "1.0", 1, None);
+    let bytes = std::fs::read(&small).expect("artifact");
+    let size = usize::from_str_radix(std::str::from_utf8(&bytes[124..135]).expect("octal"), 8)
+        .expect("size");
+    let envelope = shoal_signing::Envelope::from_bytes(&bytes[512..512 + size]).expect("envelope");
+    let mut manifest = shoal_artifact::Manifest::from_cbor(&envelope.signed).expect("manifest");
+    let avg = manifest.chunking.avg_size;
+    let chunks: Vec<shoal_artifact::ChunkRef> = (0..300_000u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            shoal_artifact::ChunkRef {
+                id: shoal_artifact::ChunkId(id),
+                size: avg,
+                stored_size: avg,
+            }
+        })
+        .collect();
+    let payload = &mut manifest.payloads[0];
+    payload.size = u64::from(avg) * 300_000;
+    payload.chunks = chunks;
+    let need = payload.size;
+    let key = shoal_signing::SecretKey::load(&dev.key).expect("key");
+    let mut signed = shoal_signing::Envelope::new(manifest.to_cbor());
+    signed.sign(&key);
+    let mut out = Vec::new();
+    shoal_artifact::ustar::write_member(&mut out, "manifest.envelope", &signed.to_bytes())
+        .expect("tar");
+    shoal_artifact::ustar::write_end(&mut out).expect("tar");
+    let huge = dev.path("huge.shoal");
+    std::fs::write(&huge, out).expect("write");
+    let p = huge.display().to_string();
+    assert_eq!(
+        fails(dev.run(&["install", &p]), 1),
+        format!(
+            "shoal: installing {p}: the release was refused: the image is {need} bytes but slot B holds only {SLOT} bytes"
+        )
+    );
+    no_trial_armed(&dev);
+}
