@@ -434,15 +434,15 @@ impl Manifest {
                 max: MANIFEST_SIZE_MAX,
             });
         }
-        let probe: VersionProbe =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let probe: VersionProbe = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         if probe.format_version != u64::from(FORMAT_VERSION) {
             return Err(ManifestError::UnsupportedVersion {
                 found: probe.format_version,
             });
         }
-        let manifest: Manifest =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let manifest: Manifest = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         manifest.validate()?;
         if manifest.to_cbor() != bytes {
             return Err(ManifestError::NotCanonical);
@@ -723,7 +723,8 @@ mod tests {
     #[test]
     fn control_characters_rejected_in_every_text_field() {
         let esc = "x\u{1b}]0;pwned\u{7}";
-        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("name", Box::new(|m| m.name = esc.into())),
             ("version", Box::new(|m| m.version = "1\n2".into())),
             (
@@ -796,6 +797,18 @@ mod tests {
             Manifest::from_cbor(&m.to_cbor()),
             Err(ManifestError::BadChunking(_))
         ));
+    }
+
+    /// Regression (issue 9): decoding errors were cbor4ii's Debug text
+    /// (`Core(Mismatch { name: "map", found: 90 })`).
+    #[test]
+    fn decoding_errors_are_words() {
+        assert_eq!(
+            Manifest::from_cbor(b"\x5a\x00\x00\x00\x01Z"),
+            Err(ManifestError::Decode(
+                "expected map, found a byte string (initial byte 0x5a)".into()
+            ))
+        );
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub enum DecodeError {
     },
 }
 
-/// A CBOR decoding error in words (cbor4ii's `Display` is its `Debug` text).
-fn describe<E: std::fmt::Debug>(e: &cbor4ii::serde::DecodeError<E>) -> String {
+/// A CBOR decoding error in words (cbor4ii's `Display` is its `Debug` text, which
+/// no one should read in an error message).
+pub fn describe_cbor_error<E: std::fmt::Debug>(e: &cbor4ii::serde::DecodeError<E>) -> String {
     use cbor4ii::core::error::DecodeError as Core;
     let major = |byte: u8| match byte >> 5 {
         0 => "an unsigned integer",
@@ -170,8 +171,8 @@ where
             max,
         });
     }
-    let value: T =
-        cbor4ii::serde::from_slice(bytes).map_err(|e| DecodeError::Cbor(describe(&e)))?;
+    let value: T = cbor4ii::serde::from_slice(bytes)
+        .map_err(|e| DecodeError::Cbor(describe_cbor_error(&e)))?;
     if to_cbor(&value) != bytes {
         return Err(DecodeError::NonCanonical);
     }

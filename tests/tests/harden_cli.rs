@@ -307,8 +307,8 @@ fn a_closed_stdout_or_stderr_is_not_a_panic() {
     }
 }
 
-/// `artifact` with its manifest replaced by `edit(manifest)`, unsigned (an attacker
-/// needs no key to hand someone a file to inspect).
+/// `artifact` with its manifest replaced by `edit(manifest)`, its signatures no
+/// longer valid (an attacker needs no key to hand someone a file to inspect).
 fn unsigned_with(artifact: &Path, out: &Path, edit: impl FnOnce(&mut shoal_artifact::Manifest)) {
     let bytes = std::fs::read(artifact).expect("artifact");
     let size = usize::from_str_radix(
@@ -320,7 +320,10 @@ fn unsigned_with(artifact: &Path, out: &Path, edit: impl FnOnce(&mut shoal_artif
     let envelope = shoal_signing::Envelope::from_bytes(&bytes[512..512 + size]).expect("envelope");
     let mut manifest = shoal_artifact::Manifest::from_cbor(&envelope.signed).expect("manifest");
     edit(&mut manifest);
-    let forged = shoal_signing::Envelope::new(manifest.to_cbor()).to_bytes();
+    // The original signatures stay (they no longer verify; `inspect` does not check).
+    let mut forged = shoal_signing::Envelope::new(manifest.to_cbor());
+    forged.signatures = envelope.signatures;
+    let forged = forged.to_bytes();
     let mut new = Vec::new();
     shoal_artifact::ustar::write_member(&mut new, "manifest.envelope", &forged).expect("write");
     new.extend_from_slice(&bytes[member_end..]);
@@ -584,6 +587,196 @@ fn corrupt_local_artifacts_exit_1_without_a_resume_hint() {
     assert!(
         !line.contains("resume") && line.contains("acme-os 1.0"),
         "{line}"
+    );
+    no_trial_armed(&dev);
+}
+
+/// Error contract: an unsigned envelope is refused before it costs memory. A 15 MB
+/// envelope without signatures was read whole and decoded by `verify`, `inspect`
+/// and `diff`; now each refuses it from its first bytes and its signature list
+/// (peak RSS: shoal-bench's `harden` section).
+#[test]
+fn a_big_unsigned_envelope_is_refused_from_its_signature_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    roots(d);
+    let envelope = shoal_signing::Envelope::new(vec![0x5a; 15_000_000]).to_bytes();
+    let mut bytes = Vec::new();
+    shoal_artifact::ustar::write_member(&mut bytes, "manifest.envelope", &envelope).expect("tar");
+    shoal_artifact::ustar::write_end(&mut bytes).expect("tar");
+    std::fs::write(d.join("big.shoal"), bytes).expect("write");
+    let run = |args: &[&str]| shoal_tests::run_in(d, args);
+    let refused = format!(
+        "shoal: reading big.shoal: the manifest envelope ({} bytes) carries no signature",
+        envelope.len()
+    );
+    assert_eq!(
+        fails(run(&["artifact", "inspect", "big.shoal"]), 1),
+        refused
+    );
+    assert_eq!(
+        fails(
+            run(&[
+                "artifact",
+                "verify",
+                "--root",
+                "good.shoalroot",
+                "big.shoal"
+            ]),
+            1
+        ),
+        refused
+    );
+    assert_eq!(
+        fails(run(&["artifact", "diff", "a.shoal", "big.shoal"]), 1),
+        refused
+    );
+    assert_eq!(
+        fails(
+            run(&[
+                "store",
+                "add",
+                "--root",
+                "good.shoalroot",
+                "store",
+                "big.shoal"
+            ]),
+            1
+        ),
+        refused
+    );
+}
+
+/// Offsets of the member headers of a tar: (offset, path, size).
+fn member_headers(bytes: &[u8]) -> Vec<(usize, String, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() && bytes[at..at + 512].iter().any(|&b| b != 0) {
+        let name_end = bytes[at..at + 100]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(100);
+        let path = String::from_utf8_lossy(&bytes[at..at + name_end]).into_owned();
+        let size_text = std::str::from_utf8(&bytes[at + 124..at + 135]).expect("size");
+        let size =
+            usize::from_str_radix(size_text.trim_matches(char::from(0)).trim(), 8).expect("octal");
+        out.push((at, path, size));
+        at += 512 + size.next_multiple_of(512);
+    }
+    out
+}
+
+/// Rewrites one header's path and type flag, with a valid checksum.
+fn rewrite_header(bytes: &mut [u8], at: usize, path: &str, kind: u8) {
+    let h = &mut bytes[at..at + 512];
+    h[..100].fill(0);
+    h[..path.len()].copy_from_slice(path.as_bytes());
+    h[156] = kind;
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Error contract: `install` refuses the members `verify` refuses (a `..` path, a
+/// hard link, packs out of order) even where it needs none of their bytes (here
+/// the running slot already holds every chunk): one reader, one set of rules.
+#[test]
+fn install_refuses_the_members_verify_refuses_even_unneeded() {
+    // Big enough for several packs (1 MiB each).
+    let factory = image(1, 5 * MIB);
+    let dev = Device::new(&factory, 6 * MIB as u64);
+    let same = dev.build(&factory, "1.0", 1, None);
+    let good = std::fs::read(&same).expect("artifact");
+    let headers = member_headers(&good);
+    let packs: Vec<usize> = headers
+        .iter()
+        .filter(|(_, p, _)| p.starts_with("packs/0"))
+        .map(|(at, _, _)| *at)
+        .collect();
+    assert!(packs.len() >= 2, "{headers:?}");
+    type Edit<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+    let cases: Vec<(&str, Edit, String)> = vec![
+        (
+            "dotdot",
+            Box::new(|b| rewrite_header(b, packs[1], "../packs/00000001", b'0')),
+            "tar member \"../packs/00000001\" has an unsafe path".to_string(),
+        ),
+        (
+            "hardlink",
+            Box::new(|b| rewrite_header(b, packs[1], "packs/00000001", b'1')),
+            "unexpected tar member \"packs/00000001\"".to_string(),
+        ),
+        (
+            "order",
+            Box::new(|b| rewrite_header(b, packs[0], "packs/00000001", b'0')),
+            "unexpected tar member \"packs/00000001\"".to_string(),
+        ),
+    ];
+    for (name, edit, why) in cases {
+        let mut bytes = good.clone();
+        edit(&mut bytes);
+        let path = dev.path(&format!("{name}.shoal"));
+        std::fs::write(&path, &bytes).expect("write");
+        let p = path.display().to_string();
+        let verify = fails(
+            dev.run(&[
+                "artifact",
+                "verify",
+                "--root",
+                &dev.root.display().to_string(),
+                &p,
+            ]),
+            1,
+        );
+        assert!(verify.ends_with(&why), "{name}: verify: {verify}");
+        let install = fails(dev.run(&["install", &p]), 1);
+        assert_eq!(install, format!("shoal: installing {p}: {why}"), "{name}");
+        no_trial_armed(&dev);
+    }
+}
+
+/// Error contract: a signed manifest of 300,000 chunks (a 19 GB image) is refused
+/// by the slot size before the install builds anything from its chunk list.
+#[test]
+fn a_huge_signed_manifest_is_refused_by_the_slot_size() {
+    let dev = Device::new(&image(1, SIZE), SLOT);
+    let small = dev.build(&image(2, SIZE), "1.0", 1, None);
+    let bytes = std::fs::read(&small).expect("artifact");
+    let size = usize::from_str_radix(std::str::from_utf8(&bytes[124..135]).expect("octal"), 8)
+        .expect("size");
+    let envelope = shoal_signing::Envelope::from_bytes(&bytes[512..512 + size]).expect("envelope");
+    let mut manifest = shoal_artifact::Manifest::from_cbor(&envelope.signed).expect("manifest");
+    let avg = manifest.chunking.avg_size;
+    let chunks: Vec<shoal_artifact::ChunkRef> = (0..300_000u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            shoal_artifact::ChunkRef {
+                id: shoal_artifact::ChunkId(id),
+                size: avg,
+                stored_size: avg,
+            }
+        })
+        .collect();
+    let payload = &mut manifest.payloads[0];
+    payload.size = u64::from(avg) * 300_000;
+    payload.chunks = chunks;
+    let need = payload.size;
+    let key = shoal_signing::SecretKey::load(&dev.key).expect("key");
+    let mut signed = shoal_signing::Envelope::new(manifest.to_cbor());
+    signed.sign(&key);
+    let mut out = Vec::new();
+    shoal_artifact::ustar::write_member(&mut out, "manifest.envelope", &signed.to_bytes())
+        .expect("tar");
+    shoal_artifact::ustar::write_end(&mut out).expect("tar");
+    let huge = dev.path("huge.shoal");
+    std::fs::write(&huge, out).expect("write");
+    let p = huge.display().to_string();
+    assert_eq!(
+        fails(dev.run(&["install", &p]), 1),
+        format!(
+            "shoal: installing {p}: the release was refused: the image is {need} bytes but slot B holds only {SLOT} bytes"
+        )
     );
     no_trial_armed(&dev);
 }

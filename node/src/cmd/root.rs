@@ -140,7 +140,10 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
 impl RootKeys {
     fn build(&self, version: u64) -> anyhow::Result<TrustRoot> {
         let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<PublicKey>> {
-            paths.iter().map(|p| Ok(PublicKey::load(p)?)).collect()
+            paths
+                .iter()
+                .map(|p| PublicKey::load(p).with_context(|| format!("reading {}", p.display())))
+                .collect()
         };
         let expires = match self.expires_unix {
             Some(t) => t,

@@ -361,10 +361,35 @@ impl Device {
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
-            Source::Artifact { name, reader } => {
+            Source::Artifact { name, mut reader } => {
+                // An unsigned (or not enough signed) envelope is refused before it
+                // is read into memory.
+                if let ArtifactInput::File(f) = &mut reader {
+                    shoal_artifact::read::check_envelope_signers(f, Some(&driver.dev.root))
+                        .map_err(|e| artifact_error(&name, e))?;
+                }
                 let mut counted = CountingInput::new(reader);
                 let mut artifact = ArtifactReader::open(&mut counted, &driver.dev.root, wall)
                     .map_err(|e| artifact_error(&name, e))?;
+                // A release too big for the slot is refused before its chunk list
+                // costs anything more (a signed manifest of 300,000 chunks); the
+                // engine's offer checks the same.
+                let target = running.other();
+                let capacity = driver.dev.capacity[slot_index(target)];
+                if let Some(p) = artifact
+                    .manifest()
+                    .payloads
+                    .iter()
+                    .find(|p| p.kind == shoal_artifact::PayloadKind::RootfsImage)
+                    && p.size > capacity
+                {
+                    return Err(anyhow!(shoal_engine::OfferError::SlotTooSmall {
+                        slot: target,
+                        need: p.size,
+                        capacity,
+                    })
+                    .context("the release was refused"));
+                }
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
                 let holds = artifact

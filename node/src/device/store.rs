@@ -143,7 +143,9 @@ impl Store {
     }
 
     /// Opens the store in `data_dir` only for reading, creating nothing: `None` when
-    /// there is none yet (Shoal has not run on this device).
+    /// there is none yet (Shoal has not run on this device). A store left by a
+    /// killed process or a power cut needs redb's repair first, which writes: then
+    /// it is opened as every other command would open it, repaired, and read.
     pub fn open_read_only(data_dir: &Path) -> Result<Option<Store>, StoreError> {
         let path = data_dir.join(FILE_NAME);
         if !path.exists() {
@@ -151,6 +153,7 @@ impl Store {
         }
         let db = match builder().open_read_only(&path) {
             Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => return Store::open(data_dir).map(Some),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Busy { path }),
             Err(e) => {
                 return Err(StoreError::Db {
@@ -201,7 +204,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 key: key.to_string(),
-                message: e.to_string(),
+                message: shoal_signing::describe_cbor_error(&e),
             })
     }
 
