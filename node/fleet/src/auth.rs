@@ -69,7 +69,9 @@ impl fmt::Display for State {
 
 /// A string that names no authentication state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown device authentication state {0:?} (expected pending, accepted, rejected, preauthorized or decommissioned)")]
+#[error(
+    "unknown device authentication state {0:?} (expected pending, accepted, rejected, preauthorized or decommissioned)"
+)]
 pub struct ParseStateError(pub String);
 
 impl FromStr for State {
@@ -196,7 +198,9 @@ pub enum TransitionError {
     #[error("the key is preauthorized; it is accepted on the device's first request")]
     Preauthorized,
     /// The device was decommissioned; its key never comes back.
-    #[error("the device was decommissioned; its key cannot be {action}ed (decommissioning is final)")]
+    #[error(
+        "the device was decommissioned; its key cannot be {action}ed (decommissioning is final)"
+    )]
     Decommissioned {
         /// The refused action.
         action: Action,
@@ -233,13 +237,25 @@ mod tests {
     #[test]
     fn requests_follow_the_state() {
         let new = request(None);
-        assert_eq!((new.to, new.answer, new.changed()), (Pending, Answer::Pending, true));
+        assert_eq!(
+            (new.to, new.answer, new.changed()),
+            (Pending, Answer::Pending, true)
+        );
         let again = request(Some(Pending));
-        assert_eq!((again.to, again.answer, again.changed()), (Pending, Answer::Pending, false));
+        assert_eq!(
+            (again.to, again.answer, again.changed()),
+            (Pending, Answer::Pending, false)
+        );
         let pre = request(Some(Preauthorized));
-        assert_eq!((pre.to, pre.answer, pre.changed()), (Accepted, Answer::Token, true));
+        assert_eq!(
+            (pre.to, pre.answer, pre.changed()),
+            (Accepted, Answer::Token, true)
+        );
         let acc = request(Some(Accepted));
-        assert_eq!((acc.to, acc.answer, acc.changed()), (Accepted, Answer::Token, false));
+        assert_eq!(
+            (acc.to, acc.answer, acc.changed()),
+            (Accepted, Answer::Token, false)
+        );
         for out in [Rejected, Decommissioned] {
             let r = request(Some(out));
             assert_eq!((r.to, r.answer, r.changed()), (out, Answer::Refused, false));
@@ -257,37 +273,64 @@ mod tests {
                     Err(TransitionError::UnknownDevice { action: Accept }),
                     Err(TransitionError::UnknownDevice { action: Reject }),
                     Ok(Preauthorized),
-                    Err(TransitionError::UnknownDevice { action: Decommission }),
+                    Err(TransitionError::UnknownDevice {
+                        action: Decommission,
+                    }),
                 ],
             ),
             (
                 Some(Pending),
-                [Ok(Accepted), Ok(Rejected), Err(TransitionError::AlreadyKnown { state: Pending }), Ok(Decommissioned)],
+                [
+                    Ok(Accepted),
+                    Ok(Rejected),
+                    Err(TransitionError::AlreadyKnown { state: Pending }),
+                    Ok(Decommissioned),
+                ],
             ),
             (
                 Some(Accepted),
-                [Ok(Accepted), Ok(Rejected), Err(TransitionError::AlreadyKnown { state: Accepted }), Ok(Decommissioned)],
+                [
+                    Ok(Accepted),
+                    Ok(Rejected),
+                    Err(TransitionError::AlreadyKnown { state: Accepted }),
+                    Ok(Decommissioned),
+                ],
             ),
             (
                 Some(Rejected),
-                [Ok(Accepted), Ok(Rejected), Err(TransitionError::AlreadyKnown { state: Rejected }), Ok(Decommissioned)],
+                [
+                    Ok(Accepted),
+                    Ok(Rejected),
+                    Err(TransitionError::AlreadyKnown { state: Rejected }),
+                    Ok(Decommissioned),
+                ],
             ),
             (
                 Some(Preauthorized),
-                [Err(TransitionError::Preauthorized), Ok(Rejected), Ok(Preauthorized), Ok(Decommissioned)],
+                [
+                    Err(TransitionError::Preauthorized),
+                    Ok(Rejected),
+                    Ok(Preauthorized),
+                    Ok(Decommissioned),
+                ],
             ),
             (
                 Some(Decommissioned),
                 [
                     Err(TransitionError::Decommissioned { action: Accept }),
                     Err(TransitionError::Decommissioned { action: Reject }),
-                    Err(TransitionError::Decommissioned { action: Preauthorize }),
+                    Err(TransitionError::Decommissioned {
+                        action: Preauthorize,
+                    }),
                     Ok(Decommissioned),
                 ],
             ),
         ];
         for (from, expected) in table {
-            for (action, want) in [Accept, Reject, Preauthorize, Decommission].into_iter().zip(expected) {
+            for (action, want) in [Accept, Reject, Preauthorize, Decommission]
+                .into_iter()
+                .zip(expected)
+            {
                 let got = apply(from, action).map(|c| c.to);
                 assert_eq!(got, want, "{from:?} + {action}");
             }
@@ -297,16 +340,28 @@ mod tests {
     #[test]
     fn tokens_are_revoked_only_when_leaving_accepted() {
         assert!(apply(Some(Accepted), Action::Reject).unwrap().revoke_tokens);
-        assert!(apply(Some(Accepted), Action::Decommission).unwrap().revoke_tokens);
+        assert!(
+            apply(Some(Accepted), Action::Decommission)
+                .unwrap()
+                .revoke_tokens
+        );
         assert!(!apply(Some(Accepted), Action::Accept).unwrap().revoke_tokens);
         assert!(!apply(Some(Pending), Action::Reject).unwrap().revoke_tokens);
-        assert!(!apply(Some(Rejected), Action::Decommission).unwrap().revoke_tokens);
+        assert!(
+            !apply(Some(Rejected), Action::Decommission)
+                .unwrap()
+                .revoke_tokens
+        );
     }
 
     #[test]
     fn repeated_actions_are_idempotent() {
         assert!(!apply(Some(Accepted), Action::Accept).unwrap().changed());
-        assert!(!apply(Some(Decommissioned), Action::Decommission).unwrap().changed());
+        assert!(
+            !apply(Some(Decommissioned), Action::Decommission)
+                .unwrap()
+                .changed()
+        );
         assert!(apply(Some(Pending), Action::Accept).unwrap().changed());
         assert!(apply(None, Action::Preauthorize).unwrap().changed());
     }

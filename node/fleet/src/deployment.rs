@@ -68,7 +68,11 @@ impl Deployment {
     }
 
     /// The release has no artifact for `device` ([`Rollout::no_artifact`]).
-    pub fn no_artifact(&mut self, device: &DeviceId, now: Instant) -> Result<Vec<Effect>, MarkError> {
+    pub fn no_artifact(
+        &mut self,
+        device: &DeviceId,
+        now: Instant,
+    ) -> Result<Vec<Effect>, MarkError> {
         let entry = self
             .entries
             .get_mut(device)
@@ -144,11 +148,19 @@ impl Deployment {
         let mut counted = vec![Counts::default(); phases.len()];
         for e in self.entries.values() {
             let Some(c) = counted.get_mut(e.phase as usize) else {
-                return Err(format!("{} is in phase {} of {}", e.device, e.phase, phases.len()));
+                return Err(format!(
+                    "{} is in phase {} of {}",
+                    e.device,
+                    e.phase,
+                    phases.len()
+                ));
             };
             c.add(e.status, 1);
             let started = e.status.is_in_progress()
-                || matches!(e.status, Status::Success | Status::Failure | Status::AlreadyInstalled);
+                || matches!(
+                    e.status,
+                    Status::Success | Status::Failure | Status::AlreadyInstalled
+                );
             if started && e.phase as usize >= r.open_phases() {
                 return Err(format!(
                     "{} is {} in phase {} but only {} phase(s) are open",
@@ -175,7 +187,11 @@ impl Deployment {
                 ));
             }
             if counts.total() != phase.size {
-                return Err(format!("phase {i} holds {} of size {}", counts.total(), phase.size));
+                return Err(format!(
+                    "phase {i} holds {} of size {}",
+                    counts.total(),
+                    phase.size
+                ));
             }
             if (i < r.open_phases()) != phase.opened_at.is_some() {
                 return Err(format!("phase {i} opened_at disagrees with open phases"));
@@ -186,10 +202,20 @@ impl Deployment {
         }
         let started: u32 = counted
             .iter()
-            .map(|c| c.downloading + c.installing + c.rebooting + c.success + c.failure + c.already_installed)
+            .map(|c| {
+                c.downloading
+                    + c.installing
+                    + c.rebooting
+                    + c.success
+                    + c.failure
+                    + c.already_installed
+            })
             .sum();
         if started > r.admissible() {
-            return Err(format!("{started} devices started, {} admissible", r.admissible()));
+            return Err(format!(
+                "{started} devices started, {} admissible",
+                r.admissible()
+            ));
         }
         if matches!(r.state(), State::Aborted | State::Finished) && r.counts().unfinished() > 0 {
             return Err(format!(

@@ -219,7 +219,9 @@ pub enum ParseError {
         found: String,
     },
     /// An attribute is not followed by an operator.
-    #[error("expected one of = != < <= > >= in, not in, exists, not exists at byte {at}, found {found}")]
+    #[error(
+        "expected one of = != < <= > >= in, not in, exists, not exists at byte {at}, found {found}"
+    )]
     ExpectedOperator {
         /// Byte offset.
         at: usize,
@@ -412,7 +414,12 @@ impl Parser {
     fn term(&mut self) -> Result<Term, ParseError> {
         let attribute = match self.next_or_end() {
             Ok((_, Token::Word(w) | Token::Quoted(w))) => w,
-            Ok((at, t)) => return Err(ParseError::ExpectedAttribute { at, found: t.describe() }),
+            Ok((at, t)) => {
+                return Err(ParseError::ExpectedAttribute {
+                    at,
+                    found: t.describe(),
+                });
+            }
             Err((at, found)) => return Err(ParseError::ExpectedAttribute { at, found }),
         };
         let (at, op) = match self.next_or_end() {
@@ -431,18 +438,34 @@ impl Parser {
             ref t if t.is_keyword("not") => match self.next_or_end() {
                 Ok((_, t)) if t.is_keyword("exists") => Condition::NotExists,
                 Ok((_, t)) if t.is_keyword("in") => Condition::NotIn(self.list()?),
-                Ok((at, t)) => return Err(ParseError::ExpectedOperator { at, found: t.describe() }),
+                Ok((at, t)) => {
+                    return Err(ParseError::ExpectedOperator {
+                        at,
+                        found: t.describe(),
+                    });
+                }
                 Err((at, found)) => return Err(ParseError::ExpectedOperator { at, found }),
             },
-            t => return Err(ParseError::ExpectedOperator { at, found: t.describe() }),
+            t => {
+                return Err(ParseError::ExpectedOperator {
+                    at,
+                    found: t.describe(),
+                });
+            }
         };
-        Ok(Term { attribute, condition })
+        Ok(Term {
+            attribute,
+            condition,
+        })
     }
 
     fn value(&mut self) -> Result<String, ParseError> {
         match self.next_or_end() {
             Ok((_, Token::Word(w) | Token::Quoted(w))) => Ok(w),
-            Ok((at, t)) => Err(ParseError::ExpectedValue { at, found: t.describe() }),
+            Ok((at, t)) => Err(ParseError::ExpectedValue {
+                at,
+                found: t.describe(),
+            }),
             Err((at, found)) => Err(ParseError::ExpectedValue { at, found }),
         }
     }
@@ -450,9 +473,15 @@ impl Parser {
     fn number(&mut self) -> Result<f64, ParseError> {
         match self.next_or_end() {
             Ok((at, Token::Word(w) | Token::Quoted(w))) => {
-                parse_number(&w).ok_or(ParseError::ExpectedNumber { at, found: format!("`{w}`") })
+                parse_number(&w).ok_or(ParseError::ExpectedNumber {
+                    at,
+                    found: format!("`{w}`"),
+                })
             }
-            Ok((at, t)) => Err(ParseError::ExpectedNumber { at, found: t.describe() }),
+            Ok((at, t)) => Err(ParseError::ExpectedNumber {
+                at,
+                found: t.describe(),
+            }),
             Err((at, found)) => Err(ParseError::ExpectedNumber { at, found }),
         }
     }
@@ -460,7 +489,12 @@ impl Parser {
     fn list(&mut self) -> Result<Vec<String>, ParseError> {
         let start = match self.next_or_end() {
             Ok((at, Token::Open)) => at,
-            Ok((at, t)) => return Err(ParseError::ExpectedList { at, found: t.describe() }),
+            Ok((at, t)) => {
+                return Err(ParseError::ExpectedList {
+                    at,
+                    found: t.describe(),
+                });
+            }
             Err((at, found)) => return Err(ParseError::ExpectedList { at, found }),
         };
         if matches!(self.peek(), Some((_, Token::Close))) {
@@ -469,13 +503,21 @@ impl Parser {
         let mut values = Vec::new();
         loop {
             if values.len() == LIST_LEN_MAX {
-                return Err(ParseError::TooManyValues { at: start, max: LIST_LEN_MAX });
+                return Err(ParseError::TooManyValues {
+                    at: start,
+                    max: LIST_LEN_MAX,
+                });
             }
             values.push(self.value()?);
             match self.next_or_end() {
                 Ok((_, Token::Comma)) => continue,
                 Ok((_, Token::Close)) => return Ok(values),
-                Ok((at, t)) => return Err(ParseError::UnclosedList { at, found: t.describe() }),
+                Ok((at, t)) => {
+                    return Err(ParseError::UnclosedList {
+                        at,
+                        found: t.describe(),
+                    });
+                }
                 Err((at, found)) => return Err(ParseError::UnclosedList { at, found }),
             }
         }
@@ -487,17 +529,27 @@ impl FromStr for Filter {
 
     fn from_str(text: &str) -> Result<Filter, ParseError> {
         if text.len() > TEXT_LEN_MAX {
-            return Err(ParseError::TooLong { len: text.len(), max: TEXT_LEN_MAX });
+            return Err(ParseError::TooLong {
+                len: text.len(),
+                max: TEXT_LEN_MAX,
+            });
         }
         let tokens = tokenize(text)?;
         if tokens.is_empty() {
             return Err(ParseError::Empty);
         }
-        let mut parser = Parser { tokens: tokens.into_iter(), peeked: None, end: text.len() };
+        let mut parser = Parser {
+            tokens: tokens.into_iter(),
+            peeked: None,
+            end: text.len(),
+        };
         let mut terms = vec![parser.term()?];
         while let Some((at, token)) = parser.next() {
             if !token.is_keyword("and") {
-                return Err(ParseError::ExpectedAnd { at, found: token.describe() });
+                return Err(ParseError::ExpectedAnd {
+                    at,
+                    found: token.describe(),
+                });
             }
             if terms.len() == TERMS_MAX {
                 return Err(ParseError::TooManyTerms { max: TERMS_MAX });

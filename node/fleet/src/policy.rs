@@ -170,6 +170,9 @@ mod tests {
         assert!(p.phases[1].proceed.is_manual());
         assert_eq!(p.failures_max, Some(Threshold::Percent(5)));
         let unknown = serde_json::from_str::<Policy>(r#"{"phases":[],"retry":2}"#).unwrap_err();
-        assert!(unknown.to_string().contains("unknown field `retry`"), "{unknown}");
+        assert!(
+            unknown.to_string().contains("unknown field `retry`"),
+            "{unknown}"
+        );
     }
 }

@@ -139,6 +139,9 @@ struct Soak {
     elapsed_ms: u64,
     /// When the clock last started; `None` while stopped.
     since: Option<Instant>,
+    /// The phase's delay was seen to have run (its timer fired); no timer is due.
+    #[serde(default)]
+    delay_done: bool,
 }
 
 impl Soak {
@@ -146,6 +149,7 @@ impl Soak {
         Soak {
             elapsed_ms: 0,
             since: Some(now),
+            delay_done: false,
         }
     }
 
@@ -336,7 +340,9 @@ pub enum ReportError {
     #[error("the deployment was aborted")]
     Aborted,
     /// The device reported a status only the server sets.
-    #[error("a device cannot report {0}; it reports downloading, installing, rebooting, success, failure or already-installed")]
+    #[error(
+        "a device cannot report {0}; it reports downloading, installing, rebooting, success, failure or already-installed"
+    )]
     NotReportable(Status),
     /// The report goes back (e.g. downloading after installing).
     #[error("the device is {from} and cannot go back to {to}")]
@@ -507,7 +513,8 @@ impl Rollout {
     ) -> Result<(Rollout, Vec<Entry>, Vec<Effect>), PlanError> {
         validate(&policy)?;
         let ordered = select::order(policy.seed, devices);
-        let n = u32::try_from(ordered.len()).map_err(|_| PlanError::TooManyDevices { max: u32::MAX })?;
+        let n = u32::try_from(ordered.len())
+            .map_err(|_| PlanError::TooManyDevices { max: u32::MAX })?;
         if n == 0 {
             return Err(PlanError::NoDevices);
         }
@@ -689,7 +696,11 @@ impl Rollout {
 
     /// The server found no artifact of the release for this pending device's type: its
     /// status becomes [`Status::NoArtifact`] (final).
-    pub fn no_artifact(&mut self, entry: &mut Entry, now: Instant) -> Result<Vec<Effect>, MarkError> {
+    pub fn no_artifact(
+        &mut self,
+        entry: &mut Entry,
+        now: Instant,
+    ) -> Result<Vec<Effect>, MarkError> {
         if !self.check_entry(entry) {
             return Err(MarkError::ForeignEntry {
                 phase: entry.phase,
@@ -710,7 +721,11 @@ impl Rollout {
 
     /// The device was decommissioned: if it had not finished, it is
     /// [`Status::Aborted`] in this deployment (so the rollout can finish without it).
-    pub fn decommissioned(&mut self, entry: &mut Entry, now: Instant) -> Result<Vec<Effect>, MarkError> {
+    pub fn decommissioned(
+        &mut self,
+        entry: &mut Entry,
+        now: Instant,
+    ) -> Result<Vec<Effect>, MarkError> {
         if !self.check_entry(entry) {
             return Err(MarkError::ForeignEntry {
                 phase: entry.phase,
@@ -875,6 +890,9 @@ impl Rollout {
             return None;
         }
         let delay = self.phases_spec_proceed(self.open - 1).delay_ms?;
+        if self.soak.delay_done {
+            return None;
+        }
         let since = self.soak.since?;
         let remaining = delay.checked_sub(self.soak.elapsed_ms)?;
         (remaining > 0).then(|| since.saturating_add_ms(remaining))
@@ -901,7 +919,8 @@ impl Rollout {
     }
 
     fn next_phase(&self, now: Instant) -> Option<NextPhase> {
-        if self.open == self.phases.len() || matches!(self.state, State::Aborted | State::Finished) {
+        if self.open == self.phases.len() || matches!(self.state, State::Aborted | State::Finished)
+        {
             return None;
         }
         let current = self.open - 1;
@@ -987,11 +1006,19 @@ impl Rollout {
 
     /// Open phases while the newest open phase's condition holds.
     fn advance(&mut self, now: Instant, effects: &mut Vec<Effect>) {
-        while self.state == State::Running
-            && self.open < self.phases.len()
-            && self.may_proceed(now)
+        self.note_delay(now);
+        while self.state == State::Running && self.open < self.phases.len() && self.may_proceed(now)
         {
             self.open_phase(now, effects);
+        }
+    }
+
+    /// Remember that the newest open phase's delay ran, so its timer is not due again.
+    fn note_delay(&mut self, now: Instant) {
+        if self.open < self.phases.len() {
+            if let Some(delay) = self.phases_spec_proceed(self.open - 1).delay_ms {
+                self.soak.delay_done |= self.soak.elapsed_ms(now) >= delay;
+            }
         }
     }
 
@@ -1083,7 +1110,11 @@ fn phase_sizes(policy: &Policy, n: u32) -> Result<Vec<u32>, PlanError> {
         if let Some(t) = spec.proceed.successes {
             let needed = t.needed(size);
             if needed > size {
-                return Err(PlanError::UnreachableThreshold { phase, size, needed });
+                return Err(PlanError::UnreachableThreshold {
+                    phase,
+                    size,
+                    needed,
+                });
             }
         }
         left -= size;

@@ -38,7 +38,9 @@ mod tests {
     use super::*;
 
     fn ids(n: usize) -> Vec<DeviceId> {
-        (0..n).map(|i| DeviceId::new(format!("dev-{i:04}"))).collect()
+        (0..n)
+            .map(|i| DeviceId::new(format!("dev-{i:04}")))
+            .collect()
     }
 
     #[test]

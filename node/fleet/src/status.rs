@@ -222,7 +222,11 @@ impl Counts {
 
     /// Devices in a final status.
     pub fn finished(&self) -> u32 {
-        Status::ALL.into_iter().filter(|s| s.is_final()).map(|s| self.get(s)).sum()
+        Status::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(|s| self.get(s))
+            .sum()
     }
 
     /// Devices that succeeded ([`Status::Success`] and [`Status::AlreadyInstalled`]).
@@ -290,8 +294,10 @@ mod tests {
                 Status::NoArtifact
             ]
         );
-        let reportable: Vec<Status> =
-            Status::ALL.into_iter().filter(|s| s.is_reportable()).collect();
+        let reportable: Vec<Status> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_reportable())
+            .collect();
         assert_eq!(
             reportable,
             [
@@ -314,7 +320,10 @@ mod tests {
         c.shift(Status::Pending, Status::Downloading);
         c.shift(Status::Pending, Status::AlreadyInstalled);
         assert_eq!((c.pending, c.downloading, c.already_installed), (1, 1, 1));
-        assert_eq!((c.total(), c.finished(), c.unfinished(), c.successes()), (3, 1, 2, 1));
+        assert_eq!(
+            (c.total(), c.finished(), c.unfinished(), c.successes()),
+            (3, 1, 2, 1)
+        );
         assert_eq!(c.plus(&c).total(), 6);
         assert_eq!(
             serde_json::to_value(c).unwrap()["already-installed"],

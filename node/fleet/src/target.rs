@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::DeviceId;
 use crate::auth;
 use crate::filter::{Filter, Inventory};
-use crate::DeviceId;
 
 /// What a deployment is for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,11 +125,31 @@ mod tests {
         };
         use auth::State::*;
         vec![
-            dev("d3", Accepted, &["lab"], &[("device_type", "acme"), ("region", "eu")]),
-            dev("d1", Accepted, &["lab", "field"], &[("device_type", "acme"), ("region", "us")]),
-            dev("d2", Pending, &["lab"], &[("device_type", "acme"), ("region", "eu")]),
+            dev(
+                "d3",
+                Accepted,
+                &["lab"],
+                &[("device_type", "acme"), ("region", "eu")],
+            ),
+            dev(
+                "d1",
+                Accepted,
+                &["lab", "field"],
+                &[("device_type", "acme"), ("region", "us")],
+            ),
+            dev(
+                "d2",
+                Pending,
+                &["lab"],
+                &[("device_type", "acme"), ("region", "eu")],
+            ),
             dev("d4", Rejected, &[], &[("device_type", "acme")]),
-            dev("d5", Accepted, &["field"], &[("device_type", "other"), ("region", "eu")]),
+            dev(
+                "d5",
+                Accepted,
+                &["field"],
+                &[("device_type", "other"), ("region", "eu")],
+            ),
         ]
     }
 
@@ -149,23 +169,41 @@ mod tests {
 
     #[test]
     fn device_lists_need_known_accepted_devices() {
-        assert_eq!(resolve(&Target::Devices(ids(&["d5", "d1", "d5"]))), Ok(ids(&["d1", "d5"])));
+        assert_eq!(
+            resolve(&Target::Devices(ids(&["d5", "d1", "d5"]))),
+            Ok(ids(&["d1", "d5"]))
+        );
         assert_eq!(
             resolve(&Target::Devices(ids(&["d1", "nope"]))),
             Err(ResolveError::UnknownDevice(DeviceId::new("nope")))
         );
         assert_eq!(
             resolve(&Target::Devices(ids(&["d1", "d2"]))),
-            Err(ResolveError::NotAccepted { device: DeviceId::new("d2"), state: auth::State::Pending })
+            Err(ResolveError::NotAccepted {
+                device: DeviceId::new("d2"),
+                state: auth::State::Pending
+            })
         );
-        assert_eq!(resolve(&Target::Devices(vec![])), Err(ResolveError::NoDevices));
+        assert_eq!(
+            resolve(&Target::Devices(vec![])),
+            Err(ResolveError::NoDevices)
+        );
     }
 
     #[test]
     fn groups_and_filters_take_accepted_members_only() {
-        assert_eq!(resolve(&Target::Group("lab".into())), Ok(ids(&["d1", "d3"])));
-        assert_eq!(resolve(&Target::Group("field".into())), Ok(ids(&["d1", "d5"])));
-        assert_eq!(resolve(&Target::Group("none".into())), Err(ResolveError::NoDevices));
+        assert_eq!(
+            resolve(&Target::Group("lab".into())),
+            Ok(ids(&["d1", "d3"]))
+        );
+        assert_eq!(
+            resolve(&Target::Group("field".into())),
+            Ok(ids(&["d1", "d5"]))
+        );
+        assert_eq!(
+            resolve(&Target::Group("none".into())),
+            Err(ResolveError::NoDevices)
+        );
         let f: Filter = "device_type=acme and region in (eu)".parse().unwrap();
         assert_eq!(resolve(&Target::Filter(f)), Ok(ids(&["d3"])));
         let f: Filter = "region exists".parse().unwrap();

@@ -20,7 +20,10 @@ fn parses_the_example_from_the_brief() {
     assert_eq!(
         f.terms(),
         &[
-            Term { attribute: "device_type".into(), condition: Condition::Eq("acme-board".into()) },
+            Term {
+                attribute: "device_type".into(),
+                condition: Condition::Eq("acme-board".into())
+            },
             Term {
                 attribute: "region".into(),
                 condition: Condition::In(vec!["eu".into(), "us".into()])
@@ -35,7 +38,13 @@ fn parses_the_example_from_the_brief() {
 
 #[test]
 fn every_operator_matches_as_documented() {
-    let d = inv(&[("a", "1"), ("a", "x"), ("ram_mb", "512"), ("ver", "2.5"), ("name", "a b")]);
+    let d = inv(&[
+        ("a", "1"),
+        ("a", "x"),
+        ("ram_mb", "512"),
+        ("ver", "2.5"),
+        ("name", "a b"),
+    ]);
     let cases: &[(&str, bool)] = &[
         ("a=x", true),
         ("a=1", true),
@@ -91,9 +100,18 @@ fn keywords_are_names_where_a_name_is_expected() {
     assert_eq!(
         f.terms(),
         &[
-            Term { attribute: "and".into(), condition: Condition::Eq("in".into()) },
-            Term { attribute: "not".into(), condition: Condition::Exists },
-            Term { attribute: "in".into(), condition: Condition::In(vec!["and".into()]) },
+            Term {
+                attribute: "and".into(),
+                condition: Condition::Eq("in".into())
+            },
+            Term {
+                attribute: "not".into(),
+                condition: Condition::Exists
+            },
+            Term {
+                attribute: "in".into(),
+                condition: Condition::In(vec!["and".into()])
+            },
         ]
     );
 }
@@ -103,7 +121,10 @@ fn quoted_strings_unescape() {
     let f = parse(r#""my attr"="say \"hi\" \\ bye""#);
     assert_eq!(
         f.terms(),
-        &[Term { attribute: "my attr".into(), condition: Condition::Eq(r#"say "hi" \ bye"#.into()) }]
+        &[Term {
+            attribute: "my attr".into(),
+            condition: Condition::Eq(r#"say "hi" \ bye"#.into())
+        }]
     );
     assert_eq!(f.to_string(), r#""my attr"="say \"hi\" \\ bye""#);
 }
@@ -114,28 +135,154 @@ fn malformed_filters_get_specific_errors() {
     let cases: Vec<(&str, ParseError)> = vec![
         ("", ParseError::Empty),
         ("   \t ", ParseError::Empty),
-        ("a", ParseError::ExpectedOperator { at: 1, found: END.into() }),
-        ("a b", ParseError::ExpectedOperator { at: 2, found: "`b`".into() }),
-        ("a=", ParseError::ExpectedValue { at: 2, found: END.into() }),
-        ("a=(", ParseError::ExpectedValue { at: 2, found: "`(`".into() }),
-        ("=x", ParseError::ExpectedAttribute { at: 0, found: "`=`".into() }),
-        ("a=x and", ParseError::ExpectedAttribute { at: end("a=x and"), found: END.into() }),
-        ("a=x or b=y", ParseError::ExpectedAnd { at: 4, found: "`or`".into() }),
-        ("a=x b=y", ParseError::ExpectedAnd { at: 4, found: "`b`".into() }),
-        ("a=x and and", ParseError::ExpectedOperator { at: 11, found: END.into() }),
-        ("a in", ParseError::ExpectedList { at: 4, found: END.into() }),
-        ("a in x", ParseError::ExpectedList { at: 5, found: "`x`".into() }),
+        (
+            "a",
+            ParseError::ExpectedOperator {
+                at: 1,
+                found: END.into(),
+            },
+        ),
+        (
+            "a b",
+            ParseError::ExpectedOperator {
+                at: 2,
+                found: "`b`".into(),
+            },
+        ),
+        (
+            "a=",
+            ParseError::ExpectedValue {
+                at: 2,
+                found: END.into(),
+            },
+        ),
+        (
+            "a=(",
+            ParseError::ExpectedValue {
+                at: 2,
+                found: "`(`".into(),
+            },
+        ),
+        (
+            "=x",
+            ParseError::ExpectedAttribute {
+                at: 0,
+                found: "`=`".into(),
+            },
+        ),
+        (
+            "a=x and",
+            ParseError::ExpectedAttribute {
+                at: end("a=x and"),
+                found: END.into(),
+            },
+        ),
+        (
+            "a=x or b=y",
+            ParseError::ExpectedAnd {
+                at: 4,
+                found: "`or`".into(),
+            },
+        ),
+        (
+            "a=x b=y",
+            ParseError::ExpectedAnd {
+                at: 4,
+                found: "`b`".into(),
+            },
+        ),
+        (
+            "a=x and and",
+            ParseError::ExpectedOperator {
+                at: 11,
+                found: END.into(),
+            },
+        ),
+        (
+            "a in",
+            ParseError::ExpectedList {
+                at: 4,
+                found: END.into(),
+            },
+        ),
+        (
+            "a in x",
+            ParseError::ExpectedList {
+                at: 5,
+                found: "`x`".into(),
+            },
+        ),
         ("a in ()", ParseError::EmptyList { at: 5 }),
-        ("a in (x", ParseError::UnclosedList { at: 7, found: END.into() }),
-        ("a in (x y)", ParseError::UnclosedList { at: 8, found: "`y`".into() }),
-        ("a in (x,)", ParseError::ExpectedValue { at: 8, found: "`)`".into() }),
-        ("a not", ParseError::ExpectedOperator { at: 5, found: END.into() }),
-        ("a not equal", ParseError::ExpectedOperator { at: 6, found: "`equal`".into() }),
-        ("a<x", ParseError::ExpectedNumber { at: 2, found: "`x`".into() }),
-        ("a<nan", ParseError::ExpectedNumber { at: 2, found: "`nan`".into() }),
-        ("a>=inf", ParseError::ExpectedNumber { at: 3, found: "`inf`".into() }),
-        ("a>1e999", ParseError::ExpectedNumber { at: 2, found: "`1e999`".into() }),
-        ("a>", ParseError::ExpectedNumber { at: 2, found: END.into() }),
+        (
+            "a in (x",
+            ParseError::UnclosedList {
+                at: 7,
+                found: END.into(),
+            },
+        ),
+        (
+            "a in (x y)",
+            ParseError::UnclosedList {
+                at: 8,
+                found: "`y`".into(),
+            },
+        ),
+        (
+            "a in (x,)",
+            ParseError::ExpectedValue {
+                at: 8,
+                found: "`)`".into(),
+            },
+        ),
+        (
+            "a not",
+            ParseError::ExpectedOperator {
+                at: 5,
+                found: END.into(),
+            },
+        ),
+        (
+            "a not equal",
+            ParseError::ExpectedOperator {
+                at: 6,
+                found: "`equal`".into(),
+            },
+        ),
+        (
+            "a<x",
+            ParseError::ExpectedNumber {
+                at: 2,
+                found: "`x`".into(),
+            },
+        ),
+        (
+            "a<nan",
+            ParseError::ExpectedNumber {
+                at: 2,
+                found: "`nan`".into(),
+            },
+        ),
+        (
+            "a>=inf",
+            ParseError::ExpectedNumber {
+                at: 3,
+                found: "`inf`".into(),
+            },
+        ),
+        (
+            "a>1e999",
+            ParseError::ExpectedNumber {
+                at: 2,
+                found: "`1e999`".into(),
+            },
+        ),
+        (
+            "a>",
+            ParseError::ExpectedNumber {
+                at: 2,
+                found: END.into(),
+            },
+        ),
         ("a!x", ParseError::LoneBang { at: 1 }),
         ("a=\"x", ParseError::UnterminatedString { at: 2 }),
         ("a=\"x\\n\"", ParseError::InvalidEscape { at: 4 }),
@@ -149,14 +296,28 @@ fn malformed_filters_get_specific_errors() {
 #[test]
 fn limits_are_enforced() {
     let long = format!("a={}", "x".repeat(TEXT_LEN_MAX));
-    assert_eq!(err(&long), ParseError::TooLong { len: TEXT_LEN_MAX + 2, max: TEXT_LEN_MAX });
+    assert_eq!(
+        err(&long),
+        ParseError::TooLong {
+            len: TEXT_LEN_MAX + 2,
+            max: TEXT_LEN_MAX
+        }
+    );
     let many = vec!["a=1"; TERMS_MAX + 1].join(" and ");
     assert_eq!(err(&many), ParseError::TooManyTerms { max: TERMS_MAX });
     let enough = vec!["a=1"; TERMS_MAX].join(" and ");
     assert_eq!(parse(&enough).terms().len(), TERMS_MAX);
     let list = |n: usize| format!("a in ({})", vec!["v"; n].join(","));
-    assert_eq!(err(&list(LIST_LEN_MAX + 1)), ParseError::TooManyValues { at: 5, max: LIST_LEN_MAX });
-    assert!(matches!(parse(&list(LIST_LEN_MAX)).terms()[0].condition, Condition::In(ref v) if v.len() == LIST_LEN_MAX));
+    assert_eq!(
+        err(&list(LIST_LEN_MAX + 1)),
+        ParseError::TooManyValues {
+            at: 5,
+            max: LIST_LEN_MAX
+        }
+    );
+    assert!(
+        matches!(parse(&list(LIST_LEN_MAX)).terms()[0].condition, Condition::In(ref v) if v.len() == LIST_LEN_MAX)
+    );
 }
 
 #[test]
@@ -172,7 +333,10 @@ fn serde_stores_the_text_and_checks_it_on_load() {
 #[test]
 fn filter_new_refuses_empty_and_oversized() {
     assert!(Filter::new(vec![]).is_none());
-    let t = Term { attribute: "a".into(), condition: Condition::Exists };
+    let t = Term {
+        attribute: "a".into(),
+        condition: Condition::Exists,
+    };
     assert!(Filter::new(vec![t.clone(); TERMS_MAX + 1]).is_none());
     assert_eq!(Filter::new(vec![t.clone()]).unwrap().terms(), &[t]);
 }
