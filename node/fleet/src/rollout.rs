@@ -674,10 +674,10 @@ impl Rollout {
                 to: status,
             });
         }
-        if entry.status == Status::Pending {
-            if let Some(wait) = self.wait(entry) {
-                return Err(ReportError::NotAdmitted(wait));
-            }
+        if entry.status == Status::Pending
+            && let Some(wait) = self.wait(entry)
+        {
+            return Err(ReportError::NotAdmitted(wait));
         }
         let mut effects = Vec::new();
         self.set(entry, status, &mut effects);
@@ -956,30 +956,30 @@ impl Rollout {
 
     /// After a device reached final status `status`: halt, finish, or open phases.
     fn after_final(&mut self, status: Status, now: Instant, effects: &mut Vec<Effect>) {
-        if matches!(self.state, State::Running | State::Paused) {
-            if let Some(reason) = self.halt_check(status) {
-                self.state = State::Halted;
-                self.halt_reason = Some(reason);
-                self.soak.stop(now);
-                effects.push(Effect::Halted(reason));
-            }
+        if matches!(self.state, State::Running | State::Paused)
+            && let Some(reason) = self.halt_check(status)
+        {
+            self.state = State::Halted;
+            self.halt_reason = Some(reason);
+            self.soak.stop(now);
+            effects.push(Effect::Halted(reason));
         }
         self.check_finished(effects);
         self.advance(now, effects);
     }
 
     fn halt_check(&self, status: Status) -> Option<HaltReason> {
-        if status == Status::Failure {
-            if let Some(limit) = self.policy.failures_max {
-                let failed = self.counts().failure;
-                let devices = self.admissible();
-                if limit.passed(failed, devices) {
-                    return Some(HaltReason::Failures {
-                        failed,
-                        devices,
-                        limit,
-                    });
-                }
+        if status == Status::Failure
+            && let Some(limit) = self.policy.failures_max
+        {
+            let failed = self.counts().failure;
+            let devices = self.admissible();
+            if limit.passed(failed, devices) {
+                return Some(HaltReason::Failures {
+                    failed,
+                    devices,
+                    limit,
+                });
             }
         }
         if status.is_success() || self.open == self.phases.len() {
@@ -1015,10 +1015,10 @@ impl Rollout {
 
     /// Remember that the newest open phase's delay ran, so its timer is not due again.
     fn note_delay(&mut self, now: Instant) {
-        if self.open < self.phases.len() {
-            if let Some(delay) = self.phases_spec_proceed(self.open - 1).delay_ms {
-                self.soak.delay_done |= self.soak.elapsed_ms(now) >= delay;
-            }
+        if self.open < self.phases.len()
+            && let Some(delay) = self.phases_spec_proceed(self.open - 1).delay_ms
+        {
+            self.soak.delay_done |= self.soak.elapsed_ms(now) >= delay;
         }
     }
 
@@ -1058,10 +1058,10 @@ fn validate(policy: &Policy) -> Result<(), PlanError> {
     if phases.len() > PHASES_MAX {
         return Err(PlanError::TooManyPhases { max: PHASES_MAX });
     }
-    if let Some(Threshold::Percent(percent)) = policy.failures_max {
-        if percent > 100 {
-            return Err(PlanError::FailuresPercentOver100 { percent });
-        }
+    if let Some(Threshold::Percent(percent)) = policy.failures_max
+        && percent > 100
+    {
+        return Err(PlanError::FailuresPercentOver100 { percent });
     }
     let last = phases.len() - 1;
     for (phase, spec) in phases.iter().enumerate() {
