@@ -27,6 +27,52 @@
 //! - Timers (a phase's soak delay) are polled, as in `quinn-proto`:
 //!   [`Rollout::poll_timeout`] says when, the driver calls [`Rollout::handle_timeout`].
 //!
+//! A canary phase that opens the rest after 90% of it succeeded and an hour of soak,
+//! halting if more than 5% of the devices let in so far fail:
+//!
+//! ```
+//! use shoal_fleet::{
+//!     Admission, Deployment, DeviceId, Effect, Instant, PhaseSpec, Policy, Proceed, Size,
+//!     Status, Threshold,
+//! };
+//!
+//! let policy = Policy {
+//!     phases: vec![
+//!         PhaseSpec {
+//!             size: Size::Percent(10),
+//!             proceed: Proceed {
+//!                 successes: Some(Threshold::Percent(90)),
+//!                 delay_ms: Some(3_600_000),
+//!             },
+//!         },
+//!         PhaseSpec { size: Size::Rest, proceed: Proceed::default() },
+//!     ],
+//!     failures_max: Some(Threshold::Percent(5)),
+//!     retries: 1,
+//!     seed: 42,
+//! };
+//! let devices = (0..100).map(|i| DeviceId::new(format!("dev-{i}")));
+//! let (mut deployment, _) = Deployment::new(policy, devices, Instant::from_millis(0)).unwrap();
+//!
+//! // The seeded choice of canaries: 10 devices are served, the other 90 wait (204).
+//! let canaries: Vec<DeviceId> = deployment
+//!     .entries()
+//!     .filter(|e| deployment.admission(&e.device) == Some(Admission::Serve))
+//!     .map(|e| e.device.clone())
+//!     .collect();
+//! assert_eq!(canaries.len(), 10);
+//!
+//! // All canaries succeed; the soak timer still has to run.
+//! for dev in &canaries {
+//!     deployment.report(dev, Status::Success, Instant::from_millis(60_000)).unwrap();
+//! }
+//! assert_eq!(deployment.rollout().open_phases(), 1);
+//! let at = deployment.poll_timeout().unwrap();
+//! assert_eq!(at, Instant::from_millis(3_600_000));
+//! let effects = deployment.handle_timeout(at);
+//! assert_eq!(effects, [Effect::PhaseOpened { phase: 1, devices: 90 }]);
+//! ```
+//!
 //! What the server does with the answers (HTTP codes, tokens, SQL, audit log) and when it
 //! calls in (a poll, a report, an operator's command, a timer) is the driver's business.
 
@@ -50,8 +96,8 @@ use serde::{Deserialize, Serialize};
 pub use deployment::Deployment;
 pub use policy::{PhaseSpec, Policy, Proceed, Size, Threshold};
 pub use rollout::{
-    Admission, Command, ControlError, Effect, Entry, HaltReason, MarkError, NextPhase, PHASES_MAX,
-    Phase, PlanError, ReportError, Rollout, State, Summary, Wait,
+    Admission, Command, ControlError, Effect, Entry, HaltReason, LoadError, MarkError, NextPhase,
+    PHASES_MAX, Phase, PlanError, ReportError, Rollout, State, Summary, Wait,
 };
 pub use status::{Counts, ParseStatusError, Status};
 pub use time::Instant;

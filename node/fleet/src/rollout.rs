@@ -322,6 +322,9 @@ impl fmt::Display for Wait {
 }
 
 /// What a device polling for its next deployment gets from this one.
+///
+/// A device can be in several deployments; the server asks each (oldest first, as
+/// Mender does) and answers with the first that serves it, or 204.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Hand it this deployment (it is admitted, or already on its way).
@@ -333,6 +336,12 @@ pub enum Admission {
 }
 
 /// Why a device's status report was refused. Nothing changed.
+///
+/// For the device API: [`ReportError::Aborted`] and [`ReportError::NotAdmitted`] mean
+/// "stop this deployment" (409, as Mender's); [`ReportError::NotReportable`],
+/// [`ReportError::Backwards`] and [`ReportError::AlreadyFinished`] are a bad request
+/// (400); [`ReportError::NotInDeployment`] is 404; [`ReportError::ForeignEntry`] is the
+/// server's bug (500).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReportError {
     /// The deployment was aborted (or the device decommissioned out of it): the server
@@ -487,8 +496,15 @@ pub struct Summary {
     pub next_phase: Option<NextPhase>,
 }
 
-/// The rollout of one deployment: policy, phases, state. See the [module](self) docs.
+/// The rollout of one deployment: policy, phases with their counts, state, halt reason.
+///
+/// A few hundred bytes however many devices: a server stores it as one row, beside one
+/// [`Entry`] row per device, and hands both to each call. Calls that concern one device
+/// take its entry; [`Rollout::abort`] and [`Rollout::retry_failed`] take the entries
+/// they change. The counts kept here always equal the entries' statuses, so phases,
+/// halts and summaries never scan the devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Stored")]
 pub struct Rollout {
     policy: Policy,
     phases: Vec<Phase>,
@@ -496,6 +512,87 @@ pub struct Rollout {
     state: State,
     halt_reason: Option<HaltReason>,
     soak: Soak,
+}
+
+/// A rollout as stored, before [`Rollout`]'s invariants are checked.
+#[derive(Deserialize)]
+struct Stored {
+    policy: Policy,
+    phases: Vec<Phase>,
+    open: usize,
+    state: State,
+    halt_reason: Option<HaltReason>,
+    soak: Soak,
+}
+
+/// Why a stored rollout was refused when loaded (the row was altered or corrupted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The stored policy is not one [`Rollout::plan`] accepts.
+    #[error("stored rollout has an invalid policy: {0}")]
+    Policy(PlanError),
+    /// The policy and the phases disagree on how many phases there are.
+    #[error("stored rollout has {stored} phases but its policy has {policy}")]
+    PhaseCount {
+        /// Phases in the policy.
+        policy: usize,
+        /// Phases stored.
+        stored: usize,
+    },
+    /// The number of open phases is zero or more than the phases.
+    #[error("stored rollout has {open} open phases of {phases}")]
+    OpenPhases {
+        /// Open phases stored.
+        open: usize,
+        /// Phases.
+        phases: usize,
+    },
+    /// A phase's counts do not add up to its size, or its opening time disagrees with
+    /// the open phases.
+    #[error("stored rollout's phase {} is inconsistent", .phase + 1)]
+    Phase {
+        /// The phase (0-based).
+        phase: usize,
+    },
+    /// A halted rollout without a reason.
+    #[error("stored rollout is halted without a reason")]
+    HaltReasonMissing,
+}
+
+impl TryFrom<Stored> for Rollout {
+    type Error = LoadError;
+
+    fn try_from(s: Stored) -> Result<Rollout, LoadError> {
+        validate(&s.policy).map_err(LoadError::Policy)?;
+        if s.phases.len() != s.policy.phases.len() {
+            return Err(LoadError::PhaseCount {
+                policy: s.policy.phases.len(),
+                stored: s.phases.len(),
+            });
+        }
+        if s.open == 0 || s.open > s.phases.len() {
+            return Err(LoadError::OpenPhases {
+                open: s.open,
+                phases: s.phases.len(),
+            });
+        }
+        for (phase, p) in s.phases.iter().enumerate() {
+            if p.counts.total() != p.size || (phase < s.open) != p.opened_at.is_some() {
+                return Err(LoadError::Phase { phase });
+            }
+        }
+        if s.state == State::Halted && s.halt_reason.is_none() {
+            return Err(LoadError::HaltReasonMissing);
+        }
+        Ok(Rollout {
+            policy: s.policy,
+            phases: s.phases,
+            open: s.open,
+            state: s.state,
+            halt_reason: s.halt_reason,
+            soak: s.soak,
+        })
+    }
 }
 
 impl Rollout {
@@ -690,7 +787,9 @@ impl Rollout {
             self.set(entry, Status::Pending, &mut effects);
             return Ok(effects);
         }
-        self.after_final(entry.status, now, &mut effects);
+        if status.is_final() {
+            self.after_final(status, now, &mut effects);
+        }
         Ok(effects)
     }
 
@@ -884,7 +983,10 @@ impl Rollout {
     }
 
     /// When [`Rollout::handle_timeout`] must next be called (`None`: no timer). Only a
-    /// phase delay is timed; everything else happens on events.
+    /// phase delay is timed; everything else happens on events. A server stores this
+    /// beside the rollout (a `due_at` column) so any of its processes can find due
+    /// rollouts with one indexed query; calling `handle_timeout` early or twice is
+    /// harmless.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.state != State::Running || self.open == self.phases.len() {
             return None;

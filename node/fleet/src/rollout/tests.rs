@@ -875,3 +875,79 @@ fn rollouts_round_trip_through_serde() {
         rollout_json.len()
     );
 }
+
+#[test]
+fn a_resumed_rollout_halts_again_only_on_a_new_final_outcome() {
+    // Regression: a non-final report after resuming an unreachable-success halt re-halted
+    // at once, so the operator could never let the phase's devices carry on.
+    let p = policy(vec![
+        phase(Size::Count(3), Some(Threshold::Percent(100)), None),
+        rest(),
+    ]);
+    let mut d = deploy(p, 6);
+    let first = members(&d, 0);
+    fail(&mut d, &first[0], 1);
+    assert_eq!(d.rollout().state(), State::Halted);
+    d.resume(t(2)).unwrap();
+    assert_eq!(
+        d.report(&first[1], Status::Downloading, t(3))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(d.rollout().state(), State::Running);
+    let fx = d.report(&first[1], Status::Failure, t(4)).unwrap();
+    assert!(
+        fx.contains(&Effect::Halted(HaltReason::SuccessUnreachable {
+            phase: 0,
+            possible: 1,
+            needed: 3
+        })),
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn a_tampered_stored_rollout_is_refused_on_load() {
+    let mut p = policy(vec![phase(Size::Count(2), None, Some(10)), rest()]);
+    p.failures_max = Some(Threshold::Count(0));
+    let d = deploy(p, 4);
+    let good = serde_json::to_value(d.rollout()).unwrap();
+    let load = |v: &serde_json::Value| {
+        serde_json::from_value::<Rollout>(v.clone()).map_err(|e| e.to_string())
+    };
+    assert_eq!(load(&good).unwrap(), *d.rollout());
+    let tamper = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        load(&v).unwrap_err()
+    };
+    assert_eq!(
+        tamper(&|v| v["open"] = 0.into()),
+        "stored rollout has 0 open phases of 2"
+    );
+    assert_eq!(
+        tamper(&|v| v["open"] = 3.into()),
+        "stored rollout has 3 open phases of 2"
+    );
+    assert_eq!(
+        tamper(&|v| v["phases"].as_array_mut().unwrap().truncate(1)),
+        "stored rollout has 1 phases but its policy has 2"
+    );
+    assert_eq!(
+        tamper(&|v| v["phases"][1]["counts"]["pending"] = 9.into()),
+        "stored rollout's phase 2 is inconsistent"
+    );
+    assert_eq!(
+        tamper(&|v| v["phases"][1]["opened_at"] = 5.into()),
+        "stored rollout's phase 2 is inconsistent"
+    );
+    assert_eq!(
+        tamper(&|v| v["state"] = "halted".into()),
+        "stored rollout is halted without a reason"
+    );
+    assert_eq!(
+        tamper(&|v| v["policy"]["phases"][0]["size"] = serde_json::json!({"count": 0})),
+        "stored rollout has an invalid policy: phase 1 has size zero"
+    );
+}
