@@ -286,7 +286,7 @@ fn steps(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, max_global_rejects: 4096, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { max_global_rejects: 4096, ..ProptestConfig::default() })]
 
     #[test]
     fn rollouts_keep_their_invariants(
