@@ -123,11 +123,14 @@ pub async fn upload(
     let now_s = u64::try_from(now_ms() / 1000).ok();
     let added = tokio::task::spawn_blocking(move || {
         let sync = tokio_util::io::SyncIoBridge::new(reader);
-        c.store.add_artifact(
-            std::io::BufReader::with_capacity(256 * 1024, sync),
-            &c.root,
-            now_s,
-        )
+        let mut src = std::io::BufReader::with_capacity(256 * 1024, sync);
+        let result = c.store.add_artifact(&mut src, &c.root, now_s);
+        if result.is_err() {
+            // Read the rest (bounded by the upload limit) so the client, still
+            // sending, gets the answer instead of a reset connection.
+            let _ = std::io::copy(&mut src, &mut std::io::sink());
+        }
+        result
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
