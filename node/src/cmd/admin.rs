@@ -27,7 +27,13 @@ pub struct Args {
     #[arg(long, env = "SHOAL_SERVER", value_name = "URL", global = true)]
     server: Option<String>,
     /// An API token (from `shoal server token` or `shoal admin tokens create`).
-    #[arg(long, env = "SHOAL_TOKEN", value_name = "TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SHOAL_TOKEN",
+        value_name = "TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// A PEM CA certificate to trust for an https server (besides the system's).
     #[arg(long, value_name = "FILE", global = true)]
@@ -382,7 +388,14 @@ enum View {
 }
 
 const DEVICE_COLS: &[&str] = &["id", "status", "identity", "inventory"];
-const RELEASE_COLS: &[&str] = &["id", "name", "version", "chunks", "stored_bytes", "payload_bytes"];
+const RELEASE_COLS: &[&str] = &[
+    "id",
+    "name",
+    "version",
+    "chunks",
+    "stored_bytes",
+    "payload_bytes",
+];
 const DEPLOYMENT_COLS: &[&str] = &["id", "name", "status", "release_id", "stats"];
 
 async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> {
@@ -400,26 +413,41 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 (c.send(req).await?, View::Table(DEVICE_COLS))
             }
             Devices::Show { id } => (c.get(&format!("/devices/{id}")).await?, View::Object),
-            Devices::Accept { id } => (c.post(&format!("/devices/{id}/accept"), None).await?, View::Object),
-            Devices::Reject { id } => (c.post(&format!("/devices/{id}/reject"), None).await?, View::Object),
+            Devices::Accept { id } => (
+                c.post(&format!("/devices/{id}/accept"), None).await?,
+                View::Object,
+            ),
+            Devices::Reject { id } => (
+                c.post(&format!("/devices/{id}/reject"), None).await?,
+                View::Object,
+            ),
             Devices::Preauthorize {
                 public_key_file,
                 identity,
             } => {
                 let key = shoal_signing::PublicKey::load(&public_key_file).map_err(|e| {
-                    Exit::usage(format!("{}: {}", public_key_file.display(), super::chain(&e)))
+                    Exit::usage(format!(
+                        "{}: {}",
+                        public_key_file.display(),
+                        super::chain(&e)
+                    ))
                 })?;
                 let identity = pairs(&identity)?;
-                let body = json!({ "identity": identity, "public_key": hex::encode(key.to_bytes()) });
+                let body =
+                    json!({ "identity": identity, "public_key": hex::encode(key.to_bytes()) });
                 (c.post("/devices", Some(body)).await?, View::Object)
             }
             Devices::Decommission { id } => (
-                c.call(Method::DELETE, &format!("/devices/{id}"), None).await?,
+                c.call(Method::DELETE, &format!("/devices/{id}"), None)
+                    .await?,
                 View::Done("decommissioned"),
             ),
         },
         Command::Groups(g) => match g {
-            Groups::List => (c.get("/groups").await?, View::Table(&["name", "kind", "devices", "filter"])),
+            Groups::List => (
+                c.get("/groups").await?,
+                View::Table(&["name", "kind", "devices", "filter"]),
+            ),
             Groups::Show { name } => (c.get(&format!("/groups/{name}")).await?, View::Object),
             Groups::Set {
                 name,
@@ -432,12 +460,14 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                     json!({ "filter": conditions })
                 };
                 (
-                    c.call(Method::PUT, &format!("/groups/{name}"), Some(body)).await?,
+                    c.call(Method::PUT, &format!("/groups/{name}"), Some(body))
+                        .await?,
                     View::Object,
                 )
             }
             Groups::Delete { name } => (
-                c.call(Method::DELETE, &format!("/groups/{name}"), None).await?,
+                c.call(Method::DELETE, &format!("/groups/{name}"), None)
+                    .await?,
                 View::Done("deleted"),
             ),
             Groups::Devices { name } => (
@@ -463,7 +493,10 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 let req = c
                     .http
                     .post(c.url("/releases"))
-                    .header(reqwest::header::CONTENT_TYPE, "application/vnd.shoal.artifact")
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/vnd.shoal.artifact",
+                    )
                     .header(reqwest::header::CONTENT_LENGTH, len)
                     .timeout(Duration::from_secs(24 * 3600))
                     .body(body);
@@ -471,7 +504,8 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
             }
             Releases::Show { id } => (c.get(&format!("/releases/{id}")).await?, View::Object),
             Releases::Delete { id } => (
-                c.call(Method::DELETE, &format!("/releases/{id}"), None).await?,
+                c.call(Method::DELETE, &format!("/releases/{id}"), None)
+                    .await?,
                 View::Done("deleted"),
             ),
             Releases::Delta { id } => {
@@ -479,7 +513,14 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 let rows = v.get("installed").cloned().unwrap_or(Value::Null);
                 return Ok((
                     if rows.is_array() { rows } else { v },
-                    View::Table(&["installed_name", "installed_version", "known", "devices", "chunks", "bytes"]),
+                    View::Table(&[
+                        "installed_name",
+                        "installed_version",
+                        "known",
+                        "devices",
+                        "chunks",
+                        "bytes",
+                    ]),
                 ));
             }
         },
@@ -516,15 +557,26 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 View::Table(&["device_id", "status", "substate", "attempts"]),
             ),
             Deployments::Log { id, device } => (
-                c.get(&format!("/deployments/{id}/devices/{device}/log")).await?,
+                c.get(&format!("/deployments/{id}/devices/{device}/log"))
+                    .await?,
                 View::Table(&["timestamp_ms", "level", "message"]),
             ),
-            Deployments::Abort { id } => (c.post(&format!("/deployments/{id}/abort"), None).await?, View::Object),
-            Deployments::Retry { id } => (c.post(&format!("/deployments/{id}/retry"), None).await?, View::Object),
-            Deployments::Pause { id } => (c.post(&format!("/deployments/{id}/pause"), None).await?, View::Object),
-            Deployments::Resume { id } => {
-                (c.post(&format!("/deployments/{id}/resume"), None).await?, View::Object)
-            }
+            Deployments::Abort { id } => (
+                c.post(&format!("/deployments/{id}/abort"), None).await?,
+                View::Object,
+            ),
+            Deployments::Retry { id } => (
+                c.post(&format!("/deployments/{id}/retry"), None).await?,
+                View::Object,
+            ),
+            Deployments::Pause { id } => (
+                c.post(&format!("/deployments/{id}/pause"), None).await?,
+                View::Object,
+            ),
+            Deployments::Resume { id } => (
+                c.post(&format!("/deployments/{id}/resume"), None).await?,
+                View::Object,
+            ),
         },
         Command::Tokens(t) => match t {
             Tokens::List => (
@@ -532,11 +584,13 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 View::Table(&["id", "name", "role", "created_ms", "revoked_ms"]),
             ),
             Tokens::Create { name, role } => (
-                c.post("/tokens", Some(json!({ "name": name, "role": role }))).await?,
+                c.post("/tokens", Some(json!({ "name": name, "role": role })))
+                    .await?,
                 View::Secret,
             ),
             Tokens::Revoke { id } => (
-                c.call(Method::DELETE, &format!("/tokens/{id}"), None).await?,
+                c.call(Method::DELETE, &format!("/tokens/{id}"), None)
+                    .await?,
                 View::Done("revoked"),
             ),
         },
@@ -566,7 +620,11 @@ fn cell(v: Option<&Value>) -> String {
             .map(|(k, v)| format!("{k}={}", cell(Some(v))))
             .collect::<Vec<_>>()
             .join(","),
-        Some(Value::Array(a)) => a.iter().map(|v| cell(Some(v))).collect::<Vec<_>>().join(","),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| cell(Some(v)))
+            .collect::<Vec<_>>()
+            .join(","),
         Some(other) => other.to_string(),
     }
 }

@@ -125,9 +125,12 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
             chain(&e)
         ))
     })?;
-    signed
-        .verify_self(None)
-        .map_err(|e| Exit::usage(format!("trust root {} is not validly self-signed: {e}", root_path.display())))?;
+    signed.verify_self(None).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {} is not validly self-signed: {e}",
+            root_path.display()
+        ))
+    })?;
     let config = Config {
         data_dir: data,
         database_url: args.place.database,
@@ -141,8 +144,9 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -157,9 +161,7 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         .await
     })
     .map_err(|e| match e {
-        shoal_server::ServeError::Database(db::OpenError::Connect(_)) => {
-            Exit::tempfail(chain(&e))
-        }
+        shoal_server::ServeError::Database(db::OpenError::Connect(_)) => Exit::tempfail(chain(&e)),
         shoal_server::ServeError::Bind { .. } => Exit::usage(chain(&e)),
         other => anyhow::Error::new(other),
     })
@@ -182,12 +184,17 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
         let (pool, _) = db::open(&url, 1)
             .await
             .map_err(|e| Exit::tempfail(chain(&e)))?;
-        let t = shoal_server::http::tokens::create_token(&pool, &args.name, args.role, &format!("host:{user}"))
-            .await
-            .map_err(|e| match e {
-                shoal_server::http::error::ApiError::BadRequest(m) => Exit::usage(m),
-                other => anyhow::anyhow!(other.to_string()),
-            })?;
+        let t = shoal_server::http::tokens::create_token(
+            &pool,
+            &args.name,
+            args.role,
+            &format!("host:{user}"),
+        )
+        .await
+        .map_err(|e| match e {
+            shoal_server::http::error::ApiError::BadRequest(m) => Exit::usage(m),
+            other => anyhow::anyhow!(other.to_string()),
+        })?;
         pool.close().await;
         anyhow::Ok(t)
     })?;

@@ -470,35 +470,53 @@ pub async fn chunks(
     let r = release(&ctx, &m.release_id).await?;
     let mut seen = HashSet::with_capacity(batch.ids.len());
     let mut wanted = Vec::with_capacity(batch.ids.len());
-    let mut total: u64 = 0;
     for text in &batch.ids {
         let cid: ChunkId = text
             .parse()
             .map_err(|_| ApiError::bad(format!("chunk id {text:?} is not 64 hex digits")))?;
-        let Some(&stored) = r.chunks.get(&cid) else {
+        if !r.chunks.contains_key(&cid) {
             return Err(ApiError::bad(format!(
                 "chunk {cid} is not in this deployment's release"
             )));
-        };
+        }
         if !seen.insert(cid) {
             return Err(ApiError::bad(format!("chunk {cid} is asked for twice")));
         }
-        total += 36 + u64::from(stored);
-        wanted.push((cid, stored));
+        wanted.push(cid);
     }
+    // The store keeps the first stored form it got of a chunk, which may differ in
+    // size from the one this release's artifact had: measure the files.
+    let store = ctx.store.clone();
+    let sized = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .map(|cid| {
+                let path = store.chunk_file(&cid);
+                let len = std::fs::metadata(&path)
+                    .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?
+                    .len();
+                let len = u32::try_from(len)
+                    .map_err(|_| ApiError::Internal(format!("{} is too large", path.display())))?;
+                Ok((cid, len))
+            })
+            .collect::<ApiResult<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let total: u64 = sized.iter().map(|(_, len)| 36 + u64::from(*len)).sum();
     if total > CHUNK_BATCH_BYTES_MAX {
         return Err(ApiError::TooLarge(format!(
             "the batch is {total} bytes; at most {CHUNK_BATCH_BYTES_MAX} per request"
         )));
     }
     let store = ctx.store.clone();
-    let stream = futures_util::stream::iter(wanted).then(move |(cid, stored)| {
+    let stream = futures_util::stream::iter(sized).then(move |(cid, stored)| {
         let path = store.chunk_file(&cid);
         async move {
             let data = tokio::fs::read(&path).await?;
             if data.len() != stored as usize {
-                tracing::error!(path = %path.display(), expected = stored, actual = data.len(), "chunk file has the wrong size");
-                return Err(std::io::Error::other("chunk file has the wrong size"));
+                tracing::error!(path = %path.display(), expected = stored, actual = data.len(), "chunk file changed size while served");
+                return Err(std::io::Error::other("chunk file changed size"));
             }
             let mut frame = Vec::with_capacity(36 + data.len());
             frame.extend_from_slice(cid.as_bytes());
