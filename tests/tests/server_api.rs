@@ -306,10 +306,15 @@ fn suite(db: Db) {
     // connection, so they go on a client of their own.
     let huge = "x".repeat(2 << 20);
     expect_error(
-        a.req(&http_oversized(), Method::PATCH, &server, "/inventory/attributes")
-            .json(&json!([{"name": "x", "value": huge}]))
-            .send()
-            .unwrap(),
+        a.req(
+            &http_oversized(),
+            Method::PATCH,
+            &server,
+            "/inventory/attributes",
+        )
+        .json(&json!([{"name": "x", "value": huge}]))
+        .send()
+        .unwrap(),
         413,
     );
     let shown = admin_json(&server, &viewer, &["devices", "show", &a.id]);
@@ -425,7 +430,12 @@ fn suite(db: Db) {
             Err(ChunkError::NeedsDictionary { zstd_id, .. }) => {
                 // Compressed with a dictionary: the device fetches it once.
                 let resp = a
-                    .req(&http, Method::GET, &server, &format!("/dictionaries/{zstd_id:08x}"))
+                    .req(
+                        &http,
+                        Method::GET,
+                        &server,
+                        &format!("/dictionaries/{zstd_id:08x}"),
+                    )
                     .send()
                     .unwrap();
                 assert_eq!(resp.status().as_u16(), 200);
@@ -437,7 +447,9 @@ fn suite(db: Db) {
         plain.expect("chunk decodes and hashes to its id");
     }
     expect_error(
-        a.req(&http, Method::GET, &server, "/dictionaries/00000001").send().unwrap(),
+        a.req(&http, Method::GET, &server, "/dictionaries/00000001")
+            .send()
+            .unwrap(),
         404,
     );
     // Bad batches: unknown field, id not in the release, twice, malformed, empty.
@@ -804,4 +816,105 @@ fn server_suite_sqlite() {
 #[test]
 fn server_suite_postgres() {
     suite(postgres("shoal_test_suite"));
+}
+
+/// Two server processes on one PostgreSQL database (and one shared data
+/// directory for chunks): started at once (the migrations race), and any of them
+/// serves any device and operator.
+#[test]
+fn two_servers_one_postgres() {
+    let setup = Setup::new();
+    let db = postgres("shoal_test_two");
+    let data = setup.path("data");
+    let (s1, s2) = std::thread::scope(|s| {
+        let one = s.spawn(|| Server::start(&setup, &data, &db, &[]));
+        let two = s.spawn(|| Server::start(&setup, &data, &db, &[]));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_ne!(s1.url, s2.url);
+    let http = http();
+    let admin_token = host_token(&data, &db, "admin");
+    // A release uploaded through one is listed by the other.
+    let rel = admin_json(
+        &s1,
+        &admin_token,
+        &[
+            "releases",
+            "upload",
+            setup.path("v1.shoal").to_str().unwrap(),
+        ],
+    );
+    let rel_id = rel["id"].as_str().unwrap();
+    assert_eq!(
+        admin_json(&s2, &admin_token, &["releases", "list"])[0]["id"],
+        rel_id
+    );
+    // A device pending on one, accepted through the other, logs in on the first and
+    // uses its token on the second.
+    let mut d = Device::new(7);
+    expect_error(d.auth(&http, &s1), 401);
+    admin_json(&s2, &admin_token, &["devices", "accept", &d.id]);
+    d.login(&http, &s1);
+    let r = d
+        .req(&http, Method::PATCH, &s2, "/inventory/attributes")
+        .json(&json!([{"name": "device_type", "value": "board"}]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let dep = admin_json(
+        &s1,
+        &admin_token,
+        &[
+            "deployments",
+            "create",
+            "--name",
+            "x",
+            "--release",
+            rel_id,
+            "--device",
+            &d.id,
+        ],
+    );
+    let next: serde_json::Value = d
+        .req(&http, Method::GET, &s2, "/deployments/next")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(next["id"], dep["id"]);
+    let dep_id = next["id"].as_str().unwrap();
+    let manifest = d
+        .req(
+            &http,
+            Method::GET,
+            &s2,
+            &format!("/deployments/{dep_id}/manifest"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(manifest.status().as_u16(), 200);
+    let r = d
+        .req(
+            &http,
+            Method::PUT,
+            &s1,
+            &format!("/deployments/{dep_id}/status"),
+        )
+        .json(&json!({"status": "downloading"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    // Aborted through one: the device's report to the other gets 409.
+    admin_json(&s2, &admin_token, &["deployments", "abort", dep_id]);
+    let r = d
+        .req(
+            &http,
+            Method::PUT,
+            &s1,
+            &format!("/deployments/{dep_id}/status"),
+        )
+        .json(&json!({"status": "installing"}))
+        .send()
+        .unwrap();
+    expect_error(r, 409);
 }
