@@ -60,6 +60,43 @@ fn suite(db: Db) {
         .to_owned();
     let m = |p: &str| format!("{}/api/management/v1{p}", server.url);
 
+    // Every route of the served OpenAPI document is routed (not the JSON 404/405
+    // fallback), and without credentials answers 401 unless it is public.
+    let doc: Value = http
+        .get(format!("{}/api/openapi.json", server.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut routes = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let concrete = path
+                .replace("{id}", &"ab".repeat(16))
+                .replace("{device_id}", &"ab".repeat(32))
+                .replace("{zstd_id}", "abababab")
+                .replace("{name}", "g");
+            let resp = http
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    format!("{}{concrete}", server.url),
+                )
+                .send()
+                .unwrap();
+            let status = resp.status().as_u16();
+            let public = op["security"].as_array().is_some_and(|s| s.is_empty());
+            if public {
+                assert_ne!(status, 404, "{method} {path}");
+                assert_ne!(status, 405, "{method} {path}");
+            } else {
+                let msg = expect_error(resp, 401);
+                assert!(!msg.is_empty(), "{method} {path}");
+            }
+            routes += 1;
+        }
+    }
+    assert_eq!(routes, 40, "the document lists every route");
+
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);
     expect_error(
