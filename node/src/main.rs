@@ -92,6 +92,12 @@ enum Command {
     /// Print and set bootloader environment variables (U-Boot, GRUB, file).
     #[command(subcommand)]
     Env(cmd::env::Command),
+    /// Run the server role (device and management APIs; built with `--features server`).
+    #[cfg(feature = "server")]
+    Server(cmd::server::Args),
+    /// Manage a server: devices, groups, releases, deployments, tokens, audit log.
+    #[cfg(feature = "server")]
+    Admin(cmd::admin::Args),
 }
 
 /// Keeps glibc's heap from holding on to memory the program freed: a device install
@@ -162,6 +168,10 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a, &ui),
         Command::Slot(c) => cmd::slot::run(c, &ui),
         Command::Env(c) => cmd::env::run(c, &ui),
+        #[cfg(feature = "server")]
+        Command::Server(a) => cmd::server::run(a, &ui),
+        #[cfg(feature = "server")]
+        Command::Admin(a) => cmd::admin::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

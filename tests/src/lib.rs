@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The path of a freshly built `shoal` binary.
+/// The path of a freshly built `shoal` binary, with the server role (`--features
+/// server`) so the server tests can run `shoal server` and `shoal admin`.
 pub fn shoal_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -32,6 +33,8 @@ pub fn shoal_bin() -> &'static Path {
             "--quiet",
             "-p",
             "shoal-node",
+            "--features",
+            "server",
             "--bin",
             "shoal",
             "--manifest-path",

@@ -4,6 +4,8 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+#[cfg(feature = "server")]
+pub mod admin;
 pub mod artifact;
 pub mod demo;
 pub mod device;
@@ -11,6 +13,8 @@ pub mod env;
 pub mod install;
 pub mod key;
 pub mod root;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod slot;
 pub mod store;
 

@@ -1,0 +1,801 @@
+//! The device API, `/api/devices/v1`.
+//!
+//! Authentication follows Mender's `auth_requests`, with the device's ed25519 key:
+//! the device gets a one-time nonce, POSTs `{identity, public_key, nonce}` with the
+//! body's signature in `X-Shoal-Signature` (hex), and gets a bearer token if it is
+//! accepted (401 while it is pending or rejected). A device is named by its key's
+//! id, so the key that signs its auth requests is also its LAN identity.
+//!
+//! Chunks: `POST .../deployments/{id}/chunks` with `{"ids": [...]}` (only ids of
+//! the deployment's release, at most [`CHUNK_BATCH_IDS_MAX`] ids and
+//! [`CHUNK_BATCH_BYTES_MAX`] stored bytes) answers `application/vnd.shoal.chunks`:
+//! for each id in the order asked, the 32-byte id, its stored length as a
+//! big-endian `u32`, then the stored (zstd or raw) bytes as in the chunk store.
+//! `Content-Length` is exact, so a cut connection is always noticed.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use shoal_artifact::manifest::ChunkId;
+use shoal_signing::PublicKey;
+use sqlx::Row;
+
+use super::error::{ApiError, ApiResult};
+use super::extractor::{ApiJson, ApiPath, DeviceAuth};
+use super::{audit, check_hex_id};
+use crate::Ctx;
+use crate::db::{now_ms, random_hex, token_hash};
+use crate::filter::valid_name;
+
+/// The header holding the hex ed25519 signature of an auth request's body.
+pub const SIGNATURE_HEADER: &str = "x-shoal-signature";
+/// The largest auth request body.
+pub const AUTH_REQUEST_MAX: usize = 64 * 1024;
+/// How long an auth nonce is valid, in milliseconds.
+pub const NONCE_TTL_MS: i64 = 60_000;
+/// The most identity attributes an auth request may carry.
+pub const IDENTITY_ATTRIBUTES_MAX: usize = 32;
+/// The most chunk ids in one batch.
+pub const CHUNK_BATCH_IDS_MAX: usize = 4096;
+/// The most stored bytes one batch may ask for.
+pub const CHUNK_BATCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// The most inventory attributes a device may have.
+pub const INVENTORY_ATTRIBUTES_MAX: usize = 256;
+/// The longest inventory or identity value, in bytes.
+pub const VALUE_LEN_MAX: usize = 1024;
+/// The most log lines in one upload.
+pub const LOG_LINES_MAX: usize = 1000;
+/// The longest log line, in bytes.
+pub const LOG_LINE_LEN_MAX: usize = 4096;
+
+/// Mender's device deployment states a device may report.
+pub const DEVICE_STATES: &[&str] = &[
+    "downloading",
+    "installing",
+    "rebooting",
+    "success",
+    "failure",
+    "already-installed",
+];
+/// States after which a device is done with a deployment.
+pub const FINISHED_STATES: &[&str] = &[
+    "success",
+    "failure",
+    "already-installed",
+    "noartifact",
+    "aborted",
+    "decommissioned",
+];
+
+/// A fresh auth nonce.
+#[derive(Debug, Serialize)]
+pub struct Nonce {
+    /// The nonce, to put in the next auth request.
+    pub nonce: String,
+    /// How long it stays valid.
+    pub expires_in_s: i64,
+}
+
+/// `GET /authentication/nonce`: a nonce for one auth request (single use, 60 s).
+pub async fn nonce(ctx: axum::extract::State<Ctx>) -> ApiResult<axum::Json<Nonce>> {
+    let now = now_ms();
+    sqlx::query("DELETE FROM auth_nonces WHERE expires_ms <= $1")
+        .bind(now)
+        .execute(&ctx.db)
+        .await?;
+    let nonce = random_hex(16);
+    sqlx::query("INSERT INTO auth_nonces (nonce, expires_ms) VALUES ($1, $2)")
+        .bind(&nonce)
+        .bind(now + NONCE_TTL_MS)
+        .execute(&ctx.db)
+        .await?;
+    Ok(axum::Json(Nonce {
+        nonce,
+        expires_in_s: NONCE_TTL_MS / 1000,
+    }))
+}
+
+/// An auth request's body.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRequest {
+    /// Identity attributes (e.g. `mac`, `serial`), shown to operators.
+    pub identity: BTreeMap<String, String>,
+    /// The device's ed25519 public key, 32 bytes in hex.
+    pub public_key: String,
+    /// A nonce from `GET /authentication/nonce`.
+    pub nonce: String,
+}
+
+/// The answer to an accepted device's auth request.
+#[derive(Debug, Serialize)]
+pub struct AuthToken {
+    /// The bearer token for the other device endpoints.
+    pub token: String,
+    /// The device's id (its key id).
+    pub device_id: String,
+    /// Seconds until the token expires.
+    pub expires_in_s: i64,
+}
+
+fn check_identity(identity: &BTreeMap<String, String>) -> ApiResult<()> {
+    if identity.is_empty() {
+        return Err(ApiError::bad("identity must have at least one attribute"));
+    }
+    if identity.len() > IDENTITY_ATTRIBUTES_MAX {
+        return Err(ApiError::bad(format!(
+            "identity has more than {IDENTITY_ATTRIBUTES_MAX} attributes"
+        )));
+    }
+    for (k, v) in identity {
+        if !valid_name(k) {
+            return Err(ApiError::bad(format!(
+                "identity attribute name {k:?} is not 1 to 128 characters of A-Z a-z 0-9 _ . - :"
+            )));
+        }
+        if v.len() > VALUE_LEN_MAX {
+            return Err(ApiError::bad(format!(
+                "identity attribute {k} is longer than {VALUE_LEN_MAX} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a hex ed25519 public key.
+pub fn parse_public_key(hex_key: &str) -> ApiResult<PublicKey> {
+    let bytes: [u8; 32] = hex::decode(hex_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ApiError::bad("public_key is not 32 bytes of hex"))?;
+    PublicKey::from_bytes(&bytes)
+        .map_err(|e| ApiError::bad(format!("public_key is not an ed25519 key: {e}")))
+}
+
+/// `POST /authentication/auth_requests`.
+pub async fn auth_request(
+    ctx: axum::extract::State<Ctx>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<axum::Json<AuthToken>> {
+    if body.len() > AUTH_REQUEST_MAX {
+        return Err(ApiError::TooLarge(format!(
+            "auth request is larger than {AUTH_REQUEST_MAX} bytes"
+        )));
+    }
+    let req: AuthRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("auth request: {e}")))?;
+    check_identity(&req.identity)?;
+    let key = parse_public_key(&req.public_key)?;
+    let sig: [u8; 64] = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| hex::decode(v.trim()).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "missing or malformed {SIGNATURE_HEADER} header (64 bytes of hex)"
+            ))
+        })?;
+    if !key.verify(&body, &sig) {
+        return Err(ApiError::Unauthorized(
+            "auth request signature does not verify with its public key".into(),
+        ));
+    }
+    let now = now_ms();
+    let used = sqlx::query("DELETE FROM auth_nonces WHERE nonce = $1 AND expires_ms > $2")
+        .bind(&req.nonce)
+        .bind(now)
+        .execute(&ctx.db)
+        .await?;
+    if used.rows_affected() != 1 {
+        return Err(ApiError::Unauthorized(
+            "auth nonce unknown, used or expired; get a new one".into(),
+        ));
+    }
+    let device_id = hex::encode(key.id().0);
+    let identity =
+        serde_json::to_string(&req.identity).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut tx = ctx.db.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO devices (id, public_key, identity, status, created_ms, updated_ms, last_seen_ms) \
+         VALUES ($1, $2, $3, 'pending', $4, $4, $4) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&device_id)
+    .bind(&req.public_key)
+    .bind(&identity)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        audit(
+            &mut tx,
+            &format!("device:{device_id}"),
+            "device.pending",
+            &device_id,
+            serde_json::json!({ "identity": req.identity }),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(device = %device_id, "new device pending");
+        return Err(pending(&device_id));
+    }
+    let status: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
+        .bind(&device_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("status")?;
+    match status.as_str() {
+        "accepted" => {}
+        "preauthorized" => {
+            sqlx::query("UPDATE devices SET status = 'accepted', updated_ms = $2 WHERE id = $1")
+                .bind(&device_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                &format!("device:{device_id}"),
+                "device.accept",
+                &device_id,
+                serde_json::json!({ "reason": "preauthorized key" }),
+            )
+            .await?;
+        }
+        "pending" => {
+            sqlx::query("UPDATE devices SET identity = $2, last_seen_ms = $3 WHERE id = $1")
+                .bind(&device_id)
+                .bind(&identity)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Err(pending(&device_id));
+        }
+        _ => {
+            tx.commit().await?;
+            return Err(ApiError::Unauthorized(format!(
+                "device {device_id} is {status}"
+            )));
+        }
+    }
+    sqlx::query("DELETE FROM device_tokens WHERE device_id = $1 AND expires_ms <= $2")
+        .bind(&device_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let token = format!("sd_{}", random_hex(32));
+    sqlx::query(
+        "INSERT INTO device_tokens (token_hash, device_id, expires_ms) VALUES ($1, $2, $3)",
+    )
+    .bind(token_hash(&token))
+    .bind(&device_id)
+    .bind(now.saturating_add(ctx.limits.device_token_ttl_ms))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE devices SET identity = $2, last_seen_ms = $3 WHERE id = $1")
+        .bind(&device_id)
+        .bind(&identity)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(axum::Json(AuthToken {
+        token,
+        device_id,
+        expires_in_s: ctx.limits.device_token_ttl_ms / 1000,
+    }))
+}
+
+fn pending(device_id: &str) -> ApiError {
+    ApiError::Unauthorized(format!(
+        "device {device_id} is pending: an operator must accept it"
+    ))
+}
+
+/// A release as devices see it.
+#[derive(Debug, Serialize)]
+pub struct ReleaseRef {
+    /// The manifest hash.
+    pub id: String,
+    /// Release name.
+    pub name: String,
+    /// Release version.
+    pub version: String,
+}
+
+/// The next deployment for a device.
+#[derive(Debug, Serialize)]
+pub struct NextDeployment {
+    /// The deployment's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The device's state in it so far.
+    pub status: String,
+    /// The release to install.
+    pub release: ReleaseRef,
+    /// Where to get the signed manifest.
+    pub manifest_url: String,
+    /// Where to POST chunk batches.
+    pub chunks_url: String,
+    /// A static base URL serving the chunk store (`chunks/<2 hex>/<64 hex>`), if
+    /// the server has one; the device may fetch from it instead.
+    pub chunk_base_url: Option<String>,
+}
+
+/// `GET /deployments/next`: the oldest active deployment the device has not
+/// finished, or 204.
+pub async fn next(ctx: axum::extract::State<Ctx>, auth: DeviceAuth) -> ApiResult<Response> {
+    let row = sqlx::query(
+        "SELECT d.id, d.name, d.release_id, dd.status, r.name AS release_name, r.version \
+         FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id \
+         JOIN releases r ON r.id = d.release_id \
+         WHERE dd.device_id = $1 AND d.status = 'active' \
+         AND dd.status IN ('pending', 'downloading', 'installing', 'rebooting') \
+         ORDER BY d.created_ms, d.id LIMIT 1",
+    )
+    .bind(&auth.device_id)
+    .fetch_optional(&ctx.db)
+    .await?;
+    sqlx::query("UPDATE devices SET last_seen_ms = $2 WHERE id = $1")
+        .bind(&auth.device_id)
+        .bind(now_ms())
+        .execute(&ctx.db)
+        .await?;
+    let Some(row) = row else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let id: String = row.try_get("id")?;
+    let base = "/api/devices/v1/deployments";
+    Ok(axum::Json(NextDeployment {
+        manifest_url: format!("{base}/{id}/manifest"),
+        chunks_url: format!("{base}/{id}/chunks"),
+        name: row.try_get("name")?,
+        status: row.try_get("status")?,
+        release: ReleaseRef {
+            id: row.try_get("release_id")?,
+            name: row.try_get("release_name")?,
+            version: row.try_get("version")?,
+        },
+        chunk_base_url: ctx.chunk_base_url.clone(),
+        id,
+    })
+    .into_response())
+}
+
+/// A device's view of one deployment it is part of.
+struct Membership {
+    deployment_status: String,
+    release_id: String,
+    status: String,
+}
+
+/// Loads deployment `id` for `device`: 404 if there is no such deployment, 403 if
+/// it is not for this device.
+async fn membership(ctx: &Ctx, device: &str, id: &str) -> ApiResult<Membership> {
+    check_hex_id(id, 32, "deployment")?;
+    let dep = sqlx::query("SELECT status, release_id FROM deployments WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&ctx.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such deployment"))?;
+    let dd = sqlx::query(
+        "SELECT status FROM deployment_devices WHERE deployment_id = $1 AND device_id = $2",
+    )
+    .bind(id)
+    .bind(device)
+    .fetch_optional(&ctx.db)
+    .await?
+    .ok_or_else(|| ApiError::Forbidden(format!("deployment {id} is not for this device")))?;
+    Ok(Membership {
+        deployment_status: dep.try_get("status")?,
+        release_id: dep.try_get("release_id")?,
+        status: dd.try_get("status")?,
+    })
+}
+
+impl Membership {
+    fn check_not_aborted(&self, id: &str) -> ApiResult<()> {
+        if self.deployment_status == "aborted" || self.status == "aborted" {
+            return Err(ApiError::conflict(format!("deployment {id} was aborted")));
+        }
+        if self.status == "decommissioned" {
+            return Err(ApiError::conflict(format!(
+                "this device was decommissioned from deployment {id}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn release(ctx: &Ctx, id: &str) -> ApiResult<std::sync::Arc<crate::release_cache::Release>> {
+    if let Some(r) = ctx.releases.get(id) {
+        return Ok(r);
+    }
+    let c = ctx.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || c.releases.load(&c.store, &c.root, &id))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("loading release: {e}")))
+}
+
+/// `GET /deployments/{id}/manifest`: the release's signed manifest envelope, as
+/// uploaded; the device verifies it against its own trust root.
+pub async fn manifest(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    let m = membership(&ctx, &auth.device_id, &id).await?;
+    m.check_not_aborted(&id)?;
+    let r = release(&ctx, &m.release_id).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/vnd.shoal.envelope")],
+        r.envelope.clone(),
+    )
+        .into_response())
+}
+
+/// A batch of chunk ids.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkBatch {
+    /// Chunk ids (64 hex digits each), in the order the device wants them.
+    pub ids: Vec<String>,
+}
+
+/// `POST /deployments/{id}/chunks`: the stored chunks asked for, framed.
+pub async fn chunks(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(batch): ApiJson<ChunkBatch>,
+) -> ApiResult<Response> {
+    let m = membership(&ctx, &auth.device_id, &id).await?;
+    m.check_not_aborted(&id)?;
+    if batch.ids.is_empty() {
+        return Err(ApiError::bad("ids is empty"));
+    }
+    if batch.ids.len() > CHUNK_BATCH_IDS_MAX {
+        return Err(ApiError::TooLarge(format!(
+            "a batch has at most {CHUNK_BATCH_IDS_MAX} chunk ids"
+        )));
+    }
+    let r = release(&ctx, &m.release_id).await?;
+    let mut seen = HashSet::with_capacity(batch.ids.len());
+    let mut wanted = Vec::with_capacity(batch.ids.len());
+    for text in &batch.ids {
+        let cid: ChunkId = text
+            .parse()
+            .map_err(|_| ApiError::bad(format!("chunk id {text:?} is not 64 hex digits")))?;
+        if !r.chunks.contains_key(&cid) {
+            return Err(ApiError::bad(format!(
+                "chunk {cid} is not in this deployment's release"
+            )));
+        }
+        if !seen.insert(cid) {
+            return Err(ApiError::bad(format!("chunk {cid} is asked for twice")));
+        }
+        wanted.push(cid);
+    }
+    // The store keeps the first stored form it got of a chunk, which may differ in
+    // size from the one this release's artifact had: measure the files.
+    let store = ctx.store.clone();
+    let sized = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .map(|cid| {
+                let path = store.chunk_file(&cid);
+                let len = std::fs::metadata(&path)
+                    .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?
+                    .len();
+                let len = u32::try_from(len)
+                    .map_err(|_| ApiError::Internal(format!("{} is too large", path.display())))?;
+                Ok((cid, len))
+            })
+            .collect::<ApiResult<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let total: u64 = sized.iter().map(|(_, len)| 36 + u64::from(*len)).sum();
+    if total > CHUNK_BATCH_BYTES_MAX {
+        return Err(ApiError::TooLarge(format!(
+            "the batch is {total} bytes; at most {CHUNK_BATCH_BYTES_MAX} per request"
+        )));
+    }
+    let store = ctx.store.clone();
+    let stream = futures_util::stream::iter(sized).then(move |(cid, stored)| {
+        let path = store.chunk_file(&cid);
+        async move {
+            let data = tokio::fs::read(&path).await?;
+            if data.len() != stored as usize {
+                tracing::error!(path = %path.display(), expected = stored, actual = data.len(), "chunk file changed size while served");
+                return Err(std::io::Error::other("chunk file changed size"));
+            }
+            let mut frame = Vec::with_capacity(36 + data.len());
+            frame.extend_from_slice(cid.as_bytes());
+            frame.extend_from_slice(&stored.to_be_bytes());
+            frame.extend_from_slice(&data);
+            Ok::<_, std::io::Error>(Bytes::from(frame))
+        }
+    });
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/vnd.shoal.chunks".to_owned(),
+            ),
+            (header::CONTENT_LENGTH, total.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A status report.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    /// One of Mender's states: downloading, installing, rebooting, success,
+    /// failure, already-installed.
+    pub status: String,
+    /// Free text shown to operators (at most 256 bytes).
+    #[serde(default)]
+    pub substate: Option<String>,
+}
+
+/// `PUT /deployments/{id}/status`: 204; 409 once the deployment was aborted or the
+/// device already finished it with another state.
+pub async fn status(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(report): ApiJson<StatusReport>,
+) -> ApiResult<StatusCode> {
+    if !DEVICE_STATES.contains(&report.status.as_str()) {
+        return Err(ApiError::bad(format!(
+            "unknown status {:?} (one of: {})",
+            report.status,
+            DEVICE_STATES.join(", ")
+        )));
+    }
+    if report.substate.as_ref().is_some_and(|s| s.len() > 256) {
+        return Err(ApiError::bad("substate is longer than 256 bytes"));
+    }
+    let m = membership(&ctx, &auth.device_id, &id).await?;
+    m.check_not_aborted(&id)?;
+    let finished = FINISHED_STATES.contains(&report.status.as_str());
+    let now = now_ms();
+    let mut tx = ctx.db.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE deployment_devices SET status = $3, substate = $4, updated_ms = $5, \
+         finished_ms = CASE WHEN $6 = 1 THEN $5 ELSE NULL END \
+         WHERE deployment_id = $1 AND device_id = $2 \
+         AND status IN ('pending', 'downloading', 'installing', 'rebooting')",
+    )
+    .bind(&id)
+    .bind(&auth.device_id)
+    .bind(&report.status)
+    .bind(&report.substate)
+    .bind(now)
+    .bind(i64::from(finished))
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        tx.rollback().await?;
+        // Finished (or aborted) meanwhile: the same report again is fine.
+        let m = membership(&ctx, &auth.device_id, &id).await?;
+        m.check_not_aborted(&id)?;
+        if m.status == report.status {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        return Err(ApiError::conflict(format!(
+            "this device already finished deployment {id} with {}",
+            m.status
+        )));
+    }
+    if finished {
+        sqlx::query(
+            "UPDATE deployments SET status = 'finished', finished_ms = $2 \
+             WHERE id = $1 AND status IN ('active', 'paused') AND NOT EXISTS \
+             (SELECT 1 FROM deployment_devices WHERE deployment_id = $1 \
+              AND status IN ('pending', 'downloading', 'installing', 'rebooting'))",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(device = %auth.device_id, deployment = %id, status = %report.status, "device status");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One log line.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    /// When, in Unix milliseconds (the device's clock).
+    pub timestamp_ms: i64,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub level: String,
+    /// The message.
+    pub message: String,
+}
+
+/// A log upload.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogUpload {
+    /// The lines, oldest first.
+    pub messages: Vec<LogLine>,
+}
+
+/// `PUT /deployments/{id}/log`: appends the device's log for this deployment.
+pub async fn log(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(upload): ApiJson<LogUpload>,
+) -> ApiResult<StatusCode> {
+    if upload.messages.len() > LOG_LINES_MAX {
+        return Err(ApiError::TooLarge(format!(
+            "a log upload has at most {LOG_LINES_MAX} lines"
+        )));
+    }
+    for l in &upload.messages {
+        if !["error", "warn", "info", "debug", "trace"].contains(&l.level.as_str()) {
+            return Err(ApiError::bad(format!("unknown log level {:?}", l.level)));
+        }
+        if l.message.len() > LOG_LINE_LEN_MAX {
+            return Err(ApiError::TooLarge(format!(
+                "a log line is longer than {LOG_LINE_LEN_MAX} bytes"
+            )));
+        }
+    }
+    membership(&ctx, &auth.device_id, &id).await?;
+    let mut tx = ctx.db.begin().await?;
+    for l in &upload.messages {
+        sqlx::query(
+            "INSERT INTO deployment_logs (deployment_id, device_id, at_ms, level, message) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(&auth.device_id)
+        .bind(l.timestamp_ms)
+        .bind(&l.level)
+        .bind(&l.message)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /dictionaries/{zstd_id}`: a zstd dictionary chunks may be compressed with
+/// (the id as 8 hex digits, as in the chunk store).
+pub async fn dictionary(
+    ctx: axum::extract::State<Ctx>,
+    _auth: DeviceAuth,
+    ApiPath(zstd_id): ApiPath<String>,
+) -> ApiResult<Response> {
+    check_hex_id(&zstd_id, 8, "dictionary")?;
+    let n =
+        u32::from_str_radix(&zstd_id, 16).map_err(|_| ApiError::not_found("no such dictionary"))?;
+    let path = ctx.store.dictionary_file(n);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found("no such dictionary"))
+        }
+        Err(e) => Err(ApiError::Internal(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// One inventory attribute.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attribute {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+fn check_attributes(attrs: &[Attribute]) -> ApiResult<()> {
+    if attrs.len() > INVENTORY_ATTRIBUTES_MAX {
+        return Err(ApiError::TooLarge(format!(
+            "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
+        )));
+    }
+    let mut names = HashSet::new();
+    for a in attrs {
+        if !valid_name(&a.name) {
+            return Err(ApiError::bad(format!(
+                "attribute name {:?} is not 1 to 128 characters of A-Z a-z 0-9 _ . - :",
+                a.name
+            )));
+        }
+        if a.value.len() > VALUE_LEN_MAX {
+            return Err(ApiError::bad(format!(
+                "attribute {} is longer than {VALUE_LEN_MAX} bytes",
+                a.name
+            )));
+        }
+        if !names.insert(a.name.as_str()) {
+            return Err(ApiError::bad(format!(
+                "attribute {} is given twice",
+                a.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn write_inventory(
+    ctx: &Ctx,
+    device: &str,
+    attrs: &[Attribute],
+    replace: bool,
+) -> ApiResult<StatusCode> {
+    check_attributes(attrs)?;
+    let now = now_ms();
+    let mut tx = ctx.db.begin().await?;
+    if replace {
+        sqlx::query("DELETE FROM inventory WHERE device_id = $1")
+            .bind(device)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for a in attrs {
+        sqlx::query(
+            "INSERT INTO inventory (device_id, name, value, updated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (device_id, name) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+        )
+        .bind(device)
+        .bind(&a.name)
+        .bind(&a.value)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM inventory WHERE device_id = $1")
+        .bind(device)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+    if count > INVENTORY_ATTRIBUTES_MAX as i64 {
+        tx.rollback().await?;
+        return Err(ApiError::TooLarge(format!(
+            "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
+        )));
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /inventory/attributes`: replaces the device's inventory.
+pub async fn inventory_replace(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiJson(attrs): ApiJson<Vec<Attribute>>,
+) -> ApiResult<StatusCode> {
+    write_inventory(&ctx, &auth.device_id, &attrs, true).await
+}
+
+/// `PATCH /inventory/attributes`: adds or updates the attributes given.
+pub async fn inventory_update(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+    ApiJson(attrs): ApiJson<Vec<Attribute>>,
+) -> ApiResult<StatusCode> {
+    write_inventory(&ctx, &auth.device_id, &attrs, false).await
+}

@@ -1,0 +1,380 @@
+//! Releases: `.shoal` artifacts uploaded by operators, verified against the
+//! server's trust root while they stream in (nothing is listed before the whole
+//! artifact verified), listed, deleted (refused while a deployment uses them), and
+//! a delta preview: what a device on each currently installed release must fetch.
+//!
+//! Devices report their installed release in the inventory attributes
+//! `release_name` and `release_version`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use serde::Serialize;
+use shoal_artifact::StoreError;
+use sqlx::Row;
+
+use super::error::{ApiError, ApiResult};
+use super::extractor::{ApiAuth, ApiPath, Role};
+use super::{audit, check_hex_id};
+use crate::Ctx;
+use crate::db::now_ms;
+
+/// A release.
+#[derive(Debug, Clone, Serialize)]
+pub struct Release {
+    /// The BLAKE3 hash of its manifest, in hex.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Device types it is compatible with (empty: any).
+    pub device_types: Vec<String>,
+    /// Bytes of its payloads, uncompressed.
+    pub payload_bytes: i64,
+    /// Bytes of its distinct chunks as stored (compressed).
+    pub stored_bytes: i64,
+    /// Its distinct chunks.
+    pub chunks: i64,
+    /// When it was uploaded.
+    pub created_ms: i64,
+}
+
+fn from_row(row: &sqlx::any::AnyRow) -> ApiResult<Release> {
+    let types: String = row.try_get("device_types")?;
+    Ok(Release {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        device_types: serde_json::from_str(&types)
+            .map_err(|e| ApiError::Internal(format!("stored device types: {e}")))?,
+        payload_bytes: row.try_get("payload_bytes")?,
+        stored_bytes: row.try_get("stored_bytes")?,
+        chunks: row.try_get("chunks")?,
+        created_ms: row.try_get("created_ms")?,
+    })
+}
+
+/// The release with id `id`, or 404.
+pub async fn get_one(ctx: &Ctx, id: &str) -> ApiResult<Release> {
+    check_hex_id(id, 64, "release")?;
+    let row = sqlx::query("SELECT * FROM releases WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&ctx.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no release {id}")))?;
+    from_row(&row)
+}
+
+/// `GET /releases`.
+pub async fn list(State(ctx): State<Ctx>, auth: ApiAuth) -> ApiResult<axum::Json<Vec<Release>>> {
+    auth.require(Role::Viewer)?;
+    let rows = sqlx::query("SELECT * FROM releases ORDER BY name, created_ms")
+        .fetch_all(&ctx.db)
+        .await?;
+    Ok(axum::Json(
+        rows.iter().map(from_row).collect::<ApiResult<_>>()?,
+    ))
+}
+
+/// `GET /releases/{id}`.
+pub async fn show(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<Release>> {
+    auth.require(Role::Viewer)?;
+    Ok(axum::Json(get_one(&ctx, &id).await?))
+}
+
+/// `POST /releases`: the body is a `.shoal` artifact (any content type), read as
+/// it arrives. Its envelope must verify against the server's trust root before a
+/// chunk is stored, each chunk is verified before it is stored, and the release is
+/// listed only after all of it verified. 201 with the release; 200 if the same
+/// release was already there; 409 if another release has its name and version;
+/// 413 past the upload limit; 422 if it does not verify.
+pub async fn upload(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    body: Body,
+) -> ApiResult<(StatusCode, axum::Json<Release>)> {
+    auth.require(Role::Operator)?;
+    let max = ctx.limits.upload_max_bytes;
+    let too_large = Arc::new(AtomicBool::new(false));
+    let flag = too_large.clone();
+    let mut seen: u64 = 0;
+    let stream = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        seen += chunk.len() as u64;
+        if seen > max {
+            flag.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::other("upload too large"));
+        }
+        Ok(chunk)
+    });
+    let reader = tokio_util::io::StreamReader::new(stream);
+    let guard = ctx.store_lock.lock().await;
+    let c = ctx.clone();
+    let now_s = u64::try_from(now_ms() / 1000).ok();
+    let added = tokio::task::spawn_blocking(move || {
+        let sync = tokio_util::io::SyncIoBridge::new(reader);
+        let mut src = std::io::BufReader::with_capacity(256 * 1024, sync);
+        let result = c.store.add_artifact(&mut src, &c.root, now_s);
+        if result.is_err() {
+            // Read the rest (bounded by the upload limit) so the client, still
+            // sending, gets the answer instead of a reset connection.
+            let _ = std::io::copy(&mut src, &mut std::io::sink());
+        }
+        result
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    drop(guard);
+    let report = match added {
+        Ok(r) => r,
+        Err(_) if too_large.load(Ordering::Relaxed) => {
+            return Err(ApiError::TooLarge(format!(
+                "the artifact is larger than the upload limit of {max} bytes"
+            )));
+        }
+        Err(e @ StoreError::Io { .. }) => return Err(ApiError::Internal(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "artifact upload refused");
+            return Err(ApiError::Unprocessable(format!("artifact refused: {e}")));
+        }
+    };
+    let m = &report.manifest;
+    let id = hex::encode(m.hash());
+    if let Some(row) = sqlx::query("SELECT id FROM releases WHERE name = $1 AND version = $2")
+        .bind(&m.name)
+        .bind(&m.version)
+        .fetch_optional(&ctx.db)
+        .await?
+    {
+        let existing: String = row.try_get("id")?;
+        if existing == id {
+            return Ok((StatusCode::OK, axum::Json(get_one(&ctx, &id).await?)));
+        }
+        // Not listed: take the manifest file back out (its chunks stay, shared or
+        // not, until a deletion collects them).
+        let _ = std::fs::remove_file(&report.manifest_path);
+        return Err(ApiError::conflict(format!(
+            "release {} {} already exists with other content ({existing})",
+            m.name, m.version
+        )));
+    }
+    let distinct = m.distinct_chunks();
+    let payload_bytes: u64 = m.payloads.iter().map(|p| p.size).sum();
+    let stored_bytes: u64 = distinct.iter().map(|c| u64::from(c.stored_size)).sum();
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO releases (id, name, version, device_types, payload_bytes, stored_bytes, chunks, created_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&id)
+    .bind(&m.name)
+    .bind(&m.version)
+    .bind(serde_json::to_string(&m.device_types).map_err(|e| ApiError::Internal(e.to_string()))?)
+    .bind(i64::try_from(payload_bytes).unwrap_or(i64::MAX))
+    .bind(i64::try_from(stored_bytes).unwrap_or(i64::MAX))
+    .bind(distinct.len() as i64)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &auth.actor(),
+        "release.upload",
+        &id,
+        serde_json::json!({
+            "name": m.name, "version": m.version,
+            "chunks_added": report.chunks_added, "chunks_present": report.chunks_present,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(release = %id, name = %m.name, version = %m.version, chunks_added = report.chunks_added, "release uploaded");
+    Ok((StatusCode::CREATED, axum::Json(get_one(&ctx, &id).await?)))
+}
+
+/// `DELETE /releases/{id}`: 409 while an active or paused deployment uses it.
+/// Removes its manifest and the chunks no other release lists.
+pub async fn delete(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    auth.require(Role::Operator)?;
+    let release = get_one(&ctx, &id).await?;
+    let guard = ctx.store_lock.lock().await;
+    let mut tx = ctx.db.begin().await?;
+    let users = sqlx::query(
+        "SELECT id FROM deployments WHERE release_id = $1 AND status IN ('active', 'paused') ORDER BY id",
+    )
+    .bind(&id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !users.is_empty() {
+        let ids: Vec<String> = users
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        return Err(ApiError::conflict(format!(
+            "release {} {} is used by deployment(s) {}; abort or finish them first",
+            release.name,
+            release.version,
+            ids.join(", ")
+        )));
+    }
+    sqlx::query("DELETE FROM releases WHERE id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    audit(
+        &mut tx,
+        &auth.actor(),
+        "release.delete",
+        &id,
+        serde_json::json!({ "name": release.name, "version": release.version }),
+    )
+    .await?;
+    let others: Vec<String> = sqlx::query("SELECT id FROM releases")
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    tx.commit().await?;
+    // Collect the chunks only this release listed.
+    let c = ctx.clone();
+    let removed = tokio::task::spawn_blocking(move || -> ApiResult<usize> {
+        let gone = c
+            .releases
+            .load(&c.store, &c.root, &id)
+            .map_err(|e| ApiError::Internal(format!("loading release: {e}")))?;
+        let mut keep = HashSet::new();
+        for o in &others {
+            let r = c
+                .releases
+                .load(&c.store, &c.root, o)
+                .map_err(|e| ApiError::Internal(format!("loading release {o}: {e}")))?;
+            keep.extend(r.chunks.keys().copied());
+        }
+        let mut removed = 0;
+        for cid in gone.chunks.keys().filter(|k| !keep.contains(*k)) {
+            if std::fs::remove_file(c.store.chunk_file(cid)).is_ok() {
+                removed += 1;
+            }
+        }
+        let hash: shoal_artifact::manifest::ChunkId = id
+            .parse()
+            .map_err(|_| ApiError::Internal("release id".into()))?;
+        let _ = std::fs::remove_file(c.store.manifest_file(&hash.0));
+        c.releases.forget(&id);
+        Ok(removed)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    drop(guard);
+    tracing::info!(release = %release.id, chunks_removed = removed, "release deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// What devices on one installed release must fetch for a release.
+#[derive(Debug, Serialize)]
+pub struct DeltaRow {
+    /// The installed release's name (`null` for devices that report none).
+    pub installed_name: Option<String>,
+    /// Its version.
+    pub installed_version: Option<String>,
+    /// Whether the server has that release, so the figure is exact; if not, the
+    /// figure is the whole release.
+    pub known: bool,
+    /// Accepted devices on it.
+    pub devices: i64,
+    /// Chunks they must fetch.
+    pub chunks: u64,
+    /// Stored bytes they must fetch.
+    pub bytes: u64,
+}
+
+/// The delta preview of a release.
+#[derive(Debug, Serialize)]
+pub struct Delta {
+    /// The release.
+    pub release: Release,
+    /// One row per installed release among accepted devices.
+    pub installed: Vec<DeltaRow>,
+}
+
+/// `GET /releases/{id}/delta`.
+pub async fn delta(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<Delta>> {
+    auth.require(Role::Viewer)?;
+    let release = get_one(&ctx, &id).await?;
+    let devices = super::devices::load(&ctx, Some("accepted")).await?;
+    let mut groups: BTreeMap<(Option<String>, Option<String>), i64> = BTreeMap::new();
+    for d in &devices {
+        let key = (
+            d.inventory.get("release_name").cloned(),
+            d.inventory.get("release_version").cloned(),
+        );
+        *groups.entry(key).or_default() += 1;
+    }
+    let mut installed_ids = BTreeMap::new();
+    for row in sqlx::query("SELECT id, name, version FROM releases")
+        .fetch_all(&ctx.db)
+        .await?
+    {
+        let n: String = row.try_get("name")?;
+        let v: String = row.try_get("version")?;
+        installed_ids.insert((Some(n), Some(v)), row.try_get::<String, _>("id")?);
+    }
+    let c = ctx.clone();
+    let rows = tokio::task::spawn_blocking(move || -> ApiResult<Vec<DeltaRow>> {
+        let load = |rid: &str| {
+            c.releases
+                .load(&c.store, &c.root, rid)
+                .map_err(|e| ApiError::Internal(format!("loading release {rid}: {e}")))
+        };
+        let target = load(&id)?;
+        let mut out = Vec::new();
+        for ((name, version), count) in groups {
+            let base = match installed_ids.get(&(name.clone(), version.clone())) {
+                Some(bid) => Some(load(bid)?),
+                None => None,
+            };
+            let (mut chunks, mut bytes) = (0u64, 0u64);
+            for (cid, stored) in &target.chunks {
+                if base.as_ref().is_some_and(|b| b.chunks.contains_key(cid)) {
+                    continue;
+                }
+                chunks += 1;
+                bytes += u64::from(*stored);
+            }
+            out.push(DeltaRow {
+                installed_name: name,
+                installed_version: version,
+                known: base.is_some(),
+                devices: count,
+                chunks,
+                bytes,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(axum::Json(Delta {
+        release,
+        installed: rows,
+    }))
+}

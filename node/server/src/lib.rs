@@ -1,0 +1,187 @@
+//! Shoal's server role: the HTTP APIs that devices and operators talk to.
+//!
+//! - **Device API** (`/api/devices/v1`): devices authenticate with an auth request
+//!   signed by their own ed25519 key (the same key is their LAN identity); unknown
+//!   devices wait as *pending* until an operator accepts them (or their key was
+//!   preauthorized); accepted devices get a short-lived bearer token bound to that
+//!   device. With it they poll for their next deployment, fetch its signed
+//!   manifest and the stored (compressed) chunks they lack in batches, and report
+//!   status with Mender's state names, logs and inventory.
+//! - **Management API** (`/api/management/v1`, used by `shoal admin`): devices,
+//!   static and dynamic groups, releases (uploaded `.shoal` artifacts, verified
+//!   against the server's trust root while they stream in), deployments, API
+//!   tokens with roles, and an audit log of every change.
+//! - An OpenAPI document at `/api/openapi.json`.
+//!
+//! Design: axum handlers stay thin over one `Arc`-held [`Context`]; every failure
+//! is an [`ApiError`](http::error::ApiError) with a JSON body; authentication is an
+//! extractor; SQL lives in migrations and in one module per resource. The database
+//! is SQLite in the data directory by default and PostgreSQL for scale-out; all
+//! state is in the database and the chunk store, none in a process, so any number
+//! of server processes can share one PostgreSQL. Chunks live in a
+//! [`shoal_artifact::ChunkStore`] directory (`DIR/store`), laid out so that a
+//! static file server can serve them as they are.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use shoal_artifact::ChunkStore;
+use shoal_signing::TrustRoot;
+use sqlx::AnyPool;
+
+pub mod db;
+pub mod filter;
+pub mod http;
+pub mod release_cache;
+
+pub use http::extractor::Role;
+
+/// How a server is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The data directory: the SQLite database (unless `database_url` is set) and
+    /// the chunk store (`DIR/store`).
+    pub data_dir: PathBuf,
+    /// A database URL (`postgres://...` or `sqlite:...`); default: SQLite in
+    /// `data_dir`.
+    pub database_url: Option<String>,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The trust root uploaded artifacts must verify against.
+    pub root: TrustRoot,
+    /// How long a device token lives, in seconds.
+    pub device_token_ttl_s: u64,
+    /// The largest artifact upload accepted, in bytes.
+    pub upload_max_bytes: u64,
+    /// A static base URL that serves the chunk store (nginx, S3, a CDN), handed to
+    /// devices with each deployment so they may fetch chunks from it instead.
+    pub chunk_base_url: Option<String>,
+    /// Database connections per server process.
+    pub max_connections: u32,
+}
+
+impl Config {
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| db::sqlite_url(&self.data_dir))
+    }
+}
+
+/// Limits on what one request may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A device token's lifetime, in milliseconds.
+    pub device_token_ttl_ms: i64,
+    /// The largest artifact upload, in bytes.
+    pub upload_max_bytes: u64,
+}
+
+/// Everything a handler needs, shared by all of them behind one `Arc`.
+#[derive(Debug)]
+pub struct Context {
+    /// The database pool.
+    pub db: AnyPool,
+    /// Which database it is.
+    pub backend: db::Backend,
+    /// The chunk store.
+    pub store: ChunkStore,
+    /// The trust root releases must verify against.
+    pub root: TrustRoot,
+    /// Request limits.
+    pub limits: Limits,
+    /// The static chunk base URL handed to devices, if any.
+    pub chunk_base_url: Option<String>,
+    /// Verified manifests of releases, loaded on first use.
+    pub releases: release_cache::ReleaseCache,
+    /// Held while an upload adds chunks and while a release deletion removes the
+    /// chunks no other release lists, so one never removes what the other counts on.
+    pub store_lock: tokio::sync::Mutex<()>,
+}
+
+/// The shared context handlers get.
+pub type Ctx = Arc<Context>;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be created.
+    #[error("creating data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Database(#[from] db::OpenError),
+    /// The chunk store could not be opened.
+    #[error("opening the chunk store: {0}")]
+    Store(#[from] shoal_artifact::StoreError),
+    /// The listen address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Opens the database and chunk store of `config` into a [`Context`].
+pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let (pool, backend) = db::open(&config.database_url(), config.max_connections).await?;
+    let store = ChunkStore::open(&config.data_dir.join("store"))?;
+    Ok(Arc::new(Context {
+        db: pool,
+        backend,
+        store,
+        root: config.root.clone(),
+        limits: Limits {
+            device_token_ttl_ms: i64::try_from(config.device_token_ttl_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            upload_max_bytes: config.upload_max_bytes,
+        },
+        chunk_base_url: config.chunk_base_url.clone(),
+        releases: release_cache::ReleaseCache::default(),
+        store_lock: tokio::sync::Mutex::new(()),
+    }))
+}
+
+/// Binds `config.listen`, calls `on_ready` with the bound address (useful with port
+/// 0), and serves until `shutdown` completes; requests in flight are finished.
+pub async fn serve(
+    config: &Config,
+    on_ready: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let ctx = open(config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(%addr, backend = ?ctx.backend, "serving");
+    on_ready(addr);
+    axum::serve(listener, http::router(ctx.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Serve)?;
+    ctx.db.close().await;
+    Ok(())
+}

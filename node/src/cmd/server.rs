@@ -1,0 +1,207 @@
+//! `shoal server`: runs the server role (device and management APIs), and
+//! `shoal server token` makes API tokens on the server host (the first admin token).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args as ClapArgs, Subcommand};
+use shoal_server::{Config, Role, db};
+use shoal_signing::SignedRoot;
+
+use super::{Exit, Ui, chain};
+
+/// Run the Shoal server, or manage it on its host.
+///
+/// Example: shoal server --data /var/lib/shoal-server --listen 0.0.0.0:8440
+#[derive(Debug, ClapArgs)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make an API token directly in the database (works with the server running or
+    /// not); prints the secret once. Use it for the first admin token.
+    ///
+    /// Example: shoal server token --data /var/lib/shoal-server --name alice --role admin
+    Token(TokenArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct Where {
+    /// Data directory: the SQLite database (unless --database) and the chunk store.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// A PostgreSQL URL (postgres://user:pass@host/db) instead of SQLite in DIR.
+    #[arg(long, value_name = "URL", env = "SHOAL_DATABASE_URL")]
+    database: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+struct RunArgs {
+    #[command(flatten)]
+    place: Where,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8440")]
+    listen: SocketAddr,
+    /// The trust root uploaded releases must verify against [default: DIR/root.shoalroot].
+    #[arg(long, value_name = "FILE")]
+    root: Option<PathBuf>,
+    /// Lifetime of device tokens, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    device_token_ttl: u64,
+    /// Largest artifact upload, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 30)]
+    upload_max: u64,
+    /// A static URL serving DIR/store (nginx, a CDN) to hand to devices.
+    #[arg(long, value_name = "URL")]
+    chunk_base_url: Option<String>,
+    /// Database connections of this process.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    db_connections: u32,
+}
+
+#[derive(Debug, ClapArgs)]
+struct TokenArgs {
+    #[command(flatten)]
+    place: Where,
+    /// Who or what the token is for.
+    #[arg(long)]
+    name: String,
+    /// Its role: viewer, operator or admin.
+    #[arg(long, value_parser = parse_role)]
+    role: Role,
+    /// Print the token as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (viewer, operator or admin)"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn data_dir(place: &Where) -> anyhow::Result<PathBuf> {
+    place
+        .data
+        .clone()
+        .ok_or_else(|| Exit::usage("--data DIR is required"))
+}
+
+fn check_database(place: &Where) -> anyhow::Result<()> {
+    if let Some(url) = &place.database {
+        db::check_url(url).map_err(|e| Exit::usage(format!("--database: {}", chain(&e))))?;
+    }
+    Ok(())
+}
+
+/// Runs `shoal server`.
+pub fn run(args: Args, ui: &Ui) -> anyhow::Result<()> {
+    match args.command {
+        Some(Command::Token(t)) => token(t),
+        None => serve(args.run, ui),
+    }
+}
+
+fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
+    let data = data_dir(&args.place)?;
+    check_database(&args.place)?;
+    let root_path = args.root.unwrap_or_else(|| data.join("root.shoalroot"));
+    let signed = SignedRoot::load(&root_path).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {}: {} (pass --root FILE or put it there)",
+            root_path.display(),
+            chain(&e)
+        ))
+    })?;
+    signed.verify_self(None).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {} is not validly self-signed: {e}",
+            root_path.display()
+        ))
+    })?;
+    let config = Config {
+        data_dir: data,
+        database_url: args.place.database,
+        listen: args.listen,
+        root: signed.root,
+        device_token_ttl_s: args.device_token_ttl,
+        upload_max_bytes: args.upload_max,
+        chunk_base_url: args.chunk_base_url,
+        max_connections: args.db_connections.max(1),
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        shoal_server::serve(
+            &config,
+            |addr| ui.info(format!("shoal server listening on http://{addr}")),
+            shutdown,
+        )
+        .await
+    })
+    .map_err(|e| match e {
+        shoal_server::ServeError::Database(db::OpenError::Connect(_)) => Exit::tempfail(chain(&e)),
+        shoal_server::ServeError::Bind { .. } => Exit::usage(chain(&e)),
+        other => anyhow::Error::new(other),
+    })
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    check_database(&args.place)?;
+    let url = match &args.place.database {
+        Some(u) => u.clone(),
+        None => {
+            let data = data_dir(&args.place)?;
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            db::sqlite_url(&data)
+        }
+    };
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let rt = runtime()?;
+    let t = rt.block_on(async {
+        let (pool, _) = db::open(&url, 1)
+            .await
+            .map_err(|e| Exit::tempfail(chain(&e)))?;
+        let t = shoal_server::http::tokens::create_token(
+            &pool,
+            &args.name,
+            args.role,
+            &format!("host:{user}"),
+        )
+        .await
+        .map_err(|e| match e {
+            shoal_server::http::error::ApiError::BadRequest(m) => Exit::usage(m),
+            other => anyhow::anyhow!(other.to_string()),
+        })?;
+        pool.close().await;
+        anyhow::Ok(t)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        println!("{}", t.secret);
+    }
+    Ok(())
+}
