@@ -5,13 +5,13 @@
 
 use std::collections::BTreeSet;
 
-use shoal_artifact::{ChunkId, Chunking, Manifest};
+use shoal_artifact::{ChunkId, Manifest};
 use shoal_signing::{SecretKey, TrustRoot};
 
-use crate::testing::{Link, SimDevice, bytes, keys, release, release_chunked, sign};
+use crate::testing::{Link, SimDevice, bytes, keys, release, sign};
 use crate::{
-    Bitfield, Config, Engine, Event, FetchFailure, Gone, Holds, InstallError, Offer, Slot,
-    SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits,
+    Bitfield, Config, Event, FetchFailure, Gone, Holds, InstallError, Offer, SourceClass, SourceId,
+    SourceInfo, SourceKind, SourceLimits,
 };
 
 const DEVICE: &str = "acme-board";
@@ -411,7 +411,7 @@ fn fetches_are_batched_by_bytes() {
 /// healthy source alone (virtual time), with batched requests.
 #[test]
 fn a_dead_source_does_not_stall_a_30000_chunk_install() {
-    let ratio = dead_source_ratio(30_000, 1);
+    let ratio = crate::testing::dead_source_experiment(30_000, 1);
     eprintln!("{ratio:?}");
     assert!(
         ratio.dead_ms as f64 <= 1.2 * ratio.healthy_ms as f64,
@@ -419,67 +419,6 @@ fn a_dead_source_does_not_stall_a_30000_chunk_install() {
     );
     // Batched: about one request per 1,024 chunks, not one per chunk.
     assert!(ratio.healthy_requests <= 40, "{ratio:?}");
-}
-
-/// Times of the dead-source experiment.
-#[derive(Debug)]
-pub(crate) struct DeadSource {
-    pub(crate) healthy_ms: u64,
-    pub(crate) dead_ms: u64,
-    pub(crate) healthy_requests: u64,
-}
-
-/// Runs the dead-source experiment with `n` chunks of 256 bytes.
-pub(crate) fn dead_source_ratio(n: usize, seed: u64) -> DeadSource {
-    let f = Fixture::new();
-    let chunking = Chunking {
-        min_size: 64,
-        avg_size: 256,
-        max_size: 1024,
-    };
-    let image = bytes(seed, n * 256);
-    let (m, chunks) = release_chunked("acme-os", "1.0", 1, DEVICE, &image, chunking);
-    let healthy = Link {
-        rtt_us: 20_000,
-        per_chunk_us: 150,
-        silent: false,
-    };
-    let run = |dead: bool| -> (u64, u64) {
-        let mut dev = SimDevice::new(&[], image.len() as u64, seed);
-        dev.check = false;
-        dev.stores
-            .insert(SourceId(1), chunks.iter().cloned().collect());
-        dev.links.insert(SourceId(1), healthy);
-        let mut sources = vec![source(1, SourceClass::Wan)];
-        if dead {
-            dev.links.insert(
-                SourceId(2),
-                Link {
-                    silent: true,
-                    ..Link::default()
-                },
-            );
-            sources.push(source(2, SourceClass::Wan));
-        }
-        let mut config = f.config();
-        config.journal_batch_bytes = 4 * MIB as u64;
-        config.seed = seed;
-        let mut engine = Engine::new(config, dev.store.load());
-        engine
-            .offer(dev.now(), f.offer(&m, sources))
-            .expect("offer");
-        dev.run(&mut engine, None).expect("no crash");
-        assert!(armed(&dev.events), "{:?}", failed(&dev.events));
-        assert_eq!(dev.boot.armed, Some(Slot::B));
-        (dev.now().as_millis(), asked(&dev, 1).0)
-    };
-    let (healthy_ms, healthy_requests) = run(false);
-    let (dead_ms, _) = run(true);
-    DeadSource {
-        healthy_ms,
-        dead_ms,
-        healthy_requests,
-    }
 }
 
 #[test]

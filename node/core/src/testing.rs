@@ -626,3 +626,81 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Times of the dead-source experiment.
+#[derive(Debug)]
+pub struct DeadSource {
+    pub healthy_ms: u64,
+    pub dead_ms: u64,
+    pub healthy_requests: u64,
+}
+
+/// The dead-source experiment of issue 10 with `n` chunks of 256 bytes: an install
+/// from one healthy request source (20 ms round trip, 150 µs per chunk), then from
+/// it and a second one that never answers; virtual times and the healthy source's
+/// request count. For the engine's tests and `shoal-bench engine`.
+pub fn dead_source_experiment(n: usize, seed: u64) -> DeadSource {
+    let (key, root) = keys(3);
+    let offer = |m: &Manifest, sources: Vec<crate::SourceInfo>| crate::Offer {
+        envelope: sign(m, &key),
+        wall_unix_s: None,
+        sources,
+        reboot: false,
+    };
+    let chunking = Chunking {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    let image = bytes(seed, n * 256);
+    let (m, chunks) = release_chunked("acme-os", "1.0", 1, "acme-board", &image, chunking);
+    let healthy = Link {
+        rtt_us: 20_000,
+        per_chunk_us: 150,
+        silent: false,
+    };
+    let run = |dead: bool| -> (u64, u64) {
+        let mut dev = SimDevice::new(&[], image.len() as u64, seed);
+        dev.check = false;
+        dev.stores
+            .insert(SourceId(1), chunks.iter().cloned().collect());
+        dev.links.insert(SourceId(1), healthy);
+        let source = |id| {
+            crate::SourceInfo::new(
+                SourceId(id),
+                crate::SourceKind::Requests,
+                crate::SourceClass::Wan,
+                format!("server {id}"),
+            )
+        };
+        let mut sources = vec![source(1)];
+        if dead {
+            dev.links.insert(
+                SourceId(2),
+                Link {
+                    silent: true,
+                    ..Link::default()
+                },
+            );
+            sources.push(source(2));
+        }
+        let mut config = crate::Config::new("acme-board", root.clone());
+        config.journal_batch_bytes = 4 * 1024 * 1024;
+        config.seed = seed;
+        let mut engine = Engine::new(config, dev.store.load());
+        engine.offer(dev.now(), offer(&m, sources)).expect("offer");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(dev.boot.armed, Some(Slot::B), "{:?}", dev.events.last());
+        (
+            dev.now().as_millis(),
+            dev.requests_sent.get(&SourceId(1)).map_or(0, |r| r.0),
+        )
+    };
+    let (healthy_ms, healthy_requests) = run(false);
+    let (dead_ms, _) = run(true);
+    DeadSource {
+        healthy_ms,
+        dead_ms,
+        healthy_requests,
+    }
+}

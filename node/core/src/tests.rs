@@ -1,7 +1,6 @@
 //! Engine tests, through the in-memory device of [`crate::testing`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use shoal_artifact::{BaseRelease, ChunkId, Manifest};
 use shoal_signing::{RoleName, SecretKey, TrustRoot, VerifyError};
