@@ -800,24 +800,6 @@ fn concat_os(prefix: &str, path: &Path) -> std::ffi::OsString {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zck_delta_size_output_is_parsed() {
-        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
-        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
-        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
-        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
-    }
-
-    #[test]
-    fn one_line_keeps_the_last_line() {
-        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
-    }
-}
-
 /// Issue 10: the engine's fetch scheduler, on the engine alone (virtual time, the
 /// in-memory device). Rows not listed are not measured yet.
 pub fn engine() -> Result<Section> {
@@ -849,4 +831,22 @@ pub fn engine() -> Result<Section> {
             ),
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zck_delta_size_output_is_parsed() {
+        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
+        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
+        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
+        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
+    }
+
+    #[test]
+    fn one_line_keeps_the_last_line() {
+        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
+    }
 }

@@ -374,7 +374,8 @@ fn a_stream_and_a_request_source_work_at_the_same_time() {
     let mut engine = dev.engine(f.config());
     let offer = f.offer(&m, vec![stick, source(2, SourceClass::Peer)]);
     engine.offer(dev.now(), offer).expect("offer");
-    let stream = Some((SourceId(1), chunks[..half].to_vec().into_iter()));
+    let pushed: Vec<(ChunkId, Vec<u8>)> = chunks[..half].to_vec();
+    let stream = Some((SourceId(1), pushed.into_iter()));
     dev.run(&mut engine, stream).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(armed(&dev.events));
