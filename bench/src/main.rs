@@ -91,6 +91,16 @@ pub struct Ctx {
 }
 
 fn main() -> std::process::ExitCode {
+    // `shoal-bench engine`: the engine's goals (issue 10), on the engine alone.
+    if std::env::args().nth(1).as_deref() == Some("engine") {
+        return match engine_only() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal-bench: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -98,6 +108,16 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the engine section and prints its table.
+fn engine_only() -> Result<()> {
+    let report = Report {
+        context: vec![("source tree".to_string(), source_tree())],
+        sections: vec![sections::engine()?],
+    };
+    io::stdout().write_all(report.to_markdown().as_bytes())?;
+    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {

@@ -906,6 +906,39 @@ pub fn harden(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     })
 }
 
+/// Issue 10: the engine's fetch scheduler, on the engine alone (virtual time, the
+/// in-memory device). Rows not listed are not measured yet.
+pub fn engine() -> Result<Section> {
+    progress("engine: dead-source install, 30,000 chunks (virtual time)");
+    let runs = shoal_engine::testing::dead_source_experiment(30_000, 1);
+    let healthy = Quantity::Seconds(runs.healthy_ms as f64 / 1000.0);
+    let dead = Quantity::Seconds(runs.dead_ms as f64 / 1000.0);
+    let goals = vec![Goal::relative(
+        "install with one of two request sources dead (virtual time, 30,000 chunks)",
+        Ok(dead),
+        Baseline {
+            label: "the healthy source alone".to_string(),
+            quantity: healthy,
+        },
+        Target::RatioAtMost(1.2),
+    )];
+    Ok(Section {
+        title: "Issue 10: engine".to_string(),
+        goals,
+        series: Vec::new(),
+        facts: vec![
+            (
+                "requests to the healthy source alone for 30,000 chunks".to_string(),
+                runs.healthy_requests.to_string(),
+            ),
+            (
+                "healthy / dead-source virtual time".to_string(),
+                format!("{} ms / {} ms", runs.healthy_ms, runs.dead_ms),
+            ),
+        ],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,8 +28,8 @@ use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot, SourceId,
-    SourceInfo, SourceKind, Status, slot_index,
+    Boot, Engine, Event, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot,
+    SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status, slot_index,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -400,12 +400,10 @@ impl Device {
                 let offer = Offer {
                     envelope: artifact.envelope().to_bytes(),
                     wall_unix_s: wall,
-                    sources: vec![SourceInfo {
-                        id: STREAM,
-                        kind: SourceKind::Stream,
-                        name: name.clone(),
-                        holds: Some(holds),
-                    }],
+                    sources: vec![
+                        SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
+                            .holding(Holds::Ids(holds)),
+                    ],
                     reboot,
                 };
                 driver.offer(offer)?;
@@ -434,12 +432,15 @@ impl Device {
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
-                    sources: vec![SourceInfo {
-                        id: STORE,
-                        kind: SourceKind::Requests,
-                        name: dir.display().to_string(),
-                        holds: None,
-                    }],
+                    sources: vec![
+                        SourceInfo::new(
+                            STORE,
+                            SourceKind::Requests,
+                            SourceClass::Local,
+                            dir.display().to_string(),
+                        )
+                        .with_limits(STORE_LIMITS),
+                    ],
                     reboot,
                 };
                 driver.offer(offer)?;
@@ -573,8 +574,6 @@ fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
     // Local sources answer at once: a few requests in flight keep the queue of
     // chunks waiting to be written (and so memory) small.
     config.reads_in_flight_max = 2;
-    config.fetch_in_flight_max = 8;
-    config.fetch_batch_max = 8;
     config
 }
 
@@ -628,6 +627,13 @@ pub fn read_status(config: &Config) -> anyhow::Result<(Status, shoal_bootctl::St
 
 const STREAM: SourceId = SourceId(1);
 const STORE: SourceId = SourceId(2);
+/// A chunk store on this device answers at once: one small request at a time keeps
+/// the queue of chunks waiting to be written (and so memory) small.
+const STORE_LIMITS: SourceLimits = SourceLimits {
+    requests_max: 1,
+    request_bytes_max: 512 * 1024,
+    request_chunks_max: 8,
+};
 
 fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     match e {
@@ -883,7 +889,7 @@ impl<'a> Driver<'a> {
                             shoal_engine::InstallError::Io {
                                 op: IoOp::Fetch,
                                 ..
-                            }
+                            } | shoal_engine::InstallError::SourcesFailed { .. }
                         );
                     return Err(if retry {
                         Exit::tempfail(format!(
@@ -1099,7 +1105,9 @@ impl<'a> Driver<'a> {
                     },
                 );
             }
-            Output::Fetch { source, ids } => {
+            // Requests are answered before the next output: nothing to cancel.
+            Output::Cancel { .. } => {}
+            Output::Fetch { source, ids, .. } => {
                 let Some((store, refs)) = self.chunk_store.as_ref() else {
                     return Err((IoOp::Fetch, anyhow!("no request source {source}")));
                 };
@@ -1289,6 +1297,7 @@ fn short(e: &Event) -> String {
             format!("{release} armed for a trial boot of slot {slot}")
         }
         Event::Failed(err) => format!("failed: {err}"),
+        Event::SourceBanned { source } => format!("{source} sent a corrupt chunk; banned"),
         Event::Checking { release } => format!("checking {release}"),
         Event::TrialPending { slot } => format!("trial of slot {slot} pending"),
         Event::Committed { release, slot } => format!("{release} committed on slot {slot}"),

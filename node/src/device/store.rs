@@ -168,6 +168,27 @@ impl Store {
         }))
     }
 
+    /// A store kept by `backend` (tests: a disk that loses power), called `path` in
+    /// errors.
+    #[cfg(test)]
+    pub(crate) fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        path: PathBuf,
+    ) -> Result<Store, StoreError> {
+        let db = builder()
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Db {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path,
+        };
+        store.write(|_| Ok(()))?;
+        Ok(store)
+    }
+
     fn db_err(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Db {
             path: self.path.clone(),
