@@ -1112,6 +1112,18 @@ fn envelope_signers<R: Read + io::Seek>(
     if size > ENVELOPE_SIZE_MAX as u64 {
         return Ok(()); // EnvelopeTooLarge, before anything is read.
     }
+    member_signers(src, start + BLOCK as u64, size, root)
+}
+
+/// The signature check of [`check_envelope_signers`] on the envelope member's
+/// data of `size` bytes at `data_start` in `src`.
+fn member_signers<R: Read + io::Seek>(
+    src: &mut R,
+    data_start: u64,
+    size: u64,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let mut got = 0;
     // `{ "signed": bstr(L), "signatures": [..] }`: map(2), text(6) "signed", and
     // the byte string's header (1 to 9 bytes).
     const KEY: &[u8] = b"\xa2\x66signed";
@@ -1140,7 +1152,7 @@ fn envelope_signers<R: Read + io::Seek>(
     if tail_len > tail_max {
         return Ok(());
     }
-    src.seek(io::SeekFrom::Start(start + BLOCK as u64 + signed_end))?;
+    src.seek(io::SeekFrom::Start(data_start + signed_end))?;
     let mut tail = vec![0xa1u8; 1 + tail_len as usize];
     if !ustar::read_full(src, &mut tail[1..], &mut got)? {
         return Ok(());
@@ -1226,9 +1238,11 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if !ustar::read_full(src, pad, &mut got)? {
         return Err(truncated());
     }
-    let envelope = Envelope::from_bytes(&bytes)?;
     // No Shoal tool writes an envelope without a signature; every reader refuses
-    // one (from a file before reading it: `check_envelope_signers`).
+    // one (from a file before reading it: `check_envelope_signers`; from a pipe
+    // here, before it is decoded and copied).
+    member_signers(&mut io::Cursor::new(&bytes[..]), 0, member.size, None)?;
+    let envelope = Envelope::from_bytes(&bytes)?;
     if envelope.signatures.is_empty() {
         return Err(ReadError::Unsigned { size: member.size });
     }
