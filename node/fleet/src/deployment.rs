@@ -200,23 +200,6 @@ impl Deployment {
         if r.open_phases() == 0 {
             return Err("no phase is open".into());
         }
-        let started: u32 = counted
-            .iter()
-            .map(|c| {
-                c.downloading
-                    + c.installing
-                    + c.rebooting
-                    + c.success
-                    + c.failure
-                    + c.already_installed
-            })
-            .sum();
-        if started > r.admissible() {
-            return Err(format!(
-                "{started} devices started, {} admissible",
-                r.admissible()
-            ));
-        }
         if matches!(r.state(), State::Aborted | State::Finished) && r.counts().unfinished() > 0 {
             return Err(format!(
                 "{} with {} unfinished devices",

@@ -97,6 +97,8 @@
 //! What the server does with the answers (HTTP codes, tokens, SQL, audit log) and when it
 //! calls in (a poll, a report, an operator's command, a timer) is the driver's business.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 mod deployment;
 pub mod filter;
