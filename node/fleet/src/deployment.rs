@@ -200,23 +200,6 @@ impl Deployment {
         if r.open_phases() == 0 {
             return Err("no phase is open".into());
         }
-        let started: u32 = counted
-            .iter()
-            .map(|c| {
-                c.downloading
-                    + c.installing
-                    + c.rebooting
-                    + c.success
-                    + c.failure
-                    + c.already_installed
-            })
-            .sum();
-        if started > r.admissible() {
-            return Err(format!(
-                "{started} devices started, {} admissible",
-                r.admissible()
-            ));
-        }
         if matches!(r.state(), State::Aborted | State::Finished) && r.counts().unfinished() > 0 {
             return Err(format!(
                 "{} with {} unfinished devices",
@@ -228,5 +211,167 @@ impl Deployment {
             return Err("halted without a reason".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PhaseSpec, Proceed, Size};
+    use serde_json::{Value, json};
+
+    /// Two phases of 2 devices; d-phase-0 devices first.
+    fn deployment() -> Deployment {
+        let policy = Policy {
+            phases: vec![
+                PhaseSpec {
+                    size: Size::Count(2),
+                    proceed: Proceed {
+                        successes: None,
+                        delay_ms: Some(10),
+                    },
+                },
+                PhaseSpec {
+                    size: Size::Rest,
+                    proceed: Proceed::default(),
+                },
+            ],
+            failures_max: None,
+            retries: 1,
+            seed: 3,
+        };
+        let devices = (0..4).map(|i| DeviceId::new(format!("d{i}")));
+        Deployment::new(policy, devices, Instant::from_millis(0))
+            .unwrap()
+            .0
+    }
+
+    /// The deployment with `f` applied to its stored form, loaded back.
+    fn tampered(d: &Deployment, f: impl FnOnce(&mut Value)) -> Deployment {
+        let mut v = serde_json::to_value(d).unwrap();
+        f(&mut v);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn entry_in(d: &Deployment, phase: u32) -> String {
+        d.entries()
+            .find(|e| e.phase == phase)
+            .unwrap()
+            .device
+            .to_string()
+    }
+
+    #[test]
+    fn a_consistent_deployment_passes() {
+        let d = deployment();
+        assert_eq!(d.check_invariants(), Ok(()));
+        assert_eq!(d.entries().count(), 4);
+        assert_eq!(d.entries().filter(|e| e.phase == 0).count(), 2);
+    }
+
+    #[test]
+    fn invariants_catch_each_kind_of_disagreement() {
+        let d = deployment();
+        let late = entry_in(&d, 1);
+        let early = entry_in(&d, 0);
+
+        let t = tampered(&d, |v| v["entries"][&late]["status"] = json!("downloading"));
+        let err = t.check_invariants().unwrap_err();
+        assert_eq!(
+            err,
+            format!("{late} is downloading in phase 1 but only 1 phase(s) are open")
+        );
+
+        let t = tampered(&d, |v| v["entries"][&early]["status"] = json!("success"));
+        let err = t.check_invariants().unwrap_err();
+        assert!(err.starts_with("phase 0 counts"), "{err}");
+
+        let t = tampered(&d, |v| v["entries"][&early]["attempts"] = json!(2));
+        assert_eq!(
+            t.check_invariants().unwrap_err(),
+            format!("{early} used 2 retries of 1")
+        );
+
+        let t = tampered(&d, |v| v["entries"][&early]["phase"] = json!(7));
+        assert_eq!(
+            t.check_invariants().unwrap_err(),
+            format!("{early} is in phase 7 of 2")
+        );
+
+        let t = tampered(&d, |v| {
+            let entries = v["entries"].as_object_mut().unwrap();
+            entries.remove(&late);
+        });
+        let err = t.check_invariants().unwrap_err();
+        assert!(err.starts_with("phase 1 counts"), "{err}");
+    }
+
+    #[test]
+    fn invariants_catch_a_state_that_contradicts_the_entries() {
+        let mut d = deployment();
+        let early = DeviceId::new(entry_in(&d, 0));
+        d.report(&early, Status::Downloading, Instant::from_millis(1))
+            .unwrap();
+        // Claim the rollout finished while a device is downloading (counts agree).
+        let t = tampered(&d, |v| v["rollout"]["state"] = json!("finished"));
+        assert_eq!(
+            t.check_invariants().unwrap_err(),
+            "finished with 4 unfinished devices"
+        );
+        let t = tampered(&d, |v| v["rollout"]["state"] = json!("aborted"));
+        assert_eq!(
+            t.check_invariants().unwrap_err(),
+            "aborted with 4 unfinished devices"
+        );
+    }
+
+    #[test]
+    fn the_wrapper_answers_for_unknown_devices() {
+        let mut d = deployment();
+        let stranger = DeviceId::new("stranger");
+        let now = Instant::from_millis(1);
+        assert_eq!(d.admission(&stranger), None);
+        assert_eq!(d.entry(&stranger), None);
+        assert_eq!(
+            d.report(&stranger, Status::Success, now),
+            Err(ReportError::NotInDeployment)
+        );
+        assert_eq!(
+            d.no_artifact(&stranger, now),
+            Err(MarkError::NotInDeployment)
+        );
+        assert_eq!(
+            d.decommissioned(&stranger, now),
+            Err(MarkError::NotInDeployment)
+        );
+    }
+
+    #[test]
+    fn the_wrapper_forwards_to_the_rollout() {
+        let mut d = deployment();
+        let early = DeviceId::new(entry_in(&d, 0));
+        let late = DeviceId::new(entry_in(&d, 1));
+        assert_eq!(d.poll_timeout(), Some(Instant::from_millis(10)));
+        assert_eq!(d.handle_timeout(Instant::from_millis(10)).len(), 1);
+        assert_eq!(d.admission(&late), Some(Admission::Serve));
+        d.pause(Instant::from_millis(11)).unwrap();
+        assert_eq!(d.summary(Instant::from_millis(11)).state, State::Paused);
+        d.resume(Instant::from_millis(12)).unwrap();
+        d.no_artifact(&late, Instant::from_millis(13)).unwrap();
+        assert_eq!(d.entry(&late).unwrap().status, Status::NoArtifact);
+        d.report(&early, Status::Failure, Instant::from_millis(14))
+            .unwrap(); // retried
+        d.report(&early, Status::Failure, Instant::from_millis(15))
+            .unwrap();
+        assert_eq!(d.retry_failed(Instant::from_millis(16)).unwrap().len(), 1);
+        assert_eq!(
+            d.open_next_phase(Instant::from_millis(17)),
+            Err(ControlError::NoMorePhases)
+        );
+        d.decommissioned(&early, Instant::from_millis(18)).unwrap();
+        assert_eq!(d.entry(&early).unwrap().status, Status::Aborted);
+        assert_eq!(d.abort().unwrap().len(), 2);
+        assert_eq!(d.rollout().state(), State::Aborted);
+        d.check_invariants().unwrap();
     }
 }

@@ -132,15 +132,10 @@ impl Term {
     }
 }
 
-/// A finite decimal number, or nothing (`nan`, `inf` and non-numbers are not numbers).
+/// A finite decimal number, or nothing. Rust's `f64` grammar is decimal digits with an
+/// optional sign, point and exponent, plus the words `inf`, `infinity` and `nan`, which
+/// are not finite: so `0x10`, `1_000`, `nan` and `inf` are not numbers here.
 fn parse_number(text: &str) -> Option<f64> {
-    let looks_decimal = !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'));
-    if !looks_decimal {
-        return None;
-    }
     text.parse::<f64>().ok().filter(|n| n.is_finite())
 }
 

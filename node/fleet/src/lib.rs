@@ -27,6 +27,27 @@
 //! - Timers (a phase's soak delay) are polled, as in `quinn-proto`:
 //!   [`Rollout::poll_timeout`] says when, the driver calls [`Rollout::handle_timeout`].
 //!
+//! The rollout rules, in one place:
+//! - Phases take the target's devices in seeded-hash order: [`Size::Count`], or
+//!   [`Size::Percent`] of the target rounded up, and [`Size::Rest`] last. The first
+//!   phase opens when the rollout is planned.
+//! - A pending device is served only when its phase is open and the rollout runs; a
+//!   device that started is served until it finishes, even when paused or halted. A
+//!   start (first report) from a device that was not admitted is refused (409).
+//! - A device moves forward only; a repeated report is accepted and changes nothing;
+//!   after a final status only the same status is accepted. A failure with retries left
+//!   makes the device pending again (Mender's `retries`); only a final failure counts.
+//! - The newest open phase lets the next one open when its [`Proceed`] holds: at least
+//!   so many successes (success and already-installed) in that phase, and/or a soak delay
+//!   that does not run while paused or halted; with neither, an operator opens it.
+//! - Each final failure checks [`Policy::failures_max`] against the final failures so
+//!   far, a percentage being of the devices in the open phases; passing it halts the
+//!   rollout with a [`HaltReason`] that gives the numbers. A newest phase that can no
+//!   longer reach its success threshold also halts (rather than waiting forever).
+//!   Resuming accepts the failures so far; the next final failure checks again.
+//! - Abort is final: unfinished devices become aborted and their reports get 409.
+//!   Retrying failed devices makes them pending with a fresh retry budget.
+//!
 //! A canary phase that opens the rest after 90% of it succeeded and an hour of soak,
 //! halting if more than 5% of the devices let in so far fail:
 //!
@@ -75,6 +96,8 @@
 //!
 //! What the server does with the answers (HTTP codes, tokens, SQL, audit log) and when it
 //! calls in (a poll, a report, an operator's command, a timer) is the driver's business.
+
+#![warn(missing_docs)]
 
 pub mod auth;
 mod deployment;

@@ -697,11 +697,11 @@ impl Rollout {
     /// so it can finish (or resume after a reboot); a pending device is served only
     /// when its phase is open and the rollout runs.
     pub fn admission(&self, entry: &Entry) -> Admission {
-        if self.state == State::Aborted {
-            return Admission::Done(Status::Aborted);
-        }
         if entry.status.is_final() {
             return Admission::Done(entry.status);
+        }
+        if self.state == State::Aborted {
+            return Admission::Done(Status::Aborted);
         }
         if entry.status.is_in_progress() {
             return Admission::Serve;
@@ -995,9 +995,9 @@ impl Rollout {
         if self.soak.delay_done {
             return None;
         }
+        // Running, so the clock runs since `since`; the delay has not been seen to run.
         let since = self.soak.since?;
-        let remaining = delay.checked_sub(self.soak.elapsed_ms)?;
-        (remaining > 0).then(|| since.saturating_add_ms(remaining))
+        Some(since.saturating_add_ms(delay.saturating_sub(self.soak.elapsed_ms)))
     }
 
     /// A timer fired: open the phases whose conditions now hold.

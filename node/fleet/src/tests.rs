@@ -199,6 +199,22 @@ fn steps(
                 prop_assert!(legal(*from, *to), "{device}: {from} -> {to} after {op:?}");
             }
         }
+        // Never more devices served or started than the open phases hold.
+        let admitted = d
+            .entries()
+            .filter(|e| {
+                d.admission(&e.device) == Some(Admission::Serve)
+                    || matches!(
+                        e.status,
+                        Status::Success | Status::Failure | Status::AlreadyInstalled
+                    )
+            })
+            .count();
+        prop_assert!(
+            admitted as u32 <= r.admissible(),
+            "{admitted} admitted, {} open",
+            r.admissible()
+        );
         // A halted rollout admits nobody new.
         if r.state() == State::Halted || r.state() == State::Paused {
             for e in d.entries().filter(|e| e.status == Status::Pending) {

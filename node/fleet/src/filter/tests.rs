@@ -37,6 +37,25 @@ fn parses_the_example_from_the_brief() {
 }
 
 #[test]
+fn inventory_keeps_repeated_keys_as_several_values() {
+    let d = inv(&[("b", "2"), ("a", "1"), ("b", "3")]);
+    let all: Vec<(&str, &[String])> = d.iter().collect();
+    assert_eq!(
+        all,
+        [
+            ("a", &["1".to_owned()][..]),
+            ("b", &["2".to_owned(), "3".to_owned()][..])
+        ]
+    );
+    assert_eq!(d.get("b"), ["2", "3"]);
+    assert!(d.get("c").is_empty());
+    assert_eq!(
+        serde_json::to_string(&d).unwrap(),
+        r#"{"a":["1"],"b":["2","3"]}"#
+    );
+}
+
+#[test]
 fn every_operator_matches_as_documented() {
     let d = inv(&[
         ("a", "1"),
@@ -88,8 +107,19 @@ fn every_operator_matches_as_documented() {
 
 #[test]
 fn non_numbers_never_compare() {
-    let d = inv(&[("n", "nan"), ("i", "inf"), ("h", "0x10"), ("e", "")]);
-    for text in ["n<1", "n>1", "i>1", "i<1", "h>1", "h<100", "e<1", "e>=0"] {
+    let d = inv(&[
+        ("n", "nan"),
+        ("i", "inf"),
+        ("j", "-Infinity"),
+        ("h", "0x10"),
+        ("u", "1_000"),
+        ("s", " 5"),
+        ("e", ""),
+    ]);
+    for text in [
+        "n<1", "n>1", "i>1", "i<1", "j<1", "j>1", "h>1", "h<100", "u>1", "u<1e9", "s>1", "s<9",
+        "e<1", "e>=0",
+    ] {
         assert!(!parse(text).matches(&d), "{text}");
     }
 }
@@ -303,6 +333,8 @@ fn limits_are_enforced() {
             max: TEXT_LEN_MAX
         }
     );
+    let longest = format!("a={}", "x".repeat(TEXT_LEN_MAX - 2));
+    assert_eq!(parse(&longest).terms().len(), 1);
     let many = vec!["a=1"; TERMS_MAX + 1].join(" and ");
     assert_eq!(err(&many), ParseError::TooManyTerms { max: TERMS_MAX });
     let enough = vec!["a=1"; TERMS_MAX].join(" and ");

@@ -125,6 +125,10 @@ fn bad_plans_are_refused_with_specific_errors() {
         plan(vec![rest(); PHASES_MAX + 1], 3),
         PlanError::TooManyPhases { max: PHASES_MAX }
     );
+    let mut most = vec![phase(Size::Count(1), None, Some(1)); PHASES_MAX - 1];
+    most.push(rest());
+    let (r, _, _) = Rollout::plan(policy(most), ids(PHASES_MAX), t(0)).unwrap();
+    assert_eq!(r.phases().len(), PHASES_MAX);
     assert_eq!(
         plan(vec![phase(Size::Count(0), None, Some(1)), rest()], 3),
         PlanError::ZeroSize { phase: 0 }
@@ -536,6 +540,48 @@ fn failures_past_a_percentage_of_the_open_phases_halt() {
 }
 
 #[test]
+fn a_threshold_reachable_exactly_does_not_halt() {
+    let p = policy(vec![
+        phase(Size::Count(3), Some(Threshold::Count(2)), None),
+        rest(),
+    ]);
+    let mut d = deploy(p, 6);
+    let first = members(&d, 0);
+    fail(&mut d, &first[0], 1);
+    assert_eq!(
+        d.rollout().state(),
+        State::Running,
+        "2 successes still possible, 2 needed"
+    );
+    let fx = fail(&mut d, &first[1], 2);
+    assert!(fx.contains(&Effect::Halted(HaltReason::SuccessUnreachable {
+        phase: 0,
+        possible: 1,
+        needed: 2
+    })));
+}
+
+#[test]
+fn the_summary_names_no_next_phase_when_none_can_open() {
+    let p = policy(vec![phase(Size::Count(1), None, None), rest()]);
+    let mut d = deploy(p.clone(), 3);
+    assert_eq!(d.summary(t(0)).next_phase.map(|n| n.phase), Some(1));
+    d.open_next_phase(t(1)).unwrap();
+    let s = d.summary(t(1));
+    assert_eq!(
+        (s.state, s.open_phases, s.next_phase),
+        (State::Running, 2, None)
+    );
+    let mut d = deploy(p, 3);
+    d.abort().unwrap();
+    assert_eq!(
+        d.summary(t(1)).next_phase,
+        None,
+        "an aborted rollout opens nothing"
+    );
+}
+
+#[test]
 fn an_unreachable_success_threshold_halts() {
     let p = policy(vec![
         phase(Size::Count(3), Some(Threshold::Percent(100)), None),
@@ -895,6 +941,15 @@ fn a_resumed_rollout_halts_again_only_on_a_new_final_outcome() {
             .len(),
         1
     );
+    assert_eq!(d.rollout().state(), State::Running);
+    // A success does not make the threshold less reachable: no halt.
+    assert_eq!(
+        d.report(&first[2], Status::Downloading, t(3))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(d.report(&first[2], Status::Success, t(3)).unwrap().len(), 1);
     assert_eq!(d.rollout().state(), State::Running);
     let fx = d.report(&first[1], Status::Failure, t(4)).unwrap();
     assert!(
