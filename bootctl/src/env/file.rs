@@ -68,6 +68,11 @@ pub fn decode(bytes: &[u8]) -> Result<Copy, DecodeError> {
         }
     }
     let seq = seq.ok_or_else(|| bad_header("seq missing or not a number"))?;
+    if seq == u64::MAX {
+        // No write could follow it (the next copy needs seq + 1), and no real
+        // history reaches it: only a corrupt or forged copy says so.
+        return Err(bad_header("seq is 18446744073709551615, the largest possible"));
+    }
     let len = len.ok_or_else(|| bad_header("len missing or not a number"))?;
     let stored = crc.ok_or_else(|| bad_header("crc32 missing or not 8 hex digits"))?;
     let start = nl + 1;
@@ -238,6 +243,7 @@ impl Env for FileEnv {
         let (target, seq) = match FileEnv::current(&copies) {
             Some(cur) => {
                 let seq = copies[cur].as_ref().map(|c| c.seq).unwrap_or(0);
+                // `decode` refuses u64::MAX, so this cannot overflow.
                 (1 - cur, seq + 1)
             }
             None => (0, 1),
@@ -292,6 +298,40 @@ mod tests {
         let mut with_tail = bytes.clone();
         with_tail.extend_from_slice(b"garbage from an older, longer copy");
         assert_eq!(decode(&with_tail), Ok(Copy { seq: 7, vars }));
+    }
+
+    /// Fuzz regression (`file_env`, crash-c9bc1e21): a copy with
+    /// `seq=18446744073709551615` was accepted, and the next store overflowed
+    /// `seq + 1` (a panic; in a release build the new copy got seq 0 and `load`
+    /// kept returning the old one). Such a copy is now refused, so a store writes
+    /// over it and the environment recovers.
+    #[test]
+    fn max_seq_copy_is_refused_and_a_store_recovers() {
+        let vars = Vars::from([("shoal_slot".to_string(), "a".to_string())]);
+        let max = encode(&vars, u64::MAX).unwrap();
+        assert_eq!(
+            decode(&max),
+            Err(DecodeError::BadHeader {
+                detail: "seq is 18446744073709551615, the largest possible".into()
+            })
+        );
+        assert_eq!(
+            decode(&encode(&vars, u64::MAX - 1).unwrap()).map(|c| c.seq),
+            Ok(u64::MAX - 1)
+        );
+
+        let disk = crate::testing::CrashDisk::new();
+        disk.put("env", &encode(&vars, 3).unwrap());
+        disk.put("env.2", &max);
+        let mut env = FileEnv::new(
+            [Box::new(disk.storage("env")), Box::new(disk.storage("env.2"))],
+            ["env".into(), "env.2".into()],
+        );
+        assert_eq!(env.load().unwrap(), vars);
+        let next = Vars::from([("shoal_slot".to_string(), "b".to_string())]);
+        env.store(&next).unwrap();
+        assert_eq!(env.load().unwrap(), next);
+        assert_eq!(decode(&disk.live("env.2")).map(|c| c.seq), Ok(4));
     }
 
     #[test]
