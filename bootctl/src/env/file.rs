@@ -17,7 +17,7 @@
 //! # Power safety
 //!
 //! The same discipline as a redundant U-Boot environment: the valid copy with the
-//! higher `seq` wins; a write empties the other copy (synced), then writes it with
+//! newer `seq` wins (higher, in serial number arithmetic: see [`newer`]); a write empties the other copy (synced), then writes it with
 //! `seq + 1` (synced); a torn or missing copy fails its length or CRC check and is
 //! ignored. Emptying first means a torn write cannot combine with the remnants of an
 //! earlier torn attempt (same `seq`) into a copy that was never committed.
@@ -68,11 +68,6 @@ pub fn decode(bytes: &[u8]) -> Result<Copy, DecodeError> {
         }
     }
     let seq = seq.ok_or_else(|| bad_header("seq missing or not a number"))?;
-    if seq == u64::MAX {
-        // No write could follow it (the next copy needs seq + 1), and no real
-        // history reaches it: only a corrupt or forged copy says so.
-        return Err(bad_header("seq is 18446744073709551615, the largest possible"));
-    }
     let len = len.ok_or_else(|| bad_header("len missing or not a number"))?;
     let stored = crc.ok_or_else(|| bad_header("crc32 missing or not 8 hex digits"))?;
     let start = nl + 1;
@@ -90,6 +85,16 @@ pub fn decode(bytes: &[u8]) -> Result<Copy, DecodeError> {
     }
     let vars = lines::decode(body, start)?;
     Ok(Copy { seq, vars })
+}
+
+/// Whether sequence number `a` is newer than `b`, in serial number arithmetic
+/// (RFC 1982): `a` is ahead of `b` by less than half the number space, so the
+/// successor of `u64::MAX` (0, as a store writes it) is newer than it, as U-Boot's
+/// redundant flag 0 is newer than 255. For any two numbers of a real history (far
+/// below 2^63 apart) this is plain `a > b`.
+pub fn newer(a: u64, b: u64) -> bool {
+    let ahead = a.wrapping_sub(b);
+    ahead != 0 && ahead < 1 << 63
 }
 
 /// Encodes `vars` as a copy with sequence number `seq`.
@@ -173,8 +178,9 @@ impl FileEnv {
     }
 
     fn current(copies: &[Result<Copy, DecodeError>; 2]) -> Option<usize> {
+        // Equal: copy 1 (index 0), as before any write.
         match copies {
-            [Ok(a), Ok(b)] => Some(if b.seq > a.seq { 1 } else { 0 }),
+            [Ok(a), Ok(b)] => Some(if newer(b.seq, a.seq) { 1 } else { 0 }),
             [Ok(_), Err(_)] => Some(0),
             [Err(_), Ok(_)] => Some(1),
             [Err(_), Err(_)] => None,
@@ -243,8 +249,8 @@ impl Env for FileEnv {
         let (target, seq) = match FileEnv::current(&copies) {
             Some(cur) => {
                 let seq = copies[cur].as_ref().map(|c| c.seq).unwrap_or(0);
-                // `decode` refuses u64::MAX, so this cannot overflow.
-                (1 - cur, seq + 1)
+                // Wraps after u64::MAX to 0, which `newer` still ranks above it.
+                (1 - cur, seq.wrapping_add(1))
             }
             None => (0, 1),
         };
@@ -300,38 +306,34 @@ mod tests {
         assert_eq!(decode(&with_tail), Ok(Copy { seq: 7, vars }));
     }
 
-    /// Fuzz regression (`file_env`, crash-c9bc1e21): a copy with
-    /// `seq=18446744073709551615` was accepted, and the next store overflowed
-    /// `seq + 1` (a panic; in a release build the new copy got seq 0 and `load`
-    /// kept returning the old one). Such a copy is now refused, so a store writes
-    /// over it and the environment recovers.
+    /// Fuzz regression (`file_env`, crash-c9bc1e21): after a copy with
+    /// `seq=18446744073709551615`, a store overflowed `seq + 1` (a panic; in a
+    /// release build the new copy got seq 0 and `load` kept returning the old copy,
+    /// losing every later store). Sequence numbers now wrap and compare in serial
+    /// number arithmetic, so the store after u64::MAX wins and the next ones too.
     #[test]
-    fn max_seq_copy_is_refused_and_a_store_recovers() {
-        let vars = Vars::from([("shoal_slot".to_string(), "a".to_string())]);
-        let max = encode(&vars, u64::MAX).unwrap();
-        assert_eq!(
-            decode(&max),
-            Err(DecodeError::BadHeader {
-                detail: "seq is 18446744073709551615, the largest possible".into()
-            })
-        );
-        assert_eq!(
-            decode(&encode(&vars, u64::MAX - 1).unwrap()).map(|c| c.seq),
-            Ok(u64::MAX - 1)
-        );
-
+    fn stores_after_seq_max_wrap_and_win() {
+        let older = Vars::from([("shoal_slot".to_string(), "a".to_string())]);
+        let newest = Vars::from([("shoal_slot".to_string(), "b".to_string())]);
         let disk = crate::testing::CrashDisk::new();
-        disk.put("env", &encode(&vars, 3).unwrap());
-        disk.put("env.2", &max);
+        disk.put("env", &encode(&older, u64::MAX - 1).unwrap());
+        disk.put("env.2", &encode(&newest, u64::MAX).unwrap());
         let mut env = FileEnv::new(
-            [Box::new(disk.storage("env")), Box::new(disk.storage("env.2"))],
+            [
+                Box::new(disk.storage("env")),
+                Box::new(disk.storage("env.2")),
+            ],
             ["env".into(), "env.2".into()],
         );
-        assert_eq!(env.load().unwrap(), vars);
-        let next = Vars::from([("shoal_slot".to_string(), "b".to_string())]);
-        env.store(&next).unwrap();
-        assert_eq!(env.load().unwrap(), next);
-        assert_eq!(decode(&disk.live("env.2")).map(|c| c.seq), Ok(4));
+        assert_eq!(env.load().unwrap(), newest);
+        for i in 0..3 {
+            let next = Vars::from([("n".to_string(), i.to_string())]);
+            env.store(&next).unwrap();
+            assert_eq!(env.load().unwrap(), next, "store {i} after u64::MAX");
+        }
+        let seqs = ["env", "env.2"].map(|n| decode(&disk.live(n)).unwrap().seq);
+        assert_eq!(seqs, [2, 1]);
+        assert!(newer(0, u64::MAX) && !newer(u64::MAX, 0) && newer(8, 7) && !newer(7, 7));
     }
 
     #[test]
