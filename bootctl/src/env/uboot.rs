@@ -244,6 +244,25 @@ fn parse_number(s: &str) -> Option<u64> {
     }
 }
 
+/// Whether `path` names an MTD device (`/dev/mtd*`), judged on its components with
+/// `.` and `..` resolved, so `//dev/mtd0` or `/dev/./mtd0` is one too.
+fn is_mtd(path: &Path) -> bool {
+    use std::path::Component;
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    path.has_root()
+        && matches!(parts.as_slice(), [dev, name, ..]
+            if *dev == "dev" && name.as_encoded_bytes().starts_with(b"mtd"))
+}
+
 impl FwEnvConfig {
     /// Parses `fw_env.config` text: `device offset size [sector-size [sectors]]`
     /// per line, `#` comments, blank lines ignored.
@@ -279,7 +298,7 @@ impl FwEnvConfig {
             let sector_size = number(3, "sector size")?;
             let sectors = number(4, "sector count")?;
             let path = PathBuf::from(fields[0]);
-            if fields[0].starts_with("/dev/mtd") {
+            if is_mtd(&path) {
                 return Err(ConfigError::MtdUnsupported { line, path });
             }
             if size < (Layout::Redundant.header_len() + 1) as u64 {
@@ -711,6 +730,44 @@ mod tests {
             FwEnvConfig::parse("/dev/mtd1 0 0x10000"),
             Err(ConfigError::MtdUnsupported { line: 1, .. })
         ));
+    }
+
+    /// Fuzz regression (`fw_env_config`, crash-588240e1): `//dev/mtd/...` slipped
+    /// past the text prefix check for MTD devices (which need erase-before-write,
+    /// so writing them as a file corrupts the environment), as did `/dev/./mtd0`
+    /// and `/dev/../dev/mtd0`.
+    #[test]
+    fn mtd_devices_are_refused_however_spelled() {
+        let crash = "/tmp/seedgen/env/fw.bin 0x0 0x800\n//dev/mtd/seedgen/env/fw.bin 0x800 0x800\n";
+        assert!(matches!(
+            FwEnvConfig::parse(crash),
+            Err(ConfigError::MtdUnsupported { line: 2, .. })
+        ));
+        for path in [
+            "//dev/mtd0",
+            "/dev/./mtd0",
+            "/dev/../dev/mtd0",
+            "/dev//mtdblock1",
+        ] {
+            assert!(
+                matches!(
+                    FwEnvConfig::parse(&format!("{path} 0 0x10000")),
+                    Err(ConfigError::MtdUnsupported { line: 1, .. })
+                ),
+                "{path}"
+            );
+        }
+        for path in [
+            "/dev/mmcblk0boot1",
+            "dev/mtd0",
+            "/var/dev/mtd0",
+            "/dev/xmtd0",
+        ] {
+            assert!(
+                FwEnvConfig::parse(&format!("{path} 0 0x10000")).is_ok(),
+                "{path}"
+            );
+        }
     }
 
     fn arb_vars() -> impl Strategy<Value = Vars> {
