@@ -196,6 +196,16 @@ pub enum ConfigError {
         /// The size given.
         size: u64,
     },
+    /// The copy would end past the largest byte offset there is.
+    #[error("line {line}: offset {offset:#x} plus size {size:#x} is past the end of any device")]
+    PastEnd {
+        /// 1-based line number.
+        line: usize,
+        /// The offset given.
+        offset: u64,
+        /// The size given.
+        size: u64,
+    },
     /// More than two copies are described.
     #[error("line {line}: more than two environment copies")]
     TooManyCopies {
@@ -303,6 +313,9 @@ impl FwEnvConfig {
             }
             if size < (Layout::Redundant.header_len() + 1) as u64 {
                 return Err(ConfigError::TooSmall { line, size });
+            }
+            if offset.checked_add(size).is_none() {
+                return Err(ConfigError::PastEnd { line, offset, size });
             }
             if copies.len() == 2 {
                 return Err(ConfigError::TooManyCopies { line });
@@ -768,6 +781,23 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    /// Found in review while writing the `fw_env_config` fuzz target (its
+    /// boundary seed, not the fuzzer, got there): two copies in one file, the
+    /// second near the end of the 64-bit range, overflowed `offset + size` in the
+    /// overlap check (a panic; in a release build a wrapped, wrong overlap answer).
+    #[test]
+    fn copy_past_the_end_of_the_address_space_is_refused() {
+        assert!(matches!(
+            FwEnvConfig::parse("/x 0 0x2000\n/x 0xfffffffffffff000 0x2000"),
+            Err(ConfigError::PastEnd {
+                line: 2,
+                offset: 0xffff_ffff_ffff_f000,
+                size: 0x2000
+            })
+        ));
+        assert!(FwEnvConfig::parse("/x 0 0x1000\n/x 0xffffffffffffe000 0x1000").is_ok());
     }
 
     fn arb_vars() -> impl Strategy<Value = Vars> {
