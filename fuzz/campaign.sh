@@ -7,7 +7,8 @@
 #
 #   fuzz/campaign.sh [SECONDS] [TARGET...]       (default: 600 s, every target)
 #
-# Prints and appends to logs/summary.tsv one line per target: seconds fuzzed,
+# Prints and appends to logs/summary.tsv one line per target: seconds fuzzed (build
+# time excluded),
 # executions (libFuzzer's stat::number_of_executed_units, summed over restarts),
 # corpus entries and bytes at the end, runs that ended in a crash, and the result.
 # Exits 1 if a target failed to build or crashed.
@@ -27,16 +28,19 @@ for t in "${targets[@]}"; do
     continue
   fi
   mkdir -p "work/$t"
-  start=$(date +%s)
-  execs=0 crashes=0 run=0 corpus="?"
+  fuzzed=0 execs=0 crashes=0 run=0 corpus="?"
   while :; do
-    left=$((secs - ($(date +%s) - start)))
+    left=$((secs - fuzzed))
     ((left >= 5)) || break
+    # Rebuilt before each restart (untimed), so a fix made meanwhile is fuzzed.
+    nice -n 15 cargo fuzz build "$t" >>"logs/$t.build.log" 2>&1 || break
     log="logs/$t.run$run.log"
+    start=$(date +%s)
     nice -n 15 cargo fuzz run "$t" "work/$t" "corpus/$t" -- \
       -max_total_time="$left" -print_final_stats=1 -rss_limit_mb=2048 -timeout=10 \
       >"$log" 2>&1
     rc=$?
+    fuzzed=$((fuzzed + $(date +%s) - start))
     n=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
     # A run stopped by a crash may not print final stats: its last status line counts.
     [ -n "$n" ] || n=$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#')
@@ -52,13 +56,12 @@ for t in "${targets[@]}"; do
       break
     fi
   done
-  elapsed=$(($(date +%s) - start))
   result="no crash"
   if ((crashes)); then
     result="$crashes run(s) crashed: see artifacts/$t/"
     status=1
   fi
-  printf '%s\t%ss\t%s execs\tcorpus %s\t%s\n' "$t" "$elapsed" "$execs" "$corpus" "$result" |
+  printf '%s\t%ss\t%s execs\tcorpus %s\t%s\n' "$t" "$fuzzed" "$execs" "$corpus" "$result" |
     tee -a logs/summary.tsv
 done
 exit $status

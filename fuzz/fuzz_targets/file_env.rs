@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let loaded = env.load();
     let newest = match (&decoded[0], &decoded[1]) {
-        (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
+        (Some(a), Some(b)) => Some(if file::newer(b.seq, a.seq) { b } else { a }),
         (Some(a), None) => Some(a),
         (None, Some(b)) => Some(b),
         (None, None) => None,

@@ -17,7 +17,7 @@
 //! # Power safety
 //!
 //! The same discipline as a redundant U-Boot environment: the valid copy with the
-//! higher `seq` wins; a write empties the other copy (synced), then writes it with
+//! newer `seq` wins (higher, in serial number arithmetic: see [`newer`]); a write empties the other copy (synced), then writes it with
 //! `seq + 1` (synced); a torn or missing copy fails its length or CRC check and is
 //! ignored. Emptying first means a torn write cannot combine with the remnants of an
 //! earlier torn attempt (same `seq`) into a copy that was never committed.
@@ -85,6 +85,16 @@ pub fn decode(bytes: &[u8]) -> Result<Copy, DecodeError> {
     }
     let vars = lines::decode(body, start)?;
     Ok(Copy { seq, vars })
+}
+
+/// Whether sequence number `a` is newer than `b`, in serial number arithmetic
+/// (RFC 1982): `a` is ahead of `b` by less than half the number space, so the
+/// successor of `u64::MAX` (0, as a store writes it) is newer than it, as U-Boot's
+/// redundant flag 0 is newer than 255. For any two numbers of a real history (far
+/// below 2^63 apart) this is plain `a > b`.
+pub fn newer(a: u64, b: u64) -> bool {
+    let ahead = a.wrapping_sub(b);
+    ahead != 0 && ahead < 1 << 63
 }
 
 /// Encodes `vars` as a copy with sequence number `seq`.
@@ -168,8 +178,9 @@ impl FileEnv {
     }
 
     fn current(copies: &[Result<Copy, DecodeError>; 2]) -> Option<usize> {
+        // Equal: copy 1 (index 0), as before any write.
         match copies {
-            [Ok(a), Ok(b)] => Some(if b.seq > a.seq { 1 } else { 0 }),
+            [Ok(a), Ok(b)] => Some(if newer(b.seq, a.seq) { 1 } else { 0 }),
             [Ok(_), Err(_)] => Some(0),
             [Err(_), Ok(_)] => Some(1),
             [Err(_), Err(_)] => None,
@@ -245,7 +256,8 @@ impl Env for FileEnv {
         let (target, seq) = match FileEnv::current(&copies) {
             Some(cur) => {
                 let seq = copies[cur].as_ref().map(|c| c.seq).unwrap_or(0);
-                (1 - cur, seq + 1)
+                // Wraps after u64::MAX to 0, which `newer` still ranks above it.
+                (1 - cur, seq.wrapping_add(1))
             }
             None => (0, 1),
         };
@@ -299,6 +311,36 @@ mod tests {
         let mut with_tail = bytes.clone();
         with_tail.extend_from_slice(b"garbage from an older, longer copy");
         assert_eq!(decode(&with_tail), Ok(Copy { seq: 7, vars }));
+    }
+
+    /// Fuzz regression (`file_env`, crash-c9bc1e21): after a copy with
+    /// `seq=18446744073709551615`, a store overflowed `seq + 1` (a panic; in a
+    /// release build the new copy got seq 0 and `load` kept returning the old copy,
+    /// losing every later store). Sequence numbers now wrap and compare in serial
+    /// number arithmetic, so the store after u64::MAX wins and the next ones too.
+    #[test]
+    fn stores_after_seq_max_wrap_and_win() {
+        let older = Vars::from([("shoal_slot".to_string(), "a".to_string())]);
+        let newest = Vars::from([("shoal_slot".to_string(), "b".to_string())]);
+        let disk = crate::testing::CrashDisk::new();
+        disk.put("env", &encode(&older, u64::MAX - 1).unwrap());
+        disk.put("env.2", &encode(&newest, u64::MAX).unwrap());
+        let mut env = FileEnv::new(
+            [
+                Box::new(disk.storage("env")),
+                Box::new(disk.storage("env.2")),
+            ],
+            ["env".into(), "env.2".into()],
+        );
+        assert_eq!(env.load().unwrap(), newest);
+        for i in 0..3 {
+            let next = Vars::from([("n".to_string(), i.to_string())]);
+            env.store(&next).unwrap();
+            assert_eq!(env.load().unwrap(), next, "store {i} after u64::MAX");
+        }
+        let seqs = ["env", "env.2"].map(|n| decode(&disk.live(n)).unwrap().seq);
+        assert_eq!(seqs, [2, 1]);
+        assert!(newer(0, u64::MAX) && !newer(u64::MAX, 0) && newer(8, 7) && !newer(7, 7));
     }
 
     #[test]

@@ -196,6 +196,16 @@ pub enum ConfigError {
         /// The size given.
         size: u64,
     },
+    /// The copy would end past the largest byte offset there is.
+    #[error("line {line}: offset {offset:#x} plus size {size:#x} is past the end of any device")]
+    PastEnd {
+        /// 1-based line number.
+        line: usize,
+        /// The offset given.
+        offset: u64,
+        /// The size given.
+        size: u64,
+    },
     /// More than two copies are described.
     #[error("line {line}: more than two environment copies")]
     TooManyCopies {
@@ -244,6 +254,25 @@ fn parse_number(s: &str) -> Option<u64> {
     }
 }
 
+/// Whether `path` names an MTD device (`/dev/mtd*`), judged on its components with
+/// `.` and `..` resolved, so `//dev/mtd0` or `/dev/./mtd0` is one too.
+fn is_mtd(path: &Path) -> bool {
+    use std::path::Component;
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    path.has_root()
+        && matches!(parts.as_slice(), [dev, name, ..]
+            if *dev == "dev" && name.as_encoded_bytes().starts_with(b"mtd"))
+}
+
 impl FwEnvConfig {
     /// Parses `fw_env.config` text: `device offset size [sector-size [sectors]]`
     /// per line, `#` comments, blank lines ignored.
@@ -279,11 +308,14 @@ impl FwEnvConfig {
             let sector_size = number(3, "sector size")?;
             let sectors = number(4, "sector count")?;
             let path = PathBuf::from(fields[0]);
-            if fields[0].starts_with("/dev/mtd") {
+            if is_mtd(&path) {
                 return Err(ConfigError::MtdUnsupported { line, path });
             }
             if size < (Layout::Redundant.header_len() + 1) as u64 {
                 return Err(ConfigError::TooSmall { line, size });
+            }
+            if offset.checked_add(size).is_none() {
+                return Err(ConfigError::PastEnd { line, offset, size });
             }
             if copies.len() == 2 {
                 return Err(ConfigError::TooManyCopies { line });
@@ -711,6 +743,61 @@ mod tests {
             FwEnvConfig::parse("/dev/mtd1 0 0x10000"),
             Err(ConfigError::MtdUnsupported { line: 1, .. })
         ));
+    }
+
+    /// Fuzz regression (`fw_env_config`, crash-588240e1): `//dev/mtd/...` slipped
+    /// past the text prefix check for MTD devices (which need erase-before-write,
+    /// so writing them as a file corrupts the environment), as did `/dev/./mtd0`
+    /// and `/dev/../dev/mtd0`.
+    #[test]
+    fn mtd_devices_are_refused_however_spelled() {
+        let crash = "/tmp/seedgen/env/fw.bin 0x0 0x800\n//dev/mtd/seedgen/env/fw.bin 0x800 0x800\n";
+        assert!(matches!(
+            FwEnvConfig::parse(crash),
+            Err(ConfigError::MtdUnsupported { line: 2, .. })
+        ));
+        for path in [
+            "//dev/mtd0",
+            "/dev/./mtd0",
+            "/dev/../dev/mtd0",
+            "/dev//mtdblock1",
+        ] {
+            assert!(
+                matches!(
+                    FwEnvConfig::parse(&format!("{path} 0 0x10000")),
+                    Err(ConfigError::MtdUnsupported { line: 1, .. })
+                ),
+                "{path}"
+            );
+        }
+        for path in [
+            "/dev/mmcblk0boot1",
+            "dev/mtd0",
+            "/var/dev/mtd0",
+            "/dev/xmtd0",
+        ] {
+            assert!(
+                FwEnvConfig::parse(&format!("{path} 0 0x10000")).is_ok(),
+                "{path}"
+            );
+        }
+    }
+
+    /// Found in review while writing the `fw_env_config` fuzz target (its
+    /// boundary seed, not the fuzzer, got there): two copies in one file, the
+    /// second near the end of the 64-bit range, overflowed `offset + size` in the
+    /// overlap check (a panic; in a release build a wrapped, wrong overlap answer).
+    #[test]
+    fn copy_past_the_end_of_the_address_space_is_refused() {
+        assert!(matches!(
+            FwEnvConfig::parse("/x 0 0x2000\n/x 0xfffffffffffff000 0x2000"),
+            Err(ConfigError::PastEnd {
+                line: 2,
+                offset: 0xffff_ffff_ffff_f000,
+                size: 0x2000
+            })
+        ));
+        assert!(FwEnvConfig::parse("/x 0 0x1000\n/x 0xffffffffffffe000 0x1000").is_ok());
     }
 
     fn arb_vars() -> impl Strategy<Value = Vars> {
