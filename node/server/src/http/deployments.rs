@@ -143,10 +143,7 @@ pub async fn create(
     if req.name.is_empty() || req.name.len() > 256 {
         return Err(ApiError::bad("name must be 1 to 256 bytes"));
     }
-    let release = match releases::get_one(&ctx, &req.release).await {
-        Err(ApiError::NotFound(m)) => return Err(ApiError::BadRequest(m)),
-        r => r?,
-    };
+    let release = releases::get_one(&ctx, &req.release).await?;
     let accepted = devices::load(&ctx, Some("accepted")).await?;
     let (targets, target_json) = match (&req.devices, &req.group, &req.filter) {
         (Some(ids), None, None) => {
@@ -158,17 +155,14 @@ pub async fn create(
                 match accepted.iter().find(|d| &d.id == id) {
                     Some(d) => out.push(d.clone()),
                     None => {
-                        return Err(ApiError::bad(format!("no accepted device {id}")));
+                        return Err(ApiError::not_found(format!("no accepted device {id}")));
                     }
                 }
             }
             (out, serde_json::json!({ "devices": ids }))
         }
         (None, Some(g), None) => {
-            let members = match groups::members(&ctx, g).await {
-                Err(ApiError::NotFound(m)) => return Err(ApiError::BadRequest(m)),
-                r => r?,
-            };
+            let members = groups::members(&ctx, g).await?;
             let out: Vec<_> = members
                 .into_iter()
                 .filter(|d| d.status == "accepted")
@@ -190,7 +184,7 @@ pub async fn create(
         }
     };
     if targets.is_empty() {
-        return Err(ApiError::bad("no accepted device matches the target"));
+        return Err(ApiError::conflict("no accepted device matches the target"));
     }
     let id = random_hex(16);
     let now = now_ms();

@@ -463,7 +463,7 @@ pub async fn chunks(
         return Err(ApiError::bad("ids is empty"));
     }
     if batch.ids.len() > CHUNK_BATCH_IDS_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a batch has at most {CHUNK_BATCH_IDS_MAX} chunk ids"
         )));
     }
@@ -645,7 +645,7 @@ pub async fn log(
     ApiJson(upload): ApiJson<LogUpload>,
 ) -> ApiResult<StatusCode> {
     if upload.messages.len() > LOG_LINES_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a log upload has at most {LOG_LINES_MAX} lines"
         )));
     }
@@ -654,7 +654,7 @@ pub async fn log(
             return Err(ApiError::bad(format!("unknown log level {:?}", l.level)));
         }
         if l.message.len() > LOG_LINE_LEN_MAX {
-            return Err(ApiError::TooLarge(format!(
+            return Err(ApiError::BadRequest(format!(
                 "a log line is longer than {LOG_LINE_LEN_MAX} bytes"
             )));
         }
@@ -712,7 +712,7 @@ pub struct Attribute {
 
 fn check_attributes(attrs: &[Attribute]) -> ApiResult<()> {
     if attrs.len() > INVENTORY_ATTRIBUTES_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
         )));
     }
@@ -774,7 +774,7 @@ async fn write_inventory(
         .try_get("n")?;
     if count > INVENTORY_ATTRIBUTES_MAX as i64 {
         tx.rollback().await?;
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
         )));
     }
