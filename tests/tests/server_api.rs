@@ -95,7 +95,7 @@ fn suite(db: Db) {
             routes += 1;
         }
     }
-    assert_eq!(routes, 40, "the document lists every route");
+    assert_eq!(routes, 41, "the document lists every route");
 
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);
@@ -681,7 +681,7 @@ fn suite(db: Db) {
         "finished"
     );
     let retried = admin_json(&server, &operator, &["deployments", "retry", &dep2_id]);
-    assert_eq!(retried["status"], "active");
+    assert_eq!(retried["status"], "running");
     assert_eq!(retried["stats"]["pending"], 1);
     let e = fails(
         admin(&server, &operator, &["deployments", "resume", &dep2_id]),
@@ -1051,4 +1051,242 @@ fn schemathesis_against_openapi() {
     // Auth endpoints without credentials (revoking tokens is left out above: the run
     // would revoke its own).
     run("none", "^/api/devices/v1/authentication/", None);
+}
+
+/// A phased rollout driven by `shoal_fleet` through the server: the second phase
+/// opens after the first phase's success, a failure past the limit halts the
+/// rollout with its reason, resume and abort; then a phase that opens by itself
+/// after its soak delay (the server's timer).
+fn phased(db: Db) {
+    let setup = Setup::new();
+    let data = setup.path("data");
+    let server = Server::start(&setup, &data, &db, &["--timer-period-ms", "100"]);
+    let http = http();
+    let token = host_token(&data, &db, "admin");
+    let rel = admin_json(
+        &server,
+        &token,
+        &[
+            "releases",
+            "upload",
+            setup.path("v1.shoal").to_str().unwrap(),
+        ],
+    );
+    let rel_id = rel["id"].as_str().unwrap().to_owned();
+    let mut devs: Vec<Device> = (20..23).map(Device::new).collect();
+    for d in &mut devs {
+        expect_error(d.auth(&http, &server), 401);
+        admin_json(&server, &token, &["devices", "accept", &d.id]);
+        d.login(&http, &server);
+        let r = d
+            .req(&http, Method::PUT, &server, "/inventory/attributes")
+            .json(&json!([{"name": "device_type", "value": "board"}, {"name": "fleet", "value": "p"}]))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+    }
+    let by_id = |id: &str| devs.iter().find(|d| d.id == id).expect("device");
+    let next = |d: &Device| {
+        d.req(&http, Method::GET, &server, "/deployments/next")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let report = |d: &Device, dep: &str, s: &str| {
+        d.req(
+            &http,
+            Method::PUT,
+            &server,
+            &format!("/deployments/{dep}/status"),
+        )
+        .json(&json!({"status": s}))
+        .send()
+        .unwrap()
+    };
+    let phase_of = |dep: &str| -> Vec<(String, i64)> {
+        admin_json(&server, &token, &["deployments", "devices", dep])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["device_id"].as_str().unwrap().to_owned(),
+                    s["phase"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    // One canary; the rest after one success; any final failure halts.
+    let policy = r#"{"phases":[{"size":{"count":1},"proceed":{"successes":{"count":1}}},{"size":"rest"}],"failures_max":{"count":0},"seed":7}"#;
+    let dep = admin_json(
+        &server,
+        &token,
+        &[
+            "deployments",
+            "create",
+            "--name",
+            "canary",
+            "--release",
+            &rel_id,
+            "--where",
+            "fleet=p",
+            "--policy",
+            policy,
+        ],
+    );
+    let dep_id = dep["id"].as_str().unwrap().to_owned();
+    assert_eq!(dep["status"], "running");
+    let phases = phase_of(&dep_id);
+    let canary: Vec<&str> = phases
+        .iter()
+        .filter(|(_, p)| *p == 1)
+        .map(|(d, _)| d.as_str())
+        .collect();
+    let rest: Vec<&str> = phases
+        .iter()
+        .filter(|(_, p)| *p == 2)
+        .map(|(d, _)| d.as_str())
+        .collect();
+    assert_eq!((canary.len(), rest.len()), (1, 2), "{phases:?}");
+    let canary = by_id(canary[0]);
+    assert_eq!(next(canary), 200);
+    for r in &rest {
+        assert_eq!(next(by_id(r)), 204, "phase 2 has not opened");
+        // A device whose phase is not open may not start either.
+        expect_error(report(by_id(r), &dep_id, "downloading"), 409);
+    }
+    for s in ["downloading", "installing", "rebooting", "success"] {
+        assert_eq!(report(canary, &dep_id, s).status().as_u16(), 204);
+    }
+    for r in &rest {
+        assert_eq!(
+            next(by_id(r)),
+            200,
+            "phase 2 opened after the canary's success"
+        );
+    }
+    // A failure halts the rollout and says why; the other device is not offered it.
+    assert_eq!(
+        report(by_id(rest[0]), &dep_id, "failure").status().as_u16(),
+        204
+    );
+    let shown = admin_json(&server, &token, &["deployments", "show", &dep_id]);
+    assert_eq!(shown["status"], "halted", "{shown}");
+    let reason = shown["halt_reason"].as_str().expect("halt reason");
+    assert!(reason.contains("fail"), "{reason}");
+    assert_eq!(
+        next(by_id(rest[1])),
+        204,
+        "a halted rollout starts no device"
+    );
+    let audit = admin_json(&server, &token, &["audit", "--limit", "100"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"rollout.phase_opened") && actions.contains(&"rollout.halted"),
+        "{actions:?}"
+    );
+    // Resume: the last device may go; then abort ends it.
+    assert_eq!(
+        admin_json(&server, &token, &["deployments", "resume", &dep_id])["status"],
+        "running"
+    );
+    assert_eq!(next(by_id(rest[1])), 200);
+    admin_json(&server, &token, &["deployments", "abort", &dep_id]);
+    expect_error(report(by_id(rest[1]), &dep_id, "downloading"), 409);
+
+    // A soak delay: the second phase opens by itself 1.5 s after the first opened.
+    let policy =
+        r#"{"phases":[{"size":{"count":1},"proceed":{"delay_ms":1500}},{"size":"rest"}],"seed":3}"#;
+    let dep = admin_json(
+        &server,
+        &token,
+        &[
+            "deployments",
+            "create",
+            "--name",
+            "soak",
+            "--release",
+            &rel_id,
+            "--where",
+            "fleet=p",
+            "--policy",
+            policy,
+        ],
+    );
+    let dep_id = dep["id"].as_str().unwrap().to_owned();
+    let phases = phase_of(&dep_id);
+    let later = by_id(&phases.iter().find(|(_, p)| *p == 2).unwrap().0);
+    assert_eq!(next(later), 204);
+    let start = std::time::Instant::now();
+    while next(later) == 204 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "phase 2 never opened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(1000),
+        "opened before its delay"
+    );
+    // Bad policies are refused with the reason, and nothing is created.
+    let before = count(&server, &token, "deployments");
+    let e = fails(
+        admin(
+            &server,
+            &token,
+            &[
+                "deployments",
+                "create",
+                "--name",
+                "x",
+                "--release",
+                &rel_id,
+                "--where",
+                "fleet=p",
+                "--policy",
+                r#"{"phases":[{"size":"rest"},{"size":{"count":1}}]}"#,
+            ],
+        ),
+        2,
+    );
+    assert!(e.contains("400") && e.contains("rest"), "{e}");
+    let e = fails(
+        admin(
+            &server,
+            &token,
+            &[
+                "deployments",
+                "create",
+                "--name",
+                "x",
+                "--release",
+                &rel_id,
+                "--where",
+                "fleet=p",
+                "--policy",
+                r#"{"phases":[],"bogus":1}"#,
+            ],
+        ),
+        1,
+    );
+    assert!(e.contains("422"), "{e}");
+    assert_eq!(count(&server, &token, "deployments"), before);
+}
+
+#[test]
+fn phased_rollout_sqlite() {
+    phased(Db::Sqlite);
+}
+
+#[test]
+fn phased_rollout_postgres() {
+    phased(postgres("shoal_test_phased"));
 }
