@@ -371,7 +371,7 @@ fn suite(db: Db) {
         ),
         2,
     );
-    assert!(e.contains("no operator"), "{e}");
+    assert!(e.contains("400") && e.contains("\"nonsense\""), "{e}");
 
     // Delta preview: A is on v1, so v2 costs it only the changed chunks.
     let delta = admin_json(&server, &viewer, &["releases", "delta", &v2_id]);

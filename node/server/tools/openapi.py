@@ -15,7 +15,7 @@ nstr = {"type": ["string", "null"]}
 smap = {"type": "object", "additionalProperties": {"type": "string"}}
 attr_name = "^[A-Za-z0-9_.:-]{1,128}$"
 identity = {"type": "object", "propertyNames": {"pattern": attr_name}, "additionalProperties": {"type": "string", "maxLength": 1024}, "maxProperties": 32}
-cond = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}(\\?|(=|!=|\\^=).{0,1024})$"}
+cond = {"type": "string", "minLength": 1, "maxLength": 1024, "description": "a shoal-fleet filter: device_type=acme-board and region in (eu,us) and ram_mb >= 512"}
 conds = {"type": "array", "items": cond, "maxItems": 32}
 hex64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 hex32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
@@ -85,7 +85,7 @@ op("GET", D+"/dictionaries/{zstd_id}", "A zstd dictionary chunks may be compress
 op("PUT", D+"/inventory/attributes", "Replace this device's inventory (release_name, release_version and device_type are read by the server)", {"204": {"description": "stored"}}, security=dev, tags=["device"], request=body(S("Attributes")), errors=(400,401,413,415,422,500,503))
 op("PATCH", D+"/inventory/attributes", "Add or update inventory attributes", {"204": {"description": "stored"}}, security=dev, tags=["device"], request=body(S("Attributes")), errors=(400,401,413,415,422,500,503))
 listq = [{"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": ["pending","accepted","rejected","preauthorized"]}},
-         {"name": "filter", "in": "query", "required": False, "style": "form", "explode": True, "description": "inventory conditions: name=value, name!=value, name^=prefix, name?", "schema": {"type": "array", "items": cond, "maxItems": 32}},
+         {"name": "filter", "in": "query", "required": False, "style": "form", "explode": True, "description": "inventory filters (shoal-fleet syntax), all must hold", "schema": {"type": "array", "items": cond, "maxItems": 32}},
          {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
          {"name": "offset", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}]
 A = ["management"]

@@ -80,7 +80,8 @@ enum Devices {
         /// Only devices with this status (pending, accepted, rejected, preauthorized).
         #[arg(long)]
         status: Option<String>,
-        /// An inventory condition (name=value, name!=value, name^=prefix, name?); repeatable.
+        /// An inventory filter, e.g. 'device_type=acme and region in (eu,us)' (also !=,
+        /// not in, exists, not exists, <, <=, >, >=); repeatable, all must hold.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
     },
@@ -135,7 +136,7 @@ enum Groups {
         /// A device id (static group); repeatable.
         #[arg(long = "device", value_name = "ID", conflicts_with = "conditions")]
         devices: Vec<String>,
-        /// An inventory condition (dynamic group); repeatable.
+        /// An inventory filter (dynamic group), as for `devices list --where`; repeatable.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
     },
@@ -199,7 +200,7 @@ enum Deployments {
         /// A group.
         #[arg(long)]
         group: Option<String>,
-        /// An inventory condition; repeatable.
+        /// An inventory filter, as for `devices list --where`; repeatable.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
         /// The rollout policy as JSON, or @FILE: phases (size {"count":N},

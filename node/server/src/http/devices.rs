@@ -14,8 +14,9 @@ use super::extractor::{ApiAuth, ApiJson, ApiPath, ApiQuery, Role};
 use super::{audit, check_hex_id};
 use crate::Ctx;
 use crate::db::now_ms;
-use crate::filter::{self, Condition};
+use crate::filter;
 use crate::rollouts;
+use shoal_fleet::filter::Filter;
 
 /// The device statuses.
 pub const STATUSES: &[&str] = &["pending", "accepted", "rejected", "preauthorized"];
@@ -85,8 +86,8 @@ pub async fn load(ctx: &Ctx, status: Option<&str>) -> ApiResult<Vec<Device>> {
         .collect()
 }
 
-/// Parses filter texts into conditions (400 on a bad one).
-pub fn parse_filter(texts: &[String]) -> ApiResult<Vec<Condition>> {
+/// Parses filter texts into one filter (400 on a bad one).
+pub fn parse_filter(texts: &[String]) -> ApiResult<Option<Filter>> {
     filter::parse(texts).map_err(|e| ApiError::bad(e.to_string()))
 }
 

@@ -41,7 +41,7 @@ pub struct PutGroup {
     /// Device ids, for a static group.
     #[serde(default)]
     pub devices: Option<Vec<String>>,
-    /// Conditions, for a dynamic group.
+    /// Filter texts (all must hold), for a dynamic group.
     #[serde(default)]
     pub filter: Option<Vec<String>>,
 }
