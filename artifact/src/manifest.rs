@@ -323,6 +323,22 @@ pub enum ManifestError {
         /// The most allowed.
         max: usize,
     },
+    /// A payload of 0 bytes (no chunks): an install would write nothing and report
+    /// success.
+    #[error("payload {payload:?} is empty (0 bytes, no chunks): there is nothing to install")]
+    EmptyPayload {
+        /// The payload's name.
+        payload: String,
+    },
+    /// A text field holds a control character (terminal escapes, newlines): names,
+    /// versions, device types, provides and depends are printed to people.
+    #[error("manifest field {field} holds a control character: {value:?}")]
+    ControlCharacter {
+        /// The field.
+        field: &'static str,
+        /// The value (printed escaped).
+        value: String,
+    },
     /// Two payloads share a name.
     #[error("two payloads are named {0:?}")]
     DuplicatePayload(String),
@@ -370,6 +386,17 @@ pub fn stored_size_max(size: u32) -> u32 {
     u32::try_from(bound).unwrap_or(u32::MAX)
 }
 
+/// Refuses control characters in a text field (see [`ManifestError::ControlCharacter`]).
+pub fn check_text(field: &'static str, value: &str) -> Result<(), ManifestError> {
+    if value.chars().any(char::is_control) {
+        return Err(ManifestError::ControlCharacter {
+            field,
+            value: value.to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<(), ManifestError> {
     if len < min || len > max {
         return Err(ManifestError::FieldLength {
@@ -407,15 +434,15 @@ impl Manifest {
                 max: MANIFEST_SIZE_MAX,
             });
         }
-        let probe: VersionProbe =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let probe: VersionProbe = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         if probe.format_version != u64::from(FORMAT_VERSION) {
             return Err(ManifestError::UnsupportedVersion {
                 found: probe.format_version,
             });
         }
-        let manifest: Manifest =
-            cbor4ii::serde::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let manifest: Manifest = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
         manifest.validate()?;
         if manifest.to_cbor() != bytes {
             return Err(ManifestError::NotCanonical);
@@ -432,33 +459,43 @@ impl Manifest {
             });
         }
         check_len("name", self.name.len(), 1, STRING_LEN_MAX)?;
+        check_text("name", &self.name)?;
         check_len("version", self.version.len(), 1, STRING_LEN_MAX)?;
+        check_text("version", &self.version)?;
         check_len("device_types", self.device_types.len(), 1, DEVICE_TYPES_MAX)?;
         for t in &self.device_types {
             check_len("device_types[]", t.len(), 1, STRING_LEN_MAX)?;
+            check_text("device_types[]", t)?;
         }
         check_len("provides", self.provides.len(), 0, KEY_VALUES_MAX)?;
         for (k, v) in &self.provides {
             check_len("provides", k.len(), 1, STRING_LEN_MAX)?;
+            check_text("provides", k)?;
             check_len("provides[]", v.len(), 0, STRING_LEN_MAX)?;
+            check_text("provides[]", v)?;
         }
         check_len("depends", self.depends.len(), 0, KEY_VALUES_MAX)?;
         for (k, values) in &self.depends {
             check_len("depends", k.len(), 1, STRING_LEN_MAX)?;
+            check_text("depends", k)?;
             check_len("depends[]", values.len(), 1, KEY_VALUES_MAX)?;
             for v in values {
                 check_len("depends[][]", v.len(), 0, STRING_LEN_MAX)?;
+                check_text("depends[][]", v)?;
             }
         }
         if let Some(base) = &self.base {
             check_len("base.name", base.name.len(), 1, STRING_LEN_MAX)?;
+            check_text("base.name", &base.name)?;
             check_len("base.version", base.version.len(), 1, STRING_LEN_MAX)?;
+            check_text("base.version", &base.version)?;
         }
         self.chunking.validate()?;
         check_len("payloads", self.payloads.len(), 1, PAYLOADS_MAX)?;
         let mut names = std::collections::BTreeSet::new();
         for p in &self.payloads {
             check_len("payloads[].name", p.name.len(), 1, STRING_LEN_MAX)?;
+            check_text("payloads[].name", &p.name)?;
             if !names.insert(p.name.as_str()) {
                 return Err(ManifestError::DuplicatePayload(p.name.clone()));
             }
@@ -489,6 +526,11 @@ impl Payload {
     /// Checks chunk sizes against the chunking bounds and the payload size.
     pub fn validate(&self, chunking: &Chunking) -> Result<(), ManifestError> {
         let n = self.chunks.len();
+        if n == 0 || self.size == 0 {
+            return Err(ManifestError::EmptyPayload {
+                payload: self.name.clone(),
+            });
+        }
         let mut sum: u64 = 0;
         for (index, c) in self.chunks.iter().enumerate() {
             let last = index + 1 == n;
@@ -661,6 +703,72 @@ mod tests {
         ));
     }
 
+    /// Regression (issue 9, item 4): a signed manifest with a 0-byte payload (no
+    /// chunks) was accepted and its install reported "already written and verified".
+    #[test]
+    fn empty_payload_rejected() {
+        let mut m = sample();
+        m.payloads[0].chunks.clear();
+        m.payloads[0].size = 0;
+        assert_eq!(
+            Manifest::from_cbor(&m.to_cbor()),
+            Err(ManifestError::EmptyPayload {
+                payload: "rootfs".into()
+            })
+        );
+    }
+
+    /// Regression (issue 9, item 5): text fields with terminal escapes were accepted
+    /// and printed raw.
+    #[test]
+    fn control_characters_rejected_in_every_text_field() {
+        let esc = "x\u{1b}]0;pwned\u{7}";
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("name", Box::new(|m| m.name = esc.into())),
+            ("version", Box::new(|m| m.version = "1\n2".into())),
+            (
+                "device_types[]",
+                Box::new(|m| m.device_types[0] = esc.into()),
+            ),
+            (
+                "provides",
+                Box::new(|m| {
+                    m.provides.insert(esc.into(), "1".into());
+                }),
+            ),
+            (
+                "provides[]",
+                Box::new(|m| {
+                    m.provides.insert("k".into(), esc.into());
+                }),
+            ),
+            (
+                "depends[][]",
+                Box::new(|m| {
+                    m.depends.insert("k".into(), vec![esc.into()]);
+                }),
+            ),
+            (
+                "payloads[].name",
+                Box::new(|m| m.payloads[0].name = esc.into()),
+            ),
+        ];
+        for (field, edit) in cases {
+            let mut m = sample();
+            edit(&mut m);
+            match Manifest::from_cbor(&m.to_cbor()) {
+                Err(ManifestError::ControlCharacter { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let mut m = sample();
+        m.name = esc.into();
+        let message = Manifest::from_cbor(&m.to_cbor()).unwrap_err().to_string();
+        assert!(!message.contains('\u{1b}'), "{message}");
+        assert!(message.contains("\\u{1b}"), "{message}");
+    }
+
     #[test]
     fn chunk_bounds_rejected() {
         let mut m = sample();
@@ -689,6 +797,18 @@ mod tests {
             Manifest::from_cbor(&m.to_cbor()),
             Err(ManifestError::BadChunking(_))
         ));
+    }
+
+    /// Regression (issue 9): decoding errors were cbor4ii's Debug text
+    /// (`Core(Mismatch { name: "map", found: 90 })`).
+    #[test]
+    fn decoding_errors_are_words() {
+        assert_eq!(
+            Manifest::from_cbor(b"\x5a\x00\x00\x00\x01Z"),
+            Err(ManifestError::Decode(
+                "expected map, found a byte string (initial byte 0x5a)".into()
+            ))
+        );
     }
 
     #[test]
@@ -756,7 +876,7 @@ mod tests {
                 prop::collection::vec("[a-z0-9.]{0,8}", 1..3),
                 0..5,
             ),
-            prop::collection::vec(chunk, 0..20),
+            prop::collection::vec(chunk, 1..20),
             any::<[u8; 32]>(),
             prop::option::of(("[a-z]{1,5}", "[0-9]{1,5}", any::<[u8; 32]>())),
         )

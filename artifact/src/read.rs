@@ -14,7 +14,9 @@ use std::collections::HashSet;
 use std::io::{self, Read};
 
 use rayon::prelude::*;
-use shoal_signing::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot, VerifyError};
+use shoal_signing::{
+    DecodeError, ENVELOPE_SIZE_MAX, Envelope, RoleName, SIGNATURES_MAX, TrustRoot, VerifyError,
+};
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError};
@@ -131,6 +133,27 @@ pub enum ReadError {
     /// The envelope bytes are malformed.
     #[error("bad manifest envelope: {0}")]
     Envelope(#[from] DecodeError),
+    /// The envelope carries no signature at all (found before its signed bytes
+    /// were read: see [`check_envelope_signers`]).
+    #[error("the manifest envelope ({size} bytes) carries no signature")]
+    Unsigned {
+        /// Size of the envelope member.
+        size: u64,
+    },
+    /// Fewer distinct release keys of the trust root signed the envelope than its
+    /// threshold asks (counted by key id before the signed bytes were read; the
+    /// signatures themselves are checked after).
+    #[error(
+        "the manifest envelope ({size} bytes) is signed by {found} of the trust root's release keys; it needs {threshold}"
+    )]
+    TooFewSigners {
+        /// Size of the envelope member.
+        size: u64,
+        /// Distinct release keys among the signers.
+        found: u32,
+        /// The release role's threshold.
+        threshold: u32,
+    },
     /// The envelope's signatures do not satisfy the trust root.
     #[error("manifest signature check failed: {0}")]
     Signature(#[from] VerifyError),
@@ -925,15 +948,14 @@ pub const RUN_BYTES_MAX: usize = 1024 * 1024;
 impl<R: Skip> ArtifactReader<R> {
     /// Like [`ArtifactReader::next_raw`], but only for chunks `want` says yes to: the
     /// others are skipped over without being read (their place and size are known
-    /// from the pack table, or the pack header, and the signed manifest). Consecutive
-    /// wanted chunks of a pack are read together, up to [`RUN_BYTES_MAX`].
+    /// from the pack header and the signed manifest). Consecutive wanted chunks of a
+    /// pack are read together, up to [`RUN_BYTES_MAX`].
     ///
-    /// With a pack table, packs are never read: a pack without a wanted chunk is
-    /// skipped whole, and of one with wanted chunks only runs of them are read. A
-    /// table that lies can only put wrong bytes under a wanted chunk's id (its hash
-    /// check fails) or point past the end (`Truncated`); the end-of-archive blocks
-    /// are still read and checked. Without a table (older artifacts) every pack's
-    /// header is read and checked as by `next_raw`.
+    /// Every member header (and each pack's 4-byte count) is still read and checked
+    /// exactly as `next_raw` and `verify` check it, so an artifact `verify` refuses
+    /// (a `..` path, a hard link or device node, packs out of order, a second
+    /// dictionary, a count that disagrees with the pack table) is refused here too,
+    /// even where none of its chunks is wanted: 516 bytes per pack.
     pub fn next_wanted(
         &mut self,
         mut want: impl FnMut(&ChunkId) -> bool,
@@ -945,16 +967,11 @@ impl<R: Skip> ArtifactReader<R> {
             if self.done {
                 return Ok(None);
             }
-            if self.pack.is_none() {
-                self.read_preamble()?;
-                let opened = if self.table.is_some() && self.peeked.is_none() {
-                    self.seek_wanted_pack(&mut want)?
-                } else {
-                    self.open_pack()?
-                };
-                if !opened {
-                    return Ok(None);
-                }
+            // Every pack's header and count are read and checked as `next_raw`
+            // checks them (path, type, order, count against the table), also of a
+            // pack none of whose chunks are wanted: one reader, one set of rules.
+            if self.pack.is_none() && !self.open_pack()? {
+                return Ok(None);
             }
             let pack = self.pack.as_mut().expect("a pack is open");
             // Skip the unwanted chunks ahead.
@@ -988,54 +1005,6 @@ impl<R: Skip> ArtifactReader<R> {
                 self.skip(padding)?;
             }
         }
-    }
-
-    /// With a pack table, at a pack boundary: opens the next pack holding a wanted
-    /// chunk, positioned at that chunk, skipping (in one go) the packs before it
-    /// that hold none, its own header and count, and its unwanted chunks before that
-    /// one. Where each pack is follows from the table and the signed stored sizes:
-    /// pack `i + 1`'s header is `512 + round_up(4 + Σ stored_size, 512)` bytes after
-    /// pack `i`'s. Past the table's last pack, checks the end of the archive and
-    /// returns `Ok(false)`.
-    fn seek_wanted_pack(
-        &mut self,
-        want: &mut impl FnMut(&ChunkId) -> bool,
-    ) -> Result<bool, ReadError> {
-        let table = self.table.as_ref().expect("a pack table was read");
-        let expected = self.expected.as_ref().expect("bound with the table");
-        let mut skip = 0u64;
-        while let Some(&count) = table.get(self.packs_read as usize) {
-            let seq = self.packs_read;
-            // In bounds: the table's counts add up to `expected.len()`.
-            let chunks = &expected[self.next..self.next + count as usize];
-            let data_len: u64 = chunks.iter().map(|c| u64::from(c.stored_size)).sum();
-            let member_len = PACK_HEADER_LEN as u64 + data_len;
-            self.packs_read += 1;
-            self.next += chunks.len();
-            let Some(first) = chunks.iter().position(|c| want(&c.id)) else {
-                skip += BLOCK as u64 + member_len + ustar::padding(member_len) as u64;
-                continue;
-            };
-            skip += (BLOCK + PACK_HEADER_LEN) as u64;
-            skip += chunks[..first]
-                .iter()
-                .map(|c| u64::from(c.stored_size))
-                .sum::<u64>();
-            self.pack = Some(Pack {
-                seq,
-                chunks: chunks.to_vec(),
-                next: first,
-                padding: ustar::padding(member_len),
-            });
-            self.skip(skip)?;
-            return Ok(true);
-        }
-        self.skip(skip)?;
-        match self.read_header()? {
-            Block::End => self.read_end()?,
-            Block::Member(m) => return Err(ReadError::UnexpectedMember { path: m.path }),
-        }
-        Ok(false)
     }
 
     /// Moves `n` bytes forward without reading them.
@@ -1107,6 +1076,112 @@ fn read_block<R: Read>(
         .map_err(|reason| ReadError::BadHeader { offset: at, reason })
 }
 
+/// Checks, before an artifact's envelope is read into memory, that it is signed at
+/// all (and, with `root`, by at least the threshold of the root's release keys,
+/// counted by key id): an unsigned 15 MB envelope is refused after reading a few
+/// hundred bytes, not after holding and decoding it. The signed bytes come first in
+/// the (canonical) envelope, so the source seeks over them to the signatures and
+/// back; it is left where it was. The signatures are verified later, as always;
+/// anything unexpected here (not an artifact, a truncated file) is left for the
+/// reader to report.
+pub fn check_envelope_signers<R: Read + io::Seek>(
+    src: &mut R,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let start = src.stream_position()?;
+    let result = envelope_signers(src, start, root);
+    src.seek(io::SeekFrom::Start(start))?;
+    result
+}
+
+fn envelope_signers<R: Read + io::Seek>(
+    src: &mut R,
+    start: u64,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let mut block = [0u8; BLOCK];
+    let mut got = 0;
+    if !ustar::read_full(src, &mut block, &mut got)? {
+        return Ok(());
+    }
+    let member = match ustar::parse(&block) {
+        Ok(Block::Member(m)) if m.path == ENVELOPE_MEMBER => m,
+        _ => return Ok(()),
+    };
+    let size = member.size;
+    if size > ENVELOPE_SIZE_MAX as u64 {
+        return Ok(()); // EnvelopeTooLarge, before anything is read.
+    }
+    member_signers(src, start + BLOCK as u64, size, root)
+}
+
+/// The signature check of [`check_envelope_signers`] on the envelope member's
+/// data of `size` bytes at `data_start` in `src`.
+fn member_signers<R: Read + io::Seek>(
+    src: &mut R,
+    data_start: u64,
+    size: u64,
+    root: Option<&TrustRoot>,
+) -> Result<(), ReadError> {
+    let mut got = 0;
+    // `{ "signed": bstr(L), "signatures": [..] }`: map(2), text(6) "signed", and
+    // the byte string's header (1 to 9 bytes).
+    const KEY: &[u8] = b"\xa2\x66signed";
+    let mut head = [0u8; 8 + 9];
+    let head_len = usize::try_from(size).map_or(head.len(), |s| s.min(head.len()));
+    if !ustar::read_full(src, &mut head[..head_len], &mut got)? || head[..8] != *KEY {
+        return Ok(());
+    }
+    let (len, header) = match head[8] {
+        b @ 0x40..=0x57 => (u64::from(b - 0x40), 1),
+        0x58 => (u64::from(head[9]), 2),
+        0x59 => (u64::from(u16::from_be_bytes([head[9], head[10]])), 3),
+        0x5a => (
+            u64::from(u32::from_be_bytes(head[9..13].try_into().expect("4 bytes"))),
+            5,
+        ),
+        _ => return Ok(()),
+    };
+    let signed_end = 8 + header + len;
+    if signed_end > size {
+        return Ok(());
+    }
+    let tail_len = size - signed_end;
+    // What follows is `"signatures": [..]`, bounded by the signature limit.
+    let tail_max = 11 + 5 + SIGNATURES_MAX as u64 * 128;
+    if tail_len > tail_max {
+        return Ok(());
+    }
+    src.seek(io::SeekFrom::Start(data_start + signed_end))?;
+    let mut tail = vec![0xa1u8; 1 + tail_len as usize];
+    if !ustar::read_full(src, &mut tail[1..], &mut got)? {
+        return Ok(());
+    }
+    #[derive(serde::Deserialize)]
+    struct Tail {
+        signatures: Vec<shoal_signing::Signature>,
+    }
+    let Ok(Tail { signatures }) = cbor4ii::serde::from_slice::<Tail>(&tail) else {
+        return Ok(());
+    };
+    if signatures.is_empty() {
+        return Err(ReadError::Unsigned { size });
+    }
+    if let Some(role) = root.and_then(|r| r.roles.get(&RoleName::Release)) {
+        let signers: HashSet<_> = signatures.iter().map(|s| s.key_id).collect();
+        let found = role.key_ids.iter().filter(|k| signers.contains(k)).count();
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        if found < role.threshold {
+            return Err(ReadError::TooFewSigners {
+                size,
+                found,
+                threshold: role.threshold,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads and decodes the first member: the envelope.
 fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     let mut block = [0u8; BLOCK];
@@ -1163,5 +1238,13 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if !ustar::read_full(src, pad, &mut got)? {
         return Err(truncated());
     }
-    Ok((Envelope::from_bytes(&bytes)?, member.size))
+    // No Shoal tool writes an envelope without a signature; every reader refuses
+    // one (from a file before reading it: `check_envelope_signers`; from a pipe
+    // here, before it is decoded and copied).
+    member_signers(&mut io::Cursor::new(&bytes[..]), 0, member.size, None)?;
+    let envelope = Envelope::from_bytes(&bytes)?;
+    if envelope.signatures.is_empty() {
+        return Err(ReadError::Unsigned { size: member.size });
+    }
+    Ok((envelope, member.size))
 }

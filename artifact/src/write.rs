@@ -20,7 +20,7 @@ use crate::chunk::Dictionary;
 use crate::chunk::{self, Chunker};
 use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
-    PayloadKind,
+    PayloadKind, check_text,
 };
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
@@ -304,6 +304,23 @@ pub fn build<R: Read + Seek + Send, W: Write>(
         return Err(BuildError::NoKey);
     }
     opts.chunking.validate()?;
+    // Text the manifest will carry, checked before the image is read.
+    check_text("name", &opts.name)?;
+    check_text("version", &opts.version)?;
+    check_text("payloads[].name", &opts.payload_name)?;
+    for t in &opts.device_types {
+        check_text("device_types[]", t)?;
+    }
+    for (k, v) in &opts.provides {
+        check_text("provides", k)?;
+        check_text("provides[]", v)?;
+    }
+    for (k, values) in &opts.depends {
+        check_text("depends", k)?;
+        for v in values {
+            check_text("depends[][]", v)?;
+        }
+    }
     if let Some(b) = base
         && b.chunking != opts.chunking
     {

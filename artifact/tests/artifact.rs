@@ -1082,19 +1082,28 @@ fn wanted_chunks_are_read_and_the_rest_skipped_unread() {
     assert_eq!(got.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
     assert!(got.iter().all(|(c, d)| ChunkId::of(d) == c.id));
     // The whole artifact was consumed, and of it only the envelope and pack table
-    // members, the wanted chunks and the end blocks were read: no pack header.
+    // members, each pack's header and count (checked as `verify` checks them), the
+    // wanted chunks and the end blocks were read.
     assert_eq!(end.unwrap(), bytes.len() as u64);
     let m = members(&bytes);
     assert_eq!(m[1].1, PACK_TABLE_MEMBER);
+    let packs = (m.len() - 2) as u64;
     let member =
         |(_, _, size): &(usize, String, usize)| shoal_artifact::write::member_len(*size as u64);
     let wanted_bytes: u64 = want.iter().map(|c| u64::from(c.stored_size)).sum();
-    assert_eq!(read, member(&m[0]) + member(&m[1]) + wanted_bytes + 1024);
-    // Nothing wanted: the packs are skipped whole, the end is still checked.
+    assert_eq!(
+        read,
+        member(&m[0]) + member(&m[1]) + packs * (512 + 4) + wanted_bytes + 1024
+    );
+    // Nothing wanted: the packs' data is skipped, their headers and the end are
+    // still checked.
     let (got, end, read) = read_wanted(&bytes, &root, |_| false);
     assert!(got.is_empty());
     assert_eq!(end.unwrap(), bytes.len() as u64);
-    assert_eq!(read, member(&m[0]) + member(&m[1]) + 1024);
+    assert_eq!(
+        read,
+        member(&m[0]) + member(&m[1]) + packs * (512 + 4) + 1024
+    );
 
     // An artifact without a pack table (as built before it existed) is read as
     // before: every pack's header, and the wanted chunks.
@@ -1223,51 +1232,96 @@ fn a_lying_pack_table_never_yields_a_wrong_chunk() {
         r.verify_rest(|_| {}),
         Err(ReadError::PackCountMismatch { seq: 0, .. })
     ));
-    // Seeking (install): the wanted chunks the table misplaces fail their checks,
-    // naming the chunk; the ones it places right are the right bytes.
-    let data: std::collections::HashMap<ChunkId, Vec<u8>> = read_all(&bytes, &root)
-        .unwrap()
-        .into_iter()
-        .map(|d| (ChunkId::of(&d), d))
-        .collect();
-    let misplaced = |e: &ReadError, want: ChunkId| match e {
-        ReadError::Chunk(
-            ChunkError::HashMismatch { id, .. }
-            | ChunkError::Corrupt { id, .. }
-            | ChunkError::SizeMismatch { id, .. }
-            | ChunkError::DecompressedTooLarge { id, .. },
-        ) => *id == want,
-        ReadError::Truncated { .. } => true,
-        _ => false,
-    };
-    for (wanted, first_wrong) in [
-        // Everything: chunks 0 and 1 are where the table says; chunk 2 is not.
-        ((0..cs.len()).collect::<Vec<_>>(), 2),
-        // Only chunks of the second pack.
-        (vec![3, 6], 3),
-        (vec![6], 6),
+    // Seeking (install) reads every pack's header and count too (issue 9: one
+    // reader, one set of rules): the lie is refused at the first pack, before any
+    // chunk, whichever chunks are wanted.
+    for wanted in [
+        (0..cs.len()).collect::<Vec<_>>(),
+        vec![3, 6],
+        vec![6],
+        vec![],
     ] {
         let ids: Vec<ChunkId> = wanted.iter().map(|&i| cs[i].0).collect();
         let (got, end, _) = read_wanted(&bad, &root, |id| ids.contains(id));
-        for (c, d) in &got {
-            assert_eq!(data[&c.id], *d);
-        }
-        let right = wanted.iter().position(|&i| i == first_wrong).unwrap();
-        assert_eq!(got.len(), right, "wanted {wanted:?}");
-        let e = end.unwrap_err();
-        assert!(misplaced(&e, cs[first_wrong].0), "wanted {wanted:?}: {e:?}");
+        assert!(got.is_empty(), "wanted {wanted:?}");
+        assert!(
+            matches!(
+                end,
+                Err(ReadError::PackCountMismatch {
+                    seq: 0,
+                    table: 5,
+                    found: 2
+                })
+            ),
+            "wanted {wanted:?}: {end:?}"
+        );
     }
     // A table that moves the end of the archive: the end check fails.
     let moved = assemble_with_table(&env, &cs, &truth, &[2, 5, n - 8, 1]);
     let (got, end, _) = read_wanted(&moved, &root, |_| false);
     assert!(got.is_empty());
     assert!(
-        matches!(
-            end,
-            Err(ReadError::Truncated { .. }
-                | ReadError::BadHeader { .. }
-                | ReadError::UnexpectedMember { .. })
-        ),
+        matches!(end, Err(ReadError::PackCountMismatch { seq: 2, .. })),
         "{end:?}"
     );
+}
+
+impl std::io::Seek for Counted<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Regression (issue 9, error contract): an unsigned (or not enough signed)
+/// envelope of many megabytes was read whole and decoded before it was refused.
+/// `check_envelope_signers` refuses it after reading the tar header, the envelope's
+/// first bytes and its signatures, and leaves the source where it was.
+#[test]
+fn unsigned_and_undersigned_envelopes_are_refused_before_their_bytes_are_read() {
+    use shoal_artifact::read::check_envelope_signers;
+    let big = vec![0x5au8; 3_000_000];
+    let unsigned = tar(&[(
+        "manifest.envelope".into(),
+        Envelope::new(big.clone()).to_bytes(),
+    )]);
+    let mut src = Counted {
+        inner: Cursor::new(&unsigned),
+        read: 0,
+    };
+    match check_envelope_signers(&mut src, Some(&root(&[1], 1))) {
+        Err(ReadError::Unsigned { size }) => assert!(size > 3_000_000),
+        other => panic!("{other:?}"),
+    }
+    assert!(src.read < 1024, "read {} bytes", src.read);
+    assert_eq!(src.inner.position(), 0, "left where it was");
+    assert!(matches!(
+        check_envelope_signers(&mut Cursor::new(&unsigned), None),
+        Err(ReadError::Unsigned { .. })
+    ));
+
+    // Signed by keys 1 and 2; the root wants 2 of keys 2 and 3.
+    let mut env = Envelope::new(big);
+    env.sign(&key(1));
+    env.sign(&key(2));
+    let two = tar(&[("manifest.envelope".into(), env.to_bytes())]);
+    let mut src = Counted {
+        inner: Cursor::new(&two),
+        read: 0,
+    };
+    match check_envelope_signers(&mut src, Some(&root(&[2, 3], 2))) {
+        Err(ReadError::TooFewSigners {
+            found: 1,
+            threshold: 2,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(src.read < 1024, "read {} bytes", src.read);
+    // Enough signers by id, or no root: left to the full check.
+    check_envelope_signers(&mut Cursor::new(&two), Some(&root(&[1, 2], 2))).unwrap();
+    check_envelope_signers(&mut Cursor::new(&two), None).unwrap();
+    // A real artifact passes; garbage is left for the reader to report.
+    let (bytes, _) = build(&payload(100_000, 1));
+    check_envelope_signers(&mut Cursor::new(&bytes), Some(&root(&[1], 1))).unwrap();
+    check_envelope_signers(&mut Cursor::new(&b"not a tar"[..]), None).unwrap();
 }

@@ -68,6 +68,9 @@ enum Only {
     Artifact,
     /// Issue 4: `shoal install`, full and delta, against `dd`.
     Install,
+    /// Issue 9: the memory an unsigned envelope costs before it is refused (needs
+    /// no images).
+    Harden,
 }
 
 /// Everything the sections share.
@@ -88,6 +91,16 @@ pub struct Ctx {
 }
 
 fn main() -> std::process::ExitCode {
+    // `shoal-bench engine`: the engine's goals (issue 10), on the engine alone.
+    if std::env::args().nth(1).as_deref() == Some("engine") {
+        return match engine_only() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal-bench: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -97,11 +110,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs the engine section and prints its table.
+fn engine_only() -> Result<()> {
+    let report = Report {
+        context: vec![("source tree".to_string(), source_tree())],
+        sections: vec![sections::engine()?],
+    };
+    io::stdout().write_all(report.to_markdown().as_bytes())?;
+    Ok(())
+}
+
 fn run(args: Args) -> Result<()> {
     let v1 = args.images.join("v1.img");
     let v2 = args.images.join("v2.img");
+    let needs_images = args.only != Only::Harden;
     for img in [&v1, &v2] {
-        if !img.is_file() {
+        if needs_images && !img.is_file() {
             bail!(
                 "{} is missing: run ../shared/bench/make-rootfs-images.sh {} as root",
                 img.display(),
@@ -149,7 +173,7 @@ fn run(args: Args) -> Result<()> {
     };
 
     // Every tool starts from a warm page cache: read both images once now.
-    for img in [&ctx.v1, &ctx.v2] {
+    for img in [&ctx.v1, &ctx.v2].into_iter().filter(|_| needs_images) {
         let mut f =
             fs::File::open(img).with_context(|| format!("cannot open {}", img.display()))?;
         io::copy(&mut f, &mut io::sink())?;
@@ -169,6 +193,9 @@ fn run(args: Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Install) {
         report.sections.push(sections::install(&ctx, &shoal)?);
+    }
+    if matches!(args.only, Only::All | Only::Harden) {
+        report.sections.push(sections::harden(&ctx, &shoal)?);
     }
     report.context = context(&ctx, &args, &load_before)?;
 
@@ -249,13 +276,17 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
         ),
         (
             "images".into(),
-            format!(
-                "{} ({}), {} ({}); page cache warm",
-                ctx.v1.display(),
-                report::Quantity::Bytes(measure::file_bytes(&ctx.v1)?),
-                ctx.v2.display(),
-                report::Quantity::Bytes(measure::file_bytes(&ctx.v2)?),
-            ),
+            if args.only == Only::Harden {
+                "none needed (--only harden)".to_owned()
+            } else {
+                format!(
+                    "{} ({}), {} ({}); page cache warm",
+                    ctx.v1.display(),
+                    report::Quantity::Bytes(measure::file_bytes(&ctx.v1)?),
+                    ctx.v2.display(),
+                    report::Quantity::Bytes(measure::file_bytes(&ctx.v2)?),
+                )
+            },
         ),
         (
             "paths in commands".into(),
@@ -301,6 +332,7 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
                     Only::All => "",
                     Only::Artifact => " --only artifact",
                     Only::Install => " --only install",
+                    Only::Harden => " --only harden",
                 }
             ),
         ),

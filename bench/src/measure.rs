@@ -102,7 +102,13 @@ impl Cmd {
 }
 
 fn check_status(cmd: &Cmd, status: std::process::ExitStatus, stderr: &[u8]) -> Result<()> {
-    if status.success() {
+    check_code(cmd, status, stderr, 0)
+}
+
+/// Like [`check_status`], for a command expected to exit with `code` (a refusal
+/// under test).
+fn check_code(cmd: &Cmd, status: std::process::ExitStatus, stderr: &[u8], code: i32) -> Result<()> {
+    if status.code() == Some(code) {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(stderr);
@@ -147,6 +153,12 @@ impl Meter {
     /// Runs `cmd` once (stdin empty, stderr captured), measuring wall time and peak RSS.
     /// Fails, with the tail of its stderr, unless it exits 0.
     pub fn run(&self, cmd: &Cmd) -> Result<Run> {
+        self.run_expecting(cmd, 0)
+    }
+
+    /// Like [`Meter::run`] for a command that must exit with `code` (e.g. 1 for a
+    /// refusal whose cost is measured).
+    pub fn run_expecting(&self, cmd: &Cmd, code: i32) -> Result<Run> {
         let _ = fs::remove_file(&self.report_file);
         let start = Instant::now();
         let out = Command::new(GNU_TIME)
@@ -161,7 +173,7 @@ impl Meter {
             .output()
             .with_context(|| format!("cannot start {GNU_TIME} for `{}`", cmd.display()))?;
         let wall_s = start.elapsed().as_secs_f64();
-        check_status(cmd, out.status, &out.stderr)?;
+        check_code(cmd, out.status, &out.stderr, code)?;
         let report = fs::read_to_string(&self.report_file)
             .with_context(|| format!("GNU time wrote no report for `{}`", cmd.display()))?;
         // On failure GNU time writes a "Command exited with non-zero status" line first;

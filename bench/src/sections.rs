@@ -1,4 +1,4 @@
-//! The two goal groups: issue 2 (artifact) and issue 4 (install).
+//! The goal groups: issue 2 (artifact), issue 4 (install) and issue 9 (hardening).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ struct Job {
     error: Option<String>,
     /// Standard output of the last run.
     last_stdout: Vec<u8>,
+    /// The exit code every run must have (0; 1 for a refusal whose cost is measured).
+    expect_code: i32,
 }
 
 impl Job {
@@ -50,7 +52,14 @@ impl Job {
             is_shoal,
             error: None,
             last_stdout: Vec::new(),
+            expect_code: 0,
         }
+    }
+
+    /// Every run must exit with `code` instead of 0.
+    fn expecting(mut self, code: i32) -> Self {
+        self.expect_code = code;
+        self
     }
 
     /// Commands to run (untimed) before each run, after the removals.
@@ -97,7 +106,7 @@ fn run_rounds(ctx: &Ctx, jobs: &mut [Job]) -> Result<()> {
                 ctx.runs,
                 job.cmd.display()
             ));
-            match ctx.meter.run(&job.cmd) {
+            match ctx.meter.run_expecting(&job.cmd, job.expect_code) {
                 Ok(run) => {
                     job.series.push(&job.cmd, &run);
                     job.series.command = ctx.shorten(&job.series.command);
@@ -798,6 +807,136 @@ fn concat_os(prefix: &str, path: &Path) -> std::ffi::OsString {
     let mut s = std::ffi::OsString::from(prefix);
     s.push(path);
     s
+}
+
+/// Size of the unsigned envelope the hardening goals refuse.
+const UNSIGNED_ENVELOPE_BYTES: usize = 15_000_000;
+
+/// Writes a `.shoal` whose first member is an envelope of `signed_len` bytes with
+/// no signature (`{"signed": h'5a5a…', "signatures": []}` in canonical CBOR), and
+/// the end blocks: what an attacker hands someone to inspect or verify.
+fn write_unsigned_artifact(path: &Path, signed_len: usize) -> Result<u64> {
+    let len = u32::try_from(signed_len).context("envelope too large")?;
+    let mut envelope = vec![0xa2, 0x66];
+    envelope.extend_from_slice(b"signed");
+    envelope.push(0x5a);
+    envelope.extend_from_slice(&len.to_be_bytes());
+    envelope.resize(envelope.len() + signed_len, 0x5a);
+    envelope.push(0x6a);
+    envelope.extend_from_slice(b"signatures");
+    envelope.push(0x80);
+    let mut header = [0u8; 512];
+    let name = b"manifest.envelope";
+    header[..name.len()].copy_from_slice(name);
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    header[124..136].copy_from_slice(format!("{:011o}\0", envelope.len()).as_bytes());
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(&envelope);
+    bytes.resize(bytes.len().next_multiple_of(512) + 1024, 0);
+    fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(envelope.len() as u64)
+}
+
+/// Issue 9: an unsigned envelope is refused before it costs memory. Peak RSS of
+/// `shoal artifact verify`, `inspect` and `diff` refusing a 15 MB envelope without
+/// signatures, each at most 16 MiB (before the fix each read and decoded it whole).
+pub fn harden(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
+    let big = work_path(ctx, "unsigned-envelope.shoal");
+    let envelope_bytes = write_unsigned_artifact(&big, UNSIGNED_ENVELOPE_BYTES)?;
+    let facts = vec![(
+        "unsigned envelope refused".to_owned(),
+        format!(
+            "{envelope_bytes} bytes ({:.1} MB), no signature",
+            envelope_bytes as f64 / 1e6
+        ),
+    )];
+    const INSPECT: &str = "shoal artifact inspect (unsigned 15 MB envelope)";
+    const VERIFY: &str = "shoal artifact verify --root (unsigned 15 MB envelope)";
+    const DIFF: &str = "shoal artifact diff (unsigned 15 MB envelope)";
+    let why = match shoal {
+        Ok(_) => String::new(),
+        Err(e) => e.clone(),
+    };
+    let mut jobs = Vec::new();
+    if let Ok(s) = shoal {
+        let job =
+            |label: &str, cmd: Cmd| Job::new(label, cmd, &[], Output::None, true).expecting(1);
+        jobs.push(job(
+            INSPECT,
+            s.cmd().args(["artifact", "inspect"]).arg(&big),
+        ));
+        jobs.push(job(
+            VERIFY,
+            s.cmd()
+                .args(["artifact", "verify", "--root"])
+                .arg(s.root())
+                .arg(&big),
+        ));
+        jobs.push(job(
+            DIFF,
+            s.cmd().args(["artifact", "diff"]).arg(&big).arg(&big),
+        ));
+        run_rounds(ctx, &mut jobs)?;
+    }
+    let cap = Target::AtMost(Quantity::Mebibytes(16.0));
+    let goals = [
+        ("peak RSS of `shoal artifact inspect` refusing it", INSPECT),
+        ("peak RSS of `shoal artifact verify` refusing it", VERIFY),
+        ("peak RSS of `shoal artifact diff` refusing it", DIFF),
+    ]
+    .into_iter()
+    .map(|(name, label)| Goal::absolute(name, figure(&jobs, label, &why, rss), cap))
+    .collect();
+    measure::remove_any(&big)?;
+    Ok(Section {
+        title: "Issue 9 — hardening: an unsigned envelope is refused before it costs memory"
+            .to_owned(),
+        goals,
+        series: jobs.into_iter().map(|j| j.series).collect(),
+        facts,
+    })
+}
+
+/// Issue 10: the engine's fetch scheduler, on the engine alone (virtual time, the
+/// in-memory device). Rows not listed are not measured yet.
+pub fn engine() -> Result<Section> {
+    progress("engine: dead-source install, 30,000 chunks (virtual time)");
+    let runs = shoal_engine::testing::dead_source_experiment(30_000, 1);
+    let healthy = Quantity::Seconds(runs.healthy_ms as f64 / 1000.0);
+    let dead = Quantity::Seconds(runs.dead_ms as f64 / 1000.0);
+    let goals = vec![Goal::relative(
+        "install with one of two request sources dead (virtual time, 30,000 chunks)",
+        Ok(dead),
+        Baseline {
+            label: "the healthy source alone".to_string(),
+            quantity: healthy,
+        },
+        Target::RatioAtMost(1.2),
+    )];
+    Ok(Section {
+        title: "Issue 10: engine".to_string(),
+        goals,
+        series: Vec::new(),
+        facts: vec![
+            (
+                "requests to the healthy source alone for 30,000 chunks".to_string(),
+                runs.healthy_requests.to_string(),
+            ),
+            (
+                "healthy / dead-source virtual time".to_string(),
+                format!("{} ms / {} ms", runs.healthy_ms, runs.dead_ms),
+            ),
+        ],
+    })
 }
 
 #[cfg(test)]

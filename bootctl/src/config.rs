@@ -39,6 +39,7 @@ use crate::env::Env;
 use crate::env::file::FileEnv;
 use crate::env::grub::{GrubEnv, Paths};
 use crate::env::uboot::{self, FwEnvConfig, UbootEnv};
+use crate::extent::{self, Extent};
 use crate::scheme::{Flavor, MenderParts, Scheme};
 use crate::storage::{FileStorage, Storage};
 
@@ -235,11 +236,14 @@ pub enum BuildError {
         /// The config file.
         path: PathBuf,
     },
-    /// Slots A and B are the same storage.
-    #[error("slots A and B overlap in {path}")]
+    /// Slots A and B are the same storage: the same path, a symlink or hard link
+    /// to the other, or a partition and a region of its disk.
+    #[error("slots A and B overlap: {a} and {b} are the same storage")]
     SlotsOverlap {
-        /// The shared device or file.
-        path: PathBuf,
+        /// Slot A, as configured (and what it resolves to).
+        a: String,
+        /// Slot B, as configured (and what it resolves to).
+        b: String,
     },
     /// A file or device could not be opened.
     #[error("cannot open {what}")]
@@ -424,6 +428,11 @@ impl SlotStorage for SlotDevices {
         )?))
     }
 
+    fn extent(&self, slot: Slot) -> Option<io::Result<Extent>> {
+        let c = self.config(slot);
+        Some(extent::resolve(&c.path, c.offset, c.size))
+    }
+
     fn describe(&self, slot: Slot) -> String {
         let c = self.config(slot);
         match c.size {
@@ -434,12 +443,37 @@ impl SlotStorage for SlotDevices {
     }
 }
 
+/// Whether two slots share bytes: compared by what their paths resolve to
+/// ([`extent`]: symlinks, hard links, partitions of one disk), or by path text
+/// when a path does not resolve (yet); [`BootControl::open_writer`] checks again
+/// right before writing.
 fn overlaps(a: &SlotConfig, b: &SlotConfig) -> bool {
+    if let (Ok(ea), Ok(eb)) = (
+        extent::resolve(&a.path, a.offset, a.size),
+        extent::resolve(&b.path, b.offset, b.size),
+    ) {
+        return ea.overlaps(&eb);
+    }
     if a.path != b.path {
         return false;
     }
     let end = |c: &SlotConfig| c.size.map_or(u64::MAX, |s| c.offset.saturating_add(s));
     a.offset < end(b) && b.offset < end(a)
+}
+
+/// A slot for messages: its path, and what it resolves to when that differs.
+fn show(c: &SlotConfig) -> String {
+    let region = match c.size {
+        Some(size) => format!(" (offset {}, {size} bytes)", c.offset),
+        None if c.offset > 0 => format!(" (from offset {})", c.offset),
+        None => String::new(),
+    };
+    match std::fs::canonicalize(&c.path) {
+        Ok(real) if real != c.path => {
+            format!("{}{region} (= {})", c.path.display(), real.display())
+        }
+        _ => format!("{}{region}", c.path.display()),
+    }
 }
 
 /// Builds a ready [`BootControl`] from the two tables.
@@ -450,7 +484,8 @@ pub fn build(
 ) -> Result<BootControl, BuildError> {
     if overlaps(&slots.a, &slots.b) {
         return Err(BuildError::SlotsOverlap {
-            path: slots.a.path.clone(),
+            a: show(&slots.a),
+            b: show(&slots.b),
         });
     }
     let scheme = bootloader.scheme()?;
@@ -478,6 +513,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheme::Flavor;
 
     const EXAMPLE: &str = r#"
         [server]
@@ -583,6 +619,93 @@ mod tests {
         assert!(bytes[..10].iter().chain(&bytes[50..]).all(|&b| b == 0));
         assert!(!overlaps(&slots.a, &slots.b));
         assert!(overlaps(&slots.a, &slot(49, Some(2))));
+    }
+
+    /// A file-backed device: slots `a.img` and `b.img` (or what `b` is made into),
+    /// the file bootloader provisioned to run slot A.
+    fn file_device(dir: &Path, b: &Path) -> (SlotsConfig, BootloaderConfig) {
+        let a = dir.join("a.img");
+        std::fs::write(&a, vec![1u8; 4096]).unwrap();
+        let env_path = dir.join("bootenv");
+        let mut env = FileEnv::open(&env_path, true).unwrap();
+        env.store(&Scheme::Shoal.initial(Flavor::File, Slot::A))
+            .unwrap();
+        let slot = |path: &Path| SlotConfig {
+            path: path.to_path_buf(),
+            offset: 0,
+            size: None,
+            root_aliases: vec![],
+        };
+        let slots = SlotsConfig {
+            a: slot(&a),
+            b: slot(b),
+            detect: DetectConfig {
+                from: DetectFrom::Bootloader,
+                ..DetectConfig::default()
+            },
+        };
+        let bootloader = BootloaderConfig {
+            kind: BootloaderType::File,
+            scheme: SchemeName::Shoal,
+            fw_env_config: None,
+            allow_single_copy: false,
+            grub_dir: None,
+            grub_prefix: None,
+            path: Some(env_path),
+            mender_part_a: None,
+            mender_part_b: None,
+        };
+        (slots, bootloader)
+    }
+
+    /// Regression (issue 9, item 1): slot B configured as a symlink to slot A's file
+    /// (as `/dev/disk/by-partlabel/...` beside `/dev/mmcblk0pN`) was taken for
+    /// another slot, and an install overwrote the running slot.
+    #[test]
+    fn a_symlink_or_hard_link_to_the_other_slot_is_an_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("by-partlabel-b");
+        std::os::unix::fs::symlink("a.img", &link).unwrap();
+        let (slots, bootloader) = file_device(dir.path(), &link);
+        let err = build(&slots, &bootloader, true).unwrap_err();
+        assert!(
+            matches!(&err, BuildError::SlotsOverlap { b, .. } if b.contains("by-partlabel-b") && b.ends_with("a.img)")),
+            "{err}"
+        );
+        let hard = dir.path().join("b-hard.img");
+        std::fs::hard_link(dir.path().join("a.img"), &hard).unwrap();
+        let (slots, bootloader) = file_device(dir.path(), &hard);
+        assert!(matches!(
+            build(&slots, &bootloader, true),
+            Err(BuildError::SlotsOverlap { .. })
+        ));
+    }
+
+    /// Regression (issue 9, item 1): the slots are resolved again right before the
+    /// first write, so a path that changed after the configuration was checked (a
+    /// symlink swapped in) cannot make the writer overwrite the running slot.
+    #[test]
+    fn the_writer_checks_the_slots_again_right_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b.img");
+        std::fs::write(&b, vec![0u8; 4096]).unwrap();
+        let (slots, bootloader) = file_device(dir.path(), &b);
+        let control = build(&slots, &bootloader, true).unwrap();
+        assert!(control.open_writer(Slot::B, 4096).is_ok());
+        std::fs::remove_file(&b).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("a.img"), &b).unwrap();
+        let err = control.open_writer(Slot::B, 4096).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::control::OpenWriterError::Overlap { slot: Slot::B, .. }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("a.img")).unwrap(),
+            vec![1u8; 4096]
+        );
     }
 
     #[test]

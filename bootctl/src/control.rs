@@ -7,6 +7,7 @@ use std::io;
 use crate::Slot;
 use crate::detect::{ProbeError, SystemProbe, SystemView};
 use crate::env::{Env, LoadError, StoreError, Vars};
+use crate::extent::Extent;
 use crate::scheme::{BootState, Flavor, Scheme, StateError, TriesError};
 use crate::storage::Storage;
 use crate::writer::{OpenError, SlotWriter};
@@ -19,6 +20,13 @@ pub trait SlotStorage: fmt::Debug + Send {
 
     /// A short description of where `slot` lives, e.g. its device path.
     fn describe(&self, slot: Slot) -> String;
+
+    /// What `slot` really is on the machine (symlinks, hard links and partitions
+    /// resolved), for the overlap checks; `None` for storage that is not a file or
+    /// device (in-memory test disks, whose slots never share bytes).
+    fn extent(&self, _slot: Slot) -> Option<io::Result<Extent>> {
+        None
+    }
 }
 
 /// How [`BootControl`] determines the running slot.
@@ -181,6 +189,38 @@ pub enum OpenWriterError {
     ArmedSlot {
         /// The slot asked for.
         slot: Slot,
+    },
+    /// Slot A and slot B are the same storage (a symlink, hard link, or a
+    /// partition and its disk): writing one would overwrite the other.
+    #[error(
+        "slots A and B overlap: {a} and {b} are the same storage; refusing to write slot {slot}"
+    )]
+    Overlap {
+        /// The slot asked for.
+        slot: Slot,
+        /// Slot A, as configured and as resolved.
+        a: String,
+        /// Slot B, as configured and as resolved.
+        b: String,
+    },
+    /// The slot asked for holds the running root file system.
+    #[error("slot {slot} ({path}) holds the running root file system; refusing to write it")]
+    RunningRoot {
+        /// The slot asked for.
+        slot: Slot,
+        /// Where it lives.
+        path: String,
+    },
+    /// What a slot is could not be found out, so it is not known to be safe.
+    #[error("cannot resolve slot {slot} ({path})")]
+    Resolve {
+        /// The slot.
+        slot: Slot,
+        /// Where it is configured.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
     },
     /// The slot could not be opened, or the payload does not fit.
     #[error(transparent)]
@@ -425,11 +465,58 @@ impl BootControl {
         {
             return Err(OpenWriterError::ArmedSlot { slot });
         }
+        self.check_target(slot)?;
         let storage = self
             .slots
             .open(slot, true)
             .map_err(|source| OpenError::Io { slot, source })?;
         Ok(SlotWriter::new(storage, slot, payload_size)?)
+    }
+
+    /// Right before a slot is opened for writing: checks again, on what the paths
+    /// resolve to now, that the two slots are distinct storage, and (when the
+    /// running system is probed) that `slot` does not hold the root file system.
+    fn check_target(&self, slot: Slot) -> Result<(), OpenWriterError> {
+        let resolve = |s: Slot| {
+            self.slots.extent(s).map(|r| {
+                r.map_err(|source| OpenWriterError::Resolve {
+                    slot: s,
+                    path: self.slots.describe(s),
+                    source,
+                })
+            })
+        };
+        let (Some(a), Some(b)) = (resolve(Slot::A), resolve(Slot::B)) else {
+            return Ok(());
+        };
+        let (a, b) = (a?, b?);
+        if a.overlaps(&b) {
+            let show = |s: Slot, e: &Extent| {
+                format!("{} (= {})", self.slots.describe(s), e.canonical.display())
+            };
+            return Err(OpenWriterError::Overlap {
+                slot,
+                a: show(Slot::A, &a),
+                b: show(Slot::B, &b),
+            });
+        }
+        if let Detect::System(probe) = &self.detect
+            && probe.root_device
+        {
+            let target = if slot == Slot::A { &a } else { &b };
+            let root = crate::extent::root_device().map_err(|source| OpenWriterError::Resolve {
+                slot,
+                path: "/".into(),
+                source,
+            })?;
+            if root.is_some_and(|r| r.overlaps(target)) {
+                return Err(OpenWriterError::RunningRoot {
+                    slot,
+                    path: self.slots.describe(slot),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Opens `slot` read-only (e.g. to index or serve the running release's chunks).

@@ -48,6 +48,8 @@ pub mod detect;
 #[cfg(feature = "io")]
 pub mod env;
 #[cfg(feature = "io")]
+pub mod extent;
+#[cfg(feature = "io")]
 pub mod scheme;
 mod slot;
 #[cfg(feature = "io")]

@@ -6,13 +6,34 @@
 //! 0 success, 1 operation failed, 2 usage or config error, 75 temporary failure that is
 //! safe to retry.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for data on stdout that never panics: when stdout is closed (the reader
+/// went away) or full, the line is dropped; there is no one left to tell.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics: a closed stderr drops the line.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod cmd;
-mod config;
 mod device;
+
+// The device configuration parser lives in the library target so fuzz targets can
+// reach it.
+use shoal_node::config;
 
 /// Shoal: atomic A/B over-the-air updates for fleets of embedded Linux devices.
 #[derive(Debug, Parser)]
@@ -40,14 +61,27 @@ enum Command {
     #[command(subcommand)]
     Store(cmd::store::Command),
     /// Install a release (artifact, chunk store or stdin) and arm a trial boot.
+    #[command(
+        after_help = "Examples:\n  shoal install /media/usb/acme-os-2.0.shoal\n  shoal install /media/usb/store --release acme-os@2.0\n  curl -s https://example.com/acme-os-2.0.shoal | shoal install -\n  shoal install --reboot --json acme-os-2.0.shoal"
+    )]
     Install(cmd::install::Args),
     /// At boot: health-check a trial boot, then commit or roll back.
+    #[command(
+        after_help = "Examples:\n  shoal boot-check              (from a boot-time unit, see node/systemd/)\n  shoal boot-check --json"
+    )]
     BootCheck(cmd::device::BootCheckArgs),
     /// Commit the running trial boot.
+    #[command(after_help = "Examples:\n  shoal commit\n  shoal commit --json")]
     Commit(cmd::device::CommitArgs),
     /// Roll back the deployment in progress.
+    #[command(
+        after_help = "Examples:\n  shoal rollback\n  shoal rollback --reason \"app misbehaves\""
+    )]
     Rollback(cmd::device::RollbackArgs),
     /// Show the slots, the trial state and the last result.
+    #[command(
+        after_help = "Examples:\n  shoal status\n  shoal status --json\n  shoal status --config /etc/shoal/shoal.toml"
+    )]
     Status(cmd::device::StatusArgs),
     /// Show Shoal end to end on a simulated device in a temporary directory.
     Demo(cmd::demo::Args),
@@ -86,15 +120,38 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// A command-line error on one line: clap's first paragraph (its message and the
+/// arguments it names), without the usage block, pointing to `--help`.
+fn usage_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let text = text.trim_start().trim_start_matches("error:").trim();
+    let first = text.split("\n\n").next().unwrap_or_default();
+    let words: Vec<&str> = first.split_whitespace().collect();
+    format!("{} (see --help)", words.join(" "))
+}
+
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
-    let default_level = if cli.quiet { "error" } else { "warn" };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            errln!("shoal: {}", usage_line(&e));
+            return ExitCode::from(cmd::EXIT_USAGE);
+        }
+        Err(e) => {
+            // --help and --version: on stdout, never panicking on a closed one.
+            outln!("{}", e.render().to_string().trim_end());
+            return ExitCode::SUCCESS;
+        }
+    };
+    // The tracing log is for the daemon and for debugging (`SHOAL_LOG=debug`): a
+    // command reports a failure once, as the one line below, not also as log lines.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
         )
         .init();
     let ui = cmd::Ui::new(cli.quiet);
@@ -119,7 +176,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("shoal: {err:#}");
+            errln!("shoal: {}", cmd::one_line(&err));
             ExitCode::from(cmd::exit_code(&err))
         }
     }

@@ -42,6 +42,46 @@ pub enum DecodeError {
     },
 }
 
+/// A CBOR decoding error in words (cbor4ii's `Display` is its `Debug` text, which
+/// no one should read in an error message).
+pub fn describe_cbor_error<E: std::fmt::Debug>(e: &cbor4ii::serde::DecodeError<E>) -> String {
+    use cbor4ii::core::error::DecodeError as Core;
+    let major = |byte: u8| match byte >> 5 {
+        0 => "an unsigned integer",
+        1 => "a negative integer",
+        2 => "a byte string",
+        3 => "a text string",
+        4 => "an array",
+        5 => "a map",
+        6 => "a tag",
+        _ => "a simple value or float",
+    };
+    let core = match e {
+        cbor4ii::serde::DecodeError::Custom(msg) => return msg.to_string(),
+        cbor4ii::serde::DecodeError::Core(core) => core,
+    };
+    match core {
+        Core::Mismatch { name, found } => format!(
+            "expected {name}, found {} (initial byte 0x{found:02x})",
+            major(*found)
+        ),
+        Core::Unsupported { name, found } => {
+            format!("unsupported {name} (initial byte 0x{found:02x})")
+        }
+        Core::Eof { name, .. } => format!("the input ends inside {name}"),
+        Core::RequireLength { name, .. } => format!("{name} has no definite length"),
+        Core::RequireBorrowed { name } | Core::RequireUtf8 { name } => {
+            format!("{name} is not valid UTF-8")
+        }
+        Core::LengthOverflow { name, .. } => format!("{name} is longer than the input"),
+        Core::CastOverflow { name } | Core::ArithmeticOverflow { name, .. } => {
+            format!("{name} is out of range")
+        }
+        Core::DepthOverflow { name } => format!("{name} is nested too deeply"),
+        _ => "not the expected structure".to_string(),
+    }
+}
+
 /// One signature.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Signature {
@@ -131,8 +171,8 @@ where
             max,
         });
     }
-    let value: T =
-        cbor4ii::serde::from_slice(bytes).map_err(|e| DecodeError::Cbor(e.to_string()))?;
+    let value: T = cbor4ii::serde::from_slice(bytes)
+        .map_err(|e| DecodeError::Cbor(describe_cbor_error(&e)))?;
     if to_cbor(&value) != bytes {
         return Err(DecodeError::NonCanonical);
     }
@@ -160,6 +200,24 @@ mod tests {
     #[test]
     fn malformed_envelopes_give_specific_errors() {
         assert_eq!(Envelope::from_bytes(&[]), Err(DecodeError::Empty));
+        // Regression (issue 9, error contract): cbor4ii's errors display as Rust
+        // Debug text (`Core(Mismatch { name: "u32", found: 27 })`); they are words.
+        let words = |bytes: &[u8]| match Envelope::from_bytes(bytes) {
+            Err(DecodeError::Cbor(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            words(b"not cbor at all"),
+            "expected map, found a text string (initial byte 0x6e)"
+        );
+        let mut env = Envelope::new(vec![1, 2, 3]);
+        env.sign(&SecretKey::from_seed(&[1; 32]));
+        let bytes = env.to_bytes();
+        let message = words(&bytes[..bytes.len() - 1]);
+        assert!(
+            !message.contains('{') && !message.contains("Core("),
+            "{message}"
+        );
         assert!(matches!(
             Envelope::from_bytes(b"not cbor at all"),
             Err(DecodeError::Cbor(_))

@@ -37,6 +37,55 @@ pub enum KeyError {
     /// A key id is not 64 hex digits.
     #[error("a key id is 64 hex digits, got {0:?}")]
     BadKeyId(String),
+    /// The key file is empty.
+    #[error("key file {path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The text is a key, but of another kind (RSA, EC, ...) or the other half.
+    #[error("expected {expected}, found {found}")]
+    WrongKind {
+        /// What was wanted.
+        expected: &'static str,
+        /// What the text holds.
+        found: String,
+    },
+}
+
+/// The PEM label of a text (`PRIVATE KEY` for `-----BEGIN PRIVATE KEY-----`).
+pub fn pem_label(text: &str) -> Option<&str> {
+    text.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+}
+
+/// What kind of key a PEM text holds, in words, when it is not the ed25519 key
+/// wanted: from its label and, for PKCS#8 and SPKI, the algorithm the parser
+/// named (`detail`).
+fn key_kind(text: &str, detail: &str) -> Option<String> {
+    let label = pem_label(text)?;
+    let algorithm = [
+        ("1.2.840.113549.1.1.1", "RSA"),
+        ("1.2.840.10045.2.1", "EC"),
+        ("1.3.101.113", "Ed448"),
+        ("1.3.101.110", "X25519"),
+        ("1.3.101.111", "X448"),
+        ("1.2.840.10040.4.1", "DSA"),
+    ]
+    .into_iter()
+    .find(|(oid, _)| detail.contains(oid))
+    .map(|(_, name)| name);
+    Some(match (label, algorithm) {
+        ("RSA PRIVATE KEY", _) => "an RSA private key (PKCS#1 PEM)".into(),
+        ("EC PRIVATE KEY", _) => "an EC private key (SEC1 PEM)".into(),
+        ("OPENSSH PRIVATE KEY", _) => "an OpenSSH private key".into(),
+        ("PRIVATE KEY", Some(a)) => format!("an {a} private key (PKCS#8 PEM)"),
+        ("PUBLIC KEY", Some(a)) => format!("an {a} public key (SPKI PEM)"),
+        ("PRIVATE KEY", None) => "a private key (PKCS#8 PEM)".into(),
+        ("PUBLIC KEY", None) => "a public key (SPKI PEM)".into(),
+        (other, _) => format!("a PEM {other:?} block"),
+    })
 }
 
 /// The id of a key: BLAKE3 of the raw 32-byte ed25519 public key.
@@ -84,7 +133,17 @@ impl PublicKey {
     pub fn from_spki_pem(pem: &str) -> Result<Self, KeyError> {
         VerifyingKey::from_public_key_pem(pem)
             .map(PublicKey)
-            .map_err(|e| KeyError::BadPublicKey(e.to_string()))
+            .map_err(|e| {
+                let detail = e.to_string();
+                match key_kind(pem, &detail) {
+                    // An SPKI ed25519 key that does not parse: say what the parser said.
+                    Some(found) if found != "a public key (SPKI PEM)" => KeyError::WrongKind {
+                        expected: "an ed25519 public key (SPKI PEM)",
+                        found,
+                    },
+                    _ => KeyError::BadPublicKey(detail),
+                }
+            })
     }
 
     /// The SPKI PEM text of this key.
@@ -174,9 +233,17 @@ impl SecretKey {
 
     /// Parses a PKCS#8 PEM private key (`openssl genpkey -algorithm ed25519` output).
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
-        SigningKey::from_pkcs8_pem(pem)
-            .map(SecretKey)
-            .map_err(|e| KeyError::BadPrivateKey(e.to_string()))
+        SigningKey::from_pkcs8_pem(pem).map(SecretKey).map_err(|e| {
+            let detail = e.to_string();
+            match key_kind(pem, &detail) {
+                // An unknown PKCS#8 problem: say what the parser said.
+                Some(found) if found != "a private key (PKCS#8 PEM)" => KeyError::WrongKind {
+                    expected: "an ed25519 private key (PKCS#8 PEM)",
+                    found,
+                },
+                _ => KeyError::BadPrivateKey(detail),
+            }
+        })
     }
 
     /// The PKCS#8 PEM text of this key: a v1 `PrivateKeyInfo` without the optional
@@ -255,7 +322,13 @@ fn read_text(path: &Path) -> Result<String, KeyError> {
             format!("{} bytes is too large for a key file", meta.len()),
         )));
     }
-    std::fs::read_to_string(path).map_err(io)
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    if text.trim().is_empty() {
+        return Err(KeyError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -301,11 +374,44 @@ mod tests {
             PublicKey::from_spki_pem("hello"),
             Err(KeyError::BadPublicKey(_))
         ));
-        // A private key where a public key is expected.
+        // A private key where a public key is expected, and the other way round:
+        // the error says what was found.
         let key = SecretKey::from_seed(&[2; 32]);
         assert!(matches!(
             PublicKey::from_spki_pem(&key.to_pkcs8_pem()),
-            Err(KeyError::BadPublicKey(_))
+            Err(KeyError::WrongKind { found, .. }) if found == "a private key (PKCS#8 PEM)"
+        ));
+        assert!(matches!(
+            SecretKey::from_pkcs8_pem(&key.public().to_spki_pem()),
+            Err(KeyError::WrongKind { found, .. }) if found == "a public key (SPKI PEM)"
+        ));
+        // Keys of other algorithms and formats, by label and OID.
+        assert_eq!(
+            key_kind("-----BEGIN RSA PRIVATE KEY-----\n", ""),
+            Some("an RSA private key (PKCS#1 PEM)".into())
+        );
+        assert_eq!(
+            key_kind(
+                "-----BEGIN PRIVATE KEY-----\n",
+                "unknown/unsupported algorithm OID: 1.2.840.10045.2.1"
+            ),
+            Some("an EC private key (PKCS#8 PEM)".into())
+        );
+        assert_eq!(key_kind("hello", ""), None);
+    }
+
+    #[test]
+    fn an_empty_key_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(
+            SecretKey::load(&path),
+            Err(KeyError::Empty { .. })
+        ));
+        assert!(matches!(
+            PublicKey::load(&path),
+            Err(KeyError::Empty { .. })
         ));
     }
 

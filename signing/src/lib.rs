@@ -25,8 +25,9 @@ mod root;
 
 pub use envelope::{
     DecodeError, ENVELOPE_SIZE_MAX, Envelope, SIGNATURES_MAX, SIGNING_CONTEXT, Signature,
+    describe_cbor_error,
 };
-pub use key::{KeyError, KeyId, PublicKey, SecretKey};
+pub use key::{KeyError, KeyId, PublicKey, SecretKey, pem_label};
 pub use root::{
     ROOT_KEYS_MAX, Role, RoleName, RootError, RotateError, SignedRoot, TrustRoot, VerifyError,
 };

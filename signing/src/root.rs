@@ -148,6 +148,14 @@ pub enum RootError {
     /// More keys than [`ROOT_KEYS_MAX`].
     #[error("{0} keys is more than the limit of {ROOT_KEYS_MAX}")]
     TooManyKeys(usize),
+    /// Version 0: versions start at 1, so every rotation has a version to go up from.
+    #[error("trust root version 0 is not valid; versions start at 1")]
+    VersionZero,
+    /// The file is PEM text (a key), not a signed root.
+    #[error(
+        "this is a PEM file (a key?), not a signed trust root such as `shoal root init` writes"
+    )]
+    Pem,
 }
 
 /// Errors accepting a new root in place of the current one.
@@ -210,6 +218,9 @@ impl TrustRoot {
     pub fn validate(&self) -> Result<(), RootError> {
         if self.format != ROOT_FORMAT {
             return Err(RootError::UnknownFormat(self.format));
+        }
+        if self.version == 0 {
+            return Err(RootError::VersionZero);
         }
         if self.keys.len() > ROOT_KEYS_MAX {
             return Err(RootError::TooManyKeys(self.keys.len()));
@@ -368,6 +379,9 @@ impl SignedRoot {
     /// Decodes and validates a signed root (signatures are not checked here: see
     /// [`SignedRoot::verify_self`] and [`TrustRoot::rotate`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<SignedRoot, RootError> {
+        if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            return Err(RootError::Pem);
+        }
         let envelope = Envelope::from_bytes(bytes)?;
         let root: TrustRoot = from_cbor(&envelope.signed, ENVELOPE_SIZE_MAX)?;
         root.validate()?;

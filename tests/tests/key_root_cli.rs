@@ -145,5 +145,8 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         1,
     );
-    assert!(line.contains("not an ed25519 public key"), "{line}");
+    assert_eq!(
+        line,
+        "shoal: reading k.pem: expected an ed25519 public key (SPKI PEM), found a private key (PKCS#8 PEM)"
+    );
 }

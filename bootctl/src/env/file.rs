@@ -222,6 +222,13 @@ impl Env for FileEnv {
                 Ok(chosen.map(|c| c.vars).unwrap_or_default())
             }
             None => {
+                // Both copies missing or empty: never written, not corrupt.
+                let empty = |i: usize| self.copies[i].len().is_ok_and(|n| n == 0);
+                if empty(0) && empty(1) {
+                    return Err(LoadError::NeverWritten {
+                        what: format!("{} and {}", self.names[0], self.names[1]),
+                    });
+                }
                 let [a, b] = copies;
                 Err(LoadError::NoValidCopy {
                     first: a.err().unwrap_or(DecodeError::NoTerminator),

@@ -188,6 +188,14 @@ pub enum LoadError {
         #[source]
         source: DecodeError,
     },
+    /// No copy was ever written: the files are missing or empty (a new device).
+    #[error(
+        "the bootloader environment {what} has never been written (a new device): provision it with `shoal slot init SLOT`, SLOT the slot the device runs"
+    )]
+    NeverWritten {
+        /// The copies.
+        what: String,
+    },
     /// Neither copy of a redundant environment is valid.
     #[error("no valid copy of the environment: copy 1: {first}; copy 2: {second}")]
     NoValidCopy {
@@ -284,7 +292,25 @@ mod lines {
                 continue;
             }
             let start = pos;
-            let mut entry = Vec::new();
+            // The name is taken as it is, up to the first '=': names are never
+            // escaped (grub-editenv writes them raw and GRUB reads them raw), so a
+            // '\\' in a name is a plain character, and a newline before any '=' ends
+            // an entry without one.
+            let eq = loop {
+                match text.get(pos) {
+                    None => return Err(DecodeError::NoTerminator),
+                    Some(b'\n') => {
+                        return Err(DecodeError::MissingEquals {
+                            offset: base + start,
+                        });
+                    }
+                    Some(b'=') => break pos,
+                    Some(_) => pos += 1,
+                }
+            };
+            let mut entry = text[start..=eq].to_vec();
+            pos = eq + 1;
+            // The value: '\\' escapes the next byte ('\\' or a newline).
             loop {
                 match text.get(pos) {
                     None => return Err(DecodeError::NoTerminator),
@@ -362,6 +388,37 @@ mod tests {
         }
         let env = file::FileEnv::open(&path, false).unwrap();
         assert_eq!(env.load().unwrap()["n"], "40");
+    }
+
+    /// Fuzz regression (`file_env`, crash-cc6ff49a): a `\\` in a name was unescaped
+    /// on decode but written raw on encode, so what was stored read back as other
+    /// names (`upgs\\\\=1` decoded to `upgs\\`, written `upgs\\=1`, read back as
+    /// `upgs`). Names are raw, as grub-editenv writes and GRUB reads them.
+    #[test]
+    fn line_names_are_raw_and_round_trip() {
+        let vars = lines::decode(b"shoal_slot=a\nupgs\\\\=1\nk\\=v=2\n", 0).unwrap();
+        assert_eq!(
+            vars,
+            Vars::from([
+                ("shoal_slot".to_string(), "a".to_string()),
+                ("upgs\\\\".to_string(), "1".to_string()),
+                ("k\\".to_string(), "v=2".to_string()),
+            ])
+        );
+        let mut out = Vec::new();
+        lines::encode(&vars, &mut out);
+        assert_eq!(lines::decode(&out, 0), Ok(vars));
+    }
+
+    /// Fuzz regression (`file_env`, crash-ea20c295): an escaped newline before the
+    /// `=` made a name holding a newline, which no backend can write back, so the
+    /// next store failed. An entry whose line ends before any `=` has no `=`.
+    #[test]
+    fn line_newline_before_equals_is_missing_equals() {
+        assert_eq!(
+            lines::decode(b"upgrade_available=0\nms\\\nlines\\\\=5ax\n", 40),
+            Err(DecodeError::MissingEquals { offset: 60 })
+        );
     }
 
     #[test]

@@ -145,6 +145,17 @@ pub enum InstallError {
         /// The release the active slot runs, when known.
         active: Option<String>,
     },
+    /// Chunks are still needed and every source that could serve them failed
+    /// (silent or erroring past the retry limit), was removed or was banned.
+    #[error(
+        "{count} chunk(s) ({bytes} bytes) are still needed and every source that could serve them failed or was banned; rerun the install to resume"
+    )]
+    SourcesFailed {
+        /// How many distinct chunks are still needed.
+        count: usize,
+        /// Their total size.
+        bytes: u64,
+    },
     /// The slot, re-read after writing, does not hash to the payload hash.
     #[error(
         "slot {slot} does not verify after writing: expected hash {expected}, read {actual}; the journal was reset, rerun the install"
@@ -211,4 +222,18 @@ pub enum RollbackError {
     /// No deployment is in progress.
     #[error("there is no deployment in progress to roll back")]
     NothingToRollBack,
+}
+
+/// Why a source could not be added, updated or removed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// No install is in progress (sources belong to one).
+    #[error("no install is in progress")]
+    NoInstall,
+    /// A source with this id is already registered.
+    #[error("{0} is already registered")]
+    Duplicate(crate::SourceId),
+    /// No source with this id is registered.
+    #[error("{0} is not registered")]
+    Unknown(crate::SourceId),
 }

@@ -23,22 +23,30 @@
 //! try the target slot before a byte of it is written, and to try it only after it
 //! verified.
 
+mod bits;
 mod engine;
 mod error;
 mod source;
 mod state;
 mod time;
+mod timer;
 
+#[cfg(test)]
+mod fetch_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use bits::Bitfield;
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, Offer, Output, Progress, Status,
 };
-pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError};
-pub use source::{Origin, SourceId, SourceInfo, SourceKind};
+pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
+pub use source::{
+    FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceClass, SourceId, SourceInfo,
+    SourceKind, SourceLimits, SourceStatus,
+};
 pub use state::{
     Deployment, DeviceState, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex,
     Verdict, slot_index,

@@ -9,6 +9,11 @@
 //! [`SimDevice::crash_at`] cuts the power right before operation N, and unsynced slot
 //! writes then survive or vanish by a seeded coin each (both are what a real disk may
 //! do).
+//!
+//! Request sources answer at once unless given a [`Link`]: then each answers its
+//! requests one after the other on the virtual clock (a latency, a time per chunk),
+//! or never (a silent source), so timeouts, backoff and the choice between sources
+//! play out as on a network. [`Engine::check_invariants`] runs after every step.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +21,7 @@ use shoal_artifact::{ChunkId, ChunkRef, Chunking, Manifest, Payload, PayloadKind
 use shoal_signing::{Envelope, SecretKey, TrustRoot};
 
 use crate::engine::{Boot, Engine, Event, Input, Output};
-use crate::source::{Origin, SourceId};
+use crate::source::{FetchFailure, Origin, RequestId, SourceId};
 use crate::state::{DeviceState, Record, Release, Slot, SlotIndex, slot_index};
 use crate::time::{Instant, Rng};
 
@@ -96,6 +101,26 @@ impl BootEnv {
     }
 }
 
+/// How a request source answers on the virtual clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Link {
+    /// Round trip, in microseconds: half before the source starts on a request,
+    /// half after each chunk leaves it.
+    pub rtt_us: u64,
+    /// Time the source spends per chunk, in microseconds (its bandwidth).
+    pub per_chunk_us: u64,
+    /// It never answers.
+    pub silent: bool,
+}
+
+/// An answer on its way to the engine.
+#[derive(Debug)]
+struct Delivery {
+    source: SourceId,
+    request: RequestId,
+    input: Input,
+}
+
 /// A stream source: its id and the chunks it pushes, in order.
 pub type Stream = (SourceId, std::vec::IntoIter<(ChunkId, Vec<u8>)>);
 
@@ -132,6 +157,21 @@ pub struct SimDevice {
     pub drop_requests: u32,
     /// Bytes written to slots, over the device's life.
     pub bytes_written: u64,
+    /// Request sources with a link: answered on the virtual clock.
+    pub links: BTreeMap<SourceId, Link>,
+    /// Requests each source was sent, and chunks asked.
+    pub requests_sent: BTreeMap<SourceId, (u64, u64)>,
+    /// Cancels received.
+    pub cancels: u64,
+    /// Sources that answer every request with [`Input::FetchFailed`].
+    pub fail_requests: BTreeMap<SourceId, FetchFailure>,
+    /// Run [`Engine::check_invariants`] after every step.
+    pub check: bool,
+    /// When each linked source is free again, in microseconds.
+    busy_until_us: BTreeMap<SourceId, u64>,
+    /// Answers in flight, by (delivery time in ms, sequence).
+    deliveries: BTreeMap<(u64, u64), Delivery>,
+    seq: u64,
     rng: Rng,
     now: u64,
 }
@@ -163,6 +203,14 @@ impl SimDevice {
             stores: BTreeMap::new(),
             drop_requests: 0,
             bytes_written: 0,
+            links: BTreeMap::new(),
+            requests_sent: BTreeMap::new(),
+            cancels: 0,
+            fail_requests: BTreeMap::new(),
+            check: true,
+            busy_until_us: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
+            seq: 0,
             rng: Rng::new(seed),
             now: 0,
         }
@@ -229,10 +277,23 @@ impl SimDevice {
 
     /// Carries out every output, feeding the stream (if any) whenever the engine is
     /// idle, until nothing is left to do.
-    pub fn run(&mut self, engine: &mut Engine, mut stream: Option<Stream>) -> Result<(), Crashed> {
+    pub fn run(&mut self, engine: &mut Engine, stream: Option<Stream>) -> Result<(), Crashed> {
+        self.run_until(engine, stream, u64::MAX)
+    }
+
+    /// [`SimDevice::run`], stopping before the virtual clock passes `until_ms`.
+    pub fn run_until(
+        &mut self,
+        engine: &mut Engine,
+        mut stream: Option<Stream>,
+        until_ms: u64,
+    ) -> Result<(), Crashed> {
         loop {
             while let Some(out) = engine.poll_output() {
                 self.execute(engine, out)?;
+                if self.check {
+                    engine.check_invariants();
+                }
             }
             if let Some((source, chunks)) = stream.as_mut() {
                 let source = *source;
@@ -256,12 +317,30 @@ impl SimDevice {
                 }
                 continue;
             }
-            match engine.poll_timeout() {
-                Some(t) => {
+            let delivery = self.deliveries.first_key_value().map(|(k, _)| k.0);
+            let next = match (delivery, engine.poll_timeout()) {
+                (Some(d), Some(t)) => Some(d.min(t.as_millis())),
+                (d, t) => d.or(t.map(Instant::as_millis)),
+            };
+            if next.is_some_and(|n| n > until_ms) {
+                self.now = self.now.max(until_ms);
+                return Ok(());
+            }
+            match (delivery, engine.poll_timeout()) {
+                (Some(d), t) if t.is_none_or(|t| d <= t.as_millis()) => {
+                    self.now = self.now.max(d);
+                    let (_, delivery) = self.deliveries.pop_first().expect("one is due");
+                    engine.handle(self.now(), delivery.input);
+                }
+                (_, Some(t)) => {
                     self.now = self.now.max(t.as_millis());
                     engine.handle_timeout(self.now());
                 }
-                None => return Ok(()),
+                (Some(_), None) => unreachable!("a delivery is handled by the first arm"),
+                (None, None) => return Ok(()),
+            }
+            if self.check {
+                engine.check_invariants();
             }
         }
     }
@@ -298,24 +377,75 @@ impl SimDevice {
                     },
                 );
             }
-            Output::Fetch { source, ids } => {
+            Output::Fetch {
+                source,
+                request,
+                ids,
+            } => {
+                let sent = self.requests_sent.entry(source).or_default();
+                sent.0 += 1;
+                sent.1 += ids.len() as u64;
                 if self.drop_requests > 0 {
                     self.drop_requests -= 1;
                     return Ok(());
                 }
+                if let Some(&failure) = self.fail_requests.get(&source) {
+                    engine.handle(
+                        now,
+                        Input::FetchFailed {
+                            source,
+                            request,
+                            failure,
+                        },
+                    );
+                    return Ok(());
+                }
+                let link = self.links.get(&source).copied();
+                if link.is_some_and(|l| l.silent) {
+                    return Ok(());
+                }
+                let now_us = self.now * 1000;
+                let mut at_us = match link {
+                    Some(l) => {
+                        let free = self.busy_until_us.get(&source).copied().unwrap_or(0);
+                        free.max(now_us + l.rtt_us / 2)
+                    }
+                    None => now_us,
+                };
                 for id in ids {
-                    match self.stores.get(&source).and_then(|s| s.get(&id)).cloned() {
-                        Some(data) => engine.handle(
-                            now,
-                            Input::Chunk {
-                                origin: Origin::Source(source),
-                                id,
-                                data,
-                            },
-                        ),
-                        None => engine.handle(now, Input::Unavailable { source, id }),
+                    let input = match self.stores.get(&source).and_then(|s| s.get(&id)).cloned() {
+                        Some(data) => Input::Chunk {
+                            origin: Origin::Source(source),
+                            id,
+                            data,
+                        },
+                        None => Input::Unavailable { source, id },
+                    };
+                    match link {
+                        None => engine.handle(now, input),
+                        Some(l) => {
+                            at_us += l.per_chunk_us;
+                            let due_ms = (at_us + l.rtt_us / 2).div_ceil(1000);
+                            self.seq += 1;
+                            self.deliveries.insert(
+                                (due_ms, self.seq),
+                                Delivery {
+                                    source,
+                                    request,
+                                    input,
+                                },
+                            );
+                        }
                     }
                 }
+                if link.is_some() {
+                    self.busy_until_us.insert(source, at_us);
+                }
+            }
+            Output::Cancel { source, request } => {
+                self.cancels += 1;
+                self.deliveries
+                    .retain(|_, d| !(d.source == source && d.request == request));
             }
             Output::Write {
                 slot,
@@ -426,7 +556,19 @@ pub fn release(
     device_type: &str,
     image: &[u8],
 ) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
-    let index = index_fixed(image, TEST_CHUNKING);
+    release_chunked(name, version, counter, device_type, image, TEST_CHUNKING)
+}
+
+/// [`release`] cut into fixed chunks of `chunking.avg_size`.
+pub fn release_chunked(
+    name: &str,
+    version: &str,
+    counter: u64,
+    device_type: &str,
+    image: &[u8],
+    chunking: Chunking,
+) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
+    let index = index_fixed(image, chunking);
     let chunks: Vec<ChunkRef> = index
         .chunks
         .iter()
@@ -451,7 +593,7 @@ pub fn release(
         name: name.into(),
         depends: BTreeMap::new(),
         version: version.into(),
-        chunking: TEST_CHUNKING,
+        chunking,
         payloads: vec![Payload {
             hash: *blake3::hash(image).as_bytes(),
             kind: PayloadKind::RootfsImage,
@@ -483,4 +625,82 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Times of the dead-source experiment.
+#[derive(Debug)]
+pub struct DeadSource {
+    pub healthy_ms: u64,
+    pub dead_ms: u64,
+    pub healthy_requests: u64,
+}
+
+/// The dead-source experiment of issue 10 with `n` chunks of 256 bytes: an install
+/// from one healthy request source (20 ms round trip, 150 µs per chunk), then from
+/// it and a second one that never answers; virtual times and the healthy source's
+/// request count. For the engine's tests and `shoal-bench engine`.
+pub fn dead_source_experiment(n: usize, seed: u64) -> DeadSource {
+    let (key, root) = keys(3);
+    let offer = |m: &Manifest, sources: Vec<crate::SourceInfo>| crate::Offer {
+        envelope: sign(m, &key),
+        wall_unix_s: None,
+        sources,
+        reboot: false,
+    };
+    let chunking = Chunking {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    let image = bytes(seed, n * 256);
+    let (m, chunks) = release_chunked("acme-os", "1.0", 1, "acme-board", &image, chunking);
+    let healthy = Link {
+        rtt_us: 20_000,
+        per_chunk_us: 150,
+        silent: false,
+    };
+    let run = |dead: bool| -> (u64, u64) {
+        let mut dev = SimDevice::new(&[], image.len() as u64, seed);
+        dev.check = false;
+        dev.stores
+            .insert(SourceId(1), chunks.iter().cloned().collect());
+        dev.links.insert(SourceId(1), healthy);
+        let source = |id| {
+            crate::SourceInfo::new(
+                SourceId(id),
+                crate::SourceKind::Requests,
+                crate::SourceClass::Wan,
+                format!("server {id}"),
+            )
+        };
+        let mut sources = vec![source(1)];
+        if dead {
+            dev.links.insert(
+                SourceId(2),
+                Link {
+                    silent: true,
+                    ..Link::default()
+                },
+            );
+            sources.push(source(2));
+        }
+        let mut config = crate::Config::new("acme-board", root.clone());
+        config.journal_batch_bytes = 4 * 1024 * 1024;
+        config.seed = seed;
+        let mut engine = Engine::new(config, dev.store.load());
+        engine.offer(dev.now(), offer(&m, sources)).expect("offer");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(dev.boot.armed, Some(Slot::B), "{:?}", dev.events.last());
+        (
+            dev.now().as_millis(),
+            dev.requests_sent.get(&SourceId(1)).map_or(0, |r| r.0),
+        )
+    };
+    let (healthy_ms, healthy_requests) = run(false);
+    let (dead_ms, _) = run(true);
+    DeadSource {
+        healthy_ms,
+        dead_ms,
+        healthy_requests,
+    }
 }

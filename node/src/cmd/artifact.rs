@@ -11,7 +11,7 @@ use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, Manifest};
 use shoal_signing::{SecretKey, TrustRoot};
 
 use crate::cmd::chain;
-use crate::cmd::root::{load_root, now_unix_s};
+use crate::cmd::root::{load_trusted_root, now_unix_s};
 use crate::cmd::{Exit, Ui};
 
 /// `shoal artifact` subcommands.
@@ -110,8 +110,7 @@ pub struct Trust {
 impl Trust {
     /// Loads the root and picks the time.
     pub fn load(&self) -> anyhow::Result<(TrustRoot, Option<u64>)> {
-        let signed = load_root(&self.root)
-            .map_err(|e| Exit::usage(format!("trust root {}: {e:#}", self.root.display())))?;
+        let signed = load_trusted_root(&self.root)?;
         let now = if self.no_clock {
             None
         } else {
@@ -206,19 +205,31 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
     paths
         .iter()
-        .map(|p| SecretKey::load(p).map_err(|e| Exit::usage(chain(&e))))
+        .map(|p| {
+            SecretKey::load(p).map_err(|e| Exit::usage(format!("{}: {}", p.display(), chain(&e))))
+        })
         .collect()
 }
 
-/// Opens an artifact file, or standard input for `-`.
-pub fn open_input(path: &Path) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+/// Opens an artifact file, or standard input for `-`. A regular file's envelope is
+/// first checked to carry signatures (by enough of `root`'s release keys, when
+/// given) without reading its signed bytes, so an unsigned or wrongly signed
+/// envelope of many megabytes is refused before it costs memory.
+pub fn open_input(
+    path: &Path,
+    root: Option<&TrustRoot>,
+) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
     if path == Path::new("-") {
         return Ok(Box::new(BufReader::with_capacity(
             1 << 20,
             std::io::stdin(),
         )));
     }
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if f.metadata().is_ok_and(|m| m.is_file()) {
+        shoal_artifact::read::check_envelope_signers(&mut f, root)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
     Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
 }
 
@@ -245,7 +256,7 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     let base: Option<Manifest> = match &args.base {
         None => None,
         Some(p) => {
-            let r = ArtifactReader::open_unverified(open_input(p)?)
+            let r = ArtifactReader::open_unverified(open_input(p, None)?)
                 .with_context(|| format!("base artifact {}", p.display()))?;
             Some(r.manifest().clone())
         }
@@ -416,7 +427,7 @@ fn manifest_info(m: &Manifest, with_chunks: bool) -> ManifestInfo {
 }
 
 fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
-    let r = ArtifactReader::open_unverified(open_input(path)?)
+    let r = ArtifactReader::open_unverified(open_input(path, None)?)
         .with_context(|| format!("reading {}", path.display()))?;
     let info = manifest_info(r.manifest(), chunks);
     let sigs: Vec<String> = r
@@ -492,7 +503,7 @@ fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
 
 fn verify(path: &Path, trust: &Trust, json: bool, ui: &Ui) -> anyhow::Result<()> {
     let (root, now) = trust.load()?;
-    let mut r = ArtifactReader::open(open_input(path)?, &root, now)
+    let mut r = ArtifactReader::open(open_input(path, Some(&root))?, &root, now)
         .with_context(|| format!("verifying {}", path.display()))?;
     let m = r.manifest().clone();
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -548,7 +559,7 @@ fn extract(
     ui: &Ui,
 ) -> anyhow::Result<()> {
     let (root, now) = trust.load()?;
-    let input = open_input(path)?;
+    let input = open_input(path, Some(&root))?;
     // Peek at the manifest to find a thin artifact's base in the store.
     let store = store
         .map(ChunkStore::open)
@@ -565,8 +576,13 @@ fn extract(
                 })?;
                 // Reopen knowing the base, so the reader can check completeness.
                 drop(r);
-                let r = ArtifactReader::open_with_base(open_input(path)?, &root, now, Some(&base))
-                    .with_context(|| format!("verifying {}", path.display()))?;
+                let r = ArtifactReader::open_with_base(
+                    open_input(path, Some(&root))?,
+                    &root,
+                    now,
+                    Some(&base),
+                )
+                .with_context(|| format!("verifying {}", path.display()))?;
                 (r, Some(base))
             }
             _ => (r, None),
@@ -649,7 +665,6 @@ impl std::io::Seek for BufRwFile<'_> {
 
 fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let read = |p: &Path| -> anyhow::Result<(Manifest, shoal_signing::Envelope, u64)> {
-        let input = open_input(p)?;
         let r = match root {
             Some(rp) => {
                 let trust = Trust {
@@ -657,9 +672,9 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
                     no_clock: false,
                 };
                 let (root, now) = trust.load()?;
-                ArtifactReader::open(input, &root, now)
+                ArtifactReader::open(open_input(p, Some(&root))?, &root, now)
             }
-            None => ArtifactReader::open_unverified(input),
+            None => ArtifactReader::open_unverified(open_input(p, None)?),
         }
         .with_context(|| format!("reading {}", p.display()))?;
         let mut r = r;

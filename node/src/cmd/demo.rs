@@ -104,11 +104,11 @@ struct Demo<'a> {
 impl Demo<'_> {
     fn say(&mut self, text: impl std::fmt::Display) {
         self.step += 1;
-        println!("{:>2}. {text}", self.step);
+        outln!("{:>2}. {text}", self.step);
     }
 
     fn detail(&self, text: impl std::fmt::Display) {
-        println!("    {text}");
+        outln!("    {text}");
     }
 
     fn build(
@@ -187,12 +187,12 @@ pub fn run(args: Args, ui: &Ui) -> anyhow::Result<()> {
         .tempdir()
         .context("creating a temporary directory")?;
     let dir = tmp.path().to_path_buf();
-    println!("Shoal demo in {} (removed at the end)\n", dir.display());
+    outln!("Shoal demo in {} (removed at the end)\n", dir.display());
     let result = demo(&dir, args.size_mib, ui);
     let shown = dir.display().to_string();
     tmp.close().with_context(|| format!("removing {shown}"))?;
     result?;
-    println!("\nRemoved {shown}; nothing was left behind.");
+    outln!("\nRemoved {shown}; nothing was left behind.");
     Ok(())
 }
 
@@ -316,7 +316,7 @@ path = "{env}"
     let boot_path = env_path.clone();
     let reboot = Reboot::Hook(Box::new(move || {
         let slot = simulated_boot(&boot_path)?;
-        println!("    (rebooted: the bootloader started slot {slot})");
+        outln!("    (rebooted: the bootloader started slot {slot})");
         Ok(())
     }));
     let mut dev = Device::open(config, reboot)?;

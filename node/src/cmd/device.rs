@@ -88,7 +88,7 @@ pub fn rollback(args: RollbackArgs, ui: &Ui) -> anyhow::Result<()> {
 /// Prints a boot-check/commit/rollback result.
 pub fn report(result: &BootCheck, json: bool, ui: &Ui) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(result)?);
+        outln!("{}", serde_json::to_string(result)?);
         return Ok(());
     }
     ui.info(match result {
@@ -126,14 +126,30 @@ fn release_json(r: &Option<Release>) -> serde_json::Value {
 
 /// Runs `shoal status`.
 pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
-    let dev = Device::open(args.config.load()?, Reboot::Command)?;
-    let (st, boot) = dev.status()?;
+    let (st, boot) = crate::device::read_status(&args.config.load()?)?;
+    // The slot running now is the bootloader's (and the system's) answer; the
+    // store's lags behind after a reboot into a trial until `boot-check` runs, which
+    // is what this says instead of contradicting the boot line.
+    let running = boot.active;
+    let booted_into_trial = st.deployment.as_ref().is_some_and(|d| {
+        d.target == running
+            && running != st.active
+            && matches!(d.phase, Phase::TrialArmed | Phase::Rebooting)
+    });
+    let phase = |d: &shoal_engine::DeploymentStatus| {
+        if booted_into_trial {
+            "trial (booted; `shoal boot-check` has not run yet)".to_string()
+        } else {
+            d.phase.to_string()
+        }
+    };
     let deployment = st.deployment.as_ref().map(|d| {
         json!({
             "release": d.release.name,
             "version": d.release.version,
             "slot": d.target,
-            "phase": d.phase.to_string(),
+            "phase": if booted_into_trial { "trial".to_string() } else { d.phase.to_string() },
+            "boot_check_pending": booted_into_trial,
             "journal_bytes": d.journal_bytes,
             "total_bytes": d.release.payload_size,
         })
@@ -158,7 +174,7 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
         .map(|t| json!({ "slot": t.slot, "tries_left": t.tries_left }));
     if args.json {
         let value = json!({
-            "active": st.active,
+            "active": running,
             "next_boot": boot.next_boot,
             "committed": boot.state.committed,
             "trial": trial,
@@ -183,7 +199,7 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
         format!(
             "slot A: {}{}",
             name(&st.releases[0]),
-            if st.active == Slot::A {
+            if running == Slot::A {
                 "  (running)"
             } else {
                 ""
@@ -192,7 +208,7 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
         format!(
             "slot B: {}{}",
             name(&st.releases[1]),
-            if st.active == Slot::B {
+            if running == Slot::B {
                 "  (running)"
             } else {
                 ""
@@ -213,7 +229,9 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
         };
         lines.push(format!(
             "deployment: {} to slot {}: {}{extra}",
-            d.release, d.target, d.phase
+            d.release,
+            d.target,
+            phase(d)
         ));
     }
     if let Some(o) = &st.last {

@@ -105,10 +105,10 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
                 out
             };
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&selected)?);
+                outln!("{}", serde_json::to_string_pretty(&selected)?);
             } else {
                 for (name, value) in &selected {
-                    println!("{name}={value}");
+                    outln!("{name}={value}");
                 }
             }
             Ok(())
@@ -174,6 +174,7 @@ fn never_written(e: &shoal_bootctl::env::LoadError) -> bool {
     match e {
         LoadError::NoValidCopy { first, second } => empty(first) && empty(second),
         LoadError::Invalid { source, .. } => empty(source),
+        LoadError::NeverWritten { .. } => true,
         LoadError::Io { .. } => false,
     }
 }

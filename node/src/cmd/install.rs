@@ -82,11 +82,13 @@ pub fn install(
 /// Prints an install report: JSON on stdout, or words on stderr.
 pub fn print_report(r: &InstallReport, json: bool, ui: &Ui) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(r)?);
+        outln!("{}", serde_json::to_string(r)?);
         return Ok(());
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    if r.resumed_bytes == r.total_bytes && r.written_bytes == 0 {
+    // Only when an earlier run wrote (and verified) the whole payload; an empty
+    // payload never gets here (the manifest is refused).
+    if r.total_bytes > 0 && r.resumed_bytes == r.total_bytes && r.written_bytes == 0 {
         ui.info(format!(
             "{} {} was already written and verified in slot {}; trial boot armed",
             r.release, r.version, r.slot

@@ -46,7 +46,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             key.public()
                 .save(&pub_path)
                 .with_context(|| format!("writing {}", pub_path.display()))?;
-            println!("{}", key.id());
+            outln!("{}", key.id());
             ui.info(format!(
                 "wrote private key {} and public key {}",
                 out.display(),
@@ -55,13 +55,18 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Id { file } => {
-            let id = match SecretKey::load(&file) {
-                Ok(key) => key.id(),
-                Err(_) => PublicKey::load(&file)
-                    .with_context(|| format!("reading {}", file.display()))?
-                    .id(),
-            };
-            println!("{id}");
+            // A private key's label says so; anything else is read as a public key
+            // (and its error says what it is instead).
+            let text = std::fs::read(&file).unwrap_or_default();
+            let private = shoal_signing::pem_label(&String::from_utf8_lossy(&text))
+                .is_some_and(|l| l.contains("PRIVATE KEY"));
+            let id = if private {
+                SecretKey::load(&file).map(|k| k.id())
+            } else {
+                PublicKey::load(&file).map(|k| k.id())
+            }
+            .with_context(|| format!("reading {}", file.display()))?;
+            outln!("{id}");
             Ok(())
         }
     }

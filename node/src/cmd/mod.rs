@@ -53,16 +53,56 @@ impl Exit {
     }
 }
 
-/// An error and its sources, on one line.
+/// An error and its sources, on one line, each said once (a source whose text the
+/// line already holds is left out).
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !text.is_empty() && !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
+}
+
+/// An error and its causes on one line, each said once: a cause whose text the line
+/// already holds (a message that quotes its source, a context that repeats it) is
+/// left out, and control characters are escaped so the line stays one line.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    escape(&line).into_owned()
+}
+
+/// `text` with control characters (terminal escapes, newlines) written as `\u{..}`
+/// escapes, for printing text that came from untrusted input.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Picks the exit code for an error: the innermost [`Exit`] in its chain decides,
@@ -93,7 +133,8 @@ impl Ui {
     /// An informational line on stderr, unless quiet.
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.quiet {
-            eprintln!("{msg}");
+            // Messages quote release names and paths: never a raw terminal escape.
+            errln!("{}", escape(&msg.to_string()));
         }
     }
 

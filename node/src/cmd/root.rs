@@ -12,6 +12,7 @@ use crate::cmd::{Exit, Ui};
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Make a new signed trust root (version 1 unless --version).
+    #[command(verbatim_doc_comment)]
     ///
     /// Example:
     ///   shoal root init --root-key root.pem.pub --release-key release.pem.pub \
@@ -19,14 +20,15 @@ pub enum Command {
     Init {
         #[command(flatten)]
         keys: RootKeys,
-        /// The root's version.
-        #[arg(long, default_value_t = 1)]
+        /// The root's version (1 or more).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         version: u64,
         #[command(flatten)]
         out: SignAndWrite,
     },
     /// Make the next trust root, to be signed by a threshold of the current root's root
     /// keys and of the new root's own root keys. Its version is the current one plus 1.
+    #[command(verbatim_doc_comment)]
     ///
     /// Example:
     ///   shoal root rotate --current root.shoalroot --root-key new-root.pem.pub \
@@ -109,7 +111,13 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
         }
         Command::Rotate { current, keys, out } => {
             let current = load_root(&current)?;
-            let root = keys.build(current.root.version + 1)?;
+            let version = current.root.version.checked_add(1).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the current root has version {}, the last possible one; it cannot be rotated",
+                    current.root.version
+                )
+            })?;
+            let root = keys.build(version)?;
             write_signed(SignedRoot::new(root), &out, Some(&current.root), ui)
         }
         Command::Sign { file, keys } => {
@@ -132,7 +140,10 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
 impl RootKeys {
     fn build(&self, version: u64) -> anyhow::Result<TrustRoot> {
         let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<PublicKey>> {
-            paths.iter().map(|p| Ok(PublicKey::load(p)?)).collect()
+            paths
+                .iter()
+                .map(|p| PublicKey::load(p).with_context(|| format!("reading {}", p.display())))
+                .collect()
         };
         let expires = match self.expires_unix {
             Some(t) => t,
@@ -224,7 +235,7 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
     let root = &signed.root;
     let rotation = match trusted {
         Some(p) => Some(
-            load_root(p)?
+            load_trusted_root(p)?
                 .root
                 .rotate(&signed, Some(now))
                 .map(|_| ())
@@ -262,33 +273,33 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
         rotation_problem: rotation.and_then(Result::err),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("trust root version {}", report.version);
-        println!(
+        outln!("trust root version {}", report.version);
+        outln!(
             "expires     unix {}{}",
             report.expires_unix_s,
             if report.expired { " (EXPIRED)" } else { "" }
         );
         for role in &report.roles {
-            println!(
+            outln!(
                 "role {:<8} threshold {} of {}",
                 role.role,
                 role.threshold,
                 role.key_ids.len()
             );
             for id in &role.key_ids {
-                println!("  key {id}");
+                outln!("  key {id}");
             }
         }
-        println!("signed by   {} key(s)", report.signatures.len());
+        outln!("signed by   {} key(s)", report.signatures.len());
         match &report.self_signed_problem {
-            None => println!("own root keys: threshold met"),
-            Some(e) => println!("own root keys: {e}"),
+            None => outln!("own root keys: threshold met"),
+            Some(e) => outln!("own root keys: {e}"),
         }
         match (&report.rotation_accepted, &report.rotation_problem) {
-            (Some(true), _) => println!("rotation from trusted root: accepted"),
-            (Some(false), Some(e)) => println!("rotation from trusted root: refused: {e}"),
+            (Some(true), _) => outln!("rotation from trusted root: accepted"),
+            (Some(false), Some(e)) => outln!("rotation from trusted root: refused: {e}"),
             _ => {}
         }
     }
@@ -298,6 +309,26 @@ fn inspect(file: &Path, trusted: Option<&Path>, json: bool) -> anyhow::Result<()
 /// Loads a signed trust root file with a clear error.
 pub fn load_root(path: &Path) -> anyhow::Result<SignedRoot> {
     Ok(SignedRoot::load(path)?)
+}
+
+/// Loads a root to trust, checked the way a device checks its trust root: well
+/// formed and signed by a threshold of its own root keys. Problems are usage errors
+/// (exit code 2), naming the file.
+pub fn load_trusted_root(path: &Path) -> anyhow::Result<SignedRoot> {
+    let signed = load_root(path).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {}: {}",
+            path.display(),
+            crate::cmd::one_line(&e)
+        ))
+    })?;
+    signed.verify_self(None).map_err(|e| {
+        Exit::usage(format!(
+            "trust root {} is not validly self-signed: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(signed)
 }
 
 fn load_secret(path: &Path) -> anyhow::Result<SecretKey> {

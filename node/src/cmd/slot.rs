@@ -4,7 +4,7 @@
 //! touch the update journal: on a device whose updates Shoal manages, prefer
 //! `shoal commit` / `shoal rollback`, which also record the result.
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use shoal_bootctl::control::{ArmError, CommitError, RollbackError};
 use shoal_bootctl::{BootControl, BootState, Slot};
 
@@ -36,6 +36,27 @@ pub enum Command {
     ///
     /// Example: `shoal slot rollback`
     Rollback(OpArgs),
+    /// Provision a new device's bootloader environment: SLOT (the one the device
+    /// runs) committed, no trial. Refuses an environment that already holds a valid
+    /// state unless --force.
+    ///
+    /// Example: `shoal slot init A`
+    Init(InitArgs),
+}
+
+/// Arguments of `shoal slot init`.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// The slot the device runs (and boots): A or B.
+    pub slot: Slot,
+    /// Replace an environment that already holds a valid boot state.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the resulting state as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// Arguments of `shoal slot status`.
@@ -81,9 +102,9 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             let bc = open(&args.config, false)?;
             let status = bc.status().context("cannot read the boot status")?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                println!("{status}");
+                outln!("{status}");
             }
             Ok(())
         }
@@ -113,6 +134,40 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             ui.info(format!("committed slot {}", state.committed));
             print_state(&state, args.json)
         }
+        Command::Init(args) => {
+            let cfg = args.config.load()?;
+            let scheme = cfg
+                .bootloader
+                .scheme()
+                .map_err(|e| Exit::usage(format!("[bootloader]: {}", chain(&e))))?;
+            let flavor = cfg.bootloader.flavor();
+            let mut env = cfg
+                .bootloader
+                .open_env(true)
+                .map_err(|e| Exit::usage(format!("[bootloader]: {}", chain(&e))))?;
+            if !args.force
+                && let Ok(vars) = env.load()
+                && let Ok(state) = scheme.decode(&vars, flavor)
+            {
+                bail!(
+                    "the bootloader environment already holds a boot state (slot {} committed); --force replaces it",
+                    state.committed
+                );
+            }
+            env.store(&scheme.initial(flavor, args.slot))
+                .context("cannot write the bootloader environment")?;
+            let state = scheme
+                .decode(
+                    &env.load().context("cannot read the environment back")?,
+                    flavor,
+                )
+                .context("the environment written does not read back")?;
+            ui.info(format!(
+                "provisioned the bootloader environment: slot {} committed, no trial",
+                args.slot
+            ));
+            print_state(&state, args.json)
+        }
         Command::Rollback(args) => {
             let mut bc = open(&args.config, true)?;
             let state = bc.rollback().map_err(|e| match e {
@@ -139,7 +194,7 @@ fn open(config: &ConfigArg, writable: bool) -> anyhow::Result<BootControl> {
 
 fn print_state(state: &BootState, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(state)?);
+        outln!("{}", serde_json::to_string_pretty(state)?);
     }
     Ok(())
 }

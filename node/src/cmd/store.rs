@@ -52,7 +52,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             let (root, now) = trust.load()?;
             let s = ChunkStore::open(&store)
                 .with_context(|| format!("opening store {}", store.display()))?;
-            let input = crate::cmd::artifact::open_input(&artifact)?;
+            let input = crate::cmd::artifact::open_input(&artifact, Some(&root))?;
             let report = s
                 .add_artifact(input, &root, now)
                 .with_context(|| format!("adding {}", artifact.display()))?;

@@ -28,8 +28,8 @@ use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot, SourceId,
-    SourceInfo, SourceKind, Status, slot_index,
+    Boot, Engine, Event, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot,
+    SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status, slot_index,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -272,27 +272,7 @@ impl Device {
 
     /// Opens the device described by `config`.
     pub fn open(config: Config, reboot: Reboot) -> anyhow::Result<Device> {
-        let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
-            Exit::usage(format!(
-                "device.trust_root {}: {}",
-                config.device.trust_root.display(),
-                chain(&e)
-            ))
-        })?;
-        signed.verify_self(None).map_err(|e| {
-            Exit::usage(format!("device.trust_root is not validly self-signed: {e}"))
-        })?;
-        let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, true)
-            .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
-        let mut capacity = [0u64; 2];
-        for slot in Slot::ALL {
-            let s = boot.open_reader(slot).with_context(|| {
-                format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
-            })?;
-            capacity[slot_index(slot)] = s
-                .len()
-                .with_context(|| format!("cannot measure slot {slot}"))?;
-        }
+        let (signed, boot, capacity) = open_parts(&config, true)?;
         let store = Store::open(&config.device.data_dir).map_err(|e| match e {
             store::StoreError::Busy { .. } => Exit::tempfail(e.to_string()),
             other => anyhow!(other),
@@ -323,14 +303,24 @@ impl Device {
     /// The engine, restored from the store. On a device Shoal sees for the first
     /// time, records the running slot.
     fn engine(&self) -> anyhow::Result<Engine> {
+        self.engine_with(|dev, active| {
+            if dev.store.is_fresh()? {
+                info!(slot = %active, "first run on this device");
+                dev.store.init_active(active)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn engine_with(
+        &self,
+        first: impl FnOnce(&Device, Slot) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Engine> {
         let active = self
             .boot
             .active()
             .context("cannot determine the running slot")?;
-        if self.store.is_fresh()? {
-            info!(slot = %active, "first run on this device");
-            self.store.init_active(active)?;
-        }
+        first(self, active)?;
         let mut state = self.store.load(active, self.capacity)?;
         // A deployment in flight explains a slot change (boot-check settles it);
         // without one the device was switched outside Shoal.
@@ -339,16 +329,7 @@ impl Device {
             self.store.apply(&[shoal_engine::Record::Active(active)])?;
             state = self.store.load(active, self.capacity)?;
         }
-        let mut config =
-            shoal_engine::Config::new(self.config.device.device_type.clone(), self.root.clone());
-        config.provides = self.config.device.provides.clone();
-        config.journal_batch_bytes = self.config.install.journal_batch_mib * 1024 * 1024;
-        // Local sources answer at once: a few requests in flight keep the queue of
-        // chunks waiting to be written (and so memory) small.
-        config.reads_in_flight_max = 2;
-        config.fetch_in_flight_max = 8;
-        config.fetch_batch_max = 8;
-        Ok(Engine::new(config, state))
+        Ok(Engine::new(engine_config(&self.config, &self.root), state))
     }
 
     /// The engine's status and the bootloader's.
@@ -380,10 +361,35 @@ impl Device {
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
-            Source::Artifact { name, reader } => {
+            Source::Artifact { name, mut reader } => {
+                // An unsigned (or not enough signed) envelope is refused before it
+                // is read into memory.
+                if let ArtifactInput::File(f) = &mut reader {
+                    shoal_artifact::read::check_envelope_signers(f, Some(&driver.dev.root))
+                        .map_err(|e| artifact_error(&name, e))?;
+                }
                 let mut counted = CountingInput::new(reader);
                 let mut artifact = ArtifactReader::open(&mut counted, &driver.dev.root, wall)
                     .map_err(|e| artifact_error(&name, e))?;
+                // A release too big for the slot is refused before its chunk list
+                // costs anything more (a signed manifest of 300,000 chunks); the
+                // engine's offer checks the same.
+                let target = running.other();
+                let capacity = driver.dev.capacity[slot_index(target)];
+                if let Some(p) = artifact
+                    .manifest()
+                    .payloads
+                    .iter()
+                    .find(|p| p.kind == shoal_artifact::PayloadKind::RootfsImage)
+                    && p.size > capacity
+                {
+                    return Err(anyhow!(shoal_engine::OfferError::SlotTooSmall {
+                        slot: target,
+                        need: p.size,
+                        capacity,
+                    })
+                    .context("the release was refused"));
+                }
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
                 let holds = artifact
@@ -394,12 +400,10 @@ impl Device {
                 let offer = Offer {
                     envelope: artifact.envelope().to_bytes(),
                     wall_unix_s: wall,
-                    sources: vec![SourceInfo {
-                        id: STREAM,
-                        kind: SourceKind::Stream,
-                        name: name.clone(),
-                        holds: Some(holds),
-                    }],
+                    sources: vec![
+                        SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
+                            .holding(Holds::Ids(holds)),
+                    ],
                     reboot,
                 };
                 driver.offer(offer)?;
@@ -428,12 +432,15 @@ impl Device {
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
-                    sources: vec![SourceInfo {
-                        id: STORE,
-                        kind: SourceKind::Requests,
-                        name: dir.display().to_string(),
-                        holds: None,
-                    }],
+                    sources: vec![
+                        SourceInfo::new(
+                            STORE,
+                            SourceKind::Requests,
+                            SourceClass::Local,
+                            dir.display().to_string(),
+                        )
+                        .with_limits(STORE_LIMITS),
+                    ],
                     reboot,
                 };
                 driver.offer(offer)?;
@@ -559,14 +566,81 @@ impl Device {
     }
 }
 
+/// The engine's configuration for this device.
+fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
+    let mut config = shoal_engine::Config::new(device.device.device_type.clone(), root.clone());
+    config.provides = device.device.provides.clone();
+    config.journal_batch_bytes = device.install.journal_batch_mib * 1024 * 1024;
+    // Local sources answer at once: a few requests in flight keep the queue of
+    // chunks waiting to be written (and so memory) small.
+    config.reads_in_flight_max = 2;
+    config
+}
+
+/// The trust root (checked as at every start), boot control and slot capacities.
+fn open_parts(
+    config: &Config,
+    writable: bool,
+) -> anyhow::Result<(SignedRoot, BootControl, [u64; 2])> {
+    let signed = SignedRoot::load(&config.device.trust_root).map_err(|e| {
+        Exit::usage(format!(
+            "device.trust_root {}: {}",
+            config.device.trust_root.display(),
+            chain(&e)
+        ))
+    })?;
+    signed
+        .verify_self(None)
+        .map_err(|e| Exit::usage(format!("device.trust_root is not validly self-signed: {e}")))?;
+    let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, writable)
+        .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
+    let mut capacity = [0u64; 2];
+    for slot in Slot::ALL {
+        let s = boot.open_reader(slot).with_context(|| {
+            format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
+        })?;
+        capacity[slot_index(slot)] = s
+            .len()
+            .with_context(|| format!("cannot measure slot {slot}"))?;
+    }
+    Ok((signed, boot, capacity))
+}
+
+/// The engine's status and the bootloader's, read without writing or creating
+/// anything (`shoal status`): the environment is opened read-only, the store only if
+/// it exists, and a device Shoal has not run on yet is shown as it would start.
+pub fn read_status(config: &Config) -> anyhow::Result<(Status, shoal_bootctl::Status)> {
+    let (signed, boot, capacity) = open_parts(config, false)?;
+    let boot_status = boot.status().context("cannot read the boot state")?;
+    let active = boot_status.active;
+    let store = Store::open_read_only(&config.device.data_dir).map_err(|e| match e {
+        store::StoreError::Busy { .. } => Exit::tempfail(e.to_string()),
+        other => anyhow!(other),
+    })?;
+    let state = match store {
+        Some(store) if !store.is_fresh()? => store.load(active, capacity)?,
+        _ => shoal_engine::DeviceState::fresh(active, capacity),
+    };
+    let engine = Engine::new(engine_config(config, &signed.root), state);
+    Ok((engine.status(), boot_status))
+}
+
 const STREAM: SourceId = SourceId(1);
 const STORE: SourceId = SourceId(2);
+/// A chunk store on this device answers at once: one small request at a time keeps
+/// the queue of chunks waiting to be written (and so memory) small.
+const STORE_LIMITS: SourceLimits = SourceLimits {
+    requests_max: 1,
+    request_bytes_max: 512 * 1024,
+    request_chunks_max: 8,
+};
 
 fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     match e {
         ReadError::Io(io) => Exit::tempfail(format!("reading {name}: {io}; safe to retry")),
-        // The reader's messages carry their cause inline.
-        other => anyhow!("{name}: {other}"),
+        // The caller's context names the artifact; the reader's messages carry their
+        // cause inline.
+        other => anyhow!(other),
     }
 }
 
@@ -667,6 +741,9 @@ struct Driver<'a> {
     events: Vec<Event>,
     reboot_asked: bool,
     source_bytes_read: u64,
+    /// Set when the driver reported a source failure: whether retrying can help
+    /// (an I/O error) or not (corrupt bytes, a malformed archive).
+    retry_safe: Option<bool>,
     progress: &'a mut dyn FnMut(Progress),
 }
 
@@ -688,6 +765,7 @@ impl<'a> Driver<'a> {
             events: Vec::new(),
             reboot_asked: false,
             source_bytes_read: 0,
+            retry_safe: None,
             progress,
         }
     }
@@ -733,17 +811,16 @@ impl<'a> Driver<'a> {
                     Err(e) => failure = Some(e),
                 }
             }
-            let previous = std::mem::take(&mut decoded);
-            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
-                let worker = scope.spawn(move || decode(raws));
-                self.feed(previous, name)?;
-                Ok(worker.join().expect("the decoding thread panicked"))
-            })?;
             if let Some(e) = failure {
-                // Everything before the structural error goes first.
-                self.feed(std::mem::take(&mut decoded), name)?;
+                // The archive is bad (or could not be read) past this point: the
+                // chunks read before it are not handed over, since the last of them
+                // would let the engine arm a trial of an artifact that failed. A
+                // batch is only ever handed over once the next one was read, so the
+                // one that completes the payload waits for the end of the archive
+                // to be read and checked.
                 let message = e.to_string();
                 let retry = matches!(e, ReadError::Io(_));
+                self.retry_safe = Some(retry);
                 self.engine.handle(
                     self.now(),
                     Input::Failed {
@@ -753,11 +830,17 @@ impl<'a> Driver<'a> {
                 );
                 self.drain()?;
                 return Err(if retry {
-                    Exit::tempfail(format!("reading {name}: {message}; rerun to resume"))
+                    Exit::tempfail(format!("{message}; rerunning the install resumes it"))
                 } else {
-                    anyhow!("{name}: {message}")
+                    anyhow!(message)
                 });
             }
+            let previous = std::mem::take(&mut decoded);
+            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
+                let worker = scope.spawn(move || decode(raws));
+                self.feed(previous, name)?;
+                Ok(worker.join().expect("the decoding thread panicked"))
+            })?;
             if ended && decoded.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
@@ -776,10 +859,14 @@ impl<'a> Driver<'a> {
                     source: STREAM,
                     chunk,
                 },
-                Err(message) => Input::Failed {
-                    op: IoOp::Fetch,
-                    message: format!("chunk {id} in {name} is corrupt: {message}"),
-                },
+                Err(message) => {
+                    // A corrupt chunk in an artifact is corrupt the next time too.
+                    self.retry_safe = Some(false);
+                    Input::Failed {
+                        op: IoOp::Fetch,
+                        message: format!("chunk {id} in {name} is corrupt: {message}"),
+                    }
+                }
             };
             self.engine.handle(self.now(), input);
             self.drain()?;
@@ -794,18 +881,22 @@ impl<'a> Driver<'a> {
         for e in &self.events {
             match e {
                 Event::Failed(err) => {
-                    let retry = matches!(
-                        err,
-                        shoal_engine::InstallError::Io {
-                            op: IoOp::Fetch,
-                            ..
-                        }
-                    );
-                    let msg = format!("install stopped: {err}; rerunning the install resumes it");
+                    // Only a failure to read the source can go away on its own;
+                    // the driver knows when the source's bytes themselves are bad.
+                    let retry = self.retry_safe != Some(false)
+                        && matches!(
+                            err,
+                            shoal_engine::InstallError::Io {
+                                op: IoOp::Fetch,
+                                ..
+                            } | shoal_engine::InstallError::SourcesFailed { .. }
+                        );
                     return Err(if retry {
-                        Exit::tempfail(msg)
+                        Exit::tempfail(format!(
+                            "install stopped: {err}; rerunning the install resumes it"
+                        ))
                     } else {
-                        anyhow!(msg)
+                        anyhow!("install stopped: {err}")
                     });
                 }
                 Event::Armed { release, slot } => {
@@ -1014,7 +1105,9 @@ impl<'a> Driver<'a> {
                     },
                 );
             }
-            Output::Fetch { source, ids } => {
+            // Requests are answered before the next output: nothing to cancel.
+            Output::Cancel { .. } => {}
+            Output::Fetch { source, ids, .. } => {
                 let Some((store, refs)) = self.chunk_store.as_ref() else {
                     return Err((IoOp::Fetch, anyhow!("no request source {source}")));
                 };
@@ -1204,6 +1297,7 @@ fn short(e: &Event) -> String {
             format!("{release} armed for a trial boot of slot {slot}")
         }
         Event::Failed(err) => format!("failed: {err}"),
+        Event::SourceBanned { source } => format!("{source} sent a corrupt chunk; banned"),
         Event::Checking { release } => format!("checking {release}"),
         Event::TrialPending { slot } => format!("trial of slot {slot} pending"),
         Event::Committed { release, slot } => format!("{release} committed on slot {slot}"),

@@ -73,8 +73,32 @@ pub enum StoreError {
 /// The device store. See the module documentation.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Db,
     path: PathBuf,
+}
+
+/// The redb database, opened for writing or (`shoal status`) only for reading.
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Db::ReadWrite(_) => "Db::ReadWrite",
+            Db::ReadOnly(_) => "Db::ReadOnly",
+        })
+    }
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
 }
 
 fn slot_name(slot: Slot) -> &'static str {
@@ -109,8 +133,58 @@ impl Store {
                 });
             }
         };
-        let store = Store { db, path };
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path,
+        };
         // Create the tables so that readers never meet a missing one.
+        store.write(|_| Ok(()))?;
+        Ok(store)
+    }
+
+    /// Opens the store in `data_dir` only for reading, creating nothing: `None` when
+    /// there is none yet (Shoal has not run on this device). A store left by a
+    /// killed process or a power cut needs redb's repair first, which writes: then
+    /// it is opened as every other command would open it, repaired, and read.
+    pub fn open_read_only(data_dir: &Path) -> Result<Option<Store>, StoreError> {
+        let path = data_dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = match builder().open_read_only(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => return Store::open(data_dir).map(Some),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Busy { path }),
+            Err(e) => {
+                return Err(StoreError::Db {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        };
+        Ok(Some(Store {
+            db: Db::ReadOnly(db),
+            path,
+        }))
+    }
+
+    /// A store kept by `backend` (tests: a disk that loses power), called `path` in
+    /// errors.
+    #[cfg(test)]
+    pub(crate) fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        path: PathBuf,
+    ) -> Result<Store, StoreError> {
+        let db = builder()
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Db {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path,
+        };
         store.write(|_| Ok(()))?;
         Ok(store)
     }
@@ -126,7 +200,10 @@ impl Store {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(self.db_err("opened read-only"));
+        };
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
         (|| -> Result<(), redb::Error> {
             txn.open_table(META)?;
             txn.open_table(DONE)?;
@@ -148,7 +225,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 key: key.to_string(),
-                message: e.to_string(),
+                message: shoal_signing::describe_cbor_error(&e),
             })
     }
 

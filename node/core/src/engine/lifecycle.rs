@@ -1,0 +1,522 @@
+//! The deployment lifecycle: offer (signature, compatibility, anti-rollback),
+//! verify, arm, boot, commit, rollback. Each phase is persisted before the side
+//! effect that leaves it.
+
+use shoal_artifact::{Manifest, PayloadKind};
+use shoal_signing::{Envelope, RoleName};
+use tracing::info;
+
+use crate::error::{CommitError, InstallError, OfferError, RollbackError};
+use crate::state::{
+    Deployment, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex, Verdict, slot_index,
+};
+use crate::time::Instant;
+
+use super::scheduler::{Job, Step};
+use super::{Boot, Engine, Event, Offer, Output, Progress};
+
+impl Engine {
+    pub fn offer(&mut self, now: Instant, offer: Offer) -> Result<(), OfferError> {
+        let envelope = Envelope::from_bytes(&offer.envelope)?;
+        let signed =
+            self.config
+                .trust_root
+                .verify(RoleName::Release, &envelope, offer.wall_unix_s)?;
+        let manifest = Manifest::from_cbor(signed)?;
+        if !manifest.device_types.contains(&self.config.device_type) {
+            return Err(OfferError::DeviceType {
+                device_type: self.config.device_type.clone(),
+                supported: manifest.device_types.clone(),
+            });
+        }
+        for (key, wanted) in &manifest.depends {
+            let have = self.provided(key);
+            if !have.as_ref().is_some_and(|h| wanted.contains(h)) {
+                return Err(OfferError::Depends {
+                    key: key.clone(),
+                    wanted: wanted.clone(),
+                    have,
+                });
+            }
+        }
+        if manifest.security_counter < self.state.floor {
+            return Err(OfferError::BelowFloor {
+                counter: manifest.security_counter,
+                floor: self.state.floor,
+            });
+        }
+        let rootfs: Vec<usize> = (0..manifest.payloads.len())
+            .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
+            .collect();
+        if rootfs.len() != 1 || manifest.payloads.len() != 1 {
+            return Err(OfferError::Payloads {
+                rootfs: rootfs.len(),
+                other: manifest.payloads.len() - rootfs.len(),
+            });
+        }
+        let payload = rootfs[0];
+        let release = Release::from_manifest(&manifest, payload);
+
+        let mut resume = false;
+        if let Some(dep) = &self.state.deployment {
+            match &dep.phase {
+                Phase::Trial | Phase::Rebooting | Phase::RollingBack { .. } => {
+                    return Err(OfferError::Busy {
+                        release: dep.release.to_string(),
+                        phase: dep.phase.clone(),
+                    });
+                }
+                Phase::Verified | Phase::TrialArmed
+                    if dep.release.manifest_hash == release.manifest_hash =>
+                {
+                    // Installed already; make sure the trial is armed (idempotent).
+                    info!(release = %release, slot = %dep.target, "already installed; re-arming trial");
+                    let target = dep.target;
+                    self.progress = Progress {
+                        total_bytes: release.payload_size,
+                        resumed_bytes: release.payload_size,
+                        ..Progress::default()
+                    };
+                    self.arm(target, offer.reboot);
+                    return Ok(());
+                }
+                Phase::Fetching => {
+                    resume = stored_manifest(dep).is_some_and(|(old, p)| {
+                        dep.target == self.state.active.other()
+                            && same_chunks(
+                                &old.payloads[p].chunks,
+                                &manifest.payloads[payload].chunks,
+                            )
+                    });
+                }
+                Phase::Verified | Phase::TrialArmed => {}
+            }
+        }
+        let target = self.state.active.other();
+        let capacity = self.state.slot_capacity[slot_index(target)];
+        if release.payload_size > capacity {
+            return Err(OfferError::SlotTooSmall {
+                slot: target,
+                need: release.payload_size,
+                capacity,
+            });
+        }
+
+        // Accepted. Whatever happens next, the bootloader must not try the target.
+        self.outputs.push_back(Output::DisarmTrial { slot: target });
+        let dep = Deployment {
+            envelope: offer.envelope.clone(),
+            release: release.clone(),
+            target,
+            phase: Phase::Fetching,
+        };
+        if resume {
+            info!(release = %release, slot = %target, done = self.state.done.len(), "resuming install");
+            self.persist(vec![Record::Deployment(Some(dep.clone()))]);
+        } else {
+            // A slot that already holds this payload (a release rolled back, then
+            // offered again) is not written again: it is only verified.
+            let held = self.state.releases[slot_index(target)]
+                .as_ref()
+                .is_some_and(|r| {
+                    r.payload_hash == release.payload_hash && r.payload_size == release.payload_size
+                });
+            info!(release = %release, slot = %target, held, "starting install");
+            self.state.done.clear();
+            self.state.releases[slot_index(target)] = None;
+            let mut records = vec![
+                Record::Deployment(Some(dep.clone())),
+                Record::ClearProgress,
+                Record::SlotRelease {
+                    slot: target,
+                    release: None,
+                },
+                Record::SlotIndex {
+                    slot: target,
+                    index: None,
+                },
+            ];
+            if held {
+                let n = u32::try_from(manifest.payloads[payload].chunks.len())
+                    .expect("chunk count fits u32");
+                self.state.done = (0..n).collect();
+                records.push(Record::Done(self.state.done.clone()));
+            }
+            self.persist(records);
+        }
+        self.state.deployment = Some(dep);
+
+        let chunking = manifest.chunking;
+        let mut job = Job::new(manifest, payload, target, offer.reboot, &self.state.done);
+        let resumed_bytes = job.journal_bytes;
+        self.progress = Progress {
+            total_bytes: release.payload_size,
+            resumed_bytes,
+            ..Progress::default()
+        };
+        self.event(Event::Accepted {
+            release,
+            target,
+            resumed_bytes,
+        });
+        self.timers.clear();
+        // When every source says what it holds and some needed chunk is held by
+        // none, the plan checks the slot for it before anything is written (a thin
+        // artifact without its base is refused untouched): then nothing is taken
+        // while the active slot is indexed (`Engine::needed_ids`).
+        let mut seen = std::collections::BTreeSet::new();
+        for info in offer.sources {
+            if !seen.insert(info.id) {
+                continue;
+            }
+            job.add(info, self.config.retry.rto_initial);
+        }
+        job.take_while_indexing =
+            !job.holds_all_known() || job.needed_entries().all(|e| job.someone_holds(e));
+        self.job = Some(job);
+        if self.index_chunking == Some(chunking) {
+            self.plan(now);
+        } else {
+            let active = self.state.active;
+            let len = self.state.releases[slot_index(active)]
+                .as_ref()
+                .map_or(self.state.slot_capacity[slot_index(active)], |r| {
+                    r.payload_size
+                });
+            info!(slot = %active, len, "indexing the active slot");
+            self.event(Event::Indexing { slot: active, len });
+            self.outputs.push_back(Output::IndexSlot {
+                slot: active,
+                chunking,
+                len,
+            });
+        }
+        Ok(())
+    }
+
+    fn provided(&self, key: &str) -> Option<String> {
+        let running = self.state.releases[slot_index(self.state.active)].as_ref();
+        running
+            .and_then(|r| r.provides.get(key))
+            .or_else(|| self.config.provides.get(key))
+            .cloned()
+    }
+
+    pub(super) fn on_hashed(&mut self, slot: Slot, hash: [u8; 32]) {
+        let Some(job) = self.job.as_ref() else { return };
+        if job.step != Step::Hashing || slot != job.target {
+            return;
+        }
+        let payload = &job.manifest.payloads[job.payload];
+        if hash != payload.hash {
+            let err = InstallError::VerifyFailed {
+                slot,
+                expected: hex(&payload.hash),
+                actual: hex(&hash),
+            };
+            self.state.done.clear();
+            self.persist(vec![Record::ClearProgress]);
+            self.fail(err);
+            return;
+        }
+        let Some(job) = self.job.take() else { return };
+        let Some(mut dep) = self.state.deployment.clone() else {
+            return;
+        };
+        let chunks: Vec<IndexedChunk> = (0..job.table.entries())
+            .map(|e| IndexedChunk {
+                id: job.table.id(e),
+                offset: job.table.first_offset(e),
+                len: job.table.size(e),
+            })
+            .collect();
+        let index = SlotIndex {
+            chunking: job.manifest.chunking,
+            chunks,
+        };
+        dep.phase = Phase::Verified;
+        self.state.releases[slot_index(slot)] = Some(dep.release.clone());
+        self.state.done.clear();
+        self.persist(vec![
+            Record::Deployment(Some(dep.clone())),
+            Record::SlotRelease {
+                slot,
+                release: Some(dep.release.clone()),
+            },
+            Record::SlotIndex {
+                slot,
+                index: Some(index),
+            },
+            Record::ClearProgress,
+        ]);
+        self.state.deployment = Some(dep);
+        info!(slot = %slot, "slot verified");
+        self.arm(slot, job.reboot);
+    }
+
+    /// Arms the trial of a verified slot (idempotent), and reboots into it if asked.
+    fn arm(&mut self, slot: Slot, reboot: bool) {
+        let Some(mut dep) = self.state.deployment.clone() else {
+            return;
+        };
+        assert!(
+            self.state.releases[slot_index(slot)]
+                .as_ref()
+                .map(|r| r.manifest_hash)
+                == Some(dep.release.manifest_hash),
+            "arming a slot that is not recorded as verified"
+        );
+        self.outputs.push_back(Output::ArmTrial { slot });
+        dep.phase = Phase::TrialArmed;
+        self.persist(vec![Record::Deployment(Some(dep.clone()))]);
+        self.event(Event::Armed {
+            release: dep.release.clone(),
+            slot,
+        });
+        if reboot {
+            dep.phase = Phase::Rebooting;
+            self.persist(vec![Record::Deployment(Some(dep.clone()))]);
+            self.outputs.push_back(Output::Reboot);
+        }
+        self.state.deployment = Some(dep);
+    }
+
+    /// Tells the engine the device has booted, and what the bootloader says. In a
+    /// trial boot of the deployed slot this runs the health checks; after a trial the
+    /// bootloader gave up on, it records the rollback.
+    pub fn boot(&mut self, _now: Instant, boot: Boot) {
+        self.job = None;
+        let Some(dep) = self.state.deployment.clone() else {
+            if boot.slot != self.state.active {
+                info!(slot = %boot.slot, "running from the other slot; recording it as active");
+                self.switch_active(boot.slot);
+                self.persist(vec![Record::Active(boot.slot)]);
+            }
+            return;
+        };
+        let target = dep.target;
+        match &dep.phase {
+            Phase::Fetching => {
+                if boot.slot == target {
+                    // The slot being written booted: whatever it holds now runs.
+                    let reason =
+                        format!("the device booted slot {target} while it was being written");
+                    self.switch_active(boot.slot);
+                    self.end(
+                        dep,
+                        Verdict::Failed { reason },
+                        vec![Record::Active(boot.slot)],
+                    );
+                }
+            }
+            Phase::Verified | Phase::TrialArmed | Phase::Rebooting | Phase::Trial => {
+                // A verified slot may be armed even when the store says Verified (a
+                // power cut between arming and recording it).
+                if boot.slot == target && boot.trial {
+                    if dep.phase != Phase::Trial {
+                        let mut d = dep.clone();
+                        d.phase = Phase::Trial;
+                        self.persist(vec![Record::Deployment(Some(d.clone()))]);
+                        self.state.deployment = Some(d);
+                    }
+                    info!(release = %dep.release, "trial boot; running health checks");
+                    self.event(Event::Checking {
+                        release: dep.release.clone(),
+                    });
+                    self.outputs.push_back(Output::RunHealthChecks);
+                } else if boot.slot == target {
+                    // The bootloader already made it permanent (a commit whose store
+                    // update was cut off).
+                    self.finish_commit(dep);
+                } else if boot.pending == Some(target) {
+                    self.event(Event::TrialPending { slot: target });
+                } else if dep.phase == Phase::Verified {
+                    // Not armed yet: offering the release again arms it.
+                } else {
+                    let reason = format!(
+                        "the trial boot of slot {target} did not come up; the bootloader went back to slot {}",
+                        boot.slot
+                    );
+                    self.outputs.push_back(Output::Rollback { to: boot.slot });
+                    self.end(dep, Verdict::RolledBack { reason }, Vec::new());
+                }
+            }
+            Phase::RollingBack { reason } => {
+                if boot.slot == target {
+                    self.outputs
+                        .push_back(Output::Rollback { to: target.other() });
+                    let reason = reason.clone();
+                    self.end(dep, Verdict::RolledBack { reason }, Vec::new());
+                    self.outputs.push_back(Output::Reboot);
+                } else {
+                    let reason = reason.clone();
+                    self.end(dep, Verdict::RolledBack { reason }, Vec::new());
+                }
+            }
+        }
+    }
+
+    fn switch_active(&mut self, slot: Slot) {
+        self.state.active = slot;
+        self.index.clear();
+        self.index_chunking = None;
+    }
+
+    pub(super) fn on_health(&mut self, result: Result<(), String>) {
+        let Some(dep) = self.state.deployment.clone() else {
+            return;
+        };
+        if dep.phase != Phase::Trial {
+            return;
+        }
+        match result {
+            Ok(()) => self.finish_commit(dep),
+            Err(reason) => self.start_rollback(dep, reason),
+        }
+    }
+
+    /// Commits the trial boot: the bootloader keeps the slot, the floor rises.
+    pub fn commit(&mut self, _now: Instant) -> Result<(), CommitError> {
+        match self.state.deployment.clone() {
+            Some(dep) if dep.phase == Phase::Trial => {
+                self.finish_commit(dep);
+                Ok(())
+            }
+            other => Err(CommitError::NotInTrial {
+                phase: other.map(|d| d.phase),
+            }),
+        }
+    }
+
+    /// Rolls back the deployment in progress: in a trial boot, points the bootloader
+    /// back at the other slot and reboots; before it, cancels the install.
+    pub fn rollback(
+        &mut self,
+        _now: Instant,
+        reason: impl Into<String>,
+    ) -> Result<(), RollbackError> {
+        let reason = reason.into();
+        let Some(dep) = self.state.deployment.clone() else {
+            return Err(RollbackError::NothingToRollBack);
+        };
+        self.job = None;
+        match dep.phase {
+            Phase::Trial | Phase::RollingBack { .. } => self.start_rollback(dep, reason),
+            Phase::Fetching | Phase::Verified | Phase::TrialArmed | Phase::Rebooting => {
+                self.outputs
+                    .push_back(Output::DisarmTrial { slot: dep.target });
+                self.end(dep, Verdict::RolledBack { reason }, Vec::new());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_commit(&mut self, dep: Deployment) {
+        let slot = dep.target;
+        self.outputs.push_back(Output::Commit { slot });
+        let floor = self.state.floor.max(dep.release.security_counter);
+        self.state.floor = floor;
+        if self.state.active != slot {
+            self.switch_active(slot);
+            if let Some((m, p)) = stored_manifest(&dep) {
+                let index = SlotIndex {
+                    chunking: m.chunking,
+                    chunks: m.payloads[p]
+                        .chunk_offsets()
+                        .map(|(offset, c)| IndexedChunk {
+                            id: c.id,
+                            offset,
+                            len: c.size,
+                        })
+                        .collect(),
+                };
+                self.set_index(&index);
+            }
+        }
+        info!(release = %dep.release, slot = %slot, floor, "committed");
+        self.end(
+            dep,
+            Verdict::Committed,
+            vec![Record::Floor(floor), Record::Active(slot)],
+        );
+    }
+
+    fn start_rollback(&mut self, dep: Deployment, reason: String) {
+        info!(release = %dep.release, %reason, "rolling back");
+        let mut d = dep.clone();
+        d.phase = Phase::RollingBack {
+            reason: reason.clone(),
+        };
+        self.persist(vec![Record::Deployment(Some(d))]);
+        self.outputs.push_back(Output::Rollback {
+            to: dep.target.other(),
+        });
+        self.end(dep, Verdict::RolledBack { reason }, Vec::new());
+        self.outputs.push_back(Output::Reboot);
+    }
+
+    /// Ends the deployment with a verdict, persisted with `records`.
+    fn end(&mut self, dep: Deployment, verdict: Verdict, mut records: Vec<Record>) {
+        let outcome = Outcome {
+            release: dep.release.clone(),
+            slot: dep.target,
+            verdict: verdict.clone(),
+        };
+        records.extend([
+            Record::Deployment(None),
+            Record::ClearProgress,
+            Record::Last(outcome.clone()),
+        ]);
+        self.persist(records);
+        self.state.deployment = None;
+        self.state.done.clear();
+        self.state.last = Some(outcome);
+        let (release, slot) = (dep.release, dep.target);
+        match verdict {
+            Verdict::Committed => self.event(Event::Committed { release, slot }),
+            Verdict::RolledBack { reason } => self.event(Event::RolledBack {
+                release,
+                slot,
+                reason,
+            }),
+            Verdict::Failed { reason } => {
+                self.event(Event::Failed(InstallError::Abandoned { reason }))
+            }
+        }
+    }
+}
+
+/// The manifest stored with a deployment (verified when it was offered) and its
+/// rootfs payload index.
+fn stored_manifest(dep: &Deployment) -> Option<(Manifest, usize)> {
+    let env = Envelope::from_bytes(&dep.envelope).ok()?;
+    let manifest = Manifest::from_cbor(&env.signed).ok()?;
+    let p = manifest
+        .payloads
+        .iter()
+        .position(|p| p.kind == PayloadKind::RootfsImage)?;
+    Some((manifest, p))
+}
+
+/// Bytes the journal `done` (positions) records for a deployment's payload.
+pub(super) fn journal_bytes(dep: &Deployment, done: &[u32]) -> u64 {
+    let Some((m, p)) = stored_manifest(dep) else {
+        return 0;
+    };
+    let sizes = &m.payloads[p].chunks;
+    done.iter()
+        .filter_map(|&i| sizes.get(i as usize))
+        .map(|c| u64::from(c.size))
+        .sum()
+}
+
+fn same_chunks(a: &[shoal_artifact::ChunkRef], b: &[shoal_artifact::ChunkRef]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.id == y.id && x.size == y.size)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

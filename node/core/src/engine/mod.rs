@@ -1,0 +1,673 @@
+//! The engine state machine, by concern: this module holds the contract (inputs,
+//! outputs, events, status) and the entry points; `lifecycle` the deployment's
+//! phases (offer, verify, arm, boot, commit, rollback); `scheduler` the chunk plan
+//! and the fetch scheduler with its source registry; `table` the release's chunk
+//! table in dense arrays. Timers are named in [`crate::timer`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use shoal_artifact::{ChunkId, Chunking, VerifiedChunk};
+use shoal_signing::TrustRoot;
+use tracing::{info, warn};
+
+use crate::error::{InstallError, IoOp, SourceError};
+use crate::source::{
+    FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceId, SourceInfo, SourceKind,
+    SourceStatus,
+};
+use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex, Verdict};
+use crate::time::{Instant, Rng};
+use crate::timer::TimerTable;
+
+mod lifecycle;
+mod scheduler;
+mod table;
+
+use scheduler::{Job, Need, Step};
+
+/// What the engine is told about the device and how it should pace itself.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This device's type; a release must list it.
+    pub device_type: String,
+    /// What the device provides besides what its running release provides (Mender's
+    /// provides), checked against a release's `depends`.
+    pub provides: BTreeMap<String, String>,
+    /// The trust root releases must be signed under.
+    pub trust_root: TrustRoot,
+    /// Bytes written between two progress journal commits (each is a slot sync plus
+    /// one store transaction). Work lost to a power cut is at most this much.
+    pub journal_batch_bytes: u64,
+    /// Reads of the active slot asked for at once.
+    pub reads_in_flight_max: usize,
+    /// Timeouts and backoff of request sources (their request limits are per
+    /// source: [`SourceInfo::limits`]).
+    pub retry: RetryConfig,
+    /// Seeds every random choice (which source serves a chunk).
+    pub seed: u64,
+}
+
+impl Config {
+    /// A configuration with default pacing.
+    pub fn new(device_type: impl Into<String>, trust_root: TrustRoot) -> Config {
+        Config {
+            device_type: device_type.into(),
+            provides: BTreeMap::new(),
+            trust_root,
+            journal_batch_bytes: 4 * 1024 * 1024,
+            reads_in_flight_max: 4,
+            retry: RetryConfig::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// An update offered to the device.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// The signed manifest envelope (bytes as in the artifact or chunk store).
+    pub envelope: Vec<u8>,
+    /// Wall-clock Unix seconds for the trust root expiry check; `None` when the device
+    /// has no trustworthy clock.
+    pub wall_unix_s: Option<u64>,
+    /// Where the chunks can come from, besides the active slot (more can be added
+    /// later: [`Engine::add_source`]).
+    pub sources: Vec<SourceInfo>,
+    /// Reboot into the trial as soon as it is armed.
+    pub reboot: bool,
+}
+
+/// What the bootloader says at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boot {
+    /// The slot the device booted from.
+    pub slot: Slot,
+    /// Whether this boot is a trial (not yet committed).
+    pub trial: bool,
+    /// The slot the bootloader will try on the next boot, if a trial is armed and not
+    /// yet attempted.
+    pub pending: Option<Slot>,
+}
+
+/// Something the driver tells the engine: the result of an [`Output`], or data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The slot asked for by [`Output::IndexSlot`] was cut into chunks.
+    SlotIndexed {
+        /// The slot.
+        slot: Slot,
+        /// Its chunks.
+        index: SlotIndex,
+    },
+    /// Chunk bytes: the answer to [`Output::Read`] or [`Output::Fetch`], or pushed by a
+    /// stream source. The engine hashes them before use.
+    Chunk {
+        /// Where they came from.
+        origin: Origin,
+        /// The chunk id they claim to be.
+        id: ChunkId,
+        /// The uncompressed bytes.
+        data: Vec<u8>,
+    },
+    /// Chunk bytes pushed by a stream source whose reader already decoded them
+    /// within their declared size and hashed them to their id (the
+    /// [`VerifiedChunk`] type proves it). The engine checks they are a chunk it
+    /// needs, of the right size, and does not hash them again; from a source that
+    /// is not a stream of this install they are treated as [`Input::Chunk`].
+    Verified {
+        /// The stream source.
+        source: SourceId,
+        /// The verified bytes.
+        chunk: VerifiedChunk,
+    },
+    /// A request failed as a whole; the driver says what kind of failure it is.
+    /// One source's failure never fails the install while another can serve.
+    FetchFailed {
+        /// The source.
+        source: SourceId,
+        /// The request ([`Output::Fetch::request`]).
+        request: RequestId,
+        /// Retry later, not there, or drop the source.
+        failure: FetchFailure,
+    },
+    /// A request source does not hold a chunk.
+    Unavailable {
+        /// The source.
+        source: SourceId,
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// A stream source has no more chunks.
+    SourceEnded {
+        /// The source.
+        source: SourceId,
+    },
+    /// The answer to [`Output::HashSlot`].
+    SlotHashed {
+        /// The slot.
+        slot: Slot,
+        /// BLAKE3 of its first `len` bytes.
+        hash: [u8; 32],
+    },
+    /// The answer to [`Output::RunHealthChecks`]: `Err` says which check failed, why.
+    HealthChecked(Result<(), String>),
+    /// The driver could not carry out an output (or read a stream source). The
+    /// engine stops what it was doing; the driver should restore it from its store
+    /// ([`Engine::new`]) before going on. A failed request of a request source is
+    /// [`Input::FetchFailed`] instead.
+    Failed {
+        /// What failed.
+        op: IoOp,
+        /// What the OS said.
+        message: String,
+    },
+}
+
+/// Something the engine wants done. Carry them out in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Cut the slot's first `len` bytes into chunks with `chunking`; answer
+    /// [`Input::SlotIndexed`] (and persist it as the slot's index).
+    IndexSlot {
+        /// The slot.
+        slot: Slot,
+        /// FastCDC parameters.
+        chunking: Chunking,
+        /// Bytes to cut.
+        len: u64,
+    },
+    /// Read a chunk from a slot; answer [`Input::Chunk`] with `Origin::Slot(slot)`.
+    Read {
+        /// The slot.
+        slot: Slot,
+        /// The chunk expected there.
+        id: ChunkId,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
+    /// Ask a request source for chunks (one request, at most the source's
+    /// [`SourceLimits`](crate::SourceLimits) in bytes and count); answer each chunk
+    /// with [`Input::Chunk`] or [`Input::Unavailable`], in any order, or the whole
+    /// request with [`Input::FetchFailed`]. A source that stays silent past its
+    /// timeout loses the request (see [`Output::Cancel`]).
+    Fetch {
+        /// The source.
+        source: SourceId,
+        /// Names the request.
+        request: RequestId,
+        /// The chunks.
+        ids: Vec<ChunkId>,
+    },
+    /// The engine no longer wants the answers to a request (the source was silent,
+    /// failed, or other sources brought its chunks): stop it if it still runs. May
+    /// name a request that already finished; ignore it then. Answers that still
+    /// arrive are accepted if a chunk is still needed.
+    Cancel {
+        /// The source.
+        source: SourceId,
+        /// The request.
+        request: RequestId,
+    },
+    /// Write `data` at each offset of the slot (a chunk may repeat in a payload).
+    Write {
+        /// The slot.
+        slot: Slot,
+        /// Byte offsets.
+        offsets: Vec<u64>,
+        /// The bytes (already verified).
+        data: Vec<u8>,
+    },
+    /// Make every write to the slot so far durable.
+    Sync {
+        /// The slot.
+        slot: Slot,
+    },
+    /// Apply these records to the device store in one durable transaction.
+    Persist(Vec<Record>),
+    /// Hash the slot's first `len` bytes; answer [`Input::SlotHashed`].
+    HashSlot {
+        /// The slot.
+        slot: Slot,
+        /// Bytes to hash.
+        len: u64,
+    },
+    /// Make sure the bootloader will not try `slot` (it is about to be written).
+    DisarmTrial {
+        /// The slot.
+        slot: Slot,
+    },
+    /// Tell the bootloader to try `slot` once on the next boot.
+    ArmTrial {
+        /// The slot.
+        slot: Slot,
+    },
+    /// Tell the bootloader that `slot`, now running in a trial, is permanent.
+    Commit {
+        /// The slot.
+        slot: Slot,
+    },
+    /// Tell the bootloader to boot `to` again.
+    Rollback {
+        /// The slot to go back to.
+        to: Slot,
+    },
+    /// Reboot the device.
+    Reboot,
+    /// Run the health checks; answer [`Input::HealthChecked`].
+    RunHealthChecks,
+    /// Tell the operator or the server.
+    Event(Event),
+}
+
+/// Things worth reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An offer passed every check; writing into `target` starts (or resumes).
+    Accepted {
+        /// The release.
+        release: Release,
+        /// Its slot.
+        target: Slot,
+        /// Bytes the journal says are already written and verified.
+        resumed_bytes: u64,
+    },
+    /// The active slot is being cut into chunks (first run on a device Shoal did not
+    /// install, or a release with other chunking parameters).
+    Indexing {
+        /// The slot.
+        slot: Slot,
+        /// Bytes to cut.
+        len: u64,
+    },
+    /// Every chunk is written; the slot is being re-read to verify it.
+    Verifying {
+        /// The slot.
+        slot: Slot,
+    },
+    /// The slot verified and the trial boot is armed.
+    Armed {
+        /// The release.
+        release: Release,
+        /// Its slot.
+        slot: Slot,
+    },
+    /// The install stopped; offering the release again resumes it.
+    Failed(InstallError),
+    /// A source sent a chunk that does not hash to its id: it is not asked again
+    /// during this deployment.
+    SourceBanned {
+        /// The source.
+        source: SourceId,
+    },
+    /// Health checks are running in a trial boot.
+    Checking {
+        /// The release on trial.
+        release: Release,
+    },
+    /// The trial boot was not attempted yet: the bootloader will try it next boot.
+    TrialPending {
+        /// The slot.
+        slot: Slot,
+    },
+    /// The release is permanent.
+    Committed {
+        /// The release.
+        release: Release,
+        /// Its slot.
+        slot: Slot,
+    },
+    /// The release was rolled back.
+    RolledBack {
+        /// The release.
+        release: Release,
+        /// Its slot.
+        slot: Slot,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Byte counts of the install in progress (this run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Payload size.
+    pub total_bytes: u64,
+    /// Bytes the journal said were done when this run started (not written again).
+    pub resumed_bytes: u64,
+    /// Bytes written this run.
+    pub written_bytes: u64,
+    /// Of those, bytes copied from the active slot.
+    pub reused_bytes: u64,
+    /// Of those, bytes that came from sources (uncompressed).
+    pub fetched_bytes: u64,
+    /// Distinct chunk bytes (uncompressed) from local sources (artifact, USB, store).
+    pub local_bytes: u64,
+    /// Distinct chunk bytes (uncompressed) from LAN peers.
+    pub peer_bytes: u64,
+    /// Distinct chunk bytes (uncompressed) from the WAN.
+    pub wan_bytes: u64,
+    /// Their bytes on the wire (the manifest's stored sizes).
+    pub wan_wire_bytes: u64,
+}
+
+impl Progress {
+    /// Bytes done: resumed plus written.
+    pub fn done_bytes(&self) -> u64 {
+        self.resumed_bytes + self.written_bytes
+    }
+}
+
+/// A snapshot for `shoal status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The running slot.
+    pub active: Slot,
+    /// The anti-rollback floor.
+    pub floor: u64,
+    /// The release in each slot, by [`Slot::index`].
+    pub releases: [Option<Release>; 2],
+    /// The deployment in progress.
+    pub deployment: Option<DeploymentStatus>,
+    /// The last result.
+    pub last: Option<Outcome>,
+    /// Byte counts of the install running in this engine (slot, local, peers, WAN).
+    pub progress: Progress,
+    /// The sources of the install running in this engine.
+    pub sources: Vec<SourceStatus>,
+}
+
+/// The deployment part of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentStatus {
+    /// The release.
+    pub release: Release,
+    /// Its slot.
+    pub target: Slot,
+    /// Its phase.
+    pub phase: Phase,
+    /// Bytes the journal records as written and verified.
+    pub journal_bytes: u64,
+}
+
+/// The sans-IO update engine. See the crate documentation.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    state: DeviceState,
+    index: BTreeMap<ChunkId, (u64, u32)>,
+    index_chunking: Option<Chunking>,
+    job: Option<Job>,
+    outputs: VecDeque<Output>,
+    rng: Rng,
+    progress: Progress,
+    timers: TimerTable,
+}
+
+impl Engine {
+    /// An engine restored from what the device store holds (or
+    /// [`DeviceState::fresh`]).
+    pub fn new(config: Config, state: DeviceState) -> Engine {
+        let mut engine = Engine {
+            rng: Rng::new(config.seed),
+            config,
+            state,
+            index: BTreeMap::new(),
+            index_chunking: None,
+            job: None,
+            outputs: VecDeque::new(),
+            progress: Progress::default(),
+            timers: TimerTable::default(),
+        };
+        if let Some(index) = engine.state.active_index.take() {
+            engine.set_index(&index);
+        }
+        engine
+    }
+
+    fn set_index(&mut self, index: &SlotIndex) {
+        self.index.clear();
+        for c in &index.chunks {
+            self.index.entry(c.id).or_insert((c.offset, c.len));
+        }
+        self.index_chunking = Some(index.chunking);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] should next be called: the earliest of the
+    /// named timers (a silent source's timeout, the end of a backoff).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Byte counts of the install in progress.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// Whether the install in progress still needs chunk `id` (lets a driver skip
+    /// decompressing stream chunks the device already has).
+    pub fn wants(&self, id: &ChunkId) -> bool {
+        self.job.as_ref().is_some_and(|j| {
+            j.step == Step::Fetching
+                && j.table
+                    .entry(id)
+                    .is_some_and(|e| j.need[e as usize] != Need::Done)
+        })
+    }
+
+    /// The byte ranges `(offset, len)` of the target slot that the journal records
+    /// as written and synced: an interrupted install's verified work, which a
+    /// resumed install does not write again. Empty without an install in progress.
+    pub fn journaled_ranges(&self) -> Vec<(u64, u64)> {
+        let Some(job) = self.job.as_ref() else {
+            return Vec::new();
+        };
+        self.state
+            .done
+            .iter()
+            .filter(|&&p| p < job.table.positions())
+            .map(|&p| {
+                let e = job.table.entry_at(p);
+                (job.table.offset_at(p), u64::from(job.table.size(e)))
+            })
+            .collect()
+    }
+
+    /// The chunks the install in progress still needs. While the active slot is
+    /// being indexed ([`Output::IndexSlot`]), [`Input::Chunk`] from the active slot
+    /// is taken for any of them (hashed, then written like a chunk read from the
+    /// slot later), so a driver that cuts the slot can hand over what it meets and
+    /// the plan that follows the index leaves those chunks out.
+    ///
+    /// Empty when nothing may be written before the index is complete: every source
+    /// says what it holds and some needed chunk is held by none, so the plan first
+    /// checks the slot for it (a thin artifact whose base the device lacks is
+    /// refused before a byte is written).
+    pub fn needed_ids(&self) -> Vec<ChunkId> {
+        self.job
+            .as_ref()
+            .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
+            .map(|j| j.needed_entries().map(|e| j.table.id(e)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether an install is running (fetching, indexing or verifying).
+    pub fn is_installing(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// The state for `shoal status`, from cached counters.
+    pub fn status(&self) -> Status {
+        let deployment = self.state.deployment.as_ref().map(|d| {
+            let journal_bytes = match (&d.phase, self.job.as_ref()) {
+                (Phase::Fetching, Some(job)) => job.journal_bytes,
+                (Phase::Fetching, None) => lifecycle::journal_bytes(d, &self.state.done),
+                _ => d.release.payload_size,
+            };
+            DeploymentStatus {
+                release: d.release.clone(),
+                target: d.target,
+                phase: d.phase.clone(),
+                journal_bytes,
+            }
+        });
+        Status {
+            active: self.state.active,
+            floor: self.state.floor,
+            releases: self.state.releases.clone(),
+            deployment,
+            last: self.state.last.clone(),
+            progress: self.progress,
+            sources: self.sources(),
+        }
+    }
+
+    /// The sources of the install in progress, with their state and byte counters.
+    pub fn sources(&self) -> Vec<SourceStatus> {
+        self.job
+            .as_ref()
+            .map(|j| j.sources.iter().map(|s| s.status()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Registers a source during the install in progress (a LAN peer appeared, the
+    /// server became reachable, a USB stick was plugged in). Its chunks are asked
+    /// for at once if it is the best source for them.
+    pub fn add_source(&mut self, now: Instant, info: SourceInfo) -> Result<(), SourceError> {
+        let job = self.job.as_ref().ok_or(SourceError::NoInstall)?;
+        if job.source_index(info.id).is_some() {
+            return Err(SourceError::Duplicate(info.id));
+        }
+        info!(source = %info.id, name = %info.name, class = %info.class, "source added");
+        self.register(info);
+        self.rescan(now);
+        Ok(())
+    }
+
+    /// Replaces what a source says it holds ("peer P now has these chunks").
+    pub fn update_source(
+        &mut self,
+        now: Instant,
+        id: SourceId,
+        holds: Holds,
+    ) -> Result<(), SourceError> {
+        let job = self.job.as_mut().ok_or(SourceError::NoInstall)?;
+        let i = job.source_index(id).ok_or(SourceError::Unknown(id))?;
+        job.set_holds(i, &holds);
+        self.rescan(now);
+        Ok(())
+    }
+
+    /// Forgets a source (it went away): its requests in flight go to the others.
+    pub fn remove_source(&mut self, now: Instant, id: SourceId) -> Result<(), SourceError> {
+        let job = self.job.as_ref().ok_or(SourceError::NoInstall)?;
+        let i = job.source_index(id).ok_or(SourceError::Unknown(id))?;
+        self.drop_source(i, Gone::Removed, now);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Feeds the result of an output, or data, to the engine.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::SlotIndexed { slot, index } => self.on_indexed(now, slot, index),
+            Input::Chunk { origin, id, data } => self.on_chunk(now, origin, id, data, false),
+            Input::Verified { source, chunk } => {
+                let stream = self.job.as_ref().is_some_and(|j| {
+                    j.source_index(source)
+                        .is_some_and(|i| j.sources[i].info.kind == SourceKind::Stream)
+                });
+                let id = chunk.chunk().id;
+                self.on_chunk(now, Origin::Source(source), id, chunk.into_data(), stream);
+            }
+            Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
+            Input::FetchFailed {
+                source,
+                request,
+                failure,
+            } => self.on_fetch_failed(now, source, request, failure),
+            Input::SourceEnded { source } => {
+                if let Some(i) = self.job.as_ref().and_then(|j| j.source_index(source)) {
+                    self.drop_source(i, Gone::Ended, now);
+                }
+                self.pump(now);
+            }
+            Input::SlotHashed { slot, hash } => self.on_hashed(slot, hash),
+            Input::HealthChecked(result) => self.on_health(result),
+            Input::Failed { op, message } => {
+                warn!(%op, %message, "driver reported a failure");
+                self.outputs.clear();
+                let err = InstallError::Io { op, message };
+                if self.job.is_some() {
+                    self.fail(err);
+                } else {
+                    self.event(Event::Failed(err));
+                }
+            }
+        }
+    }
+
+    /// Runs the timers that are due ([`Engine::poll_timeout`]).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.job.is_some() {
+            self.on_timeout(now);
+        }
+    }
+
+    fn on_indexed(&mut self, now: Instant, slot: Slot, index: SlotIndex) {
+        let waiting = self.job.as_ref().is_some_and(|j| j.step == Step::Indexing);
+        if !waiting || slot != self.state.active {
+            return;
+        }
+        self.set_index(&index);
+        self.persist(vec![Record::SlotIndex {
+            slot,
+            index: Some(index),
+        }]);
+        self.plan(now);
+    }
+
+    /// Stops the install with `err` (the journal is kept).
+    fn fail(&mut self, err: InstallError) {
+        info!(error = %err, "install stopped");
+        if let Some(dep) = &self.state.deployment {
+            let outcome = Outcome {
+                release: dep.release.clone(),
+                slot: dep.target,
+                verdict: Verdict::Failed {
+                    reason: err.to_string(),
+                },
+            };
+            self.state.last = Some(outcome.clone());
+            self.persist(vec![Record::Last(outcome)]);
+        }
+        self.job = None;
+        self.timers.clear();
+        self.event(Event::Failed(err));
+    }
+
+    fn persist(&mut self, records: Vec<Record>) {
+        self.outputs.push_back(Output::Persist(records));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    /// Heap bytes of per-install state beyond the release (the chunk table and
+    /// manifest, which a fleet shares): for the memory goal.
+    pub fn install_state_bytes(&self) -> usize {
+        self.job.as_ref().map_or(0, Job::state_heap_bytes)
+    }
+
+    /// Heap bytes of the release's chunk table.
+    pub fn release_table_bytes(&self) -> usize {
+        self.job.as_ref().map_or(0, |j| j.table.heap_bytes())
+    }
+}

@@ -1,0 +1,1508 @@
+//! The chunk plan and the fetch scheduler: which needed chunk comes from where, when.
+//!
+//! Per install ([`Job`]) the engine keeps, by entry of the [`ChunkTable`] (a distinct
+//! chunk), one [`Need`] state, and by position one "done" bit; a registry of sources
+//! ([`SourceState`]: in-flight requests and their limit, a round-trip estimate,
+//! consecutive failures and backoff, byte counters, why it is gone); and a slab of
+//! requests in flight. Chunks are read from the active slot first (cheapest), then
+//! requested from the cheapest class of request source that holds them, in batches
+//! sized in bytes for the transport; a stream source (an artifact) is left the
+//! chunks it holds while it is open.
+//!
+//! No source can stall an install: a source with requests in flight that is silent
+//! for its retransmission timeout (RFC 6298 style, from the gaps between its
+//! answers) loses them to the others, backs off exponentially and is asked one
+//! request at a time until it answers again; after
+//! [`RetryConfig::failures_max`](crate::RetryConfig::failures_max) failures in a row it
+//! is dropped. When nothing is left to hand out, an idle source takes over the chunks
+//! of a request that has waited longer than its own timeout elsewhere (end game), and
+//! the loser is cancelled. A source that sends a corrupt chunk is banned for the
+//! deployment. The install fails only when some needed chunk has no source left.
+
+use std::collections::VecDeque;
+
+use shoal_artifact::{ChunkId, Manifest};
+use tracing::{debug, info, warn};
+
+use crate::bits::Bitfield;
+use crate::error::InstallError;
+use crate::source::{
+    FetchFailure, Gone, Holds, Origin, RequestId, SourceClass, SourceId, SourceInfo, SourceKind,
+    SourceStatus,
+};
+use crate::state::{Record, Slot, slot_index};
+use crate::time::Instant;
+use crate::timer::Timer;
+
+use super::table::ChunkTable;
+use super::{Engine, Event, Output};
+
+/// Where one entry (distinct chunk) of the plan is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// Written (all its positions), or never needed.
+    Done,
+    /// Needed, in no queue: left to an open stream, or no source can serve it now.
+    Idle,
+    /// In the queue of reads of the active slot.
+    QueuedRead,
+    /// Being read from the active slot; `guess`: at its own payload offset, not
+    /// from the slot's index.
+    Reading { guess: bool },
+    /// In the queue of fetches.
+    QueuedFetch,
+    /// Asked of a source, in the request in this slab slot.
+    Fetching { req: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Indexing,
+    /// Reading, at their own payload offsets in the active slot, the needed chunks
+    /// that neither the slot's index nor any source holds: an absent one fails the
+    /// install before anything is written.
+    Probing,
+    Fetching,
+    Hashing,
+}
+
+/// A request source's or stream's state in the registry.
+#[derive(Debug)]
+pub(crate) struct SourceState {
+    pub(crate) info: SourceInfo,
+    /// By entry: what it holds; `None`: it does not say.
+    holds: Option<Bitfield>,
+    /// By entry: what it answered it does not hold (allocated on the first).
+    lacks: Option<Bitfield>,
+    pub(crate) gone: Option<Gone>,
+    /// Slab slots of its requests in flight, oldest first.
+    pub(crate) requests: Vec<u32>,
+    /// The request being filled by the current pump.
+    open: Option<u32>,
+    srtt_ms: Option<u64>,
+    rttvar_ms: u64,
+    rto_ms: u64,
+    last_heard: Option<Instant>,
+    pub(crate) failures: u32,
+    backoff_until: Option<Instant>,
+    chunks: u64,
+    bytes: u64,
+    wire_bytes: u64,
+}
+
+impl SourceState {
+    fn new(mut info: SourceInfo, table: &ChunkTable, rto_ms: u64) -> SourceState {
+        // Kept as a bitfield by entry; the info keeps the rest.
+        let holds = holds_by_entry(&std::mem::take(&mut info.holds), table);
+        SourceState {
+            info,
+            holds,
+            lacks: None,
+            gone: None,
+            requests: Vec::new(),
+            open: None,
+            srtt_ms: None,
+            rttvar_ms: 0,
+            rto_ms,
+            last_heard: None,
+            failures: 0,
+            backoff_until: None,
+            chunks: 0,
+            bytes: 0,
+            wire_bytes: 0,
+        }
+    }
+
+    fn is_requests(&self) -> bool {
+        self.info.kind == SourceKind::Requests && self.gone.is_none()
+    }
+
+    fn is_open_stream(&self) -> bool {
+        self.info.kind == SourceKind::Stream && self.gone.is_none()
+    }
+
+    /// Whether it may hold entry `e` (holds it or does not say, and did not say it
+    /// lacks it).
+    fn may_hold(&self, e: u32) -> bool {
+        self.holds.as_ref().is_none_or(|h| h.get(e))
+            && !self.lacks.as_ref().is_some_and(|l| l.get(e))
+    }
+
+    fn in_backoff(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|t| t > now)
+    }
+
+    /// Requests it may have in flight: one while it is on probation after a failure.
+    fn requests_limit(&self) -> usize {
+        if self.failures > 0 {
+            1
+        } else {
+            self.info.limits.requests_max.max(1) as usize
+        }
+    }
+
+    fn lack(&mut self, e: u32, entries: u32) {
+        self.lacks
+            .get_or_insert_with(|| Bitfield::new(entries))
+            .set(e);
+    }
+
+    /// When it counts as silent, if it has requests in flight.
+    fn silence_deadline(&self, requests: &[Option<Request>]) -> Option<Instant> {
+        let oldest = self
+            .requests
+            .iter()
+            .filter_map(|&r| requests[r as usize].as_ref())
+            .map(|r| r.sent)
+            .min()?;
+        let since = self.last_heard.map_or(oldest, |h| h.max(oldest));
+        Some(Instant::from_millis(
+            since.as_millis().saturating_add(self.rto_ms),
+        ))
+    }
+
+    pub(crate) fn status(&self) -> SourceStatus {
+        SourceStatus {
+            id: self.info.id,
+            name: self.info.name.clone(),
+            class: self.info.class,
+            requests_in_flight: self.requests.len() as u32,
+            srtt: self.srtt_ms.map(std::time::Duration::from_millis),
+            failures: self.failures,
+            chunks: self.chunks,
+            bytes: self.bytes,
+            wire_bytes: self.wire_bytes,
+            gone: self.gone,
+        }
+    }
+}
+
+/// The entries a source holds, as a bitfield over entries (`None`: unknown).
+fn holds_by_entry(holds: &Holds, table: &ChunkTable) -> Option<Bitfield> {
+    let n = table.entries();
+    match holds {
+        Holds::Unknown => None,
+        Holds::All => Some(Bitfield::full(n)),
+        Holds::Ids(ids) => Some(Bitfield::from_members(
+            n,
+            ids.iter().filter_map(|id| table.entry(id)),
+        )),
+        Holds::Positions(bits) => Some(Bitfield::from_members(
+            n,
+            bits.iter()
+                .filter(|&p| p < table.positions())
+                .map(|p| table.entry_at(p)),
+        )),
+    }
+}
+
+/// A request in flight.
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// Generation of its slab slot, so a stale id is recognised.
+    generation: u32,
+    /// Index of its source in [`Job::sources`].
+    pub(crate) source: usize,
+    sent: Instant,
+    /// The entries asked for.
+    pub(crate) entries: Vec<u32>,
+    /// Of those, how many are still needed and owned by this request.
+    pub(crate) left: u32,
+    bytes: u64,
+}
+
+/// The install in progress (memory only; rebuilt from the journal on restart).
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) manifest: Manifest,
+    pub(crate) payload: usize,
+    pub(crate) table: ChunkTable,
+    pub(crate) target: Slot,
+    pub(crate) reboot: bool,
+    pub(crate) step: Step,
+    pub(crate) sources: Vec<SourceState>,
+    /// By entry.
+    pub(crate) need: Vec<Need>,
+    /// By entry: already read from the active slot at its own payload offset.
+    guessed: Bitfield,
+    /// By position: written (this run or, per the journal, before).
+    pub(crate) done: Bitfield,
+    /// Entries not [`Need::Done`].
+    pub(crate) needed: u32,
+    /// Uncompressed bytes of the needed entries (each once).
+    needed_bytes: u64,
+    reads: VecDeque<u32>,
+    pub(crate) reads_in_flight: u32,
+    fetches: VecDeque<u32>,
+    pub(crate) requests: Vec<Option<Request>>,
+    free: Vec<u32>,
+    generation: u32,
+    /// Positions written since the last journal commit, and their bytes.
+    batch: Vec<u32>,
+    batch_bytes: u64,
+    /// Chunks still to probe ([`Step::Probing`]), probes in flight, and entries
+    /// found absent.
+    probes: VecDeque<u32>,
+    probes_in_flight: u32,
+    absent: Vec<u32>,
+    /// Whether needed chunks met while the active slot is indexed are taken then
+    /// (see [`Engine::needed_ids`]).
+    pub(crate) take_while_indexing: bool,
+    /// Bytes the journal holds (cached for `status()`).
+    pub(crate) journal_bytes: u64,
+    /// The first corrupt chunk a stream sent.
+    corrupt: Option<(Origin, ChunkId)>,
+}
+
+impl Job {
+    /// The plan for `manifest`'s payload `payload` into `target`, with the journal's
+    /// `done` positions already written.
+    pub(crate) fn new(
+        manifest: Manifest,
+        payload: usize,
+        target: Slot,
+        reboot: bool,
+        done_positions: &[u32],
+    ) -> Job {
+        let table = ChunkTable::new(&manifest.payloads[payload]);
+        let n = table.entries();
+        let mut done = Bitfield::new(table.positions());
+        for &p in done_positions {
+            if p < table.positions() {
+                done.set(p);
+            }
+        }
+        let mut job = Job {
+            manifest,
+            payload,
+            target,
+            reboot,
+            step: Step::Indexing,
+            sources: Vec::new(),
+            need: vec![Need::Done; n as usize],
+            guessed: Bitfield::new(n),
+            done,
+            needed: 0,
+            needed_bytes: 0,
+            reads: VecDeque::new(),
+            reads_in_flight: 0,
+            fetches: VecDeque::new(),
+            requests: Vec::new(),
+            free: Vec::new(),
+            generation: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            probes: VecDeque::new(),
+            probes_in_flight: 0,
+            absent: Vec::new(),
+            take_while_indexing: false,
+            journal_bytes: 0,
+            corrupt: None,
+            table,
+        };
+        for e in 0..n {
+            let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
+            if !all_done {
+                job.need[e as usize] = Need::Idle;
+                job.needed += 1;
+                job.needed_bytes += u64::from(job.table.size(e));
+            }
+        }
+        job.journal_bytes = job
+            .done
+            .iter()
+            .map(|p| u64::from(job.table.size(job.table.entry_at(p))))
+            .sum();
+        job
+    }
+
+    pub(crate) fn source_index(&self, id: SourceId) -> Option<usize> {
+        self.sources.iter().position(|s| s.info.id == id)
+    }
+
+    fn request_id(&self, slot: u32) -> RequestId {
+        let generation = self.requests[slot as usize]
+            .as_ref()
+            .map_or(0, |r| r.generation);
+        RequestId(u64::from(generation) << 32 | u64::from(slot))
+    }
+
+    /// The slab slot of a live request named `id`.
+    fn request_slot(&self, id: RequestId) -> Option<u32> {
+        let slot = (id.0 & 0xffff_ffff) as u32;
+        let generation = (id.0 >> 32) as u32;
+        self.requests
+            .get(slot as usize)?
+            .as_ref()
+            .filter(|r| r.generation == generation)
+            .map(|_| slot)
+    }
+
+    /// Whether every source says what it holds.
+    pub(crate) fn holds_all_known(&self) -> bool {
+        self.sources.iter().all(|s| s.holds.is_some())
+    }
+
+    /// Whether some source (of any kind, gone or not) says it holds entry `e`.
+    pub(crate) fn someone_holds(&self, e: u32) -> bool {
+        self.sources
+            .iter()
+            .any(|s| s.holds.as_ref().is_some_and(|h| h.get(e)))
+    }
+
+    /// Whether an open stream holds (or may hold) entry `e`.
+    fn stream_may_bring(&self, e: u32) -> bool {
+        self.sources
+            .iter()
+            .any(|s| s.is_open_stream() && s.may_hold(e))
+    }
+
+    /// Whether an open stream says it holds entry `e`.
+    fn stream_says_it_holds(&self, e: u32) -> bool {
+        self.sources
+            .iter()
+            .any(|s| s.is_open_stream() && s.holds.as_ref().is_some_and(|h| h.get(e)))
+    }
+
+    /// The entries still needed (for [`Engine::needed_ids`]).
+    pub(crate) fn needed_entries(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.table.entries()).filter(|&e| self.need[e as usize] != Need::Done)
+    }
+
+    /// Heap bytes held by this job beyond the chunk table and manifest.
+    pub(crate) fn state_heap_bytes(&self) -> usize {
+        self.need.capacity() * std::mem::size_of::<Need>()
+            + self.guessed.heap_bytes()
+            + self.done.heap_bytes()
+            + (self.reads.capacity() + self.fetches.capacity() + self.probes.capacity()) * 4
+            + self
+                .sources
+                .iter()
+                .map(|s| {
+                    s.holds.as_ref().map_or(0, Bitfield::heap_bytes)
+                        + s.lacks.as_ref().map_or(0, Bitfield::heap_bytes)
+                })
+                .sum::<usize>()
+    }
+}
+
+/// What the scheduler decides for a queued fetch.
+enum Choice {
+    /// Ask this source (index in [`Job::sources`]).
+    Source(usize),
+    /// A source that can serve it is busy or backing off: keep it queued.
+    Wait,
+    /// An open stream brings it.
+    Stream,
+    /// No source can serve it.
+    Nobody,
+}
+
+/// Most queued fetches skipped over in one pump while their sources are busy.
+const PARKED_MAX: usize = 1024;
+
+impl Job {
+    /// Registers a source (the caller checked its id is new).
+    pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
+        let state = SourceState::new(info, &self.table, ms(rto_initial));
+        self.sources.push(state);
+    }
+
+    /// Replaces what source `i` says it holds; what it said it lacks is forgotten.
+    pub(crate) fn set_holds(&mut self, i: usize, holds: &Holds) {
+        let s = &mut self.sources[i];
+        s.holds = holds_by_entry(holds, &self.table);
+        s.lacks = None;
+        s.info.holds = Holds::Unknown;
+    }
+}
+
+impl Engine {
+    /// Registers a source added during the install.
+    pub(crate) fn register(&mut self, info: SourceInfo) {
+        let rto = self.config.retry.rto_initial;
+        if let Some(job) = self.job.as_mut() {
+            job.add(info, rto);
+        }
+    }
+
+    /// Puts every idle needed entry back in the fetch queue (a source came, changed
+    /// what it holds, or a stream ended), and pumps.
+    pub(crate) fn rescan(&mut self, now: Instant) {
+        if let Some(job) = self.job.as_mut()
+            && job.step == Step::Fetching
+        {
+            for e in 0..job.table.entries() {
+                if job.need[e as usize] == Need::Idle {
+                    job.need[e as usize] = Need::QueuedFetch;
+                    job.fetches.push_back(e);
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Decides where each missing chunk comes from.
+    pub(crate) fn plan(&mut self, now: Instant) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.step = Step::Fetching;
+        // When every source says which chunks it holds, a needed chunk that neither
+        // they nor the slot's index have is looked for at its own offset in the
+        // active slot now, before anything is written.
+        if job.holds_all_known() {
+            for e in 0..job.table.entries() {
+                if job.need[e as usize] == Need::Done {
+                    continue;
+                }
+                let id = job.table.id(e);
+                let size = job.table.size(e);
+                let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
+                if !indexed && !job.someone_holds(e) {
+                    job.probes.push_back(e);
+                }
+            }
+            if !job.probes.is_empty() {
+                debug!(
+                    chunks = job.probes.len(),
+                    "probing the active slot for chunks no source holds"
+                );
+                job.step = Step::Probing;
+                self.pump(now);
+                return;
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// Queues the needed chunks for reading from the active slot, in payload order
+    /// (reads of the active slot and writes of the target then run mostly
+    /// sequentially), and the rest for fetching.
+    fn schedule(&mut self, now: Instant) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.step = Step::Fetching;
+        let mut from_slot = 0u64;
+        for e in 0..job.table.entries() {
+            if job.need[e as usize] != Need::Idle {
+                continue;
+            }
+            let id = job.table.id(e);
+            let size = job.table.size(e);
+            match self.index.get(&id) {
+                Some(&(_, len)) if len == size => {
+                    job.need[e as usize] = Need::QueuedRead;
+                    job.reads.push_back(e);
+                    from_slot += u64::from(size);
+                }
+                // Not indexed, but a stream that said it holds the chunk brings it:
+                // no read of the active slot on the off chance.
+                _ if job.stream_says_it_holds(e) => {}
+                // Not indexed: an image changed in place (or the last chunk of an
+                // image cut with the slot's trailing bytes) may still hold it at the
+                // same offset; one verified read decides before any source is asked.
+                _ => {
+                    job.need[e as usize] = Need::QueuedRead;
+                    job.reads.push_back(e);
+                }
+            }
+        }
+        debug!(
+            needed = job.needed,
+            from_active_slot = job.reads.len(),
+            from_slot_bytes = from_slot,
+            "plan"
+        );
+        self.rescan(now);
+    }
+
+    /// Issues reads and fetches within their bounds, and moves on when all is
+    /// written (or fails when some chunk has no source left).
+    pub(crate) fn pump(&mut self, now: Instant) {
+        let Some(job) = self.job.as_ref() else { return };
+        match job.step {
+            Step::Probing => {
+                self.probe(now);
+                return;
+            }
+            Step::Fetching => {}
+            Step::Indexing | Step::Hashing => return,
+        }
+        self.pump_reads();
+        self.pump_fetches(now);
+        self.end_game(now);
+        self.update_timers(now);
+        let Some(job) = self.job.as_mut() else { return };
+        if job.needed == 0 {
+            self.flush_batch();
+            let Some(job) = self.job.as_mut() else { return };
+            job.step = Step::Hashing;
+            let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
+            info!(slot = %target, len, "all chunks written; verifying the slot");
+            self.timers.clear();
+            self.event(Event::Verifying { slot: target });
+            self.outputs
+                .push_back(Output::HashSlot { slot: target, len });
+            return;
+        }
+        let busy = !job.reads.is_empty()
+            || job.reads_in_flight > 0
+            || !job.fetches.is_empty()
+            || job.requests.iter().any(Option::is_some)
+            || job.sources.iter().any(SourceState::is_open_stream);
+        if !busy {
+            self.stuck();
+        }
+    }
+
+    /// Every needed chunk left has no source: fail, saying why.
+    fn stuck(&mut self) {
+        let active = self.state.active;
+        let active_release = self.state.releases[slot_index(active)]
+            .as_ref()
+            .map(ToString::to_string);
+        let Some(job) = self.job.as_ref() else { return };
+        let count = job.needed as usize;
+        let bytes = job
+            .needed_entries()
+            .map(|e| u64::from(job.table.size(e)))
+            .sum();
+        let failed = job
+            .sources
+            .iter()
+            .any(|s| matches!(s.gone, Some(Gone::Failing | Gone::Banned | Gone::Removed)));
+        let err = if let Some((origin, id)) = job.corrupt {
+            InstallError::CorruptChunk { origin, id }
+        } else if failed {
+            InstallError::SourcesFailed { count, bytes }
+        } else {
+            InstallError::MissingChunks {
+                count,
+                bytes,
+                base: job.manifest.base.clone(),
+                active: active_release,
+            }
+        };
+        self.flush_batch();
+        self.fail(err);
+    }
+
+    fn pump_reads(&mut self) {
+        let active = self.state.active;
+        let capacity = self.state.slot_capacity[slot_index(active)];
+        let Some(job) = self.job.as_mut() else { return };
+        while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
+            let Some(e) = job.reads.pop_front() else {
+                break;
+            };
+            if job.need[e as usize] != Need::QueuedRead {
+                continue;
+            }
+            let id = job.table.id(e);
+            let size = job.table.size(e);
+            let (offset, len, guess) = match self.index.get(&id) {
+                Some(&(offset, len)) if len == size => (offset, len, false),
+                _ => {
+                    let offset = job.table.first_offset(e);
+                    if job.guessed.get(e) || offset + u64::from(size) > capacity {
+                        job.need[e as usize] = Need::QueuedFetch;
+                        job.fetches.push_back(e);
+                        continue;
+                    }
+                    job.guessed.set(e);
+                    (offset, size, true)
+                }
+            };
+            job.need[e as usize] = Need::Reading { guess };
+            job.reads_in_flight += 1;
+            self.outputs.push_back(Output::Read {
+                slot: active,
+                id,
+                offset,
+                len,
+            });
+        }
+    }
+
+    /// Where a queued fetch of entry `e` goes.
+    fn choose(&mut self, e: u32, now: Instant) -> Choice {
+        let Some(job) = self.job.as_ref() else {
+            return Choice::Nobody;
+        };
+        if job.stream_may_bring(e) {
+            return Choice::Stream;
+        }
+        let size = job.table.size(e);
+        let mut any = false;
+        let mut class: Option<u8> = None;
+        for s in job
+            .sources
+            .iter()
+            .filter(|s| s.is_requests() && s.may_hold(e))
+        {
+            any = true;
+            if !s.in_backoff(now) {
+                let c = s.info.class.cost();
+                class = Some(class.map_or(c, |k| k.min(c)));
+            }
+        }
+        if !any {
+            return Choice::Nobody;
+        }
+        let Some(class) = class else {
+            return Choice::Wait;
+        };
+        // Among the cheapest class: keep filling an open request, else the one with
+        // the fewest requests in flight, ties broken by the seeded generator.
+        let mut best: Option<(bool, usize, usize)> = None;
+        let mut ties = 0usize;
+        let mut pick = None;
+        for (i, s) in job.sources.iter().enumerate() {
+            if !s.is_requests()
+                || !s.may_hold(e)
+                || s.in_backoff(now)
+                || s.info.class.cost() != class
+            {
+                continue;
+            }
+            let open_room = s.open.is_some_and(|r| {
+                job.requests[r as usize].as_ref().is_some_and(|r| {
+                    (r.entries.len() as u32) < s.info.limits.request_chunks_max
+                        && r.bytes + u64::from(size) <= u64::from(s.info.limits.request_bytes_max)
+                })
+            });
+            if !open_room && s.requests.len() >= s.requests_limit() {
+                continue;
+            }
+            let key = (!open_room, s.requests.len(), 0);
+            match best {
+                Some(b) if (b.0, b.1) < (key.0, key.1) => {}
+                Some(b) if (b.0, b.1) == (key.0, key.1) => {
+                    ties += 1;
+                    if self.rng.below(ties + 1) == 0 {
+                        pick = Some(i);
+                    }
+                }
+                _ => {
+                    best = Some(key);
+                    ties = 0;
+                    pick = Some(i);
+                }
+            }
+        }
+        match pick {
+            Some(i) => Choice::Source(i),
+            None => Choice::Wait,
+        }
+    }
+
+    fn has_capacity(&self, now: Instant) -> bool {
+        self.job.as_ref().is_some_and(|job| {
+            job.sources.iter().any(|s| {
+                s.is_requests()
+                    && !s.in_backoff(now)
+                    && (s.open.is_some() || s.requests.len() < s.requests_limit())
+            })
+        })
+    }
+
+    fn pump_fetches(&mut self, now: Instant) {
+        // While reads of the active slot are still coming back, chunks they do not
+        // find trickle into the queue one by one: wait for a full request's worth
+        // rather than send one-chunk requests.
+        if let Some(job) = self.job.as_ref()
+            && (!job.reads.is_empty() || job.reads_in_flight > 0)
+        {
+            let batch = job
+                .sources
+                .iter()
+                .filter(|s| s.is_requests())
+                .map(|s| s.info.limits.request_chunks_max)
+                .max()
+                .unwrap_or(0);
+            if (job.fetches.len() as u32) < batch {
+                return;
+            }
+        }
+        let mut parked: Vec<u32> = Vec::new();
+        loop {
+            if !self.has_capacity(now) {
+                break;
+            }
+            let Some(job) = self.job.as_mut() else { return };
+            let Some(e) = job.fetches.pop_front() else {
+                break;
+            };
+            if job.need[e as usize] != Need::QueuedFetch {
+                continue;
+            }
+            match self.choose(e, now) {
+                Choice::Source(i) => self.assign(i, e, now),
+                Choice::Wait => {
+                    parked.push(e);
+                    if parked.len() >= PARKED_MAX {
+                        break;
+                    }
+                }
+                Choice::Stream | Choice::Nobody => {
+                    if let Some(job) = self.job.as_mut() {
+                        job.need[e as usize] = Need::Idle;
+                    }
+                }
+            }
+        }
+        let Some(job) = self.job.as_mut() else { return };
+        for e in parked.into_iter().rev() {
+            job.fetches.push_front(e);
+        }
+        // Chunks waiting with no source that has room: mark those nobody can serve
+        // idle, so an install whose sources are all gone ends.
+        if !self.has_capacity(now) {
+            self.settle_queue(now);
+        }
+        self.close_requests();
+    }
+
+    /// Marks queued fetches that no source can ever serve idle (without the bound
+    /// of a pump: run when no source has room, which is rare).
+    fn settle_queue(&mut self, now: Instant) {
+        let Some(job) = self.job.as_ref() else { return };
+        let alive = job.sources.iter().any(SourceState::is_requests);
+        if alive {
+            return;
+        }
+        let queued: Vec<u32> = job.fetches.iter().copied().collect();
+        for e in queued {
+            if let Choice::Nobody | Choice::Stream = self.choose(e, now)
+                && let Some(job) = self.job.as_mut()
+                && job.need[e as usize] == Need::QueuedFetch
+            {
+                job.need[e as usize] = Need::Idle;
+            }
+        }
+        if let Some(job) = self.job.as_mut() {
+            let need = &job.need;
+            job.fetches
+                .retain(|&e| need[e as usize] == Need::QueuedFetch);
+        }
+    }
+
+    /// Adds entry `e` to source `i`'s open request (opening one).
+    fn assign(&mut self, i: usize, e: u32, now: Instant) {
+        let Some(job) = self.job.as_mut() else { return };
+        let slot = match job.sources[i].open {
+            Some(slot) => slot,
+            None => {
+                job.generation = job.generation.wrapping_add(1);
+                let request = Request {
+                    generation: job.generation,
+                    source: i,
+                    sent: now,
+                    entries: Vec::new(),
+                    left: 0,
+                    bytes: 0,
+                };
+                let slot = match job.free.pop() {
+                    Some(slot) => {
+                        job.requests[slot as usize] = Some(request);
+                        slot
+                    }
+                    None => {
+                        job.requests.push(Some(request));
+                        (job.requests.len() - 1) as u32
+                    }
+                };
+                job.sources[i].requests.push(slot);
+                job.sources[i].open = Some(slot);
+                slot
+            }
+        };
+        let size = job.table.size(e);
+        let limits = job.sources[i].info.limits;
+        let r = job.requests[slot as usize]
+            .as_mut()
+            .expect("an open request is live");
+        r.entries.push(e);
+        r.left += 1;
+        r.bytes += u64::from(size);
+        let full = r.entries.len() as u32 >= limits.request_chunks_max
+            || r.bytes >= u64::from(limits.request_bytes_max);
+        job.need[e as usize] = Need::Fetching { req: slot };
+        if full {
+            job.sources[i].open = None;
+            self.emit_fetch(slot);
+        }
+    }
+
+    /// Sends every request still being filled.
+    fn close_requests(&mut self) {
+        let Some(job) = self.job.as_mut() else { return };
+        let open: Vec<u32> = job
+            .sources
+            .iter_mut()
+            .filter_map(|s| s.open.take())
+            .collect();
+        for slot in open {
+            self.emit_fetch(slot);
+        }
+    }
+
+    fn emit_fetch(&mut self, slot: u32) {
+        let Some(job) = self.job.as_ref() else { return };
+        let Some(r) = job.requests[slot as usize].as_ref() else {
+            return;
+        };
+        let source = job.sources[r.source].info.id;
+        let ids = r.entries.iter().map(|&e| job.table.id(e)).collect();
+        let request = job.request_id(slot);
+        self.outputs.push_back(Output::Fetch {
+            source,
+            request,
+            ids,
+        });
+    }
+
+    /// When nothing is left to hand out, an idle source takes over the chunks of a
+    /// request that has waited elsewhere longer than its own timeout.
+    fn end_game(&mut self, now: Instant) {
+        let Some(job) = self.job.as_ref() else { return };
+        if !job.fetches.is_empty() || job.step != Step::Fetching {
+            return;
+        }
+        let takers: Vec<usize> = (0..job.sources.len())
+            .filter(|&i| {
+                let s = &job.sources[i];
+                s.is_requests()
+                    && s.failures == 0
+                    && !s.in_backoff(now)
+                    && s.requests.len() < s.requests_limit()
+            })
+            .collect();
+        for taker in takers {
+            let Some(job) = self.job.as_ref() else { return };
+            let t = &job.sources[taker];
+            // The request waiting longest past the taker's timeout.
+            let victim = job
+                .requests
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, r)| Some((slot as u32, r.as_ref()?)))
+                .filter(|(_, r)| r.source != taker && r.left > 0)
+                .filter(|(_, r)| {
+                    let v = &job.sources[r.source];
+                    t.info.class.cost() <= v.info.class.cost() || v.failures > 0
+                })
+                .map(|(slot, r)| {
+                    let v = &job.sources[r.source];
+                    let since = v.last_heard.map_or(r.sent, |h| h.max(r.sent));
+                    (slot, now.as_millis().saturating_sub(since.as_millis()))
+                })
+                .filter(|&(_, waited)| waited > t.rto_ms)
+                .max_by_key(|&(slot, waited)| (waited, std::cmp::Reverse(slot)));
+            let Some((victim, _)) = victim else { continue };
+            let Some(r) = job.requests[victim as usize].as_ref() else {
+                continue;
+            };
+            let limits = t.info.limits;
+            let mut taken = Vec::new();
+            let mut bytes = 0u64;
+            for &e in &r.entries {
+                if job.need[e as usize] == (Need::Fetching { req: victim })
+                    && t.may_hold(e)
+                    && (taken.len() as u32) < limits.request_chunks_max
+                    && (taken.is_empty()
+                        || bytes + u64::from(job.table.size(e))
+                            <= u64::from(limits.request_bytes_max))
+                {
+                    bytes += u64::from(job.table.size(e));
+                    taken.push(e);
+                }
+            }
+            if taken.is_empty() {
+                continue;
+            }
+            debug!(
+                chunks = taken.len(),
+                from = %job.sources[r.source].info.id,
+                to = %t.info.id,
+                "end game: taking over a waiting request"
+            );
+            for &e in &taken {
+                self.release_claim(e, None);
+                if let Some(job) = self.job.as_mut() {
+                    job.need[e as usize] = Need::QueuedFetch;
+                }
+                self.assign(taker, e, now);
+            }
+            self.close_requests();
+        }
+    }
+
+    /// Entry `e` no longer belongs to its request: decrements the request's count,
+    /// and ends the request when it owns nothing any more; with a Cancel unless the
+    /// last answer came from the request's own source (`answered_by`).
+    fn release_claim(&mut self, e: u32, answered_by: Option<usize>) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Need::Fetching { req } = job.need[e as usize] else {
+            return;
+        };
+        job.need[e as usize] = Need::Idle;
+        let Some(r) = job.requests[req as usize].as_mut() else {
+            return;
+        };
+        r.left -= 1;
+        if r.left == 0 {
+            let own = answered_by == Some(r.source);
+            self.end_request(req, !own);
+        }
+    }
+
+    /// Removes a request from the slab and its source; `cancel`: tell the driver.
+    fn end_request(&mut self, slot: u32, cancel: bool) {
+        let Some(job) = self.job.as_mut() else { return };
+        let id = job.request_id(slot);
+        let Some(r) = job.requests[slot as usize].take() else {
+            return;
+        };
+        job.free.push(slot);
+        let s = &mut job.sources[r.source];
+        s.requests.retain(|&x| x != slot);
+        if s.open == Some(slot) {
+            s.open = None;
+        }
+        // Entries it still owns go back to the front of the queue.
+        for &e in r.entries.iter().rev() {
+            if job.need[e as usize] == (Need::Fetching { req: slot }) {
+                job.need[e as usize] = Need::QueuedFetch;
+                job.fetches.push_front(e);
+            }
+        }
+        if cancel {
+            let source = s.info.id;
+            self.outputs.push_back(Output::Cancel {
+                source,
+                request: id,
+            });
+        }
+    }
+
+    /// Ends every request of source `i` (their chunks go back to the queue).
+    fn end_requests_of(&mut self, i: usize, cancel: bool) {
+        let Some(job) = self.job.as_ref() else { return };
+        let slots = job.sources[i].requests.clone();
+        for slot in slots {
+            self.end_request(slot, cancel);
+        }
+    }
+
+    /// Source `i` failed (silent, or the driver said retry later): it backs off.
+    fn source_failed(&mut self, i: usize, now: Instant, why: &str) {
+        let retry = self.config.retry;
+        let Some(job) = self.job.as_mut() else { return };
+        let s = &mut job.sources[i];
+        s.failures += 1;
+        s.rto_ms = (s.rto_ms.saturating_mul(2)).min(ms(retry.rto_max));
+        let shift = (s.failures - 1).min(20);
+        let backoff = ms(retry.backoff_initial)
+            .saturating_mul(1 << shift)
+            .min(ms(retry.backoff_max));
+        s.backoff_until = Some(Instant::from_millis(
+            now.as_millis().saturating_add(backoff),
+        ));
+        let (id, failures) = (s.info.id, s.failures);
+        warn!(source = %id, failures, backoff_ms = backoff, reason = why, "source failed; backing off");
+        self.end_requests_of(i, true);
+        if failures >= retry.failures_max {
+            self.drop_source(i, Gone::Failing, now);
+        }
+    }
+
+    /// Source `i` is no longer asked.
+    pub(crate) fn drop_source(&mut self, i: usize, why: Gone, now: Instant) {
+        let Some(job) = self.job.as_mut() else { return };
+        if job.sources[i].gone.is_some() {
+            return;
+        }
+        let id = job.sources[i].info.id;
+        info!(source = %id, reason = ?why, "source dropped");
+        job.sources[i].gone = Some(why);
+        let kind = job.sources[i].info.kind;
+        self.end_requests_of(i, why != Gone::Removed);
+        if why == Gone::Banned {
+            self.event(Event::SourceBanned { source: id });
+        }
+        if kind == SourceKind::Stream || why != Gone::Ended {
+            self.rescan(now);
+        }
+    }
+
+    /// Issues probe reads within the read bound; once all are answered, fails with
+    /// the chunks found absent or goes on fetching.
+    fn probe(&mut self, now: Instant) {
+        let active = self.state.active;
+        let capacity = self.state.slot_capacity[slot_index(active)];
+        let Some(job) = self.job.as_mut() else { return };
+        while (job.probes_in_flight as usize) < self.config.reads_in_flight_max {
+            let Some(e) = job.probes.pop_front() else {
+                break;
+            };
+            let offset = job.table.first_offset(e);
+            let size = job.table.size(e);
+            if offset + u64::from(size) > capacity {
+                job.absent.push(e);
+                continue;
+            }
+            job.probes_in_flight += 1;
+            self.outputs.push_back(Output::Read {
+                slot: active,
+                id: job.table.id(e),
+                offset,
+                len: size,
+            });
+        }
+        if job.probes_in_flight > 0 || !job.probes.is_empty() {
+            return;
+        }
+        if job.absent.is_empty() {
+            self.schedule(now);
+            return;
+        }
+        let count = job.absent.len();
+        let bytes = job
+            .absent
+            .iter()
+            .map(|&e| u64::from(job.table.size(e)))
+            .sum();
+        let base = job.manifest.base.clone();
+        let active = self.state.releases[slot_index(active)]
+            .as_ref()
+            .map(ToString::to_string);
+        self.fail(InstallError::MissingChunks {
+            count,
+            bytes,
+            base,
+            active,
+        });
+    }
+
+    /// A probe read came back: a chunk found at its own offset joins the index.
+    fn on_probe(&mut self, now: Instant, origin: Origin, id: ChunkId, data: &[u8]) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Origin::Slot(slot) = origin else { return };
+        let Some(e) = job.table.entry(&id) else {
+            return;
+        };
+        if job.need[e as usize] == Need::Done
+            || slot != self.state.active
+            || job.probes_in_flight == 0
+        {
+            return;
+        }
+        job.probes_in_flight -= 1;
+        let size = job.table.size(e);
+        if data.len() == size as usize && ChunkId::from(blake3::hash(data)) == id {
+            self.index.insert(id, (job.table.first_offset(e), size));
+        } else {
+            job.absent.push(e);
+        }
+        self.pump(now);
+    }
+
+    /// Syncs the slot and commits the batch of written chunks to the journal.
+    pub(crate) fn flush_batch(&mut self) {
+        let Some(job) = self.job.as_mut() else { return };
+        if job.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut job.batch);
+        job.journal_bytes += job.batch_bytes;
+        job.batch_bytes = 0;
+        let target = job.target;
+        self.state.done.extend_from_slice(&batch);
+        self.outputs.push_back(Output::Sync { slot: target });
+        self.persist(vec![Record::Done(batch)]);
+    }
+
+    /// A chunk's bytes arrived; `hashed`: they were verified against `id` already
+    /// (by the stream's reader), so only their size is checked here.
+    pub(crate) fn on_chunk(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        id: ChunkId,
+        data: Vec<u8>,
+        hashed: bool,
+    ) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut() else { return };
+        if job.step == Step::Probing {
+            self.on_probe(now, origin, id, &data);
+            return;
+        }
+        // While the active slot is indexed, a driver may hand over the needed
+        // chunks it meets there: they are written now and not read again.
+        let met_while_indexing =
+            job.step == Step::Indexing && job.take_while_indexing && origin == Origin::Slot(active);
+        if job.step != Step::Fetching && !met_while_indexing {
+            return;
+        }
+        let Some(e) = job.table.entry(&id) else {
+            return; // Not in the release.
+        };
+        let source = match origin {
+            Origin::Source(s) => match job.source_index(s) {
+                Some(i)
+                    if job.sources[i].info.kind != SourceKind::Stream
+                        || job.sources[i].gone.is_none() =>
+                {
+                    Some(i)
+                }
+                // Unknown sources, and streams that ended or were banned.
+                _ => return,
+            },
+            Origin::Slot(_) => None,
+        };
+        if let Some(i) = source {
+            let s = &mut job.sources[i];
+            if s.gone == Some(Gone::Banned) {
+                return;
+            }
+            // An answer: the source is alive.
+            if s.info.kind == SourceKind::Requests {
+                let sample = match job.need[e as usize] {
+                    Need::Fetching { req } => job.requests[req as usize]
+                        .as_ref()
+                        .filter(|r| r.source == i)
+                        .map(|r| r.sent),
+                    _ => None,
+                };
+                let s = &mut job.sources[i];
+                if let Some(sent) = sample {
+                    let since = s.last_heard.map_or(sent, |h| h.max(sent));
+                    let rtt = now.as_millis().saturating_sub(since.as_millis());
+                    observe_rtt(s, rtt, &self.config.retry);
+                }
+                s.last_heard = Some(now);
+                s.failures = 0;
+                s.backoff_until = None;
+            }
+        }
+        let state = job.need[e as usize];
+        if state == Need::Done {
+            return; // Not needed any more.
+        }
+        let size = job.table.size(e);
+        let mut guess = false;
+        if let (Need::Reading { guess: g }, Origin::Slot(_)) = (state, origin) {
+            job.reads_in_flight -= 1;
+            job.need[e as usize] = Need::Idle;
+            guess = g;
+        }
+        let good =
+            data.len() == size as usize && (hashed || ChunkId::from(blake3::hash(&data)) == id);
+        if !good {
+            self.on_bad_chunk(now, origin, e, guess, source);
+            return;
+        }
+        // Whoever answered, the chunk is done: release a request's or a read's claim.
+        match self.job.as_ref().map(|j| j.need[e as usize]) {
+            Some(Need::Fetching { .. }) => self.release_claim(e, source),
+            Some(Need::Reading { .. }) => {
+                if let Some(job) = self.job.as_mut() {
+                    job.reads_in_flight -= 1;
+                }
+            }
+            _ => {}
+        }
+        let Some(job) = self.job.as_mut() else { return };
+        job.need[e as usize] = Need::Done;
+        job.needed -= 1;
+        job.needed_bytes -= u64::from(size);
+        let mut offsets = Vec::new();
+        let mut bytes = 0u64;
+        for p in job.table.positions_of(e) {
+            if !job.done.get(p) {
+                job.done.set(p);
+                offsets.push(job.table.offset_at(p));
+                job.batch.push(p);
+                bytes += u64::from(size);
+            }
+        }
+        job.batch_bytes += bytes;
+        self.progress.written_bytes += bytes;
+        match source {
+            None => self.progress.reused_bytes += bytes,
+            Some(i) => {
+                let wire = u64::from(job.table.wire_size(e));
+                let s = &mut job.sources[i];
+                s.chunks += 1;
+                s.bytes += u64::from(size);
+                s.wire_bytes += wire;
+                self.progress.fetched_bytes += bytes;
+                match s.info.class {
+                    SourceClass::Local => self.progress.local_bytes += u64::from(size),
+                    SourceClass::Peer => self.progress.peer_bytes += u64::from(size),
+                    SourceClass::Wan => {
+                        self.progress.wan_bytes += u64::from(size);
+                        self.progress.wan_wire_bytes += wire;
+                    }
+                }
+            }
+        }
+        let target = job.target;
+        let flush = job.batch_bytes >= self.config.journal_batch_bytes;
+        self.outputs.push_back(Output::Write {
+            slot: target,
+            offsets,
+            data,
+        });
+        if flush {
+            self.flush_batch();
+        }
+        self.pump(now);
+    }
+
+    /// Chunk bytes that are not what the manifest says.
+    fn on_bad_chunk(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        e: u32,
+        guess: bool,
+        source: Option<usize>,
+    ) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut() else { return };
+        let id = job.table.id(e);
+        match (origin, source) {
+            (Origin::Slot(_), _) if guess => {
+                if job.need[e as usize] == Need::Idle {
+                    job.need[e as usize] = Need::QueuedFetch;
+                    job.fetches.push_back(e);
+                }
+            }
+            (Origin::Slot(slot), _) => {
+                warn!(%id, %slot, "chunk in the slot index does not hash as recorded; fetching it instead");
+                if job.need[e as usize] == Need::Idle {
+                    job.need[e as usize] = Need::QueuedFetch;
+                    job.fetches.push_back(e);
+                }
+                if slot == active {
+                    self.index.remove(&id);
+                }
+                self.persist(vec![Record::Unindex { slot, id }]);
+            }
+            (Origin::Source(sid), Some(i)) => {
+                warn!(%id, source = %sid, "source sent a chunk that does not hash to its id; banning it");
+                if job.sources[i].info.kind == SourceKind::Stream && job.corrupt.is_none() {
+                    job.corrupt = Some((origin, id));
+                }
+                self.drop_source(i, Gone::Banned, now);
+            }
+            (Origin::Source(_), None) => {}
+        }
+        self.pump(now);
+    }
+
+    /// A request source does not hold a chunk.
+    pub(crate) fn on_unavailable(&mut self, now: Instant, source: SourceId, id: ChunkId) {
+        let Some(job) = self.job.as_mut() else { return };
+        let (Some(i), Some(e)) = (job.source_index(source), job.table.entry(&id)) else {
+            return;
+        };
+        let entries = job.table.entries();
+        let s = &mut job.sources[i];
+        s.lack(e, entries);
+        s.last_heard = Some(now);
+        let owned = matches!(job.need[e as usize], Need::Fetching { req }
+            if job.requests[req as usize].as_ref().is_some_and(|r| r.source == i));
+        if owned {
+            self.release_claim(e, Some(i));
+            if let Some(job) = self.job.as_mut()
+                && job.need[e as usize] == Need::Idle
+            {
+                job.need[e as usize] = Need::QueuedFetch;
+                job.fetches.push_back(e);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The driver says a request failed.
+    pub(crate) fn on_fetch_failed(
+        &mut self,
+        now: Instant,
+        source: SourceId,
+        request: RequestId,
+        failure: FetchFailure,
+    ) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Some(i) = job.source_index(source) else {
+            return;
+        };
+        let slot = job.request_slot(request).filter(|&slot| {
+            job.requests[slot as usize]
+                .as_ref()
+                .is_some_and(|r| r.source == i)
+        });
+        let entries: Vec<u32> = slot
+            .and_then(|slot| job.requests[slot as usize].as_ref())
+            .map(|r| r.entries.clone())
+            .unwrap_or_default();
+        debug!(%source, %request, ?failure, "request failed");
+        if failure == FetchFailure::NotThere {
+            let n = job.table.entries();
+            for &e in &entries {
+                job.sources[i].lack(e, n);
+            }
+            job.sources[i].last_heard = Some(now);
+        }
+        if let Some(slot) = slot {
+            self.end_request(slot, false);
+        }
+        match failure {
+            FetchFailure::NotThere => {}
+            FetchFailure::RetryLater => self.source_failed(i, now, "the driver said retry later"),
+            FetchFailure::DropSource => self.drop_source(i, Gone::Removed, now),
+        }
+        self.pump(now);
+    }
+
+    /// Timers that are due: silent sources lose their requests; backoffs end.
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
+        if self.timers.is_expired(Timer::Silence, now) {
+            let silent: Vec<usize> = self.job.as_ref().map_or(Vec::new(), |job| {
+                (0..job.sources.len())
+                    .filter(|&i| {
+                        job.sources[i]
+                            .silence_deadline(&job.requests)
+                            .is_some_and(|t| t <= now)
+                    })
+                    .collect()
+            });
+            for i in silent {
+                self.source_failed(i, now, "silent past its timeout");
+            }
+        }
+        // Backoffs that ended need no action but a pump.
+        self.pump(now);
+    }
+
+    /// Sets the named timers from the sources' state.
+    pub(crate) fn update_timers(&mut self, now: Instant) {
+        let (silence, backoff) = match self.job.as_ref() {
+            Some(job) if job.step == Step::Fetching => (
+                job.sources
+                    .iter()
+                    .filter(|s| s.gone.is_none())
+                    .filter_map(|s| s.silence_deadline(&job.requests))
+                    .min(),
+                job.sources
+                    .iter()
+                    .filter(|s| s.gone.is_none())
+                    .filter_map(|s| s.backoff_until)
+                    .filter(|&t| t > now)
+                    .min(),
+            ),
+            _ => (None, None),
+        };
+        self.timers.set(Timer::Silence, silence);
+        self.timers.set(Timer::Backoff, backoff);
+    }
+
+    /// Checks the scheduler's bookkeeping (run after every step in tests; anchor:
+    /// iroh-blobs `downloader/invariants.rs`).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn check_invariants(&self) {
+        let Some(job) = self.job.as_ref() else { return };
+        let n = job.table.entries();
+        let needed = job.need.iter().filter(|s| **s != Need::Done).count() as u32;
+        assert_eq!(job.needed, needed, "needed count");
+        let reading = job
+            .need
+            .iter()
+            .filter(|s| matches!(s, Need::Reading { .. }))
+            .count() as u32;
+        if job.step == Step::Fetching {
+            assert_eq!(job.reads_in_flight, reading, "reads in flight");
+        }
+        assert!(job.reads_in_flight as usize <= self.config.reads_in_flight_max);
+        for (slot, r) in job.requests.iter().enumerate() {
+            let Some(r) = r else { continue };
+            let owned = (0..n)
+                .filter(|&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
+                .count() as u32;
+            assert_eq!(
+                r.left, owned,
+                "request {slot} owns {owned}, counts {}",
+                r.left
+            );
+            assert!(r.left > 0, "request {slot} owns nothing but is live");
+            let s = &job.sources[r.source];
+            assert!(
+                s.requests.contains(&(slot as u32)),
+                "request {slot} not listed"
+            );
+            assert!(s.gone.is_none(), "gone source {} has a request", s.info.id);
+            assert_eq!(s.info.kind, SourceKind::Requests);
+            assert!(r.entries.len() as u32 <= s.info.limits.request_chunks_max.max(1));
+        }
+        for s in &job.sources {
+            assert!(s.open.is_none(), "a request left open after a step");
+            assert!(
+                s.requests.len() <= s.info.limits.requests_max.max(1) as usize,
+                "{} has {} requests in flight, limit {}",
+                s.info.id,
+                s.requests.len(),
+                s.info.limits.requests_max
+            );
+            for &slot in &s.requests {
+                assert!(
+                    job.requests[slot as usize].is_some(),
+                    "listed request is dead"
+                );
+            }
+        }
+        for (e, state) in job.need.iter().enumerate() {
+            let e = e as u32;
+            if let Need::Fetching { req } = state {
+                let r = job.requests[*req as usize]
+                    .as_ref()
+                    .expect("a fetching entry's request is live");
+                assert!(r.entries.contains(&e));
+            }
+            let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
+            assert_eq!(*state == Need::Done, all_done, "entry {e} done bits");
+            if let Need::QueuedFetch = state {
+                assert!(
+                    job.fetches.contains(&e),
+                    "queued entry {e} not in the queue"
+                );
+            }
+        }
+        assert_eq!(
+            job.needed_bytes,
+            job.needed_entries()
+                .map(|e| u64::from(job.table.size(e)))
+                .sum::<u64>()
+        );
+    }
+}
+
+/// Folds one round-trip sample (RFC 6298) into a source's estimate and timeout.
+fn observe_rtt(s: &mut SourceState, rtt_ms: u64, retry: &crate::RetryConfig) {
+    match s.srtt_ms {
+        None => {
+            s.srtt_ms = Some(rtt_ms);
+            s.rttvar_ms = rtt_ms / 2;
+        }
+        Some(srtt) => {
+            s.rttvar_ms = (3 * s.rttvar_ms + srtt.abs_diff(rtt_ms)) / 4;
+            s.srtt_ms = Some((7 * srtt + rtt_ms) / 8);
+        }
+    }
+    let srtt = s.srtt_ms.unwrap_or(rtt_ms);
+    s.rto_ms = (srtt + 4 * s.rttvar_ms).clamp(ms(retry.rto_min), ms(retry.rto_max));
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

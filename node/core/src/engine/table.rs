@@ -1,0 +1,204 @@
+//! The chunk table of a release payload: its distinct chunks ("entries", numbered in
+//! order of first appearance) and its positions (the manifest's chunk list, where an
+//! entry may appear several times), in dense arrays.
+
+use shoal_artifact::{ChunkId, Payload};
+
+/// No next position.
+const NONE: u32 = u32::MAX;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct ChunkTable {
+    /// By entry: the chunk id.
+    ids: Vec<ChunkId>,
+    /// By entry: the uncompressed size.
+    sizes: Vec<u32>,
+    /// By entry: the size on the wire (compressed, as stored).
+    wire: Vec<u32>,
+    /// By entry: its first position.
+    first: Vec<u32>,
+    /// By position: its entry.
+    entry_of: Vec<u32>,
+    /// By position: the next position of the same entry, or [`NONE`].
+    next: Vec<u32>,
+    /// By position: byte offset in the payload.
+    offsets: Vec<u64>,
+    /// `(id, entry)` sorted by id, for lookups.
+    by_id: Vec<(ChunkId, u32)>,
+}
+
+impl ChunkTable {
+    /// The table of `payload` (a validated manifest's, so sizes add up).
+    pub(crate) fn new(payload: &Payload) -> ChunkTable {
+        let n = payload.chunks.len();
+        assert!(
+            u32::try_from(n).is_ok_and(|n| n < NONE),
+            "chunk count fits u32"
+        );
+        let mut by_id: Vec<(ChunkId, u32)> = Vec::with_capacity(n);
+        let mut t = ChunkTable {
+            ids: Vec::new(),
+            sizes: Vec::new(),
+            wire: Vec::new(),
+            first: Vec::new(),
+            entry_of: Vec::with_capacity(n),
+            next: vec![NONE; n],
+            offsets: Vec::with_capacity(n),
+            by_id: Vec::new(),
+        };
+        // Entries in order of first appearance; the last position of each entry
+        // so far, to link the next one.
+        let mut sorted: Vec<(ChunkId, u32)> = payload
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(p, c)| (c.id, p as u32))
+            .collect();
+        sorted.sort_unstable();
+        // entry_at[p] for positions: first occurrence of each id gets a new entry
+        // in position order.
+        let mut first_of = vec![NONE; n];
+        for group in sorted.chunk_by(|a, b| a.0 == b.0) {
+            let first = group[0].1;
+            for w in group.windows(2) {
+                t.next[w[0].1 as usize] = w[1].1;
+            }
+            for &(_, p) in group {
+                first_of[p as usize] = first;
+            }
+        }
+        let mut entry_at_first = vec![NONE; n];
+        let mut offset = 0u64;
+        for (p, c) in payload.chunks.iter().enumerate() {
+            let f = first_of[p] as usize;
+            if f == p {
+                let e = t.ids.len() as u32;
+                entry_at_first[p] = e;
+                t.ids.push(c.id);
+                t.sizes.push(c.size);
+                t.wire.push(c.stored_size);
+                t.first.push(p as u32);
+                by_id.push((c.id, e));
+            }
+            t.entry_of.push(entry_at_first[f]);
+            t.offsets.push(offset);
+            offset += u64::from(c.size);
+        }
+        by_id.sort_unstable();
+        t.by_id = by_id;
+        t
+    }
+
+    /// Distinct chunks.
+    pub(crate) fn entries(&self) -> u32 {
+        self.ids.len() as u32
+    }
+
+    /// Positions (chunks in the payload's list).
+    pub(crate) fn positions(&self) -> u32 {
+        self.entry_of.len() as u32
+    }
+
+    /// The entry of chunk `id`, if the payload has it.
+    pub(crate) fn entry(&self, id: &ChunkId) -> Option<u32> {
+        self.by_id
+            .binary_search_by(|(i, _)| i.cmp(id))
+            .ok()
+            .map(|k| self.by_id[k].1)
+    }
+
+    pub(crate) fn id(&self, e: u32) -> ChunkId {
+        self.ids[e as usize]
+    }
+
+    pub(crate) fn size(&self, e: u32) -> u32 {
+        self.sizes[e as usize]
+    }
+
+    pub(crate) fn wire_size(&self, e: u32) -> u32 {
+        self.wire[e as usize]
+    }
+
+    /// Payload offset of the entry's first position.
+    pub(crate) fn first_offset(&self, e: u32) -> u64 {
+        self.offsets[self.first[e as usize] as usize]
+    }
+
+    /// The entry at a position.
+    pub(crate) fn entry_at(&self, p: u32) -> u32 {
+        self.entry_of[p as usize]
+    }
+
+    /// Payload offset of a position.
+    pub(crate) fn offset_at(&self, p: u32) -> u64 {
+        self.offsets[p as usize]
+    }
+
+    /// The entry's positions, in payload order.
+    pub(crate) fn positions_of(&self, e: u32) -> impl Iterator<Item = u32> + '_ {
+        let mut p = self.first[e as usize];
+        std::iter::from_fn(move || {
+            if p == NONE {
+                return None;
+            }
+            let here = p;
+            p = self.next[p as usize];
+            Some(here)
+        })
+    }
+
+    /// Heap bytes held.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.ids.capacity() * 32
+            + (self.sizes.capacity()
+                + self.wire.capacity()
+                + self.first.capacity()
+                + self.entry_of.capacity()
+                + self.next.capacity())
+                * 4
+            + self.offsets.capacity() * 8
+            + self.by_id.capacity() * 36
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_artifact::{ChunkRef, PayloadKind};
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::from(blake3::hash(&[n]))
+    }
+
+    #[test]
+    fn repeated_chunks_share_an_entry_and_link_their_positions() {
+        let c = |n, size| ChunkRef {
+            id: id(n),
+            size,
+            stored_size: size / 2,
+        };
+        let payload = Payload {
+            hash: [0; 32],
+            kind: PayloadKind::RootfsImage,
+            name: "rootfs".into(),
+            size: 10 + 20 + 10 + 30 + 10,
+            chunks: vec![c(1, 10), c(2, 20), c(1, 10), c(3, 30), c(1, 10)],
+        };
+        let t = ChunkTable::new(&payload);
+        assert_eq!((t.entries(), t.positions()), (3, 5));
+        assert_eq!(t.entry(&id(1)), Some(0));
+        assert_eq!(t.entry(&id(3)), Some(2));
+        assert_eq!(t.entry(&id(9)), None);
+        assert_eq!(t.positions_of(0).collect::<Vec<_>>(), vec![0, 2, 4]);
+        assert_eq!(t.positions_of(1).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            (0..5).map(|p| t.offset_at(p)).collect::<Vec<_>>(),
+            vec![0, 10, 30, 40, 70]
+        );
+        assert_eq!(
+            (t.entry_at(2), t.first_offset(2), t.wire_size(1)),
+            (0, 40, 10)
+        );
+    }
+}
