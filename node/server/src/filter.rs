@@ -1,64 +1,39 @@
-//! Inventory filters: the conditions that pick devices for a dynamic group, a
-//! deployment or a device listing. A filter is a list of conditions that must all
-//! hold, each written as text:
-//!
-//! | text            | holds when the attribute                 |
-//! |-----------------|------------------------------------------|
-//! | `name=value`    | is `value`                               |
-//! | `name!=value`   | is missing or not `value`                |
-//! | `name^=prefix`  | starts with `prefix`                     |
-//! | `name?`         | is present                               |
-//!
-//! Attribute names are 1 to 128 characters of `A-Z a-z 0-9 _ . - :`.
+//! Inventory filters in the API: the language is `shoal_fleet::filter`'s (so the
+//! server and the fleet simulator pick devices alike), e.g.
+//! `device_type=acme-board and region in (eu,us) and ram_mb >= 512`, also `!=`,
+//! `not in (...)`, `exists`, `not exists`, `<`, `<=`, `>`. The API takes a list of
+//! such texts (repeated `filter=` query parameters, `--where` options, a JSON list):
+//! a device matches when every one holds.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-/// The most conditions one filter may have.
-pub const CONDITIONS_MAX: usize = 32;
+use shoal_fleet::filter::{Filter, Inventory, ParseError, TERMS_MAX};
 
-/// How a condition compares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Equal.
-    Eq,
-    /// Missing or not equal.
-    Ne,
-    /// Starts with.
-    Prefix,
-    /// Present.
-    Exists,
-}
+/// The longest filter text the API takes (each of a list), in bytes: 32 of them
+/// still fit in a URL.
+pub const TEXT_LEN_MAX: usize = 1024;
 
-/// One condition on one inventory attribute.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    /// The attribute's name.
-    pub attribute: String,
-    /// The comparison.
-    pub op: Op,
-    /// The value compared with (empty for [`Op::Exists`]).
-    pub value: String,
-}
-
-/// Why a condition's text was refused.
+/// Why a filter was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
-    /// No operator (`=`, `!=`, `^=`, trailing `?`) in the text.
-    #[error("condition {0:?} has no operator (use name=value, name!=value, name^=prefix or name?)")]
-    NoOperator(String),
-    /// The attribute name is empty, too long or has other characters.
-    #[error("condition {0:?}: attribute names are 1 to 128 characters of A-Z a-z 0-9 _ . - :")]
-    BadName(String),
-    /// The value is longer than 1024 bytes.
-    #[error("condition {0:?}: the value is longer than 1024 bytes")]
-    ValueTooLong(String),
-    /// More conditions than [`CONDITIONS_MAX`].
-    #[error("a filter has at most {CONDITIONS_MAX} conditions")]
+    /// One text does not parse.
+    #[error("filter {text:?}: {source}")]
+    Parse {
+        /// The text.
+        text: String,
+        /// Why.
+        source: ParseError,
+    },
+    /// One text is longer than [`TEXT_LEN_MAX`] bytes.
+    #[error("a filter text is at most {TEXT_LEN_MAX} bytes")]
+    TooLong,
+    /// More terms in all than a filter may have.
+    #[error("a filter has at most {TERMS_MAX} terms in all")]
     TooMany,
 }
 
-/// Whether `name` is a valid attribute name.
+/// Whether `name` is a valid attribute (or group) name: 1 to 128 characters of
+/// `A-Z a-z 0-9 _ . - :`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
@@ -67,67 +42,36 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
 }
 
-impl Condition {
-    /// Parses one condition's text.
-    pub fn parse(text: &str) -> Result<Condition, FilterError> {
-        let (attribute, op, value) = if let Some(name) = text.strip_suffix('?') {
-            (name, Op::Exists, "")
-        } else if let Some((name, value)) = text.split_once("!=") {
-            (name, Op::Ne, value)
-        } else if let Some((name, value)) = text.split_once("^=") {
-            (name, Op::Prefix, value)
-        } else if let Some((name, value)) = text.split_once('=') {
-            (name, Op::Eq, value)
-        } else {
-            return Err(FilterError::NoOperator(text.to_owned()));
-        };
-        if !valid_name(attribute) {
-            return Err(FilterError::BadName(text.to_owned()));
+/// Parses a list of filter texts into one filter (`None`: the list is empty and
+/// every device matches).
+pub fn parse(texts: &[String]) -> Result<Option<Filter>, FilterError> {
+    let mut terms = Vec::new();
+    for text in texts {
+        if text.len() > TEXT_LEN_MAX {
+            return Err(FilterError::TooLong);
         }
-        if value.len() > 1024 {
-            return Err(FilterError::ValueTooLong(text.to_owned()));
-        }
-        Ok(Condition {
-            attribute: attribute.to_owned(),
-            op,
-            value: value.to_owned(),
-        })
+        let f: Filter = text.parse().map_err(|source| FilterError::Parse {
+            text: text.clone(),
+            source,
+        })?;
+        terms.extend_from_slice(f.terms());
     }
-
-    /// Whether the condition holds for a device's inventory.
-    pub fn matches(&self, inventory: &BTreeMap<String, String>) -> bool {
-        let v = inventory.get(&self.attribute);
-        match self.op {
-            Op::Eq => v.is_some_and(|v| *v == self.value),
-            Op::Ne => v.is_none_or(|v| *v != self.value),
-            Op::Prefix => v.is_some_and(|v| v.starts_with(&self.value)),
-            Op::Exists => v.is_some(),
-        }
+    if terms.is_empty() {
+        return Ok(None);
     }
+    Filter::new(terms).map(Some).ok_or(FilterError::TooMany)
 }
 
-impl fmt::Display for Condition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.op {
-            Op::Eq => write!(f, "{}={}", self.attribute, self.value),
-            Op::Ne => write!(f, "{}!={}", self.attribute, self.value),
-            Op::Prefix => write!(f, "{}^={}", self.attribute, self.value),
-            Op::Exists => write!(f, "{}?", self.attribute),
-        }
+/// Whether a device's inventory satisfies `filter` (`None` matches every device).
+pub fn matches(filter: &Option<Filter>, inventory: &BTreeMap<String, String>) -> bool {
+    let Some(filter) = filter else {
+        return true;
+    };
+    let mut inv = Inventory::new();
+    for (k, v) in inventory {
+        inv.insert(k.clone(), v.clone());
     }
-}
-
-/// Parses a filter (all conditions must hold).
-pub fn parse(texts: &[String]) -> Result<Vec<Condition>, FilterError> {
-    if texts.len() > CONDITIONS_MAX {
-        return Err(FilterError::TooMany);
-    }
-    texts.iter().map(|t| Condition::parse(t)).collect()
-}
-
-/// Whether every condition holds.
-pub fn matches(filter: &[Condition], inventory: &BTreeMap<String, String>) -> bool {
-    filter.iter().all(|c| c.matches(inventory))
+    filter.matches(&inv)
 }
 
 #[cfg(test)]
@@ -141,49 +85,35 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn parses_and_matches_each_operator() {
-        let i = inv(&[("device_type", "rpi4"), ("site", "berlin-2")]);
-        let t = |s: &str| Condition::parse(s).unwrap().matches(&i);
-        assert!(t("device_type=rpi4"));
-        assert!(!t("device_type=rpi3"));
-        assert!(t("device_type!=rpi3"));
-        assert!(t("missing!=x"));
-        assert!(!t("device_type!=rpi4"));
-        assert!(t("site^=berlin"));
-        assert!(!t("site^=paris"));
-        assert!(t("site?"));
-        assert!(!t("missing?"));
-        // A value may hold operator characters.
-        assert_eq!(Condition::parse("a=b=c").unwrap().value, "b=c");
+    fn texts(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| (*s).to_owned()).collect()
     }
 
     #[test]
-    fn display_round_trips() {
-        for s in ["a=b", "a!=b", "a^=b", "a?", "a="] {
-            assert_eq!(Condition::parse(s).unwrap().to_string(), s);
+    fn every_text_must_hold() {
+        let i = inv(&[
+            ("device_type", "rpi4"),
+            ("site", "berlin"),
+            ("ram_mb", "1024"),
+        ]);
+        let f = |t: &[&str]| matches(&parse(&texts(t)).unwrap(), &i);
+        assert!(f(&[]));
+        assert!(f(&["device_type=rpi4"]));
+        assert!(f(&["device_type=rpi4", "site in (berlin,paris)"]));
+        assert!(!f(&["device_type=rpi4", "site=paris"]));
+        assert!(f(&["ram_mb >= 512 and site exists"]));
+        assert!(!f(&["missing exists"]));
+        assert!(f(&["missing!=x"]));
+    }
+
+    #[test]
+    fn malformed_filters_are_refused_with_the_text() {
+        match parse(&texts(&["device_type=rpi4", "nonsense"])) {
+            Err(FilterError::Parse { text, .. }) => assert_eq!(text, "nonsense"),
+            other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn malformed_conditions_are_refused_with_the_reason() {
-        assert_eq!(
-            Condition::parse("noop"),
-            Err(FilterError::NoOperator("noop".into()))
-        );
-        assert_eq!(
-            Condition::parse("=x"),
-            Err(FilterError::BadName("=x".into()))
-        );
-        assert_eq!(
-            Condition::parse("a b=x"),
-            Err(FilterError::BadName("a b=x".into()))
-        );
-        let long = format!("a={}", "x".repeat(1025));
-        assert_eq!(
-            Condition::parse(&long),
-            Err(FilterError::ValueTooLong(long.clone()))
-        );
+        let long = format!("a={}", "x".repeat(TEXT_LEN_MAX));
+        assert_eq!(parse(&[long]), Err(FilterError::TooLong));
         let many: Vec<String> = (0..33).map(|i| format!("a{i}=x")).collect();
         assert_eq!(parse(&many), Err(FilterError::TooMany));
     }

@@ -34,6 +34,7 @@ pub mod db;
 pub mod filter;
 pub mod http;
 pub mod release_cache;
+pub mod rollouts;
 
 pub use http::extractor::Role;
 
@@ -59,6 +60,8 @@ pub struct Config {
     pub chunk_base_url: Option<String>,
     /// Database connections per server process.
     pub max_connections: u32,
+    /// How often rollout timers (phase soak delays) are checked, in milliseconds.
+    pub timer_period_ms: u64,
 }
 
 impl Config {
@@ -178,10 +181,17 @@ pub async fn serve(
     })?;
     tracing::info!(%addr, backend = ?ctx.backend, "serving");
     on_ready(addr);
-    axum::serve(listener, http::router(ctx.clone()))
+    // Rollout timers (phase soak delays); every server runs them, under row locks.
+    let timers = tokio::spawn(rollouts::run_timers(
+        ctx.clone(),
+        std::time::Duration::from_millis(config.timer_period_ms.max(10)),
+    ));
+    let served = axum::serve(listener, http::router(ctx.clone()))
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(ServeError::Serve)?;
+        .map_err(ServeError::Serve);
+    timers.abort();
+    let _ = timers.await;
     ctx.db.close().await;
-    Ok(())
+    served
 }

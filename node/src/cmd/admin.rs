@@ -80,7 +80,8 @@ enum Devices {
         /// Only devices with this status (pending, accepted, rejected, preauthorized).
         #[arg(long)]
         status: Option<String>,
-        /// An inventory condition (name=value, name!=value, name^=prefix, name?); repeatable.
+        /// An inventory filter, e.g. 'device_type=acme and region in (eu,us)' (also !=,
+        /// not in, exists, not exists, <, <=, >, >=); repeatable, all must hold.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
     },
@@ -135,7 +136,7 @@ enum Groups {
         /// A device id (static group); repeatable.
         #[arg(long = "device", value_name = "ID", conflicts_with = "conditions")]
         devices: Vec<String>,
-        /// An inventory condition (dynamic group); repeatable.
+        /// An inventory filter (dynamic group), as for `devices list --where`; repeatable.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
     },
@@ -199,9 +200,22 @@ enum Deployments {
         /// A group.
         #[arg(long)]
         group: Option<String>,
-        /// An inventory condition; repeatable.
+        /// An inventory filter, as for `devices list --where`; repeatable.
         #[arg(long = "where", value_name = "COND")]
         conditions: Vec<String>,
+        /// The rollout policy as JSON, or @FILE: phases (size {"count":N},
+        /// {"percent":P} or "rest"; proceed {"successes":{"percent":90},
+        /// "delay_ms":3600000}), failures_max ({"count":N} or {"percent":P}) that
+        /// halts, retries, seed. Default: everyone at once.
+        ///
+        /// Example: --policy '{"phases":[{"size":{"count":1},"proceed":{"successes":{"count":1}}},{"size":"rest"}],"failures_max":{"count":0}}'
+        #[arg(long, value_name = "JSON|@FILE")]
+        policy: Option<String>,
+    },
+    /// Open the next rollout phase now.
+    NextPhase {
+        /// The deployment id.
+        id: String,
     },
     /// Show a deployment with counts per state.
     Show {
@@ -235,7 +249,7 @@ enum Deployments {
         /// The deployment id.
         id: String,
     },
-    /// Resume a paused deployment.
+    /// Resume a paused or halted deployment.
     Resume {
         /// The deployment id.
         id: String,
@@ -396,7 +410,7 @@ const RELEASE_COLS: &[&str] = &[
     "stored_bytes",
     "payload_bytes",
 ];
-const DEPLOYMENT_COLS: &[&str] = &["id", "name", "status", "release_id", "stats"];
+const DEPLOYMENT_COLS: &[&str] = &["id", "name", "status", "release_id", "stats", "halt_reason"];
 
 async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> {
     Ok(match command {
@@ -532,8 +546,19 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                 devices,
                 group,
                 conditions,
+                policy,
             } => {
                 let mut body = json!({ "name": name, "release": release });
+                if let Some(p) = policy {
+                    let text = match p.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path)
+                            .map_err(|e| Exit::usage(format!("--policy {path}: {e}")))?,
+                        None => p,
+                    };
+                    let v: Value = serde_json::from_str(&text)
+                        .map_err(|e| Exit::usage(format!("--policy is not JSON: {e}")))?;
+                    body["policy"] = v;
+                }
                 let targets = usize::from(!devices.is_empty())
                     + usize::from(group.is_some())
                     + usize::from(!conditions.is_empty());
@@ -554,7 +579,7 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
             Deployments::Show { id } => (c.get(&format!("/deployments/{id}")).await?, View::Object),
             Deployments::Devices { id } => (
                 c.get(&format!("/deployments/{id}/devices")).await?,
-                View::Table(&["device_id", "status", "substate", "attempts"]),
+                View::Table(&["device_id", "status", "phase", "substate", "attempts"]),
             ),
             Deployments::Log { id, device } => (
                 c.get(&format!("/deployments/{id}/devices/{device}/log"))
@@ -571,6 +596,11 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
             ),
             Deployments::Pause { id } => (
                 c.post(&format!("/deployments/{id}/pause"), None).await?,
+                View::Object,
+            ),
+            Deployments::NextPhase { id } => (
+                c.post(&format!("/deployments/{id}/next_phase"), None)
+                    .await?,
                 View::Object,
             ),
             Deployments::Resume { id } => (

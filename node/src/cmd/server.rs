@@ -64,6 +64,9 @@ struct RunArgs {
     /// Database connections of this process.
     #[arg(long, value_name = "N", default_value_t = 16)]
     db_connections: u32,
+    /// How often rollout timers (phase soak delays) are checked, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    timer_period_ms: u64,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -140,6 +143,7 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         upload_max_bytes: args.upload_max,
         chunk_base_url: args.chunk_base_url,
         max_connections: args.db_connections.max(1),
+        timer_period_ms: args.timer_period_ms,
     };
     let rt = runtime()?;
     rt.block_on(async {

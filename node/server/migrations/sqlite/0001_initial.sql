@@ -79,19 +79,24 @@ CREATE TABLE deployments (
     name TEXT NOT NULL,
     release_id TEXT NOT NULL,          -- no foreign key: finished deployments outlive releases
     target TEXT NOT NULL,              -- JSON: what the deployment was created for
-    status TEXT NOT NULL,              -- active | paused | aborted | finished
+    status TEXT NOT NULL,              -- the rollout's state: running | paused | halted | aborted | finished
+    rollout TEXT NOT NULL,             -- JSON: shoal_fleet::Rollout (policy, phases, counts, state)
+    halt_reason TEXT,                  -- why it last halted by itself
+    next_timer_ms INTEGER,                -- when the rollout's timer (a phase's soak delay) is due
     created_ms INTEGER NOT NULL,
     created_by TEXT NOT NULL,
     finished_ms INTEGER
 );
+CREATE INDEX deployments_timer ON deployments (next_timer_ms);
 CREATE INDEX deployments_release ON deployments (release_id);
 
 CREATE TABLE deployment_devices (
     deployment_id TEXT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
     device_id TEXT NOT NULL,
-    status TEXT NOT NULL,              -- Mender's device deployment states
+    status TEXT NOT NULL,              -- Mender's device deployment states (shoal_fleet::Status)
     substate TEXT,
-    attempts INTEGER NOT NULL,
+    phase INTEGER NOT NULL,               -- the rollout phase it is in (0-based)
+    attempts INTEGER NOT NULL,            -- failures retried so far
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
     finished_ms INTEGER,

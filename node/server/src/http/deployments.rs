@@ -1,13 +1,15 @@
 //! Deployments: a release sent to a set of accepted devices (listed, a group, or an
-//! inventory filter, resolved when the deployment is created), with each device's
-//! state, logs, abort, retry of failed devices, pause and resume.
+//! inventory filter, resolved when the deployment is created), rolled out in phases
+//! with an automatic halt by a `shoal_fleet` rollout (its policy given at creation;
+//! default: everyone at once), with each device's state, logs, abort, retry of
+//! failed devices, pause, resume and opening the next phase by hand.
 
 use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::error::{ApiError, ApiResult};
 use super::extractor::{ApiAuth, ApiJson, ApiPath, Role};
@@ -15,6 +17,8 @@ use super::{audit, check_hex_id, devices, groups, releases};
 use crate::Ctx;
 use crate::db::{now_ms, random_hex};
 use crate::filter;
+use crate::rollouts::{self, instant};
+use shoal_fleet::{ControlError, DeviceId, Effect, Entry, Policy, Rollout, Status};
 
 /// The body of `POST /deployments`: a name, a release and exactly one target.
 #[derive(Debug, Deserialize, Serialize)]
@@ -33,6 +37,10 @@ pub struct NewDeployment {
     /// An inventory filter.
     #[serde(default)]
     pub filter: Option<Vec<String>>,
+    /// How to roll out: phases, their proceed conditions, the failure limit that
+    /// halts, retries (`shoal_fleet::Policy`). Default: one phase, no limit.
+    #[serde(default)]
+    pub policy: Option<Policy>,
 }
 
 /// A deployment.
@@ -46,8 +54,12 @@ pub struct Deployment {
     pub release_id: String,
     /// What it was created for.
     pub target: serde_json::Value,
-    /// active, paused, aborted or finished.
+    /// The rollout's state: running, paused, halted, aborted or finished.
     pub status: String,
+    /// Why it last halted by itself.
+    pub halt_reason: Option<String>,
+    /// The rollout: policy, phases with their counts, what the next phase waits for.
+    pub rollout: serde_json::Value,
     /// When it was created.
     pub created_ms: i64,
     /// The token that created it.
@@ -68,7 +80,9 @@ pub struct DeviceState {
     pub status: String,
     /// Free text from the device.
     pub substate: Option<String>,
-    /// 1, plus one per retry.
+    /// Its rollout phase (1-based).
+    pub phase: i64,
+    /// Failures retried so far.
     pub attempts: i64,
     /// Last change.
     pub updated_ms: i64,
@@ -105,7 +119,15 @@ async fn get_one(ctx: &Ctx, id: &str) -> ApiResult<Deployment> {
         stats.insert(r.try_get("status")?, r.try_get("n")?);
     }
     let target: String = row.try_get("target")?;
+    let rollout: String = row.try_get("rollout")?;
+    let rollout = rollouts::parse(&rollout)?;
+    let summary = serde_json::json!({
+        "policy": rollout.policy(),
+        "summary": rollout.summary(instant(now_ms())),
+    });
     Ok(Deployment {
+        halt_reason: row.try_get("halt_reason")?,
+        rollout: summary,
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         release_id: row.try_get("release_id")?,
@@ -119,20 +141,6 @@ async fn get_one(ctx: &Ctx, id: &str) -> ApiResult<Deployment> {
     })
 }
 
-/// Marks every active or paused deployment with no unfinished device finished.
-pub async fn finish_done(conn: &mut AnyConnection, now: i64) -> ApiResult<()> {
-    sqlx::query(
-        "UPDATE deployments SET status = 'finished', finished_ms = $1 \
-         WHERE status IN ('active', 'paused') AND NOT EXISTS \
-         (SELECT 1 FROM deployment_devices dd WHERE dd.deployment_id = deployments.id \
-          AND dd.status IN ('pending', 'downloading', 'installing', 'rebooting'))",
-    )
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// `POST /deployments`.
 pub async fn create(
     State(ctx): State<Ctx>,
@@ -143,10 +151,7 @@ pub async fn create(
     if req.name.is_empty() || req.name.len() > 256 {
         return Err(ApiError::bad("name must be 1 to 256 bytes"));
     }
-    let release = match releases::get_one(&ctx, &req.release).await {
-        Err(ApiError::NotFound(m)) => return Err(ApiError::BadRequest(m)),
-        r => r?,
-    };
+    let release = releases::get_one(&ctx, &req.release).await?;
     let accepted = devices::load(&ctx, Some("accepted")).await?;
     let (targets, target_json) = match (&req.devices, &req.group, &req.filter) {
         (Some(ids), None, None) => {
@@ -158,17 +163,14 @@ pub async fn create(
                 match accepted.iter().find(|d| &d.id == id) {
                     Some(d) => out.push(d.clone()),
                     None => {
-                        return Err(ApiError::bad(format!("no accepted device {id}")));
+                        return Err(ApiError::not_found(format!("no accepted device {id}")));
                     }
                 }
             }
             (out, serde_json::json!({ "devices": ids }))
         }
         (None, Some(g), None) => {
-            let members = match groups::members(&ctx, g).await {
-                Err(ApiError::NotFound(m)) => return Err(ApiError::BadRequest(m)),
-                r => r?,
-            };
+            let members = groups::members(&ctx, g).await?;
             let out: Vec<_> = members
                 .into_iter()
                 .filter(|d| d.status == "accepted")
@@ -190,14 +192,41 @@ pub async fn create(
         }
     };
     if targets.is_empty() {
-        return Err(ApiError::bad("no accepted device matches the target"));
+        return Err(ApiError::conflict("no accepted device matches the target"));
     }
     let id = random_hex(16);
     let now = now_ms();
+    let policy = req.policy.clone().unwrap_or_else(Policy::all_at_once);
+    let (mut rollout, mut entries, mut effects) = Rollout::plan(
+        policy,
+        targets.iter().map(|d| DeviceId::new(d.id.clone())),
+        instant(now),
+    )
+    .map_err(|e| ApiError::bad(format!("policy: {e}")))?;
+    let mut incompatible = 0;
+    for e in &mut entries {
+        let device = targets
+            .iter()
+            .find(|d| d.id == e.device.as_str())
+            .ok_or_else(|| ApiError::Internal("planned a device not targeted".into()))?;
+        let compatible = release.device_types.is_empty()
+            || device
+                .inventory
+                .get("device_type")
+                .is_some_and(|t| release.device_types.contains(t));
+        if !compatible {
+            incompatible += 1;
+            effects.extend(
+                rollout
+                    .no_artifact(e, instant(now))
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+            );
+        }
+    }
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
-        "INSERT INTO deployments (id, name, release_id, target, status, created_ms, created_by) \
-         VALUES ($1, $2, $3, $4, 'active', $5, $6)",
+        "INSERT INTO deployments (id, name, release_id, target, status, rollout, created_ms, created_by) \
+         VALUES ($1, $2, $3, $4, 'running', '', $5, $6)",
     )
     .bind(&id)
     .bind(&req.name)
@@ -207,30 +236,20 @@ pub async fn create(
     .bind(auth.actor())
     .execute(&mut *tx)
     .await?;
-    let mut incompatible = 0;
-    for d in &targets {
-        let compatible = release.device_types.is_empty()
-            || d.inventory
-                .get("device_type")
-                .is_some_and(|t| release.device_types.contains(t));
-        let status = if compatible { "pending" } else { "noartifact" };
-        if !compatible {
-            incompatible += 1;
-        }
+    for e in &entries {
         sqlx::query(
-            "INSERT INTO deployment_devices (deployment_id, device_id, status, substate, attempts, created_ms, updated_ms, finished_ms) \
-             VALUES ($1, $2, $3, $4, 1, $5, $5, $6)",
+            "INSERT INTO deployment_devices (deployment_id, device_id, status, substate, phase, attempts, created_ms, updated_ms) \
+             VALUES ($1, $2, 'pending', $3, $4, 0, $5, $5)",
         )
         .bind(&id)
-        .bind(&d.id)
-        .bind(status)
-        .bind((!compatible).then_some("device_type not in the release's device types"))
+        .bind(e.device.as_str())
+        .bind((e.status == Status::NoArtifact).then_some("device_type not in the release's device types"))
+        .bind(i64::from(e.phase))
         .bind(now)
-        .bind((!compatible).then_some(now))
         .execute(&mut *tx)
         .await?;
     }
-    finish_done(&mut tx, now).await?;
+    rollouts::save(&mut tx, &id, &rollout, &entries, &effects, now).await?;
     audit(
         &mut tx,
         &auth.actor(),
@@ -290,6 +309,7 @@ pub async fn devices(
                 device_id: r.try_get("device_id")?,
                 status: r.try_get("status")?,
                 substate: r.try_get("substate")?,
+                phase: r.try_get::<i64, _>("phase")? + 1,
                 attempts: r.try_get("attempts")?,
                 updated_ms: r.try_get("updated_ms")?,
                 finished_ms: r.try_get("finished_ms")?,
@@ -341,44 +361,49 @@ pub async fn device_log(
     Ok(axum::Json(out))
 }
 
-/// Moves a deployment from one of `from` to `to` (409 otherwise), in `tx`.
-async fn transition(
-    conn: &mut AnyConnection,
+fn control_error(id: &str, e: ControlError) -> ApiError {
+    match e {
+        ControlError::Illegal { .. }
+        | ControlError::NoMorePhases
+        | ControlError::NothingToRetry => ApiError::conflict(format!("deployment {id}: {e}")),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Runs an operator's command on deployment `id`'s rollout under its row lock,
+/// stores what changed, and records it in the audit log.
+async fn command(
+    ctx: &Ctx,
+    auth: &ApiAuth,
     id: &str,
-    from: &[&str],
-    to: &str,
-    now: i64,
-) -> ApiResult<()> {
-    let row = sqlx::query("SELECT status FROM deployments WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
-    let status: String = row.try_get("status")?;
-    if !from.contains(&status.as_str()) {
-        return Err(ApiError::conflict(format!(
-            "deployment {id} is {status}; it must be {} for this",
-            from.join(" or ")
-        )));
-    }
-    let finished = matches!(to, "aborted" | "finished");
-    let done = sqlx::query(
-        "UPDATE deployments SET status = $2, finished_ms = CASE WHEN $3 = 1 THEN $4 ELSE NULL END \
-         WHERE id = $1 AND status = $5",
+    action: &str,
+    run: impl FnOnce(&mut Rollout, &mut Vec<Entry>, i64) -> Result<Vec<Effect>, ControlError>,
+) -> ApiResult<axum::Json<Deployment>> {
+    auth.require(Role::Operator)?;
+    check_hex_id(id, 32, "deployment")?;
+    let now = now_ms();
+    let mut tx = ctx.db.begin().await?;
+    let mut rollout = rollouts::lock(&mut tx, id).await?;
+    let mut entries = rollouts::entries(&mut tx, id).await?;
+    let before = entries.clone();
+    let effects = run(&mut rollout, &mut entries, now).map_err(|e| control_error(id, e))?;
+    let changed: Vec<Entry> = entries
+        .into_iter()
+        .zip(before)
+        .filter(|(after, before)| after != before)
+        .map(|(after, _)| after)
+        .collect();
+    rollouts::save(&mut tx, id, &rollout, &changed, &effects, now).await?;
+    audit(
+        &mut tx,
+        &auth.actor(),
+        action,
+        id,
+        serde_json::json!({ "devices_changed": changed.len(), "state": rollouts::state_name(rollout.state()) }),
     )
-    .bind(id)
-    .bind(to)
-    .bind(i64::from(finished))
-    .bind(now)
-    .bind(&status)
-    .execute(&mut *conn)
     .await?;
-    if done.rows_affected() != 1 {
-        return Err(ApiError::conflict(format!(
-            "deployment {id} changed meanwhile; try again"
-        )));
-    }
-    Ok(())
+    tx.commit().await?;
+    Ok(axum::Json(get_one(ctx, id).await?))
 }
 
 /// `POST /deployments/{id}/abort`: devices that have not finished end as
@@ -388,119 +413,67 @@ pub async fn abort(
     auth: ApiAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<axum::Json<Deployment>> {
-    auth.require(Role::Operator)?;
-    check_hex_id(&id, 32, "deployment")?;
-    let now = now_ms();
-    let mut tx = ctx.db.begin().await?;
-    transition(&mut tx, &id, &["active", "paused"], "aborted", now).await?;
-    let n = sqlx::query(
-        "UPDATE deployment_devices SET status = 'aborted', updated_ms = $2, finished_ms = $2 \
-         WHERE deployment_id = $1 AND status IN ('pending', 'downloading', 'installing', 'rebooting')",
-    )
-    .bind(&id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    audit(
-        &mut tx,
-        &auth.actor(),
-        "deployment.abort",
-        &id,
-        serde_json::json!({ "devices_aborted": n }),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(axum::Json(get_one(&ctx, &id).await?))
+    command(&ctx, &auth, &id, "deployment.abort", |r, entries, _| {
+        r.abort(
+            entries
+                .iter_mut()
+                .filter(|e| rollouts::unfinished(e.status)),
+        )
+    })
+    .await
 }
 
-/// `POST /deployments/{id}/retry`: failed devices go back to pending (and a
-/// finished deployment becomes active again). 409 if aborted or none failed.
+/// `POST /deployments/{id}/retry`: failed devices go back to pending with a fresh
+/// retry budget (a finished deployment runs again). 409 if aborted or none failed.
 pub async fn retry(
     State(ctx): State<Ctx>,
     auth: ApiAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<axum::Json<Deployment>> {
-    auth.require(Role::Operator)?;
-    let dep = get_one(&ctx, &id).await?;
-    if dep.status == "aborted" {
-        return Err(ApiError::conflict(format!("deployment {id} was aborted")));
-    }
-    let now = now_ms();
-    let mut tx = ctx.db.begin().await?;
-    let n = sqlx::query(
-        "UPDATE deployment_devices SET status = 'pending', substate = NULL, attempts = attempts + 1, \
-         updated_ms = $2, finished_ms = NULL WHERE deployment_id = $1 AND status = 'failure'",
-    )
-    .bind(&id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        return Err(ApiError::conflict(format!(
-            "deployment {id} has no failed devices"
-        )));
-    }
-    sqlx::query(
-        "UPDATE deployments SET status = 'active', finished_ms = NULL WHERE id = $1 AND status = 'finished'",
-    )
-    .bind(&id)
-    .execute(&mut *tx)
-    .await?;
-    audit(
-        &mut tx,
-        &auth.actor(),
-        "deployment.retry",
-        &id,
-        serde_json::json!({ "devices_retried": n }),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(axum::Json(get_one(&ctx, &id).await?))
+    command(&ctx, &auth, &id, "deployment.retry", |r, entries, now| {
+        r.retry_failed(
+            entries.iter_mut().filter(|e| e.status == Status::Failure),
+            instant(now),
+        )
+    })
+    .await
 }
 
-/// `POST /deployments/{id}/pause`: devices get no new work from it (next answers
-/// as if it were not there) until it is resumed.
+/// `POST /deployments/{id}/pause`: no device starts and no phase opens until it is
+/// resumed; devices already installing carry on.
 pub async fn pause(
     State(ctx): State<Ctx>,
     auth: ApiAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<axum::Json<Deployment>> {
-    auth.require(Role::Operator)?;
-    check_hex_id(&id, 32, "deployment")?;
-    let mut tx = ctx.db.begin().await?;
-    transition(&mut tx, &id, &["active"], "paused", now_ms()).await?;
-    audit(
-        &mut tx,
-        &auth.actor(),
-        "deployment.pause",
-        &id,
-        serde_json::json!({}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(axum::Json(get_one(&ctx, &id).await?))
+    command(&ctx, &auth, &id, "deployment.pause", |r, _, now| {
+        r.pause(instant(now))
+    })
+    .await
 }
 
-/// `POST /deployments/{id}/resume`.
+/// `POST /deployments/{id}/resume`: a paused or halted rollout runs again (a halt's
+/// failures so far are accepted; the next final failure checks the limit again).
 pub async fn resume(
     State(ctx): State<Ctx>,
     auth: ApiAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<axum::Json<Deployment>> {
-    auth.require(Role::Operator)?;
-    check_hex_id(&id, 32, "deployment")?;
-    let mut tx = ctx.db.begin().await?;
-    transition(&mut tx, &id, &["paused"], "active", now_ms()).await?;
-    audit(
-        &mut tx,
-        &auth.actor(),
-        "deployment.resume",
-        &id,
-        serde_json::json!({}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(axum::Json(get_one(&ctx, &id).await?))
+    command(&ctx, &auth, &id, "deployment.resume", |r, _, now| {
+        r.resume(instant(now))
+    })
+    .await
+}
+
+/// `POST /deployments/{id}/next_phase`: opens the next phase now, whatever its
+/// proceed condition says (the way to open a phase that has none).
+pub async fn next_phase(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<Deployment>> {
+    command(&ctx, &auth, &id, "deployment.next_phase", |r, _, now| {
+        r.open_next_phase(instant(now))
+    })
+    .await
 }

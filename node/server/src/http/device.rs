@@ -30,6 +30,8 @@ use super::{audit, check_hex_id};
 use crate::Ctx;
 use crate::db::{now_ms, random_hex, token_hash};
 use crate::filter::valid_name;
+use crate::rollouts;
+use shoal_fleet::{Admission, ReportError, Status};
 
 /// The header holding the hex ed25519 signature of an auth request's body.
 pub const SIGNATURE_HEADER: &str = "x-shoal-signature";
@@ -61,16 +63,6 @@ pub const DEVICE_STATES: &[&str] = &[
     "failure",
     "already-installed",
 ];
-/// States after which a device is done with a deployment.
-pub const FINISHED_STATES: &[&str] = &[
-    "success",
-    "failure",
-    "already-installed",
-    "noartifact",
-    "aborted",
-    "decommissioned",
-];
-
 /// A fresh auth nonce.
 #[derive(Debug, Serialize)]
 pub struct Nonce {
@@ -328,89 +320,95 @@ pub struct NextDeployment {
     pub chunk_base_url: Option<String>,
 }
 
-/// `GET /deployments/next`: the oldest active deployment the device has not
-/// finished, or 204.
+/// `GET /deployments/next`: the oldest deployment that serves this device now
+/// (its rollout admits it: its phase is open and the rollout runs, or it already
+/// started), or 204.
 pub async fn next(ctx: axum::extract::State<Ctx>, auth: DeviceAuth) -> ApiResult<Response> {
-    let row = sqlx::query(
-        "SELECT d.id, d.name, d.release_id, dd.status, r.name AS release_name, r.version \
+    let rows = sqlx::query(
+        "SELECT d.id, d.name, d.release_id, d.rollout, dd.device_id, dd.status, dd.phase, dd.attempts, \
+         r.name AS release_name, r.version \
          FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id \
          JOIN releases r ON r.id = d.release_id \
-         WHERE dd.device_id = $1 AND d.status = 'active' \
+         WHERE dd.device_id = $1 AND d.status IN ('running', 'paused', 'halted') \
          AND dd.status IN ('pending', 'downloading', 'installing', 'rebooting') \
-         ORDER BY d.created_ms, d.id LIMIT 1",
+         ORDER BY d.created_ms, d.id",
     )
     .bind(&auth.device_id)
-    .fetch_optional(&ctx.db)
+    .fetch_all(&ctx.db)
     .await?;
     sqlx::query("UPDATE devices SET last_seen_ms = $2 WHERE id = $1")
         .bind(&auth.device_id)
         .bind(now_ms())
         .execute(&ctx.db)
         .await?;
-    let Some(row) = row else {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    };
-    let id: String = row.try_get("id")?;
-    let base = "/api/devices/v1/deployments";
-    Ok(axum::Json(NextDeployment {
-        manifest_url: format!("{base}/{id}/manifest"),
-        chunks_url: format!("{base}/{id}/chunks"),
-        name: row.try_get("name")?,
-        status: row.try_get("status")?,
-        release: ReleaseRef {
-            id: row.try_get("release_id")?,
-            name: row.try_get("release_name")?,
-            version: row.try_get("version")?,
-        },
-        chunk_base_url: ctx.chunk_base_url.clone(),
-        id,
-    })
-    .into_response())
+    for row in &rows {
+        let text: String = row.try_get("rollout")?;
+        let rollout = rollouts::parse(&text)?;
+        let entry = rollouts::entry_of(row)?;
+        if rollout.admission(&entry) != Admission::Serve {
+            continue;
+        }
+        let id: String = row.try_get("id")?;
+        let base = "/api/devices/v1/deployments";
+        return Ok(axum::Json(NextDeployment {
+            manifest_url: format!("{base}/{id}/manifest"),
+            chunks_url: format!("{base}/{id}/chunks"),
+            name: row.try_get("name")?,
+            status: row.try_get("status")?,
+            release: ReleaseRef {
+                id: row.try_get("release_id")?,
+                name: row.try_get("release_name")?,
+                version: row.try_get("version")?,
+            },
+            chunk_base_url: ctx.chunk_base_url.clone(),
+            id,
+        })
+        .into_response());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// A device's view of one deployment it is part of.
 struct Membership {
-    deployment_status: String,
     release_id: String,
-    status: String,
 }
 
-/// Loads deployment `id` for `device`: 404 if there is no such deployment, 403 if
-/// it is not for this device.
-async fn membership(ctx: &Ctx, device: &str, id: &str) -> ApiResult<Membership> {
+/// Checks deployment `id` for `device`: 404 if there is no such deployment, 403 if
+/// it is not for this device; with `serving`, 409 unless its rollout serves the
+/// device now (aborted, finished, or not admitted: it must stop).
+async fn membership(ctx: &Ctx, device: &str, id: &str, serving: bool) -> ApiResult<Membership> {
     check_hex_id(id, 32, "deployment")?;
-    let dep = sqlx::query("SELECT status, release_id FROM deployments WHERE id = $1")
+    let dep = sqlx::query("SELECT release_id, rollout FROM deployments WHERE id = $1")
         .bind(id)
         .fetch_optional(&ctx.db)
         .await?
         .ok_or_else(|| ApiError::not_found("no such deployment"))?;
-    let dd = sqlx::query(
-        "SELECT status FROM deployment_devices WHERE deployment_id = $1 AND device_id = $2",
-    )
-    .bind(id)
-    .bind(device)
-    .fetch_optional(&ctx.db)
-    .await?
-    .ok_or_else(|| ApiError::Forbidden(format!("deployment {id} is not for this device")))?;
-    Ok(Membership {
-        deployment_status: dep.try_get("status")?,
-        release_id: dep.try_get("release_id")?,
-        status: dd.try_get("status")?,
-    })
-}
-
-impl Membership {
-    fn check_not_aborted(&self, id: &str) -> ApiResult<()> {
-        if self.deployment_status == "aborted" || self.status == "aborted" {
-            return Err(ApiError::conflict(format!("deployment {id} was aborted")));
+    let mut conn = ctx.db.acquire().await?;
+    let entry = rollouts::entry(&mut conn, id, device)
+        .await?
+        .ok_or_else(|| ApiError::Forbidden(format!("deployment {id} is not for this device")))?;
+    if serving {
+        let text: String = dep.try_get("rollout")?;
+        match rollouts::parse(&text)?.admission(&entry) {
+            Admission::Serve => {}
+            Admission::NotYet(wait) => {
+                return Err(ApiError::conflict(format!(
+                    "deployment {id} does not serve this device now: {wait}"
+                )));
+            }
+            Admission::Done(Status::Aborted) => {
+                return Err(ApiError::conflict(format!("deployment {id} was aborted")));
+            }
+            Admission::Done(status) => {
+                return Err(ApiError::conflict(format!(
+                    "this device finished deployment {id} as {status}"
+                )));
+            }
         }
-        if self.status == "decommissioned" {
-            return Err(ApiError::conflict(format!(
-                "this device was decommissioned from deployment {id}"
-            )));
-        }
-        Ok(())
     }
+    Ok(Membership {
+        release_id: dep.try_get("release_id")?,
+    })
 }
 
 async fn release(ctx: &Ctx, id: &str) -> ApiResult<std::sync::Arc<crate::release_cache::Release>> {
@@ -432,8 +430,7 @@ pub async fn manifest(
     auth: DeviceAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let m = membership(&ctx, &auth.device_id, &id).await?;
-    m.check_not_aborted(&id)?;
+    let m = membership(&ctx, &auth.device_id, &id, true).await?;
     let r = release(&ctx, &m.release_id).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/vnd.shoal.envelope")],
@@ -457,13 +454,12 @@ pub async fn chunks(
     ApiPath(id): ApiPath<String>,
     ApiJson(batch): ApiJson<ChunkBatch>,
 ) -> ApiResult<Response> {
-    let m = membership(&ctx, &auth.device_id, &id).await?;
-    m.check_not_aborted(&id)?;
+    let m = membership(&ctx, &auth.device_id, &id, true).await?;
     if batch.ids.is_empty() {
         return Err(ApiError::bad("ids is empty"));
     }
     if batch.ids.len() > CHUNK_BATCH_IDS_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a batch has at most {CHUNK_BATCH_IDS_MAX} chunk ids"
         )));
     }
@@ -550,68 +546,66 @@ pub struct StatusReport {
     pub substate: Option<String>,
 }
 
-/// `PUT /deployments/{id}/status`: 204; 409 once the deployment was aborted or the
-/// device already finished it with another state.
+/// `PUT /deployments/{id}/status`: 204; 409 once the deployment was aborted, when
+/// the rollout does not admit the device, or when it already finished otherwise; 400
+/// for a state a device may not report. The rollout decides (phases, halts,
+/// retries): see `shoal_fleet`.
 pub async fn status(
     ctx: axum::extract::State<Ctx>,
     auth: DeviceAuth,
     ApiPath(id): ApiPath<String>,
     ApiJson(report): ApiJson<StatusReport>,
 ) -> ApiResult<StatusCode> {
-    if !DEVICE_STATES.contains(&report.status.as_str()) {
-        return Err(ApiError::bad(format!(
-            "unknown status {:?} (one of: {})",
-            report.status,
-            DEVICE_STATES.join(", ")
-        )));
-    }
+    let status: Status = report
+        .status
+        .parse()
+        .ok()
+        .filter(|s: &Status| s.is_reportable())
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "unknown status {:?} (one of: {})",
+                report.status,
+                DEVICE_STATES.join(", ")
+            ))
+        })?;
     if report.substate.as_ref().is_some_and(|s| s.len() > 256) {
         return Err(ApiError::bad("substate is longer than 256 bytes"));
     }
-    let m = membership(&ctx, &auth.device_id, &id).await?;
-    m.check_not_aborted(&id)?;
-    let finished = FINISHED_STATES.contains(&report.status.as_str());
+    membership(&ctx, &auth.device_id, &id, false).await?;
     let now = now_ms();
     let mut tx = ctx.db.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE deployment_devices SET status = $3, substate = $4, updated_ms = $5, \
-         finished_ms = CASE WHEN $6 = 1 THEN $5 ELSE NULL END \
-         WHERE deployment_id = $1 AND device_id = $2 \
-         AND status IN ('pending', 'downloading', 'installing', 'rebooting')",
+    let mut rollout = rollouts::lock(&mut tx, &id).await?;
+    let mut entry = rollouts::entry(&mut tx, &id, &auth.device_id)
+        .await?
+        .ok_or_else(|| ApiError::Forbidden(format!("deployment {id} is not for this device")))?;
+    let effects = match rollout.report(&mut entry, status, rollouts::instant(now)) {
+        Ok(effects) => effects,
+        Err(e) => {
+            return Err(match e {
+                ReportError::NotReportable(_) => ApiError::bad(e.to_string()),
+                ReportError::NotInDeployment => ApiError::Forbidden(e.to_string()),
+                ReportError::ForeignEntry { .. } => ApiError::Internal(e.to_string()),
+                _ => ApiError::conflict(format!("deployment {id}: {e}")),
+            });
+        }
+    };
+    rollouts::save(
+        &mut tx,
+        &id,
+        &rollout,
+        std::slice::from_ref(&entry),
+        &effects,
+        now,
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE deployment_devices SET substate = $3 WHERE deployment_id = $1 AND device_id = $2",
     )
     .bind(&id)
     .bind(&auth.device_id)
-    .bind(&report.status)
     .bind(&report.substate)
-    .bind(now)
-    .bind(i64::from(finished))
     .execute(&mut *tx)
     .await?;
-    if updated.rows_affected() == 0 {
-        tx.rollback().await?;
-        // Finished (or aborted) meanwhile: the same report again is fine.
-        let m = membership(&ctx, &auth.device_id, &id).await?;
-        m.check_not_aborted(&id)?;
-        if m.status == report.status {
-            return Ok(StatusCode::NO_CONTENT);
-        }
-        return Err(ApiError::conflict(format!(
-            "this device already finished deployment {id} with {}",
-            m.status
-        )));
-    }
-    if finished {
-        sqlx::query(
-            "UPDATE deployments SET status = 'finished', finished_ms = $2 \
-             WHERE id = $1 AND status IN ('active', 'paused') AND NOT EXISTS \
-             (SELECT 1 FROM deployment_devices WHERE deployment_id = $1 \
-              AND status IN ('pending', 'downloading', 'installing', 'rebooting'))",
-        )
-        .bind(&id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
     tx.commit().await?;
     tracing::info!(device = %auth.device_id, deployment = %id, status = %report.status, "device status");
     Ok(StatusCode::NO_CONTENT)
@@ -645,7 +639,7 @@ pub async fn log(
     ApiJson(upload): ApiJson<LogUpload>,
 ) -> ApiResult<StatusCode> {
     if upload.messages.len() > LOG_LINES_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a log upload has at most {LOG_LINES_MAX} lines"
         )));
     }
@@ -654,12 +648,12 @@ pub async fn log(
             return Err(ApiError::bad(format!("unknown log level {:?}", l.level)));
         }
         if l.message.len() > LOG_LINE_LEN_MAX {
-            return Err(ApiError::TooLarge(format!(
+            return Err(ApiError::BadRequest(format!(
                 "a log line is longer than {LOG_LINE_LEN_MAX} bytes"
             )));
         }
     }
-    membership(&ctx, &auth.device_id, &id).await?;
+    membership(&ctx, &auth.device_id, &id, false).await?;
     let mut tx = ctx.db.begin().await?;
     for l in &upload.messages {
         sqlx::query(
@@ -712,7 +706,7 @@ pub struct Attribute {
 
 fn check_attributes(attrs: &[Attribute]) -> ApiResult<()> {
     if attrs.len() > INVENTORY_ATTRIBUTES_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
         )));
     }
@@ -774,7 +768,7 @@ async fn write_inventory(
         .try_get("n")?;
     if count > INVENTORY_ATTRIBUTES_MAX as i64 {
         tx.rollback().await?;
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::BadRequest(format!(
             "a device has at most {INVENTORY_ATTRIBUTES_MAX} inventory attributes"
         )));
     }

@@ -14,7 +14,9 @@ use super::extractor::{ApiAuth, ApiJson, ApiPath, ApiQuery, Role};
 use super::{audit, check_hex_id};
 use crate::Ctx;
 use crate::db::now_ms;
-use crate::filter::{self, Condition};
+use crate::filter;
+use crate::rollouts;
+use shoal_fleet::filter::Filter;
 
 /// The device statuses.
 pub const STATUSES: &[&str] = &["pending", "accepted", "rejected", "preauthorized"];
@@ -84,8 +86,8 @@ pub async fn load(ctx: &Ctx, status: Option<&str>) -> ApiResult<Vec<Device>> {
         .collect()
 }
 
-/// Parses filter texts into conditions (400 on a bad one).
-pub fn parse_filter(texts: &[String]) -> ApiResult<Vec<Condition>> {
+/// Parses filter texts into one filter (400 on a bad one).
+pub fn parse_filter(texts: &[String]) -> ApiResult<Option<Filter>> {
     filter::parse(texts).map_err(|e| ApiError::bad(e.to_string()))
 }
 
@@ -304,7 +306,8 @@ pub async fn preauthorize(
 }
 
 /// `DELETE /devices/{id}`: decommissions a device: its tokens, inventory and group
-/// memberships go, its unfinished deployments end as `decommissioned`. If its key
+/// memberships go, its unfinished deployments end as `aborted` (substate
+/// `decommissioned`). If its key
 /// authenticates again it is a new, pending device.
 pub async fn decommission(
     State(ctx): State<Ctx>,
@@ -315,19 +318,38 @@ pub async fn decommission(
     let device = get_one(&ctx, &id).await?;
     let now = now_ms();
     let mut tx = ctx.db.begin().await?;
-    sqlx::query(
-        "UPDATE deployment_devices SET status = 'decommissioned', updated_ms = $2, finished_ms = $2 \
-         WHERE device_id = $1 AND status IN ('pending', 'downloading', 'installing', 'rebooting')",
+    // Its unfinished deployments: each rollout counts it out (as aborted).
+    let open: Vec<String> = sqlx::query(
+        "SELECT deployment_id FROM deployment_devices WHERE device_id = $1 \
+         AND status IN ('pending', 'downloading', 'installing', 'rebooting') ORDER BY deployment_id",
     )
     .bind(&id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| r.try_get("deployment_id"))
+    .collect::<Result<_, _>>()?;
+    for dep in &open {
+        let mut rollout = rollouts::lock(&mut tx, dep).await?;
+        if let Some(mut entry) = rollouts::entry(&mut tx, dep, &id).await? {
+            let effects = rollout
+                .decommissioned(&mut entry, rollouts::instant(now))
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            rollouts::save(&mut tx, dep, &rollout, &[entry], &effects, now).await?;
+            sqlx::query(
+                "UPDATE deployment_devices SET substate = 'decommissioned' \
+                 WHERE deployment_id = $1 AND device_id = $2",
+            )
+            .bind(dep)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     sqlx::query("DELETE FROM devices WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    super::deployments::finish_done(&mut tx, now).await?;
     audit(
         &mut tx,
         &auth.actor(),

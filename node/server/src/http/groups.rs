@@ -41,7 +41,7 @@ pub struct PutGroup {
     /// Device ids, for a static group.
     #[serde(default)]
     pub devices: Option<Vec<String>>,
-    /// Conditions, for a dynamic group.
+    /// Filter texts (all must hold), for a dynamic group.
     #[serde(default)]
     pub filter: Option<Vec<String>>,
 }
@@ -162,7 +162,7 @@ pub async fn put(
     let (filter_json, ids) = match (&body.devices, &body.filter) {
         (Some(ids), None) => {
             if ids.len() > GROUP_DEVICES_MAX {
-                return Err(ApiError::TooLarge(format!(
+                return Err(ApiError::BadRequest(format!(
                     "a static group has at most {GROUP_DEVICES_MAX} devices"
                 )));
             }
@@ -188,7 +188,7 @@ pub async fn put(
             .fetch_optional(&mut *tx)
             .await?;
         if exists.is_none() {
-            return Err(ApiError::bad(format!("no device {id}")));
+            return Err(ApiError::not_found(format!("no device {id}")));
         }
     }
     sqlx::query("DELETE FROM device_groups WHERE name = $1")

@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/management/v1/deployments/{id}/retry"),
     ("POST", "/api/management/v1/deployments/{id}/pause"),
     ("POST", "/api/management/v1/deployments/{id}/resume"),
+    ("POST", "/api/management/v1/deployments/{id}/next_phase"),
     ("GET", "/api/management/v1/tokens"),
     ("POST", "/api/management/v1/tokens"),
     ("DELETE", "/api/management/v1/tokens/{id}"),
@@ -164,6 +165,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             &format!("{m}/deployments/{{id}}/resume"),
             post(deployments::resume),
+        )
+        .route(
+            &format!("{m}/deployments/{{id}}/next_phase"),
+            post(deployments::next_phase),
         )
         .route(
             &format!("{m}/tokens"),

@@ -1,4 +1,5 @@
-//! The OpenAPI 3.1 document, maintained by hand in `openapi.json` beside this file;
+//! The OpenAPI 3.1 document, `openapi.json` beside this file, written by
+//! `node/server/tools/openapi.py` (edit that and rerun it, as its header says);
 //! a test checks it describes exactly the routes in [`super::ROUTES`].
 
 use axum::http::header;

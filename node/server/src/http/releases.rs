@@ -202,7 +202,8 @@ pub async fn upload(
     Ok((StatusCode::CREATED, axum::Json(get_one(&ctx, &id).await?)))
 }
 
-/// `DELETE /releases/{id}`: 409 while an active or paused deployment uses it.
+/// `DELETE /releases/{id}`: 409 while a running, paused or halted deployment uses
+/// it.
 /// Removes its manifest and the chunks no other release lists.
 pub async fn delete(
     State(ctx): State<Ctx>,
@@ -214,7 +215,7 @@ pub async fn delete(
     let guard = ctx.store_lock.lock().await;
     let mut tx = ctx.db.begin().await?;
     let users = sqlx::query(
-        "SELECT id FROM deployments WHERE release_id = $1 AND status IN ('active', 'paused') ORDER BY id",
+        "SELECT id FROM deployments WHERE release_id = $1 AND status IN ('running', 'paused', 'halted') ORDER BY id",
     )
     .bind(&id)
     .fetch_all(&mut *tx)
