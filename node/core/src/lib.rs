@@ -33,6 +33,8 @@ mod timer;
 
 #[cfg(test)]
 mod fetch_tests;
+#[cfg(test)]
+mod lan_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
@@ -40,7 +42,8 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, Config, DeploymentStatus, Engine, Event, Input, Offer, Output, Progress, Status,
+    Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Output, Progress, Status,
+    Swarm,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use source::{

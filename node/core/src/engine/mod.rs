@@ -19,9 +19,12 @@ use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex
 use crate::time::{Instant, Rng};
 use crate::timer::TimerTable;
 
+mod lan;
 mod lifecycle;
 mod scheduler;
 mod table;
+
+pub use lan::{NodeKey, Swarm};
 
 use scheduler::{Job, Need, Step};
 
@@ -43,6 +46,10 @@ pub struct Config {
     /// Timeouts and backoff of request sources (their request limits are per
     /// source: [`SourceInfo::limits`]).
     pub retry: RetryConfig,
+    /// How long a LAN swarm member may make no progress (announce no new chunk)
+    /// before the chunks it owns are fetched by their next owner
+    /// ([`Engine::set_swarm`]).
+    pub lan_timeout: std::time::Duration,
     /// Seeds every random choice (which source serves a chunk).
     pub seed: u64,
 }
@@ -57,6 +64,7 @@ impl Config {
             journal_batch_bytes: 4 * 1024 * 1024,
             reads_in_flight_max: 4,
             retry: RetryConfig::default(),
+            lan_timeout: std::time::Duration::from_secs(5),
             seed: 0,
         }
     }

@@ -53,6 +53,8 @@ pub(crate) enum Need {
     QueuedFetch,
     /// Asked of a source, in the request in this slab slot.
     Fetching { req: u32 },
+    /// Waiting for a LAN peer: another swarm member owns it and no peer has it yet.
+    Lan,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,7 +235,7 @@ pub(crate) struct Job {
     needed_bytes: u64,
     reads: VecDeque<u32>,
     pub(crate) reads_in_flight: u32,
-    fetches: VecDeque<u32>,
+    pub(crate) fetches: VecDeque<u32>,
     pub(crate) requests: Vec<Option<Request>>,
     free: Vec<u32>,
     generation: u32,
@@ -252,6 +254,8 @@ pub(crate) struct Job {
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
     corrupt: Option<(Origin, ChunkId)>,
+    /// The LAN swarm, when the driver named one.
+    pub(crate) lan: Option<super::lan::LanState>,
 }
 
 impl Job {
@@ -298,6 +302,7 @@ impl Job {
             take_while_indexing: false,
             journal_bytes: 0,
             corrupt: None,
+            lan: None,
             table,
         };
         for e in 0..n {
@@ -396,6 +401,8 @@ enum Choice {
     Stream,
     /// No source can serve it.
     Nobody,
+    /// Another LAN member owns it and no peer has it yet: wait for the LAN.
+    Lan,
 }
 
 /// Most queued fetches skipped over in one pump while their sources are busy.
@@ -406,6 +413,25 @@ impl Job {
     pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
         let state = SourceState::new(info, &self.table, ms(rto_initial));
         self.sources.push(state);
+    }
+
+    /// Adds to what source `i` says it holds; returns the entries it did not hold.
+    pub(crate) fn add_holds(&mut self, i: usize, holds: &Holds) -> Vec<u32> {
+        let Some(more) = holds_by_entry(holds, &self.table) else {
+            return Vec::new();
+        };
+        let s = &mut self.sources[i];
+        let Some(have) = s.holds.as_mut() else {
+            return Vec::new(); // It may hold anything already.
+        };
+        let new: Vec<u32> = more.iter().filter(|&e| !have.get(e)).collect();
+        for &e in &new {
+            have.set(e);
+            if let Some(l) = s.lacks.as_mut() {
+                l.clear(e);
+            }
+        }
+        new
     }
 
     /// Replaces what source `i` says it holds; what it said it lacks is forgotten.
@@ -547,6 +573,7 @@ impl Engine {
             || job.reads_in_flight > 0
             || !job.fetches.is_empty()
             || job.requests.iter().any(Option::is_some)
+            || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
             || job.sources.iter().any(SourceState::is_open_stream);
         if !busy {
             self.stuck();
@@ -631,13 +658,13 @@ impl Engine {
             return Choice::Stream;
         }
         let size = job.table.size(e);
+        let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
+        let usable = |s: &SourceState| {
+            s.is_requests() && s.may_hold(e) && (wan || !super::lan::is_wan(s.info.class))
+        };
         let mut any = false;
         let mut class: Option<u8> = None;
-        for s in job
-            .sources
-            .iter()
-            .filter(|s| s.is_requests() && s.may_hold(e))
-        {
+        for s in job.sources.iter().filter(|s| usable(s)) {
             any = true;
             if !s.in_backoff(now) {
                 let c = s.info.class.cost();
@@ -645,7 +672,7 @@ impl Engine {
             }
         }
         if !any {
-            return Choice::Nobody;
+            return if wan { Choice::Nobody } else { Choice::Lan };
         }
         let Some(class) = class else {
             return Choice::Wait;
@@ -656,11 +683,7 @@ impl Engine {
         let mut ties = 0usize;
         let mut pick = None;
         for (i, s) in job.sources.iter().enumerate() {
-            if !s.is_requests()
-                || !s.may_hold(e)
-                || s.in_backoff(now)
-                || s.info.class.cost() != class
-            {
+            if !usable(s) || s.in_backoff(now) || s.info.class.cost() != class {
                 continue;
             }
             let open_room = s.open.is_some_and(|r| {
@@ -747,6 +770,14 @@ impl Engine {
                         job.need[e as usize] = Need::Idle;
                     }
                 }
+                Choice::Lan => {
+                    if let Some(job) = self.job.as_mut() {
+                        job.need[e as usize] = Need::Lan;
+                        if let Some(lan) = job.lan.as_mut() {
+                            lan.waiting += 1;
+                        }
+                    }
+                }
             }
         }
         let Some(job) = self.job.as_mut() else { return };
@@ -771,7 +802,7 @@ impl Engine {
         }
         let queued: Vec<u32> = job.fetches.iter().copied().collect();
         for e in queued {
-            if let Choice::Nobody | Choice::Stream = self.choose(e, now)
+            if let Choice::Nobody | Choice::Stream | Choice::Lan = self.choose(e, now)
                 && let Some(job) = self.job.as_mut()
                 && job.need[e as usize] == Need::QueuedFetch
             {
@@ -1010,6 +1041,7 @@ impl Engine {
         let (id, failures) = (s.info.id, s.failures);
         warn!(source = %id, failures, backoff_ms = backoff, reason = why, "source failed; backing off");
         self.end_requests_of(i, true);
+        self.requeue_lan();
         if failures >= retry.failures_max {
             self.drop_source(i, Gone::Failing, now);
         }
@@ -1026,6 +1058,7 @@ impl Engine {
         job.sources[i].gone = Some(why);
         let kind = job.sources[i].info.kind;
         self.end_requests_of(i, why != Gone::Removed);
+        self.requeue_lan();
         if why == Gone::Banned {
             self.event(Event::SourceBanned { source: id });
         }
@@ -1382,12 +1415,18 @@ impl Engine {
                 self.source_failed(i, now, "silent past its timeout");
             }
         }
+        self.on_lan_timeout(now);
         // Backoffs that ended need no action but a pump.
         self.pump(now);
     }
 
     /// Sets the named timers from the sources' state.
     pub(crate) fn update_timers(&mut self, now: Instant) {
+        let lan = self
+            .job
+            .as_ref()
+            .and_then(|job| job.lan_deadline(now, super::lan::ms(self.config.lan_timeout)));
+        self.timers.set(Timer::LanOwner, lan);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
@@ -1416,6 +1455,12 @@ impl Engine {
         let n = job.table.entries();
         let needed = job.need.iter().filter(|s| **s != Need::Done).count() as u32;
         assert_eq!(job.needed, needed, "needed count");
+        let lan = job.need.iter().filter(|s| **s == Need::Lan).count() as u32;
+        assert_eq!(
+            job.lan.as_ref().map_or(0, |l| l.waiting),
+            lan,
+            "LAN waiting"
+        );
         let reading = job
             .need
             .iter()
@@ -1425,15 +1470,32 @@ impl Engine {
             assert_eq!(job.reads_in_flight, reading, "reads in flight");
         }
         assert!(job.reads_in_flight as usize <= self.config.reads_in_flight_max);
+        let mut owned = vec![0u32; job.requests.len()];
+        for state in &job.need {
+            if let Need::Fetching { req } = state {
+                owned[*req as usize] += 1;
+            }
+        }
+        let mut queued = Bitfield::new(n);
+        for &e in &job.fetches {
+            queued.set(e);
+        }
         for (slot, r) in job.requests.iter().enumerate() {
             let Some(r) = r else { continue };
-            let owned = (0..n)
-                .filter(|&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
-                .count() as u32;
+            let owned = owned[slot];
             assert_eq!(
                 r.left, owned,
                 "request {slot} owns {owned}, counts {}",
                 r.left
+            );
+            let listed = r
+                .entries
+                .iter()
+                .filter(|&&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
+                .count() as u32;
+            assert_eq!(
+                listed, owned,
+                "request {slot}: an owned entry is not listed"
             );
             assert!(r.left > 0, "request {slot} owns nothing but is live");
             let s = &job.sources[r.source];
@@ -1464,10 +1526,10 @@ impl Engine {
         for (e, state) in job.need.iter().enumerate() {
             let e = e as u32;
             if let Need::Fetching { req } = state {
-                let r = job.requests[*req as usize]
-                    .as_ref()
-                    .expect("a fetching entry's request is live");
-                assert!(r.entries.contains(&e));
+                assert!(
+                    job.requests[*req as usize].is_some(),
+                    "a fetching entry's request is live"
+                );
             }
             let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
             assert_eq!(*state == Need::Done, all_done, "entry {e} done bits");
