@@ -92,7 +92,7 @@ fn without_a_swarm_every_device_fetches_everything_over_the_wan() {
 #[test]
 fn owners_dying_mid_way_cost_at_most_a_tenth_more_wan_fetches() {
     let (mut sim, image) = swarm(10, 2);
-    sim.run(100);
+    sim.run(110);
     assert!(sim.wan_chunks > 0 && sim.wan_chunks < CHUNKS as u64 / 2);
     sim.kill(3);
     sim.kill(7);

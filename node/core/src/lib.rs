@@ -26,6 +26,7 @@
 mod bits;
 mod engine;
 mod error;
+mod pacing;
 mod source;
 mod state;
 mod time;

@@ -1003,7 +1003,7 @@ impl LanSim {
 
 /// WAN chunks per needed chunk of the LAN experiment of issue 10: `n` devices (one
 /// swarm) install a release of `chunks` chunks of 256 bytes from one server; with
-/// `kill`, devices 3 and 7 die after 100 ms. Returns the ratio and the virtual time.
+/// `kill`, devices 3 and 7 die after 110 ms (between two announcements). Returns the ratio and the virtual time.
 pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
     let (key, root) = keys(5);
     let chunking = Chunking {
@@ -1017,7 +1017,7 @@ pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
     config.journal_batch_bytes = 64 * 1024;
     let mut sim = LanSim::new(n, &config, &m, &sign(&m, &key), &data);
     if kill {
-        sim.run(100);
+        sim.run(110);
         sim.kill(3);
         sim.kill(7);
     }

@@ -17,10 +17,17 @@ pub(crate) enum Timer {
     /// A LAN swarm member that owns chunks this device waits for has made no
     /// progress for the LAN timeout: the next owner takes them.
     LanOwner = 2,
+    /// The WAN rate cap's token bucket holds enough for the next chunk again.
+    Pacing = 3,
 }
 
 impl Timer {
-    const ALL: [Timer; 3] = [Timer::Silence, Timer::Backoff, Timer::LanOwner];
+    const ALL: [Timer; 4] = [
+        Timer::Silence,
+        Timer::Backoff,
+        Timer::LanOwner,
+        Timer::Pacing,
+    ];
 }
 
 /// The deadline of each [`Timer`], if set.

@@ -50,6 +50,15 @@ pub struct Config {
     /// before the chunks it owns are fetched by their next owner
     /// ([`Engine::set_swarm`]).
     pub lan_timeout: std::time::Duration,
+    /// A data budget per deployment: most wire bytes (the manifest's stored sizes)
+    /// asked of WAN sources. A plan that needs more is refused before anything is
+    /// fetched ([`InstallError::OverBudget`]); an install never asks for more.
+    /// Counted per run of the engine (a resumed install is checked against what it
+    /// still needs).
+    pub wan_budget_bytes: Option<u64>,
+    /// A WAN rate cap in wire bytes per second (a token bucket with a burst of a
+    /// tenth of a second, and at least one chunk).
+    pub wan_rate_bytes_per_s: Option<u64>,
     /// Seeds every random choice (which source serves a chunk).
     pub seed: u64,
 }
@@ -65,6 +74,8 @@ impl Config {
             reads_in_flight_max: 4,
             retry: RetryConfig::default(),
             lan_timeout: std::time::Duration::from_secs(5),
+            wan_budget_bytes: None,
+            wan_rate_bytes_per_s: None,
             seed: 0,
         }
     }

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::bits::Bitfield;
 use crate::error::InstallError;
+use crate::pacing::Pacer;
 use crate::source::{
     FetchFailure, Gone, Holds, Origin, RequestId, SourceClass, SourceId, SourceInfo, SourceKind,
     SourceStatus,
@@ -256,6 +257,12 @@ pub(crate) struct Job {
     corrupt: Option<(Origin, ChunkId)>,
     /// The LAN swarm, when the driver named one.
     pub(crate) lan: Option<super::lan::LanState>,
+    /// Wire bytes asked of WAN sources (for the data budget).
+    wan_asked: u64,
+    /// The WAN rate cap.
+    pacer: Option<Pacer>,
+    /// A chunk was not asked of the WAN because of the data budget.
+    budget_blocked: bool,
 }
 
 impl Job {
@@ -303,6 +310,9 @@ impl Job {
             journal_bytes: 0,
             corrupt: None,
             lan: None,
+            wan_asked: 0,
+            pacer: None,
+            budget_blocked: false,
             table,
         };
         for e in 0..n {
@@ -355,6 +365,13 @@ impl Job {
             .any(|s| s.holds.as_ref().is_some_and(|h| h.get(e)))
     }
 
+    /// Whether a source other than the WAN says it holds entry `e`.
+    fn held_off_wan(&self, e: u32) -> bool {
+        self.sources.iter().any(|s| {
+            !super::lan::is_wan(s.info.class) && s.holds.as_ref().is_some_and(|h| h.get(e))
+        })
+    }
+
     /// Whether an open stream holds (or may hold) entry `e`.
     fn stream_may_bring(&self, e: u32) -> bool {
         self.sources
@@ -403,6 +420,8 @@ enum Choice {
     Nobody,
     /// Another LAN member owns it and no peer has it yet: wait for the LAN.
     Lan,
+    /// Only the WAN could serve it, and the data budget does not allow it.
+    OverBudget,
 }
 
 /// Most queued fetches skipped over in one pump while their sources are busy.
@@ -507,12 +526,20 @@ impl Engine {
         let Some(job) = self.job.as_mut() else { return };
         job.step = Step::Fetching;
         let mut from_slot = 0u64;
+        // Wire bytes only the WAN can bring: neither in the slot's index, nor said
+        // to be held by another source, nor possibly in an open stream (an upper
+        // bound: a read at a chunk's own offset may still find it).
+        let mut wan_needed = 0u64;
         for e in 0..job.table.entries() {
             if job.need[e as usize] != Need::Idle {
                 continue;
             }
             let id = job.table.id(e);
             let size = job.table.size(e);
+            let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
+            if !indexed && !job.held_off_wan(e) && !job.stream_may_bring(e) {
+                wan_needed += u64::from(job.table.wire_size(e));
+            }
             match self.index.get(&id) {
                 Some(&(_, len)) if len == size => {
                     job.need[e as usize] = Need::QueuedRead;
@@ -535,8 +562,37 @@ impl Engine {
             needed = job.needed,
             from_active_slot = job.reads.len(),
             from_slot_bytes = from_slot,
+            wan_needed,
             "plan"
         );
+        let has_wan = job
+            .sources
+            .iter()
+            .any(|s| s.is_requests() && super::lan::is_wan(s.info.class));
+        if let Some(allowed) = self.config.wan_budget_bytes
+            && has_wan
+            && wan_needed > allowed
+        {
+            // Refused before anything is read, written or fetched.
+            job.reads.clear();
+            for e in 0..job.table.entries() {
+                if job.need[e as usize] == Need::QueuedRead {
+                    job.need[e as usize] = Need::Idle;
+                }
+            }
+            self.fail(InstallError::OverBudget {
+                needed: wan_needed,
+                allowed,
+            });
+            return;
+        }
+        if let Some(rate) = self.config.wan_rate_bytes_per_s {
+            let largest = (0..job.table.entries())
+                .map(|e| u64::from(job.table.wire_size(e)))
+                .max()
+                .unwrap_or(0);
+            job.pacer = Some(Pacer::new(rate, (rate / 10).max(largest), now));
+        }
         self.rescan(now);
     }
 
@@ -596,7 +652,18 @@ impl Engine {
             .sources
             .iter()
             .any(|s| matches!(s.gone, Some(Gone::Failing | Gone::Banned | Gone::Removed)));
-        let err = if let Some((origin, id)) = job.corrupt {
+        let err = if let (true, Some(allowed)) = (job.budget_blocked, self.config.wan_budget_bytes)
+        {
+            let left: u64 = job
+                .needed_entries()
+                .filter(|&e| !matches!(job.need[e as usize], Need::Fetching { .. }))
+                .map(|e| u64::from(job.table.wire_size(e)))
+                .sum();
+            InstallError::OverBudget {
+                needed: job.wan_asked + left,
+                allowed,
+            }
+        } else if let Some((origin, id)) = job.corrupt {
             InstallError::CorruptChunk { origin, id }
         } else if failed {
             InstallError::SourcesFailed { count, bytes }
@@ -659,20 +726,42 @@ impl Engine {
         }
         let size = job.table.size(e);
         let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
+        let wire = u64::from(job.table.wire_size(e));
+        let budget = self
+            .config
+            .wan_budget_bytes
+            .is_none_or(|b| job.wan_asked.saturating_add(wire) <= b);
+        let paced = job.pacer.as_ref().is_some_and(|p| !p.has(wire, now));
+        let mut over_budget = false;
         let usable = |s: &SourceState| {
-            s.is_requests() && s.may_hold(e) && (wan || !super::lan::is_wan(s.info.class))
+            s.is_requests()
+                && s.may_hold(e)
+                && (!super::lan::is_wan(s.info.class) || (wan && budget))
         };
+        let resting =
+            |s: &SourceState| s.in_backoff(now) || (paced && super::lan::is_wan(s.info.class));
+        if !budget {
+            over_budget = job.sources.iter().any(|s| {
+                s.is_requests() && s.may_hold(e) && super::lan::is_wan(s.info.class) && wan
+            });
+        }
         let mut any = false;
         let mut class: Option<u8> = None;
         for s in job.sources.iter().filter(|s| usable(s)) {
             any = true;
-            if !s.in_backoff(now) {
+            if !resting(s) {
                 let c = s.info.class.cost();
                 class = Some(class.map_or(c, |k| k.min(c)));
             }
         }
         if !any {
-            return if wan { Choice::Nobody } else { Choice::Lan };
+            return if over_budget {
+                Choice::OverBudget
+            } else if wan {
+                Choice::Nobody
+            } else {
+                Choice::Lan
+            };
         }
         let Some(class) = class else {
             return Choice::Wait;
@@ -683,7 +772,7 @@ impl Engine {
         let mut ties = 0usize;
         let mut pick = None;
         for (i, s) in job.sources.iter().enumerate() {
-            if !usable(s) || s.in_backoff(now) || s.info.class.cost() != class {
+            if !usable(s) || resting(s) || s.info.class.cost() != class {
                 continue;
             }
             let open_room = s.open.is_some_and(|r| {
@@ -770,6 +859,12 @@ impl Engine {
                         job.need[e as usize] = Need::Idle;
                     }
                 }
+                Choice::OverBudget => {
+                    if let Some(job) = self.job.as_mut() {
+                        job.need[e as usize] = Need::Idle;
+                        job.budget_blocked = true;
+                    }
+                }
                 Choice::Lan => {
                     if let Some(job) = self.job.as_mut() {
                         job.need[e as usize] = Need::Lan;
@@ -802,7 +897,8 @@ impl Engine {
         }
         let queued: Vec<u32> = job.fetches.iter().copied().collect();
         for e in queued {
-            if let Choice::Nobody | Choice::Stream | Choice::Lan = self.choose(e, now)
+            if let Choice::Nobody | Choice::Stream | Choice::Lan | Choice::OverBudget =
+                self.choose(e, now)
                 && let Some(job) = self.job.as_mut()
                 && job.need[e as usize] == Need::QueuedFetch
             {
@@ -847,6 +943,14 @@ impl Engine {
             }
         };
         let size = job.table.size(e);
+        if super::lan::is_wan(job.sources[i].info.class) {
+            let wire = u64::from(job.table.wire_size(e));
+            job.wan_asked += wire;
+            if let Some(p) = job.pacer.as_mut() {
+                let taken = p.try_take(wire, now);
+                assert!(taken, "a paced chunk was assigned");
+            }
+        }
         let limits = job.sources[i].info.limits;
         let r = job.requests[slot as usize]
             .as_mut()
@@ -1427,6 +1531,13 @@ impl Engine {
             .as_ref()
             .and_then(|job| job.lan_deadline(now, super::lan::ms(self.config.lan_timeout)));
         self.timers.set(Timer::LanOwner, lan);
+        let pacing = self.job.as_ref().and_then(|job| {
+            let p = job.pacer.as_ref()?;
+            let &e = job.fetches.front()?;
+            let wire = u64::from(job.table.wire_size(e));
+            (!p.has(wire, now)).then(|| p.ready_at(wire))
+        });
+        self.timers.set(Timer::Pacing, pacing);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
