@@ -543,3 +543,86 @@ fn the_wan_rate_cap_paces_requests_with_its_own_timer() {
     );
     assert!(slot_b_holds(&dev, &image));
 }
+
+#[test]
+fn the_journal_waits_for_the_sync() {
+    use crate::{Input, Output, Record};
+    let f = Fixture::new();
+    let image = bytes(16, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let mut config = f.config();
+    config.journal_batch_bytes = 64 * 1024;
+    config.writing_bytes_max = 128 * 1024;
+    let mut engine = dev.engine(config);
+    let offer = f.offer(&m, vec![source(1, SourceClass::Local)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut syncs = Vec::new();
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::Sync { slot } => syncs.push(slot),
+            Output::Persist(records) => {
+                assert!(
+                    !records.iter().any(|r| matches!(r, Record::Done(_))),
+                    "a journal record before its sync returned"
+                );
+                dev.store.apply(&records);
+            }
+            out => dev.execute(&mut engine, out).expect("no crash"),
+        }
+    }
+    assert!(!syncs.is_empty(), "batches were flushed");
+    assert!(dev.store.state.done.is_empty(), "nothing journaled yet");
+    // A sync returns: its batch is journaled at once.
+    engine.handle(dev.now(), Input::Synced { slot: syncs[0] });
+    let journaled = std::iter::from_fn(|| engine.poll_output()).any(|out| {
+        matches!(out, Output::Persist(records) if records.iter().any(|r| matches!(r, Record::Done(_))))
+    });
+    assert!(journaled, "the batch was journaled after its sync");
+}
+
+#[test]
+fn writes_not_yet_carried_out_bound_what_is_fetched() {
+    use crate::{Input, Output};
+    let f = Fixture::new();
+    let image = bytes(17, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let mut config = f.config();
+    config.writing_bytes_max = 128 * 1024;
+    let mut engine = dev.engine(config);
+    let limits = SourceLimits {
+        requests_max: 1,
+        request_bytes_max: 16 * 1024,
+        request_chunks_max: 4,
+    };
+    let offer = f.offer(&m, vec![source(1, SourceClass::Local).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut pending = Vec::new();
+    let mut written = 0u64;
+    // A disk that never finishes a write: fetching stops at the bound.
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::Write {
+                slot,
+                offsets,
+                data,
+            } => {
+                written += data.len() as u64 * offsets.len() as u64;
+                pending.push((slot, data.len() as u64 * offsets.len() as u64));
+            }
+            Output::Sync { slot } => engine.handle(dev.now(), Input::Synced { slot }),
+            out => dev.execute(&mut engine, out).expect("no crash"),
+        }
+    }
+    assert!(written >= 128 * 1024, "{written}");
+    assert!(written < 128 * 1024 + 16 * 1024, "{written}");
+    assert!(engine.is_installing());
+    // The disk catches up: the install goes on.
+    for (slot, bytes) in pending {
+        engine.handle(dev.now(), Input::Written { slot, bytes });
+    }
+    assert!(std::iter::from_fn(|| engine.poll_output()).any(|o| matches!(o, Output::Fetch { .. })));
+}

@@ -458,12 +458,20 @@ impl SimDevice {
                     self.live[slot_index(slot)][o..o + data.len()].copy_from_slice(&data);
                     self.unsynced[slot_index(slot)].push((off, data.len()));
                     self.bytes_written += data.len() as u64;
+                    engine.handle(
+                        now,
+                        Input::Written {
+                            slot,
+                            bytes: data.len() as u64,
+                        },
+                    );
                 }
             }
             Output::Sync { slot } => {
                 self.op()?;
                 self.durable[slot_index(slot)] = self.live[slot_index(slot)].clone();
                 self.unsynced[slot_index(slot)].clear();
+                engine.handle(now, Input::Synced { slot });
             }
             Output::Persist(records) => {
                 self.op()?;

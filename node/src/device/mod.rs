@@ -674,6 +674,8 @@ struct Driver<'a> {
     reboot_asked: bool,
     source_bytes_read: u64,
     progress: &'a mut dyn FnMut(Progress),
+    /// Syncs handed to the write-behind and not yet answered, oldest first.
+    syncs_owed: std::collections::VecDeque<Slot>,
 }
 
 impl<'a> Driver<'a> {
@@ -695,6 +697,7 @@ impl<'a> Driver<'a> {
             reboot_asked: false,
             source_bytes_read: 0,
             progress,
+            syncs_owed: std::collections::VecDeque::new(),
         }
     }
 
@@ -861,8 +864,51 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Carries out outputs until the engine has none.
+    /// Tells the engine of the syncs that returned; with `wait`, waits for one
+    /// first. Returns whether one was delivered.
+    fn deliver_syncs(&mut self, wait: bool) -> bool {
+        let Some(wb) = self.write_behind.as_ref() else {
+            return false;
+        };
+        let mut done = wb.synced();
+        if done == 0 && wait {
+            match wb.wait_synced() {
+                Ok(()) => done = 1,
+                Err((op, message)) => {
+                    self.syncs_owed.clear();
+                    self.engine
+                        .handle(self.now(), Input::Failed { op, message });
+                    return false;
+                }
+            }
+        }
+        for _ in 0..done {
+            if let Some(slot) = self.syncs_owed.pop_front() {
+                self.engine.handle(self.now(), Input::Synced { slot });
+            }
+        }
+        done > 0
+    }
+
+    /// Carries out outputs until the engine has none (and waits for the syncs it
+    /// cannot go on without).
     fn drain(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.drain_outputs();
+            if self.deliver_syncs(false) {
+                continue;
+            }
+            if self.engine.waiting_for_sync() && !self.syncs_owed.is_empty() {
+                self.deliver_syncs(true);
+                continue;
+            }
+            break;
+        }
+        (self.progress)(self.engine.progress());
+        Ok(())
+    }
+
+    fn drain_outputs(&mut self) {
         while let Some(out) = self.engine.poll_output() {
             if let Err((op, e)) = self.execute(out) {
                 let message = format!("{e:#}");
@@ -880,8 +926,6 @@ impl<'a> Driver<'a> {
                     .handle(self.now(), Input::Failed { op, message });
             }
         }
-        (self.progress)(self.engine.progress());
-        Ok(())
     }
 
     /// `len` bytes at `offset` of a slot: from the stream read ahead (the chunks
@@ -1100,14 +1144,20 @@ impl<'a> Driver<'a> {
                     ));
                 }
                 let wb = self.write_behind.as_ref().expect("just started");
+                let bytes = data.len() as u64 * offsets.len() as u64;
                 wb.write(offsets, data)
                     .map_err(|(op, e)| (op, anyhow!(e)))?;
+                // Queued in order behind the writes before it (the queue is bounded).
+                self.engine.handle(now, Input::Written { slot, bytes });
             }
-            Output::Sync { .. } => {
-                if let Some(wb) = self.write_behind.as_ref() {
+            Output::Sync { slot } => match self.write_behind.as_ref() {
+                // Answered when the syncing thread says it returned (`drain`).
+                Some(wb) => {
                     wb.sync().map_err(|(op, e)| (op, anyhow!(e)))?;
+                    self.syncs_owed.push_back(slot);
                 }
-            }
+                None => self.engine.handle(now, Input::Synced { slot }),
+            },
             Output::Persist(records) => match self.write_behind.as_ref() {
                 // Journals a batch once the sync queued before it returned.
                 Some(wb) => wb.persist(records).map_err(|(op, e)| (op, anyhow!(e)))?,

@@ -86,6 +86,8 @@ pub struct WriteBehind {
     tx: Option<mpsc::Sender<Job>>,
     budget: Arc<Budget>,
     failures: mpsc::Receiver<Failure>,
+    /// One message per sync that returned, in order.
+    synced: mpsc::Receiver<()>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -109,6 +111,7 @@ impl WriteBehind {
         let (tx, rx) = mpsc::channel::<Job>();
         let (to_sync, sync_rx) = mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
         let (fail_tx, failures) = mpsc::channel();
+        let (synced_tx, synced) = mpsc::channel();
         let budget = Arc::new(Budget::default());
         let writing = Writing {
             writer,
@@ -126,6 +129,7 @@ impl WriteBehind {
             store,
             verifier,
             failures: fail_tx,
+            synced: synced_tx,
             failed: false,
         };
         let workers = vec![
@@ -136,7 +140,36 @@ impl WriteBehind {
             tx: Some(tx),
             budget,
             failures,
+            synced,
             workers,
+        }
+    }
+
+    /// How many queued syncs returned since the last call (without waiting).
+    pub fn synced(&self) -> usize {
+        self.synced.try_iter().count()
+    }
+
+    /// Waits for the next queued sync to return; `Err` when the thread failed
+    /// instead (it syncs nothing after a failure).
+    pub fn wait_synced(&self) -> Result<(), Failure> {
+        loop {
+            match self
+                .synced
+                .recv_timeout(std::time::Duration::from_millis(20))
+            {
+                Ok(()) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self
+                        .failure()
+                        .unwrap_or((IoOp::Sync, "the slot syncing thread stopped".to_owned())));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(failure) = self.failure() {
+                        return Err(failure);
+                    }
+                }
+            }
         }
     }
 
@@ -379,6 +412,7 @@ struct Syncing {
     store: Arc<Store>,
     verifier: Option<Verifier>,
     failures: mpsc::Sender<Failure>,
+    synced: mpsc::Sender<()>,
     failed: bool,
 }
 
@@ -388,11 +422,12 @@ impl Syncing {
             match job {
                 // After a failure nothing more is synced or persisted: the journal
                 // stays at the last batch known durable.
-                SyncJob::Sync(written) if !self.failed => {
-                    if let Err((op, message)) = self.sync(written) {
-                        self.fail(op, message);
+                SyncJob::Sync(written) if !self.failed => match self.sync(written) {
+                    Ok(()) => {
+                        let _ = self.synced.send(());
                     }
-                }
+                    Err((op, message)) => self.fail(op, message),
+                },
                 SyncJob::Persist(records) if !self.failed => {
                     if let Err(e) = self.store.apply(&records) {
                         self.fail(IoOp::Persist, chain(&e));

@@ -66,6 +66,8 @@ pub(crate) enum Step {
     /// install before anything is written.
     Probing,
     Fetching,
+    /// Every chunk is written; the last journal batches wait for their syncs.
+    Flushing,
     Hashing,
 }
 
@@ -259,6 +261,8 @@ pub(crate) struct Job {
     pub(crate) lan: Option<super::lan::LanState>,
     /// Wire bytes asked of WAN sources (for the data budget).
     wan_asked: u64,
+    /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
+    pub(crate) writing_bytes: u64,
     /// The WAN rate cap.
     pacer: Option<Pacer>,
     /// A chunk was not asked of the WAN because of the data budget.
@@ -311,6 +315,7 @@ impl Job {
             corrupt: None,
             lan: None,
             wan_asked: 0,
+            writing_bytes: 0,
             pacer: None,
             budget_blocked: false,
             table,
@@ -606,23 +611,24 @@ impl Engine {
                 return;
             }
             Step::Fetching => {}
-            Step::Indexing | Step::Hashing => return,
+            Step::Indexing | Step::Flushing | Step::Hashing => return,
         }
-        self.pump_reads();
-        self.pump_fetches(now);
-        self.end_game(now);
+        // Writes not yet carried out bound what is read and fetched.
+        if job.writing_bytes < self.config.writing_bytes_max {
+            self.pump_reads();
+            self.pump_fetches(now);
+            self.end_game(now);
+        }
         self.update_timers(now);
         let Some(job) = self.job.as_mut() else { return };
         if job.needed == 0 {
             self.flush_batch();
             let Some(job) = self.job.as_mut() else { return };
-            job.step = Step::Hashing;
-            let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
-            info!(slot = %target, len, "all chunks written; verifying the slot");
+            job.step = Step::Flushing;
             self.timers.clear();
-            self.event(Event::Verifying { slot: target });
-            self.outputs
-                .push_back(Output::HashSlot { slot: target, len });
+            if self.syncing.is_empty() {
+                self.verify();
+            }
             return;
         }
         let busy = !job.reads.is_empty()
@@ -1244,18 +1250,58 @@ impl Engine {
     }
 
     /// Syncs the slot and commits the batch of written chunks to the journal.
+    ///
+    /// The journal record waits for [`Input::Synced`](crate::Input::Synced): the
+    /// engine itself keeps "journal only after the sync".
     pub(crate) fn flush_batch(&mut self) {
         let Some(job) = self.job.as_mut() else { return };
         if job.batch.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut job.batch);
-        job.journal_bytes += job.batch_bytes;
-        job.batch_bytes = 0;
+        let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
-        self.state.done.extend_from_slice(&batch);
         self.outputs.push_back(Output::Sync { slot: target });
+        self.syncing.push_back((target, batch, bytes));
+    }
+
+    /// A sync returned: the oldest batch synced before it is journaled; once every
+    /// chunk is written and journaled, the slot is verified.
+    pub(crate) fn on_synced(&mut self, slot: Slot) {
+        if self.syncing.front().is_none_or(|(s, _, _)| *s != slot) {
+            return;
+        }
+        let Some((_, batch, bytes)) = self.syncing.pop_front() else {
+            return;
+        };
+        self.state.done.extend_from_slice(&batch);
+        if let Some(job) = self.job.as_mut() {
+            job.journal_bytes += bytes;
+        }
         self.persist(vec![Record::Done(batch)]);
+        let verify = self.job.as_ref().is_some_and(|j| j.step == Step::Flushing);
+        if verify && self.syncing.is_empty() {
+            self.verify();
+        }
+    }
+
+    /// Every chunk is written and journaled: re-read the slot.
+    fn verify(&mut self) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.step = Step::Hashing;
+        let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
+        info!(slot = %target, len, "all chunks written; verifying the slot");
+        self.timers.clear();
+        self.event(Event::Verifying { slot: target });
+        self.outputs
+            .push_back(Output::HashSlot { slot: target, len });
+    }
+
+    /// A write was carried out: its bytes no longer count against the bound.
+    pub(crate) fn on_written(&mut self, now: Instant, bytes: u64) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.writing_bytes = job.writing_bytes.saturating_sub(bytes);
+        self.pump(now);
     }
 
     /// A chunk's bytes arrived; `hashed`: they were verified against `id` already
@@ -1385,6 +1431,7 @@ impl Engine {
             }
         }
         let target = job.target;
+        job.writing_bytes += data.len() as u64 * offsets.len() as u64;
         let flush = job.batch_bytes >= self.config.journal_batch_bytes;
         self.outputs.push_back(Output::Write {
             slot: target,
