@@ -1138,7 +1138,6 @@ impl<'a> Driver<'a> {
                     self.write_behind = Some(write_behind::WriteBehind::start(
                         w,
                         sync,
-                        Arc::clone(&self.dev.store),
                         verifier,
                         self.dev.io_window,
                     ));
@@ -1158,15 +1157,13 @@ impl<'a> Driver<'a> {
                 }
                 None => self.engine.handle(now, Input::Synced { slot }),
             },
-            Output::Persist(records) => match self.write_behind.as_ref() {
-                // Journals a batch once the sync queued before it returned.
-                Some(wb) => wb.persist(records).map_err(|(op, e)| (op, anyhow!(e)))?,
-                None => self
-                    .dev
-                    .store
-                    .apply(&records)
-                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
-            },
+            // The engine asks for a journal batch only once its sync returned
+            // (`Input::Synced`): applied at once, not queued behind later syncs.
+            Output::Persist(records) => self
+                .dev
+                .store
+                .apply(&records)
+                .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
             Output::HashSlot { slot, len } => {
                 // Every write is done and synced first. Most of the slot was read
                 // back and hashed while it was written; otherwise (nothing written

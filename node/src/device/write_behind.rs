@@ -1,15 +1,15 @@
-//! Writing the slot, syncing it and journaling what each sync made durable, on a
-//! thread of its own.
+//! Writing the slot and syncing it, on threads of their own.
 //!
-//! The engine asks for writes of the target slot, a sync after every batch of
-//! them, and then the journal record of that batch ([`shoal_engine::Output::Write`],
-//! [`shoal_engine::Output::Sync`], [`shoal_engine::Output::Persist`]). Carried out
-//! in line, every write waits for the page cache and every sync for the medium,
-//! and the install stops meanwhile. The [`WriteBehind`] thread takes all three in
-//! order instead (one writing, one syncing, so writes go on while the medium
-//! syncs), while the driver goes on reading and decoding: a record is still
-//! persisted only after the sync before it returned, so the journal never claims a
-//! byte the slot may not hold. The data of the writes waiting for the thread is
+//! The engine asks for writes of the target slot and a sync after every batch of
+//! them ([`shoal_engine::Output::Write`], [`shoal_engine::Output::Sync`]), and asks
+//! for the journal record of a batch only once told its sync returned
+//! ([`shoal_engine::Input::Synced`]). Carried out in line, every write waits for the
+//! page cache and every sync for the medium, and the install stops meanwhile. The
+//! [`WriteBehind`] threads take writes and syncs in order instead (one writing, one
+//! syncing, so writes go on while the medium syncs), while the driver goes on
+//! reading and decoding, and report each sync that returned
+//! ([`WriteBehind::synced`]); the driver passes that on to the engine, so the
+//! journal never claims a byte the slot may not hold. The data of the writes waiting for the thread is
 //! bounded ([`BUDGET`]). The read-back of the written slot ([`Verifier`]) rides
 //! along, told of each write and of each completed sync.
 //!
@@ -27,10 +27,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use shoal_bootctl::SlotWriter;
-use shoal_engine::{IoOp, Record};
+use shoal_engine::IoOp;
 
 use super::slotio::Verifier;
-use super::store::Store;
 use crate::cmd::chain;
 
 /// Bytes of write data queued for the thread at most.
@@ -48,8 +47,6 @@ enum Job {
     },
     /// Makes every write before it durable.
     Sync,
-    /// Journal records, persisted once every sync before them returned.
-    Persist(Vec<Record>),
     /// Answered once every job before it is done.
     Barrier(mpsc::Sender<()>),
     /// Syncs, then answers with the payload's hash from the read-back (or `None`
@@ -98,13 +95,13 @@ impl std::fmt::Debug for WriteBehind {
 }
 
 impl WriteBehind {
-    /// Starts the thread over `writer` (the slot being written), `store` (the
-    /// journal) and `verifier` (the read-back of the slot, if any). Contiguous
+    /// Starts the threads over `writer` (the slot being written), `sync` (a second
+    /// writer of it, to sync through) and `verifier` (the read-back of the slot, if
+    /// any). Contiguous
     /// writes are gathered up to `gather` bytes.
     pub fn start(
         writer: SlotWriter,
         sync: SlotWriter,
-        store: Arc<Store>,
         verifier: Option<Verifier>,
         gather: usize,
     ) -> WriteBehind {
@@ -126,7 +123,6 @@ impl WriteBehind {
         };
         let syncing = Syncing {
             sync,
-            store,
             verifier,
             failures: fail_tx,
             synced: synced_tx,
@@ -198,11 +194,6 @@ impl WriteBehind {
         self.send(Job::Sync)
     }
 
-    /// Queues journal records, persisted once every sync before them returned.
-    pub fn persist(&self, records: Vec<Record>) -> Result<(), Failure> {
-        self.send(Job::Persist(records))
-    }
-
     /// A failure of the thread's work, if one happened (at most one is ever
     /// reported: the thread stops working after it).
     pub fn failure(&self) -> Option<Failure> {
@@ -265,7 +256,6 @@ const SYNC_QUEUE: usize = 4;
 enum SyncJob {
     /// Syncs; the ranges `(offset, len)` written before it are then durable.
     Sync(Vec<(u64, u64)>),
-    Persist(Vec<Record>),
     /// A write failed: nothing after it is synced or persisted.
     WriteFailed,
     Barrier(mpsc::Sender<()>),
@@ -318,7 +308,6 @@ impl Writing {
                     }
                     Some(SyncJob::Sync(std::mem::take(&mut self.written)))
                 }
-                Job::Persist(records) => Some(SyncJob::Persist(records)),
                 Job::Barrier(answer) => Some(SyncJob::Barrier(answer)),
                 Job::Finish(answer) => {
                     if !self.failed
@@ -404,12 +393,11 @@ impl Writing {
     }
 }
 
-/// The syncing thread: syncs, then journals, and tells the read-back.
+/// The syncing thread: syncs, tells the read-back and the driver.
 struct Syncing {
     /// A second writer of the slot: a sync through it makes every write of the
     /// slot durable.
     sync: SlotWriter,
-    store: Arc<Store>,
     verifier: Option<Verifier>,
     failures: mpsc::Sender<Failure>,
     synced: mpsc::Sender<()>,
@@ -428,12 +416,7 @@ impl Syncing {
                     }
                     Err((op, message)) => self.fail(op, message),
                 },
-                SyncJob::Persist(records) if !self.failed => {
-                    if let Err(e) = self.store.apply(&records) {
-                        self.fail(IoOp::Persist, chain(&e));
-                    }
-                }
-                SyncJob::Sync(_) | SyncJob::Persist(_) => {}
+                SyncJob::Sync(_) => {}
                 SyncJob::WriteFailed => self.failed = true,
                 SyncJob::Barrier(answer) => {
                     let _ = answer.send(());
