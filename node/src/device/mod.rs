@@ -925,6 +925,9 @@ impl<'a> Driver<'a> {
                 self.engine
                     .handle(self.now(), Input::Failed { op, message });
             }
+            // Syncs that returned meanwhile: their batches are journaled now, even
+            // while one source answers synchronously and outputs never run dry.
+            self.deliver_syncs(false);
         }
     }
 
