@@ -1,0 +1,438 @@
+//! The server as the engine's request source: each [`Output::Fetch`] batch is one
+//! `POST .../deployments/{id}/chunks`, run on one of a few worker threads (so
+//! several requests are in flight), its `application/vnd.shoal.chunks` answer
+//! parsed ([`parse_batch`]), each chunk decoded and hashed, and the chunks handed
+//! back to the driver ([`Requests::wait`]).
+//!
+//! [`Output::Fetch`]: shoal_engine::Output::Fetch
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use shoal_artifact::{ChunkId, ChunkRef};
+use shoal_engine::{FetchFailure, RequestId};
+use tracing::{debug, warn};
+
+use super::api::{Api, ApiError, error_of, read_capped};
+use crate::device::{Answer, Requests};
+
+/// Framing of each chunk in a batch: its 32-byte id and a big-endian `u32` length.
+const FRAME_HEADER: usize = 36;
+/// The largest answer to one batch request accepted (the server caps a batch at
+/// 64 MiB of stored bytes; framing on top).
+pub const BATCH_BODY_MAX: u64 = 64 * 1024 * 1024 + 4096 * FRAME_HEADER as u64;
+
+/// Why a batch answer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The body ends inside a frame header.
+    #[error("the batch ends inside the header of chunk {index}")]
+    TruncatedHeader {
+        /// The frame's position.
+        index: usize,
+    },
+    /// The body ends inside a chunk's bytes.
+    #[error("the batch ends inside chunk {index} ({declared} bytes declared, {left} left)")]
+    TruncatedChunk {
+        /// The frame's position.
+        index: usize,
+        /// The length its header declares.
+        declared: u32,
+        /// The bytes left in the body.
+        left: usize,
+    },
+    /// A frame carries another chunk than the one asked for at its position.
+    #[error("chunk {index} of the batch is {got}, not {want} as asked")]
+    WrongId {
+        /// The frame's position.
+        index: usize,
+        /// The id asked for.
+        want: ChunkId,
+        /// The id in the frame.
+        got: ChunkId,
+    },
+    /// More bytes follow the last chunk asked for.
+    #[error("{0} bytes follow the last chunk of the batch")]
+    Trailing(usize),
+}
+
+/// Splits a batch answer into the stored bytes of each chunk, in the order asked.
+/// Fewer frames than ids asked is an error of the framing, not of availability.
+pub fn parse_batch<'a>(body: &'a [u8], asked: &[ChunkId]) -> Result<Vec<&'a [u8]>, BatchError> {
+    let mut rest = body;
+    let mut out = Vec::with_capacity(asked.len());
+    for (index, want) in asked.iter().enumerate() {
+        if rest.len() < FRAME_HEADER {
+            return Err(BatchError::TruncatedHeader { index });
+        }
+        let (head, tail) = rest.split_at(FRAME_HEADER);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&head[..32]);
+        let got = ChunkId(id);
+        if got != *want {
+            return Err(BatchError::WrongId {
+                index,
+                want: *want,
+                got,
+            });
+        }
+        let declared = u32::from_be_bytes([head[32], head[33], head[34], head[35]]);
+        let len = declared as usize;
+        if tail.len() < len {
+            return Err(BatchError::TruncatedChunk {
+                index,
+                declared,
+                left: tail.len(),
+            });
+        }
+        let (stored, next) = tail.split_at(len);
+        out.push(stored);
+        rest = next;
+    }
+    if !rest.is_empty() {
+        return Err(BatchError::Trailing(rest.len()));
+    }
+    Ok(out)
+}
+
+struct Job {
+    request: RequestId,
+    ids: Vec<ChunkId>,
+}
+
+/// What workers share.
+struct Shared {
+    api: Api,
+    path: String,
+    refs: BTreeMap<ChunkId, ChunkRef>,
+    dictionaries: Mutex<HashMap<u32, Arc<shoal_artifact::chunk::Dictionary>>>,
+    cancelled: Mutex<HashSet<RequestId>>,
+    bytes: AtomicU64,
+    aborted: AtomicBool,
+}
+
+/// The server as a [`Requests`] source for one deployment.
+pub struct HttpRequests {
+    jobs: Option<Sender<Job>>,
+    answers: Receiver<Vec<Answer>>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HttpRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRequests")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle that outlives the source: whether the server aborted the deployment,
+/// and the bytes read.
+#[derive(Clone)]
+pub struct Watch(Arc<Shared>);
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Whether the server answered 409 (the deployment was aborted).
+    pub fn aborted(&self) -> bool {
+        self.0.aborted.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of chunk batches read from the server.
+    pub fn bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl HttpRequests {
+    /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
+    /// lists `refs`.
+    pub fn start(
+        api: Api,
+        deployment: &str,
+        refs: BTreeMap<ChunkId, ChunkRef>,
+        workers: u32,
+    ) -> HttpRequests {
+        let shared = Arc::new(Shared {
+            api,
+            path: format!("/deployments/{deployment}/chunks"),
+            refs,
+            dictionaries: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+        });
+        let (jobs, job_rx) = channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (answer_tx, answers) = channel();
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                let shared = Arc::clone(&shared);
+                let job_rx = Arc::clone(&job_rx);
+                let answer_tx: Sender<Vec<Answer>> = answer_tx.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let job = match job_rx.lock().map(|rx| rx.recv()) {
+                            Ok(Ok(job)) => job,
+                            _ => return,
+                        };
+                        let cancelled = shared
+                            .cancelled
+                            .lock()
+                            .map(|c| c.contains(&job.request))
+                            .unwrap_or(false);
+                        if cancelled {
+                            continue;
+                        }
+                        let answers = fetch(&shared, job);
+                        if answer_tx.send(answers).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        HttpRequests {
+            jobs: Some(jobs),
+            answers,
+            shared,
+            workers,
+        }
+    }
+
+    /// A handle to read the abort flag and byte count after the install.
+    pub fn watch(&self) -> Watch {
+        Watch(Arc::clone(&self.shared))
+    }
+}
+
+impl Drop for HttpRequests {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers once their request (bounded by the
+        // client's timeouts) is done.
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Requests for HttpRequests {
+    fn send(&mut self, request: RequestId, ids: Vec<ChunkId>) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job { request, ids });
+        }
+    }
+
+    fn cancel(&mut self, request: RequestId) {
+        if let Ok(mut c) = self.shared.cancelled.lock() {
+            c.insert(request);
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Vec<Answer> {
+        let mut out = match self.answers.recv_timeout(timeout) {
+            Ok(a) => a,
+            Err(_) => return Vec::new(),
+        };
+        while let Ok(more) = self.answers.try_recv() {
+            out.extend(more);
+        }
+        out
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one request: the answers to hand to the engine.
+fn fetch(shared: &Shared, job: Job) -> Vec<Answer> {
+    let failed = |failure| {
+        vec![Answer::Failed {
+            request: job.request,
+            failure,
+        }]
+    };
+    let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
+    let body = serde_json::json!({ "ids": hex });
+    let resp = match shared
+        .api
+        .send(&shared.path, |c, u| c.post(u).json(&body))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(request = %job.request, error = %e, "chunk request failed");
+            return failed(if e.is_transient() {
+                FetchFailure::RetryLater
+            } else {
+                FetchFailure::DropSource
+            });
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let e = error_of(resp);
+        warn!(request = %job.request, error = %e, "chunk request refused");
+        if status == StatusCode::CONFLICT {
+            shared.aborted.store(true, Ordering::Relaxed);
+        }
+        return failed(match status {
+            StatusCode::NOT_FOUND => FetchFailure::NotThere,
+            _ if e.is_transient() => FetchFailure::RetryLater,
+            _ => FetchFailure::DropSource,
+        });
+    }
+    let body = match read_capped(resp, BATCH_BODY_MAX, "a chunk batch") {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(request = %job.request, error = %e, "chunk batch cut");
+            return failed(if e.is_transient() {
+                FetchFailure::RetryLater
+            } else {
+                FetchFailure::DropSource
+            });
+        }
+    };
+    shared.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let frames = match parse_batch(&body, &job.ids) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(request = %job.request, error = %e, "malformed chunk batch");
+            return failed(FetchFailure::DropSource);
+        }
+    };
+    let mut answers = Vec::with_capacity(frames.len());
+    for (id, stored) in job.ids.iter().zip(frames) {
+        let Some(chunk) = shared.refs.get(id) else {
+            answers.push(Answer::Unavailable(*id));
+            continue;
+        };
+        match decode(shared, stored, chunk) {
+            Ok(data) => answers.push(Answer::Chunk { id: *id, data }),
+            Err(message) => {
+                // Bytes that do not decode to the id: handed over as they are, so
+                // the engine's hash check refuses them (and bans the source).
+                warn!(%id, %message, "chunk from the server does not decode");
+                answers.push(Answer::Chunk {
+                    id: *id,
+                    data: stored.to_vec(),
+                });
+            }
+        }
+    }
+    debug!(request = %job.request, chunks = answers.len(), "chunk batch");
+    answers
+}
+
+/// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
+fn decode(shared: &Shared, stored: &[u8], chunk: &ChunkRef) -> Result<Vec<u8>, String> {
+    use shoal_artifact::chunk::{ChunkError, decode_with, frame_dictionary_id};
+    let dict = match frame_dictionary_id(stored) {
+        None => None,
+        Some(zstd_id) => {
+            let cached = shared
+                .dictionaries
+                .lock()
+                .ok()
+                .and_then(|d| d.get(&zstd_id).cloned());
+            match cached {
+                Some(d) => Some(d),
+                None => {
+                    let bytes = shared
+                        .api
+                        .dictionary(zstd_id)
+                        .map_err(|e: ApiError| e.to_string())?;
+                    let dict = Arc::new(
+                        shoal_artifact::chunk::Dictionary::from_bytes(bytes)
+                            .map_err(|e| format!("dictionary {zstd_id:08x}: {e}"))?,
+                    );
+                    if let Ok(mut d) = shared.dictionaries.lock() {
+                        d.insert(zstd_id, Arc::clone(&dict));
+                    }
+                    Some(dict)
+                }
+            }
+        }
+    };
+    decode_with(stored, chunk, dict.as_deref()).map_err(|e: ChunkError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn frame(id: ChunkId, data: &[u8]) -> Vec<u8> {
+        let mut out = id.as_bytes().to_vec();
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn parses_frames_in_order() {
+        let mut body = frame(id(1), b"abc");
+        body.extend(frame(id(2), b""));
+        let got = parse_batch(&body, &[id(1), id(2)]).expect("valid");
+        assert_eq!(got, vec![&b"abc"[..], &b""[..]]);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_precisely() {
+        let body = frame(id(1), b"abcdef");
+        assert_eq!(
+            parse_batch(&body[..20], &[id(1)]),
+            Err(BatchError::TruncatedHeader { index: 0 })
+        );
+        assert_eq!(
+            parse_batch(&body[..38], &[id(1)]),
+            Err(BatchError::TruncatedChunk {
+                index: 0,
+                declared: 6,
+                left: 2
+            })
+        );
+        assert_eq!(
+            parse_batch(&body, &[id(2)]),
+            Err(BatchError::WrongId {
+                index: 0,
+                want: id(2),
+                got: id(1)
+            })
+        );
+        assert_eq!(
+            parse_batch(&body, &[id(1), id(2)]),
+            Err(BatchError::TruncatedHeader { index: 1 })
+        );
+        let mut long = body.clone();
+        long.extend_from_slice(b"xyz");
+        assert_eq!(parse_batch(&long, &[id(1)]), Err(BatchError::Trailing(3)));
+        assert_eq!(parse_batch(&[], &[]), Ok(vec![]));
+        // A length past the end of the body (u32::MAX) is not trusted.
+        let mut huge = id(1).as_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            parse_batch(&huge, &[id(1)]),
+            Err(BatchError::TruncatedChunk {
+                index: 0,
+                declared: u32::MAX,
+                left: 0
+            })
+        );
+    }
+}
