@@ -1,8 +1,8 @@
 //! The server as the engine's request source: each [`Output::Fetch`] batch is one
 //! `POST .../deployments/{id}/chunks`, run on one of a few worker threads (so
 //! several requests are in flight), its `application/vnd.shoal.chunks` answer
-//! parsed ([`parse_batch`]), each chunk decoded and hashed, and the chunks handed
-//! back to the driver ([`Requests::wait`]).
+//! read frame by frame as it arrives ([`BatchReader`]), each chunk decoded and
+//! handed to the driver at once ([`Requests::wait`]); the engine hashes it.
 //!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
@@ -18,14 +18,15 @@ use shoal_artifact::{ChunkId, ChunkRef};
 use shoal_engine::{FetchFailure, RequestId};
 use tracing::{debug, warn};
 
-use super::api::{Api, ApiError, error_of, read_capped};
+use super::api::{Api, ApiError, error_of};
 use crate::device::{Answer, Requests};
 
 /// Framing of each chunk in a batch: its 32-byte id and a big-endian `u32` length.
 const FRAME_HEADER: usize = 36;
-/// The largest answer to one batch request accepted (the server caps a batch at
-/// 64 MiB of stored bytes; framing on top).
-pub const BATCH_BODY_MAX: u64 = 64 * 1024 * 1024 + 4096 * FRAME_HEADER as u64;
+
+/// The longest stored form of one chunk accepted: the largest chunk, plus zstd's
+/// worst-case growth and headers with room to spare.
+pub const STORED_CHUNK_MAX: u32 = shoal_artifact::manifest::CHUNK_SIZE_MAX + 1024 * 1024;
 
 /// Why a batch answer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,14 +38,12 @@ pub enum BatchError {
         index: usize,
     },
     /// The body ends inside a chunk's bytes.
-    #[error("the batch ends inside chunk {index} ({declared} bytes declared, {left} left)")]
+    #[error("the batch ends inside chunk {index} ({declared} bytes declared)")]
     TruncatedChunk {
         /// The frame's position.
         index: usize,
         /// The length its header declares.
         declared: u32,
-        /// The bytes left in the body.
-        left: usize,
     },
     /// A frame carries another chunk than the one asked for at its position.
     #[error("chunk {index} of the batch is {got}, not {want} as asked")]
@@ -56,48 +55,97 @@ pub enum BatchError {
         /// The id in the frame.
         got: ChunkId,
     },
+    /// A frame declares more bytes than any stored chunk can have.
+    #[error("chunk {index} of the batch declares {declared} bytes (at most {STORED_CHUNK_MAX})")]
+    TooLong {
+        /// The frame's position.
+        index: usize,
+        /// The length its header declares.
+        declared: u32,
+    },
     /// More bytes follow the last chunk asked for.
-    #[error("{0} bytes follow the last chunk of the batch")]
-    Trailing(usize),
+    #[error("bytes follow the last chunk of the batch")]
+    Trailing,
+    /// Reading the body failed (cut connection, timeout).
+    #[error("reading the batch: {0}")]
+    Io(String),
 }
 
-/// Splits a batch answer into the stored bytes of each chunk, in the order asked.
-/// Fewer frames than ids asked is an error of the framing, not of availability.
-pub fn parse_batch<'a>(body: &'a [u8], asked: &[ChunkId]) -> Result<Vec<&'a [u8]>, BatchError> {
-    let mut rest = body;
-    let mut out = Vec::with_capacity(asked.len());
-    for (index, want) in asked.iter().enumerate() {
-        if rest.len() < FRAME_HEADER {
+impl BatchError {
+    /// Whether the transfer failed (retry later) rather than the bytes being wrong.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            BatchError::Io(_) | BatchError::TruncatedHeader { .. } | BatchError::TruncatedChunk { .. }
+        )
+    }
+}
+
+/// Reads a batch answer frame by frame as it arrives, in the order asked, so each
+/// chunk reaches the engine without waiting for the rest of the batch.
+#[derive(Debug)]
+pub struct BatchReader<'a, R> {
+    body: R,
+    asked: &'a [ChunkId],
+    index: usize,
+}
+
+impl<'a, R: std::io::Read> BatchReader<'a, R> {
+    /// A reader of `body`, the answer to a request for `asked`.
+    pub fn new(body: R, asked: &'a [ChunkId]) -> BatchReader<'a, R> {
+        BatchReader {
+            body,
+            asked,
+            index: 0,
+        }
+    }
+
+    /// Fills `buf`; `Ok(false)` when the body ended before it was full.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<bool, BatchError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.body.read(&mut buf[done..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BatchError::Io(e.to_string())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next chunk's id and stored bytes; `None` after the last one asked (and
+    /// the end of the body) was read.
+    pub fn next_frame(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>, BatchError> {
+        let index = self.index;
+        let Some(want) = self.asked.get(index).copied() else {
+            let mut probe = [0u8; 1];
+            return match self.fill(&mut probe)? {
+                false => Ok(None),
+                true => Err(BatchError::Trailing),
+            };
+        };
+        let mut head = [0u8; FRAME_HEADER];
+        if !self.fill(&mut head)? {
             return Err(BatchError::TruncatedHeader { index });
         }
-        let (head, tail) = rest.split_at(FRAME_HEADER);
         let mut id = [0u8; 32];
         id.copy_from_slice(&head[..32]);
         let got = ChunkId(id);
-        if got != *want {
-            return Err(BatchError::WrongId {
-                index,
-                want: *want,
-                got,
-            });
+        if got != want {
+            return Err(BatchError::WrongId { index, want, got });
         }
         let declared = u32::from_be_bytes([head[32], head[33], head[34], head[35]]);
-        let len = declared as usize;
-        if tail.len() < len {
-            return Err(BatchError::TruncatedChunk {
-                index,
-                declared,
-                left: tail.len(),
-            });
+        if declared > STORED_CHUNK_MAX {
+            return Err(BatchError::TooLong { index, declared });
         }
-        let (stored, next) = tail.split_at(len);
-        out.push(stored);
-        rest = next;
+        let mut stored = vec![0u8; declared as usize];
+        if !self.fill(&mut stored)? {
+            return Err(BatchError::TruncatedChunk { index, declared });
+        }
+        self.index += 1;
+        Ok(Some((got, stored)))
     }
-    if !rest.is_empty() {
-        return Err(BatchError::Trailing(rest.len()));
-    }
-    Ok(out)
 }
 
 struct Job {
@@ -195,10 +243,9 @@ impl HttpRequests {
                         if cancelled {
                             continue;
                         }
-                        let answers = fetch(&shared, job);
-                        if answer_tx.send(answers).is_err() {
-                            return;
-                        }
+                        fetch(&shared, job, &|a| {
+                            let _ = answer_tx.send(vec![a]);
+                        });
                     }
                 })
             })
@@ -257,13 +304,13 @@ impl Requests for HttpRequests {
     }
 }
 
-/// Runs one request: the answers to hand to the engine.
-fn fetch(shared: &Shared, job: Job) -> Vec<Answer> {
+/// Runs one request, handing each answer over as soon as it is known.
+fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer)) {
     let failed = |failure| {
-        vec![Answer::Failed {
+        deliver(Answer::Failed {
             request: job.request,
             failure,
-        }]
+        })
     };
     let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
     let body = serde_json::json!({ "ids": hex });
@@ -294,46 +341,55 @@ fn fetch(shared: &Shared, job: Job) -> Vec<Answer> {
             _ => FetchFailure::DropSource,
         });
     }
-    let body = match read_capped(resp, BATCH_BODY_MAX, "a chunk batch") {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(request = %job.request, error = %e, "chunk batch cut");
-            return failed(if e.is_transient() {
-                FetchFailure::RetryLater
-            } else {
-                FetchFailure::DropSource
-            });
-        }
-    };
-    shared.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-    let frames = match parse_batch(&body, &job.ids) {
-        Ok(f) => f,
-        Err(e) => {
-            warn!(request = %job.request, error = %e, "malformed chunk batch");
-            return failed(FetchFailure::DropSource);
-        }
-    };
-    let mut answers = Vec::with_capacity(frames.len());
-    for (id, stored) in job.ids.iter().zip(frames) {
-        let Some(chunk) = shared.refs.get(id) else {
-            answers.push(Answer::Unavailable(*id));
-            continue;
-        };
-        match decode(shared, stored, chunk) {
-            Ok(data) => answers.push(Answer::Chunk { id: *id, data }),
-            Err(message) => {
-                // Bytes that do not decode to the id: handed over as they are, so
-                // the engine's hash check refuses them (and bans the source).
-                warn!(%id, %message, "chunk from the server does not decode");
-                answers.push(Answer::Chunk {
-                    id: *id,
-                    data: stored.to_vec(),
+    let mut reader = BatchReader::new(CountingRead(resp, &shared.bytes), &job.ids);
+    let mut sent = 0usize;
+    loop {
+        match reader.next_frame() {
+            Ok(Some((id, stored))) => {
+                let Some(chunk) = shared.refs.get(&id) else {
+                    deliver(Answer::Unavailable(id));
+                    continue;
+                };
+                let data = match decode(shared, &stored, chunk) {
+                    Ok(data) => data,
+                    Err(message) => {
+                        // Bytes that do not decode to the id: handed over as they
+                        // are, so the engine's hash check refuses them (and bans
+                        // the source).
+                        warn!(%id, %message, "chunk from the server does not decode");
+                        stored
+                    }
+                };
+                sent += 1;
+                deliver(Answer::Chunk { id, data });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
+                deliver(Answer::Failed {
+                    request: job.request,
+                    failure: if e.is_transport() {
+                        FetchFailure::RetryLater
+                    } else {
+                        FetchFailure::DropSource
+                    },
                 });
+                return;
             }
         }
     }
-    debug!(request = %job.request, chunks = answers.len(), "chunk batch");
-    answers
+    debug!(request = %job.request, chunks = sent, "chunk batch");
+}
+
+/// A body that counts the bytes read from it.
+struct CountingRead<'a, R>(R, &'a AtomicU64);
+
+impl<R: std::io::Read> std::io::Read for CountingRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
@@ -384,31 +440,40 @@ mod tests {
         out
     }
 
+    fn read_all(body: &[u8], asked: &[ChunkId]) -> Result<Vec<Vec<u8>>, BatchError> {
+        let mut r = BatchReader::new(body, asked);
+        let mut out = Vec::new();
+        while let Some((_, stored)) = r.next_frame()? {
+            out.push(stored);
+        }
+        Ok(out)
+    }
+
     #[test]
     fn parses_frames_in_order() {
         let mut body = frame(id(1), b"abc");
         body.extend(frame(id(2), b""));
-        let got = parse_batch(&body, &[id(1), id(2)]).expect("valid");
-        assert_eq!(got, vec![&b"abc"[..], &b""[..]]);
+        let got = read_all(&body, &[id(1), id(2)]).expect("valid");
+        assert_eq!(got, vec![b"abc".to_vec(), Vec::new()]);
+        assert_eq!(read_all(&[], &[]), Ok(vec![]));
     }
 
     #[test]
     fn malformed_batches_are_refused_precisely() {
         let body = frame(id(1), b"abcdef");
         assert_eq!(
-            parse_batch(&body[..20], &[id(1)]),
+            read_all(&body[..20], &[id(1)]),
             Err(BatchError::TruncatedHeader { index: 0 })
         );
         assert_eq!(
-            parse_batch(&body[..38], &[id(1)]),
+            read_all(&body[..38], &[id(1)]),
             Err(BatchError::TruncatedChunk {
                 index: 0,
-                declared: 6,
-                left: 2
+                declared: 6
             })
         );
         assert_eq!(
-            parse_batch(&body, &[id(2)]),
+            read_all(&body, &[id(2)]),
             Err(BatchError::WrongId {
                 index: 0,
                 want: id(2),
@@ -416,23 +481,25 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_batch(&body, &[id(1), id(2)]),
+            read_all(&body, &[id(1), id(2)]),
             Err(BatchError::TruncatedHeader { index: 1 })
         );
         let mut long = body.clone();
         long.extend_from_slice(b"xyz");
-        assert_eq!(parse_batch(&long, &[id(1)]), Err(BatchError::Trailing(3)));
-        assert_eq!(parse_batch(&[], &[]), Ok(vec![]));
-        // A length past the end of the body (u32::MAX) is not trusted.
+        assert_eq!(read_all(&long, &[id(1)]), Err(BatchError::Trailing));
+        // A huge declared length is refused before anything is allocated for it.
         let mut huge = id(1).as_bytes().to_vec();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(
-            parse_batch(&huge, &[id(1)]),
-            Err(BatchError::TruncatedChunk {
+            read_all(&huge, &[id(1)]),
+            Err(BatchError::TooLong {
                 index: 0,
-                declared: u32::MAX,
-                left: 0
+                declared: u32::MAX
             })
         );
+        // Transport failures are retried; wrong bytes drop the source.
+        assert!(BatchError::TruncatedChunk { index: 0, declared: 1 }.is_transport());
+        assert!(!BatchError::Trailing.is_transport());
+        assert!(!BatchError::TooLong { index: 0, declared: 1 }.is_transport());
     }
 }

@@ -432,6 +432,7 @@ impl Daemon {
             Ok(report) => {
                 info!(
                     deployment = %dep.id,
+                    resumed = report.resumed_bytes,
                     fetched = report.fetched_bytes,
                     reused = report.reused_bytes,
                     transferred = watch.bytes(),
