@@ -170,6 +170,8 @@ pub struct HttpRequests {
     answers: Receiver<Vec<Answer>>,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// The status heartbeat: its stop channel and thread.
+    beat: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for HttpRequests {
@@ -205,12 +207,14 @@ impl Watch {
 
 impl HttpRequests {
     /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
-    /// lists `refs`.
+    /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
+    /// abort is noticed even while every chunk request is already in flight).
     pub fn start(
         api: Api,
         deployment: &str,
         refs: BTreeMap<ChunkId, ChunkRef>,
         workers: u32,
+        heartbeat: Duration,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
@@ -221,6 +225,26 @@ impl HttpRequests {
             bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
         });
+        let (stop_tx, stop_rx) = channel::<()>();
+        let beat = {
+            let shared = Arc::clone(&shared);
+            let deployment = deployment.to_owned();
+            std::thread::spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(heartbeat)
+                {
+                    match shared.api.status(&deployment, "downloading", None) {
+                        Err(ApiError::Conflict(m)) => {
+                            warn!(%deployment, message = %m, "the server ended the deployment");
+                            shared.aborted.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => debug!(error = %e, "status heartbeat failed"),
+                        Ok(()) => {}
+                    }
+                }
+            })
+        };
         let (jobs, job_rx) = channel::<Job>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (answer_tx, answers) = channel();
@@ -235,17 +259,10 @@ impl HttpRequests {
                             Ok(Ok(job)) => job,
                             _ => return,
                         };
-                        let cancelled = shared
-                            .cancelled
-                            .lock()
-                            .map(|c| c.contains(&job.request))
-                            .unwrap_or(false);
-                        if cancelled {
+                        if cancelled(&shared, job.request) {
                             continue;
                         }
-                        fetch(&shared, job, &|a| {
-                            let _ = answer_tx.send(vec![a]);
-                        });
+                        fetch(&shared, job, &|a| answer_tx.send(vec![a]).is_ok());
                     }
                 })
             })
@@ -255,6 +272,7 @@ impl HttpRequests {
             answers,
             shared,
             workers,
+            beat: Some((stop_tx, beat)),
         }
     }
 
@@ -266,12 +284,14 @@ impl HttpRequests {
 
 impl Drop for HttpRequests {
     fn drop(&mut self) {
-        // Closing the queue ends the workers once their request (bounded by the
-        // client's timeouts) is done.
+        // Closing the queues ends the workers: a request in flight stops at its
+        // next chunk (each read is bounded by the client's timeout). They are not
+        // waited for.
         self.jobs = None;
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        if let Some((stop, _beat)) = self.beat.take() {
+            let _ = stop.send(());
         }
+        self.workers.clear();
     }
 }
 
@@ -302,15 +322,22 @@ impl Requests for HttpRequests {
     fn bytes_read(&self) -> u64 {
         self.shared.bytes.load(Ordering::Relaxed)
     }
+
+    fn stop_reason(&self) -> Option<String> {
+        self.shared
+            .aborted
+            .load(Ordering::Relaxed)
+            .then(|| "the server aborted the deployment".to_owned())
+    }
 }
 
 /// Runs one request, handing each answer over as soon as it is known.
-fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer)) {
+fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
     let failed = |failure| {
         deliver(Answer::Failed {
             request: job.request,
             failure,
-        })
+        });
     };
     let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
     let body = serde_json::json!({ "ids": hex });
@@ -347,7 +374,9 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer)) {
         match reader.next_frame() {
             Ok(Some((id, stored))) => {
                 let Some(chunk) = shared.refs.get(&id) else {
-                    deliver(Answer::Unavailable(id));
+                    if !deliver(Answer::Unavailable(id)) {
+                        return;
+                    }
                     continue;
                 };
                 let data = match decode(shared, &stored, chunk) {
@@ -361,24 +390,32 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer)) {
                     }
                 };
                 sent += 1;
-                deliver(Answer::Chunk { id, data });
+                // The install is over (or the request cancelled): stop reading.
+                if !deliver(Answer::Chunk { id, data }) || cancelled(shared, job.request) {
+                    return;
+                }
             }
             Ok(None) => break,
             Err(e) => {
                 warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
-                deliver(Answer::Failed {
-                    request: job.request,
-                    failure: if e.is_transport() {
+                failed(if e.is_transport() {
                         FetchFailure::RetryLater
-                    } else {
-                        FetchFailure::DropSource
-                    },
+                } else {
+                    FetchFailure::DropSource
                 });
                 return;
             }
         }
     }
     debug!(request = %job.request, chunks = sent, "chunk batch");
+}
+
+fn cancelled(shared: &Shared, request: RequestId) -> bool {
+    shared
+        .cancelled
+        .lock()
+        .map(|c| c.contains(&request))
+        .unwrap_or(false)
 }
 
 /// A body that counts the bytes read from it.

@@ -415,6 +415,7 @@ impl Daemon {
             &dep.id,
             refs,
             limits.requests_max,
+            self.poll_interval().min(Duration::from_secs(30)),
         );
         let watch = requests.watch();
         let source = Source::Remote {
@@ -504,6 +505,18 @@ impl Daemon {
 
     fn aborted(&self, dep: &NextDeployment, why: &str) -> anyhow::Result<Handled> {
         info!(deployment = %dep.id, why, "the server ended the deployment; stopping it");
+        // A trial armed before the abort was noticed is disarmed: the device stays
+        // on the release it runs.
+        let (status, _) = crate::device::read_status(&self.config)?;
+        if status
+            .deployment
+            .as_ref()
+            .is_some_and(|d| matches!(d.phase, Phase::Verified | Phase::TrialArmed))
+        {
+            let mut dev = Device::open(self.config.clone(), Reboot::Command)?;
+            let result = dev.rollback("the server aborted the deployment")?;
+            info!(?result, "disarmed the aborted deployment's trial");
+        }
         save_record(&self.config, None)?;
         Ok(Handled::Done)
     }

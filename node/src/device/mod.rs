@@ -118,6 +118,10 @@ pub trait Requests: Send {
     fn wait(&mut self, timeout: Duration) -> Vec<Answer>;
     /// Bytes read from the source so far (as transferred).
     fn bytes_read(&self) -> u64;
+    /// Why the install must stop now (the server aborted the deployment), if so.
+    fn stop_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An answer of a [`Requests`] source.
@@ -943,7 +947,22 @@ impl<'a> Driver<'a> {
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
             let answers = match self.requests.as_mut() {
-                Some(r) => r.wait(timeout),
+                Some(r) => {
+                    if let Some(message) = r.stop_reason() {
+                        // The journal keeps what was verified; nothing is armed.
+                        self.retry_safe = Some(false);
+                        self.engine.handle(
+                            self.now(),
+                            Input::Failed {
+                                op: IoOp::Fetch,
+                                message,
+                            },
+                        );
+                        self.drain()?;
+                        break;
+                    }
+                    r.wait(timeout)
+                }
                 None => bail!("no request source to wait for"),
             };
             let now = self.now();
