@@ -267,7 +267,10 @@ fn check_server(s: &Server) -> Result<(), (&'static str, &'static str)> {
         .ok_or(("server.url", "must start with http:// or https://"))?;
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(("server.url", "must be a scheme and a host[:port], without a path"));
+        return Err((
+            "server.url",
+            "must be a scheme and a host[:port], without a path",
+        ));
     }
     if s.ca_certificate
         .as_ref()
@@ -293,8 +296,7 @@ fn check_server(s: &Server) -> Result<(), (&'static str, &'static str)> {
     let name_ok = |k: &str| {
         !k.is_empty()
             && k.len() <= 128
-            && k
-                .bytes()
+            && k.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-:".contains(&b))
     };
     if !s.identity.keys().all(|k| name_ok(k)) {

@@ -72,7 +72,9 @@ impl Proxy {
 }
 
 fn addr_of(url: &str) -> String {
-    url.trim_start_matches("http://").trim_end_matches('/').to_owned()
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream, rate: Option<Arc<AtomicU64>>) {
@@ -182,7 +184,7 @@ path = "{env}"
             .arg("daemon")
             .arg("--config")
             .arg(self.path("shoal.toml"))
-            .env("SHOAL_LOG", "shoal=info")
+            .env("SHOAL_LOG", "shoal=info,shoal::daemon=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
@@ -274,7 +276,9 @@ fn deploy(server: &Server, token: &str, name: &str, release: &str, device: &str)
 /// Waits for the reboot command, stops the daemon, reboots the device (the
 /// bootloader model), starts the daemon again and waits for `success`.
 fn reboot_and_succeed(dev: &Dev, daemon: &mut Child, server: &Server, token: &str, dep: &str) {
-    wait_for(dev, 120, "the reboot command", || dev.path("rebooted").exists());
+    wait_for(dev, 120, "the reboot command", || {
+        dev.path("rebooted").exists()
+    });
     assert_eq!(device_state(server, token, dep), "rebooting");
     stop(daemon);
     std::fs::remove_file(dev.path("rebooted")).unwrap();
@@ -308,9 +312,23 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     ok(run_in(
         setup.dir.path(),
         &[
-            "--quiet", "artifact", "build", "--image", "v3.img", "--name", "acme-os",
-            "--version", "3", "--device-type", "board", "--security-counter", "1", "--key",
-            "rel.pem", "--out", "v3.shoal",
+            "--quiet",
+            "artifact",
+            "build",
+            "--image",
+            "v3.img",
+            "--name",
+            "acme-os",
+            "--version",
+            "3",
+            "--device-type",
+            "board",
+            "--security-counter",
+            "1",
+            "--key",
+            "rel.pem",
+            "--out",
+            "v3.shoal",
         ],
     ));
     let v3 = upload(&server, "v3.shoal");
@@ -349,7 +367,7 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     // v1, slowly. The server is killed and restarted mid-download (the daemon
     // goes on once it is back), then the daemon itself is killed (a power cut) and
     // restarted: the install resumes from its journal.
-    proxy.rate.store(30 * 1024, Ordering::Relaxed);
+    proxy.rate.store(100 * 1024, Ordering::Relaxed);
     let dep1 = deploy(&server, &admin_token, "v1", &v1, &device);
     wait_for(&dev, 60, "downloading", || {
         device_state(&server, &admin_token, &dep1) == "downloading"

@@ -76,7 +76,9 @@ impl BatchError {
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            BatchError::Io(_) | BatchError::TruncatedHeader { .. } | BatchError::TruncatedChunk { .. }
+            BatchError::Io(_)
+                | BatchError::TruncatedHeader { .. }
+                | BatchError::TruncatedChunk { .. }
         )
     }
 }
@@ -341,10 +343,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
     };
     let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
     let body = serde_json::json!({ "ids": hex });
-    let resp = match shared
-        .api
-        .send(&shared.path, |c, u| c.post(u).json(&body))
-    {
+    let resp = match shared.api.send(&shared.path, |c, u| c.post(u).json(&body)) {
         Ok(r) => r,
         Err(e) => {
             warn!(request = %job.request, error = %e, "chunk request failed");
@@ -399,7 +398,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
             Err(e) => {
                 warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
                 failed(if e.is_transport() {
-                        FetchFailure::RetryLater
+                    FetchFailure::RetryLater
                 } else {
                     FetchFailure::DropSource
                 });
@@ -535,8 +534,20 @@ mod tests {
             })
         );
         // Transport failures are retried; wrong bytes drop the source.
-        assert!(BatchError::TruncatedChunk { index: 0, declared: 1 }.is_transport());
+        assert!(
+            BatchError::TruncatedChunk {
+                index: 0,
+                declared: 1
+            }
+            .is_transport()
+        );
         assert!(!BatchError::Trailing.is_transport());
-        assert!(!BatchError::TooLong { index: 0, declared: 1 }.is_transport());
+        assert!(
+            !BatchError::TooLong {
+                index: 0,
+                declared: 1
+            }
+            .is_transport()
+        );
     }
 }

@@ -236,7 +236,10 @@ impl Daemon {
                 }
                 Ok(Some(Handled::Retry)) => {
                     let wait = backoff.step();
-                    info!(wait_ms = wait.as_millis() as u64, "retrying the deployment later");
+                    info!(
+                        wait_ms = wait.as_millis() as u64,
+                        "retrying the deployment later"
+                    );
                     std::thread::sleep(wait);
                 }
                 Ok(handled) => {
@@ -333,19 +336,25 @@ impl Daemon {
             return Ok(None);
         }
         let (status, _) = crate::device::read_status(&self.config)?;
-        let outcome = status.last.as_ref().filter(|o| {
-            o.release.name == record.name && o.release.version == record.version
-        });
+        let outcome = status
+            .last
+            .as_ref()
+            .filter(|o| o.release.name == record.name && o.release.version == record.version);
         let (state, substate) = match outcome.map(|o| &o.verdict) {
             Some(Verdict::Committed) => ("success", None),
-            Some(Verdict::RolledBack { reason }) => ("failure", Some(format!("rolled back: {reason}"))),
+            Some(Verdict::RolledBack { reason }) => {
+                ("failure", Some(format!("rolled back: {reason}")))
+            }
             Some(Verdict::Failed { reason }) => ("failure", Some(reason.clone())),
             None => (
                 "failure",
                 Some("the device does not run the release after the reboot".to_owned()),
             ),
         };
-        match self.api.status(&record.deployment, state, substate.as_deref()) {
+        match self
+            .api
+            .status(&record.deployment, state, substate.as_deref())
+        {
             Ok(()) | Err(ApiError::Conflict(_)) => {}
             Err(e) => return Err(api_error(e)),
         }
@@ -524,7 +533,9 @@ impl Daemon {
     fn reboot(&self) -> anyhow::Result<()> {
         let cmd = &self.config.device.reboot_command;
         let Some((prog, args)) = cmd.split_first() else {
-            warn!("a reboot is needed; device.reboot_command is empty, so reboot the device yourself");
+            warn!(
+                "a reboot is needed; device.reboot_command is empty, so reboot the device yourself"
+            );
             return Ok(());
         };
         info!(command = ?cmd, "rebooting");
@@ -556,7 +567,10 @@ mod tests {
     fn backoff_doubles_up_to_its_bound() {
         let mut b = Backoff::new(Duration::from_secs(10));
         let waits: Vec<u64> = (0..6).map(|_| b.step().as_millis() as u64).collect();
-        for (w, base) in waits.iter().zip([1000u64, 2000, 4000, 8000, 10_000, 10_000]) {
+        for (w, base) in waits
+            .iter()
+            .zip([1000u64, 2000, 4000, 8000, 10_000, 10_000])
+        {
             assert!(
                 *w >= base - base / 10 && *w <= base + base / 10,
                 "{w} not within a tenth of {base}"

@@ -29,9 +29,9 @@ use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase,
-    Progress, RequestId, Slot, SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits,
-    Status, slot_index,
+    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress,
+    RequestId, Slot, SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status,
+    slot_index,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
