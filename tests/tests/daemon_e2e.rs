@@ -447,6 +447,12 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(device_state(&server, &admin_token, &dep3), "aborted");
+    // Stopped mid-download: v3 was never completed and armed.
+    assert!(
+        !dev.log().contains("acme-os 3 armed"),
+        "v3 was fetched to the end despite the abort:\n{}",
+        dev.log()
+    );
     assert!(!dev.path("rebooted").exists());
     assert!(
         dev.boot_state().trial.is_none(),
