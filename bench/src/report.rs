@@ -18,13 +18,18 @@ pub enum Quantity {
     MegabytesPerSecond(f64),
     /// A memory size in MiB.
     Mebibytes(f64),
+    /// A count per needed chunk (e.g. WAN fetches per chunk).
+    PerChunk(f64),
 }
 
 impl Quantity {
     fn value(self) -> f64 {
         match self {
             Quantity::Bytes(b) => b as f64,
-            Quantity::Seconds(v) | Quantity::MegabytesPerSecond(v) | Quantity::Mebibytes(v) => v,
+            Quantity::Seconds(v)
+            | Quantity::MegabytesPerSecond(v)
+            | Quantity::Mebibytes(v)
+            | Quantity::PerChunk(v) => v,
         }
     }
 }
@@ -36,6 +41,7 @@ impl fmt::Display for Quantity {
             Quantity::Seconds(s) => write!(f, "{s:.2} s"),
             Quantity::MegabytesPerSecond(v) => write!(f, "{v:.0} MB/s"),
             Quantity::Mebibytes(v) => write!(f, "{v:.1} MiB"),
+            Quantity::PerChunk(v) => write!(f, "{v:.3} per chunk"),
         }
     }
 }

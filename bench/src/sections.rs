@@ -913,7 +913,10 @@ pub fn engine() -> Result<Section> {
     let runs = shoal_engine::testing::dead_source_experiment(30_000, 1);
     let healthy = Quantity::Seconds(runs.healthy_ms as f64 / 1000.0);
     let dead = Quantity::Seconds(runs.dead_ms as f64 / 1000.0);
-    let goals = vec![Goal::relative(
+    progress("engine: 10 engines on one LAN, 2,000 chunks, without and with owners dying");
+    let (lan, lan_ms) = shoal_engine::testing::lan_experiment(10, 2_000, false);
+    let (lan_dying, lan_dying_ms) = shoal_engine::testing::lan_experiment(10, 2_000, true);
+    let mut goals = vec![Goal::relative(
         "install with one of two request sources dead (virtual time, 30,000 chunks)",
         Ok(dead),
         Baseline {
@@ -922,6 +925,23 @@ pub fn engine() -> Result<Section> {
         },
         Target::RatioAtMost(1.2),
     )];
+    // WAN fetches per needed chunk, as a ratio to one fetch per chunk.
+    let once = Baseline {
+        label: "one WAN fetch per chunk".to_string(),
+        quantity: Quantity::PerChunk(1.0),
+    };
+    goals.push(Goal::relative(
+        "10 engines on one LAN: WAN fetches per needed chunk",
+        Ok(Quantity::PerChunk(lan)),
+        once.clone(),
+        Target::RatioAtMost(1.0),
+    ));
+    goals.push(Goal::relative(
+        "10 engines on one LAN, 2 owners killed mid-way: WAN fetches per needed chunk",
+        Ok(Quantity::PerChunk(lan_dying)),
+        once,
+        Target::RatioAtMost(1.1),
+    ));
     Ok(Section {
         title: "Issue 10: engine".to_string(),
         goals,
@@ -934,6 +954,12 @@ pub fn engine() -> Result<Section> {
             (
                 "healthy / dead-source virtual time".to_string(),
                 format!("{} ms / {} ms", runs.healthy_ms, runs.dead_ms),
+            ),
+            (
+                "LAN rows: WAN fetches per needed chunk, and virtual time".to_string(),
+                format!(
+                    "{lan:.3} in {lan_ms} ms; with owners dying {lan_dying:.3} in {lan_dying_ms} ms (virtual time)"
+                ),
             ),
         ],
     })

@@ -156,6 +156,16 @@ pub enum InstallError {
         /// Their total size.
         bytes: u64,
     },
+    /// The install needs more bytes over the WAN than the data budget allows.
+    #[error(
+        "this install needs {needed} bytes over the WAN but the data budget allows {allowed}; nothing more was fetched"
+    )]
+    OverBudget {
+        /// Wire bytes it needs over the WAN (those asked already included).
+        needed: u64,
+        /// The budget.
+        allowed: u64,
+    },
     /// The slot, re-read after writing, does not hash to the payload hash.
     #[error(
         "slot {slot} does not verify after writing: expected hash {expected}, read {actual}; the journal was reset, rerun the install"

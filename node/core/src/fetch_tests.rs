@@ -451,3 +451,178 @@ fn a_gone_source_is_reported_in_status() {
     }
     panic!("source 1 was never reported gone");
 }
+
+#[test]
+fn a_plan_over_the_data_budget_is_refused_before_anything_is_fetched() {
+    let f = Fixture::new();
+    let image = bytes(13, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    // Each distinct chunk once, at its stored size (here its size).
+    let needed: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
+    let mut config = f.config();
+    config.wan_budget_bytes = Some(needed - 1);
+    let mut engine = dev.engine(config);
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(
+        failed(&dev.events),
+        Some(&InstallError::OverBudget {
+            needed,
+            allowed: needed - 1
+        })
+    );
+    assert_eq!(asked(&dev, 1), (0, 0), "nothing was fetched");
+    assert_eq!(dev.bytes_written, 0, "nothing was written");
+}
+
+#[test]
+fn an_install_within_the_budget_completes_and_a_retry_never_exceeds_it() {
+    let f = Fixture::new();
+    let image = bytes(14, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let needed: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
+    let mut config = f.config();
+    config.wan_budget_bytes = Some(needed);
+    let mut engine = dev.engine(config.clone());
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer.clone()).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(engine.progress().wan_wire_bytes, needed);
+
+    // A lost request must be asked again, which the budget does not allow: the
+    // install stops rather than go over.
+    let (mut dev, _, _) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    dev.drop_requests = 1;
+    let mut engine = dev.engine(config);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(
+        matches!(failed(&dev.events), Some(InstallError::OverBudget { allowed, .. }) if *allowed == needed),
+        "{:?}",
+        failed(&dev.events)
+    );
+    let asked_bytes = asked(&dev, 1).1 * 4096;
+    assert!(asked_bytes <= needed, "asked {asked_bytes} > {needed}");
+}
+
+#[test]
+fn the_wan_rate_cap_paces_requests_with_its_own_timer() {
+    let f = Fixture::new();
+    let image = bytes(15, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let mut config = f.config();
+    let rate = 256 * 1024;
+    config.wan_rate_bytes_per_s = Some(rate);
+    let mut engine = dev.engine(config);
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(armed(&dev.events), "{:?}", failed(&dev.events));
+    // 1 MiB at 256 KiB/s with a burst of a tenth of a second: about 3.9 s.
+    let burst = rate / 10;
+    let least_ms = (MIB as u64 - burst) * 1000 / rate;
+    assert!(
+        dev.now().as_millis() >= least_ms,
+        "{} ms < {least_ms} ms",
+        dev.now().as_millis()
+    );
+    assert!(
+        dev.now().as_millis() <= least_ms + 1_000,
+        "{} ms",
+        dev.now().as_millis()
+    );
+    assert!(slot_b_holds(&dev, &image));
+}
+
+#[test]
+fn the_journal_waits_for_the_sync() {
+    use crate::{Input, Output, Record};
+    let f = Fixture::new();
+    let image = bytes(16, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let mut config = f.config();
+    config.journal_batch_bytes = 64 * 1024;
+    config.writing_bytes_max = 128 * 1024;
+    let mut engine = dev.engine(config);
+    let offer = f.offer(&m, vec![source(1, SourceClass::Local)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut syncs = Vec::new();
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::Sync { slot } => syncs.push(slot),
+            Output::Persist(records) => {
+                assert!(
+                    !records.iter().any(|r| matches!(r, Record::Done(_))),
+                    "a journal record before its sync returned"
+                );
+                dev.store.apply(&records);
+            }
+            out => dev.execute(&mut engine, out).expect("no crash"),
+        }
+    }
+    assert!(!syncs.is_empty(), "batches were flushed");
+    assert!(dev.store.state.done.is_empty(), "nothing journaled yet");
+    // A sync returns: its batch is journaled at once.
+    engine.handle(dev.now(), Input::Synced { slot: syncs[0] });
+    let journaled = std::iter::from_fn(|| engine.poll_output()).any(|out| {
+        matches!(out, Output::Persist(records) if records.iter().any(|r| matches!(r, Record::Done(_))))
+    });
+    assert!(journaled, "the batch was journaled after its sync");
+}
+
+#[test]
+fn writes_not_yet_carried_out_bound_what_is_fetched() {
+    use crate::{Input, Output};
+    let f = Fixture::new();
+    let image = bytes(17, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let mut config = f.config();
+    config.writing_bytes_max = 128 * 1024;
+    let mut engine = dev.engine(config);
+    let limits = SourceLimits {
+        requests_max: 1,
+        request_bytes_max: 16 * 1024,
+        request_chunks_max: 4,
+    };
+    let offer = f.offer(&m, vec![source(1, SourceClass::Local).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut pending = Vec::new();
+    let mut written = 0u64;
+    // A disk that never finishes a write: fetching stops at the bound.
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::Write {
+                slot,
+                offsets,
+                data,
+            } => {
+                written += data.len() as u64 * offsets.len() as u64;
+                pending.push((slot, data.len() as u64 * offsets.len() as u64));
+            }
+            Output::Sync { slot } => engine.handle(dev.now(), Input::Synced { slot }),
+            out => dev.execute(&mut engine, out).expect("no crash"),
+        }
+    }
+    assert!(written >= 128 * 1024, "{written}");
+    assert!(written < 128 * 1024 + 16 * 1024, "{written}");
+    assert!(engine.is_installing());
+    // The disk catches up: the install goes on.
+    for (slot, bytes) in pending {
+        engine.handle(dev.now(), Input::Written { slot, bytes });
+    }
+    assert!(std::iter::from_fn(|| engine.poll_output()).any(|o| matches!(o, Output::Fetch { .. })));
+}

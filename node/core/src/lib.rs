@@ -22,10 +22,44 @@
 //! restart at any instant resumes from [`DeviceState`]; the bootloader is told to not
 //! try the target slot before a byte of it is written, and to try it only after it
 //! verified.
+//!
+//! Fetching (the contract network drivers and the simulator build on):
+//! - **Sources** ([`SourceInfo`]) come with the offer or at any time
+//!   ([`Engine::add_source`], [`Engine::update_source`], [`Engine::add_holds`],
+//!   [`Engine::remove_source`]); each has a kind (a [`SourceKind::Stream`] pushes, a
+//!   [`SourceKind::Requests`] source is asked), a cost class ([`SourceClass`]: the
+//!   cheapest class that holds a chunk is asked), what it holds ([`Holds`]: ids or a
+//!   bitfield over the payload's chunk positions) and request limits
+//!   ([`SourceLimits`]). Streams and request sources work at the same time.
+//! - **Requests** ([`Output::Fetch`]) carry many chunk ids, sized in bytes for the
+//!   transport, and a [`RequestId`]; the driver answers each chunk ([`Input::Chunk`],
+//!   [`Input::Unavailable`]) or the request ([`Input::FetchFailed`] with a
+//!   [`FetchFailure`]: retry later, not there, drop the source). The engine cancels
+//!   ([`Output::Cancel`]) what it gave up on. A source silent past its timeout
+//!   ([`RetryConfig`]) loses its requests to the others and backs off; a source that
+//!   sends a corrupt chunk is banned ([`Event::SourceBanned`]); one source's failure
+//!   never fails the install while another can serve ([`InstallError::SourcesFailed`]
+//!   when none can).
+//! - **LAN cooperation** ([`Engine::set_swarm`]): rendezvous hashing over the LAN
+//!   peers on the same release names one owner per chunk, the only one that fetches
+//!   it over the WAN; the others take it from a peer that has it, and ownership moves
+//!   on when an owner stalls, fails or leaves.
+//! - **Budgets and pacing**: [`Config::wan_budget_bytes`] (a plan over budget is
+//!   refused before any fetch, [`InstallError::OverBudget`]; WAN requests never
+//!   exceed it) and [`Config::wan_rate_bytes_per_s`] (a token bucket with its own
+//!   timer). Byte counters by class are in [`Progress`] and per source in
+//!   [`Engine::sources`].
+//! - **Completions**: [`Input::Written`] bounds the writes in flight
+//!   ([`Config::writing_bytes_max`]); [`Input::Synced`] releases the journal record of
+//!   the batch it covers, so "journal only after the sync" is the engine's rule.
+//!
+//! Every wait has a named timer ([`Engine::poll_timeout`]: silence, backoff, LAN
+//! owner, pacing). In tests, `check_invariants` runs after every step.
 
 mod bits;
 mod engine;
 mod error;
+mod pacing;
 mod source;
 mod state;
 mod time;
@@ -33,6 +67,8 @@ mod timer;
 
 #[cfg(test)]
 mod fetch_tests;
+#[cfg(test)]
+mod lan_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
@@ -40,7 +76,8 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, Config, DeploymentStatus, Engine, Event, Input, Offer, Output, Progress, Status,
+    Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Output, Progress, Status,
+    Swarm,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use source::{

@@ -458,12 +458,20 @@ impl SimDevice {
                     self.live[slot_index(slot)][o..o + data.len()].copy_from_slice(&data);
                     self.unsynced[slot_index(slot)].push((off, data.len()));
                     self.bytes_written += data.len() as u64;
+                    engine.handle(
+                        now,
+                        Input::Written {
+                            slot,
+                            bytes: data.len() as u64,
+                        },
+                    );
                 }
             }
             Output::Sync { slot } => {
                 self.op()?;
                 self.durable[slot_index(slot)] = self.live[slot_index(slot)].clone();
                 self.unsynced[slot_index(slot)].clear();
+                engine.handle(now, Input::Synced { slot });
             }
             Output::Persist(records) => {
                 self.op()?;
@@ -703,4 +711,327 @@ pub fn dead_source_experiment(n: usize, seed: u64) -> DeadSource {
         dead_ms,
         healthy_requests,
     }
+}
+
+/// One device of a [`LanSim`].
+#[derive(Debug)]
+pub struct LanNode {
+    /// The device.
+    pub dev: SimDevice,
+    /// Its engine.
+    pub engine: Engine,
+    /// It runs (a dead one neither answers nor announces).
+    pub alive: bool,
+    /// It serves corrupt chunks to its peers.
+    pub corrupt: bool,
+    has: std::collections::BTreeSet<ChunkId>,
+    fresh: Vec<ChunkId>,
+}
+
+/// Several engines on one LAN on one virtual clock (a `Pair`-style harness, as
+/// quinn's tests do). Each device has its own WAN link to one server (source
+/// [`LanSim::WAN`]) and a peer source for every other device (source `j` is device
+/// `j`), all devices are one swarm, and each announces the chunks it wrote every
+/// [`LanSim::announce_ms`]. Devices can die (stop answering and announcing) or serve
+/// corrupt chunks. [`Engine::check_invariants`] runs after every step.
+#[derive(Debug)]
+pub struct LanSim {
+    /// The devices.
+    pub nodes: Vec<LanNode>,
+    /// Each device's WAN link.
+    pub wan: Link,
+    /// Each device's LAN link (serving its peers).
+    pub lan: Link,
+    /// Gossip interval.
+    pub announce_ms: u64,
+    /// Chunks the server delivered, over all devices.
+    pub wan_chunks: u64,
+    /// Chunks peers delivered, over all devices.
+    pub lan_chunks: u64,
+    server: BTreeMap<ChunkId, Vec<u8>>,
+    deliveries: BTreeMap<(u64, u64), (usize, SourceId, RequestId, Input)>,
+    busy_us: BTreeMap<(bool, usize), u64>,
+    next_announce: u64,
+    seq: u64,
+    now: u64,
+}
+
+impl LanSim {
+    /// The server's source id on every device.
+    pub const WAN: SourceId = SourceId(1_000_000);
+
+    /// `n` devices offered `manifest` (signed in `envelope`), whose chunks the server
+    /// holds.
+    pub fn new(
+        n: usize,
+        config: &crate::Config,
+        manifest: &Manifest,
+        envelope: &[u8],
+        chunks: &[(ChunkId, Vec<u8>)],
+    ) -> LanSim {
+        let size = manifest.payloads[0].size;
+        let positions = u32::try_from(manifest.payloads[0].chunks.len()).expect("fits");
+        let key = |i: usize| crate::NodeKey(*blake3::hash(&(i as u64).to_le_bytes()).as_bytes());
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let dev = SimDevice::new(&[], size, i as u64 + 1);
+            let mut config = config.clone();
+            config.seed = i as u64;
+            let mut engine = Engine::new(config, dev.store.load());
+            let mut sources = vec![crate::SourceInfo::new(
+                LanSim::WAN,
+                crate::SourceKind::Requests,
+                crate::SourceClass::Wan,
+                "server",
+            )];
+            for j in (0..n).filter(|&j| j != i) {
+                sources.push(
+                    crate::SourceInfo::new(
+                        SourceId(j as u32),
+                        crate::SourceKind::Requests,
+                        crate::SourceClass::Peer,
+                        format!("peer {j}"),
+                    )
+                    .holding(crate::Holds::Positions(crate::Bitfield::new(positions))),
+                );
+            }
+            let offer = crate::Offer {
+                envelope: envelope.to_vec(),
+                wall_unix_s: None,
+                sources,
+                reboot: false,
+            };
+            engine.offer(Instant::from_millis(0), offer).expect("offer");
+            let members = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| (key(j), SourceId(j as u32)))
+                .collect();
+            engine
+                .set_swarm(
+                    Instant::from_millis(0),
+                    crate::Swarm {
+                        me: key(i),
+                        members,
+                    },
+                )
+                .expect("swarm");
+            nodes.push(LanNode {
+                dev,
+                engine,
+                alive: true,
+                corrupt: false,
+                has: std::collections::BTreeSet::new(),
+                fresh: Vec::new(),
+            });
+        }
+        LanSim {
+            nodes,
+            wan: Link {
+                rtt_us: 40_000,
+                per_chunk_us: 1_000,
+                silent: false,
+            },
+            lan: Link {
+                rtt_us: 1_000,
+                per_chunk_us: 50,
+                silent: false,
+            },
+            announce_ms: 20,
+            wan_chunks: 0,
+            lan_chunks: 0,
+            server: chunks.iter().cloned().collect(),
+            deliveries: BTreeMap::new(),
+            busy_us: BTreeMap::new(),
+            next_announce: 0,
+            seq: 0,
+            now: 0,
+        }
+    }
+
+    /// The virtual clock, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.now
+    }
+
+    /// Device `i` dies: it stops answering, announcing and installing.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+        self.deliveries.retain(|_, d| d.0 != i);
+    }
+
+    /// Runs until every live device has finished installing (armed or failed), or
+    /// the clock passes `until_ms`.
+    pub fn run(&mut self, until_ms: u64) {
+        loop {
+            for i in 0..self.nodes.len() {
+                while self.nodes[i].alive {
+                    let Some(out) = self.nodes[i].engine.poll_output() else {
+                        break;
+                    };
+                    self.execute(i, out);
+                }
+            }
+            let installing = self
+                .nodes
+                .iter()
+                .any(|n| n.alive && n.engine.is_installing());
+            if !installing {
+                return;
+            }
+            let delivery = self.deliveries.first_key_value().map(|(k, _)| k.0);
+            let timer = self
+                .nodes
+                .iter()
+                .filter(|n| n.alive)
+                .filter_map(|n| n.engine.poll_timeout())
+                .map(Instant::as_millis)
+                .min();
+            let next = [delivery, timer, Some(self.next_announce)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("the announce tick is always set");
+            if next > until_ms {
+                self.now = self.now.max(until_ms);
+                return;
+            }
+            self.now = self.now.max(next);
+            let now = Instant::from_millis(self.now);
+            if delivery == Some(next) {
+                let (_, (i, source, _, input)) = self.deliveries.pop_first().expect("due");
+                if source == LanSim::WAN && matches!(input, Input::Chunk { .. }) {
+                    self.wan_chunks += 1;
+                } else if matches!(input, Input::Chunk { .. }) {
+                    self.lan_chunks += 1;
+                }
+                self.nodes[i].engine.handle(now, input);
+                self.nodes[i].engine.check_invariants();
+                continue;
+            } else if self.next_announce == next {
+                self.announce(now);
+                self.next_announce = self.now + self.announce_ms;
+            } else {
+                for n in self.nodes.iter_mut().filter(|n| n.alive) {
+                    if n.engine.poll_timeout().is_some_and(|t| t <= now) {
+                        n.engine.handle_timeout(now);
+                    }
+                }
+            }
+            for n in self.nodes.iter().filter(|n| n.alive) {
+                n.engine.check_invariants();
+            }
+        }
+    }
+
+    fn announce(&mut self, now: Instant) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive || self.nodes[i].fresh.is_empty() {
+                continue;
+            }
+            let fresh: std::collections::BTreeSet<ChunkId> =
+                std::mem::take(&mut self.nodes[i].fresh)
+                    .into_iter()
+                    .collect();
+            let holds = crate::Holds::Ids(fresh);
+            for k in (0..self.nodes.len()).filter(|&k| k != i) {
+                let n = &mut self.nodes[k];
+                if n.alive && n.engine.is_installing() {
+                    n.engine
+                        .add_holds(now, SourceId(i as u32), &holds)
+                        .expect("a registered peer");
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, i: usize, out: Output) {
+        match out {
+            Output::Fetch {
+                source,
+                request,
+                ids,
+            } => {
+                let (wan, serving, link) = if source == LanSim::WAN {
+                    (true, i, self.wan)
+                } else {
+                    (false, source.0 as usize, self.lan)
+                };
+                if !wan && !self.nodes[serving].alive {
+                    return; // Silent.
+                }
+                let now_us = self.now * 1000;
+                let free = self.busy_us.get(&(wan, serving)).copied().unwrap_or(0);
+                let mut at_us = free.max(now_us + link.rtt_us / 2);
+                for id in ids {
+                    let data = if wan {
+                        self.server.get(&id).cloned()
+                    } else if self.nodes[serving].has.contains(&id) {
+                        self.server.get(&id).cloned().map(|mut d| {
+                            if self.nodes[serving].corrupt {
+                                d[0] ^= 1;
+                            }
+                            d
+                        })
+                    } else {
+                        None
+                    };
+                    let input = match data {
+                        Some(data) => Input::Chunk {
+                            origin: Origin::Source(source),
+                            id,
+                            data,
+                        },
+                        None => Input::Unavailable { source, id },
+                    };
+                    at_us += link.per_chunk_us;
+                    let due = (at_us + link.rtt_us / 2).div_ceil(1000);
+                    self.seq += 1;
+                    self.deliveries
+                        .insert((due, self.seq), (i, source, request, input));
+                }
+                self.busy_us.insert((wan, serving), at_us);
+            }
+            Output::Cancel { source, request } => {
+                self.deliveries
+                    .retain(|_, d| !(d.0 == i && d.1 == source && d.2 == request));
+            }
+            out => {
+                if let Output::Write { data, .. } = &out {
+                    let id = ChunkId::from(blake3::hash(data));
+                    if self.nodes[i].has.insert(id) {
+                        self.nodes[i].fresh.push(id);
+                    }
+                }
+                let n = &mut self.nodes[i];
+                n.dev.execute(&mut n.engine, out).expect("no power cut");
+            }
+        }
+    }
+}
+
+/// WAN chunks per needed chunk of the LAN experiment of issue 10: `n` devices (one
+/// swarm) install a release of `chunks` chunks of 256 bytes from one server; with
+/// `kill`, devices 3 and 7 die after 110 ms (between two announcements). Returns the ratio and the virtual time.
+pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
+    let (key, root) = keys(5);
+    let chunking = Chunking {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    let image = bytes(2, chunks * 256);
+    let (m, data) = release_chunked("acme-os", "2.0", 2, "acme-board", &image, chunking);
+    let mut config = crate::Config::new("acme-board", root);
+    config.journal_batch_bytes = 64 * 1024;
+    let mut sim = LanSim::new(n, &config, &m, &sign(&m, &key), &data);
+    if kill {
+        sim.run(110);
+        sim.kill(3);
+        sim.kill(7);
+    }
+    sim.run(3_600_000);
+    for (i, node) in sim.nodes.iter().enumerate().filter(|(_, n)| n.alive) {
+        assert_eq!(node.dev.boot.armed, Some(Slot::B), "device {i} did not arm");
+    }
+    (sim.wan_chunks as f64 / chunks as f64, sim.now_ms())
 }

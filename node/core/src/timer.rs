@@ -14,10 +14,20 @@ pub(crate) enum Timer {
     Silence = 0,
     /// A source's backoff after a failure ends: it may be asked again.
     Backoff = 1,
+    /// A LAN swarm member that owns chunks this device waits for has made no
+    /// progress for the LAN timeout: the next owner takes them.
+    LanOwner = 2,
+    /// The WAN rate cap's token bucket holds enough for the next chunk again.
+    Pacing = 3,
 }
 
 impl Timer {
-    const ALL: [Timer; 2] = [Timer::Silence, Timer::Backoff];
+    const ALL: [Timer; 4] = [
+        Timer::Silence,
+        Timer::Backoff,
+        Timer::LanOwner,
+        Timer::Pacing,
+    ];
 }
 
 /// The deadline of each [`Timer`], if set.

@@ -823,6 +823,8 @@ struct Driver<'a> {
     /// (an I/O error) or not (corrupt bytes, a malformed archive).
     retry_safe: Option<bool>,
     progress: &'a mut dyn FnMut(Progress),
+    /// Syncs handed to the write-behind and not yet answered, oldest first.
+    syncs_owed: std::collections::VecDeque<Slot>,
 }
 
 impl<'a> Driver<'a> {
@@ -846,6 +848,7 @@ impl<'a> Driver<'a> {
             source_bytes_read: 0,
             retry_safe: None,
             progress,
+            syncs_owed: std::collections::VecDeque::new(),
         }
     }
 
@@ -1088,8 +1091,51 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Carries out outputs until the engine has none.
+    /// Tells the engine of the syncs that returned; with `wait`, waits for one
+    /// first. Returns whether one was delivered.
+    fn deliver_syncs(&mut self, wait: bool) -> bool {
+        let Some(wb) = self.write_behind.as_ref() else {
+            return false;
+        };
+        let mut done = wb.synced();
+        if done == 0 && wait {
+            match wb.wait_synced() {
+                Ok(()) => done = 1,
+                Err((op, message)) => {
+                    self.syncs_owed.clear();
+                    self.engine
+                        .handle(self.now(), Input::Failed { op, message });
+                    return false;
+                }
+            }
+        }
+        for _ in 0..done {
+            if let Some(slot) = self.syncs_owed.pop_front() {
+                self.engine.handle(self.now(), Input::Synced { slot });
+            }
+        }
+        done > 0
+    }
+
+    /// Carries out outputs until the engine has none (and waits for the syncs it
+    /// cannot go on without).
     fn drain(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.drain_outputs();
+            if self.deliver_syncs(false) {
+                continue;
+            }
+            if self.engine.waiting_for_sync() && !self.syncs_owed.is_empty() {
+                self.deliver_syncs(true);
+                continue;
+            }
+            break;
+        }
+        (self.progress)(self.engine.progress());
+        Ok(())
+    }
+
+    fn drain_outputs(&mut self) {
         while let Some(out) = self.engine.poll_output() {
             if let Err((op, e)) = self.execute(out) {
                 let message = format!("{e:#}");
@@ -1106,9 +1152,10 @@ impl<'a> Driver<'a> {
                 self.engine
                     .handle(self.now(), Input::Failed { op, message });
             }
+            // Syncs that returned meanwhile: their batches are journaled now, even
+            // while one source answers synchronously and outputs never run dry.
+            self.deliver_syncs(false);
         }
-        (self.progress)(self.engine.progress());
-        Ok(())
     }
 
     /// `len` bytes at `offset` of a slot: from the stream read ahead (the chunks
@@ -1336,29 +1383,32 @@ impl<'a> Driver<'a> {
                     self.write_behind = Some(write_behind::WriteBehind::start(
                         w,
                         sync,
-                        Arc::clone(&self.dev.store),
                         verifier,
                         self.dev.io_window,
                     ));
                 }
                 let wb = self.write_behind.as_ref().expect("just started");
+                let bytes = data.len() as u64 * offsets.len() as u64;
                 wb.write(offsets, data)
                     .map_err(|(op, e)| (op, anyhow!(e)))?;
+                // Queued in order behind the writes before it (the queue is bounded).
+                self.engine.handle(now, Input::Written { slot, bytes });
             }
-            Output::Sync { .. } => {
-                if let Some(wb) = self.write_behind.as_ref() {
+            Output::Sync { slot } => match self.write_behind.as_ref() {
+                // Answered when the syncing thread says it returned (`drain`).
+                Some(wb) => {
                     wb.sync().map_err(|(op, e)| (op, anyhow!(e)))?;
+                    self.syncs_owed.push_back(slot);
                 }
-            }
-            Output::Persist(records) => match self.write_behind.as_ref() {
-                // Journals a batch once the sync queued before it returned.
-                Some(wb) => wb.persist(records).map_err(|(op, e)| (op, anyhow!(e)))?,
-                None => self
-                    .dev
-                    .store
-                    .apply(&records)
-                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
+                None => self.engine.handle(now, Input::Synced { slot }),
             },
+            // The engine asks for a journal batch only once its sync returned
+            // (`Input::Synced`): applied at once, not queued behind later syncs.
+            Output::Persist(records) => self
+                .dev
+                .store
+                .apply(&records)
+                .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
             Output::HashSlot { slot, len } => {
                 // Every write is done and synced first. Most of the slot was read
                 // back and hashed while it was written; otherwise (nothing written

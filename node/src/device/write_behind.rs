@@ -1,15 +1,15 @@
-//! Writing the slot, syncing it and journaling what each sync made durable, on a
-//! thread of its own.
+//! Writing the slot and syncing it, on threads of their own.
 //!
-//! The engine asks for writes of the target slot, a sync after every batch of
-//! them, and then the journal record of that batch ([`shoal_engine::Output::Write`],
-//! [`shoal_engine::Output::Sync`], [`shoal_engine::Output::Persist`]). Carried out
-//! in line, every write waits for the page cache and every sync for the medium,
-//! and the install stops meanwhile. The [`WriteBehind`] thread takes all three in
-//! order instead (one writing, one syncing, so writes go on while the medium
-//! syncs), while the driver goes on reading and decoding: a record is still
-//! persisted only after the sync before it returned, so the journal never claims a
-//! byte the slot may not hold. The data of the writes waiting for the thread is
+//! The engine asks for writes of the target slot and a sync after every batch of
+//! them ([`shoal_engine::Output::Write`], [`shoal_engine::Output::Sync`]), and asks
+//! for the journal record of a batch only once told its sync returned
+//! ([`shoal_engine::Input::Synced`]). Carried out in line, every write waits for the
+//! page cache and every sync for the medium, and the install stops meanwhile. The
+//! [`WriteBehind`] threads take writes and syncs in order instead (one writing, one
+//! syncing, so writes go on while the medium syncs), while the driver goes on
+//! reading and decoding, and report each sync that returned
+//! ([`WriteBehind::synced`]); the driver passes that on to the engine, so the
+//! journal never claims a byte the slot may not hold. The data of the writes waiting for the thread is
 //! bounded ([`BUDGET`]). The read-back of the written slot ([`Verifier`]) rides
 //! along, told of each write and of each completed sync.
 //!
@@ -27,10 +27,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use shoal_bootctl::SlotWriter;
-use shoal_engine::{IoOp, Record};
+use shoal_engine::IoOp;
 
 use super::slotio::Verifier;
-use super::store::Store;
 use crate::cmd::chain;
 
 /// Bytes of write data queued for the thread at most.
@@ -48,8 +47,6 @@ enum Job {
     },
     /// Makes every write before it durable.
     Sync,
-    /// Journal records, persisted once every sync before them returned.
-    Persist(Vec<Record>),
     /// Answered once every job before it is done.
     Barrier(mpsc::Sender<()>),
     /// Syncs, then answers with the payload's hash from the read-back (or `None`
@@ -86,6 +83,8 @@ pub struct WriteBehind {
     tx: Option<mpsc::Sender<Job>>,
     budget: Arc<Budget>,
     failures: mpsc::Receiver<Failure>,
+    /// One message per sync that returned, in order.
+    synced: mpsc::Receiver<()>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -96,19 +95,20 @@ impl std::fmt::Debug for WriteBehind {
 }
 
 impl WriteBehind {
-    /// Starts the thread over `writer` (the slot being written), `store` (the
-    /// journal) and `verifier` (the read-back of the slot, if any). Contiguous
+    /// Starts the threads over `writer` (the slot being written), `sync` (a second
+    /// writer of it, to sync through) and `verifier` (the read-back of the slot, if
+    /// any). Contiguous
     /// writes are gathered up to `gather` bytes.
     pub fn start(
         writer: SlotWriter,
         sync: SlotWriter,
-        store: Arc<Store>,
         verifier: Option<Verifier>,
         gather: usize,
     ) -> WriteBehind {
         let (tx, rx) = mpsc::channel::<Job>();
         let (to_sync, sync_rx) = mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
         let (fail_tx, failures) = mpsc::channel();
+        let (synced_tx, synced) = mpsc::channel();
         let budget = Arc::new(Budget::default());
         let writing = Writing {
             writer,
@@ -123,9 +123,9 @@ impl WriteBehind {
         };
         let syncing = Syncing {
             sync,
-            store,
             verifier,
             failures: fail_tx,
+            synced: synced_tx,
             failed: false,
         };
         let workers = vec![
@@ -136,7 +136,36 @@ impl WriteBehind {
             tx: Some(tx),
             budget,
             failures,
+            synced,
             workers,
+        }
+    }
+
+    /// How many queued syncs returned since the last call (without waiting).
+    pub fn synced(&self) -> usize {
+        self.synced.try_iter().count()
+    }
+
+    /// Waits for the next queued sync to return; `Err` when the thread failed
+    /// instead (it syncs nothing after a failure).
+    pub fn wait_synced(&self) -> Result<(), Failure> {
+        loop {
+            match self
+                .synced
+                .recv_timeout(std::time::Duration::from_millis(20))
+            {
+                Ok(()) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self
+                        .failure()
+                        .unwrap_or((IoOp::Sync, "the slot syncing thread stopped".to_owned())));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(failure) = self.failure() {
+                        return Err(failure);
+                    }
+                }
+            }
         }
     }
 
@@ -163,11 +192,6 @@ impl WriteBehind {
     /// Queues a sync of every write so far.
     pub fn sync(&self) -> Result<(), Failure> {
         self.send(Job::Sync)
-    }
-
-    /// Queues journal records, persisted once every sync before them returned.
-    pub fn persist(&self, records: Vec<Record>) -> Result<(), Failure> {
-        self.send(Job::Persist(records))
     }
 
     /// A failure of the thread's work, if one happened (at most one is ever
@@ -232,7 +256,6 @@ const SYNC_QUEUE: usize = 4;
 enum SyncJob {
     /// Syncs; the ranges `(offset, len)` written before it are then durable.
     Sync(Vec<(u64, u64)>),
-    Persist(Vec<Record>),
     /// A write failed: nothing after it is synced or persisted.
     WriteFailed,
     Barrier(mpsc::Sender<()>),
@@ -285,7 +308,6 @@ impl Writing {
                     }
                     Some(SyncJob::Sync(std::mem::take(&mut self.written)))
                 }
-                Job::Persist(records) => Some(SyncJob::Persist(records)),
                 Job::Barrier(answer) => Some(SyncJob::Barrier(answer)),
                 Job::Finish(answer) => {
                     if !self.failed
@@ -371,14 +393,14 @@ impl Writing {
     }
 }
 
-/// The syncing thread: syncs, then journals, and tells the read-back.
+/// The syncing thread: syncs, tells the read-back and the driver.
 struct Syncing {
     /// A second writer of the slot: a sync through it makes every write of the
     /// slot durable.
     sync: SlotWriter,
-    store: Arc<Store>,
     verifier: Option<Verifier>,
     failures: mpsc::Sender<Failure>,
+    synced: mpsc::Sender<()>,
     failed: bool,
 }
 
@@ -388,17 +410,13 @@ impl Syncing {
             match job {
                 // After a failure nothing more is synced or persisted: the journal
                 // stays at the last batch known durable.
-                SyncJob::Sync(written) if !self.failed => {
-                    if let Err((op, message)) = self.sync(written) {
-                        self.fail(op, message);
+                SyncJob::Sync(written) if !self.failed => match self.sync(written) {
+                    Ok(()) => {
+                        let _ = self.synced.send(());
                     }
-                }
-                SyncJob::Persist(records) if !self.failed => {
-                    if let Err(e) = self.store.apply(&records) {
-                        self.fail(IoOp::Persist, chain(&e));
-                    }
-                }
-                SyncJob::Sync(_) | SyncJob::Persist(_) => {}
+                    Err((op, message)) => self.fail(op, message),
+                },
+                SyncJob::Sync(_) => {}
                 SyncJob::WriteFailed => self.failed = true,
                 SyncJob::Barrier(answer) => {
                     let _ = answer.send(());

@@ -173,6 +173,8 @@ impl Engine {
         }
         job.take_while_indexing =
             !job.holds_all_known() || job.needed_entries().all(|e| job.someone_holds(e));
+        // Syncs still owed for an earlier run belong to its journal, not this one.
+        self.syncing.clear();
         self.job = Some(job);
         if self.index_chunking == Some(chunking) {
             self.plan(now);

@@ -19,9 +19,12 @@ use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex
 use crate::time::{Instant, Rng};
 use crate::timer::TimerTable;
 
+mod lan;
 mod lifecycle;
 mod scheduler;
 mod table;
+
+pub use lan::{NodeKey, Swarm};
 
 use scheduler::{Job, Need, Step};
 
@@ -43,6 +46,22 @@ pub struct Config {
     /// Timeouts and backoff of request sources (their request limits are per
     /// source: [`SourceInfo::limits`]).
     pub retry: RetryConfig,
+    /// How long a LAN swarm member may make no progress (announce no new chunk)
+    /// before the chunks it owns are fetched by their next owner
+    /// ([`Engine::set_swarm`]).
+    pub lan_timeout: std::time::Duration,
+    /// Bytes of writes asked for and not yet [`Input::Written`] beyond which no more
+    /// chunks are read or fetched (how a slow disk slows the install down).
+    pub writing_bytes_max: u64,
+    /// A data budget per deployment: most wire bytes (the manifest's stored sizes)
+    /// asked of WAN sources. A plan that needs more is refused before anything is
+    /// fetched ([`InstallError::OverBudget`]); an install never asks for more.
+    /// Counted per run of the engine (a resumed install is checked against what it
+    /// still needs).
+    pub wan_budget_bytes: Option<u64>,
+    /// A WAN rate cap in wire bytes per second (a token bucket with a burst of a
+    /// tenth of a second, and at least one chunk).
+    pub wan_rate_bytes_per_s: Option<u64>,
     /// Seeds every random choice (which source serves a chunk).
     pub seed: u64,
 }
@@ -57,6 +76,10 @@ impl Config {
             journal_batch_bytes: 4 * 1024 * 1024,
             reads_in_flight_max: 4,
             retry: RetryConfig::default(),
+            lan_timeout: std::time::Duration::from_secs(5),
+            writing_bytes_max: 16 * 1024 * 1024,
+            wan_budget_bytes: None,
+            wan_rate_bytes_per_s: None,
             seed: 0,
         }
     }
@@ -142,6 +165,21 @@ pub enum Input {
         /// The source.
         source: SourceId,
     },
+    /// An [`Output::Write`] was carried out (or queued in order behind the writes
+    /// before it): its bytes no longer count against
+    /// [`Config::writing_bytes_max`].
+    Written {
+        /// The slot.
+        slot: Slot,
+        /// The bytes written (data length times offsets).
+        bytes: u64,
+    },
+    /// An [`Output::Sync`] returned: every write before it is durable. Only then
+    /// does the engine journal the chunks it covers.
+    Synced {
+        /// The slot.
+        slot: Slot,
+    },
     /// The answer to [`Output::HashSlot`].
     SlotHashed {
         /// The slot.
@@ -210,7 +248,8 @@ pub enum Output {
         /// The request.
         request: RequestId,
     },
-    /// Write `data` at each offset of the slot (a chunk may repeat in a payload).
+    /// Write `data` at each offset of the slot (a chunk may repeat in a payload);
+    /// answer [`Input::Written`] once done.
     Write {
         /// The slot.
         slot: Slot,
@@ -219,7 +258,8 @@ pub enum Output {
         /// The bytes (already verified).
         data: Vec<u8>,
     },
-    /// Make every write to the slot so far durable.
+    /// Make every write to the slot so far durable; answer [`Input::Synced`] once
+    /// it is (the journal records of those writes wait for it).
     Sync {
         /// The slot.
         slot: Slot,
@@ -403,6 +443,9 @@ pub struct Engine {
     rng: Rng,
     progress: Progress,
     timers: TimerTable,
+    /// Journal batches whose [`Output::Sync`] was asked for, oldest first: the
+    /// slot, the positions, their bytes.
+    syncing: VecDeque<(Slot, Vec<u32>, u64)>,
 }
 
 impl Engine {
@@ -419,6 +462,7 @@ impl Engine {
             outputs: VecDeque::new(),
             progress: Progress::default(),
             timers: TimerTable::default(),
+            syncing: VecDeque::new(),
         };
         if let Some(index) = engine.state.active_index.take() {
             engine.set_index(&index);
@@ -495,6 +539,13 @@ impl Engine {
             .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
             .map(|j| j.needed_entries().map(|e| j.table.id(e)).collect())
             .unwrap_or_default()
+    }
+
+    /// Whether the engine waits for an [`Input::Synced`] before it can go on (every
+    /// chunk is written; the last journal batches wait for their syncs). A driver
+    /// that answers syncs as they complete blocks for one only then.
+    pub fn waiting_for_sync(&self) -> bool {
+        !self.syncing.is_empty() && self.job.as_ref().is_some_and(|j| j.step == Step::Flushing)
     }
 
     /// Whether an install is running (fetching, indexing or verifying).
@@ -598,6 +649,8 @@ impl Engine {
                 }
                 self.pump(now);
             }
+            Input::Written { bytes, .. } => self.on_written(now, bytes),
+            Input::Synced { slot } => self.on_synced(slot),
             Input::SlotHashed { slot, hash } => self.on_hashed(slot, hash),
             Input::HealthChecked(result) => self.on_health(result),
             Input::Failed { op, message } => {

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::bits::Bitfield;
 use crate::error::InstallError;
+use crate::pacing::Pacer;
 use crate::source::{
     FetchFailure, Gone, Holds, Origin, RequestId, SourceClass, SourceId, SourceInfo, SourceKind,
     SourceStatus,
@@ -53,6 +54,8 @@ pub(crate) enum Need {
     QueuedFetch,
     /// Asked of a source, in the request in this slab slot.
     Fetching { req: u32 },
+    /// Waiting for a LAN peer: another swarm member owns it and no peer has it yet.
+    Lan,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,8 @@ pub(crate) enum Step {
     /// install before anything is written.
     Probing,
     Fetching,
+    /// Every chunk is written; the last journal batches wait for their syncs.
+    Flushing,
     Hashing,
 }
 
@@ -233,7 +238,7 @@ pub(crate) struct Job {
     needed_bytes: u64,
     reads: VecDeque<u32>,
     pub(crate) reads_in_flight: u32,
-    fetches: VecDeque<u32>,
+    pub(crate) fetches: VecDeque<u32>,
     pub(crate) requests: Vec<Option<Request>>,
     free: Vec<u32>,
     generation: u32,
@@ -252,6 +257,16 @@ pub(crate) struct Job {
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
     corrupt: Option<(Origin, ChunkId)>,
+    /// The LAN swarm, when the driver named one.
+    pub(crate) lan: Option<super::lan::LanState>,
+    /// Wire bytes asked of WAN sources (for the data budget).
+    wan_asked: u64,
+    /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
+    pub(crate) writing_bytes: u64,
+    /// The WAN rate cap.
+    pacer: Option<Pacer>,
+    /// A chunk was not asked of the WAN because of the data budget.
+    budget_blocked: bool,
 }
 
 impl Job {
@@ -298,6 +313,11 @@ impl Job {
             take_while_indexing: false,
             journal_bytes: 0,
             corrupt: None,
+            lan: None,
+            wan_asked: 0,
+            writing_bytes: 0,
+            pacer: None,
+            budget_blocked: false,
             table,
         };
         for e in 0..n {
@@ -350,6 +370,13 @@ impl Job {
             .any(|s| s.holds.as_ref().is_some_and(|h| h.get(e)))
     }
 
+    /// Whether a source other than the WAN says it holds entry `e`.
+    fn held_off_wan(&self, e: u32) -> bool {
+        self.sources.iter().any(|s| {
+            !super::lan::is_wan(s.info.class) && s.holds.as_ref().is_some_and(|h| h.get(e))
+        })
+    }
+
     /// Whether an open stream holds (or may hold) entry `e`.
     fn stream_may_bring(&self, e: u32) -> bool {
         self.sources
@@ -396,6 +423,10 @@ enum Choice {
     Stream,
     /// No source can serve it.
     Nobody,
+    /// Another LAN member owns it and no peer has it yet: wait for the LAN.
+    Lan,
+    /// Only the WAN could serve it, and the data budget does not allow it.
+    OverBudget,
 }
 
 /// Most queued fetches skipped over in one pump while their sources are busy.
@@ -406,6 +437,25 @@ impl Job {
     pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
         let state = SourceState::new(info, &self.table, ms(rto_initial));
         self.sources.push(state);
+    }
+
+    /// Adds to what source `i` says it holds; returns the entries it did not hold.
+    pub(crate) fn add_holds(&mut self, i: usize, holds: &Holds) -> Vec<u32> {
+        let Some(more) = holds_by_entry(holds, &self.table) else {
+            return Vec::new();
+        };
+        let s = &mut self.sources[i];
+        let Some(have) = s.holds.as_mut() else {
+            return Vec::new(); // It may hold anything already.
+        };
+        let new: Vec<u32> = more.iter().filter(|&e| !have.get(e)).collect();
+        for &e in &new {
+            have.set(e);
+            if let Some(l) = s.lacks.as_mut() {
+                l.clear(e);
+            }
+        }
+        new
     }
 
     /// Replaces what source `i` says it holds; what it said it lacks is forgotten.
@@ -481,12 +531,20 @@ impl Engine {
         let Some(job) = self.job.as_mut() else { return };
         job.step = Step::Fetching;
         let mut from_slot = 0u64;
+        // Wire bytes only the WAN can bring: neither in the slot's index, nor said
+        // to be held by another source, nor possibly in an open stream (an upper
+        // bound: a read at a chunk's own offset may still find it).
+        let mut wan_needed = 0u64;
         for e in 0..job.table.entries() {
             if job.need[e as usize] != Need::Idle {
                 continue;
             }
             let id = job.table.id(e);
             let size = job.table.size(e);
+            let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
+            if !indexed && !job.held_off_wan(e) && !job.stream_may_bring(e) {
+                wan_needed += u64::from(job.table.wire_size(e));
+            }
             match self.index.get(&id) {
                 Some(&(_, len)) if len == size => {
                     job.need[e as usize] = Need::QueuedRead;
@@ -509,8 +567,37 @@ impl Engine {
             needed = job.needed,
             from_active_slot = job.reads.len(),
             from_slot_bytes = from_slot,
+            wan_needed,
             "plan"
         );
+        let has_wan = job
+            .sources
+            .iter()
+            .any(|s| s.is_requests() && super::lan::is_wan(s.info.class));
+        if let Some(allowed) = self.config.wan_budget_bytes
+            && has_wan
+            && wan_needed > allowed
+        {
+            // Refused before anything is read, written or fetched.
+            job.reads.clear();
+            for e in 0..job.table.entries() {
+                if job.need[e as usize] == Need::QueuedRead {
+                    job.need[e as usize] = Need::Idle;
+                }
+            }
+            self.fail(InstallError::OverBudget {
+                needed: wan_needed,
+                allowed,
+            });
+            return;
+        }
+        if let Some(rate) = self.config.wan_rate_bytes_per_s {
+            let largest = (0..job.table.entries())
+                .map(|e| u64::from(job.table.wire_size(e)))
+                .max()
+                .unwrap_or(0);
+            job.pacer = Some(Pacer::new(rate, (rate / 10).max(largest), now));
+        }
         self.rescan(now);
     }
 
@@ -524,29 +611,31 @@ impl Engine {
                 return;
             }
             Step::Fetching => {}
-            Step::Indexing | Step::Hashing => return,
+            Step::Indexing | Step::Flushing | Step::Hashing => return,
         }
-        self.pump_reads();
-        self.pump_fetches(now);
-        self.end_game(now);
+        // Writes not yet carried out bound what is read and fetched.
+        if job.writing_bytes < self.config.writing_bytes_max {
+            self.pump_reads();
+            self.pump_fetches(now);
+            self.end_game(now);
+        }
         self.update_timers(now);
         let Some(job) = self.job.as_mut() else { return };
         if job.needed == 0 {
             self.flush_batch();
             let Some(job) = self.job.as_mut() else { return };
-            job.step = Step::Hashing;
-            let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
-            info!(slot = %target, len, "all chunks written; verifying the slot");
+            job.step = Step::Flushing;
             self.timers.clear();
-            self.event(Event::Verifying { slot: target });
-            self.outputs
-                .push_back(Output::HashSlot { slot: target, len });
+            if self.syncing.is_empty() {
+                self.verify();
+            }
             return;
         }
         let busy = !job.reads.is_empty()
             || job.reads_in_flight > 0
             || !job.fetches.is_empty()
             || job.requests.iter().any(Option::is_some)
+            || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
             || job.sources.iter().any(SourceState::is_open_stream);
         if !busy {
             self.stuck();
@@ -569,7 +658,18 @@ impl Engine {
             .sources
             .iter()
             .any(|s| matches!(s.gone, Some(Gone::Failing | Gone::Banned | Gone::Removed)));
-        let err = if let Some((origin, id)) = job.corrupt {
+        let err = if let (true, Some(allowed)) = (job.budget_blocked, self.config.wan_budget_bytes)
+        {
+            let left: u64 = job
+                .needed_entries()
+                .filter(|&e| !matches!(job.need[e as usize], Need::Fetching { .. }))
+                .map(|e| u64::from(job.table.wire_size(e)))
+                .sum();
+            InstallError::OverBudget {
+                needed: job.wan_asked + left,
+                allowed,
+            }
+        } else if let Some((origin, id)) = job.corrupt {
             InstallError::CorruptChunk { origin, id }
         } else if failed {
             InstallError::SourcesFailed { count, bytes }
@@ -631,21 +731,43 @@ impl Engine {
             return Choice::Stream;
         }
         let size = job.table.size(e);
+        let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
+        let wire = u64::from(job.table.wire_size(e));
+        let budget = self
+            .config
+            .wan_budget_bytes
+            .is_none_or(|b| job.wan_asked.saturating_add(wire) <= b);
+        let paced = job.pacer.as_ref().is_some_and(|p| !p.has(wire, now));
+        let mut over_budget = false;
+        let usable = |s: &SourceState| {
+            s.is_requests()
+                && s.may_hold(e)
+                && (!super::lan::is_wan(s.info.class) || (wan && budget))
+        };
+        let resting =
+            |s: &SourceState| s.in_backoff(now) || (paced && super::lan::is_wan(s.info.class));
+        if !budget {
+            over_budget = job.sources.iter().any(|s| {
+                s.is_requests() && s.may_hold(e) && super::lan::is_wan(s.info.class) && wan
+            });
+        }
         let mut any = false;
         let mut class: Option<u8> = None;
-        for s in job
-            .sources
-            .iter()
-            .filter(|s| s.is_requests() && s.may_hold(e))
-        {
+        for s in job.sources.iter().filter(|s| usable(s)) {
             any = true;
-            if !s.in_backoff(now) {
+            if !resting(s) {
                 let c = s.info.class.cost();
                 class = Some(class.map_or(c, |k| k.min(c)));
             }
         }
         if !any {
-            return Choice::Nobody;
+            return if over_budget {
+                Choice::OverBudget
+            } else if wan {
+                Choice::Nobody
+            } else {
+                Choice::Lan
+            };
         }
         let Some(class) = class else {
             return Choice::Wait;
@@ -656,11 +778,7 @@ impl Engine {
         let mut ties = 0usize;
         let mut pick = None;
         for (i, s) in job.sources.iter().enumerate() {
-            if !s.is_requests()
-                || !s.may_hold(e)
-                || s.in_backoff(now)
-                || s.info.class.cost() != class
-            {
+            if !usable(s) || resting(s) || s.info.class.cost() != class {
                 continue;
             }
             let open_room = s.open.is_some_and(|r| {
@@ -747,6 +865,20 @@ impl Engine {
                         job.need[e as usize] = Need::Idle;
                     }
                 }
+                Choice::OverBudget => {
+                    if let Some(job) = self.job.as_mut() {
+                        job.need[e as usize] = Need::Idle;
+                        job.budget_blocked = true;
+                    }
+                }
+                Choice::Lan => {
+                    if let Some(job) = self.job.as_mut() {
+                        job.need[e as usize] = Need::Lan;
+                        if let Some(lan) = job.lan.as_mut() {
+                            lan.waiting += 1;
+                        }
+                    }
+                }
             }
         }
         let Some(job) = self.job.as_mut() else { return };
@@ -771,7 +903,8 @@ impl Engine {
         }
         let queued: Vec<u32> = job.fetches.iter().copied().collect();
         for e in queued {
-            if let Choice::Nobody | Choice::Stream = self.choose(e, now)
+            if let Choice::Nobody | Choice::Stream | Choice::Lan | Choice::OverBudget =
+                self.choose(e, now)
                 && let Some(job) = self.job.as_mut()
                 && job.need[e as usize] == Need::QueuedFetch
             {
@@ -816,6 +949,14 @@ impl Engine {
             }
         };
         let size = job.table.size(e);
+        if super::lan::is_wan(job.sources[i].info.class) {
+            let wire = u64::from(job.table.wire_size(e));
+            job.wan_asked += wire;
+            if let Some(p) = job.pacer.as_mut() {
+                let taken = p.try_take(wire, now);
+                assert!(taken, "a paced chunk was assigned");
+            }
+        }
         let limits = job.sources[i].info.limits;
         let r = job.requests[slot as usize]
             .as_mut()
@@ -1010,6 +1151,7 @@ impl Engine {
         let (id, failures) = (s.info.id, s.failures);
         warn!(source = %id, failures, backoff_ms = backoff, reason = why, "source failed; backing off");
         self.end_requests_of(i, true);
+        self.requeue_lan();
         if failures >= retry.failures_max {
             self.drop_source(i, Gone::Failing, now);
         }
@@ -1026,6 +1168,7 @@ impl Engine {
         job.sources[i].gone = Some(why);
         let kind = job.sources[i].info.kind;
         self.end_requests_of(i, why != Gone::Removed);
+        self.requeue_lan();
         if why == Gone::Banned {
             self.event(Event::SourceBanned { source: id });
         }
@@ -1107,18 +1250,58 @@ impl Engine {
     }
 
     /// Syncs the slot and commits the batch of written chunks to the journal.
+    ///
+    /// The journal record waits for [`Input::Synced`](crate::Input::Synced): the
+    /// engine itself keeps "journal only after the sync".
     pub(crate) fn flush_batch(&mut self) {
         let Some(job) = self.job.as_mut() else { return };
         if job.batch.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut job.batch);
-        job.journal_bytes += job.batch_bytes;
-        job.batch_bytes = 0;
+        let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
-        self.state.done.extend_from_slice(&batch);
         self.outputs.push_back(Output::Sync { slot: target });
+        self.syncing.push_back((target, batch, bytes));
+    }
+
+    /// A sync returned: the oldest batch synced before it is journaled; once every
+    /// chunk is written and journaled, the slot is verified.
+    pub(crate) fn on_synced(&mut self, slot: Slot) {
+        if self.syncing.front().is_none_or(|(s, _, _)| *s != slot) {
+            return;
+        }
+        let Some((_, batch, bytes)) = self.syncing.pop_front() else {
+            return;
+        };
+        self.state.done.extend_from_slice(&batch);
+        if let Some(job) = self.job.as_mut() {
+            job.journal_bytes += bytes;
+        }
         self.persist(vec![Record::Done(batch)]);
+        let verify = self.job.as_ref().is_some_and(|j| j.step == Step::Flushing);
+        if verify && self.syncing.is_empty() {
+            self.verify();
+        }
+    }
+
+    /// Every chunk is written and journaled: re-read the slot.
+    fn verify(&mut self) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.step = Step::Hashing;
+        let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
+        info!(slot = %target, len, "all chunks written; verifying the slot");
+        self.timers.clear();
+        self.event(Event::Verifying { slot: target });
+        self.outputs
+            .push_back(Output::HashSlot { slot: target, len });
+    }
+
+    /// A write was carried out: its bytes no longer count against the bound.
+    pub(crate) fn on_written(&mut self, now: Instant, bytes: u64) {
+        let Some(job) = self.job.as_mut() else { return };
+        job.writing_bytes = job.writing_bytes.saturating_sub(bytes);
+        self.pump(now);
     }
 
     /// A chunk's bytes arrived; `hashed`: they were verified against `id` already
@@ -1248,6 +1431,7 @@ impl Engine {
             }
         }
         let target = job.target;
+        job.writing_bytes += data.len() as u64 * offsets.len() as u64;
         let flush = job.batch_bytes >= self.config.journal_batch_bytes;
         self.outputs.push_back(Output::Write {
             slot: target,
@@ -1382,12 +1566,25 @@ impl Engine {
                 self.source_failed(i, now, "silent past its timeout");
             }
         }
+        self.on_lan_timeout(now);
         // Backoffs that ended need no action but a pump.
         self.pump(now);
     }
 
     /// Sets the named timers from the sources' state.
     pub(crate) fn update_timers(&mut self, now: Instant) {
+        let lan = self
+            .job
+            .as_ref()
+            .and_then(|job| job.lan_deadline(now, super::lan::ms(self.config.lan_timeout)));
+        self.timers.set(Timer::LanOwner, lan);
+        let pacing = self.job.as_ref().and_then(|job| {
+            let p = job.pacer.as_ref()?;
+            let &e = job.fetches.front()?;
+            let wire = u64::from(job.table.wire_size(e));
+            (!p.has(wire, now)).then(|| p.ready_at(wire))
+        });
+        self.timers.set(Timer::Pacing, pacing);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
@@ -1416,6 +1613,12 @@ impl Engine {
         let n = job.table.entries();
         let needed = job.need.iter().filter(|s| **s != Need::Done).count() as u32;
         assert_eq!(job.needed, needed, "needed count");
+        let lan = job.need.iter().filter(|s| **s == Need::Lan).count() as u32;
+        assert_eq!(
+            job.lan.as_ref().map_or(0, |l| l.waiting),
+            lan,
+            "LAN waiting"
+        );
         let reading = job
             .need
             .iter()
@@ -1425,15 +1628,32 @@ impl Engine {
             assert_eq!(job.reads_in_flight, reading, "reads in flight");
         }
         assert!(job.reads_in_flight as usize <= self.config.reads_in_flight_max);
+        let mut owned = vec![0u32; job.requests.len()];
+        for state in &job.need {
+            if let Need::Fetching { req } = state {
+                owned[*req as usize] += 1;
+            }
+        }
+        let mut queued = Bitfield::new(n);
+        for &e in &job.fetches {
+            queued.set(e);
+        }
         for (slot, r) in job.requests.iter().enumerate() {
             let Some(r) = r else { continue };
-            let owned = (0..n)
-                .filter(|&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
-                .count() as u32;
+            let owned = owned[slot];
             assert_eq!(
                 r.left, owned,
                 "request {slot} owns {owned}, counts {}",
                 r.left
+            );
+            let listed = r
+                .entries
+                .iter()
+                .filter(|&&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
+                .count() as u32;
+            assert_eq!(
+                listed, owned,
+                "request {slot}: an owned entry is not listed"
             );
             assert!(r.left > 0, "request {slot} owns nothing but is live");
             let s = &job.sources[r.source];
@@ -1464,10 +1684,10 @@ impl Engine {
         for (e, state) in job.need.iter().enumerate() {
             let e = e as u32;
             if let Need::Fetching { req } = state {
-                let r = job.requests[*req as usize]
-                    .as_ref()
-                    .expect("a fetching entry's request is live");
-                assert!(r.entries.contains(&e));
+                assert!(
+                    job.requests[*req as usize].is_some(),
+                    "a fetching entry's request is live"
+                );
             }
             let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
             assert_eq!(*state == Need::Done, all_done, "entry {e} done bits");
