@@ -15,6 +15,14 @@
 //! [install]
 //! journal_batch_mib = 16                 # progress journal commit interval
 //!
+//! [server]                               # optional: managed mode (`shoal daemon`)
+//! url = "https://updates.example.com"    # http:// or https://
+//! ca_certificate = "/etc/shoal/ca.pem"   # optional: PEM CA added to the system roots
+//! poll_interval_s = 300                  # between deployment polls (jittered)
+//! retry_max_s = 3600                     # the longest backoff after failures
+//! identity = { mac = "02:00:00:00:00:01" } # identity attributes shown to operators
+//! inventory_dir = "/etc/shoal/inventory.d" # executables printing key=value lines
+//!
 //! [slots]                                # and [bootloader]: see shoal-bootctl
 //! a = { path = "/dev/mmcblk0p2" }
 //! b = { path = "/dev/mmcblk0p3" }
@@ -45,6 +53,9 @@ pub struct Config {
     /// `[install]`.
     #[serde(default)]
     pub install: Install,
+    /// `[server]`: managed mode; `None` for standalone devices.
+    #[serde(default)]
+    pub server: Option<Server>,
     /// `[slots]` (shoal-bootctl's table).
     pub slots: SlotsConfig,
     /// `[bootloader]` (shoal-bootctl's table).
@@ -122,6 +133,36 @@ impl Default for Install {
             journal_batch_mib: default_batch_mib(),
         }
     }
+}
+
+/// `[server]`: where `shoal daemon` gets its deployments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// The server's base URL (`http://` or `https://`, no path).
+    pub url: String,
+    /// A PEM CA certificate to trust besides the system's roots.
+    #[serde(default)]
+    pub ca_certificate: Option<PathBuf>,
+    /// Seconds between two polls for a deployment (each jittered by up to a tenth).
+    #[serde(default = "default_poll_s")]
+    pub poll_interval_s: u64,
+    /// The longest wait, in seconds, of the exponential backoff after failures.
+    #[serde(default = "default_retry_max_s")]
+    pub retry_max_s: u64,
+    /// Identity attributes sent with each auth request (at least one).
+    pub identity: BTreeMap<String, String>,
+    /// Directory of inventory executables, each printing `key=value` lines.
+    #[serde(default)]
+    pub inventory_dir: Option<PathBuf>,
+}
+
+fn default_poll_s() -> u64 {
+    300
+}
+
+fn default_retry_max_s() -> u64 {
+    3600
 }
 
 /// Why the configuration was refused.
@@ -210,8 +251,70 @@ impl Config {
                 "must start with a program name",
             ));
         }
+        if let Some(server) = &config.server {
+            check_server(server).map_err(|(key, reason)| invalid(key, reason))?;
+        }
         Ok(config)
     }
+}
+
+/// The checks of `[server]`: the key and what is wrong with it.
+fn check_server(s: &Server) -> Result<(), (&'static str, &'static str)> {
+    let rest = s
+        .url
+        .strip_prefix("https://")
+        .or_else(|| s.url.strip_prefix("http://"))
+        .ok_or(("server.url", "must start with http:// or https://"))?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+        return Err((
+            "server.url",
+            "must be a scheme and a host[:port], without a path",
+        ));
+    }
+    if s.ca_certificate
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(("server.ca_certificate", "must not be empty"));
+    }
+    if s.poll_interval_s == 0 || s.poll_interval_s > 7 * 24 * 3600 {
+        return Err((
+            "server.poll_interval_s",
+            "must be between 1 and 604800 seconds",
+        ));
+    }
+    if s.retry_max_s < s.poll_interval_s.min(60) || s.retry_max_s > 7 * 24 * 3600 {
+        return Err((
+            "server.retry_max_s",
+            "must be between min(poll_interval_s, 60) and 604800 seconds",
+        ));
+    }
+    if s.identity.is_empty() {
+        return Err(("server.identity", "must have at least one attribute"));
+    }
+    let name_ok = |k: &str| {
+        !k.is_empty()
+            && k.len() <= 128
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-:".contains(&b))
+    };
+    if !s.identity.keys().all(|k| name_ok(k)) {
+        return Err((
+            "server.identity",
+            "attribute names must be 1 to 128 characters of A-Z a-z 0-9 _ . - :",
+        ));
+    }
+    if s.identity.values().any(|v| v.len() > 1024) {
+        return Err(("server.identity", "values must be at most 1024 bytes"));
+    }
+    if s.inventory_dir
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(("server.inventory_dir", "must not be empty"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -265,8 +368,8 @@ mod tests {
     fn unknown_keys_are_named() {
         let e = parse_err(&GOOD.replace("timeout_s = 30", "timeout = 30"));
         assert!(e.contains("unknown field `timeout`"), "{e}");
-        let e = parse_err(&format!("{GOOD}\n[server]\nurl = \"x\"\n"));
-        assert!(e.contains("unknown field `server`"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[network]\ncap = 1\n"));
+        assert!(e.contains("unknown field `network`"), "{e}");
         let e =
             parse_err(&GOOD.replace("type = \"acme-board\"", "type = \"acme-board\"\ncolour = 1"));
         assert!(e.contains("unknown field `colour`"), "{e}");
@@ -287,6 +390,82 @@ mod tests {
         assert!(e.contains("install.journal_batch_mib"), "{e}");
         let e = parse_err(&GOOD.replace("type = \"file\"", "type = \"floppy\""));
         assert!(e.contains("floppy") && e.contains("type"), "{e}");
+    }
+
+    const SERVER: &str = r#"
+        [server]
+        url = "https://updates.example.com:8443"
+        identity = { mac = "02:00:00:00:00:01" }
+    "#;
+
+    fn with_server(server: &str) -> String {
+        // [server] before [slots], so the tables stay apart.
+        GOOD.replace("[slots]", &format!("{server}\n[slots]"))
+    }
+
+    #[test]
+    fn server_table_parses_with_defaults() {
+        assert_eq!(parse(GOOD).expect("valid").server, None);
+        let c = parse(&with_server(SERVER)).expect("valid");
+        let s = c.server.expect("[server]");
+        assert_eq!(s.url, "https://updates.example.com:8443");
+        assert_eq!(s.poll_interval_s, 300);
+        assert_eq!(s.retry_max_s, 3600);
+        assert_eq!(s.identity["mac"], "02:00:00:00:00:01");
+        assert_eq!(s.ca_certificate, None);
+        assert_eq!(s.inventory_dir, None);
+    }
+
+    #[test]
+    fn server_bad_values_are_named() {
+        let cases = [
+            (
+                SERVER.replace("https://updates.example.com:8443", "ftp://x"),
+                "server.url must start with http:// or https://",
+            ),
+            (
+                SERVER.replace(":8443", ":8443/api"),
+                "server.url must be a scheme and a host[:port], without a path",
+            ),
+            (
+                SERVER.replace("https://updates.example.com:8443", "https://"),
+                "server.url must be a scheme and a host[:port]",
+            ),
+            (
+                format!("{SERVER}\npoll_interval_s = 0"),
+                "server.poll_interval_s must be between 1 and 604800",
+            ),
+            (
+                format!("{SERVER}\nretry_max_s = 1"),
+                "server.retry_max_s must be between",
+            ),
+            (
+                SERVER.replace("{ mac = \"02:00:00:00:00:01\" }", "{}"),
+                "server.identity must have at least one attribute",
+            ),
+            (
+                SERVER.replace("{ mac =", "{ \"m a c\" ="),
+                "server.identity attribute names must be",
+            ),
+            (
+                format!("{SERVER}\nca_certificate = \"\""),
+                "server.ca_certificate must not be empty",
+            ),
+            (
+                format!("{SERVER}\ninventory_dir = \"\""),
+                "server.inventory_dir must not be empty",
+            ),
+        ];
+        for (server, want) in cases {
+            let e = parse_err(&with_server(&server));
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+        }
+        let e = parse_err(&with_server(&format!("{SERVER}\npoll = 5")));
+        assert!(e.contains("unknown field `poll`"), "{e}");
+        let e = parse_err(&with_server(&SERVER.replace("url = ", "# url = ")));
+        assert!(e.contains("missing field `url`"), "{e}");
+        let e = parse_err(&with_server(&format!("{SERVER}\npoll_interval_s = -3")));
+        assert!(e.contains("poll_interval_s"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ macro_rules! errln {
 }
 
 mod cmd;
+mod daemon;
 mod device;
 
 // The device configuration parser lives in the library target so fuzz targets can
@@ -92,6 +93,11 @@ enum Command {
     /// Print and set bootloader environment variables (U-Boot, GRUB, file).
     #[command(subcommand)]
     Env(cmd::env::Command),
+    /// Run the device daemon: poll the server, install deployments, report.
+    #[command(
+        after_help = "Examples:\n  shoal daemon                  (from node/systemd/shoal-daemon.service)\n  SHOAL_LOG=info shoal daemon --config /etc/shoal/shoal.toml"
+    )]
+    Daemon(cmd::daemon::Args),
     /// Run the server role (device and management APIs; built with `--features server`).
     #[cfg(feature = "server")]
     Server(cmd::server::Args),
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a, &ui),
         Command::Slot(c) => cmd::slot::run(c, &ui),
         Command::Env(c) => cmd::env::run(c, &ui),
+        Command::Daemon(a) => cmd::daemon::run(a),
         #[cfg(feature = "server")]
         Command::Server(a) => cmd::server::run(a, &ui),
         #[cfg(feature = "server")]

@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[cfg(feature = "server")]
 pub mod admin;
 pub mod artifact;
+pub mod daemon;
 pub mod demo;
 pub mod device;
 pub mod env;

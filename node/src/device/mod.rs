@@ -5,8 +5,9 @@
 //! runs [`shoal_engine::Engine`]'s outputs synchronously: slot reads and writes go
 //! through bootctl's storage seam, journal records into the redb [`store::Store`],
 //! bootloader outputs into [`shoal_bootctl::BootControl`]. Sources are an artifact
-//! stream (a `.shoal` file or stdin, chunks decoded in parallel batches) or a chunk
-//! store directory (answered per request).
+//! stream (a `.shoal` file or stdin, chunks decoded in parallel batches), a chunk
+//! store directory (answered per request), or a [`Requests`] source answering on
+//! threads of its own (the daemon's server: several requests in flight).
 
 #[cfg(test)]
 mod crash_tests;
@@ -28,8 +29,9 @@ use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress, Slot,
-    SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status, slot_index,
+    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress,
+    RequestId, Slot, SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status,
+    slot_index,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -61,6 +63,18 @@ pub enum Source {
         /// The bytes.
         reader: ArtifactInput,
     },
+    /// A request source that answers asynchronously (the daemon's server), with the
+    /// signed manifest envelope it serves.
+    Remote {
+        /// For messages: the server.
+        name: String,
+        /// The signed manifest envelope (checked by the engine's offer).
+        envelope: Vec<u8>,
+        /// How many requests, bytes and chunks at once.
+        limits: SourceLimits,
+        /// The source.
+        requests: Box<dyn Requests>,
+    },
     /// A chunk store directory; `release` picks among its manifests
     /// (`NAME` or `NAME@VERSION`), default: the only compatible one, or the one with
     /// the highest security counter.
@@ -79,6 +93,11 @@ impl std::fmt::Debug for Source {
                 .debug_struct("Artifact")
                 .field("name", name)
                 .finish_non_exhaustive(),
+            Source::Remote { name, limits, .. } => f
+                .debug_struct("Remote")
+                .field("name", name)
+                .field("limits", limits)
+                .finish_non_exhaustive(),
             Source::Store { dir, release } => f
                 .debug_struct("Store")
                 .field("dir", dir)
@@ -86,6 +105,44 @@ impl std::fmt::Debug for Source {
                 .finish(),
         }
     }
+}
+
+/// A request source whose requests run elsewhere (threads, a network): the driver
+/// sends the engine's [`Output::Fetch`] requests and collects the answers.
+pub trait Requests: Send {
+    /// Starts one request; must not block on the network.
+    fn send(&mut self, request: RequestId, ids: Vec<ChunkId>);
+    /// The engine no longer wants a request's answers; stop it if it still runs.
+    fn cancel(&mut self, request: RequestId);
+    /// Waits up to `timeout` for answers; empty when none came.
+    fn wait(&mut self, timeout: Duration) -> Vec<Answer>;
+    /// Bytes read from the source so far (as transferred).
+    fn bytes_read(&self) -> u64;
+    /// Why the install must stop now (the server aborted the deployment), if so.
+    fn stop_reason(&self) -> Option<String> {
+        None
+    }
+}
+
+/// An answer of a [`Requests`] source.
+#[derive(Debug)]
+pub enum Answer {
+    /// A chunk's bytes (uncompressed; the engine hashes them).
+    Chunk {
+        /// The chunk.
+        id: ChunkId,
+        /// Its bytes.
+        data: Vec<u8>,
+    },
+    /// The source does not hold this chunk.
+    Unavailable(ChunkId),
+    /// The whole request failed.
+    Failed {
+        /// The request.
+        request: RequestId,
+        /// How it failed.
+        failure: FetchFailure,
+    },
 }
 
 /// Where an artifact's bytes come from.
@@ -410,6 +467,25 @@ impl Device {
                 driver.stream(artifact, &name)?;
                 driver.source_bytes_read = counted.bytes;
             }
+            Source::Remote {
+                name,
+                envelope,
+                limits,
+                requests,
+            } => {
+                driver.requests = Some(requests);
+                let offer = Offer {
+                    envelope,
+                    wall_unix_s: wall,
+                    sources: vec![
+                        SourceInfo::new(REMOTE, SourceKind::Requests, SourceClass::Wan, name)
+                            .with_limits(limits),
+                    ],
+                    reboot,
+                };
+                driver.offer(offer)?;
+                driver.pump()?;
+            }
             Source::Store { dir, release } => {
                 let store = ChunkStore::open(&dir)
                     .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
@@ -627,6 +703,7 @@ pub fn read_status(config: &Config) -> anyhow::Result<(Status, shoal_bootctl::St
 
 const STREAM: SourceId = SourceId(1);
 const STORE: SourceId = SourceId(2);
+const REMOTE: SourceId = SourceId(3);
 /// A chunk store on this device answers at once: one small request at a time keeps
 /// the queue of chunks waiting to be written (and so memory) small.
 const STORE_LIMITS: SourceLimits = SourceLimits {
@@ -738,6 +815,7 @@ struct Driver<'a> {
     /// Reads of a slot (the running one) served from a stream read ahead.
     read_ahead: Option<(Slot, slotio::ReadAhead)>,
     chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
+    requests: Option<Box<dyn Requests>>,
     events: Vec<Event>,
     reboot_asked: bool,
     source_bytes_read: u64,
@@ -764,6 +842,7 @@ impl<'a> Driver<'a> {
             write_behind: None,
             read_ahead: None,
             chunk_store: None,
+            requests: None,
             events: Vec::new(),
             reboot_asked: false,
             source_bytes_read: 0,
@@ -850,6 +929,69 @@ impl<'a> Driver<'a> {
                 self.drain()?;
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Runs an install from a [`Requests`] source: carries out the engine's
+    /// outputs, waits for answers until the engine's next timer, and hands them
+    /// over, until the install ends.
+    fn pump(&mut self) -> anyhow::Result<()> {
+        while self.engine.is_installing() {
+            self.drain()?;
+            if !self.engine.is_installing() {
+                break;
+            }
+            let now = self.now();
+            let timeout = self
+                .engine
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.as_millis().saturating_sub(now.as_millis())))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let answers = match self.requests.as_mut() {
+                Some(r) => {
+                    if let Some(message) = r.stop_reason() {
+                        // The journal keeps what was verified; nothing is armed.
+                        self.retry_safe = Some(false);
+                        self.engine.handle(
+                            self.now(),
+                            Input::Failed {
+                                op: IoOp::Fetch,
+                                message,
+                            },
+                        );
+                        self.drain()?;
+                        break;
+                    }
+                    r.wait(timeout)
+                }
+                None => bail!("no request source to wait for"),
+            };
+            let now = self.now();
+            for answer in answers {
+                let input = match answer {
+                    Answer::Chunk { id, data } => Input::Chunk {
+                        origin: Origin::Source(REMOTE),
+                        id,
+                        data,
+                    },
+                    Answer::Unavailable(id) => Input::Unavailable { source: REMOTE, id },
+                    Answer::Failed { request, failure } => Input::FetchFailed {
+                        source: REMOTE,
+                        request,
+                        failure,
+                    },
+                };
+                self.engine.handle(now, input);
+                self.drain()?;
+            }
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+        }
+        if let Some(r) = self.requests.as_ref() {
+            self.source_bytes_read += r.bytes_read();
         }
         Ok(())
     }
@@ -1152,8 +1294,23 @@ impl<'a> Driver<'a> {
                     },
                 );
             }
-            // Requests are answered before the next output: nothing to cancel.
-            Output::Cancel { .. } => {}
+            // Local requests are answered before the next output: nothing to cancel.
+            Output::Cancel { source, request } => {
+                if source == REMOTE
+                    && let Some(r) = self.requests.as_mut()
+                {
+                    r.cancel(request);
+                }
+            }
+            Output::Fetch {
+                source: REMOTE,
+                request,
+                ids,
+            } if self.requests.is_some() => {
+                if let Some(r) = self.requests.as_mut() {
+                    r.send(request, ids);
+                }
+            }
             Output::Fetch { source, ids, .. } => {
                 let Some((store, refs)) = self.chunk_store.as_ref() else {
                     return Err((IoOp::Fetch, anyhow!("no request source {source}")));

@@ -1,0 +1,553 @@
+//! The server as the engine's request source: each [`Output::Fetch`] batch is one
+//! `POST .../deployments/{id}/chunks`, run on one of a few worker threads (so
+//! several requests are in flight), its `application/vnd.shoal.chunks` answer
+//! read frame by frame as it arrives ([`BatchReader`]), each chunk decoded and
+//! handed to the driver at once ([`Requests::wait`]); the engine hashes it.
+//!
+//! [`Output::Fetch`]: shoal_engine::Output::Fetch
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use shoal_artifact::{ChunkId, ChunkRef};
+use shoal_engine::{FetchFailure, RequestId};
+use tracing::{debug, warn};
+
+use super::api::{Api, ApiError, error_of};
+use crate::device::{Answer, Requests};
+
+/// Framing of each chunk in a batch: its 32-byte id and a big-endian `u32` length.
+const FRAME_HEADER: usize = 36;
+
+/// The longest stored form of one chunk accepted: the largest chunk, plus zstd's
+/// worst-case growth and headers with room to spare.
+pub const STORED_CHUNK_MAX: u32 = shoal_artifact::manifest::CHUNK_SIZE_MAX + 1024 * 1024;
+
+/// Why a batch answer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The body ends inside a frame header.
+    #[error("the batch ends inside the header of chunk {index}")]
+    TruncatedHeader {
+        /// The frame's position.
+        index: usize,
+    },
+    /// The body ends inside a chunk's bytes.
+    #[error("the batch ends inside chunk {index} ({declared} bytes declared)")]
+    TruncatedChunk {
+        /// The frame's position.
+        index: usize,
+        /// The length its header declares.
+        declared: u32,
+    },
+    /// A frame carries another chunk than the one asked for at its position.
+    #[error("chunk {index} of the batch is {got}, not {want} as asked")]
+    WrongId {
+        /// The frame's position.
+        index: usize,
+        /// The id asked for.
+        want: ChunkId,
+        /// The id in the frame.
+        got: ChunkId,
+    },
+    /// A frame declares more bytes than any stored chunk can have.
+    #[error("chunk {index} of the batch declares {declared} bytes (at most {STORED_CHUNK_MAX})")]
+    TooLong {
+        /// The frame's position.
+        index: usize,
+        /// The length its header declares.
+        declared: u32,
+    },
+    /// More bytes follow the last chunk asked for.
+    #[error("bytes follow the last chunk of the batch")]
+    Trailing,
+    /// Reading the body failed (cut connection, timeout).
+    #[error("reading the batch: {0}")]
+    Io(String),
+}
+
+impl BatchError {
+    /// Whether the transfer failed (retry later) rather than the bytes being wrong.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            BatchError::Io(_)
+                | BatchError::TruncatedHeader { .. }
+                | BatchError::TruncatedChunk { .. }
+        )
+    }
+}
+
+/// Reads a batch answer frame by frame as it arrives, in the order asked, so each
+/// chunk reaches the engine without waiting for the rest of the batch.
+#[derive(Debug)]
+pub struct BatchReader<'a, R> {
+    body: R,
+    asked: &'a [ChunkId],
+    index: usize,
+}
+
+impl<'a, R: std::io::Read> BatchReader<'a, R> {
+    /// A reader of `body`, the answer to a request for `asked`.
+    pub fn new(body: R, asked: &'a [ChunkId]) -> BatchReader<'a, R> {
+        BatchReader {
+            body,
+            asked,
+            index: 0,
+        }
+    }
+
+    /// Fills `buf`; `Ok(false)` when the body ended before it was full.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<bool, BatchError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.body.read(&mut buf[done..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BatchError::Io(e.to_string())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next chunk's id and stored bytes; `None` after the last one asked (and
+    /// the end of the body) was read.
+    pub fn next_frame(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>, BatchError> {
+        let index = self.index;
+        let Some(want) = self.asked.get(index).copied() else {
+            let mut probe = [0u8; 1];
+            return match self.fill(&mut probe)? {
+                false => Ok(None),
+                true => Err(BatchError::Trailing),
+            };
+        };
+        let mut head = [0u8; FRAME_HEADER];
+        if !self.fill(&mut head)? {
+            return Err(BatchError::TruncatedHeader { index });
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&head[..32]);
+        let got = ChunkId(id);
+        if got != want {
+            return Err(BatchError::WrongId { index, want, got });
+        }
+        let declared = u32::from_be_bytes([head[32], head[33], head[34], head[35]]);
+        if declared > STORED_CHUNK_MAX {
+            return Err(BatchError::TooLong { index, declared });
+        }
+        let mut stored = vec![0u8; declared as usize];
+        if !self.fill(&mut stored)? {
+            return Err(BatchError::TruncatedChunk { index, declared });
+        }
+        self.index += 1;
+        Ok(Some((got, stored)))
+    }
+}
+
+struct Job {
+    request: RequestId,
+    ids: Vec<ChunkId>,
+}
+
+/// What workers share.
+struct Shared {
+    api: Api,
+    path: String,
+    refs: BTreeMap<ChunkId, ChunkRef>,
+    dictionaries: Mutex<HashMap<u32, Arc<shoal_artifact::chunk::Dictionary>>>,
+    cancelled: Mutex<HashSet<RequestId>>,
+    bytes: AtomicU64,
+    aborted: AtomicBool,
+}
+
+/// The server as a [`Requests`] source for one deployment.
+pub struct HttpRequests {
+    jobs: Option<Sender<Job>>,
+    answers: Receiver<Vec<Answer>>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// The status heartbeat: its stop channel and thread.
+    beat: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for HttpRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRequests")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle that outlives the source: whether the server aborted the deployment,
+/// and the bytes read.
+#[derive(Clone)]
+pub struct Watch(Arc<Shared>);
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Whether the server answered 409 (the deployment was aborted).
+    pub fn aborted(&self) -> bool {
+        self.0.aborted.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of chunk batches read from the server.
+    pub fn bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl HttpRequests {
+    /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
+    /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
+    /// abort is noticed even while every chunk request is already in flight).
+    pub fn start(
+        api: Api,
+        deployment: &str,
+        refs: BTreeMap<ChunkId, ChunkRef>,
+        workers: u32,
+        heartbeat: Duration,
+    ) -> HttpRequests {
+        let shared = Arc::new(Shared {
+            api,
+            path: format!("/deployments/{deployment}/chunks"),
+            refs,
+            dictionaries: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+        });
+        let (stop_tx, stop_rx) = channel::<()>();
+        let beat = {
+            let shared = Arc::clone(&shared);
+            let deployment = deployment.to_owned();
+            std::thread::spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(heartbeat)
+                {
+                    match shared.api.status(&deployment, "downloading", None) {
+                        Err(ApiError::Conflict(m)) => {
+                            warn!(%deployment, message = %m, "the server ended the deployment");
+                            shared.aborted.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => debug!(error = %e, "status heartbeat failed"),
+                        Ok(()) => {}
+                    }
+                }
+            })
+        };
+        let (jobs, job_rx) = channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (answer_tx, answers) = channel();
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                let shared = Arc::clone(&shared);
+                let job_rx = Arc::clone(&job_rx);
+                let answer_tx: Sender<Vec<Answer>> = answer_tx.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let job = match job_rx.lock().map(|rx| rx.recv()) {
+                            Ok(Ok(job)) => job,
+                            _ => return,
+                        };
+                        if cancelled(&shared, job.request) {
+                            continue;
+                        }
+                        fetch(&shared, job, &|a| answer_tx.send(vec![a]).is_ok());
+                    }
+                })
+            })
+            .collect();
+        HttpRequests {
+            jobs: Some(jobs),
+            answers,
+            shared,
+            workers,
+            beat: Some((stop_tx, beat)),
+        }
+    }
+
+    /// A handle to read the abort flag and byte count after the install.
+    pub fn watch(&self) -> Watch {
+        Watch(Arc::clone(&self.shared))
+    }
+}
+
+impl Drop for HttpRequests {
+    fn drop(&mut self) {
+        // Closing the queues ends the workers: a request in flight stops at its
+        // next chunk (each read is bounded by the client's timeout). They are not
+        // waited for.
+        self.jobs = None;
+        if let Some((stop, _beat)) = self.beat.take() {
+            let _ = stop.send(());
+        }
+        self.workers.clear();
+    }
+}
+
+impl Requests for HttpRequests {
+    fn send(&mut self, request: RequestId, ids: Vec<ChunkId>) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job { request, ids });
+        }
+    }
+
+    fn cancel(&mut self, request: RequestId) {
+        if let Ok(mut c) = self.shared.cancelled.lock() {
+            c.insert(request);
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Vec<Answer> {
+        let mut out = match self.answers.recv_timeout(timeout) {
+            Ok(a) => a,
+            Err(_) => return Vec::new(),
+        };
+        while let Ok(more) = self.answers.try_recv() {
+            out.extend(more);
+        }
+        out
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        self.shared
+            .aborted
+            .load(Ordering::Relaxed)
+            .then(|| "the server aborted the deployment".to_owned())
+    }
+}
+
+/// Runs one request, handing each answer over as soon as it is known.
+fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
+    let failed = |failure| {
+        deliver(Answer::Failed {
+            request: job.request,
+            failure,
+        });
+    };
+    let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
+    let body = serde_json::json!({ "ids": hex });
+    let resp = match shared.api.send(&shared.path, |c, u| c.post(u).json(&body)) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(request = %job.request, error = %e, "chunk request failed");
+            return failed(if e.is_transient() {
+                FetchFailure::RetryLater
+            } else {
+                FetchFailure::DropSource
+            });
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let e = error_of(resp);
+        warn!(request = %job.request, error = %e, "chunk request refused");
+        if status == StatusCode::CONFLICT {
+            shared.aborted.store(true, Ordering::Relaxed);
+        }
+        return failed(match status {
+            StatusCode::NOT_FOUND => FetchFailure::NotThere,
+            _ if e.is_transient() => FetchFailure::RetryLater,
+            _ => FetchFailure::DropSource,
+        });
+    }
+    let mut reader = BatchReader::new(CountingRead(resp, &shared.bytes), &job.ids);
+    let mut sent = 0usize;
+    loop {
+        match reader.next_frame() {
+            Ok(Some((id, stored))) => {
+                let Some(chunk) = shared.refs.get(&id) else {
+                    if !deliver(Answer::Unavailable(id)) {
+                        return;
+                    }
+                    continue;
+                };
+                let data = match decode(shared, &stored, chunk) {
+                    Ok(data) => data,
+                    Err(message) => {
+                        // Bytes that do not decode to the id: handed over as they
+                        // are, so the engine's hash check refuses them (and bans
+                        // the source).
+                        warn!(%id, %message, "chunk from the server does not decode");
+                        stored
+                    }
+                };
+                sent += 1;
+                // The install is over (or the request cancelled): stop reading.
+                if !deliver(Answer::Chunk { id, data }) || cancelled(shared, job.request) {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
+                failed(if e.is_transport() {
+                    FetchFailure::RetryLater
+                } else {
+                    FetchFailure::DropSource
+                });
+                return;
+            }
+        }
+    }
+    debug!(request = %job.request, chunks = sent, "chunk batch");
+}
+
+fn cancelled(shared: &Shared, request: RequestId) -> bool {
+    shared
+        .cancelled
+        .lock()
+        .map(|c| c.contains(&request))
+        .unwrap_or(false)
+}
+
+/// A body that counts the bytes read from it.
+struct CountingRead<'a, R>(R, &'a AtomicU64);
+
+impl<R: std::io::Read> std::io::Read for CountingRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
+fn decode(shared: &Shared, stored: &[u8], chunk: &ChunkRef) -> Result<Vec<u8>, String> {
+    use shoal_artifact::chunk::{ChunkError, decode_with, frame_dictionary_id};
+    let dict = match frame_dictionary_id(stored) {
+        None => None,
+        Some(zstd_id) => {
+            let cached = shared
+                .dictionaries
+                .lock()
+                .ok()
+                .and_then(|d| d.get(&zstd_id).cloned());
+            match cached {
+                Some(d) => Some(d),
+                None => {
+                    let bytes = shared
+                        .api
+                        .dictionary(zstd_id)
+                        .map_err(|e: ApiError| e.to_string())?;
+                    let dict = Arc::new(
+                        shoal_artifact::chunk::Dictionary::from_bytes(bytes)
+                            .map_err(|e| format!("dictionary {zstd_id:08x}: {e}"))?,
+                    );
+                    if let Ok(mut d) = shared.dictionaries.lock() {
+                        d.insert(zstd_id, Arc::clone(&dict));
+                    }
+                    Some(dict)
+                }
+            }
+        }
+    };
+    decode_with(stored, chunk, dict.as_deref()).map_err(|e: ChunkError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn frame(id: ChunkId, data: &[u8]) -> Vec<u8> {
+        let mut out = id.as_bytes().to_vec();
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn read_all(body: &[u8], asked: &[ChunkId]) -> Result<Vec<Vec<u8>>, BatchError> {
+        let mut r = BatchReader::new(body, asked);
+        let mut out = Vec::new();
+        while let Some((_, stored)) = r.next_frame()? {
+            out.push(stored);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn parses_frames_in_order() {
+        let mut body = frame(id(1), b"abc");
+        body.extend(frame(id(2), b""));
+        let got = read_all(&body, &[id(1), id(2)]).expect("valid");
+        assert_eq!(got, vec![b"abc".to_vec(), Vec::new()]);
+        assert_eq!(read_all(&[], &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_precisely() {
+        let body = frame(id(1), b"abcdef");
+        assert_eq!(
+            read_all(&body[..20], &[id(1)]),
+            Err(BatchError::TruncatedHeader { index: 0 })
+        );
+        assert_eq!(
+            read_all(&body[..38], &[id(1)]),
+            Err(BatchError::TruncatedChunk {
+                index: 0,
+                declared: 6
+            })
+        );
+        assert_eq!(
+            read_all(&body, &[id(2)]),
+            Err(BatchError::WrongId {
+                index: 0,
+                want: id(2),
+                got: id(1)
+            })
+        );
+        assert_eq!(
+            read_all(&body, &[id(1), id(2)]),
+            Err(BatchError::TruncatedHeader { index: 1 })
+        );
+        let mut long = body.clone();
+        long.extend_from_slice(b"xyz");
+        assert_eq!(read_all(&long, &[id(1)]), Err(BatchError::Trailing));
+        // A huge declared length is refused before anything is allocated for it.
+        let mut huge = id(1).as_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            read_all(&huge, &[id(1)]),
+            Err(BatchError::TooLong {
+                index: 0,
+                declared: u32::MAX
+            })
+        );
+        // Transport failures are retried; wrong bytes drop the source.
+        assert!(
+            BatchError::TruncatedChunk {
+                index: 0,
+                declared: 1
+            }
+            .is_transport()
+        );
+        assert!(!BatchError::Trailing.is_transport());
+        assert!(
+            !BatchError::TooLong {
+                index: 0,
+                declared: 1
+            }
+            .is_transport()
+        );
+    }
+}

@@ -1,0 +1,624 @@
+//! `shoal daemon`: managed mode on the device.
+//!
+//! The daemon authenticates with the device key (generated on first start in
+//! `data_dir`), polls the server for a deployment (with jitter; exponential,
+//! bounded backoff after failures and while the device is pending), verifies the
+//! deployment's signed manifest against the device's trust root, and installs it
+//! through the engine with the server as a request source ([`fetch`]): only the
+//! chunks the device lacks, in the engine's batches, several requests in flight.
+//! It reports Mender's states (downloading, installing, rebooting, success,
+//! failure, already-installed), stops when the server answers 409, reboots with
+//! `device.reboot_command`, and after the reboot settles the trial boot through the
+//! same [`Device::boot_check`] as standalone installs, then reports the outcome.
+//!
+//! What a deployment has reached is kept in `data_dir/daemon-deployment.json`
+//! (written atomically), so a restart or a power cut picks it up where it was;
+//! the install itself resumes from the engine's journal without fetching
+//! verified chunks again.
+
+pub mod api;
+pub mod fetch;
+pub mod inventory;
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use serde::{Deserialize, Serialize};
+use shoal_artifact::{ChunkId, ChunkRef, Manifest};
+use shoal_engine::{Phase, SourceClass, SourceLimits, Verdict};
+use shoal_signing::{Envelope, RoleName, SecretKey, SignedRoot};
+use tracing::{info, warn};
+
+use crate::cmd::{EXIT_TEMPFAIL, Exit, chain, exit_code};
+use crate::config::{Config, Server};
+use crate::device::{BootCheck, Device, Reboot, Source, wall_clock};
+use api::{Api, ApiError, NextDeployment};
+
+/// The device key's file in `data_dir`.
+pub const KEY_FILE: &str = "device-key.pem";
+/// The deployment in flight, in `data_dir`.
+const RECORD_FILE: &str = "daemon-deployment.json";
+/// The first wait after a failure (doubled each time, up to `retry_max_s`).
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+
+/// Loads the device key from `data_dir`, or makes one (mode 0600) on first start.
+pub fn device_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
+    let path = data_dir.join(KEY_FILE);
+    match SecretKey::load(&path) {
+        Ok(k) => return Ok(k),
+        Err(shoal_signing::KeyError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow!(
+                "the device key {} cannot be read: {}",
+                path.display(),
+                chain(&e)
+            ));
+        }
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let key = SecretKey::generate().map_err(|e| anyhow!("cannot make a device key: {e}"))?;
+    // Written whole under another name, then renamed: a power cut leaves either
+    // no key or the whole key.
+    let tmp = data_dir.join(format!("{KEY_FILE}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    key.save(&tmp)
+        .map_err(|e| anyhow!("cannot write the device key: {}", chain(&e)))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot write the device key {}", path.display()))?;
+    sync_dir(data_dir)?;
+    info!(path = %path.display(), id = %hex::encode(key.public().id().0), "made the device key");
+    Ok(key)
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// How far the daemon got with a deployment; survives restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    /// The deployment's id.
+    deployment: String,
+    /// Release name.
+    name: String,
+    /// Release version.
+    version: String,
+    /// The last state the daemon reached (`downloading` or `rebooting`).
+    state: String,
+}
+
+fn record_path(config: &Config) -> PathBuf {
+    config.device.data_dir.join(RECORD_FILE)
+}
+
+fn load_record(config: &Config) -> anyhow::Result<Option<Record>> {
+    let path = record_path(config);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+    }
+}
+
+fn save_record(config: &Config, record: Option<&Record>) -> anyhow::Result<()> {
+    let path = record_path(config);
+    let dir = &config.device.data_dir;
+    match record {
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("cannot remove {}", path.display()))),
+        },
+        Some(r) => {
+            std::fs::create_dir_all(dir)?;
+            let tmp = path.with_extension("json.new");
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            f.write_all(&serde_json::to_vec(r)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            sync_dir(dir)
+        }
+    }
+}
+
+/// Random numbers for jitter (the OS-seeded hasher; no simulator replays this).
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
+
+/// `base` plus or minus up to a tenth.
+fn jitter(base: Duration) -> Duration {
+    let tenth = base.as_millis() as u64 / 10;
+    if tenth == 0 {
+        return base;
+    }
+    let offset = random_u64() % (2 * tenth + 1);
+    Duration::from_millis(base.as_millis() as u64 - tenth + offset)
+}
+
+/// Exponential backoff, bounded.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: BACKOFF_FIRST.min(max),
+            max,
+        }
+    }
+
+    /// The next wait (jittered), doubling the one after.
+    fn step(&mut self) -> Duration {
+        let wait = jitter(self.next);
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST.min(self.max);
+    }
+}
+
+/// The daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    server: Server,
+    api: Api,
+}
+
+/// What handling a deployment came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    /// Done with it (reported, or the server ended it).
+    Done,
+    /// The device is rebooting into the trial.
+    Rebooting,
+    /// A temporary failure: try again after a backoff.
+    Retry,
+}
+
+impl Daemon {
+    /// A daemon for `config`, which must have `[server]`.
+    pub fn new(config: Config) -> anyhow::Result<Daemon> {
+        let server = config.server.clone().ok_or_else(|| {
+            Exit::usage("the device configuration has no [server] table; shoal daemon needs one")
+        })?;
+        let key = device_key(&config.device.data_dir)?;
+        let api = Api::new(&server, key)?;
+        Ok(Daemon {
+            config,
+            server,
+            api,
+        })
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(self.server.poll_interval_s)
+    }
+
+    /// Runs until killed (or, with `once`, until the first deployment was handled
+    /// or none was waiting).
+    pub fn run(&mut self, once: bool) -> anyhow::Result<()> {
+        info!(device = %self.api.device_id(), server = %self.server.url, "daemon started");
+        let mut backoff = Backoff::new(Duration::from_secs(self.server.retry_max_s));
+        let mut inventory_sent = false;
+        loop {
+            match self.round(&mut inventory_sent) {
+                Ok(Some(Handled::Rebooting)) => {
+                    // The reboot command was run; a real reboot ends this process.
+                    std::thread::sleep(self.poll_interval());
+                    if once {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(Handled::Retry)) => {
+                    let wait = backoff.step();
+                    info!(
+                        wait_ms = wait.as_millis() as u64,
+                        "retrying the deployment later"
+                    );
+                    std::thread::sleep(wait);
+                }
+                Ok(handled) => {
+                    backoff.reset();
+                    if once {
+                        return Ok(());
+                    }
+                    if handled.is_none() {
+                        std::thread::sleep(jitter(self.poll_interval()));
+                    }
+                }
+                Err(e) => {
+                    // Configuration problems do not go away by waiting.
+                    if exit_code(&e) == crate::cmd::EXIT_USAGE {
+                        return Err(e);
+                    }
+                    let wait = backoff.step();
+                    warn!(error = %crate::cmd::one_line(&e), wait_ms = wait.as_millis() as u64, "poll failed");
+                    if once {
+                        return Err(e);
+                    }
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// One round: settle what a previous run left, then poll once.
+    fn round(&mut self, inventory_sent: &mut bool) -> anyhow::Result<Option<Handled>> {
+        if let Some(handled) = self.settle()? {
+            return Ok(Some(handled));
+        }
+        if !*inventory_sent {
+            let attrs = self.inventory()?;
+            match self.api.inventory(&attrs) {
+                Ok(()) => *inventory_sent = true,
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        match self.api.next().map_err(api_error)? {
+            None => Ok(None),
+            Some(dep) => {
+                let handled = self.deploy(&dep)?;
+                if handled == Handled::Done {
+                    *inventory_sent = false;
+                }
+                Ok(Some(handled))
+            }
+        }
+    }
+
+    fn inventory(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut attrs = match &self.server.inventory_dir {
+            Some(dir) => inventory::collect(dir),
+            None => BTreeMap::new(),
+        };
+        let (status, _) = crate::device::read_status(&self.config)?;
+        attrs.insert("device_type".into(), self.config.device.device_type.clone());
+        attrs.insert("shoal_version".into(), env!("CARGO_PKG_VERSION").into());
+        if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)] {
+            attrs.insert("artifact_name".into(), format!("{}@{}", r.name, r.version));
+        }
+        Ok(attrs)
+    }
+
+    /// After a reboot (or a restart): settles a trial boot through the same
+    /// `boot-check` path as standalone installs, and reports how a deployment the
+    /// daemon rebooted for ended.
+    fn settle(&mut self) -> anyhow::Result<Option<Handled>> {
+        let record = load_record(&self.config)?;
+        let (status, _) = crate::device::read_status(&self.config)?;
+        let phase = status.deployment.as_ref().map(|d| d.phase.clone());
+        if matches!(
+            phase,
+            Some(Phase::TrialArmed | Phase::Rebooting | Phase::Trial | Phase::RollingBack { .. })
+        ) {
+            let mut dev = Device::open(self.config.clone(), Reboot::Command)?;
+            let result = dev.boot_check()?;
+            drop(dev);
+            info!(?result, "checked the trial boot");
+            if let BootCheck::TrialPending { .. } = result {
+                // Armed but not rebooted yet (the reboot command did not take, or
+                // the daemon restarted first): reboot again.
+                if record.as_ref().is_some_and(|r| r.state == "rebooting") {
+                    self.reboot()?;
+                }
+                return Ok(Some(Handled::Rebooting));
+            }
+        }
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        if record.state != "rebooting" {
+            return Ok(None);
+        }
+        let (status, _) = crate::device::read_status(&self.config)?;
+        let outcome = status
+            .last
+            .as_ref()
+            .filter(|o| o.release.name == record.name && o.release.version == record.version);
+        let (state, substate) = match outcome.map(|o| &o.verdict) {
+            Some(Verdict::Committed) => ("success", None),
+            Some(Verdict::RolledBack { reason }) => {
+                ("failure", Some(format!("rolled back: {reason}")))
+            }
+            Some(Verdict::Failed { reason }) => ("failure", Some(reason.clone())),
+            None => (
+                "failure",
+                Some("the device does not run the release after the reboot".to_owned()),
+            ),
+        };
+        match self
+            .api
+            .status(&record.deployment, state, substate.as_deref())
+        {
+            Ok(()) | Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(api_error(e)),
+        }
+        info!(deployment = %record.deployment, state, "reported the outcome");
+        save_record(&self.config, None)?;
+        Ok(Some(Handled::Done))
+    }
+
+    /// Installs a deployment and reboots into it.
+    fn deploy(&mut self, dep: &NextDeployment) -> anyhow::Result<Handled> {
+        info!(deployment = %dep.id, name = %dep.name, release = %format!("{}@{}", dep.release.name, dep.release.version), "deployment");
+        let (status, _) = crate::device::read_status(&self.config)?;
+        if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)]
+            && r.name == dep.release.name
+            && r.version == dep.release.version
+            && status.deployment.is_none()
+        {
+            self.report(dep, "already-installed", None)?;
+            return Ok(Handled::Done);
+        }
+        save_record(
+            &self.config,
+            Some(&Record {
+                deployment: dep.id.clone(),
+                name: dep.release.name.clone(),
+                version: dep.release.version.clone(),
+                state: "downloading".into(),
+            }),
+        )?;
+        if self.report(dep, "downloading", None)? {
+            return Ok(Handled::Done);
+        }
+        let envelope = match self.api.manifest(&dep.id) {
+            Ok(e) => e,
+            Err(ApiError::Conflict(m)) => return self.aborted(dep, &m),
+            Err(e) => return Err(api_error(e)),
+        };
+        // Checked here for the chunk list the fetcher needs; the engine checks the
+        // same envelope again before anything is written.
+        let manifest = match self.verify(&envelope) {
+            Ok(m) => m,
+            Err(e) => {
+                let message = format!("the manifest was refused: {}", crate::cmd::one_line(&e));
+                warn!(deployment = %dep.id, %message);
+                self.report(dep, "failure", Some(&message))?;
+                save_record(&self.config, None)?;
+                return Ok(Handled::Done);
+            }
+        };
+        if manifest.name != dep.release.name || manifest.version != dep.release.version {
+            let message = format!(
+                "the manifest is {}@{}, not the deployment's release {}@{}",
+                manifest.name, manifest.version, dep.release.name, dep.release.version
+            );
+            self.report(dep, "failure", Some(&message))?;
+            save_record(&self.config, None)?;
+            return Ok(Handled::Done);
+        }
+        let refs: BTreeMap<ChunkId, ChunkRef> = manifest
+            .distinct_chunks()
+            .into_iter()
+            .map(|c| (c.id, c))
+            .collect();
+        let limits = SourceLimits::for_class(SourceClass::Wan);
+        let requests = fetch::HttpRequests::start(
+            self.api.clone(),
+            &dep.id,
+            refs,
+            limits.requests_max,
+            self.poll_interval().min(Duration::from_secs(30)),
+        );
+        let watch = requests.watch();
+        let source = Source::Remote {
+            name: self.server.url.clone(),
+            envelope,
+            limits,
+            requests: Box::new(requests),
+        };
+        let result = Device::open(self.config.clone(), Reboot::Command)
+            .and_then(|mut dev| dev.install(source, false, &mut |_| {}));
+        if watch.aborted() {
+            return self.aborted(dep, "the server answered 409 to a chunk request");
+        }
+        match result {
+            Ok(report) => {
+                info!(
+                    deployment = %dep.id,
+                    resumed = report.resumed_bytes,
+                    fetched = report.fetched_bytes,
+                    reused = report.reused_bytes,
+                    transferred = watch.bytes(),
+                    "installed; trial armed"
+                );
+                if self.report(dep, "installing", None)? {
+                    return Ok(Handled::Done);
+                }
+                save_record(
+                    &self.config,
+                    Some(&Record {
+                        deployment: dep.id.clone(),
+                        name: dep.release.name.clone(),
+                        version: dep.release.version.clone(),
+                        state: "rebooting".into(),
+                    }),
+                )?;
+                if self.report(dep, "rebooting", None)? {
+                    return Ok(Handled::Done);
+                }
+                self.reboot()?;
+                Ok(Handled::Rebooting)
+            }
+            Err(e) if exit_code(&e) == EXIT_TEMPFAIL => {
+                warn!(deployment = %dep.id, error = %crate::cmd::one_line(&e), "install interrupted; it resumes on the next try");
+                Ok(Handled::Retry)
+            }
+            Err(e) => {
+                let message = crate::cmd::one_line(&e);
+                warn!(deployment = %dep.id, %message, "install failed");
+                self.report(dep, "failure", Some(&message))?;
+                save_record(&self.config, None)?;
+                Ok(Handled::Done)
+            }
+        }
+    }
+
+    /// The manifest of a signed envelope, verified against the trust root.
+    fn verify(&self, envelope: &[u8]) -> anyhow::Result<Manifest> {
+        let signed = SignedRoot::load(&self.config.device.trust_root)
+            .map_err(|e| Exit::usage(format!("device.trust_root: {}", chain(&e))))?;
+        let env = Envelope::from_bytes(envelope).map_err(|e| anyhow!("{}", chain(&e)))?;
+        let payload = signed
+            .root
+            .verify(RoleName::Release, &env, wall_clock())
+            .map_err(|e| anyhow!("{}", chain(&e)))?;
+        Manifest::from_cbor(payload).map_err(|e| anyhow!("{}", chain(&e)))
+    }
+
+    /// Reports a state; `Ok(true)` when the server ended the deployment (409).
+    fn report(
+        &self,
+        dep: &NextDeployment,
+        state: &str,
+        substate: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        match self.api.status(&dep.id, state, substate) {
+            Ok(()) => {
+                info!(deployment = %dep.id, state, "reported");
+                Ok(false)
+            }
+            Err(ApiError::Conflict(m)) => {
+                self.aborted(dep, &m)?;
+                Ok(true)
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    fn aborted(&self, dep: &NextDeployment, why: &str) -> anyhow::Result<Handled> {
+        info!(deployment = %dep.id, why, "the server ended the deployment; stopping it");
+        // A trial armed before the abort was noticed is disarmed: the device stays
+        // on the release it runs.
+        let (status, _) = crate::device::read_status(&self.config)?;
+        if status
+            .deployment
+            .as_ref()
+            .is_some_and(|d| matches!(d.phase, Phase::Verified | Phase::TrialArmed))
+        {
+            let mut dev = Device::open(self.config.clone(), Reboot::Command)?;
+            let result = dev.rollback("the server aborted the deployment")?;
+            info!(?result, "disarmed the aborted deployment's trial");
+        }
+        save_record(&self.config, None)?;
+        Ok(Handled::Done)
+    }
+
+    fn reboot(&self) -> anyhow::Result<()> {
+        let cmd = &self.config.device.reboot_command;
+        let Some((prog, args)) = cmd.split_first() else {
+            warn!(
+                "a reboot is needed; device.reboot_command is empty, so reboot the device yourself"
+            );
+            return Ok(());
+        };
+        info!(command = ?cmd, "rebooting");
+        let status = std::process::Command::new(prog)
+            .args(args)
+            .status()
+            .with_context(|| format!("cannot run the reboot command {prog}"))?;
+        if !status.success() {
+            anyhow::bail!("the reboot command {prog} failed ({status})");
+        }
+        Ok(())
+    }
+}
+
+/// An API error as the daemon's error: transient ones are retry-safe.
+fn api_error(e: ApiError) -> anyhow::Error {
+    if e.is_transient() {
+        Exit::tempfail(e.to_string())
+    } else {
+        anyhow!(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let mut b = Backoff::new(Duration::from_secs(10));
+        let waits: Vec<u64> = (0..6).map(|_| b.step().as_millis() as u64).collect();
+        for (w, base) in waits
+            .iter()
+            .zip([1000u64, 2000, 4000, 8000, 10_000, 10_000])
+        {
+            assert!(
+                *w >= base - base / 10 && *w <= base + base / 10,
+                "{w} not within a tenth of {base}"
+            );
+        }
+        b.reset();
+        assert!(b.step() <= Duration::from_millis(1100));
+    }
+
+    #[test]
+    fn device_key_is_made_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let a = device_key(&data).expect("made");
+        let mode = std::fs::metadata(data.join(KEY_FILE))
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = device_key(&data).expect("loaded");
+        assert_eq!(a.public().to_bytes(), b.public().to_bytes());
+        std::fs::write(data.join(KEY_FILE), "not a key").expect("write");
+        let e = device_key(&data).expect_err("corrupt key");
+        assert!(e.to_string().contains("cannot be read"), "{e}");
+    }
+
+    #[test]
+    fn records_survive_and_clear() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[device]\ntype = \"b\"\ndata_dir = \"{}\"\ntrust_root = \"r\"\n[slots]\na = {{ path = \"a\" }}\nb = {{ path = \"b\" }}\n[bootloader]\ntype = \"file\"\npath = \"e\"\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, Path::new("t.toml")).expect("config");
+        assert_eq!(load_record(&config).expect("none"), None);
+        let r = Record {
+            deployment: "d1".into(),
+            name: "os".into(),
+            version: "2".into(),
+            state: "rebooting".into(),
+        };
+        save_record(&config, Some(&r)).expect("save");
+        assert_eq!(load_record(&config).expect("load"), Some(r));
+        save_record(&config, None).expect("clear");
+        assert_eq!(load_record(&config).expect("none"), None);
+        std::fs::write(record_path(&config), b"{").expect("write");
+        let e = load_record(&config).expect_err("corrupt");
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+    }
+}
