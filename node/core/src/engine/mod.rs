@@ -406,7 +406,7 @@ pub struct Status {
     pub active: Slot,
     /// The anti-rollback floor.
     pub floor: u64,
-    /// The release in each slot, by [`Slot::index`].
+    /// The release in each slot, by [`slot_index`](crate::slot_index).
     pub releases: [Option<Release>; 2],
     /// The deployment in progress.
     pub deployment: Option<DeploymentStatus>,
