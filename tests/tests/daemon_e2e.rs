@@ -462,4 +462,36 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     );
     assert_eq!(dev.slot_bytes(Slot::A, v2_img.len()), v2_img);
     stop(&mut daemon);
+
+    // [network]: a deployment needing more than its data budget fails before a
+    // byte of it is fetched, with a status that says so.
+    let config = std::fs::read_to_string(dev.path("shoal.toml")).unwrap();
+    std::fs::write(
+        dev.path("shoal.toml"),
+        config.replace(
+            "[install]",
+            "[network]\nbudget_per_deployment_mib = 1\n\n[install]",
+        ),
+    )
+    .unwrap();
+    proxy.rate.store(0, Ordering::Relaxed);
+    let before = dev.log().len();
+    daemon = dev.start();
+    let dep4 = deploy(&server, &admin_token, "v3-budget", &v3, &device);
+    wait_for(&dev, 60, "failure", || {
+        device_state(&server, &admin_token, &dep4) == "failure"
+    });
+    let states = admin_json(&server, &admin_token, &["deployments", "devices", &dep4]);
+    let substate = states[0]["substate"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(substate.contains("budget"), "{states}");
+    let log = dev.log();
+    assert_eq!(
+        installed_field(&log[before..], "transferred"),
+        Vec::<u64>::new()
+    );
+    assert!(dev.boot_state().trial.is_none(), "{:?}", dev.boot_state());
+    stop(&mut daemon);
 }
