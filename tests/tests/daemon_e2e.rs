@@ -87,11 +87,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, rate: Option<Arc<AtomicU64>>) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        if let Some(r) = &rate {
-            let bps = r.load(Ordering::Relaxed);
-            if bps > 0 {
-                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / bps));
-            }
+        if let Some(r) = &rate
+            && let Some(us) = (n as u64 * 1_000_000).checked_div(r.load(Ordering::Relaxed))
+        {
+            std::thread::sleep(Duration::from_micros(us));
         }
     }
     let _ = to.shutdown(Shutdown::Both);
