@@ -23,6 +23,10 @@
 //! identity = { mac = "02:00:00:00:00:01" } # identity attributes shown to operators
 //! inventory_dir = "/etc/shoal/inventory.d" # executables printing key=value lines
 //!
+//! [network]                              # optional: limits of downloads from the server
+//! rate_limit_kib_s = 512                 # bandwidth cap (KiB/s on the wire)
+//! budget_per_deployment_mib = 200        # data budget of one deployment (MiB on the wire)
+//!
 //! [slots]                                # and [bootloader]: see shoal-bootctl
 //! a = { path = "/dev/mmcblk0p2" }
 //! b = { path = "/dev/mmcblk0p3" }
@@ -56,6 +60,9 @@ pub struct Config {
     /// `[server]`: managed mode; `None` for standalone devices.
     #[serde(default)]
     pub server: Option<Server>,
+    /// `[network]`: limits of server downloads.
+    #[serde(default)]
+    pub network: Network,
     /// `[slots]` (shoal-bootctl's table).
     pub slots: SlotsConfig,
     /// `[bootloader]` (shoal-bootctl's table).
@@ -133,6 +140,20 @@ impl Default for Install {
             journal_batch_mib: default_batch_mib(),
         }
     }
+}
+
+/// `[network]`: limits the engine enforces on downloads from the server (WAN
+/// sources); local sources (USB, a chunk store) are not limited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Bandwidth cap in KiB per second of wire bytes.
+    #[serde(default)]
+    pub rate_limit_kib_s: Option<u64>,
+    /// Most wire bytes (MiB) one deployment may download; a deployment that needs
+    /// more fails before anything is fetched, saying so.
+    #[serde(default)]
+    pub budget_per_deployment_mib: Option<u64>,
 }
 
 /// `[server]`: where `shoal daemon` gets its deployments.
@@ -249,6 +270,26 @@ impl Config {
             return Err(invalid(
                 "device.reboot_command",
                 "must start with a program name",
+            ));
+        }
+        if config
+            .network
+            .rate_limit_kib_s
+            .is_some_and(|r| r == 0 || r > 10 * 1024 * 1024)
+        {
+            return Err(invalid(
+                "network.rate_limit_kib_s",
+                "must be between 1 and 10485760 KiB/s",
+            ));
+        }
+        if config
+            .network
+            .budget_per_deployment_mib
+            .is_some_and(|b| b == 0 || b > 1024 * 1024)
+        {
+            return Err(invalid(
+                "network.budget_per_deployment_mib",
+                "must be between 1 and 1048576 MiB",
             ));
         }
         if let Some(server) = &config.server {
@@ -369,7 +410,9 @@ mod tests {
         let e = parse_err(&GOOD.replace("timeout_s = 30", "timeout = 30"));
         assert!(e.contains("unknown field `timeout`"), "{e}");
         let e = parse_err(&format!("{GOOD}\n[network]\ncap = 1\n"));
-        assert!(e.contains("unknown field `network`"), "{e}");
+        assert!(e.contains("unknown field `cap`"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nport = 1\n"));
+        assert!(e.contains("unknown field `lan`"), "{e}");
         let e =
             parse_err(&GOOD.replace("type = \"acme-board\"", "type = \"acme-board\"\ncolour = 1"));
         assert!(e.contains("unknown field `colour`"), "{e}");
@@ -466,6 +509,31 @@ mod tests {
         assert!(e.contains("missing field `url`"), "{e}");
         let e = parse_err(&with_server(&format!("{SERVER}\npoll_interval_s = -3")));
         assert!(e.contains("poll_interval_s"), "{e}");
+    }
+
+    #[test]
+    fn network_limits_parse_and_bad_values_are_named() {
+        assert_eq!(parse(GOOD).expect("valid").network, Network::default());
+        let c = parse(&format!(
+            "{GOOD}\n[network]\nrate_limit_kib_s = 512\nbudget_per_deployment_mib = 200\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.network.rate_limit_kib_s, Some(512));
+        assert_eq!(c.network.budget_per_deployment_mib, Some(200));
+        let e = parse_err(&format!("{GOOD}\n[network]\nrate_limit_kib_s = 0\n"));
+        assert!(
+            e.contains("network.rate_limit_kib_s must be between"),
+            "{e}"
+        );
+        let e = parse_err(&format!(
+            "{GOOD}\n[network]\nbudget_per_deployment_mib = 0\n"
+        ));
+        assert!(
+            e.contains("network.budget_per_deployment_mib must be between"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{GOOD}\n[network]\nrate_limit_kib_s = -1\n"));
+        assert!(e.contains("rate_limit_kib_s"), "{e}");
     }
 
     #[test]

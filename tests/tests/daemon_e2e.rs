@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ struct Proxy {
     upstream: Arc<Mutex<String>>,
     /// Bytes per second towards the device; 0: no limit.
     rate: Arc<AtomicU64>,
+    /// When set, `acme-os` becomes `acme-OS` in what the server sends (the
+    /// release name inside a signed manifest: its signature no longer verifies).
+    tamper: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -46,7 +49,12 @@ impl Proxy {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let upstream = Arc::new(Mutex::new(addr_of(upstream)));
         let rate = Arc::new(AtomicU64::new(0));
-        let (up, r) = (Arc::clone(&upstream), Arc::clone(&rate));
+        let tamper = Arc::new(AtomicBool::new(false));
+        let (up, r, t) = (
+            Arc::clone(&upstream),
+            Arc::clone(&rate),
+            Arc::clone(&tamper),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let target = up.lock().unwrap().clone();
@@ -54,15 +62,16 @@ impl Proxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(c2, s2, None));
-                let r = Arc::clone(&r);
-                std::thread::spawn(move || pipe(server, client, Some(r)));
+                std::thread::spawn(move || pipe(c2, s2, None, None));
+                let (r, t) = (Arc::clone(&r), Arc::clone(&t));
+                std::thread::spawn(move || pipe(server, client, Some(r), Some(t)));
             }
         });
         Proxy {
             url,
             upstream,
             rate,
+            tamper,
         }
     }
 
@@ -77,21 +86,32 @@ fn addr_of(url: &str) -> String {
         .to_owned()
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, rate: Option<Arc<AtomicU64>>) {
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    rate: Option<Arc<AtomicU64>>,
+    tamper: Option<Arc<AtomicBool>>,
+) {
     let mut buf = [0u8; 8192];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if tamper.as_ref().is_some_and(|t| t.load(Ordering::Relaxed)) {
+            for i in 0..n.saturating_sub(6) {
+                if &buf[i..i + 7] == b"acme-os" {
+                    buf[i + 5..i + 7].copy_from_slice(b"OS");
+                }
+            }
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        if let Some(r) = &rate {
-            let bps = r.load(Ordering::Relaxed);
-            if bps > 0 {
-                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / bps));
-            }
+        if let Some(r) = &rate
+            && let Some(us) = (n as u64 * 1_000_000).checked_div(r.load(Ordering::Relaxed))
+        {
+            std::thread::sleep(Duration::from_micros(us));
         }
     }
     let _ = to.shutdown(Shutdown::Both);
@@ -461,5 +481,63 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
         dev.log()
     );
     assert_eq!(dev.slot_bytes(Slot::A, v2_img.len()), v2_img);
+    stop(&mut daemon);
+
+    // A manifest altered between the server and the device: refused before a
+    // byte is written (no deployment starts, the slots are unchanged).
+    let b_before = std::fs::read(dev.path("b.img")).unwrap();
+    proxy.tamper.store(true, Ordering::Relaxed);
+    let before = dev.log().len();
+    daemon = dev.start();
+    let dep_t = deploy(&server, &admin_token, "v3-tampered", &v3, &device);
+    wait_for(&dev, 60, "failure", || {
+        device_state(&server, &admin_token, &dep_t) == "failure"
+    });
+    proxy.tamper.store(false, Ordering::Relaxed);
+    stop(&mut daemon);
+    let states = admin_json(&server, &admin_token, &["deployments", "devices", &dep_t]);
+    let substate = states[0]["substate"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(substate.contains("the manifest was refused"), "{states}");
+    assert!(
+        !dev.log()[before..].contains("accepted acme-os"),
+        "{}",
+        dev.log()
+    );
+    assert_eq!(std::fs::read(dev.path("b.img")).unwrap(), b_before);
+    assert!(dev.boot_state().trial.is_none(), "{:?}", dev.boot_state());
+
+    // [network]: a deployment needing more than its data budget fails before a
+    // byte of it is fetched, with a status that says so.
+    let config = std::fs::read_to_string(dev.path("shoal.toml")).unwrap();
+    std::fs::write(
+        dev.path("shoal.toml"),
+        config.replace(
+            "[install]",
+            "[network]\nbudget_per_deployment_mib = 1\n\n[install]",
+        ),
+    )
+    .unwrap();
+    proxy.rate.store(0, Ordering::Relaxed);
+    let before = dev.log().len();
+    daemon = dev.start();
+    let dep4 = deploy(&server, &admin_token, "v3-budget", &v3, &device);
+    wait_for(&dev, 60, "failure", || {
+        device_state(&server, &admin_token, &dep4) == "failure"
+    });
+    let states = admin_json(&server, &admin_token, &["deployments", "devices", &dep4]);
+    let substate = states[0]["substate"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(substate.contains("budget"), "{states}");
+    let log = dev.log();
+    assert_eq!(
+        installed_field(&log[before..], "transferred"),
+        Vec::<u64>::new()
+    );
+    assert!(dev.boot_state().trial.is_none(), "{:?}", dev.boot_state());
     stop(&mut daemon);
 }

@@ -646,6 +646,12 @@ impl Device {
 fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
     let mut config = shoal_engine::Config::new(device.device.device_type.clone(), root.clone());
     config.provides = device.device.provides.clone();
+    // `[network]`: enforced by the engine on WAN sources (the daemon's server).
+    config.wan_rate_bytes_per_s = device.network.rate_limit_kib_s.map(|k| k * 1024);
+    config.wan_budget_bytes = device
+        .network
+        .budget_per_deployment_mib
+        .map(|m| m * 1024 * 1024);
     config.journal_batch_bytes = device.install.journal_batch_mib * 1024 * 1024;
     // Local sources answer at once: a few requests in flight keep the queue of
     // chunks waiting to be written (and so memory) small.
@@ -948,7 +954,12 @@ impl<'a> Driver<'a> {
                 .poll_timeout()
                 .map(|t| Duration::from_millis(t.as_millis().saturating_sub(now.as_millis())))
                 .unwrap_or(Duration::from_secs(1))
-                .min(Duration::from_secs(1));
+                .min(if self.syncs_owed.is_empty() {
+                    Duration::from_secs(1)
+                } else {
+                    // A sync may return meanwhile: hand it over soon.
+                    Duration::from_millis(20)
+                });
             let answers = match self.requests.as_mut() {
                 Some(r) => {
                     if let Some(message) = r.stop_reason() {

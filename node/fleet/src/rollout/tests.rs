@@ -224,6 +224,11 @@ fn bad_plans_are_refused_with_specific_errors() {
         }
     );
     let mut p = policy(vec![rest()]);
+    p.failures_max = Some(Threshold::Percent(100));
+    assert!(
+        Rollout::plan(p.clone(), ids(3), t(0)).is_ok(),
+        "100% is a (lax) limit"
+    );
     p.failures_max = Some(Threshold::Percent(101));
     assert_eq!(
         Rollout::plan(p, ids(3), t(0)).map(|_| ()).unwrap_err(),
