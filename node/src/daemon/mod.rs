@@ -299,8 +299,10 @@ impl Daemon {
         let (status, _) = crate::device::read_status(&self.config)?;
         attrs.insert("device_type".into(), self.config.device.device_type.clone());
         attrs.insert("shoal_version".into(), env!("CARGO_PKG_VERSION").into());
+        // What the server reads for delta previews and groups.
         if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)] {
-            attrs.insert("artifact_name".into(), format!("{}@{}", r.name, r.version));
+            attrs.insert("release_name".into(), r.name.clone());
+            attrs.insert("release_version".into(), r.version.clone());
         }
         Ok(attrs)
     }
