@@ -103,8 +103,21 @@ pub async fn upload(
     auth: ApiAuth,
     body: Body,
 ) -> ApiResult<(StatusCode, axum::Json<Release>)> {
-    auth.require(Role::Operator)?;
     let max = ctx.limits.upload_max_bytes;
+    if let Err(e) = auth.require(Role::Operator) {
+        // A known token without the role: read the rest of the body (bounded by the
+        // upload limit) so the client, still sending, gets the 403 instead of a reset
+        // connection (the test saw exit 75, "broken pipe", in place of the answer).
+        let mut rest = body.into_data_stream();
+        let mut seen: u64 = 0;
+        while let Some(Ok(chunk)) = rest.next().await {
+            seen += chunk.len() as u64;
+            if seen > max {
+                break;
+            }
+        }
+        return Err(e);
+    }
     let too_large = Arc::new(AtomicBool::new(false));
     let flag = too_large.clone();
     let mut seen: u64 = 0;
