@@ -1,6 +1,8 @@
 //! The library side of the `shoal` binary: the parts other crates call directly.
 //!
-//! Only the device configuration parser lives here, so the fuzz targets (`fuzz/`)
-//! can feed it untrusted text; the binary uses it from here, unchanged.
+//! The device configuration parser and the chunk batch wire format live here, so the
+//! fuzz targets (`fuzz/`) can feed them untrusted bytes; the binary uses them from
+//! here, unchanged.
 
 pub mod config;
+pub mod wire;
