@@ -533,22 +533,7 @@ impl Daemon {
     }
 
     fn reboot(&self) -> anyhow::Result<()> {
-        let cmd = &self.config.device.reboot_command;
-        let Some((prog, args)) = cmd.split_first() else {
-            warn!(
-                "a reboot is needed; device.reboot_command is empty, so reboot the device yourself"
-            );
-            return Ok(());
-        };
-        info!(command = ?cmd, "rebooting");
-        let status = std::process::Command::new(prog)
-            .args(args)
-            .status()
-            .with_context(|| format!("cannot run the reboot command {prog}"))?;
-        if !status.success() {
-            anyhow::bail!("the reboot command {prog} failed ({status})");
-        }
-        Ok(())
+        crate::device::run_reboot_command(&self.config)
     }
 }
 

@@ -295,6 +295,25 @@ pub struct Device {
     io_window: usize,
 }
 
+/// Runs `device.reboot_command` (the standalone install and the daemon both reboot
+/// through it); an empty command only says the device needs a reboot.
+pub fn run_reboot_command(config: &Config) -> anyhow::Result<()> {
+    let cmd = &config.device.reboot_command;
+    let Some((prog, args)) = cmd.split_first() else {
+        warn!("a reboot is needed; device.reboot_command is empty, so reboot the device yourself");
+        return Ok(());
+    };
+    info!(command = ?cmd, "rebooting");
+    let status = std::process::Command::new(prog)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run the reboot command {prog}"))?;
+    if !status.success() {
+        bail!("the reboot command {prog} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Unix seconds for the trust root expiry check, `None` without a sane clock.
 pub fn wall_clock() -> Option<u64> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
@@ -1081,24 +1100,7 @@ impl<'a> Driver<'a> {
         }
         match &mut self.dev.reboot {
             Reboot::Hook(f) => f(),
-            Reboot::Command => {
-                let cmd = &self.dev.config.device.reboot_command;
-                let Some((prog, args)) = cmd.split_first() else {
-                    warn!(
-                        "a reboot is needed; device.reboot_command is empty, so reboot the device yourself"
-                    );
-                    return Ok(());
-                };
-                info!(command = ?cmd, "rebooting");
-                let status = std::process::Command::new(prog)
-                    .args(args)
-                    .status()
-                    .with_context(|| format!("cannot run the reboot command {prog}"))?;
-                if !status.success() {
-                    bail!("the reboot command {prog} failed ({status})");
-                }
-                Ok(())
-            }
+            Reboot::Command => run_reboot_command(&self.dev.config),
         }
     }
 
