@@ -54,15 +54,6 @@ pub const LOG_LINES_MAX: usize = 1000;
 /// The longest log line, in bytes.
 pub const LOG_LINE_LEN_MAX: usize = 4096;
 
-/// Mender's device deployment states a device may report.
-pub const DEVICE_STATES: &[&str] = &[
-    "downloading",
-    "installing",
-    "rebooting",
-    "success",
-    "failure",
-    "already-installed",
-];
 /// A fresh auth nonce.
 #[derive(Debug, Serialize)]
 pub struct Nonce {
@@ -565,7 +556,12 @@ pub async fn status(
             ApiError::bad(format!(
                 "unknown status {:?} (one of: {})",
                 report.status,
-                DEVICE_STATES.join(", ")
+                Status::ALL
+                    .iter()
+                    .filter(|s| s.is_reportable())
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
     if report.substate.as_ref().is_some_and(|s| s.len() > 256) {
