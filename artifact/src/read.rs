@@ -299,9 +299,13 @@ impl RawChunk {
     }
 }
 
-/// Uncompressed chunk bytes that were decoded within their declared size and hashed
-/// to their id. Only [`RawChunk::verify_chunk`] makes one, so a consumer (the update
-/// engine) can take the bytes without hashing them again.
+/// Uncompressed chunk bytes that hash to their id: the proof a consumer (the update
+/// engine) takes instead of bytes, so it never hashes them again and never sees
+/// unverified ones. Made only by [`RawChunk::verify_chunk`] (a stored chunk decoded
+/// within its declared size) and [`VerifiedChunk::check`] (bytes read or received
+/// uncompressed); with the `sim` cargo feature also by
+/// [`VerifiedChunk::simulated`], which carries an id and a length and no bytes (the
+/// fleet simulator's; production builds never enable it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedChunk {
     chunk: ChunkRef,
@@ -309,6 +313,76 @@ pub struct VerifiedChunk {
 }
 
 impl VerifiedChunk {
+    /// Hashes `data` and proves it is chunk `id`. The proof's
+    /// [`chunk`](VerifiedChunk::chunk) has the data's length as both its size and
+    /// its stored size (what was stored is not known here).
+    pub fn check(id: ChunkId, data: Vec<u8>) -> Result<VerifiedChunk, ChunkError> {
+        let actual = ChunkId::of(&data);
+        if actual != id {
+            return Err(ChunkError::HashMismatch { id, actual });
+        }
+        let size = u32::try_from(data.len()).map_err(|_| ChunkError::SizeMismatch {
+            id,
+            size: u32::MAX,
+            found: data.len(),
+        })?;
+        Ok(VerifiedChunk {
+            chunk: ChunkRef {
+                id,
+                size,
+                stored_size: size,
+            },
+            data,
+        })
+    }
+
+    /// Decodes a stored chunk expected to be `expected` (bounded by its declared
+    /// size; `dict` for a frame made with a zstd dictionary) and proves it: one
+    /// hash, as [`chunk::decode_with`].
+    pub fn decode(
+        stored: &[u8],
+        expected: &ChunkRef,
+        dict: Option<&chunk::Dictionary>,
+    ) -> Result<VerifiedChunk, ChunkError> {
+        Ok(VerifiedChunk {
+            chunk: *expected,
+            data: chunk::decode_with(stored, expected, dict)?,
+        })
+    }
+
+    /// Wraps bytes this crate already decoded and hashed to `chunk.id`.
+    #[cfg(feature = "fs")]
+    pub(crate) fn proven(chunk: ChunkRef, data: Vec<u8>) -> VerifiedChunk {
+        VerifiedChunk { chunk, data }
+    }
+
+    /// A proof without bytes, for the fleet simulator (which models chunks by id
+    /// and length): its [`data`](VerifiedChunk::data) is empty and its
+    /// [`len`](VerifiedChunk::len) is `size`. Exists only with the `sim` feature,
+    /// which the `shoal` binary's dependency tree must not enable (`.ci/run`
+    /// checks it).
+    #[cfg(feature = "sim")]
+    pub fn simulated(id: ChunkId, size: u32) -> VerifiedChunk {
+        VerifiedChunk {
+            chunk: ChunkRef {
+                id,
+                size,
+                stored_size: size,
+            },
+            data: Vec::new(),
+        }
+    }
+
+    /// The chunk's uncompressed length (of the bytes, or the simulated length).
+    pub fn len(&self) -> u32 {
+        self.chunk.size
+    }
+
+    /// Whether the chunk is empty (never, for a chunk of a valid manifest).
+    pub fn is_empty(&self) -> bool {
+        self.chunk.size == 0
+    }
+
     /// The manifest entry the bytes match (id and size).
     pub fn chunk(&self) -> &ChunkRef {
         &self.chunk
@@ -1247,4 +1321,26 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
         return Err(ReadError::Unsigned { size: member.size });
     }
     Ok((envelope, member.size))
+}
+
+#[cfg(test)]
+mod verified_tests {
+    use super::*;
+
+    #[test]
+    fn check_proves_bytes_that_hash_to_the_id_and_refuses_others() {
+        let data = b"chunk bytes".to_vec();
+        let id = ChunkId::of(&data);
+        let proof = VerifiedChunk::check(id, data.clone()).expect("hashes to its id");
+        assert_eq!((proof.chunk().id, proof.len()), (id, data.len() as u32));
+        assert_eq!(proof.data(), &data[..]);
+
+        let mut bad = data;
+        bad[0] ^= 1;
+        let actual = ChunkId::of(&bad);
+        assert_eq!(
+            VerifiedChunk::check(id, bad),
+            Err(ChunkError::HashMismatch { id, actual })
+        );
+    }
 }

@@ -249,6 +249,13 @@ impl ChunkStore {
         self.decode(&stored, chunk.id, Some(chunk.size))
     }
 
+    /// [`ChunkStore::get`] as a [`VerifiedChunk`](crate::VerifiedChunk), the proof
+    /// the update engine takes (the bytes are hashed once, here).
+    pub fn get_verified(&self, chunk: &ChunkRef) -> Result<crate::VerifiedChunk, StoreError> {
+        let data = self.get(chunk)?;
+        Ok(crate::VerifiedChunk::proven(*chunk, data))
+    }
+
     /// Writes a chunk's stored form under its id (atomically; no-op if present).
     /// The caller must have verified it. Returns whether it was new.
     pub fn put_stored(&self, id: &ChunkId, stored: &[u8]) -> Result<bool, StoreError> {

@@ -609,6 +609,7 @@ fn writes_not_yet_carried_out_bound_what_is_fetched() {
                 slot,
                 offsets,
                 data,
+                ..
             } => {
                 written += data.len() as u64 * offsets.len() as u64;
                 pending.push((slot, data.len() as u64 * offsets.len() as u64));
@@ -625,4 +626,66 @@ fn writes_not_yet_carried_out_bound_what_is_fetched() {
         engine.handle(dev.now(), Input::Written { slot, bytes });
     }
     assert!(std::iter::from_fn(|| engine.poll_output()).any(|o| matches!(o, Output::Fetch { .. })));
+}
+
+#[test]
+fn an_install_runs_on_chunk_proofs_without_bytes() {
+    use crate::testing::LengthsOnly;
+    let f = Fixture::new();
+    let image = bytes(18, MIB);
+    let (dev, m, _) = setup(&image);
+    let mut engine = dev.engine(f.config());
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut driver = LengthsOnly::new(&m);
+    driver.run(&mut engine, dev.now());
+    assert_eq!(failed(&driver.events), None);
+    assert!(armed(&driver.events), "{:?}", driver.events);
+    let distinct: BTreeSet<ChunkId> = m.payloads[0].chunks.iter().map(|c| c.id).collect();
+    assert_eq!(driver.chunks, distinct.len() as u64);
+    assert_eq!(engine.progress().written_bytes, image.len() as u64);
+}
+
+#[test]
+fn a_proof_of_the_wrong_length_bans_the_source() {
+    use crate::{Input, Origin, Output};
+    let f = Fixture::new();
+    let image = bytes(19, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores.insert(SourceId(2), chunks.into_iter().collect());
+    let mut engine = dev.engine(f.config());
+    let offer = f.offer(
+        &m,
+        vec![source(1, SourceClass::Peer), source(2, SourceClass::Wan)],
+    );
+    engine.offer(dev.now(), offer).expect("offer");
+    // Source 1 answers its first chunk with a proof one byte short.
+    let mut lied = false;
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::Fetch { source, ids, .. } if source == SourceId(1) && !lied => {
+                lied = true;
+                let c = m.payloads[0]
+                    .chunks
+                    .iter()
+                    .find(|c| c.id == ids[0])
+                    .expect("asked");
+                engine.handle(
+                    dev.now(),
+                    Input::Chunk {
+                        origin: Origin::Source(source),
+                        chunk: shoal_artifact::VerifiedChunk::simulated(c.id, c.size - 1),
+                    },
+                );
+            }
+            out => dev.execute(&mut engine, out).expect("no crash"),
+        }
+    }
+    assert!(lied);
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(dev.events.contains(&Event::SourceBanned {
+        source: SourceId(1)
+    }));
+    assert_eq!(failed(&dev.events), None);
+    assert!(slot_b_holds(&dev, &image));
 }

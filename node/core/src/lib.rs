@@ -76,10 +76,11 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Output, Progress, Status,
-    Swarm,
+    Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Offsets, Output,
+    Progress, Status, Swarm,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
+pub use shoal_artifact::VerifiedChunk;
 pub use source::{
     FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceClass, SourceId, SourceInfo,
     SourceKind, SourceLimits, SourceStatus,

@@ -302,11 +302,7 @@ impl SimDevice {
                         if engine.wants(&id) {
                             engine.handle(
                                 self.now(),
-                                Input::Chunk {
-                                    origin: Origin::Source(source),
-                                    id,
-                                    data,
-                                },
+                                Input::checked(Origin::Source(source), id, data),
                             );
                         }
                     }
@@ -368,14 +364,7 @@ impl SimDevice {
             } => {
                 let o = usize::try_from(offset).expect("fits");
                 let data = self.live[slot_index(slot)][o..o + len as usize].to_vec();
-                engine.handle(
-                    now,
-                    Input::Chunk {
-                        origin: Origin::Slot(slot),
-                        id,
-                        data,
-                    },
-                );
+                engine.handle(now, Input::checked(Origin::Slot(slot), id, data));
             }
             Output::Fetch {
                 source,
@@ -414,11 +403,7 @@ impl SimDevice {
                 };
                 for id in ids {
                     let input = match self.stores.get(&source).and_then(|s| s.get(&id)).cloned() {
-                        Some(data) => Input::Chunk {
-                            origin: Origin::Source(source),
-                            id,
-                            data,
-                        },
+                        Some(data) => Input::checked(Origin::Source(source), id, data),
                         None => Input::Unavailable { source, id },
                     };
                     match link {
@@ -451,8 +436,9 @@ impl SimDevice {
                 slot,
                 offsets,
                 data,
+                ..
             } => {
-                for off in offsets {
+                for off in offsets.iter() {
                     self.op()?;
                     let o = usize::try_from(off).expect("fits");
                     self.live[slot_index(slot)][o..o + data.len()].copy_from_slice(&data);
@@ -976,11 +962,7 @@ impl LanSim {
                         None
                     };
                     let input = match data {
-                        Some(data) => Input::Chunk {
-                            origin: Origin::Source(source),
-                            id,
-                            data,
-                        },
+                        Some(data) => Input::checked(Origin::Source(source), id, data),
                         None => Input::Unavailable { source, id },
                     };
                     at_us += link.per_chunk_us;
@@ -996,11 +978,10 @@ impl LanSim {
                     .retain(|_, d| !(d.0 == i && d.1 == source && d.2 == request));
             }
             out => {
-                if let Output::Write { data, .. } = &out {
-                    let id = ChunkId::from(blake3::hash(data));
-                    if self.nodes[i].has.insert(id) {
-                        self.nodes[i].fresh.push(id);
-                    }
+                if let Output::Write { id, .. } = out
+                    && self.nodes[i].has.insert(id)
+                {
+                    self.nodes[i].fresh.push(id);
                 }
                 let n = &mut self.nodes[i];
                 n.dev.execute(&mut n.engine, out).expect("no power cut");
@@ -1034,4 +1015,110 @@ pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
         assert_eq!(node.dev.boot.armed, Some(Slot::B), "device {i} did not arm");
     }
     (sim.wan_chunks as f64 / chunks as f64, sim.now_ms())
+}
+
+/// A driver that models chunks by id and length only, as the fleet simulator does:
+/// request sources answer with [`VerifiedChunk::simulated`](shoal_artifact::VerifiedChunk::simulated)
+/// proofs (no bytes, no hashing), writes and syncs complete at once, the final hash
+/// is the manifest's, the active slot holds none of the release's chunks, the
+/// store is not kept. For the engine's measurements (the
+/// bench) and the test that the engine installs from proofs alone.
+#[derive(Debug)]
+pub struct LengthsOnly {
+    /// Each chunk's uncompressed size, from the manifest (what a driver knows).
+    pub sizes: BTreeMap<ChunkId, u32>,
+    /// The payload hash [`Output::HashSlot`] is answered with.
+    pub payload_hash: [u8; 32],
+    /// Answers not yet handed over, in order.
+    pub pending: std::collections::VecDeque<Input>,
+    /// Events seen.
+    pub events: Vec<Event>,
+    /// Chunks handed over.
+    pub chunks: u64,
+}
+
+impl LengthsOnly {
+    /// A driver for installs of `manifest`'s first payload.
+    pub fn new(manifest: &Manifest) -> LengthsOnly {
+        let p = &manifest.payloads[0];
+        LengthsOnly {
+            sizes: p.chunks.iter().map(|c| (c.id, c.size)).collect(),
+            payload_hash: p.hash,
+            pending: std::collections::VecDeque::new(),
+            events: Vec::new(),
+            chunks: 0,
+        }
+    }
+
+    /// Carries out every output the engine has (answers are queued, not handed
+    /// over: [`LengthsOnly::step`]).
+    pub fn drain(&mut self, engine: &mut Engine) {
+        while let Some(out) = engine.poll_output() {
+            match out {
+                Output::Fetch { source, ids, .. } => {
+                    for id in ids {
+                        let size = self
+                            .sizes
+                            .get(&id)
+                            .copied()
+                            .expect("asked for a chunk of the manifest");
+                        self.pending.push_back(Input::Chunk {
+                            origin: Origin::Source(source),
+                            chunk: shoal_artifact::VerifiedChunk::simulated(id, size),
+                        });
+                    }
+                }
+                Output::Write {
+                    slot, offsets, id, ..
+                } => {
+                    let size = self.sizes.get(&id).copied().unwrap_or(0);
+                    self.pending.push_back(Input::Written {
+                        slot,
+                        bytes: u64::from(size) * offsets.len() as u64,
+                    });
+                }
+                Output::Sync { slot } => self.pending.push_back(Input::Synced { slot }),
+                // The active slot holds none of the release's chunks.
+                Output::IndexSlot { slot, chunking, .. } => {
+                    self.pending.push_back(Input::SlotIndexed {
+                        slot,
+                        index: SlotIndex {
+                            chunking,
+                            chunks: Vec::new(),
+                        },
+                    })
+                }
+                Output::Read { slot, id, .. } => self.pending.push_back(Input::Corrupt {
+                    origin: Origin::Slot(slot),
+                    id,
+                }),
+                Output::HashSlot { slot, .. } => self.pending.push_back(Input::SlotHashed {
+                    slot,
+                    hash: self.payload_hash,
+                }),
+                Output::Event(e) => self.events.push(e),
+                _ => {}
+            }
+        }
+    }
+
+    /// Hands the oldest queued answer over and carries out what follows; `false`
+    /// when nothing was queued.
+    pub fn step(&mut self, engine: &mut Engine, now: Instant) -> bool {
+        let Some(input) = self.pending.pop_front() else {
+            return false;
+        };
+        if matches!(input, Input::Chunk { .. }) {
+            self.chunks += 1;
+        }
+        engine.handle(now, input);
+        self.drain(engine);
+        true
+    }
+
+    /// Runs until nothing is queued.
+    pub fn run(&mut self, engine: &mut Engine, now: Instant) {
+        self.drain(engine);
+        while self.step(engine, now) {}
+    }
 }

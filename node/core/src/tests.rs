@@ -861,11 +861,11 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
             let at = usize::try_from(c.offset).expect("fits");
             engine.handle(
                 dev.now(),
-                Input::Chunk {
-                    origin: Origin::Slot(slot),
-                    id: c.id,
-                    data: live[at..at + c.len as usize].to_vec(),
-                },
+                Input::checked(
+                    Origin::Slot(slot),
+                    c.id,
+                    live[at..at + c.len as usize].to_vec(),
+                ),
             );
         }
     }
@@ -882,11 +882,11 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     // A chunk the install does not need is ignored.
     engine.handle(
         dev.now(),
-        Input::Chunk {
-            origin: Origin::Slot(slot),
-            id: ChunkId::from(blake3::hash(b"not in v2")),
-            data: b"not in v2".to_vec(),
-        },
+        Input::checked(
+            Origin::Slot(slot),
+            ChunkId::from(blake3::hash(b"not in v2")),
+            b"not in v2".to_vec(),
+        ),
     );
     assert_eq!(engine.poll_output(), None);
     let reused = engine.progress().reused_bytes;
@@ -928,11 +928,7 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     assert!(engine.needed_ids().is_empty());
     engine.handle(
         dev.now(),
-        Input::Chunk {
-            origin: Origin::Slot(Slot::A),
-            id: lacking,
-            data,
-        },
+        Input::checked(Origin::Slot(Slot::A), lacking, data),
     );
     assert_eq!(
         engine.poll_output(),

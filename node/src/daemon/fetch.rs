@@ -252,19 +252,18 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                     }
                     continue;
                 };
-                let data = match decode(shared, &stored, chunk) {
-                    Ok(data) => data,
+                let answer = match decode(shared, &stored, chunk) {
+                    Ok(chunk) => Answer::Chunk(chunk),
                     Err(message) => {
-                        // Bytes that do not decode to the id: handed over as they
-                        // are, so the engine's hash check refuses them (and bans
-                        // the source).
+                        // Bytes that do not decode to the id: the engine bans the
+                        // source.
                         warn!(%id, %message, "chunk from the server does not decode");
-                        stored
+                        Answer::Corrupt(id)
                     }
                 };
                 sent += 1;
                 // The install is over (or the request cancelled): stop reading.
-                if !deliver(Answer::Chunk { id, data }) || cancelled(shared, job.request) {
+                if !deliver(answer) || cancelled(shared, job.request) {
                     return;
                 }
             }
@@ -303,8 +302,12 @@ impl<R: std::io::Read> std::io::Read for CountingRead<'_, R> {
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
-fn decode(shared: &Shared, stored: &[u8], chunk: &ChunkRef) -> Result<Vec<u8>, String> {
-    use shoal_artifact::chunk::{ChunkError, decode_with, frame_dictionary_id};
+fn decode(
+    shared: &Shared,
+    stored: &[u8],
+    chunk: &ChunkRef,
+) -> Result<shoal_artifact::VerifiedChunk, String> {
+    use shoal_artifact::chunk::{ChunkError, frame_dictionary_id};
     let dict = match frame_dictionary_id(stored) {
         None => None,
         Some(zstd_id) => {
@@ -332,7 +335,8 @@ fn decode(shared: &Shared, stored: &[u8], chunk: &ChunkRef) -> Result<Vec<u8>, S
             }
         }
     };
-    decode_with(stored, chunk, dict.as_deref()).map_err(|e: ChunkError| e.to_string())
+    shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
+        .map_err(|e: ChunkError| e.to_string())
 }
 
 #[cfg(test)]

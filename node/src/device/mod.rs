@@ -127,13 +127,11 @@ pub trait Requests: Send {
 /// An answer of a [`Requests`] source.
 #[derive(Debug)]
 pub enum Answer {
-    /// A chunk's bytes (uncompressed; the engine hashes them).
-    Chunk {
-        /// The chunk.
-        id: ChunkId,
-        /// Its bytes.
-        data: Vec<u8>,
-    },
+    /// A chunk, decoded and hashed to its id by the source's reader.
+    Chunk(shoal_artifact::VerifiedChunk),
+    /// Bytes sent as this chunk do not decode or do not hash to its id (the
+    /// engine bans the source).
+    Corrupt(ChunkId),
     /// The source does not hold this chunk.
     Unavailable(ChunkId),
     /// The whole request failed.
@@ -1001,10 +999,13 @@ impl<'a> Driver<'a> {
             let now = self.now();
             for answer in answers {
                 let input = match answer {
-                    Answer::Chunk { id, data } => Input::Chunk {
+                    Answer::Chunk(chunk) => Input::Chunk {
+                        origin: Origin::Source(REMOTE),
+                        chunk,
+                    },
+                    Answer::Corrupt(id) => Input::Corrupt {
                         origin: Origin::Source(REMOTE),
                         id,
-                        data,
                     },
                     Answer::Unavailable(id) => Input::Unavailable { source: REMOTE, id },
                     Answer::Failed { request, failure } => Input::FetchFailed {
@@ -1030,8 +1031,8 @@ impl<'a> Driver<'a> {
     fn feed(&mut self, decoded: Vec<Decoded>, name: &str) -> anyhow::Result<()> {
         for (id, result) in decoded {
             let input = match result {
-                Ok(chunk) => Input::Verified {
-                    source: STREAM,
+                Ok(chunk) => Input::Chunk {
+                    origin: Origin::Source(STREAM),
                     chunk,
                 },
                 Err(message) => {
@@ -1265,13 +1266,13 @@ impl<'a> Driver<'a> {
                     let worker = std::thread::spawn(move || {
                         slotio::index(&*storage, len, chunking, &wanted, Some(&tx))
                     });
-                    for (id, data) in met {
+                    for chunk in met {
+                        // Hashed by the indexer as it cut the slot.
                         self.engine.handle(
                             self.now(),
                             Input::Chunk {
                                 origin: Origin::Slot(slot),
-                                id,
-                                data,
+                                chunk,
                             },
                         );
                         self.drain()?;
@@ -1298,14 +1299,8 @@ impl<'a> Driver<'a> {
                 let data = self
                     .read(slot, offset, len as usize)
                     .map_err(|e| (IoOp::Read, e))?;
-                self.engine.handle(
-                    now,
-                    Input::Chunk {
-                        origin: Origin::Slot(slot),
-                        id,
-                        data,
-                    },
-                );
+                self.engine
+                    .handle(now, Input::checked(Origin::Slot(slot), id, data));
             }
             // Local requests are answered before the next output: nothing to cancel.
             Output::Cancel { source, request } => {
@@ -1330,13 +1325,12 @@ impl<'a> Driver<'a> {
                 };
                 let mut answers = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let answer = match refs.get(&id).map(|r| (r, store.get(r))) {
-                        Some((r, Ok(data))) => {
+                    let answer = match refs.get(&id).map(|r| (r, store.get_verified(r))) {
+                        Some((r, Ok(chunk))) => {
                             self.source_bytes_read += u64::from(r.stored_size);
                             Input::Chunk {
                                 origin: Origin::Source(source),
-                                id,
-                                data,
+                                chunk,
                             }
                         }
                         Some((_, Err(e))) => {
@@ -1358,6 +1352,7 @@ impl<'a> Driver<'a> {
                 slot,
                 offsets,
                 data,
+                ..
             } => {
                 if self.write_behind.is_none() {
                     // Set from the offer's payload; no manifest parsing here.
@@ -1402,7 +1397,7 @@ impl<'a> Driver<'a> {
                 }
                 let wb = self.write_behind.as_ref().expect("just started");
                 let bytes = data.len() as u64 * offsets.len() as u64;
-                wb.write(offsets, data)
+                wb.write(offsets.into_vec(), data)
                     .map_err(|(op, e)| (op, anyhow!(e)))?;
                 // Queued in order behind the writes before it (the queue is bounded).
                 self.engine.handle(now, Input::Written { slot, bytes });

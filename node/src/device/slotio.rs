@@ -165,7 +165,7 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 /// chunk over to the next block) and hashes the chunks of one block on all cores
 /// while the next one is cut.
 ///
-/// The first time it meets a chunk in `wanted`, it sends its id and bytes to `met`
+/// The first time it meets a chunk in `wanted`, it sends it (verified) to `met`
 /// (an install takes the chunks it needs while the slot is indexed, instead of
 /// reading them again afterwards). A closed `met` stops the sending, not the index.
 pub fn index(
@@ -173,7 +173,7 @@ pub fn index(
     len: u64,
     chunking: Chunking,
     wanted: &HashSet<ChunkId>,
-    met: Option<&mpsc::SyncSender<(ChunkId, Vec<u8>)>>,
+    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     let mut sent: HashSet<ChunkId> = HashSet::new();
@@ -182,7 +182,11 @@ pub fn index(
         if let Some(tx) = met
             && wanted.contains(&id)
             && sent.insert(id)
-            && tx.send((id, window[start..start + len].to_vec())).is_err()
+            // The proof the engine takes (hashed again, on this thread: the
+            // indexer's hash is of a slice it does not own).
+            && let Ok(chunk) =
+                shoal_artifact::VerifiedChunk::check(id, window[start..start + len].to_vec())
+            && tx.send(chunk).is_err()
         {
             met = None;
         }
@@ -739,12 +743,12 @@ mod tests {
             assert_eq!(index, all);
             receiver.join().unwrap()
         });
-        let ids: HashSet<ChunkId> = got.iter().map(|(id, _)| *id).collect();
+        let ids: HashSet<ChunkId> = got.iter().map(|c| c.chunk().id).collect();
         assert_eq!(ids.len(), got.len(), "each chunk once");
         wanted.remove(&ChunkId::of(b"elsewhere"));
         assert_eq!(ids, wanted);
-        for (id, bytes) in &got {
-            assert_eq!(ChunkId::of(bytes), *id);
+        for c in &got {
+            assert_eq!(ChunkId::of(c.data()), c.chunk().id);
         }
         // A receiver that went away stops the sending, not the index.
         let (tx, rx) = mpsc::sync_channel(1);

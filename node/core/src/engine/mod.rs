@@ -12,8 +12,7 @@ use tracing::{info, warn};
 
 use crate::error::{InstallError, IoOp, SourceError};
 use crate::source::{
-    FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceId, SourceInfo, SourceKind,
-    SourceStatus,
+    FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceId, SourceInfo, SourceStatus,
 };
 use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex, Verdict};
 use crate::time::{Instant, Rng};
@@ -122,26 +121,28 @@ pub enum Input {
         /// Its chunks.
         index: SlotIndex,
     },
-    /// Chunk bytes: the answer to [`Output::Read`] or [`Output::Fetch`], or pushed by a
-    /// stream source. The engine hashes them before use.
+    /// A chunk, verified by the driver: the answer to [`Output::Read`] or
+    /// [`Output::Fetch`], or pushed by a stream source. The engine never takes
+    /// unverified bytes: the driver hashes what it read or received against the id
+    /// it asked for ([`VerifiedChunk::check`], or [`Input::checked`], which also
+    /// builds the [`Input::Corrupt`] answer) or decodes a stored chunk
+    /// ([`shoal_artifact::RawChunk::verify_chunk`]). The engine checks it is a chunk
+    /// it needs, of the manifest's size.
     Chunk {
+        /// Where it came from.
+        origin: Origin,
+        /// The proof (its bytes, or in the simulator only its id and length).
+        chunk: VerifiedChunk,
+    },
+    /// The bytes the driver read or received for chunk `id` do not hash to it (or
+    /// do not decode). From a source, the source is banned for the deployment;
+    /// from the active slot, the chunk is fetched instead (and, if the slot's index
+    /// named it there, dropped from the index).
+    Corrupt {
         /// Where they came from.
         origin: Origin,
-        /// The chunk id they claim to be.
+        /// The chunk they should have been.
         id: ChunkId,
-        /// The uncompressed bytes.
-        data: Vec<u8>,
-    },
-    /// Chunk bytes pushed by a stream source whose reader already decoded them
-    /// within their declared size and hashed them to their id (the
-    /// [`VerifiedChunk`] type proves it). The engine checks they are a chunk it
-    /// needs, of the right size, and does not hash them again; from a source that
-    /// is not a stream of this install they are treated as [`Input::Chunk`].
-    Verified {
-        /// The stream source.
-        source: SourceId,
-        /// The verified bytes.
-        chunk: VerifiedChunk,
     },
     /// A request failed as a whole; the driver says what kind of failure it is.
     /// One source's failure never fails the install while another can serve.
@@ -201,6 +202,63 @@ pub enum Input {
     },
 }
 
+impl Input {
+    /// What a driver hands over for bytes it read or received as chunk `id`:
+    /// [`Input::Chunk`] when they hash to it, else [`Input::Corrupt`]. (Hashing is
+    /// the driver's work; this is the one line most drivers need.)
+    pub fn checked(origin: Origin, id: ChunkId, data: Vec<u8>) -> Input {
+        match VerifiedChunk::check(id, data) {
+            Ok(chunk) => Input::Chunk { origin, chunk },
+            Err(_) => Input::Corrupt { origin, id },
+        }
+    }
+}
+
+/// The offsets of an [`Output::Write`]: the chunk's first position in the payload
+/// and any repeats, without a heap allocation for the usual single position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offsets {
+    first: u64,
+    more: Vec<u64>,
+}
+
+impl Offsets {
+    /// One offset.
+    pub fn one(offset: u64) -> Offsets {
+        Offsets {
+            first: offset,
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, offset: u64) {
+        self.more.push(offset);
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The offsets, in payload order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
+    }
+
+    /// The offsets as a vector.
+    pub fn into_vec(self) -> Vec<u64> {
+        let mut v = Vec::with_capacity(self.len());
+        v.push(self.first);
+        v.extend(self.more);
+        v
+    }
+}
+
 /// Something the engine wants done. Carry them out in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -253,9 +311,11 @@ pub enum Output {
     Write {
         /// The slot.
         slot: Slot,
+        /// The chunk written (so a driver can announce it to its peers).
+        id: ChunkId,
         /// Byte offsets.
-        offsets: Vec<u64>,
-        /// The bytes (already verified).
+        offsets: Offsets,
+        /// The bytes (verified; empty for a simulated chunk).
         data: Vec<u8>,
     },
     /// Make every write to the slot so far durable; answer [`Input::Synced`] once
@@ -628,15 +688,8 @@ impl Engine {
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
             Input::SlotIndexed { slot, index } => self.on_indexed(now, slot, index),
-            Input::Chunk { origin, id, data } => self.on_chunk(now, origin, id, data, false),
-            Input::Verified { source, chunk } => {
-                let stream = self.job.as_ref().is_some_and(|j| {
-                    j.source_index(source)
-                        .is_some_and(|i| j.sources[i].info.kind == SourceKind::Stream)
-                });
-                let id = chunk.chunk().id;
-                self.on_chunk(now, Origin::Source(source), id, chunk.into_data(), stream);
-            }
+            Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
+            Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
             Input::FetchFailed {
                 source,

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 
-use shoal_artifact::{ChunkId, Manifest};
+use shoal_artifact::{ChunkId, Manifest, VerifiedChunk};
 use tracing::{debug, info, warn};
 
 use crate::bits::Bitfield;
@@ -36,7 +36,7 @@ use crate::time::Instant;
 use crate::timer::Timer;
 
 use super::table::ChunkTable;
-use super::{Engine, Event, Output};
+use super::{Engine, Event, Offsets, Output};
 
 /// Where one entry (distinct chunk) of the plan is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1226,8 +1226,9 @@ impl Engine {
         });
     }
 
-    /// A probe read came back: a chunk found at its own offset joins the index.
-    fn on_probe(&mut self, now: Instant, origin: Origin, id: ChunkId, data: &[u8]) {
+    /// A probe read came back (`found`: the bytes at the chunk's own offset
+    /// verified as it): a chunk found there joins the index.
+    fn on_probe(&mut self, now: Instant, origin: Origin, id: ChunkId, found: Option<u32>) {
         let Some(job) = self.job.as_mut() else { return };
         let Origin::Slot(slot) = origin else { return };
         let Some(e) = job.table.entry(&id) else {
@@ -1241,7 +1242,7 @@ impl Engine {
         }
         job.probes_in_flight -= 1;
         let size = job.table.size(e);
-        if data.len() == size as usize && ChunkId::from(blake3::hash(data)) == id {
+        if found == Some(size) {
             self.index.insert(id, (job.table.first_offset(e), size));
         } else {
             job.absent.push(e);
@@ -1304,32 +1305,26 @@ impl Engine {
         self.pump(now);
     }
 
-    /// A chunk's bytes arrived; `hashed`: they were verified against `id` already
-    /// (by the stream's reader), so only their size is checked here.
-    pub(crate) fn on_chunk(
+    /// Which entry and source an answer from `origin` about chunk `id` concerns,
+    /// when the engine takes it (an install is fetching, or indexing and taking
+    /// chunks met in the active slot; a known source that is not banned, or a
+    /// stream still open). Notes that a request source is alive.
+    fn answer_of(
         &mut self,
         now: Instant,
         origin: Origin,
-        id: ChunkId,
-        data: Vec<u8>,
-        hashed: bool,
-    ) {
+        id: &ChunkId,
+    ) -> Option<(u32, Option<usize>)> {
         let active = self.state.active;
-        let Some(job) = self.job.as_mut() else { return };
-        if job.step == Step::Probing {
-            self.on_probe(now, origin, id, &data);
-            return;
-        }
+        let job = self.job.as_mut()?;
         // While the active slot is indexed, a driver may hand over the needed
         // chunks it meets there: they are written now and not read again.
         let met_while_indexing =
             job.step == Step::Indexing && job.take_while_indexing && origin == Origin::Slot(active);
         if job.step != Step::Fetching && !met_while_indexing {
-            return;
+            return None;
         }
-        let Some(e) = job.table.entry(&id) else {
-            return; // Not in the release.
-        };
+        let e = job.table.entry(id)?; // Not in the release.
         let source = match origin {
             Origin::Source(s) => match job.source_index(s) {
                 Some(i)
@@ -1339,17 +1334,16 @@ impl Engine {
                     Some(i)
                 }
                 // Unknown sources, and streams that ended or were banned.
-                _ => return,
+                _ => return None,
             },
             Origin::Slot(_) => None,
         };
         if let Some(i) = source {
-            let s = &mut job.sources[i];
-            if s.gone == Some(Gone::Banned) {
-                return;
+            if job.sources[i].gone == Some(Gone::Banned) {
+                return None;
             }
             // An answer: the source is alive.
-            if s.info.kind == SourceKind::Requests {
+            if job.sources[i].info.kind == SourceKind::Requests {
                 let sample = match job.need[e as usize] {
                     Need::Fetching { req } => job.requests[req as usize]
                         .as_ref()
@@ -1368,27 +1362,60 @@ impl Engine {
                 s.backoff_until = None;
             }
         }
+        Some((e, source))
+    }
+
+    /// The driver says the bytes from `origin` for chunk `id` do not verify.
+    pub(crate) fn on_corrupt(&mut self, now: Instant, origin: Origin, id: ChunkId) {
+        let Some(job) = self.job.as_ref() else { return };
+        if job.step == Step::Probing {
+            self.on_probe(now, origin, id, None);
+            return;
+        }
+        let Some((e, source)) = self.answer_of(now, origin, &id) else {
+            return;
+        };
+        let Some(job) = self.job.as_mut() else { return };
+        let mut guess = false;
+        if let (Need::Reading { guess: g }, Origin::Slot(_)) = (job.need[e as usize], origin) {
+            job.reads_in_flight -= 1;
+            job.need[e as usize] = Need::Idle;
+            guess = g;
+        }
+        if job.need[e as usize] == Need::Done {
+            return; // Not needed any more.
+        }
+        self.on_bad_chunk(now, origin, e, guess, source);
+    }
+
+    /// A verified chunk arrived.
+    pub(crate) fn on_chunk(&mut self, now: Instant, origin: Origin, chunk: VerifiedChunk) {
+        let id = chunk.chunk().id;
+        let Some(job) = self.job.as_ref() else { return };
+        if job.step == Step::Probing {
+            self.on_probe(now, origin, id, Some(chunk.len()));
+            return;
+        }
+        let Some((e, source)) = self.answer_of(now, origin, &id) else {
+            return;
+        };
+        let Some(job) = self.job.as_mut() else { return };
         let state = job.need[e as usize];
         if state == Need::Done {
             return; // Not needed any more.
         }
         let size = job.table.size(e);
-        let mut guess = false;
-        if let (Need::Reading { guess: g }, Origin::Slot(_)) = (state, origin) {
-            job.reads_in_flight -= 1;
-            job.need[e as usize] = Need::Idle;
-            guess = g;
-        }
-        let good =
-            data.len() == size as usize && (hashed || ChunkId::from(blake3::hash(&data)) == id);
-        if !good {
-            self.on_bad_chunk(now, origin, e, guess, source);
+        if chunk.len() != size {
+            // Same id, another length: the manifest and the proof disagree, which
+            // only a broken driver produces. Treated like bytes that do not verify.
+            warn!(%id, len = chunk.len(), size, "chunk of the wrong size");
+            self.on_corrupt(now, origin, id);
             return;
         }
         // Whoever answered, the chunk is done: release a request's or a read's claim.
-        match self.job.as_ref().map(|j| j.need[e as usize]) {
-            Some(Need::Fetching { .. }) => self.release_claim(e, source),
-            Some(Need::Reading { .. }) => {
+        match state {
+            Need::Fetching { .. } => self.release_claim(e, source),
+            Need::Reading { .. } => {
                 if let Some(job) = self.job.as_mut() {
                     job.reads_in_flight -= 1;
                 }
@@ -1399,16 +1426,23 @@ impl Engine {
         job.need[e as usize] = Need::Done;
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
-        let mut offsets = Vec::new();
+        let mut offsets: Option<Offsets> = None;
         let mut bytes = 0u64;
         for p in job.table.positions_of(e) {
             if !job.done.get(p) {
                 job.done.set(p);
-                offsets.push(job.table.offset_at(p));
+                let offset = job.table.offset_at(p);
+                match offsets.as_mut() {
+                    None => offsets = Some(Offsets::one(offset)),
+                    Some(o) => o.push(offset),
+                }
                 job.batch.push(p);
                 bytes += u64::from(size);
             }
         }
+        let Some(offsets) = offsets else {
+            return; // Every position was journaled (not reachable: the entry was needed).
+        };
         job.batch_bytes += bytes;
         self.progress.written_bytes += bytes;
         match source {
@@ -1431,12 +1465,13 @@ impl Engine {
             }
         }
         let target = job.target;
-        job.writing_bytes += data.len() as u64 * offsets.len() as u64;
+        job.writing_bytes += bytes;
         let flush = job.batch_bytes >= self.config.journal_batch_bytes;
         self.outputs.push_back(Output::Write {
             slot: target,
+            id,
             offsets,
-            data,
+            data: chunk.into_data(),
         });
         if flush {
             self.flush_batch();
