@@ -19,6 +19,10 @@ pub enum OfferError {
     /// The signed bytes are not a valid manifest.
     #[error("the signed manifest is invalid: {0}")]
     Manifest(#[from] ManifestError),
+    /// A release verified against another trust root than the engine's was offered
+    /// ([`Engine::offer_verified`](crate::Engine::offer_verified)).
+    #[error("the release was verified against another trust root than this device's")]
+    OtherTrustRoot,
     /// The release is not built for this device type.
     #[error("release is for device types {supported:?}, this device is {device_type:?}")]
     DeviceType {

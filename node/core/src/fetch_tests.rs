@@ -689,3 +689,66 @@ fn a_proof_of_the_wrong_length_bans_the_source() {
     assert_eq!(failed(&dev.events), None);
     assert!(slot_b_holds(&dev, &image));
 }
+
+#[test]
+fn a_verified_release_is_shared_and_its_envelope_persisted_once() {
+    use crate::{OfferError, Output, Record, VerifiedRelease};
+    let f = Fixture::new();
+    let image = bytes(20, MIB);
+    let (dev, m, chunks) = setup(&image);
+    let rel = VerifiedRelease::verify(&f.root, sign(&m, &f.key), None).expect("verifies");
+    // Two engines take the same Arc: neither verifies it again, both hold it.
+    let mut engines: Vec<(SimDevice, crate::Engine)> = (0..2)
+        .map(|_| {
+            let mut d = SimDevice::new(&[], 2 * MIB as u64, 1);
+            d.stores
+                .insert(SourceId(1), chunks.iter().cloned().collect());
+            let e = d.engine(f.config());
+            (d, e)
+        })
+        .collect();
+    for (d, e) in &mut engines {
+        e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+            .expect("offer");
+    }
+    assert_eq!(
+        std::sync::Arc::strong_count(&rel),
+        1 + 2 * 2,
+        "each engine shares it"
+    );
+    let (mut d, mut e) = engines.pop().expect("two");
+    let mut envelopes = 0;
+    let mut persists = 0;
+    loop {
+        let Some(out) = e.poll_output() else {
+            d.run(&mut e, None).expect("no crash");
+            break;
+        };
+        if let Output::Persist(records) = &out {
+            persists += 1;
+            envelopes += records
+                .iter()
+                .filter(|r| matches!(r, Record::Envelope(Some(_))))
+                .count();
+        }
+        d.execute(&mut e, out).expect("no crash");
+    }
+    assert!(armed(&d.events));
+    assert!(persists > 2, "{persists}");
+    assert_eq!(
+        envelopes, 1,
+        "the envelope is persisted once per deployment"
+    );
+    assert_eq!(
+        d.store.state.envelope.as_deref(),
+        Some(rel.envelope()),
+        "the store holds it while the deployment runs"
+    );
+    // A release verified under another trust root is refused.
+    let (_, other_root) = crate::testing::keys(9);
+    let mut e = dev.engine(Config::new(DEVICE, other_root));
+    assert_eq!(
+        e.offer_verified(dev.now(), &rel, Vec::new(), false),
+        Err(OfferError::OtherTrustRoot)
+    );
+}

@@ -77,7 +77,7 @@ mod tests;
 pub use bits::Bitfield;
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Offsets, Output,
-    Progress, Status, Swarm,
+    Progress, Status, Swarm, VerifiedRelease,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use shoal_artifact::VerifiedChunk;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_artifact::{ChunkId, Chunking, Manifest};
@@ -99,9 +100,6 @@ impl fmt::Display for Phase {
 /// The deployment in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
-    /// The signed manifest envelope, as offered (verified again on restart).
-    #[serde(with = "serde_bytes")]
-    pub envelope: Vec<u8>,
     /// The release being deployed.
     pub release: Release,
     /// The slot it is written to (the inactive slot when it started).
@@ -171,6 +169,9 @@ pub struct DeviceState {
     pub slot_capacity: [u64; 2],
     /// The deployment in progress.
     pub deployment: Option<Deployment>,
+    /// The signed manifest envelope of the deployment in progress, as offered
+    /// (persisted once per deployment: [`Record::Envelope`]).
+    pub envelope: Option<Arc<[u8]>>,
     /// Progress journal of the deployment: indexes of payload chunks written, synced
     /// and recorded.
     pub done: Vec<u32>,
@@ -189,6 +190,7 @@ impl DeviceState {
             releases: [None, None],
             slot_capacity,
             deployment: None,
+            envelope: None,
             done: Vec::new(),
             active_index: None,
             last: None,
@@ -202,6 +204,9 @@ impl DeviceState {
 pub enum Record {
     /// Replace (or clear) the deployment in progress.
     Deployment(Option<Deployment>),
+    /// Replace (or clear) the signed envelope of the deployment in progress
+    /// (written once when a deployment starts, cleared when it ends).
+    Envelope(Option<Arc<[u8]>>),
     /// Forget the progress journal.
     ClearProgress,
     /// Add payload chunk indexes to the progress journal.

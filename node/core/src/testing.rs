@@ -53,6 +53,7 @@ impl MemStore {
         for r in records {
             match r {
                 Record::Deployment(d) => s.deployment = d.clone(),
+                Record::Envelope(e) => s.envelope = e.clone(),
                 Record::ClearProgress => s.done.clear(),
                 Record::Done(list) => s.done.extend_from_slice(list),
                 Record::SlotRelease { slot, release } => {

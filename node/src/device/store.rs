@@ -229,6 +229,15 @@ impl Store {
             })
     }
 
+    fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(META).map_err(|e| self.db_err(e))?;
+        Ok(table
+            .get(key)
+            .map_err(|e| self.db_err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
     /// Whether Shoal has recorded anything on this device yet.
     pub fn is_fresh(&self) -> Result<bool, StoreError> {
         Ok(self.get::<Slot>("active")?.is_none())
@@ -245,6 +254,7 @@ impl Store {
             state.releases[slot_index(slot)] = self.get(&format!("release.{}", slot_name(slot)))?;
         }
         state.deployment = self.get("deployment")?;
+        state.envelope = self.get_raw("envelope")?.map(Into::into);
         state.last = self.get("last")?;
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let done = txn.open_table(DONE).map_err(|e| self.db_err(e))?;
@@ -312,6 +322,16 @@ impl Store {
                         "deployment",
                         d.as_ref().map(|d| d as &dyn ErasedCbor),
                     )?,
+                    // Raw bytes (the signed envelope as offered), written once
+                    // per deployment.
+                    Record::Envelope(e) => match e {
+                        Some(bytes) => {
+                            meta.insert("envelope", &bytes[..])?;
+                        }
+                        None => {
+                            meta.remove("envelope")?;
+                        }
+                    },
                     Record::ClearProgress => {
                         done.retain(|_, _| false)?;
                     }
@@ -460,7 +480,6 @@ mod tests {
     fn applies_records_like_the_engine_model_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dep = Deployment {
-            envelope: vec![9; 100],
             release: release("2.0"),
             target: Slot::B,
             phase: Phase::Fetching,
@@ -472,6 +491,7 @@ mod tests {
                 index: Some(index(0)),
             }],
             vec![
+                Record::Envelope(Some(vec![9; 100].into())),
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
                 Record::SlotRelease {
@@ -529,10 +549,17 @@ mod tests {
         );
 
         store
-            .apply(&[Record::ClearProgress, Record::Deployment(None)])
+            .apply(&[
+                Record::ClearProgress,
+                Record::Deployment(None),
+                Record::Envelope(None),
+            ])
             .expect("clear");
         let got = store.load(Slot::A, [8192, 8192]).expect("load");
-        assert_eq!((got.done.len(), got.deployment), (0, None));
+        assert_eq!(
+            (got.done.len(), got.deployment, got.envelope),
+            (0, None, None)
+        );
     }
 
     /// Regression: a power cut while the store was first created left a half-written

@@ -87,7 +87,7 @@ impl Job {
         let Some(lan) = self.lan.as_ref() else {
             return true;
         };
-        let id = self.table.id(e);
+        let id = self.rel.table.id(e);
         let mine = score(lan.me, &id);
         !lan.members
             .iter()
@@ -177,7 +177,7 @@ impl Engine {
             return;
         }
         let mut n = 0;
-        for e in 0..job.table.entries() {
+        for e in 0..job.rel.table.entries() {
             if job.need[e as usize] == Need::Lan {
                 job.need[e as usize] = Need::QueuedFetch;
                 job.fetches.push_back(e);

@@ -2,27 +2,47 @@
 //! verify, arm, boot, commit, rollback. Each phase is persisted before the side
 //! effect that leaves it.
 
+use std::sync::Arc;
+
 use shoal_artifact::{Manifest, PayloadKind};
-use shoal_signing::{Envelope, RoleName};
+use shoal_signing::Envelope;
 use tracing::info;
 
 use crate::error::{CommitError, InstallError, OfferError, RollbackError};
 use crate::state::{
-    Deployment, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex, Verdict, slot_index,
+    Deployment, IndexedChunk, Outcome, Phase, Record, Slot, SlotIndex, Verdict, slot_index,
 };
 use crate::time::Instant;
 
+use super::release::VerifiedRelease;
 use super::scheduler::{Job, Step};
 use super::{Boot, Engine, Event, Offer, Output, Progress};
+use crate::source::SourceInfo;
 
 impl Engine {
+    /// Offers a release: verifies its signed manifest against the trust root
+    /// ([`VerifiedRelease::verify`]) and goes on as [`Engine::offer_verified`].
     pub fn offer(&mut self, now: Instant, offer: Offer) -> Result<(), OfferError> {
-        let envelope = Envelope::from_bytes(&offer.envelope)?;
-        let signed =
-            self.config
-                .trust_root
-                .verify(RoleName::Release, &envelope, offer.wall_unix_s)?;
-        let manifest = Manifest::from_cbor(signed)?;
+        let release =
+            VerifiedRelease::verify(&self.config.trust_root, offer.envelope, offer.wall_unix_s)?;
+        self.offer_verified(now, &release, offer.sources, offer.reboot)
+    }
+
+    /// Offers a release verified already (under this engine's trust root): checks
+    /// device type, depends and the anti-rollback floor, then starts (or resumes,
+    /// or re-arms) the install. No signature check, no manifest decoding: the
+    /// `Arc` is shared with every other engine it was offered to.
+    pub fn offer_verified(
+        &mut self,
+        now: Instant,
+        rel: &Arc<VerifiedRelease>,
+        sources: Vec<SourceInfo>,
+        reboot: bool,
+    ) -> Result<(), OfferError> {
+        if rel.root != self.config.trust_root {
+            return Err(OfferError::OtherTrustRoot);
+        }
+        let manifest = &rel.manifest;
         if !manifest.device_types.contains(&self.config.device_type) {
             return Err(OfferError::DeviceType {
                 device_type: self.config.device_type.clone(),
@@ -33,7 +53,7 @@ impl Engine {
             let have = self.provided(key);
             if !have.as_ref().is_some_and(|h| wanted.contains(h)) {
                 return Err(OfferError::Depends {
-                    key: key.clone(),
+                    key: key.to_string(),
                     wanted: wanted.clone(),
                     have,
                 });
@@ -45,17 +65,8 @@ impl Engine {
                 floor: self.state.floor,
             });
         }
-        let rootfs: Vec<usize> = (0..manifest.payloads.len())
-            .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
-            .collect();
-        if rootfs.len() != 1 || manifest.payloads.len() != 1 {
-            return Err(OfferError::Payloads {
-                rootfs: rootfs.len(),
-                other: manifest.payloads.len() - rootfs.len(),
-            });
-        }
-        let payload = rootfs[0];
-        let release = Release::from_manifest(&manifest, payload);
+        let payload = rel.payload;
+        let release = rel.release.clone();
 
         let mut resume = false;
         if let Some(dep) = &self.state.deployment {
@@ -77,17 +88,20 @@ impl Engine {
                         resumed_bytes: release.payload_size,
                         ..Progress::default()
                     };
-                    self.arm(target, offer.reboot);
+                    self.arm(target, reboot);
                     return Ok(());
                 }
                 Phase::Fetching => {
-                    resume = stored_manifest(dep).is_some_and(|(old, p)| {
-                        dep.target == self.state.active.other()
-                            && same_chunks(
-                                &old.payloads[p].chunks,
-                                &manifest.payloads[payload].chunks,
-                            )
-                    });
+                    resume = dep.target == self.state.active.other()
+                        && (dep.release.manifest_hash == release.manifest_hash
+                            || stored_manifest(self.state.envelope.as_deref()).is_some_and(
+                                |(old, p)| {
+                                    same_chunks(
+                                        &old.payloads[p].chunks,
+                                        &manifest.payloads[payload].chunks,
+                                    )
+                                },
+                            ));
                 }
                 Phase::Verified | Phase::TrialArmed => {}
             }
@@ -105,14 +119,25 @@ impl Engine {
         // Accepted. Whatever happens next, the bootloader must not try the target.
         self.outputs.push_back(Output::DisarmTrial { slot: target });
         let dep = Deployment {
-            envelope: offer.envelope.clone(),
             release: release.clone(),
             target,
             phase: Phase::Fetching,
         };
+        // The envelope is persisted once per deployment (not with every phase).
+        let same_envelope = self
+            .state
+            .envelope
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, &rel.envelope) || **e == *rel.envelope);
         if resume {
             info!(release = %release, slot = %target, done = self.state.done.len(), "resuming install");
-            self.persist(vec![Record::Deployment(Some(dep.clone()))]);
+            if !same_envelope || self.state.deployment.as_ref() != Some(&dep) {
+                self.state.envelope = Some(Arc::clone(&rel.envelope));
+                self.persist(vec![
+                    Record::Envelope(Some(Arc::clone(&rel.envelope))),
+                    Record::Deployment(Some(dep.clone())),
+                ]);
+            }
         } else {
             // A slot that already holds this payload (a release rolled back, then
             // offered again) is not written again: it is only verified.
@@ -124,7 +149,9 @@ impl Engine {
             info!(release = %release, slot = %target, held, "starting install");
             self.state.done.clear();
             self.state.releases[slot_index(target)] = None;
+            self.state.envelope = Some(Arc::clone(&rel.envelope));
             let mut records = vec![
+                Record::Envelope(Some(Arc::clone(&rel.envelope))),
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
                 Record::SlotRelease {
@@ -147,7 +174,8 @@ impl Engine {
         self.state.deployment = Some(dep);
 
         let chunking = manifest.chunking;
-        let mut job = Job::new(manifest, payload, target, offer.reboot, &self.state.done);
+        self.release = Some(Arc::clone(rel));
+        let mut job = Job::new(Arc::clone(rel), target, reboot, &self.state.done);
         let resumed_bytes = job.journal_bytes;
         self.progress = Progress {
             total_bytes: release.payload_size,
@@ -165,7 +193,7 @@ impl Engine {
         // artifact without its base is refused untouched): then nothing is taken
         // while the active slot is indexed (`Engine::needed_ids`).
         let mut seen = std::collections::BTreeSet::new();
-        for info in offer.sources {
+        for info in sources {
             if !seen.insert(info.id) {
                 continue;
             }
@@ -209,7 +237,7 @@ impl Engine {
         if job.step != Step::Hashing || slot != job.target {
             return;
         }
-        let payload = &job.manifest.payloads[job.payload];
+        let payload = &job.rel.manifest.payloads[job.rel.payload];
         if hash != payload.hash {
             let err = InstallError::VerifyFailed {
                 slot,
@@ -225,15 +253,15 @@ impl Engine {
         let Some(mut dep) = self.state.deployment.clone() else {
             return;
         };
-        let chunks: Vec<IndexedChunk> = (0..job.table.entries())
+        let chunks: Vec<IndexedChunk> = (0..job.rel.table.entries())
             .map(|e| IndexedChunk {
-                id: job.table.id(e),
-                offset: job.table.first_offset(e),
-                len: job.table.size(e),
+                id: job.rel.table.id(e),
+                offset: job.rel.table.first_offset(e),
+                len: job.rel.table.size(e),
             })
             .collect();
         let index = SlotIndex {
-            chunking: job.manifest.chunking,
+            chunking: job.rel.manifest.chunking,
             chunks,
         };
         dep.phase = Phase::Verified;
@@ -420,7 +448,14 @@ impl Engine {
         self.state.floor = floor;
         if self.state.active != slot {
             self.switch_active(slot);
-            if let Some((m, p)) = stored_manifest(&dep) {
+            let deployed = self
+                .release
+                .as_ref()
+                .filter(|r| r.release.manifest_hash == dep.release.manifest_hash)
+                .map(|r| (r.manifest.clone(), r.payload));
+            if let Some((m, p)) =
+                deployed.or_else(|| stored_manifest(self.state.envelope.as_deref()))
+            {
                 let index = SlotIndex {
                     chunking: m.chunking,
                     chunks: m.payloads[p]
@@ -466,11 +501,13 @@ impl Engine {
         };
         records.extend([
             Record::Deployment(None),
+            Record::Envelope(None),
             Record::ClearProgress,
             Record::Last(outcome.clone()),
         ]);
         self.persist(records);
         self.state.deployment = None;
+        self.state.envelope = None;
         self.state.done.clear();
         self.state.last = Some(outcome);
         let (release, slot) = (dep.release, dep.target);
@@ -488,10 +525,10 @@ impl Engine {
     }
 }
 
-/// The manifest stored with a deployment (verified when it was offered) and its
-/// rootfs payload index.
-fn stored_manifest(dep: &Deployment) -> Option<(Manifest, usize)> {
-    let env = Envelope::from_bytes(&dep.envelope).ok()?;
+/// The manifest of the deployment's stored envelope (verified when it was offered)
+/// and its rootfs payload index.
+fn stored_manifest(envelope: Option<&[u8]>) -> Option<(Manifest, usize)> {
+    let env = Envelope::from_bytes(envelope?).ok()?;
     let manifest = Manifest::from_cbor(&env.signed).ok()?;
     let p = manifest
         .payloads
@@ -500,9 +537,10 @@ fn stored_manifest(dep: &Deployment) -> Option<(Manifest, usize)> {
     Some((manifest, p))
 }
 
-/// Bytes the journal `done` (positions) records for a deployment's payload.
-pub(super) fn journal_bytes(dep: &Deployment, done: &[u32]) -> u64 {
-    let Some((m, p)) = stored_manifest(dep) else {
+/// Bytes the journal `done` (positions) records for the deployment whose envelope
+/// is stored.
+pub(super) fn journal_bytes(envelope: Option<&[u8]>, done: &[u32]) -> u64 {
+    let Some((m, p)) = stored_manifest(envelope) else {
         return 0;
     };
     let sizes = &m.payloads[p].chunks;

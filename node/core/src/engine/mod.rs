@@ -20,10 +20,12 @@ use crate::timer::TimerTable;
 
 mod lan;
 mod lifecycle;
+mod release;
 mod scheduler;
 mod table;
 
 pub use lan::{NodeKey, Swarm};
+pub use release::VerifiedRelease;
 
 use scheduler::{Job, Need, Step};
 
@@ -506,6 +508,8 @@ pub struct Engine {
     /// Journal batches whose [`Output::Sync`] was asked for, oldest first: the
     /// slot, the positions, their bytes.
     syncing: VecDeque<(Slot, Vec<u32>, u64)>,
+    /// The release of the deployment offered to this engine (shared).
+    release: Option<std::sync::Arc<VerifiedRelease>>,
 }
 
 impl Engine {
@@ -523,6 +527,7 @@ impl Engine {
             progress: Progress::default(),
             timers: TimerTable::default(),
             syncing: VecDeque::new(),
+            release: None,
         };
         if let Some(index) = engine.state.active_index.take() {
             engine.set_index(&index);
@@ -559,7 +564,8 @@ impl Engine {
     pub fn wants(&self, id: &ChunkId) -> bool {
         self.job.as_ref().is_some_and(|j| {
             j.step == Step::Fetching
-                && j.table
+                && j.rel
+                    .table
                     .entry(id)
                     .is_some_and(|e| j.need[e as usize] != Need::Done)
         })
@@ -575,10 +581,10 @@ impl Engine {
         self.state
             .done
             .iter()
-            .filter(|&&p| p < job.table.positions())
+            .filter(|&&p| p < job.rel.table.positions())
             .map(|&p| {
-                let e = job.table.entry_at(p);
-                (job.table.offset_at(p), u64::from(job.table.size(e)))
+                let e = job.rel.table.entry_at(p);
+                (job.rel.table.offset_at(p), u64::from(job.rel.table.size(e)))
             })
             .collect()
     }
@@ -597,7 +603,7 @@ impl Engine {
         self.job
             .as_ref()
             .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
-            .map(|j| j.needed_entries().map(|e| j.table.id(e)).collect())
+            .map(|j| j.needed_entries().map(|e| j.rel.table.id(e)).collect())
             .unwrap_or_default()
     }
 
@@ -618,7 +624,9 @@ impl Engine {
         let deployment = self.state.deployment.as_ref().map(|d| {
             let journal_bytes = match (&d.phase, self.job.as_ref()) {
                 (Phase::Fetching, Some(job)) => job.journal_bytes,
-                (Phase::Fetching, None) => lifecycle::journal_bytes(d, &self.state.done),
+                (Phase::Fetching, None) => {
+                    lifecycle::journal_bytes(self.state.envelope.as_deref(), &self.state.done)
+                }
                 _ => d.release.payload_size,
             };
             DeploymentStatus {
@@ -774,6 +782,6 @@ impl Engine {
 
     /// Heap bytes of the release's chunk table.
     pub fn release_table_bytes(&self) -> usize {
-        self.job.as_ref().map_or(0, |j| j.table.heap_bytes())
+        self.job.as_ref().map_or(0, |j| j.rel.table.heap_bytes())
     }
 }

@@ -21,7 +21,9 @@
 
 use std::collections::VecDeque;
 
-use shoal_artifact::{ChunkId, Manifest, VerifiedChunk};
+use std::sync::Arc;
+
+use shoal_artifact::{ChunkId, VerifiedChunk};
 use tracing::{debug, info, warn};
 
 use crate::bits::Bitfield;
@@ -35,6 +37,7 @@ use crate::state::{Record, Slot, slot_index};
 use crate::time::Instant;
 use crate::timer::Timer;
 
+use super::release::VerifiedRelease;
 use super::table::ChunkTable;
 use super::{Engine, Event, Offsets, Output};
 
@@ -219,9 +222,8 @@ pub(crate) struct Request {
 /// The install in progress (memory only; rebuilt from the journal on restart).
 #[derive(Debug)]
 pub(crate) struct Job {
-    pub(crate) manifest: Manifest,
-    pub(crate) payload: usize,
-    pub(crate) table: ChunkTable,
+    /// The release, shared with every engine installing it.
+    pub(crate) rel: Arc<VerifiedRelease>,
     pub(crate) target: Slot,
     pub(crate) reboot: bool,
     pub(crate) step: Step,
@@ -273,13 +275,12 @@ impl Job {
     /// The plan for `manifest`'s payload `payload` into `target`, with the journal's
     /// `done` positions already written.
     pub(crate) fn new(
-        manifest: Manifest,
-        payload: usize,
+        rel: Arc<VerifiedRelease>,
         target: Slot,
         reboot: bool,
         done_positions: &[u32],
     ) -> Job {
-        let table = ChunkTable::new(&manifest.payloads[payload]);
+        let table = &rel.table;
         let n = table.entries();
         let mut done = Bitfield::new(table.positions());
         for &p in done_positions {
@@ -288,8 +289,7 @@ impl Job {
             }
         }
         let mut job = Job {
-            manifest,
-            payload,
+            rel: Arc::clone(&rel),
             target,
             reboot,
             step: Step::Indexing,
@@ -318,20 +318,19 @@ impl Job {
             writing_bytes: 0,
             pacer: None,
             budget_blocked: false,
-            table,
         };
         for e in 0..n {
-            let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
+            let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
             if !all_done {
                 job.need[e as usize] = Need::Idle;
                 job.needed += 1;
-                job.needed_bytes += u64::from(job.table.size(e));
+                job.needed_bytes += u64::from(job.rel.table.size(e));
             }
         }
         job.journal_bytes = job
             .done
             .iter()
-            .map(|p| u64::from(job.table.size(job.table.entry_at(p))))
+            .map(|p| u64::from(job.rel.table.size(job.rel.table.entry_at(p))))
             .sum();
         job
     }
@@ -393,7 +392,7 @@ impl Job {
 
     /// The entries still needed (for [`Engine::needed_ids`]).
     pub(crate) fn needed_entries(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.table.entries()).filter(|&e| self.need[e as usize] != Need::Done)
+        (0..self.rel.table.entries()).filter(|&e| self.need[e as usize] != Need::Done)
     }
 
     /// Heap bytes held by this job beyond the chunk table and manifest.
@@ -435,13 +434,13 @@ const PARKED_MAX: usize = 1024;
 impl Job {
     /// Registers a source (the caller checked its id is new).
     pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
-        let state = SourceState::new(info, &self.table, ms(rto_initial));
+        let state = SourceState::new(info, &self.rel.table, ms(rto_initial));
         self.sources.push(state);
     }
 
     /// Adds to what source `i` says it holds; returns the entries it did not hold.
     pub(crate) fn add_holds(&mut self, i: usize, holds: &Holds) -> Vec<u32> {
-        let Some(more) = holds_by_entry(holds, &self.table) else {
+        let Some(more) = holds_by_entry(holds, &self.rel.table) else {
             return Vec::new();
         };
         let s = &mut self.sources[i];
@@ -461,7 +460,7 @@ impl Job {
     /// Replaces what source `i` says it holds; what it said it lacks is forgotten.
     pub(crate) fn set_holds(&mut self, i: usize, holds: &Holds) {
         let s = &mut self.sources[i];
-        s.holds = holds_by_entry(holds, &self.table);
+        s.holds = holds_by_entry(holds, &self.rel.table);
         s.lacks = None;
         s.info.holds = Holds::Unknown;
     }
@@ -482,7 +481,7 @@ impl Engine {
         if let Some(job) = self.job.as_mut()
             && job.step == Step::Fetching
         {
-            for e in 0..job.table.entries() {
+            for e in 0..job.rel.table.entries() {
                 if job.need[e as usize] == Need::Idle {
                     job.need[e as usize] = Need::QueuedFetch;
                     job.fetches.push_back(e);
@@ -500,12 +499,12 @@ impl Engine {
         // they nor the slot's index have is looked for at its own offset in the
         // active slot now, before anything is written.
         if job.holds_all_known() {
-            for e in 0..job.table.entries() {
+            for e in 0..job.rel.table.entries() {
                 if job.need[e as usize] == Need::Done {
                     continue;
                 }
-                let id = job.table.id(e);
-                let size = job.table.size(e);
+                let id = job.rel.table.id(e);
+                let size = job.rel.table.size(e);
                 let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
                 if !indexed && !job.someone_holds(e) {
                     job.probes.push_back(e);
@@ -535,15 +534,15 @@ impl Engine {
         // to be held by another source, nor possibly in an open stream (an upper
         // bound: a read at a chunk's own offset may still find it).
         let mut wan_needed = 0u64;
-        for e in 0..job.table.entries() {
+        for e in 0..job.rel.table.entries() {
             if job.need[e as usize] != Need::Idle {
                 continue;
             }
-            let id = job.table.id(e);
-            let size = job.table.size(e);
+            let id = job.rel.table.id(e);
+            let size = job.rel.table.size(e);
             let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
             if !indexed && !job.held_off_wan(e) && !job.stream_may_bring(e) {
-                wan_needed += u64::from(job.table.wire_size(e));
+                wan_needed += u64::from(job.rel.table.wire_size(e));
             }
             match self.index.get(&id) {
                 Some(&(_, len)) if len == size => {
@@ -580,7 +579,7 @@ impl Engine {
         {
             // Refused before anything is read, written or fetched.
             job.reads.clear();
-            for e in 0..job.table.entries() {
+            for e in 0..job.rel.table.entries() {
                 if job.need[e as usize] == Need::QueuedRead {
                     job.need[e as usize] = Need::Idle;
                 }
@@ -592,8 +591,8 @@ impl Engine {
             return;
         }
         if let Some(rate) = self.config.wan_rate_bytes_per_s {
-            let largest = (0..job.table.entries())
-                .map(|e| u64::from(job.table.wire_size(e)))
+            let largest = (0..job.rel.table.entries())
+                .map(|e| u64::from(job.rel.table.wire_size(e)))
                 .max()
                 .unwrap_or(0);
             job.pacer = Some(Pacer::new(rate, (rate / 10).max(largest), now));
@@ -652,7 +651,7 @@ impl Engine {
         let count = job.needed as usize;
         let bytes = job
             .needed_entries()
-            .map(|e| u64::from(job.table.size(e)))
+            .map(|e| u64::from(job.rel.table.size(e)))
             .sum();
         let failed = job
             .sources
@@ -663,7 +662,7 @@ impl Engine {
             let left: u64 = job
                 .needed_entries()
                 .filter(|&e| !matches!(job.need[e as usize], Need::Fetching { .. }))
-                .map(|e| u64::from(job.table.wire_size(e)))
+                .map(|e| u64::from(job.rel.table.wire_size(e)))
                 .sum();
             InstallError::OverBudget {
                 needed: job.wan_asked + left,
@@ -677,7 +676,7 @@ impl Engine {
             InstallError::MissingChunks {
                 count,
                 bytes,
-                base: job.manifest.base.clone(),
+                base: job.rel.manifest.base.clone(),
                 active: active_release,
             }
         };
@@ -696,12 +695,12 @@ impl Engine {
             if job.need[e as usize] != Need::QueuedRead {
                 continue;
             }
-            let id = job.table.id(e);
-            let size = job.table.size(e);
+            let id = job.rel.table.id(e);
+            let size = job.rel.table.size(e);
             let (offset, len, guess) = match self.index.get(&id) {
                 Some(&(offset, len)) if len == size => (offset, len, false),
                 _ => {
-                    let offset = job.table.first_offset(e);
+                    let offset = job.rel.table.first_offset(e);
                     if job.guessed.get(e) || offset + u64::from(size) > capacity {
                         job.need[e as usize] = Need::QueuedFetch;
                         job.fetches.push_back(e);
@@ -730,9 +729,9 @@ impl Engine {
         if job.stream_may_bring(e) {
             return Choice::Stream;
         }
-        let size = job.table.size(e);
+        let size = job.rel.table.size(e);
         let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
-        let wire = u64::from(job.table.wire_size(e));
+        let wire = u64::from(job.rel.table.wire_size(e));
         let budget = self
             .config
             .wan_budget_bytes
@@ -948,9 +947,9 @@ impl Engine {
                 slot
             }
         };
-        let size = job.table.size(e);
+        let size = job.rel.table.size(e);
         if super::lan::is_wan(job.sources[i].info.class) {
-            let wire = u64::from(job.table.wire_size(e));
+            let wire = u64::from(job.rel.table.wire_size(e));
             job.wan_asked += wire;
             if let Some(p) = job.pacer.as_mut() {
                 let taken = p.try_take(wire, now);
@@ -992,7 +991,7 @@ impl Engine {
             return;
         };
         let source = job.sources[r.source].info.id;
-        let ids = r.entries.iter().map(|&e| job.table.id(e)).collect();
+        let ids = r.entries.iter().map(|&e| job.rel.table.id(e)).collect();
         let request = job.request_id(slot);
         self.outputs.push_back(Output::Fetch {
             source,
@@ -1050,10 +1049,10 @@ impl Engine {
                     && t.may_hold(e)
                     && (taken.len() as u32) < limits.request_chunks_max
                     && (taken.is_empty()
-                        || bytes + u64::from(job.table.size(e))
+                        || bytes + u64::from(job.rel.table.size(e))
                             <= u64::from(limits.request_bytes_max))
                 {
-                    bytes += u64::from(job.table.size(e));
+                    bytes += u64::from(job.rel.table.size(e));
                     taken.push(e);
                 }
             }
@@ -1187,8 +1186,8 @@ impl Engine {
             let Some(e) = job.probes.pop_front() else {
                 break;
             };
-            let offset = job.table.first_offset(e);
-            let size = job.table.size(e);
+            let offset = job.rel.table.first_offset(e);
+            let size = job.rel.table.size(e);
             if offset + u64::from(size) > capacity {
                 job.absent.push(e);
                 continue;
@@ -1196,7 +1195,7 @@ impl Engine {
             job.probes_in_flight += 1;
             self.outputs.push_back(Output::Read {
                 slot: active,
-                id: job.table.id(e),
+                id: job.rel.table.id(e),
                 offset,
                 len: size,
             });
@@ -1212,9 +1211,9 @@ impl Engine {
         let bytes = job
             .absent
             .iter()
-            .map(|&e| u64::from(job.table.size(e)))
+            .map(|&e| u64::from(job.rel.table.size(e)))
             .sum();
-        let base = job.manifest.base.clone();
+        let base = job.rel.manifest.base.clone();
         let active = self.state.releases[slot_index(active)]
             .as_ref()
             .map(ToString::to_string);
@@ -1231,7 +1230,7 @@ impl Engine {
     fn on_probe(&mut self, now: Instant, origin: Origin, id: ChunkId, found: Option<u32>) {
         let Some(job) = self.job.as_mut() else { return };
         let Origin::Slot(slot) = origin else { return };
-        let Some(e) = job.table.entry(&id) else {
+        let Some(e) = job.rel.table.entry(&id) else {
             return;
         };
         if job.need[e as usize] == Need::Done
@@ -1241,9 +1240,9 @@ impl Engine {
             return;
         }
         job.probes_in_flight -= 1;
-        let size = job.table.size(e);
+        let size = job.rel.table.size(e);
         if found == Some(size) {
-            self.index.insert(id, (job.table.first_offset(e), size));
+            self.index.insert(id, (job.rel.table.first_offset(e), size));
         } else {
             job.absent.push(e);
         }
@@ -1290,7 +1289,7 @@ impl Engine {
     fn verify(&mut self) {
         let Some(job) = self.job.as_mut() else { return };
         job.step = Step::Hashing;
-        let (target, len) = (job.target, job.manifest.payloads[job.payload].size);
+        let (target, len) = (job.target, job.rel.release.payload_size);
         info!(slot = %target, len, "all chunks written; verifying the slot");
         self.timers.clear();
         self.event(Event::Verifying { slot: target });
@@ -1324,7 +1323,7 @@ impl Engine {
         if job.step != Step::Fetching && !met_while_indexing {
             return None;
         }
-        let e = job.table.entry(id)?; // Not in the release.
+        let e = job.rel.table.entry(id)?; // Not in the release.
         let source = match origin {
             Origin::Source(s) => match job.source_index(s) {
                 Some(i)
@@ -1404,7 +1403,7 @@ impl Engine {
         if state == Need::Done {
             return; // Not needed any more.
         }
-        let size = job.table.size(e);
+        let size = job.rel.table.size(e);
         if chunk.len() != size {
             // Same id, another length: the manifest and the proof disagree, which
             // only a broken driver produces. Treated like bytes that do not verify.
@@ -1428,10 +1427,10 @@ impl Engine {
         job.needed_bytes -= u64::from(size);
         let mut offsets: Option<Offsets> = None;
         let mut bytes = 0u64;
-        for p in job.table.positions_of(e) {
+        for p in job.rel.table.positions_of(e) {
             if !job.done.get(p) {
                 job.done.set(p);
-                let offset = job.table.offset_at(p);
+                let offset = job.rel.table.offset_at(p);
                 match offsets.as_mut() {
                     None => offsets = Some(Offsets::one(offset)),
                     Some(o) => o.push(offset),
@@ -1448,7 +1447,7 @@ impl Engine {
         match source {
             None => self.progress.reused_bytes += bytes,
             Some(i) => {
-                let wire = u64::from(job.table.wire_size(e));
+                let wire = u64::from(job.rel.table.wire_size(e));
                 let s = &mut job.sources[i];
                 s.chunks += 1;
                 s.bytes += u64::from(size);
@@ -1490,7 +1489,7 @@ impl Engine {
     ) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
-        let id = job.table.id(e);
+        let id = job.rel.table.id(e);
         match (origin, source) {
             (Origin::Slot(_), _) if guess => {
                 if job.need[e as usize] == Need::Idle {
@@ -1524,10 +1523,10 @@ impl Engine {
     /// A request source does not hold a chunk.
     pub(crate) fn on_unavailable(&mut self, now: Instant, source: SourceId, id: ChunkId) {
         let Some(job) = self.job.as_mut() else { return };
-        let (Some(i), Some(e)) = (job.source_index(source), job.table.entry(&id)) else {
+        let (Some(i), Some(e)) = (job.source_index(source), job.rel.table.entry(&id)) else {
             return;
         };
-        let entries = job.table.entries();
+        let entries = job.rel.table.entries();
         let s = &mut job.sources[i];
         s.lack(e, entries);
         s.last_heard = Some(now);
@@ -1568,7 +1567,7 @@ impl Engine {
             .unwrap_or_default();
         debug!(%source, %request, ?failure, "request failed");
         if failure == FetchFailure::NotThere {
-            let n = job.table.entries();
+            let n = job.rel.table.entries();
             for &e in &entries {
                 job.sources[i].lack(e, n);
             }
@@ -1616,7 +1615,7 @@ impl Engine {
         let pacing = self.job.as_ref().and_then(|job| {
             let p = job.pacer.as_ref()?;
             let &e = job.fetches.front()?;
-            let wire = u64::from(job.table.wire_size(e));
+            let wire = u64::from(job.rel.table.wire_size(e));
             (!p.has(wire, now)).then(|| p.ready_at(wire))
         });
         self.timers.set(Timer::Pacing, pacing);
@@ -1645,7 +1644,7 @@ impl Engine {
     #[cfg(any(test, feature = "testing"))]
     pub fn check_invariants(&self) {
         let Some(job) = self.job.as_ref() else { return };
-        let n = job.table.entries();
+        let n = job.rel.table.entries();
         let needed = job.need.iter().filter(|s| **s != Need::Done).count() as u32;
         assert_eq!(job.needed, needed, "needed count");
         let lan = job.need.iter().filter(|s| **s == Need::Lan).count() as u32;
@@ -1724,7 +1723,7 @@ impl Engine {
                     "a fetching entry's request is live"
                 );
             }
-            let all_done = job.table.positions_of(e).all(|p| job.done.get(p));
+            let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
             assert_eq!(*state == Need::Done, all_done, "entry {e} done bits");
             if let Need::QueuedFetch = state {
                 assert!(
@@ -1736,7 +1735,7 @@ impl Engine {
         assert_eq!(
             job.needed_bytes,
             job.needed_entries()
-                .map(|e| u64::from(job.table.size(e)))
+                .map(|e| u64::from(job.rel.table.size(e)))
                 .sum::<u64>()
         );
     }

@@ -1,0 +1,85 @@
+//! A verified release, shared: the signed manifest checked against a trust root
+//! once, decoded once, with its chunk table, behind an [`Arc`] that every engine
+//! installing it holds (a fleet of simulated devices, or one device that is offered
+//! the same release again, never verifies or decodes it twice).
+
+use std::sync::Arc;
+
+use shoal_artifact::{Manifest, PayloadKind};
+use shoal_signing::{Envelope, RoleName, TrustRoot};
+
+use super::table::ChunkTable;
+use crate::error::OfferError;
+use crate::state::Release;
+
+/// A release whose signed manifest verified against a trust root, decoded, with
+/// its chunk table. Make one with [`VerifiedRelease::verify`] and hand the `Arc`
+/// to [`Engine::offer_verified`](crate::Engine::offer_verified) as often as needed.
+#[derive(Debug)]
+pub struct VerifiedRelease {
+    /// The trust root it verified against (an engine under another root refuses it).
+    pub(crate) root: TrustRoot,
+    /// The signed envelope, as offered (persisted once per deployment).
+    pub(crate) envelope: Arc<[u8]>,
+    pub(crate) manifest: Manifest,
+    /// Index of the root filesystem payload in the manifest.
+    pub(crate) payload: usize,
+    pub(crate) release: Release,
+    pub(crate) table: ChunkTable,
+}
+
+impl VerifiedRelease {
+    /// Verifies `envelope` against `root` (signature threshold of the `release`
+    /// role; the root's expiry against `wall_unix_s`, when the device has a
+    /// trustworthy clock), decodes and validates its manifest, and checks it has
+    /// exactly one payload, a root filesystem image.
+    pub fn verify(
+        root: &TrustRoot,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        let parsed = Envelope::from_bytes(&envelope)?;
+        let signed = root.verify(RoleName::Release, &parsed, wall_unix_s)?;
+        let manifest = Manifest::from_cbor(signed)?;
+        let rootfs: Vec<usize> = (0..manifest.payloads.len())
+            .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
+            .collect();
+        if rootfs.len() != 1 || manifest.payloads.len() != 1 {
+            return Err(OfferError::Payloads {
+                rootfs: rootfs.len(),
+                other: manifest.payloads.len() - rootfs.len(),
+            });
+        }
+        let payload = rootfs[0];
+        let release = Release::from_manifest(&manifest, payload);
+        let table = ChunkTable::new(&manifest.payloads[payload]);
+        Ok(Arc::new(VerifiedRelease {
+            root: root.clone(),
+            envelope: envelope.into(),
+            manifest,
+            payload,
+            release,
+            table,
+        }))
+    }
+
+    /// The release, as the device records it.
+    pub fn release(&self) -> &Release {
+        &self.release
+    }
+
+    /// The verified manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The signed envelope it was verified from.
+    pub fn envelope(&self) -> &[u8] {
+        &self.envelope
+    }
+
+    /// Heap bytes of its chunk table (what a fleet shares).
+    pub fn table_heap_bytes(&self) -> usize {
+        self.table.heap_bytes()
+    }
+}
