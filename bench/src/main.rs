@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+mod alloc_count;
+mod engine_bench;
 mod measure;
 mod report;
 mod sections;
@@ -23,6 +25,9 @@ mod shoal;
 mod strace;
 
 use measure::{Cmd, Meter};
+
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 use report::Report;
 
 /// Benchmark Shoal against mender-artifact, casync and zchunk on real rootfs images.

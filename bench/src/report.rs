@@ -20,6 +20,12 @@ pub enum Quantity {
     Mebibytes(f64),
     /// A count per needed chunk (e.g. WAN fetches per chunk).
     PerChunk(f64),
+    /// A memory size in KiB.
+    Kibibytes(f64),
+    /// A duration in microseconds.
+    Microseconds(f64),
+    /// A duration in nanoseconds.
+    Nanoseconds(f64),
 }
 
 impl Quantity {
@@ -29,7 +35,10 @@ impl Quantity {
             Quantity::Seconds(v)
             | Quantity::MegabytesPerSecond(v)
             | Quantity::Mebibytes(v)
-            | Quantity::PerChunk(v) => v,
+            | Quantity::PerChunk(v)
+            | Quantity::Kibibytes(v)
+            | Quantity::Microseconds(v)
+            | Quantity::Nanoseconds(v) => v,
         }
     }
 }
@@ -42,6 +51,9 @@ impl fmt::Display for Quantity {
             Quantity::MegabytesPerSecond(v) => write!(f, "{v:.0} MB/s"),
             Quantity::Mebibytes(v) => write!(f, "{v:.1} MiB"),
             Quantity::PerChunk(v) => write!(f, "{v:.3} per chunk"),
+            Quantity::Kibibytes(v) => write!(f, "{v:.1} KiB"),
+            Quantity::Microseconds(v) => write!(f, "{v:.1} µs"),
+            Quantity::Nanoseconds(v) => write!(f, "{v:.0} ns"),
         }
     }
 }

@@ -916,6 +916,8 @@ pub fn engine() -> Result<Section> {
     progress("engine: 10 engines on one LAN, 2,000 chunks, without and with owners dying");
     let (lan, lan_ms) = shoal_engine::testing::lan_experiment(10, 2_000, false);
     let (lan_dying, lan_dying_ms) = shoal_engine::testing::lan_experiment(10, 2_000, true);
+    let (state_goals, state_facts) =
+        crate::engine_bench::rows(std::path::Path::new("/tmp/shoal-images/v2.img"))?;
     let mut goals = vec![Goal::relative(
         "install with one of two request sources dead (virtual time, 30,000 chunks)",
         Ok(dead),
@@ -942,6 +944,7 @@ pub fn engine() -> Result<Section> {
         once,
         Target::RatioAtMost(1.1),
     ));
+    goals.extend(state_goals);
     Ok(Section {
         title: "Issue 10: engine".to_string(),
         goals,
@@ -961,7 +964,10 @@ pub fn engine() -> Result<Section> {
                     "{lan:.3} in {lan_ms} ms; with owners dying {lan_dying:.3} in {lan_dying_ms} ms (virtual time)"
                 ),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(state_facts)
+        .collect(),
     })
 }
 
