@@ -156,9 +156,8 @@ impl Engine {
             }
             // Chunks waiting for the LAN that this source now has: ask it.
             for e in new {
-                if job.need[e as usize] == Need::Lan {
-                    job.need[e as usize] = Need::QueuedFetch;
-                    job.fetches.push_back(e);
+                if job.need.get(e) == Need::Lan {
+                    job.need.set(e, Need::QueuedFetch);
                     if let Some(lan) = job.lan.as_mut() {
                         lan.waiting -= 1;
                     }
@@ -178,9 +177,8 @@ impl Engine {
         }
         let mut n = 0;
         for e in 0..job.rel.table.entries() {
-            if job.need[e as usize] == Need::Lan {
-                job.need[e as usize] = Need::QueuedFetch;
-                job.fetches.push_back(e);
+            if job.need.get(e) == Need::Lan {
+                job.need.set(e, Need::QueuedFetch);
                 n += 1;
             }
         }

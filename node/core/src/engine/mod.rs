@@ -20,6 +20,7 @@ use crate::timer::TimerTable;
 
 mod lan;
 mod lifecycle;
+mod need;
 mod release;
 mod scheduler;
 mod table;
@@ -567,7 +568,7 @@ impl Engine {
                 && j.rel
                     .table
                     .entry(id)
-                    .is_some_and(|e| j.need[e as usize] != Need::Done)
+                    .is_some_and(|e| j.need.get(e) != Need::Done)
         })
     }
 

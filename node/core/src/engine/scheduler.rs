@@ -37,29 +37,11 @@ use crate::state::{Record, Slot, slot_index};
 use crate::time::Instant;
 use crate::timer::Timer;
 
+pub(crate) use super::need::Need;
+use super::need::NeedTable;
 use super::release::VerifiedRelease;
 use super::table::ChunkTable;
 use super::{Engine, Event, Offsets, Output};
-
-/// Where one entry (distinct chunk) of the plan is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Need {
-    /// Written (all its positions), or never needed.
-    Done,
-    /// Needed, in no queue: left to an open stream, or no source can serve it now.
-    Idle,
-    /// In the queue of reads of the active slot.
-    QueuedRead,
-    /// Being read from the active slot; `guess`: at its own payload offset, not
-    /// from the slot's index.
-    Reading { guess: bool },
-    /// In the queue of fetches.
-    QueuedFetch,
-    /// Asked of a source, in the request in this slab slot.
-    Fetching { req: u32 },
-    /// Waiting for a LAN peer: another swarm member owns it and no peer has it yet.
-    Lan,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -228,8 +210,8 @@ pub(crate) struct Job {
     pub(crate) reboot: bool,
     pub(crate) step: Step,
     pub(crate) sources: Vec<SourceState>,
-    /// By entry.
-    pub(crate) need: Vec<Need>,
+    /// By entry: where it is (and the read and fetch queues).
+    pub(crate) need: NeedTable,
     /// By entry: already read from the active slot at its own payload offset.
     guessed: Bitfield,
     /// By position: written (this run or, per the journal, before).
@@ -238,9 +220,7 @@ pub(crate) struct Job {
     pub(crate) needed: u32,
     /// Uncompressed bytes of the needed entries (each once).
     needed_bytes: u64,
-    reads: VecDeque<u32>,
     pub(crate) reads_in_flight: u32,
-    pub(crate) fetches: VecDeque<u32>,
     pub(crate) requests: Vec<Option<Request>>,
     free: Vec<u32>,
     generation: u32,
@@ -294,14 +274,12 @@ impl Job {
             reboot,
             step: Step::Indexing,
             sources: Vec::new(),
-            need: vec![Need::Done; n as usize],
+            need: NeedTable::new(n),
             guessed: Bitfield::new(n),
             done,
             needed: 0,
             needed_bytes: 0,
-            reads: VecDeque::new(),
             reads_in_flight: 0,
-            fetches: VecDeque::new(),
             requests: Vec::new(),
             free: Vec::new(),
             generation: 0,
@@ -322,7 +300,7 @@ impl Job {
         for e in 0..n {
             let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
             if !all_done {
-                job.need[e as usize] = Need::Idle;
+                job.need.set(e, Need::Idle);
                 job.needed += 1;
                 job.needed_bytes += u64::from(job.rel.table.size(e));
             }
@@ -392,15 +370,23 @@ impl Job {
 
     /// The entries still needed (for [`Engine::needed_ids`]).
     pub(crate) fn needed_entries(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.rel.table.entries()).filter(|&e| self.need[e as usize] != Need::Done)
+        (0..self.rel.table.entries()).filter(|&e| self.need.get(e) != Need::Done)
     }
 
     /// Heap bytes held by this job beyond the chunk table and manifest.
     pub(crate) fn state_heap_bytes(&self) -> usize {
-        self.need.capacity() * std::mem::size_of::<Need>()
+        self.need.heap_bytes()
             + self.guessed.heap_bytes()
             + self.done.heap_bytes()
-            + (self.reads.capacity() + self.fetches.capacity() + self.probes.capacity()) * 4
+            + self.probes.capacity() * 4
+            + self.batch.capacity() * 4
+            + self.requests.capacity() * std::mem::size_of::<Option<Request>>()
+            + self
+                .requests
+                .iter()
+                .flatten()
+                .map(|r| r.entries.capacity() * 4)
+                .sum::<usize>()
             + self
                 .sources
                 .iter()
@@ -482,9 +468,8 @@ impl Engine {
             && job.step == Step::Fetching
         {
             for e in 0..job.rel.table.entries() {
-                if job.need[e as usize] == Need::Idle {
-                    job.need[e as usize] = Need::QueuedFetch;
-                    job.fetches.push_back(e);
+                if job.need.get(e) == Need::Idle {
+                    job.need.set(e, Need::QueuedFetch);
                 }
             }
         }
@@ -500,7 +485,7 @@ impl Engine {
         // active slot now, before anything is written.
         if job.holds_all_known() {
             for e in 0..job.rel.table.entries() {
-                if job.need[e as usize] == Need::Done {
+                if job.need.get(e) == Need::Done {
                     continue;
                 }
                 let id = job.rel.table.id(e);
@@ -535,7 +520,7 @@ impl Engine {
         // bound: a read at a chunk's own offset may still find it).
         let mut wan_needed = 0u64;
         for e in 0..job.rel.table.entries() {
-            if job.need[e as usize] != Need::Idle {
+            if job.need.get(e) != Need::Idle {
                 continue;
             }
             let id = job.rel.table.id(e);
@@ -546,8 +531,7 @@ impl Engine {
             }
             match self.index.get(&id) {
                 Some(&(_, len)) if len == size => {
-                    job.need[e as usize] = Need::QueuedRead;
-                    job.reads.push_back(e);
+                    job.need.set(e, Need::QueuedRead);
                     from_slot += u64::from(size);
                 }
                 // Not indexed, but a stream that said it holds the chunk brings it:
@@ -557,14 +541,13 @@ impl Engine {
                 // image cut with the slot's trailing bytes) may still hold it at the
                 // same offset; one verified read decides before any source is asked.
                 _ => {
-                    job.need[e as usize] = Need::QueuedRead;
-                    job.reads.push_back(e);
+                    job.need.set(e, Need::QueuedRead);
                 }
             }
         }
         debug!(
             needed = job.needed,
-            from_active_slot = job.reads.len(),
+            from_active_slot = job.need.queued_reads(),
             from_slot_bytes = from_slot,
             wan_needed,
             "plan"
@@ -578,10 +561,9 @@ impl Engine {
             && wan_needed > allowed
         {
             // Refused before anything is read, written or fetched.
-            job.reads.clear();
             for e in 0..job.rel.table.entries() {
-                if job.need[e as usize] == Need::QueuedRead {
-                    job.need[e as usize] = Need::Idle;
+                if job.need.get(e) == Need::QueuedRead {
+                    job.need.set(e, Need::Idle);
                 }
             }
             self.fail(InstallError::OverBudget {
@@ -630,9 +612,9 @@ impl Engine {
             }
             return;
         }
-        let busy = !job.reads.is_empty()
+        let busy = job.need.queued_reads() > 0
             || job.reads_in_flight > 0
-            || !job.fetches.is_empty()
+            || job.need.queued_fetches() > 0
             || job.requests.iter().any(Option::is_some)
             || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
             || job.sources.iter().any(SourceState::is_open_stream);
@@ -661,7 +643,7 @@ impl Engine {
         {
             let left: u64 = job
                 .needed_entries()
-                .filter(|&e| !matches!(job.need[e as usize], Need::Fetching { .. }))
+                .filter(|&e| !matches!(job.need.get(e), Need::Fetching { .. }))
                 .map(|e| u64::from(job.rel.table.wire_size(e)))
                 .sum();
             InstallError::OverBudget {
@@ -689,10 +671,10 @@ impl Engine {
         let capacity = self.state.slot_capacity[slot_index(active)];
         let Some(job) = self.job.as_mut() else { return };
         while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
-            let Some(e) = job.reads.pop_front() else {
+            let Some(e) = job.need.next_read() else {
                 break;
             };
-            if job.need[e as usize] != Need::QueuedRead {
+            if job.need.get(e) != Need::QueuedRead {
                 continue;
             }
             let id = job.rel.table.id(e);
@@ -702,15 +684,14 @@ impl Engine {
                 _ => {
                     let offset = job.rel.table.first_offset(e);
                     if job.guessed.get(e) || offset + u64::from(size) > capacity {
-                        job.need[e as usize] = Need::QueuedFetch;
-                        job.fetches.push_back(e);
+                        job.need.set(e, Need::QueuedFetch);
                         continue;
                     }
                     job.guessed.set(e);
                     (offset, size, true)
                 }
             };
-            job.need[e as usize] = Need::Reading { guess };
+            job.need.set(e, Need::Reading { guess });
             job.reads_in_flight += 1;
             self.outputs.push_back(Output::Read {
                 slot: active,
@@ -826,7 +807,7 @@ impl Engine {
         // find trickle into the queue one by one: wait for a full request's worth
         // rather than send one-chunk requests.
         if let Some(job) = self.job.as_ref()
-            && (!job.reads.is_empty() || job.reads_in_flight > 0)
+            && (job.need.queued_reads() > 0 || job.reads_in_flight > 0)
         {
             let batch = job
                 .sources
@@ -835,44 +816,48 @@ impl Engine {
                 .map(|s| s.info.limits.request_chunks_max)
                 .max()
                 .unwrap_or(0);
-            if (job.fetches.len() as u32) < batch {
+            if job.need.queued_fetches() < batch {
                 return;
             }
         }
-        let mut parked: Vec<u32> = Vec::new();
+        // Entries skipped because their sources are busy stay queued; the queue's
+        // cursor goes back to the first of them afterwards.
+        let mut parked = 0usize;
+        let mut first_parked: Option<u32> = None;
         loop {
             if !self.has_capacity(now) {
                 break;
             }
             let Some(job) = self.job.as_mut() else { return };
-            let Some(e) = job.fetches.pop_front() else {
+            let Some(e) = job.need.next_fetch() else {
                 break;
             };
-            if job.need[e as usize] != Need::QueuedFetch {
+            if job.need.get(e) != Need::QueuedFetch {
                 continue;
             }
             match self.choose(e, now) {
                 Choice::Source(i) => self.assign(i, e, now),
                 Choice::Wait => {
-                    parked.push(e);
-                    if parked.len() >= PARKED_MAX {
+                    parked += 1;
+                    first_parked.get_or_insert(e);
+                    if parked >= PARKED_MAX {
                         break;
                     }
                 }
                 Choice::Stream | Choice::Nobody => {
                     if let Some(job) = self.job.as_mut() {
-                        job.need[e as usize] = Need::Idle;
+                        job.need.set(e, Need::Idle);
                     }
                 }
                 Choice::OverBudget => {
                     if let Some(job) = self.job.as_mut() {
-                        job.need[e as usize] = Need::Idle;
+                        job.need.set(e, Need::Idle);
                         job.budget_blocked = true;
                     }
                 }
                 Choice::Lan => {
                     if let Some(job) = self.job.as_mut() {
-                        job.need[e as usize] = Need::Lan;
+                        job.need.set(e, Need::Lan);
                         if let Some(lan) = job.lan.as_mut() {
                             lan.waiting += 1;
                         }
@@ -881,8 +866,8 @@ impl Engine {
             }
         }
         let Some(job) = self.job.as_mut() else { return };
-        for e in parked.into_iter().rev() {
-            job.fetches.push_front(e);
+        if let Some(e) = first_parked {
+            job.need.rewind_fetches(e);
         }
         // Chunks waiting with no source that has room: mark those nobody can serve
         // idle, so an install whose sources are all gone ends.
@@ -900,20 +885,17 @@ impl Engine {
         if alive {
             return;
         }
-        let queued: Vec<u32> = job.fetches.iter().copied().collect();
+        let queued: Vec<u32> = (0..job.need.len())
+            .filter(|&e| job.need.get(e) == Need::QueuedFetch)
+            .collect();
         for e in queued {
             if let Choice::Nobody | Choice::Stream | Choice::Lan | Choice::OverBudget =
                 self.choose(e, now)
                 && let Some(job) = self.job.as_mut()
-                && job.need[e as usize] == Need::QueuedFetch
+                && job.need.get(e) == Need::QueuedFetch
             {
-                job.need[e as usize] = Need::Idle;
+                job.need.set(e, Need::Idle);
             }
-        }
-        if let Some(job) = self.job.as_mut() {
-            let need = &job.need;
-            job.fetches
-                .retain(|&e| need[e as usize] == Need::QueuedFetch);
         }
     }
 
@@ -965,7 +947,7 @@ impl Engine {
         r.bytes += u64::from(size);
         let full = r.entries.len() as u32 >= limits.request_chunks_max
             || r.bytes >= u64::from(limits.request_bytes_max);
-        job.need[e as usize] = Need::Fetching { req: slot };
+        job.need.set(e, Need::Fetching { req: slot });
         if full {
             job.sources[i].open = None;
             self.emit_fetch(slot);
@@ -1004,7 +986,7 @@ impl Engine {
     /// request that has waited elsewhere longer than its own timeout.
     fn end_game(&mut self, now: Instant) {
         let Some(job) = self.job.as_ref() else { return };
-        if !job.fetches.is_empty() || job.step != Step::Fetching {
+        if job.need.queued_fetches() > 0 || job.step != Step::Fetching {
             return;
         }
         let takers: Vec<usize> = (0..job.sources.len())
@@ -1045,7 +1027,7 @@ impl Engine {
             let mut taken = Vec::new();
             let mut bytes = 0u64;
             for &e in &r.entries {
-                if job.need[e as usize] == (Need::Fetching { req: victim })
+                if job.need.get(e) == (Need::Fetching { req: victim })
                     && t.may_hold(e)
                     && (taken.len() as u32) < limits.request_chunks_max
                     && (taken.is_empty()
@@ -1068,7 +1050,7 @@ impl Engine {
             for &e in &taken {
                 self.release_claim(e, None);
                 if let Some(job) = self.job.as_mut() {
-                    job.need[e as usize] = Need::QueuedFetch;
+                    job.need.set(e, Need::QueuedFetch);
                 }
                 self.assign(taker, e, now);
             }
@@ -1081,10 +1063,10 @@ impl Engine {
     /// last answer came from the request's own source (`answered_by`).
     fn release_claim(&mut self, e: u32, answered_by: Option<usize>) {
         let Some(job) = self.job.as_mut() else { return };
-        let Need::Fetching { req } = job.need[e as usize] else {
+        let Need::Fetching { req } = job.need.get(e) else {
             return;
         };
-        job.need[e as usize] = Need::Idle;
+        job.need.set(e, Need::Idle);
         let Some(r) = job.requests[req as usize].as_mut() else {
             return;
         };
@@ -1110,9 +1092,8 @@ impl Engine {
         }
         // Entries it still owns go back to the front of the queue.
         for &e in r.entries.iter().rev() {
-            if job.need[e as usize] == (Need::Fetching { req: slot }) {
-                job.need[e as usize] = Need::QueuedFetch;
-                job.fetches.push_front(e);
+            if job.need.get(e) == (Need::Fetching { req: slot }) {
+                job.need.set(e, Need::QueuedFetch);
             }
         }
         if cancel {
@@ -1233,10 +1214,7 @@ impl Engine {
         let Some(e) = job.rel.table.entry(&id) else {
             return;
         };
-        if job.need[e as usize] == Need::Done
-            || slot != self.state.active
-            || job.probes_in_flight == 0
-        {
+        if job.need.get(e) == Need::Done || slot != self.state.active || job.probes_in_flight == 0 {
             return;
         }
         job.probes_in_flight -= 1;
@@ -1343,7 +1321,7 @@ impl Engine {
             }
             // An answer: the source is alive.
             if job.sources[i].info.kind == SourceKind::Requests {
-                let sample = match job.need[e as usize] {
+                let sample = match job.need.get(e) {
                     Need::Fetching { req } => job.requests[req as usize]
                         .as_ref()
                         .filter(|r| r.source == i)
@@ -1376,12 +1354,12 @@ impl Engine {
         };
         let Some(job) = self.job.as_mut() else { return };
         let mut guess = false;
-        if let (Need::Reading { guess: g }, Origin::Slot(_)) = (job.need[e as usize], origin) {
+        if let (Need::Reading { guess: g }, Origin::Slot(_)) = (job.need.get(e), origin) {
             job.reads_in_flight -= 1;
-            job.need[e as usize] = Need::Idle;
+            job.need.set(e, Need::Idle);
             guess = g;
         }
-        if job.need[e as usize] == Need::Done {
+        if job.need.get(e) == Need::Done {
             return; // Not needed any more.
         }
         self.on_bad_chunk(now, origin, e, guess, source);
@@ -1399,7 +1377,7 @@ impl Engine {
             return;
         };
         let Some(job) = self.job.as_mut() else { return };
-        let state = job.need[e as usize];
+        let state = job.need.get(e);
         if state == Need::Done {
             return; // Not needed any more.
         }
@@ -1422,7 +1400,7 @@ impl Engine {
             _ => {}
         }
         let Some(job) = self.job.as_mut() else { return };
-        job.need[e as usize] = Need::Done;
+        job.need.set(e, Need::Done);
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
         let mut offsets: Option<Offsets> = None;
@@ -1492,16 +1470,14 @@ impl Engine {
         let id = job.rel.table.id(e);
         match (origin, source) {
             (Origin::Slot(_), _) if guess => {
-                if job.need[e as usize] == Need::Idle {
-                    job.need[e as usize] = Need::QueuedFetch;
-                    job.fetches.push_back(e);
+                if job.need.get(e) == Need::Idle {
+                    job.need.set(e, Need::QueuedFetch);
                 }
             }
             (Origin::Slot(slot), _) => {
                 warn!(%id, %slot, "chunk in the slot index does not hash as recorded; fetching it instead");
-                if job.need[e as usize] == Need::Idle {
-                    job.need[e as usize] = Need::QueuedFetch;
-                    job.fetches.push_back(e);
+                if job.need.get(e) == Need::Idle {
+                    job.need.set(e, Need::QueuedFetch);
                 }
                 if slot == active {
                     self.index.remove(&id);
@@ -1530,15 +1506,14 @@ impl Engine {
         let s = &mut job.sources[i];
         s.lack(e, entries);
         s.last_heard = Some(now);
-        let owned = matches!(job.need[e as usize], Need::Fetching { req }
+        let owned = matches!(job.need.get(e), Need::Fetching { req }
             if job.requests[req as usize].as_ref().is_some_and(|r| r.source == i));
         if owned {
             self.release_claim(e, Some(i));
             if let Some(job) = self.job.as_mut()
-                && job.need[e as usize] == Need::Idle
+                && job.need.get(e) == Need::Idle
             {
-                job.need[e as usize] = Need::QueuedFetch;
-                job.fetches.push_back(e);
+                job.need.set(e, Need::QueuedFetch);
             }
         }
         self.pump(now);
@@ -1614,7 +1589,7 @@ impl Engine {
         self.timers.set(Timer::LanOwner, lan);
         let pacing = self.job.as_ref().and_then(|job| {
             let p = job.pacer.as_ref()?;
-            let &e = job.fetches.front()?;
+            let e = job.need.first_fetch()?;
             let wire = u64::from(job.rel.table.wire_size(e));
             (!p.has(wire, now)).then(|| p.ready_at(wire))
         });
@@ -1645,9 +1620,9 @@ impl Engine {
     pub fn check_invariants(&self) {
         let Some(job) = self.job.as_ref() else { return };
         let n = job.rel.table.entries();
-        let needed = job.need.iter().filter(|s| **s != Need::Done).count() as u32;
+        let needed = job.need.iter().filter(|s| *s != Need::Done).count() as u32;
         assert_eq!(job.needed, needed, "needed count");
-        let lan = job.need.iter().filter(|s| **s == Need::Lan).count() as u32;
+        let lan = job.need.iter().filter(|s| *s == Need::Lan).count() as u32;
         assert_eq!(
             job.lan.as_ref().map_or(0, |l| l.waiting),
             lan,
@@ -1663,15 +1638,16 @@ impl Engine {
         }
         assert!(job.reads_in_flight as usize <= self.config.reads_in_flight_max);
         let mut owned = vec![0u32; job.requests.len()];
-        for state in &job.need {
+        for state in job.need.iter() {
             if let Need::Fetching { req } = state {
-                owned[*req as usize] += 1;
+                owned[req as usize] += 1;
             }
         }
-        let mut queued = Bitfield::new(n);
-        for &e in &job.fetches {
-            queued.set(e);
-        }
+        let queued = job.need.iter().filter(|s| *s == Need::QueuedFetch).count() as u32;
+        assert_eq!(job.need.queued_fetches(), queued, "queued fetches count");
+        let queued_reads = job.need.iter().filter(|s| *s == Need::QueuedRead).count() as u32;
+        assert_eq!(job.need.queued_reads(), queued_reads, "queued reads count");
+        assert_eq!(n, job.need.len());
         for (slot, r) in job.requests.iter().enumerate() {
             let Some(r) = r else { continue };
             let owned = owned[slot];
@@ -1683,7 +1659,7 @@ impl Engine {
             let listed = r
                 .entries
                 .iter()
-                .filter(|&&e| job.need[e as usize] == (Need::Fetching { req: slot as u32 }))
+                .filter(|&&e| job.need.get(e) == (Need::Fetching { req: slot as u32 }))
                 .count() as u32;
             assert_eq!(
                 listed, owned,
@@ -1719,16 +1695,16 @@ impl Engine {
             let e = e as u32;
             if let Need::Fetching { req } = state {
                 assert!(
-                    job.requests[*req as usize].is_some(),
+                    job.requests[req as usize].is_some(),
                     "a fetching entry's request is live"
                 );
             }
             let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
-            assert_eq!(*state == Need::Done, all_done, "entry {e} done bits");
+            assert_eq!(state == Need::Done, all_done, "entry {e} done bits");
             if let Need::QueuedFetch = state {
                 assert!(
-                    job.fetches.contains(&e),
-                    "queued entry {e} not in the queue"
+                    job.need.fetch_reachable(e),
+                    "queued entry {e} is behind the queue's cursor"
                 );
             }
         }
