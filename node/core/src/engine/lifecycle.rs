@@ -42,6 +42,10 @@ impl Engine {
         if rel.root != self.config.trust_root {
             return Err(OfferError::OtherTrustRoot);
         }
+        if self.job.is_some() {
+            // Offered again while installing: the journal so far is where it resumes.
+            self.drop_job();
+        }
         let manifest = &rel.manifest;
         if !manifest.device_types.contains(&self.config.device_type) {
             return Err(OfferError::DeviceType {
@@ -176,6 +180,9 @@ impl Engine {
         let chunking = manifest.chunking;
         self.release = Some(Arc::clone(rel));
         let mut job = Job::new(Arc::clone(rel), target, reboot, &self.state.done);
+        // While the install runs, its journal is the job's bitfield (a bit per
+        // position, not four bytes).
+        self.state.done = Vec::new();
         let resumed_bytes = job.journal_bytes;
         self.progress = Progress {
             total_bytes: release.payload_size,
@@ -244,6 +251,9 @@ impl Engine {
                 expected: hex(&payload.hash),
                 actual: hex(&hash),
             };
+            if let Some(job) = self.job.as_mut() {
+                job.journaled = crate::Bitfield::new(job.rel.table.positions());
+            }
             self.state.done.clear();
             self.persist(vec![Record::ClearProgress]);
             self.fail(err);
@@ -315,7 +325,7 @@ impl Engine {
     /// trial boot of the deployed slot this runs the health checks; after a trial the
     /// bootloader gave up on, it records the rollback.
     pub fn boot(&mut self, _now: Instant, boot: Boot) {
-        self.job = None;
+        self.drop_job();
         let Some(dep) = self.state.deployment.clone() else {
             if boot.slot != self.state.active {
                 info!(slot = %boot.slot, "running from the other slot; recording it as active");
@@ -429,7 +439,7 @@ impl Engine {
         let Some(dep) = self.state.deployment.clone() else {
             return Err(RollbackError::NothingToRollBack);
         };
-        self.job = None;
+        self.drop_job();
         match dep.phase {
             Phase::Trial | Phase::RollingBack { .. } => self.start_rollback(dep, reason),
             Phase::Fetching | Phase::Verified | Phase::TrialArmed | Phase::Rebooting => {

@@ -579,11 +579,9 @@ impl Engine {
         let Some(job) = self.job.as_ref() else {
             return Vec::new();
         };
-        self.state
-            .done
+        job.journaled
             .iter()
-            .filter(|&&p| p < job.rel.table.positions())
-            .map(|&p| {
+            .map(|p| {
                 let e = job.rel.table.entry_at(p);
                 (job.rel.table.offset_at(p), u64::from(job.rel.table.size(e)))
             })
@@ -762,9 +760,17 @@ impl Engine {
             self.state.last = Some(outcome.clone());
             self.persist(vec![Record::Last(outcome)]);
         }
-        self.job = None;
+        self.drop_job();
         self.timers.clear();
         self.event(Event::Failed(err));
+    }
+
+    /// Ends the install in memory; the journal it kept (a bitfield while it ran)
+    /// goes back to the device state.
+    fn drop_job(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.state.done = job.journaled.iter().collect();
+        }
     }
 
     fn persist(&mut self, records: Vec<Record>) {

@@ -216,6 +216,8 @@ pub(crate) struct Job {
     guessed: Bitfield,
     /// By position: written (this run or, per the journal, before).
     pub(crate) done: Bitfield,
+    /// By position: recorded in the journal (written and synced).
+    pub(crate) journaled: Bitfield,
     /// Entries not [`Need::Done`].
     pub(crate) needed: u32,
     /// Uncompressed bytes of the needed entries (each once).
@@ -268,8 +270,10 @@ impl Job {
                 done.set(p);
             }
         }
+        let journaled = done.clone();
         let mut job = Job {
             rel: Arc::clone(&rel),
+            journaled,
             target,
             reboot,
             step: Step::Indexing,
@@ -378,6 +382,7 @@ impl Job {
         self.need.heap_bytes()
             + self.guessed.heap_bytes()
             + self.done.heap_bytes()
+            + self.journaled.heap_bytes()
             + self.probes.capacity() * 4
             + self.batch.capacity() * 4
             + self.requests.capacity() * std::mem::size_of::<Option<Request>>()
@@ -1252,9 +1257,14 @@ impl Engine {
         let Some((_, batch, bytes)) = self.syncing.pop_front() else {
             return;
         };
-        self.state.done.extend_from_slice(&batch);
-        if let Some(job) = self.job.as_mut() {
-            job.journal_bytes += bytes;
+        match self.job.as_mut() {
+            Some(job) => {
+                for &p in &batch {
+                    job.journaled.set(p);
+                }
+                job.journal_bytes += bytes;
+            }
+            None => self.state.done.extend_from_slice(&batch),
         }
         self.persist(vec![Record::Done(batch)]);
         let verify = self.job.as_ref().is_some_and(|j| j.step == Step::Flushing);
