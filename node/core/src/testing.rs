@@ -1018,6 +1018,26 @@ pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
     (sim.wan_chunks as f64 / chunks as f64, sim.now_ms())
 }
 
+/// Hashes a chunk id by its first eight bytes (ids are BLAKE3 hashes: uniform),
+/// deterministically (no OS randomness).
+#[derive(Debug, Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
 /// A driver that models chunks by id and length only, as the fleet simulator does:
 /// request sources answer with [`VerifiedChunk::simulated`](shoal_artifact::VerifiedChunk::simulated)
 /// proofs (no bytes, no hashing), writes and syncs complete at once, the final hash
@@ -1027,7 +1047,7 @@ pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
 #[derive(Debug)]
 pub struct LengthsOnly {
     /// Each chunk's uncompressed size, from the manifest (what a driver knows).
-    pub sizes: BTreeMap<ChunkId, u32>,
+    pub sizes: std::collections::HashMap<ChunkId, u32, std::hash::BuildHasherDefault<IdHasher>>,
     /// The payload hash [`Output::HashSlot`] is answered with.
     pub payload_hash: [u8; 32],
     /// Answers not yet handed over, in order.

@@ -245,6 +245,8 @@ pub(crate) struct Job {
     pub(crate) lan: Option<super::lan::LanState>,
     /// Wire bytes asked of WAN sources (for the data budget).
     wan_asked: u64,
+    /// Cleared entry lists of ended requests, for the next ones.
+    spare_entries: Vec<Vec<u32>>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
     pub(crate) writing_bytes: u64,
     /// The WAN rate cap.
@@ -297,6 +299,7 @@ impl Job {
             corrupt: None,
             lan: None,
             wan_asked: 0,
+            spare_entries: Vec::new(),
             writing_bytes: 0,
             pacer: None,
             budget_blocked: false,
@@ -418,6 +421,9 @@ enum Choice {
     /// Only the WAN could serve it, and the data budget does not allow it.
     OverBudget,
 }
+
+/// Most entry lists of ended requests kept for reuse.
+const SPARE_LISTS_MAX: usize = 64;
 
 /// Most queued fetches skipped over in one pump while their sources are busy.
 const PARKED_MAX: usize = 1024;
@@ -915,7 +921,8 @@ impl Engine {
                     generation: job.generation,
                     source: i,
                     sent: now,
-                    entries: Vec::new(),
+                    // A cleared list of an ended request, when there is one.
+                    entries: job.spare_entries.pop().unwrap_or_default(),
                     left: 0,
                     bytes: 0,
                 };
@@ -1086,7 +1093,7 @@ impl Engine {
     fn end_request(&mut self, slot: u32, cancel: bool) {
         let Some(job) = self.job.as_mut() else { return };
         let id = job.request_id(slot);
-        let Some(r) = job.requests[slot as usize].take() else {
+        let Some(mut r) = job.requests[slot as usize].take() else {
             return;
         };
         job.free.push(slot);
@@ -1095,14 +1102,19 @@ impl Engine {
         if s.open == Some(slot) {
             s.open = None;
         }
-        // Entries it still owns go back to the front of the queue.
-        for &e in r.entries.iter().rev() {
+        let source = s.info.id;
+        // Entries it still owns go back to the queue (ahead of the queue's cursor).
+        for &e in &r.entries {
             if job.need.get(e) == (Need::Fetching { req: slot }) {
                 job.need.set(e, Need::QueuedFetch);
             }
         }
+        // Its list is kept for the next request (no allocation per request).
+        if job.spare_entries.len() < SPARE_LISTS_MAX {
+            r.entries.clear();
+            job.spare_entries.push(std::mem::take(&mut r.entries));
+        }
         if cancel {
-            let source = s.info.id;
             self.outputs.push_back(Output::Cancel {
                 source,
                 request: id,
@@ -1241,7 +1253,9 @@ impl Engine {
         if job.batch.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut job.batch);
+        // The next batch starts with room for as many positions as this one.
+        let room = job.batch.len();
+        let batch = std::mem::replace(&mut job.batch, Vec::with_capacity(room));
         let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
         self.outputs.push_back(Output::Sync { slot: target });
@@ -1288,8 +1302,12 @@ impl Engine {
     /// A write was carried out: its bytes no longer count against the bound.
     pub(crate) fn on_written(&mut self, now: Instant, bytes: u64) {
         let Some(job) = self.job.as_mut() else { return };
+        // Only a bound that held reads and fetches back needs a pump to lift it.
+        let held = job.writing_bytes >= self.config.writing_bytes_max;
         job.writing_bytes = job.writing_bytes.saturating_sub(bytes);
-        self.pump(now);
+        if held {
+            self.pump(now);
+        }
     }
 
     /// Which entry and source an answer from `origin` about chunk `id` concerns,
