@@ -752,3 +752,46 @@ fn a_verified_release_is_shared_and_its_envelope_persisted_once() {
         Err(OfferError::OtherTrustRoot)
     );
 }
+
+/// Regression (issue 10): on a slow link (30 KiB/s, like the daemon under a rate
+/// cap) the silence timer, fed by the gaps between small chunks, fired while a big
+/// chunk was still on the wire, so a live source was failed, backed off and asked
+/// again. Its timeout now allows for the bytes in flight at its measured rate.
+#[test]
+fn a_slow_but_live_source_is_not_taken_for_a_silent_one() {
+    use crate::testing::{Link, release_cut};
+    let f = Fixture::new();
+    // Eight 4 KiB chunks, then one of 60 KiB (2 s on the wire), six times.
+    let image = bytes(21, 6 * (8 * 4096 + 60 * 1024));
+    let mut sizes = vec![4096; 8];
+    sizes.push(60 * 1024);
+    let (m, chunks) = release_cut("acme-os", "1.0", 1, DEVICE, &image, &sizes);
+    let mut dev = SimDevice::new(&[], 2 * MIB as u64, 1);
+    dev.stores.insert(SourceId(1), chunks.into_iter().collect());
+    dev.links.insert(
+        SourceId(1),
+        Link {
+            rtt_us: 50_000,
+            bytes_per_s: 30 * 1024,
+            ..Link::default()
+        },
+    );
+    let mut engine = dev.engine(f.config());
+    let limits = SourceLimits {
+        requests_max: 2,
+        request_bytes_max: 128 * 1024,
+        request_chunks_max: 16,
+    };
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(slot_b_holds(&dev, &image));
+    assert_eq!(dev.cancels, 0, "no request was given up on");
+    let wire_s = image.len() as f64 / (30.0 * 1024.0);
+    let took_s = dev.now().as_millis() as f64 / 1000.0;
+    assert!(
+        took_s < wire_s * 1.1,
+        "{took_s} s for {wire_s} s on the wire: the source was backed off"
+    );
+}

@@ -110,6 +110,9 @@ pub struct Link {
     pub rtt_us: u64,
     /// Time the source spends per chunk, in microseconds (its bandwidth).
     pub per_chunk_us: u64,
+    /// Its bandwidth in bytes per second, on top of `per_chunk_us` (0: no limit):
+    /// a chunk of `n` bytes takes `n / bytes_per_s` more.
+    pub bytes_per_s: u64,
     /// It never answers.
     pub silent: bool,
 }
@@ -403,7 +406,9 @@ impl SimDevice {
                     None => now_us,
                 };
                 for id in ids {
-                    let input = match self.stores.get(&source).and_then(|s| s.get(&id)).cloned() {
+                    let data = self.stores.get(&source).and_then(|s| s.get(&id)).cloned();
+                    let len = data.as_ref().map_or(0, Vec::len) as u64;
+                    let input = match data {
                         Some(data) => Input::checked(Origin::Source(source), id, data),
                         None => Input::Unavailable { source, id },
                     };
@@ -411,6 +416,9 @@ impl SimDevice {
                         None => engine.handle(now, input),
                         Some(l) => {
                             at_us += l.per_chunk_us;
+                            if l.bytes_per_s > 0 {
+                                at_us += len * 1_000_000 / l.bytes_per_s;
+                            }
                             let due_ms = (at_us + l.rtt_us / 2).div_ceil(1000);
                             self.seq += 1;
                             self.deliveries.insert(
@@ -564,6 +572,51 @@ pub fn release_chunked(
     chunking: Chunking,
 ) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
     let index = index_fixed(image, chunking);
+    release_indexed(name, version, counter, device_type, image, &index)
+}
+
+/// [`release`] cut into chunks of the given sizes, in turn (repeated to the end of
+/// the image), with chunking parameters that admit 1 KiB to 64 KiB.
+pub fn release_cut(
+    name: &str,
+    version: &str,
+    counter: u64,
+    device_type: &str,
+    image: &[u8],
+    sizes: &[usize],
+) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
+    let chunking = Chunking {
+        min_size: 1024,
+        avg_size: 16 * 1024,
+        max_size: 64 * 1024,
+    };
+    let mut chunks = Vec::new();
+    let mut offset = 0;
+    for &size in sizes.iter().cycle() {
+        if offset >= image.len() {
+            break;
+        }
+        let c = &image[offset..(offset + size).min(image.len())];
+        chunks.push(crate::IndexedChunk {
+            id: ChunkId::from(blake3::hash(c)),
+            offset: offset as u64,
+            len: c.len() as u32,
+        });
+        offset += c.len();
+    }
+    let index = SlotIndex { chunking, chunks };
+    release_indexed(name, version, counter, device_type, image, &index)
+}
+
+fn release_indexed(
+    name: &str,
+    version: &str,
+    counter: u64,
+    device_type: &str,
+    image: &[u8],
+    index: &SlotIndex,
+) -> (Manifest, Vec<(ChunkId, Vec<u8>)>) {
+    let chunking = index.chunking;
     let chunks: Vec<ChunkRef> = index
         .chunks
         .iter()
@@ -652,6 +705,7 @@ pub fn dead_source_experiment(n: usize, seed: u64) -> DeadSource {
     let healthy = Link {
         rtt_us: 20_000,
         per_chunk_us: 150,
+        bytes_per_s: 0,
         silent: false,
     };
     let run = |dead: bool| -> (u64, u64) {
@@ -816,11 +870,13 @@ impl LanSim {
             wan: Link {
                 rtt_us: 40_000,
                 per_chunk_us: 1_000,
+                bytes_per_s: 0,
                 silent: false,
             },
             lan: Link {
                 rtt_us: 1_000,
                 per_chunk_us: 50,
+                bytes_per_s: 0,
                 silent: false,
             },
             announce_ms: 20,

@@ -75,6 +75,13 @@ pub(crate) struct SourceState {
     last_heard: Option<Instant>,
     pub(crate) failures: u32,
     backoff_until: Option<Instant>,
+    /// Wire bytes per second it delivers while it has requests in flight (a
+    /// moving average of windows of at least [`RATE_WINDOW_MS`]), once measured.
+    rate_bytes_per_s: Option<u64>,
+    /// The window being measured: since when (it had requests in flight all
+    /// along), and the wire bytes it delivered.
+    window_start: Option<Instant>,
+    window_bytes: u64,
     chunks: u64,
     bytes: u64,
     wire_bytes: u64,
@@ -97,6 +104,9 @@ impl SourceState {
             last_heard: None,
             failures: 0,
             backoff_until: None,
+            rate_bytes_per_s: None,
+            window_start: None,
+            window_bytes: 0,
             chunks: 0,
             bytes: 0,
             wire_bytes: 0,
@@ -137,8 +147,12 @@ impl SourceState {
             .set(e);
     }
 
-    /// When it counts as silent, if it has requests in flight.
-    fn silence_deadline(&self, requests: &[Option<Request>]) -> Option<Instant> {
+    /// When it counts as silent, if it has requests in flight: its timeout after
+    /// the last sign of life, plus, once its rate is measured, the time the next
+    /// answer of each request in flight takes on the wire at that rate (a chunk
+    /// of `wire_max` bytes each), so a slow but live link is not taken for a dead
+    /// one (issue 10: a 30 KiB/s link needs 2 s for one 64 KiB chunk).
+    fn silence_deadline(&self, requests: &[Option<Request>], wire_max: u64) -> Option<Instant> {
         let oldest = self
             .requests
             .iter()
@@ -146,9 +160,33 @@ impl SourceState {
             .map(|r| r.sent)
             .min()?;
         let since = self.last_heard.map_or(oldest, |h| h.max(oldest));
+        let transfer_ms = self.rate_bytes_per_s.map_or(0, |rate| {
+            (wire_max * self.requests.len() as u64).saturating_mul(1000) / rate.max(1)
+        });
         Some(Instant::from_millis(
-            since.as_millis().saturating_add(self.rto_ms),
+            since
+                .as_millis()
+                .saturating_add(self.rto_ms)
+                .saturating_add(transfer_ms),
         ))
+    }
+
+    /// Counts `wire` bytes it delivered at `now` toward its rate.
+    fn delivered(&mut self, wire: u64, now: Instant) {
+        let Some(start) = self.window_start else {
+            return;
+        };
+        self.window_bytes += wire;
+        let elapsed = now.as_millis().saturating_sub(start.as_millis());
+        if elapsed >= RATE_WINDOW_MS {
+            let sample = self.window_bytes.saturating_mul(1000) / elapsed;
+            self.rate_bytes_per_s = Some(match self.rate_bytes_per_s {
+                None => sample,
+                Some(rate) => (3 * rate + sample) / 4,
+            });
+            self.window_start = Some(now);
+            self.window_bytes = 0;
+        }
     }
 
     pub(crate) fn status(&self) -> SourceStatus {
@@ -245,6 +283,8 @@ pub(crate) struct Job {
     pub(crate) lan: Option<super::lan::LanState>,
     /// Wire bytes asked of WAN sources (for the data budget).
     wan_asked: u64,
+    /// The largest wire size of a chunk of the release.
+    wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
     spare_entries: Vec<Vec<u32>>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
@@ -300,6 +340,10 @@ impl Job {
             lan: None,
             wan_asked: 0,
             spare_entries: Vec::new(),
+            wire_max: (0..n)
+                .map(|e| u64::from(table.wire_size(e)))
+                .max()
+                .unwrap_or(0),
             writing_bytes: 0,
             pacer: None,
             budget_blocked: false,
@@ -421,6 +465,9 @@ enum Choice {
     /// Only the WAN could serve it, and the data budget does not allow it.
     OverBudget,
 }
+
+/// Shortest window over which a source's delivery rate is measured.
+const RATE_WINDOW_MS: u64 = 1000;
 
 /// Most entry lists of ended requests kept for reuse.
 const SPARE_LISTS_MAX: usize = 64;
@@ -936,6 +983,11 @@ impl Engine {
                         (job.requests.len() - 1) as u32
                     }
                 };
+                // A source that was idle starts a new rate window.
+                if job.sources[i].requests.is_empty() {
+                    job.sources[i].window_start = Some(now);
+                    job.sources[i].window_bytes = 0;
+                }
                 job.sources[i].requests.push(slot);
                 job.sources[i].open = Some(slot);
                 slot
@@ -1099,6 +1151,10 @@ impl Engine {
         job.free.push(slot);
         let s = &mut job.sources[r.source];
         s.requests.retain(|&x| x != slot);
+        if s.requests.is_empty() {
+            // Idle time is not delivery time.
+            s.window_start = None;
+        }
         if s.open == Some(slot) {
             s.open = None;
         }
@@ -1356,7 +1412,9 @@ impl Engine {
                         .map(|r| r.sent),
                     _ => None,
                 };
+                let wire = u64::from(job.rel.table.wire_size(e));
                 let s = &mut job.sources[i];
+                s.delivered(wire, now);
                 if let Some(sent) = sample {
                     let since = s.last_heard.map_or(sent, |h| h.max(sent));
                     let rtt = now.as_millis().saturating_sub(since.as_millis());
@@ -1594,7 +1652,7 @@ impl Engine {
                 (0..job.sources.len())
                     .filter(|&i| {
                         job.sources[i]
-                            .silence_deadline(&job.requests)
+                            .silence_deadline(&job.requests, job.wire_max)
                             .is_some_and(|t| t <= now)
                     })
                     .collect()
@@ -1627,7 +1685,7 @@ impl Engine {
                 job.sources
                     .iter()
                     .filter(|s| s.gone.is_none())
-                    .filter_map(|s| s.silence_deadline(&job.requests))
+                    .filter_map(|s| s.silence_deadline(&job.requests, job.wire_max))
                     .min(),
                 job.sources
                     .iter()
