@@ -795,3 +795,44 @@ fn a_slow_but_live_source_is_not_taken_for_a_silent_one() {
         "{took_s} s for {wire_s} s on the wire: the source was backed off"
     );
 }
+
+#[test]
+fn the_data_budget_spent_survives_a_restart() {
+    let f = Fixture::new();
+    let image = bytes(22, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    let needed: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
+    // The server is asked for everything, then drops out: the install stops.
+    dev.fail_requests
+        .insert(SourceId(1), FetchFailure::DropSource);
+    let mut config = f.config();
+    config.wan_budget_bytes = Some(needed + needed / 2);
+    let mut engine = dev.engine(config.clone());
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer.clone()).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(matches!(
+        failed(&dev.events),
+        Some(InstallError::SourcesFailed { .. })
+    ));
+    assert_eq!(dev.store.state.wan_spent_bytes, needed, "persisted");
+
+    // Restarted from the store, the deployment has half its budget left, less
+    // than the release still needs: refused before anything is fetched.
+    dev.fail_requests.clear();
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    dev.events.clear();
+    let before = asked(&dev, 1);
+    let mut engine = dev.engine(config);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(
+        failed(&dev.events),
+        Some(&InstallError::OverBudget {
+            needed: 2 * needed,
+            allowed: needed + needed / 2
+        })
+    );
+    assert_eq!(asked(&dev, 1), before, "nothing more was asked");
+}

@@ -175,6 +175,9 @@ pub struct DeviceState {
     /// Progress journal of the deployment: indexes of payload chunks written, synced
     /// and recorded.
     pub done: Vec<u32>,
+    /// Wire bytes the deployment in progress asked of WAN sources so far (its data
+    /// budget's spent part; persisted with the journal).
+    pub wan_spent_bytes: u64,
     /// Index of the active slot's chunks, when one was built.
     pub active_index: Option<SlotIndex>,
     /// The last deployment result.
@@ -192,6 +195,7 @@ impl DeviceState {
             deployment: None,
             envelope: None,
             done: Vec::new(),
+            wan_spent_bytes: 0,
             active_index: None,
             last: None,
         }
@@ -207,6 +211,8 @@ pub enum Record {
     /// Replace (or clear) the signed envelope of the deployment in progress
     /// (written once when a deployment starts, cleared when it ends).
     Envelope(Option<Arc<[u8]>>),
+    /// Wire bytes the deployment in progress asked of WAN sources so far.
+    WanSpent(u64),
     /// Forget the progress journal.
     ClearProgress,
     /// Add payload chunk indexes to the progress journal.

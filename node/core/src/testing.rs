@@ -54,6 +54,7 @@ impl MemStore {
             match r {
                 Record::Deployment(d) => s.deployment = d.clone(),
                 Record::Envelope(e) => s.envelope = e.clone(),
+                Record::WanSpent(b) => s.wan_spent_bytes = *b,
                 Record::ClearProgress => s.done.clear(),
                 Record::Done(list) => s.done.extend_from_slice(list),
                 Record::SlotRelease { slot, release } => {

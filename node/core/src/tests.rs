@@ -937,3 +937,33 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     );
     assert_eq!(engine.progress().written_bytes, 0);
 }
+
+#[test]
+fn the_active_slot_index_can_be_the_shared_table_of_its_release() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, m1) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    dev.stores.insert(SourceId(3), c2.into_iter().collect());
+    let v1_rel = crate::VerifiedRelease::verify(&f.root, sign(&m1, &f.key), None).expect("v1");
+    let mut engine = dev.engine(f.config());
+    assert!(engine.active_index_bytes() > 0, "the store's index, a copy");
+    assert!(engine.share_active_index(&v1_rel));
+    assert_eq!(engine.active_index_bytes(), 0, "shared, not copied");
+    // Another release than the one the slot holds is not taken as its index.
+    let v2_rel = crate::VerifiedRelease::verify(&f.root, sign(&m2, &f.key), None).expect("v2");
+    assert!(!engine.share_active_index(&v2_rel));
+    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+    engine
+        .offer_verified(dev.now(), &v2_rel, vec![source], false)
+        .expect("offer v2");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    let p = engine.progress();
+    assert_eq!(
+        p.fetched_bytes,
+        25 * 4096,
+        "only the changed chunks fetched"
+    );
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+}

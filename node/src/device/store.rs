@@ -255,6 +255,7 @@ impl Store {
         }
         state.deployment = self.get("deployment")?;
         state.envelope = self.get_raw("envelope")?.map(Into::into);
+        state.wan_spent_bytes = self.get::<u64>("wan_spent")?.unwrap_or(0);
         state.last = self.get("last")?;
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let done = txn.open_table(DONE).map_err(|e| self.db_err(e))?;
@@ -332,6 +333,11 @@ impl Store {
                             meta.remove("envelope")?;
                         }
                     },
+                    Record::WanSpent(bytes) => put(
+                        &mut meta,
+                        "wan_spent",
+                        (*bytes != 0).then_some(bytes as &dyn ErasedCbor),
+                    )?,
                     Record::ClearProgress => {
                         done.retain(|_, _| false)?;
                     }
@@ -503,7 +509,7 @@ mod tests {
                     index: None,
                 },
             ],
-            vec![Record::Done(vec![0, 1, 2])],
+            vec![Record::Done(vec![0, 1, 2]), Record::WanSpent(12_345)],
             vec![Record::Done(vec![5])],
             vec![Record::Unindex {
                 slot: Slot::A,

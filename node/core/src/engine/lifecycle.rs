@@ -152,12 +152,14 @@ impl Engine {
                 });
             info!(release = %release, slot = %target, held, "starting install");
             self.state.done.clear();
+            self.state.wan_spent_bytes = 0;
             self.state.releases[slot_index(target)] = None;
             self.state.envelope = Some(Arc::clone(&rel.envelope));
             let mut records = vec![
                 Record::Envelope(Some(Arc::clone(&rel.envelope))),
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
+                Record::WanSpent(0),
                 Record::SlotRelease {
                     slot: target,
                     release: None,
@@ -179,7 +181,13 @@ impl Engine {
 
         let chunking = manifest.chunking;
         self.release = Some(Arc::clone(rel));
-        let mut job = Job::new(Arc::clone(rel), target, reboot, &self.state.done);
+        let mut job = Job::new(
+            Arc::clone(rel),
+            target,
+            reboot,
+            &self.state.done,
+            self.state.wan_spent_bytes,
+        );
         // While the install runs, its journal is the job's bitfield (a bit per
         // position, not four bytes).
         self.state.done = Vec::new();
@@ -211,7 +219,7 @@ impl Engine {
         // Syncs still owed for an earlier run belong to its journal, not this one.
         self.syncing.clear();
         self.job = Some(job);
-        if self.index_chunking == Some(chunking) {
+        if self.index.chunking() == Some(chunking) {
             self.plan(now);
         } else {
             let active = self.state.active;
@@ -398,8 +406,7 @@ impl Engine {
 
     fn switch_active(&mut self, slot: Slot) {
         self.state.active = slot;
-        self.index.clear();
-        self.index_chunking = None;
+        self.index = super::index::ActiveIndex::default();
     }
 
     pub(super) fn on_health(&mut self, result: Result<(), String>) {
@@ -462,10 +469,11 @@ impl Engine {
                 .release
                 .as_ref()
                 .filter(|r| r.release.manifest_hash == dep.release.manifest_hash)
-                .map(|r| (r.manifest.clone(), r.payload));
-            if let Some((m, p)) =
-                deployed.or_else(|| stored_manifest(self.state.envelope.as_deref()))
-            {
+                .cloned();
+            if let Some(rel) = deployed {
+                // The release verified in this run: its table is the index, shared.
+                self.index = super::index::ActiveIndex::release(rel);
+            } else if let Some((m, p)) = stored_manifest(self.state.envelope.as_deref()) {
                 let index = SlotIndex {
                     chunking: m.chunking,
                     chunks: m.payloads[p]
@@ -512,12 +520,15 @@ impl Engine {
         records.extend([
             Record::Deployment(None),
             Record::Envelope(None),
+            Record::WanSpent(0),
             Record::ClearProgress,
             Record::Last(outcome.clone()),
         ]);
         self.persist(records);
         self.state.deployment = None;
         self.state.envelope = None;
+        self.state.wan_spent_bytes = 0;
+        self.journal_bytes = 0;
         self.state.done.clear();
         self.state.last = Some(outcome);
         let (release, slot) = (dep.release, dep.target);

@@ -18,6 +18,7 @@ use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex
 use crate::time::{Instant, Rng};
 use crate::timer::TimerTable;
 
+mod index;
 mod lan;
 mod lifecycle;
 mod need;
@@ -58,8 +59,9 @@ pub struct Config {
     /// A data budget per deployment: most wire bytes (the manifest's stored sizes)
     /// asked of WAN sources. A plan that needs more is refused before anything is
     /// fetched ([`InstallError::OverBudget`]); an install never asks for more.
-    /// Counted per run of the engine (a resumed install is checked against what it
-    /// still needs).
+    /// Counted per deployment: the bytes asked are persisted with the journal
+    /// ([`Record::WanSpent`](crate::Record::WanSpent)) and when an install stops, so
+    /// a resumed install is checked against what it still needs plus what it spent.
     pub wan_budget_bytes: Option<u64>,
     /// A WAN rate cap in wire bytes per second (a token bucket with a burst of a
     /// tenth of a second, and at least one chunk).
@@ -499,8 +501,8 @@ pub struct DeploymentStatus {
 pub struct Engine {
     config: Config,
     state: DeviceState,
-    index: BTreeMap<ChunkId, (u64, u32)>,
-    index_chunking: Option<Chunking>,
+    /// The active slot's chunk index.
+    index: index::ActiveIndex,
     job: Option<Job>,
     outputs: VecDeque<Output>,
     rng: Rng,
@@ -511,6 +513,9 @@ pub struct Engine {
     syncing: VecDeque<(Slot, Vec<u32>, u64)>,
     /// The release of the deployment offered to this engine (shared).
     release: Option<std::sync::Arc<VerifiedRelease>>,
+    /// Bytes the journal holds while no install runs in this engine (cached for
+    /// `status()`; a running install keeps its own count).
+    journal_bytes: u64,
 }
 
 impl Engine {
@@ -521,15 +526,24 @@ impl Engine {
             rng: Rng::new(config.seed),
             config,
             state,
-            index: BTreeMap::new(),
-            index_chunking: None,
+            index: index::ActiveIndex::default(),
             job: None,
             outputs: VecDeque::new(),
             progress: Progress::default(),
             timers: TimerTable::default(),
             syncing: VecDeque::new(),
             release: None,
+            journal_bytes: 0,
         };
+        if engine
+            .state
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.phase == Phase::Fetching)
+        {
+            engine.journal_bytes =
+                lifecycle::journal_bytes(engine.state.envelope.as_deref(), &engine.state.done);
+        }
         if let Some(index) = engine.state.active_index.take() {
             engine.set_index(&index);
         }
@@ -537,11 +551,30 @@ impl Engine {
     }
 
     fn set_index(&mut self, index: &SlotIndex) {
-        self.index.clear();
-        for c in &index.chunks {
-            self.index.entry(c.id).or_insert((c.offset, c.len));
+        self.index = index::ActiveIndex::own(index);
+    }
+
+    /// Shares `release`'s chunk table as the active slot's index, when the active
+    /// slot is recorded as holding that release (for a simulated fleet: one copy of
+    /// the index for every device running it). Returns whether it did.
+    pub fn share_active_index(&mut self, release: &std::sync::Arc<VerifiedRelease>) -> bool {
+        let holds = self.state.releases[crate::state::slot_index(self.state.active)]
+            .as_ref()
+            .is_some_and(|r| r.manifest_hash == release.release.manifest_hash);
+        if holds {
+            self.index = index::ActiveIndex::release(std::sync::Arc::clone(release));
         }
-        self.index_chunking = Some(index.chunking);
+        holds
+    }
+
+    /// Heap bytes of the active slot's index held by this engine alone (none when
+    /// it shares a release's table).
+    pub fn active_index_bytes(&self) -> usize {
+        if self.index.is_shared() {
+            0
+        } else {
+            self.index.heap_bytes()
+        }
     }
 
     /// The next thing to do, if any.
@@ -623,9 +656,7 @@ impl Engine {
         let deployment = self.state.deployment.as_ref().map(|d| {
             let journal_bytes = match (&d.phase, self.job.as_ref()) {
                 (Phase::Fetching, Some(job)) => job.journal_bytes,
-                (Phase::Fetching, None) => {
-                    lifecycle::journal_bytes(self.state.envelope.as_deref(), &self.state.done)
-                }
+                (Phase::Fetching, None) => self.journal_bytes,
                 _ => d.release.payload_size,
             };
             DeploymentStatus {
@@ -758,7 +789,14 @@ impl Engine {
                 },
             };
             self.state.last = Some(outcome.clone());
-            self.persist(vec![Record::Last(outcome)]);
+            let mut records = vec![Record::Last(outcome)];
+            // What this run asked of the WAN counts when the deployment resumes.
+            if let Some(asked) = self.job.as_ref().map(|j| j.wan_asked)
+                && asked != self.state.wan_spent_bytes
+            {
+                records.push(Record::WanSpent(asked));
+            }
+            self.persist(records);
         }
         self.drop_job();
         self.timers.clear();
@@ -770,6 +808,8 @@ impl Engine {
     fn drop_job(&mut self) {
         if let Some(job) = self.job.take() {
             self.state.done = job.journaled.iter().collect();
+            self.journal_bytes = job.journal_bytes;
+            self.state.wan_spent_bytes = job.wan_asked;
         }
     }
 

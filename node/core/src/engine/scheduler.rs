@@ -281,8 +281,9 @@ pub(crate) struct Job {
     corrupt: Option<(Origin, ChunkId)>,
     /// The LAN swarm, when the driver named one.
     pub(crate) lan: Option<super::lan::LanState>,
-    /// Wire bytes asked of WAN sources (for the data budget).
-    wan_asked: u64,
+    /// Wire bytes asked of WAN sources during this deployment, by every run (for
+    /// the data budget; persisted with each journal batch).
+    pub(crate) wan_asked: u64,
     /// The largest wire size of a chunk of the release.
     wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
@@ -303,6 +304,7 @@ impl Job {
         target: Slot,
         reboot: bool,
         done_positions: &[u32],
+        wan_asked: u64,
     ) -> Job {
         let table = &rel.table;
         let n = table.entries();
@@ -338,7 +340,7 @@ impl Job {
             journal_bytes: 0,
             corrupt: None,
             lan: None,
-            wan_asked: 0,
+            wan_asked,
             spare_entries: Vec::new(),
             wire_max: (0..n)
                 .map(|e| u64::from(table.wire_size(e)))
@@ -548,7 +550,7 @@ impl Engine {
                 }
                 let id = job.rel.table.id(e);
                 let size = job.rel.table.size(e);
-                let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
+                let indexed = self.index.get(&id).is_some_and(|(_, len)| len == size);
                 if !indexed && !job.someone_holds(e) {
                     job.probes.push_back(e);
                 }
@@ -583,12 +585,12 @@ impl Engine {
             }
             let id = job.rel.table.id(e);
             let size = job.rel.table.size(e);
-            let indexed = self.index.get(&id).is_some_and(|&(_, len)| len == size);
+            let indexed = self.index.get(&id).is_some_and(|(_, len)| len == size);
             if !indexed && !job.held_off_wan(e) && !job.stream_may_bring(e) {
                 wan_needed += u64::from(job.rel.table.wire_size(e));
             }
             match self.index.get(&id) {
-                Some(&(_, len)) if len == size => {
+                Some((_, len)) if len == size => {
                     job.need.set(e, Need::QueuedRead);
                     from_slot += u64::from(size);
                 }
@@ -614,6 +616,8 @@ impl Engine {
             .sources
             .iter()
             .any(|s| s.is_requests() && super::lan::is_wan(s.info.class));
+        // What an interrupted run of this deployment already asked counts too.
+        let wan_needed = wan_needed.saturating_add(job.wan_asked);
         if let Some(allowed) = self.config.wan_budget_bytes
             && has_wan
             && wan_needed > allowed
@@ -738,7 +742,7 @@ impl Engine {
             let id = job.rel.table.id(e);
             let size = job.rel.table.size(e);
             let (offset, len, guess) = match self.index.get(&id) {
-                Some(&(offset, len)) if len == size => (offset, len, false),
+                Some((offset, len)) if len == size => (offset, len, false),
                 _ => {
                     let offset = job.rel.table.first_offset(e);
                     if job.guessed.get(e) || offset + u64::from(size) > capacity {
@@ -1327,16 +1331,28 @@ impl Engine {
         let Some((_, batch, bytes)) = self.syncing.pop_front() else {
             return;
         };
+        let mut records = vec![Record::Done(batch)];
         match self.job.as_mut() {
             Some(job) => {
-                for &p in &batch {
-                    job.journaled.set(p);
+                if let Record::Done(batch) = &records[0] {
+                    for &p in batch {
+                        job.journaled.set(p);
+                    }
                 }
                 job.journal_bytes += bytes;
+                if job.wan_asked != self.state.wan_spent_bytes {
+                    self.state.wan_spent_bytes = job.wan_asked;
+                    records.push(Record::WanSpent(job.wan_asked));
+                }
             }
-            None => self.state.done.extend_from_slice(&batch),
+            None => {
+                if let Record::Done(batch) = &records[0] {
+                    self.state.done.extend_from_slice(batch);
+                }
+                self.journal_bytes += bytes;
+            }
         }
-        self.persist(vec![Record::Done(batch)]);
+        self.persist(records);
         let verify = self.job.as_ref().is_some_and(|j| j.step == Step::Flushing);
         if verify && self.syncing.is_empty() {
             self.verify();
