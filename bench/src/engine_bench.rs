@@ -29,6 +29,9 @@ const OFFERS: usize = 200;
 /// Chunks per timing window of the per-chunk row.
 const WINDOW: u64 = 256;
 
+/// Extra figures: (name, value).
+pub type Facts = Vec<(String, String)>;
+
 /// The release the rows install, and where it came from.
 struct Subject {
     manifest: Manifest,
@@ -116,7 +119,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The rows: memory per fetching device, offer of a verified release, per-chunk
 /// time and allocations. Returns goals and facts.
-pub fn rows(image: &Path) -> Result<(Vec<Goal>, Vec<(String, String)>)> {
+pub fn rows(image: &Path) -> Result<(Vec<Goal>, Facts)> {
     crate::progress("engine: chunking the release image for the state rows");
     let s = subject(image)?;
     let chunks = s.manifest.payloads[0].chunks.len();

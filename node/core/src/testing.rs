@@ -417,9 +417,7 @@ impl SimDevice {
                         None => engine.handle(now, input),
                         Some(l) => {
                             at_us += l.per_chunk_us;
-                            if l.bytes_per_s > 0 {
-                                at_us += len * 1_000_000 / l.bytes_per_s;
-                            }
+                            at_us += (len * 1_000_000).checked_div(l.bytes_per_s).unwrap_or(0);
                             let due_ms = (at_us + l.rtt_us / 2).div_ceil(1000);
                             self.seq += 1;
                             self.deliveries.insert(
@@ -1095,6 +1093,11 @@ impl std::hash::Hasher for IdHasher {
     fn write_usize(&mut self, _: usize) {}
 }
 
+/// Chunk sizes by id for [`LengthsOnly`]: looked up, never iterated, with a
+/// deterministic hasher (so not what the crate's ban on `HashMap` guards against).
+#[allow(clippy::disallowed_types)]
+pub type Sizes = std::collections::HashMap<ChunkId, u32, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// A driver that models chunks by id and length only, as the fleet simulator does:
 /// request sources answer with [`VerifiedChunk::simulated`](shoal_artifact::VerifiedChunk::simulated)
 /// proofs (no bytes, no hashing), writes and syncs complete at once, the final hash
@@ -1104,7 +1107,7 @@ impl std::hash::Hasher for IdHasher {
 #[derive(Debug)]
 pub struct LengthsOnly {
     /// Each chunk's uncompressed size, from the manifest (what a driver knows).
-    pub sizes: std::collections::HashMap<ChunkId, u32, std::hash::BuildHasherDefault<IdHasher>>,
+    pub sizes: Sizes,
     /// The payload hash [`Output::HashSlot`] is answered with.
     pub payload_hash: [u8; 32],
     /// Answers not yet handed over, in order.

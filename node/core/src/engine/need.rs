@@ -4,8 +4,16 @@
 //! as the entries in that state, taken in entry order from a cursor. No per-entry
 //! queue memory: a 30,000-chunk install keeps 30 KB here, whatever is queued.
 
+// Lookups only, never iterated, with a deterministic hasher: neither iteration
+// order nor OS randomness (what the crate's ban on `HashMap` guards against) can
+// reach a decision through it.
+#[allow(clippy::disallowed_types)]
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+
+/// The map of chunks in flight to their request (see the `use` above).
+#[allow(clippy::disallowed_types)]
+type Claims = HashMap<u32, u32, BuildHasherDefault<EntryHasher>>;
 
 /// Where one entry of the plan is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +70,7 @@ impl Hasher for EntryHasher {
 pub(crate) struct NeedTable {
     codes: Vec<u8>,
     /// Entry → request slab slot, for the entries in [`Need::Fetching`].
-    claims: HashMap<u32, u32, BuildHasherDefault<EntryHasher>>,
+    claims: Claims,
     /// Entries in [`Need::QueuedRead`], and no such entry is below `read_cursor`.
     queued_reads: u32,
     read_cursor: u32,
@@ -76,7 +84,7 @@ impl NeedTable {
     pub(crate) fn new(n: u32) -> NeedTable {
         NeedTable {
             codes: vec![DONE; n as usize],
-            claims: HashMap::with_capacity_and_hasher(256, BuildHasherDefault::default()),
+            claims: Claims::with_capacity_and_hasher(256, BuildHasherDefault::default()),
             queued_reads: 0,
             read_cursor: n,
             queued_fetches: 0,
