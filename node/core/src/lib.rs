@@ -33,10 +33,11 @@
 //!   ([`SourceLimits`]). Streams and request sources work at the same time.
 //! - **Requests** ([`Output::Fetch`]) carry many chunk ids, sized in bytes for the
 //!   transport, and a [`RequestId`]; the driver answers each chunk ([`Input::Chunk`],
-//!   [`Input::Unavailable`]) or the request ([`Input::FetchFailed`] with a
+//!   [`Input::Corrupt`], [`Input::Unavailable`]) or the request ([`Input::FetchFailed`] with a
 //!   [`FetchFailure`]: retry later, not there, drop the source). The engine cancels
 //!   ([`Output::Cancel`]) what it gave up on. A source silent past its timeout
-//!   ([`RetryConfig`]) loses its requests to the others and backs off; a source that
+//!   ([`RetryConfig`], plus the time its requests' next answers take at its
+//!   measured rate) loses its requests to the others and backs off; a source that
 //!   sends a corrupt chunk is banned ([`Event::SourceBanned`]); one source's failure
 //!   never fails the install while another can serve ([`InstallError::SourcesFailed`]
 //!   when none can).
@@ -52,6 +53,19 @@
 //! - **Completions**: [`Input::Written`] bounds the writes in flight
 //!   ([`Config::writing_bytes_max`]); [`Input::Synced`] releases the journal record of
 //!   the batch it covers, so "journal only after the sync" is the engine's rule.
+//!
+//! - **Proofs, not bytes**: chunks arrive only as [`VerifiedChunk`]s, which the
+//!   driver builds (it hashes; the engine never takes unverified bytes). The fleet
+//!   simulator passes ids and lengths only, through
+//!   `VerifiedChunk::simulated`, which exists only with the `sim` cargo feature
+//!   (never in the `shoal` binary: `.ci/check-no-sim`).
+//! - **State for 100,000 devices**: a [`VerifiedRelease`] (signature checked,
+//!   manifest decoded, chunk table built, once) is shared behind an `Arc` by every
+//!   engine it is offered to ([`Engine::offer_verified`]); per install the engine
+//!   keeps one byte per distinct chunk and a few bitfields; the active slot's index
+//!   is a dense array or the shared table of its release
+//!   ([`Engine::share_active_index`]); the envelope is persisted once per deployment
+//!   ([`Record::Envelope`]).
 //!
 //! Every wait has a named timer ([`Engine::poll_timeout`]: silence, backoff, LAN
 //! owner, pacing). In tests, `check_invariants` runs after every step.

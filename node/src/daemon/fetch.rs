@@ -2,7 +2,8 @@
 //! `POST .../deployments/{id}/chunks`, run on one of a few worker threads (so
 //! several requests are in flight), its `application/vnd.shoal.chunks` answer
 //! read frame by frame as it arrives ([`BatchReader`]), each chunk decoded and
-//! handed to the driver at once ([`Requests::wait`]); the engine hashes it.
+//! handed to the driver at once ([`Requests::wait`]) as a verified proof (decoded and
+//! hashed here; the engine never takes unverified bytes).
 //!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
