@@ -214,14 +214,21 @@ pub fn rows(image: &Path) -> Result<(Vec<Goal>, Facts)> {
     driver.pending.reserve(1 << 16);
     driver.drain(&mut e);
     let mut windows: Vec<(f64, u64, u64)> = Vec::new(); // (ns, allocations, chunks)
+    // Allocations in steps that sent no request and no journal record, over the
+    // whole install.
+    let mut quiet_allocs = 0u64;
     loop {
         let (c0, a0) = (driver.chunks, alloc_count::allocations());
         let t = Clock::now();
         let mut more = true;
         while driver.chunks < c0 + WINDOW {
+            let (a, f, p) = (alloc_count::allocations(), driver.fetches, driver.persists);
             if !driver.step(&mut e, now) {
                 more = false;
                 break;
+            }
+            if driver.fetches == f && driver.persists == p {
+                quiet_allocs += alloc_count::allocations() - a;
             }
         }
         let ns = t.elapsed().as_secs_f64() * 1e9;
@@ -246,7 +253,10 @@ pub fn rows(image: &Path) -> Result<(Vec<Goal>, Facts)> {
     facts.push((
         "per-chunk row: allocations in steady state (windows of 256 chunks, middle 80%)"
             .to_string(),
-        format!("{steady_allocs} in {steady_chunks} chunks"),
+        format!(
+            "{steady_allocs} in {steady_chunks} chunks; over the whole install {} requests and {} store transactions, and {quiet_allocs} allocations in the steps that made neither",
+            driver.fetches, driver.persists
+        ),
     ));
 
     let goals = vec![

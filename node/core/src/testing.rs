@@ -1116,6 +1116,11 @@ pub struct LengthsOnly {
     pub events: Vec<Event>,
     /// Chunks handed over.
     pub chunks: u64,
+    /// Requests ([`Output::Fetch`]) and store transactions ([`Output::Persist`])
+    /// seen.
+    pub fetches: u64,
+    /// See `fetches`.
+    pub persists: u64,
 }
 
 impl LengthsOnly {
@@ -1128,6 +1133,8 @@ impl LengthsOnly {
             pending: std::collections::VecDeque::new(),
             events: Vec::new(),
             chunks: 0,
+            fetches: 0,
+            persists: 0,
         }
     }
 
@@ -1136,7 +1143,9 @@ impl LengthsOnly {
     pub fn drain(&mut self, engine: &mut Engine) {
         while let Some(out) = engine.poll_output() {
             match out {
+                Output::Persist(_) => self.persists += 1,
                 Output::Fetch { source, ids, .. } => {
+                    self.fetches += 1;
                     for id in ids {
                         let size = self
                             .sizes
