@@ -18,9 +18,10 @@ use shoal_signing::{Envelope, SecretKey};
 
 use crate::chunk::Dictionary;
 use crate::chunk::{self, Chunker};
+use crate::delta::{BaseImageError, RefBase};
 use crate::manifest::{
-    BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
-    PayloadKind, check_text,
+    BaseRelease, ChunkId, ChunkRef, Chunking, Manifest, ManifestError, Payload, PayloadKind,
+    Reference, check_text,
 };
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
@@ -252,6 +253,9 @@ pub enum BuildError {
     /// The image is empty.
     #[error("the image is empty")]
     EmptyImage,
+    /// The base image given for delta encoding is unusable.
+    #[error(transparent)]
+    BaseImage(#[from] BaseImageError),
     /// The base manifest uses other chunking parameters, so no chunk could be shared.
     #[error("the base release was cut with {base:?}, this build with {this:?}")]
     ChunkingMismatch {
@@ -281,6 +285,10 @@ pub struct BuildReport {
     pub chunks_written: u64,
     /// Stored bytes of the chunks written.
     pub stored_bytes: u64,
+    /// Chunks written delta-encoded against the base release's bytes.
+    pub chunks_delta: u64,
+    /// References (base byte ranges) the delta-encoded chunks use.
+    pub references: u64,
 }
 
 /// A batch of chunks cut by the chunker thread.
@@ -292,10 +300,52 @@ struct Batch {
 /// temporary file in `spool_dir`. `base` makes a thin artifact. `progress` is called
 /// with payload bytes done.
 pub fn build<R: Read + Seek + Send, W: Write>(
+    image: R,
+    opts: &BuildOptions,
+    keys: &[SecretKey],
+    base: Option<&Manifest>,
+    spool_dir: &Path,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<BuildReport, BuildError> {
+    build_impl(image, opts, keys, base, None, spool_dir, out, progress)
+}
+
+/// Like [`build`] of a thin artifact against `base`, with `base_image` the base
+/// release's payload (checked against the base manifest's size and hash first): each
+/// new chunk is also compressed against bytes of it (see [`crate::delta`]) and
+/// stored that way when that is smaller. The manifest names those references
+/// (format version 2); a device decodes such a chunk with bytes of its running slot.
+#[allow(clippy::too_many_arguments)]
+pub fn build_delta<R: Read + Seek + Send, W: Write>(
+    image: R,
+    opts: &BuildOptions,
+    keys: &[SecretKey],
+    base: &Manifest,
+    base_image: File,
+    spool_dir: &Path,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<BuildReport, BuildError> {
+    build_impl(
+        image,
+        opts,
+        keys,
+        Some(base),
+        Some(base_image),
+        spool_dir,
+        out,
+        progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_impl<R: Read + Seek + Send, W: Write>(
     mut image: R,
     opts: &BuildOptions,
     keys: &[SecretKey],
     base: Option<&Manifest>,
+    base_image: Option<File>,
     spool_dir: &Path,
     out: W,
     mut progress: impl FnMut(u64),
@@ -338,6 +388,11 @@ pub fn build<R: Read + Seek + Send, W: Write>(
                 .collect()
         })
         .unwrap_or_default();
+    let refbase = match (base, base_image) {
+        (Some(b), Some(f)) => Some(RefBase::open(f, b, &opts.payload_name)?),
+        _ => None,
+    };
+    let refbase = refbase.as_ref();
 
     let dictionary = if opts.dictionary {
         let d = train_dictionary(&mut image, opts.chunking)?;
@@ -352,6 +407,13 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut written: HashSet<ChunkId> = HashSet::new();
     let mut stored_bytes = 0u64;
+    let mut references: Vec<Reference> = Vec::new();
+    let mut reference_of: HashMap<Vec<(u64, u32)>, usize> = HashMap::new();
+    let mut chunks_delta = 0u64;
+    // Locality anchor: (end in the new payload, end in the base) of the last chunk
+    // both hold, and the new payload's offset of the batch.
+    let mut anchor: Option<(u64, u64)> = None;
+    let mut payload_offset = 0u64;
     let mut pack = PackWriter::new(opts.pack_bytes);
     let level = opts.zstd_level;
     let chunking = opts.chunking;
@@ -394,18 +456,63 @@ pub fn build<R: Read + Seek + Send, W: Write>(
             let ids: Vec<ChunkId> = batch.chunks.par_iter().map(|d| ChunkId::of(d)).collect();
             // Which chunks of this batch are new: first occurrence, not in the base.
             let mut todo = Vec::new();
+            let mut anchors = Vec::new();
             let mut batch_new = HashSet::new();
+            let mut offset = payload_offset;
             for (i, id) in ids.iter().enumerate() {
+                let len = batch.chunks[i].len() as u64;
+                if let Some(end) = refbase.and_then(|r| r.held_end(id)) {
+                    anchor = Some((offset + len, end));
+                }
                 if !stored_of.contains_key(id) && !held.contains_key(id) && batch_new.insert(*id) {
                     todo.push(i);
+                    // Where this chunk would start in the base had the stretch since
+                    // the anchor kept its place.
+                    anchors.push(anchor.map(|(new_end, base_end)| base_end + (offset - new_end)));
                 }
+                offset += len;
             }
-            let encoded: Vec<Vec<u8>> = todo
+            payload_offset = offset;
+            type Encoded = (Vec<u8>, Option<(Vec<(u64, u32)>, [u8; 32])>);
+            let encoded: Vec<Encoded> = todo
                 .par_iter()
-                .map(|&i| chunk::encode_with(&batch.chunks[i], level, dict))
-                .collect();
-            for (&i, stored) in todo.iter().zip(&encoded) {
+                .zip(&anchors)
+                .map(|(&i, &at)| -> io::Result<Encoded> {
+                    let data = &batch.chunks[i];
+                    let plain = chunk::encode_with(data, level, dict);
+                    let Some(rb) = refbase else {
+                        return Ok((plain, None));
+                    };
+                    let ranges = rb.ranges(at, data);
+                    if ranges.is_empty() {
+                        return Ok((plain, None));
+                    }
+                    let bytes = rb.read(&ranges)?;
+                    let delta = chunk::encode_against(data, level, &bytes);
+                    if delta.len() < plain.len() {
+                        Ok((delta, Some((ranges, *blake3::hash(&bytes).as_bytes()))))
+                    } else {
+                        Ok((plain, None))
+                    }
+                })
+                .collect::<io::Result<_>>()?;
+            let position0 = refs.len();
+            for (&i, (stored, reference)) in todo.iter().zip(&encoded) {
                 let id = ids[i];
+                if let Some((ranges, hash)) = reference {
+                    let r = *reference_of.entry(ranges.clone()).or_insert_with(|| {
+                        references.push(Reference {
+                            ranges: ranges.clone(),
+                            hash: *hash,
+                            chunks: Vec::new(),
+                        });
+                        references.len() - 1
+                    });
+                    let position = u32::try_from(position0 + i)
+                        .expect("a payload's chunk count fits u32 (manifest size limit)");
+                    references[r].chunks.push(position);
+                    chunks_delta += 1;
+                }
                 pack.push(&mut spool, stored)?;
                 let stored_size = u32::try_from(stored.len()).expect("bounded by chunk size");
                 stored_of.insert(id, stored_size);
@@ -435,7 +542,7 @@ pub fn build<R: Read + Seek + Send, W: Write>(
 
     let chunks_total = refs.len() as u64;
     let chunks_distinct = refs.iter().map(|c| c.id).collect::<HashSet<_>>().len() as u64;
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         base: base.map(base_release),
         name: opts.name.clone(),
         depends: opts.depends.clone(),
@@ -447,13 +554,20 @@ pub fn build<R: Read + Seek + Send, W: Write>(
             name: opts.payload_name.clone(),
             size,
             chunks: refs,
+            references,
         }],
         provides: opts.provides.clone(),
         device_types: opts.device_types.clone(),
-        format_version: FORMAT_VERSION,
+        format_version: 0,
         security_counter: opts.security_counter,
     };
+    manifest.format_version = manifest.required_version();
     manifest.validate()?;
+    let references_count = manifest
+        .payloads
+        .iter()
+        .map(|p| p.references.len() as u64)
+        .sum();
     let mut envelope = Envelope::new(manifest.to_cbor());
     for key in keys {
         envelope.sign(key);
@@ -487,6 +601,8 @@ pub fn build<R: Read + Seek + Send, W: Write>(
         chunks_distinct,
         chunks_written: written.len() as u64,
         stored_bytes,
+        chunks_delta,
+        references: references_count,
     })
 }
 

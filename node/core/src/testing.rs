@@ -608,6 +608,7 @@ pub fn release_chunked(
             name: "rootfs".into(),
             size: image.len() as u64,
             chunks,
+            references: Vec::new(),
         }],
         provides: BTreeMap::from([("rootfs-image.version".to_string(), version.to_string())]),
         device_types: vec![device_type.into()],
