@@ -1004,12 +1004,185 @@ mod tests {
     #[test]
     fn unknown_version_rejected() {
         let mut m = sample();
-        m.format_version = 2;
+        m.format_version = 3;
         let bytes = cbor4ii::serde::to_vec(Vec::new(), &m).unwrap();
         assert_eq!(
             Manifest::from_cbor(&bytes),
-            Err(ManifestError::UnsupportedVersion { found: 2 })
+            Err(ManifestError::UnsupportedVersion { found: 3 })
         );
+    }
+
+    /// The sample as a thin release whose chunk "b" (position 1) is encoded against
+    /// 1000 bytes at offset 5000 of the base payload.
+    fn sample_with_reference() -> Manifest {
+        let mut m = sample();
+        m.base = Some(BaseRelease {
+            name: "acme-os".into(),
+            version: "1.0".into(),
+            manifest_hash: [3; 32],
+        });
+        m.payloads[0].references = vec![Reference {
+            ranges: vec![(5000, 1000)],
+            hash: [4; 32],
+            chunks: vec![1],
+        }];
+        m.format_version = FORMAT_VERSION_REFERENCES;
+        m
+    }
+
+    fn encode_unchecked(m: &Manifest) -> Vec<u8> {
+        cbor4ii::serde::to_vec(Vec::new(), m).unwrap()
+    }
+
+    #[test]
+    fn references_round_trip_as_version_2() {
+        let m = sample_with_reference();
+        m.validate().unwrap();
+        assert_eq!(m.required_version(), FORMAT_VERSION_REFERENCES);
+        let bytes = m.to_cbor();
+        let back = Manifest::from_cbor(&bytes).unwrap();
+        assert_eq!(back, m);
+        let by_chunk = back.references_by_chunk();
+        assert_eq!(by_chunk.len(), 1);
+        assert_eq!(by_chunk[&ChunkId::of(b"b")].ranges, vec![(5000, 1000)]);
+        // A manifest without references stays version 1, byte for byte as before:
+        // the field is not encoded at all.
+        let plain = sample();
+        assert_eq!(plain.required_version(), FORMAT_VERSION);
+        assert!(!plain.to_cbor().windows(10).any(|w| w == b"references"));
+    }
+
+    #[test]
+    fn version_must_match_references() {
+        let mut m = sample_with_reference();
+        m.format_version = FORMAT_VERSION;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::VersionMismatch {
+                found: 1,
+                expected: 2
+            })
+        );
+        let mut m = sample();
+        m.format_version = FORMAT_VERSION_REFERENCES;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::VersionMismatch {
+                found: 2,
+                expected: 1
+            })
+        );
+    }
+
+    #[test]
+    fn references_need_a_base() {
+        let mut m = sample_with_reference();
+        m.base = None;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::ReferenceWithoutBase {
+                payload: "rootfs".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_references_rejected() {
+        let cases: Vec<(ReferenceProblem, Box<dyn Fn(&mut Reference)>)> = vec![
+            (ReferenceProblem::Ranges, Box::new(|r| r.ranges.clear())),
+            (ReferenceProblem::Ranges, Box::new(|r| r.ranges[0].1 = 0)),
+            (
+                ReferenceProblem::Ranges,
+                Box::new(|r| r.ranges = vec![(1, 1); REFERENCE_RANGES_MAX + 1]),
+            ),
+            (
+                ReferenceProblem::Ranges,
+                Box::new(|r| r.ranges[0] = (u64::MAX - 10, 100)),
+            ),
+            (
+                ReferenceProblem::TooLong,
+                Box::new(|r| r.ranges = vec![(0, REFERENCE_LEN_MAX), (0, 1)]),
+            ),
+            (ReferenceProblem::NoChunks, Box::new(|r| r.chunks.clear())),
+            (
+                ReferenceProblem::ChunkOutOfRange,
+                Box::new(|r| r.chunks = vec![4]),
+            ),
+            (
+                ReferenceProblem::NotAscending,
+                Box::new(|r| r.chunks = vec![3, 1]),
+            ),
+            (ReferenceProblem::NotAscending, Box::new(|r| r.chunks = vec![1, 1])),
+            // Position 2 repeats chunk "a" of position 0.
+            (
+                ReferenceProblem::NotFirstOccurrence,
+                Box::new(|r| r.chunks = vec![2]),
+            ),
+        ];
+        for (problem, edit) in cases {
+            let mut m = sample_with_reference();
+            edit(&mut m.payloads[0].references[0]);
+            assert_eq!(
+                Manifest::from_cbor(&encode_unchecked(&m)),
+                Err(ManifestError::BadReference {
+                    payload: "rootfs".into(),
+                    reference: 0,
+                    problem
+                }),
+                "{problem:?}"
+            );
+        }
+        // Two references naming one chunk.
+        let mut m = sample_with_reference();
+        let again = m.payloads[0].references[0].clone();
+        m.payloads[0].references.push(again);
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::BadReference {
+                payload: "rootfs".into(),
+                reference: 1,
+                problem: ReferenceProblem::Twice
+            })
+        );
+        // A reference that is not a 3-element array is a decoding error.
+        let mut bytes = sample_with_reference().to_cbor();
+        let at = bytes
+            .windows(10)
+            .position(|w| w == b"references")
+            .unwrap();
+        // The array of references (1 element), then the reference's array header.
+        assert_eq!(bytes[at + 10], 0x81);
+        assert_eq!(bytes[at + 11], 0x83);
+        bytes[at + 11] = 0x82;
+        assert!(matches!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn reference_bytes_are_checked() {
+        let data = vec![9u8; 1000];
+        let r = Reference {
+            ranges: vec![(0, 600), (10_000, 400)],
+            hash: *blake3::hash(&data).as_bytes(),
+            chunks: vec![0],
+        };
+        let ok = r.check(data.clone()).unwrap();
+        assert_eq!(ok.bytes(), &data[..]);
+        assert_eq!(
+            r.check(vec![9u8; 999]),
+            Err(ReferenceError::Length {
+                expected: 1000,
+                found: 999
+            })
+        );
+        let mut other = data;
+        other[500] = 8;
+        assert!(matches!(
+            r.check(other),
+            Err(ReferenceError::Hash { .. })
+        ));
     }
 
     #[test]
