@@ -144,8 +144,16 @@ fn main() {
         similar.iter().flatten().count(),
         todo.len()
     );
+    // REF_PROBE_ONLY=both:262144 measures one rule and window only.
+    let only = std::env::var("REF_PROBE_ONLY").ok();
+    let dlevel: i32 = std::env::var("REF_PROBE_DELTA_LEVEL")
+        .ok()
+        .map_or(level, |s| s.parse().unwrap());
     for &w in &[64u64 << 10, 256 << 10, 1 << 20] {
         for rule in ["local", "sketch", "both"] {
+            if only.as_deref().is_some_and(|o| o != format!("{rule}:{w}")) {
+                continue;
+            }
             let t = Instant::now();
             let q = w / 4;
             let refs: Vec<Vec<(u64, u64)>> = todo
@@ -180,12 +188,12 @@ fn main() {
                         .iter()
                         .flat_map(|&(s, e)| old[s as usize..e as usize].iter().copied())
                         .collect();
-                    delta(data(o, l), &prefix, level).min(p)
+                    delta(data(o, l), &prefix, dlevel).min(p)
                 })
                 .collect();
             let better = sizes.iter().zip(&plain).filter(|(s, p)| s < p).count();
             println!(
-                "{rule:6} w={:5} KiB: {:9} bytes, {:5} distinct refs, {:5} chunks better ({:.1}s)",
+                "delta level {dlevel} {rule:6} w={:5} KiB: {:9} bytes, {:5} distinct refs, {:5} chunks better ({:.1}s)",
                 w >> 10,
                 sizes.iter().sum::<usize>(),
                 distinct.len(),

@@ -376,18 +376,47 @@ pub enum ChunkError {
 /// frame: the caller keeps it only when it is smaller than the plain stored form.
 /// The frame names no dictionary.
 pub fn encode_against(data: &[u8], level: i32, reference: &[u8]) -> Vec<u8> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let mut c = CCtx::create();
-    let set = |c: &mut CCtx<'_>, p| c.set_parameter(p).expect("zstd parameter");
-    set(&mut c, CParameter::CompressionLevel(level));
-    set(&mut c, CParameter::ContentSizeFlag(true));
-    set(&mut c, CParameter::ChecksumFlag(false));
-    set(&mut c, CParameter::DictIdFlag(false));
-    c.ref_prefix(reference).expect("zstd prefix");
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-    c.compress2(&mut out, data)
-        .expect("compressing into a sized buffer cannot fail");
-    out
+    DeltaEncoder::new(level).encode(data, reference)
+}
+
+/// Compresses chunks against references (see [`encode_against`]) with one zstd
+/// context, reused from frame to frame: a context per chunk costs its tables'
+/// allocation every time. The references must outlive the encoder.
+pub struct DeltaEncoder<'p> {
+    cctx: zstd::zstd_safe::CCtx<'p>,
+}
+
+impl std::fmt::Debug for DeltaEncoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaEncoder").finish_non_exhaustive()
+    }
+}
+
+impl<'p> DeltaEncoder<'p> {
+    /// An encoder at zstd `level`.
+    pub fn new(level: i32) -> DeltaEncoder<'p> {
+        use zstd::zstd_safe::CParameter;
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        for p in [
+            CParameter::CompressionLevel(level),
+            CParameter::ContentSizeFlag(true),
+            CParameter::ChecksumFlag(false),
+            CParameter::DictIdFlag(false),
+        ] {
+            cctx.set_parameter(p).expect("zstd parameter");
+        }
+        DeltaEncoder { cctx }
+    }
+
+    /// One chunk's frame against `reference` (used for this frame only).
+    pub fn encode(&mut self, data: &[u8], reference: &'p [u8]) -> Vec<u8> {
+        self.cctx.ref_prefix(reference).expect("zstd prefix");
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        self.cctx
+            .compress2(&mut out, data)
+            .expect("compressing into a sized buffer cannot fail");
+        out
+    }
 }
 
 /// Decodes a delta-encoded chunk: a zstd frame compressed against `reference`

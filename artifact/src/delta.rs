@@ -13,7 +13,7 @@
 //! Windows are quantized so that neighbouring chunks share a reference (the manifest
 //! names each reference once, and a device reads and checks it once).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -80,6 +80,7 @@ impl RefBase {
         let mut reader = BufReader::with_capacity(1 << 20, &file);
         let mut hasher = blake3::Hasher::new();
         let mut sketch: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut first = HashSet::new();
         const BATCH: usize = 4 << 20;
         let mut next = 0usize;
         while next < p.chunks.len() {
@@ -101,6 +102,9 @@ impl RefBase {
                 batch.push((next, buf));
                 next += 1;
             }
+            // Each distinct chunk once (an image repeats zero blocks thousands of
+            // times).
+            batch.retain(|(i, _)| first.insert(p.chunks[*i].id));
             let features: Vec<(usize, Vec<u64>)> = batch
                 .par_iter()
                 .map(|(i, data)| (*i, features(data)))

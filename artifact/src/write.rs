@@ -403,6 +403,19 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     };
     let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
+    // A delta build also spools its chunks without the dictionary (the plain ones
+    // compressed without it), and keeps the dictionary only when it pays for itself:
+    // most chunks are then delta-encoded, and the few plain ones may gain less than
+    // the dictionary costs to download.
+    let mut nodict = match (dict, refbase) {
+        (Some(_), Some(_)) => Some(NoDict {
+            spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?),
+            pack: PackWriter::new(opts.pack_bytes),
+            stored_of: HashMap::new(),
+            stored_bytes: 0,
+        }),
+        _ => None,
+    };
     let mut refs: Vec<ChunkRef> = Vec::new();
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut written: HashSet<ChunkId> = HashSet::new();
@@ -473,31 +486,24 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                 offset += len;
             }
             payload_offset = offset;
-            type Encoded = (Vec<u8>, Option<(Vec<(u64, u32)>, [u8; 32])>);
-            let encoded: Vec<Encoded> = todo
+            let want_nodict = nodict.is_some();
+            let plain: Vec<Vec<u8>> = todo
                 .par_iter()
-                .zip(&anchors)
-                .map(|(&i, &at)| -> io::Result<Encoded> {
-                    let data = &batch.chunks[i];
-                    let plain = chunk::encode_with(data, level, dict);
-                    let Some(rb) = refbase else {
-                        return Ok((plain, None));
-                    };
-                    let ranges = rb.ranges(at, data);
-                    if ranges.is_empty() {
-                        return Ok((plain, None));
-                    }
-                    let bytes = rb.read(&ranges)?;
-                    let delta = chunk::encode_against(data, level, &bytes);
-                    if delta.len() < plain.len() {
-                        Ok((delta, Some((ranges, *blake3::hash(&bytes).as_bytes()))))
-                    } else {
-                        Ok((plain, None))
-                    }
-                })
-                .collect::<io::Result<_>>()?;
+                .map(|&i| chunk::encode_with(&batch.chunks[i], level, dict))
+                .collect();
+            let encoded: Vec<Encoded> = match refbase {
+                None => plain.into_iter().map(|p| (p, None, None)).collect(),
+                Some(rb) => {
+                    let ranges: Vec<Vec<(u64, u32)>> = todo
+                        .par_iter()
+                        .zip(&anchors)
+                        .map(|(&i, &at)| rb.ranges(at, &batch.chunks[i]))
+                        .collect();
+                    encode_deltas(rb, &batch.chunks, &todo, ranges, plain, level, want_nodict)?
+                }
+            };
             let position0 = refs.len();
-            for (&i, (stored, reference)) in todo.iter().zip(&encoded) {
+            for (&i, (stored, reference, alt)) in todo.iter().zip(&encoded) {
                 let id = ids[i];
                 if let Some((ranges, hash)) = reference {
                     let r = *reference_of.entry(ranges.clone()).or_insert_with(|| {
@@ -514,6 +520,13 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                     chunks_delta += 1;
                 }
                 pack.push(&mut spool, stored)?;
+                if let Some(nd) = nodict.as_mut() {
+                    let other = alt.as_ref().unwrap_or(stored);
+                    nd.pack.push(&mut nd.spool, other)?;
+                    let n = u32::try_from(other.len()).expect("bounded by chunk size");
+                    nd.stored_of.insert(id, n);
+                    nd.stored_bytes += other.len() as u64;
+                }
                 let stored_size = u32::try_from(stored.len()).expect("bounded by chunk size");
                 stored_of.insert(id, stored_size);
                 written.insert(id);
@@ -534,12 +547,34 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
             progress(done);
         }
         pack.flush(&mut spool)?;
+        if let Some(nd) = nodict.as_mut() {
+            nd.pack.flush(&mut nd.spool)?;
+        }
         Ok(cutter.join().expect("chunker thread panicked"))
     })?;
     if size == 0 {
         return Err(BuildError::EmptyImage);
     }
 
+    // Without the dictionary when that is smaller, all framing included.
+    let (mut dict, mut spool, mut pack, mut refs, mut stored_bytes) =
+        (dict, spool, pack, refs, stored_bytes);
+    if let (Some(nd), Some(d)) = (nodict, dict) {
+        let with = member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
+        let without = pack_bytes_total(&nd.pack.counts, nd.stored_bytes);
+        tracing::debug!(with, without, "thin delta build: dictionary or not");
+        if without < with {
+            for c in refs.iter_mut() {
+                if let Some(&n) = nd.stored_of.get(&c.id) {
+                    c.stored_size = n;
+                }
+            }
+            dict = None;
+            spool = nd.spool;
+            pack = nd.pack;
+            stored_bytes = nd.stored_bytes;
+        }
+    }
     let chunks_total = refs.len() as u64;
     let chunks_distinct = refs.iter().map(|c| c.id).collect::<HashSet<_>>().len() as u64;
     let mut manifest = Manifest {
@@ -604,6 +639,102 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
         chunks_delta,
         references: references_count,
     })
+}
+
+/// Reference bytes read at once while delta-encoding a batch: bounds the builder's
+/// memory whatever the batch holds (a reference is at most 512 KiB).
+const GROUP_REFERENCE_BYTES: usize = 24 * 1024 * 1024;
+
+/// A chunk's stored form, its reference (ranges, hash) when delta-encoded, and its
+/// plain form without the dictionary when a dictionary-less spool is kept.
+type Encoded = (Vec<u8>, Option<(Vec<(u64, u32)>, [u8; 32])>, Option<Vec<u8>>);
+
+/// Delta-encodes the new chunks `todo` of a batch against their reference `ranges`
+/// (empty: none), keeping the smaller of that and the `plain` form. References are
+/// read once per group of chunks (at most [`GROUP_REFERENCE_BYTES`] of them), and
+/// each thread reuses one zstd context.
+fn encode_deltas(
+    rb: &RefBase,
+    chunks: &[Vec<u8>],
+    todo: &[usize],
+    ranges: Vec<Vec<(u64, u32)>>,
+    plain: Vec<Vec<u8>>,
+    level: i32,
+    want_nodict: bool,
+) -> io::Result<Vec<Encoded>> {
+    let mut out = Vec::with_capacity(todo.len());
+    let mut plain = plain.into_iter();
+    let mut k = 0;
+    while k < todo.len() {
+        // The group: chunks from k while their distinct references fit.
+        let mut slot_of: HashMap<&[(u64, u32)], usize> = HashMap::new();
+        let mut keys: Vec<&[(u64, u32)]> = Vec::new();
+        let mut bytes = 0usize;
+        let mut end = k;
+        while end < todo.len() {
+            let r = ranges[end].as_slice();
+            if !r.is_empty() && !slot_of.contains_key(r) {
+                let len: usize = r.iter().map(|&(_, l)| l as usize).sum();
+                if bytes + len > GROUP_REFERENCE_BYTES && end > k {
+                    break;
+                }
+                slot_of.insert(r, keys.len());
+                keys.push(r);
+                bytes += len;
+            }
+            end += 1;
+        }
+        let refs: Vec<Vec<u8>> = keys
+            .par_iter()
+            .map(|r| rb.read(r))
+            .collect::<io::Result<_>>()?;
+        let hashes: Vec<[u8; 32]> = refs
+            .par_iter()
+            .map(|b| *blake3::hash(b).as_bytes())
+            .collect();
+        let group_plain: Vec<Vec<u8>> = plain.by_ref().take(end - k).collect();
+        let encoded: Vec<Encoded> = (k..end)
+            .into_par_iter()
+            .zip(group_plain)
+            .map_init(
+                || chunk::DeltaEncoder::new(level),
+                |enc, (j, plain)| {
+                    let data = &chunks[todo[j]];
+                    let alt = || want_nodict.then(|| chunk::encode(data, level));
+                    let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
+                        return (plain, None, alt());
+                    };
+                    let delta = enc.encode(data, &refs[s]);
+                    if delta.len() < plain.len() {
+                        (delta, Some((ranges[j].clone(), hashes[s])), None)
+                    } else {
+                        (plain, None, alt())
+                    }
+                },
+            )
+            .collect();
+        out.extend(encoded);
+        k = end;
+    }
+    Ok(out)
+}
+
+/// The chunks of a delta build spooled without the dictionary.
+struct NoDict {
+    spool: BufWriter<File>,
+    pack: PackWriter,
+    stored_of: HashMap<ChunkId, u32>,
+    stored_bytes: u64,
+}
+
+/// Bytes the packs of a spool take in the artifact: their tar headers and padding,
+/// counts and chunks, and the pack table member.
+fn pack_bytes_total(counts: &[u32], stored_bytes: u64) -> u64 {
+    // Each pack: a 512-byte header, the 4-byte count, padding to 512; the stored
+    // bytes; then the table member.
+    counts.len() as u64 * (ustar::BLOCK as u64 + PACK_HEADER_LEN as u64 + ustar::BLOCK as u64 / 2)
+        + stored_bytes
+        + member_len(counts.len() as u64 * PACK_TABLE_ENTRY_LEN as u64)
 }
 
 /// How a thin manifest names its base.

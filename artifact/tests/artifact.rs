@@ -1493,3 +1493,56 @@ fn build_delta_refuses_a_base_image_that_is_not_the_base() {
         "the base image is not the base release's payload \"rootfs\" (its hash differs)"
     );
 }
+
+#[test]
+fn a_delta_build_drops_the_dictionary_when_it_does_not_pay() {
+    let base = payload(400_000, 21);
+    let new = edited(&base);
+    let (base_art, base_report) = build(&base);
+    drop(base_art);
+    let dir = tempfile::tempdir().unwrap();
+    let base_file = dir.path().join("base.img");
+    std::fs::write(&base_file, &base).unwrap();
+    let mut o = opts();
+    o.dictionary = true;
+    let mut out = Vec::new();
+    let report = shoal_artifact::build_delta(
+        Cursor::new(&new),
+        &o,
+        &[key(1)],
+        &base_report.manifest,
+        std::fs::File::open(&base_file).unwrap(),
+        dir.path(),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
+    // The new chunks are small edits of the base (delta-encoded) and one of new
+    // random bytes: a dictionary could only cost.
+    assert_eq!(
+        (report.chunks_delta, report.chunks_written),
+        (3, 4),
+        "{report:?}"
+    );
+    assert_eq!(report.dictionary_len, 0, "{report:?}");
+    assert!(!members(&out).iter().any(|(_, p, _)| p == "dictionary"));
+    assert_eq!(report.artifact_len, out.len() as u64);
+    // The stored sizes the manifest signs are those of the spool written.
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&out[..], &r, NOW).unwrap();
+    let mut n = 0;
+    while let Some(raw) = reader.next_raw().unwrap() {
+        match raw.reference().cloned() {
+            Some(reference) => {
+                let ok = reference.check(reference_bytes(&base, &reference)).unwrap();
+                raw.verify_against(&ok).unwrap();
+            }
+            // The plain chunk was compressed without the dictionary it dropped.
+            None => {
+                raw.verify().unwrap();
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(n, report.chunks_written);
+}

@@ -109,6 +109,8 @@ fn setup() -> Setup {
 fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
     let s = setup();
     let dev = &s.dev;
+    // Journal every MiB written, so a cut stream leaves journaled progress.
+    dev.write_config("[install]\njournal_batch_mib = 1\n");
     // The edits touch a few hundred random-looking chunks: stored plain they cost
     // about their whole size; against v1's bytes, a few bytes each.
     let (plain, delta) = (len(&s.plain), len(&s.delta));
@@ -126,8 +128,13 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
     ])));
     assert_eq!(inspect["format_version"], 2, "{inspect}");
 
-    // Interrupted: the first 60% of the artifact through a pipe, then its end.
+    // Interrupted: the artifact through a pipe, cut 70% into its packs.
     let bytes = std::fs::read(&s.delta).expect("artifact");
+    let packs = bytes
+        .windows(14)
+        .position(|w| w == b"packs/00000000")
+        .expect("a pack member");
+    let cut = packs + (bytes.len() - packs) * 7 / 10;
     let mut child = dev
         .cmd(&["install", "--json", "-"])
         .stdin(Stdio::piped())
@@ -136,14 +143,15 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
         .spawn()
         .expect("spawn");
     let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin.write_all(&bytes[..bytes.len() * 6 / 10]);
+    let _ = stdin.write_all(&bytes[..cut]);
     drop(stdin);
     let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a cut stream cannot complete");
     let st = dev.status();
-    assert_eq!(st["deployment"]["phase"], "fetching", "{st}");
+    assert_eq!(st["deployment"]["phase"], "fetching", "{st}\n{stderr}");
     let journaled = u(&st["deployment"], "journal_bytes");
-    assert!(journaled > 0, "verified chunks were journaled: {st}");
+    assert!(journaled > 0, "verified chunks were journaled: {st}\n{stderr}");
 
     // The rerun resumes: nothing journaled is written again; slot B is v2.
     let r = dev.install(&s.delta);
