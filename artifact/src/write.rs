@@ -692,26 +692,32 @@ fn encode_deltas(
             .par_iter()
             .map(|b| *blake3::hash(b).as_bytes())
             .collect();
-        let group_plain: Vec<Vec<u8>> = plain.by_ref().take(end - k).collect();
-        let encoded: Vec<Encoded> = (k..end)
-            .into_par_iter()
-            .zip(group_plain)
-            .map_init(
-                || chunk::DeltaEncoder::new(level),
-                |enc, (j, plain)| {
-                    let data = &chunks[todo[j]];
-                    let alt = || want_nodict.then(|| chunk::encode(data, level));
-                    let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
-                        return (plain, None, alt());
-                    };
-                    let delta = enc.encode(data, &refs[s]);
-                    if delta.len() < plain.len() {
-                        (delta, Some((ranges[j].clone(), hashes[s])), None)
-                    } else {
-                        (plain, None, alt())
-                    }
-                },
-            )
+        let mut group: Vec<(usize, Vec<u8>)> = (k..end).zip(plain.by_ref()).collect();
+        // One context per thread's share of the group (a context per chunk would
+        // allocate and fault in its tables every time).
+        let share = group.len().div_ceil(rayon::current_num_threads().max(1));
+        let encoded: Vec<Encoded> = group
+            .par_chunks_mut(share.max(1))
+            .flat_map_iter(|part| {
+                let mut enc = chunk::DeltaEncoder::new(level);
+                part.iter_mut()
+                    .map(|(j, plain)| {
+                        let j = *j;
+                        let plain = std::mem::take(plain);
+                        let data = &chunks[todo[j]];
+                        let alt = || want_nodict.then(|| chunk::encode(data, level));
+                        let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
+                            return (plain, None, alt());
+                        };
+                        let delta = enc.encode(data, &refs[s]);
+                        if delta.len() < plain.len() {
+                            (delta, Some((ranges[j].clone(), hashes[s])), None)
+                        } else {
+                            (plain, None, alt())
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect();
         out.extend(encoded);
         k = end;
