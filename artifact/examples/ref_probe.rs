@@ -20,7 +20,8 @@ use shoal_artifact::chunk;
 fn delta(data: &[u8], prefix: &[u8], level: i32) -> usize {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut c = CCtx::create();
-    c.set_parameter(CParameter::CompressionLevel(level)).unwrap();
+    c.set_parameter(CParameter::CompressionLevel(level))
+        .unwrap();
     c.set_parameter(CParameter::ContentSizeFlag(true)).unwrap();
     c.ref_prefix(prefix).unwrap();
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));

@@ -479,7 +479,12 @@ pub fn decode_against(
 /// reference plus the largest chunk (2 + 4 MiB < 8 MiB).
 const WINDOW_LOG_MAX_REFERENCE: u32 = 23;
 
-fn check_decoded(data: Vec<u8>, id: ChunkId, size: u32, exact: bool) -> Result<Vec<u8>, ChunkError> {
+fn check_decoded(
+    data: Vec<u8>,
+    id: ChunkId,
+    size: u32,
+    exact: bool,
+) -> Result<Vec<u8>, ChunkError> {
     if (exact && data.len() != size as usize) || data.is_empty() {
         return Err(ChunkError::SizeMismatch {
             id,

@@ -157,7 +157,12 @@ impl RefBase {
         windows
             .into_iter()
             .filter(|(s, e)| e > s)
-            .map(|(s, e)| (s, u32::try_from(e - s).expect("a window is at most 2 WINDOW")))
+            .map(|(s, e)| {
+                (
+                    s,
+                    u32::try_from(e - s).expect("a window is at most 2 WINDOW"),
+                )
+            })
             .collect()
     }
 

@@ -672,8 +672,7 @@ impl Manifest {
     /// Checks every invariant a reader relies on. [`Manifest::from_cbor`] calls it;
     /// writers call it before signing.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format_version != FORMAT_VERSION
-            && self.format_version != FORMAT_VERSION_REFERENCES
+        if self.format_version != FORMAT_VERSION && self.format_version != FORMAT_VERSION_REFERENCES
         {
             return Err(ManifestError::UnsupportedVersion {
                 found: self.format_version.into(),
@@ -774,8 +773,7 @@ impl Manifest {
                 };
                 if r.ranges.is_empty()
                     || r.ranges.len() > REFERENCE_RANGES_MAX
-                    || r
-                        .ranges
+                    || r.ranges
                         .iter()
                         .any(|&(o, l)| l == 0 || o.checked_add(u64::from(l)).is_none())
                 {
@@ -1112,7 +1110,10 @@ mod tests {
                 ReferenceProblem::NotAscending,
                 Box::new(|r| r.chunks = vec![3, 1]),
             ),
-            (ReferenceProblem::NotAscending, Box::new(|r| r.chunks = vec![1, 1])),
+            (
+                ReferenceProblem::NotAscending,
+                Box::new(|r| r.chunks = vec![1, 1]),
+            ),
             // Position 2 repeats chunk "a" of position 0.
             (
                 ReferenceProblem::NotFirstOccurrence,
@@ -1146,10 +1147,7 @@ mod tests {
         );
         // A reference that is not a 3-element array is a decoding error.
         let mut bytes = sample_with_reference().to_cbor();
-        let at = bytes
-            .windows(10)
-            .position(|w| w == b"references")
-            .unwrap();
+        let at = bytes.windows(10).position(|w| w == b"references").unwrap();
         // The array of references (1 element), then the reference's array header.
         assert_eq!(bytes[at + 10], 0x81);
         assert_eq!(bytes[at + 11], 0x83);
@@ -1179,10 +1177,7 @@ mod tests {
         );
         let mut other = data;
         other[500] = 8;
-        assert!(matches!(
-            r.check(other),
-            Err(ReferenceError::Hash { .. })
-        ));
+        assert!(matches!(r.check(other), Err(ReferenceError::Hash { .. })));
     }
 
     #[test]

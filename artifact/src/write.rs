@@ -560,7 +560,8 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     let (mut dict, mut spool, mut pack, mut refs, mut stored_bytes) =
         (dict, spool, pack, refs, stored_bytes);
     if let (Some(nd), Some(d)) = (nodict, dict) {
-        let with = member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
+        let with =
+            member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
         let without = pack_bytes_total(&nd.pack.counts, nd.stored_bytes);
         tracing::debug!(with, without, "thin delta build: dictionary or not");
         if without < with {
@@ -647,7 +648,11 @@ const GROUP_REFERENCE_BYTES: usize = 24 * 1024 * 1024;
 
 /// A chunk's stored form, its reference (ranges, hash) when delta-encoded, and its
 /// plain form without the dictionary when a dictionary-less spool is kept.
-type Encoded = (Vec<u8>, Option<(Vec<(u64, u32)>, [u8; 32])>, Option<Vec<u8>>);
+type Encoded = (
+    Vec<u8>,
+    Option<(Vec<(u64, u32)>, [u8; 32])>,
+    Option<Vec<u8>>,
+);
 
 /// Delta-encodes the new chunks `todo` of a batch against their reference `ranges`
 /// (empty: none), keeping the smaller of that and the `plain` form. References are

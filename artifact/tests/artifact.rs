@@ -1405,7 +1405,10 @@ fn delta_encoded_chunks_decode_only_against_their_checked_reference() {
     let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
     let mut chunks = 0;
     while let Some(raw) = reader.next_raw().unwrap() {
-        let reference = raw.reference().expect("every chunk here is delta-encoded").clone();
+        let reference = raw
+            .reference()
+            .expect("every chunk here is delta-encoded")
+            .clone();
         // Without its reference a delta chunk is refused, by name.
         assert_eq!(
             raw.verify(),

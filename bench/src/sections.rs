@@ -990,7 +990,9 @@ fn competitor_deltas(ctx: &Ctx, old: &Path, new: &Path, tag: &str) -> Result<(u6
     let (old_zck, new_zck) = (w("old.zck"), w("new.zck"));
     let (old_castr, old_caibx) = (w("old.castr"), w("old.caibx"));
     let (new_castr, new_caibx) = (w("new.castr"), w("new.caibx"));
-    for p in [&old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx] {
+    for p in [
+        &old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx,
+    ] {
         measure::remove_any(p)?;
     }
     progress(&format!("zck and casync of both images of {tag} (untimed)"));
@@ -1011,7 +1013,9 @@ fn competitor_deltas(ctx: &Ctx, old: &Path, new: &Path, tag: &str) -> Result<(u6
         .filter(|(name, _)| !old_chunks.contains_key(*name))
         .map(|(_, bytes)| bytes)
         .sum();
-    for p in [&old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx] {
+    for p in [
+        &old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx,
+    ] {
         measure::remove_any(p)?;
     }
     Ok((casync_new, zck_delta))
@@ -1048,14 +1052,18 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     };
     let hotfix = v3_img.is_file();
     let (v1_shoal, v2_shoal) = (w("v1.shoal"), w("v2.shoal"));
-    let (v2_thin, v2_delta, v3_delta) = (w("v2-thin.shoal"), w("v2-delta.shoal"), w("v3-delta.shoal"));
+    let (v2_thin, v2_delta, v3_delta) =
+        (w("v2-thin.shoal"), w("v2-delta.shoal"), w("v3-delta.shoal"));
     let (v2_patch, v3_patch) = (w("v2.zst-patch"), w("v3.zst-patch"));
 
     let ready = (|| -> Result<&Shoal, String> {
         let s = shoal.as_ref().map_err(Clone::clone)?;
-        if !s.cmd().args(["artifact", "build", "--help"]).run_plain().is_ok_and(|o| {
-            String::from_utf8_lossy(&o).contains("--base-image")
-        }) {
+        if !s
+            .cmd()
+            .args(["artifact", "build", "--help"])
+            .run_plain()
+            .is_ok_and(|o| String::from_utf8_lossy(&o).contains("--base-image"))
+        {
             return Err("this shoal build has no `artifact build --base-image`".to_owned());
         }
         ensure_artifact(s, v1, &v1_shoal, None).map_err(|e| one_line(&format!("{e:#}")))?;
@@ -1114,12 +1122,23 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         let mut install_jobs = Vec::new();
         for (label, name, slot_a, source) in [
             (REF_FULL, "dev-ref-full", SlotA::Random, &v2_shoal),
-            (REF_INSTALL, "dev-ref-delta", SlotA::Image(&ctx.v1), &v2_delta),
+            (
+                REF_INSTALL,
+                "dev-ref-delta",
+                SlotA::Image(&ctx.v1),
+                &v2_delta,
+            ),
         ] {
             let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
             install_jobs.push(
-                Job::new(label, dev.install(s, source), &dev.clean(), Output::None, true)
-                    .with_prepare(dev.prepare(s)),
+                Job::new(
+                    label,
+                    dev.install(s, source),
+                    &dev.clean(),
+                    Output::None,
+                    true,
+                )
+                .with_prepare(dev.prepare(s)),
             );
             devices.push((label, dev, source.clone()));
         }
@@ -1151,12 +1170,19 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         .and_then(|j| j.result().ok())
         .and_then(size);
     if let Some(q) = plain_thin {
-        facts.push(("thin v2 artifact with plain chunks (before issue 12)".to_owned(), q.to_string()));
+        facts.push((
+            "thin v2 artifact with plain chunks (before issue 12)".to_owned(),
+            q.to_string(),
+        ));
     }
     if let Ok((d, fixed)) = &v2_diff {
         facts.push((
             "v1 → v2 download: manifest + dictionary of it".to_owned(),
-            format!("{} ({:.1} %)", Quantity::Bytes(*fixed), *fixed as f64 * 100.0 / *d as f64),
+            format!(
+                "{} ({:.1} %)",
+                Quantity::Bytes(*fixed),
+                *fixed as f64 * 100.0 / *d as f64
+            ),
         ));
     }
     for (label, dev, _) in &devices {
@@ -1184,8 +1210,12 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
             .iter()
             .find(|(l, _, _)| *l == REF_INSTALL)
             .ok_or_else(|| "the delta artifact was not built".to_owned())?;
-        find(&jobs, REF_INSTALL).ok_or_else(|| why.clone())?.result()?;
-        progress("counting the reads of the delta-encoded install from its artifact (strace, untimed)");
+        find(&jobs, REF_INSTALL)
+            .ok_or_else(|| why.clone())?
+            .result()?;
+        progress(
+            "counting the reads of the delta-encoded install from its artifact (strace, untimed)",
+        );
         dev.strace_source_bytes(ctx, s, source)
             .map(Quantity::Bytes)
             .map_err(|e| one_line(&format!("{e:#}")))

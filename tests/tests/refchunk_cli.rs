@@ -151,7 +151,10 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
     let st = dev.status();
     assert_eq!(st["deployment"]["phase"], "fetching", "{st}\n{stderr}");
     let journaled = u(&st["deployment"], "journal_bytes");
-    assert!(journaled > 0, "verified chunks were journaled: {st}\n{stderr}");
+    assert!(
+        journaled > 0,
+        "verified chunks were journaled: {st}\n{stderr}"
+    );
 
     // The rerun resumes: nothing journaled is written again; slot B is v2.
     let r = dev.install(&s.delta);
@@ -180,10 +183,7 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
     let at = s.edits[s.edits.len() / 2];
     a[at + 1] ^= 0x55;
     std::fs::write(dev.path("a.img"), &a).expect("slot A");
-    let err = fails(
-        dev.run(&["install", &s.delta.display().to_string()]),
-        1,
-    );
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
     assert!(
         err.contains("fail their hash")
             && err.contains("does not hold the base release acme-os 1.0")
@@ -196,7 +196,10 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
     assert_eq!(dev.boot_state().next_boot(), Slot::A);
     let b = std::fs::read(dev.path("b.img")).expect("slot B");
     for (i, (x, y)) in b[..SIZE].iter().zip(&s.v2).enumerate() {
-        assert!(*x == 0 || x == y, "slot B byte {i} is neither unwritten nor v2's");
+        assert!(
+            *x == 0 || x == y,
+            "slot B byte {i} is neither unwritten nor v2's"
+        );
     }
     // The plain thin artifact does not need those bytes: it installs.
     let r = dev.install(&s.plain);

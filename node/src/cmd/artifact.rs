@@ -284,9 +284,7 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
         (Some(b), Some(path)) => {
             let f = File::open(path)
                 .map_err(|e| Exit::usage(format!("base image {}: {e}", path.display())))?;
-            shoal_artifact::build_delta(input, &opts, &keys, b, f, dir, &tmp.file, |n| {
-                bar.inc(n)
-            })
+            shoal_artifact::build_delta(input, &opts, &keys, b, f, dir, &tmp.file, |n| bar.inc(n))
         }
         _ => shoal_artifact::build(input, &opts, &keys, base.as_ref(), dir, &tmp.file, |n| {
             bar.inc(n)
