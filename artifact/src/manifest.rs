@@ -1086,7 +1086,8 @@ mod tests {
 
     #[test]
     fn malformed_references_rejected() {
-        let cases: Vec<(ReferenceProblem, Box<dyn Fn(&mut Reference)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Reference)>;
+        let cases: Vec<(ReferenceProblem, Edit)> = vec![
             (ReferenceProblem::Ranges, Box::new(|r| r.ranges.clear())),
             (ReferenceProblem::Ranges, Box::new(|r| r.ranges[0].1 = 0)),
             (

@@ -965,24 +965,6 @@ pub fn engine() -> Result<Section> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zck_delta_size_output_is_parsed() {
-        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
-        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
-        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
-        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
-    }
-
-    #[test]
-    fn one_line_keeps_the_last_line() {
-        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
-    }
-}
-
 /// casync's new-chunk bytes and zchunk's download (`zck_delta_size`) from `old` to
 /// `new` (untimed): the competitors' delta figures for one pair of images.
 fn competitor_deltas(ctx: &Ctx, old: &Path, new: &Path, tag: &str) -> Result<(u64, u64)> {
@@ -1365,4 +1347,22 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         series: jobs.into_iter().map(|j| j.series).collect(),
         facts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zck_delta_size_output_is_parsed() {
+        let out = b"Would download 19447716 of 79834649 bytes\nMatched 6066 of 7076 chunks\n";
+        assert_eq!(parse_zck_delta_size(out).unwrap(), 19_447_716);
+        assert!(parse_zck_delta_size(b"Matched 1 of 2 chunks\n").is_err());
+        assert!(parse_zck_delta_size(b"Would download lots of bytes\n").is_err());
+    }
+
+    #[test]
+    fn one_line_keeps_the_last_line() {
+        assert_eq!(one_line("`x` failed:\nfirst\nreason here\n"), "reason here");
+    }
 }
