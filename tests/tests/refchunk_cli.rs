@@ -7,7 +7,6 @@
 
 mod install_common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -128,33 +127,34 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
     ])));
     assert_eq!(inspect["format_version"], 2, "{inspect}");
 
-    // Interrupted: the artifact through a pipe, cut 70% into its packs.
-    let bytes = std::fs::read(&s.delta).expect("artifact");
-    let packs = bytes
-        .windows(14)
-        .position(|w| w == b"packs/00000000")
-        .expect("a pack member");
-    let cut = packs + (bytes.len() - packs) * 7 / 10;
-    let mut child = dev
-        .cmd(&["install", "--json", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin.write_all(&bytes[..cut]);
-    drop(stdin);
-    let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a cut stream cannot complete");
-    let st = dev.status();
-    assert_eq!(st["deployment"]["phase"], "fetching", "{st}\n{stderr}");
-    let journaled = u(&st["deployment"], "journal_bytes");
-    assert!(
-        journaled > 0,
-        "verified chunks were journaled: {st}\n{stderr}"
-    );
+    // Interrupted: the install is killed (a power cut) after a growing delay until
+    // the journal records verified progress and the install has not finished.
+    let path = s.delta.display().to_string();
+    let mut journaled = 0;
+    for wait_ms in [100u64, 200, 400, 800, 1600, 3200, 6400] {
+        let mut child = dev
+            .cmd(&["install", "--json", &path])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        let finished = child.try_wait().expect("wait").is_some();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !finished,
+            "the install finished within {wait_ms} ms, before it could be interrupted"
+        );
+        let st = dev.status();
+        if st["deployment"]["phase"] == "fetching" {
+            journaled = u(&st["deployment"], "journal_bytes");
+            if journaled > 0 {
+                break;
+            }
+        }
+    }
+    assert!(journaled > 0, "no kill left journaled progress");
 
     // The rerun resumes: nothing journaled is written again; slot B is v2.
     let r = dev.install(&s.delta);
