@@ -201,6 +201,18 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
             "slot B byte {i} is neither unwritten nor v2's"
         );
     }
+    // `diff` of a delta-encoded artifact against another release than its base is
+    // refused (its chunks decode only against their base's bytes).
+    let err = fails(
+        dev.run(&[
+            "artifact",
+            "diff",
+            &s.plain.display().to_string(),
+            &s.delta.display().to_string(),
+        ]),
+        2,
+    );
+    assert!(err.contains("is encoded against another release"), "{err}");
     // The plain thin artifact does not need those bytes: it installs.
     let r = dev.install(&s.plain);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");

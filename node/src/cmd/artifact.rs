@@ -699,6 +699,20 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
     };
     let (old_m, _, _) = read(old)?;
     let (new_m, new_env, new_dict) = read(new)?;
+    // Delta-encoded chunks decode only against their own base's bytes.
+    if new_m.payloads.iter().any(|p| !p.references.is_empty())
+        && new_m
+            .base
+            .as_ref()
+            .is_none_or(|b| b.manifest_hash != old_m.hash())
+    {
+        return Err(Exit::usage(format!(
+            "{} is encoded against another release than {} {}: compare it with its base",
+            new.display(),
+            old_m.name,
+            old_m.version
+        )));
+    }
     let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict);
     let mut out = std::io::stdout().lock();
     if json {
