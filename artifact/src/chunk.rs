@@ -345,6 +345,22 @@ pub enum ChunkError {
         /// The zstd dictionary id the frame names.
         zstd_id: u32,
     },
+    /// The chunk is encoded against bytes of the base release (its manifest names a
+    /// reference), and they were not given.
+    #[error(
+        "chunk {id}: encoded against bytes of the base release, which are not at hand (install it on a device running the base, or use a full artifact)"
+    )]
+    NeedsReference {
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// Reference bytes were given that are not the ones the manifest names for this
+    /// chunk.
+    #[error("chunk {id}: given the wrong reference bytes")]
+    WrongReference {
+        /// The chunk.
+        id: ChunkId,
+    },
     /// The decoded bytes do not hash to the chunk id.
     #[error("chunk {id}: content hashes to {actual}, not to its id")]
     HashMismatch {
@@ -353,6 +369,134 @@ pub enum ChunkError {
         /// The hash of what was decoded.
         actual: ChunkId,
     },
+}
+
+/// The stored form of `data` as a zstd frame at `level` compressed against
+/// `reference`, a raw prefix (bytes of the base release the device holds). Always a
+/// frame: the caller keeps it only when it is smaller than the plain stored form.
+/// The frame names no dictionary.
+pub fn encode_against(data: &[u8], level: i32, reference: &[u8]) -> Vec<u8> {
+    DeltaEncoder::new(level).encode(data, reference)
+}
+
+/// Compresses chunks against references (see [`encode_against`]) with one zstd
+/// context, reused from frame to frame: a context per chunk costs its tables'
+/// allocation every time. The references must outlive the encoder.
+pub struct DeltaEncoder<'p> {
+    cctx: zstd::zstd_safe::CCtx<'p>,
+}
+
+impl std::fmt::Debug for DeltaEncoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaEncoder").finish_non_exhaustive()
+    }
+}
+
+impl<'p> DeltaEncoder<'p> {
+    /// An encoder at zstd `level`.
+    pub fn new(level: i32) -> DeltaEncoder<'p> {
+        use zstd::zstd_safe::CParameter;
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        for p in [
+            CParameter::CompressionLevel(level),
+            CParameter::ContentSizeFlag(true),
+            CParameter::ChecksumFlag(false),
+            CParameter::DictIdFlag(false),
+        ] {
+            cctx.set_parameter(p).expect("zstd parameter");
+        }
+        DeltaEncoder { cctx }
+    }
+
+    /// One chunk's frame against `reference` (used for this frame only).
+    pub fn encode(&mut self, data: &[u8], reference: &'p [u8]) -> Vec<u8> {
+        self.cctx.ref_prefix(reference).expect("zstd prefix");
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        self.cctx
+            .compress2(&mut out, data)
+            .expect("compressing into a sized buffer cannot fail");
+        out
+    }
+}
+
+/// Decodes a delta-encoded chunk: a zstd frame compressed against `reference`
+/// (checked bytes of the base release), bounded by the declared size, then checks
+/// the hash, like [`decode`]. Memory: the reference (borrowed) and the chunk.
+pub fn decode_against(
+    stored: &[u8],
+    expected: &ChunkRef,
+    reference: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    use zstd::zstd_safe::{DCtx, DParameter};
+    let id = expected.id;
+    let size = expected.size.min(CHUNK_SIZE_MAX);
+    let max = stored_size_max(size);
+    if stored.len() > max as usize {
+        return Err(ChunkError::StoredTooLarge {
+            id,
+            stored: stored.len(),
+            max,
+        });
+    }
+    if !stored.starts_with(&ZSTD_MAGIC) {
+        return Err(ChunkError::Corrupt {
+            id,
+            reason: "a delta-encoded chunk must be a zstd frame".into(),
+        });
+    }
+    if let Some(zstd_id) = frame_dictionary_id(stored) {
+        return Err(ChunkError::Corrupt {
+            id,
+            reason: format!(
+                "the frame names zstd dictionary {zstd_id}; a delta-encoded chunk has only its reference"
+            ),
+        });
+    }
+    let mut d = DCtx::create();
+    // The window is the reference plus the chunk; refuse frames asking for more
+    // than the largest of those (a one-shot decode allocates no window anyway).
+    d.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX_REFERENCE))
+        .expect("zstd parameter");
+    d.ref_prefix(reference).expect("zstd prefix");
+    let mut out = Vec::with_capacity(size as usize);
+    if let Err(code) = d.decompress(&mut out, stored) {
+        let reason = zstd::zstd_safe::get_error_name(code).to_string();
+        let too_large = reason.contains("Destination buffer is too small")
+            || zstd::zstd_safe::get_frame_content_size(stored)
+                .ok()
+                .flatten()
+                .is_some_and(|n| n > u64::from(size));
+        return Err(if too_large {
+            ChunkError::DecompressedTooLarge { id, size }
+        } else {
+            ChunkError::Corrupt { id, reason }
+        });
+    }
+    check_decoded(out, id, size, true)
+}
+
+/// zstd window log a delta-encoded frame may ask for: enough for the largest
+/// reference plus the largest chunk (2 + 4 MiB < 8 MiB).
+const WINDOW_LOG_MAX_REFERENCE: u32 = 23;
+
+fn check_decoded(
+    data: Vec<u8>,
+    id: ChunkId,
+    size: u32,
+    exact: bool,
+) -> Result<Vec<u8>, ChunkError> {
+    if (exact && data.len() != size as usize) || data.is_empty() {
+        return Err(ChunkError::SizeMismatch {
+            id,
+            size,
+            found: data.len(),
+        });
+    }
+    let actual = ChunkId::of(&data);
+    if actual != id {
+        return Err(ChunkError::HashMismatch { id, actual });
+    }
+    Ok(data)
 }
 
 /// Decodes a stored chunk expected to be `expected` (its id and uncompressed size)
@@ -439,18 +583,7 @@ fn decode_bounded(
     } else {
         stored.to_vec()
     };
-    if (exact && data.len() != size as usize) || data.is_empty() {
-        return Err(ChunkError::SizeMismatch {
-            id,
-            size,
-            found: data.len(),
-        });
-    }
-    let actual = ChunkId::of(&data);
-    if actual != id {
-        return Err(ChunkError::HashMismatch { id, actual });
-    }
-    Ok(data)
+    check_decoded(data, id, size, exact)
 }
 
 #[cfg(test)]

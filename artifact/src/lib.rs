@@ -10,6 +10,8 @@
 
 pub mod chunk;
 #[cfg(feature = "fs")]
+pub mod delta;
+#[cfg(feature = "fs")]
 pub mod diff;
 #[cfg(feature = "fs")]
 pub mod extract;
@@ -27,11 +29,13 @@ pub use diff::{Diff, diff};
 #[cfg(feature = "fs")]
 pub use extract::{ExtractError, extract};
 pub use manifest::{
-    BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
-    PayloadKind,
+    BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, FORMAT_VERSION_REFERENCES, Manifest,
+    ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
 pub use read::{ArtifactReader, RawChunk, ReadError, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};
 #[cfg(feature = "fs")]
-pub use write::{BuildError, BuildOptions, BuildReport, SignError, add_signatures, build};
+pub use write::{
+    BuildError, BuildOptions, BuildReport, SignError, add_signatures, build, build_delta,
+};

@@ -22,12 +22,23 @@ use serde::de::Deserializer;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-/// The manifest format this crate writes and the only one it reads.
+/// The manifest format of a release without delta-encoded chunks (every manifest
+/// before issue 12, and every full artifact since): readers of version 1 read it.
 ///
-/// A later version adds chunk entries encoded against data a device already holds
-/// (see `artifact/DESIGN.md`); a reader refuses versions it does not know instead of
-/// guessing.
+/// A reader refuses versions it does not know instead of guessing.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The manifest format of a thin release with chunks encoded against bytes of its
+/// base release ([`Payload::references`]). A manifest is version 2 exactly when one of
+/// its payloads has references, so a reader of version 1 refuses what it could not
+/// install, and reads everything else.
+pub const FORMAT_VERSION_REFERENCES: u32 = 2;
+
+/// Most bytes one [`Reference`] covers: the device holds one reference per chunk
+/// being decoded, so this bounds its memory (see `artifact/DESIGN.md`).
+pub const REFERENCE_LEN_MAX: u32 = 2 * 1024 * 1024;
+/// Most byte ranges one [`Reference`] concatenates.
+pub const REFERENCE_RANGES_MAX: usize = 4;
 
 /// Largest manifest accepted, in bytes of CBOR (about 350 000 chunks).
 pub const MANIFEST_SIZE_MAX: usize = 16 * 1024 * 1024;
@@ -197,6 +208,182 @@ pub struct Payload {
     pub size: u64,
     /// The chunks, in payload order. A chunk id may repeat (e.g. zero blocks).
     pub chunks: Vec<ChunkRef>,
+    /// Only in a thin release ([`FORMAT_VERSION_REFERENCES`]): bytes of the base
+    /// release's payload of the same name, each naming the chunks whose stored form is
+    /// a zstd frame compressed against them (as a raw prefix). Empty otherwise, and
+    /// then not encoded at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<Reference>,
+}
+
+/// Bytes of the base release a device already holds, against which chunks were
+/// compressed: the concatenation of `ranges` of the base payload, which must hash to
+/// `hash`. Encoded as a CBOR array `[ranges, hash, chunks]`, `ranges` as `[offset,
+/// len]` pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// Byte ranges `(offset, len)` of the base payload, concatenated in this order.
+    pub ranges: Vec<(u64, u32)>,
+    /// BLAKE3 of the concatenated bytes: a device checks the bytes it read from its
+    /// running slot against it before it decodes a chunk with them.
+    pub hash: [u8; 32],
+    /// Positions in the payload's `chunks` of the chunks encoded against these
+    /// bytes, ascending; each the first occurrence of its id in the manifest.
+    pub chunks: Vec<u32>,
+}
+
+impl Reference {
+    /// Total bytes of the ranges.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|&(_, l)| u64::from(l)).sum()
+    }
+
+    /// Whether the ranges are empty (never, in a validated manifest).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks bytes read for this reference (the ranges, concatenated): their length
+    /// and hash. Only then may a chunk be decoded with them.
+    pub fn check(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
+        if bytes.len() as u64 != self.len() {
+            return Err(ReferenceError::Length {
+                expected: self.len(),
+                found: bytes.len() as u64,
+            });
+        }
+        let actual = *blake3::hash(&bytes).as_bytes();
+        if actual != self.hash {
+            return Err(ReferenceError::Hash {
+                expected: hex::encode(self.hash),
+                actual: hex::encode(actual),
+            });
+        }
+        Ok(ReferenceBytes {
+            hash: self.hash,
+            bytes: std::sync::Arc::from(bytes),
+        })
+    }
+
+    /// The ranges as text, `offset+len` joined by commas (for messages).
+    pub fn describe(&self) -> String {
+        self.ranges
+            .iter()
+            .map(|(o, l)| format!("{o}+{l}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Bytes that matched a [`Reference`]'s length and hash; only [`Reference::check`]
+/// makes them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReferenceBytes {
+    hash: [u8; 32],
+    bytes: std::sync::Arc<[u8]>,
+}
+
+impl fmt::Debug for ReferenceBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReferenceBytes")
+            .field("hash", &hex::encode(self.hash))
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl ReferenceBytes {
+    /// The hash they matched.
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.hash
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Why bytes read for a [`Reference`] were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    /// Fewer or more bytes than the ranges cover.
+    #[error("reference is {expected} bytes, {found} were read")]
+    Length {
+        /// The ranges' total.
+        expected: u64,
+        /// Bytes given.
+        found: u64,
+    },
+    /// The bytes are not the base release's (the slot changed, or holds another
+    /// release).
+    #[error("reference bytes hash to {actual}, the manifest says {expected}")]
+    Hash {
+        /// The manifest's hash (hex).
+        expected: String,
+        /// The hash of the bytes read (hex).
+        actual: String,
+    },
+}
+
+impl Serialize for Reference {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.ranges,
+            serde_bytes::Bytes::new(&self.hash),
+            &self.chunks,
+        )
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Reference {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (ranges, hash, chunks) =
+            <(Vec<(u64, u32)>, serde_bytes::ByteArray<32>, Vec<u32>)>::deserialize(d)?;
+        Ok(Reference {
+            ranges,
+            hash: hash.into_array(),
+            chunks,
+        })
+    }
+}
+
+/// What is wrong with a [`Reference`] of a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceProblem {
+    /// No ranges, more than [`REFERENCE_RANGES_MAX`], an empty range, or a range
+    /// whose end overflows.
+    Ranges,
+    /// The ranges cover more than [`REFERENCE_LEN_MAX`] bytes.
+    TooLong,
+    /// No chunk is encoded against it.
+    NoChunks,
+    /// A chunk position is past the payload's chunks.
+    ChunkOutOfRange,
+    /// Chunk positions are not strictly ascending.
+    NotAscending,
+    /// A chunk's id occurs earlier in the manifest: only a first occurrence carries
+    /// the encoding, so every occurrence of an id has one stored form.
+    NotFirstOccurrence,
+    /// Another reference names the same chunk.
+    Twice,
+}
+
+impl fmt::Display for ReferenceProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReferenceProblem::Ranges => "its byte ranges are empty, too many or overflow",
+            ReferenceProblem::TooLong => "it covers more bytes than the limit",
+            ReferenceProblem::NoChunks => "no chunk is encoded against it",
+            ReferenceProblem::ChunkOutOfRange => "it names a chunk past the payload's end",
+            ReferenceProblem::NotAscending => "its chunk positions are not strictly ascending",
+            ReferenceProblem::NotFirstOccurrence => {
+                "it names a chunk that is not the first occurrence of its id"
+            }
+            ReferenceProblem::Twice => "it names a chunk another reference names too",
+        })
+    }
 }
 
 /// FastCDC (2020 variant, normalization level 1, seed 0) parameters, in bytes.
@@ -303,10 +490,40 @@ pub enum ManifestError {
     #[error("manifest is not valid CBOR for this schema: {0}")]
     Decode(String),
     /// The manifest's format version is not one this build reads.
-    #[error("manifest format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "manifest format version {found} is not supported (this build reads {FORMAT_VERSION} and {FORMAT_VERSION_REFERENCES})"
+    )]
     UnsupportedVersion {
         /// The version found.
         found: u64,
+    },
+    /// The format version does not match the content: version 2 exactly when a
+    /// payload has references.
+    #[error(
+        "manifest format version {found} does not match its content (version {expected} for a manifest {} references)",
+        if *expected == FORMAT_VERSION_REFERENCES { "with" } else { "without" }
+    )]
+    VersionMismatch {
+        /// The version found.
+        found: u32,
+        /// The version the content needs.
+        expected: u32,
+    },
+    /// A payload has references but the manifest names no base release.
+    #[error("payload {payload:?} has chunks encoded against a base release, but names no base")]
+    ReferenceWithoutBase {
+        /// The payload's name.
+        payload: String,
+    },
+    /// A reference is malformed.
+    #[error("payload {payload:?}: reference {reference} is invalid: {problem}")]
+    BadReference {
+        /// The payload's name.
+        payload: String,
+        /// Index of the reference in the payload.
+        reference: usize,
+        /// What is wrong.
+        problem: ReferenceProblem,
     },
     /// The CBOR is valid but not in canonical form (so its hash would be ambiguous).
     #[error("manifest CBOR is not in canonical form")]
@@ -436,7 +653,9 @@ impl Manifest {
         }
         let probe: VersionProbe = cbor4ii::serde::from_slice(bytes)
             .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
-        if probe.format_version != u64::from(FORMAT_VERSION) {
+        if probe.format_version != u64::from(FORMAT_VERSION)
+            && probe.format_version != u64::from(FORMAT_VERSION_REFERENCES)
+        {
             return Err(ManifestError::UnsupportedVersion {
                 found: probe.format_version,
             });
@@ -453,9 +672,17 @@ impl Manifest {
     /// Checks every invariant a reader relies on. [`Manifest::from_cbor`] calls it;
     /// writers call it before signing.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format_version != FORMAT_VERSION {
+        if self.format_version != FORMAT_VERSION && self.format_version != FORMAT_VERSION_REFERENCES
+        {
             return Err(ManifestError::UnsupportedVersion {
                 found: self.format_version.into(),
+            });
+        }
+        let expected = self.required_version();
+        if self.format_version != expected {
+            return Err(ManifestError::VersionMismatch {
+                found: self.format_version,
+                expected,
             });
         }
         check_len("name", self.name.len(), 1, STRING_LEN_MAX)?;
@@ -501,7 +728,97 @@ impl Manifest {
             }
             p.validate(&self.chunking)?;
         }
+        self.validate_references()?;
         Ok(())
+    }
+
+    /// The format version this content needs: [`FORMAT_VERSION_REFERENCES`] when a
+    /// payload has references, else [`FORMAT_VERSION`]. Writers set it.
+    pub fn required_version(&self) -> u32 {
+        if self.payloads.iter().any(|p| !p.references.is_empty()) {
+            FORMAT_VERSION_REFERENCES
+        } else {
+            FORMAT_VERSION
+        }
+    }
+
+    fn validate_references(&self) -> Result<(), ManifestError> {
+        if self.payloads.iter().all(|p| p.references.is_empty()) {
+            return Ok(());
+        }
+        // Where each id first occurs: (payload, position).
+        let mut first: std::collections::HashMap<ChunkId, (usize, u32)> =
+            std::collections::HashMap::new();
+        for (pi, p) in self.payloads.iter().enumerate() {
+            for (i, c) in p.chunks.iter().enumerate() {
+                // Bounded by the manifest size: positions fit a u32.
+                first.entry(c.id).or_insert((pi, i as u32));
+            }
+        }
+        for (pi, p) in self.payloads.iter().enumerate() {
+            if p.references.is_empty() {
+                continue;
+            }
+            if self.base.is_none() {
+                return Err(ManifestError::ReferenceWithoutBase {
+                    payload: p.name.clone(),
+                });
+            }
+            let mut claimed = std::collections::HashSet::new();
+            for (ri, r) in p.references.iter().enumerate() {
+                let bad = |problem| ManifestError::BadReference {
+                    payload: p.name.clone(),
+                    reference: ri,
+                    problem,
+                };
+                if r.ranges.is_empty()
+                    || r.ranges.len() > REFERENCE_RANGES_MAX
+                    || r.ranges
+                        .iter()
+                        .any(|&(o, l)| l == 0 || o.checked_add(u64::from(l)).is_none())
+                {
+                    return Err(bad(ReferenceProblem::Ranges));
+                }
+                if r.len() > u64::from(REFERENCE_LEN_MAX) {
+                    return Err(bad(ReferenceProblem::TooLong));
+                }
+                if r.chunks.is_empty() {
+                    return Err(bad(ReferenceProblem::NoChunks));
+                }
+                let mut last = None;
+                for &pos in &r.chunks {
+                    let Some(c) = p.chunks.get(pos as usize) else {
+                        return Err(bad(ReferenceProblem::ChunkOutOfRange));
+                    };
+                    if last.is_some_and(|l| pos <= l) {
+                        return Err(bad(ReferenceProblem::NotAscending));
+                    }
+                    last = Some(pos);
+                    if first.get(&c.id) != Some(&(pi, pos)) {
+                        return Err(bad(ReferenceProblem::NotFirstOccurrence));
+                    }
+                    if !claimed.insert(pos) {
+                        return Err(bad(ReferenceProblem::Twice));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The reference each delta-encoded chunk (by id) is encoded against.
+    pub fn references_by_chunk(&self) -> std::collections::HashMap<ChunkId, &Reference> {
+        let mut out = std::collections::HashMap::new();
+        for p in &self.payloads {
+            for r in &p.references {
+                for &pos in &r.chunks {
+                    if let Some(c) = p.chunks.get(pos as usize) {
+                        out.insert(c.id, r);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The payload named `name`.
@@ -620,6 +937,7 @@ mod tests {
                 name: "rootfs".into(),
                 size: 4000 + 16384 + 4000 + 1,
                 chunks,
+                references: Vec::new(),
             }],
             provides: BTreeMap::from([
                 ("zz".into(), "1".into()),
@@ -684,12 +1002,183 @@ mod tests {
     #[test]
     fn unknown_version_rejected() {
         let mut m = sample();
-        m.format_version = 2;
+        m.format_version = 3;
         let bytes = cbor4ii::serde::to_vec(Vec::new(), &m).unwrap();
         assert_eq!(
             Manifest::from_cbor(&bytes),
-            Err(ManifestError::UnsupportedVersion { found: 2 })
+            Err(ManifestError::UnsupportedVersion { found: 3 })
         );
+    }
+
+    /// The sample as a thin release whose chunk "b" (position 1) is encoded against
+    /// 1000 bytes at offset 5000 of the base payload.
+    fn sample_with_reference() -> Manifest {
+        let mut m = sample();
+        m.base = Some(BaseRelease {
+            name: "acme-os".into(),
+            version: "1.0".into(),
+            manifest_hash: [3; 32],
+        });
+        m.payloads[0].references = vec![Reference {
+            ranges: vec![(5000, 1000)],
+            hash: [4; 32],
+            chunks: vec![1],
+        }];
+        m.format_version = FORMAT_VERSION_REFERENCES;
+        m
+    }
+
+    fn encode_unchecked(m: &Manifest) -> Vec<u8> {
+        cbor4ii::serde::to_vec(Vec::new(), m).unwrap()
+    }
+
+    #[test]
+    fn references_round_trip_as_version_2() {
+        let m = sample_with_reference();
+        m.validate().unwrap();
+        assert_eq!(m.required_version(), FORMAT_VERSION_REFERENCES);
+        let bytes = m.to_cbor();
+        let back = Manifest::from_cbor(&bytes).unwrap();
+        assert_eq!(back, m);
+        let by_chunk = back.references_by_chunk();
+        assert_eq!(by_chunk.len(), 1);
+        assert_eq!(by_chunk[&ChunkId::of(b"b")].ranges, vec![(5000, 1000)]);
+        // A manifest without references stays version 1, byte for byte as before:
+        // the field is not encoded at all.
+        let plain = sample();
+        assert_eq!(plain.required_version(), FORMAT_VERSION);
+        assert!(!plain.to_cbor().windows(10).any(|w| w == b"references"));
+    }
+
+    #[test]
+    fn version_must_match_references() {
+        let mut m = sample_with_reference();
+        m.format_version = FORMAT_VERSION;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::VersionMismatch {
+                found: 1,
+                expected: 2
+            })
+        );
+        let mut m = sample();
+        m.format_version = FORMAT_VERSION_REFERENCES;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::VersionMismatch {
+                found: 2,
+                expected: 1
+            })
+        );
+    }
+
+    #[test]
+    fn references_need_a_base() {
+        let mut m = sample_with_reference();
+        m.base = None;
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::ReferenceWithoutBase {
+                payload: "rootfs".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_references_rejected() {
+        type Edit = Box<dyn Fn(&mut Reference)>;
+        let cases: Vec<(ReferenceProblem, Edit)> = vec![
+            (ReferenceProblem::Ranges, Box::new(|r| r.ranges.clear())),
+            (ReferenceProblem::Ranges, Box::new(|r| r.ranges[0].1 = 0)),
+            (
+                ReferenceProblem::Ranges,
+                Box::new(|r| r.ranges = vec![(1, 1); REFERENCE_RANGES_MAX + 1]),
+            ),
+            (
+                ReferenceProblem::Ranges,
+                Box::new(|r| r.ranges[0] = (u64::MAX - 10, 100)),
+            ),
+            (
+                ReferenceProblem::TooLong,
+                Box::new(|r| r.ranges = vec![(0, REFERENCE_LEN_MAX), (0, 1)]),
+            ),
+            (ReferenceProblem::NoChunks, Box::new(|r| r.chunks.clear())),
+            (
+                ReferenceProblem::ChunkOutOfRange,
+                Box::new(|r| r.chunks = vec![4]),
+            ),
+            (
+                ReferenceProblem::NotAscending,
+                Box::new(|r| r.chunks = vec![3, 1]),
+            ),
+            (
+                ReferenceProblem::NotAscending,
+                Box::new(|r| r.chunks = vec![1, 1]),
+            ),
+            // Position 2 repeats chunk "a" of position 0.
+            (
+                ReferenceProblem::NotFirstOccurrence,
+                Box::new(|r| r.chunks = vec![2]),
+            ),
+        ];
+        for (problem, edit) in cases {
+            let mut m = sample_with_reference();
+            edit(&mut m.payloads[0].references[0]);
+            assert_eq!(
+                Manifest::from_cbor(&encode_unchecked(&m)),
+                Err(ManifestError::BadReference {
+                    payload: "rootfs".into(),
+                    reference: 0,
+                    problem
+                }),
+                "{problem:?}"
+            );
+        }
+        // Two references naming one chunk.
+        let mut m = sample_with_reference();
+        let again = m.payloads[0].references[0].clone();
+        m.payloads[0].references.push(again);
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::BadReference {
+                payload: "rootfs".into(),
+                reference: 1,
+                problem: ReferenceProblem::Twice
+            })
+        );
+        // A reference that is not a 3-element array is a decoding error.
+        let mut bytes = sample_with_reference().to_cbor();
+        let at = bytes.windows(10).position(|w| w == b"references").unwrap();
+        // The array of references (1 element), then the reference's array header.
+        assert_eq!(bytes[at + 10], 0x81);
+        assert_eq!(bytes[at + 11], 0x83);
+        bytes[at + 11] = 0x82;
+        assert!(matches!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn reference_bytes_are_checked() {
+        let data = vec![9u8; 1000];
+        let r = Reference {
+            ranges: vec![(0, 600), (10_000, 400)],
+            hash: *blake3::hash(&data).as_bytes(),
+            chunks: vec![0],
+        };
+        let ok = r.check(data.clone()).unwrap();
+        assert_eq!(ok.bytes(), &data[..]);
+        assert_eq!(
+            r.check(vec![9u8; 999]),
+            Err(ReferenceError::Length {
+                expected: 1000,
+                found: 999
+            })
+        );
+        let mut other = data;
+        other[500] = 8;
+        assert!(matches!(r.check(other), Err(ReferenceError::Hash { .. })));
     }
 
     #[test]
@@ -901,6 +1390,7 @@ mod tests {
                         name: "rootfs".into(),
                         size: chunks.iter().map(|c| u64::from(c.size)).sum(),
                         chunks,
+                        references: Vec::new(),
                     }],
                     provides,
                     device_types: types,

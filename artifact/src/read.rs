@@ -10,8 +10,9 @@
 //! caller does not want without reading them when the source can skip ([`Skip`]),
 //! and, when the artifact has a pack table, without reading any pack's header.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use shoal_signing::{
@@ -19,7 +20,9 @@ use shoal_signing::{
 };
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
-use crate::manifest::{BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError};
+use crate::manifest::{
+    BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError, Reference, ReferenceBytes,
+};
 use crate::ustar::{self, BLOCK, Block, HeaderError};
 
 /// Path of the first member: the signed manifest envelope (canonical CBOR).
@@ -276,12 +279,41 @@ pub struct RawChunk {
     pub chunk: ChunkRef,
     stored: Vec<u8>,
     dictionary: Option<Dictionary>,
+    reference: Option<Arc<Reference>>,
 }
 
 impl RawChunk {
-    /// Decodes (bounded by the declared size) and checks the hash.
+    /// Decodes (bounded by the declared size) and checks the hash. A delta-encoded
+    /// chunk ([`RawChunk::reference`]) is refused with
+    /// [`ChunkError::NeedsReference`]: use [`RawChunk::verify_against`].
     pub fn verify(&self) -> Result<Vec<u8>, ChunkError> {
+        if self.reference.is_some() {
+            return Err(ChunkError::NeedsReference { id: self.chunk.id });
+        }
         chunk::decode_with(&self.stored, &self.chunk, self.dictionary.as_ref())
+    }
+
+    /// The base release bytes this chunk is encoded against, as the signed manifest
+    /// names them; `None` for a plain chunk.
+    pub fn reference(&self) -> Option<&Arc<Reference>> {
+        self.reference.as_ref()
+    }
+
+    /// Decodes a delta-encoded chunk with `reference` (bytes checked against this
+    /// chunk's [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other
+    /// ones) and checks the hash. A plain chunk decodes as [`RawChunk::verify_chunk`]
+    /// does.
+    pub fn verify_against(&self, reference: &ReferenceBytes) -> Result<VerifiedChunk, ChunkError> {
+        let Some(r) = &self.reference else {
+            return self.verify_chunk();
+        };
+        if r.hash != *reference.hash() {
+            return Err(ChunkError::WrongReference { id: self.chunk.id });
+        }
+        Ok(VerifiedChunk {
+            chunk: self.chunk,
+            data: chunk::decode_against(&self.stored, &self.chunk, reference.bytes())?,
+        })
     }
 
     /// Like [`RawChunk::verify`], returning the bytes as a [`VerifiedChunk`], which
@@ -423,6 +455,8 @@ pub struct ArtifactReader<R: Read> {
     contents: Option<HashSet<ChunkId>>,
     /// Chunk count of each pack, from the pack table member, once it was read.
     table: Option<Vec<u32>>,
+    /// The reference of each delta-encoded chunk, from the manifest.
+    references: HashMap<ChunkId, Arc<Reference>>,
     /// Whether the members before the first pack were read.
     preamble_done: bool,
     /// A header block the preamble read that is not a preamble member (an artifact
@@ -483,6 +517,17 @@ impl<R: Read> ArtifactReader<R> {
         base: Option<&Manifest>,
     ) -> Self {
         let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
+        let mut references = HashMap::new();
+        for p in &manifest.payloads {
+            for r in &p.references {
+                let shared = Arc::new(r.clone());
+                for &pos in &r.chunks {
+                    if let Some(c) = p.chunks.get(pos as usize) {
+                        references.insert(c.id, Arc::clone(&shared));
+                    }
+                }
+            }
+        }
         let mut reader = ArtifactReader {
             src,
             offset,
@@ -498,6 +543,7 @@ impl<R: Read> ArtifactReader<R> {
             dictionary: None,
             contents: None,
             table: None,
+            references,
             preamble_done: false,
             peeked: None,
             done: false,
@@ -637,6 +683,7 @@ impl<R: Read> ArtifactReader<R> {
             chunk,
             stored,
             dictionary: self.dictionary.clone(),
+            reference: self.references.get(&chunk.id).cloned(),
         }))
     }
 
@@ -1117,6 +1164,7 @@ impl<R: Skip> ArtifactReader<R> {
                 chunk: c,
                 stored: bytes[at..at + n].to_vec(),
                 dictionary: self.dictionary.clone(),
+                reference: self.references.get(&c.id).cloned(),
             });
             at += n;
         }

@@ -18,9 +18,10 @@ use shoal_signing::{Envelope, SecretKey};
 
 use crate::chunk::Dictionary;
 use crate::chunk::{self, Chunker};
+use crate::delta::{BaseImageError, RefBase};
 use crate::manifest::{
-    BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, Manifest, ManifestError, Payload,
-    PayloadKind, check_text,
+    BaseRelease, ChunkId, ChunkRef, Chunking, Manifest, ManifestError, Payload, PayloadKind,
+    Reference, check_text,
 };
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
@@ -252,6 +253,9 @@ pub enum BuildError {
     /// The image is empty.
     #[error("the image is empty")]
     EmptyImage,
+    /// The base image given for delta encoding is unusable.
+    #[error(transparent)]
+    BaseImage(#[from] BaseImageError),
     /// The base manifest uses other chunking parameters, so no chunk could be shared.
     #[error("the base release was cut with {base:?}, this build with {this:?}")]
     ChunkingMismatch {
@@ -281,6 +285,10 @@ pub struct BuildReport {
     pub chunks_written: u64,
     /// Stored bytes of the chunks written.
     pub stored_bytes: u64,
+    /// Chunks written delta-encoded against the base release's bytes.
+    pub chunks_delta: u64,
+    /// References (base byte ranges) the delta-encoded chunks use.
+    pub references: u64,
 }
 
 /// A batch of chunks cut by the chunker thread.
@@ -292,10 +300,52 @@ struct Batch {
 /// temporary file in `spool_dir`. `base` makes a thin artifact. `progress` is called
 /// with payload bytes done.
 pub fn build<R: Read + Seek + Send, W: Write>(
+    image: R,
+    opts: &BuildOptions,
+    keys: &[SecretKey],
+    base: Option<&Manifest>,
+    spool_dir: &Path,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<BuildReport, BuildError> {
+    build_impl(image, opts, keys, base, None, spool_dir, out, progress)
+}
+
+/// Like [`build`] of a thin artifact against `base`, with `base_image` the base
+/// release's payload (checked against the base manifest's size and hash first): each
+/// new chunk is also compressed against bytes of it (see [`crate::delta`]) and
+/// stored that way when that is smaller. The manifest names those references
+/// (format version 2); a device decodes such a chunk with bytes of its running slot.
+#[allow(clippy::too_many_arguments)]
+pub fn build_delta<R: Read + Seek + Send, W: Write>(
+    image: R,
+    opts: &BuildOptions,
+    keys: &[SecretKey],
+    base: &Manifest,
+    base_image: File,
+    spool_dir: &Path,
+    out: W,
+    progress: impl FnMut(u64),
+) -> Result<BuildReport, BuildError> {
+    build_impl(
+        image,
+        opts,
+        keys,
+        Some(base),
+        Some(base_image),
+        spool_dir,
+        out,
+        progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_impl<R: Read + Seek + Send, W: Write>(
     mut image: R,
     opts: &BuildOptions,
     keys: &[SecretKey],
     base: Option<&Manifest>,
+    base_image: Option<File>,
     spool_dir: &Path,
     out: W,
     mut progress: impl FnMut(u64),
@@ -338,6 +388,11 @@ pub fn build<R: Read + Seek + Send, W: Write>(
                 .collect()
         })
         .unwrap_or_default();
+    let refbase = match (base, base_image) {
+        (Some(b), Some(f)) => Some(RefBase::open(f, b, &opts.payload_name)?),
+        _ => None,
+    };
+    let refbase = refbase.as_ref();
 
     let dictionary = if opts.dictionary {
         let d = train_dictionary(&mut image, opts.chunking)?;
@@ -348,10 +403,30 @@ pub fn build<R: Read + Seek + Send, W: Write>(
     };
     let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
+    // A delta build also spools its chunks without the dictionary (the plain ones
+    // compressed without it), and keeps the dictionary only when it pays for itself:
+    // most chunks are then delta-encoded, and the few plain ones may gain less than
+    // the dictionary costs to download.
+    let mut nodict = match (dict, refbase) {
+        (Some(_), Some(_)) => Some(NoDict {
+            spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?),
+            pack: PackWriter::new(opts.pack_bytes),
+            stored_of: HashMap::new(),
+            stored_bytes: 0,
+        }),
+        _ => None,
+    };
     let mut refs: Vec<ChunkRef> = Vec::new();
     let mut stored_of: HashMap<ChunkId, u32> = HashMap::new();
     let mut written: HashSet<ChunkId> = HashSet::new();
     let mut stored_bytes = 0u64;
+    let mut references: Vec<Reference> = Vec::new();
+    let mut reference_of: HashMap<Vec<(u64, u32)>, usize> = HashMap::new();
+    let mut chunks_delta = 0u64;
+    // Locality anchor: (end in the new payload, end in the base) of the last chunk
+    // both hold, and the new payload's offset of the batch.
+    let mut anchor: Option<(u64, u64)> = None;
+    let mut payload_offset = 0u64;
     let mut pack = PackWriter::new(opts.pack_bytes);
     let level = opts.zstd_level;
     let chunking = opts.chunking;
@@ -394,19 +469,64 @@ pub fn build<R: Read + Seek + Send, W: Write>(
             let ids: Vec<ChunkId> = batch.chunks.par_iter().map(|d| ChunkId::of(d)).collect();
             // Which chunks of this batch are new: first occurrence, not in the base.
             let mut todo = Vec::new();
+            let mut anchors = Vec::new();
             let mut batch_new = HashSet::new();
+            let mut offset = payload_offset;
             for (i, id) in ids.iter().enumerate() {
+                let len = batch.chunks[i].len() as u64;
+                if let Some(end) = refbase.and_then(|r| r.held_end(id)) {
+                    anchor = Some((offset + len, end));
+                }
                 if !stored_of.contains_key(id) && !held.contains_key(id) && batch_new.insert(*id) {
                     todo.push(i);
+                    // Where this chunk would start in the base had the stretch since
+                    // the anchor kept its place.
+                    anchors.push(anchor.map(|(new_end, base_end)| base_end + (offset - new_end)));
                 }
+                offset += len;
             }
-            let encoded: Vec<Vec<u8>> = todo
+            payload_offset = offset;
+            let want_nodict = nodict.is_some();
+            let plain: Vec<Vec<u8>> = todo
                 .par_iter()
                 .map(|&i| chunk::encode_with(&batch.chunks[i], level, dict))
                 .collect();
-            for (&i, stored) in todo.iter().zip(&encoded) {
+            let encoded: Vec<Encoded> = match refbase {
+                None => plain.into_iter().map(|p| (p, None, None)).collect(),
+                Some(rb) => {
+                    let ranges: Vec<Vec<(u64, u32)>> = todo
+                        .par_iter()
+                        .zip(&anchors)
+                        .map(|(&i, &at)| rb.ranges(at, &batch.chunks[i]))
+                        .collect();
+                    encode_deltas(rb, &batch.chunks, &todo, ranges, plain, level, want_nodict)?
+                }
+            };
+            let position0 = refs.len();
+            for (&i, (stored, reference, alt)) in todo.iter().zip(&encoded) {
                 let id = ids[i];
+                if let Some((ranges, hash)) = reference {
+                    let r = *reference_of.entry(ranges.clone()).or_insert_with(|| {
+                        references.push(Reference {
+                            ranges: ranges.clone(),
+                            hash: *hash,
+                            chunks: Vec::new(),
+                        });
+                        references.len() - 1
+                    });
+                    let position = u32::try_from(position0 + i)
+                        .expect("a payload's chunk count fits u32 (manifest size limit)");
+                    references[r].chunks.push(position);
+                    chunks_delta += 1;
+                }
                 pack.push(&mut spool, stored)?;
+                if let Some(nd) = nodict.as_mut() {
+                    let other = alt.as_ref().unwrap_or(stored);
+                    nd.pack.push(&mut nd.spool, other)?;
+                    let n = u32::try_from(other.len()).expect("bounded by chunk size");
+                    nd.stored_of.insert(id, n);
+                    nd.stored_bytes += other.len() as u64;
+                }
                 let stored_size = u32::try_from(stored.len()).expect("bounded by chunk size");
                 stored_of.insert(id, stored_size);
                 written.insert(id);
@@ -427,15 +547,38 @@ pub fn build<R: Read + Seek + Send, W: Write>(
             progress(done);
         }
         pack.flush(&mut spool)?;
+        if let Some(nd) = nodict.as_mut() {
+            nd.pack.flush(&mut nd.spool)?;
+        }
         Ok(cutter.join().expect("chunker thread panicked"))
     })?;
     if size == 0 {
         return Err(BuildError::EmptyImage);
     }
 
+    // Without the dictionary when that is smaller, all framing included.
+    let (mut dict, mut spool, mut pack, mut refs, mut stored_bytes) =
+        (dict, spool, pack, refs, stored_bytes);
+    if let (Some(nd), Some(d)) = (nodict, dict) {
+        let with =
+            member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
+        let without = pack_bytes_total(&nd.pack.counts, nd.stored_bytes);
+        tracing::debug!(with, without, "thin delta build: dictionary or not");
+        if without < with {
+            for c in refs.iter_mut() {
+                if let Some(&n) = nd.stored_of.get(&c.id) {
+                    c.stored_size = n;
+                }
+            }
+            dict = None;
+            spool = nd.spool;
+            pack = nd.pack;
+            stored_bytes = nd.stored_bytes;
+        }
+    }
     let chunks_total = refs.len() as u64;
     let chunks_distinct = refs.iter().map(|c| c.id).collect::<HashSet<_>>().len() as u64;
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         base: base.map(base_release),
         name: opts.name.clone(),
         depends: opts.depends.clone(),
@@ -447,13 +590,20 @@ pub fn build<R: Read + Seek + Send, W: Write>(
             name: opts.payload_name.clone(),
             size,
             chunks: refs,
+            references,
         }],
         provides: opts.provides.clone(),
         device_types: opts.device_types.clone(),
-        format_version: FORMAT_VERSION,
+        format_version: 0,
         security_counter: opts.security_counter,
     };
+    manifest.format_version = manifest.required_version();
     manifest.validate()?;
+    let references_count = manifest
+        .payloads
+        .iter()
+        .map(|p| p.references.len() as u64)
+        .sum();
     let mut envelope = Envelope::new(manifest.to_cbor());
     for key in keys {
         envelope.sign(key);
@@ -487,7 +637,115 @@ pub fn build<R: Read + Seek + Send, W: Write>(
         chunks_distinct,
         chunks_written: written.len() as u64,
         stored_bytes,
+        chunks_delta,
+        references: references_count,
     })
+}
+
+/// Reference bytes read at once while delta-encoding a batch: bounds the builder's
+/// memory whatever the batch holds (a reference is at most 512 KiB).
+const GROUP_REFERENCE_BYTES: usize = 24 * 1024 * 1024;
+
+/// A chunk's stored form, its reference (ranges, hash) when delta-encoded, and its
+/// plain form without the dictionary when a dictionary-less spool is kept.
+type Encoded = (
+    Vec<u8>,
+    Option<(Vec<(u64, u32)>, [u8; 32])>,
+    Option<Vec<u8>>,
+);
+
+/// Delta-encodes the new chunks `todo` of a batch against their reference `ranges`
+/// (empty: none), keeping the smaller of that and the `plain` form. References are
+/// read once per group of chunks (at most [`GROUP_REFERENCE_BYTES`] of them), and
+/// each thread reuses one zstd context.
+fn encode_deltas(
+    rb: &RefBase,
+    chunks: &[Vec<u8>],
+    todo: &[usize],
+    ranges: Vec<Vec<(u64, u32)>>,
+    plain: Vec<Vec<u8>>,
+    level: i32,
+    want_nodict: bool,
+) -> io::Result<Vec<Encoded>> {
+    let mut out = Vec::with_capacity(todo.len());
+    let mut plain = plain.into_iter();
+    let mut k = 0;
+    while k < todo.len() {
+        // The group: chunks from k while their distinct references fit.
+        let mut slot_of: HashMap<&[(u64, u32)], usize> = HashMap::new();
+        let mut keys: Vec<&[(u64, u32)]> = Vec::new();
+        let mut bytes = 0usize;
+        let mut end = k;
+        while end < todo.len() {
+            let r = ranges[end].as_slice();
+            if !r.is_empty() && !slot_of.contains_key(r) {
+                let len: usize = r.iter().map(|&(_, l)| l as usize).sum();
+                if bytes + len > GROUP_REFERENCE_BYTES && end > k {
+                    break;
+                }
+                slot_of.insert(r, keys.len());
+                keys.push(r);
+                bytes += len;
+            }
+            end += 1;
+        }
+        let refs: Vec<Vec<u8>> = keys
+            .par_iter()
+            .map(|r| rb.read(r))
+            .collect::<io::Result<_>>()?;
+        let hashes: Vec<[u8; 32]> = refs
+            .par_iter()
+            .map(|b| *blake3::hash(b).as_bytes())
+            .collect();
+        let mut group: Vec<(usize, Vec<u8>)> = (k..end).zip(plain.by_ref()).collect();
+        // One context per thread's share of the group (a context per chunk would
+        // allocate and fault in its tables every time).
+        let share = group.len().div_ceil(rayon::current_num_threads().max(1));
+        let encoded: Vec<Encoded> = group
+            .par_chunks_mut(share.max(1))
+            .flat_map_iter(|part| {
+                let mut enc = chunk::DeltaEncoder::new(level);
+                part.iter_mut()
+                    .map(|(j, plain)| {
+                        let j = *j;
+                        let plain = std::mem::take(plain);
+                        let data = &chunks[todo[j]];
+                        let alt = || want_nodict.then(|| chunk::encode(data, level));
+                        let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
+                            return (plain, None, alt());
+                        };
+                        let delta = enc.encode(data, &refs[s]);
+                        if delta.len() < plain.len() {
+                            (delta, Some((ranges[j].clone(), hashes[s])), None)
+                        } else {
+                            (plain, None, alt())
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.extend(encoded);
+        k = end;
+    }
+    Ok(out)
+}
+
+/// The chunks of a delta build spooled without the dictionary.
+struct NoDict {
+    spool: BufWriter<File>,
+    pack: PackWriter,
+    stored_of: HashMap<ChunkId, u32>,
+    stored_bytes: u64,
+}
+
+/// Bytes the packs of a spool take in the artifact: their tar headers and padding,
+/// counts and chunks, and the pack table member.
+fn pack_bytes_total(counts: &[u32], stored_bytes: u64) -> u64 {
+    // Each pack: a 512-byte header, the 4-byte count, padding to 512; the stored
+    // bytes; then the table member.
+    counts.len() as u64 * (ustar::BLOCK as u64 + PACK_HEADER_LEN as u64 + ustar::BLOCK as u64 / 2)
+        + stored_bytes
+        + member_len(counts.len() as u64 * PACK_TABLE_ENTRY_LEN as u64)
 }
 
 /// How a thin manifest names its base.

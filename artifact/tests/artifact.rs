@@ -1325,3 +1325,227 @@ fn unsigned_and_undersigned_envelopes_are_refused_before_their_bytes_are_read() 
     check_envelope_signers(&mut Cursor::new(&bytes), Some(&root(&[1], 1))).unwrap();
     check_envelope_signers(&mut Cursor::new(&b"not a tar"[..]), None).unwrap();
 }
+
+/// Random (incompressible) bytes: only a reference can shrink them.
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// A base release (full) and a delta-encoded thin artifact of `new` against it.
+fn delta_pair(base: &[u8], new: &[u8]) -> (Manifest, Vec<u8>, BuildReport) {
+    let (base_art, base_report) = build(base);
+    drop(base_art);
+    let dir = tempfile::tempdir().unwrap();
+    let base_file = dir.path().join("base.img");
+    std::fs::write(&base_file, base).unwrap();
+    let mut o = opts();
+    o.version = "2.0".into();
+    let mut out = Vec::new();
+    let report = shoal_artifact::build_delta(
+        Cursor::new(new),
+        &o,
+        &[key(1)],
+        &base_report.manifest,
+        std::fs::File::open(&base_file).unwrap(),
+        dir.path(),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.artifact_len, out.len() as u64);
+    (base_report.manifest, out, report)
+}
+
+/// The bytes of a reference, read from the base payload.
+fn reference_bytes(base: &[u8], r: &shoal_artifact::Reference) -> Vec<u8> {
+    r.ranges
+        .iter()
+        .flat_map(|&(o, l)| base[o as usize..o as usize + l as usize].iter().copied())
+        .collect()
+}
+
+/// v2 = v1 with a few bytes changed in two places and a stretch inserted: random
+/// data, so the changed chunks compress only against v1's bytes.
+fn edited(base: &[u8]) -> Vec<u8> {
+    let mut new = base.to_vec();
+    new[70_000..70_010].copy_from_slice(b"0123456789");
+    new[200_000] ^= 0xff;
+    new.splice(300_000..300_000, random(3000, 77));
+    new
+}
+
+#[test]
+fn delta_encoded_chunks_decode_only_against_their_checked_reference() {
+    let base = random(400_000, 5);
+    let new = edited(&base);
+    let (base_m, art, report) = delta_pair(&base, &new);
+    let m = &report.manifest;
+    assert_eq!(m.format_version, shoal_artifact::FORMAT_VERSION_REFERENCES);
+    assert!(report.chunks_delta >= 3, "{report:?}");
+    assert_eq!(report.chunks_delta, report.chunks_written, "{report:?}");
+    // Far smaller than the same chunks stored plain (random bytes do not compress).
+    let (plain_thin, plain_report) = build_with(&new, &opts(), &[key(1)], Some(&base_m));
+    assert!(
+        report.stored_bytes * 5 < plain_report.stored_bytes,
+        "delta {} vs plain {}",
+        report.stored_bytes,
+        plain_report.stored_bytes
+    );
+    assert!(art.len() < plain_thin.len());
+
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let mut chunks = 0;
+    while let Some(raw) = reader.next_raw().unwrap() {
+        let reference = raw
+            .reference()
+            .expect("every chunk here is delta-encoded")
+            .clone();
+        // Without its reference a delta chunk is refused, by name.
+        assert_eq!(
+            raw.verify(),
+            Err(ChunkError::NeedsReference { id: raw.chunk.id })
+        );
+        // Bytes that are not the base's fail the reference's hash.
+        let mut wrong = reference_bytes(&base, &reference);
+        wrong[0] ^= 1;
+        assert!(matches!(
+            reference.check(wrong),
+            Err(shoal_artifact::ReferenceError::Hash { .. })
+        ));
+        // Checked bytes of another reference are refused too.
+        let other = shoal_artifact::Reference {
+            ranges: vec![(0, 100)],
+            hash: *blake3::hash(&base[..100]).as_bytes(),
+            chunks: vec![0],
+        };
+        let other = other.check(base[..100].to_vec()).unwrap();
+        assert_eq!(
+            raw.verify_against(&other).unwrap_err(),
+            ChunkError::WrongReference { id: raw.chunk.id }
+        );
+        // The right bytes decode to the chunk, hash-checked.
+        let ok = reference.check(reference_bytes(&base, &reference)).unwrap();
+        let v = raw.verify_against(&ok).unwrap();
+        assert_eq!(ChunkId::of(v.data()), raw.chunk.id);
+        chunks += 1;
+    }
+    assert_eq!(chunks, report.chunks_written);
+}
+
+#[test]
+fn a_tampered_delta_frame_is_refused_after_decoding() {
+    let base = random(400_000, 6);
+    let new = edited(&base);
+    let (_, art, report) = delta_pair(&base, &new);
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let raw = reader.next_raw().unwrap().unwrap();
+    let reference = raw.reference().unwrap().clone();
+    let ok = reference.check(reference_bytes(&base, &reference)).unwrap();
+    // The same frame decoded against a shifted window of the base: the hash check
+    // (or zstd) catches it, never yields wrong bytes.
+    let shifted = shoal_artifact::Reference {
+        ranges: reference.ranges.iter().map(|&(o, l)| (o + 1, l)).collect(),
+        hash: [0; 32],
+        chunks: vec![0],
+    };
+    let bytes = reference_bytes(&base, &shifted);
+    let decoded = shoal_artifact::chunk::decode_against(raw.stored(), &raw.chunk, &bytes);
+    assert!(
+        matches!(
+            decoded,
+            Err(ChunkError::HashMismatch { .. } | ChunkError::Corrupt { .. })
+        ),
+        "{decoded:?}"
+    );
+    assert!(raw.verify_against(&ok).is_ok());
+    assert!(report.references >= 1);
+}
+
+#[test]
+fn build_delta_refuses_a_base_image_that_is_not_the_base() {
+    let base = random(400_000, 8);
+    let (_, base_report) = build(&base);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.img");
+    let mut other = base.clone();
+    other[1000] ^= 1;
+    std::fs::write(&wrong, &other).unwrap();
+    let e = shoal_artifact::build_delta(
+        Cursor::new(edited(&base)),
+        &opts(),
+        &[key(1)],
+        &base_report.manifest,
+        std::fs::File::open(&wrong).unwrap(),
+        dir.path(),
+        Vec::new(),
+        |_| {},
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the base image is not the base release's payload \"rootfs\" (its hash differs)"
+    );
+}
+
+#[test]
+fn a_delta_build_drops_the_dictionary_when_it_does_not_pay() {
+    let base = payload(400_000, 21);
+    let new = edited(&base);
+    let (base_art, base_report) = build(&base);
+    drop(base_art);
+    let dir = tempfile::tempdir().unwrap();
+    let base_file = dir.path().join("base.img");
+    std::fs::write(&base_file, &base).unwrap();
+    let mut o = opts();
+    o.dictionary = true;
+    let mut out = Vec::new();
+    let report = shoal_artifact::build_delta(
+        Cursor::new(&new),
+        &o,
+        &[key(1)],
+        &base_report.manifest,
+        std::fs::File::open(&base_file).unwrap(),
+        dir.path(),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
+    // The new chunks are small edits of the base (delta-encoded) and one of new
+    // random bytes: a dictionary could only cost.
+    assert_eq!(
+        (report.chunks_delta, report.chunks_written),
+        (3, 4),
+        "{report:?}"
+    );
+    assert_eq!(report.dictionary_len, 0, "{report:?}");
+    assert!(!members(&out).iter().any(|(_, p, _)| p == "dictionary"));
+    assert_eq!(report.artifact_len, out.len() as u64);
+    // The stored sizes the manifest signs are those of the spool written.
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&out[..], &r, NOW).unwrap();
+    let mut n = 0;
+    while let Some(raw) = reader.next_raw().unwrap() {
+        match raw.reference().cloned() {
+            Some(reference) => {
+                let ok = reference.check(reference_bytes(&base, &reference)).unwrap();
+                raw.verify_against(&ok).unwrap();
+            }
+            // The plain chunk was compressed without the dictionary it dropped.
+            None => {
+                raw.verify().unwrap();
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(n, report.chunks_written);
+}

@@ -76,6 +76,9 @@ enum Only {
     /// Issue 9: the memory an unsigned envelope costs before it is refused (needs
     /// no images).
     Harden,
+    /// Issue 12: delta-encoded chunks (v1 → v2, and the v2 → v3 hotfix when
+    /// `v3.img` exists: `bench/make-hotfix-image.sh`).
+    Refchunk,
 }
 
 /// Everything the sections share.
@@ -201,6 +204,9 @@ fn run(args: Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Harden) {
         report.sections.push(sections::harden(&ctx, &shoal)?);
+    }
+    if matches!(args.only, Only::All | Only::Refchunk) {
+        report.sections.push(sections::refchunk(&ctx, &shoal)?);
     }
     report.context = context(&ctx, &args, &load_before)?;
 
@@ -338,6 +344,7 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
                     Only::Artifact => " --only artifact",
                     Only::Install => " --only install",
                     Only::Harden => " --only harden",
+                    Only::Refchunk => " --only refchunk",
                 }
             ),
         ),

@@ -971,6 +971,390 @@ pub fn engine() -> Result<Section> {
     })
 }
 
+/// casync's new-chunk bytes and zchunk's download (`zck_delta_size`) from `old` to
+/// `new` (untimed): the competitors' delta figures for one pair of images.
+fn competitor_deltas(ctx: &Ctx, old: &Path, new: &Path, tag: &str) -> Result<(u64, u64)> {
+    let w = |name: &str| work_path(ctx, &format!("{tag}-{name}"));
+    let (old_zck, new_zck) = (w("old.zck"), w("new.zck"));
+    let (old_castr, old_caibx) = (w("old.castr"), w("old.caibx"));
+    let (new_castr, new_caibx) = (w("new.castr"), w("new.caibx"));
+    for p in [
+        &old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx,
+    ] {
+        measure::remove_any(p)?;
+    }
+    progress(&format!("zck and casync of both images of {tag} (untimed)"));
+    zck(old, &old_zck).run_plain()?;
+    zck(new, &new_zck).run_plain()?;
+    casync_make(&old_castr, &old_caibx, old).run_plain()?;
+    casync_make(&new_castr, &new_caibx, new).run_plain()?;
+    let zck_delta = parse_zck_delta_size(
+        &Cmd::new("zck_delta_size")
+            .arg(&old_zck)
+            .arg(&new_zck)
+            .run_plain()?,
+    )?;
+    let old_chunks = measure::files_by_name(&old_castr)?;
+    let new_chunks = measure::files_by_name(&new_castr)?;
+    let casync_new = new_chunks
+        .iter()
+        .filter(|(name, _)| !old_chunks.contains_key(*name))
+        .map(|(_, bytes)| bytes)
+        .sum();
+    for p in [
+        &old_zck, &new_zck, &old_castr, &old_caibx, &new_castr, &new_caibx,
+    ] {
+        measure::remove_any(p)?;
+    }
+    Ok((casync_new, zck_delta))
+}
+
+/// `zstd -19 --long=30 --patch-from=OLD NEW -o OUT`: the whole-image delta a device
+/// with 2 GB of memory could apply.
+fn zstd_patch_from(old: &Path, new: &Path, out: &Path) -> Cmd {
+    Cmd::new("zstd")
+        .args(["-q", "-f", "-19", "--long=30"])
+        .arg(concat_os("--patch-from=", old))
+        .arg(new)
+        .arg("-o")
+        .arg(out)
+}
+
+/// Label of the delta-encoded install (v1 → v2).
+const REF_INSTALL: &str = "shoal install (v1 → v2, delta-encoded thin artifact)";
+/// Label of the full install it is compared with.
+const REF_FULL: &str = "shoal install (full, for comparison)";
+
+/// Issue 12: reference-compressed (delta-encoded) chunks.
+pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
+    let w = |name: &str| work_path(ctx, name);
+    let (v1, v2) = releases(ctx);
+    let v3_img = ctx
+        .v2
+        .parent()
+        .map_or_else(|| PathBuf::from("v3.img"), |d| d.join("v3.img"));
+    let v3 = Release {
+        image: &v3_img,
+        version: "3.0.0",
+        counter: 3,
+    };
+    let hotfix = v3_img.is_file();
+    let (v1_shoal, v2_shoal) = (w("v1.shoal"), w("v2.shoal"));
+    let (v2_thin, v2_delta, v3_delta) =
+        (w("v2-thin.shoal"), w("v2-delta.shoal"), w("v3-delta.shoal"));
+    let (v2_patch, v3_patch) = (w("v2.zst-patch"), w("v3.zst-patch"));
+
+    let ready = (|| -> Result<&Shoal, String> {
+        let s = shoal.as_ref().map_err(Clone::clone)?;
+        if !s
+            .cmd()
+            .args(["artifact", "build", "--help"])
+            .run_plain()
+            .is_ok_and(|o| String::from_utf8_lossy(&o).contains("--base-image"))
+        {
+            return Err("this shoal build has no `artifact build --base-image`".to_owned());
+        }
+        ensure_artifact(s, v1, &v1_shoal, None).map_err(|e| one_line(&format!("{e:#}")))?;
+        ensure_artifact(s, v2, &v2_shoal, None).map_err(|e| one_line(&format!("{e:#}")))?;
+        Ok(s)
+    })();
+    let image_bytes = measure::file_bytes(&ctx.v2)?;
+    let mut jobs = vec![Job::new(
+        "zstd --patch-from (v1 → v2)",
+        zstd_patch_from(&ctx.v1, &ctx.v2, &v2_patch),
+        &[&v2_patch],
+        Output::File(v2_patch.clone()),
+        false,
+    )];
+    if hotfix {
+        jobs.push(Job::new(
+            "zstd --patch-from (v2 → v3)",
+            zstd_patch_from(&ctx.v2, &v3_img, &v3_patch),
+            &[&v3_patch],
+            Output::File(v3_patch.clone()),
+            false,
+        ));
+    }
+    let mut devices = Vec::new();
+    if let Ok(s) = &ready {
+        jobs.push(Job::new(
+            "shoal build --base (thin v2, plain chunks)",
+            s.build(v2, &v2_thin, false, Some(&v1_shoal)),
+            &[&v2_thin],
+            Output::File(v2_thin.clone()),
+            true,
+        ));
+        jobs.push(Job::new(
+            "shoal build --base --base-image (v2)",
+            s.build_delta(v2, &v2_delta, &v1_shoal, &ctx.v1),
+            &[&v2_delta],
+            Output::File(v2_delta.clone()),
+            true,
+        ));
+        if hotfix {
+            jobs.push(Job::new(
+                "shoal build --base --base-image (v3, hotfix)",
+                s.build_delta(v3, &v3_delta, &v2_shoal, &ctx.v2),
+                &[&v3_delta],
+                Output::File(v3_delta.clone()),
+                true,
+            ));
+        }
+    }
+    run_rounds(ctx, &mut jobs)?;
+    // The installs need the delta artifact the rounds built.
+    if let Ok(s) = &ready
+        && v2_delta.is_file()
+    {
+        progress("setting up two file-backed devices (slot A: unrelated data / v1.img)");
+        let mut install_jobs = Vec::new();
+        for (label, name, slot_a, source) in [
+            (REF_FULL, "dev-ref-full", SlotA::Random, &v2_shoal),
+            (
+                REF_INSTALL,
+                "dev-ref-delta",
+                SlotA::Image(&ctx.v1),
+                &v2_delta,
+            ),
+        ] {
+            let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
+            install_jobs.push(
+                Job::new(
+                    label,
+                    dev.install(s, source),
+                    &dev.clean(),
+                    Output::None,
+                    true,
+                )
+                .with_prepare(dev.prepare(s)),
+            );
+            devices.push((label, dev, source.clone()));
+        }
+        run_rounds(ctx, &mut install_jobs)?;
+        jobs.extend(install_jobs);
+    }
+
+    let mut facts = Vec::new();
+    let why = ready.as_ref().err().cloned().unwrap_or_default();
+    // `shoal artifact diff OLD NEW-DELTA`: the download, and its fixed part.
+    let diff_of = |old: &Path, new: &Path| -> Result<(u64, u64), String> {
+        let s = ready.as_ref().map_err(Clone::clone)?;
+        if !new.is_file() {
+            return Err("the delta build failed".to_owned());
+        }
+        let out = s
+            .diff(old, new)
+            .run_plain()
+            .map_err(|e| one_line(&format!("{e:#}")))?;
+        let field = |k: &str| shoal::parse_diff_field(&out, k).map_err(|e| format!("{e:#}"));
+        Ok((
+            field("download_bytes")?,
+            field("manifest_bytes")? + field("dictionary_bytes")?,
+        ))
+    };
+    let v2_diff = diff_of(&v1_shoal, &v2_delta);
+    let (v1v2_casync, v1v2_zck) = competitor_deltas(ctx, &ctx.v1, &ctx.v2, "v1v2")?;
+    let plain_thin = find(&jobs, "shoal build --base (thin v2, plain chunks)")
+        .and_then(|j| j.result().ok())
+        .and_then(size);
+    if let Some(q) = plain_thin {
+        facts.push((
+            "thin v2 artifact with plain chunks (before issue 12)".to_owned(),
+            q.to_string(),
+        ));
+    }
+    if let Ok((d, fixed)) = &v2_diff {
+        facts.push((
+            "v1 → v2 download: manifest + dictionary of it".to_owned(),
+            format!(
+                "{} ({:.1} %)",
+                Quantity::Bytes(*fixed),
+                *fixed as f64 * 100.0 / *d as f64
+            ),
+        ));
+    }
+    for (label, dev, _) in &devices {
+        let Some(job) = find(&jobs, label).filter(|j| j.error.is_none()) else {
+            continue;
+        };
+        facts.push((
+            format!("`{label}`: what `--json` reported (last run)"),
+            format!("`{}`", String::from_utf8_lossy(&job.last_stdout).trim()),
+        ));
+        let same = Cmd::new("cmp")
+            .arg("-n")
+            .arg(image_bytes.to_string())
+            .arg(&dev.slot_b)
+            .arg(&ctx.v2)
+            .succeeds();
+        facts.push((
+            format!("`{label}`: slot B equals v2.img afterwards"),
+            if same { "yes" } else { "**NO**" }.to_owned(),
+        ));
+    }
+    let install_read = (|| -> Result<Quantity, String> {
+        let s = ready.as_ref().map_err(Clone::clone)?;
+        let (_, dev, source) = devices
+            .iter()
+            .find(|(l, _, _)| *l == REF_INSTALL)
+            .ok_or_else(|| "the delta artifact was not built".to_owned())?;
+        find(&jobs, REF_INSTALL)
+            .ok_or_else(|| why.clone())?
+            .result()?;
+        progress(
+            "counting the reads of the delta-encoded install from its artifact (strace, untimed)",
+        );
+        dev.strace_source_bytes(ctx, s, source)
+            .map(Quantity::Bytes)
+            .map_err(|e| one_line(&format!("{e:#}")))
+    })();
+
+    let bytes = |r: &Result<(u64, u64), String>| r.clone().map(|(d, _)| Quantity::Bytes(d));
+    let patch_v2 = must(&jobs, "zstd --patch-from (v1 → v2)", size)?;
+    facts.push((
+        "`zstd -19 --long=30 --patch-from` v1 → v2: size / time / peak RSS".to_owned(),
+        format!(
+            "{} / {} / {}",
+            patch_v2,
+            must(&jobs, "zstd --patch-from (v1 → v2)", wall)?,
+            must(&jobs, "zstd --patch-from (v1 → v2)", rss)?
+        ),
+    ));
+    let mut goals = vec![
+        Goal::absolute(
+            "download v1 → v2 (`shoal artifact diff` of the delta-encoded thin artifact, everything included)",
+            bytes(&v2_diff),
+            Target::AtMost(Quantity::Bytes(9_000_000)),
+        ),
+        Goal::relative(
+            "download v1 → v2 vs casync",
+            bytes(&v2_diff),
+            baseline("casync new-chunk bytes", Quantity::Bytes(v1v2_casync)),
+            Target::RatioAtMost(0.70),
+        ),
+        Goal::relative(
+            "download v1 → v2 vs zchunk",
+            bytes(&v2_diff),
+            baseline("`zck_delta_size`", Quantity::Bytes(v1v2_zck)),
+            Target::RatioAtMost(0.80),
+        ),
+        Goal::relative(
+            "download v1 → v2 vs `zstd -19 --long=30 --patch-from` (for reference: no target of the issue)",
+            bytes(&v2_diff),
+            baseline("`zstd --patch-from` v1 → v2", patch_v2),
+            Target::RatioAtMost(2.0),
+        ),
+        Goal::relative(
+            "build time of the delta-encoded thin artifact vs the plain thin build",
+            figure(&jobs, "shoal build --base --base-image (v2)", &why, wall),
+            baseline(
+                "`shoal artifact build --base` (plain chunks)",
+                must(&jobs, "shoal build --base (thin v2, plain chunks)", wall)
+                    .unwrap_or(Quantity::Seconds(f64::NAN)),
+            ),
+            Target::RatioAtMost(2.0),
+        ),
+        Goal::absolute(
+            "peak RSS of `shoal artifact build --base --base-image` (v2)",
+            figure(&jobs, "shoal build --base --base-image (v2)", &why, rss),
+            Target::AtMost(Quantity::Mebibytes(128.0)),
+        ),
+        Goal::absolute(
+            "peak RSS of the delta-encoded install (v1 → v2)",
+            figure(&jobs, REF_INSTALL, &why, rss),
+            Target::AtMost(Quantity::Mebibytes(32.0)),
+        ),
+        match figure(&jobs, REF_FULL, &why, wall) {
+            Ok(full) => Goal::relative(
+                "delta-encoded install (v1 → v2): wall time vs the full install",
+                figure(&jobs, REF_INSTALL, &why, wall),
+                baseline("full `shoal install`", full),
+                Target::RatioAtMost(1.0),
+            ),
+            Err(e) => Goal::not_run(
+                "delta-encoded install (v1 → v2): wall time vs the full install",
+                e,
+                Target::RatioAtMost(1.0),
+            ),
+        },
+        match &v2_diff {
+            Ok((d, _)) => Goal::relative(
+                "delta-encoded install (v1 → v2): bytes read from the artifact (strace)",
+                install_read,
+                baseline("`shoal artifact diff`", Quantity::Bytes(*d)),
+                Target::RatioAtMost(1.0),
+            ),
+            Err(e) => Goal::not_run(
+                "delta-encoded install (v1 → v2): bytes read from the artifact vs `shoal artifact diff`",
+                e.clone(),
+                Target::RatioAtMost(1.0),
+            ),
+        },
+    ];
+    if hotfix {
+        let v3_diff = diff_of(&v2_shoal, &v3_delta);
+        let (casync3, zck3) = competitor_deltas(ctx, &ctx.v2, &v3_img, "v2v3")?;
+        let patch_v3 = must(&jobs, "zstd --patch-from (v2 → v3)", size)?;
+        facts.push((
+            "`zstd -19 --long=30 --patch-from` v2 → v3: size / time / peak RSS".to_owned(),
+            format!(
+                "{} / {} / {}",
+                patch_v3,
+                must(&jobs, "zstd --patch-from (v2 → v3)", wall)?,
+                must(&jobs, "zstd --patch-from (v2 → v3)", rss)?
+            ),
+        ));
+        goals.push(Goal::relative(
+            "hotfix v2 → v3 download vs casync",
+            bytes(&v3_diff),
+            baseline("casync new-chunk bytes", Quantity::Bytes(casync3)),
+            Target::RatioAtMost(0.70),
+        ));
+        goals.push(Goal::relative(
+            "hotfix v2 → v3 download vs zchunk",
+            bytes(&v3_diff),
+            baseline("`zck_delta_size`", Quantity::Bytes(zck3)),
+            Target::RatioAtMost(0.70),
+        ));
+        goals.push(Goal::relative(
+            "hotfix v2 → v3 download vs `zstd -19 --long=30 --patch-from`",
+            bytes(&v3_diff),
+            baseline("`zstd --patch-from` v2 → v3", patch_v3),
+            Target::RatioAtMost(1.4),
+        ));
+        goals.push(match &v3_diff {
+            Ok((d, fixed)) => Goal::relative(
+                "hotfix v2 → v3: manifest + dictionary in the download",
+                Ok(Quantity::Bytes(*fixed)),
+                baseline("the whole v2 → v3 download", Quantity::Bytes(*d)),
+                Target::RatioAtMost(0.10),
+            ),
+            Err(e) => Goal::not_run(
+                "hotfix v2 → v3: manifest + dictionary in the download",
+                e.clone(),
+                Target::RatioAtMost(0.10),
+            ),
+        });
+    } else {
+        facts.push((
+            "hotfix pair v2 → v3".to_owned(),
+            format!(
+                "not measured: {} is missing (run bench/make-hotfix-image.sh as root)",
+                v3_img.display()
+            ),
+        ));
+    }
+    for p in [&v2_patch, &v3_patch] {
+        measure::remove_any(p)?;
+    }
+    Ok(Section {
+        title: "Issue 12 — delta-encoded chunks (reference-compressed)".to_owned(),
+        goals,
+        series: jobs.into_iter().map(|j| j.series).collect(),
+        facts,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

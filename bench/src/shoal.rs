@@ -120,6 +120,20 @@ impl Shoal {
         cmd.arg("--out").arg(out)
     }
 
+    /// `shoal artifact build --base BASE --base-image BASE_IMAGE` of `release`: a
+    /// thin artifact whose new chunks are delta-encoded against the base's bytes.
+    pub fn build_delta(
+        &self,
+        release: Release<'_>,
+        out: &Path,
+        base: &Path,
+        base_image: &Path,
+    ) -> Cmd {
+        self.build(release, out, false, Some(base))
+            .arg("--base-image")
+            .arg(base_image)
+    }
+
     /// `shoal artifact verify ART --root ROOT`.
     pub fn verify(&self, artifact: &Path) -> Cmd {
         self.cmd()
@@ -144,6 +158,15 @@ fn pub_path(key: &Path) -> PathBuf {
     let mut s = key.as_os_str().to_owned();
     s.push(".pub");
     PathBuf::from(s)
+}
+
+/// A number field of `shoal artifact diff --json` output.
+pub fn parse_diff_field(stdout: &[u8], key: &str) -> Result<u64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(stdout).context("`shoal artifact diff --json` printed no JSON")?;
+    v.get(key)
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("`shoal artifact diff --json` has no number {key:?}: {v}"))
 }
 
 /// The download size in bytes from `shoal artifact diff --json` output.

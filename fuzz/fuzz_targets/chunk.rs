@@ -2,8 +2,10 @@
 //! (or raw bytes) a chunk store, a server or a peer sends, and zstd dictionaries
 //! (`Dictionary::from_bytes`) as stores and artifacts carry them.
 //!
-//! The first input byte picks: bit 1 parses the rest as a dictionary; else the
-//! rest is a stored chunk, decoded with the seeds' dictionary when bit 0 is set.
+//! The first input byte picks: bit 1 parses the rest as a dictionary; bit 2 decodes
+//! the rest as a delta-encoded chunk (`chunk::decode_against`) with the seeds'
+//! dictionary bytes as its reference; else the rest is a stored chunk, decoded with
+//! the seeds' dictionary when bit 0 is set.
 //!
 //! Properties: no panic and bounded memory (never more than the declared size,
 //! whatever a frame claims); a chunk decodes only to bytes that hash to its id;
@@ -39,6 +41,20 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(d.id, ChunkId::of(stored));
                 assert_eq!(d.bytes(), stored);
             }
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+        return;
+    }
+    if mode & 4 != 0 {
+        // Bounded by the declared size whatever the frame says; nothing hashes to
+        // the zero id, so every input is refused, with a message.
+        let expected = ChunkRef {
+            id: ChunkId([0; 32]),
+            size: 64 * 1024,
+            stored_size: u32::try_from(stored.len()).unwrap_or(u32::MAX),
+        };
+        match chunk::decode_against(stored, &expected, dictionary().bytes()) {
+            Ok(data) => panic!("{} bytes hashed to the zero id", data.len()),
             Err(e) => assert!(!e.to_string().is_empty()),
         }
         return;

@@ -647,6 +647,7 @@ fn release_indexed(
             name: "rootfs".into(),
             size: image.len() as u64,
             chunks,
+            references: Vec::new(),
         }],
         provides: BTreeMap::from([("rootfs-image.version".to_string(), version.to_string())]),
         device_types: vec![device_type.into()],

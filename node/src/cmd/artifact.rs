@@ -144,6 +144,12 @@ pub struct BuildArgs {
     /// Make a thin artifact: leave out the chunks this earlier artifact holds.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// With --base: the base release's payload image. New chunks are then also
+    /// compressed against bytes of it (a device reads them from its running slot),
+    /// which makes the artifact much smaller; only a device running the base
+    /// release can install it.
+    #[arg(long, requires = "base")]
+    base_image: Option<PathBuf>,
     /// Faster build, somewhat larger artifact: bigger chunks, lower zstd level.
     #[arg(long)]
     fast: bool,
@@ -273,15 +279,17 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     // Written under a temporary name and renamed: a failed build leaves nothing.
     let tmp = TempOut::create(&args.out)?;
     let bar = ui.progress(image_len, "building", false);
-    let report = shoal_artifact::build(
-        BufReader::with_capacity(1 << 20, image),
-        &opts,
-        &keys,
-        base.as_ref(),
-        dir,
-        &tmp.file,
-        |n| bar.inc(n),
-    )
+    let input = BufReader::with_capacity(1 << 20, image);
+    let report = match (&base, &args.base_image) {
+        (Some(b), Some(path)) => {
+            let f = File::open(path)
+                .map_err(|e| Exit::usage(format!("base image {}: {e}", path.display())))?;
+            shoal_artifact::build_delta(input, &opts, &keys, b, f, dir, &tmp.file, |n| bar.inc(n))
+        }
+        _ => shoal_artifact::build(input, &opts, &keys, base.as_ref(), dir, &tmp.file, |n| {
+            bar.inc(n)
+        }),
+    }
     .with_context(|| format!("building from {}", args.image.display()))?;
     bar.finish_and_clear();
     tmp.persist()?;
@@ -294,10 +302,15 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
         report.chunks_total,
         report.chunks_distinct,
         report.chunks_written,
-        if report.manifest.base.is_some() {
-            " (thin)"
+        if report.chunks_delta > 0 {
+            format!(
+                " (thin; {} delta-encoded against {} references to the base)",
+                report.chunks_delta, report.references
+            )
+        } else if report.manifest.base.is_some() {
+            " (thin)".to_string()
         } else {
-            ""
+            String::new()
         },
     ));
     Ok(())
@@ -686,6 +699,20 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
     };
     let (old_m, _, _) = read(old)?;
     let (new_m, new_env, new_dict) = read(new)?;
+    // Delta-encoded chunks decode only against their own base's bytes.
+    if new_m.payloads.iter().any(|p| !p.references.is_empty())
+        && new_m
+            .base
+            .as_ref()
+            .is_none_or(|b| b.manifest_hash != old_m.hash())
+    {
+        return Err(Exit::usage(format!(
+            "{} is encoded against another release than {} {}: compare it with its base",
+            new.display(),
+            old_m.name,
+            old_m.version
+        )));
+    }
     let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict);
     let mut out = std::io::stdout().lock();
     if json {

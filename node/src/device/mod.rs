@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow, bail};
 use rayon::prelude::*;
 use shoal_artifact::read::ArtifactReader;
-use shoal_artifact::{ChunkId, ChunkRef, ChunkStore, Manifest, ReadError};
+use shoal_artifact::{
+    ChunkId, ChunkRef, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
+};
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
@@ -464,6 +466,27 @@ impl Device {
                     })
                     .context("the release was refused"));
                 }
+                // Chunks delta-encoded against the base release are decoded with
+                // bytes of the running slot: a device known to run another release
+                // is refused before anything is written (one with no record is
+                // checked reference by reference, by hash).
+                if let Some(base) = artifact.manifest().base.as_ref()
+                    && artifact
+                        .manifest()
+                        .payloads
+                        .iter()
+                        .any(|p| !p.references.is_empty())
+                    && let Some(running_release) =
+                        &driver.engine.status().releases[slot_index(running)]
+                    && running_release.manifest_hash != base.manifest_hash
+                {
+                    return Err(anyhow!(
+                        "{name} holds chunks encoded against {} {}, but the running slot {running} holds {running_release}; install a full artifact or one built against {running_release}",
+                        base.name,
+                        base.version
+                    )
+                    .context("the release was refused"));
+                }
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
                 let holds = artifact
@@ -816,12 +839,82 @@ fn pick_release(
 /// A chunk of an artifact, decoded and verified, or why not.
 type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 
+/// A chunk read from an artifact, with the checked base bytes it is encoded
+/// against when it is delta-encoded.
+type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
+
 /// Decodes and hashes chunks on all cores (each exactly once: the engine does not
 /// hash [`shoal_artifact::VerifiedChunk`]s again).
-fn decode(raws: Vec<shoal_artifact::RawChunk>) -> Vec<Decoded> {
+fn decode(raws: Vec<Undecoded>) -> Vec<Decoded> {
     raws.par_iter()
-        .map(|r| (r.chunk.id, r.verify_chunk().map_err(|e| e.to_string())))
+        .map(|(r, reference)| {
+            let verified = match reference {
+                Some(bytes) => r.verify_against(bytes),
+                None => r.verify_chunk(),
+            };
+            (r.chunk.id, verified.map_err(|e| e.to_string()))
+        })
         .collect()
+}
+
+/// Total reference bytes kept between batches (references of neighbouring chunks
+/// repeat); with the batches in flight this bounds what delta decoding adds to an
+/// install's memory (a reference is at most `REFERENCE_LEN_MAX`, 2 MiB).
+const REFERENCE_CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
+/// from the running slot (which holds the base payload from offset 0) and checked
+/// against the reference's hash before any chunk is decoded with them.
+struct References {
+    slot: Slot,
+    storage: Box<dyn Storage>,
+    /// Recently used references, most recent last.
+    cache: std::collections::VecDeque<ReferenceBytes>,
+    base: String,
+}
+
+impl References {
+    /// The checked bytes of `r`, from the cache or read now. `Ok((bytes, true))`
+    /// when they were read now.
+    fn get(&mut self, r: &Reference) -> anyhow::Result<(ReferenceBytes, bool)> {
+        if let Some(i) = self.cache.iter().position(|b| b.hash() == &r.hash) {
+            let b = self.cache.remove(i).expect("found");
+            self.cache.push_back(b.clone());
+            return Ok((b, false));
+        }
+        let len = usize::try_from(r.len()).context("reference too large")?;
+        let mut bytes = vec![0u8; len];
+        let mut at = 0;
+        for &(offset, n) in &r.ranges {
+            let n = n as usize;
+            self.storage
+                .read_at(offset, &mut bytes[at..at + n])
+                .with_context(|| {
+                    format!(
+                        "cannot read the reference bytes {} of the running slot {}",
+                        r.describe(),
+                        self.slot
+                    )
+                })?;
+            at += n;
+        }
+        let checked = r.check(bytes).map_err(|e| {
+            anyhow!(
+                "the reference bytes {} of the running slot {} fail their hash ({e}): the slot does not hold the base release {} there; install a full artifact instead",
+                r.describe(),
+                self.slot,
+                self.base
+            )
+        })?;
+        while !self.cache.is_empty()
+            && self.cache.iter().map(|b| b.bytes().len()).sum::<usize>() + len
+                > REFERENCE_CACHE_BYTES
+        {
+            self.cache.pop_front();
+        }
+        self.cache.push_back(checked.clone());
+        Ok((checked, true))
+    }
 }
 
 /// Runs an engine's outputs against the device.
@@ -899,22 +992,86 @@ impl<'a> Driver<'a> {
     ) -> anyhow::Result<()> {
         let mut decoded: Vec<Decoded> = Vec::new();
         let mut ended = false;
+        // Delta-encoded chunks are decoded with bytes of the running slot.
+        let mut references = match artifact
+            .manifest()
+            .payloads
+            .iter()
+            .any(|p| !p.references.is_empty())
+        {
+            false => None,
+            true => {
+                let slot = self.engine.status().active;
+                let base = artifact
+                    .manifest()
+                    .base
+                    .as_ref()
+                    .map_or_else(String::new, |b| format!("{} {}", b.name, b.version));
+                let storage = self
+                    .dev
+                    .boot
+                    .open_reader(slot)
+                    .with_context(|| format!("cannot open the running slot {slot}"))?;
+                Some(References {
+                    slot,
+                    storage,
+                    cache: std::collections::VecDeque::new(),
+                    base,
+                })
+            }
+        };
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
             // of it does not depend on the batch still to be written.
-            let mut raws = Vec::new();
+            let mut raws: Vec<Undecoded> = Vec::new();
             let mut failure = None;
+            let mut reference_failure = None;
             let mut bytes = 0usize;
-            while !ended && failure.is_none() && bytes < DECODE_BATCH_BYTES {
+            while !ended
+                && failure.is_none()
+                && reference_failure.is_none()
+                && bytes < DECODE_BATCH_BYTES
+            {
                 let engine = &self.engine;
                 match artifact.next_wanted(|id| engine.wants(id)) {
                     Ok(Some(raw)) => {
                         bytes += raw.chunk.size as usize + raw.stored().len();
-                        raws.push(raw);
+                        let reference = match (raw.reference(), references.as_mut()) {
+                            (Some(r), Some(refs)) => match refs.get(r) {
+                                Ok((b, read)) => {
+                                    if read {
+                                        bytes += b.bytes().len();
+                                    }
+                                    Some(b)
+                                }
+                                Err(e) => {
+                                    reference_failure =
+                                        Some(format!("chunk {}: {e:#}", raw.chunk.id));
+                                    None
+                                }
+                            },
+                            _ => None,
+                        };
+                        raws.push((raw, reference));
                     }
                     Ok(None) => ended = true,
                     Err(e) => failure = Some(e),
                 }
+            }
+            if let Some(message) = reference_failure {
+                // The running slot is not the base the chunks were encoded
+                // against: nothing decoded with it is written, and retrying cannot
+                // help.
+                self.retry_safe = Some(false);
+                self.engine.handle(
+                    self.now(),
+                    Input::Failed {
+                        op: IoOp::Fetch,
+                        message: message.clone(),
+                    },
+                );
+                self.drain()?;
+                return Err(anyhow!(message));
             }
             if let Some(e) = failure {
                 // The archive is bad (or could not be read) past this point: the

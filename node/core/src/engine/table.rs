@@ -184,6 +184,7 @@ mod tests {
             name: "rootfs".into(),
             size: 10 + 20 + 10 + 30 + 10,
             chunks: vec![c(1, 10), c(2, 20), c(1, 10), c(3, 30), c(1, 10)],
+            references: Vec::new(),
         };
         let t = ChunkTable::new(&payload);
         assert_eq!((t.entries(), t.positions()), (3, 5));

@@ -1,0 +1,220 @@
+//! Delta-encoded chunks (issue 12) through the real binary: `shoal artifact build
+//! --base --base-image` makes a thin artifact whose changed chunks are compressed
+//! against bytes of the base release; `shoal install` on a device running the base
+//! decodes them with bytes of its running slot, checked by hash; an interrupted
+//! install resumes; a running slot whose reference bytes differ is refused with a
+//! clear error and nothing wrong is written.
+
+mod install_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use install_common::{Device, fails, hash, image, ok, u};
+use shoal_bootctl::Slot;
+use shoal_tests::shoal;
+
+const MIB: usize = 1024 * 1024;
+const SIZE: usize = 8 * MIB;
+const SLOT: u64 = 10 * MIB as u64;
+/// One small edit every this many bytes: a few hundred changed chunks, each a small
+/// edit of a chunk the device has (a rebuilt package, a grown file).
+const EDIT_EVERY: usize = 24 * 1024;
+
+/// v2: v1 with a few bytes rewritten every [`EDIT_EVERY`] bytes, and the offsets
+/// of those edits.
+fn edited(v1: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let mut v2 = v1.to_vec();
+    let mut at = Vec::new();
+    let mut i = 5000;
+    while i + 8 < v2.len() {
+        v2[i..i + 8].copy_from_slice(&(i as u64).to_le_bytes());
+        at.push(i);
+        i += EDIT_EVERY;
+    }
+    (v2, at)
+}
+
+/// `shoal artifact build` of `image`, thin against `base` (with its image when
+/// `base_image` is given).
+fn build(
+    dev: &Device,
+    image: &[u8],
+    version: &str,
+    base: Option<(&Path, Option<&Path>)>,
+) -> PathBuf {
+    let img = dev.path(&format!("build-{version}.img"));
+    std::fs::write(&img, image).expect("image");
+    let suffix = match base {
+        None => "full",
+        Some((_, None)) => "thin",
+        Some((_, Some(_))) => "delta",
+    };
+    let out = dev.path(&format!("acme-os-{version}-{suffix}.shoal"));
+    let mut cmd = shoal();
+    cmd.args(["--quiet", "artifact", "build", "--image"])
+        .arg(&img)
+        .args(["--name", "acme-os", "--version", version])
+        .args(["--device-type", "board", "--security-counter", "1"])
+        .arg("--key")
+        .arg(&dev.key)
+        .arg("--out")
+        .arg(&out);
+    if let Some((b, bi)) = base {
+        cmd.arg("--base").arg(b);
+        if let Some(bi) = bi {
+            cmd.arg("--base-image").arg(bi);
+        }
+    }
+    ok(cmd.output().expect("run"));
+    out
+}
+
+fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("artifact").len()
+}
+
+/// A device running v1 in slot A (as shipped, no Shoal record), with the three
+/// artifacts: v1 full, v2 thin (plain) and v2 thin delta-encoded.
+struct Setup {
+    dev: Device,
+    v1: Vec<u8>,
+    v2: Vec<u8>,
+    edits: Vec<usize>,
+    plain: PathBuf,
+    delta: PathBuf,
+}
+
+fn setup() -> Setup {
+    let v1 = image(11, SIZE);
+    let (v2, edits) = edited(&v1);
+    let dev = Device::new(&v1, SLOT);
+    let v1_img = dev.path("v1.img");
+    std::fs::write(&v1_img, &v1).expect("v1 image");
+    let a1 = build(&dev, &v1, "1.0", None);
+    let plain = build(&dev, &v2, "2.0", Some((&a1, None)));
+    let delta = build(&dev, &v2, "2.0", Some((&a1, Some(&v1_img))));
+    Setup {
+        dev,
+        v1,
+        v2,
+        edits,
+        plain,
+        delta,
+    }
+}
+
+#[test]
+fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
+    let s = setup();
+    let dev = &s.dev;
+    // Journal every MiB written, so a cut stream leaves journaled progress.
+    dev.write_config("[install]\njournal_batch_mib = 1\n");
+    // The edits touch a few hundred random-looking chunks: stored plain they cost
+    // about their whole size; against v1's bytes, a few bytes each.
+    let (plain, delta) = (len(&s.plain), len(&s.delta));
+    assert!(
+        delta * 4 < plain,
+        "delta-encoded thin artifact {delta} bytes vs plain thin {plain}"
+    );
+    // The manifest says so (format 2, references) and `verify` without the base
+    // names what it lacks rather than passing.
+    let inspect = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "inspect",
+        "--json",
+        &s.delta.display().to_string(),
+    ])));
+    assert_eq!(inspect["format_version"], 2, "{inspect}");
+
+    // Interrupted: the install is killed (a power cut) after a growing delay until
+    // the journal records verified progress and the install has not finished.
+    let path = s.delta.display().to_string();
+    let mut journaled = 0;
+    for wait_ms in [100u64, 200, 400, 800, 1600, 3200, 6400] {
+        let mut child = dev
+            .cmd(&["install", "--json", &path])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        let finished = child.try_wait().expect("wait").is_some();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !finished,
+            "the install finished within {wait_ms} ms, before it could be interrupted"
+        );
+        let st = dev.status();
+        if st["deployment"]["phase"] == "fetching" {
+            journaled = u(&st["deployment"], "journal_bytes");
+            if journaled > 0 {
+                break;
+            }
+        }
+    }
+    assert!(journaled > 0, "no kill left journaled progress");
+
+    // The rerun resumes: nothing journaled is written again; slot B is v2.
+    let r = dev.install(&s.delta);
+    assert_eq!(r["slot"], "B");
+    assert!(u(&r, "resumed_bytes") >= journaled, "{r}");
+    assert_eq!(
+        u(&r, "resumed_bytes") + u(&r, "written_bytes"),
+        SIZE as u64,
+        "{r}"
+    );
+    assert!(
+        u(&r, "source_bytes_read") <= delta,
+        "read at most the artifact: {r}"
+    );
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
+    assert_eq!(dev.boot_state().next_boot(), Slot::B, "trial armed");
+}
+
+#[test]
+fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed() {
+    let s = setup();
+    let dev = &s.dev;
+    // Slot A differs from v1 where v2 changed it (a chunk v2 does not need, but
+    // the bytes the changed chunks are encoded against).
+    let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
+    let at = s.edits[s.edits.len() / 2];
+    a[at + 1] ^= 0x55;
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    assert!(
+        err.contains("fail their hash")
+            && err.contains("does not hold the base release acme-os 1.0")
+            && err.contains("install a full artifact"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // Nothing armed; whatever was written is verified chunks of v2 at their place,
+    // never bytes decoded from the wrong reference.
+    assert_eq!(dev.boot_state().next_boot(), Slot::A);
+    let b = std::fs::read(dev.path("b.img")).expect("slot B");
+    for (i, (x, y)) in b[..SIZE].iter().zip(&s.v2).enumerate() {
+        assert!(
+            *x == 0 || x == y,
+            "slot B byte {i} is neither unwritten nor v2's"
+        );
+    }
+    // `diff` of a delta-encoded artifact against another release than its base is
+    // refused (its chunks decode only against their base's bytes).
+    let err = fails(
+        dev.run(&[
+            "artifact",
+            "diff",
+            &s.plain.display().to_string(),
+            &s.delta.display().to_string(),
+        ]),
+        2,
+    );
+    assert!(err.contains("is encoded against another release"), "{err}");
+    // The plain thin artifact does not need those bytes: it installs.
+    let r = dev.install(&s.plain);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
+    assert!(!s.v1.is_empty());
+}
