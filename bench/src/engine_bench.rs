@@ -67,6 +67,7 @@ fn subject(image: &Path) -> Result<Subject> {
             kind: PayloadKind::RootfsImage,
             name: "rootfs".into(),
             size: data.len() as u64,
+            references: Vec::new(),
             chunks: chunks
                 .iter()
                 .map(|&(_, id, size)| ChunkRef {
