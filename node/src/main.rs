@@ -31,6 +31,7 @@ macro_rules! errln {
 mod cmd;
 mod daemon;
 mod device;
+mod lan;
 
 // The device configuration parser lives in the library target so fuzz targets can
 // reach it.
