@@ -932,6 +932,14 @@ impl<'a> Driver<'a> {
         self.engine
             .offer(now, offer)
             .map_err(|e| anyhow!(e).context("the release was refused"))?;
+        // LAN hook: sources a request source already knows of (LAN peers and their
+        // swarm) are registered before the engine plans its first fetch.
+        if let Some(r) = self.requests.as_mut() {
+            let early = r.wait(Duration::ZERO);
+            for answer in early {
+                self.answer(now, REMOTE, answer);
+            }
+        }
         self.drain()
     }
 

@@ -33,6 +33,11 @@ use crate::device::{Answer, Requests};
 const FIRST_PEER_SOURCE: u32 = 1000;
 /// How long `wait` sleeps on the server's answers before looking at the LAN again.
 const SLICE: Duration = Duration::from_millis(20);
+/// How long an install waits, before it plans, for the connected peers to say what
+/// they do with its release: devices given the same deployment start within a poll
+/// interval of each other, and a device that planned alone would fetch over the WAN
+/// what its peers fetch too.
+pub const JOIN_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct Peer {
@@ -77,6 +82,19 @@ impl LanRequests {
         let positions = release.positions.len() as u32;
         let release = Arc::new(release);
         lan.serve_installing(Some((Arc::clone(&release), Bitfield::new(positions))));
+        // Give the peers a moment to say whether they install it too.
+        let start = Instant::now();
+        while start.elapsed() < JOIN_WAIT {
+            let states = lan.peers().snapshot();
+            let all_said = states.values().all(|s| {
+                s.running == Some(release.manifest)
+                    || s.installing.as_ref().is_some_and(|i| i.manifest == release.manifest)
+            });
+            if !states.is_empty() && all_said {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let (tx, rx) = channel();
         LanRequests {
             server,
