@@ -88,7 +88,9 @@ impl LanRequests {
             let states = lan.peers().snapshot();
             let all_said = states.values().all(|s| {
                 s.running == Some(release.manifest)
-                    || s.installing.as_ref().is_some_and(|i| i.manifest == release.manifest)
+                    || s.installing
+                        .as_ref()
+                        .is_some_and(|i| i.manifest == release.manifest)
             });
             if !states.is_empty() && all_said {
                 break;
