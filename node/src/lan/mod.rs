@@ -89,12 +89,6 @@ enum Command {
         ids: Vec<ChunkId>,
         reply: ChunkReply,
     },
-    /// Asks `peer` for a signed manifest.
-    Manifest {
-        peer: PeerId,
-        manifest: ManifestId,
-        reply: std::sync::mpsc::Sender<Result<ManifestResponse, String>>,
-    },
     /// Closes and refuses every connection of `peer` (it sent a bad chunk).
     Block(PeerId),
 }
@@ -293,19 +287,6 @@ impl Lan {
         });
     }
 
-    /// Asks `peer` for the signed manifest of a release (waits up to the request
-    /// timeout).
-    pub fn manifest(&self, peer: PeerId, manifest: ManifestId) -> Result<ManifestResponse, String> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(Command::Manifest {
-            peer,
-            manifest,
-            reply: tx,
-        });
-        rx.recv()
-            .map_err(|_| "the LAN event loop has ended".to_owned())?
-    }
-
     /// Refuses `peer` from now on (it sent a chunk that does not hash to its id).
     pub fn block(&self, peer: PeerId) {
         warn!(%peer, "blocking a peer that sent a corrupt chunk");
@@ -402,8 +383,6 @@ struct EventLoop {
     running: Option<Arc<Served>>,
     installing: Option<(Arc<Served>, Bitfield)>,
     pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
-    pending_manifests:
-        HashMap<OutboundRequestId, std::sync::mpsc::Sender<Result<ManifestResponse, String>>>,
     static_peers: Vec<Multiaddr>,
     /// Remote addresses of connections we dialled, with their count.
     dialled: HashMap<Multiaddr, u32>,
@@ -435,7 +414,6 @@ impl EventLoop {
             running: None,
             installing: None,
             pending_chunks: HashMap::new(),
-            pending_manifests: HashMap::new(),
             static_peers,
             dialled: HashMap::new(),
             connected: HashSet::new(),
@@ -536,18 +514,6 @@ impl EventLoop {
                     .chunk
                     .send_request(&peer, ChunkRequest { manifest, ids });
                 self.pending_chunks.insert(id, (n, reply));
-            }
-            Command::Manifest {
-                peer,
-                manifest,
-                reply,
-            } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .manifest
-                    .send_request(&peer, ManifestRequest { manifest });
-                self.pending_manifests.insert(id, reply);
             }
             Command::Block(peer) => {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -692,22 +658,10 @@ impl EventLoop {
                         .manifest
                         .send_response(channel, answer);
                 }
-                Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending_manifests.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
+                // This device asks for no manifests yet (offline propagation, see
+                // the README), so an answer is unexpected.
+                Message::Response { .. } => {}
             },
-            BehaviourEvent::Manifest(Rr::OutboundFailure {
-                request_id, error, ..
-            }) => {
-                if let Some(reply) = self.pending_manifests.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
-                }
-            }
             BehaviourEvent::Chunk(Rr::Message { peer, message, .. }) => match message {
                 Message::Request {
                     request, channel, ..
