@@ -2,8 +2,7 @@
 //! the site's uplink about once.
 //!
 //! The layout follows rust-libp2p's `examples/file-sharing`: one
-//! [`#[derive(NetworkBehaviour)]`](Behaviour) (TCP + Noise + Yamux, QUIC behind the
-//! `quic` cargo feature; mDNS, identify, connection limits, a block list and three
+//! [`#[derive(NetworkBehaviour)]`](Behaviour) (TCP + Noise + Yamux; mDNS, identify, connection limits, a block list and three
 //! request-response protocols, see [`proto`]), driven by an [`EventLoop`] on a
 //! thread of its own (a current-thread tokio runtime); the rest of the daemon talks
 //! to it through the [`Lan`] handle over a bounded command channel, and reads the
@@ -357,8 +356,6 @@ fn build_swarm(
             libp2p::yamux::Config::default,
         )
         .map_err(|e| anyhow!("cannot set up TCP: {e}"))?;
-    #[cfg(feature = "quic")]
-    let builder = builder.with_quic();
     let swarm = builder
         .with_behaviour(behaviour)
         .map_err(|e| anyhow!("cannot set up the LAN protocols: {e}"))?
