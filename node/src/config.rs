@@ -36,6 +36,8 @@
 //! connections_max = 64                   # established connections, all peers
 //! request_timeout_s = 10                 # a peer that stalls costs at most this
 //! serve_rate_kib_s = 8192                # chunk bytes served to one peer per second
+//! credential = "/etc/shoal/fleet.cred"   # this device's fleet membership credential
+//! revoked_peers = []                     # device keys (hex) refused whatever they show
 //!
 //! [slots]                                # and [bootloader]: see shoal-bootctl
 //! a = { path = "/dev/mmcblk0p2" }
@@ -197,6 +199,15 @@ pub struct Lan {
     /// Chunk bytes (KiB) served to one peer per second; more is answered "later".
     #[serde(default = "default_serve_rate")]
     pub serve_rate_kib_s: u64,
+    /// This device's fleet membership credential (`shoal fleet credential`). When
+    /// the trust root has a `fleet` role, peers serve only devices that show one
+    /// of their own fleet, and this device serves only such peers.
+    #[serde(default)]
+    pub credential: Option<PathBuf>,
+    /// Device keys (64 hex digits) refused whatever credential they show (a
+    /// decommissioned device whose credential has not expired yet).
+    #[serde(default)]
+    pub revoked_peers: Vec<String>,
 }
 
 fn default_lan_listen() -> Vec<String> {
@@ -229,6 +240,8 @@ impl Default for Lan {
             connections_max: default_connections_max(),
             request_timeout_s: default_request_timeout_s(),
             serve_rate_kib_s: default_serve_rate(),
+            credential: None,
+            revoked_peers: Vec::new(),
         }
     }
 }
@@ -366,6 +379,16 @@ impl Config {
             return Err(invalid(
                 "lan.request_timeout_s",
                 "must be between 1 and 600 seconds",
+            ));
+        }
+        if lan
+            .revoked_peers
+            .iter()
+            .any(|k| k.len() != 64 || hex::decode(k).is_err())
+        {
+            return Err(invalid(
+                "lan.revoked_peers",
+                "must be device public keys of 64 hex digits",
             ));
         }
         if lan.serve_rate_kib_s == 0 {
@@ -574,6 +597,8 @@ mod tests {
         );
         let e = parse_err(&format!("{GOOD}\n[lan]\nrequest_timeout_s = 0\n"));
         assert!(e.contains("lan.request_timeout_s must be between"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nrevoked_peers = [\"abc\"]\n"));
+        assert!(e.contains("lan.revoked_peers must be device public keys"), "{e}");
         let e = parse_err(&format!("{GOOD}\n[lan]\nconnections_max = 0\n"));
         assert!(e.contains("lan.connections_max must be at least 1"), "{e}");
     }

@@ -150,6 +150,10 @@ path = "{env}"
     }
 
     fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -161,6 +165,7 @@ path = "{env}"
             .arg(self.path("shoal.toml"))
             .env("SHOAL_LOG", "shoal=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -218,129 +223,173 @@ fn installed_field(log: &str, key: &str) -> Option<u64> {
         .next_back()
 }
 
+/// A site: the server with v1 uploaded, the uplink, `n` accepted devices that
+/// know each other as static peers (device `bad`, if any, started with `env`).
+struct Site {
+    setup: Setup,
+    server: Server,
+    token: String,
+    v1: String,
+    stored: u64,
+    uplink: Uplink,
+    devs: Vec<Dev>,
+    daemons: Vec<Child>,
+    ids: Vec<String>,
+}
+
+impl Site {
+    fn new(n: u8, bad: Option<(u8, &[(&str, &str)])>) -> Site {
+        let setup = Setup::new();
+        let data = setup.path("data");
+        let server = Server::start(&setup, &data, &Db::Sqlite, &[]);
+        let token = host_token(&data, &Db::Sqlite, "admin");
+        let v1 = admin_json(
+            &server,
+            &token,
+            &["releases", "upload", setup.path("v1.shoal").to_str().unwrap()],
+        )["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let stored: u64 = {
+            let d: Value = serde_json::from_str(&ok(run_in(
+                setup.dir.path(),
+                &["artifact", "diff", "v1.shoal", "v1.shoal", "--json"],
+            )))
+            .unwrap();
+            d["full_stored_bytes"].as_u64().unwrap()
+        };
+        let uplink = Uplink::start(&server.url);
+        // Each device names the ones started before it as static peers.
+        let mut devs: Vec<Dev> = Vec::new();
+        let mut daemons: Vec<Child> = Vec::new();
+        let mut addrs: Vec<String> = Vec::new();
+        for i in 0..n {
+            let dev = Dev::new(&setup, &uplink.url, i, &addrs);
+            daemons.push(match bad {
+                Some((b, env)) if b == i => dev.start_with(env),
+                _ => dev.start(),
+            });
+            addrs.push(dev.lan_address());
+            devs.push(dev);
+        }
+        let mut pending = Value::Null;
+        wait_for(&devs[0], 60, "the pending devices", || {
+            pending = admin_json(&server, &token, &["devices", "list", "--status", "pending"]);
+            pending.as_array().is_some_and(|a| a.len() == usize::from(n))
+        });
+        let mut ids = vec![String::new(); usize::from(n)];
+        for d in pending.as_array().unwrap() {
+            let mac = d["identity"]["mac"].as_str().unwrap();
+            let i = usize::from_str_radix(mac.rsplit(':').next().unwrap(), 16).unwrap();
+            ids[i] = d["id"].as_str().unwrap().to_owned();
+            admin_json(&server, &token, &["devices", "accept", &ids[i]]);
+        }
+        // Let the peers connect and the polls settle before the deployments.
+        std::thread::sleep(Duration::from_secs(2));
+        Site {
+            setup,
+            server,
+            token,
+            v1,
+            stored,
+            uplink,
+            devs,
+            daemons,
+            ids,
+        }
+    }
+
+    /// Deploys v1 to every device; the deployment ids.
+    fn deploy(&self) -> Vec<String> {
+        self.ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                admin_json(
+                    &self.server,
+                    &self.token,
+                    &[
+                        "deployments",
+                        "create",
+                        "--name",
+                        &format!("v1-{n}"),
+                        "--release",
+                        &self.v1,
+                        "--device",
+                        id,
+                    ],
+                )["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn state(&self, dep: &str) -> String {
+        device_state(&self.server, &self.token, dep)
+    }
+
+    /// Checks device `n`'s slot B holds v1, byte for byte.
+    fn check_slot(&self, n: usize) {
+        let v1_img = std::fs::read(self.setup.path("v1.img")).unwrap();
+        let b = std::fs::read(self.devs[n].path("b.img")).unwrap();
+        assert!(b[..v1_img.len()] == v1_img[..], "device {n}'s slot B differs");
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            stop(d);
+        }
+    }
+}
+
 #[test]
 fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
-    let setup = Setup::new();
-    let data = setup.path("data");
-    let server = Server::start(&setup, &data, &Db::Sqlite, &[]);
-    let token = host_token(&data, &Db::Sqlite, "admin");
-    let v1 = admin_json(
-        &server,
-        &token,
-        &[
-            "releases",
-            "upload",
-            setup.path("v1.shoal").to_str().unwrap(),
-        ],
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let stored: u64 = {
-        let d: Value = serde_json::from_str(&ok(run_in(
-            setup.dir.path(),
-            &["artifact", "diff", "v1.shoal", "v1.shoal", "--json"],
-        )))
-        .unwrap();
-        d["full_stored_bytes"].as_u64().unwrap()
-    };
-    let uplink = Uplink::start(&server.url);
-
-    // Four devices; each names the ones started before it as static peers.
-    let mut devs: Vec<Dev> = Vec::new();
-    let mut daemons: Vec<Child> = Vec::new();
-    let mut addrs: Vec<String> = Vec::new();
-    for n in 0..4u8 {
-        let dev = Dev::new(&setup, &uplink.url, n, &addrs);
-        daemons.push(dev.start());
-        addrs.push(dev.lan_address());
-        devs.push(dev);
-    }
-    let mut pending = Value::Null;
-    wait_for(&devs[0], 60, "four pending devices", || {
-        pending = admin_json(&server, &token, &["devices", "list", "--status", "pending"]);
-        pending.as_array().is_some_and(|a| a.len() == 4)
-    });
-    // Each daemon's device id, by its identity.
-    let mut ids = vec![String::new(); 4];
-    for d in pending.as_array().unwrap() {
-        let mac = d["identity"]["mac"].as_str().unwrap();
-        let n = usize::from_str_radix(mac.rsplit(':').next().unwrap(), 16).unwrap();
-        ids[n] = d["id"].as_str().unwrap().to_owned();
-        admin_json(&server, &token, &["devices", "accept", &ids[n]]);
-    }
-    // Let the peers connect and the polls settle before the deployments.
-    std::thread::sleep(Duration::from_secs(2));
-    let before = uplink.down.load(Ordering::Relaxed);
-    let deps: Vec<String> = ids
-        .iter()
-        .enumerate()
-        .map(|(n, id)| {
-            admin_json(
-                &server,
-                &token,
-                &[
-                    "deployments",
-                    "create",
-                    "--name",
-                    &format!("v1-{n}"),
-                    "--release",
-                    &v1,
-                    "--device",
-                    id,
-                ],
-            )["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let mut site = Site::new(4, None);
+    let before = site.uplink.down.load(Ordering::Relaxed);
+    let deps = site.deploy();
 
     // Device 3 dies in the middle of the transfer.
-    wait_for(&devs[3], 60, "device 3 downloading", || {
-        device_state(&server, &token, &deps[3]) == "downloading"
+    wait_for(&site.devs[3], 60, "device 3 downloading", || {
+        site.state(&deps[3]) == "downloading"
     });
     std::thread::sleep(Duration::from_millis(3500));
     assert!(
-        installed_field(&devs[3].log(), "fetched").is_none(),
+        installed_field(&site.devs[3].log(), "fetched").is_none(),
         "device 3 finished before it could be killed; slow the uplink down"
     );
-    stop(&mut daemons[3]);
+    stop(&mut site.daemons[3]);
 
     for n in 0..3 {
-        wait_for(&devs[n], 120, "the install", || {
-            device_state(&server, &token, &deps[n]) == "rebooting"
+        wait_for(&site.devs[n], 120, "the install", || {
+            site.state(&deps[n]) == "rebooting"
         });
     }
-    daemons[3] = devs[3].start();
-    wait_for(
-        &devs[3],
-        120,
-        "device 3's install after its restart",
-        || device_state(&server, &token, &deps[3]) == "rebooting",
-    );
-    let down = uplink.down.load(Ordering::Relaxed) - before;
-    for d in &mut daemons {
-        stop(d);
-    }
+    site.daemons[3] = site.devs[3].start();
+    wait_for(&site.devs[3], 120, "device 3's install after its restart", || {
+        site.state(&deps[3]) == "rebooting"
+    });
+    let down = site.uplink.down.load(Ordering::Relaxed) - before;
+    let stored = site.stored;
 
     // Every slot holds the release, byte for byte.
-    let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
-    for (n, dev) in devs.iter().enumerate() {
-        let b = std::fs::read(dev.path("b.img")).unwrap();
-        assert!(
-            b[..v1_img.len()] == v1_img[..],
-            "device {n}'s slot B differs"
-        );
+    for n in 0..4 {
+        site.check_slot(n);
     }
     // The devices that lived through it got chunks from their peers.
-    let from_peers: Vec<u64> = devs
+    let from_peers: Vec<u64> = site
+        .devs
         .iter()
         .map(|d| installed_field(&d.log(), "from_peers").unwrap_or(0))
         .collect();
     // Chunk batch bytes each daemon read from the server (its own counter; the
     // killed device's first run is not in it, the uplink counter has it).
-    let from_server: Vec<u64> = devs
+    let from_server: Vec<u64> = site
+        .devs
         .iter()
         .map(|d| installed_field(&d.log(), "transferred").unwrap_or(0))
         .collect();
@@ -351,11 +400,7 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
         chunk_bytes as f64 / stored as f64,
     );
     for (n, &b) in from_peers.iter().enumerate().take(3) {
-        assert!(
-            b > 0,
-            "device {n} got nothing from its peers:\n{}",
-            devs[n].log()
-        );
+        assert!(b > 0, "device {n} got nothing from its peers:\n{}", site.devs[n].log());
     }
     // Four devices without the LAN would pull 4x; with it, each chunk about once.
     assert!(
@@ -368,4 +413,30 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
         down < stored * 5 / 2,
         "{down} bytes crossed the uplink for a release of {stored} stored bytes"
     );
+}
+
+/// A peer that serves corrupt chunks (the test-only fault mode) is banned by the
+/// engine of every device it serves and blocked on the LAN; every slot still
+/// verifies.
+#[test]
+fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "corrupt")])));
+    let deps = site.deploy();
+    for n in 0..4 {
+        wait_for(&site.devs[n], 120, "the install", || {
+            site.state(&deps[n]) == "rebooting"
+        });
+        site.check_slot(n);
+    }
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        assert!(
+            log.contains("sent a corrupt chunk; banned"),
+            "device {n} never banned the corrupting peer:\n{log}"
+        );
+        assert!(
+            log.contains("blocking a peer that sent a corrupt chunk"),
+            "device {n} did not block it on the LAN"
+        );
+    }
 }

@@ -14,9 +14,12 @@
 //! peers into engine sources. The device key (`data_dir/device-key.pem`, the one
 //! the daemon signs in to the server with) is the peer id.
 
+pub mod member;
 pub mod proto;
 pub mod requests;
 pub mod serve;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -159,6 +162,12 @@ impl Lan {
         let lan = &config.lan;
         let keypair = keypair(key)?;
         let me = keypair.public().to_peer_id();
+        let signed = shoal_signing::SignedRoot::load(&config.device.trust_root).map_err(|e| {
+            crate::cmd::Exit::usage(format!("device.trust_root: {}", crate::cmd::chain(&e)))
+        })?;
+        let membership =
+            member::Membership::load(lan, &signed.root, key, crate::device::wall_clock())?;
+        let membership_closed = membership.closed();
         let boot = serve::open_slots(config)?;
         let listen: Vec<Multiaddr> = lan
             .listen
@@ -200,8 +209,16 @@ impl Lan {
                             return;
                         }
                     };
-                    let mut ev =
-                        EventLoop::new(swarm, rx, shared, boot, &settings, static_peers, dir);
+                    let mut ev = EventLoop::new(
+                        swarm,
+                        rx,
+                        shared,
+                        boot,
+                        &settings,
+                        static_peers,
+                        dir,
+                        membership,
+                    );
                     for addr in listen {
                         if let Err(e) = ev.swarm.listen_on(addr.clone()) {
                             let _ = ready_tx.send(Err(anyhow!("cannot listen on {addr}: {e}")));
@@ -216,7 +233,7 @@ impl Lan {
         ready_rx
             .recv()
             .map_err(|_| anyhow!("the LAN thread ended before it started"))??;
-        info!(peer = %me, "joined the LAN");
+        info!(peer = %me, closed_fleet = membership_closed, "joined the LAN");
         Ok(Lan {
             commands: tx,
             peers,
@@ -390,6 +407,12 @@ struct EventLoop {
     rate: f64,
     data_dir: PathBuf,
     listen_addrs: Vec<Multiaddr>,
+    /// Who is served.
+    membership: member::Membership,
+    /// Connected peers whose credential was checked and admitted.
+    admitted: HashSet<PeerId>,
+    /// Refused peers already logged.
+    refused_logged: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -401,6 +424,7 @@ impl EventLoop {
         lan: &crate::config::Lan,
         static_peers: Vec<Multiaddr>,
         data_dir: PathBuf,
+        membership: member::Membership,
     ) -> EventLoop {
         let (served_tx, served_rx) = mpsc::channel(COMMANDS_MAX);
         EventLoop {
@@ -418,6 +442,9 @@ impl EventLoop {
             served_rx,
             buckets: HashMap::new(),
             rate: (lan.serve_rate_kib_s * 1024) as f64,
+            membership,
+            admitted: HashSet::new(),
+            refused_logged: HashSet::new(),
             data_dir,
             listen_addrs: Vec::new(),
         }
@@ -449,6 +476,37 @@ impl EventLoop {
                 .installing
                 .as_ref()
                 .map(|(s, have)| Installing::new(s.manifest, have)),
+            credential: self.credential(),
+        }
+    }
+
+    fn credential(&self) -> Option<serde_bytes::ByteBuf> {
+        self.membership
+            .credential()
+            .map(|c| serde_bytes::ByteBuf::from(c.to_vec()))
+    }
+
+    /// A peer's state: recorded when its credential admits it. Returns whether
+    /// it is admitted.
+    fn on_state(&mut self, peer: PeerId, state: State) -> bool {
+        let verdict = self.membership.admit(
+            &peer,
+            state.credential.as_deref().map(|c| &c[..]),
+            crate::device::wall_clock(),
+        );
+        match verdict {
+            Ok(()) => {
+                self.admitted.insert(peer);
+                self.peers.set(peer, Some(state));
+                true
+            }
+            Err(e) => {
+                if self.admitted.remove(&peer) || self.refused_logged.insert(peer) {
+                    info!(%peer, reason = %e, "not serving a peer outside the fleet");
+                }
+                self.peers.set(peer, None);
+                false
+            }
         }
     }
 
@@ -602,6 +660,7 @@ impl EventLoop {
                 if num_established == 0 {
                     debug!(peer = %peer_id, "peer disconnected");
                     self.connected.remove(&peer_id);
+                    self.admitted.remove(&peer_id);
                     self.peers.set(peer_id, None);
                     self.buckets.remove(&peer_id);
                 }
@@ -626,26 +685,32 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
-                    self.peers.set(peer, Some(request));
-                    let state = self.state();
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .state
-                        .send_response(channel, state);
+                    // A peer outside the fleet learns nothing but our credential.
+                    let state = if self.on_state(peer, request) {
+                        self.state()
+                    } else {
+                        State {
+                            credential: self.credential(),
+                            ..State::default()
+                        }
+                    };
+                    let _ = self.swarm.behaviour_mut().state.send_response(channel, state);
                 }
-                Message::Response { response, .. } => self.peers.set(peer, Some(response)),
+                Message::Response { response, .. } => {
+                    self.on_state(peer, response);
+                }
             },
             BehaviourEvent::State(Rr::InboundFailure { peer, error, .. })
             | BehaviourEvent::Manifest(Rr::InboundFailure { peer, error, .. })
             | BehaviourEvent::Chunk(Rr::InboundFailure { peer, error, .. }) => {
                 debug!(%peer, %error, "a peer's request failed");
             }
-            BehaviourEvent::Manifest(Rr::Message { message, .. }) => match message {
+            BehaviourEvent::Manifest(Rr::Message { peer, message, .. }) => match message {
                 Message::Request {
                     request, channel, ..
                 } => {
                     let answer = match self.release(&request.manifest) {
+                        _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
                         Some(s) => ManifestResponse::Envelope(s.envelope.to_vec()),
                         None => ManifestResponse::NotHere,
                     };
@@ -663,6 +728,15 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    if !self.admitted.contains(&peer) {
+                        debug!(%peer, "refusing chunks to a peer outside the fleet");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .chunk
+                            .send_response(channel, ChunkResponse::Refused);
+                        return;
+                    }
                     let Some(release) = self.release(&request.manifest) else {
                         let n = request.ids.len();
                         let _ = self.swarm.behaviour_mut().chunk.send_response(

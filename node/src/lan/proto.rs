@@ -105,6 +105,9 @@ pub struct State {
     pub running: Option<ManifestId>,
     /// The release it installs, and how far.
     pub installing: Option<Installing>,
+    /// Its fleet membership credential (`shoal_signing::Credential`, signed), if it
+    /// has one.
+    pub credential: Option<serde_bytes::ByteBuf>,
 }
 
 /// Asks for a release's signed manifest ([`MANIFEST`]).
@@ -186,6 +189,12 @@ pub enum WireError {
         /// Its positions.
         positions: u32,
     },
+    /// A credential larger than any signed credential.
+    #[error("credential of {bytes} bytes (at most {max})", max = shoal_signing::CREDENTIAL_SIZE_MAX)]
+    CredentialTooLarge {
+        /// Its bytes.
+        bytes: usize,
+    },
     /// A chunk request of no ids, or too many.
     #[error("chunk request of {count} ids (1 to {max})", max = CHUNK_IDS_MAX)]
     ChunkCount {
@@ -218,6 +227,11 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
 
 impl Message for State {
     fn check(&self) -> Result<(), WireError> {
+        if let Some(c) = &self.credential
+            && c.len() > shoal_signing::CREDENTIAL_SIZE_MAX
+        {
+            return Err(WireError::CredentialTooLarge { bytes: c.len() });
+        }
         if let Some(i) = &self.installing {
             if i.positions > POSITIONS_MAX {
                 return Err(WireError::TooManyPositions {
@@ -386,6 +400,7 @@ mod tests {
         let state = State {
             running: Some(id(1)),
             installing: Some(Installing::new(id(2), &have)),
+            credential: Some(serde_bytes::ByteBuf::from(vec![1, 2, 3])),
         };
         let back: State = decode(&encode(&state), STATE_BYTES_MAX).expect("valid");
         assert_eq!(back, state);
@@ -442,8 +457,8 @@ mod tests {
         let mut bad = Installing::new(id(2), &Bitfield::new(16));
         bad.have.push(0);
         let s = State {
-            running: None,
             installing: Some(bad),
+            ..State::default()
         };
         assert_eq!(
             decode::<State>(&encode(&s), STATE_BYTES_MAX),
@@ -456,8 +471,8 @@ mod tests {
         let mut past = Installing::new(id(2), &Bitfield::new(10));
         past.have[1] = 0b0000_0100;
         let s = State {
-            running: None,
             installing: Some(past),
+            ..State::default()
         };
         assert_eq!(
             decode::<State>(&encode(&s), STATE_BYTES_MAX),
@@ -466,17 +481,31 @@ mod tests {
         // Too many positions (the bitfield bytes would be large; the check comes
         // first).
         let s = State {
-            running: None,
             installing: Some(Installing {
                 manifest: id(2),
                 positions: POSITIONS_MAX + 1,
                 have: Vec::new(),
             }),
+            ..State::default()
         };
         assert_eq!(
             decode::<State>(&encode(&s), STATE_BYTES_MAX),
             Err(WireError::TooManyPositions {
                 positions: POSITIONS_MAX + 1
+            })
+        );
+        // A credential no signed credential is as large as.
+        let s = State {
+            credential: Some(serde_bytes::ByteBuf::from(vec![
+                0;
+                shoal_signing::CREDENTIAL_SIZE_MAX + 1
+            ])),
+            ..State::default()
+        };
+        assert_eq!(
+            decode::<State>(&encode(&s), STATE_BYTES_MAX),
+            Err(WireError::CredentialTooLarge {
+                bytes: shoal_signing::CREDENTIAL_SIZE_MAX + 1
             })
         );
         // Chunk requests of no ids or too many.

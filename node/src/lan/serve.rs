@@ -119,9 +119,28 @@ pub fn answer(
                 return ChunkData::NotHere;
             }
             sent += u64::from(len);
+            #[cfg(feature = "test-peer-faults")]
+            test_fault(&mut buf);
             ChunkData::Bytes(buf)
         })
         .collect()
+}
+
+/// TESTS ONLY (`test-peer-faults`): misbehaves as `SHOAL_TEST_PEER_FAULT` says:
+/// `corrupt` flips a byte of every chunk, `wrong` sends other bytes of the same
+/// length, `stall` never answers.
+#[cfg(feature = "test-peer-faults")]
+fn test_fault(buf: &mut [u8]) {
+    match std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() {
+        Ok("corrupt") => {
+            if let Some(b) = buf.first_mut() {
+                *b ^= 0xff;
+            }
+        }
+        Ok("wrong") => buf.rotate_left(1),
+        Ok("stall") => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        _ => {}
+    }
 }
 
 /// Where signed manifests of releases this device runs or installs are kept
