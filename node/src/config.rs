@@ -598,7 +598,10 @@ mod tests {
         let e = parse_err(&format!("{GOOD}\n[lan]\nrequest_timeout_s = 0\n"));
         assert!(e.contains("lan.request_timeout_s must be between"), "{e}");
         let e = parse_err(&format!("{GOOD}\n[lan]\nrevoked_peers = [\"abc\"]\n"));
-        assert!(e.contains("lan.revoked_peers must be device public keys"), "{e}");
+        assert!(
+            e.contains("lan.revoked_peers must be device public keys"),
+            "{e}"
+        );
         let e = parse_err(&format!("{GOOD}\n[lan]\nconnections_max = 0\n"));
         assert!(e.contains("lan.connections_max must be at least 1"), "{e}");
     }

@@ -139,7 +139,10 @@ mod tests {
         let r = root(Some(&fleet));
         let c = Credential::new(key(9).public(), "site-a", 1_800_000_000);
         let bytes = c.issue(&[&fleet]);
-        assert_eq!(Credential::verify(&bytes, &r, Some(1_700_000_000)), Ok(c.clone()));
+        assert_eq!(
+            Credential::verify(&bytes, &r, Some(1_700_000_000)),
+            Ok(c.clone())
+        );
         // Without a clock, expiry is not checked.
         assert_eq!(Credential::verify(&bytes, &r, None), Ok(c.clone()));
         // Expired.
@@ -214,7 +217,7 @@ mod tests {
         let plain = root(None);
         let back: TrustRoot = from_cbor(&plain.to_cbor(), 1 << 20).expect("old root");
         assert_eq!(back, plain);
-        assert!(back.roles.get(&RoleName::Fleet).is_none());
+        assert!(!back.roles.contains_key(&RoleName::Fleet));
         let with = root(Some(&key(3)));
         let back: TrustRoot = from_cbor(&with.to_cbor(), 1 << 20).expect("new root");
         assert_eq!(back, with);

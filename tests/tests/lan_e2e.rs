@@ -246,7 +246,11 @@ impl Site {
         let v1 = admin_json(
             &server,
             &token,
-            &["releases", "upload", setup.path("v1.shoal").to_str().unwrap()],
+            &[
+                "releases",
+                "upload",
+                setup.path("v1.shoal").to_str().unwrap(),
+            ],
         )["id"]
             .as_str()
             .unwrap()
@@ -276,7 +280,9 @@ impl Site {
         let mut pending = Value::Null;
         wait_for(&devs[0], 60, "the pending devices", || {
             pending = admin_json(&server, &token, &["devices", "list", "--status", "pending"]);
-            pending.as_array().is_some_and(|a| a.len() == usize::from(n))
+            pending
+                .as_array()
+                .is_some_and(|a| a.len() == usize::from(n))
         });
         let mut ids = vec![String::new(); usize::from(n)];
         for d in pending.as_array().unwrap() {
@@ -335,7 +341,10 @@ impl Site {
     fn check_slot(&self, n: usize) {
         let v1_img = std::fs::read(self.setup.path("v1.img")).unwrap();
         let b = std::fs::read(self.devs[n].path("b.img")).unwrap();
-        assert!(b[..v1_img.len()] == v1_img[..], "device {n}'s slot B differs");
+        assert!(
+            b[..v1_img.len()] == v1_img[..],
+            "device {n}'s slot B differs"
+        );
     }
 }
 
@@ -364,15 +373,16 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
     );
     stop(&mut site.daemons[3]);
 
-    for n in 0..3 {
-        wait_for(&site.devs[n], 120, "the install", || {
-            site.state(&deps[n]) == "rebooting"
-        });
+    for (dev, dep) in site.devs.iter().zip(&deps).take(3) {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
     }
     site.daemons[3] = site.devs[3].start();
-    wait_for(&site.devs[3], 120, "device 3's install after its restart", || {
-        site.state(&deps[3]) == "rebooting"
-    });
+    wait_for(
+        &site.devs[3],
+        120,
+        "device 3's install after its restart",
+        || site.state(&deps[3]) == "rebooting",
+    );
     let down = site.uplink.down.load(Ordering::Relaxed) - before;
     let stored = site.stored;
 
@@ -400,7 +410,11 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
         chunk_bytes as f64 / stored as f64,
     );
     for (n, &b) in from_peers.iter().enumerate().take(3) {
-        assert!(b > 0, "device {n} got nothing from its peers:\n{}", site.devs[n].log());
+        assert!(
+            b > 0,
+            "device {n} got nothing from its peers:\n{}",
+            site.devs[n].log()
+        );
     }
     // Four devices without the LAN would pull 4x; with it, each chunk about once.
     assert!(
@@ -422,10 +436,8 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
 fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
     let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "corrupt")])));
     let deps = site.deploy();
-    for n in 0..4 {
-        wait_for(&site.devs[n], 120, "the install", || {
-            site.state(&deps[n]) == "rebooting"
-        });
+    for (n, (dev, dep)) in site.devs.iter().zip(&deps).enumerate() {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
         site.check_slot(n);
     }
     for n in 1..4 {

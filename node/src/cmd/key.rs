@@ -137,8 +137,8 @@ fn device_key(arg: &str) -> anyhow::Result<PublicKey> {
             .map_err(|e| crate::cmd::Exit::usage(format!("--device {arg}: {e}")));
     }
     let path = std::path::Path::new(arg);
-    let text = std::fs::read(path)
-        .map_err(|e| crate::cmd::Exit::usage(format!("--device {arg}: {e}")))?;
+    let text =
+        std::fs::read(path).map_err(|e| crate::cmd::Exit::usage(format!("--device {arg}: {e}")))?;
     let private = shoal_signing::pem_label(&String::from_utf8_lossy(&text))
         .is_some_and(|l| l.contains("PRIVATE KEY"));
     if private {

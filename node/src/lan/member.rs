@@ -87,18 +87,24 @@ impl Membership {
             revoked,
         };
         let Some(path) = &lan.credential else {
-            warn!("the trust root has a fleet role but [lan] names no credential: no peer will serve this device");
+            warn!(
+                "the trust root has a fleet role but [lan] names no credential: no peer will serve this device"
+            );
             return Ok(m);
         };
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read lan.credential {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read lan.credential {}", path.display()))?;
         match Credential::verify(&bytes, root, now_unix_s) {
             Ok(c) if c.peer == key.public() => {
                 m.fleet = Some(c.fleet);
                 m.credential = Some(bytes);
             }
-            Ok(_) => warn!(path = %path.display(), "lan.credential is another device's: no peer will serve this device"),
-            Err(e) => warn!(path = %path.display(), error = %e, "lan.credential is refused: no peer will serve this device"),
+            Ok(_) => {
+                warn!(path = %path.display(), "lan.credential is another device's: no peer will serve this device")
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "lan.credential is refused: no peer will serve this device")
+            }
         }
         Ok(m)
     }
@@ -149,8 +155,15 @@ mod tests {
     }
 
     fn root(fleet: bool) -> TrustRoot {
-        let r = TrustRoot::new(1, 2_000_000_000, &[key(1).public()], 1, &[key(2).public()], 1)
-            .expect("root");
+        let r = TrustRoot::new(
+            1,
+            2_000_000_000,
+            &[key(1).public()],
+            1,
+            &[key(2).public()],
+            1,
+        )
+        .expect("root");
         if fleet {
             r.with_fleet(&[key(3).public()], 1).expect("fleet")
         } else {
@@ -188,15 +201,23 @@ mod tests {
             Err(RefuseError::OtherFleet("elsewhere".into()))
         );
         // Someone else's credential, replayed.
-        assert_eq!(a.admit(&c_id, Some(&b_cred), now), Err(RefuseError::NotItsOwn));
+        assert_eq!(
+            a.admit(&c_id, Some(&b_cred), now),
+            Err(RefuseError::NotItsOwn)
+        );
         // Expired.
         assert!(matches!(
             a.admit(&b_id, Some(&b_cred), Some(1_900_000_000)),
-            Err(RefuseError::Invalid(shoal_signing::CredentialError::Expired { .. }))
+            Err(RefuseError::Invalid(
+                shoal_signing::CredentialError::Expired { .. }
+            ))
         ));
         // Revoked.
         let (r, _, _) = member(10, "site", vec![hex::encode(key(11).public().to_bytes())]);
-        assert_eq!(r.admit(&b_id, Some(&b_cred), now), Err(RefuseError::Revoked));
+        assert_eq!(
+            r.admit(&b_id, Some(&b_cred), now),
+            Err(RefuseError::Revoked)
+        );
         let _ = a_id;
     }
 

@@ -215,9 +215,11 @@ impl Lan {
                         shared,
                         boot,
                         &settings,
-                        static_peers,
-                        dir,
-                        membership,
+                        Local {
+                            static_peers,
+                            data_dir: dir,
+                            membership,
+                        },
                     );
                     for addr in listen {
                         if let Err(e) = ev.swarm.listen_on(addr.clone()) {
@@ -381,6 +383,13 @@ fn build_swarm(
     Ok(swarm)
 }
 
+/// What the event loop is given of this device besides its `[lan]` table.
+struct Local {
+    static_peers: Vec<Multiaddr>,
+    data_dir: PathBuf,
+    membership: member::Membership,
+}
+
 /// Serving limits of one peer: a token bucket of chunk bytes.
 #[derive(Debug)]
 struct Bucket {
@@ -422,10 +431,13 @@ impl EventLoop {
         peers: Arc<Peers>,
         boot: BootControl,
         lan: &crate::config::Lan,
-        static_peers: Vec<Multiaddr>,
-        data_dir: PathBuf,
-        membership: member::Membership,
+        local: Local,
     ) -> EventLoop {
+        let Local {
+            static_peers,
+            data_dir,
+            membership,
+        } = local;
         let (served_tx, served_rx) = mpsc::channel(COMMANDS_MAX);
         EventLoop {
             swarm,
@@ -694,7 +706,11 @@ impl EventLoop {
                             ..State::default()
                         }
                     };
-                    let _ = self.swarm.behaviour_mut().state.send_response(channel, state);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .state
+                        .send_response(channel, state);
                 }
                 Message::Response { response, .. } => {
                     self.on_state(peer, response);

@@ -498,7 +498,8 @@ mod tests {
         let s = State {
             credential: Some(serde_bytes::ByteBuf::from(vec![
                 0;
-                shoal_signing::CREDENTIAL_SIZE_MAX + 1
+                shoal_signing::CREDENTIAL_SIZE_MAX
+                    + 1
             ])),
             ..State::default()
         };

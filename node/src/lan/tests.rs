@@ -45,10 +45,17 @@ fn device(
     let mut env = FileEnv::open(&d.join("bootenv"), true).unwrap();
     env.store(&Scheme::Shoal.initial(Flavor::File, Slot::A))
         .unwrap();
-    let root = TrustRoot::new(1, 4_000_000_000, &[key(1).public()], 1, &[key(2).public()], 1)
-        .unwrap()
-        .with_fleet(&[key(FLEET_KEY).public()], 1)
-        .unwrap();
+    let root = TrustRoot::new(
+        1,
+        4_000_000_000,
+        &[key(1).public()],
+        1,
+        &[key(2).public()],
+        1,
+    )
+    .unwrap()
+    .with_fleet(&[key(FLEET_KEY).public()], 1)
+    .unwrap();
     let mut signed = SignedRoot::new(root);
     signed.envelope.sign(&key(1));
     signed.save(&d.join("root.shoalroot")).unwrap();
@@ -91,11 +98,21 @@ fn address(config: &Config) -> String {
     panic!("no listen address in {}", path.display());
 }
 
-fn ask(lan: &Lan, peer: libp2p::PeerId, release: ManifestId, id: ChunkId) -> Result<Vec<ChunkData>, FetchFailure> {
+fn ask(
+    lan: &Lan,
+    peer: libp2p::PeerId,
+    release: ManifestId,
+    id: ChunkId,
+) -> Result<Vec<ChunkData>, FetchFailure> {
     let (tx, rx) = std::sync::mpsc::channel();
-    lan.chunks(peer, release, vec![id], Box::new(move |r| {
-        let _ = tx.send(r);
-    }));
+    lan.chunks(
+        peer,
+        release,
+        vec![id],
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
     rx.recv_timeout(Duration::from_secs(30)).expect("an answer")
 }
 
@@ -121,9 +138,19 @@ fn only_members_of_the_fleet_get_chunks() {
     // B: a member. C: no credential. D: a credential of another fleet (signed by a
     // key A's root does not name). E: the right fleet name, but signed by a
     // stranger's key.
-    let (b_cfg, b_key) = device(dir.path(), 1, Some(("plant", FLEET_KEY)), &[a_addr.clone()]);
-    let (c_cfg, c_key) = device(dir.path(), 2, None, &[a_addr.clone()]);
-    let (d_cfg, d_key) = device(dir.path(), 3, Some(("other-plant", FLEET_KEY)), &[a_addr.clone()]);
+    let (b_cfg, b_key) = device(
+        dir.path(),
+        1,
+        Some(("plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+    );
+    let (c_cfg, c_key) = device(dir.path(), 2, None, std::slice::from_ref(&a_addr));
+    let (d_cfg, d_key) = device(
+        dir.path(),
+        3,
+        Some(("other-plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+    );
     let (e_cfg, e_key) = device(dir.path(), 4, Some(("plant", OTHER_FLEET_KEY)), &[a_addr]);
     let b = Lan::start(&b_cfg, &b_key).expect("b starts");
     let c = Lan::start(&c_cfg, &c_key).expect("c starts");
@@ -155,13 +182,19 @@ fn only_members_of_the_fleet_get_chunks() {
             "{name}: served"
         );
         assert!(
-            lan.peers().snapshot().get(&a_peer).is_none_or(|s| s.running.is_none()),
+            lan.peers()
+                .snapshot()
+                .get(&a_peer)
+                .is_none_or(|s| s.running.is_none()),
             "{name}: learnt what A runs"
         );
     }
     let admitted = a.peers().snapshot();
     assert!(admitted.contains_key(&b.peer_id()));
     for lan in [&c, &d, &e] {
-        assert!(!admitted.contains_key(&lan.peer_id()), "a stranger is in A's table");
+        assert!(
+            !admitted.contains_key(&lan.peer_id()),
+            "a stranger is in A's table"
+        );
     }
 }
