@@ -27,6 +27,18 @@
 //! rate_limit_kib_s = 512                 # bandwidth cap (KiB/s on the wire)
 //! budget_per_deployment_mib = 200        # data budget of one deployment (MiB on the wire)
 //!
+//! [lan]                                  # optional: LAN peers (libp2p)
+//! enabled = true
+//! listen = ["/ip4/0.0.0.0/tcp/4040"]     # multiaddrs to listen on
+//! static_peers = ["/ip4/192.0.2.7/tcp/4040"] # dialled (and redialled) where mDNS cannot reach
+//! mdns = true                            # discover peers by multicast DNS
+//! mdns_query_interval_s = 5
+//! connections_max = 64                   # established connections, all peers
+//! request_timeout_s = 10                 # a peer that stalls costs at most this
+//! serve_rate_kib_s = 8192                # chunk bytes served to one peer per second
+//! credential = "/etc/shoal/fleet.cred"   # this device's fleet membership credential
+//! revoked_peers = []                     # device keys (hex) refused whatever they show
+//!
 //! [slots]                                # and [bootloader]: see shoal-bootctl
 //! a = { path = "/dev/mmcblk0p2" }
 //! b = { path = "/dev/mmcblk0p3" }
@@ -63,6 +75,9 @@ pub struct Config {
     /// `[network]`: limits of server downloads.
     #[serde(default)]
     pub network: Network,
+    /// `[lan]`: LAN peers; off when absent.
+    #[serde(default)]
+    pub lan: Lan,
     /// `[slots]` (shoal-bootctl's table).
     pub slots: SlotsConfig,
     /// `[bootloader]` (shoal-bootctl's table).
@@ -154,6 +169,81 @@ pub struct Network {
     /// more fails before anything is fetched, saying so.
     #[serde(default)]
     pub budget_per_deployment_mib: Option<u64>,
+}
+
+/// `[lan]`: sharing chunks with LAN peers (the daemon; see `crate::lan`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lan {
+    /// Whether the daemon joins its LAN at all.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Multiaddrs to listen on.
+    #[serde(default = "default_lan_listen")]
+    pub listen: Vec<String>,
+    /// Peers dialled (and redialled while unreachable) besides those mDNS finds.
+    #[serde(default)]
+    pub static_peers: Vec<String>,
+    /// Whether peers are discovered by multicast DNS.
+    #[serde(default = "default_true")]
+    pub mdns: bool,
+    /// Seconds between two mDNS queries.
+    #[serde(default = "default_mdns_s")]
+    pub mdns_query_interval_s: u64,
+    /// Established connections at most (all peers together).
+    #[serde(default = "default_connections_max")]
+    pub connections_max: u32,
+    /// Seconds a request to a peer may take.
+    #[serde(default = "default_request_timeout_s")]
+    pub request_timeout_s: u64,
+    /// Chunk bytes (KiB) served to one peer per second; more is answered "later".
+    #[serde(default = "default_serve_rate")]
+    pub serve_rate_kib_s: u64,
+    /// This device's fleet membership credential (`shoal fleet credential`). When
+    /// the trust root has a `fleet` role, peers serve only devices that show one
+    /// of their own fleet, and this device serves only such peers.
+    #[serde(default)]
+    pub credential: Option<PathBuf>,
+    /// Device keys (64 hex digits) refused whatever credential they show (a
+    /// decommissioned device whose credential has not expired yet).
+    #[serde(default)]
+    pub revoked_peers: Vec<String>,
+}
+
+fn default_lan_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/0".into()]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_mdns_s() -> u64 {
+    5
+}
+fn default_connections_max() -> u32 {
+    64
+}
+fn default_request_timeout_s() -> u64 {
+    10
+}
+fn default_serve_rate() -> u64 {
+    8192
+}
+
+impl Default for Lan {
+    fn default() -> Lan {
+        Lan {
+            enabled: false,
+            listen: default_lan_listen(),
+            static_peers: Vec::new(),
+            mdns: true,
+            mdns_query_interval_s: default_mdns_s(),
+            connections_max: default_connections_max(),
+            request_timeout_s: default_request_timeout_s(),
+            serve_rate_kib_s: default_serve_rate(),
+            credential: None,
+            revoked_peers: Vec::new(),
+        }
+    }
 }
 
 /// `[server]`: where `shoal daemon` gets its deployments.
@@ -254,6 +344,55 @@ impl Config {
                 "health.timeout_s",
                 "must be between 1 and 86400 seconds",
             ));
+        }
+        let lan = &config.lan;
+        if lan
+            .listen
+            .iter()
+            .any(|a| a.parse::<libp2p::Multiaddr>().is_err())
+        {
+            return Err(invalid(
+                "lan.listen",
+                "must be multiaddrs such as /ip4/0.0.0.0/tcp/4040",
+            ));
+        }
+        if lan
+            .static_peers
+            .iter()
+            .any(|a| a.parse::<libp2p::Multiaddr>().is_err())
+        {
+            return Err(invalid(
+                "lan.static_peers",
+                "must be multiaddrs such as /ip4/192.0.2.7/tcp/4040",
+            ));
+        }
+        if lan.mdns_query_interval_s == 0 || lan.mdns_query_interval_s > 3600 {
+            return Err(invalid(
+                "lan.mdns_query_interval_s",
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if lan.connections_max == 0 {
+            return Err(invalid("lan.connections_max", "must be at least 1"));
+        }
+        if lan.request_timeout_s == 0 || lan.request_timeout_s > 600 {
+            return Err(invalid(
+                "lan.request_timeout_s",
+                "must be between 1 and 600 seconds",
+            ));
+        }
+        if lan
+            .revoked_peers
+            .iter()
+            .any(|k| k.len() != 64 || hex::decode(k).is_err())
+        {
+            return Err(invalid(
+                "lan.revoked_peers",
+                "must be device public keys of 64 hex digits",
+            ));
+        }
+        if lan.serve_rate_kib_s == 0 {
+            return Err(invalid("lan.serve_rate_kib_s", "must be at least 1"));
         }
         if config.install.journal_batch_mib == 0 || config.install.journal_batch_mib > 1024 {
             return Err(invalid(
@@ -412,7 +551,7 @@ mod tests {
         let e = parse_err(&format!("{GOOD}\n[network]\ncap = 1\n"));
         assert!(e.contains("unknown field `cap`"), "{e}");
         let e = parse_err(&format!("{GOOD}\n[lan]\nport = 1\n"));
-        assert!(e.contains("unknown field `lan`"), "{e}");
+        assert!(e.contains("unknown field `port`"), "{e}");
         let e =
             parse_err(&GOOD.replace("type = \"acme-board\"", "type = \"acme-board\"\ncolour = 1"));
         assert!(e.contains("unknown field `colour`"), "{e}");
@@ -433,6 +572,38 @@ mod tests {
         assert!(e.contains("install.journal_batch_mib"), "{e}");
         let e = parse_err(&GOOD.replace("type = \"file\"", "type = \"floppy\""));
         assert!(e.contains("floppy") && e.contains("type"), "{e}");
+    }
+
+    #[test]
+    fn lan_table_is_checked() {
+        let c = parse(&format!(
+            "{GOOD}\n[lan]\nenabled = true\nstatic_peers = [\"/ip4/127.0.0.1/tcp/4040\"]\n"
+        ))
+        .expect("valid");
+        assert!(c.lan.enabled);
+        assert_eq!(c.lan.listen, vec!["/ip4/0.0.0.0/tcp/0".to_string()]);
+        assert_eq!(c.lan.mdns_query_interval_s, 5);
+        assert!(!parse(GOOD).expect("valid").lan.enabled);
+        let e = parse_err(&format!(
+            "{GOOD}\n[lan]\nstatic_peers = [\"192.0.2.7:4040\"]\n"
+        ));
+        assert!(e.contains("lan.static_peers must be multiaddrs"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nlisten = [\"tcp\"]\n"));
+        assert!(e.contains("lan.listen must be multiaddrs"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nmdns_query_interval_s = 0\n"));
+        assert!(
+            e.contains("lan.mdns_query_interval_s must be between"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{GOOD}\n[lan]\nrequest_timeout_s = 0\n"));
+        assert!(e.contains("lan.request_timeout_s must be between"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nrevoked_peers = [\"abc\"]\n"));
+        assert!(
+            e.contains("lan.revoked_peers must be device public keys"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{GOOD}\n[lan]\nconnections_max = 0\n"));
+        assert!(e.contains("lan.connections_max must be at least 1"), "{e}");
     }
 
     const SERVER: &str = r#"

@@ -31,6 +31,7 @@ macro_rules! errln {
 mod cmd;
 mod daemon;
 mod device;
+mod lan;
 
 // The device configuration parser lives in the library target so fuzz targets can
 // reach it.
@@ -152,14 +153,22 @@ fn main() -> ExitCode {
     };
     // The tracing log is for the daemon and for debugging (`SHOAL_LOG=debug`): a
     // command reports a failure once, as the one line below, not also as log lines.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .init();
+    // `SHOAL_LOG` holds `target=level` directives and an optional bare default
+    // level (`info`, `shoal=debug,shoal::daemon=trace`); unset or unreadable: off.
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let filter: tracing_subscriber::filter::Targets = std::env::var("SHOAL_LOG")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(filter)
+            .init();
+    }
     let ui = cmd::Ui::new(cli.quiet);
     let result = match cli.command {
         Command::Key(c) => cmd::key::run(c, &ui),

@@ -285,6 +285,12 @@ impl SecretKey {
         file.sync_all().map_err(io)
     }
 
+    /// The 32-byte seed this key is made from (the libp2p identity of a device is
+    /// the same key). Secret: never log or send it.
+    pub fn to_seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// The public half.
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())

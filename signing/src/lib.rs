@@ -19,10 +19,12 @@
 //! - All encodings are canonical CBOR; decoders are bounded and reject non-canonical
 //!   input, so one value has exactly one encoding and signed bytes are unambiguous.
 
+mod credential;
 mod envelope;
 mod key;
 mod root;
 
+pub use credential::{CREDENTIAL_SIZE_MAX, Credential, CredentialError, FLEET_NAME_MAX};
 pub use envelope::{
     DecodeError, ENVELOPE_SIZE_MAX, Envelope, SIGNATURES_MAX, SIGNING_CONTEXT, Signature,
     describe_cbor_error,

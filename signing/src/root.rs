@@ -25,6 +25,10 @@ pub enum RoleName {
     Root,
     /// Signs release manifests.
     Release,
+    /// Signs fleet membership credentials: which devices' keys may get firmware
+    /// from their LAN peers ([`crate::Credential`]). Optional: roots without it (all
+    /// roots written before it existed) still read, and their devices' LAN is open.
+    Fleet,
 }
 
 impl fmt::Display for RoleName {
@@ -32,6 +36,7 @@ impl fmt::Display for RoleName {
         f.write_str(match self {
             RoleName::Root => "root",
             RoleName::Release => "release",
+            RoleName::Fleet => "fleet",
         })
     }
 }
@@ -233,8 +238,13 @@ impl TrustRoot {
                 });
             }
         }
-        for name in [RoleName::Root, RoleName::Release] {
-            let role = self.roles.get(&name).ok_or(RootError::MissingRole(name))?;
+        for name in [RoleName::Root, RoleName::Release, RoleName::Fleet] {
+            let role = match self.roles.get(&name) {
+                Some(role) => role,
+                // The fleet role is optional.
+                None if name == RoleName::Fleet => continue,
+                None => return Err(RootError::MissingRole(name)),
+            };
             if role.threshold == 0 {
                 return Err(RootError::ZeroThreshold(name));
             }
@@ -253,6 +263,25 @@ impl TrustRoot {
             }
         }
         Ok(())
+    }
+
+    /// The same root with a `fleet` role (keys that sign membership credentials).
+    pub fn with_fleet(
+        mut self,
+        fleet_keys: &[PublicKey],
+        threshold: u32,
+    ) -> Result<TrustRoot, RootError> {
+        let key_ids = fleet_keys
+            .iter()
+            .map(|k| {
+                self.keys.insert(k.id(), *k);
+                k.id()
+            })
+            .collect();
+        self.roles
+            .insert(RoleName::Fleet, Role { key_ids, threshold });
+        self.validate()?;
+        Ok(self)
     }
 
     /// Canonical CBOR of this root: the bytes that are signed.

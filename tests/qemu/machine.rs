@@ -24,8 +24,9 @@ pub const ESP: Part = Part {
     offset: MIB,
     size: 32 * MIB,
 };
-/// Size of each root slot.
-pub const SLOT_SIZE: u64 = 64 * MIB;
+/// Size of each root slot: room for the `shoal` test binary (debug, stripped, with
+/// the server role and the LAN layer: about 45 MB).
+pub const SLOT_SIZE: u64 = 96 * MIB;
 /// Root slot A (`/dev/vda2`).
 pub const SLOT_A: Part = Part {
     type_code: "8304",

@@ -34,7 +34,9 @@ pub fn shoal_bin() -> &'static Path {
             "-p",
             "shoal-node",
             "--features",
-            "server",
+            // The server role, and LAN peers that misbehave on request (the lan_e2e
+            // test's malicious peer; compiled out of device builds).
+            "server,test-peer-faults",
             "--bin",
             "shoal",
             "--manifest-path",

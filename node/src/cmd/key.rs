@@ -28,6 +28,30 @@ pub enum Command {
         /// A PKCS#8 private key or SPKI public key PEM file.
         file: PathBuf,
     },
+    /// Issue a fleet membership credential: LAN peers serve firmware only to
+    /// devices showing one of their own fleet, signed by the trust root's fleet
+    /// keys (`shoal root init --fleet-key`). The device names it in `[lan]
+    /// credential`.
+    ///
+    /// Example: shoal key credential --key fleet.pem --device data/device-key.pem --fleet plant-7 --out plant-7-dev12.cred
+    Credential {
+        /// A fleet private key (PKCS#8 PEM); repeat for a threshold above 1.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The device's key: its private or public key PEM file, or its public key
+        /// as 64 hex digits.
+        #[arg(long)]
+        device: String,
+        /// The fleet's name.
+        #[arg(long)]
+        fleet: String,
+        /// Days from now until the credential expires.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        expires_in_days: u64,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Runs a `shoal key` subcommand.
@@ -69,7 +93,60 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             outln!("{id}");
             Ok(())
         }
+        Command::Credential {
+            keys,
+            device,
+            fleet,
+            expires_in_days,
+            out,
+        } => {
+            if fleet.is_empty() || fleet.len() > shoal_signing::FLEET_NAME_MAX {
+                return Err(crate::cmd::Exit::usage(format!(
+                    "--fleet must be 1 to {} bytes",
+                    shoal_signing::FLEET_NAME_MAX
+                )));
+            }
+            let device = device_key(&device)?;
+            let signers: Vec<SecretKey> = keys
+                .iter()
+                .map(|p| SecretKey::load(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<anyhow::Result<_>>()?;
+            let expires = crate::cmd::root::now_unix_s()?
+                .saturating_add(expires_in_days.saturating_mul(86_400));
+            let credential = shoal_signing::Credential::new(device, fleet.clone(), expires);
+            let refs: Vec<&SecretKey> = signers.iter().collect();
+            std::fs::write(&out, credential.issue(&refs))
+                .with_context(|| format!("writing {}", out.display()))?;
+            ui.info(format!(
+                "wrote the credential of device {} in fleet {fleet} to {} (expires at unix time {expires})",
+                hex::encode(device.to_bytes()),
+                out.display()
+            ));
+            Ok(())
+        }
     }
+}
+
+/// A device's public key from `--device`: 64 hex digits or a PEM key file.
+fn device_key(arg: &str) -> anyhow::Result<PublicKey> {
+    if arg.len() == 64
+        && let Ok(bytes) = hex::decode(arg)
+    {
+        let bytes: [u8; 32] = bytes.try_into().expect("32 bytes");
+        return PublicKey::from_bytes(&bytes)
+            .map_err(|e| crate::cmd::Exit::usage(format!("--device {arg}: {e}")));
+    }
+    let path = std::path::Path::new(arg);
+    let text =
+        std::fs::read(path).map_err(|e| crate::cmd::Exit::usage(format!("--device {arg}: {e}")))?;
+    let private = shoal_signing::pem_label(&String::from_utf8_lossy(&text))
+        .is_some_and(|l| l.contains("PRIVATE KEY"));
+    if private {
+        SecretKey::load(path).map(|k| k.public())
+    } else {
+        PublicKey::load(path)
+    }
+    .with_context(|| format!("reading {}", path.display()))
 }
 
 /// The public key file written beside a private key file.

@@ -82,6 +82,14 @@ pub struct RootKeys {
     /// How many distinct release keys must sign a release.
     #[arg(long, default_value_t = 1)]
     release_threshold: u32,
+    /// Public key (SPKI PEM) allowed to sign fleet membership credentials
+    /// (repeatable; `shoal key credential`). With one, LAN peers serve only
+    /// members of their own fleet; without, any peer.
+    #[arg(long = "fleet-key")]
+    fleet_keys: Vec<PathBuf>,
+    /// How many distinct fleet keys must sign a credential.
+    #[arg(long, default_value_t = 1)]
+    fleet_threshold: u32,
     /// Days from now until the root expires.
     #[arg(long, default_value_t = 365, conflicts_with = "expires_unix")]
     expires_in_days: u64,
@@ -149,7 +157,7 @@ impl RootKeys {
             Some(t) => t,
             None => now_unix_s()?.saturating_add(self.expires_in_days.saturating_mul(86_400)),
         };
-        TrustRoot::new(
+        let root = TrustRoot::new(
             version,
             expires,
             &load(&self.root_keys)?,
@@ -157,7 +165,12 @@ impl RootKeys {
             &load(&self.release_keys)?,
             self.release_threshold,
         )
-        .map_err(|e| Exit::usage(e.to_string()))
+        .map_err(|e| Exit::usage(e.to_string()))?;
+        if self.fleet_keys.is_empty() {
+            return Ok(root);
+        }
+        root.with_fleet(&load(&self.fleet_keys)?, self.fleet_threshold)
+            .map_err(|e| Exit::usage(e.to_string()))
     }
 }
 

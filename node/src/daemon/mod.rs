@@ -187,6 +187,8 @@ pub struct Daemon {
     config: Config,
     server: Server,
     api: Api,
+    /// LAN peers (`[lan] enabled`).
+    lan: Option<crate::lan::Lan>,
 }
 
 /// What handling a deployment came to.
@@ -207,12 +209,60 @@ impl Daemon {
             Exit::usage("the device configuration has no [server] table; shoal daemon needs one")
         })?;
         let key = device_key(&config.device.data_dir)?;
+        // LAN hook: the same key is the device's peer id.
+        let lan = if config.lan.enabled {
+            Some(crate::lan::Lan::start(&config, &key)?)
+        } else {
+            None
+        };
         let api = Api::new(&server, key)?;
         Ok(Daemon {
             config,
             server,
             api,
+            lan,
         })
+    }
+
+    /// LAN hook: serves the running release to peers, when its signed manifest was
+    /// kept (it was installed by this daemon) and still verifies.
+    fn lan_serve_running(&self) {
+        let Some(lan) = &self.lan else { return };
+        let served = (|| -> anyhow::Result<Option<crate::lan::serve::Served>> {
+            let (status, _) = crate::device::read_status(&self.config)?;
+            let Some(release) = &status.releases[shoal_engine::slot_index(status.active)] else {
+                return Ok(None);
+            };
+            let id = crate::lan::proto::ManifestId(release.manifest_hash);
+            let path = crate::lan::serve::envelope_path(&self.config.device.data_dir, &id);
+            let envelope = match std::fs::read(&path) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+            };
+            let manifest = self.verify(&envelope)?;
+            if manifest.hash() != release.manifest_hash {
+                return Err(anyhow!(
+                    "{} is not the running release's manifest",
+                    path.display()
+                ));
+            }
+            Ok(Some(crate::lan::serve::Served::new(
+                envelope,
+                &manifest,
+                status.active,
+            )?))
+        })();
+        match served {
+            Ok(Some(s)) => {
+                info!(release = %s.manifest, "serving the running release to LAN peers");
+                lan.serve_running(Some(std::sync::Arc::new(s)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %crate::cmd::one_line(&e), "cannot serve the running release to LAN peers")
+            }
+        }
     }
 
     fn poll_interval(&self) -> Duration {
@@ -223,6 +273,7 @@ impl Daemon {
     /// or none was waiting).
     pub fn run(&mut self, once: bool) -> anyhow::Result<()> {
         info!(device = %self.api.device_id(), server = %self.server.url, "daemon started");
+        self.lan_serve_running();
         let mut backoff = Backoff::new(Duration::from_secs(self.server.retry_max_s));
         let mut inventory_sent = false;
         loop {
@@ -429,11 +480,31 @@ impl Daemon {
             self.poll_interval().min(Duration::from_secs(30)),
         );
         let watch = requests.watch();
+        // LAN hook: peers that run or install this release become sources; what
+        // this device writes is served to them as it is verified.
+        let mut peer_bytes = None;
+        let requests: Box<dyn crate::device::Requests> = match &self.lan {
+            Some(lan) => {
+                let served = crate::lan::serve::Served::new(
+                    envelope.clone(),
+                    &manifest,
+                    status.active.other(),
+                )?;
+                let r = crate::lan::requests::LanRequests::start(
+                    lan.clone(),
+                    Box::new(requests),
+                    served,
+                );
+                peer_bytes = Some(r.peer_bytes());
+                Box::new(r)
+            }
+            None => Box::new(requests),
+        };
         let source = Source::Remote {
             name: self.server.url.clone(),
             envelope,
             limits,
-            requests: Box::new(requests),
+            requests,
         };
         let result = Device::open(self.config.clone(), Reboot::Command)
             .and_then(|mut dev| dev.install(source, false, &mut |_| {}));
@@ -442,12 +513,16 @@ impl Daemon {
         }
         match result {
             Ok(report) => {
+                if let Some(lan) = &self.lan {
+                    lan.have_all();
+                }
                 info!(
                     deployment = %dep.id,
                     resumed = report.resumed_bytes,
                     fetched = report.fetched_bytes,
                     reused = report.reused_bytes,
                     transferred = watch.bytes(),
+                    from_peers = peer_bytes.map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)),
                     "installed; trial armed"
                 );
                 if self.report(dep, "installing", None)? {

@@ -46,6 +46,8 @@ use store::Store;
 /// balloon) read from an artifact before they are decoded together, in parallel.
 /// Bounds the memory of a streaming install.
 const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// How often a [`Requests`] source is told the journaled ranges (LAN peers).
+const JOURNALED_EVERY: Duration = Duration::from_millis(250);
 /// Needed chunks met while indexing the running slot, waiting for the engine.
 const MET_QUEUE: usize = 32;
 /// Read buffer of artifact sources and of slot indexing.
@@ -124,6 +126,27 @@ pub trait Requests: Send {
     fn stop_reason(&self) -> Option<String> {
         None
     }
+
+    // LAN hooks (crate::lan::requests): a source that also carries other sources
+    // (LAN peers). The defaults fit a source that carries none.
+
+    /// Whether requests for `source` (not this one's own) go through it.
+    fn carries(&self, _source: SourceId) -> bool {
+        false
+    }
+    /// Starts one request to a carried source.
+    fn send_to(&mut self, _source: SourceId, request: RequestId, ids: Vec<ChunkId>) {
+        self.send(request, ids);
+    }
+    /// Cancels a request to a carried source.
+    fn cancel_to(&mut self, _source: SourceId, request: RequestId) {
+        self.cancel(request);
+    }
+    /// The engine banned a carried source (it sent a corrupt chunk).
+    fn banned(&mut self, _source: SourceId) {}
+    /// The target slot's byte ranges written, synced and journaled so far
+    /// (`Engine::journaled_ranges`), given every few hundred milliseconds.
+    fn journaled(&mut self, _ranges: &[(u64, u64)]) {}
 }
 
 /// An answer of a [`Requests`] source.
@@ -143,6 +166,27 @@ pub enum Answer {
         /// How it failed.
         failure: FetchFailure,
     },
+    // LAN hooks: what a source carrying other sources (LAN peers) says of them.
+    /// An answer of a carried source.
+    From {
+        /// The carried source.
+        source: SourceId,
+        /// Its answer (a chunk, unavailable, failed).
+        answer: Box<Answer>,
+    },
+    /// A carried source appeared.
+    Added(SourceInfo),
+    /// A carried source holds more.
+    Holds {
+        /// The source.
+        source: SourceId,
+        /// What it holds now.
+        holds: Holds,
+    },
+    /// A carried source went away.
+    Removed(SourceId),
+    /// The LAN peers installing the same release changed.
+    Swarm(shoal_engine::Swarm),
 }
 
 /// Where an artifact's bytes come from.
@@ -979,6 +1023,14 @@ impl<'a> Driver<'a> {
         self.engine
             .offer(now, offer)
             .map_err(|e| anyhow!(e).context("the release was refused"))?;
+        // LAN hook: sources a request source already knows of (LAN peers and their
+        // swarm) are registered before the engine plans its first fetch.
+        if let Some(r) = self.requests.as_mut() {
+            let early = r.wait(Duration::ZERO);
+            for answer in early {
+                self.answer(now, REMOTE, answer);
+            }
+        }
         self.drain()
     }
 
@@ -1117,6 +1169,7 @@ impl<'a> Driver<'a> {
     /// outputs, waits for answers until the engine's next timer, and hands them
     /// over, until the install ends.
     fn pump(&mut self) -> anyhow::Result<()> {
+        let mut last_journaled = std::time::Instant::now();
         while self.engine.is_installing() {
             self.drain()?;
             if !self.engine.is_installing() {
@@ -1155,24 +1208,15 @@ impl<'a> Driver<'a> {
             };
             let now = self.now();
             for answer in answers {
-                let input = match answer {
-                    Answer::Chunk(chunk) => Input::Chunk {
-                        origin: Origin::Source(REMOTE),
-                        chunk,
-                    },
-                    Answer::Corrupt(id) => Input::Corrupt {
-                        origin: Origin::Source(REMOTE),
-                        id,
-                    },
-                    Answer::Unavailable(id) => Input::Unavailable { source: REMOTE, id },
-                    Answer::Failed { request, failure } => Input::FetchFailed {
-                        source: REMOTE,
-                        request,
-                        failure,
-                    },
-                };
-                self.engine.handle(now, input);
+                self.answer(now, REMOTE, answer);
                 self.drain()?;
+            }
+            // LAN hook: what the target slot holds, verified, for the peers.
+            if last_journaled.elapsed() >= JOURNALED_EVERY
+                && let Some(r) = self.requests.as_mut()
+            {
+                last_journaled = std::time::Instant::now();
+                r.journaled(&self.engine.journaled_ranges());
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
@@ -1182,6 +1226,54 @@ impl<'a> Driver<'a> {
             self.source_bytes_read += r.bytes_read();
         }
         Ok(())
+    }
+
+    /// Hands one answer of a [`Requests`] source (`source`, or a source it carries)
+    /// to the engine.
+    fn answer(&mut self, now: shoal_engine::Instant, source: SourceId, answer: Answer) {
+        let input = match answer {
+            Answer::Chunk(chunk) => Input::Chunk {
+                origin: Origin::Source(source),
+                chunk,
+            },
+            Answer::Corrupt(id) => Input::Corrupt {
+                origin: Origin::Source(source),
+                id,
+            },
+            Answer::Unavailable(id) => Input::Unavailable { source, id },
+            Answer::Failed { request, failure } => Input::FetchFailed {
+                source,
+                request,
+                failure,
+            },
+            Answer::From { source, answer } => return self.answer(now, source, *answer),
+            Answer::Added(info) => {
+                let id = info.id;
+                if let Err(e) = self.engine.add_source(now, info) {
+                    warn!(source = %id, error = %e, "cannot add a source");
+                }
+                return;
+            }
+            Answer::Holds { source, holds } => {
+                if let Err(e) = self.engine.add_holds(now, source, &holds) {
+                    warn!(%source, error = %e, "cannot update a source");
+                }
+                return;
+            }
+            Answer::Removed(source) => {
+                if let Err(e) = self.engine.remove_source(now, source) {
+                    warn!(%source, error = %e, "cannot remove a source");
+                }
+                return;
+            }
+            Answer::Swarm(swarm) => {
+                if let Err(e) = self.engine.set_swarm(now, swarm) {
+                    warn!(error = %e, "cannot set the LAN swarm");
+                }
+                return;
+            }
+        };
+        self.engine.handle(now, input);
     }
 
     /// Hands decoded chunks to the engine and carries out what it asks.
@@ -1461,10 +1553,22 @@ impl<'a> Driver<'a> {
             }
             // Local requests are answered before the next output: nothing to cancel.
             Output::Cancel { source, request } => {
-                if source == REMOTE
-                    && let Some(r) = self.requests.as_mut()
-                {
-                    r.cancel(request);
+                if let Some(r) = self.requests.as_mut() {
+                    if source == REMOTE {
+                        r.cancel(request);
+                    } else if r.carries(source) {
+                        r.cancel_to(source, request);
+                    }
+                }
+            }
+            // LAN hook: a request to a source the request source carries (a peer).
+            Output::Fetch {
+                source,
+                request,
+                ids,
+            } if source != REMOTE && self.requests.as_ref().is_some_and(|r| r.carries(source)) => {
+                if let Some(r) = self.requests.as_mut() {
+                    r.send_to(source, request, ids);
                 }
             }
             Output::Fetch {
@@ -1606,6 +1710,13 @@ impl<'a> Driver<'a> {
             }
             Output::Event(e) => {
                 info!(event = ?short(&e), "engine");
+                // LAN hook: a peer that sent a corrupt chunk is blocked.
+                if let Event::SourceBanned { source } = &e
+                    && let Some(r) = self.requests.as_mut()
+                    && r.carries(*source)
+                {
+                    r.banned(*source);
+                }
                 self.events.push(e);
             }
         }

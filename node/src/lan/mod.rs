@@ -1,0 +1,822 @@
+//! LAN peers over libp2p: devices on one site share chunks, so each chunk crosses
+//! the site's uplink about once.
+//!
+//! The layout follows rust-libp2p's `examples/file-sharing`: one
+//! [`#[derive(NetworkBehaviour)]`](Behaviour) (TCP + Noise + Yamux; mDNS, identify, connection limits, a block list and three
+//! request-response protocols, see [`proto`]), driven by an [`EventLoop`] on a
+//! thread of its own (a current-thread tokio runtime); the rest of the daemon talks
+//! to it through the [`Lan`] handle over a bounded command channel, and reads the
+//! peers' last known state from a shared table.
+//!
+//! The libp2p code only carries messages. Which peer is asked for which chunk, when
+//! to fall back to the server, and whom to ban are the engine's decisions
+//! ([`shoal_engine::Engine::set_swarm`], bans on a bad chunk); [`requests`] turns the
+//! peers into engine sources. The device key (`data_dir/device-key.pem`, the one
+//! the daemon signs in to the server with) is the peer id.
+
+pub mod member;
+pub mod proto;
+pub mod requests;
+pub mod serve;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, identify, mdns};
+use shoal_artifact::ChunkId;
+use shoal_bootctl::BootControl;
+use shoal_engine::{Bitfield, FetchFailure};
+use shoal_signing::SecretKey;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use proto::{
+    ChunkData, ChunkRequest, ChunkResponse, Codec, Installing, ManifestId, ManifestRequest,
+    ManifestResponse, State,
+};
+use serve::Served;
+
+/// Commands waiting for the event loop at most.
+const COMMANDS_MAX: usize = 256;
+/// How often unreachable static peers are dialled again.
+const REDIAL: Duration = Duration::from_secs(3);
+/// Inbound requests one peer may have open at once (per protocol).
+const STREAMS_MAX: usize = 16;
+
+/// The behaviour: every protocol the LAN layer speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    limits: connection_limits::Behaviour,
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    state: request_response::Behaviour<Codec<State, State>>,
+    manifest: request_response::Behaviour<Codec<ManifestRequest, ManifestResponse>>,
+    chunk: request_response::Behaviour<Codec<ChunkRequest, ChunkResponse>>,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour").finish_non_exhaustive()
+    }
+}
+
+/// How a chunk request to a peer came out.
+pub type ChunkReply = Box<dyn FnOnce(Result<Vec<ChunkData>, FetchFailure>) + Send>;
+
+/// What the daemon asks of the event loop.
+enum Command {
+    /// The release this device runs (served whole).
+    Running(Option<Arc<Served>>),
+    /// The release this device installs, and the positions written and verified.
+    Installing(Option<(Arc<Served>, Bitfield)>),
+    /// The positions of the installing release now written and verified.
+    Have(Bitfield),
+    /// Every position of the installing release is written and verified.
+    HaveAll,
+    /// Asks `peer` for chunks of `manifest`.
+    Chunks {
+        peer: PeerId,
+        manifest: ManifestId,
+        ids: Vec<ChunkId>,
+        reply: ChunkReply,
+    },
+    /// Closes and refuses every connection of `peer` (it sent a bad chunk).
+    Block(PeerId),
+}
+
+/// The peers' state, as last said, for the daemon to read.
+#[derive(Debug, Default)]
+pub struct Peers {
+    states: Mutex<HashMap<PeerId, State>>,
+    version: AtomicU64,
+}
+
+impl Peers {
+    /// A copy of every connected peer's last state.
+    pub fn snapshot(&self) -> HashMap<PeerId, State> {
+        self.states.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Bumped on every change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn set(&self, peer: PeerId, state: Option<State>) {
+        if let Ok(mut s) = self.states.lock() {
+            let changed = match state {
+                Some(state) => s.insert(peer, state.clone()).as_ref() != Some(&state),
+                None => s.remove(&peer).is_some(),
+            };
+            if changed {
+                self.version.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The daemon's handle on its LAN.
+#[derive(Clone)]
+pub struct Lan {
+    commands: mpsc::Sender<Command>,
+    peers: Arc<Peers>,
+    me: PeerId,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Lan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lan")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The libp2p identity of a device key (the same ed25519 key).
+pub fn keypair(key: &SecretKey) -> anyhow::Result<libp2p::identity::Keypair> {
+    libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
+        .map_err(|e| anyhow!("the device key is not a valid ed25519 key: {e}"))
+}
+
+/// The engine's name for a peer (rendezvous hashing): BLAKE3 of its peer id.
+pub fn node_key(peer: &PeerId) -> shoal_engine::NodeKey {
+    shoal_engine::NodeKey(*blake3::hash(&peer.to_bytes()).as_bytes())
+}
+
+impl Lan {
+    /// Joins the LAN as `config.lan` says, with the device key as peer id: listens,
+    /// starts mDNS, dials the static peers. The event loop runs on a thread of its
+    /// own until the process ends.
+    pub fn start(config: &crate::config::Config, key: &SecretKey) -> anyhow::Result<Lan> {
+        let lan = &config.lan;
+        let keypair = keypair(key)?;
+        let me = keypair.public().to_peer_id();
+        let signed = shoal_signing::SignedRoot::load(&config.device.trust_root).map_err(|e| {
+            crate::cmd::Exit::usage(format!("device.trust_root: {}", crate::cmd::chain(&e)))
+        })?;
+        let membership =
+            member::Membership::load(lan, &signed.root, key, crate::device::wall_clock())?;
+        let membership_closed = membership.closed();
+        let boot = serve::open_slots(config)?;
+        let listen: Vec<Multiaddr> = lan
+            .listen
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| crate::cmd::Exit::usage(format!("lan.listen: {e}")))?;
+        let static_peers: Vec<Multiaddr> = lan
+            .static_peers
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| crate::cmd::Exit::usage(format!("lan.static_peers: {e}")))?;
+        let (tx, rx) = mpsc::channel(COMMANDS_MAX);
+        let peers = Arc::new(Peers::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let settings = lan.clone();
+        let shared = Arc::clone(&peers);
+        let data_dir = config.device.data_dir.clone();
+        let dir = data_dir.clone();
+        std::thread::Builder::new()
+            .name("shoal-lan".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!("cannot start the LAN runtime: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let swarm = match build_swarm(keypair, &settings) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let mut ev = EventLoop::new(
+                        swarm,
+                        rx,
+                        shared,
+                        boot,
+                        &settings,
+                        Local {
+                            static_peers,
+                            data_dir: dir,
+                            membership,
+                        },
+                    );
+                    for addr in listen {
+                        if let Err(e) = ev.swarm.listen_on(addr.clone()) {
+                            let _ = ready_tx.send(Err(anyhow!("cannot listen on {addr}: {e}")));
+                            return;
+                        }
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    ev.run().await;
+                });
+            })
+            .context("cannot start the LAN thread")?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the LAN thread ended before it started"))??;
+        info!(peer = %me, closed_fleet = membership_closed, "joined the LAN");
+        Ok(Lan {
+            commands: tx,
+            peers,
+            me,
+            data_dir,
+        })
+    }
+
+    /// This device's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    /// The peers' last state.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    fn send(&self, command: Command) {
+        if self.commands.blocking_send(command).is_err() {
+            warn!("the LAN event loop has ended");
+        }
+    }
+
+    fn keep(&self, s: &Served) {
+        if let Err(e) = serve::save_envelope(&self.data_dir, &s.manifest, &s.envelope) {
+            warn!(error = %format!("{e:#}"), "cannot keep the manifest for peers");
+        }
+    }
+
+    /// Serves `running` whole (every chunk, from the running slot) and says so to
+    /// every peer.
+    pub fn serve_running(&self, running: Option<Arc<Served>>) {
+        if let Some(s) = &running {
+            self.keep(s);
+        }
+        self.send(Command::Running(running));
+    }
+
+    /// Serves the positions `have` of `installing` (from the slot being written) and
+    /// says so to every peer. Its envelope is kept in `data_dir`, so the release is
+    /// served again after the reboot into it.
+    pub fn serve_installing(&self, installing: Option<(Arc<Served>, Bitfield)>) {
+        if let Some((s, _)) = &installing {
+            self.keep(s);
+        }
+        self.send(Command::Installing(installing));
+    }
+
+    /// The installing release's written and verified positions changed.
+    pub fn have(&self, have: Bitfield) {
+        self.send(Command::Have(have));
+    }
+
+    /// The installing release is written and verified whole.
+    pub fn have_all(&self) {
+        self.send(Command::HaveAll);
+    }
+
+    /// Asks `peer` for chunks; `reply` is called once with the outcome.
+    pub fn chunks(&self, peer: PeerId, manifest: ManifestId, ids: Vec<ChunkId>, reply: ChunkReply) {
+        self.send(Command::Chunks {
+            peer,
+            manifest,
+            ids,
+            reply,
+        });
+    }
+
+    /// Refuses `peer` from now on (it sent a chunk that does not hash to its id).
+    pub fn block(&self, peer: PeerId) {
+        warn!(%peer, "blocking a peer that sent a corrupt chunk");
+        self.send(Command::Block(peer));
+    }
+}
+
+fn build_swarm(
+    keypair: libp2p::identity::Keypair,
+    lan: &crate::config::Lan,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    let timeout = Duration::from_secs(lan.request_timeout_s);
+    let rr = || {
+        request_response::Config::default()
+            .with_request_timeout(timeout)
+            .with_max_concurrent_streams(STREAMS_MAX)
+    };
+    let mdns_on = lan.mdns;
+    let query_interval = Duration::from_secs(lan.mdns_query_interval_s);
+    let connections_max = lan.connections_max;
+    let behaviour = move |key: &libp2p::identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+        let me = key.public().to_peer_id();
+        let mdns = if mdns_on {
+            let cfg = mdns::Config {
+                query_interval,
+                ..Default::default()
+            };
+            Some(mdns::tokio::Behaviour::new(cfg, me)?)
+        } else {
+            None
+        };
+        Ok(Behaviour {
+            limits: connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(connections_max))
+                    .with_max_pending_incoming(Some(connections_max))
+                    .with_max_established_per_peer(Some(4)),
+            ),
+            blocked: allow_block_list::Behaviour::default(),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/shoal/id/1".into(),
+                key.public(),
+            )),
+            mdns: mdns.into(),
+            state: request_response::Behaviour::with_codec(
+                Codec::new(proto::STATE_BYTES_MAX, proto::STATE_BYTES_MAX),
+                [(proto::STATE, ProtocolSupport::Full)],
+                rr(),
+            ),
+            manifest: request_response::Behaviour::with_codec(
+                Codec::new(proto::MANIFEST_REQUEST_BYTES_MAX, proto::ENVELOPE_BYTES_MAX),
+                [(proto::MANIFEST, ProtocolSupport::Full)],
+                rr(),
+            ),
+            chunk: request_response::Behaviour::with_codec(
+                Codec::new(proto::CHUNK_REQUEST_BYTES_MAX, proto::CHUNK_RESPONSE_BYTES_MAX),
+                [(proto::CHUNK, ProtocolSupport::Full)],
+                rr(),
+            ),
+        })
+    };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(600));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .map_err(|e| anyhow!("cannot set up TCP: {e}"))?;
+    let swarm = builder
+        .with_behaviour(behaviour)
+        .map_err(|e| anyhow!("cannot set up the LAN protocols: {e}"))?
+        .with_swarm_config(idle)
+        .build();
+    Ok(swarm)
+}
+
+/// What the event loop is given of this device besides its `[lan]` table.
+struct Local {
+    static_peers: Vec<Multiaddr>,
+    data_dir: PathBuf,
+    membership: member::Membership,
+}
+
+/// Serving limits of one peer: a token bucket of chunk bytes.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The event loop: owns the swarm, carries out [`Command`]s, answers peers.
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    peers: Arc<Peers>,
+    boot: Arc<Mutex<BootControl>>,
+    running: Option<Arc<Served>>,
+    installing: Option<(Arc<Served>, Bitfield)>,
+    pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
+    static_peers: Vec<Multiaddr>,
+    /// Remote addresses of connections we dialled, with their count.
+    dialled: HashMap<Multiaddr, u32>,
+    connected: HashSet<PeerId>,
+    served_tx: mpsc::Sender<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
+    served_rx: mpsc::Receiver<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
+    buckets: HashMap<PeerId, Bucket>,
+    rate: f64,
+    data_dir: PathBuf,
+    listen_addrs: Vec<Multiaddr>,
+    /// Who is served.
+    membership: member::Membership,
+    /// Connected peers whose credential was checked and admitted.
+    admitted: HashSet<PeerId>,
+    /// Refused peers already logged.
+    refused_logged: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        peers: Arc<Peers>,
+        boot: BootControl,
+        lan: &crate::config::Lan,
+        local: Local,
+    ) -> EventLoop {
+        let Local {
+            static_peers,
+            data_dir,
+            membership,
+        } = local;
+        let (served_tx, served_rx) = mpsc::channel(COMMANDS_MAX);
+        EventLoop {
+            swarm,
+            commands,
+            peers,
+            boot: Arc::new(Mutex::new(boot)),
+            running: None,
+            installing: None,
+            pending_chunks: HashMap::new(),
+            static_peers,
+            dialled: HashMap::new(),
+            connected: HashSet::new(),
+            served_tx,
+            served_rx,
+            buckets: HashMap::new(),
+            rate: (lan.serve_rate_kib_s * 1024) as f64,
+            membership,
+            admitted: HashSet::new(),
+            refused_logged: HashSet::new(),
+            data_dir,
+            listen_addrs: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut redial = tokio::time::interval(REDIAL);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    // Every handle is gone: the daemon ended.
+                    None => return,
+                },
+                Some((peer, bytes, channel, response)) = self.served_rx.recv() => {
+                    self.spend(peer, bytes);
+                    let _ = self.swarm.behaviour_mut().chunk.send_response(channel, response);
+                }
+                _ = redial.tick() => self.redial(),
+            }
+        }
+    }
+
+    fn state(&self) -> State {
+        State {
+            running: self.running.as_ref().map(|s| s.manifest),
+            installing: self
+                .installing
+                .as_ref()
+                .map(|(s, have)| Installing::new(s.manifest, have)),
+            credential: self.credential(),
+        }
+    }
+
+    fn credential(&self) -> Option<serde_bytes::ByteBuf> {
+        self.membership
+            .credential()
+            .map(|c| serde_bytes::ByteBuf::from(c.to_vec()))
+    }
+
+    /// A peer's state: recorded when its credential admits it. Returns whether
+    /// it is admitted.
+    fn on_state(&mut self, peer: PeerId, state: State) -> bool {
+        let verdict = self.membership.admit(
+            &peer,
+            state.credential.as_deref().map(|c| &c[..]),
+            crate::device::wall_clock(),
+        );
+        match verdict {
+            Ok(()) => {
+                self.admitted.insert(peer);
+                self.peers.set(peer, Some(state));
+                true
+            }
+            Err(e) => {
+                if self.admitted.remove(&peer) || self.refused_logged.insert(peer) {
+                    info!(%peer, reason = %e, "not serving a peer outside the fleet");
+                }
+                self.peers.set(peer, None);
+                false
+            }
+        }
+    }
+
+    fn announce(&mut self) {
+        let state = self.state();
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        for p in peers {
+            self.swarm
+                .behaviour_mut()
+                .state
+                .send_request(&p, state.clone());
+        }
+    }
+
+    fn redial(&mut self) {
+        for addr in self.static_peers.clone() {
+            if self.dialled.get(&addr).is_some_and(|&n| n > 0) {
+                continue;
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                debug!(%addr, error = %e, "cannot dial a static peer");
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Running(running) => {
+                self.running = running;
+                self.announce();
+            }
+            Command::Installing(installing) => {
+                self.installing = installing;
+                self.announce();
+            }
+            Command::HaveAll => {
+                if let Some((_, h)) = self.installing.as_mut() {
+                    *h = Bitfield::full(h.len());
+                    self.announce();
+                }
+            }
+            Command::Have(have) => {
+                if let Some((_, h)) = self.installing.as_mut()
+                    && *h != have
+                {
+                    *h = have;
+                    self.announce();
+                }
+            }
+            Command::Chunks {
+                peer,
+                manifest,
+                ids,
+                reply,
+            } => {
+                let n = ids.len();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunk
+                    .send_request(&peer, ChunkRequest { manifest, ids });
+                self.pending_chunks.insert(id, (n, reply));
+            }
+            Command::Block(peer) => {
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.peers.set(peer, None);
+            }
+        }
+    }
+
+    /// Bytes `peer` may be sent now.
+    fn budget(&mut self, peer: PeerId) -> u64 {
+        let rate = self.rate;
+        let b = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: rate,
+            at: Instant::now(),
+        });
+        let now = Instant::now();
+        b.tokens = (b.tokens + rate * now.duration_since(b.at).as_secs_f64()).min(rate);
+        b.at = now;
+        b.tokens.max(0.0) as u64
+    }
+
+    fn spend(&mut self, peer: PeerId, bytes: u64) {
+        if let Some(b) = self.buckets.get_mut(&peer) {
+            b.tokens -= bytes as f64;
+        }
+    }
+
+    fn release(&self, manifest: &ManifestId) -> Option<Arc<Served>> {
+        self.running
+            .iter()
+            .chain(self.installing.iter().map(|(s, _)| s))
+            .find(|s| s.manifest == *manifest)
+            .cloned()
+    }
+
+    fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.clone().with(libp2p::multiaddr::Protocol::P2p(
+                    *self.swarm.local_peer_id(),
+                ));
+                info!(address = %full, "listening for LAN peers");
+                self.listen_addrs.push(full);
+                // For people and tests: where this device can be reached.
+                let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
+                let path = self.data_dir.join("lan-addresses");
+                let tmp = self.data_dir.join("lan-addresses.new");
+                if std::fs::create_dir_all(&self.data_dir)
+                    .and_then(|()| std::fs::write(&tmp, text))
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .is_err()
+                {
+                    debug!(path = %path.display(), "cannot write the listen addresses");
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if endpoint.is_dialer() {
+                    *self
+                        .dialled
+                        .entry(endpoint.get_remote_address().clone())
+                        .or_default() += 1;
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, address = %endpoint.get_remote_address(), "peer connected");
+                    self.connected.insert(peer_id);
+                    let state = self.state();
+                    self.swarm
+                        .behaviour_mut()
+                        .state
+                        .send_request(&peer_id, state);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if endpoint.is_dialer()
+                    && let Some(n) = self.dialled.get_mut(endpoint.get_remote_address())
+                {
+                    *n = n.saturating_sub(1);
+                }
+                if num_established == 0 {
+                    debug!(peer = %peer_id, "peer disconnected");
+                    self.connected.remove(&peer_id);
+                    self.admitted.remove(&peer_id);
+                    self.peers.set(peer_id, None);
+                    self.buckets.remove(&peer_id);
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, event: BehaviourEvent) {
+        use request_response::{Event as Rr, Message};
+        match event {
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        debug!(%peer, %addr, "found a peer by mDNS");
+                        let _ = self.swarm.dial(addr.with_p2p(peer).unwrap_or_else(|a| a));
+                    }
+                }
+            }
+            BehaviourEvent::State(Rr::Message { peer, message, .. }) => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    // A peer outside the fleet learns nothing but our credential.
+                    let state = if self.on_state(peer, request) {
+                        self.state()
+                    } else {
+                        State {
+                            credential: self.credential(),
+                            ..State::default()
+                        }
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .state
+                        .send_response(channel, state);
+                }
+                Message::Response { response, .. } => {
+                    self.on_state(peer, response);
+                }
+            },
+            BehaviourEvent::State(Rr::InboundFailure { peer, error, .. })
+            | BehaviourEvent::Manifest(Rr::InboundFailure { peer, error, .. })
+            | BehaviourEvent::Chunk(Rr::InboundFailure { peer, error, .. }) => {
+                debug!(%peer, %error, "a peer's request failed");
+            }
+            BehaviourEvent::Manifest(Rr::Message { peer, message, .. }) => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let answer = match self.release(&request.manifest) {
+                        _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
+                        Some(s) => ManifestResponse::Envelope(s.envelope.to_vec()),
+                        None => ManifestResponse::NotHere,
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .manifest
+                        .send_response(channel, answer);
+                }
+                // This device asks for no manifests yet (offline propagation, see
+                // the README), so an answer is unexpected.
+                Message::Response { .. } => {}
+            },
+            BehaviourEvent::Chunk(Rr::Message { peer, message, .. }) => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    if !self.admitted.contains(&peer) {
+                        debug!(%peer, "refusing chunks to a peer outside the fleet");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .chunk
+                            .send_response(channel, ChunkResponse::Refused);
+                        return;
+                    }
+                    let Some(release) = self.release(&request.manifest) else {
+                        let n = request.ids.len();
+                        let _ = self.swarm.behaviour_mut().chunk.send_response(
+                            channel,
+                            ChunkResponse::Chunks(vec![ChunkData::NotHere; n]),
+                        );
+                        return;
+                    };
+                    let budget = self.budget(peer);
+                    let boot = Arc::clone(&self.boot);
+                    let tx = self.served_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let chunks = serve::answer(&boot, &release, &request.ids, budget);
+                        let bytes = chunks
+                            .iter()
+                            .map(|c| match c {
+                                ChunkData::Bytes(b) => b.len() as u64,
+                                _ => 0,
+                            })
+                            .sum();
+                        let _ =
+                            tx.blocking_send((peer, bytes, channel, ChunkResponse::Chunks(chunks)));
+                    });
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((asked, reply)) = self.pending_chunks.remove(&request_id) {
+                        reply(match response {
+                            ChunkResponse::Chunks(chunks) => {
+                                match proto::check_answer(asked, &chunks) {
+                                    Ok(()) => Ok(chunks),
+                                    Err(e) => {
+                                        warn!(%peer, error = %e, "a peer's chunk answer is malformed");
+                                        Err(FetchFailure::DropSource)
+                                    }
+                                }
+                            }
+                            ChunkResponse::Refused => Err(FetchFailure::DropSource),
+                        });
+                    }
+                }
+            },
+            BehaviourEvent::Chunk(Rr::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some((_, reply)) = self.pending_chunks.remove(&request_id) {
+                    debug!(%peer, %error, "a chunk request to a peer failed");
+                    reply(Err(match error {
+                        request_response::OutboundFailure::UnsupportedProtocols => {
+                            FetchFailure::DropSource
+                        }
+                        _ => FetchFailure::RetryLater,
+                    }));
+                }
+            }
+            BehaviourEvent::State(Rr::OutboundFailure { peer, error, .. }) => {
+                debug!(%peer, %error, "a state message to a peer failed");
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! What this device serves to its peers: the release it runs (every chunk, from the
+//! running slot) and the one it installs (the verified part of the slot being
+//! written). A chunk is read at its position in the slot and hashed; only bytes that
+//! hash to the id asked for leave the device (a slot region not yet written, or
+//! changed under us, is answered "not here").
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, anyhow};
+use shoal_artifact::{ChunkId, Manifest, PayloadKind};
+use shoal_bootctl::BootControl;
+use shoal_engine::{Bitfield, Slot};
+
+use super::proto::{CHUNK_ANSWER_DATA_MAX, ChunkData, ManifestId};
+
+/// A release this device can serve chunks of.
+#[derive(Debug)]
+pub struct Served {
+    /// Its id.
+    pub manifest: ManifestId,
+    /// Its signed manifest envelope (for [`super::proto::MANIFEST`]).
+    pub envelope: Arc<Vec<u8>>,
+    /// The slot holding (or receiving) its root filesystem payload.
+    pub slot: Slot,
+    /// Each chunk's first position: (offset, length).
+    pub chunks: HashMap<ChunkId, (u64, u32)>,
+    /// The payload's chunk list, by position (for have-bitfields).
+    pub positions: Vec<(ChunkId, u64, u32)>,
+}
+
+impl Served {
+    /// The release of a verified manifest, in `slot`.
+    pub fn new(envelope: Vec<u8>, manifest: &Manifest, slot: Slot) -> anyhow::Result<Served> {
+        let payload = manifest
+            .payloads
+            .iter()
+            .find(|p| p.kind == PayloadKind::RootfsImage)
+            .ok_or_else(|| anyhow!("the release has no root filesystem payload"))?;
+        let mut positions = Vec::with_capacity(payload.chunks.len());
+        let mut chunks = HashMap::with_capacity(payload.chunks.len());
+        let mut offset = 0u64;
+        for c in &payload.chunks {
+            positions.push((c.id, offset, c.size));
+            chunks.entry(c.id).or_insert((offset, c.size));
+            offset += u64::from(c.size);
+        }
+        Ok(Served {
+            manifest: ManifestId(manifest.hash()),
+            envelope: Arc::new(envelope),
+            slot,
+            chunks,
+            positions,
+        })
+    }
+
+    /// Positions whose byte range lies inside `ranges` (journaled `(offset, len)`).
+    pub fn have_of(&self, ranges: &[(u64, u64)]) -> Bitfield {
+        let mut done: Vec<(u64, u64)> = ranges.to_vec();
+        done.sort_unstable();
+        let mut have = Bitfield::new(self.positions.len() as u32);
+        let mut r = 0;
+        for (i, &(_, offset, size)) in self.positions.iter().enumerate() {
+            while r < done.len() && done[r].0 + done[r].1 <= offset {
+                r += 1;
+            }
+            if r < done.len()
+                && done[r].0 <= offset
+                && offset + u64::from(size) <= done[r].0 + done[r].1
+            {
+                have.set(i as u32);
+            }
+        }
+        have
+    }
+}
+
+/// Opens the slots read-only for serving.
+pub fn open_slots(config: &crate::config::Config) -> anyhow::Result<BootControl> {
+    shoal_bootctl::config::build(&config.slots, &config.bootloader, false)
+        .map_err(|e| anyhow!("[slots]/[bootloader]: {}", crate::cmd::chain(&e)))
+}
+
+/// Answers a chunk request from `release` in `boot`'s slots: each chunk read and
+/// hashed; at most [`CHUNK_ANSWER_DATA_MAX`] bytes (and `budget`), the rest "later".
+pub fn answer(
+    boot: &Mutex<BootControl>,
+    release: &Served,
+    ids: &[ChunkId],
+    budget: u64,
+) -> Vec<ChunkData> {
+    let reader = boot
+        .lock()
+        .map_err(|_| std::io::Error::other("the slot access lock is poisoned"))
+        .and_then(|b| b.open_reader(release.slot));
+    let reader = match reader {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(slot = %release.slot, error = %e, "cannot open the slot to serve peers");
+            return ids.iter().map(|_| ChunkData::NotHere).collect();
+        }
+    };
+    let mut sent = 0u64;
+    let cap = (CHUNK_ANSWER_DATA_MAX as u64).min(budget);
+    ids.iter()
+        .map(|id| {
+            let Some(&(offset, len)) = release.chunks.get(id) else {
+                return ChunkData::NotHere;
+            };
+            if sent + u64::from(len) > cap && sent > 0 || budget < u64::from(len) {
+                return ChunkData::Later;
+            }
+            let mut buf = vec![0u8; len as usize];
+            if reader.read_at(offset, &mut buf).is_err() {
+                return ChunkData::NotHere;
+            }
+            if blake3::hash(&buf).as_bytes() != id.as_bytes() {
+                return ChunkData::NotHere;
+            }
+            sent += u64::from(len);
+            #[cfg(feature = "test-peer-faults")]
+            test_fault(&mut buf);
+            ChunkData::Bytes(buf)
+        })
+        .collect()
+}
+
+/// TESTS ONLY (`test-peer-faults`): misbehaves as `SHOAL_TEST_PEER_FAULT` says:
+/// `corrupt` flips a byte of every chunk, `wrong` sends other bytes of the same
+/// length, `stall` never answers.
+#[cfg(feature = "test-peer-faults")]
+fn test_fault(buf: &mut [u8]) {
+    match std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() {
+        Ok("corrupt") => {
+            if let Some(b) = buf.first_mut() {
+                *b ^= 0xff;
+            }
+        }
+        Ok("wrong") => buf.rotate_left(1),
+        Ok("stall") => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        _ => {}
+    }
+}
+
+/// Where signed manifests of releases this device runs or installs are kept
+/// (`data_dir/lan/<id>.envelope`), so it serves its running release after a restart.
+pub fn envelope_path(data_dir: &Path, id: &ManifestId) -> PathBuf {
+    data_dir
+        .join("lan")
+        .join(format!("{}.envelope", hex::encode(id.0)))
+}
+
+/// Keeps an envelope (written whole, then renamed).
+pub fn save_envelope(data_dir: &Path, id: &ManifestId, envelope: &[u8]) -> anyhow::Result<()> {
+    let path = envelope_path(data_dir, id);
+    let dir = path.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, envelope).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(sizes: &[u32]) -> Served {
+        let mut positions = Vec::new();
+        let mut chunks = HashMap::new();
+        let mut offset = 0;
+        for (i, &s) in sizes.iter().enumerate() {
+            let id = ChunkId([i as u8; 32]);
+            positions.push((id, offset, s));
+            chunks.insert(id, (offset, s));
+            offset += u64::from(s);
+        }
+        Served {
+            manifest: ManifestId([0; 32]),
+            envelope: Arc::new(Vec::new()),
+            slot: Slot::B,
+            chunks,
+            positions,
+        }
+    }
+
+    #[test]
+    fn have_covers_whole_chunks_inside_journaled_ranges() {
+        let s = served(&[10, 10, 10, 10]);
+        // Chunk 0 and 2 written; chunk 3 half-covered only.
+        let have = s.have_of(&[(20, 10), (0, 10), (30, 5)]);
+        assert_eq!(have.iter().collect::<Vec<_>>(), vec![0, 2]);
+        // One range covering two chunks.
+        let have = s.have_of(&[(10, 20)]);
+        assert_eq!(have.iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(s.have_of(&[]).count(), 0);
+    }
+}

@@ -1,0 +1,200 @@
+//! Real libp2p on loopback, in one process: only the fleet is served.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_artifact::ChunkId;
+use shoal_bootctl::Slot;
+use shoal_bootctl::env::Env;
+use shoal_bootctl::env::file::FileEnv;
+use shoal_bootctl::scheme::{Flavor, Scheme};
+use shoal_engine::FetchFailure;
+use shoal_signing::{Credential, SecretKey, SignedRoot, TrustRoot};
+
+use super::proto::{ChunkData, ManifestId};
+use super::serve::Served;
+use super::{Lan, keypair};
+use crate::config::Config;
+
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed(&[n; 32])
+}
+
+const FLEET_KEY: u8 = 3;
+const OTHER_FLEET_KEY: u8 = 4;
+
+/// A device with slot files and a trust root naming fleet key 3; `credential`
+/// is (fleet name, signing key) or none.
+fn device(
+    dir: &Path,
+    n: u8,
+    credential: Option<(&str, u8)>,
+    peers: &[String],
+) -> (Config, SecretKey) {
+    let d = dir.join(format!("dev{n}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let k = key(100 + n);
+    let mut a = vec![0u8; 256 * 1024];
+    for (i, b) in a.iter_mut().enumerate() {
+        *b = (i * 7 + usize::from(n)) as u8;
+    }
+    std::fs::write(d.join("a.img"), &a).unwrap();
+    std::fs::write(d.join("b.img"), vec![0u8; 256 * 1024]).unwrap();
+    let mut env = FileEnv::open(&d.join("bootenv"), true).unwrap();
+    env.store(&Scheme::Shoal.initial(Flavor::File, Slot::A))
+        .unwrap();
+    let root = TrustRoot::new(
+        1,
+        4_000_000_000,
+        &[key(1).public()],
+        1,
+        &[key(2).public()],
+        1,
+    )
+    .unwrap()
+    .with_fleet(&[key(FLEET_KEY).public()], 1)
+    .unwrap();
+    let mut signed = SignedRoot::new(root);
+    signed.envelope.sign(&key(1));
+    signed.save(&d.join("root.shoalroot")).unwrap();
+    let cred_line = match credential {
+        Some((fleet, signer)) => {
+            let c = Credential::new(k.public(), fleet, 4_000_000_000).issue(&[&key(signer)]);
+            std::fs::write(d.join("fleet.cred"), c).unwrap();
+            format!("credential = \"{}\"\n", d.join("fleet.cred").display())
+        }
+        None => String::new(),
+    };
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    let text = format!(
+        "[device]\ntype = \"board\"\ndata_dir = \"{data}\"\ntrust_root = \"{root}\"\n\
+         [lan]\nenabled = true\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+         static_peers = [{peers}]\n{cred_line}\
+         [slots]\na = {{ path = \"{a}\" }}\nb = {{ path = \"{b}\" }}\n\
+         [bootloader]\ntype = \"file\"\npath = \"{env}\"\n",
+        data = d.join("data").display(),
+        root = d.join("root.shoalroot").display(),
+        peers = peers.join(", "),
+        a = d.join("a.img").display(),
+        b = d.join("b.img").display(),
+        env = d.join("bootenv").display(),
+    );
+    (Config::parse(&text, Path::new("t.toml")).unwrap(), k)
+}
+
+fn address(config: &Config) -> String {
+    let path = config.device.data_dir.join("lan-addresses");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(line) = text.lines().next()
+        {
+            return line.to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no listen address in {}", path.display());
+}
+
+fn ask(
+    lan: &Lan,
+    peer: libp2p::PeerId,
+    release: ManifestId,
+    id: ChunkId,
+) -> Result<Vec<ChunkData>, FetchFailure> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    lan.chunks(
+        peer,
+        release,
+        vec![id],
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.recv_timeout(Duration::from_secs(30)).expect("an answer")
+}
+
+#[test]
+fn only_members_of_the_fleet_get_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    // A serves its running slot: one chunk, the first 4 KiB.
+    let (a_cfg, a_key) = device(dir.path(), 0, Some(("plant", FLEET_KEY)), &[]);
+    let a = Lan::start(&a_cfg, &a_key).expect("a starts");
+    let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
+    let id = ChunkId::from(blake3::hash(&a_img[..4096]));
+    let release = ManifestId([7; 32]);
+    a.serve_running(Some(Arc::new(Served {
+        manifest: release,
+        envelope: Arc::new(b"envelope".to_vec()),
+        slot: Slot::A,
+        chunks: HashMap::from([(id, (0, 4096))]),
+        positions: vec![(id, 0, 4096)],
+    })));
+    let a_addr = address(&a_cfg);
+    let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
+
+    // B: a member. C: no credential. D: a credential of another fleet (signed by a
+    // key A's root does not name). E: the right fleet name, but signed by a
+    // stranger's key.
+    let (b_cfg, b_key) = device(
+        dir.path(),
+        1,
+        Some(("plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+    );
+    let (c_cfg, c_key) = device(dir.path(), 2, None, std::slice::from_ref(&a_addr));
+    let (d_cfg, d_key) = device(
+        dir.path(),
+        3,
+        Some(("other-plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+    );
+    let (e_cfg, e_key) = device(dir.path(), 4, Some(("plant", OTHER_FLEET_KEY)), &[a_addr]);
+    let b = Lan::start(&b_cfg, &b_key).expect("b starts");
+    let c = Lan::start(&c_cfg, &c_key).expect("c starts");
+    let d = Lan::start(&d_cfg, &d_key).expect("d starts");
+    let e = Lan::start(&e_cfg, &e_key).expect("e starts");
+
+    // B learns what A runs; A admits B and nobody else.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
+        Some(release),
+        "the member never heard what A runs"
+    );
+    match ask(&b, a_peer, release, id) {
+        Ok(chunks) => assert_eq!(chunks, vec![ChunkData::Bytes(a_img[..4096].to_vec())]),
+        Err(f) => panic!("the member got {f:?}"),
+    }
+    // The strangers are connected (they dialled A), and get nothing: not the
+    // chunk, not even which release A runs.
+    for (name, lan) in [("no credential", &c), ("other fleet", &d), ("forged", &e)] {
+        assert_eq!(
+            ask(lan, a_peer, release, id),
+            Err(FetchFailure::DropSource),
+            "{name}: served"
+        );
+        assert!(
+            lan.peers()
+                .snapshot()
+                .get(&a_peer)
+                .is_none_or(|s| s.running.is_none()),
+            "{name}: learnt what A runs"
+        );
+    }
+    let admitted = a.peers().snapshot();
+    assert!(admitted.contains_key(&b.peer_id()));
+    for lan in [&c, &d, &e] {
+        assert!(
+            !admitted.contains_key(&lan.peer_id()),
+            "a stranger is in A's table"
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! LAN peers end to end (issue 13): one real `shoal server` behind a throttled,
+//! byte-counting TCP proxy (the site's "uplink"), four `shoal daemon` processes on
+//! loopback that find each other through static peers (no root, no multicast), all
+//! given the same release. Each chunk should cross the uplink about once: the
+//! devices split the chunks by rendezvous hashing and fetch the rest from each
+//! other over libp2p. One device is killed in the middle of the transfer; the
+//! others take over its chunks, and it finishes once restarted. Every slot is
+//! compared with the release image.
+
+mod server_common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use server_common::*;
+use shoal_bootctl::Slot;
+use shoal_bootctl::env::Env;
+use shoal_bootctl::env::file::FileEnv;
+use shoal_bootctl::scheme::{Flavor, Scheme};
+use shoal_tests::{ok, run_in, shoal};
+
+const SLOT: usize = 4 << 20;
+/// Bytes per second of each proxied connection towards the devices.
+const RATE: u64 = 64 * 1024;
+
+/// The uplink: a TCP proxy that throttles and counts what the server sends.
+struct Uplink {
+    url: String,
+    down: Arc<AtomicU64>,
+}
+
+impl Uplink {
+    fn start(upstream: &str) -> Uplink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let target = upstream.trim_start_matches("http://").to_owned();
+        let down = Arc::new(AtomicU64::new(0));
+        let d = Arc::clone(&down);
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pipe(c2, s2, None));
+                let d = Arc::clone(&d);
+                std::thread::spawn(move || pipe(server, client, Some(d)));
+            }
+        });
+        Uplink { url, down }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(c) = &count {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / RATE));
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+struct Dev {
+    dir: tempfile::TempDir,
+}
+
+impl Dev {
+    fn new(setup: &Setup, server_url: &str, n: u8, peers: &[String]) -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |f: &str| dir.path().join(f);
+        // Slot A holds something unrelated: the whole release is needed.
+        let mut a = image(100 + u64::from(n), 3 << 20);
+        a.resize(SLOT, 0);
+        std::fs::write(p("a.img"), &a).unwrap();
+        std::fs::File::create(p("b.img"))
+            .and_then(|f| f.set_len(SLOT as u64))
+            .unwrap();
+        let mut env = FileEnv::open(&p("bootenv"), true).unwrap();
+        env.store(&Scheme::Shoal.initial(Flavor::File, Slot::A))
+            .unwrap();
+        std::fs::create_dir_all(p("health.d")).unwrap();
+        let peers: Vec<String> = peers.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            r#"[device]
+type = "board"
+data_dir = "{data}"
+trust_root = "{root}"
+reboot_command = ["touch", "{marker}"]
+
+[health]
+dir = "{health}"
+
+[server]
+url = "{server_url}"
+poll_interval_s = 1
+retry_max_s = 2
+identity = {{ mac = "02:00:00:00:01:{n:02x}" }}
+
+[install]
+journal_batch_mib = 1
+
+[lan]
+enabled = true
+listen = ["/ip4/127.0.0.1/tcp/0"]
+static_peers = [{peers}]
+mdns = false
+
+[slots]
+a = {{ path = "{a}" }}
+b = {{ path = "{b}" }}
+
+[slots.detect]
+from = "bootloader"
+
+[bootloader]
+type = "file"
+path = "{env}"
+"#,
+            data = p("data").display(),
+            root = setup.path("root.shoalroot").display(),
+            marker = p("rebooted").display(),
+            health = p("health.d").display(),
+            peers = peers.join(", "),
+            a = p("a.img").display(),
+            b = p("b.img").display(),
+            env = p("bootenv").display(),
+        );
+        std::fs::write(p("shoal.toml"), config).unwrap();
+        Dev { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .unwrap();
+        shoal()
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.path("shoal.toml"))
+            .env("SHOAL_LOG", "shoal=debug")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shoal daemon")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// Where the daemon listens for peers (written once it does).
+    fn lan_address(&self) -> String {
+        wait_for(self, 30, "the LAN listen address", || {
+            self.path("data/lan-addresses").exists()
+        });
+        std::fs::read_to_string(self.path("data/lan-addresses"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for(dev: &Dev, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}; daemon log:\n{}", dev.log());
+}
+
+fn device_state(server: &Server, token: &str, dep: &str) -> String {
+    let v = admin_json(server, token, &["deployments", "devices", dep]);
+    v[0]["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The last `key=NUMBER` of the daemon's "installed" log line.
+fn installed_field(log: &str, key: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("installed; trial armed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .and_then(|v| v.parse().ok())
+        })
+        .next_back()
+}
+
+/// A site: the server with v1 uploaded, the uplink, `n` accepted devices that
+/// know each other as static peers (device `bad`, if any, started with `env`).
+struct Site {
+    setup: Setup,
+    server: Server,
+    token: String,
+    v1: String,
+    stored: u64,
+    uplink: Uplink,
+    devs: Vec<Dev>,
+    daemons: Vec<Child>,
+    ids: Vec<String>,
+}
+
+impl Site {
+    fn new(n: u8, bad: Option<(u8, &[(&str, &str)])>) -> Site {
+        let setup = Setup::new();
+        let data = setup.path("data");
+        let server = Server::start(&setup, &data, &Db::Sqlite, &[]);
+        let token = host_token(&data, &Db::Sqlite, "admin");
+        let v1 = admin_json(
+            &server,
+            &token,
+            &[
+                "releases",
+                "upload",
+                setup.path("v1.shoal").to_str().unwrap(),
+            ],
+        )["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let stored: u64 = {
+            let d: Value = serde_json::from_str(&ok(run_in(
+                setup.dir.path(),
+                &["artifact", "diff", "v1.shoal", "v1.shoal", "--json"],
+            )))
+            .unwrap();
+            d["full_stored_bytes"].as_u64().unwrap()
+        };
+        let uplink = Uplink::start(&server.url);
+        // Each device names the ones started before it as static peers.
+        let mut devs: Vec<Dev> = Vec::new();
+        let mut daemons: Vec<Child> = Vec::new();
+        let mut addrs: Vec<String> = Vec::new();
+        for i in 0..n {
+            let dev = Dev::new(&setup, &uplink.url, i, &addrs);
+            daemons.push(match bad {
+                Some((b, env)) if b == i => dev.start_with(env),
+                _ => dev.start(),
+            });
+            addrs.push(dev.lan_address());
+            devs.push(dev);
+        }
+        let mut pending = Value::Null;
+        wait_for(&devs[0], 60, "the pending devices", || {
+            pending = admin_json(&server, &token, &["devices", "list", "--status", "pending"]);
+            pending
+                .as_array()
+                .is_some_and(|a| a.len() == usize::from(n))
+        });
+        let mut ids = vec![String::new(); usize::from(n)];
+        for d in pending.as_array().unwrap() {
+            let mac = d["identity"]["mac"].as_str().unwrap();
+            let i = usize::from_str_radix(mac.rsplit(':').next().unwrap(), 16).unwrap();
+            ids[i] = d["id"].as_str().unwrap().to_owned();
+            admin_json(&server, &token, &["devices", "accept", &ids[i]]);
+        }
+        // Let the peers connect and the polls settle before the deployments.
+        std::thread::sleep(Duration::from_secs(2));
+        Site {
+            setup,
+            server,
+            token,
+            v1,
+            stored,
+            uplink,
+            devs,
+            daemons,
+            ids,
+        }
+    }
+
+    /// Deploys v1 to every device; the deployment ids.
+    fn deploy(&self) -> Vec<String> {
+        self.ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                admin_json(
+                    &self.server,
+                    &self.token,
+                    &[
+                        "deployments",
+                        "create",
+                        "--name",
+                        &format!("v1-{n}"),
+                        "--release",
+                        &self.v1,
+                        "--device",
+                        id,
+                    ],
+                )["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn state(&self, dep: &str) -> String {
+        device_state(&self.server, &self.token, dep)
+    }
+
+    /// Checks device `n`'s slot B holds v1, byte for byte.
+    fn check_slot(&self, n: usize) {
+        let v1_img = std::fs::read(self.setup.path("v1.img")).unwrap();
+        let b = std::fs::read(self.devs[n].path("b.img")).unwrap();
+        assert!(
+            b[..v1_img.len()] == v1_img[..],
+            "device {n}'s slot B differs"
+        );
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            stop(d);
+        }
+    }
+}
+
+#[test]
+fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
+    let mut site = Site::new(4, None);
+    let before = site.uplink.down.load(Ordering::Relaxed);
+    let deps = site.deploy();
+
+    // Device 3 dies in the middle of the transfer.
+    wait_for(&site.devs[3], 60, "device 3 downloading", || {
+        site.state(&deps[3]) == "downloading"
+    });
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        installed_field(&site.devs[3].log(), "fetched").is_none(),
+        "device 3 finished before it could be killed; slow the uplink down"
+    );
+    stop(&mut site.daemons[3]);
+
+    for (dev, dep) in site.devs.iter().zip(&deps).take(3) {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
+    }
+    site.daemons[3] = site.devs[3].start();
+    wait_for(
+        &site.devs[3],
+        120,
+        "device 3's install after its restart",
+        || site.state(&deps[3]) == "rebooting",
+    );
+    let down = site.uplink.down.load(Ordering::Relaxed) - before;
+    let stored = site.stored;
+
+    // Every slot holds the release, byte for byte.
+    for n in 0..4 {
+        site.check_slot(n);
+    }
+    // The devices that lived through it got chunks from their peers.
+    let from_peers: Vec<u64> = site
+        .devs
+        .iter()
+        .map(|d| installed_field(&d.log(), "from_peers").unwrap_or(0))
+        .collect();
+    // Chunk batch bytes each daemon read from the server (its own counter; the
+    // killed device's first run is not in it, the uplink counter has it).
+    let from_server: Vec<u64> = site
+        .devs
+        .iter()
+        .map(|d| installed_field(&d.log(), "transferred").unwrap_or(0))
+        .collect();
+    let chunk_bytes: u64 = from_server.iter().sum();
+    eprintln!(
+        "uplink bytes: {down} for a release of {stored} stored bytes ({:.2}x); chunk bytes from the server: {from_server:?} ({:.2}x); from peers: {from_peers:?}",
+        down as f64 / stored as f64,
+        chunk_bytes as f64 / stored as f64,
+    );
+    for (n, &b) in from_peers.iter().enumerate().take(3) {
+        assert!(
+            b > 0,
+            "device {n} got nothing from its peers:\n{}",
+            site.devs[n].log()
+        );
+    }
+    // Four devices without the LAN would pull 4x; with it, each chunk about once.
+    assert!(
+        chunk_bytes < stored * 3 / 2,
+        "{chunk_bytes} chunk bytes came from the server for a release of {stored} stored bytes"
+    );
+    // Everything that crossed the uplink: the chunks, what the killed device had in
+    // flight, and the API's polls, manifests and status reports.
+    assert!(
+        down < stored * 5 / 2,
+        "{down} bytes crossed the uplink for a release of {stored} stored bytes"
+    );
+}
+
+/// A peer that serves corrupt chunks (the test-only fault mode) is banned by the
+/// engine of every device it serves and blocked on the LAN; every slot still
+/// verifies.
+#[test]
+fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "corrupt")])));
+    let deps = site.deploy();
+    for (n, (dev, dep)) in site.devs.iter().zip(&deps).enumerate() {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
+        site.check_slot(n);
+    }
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        assert!(
+            log.contains("sent a corrupt chunk; banned"),
+            "device {n} never banned the corrupting peer:\n{log}"
+        );
+        assert!(
+            log.contains("blocking a peer that sent a corrupt chunk"),
+            "device {n} did not block it on the LAN"
+        );
+    }
+}
