@@ -17,6 +17,7 @@
 //! verified chunks again.
 
 pub mod api;
+pub mod deliver;
 pub mod fetch;
 pub mod inventory;
 
@@ -131,6 +132,17 @@ fn save_record(config: &Config, record: Option<&Record>) -> anyhow::Result<()> {
             sync_dir(dir)
         }
     }
+}
+
+/// The deployment the daemon is working on, when it is for `release` (a report made
+/// outside the daemon, e.g. by `boot-check` at boot, then names it).
+pub(crate) fn deployment_of(
+    config: &Config,
+    release: Option<&shoal_fleet::report::Release>,
+) -> Option<String> {
+    let record = load_record(config).ok().flatten()?;
+    let release = release?;
+    (record.name == release.name && record.version == release.version).then_some(record.deployment)
 }
 
 /// Random numbers for jitter (the OS-seeded hasher; no simulator replays this).
@@ -279,6 +291,12 @@ impl Daemon {
                 Err(e) => return Err(api_error(e)),
             }
         }
+        // Reports queued while offline (or by standalone installs) go first, oldest
+        // first; trouble delivering them does not hold up the poll.
+        match deliver::flush(&self.api, &self.config.device.data_dir) {
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "status reports not delivered yet"),
+        }
         match self.api.next().map_err(api_error)? {
             None => Ok(None),
             Some(dep) => {
@@ -322,6 +340,9 @@ impl Daemon {
             let result = dev.boot_check()?;
             drop(dev);
             info!(?result, "checked the trial boot");
+            if let Some(draft) = crate::reports::settled(&self.config, &result) {
+                crate::reports::record(&self.config, draft);
+            }
             if let BootCheck::TrialPending { .. } = result {
                 // Armed but not rebooted yet (the reboot command did not take, or
                 // the daemon restarted first): reboot again.
@@ -334,7 +355,7 @@ impl Daemon {
         let Some(record) = record else {
             return Ok(None);
         };
-        if record.state != "rebooting" {
+        if record.state != "rebooting" && record.state != "reporting" {
             return Ok(None);
         }
         let (status, _) = crate::device::read_status(&self.config)?;
@@ -353,6 +374,30 @@ impl Daemon {
                 Some("the device does not run the release after the reboot".to_owned()),
             ),
         };
+        if outcome.is_none() && record.state == "rebooting" {
+            // No boot-check settled this (which would have queued the report): queue
+            // it here, once.
+            crate::reports::record(
+                &self.config,
+                crate::reports::Draft {
+                    origin: shoal_fleet::report::Origin::Daemon,
+                    deployment: Some(record.deployment.clone()),
+                    release: Some(shoal_fleet::report::Release {
+                        name: record.name.clone(),
+                        version: record.version.clone(),
+                    }),
+                    status: shoal_fleet::Status::Failure,
+                    substate: substate.clone(),
+                },
+            );
+            save_record(
+                &self.config,
+                Some(&Record {
+                    state: "reporting".into(),
+                    ..record.clone()
+                }),
+            )?;
+        }
         match self
             .api
             .status(&record.deployment, state, substate.as_deref())
@@ -501,6 +546,22 @@ impl Daemon {
         state: &str,
         substate: Option<&str>,
     ) -> anyhow::Result<bool> {
+        match state.parse::<shoal_fleet::Status>() {
+            Ok(status) => crate::reports::record(
+                &self.config,
+                crate::reports::Draft {
+                    origin: shoal_fleet::report::Origin::Daemon,
+                    deployment: Some(dep.id.clone()),
+                    release: Some(shoal_fleet::report::Release {
+                        name: dep.release.name.clone(),
+                        version: dep.release.version.clone(),
+                    }),
+                    status,
+                    substate: substate.map(str::to_owned),
+                },
+            ),
+            Err(e) => warn!(state, error = %e, "not a report state"),
+        }
         match self.api.status(&dep.id, state, substate) {
             Ok(()) => {
                 info!(deployment = %dep.id, state, "reported");
