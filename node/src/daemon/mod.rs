@@ -20,6 +20,7 @@ pub mod api;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+pub mod month;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -480,8 +481,57 @@ impl Daemon {
             limits,
             requests: Box::new(requests),
         };
-        let result = Device::open(self.config.clone(), Reboot::Command)
-            .and_then(|mut dev| dev.install(source, false, &mut |_| {}));
+        let allowance = match self.config.network.budget_per_month_mib {
+            Some(mib) => {
+                let ledger = month::current(&self.config.device.data_dir, wall_clock())?;
+                // Written now, so a new month's ledger replaces the old one at once.
+                month::save(&self.config.device.data_dir, &ledger)?;
+                Some(month::Allowance {
+                    ledger,
+                    limit_bytes: mib.saturating_mul(1024 * 1024),
+                })
+            }
+            None => None,
+        };
+        let data_dir = self.config.device.data_dir.clone();
+        let result = std::thread::scope(|s| {
+            // The month's count follows the bytes read while the install runs.
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let counter = allowance.as_ref().map(|a| {
+                let (watch, data_dir) = (watch.clone(), &data_dir);
+                s.spawn(move || {
+                    let mut saved = 0;
+                    loop {
+                        let done = !matches!(
+                            stopped.recv_timeout(month::SAVE_EVERY),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        );
+                        let bytes = watch.bytes();
+                        if bytes != saved {
+                            match month::save(data_dir, &a.after(bytes)) {
+                                Ok(()) => saved = bytes,
+                                Err(e) => warn!(error = %crate::cmd::one_line(&e), "cannot record the month's bytes"),
+                            }
+                        }
+                        if done {
+                            return;
+                        }
+                    }
+                })
+            });
+            let result = Device::open(self.config.clone(), Reboot::Command).and_then(|mut dev| {
+                if let Some(a) = &allowance {
+                    info!(left = a.left_bytes(), limit = a.limit_bytes, month = %a.ledger.month, "monthly data budget");
+                    dev.limit_wan_budget(a.left_bytes());
+                }
+                dev.install(source, false, &mut |_| {})
+            });
+            drop(stop);
+            if let Some(c) = counter {
+                let _ = c.join();
+            }
+            result
+        });
         if watch.aborted() {
             return self.aborted(dep, "the server answered 409 to a chunk request");
         }
@@ -518,7 +568,18 @@ impl Daemon {
                 Ok(Handled::Retry)
             }
             Err(e) => {
-                let message = crate::cmd::one_line(&e);
+                let mut message = crate::cmd::one_line(&e);
+                if let Some(a) = &allowance
+                    && a.binds(
+                        self.config
+                            .network
+                            .budget_per_deployment_mib
+                            .map(|m| m * 1024 * 1024),
+                    )
+                    && message.contains("but the data budget allows")
+                {
+                    message = format!("{}: {message}", a.describe());
+                }
                 warn!(deployment = %dep.id, %message, "install failed");
                 self.report(dep, "failure", Some(&message))?;
                 save_record(&self.config, None)?;

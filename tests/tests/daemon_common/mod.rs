@@ -327,7 +327,8 @@ pub fn upload(server: &Server, token: &str, setup: &Setup, file: &str) -> String
         .to_owned()
 }
 
-/// Waits for the device to ask to be admitted, and accepts it; its id.
+/// Waits for the device to ask to be admitted, accepts it and waits for its
+/// inventory; its id.
 pub fn accept(server: &Server, token: &str, dev: &Dev) -> String {
     let mut pending = Value::Null;
     wait_for(dev, 60, "a pending device", || {
@@ -336,6 +337,10 @@ pub fn accept(server: &Server, token: &str, dev: &Dev) -> String {
     });
     let id = dev.id();
     admin_json(server, token, &["devices", "accept", &id]);
+    // Deployments target by device type: wait for the inventory that says it.
+    wait_for(dev, 60, "the inventory", || {
+        admin_json(server, token, &["devices", "show", &id])["inventory"]["device_type"] == "board"
+    });
     id
 }
 
@@ -349,4 +354,28 @@ pub fn installed_field(log: &str, key: &str) -> Vec<u64> {
                 .and_then(|v| v.parse().ok())
         })
         .collect()
+}
+
+/// Waits for the reboot command, stops the daemon, reboots the device (the
+/// bootloader model), starts the daemon again and waits for `success`.
+pub fn reboot_and_succeed(dev: &Dev, daemon: &mut Child, server: &Server, token: &str, dep: &str) {
+    wait_for(dev, 120, "the reboot command", || {
+        dev.path("rebooted").exists()
+    });
+    stop(daemon);
+    std::fs::remove_file(dev.path("rebooted")).unwrap();
+    dev.reboot();
+    *daemon = dev.start();
+    wait_for(dev, 60, "success", || {
+        device_state(server, token, dep).0 == "success"
+    });
+}
+
+/// `shoal artifact diff FROM TO --json` of two artifacts of `setup`.
+pub fn diff(setup: &Setup, from: &str, to: &str) -> Value {
+    let out = shoal_tests::ok(shoal_tests::run_in(
+        setup.dir.path(),
+        &["artifact", "diff", from, to, "--json"],
+    ));
+    serde_json::from_str(&out).unwrap()
 }
