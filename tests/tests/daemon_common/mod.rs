@@ -36,6 +36,9 @@ pub struct Faults {
     /// The next connection that carries this many bytes towards the device stops
     /// forwarding (and stays open, silent) — once; 0: never.
     pub stall_after: AtomicU64,
+    /// Once: the next connection whose bytes towards the device contain this
+    /// pattern (e.g. a response header) is cut this many bytes after it.
+    pub cut_at_pattern: Mutex<Option<(Vec<u8>, u64)>>,
     /// Connections cut so far.
     pub cuts: AtomicU64,
     /// When a connection stalled.
@@ -104,12 +107,29 @@ fn pipe_up(mut from: TcpStream, mut to: TcpStream) {
 fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
     let mut buf = [0u8; 8192];
     let mut carried = 0u64;
+    let mut cut_here = None;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let cut = f.cut_after.load(Ordering::Relaxed);
+        {
+            let mut p = f.cut_at_pattern.lock().unwrap();
+            if let Some((pat, after)) = p.as_ref()
+                && let Some(at) = buf[..n]
+                    .windows(pat.len())
+                    .position(|w| w == pat.as_slice())
+            {
+                cut_here = Some(carried + at as u64 + after);
+                *p = None;
+            }
+        }
+        let cut = match (f.cut_after.load(Ordering::Relaxed), cut_here) {
+            (0, None) => 0,
+            (0, Some(c)) => c,
+            (a, None) => a,
+            (a, Some(c)) => a.min(c),
+        };
         let n = if cut > 0 && carried + n as u64 >= cut {
             let last = (cut - carried) as usize;
             let _ = to.write_all(&buf[..last]);
