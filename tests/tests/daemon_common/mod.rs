@@ -140,17 +140,18 @@ fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
             n
         };
         let stall = f.stall_after.load(Ordering::Relaxed);
-        if stall > 0 && carried + n as u64 >= stall {
-            if f.stall_after
+        if stall > 0
+            && carried + n as u64 >= stall
+            && f
+                .stall_after
                 .compare_exchange(stall, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
-            {
-                *f.stalled_at.lock().unwrap() = Some(Instant::now());
-                // Silent, and open, until the other side gives up.
-                let mut sink = [0u8; 8192];
-                while matches!(from.read(&mut sink), Ok(n) if n > 0) {}
-                break;
-            }
+        {
+            *f.stalled_at.lock().unwrap() = Some(Instant::now());
+            // Silent, and open, until the other side gives up.
+            let mut sink = [0u8; 8192];
+            while matches!(from.read(&mut sink), Ok(n) if n > 0) {}
+            break;
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
