@@ -142,8 +142,7 @@ fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
         let stall = f.stall_after.load(Ordering::Relaxed);
         if stall > 0
             && carried + n as u64 >= stall
-            && f
-                .stall_after
+            && f.stall_after
                 .compare_exchange(stall, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
