@@ -140,6 +140,9 @@ struct NetArgs {
     /// Also write the Markdown report to FILE.
     #[arg(long, value_name = "FILE")]
     markdown_out: Option<PathBuf>,
+    /// Keep the scratch directory (artifacts, stores, the daemon's and server's logs).
+    #[arg(long)]
+    keep: bool,
 }
 
 /// Runs the net section and prints its table.
@@ -148,6 +151,9 @@ fn net_only(args: NetArgs) -> Result<()> {
         .prefix("shoal-bench-net-")
         .tempdir_in("/tmp")
         .context("cannot create a scratch directory in /tmp")?;
+    if args.keep {
+        progress(&format!("keeping {}", work.path().display()));
+    }
     let abs = |p: &PathBuf| fs::canonicalize(p).unwrap_or(p.clone());
     let inputs = net_link::Inputs {
         shoal: abs(&args.shoal),
@@ -175,6 +181,9 @@ fn net_only(args: NetArgs) -> Result<()> {
     io::stdout().write_all(md.as_bytes())?;
     if let Some(path) = &args.markdown_out {
         fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.keep {
+        let _ = work.keep();
     }
     Ok(())
 }
