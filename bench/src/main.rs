@@ -19,6 +19,7 @@ use clap::{Parser, ValueEnum};
 mod alloc_count;
 mod engine_bench;
 mod measure;
+mod net_link;
 mod report;
 mod sections;
 mod shoal;
@@ -109,6 +110,16 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    // `shoal-bench net`: the device daemon over a shaped link (issue 11).
+    if std::env::args().nth(1).as_deref() == Some("net") {
+        return match net_only(NetArgs::parse_from(std::env::args().skip(1))) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal-bench: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -116,6 +127,73 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `shoal-bench net`: v1 → v2 through `shoal server` and `shoal daemon` over a
+/// 10 Mbit/s, 100 ms link, beside casync and Mender on the same link.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-bench net")]
+struct NetArgs {
+    /// Directory holding `v1.img` and `v2.img`.
+    #[arg(default_value = "/tmp/shoal-images")]
+    images: PathBuf,
+    /// The `shoal` binary with the server role (`cargo build --release -p shoal-node
+    /// --features server`).
+    #[arg(long, default_value = "target/release/shoal")]
+    shoal: PathBuf,
+    /// The device build (`cargo build --profile device -p shoal-node`): runs the
+    /// daemon when present, and its size is reported.
+    #[arg(long, default_value = "target/device/shoal")]
+    device_shoal: PathBuf,
+    /// Also write the Markdown report to FILE.
+    #[arg(long, value_name = "FILE")]
+    markdown_out: Option<PathBuf>,
+    /// Keep the scratch directory (artifacts, stores, the daemon's and server's logs).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Runs the net section and prints its table.
+fn net_only(args: NetArgs) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("shoal-bench-net-")
+        .tempdir_in("/tmp")
+        .context("cannot create a scratch directory in /tmp")?;
+    if args.keep {
+        progress(&format!("keeping {}", work.path().display()));
+    }
+    let abs = |p: &PathBuf| fs::canonicalize(p).unwrap_or(p.clone());
+    let inputs = net_link::Inputs {
+        shoal: abs(&args.shoal),
+        device_shoal: abs(&args.device_shoal),
+        v1: args.images.join("v1.img"),
+        v2: args.images.join("v2.img"),
+        work: work.path().to_path_buf(),
+    };
+    for img in [&inputs.v1, &inputs.v2] {
+        if !img.is_file() {
+            bail!(
+                "{} is missing: run ../shared/bench/make-rootfs-images.sh",
+                img.display()
+            );
+        }
+    }
+    let report = Report {
+        context: vec![
+            ("source tree".to_string(), source_tree()),
+            ("load average before".to_string(), loadavg()),
+        ],
+        sections: vec![net_link::section(&inputs)?],
+    };
+    let md = report.to_markdown();
+    io::stdout().write_all(md.as_bytes())?;
+    if let Some(path) = &args.markdown_out {
+        fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.keep {
+        let _ = work.keep();
+    }
+    Ok(())
 }
 
 /// Runs the engine section and prints its table.

@@ -26,6 +26,7 @@
 //! [network]                              # optional: limits of downloads from the server
 //! rate_limit_kib_s = 512                 # bandwidth cap (KiB/s on the wire)
 //! budget_per_deployment_mib = 200        # data budget of one deployment (MiB on the wire)
+//! budget_per_month_mib = 1000            # data budget of a calendar month (UTC), all deployments
 //!
 //! [lan]                                  # optional: LAN peers (libp2p)
 //! enabled = true
@@ -169,6 +170,11 @@ pub struct Network {
     /// more fails before anything is fetched, saying so.
     #[serde(default)]
     pub budget_per_deployment_mib: Option<u64>,
+    /// Most wire bytes (MiB) the daemon may download from the server in one calendar
+    /// month (UTC), counted across deployments and restarts; a deployment that needs
+    /// more than is left fails before anything is fetched, saying so.
+    #[serde(default)]
+    pub budget_per_month_mib: Option<u64>,
 }
 
 /// `[lan]`: sharing chunks with LAN peers (the daemon; see `crate::lan`).
@@ -431,6 +437,16 @@ impl Config {
                 "must be between 1 and 1048576 MiB",
             ));
         }
+        if config
+            .network
+            .budget_per_month_mib
+            .is_some_and(|b| b == 0 || b > 1024 * 1024 * 1024)
+        {
+            return Err(invalid(
+                "network.budget_per_month_mib",
+                "must be between 1 and 1073741824 MiB",
+            ));
+        }
         if let Some(server) = &config.server {
             check_server(server).map_err(|(key, reason)| invalid(key, reason))?;
         }
@@ -691,6 +707,15 @@ mod tests {
         .expect("valid");
         assert_eq!(c.network.rate_limit_kib_s, Some(512));
         assert_eq!(c.network.budget_per_deployment_mib, Some(200));
+        assert_eq!(c.network.budget_per_month_mib, None);
+        let c = parse(&format!("{GOOD}\n[network]\nbudget_per_month_mib = 1000\n"))
+            .expect("month budget");
+        assert_eq!(c.network.budget_per_month_mib, Some(1000));
+        let e = parse_err(&format!("{GOOD}\n[network]\nbudget_per_month_mib = 0\n"));
+        assert!(
+            e.contains("network.budget_per_month_mib must be between"),
+            "{e}"
+        );
         let e = parse_err(&format!("{GOOD}\n[network]\nrate_limit_kib_s = 0\n"));
         assert!(
             e.contains("network.rate_limit_kib_s must be between"),

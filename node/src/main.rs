@@ -32,6 +32,7 @@ mod cmd;
 mod daemon;
 mod device;
 mod lan;
+mod reports;
 
 // The device configuration parser lives in the library target so fuzz targets can
 // reach it.
@@ -85,6 +86,9 @@ enum Command {
         after_help = "Examples:\n  shoal status\n  shoal status --json\n  shoal status --config /etc/shoal/shoal.toml"
     )]
     Status(cmd::device::StatusArgs),
+    /// Show the signed status reports waiting for delivery to the server.
+    #[command(after_help = "Examples:\n  shoal reports\n  shoal reports --json")]
+    Reports(cmd::reports::Args),
     /// Show Shoal end to end on a simulated device in a temporary directory.
     Demo(cmd::demo::Args),
     /// Inspect the A/B slots and drive the bootloader directly (status, arm, commit,
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
         Command::Commit(a) => cmd::device::commit(a, &ui),
         Command::Rollback(a) => cmd::device::rollback(a, &ui),
         Command::Status(a) => cmd::device::status(a, &ui),
+        Command::Reports(a) => cmd::reports::run(a, &ui),
         Command::Demo(a) => cmd::demo::run(a, &ui),
         Command::Slot(c) => cmd::slot::run(c, &ui),
         Command::Env(c) => cmd::env::run(c, &ui),

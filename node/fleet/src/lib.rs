@@ -103,6 +103,7 @@ pub mod auth;
 mod deployment;
 pub mod filter;
 pub mod policy;
+pub mod report;
 mod rollout;
 pub mod select;
 mod status;

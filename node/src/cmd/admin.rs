@@ -116,6 +116,20 @@ enum Devices {
         /// The device id.
         id: String,
     },
+    /// A device's signed status reports by sequence number, with the times the device
+    /// recorded (also those of offline installs, delivered later).
+    ///
+    /// Example: shoal admin devices reports <device-id> --after 100
+    Reports {
+        /// The device id.
+        id: String,
+        /// Only reports with a larger sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -456,6 +470,26 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                     .await?,
                 View::Done("decommissioned"),
             ),
+            Devices::Reports { id, after, limit } => {
+                let req = c
+                    .http
+                    .get(c.url(&format!("/devices/{id}/reports")))
+                    .query(&[("after", after.to_string()), ("limit", limit.to_string())]);
+                (
+                    c.send(req).await?,
+                    View::Table(&[
+                        "seq",
+                        "at_ms",
+                        "origin",
+                        "status",
+                        "release_name",
+                        "release_version",
+                        "deployment_id",
+                        "substate",
+                        "relayed_by",
+                    ]),
+                )
+            }
         },
         Command::Groups(g) => match g {
             Groups::List => (

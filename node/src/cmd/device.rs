@@ -66,22 +66,37 @@ pub struct StatusArgs {
 
 /// Runs `shoal boot-check`.
 pub fn boot_check(args: BootCheckArgs, ui: &Ui) -> anyhow::Result<()> {
-    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let config = args.config.load()?;
+    let mut dev = Device::open(config.clone(), Reboot::Command)?;
     let result = dev.boot_check()?;
+    drop(dev);
+    if let Some(draft) = crate::reports::settled(&config, &result) {
+        crate::reports::record(&config, draft);
+    }
     report(&result, args.json, ui)
 }
 
 /// Runs `shoal commit`.
 pub fn commit(args: CommitArgs, ui: &Ui) -> anyhow::Result<()> {
-    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let config = args.config.load()?;
+    let mut dev = Device::open(config.clone(), Reboot::Command)?;
     let result = dev.commit()?;
+    drop(dev);
+    if let Some(draft) = crate::reports::settled(&config, &result) {
+        crate::reports::record(&config, draft);
+    }
     report(&result, args.json, ui)
 }
 
 /// Runs `shoal rollback`.
 pub fn rollback(args: RollbackArgs, ui: &Ui) -> anyhow::Result<()> {
-    let mut dev = Device::open(args.config.load()?, Reboot::Command)?;
+    let config = args.config.load()?;
+    let mut dev = Device::open(config.clone(), Reboot::Command)?;
     let result = dev.rollback(&args.reason)?;
+    drop(dev);
+    if let Some(draft) = crate::reports::settled(&config, &result) {
+        crate::reports::record(&config, draft);
+    }
     report(&result, args.json, ui)
 }
 

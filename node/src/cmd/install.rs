@@ -53,10 +53,50 @@ pub struct Args {
 pub fn run(args: Args, ui: &Ui) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let source = device::source_from_arg(&args.source, args.release.clone())?;
-    let mut dev = Device::open(config, Reboot::Command)?;
-    let report = install(&mut dev, source, args.reboot, args.json, ui)
-        .with_context(|| format!("installing {}", args.source))?;
-    print_report(&report, args.json, ui)
+    let mut dev = Device::open(config.clone(), Reboot::Command)?;
+    let result = install(&mut dev, source, args.reboot, args.json, ui)
+        .with_context(|| format!("installing {}", args.source));
+    drop(dev);
+    if let Some(draft) = installed(&result) {
+        crate::reports::record(&config, draft);
+    }
+    print_report(&result?, args.json, ui)
+}
+
+/// The status report of a standalone install: the trial armed (or rebooting into
+/// it), or a failure. An interrupted install (exit 75, it resumes) and a usage error
+/// report nothing.
+fn installed(result: &anyhow::Result<InstallReport>) -> Option<crate::reports::Draft> {
+    use shoal_fleet::Status;
+    use shoal_fleet::report::{Origin, Release};
+    let (release, status, substate) = match result {
+        Ok(r) => (
+            Some(Release {
+                name: r.release.clone(),
+                version: r.version.clone(),
+            }),
+            if r.rebooting {
+                Status::Rebooting
+            } else {
+                Status::Installing
+            },
+            format!(
+                "written and verified in slot {}; trial boot armed ({} bytes from the source)",
+                r.slot, r.source_bytes_read
+            ),
+        ),
+        Err(e) if crate::cmd::exit_code(e) == crate::cmd::EXIT_FAILED => {
+            (None, Status::Failure, crate::cmd::one_line(e))
+        }
+        Err(_) => return None,
+    };
+    Some(crate::reports::Draft {
+        origin: Origin::Standalone,
+        deployment: None,
+        release,
+        status,
+        substate: Some(substate),
+    })
 }
 
 /// Installs with a progress bar (TTY only).

@@ -13,6 +13,7 @@ pub mod device;
 pub mod env;
 pub mod install;
 pub mod key;
+pub mod reports;
 pub mod root;
 #[cfg(feature = "server")]
 pub mod server;

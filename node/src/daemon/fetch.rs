@@ -255,7 +255,19 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                 };
                 let answer = match decode(shared, &stored, chunk) {
                     Ok(chunk) => Answer::Chunk(chunk),
-                    Err(message) => {
+                    Err(Undecoded::Dictionary(e)) => {
+                        // Not the chunk's fault: its dictionary did not come (a cut
+                        // connection, a restarting server). The request fails like
+                        // a cut batch would; the chunks delivered so far stay.
+                        warn!(request = %job.request, %id, error = %e, chunks = sent, "cannot get the chunk's dictionary");
+                        failed(if e.is_transient() {
+                            FetchFailure::RetryLater
+                        } else {
+                            FetchFailure::DropSource
+                        });
+                        return;
+                    }
+                    Err(Undecoded::Corrupt(message)) => {
                         // Bytes that do not decode to the id: the engine bans the
                         // source.
                         warn!(%id, %message, "chunk from the server does not decode");
@@ -302,12 +314,20 @@ impl<R: std::io::Read> std::io::Read for CountingRead<'_, R> {
     }
 }
 
+/// Why a stored chunk was not decoded.
+enum Undecoded {
+    /// Its zstd dictionary could not be fetched (or the server's is malformed).
+    Dictionary(ApiError),
+    /// The bytes do not decode.
+    Corrupt(String),
+}
+
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
 fn decode(
     shared: &Shared,
     stored: &[u8],
     chunk: &ChunkRef,
-) -> Result<shoal_artifact::VerifiedChunk, String> {
+) -> Result<shoal_artifact::VerifiedChunk, Undecoded> {
     use shoal_artifact::chunk::{ChunkError, frame_dictionary_id};
     let dict = match frame_dictionary_id(stored) {
         None => None,
@@ -323,10 +343,13 @@ fn decode(
                     let bytes = shared
                         .api
                         .dictionary(zstd_id)
-                        .map_err(|e: ApiError| e.to_string())?;
+                        .map_err(Undecoded::Dictionary)?;
                     let dict = Arc::new(
-                        shoal_artifact::chunk::Dictionary::from_bytes(bytes)
-                            .map_err(|e| format!("dictionary {zstd_id:08x}: {e}"))?,
+                        shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
+                            Undecoded::Dictionary(ApiError::Malformed(format!(
+                                "dictionary {zstd_id:08x}: {e}"
+                            )))
+                        })?,
                     );
                     if let Ok(mut d) = shared.dictionaries.lock() {
                         d.insert(zstd_id, Arc::clone(&dict));
@@ -337,7 +360,7 @@ fn decode(
         }
     };
     shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
-        .map_err(|e: ChunkError| e.to_string())
+        .map_err(|e: ChunkError| Undecoded::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]

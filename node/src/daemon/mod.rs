@@ -17,8 +17,10 @@
 //! verified chunks again.
 
 pub mod api;
+pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+pub mod month;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -131,6 +133,17 @@ fn save_record(config: &Config, record: Option<&Record>) -> anyhow::Result<()> {
             sync_dir(dir)
         }
     }
+}
+
+/// The deployment the daemon is working on, when it is for `release` (a report made
+/// outside the daemon, e.g. by `boot-check` at boot, then names it).
+pub(crate) fn deployment_of(
+    config: &Config,
+    release: Option<&shoal_fleet::report::Release>,
+) -> Option<String> {
+    let record = load_record(config).ok().flatten()?;
+    let release = release?;
+    (record.name == release.name && record.version == release.version).then_some(record.deployment)
 }
 
 /// Random numbers for jitter (the OS-seeded hasher; no simulator replays this).
@@ -330,6 +343,12 @@ impl Daemon {
                 Err(e) => return Err(api_error(e)),
             }
         }
+        // Reports queued while offline (or by standalone installs) go first, oldest
+        // first; trouble delivering them does not hold up the poll.
+        match deliver::flush(&self.api, &self.config.device.data_dir) {
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "status reports not delivered yet"),
+        }
         match self.api.next().map_err(api_error)? {
             None => Ok(None),
             Some(dep) => {
@@ -373,6 +392,9 @@ impl Daemon {
             let result = dev.boot_check()?;
             drop(dev);
             info!(?result, "checked the trial boot");
+            if let Some(draft) = crate::reports::settled(&self.config, &result) {
+                crate::reports::record(&self.config, draft);
+            }
             if let BootCheck::TrialPending { .. } = result {
                 // Armed but not rebooted yet (the reboot command did not take, or
                 // the daemon restarted first): reboot again.
@@ -385,7 +407,7 @@ impl Daemon {
         let Some(record) = record else {
             return Ok(None);
         };
-        if record.state != "rebooting" {
+        if record.state != "rebooting" && record.state != "reporting" {
             return Ok(None);
         }
         let (status, _) = crate::device::read_status(&self.config)?;
@@ -404,6 +426,30 @@ impl Daemon {
                 Some("the device does not run the release after the reboot".to_owned()),
             ),
         };
+        if outcome.is_none() && record.state == "rebooting" {
+            // No boot-check settled this (which would have queued the report): queue
+            // it here, once.
+            crate::reports::record(
+                &self.config,
+                crate::reports::Draft {
+                    origin: shoal_fleet::report::Origin::Daemon,
+                    deployment: Some(record.deployment.clone()),
+                    release: Some(shoal_fleet::report::Release {
+                        name: record.name.clone(),
+                        version: record.version.clone(),
+                    }),
+                    status: shoal_fleet::Status::Failure,
+                    substate: substate.clone(),
+                },
+            );
+            save_record(
+                &self.config,
+                Some(&Record {
+                    state: "reporting".into(),
+                    ..record.clone()
+                }),
+            )?;
+        }
         match self
             .api
             .status(&record.deployment, state, substate.as_deref())
@@ -506,8 +552,57 @@ impl Daemon {
             limits,
             requests,
         };
-        let result = Device::open(self.config.clone(), Reboot::Command)
-            .and_then(|mut dev| dev.install(source, false, &mut |_| {}));
+        let allowance = match self.config.network.budget_per_month_mib {
+            Some(mib) => {
+                let ledger = month::current(&self.config.device.data_dir, wall_clock())?;
+                // Written now, so a new month's ledger replaces the old one at once.
+                month::save(&self.config.device.data_dir, &ledger)?;
+                Some(month::Allowance {
+                    ledger,
+                    limit_bytes: mib.saturating_mul(1024 * 1024),
+                })
+            }
+            None => None,
+        };
+        let data_dir = self.config.device.data_dir.clone();
+        let result = std::thread::scope(|s| {
+            // The month's count follows the bytes read while the install runs.
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let counter = allowance.as_ref().map(|a| {
+                let (watch, data_dir) = (watch.clone(), &data_dir);
+                s.spawn(move || {
+                    let mut saved = 0;
+                    loop {
+                        let done = !matches!(
+                            stopped.recv_timeout(month::SAVE_EVERY),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        );
+                        let bytes = watch.bytes();
+                        if bytes != saved {
+                            match month::save(data_dir, &a.after(bytes)) {
+                                Ok(()) => saved = bytes,
+                                Err(e) => warn!(error = %crate::cmd::one_line(&e), "cannot record the month's bytes"),
+                            }
+                        }
+                        if done {
+                            return;
+                        }
+                    }
+                })
+            });
+            let result = Device::open(self.config.clone(), Reboot::Command).and_then(|mut dev| {
+                if let Some(a) = &allowance {
+                    info!(left = a.left_bytes(), limit = a.limit_bytes, month = %a.ledger.month, "monthly data budget");
+                    dev.limit_wan_budget(a.left_bytes());
+                }
+                dev.install(source, false, &mut |_| {})
+            });
+            drop(stop);
+            if let Some(c) = counter {
+                let _ = c.join();
+            }
+            result
+        });
         if watch.aborted() {
             return self.aborted(dep, "the server answered 409 to a chunk request");
         }
@@ -548,7 +643,18 @@ impl Daemon {
                 Ok(Handled::Retry)
             }
             Err(e) => {
-                let message = crate::cmd::one_line(&e);
+                let mut message = crate::cmd::one_line(&e);
+                if let Some(a) = &allowance
+                    && a.binds(
+                        self.config
+                            .network
+                            .budget_per_deployment_mib
+                            .map(|m| m * 1024 * 1024),
+                    )
+                    && message.contains("but the data budget allows")
+                {
+                    message = format!("{}: {message}", a.describe());
+                }
                 warn!(deployment = %dep.id, %message, "install failed");
                 self.report(dep, "failure", Some(&message))?;
                 save_record(&self.config, None)?;
@@ -576,6 +682,22 @@ impl Daemon {
         state: &str,
         substate: Option<&str>,
     ) -> anyhow::Result<bool> {
+        match state.parse::<shoal_fleet::Status>() {
+            Ok(status) => crate::reports::record(
+                &self.config,
+                crate::reports::Draft {
+                    origin: shoal_fleet::report::Origin::Daemon,
+                    deployment: Some(dep.id.clone()),
+                    release: Some(shoal_fleet::report::Release {
+                        name: dep.release.name.clone(),
+                        version: dep.release.version.clone(),
+                    }),
+                    status,
+                    substate: substate.map(str::to_owned),
+                },
+            ),
+            Err(e) => warn!(state, error = %e, "not a report state"),
+        }
         match self.api.status(&dep.id, state, substate) {
             Ok(()) => {
                 info!(deployment = %dep.id, state, "reported");

@@ -337,6 +337,9 @@ pub struct Device {
     reboot: Reboot,
     /// Read-ahead and write-gathering size.
     io_window: usize,
+    /// A WAN data budget below `[network] budget_per_deployment_mib` for the next
+    /// installs (the daemon's monthly budget: what is left of the month).
+    wan_budget_max: Option<u64>,
 }
 
 /// Runs `device.reboot_command` (the standalone install and the daemon both reboot
@@ -387,6 +390,7 @@ impl Device {
             reboot: Reboot::Command,
             // Small, so a crash test meets many slot writes.
             io_window: 16 * 1024,
+            wan_budget_max: None,
         })
     }
 
@@ -405,7 +409,14 @@ impl Device {
             capacity,
             reboot,
             io_window: IO_WINDOW,
+            wan_budget_max: None,
         })
+    }
+
+    /// Lowers the WAN data budget of the next installs to at most `bytes` (the engine
+    /// enforces the lower of it and `[network] budget_per_deployment_mib`).
+    pub fn limit_wan_budget(&mut self, bytes: u64) {
+        self.wan_budget_max = Some(bytes);
     }
 
     fn boot_info(&self) -> anyhow::Result<Boot> {
@@ -449,7 +460,11 @@ impl Device {
             self.store.apply(&[shoal_engine::Record::Active(active)])?;
             state = self.store.load(active, self.capacity)?;
         }
-        Ok(Engine::new(engine_config(&self.config, &self.root), state))
+        let mut config = engine_config(&self.config, &self.root);
+        if let Some(max) = self.wan_budget_max {
+            config.wan_budget_bytes = Some(config.wan_budget_bytes.map_or(max, |b| b.min(max)));
+        }
+        Ok(Engine::new(config, state))
     }
 
     /// The engine's status and the bootloader's.

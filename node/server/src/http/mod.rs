@@ -18,6 +18,7 @@ pub mod extractor;
 pub mod groups;
 pub mod openapi;
 pub mod releases;
+pub mod reports;
 pub mod tokens;
 
 use error::ApiError;
@@ -39,12 +40,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/devices/v1/dictionaries/{zstd_id}"),
     ("PUT", "/api/devices/v1/inventory/attributes"),
     ("PATCH", "/api/devices/v1/inventory/attributes"),
+    ("POST", "/api/devices/v1/reports"),
     ("GET", "/api/management/v1/devices"),
     ("POST", "/api/management/v1/devices"),
     ("GET", "/api/management/v1/devices/{id}"),
     ("DELETE", "/api/management/v1/devices/{id}"),
     ("POST", "/api/management/v1/devices/{id}/accept"),
     ("POST", "/api/management/v1/devices/{id}/reject"),
+    ("GET", "/api/management/v1/devices/{id}/reports"),
     ("GET", "/api/management/v1/groups"),
     ("GET", "/api/management/v1/groups/{name}"),
     ("PUT", "/api/management/v1/groups/{name}"),
@@ -105,7 +108,8 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             &format!("{d}/inventory/attributes"),
             put(device::inventory_replace).patch(device::inventory_update),
-        );
+        )
+        .route(&format!("{d}/reports"), post(reports::deliver));
     let management = Router::new()
         .route(
             &format!("{m}/devices"),
@@ -117,6 +121,7 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route(&format!("{m}/devices/{{id}}/accept"), post(devices::accept))
         .route(&format!("{m}/devices/{{id}}/reject"), post(devices::reject))
+        .route(&format!("{m}/devices/{{id}}/reports"), get(reports::list))
         .route(&format!("{m}/groups"), get(groups::list))
         .route(
             &format!("{m}/groups/{{name}}"),
