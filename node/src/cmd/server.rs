@@ -58,7 +58,9 @@ struct RunArgs {
     /// Largest artifact upload, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 30)]
     upload_max: u64,
-    /// A static URL serving DIR/store (nginx, a CDN) to hand to devices.
+    /// A static URL serving DIR/store as plain files (nginx, S3, a CDN), handed to
+    /// devices, which then GET URL/chunks/<2 hex>/<64 hex> and
+    /// URL/dictionaries/<8 hex> from it instead of the server.
     #[arg(long, value_name = "URL")]
     chunk_base_url: Option<String>,
     /// Database connections of this process.
@@ -141,7 +143,13 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         root: signed.root,
         device_token_ttl_s: args.device_token_ttl,
         upload_max_bytes: args.upload_max,
-        chunk_base_url: args.chunk_base_url,
+        chunk_base_url: args
+            .chunk_base_url
+            .as_deref()
+            .map(shoal_node::chunk_url::StaticBase::parse)
+            .transpose()
+            .map_err(|e| Exit::usage(format!("--chunk-base-url: {e}")))?
+            .map(|b| b.as_str().to_owned()),
         max_connections: args.db_connections.max(1),
         timer_period_ms: args.timer_period_ms,
     };

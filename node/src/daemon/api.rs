@@ -92,6 +92,10 @@ pub struct NextDeployment {
     pub name: String,
     /// The release.
     pub release: ReleaseRef,
+    /// A static host serving the server's chunk store (see
+    /// [`shoal_node::chunk_url`]), to fetch chunks from instead of the server.
+    #[serde(default)]
+    pub chunk_base_url: Option<String>,
 }
 
 /// The release of a [`NextDeployment`].
@@ -163,6 +167,12 @@ impl Api {
             identity: server.identity.clone(),
             token: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// The HTTP client (its connection pool, timeouts and trusted CAs), for
+    /// requests to other hosts the server names (a static chunk host).
+    pub fn client(&self) -> &Client {
+        &self.http
     }
 
     /// This device's id on the server (its key's id, hex).

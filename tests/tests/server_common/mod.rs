@@ -156,6 +156,8 @@ pub struct Server {
     child: Child,
     pub url: String,
     pub data: PathBuf,
+    /// Everything the server wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -179,9 +181,15 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn shoal server");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let keep = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = keep.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if !sent && let Some(rest) = line.split("listening on ").nth(1) {
                     let _ = tx.send(Ok(rest.trim().to_owned()));
                     sent = true;
@@ -200,6 +208,7 @@ impl Server {
                         child,
                         url,
                         data: data.to_path_buf(),
+                        log,
                     };
                 }
                 Ok(Err(_)) => continue,
@@ -209,6 +218,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// Stops the server (SIGKILL) and waits for it.

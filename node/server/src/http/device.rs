@@ -496,6 +496,8 @@ pub async fn chunks(
             "the batch is {total} bytes; at most {CHUNK_BATCH_BYTES_MAX} per request"
         )));
     }
+    // Operators (and the static-host test) read what the server itself streams.
+    tracing::info!(device = %auth.device_id, deployment = %id, chunks = sized.len(), bytes = total, "chunk batch served");
     let store = ctx.store.clone();
     let stream = futures_util::stream::iter(sized).then(move |(cid, stored)| {
         let path = store.chunk_file(&cid);
