@@ -19,17 +19,20 @@
 //! is SQLite in the data directory by default and PostgreSQL for scale-out; all
 //! state is in the database and the chunk store, none in a process, so any number
 //! of server processes can share one PostgreSQL. Chunks live in a
-//! [`shoal_artifact::ChunkStore`] directory (`DIR/store`), laid out so that a
-//! static file server can serve them as they are.
+//! [`shoal_artifact::ChunkStore`] directory (`DIR/store`) or an S3 bucket
+//! ([`chunks`]), laid out so that a static file server can serve them as they are.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use shoal_artifact::ChunkStore;
+
+use crate::chunks::Chunks;
 use shoal_signing::TrustRoot;
 use sqlx::AnyPool;
 
+pub mod chunks;
 pub mod db;
 pub mod filter;
 pub mod http;
@@ -47,6 +50,8 @@ pub struct Config {
     /// A database URL (`postgres://...` or `sqlite:...`); default: SQLite in
     /// `data_dir`.
     pub database_url: Option<String>,
+    /// An object store for chunks (`s3://bucket/prefix`) instead of `DIR/store`.
+    pub chunks_url: Option<String>,
     /// Where to listen.
     pub listen: SocketAddr,
     /// The trust root uploaded artifacts must verify against.
@@ -89,8 +94,8 @@ pub struct Context {
     pub db: AnyPool,
     /// Which database it is.
     pub backend: db::Backend,
-    /// The chunk store.
-    pub store: ChunkStore,
+    /// Where chunks, manifests and dictionaries are stored.
+    pub store: Chunks,
     /// The trust root releases must verify against.
     pub root: TrustRoot,
     /// Request limits.
@@ -124,6 +129,9 @@ pub enum ServeError {
     /// The chunk store could not be opened.
     #[error("opening the chunk store: {0}")]
     Store(#[from] shoal_artifact::StoreError),
+    /// The `--chunks` object store URL was refused.
+    #[error("--chunks: {0}")]
+    ChunksUrl(#[from] chunks::ChunksUrlError),
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -144,7 +152,10 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         source,
     })?;
     let (pool, backend) = db::open(&config.database_url(), config.max_connections).await?;
-    let store = ChunkStore::open(&config.data_dir.join("store"))?;
+    let store = match &config.chunks_url {
+        Some(url) => Chunks::Object(chunks::ObjectChunks::open(url)?),
+        None => Chunks::Dir(ChunkStore::open(&config.data_dir.join("store"))?),
+    };
     Ok(Arc::new(Context {
         db: pool,
         backend,
@@ -179,7 +190,7 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
-    tracing::info!(%addr, backend = ?ctx.backend, "serving");
+    tracing::info!(%addr, backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
     on_ready(addr);
     // Rollout timers (phase soak delays); every server runs them, under row locks.
     let timers = tokio::spawn(rollouts::run_timers(

@@ -63,6 +63,11 @@ struct RunArgs {
     /// URL/dictionaries/<8 hex> from it instead of the server.
     #[arg(long, value_name = "URL")]
     chunk_base_url: Option<String>,
+    /// Keep chunks in an S3 bucket (s3://BUCKET[/PREFIX]) instead of DIR/store,
+    /// configured from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT (S3-compatible servers) and AWS_ALLOW_HTTP.
+    #[arg(long, value_name = "URL", env = "SHOAL_CHUNKS")]
+    chunks: Option<String>,
     /// Database connections of this process.
     #[arg(long, value_name = "N", default_value_t = 16)]
     db_connections: u32,
@@ -139,6 +144,7 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     let config = Config {
         data_dir: data,
         database_url: args.place.database,
+        chunks_url: args.chunks,
         listen: args.listen,
         root: signed.root,
         device_token_ttl_s: args.device_token_ttl,
@@ -174,7 +180,9 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     })
     .map_err(|e| match e {
         shoal_server::ServeError::Database(db::OpenError::Connect(_)) => Exit::tempfail(chain(&e)),
-        shoal_server::ServeError::Bind { .. } => Exit::usage(chain(&e)),
+        shoal_server::ServeError::Bind { .. } | shoal_server::ServeError::ChunksUrl(_) => {
+            Exit::usage(chain(&e))
+        }
         other => anyhow::Error::new(other),
     })
 }

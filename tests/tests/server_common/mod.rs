@@ -163,7 +163,19 @@ pub struct Server {
 impl Server {
     /// Starts `shoal server` on a free loopback port with `data` and `db`.
     pub fn start(setup: &Setup, data: &Path, db: &Db, extra: &[&str]) -> Server {
+        Server::start_with_env(setup, data, db, extra, &[])
+    }
+
+    /// [`Server::start`] with more environment variables.
+    pub fn start_with_env(
+        setup: &Setup,
+        data: &Path,
+        db: &Db,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut cmd = shoal();
+        cmd.envs(env.iter().copied());
         cmd.arg("server")
             .arg("--data")
             .arg(data)
