@@ -38,6 +38,7 @@ pub mod filter;
 pub mod http;
 pub mod release_cache;
 pub mod rollouts;
+pub mod tls;
 
 pub use http::extractor::Role;
 
@@ -54,6 +55,8 @@ pub struct Config {
     pub chunks_url: Option<String>,
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate and key (plain HTTP without).
+    pub tls: Option<tls::TlsFiles>,
     /// The trust root uploaded artifacts must verify against.
     pub root: TrustRoot,
     /// How long a device token lives, in seconds.
@@ -140,6 +143,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key was refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Serving failed.
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
@@ -179,6 +185,8 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Checked before anything is opened: a bad certificate is a usage error.
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let ctx = open(config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -190,17 +198,30 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
-    tracing::info!(%addr, backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
+    tracing::info!(%addr, tls = config.tls.is_some(), backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
     on_ready(addr);
     // Rollout timers (phase soak delays); every server runs them, under row locks.
     let timers = tokio::spawn(rollouts::run_timers(
         ctx.clone(),
         std::time::Duration::from_millis(config.timer_period_ms.max(10)),
     ));
-    let served = axum::serve(listener, http::router(ctx.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve);
+    let served = match tls {
+        None => axum::serve(listener, http::router(ctx.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve),
+        Some(tls) => {
+            let listener =
+                tls::Listener::new(listener, tls).map_err(|source| ServeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+            axum::serve(listener, http::router(ctx.clone()))
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(ServeError::Serve)
+        }
+    };
     timers.abort();
     let _ = timers.await;
     ctx.db.close().await;

@@ -63,6 +63,12 @@ struct RunArgs {
     /// URL/dictionaries/<8 hex> from it instead of the server.
     #[arg(long, value_name = "URL")]
     chunk_base_url: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Keep chunks in an S3 bucket (s3://BUCKET[/PREFIX]) instead of DIR/store,
     /// configured from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
     /// AWS_ENDPOINT (S3-compatible servers) and AWS_ALLOW_HTTP.
@@ -145,6 +151,10 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         data_dir: data,
         database_url: args.place.database,
         chunks_url: args.chunks,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| shoal_server::tls::TlsFiles { cert, key }),
         listen: args.listen,
         root: signed.root,
         device_token_ttl_s: args.device_token_ttl,
@@ -158,6 +168,11 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
             .map(|b| b.as_str().to_owned()),
         max_connections: args.db_connections.max(1),
         timer_period_ms: args.timer_period_ms,
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
     };
     let rt = runtime()?;
     rt.block_on(async {
@@ -173,16 +188,16 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         };
         shoal_server::serve(
             &config,
-            |addr| ui.info(format!("shoal server listening on http://{addr}")),
+            |addr| ui.info(format!("shoal server listening on {scheme}://{addr}")),
             shutdown,
         )
         .await
     })
     .map_err(|e| match e {
         shoal_server::ServeError::Database(db::OpenError::Connect(_)) => Exit::tempfail(chain(&e)),
-        shoal_server::ServeError::Bind { .. } | shoal_server::ServeError::ChunksUrl(_) => {
-            Exit::usage(chain(&e))
-        }
+        shoal_server::ServeError::Bind { .. }
+        | shoal_server::ServeError::ChunksUrl(_)
+        | shoal_server::ServeError::Tls(_) => Exit::usage(chain(&e)),
         other => anyhow::Error::new(other),
     })
 }

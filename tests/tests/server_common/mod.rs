@@ -158,6 +158,8 @@ pub struct Server {
     pub data: PathBuf,
     /// Everything the server wrote to stderr so far.
     log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The CA certificate `shoal admin` must trust (an https server).
+    pub ca: Option<PathBuf>,
 }
 
 impl Server {
@@ -221,6 +223,7 @@ impl Server {
                         url,
                         data: data.to_path_buf(),
                         log,
+                        ca: None,
                     };
                 }
                 Ok(Err(_)) => continue,
@@ -263,12 +266,13 @@ pub fn host_token(data: &Path, db: &Db, role: &str) -> String {
 
 /// Runs `shoal admin ARGS` against `server` with `token`.
 pub fn admin(server: &Server, token: &str, args: &[&str]) -> Output {
-    shoal()
-        .arg("admin")
-        .args(["--server", &server.url, "--token", token])
-        .args(args)
-        .output()
-        .expect("run shoal admin")
+    let mut cmd = shoal();
+    cmd.arg("admin")
+        .args(["--server", &server.url, "--token", token]);
+    if let Some(ca) = &server.ca {
+        cmd.arg("--ca-cert").arg(ca);
+    }
+    cmd.args(args).output().expect("run shoal admin")
 }
 
 /// `shoal admin --json ARGS`, which must succeed, parsed.
