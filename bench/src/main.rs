@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 mod measure;
+mod net_poll;
 mod report;
 mod sections;
 mod shoal;
@@ -101,6 +102,16 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    // `shoal-bench net [--shoal PATH]`: the managed-mode network goals (issue 11).
+    if std::env::args().nth(1).as_deref() == Some("net") {
+        return match net_only() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal-bench: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -115,6 +126,53 @@ fn engine_only() -> Result<()> {
     let report = Report {
         context: vec![("source tree".to_string(), source_tree())],
         sections: vec![sections::engine()?],
+    };
+    io::stdout().write_all(report.to_markdown().as_bytes())?;
+    Ok(())
+}
+
+/// The `net` section's arguments.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-bench net")]
+struct NetArgs {
+    /// The `shoal` binary to measure, built with `--features server`.
+    #[arg(long, default_value = "target/release/shoal")]
+    shoal: PathBuf,
+}
+
+/// Runs the `net` section (issue 11) and prints its table.
+fn net_only() -> Result<()> {
+    let args = NetArgs::parse_from(std::env::args().skip(1));
+    let work = tempfile::Builder::new()
+        .prefix("shoal-bench-net-")
+        .tempdir_in("/tmp")
+        .context("cannot create a scratch directory in /tmp")?;
+    // A private copy: a rebuild during the run must not swap the binary.
+    let shoal = work.path().join("shoal-under-test");
+    fs::copy(&args.shoal, &shoal).with_context(|| {
+        format!(
+            "cannot copy {} (build it: cargo build --release -p shoal-node --features server)",
+            args.shoal.display()
+        )
+    })?;
+    let load_before = loadavg();
+    let (goals, mut facts) = net_poll::rows(&shoal, work.path());
+    facts.push((
+        "load average (1/5/15 min) before → after".to_string(),
+        format!("{load_before} → {}", loadavg()),
+    ));
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let report = Report {
+        context: vec![
+            ("source tree".to_string(), source_tree()),
+            ("machine".to_string(), format!("{cpus} CPUs")),
+        ],
+        sections: vec![report::Section {
+            title: "Issue 11: net".to_string(),
+            goals,
+            series: Vec::new(),
+            facts,
+        }],
     };
     io::stdout().write_all(report.to_markdown().as_bytes())?;
     Ok(())

@@ -20,6 +20,8 @@ pub enum Quantity {
     Mebibytes(f64),
     /// A count per needed chunk (e.g. WAN fetches per chunk).
     PerChunk(f64),
+    /// A duration in milliseconds (request latencies).
+    Milliseconds(f64),
 }
 
 impl Quantity {
@@ -29,7 +31,8 @@ impl Quantity {
             Quantity::Seconds(v)
             | Quantity::MegabytesPerSecond(v)
             | Quantity::Mebibytes(v)
-            | Quantity::PerChunk(v) => v,
+            | Quantity::PerChunk(v)
+            | Quantity::Milliseconds(v) => v,
         }
     }
 }
@@ -42,6 +45,7 @@ impl fmt::Display for Quantity {
             Quantity::MegabytesPerSecond(v) => write!(f, "{v:.0} MB/s"),
             Quantity::Mebibytes(v) => write!(f, "{v:.1} MiB"),
             Quantity::PerChunk(v) => write!(f, "{v:.3} per chunk"),
+            Quantity::Milliseconds(v) => write!(f, "{v:.1} ms"),
         }
     }
 }

@@ -659,9 +659,13 @@ fn suite(db: Db) {
     admin_json(&server, &operator, &["devices", "accept", &late.id]);
     late.login(&http, &server);
     assert_eq!(
-        inv(&late, Method::PUT, json!([{"name": "device_type", "value": "board"}]))
-            .status()
-            .as_u16(),
+        inv(
+            &late,
+            Method::PUT,
+            json!([{"name": "device_type", "value": "board"}])
+        )
+        .status()
+        .as_u16(),
         204
     );
     let members = admin_json(&server, &viewer, &["groups", "devices", "boards"]);
