@@ -4,8 +4,8 @@
 //! STORE/chunks/<2 hex>/<64 hex>        a chunk's stored form (zstd frame or raw)
 //! STORE/manifests/<64 hex>.envelope    a signed manifest envelope, named by the
 //!                                      BLAKE3 of its manifest CBOR
-//! STORE/dictionaries/<64 hex>          a zstd dictionary chunks were compressed
-//!                                      with, named by its BLAKE3
+//! STORE/dictionaries/<8 hex>           a zstd dictionary chunks were compressed
+//!                                      with, named by its (content-derived) zstd id
 //! ```
 //!
 //! Files are written to a temporary name in the same directory and renamed, so a

@@ -20,6 +20,7 @@ mod alloc_count;
 mod engine_bench;
 mod measure;
 mod net_link;
+mod net_poll;
 mod report;
 mod sections;
 mod shoal;
@@ -110,7 +111,8 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    // `shoal-bench net`: the device daemon over a shaped link (issue 11).
+    // `shoal-bench net`: managed mode over the network (issue 11): the daemon over a
+    // shaped link, and 10,000 devices polling the server.
     if std::env::args().nth(1).as_deref() == Some("net") {
         return match net_only(NetArgs::parse_from(std::env::args().skip(1))) {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -151,6 +153,9 @@ struct NetArgs {
     /// Keep the scratch directory (artifacts, stores, the daemon's and server's logs).
     #[arg(long)]
     keep: bool,
+    /// Run only one part: `link` (the shaped link) or `poll` (10,000 devices polling).
+    #[arg(long, value_parser = ["link", "poll"])]
+    only: Option<String>,
 }
 
 /// Runs the net section and prints its table.
@@ -170,20 +175,49 @@ fn net_only(args: NetArgs) -> Result<()> {
         v2: args.images.join("v2.img"),
         work: work.path().to_path_buf(),
     };
-    for img in [&inputs.v1, &inputs.v2] {
-        if !img.is_file() {
-            bail!(
-                "{} is missing: run ../shared/bench/make-rootfs-images.sh",
-                img.display()
-            );
+    let part = args.only.as_deref();
+    let mut sections = Vec::new();
+    if part != Some("poll") {
+        for img in [&inputs.v1, &inputs.v2] {
+            if !img.is_file() {
+                bail!(
+                    "{} is missing: run ../shared/bench/make-rootfs-images.sh",
+                    img.display()
+                );
+            }
         }
+        sections.push(net_link::section(&inputs)?);
     }
+    if part != Some("link") {
+        // A private copy: a rebuild during the run must not swap the binary.
+        let shoal = work.path().join("shoal-poll-under-test");
+        fs::copy(&args.shoal, &shoal).with_context(|| {
+            format!(
+                "cannot copy {} (build it: cargo build --release -p shoal-node --features server)",
+                args.shoal.display()
+            )
+        })?;
+        let load_before = loadavg();
+        let (goals, mut facts) = net_poll::rows(&shoal, work.path());
+        facts.push((
+            "load average (1/5/15 min) before → after".to_string(),
+            format!("{load_before} → {}", loadavg()),
+        ));
+        sections.push(report::Section {
+            title: "Issue 11: net, 10,000 devices polling".to_string(),
+            goals,
+            series: Vec::new(),
+            facts,
+        });
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = Report {
         context: vec![
             ("source tree".to_string(), source_tree()),
+            ("machine".to_string(), format!("{cpus} CPUs")),
             ("load average before".to_string(), loadavg()),
         ],
-        sections: vec![net_link::section(&inputs)?],
+        sections,
     };
     let md = report.to_markdown();
     io::stdout().write_all(md.as_bytes())?;

@@ -26,6 +26,8 @@ pub enum Quantity {
     Microseconds(f64),
     /// A duration in nanoseconds.
     Nanoseconds(f64),
+    /// A duration in milliseconds (request latencies).
+    Milliseconds(f64),
 }
 
 impl Quantity {
@@ -38,7 +40,8 @@ impl Quantity {
             | Quantity::PerChunk(v)
             | Quantity::Kibibytes(v)
             | Quantity::Microseconds(v)
-            | Quantity::Nanoseconds(v) => v,
+            | Quantity::Nanoseconds(v)
+            | Quantity::Milliseconds(v) => v,
         }
     }
 }
@@ -54,6 +57,7 @@ impl fmt::Display for Quantity {
             Quantity::Kibibytes(v) => write!(f, "{v:.1} KiB"),
             Quantity::Microseconds(v) => write!(f, "{v:.1} µs"),
             Quantity::Nanoseconds(v) => write!(f, "{v:.0} ns"),
+            Quantity::Milliseconds(v) => write!(f, "{v:.1} ms"),
         }
     }
 }

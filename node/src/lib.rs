@@ -2,7 +2,9 @@
 //!
 //! The device configuration parser and the chunk batch wire format live here, so the
 //! fuzz targets (`fuzz/`) can feed them untrusted bytes; the binary uses them from
-//! here, unchanged.
+//! here, unchanged. [`chunk_url`] is shared by the server role (which validates
+//! `--chunk-base-url`) and the daemon (which fetches from it).
 
+pub mod chunk_url;
 pub mod config;
 pub mod wire;

@@ -651,6 +651,38 @@ fn suite(db: Db) {
     );
     let dep2_id = dep2["id"].as_str().unwrap().to_owned();
     assert_eq!(dep2["stats"]["pending"], 2);
+    // Frozen at creation (hawkBit's rollouts; a phase's percentage and the halt
+    // threshold need a fixed set): a device that joins the group later is not
+    // added to the deployment, and one that leaves it stays in.
+    let mut late = Device::new(4);
+    expect_error(late.auth(&http, &server), 401);
+    admin_json(&server, &operator, &["devices", "accept", &late.id]);
+    late.login(&http, &server);
+    assert_eq!(
+        inv(
+            &late,
+            Method::PUT,
+            json!([{"name": "device_type", "value": "board"}])
+        )
+        .status()
+        .as_u16(),
+        204
+    );
+    let members = admin_json(&server, &viewer, &["groups", "devices", "boards"]);
+    assert_eq!(members.as_array().unwrap().len(), 3, "{members}");
+    let in_dep2 = admin_json(&server, &viewer, &["deployments", "devices", &dep2_id]);
+    assert_eq!(in_dep2.as_array().unwrap().len(), 2, "{in_dep2}");
+    assert!(!in_dep2.to_string().contains(&late.id), "{in_dep2}");
+    assert_eq!(
+        late.req(&http, Method::GET, &server, "/deployments/next")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        204,
+        "a device that joined the group after the deployment was made got it"
+    );
+    admin_json(&server, &operator, &["devices", "decommission", &late.id]);
     let st = |d: &Device, s: &str| {
         d.req(
             &http,

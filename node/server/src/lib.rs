@@ -19,22 +19,26 @@
 //! is SQLite in the data directory by default and PostgreSQL for scale-out; all
 //! state is in the database and the chunk store, none in a process, so any number
 //! of server processes can share one PostgreSQL. Chunks live in a
-//! [`shoal_artifact::ChunkStore`] directory (`DIR/store`), laid out so that a
-//! static file server can serve them as they are.
+//! [`shoal_artifact::ChunkStore`] directory (`DIR/store`) or an S3 bucket
+//! ([`chunks`]), laid out so that a static file server can serve them as they are.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use shoal_artifact::ChunkStore;
+
+use crate::chunks::Chunks;
 use shoal_signing::TrustRoot;
 use sqlx::AnyPool;
 
+pub mod chunks;
 pub mod db;
 pub mod filter;
 pub mod http;
 pub mod release_cache;
 pub mod rollouts;
+pub mod tls;
 
 pub use http::extractor::Role;
 
@@ -47,8 +51,12 @@ pub struct Config {
     /// A database URL (`postgres://...` or `sqlite:...`); default: SQLite in
     /// `data_dir`.
     pub database_url: Option<String>,
+    /// An object store for chunks (`s3://bucket/prefix`) instead of `DIR/store`.
+    pub chunks_url: Option<String>,
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate and key (plain HTTP without).
+    pub tls: Option<tls::TlsFiles>,
     /// The trust root uploaded artifacts must verify against.
     pub root: TrustRoot,
     /// How long a device token lives, in seconds.
@@ -89,8 +97,8 @@ pub struct Context {
     pub db: AnyPool,
     /// Which database it is.
     pub backend: db::Backend,
-    /// The chunk store.
-    pub store: ChunkStore,
+    /// Where chunks, manifests and dictionaries are stored.
+    pub store: Chunks,
     /// The trust root releases must verify against.
     pub root: TrustRoot,
     /// Request limits.
@@ -124,6 +132,9 @@ pub enum ServeError {
     /// The chunk store could not be opened.
     #[error("opening the chunk store: {0}")]
     Store(#[from] shoal_artifact::StoreError),
+    /// The `--chunks` object store URL was refused.
+    #[error("--chunks: {0}")]
+    ChunksUrl(#[from] chunks::ChunksUrlError),
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -132,6 +143,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key was refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Serving failed.
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
@@ -144,7 +158,10 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         source,
     })?;
     let (pool, backend) = db::open(&config.database_url(), config.max_connections).await?;
-    let store = ChunkStore::open(&config.data_dir.join("store"))?;
+    let store = match &config.chunks_url {
+        Some(url) => Chunks::Object(chunks::ObjectChunks::open(url)?),
+        None => Chunks::Dir(ChunkStore::open(&config.data_dir.join("store"))?),
+    };
     Ok(Arc::new(Context {
         db: pool,
         backend,
@@ -168,6 +185,8 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Checked before anything is opened: a bad certificate is a usage error.
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let ctx = open(config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -179,17 +198,30 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
-    tracing::info!(%addr, backend = ?ctx.backend, "serving");
+    tracing::info!(%addr, tls = config.tls.is_some(), backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
     on_ready(addr);
     // Rollout timers (phase soak delays); every server runs them, under row locks.
     let timers = tokio::spawn(rollouts::run_timers(
         ctx.clone(),
         std::time::Duration::from_millis(config.timer_period_ms.max(10)),
     ));
-    let served = axum::serve(listener, http::router(ctx.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve);
+    let served = match tls {
+        None => axum::serve(listener, http::router(ctx.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve),
+        Some(tls) => {
+            let listener =
+                tls::Listener::new(listener, tls).map_err(|source| ServeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+            axum::serve(listener, http::router(ctx.clone()))
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(ServeError::Serve)
+        }
+    };
     timers.abort();
     let _ = timers.await;
     ctx.db.close().await;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use shoal_artifact::ChunkStore;
 use shoal_artifact::manifest::{ChunkId, Manifest};
 use shoal_signing::TrustRoot;
 
@@ -26,16 +25,19 @@ pub enum LoadError {
     /// The id is not 64 hex digits.
     #[error("release id is not 64 hex digits")]
     BadId,
-    /// The manifest file could not be read or does not verify.
+    /// The manifest could not be read.
     #[error(transparent)]
-    Store(#[from] shoal_artifact::StoreError),
-    /// The manifest file could not be read.
-    #[error("reading manifest {path}: {source}")]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The error.
-        source: std::io::Error,
+    Storage(#[from] crate::chunks::ChunksError),
+    /// The manifest is not stored.
+    #[error("the manifest of release {0} is not in the chunk store")]
+    Missing(String),
+    /// The stored manifest does not verify.
+    #[error("the manifest of release {id}: {source}")]
+    Bad {
+        /// The release.
+        id: String,
+        /// Why.
+        source: shoal_artifact::ReadError,
     },
 }
 
@@ -50,7 +52,7 @@ impl ReleaseCache {
     /// store on first use. Blocking: call from `spawn_blocking` on a miss.
     pub fn load(
         &self,
-        store: &ChunkStore,
+        store: &crate::chunks::Chunks,
         root: &TrustRoot,
         id: &str,
     ) -> Result<Arc<Release>, LoadError> {
@@ -58,11 +60,14 @@ impl ReleaseCache {
             return Ok(r);
         }
         let hash: ChunkId = id.parse().map_err(|_| LoadError::BadId)?;
-        let path = store.manifest_file(&hash.0);
-        let manifest = store.load_manifest(&path, root, None)?;
-        let envelope = std::fs::read(&path).map_err(|source| LoadError::Io {
-            path: path.clone(),
-            source,
+        let envelope = store
+            .envelope_blocking(&hash.0)?
+            .ok_or_else(|| LoadError::Missing(id.to_owned()))?;
+        let manifest = crate::chunks::verify_envelope(&envelope, root, None).map_err(|source| {
+            LoadError::Bad {
+                id: id.to_owned(),
+                source,
+            }
         })?;
         let chunks = manifest
             .distinct_chunks()

@@ -58,9 +58,22 @@ struct RunArgs {
     /// Largest artifact upload, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 30)]
     upload_max: u64,
-    /// A static URL serving DIR/store (nginx, a CDN) to hand to devices.
+    /// A static URL serving DIR/store as plain files (nginx, S3, a CDN), handed to
+    /// devices, which then GET URL/chunks/<2 hex>/<64 hex> and
+    /// URL/dictionaries/<8 hex> from it instead of the server.
     #[arg(long, value_name = "URL")]
     chunk_base_url: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Keep chunks in an S3 bucket (s3://BUCKET[/PREFIX]) instead of DIR/store,
+    /// configured from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT (S3-compatible servers) and AWS_ALLOW_HTTP.
+    #[arg(long, value_name = "URL", env = "SHOAL_CHUNKS")]
+    chunks: Option<String>,
     /// Database connections of this process.
     #[arg(long, value_name = "N", default_value_t = 16)]
     db_connections: u32,
@@ -137,13 +150,29 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     let config = Config {
         data_dir: data,
         database_url: args.place.database,
+        chunks_url: args.chunks,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| shoal_server::tls::TlsFiles { cert, key }),
         listen: args.listen,
         root: signed.root,
         device_token_ttl_s: args.device_token_ttl,
         upload_max_bytes: args.upload_max,
-        chunk_base_url: args.chunk_base_url,
+        chunk_base_url: args
+            .chunk_base_url
+            .as_deref()
+            .map(shoal_node::chunk_url::StaticBase::parse)
+            .transpose()
+            .map_err(|e| Exit::usage(format!("--chunk-base-url: {e}")))?
+            .map(|b| b.as_str().to_owned()),
         max_connections: args.db_connections.max(1),
         timer_period_ms: args.timer_period_ms,
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
     };
     let rt = runtime()?;
     rt.block_on(async {
@@ -159,14 +188,16 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
         };
         shoal_server::serve(
             &config,
-            |addr| ui.info(format!("shoal server listening on http://{addr}")),
+            |addr| ui.info(format!("shoal server listening on {scheme}://{addr}")),
             shutdown,
         )
         .await
     })
     .map_err(|e| match e {
         shoal_server::ServeError::Database(db::OpenError::Connect(_)) => Exit::tempfail(chain(&e)),
-        shoal_server::ServeError::Bind { .. } => Exit::usage(chain(&e)),
+        shoal_server::ServeError::Bind { .. }
+        | shoal_server::ServeError::ChunksUrl(_)
+        | shoal_server::ServeError::Tls(_) => Exit::usage(chain(&e)),
         other => anyhow::Error::new(other),
     })
 }

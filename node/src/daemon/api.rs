@@ -31,6 +31,13 @@ pub enum ApiError {
     /// No connection, a timeout, a cut connection: try again later.
     #[error("cannot reach the server: {0}")]
     Transport(String),
+    /// The server's TLS certificate was not trusted: a wrong or missing
+    /// `server.ca_certificate` (or someone in between). Retried like a transport
+    /// failure: the server's certificate may be fixed.
+    #[error(
+        "the server's TLS certificate is not trusted ({0}); server.ca_certificate must name the CA that signed it"
+    )]
+    Tls(String),
     /// The device is not accepted (yet): pending, rejected or decommissioned.
     #[error("the server does not accept this device yet: {0}")]
     NotAccepted(String),
@@ -54,7 +61,7 @@ impl ApiError {
     /// Whether retrying later can help (transport trouble, 5xx, 429, 401).
     pub fn is_transient(&self) -> bool {
         match self {
-            ApiError::Transport(_) | ApiError::NotAccepted(_) => true,
+            ApiError::Transport(_) | ApiError::Tls(_) | ApiError::NotAccepted(_) => true,
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
             ApiError::Conflict(_) | ApiError::Malformed(_) => false,
         }
@@ -62,7 +69,13 @@ impl ApiError {
 }
 
 fn transport(e: reqwest::Error) -> ApiError {
-    ApiError::Transport(crate::cmd::chain(&e))
+    let chain = crate::cmd::chain(&e);
+    // rustls's verdict, as the error chain words it ("invalid peer certificate:
+    // UnknownIssuer", "... NotValidForName", "... Expired").
+    match chain.find("invalid peer certificate") {
+        Some(at) => ApiError::Tls(chain[at..].to_owned()),
+        None => ApiError::Transport(chain),
+    }
 }
 
 /// The error of a non-success response.
@@ -92,6 +105,10 @@ pub struct NextDeployment {
     pub name: String,
     /// The release.
     pub release: ReleaseRef,
+    /// A static host serving the server's chunk store (see
+    /// [`shoal_node::chunk_url`]), to fetch chunks from instead of the server.
+    #[serde(default)]
+    pub chunk_base_url: Option<String>,
 }
 
 /// The release of a [`NextDeployment`].
@@ -163,6 +180,12 @@ impl Api {
             identity: server.identity.clone(),
             token: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// The HTTP client (its connection pool, timeouts and trusted CAs), for
+    /// requests to other hosts the server names (a static chunk host).
+    pub fn client(&self) -> &Client {
+        &self.http
     }
 
     /// This device's id on the server (its key's id, hex).

@@ -5,6 +5,15 @@
 //! handed to the driver at once ([`Requests::wait`]) as a verified proof (decoded and
 //! hashed here; the engine never takes unverified bytes).
 //!
+//! When the server hands out a static chunk base URL ([`StaticBase`]: nginx, S3,
+//! a CDN serving its chunk store), each batch is instead a series of plain `GET`s
+//! of `BASE/chunks/<2 hex>/<64 hex>` on one kept-alive connection per worker (so
+//! as many in parallel as the engine's source limits allow requests), and zstd
+//! dictionaries come from `BASE/dictionaries/<8 hex>`; the server streams no chunk
+//! bytes. A chunk the static host does not have (404 or 410: a CDN not yet
+//! filled) is asked of the server in one batch at the end of its request. Every
+//! chunk is verified by the engine whatever its source.
+//!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,6 +30,7 @@ use tracing::{debug, warn};
 
 use super::api::{Api, ApiError, error_of};
 use crate::device::{Answer, Requests};
+use shoal_node::chunk_url::StaticBase;
 #[cfg(test)]
 use shoal_node::wire::BatchError;
 use shoal_node::wire::BatchReader;
@@ -38,6 +48,10 @@ struct Shared {
     dictionaries: Mutex<HashMap<u32, Arc<shoal_artifact::chunk::Dictionary>>>,
     cancelled: Mutex<HashSet<RequestId>>,
     bytes: AtomicU64,
+    /// The static chunk host, if the server named one.
+    static_base: Option<StaticBase>,
+    /// Bytes of chunks and dictionaries read from the static host.
+    static_bytes: AtomicU64,
     aborted: AtomicBool,
 }
 
@@ -80,18 +94,25 @@ impl Watch {
     pub fn bytes(&self) -> u64 {
         self.0.bytes.load(Ordering::Relaxed)
     }
+
+    /// Bytes of chunks (and dictionaries) read from the static chunk host.
+    pub fn static_bytes(&self) -> u64 {
+        self.0.static_bytes.load(Ordering::Relaxed)
+    }
 }
 
 impl HttpRequests {
     /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
     /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
     /// abort is noticed even while every chunk request is already in flight).
+    /// With `static_base`, chunks come from that static host (see the module doc).
     pub fn start(
         api: Api,
         deployment: &str,
         refs: BTreeMap<ChunkId, ChunkRef>,
         workers: u32,
         heartbeat: Duration,
+        static_base: Option<StaticBase>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
@@ -100,6 +121,8 @@ impl HttpRequests {
             dictionaries: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashSet::new()),
             bytes: AtomicU64::new(0),
+            static_base,
+            static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
         });
         let (stop_tx, stop_rx) = channel::<()>();
@@ -139,7 +162,11 @@ impl HttpRequests {
                         if cancelled(&shared, job.request) {
                             continue;
                         }
-                        fetch(&shared, job, &|a| answer_tx.send(vec![a]).is_ok());
+                        let deliver = |a| answer_tx.send(vec![a]).is_ok();
+                        match &shared.static_base {
+                            Some(base) => fetch_static(&shared, base, job, &deliver),
+                            None => fetch(&shared, job, &deliver),
+                        }
                     }
                 })
             })
@@ -197,7 +224,7 @@ impl Requests for HttpRequests {
     }
 
     fn bytes_read(&self) -> u64 {
-        self.shared.bytes.load(Ordering::Relaxed)
+        self.shared.bytes.load(Ordering::Relaxed) + self.shared.static_bytes.load(Ordering::Relaxed)
     }
 
     fn stop_reason(&self) -> Option<String> {
@@ -295,6 +322,130 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
     debug!(request = %job.request, chunks = sent, "chunk batch");
 }
 
+/// Runs one request against the static chunk host: a `GET` per chunk, each
+/// handed over as soon as it is read; the chunks the host lacks are asked of the
+/// server at the end, in one batch.
+fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(Answer) -> bool) {
+    let request = job.request;
+    let failed = |failure| {
+        deliver(Answer::Failed { request, failure });
+    };
+    let mut missing = Vec::new();
+    let mut sent = 0usize;
+    for id in job.ids {
+        if cancelled(shared, request) {
+            return;
+        }
+        let Some(chunk) = shared.refs.get(&id) else {
+            if !deliver(Answer::Unavailable(id)) {
+                return;
+            }
+            continue;
+        };
+        let url = base.chunk(&id);
+        let resp = match shared.api.client().get(&url).send() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(%request, %url, error = %crate::cmd::chain(&e), "static chunk request failed");
+                return failed(FetchFailure::RetryLater);
+            }
+        };
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            missing.push(id);
+            continue;
+        }
+        if !status.is_success() {
+            warn!(%request, %url, %status, "static chunk host refused a chunk");
+            return failed(
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    FetchFailure::RetryLater
+                } else {
+                    FetchFailure::DropSource
+                },
+            );
+        }
+        let max = shoal_artifact::manifest::stored_size_max(chunk.size).min(STORED_MAX);
+        let stored = match read_counted(resp, u64::from(max), &shared.static_bytes) {
+            Ok(b) => b,
+            Err(StaticRead::TooLarge) => {
+                warn!(%request, %url, max, "static chunk is larger than the chunk can be stored");
+                return failed(FetchFailure::DropSource);
+            }
+            Err(StaticRead::Io(e)) => {
+                warn!(%request, %url, error = %e, "reading a static chunk failed");
+                return failed(FetchFailure::RetryLater);
+            }
+        };
+        let answer = match decode(shared, &stored, chunk) {
+            Ok(chunk) => Answer::Chunk(chunk),
+            Err(Undecoded::Dictionary(e)) => {
+                // Not the chunk's fault: the request fails like a cut one; the chunks
+                // delivered so far stay.
+                warn!(%request, %id, error = %e, chunks = sent, "cannot get the chunk's dictionary");
+                return failed(if e.is_transient() {
+                    FetchFailure::RetryLater
+                } else {
+                    FetchFailure::DropSource
+                });
+            }
+            Err(Undecoded::Corrupt(message)) => {
+                // The engine bans the source.
+                warn!(%id, %message, "chunk from the static host does not decode");
+                Answer::Corrupt(id)
+            }
+        };
+        sent += 1;
+        if !deliver(answer) {
+            return;
+        }
+    }
+    debug!(%request, chunks = sent, missing = missing.len(), "static chunk requests");
+    if !missing.is_empty() && !cancelled(shared, request) {
+        warn!(%request, chunks = missing.len(), "the static chunk host lacks chunks; asking the server");
+        fetch(
+            shared,
+            Job {
+                request,
+                ids: missing,
+            },
+            deliver,
+        );
+    }
+}
+
+/// The largest stored chunk read from a static host.
+const STORED_MAX: u32 = shoal_node::wire::STORED_CHUNK_MAX;
+
+/// Why a static body was not read.
+enum StaticRead {
+    /// Longer than allowed.
+    TooLarge,
+    /// The connection failed or timed out.
+    Io(std::io::Error),
+}
+
+/// Reads a body of at most `max` bytes, counting them.
+fn read_counted(
+    resp: reqwest::blocking::Response,
+    max: u64,
+    counter: &AtomicU64,
+) -> Result<Vec<u8>, StaticRead> {
+    use std::io::Read;
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(StaticRead::TooLarge);
+    }
+    let mut buf = Vec::new();
+    CountingRead(resp, counter)
+        .take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(StaticRead::Io)?;
+    if buf.len() as u64 > max {
+        return Err(StaticRead::TooLarge);
+    }
+    Ok(buf)
+}
+
 fn cancelled(shared: &Shared, request: RequestId) -> bool {
     shared
         .cancelled
@@ -340,10 +491,11 @@ fn decode(
             match cached {
                 Some(d) => Some(d),
                 None => {
-                    let bytes = shared
-                        .api
-                        .dictionary(zstd_id)
-                        .map_err(Undecoded::Dictionary)?;
+                    let bytes = match &shared.static_base {
+                        Some(base) => static_dictionary(shared, base, zstd_id),
+                        None => shared.api.dictionary(zstd_id),
+                    }
+                    .map_err(Undecoded::Dictionary)?;
                     let dict = Arc::new(
                         shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
                             Undecoded::Dictionary(ApiError::Malformed(format!(
@@ -361,6 +513,34 @@ fn decode(
     };
     shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
         .map_err(|e: ChunkError| Undecoded::Corrupt(e.to_string()))
+}
+
+/// A zstd dictionary from the static chunk host.
+fn static_dictionary(
+    shared: &Shared,
+    base: &StaticBase,
+    zstd_id: u32,
+) -> Result<Vec<u8>, ApiError> {
+    let url = base.dictionary(zstd_id);
+    let resp = shared
+        .api
+        .client()
+        .get(&url)
+        .send()
+        .map_err(|e| ApiError::Transport(format!("{url}: {}", crate::cmd::chain(&e))))?;
+    if !resp.status().is_success() {
+        return Err(ApiError::Status {
+            status: resp.status().as_u16(),
+            message: format!("{url}: the static chunk host refused the dictionary"),
+        });
+    }
+    read_counted(resp, super::api::DICTIONARY_MAX, &shared.static_bytes).map_err(|e| match e {
+        StaticRead::TooLarge => ApiError::Malformed(format!(
+            "{url}: larger than {} bytes",
+            super::api::DICTIONARY_MAX
+        )),
+        StaticRead::Io(e) => ApiError::Transport(format!("{url}: {e}")),
+    })
 }
 
 #[cfg(test)]

@@ -518,12 +518,22 @@ impl Daemon {
             .map(|c| (c.id, c))
             .collect();
         let limits = SourceLimits::for_class(SourceClass::Wan);
+        // A static chunk host the server names; one that does not parse is not
+        // used (the server's own batches still work).
+        let static_base = dep.chunk_base_url.as_deref().and_then(|u| {
+            shoal_node::chunk_url::StaticBase::parse(u)
+                .inspect_err(
+                    |e| warn!(deployment = %dep.id, error = %e, "ignoring the chunk base URL"),
+                )
+                .ok()
+        });
         let requests = fetch::HttpRequests::start(
             self.api.clone(),
             &dep.id,
             refs,
             limits.requests_max,
             self.poll_interval().min(Duration::from_secs(30)),
+            static_base,
         );
         let watch = requests.watch();
         // LAN hook: peers that run or install this release become sources; what
@@ -618,6 +628,7 @@ impl Daemon {
                     reused = report.reused_bytes,
                     transferred = watch.bytes(),
                     from_peers = peer_bytes.map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)),
+                    transferred_static = watch.static_bytes(),
                     "installed; trial armed"
                 );
                 if self.report(dep, "installing", None)? {

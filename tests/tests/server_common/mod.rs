@@ -156,12 +156,28 @@ pub struct Server {
     child: Child,
     pub url: String,
     pub data: PathBuf,
+    /// Everything the server wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The CA certificate `shoal admin` must trust (an https server).
+    pub ca: Option<PathBuf>,
 }
 
 impl Server {
     /// Starts `shoal server` on a free loopback port with `data` and `db`.
     pub fn start(setup: &Setup, data: &Path, db: &Db, extra: &[&str]) -> Server {
+        Server::start_with_env(setup, data, db, extra, &[])
+    }
+
+    /// [`Server::start`] with more environment variables.
+    pub fn start_with_env(
+        setup: &Setup,
+        data: &Path,
+        db: &Db,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut cmd = shoal();
+        cmd.envs(env.iter().copied());
         cmd.arg("server")
             .arg("--data")
             .arg(data)
@@ -179,9 +195,15 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn shoal server");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let keep = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = keep.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if !sent && let Some(rest) = line.split("listening on ").nth(1) {
                     let _ = tx.send(Ok(rest.trim().to_owned()));
                     sent = true;
@@ -200,6 +222,8 @@ impl Server {
                         child,
                         url,
                         data: data.to_path_buf(),
+                        log,
+                        ca: None,
                     };
                 }
                 Ok(Err(_)) => continue,
@@ -209,6 +233,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// Stops the server (SIGKILL) and waits for it.
@@ -237,12 +266,13 @@ pub fn host_token(data: &Path, db: &Db, role: &str) -> String {
 
 /// Runs `shoal admin ARGS` against `server` with `token`.
 pub fn admin(server: &Server, token: &str, args: &[&str]) -> Output {
-    shoal()
-        .arg("admin")
-        .args(["--server", &server.url, "--token", token])
-        .args(args)
-        .output()
-        .expect("run shoal admin")
+    let mut cmd = shoal();
+    cmd.arg("admin")
+        .args(["--server", &server.url, "--token", token]);
+    if let Some(ca) = &server.ca {
+        cmd.arg("--ca-cert").arg(ca);
+    }
+    cmd.args(args).output().expect("run shoal admin")
 }
 
 /// `shoal admin --json ARGS`, which must succeed, parsed.

@@ -3,6 +3,17 @@
 //! with an automatic halt by a `shoal_fleet` rollout (its policy given at creation;
 //! default: everyone at once), with each device's state, logs, abort, retry of
 //! failed devices, pause, resume and opening the next phase by hand.
+//!
+//! A deployment to a dynamic group (or a filter) is **frozen at creation**: the
+//! accepted devices that match then are its devices; one that matches later does
+//! not join it, one that stops matching stays in. This is hawkBit's rollout
+//! semantics (its groups are computed when the rollout is created): a phase "10%"
+//! and a halt at "5% failures" need a fixed denominator, and an operator reading
+//! "900 of 1,000 succeeded" must not see the 1,000 move. Mender's open-ended
+//! dynamic-group deployments (devices joining later get the update too) are a
+//! different tool, continuous delivery; for that, create a new deployment to the
+//! group when devices have joined (those who already run the release report
+//! already-installed).
 
 use std::collections::BTreeMap;
 

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_artifact::manifest::ChunkId;
 use shoal_signing::PublicKey;
@@ -45,6 +45,10 @@ pub const IDENTITY_ATTRIBUTES_MAX: usize = 32;
 pub const CHUNK_BATCH_IDS_MAX: usize = 4096;
 /// The most stored bytes one batch may ask for.
 pub const CHUNK_BATCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// How stale a device's `last_seen_ms` may get before a poll writes it again.
+pub const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
+/// Chunk store requests one chunk batch has in flight at once.
+const STORE_REQUESTS_MAX: usize = 8;
 /// The most inventory attributes a device may have.
 pub const INVENTORY_ATTRIBUTES_MAX: usize = 256;
 /// The longest inventory or identity value, in bytes.
@@ -327,11 +331,19 @@ pub async fn next(ctx: axum::extract::State<Ctx>, auth: DeviceAuth) -> ApiResult
     .bind(&auth.device_id)
     .fetch_all(&ctx.db)
     .await?;
-    sqlx::query("UPDATE devices SET last_seen_ms = $2 WHERE id = $1")
-        .bind(&auth.device_id)
-        .bind(now_ms())
-        .execute(&ctx.db)
-        .await?;
+    // Written at most once per LAST_SEEN_RESOLUTION_MS: a poll that finds it fresh
+    // matches no row and writes nothing (on PostgreSQL a write per poll is a WAL
+    // flush per poll, which capped a 10,000-device fleet's poll rate).
+    let now = now_ms();
+    sqlx::query(
+        "UPDATE devices SET last_seen_ms = $2 WHERE id = $1 \
+         AND (last_seen_ms IS NULL OR last_seen_ms < $3)",
+    )
+    .bind(&auth.device_id)
+    .bind(now)
+    .bind(now - LAST_SEEN_RESOLUTION_MS)
+    .execute(&ctx.db)
+    .await?;
     for row in &rows {
         let text: String = row.try_get("rollout")?;
         let rollout = rollouts::parse(&text)?;
@@ -472,38 +484,46 @@ pub async fn chunks(
         wanted.push(cid);
     }
     // The store keeps the first stored form it got of a chunk, which may differ in
-    // size from the one this release's artifact had: measure the files.
-    let store = ctx.store.clone();
-    let sized = tokio::task::spawn_blocking(move || {
-        wanted
-            .into_iter()
-            .map(|cid| {
-                let path = store.chunk_file(&cid);
-                let len = std::fs::metadata(&path)
-                    .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?
-                    .len();
+    // size from the one this release's artifact had: measure the stored objects.
+    let sized: Vec<(ChunkId, u32)> = futures_util::stream::iter(wanted)
+        .map(|cid| {
+            let store = ctx.store.clone();
+            async move {
+                let len = store
+                    .chunk_size(&cid)
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("chunk {cid}: {e}")))?
+                    .ok_or_else(|| {
+                        ApiError::Internal(format!("chunk {cid} is missing from the store"))
+                    })?;
                 let len = u32::try_from(len)
-                    .map_err(|_| ApiError::Internal(format!("{} is too large", path.display())))?;
-                Ok((cid, len))
-            })
-            .collect::<ApiResult<Vec<_>>>()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+                    .map_err(|_| ApiError::Internal(format!("chunk {cid} is too large")))?;
+                Ok::<_, ApiError>((cid, len))
+            }
+        })
+        .buffered(STORE_REQUESTS_MAX)
+        .try_collect()
+        .await?;
     let total: u64 = sized.iter().map(|(_, len)| 36 + u64::from(*len)).sum();
     if total > CHUNK_BATCH_BYTES_MAX {
         return Err(ApiError::TooLarge(format!(
             "the batch is {total} bytes; at most {CHUNK_BATCH_BYTES_MAX} per request"
         )));
     }
+    // Operators (and the static-host test) read what the server itself streams.
+    tracing::info!(device = %auth.device_id, deployment = %id, chunks = sized.len(), bytes = total, "chunk batch served");
     let store = ctx.store.clone();
-    let stream = futures_util::stream::iter(sized).then(move |(cid, stored)| {
-        let path = store.chunk_file(&cid);
+    let stream = futures_util::stream::iter(sized).map(move |(cid, stored)| {
+        let store = store.clone();
         async move {
-            let data = tokio::fs::read(&path).await?;
+            let data = store
+                .chunk(&cid)
+                .await
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| std::io::Error::other(format!("chunk {cid} vanished while served")))?;
             if data.len() != stored as usize {
-                tracing::error!(path = %path.display(), expected = stored, actual = data.len(), "chunk file changed size while served");
-                return Err(std::io::Error::other("chunk file changed size"));
+                tracing::error!(chunk = %cid, expected = stored, actual = data.len(), "chunk changed size while served");
+                return Err(std::io::Error::other("chunk changed size"));
             }
             let mut frame = Vec::with_capacity(36 + data.len());
             frame.extend_from_slice(cid.as_bytes());
@@ -511,7 +531,10 @@ pub async fn chunks(
             frame.extend_from_slice(&data);
             Ok::<_, std::io::Error>(Bytes::from(frame))
         }
-    });
+    })
+    // Reads ahead a few chunks (an object store answers each after a round trip);
+    // frames still go out in the order asked.
+    .buffered(STORE_REQUESTS_MAX);
     Ok((
         [
             (
@@ -678,15 +701,12 @@ pub async fn dictionary(
     check_hex_id(&zstd_id, 8, "dictionary")?;
     let n =
         u32::from_str_radix(&zstd_id, 16).map_err(|_| ApiError::not_found("no such dictionary"))?;
-    let path = ctx.store.dictionary_file(n);
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
+    match ctx.store.dictionary(n).await {
+        Ok(Some(bytes)) => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ApiError::not_found("no such dictionary"))
-        }
-        Err(e) => Err(ApiError::Internal(format!("{}: {e}", path.display()))),
+        Ok(None) => Err(ApiError::not_found("no such dictionary")),
+        Err(e) => Err(ApiError::Internal(format!("dictionary {zstd_id}: {e}"))),
     }
 }
 

@@ -15,13 +15,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde::Serialize;
-use shoal_artifact::StoreError;
 use sqlx::Row;
 
 use super::error::{ApiError, ApiResult};
 use super::extractor::{ApiAuth, ApiPath, Role};
 use super::{audit, check_hex_id};
 use crate::Ctx;
+use crate::chunks::AddError;
 use crate::db::now_ms;
 
 /// A release.
@@ -137,7 +137,7 @@ pub async fn upload(
     let added = tokio::task::spawn_blocking(move || {
         let sync = tokio_util::io::SyncIoBridge::new(reader);
         let mut src = std::io::BufReader::with_capacity(256 * 1024, sync);
-        let result = c.store.add_artifact(&mut src, &c.root, now_s);
+        let result = c.store.add_artifact_blocking(&mut src, &c.root, now_s);
         if result.is_err() {
             // Read the rest (bounded by the upload limit) so the client, still
             // sending, gets the answer instead of a reset connection.
@@ -155,7 +155,7 @@ pub async fn upload(
                 "the artifact is larger than the upload limit of {max} bytes"
             )));
         }
-        Err(e @ StoreError::Io { .. }) => return Err(ApiError::Internal(e.to_string())),
+        Err(e @ AddError::Storage(_)) => return Err(ApiError::Internal(e.to_string())),
         Err(e) => {
             tracing::warn!(error = %e, "artifact upload refused");
             return Err(ApiError::Unprocessable(format!("artifact refused: {e}")));
@@ -173,9 +173,11 @@ pub async fn upload(
         if existing == id {
             return Ok((StatusCode::OK, axum::Json(get_one(&ctx, &id).await?)));
         }
-        // Not listed: take the manifest file back out (its chunks stay, shared or
-        // not, until a deletion collects them).
-        let _ = std::fs::remove_file(&report.manifest_path);
+        // Not listed: take the manifest back out (its chunks stay, shared or not,
+        // until a deletion collects them).
+        let c = ctx.clone();
+        let hash = m.hash();
+        let _ = tokio::task::spawn_blocking(move || c.store.remove_manifest_blocking(&hash)).await;
         return Err(ApiError::conflict(format!(
             "release {} {} already exists with other content ({existing})",
             m.name, m.version
@@ -279,16 +281,18 @@ pub async fn delete(
                 .map_err(|e| ApiError::Internal(format!("loading release {o}: {e}")))?;
             keep.extend(r.chunks.keys().copied());
         }
-        let mut removed = 0;
-        for cid in gone.chunks.keys().filter(|k| !keep.contains(*k)) {
-            if std::fs::remove_file(c.store.chunk_file(cid)).is_ok() {
-                removed += 1;
-            }
-        }
         let hash: shoal_artifact::manifest::ChunkId = id
             .parse()
             .map_err(|_| ApiError::Internal("release id".into()))?;
-        let _ = std::fs::remove_file(c.store.manifest_file(&hash.0));
+        // The manifest first: a release is never listed in the store without all
+        // its chunks.
+        c.store
+            .remove_manifest_blocking(&hash.0)
+            .map_err(|e| ApiError::Internal(format!("removing the manifest: {e}")))?;
+        let removed = c
+            .store
+            .remove_chunks_blocking(gone.chunks.keys().filter(|k| !keep.contains(*k)))
+            .map_err(|e| ApiError::Internal(format!("removing chunks: {e}")))?;
         c.releases.forget(&id);
         Ok(removed)
     })
