@@ -23,6 +23,9 @@ use std::collections::VecDeque;
 
 use std::sync::Arc;
 
+/// Syncs asked for at once that the engine keeps room for from the start.
+pub(crate) const SYNCS_ROOM: usize = 8;
+
 use shoal_artifact::{ChunkId, VerifiedChunk};
 use tracing::{debug, info, warn};
 
@@ -264,8 +267,8 @@ pub(crate) struct Job {
     pub(crate) requests: Vec<Option<Request>>,
     free: Vec<u32>,
     generation: u32,
-    /// Positions written since the last journal commit, and their bytes.
-    batch: Vec<u32>,
+    /// Bytes of the positions written since the last journal commit (the
+    /// positions are the engine's: they outlive a job that fails).
     batch_bytes: u64,
     /// Chunks still to probe ([`Step::Probing`]), probes in flight, and entries
     /// found absent.
@@ -288,6 +291,9 @@ pub(crate) struct Job {
     wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
     spare_entries: Vec<Vec<u32>>,
+    /// The end game's list of sources that may take over a request (kept, with
+    /// room for every source, so that it allocates nothing).
+    takers: Vec<usize>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
     pub(crate) writing_bytes: u64,
     /// The WAN rate cap.
@@ -331,7 +337,6 @@ impl Job {
             requests: Vec::new(),
             free: Vec::new(),
             generation: 0,
-            batch: Vec::new(),
             batch_bytes: 0,
             probes: VecDeque::new(),
             probes_in_flight: 0,
@@ -342,6 +347,7 @@ impl Job {
             lan: None,
             wan_asked,
             spare_entries: Vec::new(),
+            takers: Vec::new(),
             wire_max: (0..n)
                 .map(|e| u64::from(table.wire_size(e)))
                 .max()
@@ -433,7 +439,6 @@ impl Job {
             + self.done.heap_bytes()
             + self.journaled.heap_bytes()
             + self.probes.capacity() * 4
-            + self.batch.capacity() * 4
             + self.requests.capacity() * std::mem::size_of::<Option<Request>>()
             + self
                 .requests
@@ -482,6 +487,7 @@ impl Job {
     pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
         let state = SourceState::new(info, &self.rel.table, ms(rto_initial));
         self.sources.push(state);
+        self.takers.reserve(self.sources.len());
     }
 
     /// Adds to what source `i` says it holds; returns the entries it did not hold.
@@ -1053,20 +1059,28 @@ impl Engine {
     /// When nothing is left to hand out, an idle source takes over the chunks of a
     /// request that has waited elsewhere longer than its own timeout.
     fn end_game(&mut self, now: Instant) {
-        let Some(job) = self.job.as_ref() else { return };
+        let Some(job) = self.job.as_mut() else { return };
         if job.need.queued_fetches() > 0 || job.step != Step::Fetching {
             return;
         }
-        let takers: Vec<usize> = (0..job.sources.len())
-            .filter(|&i| {
-                let s = &job.sources[i];
-                s.is_requests()
-                    && s.failures == 0
-                    && !s.in_backoff(now)
-                    && s.requests.len() < s.requests_limit()
-            })
-            .collect();
-        for taker in takers {
+        let mut takers = std::mem::take(&mut job.takers);
+        takers.clear();
+        takers.extend((0..job.sources.len()).filter(|&i| {
+            let s = &job.sources[i];
+            s.is_requests()
+                && s.failures == 0
+                && !s.in_backoff(now)
+                && s.requests.len() < s.requests_limit()
+        }));
+        self.end_game_take(now, &takers);
+        if let Some(job) = self.job.as_mut() {
+            job.takers = takers;
+        }
+    }
+
+    /// [`Engine::end_game`] for the sources `takers`, in turn.
+    fn end_game_take(&mut self, now: Instant, takers: &[usize]) {
+        for &taker in takers {
             let Some(job) = self.job.as_ref() else { return };
             let t = &job.sources[taker];
             // The request waiting longest past the taker's timeout.
@@ -1310,16 +1324,27 @@ impl Engine {
     /// engine itself keeps "journal only after the sync".
     pub(crate) fn flush_batch(&mut self) {
         let Some(job) = self.job.as_mut() else { return };
-        if job.batch.is_empty() {
+        let open = self.unsynced.len() - self.flushed;
+        if open == 0 {
             return;
         }
-        // The next batch starts with room for as many positions as this one.
-        let room = job.batch.len();
-        let batch = std::mem::replace(&mut job.batch, Vec::with_capacity(room));
         let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
         self.outputs.push_back(Output::Sync { slot: target });
-        self.syncing.push_back((target, batch, bytes));
+        self.syncing.push_back((target, open, bytes));
+        self.flushed += open;
+    }
+
+    /// Positions a journal batch can hold: one batch's bytes of the smallest
+    /// chunks the release's chunking makes, and the chunk that crosses the limit
+    /// (at most every position of the payload).
+    pub(crate) fn batch_room(&self) -> usize {
+        let Some(job) = self.job.as_ref() else {
+            return 0;
+        };
+        let min = u64::from(job.rel.manifest.chunking.min_size.max(1));
+        let room = (self.config.journal_batch_bytes / min).saturating_add(1);
+        usize::try_from(room.min(u64::from(job.rel.table.positions()))).unwrap_or(usize::MAX)
     }
 
     /// A sync returned: the oldest batch synced before it is journaled; once every
@@ -1328,9 +1353,16 @@ impl Engine {
         if self.syncing.front().is_none_or(|(s, _, _)| *s != slot) {
             return;
         }
-        let Some((_, batch, bytes)) = self.syncing.pop_front() else {
+        let Some((_, count, bytes)) = self.syncing.pop_front() else {
             return;
         };
+        let count = count.min(self.flushed);
+        let batch: Vec<u32> = self.unsynced.drain(..count).collect();
+        self.flushed -= count;
+        // Room for the next two batches (and twice the syncs now asked for), taken
+        // here with the store transaction rather than while chunks arrive.
+        self.unsynced.reserve(2 * self.batch_room());
+        self.syncing.reserve(self.syncing.len().max(SYNCS_ROOM));
         let mut records = vec![Record::Done(batch)];
         match self.job.as_mut() {
             Some(job) => {
@@ -1505,22 +1537,29 @@ impl Engine {
         job.need.set(e, Need::Done);
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
-        let mut offsets: Option<Offsets> = None;
-        let mut bytes = 0u64;
+        let (mut first, mut positions, mut written) = (None, 0usize, 0usize);
         for p in job.rel.table.positions_of(e) {
+            positions += 1;
             if !job.done.get(p) {
                 job.done.set(p);
-                let offset = job.rel.table.offset_at(p);
-                match offsets.as_mut() {
-                    None => offsets = Some(Offsets::one(offset)),
-                    Some(o) => o.push(offset),
-                }
-                job.batch.push(p);
-                bytes += u64::from(size);
+                first.get_or_insert(job.rel.table.offset_at(p));
+                self.unsynced.push(p);
+                written += 1;
             }
         }
-        let Some(offsets) = offsets else {
+        let Some(first) = first else {
             return; // Every position was journaled (not reachable: the entry was needed).
+        };
+        let bytes = u64::from(size) * written as u64;
+        // Every position, as on a first run: the table's shared list of repeats;
+        // some written in an earlier run: the others, listed.
+        let offsets = match job.rel.table.repeat_offsets(e) {
+            None => Offsets::one(first),
+            Some(more) if written == positions => Offsets::shared(first, Arc::clone(more)),
+            Some(_) => {
+                let new = &self.unsynced[self.unsynced.len() - written + 1..];
+                Offsets::listed(first, new.iter().map(|&p| job.rel.table.offset_at(p)).collect())
+            }
         };
         job.batch_bytes += bytes;
         self.progress.written_bytes += bytes;

@@ -2,6 +2,8 @@
 //! order of first appearance) and its positions (the manifest's chunk list, where an
 //! entry may appear several times), in dense arrays.
 
+use std::sync::Arc;
+
 use shoal_artifact::{ChunkId, Payload};
 
 /// No next position.
@@ -26,6 +28,9 @@ pub(crate) struct ChunkTable {
     offsets: Vec<u64>,
     /// `(id, entry)` sorted by id, for lookups.
     by_id: Vec<(ChunkId, u32)>,
+    /// `(entry, offsets of its positions after the first)` for each entry with
+    /// several positions, sorted by entry: shared with each write of it.
+    repeats: Vec<(u32, Arc<[u64]>)>,
 }
 
 impl ChunkTable {
@@ -46,6 +51,7 @@ impl ChunkTable {
             next: vec![NONE; n],
             offsets: Vec::with_capacity(n),
             by_id: Vec::new(),
+            repeats: Vec::new(),
         };
         // Entries in order of first appearance; the last position of each entry
         // so far, to link the next one.
@@ -87,7 +93,21 @@ impl ChunkTable {
         }
         by_id.sort_unstable();
         t.by_id = by_id;
+        for e in 0..t.entries() {
+            if t.next[t.first[e as usize] as usize] != NONE {
+                let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
+                t.repeats.push((e, more));
+            }
+        }
         t
+    }
+
+    /// The offsets of the entry's positions after the first, if it has several.
+    pub(crate) fn repeat_offsets(&self, e: u32) -> Option<&Arc<[u64]>> {
+        self.repeats
+            .binary_search_by_key(&e, |&(r, _)| r)
+            .ok()
+            .map(|k| &self.repeats[k].1)
     }
 
     /// Distinct chunks.
@@ -159,6 +179,8 @@ impl ChunkTable {
                 * 4
             + self.offsets.capacity() * 8
             + self.by_id.capacity() * 36
+            + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
+            + self.repeats.iter().map(|(_, r)| 16 + r.len() * 8).sum::<usize>()
     }
 }
 
