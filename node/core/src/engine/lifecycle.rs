@@ -223,7 +223,7 @@ impl Engine {
         self.job = Some(job);
         // Room for two journal batches and a few syncs, so that the first chunks
         // allocate nothing.
-        self.unsynced.reserve(2 * self.batch_room());
+        self.unsynced.reserve_exact(2 * self.batch_room());
         self.syncing.reserve(SYNCS_ROOM);
         if self.index.chunking() == Some(chunking) {
             self.plan(now);

@@ -549,11 +549,12 @@ pub struct Engine {
     timers: TimerTable,
     /// Journal batches whose [`Output::Sync`] was asked for, oldest first: the
     /// slot, how many positions (the first of [`Engine::unsynced`]), their bytes.
-    syncing: VecDeque<(Slot, usize, u64)>,
+    syncing: VecDeque<(Slot, usize, u64, std::sync::Arc<VerifiedRelease>)>,
     /// Positions written and not yet journaled, in order: those of the batches of
-    /// [`Engine::syncing`] (their first `flushed`), then the open batch. One
-    /// buffer, its room kept by the store transactions, so that a chunk's write
-    /// and a sync allocate nothing.
+    /// [`Engine::syncing`] (their first `flushed`), then the open batch; an entry
+    /// marked [`table::WHOLE_ENTRY`] stands for all its positions (a repeated
+    /// chunk written everywhere at once). One buffer, its room kept by the store
+    /// transactions, so that a chunk's write and a sync allocate nothing.
     unsynced: Vec<u32>,
     /// Positions of [`Engine::unsynced`] in the batches of [`Engine::syncing`].
     flushed: usize,

@@ -43,7 +43,7 @@ use crate::timer::Timer;
 pub(crate) use super::need::Need;
 use super::need::NeedTable;
 use super::release::VerifiedRelease;
-use super::table::ChunkTable;
+use super::table::{ChunkTable, WHOLE_ENTRY};
 use super::{Engine, Event, Offsets, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -990,7 +990,14 @@ impl Engine {
                     }
                     None => {
                         job.requests.push(Some(request));
-                        (job.requests.len() - 1) as u32
+                        // Room for every slot to be freed and its list kept, taken
+                        // now (a request is made) rather than when a chunk ends it.
+                        let n = job.requests.len();
+                        job.free.reserve_exact(n - job.free.len());
+                        let lists = n.min(SPARE_LISTS_MAX);
+                        job.spare_entries
+                            .reserve_exact(lists.saturating_sub(job.spare_entries.len()));
+                        (n - 1) as u32
                     }
                 };
                 // A source that was idle starts a new rate window.
@@ -1331,7 +1338,8 @@ impl Engine {
         let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
         self.outputs.push_back(Output::Sync { slot: target });
-        self.syncing.push_back((target, open, bytes));
+        let rel = Arc::clone(&job.rel);
+        self.syncing.push_back((target, open, bytes, rel));
         self.flushed += open;
     }
 
@@ -1350,18 +1358,27 @@ impl Engine {
     /// A sync returned: the oldest batch synced before it is journaled; once every
     /// chunk is written and journaled, the slot is verified.
     pub(crate) fn on_synced(&mut self, slot: Slot) {
-        if self.syncing.front().is_none_or(|(s, _, _)| *s != slot) {
+        if self.syncing.front().is_none_or(|(s, ..)| *s != slot) {
             return;
         }
-        let Some((_, count, bytes)) = self.syncing.pop_front() else {
+        let Some((_, count, bytes, rel)) = self.syncing.pop_front() else {
             return;
         };
         let count = count.min(self.flushed);
-        let batch: Vec<u32> = self.unsynced.drain(..count).collect();
+        let mut batch: Vec<u32> = Vec::with_capacity(count);
+        for v in self.unsynced.drain(..count) {
+            if v & WHOLE_ENTRY == 0 {
+                batch.push(v);
+            } else {
+                batch.extend(rel.table.positions_of(v & !WHOLE_ENTRY));
+            }
+        }
         self.flushed -= count;
         // Room for the next two batches (and twice the syncs now asked for), taken
         // here with the store transaction rather than while chunks arrive.
-        self.unsynced.reserve(2 * self.batch_room());
+        let room = self.unsynced.len() + 2 * self.batch_room();
+        self.unsynced
+            .reserve_exact(room.saturating_sub(self.unsynced.len()));
         self.syncing.reserve(self.syncing.len().max(SYNCS_ROOM));
         let mut records = vec![Record::Done(batch)];
         match self.job.as_mut() {
@@ -1537,30 +1554,41 @@ impl Engine {
         job.need.set(e, Need::Done);
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
-        let (mut first, mut positions, mut written) = (None, 0usize, 0usize);
-        for p in job.rel.table.positions_of(e) {
-            positions += 1;
-            if !job.done.get(p) {
+        let table = &job.rel.table;
+        let repeats = table.repeat_offsets(e);
+        let offsets = if let Some(more) =
+            repeats.filter(|_| table.positions_of(e).all(|p| !job.done.get(p)))
+        {
+            // Every position of a repeated chunk, as on a first run: the table's
+            // shared list of its offsets, and the entry marked whole in the batch
+            // (one place for any number of positions).
+            for p in table.positions_of(e) {
                 job.done.set(p);
-                first.get_or_insert(job.rel.table.offset_at(p));
-                self.unsynced.push(p);
-                written += 1;
             }
-        }
-        let Some(first) = first else {
-            return; // Every position was journaled (not reachable: the entry was needed).
-        };
-        let bytes = u64::from(size) * written as u64;
-        // Every position, as on a first run: the table's shared list of repeats;
-        // some written in an earlier run: the others, listed.
-        let offsets = match job.rel.table.repeat_offsets(e) {
-            None => Offsets::one(first),
-            Some(more) if written == positions => Offsets::shared(first, Arc::clone(more)),
-            Some(_) => {
-                let new = &self.unsynced[self.unsynced.len() - written + 1..];
-                Offsets::listed(first, new.iter().map(|&p| job.rel.table.offset_at(p)).collect())
+            self.unsynced.push(e | WHOLE_ENTRY);
+            Offsets::shared(table.first_offset(e), Arc::clone(more))
+        } else {
+            // A single position, or the positions of a repeated chunk not written
+            // in an earlier run: listed.
+            let mark = self.unsynced.len();
+            for p in table.positions_of(e) {
+                if !job.done.get(p) {
+                    job.done.set(p);
+                    self.unsynced.push(p);
+                }
+            }
+            let Some(&p) = self.unsynced.get(mark) else {
+                return; // Every position was journaled (not reachable: the entry was needed).
+            };
+            let more = &self.unsynced[mark + 1..];
+            if more.is_empty() {
+                Offsets::one(table.offset_at(p))
+            } else {
+                let more = more.iter().map(|&p| table.offset_at(p)).collect();
+                Offsets::listed(table.offset_at(p), more)
             }
         };
+        let bytes = u64::from(size) * offsets.len() as u64;
         job.batch_bytes += bytes;
         self.progress.written_bytes += bytes;
         match source {

@@ -9,6 +9,10 @@ use shoal_artifact::{ChunkId, Payload};
 /// No next position.
 const NONE: u32 = u32::MAX;
 
+/// Marks, in a list of positions, an entry standing for every position it has
+/// (positions are below it).
+pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
+
 /// See the module documentation.
 #[derive(Debug)]
 pub(crate) struct ChunkTable {
@@ -38,8 +42,8 @@ impl ChunkTable {
     pub(crate) fn new(payload: &Payload) -> ChunkTable {
         let n = payload.chunks.len();
         assert!(
-            u32::try_from(n).is_ok_and(|n| n < NONE),
-            "chunk count fits u32"
+            u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
+            "chunk count fits 31 bits"
         );
         let mut by_id: Vec<(ChunkId, u32)> = Vec::with_capacity(n);
         let mut t = ChunkTable {
@@ -222,5 +226,9 @@ mod tests {
             (t.entry_at(2), t.first_offset(2), t.wire_size(1)),
             (0, 40, 10)
         );
+        // The repeats after the first position, for the entries that repeat only.
+        assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
+        assert_eq!(t.repeat_offsets(1), None);
+        assert_eq!(t.repeat_offsets(2), None);
     }
 }
