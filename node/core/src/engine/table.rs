@@ -184,7 +184,11 @@ impl ChunkTable {
             + self.offsets.capacity() * 8
             + self.by_id.capacity() * 36
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
-            + self.repeats.iter().map(|(_, r)| 16 + r.len() * 8).sum::<usize>()
+            + self
+                .repeats
+                .iter()
+                .map(|(_, r)| 16 + r.len() * 8)
+                .sum::<usize>()
     }
 }
 
