@@ -532,8 +532,36 @@ fn a_new_release_during_a_trial_is_refused() {
 /// rerun completes; it rewrites nothing the journal recorded.
 #[test]
 fn power_cut_at_every_operation_keeps_a_bootable_verified_slot_and_resumes() {
-    let f = Fixture::new();
     let (v1, v2) = images();
+    power_cuts(&v1, &v2, 1, &[]);
+}
+
+/// [`power_cut_at_every_operation_keeps_a_bootable_verified_slot_and_resumes`]
+/// with a release whose zero-filled regions repeat one chunk 70 times (written
+/// everywhere at once and journaled as one entry), cut at every third operation.
+#[test]
+fn power_cuts_in_a_release_with_a_repeated_chunk_resume_it() {
+    let (v1, mut v2) = images();
+    v2[500_000..700_000].fill(0);
+    v2[800_000..900_000].fill(0);
+    let (m2, _) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let zero = ChunkId::from(blake3::hash(&[0u8; 4096]));
+    let zeros: Vec<u32> = (0u32..)
+        .zip(&m2.payloads[0].chunks)
+        .filter(|(_, c)| c.id == zero)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(zeros.len(), 70, "the zero chunk repeats");
+    power_cuts(&v1, &v2, 3, &zeros);
+}
+
+/// Installs `v2` over `v1` with a power cut at every `step`-th operation; each
+/// time the next boot holds a verified image, the journal holds all or none of
+/// the positions `together` (a repeated chunk's, written at once), and the rerun
+/// completes writing at most what the journal lacked.
+fn power_cuts(v1: &[u8], v2: &[u8], step: usize, together: &[u32]) {
+    let f = Fixture::new();
+    let (v1, v2) = (v1.to_vec(), v2.to_vec());
     let (base_dev, m1) = device_running_v1(&f, &v1);
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
     let r1 = release_of(&m1);
@@ -549,12 +577,21 @@ fn power_cut_at_every_operation_keeps_a_bootable_verified_slot_and_resumes() {
     }
     assert!(total_ops > 40, "enough operations to cut: {total_ops}");
 
-    for cut in 1..=total_ops {
+    for cut in (1..=total_ops).step_by(step) {
         let mut dev = clone_device(&base_dev, cut);
         let start = dev.ops;
         dev.crash_at = Some(start + cut);
         let crashed = run_to_commit(&f, &mut dev, &m2, &c2).is_err();
         assert!(crashed, "cut {cut} happened");
+        let journaled = together
+            .iter()
+            .filter(|p| dev.store.state.done.contains(p))
+            .count();
+        assert!(
+            journaled == 0 || journaled == together.len(),
+            "cut {cut}: the journal holds {journaled} of the {} positions of the repeated chunk",
+            together.len()
+        );
 
         // Safety: whatever boots next holds a complete, verified release.
         let next = dev.boot.next_boot();

@@ -15,7 +15,7 @@ use crate::state::{
 use crate::time::Instant;
 
 use super::release::VerifiedRelease;
-use super::scheduler::{Job, Step};
+use super::scheduler::{Job, SYNCS_ROOM, Step};
 use super::{Boot, Engine, Event, Offer, Output, Progress};
 use crate::source::SourceInfo;
 
@@ -218,7 +218,13 @@ impl Engine {
             !job.holds_all_known() || job.needed_entries().all(|e| job.someone_holds(e));
         // Syncs still owed for an earlier run belong to its journal, not this one.
         self.syncing.clear();
+        self.unsynced.clear();
+        self.flushed = 0;
         self.job = Some(job);
+        // Room for two journal batches and a few syncs, so that the first chunks
+        // allocate nothing.
+        self.unsynced.reserve_exact(2 * self.batch_room());
+        self.syncing.reserve(SYNCS_ROOM);
         if self.index.chunking() == Some(chunking) {
             self.plan(now);
         } else {

@@ -220,11 +220,22 @@ impl Input {
 }
 
 /// The offsets of an [`Output::Write`]: the chunk's first position in the payload
-/// and any repeats, without a heap allocation for the usual single position.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// and any repeats, without a heap allocation: a single position is held inline,
+/// and every position of a repeated chunk is the release's shared list.
+#[derive(Debug, Clone)]
 pub struct Offsets {
     first: u64,
-    more: Vec<u64>,
+    more: More,
+}
+
+/// The offsets after the first.
+#[derive(Debug, Clone)]
+enum More {
+    /// Listed here (empty for a single position; a list only when some positions
+    /// of a repeated chunk were written before, in an earlier run).
+    Owned(Vec<u64>),
+    /// Every repeat of the chunk: the release's chunk table's list.
+    Shared(std::sync::Arc<[u64]>),
 }
 
 impl Offsets {
@@ -232,17 +243,36 @@ impl Offsets {
     pub fn one(offset: u64) -> Offsets {
         Offsets {
             first: offset,
-            more: Vec::new(),
+            more: More::Owned(Vec::new()),
         }
     }
 
-    fn push(&mut self, offset: u64) {
-        self.more.push(offset);
+    /// `first` and the shared list of the repeats after it.
+    pub(crate) fn shared(first: u64, more: std::sync::Arc<[u64]>) -> Offsets {
+        Offsets {
+            first,
+            more: More::Shared(more),
+        }
+    }
+
+    /// `first` and the listed ones after it.
+    pub(crate) fn listed(first: u64, more: Vec<u64>) -> Offsets {
+        Offsets {
+            first,
+            more: More::Owned(more),
+        }
+    }
+
+    fn more(&self) -> &[u64] {
+        match &self.more {
+            More::Owned(v) => v,
+            More::Shared(s) => s,
+        }
     }
 
     /// How many.
     pub fn len(&self) -> usize {
-        1 + self.more.len()
+        1 + self.more().len()
     }
 
     /// Never empty.
@@ -252,17 +282,26 @@ impl Offsets {
 
     /// The offsets, in payload order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        std::iter::once(self.first).chain(self.more.iter().copied())
+        std::iter::once(self.first).chain(self.more().iter().copied())
     }
 
     /// The offsets as a vector.
     pub fn into_vec(self) -> Vec<u64> {
         let mut v = Vec::with_capacity(self.len());
         v.push(self.first);
-        v.extend(self.more);
+        v.extend_from_slice(self.more());
         v
     }
 }
+
+/// The same offsets, however held.
+impl PartialEq for Offsets {
+    fn eq(&self, other: &Offsets) -> bool {
+        self.first == other.first && self.more() == other.more()
+    }
+}
+
+impl Eq for Offsets {}
 
 /// Something the engine wants done. Carry them out in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,8 +548,16 @@ pub struct Engine {
     progress: Progress,
     timers: TimerTable,
     /// Journal batches whose [`Output::Sync`] was asked for, oldest first: the
-    /// slot, the positions, their bytes.
-    syncing: VecDeque<(Slot, Vec<u32>, u64)>,
+    /// slot, how many positions (the first of [`Engine::unsynced`]), their bytes.
+    syncing: VecDeque<(Slot, usize, u64, std::sync::Arc<VerifiedRelease>)>,
+    /// Positions written and not yet journaled, in order: those of the batches of
+    /// [`Engine::syncing`] (their first `flushed`), then the open batch; an entry
+    /// marked [`table::WHOLE_ENTRY`] stands for all its positions (a repeated
+    /// chunk written everywhere at once). One buffer, its room kept by the store
+    /// transactions, so that a chunk's write and a sync allocate nothing.
+    unsynced: Vec<u32>,
+    /// Positions of [`Engine::unsynced`] in the batches of [`Engine::syncing`].
+    flushed: usize,
     /// The release of the deployment offered to this engine (shared).
     release: Option<std::sync::Arc<VerifiedRelease>>,
     /// Bytes the journal holds while no install runs in this engine (cached for
@@ -532,6 +579,8 @@ impl Engine {
             progress: Progress::default(),
             timers: TimerTable::default(),
             syncing: VecDeque::new(),
+            unsynced: Vec::new(),
+            flushed: 0,
             release: None,
             journal_bytes: 0,
         };
@@ -824,7 +873,9 @@ impl Engine {
     /// Heap bytes of per-install state beyond the release (the chunk table and
     /// manifest, which a fleet shares): for the memory goal.
     pub fn install_state_bytes(&self) -> usize {
-        self.job.as_ref().map_or(0, Job::state_heap_bytes)
+        self.job.as_ref().map_or(0, |j| {
+            j.state_heap_bytes() + self.unsynced.capacity() * std::mem::size_of::<u32>()
+        })
     }
 
     /// Heap bytes of the release's chunk table.

@@ -23,6 +23,9 @@ use std::collections::VecDeque;
 
 use std::sync::Arc;
 
+/// Syncs asked for at once that the engine keeps room for from the start.
+pub(crate) const SYNCS_ROOM: usize = 8;
+
 use shoal_artifact::{ChunkId, VerifiedChunk};
 use tracing::{debug, info, warn};
 
@@ -40,7 +43,7 @@ use crate::timer::Timer;
 pub(crate) use super::need::Need;
 use super::need::NeedTable;
 use super::release::VerifiedRelease;
-use super::table::ChunkTable;
+use super::table::{ChunkTable, WHOLE_ENTRY};
 use super::{Engine, Event, Offsets, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,8 +267,8 @@ pub(crate) struct Job {
     pub(crate) requests: Vec<Option<Request>>,
     free: Vec<u32>,
     generation: u32,
-    /// Positions written since the last journal commit, and their bytes.
-    batch: Vec<u32>,
+    /// Bytes of the positions written since the last journal commit (the
+    /// positions are the engine's: they outlive a job that fails).
     batch_bytes: u64,
     /// Chunks still to probe ([`Step::Probing`]), probes in flight, and entries
     /// found absent.
@@ -288,6 +291,9 @@ pub(crate) struct Job {
     wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
     spare_entries: Vec<Vec<u32>>,
+    /// The end game's list of sources that may take over a request (kept, with
+    /// room for every source, so that it allocates nothing).
+    takers: Vec<usize>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
     pub(crate) writing_bytes: u64,
     /// The WAN rate cap.
@@ -331,7 +337,6 @@ impl Job {
             requests: Vec::new(),
             free: Vec::new(),
             generation: 0,
-            batch: Vec::new(),
             batch_bytes: 0,
             probes: VecDeque::new(),
             probes_in_flight: 0,
@@ -342,6 +347,7 @@ impl Job {
             lan: None,
             wan_asked,
             spare_entries: Vec::new(),
+            takers: Vec::new(),
             wire_max: (0..n)
                 .map(|e| u64::from(table.wire_size(e)))
                 .max()
@@ -433,7 +439,6 @@ impl Job {
             + self.done.heap_bytes()
             + self.journaled.heap_bytes()
             + self.probes.capacity() * 4
-            + self.batch.capacity() * 4
             + self.requests.capacity() * std::mem::size_of::<Option<Request>>()
             + self
                 .requests
@@ -482,6 +487,7 @@ impl Job {
     pub(crate) fn add(&mut self, info: SourceInfo, rto_initial: std::time::Duration) {
         let state = SourceState::new(info, &self.rel.table, ms(rto_initial));
         self.sources.push(state);
+        self.takers.reserve(self.sources.len());
     }
 
     /// Adds to what source `i` says it holds; returns the entries it did not hold.
@@ -984,7 +990,14 @@ impl Engine {
                     }
                     None => {
                         job.requests.push(Some(request));
-                        (job.requests.len() - 1) as u32
+                        // Room for every slot to be freed and its list kept, taken
+                        // now (a request is made) rather than when a chunk ends it.
+                        let n = job.requests.len();
+                        job.free.reserve_exact(n - job.free.len());
+                        let lists = n.min(SPARE_LISTS_MAX);
+                        job.spare_entries
+                            .reserve_exact(lists.saturating_sub(job.spare_entries.len()));
+                        (n - 1) as u32
                     }
                 };
                 // A source that was idle starts a new rate window.
@@ -1053,20 +1066,28 @@ impl Engine {
     /// When nothing is left to hand out, an idle source takes over the chunks of a
     /// request that has waited elsewhere longer than its own timeout.
     fn end_game(&mut self, now: Instant) {
-        let Some(job) = self.job.as_ref() else { return };
+        let Some(job) = self.job.as_mut() else { return };
         if job.need.queued_fetches() > 0 || job.step != Step::Fetching {
             return;
         }
-        let takers: Vec<usize> = (0..job.sources.len())
-            .filter(|&i| {
-                let s = &job.sources[i];
-                s.is_requests()
-                    && s.failures == 0
-                    && !s.in_backoff(now)
-                    && s.requests.len() < s.requests_limit()
-            })
-            .collect();
-        for taker in takers {
+        let mut takers = std::mem::take(&mut job.takers);
+        takers.clear();
+        takers.extend((0..job.sources.len()).filter(|&i| {
+            let s = &job.sources[i];
+            s.is_requests()
+                && s.failures == 0
+                && !s.in_backoff(now)
+                && s.requests.len() < s.requests_limit()
+        }));
+        self.end_game_take(now, &takers);
+        if let Some(job) = self.job.as_mut() {
+            job.takers = takers;
+        }
+    }
+
+    /// [`Engine::end_game`] for the sources `takers`, in turn.
+    fn end_game_take(&mut self, now: Instant, takers: &[usize]) {
+        for &taker in takers {
             let Some(job) = self.job.as_ref() else { return };
             let t = &job.sources[taker];
             // The request waiting longest past the taker's timeout.
@@ -1310,27 +1331,55 @@ impl Engine {
     /// engine itself keeps "journal only after the sync".
     pub(crate) fn flush_batch(&mut self) {
         let Some(job) = self.job.as_mut() else { return };
-        if job.batch.is_empty() {
+        let open = self.unsynced.len() - self.flushed;
+        if open == 0 {
             return;
         }
-        // The next batch starts with room for as many positions as this one.
-        let room = job.batch.len();
-        let batch = std::mem::replace(&mut job.batch, Vec::with_capacity(room));
         let bytes = std::mem::take(&mut job.batch_bytes);
         let target = job.target;
         self.outputs.push_back(Output::Sync { slot: target });
-        self.syncing.push_back((target, batch, bytes));
+        let rel = Arc::clone(&job.rel);
+        self.syncing.push_back((target, open, bytes, rel));
+        self.flushed += open;
+    }
+
+    /// Positions a journal batch can hold: one batch's bytes of the smallest
+    /// chunks the release's chunking makes, and the chunk that crosses the limit
+    /// (at most every position of the payload).
+    pub(crate) fn batch_room(&self) -> usize {
+        let Some(job) = self.job.as_ref() else {
+            return 0;
+        };
+        let min = u64::from(job.rel.manifest.chunking.min_size.max(1));
+        let room = (self.config.journal_batch_bytes / min).saturating_add(1);
+        usize::try_from(room.min(u64::from(job.rel.table.positions()))).unwrap_or(usize::MAX)
     }
 
     /// A sync returned: the oldest batch synced before it is journaled; once every
     /// chunk is written and journaled, the slot is verified.
     pub(crate) fn on_synced(&mut self, slot: Slot) {
-        if self.syncing.front().is_none_or(|(s, _, _)| *s != slot) {
+        if self.syncing.front().is_none_or(|(s, ..)| *s != slot) {
             return;
         }
-        let Some((_, batch, bytes)) = self.syncing.pop_front() else {
+        let Some((_, count, bytes, rel)) = self.syncing.pop_front() else {
             return;
         };
+        let count = count.min(self.flushed);
+        let mut batch: Vec<u32> = Vec::with_capacity(count);
+        for v in self.unsynced.drain(..count) {
+            if v & WHOLE_ENTRY == 0 {
+                batch.push(v);
+            } else {
+                batch.extend(rel.table.positions_of(v & !WHOLE_ENTRY));
+            }
+        }
+        self.flushed -= count;
+        // Room for the next two batches (and twice the syncs now asked for), taken
+        // here with the store transaction rather than while chunks arrive.
+        let room = self.unsynced.len() + 2 * self.batch_room();
+        self.unsynced
+            .reserve_exact(room.saturating_sub(self.unsynced.len()));
+        self.syncing.reserve(self.syncing.len().max(SYNCS_ROOM));
         let mut records = vec![Record::Done(batch)];
         match self.job.as_mut() {
             Some(job) => {
@@ -1505,23 +1554,41 @@ impl Engine {
         job.need.set(e, Need::Done);
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
-        let mut offsets: Option<Offsets> = None;
-        let mut bytes = 0u64;
-        for p in job.rel.table.positions_of(e) {
-            if !job.done.get(p) {
+        let table = &job.rel.table;
+        let repeats = table.repeat_offsets(e);
+        let offsets = if let Some(more) =
+            repeats.filter(|_| table.positions_of(e).all(|p| !job.done.get(p)))
+        {
+            // Every position of a repeated chunk, as on a first run: the table's
+            // shared list of its offsets, and the entry marked whole in the batch
+            // (one place for any number of positions).
+            for p in table.positions_of(e) {
                 job.done.set(p);
-                let offset = job.rel.table.offset_at(p);
-                match offsets.as_mut() {
-                    None => offsets = Some(Offsets::one(offset)),
-                    Some(o) => o.push(offset),
-                }
-                job.batch.push(p);
-                bytes += u64::from(size);
             }
-        }
-        let Some(offsets) = offsets else {
-            return; // Every position was journaled (not reachable: the entry was needed).
+            self.unsynced.push(e | WHOLE_ENTRY);
+            Offsets::shared(table.first_offset(e), Arc::clone(more))
+        } else {
+            // A single position, or the positions of a repeated chunk not written
+            // in an earlier run: listed.
+            let mark = self.unsynced.len();
+            for p in table.positions_of(e) {
+                if !job.done.get(p) {
+                    job.done.set(p);
+                    self.unsynced.push(p);
+                }
+            }
+            let Some(&p) = self.unsynced.get(mark) else {
+                return; // Every position was journaled (not reachable: the entry was needed).
+            };
+            let more = &self.unsynced[mark + 1..];
+            if more.is_empty() {
+                Offsets::one(table.offset_at(p))
+            } else {
+                let more = more.iter().map(|&p| table.offset_at(p)).collect();
+                Offsets::listed(table.offset_at(p), more)
+            }
         };
+        let bytes = u64::from(size) * offsets.len() as u64;
         job.batch_bytes += bytes;
         self.progress.written_bytes += bytes;
         match source {

@@ -2,10 +2,16 @@
 //! order of first appearance) and its positions (the manifest's chunk list, where an
 //! entry may appear several times), in dense arrays.
 
+use std::sync::Arc;
+
 use shoal_artifact::{ChunkId, Payload};
 
 /// No next position.
 const NONE: u32 = u32::MAX;
+
+/// Marks, in a list of positions, an entry standing for every position it has
+/// (positions are below it).
+pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -26,6 +32,9 @@ pub(crate) struct ChunkTable {
     offsets: Vec<u64>,
     /// `(id, entry)` sorted by id, for lookups.
     by_id: Vec<(ChunkId, u32)>,
+    /// `(entry, offsets of its positions after the first)` for each entry with
+    /// several positions, sorted by entry: shared with each write of it.
+    repeats: Vec<(u32, Arc<[u64]>)>,
 }
 
 impl ChunkTable {
@@ -33,8 +42,8 @@ impl ChunkTable {
     pub(crate) fn new(payload: &Payload) -> ChunkTable {
         let n = payload.chunks.len();
         assert!(
-            u32::try_from(n).is_ok_and(|n| n < NONE),
-            "chunk count fits u32"
+            u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
+            "chunk count fits 31 bits"
         );
         let mut by_id: Vec<(ChunkId, u32)> = Vec::with_capacity(n);
         let mut t = ChunkTable {
@@ -46,6 +55,7 @@ impl ChunkTable {
             next: vec![NONE; n],
             offsets: Vec::with_capacity(n),
             by_id: Vec::new(),
+            repeats: Vec::new(),
         };
         // Entries in order of first appearance; the last position of each entry
         // so far, to link the next one.
@@ -87,7 +97,21 @@ impl ChunkTable {
         }
         by_id.sort_unstable();
         t.by_id = by_id;
+        for e in 0..t.entries() {
+            if t.next[t.first[e as usize] as usize] != NONE {
+                let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
+                t.repeats.push((e, more));
+            }
+        }
         t
+    }
+
+    /// The offsets of the entry's positions after the first, if it has several.
+    pub(crate) fn repeat_offsets(&self, e: u32) -> Option<&Arc<[u64]>> {
+        self.repeats
+            .binary_search_by_key(&e, |&(r, _)| r)
+            .ok()
+            .map(|k| &self.repeats[k].1)
     }
 
     /// Distinct chunks.
@@ -159,6 +183,12 @@ impl ChunkTable {
                 * 4
             + self.offsets.capacity() * 8
             + self.by_id.capacity() * 36
+            + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
+            + self
+                .repeats
+                .iter()
+                .map(|(_, r)| 16 + r.len() * 8)
+                .sum::<usize>()
     }
 }
 
@@ -201,5 +231,9 @@ mod tests {
             (t.entry_at(2), t.first_offset(2), t.wire_size(1)),
             (0, 40, 10)
         );
+        // The repeats after the first position, for the entries that repeat only.
+        assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
+        assert_eq!(t.repeat_offsets(1), None);
+        assert_eq!(t.repeat_offsets(2), None);
     }
 }
