@@ -158,6 +158,7 @@ fn manifest(n: u32, repeat: u32) -> Manifest {
             kind: PayloadKind::RootfsImage,
             name: "rootfs".into(),
             size,
+            references: Vec::new(),
             chunks,
         }],
         provides: BTreeMap::new(),
