@@ -15,7 +15,7 @@
 //! the daemon signs in to the server with) is the peer id.
 
 pub mod member;
-pub mod proto;
+pub use shoal_node::peer_wire as proto;
 pub mod requests;
 pub mod serve;
 #[cfg(test)]
