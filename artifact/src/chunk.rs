@@ -37,6 +37,13 @@ pub const ZSTD_LEVEL_DEFAULT: i32 = 9;
 /// zstd level of `--fast` builds.
 pub const ZSTD_LEVEL_FAST: i32 = 5;
 
+/// Highest zstd level of delta-encoded chunks (a build's level caps it). zstd
+/// indexes the whole reference (up to 512 KiB) for each chunk, which at level 9
+/// cost 3× a plain build's CPU; level 6 takes 15 % less CPU than level 9 for
+/// +0.11 % bytes, level 5 +0.30 %, level 3 +0.59 % (bench v1 → v2, see
+/// `artifact/DESIGN.md`).
+pub const ZSTD_LEVEL_DELTA_MAX: i32 = 6;
+
 /// One chunk cut from a payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {

@@ -655,7 +655,8 @@ type Encoded = (
 );
 
 /// Delta-encodes the new chunks `todo` of a batch against their reference `ranges`
-/// (empty: none), keeping the smaller of that and the `plain` form. References are
+/// (empty: none) at `level` capped by [`chunk::ZSTD_LEVEL_DELTA_MAX`], keeping the
+/// smaller of that and the `plain` form. References are
 /// read once per group of chunks (at most [`GROUP_REFERENCE_BYTES`] of them), and
 /// each thread reuses one zstd context.
 fn encode_deltas(
@@ -704,7 +705,7 @@ fn encode_deltas(
         let encoded: Vec<Encoded> = group
             .par_chunks_mut(share.max(1))
             .flat_map_iter(|part| {
-                let mut enc = chunk::DeltaEncoder::new(level);
+                let mut enc = chunk::DeltaEncoder::new(level.min(chunk::ZSTD_LEVEL_DELTA_MAX));
                 part.iter_mut()
                     .map(|(j, plain)| {
                         let j = *j;

@@ -902,6 +902,28 @@ type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 /// against when it is delta-encoded.
 type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
 
+/// Reads (or finds in `references`' cache) the checked reference of each
+/// delta-encoded chunk of a batch, then decodes the batch with [`decode`]. `Err`
+/// names the first chunk whose reference cannot be read or fails its hash: nothing
+/// of the batch is decoded then.
+fn resolve_and_decode(
+    raws: Vec<shoal_artifact::RawChunk>,
+    mut references: Option<&mut References>,
+) -> Result<Vec<Decoded>, String> {
+    let mut undecoded = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let reference = match (raw.reference(), references.as_deref_mut()) {
+            (Some(r), Some(refs)) => Some(
+                refs.get(r)
+                    .map_err(|e| format!("chunk {}: {e:#}", raw.chunk.id))?,
+            ),
+            _ => None,
+        };
+        undecoded.push((raw, reference));
+    }
+    Ok(decode(undecoded))
+}
+
 /// Decodes and hashes chunks on all cores (each exactly once: the engine does not
 /// hash [`shoal_artifact::VerifiedChunk`]s again).
 fn decode(raws: Vec<Undecoded>) -> Vec<Decoded> {
@@ -916,10 +938,22 @@ fn decode(raws: Vec<Undecoded>) -> Vec<Decoded> {
         .collect()
 }
 
+/// Bytes of the distinct references a batch's delta-encoded chunks need (each
+/// counted once however many chunks share it): with [`DECODE_BATCH_BYTES`] of
+/// chunks, bounds a batch. Counting them apart from the chunks keeps batches of
+/// delta-encoded chunks as large as others (a reference is several times its
+/// chunk), so the decoding worker is handed a few large batches, not many small.
+const REFERENCE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
 /// install's memory (a reference is at most `REFERENCE_LEN_MAX`, 2 MiB).
-const REFERENCE_CACHE_BYTES: usize = 4 * 1024 * 1024;
+const REFERENCE_CACHE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Blocks of the running slot kept for reference reads (see
+/// [`References::read_range`]): their size and how many (so 1.5 MiB).
+const SLOT_BLOCK: u64 = 64 * 1024;
+const SLOT_BLOCKS_KEPT: usize = 24;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
 /// from the running slot (which holds the base payload from offset 0) and checked
@@ -930,24 +964,97 @@ struct References {
     /// Recently used references, most recent last.
     cache: std::collections::VecDeque<ReferenceBytes>,
     base: String,
+    /// References read (and checked) so far, their bytes, and the time it took.
+    read: (u64, u64, Duration),
+    /// Blocks of the running slot read lately (index, bytes), most recent last.
+    blocks: std::collections::VecDeque<(u64, std::sync::Arc<[u8]>)>,
+    /// The running slot's length.
+    slot_len: u64,
+    /// Bytes read from the running slot for references.
+    read_slot_bytes: u64,
 }
 
 impl References {
-    /// The checked bytes of `r`, from the cache or read now. `Ok((bytes, true))`
-    /// when they were read now.
-    fn get(&mut self, r: &Reference) -> anyhow::Result<(ReferenceBytes, bool)> {
+    /// Fills `buf` with the running slot's bytes from `offset`, through the cache
+    /// of slot blocks: the windows of neighbouring references overlap, so most of
+    /// a reference was read for the previous ones. Missing blocks next to each
+    /// other are read at once.
+    fn read_range(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut b = offset / SLOT_BLOCK;
+        while b * SLOT_BLOCK < end {
+            let block = match self.blocks.iter().position(|(i, _)| *i == b) {
+                Some(k) => {
+                    let hit = self.blocks.remove(k).expect("found");
+                    self.blocks.push_back(hit.clone());
+                    hit.1
+                }
+                None => {
+                    // This block and the missing ones after it that the range needs.
+                    let mut last = b;
+                    while (last + 1) * SLOT_BLOCK < end
+                        && !self.blocks.iter().any(|(i, _)| *i == last + 1)
+                    {
+                        last += 1;
+                    }
+                    let from = b * SLOT_BLOCK;
+                    let to = ((last + 1) * SLOT_BLOCK).min(self.slot_len);
+                    if to <= from {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "past the end of the slot",
+                        ));
+                    }
+                    let mut run = vec![0u8; (to - from) as usize];
+                    self.storage.read_at(from, &mut run)?;
+                    self.read_slot_bytes += run.len() as u64;
+                    for (k, chunk) in run.chunks(SLOT_BLOCK as usize).enumerate() {
+                        if self.blocks.len() == SLOT_BLOCKS_KEPT {
+                            self.blocks.pop_front();
+                        }
+                        self.blocks.push_back((b + k as u64, chunk.into()));
+                    }
+                    self.blocks
+                        .iter()
+                        .rev()
+                        .find(|(i, _)| *i == b)
+                        .map(|(_, d)| d.clone())
+                        .unwrap_or_else(|| run[..run.len().min(SLOT_BLOCK as usize)].into())
+                }
+            };
+            // The part of this block the range covers.
+            let block_start = b * SLOT_BLOCK;
+            let from = offset.max(block_start);
+            let to = end.min(block_start + block.len() as u64);
+            // A short block is the slot's last: the range must end in it.
+            if to < end.min(block_start + SLOT_BLOCK) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "past the end of the slot",
+                ));
+            }
+            let dst = (from - offset) as usize..(to - offset) as usize;
+            let src = (from - block_start) as usize..(to - block_start) as usize;
+            buf[dst].copy_from_slice(&block[src]);
+            b += 1;
+        }
+        Ok(())
+    }
+
+    /// The checked bytes of `r`, from the cache or read now.
+    fn get(&mut self, r: &Reference) -> anyhow::Result<ReferenceBytes> {
         if let Some(i) = self.cache.iter().position(|b| b.hash() == &r.hash) {
             let b = self.cache.remove(i).expect("found");
             self.cache.push_back(b.clone());
-            return Ok((b, false));
+            return Ok(b);
         }
+        let started = std::time::Instant::now();
         let len = usize::try_from(r.len()).context("reference too large")?;
         let mut bytes = vec![0u8; len];
         let mut at = 0;
         for &(offset, n) in &r.ranges {
             let n = n as usize;
-            self.storage
-                .read_at(offset, &mut bytes[at..at + n])
+            self.read_range(offset, &mut bytes[at..at + n])
                 .with_context(|| {
                     format!(
                         "cannot read the reference bytes {} of the running slot {}",
@@ -972,7 +1079,10 @@ impl References {
             self.cache.pop_front();
         }
         self.cache.push_back(checked.clone());
-        Ok((checked, true))
+        self.read.0 += 1;
+        self.read.1 += len as u64;
+        self.read.2 += started.elapsed();
+        Ok(checked)
     }
 }
 
@@ -1057,6 +1167,7 @@ impl<'a> Driver<'a> {
         mut artifact: ArtifactReader<R>,
         name: &str,
     ) -> anyhow::Result<()> {
+        let stream_started = std::time::Instant::now();
         let mut decoded: Vec<Decoded> = Vec::new();
         let mut ended = false;
         // Delta-encoded chunks are decoded with bytes of the running slot.
@@ -1079,52 +1190,73 @@ impl<'a> Driver<'a> {
                     .boot
                     .open_reader(slot)
                     .with_context(|| format!("cannot open the running slot {slot}"))?;
+                let slot_len = storage
+                    .len()
+                    .with_context(|| format!("cannot read the size of the running slot {slot}"))?;
                 Some(References {
                     slot,
                     storage,
                     cache: std::collections::VecDeque::new(),
                     base,
+                    read: (0, 0, Duration::ZERO),
+                    blocks: std::collections::VecDeque::new(),
+                    slot_len,
+                    read_slot_bytes: 0,
                 })
             }
         };
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
             // of it does not depend on the batch still to be written.
-            let mut raws: Vec<Undecoded> = Vec::new();
+            let mut raws: Vec<shoal_artifact::RawChunk> = Vec::new();
             let mut failure = None;
-            let mut reference_failure = None;
             let mut bytes = 0usize;
+            // Distinct references of the batch: each is read (or found in the
+            // cache) once, however many of its chunks the batch holds.
+            let mut batch_refs: HashSet<[u8; 32]> = HashSet::new();
+            let mut ref_bytes = 0usize;
             while !ended
                 && failure.is_none()
-                && reference_failure.is_none()
                 && bytes < DECODE_BATCH_BYTES
+                && ref_bytes < REFERENCE_BATCH_BYTES
             {
                 let engine = &self.engine;
                 match artifact.next_wanted(|id| engine.wants(id)) {
                     Ok(Some(raw)) => {
                         bytes += raw.chunk.size as usize + raw.stored().len();
-                        let reference = match (raw.reference(), references.as_mut()) {
-                            (Some(r), Some(refs)) => match refs.get(r) {
-                                Ok((b, read)) => {
-                                    if read {
-                                        bytes += b.bytes().len();
-                                    }
-                                    Some(b)
-                                }
-                                Err(e) => {
-                                    reference_failure =
-                                        Some(format!("chunk {}: {e:#}", raw.chunk.id));
-                                    None
-                                }
-                            },
-                            _ => None,
-                        };
-                        raws.push((raw, reference));
+                        if let Some(r) = raw.reference()
+                            && batch_refs.insert(r.hash)
+                        {
+                            ref_bytes += usize::try_from(r.len()).unwrap_or(usize::MAX);
+                        }
+                        raws.push(raw);
                     }
                     Ok(None) => ended = true,
                     Err(e) => failure = Some(e),
                 }
             }
+            if failure.is_some() {
+                // Nothing of a batch that ends in a bad archive is handed over
+                // (below): its references need not be read.
+                raws.clear();
+            }
+            // The worker reads and checks the batch's references (from the running
+            // slot) and decodes its chunks while the previous batch is written.
+            let previous = std::mem::take(&mut decoded);
+            let refs = references.as_mut();
+            let worker_out =
+                std::thread::scope(|scope| -> anyhow::Result<Result<Vec<Decoded>, String>> {
+                    let worker = scope.spawn(move || resolve_and_decode(raws, refs));
+                    self.feed(previous, name)?;
+                    Ok(worker.join().expect("the decoding thread panicked"))
+                })?;
+            let reference_failure = match worker_out {
+                Ok(d) => {
+                    decoded = d;
+                    None
+                }
+                Err(message) => Some(message),
+            };
             if let Some(message) = reference_failure {
                 // The running slot is not the base the chunks were encoded
                 // against: nothing decoded with it is written, and retrying cannot
@@ -1164,18 +1296,22 @@ impl<'a> Driver<'a> {
                     anyhow!(message)
                 });
             }
-            let previous = std::mem::take(&mut decoded);
-            decoded = std::thread::scope(|scope| -> anyhow::Result<Vec<Decoded>> {
-                let worker = scope.spawn(move || decode(raws));
-                self.feed(previous, name)?;
-                Ok(worker.join().expect("the decoding thread panicked"))
-            })?;
             if ended && decoded.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
                 self.drain()?;
                 break;
             }
+        }
+        if let Some(r) = &references {
+            tracing::debug!(
+                references_read = r.read.0,
+                reference_bytes_read = r.read.1,
+                reference_read_ms = r.read.2.as_millis() as u64,
+                slot_bytes_read = r.read_slot_bytes,
+                stream_ms = stream_started.elapsed().as_millis() as u64,
+                "delta-encoded chunks decoded"
+            );
         }
         Ok(())
     }
@@ -1837,4 +1973,67 @@ pub fn source_from_arg(arg: &str, release: Option<String>) -> anyhow::Result<Sou
             ArtifactInput::Stream(Box::new(file))
         },
     })
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    /// References over a file of `len` patterned bytes.
+    fn references(len: usize) -> (tempfile::TempDir, Vec<u8>, References) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("slot-a.img");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
+        let refs = References {
+            slot: Slot::A,
+            storage: Box::new(storage),
+            cache: std::collections::VecDeque::new(),
+            base: "base 1".into(),
+            read: (0, 0, Duration::ZERO),
+            blocks: std::collections::VecDeque::new(),
+            slot_len: len as u64,
+            read_slot_bytes: 0,
+        };
+        (dir, data, refs)
+    }
+
+    #[test]
+    fn overlapping_ranges_are_read_from_the_slot_once() {
+        let len = 5 * SLOT_BLOCK as usize + 1000;
+        let (_dir, data, mut refs) = references(len);
+        for (offset, n) in [(100u64, 150_000usize), (70_000, 200_000), (0, 10)] {
+            let mut buf = vec![0u8; n];
+            refs.read_range(offset, &mut buf).expect("read");
+            assert_eq!(buf, data[offset as usize..offset as usize + n]);
+        }
+        // Blocks 0..=4 hold both first ranges (0..270 000): each read once.
+        assert_eq!(refs.read_slot_bytes, 5 * SLOT_BLOCK);
+        // The partial last block, then past the end of the slot.
+        let mut tail = vec![0u8; 1500];
+        refs.read_range(len as u64 - 1500, &mut tail).expect("tail");
+        assert_eq!(tail, data[len - 1500..]);
+        let mut past = vec![0u8; 10];
+        let err = refs
+            .read_range(len as u64 - 5, &mut past)
+            .expect_err("past the end");
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn only_the_latest_blocks_are_kept() {
+        let blocks = SLOT_BLOCKS_KEPT + 4;
+        let (_dir, data, mut refs) = references(blocks * SLOT_BLOCK as usize);
+        let mut buf = vec![0u8; data.len()];
+        refs.read_range(0, &mut buf).expect("read");
+        assert_eq!(buf, data);
+        assert_eq!(refs.blocks.len(), SLOT_BLOCKS_KEPT);
+        // The first block was dropped: reading it again reads the slot again.
+        let before = refs.read_slot_bytes;
+        let mut first = vec![0u8; 10];
+        refs.read_range(0, &mut first).expect("read");
+        assert_eq!(first, data[..10]);
+        assert_eq!(refs.read_slot_bytes, before + SLOT_BLOCK);
+    }
 }
