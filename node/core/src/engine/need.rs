@@ -147,6 +147,7 @@ impl NeedTable {
     }
 
     /// Every entry's state, by entry.
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn iter(&self) -> impl Iterator<Item = Need> + '_ {
         (0..self.len()).map(|e| self.get(e))
     }
@@ -189,6 +190,7 @@ impl NeedTable {
 
     /// Whether entry `e` is where the fetch queue will find it (for the
     /// invariants check).
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn fetch_reachable(&self, e: u32) -> bool {
         e >= self.fetch_cursor
     }
