@@ -167,6 +167,9 @@ fn main() -> ExitCode {
             .and_then(|s| s.parse().ok())
             .unwrap_or_default();
         tracing_subscriber::fmt()
+            // The filter above decides; the fmt layer's own default would stop
+            // everything below `info`.
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
             .finish()

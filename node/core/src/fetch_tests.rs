@@ -836,3 +836,48 @@ fn the_data_budget_spent_survives_a_restart() {
     );
     assert_eq!(asked(&dev, 1), before, "nothing more was asked");
 }
+
+/// On a slow link a journal batch of `journal_batch_bytes` takes longer to fill than
+/// a LAN swarm waits for a member's progress (only journaled chunks are announced):
+/// a batch is also committed once its first chunk is `journal_batch_age` old.
+#[test]
+fn a_journal_batch_is_committed_by_age_on_a_slow_link() {
+    use crate::testing::{Link, release_cut};
+    let durable_ops = |age: std::time::Duration| {
+        let f = Fixture::new();
+        // 565 KiB at 30 KiB/s: about 19 s on the wire.
+        let image = bytes(23, 6 * (8 * 4096 + 60 * 1024));
+        let mut sizes = vec![4096; 8];
+        sizes.push(60 * 1024);
+        let (m, chunks) = release_cut("acme-os", "1.0", 1, DEVICE, &image, &sizes);
+        let mut dev = SimDevice::new(&[], 2 * MIB as u64, 1);
+        dev.stores.insert(SourceId(1), chunks.into_iter().collect());
+        dev.links.insert(
+            SourceId(1),
+            Link {
+                rtt_us: 50_000,
+                bytes_per_s: 30 * 1024,
+                ..Link::default()
+            },
+        );
+        let mut config = f.config();
+        config.journal_batch_bytes = 64 * MIB as u64;
+        config.journal_batch_age = age;
+        let mut engine = dev.engine(config);
+        let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+        engine.offer(dev.now(), offer).expect("offer");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(failed(&dev.events), None);
+        assert!(slot_b_holds(&dev, &image));
+        dev.ops
+    };
+    let by_size_only = durable_ops(std::time::Duration::from_secs(3600));
+    let by_age = durable_ops(std::time::Duration::from_secs(1));
+    // Without the age, one commit at the end; with it, a commit whenever a chunk
+    // arrives more than a second after the batch opened (each a slot sync and a
+    // store transaction).
+    assert!(
+        by_age >= by_size_only + 8,
+        "{by_age} durable operations with a 1 s batch age, {by_size_only} without"
+    );
+}

@@ -44,6 +44,12 @@ pub struct Config {
     /// Bytes written between two progress journal commits (each is a slot sync plus
     /// one store transaction). Work lost to a power cut is at most this much.
     pub journal_batch_bytes: u64,
+    /// Longest time a written chunk waits for its journal commit. Only journaled
+    /// chunks are announced to LAN peers, and a swarm member that announces nothing
+    /// for [`Config::lan_timeout`] loses its chunks to the others: on a slow link a
+    /// batch of [`Config::journal_batch_bytes`] takes longer than that to fill, so a
+    /// batch is also committed once its first chunk is this old.
+    pub journal_batch_age: std::time::Duration,
     /// Reads of the active slot asked for at once.
     pub reads_in_flight_max: usize,
     /// Timeouts and backoff of request sources (their request limits are per
@@ -78,6 +84,7 @@ impl Config {
             provides: BTreeMap::new(),
             trust_root,
             journal_batch_bytes: 4 * 1024 * 1024,
+            journal_batch_age: std::time::Duration::from_secs(1),
             reads_in_flight_max: 4,
             retry: RetryConfig::default(),
             lan_timeout: std::time::Duration::from_secs(5),

@@ -270,6 +270,8 @@ pub(crate) struct Job {
     /// Bytes of the positions written since the last journal commit (the
     /// positions are the engine's: they outlive a job that fails).
     batch_bytes: u64,
+    /// When the first chunk of the open batch was written.
+    batch_since: Option<Instant>,
     /// Chunks still to probe ([`Step::Probing`]), probes in flight, and entries
     /// found absent.
     probes: VecDeque<u32>,
@@ -338,6 +340,7 @@ impl Job {
             free: Vec::new(),
             generation: 0,
             batch_bytes: 0,
+            batch_since: None,
             probes: VecDeque::new(),
             probes_in_flight: 0,
             absent: Vec::new(),
@@ -1336,6 +1339,7 @@ impl Engine {
             return;
         }
         let bytes = std::mem::take(&mut job.batch_bytes);
+        job.batch_since = None;
         let target = job.target;
         self.outputs.push_back(Output::Sync { slot: target });
         let rel = Arc::clone(&job.rel);
@@ -1590,6 +1594,7 @@ impl Engine {
         };
         let bytes = u64::from(size) * offsets.len() as u64;
         job.batch_bytes += bytes;
+        let since = *job.batch_since.get_or_insert(now);
         self.progress.written_bytes += bytes;
         match source {
             None => self.progress.reused_bytes += bytes,
@@ -1612,7 +1617,9 @@ impl Engine {
         }
         let target = job.target;
         job.writing_bytes += bytes;
-        let flush = job.batch_bytes >= self.config.journal_batch_bytes;
+        let flush = job.batch_bytes >= self.config.journal_batch_bytes
+            || now.as_millis().saturating_sub(since.as_millis())
+                >= super::lan::ms(self.config.journal_batch_age);
         self.outputs.push_back(Output::Write {
             slot: target,
             id,
