@@ -197,7 +197,7 @@ fn suite(db: Db) {
     // signature encoding, a status a device does not report.
     expect_error(deliver(&http, &server, &a, &a.id, &[]), 400);
     let many: Vec<Signed> = (100..201).map(|s| own(&a, s, t0)).collect();
-    expect_error(deliver(&http, &server, &a, &a.id, &many), 413);
+    expect_error(deliver(&http, &server, &a, &a.id, &many), 400);
     let resp = a
         .req(&http, Method::POST, &server, "/reports")
         .json(&json!({ "device_id": a.id, "reports": [own(&a, 8, t0)], "x": 1 }))

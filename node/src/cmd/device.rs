@@ -66,38 +66,52 @@ pub struct StatusArgs {
 
 /// Runs `shoal boot-check`.
 pub fn boot_check(args: BootCheckArgs, ui: &Ui) -> anyhow::Result<()> {
-    let config = args.config.load()?;
-    let mut dev = Device::open(config.clone(), Reboot::Command)?;
-    let result = dev.boot_check()?;
-    drop(dev);
-    if let Some(draft) = crate::reports::settled(&config, &result) {
-        crate::reports::record(&config, draft);
-    }
-    report(&result, args.json, ui)
+    settle(args.config.load()?, args.json, ui, |dev| dev.boot_check())
 }
 
 /// Runs `shoal commit`.
 pub fn commit(args: CommitArgs, ui: &Ui) -> anyhow::Result<()> {
-    let config = args.config.load()?;
-    let mut dev = Device::open(config.clone(), Reboot::Command)?;
-    let result = dev.commit()?;
-    drop(dev);
-    if let Some(draft) = crate::reports::settled(&config, &result) {
-        crate::reports::record(&config, draft);
-    }
-    report(&result, args.json, ui)
+    settle(args.config.load()?, args.json, ui, |dev| dev.commit())
 }
 
 /// Runs `shoal rollback`.
 pub fn rollback(args: RollbackArgs, ui: &Ui) -> anyhow::Result<()> {
-    let config = args.config.load()?;
-    let mut dev = Device::open(config.clone(), Reboot::Command)?;
-    let result = dev.rollback(&args.reason)?;
+    let reason = args.reason.clone();
+    settle(args.config.load()?, args.json, ui, move |dev| {
+        dev.rollback(&reason)
+    })
+}
+
+/// Runs `op` with the reboot it may ask for held back; then queues the status report
+/// (durably), prints the result, and only then runs the reboot command. A rollback
+/// reboots the system: its report must be in the queue and its output written before
+/// the shutdown kills this process.
+fn settle(
+    config: crate::config::Config,
+    json: bool,
+    ui: &Ui,
+    op: impl FnOnce(&mut Device) -> anyhow::Result<BootCheck>,
+) -> anyhow::Result<()> {
+    let asked = std::rc::Rc::new(std::cell::Cell::new(false));
+    let flag = std::rc::Rc::clone(&asked);
+    let mut dev = Device::open(
+        config.clone(),
+        Reboot::Hook(Box::new(move || {
+            flag.set(true);
+            Ok(())
+        })),
+    )?;
+    let result = op(&mut dev)?;
     drop(dev);
     if let Some(draft) = crate::reports::settled(&config, &result) {
         crate::reports::record(&config, draft);
     }
-    report(&result, args.json, ui)
+    // Reboot even when the output cannot be written (a closed stdout).
+    let printed = report(&result, json, ui);
+    if asked.get() {
+        crate::device::run_reboot_command(&config)?;
+    }
+    printed
 }
 
 /// Prints a boot-check/commit/rollback result.

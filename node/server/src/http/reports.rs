@@ -75,8 +75,10 @@ pub async fn deliver(
     if delivery.reports.is_empty() {
         return Err(ApiError::bad("reports is empty"));
     }
+    // The schema's maxItems: a malformed delivery (400, as for any other schema
+    // violation), not a body too large to read (413).
     if delivery.reports.len() > REPORTS_MAX {
-        return Err(ApiError::TooLarge(format!(
+        return Err(ApiError::bad(format!(
             "a delivery has at most {REPORTS_MAX} reports"
         )));
     }
