@@ -796,6 +796,58 @@ fn a_slow_but_live_source_is_not_taken_for_a_silent_one() {
     );
 }
 
+/// Regression (issue 11): on a 10 Mbit/s link the daemon's four pipelined 4 MiB
+/// batches shared the link from the start, so the first answer (which waited for a
+/// zstd dictionary queued behind all of them) came after `rto_initial`; the live
+/// server was taken for a silent one and the batches it had already sent were
+/// asked again (1.33 x the diff on the wire). A source is now asked one request
+/// until it first answers, then up to its limit, and never re-asked while live.
+#[test]
+fn a_source_gets_one_request_until_it_first_answers() {
+    let f = Fixture::new();
+    let image = bytes(24, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    // A slow link: each 4 KiB chunk takes 2.5 s, so its first answer comes at
+    // 2.6 s, inside `rto_initial` (3 s).
+    dev.links.insert(
+        SourceId(1),
+        Link {
+            rtt_us: 100_000,
+            bytes_per_s: 4096 * 2 / 5,
+            ..Link::default()
+        },
+    );
+    let limits = SourceLimits {
+        requests_max: 4,
+        request_bytes_max: 64 * 1024,
+        request_chunks_max: 1024,
+    };
+    let mut engine = dev.engine(f.config());
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    let in_flight = |engine: &crate::Engine| {
+        engine
+            .status()
+            .sources
+            .iter()
+            .find(|s| s.id == SourceId(1))
+            .map(|s| s.requests_in_flight)
+    };
+    dev.run_until(&mut engine, None, 2_000).expect("no crash");
+    assert_eq!(asked(&dev, 1).0, 1, "one request before any answer");
+    assert_eq!(in_flight(&engine), Some(1));
+    // Its first chunk came at 2.6 s: pipelining starts.
+    dev.run_until(&mut engine, None, 2_700).expect("no crash");
+    assert_eq!(in_flight(&engine), Some(4), "up to its limit once it answered");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(slot_b_holds(&dev, &image));
+    assert_eq!(dev.cancels, 0, "no request was given up on");
+    assert_eq!(asked(&dev, 1).1, chunks.len() as u64, "each chunk asked once");
+}
+
 #[test]
 fn the_data_budget_spent_survives_a_restart() {
     let f = Fixture::new();
