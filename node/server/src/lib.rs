@@ -36,6 +36,7 @@ pub mod chunks;
 pub mod db;
 pub mod filter;
 pub mod http;
+pub mod last_seen;
 pub mod release_cache;
 pub mod rollouts;
 pub mod tls;
@@ -110,6 +111,8 @@ pub struct Context {
     /// Held while an upload adds chunks and while a release deletion removes the
     /// chunks no other release lists, so one never removes what the other counts on.
     pub store_lock: tokio::sync::Mutex<()>,
+    /// Devices seen by polls, written in batches ([`last_seen::run`]).
+    pub last_seen: last_seen::LastSeen,
 }
 
 /// The shared context handlers get.
@@ -175,6 +178,7 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         chunk_base_url: config.chunk_base_url.clone(),
         releases: release_cache::ReleaseCache::default(),
         store_lock: tokio::sync::Mutex::new(()),
+        last_seen: last_seen::LastSeen::default(),
     }))
 }
 
@@ -205,6 +209,9 @@ pub async fn serve(
         ctx.clone(),
         std::time::Duration::from_millis(config.timer_period_ms.max(10)),
     ));
+    // Last-seen times noted by polls, written off the request path.
+    let stop_seen = tokio_util::sync::CancellationToken::new();
+    let seen = tokio::spawn(last_seen::run(ctx.clone(), stop_seen.clone()));
     let served = match tls {
         None => axum::serve(listener, http::router(ctx.clone()))
             .with_graceful_shutdown(shutdown)
@@ -224,6 +231,9 @@ pub async fn serve(
     };
     timers.abort();
     let _ = timers.await;
+    // What the last period noted is written before the pool closes.
+    stop_seen.cancel();
+    let _ = seen.await;
     ctx.db.close().await;
     served
 }

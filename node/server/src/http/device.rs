@@ -45,8 +45,6 @@ pub const IDENTITY_ATTRIBUTES_MAX: usize = 32;
 pub const CHUNK_BATCH_IDS_MAX: usize = 4096;
 /// The most stored bytes one batch may ask for.
 pub const CHUNK_BATCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
-/// How stale a device's `last_seen_ms` may get before a poll writes it again.
-pub const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
 /// Chunk store requests one chunk batch has in flight at once.
 const STORE_REQUESTS_MAX: usize = 8;
 /// The most inventory attributes a device may have.
@@ -331,19 +329,12 @@ pub async fn next(ctx: axum::extract::State<Ctx>, auth: DeviceAuth) -> ApiResult
     .bind(&auth.device_id)
     .fetch_all(&ctx.db)
     .await?;
-    // Written at most once per LAST_SEEN_RESOLUTION_MS: a poll that finds it fresh
-    // matches no row and writes nothing (on PostgreSQL a write per poll is a WAL
-    // flush per poll, which capped a 10,000-device fleet's poll rate).
+    // Noted at most once per resolution, and written in batches by another task:
+    // a poll writes nothing (see `crate::last_seen`).
     let now = now_ms();
-    sqlx::query(
-        "UPDATE devices SET last_seen_ms = $2 WHERE id = $1 \
-         AND (last_seen_ms IS NULL OR last_seen_ms < $3)",
-    )
-    .bind(&auth.device_id)
-    .bind(now)
-    .bind(now - LAST_SEEN_RESOLUTION_MS)
-    .execute(&ctx.db)
-    .await?;
+    if crate::last_seen::is_stale(auth.last_seen_ms, now) {
+        ctx.last_seen.note(&auth.device_id, now);
+    }
     for row in &rows {
         let text: String = row.try_get("rollout")?;
         let rollout = rollouts::parse(&text)?;

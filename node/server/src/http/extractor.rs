@@ -37,6 +37,8 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 pub struct DeviceAuth {
     /// The device's id.
     pub device_id: String,
+    /// Its `last_seen_ms` as the token check read it.
+    pub last_seen_ms: Option<i64>,
 }
 
 impl FromRequestParts<Ctx> for DeviceAuth {
@@ -45,7 +47,7 @@ impl FromRequestParts<Ctx> for DeviceAuth {
     async fn from_request_parts(parts: &mut Parts, ctx: &Ctx) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
         let row = sqlx::query(
-            "SELECT t.device_id FROM device_tokens t JOIN devices d ON d.id = t.device_id \
+            "SELECT t.device_id, d.last_seen_ms FROM device_tokens t JOIN devices d ON d.id = t.device_id \
              WHERE t.token_hash = $1 AND t.expires_ms > $2 AND d.status = 'accepted'",
         )
         .bind(token_hash(token))
@@ -55,6 +57,7 @@ impl FromRequestParts<Ctx> for DeviceAuth {
         match row {
             Some(row) => Ok(DeviceAuth {
                 device_id: row.try_get("device_id")?,
+                last_seen_ms: row.try_get("last_seen_ms")?,
             }),
             None => Err(ApiError::Unauthorized(
                 "device token unknown, expired or revoked; authenticate again".into(),
