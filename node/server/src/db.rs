@@ -121,7 +121,11 @@ pub async fn open(url: &str, max_connections: u32) -> Result<(AnyPool, Backend),
     let backend = Backend::of_url(url)?;
     let mut options = AnyPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10));
+        .acquire_timeout(Duration::from_secs(10))
+        // No ping before each use: a poll is one query, and a ping per acquire
+        // doubled its round trips to PostgreSQL. A connection the database dropped
+        // fails its next query once and is discarded by the pool.
+        .test_before_acquire(false);
     if backend == Backend::Sqlite {
         // WAL lets readers go on while one writer writes; foreign keys are off by
         // default in SQLite; a busy writer is waited for, not failed.

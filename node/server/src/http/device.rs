@@ -25,7 +25,7 @@ use shoal_signing::PublicKey;
 use sqlx::Row;
 
 use super::error::{ApiError, ApiResult};
-use super::extractor::{ApiJson, ApiPath, DeviceAuth};
+use super::extractor::{ApiJson, ApiPath, DeviceAuth, DeviceToken, device_token_refused};
 use super::{audit, check_hex_id};
 use crate::Ctx;
 use crate::db::{now_ms, random_hex, token_hash};
@@ -316,26 +316,44 @@ pub struct NextDeployment {
 /// `GET /deployments/next`: the oldest deployment that serves this device now
 /// (its rollout admits it: its phase is open and the rollout runs, or it already
 /// started), or 204.
-pub async fn next(ctx: axum::extract::State<Ctx>, auth: DeviceAuth) -> ApiResult<Response> {
+///
+/// One query per poll: the token check and the device's open deployments are read
+/// together (a row per deployment, or one with no deployment), and nothing is
+/// written (a stale `last_seen_ms` is noted for [`crate::last_seen`]). On a fleet
+/// polling at 1,000/s every round trip to the database counts.
+pub async fn next(ctx: axum::extract::State<Ctx>, token: DeviceToken) -> ApiResult<Response> {
+    let now = now_ms();
     let rows = sqlx::query(
-        "SELECT d.id, d.name, d.release_id, d.rollout, dd.device_id, dd.status, dd.phase, dd.attempts, \
+        "SELECT t.device_id AS token_device, v.last_seen_ms, \
+         d.id, d.name, d.release_id, d.rollout, dd.device_id, dd.status, dd.phase, dd.attempts, \
          r.name AS release_name, r.version \
-         FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id \
-         JOIN releases r ON r.id = d.release_id \
-         WHERE dd.device_id = $1 AND d.status IN ('running', 'paused', 'halted') \
+         FROM device_tokens t JOIN devices v ON v.id = t.device_id \
+         LEFT JOIN (deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id \
+         JOIN releases r ON r.id = d.release_id) \
+         ON dd.device_id = t.device_id AND d.status IN ('running', 'paused', 'halted') \
          AND dd.status IN ('pending', 'downloading', 'installing', 'rebooting') \
+         WHERE t.token_hash = $1 AND t.expires_ms > $2 AND v.status = 'accepted' \
          ORDER BY d.created_ms, d.id",
     )
-    .bind(&auth.device_id)
+    .bind(&token.hash)
+    .bind(now)
     .fetch_all(&ctx.db)
     .await?;
+    let Some(first) = rows.first() else {
+        return Err(device_token_refused());
+    };
+    let device: String = first.try_get("token_device")?;
+    let last_seen_ms: Option<i64> = first.try_get("last_seen_ms")?;
     // Noted at most once per resolution, and written in batches by another task:
     // a poll writes nothing (see `crate::last_seen`).
-    let now = now_ms();
-    if crate::last_seen::is_stale(auth.last_seen_ms, now) {
-        ctx.last_seen.note(&auth.device_id, now);
+    if crate::last_seen::is_stale(last_seen_ms, now) {
+        ctx.last_seen.note(&device, now);
     }
-    for row in &rows {
+    // The device without an open deployment: one row, no deployment.
+    let rows = rows
+        .iter()
+        .filter(|row| row.try_get::<Option<String>, _>("id").is_ok_and(|id| id.is_some()));
+    for row in rows {
         let text: String = row.try_get("rollout")?;
         let rollout = rollouts::parse(&text)?;
         let entry = rollouts::entry_of(row)?;

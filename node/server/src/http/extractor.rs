@@ -30,6 +30,30 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token)
 }
 
+/// A device bearer token, not yet checked: for a handler that checks it in the
+/// same query as its own work (`GET /deployments/next`, one query per poll).
+#[derive(Debug, Clone)]
+pub struct DeviceToken {
+    /// The token's hash, as `device_tokens` keys it.
+    pub hash: String,
+}
+
+impl FromRequestParts<Ctx> for DeviceToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _ctx: &Ctx) -> Result<Self, ApiError> {
+        Ok(DeviceToken {
+            hash: token_hash(bearer(parts)?),
+        })
+    }
+}
+
+/// What a device token that is unknown, expired, or whose device is not accepted
+/// gets.
+pub fn device_token_refused() -> ApiError {
+    ApiError::Unauthorized("device token unknown, expired or revoked; authenticate again".into())
+}
+
 /// An accepted device, authenticated by a device token it got from an auth request.
 /// Every device endpoint takes the device from here, never from the request, so a
 /// token only ever reaches its own device's data.
@@ -59,9 +83,7 @@ impl FromRequestParts<Ctx> for DeviceAuth {
                 device_id: row.try_get("device_id")?,
                 last_seen_ms: row.try_get("last_seen_ms")?,
             }),
-            None => Err(ApiError::Unauthorized(
-                "device token unknown, expired or revoked; authenticate again".into(),
-            )),
+            None => Err(device_token_refused()),
         }
     }
 }
