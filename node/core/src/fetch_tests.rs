@@ -840,12 +840,20 @@ fn a_source_gets_one_request_until_it_first_answers() {
     assert_eq!(in_flight(&engine), Some(1));
     // Its first chunk came at 2.6 s: pipelining starts.
     dev.run_until(&mut engine, None, 2_700).expect("no crash");
-    assert_eq!(in_flight(&engine), Some(4), "up to its limit once it answered");
+    assert_eq!(
+        in_flight(&engine),
+        Some(4),
+        "up to its limit once it answered"
+    );
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(slot_b_holds(&dev, &image));
     assert_eq!(dev.cancels, 0, "no request was given up on");
-    assert_eq!(asked(&dev, 1).1, chunks.len() as u64, "each chunk asked once");
+    assert_eq!(
+        asked(&dev, 1).1,
+        chunks.len() as u64,
+        "each chunk asked once"
+    );
 }
 
 #[test]

@@ -350,9 +350,10 @@ pub async fn next(ctx: axum::extract::State<Ctx>, token: DeviceToken) -> ApiResu
         ctx.last_seen.note(&device, now);
     }
     // The device without an open deployment: one row, no deployment.
-    let rows = rows
-        .iter()
-        .filter(|row| row.try_get::<Option<String>, _>("id").is_ok_and(|id| id.is_some()));
+    let rows = rows.iter().filter(|row| {
+        row.try_get::<Option<String>, _>("id")
+            .is_ok_and(|id| id.is_some())
+    });
     for row in rows {
         let text: String = row.try_get("rollout")?;
         let rollout = rollouts::parse(&text)?;
