@@ -156,6 +156,10 @@ struct NetArgs {
     /// Run only one part: `link` (the shaped link) or `poll` (10,000 devices polling).
     #[arg(long, value_parser = ["link", "poll"])]
     only: Option<String>,
+    /// The poll rows' server database connections (`shoal server --db-connections`;
+    /// its default when not given).
+    #[arg(long, value_name = "N")]
+    db_connections: Option<u32>,
 }
 
 /// Runs the net section and prints its table.
@@ -198,7 +202,7 @@ fn net_only(args: NetArgs) -> Result<()> {
             )
         })?;
         let load_before = loadavg();
-        let (goals, mut facts) = net_poll::rows(&shoal, work.path());
+        let (goals, mut facts) = net_poll::rows(&shoal, work.path(), args.db_connections);
         facts.push((
             "load average (1/5/15 min) before → after".to_string(),
             format!("{load_before} → {}", loadavg()),

@@ -137,10 +137,18 @@ fn trust_root(shoal: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn start_server(shoal: &Path, dir: &Path, db: &Option<String>) -> Result<Server> {
+fn start_server(
+    shoal: &Path,
+    dir: &Path,
+    db: &Option<String>,
+    connections: Option<u32>,
+) -> Result<Server> {
     let mut cmd = Command::new(shoal);
-    cmd.arg("server")
-        .arg("--data")
+    cmd.arg("server");
+    if let Some(n) = connections {
+        cmd.args(["--db-connections", &n.to_string()]);
+    }
+    cmd.arg("--data")
         .arg(dir.join("data"))
         .arg("--root")
         .arg(dir.join("root.shoalroot"))
@@ -210,7 +218,7 @@ fn postgres_db(base: &str, name: &str) -> Result<String> {
 }
 
 /// Runs the whole poll load against a fresh server on `db`.
-pub fn measure(shoal: &Path, work: &Path, db: &Db) -> Result<PollRun> {
+pub fn measure(shoal: &Path, work: &Path, db: &Db, connections: Option<u32>) -> Result<PollRun> {
     let dir = work.join(format!("poll-{}", db.name().to_lowercase()));
     std::fs::create_dir_all(&dir)?;
     trust_root(shoal, &dir)?;
@@ -227,7 +235,7 @@ pub fn measure(shoal: &Path, work: &Path, db: &Db) -> Result<PollRun> {
         token_cmd.arg("--database").arg(u);
     }
     let admin = run_ok(&mut token_cmd)?.trim().to_owned();
-    let server = start_server(shoal, &dir, &url)?;
+    let server = start_server(shoal, &dir, &url, connections)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -390,7 +398,12 @@ async fn load(base: &str, admin: &str) -> Result<PollRun> {
 }
 
 /// The goal rows and facts of the poll load, on SQLite and PostgreSQL.
-pub fn rows(shoal: &Path, work: &Path) -> (Vec<Goal>, Vec<(String, String)>) {
+/// `connections`: the server's `--db-connections` (its default when `None`).
+pub fn rows(
+    shoal: &Path,
+    work: &Path,
+    connections: Option<u32>,
+) -> (Vec<Goal>, Vec<(String, String)>) {
     let pg = std::env::var("SHOAL_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://shoal:shoal@127.0.0.1:5432".into());
     let mut goals = Vec::new();
@@ -399,7 +412,7 @@ pub fn rows(shoal: &Path, work: &Path) -> (Vec<Goal>, Vec<(String, String)>) {
     for db in [Db::Sqlite, Db::Postgres(pg)] {
         let name = db.name();
         crate::progress(&format!("net: poll load on {name}"));
-        let run = measure(shoal, work, &db);
+        let run = measure(shoal, work, &db, connections);
         let title = format!(
             "{DEVICES} devices polling every {} s ({name}): p99 latency of deployments/next",
             INTERVAL.as_secs()
@@ -448,7 +461,8 @@ pub fn rows(shoal: &Path, work: &Path) -> (Vec<Goal>, Vec<(String, String)>) {
     facts.push((
         "poll load setup".to_string(),
         format!(
-            "one `shoal server` (release, --features server, default 16 database connections) on loopback; the load generator (tokio, 2 worker threads, one HTTP/1.1 keep-alive pool) shares the machine's CPUs with it; keys preauthorized through the management API; each device authenticates with its own ed25519 key; open-loop polls (device i at t0 + i·{}s/{DEVICES} + k·{}s), the first of {ROUNDS} rounds not counted",
+            "one `shoal server` (release, --features server, {} database connections) on loopback; the load generator (tokio, 2 worker threads, one HTTP/1.1 keep-alive pool) shares the machine's CPUs with it; keys preauthorized through the management API; each device authenticates with its own ed25519 key; open-loop polls (device i at t0 + i·{}s/{DEVICES} + k·{}s), the first of {ROUNDS} rounds not counted",
+            connections.map_or("the default 16".to_owned(), |n| n.to_string()),
             INTERVAL.as_secs(),
             INTERVAL.as_secs()
         ),
