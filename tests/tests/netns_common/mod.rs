@@ -85,18 +85,33 @@ impl Net {
         };
         net.add_ns("srv");
         net.add_ns("rtr");
-        net.ip("rtr", &["link", "add", "wan", "type", "veth", "peer", "name", "eth0"]);
+        net.ip(
+            "rtr",
+            &["link", "add", "wan", "type", "veth", "peer", "name", "eth0"],
+        );
         net.ip("rtr", &["link", "set", "eth0", "netns", &net.ns("srv")]);
-        net.ip("srv", &["addr", "add", &format!("{NET}.0.10/24"), "dev", "eth0"]);
+        net.ip(
+            "srv",
+            &["addr", "add", &format!("{NET}.0.10/24"), "dev", "eth0"],
+        );
         net.ip("srv", &["link", "set", "eth0", "up"]);
-        net.ip("srv", &["route", "add", "default", "via", &format!("{NET}.0.1")]);
-        net.ip("rtr", &["addr", "add", &format!("{NET}.0.1/24"), "dev", "wan"]);
+        net.ip(
+            "srv",
+            &["route", "add", "default", "via", &format!("{NET}.0.1")],
+        );
+        net.ip(
+            "rtr",
+            &["addr", "add", &format!("{NET}.0.1/24"), "dev", "wan"],
+        );
         net.ip("rtr", &["link", "set", "wan", "up"]);
         net.exec("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         for l in 1..=lans {
             let br = format!("br{l}");
             net.ip("rtr", &["link", "add", &br, "type", "bridge"]);
-            net.ip("rtr", &["addr", "add", &format!("{NET}.{l}.1/24"), "dev", &br]);
+            net.ip(
+                "rtr",
+                &["addr", "add", &format!("{NET}.{l}.1/24"), "dev", &br],
+            );
             net.ip("rtr", &["link", "set", &br, "up"]);
             for d in 1..=devices {
                 net.add_device(l, d);
@@ -120,13 +135,31 @@ impl Net {
     pub fn add_device(&mut self, lan: u8, n: u8) -> String {
         let name = format!("d{lan}{n}");
         self.add_ns(&name);
-        self.ip(&name, &["link", "add", "eth0", "type", "veth", "peer", "name", "up0"]);
+        self.ip(
+            &name,
+            &["link", "add", "eth0", "type", "veth", "peer", "name", "up0"],
+        );
         self.ip(&name, &["link", "set", "up0", "netns", &self.ns("rtr")]);
         self.ip("rtr", &["link", "set", "up0", "name", &name]);
-        self.ip("rtr", &["link", "set", &name, "master", &format!("br{lan}"), "up"]);
-        self.ip(&name, &["addr", "add", &format!("{}/24", Net::addr(lan, n)), "dev", "eth0"]);
+        self.ip(
+            "rtr",
+            &["link", "set", &name, "master", &format!("br{lan}"), "up"],
+        );
+        self.ip(
+            &name,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", Net::addr(lan, n)),
+                "dev",
+                "eth0",
+            ],
+        );
         self.ip(&name, &["link", "set", "eth0", "up"]);
-        self.ip(&name, &["route", "add", "default", "via", &format!("{NET}.{lan}.1")]);
+        self.ip(
+            &name,
+            &["route", "add", "default", "via", &format!("{NET}.{lan}.1")],
+        );
         name
     }
 
