@@ -355,7 +355,7 @@ impl Config {
         if lan
             .listen
             .iter()
-            .any(|a| a.parse::<libp2p::Multiaddr>().is_err())
+            .any(|a| a.parse::<libp2p_core::Multiaddr>().is_err())
         {
             return Err(invalid(
                 "lan.listen",
@@ -365,7 +365,7 @@ impl Config {
         if lan
             .static_peers
             .iter()
-            .any(|a| a.parse::<libp2p::Multiaddr>().is_err())
+            .any(|a| a.parse::<libp2p_core::Multiaddr>().is_err())
         {
             return Err(invalid(
                 "lan.static_peers",

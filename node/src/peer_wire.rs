@@ -16,7 +16,7 @@
 use std::io;
 
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use libp2p_swarm::StreamProtocol;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use shoal_artifact::ChunkId;
 use shoal_engine::Bitfield;
@@ -335,7 +335,7 @@ impl<Req, Resp> Codec<Req, Resp> {
     }
 }
 
-impl<Req: Message, Resp: Message> libp2p::request_response::Codec for Codec<Req, Resp> {
+impl<Req: Message, Resp: Message> libp2p_request_response::Codec for Codec<Req, Resp> {
     type Protocol = StreamProtocol;
     type Request = Req;
     type Response = Resp;
@@ -549,7 +549,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_codec_caps_what_it_reads() {
-        use libp2p::request_response::Codec as _;
+        use libp2p_request_response::Codec as _;
         let mut codec = Codec::<ChunkRequest, ChunkResponse>::new(CHUNK_REQUEST_BYTES_MAX, 16);
         let big = ChunkResponse::Chunks(vec![ChunkData::Bytes(vec![0; 64])]);
         let bytes = encode(&big);

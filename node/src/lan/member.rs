@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 
 use anyhow::{Context, anyhow};
-use libp2p::PeerId;
+use libp2p_identity::PeerId;
 use shoal_signing::{Credential, RoleName, SecretKey, TrustRoot};
 use tracing::warn;
 
@@ -49,8 +49,8 @@ pub struct Membership {
 
 /// The peer id of a device key.
 pub fn peer_of(key: &shoal_signing::PublicKey) -> Option<PeerId> {
-    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.to_bytes()).ok()?;
-    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
+    let ed = libp2p_identity::ed25519::PublicKey::try_from_bytes(&key.to_bytes()).ok()?;
+    Some(libp2p_identity::PublicKey::from(ed).to_peer_id())
 }
 
 impl Membership {

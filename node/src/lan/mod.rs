@@ -29,16 +29,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, identify, mdns};
+use libp2p_core::upgrade::Version;
+use libp2p_core::{Multiaddr, Transport as _};
+use libp2p_identity::PeerId;
+use libp2p_request_response::{
+    self as request_response, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
+use libp2p_swarm::Swarm;
+use libp2p_swarm::behaviour::toggle::Toggle;
+use libp2p_swarm::{NetworkBehaviour, SwarmEvent};
 use shoal_artifact::ChunkId;
 use shoal_bootctl::BootControl;
 use shoal_engine::{Bitfield, FetchFailure};
 use shoal_signing::SecretKey;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+use {libp2p_allow_block_list as allow_block_list, libp2p_connection_limits as connection_limits};
+use {libp2p_identify as identify, libp2p_mdns as mdns};
 
 use proto::{
     ChunkData, ChunkRequest, ChunkResponse, Codec, Installing, ManifestId, ManifestRequest,
@@ -55,6 +62,7 @@ const STREAMS_MAX: usize = 16;
 
 /// The behaviour: every protocol the LAN layer speaks.
 #[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p_swarm::derive_prelude")]
 pub struct Behaviour {
     limits: connection_limits::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
@@ -144,8 +152,8 @@ impl std::fmt::Debug for Lan {
 }
 
 /// The libp2p identity of a device key (the same ed25519 key).
-pub fn keypair(key: &SecretKey) -> anyhow::Result<libp2p::identity::Keypair> {
-    libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
+pub fn keypair(key: &SecretKey) -> anyhow::Result<libp2p_identity::Keypair> {
+    libp2p_identity::Keypair::ed25519_from_bytes(key.to_seed())
         .map_err(|e| anyhow!("the device key is not a valid ed25519 key: {e}"))
 }
 
@@ -313,7 +321,7 @@ impl Lan {
 }
 
 fn build_swarm(
-    keypair: libp2p::identity::Keypair,
+    keypair: libp2p_identity::Keypair,
     lan: &crate::config::Lan,
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let timeout = Duration::from_secs(lan.request_timeout_s);
@@ -322,65 +330,59 @@ fn build_swarm(
             .with_request_timeout(timeout)
             .with_max_concurrent_streams(STREAMS_MAX)
     };
-    let mdns_on = lan.mdns;
-    let query_interval = Duration::from_secs(lan.mdns_query_interval_s);
-    let connections_max = lan.connections_max;
-    let behaviour = move |key: &libp2p::identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-        let me = key.public().to_peer_id();
-        let mdns = if mdns_on {
-            let cfg = mdns::Config {
-                query_interval,
-                ..Default::default()
-            };
-            Some(mdns::tokio::Behaviour::new(cfg, me)?)
-        } else {
-            None
+    let me = keypair.public().to_peer_id();
+    let mdns = if lan.mdns {
+        let cfg = mdns::Config {
+            query_interval: Duration::from_secs(lan.mdns_query_interval_s),
+            ..Default::default()
         };
-        Ok(Behaviour {
-            limits: connection_limits::Behaviour::new(
-                connection_limits::ConnectionLimits::default()
-                    .with_max_established(Some(connections_max))
-                    .with_max_pending_incoming(Some(connections_max))
-                    .with_max_established_per_peer(Some(4)),
-            ),
-            blocked: allow_block_list::Behaviour::default(),
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/shoal/id/1".into(),
-                key.public(),
-            )),
-            mdns: mdns.into(),
-            state: request_response::Behaviour::with_codec(
-                Codec::new(proto::STATE_BYTES_MAX, proto::STATE_BYTES_MAX),
-                [(proto::STATE, ProtocolSupport::Full)],
-                rr(),
-            ),
-            manifest: request_response::Behaviour::with_codec(
-                Codec::new(proto::MANIFEST_REQUEST_BYTES_MAX, proto::ENVELOPE_BYTES_MAX),
-                [(proto::MANIFEST, ProtocolSupport::Full)],
-                rr(),
-            ),
-            chunk: request_response::Behaviour::with_codec(
-                Codec::new(proto::CHUNK_REQUEST_BYTES_MAX, proto::CHUNK_RESPONSE_BYTES_MAX),
-                [(proto::CHUNK, ProtocolSupport::Full)],
-                rr(),
-            ),
-        })
+        Some(mdns::tokio::Behaviour::new(cfg, me).context("cannot start mDNS")?)
+    } else {
+        None
     };
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(600));
-    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default().nodelay(true),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .map_err(|e| anyhow!("cannot set up TCP: {e}"))?;
-    let swarm = builder
-        .with_behaviour(behaviour)
-        .map_err(|e| anyhow!("cannot set up the LAN protocols: {e}"))?
-        .with_swarm_config(idle)
-        .build();
-    Ok(swarm)
+    let connections_max = lan.connections_max;
+    let behaviour = Behaviour {
+        limits: connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(connections_max))
+                .with_max_pending_incoming(Some(connections_max))
+                .with_max_established_per_peer(Some(4)),
+        ),
+        blocked: allow_block_list::Behaviour::default(),
+        identify: identify::Behaviour::new(identify::Config::new(
+            "/shoal/id/1".into(),
+            keypair.public(),
+        )),
+        mdns: mdns.into(),
+        state: request_response::Behaviour::with_codec(
+            Codec::new(proto::STATE_BYTES_MAX, proto::STATE_BYTES_MAX),
+            [(proto::STATE, ProtocolSupport::Full)],
+            rr(),
+        ),
+        manifest: request_response::Behaviour::with_codec(
+            Codec::new(proto::MANIFEST_REQUEST_BYTES_MAX, proto::ENVELOPE_BYTES_MAX),
+            [(proto::MANIFEST, ProtocolSupport::Full)],
+            rr(),
+        ),
+        chunk: request_response::Behaviour::with_codec(
+            Codec::new(
+                proto::CHUNK_REQUEST_BYTES_MAX,
+                proto::CHUNK_RESPONSE_BYTES_MAX,
+            ),
+            [(proto::CHUNK, ProtocolSupport::Full)],
+            rr(),
+        ),
+    };
+    let noise =
+        libp2p_noise::Config::new(&keypair).map_err(|e| anyhow!("cannot set up Noise: {e}"))?;
+    let transport = libp2p_tcp::tokio::Transport::new(libp2p_tcp::Config::default().nodelay(true))
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(libp2p_yamux::Config::default())
+        .boxed();
+    let config = libp2p_swarm::Config::with_tokio_executor()
+        .with_idle_connection_timeout(Duration::from_secs(600));
+    Ok(Swarm::new(transport, behaviour, me, config))
 }
 
 /// What the event loop is given of this device besides its `[lan]` table.
@@ -619,7 +621,7 @@ impl EventLoop {
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                let full = address.clone().with(libp2p::multiaddr::Protocol::P2p(
+                let full = address.clone().with(libp2p_core::multiaddr::Protocol::P2p(
                     *self.swarm.local_peer_id(),
                 ));
                 info!(address = %full, "listening for LAN peers");

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
-use libp2p::PeerId;
+use libp2p_identity::PeerId;
 use shoal_artifact::{ChunkId, VerifiedChunk};
 use shoal_engine::{
     Bitfield, FetchFailure, Holds, NodeKey, RequestId, SourceClass, SourceId, SourceInfo,

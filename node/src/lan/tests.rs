@@ -100,7 +100,7 @@ fn address(config: &Config) -> String {
 
 fn ask(
     lan: &Lan,
-    peer: libp2p::PeerId,
+    peer: libp2p_identity::PeerId,
     release: ManifestId,
     id: ChunkId,
 ) -> Result<Vec<ChunkData>, FetchFailure> {
