@@ -888,7 +888,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     assert_eq!(slot, Slot::A);
 
     // The driver cuts the slot and hands over the needed chunks it meets.
-    let needed: BTreeSet<ChunkId> = engine.needed_ids().into_iter().collect();
+    let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
     let live = dev.live[slot_index(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
@@ -962,7 +962,7 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     let mut engine = dev.engine(f.config());
     engine.offer(dev.now(), offer).expect("offer");
     while engine.poll_output().is_some() {}
-    assert!(engine.needed_ids().is_empty());
+    assert!(engine.needed_chunks().is_empty());
     engine.handle(
         dev.now(),
         Input::checked(Origin::Slot(Slot::A), lacking, data),

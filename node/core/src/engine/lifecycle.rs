@@ -69,7 +69,6 @@ impl Engine {
                 floor: self.state.floor,
             });
         }
-        let payload = rel.payload;
         let release = rel.release.clone();
 
         let mut resume = false;
@@ -99,12 +98,7 @@ impl Engine {
                     resume = dep.target == self.state.active.other()
                         && (dep.release.manifest_hash == release.manifest_hash
                             || stored_manifest(self.state.envelope.as_deref()).is_some_and(
-                                |(old, p)| {
-                                    same_chunks(
-                                        &old.payloads[p].chunks,
-                                        &manifest.payloads[payload].chunks,
-                                    )
-                                },
+                                |(old, p)| same_chunks(&old.payloads[p].chunks, &rel.table),
                             ));
                 }
                 Phase::Verified | Phase::TrialArmed => {}
@@ -170,8 +164,7 @@ impl Engine {
                 },
             ];
             if held {
-                let n = u32::try_from(manifest.payloads[payload].chunks.len())
-                    .expect("chunk count fits u32");
+                let n = rel.table.positions();
                 self.state.done = (0..n).collect();
                 records.push(Record::Done(self.state.done.clone()));
             }
@@ -206,7 +199,7 @@ impl Engine {
         // When every source says what it holds and some needed chunk is held by
         // none, the plan checks the slot for it before anything is written (a thin
         // artifact without its base is refused untouched): then nothing is taken
-        // while the active slot is indexed (`Engine::needed_ids`).
+        // while the active slot is indexed (`Engine::needed_chunks`).
         let mut seen = std::collections::BTreeSet::new();
         for info in sources {
             if !seen.insert(info.id) {
@@ -577,11 +570,13 @@ pub(super) fn journal_bytes(envelope: Option<&[u8]>, done: &[u32]) -> u64 {
         .sum()
 }
 
-fn same_chunks(a: &[shoal_artifact::ChunkRef], b: &[shoal_artifact::ChunkRef]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.id == y.id && x.size == y.size)
+/// Whether the chunk list `a` is the one of table `b`, position by position.
+fn same_chunks(a: &[shoal_artifact::ChunkRef], b: &super::table::ChunkTable) -> bool {
+    a.len() == b.positions() as usize
+        && a.iter().enumerate().all(|(p, x)| {
+            let e = b.entry_at(p as u32);
+            x.id == b.id(e) && x.size == b.size(e)
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -30,8 +30,9 @@ pub(crate) struct ChunkTable {
     next: Vec<u32>,
     /// By position: byte offset in the payload.
     offsets: Vec<u64>,
-    /// `(id, entry)` sorted by id, for lookups.
-    by_id: Vec<(ChunkId, u32)>,
+    /// Entries sorted by their id, for lookups (4 bytes an entry: the ids are not
+    /// copied).
+    by_id: Vec<u32>,
     /// `(entry, offsets of its positions after the first)` for each entry with
     /// several positions, sorted by entry: shared with each write of it.
     repeats: Vec<(u32, Arc<[u64]>)>,
@@ -39,13 +40,17 @@ pub(crate) struct ChunkTable {
 
 impl ChunkTable {
     /// The table of `payload` (a validated manifest's, so sizes add up).
+    ///
+    /// Besides the table it keeps, it needs 8 bytes a position while it is built
+    /// (positions sorted by id, and each position's first), so building the table
+    /// of a large release does not cost a second copy of its ids.
     pub(crate) fn new(payload: &Payload) -> ChunkTable {
         let n = payload.chunks.len();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
             "chunk count fits 31 bits"
         );
-        let mut by_id: Vec<(ChunkId, u32)> = Vec::with_capacity(n);
+        let chunks = &payload.chunks;
         let mut t = ChunkTable {
             ids: Vec::new(),
             sizes: Vec::new(),
@@ -57,46 +62,54 @@ impl ChunkTable {
             by_id: Vec::new(),
             repeats: Vec::new(),
         };
-        // Entries in order of first appearance; the last position of each entry
-        // so far, to link the next one.
-        let mut sorted: Vec<(ChunkId, u32)> = payload
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(p, c)| (c.id, p as u32))
-            .collect();
-        sorted.sort_unstable();
-        // entry_at[p] for positions: first occurrence of each id gets a new entry
-        // in position order.
+        // Positions sorted by (id, position): each id's positions are a run, first
+        // position first.
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            chunks[a as usize]
+                .id
+                .cmp(&chunks[b as usize].id)
+                .then(a.cmp(&b))
+        });
+        // first_of[p]: the first position with p's id (linking each run).
         let mut first_of = vec![NONE; n];
-        for group in sorted.chunk_by(|a, b| a.0 == b.0) {
-            let first = group[0].1;
+        for group in order.chunk_by(|&a, &b| chunks[a as usize].id == chunks[b as usize].id) {
+            let first = group[0];
             for w in group.windows(2) {
-                t.next[w[0].1 as usize] = w[1].1;
+                t.next[w[0] as usize] = w[1];
             }
-            for &(_, p) in group {
+            for &p in group {
                 first_of[p as usize] = first;
             }
         }
-        let mut entry_at_first = vec![NONE; n];
+        // Entries in order of first appearance.
         let mut offset = 0u64;
-        for (p, c) in payload.chunks.iter().enumerate() {
+        for (p, c) in chunks.iter().enumerate() {
             let f = first_of[p] as usize;
             if f == p {
-                let e = t.ids.len() as u32;
-                entry_at_first[p] = e;
                 t.ids.push(c.id);
                 t.sizes.push(c.size);
                 t.wire.push(c.stored_size);
                 t.first.push(p as u32);
-                by_id.push((c.id, e));
             }
-            t.entry_of.push(entry_at_first[f]);
+            // The first position of an id comes first, so its entry is known.
+            let e = if f == p {
+                t.ids.len() as u32 - 1
+            } else {
+                t.entry_of[f]
+            };
+            t.entry_of.push(e);
             t.offsets.push(offset);
             offset += u64::from(c.size);
         }
-        by_id.sort_unstable();
-        t.by_id = by_id;
+        drop(first_of);
+        // The runs of `order` are in id order: their entries are the lookup array.
+        order.dedup_by(|b, a| chunks[*a as usize].id == chunks[*b as usize].id);
+        for p in &mut order {
+            *p = t.entry_of[*p as usize];
+        }
+        order.shrink_to_fit();
+        t.by_id = order;
         for e in 0..t.entries() {
             if t.next[t.first[e as usize] as usize] != NONE {
                 let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
@@ -127,9 +140,9 @@ impl ChunkTable {
     /// The entry of chunk `id`, if the payload has it.
     pub(crate) fn entry(&self, id: &ChunkId) -> Option<u32> {
         self.by_id
-            .binary_search_by(|(i, _)| i.cmp(id))
+            .binary_search_by(|&e| self.ids[e as usize].cmp(id))
             .ok()
-            .map(|k| self.by_id[k].1)
+            .map(|k| self.by_id[k])
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
@@ -179,10 +192,10 @@ impl ChunkTable {
                 + self.wire.capacity()
                 + self.first.capacity()
                 + self.entry_of.capacity()
-                + self.next.capacity())
+                + self.next.capacity()
+                + self.by_id.capacity())
                 * 4
             + self.offsets.capacity() * 8
-            + self.by_id.capacity() * 36
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
             + self
                 .repeats
