@@ -610,6 +610,20 @@ impl<R: Read> ArtifactReader<R> {
         Ok(())
     }
 
+    /// Reads the members before the first pack, then drops the manifest's chunk
+    /// lists: reading the packs needs only the chunks they hold (bound from the
+    /// manifest here), so a caller that keeps the chunk list elsewhere (the engine's
+    /// chunk table) does not hold a second copy, 40 bytes a chunk, while it streams.
+    /// [`ArtifactReader::manifest`] then has empty `chunks` lists.
+    pub fn shed_chunk_lists(&mut self) -> Result<(), ReadError> {
+        self.read_preamble()?;
+        self.bind()?;
+        for p in &mut self.manifest.payloads {
+            p.chunks = Vec::new();
+        }
+        Ok(())
+    }
+
     /// The verified (or, from `open_unverified`, unverified) manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest

@@ -452,19 +452,23 @@ impl Device {
             .active()
             .context("cannot determine the running slot")?;
         first(self, active)?;
-        let mut state = self.store.load(active, self.capacity)?;
-        // A deployment in flight explains a slot change (boot-check settles it);
-        // without one the device was switched outside Shoal.
-        if state.active != active && state.deployment.is_none() {
-            info!(slot = %active, "the device runs the other slot now; recording it");
-            self.store.apply(&[shoal_engine::Record::Active(active)])?;
-            state = self.store.load(active, self.capacity)?;
-        }
         let mut config = engine_config(&self.config, &self.root);
         if let Some(max) = self.wan_budget_max {
             config.wan_budget_bytes = Some(config.wan_budget_bytes.map_or(max, |b| b.min(max)));
         }
-        Ok(Engine::new(config, state))
+        let mut engine = Engine::new(config.clone(), self.store.load(active, self.capacity)?);
+        // The engine decides whether a slot change needs recording (one made
+        // outside Shoal); once recorded, the state is loaded again for the running
+        // slot's index.
+        if engine.observe_running(shoal_engine::Instant::default(), active) {
+            while let Some(out) = engine.poll_output() {
+                if let Output::Persist(records) = out {
+                    self.store.apply(&records)?;
+                }
+            }
+            engine = Engine::new(config, self.store.load(active, self.capacity)?);
+        }
+        Ok(engine)
     }
 
     /// The engine's status and the bootloader's.
@@ -574,6 +578,10 @@ impl Device {
                     reboot,
                 };
                 driver.offer(offer)?;
+                // The engine's chunk table holds the chunk list now.
+                artifact
+                    .shed_chunk_lists()
+                    .map_err(|e| artifact_error(&name, e))?;
                 driver.stream(artifact, &name)?;
                 driver.source_bytes_read = counted.bytes;
             }
@@ -680,23 +688,9 @@ impl Device {
     pub fn commit(&mut self) -> anyhow::Result<BootCheck> {
         let mut engine = self.engine()?;
         let info = self.boot_info()?;
-        let in_trial = engine
-            .status()
-            .deployment
-            .is_some_and(|d| d.phase == Phase::Trial);
-        if !in_trial && info.trial {
-            // The trial boot has not been recorded yet (boot-check did not run).
-            engine.boot(shoal_engine::Instant::default(), info);
-            while let Some(out) = engine.poll_output() {
-                match out {
-                    Output::RunHealthChecks => break,
-                    Output::Persist(records) => self.store.apply(&records)?,
-                    _ => {}
-                }
-            }
-        }
+        // The engine records a trial boot the boot check has not seen yet.
         engine
-            .commit(shoal_engine::Instant::default())
+            .commit_running(shoal_engine::Instant::default(), info)
             .map_err(|e| anyhow!(e))?;
         let mut progress = |_| {};
         let mut driver = Driver::new(self, engine, &mut progress);

@@ -331,14 +331,10 @@ impl Engine {
     /// Tells the engine the device has booted, and what the bootloader says. In a
     /// trial boot of the deployed slot this runs the health checks; after a trial the
     /// bootloader gave up on, it records the rollback.
-    pub fn boot(&mut self, _now: Instant, boot: Boot) {
+    pub fn boot(&mut self, now: Instant, boot: Boot) {
         self.drop_job();
         let Some(dep) = self.state.deployment.clone() else {
-            if boot.slot != self.state.active {
-                info!(slot = %boot.slot, "running from the other slot; recording it as active");
-                self.switch_active(boot.slot);
-                self.persist(vec![Record::Active(boot.slot)]);
-            }
+            self.observe_running(now, boot.slot);
             return;
         };
         let target = dep.target;
@@ -401,6 +397,47 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Tells the engine which slot the device runs from, outside a boot (before an
+    /// install, a status, a commit). With no deployment in flight a slot other than
+    /// the recorded one was switched to outside Shoal: the engine records it as the
+    /// active slot (an [`Output::Persist`] of [`Record::Active`]; the active slot's
+    /// index is then the store's for that slot, so a driver reloads its state) and
+    /// returns `true`. A deployment in flight explains a slot change, which
+    /// [`Engine::boot`] settles: nothing is recorded then.
+    pub fn observe_running(&mut self, _now: Instant, running: Slot) -> bool {
+        if self.state.deployment.is_some() || running == self.state.active {
+            return false;
+        }
+        info!(slot = %running, "running from the other slot; recording it as active");
+        self.switch_active(running);
+        self.persist(vec![Record::Active(running)]);
+        true
+    }
+
+    /// Commits the trial boot the device runs, as an operator's `commit` does: when
+    /// the trial was not recorded yet (the boot check did not run), the engine
+    /// records it first, without running the health checks the operator overrides.
+    /// Refused, as [`Engine::commit`] is, when the device does not run the deployed
+    /// slot in a trial boot.
+    pub fn commit_running(&mut self, now: Instant, boot: Boot) -> Result<(), CommitError> {
+        if let Some(dep) = self.state.deployment.clone()
+            && dep.phase != Phase::Trial
+            && matches!(
+                dep.phase,
+                Phase::Verified | Phase::TrialArmed | Phase::Rebooting
+            )
+            && boot.trial
+            && boot.slot == dep.target
+        {
+            self.drop_job();
+            let mut d = dep;
+            d.phase = Phase::Trial;
+            self.persist(vec![Record::Deployment(Some(d.clone()))]);
+            self.state.deployment = Some(d);
+        }
+        self.commit(now)
     }
 
     fn switch_active(&mut self, slot: Slot) {
