@@ -634,6 +634,14 @@ impl<R: Read> ArtifactReader<R> {
         &self.envelope
     }
 
+    /// Moves the envelope out of the reader (for a caller that hands it on, as the
+    /// installer does to the engine), so the reader does not keep a second copy of
+    /// the signed manifest while it streams the packs. [`ArtifactReader::envelope`]
+    /// is an empty, unsigned envelope afterwards; reading the packs does not use it.
+    pub fn take_envelope(&mut self) -> Envelope {
+        std::mem::replace(&mut self.envelope, Envelope::new(Vec::new()))
+    }
+
     /// Size of the envelope member's data, in bytes.
     pub fn envelope_len(&self) -> u64 {
         self.envelope_len

@@ -550,6 +550,13 @@ impl Device {
                     )
                     .context("the release was refused"));
                 }
+                // The members before the first pack are read and bound to the
+                // manifest here (a full artifact whose contents lack a chunk is
+                // refused before the offer); the engine's chunk table is then the
+                // one copy of the chunk list.
+                artifact
+                    .shed_chunk_lists()
+                    .map_err(|e| artifact_error(&name, e))?;
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
                 // A full artifact holds every chunk: saying so costs nothing, where
@@ -563,13 +570,11 @@ impl Device {
                             .collect(),
                     )
                 } else {
-                    artifact
-                        .read_dictionary()
-                        .map_err(|e| artifact_error(&name, e))?;
                     Holds::All
                 };
                 let offer = Offer {
-                    envelope: artifact.envelope().to_bytes(),
+                    // Moved out: the engine keeps the one copy.
+                    envelope: artifact.take_envelope().to_bytes(),
                     wall_unix_s: wall,
                     sources: vec![
                         SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
@@ -578,10 +583,6 @@ impl Device {
                     reboot,
                 };
                 driver.offer(offer)?;
-                // The engine's chunk table holds the chunk list now.
-                artifact
-                    .shed_chunk_lists()
-                    .map_err(|e| artifact_error(&name, e))?;
                 driver.stream(artifact, &name)?;
                 driver.source_bytes_read = counted.bytes;
             }
