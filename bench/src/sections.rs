@@ -667,12 +667,15 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
 /// that does not grow with the image): label, size, and the cap in MiB.
 const LARGE_IMAGES: [(&str, u64, f64); 2] = [("2 GiB", 2 << 30, 32.0), ("8 GiB", 8 << 30, 48.0)];
 
+/// Table facts: (what, value).
+type Facts = Vec<(String, String)>;
+
 /// Peak RSS of `shoal install` of generated 2 GiB and 8 GiB images into file slots.
 /// Disk is spent one image at a time and given back: the image is written, built
 /// into an artifact and removed before the timed runs, which write slot B (slot A
 /// is a sparse file, so the running slot holds nothing of the release and the
 /// install cuts an index of it as on any device Shoal meets for the first time).
-fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Vec<(String, String)>)> {
+fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
     let mut goals = Vec::new();
     let mut facts = Vec::new();
     for (k, &(label, size, cap)) in LARGE_IMAGES.iter().enumerate() {
