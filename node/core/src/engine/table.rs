@@ -9,6 +9,11 @@ use shoal_artifact::{ChunkId, Payload};
 /// No next position.
 const NONE: u32 = u32::MAX;
 
+/// The first 4 bytes of an id, big-endian (so prefixes sort as the ids do).
+fn prefix(id: &ChunkId) -> u32 {
+    u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+}
+
 /// Marks, in a list of positions, an entry standing for every position it has
 /// (positions are below it).
 pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
@@ -30,9 +35,10 @@ pub(crate) struct ChunkTable {
     next: Vec<u32>,
     /// By position: byte offset in the payload.
     offsets: Vec<u64>,
-    /// Entries sorted by their id, for lookups (4 bytes an entry: the ids are not
-    /// copied).
-    by_id: Vec<u32>,
+    /// `(first 4 bytes of the id, entry)` sorted by id, for lookups: 8 bytes an
+    /// entry, not a copy of the ids; the full id is compared only where the prefix
+    /// matches (the search stays within this array).
+    by_id: Vec<(u32, u32)>,
     /// `(entry, offsets of its positions after the first)` for each entry with
     /// several positions, sorted by entry: shared with each write of it.
     repeats: Vec<(u32, Arc<[u64]>)>,
@@ -108,8 +114,11 @@ impl ChunkTable {
         for p in &mut order {
             *p = t.entry_of[*p as usize];
         }
-        order.shrink_to_fit();
-        t.by_id = order;
+        t.by_id = order
+            .iter()
+            .map(|&e| (prefix(&t.ids[e as usize]), e))
+            .collect();
+        drop(order);
         for e in 0..t.entries() {
             if t.next[t.first[e as usize] as usize] != NONE {
                 let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
@@ -139,10 +148,13 @@ impl ChunkTable {
 
     /// The entry of chunk `id`, if the payload has it.
     pub(crate) fn entry(&self, id: &ChunkId) -> Option<u32> {
-        self.by_id
-            .binary_search_by(|&e| self.ids[e as usize].cmp(id))
-            .ok()
-            .map(|k| self.by_id[k])
+        let want = prefix(id);
+        let from = self.by_id.partition_point(|&(p, _)| p < want);
+        self.by_id[from..]
+            .iter()
+            .take_while(|&&(p, _)| p == want)
+            .map(|&(_, e)| e)
+            .find(|&e| self.ids[e as usize] == *id)
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
@@ -193,7 +205,7 @@ impl ChunkTable {
                 + self.first.capacity()
                 + self.entry_of.capacity()
                 + self.next.capacity()
-                + self.by_id.capacity())
+                + self.by_id.capacity() * 2)
                 * 4
             + self.offsets.capacity() * 8
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
@@ -248,5 +260,32 @@ mod tests {
         assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
         assert_eq!(t.repeat_offsets(1), None);
         assert_eq!(t.repeat_offsets(2), None);
+    }
+
+    #[test]
+    fn ids_sharing_their_first_bytes_are_told_apart() {
+        let same = |n: u8| {
+            let mut b = [7u8; 32];
+            b[31] = n;
+            ChunkId(b)
+        };
+        let c = |id| ChunkRef {
+            id,
+            size: 10,
+            stored_size: 10,
+        };
+        let payload = Payload {
+            hash: [0; 32],
+            kind: PayloadKind::RootfsImage,
+            name: "rootfs".into(),
+            size: 40,
+            chunks: vec![c(same(3)), c(same(1)), c(id(1)), c(same(2))],
+            references: Vec::new(),
+        };
+        let t = ChunkTable::new(&payload);
+        assert_eq!(
+            [same(1), same(2), same(3), id(1), same(4)].map(|i| t.entry(&i)),
+            [Some(1), Some(3), Some(0), Some(2), None]
+        );
     }
 }
