@@ -610,6 +610,20 @@ impl<R: Read> ArtifactReader<R> {
         Ok(())
     }
 
+    /// Reads the members before the first pack, then drops the manifest's chunk
+    /// lists: reading the packs needs only the chunks they hold (bound from the
+    /// manifest here), so a caller that keeps the chunk list elsewhere (the engine's
+    /// chunk table) does not hold a second copy, 40 bytes a chunk, while it streams.
+    /// [`ArtifactReader::manifest`] then has empty `chunks` lists.
+    pub fn shed_chunk_lists(&mut self) -> Result<(), ReadError> {
+        self.read_preamble()?;
+        self.bind()?;
+        for p in &mut self.manifest.payloads {
+            p.chunks = Vec::new();
+        }
+        Ok(())
+    }
+
     /// The verified (or, from `open_unverified`, unverified) manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -618,6 +632,14 @@ impl<R: Read> ArtifactReader<R> {
     /// The envelope as read.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    /// Moves the envelope out of the reader (for a caller that hands it on, as the
+    /// installer does to the engine), so the reader does not keep a second copy of
+    /// the signed manifest while it streams the packs. [`ArtifactReader::envelope`]
+    /// is an empty, unsigned envelope afterwards; reading the packs does not use it.
+    pub fn take_envelope(&mut self) -> Envelope {
+        std::mem::replace(&mut self.envelope, Envelope::new(Vec::new()))
     }
 
     /// Size of the envelope member's data, in bytes.

@@ -637,12 +637,128 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         figure(&jobs, THIN, &why, rss),
         rss_cap,
     ));
+    let (large_goals, large_facts) = match &ready {
+        Ok((s, _)) => install_large(ctx, s)?,
+        Err(why) => (
+            LARGE_IMAGES
+                .iter()
+                .map(|&(label, _, cap)| {
+                    Goal::not_run(
+                        &format!("peak RSS of `shoal install` ({label} generated image)"),
+                        why.clone(),
+                        Target::AtMost(Quantity::Mebibytes(cap)),
+                    )
+                })
+                .collect(),
+            Vec::new(),
+        ),
+    };
+    goals.extend(large_goals);
+    facts.extend(large_facts);
     Ok(Section {
         title: "Issue 4 — `shoal install`".to_owned(),
         goals,
         series: jobs.into_iter().map(|j| j.series).collect(),
         facts,
     })
+}
+
+/// The generated images whose full install's peak RSS is a goal (issue 10: memory
+/// that does not grow with the image): label, size, and the cap in MiB.
+const LARGE_IMAGES: [(&str, u64, f64); 2] = [("2 GiB", 2 << 30, 32.0), ("8 GiB", 8 << 30, 48.0)];
+
+/// Table facts: (what, value).
+type Facts = Vec<(String, String)>;
+
+/// Peak RSS of `shoal install` of generated 2 GiB and 8 GiB images into file slots.
+/// Disk is spent one image at a time and given back: the image is written, built
+/// into an artifact and removed before the timed runs, which write slot B (slot A
+/// is a sparse file, so the running slot holds nothing of the release and the
+/// install cuts an index of it as on any device Shoal meets for the first time).
+fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
+    let mut goals = Vec::new();
+    let mut facts = Vec::new();
+    for (k, &(label, size, cap)) in LARGE_IMAGES.iter().enumerate() {
+        let image = work_path(ctx, &format!("large-{k}.img"));
+        let artifact = work_path(ctx, &format!("large-{k}.shoal"));
+        progress(&format!("generating a {label} image (untimed)"));
+        write_generated_image(&image, size, 0x5ee0 + k as u64)?;
+        let release = Release {
+            image: &image,
+            version: "2",
+            counter: 2,
+        };
+        progress(&format!("building the {label} artifact (untimed)"));
+        let built = shoal.build(release, &artifact, false, None).run_plain();
+        measure::remove_any(&image)?;
+        built?;
+        let name = format!("dev-large-{k}");
+        let dev = Device::create(ctx, shoal, &name, SlotA::Sparse, size)?;
+        let job_label = format!("shoal install ({label} generated image)");
+        let mut jobs = vec![
+            Job::new(
+                &job_label,
+                dev.install(shoal, &artifact),
+                &dev.clean(),
+                Output::None,
+                true,
+            )
+            .with_prepare(dev.prepare(shoal)),
+        ];
+        let ran = run_rounds(ctx, &mut jobs);
+        let chunks = jobs[0]
+            .result()
+            .ok()
+            .and_then(|_| serde_json::from_slice::<serde_json::Value>(&jobs[0].last_stdout).ok())
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        measure::remove_any(&artifact)?;
+        measure::remove_any(&work_path(ctx, &name))?;
+        ran?;
+        if !chunks.is_empty() {
+            facts.push((
+                format!("`{job_label}`: what `--json` reported (last run)"),
+                format!("`{chunks}`"),
+            ));
+        }
+        goals.push(Goal::absolute(
+            &format!("peak RSS of `shoal install` ({label} generated image)"),
+            figure(&jobs, &job_label, "", rss),
+            Target::AtMost(Quantity::Mebibytes(cap)),
+        ));
+    }
+    Ok((goals, facts))
+}
+
+/// Writes `size` bytes of generated content to `path`: one random bit per byte
+/// (`A` or `B`, from a seeded xorshift), so content-defined chunking cuts it like
+/// real data (chunks of every size, none repeated) while zstd stores it in about
+/// an eighth of its size (disk is spent on the slot, not the artifact).
+fn write_generated_image(path: &Path, size: u64, seed: u64) -> Result<()> {
+    use std::io::Write as _;
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut state = seed | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for bytes in block.chunks_mut(64) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = if state >> i & 1 == 1 { b'B' } else { b'A' };
+            }
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        left -= n as u64;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// Builds `release` into `out` (untimed; against `base` for a thin artifact)
@@ -667,6 +783,8 @@ enum SlotA<'a> {
     Random,
     /// An image the device runs (not installed by Shoal, so the install indexes it).
     Image(&'a Path),
+    /// A sparse file of zeros (nothing can be reused; costs no disk).
+    Sparse,
 }
 
 /// A file-backed device: two slot files, Shoal's file bootloader environment, a data
@@ -704,6 +822,8 @@ impl Device {
                 .arg(image)
                 .arg(&a)
                 .run_plain()?,
+            // `truncate` below makes it.
+            SlotA::Sparse => Vec::new(),
         };
         Cmd::new("truncate")
             .args(["-s", &size.to_string()])

@@ -90,8 +90,8 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, Config, DeploymentStatus, Engine, Event, Input, NodeKey, Offer, Offsets, Output,
-    Progress, Status, Swarm, VerifiedRelease,
+    Boot, Config, DeploymentStatus, Engine, Event, Input, NeededChunks, NodeKey, Offer, Offsets,
+    Output, Progress, Status, Swarm, VerifiedRelease,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use shoal_artifact::VerifiedChunk;

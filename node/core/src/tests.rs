@@ -888,7 +888,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     assert_eq!(slot, Slot::A);
 
     // The driver cuts the slot and hands over the needed chunks it meets.
-    let needed: BTreeSet<ChunkId> = engine.needed_ids().into_iter().collect();
+    let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
     let live = dev.live[slot_index(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
@@ -962,7 +962,7 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     let mut engine = dev.engine(f.config());
     engine.offer(dev.now(), offer).expect("offer");
     while engine.poll_output().is_some() {}
-    assert!(engine.needed_ids().is_empty());
+    assert!(engine.needed_chunks().is_empty());
     engine.handle(
         dev.now(),
         Input::checked(Origin::Slot(Slot::A), lacking, data),
@@ -1003,4 +1003,93 @@ fn the_active_slot_index_can_be_the_shared_table_of_its_release() {
         "only the changed chunks fetched"
     );
     assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+}
+
+/// Lifecycle decision (#10): a slot switched outside Shoal, with no deployment in
+/// flight, is recorded as the active slot by the engine; one a deployment explains
+/// is left to the boot check.
+#[test]
+fn a_slot_switched_outside_shoal_is_recorded_by_the_engine() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let mut engine = dev.engine(f.config());
+    // Running the recorded slot: nothing to record.
+    assert!(!engine.observe_running(dev.now(), Slot::A));
+    assert!(engine.poll_output().is_none());
+    // Switched to B by hand.
+    assert!(engine.observe_running(dev.now(), Slot::B));
+    match engine.poll_output() {
+        Some(Output::Persist(records)) => {
+            assert_eq!(records, vec![crate::Record::Active(Slot::B)]);
+        }
+        other => panic!("expected the active slot recorded, got {other:?}"),
+    }
+    assert_eq!(engine.status().active, Slot::B);
+
+    // With an install in flight (slot B being written from A), running B is the
+    // deployment's business: nothing is recorded.
+    let (m1, _) = release("acme-os", "1.0", 7, DEVICE, &v1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(dev.store.state.deployment.is_some());
+    let mut engine = dev.engine(f.config());
+    assert!(!engine.observe_running(dev.now(), Slot::B));
+    assert!(
+        std::iter::from_fn(|| engine.poll_output()).all(
+            |o| !matches!(o, Output::Persist(r) if r.contains(&crate::Record::Active(Slot::B)))
+        )
+    );
+    assert_eq!(engine.status().active, Slot::A);
+}
+
+/// Lifecycle decision (#10): an operator's commit in a trial boot the boot check
+/// has not seen records the trial and commits, without running health checks; out
+/// of a trial it is refused.
+#[test]
+fn commit_without_a_boot_check_records_the_trial_then_commits() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+    let (m1, c1) = release("acme-os", "1.0", 7, DEVICE, &v1);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+        .expect("offer");
+    dev.run(&mut engine, stream(&c1)).expect("no crash");
+    assert_eq!(
+        dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),
+        Some(Phase::TrialArmed)
+    );
+    // Before the reboot there is no trial to commit.
+    let mut engine = dev.engine(f.config());
+    assert!(matches!(
+        engine.commit_running(dev.now(), dev.boot_info()),
+        Err(CommitError::NotInTrial { .. })
+    ));
+    dev.reboot();
+    let mut engine = dev.engine(f.config());
+    engine
+        .commit_running(dev.now(), dev.boot_info())
+        .expect("commits the unrecorded trial");
+    let outs: Vec<Output> = std::iter::from_fn(|| engine.poll_output()).collect();
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::RunHealthChecks)),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Commit { slot: Slot::B })),
+        "{outs:?}"
+    );
+    for o in outs {
+        dev.execute(&mut engine, o).expect("no crash");
+    }
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.store.state.floor, 7);
+    assert_eq!(dev.store.state.deployment, None);
 }

@@ -452,19 +452,23 @@ impl Device {
             .active()
             .context("cannot determine the running slot")?;
         first(self, active)?;
-        let mut state = self.store.load(active, self.capacity)?;
-        // A deployment in flight explains a slot change (boot-check settles it);
-        // without one the device was switched outside Shoal.
-        if state.active != active && state.deployment.is_none() {
-            info!(slot = %active, "the device runs the other slot now; recording it");
-            self.store.apply(&[shoal_engine::Record::Active(active)])?;
-            state = self.store.load(active, self.capacity)?;
-        }
         let mut config = engine_config(&self.config, &self.root);
         if let Some(max) = self.wan_budget_max {
             config.wan_budget_bytes = Some(config.wan_budget_bytes.map_or(max, |b| b.min(max)));
         }
-        Ok(Engine::new(config, state))
+        let mut engine = Engine::new(config.clone(), self.store.load(active, self.capacity)?);
+        // The engine decides whether a slot change needs recording (one made
+        // outside Shoal); once recorded, the state is loaded again for the running
+        // slot's index.
+        if engine.observe_running(shoal_engine::Instant::default(), active) {
+            while let Some(out) = engine.poll_output() {
+                if let Output::Persist(records) = out {
+                    self.store.apply(&records)?;
+                }
+            }
+            engine = Engine::new(config, self.store.load(active, self.capacity)?);
+        }
+        Ok(engine)
     }
 
     /// The engine's status and the bootloader's.
@@ -546,19 +550,35 @@ impl Device {
                     )
                     .context("the release was refused"));
                 }
+                // The members before the first pack are read and bound to the
+                // manifest here (a full artifact whose contents lack a chunk is
+                // refused before the offer); the engine's chunk table is then the
+                // one copy of the chunk list.
+                artifact
+                    .shed_chunk_lists()
+                    .map_err(|e| artifact_error(&name, e))?;
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
-                let holds = artifact
-                    .holds()
-                    .map_err(|e| artifact_error(&name, e))?
-                    .into_iter()
-                    .collect();
+                // A full artifact holds every chunk: saying so costs nothing, where
+                // a list of ids costs about 80 bytes a chunk (27 MiB at 8 GiB).
+                let holds = if artifact.is_thin() {
+                    Holds::Ids(
+                        artifact
+                            .holds()
+                            .map_err(|e| artifact_error(&name, e))?
+                            .into_iter()
+                            .collect(),
+                    )
+                } else {
+                    Holds::All
+                };
                 let offer = Offer {
-                    envelope: artifact.envelope().to_bytes(),
+                    // Moved out: the engine keeps the one copy.
+                    envelope: artifact.take_envelope().to_bytes(),
                     wall_unix_s: wall,
                     sources: vec![
                         SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
-                            .holding(Holds::Ids(holds)),
+                            .holding(holds),
                     ],
                     reboot,
                 };
@@ -669,23 +689,9 @@ impl Device {
     pub fn commit(&mut self) -> anyhow::Result<BootCheck> {
         let mut engine = self.engine()?;
         let info = self.boot_info()?;
-        let in_trial = engine
-            .status()
-            .deployment
-            .is_some_and(|d| d.phase == Phase::Trial);
-        if !in_trial && info.trial {
-            // The trial boot has not been recorded yet (boot-check did not run).
-            engine.boot(shoal_engine::Instant::default(), info);
-            while let Some(out) = engine.poll_output() {
-                match out {
-                    Output::RunHealthChecks => break,
-                    Output::Persist(records) => self.store.apply(&records)?,
-                    _ => {}
-                }
-            }
-        }
+        // The engine records a trial boot the boot check has not seen yet.
         engine
-            .commit(shoal_engine::Instant::default())
+            .commit_running(shoal_engine::Instant::default(), info)
             .map_err(|e| anyhow!(e))?;
         let mut progress = |_| {};
         let mut driver = Driver::new(self, engine, &mut progress);
@@ -1661,10 +1667,17 @@ impl<'a> Driver<'a> {
                         .open_reader(slot)
                         .with_context(|| format!("cannot open slot {slot}"))?;
                     let len = len.min(storage.len()?);
-                    let wanted: HashSet<ChunkId> = self.engine.needed_ids().into_iter().collect();
+                    // One bit a needed chunk, over the release's shared table.
+                    let wanted = self.engine.needed_chunks();
                     let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
                     let worker = std::thread::spawn(move || {
-                        slotio::index(&*storage, len, chunking, &wanted, Some(&tx))
+                        slotio::index(
+                            &*storage,
+                            len,
+                            chunking,
+                            &|id| wanted.contains(id),
+                            Some(&tx),
+                        )
                     });
                     for chunk in met {
                         // Hashed by the indexer as it cut the slot.

@@ -172,7 +172,7 @@ pub fn index(
     storage: &dyn Storage,
     len: u64,
     chunking: Chunking,
-    wanted: &HashSet<ChunkId>,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
@@ -180,7 +180,7 @@ pub fn index(
     let mut met = met;
     let mut hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
         if let Some(tx) = met
-            && wanted.contains(&id)
+            && wanted(&id)
             && sent.insert(id)
             // The proof the engine takes (hashed again, on this thread: the
             // indexer's hash is of a slice it does not own).
@@ -685,14 +685,7 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_FAST,
         ] {
             let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
-            let got = index(
-                &*storage,
-                data.len() as u64,
-                chunking,
-                &HashSet::new(),
-                None,
-            )
-            .unwrap();
+            let got = index(&*storage, data.len() as u64, chunking, &|_| false, None).unwrap();
             assert_eq!(got.len(), expected.len(), "{chunking:?}");
             assert_eq!(got, expected, "{chunking:?}");
         }
@@ -705,7 +698,7 @@ mod tests {
             &*storage,
             len as u64,
             shoal_artifact::chunk::CHUNKING_DEFAULT,
-            &HashSet::new(),
+            &|_| false,
             None,
         )
         .unwrap();
@@ -715,7 +708,7 @@ mod tests {
                 &*storage,
                 0,
                 shoal_artifact::chunk::CHUNKING_DEFAULT,
-                &HashSet::new(),
+                &|_| false,
                 None
             )
             .unwrap()
@@ -738,7 +731,14 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(4);
         let got = std::thread::scope(|scope| {
             let receiver = scope.spawn(move || rx.iter().collect::<Vec<_>>());
-            let index = index(&*storage, data.len() as u64, chunking, &wanted, Some(&tx)).unwrap();
+            let index = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|id| wanted.contains(id),
+                Some(&tx),
+            )
+            .unwrap();
             drop(tx);
             assert_eq!(index, all);
             receiver.join().unwrap()
@@ -753,7 +753,14 @@ mod tests {
         // A receiver that went away stops the sending, not the index.
         let (tx, rx) = mpsc::sync_channel(1);
         drop(rx);
-        let index = index(&*storage, data.len() as u64, chunking, &wanted, Some(&tx)).unwrap();
+        let index = index(
+            &*storage,
+            data.len() as u64,
+            chunking,
+            &|id| wanted.contains(id),
+            Some(&tx),
+        )
+        .unwrap();
         assert_eq!(index, all);
     }
 

@@ -362,13 +362,16 @@ impl Store {
                                 // First occurrence of a chunk wins; inserted in key
                                 // order, so the B-tree is appended to rather than
                                 // written all over (its cache is small).
-                                let mut rows = std::collections::BTreeMap::new();
-                                for c in &new.chunks {
-                                    rows.entry(index_key(*slot, &c.id))
-                                        .or_insert((c.offset, c.len));
-                                }
-                                for (k, v) in rows {
-                                    index.insert(&k[..], v)?;
+                                // Sorted as positions (4 bytes a chunk, not a
+                                // second copy of the index); stable, so of one id
+                                // the first in slot order comes first.
+                                let mut order: Vec<u32> = (0..new.chunks.len() as u32).collect();
+                                order.sort_by_key(|&k| new.chunks[k as usize].id);
+                                order.dedup_by_key(|k| new.chunks[*k as usize].id);
+                                for k in order {
+                                    let c = &new.chunks[k as usize];
+                                    index
+                                        .insert(&index_key(*slot, &c.id)[..], (c.offset, c.len))?;
                                 }
                             }
                             None => put(&mut meta, &key, None)?,

@@ -69,7 +69,6 @@ impl Engine {
                 floor: self.state.floor,
             });
         }
-        let payload = rel.payload;
         let release = rel.release.clone();
 
         let mut resume = false;
@@ -99,12 +98,7 @@ impl Engine {
                     resume = dep.target == self.state.active.other()
                         && (dep.release.manifest_hash == release.manifest_hash
                             || stored_manifest(self.state.envelope.as_deref()).is_some_and(
-                                |(old, p)| {
-                                    same_chunks(
-                                        &old.payloads[p].chunks,
-                                        &manifest.payloads[payload].chunks,
-                                    )
-                                },
+                                |(old, p)| same_chunks(&old.payloads[p].chunks, &rel.table),
                             ));
                 }
                 Phase::Verified | Phase::TrialArmed => {}
@@ -170,8 +164,7 @@ impl Engine {
                 },
             ];
             if held {
-                let n = u32::try_from(manifest.payloads[payload].chunks.len())
-                    .expect("chunk count fits u32");
+                let n = rel.table.positions();
                 self.state.done = (0..n).collect();
                 records.push(Record::Done(self.state.done.clone()));
             }
@@ -206,7 +199,7 @@ impl Engine {
         // When every source says what it holds and some needed chunk is held by
         // none, the plan checks the slot for it before anything is written (a thin
         // artifact without its base is refused untouched): then nothing is taken
-        // while the active slot is indexed (`Engine::needed_ids`).
+        // while the active slot is indexed (`Engine::needed_chunks`).
         let mut seen = std::collections::BTreeSet::new();
         for info in sources {
             if !seen.insert(info.id) {
@@ -338,14 +331,10 @@ impl Engine {
     /// Tells the engine the device has booted, and what the bootloader says. In a
     /// trial boot of the deployed slot this runs the health checks; after a trial the
     /// bootloader gave up on, it records the rollback.
-    pub fn boot(&mut self, _now: Instant, boot: Boot) {
+    pub fn boot(&mut self, now: Instant, boot: Boot) {
         self.drop_job();
         let Some(dep) = self.state.deployment.clone() else {
-            if boot.slot != self.state.active {
-                info!(slot = %boot.slot, "running from the other slot; recording it as active");
-                self.switch_active(boot.slot);
-                self.persist(vec![Record::Active(boot.slot)]);
-            }
+            self.observe_running(now, boot.slot);
             return;
         };
         let target = dep.target;
@@ -408,6 +397,47 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Tells the engine which slot the device runs from, outside a boot (before an
+    /// install, a status, a commit). With no deployment in flight a slot other than
+    /// the recorded one was switched to outside Shoal: the engine records it as the
+    /// active slot (an [`Output::Persist`] of [`Record::Active`]; the active slot's
+    /// index is then the store's for that slot, so a driver reloads its state) and
+    /// returns `true`. A deployment in flight explains a slot change, which
+    /// [`Engine::boot`] settles: nothing is recorded then.
+    pub fn observe_running(&mut self, _now: Instant, running: Slot) -> bool {
+        if self.state.deployment.is_some() || running == self.state.active {
+            return false;
+        }
+        info!(slot = %running, "running from the other slot; recording it as active");
+        self.switch_active(running);
+        self.persist(vec![Record::Active(running)]);
+        true
+    }
+
+    /// Commits the trial boot the device runs, as an operator's `commit` does: when
+    /// the trial was not recorded yet (the boot check did not run), the engine
+    /// records it first, without running the health checks the operator overrides.
+    /// Refused, as [`Engine::commit`] is, when the device does not run the deployed
+    /// slot in a trial boot.
+    pub fn commit_running(&mut self, now: Instant, boot: Boot) -> Result<(), CommitError> {
+        if let Some(dep) = self.state.deployment.clone()
+            && dep.phase != Phase::Trial
+            && matches!(
+                dep.phase,
+                Phase::Verified | Phase::TrialArmed | Phase::Rebooting
+            )
+            && boot.trial
+            && boot.slot == dep.target
+        {
+            self.drop_job();
+            let mut d = dep;
+            d.phase = Phase::Trial;
+            self.persist(vec![Record::Deployment(Some(d.clone()))]);
+            self.state.deployment = Some(d);
+        }
+        self.commit(now)
     }
 
     fn switch_active(&mut self, slot: Slot) {
@@ -577,11 +607,13 @@ pub(super) fn journal_bytes(envelope: Option<&[u8]>, done: &[u32]) -> u64 {
         .sum()
 }
 
-fn same_chunks(a: &[shoal_artifact::ChunkRef], b: &[shoal_artifact::ChunkRef]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.id == y.id && x.size == y.size)
+/// Whether the chunk list `a` is the one of table `b`, position by position.
+fn same_chunks(a: &[shoal_artifact::ChunkRef], b: &super::table::ChunkTable) -> bool {
+    a.len() == b.positions() as usize
+        && a.iter().enumerate().all(|(p, x)| {
+            let e = b.entry_at(p as u32);
+            x.id == b.id(e) && x.size == b.size(e)
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {

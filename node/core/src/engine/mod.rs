@@ -687,11 +687,14 @@ impl Engine {
     /// says what it holds and some needed chunk is held by none, so the plan first
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
-    pub fn needed_ids(&self) -> Vec<ChunkId> {
+    pub fn needed_chunks(&self) -> NeededChunks {
         self.job
             .as_ref()
             .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
-            .map(|j| j.needed_entries().map(|e| j.rel.table.id(e)).collect())
+            .map(|j| NeededChunks {
+                bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
+                rel: Some(std::sync::Arc::clone(&j.rel)),
+            })
             .unwrap_or_default()
     }
 
@@ -888,5 +891,42 @@ impl Engine {
     /// Heap bytes of the release's chunk table.
     pub fn release_table_bytes(&self) -> usize {
         self.job.as_ref().map_or(0, |j| j.rel.table.heap_bytes())
+    }
+}
+
+/// The chunks an install still needed when [`Engine::needed_chunks`] was called: a
+/// set a driver can hand to the thread that cuts a slot. It shares the release's
+/// chunk table and holds one bit a chunk (not a copy of the ids).
+#[derive(Debug, Clone, Default)]
+pub struct NeededChunks {
+    rel: Option<std::sync::Arc<VerifiedRelease>>,
+    /// By entry of the release's table.
+    bits: crate::Bitfield,
+}
+
+impl NeededChunks {
+    /// Whether chunk `id` is needed.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.rel
+            .as_ref()
+            .and_then(|r| r.table.entry(id))
+            .is_some_and(|e| self.bits.get(e))
+    }
+
+    /// How many distinct chunks are needed.
+    pub fn len(&self) -> u32 {
+        self.bits.count()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The needed chunk ids, in the order of their first position in the payload.
+    pub fn ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.rel
+            .iter()
+            .flat_map(|r| self.bits.iter().map(|e| r.table.id(e)))
     }
 }

@@ -291,7 +291,7 @@ pub(crate) struct Job {
     probes_in_flight: u32,
     absent: Vec<u32>,
     /// Whether needed chunks met while the active slot is indexed are taken then
-    /// (see [`Engine::needed_ids`]).
+    /// (see [`Engine::needed_chunks`]).
     pub(crate) take_while_indexing: bool,
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
@@ -443,7 +443,7 @@ impl Job {
             .any(|s| s.is_open_stream() && s.holds.as_ref().is_some_and(|h| h.get(e)))
     }
 
-    /// The entries still needed (for [`Engine::needed_ids`]).
+    /// The entries still needed (for [`Engine::needed_chunks`]).
     pub(crate) fn needed_entries(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.rel.table.entries()).filter(|&e| self.need.get(e) != Need::Done)
     }

@@ -9,6 +9,11 @@ use shoal_artifact::{ChunkId, Payload};
 /// No next position.
 const NONE: u32 = u32::MAX;
 
+/// The first 4 bytes of an id, big-endian (so prefixes sort as the ids do).
+fn prefix(id: &ChunkId) -> u32 {
+    u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+}
+
 /// Marks, in a list of positions, an entry standing for every position it has
 /// (positions are below it).
 pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
@@ -30,8 +35,10 @@ pub(crate) struct ChunkTable {
     next: Vec<u32>,
     /// By position: byte offset in the payload.
     offsets: Vec<u64>,
-    /// `(id, entry)` sorted by id, for lookups.
-    by_id: Vec<(ChunkId, u32)>,
+    /// `(first 4 bytes of the id, entry)` sorted by id, for lookups: 8 bytes an
+    /// entry, not a copy of the ids; the full id is compared only where the prefix
+    /// matches (the search stays within this array).
+    by_id: Vec<(u32, u32)>,
     /// `(entry, offsets of its positions after the first)` for each entry with
     /// several positions, sorted by entry: shared with each write of it.
     repeats: Vec<(u32, Arc<[u64]>)>,
@@ -39,13 +46,17 @@ pub(crate) struct ChunkTable {
 
 impl ChunkTable {
     /// The table of `payload` (a validated manifest's, so sizes add up).
+    ///
+    /// Besides the table it keeps, it needs 8 bytes a position while it is built
+    /// (positions sorted by id, and each position's first), so building the table
+    /// of a large release does not cost a second copy of its ids.
     pub(crate) fn new(payload: &Payload) -> ChunkTable {
         let n = payload.chunks.len();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
             "chunk count fits 31 bits"
         );
-        let mut by_id: Vec<(ChunkId, u32)> = Vec::with_capacity(n);
+        let chunks = &payload.chunks;
         let mut t = ChunkTable {
             ids: Vec::new(),
             sizes: Vec::new(),
@@ -57,46 +68,57 @@ impl ChunkTable {
             by_id: Vec::new(),
             repeats: Vec::new(),
         };
-        // Entries in order of first appearance; the last position of each entry
-        // so far, to link the next one.
-        let mut sorted: Vec<(ChunkId, u32)> = payload
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(p, c)| (c.id, p as u32))
-            .collect();
-        sorted.sort_unstable();
-        // entry_at[p] for positions: first occurrence of each id gets a new entry
-        // in position order.
+        // Positions sorted by (id, position): each id's positions are a run, first
+        // position first.
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            chunks[a as usize]
+                .id
+                .cmp(&chunks[b as usize].id)
+                .then(a.cmp(&b))
+        });
+        // first_of[p]: the first position with p's id (linking each run).
         let mut first_of = vec![NONE; n];
-        for group in sorted.chunk_by(|a, b| a.0 == b.0) {
-            let first = group[0].1;
+        for group in order.chunk_by(|&a, &b| chunks[a as usize].id == chunks[b as usize].id) {
+            let first = group[0];
             for w in group.windows(2) {
-                t.next[w[0].1 as usize] = w[1].1;
+                t.next[w[0] as usize] = w[1];
             }
-            for &(_, p) in group {
+            for &p in group {
                 first_of[p as usize] = first;
             }
         }
-        let mut entry_at_first = vec![NONE; n];
+        // Entries in order of first appearance.
         let mut offset = 0u64;
-        for (p, c) in payload.chunks.iter().enumerate() {
+        for (p, c) in chunks.iter().enumerate() {
             let f = first_of[p] as usize;
             if f == p {
-                let e = t.ids.len() as u32;
-                entry_at_first[p] = e;
                 t.ids.push(c.id);
                 t.sizes.push(c.size);
                 t.wire.push(c.stored_size);
                 t.first.push(p as u32);
-                by_id.push((c.id, e));
             }
-            t.entry_of.push(entry_at_first[f]);
+            // The first position of an id comes first, so its entry is known.
+            let e = if f == p {
+                t.ids.len() as u32 - 1
+            } else {
+                t.entry_of[f]
+            };
+            t.entry_of.push(e);
             t.offsets.push(offset);
             offset += u64::from(c.size);
         }
-        by_id.sort_unstable();
-        t.by_id = by_id;
+        drop(first_of);
+        // The runs of `order` are in id order: their entries are the lookup array.
+        order.dedup_by(|b, a| chunks[*a as usize].id == chunks[*b as usize].id);
+        for p in &mut order {
+            *p = t.entry_of[*p as usize];
+        }
+        t.by_id = order
+            .iter()
+            .map(|&e| (prefix(&t.ids[e as usize]), e))
+            .collect();
+        drop(order);
         for e in 0..t.entries() {
             if t.next[t.first[e as usize] as usize] != NONE {
                 let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
@@ -126,10 +148,13 @@ impl ChunkTable {
 
     /// The entry of chunk `id`, if the payload has it.
     pub(crate) fn entry(&self, id: &ChunkId) -> Option<u32> {
-        self.by_id
-            .binary_search_by(|(i, _)| i.cmp(id))
-            .ok()
-            .map(|k| self.by_id[k].1)
+        let want = prefix(id);
+        let from = self.by_id.partition_point(|&(p, _)| p < want);
+        self.by_id[from..]
+            .iter()
+            .take_while(|&&(p, _)| p == want)
+            .map(|&(_, e)| e)
+            .find(|&e| self.ids[e as usize] == *id)
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
@@ -179,10 +204,10 @@ impl ChunkTable {
                 + self.wire.capacity()
                 + self.first.capacity()
                 + self.entry_of.capacity()
-                + self.next.capacity())
+                + self.next.capacity()
+                + self.by_id.capacity() * 2)
                 * 4
             + self.offsets.capacity() * 8
-            + self.by_id.capacity() * 36
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
             + self
                 .repeats
@@ -235,5 +260,32 @@ mod tests {
         assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
         assert_eq!(t.repeat_offsets(1), None);
         assert_eq!(t.repeat_offsets(2), None);
+    }
+
+    #[test]
+    fn ids_sharing_their_first_bytes_are_told_apart() {
+        let same = |n: u8| {
+            let mut b = [7u8; 32];
+            b[31] = n;
+            ChunkId(b)
+        };
+        let c = |id| ChunkRef {
+            id,
+            size: 10,
+            stored_size: 10,
+        };
+        let payload = Payload {
+            hash: [0; 32],
+            kind: PayloadKind::RootfsImage,
+            name: "rootfs".into(),
+            size: 40,
+            chunks: vec![c(same(3)), c(same(1)), c(id(1)), c(same(2))],
+            references: Vec::new(),
+        };
+        let t = ChunkTable::new(&payload);
+        assert_eq!(
+            [same(1), same(2), same(3), id(1), same(4)].map(|i| t.entry(&i)),
+            [Some(1), Some(3), Some(0), Some(2), None]
+        );
     }
 }
