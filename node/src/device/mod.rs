@@ -493,6 +493,15 @@ impl Device {
                 engine.status().active
             );
         }
+        // A release installed here from a file or a USB store is kept (its signed
+        // envelope) for the LAN: the daemon serves and announces it after the
+        // reboot, and peers with `[lan] accept_releases` install it from here.
+        let keep_for_lan = self
+            .config
+            .lan
+            .enabled
+            .then(|| self.config.device.data_dir.clone());
+        let mut kept: Option<([u8; 32], Vec<u8>)> = None;
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
@@ -553,8 +562,12 @@ impl Device {
                     .map_err(|e| artifact_error(&name, e))?
                     .into_iter()
                     .collect();
+                let envelope = artifact.envelope().to_bytes();
+                if keep_for_lan.is_some() {
+                    kept = Some((artifact.manifest().hash(), envelope.clone()));
+                }
                 let offer = Offer {
-                    envelope: artifact.envelope().to_bytes(),
+                    envelope,
                     wall_unix_s: wall,
                     sources: vec![
                         SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
@@ -604,6 +617,9 @@ impl Device {
                 driver.chunk_store = Some((store, refs));
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
+                if keep_for_lan.is_some() {
+                    kept = Some((manifest.hash(), envelope.clone()));
+                }
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -621,7 +637,14 @@ impl Device {
                 driver.offer(offer)?;
             }
         }
-        driver.finish_install()
+        let report = driver.finish_install()?;
+        if let (Some(data_dir), Some((hash, envelope))) = (keep_for_lan, kept) {
+            let id = crate::lan::proto::ManifestId(hash);
+            if let Err(e) = crate::lan::serve::save_envelope(&data_dir, &id, &envelope) {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the manifest for LAN peers");
+            }
+        }
+        Ok(report)
     }
 
     /// At boot: in a trial boot, runs the health checks and commits or rolls back

@@ -44,7 +44,12 @@ pub struct Membership {
     fleet: Option<String>,
     /// This device's credential, shown to its peers.
     credential: Option<Vec<u8>>,
+    /// Revoked keys of `[lan] revoked_peers`.
     revoked: HashSet<[u8; 32]>,
+    /// Revoked keys the server handed out with the last credential.
+    server_revoked: HashSet<[u8; 32]>,
+    /// This device's key.
+    me: shoal_signing::PublicKey,
 }
 
 /// The peer id of a device key.
@@ -78,6 +83,8 @@ impl Membership {
                 fleet: None,
                 credential: None,
                 revoked,
+                server_revoked: HashSet::new(),
+                me: key.public(),
             });
         }
         let mut m = Membership {
@@ -85,6 +92,8 @@ impl Membership {
             fleet: None,
             credential: None,
             revoked,
+            server_revoked: HashSet::new(),
+            me: key.public(),
         };
         let Some(path) = &lan.credential else {
             warn!(
@@ -107,6 +116,28 @@ impl Membership {
             }
         }
         Ok(m)
+    }
+
+    /// Takes a credential the server issued (and the keys it says are revoked):
+    /// shown from now on when it verifies against the trust root and is this
+    /// device's own; refused (the old one kept) otherwise.
+    pub fn renew(
+        &mut self,
+        credential: &[u8],
+        revoked: HashSet<[u8; 32]>,
+        now_unix_s: Option<u64>,
+    ) -> Result<(), RefuseError> {
+        self.server_revoked = revoked;
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        let c = Credential::verify(credential, root, now_unix_s)?;
+        if c.peer != self.me {
+            return Err(RefuseError::NotItsOwn);
+        }
+        self.fleet = Some(c.fleet);
+        self.credential = Some(credential.to_vec());
+        Ok(())
     }
 
     /// Whether the fleet is closed (the trust root has a fleet role).
@@ -134,7 +165,9 @@ impl Membership {
         if peer_of(&c.peer).as_ref() != Some(peer) {
             return Err(RefuseError::NotItsOwn);
         }
-        if self.revoked.contains(&c.peer.to_bytes()) {
+        if self.revoked.contains(&c.peer.to_bytes())
+            || self.server_revoked.contains(&c.peer.to_bytes())
+        {
             return Err(RefuseError::Revoked);
         }
         // A device without a valid credential of its own has no fleet: it admits

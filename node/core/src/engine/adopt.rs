@@ -10,7 +10,8 @@
 
 use std::cmp::Ordering;
 
-use crate::state::{DeviceState, Release, Verdict, slot_index};
+use super::Status;
+use crate::state::{Release, Verdict, slot_index};
 
 /// What to do with a release a LAN peer runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub enum PeerRelease {
 /// Decides whether `offered` (from a peer's verified manifest) is an update for a
 /// device in `state`. A deployment already in progress of the same release counts
 /// as an update (the install resumes from its journal).
-pub fn peer_release(state: &DeviceState, offered: &Release) -> PeerRelease {
+pub fn peer_release(state: &Status, offered: &Release) -> PeerRelease {
     if let Some(d) = &state.deployment {
         return if d.release.manifest_hash == offered.manifest_hash
             && d.phase == crate::Phase::Fetching
@@ -110,10 +111,16 @@ mod tests {
         }
     }
 
-    fn running(r: Option<Release>) -> DeviceState {
-        let mut s = DeviceState::fresh(Slot::A, [1 << 20; 2]);
-        s.releases[0] = r;
-        s
+    fn running(r: Option<Release>) -> Status {
+        Status {
+            active: Slot::A,
+            floor: 0,
+            releases: [r, None],
+            deployment: None,
+            last: None,
+            progress: Default::default(),
+            sources: Vec::new(),
+        }
     }
 
     #[test]
@@ -190,10 +197,11 @@ mod tests {
     #[test]
     fn a_deployment_in_progress_resumes_only_for_its_own_release() {
         let mut s = running(Some(release("os", "1.0", 1, 1)));
-        s.deployment = Some(Deployment {
+        s.deployment = Some(DeploymentStatus {
             release: release("os", "2.0", 1, 2),
             target: Slot::B,
             phase: Phase::Fetching,
+            journal_bytes: 0,
         });
         assert_eq!(
             peer_release(&s, &release("os", "2.0", 1, 2)),
