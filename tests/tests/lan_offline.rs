@@ -159,9 +159,10 @@ path = "{env}"
 
     fn run(&self, args: &[&str]) -> std::process::Output {
         shoal()
+            .arg(args[0])
             .arg("--config")
             .arg(self.path("shoal.toml"))
-            .args(args)
+            .args(&args[1..])
             .output()
             .expect("run shoal")
     }
