@@ -385,6 +385,7 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
     let d = setup.dir.path();
     ok(run_in(d, &["key", "generate", "--out", "fleet.pem"]));
     // The same root and release keys, now with a fleet role: the fleet is closed.
+    std::fs::remove_file(setup.path("root.shoalroot")).unwrap();
     ok(run_in(
         d,
         &[
@@ -470,6 +471,27 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
             dev.log().contains("fleet credential from the server")
         });
     }
+    // Let the members admit each other.
+    std::thread::sleep(Duration::from_secs(2));
+    // Device 2 is decommissioned: with their next renewal (half of 12 s) the others
+    // learn its key is revoked and refuse it.
+    let peer2 = devs[2]
+        .log()
+        .lines()
+        .find(|l| l.contains("joined the LAN"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("peer=")))
+        .unwrap()
+        .to_owned();
+    ok(admin(&server, &token, &["devices", "decommission", &ids[2]]));
+    for dev in &devs[..2] {
+        wait_for(dev, 30, "device 2 refused as revoked", || {
+            dev.log().lines().any(|l| {
+                l.contains("not serving a peer outside the fleet")
+                    && l.contains(&peer2)
+                    && l.contains("revoked")
+            })
+        });
+    }
     // Two devices install v1: each is admitted by the other (a closed fleet
     // serves only members) and sees it as a source.
     let deps: Vec<String> = (0..2)
@@ -498,28 +520,25 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
             device_state(&server, &token, dep) == "rebooting"
         });
     }
-    for dev in &devs[..2] {
-        let log = dev.log();
-        assert!(log.contains("LAN peer serves this release"), "{log}");
-        assert!(!log.contains("not serving a peer outside the fleet"), "{log}");
-    }
-    // Device 2 is decommissioned: with their next renewal (half of 12 s) the others
-    // learn its key is revoked and refuse it.
-    let peer2 = devs[2]
-        .log()
-        .lines()
-        .find(|l| l.contains("joined the LAN"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("peer=")))
-        .unwrap()
-        .to_owned();
-    ok(admin(&server, &token, &["devices", "decommission", &ids[2]]));
-    for dev in &devs[..2] {
-        wait_for(dev, 30, "device 2 refused as revoked", || {
-            dev.log().lines().any(|l| {
-                l.contains("not serving a peer outside the fleet")
-                    && l.contains(&peer2)
-                    && l.contains("revoked")
-            })
-        });
-    }
+    // Chunk bytes each got from its peer (a closed fleet: only with credentials).
+    let from_peers: Vec<u64> = devs[..2]
+        .iter()
+        .map(|dev| {
+            let log = dev.log();
+            assert!(log.contains("LAN peer serves this release"), "{log}");
+            log.lines()
+                .filter(|l| l.contains("installed; trial armed"))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("from_peers="))
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+                .next_back()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        from_peers.iter().sum::<u64>() > 0,
+        "no chunk crossed the LAN: {from_peers:?}"
+    );
 }
