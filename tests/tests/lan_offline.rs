@@ -253,7 +253,14 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
     // The USB stick: a chunk store holding v1.
     ok(run_in(
         setup.dir.path(),
-        &["store", "add", "usb", "v1.shoal", "--root", "root.shoalroot"],
+        &[
+            "store",
+            "add",
+            "usb",
+            "v1.shoal",
+            "--root",
+            "root.shoalroot",
+        ],
     ));
     let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
 
@@ -264,7 +271,8 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
     let mut daemons = Daemons(vec![Some(seed.start())]);
     let seed_addr = seed.lan_address();
     wait_for(&seed, 60, "the seed's commit and announcement", || {
-        seed.log().contains("serving the running release to LAN peers")
+        seed.log()
+            .contains("serving the running release to LAN peers")
     });
     assert!(seed.committed_b(), "{}", seed.log());
 
@@ -282,7 +290,11 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
             dev.path("rebooted").exists()
         });
         let b = std::fs::read(dev.path("b.img")).unwrap();
-        assert!(b[..v1_img.len()] == v1_img[..], "device {}'s slot B differs", i + 1);
+        assert!(
+            b[..v1_img.len()] == v1_img[..],
+            "device {}'s slot B differs",
+            i + 1
+        );
         assert!(
             dev.log().contains("installed from LAN peers; trial armed"),
             "{}",
@@ -351,7 +363,11 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
     for n in 1..=4 {
         let mut got = Vec::new();
         wait_for(&devs[n - 1], 60, "the offline reports", || {
-            got = summary(&admin_json(&server, &token, &["devices", "reports", &ids[n]]));
+            got = summary(&admin_json(
+                &server,
+                &token,
+                &["devices", "reports", &ids[n]],
+            ));
             got.len() >= lan_story.len()
         });
         assert_eq!(got, lan_story, "device {n}'s reports");
@@ -359,13 +375,21 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
     // The seed reported its USB install and commit.
     let mut got = Vec::new();
     wait_for(&seed, 60, "the seed's reports", || {
-        got = summary(&admin_json(&server, &token, &["devices", "reports", &ids[0]]));
+        got = summary(&admin_json(
+            &server,
+            &token,
+            &["devices", "reports", &ids[0]],
+        ));
         got.iter().any(|(_, s)| s == "success")
     });
     assert!(got.iter().all(|(o, _)| o == "standalone"), "{got:?}");
     // Device 5 reported nothing: it installed nothing.
     assert_eq!(
-        summary(&admin_json(&server, &token, &["devices", "reports", &ids[5]])),
+        summary(&admin_json(
+            &server,
+            &token,
+            &["devices", "reports", &ids[5]]
+        )),
         Vec::<(String, String)>::new()
     );
 }
@@ -413,7 +437,13 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
         .arg(&data)
         .arg("--root")
         .arg(setup.path("root.shoalroot"))
-        .args(["--listen", "127.0.0.1:0", "--fleet", "site-a", "--fleet-key"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--fleet",
+            "site-a",
+            "--fleet-key",
+        ])
         .arg(setup.path("other.pem"))
         .output()
         .unwrap();
@@ -440,7 +470,11 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
     let v1 = admin_json(
         &server,
         &token,
-        &["releases", "upload", setup.path("v1.shoal").to_str().unwrap()],
+        &[
+            "releases",
+            "upload",
+            setup.path("v1.shoal").to_str().unwrap(),
+        ],
     )["id"]
         .as_str()
         .unwrap()
@@ -482,7 +516,11 @@ fn the_server_issues_fleet_credentials_and_a_decommissioned_device_is_refused() 
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("peer=")))
         .unwrap()
         .to_owned();
-    ok(admin(&server, &token, &["devices", "decommission", &ids[2]]));
+    ok(admin(
+        &server,
+        &token,
+        &["devices", "decommission", &ids[2]],
+    ));
     for dev in &devs[..2] {
         wait_for(dev, 30, "device 2 refused as revoked", || {
             dev.log().lines().any(|l| {

@@ -178,7 +178,10 @@ pub fn run(args: Args, ui: &Ui) -> anyhow::Result<()> {
 fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     let data = data_dir(&args.place)?;
     check_database(&args.place)?;
-    let root_path = args.root.clone().unwrap_or_else(|| data.join("root.shoalroot"));
+    let root_path = args
+        .root
+        .clone()
+        .unwrap_or_else(|| data.join("root.shoalroot"));
     let signed = SignedRoot::load(&root_path).map_err(|e| {
         Exit::usage(format!(
             "trust root {}: {} (pass --root FILE or put it there)",

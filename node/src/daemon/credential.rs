@@ -40,7 +40,8 @@ impl Daemon {
             }
         };
         let result = (|| -> anyhow::Result<(Vec<u8>, HashSet<[u8; 32]>)> {
-            let credential = hex::decode(&issued.credential).context("the credential is not hex")?;
+            let credential =
+                hex::decode(&issued.credential).context("the credential is not hex")?;
             let revoked = issued
                 .revoked
                 .iter()
@@ -73,7 +74,8 @@ impl Daemon {
         let dir = &self.config.device.data_dir;
         let path = dir.join(crate::lan::CREDENTIAL_FILE);
         let tmp = path.with_extension("new");
-        std::fs::write(&tmp, credential).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, credential)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }

@@ -182,8 +182,11 @@ impl Daemon {
         let (status, _) = crate::device::read_status(&self.config)?;
         let served =
             crate::lan::serve::Served::new(envelope.clone(), &manifest, status.active.other())?;
-        let requests =
-            crate::lan::requests::LanRequests::start(lan.clone(), Box::new(NoServer::default()), served);
+        let requests = crate::lan::requests::LanRequests::start(
+            lan.clone(),
+            Box::new(NoServer::default()),
+            served,
+        );
         let peer_bytes = requests.peer_bytes();
         let source = Source::Remote {
             name: "LAN peers".into(),

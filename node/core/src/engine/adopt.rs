@@ -96,8 +96,9 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DeploymentStatus;
     use crate::Phase;
-    use crate::state::{Deployment, Outcome, Slot};
+    use crate::state::{Outcome, Slot};
 
     fn release(name: &str, version: &str, counter: u64, tag: u8) -> Release {
         Release {

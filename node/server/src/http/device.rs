@@ -853,14 +853,16 @@ pub async fn credential(
     let now_s = u64::try_from(now / 1000).unwrap_or(0);
     let expires_unix_s = now_s.saturating_add(fleet.ttl_s);
     let keys: Vec<&shoal_signing::SecretKey> = fleet.keys.iter().collect();
-    let signed = shoal_signing::Credential::new(key, fleet.name.clone(), expires_unix_s).issue(&keys);
-    let revoked = sqlx::query("SELECT public_key FROM revoked_keys WHERE until_ms > $1 ORDER BY public_key")
-        .bind(now)
-        .fetch_all(&ctx.db)
-        .await?
-        .iter()
-        .map(|r| r.try_get("public_key"))
-        .collect::<Result<Vec<String>, _>>()?;
+    let signed =
+        shoal_signing::Credential::new(key, fleet.name.clone(), expires_unix_s).issue(&keys);
+    let revoked =
+        sqlx::query("SELECT public_key FROM revoked_keys WHERE until_ms > $1 ORDER BY public_key")
+            .bind(now)
+            .fetch_all(&ctx.db)
+            .await?
+            .iter()
+            .map(|r| r.try_get("public_key"))
+            .collect::<Result<Vec<String>, _>>()?;
     Ok(axum::Json(IssuedCredential {
         credential: hex::encode(signed),
         fleet: fleet.name.clone(),
