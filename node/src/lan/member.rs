@@ -255,6 +255,39 @@ mod tests {
     }
 
     #[test]
+    fn a_server_issued_credential_is_taken_only_when_it_is_this_devices_own() {
+        let now = Some(1_800_000_000);
+        let lan = crate::config::Lan::default();
+        let mut m = Membership::load(&lan, &root(true), &key(10), now).expect("load");
+        let (_, b_id, b_cred) = member(11, "site", Vec::new());
+        // Another device's credential is refused and changes nothing.
+        assert_eq!(
+            m.renew(&b_cred, HashSet::new(), now),
+            Err(RefuseError::NotItsOwn)
+        );
+        assert_eq!(m.credential(), None);
+        // One signed by a key the root does not name for the fleet is refused.
+        let forged = Credential::new(key(10).public(), "site", 1_900_000_000).issue(&[&key(9)]);
+        assert!(matches!(
+            m.renew(&forged, HashSet::new(), now),
+            Err(RefuseError::Invalid(_))
+        ));
+        assert_eq!(m.credential(), None);
+        // Its own is shown, and it admits members of its fleet.
+        let own = Credential::new(key(10).public(), "site", 1_900_000_000).issue(&[&key(3)]);
+        assert_eq!(m.renew(&own, HashSet::new(), now), Ok(()));
+        assert_eq!(m.credential(), Some(&own[..]));
+        assert_eq!(m.admit(&b_id, Some(&b_cred), now), Ok(()));
+        // The server says device 11 is decommissioned: refused at once.
+        let revoked = HashSet::from([key(11).public().to_bytes()]);
+        assert_eq!(m.renew(&own, revoked, now), Ok(()));
+        assert_eq!(
+            m.admit(&b_id, Some(&b_cred), now),
+            Err(RefuseError::Revoked)
+        );
+    }
+
+    #[test]
     fn without_a_fleet_role_the_lan_is_open() {
         let lan = crate::config::Lan::default();
         let m = Membership::load(&lan, &root(false), &key(10), None).expect("load");
