@@ -214,6 +214,13 @@ pub struct Lan {
     /// decommissioned device whose credential has not expired yet).
     #[serde(default)]
     pub revoked_peers: Vec<String>,
+    /// Offline propagation: the daemon installs a release a LAN peer runs, when it
+    /// is an update for this device (the engine's `peer_release`) and its signed
+    /// manifest passes the same offer checks as a server's (trust root, device
+    /// type, depends, anti-rollback). Without it, peers only share chunks of
+    /// releases the server deploys.
+    #[serde(default)]
+    pub accept_releases: bool,
 }
 
 fn default_lan_listen() -> Vec<String> {
@@ -248,6 +255,7 @@ impl Default for Lan {
             serve_rate_kib_s: default_serve_rate(),
             credential: None,
             revoked_peers: Vec::new(),
+            accept_releases: false,
         }
     }
 }

@@ -95,7 +95,7 @@ fn suite(db: Db) {
             routes += 1;
         }
     }
-    assert_eq!(routes, 43, "the document lists every route");
+    assert_eq!(routes, 44, "the document lists every route");
 
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);

@@ -91,7 +91,8 @@ mod tests;
 pub use bits::Bitfield;
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, NeededChunks, NodeKey, Offer, Offsets,
-    Output, Progress, Status, Swarm, VerifiedRelease,
+    Output, PeerRelease, Progress, Status, Swarm, VerifiedRelease, compare_versions,
+    peer_release,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use shoal_artifact::VerifiedChunk;

@@ -43,6 +43,9 @@ pub enum Origin {
     Standalone,
     /// The daemon, for a deployment of its server.
     Daemon,
+    /// The daemon, for a release a LAN peer ran (`[lan] accept_releases`, offline
+    /// propagation): no deployment of the server.
+    Lan,
 }
 
 impl Origin {
@@ -51,6 +54,7 @@ impl Origin {
         match self {
             Origin::Standalone => "standalone",
             Origin::Daemon => "daemon",
+            Origin::Lan => "lan",
         }
     }
 }

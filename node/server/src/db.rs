@@ -80,6 +80,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "device reports",
         include_str!("../migrations/sqlite/0002_device_reports.sql"),
     ),
+    (
+        3,
+        "revoked keys",
+        include_str!("../migrations/sqlite/0003_revoked_keys.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -92,6 +97,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "device reports",
         include_str!("../migrations/postgres/0002_device_reports.sql"),
+    ),
+    (
+        3,
+        "revoked keys",
+        include_str!("../migrations/postgres/0003_revoked_keys.sql"),
     ),
 ];
 

@@ -71,6 +71,25 @@ pub struct Config {
     pub max_connections: u32,
     /// How often rollout timers (phase soak delays) are checked, in milliseconds.
     pub timer_period_ms: u64,
+    /// Fleet membership credentials issued to accepted devices, if any.
+    pub fleet: Option<FleetIssuer>,
+}
+
+/// What the server signs LAN membership credentials with: a fleet key the trust
+/// root's `fleet` role names, the fleet, and how long a credential lives.
+///
+/// Revocation: a credential lives `ttl_s` (short, a day by default) and devices
+/// renew it at half its life; a decommissioned device can no longer renew, and its
+/// key is also handed to every device as revoked until its last credential has
+/// expired (`GET /api/devices/v1/credential`), so its peers refuse it at once.
+#[derive(Debug, Clone)]
+pub struct FleetIssuer {
+    /// The fleet's name.
+    pub name: String,
+    /// The fleet key(s) signing credentials (a threshold of the `fleet` role).
+    pub keys: Vec<shoal_signing::SecretKey>,
+    /// A credential's lifetime, in seconds.
+    pub ttl_s: u64,
 }
 
 impl Config {
@@ -106,6 +125,8 @@ pub struct Context {
     pub limits: Limits,
     /// The static chunk base URL handed to devices, if any.
     pub chunk_base_url: Option<String>,
+    /// Fleet membership credentials issued to accepted devices, if any.
+    pub fleet: Option<FleetIssuer>,
     /// Verified manifests of releases, loaded on first use.
     pub releases: release_cache::ReleaseCache,
     /// Held while an upload adds chunks and while a release deletion removes the
@@ -176,6 +197,7 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
             upload_max_bytes: config.upload_max_bytes,
         },
         chunk_base_url: config.chunk_base_url.clone(),
+        fleet: config.fleet.clone(),
         releases: release_cache::ReleaseCache::default(),
         store_lock: tokio::sync::Mutex::new(()),
         last_seen: last_seen::LastSeen::default(),

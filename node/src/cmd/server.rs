@@ -80,6 +80,51 @@ struct RunArgs {
     /// How often rollout timers (phase soak delays) are checked, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     timer_period_ms: u64,
+    /// Issue LAN fleet membership credentials to accepted devices, signed with this
+    /// fleet key (one the trust root's fleet role names; repeat for a threshold).
+    #[arg(long, value_name = "FILE", requires = "fleet")]
+    fleet_key: Vec<PathBuf>,
+    /// The fleet named in the credentials issued.
+    #[arg(long, value_name = "NAME", requires = "fleet_key")]
+    fleet: Option<String>,
+    /// Lifetime of an issued credential, in seconds (devices renew at half of it;
+    /// a decommissioned device's key is handed out as revoked for this long).
+    #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+    credential_ttl: u64,
+}
+
+/// The fleet credential issuer of `--fleet-key`/`--fleet`, checked against the
+/// trust root: a credential it signs must verify.
+fn fleet_issuer(
+    args: &RunArgs,
+    root: &shoal_signing::TrustRoot,
+) -> anyhow::Result<Option<shoal_server::FleetIssuer>> {
+    let Some(name) = &args.fleet else {
+        return Ok(None);
+    };
+    if args.credential_ttl == 0 {
+        return Err(Exit::usage("--credential-ttl must be at least 1 second"));
+    }
+    let keys = args
+        .fleet_key
+        .iter()
+        .map(|p| {
+            shoal_signing::SecretKey::load(p)
+                .map_err(|e| Exit::usage(format!("--fleet-key {}: {}", p.display(), chain(&e))))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let probe = shoal_signing::Credential::new(keys[0].public(), name.clone(), u64::MAX)
+        .issue(&keys.iter().collect::<Vec<_>>());
+    shoal_signing::Credential::verify(&probe, root, None).map_err(|e| {
+        Exit::usage(format!(
+            "--fleet-key/--fleet: a credential they sign is refused by the trust root: {e}"
+        ))
+    })?;
+    Ok(Some(shoal_server::FleetIssuer {
+        name: name.clone(),
+        keys,
+        ttl_s: args.credential_ttl,
+    }))
 }
 
 #[derive(Debug, ClapArgs)]
@@ -133,7 +178,10 @@ pub fn run(args: Args, ui: &Ui) -> anyhow::Result<()> {
 fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
     let data = data_dir(&args.place)?;
     check_database(&args.place)?;
-    let root_path = args.root.unwrap_or_else(|| data.join("root.shoalroot"));
+    let root_path = args
+        .root
+        .clone()
+        .unwrap_or_else(|| data.join("root.shoalroot"));
     let signed = SignedRoot::load(&root_path).map_err(|e| {
         Exit::usage(format!(
             "trust root {}: {} (pass --root FILE or put it there)",
@@ -147,7 +195,9 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
             root_path.display()
         ))
     })?;
+    let fleet = fleet_issuer(&args, &signed.root)?;
     let config = Config {
+        fleet,
         data_dir: data,
         database_url: args.place.database,
         chunks_url: args.chunks,

@@ -298,6 +298,23 @@ impl Api {
         }
     }
 
+    /// A fresh fleet membership credential and the revoked keys; `None` when the
+    /// server issues none (404). The credential is the server's word only: the LAN
+    /// layer verifies it against the trust root before showing it.
+    pub fn credential(&self) -> Result<Option<IssuedCredential>, ApiError> {
+        let resp = self.send("/credential", |c, u| c.get(u))?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let body = read_capped(resp, CREDENTIAL_ANSWER_MAX, "the credential")?;
+                let c: IssuedCredential = serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::Malformed(format!("credential: {e}")))?;
+                Ok(Some(c))
+            }
+            _ => Err(error_of(resp)),
+        }
+    }
+
     /// The deployment's signed manifest envelope (not yet verified).
     pub fn manifest(&self, deployment: &str) -> Result<Vec<u8>, ApiError> {
         let resp = self.send(&format!("/deployments/{deployment}/manifest"), |c, u| {
@@ -376,4 +393,21 @@ pub fn read_capped(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, ApiE
         )));
     }
     Ok(buf)
+}
+
+/// The largest answer to `GET /credential` read (a credential and up to a few
+/// thousand revoked keys).
+const CREDENTIAL_ANSWER_MAX: u64 = 1 << 20;
+
+/// A fleet membership credential issued by the server (`GET /credential`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct IssuedCredential {
+    /// The signed credential, hex.
+    pub credential: String,
+    /// The fleet.
+    pub fleet: String,
+    /// When it expires (Unix seconds).
+    pub expires_unix_s: u64,
+    /// Keys (hex) of decommissioned devices to refuse.
+    pub revoked: Vec<String>,
 }

@@ -17,10 +17,12 @@
 //! verified chunks again.
 
 pub mod api;
+mod credential;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
 pub mod month;
+mod offline;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -202,6 +204,10 @@ pub struct Daemon {
     api: Api,
     /// LAN peers (`[lan] enabled`).
     lan: Option<crate::lan::Lan>,
+    /// The peers' releases considered for offline propagation.
+    offers: offline::Offers,
+    /// When the fleet credential is fetched again ([`credential`]).
+    credential_next: Option<std::time::Instant>,
 }
 
 /// What handling a deployment came to.
@@ -234,6 +240,8 @@ impl Daemon {
             server,
             api,
             lan,
+            offers: offline::Offers::default(),
+            credential_next: None,
         })
     }
 
@@ -331,11 +339,26 @@ impl Daemon {
         }
     }
 
-    /// One round: settle what a previous run left, then poll once.
+    /// One round: settle what a previous run left, then poll once; when the server
+    /// has no deployment or cannot be reached, a release a LAN peer runs may be
+    /// installed (`[lan] accept_releases`, [`offline`]).
     fn round(&mut self, inventory_sent: &mut bool) -> anyhow::Result<Option<Handled>> {
         if let Some(handled) = self.settle()? {
             return Ok(Some(handled));
         }
+        match self.poll(inventory_sent) {
+            Ok(None) => self.lan_round(),
+            Err(e) if exit_code(&e) != crate::cmd::EXIT_USAGE => match self.lan_round()? {
+                Some(handled) => Ok(Some(handled)),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// Sends the inventory and the queued reports, then asks for a deployment and
+    /// handles it.
+    fn poll(&mut self, inventory_sent: &mut bool) -> anyhow::Result<Option<Handled>> {
         if !*inventory_sent {
             let attrs = self.inventory()?;
             match self.api.inventory(&attrs) {
@@ -343,6 +366,7 @@ impl Daemon {
                 Err(e) => return Err(api_error(e)),
             }
         }
+        self.renew_credential();
         // Reports queued while offline (or by standalone installs) go first, oldest
         // first; trouble delivering them does not hold up the poll.
         match deliver::flush(&self.api, &self.config.device.data_dir) {
@@ -392,6 +416,13 @@ impl Daemon {
             let result = dev.boot_check()?;
             drop(dev);
             info!(?result, "checked the trial boot");
+            if matches!(
+                result,
+                BootCheck::Committed { .. } | BootCheck::RolledBack { .. }
+            ) {
+                // The running release changed (or is confirmed): peers learn it.
+                self.lan_serve_running();
+            }
             if let Some(draft) = crate::reports::settled(&self.config, &result) {
                 crate::reports::record(&self.config, draft);
             }

@@ -497,6 +497,15 @@ impl Device {
                 engine.status().active
             );
         }
+        // A release installed here from a file or a USB store is kept (its signed
+        // envelope) for the LAN: the daemon serves and announces it after the
+        // reboot, and peers with `[lan] accept_releases` install it from here.
+        let keep_for_lan = self
+            .config
+            .lan
+            .enabled
+            .then(|| self.config.device.data_dir.clone());
+        let mut kept: Option<([u8; 32], Vec<u8>)> = None;
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
@@ -572,9 +581,17 @@ impl Device {
                 } else {
                     Holds::All
                 };
+                // Moved out: the engine keeps the one copy.
+                let envelope = artifact.take_envelope();
+                // The manifest's id is the hash of its signed bytes (canonical CBOR):
+                // `artifact.manifest()` has shed its chunk lists by now.
+                let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
+                let envelope = envelope.to_bytes();
+                if keep_for_lan.is_some() {
+                    kept = Some((manifest_hash, envelope.clone()));
+                }
                 let offer = Offer {
-                    // Moved out: the engine keeps the one copy.
-                    envelope: artifact.take_envelope().to_bytes(),
+                    envelope,
                     wall_unix_s: wall,
                     sources: vec![
                         SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
@@ -624,6 +641,9 @@ impl Device {
                 driver.chunk_store = Some((store, refs));
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
+                if keep_for_lan.is_some() {
+                    kept = Some((manifest.hash(), envelope.clone()));
+                }
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -641,7 +661,14 @@ impl Device {
                 driver.offer(offer)?;
             }
         }
-        driver.finish_install()
+        let report = driver.finish_install()?;
+        if let (Some(data_dir), Some((hash, envelope))) = (keep_for_lan, kept) {
+            let id = crate::lan::proto::ManifestId(hash);
+            if let Err(e) = crate::lan::serve::save_envelope(&data_dir, &id, &envelope) {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the manifest for LAN peers");
+            }
+        }
+        Ok(report)
     }
 
     /// At boot: in a trial boot, runs the health checks and commits or rolls back

@@ -44,7 +44,12 @@ pub struct Membership {
     fleet: Option<String>,
     /// This device's credential, shown to its peers.
     credential: Option<Vec<u8>>,
+    /// Revoked keys of `[lan] revoked_peers`.
     revoked: HashSet<[u8; 32]>,
+    /// Revoked keys the server handed out with the last credential.
+    server_revoked: HashSet<[u8; 32]>,
+    /// This device's key.
+    me: shoal_signing::PublicKey,
 }
 
 /// The peer id of a device key.
@@ -78,6 +83,8 @@ impl Membership {
                 fleet: None,
                 credential: None,
                 revoked,
+                server_revoked: HashSet::new(),
+                me: key.public(),
             });
         }
         let mut m = Membership {
@@ -85,6 +92,8 @@ impl Membership {
             fleet: None,
             credential: None,
             revoked,
+            server_revoked: HashSet::new(),
+            me: key.public(),
         };
         let Some(path) = &lan.credential else {
             warn!(
@@ -107,6 +116,28 @@ impl Membership {
             }
         }
         Ok(m)
+    }
+
+    /// Takes a credential the server issued (and the keys it says are revoked):
+    /// shown from now on when it verifies against the trust root and is this
+    /// device's own; refused (the old one kept) otherwise.
+    pub fn renew(
+        &mut self,
+        credential: &[u8],
+        revoked: HashSet<[u8; 32]>,
+        now_unix_s: Option<u64>,
+    ) -> Result<(), RefuseError> {
+        self.server_revoked = revoked;
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        let c = Credential::verify(credential, root, now_unix_s)?;
+        if c.peer != self.me {
+            return Err(RefuseError::NotItsOwn);
+        }
+        self.fleet = Some(c.fleet);
+        self.credential = Some(credential.to_vec());
+        Ok(())
     }
 
     /// Whether the fleet is closed (the trust root has a fleet role).
@@ -134,7 +165,9 @@ impl Membership {
         if peer_of(&c.peer).as_ref() != Some(peer) {
             return Err(RefuseError::NotItsOwn);
         }
-        if self.revoked.contains(&c.peer.to_bytes()) {
+        if self.revoked.contains(&c.peer.to_bytes())
+            || self.server_revoked.contains(&c.peer.to_bytes())
+        {
             return Err(RefuseError::Revoked);
         }
         // A device without a valid credential of its own has no fleet: it admits
@@ -219,6 +252,39 @@ mod tests {
             Err(RefuseError::Revoked)
         );
         let _ = a_id;
+    }
+
+    #[test]
+    fn a_server_issued_credential_is_taken_only_when_it_is_this_devices_own() {
+        let now = Some(1_800_000_000);
+        let lan = crate::config::Lan::default();
+        let mut m = Membership::load(&lan, &root(true), &key(10), now).expect("load");
+        let (_, b_id, b_cred) = member(11, "site", Vec::new());
+        // Another device's credential is refused and changes nothing.
+        assert_eq!(
+            m.renew(&b_cred, HashSet::new(), now),
+            Err(RefuseError::NotItsOwn)
+        );
+        assert_eq!(m.credential(), None);
+        // One signed by a key the root does not name for the fleet is refused.
+        let forged = Credential::new(key(10).public(), "site", 1_900_000_000).issue(&[&key(9)]);
+        assert!(matches!(
+            m.renew(&forged, HashSet::new(), now),
+            Err(RefuseError::Invalid(_))
+        ));
+        assert_eq!(m.credential(), None);
+        // Its own is shown, and it admits members of its fleet.
+        let own = Credential::new(key(10).public(), "site", 1_900_000_000).issue(&[&key(3)]);
+        assert_eq!(m.renew(&own, HashSet::new(), now), Ok(()));
+        assert_eq!(m.credential(), Some(&own[..]));
+        assert_eq!(m.admit(&b_id, Some(&b_cred), now), Ok(()));
+        // The server says device 11 is decommissioned: refused at once.
+        let revoked = HashSet::from([key(11).public().to_bytes()]);
+        assert_eq!(m.renew(&own, revoked, now), Ok(()));
+        assert_eq!(
+            m.admit(&b_id, Some(&b_cred), now),
+            Err(RefuseError::Revoked)
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ use proto::{
 };
 use serve::Served;
 
+/// The fleet credential the server issued last, in `data_dir`.
+pub const CREDENTIAL_FILE: &str = "fleet-credential";
 /// Commands waiting for the event loop at most.
 const COMMANDS_MAX: usize = 256;
 /// How often unreachable static peers are dialled again.
@@ -99,9 +101,23 @@ enum Command {
         ids: Vec<ChunkId>,
         reply: ChunkReply,
     },
+    /// Asks `peer` for the signed manifest envelope of `manifest`.
+    Manifest {
+        peer: PeerId,
+        manifest: ManifestId,
+        reply: ManifestReply,
+    },
     /// Closes and refuses every connection of `peer` (it sent a bad chunk).
     Block(PeerId),
+    /// A credential the server issued, and the keys it says are revoked.
+    Credential {
+        credential: Vec<u8>,
+        revoked: HashSet<[u8; 32]>,
+    },
 }
+
+/// How a manifest request to a peer came out: the envelope, or why not.
+pub type ManifestReply = Box<dyn FnOnce(Result<Vec<u8>, String>) + Send>;
 
 /// The peers' state, as last said, for the daemon to read.
 #[derive(Debug, Default)]
@@ -173,8 +189,19 @@ impl Lan {
         let signed = shoal_signing::SignedRoot::load(&config.device.trust_root).map_err(|e| {
             crate::cmd::Exit::usage(format!("device.trust_root: {}", crate::cmd::chain(&e)))
         })?;
-        let membership =
-            member::Membership::load(lan, &signed.root, key, crate::device::wall_clock())?;
+        // Without `[lan] credential`, the one the server issued last (saved by the
+        // daemon) is shown until it is renewed.
+        let mut settings_for_member = lan.clone();
+        let saved = config.device.data_dir.join(CREDENTIAL_FILE);
+        if settings_for_member.credential.is_none() && saved.exists() {
+            settings_for_member.credential = Some(saved);
+        }
+        let membership = member::Membership::load(
+            &settings_for_member,
+            &signed.root,
+            key,
+            crate::device::wall_clock(),
+        )?;
         let membership_closed = membership.closed();
         let boot = serve::open_slots(config)?;
         let listen: Vec<Multiaddr> = lan
@@ -313,6 +340,36 @@ impl Lan {
         });
     }
 
+    /// Asks `peer` for the signed manifest envelope of `manifest` and waits up to
+    /// `timeout` for it. The bytes are the peer's word only: the caller verifies
+    /// them against the trust root and checks they are `manifest`.
+    pub fn manifest(
+        &self,
+        peer: PeerId,
+        manifest: ManifestId,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(Command::Manifest {
+            peer,
+            manifest,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv_timeout(timeout)
+            .unwrap_or_else(|_| Err("the peer did not answer in time".into()))
+    }
+
+    /// Shows `credential` (issued by the server) to peers from now on, when it
+    /// verifies, and refuses the `revoked` keys; every peer is told at once.
+    pub fn renew_credential(&self, credential: Vec<u8>, revoked: HashSet<[u8; 32]>) {
+        self.send(Command::Credential {
+            credential,
+            revoked,
+        });
+    }
+
     /// Refuses `peer` from now on (it sent a chunk that does not hash to its id).
     pub fn block(&self, peer: PeerId) {
         warn!(%peer, "blocking a peer that sent a corrupt chunk");
@@ -408,6 +465,7 @@ struct EventLoop {
     running: Option<Arc<Served>>,
     installing: Option<(Arc<Served>, Bitfield)>,
     pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
+    pending_manifests: HashMap<OutboundRequestId, ManifestReply>,
     static_peers: Vec<Multiaddr>,
     /// Remote addresses of connections we dialled, with their count.
     dialled: HashMap<Multiaddr, u32>,
@@ -449,6 +507,7 @@ impl EventLoop {
             running: None,
             installing: None,
             pending_chunks: HashMap::new(),
+            pending_manifests: HashMap::new(),
             static_peers,
             dialled: HashMap::new(),
             connected: HashSet::new(),
@@ -583,6 +642,36 @@ impl EventLoop {
                     .chunk
                     .send_request(&peer, ChunkRequest { manifest, ids });
                 self.pending_chunks.insert(id, (n, reply));
+            }
+            Command::Manifest {
+                peer,
+                manifest,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .manifest
+                    .send_request(&peer, ManifestRequest { manifest });
+                self.pending_manifests.insert(id, reply);
+            }
+            Command::Credential {
+                credential,
+                revoked,
+            } => {
+                match self
+                    .membership
+                    .renew(&credential, revoked, crate::device::wall_clock())
+                {
+                    Ok(()) => debug!("fleet credential renewed"),
+                    Err(e) => warn!(error = %e, "the server's fleet credential is refused"),
+                }
+                // Admitted peers are checked again (a key may be revoked now), and
+                // every peer hears our credential and answers with its own.
+                for (peer, state) in self.peers.snapshot() {
+                    self.on_state(peer, state);
+                }
+                self.announce();
             }
             Command::Block(peer) => {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -738,10 +827,35 @@ impl EventLoop {
                         .manifest
                         .send_response(channel, answer);
                 }
-                // This device asks for no manifests yet (offline propagation, see
-                // the README), so an answer is unexpected.
-                Message::Response { .. } => {}
+                // Offline propagation: the envelope of a release a peer runs.
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_manifests.remove(&request_id) {
+                        reply(match response {
+                            ManifestResponse::Envelope(e) => Ok(e),
+                            ManifestResponse::NotHere => {
+                                Err("the peer does not serve that release".into())
+                            }
+                            ManifestResponse::Refused => {
+                                Err("the peer refused us (fleet membership)".into())
+                            }
+                        });
+                    }
+                }
             },
+            BehaviourEvent::Manifest(Rr::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_manifests.remove(&request_id) {
+                    debug!(%peer, %error, "a manifest request to a peer failed");
+                    reply(Err(format!("the request failed: {error}")));
+                }
+            }
             BehaviourEvent::Chunk(Rr::Message { peer, message, .. }) => match message {
                 Message::Request {
                     request, channel, ..

@@ -18,6 +18,7 @@ use crate::state::{DeviceState, Outcome, Phase, Record, Release, Slot, SlotIndex
 use crate::time::{Instant, Rng};
 use crate::timer::TimerTable;
 
+pub(crate) mod adopt;
 mod index;
 mod lan;
 mod lifecycle;
@@ -26,6 +27,7 @@ mod release;
 mod scheduler;
 mod table;
 
+pub use adopt::{PeerRelease, compare_versions, peer_release};
 pub use lan::{NodeKey, Swarm};
 pub use release::VerifiedRelease;
 

@@ -819,3 +819,64 @@ pub async fn inventory_update(
 ) -> ApiResult<StatusCode> {
     write_inventory(&ctx, &auth.device_id, &attrs, false).await
 }
+
+/// The answer of `GET /credential`.
+#[derive(Debug, Serialize)]
+pub struct IssuedCredential {
+    /// The signed credential (an envelope over the device key, the fleet and the
+    /// expiry, signed by the server's fleet key), in hex: what the device shows its
+    /// LAN peers.
+    pub credential: String,
+    /// The fleet.
+    pub fleet: String,
+    /// Unix time (seconds) at and after which it is expired; devices renew at half
+    /// its life.
+    pub expires_unix_s: u64,
+    /// Keys (hex) of decommissioned devices whose credentials have not expired
+    /// yet: refused whatever they show.
+    pub revoked: Vec<String>,
+}
+
+/// `GET /credential`: a fresh fleet membership credential for the (accepted)
+/// device, and the revoked keys. 404 when this server issues none (started
+/// without `--fleet-key`).
+pub async fn credential(
+    ctx: axum::extract::State<Ctx>,
+    auth: DeviceAuth,
+) -> ApiResult<axum::Json<IssuedCredential>> {
+    let Some(fleet) = &ctx.fleet else {
+        return Err(ApiError::NotFound(
+            "this server issues no fleet credentials (it was started without --fleet-key)".into(),
+        ));
+    };
+    let row = sqlx::query("SELECT public_key FROM devices WHERE id = $1")
+        .bind(&auth.device_id)
+        .fetch_one(&ctx.db)
+        .await?;
+    let hex_key: String = row.try_get("public_key")?;
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(&hex_key, &mut bytes)
+        .map_err(|e| ApiError::Internal(format!("device {}'s key: {e}", auth.device_id)))?;
+    let key = PublicKey::from_bytes(&bytes)
+        .map_err(|e| ApiError::Internal(format!("device {}'s key: {e}", auth.device_id)))?;
+    let now = now_ms();
+    let now_s = u64::try_from(now / 1000).unwrap_or(0);
+    let expires_unix_s = now_s.saturating_add(fleet.ttl_s);
+    let keys: Vec<&shoal_signing::SecretKey> = fleet.keys.iter().collect();
+    let signed =
+        shoal_signing::Credential::new(key, fleet.name.clone(), expires_unix_s).issue(&keys);
+    let revoked =
+        sqlx::query("SELECT public_key FROM revoked_keys WHERE until_ms > $1 ORDER BY public_key")
+            .bind(now)
+            .fetch_all(&ctx.db)
+            .await?
+            .iter()
+            .map(|r| r.try_get("public_key"))
+            .collect::<Result<Vec<String>, _>>()?;
+    Ok(axum::Json(IssuedCredential {
+        credential: hex::encode(signed),
+        fleet: fleet.name.clone(),
+        expires_unix_s,
+        revoked,
+    }))
+}

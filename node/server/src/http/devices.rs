@@ -346,6 +346,19 @@ pub async fn decommission(
             .await?;
         }
     }
+    // Its fleet credential is refused by its peers until it would have expired.
+    if let Some(fleet) = &ctx.fleet {
+        let until =
+            now.saturating_add(i64::try_from(fleet.ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX));
+        sqlx::query(
+            "INSERT INTO revoked_keys (public_key, until_ms) VALUES ($1, $2) \
+             ON CONFLICT (public_key) DO UPDATE SET until_ms = excluded.until_ms",
+        )
+        .bind(&device.public_key)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query("DELETE FROM devices WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)

@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/devices/v1/authentication/nonce"),
     ("POST", "/api/devices/v1/authentication/auth_requests"),
     ("GET", "/api/devices/v1/deployments/next"),
+    ("GET", "/api/devices/v1/credential"),
     ("GET", "/api/devices/v1/deployments/{id}/manifest"),
     ("POST", "/api/devices/v1/deployments/{id}/chunks"),
     ("PUT", "/api/devices/v1/deployments/{id}/status"),
@@ -88,6 +89,7 @@ pub fn router(ctx: Ctx) -> Router {
             post(device::auth_request),
         )
         .route(&format!("{d}/deployments/next"), get(device::next))
+        .route(&format!("{d}/credential"), get(device::credential))
         .route(
             &format!("{d}/deployments/{{id}}/manifest"),
             get(device::manifest),

@@ -195,7 +195,7 @@ pub struct StoredReport {
     pub received_ms: i64,
     /// The device that delivered it, when not the reporting device itself.
     pub relayed_by: Option<String>,
-    /// `standalone` or `daemon`.
+    /// `standalone`, `daemon` or `lan`.
     pub origin: String,
     /// The deployment it belongs to, if any.
     pub deployment_id: Option<String>,

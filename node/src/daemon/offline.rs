@@ -1,0 +1,255 @@
+//! Offline propagation (`[lan] accept_releases`): a release that reached one device
+//! of a site (from the server, or a USB stick through `shoal install`) spreads to
+//! the others over the LAN, with no server.
+//!
+//! When the server has no deployment for it (or cannot be reached), the daemon
+//! looks at what its LAN peers run. For a release it does not run, it asks the peer
+//! for the signed manifest envelope, verifies it against the trust root and checks
+//! it is the release the peer named; the engine's [`shoal_engine::peer_release`]
+//! decides whether it is an update for this device (newer, same name, not rolled
+//! back). The install then goes through the engine's ordinary offer (trust root,
+//! device type, depends, slot size, anti-rollback: the same checks as a server's
+//! deployment) with the LAN peers as the only chunk sources. Its status reports go
+//! to the offline report queue (origin `lan`, no deployment) and reach the server
+//! once one is reachable.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use libp2p_identity::PeerId;
+use shoal_artifact::{ChunkId, Manifest, PayloadKind};
+use shoal_engine::{FetchFailure, PeerRelease, RequestId, SourceClass, SourceLimits};
+use tracing::{debug, info, warn};
+
+use super::{Daemon, Handled};
+use crate::cmd::{EXIT_TEMPFAIL, exit_code};
+use crate::device::{Answer, Device, Reboot, Requests, Source};
+use crate::lan::proto::ManifestId;
+
+/// How long a peer may take to send a manifest envelope.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the daemon remembers of the peers' releases between rounds.
+#[derive(Debug, Default)]
+pub(super) struct Offers {
+    /// The running release these decisions were made against.
+    running: Option<[u8; 32]>,
+    /// Releases decided against (not an update, or their install failed).
+    decided: HashSet<ManifestId>,
+    /// Peers whose envelope for a release did not verify or was another release.
+    refused: HashSet<(PeerId, ManifestId)>,
+}
+
+/// The engine's WAN source during an install from peers: there is no server, so
+/// every request to it fails at once and the engine drops it; the LAN peers
+/// ([`crate::lan::requests::LanRequests`]) carry the install.
+#[derive(Debug, Default)]
+struct NoServer {
+    failed: Vec<RequestId>,
+}
+
+impl Requests for NoServer {
+    fn send(&mut self, request: RequestId, _ids: Vec<ChunkId>) {
+        self.failed.push(request);
+    }
+
+    fn cancel(&mut self, _request: RequestId) {}
+
+    fn wait(&mut self, timeout: Duration) -> Vec<Answer> {
+        if self.failed.is_empty() {
+            std::thread::sleep(timeout);
+            return Vec::new();
+        }
+        self.failed
+            .drain(..)
+            .map(|request| Answer::Failed {
+                request,
+                failure: FetchFailure::DropSource,
+            })
+            .collect()
+    }
+
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+}
+
+impl Daemon {
+    /// Offline propagation: installs a release a LAN peer runs when it is an
+    /// update for this device. `None` when there is none (or `accept_releases` is
+    /// off).
+    pub(super) fn lan_round(&mut self) -> anyhow::Result<Option<Handled>> {
+        if !self.config.lan.accept_releases {
+            return Ok(None);
+        }
+        let Some(lan) = self.lan.clone() else {
+            return Ok(None);
+        };
+        let (status, _) = crate::device::read_status(&self.config)?;
+        let running = status.releases[shoal_engine::slot_index(status.active)]
+            .as_ref()
+            .map(|r| r.manifest_hash);
+        if self.offers.running != running {
+            self.offers = super::offline::Offers {
+                running,
+                ..Default::default()
+            };
+        }
+        let mut offers: Vec<(PeerId, ManifestId)> = lan
+            .peers()
+            .snapshot()
+            .into_iter()
+            .filter_map(|(p, s)| s.running.map(|m| (p, m)))
+            .filter(|(p, m)| {
+                Some(m.0) != running
+                    && !self.offers.decided.contains(m)
+                    && !self.offers.refused.contains(&(*p, *m))
+            })
+            .collect();
+        offers.sort_by_key(|(p, m)| (m.0, p.to_bytes()));
+        for (peer, id) in offers {
+            if self.offers.decided.contains(&id) {
+                continue;
+            }
+            let envelope = match lan.manifest(peer, id, MANIFEST_TIMEOUT) {
+                Ok(e) => e,
+                Err(why) => {
+                    debug!(%peer, release = %id, why, "no manifest from a LAN peer");
+                    continue;
+                }
+            };
+            let manifest = match self.verify(&envelope) {
+                Ok(m) if m.hash() == id.0 => m,
+                Ok(m) => {
+                    warn!(%peer, release = %id, sent = %format!("{}@{}", m.name, m.version), "a LAN peer sent the manifest of another release");
+                    self.offers.refused.insert((peer, id));
+                    continue;
+                }
+                Err(e) => {
+                    warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's release manifest was refused");
+                    self.offers.refused.insert((peer, id));
+                    continue;
+                }
+            };
+            let Some(payload) = manifest
+                .payloads
+                .iter()
+                .position(|p| p.kind == PayloadKind::RootfsImage)
+            else {
+                self.offers.decided.insert(id);
+                continue;
+            };
+            let offered = shoal_engine::Release::from_manifest(&manifest, payload);
+            match shoal_engine::peer_release(&status, &offered) {
+                PeerRelease::Adopt => return self.lan_install(peer, envelope, manifest).map(Some),
+                PeerRelease::Busy => {
+                    debug!(release = %offered, "another deployment is in progress");
+                    return Ok(None);
+                }
+                other => {
+                    info!(%peer, release = %offered, why = ?other, "not installing a LAN peer's release");
+                    self.offers.decided.insert(id);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Installs `manifest` (verified; `envelope` is its signed form) from the LAN
+    /// peers, then reboots into it.
+    fn lan_install(
+        &mut self,
+        peer: PeerId,
+        envelope: Vec<u8>,
+        manifest: Manifest,
+    ) -> anyhow::Result<Handled> {
+        let lan = self
+            .lan
+            .clone()
+            .ok_or_else(|| anyhow!("the LAN is not joined"))?;
+        let id = ManifestId(manifest.hash());
+        let release = shoal_fleet::report::Release {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+        };
+        info!(%peer, release = %format!("{}@{}", release.name, release.version), "installing a release a LAN peer runs");
+        self.lan_report(
+            &release,
+            shoal_fleet::Status::Downloading,
+            Some(format!("from LAN peer {peer}")),
+        );
+        let (status, _) = crate::device::read_status(&self.config)?;
+        let served =
+            crate::lan::serve::Served::new(envelope.clone(), &manifest, status.active.other())?;
+        let requests = crate::lan::requests::LanRequests::start(
+            lan.clone(),
+            Box::new(NoServer::default()),
+            served,
+        );
+        let peer_bytes = requests.peer_bytes();
+        let source = Source::Remote {
+            name: "LAN peers".into(),
+            envelope,
+            limits: SourceLimits::for_class(SourceClass::Wan),
+            requests: Box::new(requests),
+        };
+        let result = Device::open(self.config.clone(), Reboot::Command)
+            .and_then(|mut dev| dev.install(source, false, &mut |_| {}));
+        match result {
+            Ok(report) => {
+                lan.have_all();
+                info!(
+                    release = %id,
+                    resumed = report.resumed_bytes,
+                    fetched = report.fetched_bytes,
+                    reused = report.reused_bytes,
+                    from_peers = peer_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    "installed from LAN peers; trial armed"
+                );
+                self.lan_report(&release, shoal_fleet::Status::Installing, None);
+                self.lan_report(&release, shoal_fleet::Status::Rebooting, None);
+                self.reboot()?;
+                Ok(Handled::Rebooting)
+            }
+            Err(e) if exit_code(&e) == EXIT_TEMPFAIL => {
+                warn!(release = %id, error = %crate::cmd::one_line(&e), "install from LAN peers interrupted; it resumes on the next try");
+                Ok(Handled::Retry)
+            }
+            Err(e) => {
+                let message = crate::cmd::one_line(&e);
+                warn!(release = %id, %message, "install from LAN peers failed");
+                self.offers.decided.insert(id);
+                self.lan_report(&release, shoal_fleet::Status::Failure, Some(message));
+                Ok(Handled::Done)
+            }
+        }
+    }
+
+    /// Queues a status report of an install from peers (delivered when the
+    /// server is reachable).
+    fn lan_report(
+        &self,
+        release: &shoal_fleet::report::Release,
+        status: shoal_fleet::Status,
+        substate: Option<String>,
+    ) {
+        crate::reports::record(
+            &self.config,
+            crate::reports::Draft {
+                origin: shoal_fleet::report::Origin::Lan,
+                deployment: None,
+                release: Some(release.clone()),
+                status,
+                substate: substate.map(|mut s| {
+                    let mut end = s.len().min(shoal_fleet::report::SUBSTATE_MAX);
+                    while !s.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    s.truncate(end);
+                    s
+                }),
+            },
+        );
+    }
+}
