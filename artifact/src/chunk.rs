@@ -428,20 +428,6 @@ impl<'p> DeltaEncoder<'p> {
     /// One chunk's frame against `reference` (used for this frame only).
     pub fn encode(&mut self, data: &[u8], reference: &'p [u8]) -> Vec<u8> {
         self.cctx.ref_prefix(reference).expect("zstd prefix");
-        self.compress(data)
-    }
-
-    /// One chunk's frame against a reference digested once by
-    /// [`DigestedReference::new`], for the chunks that share it: loading a
-    /// reference indexes every byte of it, which costs more than compressing a chunk
-    /// (a reference is many times a chunk). The frame decodes exactly as one made by
-    /// [`DeltaEncoder::encode`] does: against the reference's bytes as a raw prefix.
-    pub fn encode_digested(&mut self, data: &[u8], reference: &DigestedReference) -> Vec<u8> {
-        self.cctx.ref_cdict(&reference.0).expect("zstd dictionary");
-        self.compress(data)
-    }
-
-    fn compress(&mut self, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
         self.cctx
             .compress2(&mut out, data)
@@ -449,34 +435,6 @@ impl<'p> DeltaEncoder<'p> {
         out
     }
 }
-
-/// Reference bytes indexed once for zstd (a raw-content dictionary), to compress
-/// several chunks against them ([`DeltaEncoder::encode_digested`]). Memory: a copy of
-/// the bytes and the match tables of `level` (a few MiB).
-pub struct DigestedReference(zstd::zstd_safe::CDict<'static>);
-
-impl std::fmt::Debug for DigestedReference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DigestedReference").finish_non_exhaustive()
-    }
-}
-
-impl DigestedReference {
-    /// Digests `reference` for compression at `level`. `None` when the bytes begin
-    /// with the zstd dictionary magic: zstd would parse them as a dictionary rather
-    /// than take them as raw content, so those are compressed against as a prefix
-    /// ([`DeltaEncoder::encode`]).
-    pub fn new(reference: &[u8], level: i32) -> Option<DigestedReference> {
-        if reference.starts_with(&ZSTD_DICT_MAGIC) || reference.is_empty() {
-            return None;
-        }
-        zstd::zstd_safe::CDict::try_create(reference, level).map(DigestedReference)
-    }
-}
-
-/// The first bytes of a zstd dictionary (which zstd parses, rather than taking as
-/// raw content).
-const ZSTD_DICT_MAGIC: [u8; 4] = [0x37, 0xA4, 0x30, 0xEC];
 
 /// Decodes a delta-encoded chunk: a zstd frame compressed against `reference`
 /// (checked bytes of the base release), bounded by the declared size, then checks
@@ -660,35 +618,6 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
-    }
-
-    #[test]
-    fn digested_reference_frames_decode_against_the_raw_prefix() {
-        let reference = pseudo_random(300_000, 3);
-        // A chunk made of two stretches of the reference and a few new bytes.
-        let mut data = reference[1000..9000].to_vec();
-        data.extend_from_slice(b"new bytes here");
-        data.extend_from_slice(&reference[200_000..206_000]);
-        let c = ChunkRef {
-            id: ChunkId::of(&data),
-            size: data.len() as u32,
-            stored_size: 0,
-        };
-        let digested = DigestedReference::new(&reference, 6).expect("raw bytes digest");
-        let mut enc = DeltaEncoder::new(6);
-        for _ in 0..2 {
-            let frame = enc.encode_digested(&data, &digested);
-            assert!(frame.len() < 200, "{}", frame.len());
-            assert_eq!(decode_against(&frame, &c, &reference).unwrap(), data);
-        }
-        // Interleaved with prefix frames on the same encoder.
-        let frame = enc.encode(&data, &reference);
-        assert_eq!(decode_against(&frame, &c, &reference).unwrap(), data);
-        // Bytes that begin as a zstd dictionary are never digested (zstd would
-        // parse them): they are compressed against as a prefix.
-        let mut dictlike = reference.clone();
-        dictlike[..4].copy_from_slice(&ZSTD_DICT_MAGIC);
-        assert!(DigestedReference::new(&dictlike, 6).is_none());
     }
 
     #[test]

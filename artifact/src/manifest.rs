@@ -224,9 +224,8 @@ pub struct Payload {
 pub struct Reference {
     /// Byte ranges `(offset, len)` of the base payload, concatenated in this order.
     pub ranges: Vec<(u64, u32)>,
-    /// BLAKE3 of the concatenated bytes: the bytes a device read from its running
-    /// slot are checked against it whenever a chunk decoded with them does not hash
-    /// to its id (see [`Reference::read`]).
+    /// BLAKE3 of the concatenated bytes: a device checks the bytes it read from its
+    /// running slot against it before it decodes a chunk with them.
     pub hash: [u8; 32],
     /// Positions in the payload's `chunks` of the chunks encoded against these
     /// bytes, ascending; each the first occurrence of its id in the manifest.
@@ -253,11 +252,10 @@ impl Reference {
     }
 
     /// Takes bytes read for this reference (the ranges, concatenated), checking
-    /// only their length: the hash is checked when a chunk decoded with them does
-    /// not hash to its id ([`ReferenceBytes::check`]), or on demand. Decoding
-    /// against wrong bytes cannot produce a wrong chunk (every chunk is hashed after
-    /// decoding), so a device skips hashing references that decode correctly; a
-    /// failed decode still names a reference that fails its hash.
+    /// only their length now: the hash is checked once, before the first chunk is
+    /// decoded with them ([`ReferenceBytes::check`], which
+    /// [`crate::RawChunk::verify_against`] calls), so a reader can hand the hashing
+    /// to the threads that decode rather than do it while it reads.
     pub fn read(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
         if bytes.len() as u64 != self.len() {
             return Err(ReferenceError::Length {
@@ -344,11 +342,6 @@ impl ReferenceBytes {
                 }
             })
             .clone()
-    }
-
-    /// The buffer back, for reuse, when nothing else shares it.
-    pub fn into_buffer(self) -> Option<Vec<u8>> {
-        std::sync::Arc::try_unwrap(self.inner).ok().map(|i| i.bytes)
     }
 }
 

@@ -342,8 +342,9 @@ impl RawChunk {
 
     /// Decodes a delta-encoded chunk with `reference` (bytes read for this chunk's
     /// [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other ones) and
-    /// checks the hash. When the chunk does not decode to its id and the bytes fail
-    /// the reference's hash, [`ChunkError::BadReference`]. A plain chunk decodes as [`RawChunk::verify_chunk`]
+    /// checks the hash. Bytes that fail the reference's hash (checked here once per
+    /// [`ReferenceBytes`], whichever chunk comes first) are
+    /// [`ChunkError::BadReference`]: nothing is decoded with them. A plain chunk decodes as [`RawChunk::verify_chunk`]
     /// does.
     pub fn verify_against(&self, reference: &ReferenceBytes) -> Result<VerifiedChunk, ChunkError> {
         let Some(r) = &self.reference else {
@@ -352,20 +353,17 @@ impl RawChunk {
         if r.hash != *reference.hash() {
             return Err(ChunkError::WrongReference { id: self.chunk.id });
         }
-        match chunk::decode_against(&self.stored, &self.chunk, reference.bytes()) {
-            Ok(data) => Ok(VerifiedChunk {
-                chunk: self.chunk,
-                data,
-            }),
-            // Bytes that are not the base release's explain a failed decode best.
-            Err(e) => Err(match reference.check() {
-                Err(source) => ChunkError::BadReference {
-                    id: self.chunk.id,
-                    source,
-                },
-                Ok(()) => e,
-            }),
-        }
+        // Checked once per reference, by the first chunk decoded with it.
+        reference
+            .check()
+            .map_err(|source| ChunkError::BadReference {
+                id: self.chunk.id,
+                source,
+            })?;
+        Ok(VerifiedChunk {
+            chunk: self.chunk,
+            data: chunk::decode_against(&self.stored, &self.chunk, reference.bytes())?,
+        })
     }
 
     /// Like [`RawChunk::verify`], returning the bytes as a [`VerifiedChunk`], which

@@ -698,63 +698,33 @@ fn encode_deltas(
             .par_iter()
             .map(|b| *blake3::hash(b).as_bytes())
             .collect();
-        // The group's chunks by reference: each reference is digested once for all
-        // the chunks encoded against it (indexing a reference costs more than
-        // compressing a chunk), one reference at a time per thread, so memory holds
-        // one digested reference per thread.
-        let mut by_ref: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); keys.len()];
-        let mut encoded: Vec<Option<Encoded>> = Vec::with_capacity(end - k);
-        for (j, p) in (k..end).zip(plain.by_ref()) {
-            match slot_of.get(ranges[j].as_slice()) {
-                Some(&s) => {
-                    by_ref[s].push((j, p));
-                    encoded.push(None);
-                }
-                None => {
-                    let alt = want_nodict.then(|| chunk::encode(&chunks[todo[j]], level));
-                    encoded.push(Some((p, None, alt)));
-                }
-            }
-        }
-        let delta_level = level.min(chunk::ZSTD_LEVEL_DELTA_MAX);
-        let deltas: Vec<(usize, Encoded)> = by_ref
-            .into_par_iter()
-            .enumerate()
-            .map_init(
-                || chunk::DeltaEncoder::new(delta_level),
-                |enc, (s, members)| {
-                    let digested = if members.len() > 1 {
-                        chunk::DigestedReference::new(&refs[s], delta_level)
-                    } else {
-                        None
-                    };
-                    members
-                        .into_iter()
-                        .map(|(j, plain)| {
-                            let data = &chunks[todo[j]];
-                            let delta = match &digested {
-                                Some(d) => enc.encode_digested(data, d),
-                                None => enc.encode(data, &refs[s]),
-                            };
-                            let e = if delta.len() < plain.len() {
-                                (delta, Some((ranges[j].clone(), hashes[s])), None)
-                            } else {
-                                let alt = want_nodict.then(|| chunk::encode(data, level));
-                                (plain, None, alt)
-                            };
-                            (j, e)
-                        })
-                        .collect::<Vec<_>>()
-                },
-            )
-            .flatten_iter()
+        let mut group: Vec<(usize, Vec<u8>)> = (k..end).zip(plain.by_ref()).collect();
+        // One context per thread's share of the group (a context per chunk would
+        // allocate and fault in its tables every time).
+        let share = group.len().div_ceil(rayon::current_num_threads().max(1));
+        let encoded: Vec<Encoded> = group
+            .par_chunks_mut(share.max(1))
+            .flat_map_iter(|part| {
+                let mut enc = chunk::DeltaEncoder::new(level.min(chunk::ZSTD_LEVEL_DELTA_MAX));
+                part.iter_mut()
+                    .map(|(j, plain)| {
+                        let j = *j;
+                        let plain = std::mem::take(plain);
+                        let data = &chunks[todo[j]];
+                        let alt = || want_nodict.then(|| chunk::encode(data, level));
+                        let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
+                            return (plain, None, alt());
+                        };
+                        let delta = enc.encode(data, &refs[s]);
+                        if delta.len() < plain.len() {
+                            (delta, Some((ranges[j].clone(), hashes[s])), None)
+                        } else {
+                            (plain, None, alt())
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        for (j, e) in deltas {
-            encoded[j - k] = Some(e);
-        }
-        let encoded = encoded
-            .into_iter()
-            .map(|e| e.expect("every chunk of the group is encoded"));
         out.extend(encoded);
         k = end;
     }

@@ -1572,7 +1572,8 @@ fn unchecked_reference_bytes_decode_and_wrong_ones_name_the_reference() {
         ChunkId::of(raw.verify_against(&read).unwrap().data()),
         raw.chunk.id
     );
-    // Wrong bytes of the right length: the failed decode is blamed on them.
+    // Wrong bytes of the right length: refused by the reference's hash, before any
+    // decoding.
     let mut wrong = reference_bytes(&base, &reference);
     for b in wrong.iter_mut() {
         *b ^= 0x5a;
