@@ -53,7 +53,7 @@ pub enum ExtractError {
     BaseImage(#[from] BaseChunkError),
     /// A thin artifact without a chunk store or image holding its base release.
     #[error(
-        "thin artifact (base {0}): extracting it needs the base release (a chunk store holding it, or its image)"
+        "thin artifact (base {0}): extracting it needs a chunk store holding the base release, or the base release's image"
     )]
     NeedsBase(String),
     /// The reassembled payload does not hash to the signed payload hash.
