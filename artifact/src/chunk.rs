@@ -361,6 +361,16 @@ pub enum ChunkError {
         /// The chunk.
         id: ChunkId,
     },
+    /// The chunk did not decode to its id against the reference bytes given, and
+    /// those bytes fail the reference's hash: they are not the base release's bytes
+    /// (the running slot does not hold the base release there).
+    #[error("chunk {id}: the reference bytes are not the base release's: {source}")]
+    BadReference {
+        /// The chunk.
+        id: ChunkId,
+        /// How the bytes failed their check.
+        source: crate::manifest::ReferenceError,
+    },
     /// Reference bytes were given that are not the ones the manifest names for this
     /// chunk.
     #[error("chunk {id}: given the wrong reference bytes")]

@@ -9,9 +9,19 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
+use crate::base_image::{BaseChunkError, BaseImage};
 use crate::manifest::{ChunkId, ChunkRef, Manifest};
-use crate::read::{ArtifactReader, ReadError};
+use crate::read::{ArtifactReader, ReadError, ReferenceSource};
 use crate::store::{ChunkStore, StoreError};
+
+/// Where the chunks a thin artifact leaves out come from.
+#[derive(Debug, Clone, Copy)]
+pub enum BaseChunks<'a> {
+    /// A chunk store holding the base release.
+    Store(&'a ChunkStore),
+    /// An image of the base release's payload, indexed with [`BaseImage::index`].
+    Image(&'a BaseImage),
+}
 
 /// Why extraction failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +48,13 @@ pub enum ExtractError {
         /// Why the store could not provide it.
         source: Box<StoreError>,
     },
-    /// A thin artifact without a chunk store holding its base release.
-    #[error("thin artifact (base {0}): extracting it needs a chunk store holding the base release")]
+    /// A thin artifact's base chunk could not be had from the base image.
+    #[error(transparent)]
+    BaseImage(#[from] BaseChunkError),
+    /// A thin artifact without a chunk store or image holding its base release.
+    #[error(
+        "thin artifact (base {0}): extracting it needs a chunk store holding the base release, or the base release's image"
+    )]
     NeedsBase(String),
     /// The reassembled payload does not hash to the signed payload hash.
     #[error("reassembled payload hash does not match the manifest")]
@@ -49,10 +64,13 @@ pub enum ExtractError {
 /// Writes the single payload of the artifact read by `reader` to `out` (which must be
 /// empty, readable and writable). `base` provides chunks a thin artifact leaves out;
 /// the reader must then have been opened with the base manifest
-/// ([`ArtifactReader::open_with_base`]) so it knows which ones. Returns the payload size.
+/// ([`ArtifactReader::open_with_base`]) so it knows which ones. `references` gives
+/// the base bytes delta-encoded chunks are decoded with (without it they are
+/// [`crate::ChunkError::NeedsReference`]). Returns the payload size.
 pub fn extract<R: Read, F: Read + Write + Seek>(
     mut reader: ArtifactReader<R>,
-    base: Option<(&ChunkStore, &Manifest)>,
+    base: Option<(BaseChunks<'_>, &Manifest)>,
+    mut references: Option<&mut (dyn ReferenceSource + '_)>,
     out: &mut F,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ExtractError> {
@@ -85,13 +103,15 @@ pub fn extract<R: Read, F: Read + Write + Seek>(
             out.seek(SeekFrom::Start(offset))?;
             std::mem::take(&mut buf)
         } else if held.contains(&c.id) {
-            let (store, _) = base.expect("held is empty without a base");
-            store.get(c).map_err(|e| ExtractError::Base {
-                id: c.id,
-                source: Box::new(e),
-            })?
+            match base.expect("held is empty without a base").0 {
+                BaseChunks::Store(store) => store.get(c).map_err(|e| ExtractError::Base {
+                    id: c.id,
+                    source: Box::new(e),
+                })?,
+                BaseChunks::Image(image) => image.chunk(c)?,
+            }
         } else {
-            next_expected(&mut reader, c)?
+            next_expected(&mut reader, c, references.as_deref_mut())?
         };
         hasher.update(&data);
         out.write_all(&data)?;
@@ -114,8 +134,9 @@ pub fn extract<R: Read, F: Read + Write + Seek>(
 fn next_expected<R: Read>(
     reader: &mut ArtifactReader<R>,
     c: &ChunkRef,
+    references: Option<&mut (dyn ReferenceSource + '_)>,
 ) -> Result<Vec<u8>, ExtractError> {
-    match reader.next_chunk()? {
+    match reader.next_chunk_with(references)? {
         Some((id, data)) if id == c.id => Ok(data),
         Some((id, _)) => Err(ReadError::OutOfOrder(id).into()),
         None => Err(ReadError::MissingChunk(c.id).into()),

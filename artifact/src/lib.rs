@@ -8,6 +8,8 @@
 //! allocations only after they were checked against the signed manifest and its
 //! limits. See `artifact/DESIGN.md` for the byte layout.
 
+#[cfg(feature = "fs")]
+pub mod base_image;
 pub mod chunk;
 #[cfg(feature = "fs")]
 pub mod delta;
@@ -23,16 +25,18 @@ pub mod ustar;
 #[cfg(feature = "fs")]
 pub mod write;
 
+#[cfg(feature = "fs")]
+pub use base_image::{BaseChunkError, BaseImage};
 pub use chunk::{ChunkError, Chunker};
 #[cfg(feature = "fs")]
 pub use diff::{Diff, diff};
 #[cfg(feature = "fs")]
-pub use extract::{ExtractError, extract};
+pub use extract::{BaseChunks, ExtractError, extract};
 pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, FORMAT_VERSION_REFERENCES, Manifest,
     ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
-pub use read::{ArtifactReader, RawChunk, ReadError, VerifiedChunk};
+pub use read::{ArtifactReader, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};
 #[cfg(feature = "fs")]

@@ -244,24 +244,31 @@ impl Reference {
     }
 
     /// Checks bytes read for this reference (the ranges, concatenated): their length
-    /// and hash. Only then may a chunk be decoded with them.
+    /// and hash, now.
     pub fn check(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
+        let r = self.read(bytes)?;
+        r.check()?;
+        Ok(r)
+    }
+
+    /// Takes bytes read for this reference (the ranges, concatenated), checking
+    /// only their length now: the hash is checked once, before the first chunk is
+    /// decoded with them ([`ReferenceBytes::check`], which
+    /// [`crate::RawChunk::verify_against`] calls), so a reader can hand the hashing
+    /// to the threads that decode rather than do it while it reads.
+    pub fn read(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
         if bytes.len() as u64 != self.len() {
             return Err(ReferenceError::Length {
                 expected: self.len(),
                 found: bytes.len() as u64,
             });
         }
-        let actual = *blake3::hash(&bytes).as_bytes();
-        if actual != self.hash {
-            return Err(ReferenceError::Hash {
-                expected: hex::encode(self.hash),
-                actual: hex::encode(actual),
-            });
-        }
         Ok(ReferenceBytes {
-            hash: self.hash,
-            bytes: std::sync::Arc::from(bytes),
+            inner: std::sync::Arc::new(ReferenceInner {
+                hash: self.hash,
+                bytes,
+                checked: std::sync::OnceLock::new(),
+            }),
         })
     }
 
@@ -275,32 +282,66 @@ impl Reference {
     }
 }
 
-/// Bytes that matched a [`Reference`]'s length and hash; only [`Reference::check`]
-/// makes them.
-#[derive(Clone, PartialEq, Eq)]
+/// Bytes read for a [`Reference`]: their length matched, and their hash is checked
+/// at most once, by [`Reference::check`] or [`ReferenceBytes::check`]. Made only by
+/// [`Reference::read`] and [`Reference::check`]; cheap to clone (shared).
+#[derive(Clone)]
 pub struct ReferenceBytes {
-    hash: [u8; 32],
-    bytes: std::sync::Arc<[u8]>,
+    inner: std::sync::Arc<ReferenceInner>,
 }
+
+struct ReferenceInner {
+    hash: [u8; 32],
+    bytes: Vec<u8>,
+    /// The outcome of the hash check, once done.
+    checked: std::sync::OnceLock<Result<(), ReferenceError>>,
+}
+
+impl PartialEq for ReferenceBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.hash == other.inner.hash && self.inner.bytes == other.inner.bytes
+    }
+}
+
+impl Eq for ReferenceBytes {}
 
 impl fmt::Debug for ReferenceBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReferenceBytes")
-            .field("hash", &hex::encode(self.hash))
-            .field("len", &self.bytes.len())
+            .field("hash", &hex::encode(self.inner.hash))
+            .field("len", &self.inner.bytes.len())
             .finish()
     }
 }
 
 impl ReferenceBytes {
-    /// The hash they matched.
+    /// The hash the manifest names for them.
     pub fn hash(&self) -> &[u8; 32] {
-        &self.hash
+        &self.inner.hash
     }
 
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.inner.bytes
+    }
+
+    /// Whether the bytes hash to the manifest's hash (computed once, then
+    /// remembered).
+    pub fn check(&self) -> Result<(), ReferenceError> {
+        self.inner
+            .checked
+            .get_or_init(|| {
+                let actual = *blake3::hash(&self.inner.bytes).as_bytes();
+                if actual == self.inner.hash {
+                    Ok(())
+                } else {
+                    Err(ReferenceError::Hash {
+                        expected: hex::encode(self.inner.hash),
+                        actual: hex::encode(actual),
+                    })
+                }
+            })
+            .clone()
     }
 }
 

@@ -269,6 +269,47 @@ pub enum ReadError {
     /// A chunk's bytes are bad (hash mismatch, zstd bomb, corrupt frame).
     #[error(transparent)]
     Chunk(#[from] ChunkError),
+    /// The bytes a delta-encoded chunk is encoded against could not be read from
+    /// where the base release's payload was given.
+    #[error("chunk {id}: reading its reference bytes {ranges} of the base release: {source}")]
+    ReferenceRead {
+        /// The chunk.
+        id: ChunkId,
+        /// The reference's ranges (`offset+len`, comma separated).
+        ranges: String,
+        /// Why the read failed.
+        source: io::Error,
+    },
+}
+
+/// Where a reader gets the base-release bytes delta-encoded chunks are decoded with
+/// (e.g. [`crate::base_image::BaseImage`], the base payload as a file). The bytes'
+/// length is checked; their hash when a chunk does not decode to its id
+/// ([`Reference::read`]).
+pub trait ReferenceSource {
+    /// The bytes of `r`'s ranges, concatenated.
+    fn reference(&mut self, r: &Reference) -> io::Result<ReferenceBytes>;
+}
+
+/// Decodes and verifies `raw` with the reference bytes `source` gives for it (a
+/// delta-encoded chunk) or as a plain chunk; a delta-encoded chunk without a source
+/// is [`ChunkError::NeedsReference`].
+fn resolve(
+    raw: &RawChunk,
+    source: Option<&mut (dyn ReferenceSource + '_)>,
+) -> Result<Option<ReferenceBytes>, ReadError> {
+    match (raw.reference(), source) {
+        (Some(r), Some(src)) => {
+            src.reference(r)
+                .map(Some)
+                .map_err(|source| ReadError::ReferenceRead {
+                    id: raw.chunk.id,
+                    ranges: r.describe(),
+                    source,
+                })
+        }
+        _ => Ok(None),
+    }
 }
 
 /// A chunk read from the artifact, checked against the manifest's order and
@@ -299,9 +340,11 @@ impl RawChunk {
         self.reference.as_ref()
     }
 
-    /// Decodes a delta-encoded chunk with `reference` (bytes checked against this
-    /// chunk's [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other
-    /// ones) and checks the hash. A plain chunk decodes as [`RawChunk::verify_chunk`]
+    /// Decodes a delta-encoded chunk with `reference` (bytes read for this chunk's
+    /// [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other ones) and
+    /// checks the hash. Bytes that fail the reference's hash (checked here once per
+    /// [`ReferenceBytes`], whichever chunk comes first) are
+    /// [`ChunkError::BadReference`]: nothing is decoded with them. A plain chunk decodes as [`RawChunk::verify_chunk`]
     /// does.
     pub fn verify_against(&self, reference: &ReferenceBytes) -> Result<VerifiedChunk, ChunkError> {
         let Some(r) = &self.reference else {
@@ -310,6 +353,13 @@ impl RawChunk {
         if r.hash != *reference.hash() {
             return Err(ChunkError::WrongReference { id: self.chunk.id });
         }
+        // Checked once per reference, by the first chunk decoded with it.
+        reference
+            .check()
+            .map_err(|source| ChunkError::BadReference {
+                id: self.chunk.id,
+                source,
+            })?;
         Ok(VerifiedChunk {
             chunk: self.chunk,
             data: chunk::decode_against(&self.stored, &self.chunk, reference.bytes())?,
@@ -1000,10 +1050,22 @@ impl<R: Read> ArtifactReader<R> {
 
     /// Reads, decodes and verifies the next chunk; `Ok(None)` at the (checked) end.
     pub fn next_chunk(&mut self) -> Result<Option<(ChunkId, Vec<u8>)>, ReadError> {
+        self.next_chunk_with(None)
+    }
+
+    /// Like [`ArtifactReader::next_chunk`], decoding a delta-encoded chunk with the
+    /// reference bytes `references` gives.
+    pub fn next_chunk_with(
+        &mut self,
+        references: Option<&mut (dyn ReferenceSource + '_)>,
+    ) -> Result<Option<(ChunkId, Vec<u8>)>, ReadError> {
         match self.next_raw()? {
             None => Ok(None),
             Some(raw) => {
-                let data = raw.verify()?;
+                let data = match resolve(&raw, references)? {
+                    Some(bytes) => raw.verify_against(&bytes)?.into_data(),
+                    None => raw.verify()?,
+                };
                 Ok(Some((raw.chunk.id, data)))
             }
         }
@@ -1012,7 +1074,21 @@ impl<R: Read> ArtifactReader<R> {
     /// Reads and verifies every remaining chunk, discarding the bytes: one batch is
     /// verified on all cores while the next is read. Errors come in artifact order,
     /// as if read one chunk at a time. Returns the number of chunks verified.
-    pub fn verify_rest(&mut self, mut progress: impl FnMut(u64)) -> Result<u64, ReadError>
+    pub fn verify_rest(&mut self, progress: impl FnMut(u64)) -> Result<u64, ReadError>
+    where
+        R: Send,
+    {
+        self.verify_rest_with(None, progress)
+    }
+
+    /// Like [`ArtifactReader::verify_rest`], decoding delta-encoded chunks with the
+    /// reference bytes `references` gives (without a source they are
+    /// [`ChunkError::NeedsReference`]).
+    pub fn verify_rest_with(
+        &mut self,
+        mut references: Option<&mut (dyn ReferenceSource + '_)>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, ReadError>
     where
         R: Send,
     {
@@ -1026,11 +1102,34 @@ impl<R: Read> ArtifactReader<R> {
                 };
             }
             let read_next = failure.is_none();
+            // The batch's references, in order: the first that cannot be read is the
+            // batch's error, after the chunks before it were verified.
+            let mut refs: Vec<Option<ReferenceBytes>> = Vec::with_capacity(pending.len());
+            let mut ref_failure = None;
+            for raw in &pending {
+                match resolve(raw, references.as_deref_mut()) {
+                    Ok(r) => refs.push(r),
+                    Err(e) => {
+                        ref_failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = ref_failure {
+                pending.truncate(refs.len());
+                pending
+                    .par_iter()
+                    .zip(&refs)
+                    .map(|(r, b)| verify_one(r, b.as_ref()))
+                    .collect::<Result<(), _>>()?;
+                return Err(e);
+            }
             let (verified, next) = rayon::join(
                 || {
                     pending
                         .par_iter()
-                        .map(|r| r.verify().map(|_| ()))
+                        .zip(&refs)
+                        .map(|(r, b)| verify_one(r, b.as_ref()))
                         .collect::<Result<(), _>>()
                 },
                 || {
@@ -1068,6 +1167,14 @@ impl<R: Read> ArtifactReader<R> {
             }
         }
         (raws, None)
+    }
+}
+
+/// Verifies one chunk, with its reference bytes when it is delta-encoded.
+fn verify_one(raw: &RawChunk, reference: Option<&ReferenceBytes>) -> Result<(), ChunkError> {
+    match reference {
+        Some(b) => raw.verify_against(b).map(|_| ()),
+        None => raw.verify().map(|_| ()),
     }
 }
 

@@ -218,7 +218,7 @@ fn round_trip_and_extract() {
 
     let r = ArtifactReader::open(&bytes[..], &root(&[1], 1), NOW).unwrap();
     let mut out = Cursor::new(Vec::new());
-    let n = shoal_artifact::extract(r, None, &mut out, |_| {}).unwrap();
+    let n = shoal_artifact::extract(r, None, None, &mut out, |_| {}).unwrap();
     assert_eq!(n, data.len() as u64);
     assert_eq!(out.into_inner(), data);
     // The first member is the envelope, then the pack table, then numbered packs
@@ -271,7 +271,7 @@ fn dictionary_compressed_artifact_round_trips_through_a_store() {
     let mut r = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
     assert!(r.read_dictionary().unwrap().is_some());
     let mut out = Cursor::new(Vec::new());
-    shoal_artifact::extract(r, None, &mut out, |_| {}).unwrap();
+    shoal_artifact::extract(r, None, None, &mut out, |_| {}).unwrap();
     assert_eq!(out.into_inner(), data);
     // Chunks in a store decode with the store's copy of the dictionary.
     let dir = tempfile::tempdir().unwrap();
@@ -371,12 +371,19 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
 
     let r = ArtifactReader::open_with_base(&thin[..], &root, NOW, Some(&r1.manifest)).unwrap();
     let mut out = Cursor::new(Vec::new());
-    shoal_artifact::extract(r, Some((&store, &r1.manifest)), &mut out, |_| {}).unwrap();
+    shoal_artifact::extract(
+        r,
+        Some((shoal_artifact::BaseChunks::Store(&store), &r1.manifest)),
+        None,
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(out.into_inner(), v2);
 
     let r = ArtifactReader::open(&thin[..], &root, NOW).unwrap();
     assert!(matches!(
-        shoal_artifact::extract(r, None, &mut Cursor::new(Vec::new()), |_| {}),
+        shoal_artifact::extract(r, None, None, &mut Cursor::new(Vec::new()), |_| {}),
         Err(ExtractError::NeedsBase(_))
     ));
 
@@ -1548,4 +1555,147 @@ fn a_delta_build_drops_the_dictionary_when_it_does_not_pay() {
         n += 1;
     }
     assert_eq!(n, report.chunks_written);
+}
+
+#[test]
+fn unchecked_reference_bytes_decode_and_wrong_ones_name_the_reference() {
+    let base = random(400_000, 9);
+    let new = edited(&base);
+    let (_, art, _) = delta_pair(&base, &new);
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let raw = reader.next_raw().unwrap().unwrap();
+    let reference = raw.reference().unwrap().clone();
+    // Bytes read without their hash check decode the chunk (which is hashed).
+    let read = reference.read(reference_bytes(&base, &reference)).unwrap();
+    assert_eq!(
+        ChunkId::of(raw.verify_against(&read).unwrap().data()),
+        raw.chunk.id
+    );
+    // Wrong bytes of the right length: refused by the reference's hash, before any
+    // decoding.
+    let mut wrong = reference_bytes(&base, &reference);
+    for b in wrong.iter_mut() {
+        *b ^= 0x5a;
+    }
+    let wrong = reference.read(wrong).unwrap();
+    match raw.verify_against(&wrong) {
+        Err(ChunkError::BadReference { id, source }) => {
+            assert_eq!(id, raw.chunk.id);
+            assert!(matches!(
+                source,
+                shoal_artifact::ReferenceError::Hash { .. }
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A length that is not the reference's is refused when read.
+    assert_eq!(
+        reference.read(vec![0; 10]).unwrap_err(),
+        shoal_artifact::ReferenceError::Length {
+            expected: reference.len(),
+            found: 10
+        }
+    );
+}
+
+/// A delta pair with the base image written to `dir`: (base artifact, delta
+/// artifact, base image path).
+fn delta_files(dir: &std::path::Path, base: &[u8], new: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let (base_art, _) = build(base);
+    std::fs::write(dir.join("base.img"), base).unwrap();
+    let (_, art, _) = delta_pair(base, new);
+    (base_art, art)
+}
+
+#[test]
+fn a_delta_artifact_verifies_and_extracts_against_its_base_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = random(400_000, 10);
+    let new = edited(&base);
+    let (base_art, art) = delta_files(dir.path(), &base, &new);
+    let r = root(&[1], 1);
+    let image_path = dir.path().join("base.img");
+
+    // Without the image, the first delta chunk is refused by name.
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    assert!(matches!(
+        reader.verify_rest(|_| {}),
+        Err(ReadError::Chunk(ChunkError::NeedsReference { .. }))
+    ));
+    // With it, every chunk decodes and verifies.
+    let mut image = shoal_artifact::BaseImage::open(&image_path).unwrap();
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let n = reader.verify_rest_with(Some(&mut image), |_| {}).unwrap();
+    assert!(n >= 3, "{n}");
+
+    // Extract: base chunks from the image (located by the base manifest),
+    // references from the image too; the output is the new payload exactly.
+    let base_m = ArtifactReader::open(&base_art[..], &r, NOW)
+        .unwrap()
+        .manifest()
+        .clone();
+    let mut chunks = shoal_artifact::BaseImage::open(&image_path).unwrap();
+    assert!(chunks.index(&base_m, "rootfs"));
+    let mut refs = shoal_artifact::BaseImage::open(&image_path).unwrap();
+    let reader = ArtifactReader::open_with_base(&art[..], &r, NOW, Some(&base_m)).unwrap();
+    let mut out = Cursor::new(Vec::new());
+    let size = shoal_artifact::extract(
+        reader,
+        Some((shoal_artifact::BaseChunks::Image(&chunks), &base_m)),
+        Some(&mut refs),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(size, new.len() as u64);
+    assert_eq!(out.into_inner(), new);
+}
+
+#[test]
+fn verifying_a_delta_artifact_against_another_image_names_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = random(400_000, 11);
+    let new = edited(&base);
+    let (_, art) = delta_files(dir.path(), &base, &new);
+    let r = root(&[1], 1);
+    // Another image of the same size: references fail their hash.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, random(400_000, 12)).unwrap();
+    let mut image = shoal_artifact::BaseImage::open(&other).unwrap();
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    match reader.verify_rest_with(Some(&mut image), |_| {}) {
+        Err(ReadError::Chunk(ChunkError::BadReference { source, .. })) => {
+            assert!(matches!(
+                source,
+                shoal_artifact::ReferenceError::Hash { .. }
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A shorter image: the reference cannot be read, which is said.
+    let short = dir.path().join("short.img");
+    std::fs::write(&short, &base[..1000]).unwrap();
+    let mut image = shoal_artifact::BaseImage::open(&short).unwrap();
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let e = reader
+        .verify_rest_with(Some(&mut image), |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(&e, ReadError::ReferenceRead { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof),
+        "{e:?}"
+    );
+    // Base chunks read from a wrong image fail their hash, by name.
+    let (base_art, _) = build(&base);
+    let base_m = ArtifactReader::open(&base_art[..], &r, NOW)
+        .unwrap()
+        .manifest()
+        .clone();
+    let mut chunks = shoal_artifact::BaseImage::open(&other).unwrap();
+    assert!(chunks.index(&base_m, "rootfs"));
+    let c = base_m.payloads[0].chunks[0];
+    assert!(matches!(
+        chunks.chunk(&c),
+        Err(shoal_artifact::BaseChunkError::Hash { id, offset: 0, .. }) if id == c.id
+    ));
 }

@@ -220,3 +220,118 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
     assert!(!s.v1.is_empty());
 }
+
+#[test]
+fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
+    let s = setup();
+    let dev = &s.dev;
+    let run = |args: &[&str]| dev.run(args);
+    let p = |x: &Path| x.display().to_string();
+    let root = p(&dev.root);
+    let v1_img = p(&dev.path("v1.img"));
+    let a1 = p(&dev.path("acme-os-1.0-full.shoal"));
+    let delta = p(&s.delta);
+
+    // Without the base image, verify names what is missing.
+    let err = fails(run(&["artifact", "verify", &delta, "--root", &root]), 1);
+    assert!(
+        err.contains("encoded against bytes of the base release"),
+        "{err}"
+    );
+    // With it, every chunk is decoded and verified.
+    let out = ok(run(&[
+        "artifact",
+        "verify",
+        &delta,
+        "--root",
+        &root,
+        "--base-image",
+        &v1_img,
+        "--json",
+    ]));
+    let v = install_common::json(&out);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(u(&v, "chunks_verified") > 100, "{v}");
+
+    // Extract: the full v2 image, base chunks and references from v1's image.
+    let out_img = dev.path("extracted-v2.img");
+    ok(run(&[
+        "artifact",
+        "extract",
+        &delta,
+        "--root",
+        &root,
+        "--base",
+        &a1,
+        "--base-image",
+        &v1_img,
+        "--out",
+        &p(&out_img),
+    ]));
+    assert_eq!(std::fs::read(&out_img).expect("extracted"), s.v2);
+
+    // Another image than the base: refused by the reference's hash, nothing left.
+    let mut wrong = s.v1.clone();
+    for b in wrong.iter_mut() {
+        *b ^= 0x33;
+    }
+    let wrong_img = dev.path("wrong.img");
+    std::fs::write(&wrong_img, &wrong).expect("wrong image");
+    let err = fails(
+        run(&[
+            "artifact",
+            "verify",
+            &delta,
+            "--root",
+            &root,
+            "--base-image",
+            &p(&wrong_img),
+        ]),
+        1,
+    );
+    assert!(
+        err.contains("the reference bytes are not the base release's"),
+        "{err}"
+    );
+    let out2 = dev.path("extracted-wrong.img");
+    let err = fails(
+        run(&[
+            "artifact",
+            "extract",
+            &delta,
+            "--root",
+            &root,
+            "--base",
+            &a1,
+            "--base-image",
+            &p(&wrong_img),
+            "--out",
+            &p(&out2),
+        ]),
+        1,
+    );
+    assert!(
+        err.contains("is not the base release's payload")
+            || err.contains("the reference bytes are not the base release's"),
+        "{err}"
+    );
+    assert!(!out2.exists(), "no partial output");
+    // A base artifact that is not the delta's base is a usage error.
+    let err = fails(
+        run(&[
+            "artifact",
+            "extract",
+            &delta,
+            "--root",
+            &root,
+            "--base",
+            &delta,
+            "--base-image",
+            &v1_img,
+            "--out",
+            &p(&out2),
+        ]),
+        2,
+    );
+    assert!(err.contains("is not the base release of"), "{err}");
+}

@@ -58,6 +58,10 @@ pub enum Command {
         artifact: PathBuf,
         #[command(flatten)]
         trust: Trust,
+        /// The base release's payload image: delta-encoded chunks (of an artifact
+        /// built with `--base-image`) are decoded against it and verified.
+        #[arg(long)]
+        base_image: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -77,6 +81,15 @@ pub enum Command {
         /// A chunk store holding the base release of a thin artifact.
         #[arg(long)]
         store: Option<PathBuf>,
+        /// The base release's payload image: delta-encoded chunks are decoded
+        /// against it, and (with --base, without --store) the chunks a thin
+        /// artifact leaves out are read from it.
+        #[arg(long)]
+        base_image: Option<PathBuf>,
+        /// The base release's artifact (only its signed manifest is read): where
+        /// its chunks are in --base-image.
+        #[arg(long, requires = "base_image", conflicts_with = "store")]
+        base: Option<PathBuf>,
     },
     /// How many bytes a device running OLD must download to get NEW (manifest included).
     ///
@@ -191,14 +204,27 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
         Command::Verify {
             artifact,
             trust,
+            base_image,
             json,
-        } => verify(&artifact, &trust, json, ui),
+        } => verify(&artifact, &trust, base_image.as_deref(), json, ui),
         Command::Extract {
             artifact,
             trust,
             out,
             store,
-        } => extract(&artifact, &trust, &out, store.as_deref(), ui),
+            base_image,
+            base,
+        } => extract(
+            &artifact,
+            &trust,
+            &out,
+            ExtractBase {
+                store: store.as_deref(),
+                image: base_image.as_deref(),
+                artifact: base.as_deref(),
+            },
+            ui,
+        ),
         Command::Diff {
             old,
             new,
@@ -514,7 +540,20 @@ fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn verify(path: &Path, trust: &Trust, json: bool, ui: &Ui) -> anyhow::Result<()> {
+/// Opens `--base-image`.
+fn open_base_image(path: &Path) -> anyhow::Result<shoal_artifact::BaseImage> {
+    shoal_artifact::BaseImage::open(path)
+        .map_err(|e| Exit::usage(format!("base image {}: {e}", path.display())))
+}
+
+fn verify(
+    path: &Path,
+    trust: &Trust,
+    base_image: Option<&Path>,
+    json: bool,
+    ui: &Ui,
+) -> anyhow::Result<()> {
+    let mut image = base_image.map(open_base_image).transpose()?;
     let (root, now) = trust.load()?;
     let mut r = ArtifactReader::open(open_input(path, Some(&root))?, &root, now)
         .with_context(|| format!("verifying {}", path.display()))?;
@@ -522,7 +561,12 @@ fn verify(path: &Path, trust: &Trust, json: bool, ui: &Ui) -> anyhow::Result<()>
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
     let bar = ui.progress(total, "verifying", json);
     let n = r
-        .verify_rest(|b| bar.inc(b))
+        .verify_rest_with(
+            image
+                .as_mut()
+                .map(|i| i as &mut dyn shoal_artifact::ReferenceSource),
+            |b| bar.inc(b),
+        )
         .with_context(|| format!("verifying {}", path.display()))?;
     bar.finish_and_clear();
     let mut out = std::io::stdout().lock();
@@ -564,13 +608,27 @@ fn verify(path: &Path, trust: &Trust, json: bool, ui: &Ui) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Where `artifact extract` gets a thin or delta artifact's base release.
+struct ExtractBase<'a> {
+    store: Option<&'a Path>,
+    image: Option<&'a Path>,
+    artifact: Option<&'a Path>,
+}
+
 fn extract(
     path: &Path,
     trust: &Trust,
     out_path: &Path,
-    store: Option<&Path>,
+    given: ExtractBase<'_>,
     ui: &Ui,
 ) -> anyhow::Result<()> {
+    let store = given.store;
+    // References are read through one handle, base chunks through another.
+    let mut ref_image = given.image.map(open_base_image).transpose()?;
+    let mut chunk_image = match (given.image, given.artifact) {
+        (Some(p), Some(_)) => Some(open_base_image(p)?),
+        _ => None,
+    };
     let (root, now) = trust.load()?;
     let input = open_input(path, Some(&root))?;
     // Peek at the manifest to find a thin artifact's base in the store.
@@ -598,6 +656,42 @@ fn extract(
                 .with_context(|| format!("verifying {}", path.display()))?;
                 (r, Some(base))
             }
+            (Some(b), None) => match (given.artifact, chunk_image.as_mut()) {
+                (Some(base_path), Some(image)) => {
+                    let base =
+                        ArtifactReader::open(open_input(base_path, Some(&root))?, &root, now)
+                            .with_context(|| format!("base artifact {}", base_path.display()))?
+                            .manifest()
+                            .clone();
+                    if base.hash() != b.manifest_hash {
+                        return Err(Exit::usage(format!(
+                            "{} is not the base release of {} ({} {})",
+                            base_path.display(),
+                            path.display(),
+                            b.name,
+                            b.version
+                        )));
+                    }
+                    let payload = &r.manifest().payloads[0].name;
+                    if !image.index(&base, payload) {
+                        anyhow::bail!(
+                            "the base release {} {} has no payload named {payload:?}",
+                            b.name,
+                            b.version
+                        );
+                    }
+                    drop(r);
+                    let r = ArtifactReader::open_with_base(
+                        open_input(path, Some(&root))?,
+                        &root,
+                        now,
+                        Some(&base),
+                    )
+                    .with_context(|| format!("verifying {}", path.display()))?;
+                    (r, Some(base))
+                }
+                _ => (r, None),
+            },
             _ => (r, None),
         }
     };
@@ -611,11 +705,15 @@ fn extract(
     let bar = ui.progress(total, "extracting", false);
     let result = {
         let mut w = BufRwFile::new(&mut file);
-        let base_ref = match (&store, &base) {
-            (Some(s), Some(b)) => Some((s, b)),
+        let base_ref = match (&store, &chunk_image, &base) {
+            (Some(s), _, Some(b)) => Some((shoal_artifact::BaseChunks::Store(s), b)),
+            (None, Some(i), Some(b)) => Some((shoal_artifact::BaseChunks::Image(i), b)),
             _ => None,
         };
-        shoal_artifact::extract(reader, base_ref, &mut w, |n| bar.inc(n)).and_then(|n| {
+        let refs = ref_image
+            .as_mut()
+            .map(|i| i as &mut dyn shoal_artifact::ReferenceSource);
+        shoal_artifact::extract(reader, base_ref, refs, &mut w, |n| bar.inc(n)).and_then(|n| {
             w.flush()?;
             Ok(n)
         })

@@ -26,7 +26,7 @@ use anyhow::{Context, anyhow, bail};
 use rayon::prelude::*;
 use shoal_artifact::read::ArtifactReader;
 use shoal_artifact::{
-    ChunkId, ChunkRef, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
+    ChunkError, ChunkId, ChunkRef, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
 };
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
@@ -935,10 +935,12 @@ type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 /// against when it is delta-encoded.
 type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
 
-/// Reads (or finds in `references`' cache) the checked reference of each
-/// delta-encoded chunk of a batch, then decodes the batch with [`decode`]. `Err`
-/// names the first chunk whose reference cannot be read or fails its hash: nothing
-/// of the batch is decoded then.
+/// Reads (or finds in `references`' cache) the reference of each delta-encoded
+/// chunk of a batch, then decodes the batch with [`decode`], which checks each
+/// reference's hash (once, on the decoding threads) before decoding with it. `Err`
+/// names the first chunk whose reference cannot be read or fails its hash (the
+/// running slot is not the base release there): nothing of the batch is handed over
+/// then.
 fn resolve_and_decode(
     raws: Vec<shoal_artifact::RawChunk>,
     mut references: Option<&mut References>,
@@ -954,19 +956,37 @@ fn resolve_and_decode(
         };
         undecoded.push((raw, reference));
     }
-    Ok(decode(undecoded))
+    let decoded = decode(&undecoded);
+    let mut out = Vec::with_capacity(decoded.len());
+    for ((raw, _), (id, result)) in undecoded.iter().zip(decoded) {
+        match result {
+            Err(ChunkError::BadReference { source, .. }) => {
+                let (slot, base) = references
+                    .as_deref()
+                    .map_or((String::new(), String::new()), |r| {
+                        (r.slot.to_string(), r.base.clone())
+                    });
+                let ranges = raw.reference().map_or_else(String::new, |r| r.describe());
+                return Err(format!(
+                    "chunk {id}: the reference bytes {ranges} of the running slot {slot} fail their hash ({source}): the slot does not hold the base release {base} there; install a full artifact instead"
+                ));
+            }
+            other => out.push((id, other.map_err(|e| e.to_string()))),
+        }
+    }
+    Ok(out)
 }
 
 /// Decodes and hashes chunks on all cores (each exactly once: the engine does not
 /// hash [`shoal_artifact::VerifiedChunk`]s again).
-fn decode(raws: Vec<Undecoded>) -> Vec<Decoded> {
+fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedChunk, ChunkError>)> {
     raws.par_iter()
         .map(|(r, reference)| {
             let verified = match reference {
                 Some(bytes) => r.verify_against(bytes),
                 None => r.verify_chunk(),
             };
-            (r.chunk.id, verified.map_err(|e| e.to_string()))
+            (r.chunk.id, verified)
         })
         .collect()
 }
@@ -989,18 +1009,19 @@ const SLOT_BLOCK: u64 = 64 * 1024;
 const SLOT_BLOCKS_KEPT: usize = 24;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
-/// from the running slot (which holds the base payload from offset 0) and checked
-/// against the reference's hash before any chunk is decoded with them.
+/// from the running slot (which holds the base payload from offset 0). Their hash is
+/// checked before any chunk is decoded with them, by the decoding threads, once per
+/// reference (see [`Reference::read`]).
 struct References {
     slot: Slot,
     storage: Box<dyn Storage>,
     /// Recently used references, most recent last.
     cache: std::collections::VecDeque<ReferenceBytes>,
     base: String,
-    /// References read (and checked) so far, their bytes, and the time it took.
+    /// References read so far, their bytes, and the time it took.
     read: (u64, u64, Duration),
     /// Blocks of the running slot read lately (index, bytes), most recent last.
-    blocks: std::collections::VecDeque<(u64, std::sync::Arc<[u8]>)>,
+    blocks: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// The running slot's length.
     slot_len: u64,
     /// Bytes read from the running slot for references.
@@ -1008,55 +1029,58 @@ struct References {
 }
 
 impl References {
+    fn new(slot: Slot, storage: Box<dyn Storage>, slot_len: u64, base: String) -> References {
+        References {
+            slot,
+            storage,
+            cache: std::collections::VecDeque::new(),
+            base,
+            read: (0, 0, Duration::ZERO),
+            blocks: std::collections::VecDeque::new(),
+            slot_len,
+            read_slot_bytes: 0,
+        }
+    }
+
     /// Fills `buf` with the running slot's bytes from `offset`, through the cache
     /// of slot blocks: the windows of neighbouring references overlap, so most of
-    /// a reference was read for the previous ones. Missing blocks next to each
-    /// other are read at once.
+    /// a reference was read for the previous ones.
     fn read_range(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         let mut b = offset / SLOT_BLOCK;
         while b * SLOT_BLOCK < end {
-            let block = match self.blocks.iter().position(|(i, _)| *i == b) {
-                Some(k) => {
-                    let hit = self.blocks.remove(k).expect("found");
-                    self.blocks.push_back(hit.clone());
-                    hit.1
-                }
+            let block_start = b * SLOT_BLOCK;
+            let k = match self.blocks.iter().position(|(i, _)| *i == b) {
+                Some(k) => k,
                 None => {
-                    // This block and the missing ones after it that the range needs.
-                    let mut last = b;
-                    while (last + 1) * SLOT_BLOCK < end
-                        && !self.blocks.iter().any(|(i, _)| *i == last + 1)
-                    {
-                        last += 1;
-                    }
-                    let from = b * SLOT_BLOCK;
-                    let to = ((last + 1) * SLOT_BLOCK).min(self.slot_len);
-                    if to <= from {
+                    let to = (block_start + SLOT_BLOCK).min(self.slot_len);
+                    if to <= block_start {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
                             "past the end of the slot",
                         ));
                     }
-                    let mut run = vec![0u8; (to - from) as usize];
-                    self.storage.read_at(from, &mut run)?;
-                    self.read_slot_bytes += run.len() as u64;
-                    for (k, chunk) in run.chunks(SLOT_BLOCK as usize).enumerate() {
-                        if self.blocks.len() == SLOT_BLOCKS_KEPT {
-                            self.blocks.pop_front();
-                        }
-                        self.blocks.push_back((b + k as u64, chunk.into()));
-                    }
-                    self.blocks
-                        .iter()
-                        .rev()
-                        .find(|(i, _)| *i == b)
-                        .map(|(_, d)| d.clone())
-                        .unwrap_or_else(|| run[..run.len().min(SLOT_BLOCK as usize)].into())
+                    // The least recently used block's buffer is reused.
+                    let mut data = if self.blocks.len() == SLOT_BLOCKS_KEPT {
+                        self.blocks.pop_front().map(|(_, d)| d).unwrap_or_default()
+                    } else {
+                        Vec::with_capacity(SLOT_BLOCK as usize)
+                    };
+                    data.resize((to - block_start) as usize, 0);
+                    self.storage.read_at(block_start, &mut data)?;
+                    self.read_slot_bytes += data.len() as u64;
+                    self.blocks.push_back((b, data));
+                    self.blocks.len() - 1
                 }
             };
+            // Most recently used last.
+            if k + 1 != self.blocks.len()
+                && let Some(hit) = self.blocks.remove(k)
+            {
+                self.blocks.push_back(hit);
+            }
+            let block = &self.blocks.back().expect("just pushed").1;
             // The part of this block the range covers.
-            let block_start = b * SLOT_BLOCK;
             let from = offset.max(block_start);
             let to = end.min(block_start + block.len() as u64);
             // A short block is the slot's last: the range must end in it.
@@ -1074,7 +1098,8 @@ impl References {
         Ok(())
     }
 
-    /// The checked bytes of `r`, from the cache or read now.
+    /// The bytes of `r` (length checked; the decoding checks the hash), from the
+    /// cache or read now.
     fn get(&mut self, r: &Reference) -> anyhow::Result<ReferenceBytes> {
         if let Some(i) = self.cache.iter().position(|b| b.hash() == &r.hash) {
             let b = self.cache.remove(i).expect("found");
@@ -1083,6 +1108,12 @@ impl References {
         }
         let started = std::time::Instant::now();
         let len = usize::try_from(r.len()).context("reference too large")?;
+        while !self.cache.is_empty()
+            && self.cache.iter().map(|b| b.bytes().len()).sum::<usize>() + len
+                > REFERENCE_CACHE_BYTES
+        {
+            self.cache.pop_front();
+        }
         let mut bytes = vec![0u8; len];
         let mut at = 0;
         for &(offset, n) in &r.ranges {
@@ -1097,25 +1128,18 @@ impl References {
                 })?;
             at += n;
         }
-        let checked = r.check(bytes).map_err(|e| {
+        let read = r.read(bytes).map_err(|e| {
             anyhow!(
-                "the reference bytes {} of the running slot {} fail their hash ({e}): the slot does not hold the base release {} there; install a full artifact instead",
+                "the reference bytes {} of the running slot {}: {e}",
                 r.describe(),
-                self.slot,
-                self.base
+                self.slot
             )
         })?;
-        while !self.cache.is_empty()
-            && self.cache.iter().map(|b| b.bytes().len()).sum::<usize>() + len
-                > REFERENCE_CACHE_BYTES
-        {
-            self.cache.pop_front();
-        }
-        self.cache.push_back(checked.clone());
+        self.cache.push_back(read.clone());
         self.read.0 += 1;
         self.read.1 += len as u64;
         self.read.2 += started.elapsed();
-        Ok(checked)
+        Ok(read)
     }
 }
 
@@ -1226,16 +1250,7 @@ impl<'a> Driver<'a> {
                 let slot_len = storage
                     .len()
                     .with_context(|| format!("cannot read the size of the running slot {slot}"))?;
-                Some(References {
-                    slot,
-                    storage,
-                    cache: std::collections::VecDeque::new(),
-                    base,
-                    read: (0, 0, Duration::ZERO),
-                    blocks: std::collections::VecDeque::new(),
-                    slot_len,
-                    read_slot_bytes: 0,
-                })
+                Some(References::new(slot, storage, slot_len, base))
             }
         };
         while self.engine.is_installing() {
@@ -2026,16 +2041,7 @@ mod reference_tests {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
         std::fs::write(&path, &data).expect("write");
         let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
-        let refs = References {
-            slot: Slot::A,
-            storage: Box::new(storage),
-            cache: std::collections::VecDeque::new(),
-            base: "base 1".into(),
-            read: (0, 0, Duration::ZERO),
-            blocks: std::collections::VecDeque::new(),
-            slot_len: len as u64,
-            read_slot_bytes: 0,
-        };
+        let refs = References::new(Slot::A, Box::new(storage), len as u64, "base 1".into());
         (dir, data, refs)
     }
 

@@ -966,7 +966,10 @@ impl Engine {
     fn settle_queue(&mut self, now: Instant) {
         let Some(job) = self.job.as_ref() else { return };
         let alive = job.sources.iter().any(SourceState::is_requests);
-        if alive {
+        // Nothing queued, nothing to settle: this runs on every pump of an install
+        // from a stream alone (thousands of slot reads), and a scan of every entry
+        // each time made the pumps quadratic.
+        if alive || job.need.queued_fetches() == 0 {
             return;
         }
         let queued: Vec<u32> = (0..job.need.len())
