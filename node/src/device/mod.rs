@@ -752,6 +752,8 @@ fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
         .budget_per_deployment_mib
         .map(|m| m * 1024 * 1024);
     config.journal_batch_bytes = device.install.journal_batch_mib * 1024 * 1024;
+    // `[lan]`: how long a swarm member may announce nothing before its chunks move.
+    config.lan_timeout = Duration::from_secs(device.lan.owner_timeout_s);
     // Local sources answer at once: a few requests in flight keep the queue of
     // chunks waiting to be written (and so memory) small.
     config.reads_in_flight_max = 2;
