@@ -486,7 +486,6 @@ fn ratio(a: u64, b: u64) -> f64 {
 /// Two LANs of five devices behind one shaped uplink: each LAN pulls the release
 /// about once, every slot verifies, and the two strangers on LAN 1 get nothing.
 #[test]
-#[ignore = "fails (session 5): some daemons hang in their first poll after being accepted; run with --ignored (root)"]
 fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let site = Site::new("a", 2, &[Member::NoCredential, Member::OtherFleet], &[]);
@@ -566,7 +565,6 @@ fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
 /// device's chunks come from elsewhere, the corrupting peer is banned, and every
 /// slot verifies.
 #[test]
-#[ignore = "fails (session 5): some daemons hang in their first poll after being accepted; run with --ignored (root)"]
 fn a_killed_device_and_a_corrupt_peer_leave_every_slot_verified() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Device 9 (LAN 2's fifth) serves corrupt chunks.
