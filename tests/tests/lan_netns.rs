@@ -380,7 +380,10 @@ path = "{env}"
         cmd.arg("daemon")
             .arg("--config")
             .arg(dev.path("shoal.toml"))
-            .env("SHOAL_LOG", std::env::var("LAN_NETNS_DAEMON_LOG").unwrap_or_else(|_| "shoal=debug".into()))
+            .env(
+                "SHOAL_LOG",
+                std::env::var("LAN_NETNS_DAEMON_LOG").unwrap_or_else(|_| "shoal=debug".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -420,7 +423,14 @@ path = "{env}"
     /// Deploys v1 to devices `which` in one deployment (a fleet rollout: each
     /// device starts at its next poll); its id.
     fn deploy(&self, which: &[usize]) -> String {
-        let mut args = vec!["deployments", "create", "--name", "v1", "--release", &self.v1];
+        let mut args = vec![
+            "deployments",
+            "create",
+            "--name",
+            "v1",
+            "--release",
+            &self.v1,
+        ];
         for &n in which {
             args.extend(["--device", self.ids[n].as_str()]);
         }
