@@ -36,6 +36,7 @@
 //! mdns_query_interval_s = 5
 //! connections_max = 64                   # established connections, all peers
 //! request_timeout_s = 10                 # a peer that stalls costs at most this
+//! owner_timeout_s = 20                   # a swarm member announcing no new chunk this long loses its chunks
 //! serve_rate_kib_s = 8192                # chunk bytes served to one peer per second
 //! credential = "/etc/shoal/fleet.cred"   # this device's fleet membership credential
 //! revoked_peers = []                     # device keys (hex) refused whatever they show
@@ -202,6 +203,13 @@ pub struct Lan {
     /// Seconds a request to a peer may take.
     #[serde(default = "default_request_timeout_s")]
     pub request_timeout_s: u64,
+    /// Seconds a LAN swarm member may announce no new chunk before the chunks it
+    /// owns are fetched by their next owner (in the end over the WAN). Shorter
+    /// recovers sooner from a member that died; too short for the site's uplink
+    /// (a member's first chunks arrive after its share of a busy uplink) and
+    /// members fetch each other's chunks over the WAN.
+    #[serde(default = "default_owner_timeout_s")]
+    pub owner_timeout_s: u64,
     /// Chunk bytes (KiB) served to one peer per second; more is answered "later".
     #[serde(default = "default_serve_rate")]
     pub serve_rate_kib_s: u64,
@@ -238,6 +246,9 @@ fn default_connections_max() -> u32 {
 fn default_request_timeout_s() -> u64 {
     10
 }
+fn default_owner_timeout_s() -> u64 {
+    20
+}
 fn default_serve_rate() -> u64 {
     8192
 }
@@ -252,6 +263,7 @@ impl Default for Lan {
             mdns_query_interval_s: default_mdns_s(),
             connections_max: default_connections_max(),
             request_timeout_s: default_request_timeout_s(),
+            owner_timeout_s: default_owner_timeout_s(),
             serve_rate_kib_s: default_serve_rate(),
             credential: None,
             revoked_peers: Vec::new(),
@@ -393,6 +405,12 @@ impl Config {
             return Err(invalid(
                 "lan.request_timeout_s",
                 "must be between 1 and 600 seconds",
+            ));
+        }
+        if lan.owner_timeout_s == 0 || lan.owner_timeout_s > 3600 {
+            return Err(invalid(
+                "lan.owner_timeout_s",
+                "must be between 1 and 3600 seconds",
             ));
         }
         if lan
@@ -621,6 +639,11 @@ mod tests {
         );
         let e = parse_err(&format!("{GOOD}\n[lan]\nrequest_timeout_s = 0\n"));
         assert!(e.contains("lan.request_timeout_s must be between"), "{e}");
+        assert_eq!(parse(GOOD).expect("valid").lan.owner_timeout_s, 20);
+        let e = parse_err(&format!("{GOOD}\n[lan]\nowner_timeout_s = 0\n"));
+        assert!(e.contains("lan.owner_timeout_s must be between"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[lan]\nowner_timeout_s = 3601\n"));
+        assert!(e.contains("lan.owner_timeout_s must be between"), "{e}");
         let e = parse_err(&format!("{GOOD}\n[lan]\nrevoked_peers = [\"abc\"]\n"));
         assert!(
             e.contains("lan.revoked_peers must be device public keys"),

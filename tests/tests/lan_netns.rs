@@ -243,6 +243,16 @@ impl Site {
             site.ids[i] = d["id"].as_str().unwrap().to_owned();
             site.admin(&["devices", "accept", &site.ids[i]]);
         }
+        // Every device reported its inventory (its device type): a deployment made
+        // before that marks the device `noartifact` and it never installs.
+        wait(60, "the devices' inventories", || {
+            let accepted = site.admin(&["devices", "list", "--status", "accepted"]);
+            accepted.as_array().is_some_and(|a| {
+                a.len() == count
+                    && a.iter()
+                        .all(|d| d["inventory"]["device_type"].as_str() == Some("board"))
+            })
+        });
         // Every device found the four others of its LAN (mDNS).
         for (i, dev) in site.devs.iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -370,7 +380,10 @@ path = "{env}"
         cmd.arg("daemon")
             .arg("--config")
             .arg(dev.path("shoal.toml"))
-            .env("SHOAL_LOG", "shoal=debug")
+            .env(
+                "SHOAL_LOG",
+                std::env::var("LAN_NETNS_DAEMON_LOG").unwrap_or_else(|_| "shoal=debug".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -407,31 +420,31 @@ path = "{env}"
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
     }
 
-    /// Deploys v1 to devices `which`; their deployment ids.
-    fn deploy(&self, which: &[usize]) -> Vec<String> {
-        which
-            .iter()
-            .map(|&n| {
-                self.admin(&[
-                    "deployments",
-                    "create",
-                    "--name",
-                    &format!("v1-{n}"),
-                    "--release",
-                    &self.v1,
-                    "--device",
-                    &self.ids[n],
-                ])["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect()
+    /// Deploys v1 to devices `which` in one deployment (a fleet rollout: each
+    /// device starts at its next poll); its id.
+    fn deploy(&self, which: &[usize]) -> String {
+        let mut args = vec![
+            "deployments",
+            "create",
+            "--name",
+            "v1",
+            "--release",
+            &self.v1,
+        ];
+        for &n in which {
+            args.extend(["--device", self.ids[n].as_str()]);
+        }
+        self.admin(&args)["id"].as_str().unwrap().to_owned()
     }
 
-    fn state(&self, dep: &str) -> String {
+    /// Device `i`'s status in deployment `dep`.
+    fn state(&self, dep: &str, i: usize) -> String {
         let v = self.admin(&["deployments", "devices", dep]);
-        v[0]["status"].as_str().unwrap_or_default().to_owned()
+        v.as_array()
+            .and_then(|a| a.iter().find(|d| d["device_id"] == self.ids[i].as_str()))
+            .and_then(|d| d["status"].as_str())
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Waits until device `i` runs the release (installed, rebooting into it).
@@ -439,7 +452,7 @@ path = "{env}"
         let dev = &self.devs[i];
         let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
-            if self.state(dep) == "rebooting" {
+            if self.state(dep, i) == "rebooting" {
                 return;
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -483,7 +496,7 @@ fn ratio(a: u64, b: u64) -> f64 {
 /// Two LANs of five devices behind one shaped uplink: each LAN pulls the release
 /// about once, every slot verifies, and the two strangers on LAN 1 get nothing.
 #[test]
-#[ignore = "fails (session 5): some daemons hang in their first poll after being accepted; run with --ignored (root)"]
+#[ignore = "not reliable yet (session 5): a LAN's members fetch 1.00x-1.12x the release's chunk bytes from the server (goal 1.1x: late swarm joins and end-game duplicates); run with --ignored (root)"]
 fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let site = Site::new("a", 2, &[Member::NoCredential, Member::OtherFleet], &[]);
@@ -492,13 +505,18 @@ fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
     site.net.count_wan(2, &stranger_addrs);
     let all: Vec<usize> = (0..site.devs.len()).collect();
     let t0 = Instant::now();
-    let deps = site.deploy(&all);
+    let dep = site.deploy(&all);
     for &i in &all {
-        site.wait_installed(i, &deps[i], 120);
+        site.wait_installed(i, &dep, 120);
     }
     let took = t0.elapsed();
     for &i in &all {
         site.check_slot(i);
+    }
+    if let Ok(dir) = std::env::var("LAN_NETNS_KEEP_LOGS") {
+        for (i, d) in site.devs.iter().enumerate() {
+            let _ = std::fs::copy(d.path("daemon.log"), format!("{dir}/dev{i}.log"));
+        }
     }
     let lan1 = site.net.counter("lan1");
     let lan2 = site.net.counter("lan2");
@@ -516,11 +534,33 @@ fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
         ratio(excluded, stored),
         took.as_secs_f64()
     );
+    // Chunk bytes the members fetched from the server (their own count of what
+    // they read of chunk batches): the LAN pulls the release about once.
+    let chunk_bytes: Vec<u64> = site
+        .devs
+        .iter()
+        .map(|d| installed_field(&d.log(), "transferred").unwrap_or(0))
+        .collect();
+    // Everything that crossed the uplink, IP headers, polls, manifests and status
+    // reports included, against what one device alone (a stranger: it gets nothing
+    // from the LAN) pulls in the same run.
+    let alone = excluded / strangers.len() as u64;
     for (l, bytes) in [(1, lan1), (2, lan2)] {
+        let chunks: u64 = chunk_bytes[(l - 1) * 5..l * 5].iter().sum();
+        eprintln!(
+            "LAN {l}: chunk bytes from the server {chunks} ({:.3}x the release), all WAN bytes {bytes} ({:.3}x a device alone)",
+            ratio(chunks, stored),
+            ratio(bytes, alone)
+        );
         assert!(
-            bytes as f64 <= 1.1 * stored as f64,
-            "LAN {l}: {bytes} bytes crossed the WAN for a release of {stored} stored bytes ({:.3}x > 1.1x)",
-            ratio(bytes, stored)
+            chunks as f64 <= 1.1 * stored as f64,
+            "LAN {l}: its members fetched {chunks} chunk bytes from the server for a release of {stored} stored bytes ({:.3}x > 1.1x)",
+            ratio(chunks, stored)
+        );
+        assert!(
+            bytes as f64 <= 1.5 * alone as f64,
+            "LAN {l}: {bytes} bytes crossed the WAN, {:.3}x the {alone} a device alone pulls (> 1.5x)",
+            ratio(bytes, alone)
         );
     }
     // Members share: at least four of each LAN's five got chunks from peers.
@@ -558,7 +598,6 @@ fn each_lan_pulls_the_release_about_once_and_strangers_get_nothing() {
 /// device's chunks come from elsewhere, the corrupting peer is banned, and every
 /// slot verifies.
 #[test]
-#[ignore = "fails (session 5): some daemons hang in their first poll after being accepted; run with --ignored (root)"]
 fn a_killed_device_and_a_corrupt_peer_leave_every_slot_verified() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Device 9 (LAN 2's fifth) serves corrupt chunks.
@@ -566,11 +605,11 @@ fn a_killed_device_and_a_corrupt_peer_leave_every_slot_verified() {
     let mut site = Site::new("b", 2, &[], &[(9, corrupt)]);
     site.net.count_wan(2, &[]);
     let all: Vec<usize> = (0..10).collect();
-    let deps = site.deploy(&all);
+    let dep = site.deploy(&all);
 
     // Device 4 (LAN 1's fifth) dies in the middle of its transfer.
     wait(120, "device 4 downloading", || {
-        site.state(&deps[4]) == "downloading"
+        site.state(&dep, 4) == "downloading"
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
@@ -579,11 +618,11 @@ fn a_killed_device_and_a_corrupt_peer_leave_every_slot_verified() {
     );
     site.stop(4);
     for i in (0..10).filter(|&i| i != 4) {
-        site.wait_installed(i, &deps[i], 120);
+        site.wait_installed(i, &dep, 120);
     }
     // The others finished without it: what it owned came from elsewhere.
     site.start(4, &[]);
-    site.wait_installed(4, &deps[4], 120);
+    site.wait_installed(4, &dep, 120);
     for i in 0..10 {
         site.check_slot(i);
     }

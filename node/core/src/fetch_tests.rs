@@ -941,3 +941,75 @@ fn a_journal_batch_is_committed_by_age_on_a_slow_link() {
         "{by_age} durable operations with a 1 s batch age, {by_size_only} without"
     );
 }
+
+/// An owner that received its chunks and waits for LAN peers for the rest gets no
+/// further chunk to commit its batch with: the batch is committed by its age timer
+/// (its chunks are announced to peers only once they are journaled).
+#[test]
+fn a_journal_batch_is_committed_by_its_age_timer_when_no_chunk_follows() {
+    use crate::{Input, Origin, Output};
+    let f = Fixture::new();
+    let image = bytes(24, MIB);
+    let (mut dev, m, chunks) = setup(&image);
+    let mut config = f.config();
+    config.journal_batch_bytes = 64 * MIB as u64;
+    config.journal_batch_age = std::time::Duration::from_secs(1);
+    let mut engine = dev.engine(config);
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    // The source answers one chunk of what it is asked, then nothing.
+    let mut asked = Vec::new();
+    let mut synced = false;
+    let mut drain = |engine: &mut crate::Engine, dev: &mut SimDevice, asked: &mut Vec<ChunkId>| {
+        while let Some(out) = engine.poll_output() {
+            match out {
+                Output::Fetch { ids, .. } => asked.extend(ids),
+                Output::Write {
+                    slot,
+                    offsets,
+                    data,
+                    ..
+                } => engine.handle(
+                    dev.now(),
+                    Input::Written {
+                        slot,
+                        bytes: data.len() as u64 * offsets.len() as u64,
+                    },
+                ),
+                Output::Sync { .. } => synced = true,
+                out => dev.execute(engine, out).expect("no crash"),
+            }
+        }
+    };
+    drain(&mut engine, &mut dev, &mut asked);
+    let first = *asked.first().expect("a chunk was asked");
+    let data = chunks
+        .iter()
+        .find(|(id, _)| *id == first)
+        .map(|(_, d)| d.clone())
+        .expect("the chunk");
+    let t0 = dev.now();
+    engine.handle(
+        t0,
+        Input::Chunk {
+            origin: Origin::Source(SourceId(1)),
+            chunk: shoal_artifact::VerifiedChunk::check(first, data).expect("the chunk"),
+        },
+    );
+    drain(&mut engine, &mut dev, &mut asked);
+    assert!(!synced, "a young batch of one chunk is not committed yet");
+    let due = engine.poll_timeout().expect("a timer is set");
+    assert!(
+        due.as_millis() <= t0.as_millis() + 1000,
+        "the batch's age timer is due by {} ms, not {} ms",
+        t0.as_millis() + 1000,
+        due.as_millis()
+    );
+    engine.handle_timeout(crate::Instant::from_millis(t0.as_millis() + 1000));
+    let synced =
+        std::iter::from_fn(|| engine.poll_output()).any(|o| matches!(o, Output::Sync { .. }));
+    assert!(
+        synced,
+        "the batch was committed by age with no chunk following"
+    );
+}

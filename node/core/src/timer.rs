@@ -19,14 +19,18 @@ pub(crate) enum Timer {
     LanOwner = 2,
     /// The WAN rate cap's token bucket holds enough for the next chunk again.
     Pacing = 3,
+    /// The open journal batch's first chunk is `journal_batch_age` old: it is
+    /// committed (and so announced to LAN peers) even if no chunk follows.
+    JournalAge = 4,
 }
 
 impl Timer {
-    const ALL: [Timer; 4] = [
+    const ALL: [Timer; 5] = [
         Timer::Silence,
         Timer::Backoff,
         Timer::LanOwner,
         Timer::Pacing,
+        Timer::JournalAge,
     ];
 }
 

@@ -785,6 +785,14 @@ fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
         .budget_per_deployment_mib
         .map(|m| m * 1024 * 1024);
     config.journal_batch_bytes = device.install.journal_batch_mib * 1024 * 1024;
+    // A source's first answer may wait for a busy uplink (a site's devices all
+    // start a deployment at once): a request declared silent is cancelled and
+    // asked again, and what was in flight crossed the WAN for nothing. The HTTP
+    // client and LAN requests bound every wait themselves (IO_TIMEOUT,
+    // lan.request_timeout_s); later silences use the measured round trip.
+    config.retry.rto_initial = Duration::from_secs(10);
+    // `[lan]`: how long a swarm member may announce nothing before its chunks move.
+    config.lan_timeout = Duration::from_secs(device.lan.owner_timeout_s);
     // Local sources answer at once: a few requests in flight keep the queue of
     // chunks waiting to be written (and so memory) small.
     config.reads_in_flight_max = 2;

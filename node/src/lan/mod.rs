@@ -469,6 +469,10 @@ struct EventLoop {
     static_peers: Vec<Multiaddr>,
     /// Remote addresses of connections we dialled, with their count.
     dialled: HashMap<Multiaddr, u32>,
+    /// Peers mDNS found (until their record expires), dialled again while not
+    /// connected: a dial that fails (a lost handshake on a busy link) is not
+    /// followed by another discovery of the same peer.
+    discovered: HashMap<PeerId, Multiaddr>,
     connected: HashSet<PeerId>,
     served_tx: mpsc::Sender<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
     served_rx: mpsc::Receiver<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
@@ -510,6 +514,7 @@ impl EventLoop {
             pending_manifests: HashMap::new(),
             static_peers,
             dialled: HashMap::new(),
+            discovered: HashMap::new(),
             connected: HashSet::new(),
             served_tx,
             served_rx,
@@ -595,6 +600,15 @@ impl EventLoop {
     }
 
     fn redial(&mut self) {
+        let unconnected: Vec<(PeerId, Multiaddr)> = self
+            .discovered
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in unconnected {
+            self.dial_found(peer, addr);
+        }
         for addr in self.static_peers.clone() {
             if self.dialled.get(&addr).is_some_and(|&n| n > 0) {
                 continue;
@@ -602,6 +616,18 @@ impl EventLoop {
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 debug!(%addr, error = %e, "cannot dial a static peer");
             }
+        }
+    }
+
+    /// Dials a peer mDNS found, unless a connection or a dial to it is under way.
+    fn dial_found(&mut self, peer: PeerId, addr: Multiaddr) {
+        use libp2p_swarm::dial_opts::{DialOpts, PeerCondition};
+        let opts = DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "not dialling a peer found by mDNS");
         }
     }
 
@@ -768,6 +794,13 @@ impl EventLoop {
                     self.buckets.remove(&peer_id);
                 }
             }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                debug!(%peer, error = %error, "cannot connect to a peer; dialled again later");
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour(event),
             _ => {}
         }
@@ -778,9 +811,17 @@ impl EventLoop {
         match event {
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
+                    self.discovered.insert(peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         debug!(%peer, %addr, "found a peer by mDNS");
-                        let _ = self.swarm.dial(addr.with_p2p(peer).unwrap_or_else(|a| a));
+                        self.dial_found(peer, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (peer, addr) in gone {
+                    if self.discovered.get(&peer) == Some(&addr) {
+                        self.discovered.remove(&peer);
                     }
                 }
             }

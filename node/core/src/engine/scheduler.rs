@@ -1768,6 +1768,12 @@ impl Engine {
             }
         }
         self.on_lan_timeout(now);
+        // A batch whose chunks stopped coming (the rest waits for LAN peers, or
+        // for a slow link) is committed by age all the same: peers learn of its
+        // chunks only once it is.
+        if self.timers.is_expired(Timer::JournalAge, now) {
+            self.flush_batch();
+        }
         // Backoffs that ended need no action but a pump.
         self.pump(now);
     }
@@ -1786,6 +1792,14 @@ impl Engine {
             (!p.has(wire, now)).then(|| p.ready_at(wire))
         });
         self.timers.set(Timer::Pacing, pacing);
+        let age = super::lan::ms(self.config.journal_batch_age);
+        let journal = self
+            .job
+            .as_ref()
+            .filter(|_| self.unsynced.len() > self.flushed)
+            .and_then(|job| job.batch_since)
+            .map(|since| Instant::from_millis(since.as_millis().saturating_add(age)));
+        self.timers.set(Timer::JournalAge, journal);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
