@@ -91,8 +91,7 @@ mod tests;
 pub use bits::Bitfield;
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, NeededChunks, NodeKey, Offer, Offsets,
-    Output, PeerRelease, Progress, Status, Swarm, VerifiedRelease, compare_versions,
-    peer_release,
+    Output, PeerRelease, Progress, Status, Swarm, VerifiedRelease, compare_versions, peer_release,
 };
 pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
 pub use shoal_artifact::VerifiedChunk;
