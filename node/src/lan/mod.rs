@@ -785,6 +785,12 @@ impl EventLoop {
                     debug!(path = %path.display(), "cannot write the listen addresses");
                 }
             }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                // An interface went away: the server is told only live addresses.
+                if let Ok(mut l) = self.listening.lock() {
+                    l.retain(|a| *a != address);
+                }
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
