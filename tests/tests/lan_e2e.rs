@@ -5,7 +5,8 @@
 //! devices split the chunks by rendezvous hashing and fetch the rest from each
 //! other over libp2p. One device is killed in the middle of the transfer; the
 //! others take over its chunks, and it finishes once restarted. Every slot is
-//! compared with the release image.
+//! compared with the release image. A third test finds the peers through the
+//! server instead (no static peers, no mDNS).
 
 mod server_common;
 
@@ -239,6 +240,13 @@ struct Site {
 
 impl Site {
     fn new(n: u8, bad: Option<(u8, &[(&str, &str)])>) -> Site {
+        Site::with(n, bad, true)
+    }
+
+    /// A site whose devices know each other as static peers, or (with
+    /// `static_peers` false) only through the server, which hands each accepted
+    /// device the others behind the same public address (127.0.0.1 here).
+    fn with(n: u8, bad: Option<(u8, &[(&str, &str)])>, static_peers: bool) -> Site {
         let setup = Setup::new();
         let data = setup.path("data");
         let server = Server::start(&setup, &data, &Db::Sqlite, &[]);
@@ -269,7 +277,8 @@ impl Site {
         let mut daemons: Vec<Child> = Vec::new();
         let mut addrs: Vec<String> = Vec::new();
         for i in 0..n {
-            let dev = Dev::new(&setup, &uplink.url, i, &addrs);
+            let known: &[String] = if static_peers { &addrs } else { &[] };
+            let dev = Dev::new(&setup, &uplink.url, i, known);
             daemons.push(match bad {
                 Some((b, env)) if b == i => dev.start_with(env),
                 _ => dev.start(),
@@ -290,6 +299,18 @@ impl Site {
             let i = usize::from_str_radix(mac.rsplit(':').next().unwrap(), 16).unwrap();
             ids[i] = d["id"].as_str().unwrap().to_owned();
             admin_json(&server, &token, &["devices", "accept", &ids[i]]);
+        }
+        if !static_peers {
+            // Each device hears of the others at its next polls.
+            let others = format!("peers={}", n - 1);
+            for dev in &devs {
+                wait_for(dev, 30, "the LAN peers from the server", || {
+                    dev.log().lines().any(|l| {
+                        l.contains("LAN peers behind our public address, from the server")
+                            && l.contains(&others)
+                    })
+                });
+            }
         }
         // Let the peers connect and the polls settle before the deployments.
         std::thread::sleep(Duration::from_secs(2));
@@ -451,4 +472,44 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
             "device {n} did not block it on the LAN"
         );
     }
+}
+
+/// Where multicast is blocked and no static peers are configured (mDNS off, no
+/// `static_peers`), the server hands each accepted device the others it sees
+/// behind the same public address: on loopback every device is 127.0.0.1, so
+/// they all find each other and share the release's chunks.
+#[test]
+fn devices_behind_one_public_address_find_each_other_through_the_server() {
+    let site = Site::with(3, None, false);
+    let deps = site.deploy();
+    for (n, (dev, dep)) in site.devs.iter().zip(&deps).enumerate() {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
+        site.check_slot(n);
+    }
+    let from_peers: Vec<u64> = site
+        .devs
+        .iter()
+        .map(|d| installed_field(&d.log(), "from_peers").unwrap_or(0))
+        .collect();
+    let chunk_bytes: u64 = site
+        .devs
+        .iter()
+        .map(|d| installed_field(&d.log(), "transferred").unwrap_or(0))
+        .sum();
+    eprintln!(
+        "chunk bytes from the server: {chunk_bytes} for {} stored bytes; from peers: {from_peers:?}",
+        site.stored
+    );
+    for (n, &b) in from_peers.iter().enumerate() {
+        assert!(
+            b > 0,
+            "device {n} got nothing from its peers:\n{}",
+            site.devs[n].log()
+        );
+    }
+    assert!(
+        chunk_bytes < site.stored * 3 / 2,
+        "{chunk_bytes} chunk bytes came from the server for a release of {} stored bytes",
+        site.stored
+    );
 }

@@ -95,7 +95,7 @@ fn suite(db: Db) {
             routes += 1;
         }
     }
-    assert_eq!(routes, 44, "the document lists every route");
+    assert_eq!(routes, 45, "the document lists every route");
 
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);
@@ -299,6 +299,41 @@ fn suite(db: Db) {
         admin_json(&server, &viewer, &["devices", "show", &c.id])["status"],
         "accepted"
     );
+
+    // LAN peers behind one public address: each accepted device that said where
+    // it listens is handed to the others behind the same source IP (127.0.0.1).
+    let lan = |d: &Device, body: Value| {
+        d.req(&http, Method::POST, &server, "/lan/peers")
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let r = lan(&a, json!({"addrs": ["/ip4/127.0.0.1/tcp/4001"]}));
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v, json!({"source_ip": "127.0.0.1", "peers": []}));
+    let r = lan(&c, json!({"addrs": ["/ip4/127.0.0.1/tcp/4003"]}));
+    let v: Value = r.json().unwrap();
+    assert_eq!(
+        v["peers"],
+        json!([{"public_key": hex::encode(a.key.public().to_bytes()), "addrs": ["/ip4/127.0.0.1/tcp/4001"]}])
+    );
+    let v: Value = lan(&a, json!({"addrs": []})).json().unwrap();
+    assert_eq!(
+        v["peers"],
+        json!([{"public_key": hex::encode(c.key.public().to_bytes()), "addrs": ["/ip4/127.0.0.1/tcp/4003"]}])
+    );
+    // Malformed announcements are refused and change nothing.
+    assert!(
+        expect_error(
+            lan(&c, json!({"addrs": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWx"]})),
+            400
+        )
+        .contains("has a /p2p part")
+    );
+    expect_error(lan(&c, json!({"addrs": "/ip4/1.2.3.4"})), 422);
+    let v: Value = lan(&a, json!({"addrs": []})).json().unwrap();
+    assert_eq!(v["peers"][0]["addrs"], json!(["/ip4/127.0.0.1/tcp/4003"]));
 
     // Inventory: malformed bodies change nothing.
     let inv = |d: &Device, m: Method, body: Value| {

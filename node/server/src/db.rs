@@ -85,6 +85,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "revoked keys",
         include_str!("../migrations/sqlite/0003_revoked_keys.sql"),
     ),
+    (
+        4,
+        "lan peers",
+        include_str!("../migrations/sqlite/0004_lan_peers.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -102,6 +107,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "revoked keys",
         include_str!("../migrations/postgres/0003_revoked_keys.sql"),
+    ),
+    (
+        4,
+        "lan peers",
+        include_str!("../migrations/postgres/0004_lan_peers.sql"),
     ),
 ];
 

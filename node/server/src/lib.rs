@@ -235,20 +235,26 @@ pub async fn serve(
     let stop_seen = tokio_util::sync::CancellationToken::new();
     let seen = tokio::spawn(last_seen::run(ctx.clone(), stop_seen.clone()));
     let served = match tls {
-        None => axum::serve(listener, http::router(ctx.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve),
+        None => axum::serve(
+            listener,
+            http::router(ctx.clone()).into_make_service_with_connect_info::<http::PeerAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Serve),
         Some(tls) => {
             let listener =
                 tls::Listener::new(listener, tls).map_err(|source| ServeError::Bind {
                     addr: config.listen,
                     source,
                 })?;
-            axum::serve(listener, http::router(ctx.clone()))
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(ServeError::Serve)
+            axum::serve(
+                listener,
+                http::router(ctx.clone()).into_make_service_with_connect_info::<http::PeerAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve)
         }
     };
     timers.abort();

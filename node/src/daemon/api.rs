@@ -361,6 +361,19 @@ impl Api {
         Ok(())
     }
 
+    /// Says where this device's LAN layer listens (multiaddrs without `/p2p`)
+    /// and returns the other accepted devices the server sees behind the same
+    /// public address. A hint only: whom the LAN serves is decided by credentials.
+    pub fn lan_peers(&self, addrs: &[String]) -> Result<LanPeers, ApiError> {
+        let body = serde_json::json!({ "addrs": addrs });
+        let resp = self.send("/lan/peers", |c, u| c.post(u).json(&body))?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp));
+        }
+        let body = read_capped(resp, LAN_PEERS_ANSWER_MAX, "the LAN peers")?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("LAN peers: {e}")))
+    }
+
     /// Replaces the device's inventory attributes.
     pub fn inventory(&self, attributes: &BTreeMap<String, String>) -> Result<(), ApiError> {
         let list: Vec<serde_json::Value> = attributes
@@ -398,6 +411,27 @@ pub fn read_capped(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, ApiE
 /// The largest answer to `GET /credential` read (a credential and up to a few
 /// thousand revoked keys).
 const CREDENTIAL_ANSWER_MAX: u64 = 1 << 20;
+
+/// The largest answer to `POST /lan/peers` read (64 peers of 16 addresses).
+const LAN_PEERS_ANSWER_MAX: u64 = 1 << 20;
+
+/// The devices behind this device's public address (`POST /lan/peers`).
+#[derive(Debug, serde::Deserialize)]
+pub struct LanPeers {
+    /// The public address the server sees.
+    pub source_ip: String,
+    /// The other devices there.
+    pub peers: Vec<LanPeer>,
+}
+
+/// One device behind the same public address.
+#[derive(Debug, serde::Deserialize)]
+pub struct LanPeer {
+    /// Its ed25519 key, hex (its peer id).
+    pub public_key: String,
+    /// Where it said it listens.
+    pub addrs: Vec<String>,
+}
 
 /// A fleet membership credential issued by the server (`GET /credential`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

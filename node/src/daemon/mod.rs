@@ -21,6 +21,7 @@ mod credential;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+mod lan_peers;
 pub mod month;
 mod offline;
 
@@ -367,6 +368,7 @@ impl Daemon {
             }
         }
         self.renew_credential();
+        self.lan_peers_from_server();
         // Reports queued while offline (or by standalone installs) go first, oldest
         // first; trouble delivering them does not hold up the poll.
         match deliver::flush(&self.api, &self.config.device.data_dir) {

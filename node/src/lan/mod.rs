@@ -109,6 +109,9 @@ enum Command {
     },
     /// Closes and refuses every connection of `peer` (it sent a bad chunk).
     Block(PeerId),
+    /// The devices the server sees behind this device's public address, with
+    /// where they listen: dialled like static peers (for sites without mDNS).
+    ServerPeers(Vec<(PeerId, Vec<Multiaddr>)>),
     /// A credential the server issued, and the keys it says are revoked.
     Credential {
         credential: Vec<u8>,
@@ -157,6 +160,7 @@ pub struct Lan {
     peers: Arc<Peers>,
     me: PeerId,
     data_dir: PathBuf,
+    listening: Arc<Mutex<Vec<Multiaddr>>>,
 }
 
 impl std::fmt::Debug for Lan {
@@ -223,6 +227,8 @@ impl Lan {
         let shared = Arc::clone(&peers);
         let data_dir = config.device.data_dir.clone();
         let dir = data_dir.clone();
+        let listening: Arc<Mutex<Vec<Multiaddr>>> = Arc::default();
+        let listening_loop = Arc::clone(&listening);
         std::thread::Builder::new()
             .name("shoal-lan".into())
             .spawn(move || {
@@ -254,6 +260,7 @@ impl Lan {
                             static_peers,
                             data_dir: dir,
                             membership,
+                            listening: listening_loop,
                         },
                     );
                     for addr in listen {
@@ -276,12 +283,25 @@ impl Lan {
             peers,
             me,
             data_dir,
+            listening,
         })
     }
 
     /// This device's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.me
+    }
+
+    /// Where this device listens for LAN peers (without the `/p2p` part), as
+    /// the swarm reported so far.
+    pub fn listening(&self) -> Vec<Multiaddr> {
+        self.listening.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Dials (and keeps dialling while not connected) the devices the server
+    /// sees behind this device's public address; replaces the previous list.
+    pub fn server_peers(&self, peers: Vec<(PeerId, Vec<Multiaddr>)>) {
+        self.send(Command::ServerPeers(peers));
     }
 
     /// The peers' last state.
@@ -447,6 +467,7 @@ struct Local {
     static_peers: Vec<Multiaddr>,
     data_dir: PathBuf,
     membership: member::Membership,
+    listening: Arc<Mutex<Vec<Multiaddr>>>,
 }
 
 /// Serving limits of one peer: a token bucket of chunk bytes.
@@ -467,6 +488,10 @@ struct EventLoop {
     pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
     pending_manifests: HashMap<OutboundRequestId, ManifestReply>,
     static_peers: Vec<Multiaddr>,
+    /// Devices behind the same public address, as the server said last.
+    server_peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Where we listen (no `/p2p` part), shared with the daemon's handle.
+    listening: Arc<Mutex<Vec<Multiaddr>>>,
     /// Remote addresses of connections we dialled, with their count.
     dialled: HashMap<Multiaddr, u32>,
     /// Peers mDNS found (until their record expires), dialled again while not
@@ -501,6 +526,7 @@ impl EventLoop {
             static_peers,
             data_dir,
             membership,
+            listening,
         } = local;
         let (served_tx, served_rx) = mpsc::channel(COMMANDS_MAX);
         EventLoop {
@@ -513,6 +539,8 @@ impl EventLoop {
             pending_chunks: HashMap::new(),
             pending_manifests: HashMap::new(),
             static_peers,
+            server_peers: Vec::new(),
+            listening,
             dialled: HashMap::new(),
             discovered: HashMap::new(),
             connected: HashSet::new(),
@@ -617,6 +645,23 @@ impl EventLoop {
                 debug!(%addr, error = %e, "cannot dial a static peer");
             }
         }
+        self.dial_server_peers();
+    }
+
+    /// Dials each device the server named that is not connected yet.
+    fn dial_server_peers(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        for (peer, addrs) in self.server_peers.clone() {
+            if peer == me || self.connected.contains(&peer) || addrs.is_empty() {
+                continue;
+            }
+            let opts = libp2p_swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "cannot dial a peer the server named");
+            }
+        }
     }
 
     /// Dials a peer mDNS found, unless a connection or a dial to it is under way.
@@ -699,6 +744,16 @@ impl EventLoop {
                 }
                 self.announce();
             }
+            Command::ServerPeers(peers) => {
+                if peers != self.server_peers {
+                    info!(
+                        peers = peers.len(),
+                        "LAN peers behind our public address, from the server"
+                    );
+                }
+                self.server_peers = peers;
+                self.dial_server_peers();
+            }
             Command::Block(peer) => {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.peers.set(peer, None);
@@ -740,6 +795,9 @@ impl EventLoop {
                     *self.swarm.local_peer_id(),
                 ));
                 info!(address = %full, "listening for LAN peers");
+                if let Ok(mut l) = self.listening.lock() {
+                    l.push(address.clone());
+                }
                 self.listen_addrs.push(full);
                 // For people and tests: where this device can be reached.
                 let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
@@ -751,6 +809,12 @@ impl EventLoop {
                     .is_err()
                 {
                     debug!(path = %path.display(), "cannot write the listen addresses");
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                // An interface went away: the server is told only live addresses.
+                if let Ok(mut l) = self.listening.lock() {
+                    l.retain(|a| *a != address);
                 }
             }
             SwarmEvent::ConnectionEstablished {

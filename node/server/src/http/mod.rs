@@ -16,12 +16,35 @@ pub mod devices;
 pub mod error;
 pub mod extractor;
 pub mod groups;
+pub mod lan;
 pub mod openapi;
 pub mod releases;
 pub mod reports;
 pub mod tokens;
 
 use error::ApiError;
+
+/// The address a request came from (the TCP peer), for handlers that need it
+/// (`ConnectInfo<PeerAddr>`).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::Listener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::Listener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
 
 /// The largest JSON body any endpoint takes (artifact uploads have their own limit).
 pub const JSON_BODY_MAX: usize = 1024 * 1024;
@@ -34,6 +57,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/devices/v1/authentication/auth_requests"),
     ("GET", "/api/devices/v1/deployments/next"),
     ("GET", "/api/devices/v1/credential"),
+    ("POST", "/api/devices/v1/lan/peers"),
     ("GET", "/api/devices/v1/deployments/{id}/manifest"),
     ("POST", "/api/devices/v1/deployments/{id}/chunks"),
     ("PUT", "/api/devices/v1/deployments/{id}/status"),
@@ -90,6 +114,7 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route(&format!("{d}/deployments/next"), get(device::next))
         .route(&format!("{d}/credential"), get(device::credential))
+        .route(&format!("{d}/lan/peers"), post(lan::peers))
         .route(
             &format!("{d}/deployments/{{id}}/manifest"),
             get(device::manifest),
