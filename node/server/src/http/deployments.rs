@@ -112,6 +112,17 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// Whether a device whose inventory names `device_type` can take a release built
+/// for `release_types` (empty: any). A device whose inventory has not arrived yet
+/// (no `device_type`) is not marked `noartifact` when the deployment is made: it
+/// stays pending, and the device's own offer check (the manifest's device types)
+/// refuses a release that is not for it, with a failure report. Marking it at
+/// creation would leave a device accepted moments before the deployment out of it
+/// for good.
+fn compatible(release_types: &[String], device_type: Option<&str>) -> bool {
+    release_types.is_empty() || device_type.is_none_or(|t| release_types.iter().any(|r| r == t))
+}
+
 async fn get_one(ctx: &Ctx, id: &str) -> ApiResult<Deployment> {
     check_hex_id(id, 32, "deployment")?;
     let row = sqlx::query("SELECT * FROM deployments WHERE id = $1")
@@ -220,12 +231,10 @@ pub async fn create(
             .iter()
             .find(|d| d.id == e.device.as_str())
             .ok_or_else(|| ApiError::Internal("planned a device not targeted".into()))?;
-        let compatible = release.device_types.is_empty()
-            || device
-                .inventory
-                .get("device_type")
-                .is_some_and(|t| release.device_types.contains(t));
-        if !compatible {
+        if !compatible(
+            &release.device_types,
+            device.inventory.get("device_type").map(String::as_str),
+        ) {
             incompatible += 1;
             effects.extend(
                 rollout
@@ -487,4 +496,19 @@ pub async fn next_phase(
         r.open_next_phase(instant(now))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compatible;
+
+    #[test]
+    fn only_a_known_other_device_type_is_incompatible() {
+        let types = vec!["board-a".to_string(), "board-b".to_string()];
+        assert!(compatible(&types, Some("board-b")));
+        assert!(!compatible(&types, Some("board-c")));
+        // The inventory has not arrived: the device decides when it is offered.
+        assert!(compatible(&types, None));
+        assert!(compatible(&[], Some("anything")));
+    }
 }
