@@ -7,6 +7,7 @@
 //! server comes up behind the same address the devices were configured with, and
 //! every status report queued offline reaches it.
 
+mod lan_common;
 mod server_common;
 
 use std::io::{Read, Write};
@@ -19,12 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use server_common::*;
 use shoal_bootctl::Slot;
-use shoal_bootctl::env::Env;
 use shoal_bootctl::env::file::FileEnv;
 use shoal_bootctl::scheme::{Flavor, Scheme};
 use shoal_tests::{ok, run_in, shoal};
-
-const SLOT: usize = 4 << 20;
 
 /// The server's address before the server exists: a TCP proxy that drops every
 /// connection until it is given the server to forward to.
@@ -83,73 +81,27 @@ struct Dev {
 impl Dev {
     fn new(setup: &Setup, server_url: &str, n: u8, peers: &[String], accept: bool) -> Dev {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = |f: &str| dir.path().join(f);
-        // Slot A holds something unrelated: the whole release is needed.
-        let mut a = image(100 + u64::from(n), 3 << 20);
-        a.resize(SLOT, 0);
-        std::fs::write(p("a.img"), &a).unwrap();
-        std::fs::File::create(p("b.img"))
-            .and_then(|f| f.set_len(SLOT as u64))
-            .unwrap();
-        let mut env = FileEnv::open(&p("bootenv"), true).unwrap();
-        env.store(&Scheme::Shoal.initial(Flavor::File, Slot::A))
-            .unwrap();
-        std::fs::create_dir_all(p("health.d")).unwrap();
+        let mac = format!("02:00:00:00:02:{n:02x}");
+        let lan_extra = format!("accept_releases = {accept}\n");
+        lan_common::write_device(
+            dir.path(),
+            setup,
+            server_url,
+            &mac,
+            100 + u64::from(n),
+            peers,
+            &lan_extra,
+        );
         // A health check that passes, so the commit is the checks' decision.
-        std::fs::write(p("health.d/10-ok"), "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::write(dir.path().join("health.d/10-ok"), "#!/bin/sh\nexit 0\n").unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(p("health.d/10-ok"), std::fs::Permissions::from_mode(0o755))
-                .unwrap();
+            std::fs::set_permissions(
+                dir.path().join("health.d/10-ok"),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
         }
-        let peers: Vec<String> = peers.iter().map(|a| format!("\"{a}\"")).collect();
-        let config = format!(
-            r#"[device]
-type = "board"
-data_dir = "{data}"
-trust_root = "{root}"
-reboot_command = ["touch", "{marker}"]
-
-[health]
-dir = "{health}"
-
-[server]
-url = "{server_url}"
-poll_interval_s = 1
-retry_max_s = 2
-identity = {{ mac = "02:00:00:00:02:{n:02x}" }}
-
-[install]
-journal_batch_mib = 1
-
-[lan]
-enabled = true
-listen = ["/ip4/127.0.0.1/tcp/0"]
-static_peers = [{peers}]
-mdns = false
-accept_releases = {accept}
-
-[slots]
-a = {{ path = "{a}" }}
-b = {{ path = "{b}" }}
-
-[slots.detect]
-from = "bootloader"
-
-[bootloader]
-type = "file"
-path = "{env}"
-"#,
-            data = p("data").display(),
-            root = setup.path("root.shoalroot").display(),
-            marker = p("rebooted").display(),
-            health = p("health.d").display(),
-            peers = peers.join(", "),
-            a = p("a.img").display(),
-            b = p("b.img").display(),
-            env = p("bootenv").display(),
-        );
-        std::fs::write(p("shoal.toml"), config).unwrap();
         Dev { dir }
     }
 
