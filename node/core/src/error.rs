@@ -196,6 +196,57 @@ pub enum InstallError {
         /// What the OS said.
         message: String,
     },
+    /// The driver stopped reading a source ([`Input::SourceFailed`](crate::Input::SourceFailed)),
+    /// for the reason it gave.
+    #[error("reading {id} failed: {fault}")]
+    Source {
+        /// The source.
+        id: crate::SourceId,
+        /// Why.
+        fault: SourceFault,
+    },
+}
+
+impl InstallError {
+    /// Whether running the same install again can succeed where this run stopped
+    /// (the journal keeps what was verified, so a rerun resumes): a source that
+    /// could not be read or sources that went silent may answer later; bytes that
+    /// are bad, chunks no source holds, a budget, a slot that does not verify or a
+    /// withdrawn deployment fail the same way every time. A driver turns this into
+    /// its exit code (`shoal install`: 75 when worth retrying, else 1).
+    pub fn worth_retrying(&self) -> bool {
+        match self {
+            InstallError::SourcesFailed { .. } => true,
+            InstallError::Io { op, .. } => *op == IoOp::Fetch,
+            InstallError::Source { fault, .. } => matches!(fault, SourceFault::Unreadable(_)),
+            InstallError::CorruptChunk { .. }
+            | InstallError::MissingChunks { .. }
+            | InstallError::OverBudget { .. }
+            | InstallError::VerifyFailed { .. }
+            | InstallError::Abandoned { .. } => false,
+        }
+    }
+}
+
+/// Why a driver stopped reading a source, as the driver saw it; the engine decides
+/// from it whether the install is worth retrying ([`InstallError::worth_retrying`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceFault {
+    /// Reading failed (an I/O error, a connection that broke): the same bytes may
+    /// read fine next time.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The source's bytes are bad (a malformed archive, a chunk that does not
+    /// decode or hash to its id): they are bad the next time too.
+    #[error("{0}")]
+    Damaged(String),
+    /// The source's chunks are delta-encoded against bytes the running slot does
+    /// not hold (it does not run the base release).
+    #[error("{0}")]
+    WrongBase(String),
+    /// Whoever offered the deployment withdrew it (the server aborted it).
+    #[error("the deployment was withdrawn: {0}")]
+    Withdrawn(String),
 }
 
 fn missing_message(

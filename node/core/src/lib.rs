@@ -91,9 +91,12 @@ mod tests;
 pub use bits::Bitfield;
 pub use engine::{
     Boot, Config, DeploymentStatus, Engine, Event, Input, NeededChunks, NodeKey, Offer, Offsets,
-    Output, PeerRelease, Progress, Status, Swarm, VerifiedRelease, compare_versions, peer_release,
+    Output, PeerRelease, PickError, Progress, Status, Swarm, VerifiedRelease, compare_versions,
+    peer_release,
 };
-pub use error::{CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError};
+pub use error::{
+    CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,
+};
 pub use shoal_artifact::VerifiedChunk;
 pub use source::{
     FetchFailure, Gone, Holds, Origin, RequestId, RetryConfig, SourceClass, SourceId, SourceInfo,

@@ -293,12 +293,13 @@ impl SimDevice {
         mut stream: Option<Stream>,
         until_ms: u64,
     ) -> Result<(), Crashed> {
+        // What the caller did before (an offer, a source added) was a step too.
+        if self.check {
+            engine.check_invariants();
+        }
         loop {
             while let Some(out) = engine.poll_output() {
                 self.execute(engine, out)?;
-                if self.check {
-                    engine.check_invariants();
-                }
             }
             if let Some((source, chunks)) = stream.as_mut() {
                 let source = *source;
@@ -346,8 +347,25 @@ impl SimDevice {
         }
     }
 
-    /// Carries out one output (as `run` does).
+    /// Hands `input` to the engine at the device's clock (a test stepping the engine
+    /// by hand), then checks its invariants as `run` does after every step.
+    pub fn handle(&mut self, engine: &mut Engine, input: Input) {
+        engine.handle(self.now(), input);
+        if self.check {
+            engine.check_invariants();
+        }
+    }
+
+    /// Carries out one output (as `run` does), then checks the engine's invariants.
     pub fn execute(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
+        self.carry_out(engine, out)?;
+        if self.check {
+            engine.check_invariants();
+        }
+        Ok(())
+    }
+
+    fn carry_out(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
         let now = self.now();
         match out {
             Output::IndexSlot {
@@ -905,6 +923,10 @@ impl LanSim {
     /// Runs until every live device has finished installing (armed or failed), or
     /// the clock passes `until_ms`.
     pub fn run(&mut self, until_ms: u64) {
+        // What the caller did before (offers, swarms set) was a step too.
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            n.engine.check_invariants();
+        }
         loop {
             for i in 0..self.nodes.len() {
                 while self.nodes[i].alive {
@@ -912,6 +934,7 @@ impl LanSim {
                         break;
                     };
                     self.execute(i, out);
+                    self.nodes[i].engine.check_invariants();
                 }
             }
             let installing = self

@@ -9,8 +9,8 @@ use crate::state::slot_index;
 use crate::testing::{SimDevice, bytes, keys, release, sign};
 use crate::{
     CommitError, Config, Engine, Event, Holds, Input, InstallError, Offer, OfferError, Origin,
-    Output, Phase, Release, RollbackError, Slot, SourceClass, SourceId, SourceInfo, SourceKind,
-    Verdict,
+    Output, Phase, Release, RollbackError, Slot, SourceClass, SourceFault, SourceId, SourceInfo,
+    SourceKind, Verdict,
 };
 
 const DEVICE: &str = "acme-board";
@@ -459,6 +459,7 @@ fn corrupt_stream_chunk_fails_the_install_when_no_other_source_can_serve() {
             id: bad_id
         })
     );
+    assert!(!failed(&dev.events).is_some_and(InstallError::worth_retrying));
     assert!(dev.events.contains(&Event::SourceBanned {
         source: SourceId(1)
     }));
@@ -896,8 +897,8 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     for c in &index.chunks {
         if needed.contains(&c.id) && handed.insert(c.id) {
             let at = usize::try_from(c.offset).expect("fits");
-            engine.handle(
-                dev.now(),
+            dev.handle(
+                &mut engine,
                 Input::checked(
                     Origin::Slot(slot),
                     c.id,
@@ -917,8 +918,8 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
         "each handed chunk is written at once"
     );
     // A chunk the install does not need is ignored.
-    engine.handle(
-        dev.now(),
+    dev.handle(
+        &mut engine,
         Input::checked(
             Origin::Slot(slot),
             ChunkId::from(blake3::hash(b"not in v2")),
@@ -930,7 +931,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     assert!(reused > 0);
 
     // After the index, none of them is read again; the rest comes from the stream.
-    engine.handle(dev.now(), Input::SlotIndexed { slot, index });
+    dev.handle(&mut engine, Input::SlotIndexed { slot, index });
     while let Some(out) = engine.poll_output() {
         if let Output::Read { id, .. } = &out {
             assert!(!handed.contains(id), "chunk {id} read again");
@@ -950,7 +951,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
 fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     let f = Fixture::new();
     let (v1, v2) = images();
-    let dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
     // The stream says it holds all of v2's chunks but one: that one may turn out
     // missing, which must be found before anything is written.
@@ -963,8 +964,8 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     engine.offer(dev.now(), offer).expect("offer");
     while engine.poll_output().is_some() {}
     assert!(engine.needed_chunks().is_empty());
-    engine.handle(
-        dev.now(),
+    dev.handle(
+        &mut engine,
         Input::checked(Origin::Slot(Slot::A), lacking, data),
     );
     assert_eq!(
@@ -1092,4 +1093,82 @@ fn commit_without_a_boot_check_records_the_trial_then_commits() {
     assert_eq!(dev.boot.committed, Slot::B);
     assert_eq!(dev.store.state.floor, 7);
     assert_eq!(dev.store.state.deployment, None);
+}
+
+/// Lifecycle decision (#10): which failures are worth retrying is the engine's. The
+/// driver says why it stopped reading a source; the install stops with the journal
+/// kept, the error says whether a rerun can do better, and a rerun resumes.
+#[test]
+fn a_source_the_driver_stops_reading_fails_the_install_and_says_whether_to_retry() {
+    let f = Fixture::new();
+    let (v1, _) = images();
+    let (m1, c1) = release("acme-os", "1.0", 7, DEVICE, &v1);
+    for (fault, retry) in [
+        (
+            SourceFault::Unreadable("read error on /dev/sdb".into()),
+            true,
+        ),
+        (SourceFault::Damaged("chunk 12 is corrupt".into()), false),
+        (
+            SourceFault::WrongBase("the running slot is not 0.9".into()),
+            false,
+        ),
+        (
+            SourceFault::Withdrawn("aborted by the server".into()),
+            false,
+        ),
+    ] {
+        let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1);
+        let mut engine = dev.engine(f.config());
+        engine
+            .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+            .expect("offer");
+        dev.run(&mut engine, None).expect("no crash");
+        // Half the artifact arrives, then the driver stops reading it.
+        for (id, data) in &c1[..c1.len() / 2] {
+            let input = Input::checked(Origin::Source(SourceId(1)), *id, data.clone());
+            dev.handle(&mut engine, input);
+            dev.run(&mut engine, None).expect("no crash");
+        }
+        dev.handle(
+            &mut engine,
+            Input::SourceFailed {
+                source: SourceId(1),
+                fault: fault.clone(),
+            },
+        );
+        dev.run(&mut engine, None).expect("no crash");
+        let err = failed(&dev.events).cloned().expect("the install stopped");
+        assert_eq!(
+            err,
+            InstallError::Source {
+                id: SourceId(1),
+                fault: fault.clone()
+            }
+        );
+        assert_eq!(err.worth_retrying(), retry, "{fault:?}");
+        assert!(!engine.is_installing());
+        assert_eq!(dev.boot.armed, None);
+        // The journal is kept: the rerun resumes where it stopped.
+        assert_eq!(
+            dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),
+            Some(Phase::Fetching)
+        );
+        assert!(!dev.store.state.done.is_empty(), "{fault:?}");
+        dev.events.clear();
+        let mut engine = dev.engine(f.config());
+        engine
+            .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
+            .expect("offer");
+        dev.run(&mut engine, stream(&c1)).expect("no crash");
+        match dev.events.first() {
+            Some(Event::Accepted { resumed_bytes, .. }) => assert!(*resumed_bytes > 0),
+            other => panic!("expected the install accepted, got {other:?}"),
+        }
+        assert!(
+            dev.events.iter().any(|e| matches!(e, Event::Armed { .. })),
+            "{:?}",
+            dev.events
+        );
+    }
 }

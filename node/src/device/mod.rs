@@ -32,8 +32,8 @@ use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
     Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress,
-    RequestId, Slot, SourceClass, SourceId, SourceInfo, SourceKind, SourceLimits, Status,
-    slot_index,
+    RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind, SourceLimits,
+    Status, slot_index,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -625,13 +625,15 @@ impl Device {
             Source::Store { dir, release } => {
                 let store = ChunkStore::open(&dir)
                     .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
-                let (envelope, manifest) = pick_release(
-                    &store,
-                    &driver.dev.root,
-                    wall,
-                    release.as_deref(),
-                    &driver.dev.config.device.device_type,
-                )?;
+                let mut found = store_manifests(&store, &driver.dev.root, wall)?;
+                let picked = {
+                    let manifests: Vec<&Manifest> = found.iter().map(|(_, m)| m).collect();
+                    driver
+                        .engine
+                        .pick_release(&manifests, release.as_deref())
+                        .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
+                };
+                let (envelope, manifest) = found.swap_remove(picked);
                 let refs = manifest
                     .payloads
                     .iter()
@@ -867,14 +869,14 @@ fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     }
 }
 
-/// Picks the release to install from a chunk store's verified manifests.
-fn pick_release(
+/// The signed manifests of a chunk store, each verified against `root`, with its
+/// envelope's bytes (which one to install is the engine's choice:
+/// [`Engine::pick_release`]).
+fn store_manifests(
     store: &ChunkStore,
     root: &TrustRoot,
     wall: Option<u64>,
-    want: Option<&str>,
-    device_type: &str,
-) -> anyhow::Result<(Vec<u8>, Manifest)> {
+) -> anyhow::Result<Vec<(Vec<u8>, Manifest)>> {
     let dir = store.dir().join("manifests");
     let entries = std::fs::read_dir(&dir).with_context(|| {
         format!(
@@ -894,46 +896,9 @@ fn pick_release(
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         found.push((bytes, manifest));
     }
-    let (name, version) = match want {
-        Some(w) => match w.split_once('@') {
-            Some((n, v)) => (Some(n), Some(v)),
-            None => (Some(w), None),
-        },
-        None => (None, None),
-    };
-    found.retain(|(_, m)| {
-        name.is_none_or(|n| m.name == n)
-            && version.is_none_or(|v| m.version == v)
-            && (want.is_some() || m.device_types.iter().any(|t| t == device_type))
-    });
-    found.sort_by_key(|(_, m)| m.security_counter);
-    match found.len() {
-        0 => bail!(
-            "the chunk store {} holds no {} release{}",
-            store.dir().display(),
-            if want.is_some() {
-                "matching"
-            } else {
-                "compatible"
-            },
-            want.map(|w| format!(" ({w})")).unwrap_or_default()
-        ),
-        1 => Ok(found.pop().expect("one")),
-        n => {
-            let top = found[n - 1].1.security_counter;
-            if found[n - 2].1.security_counter == top {
-                let names: Vec<String> = found
-                    .iter()
-                    .map(|(_, m)| format!("{}@{}", m.name, m.version))
-                    .collect();
-                bail!(
-                    "the chunk store holds several releases ({}); pick one with --release NAME@VERSION",
-                    names.join(", ")
-                )
-            }
-            Ok(found.pop().expect("several"))
-        }
-    }
+    // Directory order is the file system's: the engine sees them by name.
+    found.sort_by(|a, b| (&a.1.name, &a.1.version).cmp(&(&b.1.name, &b.1.version)));
+    Ok(found)
 }
 
 /// A chunk of an artifact, decoded and verified, or why not.
@@ -1169,9 +1134,6 @@ struct Driver<'a> {
     events: Vec<Event>,
     reboot_asked: bool,
     source_bytes_read: u64,
-    /// Set when the driver reported a source failure: whether retrying can help
-    /// (an I/O error) or not (corrupt bytes, a malformed archive).
-    retry_safe: Option<bool>,
     progress: &'a mut dyn FnMut(Progress),
     /// Syncs handed to the write-behind and not yet answered, oldest first.
     syncs_owed: std::collections::VecDeque<Slot>,
@@ -1196,7 +1158,6 @@ impl<'a> Driver<'a> {
             events: Vec::new(),
             reboot_asked: false,
             source_bytes_read: 0,
-            retry_safe: None,
             progress,
             syncs_owed: std::collections::VecDeque::new(),
         }
@@ -1315,18 +1276,16 @@ impl<'a> Driver<'a> {
             };
             if let Some(message) = reference_failure {
                 // The running slot is not the base the chunks were encoded
-                // against: nothing decoded with it is written, and retrying cannot
-                // help.
-                self.retry_safe = Some(false);
+                // against: nothing decoded with it is written.
                 self.engine.handle(
                     self.now(),
-                    Input::Failed {
-                        op: IoOp::Fetch,
-                        message: message.clone(),
+                    Input::SourceFailed {
+                        source: STREAM,
+                        fault: SourceFault::WrongBase(message),
                     },
                 );
                 self.drain()?;
-                return Err(anyhow!(message));
+                return Ok(());
             }
             if let Some(e) = failure {
                 // The archive is bad (or could not be read) past this point: the
@@ -1336,21 +1295,19 @@ impl<'a> Driver<'a> {
                 // one that completes the payload waits for the end of the archive
                 // to be read and checked.
                 let message = e.to_string();
-                let retry = matches!(e, ReadError::Io(_));
-                self.retry_safe = Some(retry);
+                let fault = match e {
+                    ReadError::Io(_) => SourceFault::Unreadable(message),
+                    _ => SourceFault::Damaged(message),
+                };
                 self.engine.handle(
                     self.now(),
-                    Input::Failed {
-                        op: IoOp::Fetch,
-                        message: message.clone(),
+                    Input::SourceFailed {
+                        source: STREAM,
+                        fault,
                     },
                 );
                 self.drain()?;
-                return Err(if retry {
-                    Exit::tempfail(format!("{message}; rerunning the install resumes it"))
-                } else {
-                    anyhow!(message)
-                });
+                return Ok(());
             }
             if ended && decoded.is_empty() {
                 self.engine
@@ -1398,12 +1355,11 @@ impl<'a> Driver<'a> {
                 Some(r) => {
                     if let Some(message) = r.stop_reason() {
                         // The journal keeps what was verified; nothing is armed.
-                        self.retry_safe = Some(false);
                         self.engine.handle(
                             self.now(),
-                            Input::Failed {
-                                op: IoOp::Fetch,
-                                message,
+                            Input::SourceFailed {
+                                source: REMOTE,
+                                fault: SourceFault::Withdrawn(message),
                             },
                         );
                         self.drain()?;
@@ -1491,14 +1447,13 @@ impl<'a> Driver<'a> {
                     origin: Origin::Source(STREAM),
                     chunk,
                 },
-                Err(message) => {
-                    // A corrupt chunk in an artifact is corrupt the next time too.
-                    self.retry_safe = Some(false);
-                    Input::Failed {
-                        op: IoOp::Fetch,
-                        message: format!("chunk {id} in {name} is corrupt: {message}"),
-                    }
-                }
+                // A corrupt chunk in an artifact is corrupt the next time too.
+                Err(message) => Input::SourceFailed {
+                    source: STREAM,
+                    fault: SourceFault::Damaged(format!(
+                        "chunk {id} in {name} is corrupt: {message}"
+                    )),
+                },
             };
             self.engine.handle(self.now(), input);
             self.drain()?;
@@ -1513,17 +1468,9 @@ impl<'a> Driver<'a> {
         for e in &self.events {
             match e {
                 Event::Failed(err) => {
-                    // Only a failure to read the source can go away on its own;
-                    // the driver knows when the source's bytes themselves are bad.
-                    let retry = self.retry_safe != Some(false)
-                        && matches!(
-                            err,
-                            shoal_engine::InstallError::Io {
-                                op: IoOp::Fetch,
-                                ..
-                            } | shoal_engine::InstallError::SourcesFailed { .. }
-                        );
-                    return Err(if retry {
+                    // The engine says whether a rerun can do better (a source that
+                    // could not be read) or fails the same way (bad bytes).
+                    return Err(if err.worth_retrying() {
                         Exit::tempfail(format!(
                             "install stopped: {err}; rerunning the install resumes it"
                         ))

@@ -23,12 +23,14 @@ mod index;
 mod lan;
 mod lifecycle;
 mod need;
+mod pick;
 mod release;
 mod scheduler;
 mod table;
 
 pub use adopt::{PeerRelease, compare_versions, peer_release};
 pub use lan::{NodeKey, Swarm};
+pub use pick::PickError;
 pub use release::VerifiedRelease;
 
 use scheduler::{Job, Need, Step};
@@ -204,6 +206,16 @@ pub enum Input {
     },
     /// The answer to [`Output::RunHealthChecks`]: `Err` says which check failed, why.
     HealthChecked(Result<(), String>),
+    /// The driver stopped reading a source (a stream it cannot go on reading, or
+    /// a source whose deployment was withdrawn) and says why; the install stops
+    /// with [`InstallError::Source`], and [`InstallError::worth_retrying`] tells
+    /// whether a rerun can do better. The journal is kept.
+    SourceFailed {
+        /// The source.
+        source: SourceId,
+        /// Why, as the driver classified it.
+        fault: crate::error::SourceFault,
+    },
     /// The driver could not carry out an output (or read a stream source). The
     /// engine stops what it was doing; the driver should restore it from its store
     /// ([`Engine::new`]) before going on. A failed request of a request source is
@@ -807,13 +819,11 @@ impl Engine {
             Input::HealthChecked(result) => self.on_health(result),
             Input::Failed { op, message } => {
                 warn!(%op, %message, "driver reported a failure");
-                self.outputs.clear();
-                let err = InstallError::Io { op, message };
-                if self.job.is_some() {
-                    self.fail(err);
-                } else {
-                    self.event(Event::Failed(err));
-                }
+                self.stop(InstallError::Io { op, message });
+            }
+            Input::SourceFailed { source, fault } => {
+                warn!(%source, %fault, "driver stopped reading a source");
+                self.stop(InstallError::Source { id: source, fault });
             }
         }
     }
@@ -836,6 +846,17 @@ impl Engine {
             index: Some(index),
         }]);
         self.plan(now);
+    }
+
+    /// A failure the driver reported: what it was asked to do is dropped, and the
+    /// install in progress (if any) stops with `err`.
+    fn stop(&mut self, err: InstallError) {
+        self.outputs.clear();
+        if self.job.is_some() {
+            self.fail(err);
+        } else {
+            self.event(Event::Failed(err));
+        }
     }
 
     /// Stops the install with `err` (the journal is kept).
