@@ -8,6 +8,7 @@ use crate::Slot;
 use crate::detect::{ProbeError, SystemProbe, SystemView};
 use crate::env::{Env, LoadError, StoreError, Vars};
 use crate::extent::Extent;
+use crate::model::{Bootloader, Refused, Step};
 use crate::scheme::{BootState, Flavor, Scheme, StateError, TriesError};
 use crate::storage::Storage;
 use crate::writer::{OpenError, SlotWriter};
@@ -167,6 +168,21 @@ pub enum RollbackError {
     /// No trial is armed or running, so there is nothing to return from.
     #[error("no trial to roll back")]
     NoTrial,
+    /// The environment could not be written.
+    #[error("cannot write the bootloader environment")]
+    Store(#[from] StoreError),
+}
+
+/// Why a bootloader step of the update engine was not taken ([`BootControl::apply`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The environment could not be read, holds no valid state, or the running
+    /// slot could not be determined.
+    #[error(transparent)]
+    Active(#[from] ActiveError),
+    /// The model refused the step in this state.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     /// The environment could not be written.
     #[error("cannot write the bootloader environment")]
     Store(#[from] StoreError),
@@ -400,17 +416,15 @@ impl BootControl {
     pub fn arm(&mut self, slot: Slot, tries: u32) -> Result<BootState, ArmError> {
         let (mut vars, state) = self.load().map_err(split_active_arm)?;
         let active = self.active_in(&state)?;
-        if slot == active {
-            return Err(ArmError::ActiveSlot { slot });
-        }
-        if let Some(t) = state.trial.filter(|t| t.slot == active) {
-            return Err(ArmError::TrialRunning { slot: t.slot });
-        }
-        if self.scheme == Scheme::Shoal {
-            // The fallback is the running, known-good slot.
-            vars.insert("shoal_slot".into(), active.to_string());
-        }
-        self.scheme.arm(&mut vars, self.flavor, slot, tries)?;
+        self.model()
+            .arm(&mut vars, active, slot, tries)
+            .map_err(|e| match e {
+                Refused::ActiveSlot { slot } => ArmError::ActiveSlot { slot },
+                Refused::TrialRunning { slot } => ArmError::TrialRunning { slot },
+                Refused::Tries(t) => ArmError::Tries(t),
+                Refused::State(e) => ArmError::State(e),
+                other => unreachable!("arm does not refuse with {other:?}"),
+            })?;
         self.env.store(&vars)?;
         let next = self.scheme.decode(&vars, self.flavor)?;
         tracing::info!(slot = %slot, tries, "trial boot armed");
@@ -422,13 +436,16 @@ impl BootControl {
         let (mut vars, state) = self.load().map_err(split_active_commit)?;
         let trial = state.trial.ok_or(CommitError::NoTrial)?;
         let active = self.active_in(&state)?;
-        if trial.slot != active {
-            return Err(CommitError::TrialNotRunning {
-                trial: trial.slot,
-                active,
-            });
-        }
-        self.scheme.commit(&mut vars, &state);
+        self.model()
+            .commit(&mut vars, active)
+            .map_err(|e| match e {
+                Refused::TrialNotRunning { trial, active } => {
+                    CommitError::TrialNotRunning { trial, active }
+                }
+                Refused::NoTrial => CommitError::NoTrial,
+                Refused::State(e) => CommitError::State(e),
+                other => unreachable!("commit does not refuse with {other:?}"),
+            })?;
         self.env.store(&vars)?;
         tracing::info!(slot = %trial.slot, "trial committed");
         Ok(self.scheme.decode(&vars, self.flavor)?)
@@ -440,10 +457,39 @@ impl BootControl {
         let mut vars = self.env.load()?;
         let state = self.scheme.decode(&vars, self.flavor)?;
         let trial = state.trial.ok_or(RollbackError::NoTrial)?;
-        self.scheme.rollback(&mut vars, &state);
+        self.model().rollback(&mut vars).map_err(|e| match e {
+            Refused::NoTrial => RollbackError::NoTrial,
+            Refused::State(e) => RollbackError::State(e),
+            other => unreachable!("rollback does not refuse with {other:?}"),
+        })?;
         self.env.store(&vars)?;
         tracing::info!(from = %trial.slot, to = %state.committed, "trial rolled back");
         Ok(self.scheme.decode(&vars, self.flavor)?)
+    }
+
+    /// The bootloader model of this environment.
+    pub fn model(&self) -> Bootloader {
+        Bootloader::new(self.scheme, self.flavor)
+    }
+
+    /// Carries out a bootloader step of the update engine, idempotently (the model's
+    /// [`Bootloader::apply`]): the environment is written only when the step was
+    /// not taken already.
+    pub fn apply(&mut self, step: Step) -> Result<(), ApplyError> {
+        let (mut vars, state) = self.load()?;
+        // Only arming and committing depend on which slot runs: a disarm or a
+        // rollback is possible even when the running slot cannot be told.
+        let active = match step {
+            Step::Arm(_) | Step::Commit(_) => self.active_in(&state)?,
+            Step::Disarm(_) | Step::RollbackTo(_) => state.booted.unwrap_or(state.committed),
+        };
+        let before = vars.clone();
+        self.model().apply(&mut vars, active, step)?;
+        if vars != before {
+            self.env.store(&vars)?;
+            tracing::info!(?step, "bootloader step taken");
+        }
+        Ok(())
     }
 
     /// Opens the inactive `slot` for writing a payload of `payload_size` bytes.
@@ -660,7 +706,11 @@ mod tests {
         let (disk, mut bc) = device(Scheme::Shoal, Slot::A);
         bc.arm(Slot::B, 1).unwrap();
         let mut env = Backend::File.open(&disk);
-        let boot = crate::testing::boot(&mut *env, &Scheme::Shoal, Flavor::File, Slot::A).unwrap();
+        let boot = crate::model::boot_env(
+            &mut *env,
+            &crate::model::Bootloader::new(Scheme::Shoal, Flavor::File),
+        )
+        .unwrap();
         assert_eq!(boot.slot, Slot::B);
         // Still told "A runs": the bootloader's record says B.
         assert!(matches!(

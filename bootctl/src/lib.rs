@@ -35,9 +35,12 @@
 //! - Environments directly: [`env::Env`] (`load`/`store`) implemented by
 //!   [`env::uboot::UbootEnv`], [`env::grub::GrubEnv`], [`env::file::FileEnv`];
 //!   [`env::EnvLock`] serialises read-modify-write between processes.
-//! - Tests and the simulator (feature `testing`): `testing::CrashDisk`,
-//!   `testing::CrashSlots`, `testing::Backend`, and `testing::boot`, the bootloader
-//!   model.
+//! - The bootloader model ([`model`], no I/O, so the update engine and the
+//!   simulator use it too): [`model::Bootloader`] (a boot; the engine's steps),
+//!   [`model::Board`] (a board in memory), [`model::boot_env`] (a boot of a real
+//!   environment, for `shoal demo` and tests).
+//! - Tests (feature `testing`): `testing::CrashDisk`, `testing::CrashSlots`,
+//!   `testing::Backend`.
 
 #[cfg(feature = "io")]
 pub mod config;
@@ -49,7 +52,7 @@ pub mod detect;
 pub mod env;
 #[cfg(feature = "io")]
 pub mod extent;
-#[cfg(feature = "io")]
+pub mod model;
 pub mod scheme;
 mod slot;
 #[cfg(feature = "io")]
@@ -61,7 +64,6 @@ pub mod writer;
 
 #[cfg(feature = "io")]
 pub use control::{BootControl, Status};
-#[cfg(feature = "io")]
 pub use scheme::{BootState, Scheme, Trial};
 pub use slot::{ParseSlotError, Slot};
 #[cfg(feature = "io")]

@@ -20,8 +20,12 @@
 //! bootlimit`. Mender's GRUB integration allows exactly one trial boot and does not
 //! use `bootlimit`.
 
+use std::collections::BTreeMap;
+
 use crate::Slot;
-use crate::env::Vars;
+
+/// Environment variables, ordered by name.
+pub type Vars = BTreeMap<String, String>;
 
 /// The most trial boots a trial can be armed with. GRUB's script language cannot
 /// do arithmetic, so the boot scripts count down through a fixed chain of

@@ -1,5 +1,5 @@
-//! Fakes for tests and the simulator: a crash-injecting disk and a model of the
-//! bootloader side of both schemes.
+//! Fakes for tests: a crash-injecting disk, and the environment backends over it
+//! (the bootloader model is [`crate::model`]).
 //!
 //! # The crash model
 //!
@@ -24,11 +24,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Slot;
 use crate::control::SlotStorage;
+use crate::env::Env;
 use crate::env::file::FileEnv;
 use crate::env::grub::GrubEnv;
 use crate::env::uboot::UbootEnv;
-use crate::env::{Env, Vars};
-use crate::scheme::{Flavor, Scheme};
+use crate::scheme::Flavor;
 use crate::storage::Storage;
 
 /// How the operation that crashes reaches the live image.
@@ -434,115 +434,6 @@ impl Backend {
     }
 }
 
-/// What the bootloader model did on one boot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Boot {
-    /// The slot whose kernel and root filesystem were started.
-    pub slot: Slot,
-    /// Whether the environment had to be replaced by the bootloader's built-in
-    /// default (no readable environment).
-    pub used_default_env: bool,
-}
-
-/// A model of the bootloader side: it runs, in Rust, the same decisions as the
-/// scripts in `bootctl/integration/` (Shoal scheme) or Mender's U-Boot and GRUB
-/// integration (Mender scheme), including their own environment writes, through
-/// the same [`Env`] backends (so those writes can crash too).
-///
-/// `default_slot` is what the board boots when no environment is readable (U-Boot's
-/// built-in default environment, GRUB's fallback).
-pub fn boot(
-    env: &mut dyn Env,
-    scheme: &Scheme,
-    flavor: Flavor,
-    default_slot: Slot,
-) -> io::Result<Boot> {
-    let Ok(mut vars) = env.load() else {
-        return Ok(Boot {
-            slot: default_slot,
-            used_default_env: true,
-        });
-    };
-    let before = vars.clone();
-    let slot = match scheme {
-        Scheme::Shoal => boot_shoal(&mut vars, default_slot),
-        Scheme::Mender(m) => {
-            let part = |v: &Vars| {
-                v.get("mender_boot_part")
-                    .and_then(|p| p.parse::<u32>().ok())
-            };
-            let slot_of = |p: Option<u32>| match p {
-                Some(p) if p == m.part_b => Slot::B,
-                Some(p) if p == m.part_a => Slot::A,
-                _ => default_slot,
-            };
-            let num = |v: &Vars, k: &str| v.get(k).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-            if vars.get("upgrade_available").map(String::as_str) == Some("1") {
-                match flavor {
-                    Flavor::Uboot | Flavor::File => {
-                        // U-Boot CONFIG_BOOTCOUNT_ENV: count, then altbootcmd past the limit.
-                        let count = num(&vars, "bootcount") + 1;
-                        vars.insert("bootcount".into(), count.to_string());
-                        let limit = num(&vars, "bootlimit");
-                        if limit != 0 && count > limit {
-                            let back = slot_of(part(&vars)).other();
-                            let p = m.part(back);
-                            vars.insert("mender_boot_part".into(), p.to_string());
-                            vars.insert("mender_boot_part_hex".into(), format!("{p:x}"));
-                            vars.insert("upgrade_available".into(), "0".into());
-                        }
-                    }
-                    Flavor::Grub => {
-                        if vars.get("bootcount").map(String::as_str) != Some("0") {
-                            let back = slot_of(part(&vars)).other();
-                            vars.insert("mender_boot_part".into(), m.part(back).to_string());
-                            vars.insert("upgrade_available".into(), "0".into());
-                            vars.insert("bootcount".into(), "0".into());
-                        } else {
-                            vars.insert("bootcount".into(), "1".into());
-                        }
-                    }
-                }
-            }
-            slot_of(part(&vars))
-        }
-    };
-    if vars != before {
-        env.store(&vars).map_err(io::Error::other)?;
-    }
-    Ok(Boot {
-        slot,
-        used_default_env: false,
-    })
-}
-
-/// The Shoal scheme's boot decision, exactly as `integration/shoal-boot.cmd` and
-/// `integration/grub.cfg` make it: slots must be exactly `A` or `B`, tries exactly
-/// one digit `1`..=`9` (anything else is no try left).
-fn boot_shoal(vars: &mut Vars, default_slot: Slot) -> Slot {
-    let exact_slot = |v: &Vars, k: &str| match v.get(k).map(String::as_str) {
-        Some("A") => Some(Slot::A),
-        Some("B") => Some(Slot::B),
-        _ => None,
-    };
-    let committed = exact_slot(vars, "shoal_slot").unwrap_or(default_slot);
-    let tries = match vars.get("shoal_tries").map(String::as_bytes) {
-        Some(&[d]) if (b'1'..=b'9').contains(&d) => u32::from(d - b'0'),
-        _ => 0,
-    };
-    let slot = match exact_slot(vars, "shoal_try_slot") {
-        Some(trial) if tries > 0 => {
-            vars.insert("shoal_tries".into(), (tries - 1).to_string());
-            trial
-        }
-        _ => committed,
-    };
-    if exact_slot(vars, "shoal_booted") != Some(slot) {
-        vars.insert("shoal_booted".into(), slot.to_string());
-    }
-    slot
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,26 +492,5 @@ mod tests {
             assert!(s.write_at(0, b"axyzwvuf").is_err());
             assert_eq!(disk.live("f"), want, "{tear:?}");
         }
-    }
-
-    #[test]
-    fn shoal_boot_counts_down_then_falls_back() {
-        let mut vars = Vars::new();
-        vars.insert("shoal_slot".into(), "A".into());
-        vars.insert("shoal_try_slot".into(), "B".into());
-        vars.insert("shoal_tries".into(), "2".into());
-        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::B);
-        assert_eq!(vars["shoal_tries"], "1");
-        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::B);
-        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
-        assert_eq!(vars["shoal_tries"], "0");
-        assert_eq!(vars["shoal_booted"], "A");
-        // As the scripts: only exact values count.
-        vars.insert("shoal_tries".into(), "10".into());
-        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
-        vars.insert("shoal_tries".into(), "3".into());
-        vars.insert("shoal_try_slot".into(), "b".into());
-        assert_eq!(boot_shoal(&mut vars, Slot::A), Slot::A);
-        assert_eq!(vars["shoal_tries"], "3");
     }
 }

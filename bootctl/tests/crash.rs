@@ -10,8 +10,9 @@ use std::error::Error;
 
 use shoal_bootctl::control::Detect;
 use shoal_bootctl::env::Vars;
+use shoal_bootctl::model::{Bootloader, boot_env};
 use shoal_bootctl::scheme::{MenderParts, Scheme};
-use shoal_bootctl::testing::{Backend, CrashDisk, CrashSlots, Image, Tear, boot};
+use shoal_bootctl::testing::{Backend, CrashDisk, CrashSlots, Image, Tear};
 use shoal_bootctl::{BootControl, Slot};
 
 type Res = Result<(), Box<dyn Error>>;
@@ -109,8 +110,11 @@ impl World {
     /// slot holds its complete, verified image.
     fn boot_checked(&self, disk: &CrashDisk, case: Case, ctx: &str) -> Slot {
         let mut env = case.backend.open(disk);
-        let b = boot(&mut *env, &case.scheme, case.backend.flavor(), Slot::A)
-            .unwrap_or_else(|e| panic!("{ctx}: boot failed: {e}"));
+        let b = boot_env(
+            &mut *env,
+            &Bootloader::new(case.scheme, case.backend.flavor()),
+        )
+        .unwrap_or_else(|e| panic!("{ctx}: boot failed: {e}"));
         if case.power_safe() {
             assert!(
                 !b.used_default_env,
@@ -318,7 +322,10 @@ fn every_crash_point_of_the_bootloaders_own_write_boots_a_verified_slot() {
             &armed,
             &|d| {
                 let mut env = case.backend.open(d);
-                boot(&mut *env, &case.scheme, case.backend.flavor(), Slot::A)?;
+                boot_env(
+                    &mut *env,
+                    &Bootloader::new(case.scheme, case.backend.flavor()),
+                )?;
                 Ok(())
             },
             &|after, ctx| {

@@ -13,8 +13,9 @@ use std::process::{Command, Stdio};
 use shoal_bootctl::control::Detect;
 use shoal_bootctl::env::grub::{self, GrubEnv, Paths};
 use shoal_bootctl::env::{Env, Vars};
+use shoal_bootctl::model::{Bootloader, boot_env};
 use shoal_bootctl::scheme::{Flavor, Scheme};
-use shoal_bootctl::testing::{CrashDisk, CrashSlots, boot};
+use shoal_bootctl::testing::{CrashDisk, CrashSlots};
 use shoal_bootctl::{BootControl, Slot};
 
 const FILES: [&str; 4] = [
@@ -162,7 +163,11 @@ impl Emu {
         let disk = CrashDisk::new();
         let mut model_env = shoal_bootctl::testing::Backend::Grub.open(&disk);
         model_env.store(&before).unwrap();
-        let model = boot(&mut *model_env, &Scheme::Shoal, Flavor::Grub, Slot::A).unwrap();
+        let model = boot_env(
+            &mut *model_env,
+            &Bootloader::new(Scheme::Shoal, Flavor::Grub),
+        )
+        .unwrap();
         let real = self.grub_boot();
         assert_eq!(
             real, model.slot,

@@ -19,8 +19,9 @@ use std::process::{Command, Stdio};
 use shoal_bootctl::control::Detect;
 use shoal_bootctl::env::uboot::{FwEnvConfig, Location, UbootEnv};
 use shoal_bootctl::env::{Env, Vars};
+use shoal_bootctl::model::{Bootloader, boot_env};
 use shoal_bootctl::scheme::{Flavor, Scheme};
-use shoal_bootctl::testing::{Backend, CrashDisk, CrashSlots, boot};
+use shoal_bootctl::testing::{Backend, CrashDisk, CrashSlots};
 use shoal_bootctl::{BootControl, Slot};
 
 const ROM: &str = "/usr/lib/u-boot/qemu-x86_64/u-boot.rom";
@@ -173,7 +174,11 @@ impl Board {
         let disk = CrashDisk::new();
         let mut model_env = Backend::File.open(&disk);
         model_env.store(&before).unwrap();
-        let model = boot(&mut *model_env, &Scheme::Shoal, Flavor::Uboot, Slot::A).unwrap();
+        let model = boot_env(
+            &mut *model_env,
+            &Bootloader::new(Scheme::Shoal, Flavor::Uboot),
+        )
+        .unwrap();
         let real = self.uboot_boot();
         assert_eq!(
             real, model.slot,

@@ -144,9 +144,12 @@ impl Dev {
     /// The bootloader model: the device reboots (the trial slot once).
     fn reboot(&self) -> Slot {
         let mut env = FileEnv::open(&self.path("bootenv"), true).unwrap();
-        shoal_bootctl::testing::boot(&mut env, &Scheme::Shoal, Flavor::File, Slot::A)
-            .expect("boot")
-            .slot
+        shoal_bootctl::model::boot_env(
+            &mut env,
+            &shoal_bootctl::model::Bootloader::new(Scheme::Shoal, Flavor::File),
+        )
+        .expect("boot")
+        .slot
     }
 
     fn lan_address(&self) -> String {

@@ -81,8 +81,11 @@ path = "{d}/bootenv"
     /// script would); the kernel command line says which slot runs.
     fn reboot(&self) -> Slot {
         let mut env = FileEnv::open(Path::new(&self.path("bootenv")), true).unwrap();
-        let booted =
-            shoal_bootctl::testing::boot(&mut env, &Scheme::Shoal, Flavor::File, Slot::A).unwrap();
+        let booted = shoal_bootctl::model::boot_env(
+            &mut env,
+            &shoal_bootctl::model::Bootloader::new(Scheme::Shoal, Flavor::File),
+        )
+        .unwrap();
         assert!(!booted.used_default_env);
         std::fs::write(
             self.dir.path().join("cmdline"),

@@ -12,7 +12,6 @@
 //! bootloader would see right now, and [`Env::store`] replaces the whole set in a
 //! power-safe sequence of writes (see `DESIGN.md` for each backend's protocol).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
@@ -20,8 +19,7 @@ pub mod file;
 pub mod grub;
 pub mod uboot;
 
-/// Environment variables, ordered by name.
-pub type Vars = BTreeMap<String, String>;
+pub use crate::scheme::Vars;
 
 /// A bootloader environment backend.
 pub trait Env: std::fmt::Debug + Send {

@@ -35,7 +35,7 @@ fn all_installed(sim: &LanSim, image: &[u8]) {
             "device {i}: {:?}",
             n.dev.events.last()
         );
-        assert_eq!(n.dev.boot.armed, Some(Slot::B), "device {i}");
+        assert_eq!(n.dev.boot.armed(), Some(Slot::B), "device {i}");
         assert!(n.dev.live[1][..image.len()] == *image, "device {i} slot B");
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! [`SimDevice`] keeps two images of each slot, *live* (what reads see) and *durable*
 //! (what survives a power cut: the live image as of the last sync), an in-memory
-//! device store ([`MemStore`]) that applies each [`Output::Persist`] atomically, and a
-//! bootloader model (committed slot, armed trial, trial boot). Every durable step
+//! device store ([`MemStore`]) that applies each [`Output::Persist`] atomically, and
+//! bootctl's bootloader model ([`Board`]: the boot variables, the decisions the real
+//! GRUB and U-Boot scripts make at boot, and the driver's bootloader steps, the same
+//! code the device and `shoal demo` run). Every durable step
 //! (slot write, sync, store transaction, bootloader update) counts as one operation;
 //! [`SimDevice::crash_at`] cuts the power right before operation N, and unsynced slot
 //! writes then survive or vanish by a seeded coin each (both are what a real disk may
@@ -18,6 +20,8 @@
 use std::collections::BTreeMap;
 
 use shoal_artifact::{ChunkId, ChunkRef, Chunking, Manifest, Payload, PayloadKind};
+use shoal_bootctl::model::{Board, Bootloader};
+use shoal_bootctl::scheme::{Flavor, Scheme};
 use shoal_signing::{Envelope, SecretKey, TrustRoot};
 
 use crate::engine::{Boot, Engine, Event, Input, Output};
@@ -83,26 +87,6 @@ impl MemStore {
     }
 }
 
-/// The bootloader model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BootEnv {
-    /// The slot booted when no trial is armed.
-    pub committed: Slot,
-    /// The slot to try once on the next boot.
-    pub armed: Option<Slot>,
-    /// The running slot.
-    pub running: Slot,
-    /// Whether the running boot is a trial.
-    pub trial: bool,
-}
-
-impl BootEnv {
-    /// The slot the next boot runs.
-    pub fn next_boot(&self) -> Slot {
-        self.armed.unwrap_or(self.committed)
-    }
-}
-
 /// How a request source answers on the virtual clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Link {
@@ -144,8 +128,10 @@ pub struct SimDevice {
     unsynced: [Vec<(u64, usize)>; 2],
     /// The durable store.
     pub store: MemStore,
-    /// The bootloader.
-    pub boot: BootEnv,
+    /// The board's bootloader and its environment: bootctl's model (the one
+    /// checked against the real GRUB and U-Boot), Shoal's scheme on the file
+    /// backend's semantics unless a test picks another ([`SimDevice::with_bootloader`]).
+    pub boot: Board,
     /// Durable operations so far.
     pub ops: u64,
     /// Cut the power right before this operation.
@@ -194,12 +180,7 @@ impl SimDevice {
             durable: [a, b],
             unsynced: [Vec::new(), Vec::new()],
             store: MemStore::fresh(Slot::A, [capacity, capacity]),
-            boot: BootEnv {
-                committed: Slot::A,
-                armed: None,
-                running: Slot::A,
-                trial: false,
-            },
+            boot: Board::new(Bootloader::new(Scheme::Shoal, Flavor::File), Slot::A),
             ops: 0,
             crash_at: None,
             events: Vec::new(),
@@ -219,6 +200,13 @@ impl SimDevice {
             rng: Rng::new(seed),
             now: 0,
         }
+    }
+
+    /// The same device with another bootloader (scheme and semantics), freshly
+    /// provisioned to run slot A.
+    pub fn with_bootloader(mut self, bootloader: Bootloader) -> SimDevice {
+        self.boot = Board::new(bootloader, Slot::A);
+        self
     }
 
     /// The engine as it restarts on this device.
@@ -257,27 +245,15 @@ impl SimDevice {
         self.crash_at = None;
     }
 
-    /// A reboot: the bootloader consumes an armed trial.
+    /// A reboot: the bootloader model picks the slot (consuming a try of an armed
+    /// trial, falling back once the tries are used up).
     pub fn reboot(&mut self) {
-        match self.boot.armed.take() {
-            Some(slot) => {
-                self.boot.running = slot;
-                self.boot.trial = true;
-            }
-            None => {
-                self.boot.running = self.boot.committed;
-                self.boot.trial = false;
-            }
-        }
+        self.boot.reboot();
     }
 
     /// What [`Engine::boot`] is told.
     pub fn boot_info(&self) -> Boot {
-        Boot {
-            slot: self.boot.running,
-            trial: self.boot.trial,
-            pending: self.boot.armed,
-        }
+        Boot::from_bootloader(self.boot.running, &self.boot.state())
     }
 
     /// Carries out every output, feeding the stream (if any) whenever the engine is
@@ -494,25 +470,22 @@ impl SimDevice {
                 let hash = *blake3::hash(&self.live[slot_index(slot)][..end]).as_bytes();
                 engine.handle(now, Input::SlotHashed { slot, hash });
             }
-            Output::DisarmTrial { slot } => {
+            out @ (Output::DisarmTrial { .. }
+            | Output::ArmTrial { .. }
+            | Output::Commit { .. }
+            | Output::Rollback { .. }) => {
+                // One environment update, as the device driver makes it.
                 self.op()?;
-                if self.boot.armed == Some(slot) {
-                    self.boot.armed = None;
+                let step = out.boot_step().expect("a bootloader output");
+                if let Err(e) = self.boot.apply(step) {
+                    engine.handle(
+                        now,
+                        Input::Failed {
+                            op: crate::IoOp::Bootloader,
+                            message: e.to_string(),
+                        },
+                    );
                 }
-            }
-            Output::ArmTrial { slot } => {
-                self.op()?;
-                self.boot.armed = Some(slot);
-            }
-            Output::Commit { slot } => {
-                self.op()?;
-                self.boot.committed = slot;
-                self.boot.trial = false;
-            }
-            Output::Rollback { to } => {
-                self.op()?;
-                self.boot.committed = to;
-                self.boot.armed = None;
             }
             Output::Reboot => {
                 self.reboots += 1;
@@ -757,7 +730,7 @@ pub fn dead_source_experiment(n: usize, seed: u64) -> DeadSource {
         let mut engine = Engine::new(config, dev.store.load());
         engine.offer(dev.now(), offer(&m, sources)).expect("offer");
         dev.run(&mut engine, None).expect("no crash");
-        assert_eq!(dev.boot.armed, Some(Slot::B), "{:?}", dev.events.last());
+        assert_eq!(dev.boot.armed(), Some(Slot::B), "{:?}", dev.events.last());
         (
             dev.now().as_millis(),
             dev.requests_sent.get(&SourceId(1)).map_or(0, |r| r.0),
@@ -1092,7 +1065,11 @@ pub fn lan_experiment(n: usize, chunks: usize, kill: bool) -> (f64, u64) {
     }
     sim.run(3_600_000);
     for (i, node) in sim.nodes.iter().enumerate().filter(|(_, n)| n.alive) {
-        assert_eq!(node.dev.boot.armed, Some(Slot::B), "device {i} did not arm");
+        assert_eq!(
+            node.dev.boot.armed(),
+            Some(Slot::B),
+            "device {i} did not arm"
+        );
     }
     (sim.wan_chunks as f64 / chunks as f64, sim.now_ms())
 }

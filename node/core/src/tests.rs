@@ -85,7 +85,7 @@ fn device_running_v1(f: &Fixture, v1: &[u8]) -> (SimDevice, Manifest) {
     let mut engine = dev.engine(f.config());
     engine.boot(dev.now(), dev.boot_info());
     dev.run(&mut engine, None).expect("no crash");
-    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.boot.committed(), Slot::B);
     assert_eq!(dev.store.state.active, Slot::B);
     dev.events.clear();
     (dev, m1)
@@ -105,7 +105,7 @@ fn full_install_from_stream_then_trial_commit_raises_floor() {
 
     assert_eq!(failed(&dev.events), None);
     assert_eq!(
-        dev.boot.armed,
+        dev.boot.armed(),
         Some(Slot::B),
         "trial armed on the inactive slot"
     );
@@ -133,7 +133,7 @@ fn full_install_from_stream_then_trial_commit_raises_floor() {
     let mut engine = dev.engine(f.config());
     engine.boot(dev.now(), dev.boot_info());
     dev.run(&mut engine, None).expect("no crash");
-    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.boot.committed(), Slot::B);
     assert_eq!(dev.store.state.floor, 7);
     assert_eq!(dev.store.state.active, Slot::B);
     assert_eq!(dev.store.state.deployment, None);
@@ -298,7 +298,7 @@ fn anti_rollback_floor_rises_only_at_commit() {
         .rollback(dev.now(), "operator cancelled")
         .expect("rollback");
     dev.run(&mut engine, None).expect("no crash");
-    assert_eq!(dev.boot.armed, None);
+    assert_eq!(dev.boot.armed(), None);
     let (m0, _) = release("acme-os", "0.9", 0, DEVICE, &v2);
     let mut engine = dev.engine(f.config());
     assert_eq!(
@@ -321,7 +321,7 @@ fn failed_health_check_rolls_back_with_its_reason() {
         .offer(dev.now(), stream_offer(sign(&m3, &f.key)))
         .expect("offer");
     dev.run(&mut engine, stream(&c3)).expect("no crash");
-    assert_eq!(dev.boot.armed, Some(Slot::A));
+    assert_eq!(dev.boot.armed(), Some(Slot::A));
 
     dev.reboot();
     dev.health = Err("check-network exited with 1".into());
@@ -329,7 +329,11 @@ fn failed_health_check_rolls_back_with_its_reason() {
     engine.boot(dev.now(), dev.boot_info());
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(dev.reboots, 1);
-    assert_eq!(dev.boot.committed, Slot::B, "bootloader points back at v1");
+    assert_eq!(
+        dev.boot.committed(),
+        Slot::B,
+        "bootloader points back at v1"
+    );
     let last = dev.store.state.last.clone().expect("a result");
     assert_eq!(
         last.verdict,
@@ -380,8 +384,9 @@ fn trial_that_never_came_up_is_recorded_as_rolled_back() {
     );
     assert!(dev.store.state.deployment.is_some());
 
-    // The trial kernel hangs; the bootloader falls back to B.
-    dev.boot.armed = None;
+    // The reboot starts the trial of A, whose kernel hangs: the watchdog resets
+    // the board, and the bootloader, the trial's one try used up, boots B.
+    dev.reboot();
     dev.reboot();
     let mut engine = dev.engine(f.config());
     engine.boot(dev.now(), dev.boot_info());
@@ -432,7 +437,7 @@ fn thin_artifact_without_its_base_names_the_base_and_the_count() {
         }
         other => panic!("expected MissingChunks, got {other:?}"),
     }
-    assert_eq!(dev.boot.armed, None);
+    assert_eq!(dev.boot.armed(), None);
     let msg = failed(&dev.events)
         .map(ToString::to_string)
         .unwrap_or_default();
@@ -463,7 +468,7 @@ fn corrupt_stream_chunk_fails_the_install_when_no_other_source_can_serve() {
     assert!(dev.events.contains(&Event::SourceBanned {
         source: SourceId(1)
     }));
-    assert_eq!(dev.boot.armed, None);
+    assert_eq!(dev.boot.armed(), None);
 }
 
 #[test]
@@ -478,14 +483,18 @@ fn offering_the_armed_release_again_rearms_without_writing() {
         .expect("offer");
     dev.run(&mut engine, stream(&c1)).expect("no crash");
     let written = dev.bytes_written;
-    dev.boot.armed = None; // lost, e.g. a crash between two bootloader steps
+    // The trial is disarmed (lost, e.g. an operator's rollback with `shoal slot`).
+    dev.boot
+        .apply(shoal_bootctl::model::Step::Disarm(Slot::B))
+        .expect("disarmed");
+    assert_eq!(dev.boot.armed(), None);
     let mut engine = dev.engine(f.config());
     engine
         .offer(dev.now(), stream_offer(sign(&m1, &f.key)))
         .expect("offer again");
     dev.run(&mut engine, stream(&c1)).expect("no crash");
     assert_eq!(dev.bytes_written, written);
-    assert_eq!(dev.boot.armed, Some(Slot::B));
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
     assert_eq!(engine.progress().resumed_bytes, MIB as u64);
 }
 
@@ -525,7 +534,7 @@ fn a_new_release_during_a_trial_is_refused() {
     engine.commit(dev.now()).expect("commit in trial");
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(dev.store.state.floor, 3);
-    assert_eq!(dev.boot.committed, Slot::A);
+    assert_eq!(dev.boot.committed(), Slot::A);
 }
 
 /// Cuts the power before every durable operation of an install + trial + commit, and
@@ -638,7 +647,7 @@ fn power_cuts(v1: &[u8], v2: &[u8], step: usize, together: &[u32]) {
             Slot::A,
             "cut {cut}: v2 committed in the end"
         );
-        assert_eq!(dev.boot.committed, Slot::A, "cut {cut}");
+        assert_eq!(dev.boot.committed(), Slot::A, "cut {cut}");
         assert_eq!(dev.holds(Slot::A, &[&r2]), Some(r2.clone()), "cut {cut}");
         assert_eq!(dev.store.state.floor, 2, "cut {cut}");
         // Nothing the journal recorded was rewritten: the rerun wrote at most the rest.
@@ -656,7 +665,7 @@ fn clone_device(base: &SimDevice, seed: u64) -> SimDevice {
     dev.live = base.live.clone();
     dev.durable = base.durable.clone();
     dev.store = base.store.clone();
-    dev.boot = base.boot;
+    dev.boot = base.boot.clone();
     dev.ops = base.ops;
     dev
 }
@@ -940,7 +949,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     }
     dev.run(&mut engine, stream(&c2)).expect("no crash");
     assert_eq!(failed(&dev.events), None);
-    assert_eq!(dev.boot.armed, Some(Slot::B));
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
     assert_eq!(&dev.durable[1][..v2.len()], &v2[..]);
     let p = engine.progress();
     assert_eq!(p.reused_bytes + p.fetched_bytes, v2.len() as u64);
@@ -1090,7 +1099,7 @@ fn commit_without_a_boot_check_records_the_trial_then_commits() {
         dev.execute(&mut engine, o).expect("no crash");
     }
     dev.run(&mut engine, None).expect("no crash");
-    assert_eq!(dev.boot.committed, Slot::B);
+    assert_eq!(dev.boot.committed(), Slot::B);
     assert_eq!(dev.store.state.floor, 7);
     assert_eq!(dev.store.state.deployment, None);
 }
@@ -1148,7 +1157,7 @@ fn a_source_the_driver_stops_reading_fails_the_install_and_says_whether_to_retry
         );
         assert_eq!(err.worth_retrying(), retry, "{fault:?}");
         assert!(!engine.is_installing());
-        assert_eq!(dev.boot.armed, None);
+        assert_eq!(dev.boot.armed(), None);
         // The journal is kept: the rerun resumes where it stopped.
         assert_eq!(
             dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),

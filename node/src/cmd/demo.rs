@@ -15,6 +15,7 @@ use shoal_artifact::{BuildOptions, Manifest, PayloadKind};
 use shoal_bootctl::Slot;
 use shoal_bootctl::env::Env;
 use shoal_bootctl::env::file::FileEnv;
+use shoal_bootctl::model::{Bootloader, boot_env};
 use shoal_bootctl::scheme::{Flavor, Scheme};
 use shoal_signing::{SecretKey, SignedRoot, TrustRoot};
 
@@ -175,7 +176,7 @@ fn write_check(dir: &Path, name: &str, body: &str) -> anyhow::Result<()> {
 fn simulated_boot(env_path: &Path) -> anyhow::Result<Slot> {
     let mut env =
         FileEnv::open(env_path, true).context("opening the simulated bootloader environment")?;
-    let boot = shoal_bootctl::testing::boot(&mut env, &Scheme::Shoal, Flavor::File, Slot::A)
+    let boot = boot_env(&mut env, &Bootloader::new(Scheme::Shoal, Flavor::File))
         .context("simulating the bootloader")?;
     Ok(boot.slot)
 }

@@ -421,14 +421,7 @@ impl Device {
 
     fn boot_info(&self) -> anyhow::Result<Boot> {
         let status = self.boot.status().context("cannot read the boot state")?;
-        let trial = status.state.trial;
-        Ok(Boot {
-            slot: status.active,
-            trial: trial.is_some_and(|t| t.slot == status.active),
-            pending: trial
-                .filter(|t| t.slot != status.active && t.tries_left > 0)
-                .map(|t| t.slot),
-        })
+        Ok(Boot::from_bootloader(status.active, &status.state))
     }
 
     /// The engine, restored from the store. On a device Shoal sees for the first
@@ -1856,11 +1849,17 @@ impl<'a> Driver<'a> {
                 };
                 self.engine.handle(now, Input::SlotHashed { slot, hash });
             }
+            // Carried out by bootctl's bootloader model, idempotently (a step
+            // already taken before a crash is not repeated).
             out @ (Output::DisarmTrial { .. }
             | Output::ArmTrial { .. }
             | Output::Commit { .. }
             | Output::Rollback { .. }) => {
-                self.bootloader(out).map_err(|e| (IoOp::Bootloader, e))?;
+                let step = out.boot_step().expect("a bootloader output");
+                self.dev
+                    .boot
+                    .apply(step)
+                    .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
             }
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
@@ -1880,47 +1879,6 @@ impl<'a> Driver<'a> {
                 }
                 self.events.push(e);
             }
-        }
-        Ok(())
-    }
-}
-
-impl Driver<'_> {
-    /// Carries out a bootloader output idempotently: the state is read first, and a
-    /// step already taken (a rerun after a crash between two steps) is not repeated.
-    fn bootloader(&mut self, out: Output) -> anyhow::Result<()> {
-        let boot = &mut self.dev.boot;
-        let state = boot.state()?;
-        match out {
-            Output::DisarmTrial { slot } => {
-                if state.trial.is_some_and(|t| t.slot == slot) {
-                    boot.rollback()?;
-                }
-            }
-            Output::ArmTrial { slot } => {
-                if !state
-                    .trial
-                    .is_some_and(|t| t.slot == slot && t.tries_left > 0)
-                {
-                    boot.arm(slot, 1)?;
-                }
-            }
-            Output::Commit { slot } => {
-                if state.trial.is_some() || state.committed != slot {
-                    boot.commit()?;
-                }
-            }
-            Output::Rollback { to } => {
-                if state.trial.is_some() {
-                    boot.rollback()?;
-                } else if state.committed != to {
-                    bail!(
-                        "slot {} is committed and no trial is armed; cannot go back to slot {to}",
-                        state.committed
-                    );
-                }
-            }
-            other => unreachable!("not a bootloader output: {other:?}"),
         }
         Ok(())
     }

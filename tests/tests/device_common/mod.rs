@@ -116,9 +116,12 @@ path = "{env}"
     /// A reboot: bootctl's bootloader model picks (and records) the slot.
     pub fn reboot(&self) -> Slot {
         let mut env = FileEnv::open(&self.path("bootenv"), true).unwrap();
-        shoal_bootctl::testing::boot(&mut env, &Scheme::Shoal, Flavor::File, Slot::A)
-            .expect("boot")
-            .slot
+        shoal_bootctl::model::boot_env(
+            &mut env,
+            &shoal_bootctl::model::Bootloader::new(Scheme::Shoal, Flavor::File),
+        )
+        .expect("boot")
+        .slot
     }
 
     pub fn slot_bytes(&self, slot: Slot, len: usize) -> Vec<u8> {

@@ -127,6 +127,23 @@ pub struct Boot {
     pub pending: Option<Slot>,
 }
 
+impl Boot {
+    /// What the engine is told at boot, from the running slot and what the
+    /// bootloader's environment holds (the device's `BootControl`, or a simulated
+    /// [`Board`](shoal_bootctl::model::Board)): a trial of the running slot makes
+    /// this boot a trial; a trial of the other slot with tries left is pending.
+    pub fn from_bootloader(active: Slot, state: &shoal_bootctl::BootState) -> Boot {
+        let trial = state.trial;
+        Boot {
+            slot: active,
+            trial: trial.is_some_and(|t| t.slot == active),
+            pending: trial
+                .filter(|t| t.slot != active && t.tries_left > 0)
+                .map(|t| t.slot),
+        }
+    }
+}
+
 /// Something the driver tells the engine: the result of an [`Output`], or data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -424,6 +441,23 @@ pub enum Output {
     RunHealthChecks,
     /// Tell the operator or the server.
     Event(Event),
+}
+
+impl Output {
+    /// The bootloader step this output asks for, if it is one: a driver carries it
+    /// out with the bootloader model ([`shoal_bootctl::model::Bootloader::apply`],
+    /// or `BootControl::apply` on a real environment), which takes each step once
+    /// however often it is asked (a rerun after a power cut).
+    pub fn boot_step(&self) -> Option<shoal_bootctl::model::Step> {
+        use shoal_bootctl::model::Step;
+        match *self {
+            Output::DisarmTrial { slot } => Some(Step::Disarm(slot)),
+            Output::ArmTrial { slot } => Some(Step::Arm(slot)),
+            Output::Commit { slot } => Some(Step::Commit(slot)),
+            Output::Rollback { to } => Some(Step::RollbackTo(to)),
+            _ => None,
+        }
+    }
 }
 
 /// Things worth reporting.
