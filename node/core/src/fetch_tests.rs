@@ -254,6 +254,75 @@ fn a_source_the_driver_drops_loses_its_chunks_to_the_others() {
     assert!(slot_b_holds(&dev, &image));
 }
 
+/// A request source that ends (a USB store unplugged, a server that has nothing
+/// more) loses its requests in flight to the others and is not asked again; when it
+/// was the only source, the chunks it did not bring are missing.
+#[test]
+fn a_request_source_that_ends_loses_its_chunks_to_the_others() {
+    let f = Fixture::new();
+    let image = bytes(16, MIB);
+    for other in [true, false] {
+        let (mut dev, m, chunks) = setup(&image);
+        dev.stores
+            .insert(SourceId(1), chunks.iter().cloned().collect());
+        dev.stores
+            .insert(SourceId(2), chunks.iter().cloned().collect());
+        // The local source answers a chunk every 2 ms, so it has requests in flight
+        // when it ends.
+        dev.links.insert(
+            SourceId(1),
+            Link {
+                rtt_us: 1000,
+                per_chunk_us: 2000,
+                ..Link::default()
+            },
+        );
+        let mut sources = vec![source(1, SourceClass::Local)];
+        if other {
+            sources.push(source(2, SourceClass::Wan));
+        }
+        let mut engine = dev.engine(f.config());
+        engine
+            .offer(dev.now(), f.offer(&m, sources))
+            .expect("offer");
+        dev.run_until(&mut engine, None, 100).expect("no crash");
+        let before = asked(&dev, 1);
+        assert!(before.1 > 0 && !armed(&dev.events), "{before:?}");
+        let written = engine.progress().fetched_bytes;
+        dev.handle(
+            &mut engine,
+            crate::Input::SourceEnded {
+                source: SourceId(1),
+            },
+        );
+        let status = engine.sources();
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(asked(&dev, 1), before, "not asked after it ended");
+        if other {
+            assert_eq!(failed(&dev.events), None);
+            assert!(armed(&dev.events));
+            assert!(slot_b_holds(&dev, &image));
+            // The WAN source brought the rest, including what was in flight.
+            let rest = (image.len() as u64 - written).div_ceil(4096);
+            assert!(asked(&dev, 2).1 >= rest, "{:?} < {rest}", asked(&dev, 2));
+            assert_eq!(
+                status
+                    .iter()
+                    .find(|s| s.id == SourceId(1))
+                    .and_then(|s| s.gone),
+                Some(Gone::Ended)
+            );
+        } else {
+            match failed(&dev.events) {
+                Some(InstallError::MissingChunks { count, .. }) => {
+                    assert!(*count > 0 && *count < chunks.len(), "{count}");
+                }
+                other => panic!("expected the rest missing, got {other:?}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn retry_later_backs_the_source_off_and_not_there_is_not_asked_again() {
     let f = Fixture::new();

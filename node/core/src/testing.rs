@@ -158,6 +158,12 @@ pub struct SimDevice {
     pub fail_requests: BTreeMap<SourceId, FetchFailure>,
     /// Run [`Engine::check_invariants`] after every step.
     pub check: bool,
+    /// Liveness: most outputs one [`SimDevice::run_until`] carries out before it
+    /// fails the test (an engine that asks the same thing forever, such as a
+    /// source for a chunk it said it lacks, never settles).
+    pub steps_max: u64,
+    /// Outputs carried out by the current run.
+    steps: u64,
     /// When each linked source is free again, in microseconds.
     busy_until_us: BTreeMap<SourceId, u64>,
     /// Answers in flight, by (delivery time in ms, sequence).
@@ -194,6 +200,8 @@ impl SimDevice {
             cancels: 0,
             fail_requests: BTreeMap::new(),
             check: true,
+            steps_max: 200_000,
+            steps: 0,
             busy_until_us: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -273,6 +281,7 @@ impl SimDevice {
         if self.check {
             engine.check_invariants();
         }
+        self.steps = 0;
         loop {
             while let Some(out) = engine.poll_output() {
                 self.execute(engine, out)?;
@@ -334,6 +343,12 @@ impl SimDevice {
 
     /// Carries out one output (as `run` does), then checks the engine's invariants.
     pub fn execute(&mut self, engine: &mut Engine, out: Output) -> Result<(), Crashed> {
+        self.steps += 1;
+        assert!(
+            self.steps <= self.steps_max,
+            "the engine did not settle: {} outputs in one run, the last {out:?}",
+            self.steps
+        );
         self.carry_out(engine, out)?;
         if self.check {
             engine.check_invariants();
