@@ -67,6 +67,15 @@
 //!   ([`Engine::share_active_index`]); the envelope is persisted once per deployment
 //!   ([`Record::Envelope`]).
 //!
+//! - **Lifecycle decisions** the simulator makes the same way as a device: a slot
+//!   switched outside Shoal ([`Engine::observe_running`]), an operator's commit
+//!   without a boot check ([`Engine::commit_running`]), whether a failure is worth
+//!   retrying ([`InstallError::worth_retrying`], from the driver's [`SourceFault`]),
+//!   which release of a chunk store to install ([`Engine::pick_release`]), and what
+//!   the bootloader's state means at boot ([`Boot::from_bootloader`]); bootloader
+//!   outputs map to the steps of bootctl's one bootloader model
+//!   ([`Output::boot_step`], `shoal_bootctl::model`).
+//!
 //! Every wait has a named timer ([`Engine::poll_timeout`]: silence, backoff, LAN
 //! owner, pacing). In tests, `check_invariants` runs after every step.
 

@@ -1270,15 +1270,7 @@ impl<'a> Driver<'a> {
             if let Some(message) = reference_failure {
                 // The running slot is not the base the chunks were encoded
                 // against: nothing decoded with it is written.
-                self.engine.handle(
-                    self.now(),
-                    Input::SourceFailed {
-                        source: STREAM,
-                        fault: SourceFault::WrongBase(message),
-                    },
-                );
-                self.drain()?;
-                return Ok(());
+                return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
             }
             if let Some(e) = failure {
                 // The archive is bad (or could not be read) past this point: the
@@ -1292,15 +1284,7 @@ impl<'a> Driver<'a> {
                     ReadError::Io(_) => SourceFault::Unreadable(message),
                     _ => SourceFault::Damaged(message),
                 };
-                self.engine.handle(
-                    self.now(),
-                    Input::SourceFailed {
-                        source: STREAM,
-                        fault,
-                    },
-                );
-                self.drain()?;
-                return Ok(());
+                return Err(self.stop_reading(STREAM, fault)?);
             }
             if ended && decoded.is_empty() {
                 self.engine
@@ -1320,6 +1304,30 @@ impl<'a> Driver<'a> {
             );
         }
         Ok(())
+    }
+
+    /// Tells the engine the driver cannot go on reading `source`, and returns the
+    /// error for the caller: the source's own message, and, when the engine says a
+    /// rerun can do better ([`shoal_engine::InstallError::worth_retrying`]), exit
+    /// code 75 and a hint that rerunning resumes.
+    fn stop_reading(
+        &mut self,
+        source: SourceId,
+        fault: SourceFault,
+    ) -> anyhow::Result<anyhow::Error> {
+        let message = fault.to_string();
+        self.engine
+            .handle(self.now(), Input::SourceFailed { source, fault });
+        self.drain()?;
+        let retry = self.events.iter().rev().find_map(|e| match e {
+            Event::Failed(err) => Some(err.worth_retrying()),
+            _ => None,
+        });
+        Ok(if retry == Some(true) {
+            Exit::tempfail(format!("{message}; rerunning the install resumes it"))
+        } else {
+            anyhow!(message)
+        })
     }
 
     /// Runs an install from a [`Requests`] source: carries out the engine's

@@ -1,8 +1,13 @@
 //! The engine state machine, by concern: this module holds the contract (inputs,
 //! outputs, events, status) and the entry points; `lifecycle` the deployment's
-//! phases (offer, verify, arm, boot, commit, rollback); `scheduler` the chunk plan
-//! and the fetch scheduler with its source registry; `table` the release's chunk
-//! table in dense arrays. Timers are named in [`crate::timer`].
+//! phases (offer, verify, arm, boot, commit, rollback, a slot changed outside
+//! Shoal, a commit without a boot check); `pick` the choice of a release among
+//! several; `scheduler` the chunk plan and the fetch scheduler with its source
+//! registry (and the data budget); `lan` the LAN cooperation; `need`, `table` and
+//! `index` the per-chunk state, the release's chunk table and the active slot's
+//! index in dense arrays. Timers are named in [`crate::timer`], the WAN rate cap is
+//! [`crate::pacing`]; which failures are worth retrying is
+//! [`InstallError::worth_retrying`].
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -233,10 +238,11 @@ pub enum Input {
         /// Why, as the driver classified it.
         fault: crate::error::SourceFault,
     },
-    /// The driver could not carry out an output (or read a stream source). The
-    /// engine stops what it was doing; the driver should restore it from its store
-    /// ([`Engine::new`]) before going on. A failed request of a request source is
-    /// [`Input::FetchFailed`] instead.
+    /// The driver could not carry out an output. The engine stops what it was
+    /// doing; the driver should restore it from its store ([`Engine::new`]) before
+    /// going on. A failed request of a request source is [`Input::FetchFailed`]
+    /// instead, and a source the driver cannot go on reading
+    /// [`Input::SourceFailed`].
     Failed {
         /// What failed.
         op: IoOp,

@@ -269,7 +269,7 @@ pub(crate) struct Job {
     /// By entry: already read from the active slot at its own payload offset.
     guessed: Bitfield,
     /// By position: written (this run or, per the journal, before).
-    pub(crate) done: Bitfield,
+    pub(crate) written: Bitfield,
     /// By position: recorded in the journal (written and synced).
     pub(crate) journaled: Bitfield,
     /// Entries not [`Need::Done`].
@@ -329,13 +329,13 @@ impl Job {
     ) -> Job {
         let table = &rel.table;
         let n = table.entries();
-        let mut done = Bitfield::new(table.positions());
+        let mut written = Bitfield::new(table.positions());
         for &p in done_positions {
             if p < table.positions() {
-                done.set(p);
+                written.set(p);
             }
         }
-        let journaled = done.clone();
+        let journaled = written.clone();
         let mut job = Job {
             rel: Arc::clone(&rel),
             journaled,
@@ -345,7 +345,7 @@ impl Job {
             sources: Vec::new(),
             need: NeedTable::new(n),
             guessed: Bitfield::new(n),
-            done,
+            written,
             needed: 0,
             needed_bytes: 0,
             reads_in_flight: 0,
@@ -373,7 +373,7 @@ impl Job {
             budget_blocked: false,
         };
         for e in 0..n {
-            let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
+            let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
             if !all_done {
                 job.need.set(e, Need::Idle);
                 job.needed += 1;
@@ -381,7 +381,7 @@ impl Job {
             }
         }
         job.journal_bytes = job
-            .done
+            .journaled
             .iter()
             .map(|p| u64::from(job.rel.table.size(job.rel.table.entry_at(p))))
             .sum();
@@ -452,7 +452,7 @@ impl Job {
     pub(crate) fn state_heap_bytes(&self) -> usize {
         self.need.heap_bytes()
             + self.guessed.heap_bytes()
-            + self.done.heap_bytes()
+            + self.written.heap_bytes()
             + self.journaled.heap_bytes()
             + self.probes.capacity() * 4
             + self.requests.capacity() * std::mem::size_of::<Option<Request>>()
@@ -1577,13 +1577,13 @@ impl Engine {
         let table = &job.rel.table;
         let repeats = table.repeat_offsets(e);
         let offsets = if let Some(more) =
-            repeats.filter(|_| table.positions_of(e).all(|p| !job.done.get(p)))
+            repeats.filter(|_| table.positions_of(e).all(|p| !job.written.get(p)))
         {
             // Every position of a repeated chunk, as on a first run: the table's
             // shared list of its offsets, and the entry marked whole in the batch
             // (one place for any number of positions).
             for p in table.positions_of(e) {
-                job.done.set(p);
+                job.written.set(p);
             }
             self.unsynced.push(e | WHOLE_ENTRY);
             Offsets::shared(table.first_offset(e), Arc::clone(more))
@@ -1592,8 +1592,8 @@ impl Engine {
             // in an earlier run: listed.
             let mark = self.unsynced.len();
             for p in table.positions_of(e) {
-                if !job.done.get(p) {
-                    job.done.set(p);
+                if !job.written.get(p) {
+                    job.written.set(p);
                     self.unsynced.push(p);
                 }
             }
@@ -1905,7 +1905,7 @@ impl Engine {
                     "a fetching entry's request is live"
                 );
             }
-            let all_done = job.rel.table.positions_of(e).all(|p| job.done.get(p));
+            let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
             assert_eq!(state == Need::Done, all_done, "entry {e} done bits");
             if let Need::QueuedFetch = state {
                 assert!(
