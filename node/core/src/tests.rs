@@ -1181,3 +1181,94 @@ fn a_source_the_driver_stops_reading_fails_the_install_and_says_whether_to_retry
         );
     }
 }
+
+/// One bootloader model (#10): the lifecycle runs the same on every bootloader
+/// bootctl models (Shoal's scheme and Mender's, on U-Boot and GRUB semantics): a
+/// trial commits; a trial whose health checks fail rolls back to the committed
+/// slot; a trial whose kernel never comes up is given up by the bootloader and
+/// recorded as rolled back.
+#[test]
+fn the_lifecycle_runs_on_every_bootloader_of_the_model() {
+    use shoal_bootctl::model::Bootloader;
+    use shoal_bootctl::scheme::{Flavor, MenderParts, Scheme};
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let mender = Scheme::Mender(MenderParts {
+        part_a: 2,
+        part_b: 3,
+    });
+    let (m1, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    for (scheme, flavor) in [
+        (Scheme::Shoal, Flavor::Uboot),
+        (Scheme::Shoal, Flavor::Grub),
+        (mender, Flavor::Uboot),
+        (mender, Flavor::Grub),
+    ] {
+        let what = format!("{scheme:?} {flavor:?}");
+        let mut dev = SimDevice::new(&bytes(99, MIB), 2 * MIB as u64, 1)
+            .with_bootloader(Bootloader::new(scheme, flavor));
+        let install = |dev: &mut SimDevice, m: &Manifest, c: &[(ChunkId, Vec<u8>)]| {
+            let mut engine = dev.engine(f.config());
+            engine
+                .offer(dev.now(), stream_offer(sign(m, &f.key)))
+                .expect("offer");
+            dev.run(&mut engine, stream(c)).expect("no crash");
+        };
+        let boot_check = |dev: &mut SimDevice| {
+            let mut engine = dev.engine(f.config());
+            engine.boot(dev.now(), dev.boot_info());
+            dev.run(&mut engine, None).expect("no crash");
+        };
+        // 1.0 into B, a trial, health checks pass: committed.
+        install(&mut dev, &m1, &c1);
+        assert_eq!(dev.boot.armed(), Some(Slot::B), "{what}");
+        dev.reboot();
+        boot_check(&mut dev);
+        assert_eq!(
+            (dev.boot.committed(), dev.boot.armed()),
+            (Slot::B, None),
+            "{what}"
+        );
+        assert_eq!(
+            dev.store.state.last.as_ref().map(|o| o.verdict.clone()),
+            Some(Verdict::Committed),
+            "{what}"
+        );
+        // 2.0 into A, health checks fail: back to B.
+        install(&mut dev, &m2, &c2);
+        dev.reboot();
+        assert_eq!(dev.boot.running, Slot::A, "{what}: the trial");
+        dev.health = Err("check-app exited with 1".into());
+        boot_check(&mut dev);
+        assert_eq!(dev.boot.committed(), Slot::B, "{what}");
+        dev.reboot();
+        assert_eq!(dev.boot.running, Slot::B, "{what}: back on 1.0");
+        boot_check(&mut dev);
+        assert!(
+            matches!(&dev.store.state.last, Some(o) if matches!(&o.verdict, Verdict::RolledBack { reason } if reason.contains("check-app"))),
+            "{what}: {:?}",
+            dev.store.state.last
+        );
+        // 2.0 again, its kernel hangs: the watchdog resets the board and the
+        // bootloader, the trial's try used up, falls back to B.
+        dev.health = Ok(());
+        install(&mut dev, &m2, &c2);
+        dev.reboot();
+        dev.reboot();
+        assert_eq!(dev.boot.running, Slot::B, "{what}: the fallback");
+        boot_check(&mut dev);
+        assert!(
+            matches!(&dev.store.state.last, Some(o) if matches!(&o.verdict, Verdict::RolledBack { reason } if reason.contains("did not come up"))),
+            "{what}: {:?}",
+            dev.store.state.last
+        );
+        assert_eq!(
+            (dev.boot.committed(), dev.boot.armed()),
+            (Slot::B, None),
+            "{what}"
+        );
+        assert_eq!(dev.store.state.active, Slot::B, "{what}");
+        assert_eq!(dev.store.state.floor, 1, "{what}");
+    }
+}
