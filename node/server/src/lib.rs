@@ -17,8 +17,10 @@
 //! is an [`ApiError`](http::error::ApiError) with a JSON body; authentication is an
 //! extractor; SQL lives in migrations and in one module per resource. The database
 //! is SQLite in the data directory by default and PostgreSQL for scale-out; all
-//! state is in the database and the chunk store, none in a process, so any number
-//! of server processes can share one PostgreSQL. Chunks live in a
+//! state is in the database and the chunk store; what a server keeps in memory (the
+//! [`view`] of which devices may have something to do, used so that an idle poll
+//! needs no database round trip) is refreshed from the database within a stated
+//! bound, so any number of server processes can share one PostgreSQL. Chunks live in a
 //! [`shoal_artifact::ChunkStore`] directory (`DIR/store`) or an S3 bucket
 //! ([`chunks`]), laid out so that a static file server can serve them as they are.
 
@@ -40,6 +42,8 @@ pub mod last_seen;
 pub mod release_cache;
 pub mod rollouts;
 pub mod tls;
+pub mod token;
+pub mod view;
 
 pub use http::extractor::Role;
 
@@ -134,6 +138,11 @@ pub struct Context {
     pub store_lock: tokio::sync::Mutex<()>,
     /// Devices seen by polls, written in batches ([`last_seen::run`]).
     pub last_seen: last_seen::LastSeen,
+    /// The key device tokens are MAC'd with (shared through the database).
+    pub tokens: token::TokenKey,
+    /// This server's view of which devices may have something to do and which
+    /// were revoked ([`view`]), refreshed by [`view::run`].
+    pub view: view::View,
 }
 
 /// The shared context handlers get.
@@ -182,6 +191,9 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         source,
     })?;
     let (pool, backend) = db::open(&config.database_url(), config.max_connections).await?;
+    let tokens = token::TokenKey::load(&pool)
+        .await
+        .map_err(db::OpenError::Connect)?;
     let store = match &config.chunks_url {
         Some(url) => Chunks::Object(chunks::ObjectChunks::open(url)?),
         None => Chunks::Dir(ChunkStore::open(&config.data_dir.join("store"))?),
@@ -201,6 +213,8 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         releases: release_cache::ReleaseCache::default(),
         store_lock: tokio::sync::Mutex::new(()),
         last_seen: last_seen::LastSeen::default(),
+        tokens,
+        view: view::View::default(),
     }))
 }
 
@@ -224,6 +238,11 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
+    // Polls are answered from the view from the first one on (if this fails, they
+    // ask the database until the periodic refresh succeeds).
+    if let Err(e) = ctx.view.refresh(&ctx.db).await {
+        tracing::warn!(error = %e, "cannot load the fleet view; polls ask the database");
+    }
     tracing::info!(%addr, tls = config.tls.is_some(), backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
     on_ready(addr);
     // Rollout timers (phase soak delays); every server runs them, under row locks.
@@ -234,6 +253,9 @@ pub async fn serve(
     // Last-seen times noted by polls, written off the request path.
     let stop_seen = tokio_util::sync::CancellationToken::new();
     let seen = tokio::spawn(last_seen::run(ctx.clone(), stop_seen.clone()));
+    // The fleet view, refreshed from the database's change log.
+    let stop_view = tokio_util::sync::CancellationToken::new();
+    let view = tokio::spawn(view::run(ctx.clone(), stop_view.clone()));
     let served = match tls {
         None => axum::serve(
             listener,
@@ -259,6 +281,8 @@ pub async fn serve(
     };
     timers.abort();
     let _ = timers.await;
+    stop_view.cancel();
+    let _ = view.await;
     // What the last period noted is written before the pool closes.
     stop_seen.cancel();
     let _ = seen.await;
