@@ -289,3 +289,108 @@ pub async fn serve(
     ctx.db.close().await;
     served
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use shoal_signing::SecretKey;
+
+    use super::*;
+    use crate::http::extractor::DeviceToken;
+
+    const IDLE: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+    const BUSY: &str = "bb00000000000000000000000000000000000000000000000000000000000000";
+
+    async fn context(dir: &std::path::Path) -> Ctx {
+        let key = SecretKey::from_seed(&[1; 32]).public();
+        let config = Config {
+            data_dir: dir.to_owned(),
+            database_url: None,
+            chunks_url: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+            root: TrustRoot::new(1, 4_000_000_000, &[key], 1, &[key], 1).unwrap(),
+            device_token_ttl_s: 3600,
+            upload_max_bytes: 1 << 20,
+            chunk_base_url: None,
+            max_connections: 2,
+            timer_period_ms: 1000,
+            fleet: None,
+        };
+        open(&config).await.expect("open")
+    }
+
+    async fn poll(ctx: &Ctx, device: &str) -> StatusCode {
+        let token = ctx.tokens.issue(device, 0, db::now_ms() + 60_000);
+        let claims = ctx.tokens.verify(&token, db::now_ms()).expect("verifies");
+        match http::device::next(State(ctx.clone()), DeviceToken(claims)).await {
+            Ok(resp) => resp.status(),
+            Err(e) => e.status(),
+        }
+    }
+
+    /// The point of the view: a device with nothing to do is answered from memory.
+    /// With the database gone, its poll still gets 204 while the view is fresh, and
+    /// asks the database (and fails) once the view is stale; a device with an open
+    /// deployment always asks the database.
+    #[tokio::test]
+    async fn an_idle_poll_needs_no_database_until_the_view_is_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = context(dir.path()).await;
+        Arc::get_mut(&mut ctx).expect("one owner").view =
+            view::View::new(Duration::from_millis(300));
+        for id in [IDLE, BUSY] {
+            sqlx::query(
+                "INSERT INTO devices (id, public_key, identity, status, created_ms, updated_ms) \
+                 VALUES ($1, $1, '{}', 'accepted', 0, 0)",
+            )
+            .bind(id)
+            .execute(&ctx.db)
+            .await
+            .unwrap();
+        }
+        let mut tx = ctx.db.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO deployments (id, name, release_id, target, status, rollout, created_ms, created_by) \
+             VALUES ('d1', 'x', 'r', '{}', 'running', '', 0, 't')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO deployment_devices (deployment_id, device_id, status, phase, attempts, created_ms, updated_ms) \
+             VALUES ('d1', $1, 'pending', 0, 0, 0, 0)",
+        )
+        .bind(BUSY)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        view::record(&mut tx, &[view::Change::Deployment("d1")])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ctx.view.refresh(&ctx.db).await.unwrap();
+        assert_eq!(poll(&ctx, IDLE).await, StatusCode::NO_CONTENT);
+
+        ctx.db.close().await;
+        assert_eq!(
+            poll(&ctx, IDLE).await,
+            StatusCode::NO_CONTENT,
+            "from memory"
+        );
+        assert_eq!(
+            poll(&ctx, BUSY).await,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "a device with an open deployment asks the database"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            poll(&ctx, IDLE).await,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "a stale view is not trusted"
+        );
+    }
+}
