@@ -8,6 +8,8 @@
 
 mod server_common;
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{Value, json};
 use server_common::*;
@@ -837,6 +839,7 @@ fn suite(db: Db) {
     assert_eq!(count(&server, &viewer, "deployments"), 2);
 
     // Decommission C: its token stops working; its key comes back as pending.
+    let old_token = c.token.clone();
     ok(admin(
         &server,
         &operator,
@@ -849,6 +852,24 @@ fn suite(db: Db) {
         401,
     );
     assert!(expect_error(c.auth(&http, &server), 401).contains("pending"));
+    // Accepted again, it gets a token that works; the one it held before the
+    // decommission stays refused (its epoch outlived the device row).
+    admin_json(&server, &operator, &["devices", "accept", &c.id]);
+    c.login(&http, &server);
+    let poll = |d: &Device| {
+        d.req(&http, Method::GET, &server, "/deployments/next")
+            .send()
+            .unwrap()
+    };
+    assert_eq!(poll(&c).status().as_u16(), 204);
+    let new_token = std::mem::replace(&mut c.token, old_token);
+    expect_error(poll(&c), 401);
+    // A token altered to name another device does not verify.
+    let forged = new_token.as_ref().unwrap().replace(&c.id, &a.id);
+    c.token = Some(forged);
+    assert!(expect_error(poll(&c), 401).contains("does not verify"));
+    c.token = new_token;
+    assert_eq!(poll(&c).status().as_u16(), 204);
 
     // Every change is in the audit log; only admins read it.
     let e = fails(admin(&server, &operator, &["audit"]), 2);
@@ -965,6 +986,14 @@ fn two_servers_one_postgres() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
+    // The second answers its polls from its view of the fleet: 204 with no
+    // database round trip.
+    let poll = |d: &Device, s: &Server| {
+        d.req(&http, Method::GET, s, "/deployments/next")
+            .send()
+            .unwrap()
+    };
+    assert_eq!(poll(&d, &s2).status().as_u16(), 204);
     let dep = admin_json(
         &s1,
         &admin_token,
@@ -979,12 +1008,12 @@ fn two_servers_one_postgres() {
             &d.id,
         ],
     );
-    let next: serde_json::Value = d
-        .req(&http, Method::GET, &s2, "/deployments/next")
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    // A deployment created on the first is seen by the device polling the second
+    // within the view's staleness bound.
+    let next = within_bound("the deployment made on s1 reaches s2", || {
+        let r = poll(&d, &s2);
+        (r.status().as_u16() == 200).then(|| r.json::<serde_json::Value>().unwrap())
+    });
     assert_eq!(next["id"], dep["id"]);
     let dep_id = next["id"].as_str().unwrap();
     let manifest = d
@@ -1021,6 +1050,62 @@ fn two_servers_one_postgres() {
         .send()
         .unwrap();
     expect_error(r, 409);
+    // And its polls on the first stop offering it at once: the device is in the
+    // first's view as one with a deployment, so the first asks the database.
+    assert_eq!(poll(&d, &s1).status().as_u16(), 204);
+
+    // A device decommissioned through the first is refused by the second: at once
+    // by the endpoints that read the database, by polls within the bound.
+    let mut e = Device::new(8);
+    expect_error(e.auth(&http, &s2), 401);
+    admin_json(&s1, &admin_token, &["devices", "accept", &e.id]);
+    e.login(&http, &s2);
+    assert_eq!(poll(&e, &s2).status().as_u16(), 204);
+    ok(admin(
+        &s1,
+        &admin_token,
+        &["devices", "decommission", &e.id],
+    ));
+    let r = e
+        .req(&http, Method::PATCH, &s2, "/inventory/attributes")
+        .json(&json!([{"name": "x", "value": "y"}]))
+        .send()
+        .unwrap();
+    expect_error(r, 401);
+    within_bound("the decommission on s1 reaches s2's polls", || {
+        (poll(&e, &s2).status().as_u16() == 401).then_some(())
+    });
+    // The same for a rejection.
+    let mut f = Device::new(9);
+    expect_error(f.auth(&http, &s1), 401);
+    admin_json(&s2, &admin_token, &["devices", "accept", &f.id]);
+    f.login(&http, &s1);
+    assert_eq!(poll(&f, &s1).status().as_u16(), 204);
+    admin_json(&s2, &admin_token, &["devices", "reject", &f.id]);
+    within_bound("the rejection on s2 reaches s1's polls", || {
+        (poll(&f, &s1).status().as_u16() == 401).then_some(())
+    });
+}
+
+/// The server's view of the fleet (`node/server/src/view.rs`) may lag the
+/// database by at most this much.
+const VIEW_STALE_MAX: Duration = Duration::from_secs(2);
+
+/// Runs `probe` until it gives a value, failing if that takes longer than the
+/// view's staleness bound (plus 1 s for requests on a loaded machine).
+fn within_bound<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            eprintln!("{what}: {:?}", start.elapsed());
+            return v;
+        }
+        assert!(
+            start.elapsed() <= VIEW_STALE_MAX + Duration::from_secs(1),
+            "{what}: not within {VIEW_STALE_MAX:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs schemathesis (PyPI) against the served OpenAPI document, with a bounded

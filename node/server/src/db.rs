@@ -90,6 +90,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "lan peers",
         include_str!("../migrations/sqlite/0004_lan_peers.sql"),
     ),
+    (
+        5,
+        "poll view",
+        include_str!("../migrations/sqlite/0005_poll_view.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -112,6 +117,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "lan peers",
         include_str!("../migrations/postgres/0004_lan_peers.sql"),
+    ),
+    (
+        5,
+        "poll view",
+        include_str!("../migrations/postgres/0005_poll_view.sql"),
     ),
 ];
 

@@ -5,8 +5,9 @@
 //! statement takes the database's single write lock, so every poll queued behind
 //! every other poll's write (and behind SQLite's busy-handler sleeps); on
 //! PostgreSQL each stale row was a commit, a WAL flush, on the poll's own time.
-//! Now the poll only notes the device here, and only when the `last_seen_ms` its
-//! token check read is older than [`LAST_SEEN_RESOLUTION_MS`]; one task
+//! Now the poll only notes the device here, and only when this server has not
+//! noted (or, at authentication, written) it for [`LAST_SEEN_RESOLUTION_MS`]: a
+//! poll answered from the [`crate::view`] reads nothing from the database; one task
 //! ([`run`]) writes the noted devices every [`FLUSH_PERIOD`] in a few
 //! transactions. `last_seen_ms` may therefore lag by up to the resolution plus the
 //! flush period, and what a server noted in its last period is lost if the process
@@ -20,6 +21,8 @@ use std::time::Duration;
 
 use sqlx::AnyPool;
 
+use crate::view::DeviceKey;
+
 /// How stale a device's `last_seen_ms` may get before a poll notes it again.
 pub const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
 /// How often noted devices are written.
@@ -31,6 +34,10 @@ const ROWS_PER_TRANSACTION: usize = 256;
 #[derive(Debug, Default)]
 pub struct LastSeen {
     pending: Mutex<HashMap<String, i64>>,
+    /// When this server last noted or wrote each device (within the resolution;
+    /// older entries are dropped at each flush, so this holds the devices seen in
+    /// the last minute or so).
+    recent: Mutex<HashMap<DeviceKey, i64>>,
 }
 
 /// Whether a `last_seen_ms` read at `now_ms` is stale enough to note again.
@@ -39,6 +46,30 @@ pub fn is_stale(last_seen_ms: Option<i64>, now_ms: i64) -> bool {
 }
 
 impl LastSeen {
+    /// A request by `device` (`key`) at `now_ms`: noted for the next write unless
+    /// this server noted or wrote it less than [`LAST_SEEN_RESOLUTION_MS`] ago.
+    /// Returns whether it was noted.
+    pub fn seen(&self, device: &str, key: DeviceKey, now_ms: i64) -> bool {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let last = recent.get(&key).copied();
+            if !is_stale(last, now_ms) {
+                return false;
+            }
+            recent.insert(key, now_ms);
+        }
+        self.note(device, now_ms);
+        true
+    }
+
+    /// `key`'s `last_seen_ms` was written at `at_ms` by the request itself (an
+    /// auth request): polls need not note it for a while.
+    pub fn written(&self, key: DeviceKey, at_ms: i64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let t = recent.entry(key).or_insert(at_ms);
+        *t = (*t).max(at_ms);
+    }
+
     /// Notes that `device` was seen at `at_ms` (the latest time wins).
     pub fn note(&self, device: &str, at_ms: i64) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -58,6 +89,11 @@ impl LastSeen {
     /// Writes every noted device; returns how many rows were written. On an
     /// error the devices not written are noted again for the next flush.
     pub async fn flush(&self, db: &AnyPool) -> Result<usize, sqlx::Error> {
+        {
+            let horizon = crate::db::now_ms().saturating_sub(LAST_SEEN_RESOLUTION_MS);
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent.retain(|_, t| *t >= horizon);
+        }
         let batch: Vec<(String, i64)> = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.is_empty() {
@@ -145,6 +181,21 @@ mod tests {
         assert!(is_stale(Some(1_000), 1_000 + LAST_SEEN_RESOLUTION_MS + 1));
         assert!(!is_stale(Some(1_000), 1_000 + LAST_SEEN_RESOLUTION_MS));
         assert!(!is_stale(Some(5_000), 1_000));
+    }
+
+    #[test]
+    fn a_device_is_noted_once_per_resolution() {
+        let last = LastSeen::default();
+        let key = DeviceKey([7; 32]);
+        assert!(last.seen("d", key, 1_000));
+        assert!(!last.seen("d", key, 1_000 + LAST_SEEN_RESOLUTION_MS));
+        assert!(last.seen("d", key, 1_001 + LAST_SEEN_RESOLUTION_MS));
+        assert_eq!(last.pending(), 1);
+        // Written by an auth request: not noted again within the resolution.
+        let other = DeviceKey([8; 32]);
+        last.written(other, 5_000);
+        assert!(!last.seen("e", other, 5_000 + LAST_SEEN_RESOLUTION_MS));
+        assert_eq!(last.pending(), 1);
     }
 
     #[tokio::test]

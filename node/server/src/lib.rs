@@ -17,8 +17,10 @@
 //! is an [`ApiError`](http::error::ApiError) with a JSON body; authentication is an
 //! extractor; SQL lives in migrations and in one module per resource. The database
 //! is SQLite in the data directory by default and PostgreSQL for scale-out; all
-//! state is in the database and the chunk store, none in a process, so any number
-//! of server processes can share one PostgreSQL. Chunks live in a
+//! state is in the database and the chunk store; what a server keeps in memory (the
+//! [`view`] of which devices may have something to do, used so that an idle poll
+//! needs no database round trip) is refreshed from the database within a stated
+//! bound, so any number of server processes can share one PostgreSQL. Chunks live in a
 //! [`shoal_artifact::ChunkStore`] directory (`DIR/store`) or an S3 bucket
 //! ([`chunks`]), laid out so that a static file server can serve them as they are.
 
@@ -40,6 +42,8 @@ pub mod last_seen;
 pub mod release_cache;
 pub mod rollouts;
 pub mod tls;
+pub mod token;
+pub mod view;
 
 pub use http::extractor::Role;
 
@@ -134,6 +138,11 @@ pub struct Context {
     pub store_lock: tokio::sync::Mutex<()>,
     /// Devices seen by polls, written in batches ([`last_seen::run`]).
     pub last_seen: last_seen::LastSeen,
+    /// The key device tokens are MAC'd with (shared through the database).
+    pub tokens: token::TokenKey,
+    /// This server's view of which devices may have something to do and which
+    /// were revoked ([`view`]), refreshed by [`view::run`].
+    pub view: view::View,
 }
 
 /// The shared context handlers get.
@@ -182,6 +191,9 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         source,
     })?;
     let (pool, backend) = db::open(&config.database_url(), config.max_connections).await?;
+    let tokens = token::TokenKey::load(&pool)
+        .await
+        .map_err(db::OpenError::Connect)?;
     let store = match &config.chunks_url {
         Some(url) => Chunks::Object(chunks::ObjectChunks::open(url)?),
         None => Chunks::Dir(ChunkStore::open(&config.data_dir.join("store"))?),
@@ -201,6 +213,8 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         releases: release_cache::ReleaseCache::default(),
         store_lock: tokio::sync::Mutex::new(()),
         last_seen: last_seen::LastSeen::default(),
+        tokens,
+        view: view::View::default(),
     }))
 }
 
@@ -224,6 +238,11 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
+    // Polls are answered from the view from the first one on (if this fails, they
+    // ask the database until the periodic refresh succeeds).
+    if let Err(e) = ctx.view.refresh(&ctx.db).await {
+        tracing::warn!(error = %e, "cannot load the fleet view; polls ask the database");
+    }
     tracing::info!(%addr, tls = config.tls.is_some(), backend = ?ctx.backend, chunks = %ctx.store.describe(), "serving");
     on_ready(addr);
     // Rollout timers (phase soak delays); every server runs them, under row locks.
@@ -234,6 +253,9 @@ pub async fn serve(
     // Last-seen times noted by polls, written off the request path.
     let stop_seen = tokio_util::sync::CancellationToken::new();
     let seen = tokio::spawn(last_seen::run(ctx.clone(), stop_seen.clone()));
+    // The fleet view, refreshed from the database's change log.
+    let stop_view = tokio_util::sync::CancellationToken::new();
+    let view = tokio::spawn(view::run(ctx.clone(), stop_view.clone()));
     let served = match tls {
         None => axum::serve(
             listener,
@@ -259,9 +281,116 @@ pub async fn serve(
     };
     timers.abort();
     let _ = timers.await;
+    stop_view.cancel();
+    let _ = view.await;
     // What the last period noted is written before the pool closes.
     stop_seen.cancel();
     let _ = seen.await;
     ctx.db.close().await;
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use shoal_signing::SecretKey;
+
+    use super::*;
+    use crate::http::extractor::DeviceToken;
+
+    const IDLE: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+    const BUSY: &str = "bb00000000000000000000000000000000000000000000000000000000000000";
+
+    async fn context(dir: &std::path::Path) -> Ctx {
+        let key = SecretKey::from_seed(&[1; 32]).public();
+        let config = Config {
+            data_dir: dir.to_owned(),
+            database_url: None,
+            chunks_url: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+            root: TrustRoot::new(1, 4_000_000_000, &[key], 1, &[key], 1).unwrap(),
+            device_token_ttl_s: 3600,
+            upload_max_bytes: 1 << 20,
+            chunk_base_url: None,
+            max_connections: 2,
+            timer_period_ms: 1000,
+            fleet: None,
+        };
+        open(&config).await.expect("open")
+    }
+
+    async fn poll(ctx: &Ctx, device: &str) -> StatusCode {
+        let token = ctx.tokens.issue(device, 0, db::now_ms() + 60_000);
+        let claims = ctx.tokens.verify(&token, db::now_ms()).expect("verifies");
+        match http::device::next(State(ctx.clone()), DeviceToken(claims)).await {
+            Ok(resp) => resp.status(),
+            Err(e) => e.status(),
+        }
+    }
+
+    /// The point of the view: a device with nothing to do is answered from memory.
+    /// With the database gone, its poll still gets 204 while the view is fresh, and
+    /// asks the database (and fails) once the view is stale; a device with an open
+    /// deployment always asks the database.
+    #[tokio::test]
+    async fn an_idle_poll_needs_no_database_until_the_view_is_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = context(dir.path()).await;
+        Arc::get_mut(&mut ctx).expect("one owner").view =
+            view::View::new(Duration::from_millis(300));
+        for id in [IDLE, BUSY] {
+            sqlx::query(
+                "INSERT INTO devices (id, public_key, identity, status, created_ms, updated_ms) \
+                 VALUES ($1, $1, '{}', 'accepted', 0, 0)",
+            )
+            .bind(id)
+            .execute(&ctx.db)
+            .await
+            .unwrap();
+        }
+        let mut tx = ctx.db.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO deployments (id, name, release_id, target, status, rollout, created_ms, created_by) \
+             VALUES ('d1', 'x', 'r', '{}', 'running', '', 0, 't')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO deployment_devices (deployment_id, device_id, status, phase, attempts, created_ms, updated_ms) \
+             VALUES ('d1', $1, 'pending', 0, 0, 0, 0)",
+        )
+        .bind(BUSY)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        view::record(&mut tx, &[view::Change::Deployment("d1")])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ctx.view.refresh(&ctx.db).await.unwrap();
+        assert_eq!(poll(&ctx, IDLE).await, StatusCode::NO_CONTENT);
+
+        ctx.db.close().await;
+        assert_eq!(
+            poll(&ctx, IDLE).await,
+            StatusCode::NO_CONTENT,
+            "from memory"
+        );
+        assert_eq!(
+            poll(&ctx, BUSY).await,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "a device with an open deployment asks the database"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            poll(&ctx, IDLE).await,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "a stale view is not trusted"
+        );
+    }
 }

@@ -29,6 +29,7 @@ use crate::Ctx;
 use crate::db::{now_ms, random_hex};
 use crate::filter;
 use crate::rollouts::{self, instant};
+use crate::view;
 use shoal_fleet::{ControlError, DeviceId, Effect, Entry, Policy, Rollout, Status};
 
 /// The body of `POST /deployments`: a name, a release and exactly one target.
@@ -281,7 +282,10 @@ pub async fn create(
         }),
     )
     .await?;
+    // Every server's view sends these devices' polls to the database from now on.
+    view::record(&mut tx, &[view::Change::Deployment(&id)]).await?;
     tx.commit().await?;
+    view::refresh_after_commit(&ctx).await;
     Ok((StatusCode::CREATED, axum::Json(get_one(&ctx, &id).await?)))
 }
 
@@ -422,7 +426,11 @@ async fn command(
         serde_json::json!({ "devices_changed": changed.len(), "state": rollouts::state_name(rollout.state()) }),
     )
     .await?;
+    // A retry puts failed devices back to pending: every server's view must send
+    // their polls to the database again. (Logged for every command: they are rare.)
+    view::record(&mut tx, &[view::Change::Deployment(id)]).await?;
     tx.commit().await?;
+    view::refresh_after_commit(ctx).await;
     Ok(axum::Json(get_one(ctx, id).await?))
 }
 

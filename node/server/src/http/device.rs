@@ -28,9 +28,10 @@ use super::error::{ApiError, ApiResult};
 use super::extractor::{ApiJson, ApiPath, DeviceAuth, DeviceToken, device_token_refused};
 use super::{audit, check_hex_id};
 use crate::Ctx;
-use crate::db::{now_ms, random_hex, token_hash};
+use crate::db::{now_ms, random_hex};
 use crate::filter::valid_name;
 use crate::rollouts;
+use crate::view::{DeviceKey, Verdict};
 use shoal_fleet::{Admission, ReportError, Status};
 
 /// The header holding the hex ed25519 signature of an auth request's body.
@@ -209,11 +210,17 @@ pub async fn auth_request(
         tracing::info!(device = %device_id, "new device pending");
         return Err(pending(&device_id));
     }
-    let status: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
-        .bind(&device_id)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("status")?;
+    // Status and token epoch in one statement (one snapshot): a rejection committed
+    // meanwhile either shows in both or bumps the epoch past this token's.
+    let row = sqlx::query(
+        "SELECT d.status, COALESCE(e.epoch, 0) AS epoch FROM devices d \
+         LEFT JOIN device_epochs e ON e.device_id = d.id WHERE d.id = $1",
+    )
+    .bind(&device_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let status: String = row.try_get("status")?;
+    let epoch: i64 = row.try_get("epoch")?;
     match status.as_str() {
         "accepted" => {}
         "preauthorized" => {
@@ -248,20 +255,11 @@ pub async fn auth_request(
             )));
         }
     }
-    sqlx::query("DELETE FROM device_tokens WHERE device_id = $1 AND expires_ms <= $2")
-        .bind(&device_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    let token = format!("sd_{}", random_hex(32));
-    sqlx::query(
-        "INSERT INTO device_tokens (token_hash, device_id, expires_ms) VALUES ($1, $2, $3)",
-    )
-    .bind(token_hash(&token))
-    .bind(&device_id)
-    .bind(now.saturating_add(ctx.limits.device_token_ttl_ms))
-    .execute(&mut *tx)
-    .await?;
+    let token = ctx.tokens.issue(
+        &device_id,
+        epoch,
+        now.saturating_add(ctx.limits.device_token_ttl_ms),
+    );
     sqlx::query("UPDATE devices SET identity = $2, last_seen_ms = $3 WHERE id = $1")
         .bind(&device_id)
         .bind(&identity)
@@ -269,6 +267,9 @@ pub async fn auth_request(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    if let Some(key) = DeviceKey::parse(&device_id) {
+        ctx.last_seen.written(key, now);
+    }
     Ok(axum::Json(AuthToken {
         token,
         device_id,
@@ -317,43 +318,59 @@ pub struct NextDeployment {
 /// (its rollout admits it: its phase is open and the rollout runs, or it already
 /// started), or 204.
 ///
-/// One query per poll: the token check and the device's open deployments are read
-/// together (a row per deployment, or one with no deployment), and nothing is
-/// written (a stale `last_seen_ms` is noted for [`crate::last_seen`]). On a fleet
-/// polling at 1,000/s every round trip to the database counts.
-pub async fn next(ctx: axum::extract::State<Ctx>, token: DeviceToken) -> ApiResult<Response> {
+/// The token is verified without the database ([`crate::token`]), and this
+/// server's [`crate::view`] answers the common case, a device with nothing to do,
+/// with a 204 and no database round trip at all. A device that may have an open
+/// deployment (or any device, while the view is stale) costs one query: the
+/// device's status and epoch and its open deployments, read together. Nothing is
+/// written (a `last_seen_ms` is noted for [`crate::last_seen`]).
+pub async fn next(
+    ctx: axum::extract::State<Ctx>,
+    DeviceToken(claims): DeviceToken,
+) -> ApiResult<Response> {
     let now = now_ms();
+    let generation = match ctx
+        .view
+        .verdict(&claims.key, claims.epoch, std::time::Instant::now())
+    {
+        Verdict::Refused => return Err(device_token_refused()),
+        Verdict::Idle => {
+            ctx.last_seen.seen(&claims.device_id, claims.key, now);
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        Verdict::AskDatabase { generation } => generation,
+    };
     let rows = sqlx::query(
-        "SELECT t.device_id AS token_device, v.last_seen_ms, \
-         d.id, d.name, d.release_id, d.rollout, dd.device_id, dd.status, dd.phase, dd.attempts, \
+        "SELECT d.id, d.name, d.release_id, d.rollout, dd.device_id, dd.status, dd.phase, dd.attempts, \
          r.name AS release_name, r.version \
-         FROM device_tokens t JOIN devices v ON v.id = t.device_id \
+         FROM devices v LEFT JOIN device_epochs e ON e.device_id = v.id \
          LEFT JOIN (deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id \
          JOIN releases r ON r.id = d.release_id) \
-         ON dd.device_id = t.device_id AND d.status IN ('running', 'paused', 'halted') \
+         ON dd.device_id = v.id AND d.status IN ('running', 'paused', 'halted') \
          AND dd.status IN ('pending', 'downloading', 'installing', 'rebooting') \
-         WHERE t.token_hash = $1 AND t.expires_ms > $2 AND v.status = 'accepted' \
+         WHERE v.id = $1 AND v.status = 'accepted' AND COALESCE(e.epoch, 0) <= $2 \
          ORDER BY d.created_ms, d.id",
     )
-    .bind(&token.hash)
-    .bind(now)
+    .bind(&claims.device_id)
+    .bind(claims.epoch)
     .fetch_all(&ctx.db)
     .await?;
-    let Some(first) = rows.first() else {
+    if rows.is_empty() {
         return Err(device_token_refused());
-    };
-    let device: String = first.try_get("token_device")?;
-    let last_seen_ms: Option<i64> = first.try_get("last_seen_ms")?;
-    // Noted at most once per resolution, and written in batches by another task:
-    // a poll writes nothing (see `crate::last_seen`).
-    if crate::last_seen::is_stale(last_seen_ms, now) {
-        ctx.last_seen.note(&device, now);
     }
+    ctx.last_seen.seen(&claims.device_id, claims.key, now);
     // The device without an open deployment: one row, no deployment.
-    let rows = rows.iter().filter(|row| {
-        row.try_get::<Option<String>, _>("id")
-            .is_ok_and(|id| id.is_some())
-    });
+    let rows: Vec<_> = rows
+        .iter()
+        .filter(|row| {
+            row.try_get::<Option<String>, _>("id")
+                .is_ok_and(|id| id.is_some())
+        })
+        .collect();
+    if rows.is_empty() {
+        // Nothing open: the view need not send this device here again.
+        ctx.view.settle(&claims.key, generation);
+    }
     for row in rows {
         let text: String = row.try_get("rollout")?;
         let rollout = rollouts::parse(&text)?;

@@ -16,6 +16,7 @@ use crate::Ctx;
 use crate::db::now_ms;
 use crate::filter;
 use crate::rollouts;
+use crate::view;
 use shoal_fleet::filter::Filter;
 
 /// The device statuses.
@@ -211,12 +212,6 @@ async fn set_status(
         .bind(now)
         .execute(&mut *tx)
         .await?;
-    if to != "accepted" {
-        sqlx::query("DELETE FROM device_tokens WHERE device_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-    }
     let action = if to == "accepted" {
         "device.accept"
     } else {
@@ -230,7 +225,13 @@ async fn set_status(
         serde_json::json!({ "from": device.status }),
     )
     .await?;
+    if to != "accepted" {
+        // Every token it holds is refused: at once by the endpoints that check the
+        // database, by polls on every server within the view's staleness bound.
+        view::revoke(&mut tx, id).await?;
+    }
     tx.commit().await?;
+    view::refresh_after_commit(ctx).await;
     Ok(axum::Json(get_one(ctx, id).await?))
 }
 
@@ -371,6 +372,10 @@ pub async fn decommission(
         serde_json::json!({ "status": device.status, "identity": device.identity }),
     )
     .await?;
+    // Its tokens are refused (the epoch outlives the row, so a key that comes back
+    // never revives them); last, as `view::revoke` asks.
+    view::revoke(&mut tx, &id).await?;
     tx.commit().await?;
+    view::refresh_after_commit(&ctx).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -10,6 +10,8 @@ use sqlx::Row;
 use super::error::ApiError;
 use crate::Ctx;
 use crate::db::{now_ms, token_hash};
+use crate::token::Claims;
+use crate::view::Verdict;
 
 /// The bearer token of a request, if it has one.
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
@@ -30,61 +32,69 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// A device bearer token, not yet checked: for a handler that checks it in the
-/// same query as its own work (`GET /deployments/next`, one query per poll).
+/// A device bearer token the server verified itself ([`crate::token`]): the MAC,
+/// the expiry and the device it is bound to, with no database round trip. For
+/// `GET /deployments/next`, which then asks the [`crate::view`] whether the device
+/// was revoked or may have something to do; every other endpoint takes a
+/// [`DeviceAuth`].
 #[derive(Debug, Clone)]
-pub struct DeviceToken {
-    /// The token's hash, as `device_tokens` keys it.
-    pub hash: String,
-}
+pub struct DeviceToken(pub Claims);
 
 impl FromRequestParts<Ctx> for DeviceToken {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _ctx: &Ctx) -> Result<Self, ApiError> {
-        Ok(DeviceToken {
-            hash: token_hash(bearer(parts)?),
-        })
+    async fn from_request_parts(parts: &mut Parts, ctx: &Ctx) -> Result<Self, ApiError> {
+        ctx.tokens
+            .verify(bearer(parts)?, now_ms())
+            .map(DeviceToken)
+            .map_err(|e| ApiError::Unauthorized(format!("{e}; authenticate again")))
     }
 }
 
-/// What a device token that is unknown, expired, or whose device is not accepted
-/// gets.
+/// What a device token whose device was revoked (rejected, decommissioned) or is
+/// not accepted gets.
 pub fn device_token_refused() -> ApiError {
-    ApiError::Unauthorized("device token unknown, expired or revoked; authenticate again".into())
+    ApiError::Unauthorized("device token revoked or device not accepted; authenticate again".into())
 }
 
 /// An accepted device, authenticated by a device token it got from an auth request.
 /// Every device endpoint takes the device from here, never from the request, so a
-/// token only ever reaches its own device's data.
+/// token only ever reaches its own device's data. Beyond the token, the device's
+/// status and token epoch are checked in the database, so a device rejected or
+/// decommissioned on any server is refused here at once.
 #[derive(Debug, Clone)]
 pub struct DeviceAuth {
     /// The device's id.
     pub device_id: String,
-    /// Its `last_seen_ms` as the token check read it.
-    pub last_seen_ms: Option<i64>,
 }
 
 impl FromRequestParts<Ctx> for DeviceAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Ctx) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
+        let DeviceToken(claims) = DeviceToken::from_request_parts(parts, ctx).await?;
+        if ctx
+            .view
+            .verdict(&claims.key, claims.epoch, std::time::Instant::now())
+            == Verdict::Refused
+        {
+            return Err(device_token_refused());
+        }
         let row = sqlx::query(
-            "SELECT t.device_id, d.last_seen_ms FROM device_tokens t JOIN devices d ON d.id = t.device_id \
-             WHERE t.token_hash = $1 AND t.expires_ms > $2 AND d.status = 'accepted'",
+            "SELECT v.id FROM devices v LEFT JOIN device_epochs e ON e.device_id = v.id \
+             WHERE v.id = $1 AND v.status = 'accepted' AND COALESCE(e.epoch, 0) <= $2",
         )
-        .bind(token_hash(token))
-        .bind(now_ms())
+        .bind(&claims.device_id)
+        .bind(claims.epoch)
         .fetch_optional(&ctx.db)
         .await?;
-        match row {
-            Some(row) => Ok(DeviceAuth {
-                device_id: row.try_get("device_id")?,
-                last_seen_ms: row.try_get("last_seen_ms")?,
-            }),
-            None => Err(device_token_refused()),
+        if row.is_none() {
+            return Err(device_token_refused());
         }
+        ctx.last_seen.seen(&claims.device_id, claims.key, now_ms());
+        Ok(DeviceAuth {
+            device_id: claims.device_id,
+        })
     }
 }
 
