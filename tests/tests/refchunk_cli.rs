@@ -3,7 +3,9 @@
 //! against bytes of the base release; `shoal install` on a device running the base
 //! decodes them with bytes of its running slot, checked by hash; an interrupted
 //! install resumes; a running slot whose reference bytes differ is refused with a
-//! clear error and nothing wrong is written.
+//! clear error and nothing wrong is written. The manifest of such an artifact
+//! travels as a delta against the base's manifest, which the device keeps: rebuilt,
+//! verified whole, refused with a clear error on a device that does not hold it.
 
 mod install_common;
 
@@ -74,8 +76,40 @@ fn len(p: &Path) -> u64 {
     std::fs::metadata(p).expect("artifact").len()
 }
 
-/// A device running v1 in slot A (as shipped, no Shoal record), with the three
-/// artifacts: v1 full, v2 thin (plain) and v2 thin delta-encoded.
+/// The signed manifest envelope an artifact carries, whole (its first member).
+fn envelope_of(artifact: &Path) -> (String, Vec<u8>) {
+    let r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(
+        std::fs::File::open(artifact).expect("artifact"),
+    ))
+    .expect("artifact");
+    (hex::encode(r.manifest().hash()), r.envelope().to_bytes())
+}
+
+/// Puts v1's signed manifest where the device keeps the manifests of its releases,
+/// as a factory image that ships it does.
+fn ship_manifest(dev: &Device, artifact: &Path) -> PathBuf {
+    let (hash, envelope) = envelope_of(artifact);
+    let dir = dev.path("data").join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifests dir");
+    let path = dir.join(format!("{hash}.envelope"));
+    std::fs::write(&path, envelope).expect("kept manifest");
+    path
+}
+
+/// The first member's path and size of an artifact.
+fn first_member(artifact: &Path) -> (String, u64) {
+    let bytes = std::fs::read(artifact).expect("artifact");
+    let name = &bytes[..100];
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(100)];
+    let size = std::str::from_utf8(&bytes[124..136]).expect("size field");
+    let size = u64::from_str_radix(size.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+        .expect("octal size");
+    (String::from_utf8(name.to_vec()).expect("name"), size)
+}
+
+/// A device running v1 in slot A (as shipped, no Shoal record, v1's signed manifest
+/// in its data directory), with the three artifacts: v1 full, v2 thin (plain) and
+/// v2 thin delta-encoded.
 struct Setup {
     dev: Device,
     v1: Vec<u8>,
@@ -92,6 +126,7 @@ fn setup() -> Setup {
     let v1_img = dev.path("v1.img");
     std::fs::write(&v1_img, &v1).expect("v1 image");
     let a1 = build(&dev, &v1, "1.0", None);
+    ship_manifest(&dev, &a1);
     let plain = build(&dev, &v2, "2.0", Some((&a1, None)));
     let delta = build(&dev, &v2, "2.0", Some((&a1, Some(&v1_img))));
     Setup {
@@ -232,19 +267,31 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
     let a1 = p(&dev.path("acme-os-1.0-full.shoal"));
     let delta = p(&s.delta);
 
-    // Without the base image, verify names what is missing.
+    // Without the base artifact, its manifest (a delta against v1's) cannot be
+    // rebuilt; without the base image, verify names what is missing.
     let err = fails(run(&["artifact", "verify", &delta, "--root", &root]), 1);
+    assert!(
+        err.contains("travels as a delta against manifest")
+            && err.contains("which this device does not hold"),
+        "{err}"
+    );
+    let err = fails(
+        run(&["artifact", "verify", &delta, "--root", &root, "--base", &a1]),
+        1,
+    );
     assert!(
         err.contains("encoded against bytes of the base release"),
         "{err}"
     );
-    // With it, every chunk is decoded and verified.
+    // With both, every chunk is decoded and verified.
     let out = ok(run(&[
         "artifact",
         "verify",
         &delta,
         "--root",
         &root,
+        "--base",
+        &a1,
         "--base-image",
         &v1_img,
         "--json",
@@ -284,6 +331,8 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
             &delta,
             "--root",
             &root,
+            "--base",
+            &a1,
             "--base-image",
             &p(&wrong_img),
         ]),
@@ -334,4 +383,111 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
         2,
     );
     assert!(err.contains("is not the base release of"), "{err}");
+}
+
+#[test]
+fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() {
+    let s = setup();
+    let dev = &s.dev;
+    let a1 = dev.path("acme-os-1.0-full.shoal");
+    let (path, delta_len) = first_member(&s.delta);
+    assert_eq!(path, "manifest.delta");
+    let (path, full_len) = first_member(&s.plain);
+    assert_eq!(path, "manifest.envelope");
+    assert!(
+        delta_len * 4 < full_len,
+        "manifest delta {delta_len} bytes vs the thin manifest's envelope {full_len}"
+    );
+    // `diff` counts the delta, and `inspect` shows the whole manifest, given the base.
+    let d = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "diff",
+        &a1.display().to_string(),
+        &s.delta.display().to_string(),
+        "--json",
+    ])));
+    assert_eq!(u(&d, "manifest_bytes"), delta_len, "{d}");
+    assert_eq!(u(&d, "download_bytes"), len(&s.delta), "{d}");
+    let inspect = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "inspect",
+        "--json",
+        "--base",
+        &a1.display().to_string(),
+        &s.delta.display().to_string(),
+    ])));
+    assert_eq!(inspect["version"], "2.0", "{inspect}");
+
+    // Installed: the device keeps v2's manifest beside v1's (its two slots).
+    let r = dev.install(&s.delta);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
+    let kept: std::collections::BTreeSet<String> =
+        std::fs::read_dir(dev.path("data").join("manifests"))
+            .expect("kept manifests")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+    let expected: std::collections::BTreeSet<String> = [&a1, &s.delta]
+        .iter()
+        .map(|a| format!("{}.envelope", envelope_of(a).0))
+        .collect();
+    assert_eq!(kept, expected);
+}
+
+#[test]
+fn a_device_without_the_base_manifest_refuses_the_delta_and_takes_a_full_manifest() {
+    let s = setup();
+    let dev = &s.dev;
+    let kept = dev.path("data").join("manifests");
+    std::fs::remove_dir_all(&kept).expect("forget v1's manifest");
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    assert!(
+        err.contains("travels as a delta against manifest")
+            && err.contains("which this device does not hold")
+            && err.contains("--full-manifest"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A);
+    assert!(
+        std::fs::read(dev.path("b.img"))
+            .expect("slot B")
+            .iter()
+            .all(|&b| b == 0),
+        "nothing written"
+    );
+
+    // A kept file whose manifest is another's (renamed) is not used either.
+    let a1 = dev.path("acme-os-1.0-full.shoal");
+    let (v1_hash, _) = envelope_of(&a1);
+    let (_, other) = envelope_of(&s.plain);
+    std::fs::create_dir_all(&kept).expect("dir");
+    std::fs::write(kept.join(format!("{v1_hash}.envelope")), other).expect("write");
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    assert!(err.contains("which this device does not hold"), "{err}");
+    std::fs::remove_dir_all(&kept).expect("rm");
+
+    // `--full-manifest` makes an artifact such a device installs.
+    let v1_img = dev.path("v1.img");
+    let img = dev.path("build-2.0-fm.img");
+    std::fs::write(&img, &s.v2).expect("image");
+    let out = dev.path("acme-os-2.0-fullmanifest.shoal");
+    ok(shoal()
+        .args(["--quiet", "artifact", "build", "--image"])
+        .arg(&img)
+        .args(["--name", "acme-os", "--version", "2.0"])
+        .args(["--device-type", "board", "--security-counter", "1"])
+        .arg("--key")
+        .arg(&dev.key)
+        .arg("--base")
+        .arg(&a1)
+        .arg("--base-image")
+        .arg(&v1_img)
+        .arg("--full-manifest")
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run"));
+    assert_eq!(first_member(&out).0, "manifest.envelope");
+    let r = dev.install(&out);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
 }
