@@ -45,7 +45,8 @@ pub struct Diff {
 /// holds: every chunk of `old`'s payloads. The thin artifact is sized by the
 /// writer's own packing ([`artifact_len`]) around the thin manifest the writer would
 /// sign ([`thin_manifest`]), with `new_envelope`'s signatures; with `manifest_delta`,
-/// that manifest travels as a delta against `old`'s ([`crate::manifest_delta`]).
+/// that manifest travels as a delta against `old`'s ([`crate::manifest_delta`]) when
+/// that is smaller, as the writer does.
 pub fn diff(
     old: &Manifest,
     new: &Manifest,
@@ -67,12 +68,15 @@ pub fn diff(
         signed: thin.to_cbor(),
         signatures: new_envelope.signatures.clone(),
     };
+    // As the writer decides: the delta when asked for and smaller.
+    let whole = thin_envelope.to_bytes().len() as u64;
     let manifest_bytes = if manifest_delta {
-        crate::manifest_delta::ManifestDelta::new(&thin_envelope, &old.to_cbor())
+        let delta = crate::manifest_delta::ManifestDelta::new(&thin_envelope, &old.to_cbor())
             .to_bytes()
-            .len() as u64
+            .len() as u64;
+        delta.min(whole)
     } else {
-        thin_envelope.to_bytes().len() as u64
+        whole
     };
     let download_bytes = artifact_len(
         manifest_bytes,

@@ -73,7 +73,7 @@ pub enum ManifestDeltaError {
     },
     /// The manifest the delta is against is not held here.
     #[error(
-        "the manifest travels as a delta against manifest {base}, which this device does not hold; install an artifact built with --full-manifest (or against the release this device runs)"
+        "the manifest travels as a delta against manifest {base}, which is not at hand (a device keeps its running release's manifest; `shoal artifact` commands take the base artifact with --base); a device without it needs an artifact built with --full-manifest"
     )]
     UnknownBase {
         /// The base manifest's BLAKE3 (hex).

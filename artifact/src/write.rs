@@ -62,7 +62,8 @@ pub struct BuildOptions {
     /// more read of the image; see DESIGN.md for what it buys).
     pub dictionary: bool,
     /// A thin artifact's manifest travels as a delta against its base's manifest
-    /// ([`crate::manifest_delta`]): a device running the base keeps that manifest.
+    /// ([`crate::manifest_delta`]) when that is smaller than the envelope: a device
+    /// running the base keeps that manifest.
     pub manifest_delta: bool,
 }
 
@@ -614,12 +615,19 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     for key in keys {
         envelope.sign(key);
     }
+    // The delta only when it is smaller (a release that changes most chunks has a
+    // manifest of new hashes, which no reference shrinks).
+    let whole = envelope.to_bytes();
     let (first_member, env_bytes) = match base {
-        Some(b) if opts.manifest_delta => (
-            MANIFEST_DELTA_MEMBER,
-            ManifestDelta::new(&envelope, &b.to_cbor()).to_bytes(),
-        ),
-        _ => (ENVELOPE_MEMBER, envelope.to_bytes()),
+        Some(b) if opts.manifest_delta => {
+            let delta = ManifestDelta::new(&envelope, &b.to_cbor()).to_bytes();
+            if delta.len() < whole.len() {
+                (MANIFEST_DELTA_MEMBER, delta)
+            } else {
+                (ENVELOPE_MEMBER, whole)
+            }
+        }
+        _ => (ENVELOPE_MEMBER, whole),
     };
 
     let mut spool = spool.into_inner().map_err(|e| e.into_error())?;

@@ -158,6 +158,8 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
         "artifact",
         "inspect",
         "--json",
+        "--base",
+        &dev.path("acme-os-1.0-full.shoal").display().to_string(),
         &s.delta.display().to_string(),
     ])));
     assert_eq!(inspect["format_version"], 2, "{inspect}");
@@ -249,7 +251,11 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
         ]),
         2,
     );
-    assert!(err.contains("is encoded against another release"), "{err}");
+    assert!(
+        err.contains("is encoded against another release")
+            || err.contains("is a delta against another release"),
+        "{err}"
+    );
     // The plain thin artifact does not need those bytes: it installs.
     let r = dev.install(&s.plain);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
@@ -269,10 +275,10 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
 
     // Without the base artifact, its manifest (a delta against v1's) cannot be
     // rebuilt; without the base image, verify names what is missing.
+    assert_eq!(first_member(&s.delta).0, "manifest.delta");
     let err = fails(run(&["artifact", "verify", &delta, "--root", &root]), 1);
     assert!(
-        err.contains("travels as a delta against manifest")
-            && err.contains("which this device does not hold"),
+        err.contains("travels as a delta against manifest") && err.contains("is not at hand"),
         "{err}"
     );
     let err = fails(
@@ -374,15 +380,55 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
             "--root",
             &root,
             "--base",
-            &delta,
+            &p(&s.plain),
             "--base-image",
             &v1_img,
             "--out",
             &p(&out2),
         ]),
-        2,
+        1,
     );
-    assert!(err.contains("is not the base release of"), "{err}");
+    assert!(
+        err.contains("travels as a delta against manifest") && err.contains("is not at hand"),
+        "{err}"
+    );
+    assert!(!out2.exists(), "no partial output");
+}
+
+/// A hotfix of v1: a few small edits, so the manifest is mostly v1's: its
+/// delta-encoded thin artifact, built with the CLI (and the image).
+fn hotfix(s: &Setup, full_manifest: bool) -> (Vec<u8>, PathBuf) {
+    let dev = &s.dev;
+    let mut v3 = s.v1.clone();
+    for k in 1..6 {
+        let at = k * SIZE / 6;
+        v3[at..at + 8].copy_from_slice(b"hotfix!!");
+    }
+    let img = dev.path("build-3.0.img");
+    std::fs::write(&img, &v3).expect("image");
+    let out = dev.path(if full_manifest {
+        "acme-os-3.0-full-manifest.shoal"
+    } else {
+        "acme-os-3.0-delta.shoal"
+    });
+    let mut cmd = shoal();
+    cmd.args(["--quiet", "artifact", "build", "--image"])
+        .arg(&img)
+        .args(["--name", "acme-os", "--version", "3.0"])
+        .args(["--device-type", "board", "--security-counter", "1"])
+        .arg("--key")
+        .arg(&dev.key)
+        .arg("--base")
+        .arg(dev.path("acme-os-1.0-full.shoal"))
+        .arg("--base-image")
+        .arg(dev.path("v1.img"))
+        .arg("--out")
+        .arg(&out);
+    if full_manifest {
+        cmd.arg("--full-manifest");
+    }
+    ok(cmd.output().expect("run"));
+    (v3, out)
 }
 
 #[test]
@@ -390,9 +436,11 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
     let s = setup();
     let dev = &s.dev;
     let a1 = dev.path("acme-os-1.0-full.shoal");
-    let (path, delta_len) = first_member(&s.delta);
+    let (v3, delta) = hotfix(&s, false);
+    let (_, whole) = hotfix(&s, true);
+    let (path, delta_len) = first_member(&delta);
     assert_eq!(path, "manifest.delta");
-    let (path, full_len) = first_member(&s.plain);
+    let (path, full_len) = first_member(&whole);
     assert_eq!(path, "manifest.envelope");
     assert!(
         delta_len * 4 < full_len,
@@ -403,30 +451,30 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
         "artifact",
         "diff",
         &a1.display().to_string(),
-        &s.delta.display().to_string(),
+        &delta.display().to_string(),
         "--json",
     ])));
     assert_eq!(u(&d, "manifest_bytes"), delta_len, "{d}");
-    assert_eq!(u(&d, "download_bytes"), len(&s.delta), "{d}");
+    assert_eq!(u(&d, "download_bytes"), len(&delta), "{d}");
     let inspect = install_common::json(&ok(dev.run(&[
         "artifact",
         "inspect",
         "--json",
         "--base",
         &a1.display().to_string(),
-        &s.delta.display().to_string(),
+        &delta.display().to_string(),
     ])));
-    assert_eq!(inspect["version"], "2.0", "{inspect}");
+    assert_eq!(inspect["version"], "3.0", "{inspect}");
 
-    // Installed: the device keeps v2's manifest beside v1's (its two slots).
-    let r = dev.install(&s.delta);
-    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
+    // Installed: the device keeps v3's manifest beside v1's (its two slots).
+    let r = dev.install(&delta);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
     let kept: std::collections::BTreeSet<String> =
         std::fs::read_dir(dev.path("data").join("manifests"))
             .expect("kept manifests")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-    let expected: std::collections::BTreeSet<String> = [&a1, &s.delta]
+    let expected: std::collections::BTreeSet<String> = [&a1, &whole]
         .iter()
         .map(|a| format!("{}.envelope", envelope_of(a).0))
         .collect();
@@ -437,12 +485,14 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
 fn a_device_without_the_base_manifest_refuses_the_delta_and_takes_a_full_manifest() {
     let s = setup();
     let dev = &s.dev;
+    let (v3, delta) = hotfix(&s, false);
+    assert_eq!(first_member(&delta).0, "manifest.delta");
     let kept = dev.path("data").join("manifests");
     std::fs::remove_dir_all(&kept).expect("forget v1's manifest");
-    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    let err = fails(dev.run(&["install", &delta.display().to_string()]), 1);
     assert!(
         err.contains("travels as a delta against manifest")
-            && err.contains("which this device does not hold")
+            && err.contains("is not at hand")
             && err.contains("--full-manifest"),
         "{err}"
     );
@@ -462,32 +512,13 @@ fn a_device_without_the_base_manifest_refuses_the_delta_and_takes_a_full_manifes
     let (_, other) = envelope_of(&s.plain);
     std::fs::create_dir_all(&kept).expect("dir");
     std::fs::write(kept.join(format!("{v1_hash}.envelope")), other).expect("write");
-    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
-    assert!(err.contains("which this device does not hold"), "{err}");
+    let err = fails(dev.run(&["install", &delta.display().to_string()]), 1);
+    assert!(err.contains("is not at hand"), "{err}");
     std::fs::remove_dir_all(&kept).expect("rm");
 
     // `--full-manifest` makes an artifact such a device installs.
-    let v1_img = dev.path("v1.img");
-    let img = dev.path("build-2.0-fm.img");
-    std::fs::write(&img, &s.v2).expect("image");
-    let out = dev.path("acme-os-2.0-fullmanifest.shoal");
-    ok(shoal()
-        .args(["--quiet", "artifact", "build", "--image"])
-        .arg(&img)
-        .args(["--name", "acme-os", "--version", "2.0"])
-        .args(["--device-type", "board", "--security-counter", "1"])
-        .arg("--key")
-        .arg(&dev.key)
-        .arg("--base")
-        .arg(&a1)
-        .arg("--base-image")
-        .arg(&v1_img)
-        .arg("--full-manifest")
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run"));
+    let (_, out) = hotfix(&s, true);
     assert_eq!(first_member(&out).0, "manifest.envelope");
     let r = dev.install(&out);
-    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
 }

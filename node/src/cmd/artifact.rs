@@ -866,7 +866,24 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
         Ok((r.manifest().clone(), r.envelope().clone(), dict_len, delta))
     };
     let (old_m, old_env, _, _) = read(old, &shoal_artifact::NoManifests)?;
-    let (new_m, new_env, new_dict, new_delta) = read(new, &vec![old_env.signed])?;
+    let (new_m, new_env, new_dict, new_delta) = match read(new, &vec![old_env.signed]) {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<shoal_artifact::ReadError>(),
+                Some(shoal_artifact::ReadError::ManifestDelta(
+                    shoal_artifact::ManifestDeltaError::UnknownBase { .. }
+                ))
+            ) =>
+        {
+            return Err(Exit::usage(format!(
+                "{}'s manifest is a delta against another release than {} {}: compare it with its base",
+                new.display(),
+                old_m.name,
+                old_m.version
+            )));
+        }
+        r => r?,
+    };
     // Delta-encoded chunks decode only against their own base's bytes.
     if new_m.payloads.iter().any(|p| !p.references.is_empty())
         && new_m

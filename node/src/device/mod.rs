@@ -506,6 +506,9 @@ impl Device {
             .as_ref()
             .map(|r| r.manifest_hash);
         let mut kept: Option<([u8; 32], Vec<u8>)> = None;
+        // The base release a thin artifact names runs here too (a factory image
+        // without a record in the store): its manifest stays kept.
+        let mut base_hash: Option<[u8; 32]> = None;
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
@@ -585,6 +588,7 @@ impl Device {
                 } else {
                     Holds::All
                 };
+                base_hash = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
                 // Moved out: the engine keeps the one copy.
                 let envelope = artifact.take_envelope();
                 // The manifest's id is the hash of its signed bytes (canonical CBOR):
@@ -668,7 +672,10 @@ impl Device {
         if let Some((hash, envelope)) = kept {
             // The running release's and the new one's: a rollback keeps running
             // the former, a commit the latter.
-            let keep: Vec<[u8; 32]> = std::iter::once(hash).chain(running_hash).collect();
+            let keep: Vec<[u8; 32]> = std::iter::once(hash)
+                .chain(running_hash)
+                .chain(base_hash)
+                .collect();
             if let Err(e) = KeptManifests::keep(&data_dir, &hash, &envelope, &keep) {
                 tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
             }
