@@ -395,19 +395,30 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                 .collect()
         })
         .unwrap_or_default();
-    let refbase = match (base, base_image) {
-        (Some(b), Some(f)) => Some(RefBase::open(f, b, &opts.payload_name)?),
-        _ => None,
-    };
+    // The base image is read and indexed while the dictionary is trained (one
+    // thread each: both read a file and mostly use one core).
+    let (refbase, dictionary) = std::thread::scope(|scope| -> Result<_, BuildError> {
+        let indexing = match (base, base_image) {
+            (Some(b), Some(f)) => {
+                let payload = &opts.payload_name;
+                Some(scope.spawn(move || RefBase::open(f, b, payload)))
+            }
+            _ => None,
+        };
+        let dictionary = if opts.dictionary {
+            let d = train_dictionary(&mut image, opts.chunking)?;
+            image.rewind()?;
+            d
+        } else {
+            None
+        };
+        let refbase = match indexing {
+            Some(h) => Some(h.join().expect("base image indexing panicked")?),
+            None => None,
+        };
+        Ok((refbase, dictionary))
+    })?;
     let refbase = refbase.as_ref();
-
-    let dictionary = if opts.dictionary {
-        let d = train_dictionary(&mut image, opts.chunking)?;
-        image.rewind()?;
-        d
-    } else {
-        None
-    };
     let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
     // A delta build also spools its chunks without the dictionary (the plain ones
