@@ -414,6 +414,31 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn malformed_members_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(d) = ManifestDelta::from_bytes(&bytes) {
+                let _ = d.rebuild(&base());
+            }
+        }
+
+        #[test]
+        fn any_frame_against_its_base_never_panics(frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            static DELTA: std::sync::OnceLock<ManifestDelta> = std::sync::OnceLock::new();
+            let b = base();
+            let mut d = DELTA
+                .get_or_init(|| ManifestDelta::new(&signed(&new_bytes()), &base()))
+                .clone();
+            // Keep the magic half the time so the decoder is reached.
+            d.frame = if frame.first().is_some_and(|f| f % 2 == 0) {
+                [&crate::chunk::ZSTD_MAGIC[..], &frame].concat()
+            } else {
+                frame
+            };
+            let _ = d.rebuild(&b);
+        }
+    }
+
     #[test]
     fn held_manifests_are_found_by_hash() {
         let held = vec![base(), new_bytes()];
