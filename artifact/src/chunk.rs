@@ -40,9 +40,11 @@ pub const ZSTD_LEVEL_FAST: i32 = 5;
 /// Highest zstd level of delta-encoded chunks (a build's level caps it). zstd
 /// indexes the whole reference (up to 512 KiB) for each chunk, which at level 9
 /// cost 3× a plain build's CPU; level 6 takes 15 % less CPU than level 9 for
-/// +0.11 % bytes, level 5 +0.30 %, level 3 +0.59 % (bench v1 → v2, see
-/// `artifact/DESIGN.md`).
-pub const ZSTD_LEVEL_DELTA_MAX: i32 = 6;
+/// +0.11 % bytes, level 5 +0.30 %, level 3 (zstd's `dfast`) 36 % less than level 6
+/// for +0.59 % (bench v1 → v2, see `artifact/DESIGN.md`). Level 3 since session 6:
+/// the manifest delta saved 10× what it costs, and the build-time goal (≤ 2× the
+/// plain thin build) was missed at level 6.
+pub const ZSTD_LEVEL_DELTA_MAX: i32 = 3;
 
 /// One chunk cut from a payload.
 #[derive(Debug, Clone, PartialEq, Eq)]

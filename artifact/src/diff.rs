@@ -23,7 +23,8 @@ pub struct Diff {
     pub needed_raw_bytes: u64,
     /// Stored (compressed) bytes of the chunks needed.
     pub needed_stored_bytes: u64,
-    /// Bytes of the signed manifest envelope of the thin artifact new-against-old.
+    /// Bytes of the signed manifest envelope of the thin artifact new-against-old
+    /// (of its manifest delta member when the manifest travels as a delta).
     pub manifest_bytes: u64,
     /// Bytes of the zstd dictionary the new release's chunks need (0 without one).
     pub dictionary_bytes: u64,
@@ -43,12 +44,15 @@ pub struct Diff {
 /// of `new_dictionary_len` bytes, 0 for none) against what a device running `old`
 /// holds: every chunk of `old`'s payloads. The thin artifact is sized by the
 /// writer's own packing ([`artifact_len`]) around the thin manifest the writer would
-/// sign ([`thin_manifest`]), with `new_envelope`'s signatures.
+/// sign ([`thin_manifest`]), with `new_envelope`'s signatures; with `manifest_delta`,
+/// that manifest travels as a delta against `old`'s ([`crate::manifest_delta`]) when
+/// that is smaller, as the writer does.
 pub fn diff(
     old: &Manifest,
     new: &Manifest,
     new_envelope: &Envelope,
     new_dictionary_len: u64,
+    manifest_delta: bool,
 ) -> Diff {
     let have: HashSet<ChunkId> = old
         .payloads
@@ -64,7 +68,16 @@ pub fn diff(
         signed: thin.to_cbor(),
         signatures: new_envelope.signatures.clone(),
     };
-    let manifest_bytes = thin_envelope.to_bytes().len() as u64;
+    // As the writer decides: the delta when asked for and smaller.
+    let whole = thin_envelope.to_bytes().len() as u64;
+    let manifest_bytes = if manifest_delta {
+        let delta = crate::manifest_delta::ManifestDelta::new(&thin_envelope, &old.to_cbor())
+            .to_bytes()
+            .len() as u64;
+        delta.min(whole)
+    } else {
+        whole
+    };
     let download_bytes = artifact_len(
         manifest_bytes,
         new_dictionary_len,

@@ -18,6 +18,7 @@ pub mod diff;
 #[cfg(feature = "fs")]
 pub mod extract;
 pub mod manifest;
+pub mod manifest_delta;
 pub mod read;
 #[cfg(feature = "fs")]
 pub mod store;
@@ -36,6 +37,7 @@ pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, FORMAT_VERSION_REFERENCES, Manifest,
     ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
+pub use manifest_delta::{HeldManifests, ManifestDelta, ManifestDeltaError, NoManifests};
 pub use read::{ArtifactReader, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};

@@ -23,6 +23,9 @@ use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, Dictionary
 use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Manifest, ManifestError, Reference, ReferenceBytes,
 };
+use crate::manifest_delta::{
+    HeldManifests, MANIFEST_DELTA_MEMBER, ManifestDelta, ManifestDeltaError, NoManifests,
+};
 use crate::ustar::{self, BLOCK, Block, HeaderError};
 
 /// Path of the first member: the signed manifest envelope (canonical CBOR).
@@ -119,8 +122,8 @@ pub enum ReadError {
         /// The path.
         path: String,
     },
-    /// The first member is not the manifest envelope.
-    #[error("the first member is {path:?}, not {ENVELOPE_MEMBER:?}")]
+    /// The first member is not the manifest envelope (or its delta).
+    #[error("the first member is {path:?}, not {ENVELOPE_MEMBER:?} or {MANIFEST_DELTA_MEMBER:?}")]
     MissingEnvelope {
         /// What came first.
         path: String,
@@ -157,6 +160,10 @@ pub enum ReadError {
         /// The release role's threshold.
         threshold: u32,
     },
+    /// The manifest travels as a delta that cannot be rebuilt (malformed, against a
+    /// manifest not held here).
+    #[error(transparent)]
+    ManifestDelta(#[from] ManifestDeltaError),
     /// The envelope's signatures do not satisfy the trust root.
     #[error("manifest signature check failed: {0}")]
     Signature(#[from] VerifyError),
@@ -488,6 +495,8 @@ pub struct ArtifactReader<R: Read> {
     offset: u64,
     envelope: Envelope,
     envelope_len: u64,
+    /// The manifest the first member is a delta against, when it is one.
+    delta_base: Option<[u8; 32]>,
     manifest: Manifest,
     /// The chunks the packs hold, in order, once the members before the first pack
     /// were read ([`ArtifactReader::bind`]).
@@ -528,18 +537,32 @@ impl<R: Read> ArtifactReader<R> {
     /// Like [`ArtifactReader::open`]; for a thin artifact, `base` (the base release's
     /// manifest) tells exactly which chunks it must hold.
     pub fn open_with_base(
-        mut src: R,
+        src: R,
         root: &TrustRoot,
         now_unix_s: Option<u64>,
         base: Option<&Manifest>,
     ) -> Result<Self, ReadError> {
-        let (envelope, envelope_len) = read_envelope(&mut src)?;
+        Self::open_held(src, root, now_unix_s, base, &NoManifests)
+    }
+
+    /// Like [`ArtifactReader::open_with_base`], for an artifact whose manifest may
+    /// travel as a delta ([`crate::manifest_delta`]) against one of `held`: the whole
+    /// manifest is rebuilt, then its signatures are verified as an envelope's.
+    pub fn open_held(
+        mut src: R,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+        base: Option<&Manifest>,
+        held: &dyn HeldManifests,
+    ) -> Result<Self, ReadError> {
+        let (envelope, envelope_len, delta_base) = read_envelope(&mut src, held)?;
         let signed = root.verify(RoleName::Release, &envelope, now_unix_s)?;
         let manifest = Manifest::from_cbor(signed)?;
         Ok(Self::from_parts(
             src,
             envelope,
             envelope_len,
+            delta_base,
             manifest,
             base,
         ))
@@ -547,13 +570,20 @@ impl<R: Read> ArtifactReader<R> {
 
     /// Reads the envelope and decodes the manifest **without checking any
     /// signature**, for `inspect` and for adding signatures. Never install from it.
-    pub fn open_unverified(mut src: R) -> Result<Self, ReadError> {
-        let (envelope, envelope_len) = read_envelope(&mut src)?;
+    pub fn open_unverified(src: R) -> Result<Self, ReadError> {
+        Self::open_unverified_held(src, &NoManifests)
+    }
+
+    /// Like [`ArtifactReader::open_unverified`], rebuilding a manifest delta against
+    /// one of `held`.
+    pub fn open_unverified_held(mut src: R, held: &dyn HeldManifests) -> Result<Self, ReadError> {
+        let (envelope, envelope_len, delta_base) = read_envelope(&mut src, held)?;
         let manifest = Manifest::from_cbor(&envelope.signed)?;
         Ok(Self::from_parts(
             src,
             envelope,
             envelope_len,
+            delta_base,
             manifest,
             None,
         ))
@@ -563,6 +593,7 @@ impl<R: Read> ArtifactReader<R> {
         src: R,
         envelope: Envelope,
         envelope_len: u64,
+        delta_base: Option<[u8; 32]>,
         manifest: Manifest,
         base: Option<&Manifest>,
     ) -> Self {
@@ -583,6 +614,7 @@ impl<R: Read> ArtifactReader<R> {
             offset,
             envelope,
             envelope_len,
+            delta_base,
             manifest,
             expected: None,
             base_held: None,
@@ -672,6 +704,12 @@ impl<R: Read> ArtifactReader<R> {
             p.chunks = Vec::new();
         }
         Ok(())
+    }
+
+    /// The BLAKE3 of the manifest the first member is a delta against, when the
+    /// manifest travelled as a delta ([`crate::manifest_delta`]).
+    pub fn manifest_delta_base(&self) -> Option<&[u8; 32]> {
+        self.delta_base.as_ref()
     }
 
     /// The verified (or, from `open_unverified`, unverified) manifest.
@@ -1434,7 +1472,12 @@ fn member_signers<R: Read + io::Seek>(
 }
 
 /// Reads and decodes the first member: the envelope.
-fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
+/// Reads the first member: the envelope, or a manifest delta rebuilt against one
+/// of `held` into the envelope it stands for (then also the base's hash).
+fn read_envelope<R: Read>(
+    src: &mut R,
+    held: &dyn HeldManifests,
+) -> Result<(Envelope, u64, Option<[u8; 32]>), ReadError> {
     let mut block = [0u8; BLOCK];
     let mut got = 0;
     if !ustar::read_full(src, &mut block, &mut got)? {
@@ -1468,7 +1511,8 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if ustar::is_unsafe_path(&member.path) {
         return Err(ReadError::UnsafePath { path: member.path });
     }
-    if member.path != ENVELOPE_MEMBER || (member.kind != b'0' && member.kind != 0) {
+    let is_delta = member.path == MANIFEST_DELTA_MEMBER;
+    if (member.path != ENVELOPE_MEMBER && !is_delta) || (member.kind != b'0' && member.kind != 0) {
         return Err(ReadError::MissingEnvelope { path: member.path });
     }
     if member.size > ENVELOPE_SIZE_MAX as u64 {
@@ -1489,6 +1533,21 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if !ustar::read_full(src, pad, &mut got)? {
         return Err(truncated());
     }
+    if is_delta {
+        // Decoded, its signatures counted, and only then rebuilt (bounded by the
+        // envelope limit) against the manifest it names.
+        let delta = ManifestDelta::from_bytes(&bytes)?;
+        if delta.signatures.is_empty() {
+            return Err(ReadError::Unsigned { size: member.size });
+        }
+        let base = held
+            .manifest(&delta.base)
+            .ok_or_else(|| ManifestDeltaError::UnknownBase {
+                base: delta.base_hex(),
+            })?;
+        let envelope = delta.rebuild(&base)?;
+        return Ok((envelope, member.size, Some(delta.base)));
+    }
     // No Shoal tool writes an envelope without a signature; every reader refuses
     // one (from a file before reading it: `check_envelope_signers`; from a pipe
     // here, before it is decoded and copied).
@@ -1497,7 +1556,7 @@ fn read_envelope<R: Read>(src: &mut R) -> Result<(Envelope, u64), ReadError> {
     if envelope.signatures.is_empty() {
         return Err(ReadError::Unsigned { size: member.size });
     }
-    Ok((envelope, member.size))
+    Ok((envelope, member.size, None))
 }
 
 #[cfg(test)]

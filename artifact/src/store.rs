@@ -275,7 +275,8 @@ impl ChunkStore {
         root: &TrustRoot,
         now_unix_s: Option<u64>,
     ) -> Result<AddReport, StoreError> {
-        let mut reader = ArtifactReader::open(src, root, now_unix_s)?;
+        // A manifest that travels as a delta is rebuilt against the store's.
+        let mut reader = ArtifactReader::open_held(src, root, now_unix_s, None, self)?;
         if let Some(b) = reader.manifest().base.clone() {
             // Refuse a thin artifact up front, before writing anything, unless its base
             // is here; then the reader can check it holds exactly what the base lacks.
@@ -460,6 +461,16 @@ impl ChunkStore {
             .verify(RoleName::Release, &env, now_unix_s)
             .map_err(|e| bad(e.into()))?;
         Manifest::from_cbor(signed).map_err(|e| bad(e.into()))
+    }
+}
+
+/// The store's manifests (their signed bytes, found by hash; a manifest delta
+/// rebuilt against one is verified as a whole).
+impl crate::manifest_delta::HeldManifests for ChunkStore {
+    fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        let bytes = read_bounded(&self.manifest_file(hash), ENVELOPE_SIZE_MAX as u64).ok()?;
+        let env = Envelope::from_bytes(&bytes).ok()?;
+        (blake3::hash(&env.signed).as_bytes() == hash).then_some(env.signed)
     }
 }
 

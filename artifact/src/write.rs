@@ -23,6 +23,7 @@ use crate::manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, Manifest, ManifestError, Payload, PayloadKind,
     Reference, check_text,
 };
+use crate::manifest_delta::{HeldManifests, MANIFEST_DELTA_MEMBER, ManifestDelta};
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
     PACK_TABLE_ENTRY_LEN, PACK_TABLE_MEMBER, contents_bitmap, pack_path, pack_table,
@@ -60,6 +61,10 @@ pub struct BuildOptions {
     /// Train a zstd dictionary on a sample of the chunks and compress with it (one
     /// more read of the image; see DESIGN.md for what it buys).
     pub dictionary: bool,
+    /// A thin artifact's manifest travels as a delta against its base's manifest
+    /// ([`crate::manifest_delta`]) when that is smaller than the envelope: a device
+    /// running the base keeps that manifest.
+    pub manifest_delta: bool,
 }
 
 /// Default stored bytes per pack member: big enough that tar's per-member cost (a
@@ -225,6 +230,7 @@ impl BuildOptions {
             zstd_level: chunk::ZSTD_LEVEL_DEFAULT,
             pack_bytes: PACK_BYTES_DEFAULT,
             dictionary: true,
+            manifest_delta: false,
         }
     }
 
@@ -271,7 +277,8 @@ pub enum BuildError {
 pub struct BuildReport {
     /// The signed manifest.
     pub manifest: Manifest,
-    /// Size of the envelope member's data.
+    /// Size of the envelope member's data (of the manifest delta member, when the
+    /// manifest travels as one).
     pub envelope_len: u64,
     /// Size of the dictionary member's data (0 without one).
     pub dictionary_len: u64,
@@ -388,19 +395,30 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                 .collect()
         })
         .unwrap_or_default();
-    let refbase = match (base, base_image) {
-        (Some(b), Some(f)) => Some(RefBase::open(f, b, &opts.payload_name)?),
-        _ => None,
-    };
+    // The base image is read and indexed while the dictionary is trained (one
+    // thread each: both read a file and mostly use one core).
+    let (refbase, dictionary) = std::thread::scope(|scope| -> Result<_, BuildError> {
+        let indexing = match (base, base_image) {
+            (Some(b), Some(f)) => {
+                let payload = &opts.payload_name;
+                Some(scope.spawn(move || RefBase::open(f, b, payload)))
+            }
+            _ => None,
+        };
+        let dictionary = if opts.dictionary {
+            let d = train_dictionary(&mut image, opts.chunking)?;
+            image.rewind()?;
+            d
+        } else {
+            None
+        };
+        let refbase = match indexing {
+            Some(h) => Some(h.join().expect("base image indexing panicked")?),
+            None => None,
+        };
+        Ok((refbase, dictionary))
+    })?;
     let refbase = refbase.as_ref();
-
-    let dictionary = if opts.dictionary {
-        let d = train_dictionary(&mut image, opts.chunking)?;
-        image.rewind()?;
-        d
-    } else {
-        None
-    };
     let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
     // A delta build also spools its chunks without the dictionary (the plain ones
@@ -608,12 +626,25 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     for key in keys {
         envelope.sign(key);
     }
-    let env_bytes = envelope.to_bytes();
+    // The delta only when it is smaller (a release that changes most chunks has a
+    // manifest of new hashes, which no reference shrinks).
+    let whole = envelope.to_bytes();
+    let (first_member, env_bytes) = match base {
+        Some(b) if opts.manifest_delta => {
+            let delta = ManifestDelta::new(&envelope, &b.to_cbor()).to_bytes();
+            if delta.len() < whole.len() {
+                (MANIFEST_DELTA_MEMBER, delta)
+            } else {
+                (ENVELOPE_MEMBER, whole)
+            }
+        }
+        _ => (ENVELOPE_MEMBER, whole),
+    };
 
     let mut spool = spool.into_inner().map_err(|e| e.into_error())?;
     spool.rewind()?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
-    let mut artifact_len = ustar::write_member(&mut out, ENVELOPE_MEMBER, &env_bytes)?;
+    let mut artifact_len = ustar::write_member(&mut out, first_member, &env_bytes)?;
     if let Some(d) = dict {
         artifact_len += ustar::write_member(&mut out, DICTIONARY_MEMBER, d.bytes())?;
     }
@@ -816,17 +847,34 @@ pub enum SignError {
 
 /// Adds `keys`' signatures to the artifact at `path`, replacing its envelope member
 /// atomically (a temporary file in the same directory, fsync, rename). The chunk
-/// members are copied unchanged. Returns the new number of signatures.
-pub fn add_signatures(path: &Path, keys: &[SecretKey]) -> Result<usize, SignError> {
+/// members are copied unchanged. An artifact whose manifest travels as a delta
+/// needs its base manifest among `held`, and keeps travelling as a delta. Returns
+/// the new number of signatures.
+pub fn add_signatures(
+    path: &Path,
+    keys: &[SecretKey],
+    held: &dyn HeldManifests,
+) -> Result<usize, SignError> {
     let file = File::open(path)?;
     let permissions = file.metadata()?.permissions();
-    let reader = crate::read::ArtifactReader::open_unverified(BufReader::new(file))?;
+    let reader = crate::read::ArtifactReader::open_unverified_held(BufReader::new(file), held)?;
     let mut envelope = reader.envelope().clone();
     for key in keys {
         envelope.sign(key);
     }
     let count = envelope.signatures.len();
-    let env_bytes = envelope.to_bytes();
+    let (first_member, env_bytes) = match reader.manifest_delta_base() {
+        Some(base) => {
+            let base = held
+                .manifest(base)
+                .expect("the reader rebuilt the manifest against it");
+            (
+                MANIFEST_DELTA_MEMBER,
+                ManifestDelta::new(&envelope, &base).to_bytes(),
+            )
+        }
+        None => (ENVELOPE_MEMBER, envelope.to_bytes()),
+    };
     let rest_offset = reader.offset();
     drop(reader);
     let dir = path
@@ -836,7 +884,7 @@ pub fn add_signatures(path: &Path, keys: &[SecretKey]) -> Result<usize, SignErro
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
     {
         let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        ustar::write_member(&mut out, ENVELOPE_MEMBER, &env_bytes)?;
+        ustar::write_member(&mut out, first_member, &env_bytes)?;
         let mut src = File::open(path)?;
         src.seek(io::SeekFrom::Start(rest_offset))?;
         io::copy(&mut src, &mut out)?;

@@ -9,7 +9,7 @@ use shoal_artifact::read::{
     CONTENTS_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_TABLE_MEMBER, pack_path, pack_table,
 };
 use shoal_artifact::ustar;
-use shoal_artifact::write::pack_member;
+use shoal_artifact::write::{member_len, pack_member};
 use shoal_artifact::{
     ArtifactReader, BuildOptions, BuildReport, ChunkError, ChunkId, ChunkRef, ChunkStore,
     ExtractError, Manifest, ReadError, StoreError,
@@ -398,6 +398,7 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
         &r2.manifest,
         &envelope(&thin),
         r2.dictionary_len,
+        false,
     );
     assert_eq!(d.chunks_needed, r2.chunks_written);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
@@ -409,7 +410,7 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
     o.pack_bytes = shoal_artifact::write::PACK_BYTES_DEFAULT;
     let (thin_default, _) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
     let (full2, f2) = build_with(&v2, &o, &[key(1)], None);
-    let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0);
+    let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0, false);
     assert_eq!(d.download_bytes, thin_default.len() as u64, "{d:?}");
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
     assert_eq!(
@@ -611,11 +612,17 @@ fn signatures_threshold_and_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.shoal");
     std::fs::write(&path, &one).unwrap();
-    assert_eq!(shoal_artifact::add_signatures(&path, &[key(2)]).unwrap(), 2);
+    assert_eq!(
+        shoal_artifact::add_signatures(&path, &[key(2)], &shoal_artifact::NoManifests).unwrap(),
+        2
+    );
     let two = std::fs::read(&path).unwrap();
     read_all(&two, &r23).unwrap();
     // The same key twice counts once.
-    assert_eq!(shoal_artifact::add_signatures(&path, &[key(2)]).unwrap(), 2);
+    assert_eq!(
+        shoal_artifact::add_signatures(&path, &[key(2)], &shoal_artifact::NoManifests).unwrap(),
+        2
+    );
     // A key not in the root.
     assert!(matches!(
         read_all(&one, &root(&[9], 1)),
@@ -1698,4 +1705,116 @@ fn verifying_a_delta_artifact_against_another_image_names_the_reference() {
         chunks.chunk(&c),
         Err(shoal_artifact::BaseChunkError::Hash { id, offset: 0, .. }) if id == c.id
     ));
+}
+
+/// Issue 12: a thin artifact's manifest travels as a delta against its base's; a
+/// reader rebuilds the whole manifest from the one it holds and verifies the
+/// signatures over it before anything else.
+#[test]
+fn a_thin_manifest_travels_as_a_delta_and_is_verified_whole() {
+    use shoal_artifact::{HeldManifests, ManifestDeltaError, NoManifests};
+    let v1 = payload(600_000, 1);
+    let mut v2 = v1.clone();
+    v2[100_000..100_400].copy_from_slice(&payload(400, 9));
+    let (_, r1) = build_with(&v1, &opts(), &[key(1)], None);
+    let (plain, rp) = build_with(&v2, &opts(), &[key(1)], Some(&r1.manifest));
+    let mut o = opts();
+    o.manifest_delta = true;
+    let (delta, rd) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
+    // The same signed manifest, sent smaller.
+    assert_eq!(rd.manifest.hash(), rp.manifest.hash());
+    let m = members(&delta);
+    assert_eq!(
+        (m[0].1.as_str(), m[0].2 as u64),
+        ("manifest.delta", rd.envelope_len)
+    );
+    assert!(
+        rd.envelope_len * 4 < rp.envelope_len,
+        "{} vs {}",
+        rd.envelope_len,
+        rp.envelope_len
+    );
+    assert_eq!(
+        delta.len() as u64,
+        plain.len() as u64 - member_len(rp.envelope_len) + member_len(rd.envelope_len)
+    );
+    let plain_envelope = ArtifactReader::open(&plain[..], &root(&[1], 1), NOW)
+        .unwrap()
+        .envelope()
+        .clone();
+    let d = shoal_artifact::diff(&r1.manifest, &rd.manifest, &plain_envelope, 0, true);
+    assert_eq!(
+        (d.manifest_bytes, d.download_bytes),
+        (rd.envelope_len, delta.len() as u64)
+    );
+
+    let r13 = root(&[1], 1);
+    // Without the base manifest: refused, naming it.
+    match ArtifactReader::open(&delta[..], &r13, NOW) {
+        Err(ReadError::ManifestDelta(ManifestDeltaError::UnknownBase { base })) => {
+            assert_eq!(base, hex::encode(r1.manifest.hash()))
+        }
+        other => panic!("{other:?}"),
+    }
+    // With it: the whole manifest, verified, and the chunks.
+    let held = vec![r1.manifest.to_cbor()];
+    let mut r = ArtifactReader::open_held(&delta[..], &r13, NOW, None, &held).unwrap();
+    assert_eq!(r.manifest(), &rp.manifest);
+    assert_eq!(r.manifest_delta_base(), Some(&r1.manifest.hash()));
+    let mut n = 0;
+    while r.next_chunk().unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, rp.chunks_written);
+    // Signed by a key the root does not take: the rebuilt manifest's signature
+    // check refuses it.
+    assert!(matches!(
+        ArtifactReader::open_held(&delta[..], &root(&[2], 1), NOW, None, &held),
+        Err(ReadError::Signature(_))
+    ));
+    // A frame byte flipped: it no longer decodes, or decodes to bytes the signature
+    // does not cover; either way refused before a manifest is returned.
+    let at = m[0].0 + 512 + 60;
+    let mut bad = delta.clone();
+    bad[at] ^= 0x40;
+    match ArtifactReader::open_held(&bad[..], &r13, NOW, None, &held) {
+        Err(ReadError::ManifestDelta(ManifestDeltaError::Corrupt(_)))
+        | Err(ReadError::ManifestDelta(ManifestDeltaError::SizeMismatch { .. }))
+        | Err(ReadError::ManifestDelta(ManifestDeltaError::Decode(_)))
+        | Err(ReadError::Signature(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    // Signatures stripped: unsigned, refused before the frame is decoded.
+    let mut md =
+        shoal_artifact::ManifestDelta::from_bytes(&delta[m[0].0 + 512..m[0].0 + 512 + m[0].2])
+            .unwrap();
+    md.signatures.clear();
+    let mut unsigned = Vec::new();
+    ustar::write_member(&mut unsigned, "manifest.delta", &md.to_bytes()).unwrap();
+    let rest = m[1].0;
+    unsigned.extend_from_slice(&delta[rest..]);
+    assert!(matches!(
+        ArtifactReader::open_held(&unsigned[..], &r13, NOW, None, &held),
+        Err(ReadError::Unsigned { .. })
+    ));
+    assert!(NoManifests.manifest(&r1.manifest.hash()).is_none());
+
+    // Signing again keeps the delta, and the second signature counts.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.shoal");
+    std::fs::write(&path, &delta).unwrap();
+    assert!(matches!(
+        shoal_artifact::add_signatures(&path, &[key(2)], &NoManifests),
+        Err(shoal_artifact::SignError::Read(ReadError::ManifestDelta(
+            ManifestDeltaError::UnknownBase { .. }
+        )))
+    ));
+    assert_eq!(
+        shoal_artifact::add_signatures(&path, &[key(2)], &held).unwrap(),
+        2
+    );
+    let two = std::fs::read(&path).unwrap();
+    assert_eq!(members(&two)[0].1, "manifest.delta");
+    let r = ArtifactReader::open_held(&two[..], &root(&[1, 2], 2), NOW, None, &held).unwrap();
+    assert_eq!(r.manifest(), &rp.manifest);
 }

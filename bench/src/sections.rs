@@ -877,6 +877,25 @@ impl Device {
         ]
     }
 
+    /// Commands that put `artifact`'s signed manifest where the device keeps the
+    /// manifests of its releases (`DATA/manifests/<hash>.envelope`); the envelope is
+    /// written to the work directory here (untimed).
+    fn ship_manifest(&self, ctx: &Ctx, artifact: &Path) -> Result<Vec<Cmd>> {
+        let file = fs::File::open(artifact)
+            .with_context(|| format!("cannot open {}", artifact.display()))?;
+        let r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(file))
+            .with_context(|| format!("cannot read {}", artifact.display()))?;
+        let name = format!("{}.envelope", hex::encode(r.manifest().hash()));
+        let kept = work_path(ctx, &name);
+        fs::write(&kept, r.envelope().to_bytes())
+            .with_context(|| format!("cannot write {}", kept.display()))?;
+        let dir = self.data.join("manifests");
+        Ok(vec![
+            Cmd::new("mkdir").arg("-p").arg(&dir),
+            Cmd::new("cp").arg(&kept).arg(dir.join(&name)),
+        ])
+    }
+
     /// `shoal install SOURCE --config CONFIG --json`.
     fn install(&self, shoal: &Shoal, source: &Path) -> Cmd {
         shoal
@@ -1238,6 +1257,13 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
             ),
         ] {
             let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
+            let mut prepare = dev.prepare(s);
+            // The device running v1 holds v1's signed manifest, as one that
+            // installed it (or a factory image that ships it) does: the delta
+            // artifact's manifest travels as a delta against it.
+            if matches!(slot_a, SlotA::Image(_)) {
+                prepare.extend(dev.ship_manifest(ctx, &v1_shoal)?);
+            }
             install_jobs.push(
                 Job::new(
                     label,
@@ -1246,7 +1272,7 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
                     Output::None,
                     true,
                 )
-                .with_prepare(dev.prepare(s)),
+                .with_prepare(prepare),
             );
             devices.push((label, dev, source.clone()));
         }

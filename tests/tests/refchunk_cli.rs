@@ -3,7 +3,9 @@
 //! against bytes of the base release; `shoal install` on a device running the base
 //! decodes them with bytes of its running slot, checked by hash; an interrupted
 //! install resumes; a running slot whose reference bytes differ is refused with a
-//! clear error and nothing wrong is written.
+//! clear error and nothing wrong is written. The manifest of such an artifact
+//! travels as a delta against the base's manifest, which the device keeps: rebuilt,
+//! verified whole, refused with a clear error on a device that does not hold it.
 
 mod install_common;
 
@@ -74,8 +76,40 @@ fn len(p: &Path) -> u64 {
     std::fs::metadata(p).expect("artifact").len()
 }
 
-/// A device running v1 in slot A (as shipped, no Shoal record), with the three
-/// artifacts: v1 full, v2 thin (plain) and v2 thin delta-encoded.
+/// The signed manifest envelope an artifact carries, whole (its first member).
+fn envelope_of(artifact: &Path) -> (String, Vec<u8>) {
+    let r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(
+        std::fs::File::open(artifact).expect("artifact"),
+    ))
+    .expect("artifact");
+    (hex::encode(r.manifest().hash()), r.envelope().to_bytes())
+}
+
+/// Puts v1's signed manifest where the device keeps the manifests of its releases,
+/// as a factory image that ships it does.
+fn ship_manifest(dev: &Device, artifact: &Path) -> PathBuf {
+    let (hash, envelope) = envelope_of(artifact);
+    let dir = dev.path("data").join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifests dir");
+    let path = dir.join(format!("{hash}.envelope"));
+    std::fs::write(&path, envelope).expect("kept manifest");
+    path
+}
+
+/// The first member's path and size of an artifact.
+fn first_member(artifact: &Path) -> (String, u64) {
+    let bytes = std::fs::read(artifact).expect("artifact");
+    let name = &bytes[..100];
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(100)];
+    let size = std::str::from_utf8(&bytes[124..136]).expect("size field");
+    let size = u64::from_str_radix(size.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+        .expect("octal size");
+    (String::from_utf8(name.to_vec()).expect("name"), size)
+}
+
+/// A device running v1 in slot A (as shipped, no Shoal record, v1's signed manifest
+/// in its data directory), with the three artifacts: v1 full, v2 thin (plain) and
+/// v2 thin delta-encoded.
 struct Setup {
     dev: Device,
     v1: Vec<u8>,
@@ -92,6 +126,7 @@ fn setup() -> Setup {
     let v1_img = dev.path("v1.img");
     std::fs::write(&v1_img, &v1).expect("v1 image");
     let a1 = build(&dev, &v1, "1.0", None);
+    ship_manifest(&dev, &a1);
     let plain = build(&dev, &v2, "2.0", Some((&a1, None)));
     let delta = build(&dev, &v2, "2.0", Some((&a1, Some(&v1_img))));
     Setup {
@@ -123,6 +158,8 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
         "artifact",
         "inspect",
         "--json",
+        "--base",
+        &dev.path("acme-os-1.0-full.shoal").display().to_string(),
         &s.delta.display().to_string(),
     ])));
     assert_eq!(inspect["format_version"], 2, "{inspect}");
@@ -214,7 +251,11 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
         ]),
         2,
     );
-    assert!(err.contains("is encoded against another release"), "{err}");
+    assert!(
+        err.contains("is encoded against another release")
+            || err.contains("is a delta against another release"),
+        "{err}"
+    );
     // The plain thin artifact does not need those bytes: it installs.
     let r = dev.install(&s.plain);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "{r}");
@@ -232,19 +273,31 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
     let a1 = p(&dev.path("acme-os-1.0-full.shoal"));
     let delta = p(&s.delta);
 
-    // Without the base image, verify names what is missing.
+    // Without the base artifact, its manifest (a delta against v1's) cannot be
+    // rebuilt; without the base image, verify names what is missing.
+    assert_eq!(first_member(&s.delta).0, "manifest.delta");
     let err = fails(run(&["artifact", "verify", &delta, "--root", &root]), 1);
+    assert!(
+        err.contains("travels as a delta against manifest") && err.contains("is not at hand"),
+        "{err}"
+    );
+    let err = fails(
+        run(&["artifact", "verify", &delta, "--root", &root, "--base", &a1]),
+        1,
+    );
     assert!(
         err.contains("encoded against bytes of the base release"),
         "{err}"
     );
-    // With it, every chunk is decoded and verified.
+    // With both, every chunk is decoded and verified.
     let out = ok(run(&[
         "artifact",
         "verify",
         &delta,
         "--root",
         &root,
+        "--base",
+        &a1,
         "--base-image",
         &v1_img,
         "--json",
@@ -284,6 +337,8 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
             &delta,
             "--root",
             &root,
+            "--base",
+            &a1,
             "--base-image",
             &p(&wrong_img),
         ]),
@@ -325,13 +380,145 @@ fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
             "--root",
             &root,
             "--base",
-            &delta,
+            &p(&s.plain),
             "--base-image",
             &v1_img,
             "--out",
             &p(&out2),
         ]),
-        2,
+        1,
     );
-    assert!(err.contains("is not the base release of"), "{err}");
+    assert!(
+        err.contains("travels as a delta against manifest") && err.contains("is not at hand"),
+        "{err}"
+    );
+    assert!(!out2.exists(), "no partial output");
+}
+
+/// A hotfix of v1: a few small edits, so the manifest is mostly v1's: its
+/// delta-encoded thin artifact, built with the CLI (and the image).
+fn hotfix(s: &Setup, full_manifest: bool) -> (Vec<u8>, PathBuf) {
+    let dev = &s.dev;
+    let mut v3 = s.v1.clone();
+    for k in 1..6 {
+        let at = k * SIZE / 6;
+        v3[at..at + 8].copy_from_slice(b"hotfix!!");
+    }
+    let img = dev.path("build-3.0.img");
+    std::fs::write(&img, &v3).expect("image");
+    let out = dev.path(if full_manifest {
+        "acme-os-3.0-full-manifest.shoal"
+    } else {
+        "acme-os-3.0-delta.shoal"
+    });
+    let mut cmd = shoal();
+    cmd.args(["--quiet", "artifact", "build", "--image"])
+        .arg(&img)
+        .args(["--name", "acme-os", "--version", "3.0"])
+        .args(["--device-type", "board", "--security-counter", "1"])
+        .arg("--key")
+        .arg(&dev.key)
+        .arg("--base")
+        .arg(dev.path("acme-os-1.0-full.shoal"))
+        .arg("--base-image")
+        .arg(dev.path("v1.img"))
+        .arg("--out")
+        .arg(&out);
+    if full_manifest {
+        cmd.arg("--full-manifest");
+    }
+    ok(cmd.output().expect("run"));
+    (v3, out)
+}
+
+#[test]
+fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() {
+    let s = setup();
+    let dev = &s.dev;
+    let a1 = dev.path("acme-os-1.0-full.shoal");
+    let (v3, delta) = hotfix(&s, false);
+    let (_, whole) = hotfix(&s, true);
+    let (path, delta_len) = first_member(&delta);
+    assert_eq!(path, "manifest.delta");
+    let (path, full_len) = first_member(&whole);
+    assert_eq!(path, "manifest.envelope");
+    assert!(
+        delta_len * 4 < full_len,
+        "manifest delta {delta_len} bytes vs the thin manifest's envelope {full_len}"
+    );
+    // `diff` counts the delta, and `inspect` shows the whole manifest, given the base.
+    let d = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "diff",
+        &a1.display().to_string(),
+        &delta.display().to_string(),
+        "--json",
+    ])));
+    assert_eq!(u(&d, "manifest_bytes"), delta_len, "{d}");
+    assert_eq!(u(&d, "download_bytes"), len(&delta), "{d}");
+    let inspect = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "inspect",
+        "--json",
+        "--base",
+        &a1.display().to_string(),
+        &delta.display().to_string(),
+    ])));
+    assert_eq!(inspect["version"], "3.0", "{inspect}");
+
+    // Installed: the device keeps v3's manifest beside v1's (its two slots).
+    let r = dev.install(&delta);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
+    let kept: std::collections::BTreeSet<String> =
+        std::fs::read_dir(dev.path("data").join("manifests"))
+            .expect("kept manifests")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+    let expected: std::collections::BTreeSet<String> = [&a1, &whole]
+        .iter()
+        .map(|a| format!("{}.envelope", envelope_of(a).0))
+        .collect();
+    assert_eq!(kept, expected);
+}
+
+#[test]
+fn a_device_without_the_base_manifest_refuses_the_delta_and_takes_a_full_manifest() {
+    let s = setup();
+    let dev = &s.dev;
+    let (v3, delta) = hotfix(&s, false);
+    assert_eq!(first_member(&delta).0, "manifest.delta");
+    let kept = dev.path("data").join("manifests");
+    std::fs::remove_dir_all(&kept).expect("forget v1's manifest");
+    let err = fails(dev.run(&["install", &delta.display().to_string()]), 1);
+    assert!(
+        err.contains("travels as a delta against manifest")
+            && err.contains("is not at hand")
+            && err.contains("--full-manifest"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A);
+    assert!(
+        std::fs::read(dev.path("b.img"))
+            .expect("slot B")
+            .iter()
+            .all(|&b| b == 0),
+        "nothing written"
+    );
+
+    // A kept file whose manifest is another's (renamed) is not used either.
+    let a1 = dev.path("acme-os-1.0-full.shoal");
+    let (v1_hash, _) = envelope_of(&a1);
+    let (_, other) = envelope_of(&s.plain);
+    std::fs::create_dir_all(&kept).expect("dir");
+    std::fs::write(kept.join(format!("{v1_hash}.envelope")), other).expect("write");
+    let err = fails(dev.run(&["install", &delta.display().to_string()]), 1);
+    assert!(err.contains("is not at hand"), "{err}");
+    std::fs::remove_dir_all(&kept).expect("rm");
+
+    // `--full-manifest` makes an artifact such a device installs.
+    let (_, out) = hotfix(&s, true);
+    assert_eq!(first_member(&out).0, "manifest.envelope");
+    let r = dev.install(&out);
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
-use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, Manifest};
+use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, HeldManifests, Manifest};
 use shoal_signing::{SecretKey, TrustRoot};
 
 use crate::cmd::chain;
@@ -34,6 +34,10 @@ pub enum Command {
         /// Private keys (PKCS#8 PEM) to sign with (repeatable).
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
+        /// The base release's artifact, for an artifact whose manifest travels as
+        /// a delta against its manifest.
+        #[arg(long)]
+        base: Option<PathBuf>,
     },
     /// Show an artifact's manifest and signatures. Checks no signature: use `verify`.
     ///
@@ -48,6 +52,10 @@ pub enum Command {
         /// Also list every chunk (id, size, stored size) of every payload.
         #[arg(long)]
         chunks: bool,
+        /// The base release's artifact, for an artifact whose manifest travels as
+        /// a delta against its manifest.
+        #[arg(long)]
+        base: Option<PathBuf>,
     },
     /// Verify an artifact: signatures against a trust root, then every chunk.
     ///
@@ -62,6 +70,10 @@ pub enum Command {
         /// built with `--base-image`) are decoded against it and verified.
         #[arg(long)]
         base_image: Option<PathBuf>,
+        /// The base release's artifact (only its signed manifest is read), for an
+        /// artifact whose manifest travels as a delta against it.
+        #[arg(long)]
+        base: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -87,8 +99,8 @@ pub enum Command {
         #[arg(long)]
         base_image: Option<PathBuf>,
         /// The base release's artifact (only its signed manifest is read): where
-        /// its chunks are in --base-image.
-        #[arg(long, requires = "base_image", conflicts_with = "store")]
+        /// its chunks are in --base-image, and what a manifest delta is against.
+        #[arg(long, conflicts_with = "store")]
         base: Option<PathBuf>,
     },
     /// How many bytes a device running OLD must download to get NEW (manifest included).
@@ -160,9 +172,15 @@ pub struct BuildArgs {
     /// With --base: the base release's payload image. New chunks are then also
     /// compressed against bytes of it (a device reads them from its running slot),
     /// which makes the artifact much smaller; only a device running the base
-    /// release can install it.
+    /// release can install it. The manifest then travels as a delta against the
+    /// base's manifest, which such a device keeps (see --full-manifest).
     #[arg(long, requires = "base")]
     base_image: Option<PathBuf>,
+    /// With --base-image: carry the whole signed manifest instead of a delta against
+    /// the base's (for devices that run the base release but do not hold its
+    /// manifest, e.g. flashed at the factory without it).
+    #[arg(long, requires = "base_image")]
+    full_manifest: bool,
     /// Faster build, somewhat larger artifact: bigger chunks, lower zstd level.
     #[arg(long)]
     fast: bool,
@@ -189,9 +207,14 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     match command {
         Command::Build(args) => build(args, ui),
-        Command::Sign { artifact, keys } => {
+        Command::Sign {
+            artifact,
+            keys,
+            base,
+        } => {
             let keys = load_keys(&keys)?;
-            let n = shoal_artifact::add_signatures(&artifact, &keys)
+            let held = held_manifests(base.as_deref())?;
+            let n = shoal_artifact::add_signatures(&artifact, &keys, &held)
                 .with_context(|| format!("signing {}", artifact.display()))?;
             ui.info(format_args!("{}: {n} signature(s)", artifact.display()));
             Ok(())
@@ -200,13 +223,22 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             artifact,
             json,
             chunks,
-        } => inspect(&artifact, json, chunks),
+            base,
+        } => inspect(&artifact, json, chunks, base.as_deref()),
         Command::Verify {
             artifact,
             trust,
             base_image,
+            base,
             json,
-        } => verify(&artifact, &trust, base_image.as_deref(), json, ui),
+        } => verify(
+            &artifact,
+            &trust,
+            base_image.as_deref(),
+            base.as_deref(),
+            json,
+            ui,
+        ),
         Command::Extract {
             artifact,
             trust,
@@ -285,6 +317,7 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
         depends.entry(k).or_default().push(v);
     }
     opts.depends = depends;
+    opts.manifest_delta = args.base_image.is_some() && !args.full_manifest;
     let base: Option<Manifest> = match &args.base {
         None => None,
         Some(p) => {
@@ -465,8 +498,9 @@ fn manifest_info(m: &Manifest, with_chunks: bool) -> ManifestInfo {
     }
 }
 
-fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
-    let r = ArtifactReader::open_unverified(open_input(path, None)?)
+fn inspect(path: &Path, json: bool, chunks: bool, base: Option<&Path>) -> anyhow::Result<()> {
+    let held = held_manifests(base)?;
+    let r = ArtifactReader::open_unverified_held(open_input(path, None)?, &held)
         .with_context(|| format!("reading {}", path.display()))?;
     let info = manifest_info(r.manifest(), chunks);
     let sigs: Vec<String> = r
@@ -541,6 +575,32 @@ fn inspect(path: &Path, json: bool, chunks: bool) -> anyhow::Result<()> {
 }
 
 /// Opens `--base-image`.
+/// The signed manifest of the base artifact at `base` (read without checking its
+/// signatures: a manifest rebuilt against it is verified as a whole), for reading an
+/// artifact whose manifest travels as a delta.
+fn held_manifests(base: Option<&Path>) -> anyhow::Result<Vec<Vec<u8>>> {
+    let Some(p) = base else {
+        return Ok(Vec::new());
+    };
+    let r = ArtifactReader::open_unverified(open_input(p, None)?)
+        .with_context(|| format!("base artifact {}", p.display()))?;
+    Ok(vec![r.envelope().signed.clone()])
+}
+
+/// Manifests held by a base artifact and a chunk store.
+struct Held<'a> {
+    given: Vec<Vec<u8>>,
+    store: Option<&'a ChunkStore>,
+}
+
+impl HeldManifests for Held<'_> {
+    fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        self.given
+            .manifest(hash)
+            .or_else(|| self.store.and_then(|s| s.manifest(hash)))
+    }
+}
+
 fn open_base_image(path: &Path) -> anyhow::Result<shoal_artifact::BaseImage> {
     shoal_artifact::BaseImage::open(path)
         .map_err(|e| Exit::usage(format!("base image {}: {e}", path.display())))
@@ -550,12 +610,14 @@ fn verify(
     path: &Path,
     trust: &Trust,
     base_image: Option<&Path>,
+    base: Option<&Path>,
     json: bool,
     ui: &Ui,
 ) -> anyhow::Result<()> {
     let mut image = base_image.map(open_base_image).transpose()?;
+    let held = held_manifests(base)?;
     let (root, now) = trust.load()?;
-    let mut r = ArtifactReader::open(open_input(path, Some(&root))?, &root, now)
+    let mut r = ArtifactReader::open_held(open_input(path, Some(&root))?, &root, now, None, &held)
         .with_context(|| format!("verifying {}", path.display()))?;
     let m = r.manifest().clone();
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -636,8 +698,12 @@ fn extract(
         .map(ChunkStore::open)
         .transpose()
         .context("opening the chunk store")?;
+    let held = Held {
+        given: held_manifests(given.artifact)?,
+        store: store.as_ref(),
+    };
     let (reader, base) = {
-        let r = ArtifactReader::open(input, &root, now)
+        let r = ArtifactReader::open_held(input, &root, now, None, &held)
             .with_context(|| format!("verifying {}", path.display()))?;
         match (r.manifest().base.clone(), &store) {
             (Some(b), Some(s)) => {
@@ -647,11 +713,12 @@ fn extract(
                 })?;
                 // Reopen knowing the base, so the reader can check completeness.
                 drop(r);
-                let r = ArtifactReader::open_with_base(
+                let r = ArtifactReader::open_held(
                     open_input(path, Some(&root))?,
                     &root,
                     now,
                     Some(&base),
+                    &held,
                 )
                 .with_context(|| format!("verifying {}", path.display()))?;
                 (r, Some(base))
@@ -681,11 +748,12 @@ fn extract(
                         );
                     }
                     drop(r);
-                    let r = ArtifactReader::open_with_base(
+                    let r = ArtifactReader::open_held(
                         open_input(path, Some(&root))?,
                         &root,
                         now,
                         Some(&base),
+                        &held,
                     )
                     .with_context(|| format!("verifying {}", path.display()))?;
                     (r, Some(base))
@@ -775,7 +843,8 @@ impl std::io::Seek for BufRwFile<'_> {
 }
 
 fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let read = |p: &Path| -> anyhow::Result<(Manifest, shoal_signing::Envelope, u64)> {
+    type Read = (Manifest, shoal_signing::Envelope, u64, bool);
+    let read = |p: &Path, held: &dyn HeldManifests| -> anyhow::Result<Read> {
         let r = match root {
             Some(rp) => {
                 let trust = Trust {
@@ -783,9 +852,9 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
                     no_clock: false,
                 };
                 let (root, now) = trust.load()?;
-                ArtifactReader::open(open_input(p, Some(&root))?, &root, now)
+                ArtifactReader::open_held(open_input(p, Some(&root))?, &root, now, None, held)
             }
-            None => ArtifactReader::open_unverified(open_input(p, None)?),
+            None => ArtifactReader::open_unverified_held(open_input(p, None)?, held),
         }
         .with_context(|| format!("reading {}", p.display()))?;
         let mut r = r;
@@ -793,10 +862,28 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
             .read_dictionary()
             .with_context(|| format!("reading {}", p.display()))?
             .map_or(0, |d| d.bytes().len() as u64);
-        Ok((r.manifest().clone(), r.envelope().clone(), dict_len))
+        let delta = r.manifest_delta_base().is_some();
+        Ok((r.manifest().clone(), r.envelope().clone(), dict_len, delta))
     };
-    let (old_m, _, _) = read(old)?;
-    let (new_m, new_env, new_dict) = read(new)?;
+    let (old_m, old_env, _, _) = read(old, &shoal_artifact::NoManifests)?;
+    let (new_m, new_env, new_dict, new_delta) = match read(new, &vec![old_env.signed]) {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<shoal_artifact::ReadError>(),
+                Some(shoal_artifact::ReadError::ManifestDelta(
+                    shoal_artifact::ManifestDeltaError::UnknownBase { .. }
+                ))
+            ) =>
+        {
+            return Err(Exit::usage(format!(
+                "{}'s manifest is a delta against another release than {} {}: compare it with its base",
+                new.display(),
+                old_m.name,
+                old_m.version
+            )));
+        }
+        r => r?,
+    };
     // Delta-encoded chunks decode only against their own base's bytes.
     if new_m.payloads.iter().any(|p| !p.references.is_empty())
         && new_m
@@ -811,7 +898,10 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
             old_m.version
         )));
     }
-    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict);
+    // The manifest travels as a delta when NEW does, and in any delta-encoded
+    // build (`--base-image`), which sends it so by default.
+    let manifest_delta = new_delta || new_m.payloads.iter().any(|p| !p.references.is_empty());
+    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict, manifest_delta);
     let mut out = std::io::stdout().lock();
     if json {
         #[derive(Serialize)]

@@ -138,6 +138,7 @@ impl Demo<'_> {
             zstd_level: ZSTD_LEVEL_FAST,
             pack_bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
             dictionary: false,
+            manifest_delta: false,
         };
         let out = BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,

@@ -67,6 +67,7 @@ fn fixture() -> Fixture {
         zstd_level: 3,
         pack_bytes: 64 * 1024,
         dictionary: false,
+        manifest_delta: false,
     };
     let spool = tempfile::tempdir().expect("tempdir");
     let mut artifact = Vec::new();

@@ -490,15 +490,18 @@ impl Device {
                 engine.status().active
             );
         }
-        // A release installed here from a file or a USB store is kept (its signed
-        // envelope) for the LAN: the daemon serves and announces it after the
-        // reboot, and peers with `[lan] accept_releases` install it from here.
-        let keep_for_lan = self
-            .config
-            .lan
-            .enabled
-            .then(|| self.config.device.data_dir.clone());
+        // A release installed here is kept (its signed envelope): the next thin
+        // artifact's manifest may travel as a delta against it, and, for the LAN,
+        // the daemon serves and announces it after the reboot, and peers with
+        // `[lan] accept_releases` install it from here.
+        let data_dir = self.config.device.data_dir.clone();
+        let running_hash = engine.status().releases[slot_index(running)]
+            .as_ref()
+            .map(|r| r.manifest_hash);
         let mut kept: Option<([u8; 32], Vec<u8>)> = None;
+        // The base release a thin artifact names runs here too (a factory image
+        // without a record in the store): its manifest stays kept.
+        let mut base_hash: Option<[u8; 32]> = None;
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
@@ -510,8 +513,12 @@ impl Device {
                         .map_err(|e| artifact_error(&name, e))?;
                 }
                 let mut counted = CountingInput::new(reader);
-                let mut artifact = ArtifactReader::open(&mut counted, &driver.dev.root, wall)
-                    .map_err(|e| artifact_error(&name, e))?;
+                // A manifest that travels as a delta is rebuilt against a kept one,
+                // then verified whole.
+                let held = KeptManifests::new(&data_dir);
+                let mut artifact =
+                    ArtifactReader::open_held(&mut counted, &driver.dev.root, wall, None, &held)
+                        .map_err(|e| artifact_error(&name, e))?;
                 // A release too big for the slot is refused before its chunk list
                 // costs anything more (a signed manifest of 300,000 chunks); the
                 // engine's offer checks the same.
@@ -574,15 +581,14 @@ impl Device {
                 } else {
                     Holds::All
                 };
+                base_hash = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
                 // Moved out: the engine keeps the one copy.
                 let envelope = artifact.take_envelope();
                 // The manifest's id is the hash of its signed bytes (canonical CBOR):
                 // `artifact.manifest()` has shed its chunk lists by now.
                 let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
                 let envelope = envelope.to_bytes();
-                if keep_for_lan.is_some() {
-                    kept = Some((manifest_hash, envelope.clone()));
-                }
+                kept = Some((manifest_hash, envelope.clone()));
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -603,6 +609,9 @@ impl Device {
                 requests,
             } => {
                 driver.requests = Some(requests);
+                if let Ok(e) = shoal_signing::Envelope::from_bytes(&envelope) {
+                    kept = Some((*blake3::hash(&e.signed).as_bytes(), envelope.clone()));
+                }
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -636,9 +645,7 @@ impl Device {
                 driver.chunk_store = Some((store, refs));
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
-                if keep_for_lan.is_some() {
-                    kept = Some((manifest.hash(), envelope.clone()));
-                }
+                kept = Some((manifest.hash(), envelope.clone()));
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -657,10 +664,15 @@ impl Device {
             }
         }
         let report = driver.finish_install()?;
-        if let (Some(data_dir), Some((hash, envelope))) = (keep_for_lan, kept) {
-            let id = crate::lan::proto::ManifestId(hash);
-            if let Err(e) = crate::lan::serve::save_envelope(&data_dir, &id, &envelope) {
-                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the manifest for LAN peers");
+        if let Some((hash, envelope)) = kept {
+            // The running release's and the new one's: a rollback keeps running
+            // the former, a commit the latter.
+            let keep: Vec<[u8; 32]> = std::iter::once(hash)
+                .chain(running_hash)
+                .chain(base_hash)
+                .collect();
+            if let Err(e) = KeptManifests::keep(&data_dir, &hash, &envelope, &keep) {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
             }
         }
         Ok(report)
@@ -770,6 +782,66 @@ impl Device {
 }
 
 /// The engine's configuration for this device.
+/// The signed manifests of the releases in this device's slots, kept in
+/// `DATA_DIR/manifests/<hash>.envelope` (written whole, then renamed): a thin
+/// artifact's manifest may travel as a delta against the running release's
+/// ([`shoal_artifact::manifest_delta`]), and the LAN serves the running release.
+/// A kept file is only a reference: a manifest rebuilt against it is verified whole.
+pub struct KeptManifests {
+    dir: PathBuf,
+}
+
+impl KeptManifests {
+    /// The manifests kept under `data_dir`.
+    pub fn new(data_dir: &Path) -> KeptManifests {
+        KeptManifests {
+            dir: data_dir.join("manifests"),
+        }
+    }
+
+    /// Keeps `envelope` (whose manifest hashes to `hash`) and drops every other kept
+    /// manifest not in `keep`: a device holds the manifests of its two slots.
+    pub fn keep(
+        data_dir: &Path,
+        hash: &[u8; 32],
+        envelope: &[u8],
+        keep: &[[u8; 32]],
+    ) -> anyhow::Result<()> {
+        let id = crate::lan::proto::ManifestId(*hash);
+        crate::lan::serve::save_envelope(data_dir, &id, envelope)?;
+        let dir = KeptManifests::new(data_dir).dir;
+        let names: HashSet<String> = keep
+            .iter()
+            .map(|h| format!("{}.envelope", hex::encode(h)))
+            .collect();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".envelope") && !names.contains(&name) {
+                let path = entry.path();
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl shoal_artifact::HeldManifests for KeptManifests {
+    fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        let path = self.dir.join(format!("{}.envelope", hex::encode(hash)));
+        let file = std::fs::File::open(&path).ok()?;
+        let mut bytes = Vec::new();
+        file.take(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        let envelope = shoal_signing::Envelope::from_bytes(&bytes).ok()?;
+        (blake3::hash(&envelope.signed).as_bytes() == hash).then_some(envelope.signed)
+    }
+}
+
 fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
     let mut config = shoal_engine::Config::new(device.device.device_type.clone(), root.clone());
     config.provides = device.device.provides.clone();

@@ -144,10 +144,11 @@ fn test_fault(buf: &mut [u8]) {
 }
 
 /// Where signed manifests of releases this device runs or installs are kept
-/// (`data_dir/lan/<id>.envelope`), so it serves its running release after a restart.
+/// (`data_dir/manifests/<id>.envelope`), so it serves its running release after a
+/// restart and reads manifest deltas against them (`crate::device::KeptManifests`).
 pub fn envelope_path(data_dir: &Path, id: &ManifestId) -> PathBuf {
     data_dir
-        .join("lan")
+        .join("manifests")
         .join(format!("{}.envelope", hex::encode(id.0)))
 }
 
