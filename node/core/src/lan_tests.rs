@@ -122,3 +122,43 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
         }));
     }
 }
+
+/// WAN chunks when device 0 starts alone and the nine others join `join_ms` later
+/// (device 0 has asked the server for chunks they would own by then).
+fn late_join(announce_fetching: bool, join_ms: u64) -> (LanSim, Vec<u8>) {
+    let (mut sim, image) = swarm(10, 4);
+    sim.announce_fetching = announce_fetching;
+    let late: Vec<usize> = (1..10).collect();
+    sim.hold_back(&late);
+    sim.run(join_ms);
+    assert!(
+        sim.nodes[0].engine.is_installing(),
+        "device 0 finished alone"
+    );
+    sim.join(&late);
+    sim.run(3_600_000);
+    all_installed(&sim, &image);
+    (sim, image)
+}
+
+#[test]
+fn late_joiners_leave_the_chunks_a_member_is_fetching_to_it() {
+    let (with, _) = late_join(true, 60);
+    let (without, _) = late_join(false, 60);
+    eprintln!(
+        "late join: {} WAN chunks for {CHUNKS} with in-flight announcements, {} without",
+        with.wan_chunks, without.wan_chunks
+    );
+    // The control: without saying what it fetches, device 0's requests in flight
+    // are fetched again by the joiners that own them.
+    assert!(
+        without.wan_chunks > CHUNKS as u64 + 20,
+        "{} WAN chunks without announcements",
+        without.wan_chunks
+    );
+    assert!(
+        with.wan_chunks <= CHUNKS as u64,
+        "{} WAN chunks for {CHUNKS}",
+        with.wan_chunks
+    );
+}

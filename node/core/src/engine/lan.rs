@@ -5,7 +5,12 @@
 //! stable key (its public key). Rendezvous hashing (HRW) over the members and this
 //! device names one *owner* per chunk: only the owner fetches it over the WAN; the
 //! others get it from any peer that says it has it ([`Engine::add_holds`], "peer P now
-//! has these chunks"), typically the owner once it has it. A member that makes no
+//! has these chunks"), typically the owner once it has it. A chunk a member says it
+//! has already asked the WAN for ([`Engine::set_fetching`], "peer P is fetching these
+//! chunks") is left to that member whatever the HRW order says: a device that joins
+//! the swarm late (its peers started alone and asked the server for chunks it would
+//! own) or a member's end game would otherwise pull the same chunk over the uplink a
+//! second time. A member that makes no
 //! progress (announces no new chunk) for [`Config::lan_timeout`], fails, is banned or
 //! goes away loses its ownership: the next member in the chunk's HRW order owns it,
 //! down to this device, which then fetches over the WAN. Every decision is a pure
@@ -17,6 +22,7 @@
 use shoal_artifact::ChunkId;
 use tracing::{debug, info};
 
+use crate::bits::Bitfield;
 use crate::error::SourceError;
 use crate::source::{Holds, SourceClass, SourceId};
 use crate::time::Instant;
@@ -55,6 +61,8 @@ struct Member {
     source: usize,
     /// The last time it announced a chunk it did not have before (or joined).
     progress: Instant,
+    /// The entries it says it has asked the WAN for and does not hold yet.
+    fetching: Option<Bitfield>,
 }
 
 /// The part of a key that seeds its HRW scores.
@@ -82,16 +90,18 @@ impl Job {
             && now.as_millis() < m.progress.as_millis().saturating_add(timeout_ms)
     }
 
-    /// Whether this device owns entry `e` now (always, outside a swarm).
+    /// Whether this device owns entry `e` now (always, outside a swarm): no live
+    /// member ranks higher for it, and no live member is fetching it already.
     pub(crate) fn owns(&self, e: u32, now: Instant, timeout_ms: u64) -> bool {
         let Some(lan) = self.lan.as_ref() else {
             return true;
         };
         let id = self.rel.table.id(e);
         let mine = score(lan.me, &id);
-        !lan.members
-            .iter()
-            .any(|m| score(m.seed, &id) > mine && self.member_alive(m, now, timeout_ms))
+        !lan.members.iter().any(|m| {
+            (score(m.seed, &id) > mine || m.fetching.as_ref().is_some_and(|f| f.get(e)))
+                && self.member_alive(m, now, timeout_ms)
+        })
     }
 
     /// When the next member loses its ownership for lack of progress.
@@ -115,10 +125,17 @@ impl Engine {
         let mut members = Vec::with_capacity(swarm.members.len());
         for (key, id) in &swarm.members {
             let source = job.source_index(*id).ok_or(SourceError::Unknown(*id))?;
+            // What a member already said it fetches stays said.
+            let fetching = job
+                .lan
+                .as_mut()
+                .and_then(|l| l.members.iter_mut().find(|m| m.source == source))
+                .and_then(|m| m.fetching.take());
             members.push(Member {
                 seed: seed(key),
                 source,
                 progress: now,
+                fetching,
             });
         }
         info!(members = members.len(), "LAN swarm set");
@@ -162,6 +179,53 @@ impl Engine {
                         lan.waiting -= 1;
                     }
                 }
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Replaces what swarm member `source` says it has asked the WAN for and does
+    /// not hold yet ("peer P is fetching these chunks"): while it makes progress,
+    /// this device leaves those chunks to it (and gets them from it once it holds
+    /// them) rather than fetch them over the WAN too. Chunks it no longer says it
+    /// fetches, and does not hold, are planned again. Ignored for a source that is
+    /// not a swarm member (it would own nothing).
+    pub fn set_fetching(
+        &mut self,
+        now: Instant,
+        source: SourceId,
+        fetching: &Holds,
+    ) -> Result<(), SourceError> {
+        let job = self.job.as_mut().ok_or(SourceError::NoInstall)?;
+        let i = job
+            .source_index(source)
+            .ok_or(SourceError::Unknown(source))?;
+        let new = super::scheduler::holds_by_entry(fetching, &job.rel.table);
+        let Some(m) = job
+            .lan
+            .as_mut()
+            .and_then(|l| l.members.iter_mut().find(|m| m.source == i))
+        else {
+            return Ok(());
+        };
+        let old = std::mem::replace(&mut m.fetching, new);
+        // Entries waiting for the LAN that the member dropped without holding them
+        // (its request failed or was cancelled): planned again.
+        if let Some(old) = old {
+            let dropped: Vec<u32> = old
+                .iter()
+                .filter(|&e| !m.fetching.as_ref().is_some_and(|f| f.get(e)))
+                .collect();
+            let mut requeued = 0u32;
+            for e in dropped {
+                if job.need.get(e) == Need::Lan {
+                    job.need.set(e, Need::QueuedFetch);
+                    requeued += 1;
+                }
+            }
+            if let Some(lan) = job.lan.as_mut() {
+                lan.waiting -= requeued;
             }
         }
         self.pump(now);

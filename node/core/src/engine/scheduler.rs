@@ -222,7 +222,7 @@ impl SourceState {
 }
 
 /// The entries a source holds, as a bitfield over entries (`None`: unknown).
-fn holds_by_entry(holds: &Holds, table: &ChunkTable) -> Option<Bitfield> {
+pub(crate) fn holds_by_entry(holds: &Holds, table: &ChunkTable) -> Option<Bitfield> {
     let n = table.entries();
     match holds {
         Holds::Unknown => None,
