@@ -162,3 +162,28 @@ fn late_joiners_leave_the_chunks_a_member_is_fetching_to_it() {
         with.wan_chunks
     );
 }
+
+#[test]
+fn a_member_slow_to_serve_keeps_fetching_what_it_owns() {
+    // Device 0 answers its peers 2 s late (past their retransmission timeouts),
+    // later and later as their requests queue up: they time it out as a source and
+    // ask others, but it still fetches its own chunks over the WAN, and the WAN
+    // does not take over what it was asked, so few chunks cross the uplink twice
+    // (those it still owned when the others finally dropped it): 2,186 WAN
+    // chunks for 2,000. With only its ownership kept (the WAN still taking over
+    // requests to a failing peer): 3,512.
+    let (mut sim, image) = swarm(10, 5);
+    sim.nodes[0].serve_delay_ms = 2_000;
+    sim.run(3_600_000);
+    all_installed(&sim, &image);
+    eprintln!(
+        "a slow server: {} WAN chunks for {CHUNKS}, {} ms",
+        sim.wan_chunks,
+        sim.now_ms()
+    );
+    assert!(
+        sim.wan_chunks as f64 <= 1.1 * CHUNKS as f64,
+        "{} WAN chunks for {CHUNKS}",
+        sim.wan_chunks
+    );
+}

@@ -765,6 +765,9 @@ pub struct LanNode {
     pub alive: bool,
     /// It serves corrupt chunks to its peers.
     pub corrupt: bool,
+    /// Each answer it serves to a peer starts this much later (a device busy
+    /// serving the others, on a loaded CPU); its WAN link is unaffected.
+    pub serve_delay_ms: u64,
     /// It has not started yet: its outputs and timers wait, it neither announces
     /// nor hears announcements (a device that joins late; the test sets the swarms).
     pub paused: bool,
@@ -848,6 +851,7 @@ impl LanSim {
                 engine,
                 alive: true,
                 corrupt: false,
+                serve_delay_ms: 0,
                 paused: false,
                 has: std::collections::BTreeSet::new(),
                 fresh: Vec::new(),
@@ -1143,6 +1147,9 @@ impl LanSim {
                 let now_us = self.now * 1000;
                 let free = self.busy_us.get(&(wan, serving)).copied().unwrap_or(0);
                 let mut at_us = free.max(now_us + link.rtt_us / 2);
+                if !wan {
+                    at_us += self.nodes[serving].serve_delay_ms * 1000;
+                }
                 for id in ids {
                     if wan && self.nodes[i].wan_flight.insert(id) {
                         self.nodes[i].flight_changed = true;
