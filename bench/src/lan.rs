@@ -316,6 +316,15 @@ impl Site {
             self.net.kill(d);
         }
         if result.is_ok() {
+            // The daemons' logs stay (with `--keep`); the slots go.
+            let logs = self.work.join("logs");
+            std::fs::create_dir_all(&logs)?;
+            for (d, dir) in devs.iter().enumerate() {
+                let _ = std::fs::copy(
+                    dir.join("daemon.log"),
+                    logs.join(format!("{name}-dev{}.log", d + 1)),
+                );
+            }
             let _ = std::fs::remove_dir_all(&row);
         } else {
             progress(&format!(
@@ -598,7 +607,7 @@ pub fn section(inp: &Inputs) -> Result<Section> {
     });
     let share = |r: &Install| r.from_peers as f64 / r.fetched.max(1) as f64;
     facts.push((
-        "peer share (chunk bytes from peers / chunk bytes installed from the network)".to_owned(),
+        "peer share (chunk bytes received from peers, repeats included / chunk bytes installed from the network)".to_owned(),
         m.shared
             .iter()
             .map(|r| {
