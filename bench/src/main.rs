@@ -18,6 +18,7 @@ use clap::{Parser, ValueEnum};
 
 mod alloc_count;
 mod engine_bench;
+mod lan;
 mod measure;
 mod net_link;
 mod net_poll;
@@ -115,6 +116,17 @@ fn main() -> std::process::ExitCode {
     // shaped link, and 10,000 devices polling the server.
     if std::env::args().nth(1).as_deref() == Some("net") {
         return match net_only(NetArgs::parse_from(std::env::args().skip(1))) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal-bench: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    // `shoal-bench lan`: ten devices sharing a release on one LAN behind a shaped
+    // uplink (issue 13), in network namespaces (root).
+    if std::env::args().nth(1).as_deref() == Some("lan") {
+        return match lan_only(LanArgs::parse_from(std::env::args().skip(1))) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("shoal-bench: {err:#}");
@@ -229,6 +241,100 @@ fn net_only(args: NetArgs) -> Result<()> {
         fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
     }
     if args.keep {
+        let _ = work.keep();
+    }
+    Ok(())
+}
+
+/// `shoal-bench lan`: ten devices on one LAN behind a 10 Mbit/s uplink install
+/// v1 → v2 from `shoal server`, sharing chunks, beside baselines on the same
+/// topology (network namespaces: needs root, iproute2, nftables, python3, curl).
+#[derive(Debug, Parser)]
+#[command(name = "shoal-bench lan")]
+struct LanArgs {
+    /// Directory holding `v1.img` and `v2.img`.
+    #[arg(default_value = "/tmp/shoal-images")]
+    images: PathBuf,
+    /// The `shoal` binary with the server role (`cargo build --release -p shoal-node
+    /// --features server`): runs the server and the daemons.
+    #[arg(long, default_value = "target/release/shoal")]
+    shoal: PathBuf,
+    /// The device build (`cargo build --profile device -p shoal-node`): its size is
+    /// reported.
+    #[arg(long, default_value = "target/device/shoal")]
+    device_shoal: PathBuf,
+    /// Runs of the ten sharing and of one device alone; figures are medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Also write the Markdown report to FILE.
+    #[arg(long, value_name = "FILE")]
+    markdown_out: Option<PathBuf>,
+    /// Keep the scratch directory (artifacts, the server's data and log).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Runs the lan section and prints its table.
+fn lan_only(args: LanArgs) -> Result<()> {
+    for img in ["v1.img", "v2.img"].map(|f| args.images.join(f)) {
+        if !img.is_file() {
+            bail!(
+                "{} is missing: run ../shared/bench/make-rootfs-images.sh",
+                img.display()
+            );
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix("shoal-bench-lan-")
+        .tempdir_in("/tmp")
+        .context("cannot create a scratch directory in /tmp")?;
+    // A private copy: a rebuild during the run must not swap the binary.
+    let shoal = work.path().join("shoal-under-test");
+    fs::copy(&args.shoal, &shoal).with_context(|| {
+        format!(
+            "cannot copy {} (build it: cargo build --release -p shoal-node --features server)",
+            args.shoal.display()
+        )
+    })?;
+    let abs = |p: &PathBuf| fs::canonicalize(p).unwrap_or(p.clone());
+    let inputs = lan::Inputs {
+        shoal,
+        device_shoal: abs(&args.device_shoal),
+        v1: abs(&args.images.join("v1.img")),
+        v2: abs(&args.images.join("v2.img")),
+        work: work.path().to_path_buf(),
+        runs: args.runs,
+    };
+    let load_before = loadavg();
+    let section = lan::section(&inputs)?;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let report = Report {
+        context: vec![
+            ("source tree".to_string(), source_tree()),
+            ("machine".to_string(), format!("{cpus} CPUs")),
+            (
+                "load average (1/5/15 min) before → after".to_string(),
+                format!("{load_before} → {}", loadavg()),
+            ),
+            (
+                "command".to_string(),
+                format!(
+                    "`shoal-bench lan {} --shoal {} --runs {}`",
+                    args.images.display(),
+                    args.shoal.display(),
+                    args.runs
+                ),
+            ),
+        ],
+        sections: vec![section],
+    };
+    let md = report.to_markdown();
+    io::stdout().write_all(md.as_bytes())?;
+    if let Some(path) = &args.markdown_out {
+        fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.keep {
+        progress(&format!("keeping {}", work.path().display()));
         let _ = work.keep();
     }
     Ok(())

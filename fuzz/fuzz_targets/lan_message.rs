@@ -1,10 +1,11 @@
 //! LAN peer messages (`shoal_node::peer_wire::decode`): everything a peer on the LAN
-//! can send (`/shoal/state/1`, `/shoal/manifest/1`, `/shoal/chunk/1`).
+//! can send (`/shoal/state/2` and `/1`, `/shoal/manifest/1`, `/shoal/chunk/1`).
 //!
 //! Input: one byte choosing the message type, then the message. Properties: decoding
 //! never panics; an accepted message passes its own checks, and its encoding decodes
-//! to the same message; an accepted state's have-bitfield round-trips through
-//! `Installing::bitfield` / `Installing::new`; a refused one is a `WireError` with a
+//! to the same message; an accepted state's have- and fetching-bitfields round-trip
+//! through `Installing::bitfield` / `Installing::new` and
+//! `Installing::fetching_bitfield` / `Installing::fetching`; a refused one is a `WireError` with a
 //! message.
 
 #![no_main]
@@ -38,7 +39,13 @@ fuzz_target!(|data: &[u8]| {
             if let Some(i) = &s.installing {
                 let have = i.bitfield();
                 assert_eq!(have.len(), i.positions);
-                assert_eq!(&Installing::new(i.manifest, &have), i, "bitfield round trip");
+                let mut back = Installing::new(i.manifest, &have);
+                if !i.fetching.is_empty() {
+                    let fetching = i.fetching_bitfield();
+                    assert_eq!(fetching.len(), i.positions);
+                    back = back.fetching(&fetching);
+                }
+                assert_eq!(&back, i, "bitfield round trip");
             }
         }),
         1 => check::<ManifestRequest>(bytes, MANIFEST_REQUEST_BYTES_MAX, |_| {}),

@@ -1,9 +1,13 @@
 //! What LAN peers say to each other: three versioned request-response protocols,
 //! each message canonical CBOR in one length-capped stream.
 //!
-//! - [`STATE`] (`/shoal/state/1`): "here is what I run and what I install, with a
-//!   have-bitfield over its chunk positions"; answered with the same about the other
-//!   side. Sent when a connection opens and whenever what a device holds changes.
+//! - [`STATE`] (`/shoal/state/2`): "here is what I run and what I install, with a
+//!   have-bitfield over its chunk positions and a fetching-bitfield of the positions
+//!   I have asked the server for"; answered with the same about the other side. Sent
+//!   when a connection opens and whenever what a device holds or fetches changes.
+//!   [`STATE_V1`] (`/shoal/state/1`, without the fetching-bitfield) is still spoken
+//!   with peers that know no better: its messages decode as a state that fetches
+//!   nothing, and a fetching-bitfield is left out of what is written on it.
 //! - [`MANIFEST`] (`/shoal/manifest/1`): the signed manifest envelope of a release,
 //!   by its id (BLAKE3 of the manifest CBOR, as the envelope's verified payload
 //!   hashes); the asker verifies it against its trust root like any offer.
@@ -22,7 +26,9 @@ use shoal_artifact::ChunkId;
 use shoal_engine::Bitfield;
 
 /// The state protocol.
-pub const STATE: StreamProtocol = StreamProtocol::new("/shoal/state/1");
+pub const STATE: StreamProtocol = StreamProtocol::new("/shoal/state/2");
+/// The state protocol of session 5's daemons: no fetching-bitfield.
+pub const STATE_V1: StreamProtocol = StreamProtocol::new("/shoal/state/1");
 /// The manifest protocol.
 pub const MANIFEST: StreamProtocol = StreamProtocol::new("/shoal/manifest/1");
 /// The chunk protocol.
@@ -33,8 +39,8 @@ pub const CHUNK: StreamProtocol = StreamProtocol::new("/shoal/chunk/1");
 pub const POSITIONS_MAX: u32 = 4 * 1024 * 1024;
 /// Most chunk ids in one chunk request.
 pub const CHUNK_IDS_MAX: usize = 1024;
-/// Largest state message (a full bitfield plus a credential).
-pub const STATE_BYTES_MAX: usize = POSITIONS_MAX as usize / 8 + 16 * 1024;
+/// Largest state message (two full bitfields plus a credential).
+pub const STATE_BYTES_MAX: usize = 2 * (POSITIONS_MAX as usize / 8) + 16 * 1024;
 /// Largest manifest request (an id).
 pub const MANIFEST_REQUEST_BYTES_MAX: usize = 128;
 /// Largest manifest answer (an envelope).
@@ -73,29 +79,56 @@ pub struct Installing {
     /// Bit `i` (byte `i / 8`, bit `i % 8`) set: position `i` is written and verified.
     #[serde(with = "serde_bytes")]
     pub have: Vec<u8>,
+    /// Bit `i` set: the chunk at position `i` is asked of the server and not held
+    /// yet (the peers leave it to this device). Empty: nothing is (and always so
+    /// on [`STATE_V1`]); otherwise as long as `have`.
+    #[serde(with = "serde_bytes", default)]
+    pub fetching: Vec<u8>,
 }
 
 impl Installing {
-    /// The message for `have`.
+    /// The message for `have`, fetching nothing.
     pub fn new(manifest: ManifestId, have: &Bitfield) -> Installing {
-        let mut bytes = vec![0u8; (have.len() as usize).div_ceil(8)];
-        for i in have.iter() {
-            bytes[(i / 8) as usize] |= 1 << (i % 8);
-        }
         Installing {
             manifest,
             positions: have.len(),
-            have: bytes,
+            have: to_bytes(have),
+            fetching: Vec::new(),
         }
+    }
+
+    /// The same, saying the positions `fetching` (over as many positions as
+    /// `have`) are asked of the server.
+    pub fn fetching(mut self, fetching: &Bitfield) -> Installing {
+        assert_eq!(fetching.len(), self.positions, "one position count");
+        self.fetching = to_bytes(fetching);
+        self
     }
 
     /// The have-bitfield (checked by [`State::check`]).
     pub fn bitfield(&self) -> Bitfield {
-        let members = self.have.iter().enumerate().flat_map(|(byte, &b)| {
-            (0..8u32).filter_map(move |bit| (b & (1 << bit) != 0).then_some(byte as u32 * 8 + bit))
-        });
-        Bitfield::from_members(self.positions, members)
+        from_bytes(self.positions, &self.have)
     }
+
+    /// The fetching-bitfield (checked by [`State::check`]).
+    pub fn fetching_bitfield(&self) -> Bitfield {
+        from_bytes(self.positions, &self.fetching)
+    }
+}
+
+fn to_bytes(bits: &Bitfield) -> Vec<u8> {
+    let mut bytes = vec![0u8; (bits.len() as usize).div_ceil(8)];
+    for i in bits.iter() {
+        bytes[(i / 8) as usize] |= 1 << (i % 8);
+    }
+    bytes
+}
+
+fn from_bytes(positions: u32, bytes: &[u8]) -> Bitfield {
+    let members = bytes.iter().enumerate().flat_map(|(byte, &b)| {
+        (0..8u32).filter_map(move |bit| (b & (1 << bit) != 0).then_some(byte as u32 * 8 + bit))
+    });
+    Bitfield::from_members(positions, members)
 }
 
 /// What a device says about itself ([`STATE`], both ways).
@@ -189,6 +222,20 @@ pub enum WireError {
         /// Its positions.
         positions: u32,
     },
+    /// A fetching-bitfield neither empty nor as long as the have-bitfield.
+    #[error("fetching-bitfield of {bytes} bytes for {positions} positions")]
+    FetchingLength {
+        /// Its bytes.
+        bytes: usize,
+        /// The positions.
+        positions: u32,
+    },
+    /// A fetching-bitfield with bits set past its positions.
+    #[error("fetching-bitfield sets bits past position {positions}")]
+    FetchingPastEnd {
+        /// The positions.
+        positions: u32,
+    },
     /// A credential larger than any signed credential.
     #[error("credential of {bytes} bytes (at most {max})", max = shoal_signing::CREDENTIAL_SIZE_MAX)]
     CredentialTooLarge {
@@ -223,6 +270,12 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn check(&self) -> Result<(), WireError> {
         Ok(())
     }
+
+    /// The message as written on `protocol` (an older version of it may carry
+    /// less).
+    fn for_protocol(self, _protocol: &StreamProtocol) -> Self {
+        self
+    }
 }
 
 impl Message for State {
@@ -250,8 +303,28 @@ impl Message for State {
                     positions: i.positions,
                 });
             }
+            if !i.fetching.is_empty() && i.fetching.len() != i.have.len() {
+                return Err(WireError::FetchingLength {
+                    bytes: i.fetching.len(),
+                    positions: i.positions,
+                });
+            }
+            if spare != 0 && i.fetching.last().is_some_and(|&b| b >> spare != 0) {
+                return Err(WireError::FetchingPastEnd {
+                    positions: i.positions,
+                });
+            }
         }
         Ok(())
+    }
+
+    fn for_protocol(mut self, protocol: &StreamProtocol) -> State {
+        if *protocol == STATE_V1
+            && let Some(i) = self.installing.as_mut()
+        {
+            i.fetching = Vec::new();
+        }
+        self
     }
 }
 
@@ -358,20 +431,20 @@ impl<Req: Message, Resp: Message> libp2p_request_response::Codec for Codec<Req, 
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         req: Req,
     ) -> io::Result<()> {
-        write_message(io, &req).await
+        write_message(io, &req.for_protocol(protocol)).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         resp: Resp,
     ) -> io::Result<()> {
-        write_message(io, &resp).await
+        write_message(io, &resp.for_protocol(protocol)).await
     }
 }
 
@@ -405,6 +478,16 @@ mod tests {
         let back: State = decode(&encode(&state), STATE_BYTES_MAX).expect("valid");
         assert_eq!(back, state);
         assert_eq!(back.installing.expect("installing").bitfield(), have);
+        let fetching = Bitfield::from_members(13, [1, 2, 12]);
+        let state = State {
+            installing: Some(Installing::new(id(2), &have).fetching(&fetching)),
+            ..state
+        };
+        let back: State = decode(&encode(&state), STATE_BYTES_MAX).expect("valid");
+        assert_eq!(back, state);
+        let i = back.installing.expect("installing");
+        assert_eq!(i.bitfield(), have);
+        assert_eq!(i.fetching_bitfield(), fetching);
         let req = ChunkRequest {
             manifest: id(3),
             ids: vec![ChunkId([7; 32]); 3],
@@ -485,6 +568,7 @@ mod tests {
                 manifest: id(2),
                 positions: POSITIONS_MAX + 1,
                 have: Vec::new(),
+                fetching: Vec::new(),
             }),
             ..State::default()
         };
@@ -508,6 +592,31 @@ mod tests {
             Err(WireError::CredentialTooLarge {
                 bytes: shoal_signing::CREDENTIAL_SIZE_MAX + 1
             })
+        );
+        // A fetching-bitfield neither empty nor as long as the have-bitfield.
+        let mut short = Installing::new(id(2), &Bitfield::new(16)).fetching(&Bitfield::full(16));
+        short.fetching.pop();
+        let s = State {
+            installing: Some(short),
+            ..State::default()
+        };
+        assert_eq!(
+            decode::<State>(&encode(&s), STATE_BYTES_MAX),
+            Err(WireError::FetchingLength {
+                bytes: 1,
+                positions: 16
+            })
+        );
+        // Fetching bits past the end.
+        let mut past = Installing::new(id(2), &Bitfield::new(10)).fetching(&Bitfield::full(10));
+        past.fetching[1] = 0b0000_1000;
+        let s = State {
+            installing: Some(past),
+            ..State::default()
+        };
+        assert_eq!(
+            decode::<State>(&encode(&s), STATE_BYTES_MAX),
+            Err(WireError::FetchingPastEnd { positions: 10 })
         );
         // Chunk requests of no ids or too many.
         let none = ChunkRequest {
@@ -581,5 +690,63 @@ mod tests {
             codec.read_request(&CHUNK, &mut back).await.expect("read"),
             req
         );
+    }
+
+    /// Session 5's `/shoal/state/1` messages (no fetching-bitfield) still decode,
+    /// as a state that fetches nothing; what is written on that protocol leaves the
+    /// fetching-bitfield out, and on `/shoal/state/2` keeps it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn state_v1_is_still_understood() {
+        use libp2p_request_response::Codec as _;
+        // The v1 message, as session 5 encoded it: three fields in `installing`.
+        #[derive(Serialize)]
+        struct InstallingV1 {
+            manifest: ManifestId,
+            positions: u32,
+            #[serde(with = "serde_bytes")]
+            have: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct StateV1 {
+            running: Option<ManifestId>,
+            installing: Option<InstallingV1>,
+            credential: Option<serde_bytes::ByteBuf>,
+        }
+        let old = StateV1 {
+            running: None,
+            installing: Some(InstallingV1 {
+                manifest: id(4),
+                positions: 9,
+                have: vec![0b1000_0001, 0b1],
+            }),
+            credential: None,
+        };
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), &old).expect("encode");
+        let state: State = decode(&bytes, STATE_BYTES_MAX).expect("a v1 state decodes");
+        let i = state.installing.clone().expect("installing");
+        assert_eq!(i.bitfield(), Bitfield::from_members(9, [0, 7, 8]));
+        assert_eq!(i.fetching_bitfield().count(), 0);
+
+        let fetching = Bitfield::from_members(9, [3]);
+        let mine = State {
+            installing: Some(i.fetching(&fetching)),
+            ..state
+        };
+        let mut codec = Codec::<State, State>::new(STATE_BYTES_MAX, STATE_BYTES_MAX);
+        for (protocol, said) in [(STATE_V1, 0), (STATE, 1)] {
+            let mut out = futures_util::io::Cursor::new(Vec::new());
+            codec
+                .write_request(&protocol, &mut out, mine.clone())
+                .await
+                .expect("written");
+            let mut back = futures_util::io::Cursor::new(out.into_inner());
+            let got = codec
+                .read_request(&protocol, &mut back)
+                .await
+                .expect("read");
+            let got = got.installing.expect("installing");
+            assert_eq!(got.fetching_bitfield().count(), said, "on {protocol}");
+            assert_eq!(got.bitfield(), Bitfield::from_members(9, [0, 7, 8]));
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! built the running test, a no-op when it is up to date) once per test process and
 //! returns its path. That keeps `cargo test --workspace` the one test entry point.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

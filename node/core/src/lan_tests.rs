@@ -122,3 +122,68 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
         }));
     }
 }
+
+/// WAN chunks when device 0 starts alone and the nine others join `join_ms` later
+/// (device 0 has asked the server for chunks they would own by then).
+fn late_join(announce_fetching: bool, join_ms: u64) -> (LanSim, Vec<u8>) {
+    let (mut sim, image) = swarm(10, 4);
+    sim.announce_fetching = announce_fetching;
+    let late: Vec<usize> = (1..10).collect();
+    sim.hold_back(&late);
+    sim.run(join_ms);
+    assert!(
+        sim.nodes[0].engine.is_installing(),
+        "device 0 finished alone"
+    );
+    sim.join(&late);
+    sim.run(3_600_000);
+    all_installed(&sim, &image);
+    (sim, image)
+}
+
+#[test]
+fn late_joiners_leave_the_chunks_a_member_is_fetching_to_it() {
+    let (with, _) = late_join(true, 60);
+    let (without, _) = late_join(false, 60);
+    eprintln!(
+        "late join: {} WAN chunks for {CHUNKS} with in-flight announcements, {} without",
+        with.wan_chunks, without.wan_chunks
+    );
+    // The control: without saying what it fetches, device 0's requests in flight
+    // are fetched again by the joiners that own them.
+    assert!(
+        without.wan_chunks > CHUNKS as u64 + 20,
+        "{} WAN chunks without announcements",
+        without.wan_chunks
+    );
+    assert!(
+        with.wan_chunks <= CHUNKS as u64,
+        "{} WAN chunks for {CHUNKS}",
+        with.wan_chunks
+    );
+}
+
+#[test]
+fn a_member_slow_to_serve_keeps_fetching_what_it_owns() {
+    // Device 0 answers its peers 2 s late (past their retransmission timeouts),
+    // later and later as their requests queue up: they time it out as a source and
+    // ask others, but it still fetches its own chunks over the WAN, and the WAN
+    // does not take over what it was asked, so few chunks cross the uplink twice
+    // (those it still owned when the others finally dropped it): 2,186 WAN
+    // chunks for 2,000. With only its ownership kept (the WAN still taking over
+    // requests to a failing peer): 3,512.
+    let (mut sim, image) = swarm(10, 5);
+    sim.nodes[0].serve_delay_ms = 2_000;
+    sim.run(3_600_000);
+    all_installed(&sim, &image);
+    eprintln!(
+        "a slow server: {} WAN chunks for {CHUNKS}, {} ms",
+        sim.wan_chunks,
+        sim.now_ms()
+    );
+    assert!(
+        sim.wan_chunks as f64 <= 1.1 * CHUNKS as f64,
+        "{} WAN chunks for {CHUNKS}",
+        sim.wan_chunks
+    );
+}

@@ -771,14 +771,25 @@ pub struct LanNode {
     pub alive: bool,
     /// It serves corrupt chunks to its peers.
     pub corrupt: bool,
+    /// Each answer it serves to a peer starts this much later (a device busy
+    /// serving the others, on a loaded CPU); its WAN link is unaffected.
+    pub serve_delay_ms: u64,
+    /// It has not started yet: its outputs and timers wait, it neither announces
+    /// nor hears announcements (a device that joins late; the test sets the swarms).
+    pub paused: bool,
     has: std::collections::BTreeSet<ChunkId>,
     fresh: Vec<ChunkId>,
+    /// Chunks asked of the server and not answered yet.
+    wan_flight: std::collections::BTreeSet<ChunkId>,
+    /// `wan_flight` changed since the last announcement.
+    flight_changed: bool,
 }
 
 /// Several engines on one LAN on one virtual clock (a `Pair`-style harness, as
 /// quinn's tests do). Each device has its own WAN link to one server (source
 /// [`LanSim::WAN`]) and a peer source for every other device (source `j` is device
-/// `j`), all devices are one swarm, and each announces the chunks it wrote every
+/// `j`), all devices are one swarm, and each announces the chunks it wrote (and,
+/// with [`LanSim::announce_fetching`], those it asked the server for) every
 /// [`LanSim::announce_ms`]. Devices can die (stop answering and announcing) or serve
 /// corrupt chunks. [`Engine::check_invariants`] runs after every step.
 #[derive(Debug)]
@@ -791,12 +802,18 @@ pub struct LanSim {
     pub lan: Link,
     /// Gossip interval.
     pub announce_ms: u64,
+    /// Devices also announce the chunks they asked the server for and do not hold
+    /// yet ([`Engine::set_fetching`]), as the daemon does.
+    pub announce_fetching: bool,
     /// Chunks the server delivered, over all devices.
     pub wan_chunks: u64,
     /// Chunks peers delivered, over all devices.
     pub lan_chunks: u64,
     server: BTreeMap<ChunkId, Vec<u8>>,
-    deliveries: BTreeMap<(u64, u64), (usize, SourceId, RequestId, Input)>,
+    config: crate::Config,
+    envelope: Vec<u8>,
+    positions: u32,
+    deliveries: BTreeMap<(u64, u64), (usize, SourceId, RequestId, ChunkId, Input)>,
     busy_us: BTreeMap<(bool, usize), u64>,
     next_announce: u64,
     seq: u64,
@@ -818,46 +835,19 @@ impl LanSim {
     ) -> LanSim {
         let size = manifest.payloads[0].size;
         let positions = u32::try_from(manifest.payloads[0].chunks.len()).expect("fits");
-        let key = |i: usize| crate::NodeKey(*blake3::hash(&(i as u64).to_le_bytes()).as_bytes());
         let mut nodes = Vec::new();
         for i in 0..n {
             let dev = SimDevice::new(&[], size, i as u64 + 1);
-            let mut config = config.clone();
-            config.seed = i as u64;
-            let mut engine = Engine::new(config, dev.store.load());
-            let mut sources = vec![crate::SourceInfo::new(
-                LanSim::WAN,
-                crate::SourceKind::Requests,
-                crate::SourceClass::Wan,
-                "server",
-            )];
-            for j in (0..n).filter(|&j| j != i) {
-                sources.push(
-                    crate::SourceInfo::new(
-                        SourceId(j as u32),
-                        crate::SourceKind::Requests,
-                        crate::SourceClass::Peer,
-                        format!("peer {j}"),
-                    )
-                    .holding(crate::Holds::Positions(crate::Bitfield::new(positions))),
-                );
-            }
-            let offer = crate::Offer {
-                envelope: envelope.to_vec(),
-                wall_unix_s: None,
-                sources,
-                reboot: false,
-            };
-            engine.offer(Instant::from_millis(0), offer).expect("offer");
+            let mut engine = LanSim::offered(i, n, config, envelope, positions, &dev, 0);
             let members = (0..n)
                 .filter(|&j| j != i)
-                .map(|j| (key(j), SourceId(j as u32)))
+                .map(|j| (LanSim::key(j), SourceId(j as u32)))
                 .collect();
             engine
                 .set_swarm(
                     Instant::from_millis(0),
                     crate::Swarm {
-                        me: key(i),
+                        me: LanSim::key(i),
                         members,
                     },
                 )
@@ -867,8 +857,12 @@ impl LanSim {
                 engine,
                 alive: true,
                 corrupt: false,
+                serve_delay_ms: 0,
+                paused: false,
                 has: std::collections::BTreeSet::new(),
                 fresh: Vec::new(),
+                wan_flight: std::collections::BTreeSet::new(),
+                flight_changed: false,
             });
         }
         LanSim {
@@ -886,15 +880,141 @@ impl LanSim {
                 silent: false,
             },
             announce_ms: 20,
+            announce_fetching: true,
             wan_chunks: 0,
             lan_chunks: 0,
             server: chunks.iter().cloned().collect(),
+            config: config.clone(),
+            envelope: envelope.to_vec(),
+            positions,
             deliveries: BTreeMap::new(),
             busy_us: BTreeMap::new(),
             next_announce: 0,
             seq: 0,
             now: 0,
         }
+    }
+
+    /// Device `i`'s key on the LAN.
+    fn key(i: usize) -> crate::NodeKey {
+        crate::NodeKey(*blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
+    }
+
+    /// Device `i` of `n`'s engine, offered the release at `now_ms` with the server
+    /// and a peer source for each other device (holding nothing yet).
+    fn offered(
+        i: usize,
+        n: usize,
+        config: &crate::Config,
+        envelope: &[u8],
+        positions: u32,
+        dev: &SimDevice,
+        now_ms: u64,
+    ) -> Engine {
+        let mut config = config.clone();
+        config.seed = i as u64;
+        let mut engine = Engine::new(config, dev.store.load());
+        let mut sources = vec![crate::SourceInfo::new(
+            LanSim::WAN,
+            crate::SourceKind::Requests,
+            crate::SourceClass::Wan,
+            "server",
+        )];
+        for j in (0..n).filter(|&j| j != i) {
+            sources.push(
+                crate::SourceInfo::new(
+                    SourceId(j as u32),
+                    crate::SourceKind::Requests,
+                    crate::SourceClass::Peer,
+                    format!("peer {j}"),
+                )
+                .holding(crate::Holds::Positions(crate::Bitfield::new(positions))),
+            );
+        }
+        let offer = crate::Offer {
+            envelope: envelope.to_vec(),
+            wall_unix_s: None,
+            sources,
+            reboot: false,
+        };
+        engine
+            .offer(Instant::from_millis(now_ms), offer)
+            .expect("offer");
+        engine
+    }
+
+    /// Every started device's swarm becomes the other started devices.
+    fn reset_swarms(&mut self, now: Instant) {
+        let started: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].paused)
+            .collect();
+        for &i in &started {
+            let members = started
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| (LanSim::key(j), SourceId(j as u32)))
+                .collect();
+            let engine = &mut self.nodes[i].engine;
+            if engine.is_installing() {
+                engine
+                    .set_swarm(
+                        now,
+                        crate::Swarm {
+                            me: LanSim::key(i),
+                            members,
+                        },
+                    )
+                    .expect("swarm");
+            }
+        }
+    }
+
+    /// Devices `late` have not started: they wait until [`LanSim::join`], and the
+    /// others' swarms leave them out meanwhile.
+    pub fn hold_back(&mut self, late: &[usize]) {
+        for &i in late {
+            self.nodes[i].paused = true;
+        }
+        self.reset_swarms(Instant::from_millis(self.now));
+    }
+
+    /// Devices `late` start now: each is offered the release, hears what the
+    /// started devices hold and (with [`LanSim::announce_fetching`]) fetch, as the
+    /// daemon's state messages on connecting say, and every swarm becomes all the
+    /// started devices.
+    pub fn join(&mut self, late: &[usize]) {
+        let now = Instant::from_millis(self.now);
+        let n = self.nodes.len();
+        for &i in late {
+            let engine = LanSim::offered(
+                i,
+                n,
+                &self.config,
+                &self.envelope,
+                self.positions,
+                &self.nodes[i].dev,
+                self.now,
+            );
+            self.nodes[i].engine = engine;
+            self.nodes[i].paused = false;
+        }
+        self.reset_swarms(now);
+        for &i in late {
+            let started: Vec<usize> = (0..n)
+                .filter(|&j| j != i && !self.nodes[j].paused)
+                .collect();
+            for j in started {
+                let holds = crate::Holds::Ids(self.nodes[j].has.clone());
+                self.nodes[i]
+                    .engine
+                    .add_holds(now, SourceId(j as u32), &holds)
+                    .expect("a registered peer");
+            }
+        }
+        for node in &mut self.nodes {
+            node.flight_changed = true;
+        }
+        self.announce(now);
     }
 
     /// The virtual clock, in milliseconds.
@@ -917,7 +1037,7 @@ impl LanSim {
         }
         loop {
             for i in 0..self.nodes.len() {
-                while self.nodes[i].alive {
+                while self.nodes[i].alive && !self.nodes[i].paused {
                     let Some(out) = self.nodes[i].engine.poll_output() else {
                         break;
                     };
@@ -928,7 +1048,7 @@ impl LanSim {
             let installing = self
                 .nodes
                 .iter()
-                .any(|n| n.alive && n.engine.is_installing());
+                .any(|n| n.alive && !n.paused && n.engine.is_installing());
             if !installing {
                 return;
             }
@@ -936,7 +1056,7 @@ impl LanSim {
             let timer = self
                 .nodes
                 .iter()
-                .filter(|n| n.alive)
+                .filter(|n| n.alive && !n.paused)
                 .filter_map(|n| n.engine.poll_timeout())
                 .map(Instant::as_millis)
                 .min();
@@ -952,7 +1072,10 @@ impl LanSim {
             self.now = self.now.max(next);
             let now = Instant::from_millis(self.now);
             if delivery == Some(next) {
-                let (_, (i, source, _, input)) = self.deliveries.pop_first().expect("due");
+                let (_, (i, source, _, id, input)) = self.deliveries.pop_first().expect("due");
+                if source == LanSim::WAN && self.nodes[i].wan_flight.remove(&id) {
+                    self.nodes[i].flight_changed = true;
+                }
                 if source == LanSim::WAN && matches!(input, Input::Chunk { .. }) {
                     self.wan_chunks += 1;
                 } else if matches!(input, Input::Chunk { .. }) {
@@ -965,21 +1088,23 @@ impl LanSim {
                 self.announce(now);
                 self.next_announce = self.now + self.announce_ms;
             } else {
-                for n in self.nodes.iter_mut().filter(|n| n.alive) {
+                for n in self.nodes.iter_mut().filter(|n| n.alive && !n.paused) {
                     if n.engine.poll_timeout().is_some_and(|t| t <= now) {
                         n.engine.handle_timeout(now);
                     }
                 }
             }
-            for n in self.nodes.iter().filter(|n| n.alive) {
+            for n in self.nodes.iter().filter(|n| n.alive && !n.paused) {
                 n.engine.check_invariants();
             }
         }
     }
 
     fn announce(&mut self, now: Instant) {
+        // What each wrote first, then what it fetches (one state message says both:
+        // a chunk that arrived leaves the fetching set as it joins the held one).
         for i in 0..self.nodes.len() {
-            if !self.nodes[i].alive || self.nodes[i].fresh.is_empty() {
+            if !self.nodes[i].alive || self.nodes[i].paused || self.nodes[i].fresh.is_empty() {
                 continue;
             }
             let fresh: std::collections::BTreeSet<ChunkId> =
@@ -989,9 +1114,26 @@ impl LanSim {
             let holds = crate::Holds::Ids(fresh);
             for k in (0..self.nodes.len()).filter(|&k| k != i) {
                 let n = &mut self.nodes[k];
-                if n.alive && n.engine.is_installing() {
+                if n.alive && !n.paused && n.engine.is_installing() {
                     n.engine
                         .add_holds(now, SourceId(i as u32), &holds)
+                        .expect("a registered peer");
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let node = &mut self.nodes[i];
+            if !self.announce_fetching || !node.alive || node.paused || !node.flight_changed {
+                continue;
+            }
+            node.flight_changed = false;
+            let fetching =
+                crate::Holds::Ids(node.wan_flight.difference(&node.has).copied().collect());
+            for k in (0..self.nodes.len()).filter(|&k| k != i) {
+                let n = &mut self.nodes[k];
+                if n.alive && !n.paused && n.engine.is_installing() {
+                    n.engine
+                        .set_fetching(now, SourceId(i as u32), &fetching)
                         .expect("a registered peer");
                 }
             }
@@ -1010,13 +1152,19 @@ impl LanSim {
                 } else {
                     (false, source.0 as usize, self.lan)
                 };
-                if !wan && !self.nodes[serving].alive {
+                if !wan && (!self.nodes[serving].alive || self.nodes[serving].paused) {
                     return; // Silent.
                 }
                 let now_us = self.now * 1000;
                 let free = self.busy_us.get(&(wan, serving)).copied().unwrap_or(0);
                 let mut at_us = free.max(now_us + link.rtt_us / 2);
+                if !wan {
+                    at_us += self.nodes[serving].serve_delay_ms * 1000;
+                }
                 for id in ids {
+                    if wan && self.nodes[i].wan_flight.insert(id) {
+                        self.nodes[i].flight_changed = true;
+                    }
                     let data = if wan {
                         self.server.get(&id).cloned()
                     } else if self.nodes[serving].has.contains(&id) {
@@ -1037,13 +1185,19 @@ impl LanSim {
                     let due = (at_us + link.rtt_us / 2).div_ceil(1000);
                     self.seq += 1;
                     self.deliveries
-                        .insert((due, self.seq), (i, source, request, input));
+                        .insert((due, self.seq), (i, source, request, id, input));
                 }
                 self.busy_us.insert((wan, serving), at_us);
             }
             Output::Cancel { source, request } => {
-                self.deliveries
-                    .retain(|_, d| !(d.0 == i && d.1 == source && d.2 == request));
+                let node = &mut self.nodes[i];
+                self.deliveries.retain(|_, d| {
+                    let cancelled = d.0 == i && d.1 == source && d.2 == request;
+                    if cancelled && source == LanSim::WAN && node.wan_flight.remove(&d.3) {
+                        node.flight_changed = true;
+                    }
+                    !cancelled
+                });
             }
             out => {
                 if let Output::Write { id, .. } = out

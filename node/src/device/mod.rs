@@ -183,6 +183,14 @@ pub enum Answer {
         /// What it holds now.
         holds: Holds,
     },
+    /// A carried source (a LAN swarm member) says it has asked the server for
+    /// these chunks and does not hold them yet.
+    Fetching {
+        /// The source.
+        source: SourceId,
+        /// What it fetches now.
+        fetching: Holds,
+    },
     /// A carried source went away.
     Removed(SourceId),
     /// The LAN peers installing the same release changed.
@@ -1492,6 +1500,12 @@ impl<'a> Driver<'a> {
             }
             Answer::Holds { source, holds } => {
                 if let Err(e) = self.engine.add_holds(now, source, &holds) {
+                    warn!(%source, error = %e, "cannot update a source");
+                }
+                return;
+            }
+            Answer::Fetching { source, fetching } => {
+                if let Err(e) = self.engine.set_fetching(now, source, &fetching) {
                     warn!(%source, error = %e, "cannot update a source");
                 }
                 return;

@@ -92,6 +92,9 @@ enum Command {
     Installing(Option<(Arc<Served>, Bitfield)>),
     /// The positions of the installing release now written and verified.
     Have(Bitfield),
+    /// The positions of the installing release now asked of the server and not
+    /// held yet.
+    Fetching(Bitfield),
     /// Every position of the installing release is written and verified.
     HaveAll,
     /// Asks `peer` for chunks of `manifest`.
@@ -345,6 +348,12 @@ impl Lan {
         self.send(Command::Have(have));
     }
 
+    /// The installing release's positions asked of the server and not held yet
+    /// changed (the peers leave those chunks to this device).
+    pub fn fetching(&self, fetching: Bitfield) {
+        self.send(Command::Fetching(fetching));
+    }
+
     /// The installing release is written and verified whole.
     pub fn have_all(&self) {
         self.send(Command::HaveAll);
@@ -433,7 +442,10 @@ fn build_swarm(
         mdns: mdns.into(),
         state: request_response::Behaviour::with_codec(
             Codec::new(proto::STATE_BYTES_MAX, proto::STATE_BYTES_MAX),
-            [(proto::STATE, ProtocolSupport::Full)],
+            [
+                (proto::STATE, ProtocolSupport::Full),
+                (proto::STATE_V1, ProtocolSupport::Full),
+            ],
             rr(),
         ),
         manifest: request_response::Behaviour::with_codec(
@@ -485,6 +497,8 @@ struct EventLoop {
     boot: Arc<Mutex<BootControl>>,
     running: Option<Arc<Served>>,
     installing: Option<(Arc<Served>, Bitfield)>,
+    /// Of the installing release, the positions asked of the server and not held.
+    fetching: Bitfield,
     pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
     pending_manifests: HashMap<OutboundRequestId, ManifestReply>,
     static_peers: Vec<Multiaddr>,
@@ -536,6 +550,7 @@ impl EventLoop {
             boot: Arc::new(Mutex::new(boot)),
             running: None,
             installing: None,
+            fetching: Bitfield::new(0),
             pending_chunks: HashMap::new(),
             pending_manifests: HashMap::new(),
             static_peers,
@@ -578,10 +593,14 @@ impl EventLoop {
     fn state(&self) -> State {
         State {
             running: self.running.as_ref().map(|s| s.manifest),
-            installing: self
-                .installing
-                .as_ref()
-                .map(|(s, have)| Installing::new(s.manifest, have)),
+            installing: self.installing.as_ref().map(|(s, have)| {
+                let i = Installing::new(s.manifest, have);
+                if self.fetching.len() == have.len() && self.fetching.count() > 0 {
+                    i.fetching(&self.fetching)
+                } else {
+                    i
+                }
+            }),
             credential: self.credential(),
         }
     }
@@ -684,7 +703,16 @@ impl EventLoop {
             }
             Command::Installing(installing) => {
                 self.installing = installing;
+                self.fetching = Bitfield::new(0);
                 self.announce();
+            }
+            Command::Fetching(fetching) => {
+                if self.fetching != fetching {
+                    self.fetching = fetching;
+                    if self.installing.is_some() {
+                        self.announce();
+                    }
+                }
             }
             Command::HaveAll => {
                 if let Some((_, h)) = self.installing.as_mut() {

@@ -6,7 +6,11 @@
 //! have-bitfield says, and is a member of the engine's swarm: rendezvous hashing
 //! names one owner per chunk that fetches it from the server). Peers appear, change
 //! what they hold and go away as the event loop hears of them; each change is handed
-//! to the driver as an [`Answer`] the driver applies to the engine. A peer whose
+//! to the driver as an [`Answer`] the driver applies to the engine. What this device
+//! asks the server for (and does not hold yet) is said to the peers, so that a peer
+//! that joins late, or whose turn it would be by rendezvous hashing, leaves those
+//! chunks to this device rather than pull them over the uplink a second time; what
+//! members say they fetch goes to the engine ([`Answer::Fetching`]). A peer whose
 //! chunk does not hash to its id is banned by the engine; [`Requests::banned`] then
 //! blocks it on the LAN.
 
@@ -46,6 +50,8 @@ struct Peer {
     member: bool,
     /// What it was last said to hold.
     holds: Holds,
+    /// What it was last said to fetch from the server (members only).
+    fetching: Option<Bitfield>,
 }
 
 /// The server plus the LAN peers that can serve the release being installed.
@@ -64,7 +70,19 @@ pub struct LanRequests {
     rx: Receiver<(SourceId, Answer)>,
     /// Chunk bytes received from peers.
     peer_bytes: Arc<AtomicU64>,
-    have: u32,
+    /// The positions written and verified, as last said to the peers.
+    have: Bitfield,
+    /// Each chunk's first position in the release.
+    position: HashMap<ChunkId, u32>,
+    /// Chunks asked of the server, by the request that asks for them, not answered
+    /// yet.
+    wan: HashMap<ChunkId, RequestId>,
+    /// Chunks the server sent that are not yet written and verified (in `have`).
+    got: HashSet<ChunkId>,
+    /// `wan` or `got` changed since the peers were told.
+    fetching_changed: bool,
+    /// What the peers were last told this device fetches.
+    fetching: Bitfield,
 }
 
 impl std::fmt::Debug for LanRequests {
@@ -98,6 +116,10 @@ impl LanRequests {
             std::thread::sleep(Duration::from_millis(50));
         }
         let (tx, rx) = channel();
+        let mut position = HashMap::with_capacity(release.positions.len());
+        for (p, (id, _, _)) in release.positions.iter().enumerate() {
+            position.entry(*id).or_insert(p as u32);
+        }
         LanRequests {
             server,
             me: node_key(&lan.peer_id()),
@@ -112,7 +134,12 @@ impl LanRequests {
             tx,
             rx,
             peer_bytes: Arc::new(AtomicU64::new(0)),
-            have: 0,
+            have: Bitfield::new(positions),
+            position,
+            wan: HashMap::new(),
+            got: HashSet::new(),
+            fetching_changed: false,
+            fetching: Bitfield::new(positions),
         }
     }
 
@@ -121,15 +148,23 @@ impl LanRequests {
         Arc::clone(&self.peer_bytes)
     }
 
-    /// What a peer's state says it holds of this release, if anything.
-    fn holds_of(&self, state: &State) -> Option<(bool, Holds)> {
+    /// What a peer's state says it holds of this release, if anything: whether it
+    /// installs it too (a swarm member), what it holds, and (a member) what it
+    /// fetches from the server.
+    fn holds_of(&self, state: &State) -> Option<(bool, Holds, Option<Bitfield>)> {
         if state.running == Some(self.release.manifest) {
-            return Some((false, Holds::All));
+            return Some((false, Holds::All, None));
         }
         let i = state.installing.as_ref()?;
         (i.manifest == self.release.manifest
             && i.positions as usize == self.release.positions.len())
-        .then(|| (true, Holds::Positions(i.bitfield())))
+        .then(|| {
+            (
+                true,
+                Holds::Positions(i.bitfield()),
+                Some(i.fetching_bitfield()),
+            )
+        })
     }
 
     /// The changes in the peers since last looked at, as answers for the driver.
@@ -141,7 +176,7 @@ impl LanRequests {
         self.seen = version;
         let states = self.lan.peers().snapshot();
         let mut out = Vec::new();
-        let mut wanted: BTreeMap<PeerId, (bool, Holds)> = BTreeMap::new();
+        let mut wanted: BTreeMap<PeerId, (bool, Holds, Option<Bitfield>)> = BTreeMap::new();
         for (peer, state) in &states {
             if self.banned.contains(peer) {
                 continue;
@@ -164,7 +199,10 @@ impl LanRequests {
                 out.push(Answer::Removed(peer.source));
             }
         }
-        for (p, (member, holds)) in wanted {
+        // What members fetch, said after the swarm (the engine ignores it from a
+        // source that is not a member yet).
+        let mut fetching_changes = Vec::new();
+        for (p, (member, holds, fetching)) in wanted {
             match self.peers.get_mut(&p) {
                 Some(peer) => {
                     if peer.holds != holds {
@@ -174,6 +212,12 @@ impl LanRequests {
                             source: peer.source,
                             holds,
                         });
+                    }
+                    if peer.fetching != fetching {
+                        peer.fetching = fetching.clone();
+                        if let Some(f) = fetching {
+                            fetching_changes.push((peer.source, f));
+                        }
                     }
                 }
                 None => {
@@ -190,12 +234,16 @@ impl LanRequests {
                         .holding(holds.clone()),
                     ));
                     self.by_source.insert(source, p);
+                    if let Some(f) = &fetching {
+                        fetching_changes.push((source, f.clone()));
+                    }
                     self.peers.insert(
                         p,
                         Peer {
                             source,
                             member,
                             holds,
+                            fetching,
                         },
                     );
                 }
@@ -219,16 +267,82 @@ impl LanRequests {
                     .collect(),
             }));
         }
+        for (source, f) in fetching_changes {
+            out.push(Answer::Fetching {
+                source,
+                fetching: Holds::Positions(f),
+            });
+        }
         out
+    }
+
+    /// Notes what the server answered (chunks no longer in flight).
+    fn on_server_answer(&mut self, answer: &Answer) {
+        match answer {
+            Answer::Chunk(c) => {
+                let id = c.chunk().id;
+                if self.wan.remove(&id).is_some() {
+                    self.got.insert(id);
+                    self.fetching_changed = true;
+                }
+            }
+            Answer::Unavailable(id) | Answer::Corrupt(id) => {
+                if self.wan.remove(id).is_some() {
+                    self.fetching_changed = true;
+                }
+            }
+            Answer::Failed { request, .. } => self.forget_request(*request),
+            _ => {}
+        }
+    }
+
+    /// A request to the server ended without its remaining chunks.
+    fn forget_request(&mut self, request: RequestId) {
+        let before = self.wan.len();
+        self.wan.retain(|_, r| *r != request);
+        if self.wan.len() != before {
+            self.fetching_changed = true;
+        }
+    }
+
+    /// Tells the peers what this device fetches now, when that changed.
+    fn say_fetching(&mut self) {
+        if !self.fetching_changed {
+            return;
+        }
+        self.fetching_changed = false;
+        let have = &self.have;
+        self.got.retain(|id| {
+            let p = self.position.get(id).copied();
+            p.is_some_and(|p| !have.get(p))
+        });
+        let positions = self.release.positions.len() as u32;
+        let fetching = Bitfield::from_members(
+            positions,
+            self.wan
+                .keys()
+                .chain(self.got.iter())
+                .filter_map(|id| self.position.get(id).copied())
+                .filter(|&p| !have.get(p)),
+        );
+        if fetching != self.fetching {
+            self.fetching = fetching.clone();
+            self.lan.fetching(fetching);
+        }
     }
 }
 
 impl Requests for LanRequests {
     fn send(&mut self, request: RequestId, ids: Vec<ChunkId>) {
+        for id in &ids {
+            self.wan.insert(*id, request);
+        }
+        self.fetching_changed = true;
         self.server.send(request, ids);
     }
 
     fn cancel(&mut self, request: RequestId) {
+        self.forget_request(request);
         self.server.cancel(request);
     }
 
@@ -311,9 +425,13 @@ impl Requests for LanRequests {
 
     fn journaled(&mut self, ranges: &[(u64, u64)]) {
         let have = self.release.have_of(ranges);
-        if have.count() != self.have {
-            self.have = have.count();
+        if have.count() != self.have.count() {
+            self.have = have.clone();
             self.lan.have(have);
+            // Chunks now held are no longer said to be fetched.
+            if !self.got.is_empty() {
+                self.fetching_changed = true;
+            }
         }
     }
 
@@ -333,7 +451,12 @@ impl Requests for LanRequests {
             } else {
                 Duration::ZERO
             };
-            out.extend(self.server.wait(slice));
+            let server = self.server.wait(slice);
+            for a in &server {
+                self.on_server_answer(a);
+            }
+            out.extend(server);
+            self.say_fetching();
             if !out.is_empty() || Instant::now() >= deadline {
                 return out;
             }

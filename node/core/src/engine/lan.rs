@@ -5,9 +5,14 @@
 //! stable key (its public key). Rendezvous hashing (HRW) over the members and this
 //! device names one *owner* per chunk: only the owner fetches it over the WAN; the
 //! others get it from any peer that says it has it ([`Engine::add_holds`], "peer P now
-//! has these chunks"), typically the owner once it has it. A member that makes no
-//! progress (announces no new chunk) for [`Config::lan_timeout`], fails, is banned or
-//! goes away loses its ownership: the next member in the chunk's HRW order owns it,
+//! has these chunks"), typically the owner once it has it. A chunk a member says it
+//! has already asked the WAN for ([`Engine::set_fetching`], "peer P is fetching these
+//! chunks") is left to that member whatever the HRW order says: a device that joins
+//! the swarm late (its peers started alone and asked the server for chunks it would
+//! own) or a member's end game would otherwise pull the same chunk over the uplink a
+//! second time. A member that makes no
+//! progress (announces no new chunk) for [`Config::lan_timeout`], is banned or goes
+//! away loses its ownership (one that is merely slow to serve this device keeps it): the next member in the chunk's HRW order owns it,
 //! down to this device, which then fetches over the WAN. Every decision is a pure
 //! function of the keys, the chunk ids and the inputs, so the simulator reproduces it.
 //!
@@ -17,6 +22,7 @@
 use shoal_artifact::ChunkId;
 use tracing::{debug, info};
 
+use crate::bits::Bitfield;
 use crate::error::SourceError;
 use crate::source::{Holds, SourceClass, SourceId};
 use crate::time::Instant;
@@ -55,6 +61,8 @@ struct Member {
     source: usize,
     /// The last time it announced a chunk it did not have before (or joined).
     progress: Instant,
+    /// The entries it says it has asked the WAN for and does not hold yet.
+    fetching: Option<Bitfield>,
 }
 
 /// The part of a key that seeds its HRW scores.
@@ -73,25 +81,31 @@ fn score(seed: u64, chunk: &ChunkId) -> u64 {
 }
 
 impl Job {
-    /// Whether a member still owns chunks: not gone, not failing, and making
-    /// progress.
+    /// Whether a member still owns chunks: not gone (disconnected, banned) and
+    /// making progress. A member that is slow to *serve* this device (its source
+    /// failed: silent past its retransmission timeout, busy serving the others)
+    /// keeps fetching what it owns over the WAN: its requests move to other peers,
+    /// but were its chunks fetched here too, every device that timed it out would
+    /// pull them over the uplink again (measured: 1.9x a release's bytes for ten
+    /// devices on two loaded cores). A member that stops fetching stops announcing,
+    /// and loses its chunks after the owner timeout.
     fn member_alive(&self, m: &Member, now: Instant, timeout_ms: u64) -> bool {
         let s = &self.sources[m.source];
-        s.gone.is_none()
-            && s.failures == 0
-            && now.as_millis() < m.progress.as_millis().saturating_add(timeout_ms)
+        s.gone.is_none() && now.as_millis() < m.progress.as_millis().saturating_add(timeout_ms)
     }
 
-    /// Whether this device owns entry `e` now (always, outside a swarm).
+    /// Whether this device owns entry `e` now (always, outside a swarm): no live
+    /// member ranks higher for it, and no live member is fetching it already.
     pub(crate) fn owns(&self, e: u32, now: Instant, timeout_ms: u64) -> bool {
         let Some(lan) = self.lan.as_ref() else {
             return true;
         };
         let id = self.rel.table.id(e);
         let mine = score(lan.me, &id);
-        !lan.members
-            .iter()
-            .any(|m| score(m.seed, &id) > mine && self.member_alive(m, now, timeout_ms))
+        !lan.members.iter().any(|m| {
+            (score(m.seed, &id) > mine || m.fetching.as_ref().is_some_and(|f| f.get(e)))
+                && self.member_alive(m, now, timeout_ms)
+        })
     }
 
     /// When the next member loses its ownership for lack of progress.
@@ -115,10 +129,17 @@ impl Engine {
         let mut members = Vec::with_capacity(swarm.members.len());
         for (key, id) in &swarm.members {
             let source = job.source_index(*id).ok_or(SourceError::Unknown(*id))?;
+            // What a member already said it fetches stays said.
+            let fetching = job
+                .lan
+                .as_mut()
+                .and_then(|l| l.members.iter_mut().find(|m| m.source == source))
+                .and_then(|m| m.fetching.take());
             members.push(Member {
                 seed: seed(key),
                 source,
                 progress: now,
+                fetching,
             });
         }
         info!(members = members.len(), "LAN swarm set");
@@ -162,6 +183,53 @@ impl Engine {
                         lan.waiting -= 1;
                     }
                 }
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Replaces what swarm member `source` says it has asked the WAN for and does
+    /// not hold yet ("peer P is fetching these chunks"): while it makes progress,
+    /// this device leaves those chunks to it (and gets them from it once it holds
+    /// them) rather than fetch them over the WAN too. Chunks it no longer says it
+    /// fetches, and does not hold, are planned again. Ignored for a source that is
+    /// not a swarm member (it would own nothing).
+    pub fn set_fetching(
+        &mut self,
+        now: Instant,
+        source: SourceId,
+        fetching: &Holds,
+    ) -> Result<(), SourceError> {
+        let job = self.job.as_mut().ok_or(SourceError::NoInstall)?;
+        let i = job
+            .source_index(source)
+            .ok_or(SourceError::Unknown(source))?;
+        let new = super::scheduler::holds_by_entry(fetching, &job.rel.table);
+        let Some(m) = job
+            .lan
+            .as_mut()
+            .and_then(|l| l.members.iter_mut().find(|m| m.source == i))
+        else {
+            return Ok(());
+        };
+        let old = std::mem::replace(&mut m.fetching, new);
+        // Entries waiting for the LAN that the member dropped without holding them
+        // (its request failed or was cancelled): planned again.
+        if let Some(old) = old {
+            let dropped: Vec<u32> = old
+                .iter()
+                .filter(|&e| !m.fetching.as_ref().is_some_and(|f| f.get(e)))
+                .collect();
+            let mut requeued = 0u32;
+            for e in dropped {
+                if job.need.get(e) == Need::Lan {
+                    job.need.set(e, Need::QueuedFetch);
+                    requeued += 1;
+                }
+            }
+            if let Some(lan) = job.lan.as_mut() {
+                lan.waiting -= requeued;
             }
         }
         self.pump(now);

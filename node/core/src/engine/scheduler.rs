@@ -222,7 +222,7 @@ impl SourceState {
 }
 
 /// The entries a source holds, as a bitfield over entries (`None`: unknown).
-fn holds_by_entry(holds: &Holds, table: &ChunkTable) -> Option<Bitfield> {
+pub(crate) fn holds_by_entry(holds: &Holds, table: &ChunkTable) -> Option<Bitfield> {
     let n = table.entries();
     match holds {
         Holds::Unknown => None,
@@ -1118,7 +1118,16 @@ impl Engine {
                 .filter(|(_, r)| r.source != taker && r.left > 0)
                 .filter(|(_, r)| {
                     let v = &job.sources[r.source];
-                    t.info.class.cost() <= v.info.class.cost() || v.failures > 0
+                    // In a swarm the WAN never takes over what a LAN peer was asked
+                    // for: that peer holds it, and a peer slow to answer (busy, a
+                    // loaded CPU) would otherwise cost the uplink a second copy on
+                    // every device that timed it out. A peer that keeps failing is
+                    // dropped after `failures_max`, and what only it held goes back
+                    // to its owner.
+                    let peer_to_wan = job.lan.is_some()
+                        && super::lan::is_wan(t.info.class)
+                        && v.info.class == SourceClass::Peer;
+                    (t.info.class.cost() <= v.info.class.cost() || v.failures > 0) && !peer_to_wan
                 })
                 .map(|(slot, r)| {
                     let v = &job.sources[r.source];

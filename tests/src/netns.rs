@@ -1,5 +1,5 @@
-//! Network namespaces for the LAN tests (needs root, and Debian's `iproute2` and
-//! `nftables`): a server host, a router with a shaped WAN uplink whose forwarded
+//! Network namespaces for the LAN tests and `shoal-bench lan` (needs root, and
+//! Debian's `iproute2` and `nftables`): a server host, a router with a shaped WAN uplink whose forwarded
 //! bytes are counted by nftables, and LANs of devices behind it.
 //!
 //! ```text
@@ -9,10 +9,9 @@
 //!
 //! Each LAN is a bridge in the router's namespace, so mDNS (link-local multicast)
 //! stays inside its LAN, as on a real site. Every namespace has a prefix unique to
-//! the test process and is deleted on drop (also when the test panics), after the
-//! processes started in it are killed.
-
-#![allow(dead_code)]
+//! the process (and a tag per topology) and is deleted on drop (also when the test
+//! panics), after the processes started in it are killed. Tools that fail panic
+//! with their stderr (a test's failure; the bench catches it).
 
 use std::io::Write;
 use std::path::Path;
@@ -64,6 +63,7 @@ pub fn require_root_and_tools() {
 }
 
 /// A topology of namespaces; torn down on drop.
+#[derive(Debug)]
 pub struct Net {
     /// The namespaces' prefix.
     pub prefix: String,
