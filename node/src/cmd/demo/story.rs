@@ -127,11 +127,12 @@ impl Demo<'_> {
         for d in &mut self.devices {
             d.stop();
         }
+        // The uplink's connections first: the server's graceful stop waits for them.
+        self.uplink = None;
         if let Some(s) = &mut self.server {
             s.stop();
         }
         self.server = None;
-        self.uplink = None;
     }
 
     fn story(&mut self) -> anyhow::Result<()> {
@@ -437,7 +438,8 @@ impl Demo<'_> {
             self.reboots(&mut board)?;
             let d = admin.json(&["deployments", "show", &dep])?;
             let list = admin.json(&["deployments", "devices", &dep])?;
-            let list = list.as_array().cloned().unwrap_or_default();
+            let mut list = list.as_array().cloned().unwrap_or_default();
+            list.sort_by_key(|e| e["device_id"].as_str().and_then(|id| self.index_of(id)));
             for e in &list {
                 let Some(i) = e["device_id"].as_str().and_then(|id| self.index_of(id)) else {
                     continue;
@@ -588,11 +590,12 @@ impl Demo<'_> {
 
     /// The uplink goes down; 3.0 from a USB stick in dev-1 updates the site.
     fn offline(&mut self, v3: &Built) -> anyhow::Result<()> {
+        // The link first: the server's graceful stop waits for open connections.
+        self.uplink()?.connect_to(None);
         if let Some(s) = &mut self.server {
             s.stop();
         }
         self.server = None;
-        self.uplink()?.connect_to(None);
         let before = self.uplink()?.bytes_down();
         self.say("The site loses its uplink: the server is stopped and the relay refuses every connection");
         let usb = v3.path.display().to_string();
