@@ -55,7 +55,7 @@ fn number_before(line: &str, unit: &str) -> f64 {
         .find(unit)
         .unwrap_or_else(|| panic!("no {unit:?} in {line:?}"));
     line[..at]
-        .split(|c: char| c == ' ' || c == '(')
+        .split([' ', '('])
         .rev()
         .find(|w| !w.is_empty())
         .and_then(|w| w.parse().ok())

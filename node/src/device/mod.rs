@@ -471,6 +471,15 @@ impl Device {
         Ok(engine)
     }
 
+    /// The engine's status and the bootloader's (the crash tests' view; commands use
+    /// [`read_status`], which does not take the store).
+    #[cfg(test)]
+    pub fn status(&self) -> anyhow::Result<(Status, shoal_bootctl::Status)> {
+        let engine = self.engine()?;
+        let boot = self.boot.status().context("cannot read the boot state")?;
+        Ok((engine.status(), boot))
+    }
+
     /// Installs a release into the inactive slot and arms its trial boot.
     /// `progress(done, total)` is called as bytes are done.
     pub fn install(
