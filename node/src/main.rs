@@ -89,7 +89,8 @@ enum Command {
     /// Show the signed status reports waiting for delivery to the server.
     #[command(after_help = "Examples:\n  shoal reports\n  shoal reports --json")]
     Reports(cmd::reports::Args),
-    /// Show Shoal end to end on a simulated device in a temporary directory.
+    /// Show Shoal end to end: a server and a site of devices, real processes on this
+    /// machine (built with `--features server`).
     Demo(cmd::demo::Args),
     /// Inspect the A/B slots and drive the bootloader directly (status, arm, commit,
     /// rollback).

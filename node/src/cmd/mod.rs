@@ -132,6 +132,18 @@ impl Ui {
         }
     }
 
+    /// Whether progress bars are shown (a terminal, not quiet); the demo's live lines.
+    #[cfg(feature = "server")]
+    pub fn shows_progress(&self) -> bool {
+        self.tty && !self.quiet
+    }
+
+    /// Whether only errors are printed.
+    #[cfg(feature = "server")]
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// An informational line on stderr, unless quiet.
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.quiet {

@@ -472,7 +472,9 @@ impl Device {
         Ok(engine)
     }
 
-    /// The engine's status and the bootloader's.
+    /// The engine's status and the bootloader's (the crash tests' view; commands use
+    /// [`read_status`], which does not take the store).
+    #[cfg(test)]
     pub fn status(&self) -> anyhow::Result<(Status, shoal_bootctl::Status)> {
         let engine = self.engine()?;
         let boot = self.boot.status().context("cannot read the boot state")?;
