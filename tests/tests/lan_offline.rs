@@ -347,6 +347,35 @@ fn a_usb_store_in_one_device_updates_the_site_with_no_server_and_reports_arrive_
         )),
         Vec::<(String, String)>::new()
     );
+
+    // With the server in reach, it decides: the seed installs release 2 from a
+    // file, but the server has no deployment for the others (their phase of a
+    // rollout, say, has not opened), so they leave the peer's release alone.
+    stop(daemons.0[0].as_mut().unwrap());
+    ok(seed.run(&["install", setup.path("v2.shoal").to_str().unwrap()]));
+    assert_eq!(seed.reboot(), Slot::A);
+    daemons.0[0] = Some(seed.start());
+    wait_for(&seed, 60, "the seed serving release 2", || {
+        seed.log()
+            .matches("serving the running release to LAN peers")
+            .count()
+            >= 2
+    });
+    // Several poll rounds (1 s apart) of every device with the seed announcing 2
+    // (its peers find its new address through the server's peer hand-out).
+    std::thread::sleep(Duration::from_secs(8));
+    for (i, dev) in devs.iter().enumerate().take(4) {
+        assert_eq!(
+            dev.log()
+                .matches("installing a release a LAN peer runs")
+                .count(),
+            1,
+            "device {} took a peer's release while the server had no deployment for it:\n{}",
+            i + 1,
+            dev.log()
+        );
+        assert!(dev.committed_b(), "device {} left release 1", i + 1);
+    }
 }
 
 fn device_state(server: &Server, token: &str, dep: &str) -> String {

@@ -341,14 +341,16 @@ impl Daemon {
     }
 
     /// One round: settle what a previous run left, then poll once; when the server
-    /// has no deployment or cannot be reached, a release a LAN peer runs may be
-    /// installed (`[lan] accept_releases`, [`offline`]).
+    /// cannot be reached, a release a LAN peer runs may be installed (`[lan]
+    /// accept_releases`, [`offline`]). A server that answers is the authority: when
+    /// it has no deployment for this device (its phase of a rollout has not opened,
+    /// or the release is not meant for it), a peer's release is left alone.
     fn round(&mut self, inventory_sent: &mut bool) -> anyhow::Result<Option<Handled>> {
         if let Some(handled) = self.settle()? {
             return Ok(Some(handled));
         }
         match self.poll(inventory_sent) {
-            Ok(None) => self.lan_round(),
+            Ok(None) => Ok(None),
             Err(e) if exit_code(&e) != crate::cmd::EXIT_USAGE => match self.lan_round()? {
                 Some(handled) => Ok(Some(handled)),
                 None => Err(e),
