@@ -785,6 +785,10 @@ pub struct LanNode {
     flight_changed: bool,
 }
 
+/// An answer on its way in a [`LanSim`]: to which device, from which source, for
+/// which request and chunk.
+type LanDelivery = (usize, SourceId, RequestId, ChunkId, Input);
+
 /// Several engines on one LAN on one virtual clock (a `Pair`-style harness, as
 /// quinn's tests do). Each device has its own WAN link to one server (source
 /// [`LanSim::WAN`]) and a peer source for every other device (source `j` is device
@@ -813,7 +817,7 @@ pub struct LanSim {
     config: crate::Config,
     envelope: Vec<u8>,
     positions: u32,
-    deliveries: BTreeMap<(u64, u64), (usize, SourceId, RequestId, ChunkId, Input)>,
+    deliveries: BTreeMap<(u64, u64), LanDelivery>,
     busy_us: BTreeMap<(bool, usize), u64>,
     next_announce: u64,
     seq: u64,

@@ -286,10 +286,8 @@ impl LanRequests {
                     self.fetching_changed = true;
                 }
             }
-            Answer::Unavailable(id) | Answer::Corrupt(id) => {
-                if self.wan.remove(id).is_some() {
-                    self.fetching_changed = true;
-                }
+            Answer::Unavailable(id) | Answer::Corrupt(id) if self.wan.remove(id).is_some() => {
+                self.fetching_changed = true;
             }
             Answer::Failed { request, .. } => self.forget_request(*request),
             _ => {}
