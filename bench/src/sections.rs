@@ -797,6 +797,9 @@ struct Device {
     env: PathBuf,
     env2: PathBuf,
     size: u64,
+    /// Commands that put a release's manifest in the data directory before each
+    /// run (see [`Device::ship_manifest`]).
+    ship: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Device {
@@ -836,6 +839,7 @@ impl Device {
             env: dir.join("bootenv"),
             env2: dir.join("bootenv.2"),
             size,
+            ship: Vec::new(),
         };
         let toml_str = |p: &Path| toml_string(&p.to_string_lossy());
         let config = format!(
@@ -865,7 +869,7 @@ impl Device {
     /// What each run starts from: an empty slot B of the image's size, and a
     /// bootloader environment that runs slot A (as a factory-provisioned board).
     fn prepare(&self, shoal: &Shoal) -> Vec<Cmd> {
-        vec![
+        let mut cmds = vec![
             Cmd::new("truncate")
                 .args(["-s", &self.size.to_string()])
                 .arg(&self.slot_b),
@@ -874,13 +878,21 @@ impl Device {
                 .args(["--quiet", "env", "set", "--file"])
                 .arg(&self.env)
                 .args(["shoal_slot=A", "shoal_booted=A"]),
-        ]
+        ];
+        for (kept, dest) in &self.ship {
+            if let Some(dir) = dest.parent() {
+                cmds.push(Cmd::new("mkdir").arg("-p").arg(dir));
+            }
+            cmds.push(Cmd::new("cp").arg(kept).arg(dest));
+        }
+        cmds
     }
 
-    /// Commands that put `artifact`'s signed manifest where the device keeps the
-    /// manifests of its releases (`DATA/manifests/<hash>.envelope`); the envelope is
-    /// written to the work directory here (untimed).
-    fn ship_manifest(&self, ctx: &Ctx, artifact: &Path) -> Result<Vec<Cmd>> {
+    /// Where `artifact`'s signed manifest is put so the device keeps it as the
+    /// manifests of its releases (`DATA/manifests/<hash>.envelope`), by
+    /// [`Device::prepare`]; the envelope is written to the work directory here
+    /// (untimed).
+    fn ship_manifest(&self, ctx: &Ctx, artifact: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
         let file = fs::File::open(artifact)
             .with_context(|| format!("cannot open {}", artifact.display()))?;
         let r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(file))
@@ -889,11 +901,7 @@ impl Device {
         let kept = work_path(ctx, &name);
         fs::write(&kept, r.envelope().to_bytes())
             .with_context(|| format!("cannot write {}", kept.display()))?;
-        let dir = self.data.join("manifests");
-        Ok(vec![
-            Cmd::new("mkdir").arg("-p").arg(&dir),
-            Cmd::new("cp").arg(&kept).arg(dir.join(&name)),
-        ])
+        Ok(vec![(kept, self.data.join("manifests").join(&name))])
     }
 
     /// `shoal install SOURCE --config CONFIG --json`.
@@ -1257,13 +1265,14 @@ pub fn refchunk(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
             ),
         ] {
             let dev = Device::create(ctx, s, name, slot_a, image_bytes)?;
-            let mut prepare = dev.prepare(s);
+            let mut dev = dev;
             // The device running v1 holds v1's signed manifest, as one that
             // installed it (or a factory image that ships it) does: the delta
             // artifact's manifest travels as a delta against it.
             if matches!(slot_a, SlotA::Image(_)) {
-                prepare.extend(dev.ship_manifest(ctx, &v1_shoal)?);
+                dev.ship = dev.ship_manifest(ctx, &v1_shoal)?;
             }
+            let prepare = dev.prepare(s);
             install_jobs.push(
                 Job::new(
                     label,
