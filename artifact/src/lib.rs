@@ -36,7 +36,7 @@ pub use manifest::{
     BaseRelease, ChunkId, ChunkRef, Chunking, FORMAT_VERSION, FORMAT_VERSION_REFERENCES, Manifest,
     ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
-pub use read::{ArtifactReader, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
+pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};
 #[cfg(feature = "fs")]

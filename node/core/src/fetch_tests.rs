@@ -741,7 +741,7 @@ fn a_verified_release_is_shared_and_its_envelope_persisted_once() {
     );
     assert_eq!(
         d.store.state.envelope.as_deref(),
-        Some(rel.envelope()),
+        rel.envelope().as_deref(),
         "the store holds it while the deployment runs"
     );
     // A release verified under another trust root is refused.

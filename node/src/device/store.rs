@@ -377,6 +377,17 @@ impl Store {
                             None => put(&mut meta, &key, None)?,
                         }
                     }
+                    Record::ReleaseIndex { slot, release } => {
+                        let lo = index_key(*slot, &ChunkId([0; 32]));
+                        let hi = index_key(*slot, &ChunkId([0xff; 32]));
+                        index.retain_in::<&[u8], _>(&lo[..]..=&hi[..], |_, _| false)?;
+                        let key = format!("chunking.{}", slot_name(*slot));
+                        put(&mut meta, &key, Some(&release.manifest().chunking))?;
+                        // In key order, from the release's table: no list is built.
+                        for c in release.index_by_id() {
+                            index.insert(&index_key(*slot, &c.id)[..], (c.offset, c.len))?;
+                        }
+                    }
                     Record::Unindex { slot, id } => {
                         index.remove(&index_key(*slot, id)[..])?;
                     }
