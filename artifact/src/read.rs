@@ -1166,10 +1166,26 @@ impl<R: Read> ArtifactReader<R> {
         if let Some(e) = &self.expected {
             return Ok(e.len());
         }
-        match (&self.contents, self.manifest.base.is_some()) {
-            (Some(bits), _) => Ok(bits.iter().map(|b| b.count_ones() as usize).sum()),
-            (None, false) => Ok(self.manifest.distinct_count()),
-            (None, true) => {
+        let thin = self.manifest.base.is_some();
+        match &self.contents {
+            // A full artifact holds every chunk: one its contents leave out is
+            // refused here, as binding would.
+            Some(bits) if !thin => {
+                let n = self.manifest.distinct_count();
+                let marked = |k: usize| bits[k / 8] & (1 << (k % 8)) != 0;
+                if let Some(k) = (0..n).find(|&k| !marked(k)) {
+                    return Err(ReadError::MissingChunk(
+                        self.manifest.distinct_chunks()[k].id,
+                    ));
+                }
+                Ok(n)
+            }
+            Some(bits) if self.base_held.is_none() => {
+                Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
+            }
+            None if !thin => Ok(self.manifest.distinct_count()),
+            // A thin artifact checked against its base, or without contents.
+            _ => {
                 self.bind()?;
                 Ok(self.expected.as_ref().expect("bound").len())
             }
