@@ -38,7 +38,7 @@ pub use manifest::{
     ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
 pub use manifest_delta::{HeldManifests, ManifestDelta, ManifestDeltaError, NoManifests};
-pub use read::{ArtifactReader, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
+pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};
 #[cfg(feature = "fs")]

@@ -870,13 +870,49 @@ impl Manifest {
     /// Every chunk of every payload, in artifact order, each distinct id once (the
     /// first occurrence).
     pub fn distinct_chunks(&self) -> Vec<ChunkRef> {
-        let mut seen = std::collections::HashSet::new();
-        self.payloads
+        let firsts = self.first_occurrences();
+        let all = self.payloads.iter().flat_map(|p| p.chunks.iter());
+        let mut out = Vec::with_capacity(firsts.iter().map(|w| w.count_ones() as usize).sum());
+        out.extend(
+            all.enumerate()
+                .filter(|&(i, _)| firsts[i / 64] >> (i % 64) & 1 == 1)
+                .map(|(_, c)| *c),
+        );
+        out
+    }
+
+    /// How many distinct chunks [`Manifest::distinct_chunks`] lists.
+    pub fn distinct_count(&self) -> usize {
+        self.first_occurrences()
             .iter()
-            .flat_map(|p| p.chunks.iter())
-            .filter(|c| seen.insert(c.id))
-            .copied()
-            .collect()
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// A bit per chunk of every payload (in artifact order): set at the first
+    /// occurrence of each id. Found by sorting positions by id (4 bytes a chunk
+    /// while it runs), not with a set of ids (40 bytes a chunk and more: 34 MiB for
+    /// an 8 GiB image).
+    fn first_occurrences(&self) -> Vec<u64> {
+        let n: usize = self.payloads.iter().map(|p| p.chunks.len()).sum();
+        assert!(u32::try_from(n).is_ok(), "chunk count fits 32 bits");
+        let at = |mut i: usize| -> &ChunkId {
+            for p in &self.payloads {
+                if i < p.chunks.len() {
+                    return &p.chunks[i].id;
+                }
+                i -= p.chunks.len();
+            }
+            unreachable!("position within the chunk count")
+        };
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|&a, &b| at(a as usize).cmp(at(b as usize)).then(a.cmp(&b)));
+        let mut firsts = vec![0u64; n.div_ceil(64)];
+        for run in order.chunk_by(|&a, &b| at(a as usize) == at(b as usize)) {
+            let i = run[0] as usize;
+            firsts[i / 64] |= 1 << (i % 64);
+        }
+        firsts
     }
 }
 

@@ -81,6 +81,122 @@ pub fn pack_table(counts: &[u32]) -> Vec<u8> {
 /// Bytes of a pack member before its chunks: the chunk count (u32 little-endian).
 pub const PACK_HEADER_LEN: usize = 4;
 
+/// The distinct chunks of a verified manifest in artifact order (each id at its
+/// first occurrence), kept by someone else: the engine's chunk table. A reader bound
+/// to one ([`ArtifactReader::bind_to`]) reads its packs against it instead of a
+/// list of its own (40 bytes a chunk for as long as the packs are read).
+pub trait ChunkList: Send + Sync + std::fmt::Debug {
+    /// BLAKE3 of the signed manifest bytes the list is of.
+    fn manifest_hash(&self) -> [u8; 32];
+    /// How many distinct chunks.
+    fn distinct_len(&self) -> usize;
+    /// The `k`-th distinct chunk.
+    fn distinct_chunk(&self, k: usize) -> ChunkRef;
+}
+
+/// The chunks the packs hold, in order, and how many came already.
+#[derive(Debug)]
+enum Expected {
+    /// Listed here.
+    Owned { chunks: Vec<ChunkRef>, next: usize },
+    /// The distinct chunks of `list` whose bit is set in `bits` (all of them
+    /// without bits); `cursor` is the index in `list` of the next one to come.
+    Shared {
+        list: Arc<dyn ChunkList>,
+        bits: Option<Vec<u8>>,
+        len: usize,
+        taken: usize,
+        cursor: usize,
+    },
+}
+
+impl Expected {
+    fn owned(chunks: Vec<ChunkRef>) -> Expected {
+        Expected::Owned { chunks, next: 0 }
+    }
+
+    /// How many chunks the packs hold.
+    fn len(&self) -> usize {
+        match self {
+            Expected::Owned { chunks, .. } => chunks.len(),
+            Expected::Shared { len, .. } => *len,
+        }
+    }
+
+    /// How many are still to come.
+    fn left(&self) -> usize {
+        match self {
+            Expected::Owned { chunks, next } => chunks.len() - next,
+            Expected::Shared { len, taken, .. } => len - taken,
+        }
+    }
+
+    /// The next chunk to come, if any.
+    fn peek(&self) -> Option<ChunkRef> {
+        match self {
+            Expected::Owned { chunks, next } => chunks.get(*next).copied(),
+            Expected::Shared {
+                list, bits, cursor, ..
+            } => Self::held_from(list.as_ref(), bits.as_deref(), *cursor)
+                .map(|k| list.distinct_chunk(k)),
+        }
+    }
+
+    /// The index of the first held chunk at or after `from`.
+    fn held_from(list: &dyn ChunkList, bits: Option<&[u8]>, from: usize) -> Option<usize> {
+        let n = list.distinct_len();
+        match bits {
+            None => (from < n).then_some(from),
+            Some(bits) => (from..n).find(|&k| bits[k / 8] & (1 << (k % 8)) != 0),
+        }
+    }
+
+    /// Takes the next `count` chunks (at most [`Expected::left`]).
+    fn take(&mut self, count: usize) -> Vec<ChunkRef> {
+        assert!(count <= self.left(), "taking past the expected chunks");
+        match self {
+            Expected::Owned { chunks, next } => {
+                let out = chunks[*next..*next + count].to_vec();
+                *next += count;
+                out
+            }
+            Expected::Shared {
+                list,
+                bits,
+                taken,
+                cursor,
+                ..
+            } => {
+                let mut out = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let k = Self::held_from(list.as_ref(), bits.as_deref(), *cursor)
+                        .expect("counted as left");
+                    out.push(list.distinct_chunk(k));
+                    *cursor = k + 1;
+                }
+                *taken += count;
+                out
+            }
+        }
+    }
+
+    /// The ids of every chunk the packs hold, in order.
+    fn ids(&self) -> Vec<ChunkId> {
+        match self {
+            Expected::Owned { chunks, .. } => chunks.iter().map(|c| c.id).collect(),
+            Expected::Shared { list, bits, .. } => {
+                let mut out = Vec::with_capacity(self.len());
+                let mut k = 0;
+                while let Some(at) = Self::held_from(list.as_ref(), bits.as_deref(), k) {
+                    out.push(list.distinct_chunk(at).id);
+                    k = at + 1;
+                }
+                out
+            }
+        }
+    }
+}
+
 /// A pack member being read.
 #[derive(Debug)]
 struct Pack {
@@ -500,18 +616,25 @@ pub struct ArtifactReader<R: Read> {
     manifest: Manifest,
     /// The chunks the packs hold, in order, once the members before the first pack
     /// were read ([`ArtifactReader::bind`]).
-    expected: Option<Vec<ChunkRef>>,
+    expected: Option<Expected>,
     /// Chunks of the base release, when told ([`ArtifactReader::set_base`]).
     base_held: Option<HashSet<ChunkId>>,
-    /// Index in `expected` of the next chunk to come.
-    next: usize,
     /// Verified chunks read ahead by [`ArtifactReader::next_wanted`].
     ready: std::collections::VecDeque<RawChunk>,
     pack: Option<Pack>,
     packs_read: u64,
     dictionary: Option<Dictionary>,
-    /// Chunks the contents member says the artifact holds, once it was read.
-    contents: Option<HashSet<ChunkId>>,
+    /// The contents member's bits (one a distinct chunk of the manifest, in order),
+    /// from when it was read until the packs' chunks are bound: a bit a chunk, not
+    /// a set of ids (40 bytes a chunk, 17 MiB for an 8 GiB image).
+    contents: Option<Vec<u8>>,
+    /// Whether a contents member was read (the dictionary must come before it).
+    contents_read: bool,
+    /// BLAKE3 of the signed manifest bytes (the manifest's id).
+    manifest_hash: [u8; 32],
+    /// The manifest's distinct chunk count, once its chunk lists were shed
+    /// without binding ([`ArtifactReader::shed_chunk_lists_unbound`]).
+    unbound_distinct: Option<usize>,
     /// Chunk count of each pack, from the pack table member, once it was read.
     table: Option<Vec<u32>>,
     /// The reference of each delta-encoded chunk, from the manifest.
@@ -598,6 +721,7 @@ impl<R: Read> ArtifactReader<R> {
         base: Option<&Manifest>,
     ) -> Self {
         let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
+        let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
         let mut references = HashMap::new();
         for p in &manifest.payloads {
             for r in &p.references {
@@ -618,12 +742,14 @@ impl<R: Read> ArtifactReader<R> {
             manifest,
             expected: None,
             base_held: None,
-            next: 0,
             ready: std::collections::VecDeque::new(),
             pack: None,
             packs_read: 0,
             dictionary: None,
             contents: None,
+            contents_read: false,
+            manifest_hash,
+            unbound_distinct: None,
             table: None,
             references,
             preamble_done: false,
@@ -661,25 +787,36 @@ impl<R: Read> ArtifactReader<R> {
         if self.expected.is_some() {
             return Ok(());
         }
+        assert!(
+            self.unbound_distinct.is_none(),
+            "chunk lists shed unbound: bind_to must be called before the packs are read"
+        );
         let distinct = self.manifest.distinct_chunks();
         let thin = self.manifest.base.is_some();
-        let expected = match (&self.contents, &self.base_held) {
-            (Some(contents), held) => {
+        let marked = |bits: &[u8], i: usize| bits[i / 8] & (1 << (i % 8)) != 0;
+        let expected = match (self.contents.take(), &self.base_held) {
+            (Some(bits), held) => {
                 // Whatever the contents say, a full artifact holds every chunk and a
                 // thin one every chunk its base lacks (when the base is known).
                 let must =
-                    |c: &&ChunkRef| !thin || held.as_ref().is_some_and(|h| !h.contains(&c.id));
-                if let Some(c) = distinct
+                    |c: &ChunkRef| !thin || held.as_ref().is_some_and(|h| !h.contains(&c.id));
+                if let Some((_, c)) = distinct
                     .iter()
-                    .filter(must)
-                    .find(|c| !contents.contains(&c.id))
+                    .enumerate()
+                    .find(|&(i, c)| must(c) && !marked(&bits, i))
                 {
                     return Err(ReadError::MissingChunk(c.id));
                 }
-                distinct
-                    .into_iter()
-                    .filter(|c| contents.contains(&c.id))
-                    .collect()
+                let mut kept =
+                    Vec::with_capacity(bits.iter().map(|b| b.count_ones() as usize).sum());
+                kept.extend(
+                    distinct
+                        .into_iter()
+                        .enumerate()
+                        .filter(|&(i, _)| marked(&bits, i))
+                        .map(|(_, c)| c),
+                );
+                kept
             }
             (None, _) if !thin => distinct,
             (None, Some(held)) => distinct
@@ -688,7 +825,7 @@ impl<R: Read> ArtifactReader<R> {
                 .collect(),
             (None, None) => return Err(ReadError::MissingContents),
         };
-        self.expected = Some(expected);
+        self.expected = Some(Expected::owned(expected));
         Ok(())
     }
 
@@ -710,6 +847,70 @@ impl<R: Read> ArtifactReader<R> {
     /// manifest travelled as a delta ([`crate::manifest_delta`]).
     pub fn manifest_delta_base(&self) -> Option<&[u8; 32]> {
         self.delta_base.as_ref()
+    }
+
+    /// Like [`ArtifactReader::shed_chunk_lists`], but leaves the chunks the packs
+    /// hold unbound: [`ArtifactReader::bind_to`] binds them, before any chunk is
+    /// read, to the distinct chunks someone else keeps (the engine's chunk table),
+    /// so no list of them is ever built here. (A thin artifact whose base release
+    /// was told, [`ArtifactReader::set_base`], is bound here: that check needs the
+    /// ids.)
+    pub fn shed_chunk_lists_unbound(&mut self) -> Result<(), ReadError> {
+        self.read_preamble()?;
+        if self.manifest.base.is_some() && self.base_held.is_some() {
+            self.bind()?;
+        }
+        if self.expected.is_none() {
+            self.unbound_distinct = Some(self.manifest.distinct_count());
+        }
+        for p in &mut self.manifest.payloads {
+            p.chunks = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Binds the chunks the packs hold to `list`, the distinct chunks of this
+    /// artifact's manifest kept elsewhere, after
+    /// [`ArtifactReader::shed_chunk_lists_unbound`]: those the contents member
+    /// marks (a full artifact must mark every one), or every one of a full artifact
+    /// without it. A no-op when they are bound already.
+    ///
+    /// # Panics
+    /// When `list` is of another manifest, or of another chunk count (a caller's
+    /// bug: it must come from the manifest this reader verified).
+    pub fn bind_to(&mut self, list: Arc<dyn ChunkList>) -> Result<(), ReadError> {
+        if self.expected.is_some() {
+            return Ok(());
+        }
+        let n = self
+            .unbound_distinct
+            .expect("bind_to after shed_chunk_lists_unbound");
+        assert!(
+            list.manifest_hash() == self.manifest_hash && list.distinct_len() == n,
+            "bind_to a chunk list of another manifest"
+        );
+        let thin = self.manifest.base.is_some();
+        let (bits, len) = match self.contents.take() {
+            Some(bits) => {
+                let marked = |k: usize| bits[k / 8] & (1 << (k % 8)) != 0;
+                if !thin && let Some(k) = (0..n).find(|&k| !marked(k)) {
+                    return Err(ReadError::MissingChunk(list.distinct_chunk(k).id));
+                }
+                let len = bits.iter().map(|b| b.count_ones() as usize).sum();
+                (Some(bits), len)
+            }
+            None if !thin => (None, n),
+            None => return Err(ReadError::MissingContents),
+        };
+        self.unbound_distinct = None;
+        self.expected = Some(Expected::Shared {
+            list,
+            bits,
+            len,
+            taken: 0,
+            cursor: 0,
+        });
+        Ok(())
     }
 
     /// The verified (or, from `open_unverified`, unverified) manifest.
@@ -812,9 +1013,9 @@ impl<R: Read> ArtifactReader<R> {
                 }
             };
             let path = member.path.as_str();
-            if path == DICTIONARY_MEMBER && self.dictionary.is_none() && self.contents.is_none() {
+            if path == DICTIONARY_MEMBER && self.dictionary.is_none() && !self.contents_read {
                 self.read_dictionary_member(member.size)?;
-            } else if path == CONTENTS_MEMBER && self.contents.is_none() {
+            } else if path == CONTENTS_MEMBER && !self.contents_read {
                 self.read_contents_member(member.size)?;
             } else if path == PACK_TABLE_MEMBER {
                 self.read_table_member(member.size)?;
@@ -856,7 +1057,7 @@ impl<R: Read> ArtifactReader<R> {
         self.done = true;
         self.bind()?;
         let expected = self.expected.as_ref().expect("bound");
-        if let Some(c) = expected.get(self.next) {
+        if let Some(c) = expected.peek() {
             return Err(ReadError::MissingChunk(c.id));
         }
         Ok(())
@@ -901,8 +1102,7 @@ impl<R: Read> ArtifactReader<R> {
         }
         let count = u32::from_le_bytes(count);
         let index_len = PACK_HEADER_LEN as u64;
-        let expected = self.expected.as_ref().expect("bound");
-        let left = expected.len() - self.next;
+        let left = self.expected.as_ref().expect("bound").left();
         if count == 0 || count as usize > PACK_CHUNKS_MAX {
             return Err(bad(format!(
                 "{count} chunks (a pack holds 1 to {PACK_CHUNKS_MAX})"
@@ -928,8 +1128,7 @@ impl<R: Read> ArtifactReader<R> {
         let count = count as usize;
         self.offset += index_len;
         // The pack holds the next `count` chunks in order; their hashes prove it.
-        let chunks = expected[self.next..self.next + count].to_vec();
-        self.next += count;
+        let chunks = self.expected.as_mut().expect("bound").take(count);
         let data_len: u64 = chunks.iter().map(|c| u64::from(c.stored_size)).sum();
         if index_len + data_len != member.size {
             return Err(ReadError::PackSizeMismatch {
@@ -979,39 +1178,63 @@ impl<R: Read> ArtifactReader<R> {
 
     /// Reads the contents member's data (bounded by the manifest's chunk count).
     fn read_contents_member(&mut self, size: u64) -> Result<(), ReadError> {
-        let distinct = self.manifest.distinct_chunks();
-        let expected = distinct.len().div_ceil(8) as u64;
+        let distinct = self.manifest.distinct_count();
+        let expected = distinct.div_ceil(8) as u64;
         if size != expected {
             return Err(ReadError::ContentsLength {
                 expected,
                 found: size,
-                chunks: distinct.len(),
+                chunks: distinct,
             });
         }
         let bits = self.read_member_data(size, "the contents member")?;
-        let tail = distinct.len() % 8;
+        let tail = distinct % 8;
         if tail != 0 && bits.last().is_some_and(|&b| b >> tail != 0) {
-            return Err(ReadError::ContentsPadding {
-                chunks: distinct.len(),
-            });
+            return Err(ReadError::ContentsPadding { chunks: distinct });
         }
-        self.contents = Some(
-            distinct
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| bits[i / 8] & (1 << (i % 8)) != 0)
-                .map(|(_, c)| c.id)
-                .collect(),
-        );
+        self.contents = Some(bits);
+        self.contents_read = true;
         Ok(())
+    }
+
+    /// How many chunks the packs hold, without binding them when the contents
+    /// member or the kind of artifact says (a full artifact holds every distinct
+    /// chunk; whether the contents member marks them all is checked when binding).
+    fn held_count(&mut self) -> Result<usize, ReadError> {
+        if let Some(e) = &self.expected {
+            return Ok(e.len());
+        }
+        let thin = self.manifest.base.is_some();
+        match &self.contents {
+            // A full artifact holds every chunk: one its contents leave out is
+            // refused here, as binding would.
+            Some(bits) if !thin => {
+                let n = self.manifest.distinct_count();
+                let marked = |k: usize| bits[k / 8] & (1 << (k % 8)) != 0;
+                if let Some(k) = (0..n).find(|&k| !marked(k)) {
+                    return Err(ReadError::MissingChunk(
+                        self.manifest.distinct_chunks()[k].id,
+                    ));
+                }
+                Ok(n)
+            }
+            Some(bits) if self.base_held.is_none() => {
+                Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
+            }
+            None if !thin => Ok(self.manifest.distinct_count()),
+            // A thin artifact checked against its base, or without contents.
+            _ => {
+                self.bind()?;
+                Ok(self.expected.as_ref().expect("bound").len())
+            }
+        }
     }
 
     /// Reads the pack table member's data: bounded by the chunks the artifact holds
     /// (every pack holds at least one) before it is read, then every count must be a
     /// possible pack's and they must add up to exactly those chunks.
     fn read_table_member(&mut self, size: u64) -> Result<(), ReadError> {
-        self.bind()?;
-        let chunks = self.expected.as_ref().expect("bound").len();
+        let chunks = self.held_count()?;
         let entry = PACK_TABLE_ENTRY_LEN as u64;
         let max = chunks as u64 * entry;
         if size > max {
@@ -1056,13 +1279,7 @@ impl<R: Read> ArtifactReader<R> {
     pub fn holds(&mut self) -> Result<Vec<ChunkId>, ReadError> {
         self.read_dictionary()?;
         self.bind()?;
-        Ok(self
-            .expected
-            .as_ref()
-            .expect("bound")
-            .iter()
-            .map(|c| c.id)
-            .collect())
+        Ok(self.expected.as_ref().expect("bound").ids())
     }
 
     /// The zstd dictionary the chunks were compressed with, once it was read (it

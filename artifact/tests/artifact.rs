@@ -1818,3 +1818,88 @@ fn a_thin_manifest_travels_as_a_delta_and_is_verified_whole() {
     let r = ArtifactReader::open_held(&two[..], &root(&[1, 2], 2), NOW, None, &held).unwrap();
     assert_eq!(r.manifest(), &rp.manifest);
 }
+
+/// The distinct chunks of a manifest, kept outside the reader (as the engine's chunk
+/// table keeps them).
+#[derive(Debug)]
+struct List {
+    hash: [u8; 32],
+    chunks: Vec<ChunkRef>,
+}
+
+impl shoal_artifact::ChunkList for List {
+    fn manifest_hash(&self) -> [u8; 32] {
+        self.hash
+    }
+    fn distinct_len(&self) -> usize {
+        self.chunks.len()
+    }
+    fn distinct_chunk(&self, k: usize) -> ChunkRef {
+        self.chunks[k]
+    }
+}
+
+/// Reads every chunk of `bytes` with the reader's chunk lists shed and its packs
+/// bound to a list kept outside it; returns what `holds` said and the chunks.
+fn read_bound(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, Stored), ReadError> {
+    let mut r = ArtifactReader::open(bytes, root, NOW)?;
+    let manifest = r.manifest().clone();
+    r.shed_chunk_lists_unbound()?;
+    assert!(r.manifest().payloads.iter().all(|p| p.chunks.is_empty()));
+    let list = List {
+        hash: *blake3::hash(&r.envelope().signed).as_bytes(),
+        chunks: manifest.distinct_chunks(),
+    };
+    r.bind_to(std::sync::Arc::new(list))?;
+    let holds = r.holds()?;
+    let mut out = Vec::new();
+    while let Some(c) = r.next_chunk()? {
+        out.push(c);
+    }
+    Ok((holds, out))
+}
+
+/// Issue 10 (memory): a reader whose packs are bound to a chunk list kept elsewhere
+/// reads exactly what it reads with its own list, full and thin, and a full
+/// artifact whose contents member leaves a chunk out is refused when binding, with
+/// the chunk it lacks.
+#[test]
+fn packs_bound_to_a_shared_chunk_list_read_as_with_the_readers_own() {
+    let v1 = payload(600_000, 3);
+    let mut v2 = v1.clone();
+    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
+    let (full1, r1) = build(&v1);
+    let mut o2 = opts();
+    o2.version = "2.0".into();
+    let (thin, _) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let root = root(&[1], 1);
+    for bytes in [&full1, &thin] {
+        let mut own = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
+        let holds = own.holds().unwrap();
+        let mut chunks = Vec::new();
+        while let Some(c) = own.next_chunk().unwrap() {
+            chunks.push(c);
+        }
+        assert!(!chunks.is_empty());
+        assert_eq!(read_bound(bytes, &root).unwrap(), (holds, chunks));
+    }
+
+    // The full artifact with a contents member that leaves its third chunk out.
+    let distinct = r1.manifest.distinct_chunks();
+    let left_out = distinct[2].id;
+    let bits = shoal_artifact::read::contents_bitmap(&distinct, |id| *id != left_out);
+    let mut ms = member_data(&full1);
+    ms.insert(1, (CONTENTS_MEMBER.to_string(), bits));
+    let lacking = tar(&ms);
+    assert!(matches!(
+        read_bound(&lacking, &root),
+        Err(ReadError::MissingChunk(id)) if id == left_out
+    ));
+    // The same without its pack table: found when binding.
+    ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
+    let lacking = tar(&ms);
+    assert!(matches!(
+        read_bound(&lacking, &root),
+        Err(ReadError::MissingChunk(id)) if id == left_out
+    ));
+}

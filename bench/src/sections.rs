@@ -679,6 +679,18 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
     let mut goals = Vec::new();
     let mut facts = Vec::new();
     for (k, &(label, size, cap)) in LARGE_IMAGES.iter().enumerate() {
+        if size > ctx.large_max_bytes {
+            progress(&format!(
+                "{label} generated image skipped (--large-max-gib {})",
+                ctx.large_max_bytes >> 30
+            ));
+            goals.push(Goal::not_run(
+                &format!("peak RSS of `shoal install` ({label} generated image)"),
+                format!("skipped: --large-max-gib {}", ctx.large_max_bytes >> 30),
+                Target::AtMost(Quantity::Mebibytes(cap)),
+            ));
+            continue;
+        }
         let image = work_path(ctx, &format!("large-{k}.img"));
         let artifact = work_path(ctx, &format!("large-{k}.shoal"));
         progress(&format!("generating a {label} image (untimed)"));

@@ -815,7 +815,7 @@ fn a_verified_release_is_shared_and_its_envelope_persisted_once() {
     );
     assert_eq!(
         d.store.state.envelope.as_deref(),
-        Some(rel.envelope()),
+        rel.envelope().as_deref(),
         "the store holds it while the deployment runs"
     );
     // A release verified under another trust root is refused.
@@ -825,6 +825,66 @@ fn a_verified_release_is_shared_and_its_envelope_persisted_once() {
         e.offer_verified(dev.now(), &rel, Vec::new(), false),
         Err(OfferError::OtherTrustRoot)
     );
+}
+
+/// Issue 10 (memory): once the store holds the deployment's envelope, the engine
+/// sheds its copies (an 8 GiB image's is about 35 MB); the install goes on, and
+/// offering the same release again resumes it without the envelope.
+#[test]
+fn a_shed_envelope_is_held_by_the_store_alone_and_the_install_resumes_without_it() {
+    use crate::{Output, Record, VerifiedRelease};
+    let f = Fixture::new();
+    let image = bytes(21, MIB);
+    let (mut d, m, chunks) = setup(&image);
+    d.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let rel = VerifiedRelease::verify(&f.root, sign(&m, &f.key), None).expect("verifies");
+    let envelope = rel.envelope().expect("kept until shed");
+    let mut e = d.engine(f.config());
+    e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+        .expect("offer");
+    // Carry out outputs up to the one that persists the envelope, then shed.
+    loop {
+        let out = e.poll_output().expect("the envelope is persisted first");
+        let persisted = matches!(&out, Output::Persist(r) if r.iter().any(|r| matches!(r, Record::Envelope(Some(_)))));
+        d.execute(&mut e, out).expect("no crash");
+        if persisted {
+            break;
+        }
+    }
+    e.shed_envelope();
+    assert_eq!(rel.envelope(), None, "the release no longer holds it");
+    assert_eq!(
+        std::sync::Arc::strong_count(&envelope),
+        2,
+        "held by this test and the store only"
+    );
+    // Half-way, the same release is offered again: it resumes, writing no
+    // envelope record (the store has it).
+    for _ in 0..40 {
+        let Some(out) = e.poll_output() else { break };
+        d.execute(&mut e, out).expect("no crash");
+    }
+    e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+        .expect("resumes");
+    let mut envelopes = 0;
+    loop {
+        let Some(out) = e.poll_output() else {
+            d.run(&mut e, None).expect("no crash");
+            break;
+        };
+        if let Output::Persist(records) = &out {
+            envelopes += records
+                .iter()
+                .filter(|r| matches!(r, Record::Envelope(_)))
+                .count();
+        }
+        d.execute(&mut e, out).expect("no crash");
+    }
+    assert!(armed(&d.events));
+    assert!(slot_b_holds(&d, &image));
+    assert_eq!(envelopes, 0);
+    assert_eq!(d.store.state.envelope.as_deref(), Some(&envelope[..]));
 }
 
 /// Regression (issue 10): on a slow link (30 KiB/s, like the daemon under a rate

@@ -44,12 +44,22 @@ impl Release {
     /// The release described by a verified manifest whose root filesystem payload is
     /// `payload` (an index into `manifest.payloads`).
     pub fn from_manifest(manifest: &Manifest, payload: usize) -> Release {
+        Release::with_hash(manifest, payload, manifest.hash())
+    }
+
+    /// The same, with the manifest's hash known (BLAKE3 of the signed bytes it was
+    /// decoded from: canonical CBOR, so no need to encode it again).
+    pub(crate) fn with_hash(
+        manifest: &Manifest,
+        payload: usize,
+        manifest_hash: [u8; 32],
+    ) -> Release {
         let p = &manifest.payloads[payload];
         Release {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             security_counter: manifest.security_counter,
-            manifest_hash: manifest.hash(),
+            manifest_hash,
             payload_size: p.size,
             payload_hash: p.hash,
             provides: manifest.provides.clone(),
@@ -230,6 +240,16 @@ pub enum Record {
         slot: Slot,
         /// Its index.
         index: Option<SlotIndex>,
+    },
+    /// Replace a slot's chunk index with the chunk list of the release it now
+    /// holds (verified there): the store writes it from the release's table
+    /// ([`VerifiedRelease::index_by_id`](crate::VerifiedRelease::index_by_id)), so
+    /// the engine builds no copy of the list (48 bytes a chunk).
+    ReleaseIndex {
+        /// The slot.
+        slot: Slot,
+        /// The release it holds.
+        release: Arc<crate::VerifiedRelease>,
     },
     /// Remove one chunk from a slot's index (it did not hash as recorded).
     Unindex {

@@ -67,6 +67,9 @@ impl MemStore {
                 Record::SlotIndex { slot, index } => {
                     self.indexes[slot_index(*slot)] = index.clone()
                 }
+                Record::ReleaseIndex { slot, release } => {
+                    self.indexes[slot_index(*slot)] = Some(release.slot_index())
+                }
                 Record::Unindex { slot, id } => {
                     if let Some(index) = self.indexes[slot_index(*slot)].as_mut() {
                         index.chunks.retain(|c| c.id != *id);

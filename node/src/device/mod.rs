@@ -569,12 +569,28 @@ impl Device {
                     )
                     .context("the release was refused"));
                 }
-                // The members before the first pack are read and bound to the
-                // manifest here (a full artifact whose contents lack a chunk is
-                // refused before the offer); the engine's chunk table is then the
-                // one copy of the chunk list.
+                // The members before the first pack are read and the manifest's
+                // chunk lists dropped before the engine decodes its own copy: the
+                // packs are read against the engine's chunk table (bound below), so
+                // the chunk list is in memory once, in the table.
                 artifact
-                    .shed_chunk_lists()
+                    .shed_chunk_lists_unbound()
+                    .map_err(|e| artifact_error(&name, e))?;
+                base_hash = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
+                // Moved out: the engine keeps the one copy.
+                let envelope = artifact.take_envelope();
+                // The manifest's id is the hash of its signed bytes (canonical CBOR):
+                // `artifact.manifest()` has shed its chunk lists by now.
+                let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
+                let envelope = envelope.to_bytes();
+                kept = Some((manifest_hash, envelope.clone()));
+                let release =
+                    shoal_engine::VerifiedRelease::verify(&driver.dev.root, envelope, wall)
+                        .map_err(|e| anyhow!(e).context("the release was refused"))?;
+                // A full artifact whose contents lack a chunk is refused here,
+                // before the offer.
+                artifact
+                    .bind_to(Arc::clone(&release) as Arc<dyn shoal_artifact::ChunkList>)
                     .map_err(|e| artifact_error(&name, e))?;
                 // What the artifact holds (a thin one says so in its contents
                 // member), so chunks it lacks are found missing before any write.
@@ -591,24 +607,15 @@ impl Device {
                 } else {
                     Holds::All
                 };
-                base_hash = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
-                // Moved out: the engine keeps the one copy.
-                let envelope = artifact.take_envelope();
-                // The manifest's id is the hash of its signed bytes (canonical CBOR):
-                // `artifact.manifest()` has shed its chunk lists by now.
-                let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
-                let envelope = envelope.to_bytes();
-                kept = Some((manifest_hash, envelope.clone()));
-                let offer = Offer {
-                    envelope,
-                    wall_unix_s: wall,
-                    sources: vec![
+                driver.offer_verified(
+                    &release,
+                    vec![
                         SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
                             .holding(holds),
                     ],
                     reboot,
-                };
-                driver.offer(offer)?;
+                )?;
+                drop(release);
                 driver.stream(artifact, &name)?;
                 driver.source_bytes_read = counted.bytes;
             }
@@ -1249,6 +1256,24 @@ impl<'a> Driver<'a> {
         self.engine
             .offer(now, offer)
             .map_err(|e| anyhow!(e).context("the release was refused"))?;
+        self.offered(now)
+    }
+
+    /// [`Driver::offer`] of a release verified already.
+    fn offer_verified(
+        &mut self,
+        release: &Arc<shoal_engine::VerifiedRelease>,
+        sources: Vec<SourceInfo>,
+        reboot: bool,
+    ) -> anyhow::Result<()> {
+        let now = self.now();
+        self.engine
+            .offer_verified(now, release, sources, reboot)
+            .map_err(|e| anyhow!(e).context("the release was refused"))?;
+        self.offered(now)
+    }
+
+    fn offered(&mut self, now: shoal_engine::Instant) -> anyhow::Result<()> {
         // LAN hook: sources a request source already knows of (LAN peers and their
         // swarm) are registered before the engine plans its first fetch.
         if let Some(r) = self.requests.as_mut() {
@@ -1923,11 +1948,21 @@ impl<'a> Driver<'a> {
             },
             // The engine asks for a journal batch only once its sync returned
             // (`Input::Synced`): applied at once, not queued behind later syncs.
-            Output::Persist(records) => self
-                .dev
-                .store
-                .apply(&records)
-                .map_err(|e| (IoOp::Persist, anyhow!(e)))?,
+            Output::Persist(records) => {
+                self.dev
+                    .store
+                    .apply(&records)
+                    .map_err(|e| (IoOp::Persist, anyhow!(e)))?;
+                // The store holds the deployment's signed envelope now: the
+                // engine need not (about 80 bytes a chunk, 35 MB at 8 GiB).
+                if records
+                    .iter()
+                    .any(|r| matches!(r, shoal_engine::Record::Envelope(Some(_))))
+                {
+                    drop(records);
+                    self.engine.shed_envelope();
+                }
+            }
             Output::HashSlot { slot, len } => {
                 // Every write is done and synced first. Most of the slot was read
                 // back and hashed while it was written; otherwise (nothing written

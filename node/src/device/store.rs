@@ -28,6 +28,9 @@ const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
 /// redb cache size.
 const CACHE_BYTES: usize = 1024 * 1024;
 
+/// Chunks of a slot index written in one transaction.
+const INDEX_BATCH: usize = 16 * 1024;
+
 /// File name of the store in the data directory.
 pub const FILE_NAME: &str = "shoal.redb";
 
@@ -296,8 +299,20 @@ impl Store {
         Ok(Some(SlotIndex { chunking, chunks }))
     }
 
-    /// Applies one [`Output::Persist`](shoal_engine::Output::Persist) atomically.
+    /// Applies one [`Output::Persist`](shoal_engine::Output::Persist) atomically
+    /// (a [`Record::ReleaseIndex`] is written right after it, see
+    /// [`Store::write_release_index`]).
     pub fn apply(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.apply_one(records)?;
+        for r in records {
+            if let Record::ReleaseIndex { slot, release } = r {
+                self.write_release_index(*slot, release)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&self, records: &[Record]) -> Result<(), StoreError> {
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let mut done = txn.open_table(DONE)?;
@@ -377,6 +392,15 @@ impl Store {
                             None => put(&mut meta, &key, None)?,
                         }
                     }
+                    // The slot's old index goes in this transaction; the new one
+                    // is written after it (`write_release_index`).
+                    Record::ReleaseIndex { slot, .. } => {
+                        let lo = index_key(*slot, &ChunkId([0; 32]));
+                        let hi = index_key(*slot, &ChunkId([0xff; 32]));
+                        index.retain_in::<&[u8], _>(&lo[..]..=&hi[..], |_, _| false)?;
+                        let key = format!("chunking.{}", slot_name(*slot));
+                        put(&mut meta, &key, None)?;
+                    }
                     Record::Unindex { slot, id } => {
                         index.remove(&index_key(*slot, id)[..])?;
                     }
@@ -387,6 +411,40 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// Writes the index of a slot that now holds `release` (its chunk list, in id
+    /// order, from the release's table), in transactions of [`INDEX_BATCH`]
+    /// chunks: redb keeps a transaction's pages in memory until it commits, and an
+    /// 8 GiB image has 430,000 chunks. The slot's chunking is recorded with the
+    /// last batch, so an index cut short (a power cut between batches) is no index:
+    /// the slot is cut again when it is needed (and its leftover entries are
+    /// cleared then).
+    fn write_release_index(
+        &self,
+        slot: Slot,
+        release: &shoal_engine::VerifiedRelease,
+    ) -> Result<(), StoreError> {
+        let mut chunks = release.index_by_id().peekable();
+        loop {
+            let mut last = false;
+            self.write(|txn| {
+                let mut index = txn.open_table(INDEX)?;
+                for c in chunks.by_ref().take(INDEX_BATCH) {
+                    index.insert(&index_key(slot, &c.id)[..], (c.offset, c.len))?;
+                }
+                if chunks.peek().is_none() {
+                    last = true;
+                    let mut meta = txn.open_table(META)?;
+                    let key = format!("chunking.{}", slot_name(slot));
+                    meta.insert(key.as_str(), release.manifest().chunking.cbor().as_slice())?;
+                }
+                Ok(())
+            })?;
+            if last {
+                return Ok(());
+            }
+        }
     }
 
     /// Records the running slot of a device Shoal sees for the first time.
@@ -569,6 +627,46 @@ mod tests {
             (got.done.len(), got.deployment, got.envelope),
             (0, None, None)
         );
+    }
+
+    /// A slot verified to hold a release gets the release's chunk list as its index,
+    /// written from the release's table in transactions of `INDEX_BATCH` chunks
+    /// (here two), replacing what the slot had.
+    #[test]
+    fn a_release_index_is_written_in_batches_and_reads_back_whole() {
+        use shoal_engine::testing;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = INDEX_BATCH + 3000;
+        let image = testing::bytes(7, n * 1024);
+        let (key, root) = testing::keys(1);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let rel =
+            shoal_engine::VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None)
+                .expect("verified");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[Record::SlotIndex {
+                slot: Slot::B,
+                index: Some(index(0)),
+            }])
+            .expect("apply");
+        store
+            .apply(&[
+                Record::SlotRelease {
+                    slot: Slot::B,
+                    release: Some(rel.release().clone()),
+                },
+                Record::ReleaseIndex {
+                    slot: Slot::B,
+                    release: rel.clone(),
+                },
+            ])
+            .expect("apply");
+        let got = store.slot_index(Slot::B).expect("read").expect("an index");
+        assert_eq!(got.chunks.len(), n);
+        assert_eq!(got, rel.slot_index());
+        // The other slot's index is untouched.
+        assert_eq!(store.slot_index(Slot::A).expect("read"), None);
     }
 
     /// Regression: a power cut while the store was first created left a half-written

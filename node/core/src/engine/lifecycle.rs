@@ -122,21 +122,28 @@ impl Engine {
             phase: Phase::Fetching,
         };
         // The envelope is persisted once per deployment (not with every phase).
-        let same_envelope = self
-            .state
-            .envelope
-            .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, &rel.envelope) || **e == *rel.envelope);
+        let envelope = rel.envelope();
+        let same_envelope = match (&self.state.envelope, &envelope) {
+            (Some(e), Some(r)) => Arc::ptr_eq(e, r) || **e == **r,
+            _ => false,
+        };
         if resume {
             info!(release = %release, slot = %target, done = self.state.done.len(), "resuming install");
             if !same_envelope || self.state.deployment.as_ref() != Some(&dep) {
-                self.state.envelope = Some(Arc::clone(&rel.envelope));
-                self.persist(vec![
-                    Record::Envelope(Some(Arc::clone(&rel.envelope))),
-                    Record::Deployment(Some(dep.clone())),
-                ]);
+                let mut records = Vec::new();
+                // A release whose envelope was shed was offered for this very
+                // deployment: the store holds its envelope.
+                if let Some(e) = envelope {
+                    self.state.envelope = Some(Arc::clone(&e));
+                    records.push(Record::Envelope(Some(e)));
+                }
+                records.push(Record::Deployment(Some(dep.clone())));
+                self.persist(records);
             }
         } else {
+            let envelope = envelope.expect(
+                "a release offered for a new deployment keeps its envelope (it is shed only once persisted for its own)",
+            );
             // A slot that already holds this payload (a release rolled back, then
             // offered again) is not written again: it is only verified.
             let held = self.state.releases[slot_index(target)]
@@ -148,9 +155,9 @@ impl Engine {
             self.state.done.clear();
             self.state.wan_spent_bytes = 0;
             self.state.releases[slot_index(target)] = None;
-            self.state.envelope = Some(Arc::clone(&rel.envelope));
+            self.state.envelope = Some(Arc::clone(&envelope));
             let mut records = vec![
-                Record::Envelope(Some(Arc::clone(&rel.envelope))),
+                Record::Envelope(Some(envelope)),
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
                 Record::WanSpent(0),
@@ -270,17 +277,6 @@ impl Engine {
         let Some(mut dep) = self.state.deployment.clone() else {
             return;
         };
-        let chunks: Vec<IndexedChunk> = (0..job.rel.table.entries())
-            .map(|e| IndexedChunk {
-                id: job.rel.table.id(e),
-                offset: job.rel.table.first_offset(e),
-                len: job.rel.table.size(e),
-            })
-            .collect();
-        let index = SlotIndex {
-            chunking: job.rel.manifest.chunking,
-            chunks,
-        };
         dep.phase = Phase::Verified;
         self.state.releases[slot_index(slot)] = Some(dep.release.clone());
         self.state.done.clear();
@@ -290,9 +286,9 @@ impl Engine {
                 slot,
                 release: Some(dep.release.clone()),
             },
-            Record::SlotIndex {
+            Record::ReleaseIndex {
                 slot,
-                index: Some(index),
+                release: Arc::clone(&job.rel),
             },
             Record::ClearProgress,
         ]);

@@ -951,6 +951,19 @@ impl Engine {
         })
     }
 
+    /// Drops the engine's copies of the deployment's signed envelope (its own and
+    /// the offered release's) once the driver applied the [`Output::Persist`] that
+    /// holds it: the store has it, and nothing the install does needs it again
+    /// (35 MB for an 8 GiB image). Offering the same release again for the same
+    /// deployment resumes without it; a new deployment needs a release that still
+    /// has its envelope.
+    pub fn shed_envelope(&mut self) {
+        self.state.envelope = None;
+        if let Some(rel) = &self.release {
+            rel.shed_envelope();
+        }
+    }
+
     /// Heap bytes of the release's chunk table.
     pub fn release_table_bytes(&self) -> usize {
         self.job.as_ref().map_or(0, |j| j.rel.table.heap_bytes())

@@ -10,7 +10,7 @@ use shoal_signing::{Envelope, RoleName, TrustRoot};
 
 use super::table::ChunkTable;
 use crate::error::OfferError;
-use crate::state::Release;
+use crate::state::{IndexedChunk, Release, SlotIndex};
 
 /// A release whose signed manifest verified against a trust root, decoded, with
 /// its chunk table. Make one with [`VerifiedRelease::verify`] and hand the `Arc`
@@ -19,8 +19,12 @@ use crate::state::Release;
 pub struct VerifiedRelease {
     /// The trust root it verified against (an engine under another root refuses it).
     pub(crate) root: TrustRoot,
-    /// The signed envelope, as offered (persisted once per deployment).
-    pub(crate) envelope: Arc<[u8]>,
+    /// The signed envelope, as offered (persisted once per deployment), until a
+    /// driver that persisted it sheds it ([`Engine::shed_envelope`]): an 8 GiB
+    /// image's envelope is about 35 MB, which an install need not hold.
+    ///
+    /// [`Engine::shed_envelope`]: crate::Engine::shed_envelope
+    envelope: std::sync::Mutex<Option<Arc<[u8]>>>,
     /// The decoded manifest, without its payload's chunk list: that lives in
     /// `table` only (one copy per release, in dense arrays).
     pub(crate) manifest: Manifest,
@@ -43,6 +47,7 @@ impl VerifiedRelease {
         let parsed = Envelope::from_bytes(&envelope)?;
         let signed = root.verify(RoleName::Release, &parsed, wall_unix_s)?;
         let mut manifest = Manifest::from_cbor(signed)?;
+        let manifest_hash = *blake3::hash(signed).as_bytes();
         let rootfs: Vec<usize> = (0..manifest.payloads.len())
             .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
             .collect();
@@ -53,14 +58,14 @@ impl VerifiedRelease {
             });
         }
         let payload = rootfs[0];
-        let release = Release::from_manifest(&manifest, payload);
+        let release = Release::with_hash(&manifest, payload, manifest_hash);
         let table = ChunkTable::new(&manifest.payloads[payload]);
         // The table holds the chunk list now: a second copy would cost 40 bytes a
         // chunk for the life of the release (17 MiB for an 8 GiB image).
         manifest.payloads[payload].chunks = Vec::new();
         Ok(Arc::new(VerifiedRelease {
             root: root.clone(),
-            envelope: envelope.into(),
+            envelope: std::sync::Mutex::new(Some(envelope.into())),
             manifest,
             payload,
             release,
@@ -85,13 +90,80 @@ impl VerifiedRelease {
         self.table.positions()
     }
 
-    /// The signed envelope it was verified from.
-    pub fn envelope(&self) -> &[u8] {
-        &self.envelope
+    /// The signed envelope it was verified from, unless it was shed.
+    pub fn envelope(&self) -> Option<Arc<[u8]>> {
+        self.envelope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the envelope (see [`Engine::shed_envelope`](crate::Engine::shed_envelope)).
+    pub(crate) fn shed_envelope(&self) {
+        *self
+            .envelope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The slot index of a slot that holds this release: each distinct chunk at its
+    /// first position, in id order (the store inserts them in key order), read
+    /// from the table as it goes.
+    pub fn index_by_id(&self) -> impl Iterator<Item = IndexedChunk> + '_ {
+        self.table.entries_by_id().map(|e| IndexedChunk {
+            id: self.table.id(e),
+            offset: self.table.first_offset(e),
+            len: self.table.size(e),
+        })
+    }
+
+    /// The same index, in slot order, as one list.
+    pub fn slot_index(&self) -> SlotIndex {
+        SlotIndex {
+            chunking: self.manifest.chunking,
+            chunks: (0..self.table.entries())
+                .map(|e| IndexedChunk {
+                    id: self.table.id(e),
+                    offset: self.table.first_offset(e),
+                    len: self.table.size(e),
+                })
+                .collect(),
+        }
     }
 
     /// Heap bytes of its chunk table (what a fleet shares).
     pub fn table_heap_bytes(&self) -> usize {
         self.table.heap_bytes()
+    }
+}
+
+/// The same release: the same signed manifest.
+impl PartialEq for VerifiedRelease {
+    fn eq(&self, other: &VerifiedRelease) -> bool {
+        self.release.manifest_hash == other.release.manifest_hash
+    }
+}
+
+impl Eq for VerifiedRelease {}
+
+/// The release's distinct chunks in artifact order (the table's entries are
+/// numbered in order of first appearance), so an artifact reader reads its packs
+/// against the table instead of a list of its own.
+impl shoal_artifact::ChunkList for VerifiedRelease {
+    fn manifest_hash(&self) -> [u8; 32] {
+        self.release.manifest_hash
+    }
+
+    fn distinct_len(&self) -> usize {
+        self.table.entries() as usize
+    }
+
+    fn distinct_chunk(&self, k: usize) -> shoal_artifact::ChunkRef {
+        let e = u32::try_from(k).expect("an entry of the table");
+        shoal_artifact::ChunkRef {
+            id: self.table.id(e),
+            size: self.table.size(e),
+            stored_size: self.table.wire_size(e),
+        }
     }
 }

@@ -184,6 +184,11 @@ impl ChunkTable {
         self.offsets[p as usize]
     }
 
+    /// The entries in id order.
+    pub(crate) fn entries_by_id(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_id.iter().map(|&(_, e)| e)
+    }
+
     /// The entry's positions, in payload order.
     pub(crate) fn positions_of(&self, e: u32) -> impl Iterator<Item = u32> + '_ {
         let mut p = self.first[e as usize];
