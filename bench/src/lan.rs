@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use shoal_tests::netns::{NET, Net};
 
+use crate::fleet::{run, wait_until};
 use crate::progress;
 use crate::report::{Baseline, Goal, Quantity, Section, Target};
 
@@ -80,31 +81,6 @@ struct Site {
     net: Net,
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if cond()? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("timed out after {secs} s waiting for {what}")
-}
-
 /// The last `key=NUMBER` of a daemon's "installed" log line.
 fn installed_field(log: &str, key: &str) -> Option<u64> {
     log.lines()
@@ -154,55 +130,9 @@ impl Site {
     fn new(inp: &Inputs) -> Result<Site> {
         let net = Net::new("bl", 1, DEVICES, WAN);
         let work = inp.work.clone();
-        let sh = |args: &[&str]| {
-            let mut c = Command::new(&inp.shoal);
-            c.current_dir(&work).args(args);
-            c
-        };
-        run(&mut sh(&["key", "generate", "--out", "rootk.pem"]))?;
-        run(&mut sh(&["key", "generate", "--out", "rel.pem"]))?;
-        run(&mut sh(&[
-            "root",
-            "init",
-            "--root-key",
-            "rootk.pem.pub",
-            "--release-key",
-            "rel.pem.pub",
-            "--sign",
-            "rootk.pem",
-            "--out",
-            "root.shoalroot",
-        ]))?;
-        for (img, v) in [(&inp.v1, "1"), (&inp.v2, "2")] {
-            progress(&format!("lan: building v{v}.shoal (untimed)"));
-            run(sh(&[
-                "--quiet",
-                "artifact",
-                "build",
-                "--name",
-                "bench-os",
-                "--version",
-                v,
-                "--device-type",
-                BOARD,
-                "--security-counter",
-                "1",
-                "--key",
-                "rel.pem",
-                "--out",
-                &format!("v{v}.shoal"),
-                "--image",
-            ])
-            .arg(img))?;
-        }
+        crate::fleet::keys_root_and_releases(&inp.shoal, &work, &inp.v1, &inp.v2, BOARD, "lan")?;
         let data = work.join("server");
-        std::fs::create_dir_all(&data)?;
-        let token = run(sh(&[
-            "server", "token", "--name", "bench", "--role", "admin", "--data",
-        ])
-        .arg(&data))?
-        .trim()
-        .to_owned();
+        let token = crate::fleet::admin_token(&inp.shoal, &work, &data)?;
         let log_path = work.join("server.log");
         let mut net = net;
         let mut server = net.command("srv", &inp.shoal);
@@ -217,14 +147,7 @@ impl Site {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path)?);
         net.spawn(server);
-        let mut url = String::new();
-        wait_until("the server", 60, || {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if let Some(rest) = log.split("listening on ").nth(1) {
-                url = rest.lines().next().unwrap_or_default().trim().to_owned();
-            }
-            Ok(!url.is_empty())
-        })?;
+        let url = crate::fleet::server_url(&log_path)?;
         progress("lan: copying v1 once for the devices' slot A");
         let slot_a = work.join("v1-slot.img");
         run(Command::new("cp")

@@ -18,6 +18,7 @@ use clap::{Parser, ValueEnum};
 
 mod alloc_count;
 mod engine_bench;
+mod fleet;
 mod lan;
 mod measure;
 mod net_link;

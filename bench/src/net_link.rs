@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::fleet::{run, wait_until};
 use crate::measure::Cmd;
 use crate::progress;
 use crate::report::{Baseline, Goal, Quantity, Section, Target};
@@ -177,20 +178,6 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmHWM:")?, field("VmRSS:")?))
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn json(cmd: &mut Command) -> Result<serde_json::Value> {
     let out = run(cmd)?;
     serde_json::from_str(&out).with_context(|| format!("not JSON from {cmd:?}: {out}"))
@@ -223,17 +210,6 @@ fn log_span_s(log: &str, from: &str, to: &str) -> Option<f64> {
         Some(h * 3600.0 + m * 60.0 + s)
     };
     Some(stamp(to)? - stamp(from)?)
-}
-
-fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if cond()? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("timed out after {secs} s waiting for {what}")
 }
 
 /// The inputs of the link rows.
@@ -430,44 +406,7 @@ fn shoal_over_link(inp: &Inputs) -> Result<ShoalRow> {
         c.current_dir(&w).args(args);
         c
     };
-    run(&mut sh(&["key", "generate", "--out", "rootk.pem"]))?;
-    run(&mut sh(&["key", "generate", "--out", "rel.pem"]))?;
-    run(&mut sh(&[
-        "root",
-        "init",
-        "--root-key",
-        "rootk.pem.pub",
-        "--release-key",
-        "rel.pem.pub",
-        "--release-threshold",
-        "1",
-        "--sign",
-        "rootk.pem",
-        "--out",
-        "root.shoalroot",
-    ]))?;
-    for (img, v) in [(&inp.v1, "1"), (&inp.v2, "2")] {
-        progress(&format!("net: building v{v}.shoal (untimed)"));
-        run(sh(&[
-            "--quiet",
-            "artifact",
-            "build",
-            "--name",
-            "bench-os",
-            "--version",
-            v,
-            "--device-type",
-            "bench-board",
-            "--security-counter",
-            "1",
-            "--key",
-            "rel.pem",
-            "--out",
-            &format!("v{v}.shoal"),
-            "--image",
-        ])
-        .arg(img))?;
-    }
+    crate::fleet::keys_root_and_releases(&inp.shoal, &w, &inp.v1, &inp.v2, "bench-board", "net")?;
     let diff = json(&mut sh(&[
         "artifact", "diff", "v1.shoal", "v2.shoal", "--json",
     ]))?;
@@ -477,13 +416,7 @@ fn shoal_over_link(inp: &Inputs) -> Result<ShoalRow> {
 
     // The server, on loopback; the device reaches it over the link.
     let data = w.join("server");
-    std::fs::create_dir_all(&data)?;
-    let token = run(sh(&[
-        "server", "token", "--name", "bench", "--role", "admin", "--data",
-    ])
-    .arg(&data))?
-    .trim()
-    .to_owned();
+    let token = crate::fleet::admin_token(&inp.shoal, &w, &data)?;
     let log_path = w.join("server.log");
     let _server = Proc(
         sh(&[
@@ -501,14 +434,7 @@ fn shoal_over_link(inp: &Inputs) -> Result<ShoalRow> {
         .spawn()
         .context("cannot start shoal server")?,
     );
-    let mut url = String::new();
-    wait_until("the server", 60, || {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if let Some(rest) = log.split("listening on ").nth(1) {
-            url = rest.lines().next().unwrap_or_default().trim().to_owned();
-        }
-        Ok(!url.is_empty())
-    })?;
+    let url = crate::fleet::server_url(&log_path)?;
     let admin = |args: &[&str]| -> Result<serde_json::Value> {
         json(sh(&["admin", "--json", "--server", &url, "--token", &token]).args(args))
     };

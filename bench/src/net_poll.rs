@@ -28,6 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures_util::StreamExt;
 use shoal_signing::SecretKey;
 
+use crate::fleet::run;
 use crate::report::{Goal, Quantity, Target};
 
 /// Devices polling.
@@ -97,30 +98,17 @@ impl Drop for Server {
     }
 }
 
-fn run_ok(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// A trust root the server can start with (no release is uploaded).
 fn trust_root(shoal: &Path, dir: &Path) -> Result<()> {
     for k in ["rootk", "rel"] {
-        run_ok(Command::new(shoal).current_dir(dir).args([
+        run(Command::new(shoal).current_dir(dir).args([
             "key",
             "generate",
             "--out",
             &format!("{k}.pem"),
         ]))?;
     }
-    run_ok(Command::new(shoal).current_dir(dir).args([
+    run(Command::new(shoal).current_dir(dir).args([
         "root",
         "init",
         "--root-key",
@@ -205,14 +193,12 @@ fn ms(d: Duration) -> f64 {
 
 /// Makes a fresh PostgreSQL database `name` on `base` (`postgres://user:pw@host:port`).
 fn postgres_db(base: &str, name: &str) -> Result<String> {
-    run_ok(
-        Command::new("psql")
-            .arg(format!("{base}/postgres"))
-            .args(["-v", "ON_ERROR_STOP=1", "-qc"])
-            .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .arg("-qc")
-            .arg(format!("CREATE DATABASE {name}")),
-    )
+    run(Command::new("psql")
+        .arg(format!("{base}/postgres"))
+        .args(["-v", "ON_ERROR_STOP=1", "-qc"])
+        .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .arg("-qc")
+        .arg(format!("CREATE DATABASE {name}")))
     .context("PostgreSQL (Debian's postgresql, started by .ci/run with role shoal/shoal)")?;
     Ok(format!("{base}/{name}"))
 }
@@ -234,7 +220,7 @@ pub fn measure(shoal: &Path, work: &Path, db: &Db, connections: Option<u32>) -> 
     if let Some(u) = &url {
         token_cmd.arg("--database").arg(u);
     }
-    let admin = run_ok(&mut token_cmd)?.trim().to_owned();
+    let admin = run(&mut token_cmd)?.trim().to_owned();
     let server = start_server(shoal, &dir, &url, connections)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
