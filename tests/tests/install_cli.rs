@@ -211,6 +211,12 @@ fn clear_errors_for_bad_sources_and_refused_releases() {
         e.contains(r#"release is for device types ["toaster"], this device is "board""#),
         "{e}"
     );
+    // A refused release's manifest is not kept (the device keeps its slots').
+    let kept = dev.path("data").join("manifests");
+    let kept_files = std::fs::read_dir(&kept)
+        .map(|d| d.count())
+        .unwrap_or_default();
+    assert_eq!(kept_files, 0, "{}", kept.display());
 
     let other = dev.path("other.pem");
     ok(shoal_tests::shoal()

@@ -508,10 +508,18 @@ impl Device {
         let running_hash = engine.status().releases[slot_index(running)]
             .as_ref()
             .map(|r| r.manifest_hash);
-        let mut kept: Option<([u8; 32], Vec<u8>)> = None;
-        // The base release a thin artifact names runs here too (a factory image
-        // without a record in the store): its manifest stays kept.
-        let mut base_hash: Option<[u8; 32]> = None;
+        // The new release's manifest is written to the kept ones as soon as it is
+        // read (a kept file is only a reference: a manifest rebuilt against it is
+        // verified whole, and the LAN serves only the running release's), so no
+        // copy of it stays in memory during the install; the others are pruned
+        // once the install is through.
+        let mut kept = NewManifest {
+            data_dir: data_dir.clone(),
+            hash: None,
+            running: running_hash,
+            base: None,
+            installed: false,
+        };
         let mut driver = Driver::new(self, engine, progress);
         let wall = wall_clock();
         match source {
@@ -576,14 +584,21 @@ impl Device {
                 artifact
                     .shed_chunk_lists_unbound()
                     .map_err(|e| artifact_error(&name, e))?;
-                base_hash = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
-                // Moved out: the engine keeps the one copy.
-                let envelope = artifact.take_envelope();
-                // The manifest's id is the hash of its signed bytes (canonical CBOR):
-                // `artifact.manifest()` has shed its chunk lists by now.
-                let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
-                let envelope = envelope.to_bytes();
-                kept = Some((manifest_hash, envelope.clone()));
+                // The base release a thin artifact names runs here too (a factory
+                // image without a record in the store): its manifest stays kept.
+                kept.base = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
+                // Moved out and encoded once: the engine keeps the one copy (the
+                // decoded envelope is dropped here, not at the end of the install).
+                let (manifest_hash, envelope) = {
+                    let envelope = artifact.take_envelope();
+                    // The manifest's id is the hash of its signed bytes (canonical
+                    // CBOR): `artifact.manifest()` has shed its chunk lists by now.
+                    (
+                        *blake3::hash(&envelope.signed).as_bytes(),
+                        envelope.to_bytes(),
+                    )
+                };
+                kept.save(manifest_hash, &envelope);
                 let release =
                     shoal_engine::VerifiedRelease::verify(&driver.dev.root, envelope, wall)
                         .map_err(|e| anyhow!(e).context("the release was refused"))?;
@@ -627,7 +642,9 @@ impl Device {
             } => {
                 driver.requests = Some(requests);
                 if let Ok(e) = shoal_signing::Envelope::from_bytes(&envelope) {
-                    kept = Some((*blake3::hash(&e.signed).as_bytes(), envelope.clone()));
+                    let hash = *blake3::hash(&e.signed).as_bytes();
+                    drop(e);
+                    kept.save(hash, &envelope);
                 }
                 let offer = Offer {
                     envelope,
@@ -662,7 +679,7 @@ impl Device {
                 driver.chunk_store = Some((store, refs));
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
-                kept = Some((manifest.hash(), envelope.clone()));
+                kept.save(manifest.hash(), &envelope);
                 let offer = Offer {
                     envelope,
                     wall_unix_s: wall,
@@ -681,15 +698,15 @@ impl Device {
             }
         }
         let report = driver.finish_install()?;
-        if let Some((hash, envelope)) = kept {
+        if let Some(hash) = kept.installed() {
             // The running release's and the new one's: a rollback keeps running
             // the former, a commit the latter.
             let keep: Vec<[u8; 32]> = std::iter::once(hash)
                 .chain(running_hash)
-                .chain(base_hash)
+                .chain(kept.base)
                 .collect();
-            if let Err(e) = KeptManifests::keep(&data_dir, &hash, &envelope, &keep) {
-                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
+            if let Err(e) = KeptManifests::prune(&data_dir, &keep) {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot prune the kept manifests");
             }
         }
         Ok(report)
@@ -798,7 +815,6 @@ impl Device {
     }
 }
 
-/// The engine's configuration for this device.
 /// The signed manifests of the releases in this device's slots, kept in
 /// `DATA_DIR/manifests/<hash>.envelope` (written whole, then renamed): a thin
 /// artifact's manifest may travel as a delta against the running release's
@@ -816,16 +832,15 @@ impl KeptManifests {
         }
     }
 
-    /// Keeps `envelope` (whose manifest hashes to `hash`) and drops every other kept
-    /// manifest not in `keep`: a device holds the manifests of its two slots.
-    pub fn keep(
-        data_dir: &Path,
-        hash: &[u8; 32],
-        envelope: &[u8],
-        keep: &[[u8; 32]],
-    ) -> anyhow::Result<()> {
+    /// Keeps `envelope` (whose manifest hashes to `hash`).
+    pub fn save(data_dir: &Path, hash: &[u8; 32], envelope: &[u8]) -> anyhow::Result<()> {
         let id = crate::lan::proto::ManifestId(*hash);
-        crate::lan::serve::save_envelope(data_dir, &id, envelope)?;
+        crate::lan::serve::save_envelope(data_dir, &id, envelope)
+    }
+
+    /// Drops every kept manifest not in `keep`: a device holds the manifests of
+    /// its two slots (and of a thin artifact's base).
+    pub fn prune(data_dir: &Path, keep: &[[u8; 32]]) -> anyhow::Result<()> {
         let dir = KeptManifests::new(data_dir).dir;
         let names: HashSet<String> = keep
             .iter()
@@ -859,6 +874,50 @@ impl shoal_artifact::HeldManifests for KeptManifests {
     }
 }
 
+/// The manifest of the release an install writes, kept from when it is read; an
+/// install that ends in an error (a refused offer, say) drops it again, unless it is
+/// the running release's or the base's.
+struct NewManifest {
+    data_dir: PathBuf,
+    hash: Option<[u8; 32]>,
+    running: Option<[u8; 32]>,
+    base: Option<[u8; 32]>,
+    installed: bool,
+}
+
+impl NewManifest {
+    /// Keeps `envelope` (whose manifest hashes to `hash`); an install goes on
+    /// without it, with a warning, when it cannot be written.
+    fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
+        match KeptManifests::save(&self.data_dir, &hash, envelope) {
+            Ok(()) => self.hash = Some(hash),
+            Err(e) => {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
+            }
+        }
+    }
+
+    /// The install went through: the manifest stays; its hash.
+    fn installed(&mut self) -> Option<[u8; 32]> {
+        self.installed = true;
+        self.hash
+    }
+}
+
+impl Drop for NewManifest {
+    fn drop(&mut self) {
+        if let Some(hash) = self.hash
+            && !self.installed
+            && Some(hash) != self.running
+            && Some(hash) != self.base
+        {
+            let id = crate::lan::proto::ManifestId(hash);
+            let _ = std::fs::remove_file(crate::lan::serve::envelope_path(&self.data_dir, &id));
+        }
+    }
+}
+
+/// The engine's configuration for this device.
 fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
     let mut config = shoal_engine::Config::new(device.device.device_type.clone(), root.clone());
     config.provides = device.device.provides.clone();
