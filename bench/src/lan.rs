@@ -58,8 +58,10 @@ struct Install {
     wan: u64,
     /// From the deployment to the last device's armed trial.
     wall_s: f64,
-    /// Chunk bytes the devices got from peers.
+    /// Chunk bytes the devices received from peers (repeats included).
     from_peers: u64,
+    /// Distinct chunk bytes the devices installed from peers (the engine's count).
+    installed_from_peers: u64,
     /// Chunk bytes the devices installed from the network (peers and server).
     fetched: u64,
 }
@@ -351,10 +353,13 @@ impl Site {
             .map_or(0.0, Duration::as_secs_f64);
         let wan = self.wan_bytes() - before;
         let mut from_peers = 0;
+        let mut installed_from_peers = 0;
         let mut fetched = 0;
         for d in devs {
             let log = std::fs::read_to_string(d.join("daemon.log"))?;
             from_peers += installed_field(&log, "from_peers").unwrap_or(0);
+            installed_from_peers += installed_field(&log, "installed_from_peers")
+                .context("no installed_from_peers= in the install line")?;
             fetched +=
                 installed_field(&log, "fetched").context("no fetched= in the install line")?;
             // Every slot B holds v2, byte for byte.
@@ -364,12 +369,13 @@ impl Site {
             }
         }
         progress(&format!(
-            "lan: {name}: {wan} WAN bytes, {wall_s:.2} s, {from_peers} of {fetched} chunk bytes from peers"
+            "lan: {name}: {wan} WAN bytes, {wall_s:.2} s, {installed_from_peers} of {fetched} chunk bytes installed from peers ({from_peers} received)"
         ));
         Ok(Install {
             wan,
             wall_s,
             from_peers,
+            installed_from_peers,
             fetched,
         })
     }
@@ -528,17 +534,18 @@ pub fn section(inp: &Inputs) -> Result<Section> {
             Target::AtMost(Quantity::Mebibytes(6.0)),
         ),
     });
-    let share = |r: &Install| r.from_peers as f64 / r.fetched.max(1) as f64;
+    let share = |r: &Install| r.installed_from_peers as f64 / r.fetched.max(1) as f64;
     facts.push((
-        "peer share (chunk bytes received from peers, repeats included / chunk bytes installed from the network)".to_owned(),
+        "peer share (chunk bytes installed from peers / chunk bytes installed from the network; received from peers, repeats included)".to_owned(),
         m.shared
             .iter()
             .map(|r| {
                 format!(
-                    "{:.1} % ({} of {} B)",
+                    "{:.1} % ({} of {} B; {} B received)",
                     100.0 * share(r),
-                    r.from_peers,
-                    r.fetched
+                    r.installed_from_peers,
+                    r.fetched,
+                    r.from_peers
                 )
             })
             .collect::<Vec<_>>()

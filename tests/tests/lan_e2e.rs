@@ -383,6 +383,16 @@ fn lan_peers_share_chunks_so_each_crosses_the_uplink_about_once() {
             "device {n} got nothing from its peers:\n{}",
             site.devs[n].log()
         );
+        // What the engine installed from peers: distinct chunk bytes, some, and
+        // no more than it fetched from the network in all.
+        let log = site.devs[n].log();
+        let installed = installed_field(&log, "installed_from_peers")
+            .expect("installed_from_peers= in the install line");
+        let fetched = installed_field(&log, "fetched").expect("fetched= in the install line");
+        assert!(
+            installed > 0 && installed <= fetched,
+            "device {n}: {installed} bytes installed from peers, {fetched} fetched:\n{log}"
+        );
     }
     // Four devices without the LAN would pull 4x; with it, each chunk about once.
     assert!(

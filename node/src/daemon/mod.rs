@@ -660,6 +660,7 @@ impl Daemon {
                     deployment = %dep.id,
                     resumed = report.resumed_bytes,
                     fetched = report.fetched_bytes,
+                    installed_from_peers = report.peer_bytes,
                     reused = report.reused_bytes,
                     transferred = watch.bytes(),
                     from_peers = peer_bytes.map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)),

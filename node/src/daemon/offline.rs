@@ -203,6 +203,7 @@ impl Daemon {
                     release = %id,
                     resumed = report.resumed_bytes,
                     fetched = report.fetched_bytes,
+                    installed_from_peers = report.peer_bytes,
                     reused = report.reused_bytes,
                     from_peers = peer_bytes.load(std::sync::atomic::Ordering::Relaxed),
                     "installed from LAN peers; trial armed"

@@ -297,6 +297,11 @@ pub struct InstallReport {
     pub reused_bytes: u64,
     /// Of those, from the source (uncompressed).
     pub fetched_bytes: u64,
+    /// Of the fetched bytes, distinct chunk bytes (uncompressed) that came from LAN
+    /// peers (each counted once, as installed; the engine's count).
+    pub peer_bytes: u64,
+    /// Of the fetched bytes, distinct chunk bytes (uncompressed) from the WAN.
+    pub wan_bytes: u64,
     /// Bytes read from the source (as stored: compressed, with framing).
     pub source_bytes_read: u64,
     /// Whether a reboot into the trial was started.
@@ -1661,6 +1666,8 @@ impl<'a> Driver<'a> {
                         written_bytes: p.written_bytes,
                         reused_bytes: p.reused_bytes,
                         fetched_bytes: p.fetched_bytes,
+                        peer_bytes: p.peer_bytes,
+                        wan_bytes: p.wan_bytes,
                         source_bytes_read: self.source_bytes_read,
                         rebooting: self.reboot_asked,
                     });
