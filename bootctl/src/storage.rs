@@ -52,13 +52,16 @@ pub trait Storage: std::fmt::Debug + Send {
     fn sync(&mut self) -> io::Result<()>;
 }
 
-/// Writes `len` zero bytes at `offset` of `storage`, a block at a time.
+/// Writes `len` zero bytes at `offset` of `storage`, a block at a time. The block
+/// is allocated zeroed (untouched pages), not a static: a 64 KiB array of zeros
+/// would be 64 KiB of the device binary.
 fn write_zero_bytes<S: Storage + ?Sized>(storage: &mut S, offset: u64, len: u64) -> io::Result<()> {
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    const BLOCK: u64 = 64 * 1024;
+    let zeros = vec![0u8; len.min(BLOCK) as usize];
     let mut at = 0;
     while at < len {
-        let n = (len - at).min(ZEROS.len() as u64);
-        storage.write_at(offset + at, &ZEROS[..n as usize])?;
+        let n = (len - at).min(BLOCK);
+        storage.write_at(offset + at, &zeros[..n as usize])?;
         at += n;
     }
     Ok(())
