@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::progress;
+use crate::report::{Goal, Quantity, Target};
 
 /// Runs `cmd`; its stdout, or an error with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Result<String> {
@@ -37,17 +38,9 @@ pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> Result<bool>)
     bail!("timed out after {secs} s waiting for {what}")
 }
 
-/// In `dir`: a root key and a release key, a trust root (`root.shoalroot`)
-/// naming them, and `v1.shoal` / `v2.shoal` built from `v1` and `v2` for
-/// `device_type` (untimed; `section` names them in the progress lines).
-pub fn keys_root_and_releases(
-    shoal: &Path,
-    dir: &Path,
-    v1: &Path,
-    v2: &Path,
-    device_type: &str,
-    section: &str,
-) -> Result<()> {
+/// In `dir`: a root key and a release key and a trust root (`root.shoalroot`)
+/// naming them.
+pub fn keys_and_root(shoal: &Path, dir: &Path) -> Result<()> {
     let sh = |args: &[&str]| {
         let mut c = Command::new(shoal);
         c.current_dir(dir).args(args);
@@ -69,6 +62,25 @@ pub fn keys_root_and_releases(
         "--out",
         "root.shoalroot",
     ]))?;
+    Ok(())
+}
+
+/// [`keys_and_root`], and `v1.shoal` / `v2.shoal` built from `v1` and `v2` for
+/// `device_type` (untimed; `section` names them in the progress lines).
+pub fn keys_root_and_releases(
+    shoal: &Path,
+    dir: &Path,
+    v1: &Path,
+    v2: &Path,
+    device_type: &str,
+    section: &str,
+) -> Result<()> {
+    keys_and_root(shoal, dir)?;
+    let sh = |args: &[&str]| {
+        let mut c = Command::new(shoal);
+        c.current_dir(dir).args(args);
+        c
+    };
     for (img, v) in [(v1, "1"), (v2, "2")] {
         progress(&format!("{section}: building v{v}.shoal (untimed)"));
         run(sh(&[
@@ -118,4 +130,25 @@ pub fn server_url(log: &Path) -> Result<String> {
         Ok(!url.is_empty())
     })?;
     Ok(url)
+}
+
+/// The issue-13 goal on the device build's size: `path` (`--profile device`) at
+/// most 6 MiB, or not run when it is not built.
+pub fn device_size_goal(name: &str, path: &Path) -> Goal {
+    let target = Target::AtMost(Quantity::Mebibytes(6.0));
+    match std::fs::metadata(path) {
+        Ok(meta) => Goal::absolute(
+            name,
+            Ok(Quantity::Mebibytes(meta.len() as f64 / 1048576.0)),
+            target,
+        ),
+        Err(e) => Goal::not_run(
+            name,
+            format!(
+                "{}: {e}; cargo build --profile device -p shoal-node",
+                path.display()
+            ),
+            target,
+        ),
+    }
 }

@@ -519,21 +519,10 @@ pub fn section(inp: &Inputs) -> Result<Section> {
         },
         Target::RatioAtMost(TIME_GOAL),
     ));
-    goals.push(match std::fs::metadata(&inp.device_shoal) {
-        Ok(meta) => Goal::absolute(
-            "device binary size (`--profile device`, LAN layer included)",
-            Ok(Quantity::Mebibytes(meta.len() as f64 / 1048576.0)),
-            Target::AtMost(Quantity::Mebibytes(6.0)),
-        ),
-        Err(e) => Goal::not_run(
-            "device binary size (`--profile device`, LAN layer included)",
-            format!(
-                "{}: {e}; cargo build --profile device -p shoal-node",
-                inp.device_shoal.display()
-            ),
-            Target::AtMost(Quantity::Mebibytes(6.0)),
-        ),
-    });
+    goals.push(crate::fleet::device_size_goal(
+        "device binary size (`--profile device`, LAN layer included)",
+        &inp.device_shoal,
+    ));
     let share = |r: &Install| r.installed_from_peers as f64 / r.fetched.max(1) as f64;
     facts.push((
         "peer share (chunk bytes installed from peers / chunk bytes installed from the network; received from peers, repeats included)".to_owned(),

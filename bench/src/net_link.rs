@@ -357,21 +357,10 @@ pub fn section(inp: &Inputs) -> Result<Section> {
             )),
         }
     }
-    goals.push(match std::fs::metadata(&inp.device_shoal) {
-        Ok(m) => Goal::absolute(
-            "device binary size",
-            Ok(Quantity::Mebibytes(m.len() as f64 / 1048576.0)),
-            Target::AtMost(Quantity::Mebibytes(6.0)),
-        ),
-        Err(e) => Goal::not_run(
-            "device binary size",
-            format!(
-                "{}: {e}; cargo build --profile device -p shoal-node",
-                inp.device_shoal.display()
-            ),
-            Target::AtMost(Quantity::Mebibytes(6.0)),
-        ),
-    });
+    goals.push(crate::fleet::device_size_goal(
+        "device binary size",
+        &inp.device_shoal,
+    ));
     Ok(Section {
         title: "Issue 11 — the device daemon over a 10 Mbit/s, 100 ms link".to_owned(),
         goals,

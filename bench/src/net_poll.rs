@@ -98,33 +98,6 @@ impl Drop for Server {
     }
 }
 
-/// A trust root the server can start with (no release is uploaded).
-fn trust_root(shoal: &Path, dir: &Path) -> Result<()> {
-    for k in ["rootk", "rel"] {
-        run(Command::new(shoal).current_dir(dir).args([
-            "key",
-            "generate",
-            "--out",
-            &format!("{k}.pem"),
-        ]))?;
-    }
-    run(Command::new(shoal).current_dir(dir).args([
-        "root",
-        "init",
-        "--root-key",
-        "rootk.pem.pub",
-        "--release-key",
-        "rel.pem.pub",
-        "--release-threshold",
-        "1",
-        "--sign",
-        "rootk.pem",
-        "--out",
-        "root.shoalroot",
-    ]))?;
-    Ok(())
-}
-
 fn start_server(
     shoal: &Path,
     dir: &Path,
@@ -207,7 +180,7 @@ fn postgres_db(base: &str, name: &str) -> Result<String> {
 pub fn measure(shoal: &Path, work: &Path, db: &Db, connections: Option<u32>) -> Result<PollRun> {
     let dir = work.join(format!("poll-{}", db.name().to_lowercase()));
     std::fs::create_dir_all(&dir)?;
-    trust_root(shoal, &dir)?;
+    crate::fleet::keys_and_root(shoal, &dir)?;
     let url = match db {
         Db::Sqlite => None,
         Db::Postgres(base) => Some(postgres_db(base, "shoal_bench_poll")?),
