@@ -2,8 +2,9 @@
 //! of a site (from the server, or a USB stick through `shoal install`) spreads to
 //! the others over the LAN, with no server.
 //!
-//! When the server has no deployment for it (or cannot be reached), the daemon
-//! looks at what its LAN peers run. For a release it does not run, it asks the peer
+//! When the server cannot be reached, the daemon looks at what its LAN peers run
+//! (a server that answers is the authority: with no deployment for this device,
+//! its phase of a rollout has not opened, and a peer's release is left alone). For a release it does not run, it asks the peer
 //! for the signed manifest envelope, verifies it against the trust root and checks
 //! it is the release the peer named; the engine's [`shoal_engine::peer_release`]
 //! decides whether it is an update for this device (newer, same name, not rolled
