@@ -11,6 +11,7 @@
 //! from the WAN to the LAN (IP packets, headers included: chunks, polls, manifests,
 //! status reports). Needs root, iproute2 and nftables.
 
+use shoal_tests::installed_field;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,18 +82,6 @@ struct Site {
     made: u32,
     // Last: the namespaces go after the processes in them.
     net: Net,
-}
-
-/// The last `key=NUMBER` of a daemon's "installed" log line.
-fn installed_field(log: &str, key: &str) -> Option<u64> {
-    log.lines()
-        .filter(|l| l.contains("installed; trial armed"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-        })
-        .next_back()
 }
 
 /// BLAKE3 of the first `len` bytes of a file.

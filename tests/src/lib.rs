@@ -103,3 +103,21 @@ pub fn fails(out: Output, code: i32) -> String {
     assert_eq!(lines.len(), 1, "expected a one-line reason, got:\n{stderr}");
     lines[0].to_string()
 }
+
+/// Every `key=NUMBER` of a daemon's "installed; trial armed" log lines, in order.
+pub fn installed_fields(log: &str, key: &str) -> Vec<u64> {
+    let prefix = format!("{key}=");
+    log.lines()
+        .filter(|l| l.contains("installed; trial armed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&prefix))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+/// The last `key=NUMBER` of a daemon's "installed; trial armed" log lines.
+pub fn installed_field(log: &str, key: &str) -> Option<u64> {
+    installed_fields(log, key).pop()
+}

@@ -13,6 +13,7 @@
 
 mod server_common;
 
+use shoal_tests::installed_fields;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -264,18 +265,6 @@ fn device_state(server: &Server, token: &str, dep: &str) -> String {
     v[0]["status"].as_str().unwrap_or_default().to_owned()
 }
 
-/// The last `key=NUMBER` in the daemon's "installed" log lines.
-fn installed_field(log: &str, key: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("installed; trial armed"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-        })
-        .collect()
-}
-
 fn deploy(server: &Server, token: &str, name: &str, release: &str, device: &str) -> String {
     admin_json(
         server,
@@ -420,8 +409,8 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
         .unwrap();
         d["full_stored_bytes"].as_u64().unwrap()
     };
-    let resumed = installed_field(&log, "resumed");
-    let transferred = installed_field(&log, "transferred");
+    let resumed = installed_fields(&log, "resumed");
+    let transferred = installed_fields(&log, "transferred");
     assert!(
         resumed.first().is_some_and(|&r| r >= 1 << 20),
         "the install after the restart did not resume: {resumed:?}\n{log}"
@@ -442,8 +431,8 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     let v2_img = std::fs::read(setup.path("v2.img")).unwrap();
     assert_eq!(dev.slot_bytes(Slot::A, v2_img.len()), v2_img);
     let log = dev.log();
-    let fetched = installed_field(&log, "fetched");
-    let transferred = installed_field(&log, "transferred");
+    let fetched = installed_fields(&log, "fetched");
+    let transferred = installed_fields(&log, "transferred");
     assert_eq!(
         fetched.last().copied(),
         diff["needed_raw_bytes"].as_u64(),
@@ -538,7 +527,7 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
     assert!(substate.contains("budget"), "{states}");
     let log = dev.log();
     assert_eq!(
-        installed_field(&log[before..], "transferred"),
+        installed_fields(&log[before..], "transferred"),
         Vec::<u64>::new()
     );
     assert!(dev.boot_state().trial.is_none(), "{:?}", dev.boot_state());

@@ -11,6 +11,7 @@
 mod lan_common;
 mod server_common;
 
+use shoal_tests::installed_field;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -157,18 +158,6 @@ fn wait_for(dev: &Dev, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 fn device_state(server: &Server, token: &str, dep: &str) -> String {
     let v = admin_json(server, token, &["deployments", "devices", dep]);
     v[0]["status"].as_str().unwrap_or_default().to_owned()
-}
-
-/// The last `key=NUMBER` of the daemon's "installed" log line.
-fn installed_field(log: &str, key: &str) -> Option<u64> {
-    log.lines()
-        .filter(|l| l.contains("installed; trial armed"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-        })
-        .next_back()
 }
 
 /// A site: the server with v1 uploaded, the uplink, `n` accepted devices that

@@ -15,6 +15,7 @@
 
 mod server_common;
 
+use shoal_tests::installed_field;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -80,18 +81,6 @@ impl Dev {
                     .map(str::to_owned)
             })
     }
-}
-
-/// The last `key=NUMBER` of the daemon's "installed" log line.
-fn installed_field(log: &str, key: &str) -> Option<u64> {
-    log.lines()
-        .filter(|l| l.contains("installed; trial armed"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-        })
-        .next_back()
 }
 
 /// Who a device is to the fleet.
