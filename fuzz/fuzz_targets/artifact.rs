@@ -7,7 +7,9 @@
 //!   as `verify`), 2 seeking (`next_wanted` over a seekable source, as `install`
 //!   from a file), 3 signature-checked `open` against the seeds' trust root, then
 //!   sequential;
-//! - bit 2: tell a thin artifact its base (the seeds' base manifest);
+//! - bit 2: tell a thin artifact its base (the seeds' base manifest), and hold the
+//!   manifests a `manifest.delta` member may be against (`base.manifest`,
+//!   `delta-base.manifest`), as a device holds its running release's;
 //! - bits 3-7: which chunks `next_wanted` wants (by the low bits of their ids).
 //!
 //! Properties: no panic, and every read ends in `Ok(None)` or a `ReadError` with a
@@ -72,10 +74,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let src = Src(Cursor::new(bytes));
-    let opened = if mode & 3 == 3 {
-        ArtifactReader::open(src, root(), None)
+    let held: Vec<Vec<u8>> = if mode & 4 != 0 {
+        vec![
+            include_bytes!("../seeds/base.manifest").to_vec(),
+            include_bytes!("../seeds/delta-base.manifest").to_vec(),
+        ]
     } else {
-        ArtifactReader::open_unverified(src)
+        Vec::new()
+    };
+    let opened = if mode & 3 == 3 {
+        ArtifactReader::open_held(src, root(), None, None, &held)
+    } else {
+        ArtifactReader::open_unverified_held(src, &held)
     };
     let mut reader = match opened {
         Ok(r) => r,
