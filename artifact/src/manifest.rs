@@ -149,6 +149,13 @@ pub struct Manifest {
     /// What the device has once this release is installed (Mender's `provides`).
     #[serde(serialize_with = "ser_canonical_map")]
     pub provides: BTreeMap<String, String>,
+    /// BLAKE3 of the zstd dictionary the release's chunks were compressed with
+    /// ([`crate::chunk::Dictionary::id`]), when a thin build names it (format
+    /// version 2 only): the artifact's `dictionary` member must hash to it, and a
+    /// thin artifact that reuses its base's dictionary carries none, so the reader
+    /// takes it from whoever kept it (a device: with the base's manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dictionary: Option<ChunkId>,
     /// Device types this release may be installed on (at least one).
     pub device_types: Vec<String>,
     /// The manifest format version, [`FORMAT_VERSION`].
@@ -539,9 +546,9 @@ pub enum ManifestError {
         found: u64,
     },
     /// The format version does not match the content: version 2 exactly when a
-    /// payload has references.
+    /// payload has references or the manifest names its dictionary.
     #[error(
-        "manifest format version {found} does not match its content (version {expected} for a manifest {} references)",
+        "manifest format version {found} does not match its content (version {expected} for a manifest {} references or a named dictionary)",
         if *expected == FORMAT_VERSION_REFERENCES { "with" } else { "without" }
     )]
     VersionMismatch {
@@ -774,9 +781,10 @@ impl Manifest {
     }
 
     /// The format version this content needs: [`FORMAT_VERSION_REFERENCES`] when a
-    /// payload has references, else [`FORMAT_VERSION`]. Writers set it.
+    /// payload has references or the manifest names its dictionary, else
+    /// [`FORMAT_VERSION`]. Writers set it.
     pub fn required_version(&self) -> u32 {
-        if self.payloads.iter().any(|p| !p.references.is_empty()) {
+        if self.dictionary.is_some() || self.payloads.iter().any(|p| !p.references.is_empty()) {
             FORMAT_VERSION_REFERENCES
         } else {
             FORMAT_VERSION
@@ -1020,6 +1028,7 @@ mod tests {
                 ("zz".into(), "1".into()),
                 ("rootfs-image.version".into(), "1.1".into()),
             ]),
+            dictionary: None,
             device_types: vec!["qemu-x86_64".into()],
             format_version: FORMAT_VERSION,
             security_counter: 7,
@@ -1159,6 +1168,39 @@ mod tests {
                 payload: "rootfs".into()
             })
         );
+    }
+
+    #[test]
+    fn named_dictionary_round_trips_as_version_2() {
+        let mut m = sample_with_reference();
+        m.dictionary = Some(ChunkId::of(b"dictionary"));
+        m.validate().unwrap();
+        let bytes = m.to_cbor();
+        assert!(bytes.windows(10).any(|w| w == b"dictionary"));
+        assert_eq!(Manifest::from_cbor(&bytes).unwrap(), m);
+        // A dictionary alone makes a manifest version 2 (a version-1 reader would
+        // not know where the chunks' dictionary comes from).
+        let mut m = sample();
+        m.dictionary = Some(ChunkId::of(b"dictionary"));
+        assert_eq!(m.required_version(), FORMAT_VERSION_REFERENCES);
+        assert_eq!(
+            Manifest::from_cbor(&encode_unchecked(&m)),
+            Err(ManifestError::VersionMismatch {
+                found: 1,
+                expected: 2
+            })
+        );
+        m.format_version = FORMAT_VERSION_REFERENCES;
+        assert_eq!(Manifest::from_cbor(&m.to_cbor()).unwrap(), m);
+        // Not a 32-byte string: a decode error.
+        let mut bytes = m.to_cbor();
+        let at = bytes.windows(10).position(|w| w == b"dictionary").unwrap() + 10;
+        assert_eq!(bytes[at], 0x58); // bytes, one-byte length
+        bytes[at + 1] = 31;
+        assert!(matches!(
+            Manifest::from_cbor(&bytes),
+            Err(ManifestError::Decode(_))
+        ));
     }
 
     #[test]
@@ -1470,6 +1512,7 @@ mod tests {
                         references: Vec::new(),
                     }],
                     provides,
+                    dictionary: None,
                     device_types: types,
                     format_version: FORMAT_VERSION,
                     security_counter: counter,

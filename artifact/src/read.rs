@@ -360,6 +360,20 @@ pub enum ReadError {
     /// The dictionary member is not a usable zstd dictionary.
     #[error("bad dictionary member: {0}")]
     Dictionary(#[from] DictionaryError),
+    /// The dictionary (the artifact's member, or one held for an artifact that
+    /// reuses its base's) is not the one the signed manifest names.
+    #[error(
+        "the {} dictionary {found} is not the one the manifest names ({expected})",
+        if *held { "kept" } else { "artifact's" }
+    )]
+    DictionaryMismatch {
+        /// BLAKE3 of the dictionary the manifest names.
+        expected: ChunkId,
+        /// BLAKE3 of the dictionary at hand.
+        found: ChunkId,
+        /// Whether it was a held dictionary (else the artifact's member).
+        held: bool,
+    },
     /// A chunk that is not where the payload's order puts it (when assembling a
     /// payload: the artifact holds a chunk where its base's should be used).
     #[error("chunk {0} is out of order")]
@@ -624,6 +638,9 @@ pub struct ArtifactReader<R: Read> {
     pack: Option<Pack>,
     packs_read: u64,
     dictionary: Option<Dictionary>,
+    /// A dictionary the caller keeps, for an artifact that reuses its base's
+    /// ([`ArtifactReader::hold_dictionary`]): used when the artifact has no member.
+    held_dictionary: Option<Dictionary>,
     /// The contents member's bits (one a distinct chunk of the manifest, in order),
     /// from when it was read until the packs' chunks are bound: a bit a chunk, not
     /// a set of ids (40 bytes a chunk, 17 MiB for an 8 GiB image).
@@ -746,6 +763,7 @@ impl<R: Read> ArtifactReader<R> {
             pack: None,
             packs_read: 0,
             dictionary: None,
+            held_dictionary: None,
             contents: None,
             contents_read: false,
             manifest_hash,
@@ -1003,6 +1021,9 @@ impl<R: Read> ArtifactReader<R> {
     /// (so the next byte is the first pack's header); without one, at the first
     /// other header, which it keeps for [`ArtifactReader::open_pack`].
     fn read_preamble(&mut self) -> Result<(), ReadError> {
+        if self.preamble_done {
+            return Ok(());
+        }
         while !self.preamble_done {
             let member = match self.read_header()? {
                 Block::Member(m) if m.kind == b'0' || m.kind == 0 => m,
@@ -1014,6 +1035,8 @@ impl<R: Read> ArtifactReader<R> {
             };
             let path = member.path.as_str();
             if path == DICTIONARY_MEMBER && self.dictionary.is_none() && !self.contents_read {
+                // The artifact's own dictionary wins over a held one.
+                self.held_dictionary = None;
                 self.read_dictionary_member(member.size)?;
             } else if path == CONTENTS_MEMBER && !self.contents_read {
                 self.read_contents_member(member.size)?;
@@ -1024,6 +1047,9 @@ impl<R: Read> ArtifactReader<R> {
                 self.peeked = Some(Block::Member(member));
                 self.preamble_done = true;
             }
+        }
+        if self.dictionary.is_none() {
+            self.dictionary = self.held_dictionary.take();
         }
         Ok(())
     }
@@ -1172,7 +1198,39 @@ impl<R: Read> ArtifactReader<R> {
             )));
         }
         let bytes = self.read_member_data(size, "the dictionary")?;
-        self.dictionary = Some(Dictionary::from_bytes(bytes)?);
+        let d = Dictionary::from_bytes(bytes)?;
+        self.check_named_dictionary(&d, false)?;
+        self.dictionary = Some(d);
+        Ok(())
+    }
+
+    /// A dictionary must be the one the signed manifest names, when it names one.
+    fn check_named_dictionary(&self, d: &Dictionary, held: bool) -> Result<(), ReadError> {
+        match self.manifest.dictionary {
+            Some(expected) if expected != d.id => Err(ReadError::DictionaryMismatch {
+                expected,
+                found: d.id,
+                held,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives the reader the dictionary the signed manifest names, for an artifact
+    /// that carries none because it reuses its base's (a device keeps it with the
+    /// base's manifest; a store under its zstd id). Checked against the manifest
+    /// (`DictionaryMismatch`); ignored when the manifest names none or once the
+    /// artifact's own member was read.
+    pub fn hold_dictionary(&mut self, d: Dictionary) -> Result<(), ReadError> {
+        if self.manifest.dictionary.is_none() || self.dictionary.is_some() {
+            return Ok(());
+        }
+        self.check_named_dictionary(&d, true)?;
+        if self.preamble_done {
+            self.dictionary = Some(d);
+        } else {
+            self.held_dictionary = Some(d);
+        }
         Ok(())
     }
 

@@ -323,6 +323,13 @@ pub fn build<R: Read + Seek + Send, W: Write>(
 /// new chunk is also compressed against bytes of it (see [`crate::delta`]) and
 /// stored that way when that is smaller. The manifest names those references
 /// (format version 2); a device decodes such a chunk with bytes of its running slot.
+///
+/// `base_dictionary` is the dictionary the base release's chunks were compressed
+/// with, when the caller has it: the build then measures whether a newly trained
+/// dictionary saves more than its own size over reusing it, and otherwise reuses it
+/// (the artifact carries no dictionary member; the manifest names the base's, which
+/// a device running the base keeps). Without it, the new dictionary is measured
+/// against none.
 #[allow(clippy::too_many_arguments)]
 pub fn build_delta<R: Read + Seek + Send, W: Write>(
     image: R,
@@ -330,6 +337,7 @@ pub fn build_delta<R: Read + Seek + Send, W: Write>(
     keys: &[SecretKey],
     base: &Manifest,
     base_image: File,
+    base_dictionary: Option<&Dictionary>,
     spool_dir: &Path,
     out: W,
     progress: impl FnMut(u64),
@@ -339,7 +347,7 @@ pub fn build_delta<R: Read + Seek + Send, W: Write>(
         opts,
         keys,
         Some(base),
-        Some(base_image),
+        Some((base_image, base_dictionary)),
         spool_dir,
         out,
         progress,
@@ -352,11 +360,15 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     opts: &BuildOptions,
     keys: &[SecretKey],
     base: Option<&Manifest>,
-    base_image: Option<File>,
+    base_image: Option<(File, Option<&Dictionary>)>,
     spool_dir: &Path,
     out: W,
     mut progress: impl FnMut(u64),
 ) -> Result<BuildReport, BuildError> {
+    let (base_image, base_dictionary) = match base_image {
+        Some((f, d)) => (Some(f), d),
+        None => (None, None),
+    };
     if keys.is_empty() {
         return Err(BuildError::NoKey);
     }
@@ -421,10 +433,12 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     let refbase = refbase.as_ref();
     let dict = dictionary.as_ref();
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?);
-    // A delta build also spools its chunks without the dictionary (the plain ones
-    // compressed without it), and keeps the dictionary only when it pays for itself:
-    // most chunks are then delta-encoded, and the few plain ones may gain less than
-    // the dictionary costs to download.
+    // A delta build also spools its chunks with the alternative to the new
+    // dictionary (the plain ones compressed with the base's dictionary, which the
+    // device keeps, or without one when the base's is not at hand), and keeps the new
+    // dictionary only when it pays for itself: most chunks are then delta-encoded,
+    // and the few plain ones may gain less than the new dictionary costs to download.
+    let alt_dict = base_dictionary.filter(|_| refbase.is_some());
     let mut nodict = match (dict, refbase) {
         (Some(_), Some(_)) => Some(NoDict {
             spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?),
@@ -517,7 +531,8 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                         .zip(&anchors)
                         .map(|(&i, &at)| rb.ranges(at, &batch.chunks[i]))
                         .collect();
-                    encode_deltas(rb, &batch.chunks, &todo, ranges, plain, level, want_nodict)?
+                    let alt = want_nodict.then_some(alt_dict);
+                    encode_deltas(rb, &batch.chunks, &todo, ranges, plain, level, alt)?
                 }
             };
             let position0 = refs.len();
@@ -574,14 +589,22 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
         return Err(BuildError::EmptyImage);
     }
 
-    // Without the dictionary when that is smaller, all framing included.
+    // The base's dictionary (or none) when that is smaller, all framing included:
+    // a reused dictionary costs nothing to download.
     let (mut dict, mut spool, mut pack, mut refs, mut stored_bytes) =
         (dict, spool, pack, refs, stored_bytes);
+    // What the thin delta manifest names: the dictionary its chunks need.
+    let mut named = None;
     if let (Some(nd), Some(d)) = (nodict, dict) {
         let with =
             member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
         let without = pack_bytes_total(&nd.pack.counts, nd.stored_bytes);
-        tracing::debug!(with, without, "thin delta build: dictionary or not");
+        tracing::debug!(
+            with,
+            without,
+            reuse = alt_dict.is_some(),
+            "thin delta build: a new dictionary, or the base's (none when not at hand)"
+        );
         if without < with {
             for c in refs.iter_mut() {
                 if let Some(&n) = nd.stored_of.get(&c.id) {
@@ -592,6 +615,9 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
             spool = nd.spool;
             pack = nd.pack;
             stored_bytes = nd.stored_bytes;
+            named = alt_dict.map(|d| d.id);
+        } else {
+            named = Some(d.id);
         }
     }
     let chunks_total = refs.len() as u64;
@@ -611,6 +637,7 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
             references,
         }],
         provides: opts.provides.clone(),
+        dictionary: named,
         device_types: opts.device_types.clone(),
         format_version: 0,
         security_counter: opts.security_counter,
@@ -678,7 +705,8 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
 const GROUP_REFERENCE_BYTES: usize = 24 * 1024 * 1024;
 
 /// A chunk's stored form, its reference (ranges, hash) when delta-encoded, and its
-/// plain form without the dictionary when a dictionary-less spool is kept.
+/// plain form with the alternative dictionary (the base's, or none) when that spool
+/// is kept.
 type Encoded = (
     Vec<u8>,
     Option<(Vec<(u64, u32)>, [u8; 32])>,
@@ -697,7 +725,7 @@ fn encode_deltas(
     ranges: Vec<Vec<(u64, u32)>>,
     plain: Vec<Vec<u8>>,
     level: i32,
-    want_nodict: bool,
+    alt_dict: Option<Option<&Dictionary>>,
 ) -> io::Result<Vec<Encoded>> {
     let mut out = Vec::with_capacity(todo.len());
     let mut plain = plain.into_iter();
@@ -742,7 +770,7 @@ fn encode_deltas(
                         let j = *j;
                         let plain = std::mem::take(plain);
                         let data = &chunks[todo[j]];
-                        let alt = || want_nodict.then(|| chunk::encode(data, level));
+                        let alt = || alt_dict.map(|d| chunk::encode_with(data, level, d));
                         let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
                             return (plain, None, alt());
                         };
@@ -762,7 +790,8 @@ fn encode_deltas(
     Ok(out)
 }
 
-/// The chunks of a delta build spooled without the dictionary.
+/// The chunks of a delta build spooled with the alternative to the new dictionary:
+/// the base's (reused), or none.
 struct NoDict {
     spool: BufWriter<File>,
     pack: PackWriter,

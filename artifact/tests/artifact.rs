@@ -1369,6 +1369,7 @@ fn delta_pair(base: &[u8], new: &[u8]) -> (Manifest, Vec<u8>, BuildReport) {
         &[key(1)],
         &base_report.manifest,
         std::fs::File::open(&base_file).unwrap(),
+        None,
         dir.path(),
         &mut out,
         |_| {},
@@ -1500,6 +1501,7 @@ fn build_delta_refuses_a_base_image_that_is_not_the_base() {
         &[key(1)],
         &base_report.manifest,
         std::fs::File::open(&wrong).unwrap(),
+        None,
         dir.path(),
         Vec::new(),
         |_| {},
@@ -1529,6 +1531,7 @@ fn a_delta_build_drops_the_dictionary_when_it_does_not_pay() {
         &[key(1)],
         &base_report.manifest,
         std::fs::File::open(&base_file).unwrap(),
+        None,
         dir.path(),
         &mut out,
         |_| {},
@@ -1902,4 +1905,215 @@ fn packs_bound_to_a_shared_chunk_list_read_as_with_the_readers_own() {
         read_bound(&lacking, &root),
         Err(ReadError::MissingChunk(id)) if id == left_out
     ));
+}
+
+/// Text-like bytes a dictionary helps with: `phrase` repeated with a slow drift.
+fn text(len: usize, phrase: &[u8]) -> Vec<u8> {
+    (0..len)
+        .map(|i| phrase[(i * 7 + (i >> 11)) % phrase.len()] ^ ((i >> 13) as u8 & 3))
+        .collect()
+}
+
+/// Words drawn at random from a vocabulary of 2000 made-up words: a chunk holds
+/// few repeats (it compresses little alone) and a dictionary that holds the
+/// vocabulary helps every chunk.
+fn words(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let vocabulary: Vec<Vec<u8>> = (0..2000)
+        .map(|_| {
+            let n = 4 + next() % 6;
+            (0..n).map(|_| b'a' + (next() % 26) as u8).collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        let r = next();
+        out.extend_from_slice(&vocabulary[(r >> 40) as usize % vocabulary.len()]);
+        out.push(if r & 15 == 0 { b'\n' } else { b' ' });
+    }
+    out.truncate(len);
+    out
+}
+
+/// A base built with a dictionary, and a release that adds text no base bytes
+/// resemble (so its new chunks are plain, compressed with a dictionary).
+fn dictionary_pair() -> (Vec<u8>, Vec<u8>, Vec<u8>, BuildReport) {
+    let base = text(1_000_000, b"the quick brown fox jumps over the lazy dog");
+    let mut new = base.clone();
+    new.splice(
+        500_000..500_000,
+        text(
+            60_000,
+            b"PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS, 0123456789!",
+        ),
+    );
+    let mut o = opts();
+    o.dictionary = true;
+    let (base_art, base_report) = build_with(&base, &o, &[key(1)], None);
+    assert!(base_report.dictionary_len > 0, "{base_report:?}");
+    (base, new, base_art, base_report)
+}
+
+/// The delta build of `new` against `base` (whose artifact is `base_art`), given
+/// the base's dictionary or not.
+fn delta_with_dictionary(
+    base: &[u8],
+    new: &[u8],
+    base_art: &[u8],
+    base_report: &BuildReport,
+    reuse: bool,
+) -> (Vec<u8>, BuildReport, chunk::Dictionary) {
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(base_art, &r, NOW).unwrap();
+    let base_dict = reader.read_dictionary().unwrap().unwrap().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let base_file = dir.path().join("base.img");
+    std::fs::write(&base_file, base).unwrap();
+    let mut o = opts();
+    o.dictionary = true;
+    o.version = "2.0".into();
+    let mut out = Vec::new();
+    let report = shoal_artifact::build_delta(
+        Cursor::new(new),
+        &o,
+        &[key(1)],
+        &base_report.manifest,
+        std::fs::File::open(&base_file).unwrap(),
+        reuse.then_some(&base_dict),
+        dir.path(),
+        &mut out,
+        |_| {},
+    )
+    .unwrap();
+    (out, report, base_dict)
+}
+
+#[test]
+fn a_delta_build_reuses_the_base_dictionary_unless_a_new_one_pays() {
+    let (base, new, base_art, base_report) = dictionary_pair();
+    let (art, report, base_dict) =
+        delta_with_dictionary(&base, &new, &base_art, &base_report, true);
+    // A new dictionary (112 KiB) cannot save its size on a few chunks: the base's
+    // is reused, named by the signed manifest, and not in the artifact.
+    assert_eq!(report.dictionary_len, 0, "{report:?}");
+    assert!(!members(&art).iter().any(|(_, p, _)| p == "dictionary"));
+    assert_eq!(report.manifest.dictionary, Some(base_dict.id));
+    assert_eq!(
+        report.manifest.format_version,
+        shoal_artifact::FORMAT_VERSION_REFERENCES
+    );
+    let r = root(&[1], 1);
+    // With the base's dictionary held, every chunk decodes and verifies.
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    reader.hold_dictionary(base_dict.clone()).unwrap();
+    let (mut plain_with_dict, mut n) = (0, 0);
+    while let Some(raw) = reader.next_raw().unwrap() {
+        match raw.reference().cloned() {
+            Some(reference) => {
+                let ok = reference.check(reference_bytes(&base, &reference));
+                raw.verify_against(&ok.unwrap()).unwrap();
+            }
+            None => {
+                raw.verify().unwrap();
+                if chunk::frame_dictionary_id(raw.stored()) == Some(base_dict.zstd_id) {
+                    plain_with_dict += 1;
+                }
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(n, report.chunks_written);
+    assert!(plain_with_dict > 0, "{report:?}");
+    // Without it, such a chunk is refused (not misread), naming the dictionary.
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let mut refused = None;
+    while let Some(raw) = reader.next_raw().unwrap() {
+        if raw.reference().is_none()
+            && let Err(e) = raw.verify()
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(refused, Some(chunk::ChunkError::NeedsDictionary { zstd_id, .. }) if zstd_id == base_dict.zstd_id),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_held_dictionary_that_is_not_the_named_one_is_refused() {
+    let (base, new, base_art, base_report) = dictionary_pair();
+    let (art, report, base_dict) =
+        delta_with_dictionary(&base, &new, &base_art, &base_report, true);
+    assert_eq!(report.manifest.dictionary, Some(base_dict.id));
+    // Another valid dictionary (the new release's own, from a full build).
+    let mut o = opts();
+    o.dictionary = true;
+    let (other_art, _) = build_with(&new, &o, &[key(1)], None);
+    let r = root(&[1], 1);
+    let mut other_reader = ArtifactReader::open(&other_art[..], &r, NOW).unwrap();
+    let other = other_reader.read_dictionary().unwrap().unwrap().clone();
+    assert_ne!(other.id, base_dict.id);
+    let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
+    let e = reader.hold_dictionary(other.clone()).unwrap_err();
+    assert!(
+        matches!(e, ReadError::DictionaryMismatch { expected, found, held: true }
+            if expected == base_dict.id && found == other.id),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_delta_build_names_a_new_dictionary_it_keeps_and_its_member_must_match() {
+    let (base, new, base_art, base_report) = dictionary_pair();
+    // Without the base's dictionary the new one is measured against none; a lot of
+    // new text makes it pay.
+    let mut more = new.clone();
+    more.extend(words(3_000_000, 5));
+    let (art, report, _) = delta_with_dictionary(&base, &more, &base_art, &base_report, false);
+    // The new text is plain (no base bytes resemble it) and a dictionary trained on
+    // this release pays for its member.
+    assert!(
+        report.dictionary_len > 0,
+        "stored {} of {} chunks ({} delta), artifact {}",
+        report.stored_bytes,
+        report.chunks_written,
+        report.chunks_delta,
+        report.artifact_len
+    );
+    let member = members(&art)
+        .into_iter()
+        .find(|(_, p, _)| p == "dictionary")
+        .expect("a kept dictionary travels as the member");
+    let named = report.manifest.dictionary.expect("the manifest names it");
+    let bytes = &art[member.0 + 512..member.0 + 512 + member.2];
+    assert_eq!(
+        chunk::Dictionary::from_bytes(bytes.to_vec()).unwrap().id,
+        named
+    );
+    // The member replaced by another dictionary of the same length: refused as
+    // not the named one (the signature covers the name, not the member).
+    let mut forged = art.clone();
+    let mut other = bytes.to_vec();
+    let last = other.len() - 1;
+    other[last] ^= 1; // content after the header: a valid dictionary, other hash
+    let id = chunk::derived_zstd_id(&other);
+    other[4..8].copy_from_slice(&id.to_le_bytes());
+    let other = chunk::Dictionary::from_bytes(other).unwrap();
+    forged[member.0 + 512..member.0 + 512 + member.2].copy_from_slice(other.bytes());
+    let r = root(&[1], 1);
+    let mut reader = ArtifactReader::open(&forged[..], &r, NOW).unwrap();
+    let e = reader.read_dictionary().unwrap_err();
+    assert!(
+        matches!(e, ReadError::DictionaryMismatch { expected, found, held: false }
+            if expected == named && found == other.id),
+        "{e:?}"
+    );
 }

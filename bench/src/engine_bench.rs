@@ -78,6 +78,7 @@ fn subject(image: &Path) -> Result<Subject> {
                 .collect(),
         }],
         provides: BTreeMap::new(),
+        dictionary: None,
         device_types: vec![DEVICE.into()],
         format_version: shoal_artifact::FORMAT_VERSION,
         security_counter: 2,

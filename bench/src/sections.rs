@@ -900,20 +900,33 @@ impl Device {
         cmds
     }
 
-    /// Where `artifact`'s signed manifest is put so the device keeps it as the
-    /// manifests of its releases (`DATA/manifests/<hash>.envelope`), by
-    /// [`Device::prepare`]; the envelope is written to the work directory here
+    /// Where `artifact`'s signed manifest (and its dictionary, which a thin
+    /// release may reuse) is put so the device keeps it as the manifests of its
+    /// releases (`DATA/manifests/<hash>.envelope`, `<hash>.dictionary`), by
+    /// [`Device::prepare`]; the files are written to the work directory here
     /// (untimed).
     fn ship_manifest(&self, ctx: &Ctx, artifact: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
         let file = fs::File::open(artifact)
             .with_context(|| format!("cannot open {}", artifact.display()))?;
-        let r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(file))
+        let mut r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(file))
             .with_context(|| format!("cannot read {}", artifact.display()))?;
-        let name = format!("{}.envelope", hex::encode(r.manifest().hash()));
+        let hash = hex::encode(r.manifest().hash());
+        let name = format!("{hash}.envelope");
         let kept = work_path(ctx, &name);
         fs::write(&kept, r.envelope().to_bytes())
             .with_context(|| format!("cannot write {}", kept.display()))?;
-        Ok(vec![(kept, self.data.join("manifests").join(&name))])
+        let mut ship = vec![(kept, self.data.join("manifests").join(&name))];
+        let dictionary = r
+            .read_dictionary()
+            .with_context(|| format!("cannot read {}", artifact.display()))?;
+        if let Some(d) = dictionary {
+            let name = format!("{hash}.dictionary");
+            let kept = work_path(ctx, &name);
+            fs::write(&kept, d.bytes())
+                .with_context(|| format!("cannot write {}", kept.display()))?;
+            ship.push((kept, self.data.join("manifests").join(&name)));
+        }
+        Ok(ship)
     }
 
     /// `shoal install SOURCE --config CONFIG --json`.

@@ -85,14 +85,18 @@ fn envelope_of(artifact: &Path) -> (String, Vec<u8>) {
     (hex::encode(r.manifest().hash()), r.envelope().to_bytes())
 }
 
-/// Puts v1's signed manifest where the device keeps the manifests of its releases,
-/// as a factory image that ships it does.
+/// Puts v1's signed manifest (and its dictionary, when it has one) where the
+/// device keeps the manifests of its releases, as a factory image that ships them
+/// does.
 fn ship_manifest(dev: &Device, artifact: &Path) -> PathBuf {
     let (hash, envelope) = envelope_of(artifact);
     let dir = dev.path("data").join("manifests");
     std::fs::create_dir_all(&dir).expect("manifests dir");
     let path = dir.join(format!("{hash}.envelope"));
     std::fs::write(&path, envelope).expect("kept manifest");
+    if let (Some(d), _) = dictionaries(artifact) {
+        std::fs::write(dir.join(format!("{hash}.dictionary")), d.bytes()).expect("dictionary");
+    }
     path
 }
 
@@ -466,7 +470,8 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
     ])));
     assert_eq!(inspect["version"], "3.0", "{inspect}");
 
-    // Installed: the device keeps v3's manifest beside v1's (its two slots).
+    // Installed: the device keeps v3's manifest beside v1's (its two slots), each
+    // with the dictionary its chunks use (v3 reuses v1's).
     let r = dev.install(&delta);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
     let kept: std::collections::BTreeSet<String> =
@@ -476,7 +481,10 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
             .collect();
     let expected: std::collections::BTreeSet<String> = [&a1, &whole]
         .iter()
-        .map(|a| format!("{}.envelope", envelope_of(a).0))
+        .flat_map(|a| {
+            let h = envelope_of(a).0;
+            [format!("{h}.envelope"), format!("{h}.dictionary")]
+        })
         .collect();
     assert_eq!(kept, expected);
 }
@@ -516,9 +524,161 @@ fn a_device_without_the_base_manifest_refuses_the_delta_and_takes_a_full_manifes
     assert!(err.contains("is not at hand"), "{err}");
     std::fs::remove_dir_all(&kept).expect("rm");
 
-    // `--full-manifest` makes an artifact such a device installs.
+    // `--full-manifest` makes an artifact such a device installs (given v1's
+    // dictionary, which the hotfix reuses: a factory image ships it as it ships
+    // the manifest).
+    std::fs::create_dir_all(&kept).expect("dir");
+    if let (Some(d), _) = dictionaries(&a1) {
+        std::fs::write(kept.join(format!("{v1_hash}.dictionary")), d.bytes()).expect("write");
+    }
     let (_, out) = hotfix(&s, true);
     assert_eq!(first_member(&out).0, "manifest.envelope");
     let r = dev.install(&out);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v3), "{r}");
+}
+
+/// Text-like bytes (words from a made-up vocabulary of `seed`) with stretches of
+/// zeros: a dictionary helps its chunks, so builds train and use one.
+fn words(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let vocabulary: Vec<Vec<u8>> = (0..2000)
+        .map(|_| {
+            let n = 4 + next() % 6;
+            (0..n).map(|_| b'a' + (next() % 26) as u8).collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        let r = next();
+        if r % 997 == 0 {
+            out.resize(out.len() + 20_000, 0);
+            continue;
+        }
+        out.extend_from_slice(&vocabulary[(r >> 40) as usize % vocabulary.len()]);
+        out.push(if r & 15 == 0 { b'\n' } else { b' ' });
+    }
+    out.truncate(len);
+    out
+}
+
+/// The dictionary an artifact carries, and the dictionary its manifest names.
+fn dictionaries(artifact: &Path) -> (Option<shoal_artifact::chunk::Dictionary>, Option<String>) {
+    let mut r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(
+        std::fs::File::open(artifact).expect("artifact"),
+    ))
+    .expect("artifact");
+    let named = r.manifest().dictionary.map(|d| d.to_string());
+    (r.read_dictionary().expect("members").cloned(), named)
+}
+
+#[test]
+fn a_release_reuses_its_base_dictionary_which_the_device_keeps() {
+    let size = 2 * MIB;
+    let v1 = words(3, size);
+    let (mut v2, _) = edited(&v1);
+    // A little new text: its chunks are plain, compressed with a dictionary.
+    let at = MIB;
+    v2.splice(at..at, words(3, 32 * 1024).into_iter().rev());
+    v2.truncate(size);
+    let dev = Device::new(&v1, SLOT);
+    let v1_img = dev.path("v1.img");
+    std::fs::write(&v1_img, &v1).expect("v1 image");
+    let a1 = build(&dev, &v1, "1.0", None);
+    let (v1_dict, _) = dictionaries(&a1);
+    let v1_dict = v1_dict.expect("the full v1 build trains a dictionary");
+    // With its manifest whole (`--full-manifest`), so the test reads it alone.
+    let v2_img = dev.path("v2.img");
+    std::fs::write(&v2_img, &v2).expect("v2 image");
+    let delta = dev.path("acme-os-2.0-reuse.shoal");
+    ok(shoal()
+        .args(["--quiet", "artifact", "build", "--image"])
+        .arg(&v2_img)
+        .args(["--name", "acme-os", "--version", "2.0"])
+        .args(["--device-type", "board", "--security-counter", "1"])
+        .arg("--key")
+        .arg(&dev.key)
+        .arg("--out")
+        .arg(&delta)
+        .arg("--base")
+        .arg(&a1)
+        .arg("--base-image")
+        .arg(&v1_img)
+        .arg("--full-manifest")
+        .output()
+        .expect("run"));
+    // A new dictionary does not pay for itself on these few chunks: the thin
+    // artifact carries none and its signed manifest names v1's.
+    let (carried, named) = dictionaries(&delta);
+    assert!(carried.is_none(), "the thin artifact carries a dictionary");
+    assert_eq!(named, Some(v1_dict.id.to_string()));
+
+    // Installing v1 from its artifact keeps its dictionary with its manifest.
+    let (v1_hash, _) = envelope_of(&a1);
+    let kept = dev
+        .path("data")
+        .join("manifests")
+        .join(format!("{v1_hash}.dictionary"));
+    let r = dev.install(&a1);
+    assert_eq!(r["slot"], "B");
+    assert_eq!(
+        std::fs::read(&kept).expect("kept dictionary"),
+        v1_dict.bytes()
+    );
+    assert_eq!(dev.reboot(), Slot::B);
+    ok(dev.run(&["boot-check", "--json"]));
+
+    // A second device running v1 (as shipped: its manifest, no dictionary) is
+    // refused before anything is written, with one line that says why.
+    let bare = Device::new(&v1, SLOT);
+    std::fs::copy(&dev.root, &bare.root).expect("the same trust root");
+    ship_manifest(&bare, &a1);
+    let bare_kept = bare
+        .path("data")
+        .join("manifests")
+        .join(format!("{v1_hash}.dictionary"));
+    std::fs::remove_file(&bare_kept).expect("shipped dictionary");
+    let path = delta.display().to_string();
+    let err = fails(bare.run(&["install", &path]), 1);
+    assert!(
+        err.contains("carries no dictionary")
+            && err.contains(&v1_dict.id.to_string())
+            && err.contains("does not keep"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(bare.status()["deployment"], serde_json::Value::Null);
+    // A kept dictionary that is not the named one fails its hash: refused.
+    let other = build(&bare, &words(4, size), "9.0", None);
+    let (other_dict, _) = dictionaries(&other);
+    let other_dict = other_dict.expect("a dictionary");
+    std::fs::write(&bare_kept, other_dict.bytes()).expect("wrong dictionary");
+    let err = fails(bare.run(&["install", &path]), 1);
+    assert!(err.contains("is not the one the manifest names"), "{err}");
+    assert_eq!(bare.status()["deployment"], serde_json::Value::Null);
+
+    // The first device, running v1 from slot B and keeping its dictionary,
+    // installs v2 from the thin artifact: slot A is v2.
+    let r = dev.install(&delta);
+    assert_eq!(r["slot"], "A");
+    assert_eq!(dev.slot_hash(Slot::A, size), hash(&v2));
+    // `verify` with the base artifact takes its dictionary too.
+    let v = install_common::json(&ok(dev.run(&[
+        "artifact",
+        "verify",
+        &path,
+        "--root",
+        &dev.root.display().to_string(),
+        "--base",
+        &a1.display().to_string(),
+        "--base-image",
+        &v1_img.display().to_string(),
+        "--json",
+    ])));
+    assert_eq!(v["ok"], true, "{v}");
 }

@@ -659,6 +659,7 @@ fn release_indexed(
             references: Vec::new(),
         }],
         provides: BTreeMap::from([("rootfs-image.version".to_string(), version.to_string())]),
+        dictionary: None,
         device_types: vec![device_type.into()],
         format_version: shoal_artifact::FORMAT_VERSION,
         security_counter: counter,

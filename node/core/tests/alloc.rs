@@ -162,6 +162,7 @@ fn manifest(n: u32, repeat: u32) -> Manifest {
             chunks,
         }],
         provides: BTreeMap::new(),
+        dictionary: None,
         device_types: vec![DEVICE.into()],
         format_version: shoal_artifact::FORMAT_VERSION,
         security_counter: 2,

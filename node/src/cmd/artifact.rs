@@ -318,12 +318,23 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     }
     opts.depends = depends;
     opts.manifest_delta = args.base_image.is_some() && !args.full_manifest;
-    let base: Option<Manifest> = match &args.base {
-        None => None,
+    // The base's manifest and, for a delta build, its dictionary (which a device
+    // running the base keeps, so reusing it costs no download): the build measures
+    // whether a new one pays for itself. A base that carries none (a full build
+    // with `--fast`, or a thin one that itself reused its base's) offers none.
+    let (base, base_dictionary) = match &args.base {
+        None => (None, None),
         Some(p) => {
-            let r = ArtifactReader::open_unverified(open_input(p, None)?)
+            let mut r = ArtifactReader::open_unverified(open_input(p, None)?)
                 .with_context(|| format!("base artifact {}", p.display()))?;
-            Some(r.manifest().clone())
+            let d = if args.base_image.is_some() {
+                r.read_dictionary()
+                    .with_context(|| format!("base artifact {}", p.display()))?
+                    .cloned()
+            } else {
+                None
+            };
+            (Some(r.manifest().clone()), d)
         }
     };
     if let Some(b) = &base {
@@ -343,7 +354,17 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
         (Some(b), Some(path)) => {
             let f = File::open(path)
                 .map_err(|e| Exit::usage(format!("base image {}: {e}", path.display())))?;
-            shoal_artifact::build_delta(input, &opts, &keys, b, f, dir, &tmp.file, |n| bar.inc(n))
+            shoal_artifact::build_delta(
+                input,
+                &opts,
+                &keys,
+                b,
+                f,
+                base_dictionary.as_ref(),
+                dir,
+                &tmp.file,
+                |n| bar.inc(n),
+            )
         }
         _ => shoal_artifact::build(input, &opts, &keys, base.as_ref(), dir, &tmp.file, |n| {
             bar.inc(n)
@@ -587,6 +608,21 @@ fn held_manifests(base: Option<&Path>) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(vec![r.envelope().signed.clone()])
 }
 
+/// The dictionary the base artifact at `base` carries, for reading a thin artifact
+/// that reuses it (its manifest names it; the reader checks the hash).
+fn base_dictionary(
+    base: Option<&Path>,
+) -> anyhow::Result<Option<shoal_artifact::chunk::Dictionary>> {
+    let Some(p) = base else {
+        return Ok(None);
+    };
+    let mut r = ArtifactReader::open_unverified(open_input(p, None)?)
+        .with_context(|| format!("base artifact {}", p.display()))?;
+    Ok(r.read_dictionary()
+        .with_context(|| format!("base artifact {}", p.display()))?
+        .cloned())
+}
+
 /// Manifests held by a base artifact and a chunk store.
 struct Held<'a> {
     given: Vec<Vec<u8>>,
@@ -619,6 +655,10 @@ fn verify(
     let (root, now) = trust.load()?;
     let mut r = ArtifactReader::open_held(open_input(path, Some(&root))?, &root, now, None, &held)
         .with_context(|| format!("verifying {}", path.display()))?;
+    if let Some(d) = base_dictionary(base)? {
+        r.hold_dictionary(d)
+            .with_context(|| format!("verifying {}", path.display()))?;
+    }
     let m = r.manifest().clone();
     let total: u64 = m.payloads.iter().map(|p| p.size).sum();
     let bar = ui.progress(total, "verifying", json);
@@ -763,6 +803,12 @@ fn extract(
             _ => (r, None),
         }
     };
+    let mut reader = reader;
+    if let Some(d) = base_dictionary(given.artifact)? {
+        reader
+            .hold_dictionary(d)
+            .with_context(|| format!("verifying {}", path.display()))?;
+    }
     let total = reader.manifest().payloads.iter().map(|p| p.size).sum();
     let mut file = std::fs::OpenOptions::new()
         .read(true)

@@ -482,37 +482,43 @@ fn decode(
     use shoal_artifact::chunk::{ChunkError, frame_dictionary_id};
     let dict = match frame_dictionary_id(stored) {
         None => None,
-        Some(zstd_id) => {
-            let cached = shared
-                .dictionaries
-                .lock()
-                .ok()
-                .and_then(|d| d.get(&zstd_id).cloned());
-            match cached {
-                Some(d) => Some(d),
-                None => {
-                    let bytes = match &shared.static_base {
-                        Some(base) => static_dictionary(shared, base, zstd_id),
-                        None => shared.api.dictionary(zstd_id),
-                    }
-                    .map_err(Undecoded::Dictionary)?;
-                    let dict = Arc::new(
-                        shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
-                            Undecoded::Dictionary(ApiError::Malformed(format!(
-                                "dictionary {zstd_id:08x}: {e}"
-                            )))
-                        })?,
-                    );
-                    if let Ok(mut d) = shared.dictionaries.lock() {
-                        d.insert(zstd_id, Arc::clone(&dict));
-                    }
-                    Some(dict)
-                }
-            }
-        }
+        Some(zstd_id) => Some(dictionary(shared, zstd_id)?),
     };
     shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
         .map_err(|e: ChunkError| Undecoded::Corrupt(e.to_string()))
+}
+
+/// The zstd dictionary a frame names (by its zstd id): the one fetched before in
+/// this deployment, else from the static chunk host or the server. The one place
+/// the daemon gets a dictionary (a wrong one only makes chunks fail their hash).
+fn dictionary(
+    shared: &Shared,
+    zstd_id: u32,
+) -> Result<Arc<shoal_artifact::chunk::Dictionary>, Undecoded> {
+    let cached = shared
+        .dictionaries
+        .lock()
+        .ok()
+        .and_then(|d| d.get(&zstd_id).cloned());
+    if let Some(d) = cached {
+        return Ok(d);
+    }
+    let bytes = match &shared.static_base {
+        Some(base) => static_dictionary(shared, base, zstd_id),
+        None => shared.api.dictionary(zstd_id),
+    }
+    .map_err(Undecoded::Dictionary)?;
+    let dict = Arc::new(
+        shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
+            Undecoded::Dictionary(ApiError::Malformed(format!(
+                "dictionary {zstd_id:08x}: {e}"
+            )))
+        })?,
+    );
+    if let Ok(mut d) = shared.dictionaries.lock() {
+        d.insert(zstd_id, Arc::clone(&dict));
+    }
+    Ok(dict)
 }
 
 /// A zstd dictionary from the static chunk host.

@@ -582,6 +582,17 @@ impl Device {
                     )
                     .context("the release was refused"));
                 }
+                // A thin artifact that reuses its base's dictionary carries none:
+                // the one kept with the base's manifest is checked against the
+                // dictionary the signed manifest names (a wrong one is refused).
+                if artifact.manifest().dictionary.is_some()
+                    && let Some(base) = artifact.manifest().base.as_ref()
+                    && let Some(d) = KeptManifests::dictionary(&data_dir, &base.manifest_hash)
+                {
+                    artifact
+                        .hold_dictionary(d)
+                        .map_err(|e| artifact_error(&name, e))?;
+                }
                 // The members before the first pack are read and the manifest's
                 // chunk lists dropped before the engine decodes its own copy: the
                 // packs are read against the engine's chunk table (bound below), so
@@ -589,6 +600,21 @@ impl Device {
                 artifact
                     .shed_chunk_lists_unbound()
                     .map_err(|e| artifact_error(&name, e))?;
+                if let Some(named) = artifact.manifest().dictionary
+                    && artifact.dictionary().is_none()
+                {
+                    let base = artifact.manifest().base.as_ref().map_or_else(
+                        || "its base release".to_owned(),
+                        |b| format!("its base release {} {}", b.name, b.version),
+                    );
+                    return Err(anyhow!(
+                        "{name} carries no dictionary: its chunks reuse dictionary {named} of {base}, which this device does not keep; install a full artifact, or keep the base's dictionary by installing the base from an artifact"
+                    )
+                    .context("the release was refused"));
+                }
+                // The release's dictionary is kept with its manifest (below): the
+                // next thin artifact may reuse it.
+                let dictionary = artifact.dictionary().cloned();
                 // The base release a thin artifact names runs here too (a factory
                 // image without a record in the store): its manifest stays kept.
                 kept.base = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
@@ -604,6 +630,9 @@ impl Device {
                     )
                 };
                 kept.save(manifest_hash, &envelope);
+                if let Some(d) = &dictionary {
+                    kept.save_dictionary(manifest_hash, d);
+                }
                 let release =
                     shoal_engine::VerifiedRelease::verify(&driver.dev.root, envelope, wall)
                         .map_err(|e| anyhow!(e).context("the release was refused"))?;
@@ -843,20 +872,65 @@ impl KeptManifests {
         crate::lan::serve::save_envelope(data_dir, &id, envelope)
     }
 
-    /// Drops every kept manifest not in `keep`: a device holds the manifests of
-    /// its two slots (and of a thin artifact's base).
+    /// Where the dictionary of the release whose manifest hashes to `hash` is kept.
+    pub fn dictionary_path(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
+        KeptManifests::new(data_dir)
+            .dir
+            .join(format!("{}.dictionary", hex::encode(hash)))
+    }
+
+    /// Keeps the zstd dictionary the chunks of the release `hash` were compressed
+    /// with (written whole, then renamed): a thin artifact of a later release may
+    /// reuse it instead of carrying it.
+    pub fn save_dictionary(
+        data_dir: &Path,
+        hash: &[u8; 32],
+        dictionary: &shoal_artifact::chunk::Dictionary,
+    ) -> anyhow::Result<()> {
+        let path = KeptManifests::dictionary_path(data_dir, hash);
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = path.with_extension("dictionary-new");
+        std::fs::write(&tmp, dictionary.bytes())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The dictionary kept with the release `hash`, if any and well formed (the
+    /// reader checks it against the hash the new manifest names).
+    pub fn dictionary(
+        data_dir: &Path,
+        hash: &[u8; 32],
+    ) -> Option<shoal_artifact::chunk::Dictionary> {
+        let path = KeptManifests::dictionary_path(data_dir, hash);
+        let file = std::fs::File::open(&path).ok()?;
+        let mut bytes = Vec::new();
+        file.take(shoal_artifact::chunk::DICTIONARY_SIZE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        shoal_artifact::chunk::Dictionary::from_bytes(bytes).ok()
+    }
+
+    /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
+    /// manifests of its two slots (and of a thin artifact's base).
     pub fn prune(data_dir: &Path, keep: &[[u8; 32]]) -> anyhow::Result<()> {
         let dir = KeptManifests::new(data_dir).dir;
         let names: HashSet<String> = keep
             .iter()
-            .map(|h| format!("{}.envelope", hex::encode(h)))
+            .flat_map(|h| {
+                let h = hex::encode(h);
+                [format!("{h}.envelope"), format!("{h}.dictionary")]
+            })
             .collect();
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".envelope") && !names.contains(&name) {
+            if (name.ends_with(".envelope") || name.ends_with(".dictionary"))
+                && !names.contains(&name)
+            {
                 let path = entry.path();
                 std::fs::remove_file(&path)
                     .with_context(|| format!("cannot remove {}", path.display()))?;
@@ -902,6 +976,14 @@ impl NewManifest {
         }
     }
 
+    /// Keeps the release's dictionary beside its manifest (dropped with it); an
+    /// install goes on without it, with a warning, when it cannot be written.
+    fn save_dictionary(&mut self, hash: [u8; 32], d: &shoal_artifact::chunk::Dictionary) {
+        if let Err(e) = KeptManifests::save_dictionary(&self.data_dir, &hash, d) {
+            tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's dictionary");
+        }
+    }
+
     /// The install went through: the manifest stays; its hash.
     fn installed(&mut self) -> Option<[u8; 32]> {
         self.installed = true;
@@ -918,6 +1000,7 @@ impl Drop for NewManifest {
         {
             let id = crate::lan::proto::ManifestId(hash);
             let _ = std::fs::remove_file(crate::lan::serve::envelope_path(&self.data_dir, &id));
+            let _ = std::fs::remove_file(KeptManifests::dictionary_path(&self.data_dir, &hash));
         }
     }
 }
