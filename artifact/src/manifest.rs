@@ -40,8 +40,9 @@ pub const REFERENCE_LEN_MAX: u32 = 2 * 1024 * 1024;
 /// Most byte ranges one [`Reference`] concatenates.
 pub const REFERENCE_RANGES_MAX: usize = 4;
 
-/// Largest manifest accepted, in bytes of CBOR (about 350 000 chunks).
-pub const MANIFEST_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// Largest manifest accepted, in bytes of CBOR (about 800 000 chunks: see
+/// `shoal_signing::ENVELOPE_SIZE_MAX`).
+pub const MANIFEST_SIZE_MAX: usize = 32 * 1024 * 1024;
 /// Most payloads in one manifest.
 pub const PAYLOADS_MAX: usize = 64;
 /// Longest name, version, device type, provides/depends key or value, in bytes.

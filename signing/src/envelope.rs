@@ -2,9 +2,11 @@
 
 use crate::key::{KeyId, SecretKey};
 
-/// The largest encoded envelope accepted, in bytes. A manifest of a 4 GiB image with
-/// 64 KiB chunks is about 2.7 MB, so releases larger than that use bigger chunks.
-pub const ENVELOPE_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// The largest encoded envelope accepted, in bytes. A manifest costs about 41 bytes
+/// a chunk: an 8 GiB image cut with the default chunking (16 KiB average, about
+/// 430,000 chunks) has a 17.6 MB envelope, so 32 MiB holds about 800,000 chunks
+/// (a 15 GiB image); larger releases use bigger chunks.
+pub const ENVELOPE_SIZE_MAX: usize = 32 * 1024 * 1024;
 
 /// The most signatures an envelope may carry.
 pub const SIGNATURES_MAX: usize = 256;
