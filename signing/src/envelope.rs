@@ -268,6 +268,36 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// An envelope whose byte string has a longer header than it needs decodes but
+    /// is not canonical: both decoders refuse it (the check compares the encoding
+    /// as it is made, without a copy), and one byte more or less is refused too.
+    #[test]
+    fn non_canonical_envelopes_are_refused_by_both_decoders() {
+        let head = [&[0xa2, 0x66][..], b"signed"].concat();
+        let tail = [&[0x6a][..], b"signatures", &[0x80]].concat();
+        let canonical = [&head[..], &[0x43], b"abc", &tail[..]].concat();
+        let loose = [&head[..], &[0x58, 0x03], b"abc", &tail[..]].concat();
+        assert_eq!(
+            EnvelopeRef::from_bytes(&canonical)
+                .expect("canonical")
+                .signed,
+            b"abc"
+        );
+        assert_eq!(
+            Envelope::from_bytes(&canonical).expect("canonical").signed,
+            b"abc"
+        );
+        assert_eq!(
+            EnvelopeRef::from_bytes(&loose),
+            Err(DecodeError::NonCanonical)
+        );
+        assert_eq!(Envelope::from_bytes(&loose), Err(DecodeError::NonCanonical));
+        let env = Envelope::from_bytes(&canonical).expect("canonical");
+        assert!(encodes_to(&env, &canonical));
+        assert!(!encodes_to(&env, &canonical[..canonical.len() - 1]));
+        assert!(!encodes_to(&env, &[&canonical[..], &[0]].concat()));
+    }
+
     /// A large envelope is encoded into a buffer of its size, not one grown by
     /// doubling (up to twice its size, 17 MB for an 8 GiB image's manifest).
     #[test]
