@@ -27,8 +27,8 @@ pub const MANIFEST_DELTA_MEMBER: &str = "manifest.delta";
 pub const MANIFEST_DELTA_LEVEL: i32 = 19;
 
 /// Window log a manifest frame may ask for: the base manifest plus the new one, each
-/// at most [`ENVELOPE_SIZE_MAX`] (16 MiB), fit in 2^25 bytes.
-const WINDOW_LOG_MAX: u32 = 25;
+/// at most [`ENVELOPE_SIZE_MAX`] (32 MiB), fit in 2^26 bytes.
+const WINDOW_LOG_MAX: u32 = 26;
 
 /// The `manifest.delta` member (canonical CBOR, fields in canonical key order).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

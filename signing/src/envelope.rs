@@ -2,9 +2,11 @@
 
 use crate::key::{KeyId, SecretKey};
 
-/// The largest encoded envelope accepted, in bytes. A manifest of a 4 GiB image with
-/// 64 KiB chunks is about 2.7 MB, so releases larger than that use bigger chunks.
-pub const ENVELOPE_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// The largest encoded envelope accepted, in bytes. A manifest costs about 41 bytes
+/// a chunk: an 8 GiB image cut with the default chunking (16 KiB average, about
+/// 430,000 chunks) has a 17.6 MB envelope, so 32 MiB holds about 800,000 chunks
+/// (a 15 GiB image); larger releases use bigger chunks.
+pub const ENVELOPE_SIZE_MAX: usize = 32 * 1024 * 1024;
 
 /// The most signatures an envelope may carry.
 pub const SIGNATURES_MAX: usize = 256;
@@ -131,9 +133,17 @@ impl Envelope {
         }
     }
 
-    /// Canonical CBOR encoding.
+    /// Canonical CBOR encoding, in a buffer sized for it up front (grown by
+    /// doubling, the buffer of a large manifest's envelope would reserve up to
+    /// twice its size).
     pub fn to_bytes(&self) -> Vec<u8> {
-        to_cbor(self)
+        // Map and field headers, the signed bytes' header, and per signature
+        // its array entry, two field names, a 32-byte id and a 64-byte signature.
+        let bound = 64 + self.signed.len() + self.signatures.len() * 128;
+        let bytes = cbor4ii::serde::to_vec(Vec::with_capacity(bound), self)
+            .expect("encoding into a Vec cannot fail");
+        debug_assert!(bytes.len() <= bound, "the bound holds");
+        bytes
     }
 
     /// Decodes an envelope, bounded by [`ENVELOPE_SIZE_MAX`] and [`SIGNATURES_MAX`].
@@ -149,6 +159,80 @@ impl Envelope {
         }
         Ok(env)
     }
+}
+
+/// An envelope decoded in place: its signed bytes borrowed from the encoding, so
+/// a large manifest's envelope is held once, not twice, while it is checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnvelopeRef<'a> {
+    /// The bytes that are signed (see [`Envelope::signed`]).
+    #[serde(with = "serde_bytes", borrow)]
+    pub signed: &'a [u8],
+    /// Signatures, in the order they were added.
+    pub signatures: Vec<Signature>,
+}
+
+impl<'a> EnvelopeRef<'a> {
+    /// Decodes an envelope without copying its signed bytes, with the checks of
+    /// [`Envelope::from_bytes`] (size, canonical form, signature count).
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<EnvelopeRef<'a>, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if bytes.len() > ENVELOPE_SIZE_MAX {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                max: ENVELOPE_SIZE_MAX,
+            });
+        }
+        let env: EnvelopeRef<'a> = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| DecodeError::Cbor(describe_cbor_error(&e)))?;
+        if !encodes_to(&env, bytes) {
+            return Err(DecodeError::NonCanonical);
+        }
+        if env.signatures.len() > SIGNATURES_MAX {
+            return Err(DecodeError::TooManySignatures {
+                count: env.signatures.len(),
+                max: SIGNATURES_MAX,
+            });
+        }
+        Ok(env)
+    }
+}
+
+/// Whether the canonical CBOR of `value` is exactly `bytes`, compared as it is
+/// encoded (no copy of the encoding is made: for a manifest of 100,000 chunks a
+/// copy would be 9 MB).
+pub fn encodes_to<T: serde::Serialize + ?Sized>(value: &T, bytes: &[u8]) -> bool {
+    /// Compares what is written with `expect`, from `at` on.
+    struct Match<'a> {
+        expect: &'a [u8],
+        at: usize,
+    }
+    #[derive(Debug)]
+    struct Differs;
+    impl std::fmt::Display for Differs {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("the encoding differs")
+        }
+    }
+    impl std::error::Error for Differs {}
+    impl cbor4ii::core::enc::Write for Match<'_> {
+        type Error = Differs;
+        fn push(&mut self, input: &[u8]) -> Result<(), Differs> {
+            let end = self.at + input.len();
+            if self.expect.get(self.at..end) != Some(input) {
+                return Err(Differs);
+            }
+            self.at = end;
+            Ok(())
+        }
+    }
+    let mut ser = cbor4ii::serde::Serializer::new(Match {
+        expect: bytes,
+        at: 0,
+    });
+    value.serialize(&mut ser).is_ok() && ser.into_inner().at == bytes.len()
 }
 
 /// Canonical CBOR of a value (struct fields in declaration order, maps sorted).
@@ -173,7 +257,7 @@ where
     }
     let value: T = cbor4ii::serde::from_slice(bytes)
         .map_err(|e| DecodeError::Cbor(describe_cbor_error(&e)))?;
-    if to_cbor(&value) != bytes {
+    if !encodes_to(&value, bytes) {
         return Err(DecodeError::NonCanonical);
     }
     Ok(value)
@@ -183,6 +267,53 @@ where
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// An envelope whose byte string has a longer header than it needs decodes but
+    /// is not canonical: both decoders refuse it (the check compares the encoding
+    /// as it is made, without a copy), and one byte more or less is refused too.
+    #[test]
+    fn non_canonical_envelopes_are_refused_by_both_decoders() {
+        let head = [&[0xa2, 0x66][..], b"signed"].concat();
+        let tail = [&[0x6a][..], b"signatures", &[0x80]].concat();
+        let canonical = [&head[..], &[0x43], b"abc", &tail[..]].concat();
+        let loose = [&head[..], &[0x58, 0x03], b"abc", &tail[..]].concat();
+        assert_eq!(
+            EnvelopeRef::from_bytes(&canonical)
+                .expect("canonical")
+                .signed,
+            b"abc"
+        );
+        assert_eq!(
+            Envelope::from_bytes(&canonical).expect("canonical").signed,
+            b"abc"
+        );
+        assert_eq!(
+            EnvelopeRef::from_bytes(&loose),
+            Err(DecodeError::NonCanonical)
+        );
+        assert_eq!(Envelope::from_bytes(&loose), Err(DecodeError::NonCanonical));
+        let env = Envelope::from_bytes(&canonical).expect("canonical");
+        assert!(encodes_to(&env, &canonical));
+        assert!(!encodes_to(&env, &canonical[..canonical.len() - 1]));
+        assert!(!encodes_to(&env, &[&canonical[..], &[0]].concat()));
+    }
+
+    /// A large envelope is encoded into a buffer of its size, not one grown by
+    /// doubling (up to twice its size, 17 MB for an 8 GiB image's manifest).
+    #[test]
+    fn a_large_envelope_is_encoded_into_a_buffer_of_its_size() {
+        let mut env = Envelope::new(vec![7u8; 1 << 20]);
+        env.sign(&SecretKey::from_seed(&[1; 32]));
+        env.sign(&SecretKey::from_seed(&[2; 32]));
+        let bytes = env.to_bytes();
+        assert!(
+            bytes.capacity() <= bytes.len() + 512,
+            "capacity {} for {} bytes",
+            bytes.capacity(),
+            bytes.len()
+        );
+        assert_eq!(Envelope::from_bytes(&bytes).expect("decodes"), env);
+    }
 
     #[test]
     fn signing_twice_with_one_key_keeps_one_signature() {

@@ -26,8 +26,8 @@ mod root;
 
 pub use credential::{CREDENTIAL_SIZE_MAX, Credential, CredentialError, FLEET_NAME_MAX};
 pub use envelope::{
-    DecodeError, ENVELOPE_SIZE_MAX, Envelope, SIGNATURES_MAX, SIGNING_CONTEXT, Signature,
-    describe_cbor_error,
+    DecodeError, ENVELOPE_SIZE_MAX, Envelope, EnvelopeRef, SIGNATURES_MAX, SIGNING_CONTEXT,
+    Signature, describe_cbor_error, encodes_to,
 };
 pub use key::{KeyError, KeyId, PublicKey, SecretKey, pem_label};
 pub use root::{

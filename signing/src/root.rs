@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::Path;
 use std::path::PathBuf;
 
-use crate::envelope::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, from_cbor, to_cbor};
+use crate::envelope::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, EnvelopeRef, from_cbor, to_cbor};
 use crate::key::{KeyId, PublicKey};
 
 /// The most keys a root may list.
@@ -299,15 +299,35 @@ impl TrustRoot {
         env: &'a Envelope,
         now_unix_s: Option<u64>,
     ) -> Result<&'a [u8], VerifyError> {
+        self.verify_parts(role, &env.signed, &env.signatures, now_unix_s)
+    }
+
+    /// [`TrustRoot::verify`] of an envelope decoded in place.
+    pub fn verify_ref<'a>(
+        &self,
+        role: RoleName,
+        env: &EnvelopeRef<'a>,
+        now_unix_s: Option<u64>,
+    ) -> Result<&'a [u8], VerifyError> {
+        self.verify_parts(role, env.signed, &env.signatures, now_unix_s)
+    }
+
+    fn verify_parts<'a>(
+        &self,
+        role: RoleName,
+        signed: &'a [u8],
+        signatures: &[crate::Signature],
+        now_unix_s: Option<u64>,
+    ) -> Result<&'a [u8], VerifyError> {
         self.check_expiry(now_unix_s)?;
         let def = self
             .roles
             .get(&role)
             .ok_or(VerifyError::MissingRole(role))?;
-        let msg = Envelope::message(&env.signed);
+        let msg = Envelope::message(signed);
         let mut valid = BTreeSet::new();
         let (mut invalid, mut unknown) = (0u32, 0u32);
-        for sig in &env.signatures {
+        for sig in signatures {
             let key = match self.keys.get(&sig.key_id) {
                 Some(key) if def.key_ids.contains(&sig.key_id) => key,
                 _ => {
@@ -334,7 +354,7 @@ impl TrustRoot {
                 unknown,
             });
         }
-        Ok(&env.signed)
+        Ok(signed)
     }
 
     /// Fails with [`VerifyError::Expired`] when `now_unix_s` is known and not before

@@ -12,6 +12,14 @@
 //! Every [`Output::Persist`](shoal_engine::Output::Persist) is one write transaction
 //! with redb's default (immediate) durability: after `apply` returns the records
 //! survive a power cut, and a cut during `apply` leaves none of them.
+//!
+//! The deployment's signed envelope (about 82 bytes a chunk: 35 MB for an 8 GiB
+//! image) is not a redb value: redb holds a transaction's pages in memory until it
+//! commits, which would be a second copy of it. It is a file,
+//! `envelopes/<BLAKE3 of its bytes>.envelope` beside the store, written and synced
+//! before the transaction that names it (`meta` key `envelope.file`) commits; a
+//! file no record names (a cut between the two) is removed by the next envelope
+//! record. Its hash is checked when it is read back.
 
 use std::path::{Path, PathBuf};
 
@@ -78,7 +86,13 @@ pub enum StoreError {
 pub struct Store {
     db: Db,
     path: PathBuf,
+    /// Where envelopes are kept as files (`None`: a store on a test backend keeps
+    /// them in redb).
+    envelopes: Option<PathBuf>,
 }
+
+/// Directory of the envelope files, in the data directory.
+const ENVELOPE_DIR: &str = "envelopes";
 
 /// The redb database, opened for writing or (`shoal status`) only for reading.
 enum Db {
@@ -139,6 +153,7 @@ impl Store {
         let store = Store {
             db: Db::ReadWrite(db),
             path,
+            envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         };
         // Create the tables so that readers never meet a missing one.
         store.write(|_| Ok(()))?;
@@ -168,6 +183,7 @@ impl Store {
         Ok(Some(Store {
             db: Db::ReadOnly(db),
             path,
+            envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         }))
     }
 
@@ -187,6 +203,7 @@ impl Store {
         let store = Store {
             db: Db::ReadWrite(db),
             path,
+            envelopes: None,
         };
         store.write(|_| Ok(()))?;
         Ok(store)
@@ -241,6 +258,77 @@ impl Store {
             .map(|v| v.value().to_vec()))
     }
 
+    /// The deployment's signed envelope: its file, whose hash is checked, or (a
+    /// store written before envelopes were files, or on a test backend) the redb
+    /// value.
+    fn envelope(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let (Some(dir), Some(name)) = (&self.envelopes, self.get_raw(ENVELOPE_FILE_KEY)?) else {
+            return self.get_raw("envelope");
+        };
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: ENVELOPE_FILE_KEY.to_string(),
+            message,
+        };
+        let hash: [u8; 32] = name
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt(format!("{} bytes, not a 32-byte hash", name.len())))?;
+        let path = envelope_path(dir, &hash);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| corrupt(format!("cannot read {}: {e}", path.display())))?;
+        if *blake3::hash(&bytes).as_bytes() != hash {
+            return Err(corrupt(format!(
+                "{} does not hash to its name",
+                path.display()
+            )));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Writes `bytes` as the envelope file it is named by (synced, with its
+    /// directory) unless it is there; returns its hash.
+    fn write_envelope_file(&self, dir: &Path, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+        let hash = *blake3::hash(bytes).as_bytes();
+        let path = envelope_path(dir, &hash);
+        let io = |source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            return Ok(hash);
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(hash)
+    }
+
+    /// Removes the envelope files other than `keep` (after the record that names
+    /// `keep`, or none, committed).
+    fn prune_envelope_files(dir: &Path, keep: Option<&[u8; 32]>) {
+        let keep = keep.map(|h| envelope_path(dir, h));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if Some(&path) != keep.as_ref() {
+                // A leftover costs disk, not correctness: the next prune retries.
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     /// Whether Shoal has recorded anything on this device yet.
     pub fn is_fresh(&self) -> Result<bool, StoreError> {
         Ok(self.get::<Slot>("active")?.is_none())
@@ -257,7 +345,7 @@ impl Store {
             state.releases[slot_index(slot)] = self.get(&format!("release.{}", slot_name(slot)))?;
         }
         state.deployment = self.get("deployment")?;
-        state.envelope = self.get_raw("envelope")?.map(Into::into);
+        state.envelope = self.envelope()?.map(Into::into);
         state.wan_spent_bytes = self.get::<u64>("wan_spent")?.unwrap_or(0);
         state.last = self.get("last")?;
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
@@ -313,6 +401,18 @@ impl Store {
     }
 
     fn apply_one(&self, records: &[Record]) -> Result<(), StoreError> {
+        // The envelope's file is durable before the transaction that names it.
+        let mut envelope_file: Option<Option<[u8; 32]>> = None;
+        if let Some(dir) = &self.envelopes {
+            for r in records {
+                if let Record::Envelope(e) = r {
+                    envelope_file = Some(match e {
+                        Some(bytes) => Some(self.write_envelope_file(dir, bytes)?),
+                        None => None,
+                    });
+                }
+            }
+        }
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let mut done = txn.open_table(DONE)?;
@@ -340,12 +440,17 @@ impl Store {
                     )?,
                     // Raw bytes (the signed envelope as offered), written once
                     // per deployment.
-                    Record::Envelope(e) => match e {
-                        Some(bytes) => {
+                    Record::Envelope(e) => match (e, &envelope_file) {
+                        (_, Some(Some(hash))) => {
+                            meta.remove("envelope")?;
+                            meta.insert(ENVELOPE_FILE_KEY, &hash[..])?;
+                        }
+                        (Some(bytes), _) => {
                             meta.insert("envelope", &bytes[..])?;
                         }
-                        None => {
+                        (None, _) => {
                             meta.remove("envelope")?;
+                            meta.remove(ENVELOPE_FILE_KEY)?;
                         }
                     },
                     Record::WanSpent(bytes) => put(
@@ -410,7 +515,11 @@ impl Store {
                 }
             }
             Ok(())
-        })
+        })?;
+        if let (Some(dir), Some(keep)) = (&self.envelopes, envelope_file) {
+            Self::prune_envelope_files(dir, keep.as_ref());
+        }
+        Ok(())
     }
 
     /// Writes the index of a slot that now holds `release` (its chunk list, in id
@@ -494,6 +603,14 @@ fn create_atomically(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(io_err)?;
     Ok(())
+}
+
+/// The `meta` key naming the deployment's envelope file (its 32-byte hash).
+const ENVELOPE_FILE_KEY: &str = "envelope.file";
+
+/// The file of the envelope whose bytes hash to `hash`.
+fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
+    dir.join(format!("{}.envelope", hex::encode(hash)))
 }
 
 /// Values stored as CBOR in the `meta` table.
@@ -626,6 +743,59 @@ mod tests {
         assert_eq!(
             (got.done.len(), got.deployment, got.envelope),
             (0, None, None)
+        );
+    }
+
+    /// The deployment's envelope is a file named by its hash, not a redb value (a
+    /// large one would be held twice while its transaction commits): it reads
+    /// back, a file no record names is removed by the next envelope record, a
+    /// changed file is an error naming it, and clearing the record removes it.
+    #[test]
+    fn the_envelope_is_a_file_named_by_its_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let files = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path().join(ENVELOPE_DIR))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        let old = vec![7u8; 5000];
+        let new = vec![8u8; 6000];
+        store
+            .apply(&[Record::Envelope(Some(old.clone().into()))])
+            .expect("apply");
+        // A file left by a cut before its record committed.
+        std::fs::write(dir.path().join(ENVELOPE_DIR).join("stray.tmp"), b"x").expect("stray");
+        store
+            .apply(&[Record::Envelope(Some(new.clone().into()))])
+            .expect("apply");
+        let name = format!("{}.envelope", blake3::hash(&new).to_hex());
+        assert_eq!(files(), vec![name.clone()]);
+        assert_eq!(store.get_raw("envelope").expect("get"), None, "not in redb");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let got = store.load(Slot::A, [1 << 20; 2]).expect("load");
+        assert_eq!(got.envelope.as_deref(), Some(&new[..]));
+
+        std::fs::write(dir.path().join(ENVELOPE_DIR).join(&name), &old).expect("tamper");
+        match store.load(Slot::A, [1 << 20; 2]) {
+            Err(StoreError::Corrupt { key, message, .. }) => {
+                assert_eq!(key, ENVELOPE_FILE_KEY);
+                assert!(message.contains("does not hash to its name"), "{message}");
+            }
+            other => panic!("expected a corrupt envelope file, got {other:?}"),
+        }
+        store.apply(&[Record::Envelope(None)]).expect("clear");
+        assert_eq!(files(), Vec::<String>::new());
+        assert_eq!(
+            store.load(Slot::A, [1 << 20; 2]).expect("load").envelope,
+            None
         );
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shoal_artifact::{Manifest, PayloadKind};
-use shoal_signing::Envelope;
+use shoal_signing::EnvelopeRef;
 use tracing::info;
 
 use crate::error::{CommitError, InstallError, OfferError, RollbackError};
@@ -581,8 +581,8 @@ impl Engine {
 /// The manifest of the deployment's stored envelope (verified when it was offered)
 /// and its rootfs payload index.
 fn stored_manifest(envelope: Option<&[u8]>) -> Option<(Manifest, usize)> {
-    let env = Envelope::from_bytes(envelope?).ok()?;
-    let manifest = Manifest::from_cbor(&env.signed).ok()?;
+    let env = EnvelopeRef::from_bytes(envelope?).ok()?;
+    let manifest = Manifest::from_cbor(env.signed).ok()?;
     let p = manifest
         .payloads
         .iter()

@@ -1,10 +1,15 @@
 //! The chunk table of a release payload: its distinct chunks ("entries", numbered in
 //! order of first appearance) and its positions (the manifest's chunk list, where an
 //! entry may appear several times), in dense arrays.
+//!
+//! The manifest's chunk list itself is the table's storage by position (an
+//! entry's id and sizes are those at its first position): building the table
+//! takes the list over instead of copying its ids, so a large release's list is
+//! never in memory twice (40 bytes a chunk: 17 MiB for an 8 GiB image).
 
 use std::sync::Arc;
 
-use shoal_artifact::{ChunkId, Payload};
+use shoal_artifact::{ChunkId, ChunkRef};
 
 /// No next position.
 const NONE: u32 = u32::MAX;
@@ -21,12 +26,8 @@ pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
 /// See the module documentation.
 #[derive(Debug)]
 pub(crate) struct ChunkTable {
-    /// By entry: the chunk id.
-    ids: Vec<ChunkId>,
-    /// By entry: the uncompressed size.
-    sizes: Vec<u32>,
-    /// By entry: the size on the wire (compressed, as stored).
-    wire: Vec<u32>,
+    /// By position: the manifest's chunk (id, uncompressed size, size on the wire).
+    list: Vec<ChunkRef>,
     /// By entry: its first position.
     first: Vec<u32>,
     /// By position: its entry.
@@ -45,22 +46,21 @@ pub(crate) struct ChunkTable {
 }
 
 impl ChunkTable {
-    /// The table of `payload` (a validated manifest's, so sizes add up).
+    /// The table of a payload's chunk list (a validated manifest's, so sizes add
+    /// up), which it keeps as its storage by position.
     ///
     /// Besides the table it keeps, it needs 8 bytes a position while it is built
     /// (positions sorted by id, and each position's first), so building the table
     /// of a large release does not cost a second copy of its ids.
-    pub(crate) fn new(payload: &Payload) -> ChunkTable {
-        let n = payload.chunks.len();
+    pub(crate) fn new(list: Vec<ChunkRef>) -> ChunkTable {
+        let n = list.len();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
             "chunk count fits 31 bits"
         );
-        let chunks = &payload.chunks;
+        let chunks = &list;
         let mut t = ChunkTable {
-            ids: Vec::new(),
-            sizes: Vec::new(),
-            wire: Vec::new(),
+            list: Vec::new(),
             first: Vec::new(),
             entry_of: Vec::with_capacity(n),
             next: vec![NONE; n],
@@ -93,14 +93,11 @@ impl ChunkTable {
         for (p, c) in chunks.iter().enumerate() {
             let f = first_of[p] as usize;
             if f == p {
-                t.ids.push(c.id);
-                t.sizes.push(c.size);
-                t.wire.push(c.stored_size);
                 t.first.push(p as u32);
             }
             // The first position of an id comes first, so its entry is known.
             let e = if f == p {
-                t.ids.len() as u32 - 1
+                t.first.len() as u32 - 1
             } else {
                 t.entry_of[f]
             };
@@ -111,14 +108,12 @@ impl ChunkTable {
         drop(first_of);
         // The runs of `order` are in id order: their entries are the lookup array.
         order.dedup_by(|b, a| chunks[*a as usize].id == chunks[*b as usize].id);
-        for p in &mut order {
-            *p = t.entry_of[*p as usize];
-        }
         t.by_id = order
             .iter()
-            .map(|&e| (prefix(&t.ids[e as usize]), e))
+            .map(|&p| (prefix(&chunks[p as usize].id), t.entry_of[p as usize]))
             .collect();
         drop(order);
+        t.list = list;
         for e in 0..t.entries() {
             if t.next[t.first[e as usize] as usize] != NONE {
                 let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
@@ -138,7 +133,7 @@ impl ChunkTable {
 
     /// Distinct chunks.
     pub(crate) fn entries(&self) -> u32 {
-        self.ids.len() as u32
+        self.first.len() as u32
     }
 
     /// Positions (chunks in the payload's list).
@@ -154,19 +149,24 @@ impl ChunkTable {
             .iter()
             .take_while(|&&(p, _)| p == want)
             .map(|&(_, e)| e)
-            .find(|&e| self.ids[e as usize] == *id)
+            .find(|&e| self.at_first(e).id == *id)
+    }
+
+    /// The chunk at the entry's first position.
+    fn at_first(&self, e: u32) -> &ChunkRef {
+        &self.list[self.first[e as usize] as usize]
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
-        self.ids[e as usize]
+        self.at_first(e).id
     }
 
     pub(crate) fn size(&self, e: u32) -> u32 {
-        self.sizes[e as usize]
+        self.at_first(e).size
     }
 
     pub(crate) fn wire_size(&self, e: u32) -> u32 {
-        self.wire[e as usize]
+        self.at_first(e).stored_size
     }
 
     /// Payload offset of the entry's first position.
@@ -204,10 +204,8 @@ impl ChunkTable {
 
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.ids.capacity() * 32
-            + (self.sizes.capacity()
-                + self.wire.capacity()
-                + self.first.capacity()
+        self.list.capacity() * std::mem::size_of::<ChunkRef>()
+            + (self.first.capacity()
                 + self.entry_of.capacity()
                 + self.next.capacity()
                 + self.by_id.capacity() * 2)
@@ -225,7 +223,7 @@ impl ChunkTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_artifact::{ChunkRef, PayloadKind};
+    use shoal_artifact::{Payload, PayloadKind};
 
     fn id(n: u8) -> ChunkId {
         ChunkId::from(blake3::hash(&[n]))
@@ -246,7 +244,7 @@ mod tests {
             chunks: vec![c(1, 10), c(2, 20), c(1, 10), c(3, 30), c(1, 10)],
             references: Vec::new(),
         };
-        let t = ChunkTable::new(&payload);
+        let t = ChunkTable::new(payload.chunks);
         assert_eq!((t.entries(), t.positions()), (3, 5));
         assert_eq!(t.entry(&id(1)), Some(0));
         assert_eq!(t.entry(&id(3)), Some(2));
@@ -287,10 +285,26 @@ mod tests {
             chunks: vec![c(same(3)), c(same(1)), c(id(1)), c(same(2))],
             references: Vec::new(),
         };
-        let t = ChunkTable::new(&payload);
+        let t = ChunkTable::new(payload.chunks);
         assert_eq!(
             [same(1), same(2), same(3), id(1), same(4)].map(|i| t.entry(&i)),
             [Some(1), Some(3), Some(0), Some(2), None]
         );
+    }
+
+    #[test]
+    fn the_table_keeps_the_chunk_list_it_is_given_not_a_copy() {
+        let list: Vec<ChunkRef> = (0..100u8)
+            .map(|n| ChunkRef {
+                id: id(n),
+                size: 10,
+                stored_size: 5,
+            })
+            .collect();
+        let at = list.as_ptr();
+        let t = ChunkTable::new(list);
+        assert_eq!(t.list.as_ptr(), at, "the list's buffer is the table's");
+        assert_eq!((t.id(7), t.size(7), t.wire_size(7)), (id(7), 10, 5));
+        assert_eq!(t.entry(&id(42)), Some(42));
     }
 }
