@@ -1,16 +1,21 @@
-//! Signed envelopes (`Envelope::from_bytes`), then signature checks against the
-//! trust root the seed artifacts were signed with.
+//! Signed envelopes, through both decoders (`Envelope::from_bytes`, and
+//! `EnvelopeRef::from_bytes`, which borrows the signed bytes: the install's offer),
+//! then signature checks against the trust root the seed artifacts were signed with.
 //!
-//! Properties: decoding never panics; an accepted envelope is canonical (it
-//! re-encodes to exactly the input, and decodes again to itself) and within the
-//! signature limit; a rejected one is a `DecodeError` with a message.
+//! Properties: decoding never panics; the two decoders accept exactly the same
+//! inputs, decode them to the same envelope, and verify them alike; an accepted
+//! envelope is canonical (it re-encodes to exactly the input, and decodes again to
+//! itself) and within the signature limit; a rejected one is a `DecodeError` with a
+//! message.
 
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use shoal_signing::{DecodeError, Envelope, RoleName, SIGNATURES_MAX, SignedRoot, TrustRoot};
+use shoal_signing::{
+    DecodeError, Envelope, EnvelopeRef, RoleName, SIGNATURES_MAX, SignedRoot, TrustRoot,
+};
 
 /// The trust root of `fuzz/seeds/`: seeds carry real signatures by its keys, so the
 /// verifying code runs on well-formed and on mutated signatures.
@@ -24,21 +29,28 @@ fn root() -> &'static TrustRoot {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let borrowed = EnvelopeRef::from_bytes(data);
     match Envelope::from_bytes(data) {
         Ok(env) => {
+            let r = borrowed.expect("both decoders accept the same envelopes");
+            assert_eq!(r.signed, env.signed.as_slice());
+            assert_eq!(r.signatures, env.signatures);
             assert!(env.signatures.len() <= SIGNATURES_MAX);
             let bytes = env.to_bytes();
             assert_eq!(bytes, data, "an accepted envelope is canonical");
             assert_eq!(Envelope::from_bytes(&bytes), Ok(env.clone()));
             for role in [RoleName::Root, RoleName::Release] {
                 for now in [None, Some(0), Some(u64::MAX)] {
-                    if let Ok(signed) = root().verify(role, &env, now) {
+                    let verified = root().verify(role, &env, now);
+                    assert_eq!(verified, root().verify_ref(role, &r, now));
+                    if let Ok(signed) = verified {
                         assert_eq!(signed, env.signed.as_slice());
                     }
                 }
             }
         }
         Err(e) => {
+            assert!(borrowed.is_err(), "both decoders refuse the same inputs");
             assert!(!e.to_string().is_empty());
             if data.is_empty() {
                 assert_eq!(e, DecodeError::Empty);
