@@ -21,6 +21,7 @@ mod credential;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+mod lan_manifest;
 mod lan_peers;
 pub mod month;
 mod offline;
@@ -521,7 +522,7 @@ impl Daemon {
         if self.report(dep, "downloading", None)? {
             return Ok(Handled::Done);
         }
-        let envelope = match self.api.manifest(&dep.id) {
+        let envelope = match self.deployment_manifest(dep) {
             Ok(e) => e,
             Err(ApiError::Conflict(m)) => return self.aborted(dep, &m),
             Err(e) => return Err(api_error(e)),

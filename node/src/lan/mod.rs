@@ -401,7 +401,12 @@ impl Lan {
 
     /// Refuses `peer` from now on (it sent a chunk that does not hash to its id).
     pub fn block(&self, peer: PeerId) {
-        warn!(%peer, "blocking a peer that sent a corrupt chunk");
+        self.block_because(peer, "it sent a corrupt chunk");
+    }
+
+    /// Refuses `peer` from now on, for the reason given (logged).
+    pub fn block_because(&self, peer: PeerId, why: &str) {
+        warn!(%peer, "blocking a peer: {why}");
         self.send(Command::Block(peer));
     }
 }
@@ -951,7 +956,9 @@ impl EventLoop {
                 } => {
                     let answer = match self.release(&request.manifest) {
                         _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
-                        Some(s) => ManifestResponse::Envelope(s.envelope.to_vec()),
+                        Some(s) => ManifestResponse::Envelope(serve::envelope_for_peer(
+                            s.envelope.to_vec(),
+                        )),
                         None => ManifestResponse::NotHere,
                     };
                     let _ = self

@@ -126,9 +126,23 @@ pub fn answer(
         .collect()
 }
 
+/// A signed manifest envelope as sent to a peer: as kept (TESTS ONLY, with the
+/// `test-peer-faults` feature and `SHOAL_TEST_PEER_FAULT=manifest`: the last byte
+/// of its signatures flipped).
+pub fn envelope_for_peer(#[allow(unused_mut)] mut envelope: Vec<u8>) -> Vec<u8> {
+    #[cfg(feature = "test-peer-faults")]
+    if std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() == Ok("manifest")
+        && let Some(b) = envelope.last_mut()
+    {
+        *b ^= 0xff;
+    }
+    envelope
+}
+
 /// TESTS ONLY (`test-peer-faults`): misbehaves as `SHOAL_TEST_PEER_FAULT` says:
 /// `corrupt` flips a byte of every chunk, `wrong` sends other bytes of the same
-/// length, `stall` never answers.
+/// length, `stall` never answers (and `manifest` sends a manifest whose signature
+/// does not verify, [`envelope_for_peer`]).
 #[cfg(feature = "test-peer-faults")]
 fn test_fault(buf: &mut [u8]) {
     match std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() {
