@@ -33,10 +33,13 @@ struct Uplink {
     url: String,
     down: Arc<AtomicU64>,
     manifests: Arc<AtomicU64>,
+    dictionaries: Arc<AtomicU64>,
 }
 
 /// The tail of a device's request line for a deployment's signed manifest.
 const MANIFEST_REQUEST: &[u8] = b"/manifest HTTP/1.1\r\n";
+/// The start of a device's request line for a zstd dictionary.
+const DICTIONARY_REQUEST: &[u8] = b"GET /api/devices/v1/dictionaries/";
 
 impl Uplink {
     fn start(upstream: &str) -> Uplink {
@@ -45,15 +48,20 @@ impl Uplink {
         let target = upstream.trim_start_matches("http://").to_owned();
         let down = Arc::new(AtomicU64::new(0));
         let manifests = Arc::new(AtomicU64::new(0));
-        let (d, m) = (Arc::clone(&down), Arc::clone(&manifests));
+        let dictionaries = Arc::new(AtomicU64::new(0));
+        let (d, m, y) = (
+            Arc::clone(&down),
+            Arc::clone(&manifests),
+            Arc::clone(&dictionaries),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let m = Arc::clone(&m);
-                std::thread::spawn(move || pipe(c2, s2, Count::Requests(m)));
+                let (m, y) = (Arc::clone(&m), Arc::clone(&y));
+                std::thread::spawn(move || pipe(c2, s2, Count::Requests(m, y)));
                 let d = Arc::clone(&d);
                 std::thread::spawn(move || pipe(server, client, Count::Bytes(d)));
             }
@@ -62,6 +70,7 @@ impl Uplink {
             url,
             down,
             manifests,
+            dictionaries,
         }
     }
 }
@@ -70,8 +79,8 @@ impl Uplink {
 enum Count {
     /// Bytes (towards the devices; throttled).
     Bytes(Arc<AtomicU64>),
-    /// Manifest requests (towards the server).
-    Requests(Arc<AtomicU64>),
+    /// Manifest and dictionary requests (towards the server).
+    Requests(Arc<AtomicU64>, Arc<AtomicU64>),
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream, count: Count) {
@@ -91,14 +100,16 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Count) {
                 c.fetch_add(n as u64, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / RATE));
             }
-            Count::Requests(c) => {
+            Count::Requests(manifests, dictionaries) => {
                 carry.extend_from_slice(&buf[..n]);
-                let found = carry
-                    .windows(MANIFEST_REQUEST.len())
-                    .filter(|w| *w == MANIFEST_REQUEST)
-                    .count();
-                c.fetch_add(found as u64, Ordering::Relaxed);
-                let keep = carry.len().min(MANIFEST_REQUEST.len() - 1);
+                for (what, c) in [
+                    (MANIFEST_REQUEST, manifests),
+                    (DICTIONARY_REQUEST, dictionaries),
+                ] {
+                    let found = carry.windows(what.len()).filter(|w| *w == what).count();
+                    c.fetch_add(found as u64, Ordering::Relaxed);
+                }
+                let keep = carry.len().min(DICTIONARY_REQUEST.len() - 1);
                 carry.drain(..carry.len() - keep);
             }
         }
@@ -531,8 +542,22 @@ fn the_release_manifest_crosses_the_uplink_once_per_site() {
                 .contains("the release's manifest came from a LAN peer")
         })
         .count();
+    let dictionaries = site.uplink.dictionaries.load(Ordering::Relaxed);
+    let dictionaries_from_peers = site
+        .devs
+        .iter()
+        .filter(|d| d.log().contains("a zstd dictionary came from a LAN peer"))
+        .count();
     eprintln!(
-        "manifest requests across the uplink: {from_server}; devices that got it from a peer: {from_peers}"
+        "manifest requests across the uplink: {from_server}; devices that got it from a peer: {from_peers}; \
+         dictionary requests across the uplink: {dictionaries}; devices that got one from a peer: {dictionaries_from_peers}"
+    );
+    // The release's chunks are compressed with one dictionary: one device fetches
+    // it, the others get it from a peer.
+    assert_eq!(dictionaries, 1, "dictionary requests across the uplink");
+    assert_eq!(
+        dictionaries_from_peers, 3,
+        "devices that got the dictionary from a peer"
     );
     assert_eq!(
         from_server,
@@ -594,4 +619,41 @@ fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
             "device {n} took the liar's manifest:\n{log}"
         );
     }
+}
+
+/// A peer that hands out a zstd dictionary of the right id that decodes chunks
+/// wrong (the test-only fault mode: what a peer able to find a 31-bit id collision
+/// could send) is blocked by every device that used it; they fetch the server's,
+/// and every slot still verifies.
+#[test]
+fn a_peer_lying_about_the_dictionary_is_blocked_and_every_device_updates() {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "dictionary")])));
+    let first = &site.deploy_to(&[0])[0];
+    wait_for(&site.devs[0], 120, "the liar's install", || {
+        site.state(first) == "rebooting"
+    });
+    let deps = site.deploy_to(&[1, 2, 3]);
+    for (n, dep) in (1..4).zip(&deps) {
+        wait_for(&site.devs[n], 120, "the install", || {
+            site.state(dep) == "rebooting"
+        });
+        site.check_slot(n);
+    }
+    site.check_slot(0);
+    let mut lied_to = 0;
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        if log.contains("a LAN peer's dictionary decoded a chunk wrong") {
+            lied_to += 1;
+            assert!(
+                log.contains("blocking a peer: it sent a dictionary that decodes chunks wrong"),
+                "device {n} found the dictionary wrong but did not block the peer:\n{log}"
+            );
+        }
+    }
+    assert!(
+        lied_to >= 1,
+        "no device took the liar's dictionary:\n{}",
+        site.devs[1].log()
+    );
 }

@@ -45,7 +45,13 @@ struct Shared {
     api: Api,
     path: String,
     refs: BTreeMap<ChunkId, ChunkRef>,
-    dictionaries: Mutex<HashMap<u32, Arc<shoal_artifact::chunk::Dictionary>>>,
+    /// Dictionaries at hand.
+    dictionaries: Mutex<HashMap<u32, Held>>,
+    /// Held while a dictionary is fetched: one fetch per dictionary, not one per
+    /// worker.
+    dictionary_fetch: Mutex<()>,
+    /// LAN peers, asked for dictionaries before the server.
+    peers: Option<Arc<dyn PeerDictionaries>>,
     cancelled: Mutex<HashSet<RequestId>>,
     bytes: AtomicU64,
     /// The static chunk host, if the server named one.
@@ -53,6 +59,18 @@ struct Shared {
     /// Bytes of chunks and dictionaries read from the static host.
     static_bytes: AtomicU64,
     aborted: AtomicBool,
+}
+
+/// Where a chunk's zstd dictionary may come from before the server: the LAN
+/// peers that install the same release ([`super::lan_dictionary`]).
+pub trait PeerDictionaries: Send + Sync {
+    /// A peer's bytes for the dictionary `zstd_id`, its id checked (derived from
+    /// them), or `None`: then the server is asked.
+    fn fetch(&self, zstd_id: u32) -> Option<shoal_artifact::chunk::Dictionary>;
+    /// The dictionary a peer sent decoded a chunk wrong: that peer is not trusted.
+    fn refuse(&self, zstd_id: u32);
+    /// The dictionary decoded a chunk right: keep it to serve to peers.
+    fn keep(&self, dict: &shoal_artifact::chunk::Dictionary);
 }
 
 /// The server as a [`Requests`] source for one deployment.
@@ -105,7 +123,8 @@ impl HttpRequests {
     /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
     /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
     /// abort is noticed even while every chunk request is already in flight).
-    /// With `static_base`, chunks come from that static host (see the module doc).
+    /// With `static_base`, chunks come from that static host (see the module doc);
+    /// with `peers`, zstd dictionaries are asked of the LAN first.
     pub fn start(
         api: Api,
         deployment: &str,
@@ -113,12 +132,15 @@ impl HttpRequests {
         workers: u32,
         heartbeat: Duration,
         static_base: Option<StaticBase>,
+        peers: Option<Arc<dyn PeerDictionaries>>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
             path: format!("/deployments/{deployment}/chunks"),
             refs,
             dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers,
             cancelled: Mutex::new(HashSet::new()),
             bytes: AtomicU64::new(0),
             static_base,
@@ -474,45 +496,121 @@ enum Undecoded {
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
+/// A dictionary a peer sent that decodes the chunk wrong is dropped, its peer
+/// refused, and the chunk decoded again with the server's.
 fn decode(
     shared: &Shared,
     stored: &[u8],
     chunk: &ChunkRef,
 ) -> Result<shoal_artifact::VerifiedChunk, Undecoded> {
-    use shoal_artifact::chunk::{ChunkError, frame_dictionary_id};
-    let dict = match frame_dictionary_id(stored) {
-        None => None,
-        Some(zstd_id) => {
-            let cached = shared
-                .dictionaries
-                .lock()
-                .ok()
-                .and_then(|d| d.get(&zstd_id).cloned());
-            match cached {
-                Some(d) => Some(d),
-                None => {
-                    let bytes = match &shared.static_base {
-                        Some(base) => static_dictionary(shared, base, zstd_id),
-                        None => shared.api.dictionary(zstd_id),
-                    }
-                    .map_err(Undecoded::Dictionary)?;
-                    let dict = Arc::new(
-                        shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
-                            Undecoded::Dictionary(ApiError::Malformed(format!(
-                                "dictionary {zstd_id:08x}: {e}"
-                            )))
-                        })?,
-                    );
-                    if let Ok(mut d) = shared.dictionaries.lock() {
-                        d.insert(zstd_id, Arc::clone(&dict));
-                    }
-                    Some(dict)
+    use shoal_artifact::chunk::frame_dictionary_id;
+    let Some(zstd_id) = frame_dictionary_id(stored) else {
+        return shoal_artifact::VerifiedChunk::decode(stored, chunk, None)
+            .map_err(|e| Undecoded::Corrupt(e.to_string()));
+    };
+    let held = dictionary(shared, zstd_id, false)?;
+    match shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict)) {
+        Ok(v) => {
+            if !held.kept {
+                // The first chunk it decoded right: from now on it is served to
+                // peers too.
+                let first = shared.dictionaries.lock().ok().is_some_and(|mut d| {
+                    d.get_mut(&zstd_id)
+                        .filter(|h| !h.kept)
+                        .map(|h| {
+                            h.kept = true;
+                            h.from_peer = false;
+                        })
+                        .is_some()
+                });
+                if first && let Some(p) = &shared.peers {
+                    p.keep(&held.dict);
                 }
+            }
+            Ok(v)
+        }
+        Err(e) if held.from_peer => {
+            warn!(zstd_id = %format!("{zstd_id:08x}"), error = %e, "a LAN peer's dictionary decoded a chunk wrong; asking the server");
+            if let Some(p) = &shared.peers {
+                p.refuse(zstd_id);
+            }
+            let held = dictionary(shared, zstd_id, true)?;
+            shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict))
+                .map_err(|e| Undecoded::Corrupt(e.to_string()))
+        }
+        Err(e) => Err(Undecoded::Corrupt(e.to_string())),
+    }
+}
+
+/// A zstd dictionary at hand.
+#[derive(Clone)]
+pub(crate) struct Held {
+    dict: Arc<shoal_artifact::chunk::Dictionary>,
+    /// A peer sent it and no chunk decoded right with it yet.
+    from_peer: bool,
+    /// A chunk decoded right with it, and it was kept for peers.
+    kept: bool,
+}
+
+/// The zstd dictionary `zstd_id`: at hand, else from a LAN peer, else from the
+/// server (or its static chunk host); with `server_only`, one a peer sent is
+/// dropped and the server's fetched. The one place the daemon gets dictionaries.
+fn dictionary(shared: &Shared, zstd_id: u32, server_only: bool) -> Result<Held, Undecoded> {
+    let at_hand = |shared: &Shared| {
+        shared
+            .dictionaries
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&zstd_id).cloned())
+            .filter(|h| !(server_only && h.from_peer))
+    };
+    if let Some(h) = at_hand(shared) {
+        return Ok(h);
+    }
+    // One worker fetches; the others find it at hand once it is done.
+    let _fetching = shared.dictionary_fetch.lock();
+    if let Some(h) = at_hand(shared) {
+        return Ok(h);
+    }
+    let from_peer = if server_only {
+        None
+    } else {
+        shared.peers.as_ref().and_then(|p| p.fetch(zstd_id))
+    };
+    let held = match from_peer {
+        Some(d) => Held {
+            dict: Arc::new(d),
+            from_peer: true,
+            kept: false,
+        },
+        None => {
+            let bytes = match &shared.static_base {
+                Some(base) => static_dictionary(shared, base, zstd_id),
+                None => shared.api.dictionary(zstd_id),
+            }
+            .map_err(Undecoded::Dictionary)?;
+            let dict = shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
+                Undecoded::Dictionary(ApiError::Malformed(format!(
+                    "dictionary {zstd_id:08x}: {e}"
+                )))
+            })?;
+            if dict.zstd_id != zstd_id {
+                return Err(Undecoded::Dictionary(ApiError::Malformed(format!(
+                    "dictionary {zstd_id:08x}: the server sent dictionary {:08x}",
+                    dict.zstd_id
+                ))));
+            }
+            Held {
+                dict: Arc::new(dict),
+                from_peer: false,
+                kept: false,
             }
         }
     };
-    shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
-        .map_err(|e: ChunkError| Undecoded::Corrupt(e.to_string()))
+    if let Ok(mut d) = shared.dictionaries.lock() {
+        d.insert(zstd_id, held.clone());
+    }
+    Ok(held)
 }
 
 /// A zstd dictionary from the static chunk host.

@@ -21,6 +21,7 @@ mod credential;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+mod lan_dictionary;
 mod lan_manifest;
 mod lan_peers;
 pub mod month;
@@ -563,6 +564,15 @@ impl Daemon {
                 )
                 .ok()
         });
+        // LAN hook: zstd dictionaries are asked of the peers first.
+        let peer_dictionaries = self.lan.as_ref().map(|lan| {
+            std::sync::Arc::new(lan_dictionary::LanDictionaries::new(
+                lan.clone(),
+                crate::lan::proto::ManifestId(manifest.hash()),
+                self.config.device.data_dir.clone(),
+                Duration::from_secs(self.config.lan.request_timeout_s),
+            )) as std::sync::Arc<dyn fetch::PeerDictionaries>
+        });
         let requests = fetch::HttpRequests::start(
             self.api.clone(),
             &dep.id,
@@ -570,6 +580,7 @@ impl Daemon {
             limits.requests_max,
             self.poll_interval().min(Duration::from_secs(30)),
             static_base,
+            peer_dictionaries,
         );
         let watch = requests.watch();
         // LAN hook: peers that run or install this release become sources; what

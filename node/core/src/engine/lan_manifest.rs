@@ -75,6 +75,16 @@ impl ManifestPlan {
         ManifestStep::Wait(self.deadline)
     }
 
+    /// The peer among `candidates` ranking highest for this id: the one that
+    /// fetches it over the WAN, unless this device ranks higher still
+    /// ([`ManifestPlan::server_why`]). Whoever waits asks it first.
+    pub fn owner(&self, candidates: &[NodeKey]) -> Option<NodeKey> {
+        candidates
+            .iter()
+            .max_by_key(|o| (score(seed(o), &self.id), o.0))
+            .copied()
+    }
+
     /// Why this device fetches from the server now, if it does (no holders).
     pub fn server_why(&self, now: Instant, others: &[NodeKey]) -> Option<ServerWhy> {
         if now >= self.deadline {
@@ -146,6 +156,9 @@ mod tests {
         let late = t0.saturating_add(WAIT);
         assert_eq!(plan.step(late, &[], &[a]), ManifestStep::Server);
         assert_eq!(plan.server_why(late, &[a]), Some(ServerWhy::Waited));
+        // The owner among the others is the one that outranks this device.
+        assert_eq!(plan.owner(&[a]), Some(a));
+        assert_eq!(plan.owner(&[]), None);
         // Alone on the LAN: the server at once.
         let alone = ManifestPlan::new(me, id, t0, WAIT);
         assert_eq!(alone.step(t0, &[], &[]), ManifestStep::Server);
