@@ -15,10 +15,10 @@ use std::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use shoal_node::peer_wire::{
-    CHUNK_IDS_MAX, CHUNK_REQUEST_BYTES_MAX, CHUNK_RESPONSE_BYTES_MAX, ChunkRequest,
-    ChunkResponse, DICTIONARY_REQUEST_BYTES_MAX, DICTIONARY_RESPONSE_BYTES_MAX, DictionaryRequest,
-    DictionaryResponse, ENVELOPE_BYTES_MAX, Installing, MANIFEST_REQUEST_BYTES_MAX, ManifestRequest,
-    ManifestResponse, Message, STATE_BYTES_MAX, State, decode, encode,
+    CHUNK_IDS_MAX, CHUNK_REQUEST_BYTES_MAX, CHUNK_RESPONSE_BYTES_MAX, ChunkRequest, ChunkResponse,
+    DICTIONARY_REQUEST_BYTES_MAX, DICTIONARY_RESPONSE_BYTES_MAX, DictionaryRequest,
+    DictionaryResponse, ENVELOPE_BYTES_MAX, Installing, MANIFEST_REQUEST_BYTES_MAX,
+    ManifestRequest, ManifestResponse, Message, STATE_BYTES_MAX, State, decode, encode,
 };
 
 fn check<M: Message + PartialEq + Debug>(bytes: &[u8], max: usize, more: impl Fn(&M)) {
@@ -26,7 +26,11 @@ fn check<M: Message + PartialEq + Debug>(bytes: &[u8], max: usize, more: impl Fn
         Ok(m) => {
             more(&m);
             let again = encode(&m);
-            assert_eq!(decode::<M>(&again, usize::MAX).as_ref(), Ok(&m), "round trip");
+            assert_eq!(
+                decode::<M>(&again, usize::MAX).as_ref(),
+                Ok(&m),
+                "round trip"
+            );
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }

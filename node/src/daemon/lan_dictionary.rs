@@ -92,14 +92,13 @@ impl PeerDictionaries for LanDictionaries {
             let owner = plan.owner(&keys);
             let mut asked = 0;
             while asked < ASKED_PER_ROUND {
-                let next = match owner.filter(|o| asked == 0 && keys.contains(o)) {
+                let k = match owner.filter(|o| asked == 0 && keys.contains(o)) {
                     Some(o) => o,
                     None => match plan.step(now(), &keys, &[]) {
                         ManifestStep::Peer(k) => k,
                         _ => break,
                     },
                 };
-                let k = next;
                 keys.retain(|x| *x != k);
                 let Some(&(_, peer)) = holders.iter().find(|(h, _)| *h == k) else {
                     break;
