@@ -181,8 +181,8 @@ pub fn save_dictionary(
 }
 
 /// A kept dictionary's bytes, if it is kept and still a dictionary of that id
-/// (TESTS ONLY, with `SHOAL_TEST_PEER_FAULT=dictionary`: a dictionary of the same
-/// id that decodes chunks wrong).
+/// (TESTS ONLY, with `SHOAL_TEST_PEER_FAULT=dictionary`: a forged one whose
+/// content, and so its derived id, differs).
 pub fn read_dictionary(data_dir: &Path, zstd_id: u32) -> Option<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -204,7 +204,7 @@ pub fn read_dictionary(data_dir: &Path, zstd_id: u32) -> Option<Vec<u8>> {
 }
 
 /// TESTS ONLY: `bytes` with their content changed past the header and the id
-/// still derived from them (what a peer able to find a 31-bit collision sends).
+/// derived again from them (a forger without a 31-bit collision: another id).
 #[cfg(feature = "test-peer-faults")]
 fn test_lying_dictionary(mut bytes: Vec<u8>) -> Vec<u8> {
     let n = bytes.len();
