@@ -38,10 +38,10 @@ impl Daemon {
     /// The signed manifest envelope of `dep`'s release: from a LAN peer when one
     /// has it (or gets it within [`WAIT`]), else from the server.
     pub(super) fn deployment_manifest(&self, dep: &NextDeployment) -> Result<Vec<u8>, ApiError> {
-        if let (Some(lan), Some(id)) = (&self.lan, named_id(dep)) {
-            if let Some(envelope) = self.manifest_from_lan(lan, id) {
-                return Ok(envelope);
-            }
+        if let (Some(lan), Some(id)) = (&self.lan, named_id(dep))
+            && let Some(envelope) = self.manifest_from_lan(lan, id)
+        {
+            return Ok(envelope);
         }
         let envelope = self.api.manifest(&dep.id)?;
         info!(deployment = %dep.id, bytes = envelope.len(), "the release's manifest came from the server");
