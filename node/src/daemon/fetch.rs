@@ -509,37 +509,45 @@ fn decode(
             .map_err(|e| Undecoded::Corrupt(e.to_string()));
     };
     let held = dictionary(shared, zstd_id, false)?;
-    match shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict)) {
-        Ok(v) => {
-            if !held.kept {
-                // The first chunk it decoded right: from now on it is served to
-                // peers too.
-                let first = shared.dictionaries.lock().ok().is_some_and(|mut d| {
-                    d.get_mut(&zstd_id)
-                        .filter(|h| !h.kept)
-                        .map(|h| {
-                            h.kept = true;
-                            h.from_peer = false;
-                        })
-                        .is_some()
-                });
-                if first && let Some(p) = &shared.peers {
-                    p.keep(&held.dict);
-                }
-            }
-            Ok(v)
-        }
+    let held = match shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict)) {
+        Ok(v) => return Ok(proven(shared, held, v)),
         Err(e) if held.from_peer => {
             warn!(zstd_id = %format!("{zstd_id:08x}"), error = %e, "a LAN peer's dictionary decoded a chunk wrong; asking the server");
             if let Some(p) = &shared.peers {
                 p.refuse(zstd_id);
             }
-            let held = dictionary(shared, zstd_id, true)?;
-            shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict))
-                .map_err(|e| Undecoded::Corrupt(e.to_string()))
+            dictionary(shared, zstd_id, true)?
         }
-        Err(e) => Err(Undecoded::Corrupt(e.to_string())),
+        Err(e) => return Err(Undecoded::Corrupt(e.to_string())),
+    };
+    shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict))
+        .map(|v| proven(shared, held, v))
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))
+}
+
+/// `held` decoded a chunk right: the first time, it is kept to serve to peers.
+fn proven(
+    shared: &Shared,
+    held: Held,
+    v: shoal_artifact::VerifiedChunk,
+) -> shoal_artifact::VerifiedChunk {
+    if held.kept {
+        return v;
     }
+    let zstd_id = held.dict.zstd_id;
+    let first = shared.dictionaries.lock().ok().is_some_and(|mut d| {
+        d.get_mut(&zstd_id)
+            .filter(|h| !h.kept && Arc::ptr_eq(&h.dict, &held.dict))
+            .map(|h| {
+                h.kept = true;
+                h.from_peer = false;
+            })
+            .is_some()
+    });
+    if first && let Some(p) = &shared.peers {
+        p.keep(&held.dict);
+    }
+    v
 }
 
 /// A zstd dictionary at hand.
@@ -643,6 +651,119 @@ fn static_dictionary(
 
 #[cfg(test)]
 mod tests {
+
+    /// A dictionary a peer sent that decodes a chunk wrong is dropped, its peer
+    /// refused, and the chunk decoded with the server's (fetched once); the
+    /// server's is kept for peers once it decoded the chunk.
+    #[test]
+    fn a_peer_dictionary_that_decodes_wrong_gives_way_to_the_servers() {
+        use shoal_artifact::chunk::{Dictionary, encode_with, frame_dictionary_id};
+        use std::io::{BufRead, BufReader, Write};
+        fn samples(salt: &str) -> (Vec<u8>, Vec<usize>) {
+            let (mut data, mut sizes) = (Vec::new(), Vec::new());
+            for i in 0..400 {
+                let s = format!(
+                    "{salt} record {i}: name=device-{} status=ok temperature={} firmware=acme-os-{salt}\n",
+                    i % 17,
+                    i * 7 % 90
+                )
+                .repeat(3);
+                sizes.push(s.len());
+                data.extend_from_slice(s.as_bytes());
+            }
+            (data, sizes)
+        }
+        let (d, z) = samples("alpha");
+        let good = Dictionary::train(&d, &z, 4096).expect("a dictionary");
+        let (d, z) = samples("omega");
+        let other = Dictionary::train(&d, &z, 4096).expect("another dictionary");
+        assert_ne!(good.zstd_id, other.zstd_id);
+        let data =
+            b"alpha record 3: name=device-3 status=ok temperature=21 firmware=acme-os-alpha\n"
+                .repeat(4);
+        let stored = encode_with(&data, 3, Some(&good));
+        assert_eq!(frame_dictionary_id(&stored), Some(good.zstd_id));
+        let chunk = ChunkRef {
+            id: ChunkId::of(&data),
+            size: data.len() as u32,
+            stored_size: stored.len() as u32,
+        };
+
+        // The static chunk host: serves the good dictionary, counting requests.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let served = Arc::new(AtomicU64::new(0));
+        let (bytes, count) = (good.bytes().to_vec(), Arc::clone(&served));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let mut r = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut w = conn;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                let _ = w.write_all(&bytes);
+            }
+        });
+
+        struct Liar {
+            other: Dictionary,
+            refused: Mutex<Vec<u32>>,
+            kept: Mutex<Vec<u32>>,
+        }
+        impl PeerDictionaries for Liar {
+            fn fetch(&self, _zstd_id: u32) -> Option<Dictionary> {
+                Some(self.other.clone())
+            }
+            fn refuse(&self, zstd_id: u32) {
+                self.refused.lock().expect("lock").push(zstd_id);
+            }
+            fn keep(&self, dict: &Dictionary) {
+                self.kept.lock().expect("lock").push(dict.zstd_id);
+            }
+        }
+        let liar = Arc::new(Liar {
+            other,
+            refused: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
+        });
+        let server: crate::config::Server =
+            toml::from_str(&format!("url = \"{base}\"\nidentity = {{ mac = \"m\" }}\n"))
+                .expect("server table");
+        let key = shoal_signing::SecretKey::generate().expect("key");
+        let shared = Shared {
+            api: Api::new(&server, key).expect("api"),
+            path: "/deployments/d/chunks".into(),
+            refs: BTreeMap::new(),
+            dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers: Some(Arc::clone(&liar) as Arc<dyn PeerDictionaries>),
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            static_base: Some(StaticBase::parse(&base).expect("base")),
+            static_bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+        };
+        let v = match decode(&shared, &stored, &chunk) {
+            Ok(v) => v,
+            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
+        };
+        assert_eq!(v.data(), &data[..]);
+        assert_eq!(*liar.refused.lock().expect("lock"), vec![good.zstd_id]);
+        assert_eq!(*liar.kept.lock().expect("lock"), vec![good.zstd_id]);
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        // The next chunk uses the server's, at hand: no fetch, no refusal.
+        assert!(decode(&shared, &stored, &chunk).is_ok());
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        assert_eq!(liar.refused.lock().expect("lock").len(), 1);
+    }
     use super::*;
 
     fn id(n: u8) -> ChunkId {
