@@ -1,5 +1,6 @@
 //! LAN peer messages (`shoal_node::peer_wire::decode`): everything a peer on the LAN
-//! can send (`/shoal/state/2` and `/1`, `/shoal/manifest/1`, `/shoal/chunk/1`).
+//! can send (`/shoal/state/2` and `/1`, `/shoal/manifest/1`, `/shoal/chunk/1`,
+//! `/shoal/dictionary/1`).
 //!
 //! Input: one byte choosing the message type, then the message. Properties: decoding
 //! never panics; an accepted message passes its own checks, and its encoding decodes
@@ -14,9 +15,10 @@ use std::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use shoal_node::peer_wire::{
-    CHUNK_IDS_MAX, CHUNK_REQUEST_BYTES_MAX, CHUNK_RESPONSE_BYTES_MAX, ChunkRequest,
-    ChunkResponse, ENVELOPE_BYTES_MAX, Installing, MANIFEST_REQUEST_BYTES_MAX, ManifestRequest,
-    ManifestResponse, Message, STATE_BYTES_MAX, State, decode, encode,
+    CHUNK_IDS_MAX, CHUNK_REQUEST_BYTES_MAX, CHUNK_RESPONSE_BYTES_MAX, ChunkRequest, ChunkResponse,
+    DICTIONARY_REQUEST_BYTES_MAX, DICTIONARY_RESPONSE_BYTES_MAX, DictionaryRequest,
+    DictionaryResponse, ENVELOPE_BYTES_MAX, Installing, MANIFEST_REQUEST_BYTES_MAX,
+    ManifestRequest, ManifestResponse, Message, STATE_BYTES_MAX, State, decode, encode,
 };
 
 fn check<M: Message + PartialEq + Debug>(bytes: &[u8], max: usize, more: impl Fn(&M)) {
@@ -24,7 +26,11 @@ fn check<M: Message + PartialEq + Debug>(bytes: &[u8], max: usize, more: impl Fn
         Ok(m) => {
             more(&m);
             let again = encode(&m);
-            assert_eq!(decode::<M>(&again, usize::MAX).as_ref(), Ok(&m), "round trip");
+            assert_eq!(
+                decode::<M>(&again, usize::MAX).as_ref(),
+                Ok(&m),
+                "round trip"
+            );
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
@@ -34,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, bytes)) = data.split_first() else {
         return;
     };
-    match kind % 5 {
+    match kind % 7 {
         0 => check::<State>(bytes, STATE_BYTES_MAX, |s| {
             if let Some(i) = &s.installing {
                 let have = i.bitfield();
@@ -53,6 +59,14 @@ fuzz_target!(|data: &[u8]| {
         3 => check::<ChunkRequest>(bytes, CHUNK_REQUEST_BYTES_MAX, |r| {
             assert!(!r.ids.is_empty() && r.ids.len() <= CHUNK_IDS_MAX);
         }),
-        _ => check::<ChunkResponse>(bytes, CHUNK_RESPONSE_BYTES_MAX, |_| {}),
+        4 => check::<ChunkResponse>(bytes, CHUNK_RESPONSE_BYTES_MAX, |_| {}),
+        5 => check::<DictionaryRequest>(bytes, DICTIONARY_REQUEST_BYTES_MAX, |r| {
+            assert_ne!(r.zstd_id, 0);
+        }),
+        _ => check::<DictionaryResponse>(bytes, DICTIONARY_RESPONSE_BYTES_MAX, |r| {
+            if let DictionaryResponse::Bytes(b) = r {
+                assert!(b.len() <= shoal_artifact::chunk::DICTIONARY_SIZE_MAX);
+            }
+        }),
     }
 });

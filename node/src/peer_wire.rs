@@ -13,6 +13,11 @@
 //!   hashes); the asker verifies it against its trust root like any offer.
 //! - [`CHUNK`] (`/shoal/chunk/1`): a batch of chunk ids of one release; answered with
 //!   each chunk's bytes or "not here". The asker hashes every chunk.
+//! - [`DICTIONARY`] (`/shoal/dictionary/1`, session 7): a zstd dictionary the chunks
+//!   of a release were compressed with, by its zstd id; answered with its bytes or
+//!   "not here". The asker checks the id is derived from the bytes, and drops the
+//!   dictionary (and blocks the peer) when a chunk decoded with it does not hash to
+//!   its id. Peers of session 6 do not speak it: asking them fails at once.
 //!
 //! Every message is read with a size cap before it is decoded, and checked after
 //! ([`WireError`] names what was wrong): a peer is untrusted.
@@ -33,6 +38,8 @@ pub const STATE_V1: StreamProtocol = StreamProtocol::new("/shoal/state/1");
 pub const MANIFEST: StreamProtocol = StreamProtocol::new("/shoal/manifest/1");
 /// The chunk protocol.
 pub const CHUNK: StreamProtocol = StreamProtocol::new("/shoal/chunk/1");
+/// The dictionary protocol.
+pub const DICTIONARY: StreamProtocol = StreamProtocol::new("/shoal/dictionary/1");
 
 /// Most chunk positions a release may have on the wire (a 4 GiB image of 1 KiB
 /// chunks): bounds a have-bitfield to 512 KiB.
@@ -45,6 +52,10 @@ pub const STATE_BYTES_MAX: usize = 2 * (POSITIONS_MAX as usize / 8) + 16 * 1024;
 pub const MANIFEST_REQUEST_BYTES_MAX: usize = 128;
 /// Largest manifest answer (an envelope).
 pub const ENVELOPE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest dictionary request (an id and a zstd id).
+pub const DICTIONARY_REQUEST_BYTES_MAX: usize = 128;
+/// Largest dictionary answer (the largest dictionary and framing).
+pub const DICTIONARY_RESPONSE_BYTES_MAX: usize = shoal_artifact::chunk::DICTIONARY_SIZE_MAX + 1024;
 /// Largest chunk request.
 pub const CHUNK_REQUEST_BYTES_MAX: usize = CHUNK_IDS_MAX * 40 + 128;
 /// Chunk bytes a server puts in one answer; chunks past this are answered "not
@@ -161,6 +172,27 @@ pub enum ManifestResponse {
     Refused,
 }
 
+/// Asks for a zstd dictionary the chunks of a release were compressed with
+/// ([`DICTIONARY`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DictionaryRequest {
+    /// The release.
+    pub manifest: ManifestId,
+    /// The dictionary's zstd id, as the chunks' frames name it.
+    pub zstd_id: u32,
+}
+
+/// The answer to a [`DictionaryRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DictionaryResponse {
+    /// The dictionary's bytes (the asker checks them).
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The peer does not have it (yet).
+    NotHere,
+    /// The peer does not serve the asker (not a member of its fleet).
+    Refused,
+}
+
 /// Asks for chunks of one release ([`CHUNK`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRequest {
@@ -248,6 +280,15 @@ pub enum WireError {
         /// How many it asked for.
         count: usize,
     },
+    /// A dictionary request for zstd id 0 (no dictionary has it).
+    #[error("dictionary request for zstd id 0")]
+    DictionaryId,
+    /// A dictionary answer larger than any dictionary may be.
+    #[error("dictionary of {bytes} bytes (at most {max})", max = shoal_artifact::chunk::DICTIONARY_SIZE_MAX)]
+    DictionaryTooLarge {
+        /// Its bytes.
+        bytes: usize,
+    },
     /// A chunk answer whose entries do not match the request's ids.
     #[error("chunk answer of {got} entries for {asked} ids")]
     AnswerCount {
@@ -329,6 +370,28 @@ impl Message for State {
 }
 
 impl Message for ManifestRequest {}
+
+impl Message for DictionaryRequest {
+    fn check(&self) -> Result<(), WireError> {
+        if self.zstd_id == 0 {
+            return Err(WireError::DictionaryId);
+        }
+        Ok(())
+    }
+}
+
+impl Message for DictionaryResponse {
+    fn check(&self) -> Result<(), WireError> {
+        match self {
+            DictionaryResponse::Bytes(b)
+                if b.len() > shoal_artifact::chunk::DICTIONARY_SIZE_MAX =>
+            {
+                Err(WireError::DictionaryTooLarge { bytes: b.len() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
 impl Message for ManifestResponse {}
 impl Message for ChunkResponse {}
 
@@ -504,6 +567,84 @@ mod tests {
         assert_eq!(decode::<ChunkResponse>(&encode(&resp), 1024), Ok(resp));
         let m = ManifestResponse::Envelope(vec![1, 2, 3]);
         assert_eq!(decode::<ManifestResponse>(&encode(&m), 1024), Ok(m));
+        let d = DictionaryRequest {
+            manifest: id(4),
+            zstd_id: 0x8000_1234,
+        };
+        assert_eq!(
+            decode::<DictionaryRequest>(&encode(&d), DICTIONARY_REQUEST_BYTES_MAX),
+            Ok(d)
+        );
+        for d in [
+            DictionaryResponse::Bytes(vec![0x37, 0xa4, 0x30, 0xec]),
+            DictionaryResponse::NotHere,
+            DictionaryResponse::Refused,
+        ] {
+            assert_eq!(
+                decode::<DictionaryResponse>(&encode(&d), DICTIONARY_RESPONSE_BYTES_MAX),
+                Ok(d)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_dictionary_messages_are_refused_precisely() {
+        let zero = DictionaryRequest {
+            manifest: id(1),
+            zstd_id: 0,
+        };
+        assert_eq!(
+            decode::<DictionaryRequest>(&encode(&zero), DICTIONARY_REQUEST_BYTES_MAX),
+            Err(WireError::DictionaryId)
+        );
+        // A chunk request is not a dictionary request.
+        let chunk = ChunkRequest {
+            manifest: id(1),
+            ids: vec![ChunkId([1; 32])],
+        };
+        assert!(matches!(
+            decode::<DictionaryRequest>(&encode(&chunk), 4096),
+            Err(WireError::Cbor(_))
+        ));
+        // Truncated.
+        let ok = encode(&DictionaryRequest {
+            manifest: id(1),
+            zstd_id: 77_777,
+        });
+        assert!(matches!(
+            decode::<DictionaryRequest>(&ok[..ok.len() - 1], DICTIONARY_REQUEST_BYTES_MAX),
+            Err(WireError::Cbor(_))
+        ));
+        // Larger than any dictionary (under a generous cap: the check still holds).
+        let big =
+            DictionaryResponse::Bytes(vec![0; shoal_artifact::chunk::DICTIONARY_SIZE_MAX + 1]);
+        assert_eq!(
+            decode::<DictionaryResponse>(&encode(&big), usize::MAX),
+            Err(WireError::DictionaryTooLarge {
+                bytes: shoal_artifact::chunk::DICTIONARY_SIZE_MAX + 1
+            })
+        );
+        // Over the protocol's byte cap: refused before decoding.
+        let huge = DictionaryResponse::Bytes(vec![0; DICTIONARY_RESPONSE_BYTES_MAX]);
+        assert_eq!(
+            decode::<DictionaryResponse>(&encode(&huge), DICTIONARY_RESPONSE_BYTES_MAX),
+            Err(WireError::TooLong {
+                max: DICTIONARY_RESPONSE_BYTES_MAX
+            })
+        );
+        // An unknown answer variant.
+        #[derive(Serialize)]
+        enum Other {
+            Maybe,
+        }
+        assert!(matches!(
+            decode::<DictionaryResponse>(&encode_any(&Other::Maybe), DICTIONARY_RESPONSE_BYTES_MAX),
+            Err(WireError::Cbor(_))
+        ));
+    }
+
+    fn encode_any<T: Serialize>(t: &T) -> Vec<u8> {
+        cbor4ii::serde::to_vec(Vec::new(), t).expect("encode")
     }
 
     #[test]

@@ -27,11 +27,19 @@ use shoal_tests::{ok, run_in, shoal};
 /// Bytes per second of each proxied connection towards the devices.
 const RATE: u64 = 64 * 1024;
 
-/// The uplink: a TCP proxy that throttles and counts what the server sends.
+/// The uplink: a TCP proxy that throttles and counts what the server sends, and
+/// counts the requests for a deployment's signed manifest that cross it.
 struct Uplink {
     url: String,
     down: Arc<AtomicU64>,
+    manifests: Arc<AtomicU64>,
+    dictionaries: Arc<AtomicU64>,
 }
+
+/// The tail of a device's request line for a deployment's signed manifest.
+const MANIFEST_REQUEST: &[u8] = b"/manifest HTTP/1.1\r\n";
+/// The start of a device's request line for a zstd dictionary.
+const DICTIONARY_REQUEST: &[u8] = b"GET /api/devices/v1/dictionaries/";
 
 impl Uplink {
     fn start(upstream: &str) -> Uplink {
@@ -39,24 +47,46 @@ impl Uplink {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let target = upstream.trim_start_matches("http://").to_owned();
         let down = Arc::new(AtomicU64::new(0));
-        let d = Arc::clone(&down);
+        let manifests = Arc::new(AtomicU64::new(0));
+        let dictionaries = Arc::new(AtomicU64::new(0));
+        let (d, m, y) = (
+            Arc::clone(&down),
+            Arc::clone(&manifests),
+            Arc::clone(&dictionaries),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(c2, s2, None));
+                let (m, y) = (Arc::clone(&m), Arc::clone(&y));
+                std::thread::spawn(move || pipe(c2, s2, Count::Requests(m, y)));
                 let d = Arc::clone(&d);
-                std::thread::spawn(move || pipe(server, client, Some(d)));
+                std::thread::spawn(move || pipe(server, client, Count::Bytes(d)));
             }
         });
-        Uplink { url, down }
+        Uplink {
+            url,
+            down,
+            manifests,
+            dictionaries,
+        }
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>) {
+/// What a proxied direction counts.
+enum Count {
+    /// Bytes (towards the devices; throttled).
+    Bytes(Arc<AtomicU64>),
+    /// Manifest and dictionary requests (towards the server).
+    Requests(Arc<AtomicU64>, Arc<AtomicU64>),
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: Count) {
     let mut buf = [0u8; 8192];
+    // The end of what came before, so a request line split across reads counts.
+    let mut carry: Vec<u8> = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -65,9 +95,23 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        if let Some(c) = &count {
-            c.fetch_add(n as u64, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / RATE));
+        match &count {
+            Count::Bytes(c) => {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / RATE));
+            }
+            Count::Requests(manifests, dictionaries) => {
+                carry.extend_from_slice(&buf[..n]);
+                for (what, c) in [
+                    (MANIFEST_REQUEST, manifests),
+                    (DICTIONARY_REQUEST, dictionaries),
+                ] {
+                    let found = carry.windows(what.len()).filter(|w| *w == what).count();
+                    c.fetch_add(found as u64, Ordering::Relaxed);
+                }
+                let keep = carry.len().min(DICTIONARY_REQUEST.len() - 1);
+                carry.drain(..carry.len() - keep);
+            }
         }
     }
     let _ = to.shutdown(Shutdown::Both);
@@ -123,6 +167,19 @@ impl Dev {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's peer id, as it logged it when it joined the LAN.
+    fn peer_id(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("joined the LAN"))
+            .expect("the daemon joined the LAN");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("peer="))
+            .expect("peer= in the joined line")
+            .to_owned()
     }
 
     /// Where the daemon listens for peers (written once it does).
@@ -265,9 +322,14 @@ impl Site {
 
     /// Deploys v1 to every device; the deployment ids.
     fn deploy(&self) -> Vec<String> {
-        self.ids
+        self.deploy_to(&(0..self.ids.len()).collect::<Vec<_>>())
+    }
+
+    /// Deploys v1 to the devices `which`; their deployment ids.
+    fn deploy_to(&self, which: &[usize]) -> Vec<String> {
+        which
             .iter()
-            .enumerate()
+            .map(|&n| (n, &self.ids[n]))
             .map(|(n, id)| {
                 admin_json(
                     &self.server,
@@ -414,7 +476,7 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_every_slot_verifies() {
             "device {n} never banned the corrupting peer:\n{log}"
         );
         assert!(
-            log.contains("blocking a peer that sent a corrupt chunk"),
+            log.contains("blocking a peer: it sent a corrupt chunk"),
             "device {n} did not block it on the LAN"
         );
     }
@@ -457,5 +519,149 @@ fn devices_behind_one_public_address_find_each_other_through_the_server() {
         chunk_bytes < site.stored * 3 / 2,
         "{chunk_bytes} chunk bytes came from the server for a release of {} stored bytes",
         site.stored
+    );
+}
+
+/// The release's signed manifest crosses the uplink once for the whole site: the
+/// HRW owner of its id fetches it from the server, the other devices get it from a
+/// peer that holds it and verify it like the server's.
+#[test]
+fn the_release_manifest_crosses_the_uplink_once_per_site() {
+    let site = Site::new(4, None);
+    let deps = site.deploy();
+    for (n, (dev, dep)) in site.devs.iter().zip(&deps).enumerate() {
+        wait_for(dev, 120, "the install", || site.state(dep) == "rebooting");
+        site.check_slot(n);
+    }
+    let from_server = site.uplink.manifests.load(Ordering::Relaxed);
+    let from_peers = site
+        .devs
+        .iter()
+        .filter(|d| {
+            d.log()
+                .contains("the release's manifest came from a LAN peer")
+        })
+        .count();
+    let dictionaries = site.uplink.dictionaries.load(Ordering::Relaxed);
+    let dictionaries_from_peers = site
+        .devs
+        .iter()
+        .filter(|d| d.log().contains("a zstd dictionary came from a LAN peer"))
+        .count();
+    eprintln!(
+        "manifest requests across the uplink: {from_server}; devices that got it from a peer: {from_peers}; \
+         dictionary requests across the uplink: {dictionaries}; devices that got one from a peer: {dictionaries_from_peers}"
+    );
+    // The release's chunks are compressed with one dictionary: one device fetches
+    // it, the others get it from a peer.
+    assert_eq!(dictionaries, 1, "dictionary requests across the uplink");
+    assert_eq!(
+        dictionaries_from_peers, 3,
+        "devices that got the dictionary from a peer"
+    );
+    assert_eq!(
+        from_server,
+        1,
+        "the manifest was fetched {from_server} times over the uplink; logs:\n{}",
+        site.devs
+            .iter()
+            .map(Dev::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
+    assert_eq!(from_peers, 3, "three devices got the manifest from a peer");
+}
+
+/// A peer that hands out a manifest whose signature does not verify (the test-only
+/// fault mode) is blocked by every device it lies to; they get the manifest
+/// elsewhere (another peer, or the server), and every slot still verifies.
+#[test]
+fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "manifest")])));
+    // The liar gets the release first, so it is the one holder the others see.
+    let first = &site.deploy_to(&[0])[0];
+    wait_for(&site.devs[0], 120, "the liar's install", || {
+        site.state(first) == "rebooting"
+    });
+    let deps = site.deploy_to(&[1, 2, 3]);
+    for (n, dep) in (1..4).zip(&deps) {
+        wait_for(&site.devs[n], 120, "the install", || {
+            site.state(dep) == "rebooting"
+        });
+        site.check_slot(n);
+    }
+    site.check_slot(0);
+    let mut lied_to = 0;
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        if log.contains("a LAN peer's manifest was refused") {
+            lied_to += 1;
+            assert!(
+                log.contains("blocking a peer: it sent a manifest that does not verify"),
+                "device {n} refused the manifest but did not block the peer:\n{log}"
+            );
+        }
+        assert!(
+            !log.contains("the manifest was refused"),
+            "device {n} reported a refused manifest to the server:\n{log}"
+        );
+    }
+    // The liar was the only holder when the first of the others looked.
+    assert!(lied_to >= 1, "no device was lied to");
+    // Nobody got a manifest from the liar.
+    let liar = site.devs[0].peer_id();
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        assert!(
+            !log.lines().any(
+                |l| l.contains("the release's manifest came from a LAN peer") && l.contains(&liar)
+            ),
+            "device {n} took the liar's manifest:\n{log}"
+        );
+    }
+}
+
+/// A peer that hands out a forged zstd dictionary (the test-only fault mode: its
+/// content changed, so the id derived from it is no longer the one asked for;
+/// keeping the id would take a 31-bit collision search) is blocked by every device
+/// that asks it; they get the dictionary elsewhere, and every slot still verifies.
+#[test]
+fn a_peer_lying_about_the_dictionary_is_blocked_and_every_device_updates() {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "dictionary")])));
+    let first = &site.deploy_to(&[0])[0];
+    wait_for(&site.devs[0], 120, "the liar's install", || {
+        site.state(first) == "rebooting"
+    });
+    let deps = site.deploy_to(&[1, 2, 3]);
+    for (n, dep) in (1..4).zip(&deps) {
+        wait_for(&site.devs[n], 120, "the install", || {
+            site.state(dep) == "rebooting"
+        });
+        site.check_slot(n);
+    }
+    site.check_slot(0);
+    let liar = site.devs[0].peer_id();
+    let mut lied_to = 0;
+    for n in 1..4 {
+        let log = site.devs[n].log();
+        if log.contains("a LAN peer sent another dictionary") {
+            lied_to += 1;
+            assert!(
+                log.lines().any(|l| l.contains(
+                    "blocking a peer: it sent a dictionary that is not the one asked for"
+                ) && l.contains(&liar)),
+                "device {n} refused the dictionary but did not block the liar:\n{log}"
+            );
+        }
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("a zstd dictionary came from a LAN peer") && l.contains(&liar)),
+            "device {n} took the liar's dictionary:\n{log}"
+        );
+    }
+    assert!(
+        lied_to >= 1,
+        "no device asked the liar for the dictionary:\n{}",
+        site.devs[1].log()
     );
 }

@@ -114,6 +114,10 @@ pub struct NextDeployment {
 /// The release of a [`NextDeployment`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct ReleaseRef {
+    /// The release's id: BLAKE3 of its manifest CBOR (servers before session 7's
+    /// devices always sent it; the device checks the manifest it gets against it).
+    #[serde(default)]
+    pub id: Option<String>,
     /// Release name.
     pub name: String,
     /// Release version.

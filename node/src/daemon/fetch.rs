@@ -45,7 +45,13 @@ struct Shared {
     api: Api,
     path: String,
     refs: BTreeMap<ChunkId, ChunkRef>,
-    dictionaries: Mutex<HashMap<u32, Arc<shoal_artifact::chunk::Dictionary>>>,
+    /// Dictionaries at hand.
+    dictionaries: Mutex<HashMap<u32, Held>>,
+    /// Held while a dictionary is fetched: one fetch per dictionary, not one per
+    /// worker.
+    dictionary_fetch: Mutex<()>,
+    /// LAN peers, asked for dictionaries before the server.
+    peers: Option<Arc<dyn PeerDictionaries>>,
     cancelled: Mutex<HashSet<RequestId>>,
     bytes: AtomicU64,
     /// The static chunk host, if the server named one.
@@ -53,6 +59,18 @@ struct Shared {
     /// Bytes of chunks and dictionaries read from the static host.
     static_bytes: AtomicU64,
     aborted: AtomicBool,
+}
+
+/// Where a chunk's zstd dictionary may come from before the server: the LAN
+/// peers that install the same release ([`super::lan_dictionary`]).
+pub trait PeerDictionaries: Send + Sync {
+    /// A peer's bytes for the dictionary `zstd_id`, its id checked (derived from
+    /// them), or `None`: then the server is asked.
+    fn fetch(&self, zstd_id: u32) -> Option<shoal_artifact::chunk::Dictionary>;
+    /// The dictionary a peer sent decoded a chunk wrong: that peer is not trusted.
+    fn refuse(&self, zstd_id: u32);
+    /// The dictionary decoded a chunk right: keep it to serve to peers.
+    fn keep(&self, dict: &shoal_artifact::chunk::Dictionary);
 }
 
 /// The server as a [`Requests`] source for one deployment.
@@ -105,7 +123,8 @@ impl HttpRequests {
     /// Starts `workers` threads fetching chunks of `deployment`, whose manifest
     /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
     /// abort is noticed even while every chunk request is already in flight).
-    /// With `static_base`, chunks come from that static host (see the module doc).
+    /// With `static_base`, chunks come from that static host (see the module doc);
+    /// with `peers`, zstd dictionaries are asked of the LAN first.
     pub fn start(
         api: Api,
         deployment: &str,
@@ -113,12 +132,15 @@ impl HttpRequests {
         workers: u32,
         heartbeat: Duration,
         static_base: Option<StaticBase>,
+        peers: Option<Arc<dyn PeerDictionaries>>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
             path: format!("/deployments/{deployment}/chunks"),
             refs,
             dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers,
             cancelled: Mutex::new(HashSet::new()),
             bytes: AtomicU64::new(0),
             static_base,
@@ -474,51 +496,129 @@ enum Undecoded {
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
+/// A dictionary a peer sent that decodes the chunk wrong is dropped, its peer
+/// refused, and the chunk decoded again with the server's.
 fn decode(
     shared: &Shared,
     stored: &[u8],
     chunk: &ChunkRef,
 ) -> Result<shoal_artifact::VerifiedChunk, Undecoded> {
-    use shoal_artifact::chunk::{ChunkError, frame_dictionary_id};
-    let dict = match frame_dictionary_id(stored) {
-        None => None,
-        Some(zstd_id) => Some(dictionary(shared, zstd_id)?),
+    use shoal_artifact::chunk::frame_dictionary_id;
+    let Some(zstd_id) = frame_dictionary_id(stored) else {
+        return shoal_artifact::VerifiedChunk::decode(stored, chunk, None)
+            .map_err(|e| Undecoded::Corrupt(e.to_string()));
     };
-    shoal_artifact::VerifiedChunk::decode(stored, chunk, dict.as_deref())
-        .map_err(|e: ChunkError| Undecoded::Corrupt(e.to_string()))
+    let held = dictionary(shared, zstd_id, false)?;
+    let held = match shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict)) {
+        Ok(v) => return Ok(proven(shared, held, v)),
+        Err(e) if held.from_peer => {
+            warn!(zstd_id = %format!("{zstd_id:08x}"), error = %e, "a LAN peer's dictionary decoded a chunk wrong; asking the server");
+            if let Some(p) = &shared.peers {
+                p.refuse(zstd_id);
+            }
+            dictionary(shared, zstd_id, true)?
+        }
+        Err(e) => return Err(Undecoded::Corrupt(e.to_string())),
+    };
+    shoal_artifact::VerifiedChunk::decode(stored, chunk, Some(&held.dict))
+        .map(|v| proven(shared, held, v))
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))
 }
 
-/// The zstd dictionary a frame names (by its zstd id): the one fetched before in
-/// this deployment, else from the static chunk host or the server. The one place
-/// the daemon gets a dictionary (a wrong one only makes chunks fail their hash).
-fn dictionary(
+/// `held` decoded a chunk right: the first time, it is kept to serve to peers.
+fn proven(
     shared: &Shared,
-    zstd_id: u32,
-) -> Result<Arc<shoal_artifact::chunk::Dictionary>, Undecoded> {
-    let cached = shared
-        .dictionaries
-        .lock()
-        .ok()
-        .and_then(|d| d.get(&zstd_id).cloned());
-    if let Some(d) = cached {
-        return Ok(d);
+    held: Held,
+    v: shoal_artifact::VerifiedChunk,
+) -> shoal_artifact::VerifiedChunk {
+    if held.kept {
+        return v;
     }
-    let bytes = match &shared.static_base {
-        Some(base) => static_dictionary(shared, base, zstd_id),
-        None => shared.api.dictionary(zstd_id),
+    let zstd_id = held.dict.zstd_id;
+    let first = shared.dictionaries.lock().ok().is_some_and(|mut d| {
+        d.get_mut(&zstd_id)
+            .filter(|h| !h.kept && Arc::ptr_eq(&h.dict, &held.dict))
+            .map(|h| {
+                h.kept = true;
+                h.from_peer = false;
+            })
+            .is_some()
+    });
+    if first && let Some(p) = &shared.peers {
+        p.keep(&held.dict);
     }
-    .map_err(Undecoded::Dictionary)?;
-    let dict = Arc::new(
-        shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
-            Undecoded::Dictionary(ApiError::Malformed(format!(
-                "dictionary {zstd_id:08x}: {e}"
-            )))
-        })?,
-    );
+    v
+}
+
+/// A zstd dictionary at hand.
+#[derive(Clone)]
+pub(crate) struct Held {
+    dict: Arc<shoal_artifact::chunk::Dictionary>,
+    /// A peer sent it and no chunk decoded right with it yet.
+    from_peer: bool,
+    /// A chunk decoded right with it, and it was kept for peers.
+    kept: bool,
+}
+
+/// The zstd dictionary `zstd_id`: at hand, else from a LAN peer, else from the
+/// server (or its static chunk host); with `server_only`, one a peer sent is
+/// dropped and the server's fetched. The one place the daemon gets dictionaries.
+fn dictionary(shared: &Shared, zstd_id: u32, server_only: bool) -> Result<Held, Undecoded> {
+    let at_hand = |shared: &Shared| {
+        shared
+            .dictionaries
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&zstd_id).cloned())
+            .filter(|h| !(server_only && h.from_peer))
+    };
+    if let Some(h) = at_hand(shared) {
+        return Ok(h);
+    }
+    // One worker fetches; the others find it at hand once it is done.
+    let _fetching = shared.dictionary_fetch.lock();
+    if let Some(h) = at_hand(shared) {
+        return Ok(h);
+    }
+    let from_peer = if server_only {
+        None
+    } else {
+        shared.peers.as_ref().and_then(|p| p.fetch(zstd_id))
+    };
+    let held = match from_peer {
+        Some(d) => Held {
+            dict: Arc::new(d),
+            from_peer: true,
+            kept: false,
+        },
+        None => {
+            let bytes = match &shared.static_base {
+                Some(base) => static_dictionary(shared, base, zstd_id),
+                None => shared.api.dictionary(zstd_id),
+            }
+            .map_err(Undecoded::Dictionary)?;
+            let dict = shoal_artifact::chunk::Dictionary::from_bytes(bytes).map_err(|e| {
+                Undecoded::Dictionary(ApiError::Malformed(format!(
+                    "dictionary {zstd_id:08x}: {e}"
+                )))
+            })?;
+            if dict.zstd_id != zstd_id {
+                return Err(Undecoded::Dictionary(ApiError::Malformed(format!(
+                    "dictionary {zstd_id:08x}: the server sent dictionary {:08x}",
+                    dict.zstd_id
+                ))));
+            }
+            Held {
+                dict: Arc::new(dict),
+                from_peer: false,
+                kept: false,
+            }
+        }
+    };
     if let Ok(mut d) = shared.dictionaries.lock() {
-        d.insert(zstd_id, Arc::clone(&dict));
+        d.insert(zstd_id, held.clone());
     }
-    Ok(dict)
+    Ok(held)
 }
 
 /// A zstd dictionary from the static chunk host.
@@ -551,6 +651,119 @@ fn static_dictionary(
 
 #[cfg(test)]
 mod tests {
+
+    /// A dictionary a peer sent that decodes a chunk wrong is dropped, its peer
+    /// refused, and the chunk decoded with the server's (fetched once); the
+    /// server's is kept for peers once it decoded the chunk.
+    #[test]
+    fn a_peer_dictionary_that_decodes_wrong_gives_way_to_the_servers() {
+        use shoal_artifact::chunk::{Dictionary, encode_with, frame_dictionary_id};
+        use std::io::{BufRead, BufReader, Write};
+        fn samples(salt: &str) -> (Vec<u8>, Vec<usize>) {
+            let (mut data, mut sizes) = (Vec::new(), Vec::new());
+            for i in 0..400 {
+                let s = format!(
+                    "{salt} record {i}: name=device-{} status=ok temperature={} firmware=acme-os-{salt}\n",
+                    i % 17,
+                    i * 7 % 90
+                )
+                .repeat(3);
+                sizes.push(s.len());
+                data.extend_from_slice(s.as_bytes());
+            }
+            (data, sizes)
+        }
+        let (d, z) = samples("alpha");
+        let good = Dictionary::train(&d, &z, 4096).expect("a dictionary");
+        let (d, z) = samples("omega");
+        let other = Dictionary::train(&d, &z, 4096).expect("another dictionary");
+        assert_ne!(good.zstd_id, other.zstd_id);
+        let data =
+            b"alpha record 3: name=device-3 status=ok temperature=21 firmware=acme-os-alpha\n"
+                .repeat(4);
+        let stored = encode_with(&data, 3, Some(&good));
+        assert_eq!(frame_dictionary_id(&stored), Some(good.zstd_id));
+        let chunk = ChunkRef {
+            id: ChunkId::of(&data),
+            size: data.len() as u32,
+            stored_size: stored.len() as u32,
+        };
+
+        // The static chunk host: serves the good dictionary, counting requests.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let served = Arc::new(AtomicU64::new(0));
+        let (bytes, count) = (good.bytes().to_vec(), Arc::clone(&served));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let mut r = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut w = conn;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                let _ = w.write_all(&bytes);
+            }
+        });
+
+        struct Liar {
+            other: Dictionary,
+            refused: Mutex<Vec<u32>>,
+            kept: Mutex<Vec<u32>>,
+        }
+        impl PeerDictionaries for Liar {
+            fn fetch(&self, _zstd_id: u32) -> Option<Dictionary> {
+                Some(self.other.clone())
+            }
+            fn refuse(&self, zstd_id: u32) {
+                self.refused.lock().expect("lock").push(zstd_id);
+            }
+            fn keep(&self, dict: &Dictionary) {
+                self.kept.lock().expect("lock").push(dict.zstd_id);
+            }
+        }
+        let liar = Arc::new(Liar {
+            other,
+            refused: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
+        });
+        let server: crate::config::Server =
+            toml::from_str(&format!("url = \"{base}\"\nidentity = {{ mac = \"m\" }}\n"))
+                .expect("server table");
+        let key = shoal_signing::SecretKey::generate().expect("key");
+        let shared = Shared {
+            api: Api::new(&server, key).expect("api"),
+            path: "/deployments/d/chunks".into(),
+            refs: BTreeMap::new(),
+            dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers: Some(Arc::clone(&liar) as Arc<dyn PeerDictionaries>),
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            static_base: Some(StaticBase::parse(&base).expect("base")),
+            static_bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+        };
+        let v = match decode(&shared, &stored, &chunk) {
+            Ok(v) => v,
+            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
+        };
+        assert_eq!(v.data(), &data[..]);
+        assert_eq!(*liar.refused.lock().expect("lock"), vec![good.zstd_id]);
+        assert_eq!(*liar.kept.lock().expect("lock"), vec![good.zstd_id]);
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        // The next chunk uses the server's, at hand: no fetch, no refusal.
+        assert!(decode(&shared, &stored, &chunk).is_ok());
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        assert_eq!(liar.refused.lock().expect("lock").len(), 1);
+    }
     use super::*;
 
     fn id(n: u8) -> ChunkId {

@@ -21,6 +21,8 @@ mod credential;
 pub mod deliver;
 pub mod fetch;
 pub mod inventory;
+mod lan_dictionary;
+mod lan_manifest;
 mod lan_peers;
 pub mod month;
 mod offline;
@@ -521,7 +523,7 @@ impl Daemon {
         if self.report(dep, "downloading", None)? {
             return Ok(Handled::Done);
         }
-        let envelope = match self.api.manifest(&dep.id) {
+        let envelope = match self.deployment_manifest(dep) {
             Ok(e) => e,
             Err(ApiError::Conflict(m)) => return self.aborted(dep, &m),
             Err(e) => return Err(api_error(e)),
@@ -562,6 +564,15 @@ impl Daemon {
                 )
                 .ok()
         });
+        // LAN hook: zstd dictionaries are asked of the peers first.
+        let peer_dictionaries = self.lan.as_ref().map(|lan| {
+            std::sync::Arc::new(lan_dictionary::LanDictionaries::new(
+                lan.clone(),
+                crate::lan::proto::ManifestId(manifest.hash()),
+                self.config.device.data_dir.clone(),
+                Duration::from_secs(self.config.lan.request_timeout_s),
+            )) as std::sync::Arc<dyn fetch::PeerDictionaries>
+        });
         let requests = fetch::HttpRequests::start(
             self.api.clone(),
             &dep.id,
@@ -569,6 +580,7 @@ impl Daemon {
             limits.requests_max,
             self.poll_interval().min(Duration::from_secs(30)),
             static_base,
+            peer_dictionaries,
         );
         let watch = requests.watch();
         // LAN hook: peers that run or install this release become sources; what

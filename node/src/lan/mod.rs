@@ -48,8 +48,8 @@ use {libp2p_allow_block_list as allow_block_list, libp2p_connection_limits as co
 use {libp2p_identify as identify, libp2p_mdns as mdns};
 
 use proto::{
-    ChunkData, ChunkRequest, ChunkResponse, Codec, Installing, ManifestId, ManifestRequest,
-    ManifestResponse, State,
+    ChunkData, ChunkRequest, ChunkResponse, Codec, DictionaryRequest, DictionaryResponse,
+    Installing, ManifestId, ManifestRequest, ManifestResponse, State,
 };
 use serve::Served;
 
@@ -73,6 +73,7 @@ pub struct Behaviour {
     state: request_response::Behaviour<Codec<State, State>>,
     manifest: request_response::Behaviour<Codec<ManifestRequest, ManifestResponse>>,
     chunk: request_response::Behaviour<Codec<ChunkRequest, ChunkResponse>>,
+    dictionary: request_response::Behaviour<Codec<DictionaryRequest, DictionaryResponse>>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -110,6 +111,13 @@ enum Command {
         manifest: ManifestId,
         reply: ManifestReply,
     },
+    /// Asks `peer` for the zstd dictionary `zstd_id` of `manifest`'s chunks.
+    Dictionary {
+        peer: PeerId,
+        manifest: ManifestId,
+        zstd_id: u32,
+        reply: DictionaryReply,
+    },
     /// Closes and refuses every connection of `peer` (it sent a bad chunk).
     Block(PeerId),
     /// The devices the server sees behind this device's public address, with
@@ -124,6 +132,10 @@ enum Command {
 
 /// How a manifest request to a peer came out: the envelope, or why not.
 pub type ManifestReply = Box<dyn FnOnce(Result<Vec<u8>, String>) + Send>;
+
+/// How a dictionary request to a peer came out: its bytes, `None` when the peer
+/// does not have it (yet), or why it failed.
+pub type DictionaryReply = Box<dyn FnOnce(Result<Option<Vec<u8>>, String>) + Send>;
 
 /// The peers' state, as last said, for the daemon to read.
 #[derive(Debug, Default)]
@@ -390,6 +402,29 @@ impl Lan {
             .unwrap_or_else(|_| Err("the peer did not answer in time".into()))
     }
 
+    /// Asks `peer` for the zstd dictionary `zstd_id` the chunks of `manifest` were
+    /// compressed with, waiting up to `timeout`: its bytes (the peer's word only:
+    /// the caller checks them), `Ok(None)` when the peer does not have it.
+    pub fn dictionary(
+        &self,
+        peer: PeerId,
+        manifest: ManifestId,
+        zstd_id: u32,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(Command::Dictionary {
+            peer,
+            manifest,
+            zstd_id,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv_timeout(timeout)
+            .unwrap_or_else(|_| Err("the peer did not answer in time".into()))
+    }
+
     /// Shows `credential` (issued by the server) to peers from now on, when it
     /// verifies, and refuses the `revoked` keys; every peer is told at once.
     pub fn renew_credential(&self, credential: Vec<u8>, revoked: HashSet<[u8; 32]>) {
@@ -401,7 +436,12 @@ impl Lan {
 
     /// Refuses `peer` from now on (it sent a chunk that does not hash to its id).
     pub fn block(&self, peer: PeerId) {
-        warn!(%peer, "blocking a peer that sent a corrupt chunk");
+        self.block_because(peer, "it sent a corrupt chunk");
+    }
+
+    /// Refuses `peer` from now on, for the reason given (logged).
+    pub fn block_because(&self, peer: PeerId, why: &str) {
+        warn!(%peer, "blocking a peer: {why}");
         self.send(Command::Block(peer));
     }
 }
@@ -461,6 +501,14 @@ fn build_swarm(
             [(proto::CHUNK, ProtocolSupport::Full)],
             rr(),
         ),
+        dictionary: request_response::Behaviour::with_codec(
+            Codec::new(
+                proto::DICTIONARY_REQUEST_BYTES_MAX,
+                proto::DICTIONARY_RESPONSE_BYTES_MAX,
+            ),
+            [(proto::DICTIONARY, ProtocolSupport::Full)],
+            rr(),
+        ),
     };
     let noise =
         libp2p_noise::Config::new(&keypair).map_err(|e| anyhow!("cannot set up Noise: {e}"))?;
@@ -501,6 +549,7 @@ struct EventLoop {
     fetching: Bitfield,
     pending_chunks: HashMap<OutboundRequestId, (usize, ChunkReply)>,
     pending_manifests: HashMap<OutboundRequestId, ManifestReply>,
+    pending_dictionaries: HashMap<OutboundRequestId, DictionaryReply>,
     static_peers: Vec<Multiaddr>,
     /// Devices behind the same public address, as the server said last.
     server_peers: Vec<(PeerId, Vec<Multiaddr>)>,
@@ -553,6 +602,7 @@ impl EventLoop {
             fetching: Bitfield::new(0),
             pending_chunks: HashMap::new(),
             pending_manifests: HashMap::new(),
+            pending_dictionaries: HashMap::new(),
             static_peers,
             server_peers: Vec::new(),
             listening,
@@ -754,6 +804,19 @@ impl EventLoop {
                     .send_request(&peer, ManifestRequest { manifest });
                 self.pending_manifests.insert(id, reply);
             }
+            Command::Dictionary {
+                peer,
+                manifest,
+                zstd_id,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .dictionary
+                    .send_request(&peer, DictionaryRequest { manifest, zstd_id });
+                self.pending_dictionaries.insert(id, reply);
+            }
             Command::Credential {
                 credential,
                 revoked,
@@ -942,8 +1005,55 @@ impl EventLoop {
             },
             BehaviourEvent::State(Rr::InboundFailure { peer, error, .. })
             | BehaviourEvent::Manifest(Rr::InboundFailure { peer, error, .. })
-            | BehaviourEvent::Chunk(Rr::InboundFailure { peer, error, .. }) => {
+            | BehaviourEvent::Chunk(Rr::InboundFailure { peer, error, .. })
+            | BehaviourEvent::Dictionary(Rr::InboundFailure { peer, error, .. }) => {
                 debug!(%peer, %error, "a peer's request failed");
+            }
+            BehaviourEvent::Dictionary(Rr::Message { peer, message, .. }) => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let answer = if !self.admitted.contains(&peer) {
+                        DictionaryResponse::Refused
+                    } else if self.release(&request.manifest).is_none() {
+                        DictionaryResponse::NotHere
+                    } else {
+                        match serve::read_dictionary(&self.data_dir, request.zstd_id) {
+                            Some(bytes) => DictionaryResponse::Bytes(bytes),
+                            None => DictionaryResponse::NotHere,
+                        }
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .dictionary
+                        .send_response(channel, answer);
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_dictionaries.remove(&request_id) {
+                        reply(match response {
+                            DictionaryResponse::Bytes(b) => Ok(Some(b)),
+                            DictionaryResponse::NotHere => Ok(None),
+                            DictionaryResponse::Refused => {
+                                Err("the peer refused us (fleet membership)".into())
+                            }
+                        });
+                    }
+                }
+            },
+            BehaviourEvent::Dictionary(Rr::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_dictionaries.remove(&request_id) {
+                    debug!(%peer, %error, "a dictionary request to a peer failed");
+                    reply(Err(format!("the request failed: {error}")));
+                }
             }
             BehaviourEvent::Manifest(Rr::Message { peer, message, .. }) => match message {
                 Message::Request {
@@ -951,7 +1061,9 @@ impl EventLoop {
                 } => {
                     let answer = match self.release(&request.manifest) {
                         _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
-                        Some(s) => ManifestResponse::Envelope(s.envelope.to_vec()),
+                        Some(s) => ManifestResponse::Envelope(serve::envelope_for_peer(
+                            s.envelope.to_vec(),
+                        )),
                         None => ManifestResponse::NotHere,
                     };
                     let _ = self

@@ -126,9 +126,23 @@ pub fn answer(
         .collect()
 }
 
+/// A signed manifest envelope as sent to a peer: as kept (TESTS ONLY, with the
+/// `test-peer-faults` feature and `SHOAL_TEST_PEER_FAULT=manifest`: the last byte
+/// of its signatures flipped).
+pub fn envelope_for_peer(#[allow(unused_mut)] mut envelope: Vec<u8>) -> Vec<u8> {
+    #[cfg(feature = "test-peer-faults")]
+    if std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() == Ok("manifest")
+        && let Some(b) = envelope.last_mut()
+    {
+        *b ^= 0xff;
+    }
+    envelope
+}
+
 /// TESTS ONLY (`test-peer-faults`): misbehaves as `SHOAL_TEST_PEER_FAULT` says:
 /// `corrupt` flips a byte of every chunk, `wrong` sends other bytes of the same
-/// length, `stall` never answers.
+/// length, `stall` never answers (and `manifest` sends a manifest whose signature
+/// does not verify, [`envelope_for_peer`]).
 #[cfg(feature = "test-peer-faults")]
 fn test_fault(buf: &mut [u8]) {
     match std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() {
@@ -141,6 +155,65 @@ fn test_fault(buf: &mut [u8]) {
         Ok("stall") => std::thread::sleep(std::time::Duration::from_secs(3600)),
         _ => {}
     }
+}
+
+/// Where zstd dictionaries this device decoded chunks with are kept, to serve to
+/// peers (`data_dir/dictionaries/<8 hex>.dict`).
+pub fn dictionary_path(data_dir: &Path, zstd_id: u32) -> PathBuf {
+    data_dir
+        .join("dictionaries")
+        .join(format!("{zstd_id:08x}.dict"))
+}
+
+/// Keeps a dictionary for peers (written whole, then renamed).
+pub fn save_dictionary(
+    data_dir: &Path,
+    dict: &shoal_artifact::chunk::Dictionary,
+) -> anyhow::Result<()> {
+    let path = dictionary_path(data_dir, dict.zstd_id);
+    let dir = path.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, dict.bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// A kept dictionary's bytes, if it is kept and still a dictionary of that id
+/// (TESTS ONLY, with `SHOAL_TEST_PEER_FAULT=dictionary`: a forged one whose
+/// content, and so its derived id, differs).
+pub fn read_dictionary(data_dir: &Path, zstd_id: u32) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(dictionary_path(data_dir, zstd_id))
+        .ok()?
+        .take(shoal_artifact::chunk::DICTIONARY_SIZE_MAX as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let dict = shoal_artifact::chunk::Dictionary::from_bytes(bytes).ok()?;
+    if dict.zstd_id != zstd_id {
+        return None;
+    }
+    let bytes = dict.bytes().to_vec();
+    #[cfg(feature = "test-peer-faults")]
+    if std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() == Ok("dictionary") {
+        return Some(test_lying_dictionary(bytes));
+    }
+    Some(bytes)
+}
+
+/// TESTS ONLY: `bytes` with their content changed past the header and the id
+/// derived again from them (a forger without a 31-bit collision: another id).
+#[cfg(feature = "test-peer-faults")]
+fn test_lying_dictionary(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = bytes.len();
+    for b in &mut bytes[n.saturating_sub(4096).max(8)..] {
+        *b = b.wrapping_add(1);
+    }
+    let id = shoal_artifact::chunk::derived_zstd_id(&bytes);
+    bytes[4..8].copy_from_slice(&id.to_le_bytes());
+    bytes
 }
 
 /// Where signed manifests of releases this device runs or installs are kept

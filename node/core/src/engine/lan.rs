@@ -66,13 +66,13 @@ struct Member {
 }
 
 /// The part of a key that seeds its HRW scores.
-fn seed(key: &NodeKey) -> u64 {
+pub(crate) fn seed(key: &NodeKey) -> u64 {
     u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes"))
 }
 
 /// The HRW score of a member for a chunk (SplitMix64 of both; chunk ids are
 /// uniformly random already).
-fn score(seed: u64, chunk: &ChunkId) -> u64 {
+pub(crate) fn score(seed: u64, chunk: &ChunkId) -> u64 {
     let c = u64::from_le_bytes(chunk.as_bytes()[..8].try_into().expect("8 bytes"));
     let mut z = (seed ^ c).wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

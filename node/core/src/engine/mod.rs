@@ -26,6 +26,7 @@ use crate::timer::TimerTable;
 pub(crate) mod adopt;
 mod index;
 mod lan;
+mod lan_manifest;
 mod lifecycle;
 mod need;
 mod pick;
@@ -35,6 +36,7 @@ mod table;
 
 pub use adopt::{PeerRelease, compare_versions, peer_release};
 pub use lan::{NodeKey, Swarm};
+pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
 pub use pick::PickError;
 pub use release::VerifiedRelease;
 

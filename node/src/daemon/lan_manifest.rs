@@ -1,0 +1,122 @@
+//! The deployment's signed manifest from the LAN first (issue 13): when the server
+//! names a deployment's release (its id is the BLAKE3 of the manifest CBOR), a
+//! peer that runs or installs that release hands its envelope over the LAN, and
+//! only one device of the site (the HRW owner of the manifest id, decided by the
+//! engine's [`ManifestPlan`]) fetches it over the WAN while the others wait a
+//! bounded time ([`WAIT`]) for it to say it has it; then they ask the server too.
+//!
+//! A peer's envelope is checked exactly as the server's: its signatures against the
+//! trust root over the whole manifest, and it must be the manifest the server named
+//! (same BLAKE3). A peer that sends anything else is blocked on the LAN; a peer
+//! that does not answer is not asked again for this deployment.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use libp2p_identity::PeerId;
+use shoal_engine::{ManifestPlan, ManifestStep, ServerWhy};
+use tracing::{debug, info, warn};
+
+use super::Daemon;
+use super::api::{ApiError, NextDeployment};
+use crate::lan::proto::ManifestId;
+
+/// How long a device waits for a LAN peer to get the manifest before it asks the
+/// server itself.
+pub(super) const WAIT: Duration = Duration::from_secs(10);
+/// How often the peers' states are looked at while waiting.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// The manifest id the server named for a deployment, if it named a valid one.
+fn named_id(dep: &NextDeployment) -> Option<ManifestId> {
+    let text = dep.release.id.as_deref()?;
+    let bytes: [u8; 32] = hex::decode(text).ok()?.try_into().ok()?;
+    Some(ManifestId(bytes))
+}
+
+impl Daemon {
+    /// The signed manifest envelope of `dep`'s release: from a LAN peer when one
+    /// has it (or gets it within [`WAIT`]), else from the server.
+    pub(super) fn deployment_manifest(&self, dep: &NextDeployment) -> Result<Vec<u8>, ApiError> {
+        if let (Some(lan), Some(id)) = (&self.lan, named_id(dep))
+            && let Some(envelope) = self.manifest_from_lan(lan, id)
+        {
+            return Ok(envelope);
+        }
+        let envelope = self.api.manifest(&dep.id)?;
+        info!(deployment = %dep.id, bytes = envelope.len(), "the release's manifest came from the server");
+        Ok(envelope)
+    }
+
+    /// The envelope of `id` from a peer, or `None` when this device is to fetch it
+    /// from the server (it is the owner, or none came within the wait).
+    fn manifest_from_lan(&self, lan: &crate::lan::Lan, id: ManifestId) -> Option<Vec<u8>> {
+        let start = Instant::now();
+        let now = || shoal_engine::Instant::from_millis(start.elapsed().as_millis() as u64);
+        let me = crate::lan::node_key(&lan.peer_id());
+        let plan = ManifestPlan::new(me, id.0, now(), WAIT);
+        let timeout = Duration::from_secs(self.config.lan.request_timeout_s);
+        let mut skipped: HashSet<PeerId> = HashSet::new();
+        loop {
+            let peers = lan.peers().snapshot();
+            let mut holders = Vec::new();
+            let mut others = Vec::new();
+            for (peer, state) in &peers {
+                if skipped.contains(peer) {
+                    continue;
+                }
+                let holds = state.running == Some(id)
+                    || state.installing.as_ref().is_some_and(|i| i.manifest == id);
+                let key = crate::lan::node_key(peer);
+                if holds {
+                    holders.push((key, *peer));
+                } else {
+                    others.push(key);
+                }
+            }
+            let keys: Vec<_> = holders.iter().map(|(k, _)| *k).collect();
+            match plan.step(now(), &keys, &others) {
+                ManifestStep::Peer(key) => {
+                    let (_, peer) = *holders.iter().find(|(k, _)| *k == key)?;
+                    skipped.insert(peer);
+                    match lan.manifest(peer, id, timeout) {
+                        Ok(envelope) => match self.verify(&envelope) {
+                            Ok(m) if m.hash() == id.0 => {
+                                info!(%peer, release = %id, bytes = envelope.len(), "the release's manifest came from a LAN peer");
+                                return Some(envelope);
+                            }
+                            Ok(m) => {
+                                warn!(%peer, release = %id, sent = %format!("{}@{}", m.name, m.version), "a LAN peer sent the manifest of another release");
+                                lan.block_because(
+                                    peer,
+                                    "it sent a manifest that is not the one asked for",
+                                );
+                            }
+                            Err(e) => {
+                                warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's manifest was refused");
+                                lan.block_because(peer, "it sent a manifest that does not verify");
+                            }
+                        },
+                        Err(why) => {
+                            debug!(%peer, release = %id, why, "no manifest from a LAN peer")
+                        }
+                    }
+                }
+                ManifestStep::Server => {
+                    match plan.server_why(now(), &others) {
+                        Some(ServerWhy::Owner) => {
+                            info!(release = %id, peers = peers.len(), "this device fetches the release's manifest for its LAN")
+                        }
+                        _ => {
+                            info!(release = %id, waited_ms = start.elapsed().as_millis() as u64, "no LAN peer had the release's manifest in time")
+                        }
+                    }
+                    return None;
+                }
+                ManifestStep::Wait(_) => {
+                    std::thread::sleep(LOOK_EVERY);
+                }
+            }
+        }
+    }
+}
