@@ -91,6 +91,7 @@ enum Command {
     Reports(cmd::reports::Args),
     /// Show Shoal end to end: a server and a site of devices, real processes on this
     /// machine (built with `--features server`).
+    #[cfg(feature = "host")]
     Demo(cmd::demo::Args),
     /// Inspect the A/B slots and drive the bootloader directly (status, arm, commit,
     /// rollback).
@@ -189,6 +190,7 @@ fn main() -> ExitCode {
         Command::Rollback(a) => cmd::device::rollback(a, &ui),
         Command::Status(a) => cmd::device::status(a, &ui),
         Command::Reports(a) => cmd::reports::run(a, &ui),
+        #[cfg(feature = "host")]
         Command::Demo(a) => cmd::demo::run(a, &ui),
         Command::Slot(c) => cmd::slot::run(c, &ui),
         Command::Env(c) => cmd::env::run(c, &ui),

@@ -2,14 +2,21 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+#[cfg(feature = "host")]
+use std::io::BufWriter;
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
-use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, HeldManifests, Manifest};
-use shoal_signing::{SecretKey, TrustRoot};
+use shoal_artifact::{ArtifactReader, Manifest};
+#[cfg(feature = "host")]
+use shoal_artifact::{BuildOptions, ChunkStore, HeldManifests};
+#[cfg(feature = "host")]
+use shoal_signing::SecretKey;
+use shoal_signing::TrustRoot;
 
+#[cfg(feature = "host")]
 use crate::cmd::chain;
 use crate::cmd::root::{load_trusted_root, now_unix_s};
 use crate::cmd::{Exit, Ui};
@@ -17,6 +24,7 @@ use crate::cmd::{Exit, Ui};
 /// `shoal artifact` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    #[cfg(feature = "host")]
     /// Build a signed artifact from a payload image (streaming; uses all cores).
     ///
     /// Example:
@@ -24,6 +32,7 @@ pub enum Command {
     ///       --device-type board-a --security-counter 2 --key release.pem --out acme-os-2.0.shoal
     #[command(verbatim_doc_comment)]
     Build(BuildArgs),
+    #[cfg(feature = "host")]
     /// Add signatures to an artifact in place (threshold signing by several holders).
     ///
     /// Example: shoal artifact sign acme-os-2.0.shoal --key second-release.pem
@@ -78,6 +87,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "host")]
     /// Reassemble an artifact's payload into a file, verifying everything.
     ///
     /// Example: shoal artifact extract acme-os-2.0.shoal --root root.shoalroot --out rootfs.img
@@ -103,6 +113,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "store")]
         base: Option<PathBuf>,
     },
+    #[cfg(feature = "host")]
     /// How many bytes a device running OLD must download to get NEW (manifest included).
     ///
     /// Example: shoal artifact diff acme-os-1.0.shoal acme-os-2.0.shoal --json
@@ -145,6 +156,7 @@ impl Trust {
     }
 }
 
+#[cfg(feature = "host")]
 /// `shoal artifact build` arguments.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
@@ -196,6 +208,7 @@ pub struct BuildArgs {
     out: PathBuf,
 }
 
+#[cfg(feature = "host")]
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -206,7 +219,9 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 /// Runs a `shoal artifact` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     match command {
+        #[cfg(feature = "host")]
         Command::Build(args) => build(args, ui),
+        #[cfg(feature = "host")]
         Command::Sign {
             artifact,
             keys,
@@ -239,6 +254,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             json,
             ui,
         ),
+        #[cfg(feature = "host")]
         Command::Extract {
             artifact,
             trust,
@@ -257,6 +273,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             },
             ui,
         ),
+        #[cfg(feature = "host")]
         Command::Diff {
             old,
             new,
@@ -266,6 +283,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "host")]
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
     paths
         .iter()
@@ -297,6 +315,7 @@ pub fn open_input(
     Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
 }
 
+#[cfg(feature = "host")]
 fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     let keys = load_keys(&args.keys)?;
     let image = File::open(&args.image)
@@ -375,6 +394,7 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "host")]
 /// A file written under a temporary name next to its destination, removed unless
 /// [`TempOut::persist`] renames it into place.
 struct TempOut {
@@ -384,6 +404,7 @@ struct TempOut {
     done: bool,
 }
 
+#[cfg(feature = "host")]
 impl TempOut {
     fn create(dest: &Path) -> anyhow::Result<TempOut> {
         let name = dest
@@ -413,6 +434,7 @@ impl TempOut {
     }
 }
 
+#[cfg(feature = "host")]
 impl Drop for TempOut {
     fn drop(&mut self) {
         if !self.done {
@@ -587,12 +609,14 @@ fn held_manifests(base: Option<&Path>) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(vec![r.envelope().signed.clone()])
 }
 
+#[cfg(feature = "host")]
 /// Manifests held by a base artifact and a chunk store.
 struct Held<'a> {
     given: Vec<Vec<u8>>,
     store: Option<&'a ChunkStore>,
 }
 
+#[cfg(feature = "host")]
 impl HeldManifests for Held<'_> {
     fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
         self.given
@@ -671,12 +695,14 @@ fn verify(
 }
 
 /// Where `artifact extract` gets a thin or delta artifact's base release.
+#[cfg(feature = "host")]
 struct ExtractBase<'a> {
     store: Option<&'a Path>,
     image: Option<&'a Path>,
     artifact: Option<&'a Path>,
 }
 
+#[cfg(feature = "host")]
 fn extract(
     path: &Path,
     trust: &Trust,
@@ -807,10 +833,12 @@ fn extract(
 
 /// A buffered read/write/seek wrapper over a file (writes are buffered; reads and
 /// seeks flush first).
+#[cfg(feature = "host")]
 struct BufRwFile<'a> {
     inner: BufWriter<&'a mut File>,
 }
 
+#[cfg(feature = "host")]
 impl<'a> BufRwFile<'a> {
     fn new(file: &'a mut File) -> Self {
         BufRwFile {
@@ -819,6 +847,7 @@ impl<'a> BufRwFile<'a> {
     }
 }
 
+#[cfg(feature = "host")]
 impl std::io::Read for BufRwFile<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.inner.flush()?;
@@ -826,6 +855,7 @@ impl std::io::Read for BufRwFile<'_> {
     }
 }
 
+#[cfg(feature = "host")]
 impl Write for BufRwFile<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.inner.write(buf)
@@ -836,12 +866,14 @@ impl Write for BufRwFile<'_> {
     }
 }
 
+#[cfg(feature = "host")]
 impl std::io::Seek for BufRwFile<'_> {
     fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
         self.inner.seek(pos)
     }
 }
 
+#[cfg(feature = "host")]
 fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
     type Read = (Manifest, shoal_signing::Envelope, u64, bool);
     let read = |p: &Path, held: &dyn HeldManifests| -> anyhow::Result<Read> {
