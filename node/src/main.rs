@@ -208,3 +208,107 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a device build (`--no-default-features`, no `host`) still parses, and
+    /// what it refuses as an unknown subcommand.
+    #[test]
+    fn host_commands_are_in_host_builds_only() {
+        let parses = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("shoal").chain(args.iter().copied()))
+                .map(|_| ())
+                .map_err(|e| e.kind())
+        };
+        for device in [
+            &["install", "x.shoal"][..],
+            &["status"],
+            &["boot-check"],
+            &["commit"],
+            &["rollback"],
+            &["daemon"],
+            &["reports"],
+            &["env", "print"],
+            &["slot", "status"],
+            &["artifact", "verify", "x.shoal", "--root", "r"],
+            &["artifact", "inspect", "x.shoal"],
+            &["key", "id", "k.pub"],
+            &["root", "inspect", "r"],
+            &["store", "verify", "s", "--root", "r"],
+        ] {
+            assert_eq!(parses(device), Ok(()), "{device:?}");
+        }
+        let host: [&[&str]; 12] = [
+            &[
+                "artifact",
+                "build",
+                "--image",
+                "i",
+                "--name",
+                "n",
+                "--version",
+                "1",
+                "--device-type",
+                "d",
+                "--security-counter",
+                "1",
+                "--key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &["artifact", "sign", "a", "--key", "k"],
+            &["artifact", "extract", "a", "--root", "r", "--out", "o"],
+            &["artifact", "diff", "a", "b"],
+            &["key", "generate", "--out", "k"],
+            &[
+                "key",
+                "credential",
+                "--key",
+                "k",
+                "--device",
+                "d",
+                "--fleet",
+                "f",
+                "--out",
+                "o",
+            ],
+            &[
+                "root",
+                "init",
+                "--root-key",
+                "r",
+                "--release-key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &[
+                "root",
+                "rotate",
+                "--current",
+                "c",
+                "--root-key",
+                "r",
+                "--release-key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &["root", "sign", "r", "--key", "k"],
+            &["store", "add", "s", "a", "--root", "r"],
+            &["demo"],
+            &["demo", "--keep"],
+        ];
+        for args in host {
+            let expected = if cfg!(feature = "host") {
+                Ok(())
+            } else {
+                Err(clap::error::ErrorKind::InvalidSubcommand)
+            };
+            assert_eq!(parses(args), expected, "{args:?}");
+        }
+    }
+}
