@@ -52,15 +52,25 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make and inspect signing keys.
+    #[cfg_attr(not(feature = "host"), command(about = "Inspect signing keys"))]
     #[command(subcommand)]
     Key(cmd::key::Command),
     /// Make, rotate and inspect trust roots.
+    #[cfg_attr(not(feature = "host"), command(about = "Inspect trust roots"))]
     #[command(subcommand)]
     Root(cmd::root::Command),
     /// Build, sign, inspect, verify, extract and diff `.shoal` artifacts.
+    #[cfg_attr(
+        not(feature = "host"),
+        command(about = "Inspect and verify `.shoal` artifacts")
+    )]
     #[command(subcommand)]
     Artifact(cmd::artifact::Command),
     /// Manage chunk stores (plain directories servable as static files).
+    #[cfg_attr(
+        not(feature = "host"),
+        command(about = "Verify chunk stores (plain directories servable as static files)")
+    )]
     #[command(subcommand)]
     Store(cmd::store::Command),
     /// Install a release (artifact, chunk store or stdin) and arm a trial boot.
