@@ -145,7 +145,7 @@ pub fn device_size_goal(name: &str, path: &Path) -> Goal {
         Err(e) => Goal::not_run(
             name,
             format!(
-                "{}: {e}; cargo build --profile device -p shoal-node",
+                "{}: {e}; cargo build --profile device -p shoal-node --no-default-features",
                 path.display()
             ),
             target,

@@ -163,8 +163,8 @@ struct NetArgs {
     /// --features server`).
     #[arg(long, default_value = "target/release/shoal")]
     shoal: PathBuf,
-    /// The device build (`cargo build --profile device -p shoal-node`): runs the
-    /// daemon when present, and its size is reported.
+    /// The device build (`cargo build --profile device -p shoal-node
+    /// --no-default-features`): runs the daemon when present, and its size is reported.
     #[arg(long, default_value = "target/device/shoal")]
     device_shoal: PathBuf,
     /// Also write the Markdown report to FILE.
@@ -267,8 +267,8 @@ struct LanArgs {
     /// --features server`): runs the server and the daemons.
     #[arg(long, default_value = "target/release/shoal")]
     shoal: PathBuf,
-    /// The device build (`cargo build --profile device -p shoal-node`): its size is
-    /// reported.
+    /// The device build (`cargo build --profile device -p shoal-node
+    /// --no-default-features`): its size is reported.
     #[arg(long, default_value = "target/device/shoal")]
     device_shoal: PathBuf,
     /// Runs of the ten sharing and of one device alone; figures are medians.

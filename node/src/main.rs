@@ -52,15 +52,25 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make and inspect signing keys.
+    #[cfg_attr(not(feature = "host"), command(about = "Inspect signing keys"))]
     #[command(subcommand)]
     Key(cmd::key::Command),
     /// Make, rotate and inspect trust roots.
+    #[cfg_attr(not(feature = "host"), command(about = "Inspect trust roots"))]
     #[command(subcommand)]
     Root(cmd::root::Command),
     /// Build, sign, inspect, verify, extract and diff `.shoal` artifacts.
+    #[cfg_attr(
+        not(feature = "host"),
+        command(about = "Inspect and verify `.shoal` artifacts")
+    )]
     #[command(subcommand)]
     Artifact(cmd::artifact::Command),
     /// Manage chunk stores (plain directories servable as static files).
+    #[cfg_attr(
+        not(feature = "host"),
+        command(about = "Verify chunk stores (plain directories servable as static files)")
+    )]
     #[command(subcommand)]
     Store(cmd::store::Command),
     /// Install a release (artifact, chunk store or stdin) and arm a trial boot.
@@ -91,6 +101,7 @@ enum Command {
     Reports(cmd::reports::Args),
     /// Show Shoal end to end: a server and a site of devices, real processes on this
     /// machine (built with `--features server`).
+    #[cfg(feature = "host")]
     Demo(cmd::demo::Args),
     /// Inspect the A/B slots and drive the bootloader directly (status, arm, commit,
     /// rollback).
@@ -189,6 +200,7 @@ fn main() -> ExitCode {
         Command::Rollback(a) => cmd::device::rollback(a, &ui),
         Command::Status(a) => cmd::device::status(a, &ui),
         Command::Reports(a) => cmd::reports::run(a, &ui),
+        #[cfg(feature = "host")]
         Command::Demo(a) => cmd::demo::run(a, &ui),
         Command::Slot(c) => cmd::slot::run(c, &ui),
         Command::Env(c) => cmd::env::run(c, &ui),
@@ -203,6 +215,110 @@ fn main() -> ExitCode {
         Err(err) => {
             errln!("shoal: {}", cmd::one_line(&err));
             ExitCode::from(cmd::exit_code(&err))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a device build (`--no-default-features`, no `host`) still parses, and
+    /// what it refuses as an unknown subcommand.
+    #[test]
+    fn host_commands_are_in_host_builds_only() {
+        let parses = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("shoal").chain(args.iter().copied()))
+                .map(|_| ())
+                .map_err(|e| e.kind())
+        };
+        for device in [
+            &["install", "x.shoal"][..],
+            &["status"],
+            &["boot-check"],
+            &["commit"],
+            &["rollback"],
+            &["daemon"],
+            &["reports"],
+            &["env", "print"],
+            &["slot", "status"],
+            &["artifact", "verify", "x.shoal", "--root", "r"],
+            &["artifact", "inspect", "x.shoal"],
+            &["key", "id", "k.pub"],
+            &["root", "inspect", "r"],
+            &["store", "verify", "s", "--root", "r"],
+        ] {
+            assert_eq!(parses(device), Ok(()), "{device:?}");
+        }
+        let host: [&[&str]; 12] = [
+            &[
+                "artifact",
+                "build",
+                "--image",
+                "i",
+                "--name",
+                "n",
+                "--version",
+                "1",
+                "--device-type",
+                "d",
+                "--security-counter",
+                "1",
+                "--key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &["artifact", "sign", "a", "--key", "k"],
+            &["artifact", "extract", "a", "--root", "r", "--out", "o"],
+            &["artifact", "diff", "a", "b"],
+            &["key", "generate", "--out", "k"],
+            &[
+                "key",
+                "credential",
+                "--key",
+                "k",
+                "--device",
+                "d",
+                "--fleet",
+                "f",
+                "--out",
+                "o",
+            ],
+            &[
+                "root",
+                "init",
+                "--root-key",
+                "r",
+                "--release-key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &[
+                "root",
+                "rotate",
+                "--current",
+                "c",
+                "--root-key",
+                "r",
+                "--release-key",
+                "k",
+                "--out",
+                "o",
+            ],
+            &["root", "sign", "r", "--key", "k"],
+            &["store", "add", "s", "a", "--root", "r"],
+            &["demo"],
+            &["demo", "--keep"],
+        ];
+        for args in host {
+            let expected = if cfg!(feature = "host") {
+                Ok(())
+            } else {
+                Err(clap::error::ErrorKind::InvalidSubcommand)
+            };
+            assert_eq!(parses(args), expected, "{args:?}");
         }
     }
 }

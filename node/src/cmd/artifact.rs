@@ -2,14 +2,21 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+#[cfg(feature = "host")]
+use std::io::BufWriter;
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
-use shoal_artifact::{ArtifactReader, BuildOptions, ChunkStore, HeldManifests, Manifest};
-use shoal_signing::{SecretKey, TrustRoot};
+use shoal_artifact::{ArtifactReader, Manifest};
+#[cfg(feature = "host")]
+use shoal_artifact::{BuildOptions, ChunkStore, HeldManifests};
+#[cfg(feature = "host")]
+use shoal_signing::SecretKey;
+use shoal_signing::TrustRoot;
 
+#[cfg(feature = "host")]
 use crate::cmd::chain;
 use crate::cmd::root::{load_trusted_root, now_unix_s};
 use crate::cmd::{Exit, Ui};
@@ -17,6 +24,7 @@ use crate::cmd::{Exit, Ui};
 /// `shoal artifact` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    #[cfg(feature = "host")]
     /// Build a signed artifact from a payload image (streaming; uses all cores).
     ///
     /// Example:
@@ -24,6 +32,7 @@ pub enum Command {
     ///       --device-type board-a --security-counter 2 --key release.pem --out acme-os-2.0.shoal
     #[command(verbatim_doc_comment)]
     Build(BuildArgs),
+    #[cfg(feature = "host")]
     /// Add signatures to an artifact in place (threshold signing by several holders).
     ///
     /// Example: shoal artifact sign acme-os-2.0.shoal --key second-release.pem
@@ -78,6 +87,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "host")]
     /// Reassemble an artifact's payload into a file, verifying everything.
     ///
     /// Example: shoal artifact extract acme-os-2.0.shoal --root root.shoalroot --out rootfs.img
@@ -103,6 +113,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "store")]
         base: Option<PathBuf>,
     },
+    #[cfg(feature = "host")]
     /// How many bytes a device running OLD must download to get NEW (manifest included).
     ///
     /// Example: shoal artifact diff acme-os-1.0.shoal acme-os-2.0.shoal --json
@@ -145,6 +156,7 @@ impl Trust {
     }
 }
 
+#[cfg(feature = "host")]
 /// `shoal artifact build` arguments.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
@@ -201,6 +213,7 @@ pub struct BuildArgs {
     out: PathBuf,
 }
 
+#[cfg(feature = "host")]
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -211,7 +224,9 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 /// Runs a `shoal artifact` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     match command {
+        #[cfg(feature = "host")]
         Command::Build(args) => build(args, ui),
+        #[cfg(feature = "host")]
         Command::Sign {
             artifact,
             keys,
@@ -244,6 +259,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             json,
             ui,
         ),
+        #[cfg(feature = "host")]
         Command::Extract {
             artifact,
             trust,
@@ -262,6 +278,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             },
             ui,
         ),
+        #[cfg(feature = "host")]
         Command::Diff {
             old,
             new,
@@ -271,6 +288,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "host")]
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
     paths
         .iter()
@@ -302,6 +320,7 @@ pub fn open_input(
     Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
 }
 
+#[cfg(feature = "host")]
 fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     let keys = load_keys(&args.keys)?;
     let image = File::open(&args.image)
@@ -404,6 +423,7 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "host")]
 /// A file written under a temporary name next to its destination, removed unless
 /// [`TempOut::persist`] renames it into place.
 struct TempOut {
@@ -413,6 +433,7 @@ struct TempOut {
     done: bool,
 }
 
+#[cfg(feature = "host")]
 impl TempOut {
     fn create(dest: &Path) -> anyhow::Result<TempOut> {
         let name = dest
@@ -442,6 +463,7 @@ impl TempOut {
     }
 }
 
+#[cfg(feature = "host")]
 impl Drop for TempOut {
     fn drop(&mut self) {
         if !self.done {
@@ -631,12 +653,14 @@ fn base_dictionary(
         .cloned())
 }
 
+#[cfg(feature = "host")]
 /// Manifests held by a base artifact and a chunk store.
 struct Held<'a> {
     given: Vec<Vec<u8>>,
     store: Option<&'a ChunkStore>,
 }
 
+#[cfg(feature = "host")]
 impl HeldManifests for Held<'_> {
     fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
         self.given
@@ -719,12 +743,14 @@ fn verify(
 }
 
 /// Where `artifact extract` gets a thin or delta artifact's base release.
+#[cfg(feature = "host")]
 struct ExtractBase<'a> {
     store: Option<&'a Path>,
     image: Option<&'a Path>,
     artifact: Option<&'a Path>,
 }
 
+#[cfg(feature = "host")]
 fn extract(
     path: &Path,
     trust: &Trust,
@@ -861,10 +887,12 @@ fn extract(
 
 /// A buffered read/write/seek wrapper over a file (writes are buffered; reads and
 /// seeks flush first).
+#[cfg(feature = "host")]
 struct BufRwFile<'a> {
     inner: BufWriter<&'a mut File>,
 }
 
+#[cfg(feature = "host")]
 impl<'a> BufRwFile<'a> {
     fn new(file: &'a mut File) -> Self {
         BufRwFile {
@@ -873,6 +901,7 @@ impl<'a> BufRwFile<'a> {
     }
 }
 
+#[cfg(feature = "host")]
 impl std::io::Read for BufRwFile<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.inner.flush()?;
@@ -880,6 +909,7 @@ impl std::io::Read for BufRwFile<'_> {
     }
 }
 
+#[cfg(feature = "host")]
 impl Write for BufRwFile<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.inner.write(buf)
@@ -890,12 +920,14 @@ impl Write for BufRwFile<'_> {
     }
 }
 
+#[cfg(feature = "host")]
 impl std::io::Seek for BufRwFile<'_> {
     fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
         self.inner.seek(pos)
     }
 }
 
+#[cfg(feature = "host")]
 fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
     type Read = (Manifest, shoal_signing::Envelope, u64, bool);
     let read = |p: &Path, held: &dyn HeldManifests| -> anyhow::Result<Read> {

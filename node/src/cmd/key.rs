@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+#[cfg(feature = "host")]
+use anyhow::bail;
 use shoal_signing::{PublicKey, SecretKey};
 
 use crate::cmd::Ui;
@@ -10,6 +12,7 @@ use crate::cmd::Ui;
 /// `shoal key` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    #[cfg(feature = "host")]
     /// Make a new ed25519 key: FILE gets the private key (PKCS#8 PEM, mode 0600),
     /// FILE.pub the public key (SPKI PEM).
     ///
@@ -28,6 +31,7 @@ pub enum Command {
         /// A PKCS#8 private key or SPKI public key PEM file.
         file: PathBuf,
     },
+    #[cfg(feature = "host")]
     /// Issue a fleet membership credential: LAN peers serve firmware only to
     /// devices showing one of their own fleet, signed by the trust root's fleet
     /// keys (`shoal root init --fleet-key`). The device names it in `[lan]
@@ -56,7 +60,10 @@ pub enum Command {
 
 /// Runs a `shoal key` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
+    #[cfg(not(feature = "host"))]
+    let _ = ui;
     match command {
+        #[cfg(feature = "host")]
         Command::Generate { out } => {
             let pub_path = public_path(&out);
             if pub_path.exists() {
@@ -93,6 +100,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             outln!("{id}");
             Ok(())
         }
+        #[cfg(feature = "host")]
         Command::Credential {
             keys,
             device,
@@ -127,6 +135,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "host")]
 /// A device's public key from `--device`: 64 hex digits or a PEM key file.
 fn device_key(arg: &str) -> anyhow::Result<PublicKey> {
     if arg.len() == 64
@@ -149,6 +158,7 @@ fn device_key(arg: &str) -> anyhow::Result<PublicKey> {
     .with_context(|| format!("reading {}", path.display()))
 }
 
+#[cfg(feature = "host")]
 /// The public key file written beside a private key file.
 pub fn public_path(private: &std::path::Path) -> PathBuf {
     let mut name = private.as_os_str().to_owned();

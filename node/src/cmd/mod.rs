@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub mod admin;
 pub mod artifact;
 pub mod daemon;
+#[cfg(feature = "host")]
 pub mod demo;
 pub mod device;
 pub mod env;

@@ -2,15 +2,20 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+#[cfg(feature = "host")]
+use anyhow::bail;
 use serde::Serialize;
-use shoal_signing::{PublicKey, SecretKey, SignedRoot, TrustRoot, VerifyError};
+#[cfg(feature = "host")]
+use shoal_signing::{PublicKey, SecretKey, TrustRoot};
+use shoal_signing::{SignedRoot, VerifyError};
 
 use crate::cmd::{Exit, Ui};
 
 /// `shoal root` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    #[cfg(feature = "host")]
     /// Make a new signed trust root (version 1 unless --version).
     #[command(verbatim_doc_comment)]
     ///
@@ -26,6 +31,7 @@ pub enum Command {
         #[command(flatten)]
         out: SignAndWrite,
     },
+    #[cfg(feature = "host")]
     /// Make the next trust root, to be signed by a threshold of the current root's root
     /// keys and of the new root's own root keys. Its version is the current one plus 1.
     #[command(verbatim_doc_comment)]
@@ -42,6 +48,7 @@ pub enum Command {
         #[command(flatten)]
         out: SignAndWrite,
     },
+    #[cfg(feature = "host")]
     /// Add signatures to a root file in place (threshold signing by several holders).
     ///
     /// Example: shoal root sign root-v2.shoalroot --key other-root.pem
@@ -67,6 +74,7 @@ pub enum Command {
     },
 }
 
+#[cfg(feature = "host")]
 /// The keys and thresholds of a root.
 #[derive(Debug, clap::Args)]
 pub struct RootKeys {
@@ -98,6 +106,7 @@ pub struct RootKeys {
     expires_unix: Option<u64>,
 }
 
+#[cfg(feature = "host")]
 /// Who signs a new root and where it goes.
 #[derive(Debug, clap::Args)]
 pub struct SignAndWrite {
@@ -112,11 +121,15 @@ pub struct SignAndWrite {
 
 /// Runs a `shoal root` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
+    #[cfg(not(feature = "host"))]
+    let _ = ui;
     match command {
+        #[cfg(feature = "host")]
         Command::Init { keys, version, out } => {
             let root = keys.build(version)?;
             write_signed(SignedRoot::new(root), &out, None, ui)
         }
+        #[cfg(feature = "host")]
         Command::Rotate { current, keys, out } => {
             let current = load_root(&current)?;
             let version = current.root.version.checked_add(1).ok_or_else(|| {
@@ -128,6 +141,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             let root = keys.build(version)?;
             write_signed(SignedRoot::new(root), &out, Some(&current.root), ui)
         }
+        #[cfg(feature = "host")]
         Command::Sign { file, keys } => {
             let mut signed = load_root(&file)?;
             for path in &keys {
@@ -145,6 +159,7 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "host")]
 impl RootKeys {
     fn build(&self, version: u64) -> anyhow::Result<TrustRoot> {
         let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<PublicKey>> {
@@ -174,6 +189,7 @@ impl RootKeys {
     }
 }
 
+#[cfg(feature = "host")]
 fn write_signed(
     mut signed: SignedRoot,
     out: &SignAndWrite,
@@ -208,6 +224,7 @@ fn write_signed(
     Ok(())
 }
 
+#[cfg(feature = "host")]
 fn report_self(signed: &SignedRoot, ui: &Ui) {
     match signed.verify_self(None) {
         Ok(()) => ui.info("signatures: complete (threshold of its own root keys met)"),
@@ -344,6 +361,7 @@ pub fn load_trusted_root(path: &Path) -> anyhow::Result<SignedRoot> {
     Ok(signed)
 }
 
+#[cfg(feature = "host")]
 fn load_secret(path: &Path) -> anyhow::Result<SecretKey> {
     Ok(SecretKey::load(path)?)
 }

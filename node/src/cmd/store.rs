@@ -13,6 +13,7 @@ use crate::cmd::artifact::Trust;
 /// `shoal store` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    #[cfg(feature = "host")]
     /// Verify an artifact and add its chunks and signed manifest to a store (created
     /// if missing). A thin artifact needs its base release in the store first.
     ///
@@ -43,7 +44,10 @@ pub enum Command {
 
 /// Runs a `shoal store` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
+    #[cfg(not(feature = "host"))]
+    let _ = ui;
     match command {
+        #[cfg(feature = "host")]
         Command::Add {
             store,
             artifact,
