@@ -253,7 +253,7 @@ pub fn section(inp: &Inputs) -> Result<Section> {
             facts.push((
                 "shoal v1 → v2".to_owned(),
                 format!(
-                    "{} B down + {} B up in {:.2} s (diff figure {} B); daemon RSS idle {:.1} MiB, installing {:.1} MiB; the running slot indexed at idle time beforehand{}",
+                    "{} B down + {} B up in {:.2} s (diff figure {} B); daemon RSS idle {:.1} MiB, installing {:.1} MiB; the running slot indexed at idle time beforehand{}, peak RSS through that cut {}",
                     r.down,
                     r.up,
                     r.wall_s,
@@ -262,7 +262,9 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                     r.rss_install_mib,
                     r.index_s
                         .map(|t| format!(" in {t:.2} s"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    r.rss_index_mib
+                        .map_or("not measured".to_owned(), |m| format!("{m:.1} MiB"))
                 ),
             ));
             goals.push(Goal::relative(
@@ -431,6 +433,8 @@ struct ShoalRow {
     rss_install_mib: f64,
     /// The daemon's idle-time cut of its running slot, when it made one.
     index_s: Option<f64>,
+    /// The daemon's peak RSS from its start through that cut.
+    rss_index_mib: Option<f64>,
 }
 
 /// The server side of Shoal's rows: a `shoal server` with v1 and v2 uploaded,
@@ -630,6 +634,7 @@ fn device_over_link(s: &Setup, name: &str, fresh: bool) -> Result<ShoalRow> {
         Ok(s.admin(&["devices", "show", &device])?["inventory"]["device_type"] == "bench-board")
     })?;
     let mut rss_idle_mib = 0.0;
+    let mut rss_index_mib = None;
     let (down0, up0);
     if fresh {
         // Known to the server (accepted, inventory sent), then made fresh again:
@@ -646,6 +651,11 @@ fn device_over_link(s: &Setup, name: &str, fresh: bool) -> Result<ShoalRow> {
         wait_until("the running slot's index", 600, || {
             Ok(log().contains("the running slot's index is ready"))
         })?;
+        // The peak so far includes the cut; reset (`clear_refs` 5), so that the
+        // idle figure is the daemon polling with nothing to do.
+        rss_index_mib = Some(rss_mib(daemon.0.id())?.0);
+        std::fs::write(format!("/proc/{}/clear_refs", daemon.0.id()), "5")
+            .context("cannot reset the daemon's peak RSS")?;
         // Idle: authenticated, indexed, polling every second, nothing to do.
         std::thread::sleep(Duration::from_secs(5));
         rss_idle_mib = rss_mib(daemon.0.id())?.0;
@@ -691,6 +701,7 @@ fn device_over_link(s: &Setup, name: &str, fresh: bool) -> Result<ShoalRow> {
         diff_bytes: s.diff_bytes,
         rss_idle_mib,
         rss_install_mib,
+        rss_index_mib,
         index_s,
     })
 }

@@ -235,6 +235,11 @@ fn index(args: &IndexArgs, ui: &Ui) -> anyhow::Result<()> {
             ));
             (slot, chunks, false, None)
         }
+        Plan::Later => {
+            return Err(Exit::tempfail(
+                "a deployment is armed or booting: the running slot is indexed once it is settled (shoal boot-check)",
+            ));
+        }
         Plan::Cut(cut) => {
             let reason = cut.reason;
             ui.info(format!("indexing slot {} ({reason})", cut.slot));

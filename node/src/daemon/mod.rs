@@ -384,6 +384,7 @@ impl Daemon {
                         info!(%slot, chunks, "the running slot's index is ready");
                         IdleIndex::Ready
                     }
+                    Ok(Plan::Later) => IdleIndex::Unchecked,
                     Ok(Plan::Cut(cut)) => {
                         info!(slot = %cut.slot, len = cut.len, reason = %cut.reason, "indexing the running slot at idle time");
                         let cutting = std::thread::Builder::new()

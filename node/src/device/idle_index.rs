@@ -82,6 +82,9 @@ pub enum Plan {
     },
     /// The running slot has to be cut: [`Cut::run`], then [`Device::record_index`].
     Cut(Cut),
+    /// Not now: a deployment is past fetching (armed, or booting its slot), so
+    /// the running slot may be about to change.
+    Later,
 }
 
 /// A cut of the running slot to make (the engine asked for it).
@@ -259,7 +262,7 @@ impl Device {
             },
         };
         if !engine.index_idle(now, chunking) {
-            bail!("the engine does not ask for an index of slot {slot}");
+            return Ok(Plan::Later);
         }
         let mut asked = None;
         self.apply_persists(&mut engine, Some(&mut asked))?;
@@ -315,7 +318,7 @@ impl Device {
     #[cfg(test)]
     pub fn index_now(&self, chunking: Option<Chunking>) -> anyhow::Result<Option<Indexed>> {
         match self.plan_index(chunking)? {
-            Plan::Valid { .. } => Ok(None),
+            Plan::Valid { .. } | Plan::Later => Ok(None),
             Plan::Cut(cut) => self.record_index(cut.run()?).map(Some),
         }
     }

@@ -256,8 +256,15 @@ impl Engine {
     /// [`Input::SlotIndexed`] (perhaps to an engine restored later, while still idle
     /// and on the same slot), and the index is persisted as one cut for an install
     /// is. Returns whether it asked.
+    /// Not while a deployment is past fetching (its slot is verified and armed, or
+    /// booting): the running slot may be about to change.
     pub fn index_idle(&mut self, _now: Instant, chunking: shoal_artifact::Chunking) -> bool {
-        if self.job.is_some() || self.index.chunking() == Some(chunking) {
+        let settling = self
+            .state
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.phase != Phase::Fetching);
+        if self.job.is_some() || settling || self.index.chunking() == Some(chunking) {
             return false;
         }
         self.ask_index(chunking);
