@@ -68,7 +68,10 @@ fn the_daemon_downloads_at_its_bandwidth_cap() {
     );
     // The transfer proper: from a tenth to nine tenths of the bytes (the manifest,
     // the dictionary, polls and reports around it left out).
-    let (t10, t90) = (reached(&samples, total / 10), reached(&samples, total * 9 / 10));
+    let (t10, t90) = (
+        reached(&samples, total / 10),
+        reached(&samples, total * 9 / 10),
+    );
     let rate = (total * 9 / 10 - total / 10) as f64 / (t90 - t10);
     let cap = (CAP_KIB_S * 1024) as f64;
     eprintln!(
