@@ -1272,3 +1272,81 @@ fn the_lifecycle_runs_on_every_bootloader_of_the_model() {
         assert_eq!(dev.store.state.floor, 1, "{what}");
     }
 }
+
+/// #11: a device whose running slot has no index (flashed at the factory, or copied
+/// outside Shoal) has it cut at idle time and persisted; the next install then
+/// starts fetching at once instead of indexing first. A slot found changed drops
+/// its index, which is cut again.
+#[test]
+fn the_active_slot_is_indexed_at_idle_time_and_the_next_install_uses_it() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let mut engine = dev.engine(f.config());
+    assert!(engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+    dev.run(&mut engine, None).expect("no crash");
+    let recorded = dev.store.indexes[0]
+        .as_ref()
+        .expect("the index is persisted");
+    assert_eq!(recorded.chunking, crate::testing::TEST_CHUNKING);
+    assert_eq!(
+        recorded.chunks.len(),
+        2 * MIB / 4096,
+        "the whole slot was cut"
+    );
+    // Cut already: asked again, nothing to do, also from the store.
+    assert!(!engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+    let mut engine = dev.engine(f.config());
+    assert_eq!(
+        engine.active_chunking(),
+        Some(crate::testing::TEST_CHUNKING)
+    );
+    assert!(!engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+    assert!(engine.poll_output().is_none());
+
+    dev.events.clear();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    dev.stores.insert(SourceId(3), c2.into_iter().collect());
+    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+    engine
+        .offer(
+            dev.now(),
+            Offer {
+                envelope: sign(&m2, &f.key),
+                wall_unix_s: None,
+                sources: vec![source],
+                reboot: false,
+            },
+        )
+        .expect("offer v2");
+    // While an install runs, idle indexing and a changed slot are not its business
+    // (its reads from the slot are verified chunk by chunk).
+    let other = shoal_artifact::Chunking {
+        min_size: 2048,
+        avg_size: 8192,
+        max_size: 32768,
+    };
+    assert!(!engine.index_idle(dev.now(), other));
+    assert!(!engine.active_slot_changed(dev.now()));
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        !dev.events
+            .iter()
+            .any(|e| matches!(e, Event::Indexing { .. })),
+        "the idle index was used"
+    );
+    assert_eq!(engine.progress().fetched_bytes, 25 * 4096);
+
+    // v2 armed, not booted yet: the slot found changed, the index goes; it is cut
+    // again only once the deployment is settled (the running slot may change).
+    let mut engine = dev.engine(f.config());
+    assert!(engine.active_slot_changed(dev.now()));
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(dev.store.indexes[0], None);
+    assert_eq!(engine.active_chunking(), None);
+    assert!(!engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+    dev.store.state.deployment = None;
+    let mut engine = dev.engine(f.config());
+    assert!(engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+}

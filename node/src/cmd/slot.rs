@@ -42,6 +42,28 @@ pub enum Command {
     ///
     /// Example: `shoal slot init A`
     Init(InitArgs),
+    /// Index the running slot now (where each of its chunks is), so the next
+    /// install starts fetching at once: for a slot Shoal did not write (flashed at
+    /// the factory, copied by hand), e.g. at provisioning. A recorded index is
+    /// checked first (a sample of its chunks read back) and kept when it holds.
+    /// `shoal daemon` does the same at idle time. Records in the device store.
+    ///
+    /// Example: `shoal slot index --json`
+    Index(IndexArgs),
+}
+
+/// Arguments of `shoal slot index`.
+#[derive(Debug, clap::Args)]
+pub struct IndexArgs {
+    /// Cut with `--fast` artifacts' chunking (64 KiB chunks) instead of the one
+    /// recorded before, or of the other slot, or the default.
+    #[arg(long)]
+    pub fast: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// Arguments of `shoal slot init`.
@@ -98,6 +120,7 @@ pub struct OpArgs {
 /// Runs a `shoal slot` subcommand.
 pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
     match command {
+        Command::Index(args) => index(&args, ui),
         Command::Status(args) => {
             let bc = open(&args.config, false)?;
             let status = bc.status().context("cannot read the boot status")?;
@@ -195,6 +218,51 @@ fn open(config: &ConfigArg, writable: bool) -> anyhow::Result<BootControl> {
 fn print_state(state: &BootState, json: bool) -> anyhow::Result<()> {
     if json {
         outln!("{}", serde_json::to_string_pretty(state)?);
+    }
+    Ok(())
+}
+
+/// `shoal slot index`.
+fn index(args: &IndexArgs, ui: &Ui) -> anyhow::Result<()> {
+    use crate::device::idle_index::Plan;
+    let config = args.config.load()?;
+    let dev = crate::device::Device::open(config, crate::device::Reboot::Command)?;
+    let chunking = args.fast.then_some(shoal_artifact::chunk::CHUNKING_FAST);
+    let (slot, chunks, indexed, reason) = match dev.plan_index(chunking)? {
+        Plan::Valid { slot, chunks } => {
+            ui.info(format!(
+                "slot {slot}: its recorded index holds ({chunks} chunks)"
+            ));
+            (slot, chunks, false, None)
+        }
+        Plan::Later => {
+            return Err(Exit::tempfail(
+                "a deployment is armed or booting: the running slot is indexed once it is settled (shoal boot-check)",
+            ));
+        }
+        Plan::Cut(cut) => {
+            let reason = cut.reason;
+            ui.info(format!("indexing slot {} ({reason})", cut.slot));
+            let done = dev.record_index(cut.run()?)?;
+            ui.info(format!(
+                "indexed slot {}: {} chunks in {:.1} s",
+                done.slot,
+                done.chunks,
+                done.elapsed.as_secs_f64()
+            ));
+            (done.slot, done.chunks, true, Some(reason.to_string()))
+        }
+    };
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "slot": slot.to_string(),
+                "chunks": chunks,
+                "indexed": indexed,
+                "reason": reason,
+            })
+        );
     }
     Ok(())
 }

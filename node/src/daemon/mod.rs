@@ -211,6 +211,21 @@ pub struct Daemon {
     offers: offline::Offers,
     /// When the fleet credential is fetched again ([`credential`]).
     credential_next: Option<std::time::Instant>,
+    /// The running slot's index, made at idle time.
+    idle: IdleIndex,
+}
+
+/// Where the running slot's idle-time index is
+/// ([`crate::device::idle_index`]).
+#[derive(Debug, Default)]
+enum IdleIndex {
+    /// To be checked (at start, and after anything the daemon did).
+    #[default]
+    Unchecked,
+    /// Being cut on a thread of its own; the daemon goes on polling.
+    Cutting(std::thread::JoinHandle<anyhow::Result<crate::device::idle_index::CutIndex>>),
+    /// Checked or cut since.
+    Ready,
 }
 
 /// What handling a deployment came to.
@@ -245,6 +260,7 @@ impl Daemon {
             lan,
             offers: offline::Offers::default(),
             credential_next: None,
+            idle: IdleIndex::Unchecked,
         })
     }
 
@@ -301,7 +317,15 @@ impl Daemon {
         let mut backoff = Backoff::new(Duration::from_secs(self.server.retry_max_s));
         let mut inventory_sent = false;
         loop {
-            match self.round(&mut inventory_sent) {
+            self.idle_index(false);
+            let result = self.round(&mut inventory_sent);
+            if matches!(result, Ok(Some(_))) {
+                // A deployment handled or settled: the running slot's index is
+                // checked again.
+                self.idle_index(true);
+                self.idle = IdleIndex::Unchecked;
+            }
+            match result {
                 Ok(Some(Handled::Rebooting)) => {
                     // The reboot command was run; a real reboot ends this process.
                     std::thread::sleep(self.poll_interval());
@@ -340,6 +364,73 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// The running slot's index at idle time: checked (a few recorded chunks read
+    /// back), and when it is missing or no longer holds, cut on a thread of its own
+    /// while the daemon goes on polling, then recorded. With `wait` (an install is
+    /// about to start, and would cut the slot itself) a cut in progress is waited
+    /// for (an unchecked slot is left to the install). Trouble is logged, never
+    /// fatal: an install indexes the slot itself.
+    fn idle_index(&mut self, wait: bool) {
+        use crate::device::idle_index::Plan;
+        self.idle = match std::mem::take(&mut self.idle) {
+            // An install about to start cuts the slot itself, taking what it
+            // reuses on the way: better than a cut first.
+            IdleIndex::Unchecked if wait => IdleIndex::Unchecked,
+            IdleIndex::Unchecked => {
+                let plan = Device::open(self.config.clone(), Reboot::Command)
+                    .and_then(|dev| dev.plan_index(None));
+                match plan {
+                    Ok(Plan::Valid { slot, chunks }) => {
+                        info!(%slot, chunks, "the running slot's index is ready");
+                        IdleIndex::Ready
+                    }
+                    Ok(Plan::Later) => IdleIndex::Unchecked,
+                    Ok(Plan::Cut(cut)) => {
+                        info!(slot = %cut.slot, len = cut.len, reason = %cut.reason, "indexing the running slot at idle time");
+                        let cutting = std::thread::Builder::new()
+                            .name("shoal-idle-index".into())
+                            .spawn(move || cut.run());
+                        match cutting {
+                            Ok(handle) => IdleIndex::Cutting(handle),
+                            Err(e) => {
+                                warn!(error = %e, "cannot start indexing the running slot");
+                                IdleIndex::Unchecked
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %crate::cmd::one_line(&e), "cannot check the running slot's index");
+                        IdleIndex::Unchecked
+                    }
+                }
+            }
+            IdleIndex::Cutting(handle) if wait || handle.is_finished() => {
+                if !handle.is_finished() {
+                    info!("waiting for the running slot's index");
+                }
+                let recorded = match handle.join() {
+                    Ok(cut) => cut.and_then(|cut| {
+                        Device::open(self.config.clone(), Reboot::Command)
+                            .and_then(|dev| dev.record_index(cut))
+                    }),
+                    Err(_) => Err(anyhow!("the indexing thread panicked")),
+                };
+                match recorded {
+                    Ok(done) => {
+                        crate::device::idle_index::trim_heap();
+                        info!(slot = %done.slot, chunks = done.chunks, "the running slot's index is ready");
+                        IdleIndex::Ready
+                    }
+                    Err(e) => {
+                        warn!(error = %crate::cmd::one_line(&e), "cannot index the running slot");
+                        IdleIndex::Unchecked
+                    }
+                }
+            }
+            other => other,
+        };
     }
 
     /// One round: settle what a previous run left, then poll once; when the server
@@ -502,6 +593,9 @@ impl Daemon {
     /// Installs a deployment and reboots into it.
     fn deploy(&mut self, dep: &NextDeployment) -> anyhow::Result<Handled> {
         info!(deployment = %dep.id, name = %dep.name, release = %format!("{}@{}", dep.release.name, dep.release.version), "deployment");
+        // The install needs the running slot's index: one being cut is finished
+        // first (the install would otherwise cut the slot again).
+        self.idle_index(true);
         let (status, _) = crate::device::read_status(&self.config)?;
         if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)]
             && r.name == dep.release.name

@@ -41,14 +41,14 @@ pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     root: TrustRoot,
-    factory: Vec<u8>,
-    v2: Vec<u8>,
+    pub(super) factory: Vec<u8>,
+    pub(super) v2: Vec<u8>,
     artifact: Vec<u8>,
 }
 
-fn fixture() -> Fixture {
+pub(super) fn fixture() -> Fixture {
     let key = SecretKey::from_seed(&[9; 32]);
     let root = TrustRoot::new(1, u64::MAX, &[key.public()], 1, &[key.public()], 1).expect("root");
     let factory = bytes(1, SIZE);
@@ -109,7 +109,7 @@ fn config() -> Config {
 }
 
 /// A fresh disk: the factory image in A, B zeroed, the file bootloader on A.
-fn fresh_disk(f: &Fixture) -> CrashDisk {
+pub(super) fn fresh_disk(f: &Fixture) -> CrashDisk {
     let disk = CrashDisk::new();
     let mut a = f.factory.clone();
     a.resize(SLOT, 0);
@@ -189,7 +189,7 @@ impl redb::StorageBackend for StoreFile {
     }
 }
 
-fn device(f: &Fixture, disk: &CrashDisk, data: &std::path::Path) -> Device {
+pub(super) fn device(f: &Fixture, disk: &CrashDisk, data: &std::path::Path) -> Device {
     try_device(f, disk, data).expect("device")
 }
 
@@ -206,7 +206,7 @@ fn try_device(f: &Fixture, disk: &CrashDisk, _data: &std::path::Path) -> anyhow:
     Device::from_parts(config(), f.root.clone(), store, boot)
 }
 
-fn install(f: &Fixture, dev: &mut Device) -> anyhow::Result<InstallReport> {
+pub(super) fn install(f: &Fixture, dev: &mut Device) -> anyhow::Result<InstallReport> {
     let source = Source::Artifact {
         name: "test.shoal".into(),
         reader: super::ArtifactInput::Stream(Box::new(Cursor::new(f.artifact.clone()))),

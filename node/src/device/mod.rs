@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod crash_tests;
 pub mod health;
+pub mod idle_index;
 mod slotio;
 pub mod store;
 mod write_behind;

@@ -228,21 +228,71 @@ impl Engine {
         if self.index.chunking() == Some(chunking) {
             self.plan(now);
         } else {
-            let active = self.state.active;
-            let len = self.state.releases[slot_index(active)]
-                .as_ref()
-                .map_or(self.state.slot_capacity[slot_index(active)], |r| {
-                    r.payload_size
-                });
-            info!(slot = %active, len, "indexing the active slot");
-            self.event(Event::Indexing { slot: active, len });
-            self.outputs.push_back(Output::IndexSlot {
-                slot: active,
-                chunking,
-                len,
-            });
+            self.ask_index(chunking);
         }
         Ok(())
+    }
+
+    /// Asks the driver to cut the active slot with `chunking` ([`Output::IndexSlot`]).
+    fn ask_index(&mut self, chunking: shoal_artifact::Chunking) {
+        let active = self.state.active;
+        let len = self.state.releases[slot_index(active)]
+            .as_ref()
+            .map_or(self.state.slot_capacity[slot_index(active)], |r| {
+                r.payload_size
+            });
+        info!(slot = %active, len, "indexing the active slot");
+        self.event(Event::Indexing { slot: active, len });
+        self.outputs.push_back(Output::IndexSlot {
+            slot: active,
+            chunking,
+            len,
+        });
+    }
+
+    /// Indexes the active slot while the device is idle, so that the next install
+    /// does not wait for it: with no install in progress and no index of the active
+    /// slot cut with `chunking`, an [`Output::IndexSlot`]; the driver answers with
+    /// [`Input::SlotIndexed`] (perhaps to an engine restored later, while still idle
+    /// and on the same slot), and the index is persisted as one cut for an install
+    /// is. Returns whether it asked.
+    /// Not while a deployment is past fetching (its slot is verified and armed, or
+    /// booting): the running slot may be about to change.
+    pub fn index_idle(&mut self, _now: Instant, chunking: shoal_artifact::Chunking) -> bool {
+        let settling = self
+            .state
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.phase != Phase::Fetching);
+        if self.job.is_some() || settling || self.index.chunking() == Some(chunking) {
+            return false;
+        }
+        self.ask_index(chunking);
+        true
+    }
+
+    /// How the active slot's index was cut, when it has one.
+    pub fn active_chunking(&self) -> Option<shoal_artifact::Chunking> {
+        self.index.chunking()
+    }
+
+    /// The active slot no longer holds what its index says (the driver read back a
+    /// recorded chunk and it hashed otherwise): the slot was changed outside Shoal.
+    /// Its index is dropped and persisted as dropped, so nothing is taken from the
+    /// slot on its word; [`Engine::index_idle`] or the next install cuts it again.
+    /// Ignored while an install runs (its reads are verified chunk by chunk).
+    pub fn active_slot_changed(&mut self, _now: Instant) -> bool {
+        if self.job.is_some() {
+            return false;
+        }
+        let active = self.state.active;
+        tracing::warn!(slot = %active, "the active slot does not hold what its index says; dropping the index");
+        self.index = super::index::ActiveIndex::default();
+        self.persist(vec![Record::SlotIndex {
+            slot: active,
+            index: None,
+        }]);
+        true
     }
 
     fn provided(&self, key: &str) -> Option<String> {

@@ -878,16 +878,24 @@ impl Engine {
     }
 
     fn on_indexed(&mut self, now: Instant, slot: Slot, index: SlotIndex) {
-        let waiting = self.job.as_ref().is_some_and(|j| j.step == Step::Indexing);
-        if !waiting || slot != self.state.active {
+        if slot != self.state.active {
             return;
         }
+        // Cut for an install waiting for it, or at idle time (`index_idle`); an
+        // install past its indexing takes nothing more.
+        let waiting = match &self.job {
+            None => false,
+            Some(j) if j.step == Step::Indexing => true,
+            Some(_) => return,
+        };
         self.set_index(&index);
         self.persist(vec![Record::SlotIndex {
             slot,
             index: Some(index),
         }]);
-        self.plan(now);
+        if waiting {
+            self.plan(now);
+        }
     }
 
     /// A failure the driver reported: what it was asked to do is dropped, and the
