@@ -572,13 +572,11 @@ fn the_release_manifest_crosses_the_uplink_once_per_site() {
     assert_eq!(from_peers, 3, "three devices got the manifest from a peer");
 }
 
-/// A peer that hands out a manifest whose signature does not verify (the test-only
-/// fault mode) is blocked by every device it lies to; they get the manifest
-/// elsewhere (another peer, or the server), and every slot still verifies.
-#[test]
-fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
-    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "manifest")])));
-    // The liar gets the release first, so it is the one holder the others see.
+/// A site of four whose device 0 misbehaves as `fault` (the test-only fault mode)
+/// and gets the release first, so it is the one holder the others see; then devices
+/// 1-3 install it, and every slot verifies.
+fn liar_first_then_three_more(fault: &str) -> Site {
+    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", fault)])));
     let first = &site.deploy_to(&[0])[0];
     wait_for(&site.devs[0], 120, "the liar's install", || {
         site.state(first) == "rebooting"
@@ -591,6 +589,15 @@ fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
         site.check_slot(n);
     }
     site.check_slot(0);
+    site
+}
+
+/// A peer that hands out a manifest whose signature does not verify (the test-only
+/// fault mode) is blocked by every device it lies to; they get the manifest
+/// elsewhere (another peer, or the server), and every slot still verifies.
+#[test]
+fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
+    let site = liar_first_then_three_more("manifest");
     let mut lied_to = 0;
     for n in 1..4 {
         let log = site.devs[n].log();
@@ -627,19 +634,7 @@ fn a_peer_lying_about_the_manifest_is_blocked_and_every_device_updates() {
 /// that asks it; they get the dictionary elsewhere, and every slot still verifies.
 #[test]
 fn a_peer_lying_about_the_dictionary_is_blocked_and_every_device_updates() {
-    let site = Site::new(4, Some((0, &[("SHOAL_TEST_PEER_FAULT", "dictionary")])));
-    let first = &site.deploy_to(&[0])[0];
-    wait_for(&site.devs[0], 120, "the liar's install", || {
-        site.state(first) == "rebooting"
-    });
-    let deps = site.deploy_to(&[1, 2, 3]);
-    for (n, dep) in (1..4).zip(&deps) {
-        wait_for(&site.devs[n], 120, "the install", || {
-            site.state(dep) == "rebooting"
-        });
-        site.check_slot(n);
-    }
-    site.check_slot(0);
+    let site = liar_first_then_three_more("dictionary");
     let liar = site.devs[0].peer_id();
     let mut lied_to = 0;
     for n in 1..4 {
