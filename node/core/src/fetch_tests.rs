@@ -638,7 +638,7 @@ fn the_journal_waits_for_the_sync() {
             Output::Sync { slot } => syncs.push(slot),
             Output::Persist(records) => {
                 assert!(
-                    !records.iter().any(|r| matches!(r, Record::Done(_))),
+                    !records.iter().any(|r| matches!(r, Record::Journaled(_))),
                     "a journal record before its sync returned"
                 );
                 dev.store.apply(&records);
@@ -647,11 +647,14 @@ fn the_journal_waits_for_the_sync() {
         }
     }
     assert!(!syncs.is_empty(), "batches were flushed");
-    assert!(dev.store.state.done.is_empty(), "nothing journaled yet");
+    assert!(
+        dev.store.state.journaled.is_empty(),
+        "nothing journaled yet"
+    );
     // A sync returns: its batch is journaled at once.
     dev.handle(&mut engine, Input::Synced { slot: syncs[0] });
     let journaled = std::iter::from_fn(|| engine.poll_output()).any(|out| {
-        matches!(out, Output::Persist(records) if records.iter().any(|r| matches!(r, Record::Done(_))))
+        matches!(out, Output::Persist(records) if records.iter().any(|r| matches!(r, Record::Journaled(_))))
     });
     assert!(journaled, "the batch was journaled after its sync");
 }

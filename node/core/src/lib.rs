@@ -113,6 +113,6 @@ pub use source::{
 };
 pub use state::{
     Deployment, DeviceState, IndexedChunk, Outcome, Phase, Record, Release, Slot, SlotIndex,
-    Verdict, slot_index,
+    Verdict, slot_ordinal,
 };
 pub use time::Instant;

@@ -11,7 +11,7 @@ use shoal_artifact::{ChunkId, Chunking, Manifest};
 pub use shoal_bootctl::Slot;
 
 /// Index of a slot in per-slot arrays: `0` for A, `1` for B.
-pub fn slot_index(slot: Slot) -> usize {
+pub fn slot_ordinal(slot: Slot) -> usize {
     match slot {
         Slot::A => 0,
         Slot::B => 1,
@@ -173,9 +173,9 @@ pub struct DeviceState {
     pub active: Slot,
     /// The anti-rollback floor: the highest security counter ever committed.
     pub floor: u64,
-    /// The verified release each slot holds, by [`slot_index`].
+    /// The verified release each slot holds, by [`slot_ordinal`].
     pub releases: [Option<Release>; 2],
-    /// Capacity of each slot in bytes, by [`slot_index`].
+    /// Capacity of each slot in bytes, by [`slot_ordinal`].
     pub slot_capacity: [u64; 2],
     /// The deployment in progress.
     pub deployment: Option<Deployment>,
@@ -184,7 +184,7 @@ pub struct DeviceState {
     pub envelope: Option<Arc<[u8]>>,
     /// Progress journal of the deployment: indexes of payload chunks written, synced
     /// and recorded.
-    pub done: Vec<u32>,
+    pub journaled: Vec<u32>,
     /// Wire bytes the deployment in progress asked of WAN sources so far (its data
     /// budget's spent part; persisted with the journal).
     pub wan_spent_bytes: u64,
@@ -204,7 +204,7 @@ impl DeviceState {
             slot_capacity,
             deployment: None,
             envelope: None,
-            done: Vec::new(),
+            journaled: Vec::new(),
             wan_spent_bytes: 0,
             active_index: None,
             last: None,
@@ -226,7 +226,7 @@ pub enum Record {
     /// Forget the progress journal.
     ClearProgress,
     /// Add payload chunk indexes to the progress journal.
-    Done(Vec<u32>),
+    Journaled(Vec<u32>),
     /// Set (or clear) the release a slot holds.
     SlotRelease {
         /// The slot.

@@ -26,7 +26,7 @@ use shoal_signing::{Envelope, SecretKey, TrustRoot};
 
 use crate::engine::{Boot, Engine, Event, Input, Output};
 use crate::source::{FetchFailure, Origin, RequestId, SourceId};
-use crate::state::{DeviceState, Record, Release, Slot, SlotIndex, slot_index};
+use crate::state::{DeviceState, Record, Release, Slot, SlotIndex, slot_ordinal};
 use crate::time::{Instant, Rng};
 
 /// The device store, in memory: what a driver keeps in redb.
@@ -59,19 +59,19 @@ impl MemStore {
                 Record::Deployment(d) => s.deployment = d.clone(),
                 Record::Envelope(e) => s.envelope = e.clone(),
                 Record::WanSpent(b) => s.wan_spent_bytes = *b,
-                Record::ClearProgress => s.done.clear(),
-                Record::Done(list) => s.done.extend_from_slice(list),
+                Record::ClearProgress => s.journaled.clear(),
+                Record::Journaled(list) => s.journaled.extend_from_slice(list),
                 Record::SlotRelease { slot, release } => {
-                    s.releases[slot_index(*slot)] = release.clone()
+                    s.releases[slot_ordinal(*slot)] = release.clone()
                 }
                 Record::SlotIndex { slot, index } => {
-                    self.indexes[slot_index(*slot)] = index.clone()
+                    self.indexes[slot_ordinal(*slot)] = index.clone()
                 }
                 Record::ReleaseIndex { slot, release } => {
-                    self.indexes[slot_index(*slot)] = Some(release.slot_index())
+                    self.indexes[slot_ordinal(*slot)] = Some(release.slot_index())
                 }
                 Record::Unindex { slot, id } => {
-                    if let Some(index) = self.indexes[slot_index(*slot)].as_mut() {
+                    if let Some(index) = self.indexes[slot_ordinal(*slot)].as_mut() {
                         index.chunks.retain(|c| c.id != *id);
                     }
                 }
@@ -85,7 +85,7 @@ impl MemStore {
     /// What [`Engine::new`] is given after a (re)start.
     pub fn load(&self) -> DeviceState {
         let mut state = self.state.clone();
-        state.active_index = self.indexes[slot_index(state.active)].clone();
+        state.active_index = self.indexes[slot_ordinal(state.active)].clone();
         state
     }
 }
@@ -369,8 +369,8 @@ impl SimDevice {
             } => {
                 let end = usize::try_from(len)
                     .expect("fits")
-                    .min(self.live[slot_index(slot)].len());
-                let index = index_fixed(&self.live[slot_index(slot)][..end], chunking);
+                    .min(self.live[slot_ordinal(slot)].len());
+                let index = index_fixed(&self.live[slot_ordinal(slot)][..end], chunking);
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
             Output::Read {
@@ -380,7 +380,7 @@ impl SimDevice {
                 len,
             } => {
                 let o = usize::try_from(offset).expect("fits");
-                let data = self.live[slot_index(slot)][o..o + len as usize].to_vec();
+                let data = self.live[slot_ordinal(slot)][o..o + len as usize].to_vec();
                 engine.handle(now, Input::checked(Origin::Slot(slot), id, data));
             }
             Output::Fetch {
@@ -461,8 +461,8 @@ impl SimDevice {
                 for off in offsets.iter() {
                     self.op()?;
                     let o = usize::try_from(off).expect("fits");
-                    self.live[slot_index(slot)][o..o + data.len()].copy_from_slice(&data);
-                    self.unsynced[slot_index(slot)].push((off, data.len()));
+                    self.live[slot_ordinal(slot)][o..o + data.len()].copy_from_slice(&data);
+                    self.unsynced[slot_ordinal(slot)].push((off, data.len()));
                     self.bytes_written += data.len() as u64;
                     engine.handle(
                         now,
@@ -475,8 +475,8 @@ impl SimDevice {
             }
             Output::Sync { slot } => {
                 self.op()?;
-                self.durable[slot_index(slot)] = self.live[slot_index(slot)].clone();
-                self.unsynced[slot_index(slot)].clear();
+                self.durable[slot_ordinal(slot)] = self.live[slot_ordinal(slot)].clone();
+                self.unsynced[slot_ordinal(slot)].clear();
                 engine.handle(now, Input::Synced { slot });
             }
             Output::Persist(records) => {
@@ -485,7 +485,7 @@ impl SimDevice {
             }
             Output::HashSlot { slot, len } => {
                 let end = usize::try_from(len).expect("fits");
-                let hash = *blake3::hash(&self.live[slot_index(slot)][..end]).as_bytes();
+                let hash = *blake3::hash(&self.live[slot_ordinal(slot)][..end]).as_bytes();
                 engine.handle(now, Input::SlotHashed { slot, hash });
             }
             out @ (Output::DisarmTrial { .. }
@@ -522,7 +522,7 @@ impl SimDevice {
             .iter()
             .find(|r| {
                 let len = usize::try_from(r.payload_size).expect("fits");
-                *blake3::hash(&self.live[slot_index(slot)][..len]).as_bytes() == r.payload_hash
+                *blake3::hash(&self.live[slot_ordinal(slot)][..len]).as_bytes() == r.payload_hash
             })
             .map(|r| (*r).clone())
     }

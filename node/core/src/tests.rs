@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use shoal_artifact::{BaseRelease, ChunkId, Manifest};
 use shoal_signing::{RoleName, SecretKey, TrustRoot, VerifyError};
 
-use crate::state::slot_index;
+use crate::state::slot_ordinal;
 use crate::testing::{SimDevice, bytes, keys, release, sign};
 use crate::{
     CommitError, Config, Engine, Event, Holds, Input, InstallError, Offer, OfferError, Origin,
@@ -595,7 +595,7 @@ fn power_cuts(v1: &[u8], v2: &[u8], step: usize, together: &[u32]) {
         assert!(crashed, "cut {cut} happened");
         let journaled = together
             .iter()
-            .filter(|p| dev.store.state.done.contains(p))
+            .filter(|p| dev.store.state.journaled.contains(p))
             .count();
         assert!(
             journaled == 0 || journaled == together.len(),
@@ -611,9 +611,9 @@ fn power_cuts(v1: &[u8], v2: &[u8], step: usize, together: &[u32]) {
             held.is_some(),
             "cut {cut}: next boot slot {next} holds no verified image"
         );
-        if dev.store.state.releases[slot_index(next)].is_some() {
+        if dev.store.state.releases[slot_ordinal(next)].is_some() {
             assert_eq!(
-                dev.store.state.releases[slot_index(next)],
+                dev.store.state.releases[slot_ordinal(next)],
                 held,
                 "cut {cut}: store agrees"
             );
@@ -858,7 +858,7 @@ fn an_interrupted_install_reports_its_journaled_ranges_on_resume() {
     assert!(journaled > 0, "some work was journaled before the cut");
     assert_eq!(journaled, engine.progress().resumed_bytes);
     // Each journaled range holds the new release's bytes on the medium already.
-    let target = slot_index(Slot::A);
+    let target = slot_ordinal(Slot::A);
     for (offset, len) in ranges {
         let (o, l) = (offset as usize, len as usize);
         assert_eq!(
@@ -899,7 +899,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
 
     // The driver cuts the slot and hands over the needed chunks it meets.
     let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
-    let live = dev.live[slot_index(slot)].clone();
+    let live = dev.live[slot_ordinal(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
     let mut handed = BTreeSet::new();
@@ -1163,7 +1163,7 @@ fn a_source_the_driver_stops_reading_fails_the_install_and_says_whether_to_retry
             dev.store.state.deployment.as_ref().map(|d| d.phase.clone()),
             Some(Phase::Fetching)
         );
-        assert!(!dev.store.state.done.is_empty(), "{fault:?}");
+        assert!(!dev.store.state.journaled.is_empty(), "{fault:?}");
         dev.events.clear();
         let mut engine = dev.engine(f.config());
         engine

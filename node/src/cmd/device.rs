@@ -1,7 +1,7 @@
 //! `shoal boot-check`, `shoal commit`, `shoal rollback`, `shoal status`.
 
 use serde_json::json;
-use shoal_engine::{Phase, Release, Slot, Verdict, slot_index};
+use shoal_engine::{Phase, Release, Slot, Verdict, slot_ordinal};
 
 use crate::cmd::Ui;
 use crate::cmd::install::ConfigArg;
@@ -210,8 +210,8 @@ pub fn status(args: StatusArgs, _ui: &Ui) -> anyhow::Result<()> {
             "boot": boot.summary,
             "floor": st.floor,
             "slots": {
-                "A": release_json(&st.releases[slot_index(Slot::A)]),
-                "B": release_json(&st.releases[slot_index(Slot::B)]),
+                "A": release_json(&st.releases[slot_ordinal(Slot::A)]),
+                "B": release_json(&st.releases[slot_ordinal(Slot::B)]),
             },
             "deployment": deployment,
             "last": last,

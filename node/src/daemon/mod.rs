@@ -270,7 +270,7 @@ impl Daemon {
         let Some(lan) = &self.lan else { return };
         let served = (|| -> anyhow::Result<Option<crate::lan::serve::Served>> {
             let (status, _) = crate::device::read_status(&self.config)?;
-            let Some(release) = &status.releases[shoal_engine::slot_index(status.active)] else {
+            let Some(release) = &status.releases[shoal_engine::slot_ordinal(status.active)] else {
                 return Ok(None);
             };
             let id = crate::lan::proto::ManifestId(release.manifest_hash);
@@ -491,7 +491,7 @@ impl Daemon {
         attrs.insert("device_type".into(), self.config.device.device_type.clone());
         attrs.insert("shoal_version".into(), env!("CARGO_PKG_VERSION").into());
         // What the server reads for delta previews and groups.
-        if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)] {
+        if let Some(r) = &status.releases[shoal_engine::slot_ordinal(status.active)] {
             attrs.insert("release_name".into(), r.name.clone());
             attrs.insert("release_version".into(), r.version.clone());
         }
@@ -597,7 +597,7 @@ impl Daemon {
         // first (the install would otherwise cut the slot again).
         self.idle_index(true);
         let (status, _) = crate::device::read_status(&self.config)?;
-        if let Some(r) = &status.releases[shoal_engine::slot_index(status.active)]
+        if let Some(r) = &status.releases[shoal_engine::slot_ordinal(status.active)]
             && r.name == dep.release.name
             && r.version == dep.release.version
             && status.deployment.is_none()

@@ -88,7 +88,7 @@ impl Daemon {
             return Ok(None);
         };
         let (status, _) = crate::device::read_status(&self.config)?;
-        let running = status.releases[shoal_engine::slot_index(status.active)]
+        let running = status.releases[shoal_engine::slot_ordinal(status.active)]
             .as_ref()
             .map(|r| r.manifest_hash);
         if self.offers.running != running {

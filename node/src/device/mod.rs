@@ -34,7 +34,7 @@ use shoal_bootctl::storage::Storage;
 use shoal_engine::{
     Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress,
     RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind, SourceLimits,
-    Status, slot_index,
+    Status, slot_ordinal,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -393,7 +393,7 @@ impl Device {
     ) -> anyhow::Result<Device> {
         let mut capacity = [0u64; 2];
         for slot in Slot::ALL {
-            capacity[slot_index(slot)] = boot.open_reader(slot)?.len()?;
+            capacity[slot_ordinal(slot)] = boot.open_reader(slot)?.len()?;
         }
         Ok(Device {
             config,
@@ -511,7 +511,7 @@ impl Device {
         // the daemon serves and announces it after the reboot, and peers with
         // `[lan] accept_releases` install it from here.
         let data_dir = self.config.device.data_dir.clone();
-        let running_hash = engine.status().releases[slot_index(running)]
+        let running_hash = engine.status().releases[slot_ordinal(running)]
             .as_ref()
             .map(|r| r.manifest_hash);
         // The new release's manifest is written to the kept ones as soon as it is
@@ -547,7 +547,7 @@ impl Device {
                 // costs anything more (a signed manifest of 300,000 chunks); the
                 // engine's offer checks the same.
                 let target = running.other();
-                let capacity = driver.dev.capacity[slot_index(target)];
+                let capacity = driver.dev.capacity[slot_ordinal(target)];
                 if let Some(p) = artifact
                     .manifest()
                     .payloads
@@ -573,7 +573,7 @@ impl Device {
                         .iter()
                         .any(|p| !p.references.is_empty())
                     && let Some(running_release) =
-                        &driver.engine.status().releases[slot_index(running)]
+                        &driver.engine.status().releases[slot_ordinal(running)]
                     && running_release.manifest_hash != base.manifest_hash
                 {
                     return Err(anyhow!(
@@ -1053,7 +1053,7 @@ fn open_parts(
         let s = boot.open_reader(slot).with_context(|| {
             format!("cannot open slot {slot} ({})", boot.slots().describe(slot))
         })?;
-        capacity[slot_index(slot)] = s
+        capacity[slot_ordinal(slot)] = s
             .len()
             .with_context(|| format!("cannot measure slot {slot}"))?;
     }
@@ -1849,7 +1849,7 @@ impl<'a> Driver<'a> {
                 .boot
                 .open_reader(slot)
                 .with_context(|| format!("cannot open slot {slot}"))?;
-            let len = self.dev.capacity[slot_index(slot)];
+            let len = self.dev.capacity[slot_ordinal(slot)];
             self.read_ahead = Some((slot, slotio::ReadAhead::start(storage, len)));
         }
         let (_, ahead) = self.read_ahead.as_mut().expect("just started");
@@ -1883,7 +1883,7 @@ impl<'a> Driver<'a> {
     }
 
     fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
-        let i = slot_index(slot);
+        let i = slot_ordinal(slot);
         if self.readers[i].is_none() {
             let r = self
                 .dev

@@ -27,7 +27,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_artifact::{ChunkId, Chunking};
-use shoal_engine::{DeviceState, IndexedChunk, Record, Slot, SlotIndex, slot_index};
+use shoal_engine::{DeviceState, IndexedChunk, Record, Slot, SlotIndex, slot_ordinal};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
@@ -342,7 +342,8 @@ impl Store {
         }
         state.floor = self.get::<u64>("floor")?.unwrap_or(0);
         for slot in Slot::ALL {
-            state.releases[slot_index(slot)] = self.get(&format!("release.{}", slot_name(slot)))?;
+            state.releases[slot_ordinal(slot)] =
+                self.get(&format!("release.{}", slot_name(slot)))?;
         }
         state.deployment = self.get("deployment")?;
         state.envelope = self.envelope()?.map(Into::into);
@@ -352,7 +353,7 @@ impl Store {
         let done = txn.open_table(DONE).map_err(|e| self.db_err(e))?;
         for entry in done.iter().map_err(|e| self.db_err(e))? {
             let (k, _) = entry.map_err(|e| self.db_err(e))?;
-            state.done.push(k.value());
+            state.journaled.push(k.value());
         }
         state.active_index = self.slot_index(state.active)?;
         Ok(state)
@@ -461,7 +462,7 @@ impl Store {
                     Record::ClearProgress => {
                         done.retain(|_, _| false)?;
                     }
-                    Record::Done(list) => {
+                    Record::Journaled(list) => {
                         for &i in list {
                             done.insert(i, ())?;
                         }
@@ -687,8 +688,8 @@ mod tests {
                     index: None,
                 },
             ],
-            vec![Record::Done(vec![0, 1, 2]), Record::WanSpent(12_345)],
-            vec![Record::Done(vec![5])],
+            vec![Record::Journaled(vec![0, 1, 2]), Record::WanSpent(12_345)],
+            vec![Record::Journaled(vec![5])],
             vec![Record::Unindex {
                 slot: Slot::A,
                 id: ChunkId([3; 32]),
@@ -722,8 +723,8 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         let mut expected = model.load();
         let mut got = store.load(Slot::A, [8192, 8192]).expect("load");
-        expected.done.sort_unstable();
-        got.done.sort_unstable();
+        expected.journaled.sort_unstable();
+        got.journaled.sort_unstable();
         assert_eq!(got, expected);
         assert_eq!(store.slot_index(Slot::B).expect("index"), model.indexes[1]);
         assert_eq!(
@@ -741,7 +742,7 @@ mod tests {
             .expect("clear");
         let got = store.load(Slot::A, [8192, 8192]).expect("load");
         assert_eq!(
-            (got.done.len(), got.deployment, got.envelope),
+            (got.journaled.len(), got.deployment, got.envelope),
             (0, None, None)
         );
     }

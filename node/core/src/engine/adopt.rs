@@ -11,7 +11,7 @@
 use std::cmp::Ordering;
 
 use super::Status;
-use crate::state::{Release, Verdict, slot_index};
+use crate::state::{Release, Verdict, slot_ordinal};
 
 /// What to do with a release a LAN peer runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub fn peer_release(state: &Status, offered: &Release) -> PeerRelease {
     {
         return PeerRelease::RolledBack;
     }
-    let Some(running) = &state.releases[slot_index(state.active)] else {
+    let Some(running) = &state.releases[slot_ordinal(state.active)] else {
         return PeerRelease::Adopt;
     };
     if running.manifest_hash == offered.manifest_hash {

@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::error::{CommitError, InstallError, OfferError, RollbackError};
 use crate::state::{
-    Deployment, IndexedChunk, Outcome, Phase, Record, Slot, SlotIndex, Verdict, slot_index,
+    Deployment, IndexedChunk, Outcome, Phase, Record, Slot, SlotIndex, Verdict, slot_ordinal,
 };
 use crate::time::Instant;
 
@@ -105,7 +105,7 @@ impl Engine {
             }
         }
         let target = self.state.active.other();
-        let capacity = self.state.slot_capacity[slot_index(target)];
+        let capacity = self.state.slot_capacity[slot_ordinal(target)];
         if release.payload_size > capacity {
             return Err(OfferError::SlotTooSmall {
                 slot: target,
@@ -128,7 +128,7 @@ impl Engine {
             _ => false,
         };
         if resume {
-            info!(release = %release, slot = %target, done = self.state.done.len(), "resuming install");
+            info!(release = %release, slot = %target, done = self.state.journaled.len(), "resuming install");
             if !same_envelope || self.state.deployment.as_ref() != Some(&dep) {
                 let mut records = Vec::new();
                 // A release whose envelope was shed was offered for this very
@@ -146,15 +146,15 @@ impl Engine {
             );
             // A slot that already holds this payload (a release rolled back, then
             // offered again) is not written again: it is only verified.
-            let held = self.state.releases[slot_index(target)]
+            let held = self.state.releases[slot_ordinal(target)]
                 .as_ref()
                 .is_some_and(|r| {
                     r.payload_hash == release.payload_hash && r.payload_size == release.payload_size
                 });
             info!(release = %release, slot = %target, held, "starting install");
-            self.state.done.clear();
+            self.state.journaled.clear();
             self.state.wan_spent_bytes = 0;
-            self.state.releases[slot_index(target)] = None;
+            self.state.releases[slot_ordinal(target)] = None;
             self.state.envelope = Some(Arc::clone(&envelope));
             let mut records = vec![
                 Record::Envelope(Some(envelope)),
@@ -172,8 +172,8 @@ impl Engine {
             ];
             if held {
                 let n = rel.table.positions();
-                self.state.done = (0..n).collect();
-                records.push(Record::Done(self.state.done.clone()));
+                self.state.journaled = (0..n).collect();
+                records.push(Record::Journaled(self.state.journaled.clone()));
             }
             self.persist(records);
         }
@@ -185,12 +185,12 @@ impl Engine {
             Arc::clone(rel),
             target,
             reboot,
-            &self.state.done,
-            self.state.wan_spent_bytes,
+            &self.state.journaled,
+            super::budget::WanBudget::new(self.config.wan_budget_bytes, self.state.wan_spent_bytes),
         );
         // While the install runs, its journal is the job's bitfield (a bit per
         // position, not four bytes).
-        self.state.done = Vec::new();
+        self.state.journaled = Vec::new();
         let resumed_bytes = job.journal_bytes;
         self.progress = Progress {
             total_bytes: release.payload_size,
@@ -236,9 +236,9 @@ impl Engine {
     /// Asks the driver to cut the active slot with `chunking` ([`Output::IndexSlot`]).
     fn ask_index(&mut self, chunking: shoal_artifact::Chunking) {
         let active = self.state.active;
-        let len = self.state.releases[slot_index(active)]
+        let len = self.state.releases[slot_ordinal(active)]
             .as_ref()
-            .map_or(self.state.slot_capacity[slot_index(active)], |r| {
+            .map_or(self.state.slot_capacity[slot_ordinal(active)], |r| {
                 r.payload_size
             });
         info!(slot = %active, len, "indexing the active slot");
@@ -296,7 +296,7 @@ impl Engine {
     }
 
     fn provided(&self, key: &str) -> Option<String> {
-        let running = self.state.releases[slot_index(self.state.active)].as_ref();
+        let running = self.state.releases[slot_ordinal(self.state.active)].as_ref();
         running
             .and_then(|r| r.provides.get(key))
             .or_else(|| self.config.provides.get(key))
@@ -318,7 +318,7 @@ impl Engine {
             if let Some(job) = self.job.as_mut() {
                 job.journaled = crate::Bitfield::new(job.rel.table.positions());
             }
-            self.state.done.clear();
+            self.state.journaled.clear();
             self.persist(vec![Record::ClearProgress]);
             self.fail(err);
             return;
@@ -328,8 +328,8 @@ impl Engine {
             return;
         };
         dep.phase = Phase::Verified;
-        self.state.releases[slot_index(slot)] = Some(dep.release.clone());
-        self.state.done.clear();
+        self.state.releases[slot_ordinal(slot)] = Some(dep.release.clone());
+        self.state.journaled.clear();
         self.persist(vec![
             Record::Deployment(Some(dep.clone())),
             Record::SlotRelease {
@@ -353,7 +353,7 @@ impl Engine {
             return;
         };
         assert!(
-            self.state.releases[slot_index(slot)]
+            self.state.releases[slot_ordinal(slot)]
                 .as_ref()
                 .map(|r| r.manifest_hash)
                 == Some(dep.release.manifest_hash),
@@ -611,7 +611,7 @@ impl Engine {
         self.state.envelope = None;
         self.state.wan_spent_bytes = 0;
         self.journal_bytes = 0;
-        self.state.done.clear();
+        self.state.journaled.clear();
         self.state.last = Some(outcome);
         let (release, slot) = (dep.release, dep.target);
         match verdict {

@@ -24,6 +24,7 @@ use crate::time::{Instant, Rng};
 use crate::timer::TimerTable;
 
 pub(crate) mod adopt;
+mod budget;
 mod index;
 mod lan;
 mod lan_manifest;
@@ -573,7 +574,7 @@ pub struct Status {
     pub active: Slot,
     /// The anti-rollback floor.
     pub floor: u64,
-    /// The release in each slot, by [`slot_index`](crate::slot_index).
+    /// The release in each slot, by [`slot_ordinal`](crate::slot_ordinal).
     pub releases: [Option<Release>; 2],
     /// The deployment in progress.
     pub deployment: Option<DeploymentStatus>,
@@ -654,7 +655,7 @@ impl Engine {
             .is_some_and(|d| d.phase == Phase::Fetching)
         {
             engine.journal_bytes =
-                lifecycle::journal_bytes(engine.state.envelope.as_deref(), &engine.state.done);
+                lifecycle::journal_bytes(engine.state.envelope.as_deref(), &engine.state.journaled);
         }
         if let Some(index) = engine.state.active_index.take() {
             engine.set_index(&index);
@@ -670,7 +671,7 @@ impl Engine {
     /// slot is recorded as holding that release (for a simulated fleet: one copy of
     /// the index for every device running it). Returns whether it did.
     pub fn share_active_index(&mut self, release: &std::sync::Arc<VerifiedRelease>) -> bool {
-        let holds = self.state.releases[crate::state::slot_index(self.state.active)]
+        let holds = self.state.releases[crate::state::slot_ordinal(self.state.active)]
             .as_ref()
             .is_some_and(|r| r.manifest_hash == release.release.manifest_hash);
         if holds {
@@ -923,7 +924,7 @@ impl Engine {
             self.state.last = Some(outcome.clone());
             let mut records = vec![Record::Last(outcome)];
             // What this run asked of the WAN counts when the deployment resumes.
-            if let Some(asked) = self.job.as_ref().map(|j| j.wan_asked)
+            if let Some(asked) = self.job.as_ref().map(|j| j.budget.asked())
                 && asked != self.state.wan_spent_bytes
             {
                 records.push(Record::WanSpent(asked));
@@ -939,9 +940,9 @@ impl Engine {
     /// goes back to the device state.
     fn drop_job(&mut self) {
         if let Some(job) = self.job.take() {
-            self.state.done = job.journaled.iter().collect();
+            self.state.journaled = job.journaled.iter().collect();
             self.journal_bytes = job.journal_bytes;
-            self.state.wan_spent_bytes = job.wan_asked;
+            self.state.wan_spent_bytes = job.budget.asked();
         }
     }
 

@@ -32,14 +32,14 @@ pub(crate) const SYNCS_ROOM: usize = 8;
 use shoal_artifact::{ChunkId, VerifiedChunk};
 use tracing::{debug, info, warn};
 
+use super::budget::WanBudget;
 use crate::bits::Bitfield;
 use crate::error::InstallError;
-use crate::pacing::Pacer;
 use crate::source::{
     FetchFailure, Gone, Holds, Origin, RequestId, SourceClass, SourceId, SourceInfo, SourceKind,
     SourceStatus,
 };
-use crate::state::{Record, Slot, slot_index};
+use crate::state::{Record, Slot, slot_ordinal};
 use crate::time::Instant;
 use crate::timer::Timer;
 
@@ -299,9 +299,9 @@ pub(crate) struct Job {
     corrupt: Option<(Origin, ChunkId)>,
     /// The LAN swarm, when the driver named one.
     pub(crate) lan: Option<super::lan::LanState>,
-    /// Wire bytes asked of WAN sources during this deployment, by every run (for
-    /// the data budget; persisted with each journal batch).
-    pub(crate) wan_asked: u64,
+    /// The data budget and rate cap of WAN requests (what every run asked is
+    /// persisted with each journal batch).
+    pub(crate) budget: WanBudget,
     /// The largest wire size of a chunk of the release.
     wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
@@ -311,10 +311,6 @@ pub(crate) struct Job {
     takers: Vec<usize>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
     pub(crate) writing_bytes: u64,
-    /// The WAN rate cap.
-    pacer: Option<Pacer>,
-    /// A chunk was not asked of the WAN because of the data budget.
-    budget_blocked: bool,
 }
 
 impl Job {
@@ -325,7 +321,7 @@ impl Job {
         target: Slot,
         reboot: bool,
         done_positions: &[u32],
-        wan_asked: u64,
+        budget: WanBudget,
     ) -> Job {
         let table = &rel.table;
         let n = table.entries();
@@ -361,7 +357,7 @@ impl Job {
             journal_bytes: 0,
             corrupt: None,
             lan: None,
-            wan_asked,
+            budget,
             spare_entries: Vec::new(),
             takers: Vec::new(),
             wire_max: (0..n)
@@ -369,8 +365,6 @@ impl Job {
                 .max()
                 .unwrap_or(0),
             writing_bytes: 0,
-            pacer: None,
-            budget_blocked: false,
         };
         for e in 0..n {
             let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
@@ -639,30 +633,19 @@ impl Engine {
             .iter()
             .any(|s| s.is_requests() && super::lan::is_wan(s.info.class));
         // What an interrupted run of this deployment already asked counts too.
-        let wan_needed = wan_needed.saturating_add(job.wan_asked);
-        if let Some(allowed) = self.config.wan_budget_bytes
-            && has_wan
-            && wan_needed > allowed
-        {
+        if let Some(refusal) = job.budget.refuses_plan(wan_needed).filter(|_| has_wan) {
             // Refused before anything is read, written or fetched.
             for e in 0..job.rel.table.entries() {
                 if job.need.get(e) == Need::QueuedRead {
                     job.need.set(e, Need::Idle);
                 }
             }
-            self.fail(InstallError::OverBudget {
-                needed: wan_needed,
-                allowed,
-            });
+            self.fail(refusal);
             return;
         }
-        if let Some(rate) = self.config.wan_rate_bytes_per_s {
-            let largest = (0..job.rel.table.entries())
-                .map(|e| u64::from(job.rel.table.wire_size(e)))
-                .max()
-                .unwrap_or(0);
-            job.pacer = Some(Pacer::new(rate, (rate / 10).max(largest), now));
-        }
+        let largest = job.wire_max;
+        job.budget
+            .start_pacing(self.config.wan_rate_bytes_per_s, largest, now);
         self.rescan(now);
     }
 
@@ -710,7 +693,7 @@ impl Engine {
     /// Every needed chunk left has no source: fail, saying why.
     fn stuck(&mut self) {
         let active = self.state.active;
-        let active_release = self.state.releases[slot_index(active)]
+        let active_release = self.state.releases[slot_ordinal(active)]
             .as_ref()
             .map(ToString::to_string);
         let Some(job) = self.job.as_ref() else { return };
@@ -723,17 +706,14 @@ impl Engine {
             .sources
             .iter()
             .any(|s| matches!(s.gone, Some(Gone::Failing | Gone::Banned | Gone::Removed)));
-        let err = if let (true, Some(allowed)) = (job.budget_blocked, self.config.wan_budget_bytes)
-        {
-            let left: u64 = job
-                .needed_entries()
+        let left = || {
+            job.needed_entries()
                 .filter(|&e| !matches!(job.need.get(e), Need::Fetching { .. }))
                 .map(|e| u64::from(job.rel.table.wire_size(e)))
-                .sum();
-            InstallError::OverBudget {
-                needed: job.wan_asked + left,
-                allowed,
-            }
+                .sum()
+        };
+        let err = if let Some(err) = job.budget.blocked_error(left()) {
+            err
         } else if let Some((origin, id)) = job.corrupt {
             InstallError::CorruptChunk { origin, id }
         } else if failed {
@@ -752,7 +732,7 @@ impl Engine {
 
     fn pump_reads(&mut self) {
         let active = self.state.active;
-        let capacity = self.state.slot_capacity[slot_index(active)];
+        let capacity = self.state.slot_capacity[slot_ordinal(active)];
         let Some(job) = self.job.as_mut() else { return };
         while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
             let Some(e) = job.need.next_read() else {
@@ -797,11 +777,8 @@ impl Engine {
         let size = job.rel.table.size(e);
         let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
         let wire = u64::from(job.rel.table.wire_size(e));
-        let budget = self
-            .config
-            .wan_budget_bytes
-            .is_none_or(|b| job.wan_asked.saturating_add(wire) <= b);
-        let paced = job.pacer.as_ref().is_some_and(|p| !p.has(wire, now));
+        let budget = job.budget.allows(wire);
+        let paced = job.budget.paced(wire, now);
         let mut over_budget = false;
         let usable = |s: &SourceState| {
             s.is_requests()
@@ -936,7 +913,7 @@ impl Engine {
                 Choice::OverBudget => {
                     if let Some(job) = self.job.as_mut() {
                         job.need.set(e, Need::Idle);
-                        job.budget_blocked = true;
+                        job.budget.block();
                     }
                 }
                 Choice::Lan => {
@@ -1032,11 +1009,7 @@ impl Engine {
         let size = job.rel.table.size(e);
         if super::lan::is_wan(job.sources[i].info.class) {
             let wire = u64::from(job.rel.table.wire_size(e));
-            job.wan_asked += wire;
-            if let Some(p) = job.pacer.as_mut() {
-                let taken = p.try_take(wire, now);
-                assert!(taken, "a paced chunk was assigned");
-            }
+            job.budget.spend(wire, now);
         }
         let limits = job.sources[i].info.limits;
         let r = job.requests[slot as usize]
@@ -1287,7 +1260,7 @@ impl Engine {
     /// the chunks found absent or goes on fetching.
     fn probe(&mut self, now: Instant) {
         let active = self.state.active;
-        let capacity = self.state.slot_capacity[slot_index(active)];
+        let capacity = self.state.slot_capacity[slot_ordinal(active)];
         let Some(job) = self.job.as_mut() else { return };
         while (job.probes_in_flight as usize) < self.config.reads_in_flight_max {
             let Some(e) = job.probes.pop_front() else {
@@ -1321,7 +1294,7 @@ impl Engine {
             .map(|&e| u64::from(job.rel.table.size(e)))
             .sum();
         let base = job.rel.manifest.base.clone();
-        let active = self.state.releases[slot_index(active)]
+        let active = self.state.releases[slot_ordinal(active)]
             .as_ref()
             .map(ToString::to_string);
         self.fail(InstallError::MissingChunks {
@@ -1409,23 +1382,23 @@ impl Engine {
         self.unsynced
             .reserve_exact(room.saturating_sub(self.unsynced.len()));
         self.syncing.reserve(self.syncing.len().max(SYNCS_ROOM));
-        let mut records = vec![Record::Done(batch)];
+        let mut records = vec![Record::Journaled(batch)];
         match self.job.as_mut() {
             Some(job) => {
-                if let Record::Done(batch) = &records[0] {
+                if let Record::Journaled(batch) = &records[0] {
                     for &p in batch {
                         job.journaled.set(p);
                     }
                 }
                 job.journal_bytes += bytes;
-                if job.wan_asked != self.state.wan_spent_bytes {
-                    self.state.wan_spent_bytes = job.wan_asked;
-                    records.push(Record::WanSpent(job.wan_asked));
+                if job.budget.asked() != self.state.wan_spent_bytes {
+                    self.state.wan_spent_bytes = job.budget.asked();
+                    records.push(Record::WanSpent(job.budget.asked()));
                 }
             }
             None => {
-                if let Record::Done(batch) = &records[0] {
-                    self.state.done.extend_from_slice(batch);
+                if let Record::Journaled(batch) = &records[0] {
+                    self.state.journaled.extend_from_slice(batch);
                 }
                 self.journal_bytes += bytes;
             }
@@ -1795,10 +1768,9 @@ impl Engine {
             .and_then(|job| job.lan_deadline(now, super::lan::ms(self.config.lan_timeout)));
         self.timers.set(Timer::LanOwner, lan);
         let pacing = self.job.as_ref().and_then(|job| {
-            let p = job.pacer.as_ref()?;
             let e = job.need.first_fetch()?;
-            let wire = u64::from(job.rel.table.wire_size(e));
-            (!p.has(wire, now)).then(|| p.ready_at(wire))
+            job.budget
+                .ready_at(u64::from(job.rel.table.wire_size(e)), now)
         });
         self.timers.set(Timer::Pacing, pacing);
         let age = super::lan::ms(self.config.journal_batch_age);

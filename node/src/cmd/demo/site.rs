@@ -419,7 +419,7 @@ path = "{env}"
         let slot = boot_env(&mut env, &Bootloader::new(Scheme::Shoal, Flavor::File))
             .context("simulating the bootloader")?
             .slot;
-        let version = status.releases[shoal_engine::slot_index(slot)]
+        let version = status.releases[shoal_engine::slot_ordinal(slot)]
             .as_ref()
             .map_or_else(|| "1.0".to_owned(), |r| r.version.clone());
         self.install_checks(&version)?;
@@ -442,7 +442,7 @@ path = "{env}"
     /// result, `None` while its daemon holds the store.
     pub fn running(&self) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
         Ok(self.status()?.map(|s| {
-            let running = s.releases[shoal_engine::slot_index(s.active)]
+            let running = s.releases[shoal_engine::slot_ordinal(s.active)]
                 .as_ref()
                 .map(|r| r.version.clone());
             let last = s.last.as_ref().map(|o| match &o.verdict {

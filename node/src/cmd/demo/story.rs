@@ -774,7 +774,7 @@ impl Demo<'_> {
             let s = d
                 .status()?
                 .ok_or_else(|| anyhow!("{}'s store is still busy", d.name))?;
-            let release = s.releases[shoal_engine::slot_index(s.active)]
+            let release = s.releases[shoal_engine::slot_ordinal(s.active)]
                 .clone()
                 .ok_or_else(|| anyhow!("{} runs no release Shoal knows", d.name))?;
             if release.version != "3.0" {
