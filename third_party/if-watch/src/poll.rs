@@ -130,9 +130,14 @@ impl FusedStream for IfWatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // Not `super::*`: that would bring this file's `tokio` module into scope, and
+    // `#[tokio::test]` expands to paths that must name the tokio crate.
+    use super::{diff, IfWatcher};
+    use crate::{IfEvent, IpNet};
+    use fnv::FnvHashSet;
     use futures::StreamExt;
     use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
