@@ -168,17 +168,22 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 /// The first time it meets a chunk in `wanted`, it sends it (verified) to `met`
 /// (an install takes the chunks it needs while the slot is indexed, instead of
 /// reading them again afterwards). A closed `met` stops the sending, not the index.
+///
+/// The cutting and hashing run in `pool`, or without one in rayon's global pool
+/// (started on first use, and alive from then on: an idle-time cut passes a pool
+/// of its own, which ends with it).
 pub fn index(
     storage: &dyn Storage,
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     let mut sent: HashSet<ChunkId> = HashSet::new();
     let mut met = met;
-    let mut hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
+    let hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
         if let Some(tx) = met
             && wanted(&id)
             && sent.insert(id)
@@ -192,6 +197,23 @@ pub fn index(
         }
     };
     read_ahead(storage, 0, len, move |blocks| {
+        // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
+        // calls below would start (or use) the global pool unless sent into `pool`.
+        let body = move || cut_and_hash(blocks, chunking, hand_over);
+        match pool {
+            Some(pool) => pool.install(body),
+            None => body(),
+        }
+    })
+}
+
+/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over.
+fn cut_and_hash(
+    blocks: &mut Blocks,
+    chunking: Chunking,
+    mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
+) -> Vec<(u64, ChunkId, u32)> {
+    {
         let mut out = Vec::new();
         // Two windows, each the carried-over tail of the previous one followed by a
         // block: one is cut while the other's chunks are hashed.
@@ -238,7 +260,7 @@ pub fn index(
             out.push((*offset, id, len));
         }
         out
-    })
+    }
 }
 
 /// The finished chunks `(start, len)` of `window`: every chunk whose end was
