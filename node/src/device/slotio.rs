@@ -707,7 +707,15 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_FAST,
         ] {
             let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
-            let got = index(&*storage, data.len() as u64, chunking, &|_| false, None).unwrap();
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                None,
+                None,
+            )
+            .unwrap();
             assert_eq!(got.len(), expected.len(), "{chunking:?}");
             assert_eq!(got, expected, "{chunking:?}");
         }
@@ -722,6 +730,7 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_DEFAULT,
             &|_| false,
             None,
+            None,
         )
         .unwrap();
         assert_eq!(got, expected);
@@ -731,6 +740,7 @@ mod tests {
                 0,
                 shoal_artifact::chunk::CHUNKING_DEFAULT,
                 &|_| false,
+                None,
                 None
             )
             .unwrap()
@@ -759,6 +769,7 @@ mod tests {
                 chunking,
                 &|id| wanted.contains(id),
                 Some(&tx),
+                None,
             )
             .unwrap();
             drop(tx);
@@ -781,9 +792,63 @@ mod tests {
             chunking,
             &|id| wanted.contains(id),
             Some(&tx),
+            None,
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// #11: given a pool, the cutting and hashing run in it (the chunks are handed
+    /// over from its thread), and the same index comes out; rayon's global pool is
+    /// not used (its threads would outlive an idle-time cut).
+    #[test]
+    fn index_in_a_pool_cuts_and_hashes_there() {
+        let data = pattern(2 * BLOCK + 5_000, 31);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let in_pool = std::sync::atomic::AtomicUsize::new(0);
+        let outside = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let got = std::thread::scope(|scope| {
+            scope.spawn(move || rx.iter().count());
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| {
+                    let n = if pool.current_thread_index().is_some() {
+                        &in_pool
+                    } else {
+                        &outside
+                    };
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    true
+                },
+                Some(&tx),
+                Some(&pool),
+            )
+            .unwrap();
+            drop(tx);
+            got
+        });
+        assert_eq!(
+            got,
+            shoal_artifact::chunk::index(&data[..], chunking).unwrap()
+        );
+        assert_eq!(
+            outside.into_inner(),
+            0,
+            "chunks handed over outside the pool"
+        );
+        assert_eq!(
+            in_pool.into_inner(),
+            got.len(),
+            "each chunk handed over in the pool"
+        );
     }
 
     #[test]
