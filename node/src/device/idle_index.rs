@@ -17,8 +17,11 @@
 //! fetches the ones that do not match (and unindexes them).
 //!
 //! The cut runs without the device store ([`Cut::run`]: the daemon keeps polling
-//! meanwhile) on one thread at a low CPU priority (nice 10) and in the idle I/O
-//! class, so a device busy with its real work hardly notices it.
+//! meanwhile) on threads of its own (a reader, and a pool of one a core for the
+//! cutting and hashing, which ends with the cut: no thread of it outlives it) at a
+//! low CPU priority (nice 10) and in the idle I/O class, so a device busy with its
+//! real work hardly notices it. A fresh device's first install waits for the cut,
+//! so it uses every core, at that priority.
 //!
 //! [`Engine::index_idle`]: shoal_engine::Engine::index_idle
 //! [`Engine::active_slot_changed`]: shoal_engine::Engine::active_slot_changed
@@ -133,16 +136,18 @@ impl CutIndex {
 }
 
 impl Cut {
-    /// Cuts the slot (no device store needed: run it on any thread), on one
-    /// thread of low CPU and I/O priority.
+    /// Cuts the slot (no device store needed: run it on any thread), on threads
+    /// of low CPU and I/O priority that end with it.
     pub fn run(self) -> anyhow::Result<CutIndex> {
         let started = Instant::now();
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
+            .num_threads(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            )
             .thread_name(|_| "shoal-idle-index".into())
             .start_handler(|_| lower_priority())
             .build()
-            .context("cannot start the indexing thread")?;
+            .context("cannot start the indexing threads")?;
         let Cut {
             slot,
             chunking,
@@ -151,9 +156,23 @@ impl Cut {
             storage,
         } = self;
         let len = len.min(storage.len()?);
-        let chunks = pool
-            .install(move || slotio::index(&*storage, len, chunking, &|_| false, None))
-            .with_context(|| format!("cannot read slot {slot} to index it"))?;
+        // The slot is read on a thread of low priority too (the caller's is left
+        // as it is); the cutting and hashing run in `pool` (never in rayon's
+        // global pool, whose threads would outlive the cut).
+        let pool_ref = &pool;
+        let chunks = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("shoal-idle-read".into())
+                .spawn_scoped(scope, move || {
+                    lower_priority();
+                    slotio::index(&*storage, len, chunking, &|_| false, None, Some(pool_ref))
+                })
+                .context("cannot start the slot reading thread")?
+                .join()
+                .map_err(|_| anyhow::anyhow!("the slot reading thread panicked"))?
+                .with_context(|| format!("cannot read slot {slot} to index it"))
+        })?;
+        drop(pool);
         Ok(CutIndex {
             reason,
             elapsed: started.elapsed(),
@@ -373,12 +392,18 @@ mod tests {
         let path = dir.path().join("slot");
         std::fs::write(&path, bytes).expect("write");
         let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
-        let mut chunks: Vec<IndexedChunk> =
-            slotio::index(&storage, bytes.len() as u64, chunking, &|_| false, None)
-                .expect("cut")
-                .into_iter()
-                .map(|(offset, id, len)| IndexedChunk { id, offset, len })
-                .collect();
+        let mut chunks: Vec<IndexedChunk> = slotio::index(
+            &storage,
+            bytes.len() as u64,
+            chunking,
+            &|_| false,
+            None,
+            None,
+        )
+        .expect("cut")
+        .into_iter()
+        .map(|(offset, id, len)| IndexedChunk { id, offset, len })
+        .collect();
         // As the store gives it back: the first of each id, in slot order.
         let mut seen = std::collections::HashSet::new();
         chunks.retain(|c| seen.insert(c.id));

@@ -1938,6 +1938,7 @@ impl<'a> Driver<'a> {
                             chunking,
                             &|id| wanted.contains(id),
                             Some(&tx),
+                            None,
                         )
                     });
                     for chunk in met {

@@ -168,17 +168,22 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 /// The first time it meets a chunk in `wanted`, it sends it (verified) to `met`
 /// (an install takes the chunks it needs while the slot is indexed, instead of
 /// reading them again afterwards). A closed `met` stops the sending, not the index.
+///
+/// The cutting and hashing run in `pool`, or without one in rayon's global pool
+/// (started on first use, and alive from then on: an idle-time cut passes a pool
+/// of its own, which ends with it).
 pub fn index(
     storage: &dyn Storage,
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     let mut sent: HashSet<ChunkId> = HashSet::new();
     let mut met = met;
-    let mut hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
+    let hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
         if let Some(tx) = met
             && wanted(&id)
             && sent.insert(id)
@@ -192,6 +197,23 @@ pub fn index(
         }
     };
     read_ahead(storage, 0, len, move |blocks| {
+        // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
+        // calls below would start (or use) the global pool unless sent into `pool`.
+        let body = move || cut_and_hash(blocks, chunking, hand_over);
+        match pool {
+            Some(pool) => pool.install(body),
+            None => body(),
+        }
+    })
+}
+
+/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over.
+fn cut_and_hash(
+    blocks: &mut Blocks,
+    chunking: Chunking,
+    mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
+) -> Vec<(u64, ChunkId, u32)> {
+    {
         let mut out = Vec::new();
         // Two windows, each the carried-over tail of the previous one followed by a
         // block: one is cut while the other's chunks are hashed.
@@ -238,7 +260,7 @@ pub fn index(
             out.push((*offset, id, len));
         }
         out
-    })
+    }
 }
 
 /// The finished chunks `(start, len)` of `window`: every chunk whose end was
@@ -685,7 +707,15 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_FAST,
         ] {
             let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
-            let got = index(&*storage, data.len() as u64, chunking, &|_| false, None).unwrap();
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                None,
+                None,
+            )
+            .unwrap();
             assert_eq!(got.len(), expected.len(), "{chunking:?}");
             assert_eq!(got, expected, "{chunking:?}");
         }
@@ -700,6 +730,7 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_DEFAULT,
             &|_| false,
             None,
+            None,
         )
         .unwrap();
         assert_eq!(got, expected);
@@ -709,6 +740,7 @@ mod tests {
                 0,
                 shoal_artifact::chunk::CHUNKING_DEFAULT,
                 &|_| false,
+                None,
                 None
             )
             .unwrap()
@@ -737,6 +769,7 @@ mod tests {
                 chunking,
                 &|id| wanted.contains(id),
                 Some(&tx),
+                None,
             )
             .unwrap();
             drop(tx);
@@ -759,9 +792,63 @@ mod tests {
             chunking,
             &|id| wanted.contains(id),
             Some(&tx),
+            None,
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// #11: given a pool, the cutting and hashing run in it (the chunks are handed
+    /// over from its thread), and the same index comes out; rayon's global pool is
+    /// not used (its threads would outlive an idle-time cut).
+    #[test]
+    fn index_in_a_pool_cuts_and_hashes_there() {
+        let data = pattern(2 * BLOCK + 5_000, 31);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let in_pool = std::sync::atomic::AtomicUsize::new(0);
+        let outside = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let got = std::thread::scope(|scope| {
+            scope.spawn(move || rx.iter().count());
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| {
+                    let n = if pool.current_thread_index().is_some() {
+                        &in_pool
+                    } else {
+                        &outside
+                    };
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    true
+                },
+                Some(&tx),
+                Some(&pool),
+            )
+            .unwrap();
+            drop(tx);
+            got
+        });
+        assert_eq!(
+            got,
+            shoal_artifact::chunk::index(&data[..], chunking).unwrap()
+        );
+        assert_eq!(
+            outside.into_inner(),
+            0,
+            "chunks handed over outside the pool"
+        );
+        assert_eq!(
+            in_pool.into_inner(),
+            got.len(),
+            "each chunk handed over in the pool"
+        );
     }
 
     #[test]
