@@ -226,11 +226,23 @@ pub struct Inputs {
     pub work: PathBuf,
 }
 
+/// A wall-time row against the time `bytes` take at the link's rate (goal ≤ 1.2 ×).
+fn vs_link_rate(name: &str, wall_s: f64, bytes: u64) -> Goal {
+    Goal::relative(
+        name,
+        Ok(Quantity::Seconds(wall_s)),
+        Baseline {
+            label: "bytes / 10 Mbit/s".into(),
+            quantity: Quantity::Seconds(bytes as f64 / RATE_BYTES_PER_S as f64),
+        },
+        Target::RatioAtMost(1.2),
+    )
+}
+
 /// Measures the link rows; every row that cannot run says why.
 pub fn section(inp: &Inputs) -> Result<Section> {
     let mut goals = Vec::new();
     let mut facts = Vec::new();
-    let rate = RATE_BYTES_PER_S as f64;
     facts.push((
         "link".to_owned(),
         format!(
@@ -276,14 +288,10 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                 },
                 Target::RatioAtMost(1.05),
             ));
-            goals.push(Goal::relative(
+            goals.push(vs_link_rate(
                 "download wall time vs bytes / link rate",
-                Ok(Quantity::Seconds(r.wall_s)),
-                Baseline {
-                    label: "bytes / 10 Mbit/s".into(),
-                    quantity: Quantity::Seconds((r.down + r.up) as f64 / rate),
-                },
-                Target::RatioAtMost(1.2),
+                r.wall_s,
+                r.down + r.up,
             ));
             match &fresh_row {
                 Ok(f) => {
@@ -300,14 +308,10 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                             f.rss_install_mib
                         ),
                     ));
-                    goals.push(Goal::relative(
+                    goals.push(vs_link_rate(
                         "fresh device (indexing its slot first): wall time vs bytes / link rate",
-                        Ok(Quantity::Seconds(f.wall_s)),
-                        Baseline {
-                            label: "bytes / 10 Mbit/s".into(),
-                            quantity: Quantity::Seconds((f.down + f.up) as f64 / rate),
-                        },
-                        Target::RatioAtMost(1.2),
+                        f.wall_s,
+                        f.down + f.up,
                     ));
                 }
                 Err(e) => goals.push(Goal::not_run(

@@ -419,7 +419,6 @@ impl Daemon {
                 };
                 match recorded {
                     Ok(done) => {
-                        crate::device::idle_index::trim_heap();
                         info!(slot = %done.slot, chunks = done.chunks, "the running slot's index is ready");
                         IdleIndex::Ready
                     }

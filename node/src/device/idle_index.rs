@@ -201,17 +201,6 @@ fn lower_priority() {
     }
 }
 
-/// Gives the heap the cut used back to the system (glibc keeps freed memory in
-/// each thread's arena; an idle daemon should not hold a cut's worth of it).
-#[allow(unsafe_code)]
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the system.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Random numbers for the sample (the OS-seeded hasher: no simulator replays this).
 fn random_u64(seed: u64) -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
