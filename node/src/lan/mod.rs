@@ -644,6 +644,10 @@ impl EventLoop {
         State {
             running: self.running.as_ref().map(|s| s.manifest),
             installing: self.installing.as_ref().map(|(s, have)| {
+                #[cfg(feature = "test-peer-faults")]
+                let empty = serve::test_advertised(have);
+                #[cfg(feature = "test-peer-faults")]
+                let have = empty.as_ref().unwrap_or(have);
                 let i = Installing::new(s.manifest, have);
                 if self.fetching.len() == have.len() && self.fetching.count() > 0 {
                     i.fetching(&self.fetching)

@@ -203,6 +203,16 @@ pub fn read_dictionary(data_dir: &Path, zstd_id: u32) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
+/// TESTS ONLY (`test-peer-faults`): with `SHOAL_TEST_PEER_FAULT=dictionary` the
+/// peer says it has no chunk of the release it installs, so the others fetch
+/// theirs from the server and need its zstd dictionary, which they ask of it
+/// (the liar) first; `None` (advertise `have` as it is) otherwise.
+#[cfg(feature = "test-peer-faults")]
+pub fn test_advertised(have: &shoal_engine::Bitfield) -> Option<shoal_engine::Bitfield> {
+    (std::env::var("SHOAL_TEST_PEER_FAULT").as_deref() == Ok("dictionary"))
+        .then(|| shoal_engine::Bitfield::new(have.len()))
+}
+
 /// TESTS ONLY: `bytes` with their content changed past the header and the id
 /// derived again from them (a forger without a 31-bit collision: another id).
 #[cfg(feature = "test-peer-faults")]
