@@ -191,6 +191,13 @@ pub struct Lan {
     /// Peers dialled (and redialled while unreachable) besides those mDNS finds.
     #[serde(default)]
     pub static_peers: Vec<String>,
+    /// QUIC (`/udp/P/quic-v1`, TLS 1.3) besides TCP: the LAN layer also listens on
+    /// a QUIC twin of each plain TCP address in `listen` (same IP, the same port
+    /// number over UDP) and dials the QUIC addresses peers advertise. On by default
+    /// in a shoal built with the `quic` cargo feature; refused in one without it.
+    /// QUIC addresses may also be listed in `listen` (only those: QUIC only).
+    #[serde(default = "default_quic")]
+    pub quic: bool,
     /// Whether peers are discovered by multicast DNS.
     #[serde(default = "default_true")]
     pub mdns: bool,
@@ -234,6 +241,15 @@ pub struct Lan {
 fn default_lan_listen() -> Vec<String> {
     vec!["/ip4/0.0.0.0/tcp/0".into()]
 }
+fn default_quic() -> bool {
+    cfg!(feature = "quic")
+}
+/// Whether `addr` is a QUIC address (`/quic-v1`, or draft-29's `/quic`).
+pub fn is_quic(addr: &libp2p_core::Multiaddr) -> bool {
+    use libp2p_core::multiaddr::Protocol;
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
 fn default_true() -> bool {
     true
 }
@@ -259,6 +275,7 @@ impl Default for Lan {
             enabled: false,
             listen: default_lan_listen(),
             static_peers: Vec::new(),
+            quic: default_quic(),
             mdns: true,
             mdns_query_interval_s: default_mdns_s(),
             connections_max: default_connections_max(),
@@ -391,6 +408,28 @@ impl Config {
                 "lan.static_peers",
                 "must be multiaddrs such as /ip4/192.0.2.7/tcp/4040",
             ));
+        }
+        if lan.quic && !cfg!(feature = "quic") {
+            return Err(invalid(
+                "lan.quic",
+                "needs a shoal built with the `quic` cargo feature (cargo build -p shoal-node --features quic)",
+            ));
+        }
+        for (field, addrs) in [
+            ("lan.listen", &lan.listen),
+            ("lan.static_peers", &lan.static_peers),
+        ] {
+            let quic = addrs.iter().any(|a| a.parse().is_ok_and(|a| is_quic(&a)));
+            if quic && !lan.quic {
+                return Err(invalid(
+                    field,
+                    if cfg!(feature = "quic") {
+                        "has a QUIC address (/quic-v1) but lan.quic is false"
+                    } else {
+                        "has a QUIC address (/quic-v1), which needs a shoal built with the `quic` cargo feature"
+                    },
+                ));
+            }
         }
         if lan.mdns_query_interval_s == 0 || lan.mdns_query_interval_s > 3600 {
             return Err(invalid(
@@ -651,6 +690,48 @@ mod tests {
         );
         let e = parse_err(&format!("{GOOD}\n[lan]\nconnections_max = 0\n"));
         assert!(e.contains("lan.connections_max must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn lan_quic_needs_the_feature_and_the_switch() {
+        let quic_listen = format!("{GOOD}\n[lan]\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n");
+        let quic_peer =
+            format!("{GOOD}\n[lan]\nstatic_peers = [\"/ip4/192.0.2.7/udp/4040/quic-v1\"]\n");
+        let quic_on = format!("{GOOD}\n[lan]\nquic = true\n");
+        if cfg!(feature = "quic") {
+            // On by default in a build with the feature; QUIC addresses accepted.
+            assert!(parse(GOOD).expect("valid").lan.quic);
+            assert!(parse(&quic_on).expect("valid").lan.quic);
+            assert!(parse(&quic_listen).is_ok());
+            assert!(parse(&quic_peer).is_ok());
+            let off = "\nquic = false\n";
+            let e = parse_err(&format!("{quic_listen}{off}"));
+            assert!(
+                e.contains("lan.listen has a QUIC address (/quic-v1) but lan.quic is false"),
+                "{e}"
+            );
+            let e = parse_err(&format!("{quic_peer}{off}"));
+            assert!(
+                e.contains("lan.static_peers has a QUIC address (/quic-v1) but lan.quic is false"),
+                "{e}"
+            );
+        } else {
+            assert!(!parse(GOOD).expect("valid").lan.quic);
+            let e = parse_err(&quic_on);
+            assert!(
+                e.contains("lan.quic needs a shoal built with the `quic` cargo feature"),
+                "{e}"
+            );
+            for (text, field) in [(quic_listen, "lan.listen"), (quic_peer, "lan.static_peers")] {
+                let e = parse_err(&text);
+                assert!(
+                    e.contains(&format!(
+                        "{field} has a QUIC address (/quic-v1), which needs a shoal built with the `quic` cargo feature"
+                    )),
+                    "{e}"
+                );
+            }
+        }
     }
 
     const SERVER: &str = r#"

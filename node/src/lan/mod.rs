@@ -2,7 +2,8 @@
 //! the site's uplink about once.
 //!
 //! The layout follows rust-libp2p's `examples/file-sharing`: one
-//! [`#[derive(NetworkBehaviour)]`](Behaviour) (TCP + Noise + Yamux; mDNS, identify, connection limits, a block list and three
+//! [`#[derive(NetworkBehaviour)]`](Behaviour) (TCP + Noise + Yamux, and QUIC with
+//! the `quic` feature; mDNS, identify, connection limits, a block list and three
 //! request-response protocols, see [`proto`]), driven by an [`EventLoop`] on a
 //! thread of its own (a current-thread tokio runtime); the rest of the daemon talks
 //! to it through the [`Lan`] handle over a bounded command channel, and reads the
@@ -223,11 +224,7 @@ impl Lan {
         )?;
         let membership_closed = membership.closed();
         let boot = serve::open_slots(config)?;
-        let listen: Vec<Multiaddr> = lan
-            .listen
-            .iter()
-            .map(|a| a.parse())
-            .collect::<Result<_, _>>()
+        let listen = listen_addresses(lan)
             .map_err(|e| crate::cmd::Exit::usage(format!("lan.listen: {e}")))?;
         let static_peers: Vec<Multiaddr> = lan
             .static_peers
@@ -446,6 +443,40 @@ impl Lan {
     }
 }
 
+/// Where the LAN layer listens, as `[lan]` says: `listen`, and with `quic` also a
+/// QUIC twin of each plain TCP address (`/ip4/A/tcp/P` -> `/ip4/A/udp/P/quic-v1`)
+/// that is not listed already.
+pub fn listen_addresses(
+    lan: &crate::config::Lan,
+) -> Result<Vec<Multiaddr>, libp2p_core::multiaddr::Error> {
+    use libp2p_core::multiaddr::Protocol;
+    let listed: Vec<Multiaddr> = lan
+        .listen
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let mut all = listed.clone();
+    if lan.quic {
+        for addr in &listed {
+            let parts: Vec<Protocol> = addr.iter().collect();
+            let twin = match parts.as_slice() {
+                [
+                    ip @ (Protocol::Ip4(_) | Protocol::Ip6(_)),
+                    Protocol::Tcp(port),
+                ] => Multiaddr::empty()
+                    .with(ip.clone())
+                    .with(Protocol::Udp(*port))
+                    .with(Protocol::QuicV1),
+                _ => continue,
+            };
+            if !all.contains(&twin) {
+                all.push(twin);
+            }
+        }
+    }
+    Ok(all)
+}
+
 fn build_swarm(
     keypair: libp2p_identity::Keypair,
     lan: &crate::config::Lan,
@@ -517,6 +548,24 @@ fn build_swarm(
         .authenticate(noise)
         .multiplex(libp2p_yamux::Config::default())
         .boxed();
+    // QUIC besides TCP: TLS 1.3 (libp2p-tls on rustls/ring) and QUIC's own streams
+    // instead of Noise and Yamux; the same peer ids, so the block list, the
+    // connection limits and the fleet check see no difference.
+    #[cfg(feature = "quic")]
+    let transport = if lan.quic {
+        use futures_util::future::Either;
+        use libp2p_core::muxing::StreamMuxerBox;
+        let quic = libp2p_quic::tokio::Transport::new(libp2p_quic::Config::new(&keypair));
+        transport
+            .or_transport(quic)
+            .map(|either, _| match either {
+                Either::Left(tcp) => tcp,
+                Either::Right((peer, connection)) => (peer, StreamMuxerBox::new(connection)),
+            })
+            .boxed()
+    } else {
+        transport
+    };
     let config = libp2p_swarm::Config::with_tokio_executor()
         .with_idle_connection_timeout(Duration::from_secs(600));
     Ok(Swarm::new(transport, behaviour, me, config))

@@ -33,6 +33,17 @@ fn device(
     credential: Option<(&str, u8)>,
     peers: &[String],
 ) -> (Config, SecretKey) {
+    device_on(dir, n, credential, peers, "/ip4/127.0.0.1/tcp/0")
+}
+
+/// [`device`], listening on `listen` only.
+fn device_on(
+    dir: &Path,
+    n: u8,
+    credential: Option<(&str, u8)>,
+    peers: &[String],
+    listen: &str,
+) -> (Config, SecretKey) {
     let d = dir.join(format!("dev{n}"));
     std::fs::create_dir_all(&d).unwrap();
     let k = key(100 + n);
@@ -70,7 +81,7 @@ fn device(
     let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
     let text = format!(
         "[device]\ntype = \"board\"\ndata_dir = \"{data}\"\ntrust_root = \"{root}\"\n\
-         [lan]\nenabled = true\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+         [lan]\nenabled = true\nlisten = [\"{listen}\"]\nmdns = false\n\
          static_peers = [{peers}]\n{cred_line}\
          [slots]\na = {{ path = \"{a}\" }}\nb = {{ path = \"{b}\" }}\n\
          [bootloader]\ntype = \"file\"\npath = \"{env}\"\n",
@@ -197,4 +208,204 @@ fn only_members_of_the_fleet_get_chunks() {
             "a stranger is in A's table"
         );
     }
+}
+
+/// A device with `[lan] listen` naming one QUIC address, and `quic` as given.
+#[cfg(feature = "quic")]
+fn lan_config(listen: &[&str], quic: bool) -> crate::config::Lan {
+    crate::config::Lan {
+        listen: listen.iter().map(|a| (*a).to_owned()).collect(),
+        quic,
+        ..crate::config::Lan::default()
+    }
+}
+
+#[test]
+#[cfg(feature = "quic")]
+fn quic_twins_each_plain_tcp_address() {
+    let addrs = |lan| -> Vec<String> {
+        super::listen_addresses(&lan)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        addrs(lan_config(
+            &["/ip4/0.0.0.0/tcp/0", "/ip6/::/tcp/4040"],
+            true
+        )),
+        [
+            "/ip4/0.0.0.0/tcp/0",
+            "/ip6/::/tcp/4040",
+            "/ip4/0.0.0.0/udp/0/quic-v1",
+            "/ip6/::/udp/4040/quic-v1"
+        ]
+    );
+    // Listed already: not twice. QUIC only: no TCP added. Off: as listed.
+    assert_eq!(
+        addrs(lan_config(
+            &["/ip4/10.0.0.1/tcp/7", "/ip4/10.0.0.1/udp/7/quic-v1"],
+            true
+        )),
+        ["/ip4/10.0.0.1/tcp/7", "/ip4/10.0.0.1/udp/7/quic-v1"]
+    );
+    assert_eq!(
+        addrs(lan_config(&["/ip4/127.0.0.1/udp/0/quic-v1"], true)),
+        ["/ip4/127.0.0.1/udp/0/quic-v1"]
+    );
+    assert_eq!(
+        addrs(lan_config(&["/ip4/0.0.0.0/tcp/0"], false)),
+        ["/ip4/0.0.0.0/tcp/0"]
+    );
+    // Only a bare IP + TCP address has a twin.
+    assert_eq!(
+        addrs(lan_config(&["/dns4/example.com/tcp/1"], true)),
+        ["/dns4/example.com/tcp/1"]
+    );
+}
+
+/// Every address in `config`'s `lan-addresses` file (once `n` are there).
+#[cfg(feature = "quic")]
+fn addresses(config: &Config, n: usize) -> Vec<String> {
+    let path = config.device.data_dir.join("lan-addresses");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[cfg(feature = "quic")]
+fn quic_alone_carries_chunks_to_members_only_and_blocks() {
+    const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let dir = tempfile::tempdir().unwrap();
+    let (a_cfg, a_key) = device_on(dir.path(), 0, Some(("plant", FLEET_KEY)), &[], QUIC);
+    let a = Lan::start(&a_cfg, &a_key).expect("a starts");
+    let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
+    let ids: Vec<ChunkId> = (0..4)
+        .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
+        .collect();
+    let release = ManifestId([9; 32]);
+    a.serve_running(Some(Arc::new(Served {
+        manifest: release,
+        envelope: Arc::new(b"envelope".to_vec()),
+        slot: Slot::A,
+        chunks: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
+            .collect(),
+        positions: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
+            .collect(),
+    })));
+    // A listens on QUIC and nothing else: whoever reaches A does so over QUIC.
+    let a_addrs = addresses(&a_cfg, 1);
+    assert_eq!(a_addrs.len(), 1, "{a_addrs:?}");
+    let a_addr = a_addrs[0].clone();
+    assert!(
+        a_addr.starts_with("/ip4/127.0.0.1/udp/") && a_addr.contains("/quic-v1/p2p/"),
+        "{a_addr}"
+    );
+    let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
+
+    // B: a member; C: no credential; D: another fleet. All on QUIC only.
+    let (b_cfg, b_key) = device_on(
+        dir.path(),
+        1,
+        Some(("plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+        QUIC,
+    );
+    let (c_cfg, c_key) = device_on(dir.path(), 2, None, std::slice::from_ref(&a_addr), QUIC);
+    let (d_cfg, d_key) = device_on(
+        dir.path(),
+        3,
+        Some(("other-plant", FLEET_KEY)),
+        std::slice::from_ref(&a_addr),
+        QUIC,
+    );
+    let b = Lan::start(&b_cfg, &b_key).expect("b starts");
+    let c = Lan::start(&c_cfg, &c_key).expect("c starts");
+    let d = Lan::start(&d_cfg, &d_key).expect("d starts");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
+        Some(release),
+        "the member never heard over QUIC what A runs"
+    );
+    // A batch of chunks over QUIC, byte for byte.
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.chunks(
+        a_peer,
+        release,
+        ids.clone(),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("an answer")
+        .expect("chunks");
+    let want: Vec<ChunkData> = (0..4)
+        .map(|i| ChunkData::Bytes(a_img[i * 4096..(i + 1) * 4096].to_vec()))
+        .collect();
+    assert_eq!(got, want);
+
+    // The strangers reach A over QUIC and get nothing.
+    for (name, lan) in [("no credential", &c), ("other fleet", &d)] {
+        assert_eq!(
+            ask(lan, a_peer, release, ids[0]),
+            Err(FetchFailure::DropSource),
+            "{name}: served over QUIC"
+        );
+        assert!(
+            lan.peers()
+                .snapshot()
+                .get(&a_peer)
+                .is_none_or(|s| s.running.is_none()),
+            "{name}: learnt over QUIC what A runs"
+        );
+    }
+    let admitted = a.peers().snapshot();
+    assert!(admitted.contains_key(&b.peer_id()));
+    assert!(!admitted.contains_key(&c.peer_id()));
+    assert!(!admitted.contains_key(&d.peer_id()));
+
+    // The block list closes B's QUIC connection and refuses it from then on
+    // (B keeps redialling A, a static peer).
+    a.block(b.peer_id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && b.peers().snapshot().contains_key(&a_peer) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !b.peers().snapshot().contains_key(&a_peer),
+        "B still connected to A after the block"
+    );
+    assert!(!a.peers().snapshot().contains_key(&b.peer_id()));
+    std::thread::sleep(Duration::from_secs(4)); // past a redial (3 s)
+    assert_eq!(
+        ask(&b, a_peer, release, ids[0]),
+        Err(FetchFailure::RetryLater),
+        "a blocked peer was answered over QUIC"
+    );
 }
