@@ -409,3 +409,93 @@ fn quic_alone_carries_chunks_to_members_only_and_blocks() {
         "a blocked peer was answered over QUIC"
     );
 }
+
+/// Runs `ip` with `args`; panics naming iproute2 when it is missing or fails.
+#[cfg(feature = "quic")]
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ip` (Debian package iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// mDNS announces QUIC addresses: two devices that listen on QUIC only (no static
+/// peer, no TCP) find each other by multicast DNS and talk. mDNS ignores loopback,
+/// so the test runs itself again (as root, as CI does) in a network namespace of
+/// its own with a veth interface, `shl-quic-<pid>`, which it deletes.
+#[test]
+#[cfg(feature = "quic")]
+fn mdns_finds_peers_over_quic_alone() {
+    const INSIDE: &str = "SHOAL_TEST_IN_NETNS";
+    if std::env::var_os(INSIDE).is_none() {
+        let ns = format!("shl-quic-{}", std::process::id());
+        ip(&["netns", "add", &ns]);
+        struct Gone(String);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
+        let _gone = Gone(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &ns, "link", "add", "shlq0", "type", "veth", "peer", "name", "shlq1",
+        ]);
+        ip(&["-n", &ns, "addr", "add", "10.77.9.1/24", "dev", "shlq0"]);
+        ip(&["-n", &ns, "link", "set", "shlq0", "up"]);
+        ip(&["-n", &ns, "link", "set", "shlq1", "up"]);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "lan::tests::mdns_finds_peers_over_quic_alone"])
+            .env(INSIDE, "1")
+            .output()
+            .expect("ip netns exec");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "inside {ns}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    const QUIC: &str = "/ip4/0.0.0.0/udp/0/quic-v1";
+    let dir = tempfile::tempdir().unwrap();
+    let mdns = |mut c: Config| {
+        c.lan.mdns = true;
+        c.lan.mdns_query_interval_s = 1;
+        c
+    };
+    let (a_cfg, a_key) = device_on(dir.path(), 0, Some(("plant", FLEET_KEY)), &[], QUIC);
+    let a = Lan::start(&mdns(a_cfg), &a_key).expect("a starts");
+    let release = ManifestId([9; 32]);
+    a.serve_running(Some(Arc::new(Served {
+        manifest: release,
+        envelope: Arc::new(b"envelope".to_vec()),
+        slot: Slot::A,
+        chunks: HashMap::new(),
+        positions: vec![],
+    })));
+    let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
+    let (b_cfg, b_key) = device_on(dir.path(), 1, Some(("plant", FLEET_KEY)), &[], QUIC);
+    let b = Lan::start(&mdns(b_cfg), &b_key).expect("b starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
+        Some(release),
+        "B never found A by mDNS over QUIC"
+    );
+}
