@@ -10,6 +10,31 @@ use tracing::{debug, warn};
 use super::Daemon;
 use super::api::LanPeer;
 
+/// Addresses told to the server at most (the server refuses more: its
+/// `ADDRS_MAX`). A device with many interfaces, or QUIC twins of each TCP
+/// address, can listen on more.
+const ANNOUNCED_MAX: usize = 16;
+
+/// The listen addresses told to the server: those other devices can reach
+/// first (loopback last: it only serves devices on this very host), at most
+/// [`ANNOUNCED_MAX`].
+fn announced(listening: &[Multiaddr]) -> Vec<String> {
+    let loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            libp2p_core::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+            libp2p_core::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let mut addrs: Vec<&Multiaddr> = listening.iter().collect();
+    addrs.sort_by_key(|a| loopback(a));
+    addrs
+        .into_iter()
+        .take(ANNOUNCED_MAX)
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// The peer id and addresses of one device the server named; an error names
 /// what is malformed.
 pub(super) fn parse(peer: &LanPeer) -> Result<(PeerId, Vec<Multiaddr>), String> {
@@ -35,7 +60,7 @@ impl Daemon {
     /// behind the same public address. Trouble is logged, never fatal.
     pub(super) fn lan_peers_from_server(&mut self) {
         let Some(lan) = self.lan.clone() else { return };
-        let addrs: Vec<String> = lan.listening().iter().map(|a| a.to_string()).collect();
+        let addrs = announced(&lan.listening());
         let answer = match self.api.lan_peers(&addrs) {
             Ok(a) => a,
             Err(e) => {
@@ -58,6 +83,24 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_sixteen_addresses_are_announced_loopback_last() {
+        let mut listening: Vec<Multiaddr> = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+        listening.extend((0..20).map(|n| format!("/ip4/10.0.0.{n}/tcp/4001").parse().unwrap()));
+        let sent = announced(&listening);
+        assert_eq!(sent.len(), ANNOUNCED_MAX);
+        assert_eq!(sent[0], "/ip4/10.0.0.0/tcp/4001");
+        assert!(!sent.iter().any(|a| a.contains("127.0.0.1")), "{sent:?}");
+        let few: Vec<Multiaddr> = vec![
+            "/ip4/127.0.0.1/tcp/1".parse().unwrap(),
+            "/ip4/192.168.1.5/udp/1/quic-v1".parse().unwrap(),
+        ];
+        assert_eq!(
+            announced(&few),
+            ["/ip4/192.168.1.5/udp/1/quic-v1", "/ip4/127.0.0.1/tcp/1"]
+        );
+    }
 
     fn peer(key: &str, addrs: &[&str]) -> LanPeer {
         LanPeer {
