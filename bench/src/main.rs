@@ -280,6 +280,11 @@ struct LanArgs {
     /// Keep the scratch directory (artifacts, the server's data and log).
     #[arg(long)]
     keep: bool,
+    /// Only the timed rows (the ten sharing, one alone): the baselines without
+    /// sharing (ten each downloading the delta, `curl` of the full artifact) are
+    /// skipped and their rows say NOT RUN. For looking at the time row alone.
+    #[arg(long)]
+    timed_only: bool,
 }
 
 /// Runs the lan section and prints its table.
@@ -312,6 +317,7 @@ fn lan_only(args: LanArgs) -> Result<()> {
         v2: abs(&args.images.join("v2.img")),
         work: work.path().to_path_buf(),
         runs: args.runs,
+        baselines: !args.timed_only,
     };
     let load_before = loadavg();
     let section = lan::section(&inputs)?;

@@ -52,6 +52,9 @@ struct Shared {
     dictionary_fetch: Mutex<()>,
     /// LAN peers, asked for dictionaries before the server.
     peers: Option<Arc<dyn PeerDictionaries>>,
+    /// BLAKE3 of the dictionary the signed manifest names (format 2), if it names
+    /// one: a peer's dictionary is used only if it hashes to it.
+    named_dictionary: Option<ChunkId>,
     cancelled: Mutex<HashSet<RequestId>>,
     bytes: AtomicU64,
     /// The static chunk host, if the server named one.
@@ -124,7 +127,9 @@ impl HttpRequests {
     /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
     /// abort is noticed even while every chunk request is already in flight).
     /// With `static_base`, chunks come from that static host (see the module doc);
-    /// with `peers`, zstd dictionaries are asked of the LAN first.
+    /// with `peers`, zstd dictionaries are asked of the LAN first, and used only if
+    /// they hash to `named_dictionary` when the manifest names one.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         api: Api,
         deployment: &str,
@@ -133,6 +138,7 @@ impl HttpRequests {
         heartbeat: Duration,
         static_base: Option<StaticBase>,
         peers: Option<Arc<dyn PeerDictionaries>>,
+        named_dictionary: Option<ChunkId>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
@@ -141,6 +147,7 @@ impl HttpRequests {
             dictionaries: Mutex::new(HashMap::new()),
             dictionary_fetch: Mutex::new(()),
             peers,
+            named_dictionary,
             cancelled: Mutex::new(HashSet::new()),
             bytes: AtomicU64::new(0),
             static_base,
@@ -563,6 +570,12 @@ pub(crate) struct Held {
 /// The zstd dictionary `zstd_id`: at hand, else from a LAN peer, else from the
 /// server (or its static chunk host); with `server_only`, one a peer sent is
 /// dropped and the server's fetched. The one place the daemon gets dictionaries.
+///
+/// When the signed manifest names its dictionary (format 2), a peer's is used
+/// only if it hashes to that name, and is then as good as the server's. One that
+/// does not may still be honest (a chunk the server stores from an older release
+/// names an older dictionary): the server's is fetched, and if the server's is the
+/// named one, the peer sent other bytes under its zstd id and is refused.
 fn dictionary(shared: &Shared, zstd_id: u32, server_only: bool) -> Result<Held, Undecoded> {
     let at_hand = |shared: &Shared| {
         shared
@@ -580,15 +593,30 @@ fn dictionary(shared: &Shared, zstd_id: u32, server_only: bool) -> Result<Held, 
     if let Some(h) = at_hand(shared) {
         return Ok(h);
     }
+    debug!(zstd_id = %format!("{zstd_id:08x}"), "a chunk needs a zstd dictionary not at hand");
+    let named = shared.named_dictionary;
+    let mut not_named = false;
     let from_peer = if server_only {
         None
     } else {
-        shared.peers.as_ref().and_then(|p| p.fetch(zstd_id))
+        shared
+            .peers
+            .as_ref()
+            .and_then(|p| p.fetch(zstd_id))
+            .filter(|d| match named {
+                Some(h) if d.id != h => {
+                    warn!(zstd_id = %format!("{zstd_id:08x}"), sent = %d.id, named = %h, "a LAN peer's dictionary is not the one the manifest names; asking the server");
+                    not_named = true;
+                    false
+                }
+                _ => true,
+            })
     };
     let held = match from_peer {
         Some(d) => Held {
+            // One that hashes to the manifest's name needs no proof by use.
+            from_peer: named.is_none(),
             dict: Arc::new(d),
-            from_peer: true,
             kept: false,
         },
         None => {
@@ -607,6 +635,12 @@ fn dictionary(shared: &Shared, zstd_id: u32, server_only: bool) -> Result<Held, 
                     "dictionary {zstd_id:08x}: the server sent dictionary {:08x}",
                     dict.zstd_id
                 ))));
+            }
+            if not_named
+                && named == Some(dict.id)
+                && let Some(p) = &shared.peers
+            {
+                p.refuse(zstd_id);
             }
             Held {
                 dict: Arc::new(dict),
@@ -652,48 +686,31 @@ fn static_dictionary(
 #[cfg(test)]
 mod tests {
 
-    /// A dictionary a peer sent that decodes a chunk wrong is dropped, its peer
-    /// refused, and the chunk decoded with the server's (fetched once); the
-    /// server's is kept for peers once it decoded the chunk.
-    #[test]
-    fn a_peer_dictionary_that_decodes_wrong_gives_way_to_the_servers() {
-        use shoal_artifact::chunk::{Dictionary, encode_with, frame_dictionary_id};
-        use std::io::{BufRead, BufReader, Write};
-        fn samples(salt: &str) -> (Vec<u8>, Vec<usize>) {
-            let (mut data, mut sizes) = (Vec::new(), Vec::new());
-            for i in 0..400 {
-                let s = format!(
-                    "{salt} record {i}: name=device-{} status=ok temperature={} firmware=acme-os-{salt}\n",
-                    i % 17,
-                    i * 7 % 90
-                )
-                .repeat(3);
-                sizes.push(s.len());
-                data.extend_from_slice(s.as_bytes());
-            }
-            (data, sizes)
-        }
-        let (d, z) = samples("alpha");
-        let good = Dictionary::train(&d, &z, 4096).expect("a dictionary");
-        let (d, z) = samples("omega");
-        let other = Dictionary::train(&d, &z, 4096).expect("another dictionary");
-        assert_ne!(good.zstd_id, other.zstd_id);
-        let data =
-            b"alpha record 3: name=device-3 status=ok temperature=21 firmware=acme-os-alpha\n"
-                .repeat(4);
-        let stored = encode_with(&data, 3, Some(&good));
-        assert_eq!(frame_dictionary_id(&stored), Some(good.zstd_id));
-        let chunk = ChunkRef {
-            id: ChunkId::of(&data),
-            size: data.len() as u32,
-            stored_size: stored.len() as u32,
-        };
+    use shoal_artifact::chunk::{Dictionary, encode_with, frame_dictionary_id};
 
-        // The static chunk host: serves the good dictionary, counting requests.
+    fn samples(salt: &str) -> (Vec<u8>, Vec<usize>) {
+        let (mut data, mut sizes) = (Vec::new(), Vec::new());
+        for i in 0..400 {
+            let s = format!(
+                "{salt} record {i}: name=device-{} status=ok temperature={} firmware=acme-os-{salt}\n",
+                i % 17,
+                i * 7 % 90
+            )
+            .repeat(3);
+            sizes.push(s.len());
+            data.extend_from_slice(s.as_bytes());
+        }
+        (data, sizes)
+    }
+
+    /// A static chunk host on loopback serving `bytes` to every request: its base
+    /// URL and its request count.
+    fn static_host(bytes: Vec<u8>) -> (String, Arc<AtomicU64>) {
+        use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let served = Arc::new(AtomicU64::new(0));
-        let (bytes, count) = (good.bytes().to_vec(), Arc::clone(&served));
+        let count = Arc::clone(&served);
         std::thread::spawn(move || {
             for conn in listener.incoming().map_while(Result::ok) {
                 let mut r = BufReader::new(conn.try_clone().expect("clone"));
@@ -711,45 +728,86 @@ mod tests {
                 let _ = w.write_all(&bytes);
             }
         });
+        (base, served)
+    }
 
-        struct Liar {
-            other: Dictionary,
-            refused: Mutex<Vec<u32>>,
-            kept: Mutex<Vec<u32>>,
+    /// A peer that sends `other` for any dictionary asked.
+    struct Liar {
+        other: Dictionary,
+        refused: Mutex<Vec<u32>>,
+        kept: Mutex<Vec<u32>>,
+    }
+    impl PeerDictionaries for Liar {
+        fn fetch(&self, _zstd_id: u32) -> Option<Dictionary> {
+            Some(self.other.clone())
         }
-        impl PeerDictionaries for Liar {
-            fn fetch(&self, _zstd_id: u32) -> Option<Dictionary> {
-                Some(self.other.clone())
-            }
-            fn refuse(&self, zstd_id: u32) {
-                self.refused.lock().expect("lock").push(zstd_id);
-            }
-            fn keep(&self, dict: &Dictionary) {
-                self.kept.lock().expect("lock").push(dict.zstd_id);
-            }
+        fn refuse(&self, zstd_id: u32) {
+            self.refused.lock().expect("lock").push(zstd_id);
         }
-        let liar = Arc::new(Liar {
+        fn keep(&self, dict: &Dictionary) {
+            self.kept.lock().expect("lock").push(dict.zstd_id);
+        }
+    }
+
+    fn liar(other: Dictionary) -> Arc<Liar> {
+        Arc::new(Liar {
             other,
             refused: Mutex::new(Vec::new()),
             kept: Mutex::new(Vec::new()),
-        });
+        })
+    }
+
+    fn shared_with(base: &str, liar: &Arc<Liar>, named: Option<ChunkId>) -> Shared {
         let server: crate::config::Server =
             toml::from_str(&format!("url = \"{base}\"\nidentity = {{ mac = \"m\" }}\n"))
                 .expect("server table");
         let key = shoal_signing::SecretKey::generate().expect("key");
-        let shared = Shared {
+        Shared {
             api: Api::new(&server, key).expect("api"),
             path: "/deployments/d/chunks".into(),
             refs: BTreeMap::new(),
             dictionaries: Mutex::new(HashMap::new()),
             dictionary_fetch: Mutex::new(()),
-            peers: Some(Arc::clone(&liar) as Arc<dyn PeerDictionaries>),
+            peers: Some(Arc::clone(liar) as Arc<dyn PeerDictionaries>),
+            named_dictionary: named,
             cancelled: Mutex::new(HashSet::new()),
             bytes: AtomicU64::new(0),
-            static_base: Some(StaticBase::parse(&base).expect("base")),
+            static_base: Some(StaticBase::parse(base).expect("base")),
             static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+        }
+    }
+
+    /// A chunk compressed with `dict`: its stored form and its reference.
+    fn chunk_with(dict: &Dictionary) -> (Vec<u8>, Vec<u8>, ChunkRef) {
+        let data =
+            b"alpha record 3: name=device-3 status=ok temperature=21 firmware=acme-os-alpha\n"
+                .repeat(4);
+        let stored = encode_with(&data, 3, Some(dict));
+        assert_eq!(frame_dictionary_id(&stored), Some(dict.zstd_id));
+        let chunk = ChunkRef {
+            id: ChunkId::of(&data),
+            size: data.len() as u32,
+            stored_size: stored.len() as u32,
         };
+        (data, stored, chunk)
+    }
+
+    /// A dictionary a peer sent that decodes a chunk wrong is dropped, its peer
+    /// refused, and the chunk decoded with the server's (fetched once); the
+    /// server's is kept for peers once it decoded the chunk.
+    #[test]
+    fn a_peer_dictionary_that_decodes_wrong_gives_way_to_the_servers() {
+        let (d, z) = samples("alpha");
+        let good = Dictionary::train(&d, &z, 4096).expect("a dictionary");
+        let (d, z) = samples("omega");
+        let other = Dictionary::train(&d, &z, 4096).expect("another dictionary");
+        assert_ne!(good.zstd_id, other.zstd_id);
+        let (data, stored, chunk) = chunk_with(&good);
+        // The static chunk host: serves the good dictionary, counting requests.
+        let (base, served) = static_host(good.bytes().to_vec());
+        let liar = liar(other);
+        let shared = shared_with(&base, &liar, None);
         let v = match decode(&shared, &stored, &chunk) {
             Ok(v) => v,
             Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
@@ -763,6 +821,59 @@ mod tests {
         assert!(decode(&shared, &stored, &chunk).is_ok());
         assert_eq!(served.load(Ordering::Relaxed), 1);
         assert_eq!(liar.refused.lock().expect("lock").len(), 1);
+    }
+
+    /// When the signed manifest names its dictionary (format 2), a peer's that
+    /// does not hash to that name is not used, even one that carries the same zstd
+    /// id and decodes the chunk at hand right: the server's is fetched, and the peer is refused since
+    /// the server's is the named one. One that hashes to the name is used without
+    /// asking the server.
+    #[test]
+    fn a_peer_dictionary_must_hash_to_the_one_the_manifest_names() {
+        let (d, z) = samples("alpha");
+        let good = Dictionary::train(&d, &z, 4096).expect("a dictionary");
+        let (data, stored, chunk) = chunk_with(&good);
+        // Other bytes under the same zstd id: that id is derived from the bytes
+        // (31 bits of their BLAKE3), so a peer forging one searches about 2^31
+        // variants; here the forgery is stood in for by the good bytes under
+        // another BLAKE3 (what `Dictionary::from_bytes` computes from other
+        // bytes). It decodes the chunk right, so only the name tells it apart.
+        let mut altered = good.clone();
+        altered.id = ChunkId::of(b"other bytes with the same zstd id");
+        assert!(
+            shoal_artifact::VerifiedChunk::decode(&stored, &chunk, Some(&altered))
+                .is_ok_and(|v| v.data() == &data[..])
+        );
+        assert_ne!(altered.id, good.id);
+        let (base, served) = static_host(good.bytes().to_vec());
+
+        // Without a named dictionary the altered one passes (it decodes right):
+        // only the name tells it apart.
+        let peer = liar(altered.clone());
+        let shared = shared_with(&base, &peer, None);
+        assert!(decode(&shared, &stored, &chunk).is_ok());
+        assert_eq!(served.load(Ordering::Relaxed), 0);
+
+        let peer = liar(altered);
+        let shared = shared_with(&base, &peer, Some(good.id));
+        let v = match decode(&shared, &stored, &chunk) {
+            Ok(v) => v,
+            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
+        };
+        assert_eq!(v.data(), &data[..]);
+        assert_eq!(served.load(Ordering::Relaxed), 1, "the server's is fetched");
+        assert_eq!(*peer.refused.lock().expect("lock"), vec![good.zstd_id]);
+        let held = dictionary(&shared, good.zstd_id, false).unwrap_or_else(|_| panic!("held"));
+        assert_eq!(held.dict.id, good.id);
+
+        // A peer whose dictionary hashes to the name: used, the server not asked.
+        let honest = liar(good.clone());
+        let shared = shared_with(&base, &honest, Some(good.id));
+        assert!(decode(&shared, &stored, &chunk).is_ok());
+        assert_eq!(served.load(Ordering::Relaxed), 1);
+        assert!(honest.refused.lock().expect("lock").is_empty());
+        assert_eq!(*honest.kept.lock().expect("lock"), vec![good.zstd_id]);
     }
     use super::*;
 

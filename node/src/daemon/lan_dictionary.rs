@@ -9,8 +9,9 @@
 //! derived from its bytes, and is the one asked for), and every chunk decoded with
 //! it is hashed: one that decodes a chunk wrong is dropped, the server's is
 //! fetched, and the peer that sent it is blocked ([`PeerDictionaries::refuse`]).
-//! The signed manifest names no dictionary hash (yet), so this use-check is the
-//! proof; chunks are never trusted without their hash either way.
+//! A manifest of format 2 names its dictionary's BLAKE3: a peer's dictionary is
+//! then used only if it hashes to it (checked in `fetch::dictionary`, for every
+//! peer); chunks are never trusted without their hash either way.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -674,6 +674,7 @@ impl Daemon {
             self.poll_interval().min(Duration::from_secs(30)),
             static_base,
             peer_dictionaries,
+            manifest.dictionary,
         );
         let watch = requests.watch();
         // LAN hook: peers that run or install this release become sources; what
