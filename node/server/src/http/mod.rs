@@ -170,6 +170,10 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route(&format!("{m}/releases/{{id}}/delta"), get(releases::delta))
         .route(
+            &format!("{m}/releases/{{id}}/encodings"),
+            post(releases::encode),
+        )
+        .route(
             &format!("{m}/deployments"),
             get(deployments::list).post(deployments::create),
         )
