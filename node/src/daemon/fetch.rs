@@ -14,6 +14,18 @@
 //! filled) is asked of the server in one batch at the end of its request. Every
 //! chunk is verified by the engine whatever its source.
 //!
+//! **Per-base encodings.** When the daemon knows the release its running slot
+//! holds ([`DeltaBase`]), each batch request names it (`"base"`), and the server
+//! answers in version 2 ([`shoal_node::wire`]): a chunk it holds a per-base
+//! encoding of comes as a delta record, decoded here with the reference bytes read
+//! from the running slot (the install path's [`crate::device::References`]), whose
+//! hash is checked before any chunk is decoded with them, and every decoded chunk
+//! is hashed before the engine sees it. A slot whose bytes fail the hash (it does
+//! not hold the base after all), or a server that refuses the field (older than
+//! per-base encodings), turns deltas off for the rest of the deployment: the
+//! request is retried and gets plain chunks. With a static chunk host, chunks come
+//! plain from it (a static host serves content-addressed objects only).
+//!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -33,7 +45,7 @@ use crate::device::{Answer, Requests};
 use shoal_node::chunk_url::StaticBase;
 #[cfg(test)]
 use shoal_node::wire::BatchError;
-use shoal_node::wire::BatchReader;
+use shoal_node::wire::{BatchReader, CONTENT_TYPE_V2, Stored};
 
 struct Job {
     request: RequestId,
@@ -59,6 +71,28 @@ struct Shared {
     /// Bytes of chunks and dictionaries read from the static host.
     static_bytes: AtomicU64,
     aborted: AtomicBool,
+    /// The base release the running slot holds, for per-base encodings.
+    delta: Option<DeltaBase>,
+    /// Chunks that came delta-encoded, and their bytes on the wire.
+    delta_chunks: AtomicU64,
+}
+
+/// The release the running slot holds, named to the server so it may send chunks
+/// delta-encoded against it, and the slot's bytes to decode them with.
+pub struct DeltaBase {
+    /// Its manifest hash.
+    pub hash: [u8; 32],
+    /// The running slot, read for references.
+    pub references: Mutex<crate::device::References>,
+    /// Set when deltas are off for this deployment (see the module doc).
+    pub off: AtomicBool,
+}
+
+impl DeltaBase {
+    /// Named to the server while deltas are on.
+    fn named(&self) -> Option<String> {
+        (!self.off.load(Ordering::Relaxed)).then(|| hex::encode(self.hash))
+    }
 }
 
 /// Where a chunk's zstd dictionary may come from before the server: the LAN
@@ -117,6 +151,11 @@ impl Watch {
     pub fn static_bytes(&self) -> u64 {
         self.0.static_bytes.load(Ordering::Relaxed)
     }
+
+    /// Chunks that came delta-encoded against the running release.
+    pub fn delta_chunks(&self) -> u64 {
+        self.0.delta_chunks.load(Ordering::Relaxed)
+    }
 }
 
 impl HttpRequests {
@@ -124,7 +163,9 @@ impl HttpRequests {
     /// lists `refs`, and one that reports `downloading` every `heartbeat` (so an
     /// abort is noticed even while every chunk request is already in flight).
     /// With `static_base`, chunks come from that static host (see the module doc);
-    /// with `peers`, zstd dictionaries are asked of the LAN first.
+    /// with `peers`, zstd dictionaries are asked of the LAN first; with `delta`,
+    /// chunks may come delta-encoded against the running release.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         api: Api,
         deployment: &str,
@@ -133,6 +174,7 @@ impl HttpRequests {
         heartbeat: Duration,
         static_base: Option<StaticBase>,
         peers: Option<Arc<dyn PeerDictionaries>>,
+        delta: Option<DeltaBase>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
@@ -146,6 +188,8 @@ impl HttpRequests {
             static_base,
             static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            delta,
+            delta_chunks: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = channel::<()>();
         let beat = {
@@ -266,7 +310,11 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         });
     };
     let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
-    let body = serde_json::json!({ "ids": hex });
+    let base = shared.delta.as_ref().and_then(DeltaBase::named);
+    let body = match &base {
+        Some(b) => serde_json::json!({ "ids": hex, "base": b }),
+        None => serde_json::json!({ "ids": hex }),
+    };
     let resp = match shared.api.send(&shared.path, |c, u| c.post(u).json(&body)) {
         Ok(r) => r,
         Err(e) => {
@@ -285,16 +333,39 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         if status == StatusCode::CONFLICT {
             shared.aborted.store(true, Ordering::Relaxed);
         }
+        if base.is_some()
+            && (status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY)
+            && let Some(d) = &shared.delta
+        {
+            // A server from before per-base encodings refuses the field: ask again
+            // without it.
+            warn!(request = %job.request, "the server refused the base release field; fetching plain chunks");
+            d.off.store(true, Ordering::Relaxed);
+            return failed(FetchFailure::RetryLater);
+        }
         return failed(match status {
             StatusCode::NOT_FOUND => FetchFailure::NotThere,
             _ if e.is_transient() => FetchFailure::RetryLater,
             _ => FetchFailure::DropSource,
         });
     }
-    let mut reader = BatchReader::new(CountingRead(resp, &shared.bytes), &job.ids);
+    let v2 = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == CONTENT_TYPE_V2.as_bytes());
+    if base.is_some() != v2 {
+        warn!(request = %job.request, v2, "the chunk batch answer is not in the version asked");
+        return failed(FetchFailure::DropSource);
+    }
+    let body = CountingRead(resp, &shared.bytes);
+    let mut reader = if v2 {
+        BatchReader::new_v2(body, &job.ids)
+    } else {
+        BatchReader::new(body, &job.ids)
+    };
     let mut sent = 0usize;
     loop {
-        match reader.next_frame() {
+        match reader.next_item() {
             Ok(Some((id, stored))) => {
                 let Some(chunk) = shared.refs.get(&id) else {
                     if !deliver(Answer::Unavailable(id)) {
@@ -302,7 +373,11 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                     }
                     continue;
                 };
-                let answer = match decode(shared, &stored, chunk) {
+                let decoded = match stored {
+                    Stored::Plain(stored) => decode(shared, &stored, chunk),
+                    Stored::Delta(record) => decode_delta(shared, &record, chunk),
+                };
+                let answer = match decoded {
                     Ok(chunk) => Answer::Chunk(chunk),
                     Err(Undecoded::Dictionary(e)) => {
                         // Not the chunk's fault: its dictionary did not come (a cut
@@ -314,6 +389,16 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                         } else {
                             FetchFailure::DropSource
                         });
+                        return;
+                    }
+                    Err(Undecoded::Reference(message)) => {
+                        // Not the chunk's fault: this slot does not hold the base.
+                        // Deltas off; the request is asked again, plain.
+                        tracing::error!(request = %job.request, %id, %message, "cannot decode delta-encoded chunks against the running slot; fetching plain chunks");
+                        if let Some(d) = &shared.delta {
+                            d.off.store(true, Ordering::Relaxed);
+                        }
+                        failed(FetchFailure::RetryLater);
                         return;
                     }
                     Err(Undecoded::Corrupt(message)) => {
@@ -411,7 +496,7 @@ fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(A
                     FetchFailure::DropSource
                 });
             }
-            Err(Undecoded::Corrupt(message)) => {
+            Err(Undecoded::Corrupt(message) | Undecoded::Reference(message)) => {
                 // The engine bans the source.
                 warn!(%id, %message, "chunk from the static host does not decode");
                 Answer::Corrupt(id)
@@ -493,6 +578,43 @@ enum Undecoded {
     Dictionary(ApiError),
     /// The bytes do not decode.
     Corrupt(String),
+    /// The reference bytes of a delta-encoded chunk could not be read from the
+    /// running slot, or they fail their hash.
+    Reference(String),
+}
+
+/// Decodes a chunk delta-encoded against the running release: its reference read
+/// from the running slot and checked against the record's hash, then the frame
+/// decoded against it and the chunk checked against its id.
+fn decode_delta(
+    shared: &Shared,
+    record: &shoal_artifact::delta_record::DeltaRecord,
+    chunk: &ChunkRef,
+) -> Result<shoal_artifact::VerifiedChunk, Undecoded> {
+    let Some(delta) = &shared.delta else {
+        return Err(Undecoded::Corrupt(
+            "a delta-encoded chunk, though no base was named".into(),
+        ));
+    };
+    let reference = record.reference();
+    let bytes = delta
+        .references
+        .lock()
+        .map_err(|_| Undecoded::Reference("the running slot's reader failed".into()))?
+        .get(&reference)
+        .map_err(|e| Undecoded::Reference(crate::cmd::one_line(&e)))?;
+    bytes.check().map_err(|e| {
+        Undecoded::Reference(format!(
+            "the running slot's bytes {} are not the base release's: {e}",
+            reference.describe()
+        ))
+    })?;
+    let data = shoal_artifact::chunk::decode_against(&record.frame, chunk, bytes.bytes())
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))?;
+    let v = shoal_artifact::VerifiedChunk::check(chunk.id, data)
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))?;
+    shared.delta_chunks.fetch_add(1, Ordering::Relaxed);
+    Ok(v)
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
@@ -749,10 +871,12 @@ mod tests {
             static_base: Some(StaticBase::parse(&base).expect("base")),
             static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            delta: None,
+            delta_chunks: AtomicU64::new(0),
         };
         let v = match decode(&shared, &stored, &chunk) {
             Ok(v) => v,
-            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Corrupt(e) | Undecoded::Reference(e)) => panic!("corrupt: {e}"),
             Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
         };
         assert_eq!(v.data(), &data[..]);
