@@ -281,8 +281,16 @@ mod tests {
         );
         // A version-1 reader of the same bytes would misframe them: the kind byte
         // is read as the length's first byte.
-        let mut r = BatchReader::new(&body[..], &[id(1), id(2)][..]);
-        assert!(r.next_frame().is_err());
+        let asked = [id(1), id(2)];
+        let mut r = BatchReader::new(&body[..], &asked);
+        let failed = loop {
+            match r.next_frame() {
+                Ok(Some(_)) => {}
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(failed, "a version-1 reader accepted a version-2 body");
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! **Per-base encodings.** When the daemon knows the release its running slot
 //! holds ([`DeltaBase`]), each batch request names it (`"base"`), and the server
 //! answers in version 2 ([`shoal_node::wire`]): a chunk it holds a per-base
-//! encoding of comes as a delta record, decoded here with the reference bytes read
+//! encoding of comes as a delta record (version 1, all plain, when it has no
+//! encodings against that base), decoded here with the reference bytes read
 //! from the running slot (the install path's [`crate::device::References`]), whose
 //! hash is checked before any chunk is decoded with them, and every decoded chunk
 //! is hashed before the engine sees it. A slot whose bytes fail the hash (it does
@@ -353,8 +354,10 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == CONTENT_TYPE_V2.as_bytes());
-    if base.is_some() != v2 {
-        warn!(request = %job.request, v2, "the chunk batch answer is not in the version asked");
+    // Version 2 only when a base was named (then also version 1: the server has
+    // no encodings against it).
+    if v2 && base.is_none() {
+        warn!(request = %job.request, "the chunk batch answer is in version 2, not asked for");
         return failed(FetchFailure::DropSource);
     }
     let body = CountingRead(resp, &shared.bytes);
@@ -889,6 +892,119 @@ mod tests {
         assert_eq!(liar.refused.lock().expect("lock").len(), 1);
     }
     use super::*;
+
+    /// A source whose running slot is a file of patterned bytes (returned), with
+    /// per-base deltas on.
+    fn delta_shared(dir: &std::path::Path) -> (Shared, Vec<u8>) {
+        let path = dir.join("slot-b.img");
+        let slot: Vec<u8> = (0..200_000usize).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &slot).expect("write");
+        let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
+        let references = crate::device::References::new(
+            shoal_bootctl::Slot::B,
+            Box::new(storage),
+            slot.len() as u64,
+            "acme-os 1".into(),
+        );
+        let server: crate::config::Server =
+            toml::from_str("url = \"http://127.0.0.1:9\"\nidentity = { mac = \"m\" }\n")
+                .expect("server table");
+        let key = shoal_signing::SecretKey::generate().expect("key");
+        let shared = Shared {
+            api: Api::new(&server, key).expect("api"),
+            path: "/deployments/d/chunks".into(),
+            refs: BTreeMap::new(),
+            dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers: None,
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            static_base: None,
+            static_bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+            delta: Some(DeltaBase {
+                hash: [1; 32],
+                references: Mutex::new(references),
+                off: AtomicBool::new(false),
+            }),
+            delta_chunks: AtomicU64::new(0),
+        };
+        (shared, slot)
+    }
+
+    /// A per-base delta record decodes against the running slot's bytes, checked
+    /// against the record's hash; a slot that does not hold them, a range past the
+    /// slot's end and a frame that decodes to other bytes are refused, each with
+    /// its own error, and no chunk comes out of them.
+    #[test]
+    fn delta_records_decode_against_the_running_slot_and_bad_ones_are_refused() {
+        use shoal_artifact::delta_record::DeltaRecord;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, slot) = delta_shared(dir.path());
+        // The chunk: slot bytes 70 000.. with a few edits.
+        let mut data = slot[70_000..90_000].to_vec();
+        data[100..108].copy_from_slice(b"REBUILT!");
+        data.extend_from_slice(b"a new tail");
+        let chunk = ChunkRef {
+            id: ChunkId::of(&data),
+            size: data.len() as u32,
+            stored_size: 0,
+        };
+        let ranges = vec![(65_536u64, 32_768u32)];
+        let reference = &slot[65_536..65_536 + 32_768];
+        let record = DeltaRecord {
+            ranges: ranges.clone(),
+            hash: *blake3::hash(reference).as_bytes(),
+            frame: shoal_artifact::chunk::encode_against(&data, 3, reference),
+        };
+        assert!(record.frame.len() < 200, "{}", record.frame.len());
+        let v = match decode_delta(&shared, &record, &chunk) {
+            Ok(v) => v,
+            Err(Undecoded::Corrupt(e) | Undecoded::Reference(e)) => panic!("{e}"),
+            Err(Undecoded::Dictionary(e)) => panic!("{e}"),
+        };
+        assert_eq!(v.data(), &data[..]);
+        assert_eq!(shared.delta_chunks.load(Ordering::Relaxed), 1);
+
+        let refused = |r: &DeltaRecord| match decode_delta(&shared, r, &chunk) {
+            Ok(_) => panic!("decoded {:?} {}", r.ranges, hex::encode(r.hash)),
+            Err(Undecoded::Reference(m)) => format!("reference: {m}"),
+            Err(Undecoded::Corrupt(m)) => format!("corrupt: {m}"),
+            Err(Undecoded::Dictionary(e)) => format!("dictionary: {e}"),
+        };
+        // The slot's bytes there are not what the server encoded against.
+        let mut wrong = record.clone();
+        wrong.hash = [0xab; 32];
+        let m = refused(&wrong);
+        assert!(
+            m.starts_with(
+                "reference: the running slot's bytes 65536+32768 are not the base release's"
+            ),
+            "{m}"
+        );
+        // A range past the slot's end (another hash: bytes already read are found
+        // by their hash, whatever ranges name them).
+        let mut past = record.clone();
+        past.ranges = vec![(190_000, 20_000)];
+        past.hash = [0xcd; 32];
+        let m = refused(&past);
+        assert!(
+            m.starts_with("reference: cannot read the reference bytes 190000+20000"),
+            "{m}"
+        );
+        // A frame of other bytes against the right reference: the chunk's hash.
+        let mut other = record.clone();
+        let mut lie = data.clone();
+        lie[0] ^= 1;
+        other.frame = shoal_artifact::chunk::encode_against(&lie, 3, reference);
+        let m = refused(&other);
+        assert!(m.starts_with("corrupt: ") && m.contains("hash"), "{m}");
+        // A frame cut short.
+        let mut cut = record.clone();
+        cut.frame.truncate(cut.frame.len() - 3);
+        assert!(refused(&cut).starts_with("corrupt: "));
+        assert_eq!(shared.delta_chunks.load(Ordering::Relaxed), 1);
+    }
 
     fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])

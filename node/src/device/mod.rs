@@ -1252,7 +1252,12 @@ pub(crate) struct References {
 }
 
 impl References {
-    fn new(slot: Slot, storage: Box<dyn Storage>, slot_len: u64, base: String) -> References {
+    pub(crate) fn new(
+        slot: Slot,
+        storage: Box<dyn Storage>,
+        slot_len: u64,
+        base: String,
+    ) -> References {
         References {
             slot,
             storage,

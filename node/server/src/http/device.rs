@@ -476,10 +476,11 @@ pub struct ChunkBatch {
     /// Chunk ids (64 hex digits each), in the order the device wants them.
     pub ids: Vec<String>,
     /// The manifest hash (64 hex digits) of the release the device runs, whose
-    /// payload its running slot holds from offset 0. With it the answer is version
-    /// 2 (`application/vnd.shoal.chunks.v2`): chunks that have a per-base
-    /// encoding against it come delta-encoded, the others plain. Without it, version
-    /// 1 (plain chunks only), as for daemons from before.
+    /// payload its running slot holds from offset 0. When the deployment's release
+    /// has per-base encodings against it, the answer is version 2
+    /// (`application/vnd.shoal.chunks.v2`): chunks that have one come
+    /// delta-encoded, the others plain. Otherwise (and without it, as daemons from
+    /// before send), version 1: plain chunks only.
     #[serde(default)]
     pub base: Option<String>,
 }
@@ -568,7 +569,9 @@ pub async fn chunks(
         .buffered(STORE_REQUESTS_MAX)
         .try_collect()
         .await?;
-    let header_len: u64 = if base.is_some() { 37 } else { 36 };
+    // Version 2 exactly when there are encodings to send.
+    let v2 = index.is_some();
+    let header_len: u64 = if v2 { 37 } else { 36 };
     let total: u64 = sized
         .iter()
         .map(|(_, f)| {
@@ -617,7 +620,7 @@ pub async fn chunks(
             }
             let mut out = Vec::with_capacity(37 + data.len());
             out.extend_from_slice(cid.as_bytes());
-            if base.is_some() {
+            if v2 {
                 out.push(kind);
             }
             out.extend_from_slice(&expected.to_be_bytes());
@@ -628,7 +631,7 @@ pub async fn chunks(
     // Reads ahead a few chunks (an object store answers each after a round trip);
     // frames still go out in the order asked.
     .buffered(STORE_REQUESTS_MAX);
-    let content_type = if base.is_some() {
+    let content_type = if v2 {
         "application/vnd.shoal.chunks.v2"
     } else {
         "application/vnd.shoal.chunks"
