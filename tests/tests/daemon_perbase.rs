@@ -8,7 +8,9 @@
 //! elsewhere, 37 bytes of framing each), far less than the plain chunks
 //! `shoal artifact diff` counts. A device running another release (v0, which v2 has
 //! no encodings against) gets plain chunks: exactly the `diff` figure in version-1
-//! framing.
+//! framing. A device that says it runs v1 but whose running slot no longer holds
+//! v1's bytes where the references point fails a reference's hash, says so in its
+//! log, and installs a verified v2 from plain chunks.
 
 mod daemon_common;
 mod server_common;
@@ -57,6 +59,16 @@ fn build(setup: &Setup, img: &str, version: &str, out: &str) {
             out,
         ],
     ));
+}
+
+/// Gives `dev` another identity (MAC) than the template's.
+fn renamed(dev: &Dev, mac: &str) {
+    let config = std::fs::read_to_string(dev.path("shoal.toml")).unwrap();
+    std::fs::write(
+        dev.path("shoal.toml"),
+        config.replace("02:00:00:00:00:43", mac),
+    )
+    .unwrap();
 }
 
 /// Installs `release` on `dev` through a deployment and waits for success.
@@ -171,14 +183,55 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         transferred[1]
     );
 
+    // A device on v1 whose running slot was damaged where v2 changed (chunks v2
+    // does not reuse): the references there fail their hash; plain chunks follow.
+    let damaged = Dev::new(&setup, &server.url, "");
+    renamed(&damaged, "02:00:00:00:00:45");
+    let mut daemon = damaged.start();
+    let id = accept(&server, &token, &damaged);
+    install(
+        &server,
+        &token,
+        &damaged,
+        &mut daemon,
+        "v1 (to damage)",
+        &v1,
+        &id,
+    );
+    stop(&mut daemon);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut b = std::fs::OpenOptions::new()
+            .write(true)
+            .open(damaged.path("b.img"))
+            .unwrap();
+        b.seek(SeekFrom::Start(600 * 1024)).unwrap();
+        b.write_all(&vec![0x5a; 1 << 20]).unwrap();
+    }
+    let before = damaged.log().len();
+    let mut daemon = damaged.start();
+    install(
+        &server,
+        &token,
+        &damaged,
+        &mut daemon,
+        "v2 on a damaged v1",
+        &v2,
+        &id,
+    );
+    stop(&mut daemon);
+    assert_eq!(damaged.slot_bytes(Slot::A, v2_img.len()), v2_img);
+    let log = damaged.log()[before..].to_owned();
+    assert!(
+        log.contains(
+            "cannot decode a delta-encoded chunk against the running slot; fetching plain chunks"
+        ) && log.contains("are not the base release's"),
+        "{log}"
+    );
+
     // A device on v0: v2 has no encodings against it, so it gets plain chunks.
     let other = Dev::new(&setup, &server.url, "");
-    let config = std::fs::read_to_string(other.path("shoal.toml")).unwrap();
-    std::fs::write(
-        other.path("shoal.toml"),
-        config.replace("02:00:00:00:00:43", "02:00:00:00:00:44"),
-    )
-    .unwrap();
+    renamed(&other, "02:00:00:00:00:44");
     let mut daemon = other.start();
     let id = accept(&server, &token, &other);
     install(&server, &token, &other, &mut daemon, "v0", &v0, &id);

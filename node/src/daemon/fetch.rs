@@ -21,10 +21,12 @@
 //! encodings against that base), decoded here with the reference bytes read
 //! from the running slot (the install path's [`crate::device::References`]), whose
 //! hash is checked before any chunk is decoded with them, and every decoded chunk
-//! is hashed before the engine sees it. A slot whose bytes fail the hash (it does
-//! not hold the base after all), or a server that refuses the field (older than
-//! per-base encodings), turns deltas off for the rest of the deployment: the
-//! request is retried and gets plain chunks. With a static chunk host, chunks come
+//! is hashed before the engine sees it. Any delta that fails (bytes that fail the
+//! reference's hash: the slot does not hold the base after all; a frame that does
+//! not decode to the chunk; a malformed record), or a server that refuses the field
+//! (older than per-base encodings), turns deltas off for the rest of the deployment
+//! with an error in the log: the request is retried and gets plain chunks, so
+//! deltas never make an update fail that plain chunks would carry. With a static chunk host, chunks come
 //! plain from it (a static host serves content-addressed objects only).
 //!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
@@ -44,7 +46,6 @@ use tracing::{debug, warn};
 use super::api::{Api, ApiError, error_of};
 use crate::device::{Answer, Requests};
 use shoal_node::chunk_url::StaticBase;
-#[cfg(test)]
 use shoal_node::wire::BatchError;
 use shoal_node::wire::{BatchReader, CONTENT_TYPE_V2, Stored};
 
@@ -378,7 +379,15 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                 };
                 let decoded = match stored {
                     Stored::Plain(stored) => decode(shared, &stored, chunk),
-                    Stored::Delta(record) => decode_delta(shared, &record, chunk),
+                    // Whatever fails with a delta (the reference's hash, the frame,
+                    // the chunk's hash) turns deltas off: the plain chunks may well
+                    // be fine.
+                    Stored::Delta(record) => {
+                        decode_delta(shared, &record, chunk).map_err(|e| match e {
+                            Undecoded::Corrupt(m) => Undecoded::Reference(m),
+                            other => other,
+                        })
+                    }
                 };
                 let answer = match decoded {
                     Ok(chunk) => Answer::Chunk(chunk),
@@ -397,7 +406,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                     Err(Undecoded::Reference(message)) => {
                         // Not the chunk's fault: this slot does not hold the base.
                         // Deltas off; the request is asked again, plain.
-                        tracing::error!(request = %job.request, %id, %message, "cannot decode delta-encoded chunks against the running slot; fetching plain chunks");
+                        tracing::error!(request = %job.request, %id, %message, "cannot decode a delta-encoded chunk against the running slot; fetching plain chunks");
                         if let Some(d) = &shared.delta {
                             d.off.store(true, Ordering::Relaxed);
                         }
@@ -418,6 +427,17 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                 }
             }
             Ok(None) => break,
+            Err(e @ (BatchError::BadDelta { .. } | BatchError::UnknownKind { .. }))
+                if shared.delta.is_some() =>
+            {
+                // A malformed delta frame: plain chunks may well be fine.
+                tracing::error!(request = %job.request, error = %e, chunks = sent, "malformed delta-encoded chunk; fetching plain chunks");
+                if let Some(d) = &shared.delta {
+                    d.off.store(true, Ordering::Relaxed);
+                }
+                failed(FetchFailure::RetryLater);
+                return;
+            }
             Err(e) => {
                 warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
                 failed(if e.is_transport() {

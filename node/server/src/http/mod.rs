@@ -83,6 +83,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/management/v1/releases/{id}"),
     ("DELETE", "/api/management/v1/releases/{id}"),
     ("GET", "/api/management/v1/releases/{id}/delta"),
+    ("POST", "/api/management/v1/releases/{id}/encodings"),
     ("GET", "/api/management/v1/deployments"),
     ("POST", "/api/management/v1/deployments"),
     ("GET", "/api/management/v1/deployments/{id}"),
