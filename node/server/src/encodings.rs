@@ -276,6 +276,9 @@ pub fn parse_index(bytes: &[u8]) -> Option<DeltaIndex> {
 /// same store may write one).
 const ABSENT_TTL: Duration = Duration::from_secs(10);
 
+/// Entries the index cache keeps at most.
+const CACHE_ENTRIES_MAX: usize = 1024;
+
 /// Indexes read from the store, by (base, release).
 #[derive(Debug, Default)]
 pub struct IndexCache {
@@ -308,6 +311,14 @@ impl IndexCache {
             None => None,
         };
         if let Ok(mut m) = self.map.lock() {
+            // Devices choose the bases they name: absences are forgotten before
+            // they add up (an index found is one per encoding an operator made).
+            if m.len() >= CACHE_ENTRIES_MAX {
+                m.retain(|_, (_, v)| v.is_some());
+                if m.len() >= CACHE_ENTRIES_MAX {
+                    m.clear();
+                }
+            }
             m.insert(key, (Instant::now(), v.clone()));
         }
         Ok(v)
