@@ -256,7 +256,7 @@ pub type DeltaIndex = HashMap<ChunkId, u32>;
 /// Parses an index (`deltas/<base>/index/<release>`): 36-byte entries, the chunk
 /// id then the record's length (`u32` BE). `None` when it is malformed.
 pub fn parse_index(bytes: &[u8]) -> Option<DeltaIndex> {
-    if bytes.len() % INDEX_ENTRY != 0 {
+    if !bytes.len().is_multiple_of(INDEX_ENTRY) {
         return None;
     }
     Some(
@@ -276,13 +276,19 @@ pub fn parse_index(bytes: &[u8]) -> Option<DeltaIndex> {
 /// same store may write one).
 const ABSENT_TTL: Duration = Duration::from_secs(10);
 
+/// A cache key: the base's and the release's manifest hashes.
+type BaseRelease = ([u8; 32], [u8; 32]);
+
+/// A cache entry: when it was read, and the index (`None`: there was none).
+type Cached = (Instant, Option<Arc<DeltaIndex>>);
+
 /// Entries the index cache keeps at most.
 const CACHE_ENTRIES_MAX: usize = 1024;
 
 /// Indexes read from the store, by (base, release).
 #[derive(Debug, Default)]
 pub struct IndexCache {
-    map: Mutex<HashMap<([u8; 32], [u8; 32]), (Instant, Option<Arc<DeltaIndex>>)>>,
+    map: Mutex<HashMap<BaseRelease, Cached>>,
 }
 
 impl IndexCache {
