@@ -13,6 +13,7 @@ pub mod base_image;
 pub mod chunk;
 #[cfg(feature = "fs")]
 pub mod delta;
+pub mod delta_record;
 #[cfg(feature = "fs")]
 pub mod diff;
 #[cfg(feature = "fs")]

@@ -22,6 +22,7 @@ mod fleet;
 mod lan;
 mod measure;
 mod net_link;
+mod net_perbase;
 mod net_poll;
 mod report;
 mod sections;
@@ -173,8 +174,9 @@ struct NetArgs {
     /// Keep the scratch directory (artifacts, stores, the daemon's and server's logs).
     #[arg(long)]
     keep: bool,
-    /// Run only one part: `link` (the shaped link) or `poll` (10,000 devices polling).
-    #[arg(long, value_parser = ["link", "poll"])]
+    /// Run only one part: `link` (the shaped link), `perbase` (per-base encodings
+    /// served to a device on v1, issue 12) or `poll` (10,000 devices polling).
+    #[arg(long, value_parser = ["link", "perbase", "poll"])]
     only: Option<String>,
     /// The poll rows' server database connections (`shoal server --db-connections`;
     /// its default when not given).
@@ -210,9 +212,14 @@ fn net_only(args: NetArgs) -> Result<()> {
                 );
             }
         }
-        sections.push(net_link::section(&inputs)?);
+        if part != Some("perbase") {
+            sections.push(net_link::section(&inputs)?);
+        }
+        if part != Some("link") {
+            sections.push(net_perbase::section(&inputs)?);
+        }
     }
-    if part != Some("link") {
+    if part.is_none() || part == Some("poll") {
         // A private copy: a rebuild during the run must not swap the binary.
         let shoal = work.path().join("shoal-poll-under-test");
         fs::copy(&args.shoal, &shoal).with_context(|| {

@@ -178,13 +178,13 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmHWM:")?, field("VmRSS:")?))
 }
 
-fn json(cmd: &mut Command) -> Result<serde_json::Value> {
+pub(crate) fn json(cmd: &mut Command) -> Result<serde_json::Value> {
     let out = run(cmd)?;
     serde_json::from_str(&out).with_context(|| format!("not JSON from {cmd:?}: {out}"))
 }
 
 /// A child process killed when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -195,7 +195,7 @@ impl Drop for Proc {
 
 /// Seconds from the log line containing `from` to the one containing `to` (tracing's
 /// RFC 3339 timestamps).
-fn log_span_s(log: &str, from: &str, to: &str) -> Option<f64> {
+pub(crate) fn log_span_s(log: &str, from: &str, to: &str) -> Option<f64> {
     let stamp = |needle: &str| -> Option<f64> {
         let line = log.lines().find(|l| l.contains(needle))?;
         let ts = line.split_whitespace().next()?;

@@ -309,6 +309,12 @@ pub struct Server {
     /// Directory of inventory executables, each printing `key=value` lines.
     #[serde(default)]
     pub inventory_dir: Option<PathBuf>,
+    /// Names the release the running slot holds in chunk requests, so the server
+    /// may send changed chunks delta-encoded against it (per-base encodings; the
+    /// reference bytes are read from the running slot and checked). `false`: plain
+    /// chunks only.
+    #[serde(default = "default_true")]
+    pub delta: bool,
 }
 
 fn default_poll_s() -> u64 {

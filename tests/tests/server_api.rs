@@ -97,7 +97,7 @@ fn suite(db: Db) {
             routes += 1;
         }
     }
-    assert_eq!(routes, 45, "the document lists every route");
+    assert_eq!(routes, 46, "the document lists every route");
 
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);
@@ -558,6 +558,26 @@ fn suite(db: Db) {
     );
     assert!(expect_error(post(&a, json!({"ids": ["xyz"]})), 400).contains("64 hex"));
     expect_error(post(&a, json!({"ids": []})), 400);
+    // Per-base encodings: a malformed base is refused; a base the release has no
+    // encodings against gets version 1, byte for byte what a request without one gets.
+    assert!(
+        expect_error(
+            post(&a, json!({"ids": [chunks[0].id.to_hex()], "base": "xyz"})),
+            400
+        )
+        .contains("base")
+    );
+    let plain = post(&a, json!({"ids": [chunks[0].id.to_hex()]}));
+    let named = post(
+        &a,
+        json!({"ids": [chunks[0].id.to_hex()], "base": "ab".repeat(32)}),
+    );
+    assert_eq!(named.status().as_u16(), 200);
+    assert_eq!(
+        named.headers()["content-type"],
+        "application/vnd.shoal.chunks"
+    );
+    assert_eq!(named.bytes().unwrap(), plain.bytes().unwrap());
     let too_many: Vec<String> = (0..5000).map(|_| chunks[0].id.to_hex()).collect();
     expect_error(post(&a, json!({"ids": too_many})), 400);
 

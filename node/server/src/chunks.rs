@@ -389,6 +389,22 @@ pub fn verify_envelope(
     Ok(Manifest::from_cbor(signed)?)
 }
 
+/// Where the delta record of chunk `id` against base release `base` is kept:
+/// `deltas/<base hex>/<2 hex>/<64 hex>`, beside `chunks/` in the same layout.
+pub fn delta_key(base: &[u8; 32], id: &ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("deltas/{}/{}/{hex}", hex::encode(base), &hex[..2])
+}
+
+/// Where the per-base encoding index of `release` against `base` is kept.
+pub fn delta_index_key(base: &[u8; 32], release: &[u8; 32]) -> String {
+    format!(
+        "deltas/{}/index/{}",
+        hex::encode(base),
+        hex::encode(release)
+    )
+}
+
 impl Chunks {
     /// The largest stored chunk served.
     pub const STORED_MAX: u64 = shoal_artifact::manifest::CHUNK_SIZE_MAX as u64 + (1 << 20);
@@ -478,6 +494,95 @@ impl Chunks {
                 }
             }
             Chunks::Object(o) => o.get(&ObjectChunks::dictionary_key(zstd_id), max).await,
+        }
+    }
+
+    /// The largest delta record kept or served (a frame of the largest chunk, its
+    /// ranges and hash).
+    pub const DELTA_MAX: u64 = Self::STORED_MAX + 128;
+
+    /// The largest per-base encoding index read (a manifest holds at most 2^20
+    /// distinct chunks; 36 bytes each).
+    pub const DELTA_INDEX_MAX: u64 = 36 << 20;
+
+    /// A per-base delta record of chunk `id` against base release `base`
+    /// ([`shoal_artifact::delta_record`]), or `None`.
+    pub async fn delta(&self, base: &[u8; 32], id: &ChunkId) -> Result<Option<Bytes>, ChunksError> {
+        self.read_rel(&delta_key(base, id), Self::DELTA_MAX).await
+    }
+
+    /// The per-base encoding index of release `release` against base `base`: which
+    /// chunks have a delta record, and each record's length (see [`DeltaIndex`]).
+    pub async fn delta_index(
+        &self,
+        base: &[u8; 32],
+        release: &[u8; 32],
+    ) -> Result<Option<Bytes>, ChunksError> {
+        self.read_rel(&delta_index_key(base, release), Self::DELTA_INDEX_MAX)
+            .await
+    }
+
+    /// Stores a delta record (blocking).
+    pub fn put_delta_blocking(
+        &self,
+        base: &[u8; 32],
+        id: &ChunkId,
+        bytes: Vec<u8>,
+    ) -> Result<(), ChunksError> {
+        self.write_rel_blocking(&delta_key(base, id), bytes)
+    }
+
+    /// Stores a per-base encoding index (blocking), after its records.
+    pub fn put_delta_index_blocking(
+        &self,
+        base: &[u8; 32],
+        release: &[u8; 32],
+        bytes: Vec<u8>,
+    ) -> Result<(), ChunksError> {
+        self.write_rel_blocking(&delta_index_key(base, release), bytes)
+    }
+
+    /// An object of the store layout by its relative path (at most `max` bytes).
+    async fn read_rel(&self, rel: &str, max: u64) -> Result<Option<Bytes>, ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(rel);
+                match tokio::fs::read(&path).await {
+                    Ok(b) if b.len() as u64 > max => Err(ChunksError::TooLarge {
+                        key: path.display().to_string(),
+                        size: b.len() as u64,
+                        max,
+                    }),
+                    Ok(b) => Ok(Some(Bytes::from(b))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(ChunksError::Io { path, source }),
+                }
+            }
+            Chunks::Object(o) => o.get(rel, max).await,
+        }
+    }
+
+    /// Writes an object of the store layout (a file appears whole: written aside,
+    /// synced, renamed). Blocking.
+    fn write_rel_blocking(&self, rel: &str, bytes: Vec<u8>) -> Result<(), ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(rel);
+                let io = |source| ChunksError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                let dir = path.parent().expect("a store path has a parent");
+                std::fs::create_dir_all(dir).map_err(io)?;
+                let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+                std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
+                tmp.as_file().sync_all().map_err(io)?;
+                tmp.persist(&path).map_err(|e| io(e.error))?;
+                Ok(())
+            }
+            Chunks::Object(o) => {
+                tokio::runtime::Handle::current().block_on(o.put(rel, Bytes::from(bytes)))
+            }
         }
     }
 

@@ -36,6 +36,7 @@ use sqlx::AnyPool;
 
 pub mod chunks;
 pub mod db;
+pub mod encodings;
 pub mod filter;
 pub mod http;
 pub mod last_seen;
@@ -133,6 +134,8 @@ pub struct Context {
     pub fleet: Option<FleetIssuer>,
     /// Verified manifests of releases, loaded on first use.
     pub releases: release_cache::ReleaseCache,
+    /// Per-base encoding indexes read from the store ([`encodings`]).
+    pub encodings: encodings::IndexCache,
     /// Held while an upload adds chunks and while a release deletion removes the
     /// chunks no other release lists, so one never removes what the other counts on.
     pub store_lock: tokio::sync::Mutex<()>,
@@ -211,6 +214,7 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         chunk_base_url: config.chunk_base_url.clone(),
         fleet: config.fleet.clone(),
         releases: release_cache::ReleaseCache::default(),
+        encodings: encodings::IndexCache::default(),
         store_lock: tokio::sync::Mutex::new(()),
         last_seen: last_seen::LastSeen::default(),
         tokens,

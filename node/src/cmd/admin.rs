@@ -192,6 +192,19 @@ enum Releases {
         /// The release id.
         id: String,
     },
+    /// Delta-encode the release's changed chunks against a base release, so
+    /// devices running the base download those (per-base encodings); prints what a
+    /// device on the base downloads, plain and encoded. Runs on the server (one
+    /// encoding at a time) and waits for it.
+    ///
+    /// Example: shoal admin releases encode 3f2a…c1 --base 9b07…44
+    Encode {
+        /// The release id.
+        id: String,
+        /// The id of the base release (one devices run).
+        #[arg(long)]
+        base: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -556,6 +569,14 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                     .await?,
                 View::Done("deleted"),
             ),
+            Releases::Encode { id, base } => {
+                let req = c
+                    .http
+                    .post(c.url(&format!("/releases/{id}/encodings")))
+                    .json(&json!({ "base": base }))
+                    .timeout(Duration::from_secs(24 * 3600));
+                (c.send(req).await?, View::Object)
+            }
             Releases::Delta { id } => {
                 let v = c.get(&format!("/releases/{id}/delta")).await?;
                 let rows = v.get("installed").cloned().unwrap_or(Value::Null);

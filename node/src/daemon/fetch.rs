@@ -14,6 +14,21 @@
 //! filled) is asked of the server in one batch at the end of its request. Every
 //! chunk is verified by the engine whatever its source.
 //!
+//! **Per-base encodings.** When the daemon knows the release its running slot
+//! holds ([`DeltaBase`]), each batch request names it (`"base"`), and the server
+//! answers in version 2 ([`shoal_node::wire`]): a chunk it holds a per-base
+//! encoding of comes as a delta record (version 1, all plain, when it has no
+//! encodings against that base), decoded here with the reference bytes read
+//! from the running slot (the install path's [`crate::device::References`]), whose
+//! hash is checked before any chunk is decoded with them, and every decoded chunk
+//! is hashed before the engine sees it. Any delta that fails (bytes that fail the
+//! reference's hash: the slot does not hold the base after all; a frame that does
+//! not decode to the chunk; a malformed record), or a server that refuses the field
+//! (older than per-base encodings), turns deltas off for the rest of the deployment
+//! with an error in the log: the request is retried and gets plain chunks, so
+//! deltas never make an update fail that plain chunks would carry. With a static chunk host, chunks come
+//! plain from it (a static host serves content-addressed objects only).
+//!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,9 +46,8 @@ use tracing::{debug, warn};
 use super::api::{Api, ApiError, error_of};
 use crate::device::{Answer, Requests};
 use shoal_node::chunk_url::StaticBase;
-#[cfg(test)]
 use shoal_node::wire::BatchError;
-use shoal_node::wire::BatchReader;
+use shoal_node::wire::{BatchReader, CONTENT_TYPE_V2, Stored};
 
 struct Job {
     request: RequestId,
@@ -62,6 +76,28 @@ struct Shared {
     /// Bytes of chunks and dictionaries read from the static host.
     static_bytes: AtomicU64,
     aborted: AtomicBool,
+    /// The base release the running slot holds, for per-base encodings.
+    delta: Option<DeltaBase>,
+    /// Chunks that came delta-encoded, and their bytes on the wire.
+    delta_chunks: AtomicU64,
+}
+
+/// The release the running slot holds, named to the server so it may send chunks
+/// delta-encoded against it, and the slot's bytes to decode them with.
+pub struct DeltaBase {
+    /// Its manifest hash.
+    pub hash: [u8; 32],
+    /// The running slot, read for references.
+    pub references: Mutex<crate::device::References>,
+    /// Set when deltas are off for this deployment (see the module doc).
+    pub off: AtomicBool,
+}
+
+impl DeltaBase {
+    /// Named to the server while deltas are on.
+    fn named(&self) -> Option<String> {
+        (!self.off.load(Ordering::Relaxed)).then(|| hex::encode(self.hash))
+    }
 }
 
 /// Where a chunk's zstd dictionary may come from before the server: the LAN
@@ -120,6 +156,11 @@ impl Watch {
     pub fn static_bytes(&self) -> u64 {
         self.0.static_bytes.load(Ordering::Relaxed)
     }
+
+    /// Chunks that came delta-encoded against the running release.
+    pub fn delta_chunks(&self) -> u64 {
+        self.0.delta_chunks.load(Ordering::Relaxed)
+    }
 }
 
 impl HttpRequests {
@@ -128,7 +169,8 @@ impl HttpRequests {
     /// abort is noticed even while every chunk request is already in flight).
     /// With `static_base`, chunks come from that static host (see the module doc);
     /// with `peers`, zstd dictionaries are asked of the LAN first, and used only if
-    /// they hash to `named_dictionary` when the manifest names one.
+    /// they hash to `named_dictionary` when the manifest names one; with `delta`,
+    /// chunks may come delta-encoded against the running release.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         api: Api,
@@ -139,6 +181,7 @@ impl HttpRequests {
         static_base: Option<StaticBase>,
         peers: Option<Arc<dyn PeerDictionaries>>,
         named_dictionary: Option<ChunkId>,
+        delta: Option<DeltaBase>,
     ) -> HttpRequests {
         let shared = Arc::new(Shared {
             api,
@@ -153,6 +196,8 @@ impl HttpRequests {
             static_base,
             static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            delta,
+            delta_chunks: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = channel::<()>();
         let beat = {
@@ -273,7 +318,11 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         });
     };
     let hex: Vec<String> = job.ids.iter().map(|id| id.to_hex()).collect();
-    let body = serde_json::json!({ "ids": hex });
+    let base = shared.delta.as_ref().and_then(DeltaBase::named);
+    let body = match &base {
+        Some(b) => serde_json::json!({ "ids": hex, "base": b }),
+        None => serde_json::json!({ "ids": hex }),
+    };
     let resp = match shared.api.send(&shared.path, |c, u| c.post(u).json(&body)) {
         Ok(r) => r,
         Err(e) => {
@@ -292,16 +341,41 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         if status == StatusCode::CONFLICT {
             shared.aborted.store(true, Ordering::Relaxed);
         }
+        if base.is_some()
+            && (status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY)
+            && let Some(d) = &shared.delta
+        {
+            // A server from before per-base encodings refuses the field: ask again
+            // without it.
+            warn!(request = %job.request, "the server refused the base release field; fetching plain chunks");
+            d.off.store(true, Ordering::Relaxed);
+            return failed(FetchFailure::RetryLater);
+        }
         return failed(match status {
             StatusCode::NOT_FOUND => FetchFailure::NotThere,
             _ if e.is_transient() => FetchFailure::RetryLater,
             _ => FetchFailure::DropSource,
         });
     }
-    let mut reader = BatchReader::new(CountingRead(resp, &shared.bytes), &job.ids);
+    let v2 = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == CONTENT_TYPE_V2.as_bytes());
+    // Version 2 only when a base was named (then also version 1: the server has
+    // no encodings against it).
+    if v2 && base.is_none() {
+        warn!(request = %job.request, "the chunk batch answer is in version 2, not asked for");
+        return failed(FetchFailure::DropSource);
+    }
+    let body = CountingRead(resp, &shared.bytes);
+    let mut reader = if v2 {
+        BatchReader::new_v2(body, &job.ids)
+    } else {
+        BatchReader::new(body, &job.ids)
+    };
     let mut sent = 0usize;
     loop {
-        match reader.next_frame() {
+        match reader.next_item() {
             Ok(Some((id, stored))) => {
                 let Some(chunk) = shared.refs.get(&id) else {
                     if !deliver(Answer::Unavailable(id)) {
@@ -309,7 +383,19 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                     }
                     continue;
                 };
-                let answer = match decode(shared, &stored, chunk) {
+                let decoded = match stored {
+                    Stored::Plain(stored) => decode(shared, &stored, chunk),
+                    // Whatever fails with a delta (the reference's hash, the frame,
+                    // the chunk's hash) turns deltas off: the plain chunks may well
+                    // be fine.
+                    Stored::Delta(record) => {
+                        decode_delta(shared, &record, chunk).map_err(|e| match e {
+                            Undecoded::Corrupt(m) => Undecoded::Reference(m),
+                            other => other,
+                        })
+                    }
+                };
+                let answer = match decoded {
                     Ok(chunk) => Answer::Chunk(chunk),
                     Err(Undecoded::Dictionary(e)) => {
                         // Not the chunk's fault: its dictionary did not come (a cut
@@ -321,6 +407,16 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                         } else {
                             FetchFailure::DropSource
                         });
+                        return;
+                    }
+                    Err(Undecoded::Reference(message)) => {
+                        // Not the chunk's fault: this slot does not hold the base.
+                        // Deltas off; the request is asked again, plain.
+                        tracing::error!(request = %job.request, %id, %message, "cannot decode a delta-encoded chunk against the running slot; fetching plain chunks");
+                        if let Some(d) = &shared.delta {
+                            d.off.store(true, Ordering::Relaxed);
+                        }
+                        failed(FetchFailure::RetryLater);
                         return;
                     }
                     Err(Undecoded::Corrupt(message)) => {
@@ -337,6 +433,17 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                 }
             }
             Ok(None) => break,
+            Err(e @ (BatchError::BadDelta { .. } | BatchError::UnknownKind { .. }))
+                if shared.delta.is_some() =>
+            {
+                // A malformed delta frame: plain chunks may well be fine.
+                tracing::error!(request = %job.request, error = %e, chunks = sent, "malformed delta-encoded chunk; fetching plain chunks");
+                if let Some(d) = &shared.delta {
+                    d.off.store(true, Ordering::Relaxed);
+                }
+                failed(FetchFailure::RetryLater);
+                return;
+            }
             Err(e) => {
                 warn!(request = %job.request, error = %e, chunks = sent, "chunk batch failed");
                 failed(if e.is_transport() {
@@ -418,7 +525,7 @@ fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(A
                     FetchFailure::DropSource
                 });
             }
-            Err(Undecoded::Corrupt(message)) => {
+            Err(Undecoded::Corrupt(message) | Undecoded::Reference(message)) => {
                 // The engine bans the source.
                 warn!(%id, %message, "chunk from the static host does not decode");
                 Answer::Corrupt(id)
@@ -500,6 +607,43 @@ enum Undecoded {
     Dictionary(ApiError),
     /// The bytes do not decode.
     Corrupt(String),
+    /// The reference bytes of a delta-encoded chunk could not be read from the
+    /// running slot, or they fail their hash.
+    Reference(String),
+}
+
+/// Decodes a chunk delta-encoded against the running release: its reference read
+/// from the running slot and checked against the record's hash, then the frame
+/// decoded against it and the chunk checked against its id.
+fn decode_delta(
+    shared: &Shared,
+    record: &shoal_artifact::delta_record::DeltaRecord,
+    chunk: &ChunkRef,
+) -> Result<shoal_artifact::VerifiedChunk, Undecoded> {
+    let Some(delta) = &shared.delta else {
+        return Err(Undecoded::Corrupt(
+            "a delta-encoded chunk, though no base was named".into(),
+        ));
+    };
+    let reference = record.reference();
+    let bytes = delta
+        .references
+        .lock()
+        .map_err(|_| Undecoded::Reference("the running slot's reader failed".into()))?
+        .get(&reference)
+        .map_err(|e| Undecoded::Reference(crate::cmd::one_line(&e)))?;
+    bytes.check().map_err(|e| {
+        Undecoded::Reference(format!(
+            "the running slot's bytes {} are not the base release's: {e}",
+            reference.describe()
+        ))
+    })?;
+    let data = shoal_artifact::chunk::decode_against(&record.frame, chunk, bytes.bytes())
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))?;
+    let v = shoal_artifact::VerifiedChunk::check(chunk.id, data)
+        .map_err(|e| Undecoded::Corrupt(e.to_string()))?;
+    shared.delta_chunks.fetch_add(1, Ordering::Relaxed);
+    Ok(v)
 }
 
 /// Decodes a chunk's stored form, fetching its zstd dictionary once if needed.
@@ -685,7 +829,7 @@ fn static_dictionary(
 
 #[cfg(test)]
 mod tests {
-
+    use super::*;
     use shoal_artifact::chunk::{Dictionary, encode_with, frame_dictionary_id};
 
     fn samples(salt: &str) -> (Vec<u8>, Vec<usize>) {
@@ -775,6 +919,8 @@ mod tests {
             static_base: Some(StaticBase::parse(base).expect("base")),
             static_bytes: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            delta: None,
+            delta_chunks: AtomicU64::new(0),
         }
     }
 
@@ -810,7 +956,7 @@ mod tests {
         let shared = shared_with(&base, &liar, None);
         let v = match decode(&shared, &stored, &chunk) {
             Ok(v) => v,
-            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Corrupt(e) | Undecoded::Reference(e)) => panic!("corrupt: {e}"),
             Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
         };
         assert_eq!(v.data(), &data[..]);
@@ -858,7 +1004,7 @@ mod tests {
         let shared = shared_with(&base, &peer, Some(good.id));
         let v = match decode(&shared, &stored, &chunk) {
             Ok(v) => v,
-            Err(Undecoded::Corrupt(e)) => panic!("corrupt: {e}"),
+            Err(Undecoded::Corrupt(e) | Undecoded::Reference(e)) => panic!("corrupt: {e}"),
             Err(Undecoded::Dictionary(e)) => panic!("no dictionary: {e}"),
         };
         assert_eq!(v.data(), &data[..]);
@@ -875,7 +1021,120 @@ mod tests {
         assert!(honest.refused.lock().expect("lock").is_empty());
         assert_eq!(*honest.kept.lock().expect("lock"), vec![good.zstd_id]);
     }
-    use super::*;
+
+    /// A source whose running slot is a file of patterned bytes (returned), with
+    /// per-base deltas on.
+    fn delta_shared(dir: &std::path::Path) -> (Shared, Vec<u8>) {
+        let path = dir.join("slot-b.img");
+        let slot: Vec<u8> = (0..200_000usize).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &slot).expect("write");
+        let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
+        let references = crate::device::References::new(
+            shoal_bootctl::Slot::B,
+            Box::new(storage),
+            slot.len() as u64,
+            "acme-os 1".into(),
+        );
+        let server: crate::config::Server =
+            toml::from_str("url = \"http://127.0.0.1:9\"\nidentity = { mac = \"m\" }\n")
+                .expect("server table");
+        let key = shoal_signing::SecretKey::generate().expect("key");
+        let shared = Shared {
+            api: Api::new(&server, key).expect("api"),
+            path: "/deployments/d/chunks".into(),
+            refs: BTreeMap::new(),
+            dictionaries: Mutex::new(HashMap::new()),
+            dictionary_fetch: Mutex::new(()),
+            peers: None,
+            named_dictionary: None,
+            cancelled: Mutex::new(HashSet::new()),
+            bytes: AtomicU64::new(0),
+            static_base: None,
+            static_bytes: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+            delta: Some(DeltaBase {
+                hash: [1; 32],
+                references: Mutex::new(references),
+                off: AtomicBool::new(false),
+            }),
+            delta_chunks: AtomicU64::new(0),
+        };
+        (shared, slot)
+    }
+
+    /// A per-base delta record decodes against the running slot's bytes, checked
+    /// against the record's hash; a slot that does not hold them, a range past the
+    /// slot's end and a frame that decodes to other bytes are refused, each with
+    /// its own error, and no chunk comes out of them.
+    #[test]
+    fn delta_records_decode_against_the_running_slot_and_bad_ones_are_refused() {
+        use shoal_artifact::delta_record::DeltaRecord;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, slot) = delta_shared(dir.path());
+        // The chunk: slot bytes 70 000.. with a few edits.
+        let mut data = slot[70_000..90_000].to_vec();
+        data[100..108].copy_from_slice(b"REBUILT!");
+        data.extend_from_slice(b"a new tail");
+        let chunk = ChunkRef {
+            id: ChunkId::of(&data),
+            size: data.len() as u32,
+            stored_size: 0,
+        };
+        let ranges = vec![(65_536u64, 32_768u32)];
+        let reference = &slot[65_536..65_536 + 32_768];
+        let record = DeltaRecord {
+            ranges: ranges.clone(),
+            hash: *blake3::hash(reference).as_bytes(),
+            frame: shoal_artifact::chunk::encode_against(&data, 3, reference),
+        };
+        assert!(record.frame.len() < 200, "{}", record.frame.len());
+        let v = match decode_delta(&shared, &record, &chunk) {
+            Ok(v) => v,
+            Err(Undecoded::Corrupt(e) | Undecoded::Reference(e)) => panic!("{e}"),
+            Err(Undecoded::Dictionary(e)) => panic!("{e}"),
+        };
+        assert_eq!(v.data(), &data[..]);
+        assert_eq!(shared.delta_chunks.load(Ordering::Relaxed), 1);
+
+        let refused = |r: &DeltaRecord| match decode_delta(&shared, r, &chunk) {
+            Ok(_) => panic!("decoded {:?} {}", r.ranges, hex::encode(r.hash)),
+            Err(Undecoded::Reference(m)) => format!("reference: {m}"),
+            Err(Undecoded::Corrupt(m)) => format!("corrupt: {m}"),
+            Err(Undecoded::Dictionary(e)) => format!("dictionary: {e}"),
+        };
+        // The slot's bytes there are not what the server encoded against.
+        let mut wrong = record.clone();
+        wrong.hash = [0xab; 32];
+        let m = refused(&wrong);
+        assert!(
+            m.starts_with(
+                "reference: the running slot's bytes 65536+32768 are not the base release's"
+            ),
+            "{m}"
+        );
+        // A range past the slot's end (another hash: bytes already read are found
+        // by their hash, whatever ranges name them).
+        let mut past = record.clone();
+        past.ranges = vec![(190_000, 20_000)];
+        past.hash = [0xcd; 32];
+        let m = refused(&past);
+        assert!(
+            m.starts_with("reference: cannot read the reference bytes 190000+20000"),
+            "{m}"
+        );
+        // A frame of other bytes against the right reference: the chunk's hash.
+        let mut other = record.clone();
+        let mut lie = data.clone();
+        lie[0] ^= 1;
+        other.frame = shoal_artifact::chunk::encode_against(&lie, 3, reference);
+        let m = refused(&other);
+        assert!(m.starts_with("corrupt: ") && m.contains("hash"), "{m}");
+        // A frame cut short.
+        let mut cut = record.clone();
+        cut.frame.truncate(cut.frame.len() - 3);
+        assert!(refused(&cut).starts_with("corrupt: "));
+        assert_eq!(shared.delta_chunks.load(Ordering::Relaxed), 1);
+    }
 
     fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])

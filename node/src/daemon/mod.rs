@@ -666,6 +666,28 @@ impl Daemon {
                 Duration::from_secs(self.config.lan.request_timeout_s),
             )) as std::sync::Arc<dyn fetch::PeerDictionaries>
         });
+        // Per-base encodings: the server is told the release the running slot
+        // holds, so it may send changed chunks delta-encoded against it.
+        let delta = match &status.releases[shoal_engine::slot_ordinal(status.active)] {
+            Some(r) if self.server.delta => {
+                match crate::device::running_references(
+                    &self.config,
+                    status.active,
+                    format!("{} {}", r.name, r.version),
+                ) {
+                    Ok(references) => Some(fetch::DeltaBase {
+                        hash: r.manifest_hash,
+                        references: std::sync::Mutex::new(references),
+                        off: std::sync::atomic::AtomicBool::new(false),
+                    }),
+                    Err(e) => {
+                        warn!(error = %crate::cmd::one_line(&e), "cannot read the running slot; fetching plain chunks");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let requests = fetch::HttpRequests::start(
             self.api.clone(),
             &dep.id,
@@ -675,6 +697,7 @@ impl Daemon {
             static_base,
             peer_dictionaries,
             manifest.dictionary,
+            delta,
         );
         let watch = requests.watch();
         // LAN hook: peers that run or install this release become sources; what
@@ -771,6 +794,7 @@ impl Daemon {
                     transferred = watch.bytes(),
                     from_peers = peer_bytes.map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)),
                     transferred_static = watch.static_bytes(),
+                    delta_chunks = watch.delta_chunks(),
                     "installed; trial armed"
                 );
                 if self.report(dep, "installing", None)? {

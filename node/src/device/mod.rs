@@ -1060,6 +1060,26 @@ fn open_parts(
     Ok((signed, boot, capacity))
 }
 
+/// The running slot `active` of the device `config` describes, as the source of the
+/// reference bytes per-base delta-encoded chunks from the server are decoded with
+/// (the daemon's fetcher, [`crate::daemon`]); `base` names the release it runs, for
+/// messages. Opened read-only.
+pub(crate) fn running_references(
+    config: &Config,
+    active: Slot,
+    base: String,
+) -> anyhow::Result<References> {
+    let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, false)
+        .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
+    let storage = boot
+        .open_reader(active)
+        .with_context(|| format!("cannot open the running slot {active}"))?;
+    let slot_len = storage
+        .len()
+        .with_context(|| format!("cannot read the size of the running slot {active}"))?;
+    Ok(References::new(active, storage, slot_len, base))
+}
+
 /// The engine's status and the bootloader's, read without writing or creating
 /// anything (`shoal status`): the environment is opened read-only, the store only if
 /// it exists, and a device Shoal has not run on yet is shown as it would start.
@@ -1215,7 +1235,7 @@ const SLOT_BLOCKS_KEPT: usize = 24;
 /// from the running slot (which holds the base payload from offset 0). Their hash is
 /// checked before any chunk is decoded with them, by the decoding threads, once per
 /// reference (see [`Reference::read`]).
-struct References {
+pub(crate) struct References {
     slot: Slot,
     storage: Box<dyn Storage>,
     /// Recently used references, most recent last.
@@ -1232,7 +1252,12 @@ struct References {
 }
 
 impl References {
-    fn new(slot: Slot, storage: Box<dyn Storage>, slot_len: u64, base: String) -> References {
+    pub(crate) fn new(
+        slot: Slot,
+        storage: Box<dyn Storage>,
+        slot_len: u64,
+        base: String,
+    ) -> References {
         References {
             slot,
             storage,
@@ -1303,7 +1328,7 @@ impl References {
 
     /// The bytes of `r` (length checked; the decoding checks the hash), from the
     /// cache or read now.
-    fn get(&mut self, r: &Reference) -> anyhow::Result<ReferenceBytes> {
+    pub(crate) fn get(&mut self, r: &Reference) -> anyhow::Result<ReferenceBytes> {
         if let Some(i) = self.cache.iter().position(|b| b.hash() == &r.hash) {
             let b = self.cache.remove(i).expect("found");
             self.cache.push_back(b.clone());

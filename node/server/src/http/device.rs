@@ -475,6 +475,22 @@ pub async fn manifest(
 pub struct ChunkBatch {
     /// Chunk ids (64 hex digits each), in the order the device wants them.
     pub ids: Vec<String>,
+    /// The manifest hash (64 hex digits) of the release the device runs, whose
+    /// payload its running slot holds from offset 0. When the deployment's release
+    /// has per-base encodings against it, the answer is version 2
+    /// (`application/vnd.shoal.chunks.v2`): chunks that have one come
+    /// delta-encoded, the others plain. Otherwise (and without it, as daemons from
+    /// before send), version 1: plain chunks only.
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+/// How one chunk of a batch is sent.
+enum Frame {
+    /// Its plain stored form, of this length.
+    Plain(u32),
+    /// Its delta record against the device's base, of this length.
+    Delta(u32),
 }
 
 /// `POST /deployments/{id}/chunks`: the stored chunks asked for, framed.
@@ -493,6 +509,14 @@ pub async fn chunks(
             "a batch has at most {CHUNK_BATCH_IDS_MAX} chunk ids"
         )));
     }
+    let base: Option<[u8; 32]> = match &batch.base {
+        None => None,
+        Some(text) => Some(
+            text.parse::<ChunkId>()
+                .map_err(|_| ApiError::bad(format!("base {text:?} is not 64 hex digits")))?
+                .0,
+        ),
+    };
     let r = release(&ctx, &m.release_id).await?;
     let mut seen = HashSet::with_capacity(batch.ids.len());
     let mut wanted = Vec::with_capacity(batch.ids.len());
@@ -510,12 +534,26 @@ pub async fn chunks(
         }
         wanted.push(cid);
     }
+    // The release's encodings against the device's base, if an operator made them
+    // (an unknown base, or none made: every chunk plain).
+    let index = match &base {
+        Some(b) => ctx
+            .encodings
+            .get(&ctx.store, b, &r.manifest.hash())
+            .await
+            .map_err(|e| ApiError::Internal(format!("per-base encodings: {e}")))?,
+        None => None,
+    };
     // The store keeps the first stored form it got of a chunk, which may differ in
     // size from the one this release's artifact had: measure the stored objects.
-    let sized: Vec<(ChunkId, u32)> = futures_util::stream::iter(wanted)
+    let sized: Vec<(ChunkId, Frame)> = futures_util::stream::iter(wanted)
         .map(|cid| {
             let store = ctx.store.clone();
+            let delta = index.as_ref().and_then(|i| i.get(&cid).copied());
             async move {
+                if let Some(len) = delta {
+                    return Ok((cid, Frame::Delta(len)));
+                }
                 let len = store
                     .chunk_size(&cid)
                     .await
@@ -525,49 +563,82 @@ pub async fn chunks(
                     })?;
                 let len = u32::try_from(len)
                     .map_err(|_| ApiError::Internal(format!("chunk {cid} is too large")))?;
-                Ok::<_, ApiError>((cid, len))
+                Ok::<_, ApiError>((cid, Frame::Plain(len)))
             }
         })
         .buffered(STORE_REQUESTS_MAX)
         .try_collect()
         .await?;
-    let total: u64 = sized.iter().map(|(_, len)| 36 + u64::from(*len)).sum();
+    // Version 2 exactly when there are encodings to send.
+    let v2 = index.is_some();
+    let header_len: u64 = if v2 { 37 } else { 36 };
+    let total: u64 = sized
+        .iter()
+        .map(|(_, f)| {
+            header_len
+                + u64::from(match f {
+                    Frame::Plain(n) | Frame::Delta(n) => *n,
+                })
+        })
+        .sum();
     if total > CHUNK_BATCH_BYTES_MAX {
         return Err(ApiError::TooLarge(format!(
             "the batch is {total} bytes; at most {CHUNK_BATCH_BYTES_MAX} per request"
         )));
     }
+    let deltas = sized
+        .iter()
+        .filter(|(_, f)| matches!(f, Frame::Delta(_)))
+        .count();
     // Operators (and the static-host test) read what the server itself streams.
-    tracing::info!(device = %auth.device_id, deployment = %id, chunks = sized.len(), bytes = total, "chunk batch served");
+    tracing::info!(device = %auth.device_id, deployment = %id, chunks = sized.len(), deltas, bytes = total, "chunk batch served");
     let store = ctx.store.clone();
-    let stream = futures_util::stream::iter(sized).map(move |(cid, stored)| {
+    let stream = futures_util::stream::iter(sized).map(move |(cid, frame)| {
         let store = store.clone();
         async move {
-            let data = store
-                .chunk(&cid)
-                .await
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| std::io::Error::other(format!("chunk {cid} vanished while served")))?;
-            if data.len() != stored as usize {
-                tracing::error!(chunk = %cid, expected = stored, actual = data.len(), "chunk changed size while served");
+            let (kind, expected, data) = match frame {
+                Frame::Plain(n) => (
+                    0u8,
+                    n,
+                    store.chunk(&cid).await.map_err(std::io::Error::other)?,
+                ),
+                Frame::Delta(n) => (
+                    1u8,
+                    n,
+                    match &base {
+                        Some(b) => store.delta(b, &cid).await.map_err(std::io::Error::other)?,
+                        None => None,
+                    },
+                ),
+            };
+            let data = data.ok_or_else(|| {
+                std::io::Error::other(format!("chunk {cid} vanished while served"))
+            })?;
+            if data.len() != expected as usize {
+                tracing::error!(chunk = %cid, expected, actual = data.len(), kind, "chunk changed size while served");
                 return Err(std::io::Error::other("chunk changed size"));
             }
-            let mut frame = Vec::with_capacity(36 + data.len());
-            frame.extend_from_slice(cid.as_bytes());
-            frame.extend_from_slice(&stored.to_be_bytes());
-            frame.extend_from_slice(&data);
-            Ok::<_, std::io::Error>(Bytes::from(frame))
+            let mut out = Vec::with_capacity(37 + data.len());
+            out.extend_from_slice(cid.as_bytes());
+            if v2 {
+                out.push(kind);
+            }
+            out.extend_from_slice(&expected.to_be_bytes());
+            out.extend_from_slice(&data);
+            Ok::<_, std::io::Error>(Bytes::from(out))
         }
     })
     // Reads ahead a few chunks (an object store answers each after a round trip);
     // frames still go out in the order asked.
     .buffered(STORE_REQUESTS_MAX);
+    let content_type = if v2 {
+        "application/vnd.shoal.chunks.v2"
+    } else {
+        "application/vnd.shoal.chunks"
+    };
     Ok((
         [
-            (
-                header::CONTENT_TYPE,
-                "application/vnd.shoal.chunks".to_owned(),
-            ),
+            (header::CONTENT_TYPE, content_type.to_owned()),
             (header::CONTENT_LENGTH, total.to_string()),
         ],
         Body::from_stream(stream),

@@ -83,6 +83,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/management/v1/releases/{id}"),
     ("DELETE", "/api/management/v1/releases/{id}"),
     ("GET", "/api/management/v1/releases/{id}/delta"),
+    ("POST", "/api/management/v1/releases/{id}/encodings"),
     ("GET", "/api/management/v1/deployments"),
     ("POST", "/api/management/v1/deployments"),
     ("GET", "/api/management/v1/deployments/{id}"),
@@ -169,6 +170,10 @@ pub fn router(ctx: Ctx) -> Router {
             get(releases::show).delete(releases::delete),
         )
         .route(&format!("{m}/releases/{{id}}/delta"), get(releases::delta))
+        .route(
+            &format!("{m}/releases/{{id}}/encodings"),
+            post(releases::encode),
+        )
         .route(
             &format!("{m}/deployments"),
             get(deployments::list).post(deployments::create),

@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::error::{ApiError, ApiResult};
@@ -294,6 +294,7 @@ pub async fn delete(
             .remove_chunks_blocking(gone.chunks.keys().filter(|k| !keep.contains(*k)))
             .map_err(|e| ApiError::Internal(format!("removing chunks: {e}")))?;
         c.releases.forget(&id);
+        c.encodings.forget(&hash.0);
         Ok(removed)
     })
     .await
@@ -394,5 +395,81 @@ pub async fn delta(
     Ok(axum::Json(Delta {
         release,
         installed: rows,
+    }))
+}
+
+/// What to encode a release against.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeRequest {
+    /// The base release's id (its manifest hash, 64 hex digits): devices running it
+    /// get the release's changed chunks delta-encoded against its bytes.
+    pub base: String,
+}
+
+/// What an encoding did.
+#[derive(Debug, Serialize)]
+pub struct EncodeReport {
+    /// The release encoded.
+    pub release: String,
+    /// The base it was encoded against.
+    pub base: String,
+    /// The figures ([`crate::encodings::Encoded`]).
+    #[serde(flatten)]
+    pub encoded: crate::encodings::Encoded,
+}
+
+/// `POST /releases/{id}/encodings`: computes and stores the release's per-base
+/// encodings against `base` ([`crate::encodings`]), then answers 200 with the
+/// figures; 404 for an unknown release or base; 422 when they cannot be encoded
+/// (no rootfs payload of the same name). One encoding runs at a time.
+pub async fn encode(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+    super::extractor::ApiJson(req): super::extractor::ApiJson<EncodeRequest>,
+) -> ApiResult<axum::Json<EncodeReport>> {
+    auth.require(Role::Operator)?;
+    check_hex_id(&req.base, 64, "base release")?;
+    if req.base == id {
+        return Err(ApiError::bad("a release is not encoded against itself"));
+    }
+    get_one(&ctx, &id).await?;
+    get_one(&ctx, &req.base).await?;
+    let c = ctx.clone();
+    let (rid, bid) = (id.clone(), req.base.clone());
+    let started = std::time::Instant::now();
+    let encoded = tokio::task::spawn_blocking(move || -> ApiResult<crate::encodings::Encoded> {
+        let load = |rid: &str| {
+            c.releases
+                .load(&c.store, &c.root, rid)
+                .map_err(|e| ApiError::Internal(format!("loading release {rid}: {e}")))
+        };
+        let (release, base) = (load(&rid)?, load(&bid)?);
+        let out =
+            crate::encodings::encode_blocking(&c.store, &base, &release).map_err(|e| match e {
+                crate::encodings::EncodeError::NoPayload(m) => ApiError::Unprocessable(m),
+                e => ApiError::Internal(format!("encoding: {e}")),
+            })?;
+        c.encodings.forget(&release.manifest.hash());
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let mut tx = ctx.db.begin().await?;
+    audit(
+        &mut tx,
+        &auth.actor(),
+        "release.encode",
+        &id,
+        serde_json::json!({ "base": req.base, "chunks_delta": encoded.chunks_delta, "encoded_bytes": encoded.encoded_bytes }),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(release = %id, base = %req.base, chunks = encoded.chunks, chunks_delta = encoded.chunks_delta, plain_bytes = encoded.plain_bytes, encoded_bytes = encoded.encoded_bytes, ms = started.elapsed().as_millis() as u64, "per-base encodings stored");
+    Ok(axum::Json(EncodeReport {
+        release: id,
+        base: req.base,
+        encoded,
     }))
 }
