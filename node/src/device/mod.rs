@@ -1952,8 +1952,10 @@ impl<'a> Driver<'a> {
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
                     let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+                    // A run of one repeated chunk is listed once: the engine keeps
+                    // the first position of each id.
                     let worker = std::thread::spawn(move || {
-                        slotio::index(
+                        slotio::index_runs_once(
                             &*storage,
                             len,
                             chunking,
