@@ -890,6 +890,64 @@ fn a_shed_envelope_is_held_by_the_store_alone_and_the_install_resumes_without_it
     assert_eq!(d.store.state.envelope.as_deref(), Some(&envelope[..]));
 }
 
+/// Issue 10 (memory at 8 GiB): a release whose envelope the driver stored before
+/// the offer (`verify_stored`) never holds it, not even while its chunk table is
+/// built; the deployment names the stored envelope by the BLAKE3 of its bytes
+/// (`Record::EnvelopeStored`, once), the install completes, and offering it again
+/// resumes.
+#[test]
+fn a_release_whose_envelope_the_driver_stored_names_it_by_hash_and_installs() {
+    use crate::{Output, Record, VerifiedRelease};
+    let f = Fixture::new();
+    let image = bytes(22, MIB);
+    let (mut d, m, chunks) = setup(&image);
+    d.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let envelope = sign(&m, &f.key);
+    let hash = *blake3::hash(&envelope).as_bytes();
+    let held = VerifiedRelease::verify(&f.root, envelope.clone(), None).expect("verifies");
+    let rel = VerifiedRelease::verify_stored(&f.root, envelope, None).expect("verifies");
+    assert_eq!(rel.envelope(), None, "the release does not hold it");
+    assert_eq!(rel.release(), held.release(), "the same release");
+    assert_eq!(rel.chunk_count(), held.chunk_count());
+    let mut e = d.engine(f.config());
+    e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+        .expect("offer");
+    let mut stored = Vec::new();
+    let mut with_bytes = 0;
+    let mut steps = 0;
+    loop {
+        let Some(out) = e.poll_output() else {
+            d.run(&mut e, None).expect("no crash");
+            break;
+        };
+        if let Output::Persist(records) = &out {
+            for r in records {
+                match r {
+                    Record::EnvelopeStored(h) => stored.push(*h),
+                    Record::Envelope(Some(_)) => with_bytes += 1,
+                    _ => {}
+                }
+            }
+        }
+        d.execute(&mut e, out).expect("no crash");
+        steps += 1;
+        if steps == 40 {
+            // Half-way, the same release again: it resumes from the journal.
+            e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+                .expect("resumes");
+        }
+    }
+    assert!(steps > 40, "{steps}");
+    assert!(armed(&d.events));
+    assert!(slot_b_holds(&d, &image));
+    assert_eq!(with_bytes, 0, "the envelope's bytes never go to the store");
+    assert!(
+        !stored.is_empty() && stored.iter().all(|h| *h == hash),
+        "the deployment names the stored envelope by its hash: {stored:?}"
+    );
+}
+
 /// Regression (issue 10): on a slow link (30 KiB/s, like the daemon under a rate
 /// cap) the silence timer, fed by the gaps between small chunks, fired while a big
 /// chunk was still on the wire, so a live source was failed, backed off and asked

@@ -221,6 +221,12 @@ pub enum Record {
     /// Replace (or clear) the signed envelope of the deployment in progress
     /// (written once when a deployment starts, cleared when it ends).
     Envelope(Option<Arc<[u8]>>),
+    /// The deployment's signed envelope is the one the driver stored durably
+    /// before the offer, whose bytes hash (BLAKE3) to this
+    /// ([`VerifiedRelease::verify_stored`](crate::VerifiedRelease::verify_stored)):
+    /// the store names it as the deployment's envelope, as [`Record::Envelope`]
+    /// with its bytes would, and the engine holds no copy.
+    EnvelopeStored([u8; 32]),
     /// Wire bytes the deployment in progress asked of WAN sources so far.
     WanSpent(u64),
     /// Forget the progress journal.

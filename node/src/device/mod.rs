@@ -634,38 +634,59 @@ impl Device {
                 if let Some(d) = &dictionary {
                     kept.save_dictionary(manifest_hash, d);
                 }
-                let release =
-                    shoal_engine::VerifiedRelease::verify(&driver.dev.root, envelope, wall)
-                        .map_err(|e| anyhow!(e).context("the release was refused"))?;
-                // A full artifact whose contents lack a chunk is refused here,
-                // before the offer.
-                artifact
-                    .bind_to(Arc::clone(&release) as Arc<dyn shoal_artifact::ChunkList>)
-                    .map_err(|e| artifact_error(&name, e))?;
-                // What the artifact holds (a thin one says so in its contents
-                // member), so chunks it lacks are found missing before any write.
-                // A full artifact holds every chunk: saying so costs nothing, where
-                // a list of ids costs about 80 bytes a chunk (27 MiB at 8 GiB).
-                let holds = if artifact.is_thin() {
-                    Holds::Ids(
-                        artifact
-                            .holds()
-                            .map_err(|e| artifact_error(&name, e))?
-                            .into_iter()
-                            .collect(),
-                    )
+                // The store holds the envelope (a synced file) before the offer,
+                // so the engine verifies and decodes it, then drops it before it
+                // builds the chunk table: an 8 GiB image's 17.6 MB envelope is
+                // never in memory beside its table. Nothing is trusted from the
+                // file: the deployment names it only once verified (offered).
+                let stored = driver
+                    .dev
+                    .store
+                    .put_envelope(&envelope)
+                    .context("cannot store the signed manifest")?;
+                let verify = if stored.is_some() {
+                    shoal_engine::VerifiedRelease::verify_stored
                 } else {
-                    Holds::All
+                    shoal_engine::VerifiedRelease::verify
                 };
-                driver.offer_verified(
-                    &release,
-                    vec![
-                        SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
-                            .holding(holds),
-                    ],
-                    reboot,
-                )?;
-                drop(release);
+                // A release refused from here on leaves no envelope file behind.
+                let offered = (|| -> anyhow::Result<()> {
+                    let release = verify(&driver.dev.root, envelope, wall)
+                        .map_err(|e| anyhow!(e).context("the release was refused"))?;
+                    // A full artifact whose contents lack a chunk is refused here,
+                    // before the offer.
+                    artifact
+                        .bind_to(Arc::clone(&release) as Arc<dyn shoal_artifact::ChunkList>)
+                        .map_err(|e| artifact_error(&name, e))?;
+                    // What the artifact holds (a thin one says so in its contents
+                    // member), so chunks it lacks are found missing before any write.
+                    // A full artifact holds every chunk: saying so costs nothing, where
+                    // a list of ids costs about 80 bytes a chunk (27 MiB at 8 GiB).
+                    let holds = if artifact.is_thin() {
+                        Holds::Ids(
+                            artifact
+                                .holds()
+                                .map_err(|e| artifact_error(&name, e))?
+                                .into_iter()
+                                .collect(),
+                        )
+                    } else {
+                        Holds::All
+                    };
+                    driver.offer_verified(
+                        &release,
+                        vec![
+                            SourceInfo::new(STREAM, SourceKind::Stream, SourceClass::Local, &name)
+                                .holding(holds),
+                        ],
+                        reboot,
+                    )?;
+                    Ok(())
+                })();
+                if let (Err(_), Some(hash)) = (&offered, stored) {
+                    driver.dev.store.forget_envelope(&hash);
+                }
+                offered?;
                 driver.stream(artifact, &name)?;
                 driver.source_bytes_read = counted.bytes;
             }
@@ -1956,8 +1977,10 @@ impl<'a> Driver<'a> {
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
                     let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+                    // A run of one repeated chunk is listed once: the engine keeps
+                    // the first position of each id.
                     let worker = std::thread::spawn(move || {
-                        slotio::index(
+                        slotio::index_runs_once(
                             &*storage,
                             len,
                             chunking,
@@ -2131,10 +2154,13 @@ impl<'a> Driver<'a> {
                     .map_err(|e| (IoOp::Persist, anyhow!(e)))?;
                 // The store holds the deployment's signed envelope now: the
                 // engine need not (about 80 bytes a chunk, 35 MB at 8 GiB).
-                if records
-                    .iter()
-                    .any(|r| matches!(r, shoal_engine::Record::Envelope(Some(_))))
-                {
+                if records.iter().any(|r| {
+                    matches!(
+                        r,
+                        shoal_engine::Record::Envelope(Some(_))
+                            | shoal_engine::Record::EnvelopeStored(_)
+                    )
+                }) {
                     drop(records);
                     self.engine.shed_envelope();
                 }

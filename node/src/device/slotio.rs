@@ -180,6 +180,34 @@ pub fn index(
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    index_with(storage, len, chunking, wanted, met, pool, false)
+}
+
+/// [`index`], but a run of one chunk repeated back to back (the zeros of a sparse
+/// or erased region: an 8 GiB sparse slot is 131,072 max-size zero chunks, 6 MiB
+/// as a list) is listed once, at its first position, as it is cut: for an index
+/// that keeps the first position of each id anyway (the engine's, the store's),
+/// the list is never in memory whole.
+pub fn index_runs_once(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    pool: Option<&rayon::ThreadPool>,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    index_with(storage, len, chunking, wanted, met, pool, true)
+}
+
+fn index_with(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    pool: Option<&rayon::ThreadPool>,
+    runs_once: bool,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     let mut sent: HashSet<ChunkId> = HashSet::new();
     let mut met = met;
@@ -199,7 +227,7 @@ pub fn index(
     read_ahead(storage, 0, len, move |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
-        let body = move || cut_and_hash(blocks, chunking, hand_over);
+        let body = move || cut_and_hash(blocks, chunking, runs_once, hand_over);
         match pool {
             Some(pool) => pool.install(body),
             None => body(),
@@ -211,10 +239,16 @@ pub fn index(
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
+    runs_once: bool,
     mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
 ) -> Vec<(u64, ChunkId, u32)> {
     {
         let mut out = Vec::new();
+        let push = |out: &mut Vec<(u64, ChunkId, u32)>, c: (u64, ChunkId, u32)| {
+            if !(runs_once && out.last().is_some_and(|l| l.1 == c.1)) {
+                out.push(c);
+            }
+        };
         // Two windows, each the carried-over tail of the previous one followed by a
         // block: one is cut while the other's chunks are hashed.
         let mut cutting: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
@@ -239,7 +273,7 @@ fn cut_and_hash(
             for ((offset, start, len), id) in pending.iter().zip(ids) {
                 hand_over(&hashing, *start, *len, id);
                 let len = u32::try_from(*len).expect("a chunk is at most max_size");
-                out.push((*offset, id, len));
+                push(&mut out, (*offset, id, len));
             }
             // The finished chunks of `cutting` are hashed next round, from
             // `hashing`; the unfinished tail starts the next window.
@@ -257,7 +291,7 @@ fn cut_and_hash(
         for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
             hand_over(&hashing, *start, *len, id);
             let len = u32::try_from(*len).expect("a chunk is at most max_size");
-            out.push((*offset, id, len));
+            push(&mut out, (*offset, id, len));
         }
         out
     }
@@ -746,6 +780,36 @@ mod tests {
             .unwrap()
             .is_empty()
         );
+    }
+
+    /// Issue 10 (memory at 8 GiB): the install's cut lists a run of one chunk
+    /// repeated back to back once, at its first position (a sparse slot's zeros
+    /// are one entry, not 6 MiB of them); every other chunk stays, in slot order.
+    #[test]
+    fn index_runs_once_lists_a_repeated_run_once_at_its_first_position() {
+        let mut data = pattern(3 * BLOCK, 9);
+        data[BLOCK / 2..BLOCK / 2 + 2 * BLOCK].fill(0);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let mut expected = all.clone();
+        expected.dedup_by_key(|c| c.1);
+        assert!(
+            all.len() > expected.len() + 4,
+            "the zeros are a run: {} {}",
+            all.len(),
+            expected.len()
+        );
+        let got = index_runs_once(
+            &*storage,
+            data.len() as u64,
+            chunking,
+            &|_| false,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -313,6 +313,35 @@ impl Store {
         Ok(hash)
     }
 
+    /// Stores a deployment's signed envelope before it is offered (synced, as a
+    /// file named by the BLAKE3 of its bytes), so the engine need not hold it: a
+    /// [`Record::EnvelopeStored`] with that hash then names it in the transaction
+    /// that starts the deployment. Returns the hash, or `None` on a store that
+    /// keeps no envelope files (a test backend: the envelope goes as bytes).
+    /// A file no record names yet (a cut before the offer) is removed by the next
+    /// envelope record, as after any cut between a file and its transaction.
+    pub fn put_envelope(&self, bytes: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
+        match &self.envelopes {
+            Some(dir) => self.write_envelope_file(dir, bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes the envelope file [`Store::put_envelope`] wrote for a release that
+    /// was then refused, unless a record names it (a deployment of the same
+    /// release in progress). Best effort: a leftover costs disk, and the next
+    /// envelope record removes it.
+    pub fn forget_envelope(&self, hash: &[u8; 32]) {
+        let Some(dir) = &self.envelopes else {
+            return;
+        };
+        if let Ok(named) = self.get_raw(ENVELOPE_FILE_KEY)
+            && named.as_deref() != Some(&hash[..])
+        {
+            let _ = std::fs::remove_file(envelope_path(dir, hash));
+        }
+    }
+
     /// Removes the envelope files other than `keep` (after the record that names
     /// `keep`, or none, committed).
     fn prune_envelope_files(dir: &Path, keep: Option<&[u8; 32]>) {
@@ -406,11 +435,31 @@ impl Store {
         let mut envelope_file: Option<Option<[u8; 32]>> = None;
         if let Some(dir) = &self.envelopes {
             for r in records {
-                if let Record::Envelope(e) = r {
-                    envelope_file = Some(match e {
-                        Some(bytes) => Some(self.write_envelope_file(dir, bytes)?),
-                        None => None,
-                    });
+                match r {
+                    Record::Envelope(e) => {
+                        envelope_file = Some(match e {
+                            Some(bytes) => Some(self.write_envelope_file(dir, bytes)?),
+                            None => None,
+                        });
+                    }
+                    // Stored by `put_envelope` before the offer: a record naming a
+                    // file that is not there would leave a deployment without its
+                    // envelope, so it is refused before the transaction.
+                    Record::EnvelopeStored(hash) => {
+                        let path = envelope_path(dir, hash);
+                        if !path.is_file() {
+                            return Err(StoreError::Corrupt {
+                                path: self.path.clone(),
+                                key: ENVELOPE_FILE_KEY.to_string(),
+                                message: format!(
+                                    "the stored envelope {} is missing",
+                                    path.display()
+                                ),
+                            });
+                        }
+                        envelope_file = Some(Some(*hash));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -454,6 +503,12 @@ impl Store {
                             meta.remove(ENVELOPE_FILE_KEY)?;
                         }
                     },
+                    // Checked above: its file is there (a store without envelope
+                    // files never gets one: `put_envelope` returned `None`).
+                    Record::EnvelopeStored(hash) => {
+                        meta.remove("envelope")?;
+                        meta.insert(ENVELOPE_FILE_KEY, &hash[..])?;
+                    }
                     Record::WanSpent(bytes) => put(
                         &mut meta,
                         "wan_spent",
@@ -798,6 +853,46 @@ mod tests {
             store.load(Slot::A, [1 << 20; 2]).expect("load").envelope,
             None
         );
+    }
+
+    /// Issue 10 (memory): an envelope stored before the offer (`put_envelope`) is
+    /// named by a `Record::EnvelopeStored` with its hash and loads back whole; a
+    /// record naming a file that is not there is refused before anything commits;
+    /// a refused release's file is forgotten, a named one is not.
+    #[test]
+    fn an_envelope_stored_before_the_offer_is_named_by_its_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let bytes = vec![5u8; 7000];
+        let hash = store
+            .put_envelope(&bytes)
+            .expect("put")
+            .expect("a store on a directory keeps envelope files");
+        assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+        let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        assert_eq!(std::fs::read(&path).expect("its file"), bytes);
+        // Not named yet: a refused release's file goes.
+        store.forget_envelope(&hash);
+        assert!(!path.exists());
+        // A record naming a missing file is refused, and nothing commits.
+        match store.apply(&[Record::Floor(3), Record::EnvelopeStored(hash)]) {
+            Err(StoreError::Corrupt { key, message, .. }) => {
+                assert_eq!(key, ENVELOPE_FILE_KEY);
+                assert!(message.contains("is missing"), "{message}");
+            }
+            other => panic!("expected a missing envelope file, got {other:?}"),
+        }
+        assert_eq!(store.load(Slot::A, [1 << 20; 2]).expect("load").floor, 0);
+        store.put_envelope(&bytes).expect("put again");
+        store.apply(&[Record::EnvelopeStored(hash)]).expect("apply");
+        // Named now: forgetting it is a no-op.
+        store.forget_envelope(&hash);
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let got = store.load(Slot::A, [1 << 20; 2]).expect("load");
+        assert_eq!(got.envelope.as_deref(), Some(&bytes[..]));
+        store.apply(&[Record::Envelope(None)]).expect("clear");
+        assert!(!path.exists(), "the deployment's end removes it");
     }
 
     /// A slot verified to hold a release gets the release's chunk list as its index,

@@ -122,9 +122,9 @@ impl Engine {
             phase: Phase::Fetching,
         };
         // The envelope is persisted once per deployment (not with every phase).
-        let envelope = rel.envelope();
+        let envelope = rel.envelope_record();
         let same_envelope = match (&self.state.envelope, &envelope) {
-            (Some(e), Some(r)) => Arc::ptr_eq(e, r) || **e == **r,
+            (Some(e), Some(Record::Envelope(Some(r)))) => Arc::ptr_eq(e, r) || **e == **r,
             _ => false,
         };
         if resume {
@@ -133,16 +133,18 @@ impl Engine {
                 let mut records = Vec::new();
                 // A release whose envelope was shed was offered for this very
                 // deployment: the store holds its envelope.
-                if let Some(e) = envelope {
-                    self.state.envelope = Some(Arc::clone(&e));
-                    records.push(Record::Envelope(Some(e)));
+                if let Some(r) = envelope {
+                    if let Record::Envelope(Some(e)) = &r {
+                        self.state.envelope = Some(Arc::clone(e));
+                    }
+                    records.push(r);
                 }
                 records.push(Record::Deployment(Some(dep.clone())));
                 self.persist(records);
             }
         } else {
             let envelope = envelope.expect(
-                "a release offered for a new deployment keeps its envelope (it is shed only once persisted for its own)",
+                "a release offered for a new deployment keeps its envelope or was stored by the driver (a held one is shed only once persisted for its own)",
             );
             // A slot that already holds this payload (a release rolled back, then
             // offered again) is not written again: it is only verified.
@@ -155,9 +157,12 @@ impl Engine {
             self.state.journaled.clear();
             self.state.wan_spent_bytes = 0;
             self.state.releases[slot_ordinal(target)] = None;
-            self.state.envelope = Some(Arc::clone(&envelope));
+            self.state.envelope = match &envelope {
+                Record::Envelope(Some(e)) => Some(Arc::clone(e)),
+                _ => None,
+            };
             let mut records = vec![
-                Record::Envelope(Some(envelope)),
+                envelope,
                 Record::Deployment(Some(dep.clone())),
                 Record::ClearProgress,
                 Record::WanSpent(0),

@@ -25,6 +25,12 @@ pub struct VerifiedRelease {
     ///
     /// [`Engine::shed_envelope`]: crate::Engine::shed_envelope
     envelope: std::sync::Mutex<Option<Arc<[u8]>>>,
+    /// BLAKE3 of the envelope's bytes when the driver stored it durably before the
+    /// offer ([`VerifiedRelease::verify_stored`]): the release never holds it, and
+    /// a deployment names it by this hash ([`Record::EnvelopeStored`]).
+    ///
+    /// [`Record::EnvelopeStored`]: crate::Record::EnvelopeStored
+    stored: Option<[u8; 32]>,
     /// The decoded manifest, without its payload's chunk list: that lives in
     /// `table` only (one copy per release, in dense arrays).
     pub(crate) manifest: Manifest,
@@ -44,11 +50,43 @@ impl VerifiedRelease {
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_as(root, envelope, wall_unix_s, false)
+    }
+
+    /// [`VerifiedRelease::verify`] for a driver that stored `envelope` durably
+    /// before the offer, as a file named by the BLAKE3 of its bytes: verified and
+    /// decoded the same way, but the bytes are dropped as soon as the manifest is
+    /// decoded, before the chunk table is built, and a deployment of it names the
+    /// stored envelope by its hash ([`Record::EnvelopeStored`]) instead of
+    /// carrying it. An 8 GiB image's envelope (17.6 MB) is then never in memory
+    /// beside its chunk table.
+    ///
+    /// [`Record::EnvelopeStored`]: crate::Record::EnvelopeStored
+    pub fn verify_stored(
+        root: &TrustRoot,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_as(root, envelope, wall_unix_s, true)
+    }
+
+    fn verify_as(
+        root: &TrustRoot,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+        stored: bool,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
         // Decoded in place (the signed bytes are not copied).
         let parsed = EnvelopeRef::from_bytes(&envelope)?;
         let signed = root.verify_ref(RoleName::Release, &parsed, wall_unix_s)?;
         let mut manifest = Manifest::from_cbor(signed)?;
         let manifest_hash = *blake3::hash(signed).as_bytes();
+        drop(parsed);
+        let (envelope, stored) = if stored {
+            (None, Some(*blake3::hash(&envelope).as_bytes()))
+        } else {
+            (Some(Arc::<[u8]>::from(envelope)), None)
+        };
         let rootfs: Vec<usize> = (0..manifest.payloads.len())
             .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
             .collect();
@@ -65,7 +103,8 @@ impl VerifiedRelease {
         let table = ChunkTable::new(std::mem::take(&mut manifest.payloads[payload].chunks));
         Ok(Arc::new(VerifiedRelease {
             root: root.clone(),
-            envelope: std::sync::Mutex::new(Some(envelope.into())),
+            envelope: std::sync::Mutex::new(envelope),
+            stored,
             manifest,
             payload,
             release,
@@ -96,6 +135,17 @@ impl VerifiedRelease {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The record that makes the store hold its envelope for a new deployment:
+    /// the bytes, or (stored by the driver before the offer) their hash; `None`
+    /// once a held envelope was shed.
+    pub(crate) fn envelope_record(&self) -> Option<crate::state::Record> {
+        match (self.envelope(), self.stored) {
+            (Some(e), _) => Some(crate::state::Record::Envelope(Some(e))),
+            (None, Some(hash)) => Some(crate::state::Record::EnvelopeStored(hash)),
+            (None, None) => None,
+        }
     }
 
     /// Drops the envelope (see [`Engine::shed_envelope`](crate::Engine::shed_envelope)).
