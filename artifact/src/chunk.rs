@@ -306,6 +306,71 @@ pub fn encode_with(data: &[u8], level: i32, dict: Option<&Dictionary>) -> Vec<u8
     }
 }
 
+/// A zstd dictionary digested once for one level ([`zstd::dict::EncoderDictionary`]),
+/// shared by the threads of a build: an encoder made from it ([`PlainEncoder`]) costs
+/// no digestion, where loading the dictionary's bytes into a context digests them
+/// again every time the context is made.
+pub struct PreparedDictionary {
+    dict: zstd::dict::EncoderDictionary<'static>,
+}
+
+impl std::fmt::Debug for PreparedDictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedDictionary").finish_non_exhaustive()
+    }
+}
+
+impl PreparedDictionary {
+    /// `dict` digested for zstd `level`.
+    pub fn new(dict: &Dictionary, level: i32) -> PreparedDictionary {
+        PreparedDictionary {
+            dict: zstd::dict::EncoderDictionary::copy(dict.bytes(), level),
+        }
+    }
+}
+
+/// Encodes plain stored forms (the rule of [`encode_with`]: a frame naming its
+/// dictionary, or the raw bytes when that is smaller) with one context, at the level
+/// of its prepared dictionary, or at `level` without one.
+pub struct PlainEncoder<'d> {
+    c: zstd::bulk::Compressor<'d>,
+}
+
+impl std::fmt::Debug for PlainEncoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainEncoder").finish_non_exhaustive()
+    }
+}
+
+impl<'d> PlainEncoder<'d> {
+    /// An encoder with `dict` (at the level it was prepared for), or without a
+    /// dictionary at `level`.
+    pub fn new(level: i32, dict: Option<&'d PreparedDictionary>) -> PlainEncoder<'d> {
+        let mut c = match dict {
+            None => zstd::bulk::Compressor::new(level),
+            Some(d) => zstd::bulk::Compressor::with_prepared_dictionary(&d.dict),
+        }
+        .expect("zstd context");
+        c.include_contentsize(true).expect("zstd parameter");
+        c.include_checksum(false).expect("zstd parameter");
+        c.include_dictid(true).expect("zstd parameter");
+        PlainEncoder { c }
+    }
+
+    /// The stored form of `data`.
+    pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
+        let compressed = self
+            .c
+            .compress(data)
+            .expect("compressing into a sized buffer cannot fail");
+        if compressed.len() < data.len() || data.starts_with(&ZSTD_MAGIC) {
+            compressed
+        } else {
+            data.to_vec()
+        }
+    }
+}
+
 /// Why a stored chunk was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
