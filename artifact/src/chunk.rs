@@ -729,6 +729,54 @@ mod tests {
         assert_eq!(decode(&stored, &r).unwrap(), data);
     }
 
+    /// Text-like samples a dictionary can be trained on, and a chunk like them.
+    fn config_text(seed: u32, lines: u32) -> Vec<u8> {
+        (0..lines)
+            .flat_map(|i| {
+                format!(
+                    "option_{}.enabled = {}\nlimit_{} = {}\n",
+                    (seed * 7 + i) % 97,
+                    (seed + i).is_multiple_of(2),
+                    (seed * 13 + i) % 89,
+                    (seed + i * 31) % 1000
+                )
+                .into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plain_encoder_with_a_prepared_dictionary_stores_like_encode_with() {
+        let samples: Vec<Vec<u8>> = (0..200).map(|s| config_text(s, 60)).collect();
+        let sizes: Vec<usize> = samples.iter().map(Vec::len).collect();
+        let d = Dictionary::train(&samples.concat(), &sizes, 16 * 1024).expect("a dictionary");
+        let prepared = PreparedDictionary::new(&d, 9);
+        let mut enc = PlainEncoder::new(9, Some(&prepared));
+        let data = config_text(1000, 400);
+        let stored = enc.encode(&data);
+        // The same frame as the thread-local path: it names the dictionary and decodes
+        // with it.
+        assert_eq!(stored, encode_with(&data, 9, Some(&d)));
+        assert_eq!(frame_dictionary_id(&stored), Some(d.zstd_id));
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: u32::try_from(data.len()).unwrap(),
+            stored_size: 0,
+        };
+        assert_eq!(decode_with(&stored, &r, Some(&d)).unwrap(), data);
+        // The raw rule: incompressible bytes stay raw, unless they start with the magic.
+        let noise = pseudo_random(10_000, 5);
+        assert_eq!(enc.encode(&noise), noise);
+        let mut magic = noise.clone();
+        magic[..4].copy_from_slice(&ZSTD_MAGIC);
+        assert!(enc.encode(&magic).starts_with(&ZSTD_MAGIC));
+        assert_ne!(enc.encode(&magic), magic);
+        // Without a dictionary: a frame that names none.
+        let stored = PlainEncoder::new(9, None).encode(&data);
+        assert_eq!(stored, encode(&data, 9));
+        assert_eq!(frame_dictionary_id(&stored), None);
+    }
+
     #[test]
     fn zstd_bomb_is_refused() {
         // 4 MiB of zeros compresses to a few hundred bytes; declared as 64 KiB.
