@@ -306,6 +306,71 @@ pub fn encode_with(data: &[u8], level: i32, dict: Option<&Dictionary>) -> Vec<u8
     }
 }
 
+/// A zstd dictionary digested once for one level ([`zstd::dict::EncoderDictionary`]),
+/// shared by the threads of a build: an encoder made from it ([`PlainEncoder`]) costs
+/// no digestion, where loading the dictionary's bytes into a context digests them
+/// again every time the context is made.
+pub struct PreparedDictionary {
+    dict: zstd::dict::EncoderDictionary<'static>,
+}
+
+impl std::fmt::Debug for PreparedDictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedDictionary").finish_non_exhaustive()
+    }
+}
+
+impl PreparedDictionary {
+    /// `dict` digested for zstd `level`.
+    pub fn new(dict: &Dictionary, level: i32) -> PreparedDictionary {
+        PreparedDictionary {
+            dict: zstd::dict::EncoderDictionary::copy(dict.bytes(), level),
+        }
+    }
+}
+
+/// Encodes plain stored forms (the rule of [`encode_with`]: a frame naming its
+/// dictionary, or the raw bytes when that is smaller) with one context, at the level
+/// of its prepared dictionary, or at `level` without one.
+pub struct PlainEncoder<'d> {
+    c: zstd::bulk::Compressor<'d>,
+}
+
+impl std::fmt::Debug for PlainEncoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainEncoder").finish_non_exhaustive()
+    }
+}
+
+impl<'d> PlainEncoder<'d> {
+    /// An encoder with `dict` (at the level it was prepared for), or without a
+    /// dictionary at `level`.
+    pub fn new(level: i32, dict: Option<&'d PreparedDictionary>) -> PlainEncoder<'d> {
+        let mut c = match dict {
+            None => zstd::bulk::Compressor::new(level),
+            Some(d) => zstd::bulk::Compressor::with_prepared_dictionary(&d.dict),
+        }
+        .expect("zstd context");
+        c.include_contentsize(true).expect("zstd parameter");
+        c.include_checksum(false).expect("zstd parameter");
+        c.include_dictid(true).expect("zstd parameter");
+        PlainEncoder { c }
+    }
+
+    /// The stored form of `data`.
+    pub fn encode(&mut self, data: &[u8]) -> Vec<u8> {
+        let compressed = self
+            .c
+            .compress(data)
+            .expect("compressing into a sized buffer cannot fail");
+        if compressed.len() < data.len() || data.starts_with(&ZSTD_MAGIC) {
+            compressed
+        } else {
+            data.to_vec()
+        }
+    }
+}
+
 /// Why a stored chunk was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
@@ -662,6 +727,54 @@ mod tests {
             stored_size: 0,
         };
         assert_eq!(decode(&stored, &r).unwrap(), data);
+    }
+
+    /// Text-like samples a dictionary can be trained on, and a chunk like them.
+    fn config_text(seed: u32, lines: u32) -> Vec<u8> {
+        (0..lines)
+            .flat_map(|i| {
+                format!(
+                    "option_{}.enabled = {}\nlimit_{} = {}\n",
+                    (seed * 7 + i) % 97,
+                    (seed + i).is_multiple_of(2),
+                    (seed * 13 + i) % 89,
+                    (seed + i * 31) % 1000
+                )
+                .into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plain_encoder_with_a_prepared_dictionary_stores_like_encode_with() {
+        let samples: Vec<Vec<u8>> = (0..200).map(|s| config_text(s, 60)).collect();
+        let sizes: Vec<usize> = samples.iter().map(Vec::len).collect();
+        let d = Dictionary::train(&samples.concat(), &sizes, 16 * 1024).expect("a dictionary");
+        let prepared = PreparedDictionary::new(&d, 9);
+        let mut enc = PlainEncoder::new(9, Some(&prepared));
+        let data = config_text(1000, 400);
+        let stored = enc.encode(&data);
+        // The same frame as the thread-local path: it names the dictionary and decodes
+        // with it.
+        assert_eq!(stored, encode_with(&data, 9, Some(&d)));
+        assert_eq!(frame_dictionary_id(&stored), Some(d.zstd_id));
+        let r = ChunkRef {
+            id: ChunkId::of(&data),
+            size: u32::try_from(data.len()).unwrap(),
+            stored_size: 0,
+        };
+        assert_eq!(decode_with(&stored, &r, Some(&d)).unwrap(), data);
+        // The raw rule: incompressible bytes stay raw, unless they start with the magic.
+        let noise = pseudo_random(10_000, 5);
+        assert_eq!(enc.encode(&noise), noise);
+        let mut magic = noise.clone();
+        magic[..4].copy_from_slice(&ZSTD_MAGIC);
+        assert!(enc.encode(&magic).starts_with(&ZSTD_MAGIC));
+        assert_ne!(enc.encode(&magic), magic);
+        // Without a dictionary: a frame that names none.
+        let stored = PlainEncoder::new(9, None).encode(&data);
+        assert_eq!(stored, encode(&data, 9));
+        assert_eq!(frame_dictionary_id(&stored), None);
     }
 
     #[test]

@@ -461,6 +461,15 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     let mut payload_offset = 0u64;
     let mut pack = PackWriter::new(opts.pack_bytes);
     let level = opts.zstd_level;
+    // A delta build's dictionaries, digested once for all its threads.
+    let prepared = refbase.map(|_| Prepared {
+        level,
+        plain: dict.map(|d| chunk::PreparedDictionary::new(d, level)),
+        estimate: dict.map(|d| chunk::PreparedDictionary::new(d, ZSTD_LEVEL_ESTIMATE)),
+        alt: nodict
+            .is_some()
+            .then(|| alt_dict.map(|d| chunk::PreparedDictionary::new(d, level))),
+    });
     let chunking = opts.chunking;
 
     let (payload_hash, size) = std::thread::scope(|scope| -> Result<_, BuildError> {
@@ -518,22 +527,25 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
                 offset += len;
             }
             payload_offset = offset;
-            let want_nodict = nodict.is_some();
-            let plain: Vec<Vec<u8>> = todo
-                .par_iter()
-                .map(|&i| chunk::encode_with(&batch.chunks[i], level, dict))
-                .collect();
-            let encoded: Vec<Encoded> = match refbase {
-                None => plain.into_iter().map(|p| (p, None, None)).collect(),
-                Some(rb) => {
+            let encoded: Vec<Encoded> = match (refbase, &prepared) {
+                (Some(rb), Some(prepared)) => {
                     let ranges: Vec<Vec<(u64, u32)>> = todo
                         .par_iter()
                         .zip(&anchors)
                         .map(|(&i, &at)| rb.ranges(at, &batch.chunks[i]))
                         .collect();
-                    let alt = want_nodict.then_some(alt_dict);
-                    encode_deltas(rb, &batch.chunks, &todo, ranges, plain, level, alt)?
+                    encode_deltas(rb, &batch.chunks, &todo, ranges, prepared)?
                 }
+                _ => todo
+                    .par_iter()
+                    .map(|&i| {
+                        (
+                            chunk::encode_with(&batch.chunks[i], level, dict),
+                            None,
+                            None,
+                        )
+                    })
+                    .collect(),
             };
             let position0 = refs.len();
             for (&i, (stored, reference, alt)) in todo.iter().zip(&encoded) {
@@ -704,6 +716,16 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
 /// memory whatever the batch holds (a reference is at most 512 KiB).
 const GROUP_REFERENCE_BYTES: usize = 24 * 1024 * 1024;
 
+/// zstd level of the cheap plain estimate a delta frame is first compared with.
+const ZSTD_LEVEL_ESTIMATE: i32 = 1;
+
+/// A delta frame at most 1/this of the chunk's plain estimate
+/// ([`ZSTD_LEVEL_ESTIMATE`], same dictionary) is kept without compressing the chunk
+/// plain at the build's level: that form would have to be under half of level 1's
+/// with the same dictionary to win (on the bench's v1 -> v2 and hotfix no chunk's
+/// choice changes: the artifacts are byte-identical with and without the shortcut).
+const DELTA_CLEAR_WIN: usize = 2;
+
 /// A chunk's stored form, its reference (ranges, hash) when delta-encoded, and its
 /// plain form with the alternative dictionary (the base's, or none) when that spool
 /// is kept.
@@ -713,22 +735,39 @@ type Encoded = (
     Option<Vec<u8>>,
 );
 
-/// Delta-encodes the new chunks `todo` of a batch against their reference `ranges`
-/// (empty: none) at `level` capped by [`chunk::ZSTD_LEVEL_DELTA_MAX`], keeping the
-/// smaller of that and the `plain` form. References are
-/// read once per group of chunks (at most [`GROUP_REFERENCE_BYTES`] of them), and
-/// each thread reuses one zstd context.
+/// Like [`Encoded`], with the reference as its slot in the group being encoded.
+type Slotted = (Vec<u8>, Option<usize>, Option<Vec<u8>>);
+
+/// The dictionaries of a delta build, each digested once for all threads.
+struct Prepared {
+    /// The build's zstd level.
+    level: i32,
+    /// The new dictionary at the build's level.
+    plain: Option<chunk::PreparedDictionary>,
+    /// The new dictionary at [`ZSTD_LEVEL_ESTIMATE`].
+    estimate: Option<chunk::PreparedDictionary>,
+    /// The alternative spool's dictionary (the base's; `Some(None)`: none), when that
+    /// spool is kept.
+    alt: Option<Option<chunk::PreparedDictionary>>,
+}
+
+/// Encodes the new chunks `todo` of a batch: delta-encoded against their reference
+/// `ranges` (empty: none) at the build's level capped by
+/// [`chunk::ZSTD_LEVEL_DELTA_MAX`] when that is smaller than the plain form, plain
+/// otherwise (and then also with the alternative dictionary, when that spool is
+/// kept). A delta frame that clearly wins ([`DELTA_CLEAR_WIN`]) skips the plain
+/// form at the build's level. References are read once per group of chunks (at most
+/// [`GROUP_REFERENCE_BYTES`] of them) and hashed only when a chunk uses them; each
+/// thread reuses its zstd contexts.
 fn encode_deltas(
     rb: &RefBase,
     chunks: &[Vec<u8>],
     todo: &[usize],
     ranges: Vec<Vec<(u64, u32)>>,
-    plain: Vec<Vec<u8>>,
-    level: i32,
-    alt_dict: Option<Option<&Dictionary>>,
+    prepared: &Prepared,
 ) -> io::Result<Vec<Encoded>> {
+    let level = prepared.level;
     let mut out = Vec::with_capacity(todo.len());
-    let mut plain = plain.into_iter();
     let mut k = 0;
     while k < todo.len() {
         // The group: chunks from k while their distinct references fit.
@@ -753,38 +792,64 @@ fn encode_deltas(
             .par_iter()
             .map(|r| rb.read(r))
             .collect::<io::Result<_>>()?;
-        let hashes: Vec<[u8; 32]> = refs
-            .par_iter()
-            .map(|b| *blake3::hash(b).as_bytes())
-            .collect();
-        let mut group: Vec<(usize, Vec<u8>)> = (k..end).zip(plain.by_ref()).collect();
-        // One context per thread's share of the group (a context per chunk would
-        // allocate and fault in its tables every time).
+        let group: Vec<usize> = (k..end).collect();
+        // One set of contexts per thread's share of the group (a context per chunk
+        // would allocate and fault in its tables every time).
         let share = group.len().div_ceil(rayon::current_num_threads().max(1));
-        let encoded: Vec<Encoded> = group
-            .par_chunks_mut(share.max(1))
+        let encoded: Vec<Slotted> = group
+            .par_chunks(share.max(1))
             .flat_map_iter(|part| {
                 let mut enc = chunk::DeltaEncoder::new(level.min(chunk::ZSTD_LEVEL_DELTA_MAX));
-                part.iter_mut()
-                    .map(|(j, plain)| {
-                        let j = *j;
-                        let plain = std::mem::take(plain);
+                let mut plain = chunk::PlainEncoder::new(level, prepared.plain.as_ref());
+                let mut estimate =
+                    chunk::PlainEncoder::new(ZSTD_LEVEL_ESTIMATE, prepared.estimate.as_ref());
+                let mut alt = prepared
+                    .alt
+                    .as_ref()
+                    .map(|d| chunk::PlainEncoder::new(level, d.as_ref()));
+                part.iter()
+                    .map(|&j| {
                         let data = &chunks[todo[j]];
-                        let alt = || alt_dict.map(|d| chunk::encode_with(data, level, d));
                         let Some(&s) = slot_of.get(ranges[j].as_slice()) else {
-                            return (plain, None, alt());
+                            return (
+                                plain.encode(data),
+                                None,
+                                alt.as_mut().map(|a| a.encode(data)),
+                            );
                         };
                         let delta = enc.encode(data, &refs[s]);
-                        if delta.len() < plain.len() {
-                            (delta, Some((ranges[j].clone(), hashes[s])), None)
+                        if delta.len() * DELTA_CLEAR_WIN <= estimate.encode(data).len() {
+                            return (delta, Some(s), None);
+                        }
+                        let p = plain.encode(data);
+                        if delta.len() < p.len() {
+                            (delta, Some(s), None)
                         } else {
-                            (plain, None, alt())
+                            (p, None, alt.as_mut().map(|a| a.encode(data)))
                         }
                     })
                     .collect::<Vec<_>>()
             })
             .collect();
-        out.extend(encoded);
+        // Only the references chunks use are hashed (for the manifest).
+        let used: Vec<usize> = {
+            let mut u: Vec<usize> = encoded.iter().filter_map(|e| e.1).collect();
+            u.sort_unstable();
+            u.dedup();
+            u
+        };
+        let hashes: HashMap<usize, [u8; 32]> = used
+            .par_iter()
+            .map(|&s| (s, *blake3::hash(&refs[s]).as_bytes()))
+            .collect();
+        out.extend(
+            encoded
+                .into_iter()
+                .zip(k..end)
+                .map(|((stored, s, alt), j)| {
+                    (stored, s.map(|s| (ranges[j].clone(), hashes[&s])), alt)
+                }),
+        );
         k = end;
     }
     Ok(out)
