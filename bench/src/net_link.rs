@@ -186,6 +186,35 @@ pub(crate) fn json(cmd: &mut Command) -> Result<serde_json::Value> {
 /// A child process killed when dropped.
 pub(crate) struct Proc(pub(crate) Child);
 
+/// A `shoal server` on loopback with its data in `w/server` (trust root
+/// `w/root.shoalroot`, log `w/server.log`): the process, its URL, and an admin
+/// token.
+pub(crate) fn start_server(shoal: &Path, w: &Path) -> Result<(Proc, String, String)> {
+    let data = w.join("server");
+    let token = crate::fleet::admin_token(shoal, w, &data)?;
+    let log_path = w.join("server.log");
+    let server = Proc(
+        Command::new(shoal)
+            .current_dir(w)
+            .args([
+                "server",
+                "--root",
+                "root.shoalroot",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&data)
+            .env("SHOAL_LOG", "warn")
+            .stderr(std::fs::File::create(&log_path)?)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start shoal server")?,
+    );
+    let url = crate::fleet::server_url(&log_path)?;
+    Ok((server, url, token))
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -498,26 +527,7 @@ fn shoal_over_link(inp: &Inputs) -> Result<(ShoalRow, Result<ShoalRow>)> {
         .context("diff: download_bytes")?;
 
     // The server, on loopback; the device reaches it over the link.
-    let data = w.join("server");
-    let token = crate::fleet::admin_token(&inp.shoal, &w, &data)?;
-    let log_path = w.join("server.log");
-    let server = Proc(
-        sh(&[
-            "server",
-            "--root",
-            "root.shoalroot",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(&data)
-        .env("SHOAL_LOG", "warn")
-        .stderr(std::fs::File::create(&log_path)?)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start shoal server")?,
-    );
-    let url = crate::fleet::server_url(&log_path)?;
+    let (server, url, token) = start_server(&inp.shoal, &w)?;
     let link = Link::start(url.trim_start_matches("http://").to_owned())?;
     let mut setup = Setup {
         inp,

@@ -163,26 +163,7 @@ fn measure(inp: &Inputs) -> Result<Measured> {
         .as_u64()
         .context("diff: download_bytes")?;
 
-    let data = w.join("server");
-    let token = crate::fleet::admin_token(&inp.shoal, &w, &data)?;
-    let log_path = w.join("server.log");
-    let _server = Proc(
-        sh(&[
-            "server",
-            "--root",
-            "root.shoalroot",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(&data)
-        .env("SHOAL_LOG", "warn")
-        .stderr(std::fs::File::create(&log_path)?)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start shoal server")?,
-    );
-    let url = crate::fleet::server_url(&log_path)?;
+    let (_server, url, token) = crate::net_link::start_server(&inp.shoal, &w)?;
     let link = Link::start(url.trim_start_matches("http://").to_owned())?;
     let admin = |args: &[&str]| -> Result<serde_json::Value> {
         json(sh(&["admin", "--json", "--server", &url, "--token", &token]).args(args))

@@ -31,28 +31,7 @@ const CUT: u64 = 160 * 1024;
 
 fn build(setup: &Setup, img: &str, seed: u64, len: usize, version: &str, out: &str) {
     std::fs::write(setup.path(img), image(seed, len)).unwrap();
-    shoal_tests::ok(shoal_tests::run_in(
-        setup.dir.path(),
-        &[
-            "--quiet",
-            "artifact",
-            "build",
-            "--image",
-            img,
-            "--name",
-            "acme-os",
-            "--version",
-            version,
-            "--device-type",
-            "board",
-            "--security-counter",
-            "1",
-            "--key",
-            "rel.pem",
-            "--out",
-            out,
-        ],
-    ));
+    build_release(setup.dir.path(), img, version, "rel.pem", out);
 }
 
 #[test]

@@ -18,7 +18,6 @@ mod server_common;
 use daemon_common::*;
 use server_common::*;
 use shoal_bootctl::Slot;
-use shoal_tests::{ok, run_in};
 
 /// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
 /// every chunk there changes, little of each.
@@ -37,28 +36,7 @@ fn edited(v1: &[u8]) -> Vec<u8> {
 }
 
 fn build(setup: &Setup, img: &str, version: &str, out: &str) {
-    ok(run_in(
-        setup.dir.path(),
-        &[
-            "--quiet",
-            "artifact",
-            "build",
-            "--image",
-            img,
-            "--name",
-            "acme-os",
-            "--version",
-            version,
-            "--device-type",
-            "board",
-            "--security-counter",
-            "1",
-            "--key",
-            "rel.pem",
-            "--out",
-            out,
-        ],
-    ));
+    build_release(setup.dir.path(), img, version, "rel.pem", out);
 }
 
 /// Gives `dev` another identity (MAC) than the template's.

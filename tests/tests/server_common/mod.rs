@@ -95,28 +95,7 @@ impl Setup {
             ("v2.img", "2", "rel.pem", "v2.shoal"),
             ("v1.img", "9", "other.pem", "bad.shoal"),
         ] {
-            ok(run_in(
-                d,
-                &[
-                    "--quiet",
-                    "artifact",
-                    "build",
-                    "--image",
-                    img,
-                    "--name",
-                    "acme-os",
-                    "--version",
-                    version,
-                    "--device-type",
-                    "board",
-                    "--security-counter",
-                    "1",
-                    "--key",
-                    key,
-                    "--out",
-                    out,
-                ],
-            ));
+            build_release(d, img, version, key, out);
         }
         Setup { dir }
     }
@@ -134,6 +113,33 @@ impl Setup {
 }
 
 /// Pseudo-random bytes (xorshift), compressible enough to be realistic.
+/// `shoal artifact build` in `dir`: release `acme-os` `version` of `img` for
+/// device type `board` (security counter 1), signed with `key`, into `out`.
+pub fn build_release(dir: &Path, img: &str, version: &str, key: &str, out: &str) {
+    ok(run_in(
+        dir,
+        &[
+            "--quiet",
+            "artifact",
+            "build",
+            "--image",
+            img,
+            "--name",
+            "acme-os",
+            "--version",
+            version,
+            "--device-type",
+            "board",
+            "--security-counter",
+            "1",
+            "--key",
+            key,
+            "--out",
+            out,
+        ],
+    ));
+}
+
 pub fn image(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len);
