@@ -476,25 +476,12 @@ impl Chunks {
         }
     }
 
-    /// A zstd dictionary by its zstd id, or `None`.
+    /// A zstd dictionary by its zstd id, or `None` (the directory store's
+    /// `dictionaries/<8 hex>` is the object store's key too).
     pub async fn dictionary(&self, zstd_id: u32) -> Result<Option<Bytes>, ChunksError> {
         let max = shoal_artifact::chunk::DICTIONARY_SIZE_MAX as u64;
-        match self {
-            Chunks::Dir(s) => {
-                let path = s.dictionary_file(zstd_id);
-                match tokio::fs::read(&path).await {
-                    Ok(b) if b.len() as u64 > max => Err(ChunksError::TooLarge {
-                        key: path.display().to_string(),
-                        size: b.len() as u64,
-                        max,
-                    }),
-                    Ok(b) => Ok(Some(Bytes::from(b))),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(ChunksError::Io { path, source }),
-                }
-            }
-            Chunks::Object(o) => o.get(&ObjectChunks::dictionary_key(zstd_id), max).await,
-        }
+        self.read_rel(&ObjectChunks::dictionary_key(zstd_id), max)
+            .await
     }
 
     /// The largest delta record kept or served (a frame of the largest chunk, its
