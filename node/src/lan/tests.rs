@@ -127,6 +127,17 @@ fn ask(
     rx.recv_timeout(Duration::from_secs(30)).expect("an answer")
 }
 
+/// Waits up to 30 s for `b` to hear that `a` runs `release`; panics with `what`
+/// otherwise.
+fn hears_what_it_runs(b: &Lan, a: libp2p_identity::PeerId, release: ManifestId, what: &str) {
+    let runs = || b.peers().snapshot().get(&a).and_then(|s| s.running);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && runs() != Some(release) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(runs(), Some(release), "{what}");
+}
+
 #[test]
 fn only_members_of_the_fleet_get_chunks() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,17 +180,7 @@ fn only_members_of_the_fleet_get_chunks() {
     let e = Lan::start(&e_cfg, &e_key).expect("e starts");
 
     // B learns what A runs; A admits B and nobody else.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
-        Some(release),
-        "the member never heard what A runs"
-    );
+    hears_what_it_runs(&b, a_peer, release, "the member never heard what A runs");
     match ask(&b, a_peer, release, id) {
         Ok(chunks) => assert_eq!(chunks, vec![ChunkData::Bytes(a_img[..4096].to_vec())]),
         Err(f) => panic!("the member got {f:?}"),
@@ -207,6 +208,73 @@ fn only_members_of_the_fleet_get_chunks() {
             !admitted.contains_key(&lan.peer_id()),
             "a stranger is in A's table"
         );
+    }
+}
+
+/// A peer is served at most `[lan] serve_rate_kib_s` chunk bytes a second (a
+/// token bucket per peer, full at first): a batch past it gets "later" for the
+/// rest, and the bucket refills with time.
+#[test]
+fn each_peer_is_served_at_most_its_byte_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a_cfg, a_key) = device(dir.path(), 0, Some(("plant", FLEET_KEY)), &[]);
+    // 8 KiB a second: two of A's 4 KiB chunks.
+    a_cfg.lan.serve_rate_kib_s = 8;
+    let a = Lan::start(&a_cfg, &a_key).expect("a starts");
+    let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
+    let ids: Vec<ChunkId> = (0..4)
+        .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
+        .collect();
+    let release = ManifestId([8; 32]);
+    a.serve_running(Some(Arc::new(Served {
+        manifest: release,
+        envelope: Arc::new(b"envelope".to_vec()),
+        slot: Slot::A,
+        chunks: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
+            .collect(),
+        positions: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
+            .collect(),
+    })));
+    let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
+    let (b_cfg, b_key) = device(
+        dir.path(),
+        1,
+        Some(("plant", FLEET_KEY)),
+        &[address(&a_cfg)],
+    );
+    let b = Lan::start(&b_cfg, &b_key).expect("b starts");
+    hears_what_it_runs(&b, a_peer, release, "the member never heard what A runs");
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.chunks(
+        a_peer,
+        release,
+        ids.clone(),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("an answer")
+        .expect("served");
+    let bytes = |i: usize| ChunkData::Bytes(a_img[i * 4096..(i + 1) * 4096].to_vec());
+    assert_eq!(
+        first,
+        vec![bytes(0), bytes(1), ChunkData::Later, ChunkData::Later],
+        "one batch gets the bucket's 8 KiB, the rest later"
+    );
+    // Over a second later the bucket holds at least one chunk's bytes again.
+    std::thread::sleep(Duration::from_millis(1200));
+    match ask(&b, a_peer, release, ids[2]) {
+        Ok(chunks) => assert_eq!(chunks, vec![bytes(2)]),
+        Err(f) => panic!("the member got {f:?} after the refill"),
     }
 }
 
@@ -340,16 +408,11 @@ fn quic_alone_carries_chunks_to_members_only_and_blocks() {
     let c = Lan::start(&c_cfg, &c_key).expect("c starts");
     let d = Lan::start(&d_cfg, &d_key).expect("d starts");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
-        Some(release),
-        "the member never heard over QUIC what A runs"
+    hears_what_it_runs(
+        &b,
+        a_peer,
+        release,
+        "the member never heard over QUIC what A runs",
     );
     // A batch of chunks over QUIC, byte for byte.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -487,15 +550,5 @@ fn mdns_finds_peers_over_quic_alone() {
     let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
     let (b_cfg, b_key) = device_on(dir.path(), 1, Some(("plant", FLEET_KEY)), &[], QUIC);
     let b = Lan::start(&mdns(b_cfg), &b_key).expect("b starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && b.peers().snapshot().get(&a_peer).and_then(|s| s.running) != Some(release)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        b.peers().snapshot().get(&a_peer).and_then(|s| s.running),
-        Some(release),
-        "B never found A by mDNS over QUIC"
-    );
+    hears_what_it_runs(&b, a_peer, release, "B never found A by mDNS over QUIC");
 }
