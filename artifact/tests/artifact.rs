@@ -1357,26 +1357,40 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 fn delta_pair(base: &[u8], new: &[u8]) -> (Manifest, Vec<u8>, BuildReport) {
     let (base_art, base_report) = build(base);
     drop(base_art);
+    let mut o = opts();
+    o.version = "2.0".into();
+    let (out, report) = build_delta_of(base, new, &base_report.manifest, &o, None);
+    assert_eq!(report.artifact_len, out.len() as u64);
+    (base_report.manifest, out, report)
+}
+
+/// `shoal_artifact::build_delta` of `new` (options `o`, key 1) against the base
+/// image `base` whose manifest is `base_manifest`, given the base's dictionary or
+/// not: the artifact and its report.
+fn build_delta_of(
+    base: &[u8],
+    new: &[u8],
+    base_manifest: &Manifest,
+    o: &BuildOptions,
+    base_dict: Option<&chunk::Dictionary>,
+) -> (Vec<u8>, BuildReport) {
     let dir = tempfile::tempdir().unwrap();
     let base_file = dir.path().join("base.img");
     std::fs::write(&base_file, base).unwrap();
-    let mut o = opts();
-    o.version = "2.0".into();
     let mut out = Vec::new();
     let report = shoal_artifact::build_delta(
         Cursor::new(new),
-        &o,
+        o,
         &[key(1)],
-        &base_report.manifest,
+        base_manifest,
         std::fs::File::open(&base_file).unwrap(),
-        None,
+        base_dict,
         dir.path(),
         &mut out,
         |_| {},
     )
     .unwrap();
-    assert_eq!(report.artifact_len, out.len() as u64);
-    (base_report.manifest, out, report)
+    (out, report)
 }
 
 /// The bytes of a reference, read from the base payload.
@@ -1972,25 +1986,16 @@ fn delta_with_dictionary(
     let r = root(&[1], 1);
     let mut reader = ArtifactReader::open(base_art, &r, NOW).unwrap();
     let base_dict = reader.read_dictionary().unwrap().unwrap().clone();
-    let dir = tempfile::tempdir().unwrap();
-    let base_file = dir.path().join("base.img");
-    std::fs::write(&base_file, base).unwrap();
     let mut o = opts();
     o.dictionary = true;
     o.version = "2.0".into();
-    let mut out = Vec::new();
-    let report = shoal_artifact::build_delta(
-        Cursor::new(new),
-        &o,
-        &[key(1)],
+    let (out, report) = build_delta_of(
+        base,
+        new,
         &base_report.manifest,
-        std::fs::File::open(&base_file).unwrap(),
+        &o,
         reuse.then_some(&base_dict),
-        dir.path(),
-        &mut out,
-        |_| {},
-    )
-    .unwrap();
+    );
     (out, report, base_dict)
 }
 

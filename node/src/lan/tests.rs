@@ -127,6 +127,30 @@ fn ask(
     rx.recv_timeout(Duration::from_secs(30)).expect("an answer")
 }
 
+/// `a` runs `release` from its slot A, whose image is `a_img`: four chunks, the
+/// first four 4 KiB of it. Returns their ids in order.
+fn serve_four_chunks(a: &Lan, a_img: &[u8], release: ManifestId) -> Vec<ChunkId> {
+    let ids: Vec<ChunkId> = (0..4)
+        .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
+        .collect();
+    a.serve_running(Some(Arc::new(Served {
+        manifest: release,
+        envelope: Arc::new(b"envelope".to_vec()),
+        slot: Slot::A,
+        chunks: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
+            .collect(),
+        positions: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
+            .collect(),
+    })));
+    ids
+}
+
 /// Waits up to 30 s for `b` to hear that `a` runs `release`; panics with `what`
 /// otherwise.
 fn hears_what_it_runs(b: &Lan, a: libp2p_identity::PeerId, release: ManifestId, what: &str) {
@@ -222,25 +246,8 @@ fn each_peer_is_served_at_most_its_byte_rate() {
     a_cfg.lan.serve_rate_kib_s = 8;
     let a = Lan::start(&a_cfg, &a_key).expect("a starts");
     let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
-    let ids: Vec<ChunkId> = (0..4)
-        .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
-        .collect();
     let release = ManifestId([8; 32]);
-    a.serve_running(Some(Arc::new(Served {
-        manifest: release,
-        envelope: Arc::new(b"envelope".to_vec()),
-        slot: Slot::A,
-        chunks: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
-            .collect(),
-        positions: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
-            .collect(),
-    })));
+    let ids = serve_four_chunks(&a, &a_img, release);
     let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
     let (b_cfg, b_key) = device(
         dir.path(),
@@ -359,25 +366,8 @@ fn quic_alone_carries_chunks_to_members_only_and_blocks() {
     let (a_cfg, a_key) = device_on(dir.path(), 0, Some(("plant", FLEET_KEY)), &[], QUIC);
     let a = Lan::start(&a_cfg, &a_key).expect("a starts");
     let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
-    let ids: Vec<ChunkId> = (0..4)
-        .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
-        .collect();
     let release = ManifestId([9; 32]);
-    a.serve_running(Some(Arc::new(Served {
-        manifest: release,
-        envelope: Arc::new(b"envelope".to_vec()),
-        slot: Slot::A,
-        chunks: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
-            .collect(),
-        positions: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
-            .collect(),
-    })));
+    let ids = serve_four_chunks(&a, &a_img, release);
     // A listens on QUIC and nothing else: whoever reaches A does so over QUIC.
     let a_addrs = addresses(&a_cfg, 1);
     assert_eq!(a_addrs.len(), 1, "{a_addrs:?}");
