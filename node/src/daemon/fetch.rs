@@ -93,6 +93,15 @@ pub struct DeltaBase {
     pub off: AtomicBool,
 }
 
+impl Shared {
+    /// Per-base deltas off for the rest of the deployment: plain chunks only.
+    fn deltas_off(&self) {
+        if let Some(d) = &self.delta {
+            d.off.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl DeltaBase {
     /// Named to the server while deltas are on.
     fn named(&self) -> Option<String> {
@@ -343,12 +352,11 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
         }
         if base.is_some()
             && (status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY)
-            && let Some(d) = &shared.delta
         {
             // A server from before per-base encodings refuses the field: ask again
             // without it.
             warn!(request = %job.request, "the server refused the base release field; fetching plain chunks");
-            d.off.store(true, Ordering::Relaxed);
+            shared.deltas_off();
             return failed(FetchFailure::RetryLater);
         }
         return failed(match status {
@@ -413,9 +421,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
                         // Not the chunk's fault: this slot does not hold the base.
                         // Deltas off; the request is asked again, plain.
                         tracing::error!(request = %job.request, %id, %message, "cannot decode a delta-encoded chunk against the running slot; fetching plain chunks");
-                        if let Some(d) = &shared.delta {
-                            d.off.store(true, Ordering::Relaxed);
-                        }
+                        shared.deltas_off();
                         failed(FetchFailure::RetryLater);
                         return;
                     }
@@ -438,9 +444,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
             {
                 // A malformed delta frame: plain chunks may well be fine.
                 tracing::error!(request = %job.request, error = %e, chunks = sent, "malformed delta-encoded chunk; fetching plain chunks");
-                if let Some(d) = &shared.delta {
-                    d.off.store(true, Ordering::Relaxed);
-                }
+                shared.deltas_off();
                 failed(FetchFailure::RetryLater);
                 return;
             }
