@@ -71,6 +71,9 @@ pub enum ManifestDeltaError {
         /// The limit.
         max: usize,
     },
+    /// The delta carries no signature (refused before its frame is touched).
+    #[error("the manifest delta carries no signature")]
+    Unsigned,
     /// The manifest the delta is against is not held here.
     #[error(
         "the manifest travels as a delta against manifest {base}, which is not at hand (a device keeps its running release's manifest; `shoal artifact` commands take the base artifact with --base); a device without it needs an artifact built with --full-manifest"
@@ -169,6 +172,30 @@ impl ManifestDelta {
             ));
         }
         Ok(delta)
+    }
+
+    /// Decodes a manifest delta (a thin artifact's member, or the server's
+    /// `application/vnd.shoal.manifest-delta.v1` answer) and rebuilds the envelope
+    /// it stands for against the manifest of `held` it names: decoded and bounded
+    /// ([`ManifestDelta::from_bytes`]), at least one signature
+    /// ([`ManifestDeltaError::Unsigned`]), the base held
+    /// ([`ManifestDeltaError::UnknownBase`]) and re-hashed, then rebuilt
+    /// ([`ManifestDelta::rebuild`]). Also gives the base's hash. The signatures
+    /// are not checked: verify the envelope as any other before using a byte of it.
+    pub fn open(
+        bytes: &[u8],
+        held: &dyn HeldManifests,
+    ) -> Result<(Envelope, [u8; 32]), ManifestDeltaError> {
+        let delta = ManifestDelta::from_bytes(bytes)?;
+        if delta.signatures.is_empty() {
+            return Err(ManifestDeltaError::Unsigned);
+        }
+        let base = held
+            .manifest(&delta.base)
+            .ok_or_else(|| ManifestDeltaError::UnknownBase {
+                base: delta.base_hex(),
+            })?;
+        Ok((delta.rebuild(&base)?, delta.base))
     }
 
     /// The base manifest's hash, hex.
@@ -437,6 +464,44 @@ mod tests {
             };
             let _ = d.rebuild(&b);
         }
+    }
+
+    #[test]
+    fn open_rebuilds_against_a_held_manifest_and_refuses_the_rest() {
+        let (b, n) = (base(), new_bytes());
+        let env = signed(&n);
+        let delta = ManifestDelta::new(&env, &b);
+        let held = vec![b.clone()];
+        assert_eq!(
+            ManifestDelta::open(&delta.to_bytes(), &held),
+            Ok((env, *blake3::hash(&b).as_bytes()))
+        );
+        // Not held: refused, naming the base.
+        assert_eq!(
+            ManifestDelta::open(&delta.to_bytes(), &NoManifests),
+            Err(ManifestDeltaError::UnknownBase {
+                base: delta.base_hex()
+            })
+        );
+        // Unsigned: refused before the base is looked up.
+        let mut unsigned = delta.clone();
+        unsigned.signatures.clear();
+        assert_eq!(
+            ManifestDelta::open(&unsigned.to_bytes(), &NoManifests),
+            Err(ManifestDeltaError::Unsigned)
+        );
+        // Malformed bytes: the decoder's error.
+        assert_eq!(
+            ManifestDelta::open(&[], &held),
+            Err(ManifestDeltaError::Empty)
+        );
+        // A corrupt frame: the rebuild's error.
+        let mut corrupt = delta.clone();
+        corrupt.frame.truncate(corrupt.frame.len() - 1);
+        assert!(matches!(
+            ManifestDelta::open(&corrupt.to_bytes(), &held),
+            Err(ManifestDeltaError::Corrupt(_))
+        ));
     }
 
     #[test]

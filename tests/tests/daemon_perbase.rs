@@ -18,6 +18,7 @@ mod server_common;
 use daemon_common::*;
 use server_common::*;
 use shoal_bootctl::Slot;
+use std::sync::atomic::Ordering;
 
 /// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
 /// every chunk there changes, little of each.
@@ -49,6 +50,26 @@ fn renamed(dev: &Dev, mac: &str) {
     .unwrap();
 }
 
+/// The manifest answers a daemon's log shows, in order: whether it came as a
+/// delta, the bytes of the answer, and (for a delta) of the envelope rebuilt.
+fn manifest_answers(log: &str) -> Vec<(bool, u64, Option<u64>)> {
+    let field = |l: &str, key: &str| -> Option<u64> {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+    };
+    log.lines()
+        .filter(|l| l.contains("the release's manifest came from the server"))
+        .map(|l| {
+            (
+                l.contains("as a delta"),
+                field(l, "bytes").expect("bytes"),
+                field(l, "manifest_bytes"),
+            )
+        })
+        .collect()
+}
+
 /// Installs `release` on `dev` through a deployment and waits for success.
 fn install(
     server: &Server,
@@ -73,12 +94,18 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
     std::fs::write(setup.path("v0.img"), image(7, 3 << 20)).unwrap();
     build(&setup, "v0.img", "0", "v0.shoal");
 
+    let mut v3_img = v2_img.clone();
+    v3_img[100_000..100_012].copy_from_slice(b"hotfix000001");
+    std::fs::write(setup.path("v3d.img"), &v3_img).unwrap();
+    build(&setup, "v3d.img", "3d", "v3d.shoal");
+
     let data = setup.path("data");
     let server = Server::start(&setup, &data, &Db::Sqlite, &[]);
     let token = host_token(&data, &Db::Sqlite, "admin");
     let v0 = upload(&server, &token, &setup, "v0.shoal");
     let v1 = upload(&server, &token, &setup, "v1.shoal");
     let v2 = upload(&server, &token, &setup, "v2d.shoal");
+    let v3 = upload(&server, &token, &setup, "v3d.shoal");
 
     // Refused: an unknown base, a release against itself, a bad id.
     let unknown = "ab".repeat(32);
@@ -160,10 +187,56 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         "{} bytes with per-base encodings vs {plain_figure} plain",
         transferred[1]
     );
+    // The manifests: v1's whole (the device kept none; it names none), v2's as a
+    // delta against v1's, rebuilt into exactly the envelope the server holds.
+    let envelope_len = |id: &str| {
+        std::fs::metadata(store.join("manifests").join(format!("{id}.envelope")))
+            .unwrap()
+            .len()
+    };
+    let answers = manifest_answers(&log);
+    assert_eq!(answers.len(), 2, "{log}");
+    assert_eq!(answers[0], (false, envelope_len(&v1), None), "{log}");
+    let (delta, delta_bytes, rebuilt) = answers[1];
+    assert!(delta, "{log}");
+    assert_eq!(rebuilt, Some(envelope_len(&v2)), "{log}");
+    // v2 changed 95 of v1's chunks: their entries are most of the delta.
+    assert!(
+        delta_bytes < envelope_len(&v2),
+        "a manifest delta of {delta_bytes} bytes for an envelope of {}",
+        envelope_len(&v2)
+    );
+    assert!(
+        server.log().contains("manifest served as a delta"),
+        "the server logs what it served"
+    );
+    // A hotfix (v3: one edit of v2): the manifest travels as a delta against v2's,
+    // a fraction of the envelope; it names both slots' manifests, v2's first.
+    let mut daemon = dev.start();
+    let from = dev.log().len();
+    install(&server, &token, &dev, &mut daemon, "v3", &v3, &id);
+    stop(&mut daemon);
+    assert_eq!(dev.slot_bytes(Slot::B, v3_img.len()), v3_img);
+    let log3 = dev.log()[from..].to_owned();
+    let answers = manifest_answers(&log3);
+    assert_eq!(answers.len(), 1, "{log3}");
+    let (delta, delta_bytes, rebuilt) = answers[0];
+    assert!(delta && log3.contains("held=2"), "{log3}");
+    assert!(log3.contains(&format!("base={v2}")), "{log3}");
+    assert_eq!(rebuilt, Some(envelope_len(&v3)), "{log3}");
+    assert!(
+        delta_bytes * 8 < envelope_len(&v3),
+        "a manifest delta of {delta_bytes} bytes for an envelope of {}",
+        envelope_len(&v3)
+    );
 
     // A device on v1 whose running slot was damaged where v2 changed (chunks v2
     // does not reuse): the references there fail their hash; plain chunks follow.
-    let damaged = Dev::new(&setup, &server.url, "");
+    // It talks through a proxy that flips the last byte of the first manifest
+    // delta it carries (a signature byte): the rebuilt manifest fails its
+    // signature, the daemon says so and asks for the whole envelope, once.
+    let proxy = FaultProxy::start(&server.url);
+    let damaged = Dev::new(&setup, &proxy.url, "");
     renamed(&damaged, "02:00:00:00:00:45");
     let mut daemon = damaged.start();
     let id = accept(&server, &token, &damaged);
@@ -187,6 +260,8 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         b.write_all(&vec![0x5a; 1 << 20]).unwrap();
     }
     let before = damaged.log().len();
+    *proxy.faults.flip_body_end_at_pattern.lock().unwrap() =
+        Some(b"application/vnd.shoal.manifest-delta.v1".to_vec());
     let mut daemon = damaged.start();
     install(
         &server,
@@ -206,6 +281,17 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         ) && log.contains("are not the base release's"),
         "{log}"
     );
+    assert_eq!(proxy.faults.flips.load(Ordering::Relaxed), 1);
+    assert!(
+        log.contains("the server's manifest delta was refused; asking for the whole manifest")
+            && log.contains("the rebuilt manifest does not verify"),
+        "{log}"
+    );
+    assert_eq!(
+        manifest_answers(&log),
+        vec![(false, envelope_len(&v2), None)],
+        "{log}"
+    );
 
     // A device on v0: v2 has no encodings against it, so it gets plain chunks.
     let other = Dev::new(&setup, &server.url, "");
@@ -213,11 +299,29 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
     let mut daemon = other.start();
     let id = accept(&server, &token, &other);
     install(&server, &token, &other, &mut daemon, "v0", &v0, &id);
+    // The server no longer holds v0's manifest (the release was deleted): the
+    // device names it, and gets the whole envelope.
+    let v0_envelope = envelope_len(&v0);
+    let out = admin(&server, &token, &["releases", "delete", &v0]);
+    assert!(out.status.success(), "{out:?}");
     install(&server, &token, &other, &mut daemon, "v2 on v0", &v2, &id);
     stop(&mut daemon);
     assert_eq!(other.slot_bytes(Slot::A, v2_img.len()), v2_img);
     let log = other.log();
     assert_eq!(installed_field(&log, "delta_chunks"), vec![0, 0], "{log}");
+    assert_eq!(
+        manifest_answers(&log),
+        vec![(false, v0_envelope, None), (false, envelope_len(&v2), None)],
+        "{log}"
+    );
+    let named: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the release's manifest came from the server"))
+        .collect();
+    assert!(
+        named[0].contains("held=0") && named[1].contains("held=1"),
+        "the device named v0's manifest the second time: {log}"
+    );
     // The chunks v2 has and v0 lacks, as the store holds them (a chunk v1 and v2
     // share is stored as v1's upload had it), in version-1 framing.
     let chunks_of = |file: &str| -> std::collections::HashSet<shoal_artifact::ChunkId> {

@@ -40,6 +40,7 @@ pub mod encodings;
 pub mod filter;
 pub mod http;
 pub mod last_seen;
+pub mod manifest_deltas;
 pub mod release_cache;
 pub mod rollouts;
 pub mod tls;
@@ -136,6 +137,9 @@ pub struct Context {
     pub releases: release_cache::ReleaseCache,
     /// Per-base encoding indexes read from the store ([`encodings`]).
     pub encodings: encodings::IndexCache,
+    /// Manifest deltas served to devices that name the manifests they keep
+    /// ([`manifest_deltas`]).
+    pub manifest_deltas: manifest_deltas::ManifestDeltas,
     /// Held while an upload adds chunks and while a release deletion removes the
     /// chunks no other release lists, so one never removes what the other counts on.
     pub store_lock: tokio::sync::Mutex<()>,
@@ -215,6 +219,7 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         fleet: config.fleet.clone(),
         releases: release_cache::ReleaseCache::default(),
         encodings: encodings::IndexCache::default(),
+        manifest_deltas: manifest_deltas::ManifestDeltas::default(),
         store_lock: tokio::sync::Mutex::new(()),
         last_seen: last_seen::LastSeen::default(),
         tokens,

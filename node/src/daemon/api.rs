@@ -22,6 +22,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest signed manifest envelope accepted (the server's own cap is lower).
 pub const MANIFEST_MAX: u64 = 64 * 1024 * 1024;
+/// Content type of a manifest the server sends as a delta against one the device
+/// keeps.
+pub const MANIFEST_DELTA_TYPE: &str = "application/vnd.shoal.manifest-delta.v1";
 /// The largest zstd dictionary accepted.
 pub const DICTIONARY_MAX: u64 = 16 * 1024 * 1024;
 
@@ -94,6 +97,16 @@ pub fn error_of(resp: Response) -> ApiError {
             message,
         },
     }
+}
+
+/// A deployment's signed manifest as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Manifest {
+    /// The signed envelope (canonical CBOR).
+    Envelope(Vec<u8>),
+    /// A manifest delta ([`shoal_artifact::manifest_delta::ManifestDelta`]'s bytes)
+    /// against a manifest the device named as held.
+    Delta(Vec<u8>),
 }
 
 /// A deployment for this device (`GET /deployments/next`).
@@ -319,15 +332,31 @@ impl Api {
         }
     }
 
-    /// The deployment's signed manifest envelope (not yet verified).
-    pub fn manifest(&self, deployment: &str) -> Result<Vec<u8>, ApiError> {
-        let resp = self.send(&format!("/deployments/{deployment}/manifest"), |c, u| {
-            c.get(u)
-        })?;
+    /// The deployment's signed manifest (not yet verified): its envelope, or, when
+    /// `held` names manifests this device keeps (its running release's first) and
+    /// the server holds one of them too, a manifest delta against it (servers from
+    /// before ignore `held` and send the envelope).
+    pub fn manifest(&self, deployment: &str, held: &[[u8; 32]]) -> Result<Manifest, ApiError> {
+        let mut path = format!("/deployments/{deployment}/manifest");
+        if !held.is_empty() {
+            let list: Vec<String> = held.iter().map(hex::encode).collect();
+            path.push_str("?held=");
+            path.push_str(&list.join(","));
+        }
+        let resp = self.send(&path, |c, u| c.get(u))?;
         if !resp.status().is_success() {
             return Err(error_of(resp));
         }
-        read_capped(resp, MANIFEST_MAX, "the manifest")
+        let delta = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes() == MANIFEST_DELTA_TYPE.as_bytes());
+        let bytes = read_capped(resp, MANIFEST_MAX, "the manifest")?;
+        Ok(if delta {
+            Manifest::Delta(bytes)
+        } else {
+            Manifest::Envelope(bytes)
+        })
     }
 
     /// A zstd dictionary by id.

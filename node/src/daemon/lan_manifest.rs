@@ -18,8 +18,9 @@ use shoal_engine::{ManifestPlan, ManifestStep, ServerWhy};
 use tracing::{debug, info, warn};
 
 use super::Daemon;
-use super::api::{ApiError, NextDeployment};
+use super::api::{ApiError, Manifest, NextDeployment};
 use crate::lan::proto::ManifestId;
+use shoal_artifact::manifest_delta::ManifestDelta;
 
 /// How long a device waits for a LAN peer to get the manifest before it asks the
 /// server itself.
@@ -43,9 +44,105 @@ impl Daemon {
         {
             return Ok(envelope);
         }
-        let envelope = self.api.manifest(&dep.id)?;
-        info!(deployment = %dep.id, bytes = envelope.len(), "the release's manifest came from the server");
-        Ok(envelope)
+        self.server_manifest(dep)
+    }
+
+    /// The signed manifest envelope of `dep`'s release from the server: asked as a
+    /// delta against the manifests this device keeps (when `[server] delta`), rebuilt
+    /// with the install path's code and verified whole (signatures and threshold,
+    /// and the release the server named) before it is used; a delta that fails any
+    /// of that is logged and the whole envelope asked for, once.
+    fn server_manifest(&self, dep: &NextDeployment) -> Result<Vec<u8>, ApiError> {
+        let held = if self.server.delta {
+            self.held_manifests()
+        } else {
+            Vec::new()
+        };
+        if !held.is_empty() {
+            match self.api.manifest(&dep.id, &held)? {
+                Manifest::Envelope(envelope) => {
+                    info!(deployment = %dep.id, bytes = envelope.len(), held = held.len(), "the release's manifest came from the server");
+                    return Ok(envelope);
+                }
+                Manifest::Delta(bytes) => match self.rebuild_manifest(dep, &bytes, &held) {
+                    Ok((envelope, base)) => {
+                        info!(deployment = %dep.id, bytes = bytes.len(), manifest_bytes = envelope.len(), held = held.len(), base = %hex::encode(base), "the release's manifest came from the server as a delta");
+                        return Ok(envelope);
+                    }
+                    Err(e) => {
+                        warn!(deployment = %dep.id, bytes = bytes.len(), error = %crate::cmd::one_line(&e), "the server's manifest delta was refused; asking for the whole manifest");
+                    }
+                },
+            }
+        }
+        match self.api.manifest(&dep.id, &[])? {
+            Manifest::Envelope(envelope) => {
+                info!(deployment = %dep.id, bytes = envelope.len(), held = 0, "the release's manifest came from the server");
+                Ok(envelope)
+            }
+            Manifest::Delta(_) => Err(ApiError::Malformed(
+                "the server sent a manifest delta though none was asked for".into(),
+            )),
+        }
+    }
+
+    /// The manifests this device keeps and may name to the server: its running
+    /// release's, then the other slot's (a file that is there but does not hash to
+    /// its name makes the delta fail its base check, and the envelope follows).
+    fn held_manifests(&self) -> Vec<[u8; 32]> {
+        let status = match crate::device::read_status(&self.config) {
+            Ok((status, _)) => status,
+            Err(e) => {
+                warn!(error = %crate::cmd::one_line(&e), "cannot read the device's status; asking for the whole manifest");
+                return Vec::new();
+            }
+        };
+        let active = status.active;
+        let mut held: Vec<[u8; 32]> = Vec::new();
+        for slot in [active, active.other()] {
+            if let Some(r) = &status.releases[shoal_engine::slot_ordinal(slot)]
+                && !held.contains(&r.manifest_hash)
+                && crate::device::KeptManifests::holds(
+                    &self.config.device.data_dir,
+                    &r.manifest_hash,
+                )
+            {
+                held.push(r.manifest_hash);
+            }
+        }
+        held
+    }
+
+    /// The envelope a manifest delta from the server stands for, rebuilt against
+    /// the kept manifest it names (one of `held`) and verified against the trust
+    /// root; it must be the release the server named. Also gives the base's hash.
+    fn rebuild_manifest(
+        &self,
+        dep: &NextDeployment,
+        bytes: &[u8],
+        held: &[[u8; 32]],
+    ) -> anyhow::Result<(Vec<u8>, [u8; 32])> {
+        let kept = crate::device::KeptManifests::new(&self.config.device.data_dir);
+        let (envelope, base) = ManifestDelta::open(bytes, &kept)?;
+        if !held.contains(&base) {
+            anyhow::bail!(
+                "it is against manifest {}, which this device did not name",
+                hex::encode(base)
+            );
+        }
+        let envelope = envelope.to_bytes();
+        let manifest = self
+            .verify(&envelope)
+            .map_err(|e| e.context("the rebuilt manifest does not verify"))?;
+        if let Some(id) = named_id(dep)
+            && manifest.hash() != id.0
+        {
+            anyhow::bail!(
+                "it rebuilds manifest {}, not the deployment's release {id}",
+                hex::encode(manifest.hash())
+            );
+        }
+        Ok((envelope, base))
     }
 
     /// The envelope of `id` from a peer, or `None` when this device is to fetch it

@@ -888,6 +888,15 @@ impl KeptManifests {
         }
     }
 
+    /// Whether a manifest hashing to `hash` is kept (its file is there; its bytes
+    /// are checked when it is read).
+    pub fn holds(data_dir: &Path, hash: &[u8; 32]) -> bool {
+        KeptManifests::new(data_dir)
+            .dir
+            .join(format!("{}.envelope", hex::encode(hash)))
+            .is_file()
+    }
+
     /// Keeps `envelope` (whose manifest hashes to `hash`).
     pub fn save(data_dir: &Path, hash: &[u8; 32], envelope: &[u8]) -> anyhow::Result<()> {
         let id = crate::lan::proto::ManifestId(*hash);

@@ -39,6 +39,12 @@ pub struct Faults {
     /// Once: the next connection whose bytes towards the device contain this
     /// pattern (e.g. a response header) is cut this many bytes after it.
     pub cut_at_pattern: Mutex<Option<(Vec<u8>, u64)>>,
+    /// Once: in the next response towards the device whose header contains this
+    /// pattern (e.g. a content type), the body's last byte (by its content-length)
+    /// is flipped. The header must come in one read.
+    pub flip_body_end_at_pattern: Mutex<Option<Vec<u8>>>,
+    /// Bytes flipped so far.
+    pub flips: AtomicU64,
     /// Connections cut so far.
     pub cuts: AtomicU64,
     /// When a connection stalled.
@@ -108,6 +114,7 @@ fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
     let mut buf = [0u8; 8192];
     let mut carried = 0u64;
     let mut cut_here = None;
+    let mut flip_at: Option<u64> = None;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -123,6 +130,27 @@ fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
                 cut_here = Some(carried + at as u64 + after);
                 *p = None;
             }
+        }
+        {
+            let mut p = f.flip_body_end_at_pattern.lock().unwrap();
+            if let Some(pat) = p.as_ref()
+                && let Some(at) = find(&buf[..n], pat)
+                && let Some(start) = buf[..at].windows(9).rposition(|w| w == b"HTTP/1.1 ")
+                && let Some(end) = find(&buf[at..n], b"\r\n\r\n").map(|e| at + e + 4)
+                && let Some(len) = content_length(&buf[start..end])
+                && len > 0
+            {
+                flip_at = Some(carried + end as u64 + len - 1);
+                *p = None;
+            }
+        }
+        if let Some(at) = flip_at
+            && at >= carried
+            && at < carried + n as u64
+        {
+            buf[(at - carried) as usize] ^= 1;
+            f.flips.fetch_add(1, Ordering::Relaxed);
+            flip_at = None;
         }
         let cut = match (f.cut_after.load(Ordering::Relaxed), cut_here) {
             (0, None) => 0,
@@ -163,6 +191,21 @@ fn pipe_down(mut from: TcpStream, mut to: TcpStream, f: &Faults) {
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The content-length of an HTTP/1.1 response header block.
+fn content_length(header: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(header).ok()?;
+    text.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// The device: slot files, the file bootloader, its configuration.

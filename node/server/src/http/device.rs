@@ -25,7 +25,7 @@ use shoal_signing::PublicKey;
 use sqlx::Row;
 
 use super::error::{ApiError, ApiResult};
-use super::extractor::{ApiJson, ApiPath, DeviceAuth, DeviceToken, device_token_refused};
+use super::extractor::{ApiJson, ApiPath, ApiQuery, DeviceAuth, DeviceToken, device_token_refused};
 use super::{audit, check_hex_id};
 use crate::Ctx;
 use crate::db::{now_ms, random_hex};
@@ -453,20 +453,59 @@ async fn release(ctx: &Ctx, id: &str) -> ApiResult<std::sync::Arc<crate::release
         .map_err(|e| ApiError::Internal(format!("loading release: {e}")))
 }
 
+/// Content type of a manifest answered as a delta (the bytes of a
+/// [`shoal_artifact::manifest_delta::ManifestDelta`]).
+pub const MANIFEST_DELTA_TYPE: &str = "application/vnd.shoal.manifest-delta.v1";
+/// Content type of a manifest answered whole (its signed envelope).
+pub const ENVELOPE_TYPE: &str = "application/vnd.shoal.envelope";
+
+/// The manifest request's query.
+#[derive(Debug, Deserialize)]
+pub struct ManifestQuery {
+    /// The manifest hashes (64 hex digits, comma-separated, at most
+    /// [`crate::manifest_deltas::HELD_MAX`]) the device keeps, its running
+    /// release's first. Daemons from before omit it.
+    #[serde(default)]
+    pub held: Option<String>,
+}
+
 /// `GET /deployments/{id}/manifest`: the release's signed manifest envelope, as
-/// uploaded; the device verifies it against its own trust root.
+/// uploaded; the device verifies it against its own trust root. A device naming
+/// the manifests it keeps (`?held=`) gets a manifest delta against the first of
+/// them this server holds too, when that is smaller
+/// ([`MANIFEST_DELTA_TYPE`], [`crate::manifest_deltas`]); otherwise the envelope.
 pub async fn manifest(
     ctx: axum::extract::State<Ctx>,
     auth: DeviceAuth,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ManifestQuery>,
 ) -> ApiResult<Response> {
+    let held = crate::manifest_deltas::parse_held(q.held.as_deref().unwrap_or(""))
+        .map_err(ApiError::BadRequest)?;
     let m = membership(&ctx, &auth.device_id, &id, true).await?;
     let r = release(&ctx, &m.release_id).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/vnd.shoal.envelope")],
-        r.envelope.clone(),
-    )
-        .into_response())
+    for base in &held {
+        // A manifest this server does not hold (never uploaded, deleted, or not
+        // verifying any more) is skipped: the device's view and the server's may
+        // disagree, and the envelope always works.
+        let base_id = hex::encode(base);
+        let b = match release(&ctx, &base_id).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(device = %auth.device_id, base = %base_id, error = %e, "a held manifest is not here");
+                continue;
+            }
+        };
+        if let Some(delta) = ctx.manifest_deltas.delta(r.clone(), b).await {
+            tracing::info!(device = %auth.device_id, deployment = %id, base = %base_id, bytes = delta.len(), envelope_bytes = r.envelope.len(), "manifest served as a delta");
+            return Ok((
+                [(header::CONTENT_TYPE, MANIFEST_DELTA_TYPE)],
+                delta.as_ref().clone(),
+            )
+                .into_response());
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, ENVELOPE_TYPE)], r.envelope.clone()).into_response())
 }
 
 /// A batch of chunk ids.
