@@ -198,6 +198,7 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
     assert_eq!(answers.len(), 2, "{log}");
     assert_eq!(answers[0], (false, envelope_len(&v1), None), "{log}");
     let (delta, delta_bytes, rebuilt) = answers[1];
+    let delta_bytes_v2 = delta_bytes;
     assert!(delta, "{log}");
     assert_eq!(rebuilt, Some(envelope_len(&v2)), "{log}");
     // v2 changed 95 of v1's chunks: their entries are most of the delta.
@@ -262,16 +263,23 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
     let before = damaged.log().len();
     *proxy.faults.flip_body_end_at_pattern.lock().unwrap() =
         Some(b"application/vnd.shoal.manifest-delta.v1".to_vec());
+    // Slowly, and the daemon is killed mid-download: after the restart it asks
+    // for the manifest again (a delta that verifies this time) and resumes.
+    proxy.faults.rate.store(100 * 1024, Ordering::Relaxed);
     let mut daemon = damaged.start();
-    install(
-        &server,
-        &token,
-        &damaged,
-        &mut daemon,
-        "v2 on a damaged v1",
-        &v2,
-        &id,
+    let dep = deploy(&server, &token, "v2 on a damaged v1", &v2, &id);
+    wait_for(&damaged, 60, "plain chunks", || {
+        damaged.log()[before..].contains("fetching plain chunks")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    assert!(
+        !damaged.log()[before..].contains("installed; trial armed"),
+        "v2 was fetched before the daemon could be killed; slow the proxy down"
     );
+    stop(&mut daemon);
+    proxy.faults.rate.store(0, Ordering::Relaxed);
+    let mut daemon = damaged.start();
+    reboot_and_succeed(&damaged, &mut daemon, &server, &token, &dep);
     stop(&mut daemon);
     assert_eq!(damaged.slot_bytes(Slot::A, v2_img.len()), v2_img);
     let log = damaged.log()[before..].to_owned();
@@ -289,8 +297,16 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
     );
     assert_eq!(
         manifest_answers(&log),
-        vec![(false, envelope_len(&v2), None)],
+        vec![
+            (false, envelope_len(&v2), None),
+            (true, delta_bytes_v2, Some(envelope_len(&v2)))
+        ],
         "{log}"
+    );
+    let resumed = installed_field(&log, "resumed");
+    assert!(
+        resumed.last().is_some_and(|&r| r > 0),
+        "the install after the restart did not resume: {resumed:?}\n{log}"
     );
 
     // A device on v0: v2 has no encodings against it, so it gets plain chunks.

@@ -139,8 +139,8 @@ pub fn compute(release: &Release, base: &Release) -> Answer {
     (bytes.len() < release.envelope.len()).then(|| Arc::new(bytes))
 }
 
-/// The manifest hashes of a `held` query value: comma-separated, 64 hex digits
-/// each, at most [`HELD_MAX`], no repeats; empty: none.
+/// The manifest hashes of a `held` query value: comma-separated, 64 lowercase hex
+/// digits each, at most [`HELD_MAX`], no repeats; empty: none.
 pub fn parse_held(text: &str) -> Result<Vec<[u8; 32]>, String> {
     if text.is_empty() {
         return Ok(Vec::new());
@@ -150,13 +150,17 @@ pub fn parse_held(text: &str) -> Result<Vec<[u8; 32]>, String> {
         if out.len() == HELD_MAX {
             return Err(format!("held names at most {HELD_MAX} manifests"));
         }
-        let hash: shoal_artifact::manifest::ChunkId = part
-            .parse()
-            .map_err(|_| format!("held: {part:?} is not 64 hex digits"))?;
-        if out.contains(&hash.0) {
-            return Err(format!("held names manifest {hash} twice"));
+        let mut hash = [0u8; 32];
+        if part.len() != 64
+            || !part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            || hex::decode_to_slice(part, &mut hash).is_err()
+        {
+            return Err(format!("held: {part:?} is not 64 lowercase hex digits"));
         }
-        out.push(hash.0);
+        if out.contains(&hash) {
+            return Err(format!("held names manifest {part} twice"));
+        }
+        out.push(hash);
     }
     Ok(out)
 }
@@ -175,11 +179,16 @@ mod tests {
         );
         assert_eq!(
             parse_held("xyz"),
-            Err("held: \"xyz\" is not 64 hex digits".into())
+            Err("held: \"xyz\" is not 64 lowercase hex digits".into())
         );
         assert_eq!(
             parse_held(&format!("{a},")),
-            Err("held: \"\" is not 64 hex digits".into())
+            Err("held: \"\" is not 64 lowercase hex digits".into())
+        );
+        let upper = "AB".repeat(32);
+        assert_eq!(
+            parse_held(&upper),
+            Err(format!("held: {upper:?} is not 64 lowercase hex digits"))
         );
         assert_eq!(
             parse_held(&format!("{a},{a}")),
