@@ -36,8 +36,9 @@ struct Uplink {
     dictionaries: Arc<AtomicU64>,
 }
 
-/// The tail of a device's request line for a deployment's signed manifest.
-const MANIFEST_REQUEST: &[u8] = b"/manifest HTTP/1.1\r\n";
+/// The tail of a device's request path for a deployment's signed manifest (then
+/// ` HTTP/1.1`, or `?held=` naming the manifests the device keeps).
+const MANIFEST_REQUEST: &[u8] = b"/manifest";
 /// The start of a device's request line for a zstd dictionary.
 const DICTIONARY_REQUEST: &[u8] = b"GET /api/devices/v1/dictionaries/";
 
