@@ -40,7 +40,10 @@ struct Proxy {
     /// Bytes per second towards the device; 0: no limit.
     rate: Arc<AtomicU64>,
     /// When set, `acme-os` becomes `acme-OS` in what the server sends (the
-    /// release name inside a signed manifest: its signature no longer verifies).
+    /// release name inside a signed manifest: its signature no longer verifies),
+    /// and the device's manifest requests lose their `held` list (`?held=` becomes
+    /// `?xeld=`, which the server ignores), so the manifest comes whole, in clear,
+    /// not as a compressed delta the substitution cannot reach.
     tamper: Arc<AtomicBool>,
 }
 
@@ -63,9 +66,12 @@ impl Proxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(c2, s2, None, None));
+                let t_up = Arc::clone(&t);
+                std::thread::spawn(move || pipe(c2, s2, None, Some((t_up, b"?held=", b"?xeld="))));
                 let (r, t) = (Arc::clone(&r), Arc::clone(&t));
-                std::thread::spawn(move || pipe(server, client, Some(r), Some(t)));
+                std::thread::spawn(move || {
+                    pipe(server, client, Some(r), Some((t, b"acme-os", b"acme-OS")))
+                });
             }
         });
         Proxy {
@@ -91,7 +97,7 @@ fn pipe(
     mut from: TcpStream,
     mut to: TcpStream,
     rate: Option<Arc<AtomicU64>>,
-    tamper: Option<Arc<AtomicBool>>,
+    tamper: Option<(Arc<AtomicBool>, &'static [u8], &'static [u8])>,
 ) {
     let mut buf = [0u8; 8192];
     loop {
@@ -99,10 +105,14 @@ fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if tamper.as_ref().is_some_and(|t| t.load(Ordering::Relaxed)) {
-            for i in 0..n.saturating_sub(6) {
-                if &buf[i..i + 7] == b"acme-os" {
-                    buf[i + 5..i + 7].copy_from_slice(b"OS");
+        // `from` becomes `to` (the same length) while the switch is on.
+        if let Some((t, from_text, to_text)) = &tamper
+            && t.load(Ordering::Relaxed)
+        {
+            let len = from_text.len();
+            for i in 0..(n + 1).saturating_sub(len) {
+                if &buf[i..i + len] == *from_text {
+                    buf[i..i + len].copy_from_slice(to_text);
                 }
             }
         }
