@@ -7,7 +7,8 @@
 //! before it trusts a byte of it.
 //!
 //! Deltas are computed on first use (zstd level 19 with the base manifest as a raw
-//! prefix; about 0.1 s for a 0.6 MB manifest, a few seconds at 17 MB), one at a time
+//! prefix; `zstd -19 --patch-from` on the bench's v1 and v2 envelopes, 0.6 MB each,
+//! takes 0.6 s and 38 MB and gives 85 KB; not measured at 17 MB), one at a time
 //! per server process (the devices of a rollout ask for the same pair at once: the
 //! first computes, the others wait and find it), and kept in memory, least recently
 //! used first out, within [`CACHE_BYTES_MAX`]. A pair whose delta is not smaller is
