@@ -311,8 +311,10 @@ pub struct Server {
     pub inventory_dir: Option<PathBuf>,
     /// Names the release the running slot holds in chunk requests, so the server
     /// may send changed chunks delta-encoded against it (per-base encodings; the
-    /// reference bytes are read from the running slot and checked). `false`: plain
-    /// chunks only.
+    /// reference bytes are read from the running slot and checked), and the
+    /// manifests it keeps in manifest requests, so the server may send the new
+    /// manifest as a delta against one of them (rebuilt and verified whole).
+    /// `false`: plain chunks and whole manifests only.
     #[serde(default = "default_true")]
     pub delta: bool,
 }
