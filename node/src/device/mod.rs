@@ -2416,3 +2416,45 @@ mod reference_tests {
         assert_eq!(refs.read_slot_bytes, before + SLOT_BLOCK);
     }
 }
+
+#[cfg(test)]
+mod index_along_tests {
+    use super::*;
+
+    fn chunk(seed: u8, size: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId::of(&[seed; 8]),
+            size,
+            stored_size: size,
+        }
+    }
+
+    /// An index made along a release's chunk list holds that release when each
+    /// chunk is listed at its offset with its id and length, or left out as the
+    /// repeat of the one before it; anything else sends the index back to the
+    /// content cut.
+    #[test]
+    fn holds_chunks_accepts_the_release_and_its_collapsed_runs_only() {
+        let (a, z, b) = (chunk(1, 5000), chunk(0, 8000), chunk(2, 6000));
+        let expected = [a, z, z, z, b];
+        let listed = |c: &ChunkRef, at: u64| (at, c.id, c.size);
+        let index = vec![listed(&a, 0), listed(&z, 5000), listed(&b, 29_000)];
+        assert!(holds_chunks(&index, &expected));
+        // Every repeat listed too (an index that does not collapse runs).
+        let mut all = index.clone();
+        all.insert(2, listed(&z, 13_000));
+        all.insert(3, listed(&z, 21_000));
+        assert!(holds_chunks(&all, &expected));
+        // Another id where the release has one.
+        let mut other = index.clone();
+        other[2].1 = chunk(3, 6000).id;
+        assert!(!holds_chunks(&other, &expected));
+        // Another length.
+        let mut shorter = index.clone();
+        shorter[0].2 = 4999;
+        assert!(!holds_chunks(&shorter, &expected));
+        // A chunk missing that is no repeat.
+        assert!(!holds_chunks(&index[..2], &expected));
+        assert!(!holds_chunks(&[], &expected));
+    }
+}

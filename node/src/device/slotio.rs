@@ -884,6 +884,86 @@ mod tests {
         assert_eq!(got, expected);
     }
 
+    /// Issue 12 (install wall time): along a known chunk list, the index lists
+    /// exactly what the content cut lists when the slot holds that list's
+    /// release (a run of zeros once), past a block boundary and with the slot
+    /// longer than the release (the rest cut by content).
+    #[test]
+    fn index_along_the_release_it_holds_lists_what_the_content_cut_lists() {
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let mut data = pattern(3 * BLOCK + 4_321, 11);
+        data[BLOCK / 2..BLOCK / 2 + BLOCK].fill(0);
+        let payload = 2 * BLOCK + 99_999;
+        let release = shoal_artifact::chunk::index(&data[..payload], chunking).unwrap();
+        let sizes: Vec<u32> = release.iter().map(|c| c.2).collect();
+        let (_dir, storage) = file_with(&data);
+        // The slot holds the release and no more.
+        let got = index_along(
+            &*storage,
+            payload as u64,
+            chunking,
+            &sizes,
+            &|_| false,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut expected = release.clone();
+        expected.dedup_by_key(|c| c.1);
+        assert_eq!(got, expected);
+        // A longer slot: the release's chunks, then the rest cut by content from
+        // where the release ends.
+        let got = index_along(
+            &*storage,
+            data.len() as u64,
+            chunking,
+            &sizes,
+            &|_| false,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut expected = release;
+        expected.extend(
+            shoal_artifact::chunk::index(&data[payload..], chunking)
+                .unwrap()
+                .into_iter()
+                .map(|(o, id, n)| (o + payload as u64, id, n)),
+        );
+        expected.dedup_by_key(|c| c.1);
+        assert_eq!(got, expected);
+    }
+
+    /// The known lengths decide the cut points (no content-defined chunker runs
+    /// over them): lengths FastCDC would never cut at are listed as given, each
+    /// with the hash of the bytes that lie there.
+    #[test]
+    fn index_along_cuts_where_the_known_lengths_say_and_hashes_what_lies_there() {
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let data = pattern(2 * BLOCK + 10_000, 12);
+        let (_dir, storage) = file_with(&data);
+        let min = chunking.min_size;
+        let sizes = vec![min, min + 1, chunking.max_size, min + 4_093, min];
+        let covered: u64 = sizes.iter().map(|&n| u64::from(n)).sum();
+        let got =
+            index_along(&*storage, covered, chunking, &sizes, &|_| false, None, None).unwrap();
+        let mut at = 0usize;
+        let expected: Vec<(u64, ChunkId, u32)> = sizes
+            .iter()
+            .map(|&n| {
+                let c = (at as u64, ChunkId::of(&data[at..at + n as usize]), n);
+                at += n as usize;
+                c
+            })
+            .collect();
+        assert_eq!(got, expected);
+        assert_ne!(
+            got,
+            index(&*storage, covered, chunking, &|_| false, None, None).unwrap(),
+            "the content cut differs here"
+        );
+    }
+
     #[test]
     fn index_hands_over_each_wanted_chunk_once_with_its_bytes() {
         // A repeated stretch: some chunks occur twice.
