@@ -266,6 +266,32 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
     assert!(!s.v1.is_empty());
 }
 
+/// The running slot is indexed along the chunk list of the release it should hold
+/// (the kept base manifest) rather than cut by content again; a slot that holds
+/// that release's chunks elsewhere (here one chunk written twice a third of the
+/// way in, shifting every chunk after it) fails that comparison and is cut by
+/// content, which finds every chunk: the plain thin artifact installs from it.
+/// Indexed only along the manifest, the chunks past the shift would be missed and
+/// the install refused.
+#[test]
+fn a_running_slot_holding_the_base_elsewhere_is_indexed_by_content() {
+    let s = setup();
+    let dev = &s.dev;
+    let cuts = shoal_artifact::chunk::index(&s.v1[..], shoal_artifact::chunk::CHUNKING_DEFAULT)
+        .expect("cut v1");
+    let (start, _, n) = cuts[cuts.len() / 3];
+    let (start, end) = (start as usize, start as usize + n as usize);
+    let mut a = s.v1[..end].to_vec();
+    a.extend_from_slice(&s.v1[start..end]);
+    a.extend_from_slice(&s.v1[end..]);
+    a.resize(SLOT as usize, 0);
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let r = dev.install(&s.plain);
+    assert_eq!(r["slot"], "B", "{r}");
+    assert!(u(&r, "reused_bytes") > 0, "reused from slot A: {r}");
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
+}
+
 #[test]
 fn a_delta_artifact_verifies_and_extracts_given_its_base_image() {
     let s = setup();

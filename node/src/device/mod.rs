@@ -527,6 +527,7 @@ impl Device {
             installed: false,
         };
         let mut driver = Driver::new(self, engine, progress);
+        driver.index_base = running_hash;
         let wall = wall_clock();
         match source {
             Source::Artifact { name, mut reader } => {
@@ -619,6 +620,7 @@ impl Device {
                 // The base release a thin artifact names runs here too (a factory
                 // image without a record in the store): its manifest stays kept.
                 kept.base = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
+                driver.index_base = driver.index_base.or(kept.base);
                 // Moved out and encoded once: the engine keeps the one copy (the
                 // decoded envelope is dropped here, not at the end of the install).
                 let (manifest_hash, envelope) = {
@@ -1230,6 +1232,55 @@ fn resolve_and_decode(
     Ok(out)
 }
 
+/// The chunk list of the root file system payload of the release whose kept
+/// manifest hashes to `hash`, when a slot index cut with `chunking` over `len`
+/// bytes can take it as the slot's first chunks (same chunking, payload within
+/// `len`). Nothing of it is trusted: the index hashes every chunk it lists.
+fn expected_chunks(
+    data_dir: &Path,
+    hash: &[u8; 32],
+    chunking: shoal_artifact::Chunking,
+    len: u64,
+) -> Option<Vec<ChunkRef>> {
+    use shoal_artifact::HeldManifests;
+    let signed = KeptManifests::new(data_dir).manifest(hash)?;
+    let manifest = Manifest::from_cbor(&signed).ok()?;
+    drop(signed);
+    if manifest.chunking != chunking {
+        return None;
+    }
+    let payload = manifest
+        .payloads
+        .into_iter()
+        .find(|p| p.kind == shoal_artifact::PayloadKind::RootfsImage)?;
+    let total: u64 = payload.chunks.iter().map(|c| u64::from(c.size)).sum();
+    (total == payload.size && total <= len).then_some(payload.chunks)
+}
+
+/// Whether a slot index made along `expected` (see [`slotio::index_along`]) found
+/// every chunk of it: each listed at its offset with its id, or left out as the
+/// repeat of the chunk before it (a run of one chunk is listed once).
+fn holds_chunks(index: &[(u64, ChunkId, u32)], expected: &[ChunkRef]) -> bool {
+    let mut listed = index.iter().peekable();
+    let mut offset = 0u64;
+    let mut last: Option<ChunkId> = None;
+    for c in expected {
+        match listed.peek() {
+            Some(&&(at, id, len)) if at == offset => {
+                if id != c.id || len != c.size {
+                    return false;
+                }
+                listed.next();
+            }
+            _ if last == Some(c.id) => {}
+            _ => return false,
+        }
+        last = Some(c.id);
+        offset += u64::from(c.size);
+    }
+    true
+}
+
 /// Decodes and hashes chunks on all cores (each exactly once: the engine does not
 /// hash [`shoal_artifact::VerifiedChunk`]s again).
 fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedChunk, ChunkError>)> {
@@ -1422,6 +1473,10 @@ struct Driver<'a> {
     progress: &'a mut dyn FnMut(Progress),
     /// Syncs handed to the write-behind and not yet answered, oldest first.
     syncs_owed: std::collections::VecDeque<Slot>,
+    /// The manifest (kept under the data directory) of the release the running
+    /// slot should hold: the running release's, or a thin artifact's base. An
+    /// index of the running slot hashes that release's chunks where they lie.
+    index_base: Option<[u8; 32]>,
 }
 
 impl<'a> Driver<'a> {
@@ -1445,6 +1500,7 @@ impl<'a> Driver<'a> {
             source_bytes_read: 0,
             progress,
             syncs_owed: std::collections::VecDeque::new(),
+            index_base: None,
         }
     }
 
@@ -1986,17 +2042,48 @@ impl<'a> Driver<'a> {
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
                     let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+                    // The chunk list of the release the slot should hold (its kept
+                    // manifest): its chunks are hashed where they lie instead of
+                    // being found by the content-defined chunker again.
+                    let along = self
+                        .index_base
+                        .and_then(|hash| expected_chunks(&self.dev.config.device.data_dir, &hash, chunking, len));
+                    let sizes: Vec<u32> = along
+                        .as_ref()
+                        .map(|c| c.iter().map(|c| c.size).collect())
+                        .unwrap_or_default();
                     // A run of one repeated chunk is listed once: the engine keeps
                     // the first position of each id.
                     let worker = std::thread::spawn(move || {
-                        slotio::index_runs_once(
+                        let chunks = slotio::index_along(
                             &*storage,
                             len,
                             chunking,
+                            &sizes,
                             &|id| wanted.contains(id),
                             Some(&tx),
                             None,
-                        )
+                        )?;
+                        drop(tx);
+                        if let Some(expected) = &along
+                            && !holds_chunks(&chunks, expected)
+                        {
+                            // Not the release expected: cut by content, which finds
+                            // what the slot shares with the new release wherever it
+                            // lies (the chunks met above were handed over already).
+                            tracing::debug!(
+                                "the running slot does not hold its expected release: indexing it by content"
+                            );
+                            return slotio::index_runs_once(
+                                &*storage,
+                                len,
+                                chunking,
+                                &|_| false,
+                                None,
+                                None,
+                            );
+                        }
+                        Ok(chunks)
                     });
                     for chunk in met {
                         // Hashed by the indexer as it cut the slot.
@@ -2336,5 +2423,47 @@ mod reference_tests {
         refs.read_range(0, &mut first).expect("read");
         assert_eq!(first, data[..10]);
         assert_eq!(refs.read_slot_bytes, before + SLOT_BLOCK);
+    }
+}
+
+#[cfg(test)]
+mod index_along_tests {
+    use super::*;
+
+    fn chunk(seed: u8, size: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId::of(&[seed; 8]),
+            size,
+            stored_size: size,
+        }
+    }
+
+    /// An index made along a release's chunk list holds that release when each
+    /// chunk is listed at its offset with its id and length, or left out as the
+    /// repeat of the one before it; anything else sends the index back to the
+    /// content cut.
+    #[test]
+    fn holds_chunks_accepts_the_release_and_its_collapsed_runs_only() {
+        let (a, z, b) = (chunk(1, 5000), chunk(0, 8000), chunk(2, 6000));
+        let expected = [a, z, z, z, b];
+        let listed = |c: &ChunkRef, at: u64| (at, c.id, c.size);
+        let index = vec![listed(&a, 0), listed(&z, 5000), listed(&b, 29_000)];
+        assert!(holds_chunks(&index, &expected));
+        // Every repeat listed too (an index that does not collapse runs).
+        let mut all = index.clone();
+        all.insert(2, listed(&z, 13_000));
+        all.insert(3, listed(&z, 21_000));
+        assert!(holds_chunks(&all, &expected));
+        // Another id where the release has one.
+        let mut other = index.clone();
+        other[2].1 = chunk(3, 6000).id;
+        assert!(!holds_chunks(&other, &expected));
+        // Another length.
+        let mut shorter = index.clone();
+        shorter[0].2 = 4999;
+        assert!(!holds_chunks(&shorter, &expected));
+        // A chunk missing that is no repeat.
+        assert!(!holds_chunks(&index[..2], &expected));
+        assert!(!holds_chunks(&[], &expected));
     }
 }

@@ -180,7 +180,7 @@ pub fn index(
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, wanted, met, pool, false)
+    index_with(storage, len, chunking, &[], wanted, met, pool, false)
 }
 
 /// [`index`], but a run of one chunk repeated back to back (the zeros of a sparse
@@ -196,19 +196,49 @@ pub fn index_runs_once(
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, wanted, met, pool, true)
+    index_with(storage, len, chunking, &[], wanted, met, pool, true)
 }
 
+/// [`index_runs_once`], but the slot is taken to begin with chunks of the lengths
+/// `known` (the chunk list of the release it is expected to hold, from offset 0):
+/// those are hashed where they lie, without running the content-defined chunker
+/// over them (about as much CPU as the hashing); whatever lies past them is cut as
+/// [`index`] cuts. When the slot does hold that release, the index lists the
+/// release's chunks where [`index_runs_once`] lists them (the release's chunk
+/// list *is* FastCDC's cut of its payload; only past the payload's end, in a slot
+/// larger than it, may the two cut elsewhere); when it does not, it is still an
+/// index of what the slot holds (every id is the hash of the bytes at its
+/// offset), only cut elsewhere: the caller compares the ids with the release's
+/// and cuts again by content if they differ. `known` must fit in `len`.
+#[allow(clippy::too_many_arguments)]
+pub fn index_along(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    known: &[u32],
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    pool: Option<&rayon::ThreadPool>,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    index_with(storage, len, chunking, known, wanted, met, pool, true)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn index_with(
     storage: &dyn Storage,
     len: u64,
     chunking: Chunking,
+    known: &[u32],
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
     pool: Option<&rayon::ThreadPool>,
     runs_once: bool,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
+    assert!(
+        known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
+        "the known chunks run past the slot"
+    );
     let mut sent: HashSet<ChunkId> = HashSet::new();
     let mut met = met;
     let hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
@@ -227,7 +257,7 @@ fn index_with(
     read_ahead(storage, 0, len, move |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
-        let body = move || cut_and_hash(blocks, chunking, runs_once, hand_over);
+        let body = move || cut_and_hash(blocks, chunking, known, runs_once, hand_over);
         match pool {
             Some(pool) => pool.install(body),
             None => body(),
@@ -239,10 +269,14 @@ fn index_with(
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
+    known: &[u32],
     runs_once: bool,
     mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
 ) -> Vec<(u64, ChunkId, u32)> {
     {
+        // The known chunks not yet cut, and where the first of them starts.
+        let mut known = known;
+        let mut known_at = 0u64;
         let mut out = Vec::new();
         let push = |out: &mut Vec<(u64, ChunkId, u32)>, c: (u64, ChunkId, u32)| {
             if !(runs_once && out.last().is_some_and(|l| l.1 == c.1)) {
@@ -268,7 +302,7 @@ fn cut_and_hash(
             }
             let (ids, cuts) = rayon::join(
                 || hash_chunks(&hashing, &pending),
-                || cut(&cutting, chunking, !more),
+                || cut_along(&cutting, base, chunking, !more, &mut known, &mut known_at),
             );
             for ((offset, start, len), id) in pending.iter().zip(ids) {
                 hand_over(&hashing, *start, *len, id);
@@ -295,6 +329,44 @@ fn cut_and_hash(
         }
         out
     }
+}
+
+/// [`cut`], but the chunks `known` (lengths, the first starting at payload offset
+/// `known_at`) are taken as they are where `window` (starting at payload offset
+/// `base`) holds them whole; those taken are removed from `known`. Past the last
+/// known chunk, the rest of the window is cut by content.
+fn cut_along(
+    window: &[u8],
+    base: u64,
+    chunking: Chunking,
+    end: bool,
+    known: &mut &[u32],
+    known_at: &mut u64,
+) -> Vec<(usize, usize)> {
+    if known.is_empty() {
+        return cut(window, chunking, end);
+    }
+    // Every window starts where the previous one's last finished chunk ended.
+    debug_assert_eq!(base, *known_at, "a window starts at a known chunk");
+    let mut cuts = Vec::new();
+    let mut start = 0usize;
+    while let Some((&n, rest)) = known.split_first() {
+        let n = n as usize;
+        if start + n > window.len() {
+            return cuts;
+        }
+        cuts.push((start, n));
+        start += n;
+        *known = rest;
+        *known_at += n as u64;
+    }
+    // The known chunks end inside this window: the rest is cut by content.
+    cuts.extend(
+        cut(&window[start..], chunking, end)
+            .into_iter()
+            .map(|(s, n)| (start + s, n)),
+    );
+    cuts
 }
 
 /// The finished chunks `(start, len)` of `window`: every chunk whose end was
@@ -810,6 +882,86 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, expected);
+    }
+
+    /// Issue 12 (install wall time): along a known chunk list, the index lists
+    /// exactly what the content cut lists when the slot holds that list's
+    /// release (a run of zeros once), past a block boundary and with the slot
+    /// longer than the release (the rest cut by content).
+    #[test]
+    fn index_along_the_release_it_holds_lists_what_the_content_cut_lists() {
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let mut data = pattern(3 * BLOCK + 4_321, 11);
+        data[BLOCK / 2..BLOCK / 2 + BLOCK].fill(0);
+        let payload = 2 * BLOCK + 99_999;
+        let release = shoal_artifact::chunk::index(&data[..payload], chunking).unwrap();
+        let sizes: Vec<u32> = release.iter().map(|c| c.2).collect();
+        let (_dir, storage) = file_with(&data);
+        // The slot holds the release and no more.
+        let got = index_along(
+            &*storage,
+            payload as u64,
+            chunking,
+            &sizes,
+            &|_| false,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut expected = release.clone();
+        expected.dedup_by_key(|c| c.1);
+        assert_eq!(got, expected);
+        // A longer slot: the release's chunks, then the rest cut by content from
+        // where the release ends.
+        let got = index_along(
+            &*storage,
+            data.len() as u64,
+            chunking,
+            &sizes,
+            &|_| false,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut expected = release;
+        expected.extend(
+            shoal_artifact::chunk::index(&data[payload..], chunking)
+                .unwrap()
+                .into_iter()
+                .map(|(o, id, n)| (o + payload as u64, id, n)),
+        );
+        expected.dedup_by_key(|c| c.1);
+        assert_eq!(got, expected);
+    }
+
+    /// The known lengths decide the cut points (no content-defined chunker runs
+    /// over them): lengths FastCDC would never cut at are listed as given, each
+    /// with the hash of the bytes that lie there.
+    #[test]
+    fn index_along_cuts_where_the_known_lengths_say_and_hashes_what_lies_there() {
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let data = pattern(2 * BLOCK + 10_000, 12);
+        let (_dir, storage) = file_with(&data);
+        let min = chunking.min_size;
+        let sizes = vec![min, min + 1, chunking.max_size, min + 4_093, min];
+        let covered: u64 = sizes.iter().map(|&n| u64::from(n)).sum();
+        let got =
+            index_along(&*storage, covered, chunking, &sizes, &|_| false, None, None).unwrap();
+        let mut at = 0usize;
+        let expected: Vec<(u64, ChunkId, u32)> = sizes
+            .iter()
+            .map(|&n| {
+                let c = (at as u64, ChunkId::of(&data[at..at + n as usize]), n);
+                at += n as usize;
+                c
+            })
+            .collect();
+        assert_eq!(got, expected);
+        assert_ne!(
+            got,
+            index(&*storage, covered, chunking, &|_| false, None, None).unwrap(),
+            "the content cut differs here"
+        );
     }
 
     #[test]
