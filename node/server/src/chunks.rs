@@ -155,6 +155,13 @@ pub struct Added {
     pub chunks_present: u64,
 }
 
+/// What pruning a release's per-base encodings removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Objects (records and indexes) removed.
+    pub objects: u64,
+}
+
 /// An S3 bucket (prefix) holding the chunk store layout.
 #[derive(Debug, Clone)]
 pub struct ObjectChunks {
@@ -256,6 +263,24 @@ impl ObjectChunks {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The keys (relative to the prefix) of every object under `rel` (a directory
+    /// of the layout, ending in `/`).
+    async fn list(&self, rel: &str) -> Result<Vec<String>, ChunksError> {
+        use futures_util::TryStreamExt;
+        let dir = self.key(rel.trim_end_matches('/'));
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&dir)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_owned))
+            .collect())
     }
 
     /// Verifies an artifact against `root` and writes what the bucket lacks, chunks
@@ -594,6 +619,137 @@ impl Chunks {
             Chunks::Object(o) => {
                 o.add_artifact(&tokio::runtime::Handle::current(), src, root, now_unix_s)
             }
+        }
+    }
+
+    /// Removes every per-base encoding involving release `hash` (issue 12), as base
+    /// and as target. Blocking. As a base: all of `deltas/<hash>/`. As a target,
+    /// for each base B: `deltas/B/index/<hash>` first (a release has encodings
+    /// exactly when its index exists), then the records it listed that no other
+    /// index of B lists (records are shared by releases with the same chunk).
+    pub fn prune_encodings_blocking(&self, hash: &[u8; 32]) -> Result<Pruned, ChunksError> {
+        let rt = tokio::runtime::Handle::current();
+        let mine = hex::encode(hash);
+        let keys = self.list_rel_blocking(&rt, "deltas/")?;
+        let mut out = Pruned::default();
+        // deltas/<base>/... grouped by base.
+        let mut by_base: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for k in &keys {
+            let mut parts = k.splitn(3, '/');
+            if let (Some("deltas"), Some(base), Some(_)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                by_base.entry(base).or_default().push(k);
+            }
+        }
+        for (base, keys) in by_base {
+            if base == mine {
+                for k in keys {
+                    self.delete_rel_blocking(&rt, k)?;
+                    out.objects += 1;
+                }
+                if let Chunks::Dir(s) = self {
+                    let dir = s.dir().join("deltas").join(base);
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => return Err(ChunksError::Io { path: dir, source }),
+                    }
+                }
+                continue;
+            }
+            let index_prefix = format!("deltas/{base}/index/");
+            let my_index = format!("{index_prefix}{mine}");
+            if !keys.contains(&my_index.as_str()) {
+                continue;
+            }
+            let listed = match rt.block_on(self.read_rel(&my_index, Self::DELTA_INDEX_MAX))? {
+                Some(b) => crate::encodings::parse_index(&b).unwrap_or_default(),
+                None => Default::default(),
+            };
+            self.delete_rel_blocking(&rt, &my_index)?;
+            out.objects += 1;
+            let mut kept = HashSet::new();
+            for other in keys.iter().filter(|k| k.starts_with(&index_prefix)) {
+                if *other == my_index {
+                    continue;
+                }
+                if let Some(b) = rt.block_on(self.read_rel(other, Self::DELTA_INDEX_MAX))? {
+                    match crate::encodings::parse_index(&b) {
+                        Some(i) => kept.extend(i.into_keys()),
+                        // Unreadable: keep every record of this base.
+                        None => {
+                            kept.extend(listed.keys().copied());
+                        }
+                    }
+                }
+            }
+            let base_hash: [u8; 32] = match hex::decode(base).ok().and_then(|b| b.try_into().ok()) {
+                Some(b) => b,
+                None => continue,
+            };
+            for id in listed.keys().filter(|id| !kept.contains(*id)) {
+                self.delete_rel_blocking(&rt, &delta_key(&base_hash, id))?;
+                out.objects += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every object's relative key under `rel` (a directory of the layout ending
+    /// in `/`; none if it does not exist). Blocking.
+    fn list_rel_blocking(
+        &self,
+        rt: &tokio::runtime::Handle,
+        rel: &str,
+    ) -> Result<Vec<String>, ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let mut out = Vec::new();
+                let mut todo = vec![rel.trim_end_matches('/').to_owned()];
+                while let Some(d) = todo.pop() {
+                    let path = s.dir().join(&d);
+                    let entries = match std::fs::read_dir(&path) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(source) => return Err(ChunksError::Io { path, source }),
+                    };
+                    for e in entries {
+                        let e = e.map_err(|source| ChunksError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let child = format!("{d}/{name}");
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            todo.push(child);
+                        } else {
+                            out.push(child);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Chunks::Object(o) => rt.block_on(o.list(rel)),
+        }
+    }
+
+    /// Removes an object of the layout (absent is fine). Blocking.
+    fn delete_rel_blocking(
+        &self,
+        rt: &tokio::runtime::Handle,
+        rel: &str,
+    ) -> Result<(), ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(ChunksError::Io { path, source }),
+                }
+            }
+            Chunks::Object(o) => rt.block_on(o.delete(rel)),
         }
     }
 

@@ -2,7 +2,9 @@
 //! the bytes of a base release devices run, so a device on that base downloads
 //! about what a thin delta artifact holds instead of every changed chunk whole.
 //!
-//! **Where they come from.** An operator asks for them
+//! **Where they come from.** The server queues them itself when a release is
+//! uploaded or deployed, against the releases its devices run, and encodes them in
+//! the background ([`crate::encode_jobs`]); an operator may also ask for them
 //! (`POST /api/management/v1/releases/{id}/encodings` with `{"base": ID}`, or
 //! `shoal admin release encode ID --base BASE`), typically for each release the
 //! fleet runs (the delta preview lists them). The server rebuilds the base's
@@ -328,6 +330,13 @@ impl IndexCache {
             m.insert(key, (Instant::now(), v.clone()));
         }
         Ok(v)
+    }
+
+    /// Forgets what is known of `hash` as a release or as a base (a deletion).
+    pub fn forget_involving(&self, hash: &[u8; 32]) {
+        if let Ok(mut m) = self.map.lock() {
+            m.retain(|(b, r), _| r != hash && b != hash);
+        }
     }
 
     /// Forgets what is known of `release` (after an encoding or a deletion).
