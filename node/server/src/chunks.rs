@@ -843,3 +843,91 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    fn listing(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.join("deltas")];
+        while let Some(d) = todo.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.map(Result::unwrap) {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn index(ids: &[ChunkId]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|i| i.as_bytes().iter().copied().chain(9u32.to_be_bytes()))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deleting_a_release_prunes_its_encodings_as_base_and_as_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Chunks::Dir(ChunkStore::open(dir.path()).unwrap());
+        let (v1, v2, v3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let (shared, only2, only3, on2) = (
+            ChunkId([0xaa; 32]),
+            ChunkId([0xbb; 32]),
+            ChunkId([0xcc; 32]),
+            ChunkId([0xdd; 32]),
+        );
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            // v2 and v3 encoded against v1 (sharing a record), v3 against v2.
+            for id in [shared, only2, only3] {
+                s.put_delta_blocking(&v1, &id, vec![1; 9]).unwrap();
+            }
+            s.put_delta_index_blocking(&v1, &v2, index(&[shared, only2]))
+                .unwrap();
+            s.put_delta_index_blocking(&v1, &v3, index(&[shared, only3]))
+                .unwrap();
+            s.put_delta_blocking(&v2, &on2, vec![1; 9]).unwrap();
+            s.put_delta_index_blocking(&v2, &v3, index(&[on2])).unwrap();
+        })
+        .await
+        .unwrap();
+        let before = listing(dir.path());
+        assert_eq!(before.len(), 7, "{before:?}");
+
+        // v2 goes: deltas/<v2>/ whole, its index against v1 and the record only it
+        // listed; the record it shares with v3 stays.
+        let s = store.clone();
+        let pruned = tokio::task::spawn_blocking(move || s.prune_encodings_blocking(&v2))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = hex::encode;
+        let after = listing(dir.path());
+        assert_eq!(
+            after,
+            vec![
+                format!("deltas/{}/aa/{}", h(v1), shared.to_hex()),
+                format!("deltas/{}/cc/{}", h(v1), only3.to_hex()),
+                format!("deltas/{}/index/{}", h(v1), h(v3)),
+            ],
+            "{before:?}"
+        );
+        assert_eq!(pruned.objects, 4);
+        assert!(!dir.path().join("deltas").join(h(v2)).exists());
+        // v1 goes: nothing is left.
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.prune_encodings_blocking(&v1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(listing(dir.path()).is_empty());
+    }
+}

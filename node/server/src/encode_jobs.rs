@@ -446,3 +446,184 @@ pub async fn run(ctx: Ctx, stop: tokio_util::sync::CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: &str = "1100000000000000000000000000000000000000000000000000000000000000";
+    const B1: &str = "2200000000000000000000000000000000000000000000000000000000000000";
+    const B2: &str = "3300000000000000000000000000000000000000000000000000000000000000";
+    const B3: &str = "4400000000000000000000000000000000000000000000000000000000000000";
+
+    async fn context(dir: &std::path::Path, cap: usize) -> Ctx {
+        let key = shoal_signing::SecretKey::from_seed(&[1; 32]).public();
+        let ctx = crate::open(&crate::Config {
+            data_dir: dir.to_owned(),
+            database_url: None,
+            chunks_url: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+            root: shoal_signing::TrustRoot::new(1, 4_000_000_000, &[key], 1, &[key], 1).unwrap(),
+            device_token_ttl_s: 3600,
+            upload_max_bytes: 1 << 20,
+            chunk_base_url: None,
+            max_connections: 2,
+            timer_period_ms: 1000,
+            fleet: None,
+            auto_encode_bases: cap,
+        })
+        .await
+        .expect("open");
+        for (id, v) in [(R, "9"), (B1, "1"), (B2, "2"), (B3, "3")] {
+            sqlx::query(
+                "INSERT INTO releases (id, name, version, device_types, payload_bytes, stored_bytes, chunks, created_ms) \
+                 VALUES ($1, 'os', $2, '[]', 0, 0, 0, 0)",
+            )
+            .bind(id)
+            .bind(v)
+            .execute(&ctx.db)
+            .await
+            .unwrap();
+        }
+        ctx
+    }
+
+    fn inv(version: &str) -> BTreeMap<String, String> {
+        [("release_name", "os"), ("release_version", version)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn plan_queues_the_bases_most_devices_run_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), 2).await;
+        // 3 devices on v2, 2 on v1, 1 on v3, 1 on the release itself, 1 on a
+        // release the server lacks.
+        let invs: Vec<_> = ["2", "2", "2", "1", "1", "3", "9", "7"]
+            .iter()
+            .map(|v| inv(v))
+            .collect();
+        assert_eq!(plan(&ctx, R, invs.iter()).await.unwrap(), 2);
+        let rows = list(&ctx.db, R).await.unwrap();
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.base.as_str(),
+                    r.devices,
+                    r.state.as_str(),
+                    r.origin.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(B2, 3, "queued", "auto"), (B1, 2, "queued", "auto")]
+        );
+        // The cap holds across plans (another deployment of the same release).
+        assert_eq!(plan(&ctx, R, [inv("3")].iter()).await.unwrap(), 0);
+        // Off: nothing queued.
+        let dir = tempfile::tempdir().unwrap();
+        let off = context(dir.path(), 0).await;
+        assert_eq!(plan(&off, R, invs.iter()).await.unwrap(), 0);
+        assert!(list(&off.db, R).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_claimant_wins_and_an_expired_lease_is_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), 3).await;
+        assert_eq!(plan(&ctx, R, [inv("1")].iter()).await.unwrap(), 1);
+        let db = &ctx.db;
+        assert_eq!(
+            claim(db, "server-a").await.unwrap(),
+            Some((R.to_owned(), B1.to_owned()))
+        );
+        // Server b, on the same database, gets nothing while a's lease holds.
+        assert_eq!(claim(db, "server-b").await.unwrap(), None);
+        assert!(renew(db, "server-a", R, B1).await.unwrap());
+        assert!(!renew(db, "server-b", R, B1).await.unwrap());
+        // a dies: its lease expires, b claims it; a can no longer renew or finish.
+        sqlx::query("UPDATE encodings SET lease_until_ms = 0")
+            .execute(db)
+            .await
+            .unwrap();
+        assert_eq!(
+            claim(db, "server-b").await.unwrap(),
+            Some((R.to_owned(), B1.to_owned()))
+        );
+        assert!(!renew(db, "server-a", R, B1).await.unwrap());
+        let done = Ok(Encoded {
+            chunks: 10,
+            chunks_delta: 8,
+            plain_bytes: 1000,
+            encoded_bytes: 250,
+        });
+        assert!(!finish(db, "server-a", R, B1, &done, false).await.unwrap());
+        // A transient failure: queued again, not before the retry delay.
+        let failed = Err("store unreachable".to_owned());
+        assert!(finish(db, "server-b", R, B1, &failed, false).await.unwrap());
+        let row = &list(db, R).await.unwrap()[0];
+        assert_eq!((row.state.as_str(), row.attempts), ("queued", 2));
+        assert_eq!(row.error.as_deref(), Some("store unreachable"));
+        assert_eq!(claim(db, "server-a").await.unwrap(), None);
+        sqlx::query("UPDATE encodings SET not_before_ms = 0")
+            .execute(db)
+            .await
+            .unwrap();
+        assert!(claim(db, "server-a").await.unwrap().is_some());
+        assert!(finish(db, "server-a", R, B1, &done, false).await.unwrap());
+        let row = &list(db, R).await.unwrap()[0];
+        assert_eq!(row.state, "done");
+        assert_eq!((row.chunks, row.encoded_bytes), (Some(10), Some(250)));
+        assert_eq!(row.saving, Some(0.75));
+        assert_eq!(claim(db, "server-a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn permanent_and_repeated_failures_end_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), 3).await;
+        plan(&ctx, R, [inv("1"), inv("2")].iter()).await.unwrap();
+        let db = &ctx.db;
+        let (r, b) = claim(db, "a").await.unwrap().unwrap();
+        let no = Err("no rootfs-image payload".to_owned());
+        assert!(finish(db, "a", &r, &b, &no, true).await.unwrap());
+        let (r2, b2) = claim(db, "a").await.unwrap().unwrap();
+        assert_ne!((&r2, &b2), (&r, &b));
+        let io = Err("io".to_owned());
+        assert!(finish(db, "a", &r2, &b2, &io, false).await.unwrap());
+        for _ in 1..ATTEMPTS_MAX {
+            sqlx::query("UPDATE encodings SET not_before_ms = 0")
+                .execute(db)
+                .await
+                .unwrap();
+            assert_eq!(
+                claim(db, "a").await.unwrap(),
+                Some((r2.clone(), b2.clone()))
+            );
+            assert!(finish(db, "a", &r2, &b2, &io, false).await.unwrap());
+        }
+        sqlx::query("UPDATE encodings SET not_before_ms = 0")
+            .execute(db)
+            .await
+            .unwrap();
+        assert_eq!(claim(db, "a").await.unwrap(), None);
+        let states: Vec<_> = list(db, R)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.base, r.state, r.attempts))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (B1.to_owned(), "failed".to_owned(), 1),
+                (B2.to_owned(), "failed".to_owned(), ATTEMPTS_MAX)
+            ]
+        );
+    }
+}
