@@ -47,9 +47,6 @@ pub static ENCODING: Mutex<()> = Mutex::new(());
 /// Chunks encoded together (fetched, then encoded on all cores).
 const BATCH: usize = 64;
 
-/// Bytes of one index entry: the chunk id and the record's length.
-const INDEX_ENTRY: usize = 36;
-
 /// Why a release could not be encoded against a base.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -256,22 +253,15 @@ fn decode(
 pub type DeltaIndex = HashMap<ChunkId, u32>;
 
 /// Parses an index (`deltas/<base>/index/<release>`): 36-byte entries, the chunk
-/// id then the record's length (`u32` BE). `None` when it is malformed.
+/// id then the record's length (`u32` BE), with the checks a device makes
+/// ([`shoal_artifact::delta_record::parse_index`]). `None` when it is malformed.
 pub fn parse_index(bytes: &[u8]) -> Option<DeltaIndex> {
-    if !bytes.len().is_multiple_of(INDEX_ENTRY) {
-        return None;
-    }
-    Some(
-        bytes
-            .chunks_exact(INDEX_ENTRY)
-            .map(|e| {
-                (
-                    ChunkId(e[..32].try_into().expect("32 bytes")),
-                    u32::from_be_bytes(e[32..].try_into().expect("4 bytes")),
-                )
-            })
-            .collect(),
+    shoal_artifact::delta_record::parse_index(
+        bytes,
+        usize::MAX,
+        u32::try_from(Chunks::DELTA_MAX).unwrap_or(u32::MAX),
     )
+    .ok()
 }
 
 /// How long the absence of an index is believed (another server process on the
