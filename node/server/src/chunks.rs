@@ -523,6 +523,26 @@ impl Chunks {
         self.read_rel(&delta_key(base, id), Self::DELTA_MAX).await
     }
 
+    /// A per-base delta record's size, or `None` if there is none.
+    pub async fn delta_size(
+        &self,
+        base: &[u8; 32],
+        id: &ChunkId,
+    ) -> Result<Option<u64>, ChunksError> {
+        let rel = delta_key(base, id);
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(&rel);
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(ChunksError::Io { path, source }),
+                }
+            }
+            Chunks::Object(o) => o.size(&rel).await,
+        }
+    }
+
     /// The per-base encoding index of release `release` against base `base`: which
     /// chunks have a delta record, and each record's length (see [`DeltaIndex`]).
     pub async fn delta_index(
