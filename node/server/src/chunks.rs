@@ -889,7 +889,7 @@ mod prune_tests {
 
     fn index(ids: &[ChunkId]) -> Vec<u8> {
         ids.iter()
-            .flat_map(|i| i.as_bytes().iter().copied().chain(9u32.to_be_bytes()))
+            .flat_map(|i| i.as_bytes().iter().copied().chain(100u32.to_be_bytes()))
             .collect()
     }
 
