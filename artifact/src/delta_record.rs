@@ -169,6 +169,90 @@ impl DeltaRecord {
     }
 }
 
+/// Bytes of one entry of a per-base encoding index: a chunk id and a record's
+/// length.
+pub const INDEX_ENTRY: usize = 36;
+
+/// The shortest record: the header with one range, the hash, and a zstd frame's
+/// magic.
+pub const RECORD_LEN_MIN: u32 = (HEAD + RANGE + 32 + 4) as u32;
+
+/// Why a per-base encoding index was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaIndexError {
+    /// Not a whole number of entries.
+    #[error("the per-base encoding index is {len} bytes, not a multiple of {INDEX_ENTRY}")]
+    Length {
+        /// Its length.
+        len: usize,
+    },
+    /// More entries than the caller allows (chunks in the release).
+    #[error("the per-base encoding index has {entries} entries, more than the {max} allowed")]
+    TooMany {
+        /// Entries in it.
+        entries: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A chunk listed twice.
+    #[error("the per-base encoding index lists chunk {id} twice")]
+    Duplicate {
+        /// The chunk.
+        id: String,
+    },
+    /// A record length no record can have.
+    #[error(
+        "the per-base encoding index gives chunk {id} a record of {len} bytes ({RECORD_LEN_MIN} to {max} allowed)"
+    )]
+    RecordLength {
+        /// The chunk.
+        id: String,
+        /// The length given.
+        len: u32,
+        /// The largest allowed.
+        max: u32,
+    },
+}
+
+/// Parses a per-base encoding index (`deltas/<base>/index/<release>` in a chunk
+/// store): [`INDEX_ENTRY`]-byte entries, each a chunk id then the length of its
+/// record (`u32` BE), at most `entries_max` of them, each length between
+/// [`RECORD_LEN_MIN`] and `record_max`. A static chunk host serves it to devices:
+/// untrusted bytes (a lying index wastes requests, never a wrong byte: records
+/// and chunks are checked as always).
+pub fn parse_index(
+    bytes: &[u8],
+    entries_max: usize,
+    record_max: u32,
+) -> Result<std::collections::HashMap<crate::manifest::ChunkId, u32>, DeltaIndexError> {
+    if !bytes.len().is_multiple_of(INDEX_ENTRY) {
+        return Err(DeltaIndexError::Length { len: bytes.len() });
+    }
+    let entries = bytes.len() / INDEX_ENTRY;
+    if entries > entries_max {
+        return Err(DeltaIndexError::TooMany {
+            entries,
+            max: entries_max,
+        });
+    }
+    let mut out = std::collections::HashMap::with_capacity(entries);
+    for e in bytes.chunks_exact(INDEX_ENTRY) {
+        let id = crate::manifest::ChunkId(e[..32].try_into().expect("32 bytes"));
+        let len = u32::from_be_bytes(e[32..].try_into().expect("4 bytes"));
+        if !(RECORD_LEN_MIN..=record_max).contains(&len) {
+            return Err(DeltaIndexError::RecordLength {
+                id: id.to_hex(),
+                len,
+                max: record_max,
+            });
+        }
+        if out.insert(id, len).is_some() {
+            return Err(DeltaIndexError::Duplicate { id: id.to_hex() });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +328,51 @@ mod tests {
         assert_eq!(
             with(&|b| b[5 + 24 + 32] ^= 1),
             Err(DeltaRecordError::NotAFrame)
+        );
+    }
+
+    #[test]
+    fn an_index_parses_and_malformed_ones_are_refused_precisely() {
+        use crate::manifest::ChunkId;
+        let entry = |id: u8, len: u32| {
+            let mut e = vec![id; 32];
+            e.extend_from_slice(&len.to_be_bytes());
+            e
+        };
+        let good = [entry(1, 100), entry(2, 200)].concat();
+        let i = parse_index(&good, 2, 1000).unwrap();
+        assert_eq!(i.len(), 2);
+        assert_eq!(i.get(&ChunkId([2; 32])), Some(&200));
+        assert_eq!(parse_index(&[], 0, 1000).unwrap().len(), 0);
+        assert_eq!(
+            parse_index(&good[..40], 2, 1000),
+            Err(DeltaIndexError::Length { len: 40 })
+        );
+        assert_eq!(
+            parse_index(&good, 1, 1000),
+            Err(DeltaIndexError::TooMany { entries: 2, max: 1 })
+        );
+        assert_eq!(
+            parse_index(&[entry(1, 100), entry(1, 90)].concat(), 2, 1000),
+            Err(DeltaIndexError::Duplicate {
+                id: ChunkId([1; 32]).to_hex()
+            })
+        );
+        assert_eq!(
+            parse_index(&entry(3, 1001), 1, 1000),
+            Err(DeltaIndexError::RecordLength {
+                id: ChunkId([3; 32]).to_hex(),
+                len: 1001,
+                max: 1000
+            })
+        );
+        assert_eq!(
+            parse_index(&entry(3, 0), 1, 1000),
+            Err(DeltaIndexError::RecordLength {
+                id: ChunkId([3; 32]).to_hex(),
+                len: 0,
+                max: 1000
+            })
         );
     }
 }

@@ -190,6 +190,17 @@ pub(crate) struct Proc(pub(crate) Child);
 /// `w/root.shoalroot`, log `w/server.log`): the process, its URL, and an admin
 /// token.
 pub(crate) fn start_server(shoal: &Path, w: &Path) -> Result<(Proc, String, String)> {
+    start_server_with(shoal, w, "127.0.0.1:0", &[])
+}
+
+/// [`start_server`] listening on `listen`, with more arguments (a restart on the
+/// same port, with `--chunk-base-url`).
+pub(crate) fn start_server_with(
+    shoal: &Path,
+    w: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Result<(Proc, String, String)> {
     let data = w.join("server");
     let token = crate::fleet::admin_token(shoal, w, &data)?;
     let log_path = w.join("server.log");
@@ -201,10 +212,14 @@ pub(crate) fn start_server(shoal: &Path, w: &Path) -> Result<(Proc, String, Stri
                 "--root",
                 "root.shoalroot",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--data",
             ])
             .arg(&data)
+            // The net rows time the encodings they ask for and compare plain
+            // chunks with them: none made in the background.
+            .args(["--auto-encode-bases", "0"])
+            .args(extra)
             .env("SHOAL_LOG", "warn")
             .stderr(std::fs::File::create(&log_path)?)
             .stdout(Stdio::null())

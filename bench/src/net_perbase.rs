@@ -11,6 +11,13 @@
 //! installs v2 with plain chunks. Bytes are counted by the shaping link of
 //! [`crate::net_link`] (10 Mbit/s, 100 ms round trip), both directions, everything
 //! included (manifest, dictionary, status reports).
+//!
+//! Then the same pair from a static chunk host: Debian's nginx serves the server's
+//! store directory (chunks, dictionaries, and the per-base encodings' index and
+//! records as files) behind a second shaping link, the server restarted on the same
+//! port with `--chunk-base-url` pointing at it, and two more snapshots of the device
+//! on v1 install v2: one fetching the per-base encodings from nginx, one (`[server]
+//! delta = false`) plain chunk files. Bytes are both links', both directions.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -40,6 +47,8 @@ struct Measured {
     encoded: serde_json::Value,
     perbase: Install,
     plain: Install,
+    static_perbase: Install,
+    static_plain: Install,
 }
 
 /// The section's rows (a section of their own in `shoal-bench net`).
@@ -48,6 +57,7 @@ pub fn section(inp: &Inputs) -> Result<Section> {
     let mut facts = Vec::new();
     let per_name = "v1 → v2 from the server with per-base encodings: bytes vs the thin delta artifact's `diff`";
     let vs_plain = "per-base encodings vs plain chunks from the server (same device, same run)";
+    let vs_static = "per-base encodings vs plain chunk files from a static chunk host (nginx; same device, same run)";
     match measure(inp) {
         Ok(m) => {
             facts.push((
@@ -61,7 +71,12 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                     m.encode_s
                 ),
             ));
-            for (name, i) in [("per-base", &m.perbase), ("plain chunks", &m.plain)] {
+            for (name, i) in [
+                ("per-base", &m.perbase),
+                ("plain chunks", &m.plain),
+                ("static host (nginx), per-base", &m.static_perbase),
+                ("static host (nginx), plain chunk files", &m.static_plain),
+            ] {
                 facts.push((
                     format!("device on v1 → v2, {name}"),
                     format!(
@@ -92,6 +107,15 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                 },
                 Target::RatioAtMost(0.70),
             ));
+            goals.push(Goal::relative(
+                vs_static,
+                Ok(Quantity::Bytes(m.static_perbase.bytes)),
+                Baseline {
+                    label: "plain chunk files".into(),
+                    quantity: Quantity::Bytes(m.static_plain.bytes),
+                },
+                Target::RatioAtMost(0.70),
+            ));
         }
         Err(e) => {
             let why = format!("{e:#}");
@@ -101,7 +125,12 @@ pub fn section(inp: &Inputs) -> Result<Section> {
                 why.clone(),
                 Target::RatioAtMost(1.05),
             ));
-            goals.push(Goal::not_run(vs_plain, why, Target::RatioAtMost(0.70)));
+            goals.push(Goal::not_run(
+                vs_plain,
+                why.clone(),
+                Target::RatioAtMost(0.70),
+            ));
+            goals.push(Goal::not_run(vs_static, why, Target::RatioAtMost(0.70)));
         }
     }
     Ok(Section {
@@ -163,10 +192,29 @@ fn measure(inp: &Inputs) -> Result<Measured> {
         .as_u64()
         .context("diff: download_bytes")?;
 
-    let (_server, url, token) = crate::net_link::start_server(&inp.shoal, &w)?;
+    let (server, url, token) = crate::net_link::start_server(&inp.shoal, &w)?;
     let link = Link::start(url.trim_start_matches("http://").to_owned())?;
+    // The static chunk host: nginx serving the server's store, behind its own link.
+    let nginx_port = free_port()?;
+    let _nginx = start_nginx(
+        &w.join("nginx"),
+        &w.join("server").join("store"),
+        nginx_port,
+    )?;
+    let static_link = Link::start(format!("127.0.0.1:{nginx_port}"))?;
+    let token = std::cell::RefCell::new(token);
     let admin = |args: &[&str]| -> Result<serde_json::Value> {
-        json(sh(&["admin", "--json", "--server", &url, "--token", &token]).args(args))
+        json(
+            sh(&[
+                "admin",
+                "--json",
+                "--server",
+                &url,
+                "--token",
+                &token.borrow(),
+            ])
+            .args(args),
+        )
     };
     let id_of = |v: serde_json::Value| -> Result<String> {
         Ok(v["id"].as_str().context("an id")?.to_owned())
@@ -297,15 +345,33 @@ fn measure(inp: &Inputs) -> Result<Measured> {
         .replace(&dev.display().to_string(), &snap.display().to_string())
         .replace("delta = true", "delta = false");
     std::fs::write(snap.join("shoal.toml"), snap_config)?;
+    // Two more for the static host: per-base and plain.
+    let snapshot = |name: &str, delta: bool| -> Result<std::path::PathBuf> {
+        let to = w.join(name);
+        run(Command::new("cp").arg("-a").arg(&dev).arg(&to))?;
+        let mut c = std::fs::read_to_string(dev.join("shoal.toml"))?
+            .replace(&dev.display().to_string(), &to.display().to_string());
+        if !delta {
+            c = c.replace("delta = true", "delta = false");
+        }
+        std::fs::write(to.join("shoal.toml"), c)?;
+        Ok(to)
+    };
+    let static_dev = snapshot("device-static", true)?;
+    let static_plain_dev = snapshot("device-static-plain", false)?;
 
     let one = |dir: &Path, name: &str| -> Result<(Install, String)> {
         progress(&format!("perbase: v1 → v2 over the link, {name}"));
         let from = log(dir).len();
         let daemon = start(dir)?;
-        let (down0, up0) = link.bytes();
+        let both = || {
+            let ((d, u), (sd, su)) = (link.bytes(), static_link.bytes());
+            (d + sd, u + su)
+        };
+        let (down0, up0) = both();
         let dep = deploy(name, &v2, &device)?;
         armed(dir, from)?;
-        let (down1, up1) = link.bytes();
+        let (down1, up1) = both();
         drop(daemon);
         let l = log(dir)[from..].to_owned();
         let field = |key: &str| -> u64 {
@@ -331,9 +397,38 @@ fn measure(inp: &Inputs) -> Result<Measured> {
     };
     let (perbase, dep2) = one(&dev, "perbase-v2")?;
     admin(&["deployments", "abort", &dep2])?;
-    let (plain, _) = one(&snap, "plain-v2")?;
+    let (plain, dep3) = one(&snap, "plain-v2")?;
+    admin(&["deployments", "abort", &dep3])?;
     if perbase.delta_chunks == 0 {
         bail!("the device on v1 got no delta-encoded chunk: {}", log(&dev));
+    }
+    if static_link.bytes() != (0, 0) {
+        bail!("the static host was used before it was handed out");
+    }
+
+    // The server again on the same port (the device's link points there), now
+    // handing out the static host.
+    progress("perbase: the server restarts with --chunk-base-url (nginx)");
+    let listen = url.trim_start_matches("http://").to_owned();
+    drop(server);
+    let (_server, url2, token2) = crate::net_link::start_server_with(
+        &inp.shoal,
+        &w,
+        &listen,
+        &["--chunk-base-url", &static_link.url],
+    )?;
+    if url2 != url {
+        bail!("the server restarted on {url2}, not {url}");
+    }
+    *token.borrow_mut() = token2;
+    let (static_perbase, dep4) = one(&static_dev, "static-perbase-v2")?;
+    admin(&["deployments", "abort", &dep4])?;
+    let (static_plain, _) = one(&static_plain_dev, "static-plain-v2")?;
+    if static_perbase.delta_chunks == 0 {
+        bail!(
+            "the device on v1 got no delta-encoded chunk from the static host: {}",
+            log(&static_dev)
+        );
     }
     Ok(Measured {
         thin_diff,
@@ -341,6 +436,8 @@ fn measure(inp: &Inputs) -> Result<Measured> {
         encoded,
         perbase,
         plain,
+        static_perbase,
+        static_plain,
     })
 }
 
@@ -356,4 +453,68 @@ fn reboot(env: &Path) -> Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("booting the device: {e:?}"))?;
     Ok(())
+}
+
+/// A free loopback port (bound and released: nginx cannot listen on port 0).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Debian's nginx serving `root` on `port` as a static chunk host (one process, no
+/// master, so dropping the [`Proc`] stops it), with its files in `dir`.
+fn start_nginx(dir: &Path, root: &Path, port: u16) -> Result<crate::net_link::Proc> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("nginx is not installed: install Debian's nginx")?;
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    default_type application/octet-stream;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /chunks/ {{ try_files $uri =404; }}
+        location /dictionaries/ {{ try_files $uri =404; }}
+        location /deltas/ {{ try_files $uri =404; }}
+        location / {{ return 404; }}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        root = root.display(),
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let proc = crate::net_link::Proc(
+        Command::new(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run nginx: install Debian's nginx")?,
+    );
+    wait_until("nginx", 10, || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    })?;
+    Ok(proc)
 }

@@ -96,6 +96,29 @@ impl StaticBase {
         format!("{}/{}", self.0, shoal_artifact::read::chunk_path(id))
     }
 
+    /// The URL of chunk `id`'s per-base delta record against base release `base`
+    /// (the chunk store's `deltas/<base>/<2 hex>/<64 hex>`).
+    pub fn delta(&self, base: &[u8; 32], id: &ChunkId) -> String {
+        let hex = id.to_hex();
+        format!(
+            "{}/deltas/{}/{}/{hex}",
+            self.0,
+            hex::encode(base),
+            &hex[..2]
+        )
+    }
+
+    /// The URL of the index of release `release`'s per-base encodings against
+    /// `base`: which chunks have a record, and each record's length.
+    pub fn delta_index(&self, base: &[u8; 32], release: &[u8; 32]) -> String {
+        format!(
+            "{}/deltas/{}/index/{}",
+            self.0,
+            hex::encode(base),
+            hex::encode(release)
+        )
+    }
+
     /// The URL of a zstd dictionary.
     pub fn dictionary(&self, zstd_id: u32) -> String {
         format!("{}/dictionaries/{zstd_id:08x}", self.0)
@@ -127,6 +150,22 @@ mod tests {
         assert_eq!(
             b.dictionary(0x0012_abcd),
             "http://cdn.example:8080/fleet/store/dictionaries/0012abcd"
+        );
+        assert_eq!(
+            b.delta(&[0x01; 32], &id),
+            format!(
+                "http://cdn.example:8080/fleet/store/deltas/{}/ab/{}",
+                "01".repeat(32),
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(
+            b.delta_index(&[0x01; 32], &[0x02; 32]),
+            format!(
+                "http://cdn.example:8080/fleet/store/deltas/{}/index/{}",
+                "01".repeat(32),
+                "02".repeat(32)
+            )
         );
         let root = StaticBase::parse("https://cdn.example").expect("valid");
         assert_eq!(root.as_str(), "https://cdn.example");

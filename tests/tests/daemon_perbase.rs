@@ -367,3 +367,187 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         "{log}"
     );
 }
+
+/// Every file under `dir/deltas`, relative to `dir`, sorted.
+fn deltas_listing(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.join("deltas")];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.map(Result::unwrap) {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits for the device to report `version` as its release in its inventory.
+fn runs(server: &Server, token: &str, dev: &Dev, id: &str, version: &str) {
+    wait_for(dev, 60, "the inventory's release_version", || {
+        admin_json(server, token, &["devices", "show", id])["inventory"]["release_version"]
+            == version
+    });
+}
+
+/// Waits for the encoding of `release` against `base` to be done; the row.
+fn encoded_row(
+    server: &Server,
+    token: &str,
+    dev: &Dev,
+    release: &str,
+    base: &str,
+) -> serde_json::Value {
+    let mut row = serde_json::Value::Null;
+    wait_for(dev, 180, "the background encoding", || {
+        let rows = admin_json(server, token, &["releases", "encodings", release]);
+        row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["base"] == base)
+            .cloned()
+            .unwrap_or_default();
+        assert_ne!(row["state"], "failed", "{row}");
+        row["state"] == "done"
+    });
+    row
+}
+
+/// Per-base encodings without an operator: a deployment queues the release
+/// against what its devices run (a device polling before it is done gets plain
+/// chunks and installs), an upload against what the fleet runs (done before the
+/// deployment: the device downloads delta records); the operator sees them
+/// (`releases encodings`, `releases show`); deleting a release prunes its
+/// encodings as base and as target, from the store and the database.
+#[test]
+fn encodings_are_made_without_an_operator_and_pruned_with_their_release() {
+    let setup = Setup::new();
+    let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
+    let v2_img = edited(&v1_img);
+    std::fs::write(setup.path("v2d.img"), &v2_img).unwrap();
+    build(&setup, "v2d.img", "2d", "v2d.shoal");
+    std::fs::write(setup.path("v0.img"), image(7, 3 << 20)).unwrap();
+    build(&setup, "v0.img", "0", "v0.shoal");
+
+    let data = setup.path("data");
+    let server = Server::start(&setup, &data, &Db::Sqlite, &["--auto-encode-bases", "2"]);
+    let token = host_token(&data, &Db::Sqlite, "admin");
+    let v0 = upload(&server, &token, &setup, "v0.shoal");
+    let v1 = upload(&server, &token, &setup, "v1.shoal");
+    // No device runs either: nothing queued.
+    assert_eq!(
+        admin_json(&server, &token, &["releases", "encodings", &v1]),
+        serde_json::json!([])
+    );
+
+    let dev = Dev::new(&setup, &server.url, "");
+    let mut daemon = dev.start();
+    let id = accept(&server, &token, &dev);
+    install(&server, &token, &dev, &mut daemon, "v0", &v0, &id);
+    runs(&server, &token, &dev, &id, "0");
+    // The deployment of v1 queues v1 against v0 (its device runs v0); the device
+    // installs a verified v1 whether or not the encoding was done by then.
+    install(&server, &token, &dev, &mut daemon, "v1", &v1, &id);
+    assert_eq!(dev.slot_bytes(Slot::A, v1_img.len()), v1_img);
+    let row = encoded_row(&server, &token, &dev, &v1, &v0);
+    assert_eq!(row["origin"], "auto", "{row}");
+    assert_eq!(row["devices"], 1, "{row}");
+    runs(&server, &token, &dev, &id, "1");
+
+    // The upload of v2 queues v2 against v1, which the fleet runs.
+    let v2 = upload(&server, &token, &setup, "v2d.shoal");
+    let row = encoded_row(&server, &token, &dev, &v2, &v1);
+    assert_eq!(row["origin"], "auto", "{row}");
+    let d12 = diff(&setup, "v1.shoal", "v2d.shoal");
+    assert_eq!(
+        row["plain_bytes"], d12["needed_stored_bytes"],
+        "{row}\n{d12}"
+    );
+    assert!(row["saving"].as_f64().unwrap() > 0.5, "{row}");
+    let shown = admin_json(&server, &token, &["releases", "show", &v2]);
+    assert_eq!(shown["encodings"][0]["base"], v1, "{shown}");
+    assert_eq!(shown["encodings"][0]["state"], "done", "{shown}");
+
+    // One record the index lists goes missing from the store (as a prune racing
+    // an encoding could leave it): the server sends that chunk plain.
+    let store = data.join("store");
+    let record_dir = std::fs::read_dir(store.join("deltas").join(&v1))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap() != "index")
+        .unwrap();
+    let lost = std::fs::read_dir(&record_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let lost_id = lost.file_name().unwrap().to_string_lossy().into_owned();
+    let lost_record = std::fs::metadata(&lost).unwrap().len();
+    let lost_plain = std::fs::metadata(store.join("chunks").join(&lost_id[..2]).join(&lost_id))
+        .unwrap()
+        .len();
+    std::fs::remove_file(&lost).unwrap();
+
+    install(&server, &token, &dev, &mut daemon, "v2", &v2, &id);
+    stop(&mut daemon);
+    assert_eq!(dev.slot_bytes(Slot::B, v2_img.len()), v2_img);
+    let log = dev.log();
+    let deltas = installed_field(&log, "delta_chunks");
+    assert_eq!(
+        deltas.last().copied(),
+        Some(row["chunks_delta"].as_u64().unwrap() - 1),
+        "{row}\n{log}"
+    );
+    let transferred = installed_field(&log, "transferred");
+    assert_eq!(
+        transferred.last().copied(),
+        Some(
+            row["encoded_bytes"].as_u64().unwrap() - lost_record
+                + lost_plain
+                + 37 * row["chunks"].as_u64().unwrap()
+        ),
+        "{row}\n{log}"
+    );
+    assert!(
+        server
+            .log()
+            .contains("a per-base delta record the index lists is missing or changed"),
+        "{}",
+        server.log()
+    );
+
+    // Deleting v1 prunes it as a base (deltas/<v1>/, v2's encodings against it)
+    // and as a target (its index against v0, and the records only it listed).
+    let before = deltas_listing(&store);
+    let has = |l: &[String], p: &str| l.iter().any(|f| f.starts_with(p));
+    assert!(
+        has(&before, &format!("deltas/{v1}/index/{v2}")),
+        "{before:?}"
+    );
+    assert!(
+        has(&before, &format!("deltas/{v0}/index/{v1}")),
+        "{before:?}"
+    );
+    assert!(has(&before, &format!("deltas/{v1}/")), "{before:?}");
+    let out = admin(&server, &token, &["releases", "delete", &v1]);
+    assert!(out.status.success(), "{out:?}");
+    let after = deltas_listing(&store);
+    assert_eq!(after, Vec::<String>::new(), "before: {before:?}");
+    assert!(!store.join("deltas").join(&v1).exists());
+    assert_eq!(
+        admin_json(&server, &token, &["releases", "encodings", &v2]),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        admin_json(&server, &token, &["releases", "encodings", &v0]),
+        serde_json::json!([])
+    );
+}

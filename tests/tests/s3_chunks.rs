@@ -3,8 +3,9 @@
 //! `pip install 'moto[server]'`, started here on a loopback port), served to a
 //! real `shoal daemon` by the server (read back from S3), then, after a restart
 //! with `--chunk-base-url` pointing into the bucket, by S3 itself with the server
-//! streaming nothing. A release deletion removes the chunks only it listed; a
-//! refused upload leaves no manifest behind.
+//! streaming nothing. A release deletion removes the chunks only it listed and its
+//! per-base encodings (listed in the bucket before and after); a refused upload
+//! leaves no manifest behind.
 
 mod device_common;
 mod server_common;
@@ -226,10 +227,28 @@ fn chunks_live_in_s3_and_devices_get_them_from_the_server_or_the_bucket() {
     );
     stop(&mut daemon);
 
-    // Deleting v1 (its deployment finished) removes its manifest and the chunks
-    // v2 does not list.
+    // Per-base encodings of v2 against v1 live in the bucket too.
+    let encoded = admin_json(&server, &token, &["releases", "encode", &v2, "--base", &v1]);
+    let deltas = moto.keys(&format!("{PREFIX}/deltas/"));
+    assert!(
+        deltas.contains(&format!("{PREFIX}/deltas/{v1}/index/{v2}")),
+        "{deltas:?}"
+    );
+    assert_eq!(
+        deltas.len() as u64,
+        1 + encoded["chunks_delta"].as_u64().unwrap(),
+        "{encoded}\n{deltas:?}"
+    );
+
+    // Deleting v1 (its deployment finished) removes its manifest, the chunks v2
+    // does not list, and every per-base encoding against it.
     let out = admin(&server, &token, &["releases", "delete", &v1]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(moto.keys(&format!("{PREFIX}/deltas/")), BTreeSet::new());
+    assert_eq!(
+        admin_json(&server, &token, &["releases", "encodings", &v2]),
+        serde_json::json!([])
+    );
     assert_eq!(
         moto.keys(&format!("{PREFIX}/manifests/")),
         BTreeSet::from([format!("{PREFIX}/manifests/{v2}.envelope")])

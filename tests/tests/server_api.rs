@@ -97,7 +97,7 @@ fn suite(db: Db) {
             routes += 1;
         }
     }
-    assert_eq!(routes, 46, "the document lists every route");
+    assert_eq!(routes, 47, "the document lists every route");
 
     // Unauthenticated: 401 with a JSON error, on both APIs.
     expect_error(http.get(m("/devices")).send().unwrap(), 401);

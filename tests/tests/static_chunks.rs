@@ -8,6 +8,10 @@
 //! - v2, with nginx serving a copy of the store that lacks one chunk v2 needs (a
 //!   CDN not yet filled): nginx answers 404 for it, the daemon asks the server
 //!   for that one chunk only, and the install completes.
+//! - Per-base encodings on the static host: a device on v1 fetches the index and
+//!   the delta records of v2 against v1 as files from nginx (a record nginx lacks
+//!   comes as its plain chunk file) and downloads fewer bytes than v2's plain
+//!   chunks.
 
 mod device_common;
 mod server_common;
@@ -305,4 +309,162 @@ fn daemon_fetches_chunks_from_nginx_and_the_server_streams_none() {
         dev.log()
     );
     stop(&mut daemon);
+}
+
+/// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
+/// every chunk there changes, little of each (per-base encodings pay).
+fn edited(v1: &[u8]) -> Vec<u8> {
+    let mut v2 = v1.to_vec();
+    let mut at = 512 * 1024;
+    let mut n = 0u32;
+    while at < (5 << 19) {
+        v2[at..at + 12].copy_from_slice(format!("edit{n:08}").as_bytes());
+        at += 16 * 1024;
+        n += 1;
+    }
+    let insert: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+    v2.splice(3 << 19..3 << 19, insert);
+    v2
+}
+
+/// Per-base encodings on the static host: the server encodes v2 against v1 in the
+/// background (the fleet runs v1), into its store; nginx serves the index and the
+/// records as files. The device on v1 fetches the index, the records (one withheld
+/// from nginx's copy: 404, so that chunk comes as its plain file), the plain chunks
+/// without a record, decodes against its running slot and installs a verified v2,
+/// with fewer bytes from nginx than v2's plain chunks and none from the server.
+#[test]
+fn a_device_on_v1_gets_per_base_encodings_from_nginx() {
+    let setup = Setup::new();
+    let data = setup.path("data");
+    let link = setup.path("static");
+    repoint(&link, &data.join("store"));
+    let nginx = Nginx::start(&setup.path("nginx"), &link);
+    let server = Server::start(
+        &setup,
+        &data,
+        &Db::Sqlite,
+        &["--chunk-base-url", &nginx.url(), "--auto-encode-bases", "2"],
+    );
+    let token = host_token(&data, &Db::Sqlite, "admin");
+    let v1 = upload(&server, &token, &setup.path("v1.shoal"));
+    let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
+    let v2_img = edited(&v1_img);
+    std::fs::write(setup.path("v2d.img"), &v2_img).unwrap();
+    build_release(setup.dir.path(), "v2d.img", "2d", "rel.pem", "v2d.shoal");
+
+    let dev = Dev::new(&setup, &server.url, "");
+    let mut daemon = dev.start();
+    let device = accept_device(&dev, &server, &token);
+    let dep1 = deploy(&server, &token, "v1", &v1, &device);
+    reboot_and_succeed(&dev, &mut daemon, &server, &token, &dep1);
+    wait_for(&dev, 60, "the inventory's release_version", || {
+        admin_json(&server, &token, &["devices", "show", &device])["inventory"]["release_version"]
+            == "1"
+    });
+
+    // The upload queues v2 against v1 (the release the fleet runs).
+    let v2 = upload(&server, &token, &setup.path("v2d.shoal"));
+    let mut row = Value::Null;
+    wait_for(&dev, 180, "the background encoding", || {
+        row = admin_json(&server, &token, &["releases", "encodings", &v2])[0].clone();
+        assert_ne!(row["state"], "failed", "{row}");
+        row["state"] == "done"
+    });
+    assert_eq!(
+        (&row["base"], &row["origin"]),
+        (&Value::from(v1.clone()), &Value::from("auto"))
+    );
+    let chunks_delta = row["chunks_delta"].as_u64().unwrap();
+    let (plain, encoded) = (
+        row["plain_bytes"].as_u64().unwrap(),
+        row["encoded_bytes"].as_u64().unwrap(),
+    );
+    assert!(chunks_delta > 2 && encoded * 2 < plain, "{row}");
+
+    // nginx serves a copy of the store lacking one record.
+    let store = data.join("store");
+    let partial = setup.path("partial-store");
+    copy_dir(&store, &partial);
+    let index_path = format!("deltas/{v1}/index/{v2}");
+    let index_len = std::fs::metadata(partial.join(&index_path)).unwrap().len();
+    assert_eq!(index_len, 36 * chunks_delta);
+    let record_dir = std::fs::read_dir(partial.join("deltas").join(&v1))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap() != "index")
+        .unwrap();
+    let withheld = std::fs::read_dir(&record_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let withheld_id = withheld.file_name().unwrap().to_string_lossy().into_owned();
+    let withheld_record = std::fs::metadata(&withheld).unwrap().len();
+    let withheld_plain = std::fs::metadata(
+        store
+            .join("chunks")
+            .join(&withheld_id[..2])
+            .join(&withheld_id),
+    )
+    .unwrap()
+    .len();
+    std::fs::remove_file(&withheld).unwrap();
+    repoint(&link, &partial);
+
+    let seen = nginx.requests().len();
+    let dep2 = deploy(&server, &token, "v2", &v2, &device);
+    reboot_and_succeed(&dev, &mut daemon, &server, &token, &dep2);
+    stop(&mut daemon);
+    assert_eq!(dev.slot_bytes(Slot::A, v2_img.len()), v2_img);
+    let log = dev.log();
+    assert_eq!(
+        installed_field(&log, "delta_chunks").last().copied(),
+        Some(chunks_delta - 1),
+        "{log}"
+    );
+    let requests = nginx.requests()[seen..].to_vec();
+    let ok_bytes = |prefix: &str| -> u64 {
+        requests
+            .iter()
+            .filter(|(m, p, s, _)| m == "GET" && p.starts_with(prefix) && *s == 200)
+            .map(|r| r.3)
+            .sum()
+    };
+    assert!(
+        requests
+            .iter()
+            .any(|(_, p, s, _)| *p == format!("/{index_path}") && *s == 200),
+        "{requests:?}"
+    );
+    assert!(
+        requests.iter().any(|(_, p, s, _)| p.ends_with(&withheld_id)
+            && p.starts_with("/deltas/")
+            && *s == 404),
+        "{requests:?}"
+    );
+    // Exactly: the records but the withheld one, its plain chunk instead, the
+    // plain chunks without a record, and the index.
+    let from_nginx = ok_bytes("/deltas/") + ok_bytes("/chunks/");
+    assert_eq!(
+        from_nginx,
+        encoded - withheld_record + withheld_plain + index_len,
+        "{row}\n{requests:?}"
+    );
+    assert!(
+        from_nginx * 2 < plain,
+        "{from_nginx} bytes from nginx with per-base encodings vs {plain} of plain chunks"
+    );
+    // The server streamed nothing.
+    assert_eq!(
+        installed_field(&log, "transferred").last().copied(),
+        Some(0),
+        "{log}"
+    );
+    assert!(
+        !server.log().contains("chunk batch served"),
+        "{}",
+        server.log()
+    );
 }

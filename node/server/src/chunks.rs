@@ -155,6 +155,13 @@ pub struct Added {
     pub chunks_present: u64,
 }
 
+/// What pruning a release's per-base encodings removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Objects (records and indexes) removed.
+    pub objects: u64,
+}
+
 /// An S3 bucket (prefix) holding the chunk store layout.
 #[derive(Debug, Clone)]
 pub struct ObjectChunks {
@@ -256,6 +263,24 @@ impl ObjectChunks {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The keys (relative to the prefix) of every object under `rel` (a directory
+    /// of the layout, ending in `/`).
+    async fn list(&self, rel: &str) -> Result<Vec<String>, ChunksError> {
+        use futures_util::TryStreamExt;
+        let dir = self.key(rel.trim_end_matches('/'));
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&dir)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_owned))
+            .collect())
     }
 
     /// Verifies an artifact against `root` and writes what the bucket lacks, chunks
@@ -498,6 +523,26 @@ impl Chunks {
         self.read_rel(&delta_key(base, id), Self::DELTA_MAX).await
     }
 
+    /// A per-base delta record's size, or `None` if there is none.
+    pub async fn delta_size(
+        &self,
+        base: &[u8; 32],
+        id: &ChunkId,
+    ) -> Result<Option<u64>, ChunksError> {
+        let rel = delta_key(base, id);
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(&rel);
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(ChunksError::Io { path, source }),
+                }
+            }
+            Chunks::Object(o) => o.size(&rel).await,
+        }
+    }
+
     /// The per-base encoding index of release `release` against base `base`: which
     /// chunks have a delta record, and each record's length (see [`DeltaIndex`]).
     pub async fn delta_index(
@@ -597,6 +642,137 @@ impl Chunks {
         }
     }
 
+    /// Removes every per-base encoding involving release `hash` (issue 12), as base
+    /// and as target. Blocking. As a base: all of `deltas/<hash>/`. As a target,
+    /// for each base B: `deltas/B/index/<hash>` first (a release has encodings
+    /// exactly when its index exists), then the records it listed that no other
+    /// index of B lists (records are shared by releases with the same chunk).
+    pub fn prune_encodings_blocking(&self, hash: &[u8; 32]) -> Result<Pruned, ChunksError> {
+        let rt = tokio::runtime::Handle::current();
+        let mine = hex::encode(hash);
+        let keys = self.list_rel_blocking(&rt, "deltas/")?;
+        let mut out = Pruned::default();
+        // deltas/<base>/... grouped by base.
+        let mut by_base: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for k in &keys {
+            let mut parts = k.splitn(3, '/');
+            if let (Some("deltas"), Some(base), Some(_)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                by_base.entry(base).or_default().push(k);
+            }
+        }
+        for (base, keys) in by_base {
+            if base == mine {
+                for k in keys {
+                    self.delete_rel_blocking(&rt, k)?;
+                    out.objects += 1;
+                }
+                if let Chunks::Dir(s) = self {
+                    let dir = s.dir().join("deltas").join(base);
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => return Err(ChunksError::Io { path: dir, source }),
+                    }
+                }
+                continue;
+            }
+            let index_prefix = format!("deltas/{base}/index/");
+            let my_index = format!("{index_prefix}{mine}");
+            if !keys.contains(&my_index.as_str()) {
+                continue;
+            }
+            let listed = match rt.block_on(self.read_rel(&my_index, Self::DELTA_INDEX_MAX))? {
+                Some(b) => crate::encodings::parse_index(&b).unwrap_or_default(),
+                None => Default::default(),
+            };
+            self.delete_rel_blocking(&rt, &my_index)?;
+            out.objects += 1;
+            let mut kept = HashSet::new();
+            for other in keys.iter().filter(|k| k.starts_with(&index_prefix)) {
+                if *other == my_index {
+                    continue;
+                }
+                if let Some(b) = rt.block_on(self.read_rel(other, Self::DELTA_INDEX_MAX))? {
+                    match crate::encodings::parse_index(&b) {
+                        Some(i) => kept.extend(i.into_keys()),
+                        // Unreadable: keep every record of this base.
+                        None => {
+                            kept.extend(listed.keys().copied());
+                        }
+                    }
+                }
+            }
+            let base_hash: [u8; 32] = match hex::decode(base).ok().and_then(|b| b.try_into().ok()) {
+                Some(b) => b,
+                None => continue,
+            };
+            for id in listed.keys().filter(|id| !kept.contains(*id)) {
+                self.delete_rel_blocking(&rt, &delta_key(&base_hash, id))?;
+                out.objects += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every object's relative key under `rel` (a directory of the layout ending
+    /// in `/`; none if it does not exist). Blocking.
+    fn list_rel_blocking(
+        &self,
+        rt: &tokio::runtime::Handle,
+        rel: &str,
+    ) -> Result<Vec<String>, ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let mut out = Vec::new();
+                let mut todo = vec![rel.trim_end_matches('/').to_owned()];
+                while let Some(d) = todo.pop() {
+                    let path = s.dir().join(&d);
+                    let entries = match std::fs::read_dir(&path) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(source) => return Err(ChunksError::Io { path, source }),
+                    };
+                    for e in entries {
+                        let e = e.map_err(|source| ChunksError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let child = format!("{d}/{name}");
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            todo.push(child);
+                        } else {
+                            out.push(child);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Chunks::Object(o) => rt.block_on(o.list(rel)),
+        }
+    }
+
+    /// Removes an object of the layout (absent is fine). Blocking.
+    fn delete_rel_blocking(
+        &self,
+        rt: &tokio::runtime::Handle,
+        rel: &str,
+    ) -> Result<(), ChunksError> {
+        match self {
+            Chunks::Dir(s) => {
+                let path = s.dir().join(rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(ChunksError::Io { path, source }),
+                }
+            }
+            Chunks::Object(o) => rt.block_on(o.delete(rel)),
+        }
+    }
+
     /// Removes a release's manifest. Blocking.
     pub fn remove_manifest_blocking(&self, hash: &[u8; 32]) -> Result<(), ChunksError> {
         match self {
@@ -685,5 +861,93 @@ mod tests {
             S3Url::parse("s3://fleet/a/../b"),
             Err(ChunksUrlError::Prefix { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    fn listing(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.join("deltas")];
+        while let Some(d) = todo.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.map(Result::unwrap) {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn index(ids: &[ChunkId]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|i| i.as_bytes().iter().copied().chain(100u32.to_be_bytes()))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deleting_a_release_prunes_its_encodings_as_base_and_as_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Chunks::Dir(ChunkStore::open(dir.path()).unwrap());
+        let (v1, v2, v3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let (shared, only2, only3, on2) = (
+            ChunkId([0xaa; 32]),
+            ChunkId([0xbb; 32]),
+            ChunkId([0xcc; 32]),
+            ChunkId([0xdd; 32]),
+        );
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            // v2 and v3 encoded against v1 (sharing a record), v3 against v2.
+            for id in [shared, only2, only3] {
+                s.put_delta_blocking(&v1, &id, vec![1; 9]).unwrap();
+            }
+            s.put_delta_index_blocking(&v1, &v2, index(&[shared, only2]))
+                .unwrap();
+            s.put_delta_index_blocking(&v1, &v3, index(&[shared, only3]))
+                .unwrap();
+            s.put_delta_blocking(&v2, &on2, vec![1; 9]).unwrap();
+            s.put_delta_index_blocking(&v2, &v3, index(&[on2])).unwrap();
+        })
+        .await
+        .unwrap();
+        let before = listing(dir.path());
+        assert_eq!(before.len(), 7, "{before:?}");
+
+        // v2 goes: deltas/<v2>/ whole, its index against v1 and the record only it
+        // listed; the record it shares with v3 stays.
+        let s = store.clone();
+        let pruned = tokio::task::spawn_blocking(move || s.prune_encodings_blocking(&v2))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = hex::encode;
+        let after = listing(dir.path());
+        assert_eq!(
+            after,
+            vec![
+                format!("deltas/{}/aa/{}", h(v1), shared.to_hex()),
+                format!("deltas/{}/cc/{}", h(v1), only3.to_hex()),
+                format!("deltas/{}/index/{}", h(v1), h(v3)),
+            ],
+            "{before:?}"
+        );
+        assert_eq!(pruned.objects, 4);
+        assert!(!dir.path().join("deltas").join(h(v2)).exists());
+        // v1 goes: nothing is left.
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.prune_encodings_blocking(&v1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(listing(dir.path()).is_empty());
     }
 }

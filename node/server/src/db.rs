@@ -95,6 +95,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "poll view",
         include_str!("../migrations/sqlite/0005_poll_view.sql"),
     ),
+    (
+        6,
+        "encodings",
+        include_str!("../migrations/sqlite/0006_encodings.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -122,6 +127,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "poll view",
         include_str!("../migrations/postgres/0005_poll_view.sql"),
+    ),
+    (
+        6,
+        "encodings",
+        include_str!("../migrations/postgres/0006_encodings.sql"),
     ),
 ];
 

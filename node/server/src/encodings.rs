@@ -2,7 +2,9 @@
 //! the bytes of a base release devices run, so a device on that base downloads
 //! about what a thin delta artifact holds instead of every changed chunk whole.
 //!
-//! **Where they come from.** An operator asks for them
+//! **Where they come from.** The server queues them itself when a release is
+//! uploaded or deployed, against the releases its devices run, and encodes them in
+//! the background ([`crate::encode_jobs`]); an operator may also ask for them
 //! (`POST /api/management/v1/releases/{id}/encodings` with `{"base": ID}`, or
 //! `shoal admin release encode ID --base BASE`), typically for each release the
 //! fleet runs (the delta preview lists them). The server rebuilds the base's
@@ -44,9 +46,6 @@ pub static ENCODING: Mutex<()> = Mutex::new(());
 
 /// Chunks encoded together (fetched, then encoded on all cores).
 const BATCH: usize = 64;
-
-/// Bytes of one index entry: the chunk id and the record's length.
-const INDEX_ENTRY: usize = 36;
 
 /// Why a release could not be encoded against a base.
 #[derive(Debug, thiserror::Error)]
@@ -254,22 +253,15 @@ fn decode(
 pub type DeltaIndex = HashMap<ChunkId, u32>;
 
 /// Parses an index (`deltas/<base>/index/<release>`): 36-byte entries, the chunk
-/// id then the record's length (`u32` BE). `None` when it is malformed.
+/// id then the record's length (`u32` BE), with the checks a device makes
+/// ([`shoal_artifact::delta_record::parse_index`]). `None` when it is malformed.
 pub fn parse_index(bytes: &[u8]) -> Option<DeltaIndex> {
-    if !bytes.len().is_multiple_of(INDEX_ENTRY) {
-        return None;
-    }
-    Some(
-        bytes
-            .chunks_exact(INDEX_ENTRY)
-            .map(|e| {
-                (
-                    ChunkId(e[..32].try_into().expect("32 bytes")),
-                    u32::from_be_bytes(e[32..].try_into().expect("4 bytes")),
-                )
-            })
-            .collect(),
+    shoal_artifact::delta_record::parse_index(
+        bytes,
+        usize::MAX,
+        u32::try_from(Chunks::DELTA_MAX).unwrap_or(u32::MAX),
     )
+    .ok()
 }
 
 /// How long the absence of an index is believed (another server process on the
@@ -328,6 +320,13 @@ impl IndexCache {
             m.insert(key, (Instant::now(), v.clone()));
         }
         Ok(v)
+    }
+
+    /// Forgets what is known of `hash` as a release or as a base (a deletion).
+    pub fn forget_involving(&self, hash: &[u8; 32]) {
+        if let Ok(mut m) = self.map.lock() {
+            m.retain(|(b, r), _| r != hash && b != hash);
+        }
     }
 
     /// Forgets what is known of `release` (after an encoding or a deletion).

@@ -36,6 +36,7 @@ use sqlx::AnyPool;
 
 pub mod chunks;
 pub mod db;
+pub mod encode_jobs;
 pub mod encodings;
 pub mod filter;
 pub mod http;
@@ -79,6 +80,9 @@ pub struct Config {
     pub timer_period_ms: u64,
     /// Fleet membership credentials issued to accepted devices, if any.
     pub fleet: Option<FleetIssuer>,
+    /// Per-base encodings queued automatically per release, against the releases
+    /// most of its devices run ([`encode_jobs`]); 0 turns them off.
+    pub auto_encode_bases: usize,
 }
 
 /// What the server signs LAN membership credentials with: a fleet key the trust
@@ -150,6 +154,12 @@ pub struct Context {
     /// This server's view of which devices may have something to do and which
     /// were revoked ([`view`]), refreshed by [`view::run`].
     pub view: view::View,
+    /// Per-base encodings queued automatically per release ([`encode_jobs`]).
+    pub auto_encode_bases: usize,
+    /// Wakes this server's encoding worker when an encoding is queued.
+    pub encode_wake: tokio::sync::Notify,
+    /// This server process's name in encoding leases (random).
+    pub worker_id: String,
 }
 
 /// The shared context handlers get.
@@ -224,6 +234,9 @@ pub async fn open(config: &Config) -> Result<Ctx, ServeError> {
         last_seen: last_seen::LastSeen::default(),
         tokens,
         view: view::View::default(),
+        auto_encode_bases: config.auto_encode_bases,
+        encode_wake: tokio::sync::Notify::new(),
+        worker_id: db::random_hex(8),
     }))
 }
 
@@ -265,6 +278,9 @@ pub async fn serve(
     // The fleet view, refreshed from the database's change log.
     let stop_view = tokio_util::sync::CancellationToken::new();
     let view = tokio::spawn(view::run(ctx.clone(), stop_view.clone()));
+    // Per-base encodings, one at a time, claimed through the database.
+    let stop_encode = tokio_util::sync::CancellationToken::new();
+    let encode = tokio::spawn(encode_jobs::run(ctx.clone(), stop_encode.clone()));
     let served = match tls {
         None => axum::serve(
             listener,
@@ -290,6 +306,8 @@ pub async fn serve(
     };
     timers.abort();
     let _ = timers.await;
+    stop_encode.cancel();
+    let _ = encode.await;
     stop_view.cancel();
     let _ = view.await;
     // What the last period noted is written before the pool closes.
@@ -328,6 +346,7 @@ mod tests {
             max_connections: 2,
             timer_period_ms: 1000,
             fleet: None,
+            auto_encode_bases: 3,
         };
         open(&config).await.expect("open")
     }

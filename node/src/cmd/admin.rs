@@ -192,6 +192,13 @@ enum Releases {
         /// The release id.
         id: String,
     },
+    /// The release's per-base encodings: each base's state (queued, running,
+    /// done, failed), whether the server queued it (auto) or an operator asked,
+    /// the figures and the saving.
+    Encodings {
+        /// The release id.
+        id: String,
+    },
     /// Delta-encode the release's changed chunks against a base release, so
     /// devices running the base download those (per-base encodings); prints what a
     /// device on the base downloads, plain and encoded. Runs on the server (one
@@ -563,7 +570,30 @@ async fn execute(c: &Client, command: Command) -> anyhow::Result<(Value, View)> 
                     .body(body);
                 (c.send(req).await?, View::Object)
             }
-            Releases::Show { id } => (c.get(&format!("/releases/{id}")).await?, View::Object),
+            Releases::Show { id } => {
+                let mut v = c.get(&format!("/releases/{id}")).await?;
+                let e = c.get(&format!("/releases/{id}/encodings")).await?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("encodings".into(), e);
+                }
+                (v, View::Object)
+            }
+            Releases::Encodings { id } => (
+                c.get(&format!("/releases/{id}/encodings")).await?,
+                View::Table(&[
+                    "base",
+                    "base_name",
+                    "base_version",
+                    "state",
+                    "origin",
+                    "devices",
+                    "chunks_delta",
+                    "plain_bytes",
+                    "encoded_bytes",
+                    "saving",
+                    "error",
+                ]),
+            ),
             Releases::Delete { id } => (
                 c.call(Method::DELETE, &format!("/releases/{id}"), None)
                     .await?,

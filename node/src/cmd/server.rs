@@ -63,6 +63,11 @@ struct RunArgs {
     /// URL/dictionaries/<8 hex> from it instead of the server.
     #[arg(long, value_name = "URL")]
     chunk_base_url: Option<String>,
+    /// Per-base encodings made without an operator: a release uploaded, or
+    /// deployed, is delta-encoded in the background against at most N of the
+    /// releases most of its devices run (0: only those an operator asks for).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    auto_encode_bases: usize,
     /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -218,6 +223,7 @@ fn serve(args: RunArgs, ui: &Ui) -> anyhow::Result<()> {
             .map(|b| b.as_str().to_owned()),
         max_connections: args.db_connections.max(1),
         timer_period_ms: args.timer_period_ms,
+        auto_encode_bases: args.auto_encode_bases,
     };
     let scheme = if config.tls.is_some() {
         "https"

@@ -26,8 +26,19 @@
 //! not decode to the chunk; a malformed record), or a server that refuses the field
 //! (older than per-base encodings), turns deltas off for the rest of the deployment
 //! with an error in the log: the request is retried and gets plain chunks, so
-//! deltas never make an update fail that plain chunks would carry. With a static chunk host, chunks come
-//! plain from it (a static host serves content-addressed objects only).
+//! deltas never make an update fail that plain chunks would carry.
+//!
+//! **Per-base encodings on a static chunk host.** The chunk store lays them out
+//! as files too: `BASE/deltas/<base>/index/<release>` lists the chunks of the
+//! release that have a record against the base and each record's length
+//! ([`shoal_artifact::delta_record::parse_index`]; untrusted bytes, bounded by the
+//! release's chunk count), `BASE/deltas/<base>/<2 hex>/<64 hex>` holds a record.
+//! With a static host and a known running release, the index is fetched once per
+//! deployment (none, 404: plain chunk files as before); a chunk it lists is fetched
+//! as its record and decoded against the running slot as above, and a record the
+//! host lacks (404/410) is fetched as the plain chunk file. A record that fails
+//! (its length, its format, the reference's hash, the decoded chunk's id) turns
+//! deltas off and the chunk comes plain from the static host at once.
 //!
 //! [`Output::Fetch`]: shoal_engine::Output::Fetch
 
@@ -80,6 +91,9 @@ struct Shared {
     delta: Option<DeltaBase>,
     /// Chunks that came delta-encoded, and their bytes on the wire.
     delta_chunks: AtomicU64,
+    /// The static host's index of per-base encodings (fetched once; `None`:
+    /// there is none, or it was refused).
+    static_index: std::sync::OnceLock<Option<HashMap<ChunkId, u32>>>,
 }
 
 /// The release the running slot holds, named to the server so it may send chunks
@@ -87,6 +101,9 @@ struct Shared {
 pub struct DeltaBase {
     /// Its manifest hash.
     pub hash: [u8; 32],
+    /// The manifest hash of the release being installed (names its per-base
+    /// encoding index on a static host).
+    pub release: [u8; 32],
     /// The running slot, read for references.
     pub references: Mutex<crate::device::References>,
     /// Set when deltas are off for this deployment (see the module doc).
@@ -207,6 +224,7 @@ impl HttpRequests {
             aborted: AtomicBool::new(false),
             delta,
             delta_chunks: AtomicU64::new(0),
+            static_index: std::sync::OnceLock::new(),
         });
         let (stop_tx, stop_rx) = channel::<()>();
         let beat = {
@@ -482,6 +500,19 @@ fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(A
             }
             continue;
         };
+        if let Some(len) = static_delta_index(shared, base).and_then(|i| i.get(&id)) {
+            match static_delta(shared, base, &id, *len, chunk) {
+                StaticDelta::Chunk(v) => {
+                    sent += 1;
+                    if !deliver(Answer::Chunk(v)) {
+                        return;
+                    }
+                    continue;
+                }
+                StaticDelta::Plain => {}
+                StaticDelta::Retry => return failed(FetchFailure::RetryLater),
+            }
+        }
         let url = base.chunk(&id);
         let resp = match shared.api.client().get(&url).send() {
             Ok(r) => r,
@@ -551,6 +582,147 @@ fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(A
             },
             deliver,
         );
+    }
+}
+
+/// The static host's index of the release's per-base encodings against the
+/// running release, fetched on first use; `None` while deltas are off, when
+/// there is no base, no index (404/410), or it was refused (logged).
+fn static_delta_index<'a>(
+    shared: &'a Shared,
+    base: &StaticBase,
+) -> Option<&'a HashMap<ChunkId, u32>> {
+    let d = shared.delta.as_ref()?;
+    if d.off.load(Ordering::Relaxed) {
+        return None;
+    }
+    shared
+        .static_index
+        .get_or_init(|| {
+            let url = base.delta_index(&d.hash, &d.release);
+            let resp = match shared.api.client().get(&url).send() {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%url, error = %crate::cmd::chain(&e), "cannot fetch the per-base encoding index; fetching plain chunks");
+                    return None;
+                }
+            };
+            let status = resp.status();
+            if !status.is_success() {
+                if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+                    debug!(%url, "the static chunk host has no per-base encodings for the running release");
+                } else {
+                    warn!(%url, %status, "the static chunk host refused the per-base encoding index; fetching plain chunks");
+                }
+                return None;
+            }
+            let max = (shared.refs.len() * shoal_artifact::delta_record::INDEX_ENTRY) as u64;
+            let bytes = match read_counted(resp, max, &shared.static_bytes) {
+                Ok(b) => b,
+                Err(StaticRead::TooLarge) => {
+                    tracing::error!(%url, max, "the per-base encoding index is larger than the release's chunks allow; fetching plain chunks");
+                    return None;
+                }
+                Err(StaticRead::Io(e)) => {
+                    warn!(%url, error = %e, "reading the per-base encoding index failed; fetching plain chunks");
+                    return None;
+                }
+            };
+            match shoal_artifact::delta_record::parse_index(
+                &bytes,
+                shared.refs.len(),
+                STORED_MAX + DELTA_RECORD_OVERHEAD,
+            ) {
+                Ok(i) => {
+                    tracing::info!(%url, chunks = i.len(), "per-base encodings on the static chunk host");
+                    Some(i)
+                }
+                Err(e) => {
+                    tracing::error!(%url, error = %e, "malformed per-base encoding index on the static chunk host; fetching plain chunks");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Bytes a delta record may have beyond its frame (header, 4 ranges, hash).
+const DELTA_RECORD_OVERHEAD: u32 = 128;
+
+/// What fetching a chunk's delta record from the static host gave.
+enum StaticDelta {
+    /// The chunk, decoded against the running slot and verified.
+    Chunk(shoal_artifact::VerifiedChunk),
+    /// Fetch the plain chunk file instead (no record there, or it failed: then
+    /// deltas are off).
+    Plain,
+    /// The host failed transiently: the request is retried.
+    Retry,
+}
+
+/// Fetches chunk `id`'s delta record (of `len` bytes, as the index says) from the
+/// static host and decodes it against the running slot.
+fn static_delta(
+    shared: &Shared,
+    base: &StaticBase,
+    id: &ChunkId,
+    len: u32,
+    chunk: &ChunkRef,
+) -> StaticDelta {
+    let Some(d) = &shared.delta else {
+        return StaticDelta::Plain;
+    };
+    let url = base.delta(&d.hash, id);
+    let resp = match shared.api.client().get(&url).send() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%url, error = %crate::cmd::chain(&e), "static delta record request failed");
+            return StaticDelta::Retry;
+        }
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+        return StaticDelta::Plain;
+    }
+    if !status.is_success() {
+        warn!(%url, %status, "static chunk host refused a delta record");
+        return if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            StaticDelta::Retry
+        } else {
+            StaticDelta::Plain
+        };
+    }
+    let bad = |message: String| {
+        tracing::error!(%url, %message, "cannot decode a delta-encoded chunk from the static chunk host; fetching plain chunks");
+        shared.deltas_off();
+        StaticDelta::Plain
+    };
+    let bytes = match read_counted(resp, u64::from(len), &shared.static_bytes) {
+        Ok(b) if b.len() == len as usize => b,
+        Ok(b) => {
+            return bad(format!(
+                "the record is {} bytes, the index says {len}",
+                b.len()
+            ));
+        }
+        Err(StaticRead::TooLarge) => {
+            return bad(format!(
+                "the record is longer than the {len} bytes the index says"
+            ));
+        }
+        Err(StaticRead::Io(e)) => {
+            warn!(%url, error = %e, "reading a static delta record failed");
+            return StaticDelta::Retry;
+        }
+    };
+    let record = match shoal_artifact::delta_record::DeltaRecord::parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string()),
+    };
+    match decode_delta(shared, &record, chunk) {
+        Ok(v) => StaticDelta::Chunk(v),
+        Err(Undecoded::Reference(m) | Undecoded::Corrupt(m)) => bad(m),
+        Err(Undecoded::Dictionary(e)) => bad(e.to_string()),
     }
 }
 
@@ -925,6 +1097,7 @@ mod tests {
             aborted: AtomicBool::new(false),
             delta: None,
             delta_chunks: AtomicU64::new(0),
+            static_index: std::sync::OnceLock::new(),
         }
     }
 
@@ -1058,10 +1231,12 @@ mod tests {
             aborted: AtomicBool::new(false),
             delta: Some(DeltaBase {
                 hash: [1; 32],
+                release: [2; 32],
                 references: Mutex::new(references),
                 off: AtomicBool::new(false),
             }),
             delta_chunks: AtomicU64::new(0),
+            static_index: std::sync::OnceLock::new(),
         };
         (shared, slot)
     }

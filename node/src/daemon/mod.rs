@@ -677,6 +677,7 @@ impl Daemon {
                 ) {
                     Ok(references) => Some(fetch::DeltaBase {
                         hash: r.manifest_hash,
+                        release: manifest.hash(),
                         references: std::sync::Mutex::new(references),
                         off: std::sync::atomic::AtomicBool::new(false),
                     }),

@@ -191,6 +191,14 @@ impl Server {
             .arg(setup.path("root.shoalroot"))
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
+            // Tests count exact bytes of plain chunks: per-base encodings made in
+            // the background only where a test asks for them.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--auto-encode-bases")))
+                    .then_some(["--auto-encode-bases", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("SHOAL_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

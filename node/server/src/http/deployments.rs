@@ -286,6 +286,13 @@ pub async fn create(
     view::record(&mut tx, &[view::Change::Deployment(&id)]).await?;
     tx.commit().await?;
     view::refresh_after_commit(&ctx).await;
+    // Per-base encodings of the release against what its devices run, in the
+    // background: a device polling before one is done gets plain chunks.
+    if let Err(e) =
+        crate::encode_jobs::plan(&ctx, &release.id, targets.iter().map(|d| &d.inventory)).await
+    {
+        tracing::warn!(deployment = %id, error = %e, "cannot queue per-base encodings");
+    }
     Ok((StatusCode::CREATED, axum::Json(get_one(&ctx, &id).await?)))
 }
 

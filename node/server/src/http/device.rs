@@ -573,8 +573,8 @@ pub async fn chunks(
         }
         wanted.push(cid);
     }
-    // The release's encodings against the device's base, if an operator made them
-    // (an unknown base, or none made: every chunk plain).
+    // The release's encodings against the device's base, if they were made (an
+    // unknown base, or none made yet: every chunk plain).
     let index = match &base {
         Some(b) => ctx
             .encodings
@@ -588,10 +588,22 @@ pub async fn chunks(
     let sized: Vec<(ChunkId, Frame)> = futures_util::stream::iter(wanted)
         .map(|cid| {
             let store = ctx.store.clone();
-            let delta = index.as_ref().and_then(|i| i.get(&cid).copied());
+            let delta = index
+                .as_ref()
+                .and_then(|i| i.get(&cid).copied())
+                .zip(base);
             async move {
-                if let Some(len) = delta {
-                    return Ok((cid, Frame::Delta(len)));
+                // A record the index lists is measured too: one pruned by a
+                // deletion racing an encoding is sent plain, not promised.
+                if let Some((len, b)) = delta {
+                    let stored = store
+                        .delta_size(&b, &cid)
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("delta record {cid}: {e}")))?;
+                    if stored == Some(u64::from(len)) {
+                        return Ok((cid, Frame::Delta(len)));
+                    }
+                    tracing::warn!(chunk = %cid, expected = len, stored = ?stored, "a per-base delta record the index lists is missing or changed; sending the plain chunk");
                 }
                 let len = store
                     .chunk_size(&cid)

@@ -84,6 +84,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/management/v1/releases/{id}"),
     ("GET", "/api/management/v1/releases/{id}/delta"),
     ("POST", "/api/management/v1/releases/{id}/encodings"),
+    ("GET", "/api/management/v1/releases/{id}/encodings"),
     ("GET", "/api/management/v1/deployments"),
     ("POST", "/api/management/v1/deployments"),
     ("GET", "/api/management/v1/deployments/{id}"),
@@ -172,7 +173,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route(&format!("{m}/releases/{{id}}/delta"), get(releases::delta))
         .route(
             &format!("{m}/releases/{{id}}/encodings"),
-            post(releases::encode),
+            post(releases::encode).get(releases::encodings),
         )
         .route(
             &format!("{m}/deployments"),

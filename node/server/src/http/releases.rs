@@ -214,6 +214,18 @@ pub async fn upload(
     .await?;
     tx.commit().await?;
     tracing::info!(release = %id, name = %m.name, version = %m.version, chunks_added = report.chunks_added, "release uploaded");
+    // Per-base encodings against the releases most of the fleet runs, in the
+    // background (devices polling before they are done get plain chunks).
+    match super::devices::load(&ctx, Some("accepted")).await {
+        Ok(devices) => {
+            if let Err(e) =
+                crate::encode_jobs::plan(&ctx, &id, devices.iter().map(|d| &d.inventory)).await
+            {
+                tracing::warn!(release = %id, error = %e, "cannot queue per-base encodings");
+            }
+        }
+        Err(e) => tracing::warn!(release = %id, error = ?e, "cannot queue per-base encodings"),
+    }
     Ok((StatusCode::CREATED, axum::Json(get_one(&ctx, &id).await?)))
 }
 
@@ -247,6 +259,11 @@ pub async fn delete(
             ids.join(", ")
         )));
     }
+    // Its per-base encodings, as target and as base (their store objects below).
+    sqlx::query("DELETE FROM encodings WHERE release_id = $1 OR base_id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM releases WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)
@@ -268,7 +285,7 @@ pub async fn delete(
     tx.commit().await?;
     // Collect the chunks only this release listed.
     let c = ctx.clone();
-    let removed = tokio::task::spawn_blocking(move || -> ApiResult<usize> {
+    let removed = tokio::task::spawn_blocking(move || -> ApiResult<(usize, u64)> {
         let gone = c
             .releases
             .load(&c.store, &c.root, &id)
@@ -293,14 +310,20 @@ pub async fn delete(
             .store
             .remove_chunks_blocking(gone.chunks.keys().filter(|k| !keep.contains(*k)))
             .map_err(|e| ApiError::Internal(format!("removing chunks: {e}")))?;
+        // Its per-base encodings (as base and as target), after the manifest.
+        let pruned = c
+            .store
+            .prune_encodings_blocking(&hash.0)
+            .map_err(|e| ApiError::Internal(format!("removing per-base encodings: {e}")))?;
         c.releases.forget(&id);
-        c.encodings.forget(&hash.0);
-        Ok(removed)
+        c.encodings.forget_involving(&hash.0);
+        Ok((removed, pruned.objects))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     drop(guard);
-    tracing::info!(release = %release.id, chunks_removed = removed, "release deleted");
+    let (removed, encodings_removed) = removed;
+    tracing::info!(release = %release.id, chunks_removed = removed, encodings_removed, "release deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -456,6 +479,7 @@ pub async fn encode(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
+    crate::encode_jobs::record_operator(&ctx.db, &id, &req.base, &encoded).await?;
     let mut tx = ctx.db.begin().await?;
     audit(
         &mut tx,
@@ -472,4 +496,16 @@ pub async fn encode(
         base: req.base,
         encoded,
     }))
+}
+
+/// `GET /releases/{id}/encodings`: the release's per-base encodings
+/// ([`crate::encode_jobs`]), queued, running, done or failed.
+pub async fn encodings(
+    State(ctx): State<Ctx>,
+    auth: ApiAuth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<Vec<crate::encode_jobs::EncodingRow>>> {
+    auth.require(Role::Viewer)?;
+    get_one(&ctx, &id).await?;
+    Ok(axum::Json(crate::encode_jobs::list(&ctx.db, &id).await?))
 }
