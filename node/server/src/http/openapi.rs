@@ -1,6 +1,7 @@
-//! The OpenAPI 3.1 document, `openapi.json` beside this file, written by
-//! `node/server/tools/openapi.py` (edit that and rerun it, as its header says);
-//! a test checks it describes exactly the routes in [`super::ROUTES`].
+//! The OpenAPI 3.1 document, `openapi.json` beside this file, edited by hand (the
+//! Python generator it once came from fell behind the document and was removed);
+//! a test checks it describes exactly the routes in [`super::ROUTES`], and
+//! `server_api::schemathesis_against_openapi` runs it against a real server.
 
 use axum::http::header;
 use axum::response::IntoResponse;
