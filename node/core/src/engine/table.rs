@@ -37,8 +37,10 @@ pub(crate) struct ChunkTable {
     first: Vec<u32>,
     /// By position: its entry.
     entry_of: Vec<u32>,
-    /// By position: the next position of the same entry, or [`NONE`].
-    next: Vec<u32>,
+    /// `(entry, its positions after the first, in order)` for each entry with
+    /// several positions, sorted by entry: most chunks appear once, so this
+    /// costs 4 bytes a repeated position instead of 4 bytes every position.
+    more: Vec<(u32, Box<[u32]>)>,
     /// Byte offset in the payload of every [`OFFSET_STRIDE`]th position (see
     /// [`ChunkTable::offset_at`]).
     offsets: Vec<u64>,
@@ -69,7 +71,7 @@ impl ChunkTable {
             list: Vec::new(),
             first: Vec::new(),
             entry_of: Vec::with_capacity(n),
-            next: vec![NONE; n],
+            more: Vec::new(),
             offsets: Vec::with_capacity(n.div_ceil(OFFSET_STRIDE)),
             by_id: Vec::new(),
             repeats: Vec::new(),
@@ -85,10 +87,12 @@ impl ChunkTable {
         });
         // first_of[p]: the first position with p's id (linking each run).
         let mut first_of = vec![NONE; n];
+        // (first position, later positions) of each id that repeats.
+        let mut later: Vec<(u32, Box<[u32]>)> = Vec::new();
         for group in order.chunk_by(|&a, &b| chunks[a as usize].id == chunks[b as usize].id) {
             let first = group[0];
-            for w in group.windows(2) {
-                t.next[w[0] as usize] = w[1];
+            if group.len() > 1 {
+                later.push((first, group[1..].into()));
             }
             for &p in group {
                 first_of[p as usize] = first;
@@ -122,12 +126,16 @@ impl ChunkTable {
             .collect();
         drop(order);
         t.list = list;
-        for e in 0..t.entries() {
-            if t.next[t.first[e as usize] as usize] != NONE {
-                let more: Arc<[u64]> = t.positions_of(e).skip(1).map(|p| t.offset_at(p)).collect();
-                t.repeats.push((e, more));
-            }
-        }
+        t.more = later
+            .into_iter()
+            .map(|(first, rest)| (t.entry_of[first as usize], rest))
+            .collect();
+        t.more.sort_unstable_by_key(|&(e, _)| e);
+        t.repeats = t
+            .more
+            .iter()
+            .map(|(e, rest)| (*e, rest.iter().map(|&p| t.offset_at(p)).collect()))
+            .collect();
         t
     }
 
@@ -206,25 +214,19 @@ impl ChunkTable {
 
     /// The entry's positions, in payload order.
     pub(crate) fn positions_of(&self, e: u32) -> impl Iterator<Item = u32> + '_ {
-        let mut p = self.first[e as usize];
-        std::iter::from_fn(move || {
-            if p == NONE {
-                return None;
-            }
-            let here = p;
-            p = self.next[p as usize];
-            Some(here)
-        })
+        let more: &[u32] = match self.more.binary_search_by_key(&e, |&(r, _)| r) {
+            Ok(k) => &self.more[k].1,
+            Err(_) => &[],
+        };
+        std::iter::once(self.first[e as usize]).chain(more.iter().copied())
     }
 
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.list.capacity() * std::mem::size_of::<ChunkRef>()
-            + (self.first.capacity()
-                + self.entry_of.capacity()
-                + self.next.capacity()
-                + self.by_id.capacity() * 2)
-                * 4
+            + (self.first.capacity() + self.entry_of.capacity() + self.by_id.capacity() * 2) * 4
+            + self.more.capacity() * std::mem::size_of::<(u32, Box<[u32]>)>()
+            + self.more.iter().map(|(_, r)| r.len() * 4).sum::<usize>()
             + self.offsets.capacity() * 8
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
             + self
@@ -335,6 +337,12 @@ mod tests {
         assert_eq!(t.first_offset(repeated), want[3]);
         let more: Vec<u64> = (10..n).step_by(7).map(|p| want[p]).collect();
         assert_eq!(t.repeat_offsets(repeated).map(|r| r.to_vec()), Some(more));
+        // Its positions, from the sparse list of repeats; one that appears once.
+        let positions: Vec<u32> = (3..n as u32).step_by(7).collect();
+        assert_eq!(t.positions_of(repeated).collect::<Vec<_>>(), positions);
+        let once = t.entry(&id(4)).expect("appears once");
+        assert_eq!(t.positions_of(once).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(t.more.len(), 1, "only the repeated entry is listed");
     }
 
     #[test]
