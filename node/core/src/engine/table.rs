@@ -41,6 +41,9 @@ pub(crate) struct ChunkTable {
     /// several positions, sorted by entry: most chunks appear once, so this
     /// costs 4 bytes a repeated position instead of 4 bytes every position.
     more: Vec<(u32, Box<[u32]>)>,
+    /// A bit an entry: set when it is in `more` (so the entries that appear once,
+    /// nearly all, are told without a search: the offer asks of every entry).
+    repeated: Vec<u64>,
     /// Byte offset in the payload of every [`OFFSET_STRIDE`]th position (see
     /// [`ChunkTable::offset_at`]).
     offsets: Vec<u64>,
@@ -72,6 +75,7 @@ impl ChunkTable {
             first: Vec::new(),
             entry_of: Vec::with_capacity(n),
             more: Vec::new(),
+            repeated: Vec::new(),
             offsets: Vec::with_capacity(n.div_ceil(OFFSET_STRIDE)),
             by_id: Vec::new(),
             repeats: Vec::new(),
@@ -131,6 +135,10 @@ impl ChunkTable {
             .map(|(first, rest)| (t.entry_of[first as usize], rest))
             .collect();
         t.more.sort_unstable_by_key(|&(e, _)| e);
+        t.repeated = vec![0u64; (t.entries() as usize).div_ceil(64)];
+        for &(e, _) in &t.more {
+            t.repeated[e as usize / 64] |= 1 << (e % 64);
+        }
         t.repeats = t
             .more
             .iter()
@@ -214,9 +222,14 @@ impl ChunkTable {
 
     /// The entry's positions, in payload order.
     pub(crate) fn positions_of(&self, e: u32) -> impl Iterator<Item = u32> + '_ {
-        let more: &[u32] = match self.more.binary_search_by_key(&e, |&(r, _)| r) {
-            Ok(k) => &self.more[k].1,
-            Err(_) => &[],
+        let more: &[u32] = if self.repeated[e as usize / 64] >> (e % 64) & 1 == 1 {
+            let k = self
+                .more
+                .binary_search_by_key(&e, |&(r, _)| r)
+                .expect("a repeated entry is listed");
+            &self.more[k].1
+        } else {
+            &[]
         };
         std::iter::once(self.first[e as usize]).chain(more.iter().copied())
     }
@@ -227,6 +240,7 @@ impl ChunkTable {
             + (self.first.capacity() + self.entry_of.capacity() + self.by_id.capacity() * 2) * 4
             + self.more.capacity() * std::mem::size_of::<(u32, Box<[u32]>)>()
             + self.more.iter().map(|(_, r)| r.len() * 4).sum::<usize>()
+            + self.repeated.capacity() * 8
             + self.offsets.capacity() * 8
             + self.repeats.capacity() * std::mem::size_of::<(u32, Arc<[u64]>)>()
             + self
