@@ -190,6 +190,35 @@ impl PublicKey {
         let sig = ed25519_dalek::Signature::from_bytes(sig);
         self.0.verify_strict(msg, &sig).is_ok()
     }
+
+    /// [`PublicKey::verify`] of the message made of `parts` one after the other,
+    /// without joining them: the signature is checked as the parts stream through
+    /// SHA-512 (`verify_stream`), so an envelope's 17.6 MB of signed bytes are not
+    /// copied behind the signing context to be checked. The verdict is
+    /// `verify_strict`'s: the stream verifier alone is not strict, so the checks
+    /// `verify_strict` adds are made here first (R must be a point on the curve,
+    /// and neither R nor the key may be of small order).
+    pub fn verify_parts(&self, parts: &[&[u8]], sig: &[u8; 64]) -> bool {
+        // R is the signature's first half: decompressing it as a key is exactly
+        // `verify_strict`'s decompression, and `is_weak` its small-order test.
+        let r: &[u8; 32] = sig[..32].try_into().expect("64 bytes hold 32");
+        match VerifyingKey::from_bytes(r) {
+            Ok(r) if !r.is_weak() => {}
+            _ => return false,
+        }
+        if self.0.is_weak() {
+            return false;
+        }
+        let sig = ed25519_dalek::Signature::from_bytes(sig);
+        // Refuses a non-canonical s, as `verify_strict` does.
+        let Ok(mut stream) = self.0.verify_stream(&sig) else {
+            return false;
+        };
+        for part in parts {
+            stream.update(part);
+        }
+        stream.finalize_and_verify().is_ok()
+    }
 }
 
 impl fmt::Debug for PublicKey {
@@ -340,6 +369,129 @@ fn read_text(path: &Path) -> Result<String, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A public key and signature built by hand from scalars: `R` and `A` given,
+    /// `s = k·a` where `k = SHA-512(R ‖ A ‖ msg)`, so `[s]B = R + [k]A` holds when
+    /// `R` is the identity and `A = [a]B`: the signature equation is satisfied, and
+    /// only the strict checks (small-order R, weak key) refuse it.
+    fn forged(r: [u8; 32], a: curve25519_dalek::Scalar, msg: &[u8]) -> ([u8; 32], [u8; 64]) {
+        use sha2::Digest as _;
+        let public = curve25519_dalek::EdwardsPoint::mul_base(&a).compress();
+        let mut h = sha2::Sha512::new();
+        h.update(r);
+        h.update(public.as_bytes());
+        h.update(msg);
+        let wide: [u8; 64] = h.finalize().into();
+        let k = curve25519_dalek::Scalar::from_bytes_mod_order_wide(&wide);
+        let s = k * a;
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&r);
+        sig[32..].copy_from_slice(s.as_bytes());
+        (public.to_bytes(), sig)
+    }
+
+    /// The compressed identity point: small order (order 1).
+    const IDENTITY: [u8; 32] = {
+        let mut b = [0u8; 32];
+        b[0] = 1;
+        b
+    };
+
+    #[test]
+    fn stream_verify_refuses_a_small_order_r() {
+        let msg = b"shoal-envelope-v1\0manifest";
+        let (public, sig) = forged(IDENTITY, curve25519_dalek::Scalar::from(12345u64), msg);
+        let key = PublicKey::from_bytes(&public).unwrap();
+        // The equation holds: the non-strict stream verifier alone accepts it.
+        let mut stream = key
+            .0
+            .verify_stream(&ed25519_dalek::Signature::from_bytes(&sig))
+            .unwrap();
+        stream.update(&msg[..]);
+        assert!(
+            stream.finalize_and_verify().is_ok(),
+            "the forgery is valid unless strict"
+        );
+        assert!(!key.verify(msg, &sig), "verify_strict refuses it");
+        assert!(!key.verify_parts(&[&msg[..5], &msg[5..]], &sig));
+    }
+
+    #[test]
+    fn stream_verify_refuses_a_weak_key() {
+        // The identity as the key, the identity as R and s = 0: [0]B = R + [k]A
+        // for every message.
+        let key = PublicKey::from_bytes(&IDENTITY).unwrap();
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&IDENTITY);
+        let msg = b"anything at all";
+        let mut stream = key
+            .0
+            .verify_stream(&ed25519_dalek::Signature::from_bytes(&sig))
+            .unwrap();
+        stream.update(&msg[..]);
+        assert!(
+            stream.finalize_and_verify().is_ok(),
+            "the forgery is valid unless strict"
+        );
+        assert!(!key.verify(msg, &sig), "verify_strict refuses it");
+        assert!(!key.verify_parts(&[msg], &sig));
+    }
+
+    #[test]
+    fn stream_verify_refuses_an_r_off_the_curve() {
+        let key = SecretKey::from_seed(&[3; 32]);
+        let msg = b"message";
+        let mut sig = key.sign(msg);
+        assert!(key.public().verify_parts(&[msg], &sig));
+        // y = 2 is not the y of any point on edwards25519.
+        sig[..32].copy_from_slice(&{
+            let mut b = [0u8; 32];
+            b[0] = 2;
+            b
+        });
+        assert!(VerifyingKey::from_bytes(sig[..32].try_into().unwrap()).is_err());
+        assert!(!key.public().verify(msg, &sig));
+        assert!(!key.public().verify_parts(&[msg], &sig));
+    }
+
+    proptest::proptest! {
+        /// The streamed verdict is `verify_strict`'s, whatever the split of the
+        /// message, for valid signatures, signatures with a byte changed (in R or
+        /// s, including a non-canonical s), other messages and hand-made small-order
+        /// forgeries.
+        #[test]
+        fn stream_verdict_equals_verify_strict(
+            seed in proptest::array::uniform32(0u8..),
+            msg in proptest::collection::vec(0u8.., 0..300),
+            split in 0usize..300,
+            flip in proptest::option::of((0usize..64, 1u8..)),
+            other in proptest::option::of(proptest::collection::vec(0u8.., 0..40)),
+            forge in 0u8..3,
+        ) {
+            let key = SecretKey::from_seed(&seed);
+            let (public, mut sig) = match forge {
+                0 => (key.public(), key.sign(&msg)),
+                1 => {
+                    let (p, s) = forged(IDENTITY, curve25519_dalek::Scalar::from_bytes_mod_order(seed), &msg);
+                    (PublicKey::from_bytes(&p).unwrap(), s)
+                }
+                _ => {
+                    let mut s = [0u8; 64];
+                    s[..32].copy_from_slice(&IDENTITY);
+                    (PublicKey::from_bytes(&IDENTITY).unwrap(), s)
+                }
+            };
+            if let Some((at, x)) = flip {
+                sig[at] ^= x;
+            }
+            let msg = other.unwrap_or(msg);
+            let split = split.min(msg.len());
+            proptest::prop_assert_eq!(
+                public.verify_parts(&[&msg[..split], &msg[split..]], &sig),
+                public.verify(&msg, &sig)
+            );
+        }
+    }
 
     #[test]
     fn pem_round_trip_keeps_the_key() {

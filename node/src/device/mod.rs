@@ -621,31 +621,38 @@ impl Device {
                 // image without a record in the store): its manifest stays kept.
                 kept.base = artifact.manifest().base.as_ref().map(|b| b.manifest_hash);
                 driver.index_base = driver.index_base.or(kept.base);
-                // Moved out and encoded once: the engine keeps the one copy (the
-                // decoded envelope is dropped here, not at the end of the install).
-                let (manifest_hash, envelope) = {
+                // Moved out of the reader and encoded straight into the store's
+                // envelope file (synced) before the offer, then read back once the
+                // decoded envelope is dropped: an 8 GiB image's 17.6 MB envelope is
+                // never in memory beside its own encoding. The engine verifies and
+                // decodes the bytes read back, and drops them before it builds the
+                // chunk table. Nothing is trusted from the file: the deployment
+                // names it only once verified (offered).
+                let (manifest_hash, stored, envelope) = {
                     let envelope = artifact.take_envelope();
                     // The manifest's id is the hash of its signed bytes (canonical
                     // CBOR): `artifact.manifest()` has shed its chunk lists by now.
-                    (
-                        *blake3::hash(&envelope.signed).as_bytes(),
-                        envelope.to_bytes(),
-                    )
+                    let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
+                    let store = &driver.dev.store;
+                    match store
+                        .put_envelope_encoded(&envelope)
+                        .context("cannot store the signed manifest")?
+                    {
+                        Some(hash) => {
+                            drop(envelope);
+                            let bytes = store.stored_envelope(&hash).map_err(|e| {
+                                store.forget_envelope(&hash);
+                                anyhow!(e).context("cannot read back the signed manifest")
+                            })?;
+                            (manifest_hash, Some(hash), bytes)
+                        }
+                        None => (manifest_hash, None, envelope.to_bytes()),
+                    }
                 };
                 kept.save(manifest_hash, &envelope);
                 if let Some(d) = &dictionary {
                     kept.save_dictionary(manifest_hash, d);
                 }
-                // The store holds the envelope (a synced file) before the offer,
-                // so the engine verifies and decodes it, then drops it before it
-                // builds the chunk table: an 8 GiB image's 17.6 MB envelope is
-                // never in memory beside its table. Nothing is trusted from the
-                // file: the deployment names it only once verified (offered).
-                let stored = driver
-                    .dev
-                    .store
-                    .put_envelope(&envelope)
-                    .context("cannot store the signed manifest")?;
                 let verify = if stored.is_some() {
                     shoal_engine::VerifiedRelease::verify_stored
                 } else {
@@ -699,8 +706,9 @@ impl Device {
                 requests,
             } => {
                 driver.requests = Some(requests);
-                if let Ok(e) = shoal_signing::Envelope::from_bytes(&envelope) {
-                    let hash = *blake3::hash(&e.signed).as_bytes();
+                // Decoded in place to name it (not copied: 17.6 MB at 8 GiB).
+                if let Ok(e) = shoal_signing::EnvelopeRef::from_bytes(&envelope) {
+                    let hash = *blake3::hash(e.signed).as_bytes();
                     drop(e);
                     kept.save(hash, &envelope);
                 }

@@ -316,18 +316,83 @@ impl Store {
     /// Stores a deployment's signed envelope before it is offered (synced, as a
     /// file named by the BLAKE3 of its bytes), so the engine need not hold it: a
     /// [`Record::EnvelopeStored`] with that hash then names it in the transaction
-    /// that starts the deployment. Returns the hash, or `None` on a store that
-    /// keeps no envelope files (a test backend: the envelope goes as bytes).
-    /// A file no record names yet (a cut before the offer) is removed by the next
-    /// envelope record, as after any cut between a file and its transaction.
-    pub fn put_envelope(&self, bytes: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
-        match &self.envelopes {
-            Some(dir) => self.write_envelope_file(dir, bytes).map(Some),
-            None => Ok(None),
+    /// that starts the deployment. A file no record names yet (a cut before the
+    /// offer) is removed by the next envelope record, as after any cut between a
+    /// file and its transaction. The envelope is encoded straight into the file
+    /// (canonical CBOR, hashed as it is written, synced, then renamed to its
+    /// hash), so its encoding is never in memory beside it: an 8 GiB image's
+    /// envelope is 17.6 MB. Read the bytes back with [`Store::stored_envelope`]
+    /// once the decoded envelope is dropped. `None` on a store that keeps no
+    /// envelope files.
+    pub fn put_envelope_encoded(
+        &self,
+        envelope: &shoal_signing::Envelope,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let Some(dir) = &self.envelopes else {
+            return Ok(None);
+        };
+        let io = |source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join("encoding.tmp");
+        let (hash, len) = {
+            let file = std::fs::File::create(&tmp).map_err(io)?;
+            let mut out = HashingWriter {
+                file: std::io::BufWriter::with_capacity(64 * 1024, file),
+                hasher: blake3::Hasher::new(),
+                len: 0,
+            };
+            let mut ser = cbor4ii::serde::Serializer::new(&mut out);
+            serde::Serialize::serialize(envelope, &mut ser).map_err(|e| match e {
+                cbor4ii::serde::EncodeError::Core(cbor4ii::core::error::EncodeError::Write(e)) => {
+                    io(e)
+                }
+                other => io(std::io::Error::other(other.to_string())),
+            })?;
+            let file = out.file.into_inner().map_err(|e| io(e.into_error()))?;
+            file.sync_all().map_err(io)?;
+            (*out.hasher.finalize().as_bytes(), out.len)
+        };
+        let path = envelope_path(dir, &hash);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            std::fs::remove_file(&tmp).map_err(io)?;
+            return Ok(Some(hash));
         }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(Some(hash))
     }
 
-    /// Removes the envelope file [`Store::put_envelope`] wrote for a release that
+    /// The bytes of the envelope file [`Store::put_envelope_encoded`] wrote,
+    /// checked against the hash that names it (nothing in it is trusted: they
+    /// go to the offer, which verifies them).
+    pub fn stored_envelope(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+        let dir = self
+            .envelopes
+            .as_deref()
+            .expect("stored_envelope on a store that keeps envelope files");
+        let path = envelope_path(dir, hash);
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: ENVELOPE_FILE_KEY.to_string(),
+            message,
+        };
+        let bytes = std::fs::read(&path)
+            .map_err(|e| corrupt(format!("cannot read {}: {e}", path.display())))?;
+        if *blake3::hash(&bytes).as_bytes() != *hash {
+            return Err(corrupt(format!(
+                "{} does not hash to its name",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Removes the envelope file [`Store::put_envelope_encoded`] wrote for a release that
     /// was then refused, unless a record names it (a deployment of the same
     /// release in progress). Best effort: a leftover costs disk, and the next
     /// envelope record removes it.
@@ -442,7 +507,7 @@ impl Store {
                             None => None,
                         });
                     }
-                    // Stored by `put_envelope` before the offer: a record naming a
+                    // Stored by `put_envelope_encoded` before the offer: a record naming a
                     // file that is not there would leave a deployment without its
                     // envelope, so it is refused before the transaction.
                     Record::EnvelopeStored(hash) => {
@@ -504,7 +569,7 @@ impl Store {
                         }
                     },
                     // Checked above: its file is there (a store without envelope
-                    // files never gets one: `put_envelope` returned `None`).
+                    // files never gets one: `put_envelope_encoded` returned `None`).
                     Record::EnvelopeStored(hash) => {
                         meta.remove("envelope")?;
                         meta.insert(ENVELOPE_FILE_KEY, &hash[..])?;
@@ -665,6 +730,24 @@ fn create_atomically(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
 const ENVELOPE_FILE_KEY: &str = "envelope.file";
 
 /// The file of the envelope whose bytes hash to `hash`.
+/// A file written through a buffer, hashed and counted as it goes (an envelope
+/// encoded straight to disk: [`Store::put_envelope_encoded`]).
+struct HashingWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl cbor4ii::core::enc::Write for HashingWriter {
+    type Error = std::io::Error;
+    fn push(&mut self, input: &[u8]) -> Result<(), std::io::Error> {
+        use std::io::Write as _;
+        self.hasher.update(input);
+        self.len += input.len() as u64;
+        self.file.write_all(input)
+    }
+}
+
 fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.envelope", hex::encode(hash)))
 }
@@ -855,7 +938,7 @@ mod tests {
         );
     }
 
-    /// Issue 10 (memory): an envelope stored before the offer (`put_envelope`) is
+    /// Issue 10 (memory): an envelope stored before the offer (`put_envelope_encoded`) is
     /// named by a `Record::EnvelopeStored` with its hash and loads back whole; a
     /// record naming a file that is not there is refused before anything commits;
     /// a refused release's file is forgotten, a named one is not.
@@ -863,14 +946,32 @@ mod tests {
     fn an_envelope_stored_before_the_offer_is_named_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let bytes = vec![5u8; 7000];
+        let mut envelope = shoal_signing::Envelope::new(vec![5u8; 7000]);
+        envelope.sign(&shoal_signing::SecretKey::from_seed(&[4; 32]));
+        let bytes = envelope.to_bytes();
         let hash = store
-            .put_envelope(&bytes)
+            .put_envelope_encoded(&envelope)
             .expect("put")
             .expect("a store on a directory keeps envelope files");
         assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
         let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
         assert_eq!(std::fs::read(&path).expect("its file"), bytes);
+        assert_eq!(store.stored_envelope(&hash).expect("read back"), bytes);
+        assert!(
+            !dir.path().join(ENVELOPE_DIR).join("encoding.tmp").exists(),
+            "renamed to its hash"
+        );
+        // A file changed after it was written is refused when read back.
+        let mut changed = bytes.clone();
+        changed[100] ^= 1;
+        std::fs::write(&path, &changed).expect("change it");
+        match store.stored_envelope(&hash) {
+            Err(StoreError::Corrupt { message, .. }) => {
+                assert!(message.contains("does not hash to its name"), "{message}");
+            }
+            other => panic!("expected a changed envelope file, got {other:?}"),
+        }
+        std::fs::write(&path, &bytes).expect("restore it");
         // Not named yet: a refused release's file goes.
         store.forget_envelope(&hash);
         assert!(!path.exists());
@@ -883,7 +984,7 @@ mod tests {
             other => panic!("expected a missing envelope file, got {other:?}"),
         }
         assert_eq!(store.load(Slot::A, [1 << 20; 2]).expect("load").floor, 0);
-        store.put_envelope(&bytes).expect("put again");
+        store.put_envelope_encoded(&envelope).expect("put again");
         store.apply(&[Record::EnvelopeStored(hash)]).expect("apply");
         // Named now: forgetting it is a no-op.
         store.forget_envelope(&hash);
