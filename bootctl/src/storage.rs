@@ -297,16 +297,27 @@ impl AlignedBuf {
 
 /// Starts writing back `len` bytes at `pos` of `file` without waiting for them, so
 /// the medium works while the writer goes on and the next [`Storage::sync`] finds
-/// little left to do. `POSIX_FADV_DONTNEED` does that on Linux (it starts
-/// asynchronous writeback of the range's dirty pages, and drops its clean ones: a
-/// slot being written is read back with `O_DIRECT` anyway). Only a hint: durability
-/// still comes from `sync` alone, and a failure here is ignored (`sync` reports
-/// write errors).
+/// little left to do: Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)` queues the
+/// range's dirty pages for writeback and returns (on files and block devices
+/// alike). Not `POSIX_FADV_DONTNEED`, which also starts writeback but then tries to
+/// drop the range's pages: those just written are dirty or under writeback, so it
+/// fails on them and drains every CPU's page lists (`lru_add_drain_all`) on each
+/// call, which a writer that runs ahead of the medium pays for every write. Only a
+/// hint: durability still comes from `sync` alone, and a failure here is ignored
+/// (`sync` reports write errors).
 fn start_writeback(file: &File, pos: u64, len: usize) {
-    let len = std::num::NonZeroU64::new(len as u64);
-    if len.is_some() {
-        let _ = rustix::fs::fadvise(file, pos, len, rustix::fs::Advice::DontNeed);
+    use std::os::fd::AsRawFd;
+    let (Ok(pos), Ok(len)) = (i64::try_from(pos), i64::try_from(len)) else {
+        return;
+    };
+    if len == 0 {
+        return;
     }
+    #[allow(unsafe_code)]
+    // SAFETY: `sync_file_range` reads no memory of this process; the descriptor is
+    // open for as long as `file` is borrowed.
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), pos, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// A [`Storage`] over a file or block device, optionally restricted to the region
