@@ -397,22 +397,27 @@ mod tests {
         b
     };
 
+    /// The equation of `sig` over `msg` holds, so ed25519-dalek's (non-strict)
+    /// stream verifier alone accepts it, while `verify_strict` refuses it.
+    fn assert_forgery_needs_the_strict_checks(key: &PublicKey, msg: &[u8], sig: &[u8; 64]) {
+        let mut stream = key
+            .0
+            .verify_stream(&ed25519_dalek::Signature::from_bytes(sig))
+            .unwrap();
+        stream.update(msg);
+        assert!(
+            stream.finalize_and_verify().is_ok(),
+            "the forgery is valid unless strict"
+        );
+        assert!(!key.verify(msg, sig), "verify_strict refuses it");
+    }
+
     #[test]
     fn stream_verify_refuses_a_small_order_r() {
         let msg = b"shoal-envelope-v1\0manifest";
         let (public, sig) = forged(IDENTITY, curve25519_dalek::Scalar::from(12345u64), msg);
         let key = PublicKey::from_bytes(&public).unwrap();
-        // The equation holds: the non-strict stream verifier alone accepts it.
-        let mut stream = key
-            .0
-            .verify_stream(&ed25519_dalek::Signature::from_bytes(&sig))
-            .unwrap();
-        stream.update(&msg[..]);
-        assert!(
-            stream.finalize_and_verify().is_ok(),
-            "the forgery is valid unless strict"
-        );
-        assert!(!key.verify(msg, &sig), "verify_strict refuses it");
+        assert_forgery_needs_the_strict_checks(&key, msg, &sig);
         assert!(!key.verify_parts(&[&msg[..5], &msg[5..]], &sig));
     }
 
@@ -424,16 +429,7 @@ mod tests {
         let mut sig = [0u8; 64];
         sig[..32].copy_from_slice(&IDENTITY);
         let msg = b"anything at all";
-        let mut stream = key
-            .0
-            .verify_stream(&ed25519_dalek::Signature::from_bytes(&sig))
-            .unwrap();
-        stream.update(&msg[..]);
-        assert!(
-            stream.finalize_and_verify().is_ok(),
-            "the forgery is valid unless strict"
-        );
-        assert!(!key.verify(msg, &sig), "verify_strict refuses it");
+        assert_forgery_needs_the_strict_checks(&key, msg, &sig);
         assert!(!key.verify_parts(&[msg], &sig));
     }
 

@@ -20,22 +20,6 @@ use server_common::*;
 use shoal_bootctl::Slot;
 use std::sync::atomic::Ordering;
 
-/// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
-/// every chunk there changes, little of each.
-fn edited(v1: &[u8]) -> Vec<u8> {
-    let mut v2 = v1.to_vec();
-    let mut at = 512 * 1024;
-    let mut n = 0u32;
-    while at < (5 << 19) {
-        v2[at..at + 12].copy_from_slice(format!("edit{n:08}").as_bytes());
-        at += 16 * 1024;
-        n += 1;
-    }
-    let insert: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
-    v2.splice(3 << 19..3 << 19, insert);
-    v2
-}
-
 fn build(setup: &Setup, img: &str, version: &str, out: &str) {
     build_release(setup.dir.path(), img, version, "rel.pem", out);
 }
@@ -84,15 +68,23 @@ fn install(
     reboot_and_succeed(dev, daemon, server, token, &dep);
 }
 
-#[test]
-fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
-    let setup = Setup::new();
+/// Builds `v2d.shoal` (v1 [`edited`]: per-base encodings against v1 pay) and
+/// `v0.shoal` (another base, unrelated bytes); returns v2d's image.
+fn build_v2d_and_v0(setup: &Setup) -> Vec<u8> {
     let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
     let v2_img = edited(&v1_img);
     std::fs::write(setup.path("v2d.img"), &v2_img).unwrap();
-    build(&setup, "v2d.img", "2d", "v2d.shoal");
+    build(setup, "v2d.img", "2d", "v2d.shoal");
     std::fs::write(setup.path("v0.img"), image(7, 3 << 20)).unwrap();
-    build(&setup, "v0.img", "0", "v0.shoal");
+    build(setup, "v0.img", "0", "v0.shoal");
+    v2_img
+}
+
+#[test]
+fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
+    let setup = Setup::new();
+    let v2_img = build_v2d_and_v0(&setup);
+    let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
 
     let mut v3_img = v2_img.clone();
     v3_img[100_000..100_012].copy_from_slice(b"hotfix000001");
@@ -429,12 +421,8 @@ fn encoded_row(
 #[test]
 fn encodings_are_made_without_an_operator_and_pruned_with_their_release() {
     let setup = Setup::new();
+    let v2_img = build_v2d_and_v0(&setup);
     let v1_img = std::fs::read(setup.path("v1.img")).unwrap();
-    let v2_img = edited(&v1_img);
-    std::fs::write(setup.path("v2d.img"), &v2_img).unwrap();
-    build(&setup, "v2d.img", "2d", "v2d.shoal");
-    std::fs::write(setup.path("v0.img"), image(7, 3 << 20)).unwrap();
-    build(&setup, "v0.img", "0", "v0.shoal");
 
     let data = setup.path("data");
     let server = Server::start(&setup, &data, &Db::Sqlite, &["--auto-encode-bases", "2"]);

@@ -311,22 +311,6 @@ fn daemon_fetches_chunks_from_nginx_and_the_server_streams_none() {
     stop(&mut daemon);
 }
 
-/// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
-/// every chunk there changes, little of each (per-base encodings pay).
-fn edited(v1: &[u8]) -> Vec<u8> {
-    let mut v2 = v1.to_vec();
-    let mut at = 512 * 1024;
-    let mut n = 0u32;
-    while at < (5 << 19) {
-        v2[at..at + 12].copy_from_slice(format!("edit{n:08}").as_bytes());
-        at += 16 * 1024;
-        n += 1;
-    }
-    let insert: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
-    v2.splice(3 << 19..3 << 19, insert);
-    v2
-}
-
 /// Per-base encodings on the static host: the server encodes v2 against v1 in the
 /// background (the fleet runs v1), into its store; nginx serves the index and the
 /// records as files. The device on v1 fetches the index, the records (one withheld

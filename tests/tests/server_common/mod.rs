@@ -403,3 +403,19 @@ impl Device {
         }
     }
 }
+
+/// v1 with small edits every 16 KiB over 2 MiB and 1000 bytes inserted at 1.5 MiB:
+/// every chunk there changes, little of each (per-base encodings pay).
+pub fn edited(v1: &[u8]) -> Vec<u8> {
+    let mut v2 = v1.to_vec();
+    let mut at = 512 * 1024;
+    let mut n = 0u32;
+    while at < (5 << 19) {
+        v2[at..at + 12].copy_from_slice(format!("edit{n:08}").as_bytes());
+        at += 16 * 1024;
+        n += 1;
+    }
+    let insert: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+    v2.splice(3 << 19..3 << 19, insert);
+    v2
+}
