@@ -1810,18 +1810,13 @@ fn read_envelope<R: Read>(
     }
     if is_delta {
         // Decoded, its signatures counted, and only then rebuilt (bounded by the
-        // envelope limit) against the manifest it names.
-        let delta = ManifestDelta::from_bytes(&bytes)?;
-        if delta.signatures.is_empty() {
-            return Err(ReadError::Unsigned { size: member.size });
-        }
-        let base = held
-            .manifest(&delta.base)
-            .ok_or_else(|| ManifestDeltaError::UnknownBase {
-                base: delta.base_hex(),
-            })?;
-        let envelope = delta.rebuild(&base)?;
-        return Ok((envelope, member.size, Some(delta.base)));
+        // envelope limit) against the manifest it names: as the daemon opens one
+        // from the server.
+        let (envelope, base) = ManifestDelta::open(&bytes, held).map_err(|e| match e {
+            ManifestDeltaError::Unsigned => ReadError::Unsigned { size: member.size },
+            e => e.into(),
+        })?;
+        return Ok((envelope, member.size, Some(base)));
     }
     // No Shoal tool writes an envelope without a signature; every reader refuses
     // one (from a file before reading it: `check_envelope_signers`; from a pipe

@@ -457,21 +457,9 @@ mod tests {
     const B3: &str = "4400000000000000000000000000000000000000000000000000000000000000";
 
     async fn context(dir: &std::path::Path, cap: usize) -> Ctx {
-        let key = shoal_signing::SecretKey::from_seed(&[1; 32]).public();
         let ctx = crate::open(&crate::Config {
-            data_dir: dir.to_owned(),
-            database_url: None,
-            chunks_url: None,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: None,
-            root: shoal_signing::TrustRoot::new(1, 4_000_000_000, &[key], 1, &[key], 1).unwrap(),
-            device_token_ttl_s: 3600,
-            upload_max_bytes: 1 << 20,
-            chunk_base_url: None,
-            max_connections: 2,
-            timer_period_ms: 1000,
-            fleet: None,
             auto_encode_bases: cap,
+            ..crate::Config::for_tests(dir)
         })
         .await
         .expect("open");

@@ -318,22 +318,12 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use shoal_signing::SecretKey;
-
-    use super::*;
-    use crate::http::extractor::DeviceToken;
-
-    const IDLE: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
-    const BUSY: &str = "bb00000000000000000000000000000000000000000000000000000000000000";
-
-    async fn context(dir: &std::path::Path) -> Ctx {
-        let key = SecretKey::from_seed(&[1; 32]).public();
-        let config = Config {
+impl Config {
+    /// A server of one SQLite file and a chunk directory in `dir`, on loopback, its
+    /// trust root one key (seed 1): what the unit tests open.
+    pub(crate) fn for_tests(dir: &std::path::Path) -> Config {
+        let key = shoal_signing::SecretKey::from_seed(&[1; 32]).public();
+        Config {
             data_dir: dir.to_owned(),
             database_url: None,
             chunks_url: None,
@@ -347,8 +337,25 @@ mod tests {
             timer_period_ms: 1000,
             fleet: None,
             auto_encode_bases: 3,
-        };
-        open(&config).await.expect("open")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+
+    use super::*;
+    use crate::http::extractor::DeviceToken;
+
+    const IDLE: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+    const BUSY: &str = "bb00000000000000000000000000000000000000000000000000000000000000";
+
+    async fn context(dir: &std::path::Path) -> Ctx {
+        open(&Config::for_tests(dir)).await.expect("open")
     }
 
     async fn poll(ctx: &Ctx, device: &str) -> StatusCode {

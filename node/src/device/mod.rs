@@ -1111,13 +1111,7 @@ pub(crate) fn running_references(
 ) -> anyhow::Result<References> {
     let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, false)
         .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
-    let storage = boot
-        .open_reader(active)
-        .with_context(|| format!("cannot open the running slot {active}"))?;
-    let slot_len = storage
-        .len()
-        .with_context(|| format!("cannot read the size of the running slot {active}"))?;
-    Ok(References::new(active, storage, slot_len, base))
+    References::open(&boot, active, base)
 }
 
 /// The engine's status and the bootloader's, read without writing or creating
@@ -1359,6 +1353,18 @@ impl References {
         }
     }
 
+    /// The running slot `slot` of `boot`, opened read-only, as the source of
+    /// references; `base` names the release it holds, for messages.
+    pub(crate) fn open(boot: &BootControl, slot: Slot, base: String) -> anyhow::Result<References> {
+        let storage = boot
+            .open_reader(slot)
+            .with_context(|| format!("cannot open the running slot {slot}"))?;
+        let slot_len = storage
+            .len()
+            .with_context(|| format!("cannot read the size of the running slot {slot}"))?;
+        Ok(References::new(slot, storage, slot_len, base))
+    }
+
     /// Fills `buf` with the running slot's bytes from `offset`, through the cache
     /// of slot blocks: the windows of neighbouring references overlap, so most of
     /// a reference was read for the previous ones.
@@ -1578,15 +1584,7 @@ impl<'a> Driver<'a> {
                     .base
                     .as_ref()
                     .map_or_else(String::new, |b| format!("{} {}", b.name, b.version));
-                let storage = self
-                    .dev
-                    .boot
-                    .open_reader(slot)
-                    .with_context(|| format!("cannot open the running slot {slot}"))?;
-                let slot_len = storage
-                    .len()
-                    .with_context(|| format!("cannot read the size of the running slot {slot}"))?;
-                Some(References::new(slot, storage, slot_len, base))
+                Some(References::open(&self.dev.boot, slot, base)?)
             }
         };
         while self.engine.is_installing() {
