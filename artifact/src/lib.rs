@@ -20,6 +20,7 @@ pub mod diff;
 pub mod extract;
 pub mod manifest;
 pub mod manifest_delta;
+pub mod manifest_stream;
 pub mod read;
 #[cfg(feature = "fs")]
 pub mod store;
@@ -39,6 +40,9 @@ pub use manifest::{
     ManifestError, Payload, PayloadKind, Reference, ReferenceBytes, ReferenceError,
 };
 pub use manifest_delta::{HeldManifests, ManifestDelta, ManifestDeltaError, NoManifests};
+pub use manifest_stream::{
+    ChunkIdSink, StreamedError, StreamedIds, StreamedManifest, StreamedSizes,
+};
 pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
 pub use store::{ChunkStore, StoreError};

@@ -513,7 +513,7 @@ impl<'de> Deserialize<'de> for ChunkRef {
 
 /// The fewest bytes a [`ChunkRef`] encodes in: an array header, a 32-byte string
 /// with its 2-byte header, two one-byte integers.
-const CHUNK_REF_ENCODED_MIN: usize = 1 + 2 + 32 + 1 + 1;
+pub(crate) const CHUNK_REF_ENCODED_MIN: usize = 1 + 2 + 32 + 1 + 1;
 
 /// Decodes a chunk list into a vector of its length, allocated once: grown by
 /// doubling, the list of a large image would reserve up to twice its 40 bytes a
@@ -521,6 +521,9 @@ const CHUNK_REF_ENCODED_MIN: usize = 1 + 2 + 32 + 1 + 1;
 /// manifest declares is trusted only up to what [`MANIFEST_SIZE_MAX`] bytes can
 /// hold.
 fn de_chunk_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChunkRef>, D::Error> {
+    if let Some(stream) = crate::manifest_stream::take_stream() {
+        return crate::manifest_stream::stream_list(d, stream).map(|()| Vec::new());
+    }
     struct List;
     impl<'de> serde::de::Visitor<'de> for List {
         type Value = Vec<ChunkRef>;
@@ -729,6 +732,20 @@ impl Manifest {
 
     /// Decodes and validates untrusted manifest bytes (bounded; canonical form only).
     pub fn from_cbor(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::check_size_and_version(bytes)?;
+        let manifest: Manifest = cbor4ii::serde::from_slice(bytes)
+            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
+        manifest.validate()?;
+        // Compared as it is encoded: a copy would be 82 bytes a chunk.
+        if !shoal_signing::encodes_to(&manifest, bytes) {
+            return Err(ManifestError::NotCanonical);
+        }
+        Ok(manifest)
+    }
+
+    /// The size limit, then the format version alone (so a newer manifest gets
+    /// a clear error).
+    pub(crate) fn check_size_and_version(bytes: &[u8]) -> Result<(), ManifestError> {
         if bytes.len() > MANIFEST_SIZE_MAX {
             return Err(ManifestError::TooLarge {
                 size: bytes.len(),
@@ -744,19 +761,22 @@ impl Manifest {
                 found: probe.format_version,
             });
         }
-        let manifest: Manifest = cbor4ii::serde::from_slice(bytes)
-            .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
-        manifest.validate()?;
-        // Compared as it is encoded: a copy would be 82 bytes a chunk.
-        if !shoal_signing::encodes_to(&manifest, bytes) {
-            return Err(ManifestError::NotCanonical);
-        }
-        Ok(manifest)
+        Ok(())
     }
 
     /// Checks every invariant a reader relies on. [`Manifest::from_cbor`] calls it;
     /// writers call it before signing.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_fields(None)?;
+        self.validate_references(None)
+    }
+
+    /// Every check of [`Manifest::validate`] but the references', the first
+    /// payload's chunk list taken from `streamed` when it was streamed out.
+    pub(crate) fn validate_fields(
+        &self,
+        streamed: Option<&crate::manifest_stream::StreamedSizes>,
+    ) -> Result<(), ManifestError> {
         if self.format_version != FORMAT_VERSION && self.format_version != FORMAT_VERSION_REFERENCES
         {
             return Err(ManifestError::UnsupportedVersion {
@@ -805,15 +825,23 @@ impl Manifest {
         self.chunking.validate()?;
         check_len("payloads", self.payloads.len(), 1, PAYLOADS_MAX)?;
         let mut names = std::collections::BTreeSet::new();
-        for p in &self.payloads {
+        for (pi, p) in self.payloads.iter().enumerate() {
             check_len("payloads[].name", p.name.len(), 1, STRING_LEN_MAX)?;
             check_text("payloads[].name", &p.name)?;
             if !names.insert(p.name.as_str()) {
                 return Err(ManifestError::DuplicatePayload(p.name.clone()));
             }
-            p.validate(&self.chunking)?;
+            match streamed {
+                Some(s) if pi == 0 => check_chunk_sizes(
+                    &p.name,
+                    p.size,
+                    &self.chunking,
+                    s.sizes.len(),
+                    s.sizes.iter().copied().zip(s.stored_sizes.iter().copied()),
+                )?,
+                _ => p.validate(&self.chunking)?,
+            }
         }
-        self.validate_references()?;
         Ok(())
     }
 
@@ -828,17 +856,40 @@ impl Manifest {
         }
     }
 
-    fn validate_references(&self) -> Result<(), ManifestError> {
+    /// The references' checks of [`Manifest::validate`]; the first payload's
+    /// chunk ids from `streamed` when its list was streamed out (its positions'
+    /// first occurrences are the streamed list's own: it is the first payload).
+    pub(crate) fn validate_references(
+        &self,
+        streamed: Option<&dyn crate::manifest_stream::StreamedIds>,
+    ) -> Result<(), ManifestError> {
         if self.payloads.iter().all(|p| p.references.is_empty()) {
             return Ok(());
         }
-        // Where each id first occurs: (payload, position).
+        // Where each id first occurs: (payload, position). With the first list
+        // streamed, needed only for the other payloads' references (a manifest
+        // a device refuses anyway: it installs one payload).
         let mut first: std::collections::HashMap<ChunkId, (usize, u32)> =
             std::collections::HashMap::new();
-        for (pi, p) in self.payloads.iter().enumerate() {
-            for (i, c) in p.chunks.iter().enumerate() {
-                // Bounded by the manifest size: positions fit a u32.
-                first.entry(c.id).or_insert((pi, i as u32));
+        let need_map = streamed.is_none()
+            || self
+                .payloads
+                .iter()
+                .skip(1)
+                .any(|p| !p.references.is_empty());
+        for (pi, p) in self.payloads.iter().enumerate().filter(|_| need_map) {
+            match streamed {
+                Some(s) if pi == 0 => {
+                    for i in 0..s.len() {
+                        first.entry(s.id(i)).or_insert((0, i));
+                    }
+                }
+                _ => {
+                    for (i, c) in p.chunks.iter().enumerate() {
+                        // Bounded by the manifest size: positions fit a u32.
+                        first.entry(c.id).or_insert((pi, i as u32));
+                    }
+                }
             }
         }
         for (pi, p) in self.payloads.iter().enumerate() {
@@ -873,14 +924,25 @@ impl Manifest {
                 }
                 let mut last = None;
                 for &pos in &r.chunks {
-                    let Some(c) = p.chunks.get(pos as usize) else {
-                        return Err(bad(ReferenceProblem::ChunkOutOfRange));
+                    let is_first = match streamed {
+                        Some(s) if pi == 0 => {
+                            if pos >= s.len() {
+                                return Err(bad(ReferenceProblem::ChunkOutOfRange));
+                            }
+                            s.is_first(pos)
+                        }
+                        _ => {
+                            let Some(c) = p.chunks.get(pos as usize) else {
+                                return Err(bad(ReferenceProblem::ChunkOutOfRange));
+                            };
+                            first.get(&c.id) == Some(&(pi, pos))
+                        }
                     };
                     if last.is_some_and(|l| pos <= l) {
                         return Err(bad(ReferenceProblem::NotAscending));
                     }
                     last = Some(pos);
-                    if first.get(&c.id) != Some(&(pi, pos)) {
+                    if !is_first {
                         return Err(bad(ReferenceProblem::NotFirstOccurrence));
                     }
                     if !claimed.insert(pos) {
@@ -961,44 +1023,61 @@ impl Manifest {
     }
 }
 
+/// [`Payload::validate`] over a chunk list's `(size, stored size)` pairs (`n` of
+/// them), so a list streamed out of the decoder is checked the same way.
+fn check_chunk_sizes(
+    payload: &str,
+    declared: u64,
+    chunking: &Chunking,
+    n: usize,
+    sizes: impl Iterator<Item = (u32, u32)>,
+) -> Result<(), ManifestError> {
+    if n == 0 || declared == 0 {
+        return Err(ManifestError::EmptyPayload {
+            payload: payload.to_owned(),
+        });
+    }
+    let mut sum: u64 = 0;
+    for (index, (size, stored_size)) in sizes.enumerate() {
+        let last = index + 1 == n;
+        let too_small = size == 0 || (!last && size < chunking.min_size);
+        if too_small || size > chunking.max_size {
+            return Err(ManifestError::ChunkSize {
+                payload: payload.to_owned(),
+                index,
+                size,
+            });
+        }
+        if stored_size == 0 || stored_size > stored_size_max(size) {
+            return Err(ManifestError::StoredSize {
+                payload: payload.to_owned(),
+                index,
+                size,
+                stored_size,
+            });
+        }
+        sum += u64::from(size);
+    }
+    if sum != declared {
+        return Err(ManifestError::SizeMismatch {
+            payload: payload.to_owned(),
+            sum,
+            size: declared,
+        });
+    }
+    Ok(())
+}
+
 impl Payload {
     /// Checks chunk sizes against the chunking bounds and the payload size.
     pub fn validate(&self, chunking: &Chunking) -> Result<(), ManifestError> {
-        let n = self.chunks.len();
-        if n == 0 || self.size == 0 {
-            return Err(ManifestError::EmptyPayload {
-                payload: self.name.clone(),
-            });
-        }
-        let mut sum: u64 = 0;
-        for (index, c) in self.chunks.iter().enumerate() {
-            let last = index + 1 == n;
-            let too_small = c.size == 0 || (!last && c.size < chunking.min_size);
-            if too_small || c.size > chunking.max_size {
-                return Err(ManifestError::ChunkSize {
-                    payload: self.name.clone(),
-                    index,
-                    size: c.size,
-                });
-            }
-            if c.stored_size == 0 || c.stored_size > stored_size_max(c.size) {
-                return Err(ManifestError::StoredSize {
-                    payload: self.name.clone(),
-                    index,
-                    size: c.size,
-                    stored_size: c.stored_size,
-                });
-            }
-            sum += u64::from(c.size);
-        }
-        if sum != self.size {
-            return Err(ManifestError::SizeMismatch {
-                payload: self.name.clone(),
-                sum,
-                size: self.size,
-            });
-        }
-        Ok(())
+        check_chunk_sizes(
+            &self.name,
+            self.size,
+            chunking,
+            self.chunks.len(),
+            self.chunks.iter().map(|c| (c.size, c.stored_size)),
+        )
     }
 
     /// Byte offset of each chunk in the payload, in order.
@@ -1591,7 +1670,194 @@ mod tests {
             )
     }
 
+    /// A sink keeping the streamed ids (shared, so the test reads them back).
+    struct Ids(std::sync::Arc<std::sync::Mutex<Vec<ChunkId>>>);
+
+    impl crate::ChunkIdSink for Ids {
+        fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+            self.0.lock().unwrap().push(*id);
+            Ok(())
+        }
+    }
+
+    /// The streamed ids, with their first occurrences.
+    struct Kept(Vec<ChunkId>);
+
+    impl crate::StreamedIds for Kept {
+        fn len(&self) -> u32 {
+            self.0.len() as u32
+        }
+        fn is_first(&self, pos: u32) -> bool {
+            let id = self.0[pos as usize];
+            self.0.iter().position(|i| *i == id) == Some(pos as usize)
+        }
+        fn id(&self, pos: u32) -> ChunkId {
+            self.0[pos as usize]
+        }
+    }
+
+    /// `Manifest::from_cbor_streaming`, then `finish`, with the streamed list put
+    /// back into the manifest (to compare with `from_cbor`).
+    fn streamed(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut s, _) = Manifest::from_cbor_streaming(bytes, Box::new(Ids(ids.clone()))).map_err(
+            |e| match e {
+                crate::StreamedError::Manifest(e) => e,
+                crate::StreamedError::Sink(e) => panic!("the test sink failed: {e}"),
+            },
+        )?;
+        let sizes = std::mem::take(&mut s.sizes);
+        let ids = std::mem::take(&mut *ids.lock().unwrap());
+        let mut m = s.finish(&Kept(ids.clone()))?;
+        assert!(m.payloads[0].chunks.is_empty(), "the list was streamed out");
+        m.payloads[0].chunks = ids
+            .iter()
+            .zip(sizes.sizes.iter().zip(&sizes.stored_sizes))
+            .map(|(&id, (&size, &stored_size))| ChunkRef {
+                id,
+                size,
+                stored_size,
+            })
+            .collect();
+        Ok(m)
+    }
+
+    /// Issue 10: the streamed decode accepts what `from_cbor` accepts and refuses
+    /// what it refuses, with the same error: valid manifests (with references,
+    /// several payloads), every bit flip of one, and targeted faults in the
+    /// streamed list (non-shortest integers, a size that does not add up, a
+    /// reference to a repeat).
+    #[test]
+    fn the_streamed_decode_agrees_with_from_cbor() {
+        let mut two = sample_with_reference();
+        let mut second = two.payloads[0].clone();
+        second.name = "second".into();
+        second.kind = PayloadKind::File;
+        // Its chunk 0 repeats the first payload's chunk 0: not a first occurrence.
+        second.references[0].chunks = vec![0];
+        two.payloads.push(second);
+        let mut refs_repeat = sample_with_reference();
+        refs_repeat.payloads[0].references[0].chunks = vec![2];
+        let mut out_of_range = sample_with_reference();
+        out_of_range.payloads[0].references[0].chunks = vec![4];
+        let mut small = sample();
+        small.payloads[0].chunks[1].size = 10;
+        small.payloads[0].size -= 16384 - 10;
+        let mut stored = sample();
+        stored.payloads[0].chunks[2].stored_size = 0;
+        let mut sum = sample();
+        sum.payloads[0].size += 1;
+        let mut inputs: Vec<(Vec<u8>, Option<ManifestError>)> = vec![
+            (sample().to_cbor(), None),
+            (sample_with_reference().to_cbor(), None),
+            (
+                encode_unchecked(&two),
+                Some(ManifestError::BadReference {
+                    payload: "second".into(),
+                    reference: 0,
+                    problem: ReferenceProblem::NotFirstOccurrence,
+                }),
+            ),
+            (
+                encode_unchecked(&refs_repeat),
+                Some(ManifestError::BadReference {
+                    payload: "rootfs".into(),
+                    reference: 0,
+                    problem: ReferenceProblem::NotFirstOccurrence,
+                }),
+            ),
+            (
+                encode_unchecked(&out_of_range),
+                Some(ManifestError::BadReference {
+                    payload: "rootfs".into(),
+                    reference: 0,
+                    problem: ReferenceProblem::ChunkOutOfRange,
+                }),
+            ),
+            (
+                encode_unchecked(&small),
+                Some(ManifestError::ChunkSize {
+                    payload: "rootfs".into(),
+                    index: 1,
+                    size: 10,
+                }),
+            ),
+            (
+                encode_unchecked(&stored),
+                Some(ManifestError::StoredSize {
+                    payload: "rootfs".into(),
+                    index: 2,
+                    size: 4000,
+                    stored_size: 0,
+                }),
+            ),
+            (
+                encode_unchecked(&sum),
+                Some(ManifestError::SizeMismatch {
+                    payload: "rootfs".into(),
+                    sum: 24385,
+                    size: 24386,
+                }),
+            ),
+        ];
+        // A chunk's size as a non-shortest integer (0x19 0x0f 0xa0 is 4000; 0x1a
+        // 0x00 0x00 0x0f 0xa0 too): the values decode the same, the bytes are not
+        // canonical.
+        let good = sample().to_cbor();
+        let at = good
+            .windows(3)
+            .position(|w| w == [0x19, 0x0f, 0xa0])
+            .expect("a chunk size of 4000");
+        let mut long = good[..at].to_vec();
+        long.extend_from_slice(&[0x1a, 0x00, 0x00, 0x0f, 0xa0]);
+        long.extend_from_slice(&good[at + 3..]);
+        inputs.push((long, Some(ManifestError::NotCanonical)));
+        // The list's head in a longer form (4 chunks, as 0x98 0x04).
+        let at = good.iter().position(|&b| b == 0x84).expect("the list head");
+        let mut head = good[..at].to_vec();
+        head.extend_from_slice(&[0x98, 0x04]);
+        head.extend_from_slice(&good[at + 1..]);
+        inputs.push((head, Some(ManifestError::NotCanonical)));
+        for (bytes, want) in &inputs {
+            let old = Manifest::from_cbor(bytes);
+            assert_eq!(old.as_ref().err(), want.as_ref(), "from_cbor's verdict");
+            assert_eq!(streamed(bytes), old, "the streamed decode agrees");
+        }
+        for i in 0..good.len() * 8 {
+            let mut b = good.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert_eq!(streamed(&b), Manifest::from_cbor(&b), "bit {i} flipped");
+        }
+    }
+
+    /// A sink that cannot take an id stops the decode with its own error.
+    #[test]
+    fn a_failing_sink_stops_the_streamed_decode() {
+        struct Full;
+        impl crate::ChunkIdSink for Full {
+            fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+                Err("no space left on the device".into())
+            }
+        }
+        let bytes = sample().to_cbor();
+        match Manifest::from_cbor_streaming(&bytes, Box::new(Full)) {
+            Err(crate::StreamedError::Sink(e)) => assert_eq!(e, "no space left on the device"),
+            other => panic!("expected the sink's error, got {:?}", other.map(|_| ())),
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_streamed_decode_round_trips(m in arb_manifest()) {
+            let bytes = m.to_cbor();
+            prop_assert_eq!(streamed(&bytes).unwrap(), m);
+        }
+
+        #[test]
+        fn the_streamed_decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = streamed(&bytes);
+        }
+
         #[test]
         fn decode_encode_round_trip(m in arb_manifest()) {
             let bytes = m.to_cbor();

@@ -1,0 +1,287 @@
+//! The manifest decoded with its first payload's chunk list streamed out
+//! ([`Manifest::from_cbor_streaming`]): the ids go to a sink as they are decoded
+//! (a device writes them to a file it reads by position), the sizes to two
+//! compact arrays, so the list is never a `Vec<ChunkRef>` (40 bytes a chunk:
+//! 17.2 MB for an 8 GiB image).
+//!
+//! Every check [`Manifest::from_cbor`] makes is made, with the same errors in the
+//! same order: the sizes against the chunking and the payload size
+//! ([`Payload::validate`](crate::Payload::validate)'s code over the arrays), the
+//! references' positions against the streamed list's first occurrences (which
+//! the caller knows from its own index of the ids: [`StreamedIds`]), and the
+//! canonical form: the manifest re-encoded with an empty first list must match
+//! the bytes outside the list, and the list's bytes must hash to the canonical
+//! encoding of what was decoded from them.
+
+use std::cell::RefCell;
+
+use serde::de::{Deserializer, Error as _};
+
+use crate::manifest::{CHUNK_REF_ENCODED_MIN, MANIFEST_SIZE_MAX};
+use crate::{ChunkId, ChunkRef, Manifest, ManifestError};
+
+/// Takes a streamed chunk list's ids, in position order.
+pub trait ChunkIdSink {
+    /// The id at the next position. An error (the sink's storage failed) stops
+    /// the decode with [`StreamedError::Sink`].
+    fn push(&mut self, id: &ChunkId) -> Result<(), String>;
+}
+
+/// The first payload's chunk sizes, by position, as streamed out of the decoder.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StreamedSizes {
+    /// Uncompressed sizes.
+    pub sizes: Vec<u32>,
+    /// Sizes on the wire (the chunks' stored forms).
+    pub stored_sizes: Vec<u32>,
+}
+
+/// The streamed list's ids, as the caller keeps them, for the references' checks.
+pub trait StreamedIds {
+    /// Positions in the list.
+    fn len(&self) -> u32;
+    /// Whether `pos` (below [`StreamedIds::len`]) is the first position of its id.
+    fn is_first(&self, pos: u32) -> bool;
+    /// The id at `pos` (asked only of a manifest with several payloads whose later
+    /// payloads have references).
+    fn id(&self, pos: u32) -> ChunkId;
+}
+
+/// Why a streamed decode failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamedError {
+    /// The bytes are not a valid manifest (the error [`Manifest::from_cbor`] gives).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The sink could not take an id.
+    #[error("{0}")]
+    Sink(String),
+}
+
+/// A manifest decoded with its first payload's chunk list streamed out, not yet
+/// checked against its references and its canonical form: build the index of the
+/// ids, then call [`StreamedManifest::finish`].
+#[derive(Debug)]
+pub struct StreamedManifest<'a> {
+    bytes: &'a [u8],
+    manifest: Manifest,
+    /// The streamed list's sizes (take them: `finish` does not need them).
+    pub sizes: StreamedSizes,
+    /// Positions streamed.
+    count: u64,
+    /// BLAKE3 of the canonical encoding of the streamed items (without the
+    /// array header), and its length.
+    items_hash: [u8; 32],
+    items_len: u64,
+}
+
+pub(crate) struct Stream {
+    ids: Box<dyn ChunkIdSink>,
+    sizes: StreamedSizes,
+    count: u64,
+    items: blake3::Hasher,
+    items_len: u64,
+    buf: Vec<u8>,
+    sink_error: Option<String>,
+    used: bool,
+}
+
+thread_local! {
+    /// The stream of the decode running on this thread, if it streams.
+    static STREAM: RefCell<Option<Stream>> = const { RefCell::new(None) };
+}
+
+/// The stream for a chunk list being decoded, if this decode streams and its
+/// first list is not decoded yet.
+pub(crate) fn take_stream() -> Option<Stream> {
+    STREAM.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_some_and(|s| !s.used) {
+            c.take()
+        } else {
+            None
+        }
+    })
+}
+
+/// Decodes a chunk list into `stream` (and puts it back, used).
+pub(crate) fn stream_list<'de, D: Deserializer<'de>>(
+    d: D,
+    mut stream: Stream,
+) -> Result<(), D::Error> {
+    struct Visit<'a>(&'a mut Stream);
+    impl<'de> serde::de::Visitor<'de> for Visit<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a chunk list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let s = self.0;
+            // Trusted only up to what the manifest's bytes can hold.
+            let cap = seq
+                .size_hint()
+                .unwrap_or(0)
+                .min(MANIFEST_SIZE_MAX / CHUNK_REF_ENCODED_MIN);
+            s.sizes.sizes.reserve_exact(cap);
+            s.sizes.stored_sizes.reserve_exact(cap);
+            while let Some(c) = seq.next_element::<ChunkRef>()? {
+                if let Err(e) = s.ids.push(&c.id) {
+                    s.sink_error = Some(e.clone());
+                    return Err(A::Error::custom(e));
+                }
+                s.sizes.sizes.push(c.size);
+                s.sizes.stored_sizes.push(c.stored_size);
+                s.count += 1;
+                encode_ref(&c, &mut s.buf);
+                if s.buf.len() >= 8192 {
+                    s.items.update(&s.buf);
+                    s.items_len += s.buf.len() as u64;
+                    s.buf.clear();
+                }
+            }
+            s.items.update(&s.buf);
+            s.items_len += s.buf.len() as u64;
+            s.buf.clear();
+            Ok(())
+        }
+    }
+    let r = d.deserialize_seq(Visit(&mut stream));
+    stream.used = true;
+    STREAM.with(|c| *c.borrow_mut() = Some(stream));
+    r
+}
+
+/// A CBOR head (major type `major`, argument `v`) in its shortest form.
+fn head(major: u8, v: u64, out: &mut Vec<u8>) {
+    let m = major << 5;
+    if v < 24 {
+        out.push(m | v as u8);
+    } else if let Ok(v) = u8::try_from(v) {
+        out.extend_from_slice(&[m | 24, v]);
+    } else if let Ok(v) = u16::try_from(v) {
+        out.push(m | 25);
+        out.extend_from_slice(&v.to_be_bytes());
+    } else if let Ok(v) = u32::try_from(v) {
+        out.push(m | 26);
+        out.extend_from_slice(&v.to_be_bytes());
+    } else {
+        out.push(m | 27);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// The canonical encoding of a chunk: `[id, size, stored_size]`.
+fn encode_ref(c: &ChunkRef, out: &mut Vec<u8>) {
+    head(4, 3, out);
+    head(2, 32, out);
+    out.extend_from_slice(&c.id.0);
+    head(0, c.size.into(), out);
+    head(0, c.stored_size.into(), out);
+}
+
+impl Manifest {
+    /// [`Manifest::from_cbor`] with the first payload's chunk list streamed out:
+    /// its ids to `ids`, its sizes to [`StreamedManifest::sizes`]; the decoded
+    /// manifest's first payload has an empty `chunks`. Every check but the
+    /// references' and the canonical form's is made here;
+    /// [`StreamedManifest::finish`] makes those (the same errors as
+    /// [`Manifest::from_cbor`], in the same order). Returns the sink back.
+    pub fn from_cbor_streaming(
+        bytes: &[u8],
+        ids: Box<dyn ChunkIdSink>,
+    ) -> Result<(StreamedManifest<'_>, Box<dyn ChunkIdSink>), StreamedError> {
+        Manifest::check_size_and_version(bytes)?;
+        STREAM.with(|c| {
+            *c.borrow_mut() = Some(Stream {
+                ids,
+                sizes: StreamedSizes::default(),
+                count: 0,
+                items: blake3::Hasher::new(),
+                items_len: 0,
+                buf: Vec::with_capacity(8192 + 64),
+                sink_error: None,
+                used: false,
+            })
+        });
+        let decoded = cbor4ii::serde::from_slice::<Manifest>(bytes);
+        let stream = STREAM
+            .with(|c| c.borrow_mut().take())
+            .expect("the stream is put back after every list");
+        if let Some(e) = stream.sink_error {
+            return Err(StreamedError::Sink(e));
+        }
+        let manifest =
+            decoded.map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
+        let sizes = if stream.used {
+            stream.sizes
+        } else {
+            // No payload: the checks below refuse it (payloads, 1..).
+            manifest.validate_fields(None)?;
+            return Err(ManifestError::Decode("the manifest has no chunk list".into()).into());
+        };
+        manifest.validate_fields(Some(&sizes))?;
+        Ok((
+            StreamedManifest {
+                bytes,
+                manifest,
+                sizes,
+                count: stream.count,
+                items_hash: *stream.items.finalize().as_bytes(),
+                items_len: stream.items_len,
+            },
+            stream.ids,
+        ))
+    }
+}
+
+impl StreamedManifest<'_> {
+    /// The decoded manifest (its first payload's `chunks` empty).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Checks the references against the streamed ids (`ids`) and the canonical
+    /// form, and returns the manifest (its first payload's `chunks` empty).
+    pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, ManifestError> {
+        self.manifest.validate_references(Some(ids))?;
+        if !self.is_canonical() {
+            return Err(ManifestError::NotCanonical);
+        }
+        Ok(self.manifest)
+    }
+
+    /// Whether the bytes are the canonical encoding of the manifest with its
+    /// streamed list: outside the list, byte for byte the re-encoding with an
+    /// empty list (small: the list is the bulk); the list, the canonical
+    /// encoding of what was streamed (compared by hash).
+    fn is_canonical(&self) -> bool {
+        let empty = self.manifest.to_cbor();
+        // Where the first list starts: the first byte where the encoding with one
+        // chunk in it differs (its array head, 0x80 then 0x81).
+        let mut one = self.manifest.clone();
+        one.payloads[0].chunks.push(ChunkRef {
+            id: ChunkId([0; 32]),
+            size: 0,
+            stored_size: 0,
+        });
+        let with_one = one.to_cbor();
+        let Some(at) = empty.iter().zip(&with_one).position(|(a, b)| a != b) else {
+            return false;
+        };
+        let mut list_head = Vec::new();
+        head(4, self.count, &mut list_head);
+        let Ok(items_len) = usize::try_from(self.items_len) else {
+            return false;
+        };
+        let list_len = list_head.len() + items_len;
+        let bytes = self.bytes;
+        if bytes.len() != empty.len() - 1 + list_len {
+            return false;
+        }
+        let items = &bytes[at + list_head.len()..at + list_len];
+        bytes[..at] == empty[..at]
+            && bytes[at..at + list_head.len()] == list_head[..]
+            && bytes[at + list_len..] == empty[at + 1..]
+            && *blake3::hash(items).as_bytes() == self.items_hash
+    }
+}
