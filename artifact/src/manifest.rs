@@ -1700,12 +1700,11 @@ mod tests {
     /// back into the manifest (to compare with `from_cbor`).
     fn streamed(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (mut s, _) = Manifest::from_cbor_streaming(bytes, Box::new(Ids(ids.clone()))).map_err(
-            |e| match e {
+        let (mut s, _) =
+            Manifest::from_cbor_streaming(bytes, Ids(ids.clone())).map_err(|e| match e {
                 crate::StreamedError::Manifest(e) => e,
                 crate::StreamedError::Sink(e) => panic!("the test sink failed: {e}"),
-            },
-        )?;
+            })?;
         let sizes = std::mem::take(&mut s.sizes);
         let ids = std::mem::take(&mut *ids.lock().unwrap());
         let mut m = s.finish(&Kept(ids.clone()))?;
@@ -1840,7 +1839,7 @@ mod tests {
             }
         }
         let bytes = sample().to_cbor();
-        match Manifest::from_cbor_streaming(&bytes, Box::new(Full)) {
+        match Manifest::from_cbor_streaming(&bytes, Full) {
             Err(crate::StreamedError::Sink(e)) => assert_eq!(e, "no space left on the device"),
             other => panic!("expected the sink's error, got {:?}", other.map(|_| ())),
         }

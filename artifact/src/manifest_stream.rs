@@ -21,10 +21,15 @@ use crate::manifest::{CHUNK_REF_ENCODED_MIN, MANIFEST_SIZE_MAX};
 use crate::{ChunkId, ChunkRef, Manifest, ManifestError};
 
 /// Takes a streamed chunk list's ids, in position order.
-pub trait ChunkIdSink {
+pub trait ChunkIdSink: std::any::Any {
     /// The id at the next position. An error (the sink's storage failed) stops
     /// the decode with [`StreamedError::Sink`].
     fn push(&mut self, id: &ChunkId) -> Result<(), String>;
+    /// About `positions` ids are coming (the list's declared length, trusted
+    /// only up to what the manifest's bytes can hold).
+    fn reserve(&mut self, positions: usize) {
+        let _ = positions;
+    }
 }
 
 /// The first payload's chunk sizes, by position, as streamed out of the decoder.
@@ -124,6 +129,7 @@ pub(crate) fn stream_list<'de, D: Deserializer<'de>>(
                 .min(MANIFEST_SIZE_MAX / CHUNK_REF_ENCODED_MIN);
             s.sizes.sizes.reserve_exact(cap);
             s.sizes.stored_sizes.reserve_exact(cap);
+            s.ids.reserve(cap);
             while let Some(c) = seq.next_element::<ChunkRef>()? {
                 if let Err(e) = s.ids.push(&c.id) {
                     s.sink_error = Some(e.clone());
@@ -186,10 +192,11 @@ impl Manifest {
     /// references' and the canonical form's is made here;
     /// [`StreamedManifest::finish`] makes those (the same errors as
     /// [`Manifest::from_cbor`], in the same order). Returns the sink back.
-    pub fn from_cbor_streaming(
+    pub fn from_cbor_streaming<S: ChunkIdSink>(
         bytes: &[u8],
-        ids: Box<dyn ChunkIdSink>,
-    ) -> Result<(StreamedManifest<'_>, Box<dyn ChunkIdSink>), StreamedError> {
+        ids: S,
+    ) -> Result<(StreamedManifest<'_>, S), StreamedError> {
+        let ids: Box<dyn ChunkIdSink> = Box::new(ids);
         Manifest::check_size_and_version(bytes)?;
         STREAM.with(|c| {
             *c.borrow_mut() = Some(Stream {
@@ -229,7 +236,9 @@ impl Manifest {
                 items_hash: *stream.items.finalize().as_bytes(),
                 items_len: stream.items_len,
             },
-            stream.ids,
+            *(stream.ids as Box<dyn std::any::Any>)
+                .downcast::<S>()
+                .expect("the sink given"),
         ))
     }
 }

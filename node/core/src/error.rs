@@ -19,6 +19,10 @@ pub enum OfferError {
     /// The signed bytes are not a valid manifest.
     #[error("the signed manifest is invalid: {0}")]
     Manifest(#[from] ManifestError),
+    /// The driver's store of the release's chunk ids failed (a device: the file
+    /// next to the stored envelope could not be written or read).
+    #[error("{0}")]
+    ChunkIds(String),
     /// A release verified against another trust root than the engine's was offered
     /// ([`Engine::offer_verified`](crate::Engine::offer_verified)).
     #[error("the release was verified against another trust root than this device's")]
@@ -161,6 +165,16 @@ pub enum InstallError {
         bytes: u64,
     },
     /// The install needs more bytes over the WAN than the data budget allows.
+    /// The release's chunk ids could not be read from the driver's file (a
+    /// device: the file next to its stored envelope); nothing was written for a
+    /// chunk whose id was not read.
+    #[error(
+        "{message}; rerun the install to resume (the ids are derived again from the signed manifest)"
+    )]
+    ChunkIds {
+        /// What failed, naming the file.
+        message: String,
+    },
     #[error(
         "this install needs {needed} bytes over the WAN but the data budget allows {allowed}; nothing more was fetched"
     )]
@@ -216,7 +230,8 @@ impl InstallError {
     /// its exit code (`shoal install`: 75 when worth retrying, else 1).
     pub fn worth_retrying(&self) -> bool {
         match self {
-            InstallError::SourcesFailed { .. } => true,
+            // A read error of a file the rerun derives again.
+            InstallError::SourcesFailed { .. } | InstallError::ChunkIds { .. } => true,
             InstallError::Io { op, .. } => *op == IoOp::Fetch,
             InstallError::Source { fault, .. } => matches!(fault, SourceFault::Unreadable(_)),
             InstallError::CorruptChunk { .. }

@@ -40,6 +40,7 @@ pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
 pub use pick::PickError;
 pub use release::VerifiedRelease;
+pub use table::{ChunkIdFile, ChunkIdWriter};
 
 use scheduler::{Job, Need, Step};
 
@@ -869,12 +870,24 @@ impl Engine {
                 self.stop(InstallError::Source { id: source, fault });
             }
         }
+        self.check_ids();
     }
 
     /// Runs the timers that are due ([`Engine::poll_timeout`]).
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.job.is_some() {
             self.on_timeout(now);
+        }
+        self.check_ids();
+    }
+
+    /// Ends the install when its release's ids could not be read from the
+    /// driver's file ([`VerifiedRelease::chunk_ids_error`]): what this step asked
+    /// for is dropped (it may name an id read as zeros).
+    fn check_ids(&mut self) {
+        if let Some(message) = self.job.as_ref().and_then(|j| j.rel.table.ids_error()) {
+            let message = message.to_owned();
+            self.stop(InstallError::ChunkIds { message });
         }
     }
 
@@ -910,8 +923,16 @@ impl Engine {
         }
     }
 
-    /// Stops the install with `err` (the journal is kept).
+    /// Stops the install with `err` (the journal is kept); with the release's
+    /// ids unreadable, that failure is the cause (what else failed read an id no
+    /// chunk has).
     fn fail(&mut self, err: InstallError) {
+        let err = match self.job.as_ref().and_then(|j| j.rel.table.ids_error()) {
+            Some(message) => InstallError::ChunkIds {
+                message: message.to_owned(),
+            },
+            None => err,
+        };
         info!(error = %err, "install stopped");
         if let Some(dep) = &self.state.deployment {
             let outcome = Outcome {

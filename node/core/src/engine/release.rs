@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use shoal_artifact::{Manifest, PayloadKind};
+use shoal_artifact::{ChunkId, ChunkIdSink, Manifest, PayloadKind, StreamedError, StreamedIds};
 use shoal_signing::{EnvelopeRef, RoleName, TrustRoot};
 
-use super::table::ChunkTable;
+use super::table::{ChunkIdWriter, ChunkTable, FileIds, Ids, prefix};
 use crate::error::OfferError;
 use crate::state::{IndexedChunk, Release, SlotIndex};
 
@@ -50,7 +50,7 @@ impl VerifiedRelease {
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
-        Self::verify_as(root, envelope, wall_unix_s, false)
+        Self::verify_as(root, envelope, wall_unix_s, false, None)
     }
 
     /// [`VerifiedRelease::verify`] for a driver that stored `envelope` durably
@@ -67,7 +67,21 @@ impl VerifiedRelease {
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
-        Self::verify_as(root, envelope, wall_unix_s, true)
+        Self::verify_as(root, envelope, wall_unix_s, true, None)
+    }
+
+    /// [`VerifiedRelease::verify_stored`] with the chunk ids going to `ids` as
+    /// the manifest is decoded (a device: a file next to the stored envelope),
+    /// and read back from it by position: the release's ids (32 bytes a chunk)
+    /// are then never in memory, nor is its chunk list decoded as a whole (40
+    /// bytes a chunk). A failure of `ids` is [`OfferError::ChunkIds`].
+    pub fn verify_stored_to(
+        root: &TrustRoot,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_as(root, envelope, wall_unix_s, true, Some(ids))
     }
 
     fn verify_as(
@@ -75,18 +89,44 @@ impl VerifiedRelease {
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
         stored: bool,
+        writer: Option<Box<dyn ChunkIdWriter>>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
         // Decoded in place (the signed bytes are not copied).
         let parsed = EnvelopeRef::from_bytes(&envelope)?;
         let signed = root.verify_ref(RoleName::Release, &parsed, wall_unix_s)?;
-        let mut manifest = Manifest::from_cbor(signed)?;
         let manifest_hash = *blake3::hash(signed).as_bytes();
+        // The chunk list is streamed out of the decoder: ids to memory or the
+        // driver's file, sizes to two arrays; never a list of `ChunkRef`s.
+        let sink = IdSink {
+            prefixes: Vec::new(),
+            to: match writer {
+                Some(w) => IdsTo::Writer(w),
+                None => IdsTo::Memory(Vec::new()),
+            },
+        };
+        let (mut streamed, sink) =
+            Manifest::from_cbor_streaming(signed, sink).map_err(|e| match e {
+                StreamedError::Manifest(e) => OfferError::Manifest(e),
+                StreamedError::Sink(message) => OfferError::ChunkIds(message),
+            })?;
+        let sizes = std::mem::take(&mut streamed.sizes);
+        let positions = u32::try_from(sizes.sizes.len()).expect("bounded by the manifest size");
+        let ids = match sink.to {
+            IdsTo::Memory(ids) => Ids::Memory(ids.into_boxed_slice()),
+            IdsTo::Writer(w) => Ids::File(FileIds::new(
+                w.finish().map_err(OfferError::ChunkIds)?,
+                positions,
+            )),
+        };
+        let table = ChunkTable::build(ids, sizes.sizes, sizes.stored_sizes, sink.prefixes);
+        // The references' checks and the canonical form, against the table.
+        let manifest = streamed.finish(&TableIds(&table))?;
+        if let Some(e) = table.ids_error() {
+            return Err(OfferError::ChunkIds(e.to_owned()));
+        }
         drop(parsed);
         let (envelope, stored) = if stored {
             let hash = *blake3::hash(&envelope).as_bytes();
-            // Dropped here, before the table is built (a shadowing `let` would
-            // keep it to the end of the function: 17.6 MB at 8 GiB beside the
-            // table being built, the install's peak until session 9).
             drop(envelope);
             (None, Some(hash))
         } else {
@@ -101,11 +141,9 @@ impl VerifiedRelease {
                 other: manifest.payloads.len() - rootfs.len(),
             });
         }
+        // The table is the first payload's: the only one.
         let payload = rootfs[0];
         let release = Release::with_hash(&manifest, payload, manifest_hash);
-        // The table takes the chunk list over (it is the table's storage by
-        // position), so the list is never held twice.
-        let table = ChunkTable::new(std::mem::take(&mut manifest.payloads[payload].chunks));
         Ok(Arc::new(VerifiedRelease {
             root: root.clone(),
             envelope: std::sync::Mutex::new(envelope),
@@ -115,6 +153,15 @@ impl VerifiedRelease {
             release,
             table,
         }))
+    }
+
+    /// The first failure to read the release's chunk ids from the driver's file
+    /// ([`VerifiedRelease::verify_stored_to`]), if any: sticky; an install of it
+    /// ends with it ([`InstallError::ChunkIds`](crate::InstallError::ChunkIds)),
+    /// and a driver that read the release's ids (the slot index, an artifact's
+    /// packs) checks it before it trusts what it read.
+    pub fn chunk_ids_error(&self) -> Option<&str> {
+        self.table.ids_error()
     }
 
     /// The release, as the device records it.
@@ -189,6 +236,52 @@ impl VerifiedRelease {
     /// Heap bytes of its chunk table (what a fleet shares).
     pub fn table_heap_bytes(&self) -> usize {
         self.table.heap_bytes()
+    }
+}
+
+/// Where a streamed chunk list's ids go, with their prefixes (the table's lookup).
+struct IdSink {
+    prefixes: Vec<u32>,
+    to: IdsTo,
+}
+
+enum IdsTo {
+    Memory(Vec<ChunkId>),
+    Writer(Box<dyn ChunkIdWriter>),
+}
+
+impl ChunkIdSink for IdSink {
+    fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+        self.prefixes.push(prefix(id));
+        match &mut self.to {
+            IdsTo::Memory(ids) => {
+                ids.push(*id);
+                Ok(())
+            }
+            IdsTo::Writer(w) => w.push(id),
+        }
+    }
+
+    fn reserve(&mut self, positions: usize) {
+        self.prefixes.reserve_exact(positions);
+        if let IdsTo::Memory(ids) = &mut self.to {
+            ids.reserve_exact(positions);
+        }
+    }
+}
+
+/// The table's ids, for the manifest's references' checks.
+struct TableIds<'a>(&'a ChunkTable);
+
+impl StreamedIds for TableIds<'_> {
+    fn len(&self) -> u32 {
+        self.0.positions()
+    }
+    fn is_first(&self, pos: u32) -> bool {
+        self.0.is_first(pos)
+    }
+    fn id(&self, pos: u32) -> ChunkId {
+        self.0.id_at(pos)
     }
 }
 

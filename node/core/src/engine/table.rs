@@ -2,14 +2,19 @@
 //! order of first appearance) and its positions (the manifest's chunk list, where an
 //! entry may appear several times), in dense arrays.
 //!
-//! The manifest's chunk list itself is the table's storage by position (an
-//! entry's id and sizes are those at its first position): building the table
-//! takes the list over instead of copying its ids, so a large release's list is
-//! never in memory twice (40 bytes a chunk: 17 MiB for an 8 GiB image).
+//! Sizes and sizes on the wire are kept by position, 8 bytes a chunk. The ids (32
+//! bytes a chunk: 13.8 MB for an 8 GiB image) are kept where the release was
+//! verified: in memory ([`Ids::Memory`], one copy a fleet of simulated devices
+//! shares), or in a file the driver wrote as the manifest was decoded and reads by
+//! position ([`ChunkIdFile`], through a small block cache): a device's memory then
+//! does not grow with the image's ids. Lookups by id stay in memory (the first 4
+//! bytes of each entry's id, sorted); a full id is read only where a prefix matches.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use shoal_artifact::{ChunkId, ChunkRef};
+use shoal_artifact::ChunkId;
+#[cfg(test)]
+use shoal_artifact::ChunkRef;
 
 /// No next position.
 const NONE: u32 = u32::MAX;
@@ -19,8 +24,16 @@ const NONE: u32 = u32::MAX;
 /// keeps half a byte a position for offsets instead of 8 (3.4 MB at 8 GiB).
 const OFFSET_STRIDE: usize = 16;
 
+/// Ids a block of the cache holds (8 KiB): reads in position order (the artifact
+/// stream, the fetch plan) cost one read a block; a lookup in id order (the slot
+/// index written after an install) costs one small read.
+const BLOCK_IDS: u32 = 256;
+
+/// Blocks the cache keeps (128 KiB).
+const BLOCKS: usize = 16;
+
 /// The first 4 bytes of an id, big-endian (so prefixes sort as the ids do).
-fn prefix(id: &ChunkId) -> u32 {
+pub(crate) fn prefix(id: &ChunkId) -> u32 {
     u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
 }
 
@@ -28,11 +41,131 @@ fn prefix(id: &ChunkId) -> u32 {
 /// (positions are below it).
 pub(crate) const WHOLE_ENTRY: u32 = 1 << 31;
 
+/// A release's chunk ids by position, kept by the driver (a device: a file it
+/// wrote from the verified manifest, read with `pread`).
+pub trait ChunkIdFile: Send + Sync + std::fmt::Debug {
+    /// Fills `out` with the ids at positions `from..from + out.len()`.
+    fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> std::io::Result<()>;
+    /// What it is, for an error message (a device: the file's path).
+    fn describe(&self) -> String;
+}
+
+/// Takes a release's chunk ids in position order while its manifest is decoded
+/// ([`VerifiedRelease::verify_stored_to`](crate::VerifiedRelease::verify_stored_to)),
+/// then gives them back to be read by position.
+pub trait ChunkIdWriter: Send {
+    /// The id at the next position. The error says what failed, naming the file.
+    fn push(&mut self, id: &ChunkId) -> Result<(), String>;
+    /// Every id was pushed: the ids, to be read by position.
+    fn finish(self: Box<Self>) -> Result<Arc<dyn ChunkIdFile>, String>;
+}
+
+/// Where the table's ids are.
+#[derive(Debug)]
+pub(crate) enum Ids {
+    /// In memory, by position.
+    Memory(Box<[ChunkId]>),
+    /// In the driver's file.
+    File(FileIds),
+}
+
+impl Ids {
+    #[inline]
+    fn get(&self, p: u32) -> ChunkId {
+        match self {
+            Ids::Memory(ids) => ids[p as usize],
+            Ids::File(f) => f.get(p),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Ids::Memory(ids) => ids.len() * 32,
+            Ids::File(_) => BLOCKS * BLOCK_IDS as usize * 32 + BLOCKS * 4,
+        }
+    }
+}
+
+/// Ids read from a [`ChunkIdFile`] through a cache of [`BLOCKS`] blocks. A read
+/// that fails is remembered (the first failure, sticky): the id it should have
+/// given is all zeros, which no chunk hashes to, and the engine ends the install
+/// with [`InstallError::ChunkIds`](crate::InstallError::ChunkIds) naming the file.
+#[derive(Debug)]
+pub(crate) struct FileIds {
+    file: Arc<dyn ChunkIdFile>,
+    len: u32,
+    cache: Mutex<BlockCache>,
+    error: OnceLock<String>,
+}
+
+#[derive(Debug)]
+struct BlockCache {
+    /// The block in each slot (`NONE`: empty).
+    tags: [u32; BLOCKS],
+    /// The slots' ids, [`BLOCK_IDS`] a slot.
+    ids: Box<[ChunkId]>,
+    /// The slot the next miss replaces.
+    hand: usize,
+}
+
+impl FileIds {
+    pub(crate) fn new(file: Arc<dyn ChunkIdFile>, len: u32) -> FileIds {
+        FileIds {
+            file,
+            len,
+            cache: Mutex::new(BlockCache {
+                tags: [NONE; BLOCKS],
+                ids: vec![ChunkId([0; 32]); BLOCKS * BLOCK_IDS as usize].into_boxed_slice(),
+                hand: 0,
+            }),
+            error: OnceLock::new(),
+        }
+    }
+
+    fn get(&self, p: u32) -> ChunkId {
+        debug_assert!(p < self.len, "a position of the table");
+        let block = p / BLOCK_IDS;
+        let mut c = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = match c.tags.iter().position(|&t| t == block) {
+            Some(slot) => slot,
+            None => {
+                let slot = c.hand;
+                c.hand = (slot + 1) % BLOCKS;
+                let from = block * BLOCK_IDS;
+                let n = BLOCK_IDS.min(self.len - from) as usize;
+                let at = slot * BLOCK_IDS as usize;
+                match self.file.read_ids(from, &mut c.ids[at..at + n]) {
+                    Ok(()) => c.tags[slot] = block,
+                    Err(e) => {
+                        c.tags[slot] = NONE;
+                        self.error.get_or_init(|| {
+                            format!(
+                                "cannot read the release's chunk ids from {}: {e}",
+                                self.file.describe()
+                            )
+                        });
+                        return ChunkId([0; 32]);
+                    }
+                }
+                slot
+            }
+        };
+        c.ids[slot * BLOCK_IDS as usize + (p % BLOCK_IDS) as usize]
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub(crate) struct ChunkTable {
-    /// By position: the manifest's chunk (id, uncompressed size, size on the wire).
-    list: Vec<ChunkRef>,
+    /// By position: the chunk's id.
+    ids: Ids,
+    /// By position: the chunk's uncompressed size.
+    sizes: Vec<u32>,
+    /// By position: the chunk's size on the wire.
+    wire: Vec<u32>,
     /// By entry: its first position.
     first: Vec<u32>,
     /// By position: its entry.
@@ -49,7 +182,7 @@ pub(crate) struct ChunkTable {
     offsets: Vec<u64>,
     /// `(first 4 bytes of the id, entry)` sorted by id, for lookups: 8 bytes an
     /// entry, not a copy of the ids; the full id is compared only where the prefix
-    /// matches (the search stays within this array).
+    /// matches.
     by_id: Vec<(u32, u32)>,
     /// `(entry, offsets of its positions after the first)` for each entry with
     /// several positions, sorted by entry: shared with each write of it.
@@ -58,20 +191,42 @@ pub(crate) struct ChunkTable {
 
 impl ChunkTable {
     /// The table of a payload's chunk list (a validated manifest's, so sizes add
-    /// up), which it keeps as its storage by position.
-    ///
-    /// Besides the table it keeps, it needs 8 bytes a position while it is built
-    /// (positions sorted by id, and each position's first), so building the table
-    /// of a large release does not cost a second copy of its ids.
+    /// up), its ids kept in memory (tests: a release's table is built from the
+    /// streamed list, [`ChunkTable::build`]).
+    #[cfg(test)]
     pub(crate) fn new(list: Vec<ChunkRef>) -> ChunkTable {
-        let n = list.len();
+        let sizes = list.iter().map(|c| c.size).collect();
+        let wire = list.iter().map(|c| c.stored_size).collect();
+        let prefixes = list.iter().map(|c| prefix(&c.id)).collect();
+        let ids = list.iter().map(|c| c.id).collect();
+        drop(list);
+        ChunkTable::build(Ids::Memory(ids), sizes, wire, prefixes)
+    }
+
+    /// The table of a payload's chunks given as arrays by position (a validated
+    /// manifest's, so sizes add up): its ids where they are kept, their sizes,
+    /// sizes on the wire and ids' first 4 bytes ([`prefix`]).
+    ///
+    /// Besides the table it keeps, it needs 12 bytes a position while it is built
+    /// (positions sorted by id prefix, each position's first, the prefixes); ids
+    /// are read only where prefixes are equal (repeats, or one chance in 2³² a
+    /// pair).
+    pub(crate) fn build(
+        ids: Ids,
+        sizes: Vec<u32>,
+        wire: Vec<u32>,
+        prefixes: Vec<u32>,
+    ) -> ChunkTable {
+        let n = sizes.len();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < WHOLE_ENTRY),
             "chunk count fits 31 bits"
         );
-        let chunks = &list;
+        assert!(wire.len() == n && prefixes.len() == n, "arrays by position");
         let mut t = ChunkTable {
-            list: Vec::new(),
+            ids,
+            sizes,
+            wire,
             first: Vec::new(),
             entry_of: Vec::with_capacity(n),
             more: Vec::new(),
@@ -80,31 +235,52 @@ impl ChunkTable {
             by_id: Vec::new(),
             repeats: Vec::new(),
         };
-        // Positions sorted by (id, position): each id's positions are a run, first
+        // Positions sorted by (prefix, position); then, within each run of equal
+        // prefixes, by (id, position): each id's positions are a run, first
         // position first.
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            chunks[a as usize]
-                .id
-                .cmp(&chunks[b as usize].id)
-                .then(a.cmp(&b))
-        });
+        order.sort_unstable_by_key(|&p| (prefixes[p as usize], p));
         // first_of[p]: the first position with p's id (linking each run).
         let mut first_of = vec![NONE; n];
         // (first position, later positions) of each id that repeats.
         let mut later: Vec<(u32, Box<[u32]>)> = Vec::new();
-        for group in order.chunk_by(|&a, &b| chunks[a as usize].id == chunks[b as usize].id) {
-            let first = group[0];
-            if group.len() > 1 {
-                later.push((first, group[1..].into()));
+        // The first position of each id, in id order, written over `order`'s
+        // front (never ahead of what is read).
+        let mut kept = 0;
+        let mut i = 0;
+        while i < n {
+            let want = prefixes[order[i] as usize];
+            let j = i + order[i..]
+                .iter()
+                .take_while(|&&p| prefixes[p as usize] == want)
+                .count();
+            if j - i == 1 {
+                let p = order[i];
+                first_of[p as usize] = p;
+                order[kept] = p;
+                kept += 1;
+            } else {
+                let mut group: Vec<(ChunkId, u32)> =
+                    order[i..j].iter().map(|&p| (t.ids.get(p), p)).collect();
+                group.sort_unstable();
+                for run in group.chunk_by(|a, b| a.0 == b.0) {
+                    let first = run[0].1;
+                    if run.len() > 1 {
+                        later.push((first, run[1..].iter().map(|&(_, p)| p).collect()));
+                    }
+                    for &(_, p) in run {
+                        first_of[p as usize] = first;
+                    }
+                    order[kept] = first;
+                    kept += 1;
+                }
             }
-            for &p in group {
-                first_of[p as usize] = first;
-            }
+            i = j;
         }
+        order.truncate(kept);
         // Entries in order of first appearance.
         let mut offset = 0u64;
-        for (p, c) in chunks.iter().enumerate() {
+        for p in 0..n {
             let f = first_of[p] as usize;
             if f == p {
                 t.first.push(p as u32);
@@ -119,17 +295,16 @@ impl ChunkTable {
             if p % OFFSET_STRIDE == 0 {
                 t.offsets.push(offset);
             }
-            offset += u64::from(c.size);
+            offset += u64::from(t.sizes[p]);
         }
         drop(first_of);
-        // The runs of `order` are in id order: their entries are the lookup array.
-        order.dedup_by(|b, a| chunks[*a as usize].id == chunks[*b as usize].id);
+        // `order` holds each id's first position in id order: the lookup array.
         t.by_id = order
             .iter()
-            .map(|&p| (prefix(&chunks[p as usize].id), t.entry_of[p as usize]))
+            .map(|&p| (prefixes[p as usize], t.entry_of[p as usize]))
             .collect();
         drop(order);
-        t.list = list;
+        drop(prefixes);
         t.more = later
             .into_iter()
             .map(|(first, rest)| (t.entry_of[first as usize], rest))
@@ -145,6 +320,25 @@ impl ChunkTable {
             .map(|(e, rest)| (*e, rest.iter().map(|&p| t.offset_at(p)).collect()))
             .collect();
         t
+    }
+
+    /// The first failure to read the ids from the driver's file, if any (sticky):
+    /// the install that met it ends with it.
+    pub(crate) fn ids_error(&self) -> Option<&str> {
+        match &self.ids {
+            Ids::Memory(_) => None,
+            Ids::File(f) => f.error.get().map(String::as_str),
+        }
+    }
+
+    /// Whether position `p` is the first of its id.
+    pub(crate) fn is_first(&self, p: u32) -> bool {
+        self.first[self.entry_of[p as usize] as usize] == p
+    }
+
+    /// The id at position `p`.
+    pub(crate) fn id_at(&self, p: u32) -> ChunkId {
+        self.ids.get(p)
     }
 
     /// The offsets of the entry's positions after the first, if it has several.
@@ -173,24 +367,19 @@ impl ChunkTable {
             .iter()
             .take_while(|&&(p, _)| p == want)
             .map(|&(_, e)| e)
-            .find(|&e| self.at_first(e).id == *id)
-    }
-
-    /// The chunk at the entry's first position.
-    fn at_first(&self, e: u32) -> &ChunkRef {
-        &self.list[self.first[e as usize] as usize]
+            .find(|&e| self.id(e) == *id)
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
-        self.at_first(e).id
+        self.ids.get(self.first[e as usize])
     }
 
     pub(crate) fn size(&self, e: u32) -> u32 {
-        self.at_first(e).size
+        self.sizes[self.first[e as usize] as usize]
     }
 
     pub(crate) fn wire_size(&self, e: u32) -> u32 {
-        self.at_first(e).stored_size
+        self.wire[self.first[e as usize] as usize]
     }
 
     /// Payload offset of the entry's first position.
@@ -209,9 +398,9 @@ impl ChunkTable {
         let p = p as usize;
         let kept = p / OFFSET_STRIDE;
         self.offsets[kept]
-            + self.list[kept * OFFSET_STRIDE..p]
+            + self.sizes[kept * OFFSET_STRIDE..p]
                 .iter()
-                .map(|c| u64::from(c.size))
+                .map(|&s| u64::from(s))
                 .sum::<u64>()
     }
 
@@ -236,7 +425,8 @@ impl ChunkTable {
 
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.list.capacity() * std::mem::size_of::<ChunkRef>()
+        self.ids.heap_bytes()
+            + (self.sizes.capacity() + self.wire.capacity()) * 4
             + (self.first.capacity() + self.entry_of.capacity() + self.by_id.capacity() * 2) * 4
             + self.more.capacity() * std::mem::size_of::<(u32, Box<[u32]>)>()
             + self.more.iter().map(|(_, r)| r.len() * 4).sum::<usize>()
@@ -359,19 +549,136 @@ mod tests {
         assert_eq!(t.more.len(), 1, "only the repeated entry is listed");
     }
 
+    /// Ids in a "file" that counts its reads and fails from a position on.
+    #[derive(Debug)]
+    struct Flaky {
+        ids: Vec<ChunkId>,
+        fail_from: u32,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ChunkIdFile for Flaky {
+        fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> std::io::Result<()> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if from as usize + out.len() > self.fail_from as usize {
+                return Err(std::io::Error::other("input/output error"));
+            }
+            out.copy_from_slice(&self.ids[from as usize..from as usize + out.len()]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "/data/envelopes/ab12.ids".into()
+        }
+    }
+
+    fn file_table(list: &[ChunkRef], fail_from: u32) -> (ChunkTable, Arc<Flaky>) {
+        let file = Arc::new(Flaky {
+            ids: list.iter().map(|c| c.id).collect(),
+            fail_from,
+            reads: Default::default(),
+        });
+        let ids = Ids::File(FileIds::new(
+            Arc::clone(&file) as Arc<dyn ChunkIdFile>,
+            list.len() as u32,
+        ));
+        let t = ChunkTable::build(
+            ids,
+            list.iter().map(|c| c.size).collect(),
+            list.iter().map(|c| c.stored_size).collect(),
+            list.iter().map(|c| prefix(&c.id)).collect(),
+        );
+        (t, file)
+    }
+
+    /// Issue 10: the ids in a file give the table the in-memory one has (entries,
+    /// repeats, lookups, ids sharing their first bytes), read through the block
+    /// cache: a pass in position order reads each block once.
     #[test]
-    fn the_table_keeps_the_chunk_list_it_is_given_not_a_copy() {
-        let list: Vec<ChunkRef> = (0..100u8)
-            .map(|n| ChunkRef {
-                id: id(n),
-                size: 10,
-                stored_size: 5,
+    fn ids_in_a_file_give_the_same_table_read_by_block() {
+        let same = |n: u16| {
+            let mut b = [7u8; 32];
+            b[30..].copy_from_slice(&n.to_be_bytes());
+            ChunkId(b)
+        };
+        let n = BLOCK_IDS * 3 + 17;
+        let list: Vec<ChunkRef> = (0..n)
+            .map(|k| ChunkRef {
+                // A repeated id, ids that share their first 4 bytes, and others.
+                id: match k % 5 {
+                    0 => id(200),
+                    1 => same(k as u16),
+                    _ => ChunkId::of(&k.to_le_bytes()),
+                },
+                size: 100 + k % 7,
+                stored_size: 50 + k % 3,
             })
             .collect();
-        let at = list.as_ptr();
-        let t = ChunkTable::new(list);
-        assert_eq!(t.list.as_ptr(), at, "the list's buffer is the table's");
-        assert_eq!((t.id(7), t.size(7), t.wire_size(7)), (id(7), 10, 5));
-        assert_eq!(t.entry(&id(42)), Some(42));
+        let mem = ChunkTable::new(list.clone());
+        let (file, f) = file_table(&list, u32::MAX);
+        assert_eq!((file.entries(), file.positions()), (mem.entries(), n));
+        let reads = f.reads.load(std::sync::atomic::Ordering::Relaxed);
+        for e in 0..mem.entries() {
+            assert_eq!(
+                (
+                    file.id(e),
+                    file.size(e),
+                    file.wire_size(e),
+                    file.first_offset(e)
+                ),
+                (
+                    mem.id(e),
+                    mem.size(e),
+                    mem.wire_size(e),
+                    mem.first_offset(e)
+                )
+            );
+        }
+        // Entries in order of first appearance: positions in order, one read a
+        // block (4 blocks), the cache cold or not.
+        let more = f.reads.load(std::sync::atomic::Ordering::Relaxed) - reads;
+        assert!(more <= 4, "{more} reads for a pass in position order");
+        for c in &list {
+            assert_eq!(file.entry(&c.id), mem.entry(&c.id));
+        }
+        assert_eq!(file.entry(&same(9999)), None);
+        assert_eq!(
+            file.entries_by_id().collect::<Vec<_>>(),
+            mem.entries_by_id().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            file.positions_of(0).collect::<Vec<_>>(),
+            mem.positions_of(0).collect::<Vec<_>>()
+        );
+        assert_eq!(file.ids_error(), None);
+    }
+
+    /// Issue 10: a read of the ids' file that fails is remembered (sticky, naming
+    /// the file) and gives an id no chunk has, never another chunk's id.
+    #[test]
+    fn a_failed_read_of_the_ids_is_sticky_and_names_the_file() {
+        let list: Vec<ChunkRef> = (0..BLOCK_IDS * 2)
+            .map(|k| ChunkRef {
+                id: ChunkId::of(&k.to_le_bytes()),
+                size: 10,
+                stored_size: 10,
+            })
+            .collect();
+        // The second block cannot be read.
+        let (t, _) = file_table(&list, BLOCK_IDS + 1);
+        assert_eq!(t.ids_error(), None, "building read no id (prefixes differ)");
+        assert_eq!(t.id(3), list[3].id);
+        let far = BLOCK_IDS + 5;
+        assert_eq!(t.id(far), ChunkId([0; 32]));
+        assert_eq!(t.entry(&list[far as usize].id), None);
+        assert_eq!(
+            t.ids_error(),
+            Some(
+                "cannot read the release's chunk ids from /data/envelopes/ab12.ids: input/output error"
+            )
+        );
+        // Still readable where it can be; the error stays.
+        assert_eq!(t.id(4), list[4].id);
+        assert!(t.ids_error().is_some());
     }
 }
