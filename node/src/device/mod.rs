@@ -9,6 +9,7 @@
 //! store directory (answered per request), or a [`Requests`] source answering on
 //! threads of its own (the daemon's server: several requests in flight).
 
+mod chunk_ids;
 #[cfg(test)]
 mod crash_tests;
 pub mod health;
@@ -653,15 +654,34 @@ impl Device {
                 if let Some(d) = &dictionary {
                     kept.save_dictionary(manifest_hash, d);
                 }
-                let verify = if stored.is_some() {
-                    shoal_engine::VerifiedRelease::verify_stored
-                } else {
-                    shoal_engine::VerifiedRelease::verify
-                };
                 // A release refused from here on leaves no envelope file behind.
                 let offered = (|| -> anyhow::Result<()> {
-                    let release = verify(&driver.dev.root, envelope, wall)
-                        .map_err(|e| anyhow!(e).context("the release was refused"))?;
+                    // With the envelope stored, its chunk ids go to a file next to
+                    // it as the manifest is decoded, and are read from there by
+                    // position: an 8 GiB image's 13.8 MB of ids stay on disk.
+                    let root = &driver.dev.root;
+                    let release = match stored {
+                        Some(hash) => match driver
+                            .dev
+                            .store
+                            .chunk_ids_writer(&hash)
+                            .context("cannot keep the release's chunk ids")?
+                        {
+                            Some(ids) => shoal_engine::VerifiedRelease::verify_stored_to(
+                                root, envelope, wall, ids,
+                            ),
+                            None => {
+                                shoal_engine::VerifiedRelease::verify_stored(root, envelope, wall)
+                            }
+                        },
+                        None => shoal_engine::VerifiedRelease::verify(root, envelope, wall),
+                    }
+                    .map_err(|e| match e {
+                        shoal_engine::OfferError::ChunkIds(_) => {
+                            anyhow!(e).context("cannot keep the release's chunk ids")
+                        }
+                        e => anyhow!(e).context("the release was refused"),
+                    })?;
                     // A full artifact whose contents lack a chunk is refused here,
                     // before the offer.
                     artifact

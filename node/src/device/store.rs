@@ -404,19 +404,45 @@ impl Store {
             && named.as_deref() != Some(&hash[..])
         {
             let _ = std::fs::remove_file(envelope_path(dir, hash));
+            let _ = std::fs::remove_file(chunk_ids_path(dir, hash));
         }
+    }
+
+    /// Where the chunk ids of the release whose stored envelope is named `hash`
+    /// go while it is verified ([`shoal_engine::VerifiedRelease::verify_stored_to`]):
+    /// a file next to the envelope, `<hash>.ids`, 32 bytes a position, derived
+    /// again by every offer (never trusted from an earlier run), removed with the
+    /// envelope when the deployment ends. `None` on a store that keeps no
+    /// envelope files.
+    pub fn chunk_ids_writer(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<Box<dyn shoal_engine::ChunkIdWriter>>, StoreError> {
+        let Some(dir) = &self.envelopes else {
+            return Ok(None);
+        };
+        let writer =
+            super::chunk_ids::IdsWriter::create(chunk_ids_path(dir, hash)).map_err(|source| {
+                StoreError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+        Ok(Some(Box::new(writer)))
     }
 
     /// Removes the envelope files other than `keep` (after the record that names
     /// `keep`, or none, committed).
     fn prune_envelope_files(dir: &Path, keep: Option<&[u8; 32]>) {
+        // The envelope's chunk ids (an offer in this run wrote them) stay with it.
+        let keep_ids = keep.map(|h| chunk_ids_path(dir, h));
         let keep = keep.map(|h| envelope_path(dir, h));
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if Some(&path) != keep.as_ref() {
+            if Some(&path) != keep.as_ref() && Some(&path) != keep_ids.as_ref() {
                 // A leftover costs disk, not correctness: the next prune retries.
                 let _ = std::fs::remove_file(&path);
             }
@@ -663,7 +689,9 @@ impl Store {
                 for c in chunks.by_ref().take(INDEX_BATCH) {
                     index.insert(&index_key(slot, &c.id)[..], (c.offset, c.len))?;
                 }
-                if chunks.peek().is_none() {
+                // An index whose ids could not all be read is no index (no
+                // chunking recorded): the slot is cut again when it is needed.
+                if chunks.peek().is_none() && release.chunk_ids_error().is_none() {
                     last = true;
                     let mut meta = txn.open_table(META)?;
                     let key = format!("chunking.{}", slot_name(slot));
@@ -671,6 +699,9 @@ impl Store {
                 }
                 Ok(())
             })?;
+            if let Some(message) = release.chunk_ids_error() {
+                return Err(self.db_err(format!("the slot index was not written: {message}")));
+            }
             if last {
                 return Ok(());
             }
@@ -750,6 +781,11 @@ impl cbor4ii::core::enc::Write for HashingWriter {
 
 fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.envelope", hex::encode(hash)))
+}
+
+/// The chunk ids of the stored envelope named `hash` ([`Store::chunk_ids_writer`]).
+fn chunk_ids_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
+    dir.join(format!("{}.ids", hex::encode(hash)))
 }
 
 /// Values stored as CBOR in the `meta` table.
