@@ -948,6 +948,136 @@ fn a_release_whose_envelope_the_driver_stored_names_it_by_hash_and_installs() {
     );
 }
 
+/// Ids in memory standing for a driver's file, which can be made to fail.
+#[derive(Debug, Default)]
+struct IdsFile {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    broken: std::sync::atomic::AtomicBool,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::ChunkIdFile for IdsFile {
+    fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.reads.fetch_add(1, Relaxed);
+        if self.broken.load(Relaxed) {
+            return Err(std::io::Error::other("Input/output error (os error 5)"));
+        }
+        let b = self.bytes.lock().unwrap();
+        for (k, id) in out.iter_mut().enumerate() {
+            let at = (from as usize + k) * 32;
+            id.0.copy_from_slice(&b[at..at + 32]);
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "/var/lib/shoal/envelopes/0123.ids".into()
+    }
+}
+
+struct IdsWriter(std::sync::Arc<IdsFile>);
+
+impl crate::ChunkIdWriter for IdsWriter {
+    fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+        self.0.bytes.lock().unwrap().extend_from_slice(&id.0);
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<std::sync::Arc<dyn crate::ChunkIdFile>, String> {
+        Ok(self.0)
+    }
+}
+
+/// Issue 10 (memory): a release whose chunk ids the driver keeps in a file
+/// (`verify_stored_to`) is the release verified in memory (same chunks, same
+/// index), holds no id in memory, and installs.
+#[test]
+fn a_release_with_its_ids_in_a_file_installs() {
+    use crate::VerifiedRelease;
+    let f = Fixture::new();
+    // More chunks (4,352) than the ids' block cache holds (4,096).
+    let image = bytes(23, 17 * MIB);
+    let mut d = SimDevice::new(&[], 32 * MIB as u64, 1);
+    let (m, chunks) = release("acme-os", "1.0", 1, DEVICE, &image);
+    d.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let envelope = sign(&m, &f.key);
+    let held = VerifiedRelease::verify(&f.root, envelope.clone(), None).expect("verifies");
+    let file = std::sync::Arc::new(IdsFile::default());
+    let writer = Box::new(IdsWriter(std::sync::Arc::clone(&file)));
+    let rel = VerifiedRelease::verify_stored_to(&f.root, envelope, None, writer).expect("verifies");
+    assert_eq!(
+        file.bytes.lock().unwrap().len(),
+        m.payloads[0].chunks.len() * 32
+    );
+    assert_eq!(rel.release(), held.release());
+    assert_eq!(rel.slot_index(), held.slot_index());
+    // The ids' 32 bytes a chunk are not in memory: a cache of 16 blocks of 256
+    // ids (and a tag a block) is.
+    assert_eq!(
+        held.table_heap_bytes() - rel.table_heap_bytes(),
+        4352 * 32 - (16 * 256 * 32 + 16 * 4)
+    );
+    let mut e = d.engine(f.config());
+    e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+        .expect("offer");
+    d.run(&mut e, None).expect("no crash");
+    assert_eq!(failed(&d.events), None);
+    assert!(armed(&d.events));
+    assert!(slot_b_holds(&d, &image));
+    assert_eq!(rel.chunk_ids_error(), None);
+}
+
+/// Issue 10: when the file of the release's ids cannot be read mid-install, the
+/// install ends with that failure (naming the file, worth a rerun), and every
+/// byte written to the slot is the image's: no chunk was written for an id that
+/// was not read.
+#[test]
+fn an_unreadable_ids_file_fails_the_install_and_writes_nothing_wrong() {
+    use crate::VerifiedRelease;
+    use std::sync::atomic::Ordering::Relaxed;
+    let f = Fixture::new();
+    // More chunks (6,144) than the ids' block cache holds (4,096).
+    let image = bytes(24, 24 * MIB);
+    let mut d = SimDevice::new(&[], 32 * MIB as u64, 1);
+    let (m, chunks) = release("acme-os", "1.0", 1, DEVICE, &image);
+    d.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let file = std::sync::Arc::new(IdsFile::default());
+    let writer = Box::new(IdsWriter(std::sync::Arc::clone(&file)));
+    let rel = VerifiedRelease::verify_stored_to(&f.root, sign(&m, &f.key), None, writer)
+        .expect("verifies");
+    let mut e = d.engine(f.config());
+    e.offer_verified(d.now(), &rel, vec![source(1, SourceClass::Wan)], false)
+        .expect("offer");
+    let mut steps = 0;
+    while let Some(out) = e.poll_output() {
+        d.execute(&mut e, out).expect("no crash");
+        steps += 1;
+        if steps == 30 {
+            file.broken.store(true, Relaxed);
+        }
+    }
+    d.run(&mut e, None).expect("no crash");
+    assert!(steps > 30, "{steps}");
+    assert!(file.reads.load(Relaxed) > 0);
+    let err = failed(&d.events).expect("the install failed");
+    assert_eq!(
+        err,
+        &InstallError::ChunkIds {
+            message: "cannot read the release's chunk ids from /var/lib/shoal/envelopes/0123.ids: Input/output error (os error 5)".into()
+        }
+    );
+    assert!(err.worth_retrying());
+    assert!(!armed(&d.events));
+    assert!(!slot_b_holds(&d, &image), "the install stopped part-way");
+    // Whatever reached the slot is the image's (the slot was all zeros).
+    let slot = &d.live[1][..image.len()];
+    assert!(
+        slot.iter().zip(&image).all(|(s, i)| s == i || *s == 0),
+        "a byte that is not the image's was written"
+    );
+}
+
 /// Regression (issue 10): on a slow link (30 KiB/s, like the daemon under a rate
 /// cap) the silence timer, fed by the gaps between small chunks, fired while a big
 /// chunk was still on the wire, so a live source was failed, backed off and asked

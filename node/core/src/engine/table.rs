@@ -81,7 +81,13 @@ impl Ids {
     fn heap_bytes(&self) -> usize {
         match self {
             Ids::Memory(ids) => ids.len() * 32,
-            Ids::File(_) => BLOCKS * BLOCK_IDS as usize * 32 + BLOCKS * 4,
+            Ids::File(f) => {
+                let c = f
+                    .cache
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                c.ids.len() * 32 + c.tags.len() * 4
+            }
         }
     }
 }
@@ -100,8 +106,9 @@ pub(crate) struct FileIds {
 
 #[derive(Debug)]
 struct BlockCache {
-    /// The block in each slot (`NONE`: empty).
-    tags: [u32; BLOCKS],
+    /// The block in each slot (`NONE`: empty): [`BLOCKS`] slots, fewer for a
+    /// release with fewer blocks.
+    tags: Box<[u32]>,
     /// The slots' ids, [`BLOCK_IDS`] a slot.
     ids: Box<[ChunkId]>,
     /// The slot the next miss replaces.
@@ -110,12 +117,13 @@ struct BlockCache {
 
 impl FileIds {
     pub(crate) fn new(file: Arc<dyn ChunkIdFile>, len: u32) -> FileIds {
+        let slots = BLOCKS.min(len.div_ceil(BLOCK_IDS) as usize).max(1);
         FileIds {
             file,
             len,
             cache: Mutex::new(BlockCache {
-                tags: [NONE; BLOCKS],
-                ids: vec![ChunkId([0; 32]); BLOCKS * BLOCK_IDS as usize].into_boxed_slice(),
+                tags: vec![NONE; slots].into_boxed_slice(),
+                ids: vec![ChunkId([0; 32]); slots * BLOCK_IDS as usize].into_boxed_slice(),
                 hand: 0,
             }),
             error: OnceLock::new(),
@@ -133,7 +141,7 @@ impl FileIds {
             Some(slot) => slot,
             None => {
                 let slot = c.hand;
-                c.hand = (slot + 1) % BLOCKS;
+                c.hand = (slot + 1) % c.tags.len();
                 let from = block * BLOCK_IDS;
                 let n = BLOCK_IDS.min(self.len - from) as usize;
                 let at = slot * BLOCK_IDS as usize;
