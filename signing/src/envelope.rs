@@ -228,6 +228,123 @@ impl<'a> EnvelopeRef<'a> {
     }
 }
 
+/// Where an envelope's signed bytes lie in its encoding, found without reading
+/// them ([`EnvelopeLayout::locate`]), with its signatures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeLayout {
+    /// Offset of the signed bytes in the encoding.
+    pub signed_at: u64,
+    /// Their length.
+    pub signed_len: u64,
+    /// The signatures.
+    pub signatures: Vec<Signature>,
+}
+
+/// The signatures alone: an envelope's encoding after its signed bytes, behind a
+/// one-entry map head.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignaturesOnly {
+    signatures: Vec<Signature>,
+}
+
+impl EnvelopeLayout {
+    /// Reads the layout of the envelope encoded in `len` bytes that `read_at`
+    /// reads (an envelope file): its head and its signatures, not its signed
+    /// bytes. `None` unless it is laid out exactly as a canonical envelope
+    /// [`EnvelopeRef::from_bytes`] accepts (then decode the whole bytes with it,
+    /// for its error), its signed bytes aside, which the caller checks.
+    pub fn locate(
+        len: u64,
+        read_at: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Option<EnvelopeLayout>> {
+        if len == 0 || len > ENVELOPE_SIZE_MAX as u64 {
+            return Ok(None);
+        }
+        // `{"signed": h'...'`: a two-entry map, the key, the bytes' head.
+        const KEY: &[u8] = b"\xa2\x66signed";
+        let mut head = [0u8; KEY.len() + 9];
+        let n = head.len().min(len as usize);
+        read_at(0, &mut head[..n])?;
+        if n < KEY.len() + 1 || head[..KEY.len()] != *KEY {
+            return Ok(None);
+        }
+        let initial = head[KEY.len()];
+        let (arg_len, short) = match initial {
+            0x40..=0x57 => (0, u64::from(initial & 0x1f)),
+            0x58 => (1, 0),
+            0x59 => (2, 0),
+            0x5a => (4, 0),
+            0x5b => (8, 0),
+            _ => return Ok(None),
+        };
+        if n < KEY.len() + 1 + arg_len {
+            return Ok(None);
+        }
+        let signed_len = if arg_len == 0 {
+            short
+        } else {
+            let mut b = [0u8; 8];
+            b[8 - arg_len..].copy_from_slice(&head[KEY.len() + 1..KEY.len() + 1 + arg_len]);
+            u64::from_be_bytes(b)
+        };
+        let signed_at = (KEY.len() + 1 + arg_len) as u64;
+        let Some(tail_at) = signed_at.checked_add(signed_len).filter(|&e| e <= len) else {
+            return Ok(None);
+        };
+        // The signatures: bounded (each about 110 bytes).
+        let tail_len = len - tail_at;
+        if tail_len > (SIGNATURES_MAX as u64 + 1) * 128 {
+            return Ok(None);
+        }
+        let mut tail = vec![0u8; 1 + tail_len as usize];
+        tail[0] = 0xa1;
+        read_at(tail_at, &mut tail[1..])?;
+        let Ok(sigs) = cbor4ii::serde::from_slice::<SignaturesOnly>(&tail) else {
+            return Ok(None);
+        };
+        if sigs.signatures.len() > SIGNATURES_MAX {
+            return Ok(None);
+        }
+        // Canonical: the encoding with empty signed bytes, their head aside.
+        let env = EnvelopeRef {
+            signed: &[],
+            signatures: sigs.signatures,
+        };
+        let empty = to_cbor(&env);
+        let mut want_head = Vec::with_capacity(9);
+        let m = 2u8 << 5;
+        match signed_len {
+            0..=23 => want_head.push(m | signed_len as u8),
+            24..=0xff => want_head.extend_from_slice(&[m | 24, signed_len as u8]),
+            0x100..=0xffff => {
+                want_head.push(m | 25);
+                want_head.extend_from_slice(&(signed_len as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                want_head.push(m | 26);
+                want_head.extend_from_slice(&(signed_len as u32).to_be_bytes());
+            }
+            _ => {
+                want_head.push(m | 27);
+                want_head.extend_from_slice(&signed_len.to_be_bytes());
+            }
+        }
+        let canonical = head[KEY.len()..KEY.len() + 1 + arg_len] == want_head[..]
+            && empty.get(..KEY.len()) == Some(KEY)
+            && empty.get(KEY.len()) == Some(&0x40)
+            && empty[KEY.len() + 1..] == tail[1..];
+        if !canonical {
+            return Ok(None);
+        }
+        Ok(Some(EnvelopeLayout {
+            signed_at,
+            signed_len,
+            signatures: env.signatures,
+        }))
+    }
+}
+
 /// Whether the canonical CBOR of `value` is exactly `bytes`, compared as it is
 /// encoded (no copy of the encoding is made: for a manifest of 100,000 chunks a
 /// copy would be 9 MB).
@@ -295,6 +412,54 @@ where
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn locate(bytes: &[u8]) -> Option<EnvelopeLayout> {
+        EnvelopeLayout::locate(bytes.len() as u64, &mut |at, buf| {
+            buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+            Ok(())
+        })
+        .expect("reads from memory")
+    }
+
+    /// Issue 10: an envelope file's layout is found without reading its signed
+    /// bytes, and only where `EnvelopeRef::from_bytes` accepts the whole: for a
+    /// signed envelope (short and long signed bytes) and every bit flip of one.
+    #[test]
+    fn the_layout_is_found_exactly_where_the_whole_envelope_decodes() {
+        let (a, b) = (
+            SecretKey::generate().expect("a key"),
+            SecretKey::generate().expect("a key"),
+        );
+        for signed in [b"abc".to_vec(), vec![7u8; 300], vec![9u8; 70_000]] {
+            let mut env = Envelope::new(signed.clone());
+            env.sign(&a);
+            env.sign(&b);
+            let bytes = env.to_bytes();
+            let l = locate(&bytes).expect("a canonical envelope");
+            let at = l.signed_at as usize;
+            assert_eq!(&bytes[at..at + l.signed_len as usize], &signed[..]);
+            assert_eq!(l.signatures, env.signatures);
+        }
+        let mut env = Envelope::new(b"a manifest".to_vec());
+        env.sign(&a);
+        let bytes = env.to_bytes();
+        for i in 0..bytes.len() * 8 {
+            let mut f = bytes.clone();
+            f[i / 8] ^= 1 << (i % 8);
+            let whole = EnvelopeRef::from_bytes(&f);
+            match (locate(&f), whole) {
+                (Some(l), Ok(w)) => {
+                    let at = l.signed_at as usize;
+                    assert_eq!(&f[at..at + l.signed_len as usize], w.signed, "bit {i}");
+                    assert_eq!(l.signatures, w.signatures, "bit {i}");
+                }
+                (None, Err(_)) => {}
+                (l, w) => panic!("bit {i}: layout {l:?}, whole {w:?}"),
+            }
+        }
+        assert_eq!(locate(&[]), None);
+        assert_eq!(locate(&bytes[..bytes.len() - 1]), None);
+    }
 
     /// An envelope whose byte string has a longer header than it needs decodes but
     /// is not canonical: both decoders refuse it (the check compares the encoding

@@ -199,25 +199,54 @@ impl PublicKey {
     /// `verify_strict` adds are made here first (R must be a point on the curve,
     /// and neither R nor the key may be of small order).
     pub fn verify_parts(&self, parts: &[&[u8]], sig: &[u8; 64]) -> bool {
-        // R is the signature's first half: decompressing it as a key is exactly
-        // `verify_strict`'s decompression, and `is_weak` its small-order test.
-        let r: &[u8; 32] = sig[..32].try_into().expect("64 bytes hold 32");
-        match VerifyingKey::from_bytes(r) {
-            Ok(r) if !r.is_weak() => {}
-            _ => return false,
-        }
-        if self.0.is_weak() {
-            return false;
-        }
-        let sig = ed25519_dalek::Signature::from_bytes(sig);
-        // Refuses a non-canonical s, as `verify_strict` does.
-        let Ok(mut stream) = self.0.verify_stream(&sig) else {
+        let Some(mut stream) = self.stream_verifier(sig) else {
             return false;
         };
         for part in parts {
             stream.update(part);
         }
-        stream.finalize_and_verify().is_ok()
+        stream.verify()
+    }
+
+    /// The verifier of `sig` over a message fed to it in parts
+    /// ([`PublicKey::verify_parts`], for a message read from a file as it is
+    /// checked); `None` when `sig` fails `verify_strict`'s checks that need no
+    /// message.
+    pub fn stream_verifier(&self, sig: &[u8; 64]) -> Option<StreamVerifier> {
+        // R is the signature's first half: decompressing it as a key is exactly
+        // `verify_strict`'s decompression, and `is_weak` its small-order test.
+        let r: &[u8; 32] = sig[..32].try_into().expect("64 bytes hold 32");
+        match VerifyingKey::from_bytes(r) {
+            Ok(r) if !r.is_weak() => {}
+            _ => return None,
+        }
+        if self.0.is_weak() {
+            return None;
+        }
+        let sig = ed25519_dalek::Signature::from_bytes(sig);
+        // Refuses a non-canonical s, as `verify_strict` does.
+        self.0.verify_stream(&sig).ok().map(StreamVerifier)
+    }
+}
+
+/// A signature checked over a message fed in parts ([`PublicKey::stream_verifier`]).
+pub struct StreamVerifier(ed25519_dalek::StreamVerifier);
+
+impl fmt::Debug for StreamVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StreamVerifier")
+    }
+}
+
+impl StreamVerifier {
+    /// The next part of the message.
+    pub fn update(&mut self, part: &[u8]) {
+        self.0.update(part);
+    }
+
+    /// Whether the signature verifies over the parts fed.
+    pub fn verify(self) -> bool {
+        self.0.finalize_and_verify().is_ok()
     }
 }
 

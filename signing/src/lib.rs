@@ -26,10 +26,10 @@ mod root;
 
 pub use credential::{CREDENTIAL_SIZE_MAX, Credential, CredentialError, FLEET_NAME_MAX};
 pub use envelope::{
-    DecodeError, ENVELOPE_SIZE_MAX, Envelope, EnvelopeRef, SIGNATURES_MAX, SIGNING_CONTEXT,
-    Signature, describe_cbor_error, encodes_to,
+    DecodeError, ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, EnvelopeRef, SIGNATURES_MAX,
+    SIGNING_CONTEXT, Signature, describe_cbor_error, encodes_to,
 };
-pub use key::{KeyError, KeyId, PublicKey, SecretKey, pem_label};
+pub use key::{KeyError, KeyId, PublicKey, SecretKey, StreamVerifier, pem_label};
 pub use root::{
     ROOT_KEYS_MAX, Role, RoleName, RootError, RotateError, SignedRoot, TrustRoot, VerifyError,
 };

@@ -319,29 +319,64 @@ impl TrustRoot {
         signatures: &[crate::Signature],
         now_unix_s: Option<u64>,
     ) -> Result<&'a [u8], VerifyError> {
-        self.check_expiry(now_unix_s)?;
-        let def = self
-            .roles
-            .get(&role)
-            .ok_or(VerifyError::MissingRole(role))?;
+        let verdict = self.verify_streamed(role, signatures, now_unix_s, |feed| {
+            feed(signed);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match verdict {
+            Ok(v) => v.map(|()| signed),
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`TrustRoot::verify`] of signed bytes that `feed` gives in parts (read
+    /// from a file as they are checked: an 8 GiB image's manifest is 17.6 MB),
+    /// once, to every signature at the same time; the same verdicts and errors.
+    /// A failure of `feed` is returned as is (the outer error).
+    pub fn verify_streamed<E>(
+        &self,
+        role: RoleName,
+        signatures: &[crate::Signature],
+        now_unix_s: Option<u64>,
+        feed: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
+    ) -> Result<Result<(), VerifyError>, E> {
+        if let Err(e) = self.check_expiry(now_unix_s) {
+            return Ok(Err(e));
+        }
+        let Some(def) = self.roles.get(&role) else {
+            return Ok(Err(VerifyError::MissingRole(role)));
+        };
         // The message is the signing context followed by the signed bytes: checked
-        // as the two stream through the hash, never joined (an 8 GiB image's
-        // manifest is 17.6 MB).
-        let msg: [&[u8]; 2] = [crate::envelope::SIGNING_CONTEXT, signed];
+        // as they stream through the hash, never joined. Each signature by a key
+        // of the role is checked (a key's later signatures count only when its
+        // earlier ones do not verify, tallied below in order).
+        let mut streams: Vec<Option<crate::key::StreamVerifier>> = signatures
+            .iter()
+            .map(|sig| match self.keys.get(&sig.key_id) {
+                Some(key) if def.key_ids.contains(&sig.key_id) => {
+                    let mut s = key.stream_verifier(&sig.sig)?;
+                    s.update(crate::envelope::SIGNING_CONTEXT);
+                    Some(s)
+                }
+                _ => None,
+            })
+            .collect();
+        feed(&mut |part: &[u8]| {
+            for s in streams.iter_mut().flatten() {
+                s.update(part);
+            }
+        })?;
         let mut valid = BTreeSet::new();
         let (mut invalid, mut unknown) = (0u32, 0u32);
-        for sig in signatures {
-            let key = match self.keys.get(&sig.key_id) {
-                Some(key) if def.key_ids.contains(&sig.key_id) => key,
-                _ => {
-                    unknown += 1;
-                    continue;
-                }
-            };
+        for (sig, stream) in signatures.iter().zip(streams) {
+            if !matches!(self.keys.get(&sig.key_id), Some(_) if def.key_ids.contains(&sig.key_id)) {
+                unknown += 1;
+                continue;
+            }
             if valid.contains(&sig.key_id) {
                 continue;
             }
-            if key.verify_parts(&msg, &sig.sig) {
+            if stream.is_some_and(crate::key::StreamVerifier::verify) {
                 valid.insert(sig.key_id);
             } else {
                 invalid += 1;
@@ -349,15 +384,15 @@ impl TrustRoot {
         }
         let valid = u32::try_from(valid.len()).expect("bounded by SIGNATURES_MAX");
         if valid < def.threshold {
-            return Err(VerifyError::BelowThreshold {
+            return Ok(Err(VerifyError::BelowThreshold {
                 role,
                 valid,
                 threshold: def.threshold,
                 invalid,
                 unknown,
-            });
+            }));
         }
-        Ok(signed)
+        Ok(Ok(()))
     }
 
     /// Fails with [`VerifyError::Expired`] when `now_unix_s` is known and not before
