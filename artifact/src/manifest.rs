@@ -715,8 +715,16 @@ fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<
 
 /// Only the version, decoded first so that a newer manifest gets a clear error.
 #[derive(Deserialize)]
-struct VersionProbe {
-    format_version: u64,
+pub(crate) struct VersionProbe {
+    pub(crate) format_version: u64,
+}
+
+/// Refuses a format version this build does not read.
+pub(crate) fn check_version(found: u64) -> Result<(), ManifestError> {
+    if found != u64::from(FORMAT_VERSION) && found != u64::from(FORMAT_VERSION_REFERENCES) {
+        return Err(ManifestError::UnsupportedVersion { found });
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -754,14 +762,7 @@ impl Manifest {
         }
         let probe: VersionProbe = cbor4ii::serde::from_slice(bytes)
             .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
-        if probe.format_version != u64::from(FORMAT_VERSION)
-            && probe.format_version != u64::from(FORMAT_VERSION_REFERENCES)
-        {
-            return Err(ManifestError::UnsupportedVersion {
-                found: probe.format_version,
-            });
-        }
-        Ok(())
+        check_version(probe.format_version)
     }
 
     /// Checks every invariant a reader relies on. [`Manifest::from_cbor`] calls it;
@@ -1696,18 +1697,40 @@ mod tests {
         }
     }
 
-    /// `Manifest::from_cbor_streaming`, then `finish`, with the streamed list put
-    /// back into the manifest (to compare with `from_cbor`).
-    fn streamed(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    impl crate::ReadAt for Vec<u8> {
+        fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let at = at as usize;
+            match self.get(at..at + buf.len()) {
+                Some(b) => {
+                    buf.copy_from_slice(b);
+                    Ok(())
+                }
+                None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            }
+        }
+    }
+
+    /// `Manifest::from_cbor_streaming` (or `from_file_streaming` of the bytes
+    /// behind 5 others, as in an envelope file), then `finish`, with the streamed
+    /// list put back into the manifest (to compare with `from_cbor`).
+    fn streamed_as(bytes: &[u8], file: bool) -> Result<Manifest, ManifestError> {
         let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (mut s, _) =
-            Manifest::from_cbor_streaming(bytes, Ids(ids.clone())).map_err(|e| match e {
-                crate::StreamedError::Manifest(e) => e,
-                crate::StreamedError::Sink(e) => panic!("the test sink failed: {e}"),
-            })?;
+        let unwrap = |e| match e {
+            crate::StreamedError::Manifest(e) => e,
+            e => panic!("reading from memory failed: {e}"),
+        };
+        let padded = [&[1u8, 2, 3, 4, 5][..], bytes].concat();
+        let hash = *blake3::hash(bytes).as_bytes();
+        let (mut s, _) = if file {
+            let n = bytes.len() as u64;
+            Manifest::from_file_streaming(&padded, 5, n, &hash, Ids(ids.clone()))
+        } else {
+            Manifest::from_cbor_streaming(bytes, Ids(ids.clone()))
+        }
+        .map_err(unwrap)?;
         let sizes = std::mem::take(&mut s.sizes);
         let ids = std::mem::take(&mut *ids.lock().unwrap());
-        let mut m = s.finish(&Kept(ids.clone()))?;
+        let mut m = s.finish(&Kept(ids.clone())).map_err(unwrap)?;
         assert!(m.payloads[0].chunks.is_empty(), "the list was streamed out");
         m.payloads[0].chunks = ids
             .iter()
@@ -1719,6 +1742,20 @@ mod tests {
             })
             .collect();
         Ok(m)
+    }
+
+    fn streamed(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        streamed_as(bytes, false)
+    }
+
+    /// From a file, the decoder's errors are worded as a reader's: the same
+    /// verdict, the same error but for a decoding error's words.
+    fn assert_file_agrees(bytes: &[u8], what: &str) {
+        let want = Manifest::from_cbor(bytes);
+        match (streamed_as(bytes, true), want) {
+            (Err(ManifestError::Decode(_)), Err(ManifestError::Decode(_))) => {}
+            (got, want) => assert_eq!(got, want, "{what}: from a file"),
+        }
     }
 
     /// Issue 10: the streamed decode accepts what `from_cbor` accepts and refuses
@@ -1821,12 +1858,27 @@ mod tests {
             let old = Manifest::from_cbor(bytes);
             assert_eq!(old.as_ref().err(), want.as_ref(), "from_cbor's verdict");
             assert_eq!(streamed(bytes), old, "the streamed decode agrees");
+            assert_file_agrees(bytes, "an input");
         }
         for i in 0..good.len() * 8 {
             let mut b = good.clone();
             b[i / 8] ^= 1 << (i % 8);
             assert_eq!(streamed(&b), Manifest::from_cbor(&b), "bit {i} flipped");
+            assert_file_agrees(&b, &format!("bit {i} flipped"));
         }
+    }
+
+    /// Issue 10: bytes of a file that are not those the signatures were checked
+    /// over (the file changed between the two reads) are refused.
+    #[test]
+    fn a_file_whose_bytes_changed_is_refused() {
+        let bytes = sample().to_cbor();
+        let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = Manifest::from_file_streaming(&bytes, 0, bytes.len() as u64, &[0; 32], Ids(ids));
+        assert_eq!(
+            r.map(|_| ()).unwrap_err(),
+            crate::StreamedError::Read("the signed manifest changed while it was read".into())
+        );
     }
 
     /// A sink that cannot take an id stops the decode with its own error.
@@ -1849,12 +1901,14 @@ mod tests {
         #[test]
         fn the_streamed_decode_round_trips(m in arb_manifest()) {
             let bytes = m.to_cbor();
-            prop_assert_eq!(streamed(&bytes).unwrap(), m);
+            prop_assert_eq!(streamed(&bytes).unwrap(), m.clone());
+            prop_assert_eq!(streamed_as(&bytes, true).unwrap(), m);
         }
 
         #[test]
         fn the_streamed_decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = streamed(&bytes);
+            let _ = streamed_as(&bytes, true);
         }
 
         #[test]

@@ -52,6 +52,98 @@ pub trait StreamedIds {
     fn id(&self, pos: u32) -> ChunkId;
 }
 
+/// Bytes read by offset (an envelope file), for [`Manifest::from_file_streaming`].
+pub trait ReadAt {
+    /// Fills `buf` with the bytes at `at`.
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// Where the manifest's bytes are.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Slice(&'a [u8]),
+    /// `len` bytes at `at` of a file.
+    File {
+        file: &'a dyn ReadAt,
+        at: u64,
+        len: u64,
+    },
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Slice(b) => write!(f, "{} bytes", b.len()),
+            Source::File { at, len, .. } => write!(f, "{len} bytes at {at} of a file"),
+        }
+    }
+}
+
+impl Source<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Source::Slice(b) => b.len() as u64,
+            Source::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether the bytes at `at` are `want`.
+    fn equals(&self, at: u64, want: &[u8]) -> std::io::Result<bool> {
+        match self {
+            Source::Slice(b) => Ok(b.get(at as usize..at as usize + want.len()) == Some(want)),
+            Source::File { file, at: base, .. } => {
+                let mut buf = [0u8; 64 * 1024];
+                for (k, part) in want.chunks(buf.len()).enumerate() {
+                    let b = &mut buf[..part.len()];
+                    file.read_at(base + at + (k * 64 * 1024) as u64, b)?;
+                    if b != part {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// BLAKE3 of `len` bytes at `at`.
+    fn hash(&self, at: u64, len: u64) -> std::io::Result<[u8; 32]> {
+        match self {
+            Source::Slice(b) => Ok(*blake3::hash(&b[at as usize..(at + len) as usize]).as_bytes()),
+            Source::File { file, at: base, .. } => {
+                let mut h = blake3::Hasher::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    file.read_at(base + at + done, &mut buf[..n])?;
+                    h.update(&buf[..n]);
+                    done += n as u64;
+                }
+                Ok(*h.finalize().as_bytes())
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes of a [`ReadAt`] from `at` on, hashing them (BLAKE3).
+struct HashingReader<'a> {
+    file: &'a dyn ReadAt,
+    at: u64,
+    left: u64,
+    hasher: blake3::Hasher,
+}
+
+impl std::io::Read for HashingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        self.file.read_at(self.at, &mut buf[..n])?;
+        self.hasher.update(&buf[..n]);
+        self.at += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Why a streamed decode failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamedError {
@@ -61,6 +153,9 @@ pub enum StreamedError {
     /// The sink could not take an id.
     #[error("{0}")]
     Sink(String),
+    /// The file could not be read, or its bytes changed while they were read.
+    #[error("{0}")]
+    Read(String),
 }
 
 /// A manifest decoded with its first payload's chunk list streamed out, not yet
@@ -68,7 +163,7 @@ pub enum StreamedError {
 /// ids, then call [`StreamedManifest::finish`].
 #[derive(Debug)]
 pub struct StreamedManifest<'a> {
-    bytes: &'a [u8],
+    bytes: Source<'a>,
     manifest: Manifest,
     /// The streamed list's sizes (take them: `finish` does not need them).
     pub sizes: StreamedSizes,
@@ -196,8 +291,77 @@ impl Manifest {
         bytes: &[u8],
         ids: S,
     ) -> Result<(StreamedManifest<'_>, S), StreamedError> {
-        let ids: Box<dyn ChunkIdSink> = Box::new(ids);
         Manifest::check_size_and_version(bytes)?;
+        Manifest::decode_streaming(Source::Slice(bytes), ids, |_| {
+            cbor4ii::serde::from_slice::<Manifest>(bytes)
+                .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)).into())
+        })
+    }
+
+    /// [`Manifest::from_cbor_streaming`] of the `len` bytes at `at` of `file`
+    /// (a stored envelope's signed bytes, whose signatures were checked as they
+    /// were read: [`shoal_signing::TrustRoot::verify_streamed`]), read as they
+    /// are decoded; they must hash (BLAKE3) to `hash`, what the signatures
+    /// were checked over. The version is read first, as
+    /// [`Manifest::from_cbor`] does (the decode's errors are worded as a
+    /// reader's: an input that ends early is "the input ends inside ...").
+    pub fn from_file_streaming<'a, S: ChunkIdSink>(
+        file: &'a dyn ReadAt,
+        at: u64,
+        len: u64,
+        hash: &[u8; 32],
+        ids: S,
+    ) -> Result<(StreamedManifest<'a>, S), StreamedError> {
+        if len > MANIFEST_SIZE_MAX as u64 {
+            return Err(ManifestError::TooLarge {
+                size: usize::try_from(len).unwrap_or(usize::MAX),
+                max: MANIFEST_SIZE_MAX,
+            }
+            .into());
+        }
+        let reader = |hasher| {
+            std::io::BufReader::with_capacity(
+                64 * 1024,
+                HashingReader {
+                    file,
+                    at,
+                    left: len,
+                    hasher,
+                },
+            )
+        };
+        let read_error = |e: &dyn std::fmt::Display| StreamedError::Read(e.to_string());
+        let decode_error = |e: cbor4ii::serde::DecodeError<std::io::Error>| match e {
+            cbor4ii::serde::DecodeError::Core(cbor4ii::core::error::DecodeError::Read(e)) => {
+                read_error(&e)
+            }
+            e => ManifestError::Decode(shoal_signing::describe_cbor_error(&e)).into(),
+        };
+        let probe: crate::manifest::VersionProbe =
+            cbor4ii::serde::from_reader(reader(blake3::Hasher::new())).map_err(decode_error)?;
+        crate::manifest::check_version(probe.format_version)?;
+        Manifest::decode_streaming(Source::File { file, at, len }, ids, |_| {
+            let mut r = reader(blake3::Hasher::new());
+            let m = cbor4ii::serde::from_reader::<Manifest, _>(&mut r).map_err(decode_error)?;
+            // What the decoder left unread is hashed too: the bytes read are
+            // those the signatures were checked over, or nothing is trusted.
+            let mut rest = r.into_inner();
+            std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| read_error(&e))?;
+            if rest.hasher.finalize().as_bytes() != hash {
+                return Err(StreamedError::Read(
+                    "the signed manifest changed while it was read".into(),
+                ));
+            }
+            Ok(m)
+        })
+    }
+
+    fn decode_streaming<'a, S: ChunkIdSink>(
+        bytes: Source<'a>,
+        ids: S,
+        decode: impl FnOnce(()) -> Result<Manifest, StreamedError>,
+    ) -> Result<(StreamedManifest<'a>, S), StreamedError> {
+        let ids: Box<dyn ChunkIdSink> = Box::new(ids);
         STREAM.with(|c| {
             *c.borrow_mut() = Some(Stream {
                 ids,
@@ -210,15 +374,14 @@ impl Manifest {
                 used: false,
             })
         });
-        let decoded = cbor4ii::serde::from_slice::<Manifest>(bytes);
+        let decoded = decode(());
         let stream = STREAM
             .with(|c| c.borrow_mut().take())
             .expect("the stream is put back after every list");
         if let Some(e) = stream.sink_error {
             return Err(StreamedError::Sink(e));
         }
-        let manifest =
-            decoded.map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)))?;
+        let manifest = decoded?;
         let sizes = if stream.used {
             stream.sizes
         } else {
@@ -251,19 +414,20 @@ impl StreamedManifest<'_> {
 
     /// Checks the references against the streamed ids (`ids`) and the canonical
     /// form, and returns the manifest (its first payload's `chunks` empty).
-    pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, ManifestError> {
+    pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, StreamedError> {
         self.manifest.validate_references(Some(ids))?;
-        if !self.is_canonical() {
-            return Err(ManifestError::NotCanonical);
+        match self.is_canonical() {
+            Ok(true) => Ok(self.manifest),
+            Ok(false) => Err(ManifestError::NotCanonical.into()),
+            Err(e) => Err(StreamedError::Read(e.to_string())),
         }
-        Ok(self.manifest)
     }
 
     /// Whether the bytes are the canonical encoding of the manifest with its
     /// streamed list: outside the list, byte for byte the re-encoding with an
     /// empty list (small: the list is the bulk); the list, the canonical
     /// encoding of what was streamed (compared by hash).
-    fn is_canonical(&self) -> bool {
+    fn is_canonical(&self) -> std::io::Result<bool> {
         let empty = self.manifest.to_cbor();
         // Where the first list starts: the first byte where the encoding with one
         // chunk in it differs (its array head, 0x80 then 0x81).
@@ -275,22 +439,19 @@ impl StreamedManifest<'_> {
         });
         let with_one = one.to_cbor();
         let Some(at) = empty.iter().zip(&with_one).position(|(a, b)| a != b) else {
-            return false;
+            return Ok(false);
         };
         let mut list_head = Vec::new();
         head(4, self.count, &mut list_head);
-        let Ok(items_len) = usize::try_from(self.items_len) else {
-            return false;
-        };
-        let list_len = list_head.len() + items_len;
+        let list_len = list_head.len() as u64 + self.items_len;
         let bytes = self.bytes;
-        if bytes.len() != empty.len() - 1 + list_len {
-            return false;
+        if bytes.len() != empty.len() as u64 - 1 + list_len {
+            return Ok(false);
         }
-        let items = &bytes[at + list_head.len()..at + list_len];
-        bytes[..at] == empty[..at]
-            && bytes[at..at + list_head.len()] == list_head[..]
-            && bytes[at + list_len..] == empty[at + 1..]
-            && *blake3::hash(items).as_bytes() == self.items_hash
+        let at64 = at as u64;
+        Ok(bytes.equals(0, &empty[..at])?
+            && bytes.equals(at64, &list_head)?
+            && bytes.equals(at64 + list_len, &empty[at + 1..])?
+            && bytes.hash(at64 + list_head.len() as u64, self.items_len)? == self.items_hash)
     }
 }
