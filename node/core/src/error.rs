@@ -23,6 +23,10 @@ pub enum OfferError {
     /// next to the stored envelope could not be written or read).
     #[error("{0}")]
     ChunkIds(String),
+    /// The envelope file the driver stored could not be read, or is not the
+    /// one it named ([`VerifiedRelease::verify_file`](crate::VerifiedRelease::verify_file)).
+    #[error("{0}")]
+    StoredEnvelope(String),
     /// A release verified against another trust root than the engine's was offered
     /// ([`Engine::offer_verified`](crate::Engine::offer_verified)).
     #[error("the release was verified against another trust root than this device's")]

@@ -1027,6 +1027,82 @@ fn a_release_with_its_ids_in_a_file_installs() {
     assert_eq!(rel.chunk_ids_error(), None);
 }
 
+/// An envelope "file" in memory.
+struct EnvelopeFile(Vec<u8>);
+
+impl shoal_artifact::ReadAt for EnvelopeFile {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let at = at as usize;
+        let b = self
+            .0
+            .get(at..at + buf.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(b);
+        Ok(())
+    }
+}
+
+fn verify_file(
+    f: &Fixture,
+    envelope: &[u8],
+    hash: [u8; 32],
+) -> Result<std::sync::Arc<crate::VerifiedRelease>, crate::OfferError> {
+    let file = EnvelopeFile(envelope.to_vec());
+    let ids = Box::new(IdsWriter(std::sync::Arc::new(IdsFile::default())));
+    crate::VerifiedRelease::verify_file(&f.root, &file, envelope.len() as u64, hash, None, ids)
+}
+
+/// Issue 10 (memory): a release verified from its stored envelope's file (the
+/// signatures checked as it is read, the manifest decoded from it in a second
+/// read) is the release verified in memory; the same bytes refused in memory
+/// are refused from a file with the same error (a bad signature, too few
+/// signers, a malformed envelope, a manifest with two payloads); a file that
+/// is not the one named is refused.
+#[test]
+fn a_release_verified_from_its_envelope_file_is_the_one_verified_in_memory() {
+    use crate::{OfferError, VerifiedRelease};
+    let f = Fixture::new();
+    let image = bytes(25, MIB);
+    let (m, _) = release("acme-os", "1.0", 1, DEVICE, &image);
+    let envelope = sign(&m, &f.key);
+    let hash = *blake3::hash(&envelope).as_bytes();
+    let held = VerifiedRelease::verify(&f.root, envelope.clone(), None).expect("verifies");
+    let rel = verify_file(&f, &envelope, hash).expect("verifies from the file");
+    assert_eq!(rel.release(), held.release());
+    assert_eq!(rel.manifest(), held.manifest());
+    assert_eq!(rel.slot_index(), held.slot_index());
+    assert_eq!(rel.envelope(), None, "the release does not hold it");
+    // The same errors as in memory.
+    let in_memory = |e: &[u8]| VerifiedRelease::verify(&f.root, e.to_vec(), None).err();
+    let from_file = |e: &[u8]| verify_file(&f, e, *blake3::hash(e).as_bytes()).err();
+    let mut bad_sig = shoal_signing::Envelope::from_bytes(&envelope).expect("decodes");
+    bad_sig.signatures[0].sig[5] ^= 1;
+    let stranger = shoal_signing::SecretKey::from_seed(&[42; 32]);
+    let mut two = m.clone();
+    let mut second = two.payloads[0].clone();
+    second.name = "second".into();
+    two.payloads.push(second);
+    let mut flipped = envelope.clone();
+    flipped[3] ^= 0x40;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a bad signature", bad_sig.to_bytes()),
+        ("a stranger's signature", sign(&m, &stranger)),
+        ("a malformed envelope", flipped),
+        ("two payloads", sign(&two, &f.key)),
+        ("not an envelope", b"not cbor".to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        let want = in_memory(bytes).unwrap_or_else(|| panic!("{what}: refused in memory"));
+        assert_eq!(from_file(bytes), Some(want), "{what}");
+    }
+    match verify_file(&f, &envelope, [7; 32]) {
+        Err(OfferError::StoredEnvelope(e)) => {
+            assert_eq!(e, "the stored envelope does not hash to its name");
+        }
+        other => panic!("expected the name's mismatch, got {:?}", other.map(|_| ())),
+    }
+}
+
 /// Issue 10: when the file of the release's ids cannot be read mid-install, the
 /// install ends with that failure (naming the file, worth a rerun), and every
 /// byte written to the slot is the image's: no chunk was written for an id that

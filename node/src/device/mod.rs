@@ -629,6 +629,8 @@ impl Device {
                 // decodes the bytes read back, and drops them before it builds the
                 // chunk table. Nothing is trusted from the file: the deployment
                 // names it only once verified (offered).
+                // The engine verifies the file as it reads it (never whole in
+                // memory), its chunk ids going to a file next to it.
                 let (manifest_hash, stored, envelope) = {
                     let envelope = artifact.take_envelope();
                     // The manifest's id is the hash of its signed bytes (canonical
@@ -641,16 +643,19 @@ impl Device {
                     {
                         Some(hash) => {
                             drop(envelope);
-                            let bytes = store.stored_envelope(&hash).map_err(|e| {
+                            let file = store.open_stored_envelope(&hash).map_err(|e| {
                                 store.forget_envelope(&hash);
                                 anyhow!(e).context("cannot read back the signed manifest")
                             })?;
-                            (manifest_hash, Some(hash), bytes)
+                            (manifest_hash, Some((hash, file)), Vec::new())
                         }
                         None => (manifest_hash, None, envelope.to_bytes()),
                     }
                 };
-                kept.save(manifest_hash, &envelope);
+                match &stored {
+                    Some((_, (file, _))) => kept.save_file(manifest_hash, file),
+                    None => kept.save(manifest_hash, &envelope),
+                }
                 if let Some(d) = &dictionary {
                     kept.save_dictionary(manifest_hash, d);
                 }
@@ -660,25 +665,29 @@ impl Device {
                     // it as the manifest is decoded, and are read from there by
                     // position: an 8 GiB image's 13.8 MB of ids stay on disk.
                     let root = &driver.dev.root;
-                    let release = match stored {
-                        Some(hash) => match driver
-                            .dev
-                            .store
-                            .chunk_ids_writer(&hash)
-                            .context("cannot keep the release's chunk ids")?
-                        {
-                            Some(ids) => shoal_engine::VerifiedRelease::verify_stored_to(
-                                root, envelope, wall, ids,
-                            ),
-                            None => {
-                                shoal_engine::VerifiedRelease::verify_stored(root, envelope, wall)
-                            }
-                        },
+                    let release = match &stored {
+                        Some((hash, (file, len))) => {
+                            let ids = driver
+                                .dev
+                                .store
+                                .chunk_ids_writer(hash)
+                                .context("cannot keep the release's chunk ids")?
+                                .expect("a store that keeps envelope files keeps their ids");
+                            let file = chunk_ids::FileAt(file.try_clone().map_err(|e| {
+                                anyhow!(e).context("cannot read back the signed manifest")
+                            })?);
+                            shoal_engine::VerifiedRelease::verify_file(
+                                root, &file, *len, *hash, wall, ids,
+                            )
+                        }
                         None => shoal_engine::VerifiedRelease::verify(root, envelope, wall),
                     }
                     .map_err(|e| match e {
                         shoal_engine::OfferError::ChunkIds(_) => {
                             anyhow!(e).context("cannot keep the release's chunk ids")
+                        }
+                        shoal_engine::OfferError::StoredEnvelope(_) => {
+                            anyhow!(e).context("cannot read back the signed manifest")
                         }
                         e => anyhow!(e).context("the release was refused"),
                     })?;
@@ -712,8 +721,8 @@ impl Device {
                     )?;
                     Ok(())
                 })();
-                if let (Err(_), Some(hash)) = (&offered, stored) {
-                    driver.dev.store.forget_envelope(&hash);
+                if let (Err(_), Some((hash, _))) = (&offered, &stored) {
+                    driver.dev.store.forget_envelope(hash);
                 }
                 offered?;
                 driver.stream(artifact, &name)?;
@@ -1028,6 +1037,33 @@ struct NewManifest {
 impl NewManifest {
     /// Keeps `envelope` (whose manifest hashes to `hash`); an install goes on
     /// without it, with a warning, when it cannot be written.
+    /// [`Kept::save`] of an envelope in a file (the store's: copied, not read
+    /// into memory).
+    fn save_file(&mut self, hash: [u8; 32], envelope: &std::fs::File) {
+        let id = crate::lan::proto::ManifestId(hash);
+        let path = crate::lan::serve::envelope_path(&self.data_dir, &id);
+        let copy = || -> anyhow::Result<()> {
+            let dir = path.parent().expect("has a parent");
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let tmp = path.with_extension("new");
+            let mut out = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            let mut src = std::io::BufReader::new(envelope);
+            std::io::copy(&mut src, &mut out)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(())
+        };
+        match copy() {
+            Ok(()) => self.hash = Some(hash),
+            Err(e) => {
+                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
+            }
+        }
+    }
+
     fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
         match KeptManifests::save(&self.data_dir, &hash, envelope) {
             Ok(()) => self.hash = Some(hash),

@@ -21,6 +21,7 @@
 //! file no record names (a cut between the two) is removed by the next envelope
 //! record. Its hash is checked when it is read back.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -322,7 +323,7 @@ impl Store {
     /// (canonical CBOR, hashed as it is written, synced, then renamed to its
     /// hash), so its encoding is never in memory beside it: an 8 GiB image's
     /// envelope is 17.6 MB. Read the bytes back with [`Store::stored_envelope`]
-    /// once the decoded envelope is dropped. `None` on a store that keeps no
+    /// once the decoded envelope is dropped (open it: [`Store::open_stored_envelope`]). `None` on a store that keeps no
     /// envelope files.
     pub fn put_envelope_encoded(
         &self,
@@ -370,6 +371,7 @@ impl Store {
     /// The bytes of the envelope file [`Store::put_envelope_encoded`] wrote,
     /// checked against the hash that names it (nothing in it is trusted: they
     /// go to the offer, which verifies them).
+    #[cfg(test)]
     pub fn stored_envelope(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
         let dir = self
             .envelopes
@@ -390,6 +392,30 @@ impl Store {
             )));
         }
         Ok(bytes)
+    }
+
+    /// The envelope file [`Store::put_envelope_encoded`] wrote, open for reading,
+    /// and its length: the engine verifies it as it reads it
+    /// ([`shoal_engine::VerifiedRelease::verify_file`], which checks that it
+    /// hashes to its name), so it is never in memory whole.
+    pub fn open_stored_envelope(&self, hash: &[u8; 32]) -> Result<(File, u64), StoreError> {
+        let dir = self
+            .envelopes
+            .as_deref()
+            .expect("open_stored_envelope on a store that keeps envelope files");
+        let path = envelope_path(dir, hash);
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: ENVELOPE_FILE_KEY.to_string(),
+            message,
+        };
+        let file = File::open(&path)
+            .map_err(|e| corrupt(format!("cannot open {}: {e}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(|e| corrupt(format!("cannot read {}: {e}", path.display())))?
+            .len();
+        Ok((file, len))
     }
 
     /// Removes the envelope file [`Store::put_envelope_encoded`] wrote for a release that

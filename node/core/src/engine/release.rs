@@ -5,8 +5,11 @@
 
 use std::sync::Arc;
 
-use shoal_artifact::{ChunkId, ChunkIdSink, Manifest, PayloadKind, StreamedError, StreamedIds};
-use shoal_signing::{EnvelopeRef, RoleName, TrustRoot};
+use shoal_artifact::{
+    ChunkId, ChunkIdSink, Manifest, PayloadKind, ReadAt, StreamedError, StreamedIds,
+    StreamedManifest,
+};
+use shoal_signing::{EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot};
 
 use super::table::{ChunkIdWriter, ChunkTable, FileIds, Ids, prefix};
 use crate::error::OfferError;
@@ -84,6 +87,86 @@ impl VerifiedRelease {
         Self::verify_as(root, envelope, wall_unix_s, true, Some(ids))
     }
 
+    /// [`VerifiedRelease::verify_stored_to`] of the envelope in a file (the
+    /// `len` bytes `file` reads) that the driver stored and named `hash` (the
+    /// BLAKE3 of its bytes), read without holding it: its signatures are checked
+    /// as its signed bytes are read once (with both hashes), then the manifest is
+    /// decoded from it in a second read, its chunk ids going to `ids`. The
+    /// errors are those of the offer of the same bytes in memory; a file that
+    /// cannot be read, or whose bytes are not `hash`'s, is
+    /// [`OfferError::StoredEnvelope`].
+    pub fn verify_file(
+        root: &TrustRoot,
+        file: &dyn ReadAt,
+        len: u64,
+        hash: [u8; 32],
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        let read_error = |e: std::io::Error| {
+            OfferError::StoredEnvelope(format!("cannot read the stored envelope: {e}"))
+        };
+        let layout = EnvelopeLayout::locate(len, &mut |at, buf| file.read_at(at, buf))
+            .map_err(read_error)?;
+        let Some(layout) = layout else {
+            // Not laid out as a canonical envelope: the bytes in memory, for the
+            // decoder's own error (or, if they verify after all, the release).
+            let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+            file.read_at(0, &mut bytes).map_err(read_error)?;
+            check_named(&bytes, &hash)?;
+            return Self::verify_as(root, bytes, wall_unix_s, true, Some(ids));
+        };
+        // One read: the signatures over the signed bytes, their hash (the
+        // manifest's id) and the whole file's (its name).
+        let mut whole = blake3::Hasher::new();
+        let mut signed = blake3::Hasher::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = |at: u64, n: u64, f: &mut dyn FnMut(&[u8])| -> std::io::Result<()> {
+            let mut done = 0;
+            while done < n {
+                let k = (n - done).min(buf.len() as u64) as usize;
+                file.read_at(at + done, &mut buf[..k])?;
+                f(&buf[..k]);
+                done += k as u64;
+            }
+            Ok(())
+        };
+        read(0, layout.signed_at, &mut |b| {
+            whole.update(b);
+        })
+        .map_err(read_error)?;
+        let verdict = root
+            .verify_streamed(RoleName::Release, &layout.signatures, wall_unix_s, |feed| {
+                read(layout.signed_at, layout.signed_len, &mut |b| {
+                    whole.update(b);
+                    signed.update(b);
+                    feed(b);
+                })
+            })
+            .map_err(read_error)?;
+        let tail = layout.signed_at + layout.signed_len;
+        read(tail, len - tail, &mut |b| {
+            whole.update(b);
+        })
+        .map_err(read_error)?;
+        drop(buf);
+        if *whole.finalize().as_bytes() != hash {
+            return Err(OfferError::StoredEnvelope(
+                "the stored envelope does not hash to its name".into(),
+            ));
+        }
+        verdict?;
+        let manifest_hash = *signed.finalize().as_bytes();
+        let streamed = Manifest::from_file_streaming(
+            file,
+            layout.signed_at,
+            layout.signed_len,
+            &manifest_hash,
+            IdSink::new(Some(ids)),
+        );
+        Self::from_streamed(root, streamed, manifest_hash, None, Some(hash))
+    }
+
     fn verify_as(
         root: &TrustRoot,
         envelope: Vec<u8>,
@@ -95,20 +178,33 @@ impl VerifiedRelease {
         let parsed = EnvelopeRef::from_bytes(&envelope)?;
         let signed = root.verify_ref(RoleName::Release, &parsed, wall_unix_s)?;
         let manifest_hash = *blake3::hash(signed).as_bytes();
-        // The chunk list is streamed out of the decoder: ids to memory or the
-        // driver's file, sizes to two arrays; never a list of `ChunkRef`s.
-        let sink = IdSink {
-            prefixes: Vec::new(),
-            to: match writer {
-                Some(w) => IdsTo::Writer(w),
-                None => IdsTo::Memory(Vec::new()),
-            },
+        let streamed = Manifest::from_cbor_streaming(signed, IdSink::new(writer));
+        let release = Self::from_streamed(root, streamed, manifest_hash, None, None)?;
+        drop(parsed);
+        let (envelope, stored) = if stored {
+            let hash = *blake3::hash(&envelope).as_bytes();
+            drop(envelope);
+            (None, Some(hash))
+        } else {
+            (Some(Arc::<[u8]>::from(envelope)), None)
         };
-        let (mut streamed, sink) =
-            Manifest::from_cbor_streaming(signed, sink).map_err(|e| match e {
-                StreamedError::Manifest(e) => OfferError::Manifest(e),
-                StreamedError::Sink(message) => OfferError::ChunkIds(message),
-            })?;
+        let mut release = Arc::into_inner(release).expect("the only reference");
+        release.envelope = std::sync::Mutex::new(envelope);
+        release.stored = stored;
+        Ok(Arc::new(release))
+    }
+
+    /// The release from its manifest decoded with the chunk list streamed out:
+    /// the chunk table, then the references' and the canonical form's checks
+    /// against it, then the payloads'.
+    fn from_streamed(
+        root: &TrustRoot,
+        streamed: Result<(StreamedManifest<'_>, IdSink), StreamedError>,
+        manifest_hash: [u8; 32],
+        envelope: Option<Arc<[u8]>>,
+        stored: Option<[u8; 32]>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        let (mut streamed, sink) = streamed.map_err(offer_error)?;
         let sizes = std::mem::take(&mut streamed.sizes);
         let positions = u32::try_from(sizes.sizes.len()).expect("bounded by the manifest size");
         let ids = match sink.to {
@@ -120,18 +216,10 @@ impl VerifiedRelease {
         };
         let table = ChunkTable::build(ids, sizes.sizes, sizes.stored_sizes, sink.prefixes);
         // The references' checks and the canonical form, against the table.
-        let manifest = streamed.finish(&TableIds(&table))?;
+        let manifest = streamed.finish(&TableIds(&table)).map_err(offer_error)?;
         if let Some(e) = table.ids_error() {
             return Err(OfferError::ChunkIds(e.to_owned()));
         }
-        drop(parsed);
-        let (envelope, stored) = if stored {
-            let hash = *blake3::hash(&envelope).as_bytes();
-            drop(envelope);
-            (None, Some(hash))
-        } else {
-            (Some(Arc::<[u8]>::from(envelope)), None)
-        };
         let rootfs: Vec<usize> = (0..manifest.payloads.len())
             .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
             .collect();
@@ -243,6 +331,38 @@ impl VerifiedRelease {
 struct IdSink {
     prefixes: Vec<u32>,
     to: IdsTo,
+}
+
+impl IdSink {
+    fn new(writer: Option<Box<dyn ChunkIdWriter>>) -> IdSink {
+        IdSink {
+            prefixes: Vec::new(),
+            to: match writer {
+                Some(w) => IdsTo::Writer(w),
+                None => IdsTo::Memory(Vec::new()),
+            },
+        }
+    }
+}
+
+fn offer_error(e: StreamedError) -> OfferError {
+    match e {
+        StreamedError::Manifest(e) => OfferError::Manifest(e),
+        StreamedError::Sink(message) => OfferError::ChunkIds(message),
+        StreamedError::Read(message) => {
+            OfferError::StoredEnvelope(format!("cannot read the stored envelope: {message}"))
+        }
+    }
+}
+
+/// Refuses bytes read from the file named `hash` that are not its.
+fn check_named(bytes: &[u8], hash: &[u8; 32]) -> Result<(), OfferError> {
+    if blake3::hash(bytes).as_bytes() != hash {
+        return Err(OfferError::StoredEnvelope(
+            "the stored envelope does not hash to its name".into(),
+        ));
+    }
+    Ok(())
 }
 
 enum IdsTo {
