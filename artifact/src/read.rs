@@ -652,6 +652,9 @@ pub struct ArtifactReader<R: Read> {
     /// The manifest's distinct chunk count, once its chunk lists were shed
     /// without binding ([`ArtifactReader::shed_chunk_lists_unbound`]).
     unbound_distinct: Option<usize>,
+    /// The distinct chunk count of a manifest decoded without its chunk list
+    /// ([`ArtifactReader::open_held_unbound`]).
+    streamed_distinct: Option<usize>,
     /// Chunk count of each pack, from the pack table member, once it was read.
     table: Option<Vec<u32>>,
     /// The reference of each delta-encoded chunk, from the manifest.
@@ -706,6 +709,33 @@ impl<R: Read> ArtifactReader<R> {
             manifest,
             base,
         ))
+    }
+
+    /// [`ArtifactReader::open_held`] for a caller that binds the packs to the
+    /// chunk list it keeps ([`ArtifactReader::shed_chunk_lists_unbound`], then
+    /// [`ArtifactReader::bind_to`]: the installer, whose engine decodes the list
+    /// into its own table): the manifest of a full artifact is decoded with its
+    /// chunk list streamed out and dropped, so the list (40 bytes a chunk: 17.2 MB
+    /// for an 8 GiB image) is never held beside the envelope here. Its distinct
+    /// chunk count (the contents member's length) is found from the ids' first 4
+    /// bytes, and the full ids of the positions whose first 4 bytes repeat, in a
+    /// second decode. A thin artifact (its base and references need the ids) is
+    /// decoded whole. The same checks and errors as [`ArtifactReader::open_held`].
+    pub fn open_held_unbound(
+        mut src: R,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+        held: &dyn HeldManifests,
+    ) -> Result<Self, ReadError> {
+        let (envelope, envelope_len, delta_base) = read_envelope(&mut src, held)?;
+        let signed = root.verify(RoleName::Release, &envelope, now_unix_s)?;
+        let (manifest, distinct) = match decode_counting(signed)? {
+            Some((m, distinct)) => (m, Some(distinct)),
+            None => (Manifest::from_cbor(signed)?, None),
+        };
+        let mut reader = Self::from_parts(src, envelope, envelope_len, delta_base, manifest, None);
+        reader.streamed_distinct = distinct;
+        Ok(reader)
     }
 
     /// Reads the envelope and decodes the manifest **without checking any
@@ -768,6 +798,7 @@ impl<R: Read> ArtifactReader<R> {
             contents_read: false,
             manifest_hash,
             unbound_distinct: None,
+            streamed_distinct: None,
             table: None,
             references,
             preamble_done: false,
@@ -808,6 +839,10 @@ impl<R: Read> ArtifactReader<R> {
         assert!(
             self.unbound_distinct.is_none(),
             "chunk lists shed unbound: bind_to must be called before the packs are read"
+        );
+        assert!(
+            self.streamed_distinct.is_none(),
+            "a reader opened without its chunk list binds with bind_to"
         );
         let distinct = self.manifest.distinct_chunks();
         let thin = self.manifest.base.is_some();
@@ -879,7 +914,7 @@ impl<R: Read> ArtifactReader<R> {
             self.bind()?;
         }
         if self.expected.is_none() {
-            self.unbound_distinct = Some(self.manifest.distinct_count());
+            self.unbound_distinct = Some(self.distinct_count());
         }
         for p in &mut self.manifest.payloads {
             p.chunks = Vec::new();
@@ -929,6 +964,12 @@ impl<R: Read> ArtifactReader<R> {
             cursor: 0,
         });
         Ok(())
+    }
+
+    /// The manifest's distinct chunk count.
+    fn distinct_count(&self) -> usize {
+        self.streamed_distinct
+            .unwrap_or_else(|| self.manifest.distinct_count())
     }
 
     /// The verified (or, from `open_unverified`, unverified) manifest.
@@ -1236,7 +1277,7 @@ impl<R: Read> ArtifactReader<R> {
 
     /// Reads the contents member's data (bounded by the manifest's chunk count).
     fn read_contents_member(&mut self, size: u64) -> Result<(), ReadError> {
-        let distinct = self.manifest.distinct_count();
+        let distinct = self.distinct_count();
         let expected = distinct.div_ceil(8) as u64;
         if size != expected {
             return Err(ReadError::ContentsLength {
@@ -1267,9 +1308,12 @@ impl<R: Read> ArtifactReader<R> {
             // A full artifact holds every chunk: one its contents leave out is
             // refused here, as binding would.
             Some(bits) if !thin => {
-                let n = self.manifest.distinct_count();
+                let n = self.distinct_count();
                 let marked = |k: usize| bits[k / 8] & (1 << (k % 8)) != 0;
-                if let Some(k) = (0..n).find(|&k| !marked(k)) {
+                // Opened without its chunk list, the reader finds the chunk's id
+                // when it is bound (`bind_to`, before any chunk is read).
+                let listed = self.streamed_distinct.is_none();
+                if let Some(k) = (0..n).find(|&k| listed && !marked(k)) {
                     return Err(ReadError::MissingChunk(
                         self.manifest.distinct_chunks()[k].id,
                     ));
@@ -1279,7 +1323,7 @@ impl<R: Read> ArtifactReader<R> {
             Some(bits) if self.base_held.is_none() => {
                 Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
             }
-            None if !thin => Ok(self.manifest.distinct_count()),
+            None if !thin => Ok(self.distinct_count()),
             // A thin artifact checked against its base, or without contents.
             _ => {
                 self.bind()?;
@@ -1744,6 +1788,96 @@ fn member_signers<R: Read + io::Seek>(
         }
     }
     Ok(())
+}
+
+/// The manifest of a full artifact decoded without its chunk list, and its
+/// distinct chunk count ([`ArtifactReader::open_held_unbound`]); `None` for a
+/// manifest whose reader needs the list (a thin one, several payloads).
+fn decode_counting(signed: &[u8]) -> Result<Option<(Manifest, usize)>, ReadError> {
+    use crate::{ChunkIdSink, StreamedError, StreamedIds};
+    fn prefix(id: &ChunkId) -> u32 {
+        u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+    }
+    struct Prefixes(Vec<u32>);
+    impl ChunkIdSink for Prefixes {
+        fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+            self.0.push(prefix(id));
+            Ok(())
+        }
+        fn reserve(&mut self, positions: usize) {
+            self.0.reserve_exact(positions);
+        }
+    }
+    /// The distinct ids at the positions marked in `need`.
+    struct Needed {
+        need: Vec<u64>,
+        at: usize,
+        ids: std::collections::HashSet<ChunkId>,
+    }
+    impl ChunkIdSink for Needed {
+        fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+            if self.need[self.at / 64] >> (self.at % 64) & 1 == 1 {
+                self.ids.insert(*id);
+            }
+            self.at += 1;
+            Ok(())
+        }
+    }
+    /// No reference to check (a manifest without any).
+    struct NoIds;
+    impl StreamedIds for NoIds {
+        fn len(&self) -> u32 {
+            0
+        }
+        fn is_first(&self, _: u32) -> bool {
+            unreachable!("a manifest without references")
+        }
+        fn id(&self, _: u32) -> ChunkId {
+            unreachable!("a manifest without references")
+        }
+    }
+    let manifest_error = |e: StreamedError| match e {
+        StreamedError::Manifest(e) => ReadError::from(e),
+        // Neither sink fails, nor does reading memory.
+        e => ReadError::from(ManifestError::Decode(e.to_string())),
+    };
+    let (mut streamed, prefixes) =
+        Manifest::from_cbor_streaming(signed, Prefixes(Vec::new())).map_err(manifest_error)?;
+    let m = streamed.manifest();
+    if m.payloads.len() != 1 || m.base.is_some() || !m.payloads[0].references.is_empty() {
+        return Ok(None);
+    }
+    streamed.sizes = Default::default();
+    let manifest = streamed.finish(&NoIds).map_err(manifest_error)?;
+    let p = prefixes.0;
+    let n = p.len();
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_unstable_by_key(|&q| p[q as usize]);
+    let mut need = vec![0u64; n.div_ceil(64)];
+    let mut distinct = 0;
+    let mut any = false;
+    for group in order.chunk_by(|&a, &b| p[a as usize] == p[b as usize]) {
+        if group.len() == 1 {
+            distinct += 1;
+        } else {
+            any = true;
+            for &q in group {
+                need[q as usize / 64] |= 1 << (q % 64);
+            }
+        }
+    }
+    drop(order);
+    drop(p);
+    if any {
+        let needed = Needed {
+            need,
+            at: 0,
+            ids: std::collections::HashSet::new(),
+        };
+        let (_, needed) = Manifest::from_cbor_streaming(signed, needed).map_err(manifest_error)?;
+        distinct += needed.ids.len();
+    }
+    Ok(Some((manifest, distinct)))
 }
 
 /// Reads and decodes the first member: the envelope.

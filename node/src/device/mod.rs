@@ -542,8 +542,10 @@ impl Device {
                 // A manifest that travels as a delta is rebuilt against a kept one,
                 // then verified whole.
                 let held = KeptManifests::new(&data_dir);
+                // Its chunk list is streamed out of the decode and dropped: the
+                // engine's table keeps it, and the packs are bound to that below.
                 let mut artifact =
-                    ArtifactReader::open_held(&mut counted, &driver.dev.root, wall, None, &held)
+                    ArtifactReader::open_held_unbound(&mut counted, &driver.dev.root, wall, &held)
                         .map_err(|e| artifact_error(&name, e))?;
                 // A release too big for the slot is refused before its chunk list
                 // costs anything more (a signed manifest of 300,000 chunks); the
