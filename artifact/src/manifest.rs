@@ -881,7 +881,7 @@ impl Manifest {
         for (pi, p) in self.payloads.iter().enumerate().filter(|_| need_map) {
             match streamed {
                 Some(s) if pi == 0 => {
-                    for i in 0..s.len() {
+                    for i in 0..s.positions() {
                         first.entry(s.id(i)).or_insert((0, i));
                     }
                 }
@@ -927,7 +927,7 @@ impl Manifest {
                 for &pos in &r.chunks {
                     let is_first = match streamed {
                         Some(s) if pi == 0 => {
-                            if pos >= s.len() {
+                            if pos >= s.positions() {
                                 return Err(bad(ReferenceProblem::ChunkOutOfRange));
                             }
                             s.is_first(pos)
@@ -1685,7 +1685,7 @@ mod tests {
     struct Kept(Vec<ChunkId>);
 
     impl crate::StreamedIds for Kept {
-        fn len(&self) -> u32 {
+        fn positions(&self) -> u32 {
             self.0.len() as u32
         }
         fn is_first(&self, pos: u32) -> bool {

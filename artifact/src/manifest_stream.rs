@@ -44,8 +44,8 @@ pub struct StreamedSizes {
 /// The streamed list's ids, as the caller keeps them, for the references' checks.
 pub trait StreamedIds {
     /// Positions in the list.
-    fn len(&self) -> u32;
-    /// Whether `pos` (below [`StreamedIds::len`]) is the first position of its id.
+    fn positions(&self) -> u32;
+    /// Whether `pos` (below [`StreamedIds::positions`]) is the first position of its id.
     fn is_first(&self, pos: u32) -> bool;
     /// The id at `pos` (asked only of a manifest with several payloads whose later
     /// payloads have references).

@@ -1826,7 +1826,7 @@ fn decode_counting(signed: &[u8]) -> Result<Option<(Manifest, usize)>, ReadError
     /// No reference to check (a manifest without any).
     struct NoIds;
     impl StreamedIds for NoIds {
-        fn len(&self) -> u32 {
+        fn positions(&self) -> u32 {
             0
         }
         fn is_first(&self, _: u32) -> bool {

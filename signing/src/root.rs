@@ -369,7 +369,7 @@ impl TrustRoot {
         let mut valid = BTreeSet::new();
         let (mut invalid, mut unknown) = (0u32, 0u32);
         for (sig, stream) in signatures.iter().zip(streams) {
-            if !matches!(self.keys.get(&sig.key_id), Some(_) if def.key_ids.contains(&sig.key_id)) {
+            if !(self.keys.contains_key(&sig.key_id) && def.key_ids.contains(&sig.key_id)) {
                 unknown += 1;
                 continue;
             }

@@ -394,7 +394,7 @@ impl ChunkIdSink for IdSink {
 struct TableIds<'a>(&'a ChunkTable);
 
 impl StreamedIds for TableIds<'_> {
-    fn len(&self) -> u32 {
+    fn positions(&self) -> u32 {
         self.0.positions()
     }
     fn is_first(&self, pos: u32) -> bool {

@@ -288,8 +288,8 @@ impl ChunkTable {
         order.truncate(kept);
         // Entries in order of first appearance.
         let mut offset = 0u64;
-        for p in 0..n {
-            let f = first_of[p] as usize;
+        for (p, &f) in first_of.iter().enumerate() {
+            let f = f as usize;
             if f == p {
                 t.first.push(p as u32);
             }
