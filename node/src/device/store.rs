@@ -1058,6 +1058,84 @@ mod tests {
         assert!(!path.exists(), "the deployment's end removes it");
     }
 
+    /// Issue 10 (memory): the chunk ids of a stored envelope go to `<hash>.ids`
+    /// next to it, read back by position; a refused release's ids go with its
+    /// envelope, a named one's stay while its deployment runs (another record
+    /// prunes the rest) and go when it ends; an unfinished writer leaves nothing.
+    #[test]
+    fn a_stored_envelopes_chunk_ids_live_and_go_with_it() {
+        use shoal_artifact::ChunkId;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut envelope = shoal_signing::Envelope::new(vec![6u8; 5000]);
+        envelope.sign(&shoal_signing::SecretKey::from_seed(&[4; 32]));
+        let hash = store
+            .put_envelope_encoded(&envelope)
+            .expect("put")
+            .expect("kept");
+        let ids_path = chunk_ids_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        let env_path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        let ids: Vec<ChunkId> = (0..600u32).map(|k| ChunkId::of(&k.to_le_bytes())).collect();
+        let write = |ids: &[ChunkId]| {
+            let mut w = store
+                .chunk_ids_writer(&hash)
+                .expect("writer")
+                .expect("kept");
+            for id in ids {
+                w.push(id).expect("push");
+            }
+            w.finish().expect("finish")
+        };
+        let file = write(&ids);
+        assert_eq!(
+            std::fs::metadata(&ids_path).expect("its file").len(),
+            600 * 32
+        );
+        let mut got = vec![ChunkId([0; 32]); 300];
+        file.read_ids(250, &mut got).expect("read");
+        assert_eq!(got, ids[250..550]);
+        assert_eq!(file.describe(), ids_path.display().to_string());
+        // Reading past the end is an error, not a wrong id.
+        assert!(file.read_ids(599, &mut got[..2]).is_err());
+        // A writer dropped unfinished leaves no temporary file.
+        {
+            let mut w = store
+                .chunk_ids_writer(&hash)
+                .expect("writer")
+                .expect("kept");
+            w.push(&ids[0]).expect("push");
+        }
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(dir.path().join(ENVELOPE_DIR))
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        let hex = hex::encode(hash);
+        assert_eq!(names(), [format!("{hex}.envelope"), format!("{hex}.ids")]);
+        // Refused: both go.
+        store.forget_envelope(&hash);
+        assert!(!env_path.exists() && !ids_path.exists());
+        // Named by the deployment: kept by the record's prune, gone at its end.
+        store.put_envelope_encoded(&envelope).expect("put again");
+        drop(write(&ids));
+        std::fs::write(dir.path().join(ENVELOPE_DIR).join("stale.ids"), b"x").expect("stale");
+        store.apply(&[Record::EnvelopeStored(hash)]).expect("apply");
+        assert_eq!(names(), [format!("{hex}.envelope"), format!("{hex}.ids")]);
+        // A release still read keeps its handle when the file goes.
+        let file = write(&ids);
+        store.apply(&[Record::Envelope(None)]).expect("clear");
+        assert!(
+            !env_path.exists() && !ids_path.exists(),
+            "the deployment's end removes them"
+        );
+        file.read_ids(0, &mut got[..1])
+            .expect("the open file reads");
+        assert_eq!(got[0], ids[0]);
+    }
+
     /// A slot verified to hold a release gets the release's chunk list as its index,
     /// written from the release's table in transactions of `INDEX_BATCH` chunks
     /// (here two), replacing what the slot had.
