@@ -47,7 +47,9 @@ impl VerifiedRelease {
     /// Verifies `envelope` against `root` (signature threshold of the `release`
     /// role; the root's expiry against `wall_unix_s`, when the device has a
     /// trustworthy clock), decodes and validates its manifest, and checks it has
-    /// exactly one payload, a root filesystem image.
+    /// exactly one payload, a root filesystem image. The manifest's chunk list is
+    /// streamed into the chunk table as it is decoded (never a list of
+    /// `ChunkRef`s); the ids stay in memory, one copy a fleet shares.
     pub fn verify(
         root: &TrustRoot,
         envelope: Vec<u8>,
@@ -58,11 +60,12 @@ impl VerifiedRelease {
 
     /// [`VerifiedRelease::verify`] for a driver that stored `envelope` durably
     /// before the offer, as a file named by the BLAKE3 of its bytes: verified and
-    /// decoded the same way, but the bytes are dropped as soon as the manifest is
-    /// decoded, before the chunk table is built, and a deployment of it names the
-    /// stored envelope by its hash ([`Record::EnvelopeStored`]) instead of
-    /// carrying it. An 8 GiB image's envelope (17.6 MB) is then never in memory
-    /// beside its chunk table.
+    /// decoded the same way (the chunk list streamed into the table as the
+    /// manifest is decoded), but the release does not keep the bytes, and a
+    /// deployment of it names the stored envelope by its hash
+    /// ([`Record::EnvelopeStored`]) instead of carrying it. A driver that can read
+    /// the file verifies it there instead ([`VerifiedRelease::verify_file`]: the
+    /// envelope is then never in memory whole).
     ///
     /// [`Record::EnvelopeStored`]: crate::Record::EnvelopeStored
     pub fn verify_stored(
