@@ -88,7 +88,12 @@ impl MemStore {
     /// What [`Engine::new`] is given after a (re)start.
     pub fn load(&self) -> DeviceState {
         let mut state = self.state.clone();
-        state.active_index = self.indexes[slot_ordinal(state.active)].clone();
+        state.active_index = self.indexes[slot_ordinal(state.active)]
+            .as_ref()
+            .map(|i| i.chunking);
+        state.indexes = Some(crate::IndexStore(std::sync::Arc::new(
+            crate::MemIndexes::new(&self.indexes),
+        )));
         state
     }
 }

@@ -994,7 +994,11 @@ fn the_active_slot_index_can_be_the_shared_table_of_its_release() {
     dev.stores.insert(SourceId(3), c2.into_iter().collect());
     let v1_rel = crate::VerifiedRelease::verify(&f.root, sign(&m1, &f.key), None).expect("v1");
     let mut engine = dev.engine(f.config());
-    assert!(engine.active_index_bytes() > 0, "the store's index, a copy");
+    assert_eq!(
+        engine.active_index_bytes(),
+        0,
+        "the store's index, read by id: no copy"
+    );
     assert!(engine.share_active_index(&v1_rel));
     assert_eq!(engine.active_index_bytes(), 0, "shared, not copied");
     // Another release than the one the slot holds is not taken as its index.
@@ -1349,4 +1353,88 @@ fn the_active_slot_is_indexed_at_idle_time_and_the_next_install_uses_it() {
     dev.store.state.deployment = None;
     let mut engine = dev.engine(f.config());
     assert!(engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+}
+
+/// A device store whose index cannot be read: `scan` (the plan's pass) or `get`
+/// (a read of the slot on the index's word) fails.
+#[derive(Debug)]
+struct BrokenIndex {
+    inner: crate::MemIndexes,
+    scan_fails: bool,
+}
+
+impl crate::IndexReader for BrokenIndex {
+    fn get(
+        &self,
+        _slot: Slot,
+        _id: &shoal_artifact::ChunkId,
+    ) -> Result<Option<(u64, u32)>, crate::IndexReadError> {
+        Err(crate::IndexReadError("page checksum mismatch".into()))
+    }
+
+    fn scan(
+        &self,
+        slot: Slot,
+        from: &shoal_artifact::ChunkId,
+        f: &mut dyn FnMut(&shoal_artifact::ChunkId, u64, u32) -> bool,
+    ) -> Result<(), crate::IndexReadError> {
+        if self.scan_fails {
+            return Err(crate::IndexReadError("page checksum mismatch".into()));
+        }
+        self.inner.scan(slot, from, f)
+    }
+
+    fn chunking(
+        &self,
+        slot: Slot,
+    ) -> Result<Option<shoal_artifact::Chunking>, crate::IndexReadError> {
+        self.inner.chunking(slot)
+    }
+}
+
+/// An install on a device whose recorded index cannot be read, in the plan's pass
+/// or in a lookup before a read of the slot: it stops with that error, nothing
+/// written, rather than planning as though the slot held nothing.
+#[test]
+fn a_store_read_error_of_the_slot_index_stops_the_install() {
+    for scan_fails in [true, false] {
+        let f = Fixture::new();
+        let (v1, v2) = images();
+        let (mut dev, _) = device_running_v1(&f, &v1);
+        let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+        dev.stores.insert(SourceId(3), c2.into_iter().collect());
+        let mut state = dev.store.load();
+        assert!(state.active_index.is_some(), "v1's index is recorded");
+        state.indexes = Some(crate::IndexStore(std::sync::Arc::new(BrokenIndex {
+            inner: crate::MemIndexes::new(&dev.store.indexes),
+            scan_fails,
+        })));
+        let mut engine = Engine::new(f.config(), state);
+        let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+        engine
+            .offer(
+                dev.now(),
+                Offer {
+                    envelope: sign(&m2, &f.key),
+                    wall_unix_s: Some(1_800_000_000),
+                    sources: vec![source],
+                    reboot: false,
+                },
+            )
+            .expect("offer v2");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(
+            failed(&dev.events),
+            Some(&InstallError::Io {
+                op: crate::IoOp::IndexRead,
+                message: "page checksum mismatch".into(),
+            }),
+            "scan fails: {scan_fails}"
+        );
+        assert_eq!(
+            engine.progress().written_bytes,
+            0,
+            "scan fails: {scan_fails}"
+        );
+    }
 }

@@ -22,12 +22,15 @@
 //! record. Its hash is checked when it is read back.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_artifact::{ChunkId, Chunking};
-use shoal_engine::{DeviceState, IndexedChunk, Record, Slot, SlotIndex, slot_ordinal};
+use shoal_engine::{
+    DeviceState, IndexReadError, IndexReader, IndexedChunk, Record, Slot, SlotIndex, slot_ordinal,
+};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
@@ -84,7 +87,7 @@ pub enum StoreError {
 /// The device store. See the module documentation.
 #[derive(Debug)]
 pub struct Store {
-    db: Db,
+    db: Arc<Db>,
     path: PathBuf,
     /// Where envelopes are kept as files (`None`: a store on a test backend keeps
     /// them in redb).
@@ -151,7 +154,7 @@ impl Store {
             }
         };
         let store = Store {
-            db: Db::ReadWrite(db),
+            db: Arc::new(Db::ReadWrite(db)),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         };
@@ -181,7 +184,7 @@ impl Store {
             }
         };
         Ok(Some(Store {
-            db: Db::ReadOnly(db),
+            db: Arc::new(Db::ReadOnly(db)),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         }))
@@ -201,7 +204,7 @@ impl Store {
                 message: e.to_string(),
             })?;
         let store = Store {
-            db: Db::ReadWrite(db),
+            db: Arc::new(Db::ReadWrite(db)),
             path,
             envelopes: None,
         };
@@ -220,7 +223,7 @@ impl Store {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        let Db::ReadWrite(db) = &self.db else {
+        let Db::ReadWrite(db) = &*self.db else {
             return Err(self.db_err("opened read-only"));
         };
         let txn = db.begin_write().map_err(|e| self.db_err(e))?;
@@ -449,8 +452,18 @@ impl Store {
             let (k, _) = entry.map_err(|e| self.db_err(e))?;
             state.journaled.push(k.value());
         }
-        state.active_index = self.slot_index(state.active)?;
+        state.active_index = self.get(&format!("chunking.{}", slot_name(state.active)))?;
+        state.indexes = Some(shoal_engine::IndexStore(Arc::new(self.index_reader())));
         Ok(state)
+    }
+
+    /// The slot indexes, read by id through redb read transactions (the engine
+    /// holds none of them in memory).
+    pub fn index_reader(&self) -> StoreIndexes {
+        StoreIndexes {
+            db: Arc::clone(&self.db),
+            path: self.path.clone(),
+        }
     }
 
     /// The chunk index recorded for `slot`.
@@ -763,6 +776,109 @@ impl<T: Serialize> ErasedCbor for T {
     }
 }
 
+/// The slot indexes of a [`Store`], read by chunk id ([`IndexReader`]): a point
+/// lookup or a range scan in a read transaction of its own, on the redb the store
+/// writes (its page cache is bounded: [`CACHE_BYTES`]). An index whose chunking is
+/// not recorded (a power cut while it was written: [`Store::write_release_index`]
+/// records it with the last batch) reads as empty.
+#[derive(Debug, Clone)]
+pub struct StoreIndexes {
+    db: Arc<Db>,
+    path: PathBuf,
+}
+
+impl StoreIndexes {
+    fn err(&self, e: impl std::fmt::Display) -> IndexReadError {
+        IndexReadError(format!("{}: {e}", self.path.display()))
+    }
+
+    /// The read transaction and the slot's recorded chunking.
+    fn complete(
+        &self,
+        slot: Slot,
+    ) -> Result<(redb::ReadTransaction, Option<Chunking>), IndexReadError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let chunking = {
+            let meta = match txn.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((txn, None)),
+                Err(e) => return Err(self.err(e)),
+            };
+            match meta
+                .get(format!("chunking.{}", slot_name(slot)).as_str())
+                .map_err(|e| self.err(e))?
+            {
+                Some(v) => Some(cbor4ii::serde::from_slice::<Chunking>(v.value()).map_err(
+                    |e| {
+                        self.err(format!(
+                            "chunking.{}: {}",
+                            slot_name(slot),
+                            shoal_signing::describe_cbor_error(&e)
+                        ))
+                    },
+                )?),
+                None => None,
+            }
+        };
+        Ok((txn, chunking))
+    }
+}
+
+impl IndexReader for StoreIndexes {
+    fn get(&self, slot: Slot, id: &ChunkId) -> Result<Option<(u64, u32)>, IndexReadError> {
+        let (txn, chunking) = self.complete(slot)?;
+        if chunking.is_none() {
+            return Ok(None);
+        }
+        let table = match txn.open_table(INDEX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok(table
+            .get(&index_key(slot, id)[..])
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value()))
+    }
+
+    fn scan(
+        &self,
+        slot: Slot,
+        from: &ChunkId,
+        f: &mut dyn FnMut(&ChunkId, u64, u32) -> bool,
+    ) -> Result<(), IndexReadError> {
+        let (txn, chunking) = self.complete(slot)?;
+        if chunking.is_none() {
+            return Ok(());
+        }
+        let table = match txn.open_table(INDEX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let lo = index_key(slot, from);
+        let hi = index_key(slot, &ChunkId([0xff; 32]));
+        for entry in table
+            .range::<&[u8]>(&lo[..]..=&hi[..])
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let key = k.value();
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&key[1..33]);
+            let (offset, len) = v.value();
+            if !f(&ChunkId(id), offset, len) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunking(&self, slot: Slot) -> Result<Option<Chunking>, IndexReadError> {
+        Ok(self.complete(slot)?.1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,12 +979,40 @@ mod tests {
         let mut got = store.load(Slot::A, [8192, 8192]).expect("load");
         expected.journaled.sort_unstable();
         got.journaled.sort_unstable();
+        // The readers differ (one reads redb, one the model); what they read is
+        // compared below.
+        let reader = got.indexes.take().expect("a reader of the store's indexes");
+        expected.indexes = None;
         assert_eq!(got, expected);
         assert_eq!(store.slot_index(Slot::B).expect("index"), model.indexes[1]);
+        let mut read = Vec::new();
+        reader
+            .0
+            .scan(got.active, &ChunkId([0; 32]), &mut |id, offset, len| {
+                read.push(IndexedChunk {
+                    id: *id,
+                    offset,
+                    len,
+                });
+                true
+            })
+            .expect("scan");
+        assert_eq!(read.len(), 9, "one chunk unindexed");
+        let mut recorded = model.indexes[slot_ordinal(got.active)]
+            .clone()
+            .expect("an index")
+            .chunks;
+        recorded.sort_by_key(|c| c.id);
+        assert_eq!(read, recorded, "in id order, as recorded");
+        for c in &read {
+            assert_eq!(
+                reader.0.get(got.active, &c.id).expect("get"),
+                Some((c.offset, c.len))
+            );
+        }
         assert_eq!(
-            got.active_index.as_ref().map(|i| i.chunks.len()),
-            Some(9),
-            "one chunk unindexed"
+            reader.0.get(got.active, &ChunkId([0xee; 32])).expect("get"),
+            None
         );
 
         store
@@ -1034,6 +1178,38 @@ mod tests {
         assert_eq!(got, rel.slot_index());
         // The other slot's index is untouched.
         assert_eq!(store.slot_index(Slot::A).expect("read"), None);
+        let reader = store.index_reader();
+        assert_eq!(
+            reader.chunking(Slot::B).expect("read"),
+            Some(manifest.chunking)
+        );
+        let first = got.chunks[0];
+        assert_eq!(
+            reader.get(Slot::B, &first.id).expect("read"),
+            Some((first.offset, first.len))
+        );
+        // The entries of an index whose chunking is not recorded (the last batch
+        // never committed: a power cut) are not read.
+        store
+            .write(|txn| {
+                txn.open_table(META)?.remove("chunking.B")?;
+                Ok(())
+            })
+            .expect("write");
+        assert_eq!(reader.chunking(Slot::B).expect("read"), None);
+        assert_eq!(reader.get(Slot::B, &first.id).expect("read"), None);
+        let mut n = 0;
+        reader
+            .scan(Slot::B, &ChunkId([0; 32]), &mut |_, _, _| {
+                n += 1;
+                true
+            })
+            .expect("scan");
+        assert_eq!(n, 0, "a half-written index reads as empty");
+        assert_eq!(
+            store.load(Slot::B, [0, 0]).expect("load").active_index,
+            None
+        );
     }
 
     /// Regression: a power cut while the store was first created left a half-written

@@ -36,6 +36,7 @@ mod scheduler;
 mod table;
 
 pub use adopt::{PeerRelease, compare_versions, peer_release};
+pub use index::{IndexReadError, IndexReader, IndexStore, MemIndexes};
 pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
 pub use pick::PickError;
@@ -657,8 +658,19 @@ impl Engine {
             engine.journal_bytes =
                 lifecycle::journal_bytes(engine.state.envelope.as_deref(), &engine.state.journaled);
         }
-        if let Some(index) = engine.state.active_index.take() {
-            engine.set_index(&index);
+        if let Some(chunking) = engine.state.active_index.take() {
+            let store = engine.state.indexes.as_ref();
+            assert!(
+                store.is_some(),
+                "a recorded active index comes with its reader"
+            );
+            if let Some(store) = store {
+                engine.index = index::ActiveIndex::stored(
+                    engine.state.active,
+                    chunking,
+                    std::sync::Arc::clone(&store.0),
+                );
+            }
         }
         engine
     }
