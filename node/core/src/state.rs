@@ -252,6 +252,17 @@ pub enum Record {
         /// Its index.
         index: Option<SlotIndex>,
     },
+    /// The chunks the driver wrote to the store for `slot`
+    /// ([`Input::SlotIndexWritten`](crate::Input::SlotIndexWritten)) are its
+    /// index, cut with `chunking`: recording the chunking makes them so.
+    SlotIndexWritten {
+        /// The slot.
+        slot: Slot,
+        /// How it was cut.
+        chunking: shoal_artifact::Chunking,
+        /// Entries written (distinct ids).
+        chunks: u64,
+    },
     /// Replace a slot's chunk index with the chunk list of the release it now
     /// holds (verified there): the store writes it from the release's table
     /// ([`VerifiedRelease::index_by_id`](crate::VerifiedRelease::index_by_id)), so

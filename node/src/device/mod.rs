@@ -2103,17 +2103,24 @@ impl<'a> Driver<'a> {
                         self.drain()?;
                     }
                     let chunks = worker.join().expect("the indexing thread panicked")?;
-                    Ok(shoal_engine::SlotIndex {
-                        chunking,
-                        chunks: chunks
-                            .into_iter()
-                            .map(|(offset, id, len)| shoal_engine::IndexedChunk { id, offset, len })
-                            .collect(),
-                    })
+                    // Into the store in batches; the engine reads them by id.
+                    let written = self
+                        .dev
+                        .store
+                        .write_slot_index(slot, &chunks)
+                        .with_context(|| format!("cannot record the index of slot {slot}"))?;
+                    Ok(written)
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                info!(slot = %slot, chunks = index.chunks.len(), "indexed the active slot");
-                self.engine.handle(now, Input::SlotIndexed { slot, index });
+                info!(slot = %slot, chunks = index, "indexed the active slot");
+                self.engine.handle(
+                    now,
+                    Input::SlotIndexWritten {
+                        slot,
+                        chunking,
+                        chunks: index,
+                    },
+                );
             }
             Output::Read {
                 slot,

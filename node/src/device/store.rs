@@ -28,9 +28,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_artifact::{ChunkId, Chunking};
-use shoal_engine::{
-    DeviceState, IndexReadError, IndexReader, IndexedChunk, Record, Slot, SlotIndex, slot_ordinal,
-};
+use shoal_engine::{DeviceState, IndexReadError, IndexReader, Record, Slot, slot_ordinal};
+#[cfg(test)]
+use shoal_engine::{IndexedChunk, SlotIndex};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
@@ -40,7 +40,7 @@ const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
 const CACHE_BYTES: usize = 1024 * 1024;
 
 /// Chunks of a slot index written in one transaction.
-const INDEX_BATCH: usize = 16 * 1024;
+pub(super) const INDEX_BATCH: usize = 16 * 1024;
 
 /// File name of the store in the data directory.
 pub const FILE_NAME: &str = "shoal.redb";
@@ -466,7 +466,9 @@ impl Store {
         }
     }
 
-    /// The chunk index recorded for `slot`.
+    /// The chunk index recorded for `slot`, whole (tests compare it; the engine
+    /// and the drivers read it by id: [`Store::index_reader`]).
+    #[cfg(test)]
     pub fn slot_index(&self, slot: Slot) -> Result<Option<SlotIndex>, StoreError> {
         let Some(chunking) = self.get::<Chunking>(&format!("chunking.{}", slot_name(slot)))? else {
             return Ok(None);
@@ -631,6 +633,12 @@ impl Store {
                             None => put(&mut meta, &key, None)?,
                         }
                     }
+                    // Its entries were written before (`write_slot_index`).
+                    Record::SlotIndexWritten { slot, chunking, .. } => put(
+                        &mut meta,
+                        &format!("chunking.{}", slot_name(*slot)),
+                        Some(chunking),
+                    )?,
                     // The slot's old index goes in this transaction; the new one
                     // is written after it (`write_release_index`).
                     Record::ReleaseIndex { slot, .. } => {
@@ -688,6 +696,54 @@ impl Store {
                 return Ok(());
             }
         }
+    }
+
+    /// Writes the chunks of a cut of `slot` (`(offset, id, len)` in slot order) as
+    /// its index entries, for [`Input::SlotIndexWritten`](shoal_engine::Input::SlotIndexWritten):
+    /// the slot's old index (entries and chunking) goes in the first transaction,
+    /// then the chunks in transactions of [`INDEX_BATCH`] (redb keeps a
+    /// transaction's pages in memory until it commits), each sorted by id so the
+    /// B-tree is appended to in runs rather than written all over; of chunks with
+    /// one id the first in slot order is kept. The chunking is not recorded here:
+    /// the engine's [`Record::SlotIndexWritten`] does it, so entries cut short by a
+    /// power cut (or that the engine did not take) are no index (and are cleared
+    /// when the slot is next cut or installed to). Returns the entries written
+    /// (distinct ids).
+    pub fn write_slot_index(
+        &self,
+        slot: Slot,
+        chunks: &[(u64, ChunkId, u32)],
+    ) -> Result<u64, StoreError> {
+        self.write(|txn| {
+            let mut index = txn.open_table(INDEX)?;
+            let lo = index_key(slot, &ChunkId([0; 32]));
+            let hi = index_key(slot, &ChunkId([0xff; 32]));
+            index.retain_in::<&[u8], _>(&lo[..]..=&hi[..], |_, _| false)?;
+            txn.open_table(META)?
+                .remove(format!("chunking.{}", slot_name(slot)).as_str())?;
+            Ok(())
+        })?;
+        let mut written = 0u64;
+        let mut order: Vec<u32> = Vec::with_capacity(INDEX_BATCH.min(chunks.len()));
+        for batch in chunks.chunks(INDEX_BATCH) {
+            order.clear();
+            order.extend(0..batch.len() as u32);
+            // Stable: of one id, the first in slot order comes first.
+            order.sort_by_key(|&k| batch[k as usize].1);
+            self.write(|txn| {
+                let mut index = txn.open_table(INDEX)?;
+                for &k in &order {
+                    let (offset, id, len) = batch[k as usize];
+                    let key = index_key(slot, &id);
+                    if index.get(&key[..])?.is_none() {
+                        index.insert(&key[..], (offset, len))?;
+                        written += 1;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(written)
     }
 
     /// Records the running slot of a device Shoal sees for the first time.
@@ -778,9 +834,15 @@ impl<T: Serialize> ErasedCbor for T {
 
 /// The slot indexes of a [`Store`], read by chunk id ([`IndexReader`]): a point
 /// lookup or a range scan in a read transaction of its own, on the redb the store
-/// writes (its page cache is bounded: [`CACHE_BYTES`]). An index whose chunking is
-/// not recorded (a power cut while it was written: [`Store::write_release_index`]
-/// records it with the last batch) reads as empty.
+/// writes (its page cache is bounded: [`CACHE_BYTES`]). An index is complete when
+/// its chunking is recorded ([`IndexReader::chunking`], [`Store::load`]): the
+/// last batch of [`Store::write_release_index`], or the engine's
+/// [`Record::SlotIndexWritten`] after [`Store::write_slot_index`]. Entries of an
+/// index not recorded complete (a power cut while they were written) are read
+/// only by an engine that was told they are complete, which is never (the
+/// engine takes a stored index from `load`, a commit that checks `chunking`, or
+/// the input that records it). And an index is a hint: every chunk read on its
+/// word is hashed against its id.
 #[derive(Debug, Clone)]
 pub struct StoreIndexes {
     db: Arc<Db>,
@@ -826,10 +888,7 @@ impl StoreIndexes {
 
 impl IndexReader for StoreIndexes {
     fn get(&self, slot: Slot, id: &ChunkId) -> Result<Option<(u64, u32)>, IndexReadError> {
-        let (txn, chunking) = self.complete(slot)?;
-        if chunking.is_none() {
-            return Ok(None);
-        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = match txn.open_table(INDEX) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -847,10 +906,7 @@ impl IndexReader for StoreIndexes {
         from: &ChunkId,
         f: &mut dyn FnMut(&ChunkId, u64, u32) -> bool,
     ) -> Result<(), IndexReadError> {
-        let (txn, chunking) = self.complete(slot)?;
-        if chunking.is_none() {
-            return Ok(());
-        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = match txn.open_table(INDEX) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
@@ -1197,15 +1253,6 @@ mod tests {
             })
             .expect("write");
         assert_eq!(reader.chunking(Slot::B).expect("read"), None);
-        assert_eq!(reader.get(Slot::B, &first.id).expect("read"), None);
-        let mut n = 0;
-        reader
-            .scan(Slot::B, &ChunkId([0; 32]), &mut |_, _, _| {
-                n += 1;
-                true
-            })
-            .expect("scan");
-        assert_eq!(n, 0, "a half-written index reads as empty");
         assert_eq!(
             store.load(Slot::B, [0, 0]).expect("load").active_index,
             None
