@@ -370,6 +370,40 @@ impl Store {
         Ok(Some(hash))
     }
 
+    /// [`Store::put_envelope_encoded`] for an envelope received as bytes (from
+    /// the server, a chunk store, a peer): written as they are (synced, then
+    /// renamed to their BLAKE3), so the deployment names the file
+    /// ([`Record::EnvelopeStored`]) instead of the store carrying a copy. Nothing
+    /// in them is trusted: the offer verifies them. `None` on a store that keeps
+    /// no envelope files.
+    pub fn put_envelope_bytes(&self, bytes: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
+        let Some(dir) = &self.envelopes else {
+            return Ok(None);
+        };
+        let io = |source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let hash = *blake3::hash(bytes).as_bytes();
+        let path = envelope_path(dir, &hash);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            return Ok(Some(hash));
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join("encoding.tmp");
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            file.write_all(bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(Some(hash))
+    }
+
     /// The bytes of the envelope file [`Store::put_envelope_encoded`] wrote,
     /// checked against the hash that names it (nothing in it is trusted: they
     /// go to the offer, which verifies them).
