@@ -1176,6 +1176,45 @@ mod tests {
     /// named by a `Record::EnvelopeStored` with its hash and loads back whole; a
     /// record naming a file that is not there is refused before anything commits;
     /// a refused release's file is forgotten, a named one is not.
+    /// An envelope received as bytes (server, chunk store) is stored as they are,
+    /// named by their hash, before the offer; the deployment's record names the
+    /// file and a resume (a reopened store) loads it from there, not from redb.
+    #[test]
+    fn an_envelope_received_as_bytes_is_stored_before_the_offer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let bytes: Vec<u8> = (0..9000u32).map(|k| (k * 7) as u8).collect();
+        let hash = store
+            .put_envelope_bytes(&bytes)
+            .expect("put")
+            .expect("a store on a directory keeps envelope files");
+        assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+        let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        assert_eq!(std::fs::read(&path).expect("its file"), bytes);
+        assert!(!dir.path().join(ENVELOPE_DIR).join("encoding.tmp").exists());
+        // Again (an offer of the same release resumed): the same file.
+        assert_eq!(store.put_envelope_bytes(&bytes).expect("put"), Some(hash));
+        store.apply(&[Record::EnvelopeStored(hash)]).expect("apply");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.get_raw("envelope").expect("read"),
+            None,
+            "no copy in redb"
+        );
+        let got = store.load(Slot::A, [1 << 20; 2]).expect("load");
+        assert_eq!(got.envelope.as_deref(), Some(&bytes[..]));
+        // Refused (not named): forgotten.
+        let other = vec![1u8; 100];
+        let h = store
+            .put_envelope_bytes(&other)
+            .expect("put")
+            .expect("kept");
+        store.forget_envelope(&h);
+        assert!(!envelope_path(&dir.path().join(ENVELOPE_DIR), &h).exists());
+        assert!(path.exists(), "the named one stays");
+    }
+
     #[test]
     fn an_envelope_stored_before_the_offer_is_named_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -78,8 +78,11 @@ impl Eq for IndexStore {}
 /// by id once, the first of each id in slot order kept.
 #[derive(Debug, Default)]
 pub struct MemIndexes {
-    slots: [Option<(Chunking, Vec<(ChunkId, u64, u32)>)>; 2],
+    slots: [Option<(Chunking, Entries)>; 2],
 }
+
+/// `(id, offset, len)` sorted by id, the first of each id in slot order.
+type Entries = Vec<(ChunkId, u64, u32)>;
 
 impl MemIndexes {
     /// The indexes of both slots, by [`slot_ordinal`].
@@ -93,7 +96,7 @@ impl MemIndexes {
     }
 }
 
-fn sorted(index: &SlotIndex) -> Vec<(ChunkId, u64, u32)> {
+fn sorted(index: &SlotIndex) -> Entries {
     let mut v: Vec<(ChunkId, u64, u32)> = index
         .chunks
         .iter()
@@ -147,7 +150,7 @@ enum Base {
     #[default]
     Empty,
     /// `(id, offset, len)` sorted by id, the first of each id in slot order.
-    Own(Vec<(ChunkId, u64, u32)>),
+    Own(Entries),
     /// The store's index of `slot`, read by id.
     Stored {
         slot: Slot,
