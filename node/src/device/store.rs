@@ -88,6 +88,9 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     db: Arc<Db>,
+    /// Write transactions committed (by this process): an index reader's cached
+    /// read snapshot is current while it has not moved ([`StoreIndexes`]).
+    generation: Arc<std::sync::atomic::AtomicU64>,
     path: PathBuf,
     /// Where envelopes are kept as files (`None`: a store on a test backend keeps
     /// them in redb).
@@ -155,6 +158,7 @@ impl Store {
         };
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
+            generation: Arc::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         };
@@ -185,6 +189,7 @@ impl Store {
         };
         Ok(Some(Store {
             db: Arc::new(Db::ReadOnly(db)),
+            generation: Arc::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         }))
@@ -205,6 +210,7 @@ impl Store {
             })?;
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
+            generation: Arc::default(),
             path,
             envelopes: None,
         };
@@ -234,7 +240,10 @@ impl Store {
             f(&txn)
         })()
         .map_err(|e| self.db_err(e))?;
-        txn.commit().map_err(|e| self.db_err(e))
+        let committed = txn.commit().map_err(|e| self.db_err(e));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        committed
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -497,6 +506,8 @@ impl Store {
         StoreIndexes {
             db: Arc::clone(&self.db),
             path: self.path.clone(),
+            generation: Arc::clone(&self.generation),
+            table: std::sync::Mutex::new(None),
         }
     }
 
@@ -877,10 +888,25 @@ impl<T: Serialize> ErasedCbor for T {
 /// engine takes a stored index from `load`, a commit that checks `chunking`, or
 /// the input that records it). And an index is a hint: every chunk read on its
 /// word is hashed against its id.
-#[derive(Debug, Clone)]
+/// A point lookup reads through one read snapshot of the index table, kept while
+/// the store commits nothing (an install's reads of the running slot come between
+/// journal transactions: one snapshot serves a batch of them, instead of a read
+/// transaction each); a scan opens its own.
 pub struct StoreIndexes {
     db: Arc<Db>,
     path: PathBuf,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    table: std::sync::Mutex<Option<(u64, IndexTable)>>,
+}
+
+type IndexTable = redb::ReadOnlyTable<&'static [u8], (u64, u32)>;
+
+impl std::fmt::Debug for StoreIndexes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreIndexes")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreIndexes {
@@ -922,11 +948,23 @@ impl StoreIndexes {
 
 impl IndexReader for StoreIndexes {
     fn get(&self, slot: Slot, id: &ChunkId) -> Result<Option<(u64, u32)>, IndexReadError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(INDEX) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let mut cached = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.as_ref().is_none_or(|(g, _)| *g != generation) {
+            // The old snapshot goes first (its pages are the writer's again).
+            *cached = None;
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            match txn.open_table(INDEX) {
+                Ok(t) => *cached = Some((generation, t)),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        let Some((_, table)) = cached.as_ref() else {
+            return Ok(None);
         };
         Ok(table
             .get(&index_key(slot, id)[..])
@@ -1123,6 +1161,34 @@ mod tests {
     /// large one would be held twice while its transaction commits): it reads
     /// back, a file no record names is removed by the next envelope record, a
     /// changed file is an error naming it, and clearing the record removes it.
+    /// The index reader's lookups keep one read snapshot while nothing commits,
+    /// and see what a later transaction wrote (a slot cut again, a chunk unindexed).
+    #[test]
+    fn index_lookups_see_what_was_committed_since() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let reader = store.index_reader();
+        let id = |b: u8| ChunkId([b; 32]);
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), None);
+        store
+            .write_slot_index(Slot::A, &[(0, id(1), 10), (10, id(2), 20), (30, id(1), 10)])
+            .expect("write");
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), Some((0, 10)));
+        assert_eq!(reader.get(Slot::A, &id(2)).expect("read"), Some((10, 20)));
+        store
+            .apply(&[Record::Unindex {
+                slot: Slot::A,
+                id: id(2),
+            }])
+            .expect("unindex");
+        assert_eq!(reader.get(Slot::A, &id(2)).expect("read"), None);
+        store
+            .write_slot_index(Slot::A, &[(5, id(3), 7)])
+            .expect("cut again");
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), None);
+        assert_eq!(reader.get(Slot::A, &id(3)).expect("read"), Some((5, 7)));
+    }
+
     #[test]
     fn the_envelope_is_a_file_named_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");
