@@ -99,6 +99,9 @@ pub enum IoOp {
     IndexSlot,
     /// [`Output::Read`](crate::Output::Read).
     Read,
+    /// Reading the active slot's index from the device store
+    /// ([`IndexReader`](crate::IndexReader)).
+    IndexRead,
     /// [`Output::Fetch`](crate::Output::Fetch), or reading a stream source.
     Fetch,
     /// [`Output::Write`](crate::Output::Write).
@@ -121,6 +124,7 @@ impl std::fmt::Display for IoOp {
         f.write_str(match self {
             IoOp::IndexSlot => "indexing the active slot",
             IoOp::Read => "reading the active slot",
+            IoOp::IndexRead => "reading the active slot's index",
             IoOp::Fetch => "reading the source",
             IoOp::Write => "writing the slot",
             IoOp::Sync => "syncing the slot",

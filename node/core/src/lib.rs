@@ -99,9 +99,10 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, Input, ManifestPlan,
-    ManifestStep, NeededChunks, NodeKey, Offer, Offsets, Output, PeerRelease, PickError, Progress,
-    ServerWhy, Status, Swarm, VerifiedRelease, compare_versions, peer_release,
+    Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, IndexReadError,
+    IndexReader, IndexStore, Input, ManifestPlan, ManifestStep, MemIndexes, NeededChunks, NodeKey,
+    Offer, Offsets, Output, PeerRelease, PickError, Progress, ServerWhy, Status, Swarm,
+    VerifiedRelease, compare_versions, peer_release,
 };
 pub use error::{
     CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,

@@ -188,8 +188,12 @@ pub struct DeviceState {
     /// Wire bytes the deployment in progress asked of WAN sources so far (its data
     /// budget's spent part; persisted with the journal).
     pub wan_spent_bytes: u64,
-    /// Index of the active slot's chunks, when one was built.
-    pub active_index: Option<SlotIndex>,
+    /// How the active slot's recorded index was cut, when the store holds a
+    /// complete one (its entries are read through `indexes`, by id).
+    pub active_index: Option<shoal_artifact::Chunking>,
+    /// Where the slot indexes the store records are read ([`IndexStore`]); a
+    /// state with an `active_index` has one.
+    pub indexes: Option<crate::engine::IndexStore>,
     /// The last deployment result.
     pub last: Option<Outcome>,
 }
@@ -207,6 +211,7 @@ impl DeviceState {
             journaled: Vec::new(),
             wan_spent_bytes: 0,
             active_index: None,
+            indexes: None,
             last: None,
         }
     }
@@ -246,6 +251,17 @@ pub enum Record {
         slot: Slot,
         /// Its index.
         index: Option<SlotIndex>,
+    },
+    /// The chunks the driver wrote to the store for `slot`
+    /// ([`Input::SlotIndexWritten`](crate::Input::SlotIndexWritten)) are its
+    /// index, cut with `chunking`: recording the chunking makes them so.
+    SlotIndexWritten {
+        /// The slot.
+        slot: Slot,
+        /// How it was cut.
+        chunking: shoal_artifact::Chunking,
+        /// Entries written (distinct ids).
+        chunks: u64,
     },
     /// Replace a slot's chunk index with the chunk list of the release it now
     /// holds (verified there): the store writes it from the release's table

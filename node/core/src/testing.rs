@@ -36,6 +36,9 @@ pub struct MemStore {
     pub state: DeviceState,
     /// Each slot's chunk index.
     pub indexes: [Option<SlotIndex>; 2],
+    /// Chunks written for a slot by [`MemStore::write_index`], not yet its index
+    /// ([`Record::SlotIndexWritten`] makes them so).
+    pub written: [Option<SlotIndex>; 2],
     /// Transactions applied.
     pub transactions: u64,
 }
@@ -46,8 +49,18 @@ impl MemStore {
         MemStore {
             state: DeviceState::fresh(active, slot_capacity),
             indexes: [None, None],
+            written: [None, None],
             transactions: 0,
         }
+    }
+
+    /// Writes `index`'s chunks for `slot` as a driver writes them before
+    /// [`Input::SlotIndexWritten`](crate::Input::SlotIndexWritten): the slot's
+    /// old index is dropped, the new one is not the slot's index until
+    /// [`Record::SlotIndexWritten`].
+    pub fn write_index(&mut self, slot: Slot, index: SlotIndex) {
+        self.indexes[slot_ordinal(slot)] = None;
+        self.written[slot_ordinal(slot)] = Some(index);
     }
 
     /// Applies one transaction.
@@ -70,6 +83,11 @@ impl MemStore {
                 Record::SlotIndex { slot, index } => {
                     self.indexes[slot_ordinal(*slot)] = index.clone()
                 }
+                Record::SlotIndexWritten { slot, chunking, .. } => {
+                    self.indexes[slot_ordinal(*slot)] = self.written[slot_ordinal(*slot)]
+                        .take()
+                        .filter(|i| i.chunking == *chunking);
+                }
                 Record::ReleaseIndex { slot, release } => {
                     self.indexes[slot_ordinal(*slot)] = Some(release.slot_index())
                 }
@@ -88,7 +106,12 @@ impl MemStore {
     /// What [`Engine::new`] is given after a (re)start.
     pub fn load(&self) -> DeviceState {
         let mut state = self.state.clone();
-        state.active_index = self.indexes[slot_ordinal(state.active)].clone();
+        state.active_index = self.indexes[slot_ordinal(state.active)]
+            .as_ref()
+            .map(|i| i.chunking);
+        state.indexes = Some(crate::IndexStore(std::sync::Arc::new(
+            crate::MemIndexes::new(&self.indexes),
+        )));
         state
     }
 }

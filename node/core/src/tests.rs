@@ -994,7 +994,11 @@ fn the_active_slot_index_can_be_the_shared_table_of_its_release() {
     dev.stores.insert(SourceId(3), c2.into_iter().collect());
     let v1_rel = crate::VerifiedRelease::verify(&f.root, sign(&m1, &f.key), None).expect("v1");
     let mut engine = dev.engine(f.config());
-    assert!(engine.active_index_bytes() > 0, "the store's index, a copy");
+    assert_eq!(
+        engine.active_index_bytes(),
+        0,
+        "the store's index, read by id: no copy"
+    );
     assert!(engine.share_active_index(&v1_rel));
     assert_eq!(engine.active_index_bytes(), 0, "shared, not copied");
     // Another release than the one the slot holds is not taken as its index.
@@ -1349,4 +1353,198 @@ fn the_active_slot_is_indexed_at_idle_time_and_the_next_install_uses_it() {
     dev.store.state.deployment = None;
     let mut engine = dev.engine(f.config());
     assert!(engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+}
+
+/// A device store whose index cannot be read: `scan` (the plan's pass) or `get`
+/// (a read of the slot on the index's word) fails.
+#[derive(Debug)]
+struct BrokenIndex {
+    inner: crate::MemIndexes,
+    scan_fails: bool,
+}
+
+impl crate::IndexReader for BrokenIndex {
+    fn get(
+        &self,
+        _slot: Slot,
+        _id: &shoal_artifact::ChunkId,
+    ) -> Result<Option<(u64, u32)>, crate::IndexReadError> {
+        Err(crate::IndexReadError("page checksum mismatch".into()))
+    }
+
+    fn scan(
+        &self,
+        slot: Slot,
+        from: &shoal_artifact::ChunkId,
+        f: &mut dyn FnMut(&shoal_artifact::ChunkId, u64, u32) -> bool,
+    ) -> Result<(), crate::IndexReadError> {
+        if self.scan_fails {
+            return Err(crate::IndexReadError("page checksum mismatch".into()));
+        }
+        self.inner.scan(slot, from, f)
+    }
+
+    fn chunking(
+        &self,
+        slot: Slot,
+    ) -> Result<Option<shoal_artifact::Chunking>, crate::IndexReadError> {
+        self.inner.chunking(slot)
+    }
+}
+
+/// An install on a device whose recorded index cannot be read, in the plan's pass
+/// or in a lookup before a read of the slot: it stops with that error, nothing
+/// written, rather than planning as though the slot held nothing.
+#[test]
+fn a_store_read_error_of_the_slot_index_stops_the_install() {
+    for scan_fails in [true, false] {
+        let f = Fixture::new();
+        let (v1, v2) = images();
+        let (mut dev, _) = device_running_v1(&f, &v1);
+        let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+        dev.stores.insert(SourceId(3), c2.into_iter().collect());
+        let mut state = dev.store.load();
+        assert!(state.active_index.is_some(), "v1's index is recorded");
+        state.indexes = Some(crate::IndexStore(std::sync::Arc::new(BrokenIndex {
+            inner: crate::MemIndexes::new(&dev.store.indexes),
+            scan_fails,
+        })));
+        let mut engine = Engine::new(f.config(), state);
+        let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+        engine
+            .offer(
+                dev.now(),
+                Offer {
+                    envelope: sign(&m2, &f.key),
+                    wall_unix_s: Some(1_800_000_000),
+                    sources: vec![source],
+                    reboot: false,
+                },
+            )
+            .expect("offer v2");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(
+            failed(&dev.events),
+            Some(&InstallError::Io {
+                op: crate::IoOp::IndexRead,
+                message: "page checksum mismatch".into(),
+            }),
+            "scan fails: {scan_fails}"
+        );
+        assert_eq!(
+            engine.progress().written_bytes,
+            0,
+            "scan fails: {scan_fails}"
+        );
+    }
+}
+
+/// A store's index reader that reads what is in it now (as redb does), not a
+/// snapshot taken when the engine was made.
+#[derive(Debug, Default)]
+struct LiveIndexes(std::sync::Mutex<[Option<crate::SlotIndex>; 2]>);
+
+impl crate::IndexReader for LiveIndexes {
+    fn get(
+        &self,
+        slot: Slot,
+        id: &shoal_artifact::ChunkId,
+    ) -> Result<Option<(u64, u32)>, crate::IndexReadError> {
+        crate::MemIndexes::new(&self.0.lock().expect("lock")).get(slot, id)
+    }
+
+    fn scan(
+        &self,
+        slot: Slot,
+        from: &shoal_artifact::ChunkId,
+        f: &mut dyn FnMut(&shoal_artifact::ChunkId, u64, u32) -> bool,
+    ) -> Result<(), crate::IndexReadError> {
+        crate::MemIndexes::new(&self.0.lock().expect("lock")).scan(slot, from, f)
+    }
+
+    fn chunking(
+        &self,
+        slot: Slot,
+    ) -> Result<Option<shoal_artifact::Chunking>, crate::IndexReadError> {
+        crate::MemIndexes::new(&self.0.lock().expect("lock")).chunking(slot)
+    }
+}
+
+/// A cut the driver wrote to the store ([`Input::SlotIndexWritten`]) is the slot's
+/// index once the engine's record says so: the engine holds no copy of it, reads it
+/// by id for the next install; written but not recorded (a power cut before the
+/// record), it is no index.
+#[test]
+fn a_cut_written_to_the_store_is_read_by_id_and_recorded_by_the_engine() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let live = std::sync::Arc::new(LiveIndexes::default());
+    let mut state = dev.store.load();
+    state.indexes = Some(crate::IndexStore(live.clone()));
+    let mut engine = Engine::new(f.config(), state);
+    assert!(engine.index_idle(dev.now(), crate::testing::TEST_CHUNKING));
+    let outputs: Vec<Output> = std::iter::from_fn(|| engine.poll_output()).collect();
+    let Some(&Output::IndexSlot {
+        slot,
+        chunking,
+        len,
+    }) = outputs.last()
+    else {
+        panic!("an index asked for: {outputs:?}");
+    };
+    let live_slot = &dev.live[slot_ordinal(slot)];
+    let cut =
+        crate::testing::index_fixed(&live_slot[..live_slot.len().min(len as usize)], chunking);
+    let chunks = cut.chunks.len() as u64;
+    live.0.lock().expect("lock")[slot_ordinal(slot)] = Some(cut.clone());
+    dev.store.write_index(slot, cut);
+    engine.handle(
+        dev.now(),
+        Input::SlotIndexWritten {
+            slot,
+            chunking,
+            chunks,
+        },
+    );
+    let record = crate::Record::SlotIndexWritten {
+        slot,
+        chunking,
+        chunks,
+    };
+    assert_eq!(
+        engine.poll_output(),
+        Some(Output::Persist(vec![record.clone()]))
+    );
+    assert_eq!(engine.active_chunking(), Some(chunking));
+    assert_eq!(engine.active_index_bytes(), 0, "read by id, not copied");
+    // Written, not recorded: no index after a restart.
+    assert_eq!(dev.store.load().active_index, None);
+    dev.store.apply(&[record]);
+    assert_eq!(dev.store.load().active_index, Some(chunking));
+
+    // The next install takes the slot's chunks on the store's word.
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    dev.stores.insert(SourceId(3), c2.into_iter().collect());
+    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+    engine
+        .offer(
+            dev.now(),
+            Offer {
+                envelope: sign(&m2, &f.key),
+                wall_unix_s: None,
+                sources: vec![source],
+                reboot: false,
+            },
+        )
+        .expect("offer v2");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        !dev.events
+            .iter()
+            .any(|e| matches!(e, Event::Indexing { .. })),
+        "the written index was used"
+    );
+    assert_eq!(engine.progress().fetched_bytes, 25 * 4096);
 }

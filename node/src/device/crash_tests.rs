@@ -316,3 +316,115 @@ fn power_cut_at_every_write_of_an_install() {
     // not only the slots and the bootloader environment (issue 10).
     assert!(store_cuts >= 4, "{store_cuts} cuts in the device store");
 }
+
+/// A cut of `n` chunks, each id distinct (`seed` apart), as a driver writes it.
+fn cut_of(seed: u8, n: usize) -> Vec<(u64, shoal_artifact::ChunkId, u32)> {
+    (0..n)
+        .map(|k| {
+            let mut id = [seed; 32];
+            id[..8].copy_from_slice(&(k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+            (k as u64 * 8192, shoal_artifact::ChunkId(id), 8192)
+        })
+        .collect()
+}
+
+/// The slot's index as the store reads it: `(id, offset, len)` in id order.
+fn read_index(store: &Store, slot: Slot) -> Vec<(shoal_artifact::ChunkId, u64, u32)> {
+    use shoal_engine::IndexReader as _;
+    let mut got = Vec::new();
+    store
+        .index_reader()
+        .scan(slot, &shoal_artifact::ChunkId([0; 32]), &mut |id, o, l| {
+            got.push((*id, o, l));
+            true
+        })
+        .expect("scan");
+    got
+}
+
+/// A slot index written in batches ([`Store::write_slot_index`], then the
+/// engine's record) over a complete one, with the power cut at every few writes
+/// of the store on the way: after the reboot neither the old index nor the half
+/// written one is trusted (no chunking recorded: the engine takes none), and
+/// writing it again leaves exactly the new one.
+#[test]
+fn a_slot_index_written_in_batches_is_not_trusted_half_written() {
+    use shoal_engine::Record;
+    let old = cut_of(1, 3000);
+    let new = cut_of(2, super::store::INDEX_BATCH * 2 + 700);
+    let record = |n: u64| Record::SlotIndexWritten {
+        slot: Slot::A,
+        chunking: CHUNKING,
+        chunks: n,
+    };
+    let start = |disk: &CrashDisk| {
+        let store = Store::open_with_backend(StoreFile::new(disk), "crash-disk/store".into())
+            .expect("open");
+        store.apply(&[Record::Active(Slot::A)]).expect("active");
+        let n = store.write_slot_index(Slot::A, &old).expect("old index");
+        store.apply(&[record(n)]).expect("record");
+        store
+    };
+    // A clean run, to count the store's writes.
+    let disk = CrashDisk::new();
+    let store = start(&disk);
+    assert_eq!(
+        store.load(Slot::A, [0, 0]).expect("load").active_index,
+        Some(CHUNKING)
+    );
+    disk.crash_at(u64::MAX, Tear::Full);
+    let n = store.write_slot_index(Slot::A, &new).expect("new index");
+    assert_eq!(n, new.len() as u64);
+    let total = disk.ops();
+    assert!(total >= 6, "three batches and the clearing: {total} writes");
+    drop(store);
+    let mut cuts = 0;
+    for at in (1..=total).step_by((total as usize / 12).max(1)) {
+        for (tear, image) in [
+            (Tear::ChangedPrefix, Image::Live),
+            (Tear::Full, Image::Durable),
+        ] {
+            let disk = CrashDisk::new();
+            let store = start(&disk);
+            disk.crash_at(at, tear);
+            let written = store.write_slot_index(Slot::A, &new);
+            assert!(disk.has_crashed(), "cut {at}: not reached");
+            assert!(
+                written.is_err(),
+                "cut {at}: a write that lost power succeeded"
+            );
+            drop(store);
+            cuts += 1;
+            let disk = disk.reboot(image);
+            let store = Store::open_with_backend(StoreFile::new(&disk), "crash-disk/store".into())
+                .expect("reopen after the cut");
+            let state = store.load(Slot::A, [0, 0]).expect("load");
+            // The old index survives only when the cut came before the first
+            // transaction committed; then it is whole.
+            if state.active_index.is_some() {
+                assert_eq!(
+                    read_index(&store, Slot::A).len(),
+                    old.len(),
+                    "cut {at} {tear:?}: an index trusted is the old one, whole"
+                );
+                assert!(
+                    read_index(&store, Slot::A)
+                        .iter()
+                        .all(|(id, _, _)| id.0[8] == 1),
+                    "cut {at} {tear:?}: nothing of the new one"
+                );
+            }
+            // Cut again: exactly the new index.
+            let n = store.write_slot_index(Slot::A, &new).expect("rewrite");
+            store.apply(&[record(n)]).expect("record");
+            assert_eq!(
+                store.load(Slot::A, [0, 0]).expect("load").active_index,
+                Some(CHUNKING)
+            );
+            let mut want: Vec<_> = new.iter().map(|&(o, id, l)| (id, o, l)).collect();
+            want.sort_by_key(|c| c.0);
+            assert_eq!(read_index(&store, Slot::A), want, "cut {at} {tear:?}");
+        }
+    }
+    assert!(cuts >= 12, "{cuts} cuts");
+}

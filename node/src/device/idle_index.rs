@@ -32,7 +32,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use shoal_artifact::{ChunkId, Chunking};
 use shoal_bootctl::storage::Storage;
-use shoal_engine::{Engine, IndexedChunk, Input, Output, Slot, SlotIndex};
+use shoal_engine::{Engine, IndexReader, IndexedChunk, Input, Output, Slot};
 use tracing::{info, warn};
 
 use super::{Device, slotio};
@@ -112,7 +112,9 @@ pub struct CutIndex {
     /// How long the cut took.
     pub elapsed: std::time::Duration,
     slot: Slot,
-    index: SlotIndex,
+    chunking: Chunking,
+    /// `(offset, id, len)` in slot order, a repeated run listed once.
+    chunks: Vec<(u64, ChunkId, u32)>,
 }
 
 /// A cut recorded as the running slot's index.
@@ -131,7 +133,7 @@ pub struct Indexed {
 impl CutIndex {
     /// Chunks in the index.
     pub fn chunks(&self) -> usize {
-        self.index.chunks.len()
+        self.chunks.len()
     }
 }
 
@@ -177,13 +179,8 @@ impl Cut {
             reason,
             elapsed: started.elapsed(),
             slot,
-            index: SlotIndex {
-                chunking,
-                chunks: chunks
-                    .into_iter()
-                    .map(|(offset, id, len)| IndexedChunk { id, offset, len })
-                    .collect(),
-            },
+            chunking,
+            chunks,
         })
     }
 }
@@ -208,31 +205,72 @@ fn random_u64(seed: u64) -> u64 {
     h.finish()
 }
 
-/// The offset of the first recorded chunk of `index` that `storage` no longer holds,
-/// of the first, the last and [`SAMPLE_CHUNKS`] at random.
-fn first_changed(storage: &dyn Storage, index: &SlotIndex) -> anyhow::Result<Option<u64>> {
-    let n = index.chunks.len();
+/// The offset of the first recorded chunk of `slot`'s index that `storage` no
+/// longer holds, of the first, the last and [`SAMPLE_CHUNKS`] at random; and how
+/// many chunks the index has. Two passes over the store's index (one to count and
+/// find the first and the last, one to pick the sample): nothing of it is held
+/// but the sample.
+fn first_changed(
+    storage: &dyn Storage,
+    reader: &dyn IndexReader,
+    slot: Slot,
+) -> anyhow::Result<(Option<u64>, usize)> {
+    let mut n = 0usize;
+    let mut first: Option<IndexedChunk> = None;
+    let mut last: Option<IndexedChunk> = None;
+    reader.scan(slot, &ChunkId([0; 32]), &mut |id, offset, len| {
+        n += 1;
+        let c = IndexedChunk {
+            id: *id,
+            offset,
+            len,
+        };
+        if first.is_none_or(|f| offset < f.offset) {
+            first = Some(c);
+        }
+        if last.is_none_or(|l| offset > l.offset) {
+            last = Some(c);
+        }
+        true
+    })?;
     if n == 0 {
-        return Ok(None);
+        return Ok((None, 0));
     }
-    let mut picks = vec![0, n - 1];
-    picks.extend((0..SAMPLE_CHUNKS as u64).map(|i| (random_u64(i) % n as u64) as usize));
-    picks.sort_unstable();
+    let mut ranks: Vec<usize> = (0..SAMPLE_CHUNKS as u64)
+        .map(|i| (random_u64(i) % n as u64) as usize)
+        .collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let mut picks: Vec<IndexedChunk> = first.into_iter().chain(last).collect();
+    let mut rank = 0usize;
+    let mut next = ranks.iter().copied().peekable();
+    reader.scan(slot, &ChunkId([0; 32]), &mut |id, offset, len| {
+        if next.peek() == Some(&rank) {
+            next.next();
+            picks.push(IndexedChunk {
+                id: *id,
+                offset,
+                len,
+            });
+        }
+        rank += 1;
+        next.peek().is_some()
+    })?;
+    picks.sort_by_key(|c| c.offset);
     picks.dedup();
     let slot_len = storage.len()?;
     let mut buf = Vec::new();
-    for k in picks {
-        let c = &index.chunks[k];
+    for c in picks {
         if c.offset + u64::from(c.len) > slot_len {
-            return Ok(Some(c.offset));
+            return Ok((Some(c.offset), n));
         }
         buf.resize(c.len as usize, 0);
         storage.read_at(c.offset, &mut buf)?;
         if ChunkId::of(&buf) != c.id {
-            return Ok(Some(c.offset));
+            return Ok((Some(c.offset), n));
         }
     }
-    Ok(None)
+    Ok((None, n))
 }
 
 impl Device {
@@ -245,24 +283,22 @@ impl Device {
         let mut engine = self.engine()?;
         let slot = engine.status().active;
         let now = shoal_engine::Instant::default();
-        let recorded = self.store.slot_index(slot)?;
+        let reader = self.store.index_reader();
+        let recorded = reader.chunking(slot)?;
         let mut reason = Reason::Missing;
-        if let Some(index) = &recorded {
+        if let Some(recorded) = recorded {
             let storage = self
                 .boot
                 .open_reader(slot)
                 .with_context(|| format!("cannot open slot {slot}"))?;
-            match first_changed(&*storage, index)
+            match first_changed(&*storage, &reader, slot)
                 .with_context(|| format!("cannot read slot {slot} to check its index"))?
             {
-                None if chunking.is_none_or(|c| c == index.chunking) => {
-                    return Ok(Plan::Valid {
-                        slot,
-                        chunks: index.chunks.len(),
-                    });
+                (None, chunks) if chunking.is_none_or(|c| c == recorded) => {
+                    return Ok(Plan::Valid { slot, chunks });
                 }
-                None => reason = Reason::Chunking,
-                Some(offset) => {
+                (None, _) => reason = Reason::Chunking,
+                (Some(offset), _) => {
                     reason = Reason::Changed { offset };
                     warn!(%slot, offset, "the running slot does not hold its recorded index; it was changed outside Shoal");
                     engine.active_slot_changed(now);
@@ -273,11 +309,10 @@ impl Device {
         let chunking = match chunking {
             Some(c) => c,
             None => match recorded {
-                Some(index) => index.chunking,
-                None => self
-                    .store
-                    .slot_index(slot.other())?
-                    .map_or(shoal_artifact::chunk::CHUNKING_DEFAULT, |i| i.chunking),
+                Some(c) => c,
+                None => reader
+                    .chunking(slot.other())?
+                    .unwrap_or(shoal_artifact::chunk::CHUNKING_DEFAULT),
             },
         };
         if !engine.index_idle(now, chunking) {
@@ -317,11 +352,19 @@ impl Device {
             reason: cut.reason,
             elapsed: cut.elapsed,
         };
+        // Into the store in batches (the engine reads them by id); its record
+        // makes them the slot's index.
+        let written = self
+            .store
+            .write_slot_index(cut.slot, &cut.chunks)
+            .with_context(|| format!("cannot record the index of slot {}", cut.slot))?;
+        drop(cut.chunks);
         engine.handle(
             shoal_engine::Instant::default(),
-            Input::SlotIndexed {
+            Input::SlotIndexWritten {
                 slot: cut.slot,
-                index: cut.index,
+                chunking: cut.chunking,
+                chunks: written,
             },
         );
         self.apply_persists(&mut engine, None)?;

@@ -33,7 +33,7 @@ use shoal_artifact::{
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Offer, Origin, Output, Phase, Progress,
+    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Origin, Output, Phase, Progress,
     RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind, SourceLimits,
     Status, slot_ordinal,
 };
@@ -743,16 +743,15 @@ impl Device {
                     drop(e);
                     kept.save(hash, &envelope);
                 }
-                let offer = Offer {
+                driver.offer_stored(
                     envelope,
-                    wall_unix_s: wall,
-                    sources: vec![
+                    wall,
+                    vec![
                         SourceInfo::new(REMOTE, SourceKind::Requests, SourceClass::Wan, name)
                             .with_limits(limits),
                     ],
                     reboot,
-                };
-                driver.offer(offer)?;
+                )?;
                 driver.pump()?;
             }
             Source::Store { dir, release } => {
@@ -777,10 +776,11 @@ impl Device {
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
                 kept.save(manifest.hash(), &envelope);
-                let offer = Offer {
+                drop(manifest);
+                driver.offer_stored(
                     envelope,
-                    wall_unix_s: wall,
-                    sources: vec![
+                    wall,
+                    vec![
                         SourceInfo::new(
                             STORE,
                             SourceKind::Requests,
@@ -790,8 +790,7 @@ impl Device {
                         .with_limits(STORE_LIMITS),
                     ],
                     reboot,
-                };
-                driver.offer(offer)?;
+                )?;
             }
         }
         let report = driver.finish_install()?;
@@ -1582,15 +1581,40 @@ impl<'a> Driver<'a> {
         )
     }
 
-    fn offer(&mut self, offer: Offer) -> anyhow::Result<()> {
-        let now = self.now();
-        self.engine
-            .offer(now, offer)
-            .map_err(|e| anyhow!(e).context("the release was refused"))?;
-        self.offered(now)
+    /// Offers `envelope` through the device store: stored first as a file
+    /// ([`Store::put_envelope_bytes`]), then verified with
+    /// [`VerifiedRelease::verify_stored`](shoal_engine::VerifiedRelease::verify_stored)
+    /// and offered verified, so the deployment names the file
+    /// ([`Record::EnvelopeStored`](shoal_engine::Record::EnvelopeStored)) rather
+    /// than the redb store carrying a copy, and a resume reads it back from the
+    /// file. A release refused leaves no file behind.
+    fn offer_stored(
+        &mut self,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+        sources: Vec<SourceInfo>,
+        reboot: bool,
+    ) -> anyhow::Result<()> {
+        let stored = self
+            .dev
+            .store
+            .put_envelope_bytes(&envelope)
+            .context("cannot store the signed manifest")?;
+        let verify = if stored.is_some() {
+            shoal_engine::VerifiedRelease::verify_stored
+        } else {
+            shoal_engine::VerifiedRelease::verify
+        };
+        let offered = verify(&self.dev.root, envelope, wall_unix_s)
+            .map_err(|e| anyhow!(e).context("the release was refused"))
+            .and_then(|release| self.offer_verified(&release, sources, reboot));
+        if let (Err(_), Some(hash)) = (&offered, stored) {
+            self.dev.store.forget_envelope(&hash);
+        }
+        offered
     }
 
-    /// [`Driver::offer`] of a release verified already.
+    /// Offers a release verified already.
     fn offer_verified(
         &mut self,
         release: &Arc<shoal_engine::VerifiedRelease>,
@@ -2161,17 +2185,24 @@ impl<'a> Driver<'a> {
                         self.drain()?;
                     }
                     let chunks = worker.join().expect("the indexing thread panicked")?;
-                    Ok(shoal_engine::SlotIndex {
-                        chunking,
-                        chunks: chunks
-                            .into_iter()
-                            .map(|(offset, id, len)| shoal_engine::IndexedChunk { id, offset, len })
-                            .collect(),
-                    })
+                    // Into the store in batches; the engine reads them by id.
+                    let written = self
+                        .dev
+                        .store
+                        .write_slot_index(slot, &chunks)
+                        .with_context(|| format!("cannot record the index of slot {slot}"))?;
+                    Ok(written)
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                info!(slot = %slot, chunks = index.chunks.len(), "indexed the active slot");
-                self.engine.handle(now, Input::SlotIndexed { slot, index });
+                info!(slot = %slot, chunks = index, "indexed the active slot");
+                self.engine.handle(
+                    now,
+                    Input::SlotIndexWritten {
+                        slot,
+                        chunking,
+                        chunks: index,
+                    },
+                );
             }
             Output::Read {
                 slot,

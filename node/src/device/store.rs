@@ -23,12 +23,15 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_artifact::{ChunkId, Chunking};
-use shoal_engine::{DeviceState, IndexedChunk, Record, Slot, SlotIndex, slot_ordinal};
+use shoal_engine::{DeviceState, IndexReadError, IndexReader, Record, Slot, slot_ordinal};
+#[cfg(test)]
+use shoal_engine::{IndexedChunk, SlotIndex};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DONE: TableDefinition<u32, ()> = TableDefinition::new("done");
@@ -38,7 +41,7 @@ const INDEX: TableDefinition<&[u8], (u64, u32)> = TableDefinition::new("index");
 const CACHE_BYTES: usize = 1024 * 1024;
 
 /// Chunks of a slot index written in one transaction.
-const INDEX_BATCH: usize = 16 * 1024;
+pub(super) const INDEX_BATCH: usize = 16 * 1024;
 
 /// File name of the store in the data directory.
 pub const FILE_NAME: &str = "shoal.redb";
@@ -85,7 +88,10 @@ pub enum StoreError {
 /// The device store. See the module documentation.
 #[derive(Debug)]
 pub struct Store {
-    db: Db,
+    db: Arc<Db>,
+    /// Write transactions committed (by this process): an index reader's cached
+    /// read snapshot is current while it has not moved ([`StoreIndexes`]).
+    generation: Arc<std::sync::atomic::AtomicU64>,
     path: PathBuf,
     /// Where envelopes are kept as files (`None`: a store on a test backend keeps
     /// them in redb).
@@ -152,7 +158,8 @@ impl Store {
             }
         };
         let store = Store {
-            db: Db::ReadWrite(db),
+            db: Arc::new(Db::ReadWrite(db)),
+            generation: Arc::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         };
@@ -182,7 +189,8 @@ impl Store {
             }
         };
         Ok(Some(Store {
-            db: Db::ReadOnly(db),
+            db: Arc::new(Db::ReadOnly(db)),
+            generation: Arc::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         }))
@@ -202,7 +210,8 @@ impl Store {
                 message: e.to_string(),
             })?;
         let store = Store {
-            db: Db::ReadWrite(db),
+            db: Arc::new(Db::ReadWrite(db)),
+            generation: Arc::default(),
             path,
             envelopes: None,
         };
@@ -221,7 +230,7 @@ impl Store {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        let Db::ReadWrite(db) = &self.db else {
+        let Db::ReadWrite(db) = &*self.db else {
             return Err(self.db_err("opened read-only"));
         };
         let txn = db.begin_write().map_err(|e| self.db_err(e))?;
@@ -232,7 +241,10 @@ impl Store {
             f(&txn)
         })()
         .map_err(|e| self.db_err(e))?;
-        txn.commit().map_err(|e| self.db_err(e))
+        let committed = txn.commit().map_err(|e| self.db_err(e));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        committed
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -360,6 +372,40 @@ impl Store {
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
             std::fs::remove_file(&tmp).map_err(io)?;
             return Ok(Some(hash));
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(Some(hash))
+    }
+
+    /// [`Store::put_envelope_encoded`] for an envelope received as bytes (from
+    /// the server, a chunk store, a peer): written as they are (synced, then
+    /// renamed to their BLAKE3), so the deployment names the file
+    /// ([`Record::EnvelopeStored`]) instead of the store carrying a copy. Nothing
+    /// in them is trusted: the offer verifies them. `None` on a store that keeps
+    /// no envelope files.
+    pub fn put_envelope_bytes(&self, bytes: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
+        let Some(dir) = &self.envelopes else {
+            return Ok(None);
+        };
+        let io = |source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let hash = *blake3::hash(bytes).as_bytes();
+        let path = envelope_path(dir, &hash);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            return Ok(Some(hash));
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join("encoding.tmp");
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            file.write_all(bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &path).map_err(io)?;
         std::fs::File::open(dir)
@@ -501,11 +547,25 @@ impl Store {
             let (k, _) = entry.map_err(|e| self.db_err(e))?;
             state.journaled.push(k.value());
         }
-        state.active_index = self.slot_index(state.active)?;
+        state.active_index = self.get(&format!("chunking.{}", slot_name(state.active)))?;
+        state.indexes = Some(shoal_engine::IndexStore(Arc::new(self.index_reader())));
         Ok(state)
     }
 
-    /// The chunk index recorded for `slot`.
+    /// The slot indexes, read by id through redb read transactions (the engine
+    /// holds none of them in memory).
+    pub fn index_reader(&self) -> StoreIndexes {
+        StoreIndexes {
+            db: Arc::clone(&self.db),
+            path: self.path.clone(),
+            generation: Arc::clone(&self.generation),
+            table: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The chunk index recorded for `slot`, whole (tests compare it; the engine
+    /// and the drivers read it by id: [`Store::index_reader`]).
+    #[cfg(test)]
     pub fn slot_index(&self, slot: Slot) -> Result<Option<SlotIndex>, StoreError> {
         let Some(chunking) = self.get::<Chunking>(&format!("chunking.{}", slot_name(slot)))? else {
             return Ok(None);
@@ -670,6 +730,12 @@ impl Store {
                             None => put(&mut meta, &key, None)?,
                         }
                     }
+                    // Its entries were written before (`write_slot_index`).
+                    Record::SlotIndexWritten { slot, chunking, .. } => put(
+                        &mut meta,
+                        &format!("chunking.{}", slot_name(*slot)),
+                        Some(chunking),
+                    )?,
                     // The slot's old index goes in this transaction; the new one
                     // is written after it (`write_release_index`).
                     Record::ReleaseIndex { slot, .. } => {
@@ -732,6 +798,54 @@ impl Store {
                 return Ok(());
             }
         }
+    }
+
+    /// Writes the chunks of a cut of `slot` (`(offset, id, len)` in slot order) as
+    /// its index entries, for [`Input::SlotIndexWritten`](shoal_engine::Input::SlotIndexWritten):
+    /// the slot's old index (entries and chunking) goes in the first transaction,
+    /// then the chunks in transactions of [`INDEX_BATCH`] (redb keeps a
+    /// transaction's pages in memory until it commits), each sorted by id so the
+    /// B-tree is appended to in runs rather than written all over; of chunks with
+    /// one id the first in slot order is kept. The chunking is not recorded here:
+    /// the engine's [`Record::SlotIndexWritten`] does it, so entries cut short by a
+    /// power cut (or that the engine did not take) are no index (and are cleared
+    /// when the slot is next cut or installed to). Returns the entries written
+    /// (distinct ids).
+    pub fn write_slot_index(
+        &self,
+        slot: Slot,
+        chunks: &[(u64, ChunkId, u32)],
+    ) -> Result<u64, StoreError> {
+        self.write(|txn| {
+            let mut index = txn.open_table(INDEX)?;
+            let lo = index_key(slot, &ChunkId([0; 32]));
+            let hi = index_key(slot, &ChunkId([0xff; 32]));
+            index.retain_in::<&[u8], _>(&lo[..]..=&hi[..], |_, _| false)?;
+            txn.open_table(META)?
+                .remove(format!("chunking.{}", slot_name(slot)).as_str())?;
+            Ok(())
+        })?;
+        let mut written = 0u64;
+        let mut order: Vec<u32> = Vec::with_capacity(INDEX_BATCH.min(chunks.len()));
+        for batch in chunks.chunks(INDEX_BATCH) {
+            order.clear();
+            order.extend(0..batch.len() as u32);
+            // Stable: of one id, the first in slot order comes first.
+            order.sort_by_key(|&k| batch[k as usize].1);
+            self.write(|txn| {
+                let mut index = txn.open_table(INDEX)?;
+                for &k in &order {
+                    let (offset, id, len) = batch[k as usize];
+                    let key = index_key(slot, &id);
+                    if index.get(&key[..])?.is_none() {
+                        index.insert(&key[..], (offset, len))?;
+                        written += 1;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(written)
     }
 
     /// Records the running slot of a device Shoal sees for the first time.
@@ -822,6 +936,136 @@ trait ErasedCbor {
 impl<T: Serialize> ErasedCbor for T {
     fn cbor(&self) -> Vec<u8> {
         cbor4ii::serde::to_vec(Vec::new(), self).expect("encoding to a Vec cannot fail")
+    }
+}
+
+/// The slot indexes of a [`Store`], read by chunk id ([`IndexReader`]): a point
+/// lookup or a range scan in a read transaction of its own, on the redb the store
+/// writes (its page cache is bounded: [`CACHE_BYTES`]). An index is complete when
+/// its chunking is recorded ([`IndexReader::chunking`], [`Store::load`]): the
+/// last batch of [`Store::write_release_index`], or the engine's
+/// [`Record::SlotIndexWritten`] after [`Store::write_slot_index`]. Entries of an
+/// index not recorded complete (a power cut while they were written) are read
+/// only by an engine that was told they are complete, which is never (the
+/// engine takes a stored index from `load`, a commit that checks `chunking`, or
+/// the input that records it). And an index is a hint: every chunk read on its
+/// word is hashed against its id.
+/// A point lookup reads through one read snapshot of the index table, kept while
+/// the store commits nothing (an install's reads of the running slot come between
+/// journal transactions: one snapshot serves a batch of them, instead of a read
+/// transaction each); a scan opens its own.
+pub struct StoreIndexes {
+    db: Arc<Db>,
+    path: PathBuf,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    table: std::sync::Mutex<Option<(u64, IndexTable)>>,
+}
+
+type IndexTable = redb::ReadOnlyTable<&'static [u8], (u64, u32)>;
+
+impl std::fmt::Debug for StoreIndexes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreIndexes")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreIndexes {
+    fn err(&self, e: impl std::fmt::Display) -> IndexReadError {
+        IndexReadError(format!("{}: {e}", self.path.display()))
+    }
+
+    /// The read transaction and the slot's recorded chunking.
+    fn complete(
+        &self,
+        slot: Slot,
+    ) -> Result<(redb::ReadTransaction, Option<Chunking>), IndexReadError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let chunking = {
+            let meta = match txn.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((txn, None)),
+                Err(e) => return Err(self.err(e)),
+            };
+            match meta
+                .get(format!("chunking.{}", slot_name(slot)).as_str())
+                .map_err(|e| self.err(e))?
+            {
+                Some(v) => Some(cbor4ii::serde::from_slice::<Chunking>(v.value()).map_err(
+                    |e| {
+                        self.err(format!(
+                            "chunking.{}: {}",
+                            slot_name(slot),
+                            shoal_signing::describe_cbor_error(&e)
+                        ))
+                    },
+                )?),
+                None => None,
+            }
+        };
+        Ok((txn, chunking))
+    }
+}
+
+impl IndexReader for StoreIndexes {
+    fn get(&self, slot: Slot, id: &ChunkId) -> Result<Option<(u64, u32)>, IndexReadError> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let mut cached = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.as_ref().is_none_or(|(g, _)| *g != generation) {
+            // The old snapshot goes first (its pages are the writer's again).
+            *cached = None;
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            match txn.open_table(INDEX) {
+                Ok(t) => *cached = Some((generation, t)),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        let Some((_, table)) = cached.as_ref() else {
+            return Ok(None);
+        };
+        Ok(table
+            .get(&index_key(slot, id)[..])
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value()))
+    }
+
+    fn scan(
+        &self,
+        slot: Slot,
+        from: &ChunkId,
+        f: &mut dyn FnMut(&ChunkId, u64, u32) -> bool,
+    ) -> Result<(), IndexReadError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(INDEX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let lo = index_key(slot, from);
+        let hi = index_key(slot, &ChunkId([0xff; 32]));
+        for entry in table
+            .range::<&[u8]>(&lo[..]..=&hi[..])
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let key = k.value();
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&key[1..33]);
+            let (offset, len) = v.value();
+            if !f(&ChunkId(id), offset, len) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn chunking(&self, slot: Slot) -> Result<Option<Chunking>, IndexReadError> {
+        Ok(self.complete(slot)?.1)
     }
 }
 
@@ -925,12 +1169,40 @@ mod tests {
         let mut got = store.load(Slot::A, [8192, 8192]).expect("load");
         expected.journaled.sort_unstable();
         got.journaled.sort_unstable();
+        // The readers differ (one reads redb, one the model); what they read is
+        // compared below.
+        let reader = got.indexes.take().expect("a reader of the store's indexes");
+        expected.indexes = None;
         assert_eq!(got, expected);
         assert_eq!(store.slot_index(Slot::B).expect("index"), model.indexes[1]);
+        let mut read = Vec::new();
+        reader
+            .0
+            .scan(got.active, &ChunkId([0; 32]), &mut |id, offset, len| {
+                read.push(IndexedChunk {
+                    id: *id,
+                    offset,
+                    len,
+                });
+                true
+            })
+            .expect("scan");
+        assert_eq!(read.len(), 9, "one chunk unindexed");
+        let mut recorded = model.indexes[slot_ordinal(got.active)]
+            .clone()
+            .expect("an index")
+            .chunks;
+        recorded.sort_by_key(|c| c.id);
+        assert_eq!(read, recorded, "in id order, as recorded");
+        for c in &read {
+            assert_eq!(
+                reader.0.get(got.active, &c.id).expect("get"),
+                Some((c.offset, c.len))
+            );
+        }
         assert_eq!(
-            got.active_index.as_ref().map(|i| i.chunks.len()),
-            Some(9),
-            "one chunk unindexed"
+            reader.0.get(got.active, &ChunkId([0xee; 32])).expect("get"),
+            None
         );
 
         store
@@ -951,6 +1223,34 @@ mod tests {
     /// large one would be held twice while its transaction commits): it reads
     /// back, a file no record names is removed by the next envelope record, a
     /// changed file is an error naming it, and clearing the record removes it.
+    /// The index reader's lookups keep one read snapshot while nothing commits,
+    /// and see what a later transaction wrote (a slot cut again, a chunk unindexed).
+    #[test]
+    fn index_lookups_see_what_was_committed_since() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let reader = store.index_reader();
+        let id = |b: u8| ChunkId([b; 32]);
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), None);
+        store
+            .write_slot_index(Slot::A, &[(0, id(1), 10), (10, id(2), 20), (30, id(1), 10)])
+            .expect("write");
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), Some((0, 10)));
+        assert_eq!(reader.get(Slot::A, &id(2)).expect("read"), Some((10, 20)));
+        store
+            .apply(&[Record::Unindex {
+                slot: Slot::A,
+                id: id(2),
+            }])
+            .expect("unindex");
+        assert_eq!(reader.get(Slot::A, &id(2)).expect("read"), None);
+        store
+            .write_slot_index(Slot::A, &[(5, id(3), 7)])
+            .expect("cut again");
+        assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), None);
+        assert_eq!(reader.get(Slot::A, &id(3)).expect("read"), Some((5, 7)));
+    }
+
     #[test]
     fn the_envelope_is_a_file_named_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1004,6 +1304,45 @@ mod tests {
     /// named by a `Record::EnvelopeStored` with its hash and loads back whole; a
     /// record naming a file that is not there is refused before anything commits;
     /// a refused release's file is forgotten, a named one is not.
+    /// An envelope received as bytes (server, chunk store) is stored as they are,
+    /// named by their hash, before the offer; the deployment's record names the
+    /// file and a resume (a reopened store) loads it from there, not from redb.
+    #[test]
+    fn an_envelope_received_as_bytes_is_stored_before_the_offer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let bytes: Vec<u8> = (0..9000u32).map(|k| (k * 7) as u8).collect();
+        let hash = store
+            .put_envelope_bytes(&bytes)
+            .expect("put")
+            .expect("a store on a directory keeps envelope files");
+        assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
+        let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        assert_eq!(std::fs::read(&path).expect("its file"), bytes);
+        assert!(!dir.path().join(ENVELOPE_DIR).join("encoding.tmp").exists());
+        // Again (an offer of the same release resumed): the same file.
+        assert_eq!(store.put_envelope_bytes(&bytes).expect("put"), Some(hash));
+        store.apply(&[Record::EnvelopeStored(hash)]).expect("apply");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.get_raw("envelope").expect("read"),
+            None,
+            "no copy in redb"
+        );
+        let got = store.load(Slot::A, [1 << 20; 2]).expect("load");
+        assert_eq!(got.envelope.as_deref(), Some(&bytes[..]));
+        // Refused (not named): forgotten.
+        let other = vec![1u8; 100];
+        let h = store
+            .put_envelope_bytes(&other)
+            .expect("put")
+            .expect("kept");
+        store.forget_envelope(&h);
+        assert!(!envelope_path(&dir.path().join(ENVELOPE_DIR), &h).exists());
+        assert!(path.exists(), "the named one stays");
+    }
+
     #[test]
     fn an_envelope_stored_before_the_offer_is_named_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1174,6 +1513,29 @@ mod tests {
         assert_eq!(got, rel.slot_index());
         // The other slot's index is untouched.
         assert_eq!(store.slot_index(Slot::A).expect("read"), None);
+        let reader = store.index_reader();
+        assert_eq!(
+            reader.chunking(Slot::B).expect("read"),
+            Some(manifest.chunking)
+        );
+        let first = got.chunks[0];
+        assert_eq!(
+            reader.get(Slot::B, &first.id).expect("read"),
+            Some((first.offset, first.len))
+        );
+        // The entries of an index whose chunking is not recorded (the last batch
+        // never committed: a power cut) are not read.
+        store
+            .write(|txn| {
+                txn.open_table(META)?.remove("chunking.B")?;
+                Ok(())
+            })
+            .expect("write");
+        assert_eq!(reader.chunking(Slot::B).expect("read"), None);
+        assert_eq!(
+            store.load(Slot::B, [0, 0]).expect("load").active_index,
+            None
+        );
     }
 
     /// Regression: a power cut while the store was first created left a half-written

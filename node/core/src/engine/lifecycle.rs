@@ -557,9 +557,24 @@ impl Engine {
                 .as_ref()
                 .filter(|r| r.release.manifest_hash == dep.release.manifest_hash)
                 .cloned();
+            // The store's index of the slot, when it holds a complete one: the
+            // release's chunk list, written when the slot verified
+            // (`Record::ReleaseIndex`; the slot's index was dropped when the
+            // install started, and only the active slot is cut at idle time).
+            let stored = self.state.indexes.as_ref().and_then(|store| {
+                match store.0.chunking(slot) {
+                    Ok(c) => c.map(|c| (c, Arc::clone(&store.0))),
+                    Err(err) => {
+                        tracing::warn!(%slot, %err, "the committed slot's index is not readable; using the manifest's chunk list");
+                        None
+                    }
+                }
+            });
             if let Some(rel) = deployed {
                 // The release verified in this run: its table is the index, shared.
                 self.index = super::index::ActiveIndex::release(rel);
+            } else if let Some((chunking, reader)) = stored {
+                self.index = super::index::ActiveIndex::stored(slot, chunking, reader);
             } else if let Some((m, p)) = stored_manifest(self.state.envelope.as_deref()) {
                 let index = SlotIndex {
                     chunking: m.chunking,

@@ -36,6 +36,7 @@ mod scheduler;
 mod table;
 
 pub use adopt::{PeerRelease, compare_versions, peer_release};
+pub use index::{IndexReadError, IndexReader, IndexStore, MemIndexes};
 pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
 pub use pick::PickError;
@@ -162,6 +163,21 @@ pub enum Input {
         slot: Slot,
         /// Its chunks.
         index: SlotIndex,
+    },
+    /// The slot asked for by [`Output::IndexSlot`] was cut, and the driver wrote
+    /// its chunks to the device store as it went, in batches (its old index
+    /// cleared first), without recording the chunking: [`DeviceState::indexes`]
+    /// reads them. The engine takes them as the slot's index (read by id, never
+    /// loaded) and persists [`Record::SlotIndexWritten`], which makes them the
+    /// slot's index; entries written without that record (a power cut while they
+    /// were written, or an index the engine did not take) are no index.
+    SlotIndexWritten {
+        /// The slot.
+        slot: Slot,
+        /// How it was cut.
+        chunking: Chunking,
+        /// Entries written (distinct ids).
+        chunks: u64,
     },
     /// A chunk, verified by the driver: the answer to [`Output::Read`] or
     /// [`Output::Fetch`], or pushed by a stream source. The engine never takes
@@ -658,8 +674,19 @@ impl Engine {
             engine.journal_bytes =
                 lifecycle::journal_bytes(engine.state.envelope.as_deref(), &engine.state.journaled);
         }
-        if let Some(index) = engine.state.active_index.take() {
-            engine.set_index(&index);
+        if let Some(chunking) = engine.state.active_index.take() {
+            let store = engine.state.indexes.as_ref();
+            assert!(
+                store.is_some(),
+                "a recorded active index comes with its reader"
+            );
+            if let Some(store) = store {
+                engine.index = index::ActiveIndex::stored(
+                    engine.state.active,
+                    chunking,
+                    std::sync::Arc::clone(&store.0),
+                );
+            }
         }
         engine
     }
@@ -843,6 +870,11 @@ impl Engine {
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
             Input::SlotIndexed { slot, index } => self.on_indexed(now, slot, index),
+            Input::SlotIndexWritten {
+                slot,
+                chunking,
+                chunks,
+            } => self.on_index_written(now, slot, chunking, chunks),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
@@ -891,21 +923,49 @@ impl Engine {
         }
     }
 
-    fn on_indexed(&mut self, now: Instant, slot: Slot, index: SlotIndex) {
+    /// Whether a cut of `slot` is taken: it is the active slot, and no install is
+    /// past its indexing (cut for an install waiting for it, or at idle time:
+    /// `index_idle`). `Some(waiting)`: taken, and an install waits for it.
+    fn takes_cut(&self, slot: Slot) -> Option<bool> {
         if slot != self.state.active {
-            return;
+            return None;
         }
-        // Cut for an install waiting for it, or at idle time (`index_idle`); an
-        // install past its indexing takes nothing more.
-        let waiting = match &self.job {
-            None => false,
-            Some(j) if j.step == Step::Indexing => true,
-            Some(_) => return,
+        match &self.job {
+            None => Some(false),
+            Some(j) if j.step == Step::Indexing => Some(true),
+            Some(_) => None,
+        }
+    }
+
+    fn on_indexed(&mut self, now: Instant, slot: Slot, index: SlotIndex) {
+        let Some(waiting) = self.takes_cut(slot) else {
+            return;
         };
         self.set_index(&index);
         self.persist(vec![Record::SlotIndex {
             slot,
             index: Some(index),
+        }]);
+        if waiting {
+            self.plan(now);
+        }
+    }
+
+    fn on_index_written(&mut self, now: Instant, slot: Slot, chunking: Chunking, chunks: u64) {
+        let Some(waiting) = self.takes_cut(slot) else {
+            return;
+        };
+        let store = self.state.indexes.as_ref();
+        assert!(
+            store.is_some(),
+            "an index written to the store comes from a driver that gave its reader"
+        );
+        let Some(store) = store else { return };
+        self.index = index::ActiveIndex::stored(slot, chunking, std::sync::Arc::clone(&store.0));
+        self.persist(vec![Record::SlotIndexWritten {
+            slot,
+            chunking,
+            chunks,
         }]);
         if waiting {
             self.plan(now);

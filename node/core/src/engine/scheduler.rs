@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::budget::WanBudget;
 use crate::bits::Bitfield;
-use crate::error::InstallError;
+use crate::error::{InstallError, IoOp};
 use crate::source::{
     FetchFailure, Gone, Holds, Origin, RequestId, SourceClass, SourceId, SourceInfo, SourceKind,
     SourceStatus,
@@ -268,6 +268,9 @@ pub(crate) struct Job {
     pub(crate) need: NeedTable,
     /// By entry: already read from the active slot at its own payload offset.
     guessed: Bitfield,
+    /// Entries the active slot's index holds at their size (set by the plan, from
+    /// one pass over the index).
+    pub(crate) indexed: Bitfield,
     /// By position: written (this run or, per the journal, before).
     pub(crate) written: Bitfield,
     /// By position: recorded in the journal (written and synced).
@@ -341,6 +344,7 @@ impl Job {
             sources: Vec::new(),
             need: NeedTable::new(n),
             guessed: Bitfield::new(n),
+            indexed: Bitfield::new(n),
             written,
             needed: 0,
             needed_bytes: 0,
@@ -446,6 +450,7 @@ impl Job {
     pub(crate) fn state_heap_bytes(&self) -> usize {
         self.need.heap_bytes()
             + self.guessed.heap_bytes()
+            + self.indexed.heap_bytes()
             + self.written.heap_bytes()
             + self.journaled.heap_bytes()
             + self.probes.capacity() * 4
@@ -556,6 +561,16 @@ impl Engine {
     pub(crate) fn plan(&mut self, now: Instant) {
         let Some(job) = self.job.as_mut() else { return };
         job.step = Step::Fetching;
+        match self.index.held(&job.rel.table) {
+            Ok(held) => job.indexed = held,
+            Err(e) => {
+                self.fail(InstallError::Io {
+                    op: IoOp::IndexRead,
+                    message: e.0,
+                });
+                return;
+            }
+        }
         // When every source says which chunks it holds, a needed chunk that neither
         // they nor the slot's index have is looked for at its own offset in the
         // active slot now, before anything is written.
@@ -564,9 +579,7 @@ impl Engine {
                 if job.need.get(e) == Need::Done {
                     continue;
                 }
-                let id = job.rel.table.id(e);
-                let size = job.rel.table.size(e);
-                let indexed = self.index.get(&id).is_some_and(|(_, len)| len == size);
+                let indexed = job.indexed.get(e);
                 if !indexed && !job.someone_holds(e) {
                     job.probes.push_back(e);
                 }
@@ -599,14 +612,13 @@ impl Engine {
             if job.need.get(e) != Need::Idle {
                 continue;
             }
-            let id = job.rel.table.id(e);
             let size = job.rel.table.size(e);
-            let indexed = self.index.get(&id).is_some_and(|(_, len)| len == size);
+            let indexed = job.indexed.get(e);
             if !indexed && !job.held_off_wan(e) && !job.stream_may_bring(e) {
                 wan_needed += u64::from(job.rel.table.wire_size(e));
             }
-            match self.index.get(&id) {
-                Some((_, len)) if len == size => {
+            match indexed {
+                true => {
                     job.need.set(e, Need::QueuedRead);
                     from_slot += u64::from(size);
                 }
@@ -734,6 +746,7 @@ impl Engine {
         let active = self.state.active;
         let capacity = self.state.slot_capacity[slot_ordinal(active)];
         let Some(job) = self.job.as_mut() else { return };
+        let mut failed = None;
         while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
             let Some(e) = job.need.next_read() else {
                 break;
@@ -743,7 +756,22 @@ impl Engine {
             }
             let id = job.rel.table.id(e);
             let size = job.rel.table.size(e);
-            let (offset, len, guess) = match self.index.get(&id) {
+            // Only entries the plan found in the index are looked up (one read of
+            // the store each); what the index says is checked by the chunk's hash
+            // when it is read.
+            let at = if job.indexed.get(e) {
+                match self.index.get(&id) {
+                    Ok(at) => at,
+                    Err(err) => {
+                        // Back in the queue: the install stops below.
+                        failed = Some(err);
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            let (offset, len, guess) = match at {
                 Some((offset, len)) if len == size => (offset, len, false),
                 _ => {
                     let offset = job.rel.table.first_offset(e);
@@ -762,6 +790,12 @@ impl Engine {
                 id,
                 offset,
                 len,
+            });
+        }
+        if let Some(err) = failed {
+            self.fail(InstallError::Io {
+                op: IoOp::IndexRead,
+                message: err.0,
             });
         }
     }
@@ -1320,6 +1354,7 @@ impl Engine {
         let size = job.rel.table.size(e);
         if found == Some(size) {
             self.index.insert(id, (job.rel.table.first_offset(e), size));
+            job.indexed.set(e);
         } else {
             job.absent.push(e);
         }
@@ -1655,6 +1690,7 @@ impl Engine {
                 }
                 if slot == active {
                     self.index.remove(&id);
+                    job.indexed.clear(e);
                 }
                 self.persist(vec![Record::Unindex { slot, id }]);
             }
