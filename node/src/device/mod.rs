@@ -1193,15 +1193,12 @@ type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
 
 /// Reads (or finds in `references`' cache) the reference of each delta-encoded
-/// chunk of a batch, then decodes the batch with [`decode`], which checks each
-/// reference's hash (once, on the decoding threads) before decoding with it. `Err`
-/// names the first chunk whose reference cannot be read or fails its hash (the
-/// running slot is not the base release there): nothing of the batch is handed over
-/// then.
-fn resolve_and_decode(
+/// chunk of a batch. `Err` names the first chunk whose reference cannot be read:
+/// nothing of the batch is handed over then.
+fn resolve(
     raws: Vec<shoal_artifact::RawChunk>,
     mut references: Option<&mut References>,
-) -> Result<Vec<Decoded>, String> {
+) -> Result<Vec<Undecoded>, String> {
     let mut undecoded = Vec::with_capacity(raws.len());
     for raw in raws {
         let reference = match (raw.reference(), references.as_deref_mut()) {
@@ -1213,16 +1210,24 @@ fn resolve_and_decode(
         };
         undecoded.push((raw, reference));
     }
-    let decoded = decode(&undecoded);
+    Ok(undecoded)
+}
+
+/// Decodes a batch whose references were read ([`resolve`]) with [`decode`], which
+/// checks each reference's hash (once, on the decoding threads) before decoding
+/// with it. `Err` names the first chunk whose reference fails its hash (the
+/// running slot, `running`: (slot, base release), is not the base release there):
+/// nothing of the batch is handed over then.
+fn decode_resolved(
+    undecoded: &[Undecoded],
+    running: &(String, String),
+) -> Result<Vec<Decoded>, String> {
+    let decoded = decode(undecoded);
     let mut out = Vec::with_capacity(decoded.len());
     for ((raw, _), (id, result)) in undecoded.iter().zip(decoded) {
         match result {
             Err(ChunkError::BadReference { source, .. }) => {
-                let (slot, base) = references
-                    .as_deref()
-                    .map_or((String::new(), String::new()), |r| {
-                        (r.slot.to_string(), r.base.clone())
-                    });
+                let (slot, base) = running;
                 let ranges = raw.reference().map_or_else(String::new, |r| r.describe());
                 return Err(format!(
                     "chunk {id}: the reference bytes {ranges} of the running slot {slot} fail their hash ({source}): the slot does not hold the base release {base} there; install a full artifact instead"
@@ -1559,15 +1564,19 @@ impl<'a> Driver<'a> {
     }
 
     /// Feeds an artifact's chunks the engine still wants, decoded in parallel
-    /// batches: one batch is decoded (on all cores) while the previous one is
-    /// written. Chunks and errors still reach the engine in artifact order.
+    /// batches, in a pipeline of three: while one batch is written, the next one is
+    /// decoded (on all cores) and the references of the one after it are read from
+    /// the running slot (on a thread of their own). Chunks and errors still reach
+    /// the engine in artifact order.
     fn stream<R: shoal_artifact::read::Skip>(
         &mut self,
         mut artifact: ArtifactReader<R>,
         name: &str,
     ) -> anyhow::Result<()> {
         let stream_started = std::time::Instant::now();
+        // Decoded, to hand over; references read, to decode.
         let mut decoded: Vec<Decoded> = Vec::new();
+        let mut resolved: Vec<Undecoded> = Vec::new();
         let mut ended = false;
         // Delta-encoded chunks are decoded with bytes of the running slot.
         let mut references = match artifact
@@ -1587,9 +1596,15 @@ impl<'a> Driver<'a> {
                 Some(References::open(&self.dev.boot, slot, base)?)
             }
         };
+        // The running slot and its base release, for messages.
+        let running = references
+            .as_ref()
+            .map_or((String::new(), String::new()), |r| {
+                (r.slot.to_string(), r.base.clone())
+            });
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
-            // of it does not depend on the batch still to be written.
+            // of it does not depend on the batches still to be written.
             let mut raws: Vec<shoal_artifact::RawChunk> = Vec::new();
             let mut failure = None;
             let mut bytes = 0usize;
@@ -1622,22 +1637,37 @@ impl<'a> Driver<'a> {
                 // (below): its references need not be read.
                 raws.clear();
             }
-            // The worker reads and checks the batch's references (from the running
-            // slot) and decodes its chunks while the previous batch is written.
+            // While the batch before last is written, the reader thread reads the
+            // new batch's references (from the running slot) and the decoding
+            // thread decodes the last batch.
             let previous = std::mem::take(&mut decoded);
+            let to_decode = std::mem::take(&mut resolved);
             let refs = references.as_mut();
-            let worker_out =
-                std::thread::scope(|scope| -> anyhow::Result<Result<Vec<Decoded>, String>> {
-                    let worker = scope.spawn(move || resolve_and_decode(raws, refs));
+            let running = &running;
+            let (read_out, decode_out) = std::thread::scope(
+                |scope| -> anyhow::Result<(
+                    Result<Vec<Undecoded>, String>,
+                    Result<Vec<Decoded>, String>,
+                )> {
+                    let reader = scope.spawn(move || resolve(raws, refs));
+                    let decoder = scope.spawn(move || decode_resolved(&to_decode, running));
                     self.feed(previous, name)?;
-                    Ok(worker.join().expect("the decoding thread panicked"))
-                })?;
-            let reference_failure = match worker_out {
-                Ok(d) => {
+                    Ok((
+                        reader
+                            .join()
+                            .expect("the reference reading thread panicked"),
+                        decoder.join().expect("the decoding thread panicked"),
+                    ))
+                },
+            )?;
+            // The earlier batch's failure first: errors come in artifact order.
+            let reference_failure = match (decode_out, read_out) {
+                (Err(message), _) | (Ok(_), Err(message)) => Some(message),
+                (Ok(d), Ok(r)) => {
                     decoded = d;
+                    resolved = r;
                     None
                 }
-                Err(message) => Some(message),
             };
             if let Some(message) = reference_failure {
                 // The running slot is not the base the chunks were encoded
@@ -1648,9 +1678,9 @@ impl<'a> Driver<'a> {
                 // The archive is bad (or could not be read) past this point: the
                 // chunks read before it are not handed over, since the last of them
                 // would let the engine arm a trial of an artifact that failed. A
-                // batch is only ever handed over once the next one was read, so the
-                // one that completes the payload waits for the end of the archive
-                // to be read and checked.
+                // batch is only ever handed over once the next ones were read, so
+                // the one that completes the payload waits for the end of the
+                // archive to be read and checked.
                 let message = e.to_string();
                 let fault = match e {
                     ReadError::Io(_) => SourceFault::Unreadable(message),
@@ -1658,7 +1688,7 @@ impl<'a> Driver<'a> {
                 };
                 return Err(self.stop_reading(STREAM, fault)?);
             }
-            if ended && decoded.is_empty() {
+            if ended && decoded.is_empty() && resolved.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
                 self.drain()?;
