@@ -849,6 +849,36 @@ fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
     );
 }
 
+/// A stream that holds the chunks planned for reading too (a full artifact) does not
+/// pace the reads: they all come first, and the stream skips those chunks instead of
+/// decoding them from the source.
+#[test]
+fn reads_of_chunks_the_stream_holds_too_all_come_before_the_stream() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(c2.iter().map(|(id, _)| *id).collect());
+    let mut config = f.config();
+    config.writing_bytes_max = 64 * 1024;
+    let mut engine = dev.engine(config);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut reads = 0usize;
+    while let Some(out) = engine.poll_output() {
+        reads += usize::from(matches!(out, Output::Read { .. }));
+        dev.execute(&mut engine, out).expect("no crash");
+    }
+    let wanted = c2.iter().filter(|(id, _)| engine.wants(id)).count();
+    assert!(reads >= 200, "{reads} reads before the stream");
+    assert_eq!(wanted, c2.len() - reads, "the stream brings only the rest");
+    dev.run(&mut engine, stream(&c2)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+    let p = engine.progress();
+    assert_eq!(p.reused_bytes, reads as u64 * 4096);
+}
+
 /// A stream that says it holds nothing on a device whose index lacks every chunk:
 /// the probe finds them all at their own offsets in the active slot.
 #[test]

@@ -1307,7 +1307,11 @@ fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedCh
 /// chunks, bounds a batch. Counting them apart from the chunks keeps batches of
 /// delta-encoded chunks as large as others (a reference is several times its
 /// chunk), so the decoding worker is handed a few large batches, not many small.
-const REFERENCE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// The stream's pipeline holds the references of two batches (one being read, one
+/// being decoded): 1 MiB each, not 2, took the bench's delta install from a peak
+/// RSS of 29.5-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
+/// pipeline), at the same speed.
+const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
@@ -1335,8 +1339,9 @@ pub(crate) struct References {
     blocks: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// The running slot's length.
     slot_len: u64,
-    /// Bytes read from the running slot for references.
+    /// Bytes read from the running slot for references, and the time the reads took.
     read_slot_bytes: u64,
+    read_io: Duration,
 }
 
 impl References {
@@ -1355,6 +1360,7 @@ impl References {
             blocks: std::collections::VecDeque::new(),
             slot_len,
             read_slot_bytes: 0,
+            read_io: Duration::ZERO,
         }
     }
 
@@ -1395,7 +1401,9 @@ impl References {
                         Vec::with_capacity(SLOT_BLOCK as usize)
                     };
                     data.resize((to - block_start) as usize, 0);
+                    let started = std::time::Instant::now();
                     self.storage.read_at(block_start, &mut data)?;
+                    self.read_io += started.elapsed();
                     self.read_slot_bytes += data.len() as u64;
                     self.blocks.push_back((b, data));
                     self.blocks.len() - 1
@@ -1602,6 +1610,9 @@ impl<'a> Driver<'a> {
             .map_or((String::new(), String::new()), |r| {
                 (r.slot.to_string(), r.base.clone())
             });
+        // Time the decoding thread and the main thread (handing chunks over, and
+        // what the engine asks meanwhile: writes, reads of the running slot) took.
+        let (mut decode_time, mut feed_time) = (Duration::ZERO, Duration::ZERO);
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
             // of it does not depend on the batches still to be written.
@@ -1650,13 +1661,21 @@ impl<'a> Driver<'a> {
                     Result<Vec<Decoded>, String>,
                 )> {
                     let reader = scope.spawn(move || resolve(raws, refs));
-                    let decoder = scope.spawn(move || decode_resolved(&to_decode, running));
+                    let decoder = scope.spawn(move || {
+                        let started = std::time::Instant::now();
+                        let out = decode_resolved(&to_decode, running);
+                        (out, started.elapsed())
+                    });
+                    let started = std::time::Instant::now();
                     self.feed(previous, name)?;
+                    feed_time += started.elapsed();
+                    let (decoded, took) = decoder.join().expect("the decoding thread panicked");
+                    decode_time += took;
                     Ok((
                         reader
                             .join()
                             .expect("the reference reading thread panicked"),
-                        decoder.join().expect("the decoding thread panicked"),
+                        decoded,
                     ))
                 },
             )?;
@@ -1700,7 +1719,10 @@ impl<'a> Driver<'a> {
                 references_read = r.read.0,
                 reference_bytes_read = r.read.1,
                 reference_read_ms = r.read.2.as_millis() as u64,
+                slot_read_ms = r.read_io.as_millis() as u64,
                 slot_bytes_read = r.read_slot_bytes,
+                decode_ms = decode_time.as_millis() as u64,
+                feed_ms = feed_time.as_millis() as u64,
                 stream_ms = stream_started.elapsed().as_millis() as u64,
                 "delta-encoded chunks decoded"
             );

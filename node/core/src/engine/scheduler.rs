@@ -322,7 +322,8 @@ pub(crate) struct Job {
 /// to the stream's progress: after the stream brought a fraction of the bytes it
 /// was planned to bring, at most that fraction of the bytes planned for reading
 /// (plus [`Config::writing_bytes_max`](crate::Config::writing_bytes_max) ahead) is
-/// read. A stream that ends, fails or is dropped releases the rest.
+/// read. A stream that ends, fails or is dropped releases the rest. A stream that
+/// also holds chunks planned for reading (a full artifact) does not pace them.
 #[derive(Debug, Default, Clone, Copy)]
 struct Interleave {
     /// Bytes of the needed entries left to an open stream at the plan.
@@ -665,17 +666,28 @@ impl Engine {
                 }
             }
         }
-        // What the stream is left to bring, against which the reads keep pace.
+        // What the stream is left to bring, against which the reads keep pace;
+        // unless the stream also holds chunks planned for reading (a full
+        // artifact): it would then come to them before their reads and decode
+        // them (read from the source) instead of skipping them.
         let mut interleave = Interleave::default();
+        let mut overlap = false;
         for e in 0..job.rel.table.entries() {
             let size = u64::from(job.rel.table.size(e));
             match job.need.get(e) {
-                Need::QueuedRead => interleave.reads_planned += size,
+                Need::QueuedRead => {
+                    interleave.reads_planned += size;
+                    overlap |= job.stream_may_bring(e);
+                }
                 Need::Idle if job.stream_may_bring(e) => interleave.stream_planned += size,
                 _ => {}
             }
         }
-        job.interleave = interleave;
+        job.interleave = if overlap {
+            Interleave::default()
+        } else {
+            interleave
+        };
         debug!(
             needed = job.needed,
             from_active_slot = job.need.queued_reads(),
