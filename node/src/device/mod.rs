@@ -1309,7 +1309,7 @@ fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedCh
 /// chunk), so the decoding worker is handed a few large batches, not many small.
 /// The stream's pipeline holds the references of two batches (one being read, one
 /// being decoded): 1 MiB each, not 2, took the bench's delta install from a peak
-/// RSS of 29.5-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
+/// RSS of 28.8-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
 /// pipeline), at the same speed.
 const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 
