@@ -1191,6 +1191,8 @@ type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 /// A chunk read from an artifact, with the checked base bytes it is encoded
 /// against when it is delta-encoded.
 type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
+/// A batch whose references were read, or why one could not be.
+type Resolved = Result<Vec<Undecoded>, String>;
 
 /// Reads (or finds in `references`' cache) the reference of each delta-encoded
 /// chunk of a batch. `Err` names the first chunk whose reference cannot be read:
@@ -1656,10 +1658,7 @@ impl<'a> Driver<'a> {
             let refs = references.as_mut();
             let running = &running;
             let (read_out, decode_out) = std::thread::scope(
-                |scope| -> anyhow::Result<(
-                    Result<Vec<Undecoded>, String>,
-                    Result<Vec<Decoded>, String>,
-                )> {
+                |scope| -> anyhow::Result<(Resolved, Result<Vec<Decoded>, String>)> {
                     let reader = scope.spawn(move || resolve(raws, refs));
                     let decoder = scope.spawn(move || {
                         let started = std::time::Instant::now();
