@@ -1654,12 +1654,18 @@ impl<'a> Driver<'a> {
             // new batch's references (from the running slot) and the decoding
             // thread decodes the last batch.
             let previous = std::mem::take(&mut decoded);
-            let to_decode = std::mem::take(&mut resolved);
+            let mut to_decode = std::mem::take(&mut resolved);
+            if references.is_none() {
+                // No references to read (plain chunks): the batch just read is
+                // decoded now, a pipeline of two as before delta-encoded chunks.
+                to_decode = resolve(std::mem::take(&mut raws), None).map_err(|e| anyhow!("{e}"))?;
+            }
             let refs = references.as_mut();
             let running = &running;
             let (read_out, decode_out) = std::thread::scope(
                 |scope| -> anyhow::Result<(Resolved, Result<Vec<Decoded>, String>)> {
-                    let reader = scope.spawn(move || resolve(raws, refs));
+                    let reader =
+                        (!raws.is_empty()).then(|| scope.spawn(move || resolve(raws, refs)));
                     let decoder = scope.spawn(move || {
                         let started = std::time::Instant::now();
                         let out = decode_resolved(&to_decode, running);
@@ -1671,9 +1677,9 @@ impl<'a> Driver<'a> {
                     let (decoded, took) = decoder.join().expect("the decoding thread panicked");
                     decode_time += took;
                     Ok((
-                        reader
-                            .join()
-                            .expect("the reference reading thread panicked"),
+                        reader.map_or(Ok(Vec::new()), |r| {
+                            r.join().expect("the reference reading thread panicked")
+                        }),
                         decoded,
                     ))
                 },
