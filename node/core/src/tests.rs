@@ -773,6 +773,112 @@ fn chunks_no_source_holds_are_refused_before_any_write() {
     assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
 }
 
+/// Reads of the active slot keep pace with the stream that brings the rest (a thin
+/// artifact): the driver answers reads at once, so without the pacing every reused
+/// chunk would be read before the stream's first chunk, and the stream's decoding
+/// would then run alone.
+#[test]
+fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, &v1)
+        .1
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    let new: Vec<(ChunkId, Vec<u8>)> = c2
+        .iter()
+        .filter(|(id, _)| !in_v1.contains(id))
+        .cloned()
+        .collect();
+    let reused = c2.len() - new.len();
+    assert!(
+        new.len() >= 20 && reused >= 200,
+        "{} new, {reused} reused",
+        new.len()
+    );
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(new.iter().map(|(id, _)| *id).collect());
+    let mut config = f.config();
+    config.writing_bytes_max = 64 * 1024;
+    let mut engine = dev.engine(config);
+    engine.offer(dev.now(), offer).expect("offer");
+    // Reads carried out before each stream chunk is handed over.
+    let mut reads = 0usize;
+    let mut before = Vec::new();
+    let mut stream = new.clone().into_iter();
+    loop {
+        while let Some(out) = engine.poll_output() {
+            reads += usize::from(matches!(out, Output::Read { .. }));
+            dev.execute(&mut engine, out).expect("no crash");
+        }
+        let Some((id, data)) = stream.next() else {
+            dev.handle(
+                &mut engine,
+                Input::SourceEnded {
+                    source: SourceId(1),
+                },
+            );
+            break;
+        };
+        before.push(reads);
+        assert!(engine.wants(&id), "chunk {id} of the stream is needed");
+        dev.handle(
+            &mut engine,
+            Input::checked(Origin::Source(SourceId(1)), id, data),
+        );
+    }
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+    assert_eq!(reads, reused, "each reused chunk read once");
+    // Before the stream's first chunk: 64 KiB of reads ahead (16 chunks of 4 KiB).
+    assert_eq!(before[0], 16, "reads before the stream's first chunk");
+    // Halfway through the stream, about half of the reads (and the bytes ahead).
+    let half = before[new.len() / 2];
+    assert!(
+        half <= reused / 2 + 16 + 1,
+        "{half} of {reused} reads before the stream's chunk {}",
+        new.len() / 2
+    );
+    assert!(
+        half > 16,
+        "reads go on as the stream brings chunks: {before:?}"
+    );
+}
+
+/// A stream that holds the chunks planned for reading too (a full artifact) does not
+/// pace the reads: they all come first, and the stream skips those chunks instead of
+/// decoding them from the source.
+#[test]
+fn reads_of_chunks_the_stream_holds_too_all_come_before_the_stream() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(c2.iter().map(|(id, _)| *id).collect());
+    let mut config = f.config();
+    config.writing_bytes_max = 64 * 1024;
+    let mut engine = dev.engine(config);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut reads = 0usize;
+    while let Some(out) = engine.poll_output() {
+        reads += usize::from(matches!(out, Output::Read { .. }));
+        dev.execute(&mut engine, out).expect("no crash");
+    }
+    let wanted = c2.iter().filter(|(id, _)| engine.wants(id)).count();
+    assert!(reads >= 200, "{reads} reads before the stream");
+    assert_eq!(wanted, c2.len() - reads, "the stream brings only the rest");
+    dev.run(&mut engine, stream(&c2)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
+    let p = engine.progress();
+    assert_eq!(p.reused_bytes, reads as u64 * 4096);
+}
+
 /// A stream that says it holds nothing on a device whose index lacks every chunk:
 /// the probe finds them all at their own offsets in the active slot.
 #[test]

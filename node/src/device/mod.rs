@@ -1248,17 +1248,16 @@ type Decoded = (ChunkId, Result<shoal_artifact::VerifiedChunk, String>);
 /// A chunk read from an artifact, with the checked base bytes it is encoded
 /// against when it is delta-encoded.
 type Undecoded = (shoal_artifact::RawChunk, Option<ReferenceBytes>);
+/// A batch whose references were read, or why one could not be.
+type Resolved = Result<Vec<Undecoded>, String>;
 
 /// Reads (or finds in `references`' cache) the reference of each delta-encoded
-/// chunk of a batch, then decodes the batch with [`decode`], which checks each
-/// reference's hash (once, on the decoding threads) before decoding with it. `Err`
-/// names the first chunk whose reference cannot be read or fails its hash (the
-/// running slot is not the base release there): nothing of the batch is handed over
-/// then.
-fn resolve_and_decode(
+/// chunk of a batch. `Err` names the first chunk whose reference cannot be read:
+/// nothing of the batch is handed over then.
+fn resolve(
     raws: Vec<shoal_artifact::RawChunk>,
     mut references: Option<&mut References>,
-) -> Result<Vec<Decoded>, String> {
+) -> Result<Vec<Undecoded>, String> {
     let mut undecoded = Vec::with_capacity(raws.len());
     for raw in raws {
         let reference = match (raw.reference(), references.as_deref_mut()) {
@@ -1270,16 +1269,24 @@ fn resolve_and_decode(
         };
         undecoded.push((raw, reference));
     }
-    let decoded = decode(&undecoded);
+    Ok(undecoded)
+}
+
+/// Decodes a batch whose references were read ([`resolve`]) with [`decode`], which
+/// checks each reference's hash (once, on the decoding threads) before decoding
+/// with it. `Err` names the first chunk whose reference fails its hash (the
+/// running slot, `running`: (slot, base release), is not the base release there):
+/// nothing of the batch is handed over then.
+fn decode_resolved(
+    undecoded: &[Undecoded],
+    running: &(String, String),
+) -> Result<Vec<Decoded>, String> {
+    let decoded = decode(undecoded);
     let mut out = Vec::with_capacity(decoded.len());
     for ((raw, _), (id, result)) in undecoded.iter().zip(decoded) {
         match result {
             Err(ChunkError::BadReference { source, .. }) => {
-                let (slot, base) = references
-                    .as_deref()
-                    .map_or((String::new(), String::new()), |r| {
-                        (r.slot.to_string(), r.base.clone())
-                    });
+                let (slot, base) = running;
                 let ranges = raw.reference().map_or_else(String::new, |r| r.describe());
                 return Err(format!(
                     "chunk {id}: the reference bytes {ranges} of the running slot {slot} fail their hash ({source}): the slot does not hold the base release {base} there; install a full artifact instead"
@@ -1359,7 +1366,11 @@ fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedCh
 /// chunks, bounds a batch. Counting them apart from the chunks keeps batches of
 /// delta-encoded chunks as large as others (a reference is several times its
 /// chunk), so the decoding worker is handed a few large batches, not many small.
-const REFERENCE_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// The stream's pipeline holds the references of two batches (one being read, one
+/// being decoded): 1 MiB each, not 2, took the bench's delta install from a peak
+/// RSS of 28.8-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
+/// pipeline), at the same speed.
+const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
@@ -1367,9 +1378,12 @@ const REFERENCE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const REFERENCE_CACHE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Blocks of the running slot kept for reference reads (see
-/// [`References::read_range`]): their size and how many (so 1.5 MiB).
-const SLOT_BLOCK: u64 = 64 * 1024;
-const SLOT_BLOCKS_KEPT: usize = 24;
+/// [`References::read_range`]): their size and how many (so 1.5 MiB). Each block
+/// is one direct read, and on the bench's disk a direct read costs about as much
+/// per call as per byte (93 MB of slot A: 0.34-0.43 s in 64 KiB reads, 0.16-0.26 s
+/// in 256 KiB reads); a reference is 256 KiB to 2 MiB of neighbouring bytes.
+const SLOT_BLOCK: u64 = 256 * 1024;
+const SLOT_BLOCKS_KEPT: usize = 6;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
 /// from the running slot (which holds the base payload from offset 0). Their hash is
@@ -1387,8 +1401,9 @@ pub(crate) struct References {
     blocks: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// The running slot's length.
     slot_len: u64,
-    /// Bytes read from the running slot for references.
+    /// Bytes read from the running slot for references, and the time the reads took.
     read_slot_bytes: u64,
+    read_io: Duration,
 }
 
 impl References {
@@ -1407,6 +1422,7 @@ impl References {
             blocks: std::collections::VecDeque::new(),
             slot_len,
             read_slot_bytes: 0,
+            read_io: Duration::ZERO,
         }
     }
 
@@ -1447,7 +1463,9 @@ impl References {
                         Vec::with_capacity(SLOT_BLOCK as usize)
                     };
                     data.resize((to - block_start) as usize, 0);
+                    let started = std::time::Instant::now();
                     self.storage.read_at(block_start, &mut data)?;
+                    self.read_io += started.elapsed();
                     self.read_slot_bytes += data.len() as u64;
                     self.blocks.push_back((b, data));
                     self.blocks.len() - 1
@@ -1641,15 +1659,19 @@ impl<'a> Driver<'a> {
     }
 
     /// Feeds an artifact's chunks the engine still wants, decoded in parallel
-    /// batches: one batch is decoded (on all cores) while the previous one is
-    /// written. Chunks and errors still reach the engine in artifact order.
+    /// batches, in a pipeline of three: while one batch is written, the next one is
+    /// decoded (on all cores) and the references of the one after it are read from
+    /// the running slot (on a thread of their own). Chunks and errors still reach
+    /// the engine in artifact order.
     fn stream<R: shoal_artifact::read::Skip>(
         &mut self,
         mut artifact: ArtifactReader<R>,
         name: &str,
     ) -> anyhow::Result<()> {
         let stream_started = std::time::Instant::now();
+        // Decoded, to hand over; references read, to decode.
         let mut decoded: Vec<Decoded> = Vec::new();
+        let mut resolved: Vec<Undecoded> = Vec::new();
         let mut ended = false;
         // Delta-encoded chunks are decoded with bytes of the running slot.
         let mut references = match artifact
@@ -1669,9 +1691,18 @@ impl<'a> Driver<'a> {
                 Some(References::open(&self.dev.boot, slot, base)?)
             }
         };
+        // The running slot and its base release, for messages.
+        let running = references
+            .as_ref()
+            .map_or((String::new(), String::new()), |r| {
+                (r.slot.to_string(), r.base.clone())
+            });
+        // Time the decoding thread and the main thread (handing chunks over, and
+        // what the engine asks meanwhile: writes, reads of the running slot) took.
+        let (mut decode_time, mut feed_time) = (Duration::ZERO, Duration::ZERO);
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
-            // of it does not depend on the batch still to be written.
+            // of it does not depend on the batches still to be written.
             let mut raws: Vec<shoal_artifact::RawChunk> = Vec::new();
             let mut failure = None;
             let mut bytes = 0usize;
@@ -1704,22 +1735,48 @@ impl<'a> Driver<'a> {
                 // (below): its references need not be read.
                 raws.clear();
             }
-            // The worker reads and checks the batch's references (from the running
-            // slot) and decodes its chunks while the previous batch is written.
+            // While the batch before last is written, the reader thread reads the
+            // new batch's references (from the running slot) and the decoding
+            // thread decodes the last batch.
             let previous = std::mem::take(&mut decoded);
+            let mut to_decode = std::mem::take(&mut resolved);
+            if references.is_none() {
+                // No references to read (plain chunks): the batch just read is
+                // decoded now, a pipeline of two as before delta-encoded chunks.
+                to_decode = resolve(std::mem::take(&mut raws), None).map_err(|e| anyhow!("{e}"))?;
+            }
             let refs = references.as_mut();
-            let worker_out =
-                std::thread::scope(|scope| -> anyhow::Result<Result<Vec<Decoded>, String>> {
-                    let worker = scope.spawn(move || resolve_and_decode(raws, refs));
+            let running = &running;
+            let (read_out, decode_out) = std::thread::scope(
+                |scope| -> anyhow::Result<(Resolved, Result<Vec<Decoded>, String>)> {
+                    let reader =
+                        (!raws.is_empty()).then(|| scope.spawn(move || resolve(raws, refs)));
+                    let decoder = scope.spawn(move || {
+                        let started = std::time::Instant::now();
+                        let out = decode_resolved(&to_decode, running);
+                        (out, started.elapsed())
+                    });
+                    let started = std::time::Instant::now();
                     self.feed(previous, name)?;
-                    Ok(worker.join().expect("the decoding thread panicked"))
-                })?;
-            let reference_failure = match worker_out {
-                Ok(d) => {
+                    feed_time += started.elapsed();
+                    let (decoded, took) = decoder.join().expect("the decoding thread panicked");
+                    decode_time += took;
+                    Ok((
+                        reader.map_or(Ok(Vec::new()), |r| {
+                            r.join().expect("the reference reading thread panicked")
+                        }),
+                        decoded,
+                    ))
+                },
+            )?;
+            // The earlier batch's failure first: errors come in artifact order.
+            let reference_failure = match (decode_out, read_out) {
+                (Err(message), _) | (Ok(_), Err(message)) => Some(message),
+                (Ok(d), Ok(r)) => {
                     decoded = d;
+                    resolved = r;
                     None
                 }
-                Err(message) => Some(message),
             };
             if let Some(message) = reference_failure {
                 // The running slot is not the base the chunks were encoded
@@ -1730,9 +1787,9 @@ impl<'a> Driver<'a> {
                 // The archive is bad (or could not be read) past this point: the
                 // chunks read before it are not handed over, since the last of them
                 // would let the engine arm a trial of an artifact that failed. A
-                // batch is only ever handed over once the next one was read, so the
-                // one that completes the payload waits for the end of the archive
-                // to be read and checked.
+                // batch is only ever handed over once the next ones were read, so
+                // the one that completes the payload waits for the end of the
+                // archive to be read and checked.
                 let message = e.to_string();
                 let fault = match e {
                     ReadError::Io(_) => SourceFault::Unreadable(message),
@@ -1740,7 +1797,7 @@ impl<'a> Driver<'a> {
                 };
                 return Err(self.stop_reading(STREAM, fault)?);
             }
-            if ended && decoded.is_empty() {
+            if ended && decoded.is_empty() && resolved.is_empty() {
                 self.engine
                     .handle(self.now(), Input::SourceEnded { source: STREAM });
                 self.drain()?;
@@ -1752,7 +1809,10 @@ impl<'a> Driver<'a> {
                 references_read = r.read.0,
                 reference_bytes_read = r.read.1,
                 reference_read_ms = r.read.2.as_millis() as u64,
+                slot_read_ms = r.read_io.as_millis() as u64,
                 slot_bytes_read = r.read_slot_bytes,
+                decode_ms = decode_time.as_millis() as u64,
+                feed_ms = feed_time.as_millis() as u64,
                 stream_ms = stream_started.elapsed().as_millis() as u64,
                 "delta-encoded chunks decoded"
             );
@@ -2491,8 +2551,11 @@ mod reference_tests {
             refs.read_range(offset, &mut buf).expect("read");
             assert_eq!(buf, data[offset as usize..offset as usize + n]);
         }
-        // Blocks 0..=4 hold both first ranges (0..270 000): each read once.
-        assert_eq!(refs.read_slot_bytes, 5 * SLOT_BLOCK);
+        // The blocks that hold both first ranges (0..270 000): each read once.
+        assert_eq!(
+            refs.read_slot_bytes,
+            270_000u64.div_ceil(SLOT_BLOCK) * SLOT_BLOCK
+        );
         // The partial last block, then past the end of the slot.
         let mut tail = vec![0u8; 1500];
         refs.read_range(len as u64 - 1500, &mut tail).expect("tail");

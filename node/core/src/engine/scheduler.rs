@@ -314,6 +314,42 @@ pub(crate) struct Job {
     takers: Vec<usize>,
     /// Bytes of [`Output::Write`] not yet answered by [`Input::Written`](crate::Input::Written).
     pub(crate) writing_bytes: u64,
+    /// How reads of the active slot keep pace with an open stream.
+    interleave: Interleave,
+}
+
+/// Reads of the active slot interleaved with an open stream (an artifact): a driver
+/// answers reads at once, so reads issued all at once would all be carried out
+/// before the stream's next chunk, and the stream's decoding would then run alone.
+/// Instead, while a stream is the only source left open, the reads issued keep
+/// to the stream's progress: after the stream brought a fraction of the bytes it
+/// was planned to bring, at most that fraction of the bytes planned for reading
+/// (plus [`Config::writing_bytes_max`](crate::Config::writing_bytes_max) ahead) is
+/// read. A stream that ends, fails or is dropped releases the rest. A stream that
+/// also holds chunks planned for reading (a full artifact) does not pace them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Interleave {
+    /// Bytes of the needed entries left to an open stream at the plan.
+    stream_planned: u64,
+    /// Bytes of those the stream brought since.
+    stream_brought: u64,
+    /// Bytes of the entries queued for reading at the plan.
+    reads_planned: u64,
+    /// Bytes of the reads issued since.
+    reads_issued: u64,
+}
+
+impl Interleave {
+    /// Whether another read may be issued, `ahead` bytes of reads allowed beyond
+    /// the stream's share.
+    fn allows_read(&self, ahead: u64) -> bool {
+        if self.stream_planned == 0 || self.stream_brought >= self.stream_planned {
+            return true;
+        }
+        let share = u128::from(self.reads_planned) * u128::from(self.stream_brought)
+            / u128::from(self.stream_planned);
+        u128::from(self.reads_issued) < share + u128::from(ahead)
+    }
 }
 
 impl Job {
@@ -369,6 +405,7 @@ impl Job {
                 .max()
                 .unwrap_or(0),
             writing_bytes: 0,
+            interleave: Interleave::default(),
         };
         for e in 0..n {
             let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
@@ -439,6 +476,14 @@ impl Job {
         self.sources
             .iter()
             .any(|s| s.is_open_stream() && s.holds.as_ref().is_some_and(|h| h.get(e)))
+    }
+
+    /// Whether reads of the active slot keep pace with a stream ([`Interleave`]):
+    /// a stream is open and no request source is (requests are answered later,
+    /// by a network, and reads are best done while waiting for them).
+    fn paces_reads(&self) -> bool {
+        self.sources.iter().any(SourceState::is_open_stream)
+            && !self.sources.iter().any(SourceState::is_requests)
     }
 
     /// The entries still needed (for [`Engine::needed_chunks`]).
@@ -633,6 +678,28 @@ impl Engine {
                 }
             }
         }
+        // What the stream is left to bring, against which the reads keep pace;
+        // unless the stream also holds chunks planned for reading (a full
+        // artifact): it would then come to them before their reads and decode
+        // them (read from the source) instead of skipping them.
+        let mut interleave = Interleave::default();
+        let mut overlap = false;
+        for e in 0..job.rel.table.entries() {
+            let size = u64::from(job.rel.table.size(e));
+            match job.need.get(e) {
+                Need::QueuedRead => {
+                    interleave.reads_planned += size;
+                    overlap |= job.stream_may_bring(e);
+                }
+                Need::Idle if job.stream_may_bring(e) => interleave.stream_planned += size,
+                _ => {}
+            }
+        }
+        job.interleave = if overlap {
+            Interleave::default()
+        } else {
+            interleave
+        };
         debug!(
             needed = job.needed,
             from_active_slot = job.need.queued_reads(),
@@ -745,9 +812,14 @@ impl Engine {
     fn pump_reads(&mut self) {
         let active = self.state.active;
         let capacity = self.state.slot_capacity[slot_ordinal(active)];
+        let ahead = self.config.writing_bytes_max;
         let Some(job) = self.job.as_mut() else { return };
         let mut failed = None;
+        let paced = job.paces_reads();
         while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
+            if paced && !job.interleave.allows_read(ahead) {
+                break;
+            }
             let Some(e) = job.need.next_read() else {
                 break;
             };
@@ -785,6 +857,7 @@ impl Engine {
             };
             job.need.set(e, Need::Reading { guess });
             job.reads_in_flight += 1;
+            job.interleave.reads_issued += u64::from(len);
             self.outputs.push_back(Output::Read {
                 slot: active,
                 id,
@@ -1633,6 +1706,9 @@ impl Engine {
             None => self.progress.reused_bytes += bytes,
             Some(i) => {
                 let wire = u64::from(job.rel.table.wire_size(e));
+                if job.sources[i].info.kind == SourceKind::Stream {
+                    job.interleave.stream_brought += u64::from(size);
+                }
                 let s = &mut job.sources[i];
                 s.chunks += 1;
                 s.bytes += u64::from(size);
