@@ -61,6 +61,29 @@ fn images() -> (Vec<u8>, Vec<u8>) {
     (v1, v2)
 }
 
+/// Offers `m` signed by the fixture's key with one WAN request source
+/// (`SourceId(3)`, "usb"), as the index tests do.
+fn offer_over_usb(
+    engine: &mut Engine,
+    now: crate::Instant,
+    f: &Fixture,
+    m: &Manifest,
+    wall_unix_s: Option<u64>,
+) {
+    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
+    engine
+        .offer(
+            now,
+            Offer {
+                envelope: sign(m, &f.key),
+                wall_unix_s,
+                sources: vec![source],
+                reboot: false,
+            },
+        )
+        .expect("offer");
+}
+
 fn failed(events: &[Event]) -> Option<&InstallError> {
     events.iter().find_map(|e| match e {
         Event::Failed(err) => Some(err),
@@ -1417,18 +1440,7 @@ fn the_active_slot_is_indexed_at_idle_time_and_the_next_install_uses_it() {
     dev.events.clear();
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
     dev.stores.insert(SourceId(3), c2.into_iter().collect());
-    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
-    engine
-        .offer(
-            dev.now(),
-            Offer {
-                envelope: sign(&m2, &f.key),
-                wall_unix_s: None,
-                sources: vec![source],
-                reboot: false,
-            },
-        )
-        .expect("offer v2");
+    offer_over_usb(&mut engine, dev.now(), &f, &m2, None);
     // While an install runs, idle indexing and a changed slot are not its business
     // (its reads from the slot are verified chunk by chunk).
     let other = shoal_artifact::Chunking {
@@ -1516,18 +1528,7 @@ fn a_store_read_error_of_the_slot_index_stops_the_install() {
             scan_fails,
         })));
         let mut engine = Engine::new(f.config(), state);
-        let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
-        engine
-            .offer(
-                dev.now(),
-                Offer {
-                    envelope: sign(&m2, &f.key),
-                    wall_unix_s: Some(1_800_000_000),
-                    sources: vec![source],
-                    reboot: false,
-                },
-            )
-            .expect("offer v2");
+        offer_over_usb(&mut engine, dev.now(), &f, &m2, Some(1_800_000_000));
         dev.run(&mut engine, None).expect("no crash");
         assert_eq!(
             failed(&dev.events),
@@ -1632,18 +1633,7 @@ fn a_cut_written_to_the_store_is_read_by_id_and_recorded_by_the_engine() {
     // The next install takes the slot's chunks on the store's word.
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
     dev.stores.insert(SourceId(3), c2.into_iter().collect());
-    let source = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Wan, "usb");
-    engine
-        .offer(
-            dev.now(),
-            Offer {
-                envelope: sign(&m2, &f.key),
-                wall_unix_s: None,
-                sources: vec![source],
-                reboot: false,
-            },
-        )
-        .expect("offer v2");
+    offer_over_usb(&mut engine, dev.now(), &f, &m2, None);
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(
