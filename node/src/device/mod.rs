@@ -666,33 +666,15 @@ impl Device {
                     // With the envelope stored, its chunk ids go to a file next to
                     // it as the manifest is decoded, and are read from there by
                     // position: an 8 GiB image's 13.8 MB of ids stay on disk.
-                    let root = &driver.dev.root;
                     let release = match &stored {
                         Some((hash, (file, len))) => {
-                            let ids = driver
-                                .dev
-                                .store
-                                .chunk_ids_writer(hash)
-                                .context("cannot keep the release's chunk ids")?
-                                .expect("a store that keeps envelope files keeps their ids");
-                            let file = chunk_ids::FileAt(file.try_clone().map_err(|e| {
-                                anyhow!(e).context("cannot read back the signed manifest")
-                            })?);
-                            shoal_engine::VerifiedRelease::verify_file(
-                                root, &file, *len, *hash, wall, ids,
-                            )
+                            driver.verify_stored_file(hash, file, *len, wall)?
                         }
-                        None => shoal_engine::VerifiedRelease::verify(root, envelope, wall),
-                    }
-                    .map_err(|e| match e {
-                        shoal_engine::OfferError::ChunkIds(_) => {
-                            anyhow!(e).context("cannot keep the release's chunk ids")
+                        None => {
+                            shoal_engine::VerifiedRelease::verify(&driver.dev.root, envelope, wall)
+                                .map_err(|e| anyhow!(e).context("the release was refused"))?
                         }
-                        shoal_engine::OfferError::StoredEnvelope(_) => {
-                            anyhow!(e).context("cannot read back the signed manifest")
-                        }
-                        e => anyhow!(e).context("the release was refused"),
-                    })?;
+                    };
                     // A full artifact whose contents lack a chunk is refused here,
                     // before the offer.
                     artifact
@@ -1582,9 +1564,10 @@ impl<'a> Driver<'a> {
     }
 
     /// Offers `envelope` through the device store: stored first as a file
-    /// ([`Store::put_envelope_bytes`]), then verified with
-    /// [`VerifiedRelease::verify_stored`](shoal_engine::VerifiedRelease::verify_stored)
-    /// and offered verified, so the deployment names the file
+    /// ([`Store::put_envelope_bytes`]), the bytes dropped, then verified from
+    /// the file as the file install does ([`Driver::verify_stored_file`]: never
+    /// whole in memory again, its chunk ids going to `<hash>.ids`) and offered
+    /// verified, so the deployment names the file
     /// ([`Record::EnvelopeStored`](shoal_engine::Record::EnvelopeStored)) rather
     /// than the redb store carrying a copy, and a resume reads it back from the
     /// file. A release refused leaves no file behind.
@@ -1600,18 +1583,69 @@ impl<'a> Driver<'a> {
             .store
             .put_envelope_bytes(&envelope)
             .context("cannot store the signed manifest")?;
-        let verify = if stored.is_some() {
-            shoal_engine::VerifiedRelease::verify_stored
-        } else {
-            shoal_engine::VerifiedRelease::verify
+        let Some(hash) = stored else {
+            let release =
+                shoal_engine::VerifiedRelease::verify(&self.dev.root, envelope, wall_unix_s)
+                    .map_err(|e| anyhow!(e).context("the release was refused"))?;
+            return self.offer_verified(&release, sources, reboot);
         };
-        let offered = verify(&self.dev.root, envelope, wall_unix_s)
-            .map_err(|e| anyhow!(e).context("the release was refused"))
-            .and_then(|release| self.offer_verified(&release, sources, reboot));
-        if let (Err(_), Some(hash)) = (&offered, stored) {
+        drop(envelope);
+        let offered = (|| {
+            let (file, len) = self
+                .dev
+                .store
+                .open_stored_envelope(&hash)
+                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?;
+            let release = self.verify_stored_file(&hash, &file, len, wall_unix_s)?;
+            self.offer_verified(&release, sources, reboot)
+        })();
+        if offered.is_err() {
             self.dev.store.forget_envelope(&hash);
         }
         offered
+    }
+
+    /// Verifies the envelope the device store keeps as `hash` from its file
+    /// (`file`, `len` bytes: [`Store::open_stored_envelope`]) without holding it
+    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)),
+    /// its chunk ids going to `<hash>.ids` ([`Store::chunk_ids_writer`]) and read
+    /// from there by position: an 8 GiB image's 17.6 MB envelope and 13.8 MB of
+    /// ids stay on disk. The file and the ids install and every store-backed
+    /// install verify this way; the caller forgets the file on an error.
+    fn verify_stored_file(
+        &self,
+        hash: &[u8; 32],
+        file: &std::fs::File,
+        len: u64,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        let ids = self
+            .dev
+            .store
+            .chunk_ids_writer(hash)
+            .context("cannot keep the release's chunk ids")?
+            .expect("a store that keeps envelope files keeps their ids");
+        let file = chunk_ids::FileAt(
+            file.try_clone()
+                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
+        );
+        shoal_engine::VerifiedRelease::verify_file(
+            &self.dev.root,
+            &file,
+            len,
+            *hash,
+            wall_unix_s,
+            ids,
+        )
+        .map_err(|e| match e {
+            shoal_engine::OfferError::ChunkIds(_) => {
+                anyhow!(e).context("cannot keep the release's chunk ids")
+            }
+            shoal_engine::OfferError::StoredEnvelope(_) => {
+                anyhow!(e).context("cannot read back the signed manifest")
+            }
+            e => anyhow!(e).context("the release was refused"),
+        })
     }
 
     /// Offers a release verified already.
