@@ -1887,14 +1887,15 @@ fn read_bound(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, Stored), 
     whole
 }
 
+/// The copied envelope, the hash its signatures were verified over, and the
+/// artifact's bytes after it.
+type Copied<'a> = (Vec<u8>, [u8; 32], &'a [u8]);
+
 /// The envelope member of `bytes` copied out as the installer copies it to the
 /// device store's file (`read_envelope_head`, `copy_envelope_member`, checked
 /// with `check_copied_envelope`), its signatures verified there, and the rest of
 /// `bytes` after it: the source left at the member after the envelope.
-fn copy_envelope<'a>(
-    bytes: &'a [u8],
-    root: &TrustRoot,
-) -> Result<(Vec<u8>, [u8; 32], &'a [u8]), ReadError> {
+fn copy_envelope<'a>(bytes: &'a [u8], root: &TrustRoot) -> Result<Copied<'a>, ReadError> {
     use shoal_artifact::read::{
         CopyError, EnvelopeHead, check_copied_envelope, copy_envelope_member, read_envelope_head,
     };
