@@ -58,6 +58,22 @@ pub trait ReadAt {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()>;
 }
 
+/// Bytes in memory (an envelope on a store that keeps no files).
+impl ReadAt for &[u8] {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let found = usize::try_from(at)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?));
+        match found {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+        }
+    }
+}
+
 /// Where the manifest's bytes are.
 #[derive(Clone, Copy)]
 enum Source<'a> {

@@ -729,11 +729,71 @@ impl<R: Read> ArtifactReader<R> {
     ) -> Result<Self, ReadError> {
         let (envelope, envelope_len, delta_base) = read_envelope(&mut src, held)?;
         let signed = root.verify(RoleName::Release, &envelope, now_unix_s)?;
-        let (manifest, distinct) = match decode_counting(signed)? {
+        let (manifest, distinct) = match decode_counting(Signed::Slice(signed))? {
             Some((m, distinct)) => (m, Some(distinct)),
             None => (Manifest::from_cbor(signed)?, None),
         };
         let mut reader = Self::from_parts(src, envelope, envelope_len, delta_base, manifest, None);
+        reader.streamed_distinct = distinct;
+        Ok(reader)
+    }
+
+    /// [`ArtifactReader::open_held_unbound`] for an installer that copied the
+    /// envelope out of `src` ([`read_envelope_head`], [`copy_envelope_member`])
+    /// and had it verified where it lies (the device store's file, `file`,
+    /// `len` bytes; `member_len` is the first member's size, `delta_base` the
+    /// manifest it is a delta against): the manifest is decoded from the file
+    /// as it is read, its signed bytes checked against `manifest_hash`, the
+    /// BLAKE3 the verifier checked the signatures over, so nothing here is
+    /// trusted that the verdict did not cover. The envelope is never in memory
+    /// ([`ArtifactReader::envelope`] is empty); a full artifact's chunk list is
+    /// streamed out and dropped (bind the packs with
+    /// [`ArtifactReader::bind_to`]), a thin one's kept (its base and references
+    /// need it).
+    pub fn open_stored(
+        src: R,
+        file: &dyn crate::ReadAt,
+        len: u64,
+        manifest_hash: &[u8; 32],
+        member_len: u64,
+        delta_base: Option<[u8; 32]>,
+    ) -> Result<Self, ReadError> {
+        let layout =
+            shoal_signing::EnvelopeLayout::locate(len, &mut |at, buf| file.read_at(at, buf))?;
+        // Not laid out canonically (verified all the same): decoded in memory.
+        let in_memory;
+        let signed = match &layout {
+            Some(l) => Signed::File {
+                file,
+                at: l.signed_at,
+                len: l.signed_len,
+                hash: manifest_hash,
+            },
+            None => {
+                let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+                file.read_at(0, &mut bytes)?;
+                in_memory = Envelope::from_vec(bytes)?;
+                if *blake3::hash(&in_memory.signed).as_bytes() != *manifest_hash {
+                    return Err(ReadError::Io(io::Error::other(
+                        "the stored envelope changed after it was verified",
+                    )));
+                }
+                Signed::Slice(&in_memory.signed)
+            }
+        };
+        let (manifest, distinct) = match decode_counting(signed)? {
+            Some((m, distinct)) => (m, Some(distinct)),
+            None => (decode_whole(signed)?, None),
+        };
+        let mut reader = Self::from_parts_hashed(
+            src,
+            Envelope::new(Vec::new()),
+            *manifest_hash,
+            member_len,
+            delta_base,
+            manifest,
+            None,
+        );
         reader.streamed_distinct = distinct;
         Ok(reader)
     }
@@ -767,8 +827,28 @@ impl<R: Read> ArtifactReader<R> {
         manifest: Manifest,
         base: Option<&Manifest>,
     ) -> Self {
-        let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
         let manifest_hash = *blake3::hash(&envelope.signed).as_bytes();
+        Self::from_parts_hashed(
+            src,
+            envelope,
+            manifest_hash,
+            envelope_len,
+            delta_base,
+            manifest,
+            base,
+        )
+    }
+
+    fn from_parts_hashed(
+        src: R,
+        envelope: Envelope,
+        manifest_hash: [u8; 32],
+        envelope_len: u64,
+        delta_base: Option<[u8; 32]>,
+        manifest: Manifest,
+        base: Option<&Manifest>,
+    ) -> Self {
+        let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
         let mut references = HashMap::new();
         for p in &manifest.payloads {
             for r in &p.references {
@@ -1790,11 +1870,100 @@ fn member_signers<R: Read + io::Seek>(
     Ok(())
 }
 
+/// Where a manifest's signed bytes are: in memory, or in a stored envelope
+/// file (`len` bytes at `at`, which must hash to `hash`: what the signatures
+/// were verified over).
+#[derive(Clone, Copy)]
+enum Signed<'a> {
+    Slice(&'a [u8]),
+    File {
+        file: &'a dyn crate::ReadAt,
+        at: u64,
+        len: u64,
+        hash: &'a [u8; 32],
+    },
+}
+
+impl<'a> Signed<'a> {
+    fn stream<S: crate::ChunkIdSink>(
+        self,
+        ids: S,
+    ) -> Result<(crate::StreamedManifest<'a>, S), crate::StreamedError> {
+        match self {
+            Signed::Slice(bytes) => Manifest::from_cbor_streaming(bytes, ids),
+            Signed::File {
+                file,
+                at,
+                len,
+                hash,
+            } => Manifest::from_file_streaming(file, at, len, hash, ids),
+        }
+    }
+}
+
+/// A streamed decode's error as the reader's: the manifest's own, or (the file
+/// could not be read, or changed) an I/O error.
+fn manifest_error(e: crate::StreamedError) -> ReadError {
+    match e {
+        crate::StreamedError::Manifest(e) => ReadError::from(e),
+        crate::StreamedError::Read(e) => ReadError::Io(io::Error::other(e)),
+        // The reader's sinks do not fail.
+        e => ReadError::from(ManifestError::Decode(e.to_string())),
+    }
+}
+
+/// The whole manifest (its chunk list included) decoded from the signed bytes
+/// of a stored envelope file as they are read, for a reader that needs the list
+/// (a thin artifact's): the bytes are never whole in memory, only the list.
+fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
+    use crate::{ChunkIdSink, StreamedIds};
+    #[derive(Default)]
+    struct Collect {
+        ids: Vec<ChunkId>,
+        first: HashMap<ChunkId, u32>,
+    }
+    impl ChunkIdSink for Collect {
+        fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+            let at = u32::try_from(self.ids.len()).map_err(|_| "too many chunks".to_owned())?;
+            self.first.entry(*id).or_insert(at);
+            self.ids.push(*id);
+            Ok(())
+        }
+    }
+    impl StreamedIds for Collect {
+        fn positions(&self) -> u32 {
+            self.ids.len() as u32
+        }
+        fn is_first(&self, pos: u32) -> bool {
+            self.first.get(&self.ids[pos as usize]) == Some(&pos)
+        }
+        fn id(&self, pos: u32) -> ChunkId {
+            self.ids[pos as usize]
+        }
+    }
+    let (mut streamed, collected) = signed.stream(Collect::default()).map_err(manifest_error)?;
+    let sizes = std::mem::take(&mut streamed.sizes);
+    let mut manifest = streamed.finish(&collected).map_err(manifest_error)?;
+    if let Some(p) = manifest.payloads.first_mut() {
+        p.chunks = collected
+            .ids
+            .iter()
+            .zip(sizes.sizes.iter().zip(&sizes.stored_sizes))
+            .map(|(&id, (&size, &stored_size))| ChunkRef {
+                id,
+                size,
+                stored_size,
+            })
+            .collect();
+    }
+    Ok(manifest)
+}
+
 /// The manifest of a full artifact decoded without its chunk list, and its
 /// distinct chunk count ([`ArtifactReader::open_held_unbound`]); `None` for a
 /// manifest whose reader needs the list (a thin one, several payloads).
-fn decode_counting(signed: &[u8]) -> Result<Option<(Manifest, usize)>, ReadError> {
-    use crate::{ChunkIdSink, StreamedError, StreamedIds};
+fn decode_counting(signed: Signed<'_>) -> Result<Option<(Manifest, usize)>, ReadError> {
+    use crate::{ChunkIdSink, StreamedIds};
     fn prefix(id: &ChunkId) -> u32 {
         u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
     }
@@ -1836,13 +2005,9 @@ fn decode_counting(signed: &[u8]) -> Result<Option<(Manifest, usize)>, ReadError
             unreachable!("a manifest without references")
         }
     }
-    let manifest_error = |e: StreamedError| match e {
-        StreamedError::Manifest(e) => ReadError::from(e),
-        // Neither sink fails, nor does reading memory.
-        e => ReadError::from(ManifestError::Decode(e.to_string())),
-    };
-    let (mut streamed, prefixes) =
-        Manifest::from_cbor_streaming(signed, Prefixes(Vec::new())).map_err(manifest_error)?;
+    let (mut streamed, prefixes) = signed
+        .stream(Prefixes(Vec::new()))
+        .map_err(manifest_error)?;
     let m = streamed.manifest();
     if m.payloads.len() != 1 || m.base.is_some() || !m.payloads[0].references.is_empty() {
         return Ok(None);
@@ -1874,19 +2039,129 @@ fn decode_counting(signed: &[u8]) -> Result<Option<(Manifest, usize)>, ReadError
             at: 0,
             ids: std::collections::HashSet::new(),
         };
-        let (_, needed) = Manifest::from_cbor_streaming(signed, needed).map_err(manifest_error)?;
+        let (_, needed) = signed.stream(needed).map_err(manifest_error)?;
         distinct += needed.ids.len();
     }
     Ok(Some((manifest, distinct)))
 }
 
-/// Reads and decodes the first member: the envelope.
-/// Reads the first member: the envelope, or a manifest delta rebuilt against one
-/// of `held` into the envelope it stands for (then also the base's hash).
-fn read_envelope<R: Read>(
+/// The first member of an artifact, as [`read_envelope_head`] found it.
+#[derive(Debug)]
+pub enum EnvelopeHead {
+    /// The envelope member, of `len` bytes, its data not read yet: copy it out
+    /// with [`copy_envelope_member`] (nothing in it is decoded or trusted there).
+    Member {
+        /// Size of the member's data.
+        len: u64,
+    },
+    /// A manifest delta (`member_len` bytes, read), rebuilt against the held
+    /// manifest `base` into the envelope it stands for (bounded by the envelope
+    /// limit, its signatures counted, not verified).
+    Rebuilt {
+        /// The envelope the delta stands for.
+        envelope: Envelope,
+        /// Size of the delta member's data.
+        member_len: u64,
+        /// BLAKE3 of the held manifest it was rebuilt against.
+        base: [u8; 32],
+    },
+}
+
+/// Why [`copy_envelope_member`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The artifact could not be read, or ends inside the member.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The writer failed.
+    #[error("{0}")]
+    Write(io::Error),
+}
+
+/// Reads the first member of an artifact for a caller that keeps the envelope
+/// out of memory (the installer: [`copy_envelope_member`] to a file, verified
+/// there, then [`ArtifactReader::open_stored`]): the envelope member's header
+/// (the same checks and errors as [`ArtifactReader::open`]'s), or a manifest
+/// delta read and rebuilt against one of `held`, as [`ArtifactReader::open_held`]
+/// rebuilds it.
+pub fn read_envelope_head<R: Read>(
     src: &mut R,
     held: &dyn HeldManifests,
-) -> Result<(Envelope, u64, Option<[u8; 32]>), ReadError> {
+) -> Result<EnvelopeHead, ReadError> {
+    let (member, is_delta) = read_envelope_header(src)?;
+    if !is_delta {
+        return Ok(EnvelopeHead::Member { len: member.size });
+    }
+    let (envelope, len, base) = read_envelope_data(src, member, true, held)?;
+    Ok(EnvelopeHead::Rebuilt {
+        envelope,
+        member_len: len,
+        base: base.expect("a delta names its base"),
+    })
+}
+
+/// Copies the envelope member's `len` bytes ([`EnvelopeHead::Member`]) from
+/// `src` to `out` as they are read (64 KiB at a time: never whole in memory),
+/// then reads its tar padding. Nothing in them is decoded: check what was copied
+/// with [`check_copied_envelope`], then verify it.
+pub fn copy_envelope_member<R: Read>(
+    src: &mut R,
+    len: u64,
+    out: &mut dyn io::Write,
+) -> Result<(), CopyError> {
+    let truncated = || ReadError::Truncated {
+        what: "the envelope".into(),
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    let mut got = 0;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        if !ustar::read_full(src, &mut buf[..n], &mut got).map_err(ReadError::Io)? {
+            return Err(truncated().into());
+        }
+        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
+        left -= n as u64;
+    }
+    let mut pad = [0u8; BLOCK];
+    let pad = &mut pad[..ustar::padding(len)];
+    if !ustar::read_full(src, pad, &mut got).map_err(ReadError::Io)? {
+        return Err(truncated().into());
+    }
+    Ok(())
+}
+
+/// The checks [`ArtifactReader::open`] makes of an envelope member before its
+/// signatures, made of the `len` bytes [`copy_envelope_member`] copied to
+/// `file`, with the same errors: signed at all ([`ReadError::Unsigned`]), and
+/// laid out as an envelope ([`ReadError::Envelope`], the decoder's error: only
+/// an envelope not laid out canonically is read into memory for it, bounded by
+/// the envelope limit). Its signatures are not verified here.
+pub fn check_copied_envelope<F: Read + io::Seek>(file: &mut F, len: u64) -> Result<(), ReadError> {
+    file.seek(io::SeekFrom::Start(0))?;
+    member_signers(file, 0, len, None)?;
+    let layout = shoal_signing::EnvelopeLayout::locate(len, &mut |at, buf| {
+        file.seek(io::SeekFrom::Start(at))?;
+        file.read_exact(buf)
+    })?;
+    let signatures = match layout {
+        Some(layout) => layout.signatures.len(),
+        None => {
+            let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            file.seek(io::SeekFrom::Start(0))?;
+            file.read_exact(&mut bytes)?;
+            Envelope::from_vec(bytes)?.signatures.len()
+        }
+    };
+    if signatures == 0 {
+        return Err(ReadError::Unsigned { size: len });
+    }
+    Ok(())
+}
+
+/// Reads the first member's header: the envelope's, or a manifest delta's
+/// (`true`), with the source left at its data.
+fn read_envelope_header<R: Read>(src: &mut R) -> Result<(ustar::Member, bool), ReadError> {
     let mut block = [0u8; BLOCK];
     let mut got = 0;
     if !ustar::read_full(src, &mut block, &mut got)? {
@@ -1930,6 +2205,28 @@ fn read_envelope<R: Read>(
             max: ENVELOPE_SIZE_MAX,
         });
     }
+    Ok((member, is_delta))
+}
+
+/// Reads and decodes the first member: the envelope, or a manifest delta rebuilt
+/// against one of `held` into the envelope it stands for (then also the base's
+/// hash).
+fn read_envelope<R: Read>(
+    src: &mut R,
+    held: &dyn HeldManifests,
+) -> Result<(Envelope, u64, Option<[u8; 32]>), ReadError> {
+    let (member, is_delta) = read_envelope_header(src)?;
+    read_envelope_data(src, member, is_delta, held)
+}
+
+/// The data of the first member whose header [`read_envelope_header`] read.
+fn read_envelope_data<R: Read>(
+    src: &mut R,
+    member: ustar::Member,
+    is_delta: bool,
+    held: &dyn HeldManifests,
+) -> Result<(Envelope, u64, Option<[u8; 32]>), ReadError> {
+    let mut got = 0;
     let mut bytes = vec![0u8; member.size as usize];
     let truncated = || ReadError::Truncated {
         what: "the envelope".into(),

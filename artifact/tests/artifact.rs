@@ -1877,7 +1877,134 @@ fn read_bound(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, Stored), 
         streamed.as_ref().err(),
         whole.as_ref().err()
     );
+    let stored = read_bound_stored(bytes, root);
+    assert!(
+        summary(&stored) == summary(&whole),
+        "opened from its copied envelope, the reader reads the same: {:?} vs {:?}",
+        stored.as_ref().err(),
+        whole.as_ref().err()
+    );
     whole
+}
+
+/// The copied envelope, the hash its signatures were verified over, and the
+/// artifact's bytes after it.
+type Copied<'a> = (Vec<u8>, [u8; 32], &'a [u8]);
+
+/// The envelope member of `bytes` copied out as the installer copies it to the
+/// device store's file (`read_envelope_head`, `copy_envelope_member`, checked
+/// with `check_copied_envelope`), its signatures verified there, and the rest of
+/// `bytes` after it: the source left at the member after the envelope.
+fn copy_envelope<'a>(bytes: &'a [u8], root: &TrustRoot) -> Result<Copied<'a>, ReadError> {
+    use shoal_artifact::read::{
+        CopyError, EnvelopeHead, check_copied_envelope, copy_envelope_member, read_envelope_head,
+    };
+    let mut src = bytes;
+    let EnvelopeHead::Member { len } = read_envelope_head(&mut src, &shoal_artifact::NoManifests)?
+    else {
+        panic!("not a manifest delta");
+    };
+    let mut copied = Vec::new();
+    copy_envelope_member(&mut src, len, &mut copied).map_err(|e| match e {
+        CopyError::Read(e) => e,
+        CopyError::Write(e) => panic!("a Vec takes every byte: {e}"),
+    })?;
+    assert_eq!(copied.len() as u64, len);
+    check_copied_envelope(&mut Cursor::new(&copied[..]), len)?;
+    let envelope = Envelope::from_vec(copied.clone())?;
+    let hash = *blake3::hash(root.verify(RoleName::Release, &envelope, NOW)?).as_bytes();
+    Ok((copied, hash, src))
+}
+
+/// [`read_bound_as`] of a reader opened from its copied envelope
+/// (`open_stored`, as the installer opens it).
+fn read_bound_stored(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, Stored), ReadError> {
+    let manifest = ArtifactReader::open(bytes, root, NOW)?.manifest().clone();
+    let (copied, hash, rest) = copy_envelope(bytes, root)?;
+    let len = copied.len() as u64;
+    let mut r = ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None)?;
+    assert_eq!(*r.manifest(), {
+        let mut m = manifest.clone();
+        if r.manifest().base.is_none() {
+            // A full artifact's list is streamed out and dropped.
+            m.payloads[0].chunks.clear();
+        }
+        m
+    });
+    assert!(r.envelope().signed.is_empty(), "the envelope is not held");
+    r.shed_chunk_lists_unbound()?;
+    let list = List {
+        hash,
+        chunks: manifest.distinct_chunks(),
+    };
+    r.bind_to(std::sync::Arc::new(list))?;
+    let holds = r.holds()?;
+    let mut out = Vec::new();
+    while let Some(c) = r.next_chunk()? {
+        out.push(c);
+    }
+    Ok((holds, out))
+}
+
+/// Issue 10 (memory): the installer's envelope copied out of the artifact gives
+/// the reader's errors for malformed members (truncated, unsigned, not an
+/// envelope), and a reader opened from it decodes only the signed bytes the
+/// verifier checked (another hash is refused).
+#[test]
+fn an_envelope_copied_out_gives_the_readers_errors_and_binds_to_its_hash() {
+    let (full, _) = build(&payload(300_000, 5));
+    let root = root(&[1], 1);
+    let opened = |bytes: &[u8]| ArtifactReader::open(bytes, &root, NOW).map(|_| ());
+    let copied = |bytes: &[u8]| copy_envelope(bytes, &root).map(|_| ());
+    let mut ms = member_data(&full);
+    let envelope = ms[0].1.clone();
+    // Truncated inside the envelope.
+    let cut = &full[..512 + envelope.len() / 2];
+    assert!(
+        matches!(copied(cut), Err(ReadError::Truncated { ref what }) if what == "the envelope")
+    );
+    assert_eq!(format!("{:?}", copied(cut)), format!("{:?}", opened(cut)));
+    // Unsigned.
+    let mut unsigned = Envelope::from_vec(envelope.clone()).unwrap();
+    unsigned.signatures.clear();
+    ms[0].1 = unsigned.to_bytes();
+    let bytes = tar(&ms);
+    assert!(matches!(copied(&bytes), Err(ReadError::Unsigned { .. })));
+    assert_eq!(
+        format!("{:?}", copied(&bytes)),
+        format!("{:?}", opened(&bytes))
+    );
+    // Not an envelope at all.
+    ms[0].1 = b"not cbor at all".to_vec();
+    let bytes = tar(&ms);
+    assert!(matches!(copied(&bytes), Err(ReadError::Envelope(_))));
+    assert_eq!(
+        format!("{:?}", copied(&bytes)),
+        format!("{:?}", opened(&bytes))
+    );
+    // Every byte of the envelope flipped in turn (a stride of them): the copy's
+    // checks and verdict agree with the reader's.
+    for at in (0..envelope.len()).step_by(envelope.len() / 97 + 1) {
+        let mut flipped = envelope.clone();
+        flipped[at] ^= 0x20;
+        ms[0].1 = flipped;
+        let bytes = tar(&ms);
+        assert_eq!(
+            format!("{:?}", copied(&bytes)),
+            format!("{:?}", opened(&bytes)),
+            "flip at {at}"
+        );
+    }
+
+    // The reader decodes the copied file's signed bytes only against the hash
+    // the signatures were verified over.
+    let (copy, hash, rest) = copy_envelope(&full, &root).unwrap();
+    let len = copy.len() as u64;
+    let mut other = hash;
+    other[0] ^= 1;
+    let e = ArtifactReader::open_stored(rest, &&copy[..], len, &other, len, None).unwrap_err();
+    assert!(e.to_string().contains("the signed manifest changed"), "{e}");
+    assert!(ArtifactReader::open_stored(rest, &&copy[..], len, &hash, len, None).is_ok());
 }
 
 /// [`read_bound`], the reader opened with its manifest's chunk list streamed

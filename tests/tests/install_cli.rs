@@ -152,6 +152,10 @@ fn install_from_stdin_and_from_a_chunk_store_fetches_only_missing_chunks() {
         "{r} vs artifact {artifact_len}"
     );
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v1));
+    // The envelope read from the store is verified from the file it was stored
+    // to, as the file install's is: its chunk ids went to `<hash>.ids` beside it
+    // (32 bytes a chunk), not into memory, and stay with the armed deployment.
+    let from_store = stored_envelope_files(&dev);
 
     let (dev, v1, _) = setup();
     let a1 = dev.build(&v1, "1.0", 1, None);
@@ -163,6 +167,34 @@ fn install_from_stdin_and_from_a_chunk_store_fetches_only_missing_chunks() {
     let r = install_common::json(&ok(out));
     assert_eq!(u(&r, "written_bytes"), SIZE as u64);
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&v1));
+    // Signed with another device's keys (another envelope), the same chunks.
+    assert_eq!(
+        stored_envelope_files(&dev).1,
+        from_store.1,
+        "the same chunks' ids, stored the same way from the file install"
+    );
+}
+
+/// The deployment's stored envelope and its chunk ids file (under the data
+/// directory's `envelopes/`): their hash, and the ids file's length, which must
+/// be a whole number of 32-byte ids.
+fn stored_envelope_files(dev: &install_common::Device) -> (String, u64) {
+    let mut names: Vec<(String, u64)> = std::fs::read_dir(dev.path("data/envelopes"))
+        .expect("the envelope directory")
+        .map(|e| {
+            let e = e.expect("entry");
+            let len = e.metadata().expect("meta").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    names.sort();
+    let [(envelope, _), (ids, ids_len)] = &names[..] else {
+        panic!("an envelope and its chunk ids: {names:?}");
+    };
+    let hash = envelope.strip_suffix(".envelope").expect("an envelope");
+    assert_eq!(ids, &format!("{hash}.ids"), "{names:?}");
+    assert!(*ids_len > 0 && ids_len % 32 == 0, "{names:?}");
+    (hash.to_owned(), *ids_len)
 }
 
 #[test]

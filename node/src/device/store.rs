@@ -380,6 +380,54 @@ impl Store {
         Ok(Some(hash))
     }
 
+    /// [`Store::put_envelope_encoded`] for an envelope whose bytes `write` writes
+    /// as it reads them (an artifact's envelope member:
+    /// [`shoal_artifact::read::copy_envelope_member`]), hashed as they are
+    /// written, synced, then renamed to their BLAKE3: the envelope is never in
+    /// memory whole. Nothing in them is trusted: the offer verifies the file.
+    /// `Ok(None)` on a store that keeps no envelope files (`write` is not
+    /// called); `Ok(Some(Err(e)))` when `write` failed (no file is left).
+    pub fn put_envelope_with<E>(
+        &self,
+        write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), E>,
+    ) -> Result<Option<Result<[u8; 32], E>>, StoreError> {
+        let Some(dir) = &self.envelopes else {
+            return Ok(None);
+        };
+        let io = |source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join("encoding.tmp");
+        let (hash, len) = {
+            let file = std::fs::File::create(&tmp).map_err(io)?;
+            let mut out = HashingWriter {
+                file: std::io::BufWriter::with_capacity(64 * 1024, file),
+                hasher: blake3::Hasher::new(),
+                len: 0,
+            };
+            if let Err(e) = write(&mut out) {
+                drop(out);
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(Some(Err(e)));
+            }
+            let file = out.file.into_inner().map_err(|e| io(e.into_error()))?;
+            file.sync_all().map_err(io)?;
+            (*out.hasher.finalize().as_bytes(), out.len)
+        };
+        let path = envelope_path(dir, &hash);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            std::fs::remove_file(&tmp).map_err(io)?;
+            return Ok(Some(Ok(hash)));
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(Some(Ok(hash)))
+    }
+
     /// [`Store::put_envelope_encoded`] for an envelope received as bytes (from
     /// the server, a chunk store, a peer): written as they are (synced, then
     /// renamed to their BLAKE3), so the deployment names the file
@@ -907,6 +955,19 @@ struct HashingWriter {
     file: std::io::BufWriter<std::fs::File>,
     hasher: blake3::Hasher,
     len: u64,
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 impl cbor4ii::core::enc::Write for HashingWriter {
