@@ -1004,7 +1004,13 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     assert_eq!(slot, Slot::A);
 
     // The driver cuts the slot and hands over the needed chunks it meets.
+    assert!(engine.takes_while_indexing());
     let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
+    assert!(!needed.is_empty());
+    assert_eq!(
+        needed,
+        engine.awaited_chunks().ids().collect::<BTreeSet<_>>()
+    );
     let live = dev.live[slot_ordinal(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
@@ -1079,6 +1085,11 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     engine.offer(dev.now(), offer).expect("offer");
     while engine.poll_output().is_some() {}
     assert!(engine.needed_chunks().is_empty());
+    assert!(!engine.takes_while_indexing());
+    // What the install waits for from the slot is still known (a driver may check
+    // only those chunks): every chunk of v2, none journaled yet.
+    let awaited: BTreeSet<ChunkId> = engine.awaited_chunks().ids().collect();
+    assert_eq!(awaited, c2.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>());
     dev.handle(
         &mut engine,
         Input::checked(Origin::Slot(Slot::A), lacking, data),

@@ -2187,15 +2187,51 @@ impl<'a> Driver<'a> {
                         .open_reader(slot)
                         .with_context(|| format!("cannot open slot {slot}"))?;
                     let len = len.min(storage.len()?);
-                    // One bit a needed chunk, over the release's shared table.
-                    let wanted = self.engine.needed_chunks();
-                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
                     // The chunk list of the release the slot should hold (its kept
                     // manifest): its chunks are hashed where they lie instead of
                     // being found by the content-defined chunker again.
                     let along = self
                         .index_base
                         .and_then(|hash| expected_chunks(&self.dev.config.device.data_dir, &hash, chunking, len));
+                    if let Some(expected) = &along
+                        && !self.engine.takes_while_indexing()
+                    {
+                        // Nothing is taken while indexing (a thin artifact): the
+                        // install needs from the slot only where its chunks lie, so
+                        // only those are read and hashed, where the release puts
+                        // them. The index lists them only: a hint, as every index
+                        // (each chunk read on its word is hashed again), and after
+                        // the install the device runs the other slot.
+                        let awaited = self.engine.awaited_chunks();
+                        let checked = slotio::check_along(
+                            &*storage,
+                            len,
+                            expected.iter().map(|c| (c.id, c.size)),
+                            &|id| awaited.contains(id),
+                        )?;
+                        let chunks = match checked {
+                            slotio::Along::Held(chunks) => chunks,
+                            slotio::Along::Differs { offset, expected } => {
+                                // Not the release expected: cut by content, which
+                                // finds what the slot shares with the new release
+                                // wherever it lies.
+                                tracing::debug!(
+                                    offset,
+                                    %expected,
+                                    "the running slot does not hold its expected release: indexing it by content"
+                                );
+                                slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?
+                            }
+                        };
+                        return self
+                            .dev
+                            .store
+                            .write_slot_index(slot, &chunks)
+                            .with_context(|| format!("cannot record the index of slot {slot}"));
+                    }
+                    // One bit a needed chunk, over the release's shared table.
+                    let wanted = self.engine.needed_chunks();
+                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
                     let sizes: Vec<u32> = along
                         .as_ref()
                         .map(|c| c.iter().map(|c| c.size).collect())

@@ -773,9 +773,33 @@ impl Engine {
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
     pub fn needed_chunks(&self) -> NeededChunks {
+        if self.takes_while_indexing() {
+            self.awaited_chunks()
+        } else {
+            NeededChunks::default()
+        }
+    }
+
+    /// Whether the install waiting for the active slot's index takes the needed
+    /// chunks met while the slot is indexed ([`Engine::needed_chunks`] is then not
+    /// empty). `false` with no install waiting for an index, and when nothing may be
+    /// written before the index is complete (a thin artifact: its missing chunks
+    /// must all be found in the slot first).
+    pub fn takes_while_indexing(&self) -> bool {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
+            .is_some_and(|j| j.step == Step::Indexing && j.take_while_indexing)
+    }
+
+    /// The chunks the install waiting for the active slot's index still needs,
+    /// whether or not it takes them while indexing: an index that lists where in the
+    /// slot each of them lies serves this install as well as a whole one (a driver
+    /// that knows what the slot holds may check only those chunks where it expects
+    /// them). Empty with no install waiting for an index.
+    pub fn awaited_chunks(&self) -> NeededChunks {
+        self.job
+            .as_ref()
+            .filter(|j| j.step == Step::Indexing)
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
