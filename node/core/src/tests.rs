@@ -1089,7 +1089,10 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     // What the install waits for from the slot is still known (a driver may check
     // only those chunks): every chunk of v2, none journaled yet.
     let awaited: BTreeSet<ChunkId> = engine.awaited_chunks().ids().collect();
-    assert_eq!(awaited, c2.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>());
+    assert_eq!(
+        awaited,
+        c2.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>()
+    );
     dev.handle(
         &mut engine,
         Input::checked(Origin::Slot(Slot::A), lacking, data),

@@ -117,9 +117,12 @@ pub fn read_ahead<T: Send>(
     end: u64,
     consume: impl FnOnce(&mut Blocks) -> T + Send,
 ) -> io::Result<T> {
-    let ranges = (start..end)
-        .step_by(BLOCK)
-        .map(|offset| (offset, usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK)));
+    let ranges = (start..end).step_by(BLOCK).map(|offset| {
+        (
+            offset,
+            usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
+        )
+    });
     read_ranges_ahead(storage, ranges, BLOCK, consume)
 }
 
@@ -1409,12 +1412,20 @@ mod tests {
         .unwrap();
         assert_eq!(got, Along::Held(wanted.clone()));
         let (reads, bytes) = counting.counts();
-        assert!(reads <= wanted.len() as u64, "{reads} reads for {} chunks", wanted.len());
+        assert!(
+            reads <= wanted.len() as u64,
+            "{reads} reads for {} chunks",
+            wanted.len()
+        );
         assert!(
             bytes >= wanted_bytes && bytes <= wanted_bytes + reads * 2 * ALIGN as u64,
             "{bytes} bytes read for {wanted_bytes} wanted"
         );
-        assert!(bytes < slot.len() as u64 / 4, "{bytes} of {} read", slot.len());
+        assert!(
+            bytes < slot.len() as u64 / 4,
+            "{bytes} of {} read",
+            slot.len()
+        );
     }
 
     #[test]
