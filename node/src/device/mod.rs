@@ -2209,8 +2209,8 @@ impl<'a> Driver<'a> {
                             expected.iter().map(|c| (c.id, c.size)),
                             &|id| awaited.contains(id),
                         )?;
-                        let chunks = match checked {
-                            slotio::Along::Held(chunks) => chunks,
+                        let (chunks, partial) = match checked {
+                            slotio::Along::Held(chunks) => (chunks, true),
                             slotio::Along::Differs { offset, expected } => {
                                 // Not the release expected: cut by content, which
                                 // finds what the slot shares with the new release
@@ -2220,14 +2220,17 @@ impl<'a> Driver<'a> {
                                     %expected,
                                     "the running slot does not hold its expected release: indexing it by content"
                                 );
-                                slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?
+                                let chunks =
+                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
+                                (chunks, false)
                             }
                         };
-                        return self
+                        let written = self
                             .dev
                             .store
                             .write_slot_index(slot, &chunks)
-                            .with_context(|| format!("cannot record the index of slot {slot}"));
+                            .with_context(|| format!("cannot record the index of slot {slot}"))?;
+                        return Ok((written, partial));
                     }
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
@@ -2287,16 +2290,18 @@ impl<'a> Driver<'a> {
                         .store
                         .write_slot_index(slot, &chunks)
                         .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                    Ok(written)
+                    Ok((written, false))
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                info!(slot = %slot, chunks = index, "indexed the active slot");
+                let (index, partial) = index;
+                info!(slot = %slot, chunks = index, partial, "indexed the active slot");
                 self.engine.handle(
                     now,
                     Input::SlotIndexWritten {
                         slot,
                         chunking,
                         chunks: index,
+                        partial,
                     },
                 );
             }
