@@ -314,6 +314,7 @@ fn a_thin_install_checks_only_the_chunks_it_needs_from_the_running_slot() {
     assert_eq!(r["slot"], "B", "{r}");
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
     assert_eq!(indexed_chunks(&stderr), shared, "{stderr}");
+    assert!(stderr.contains("partial=true"), "{stderr}");
 }
 
 /// The running slot is indexed along the chunk list of the release it should hold
