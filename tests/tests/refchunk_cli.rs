@@ -266,6 +266,57 @@ fn a_running_slot_whose_reference_bytes_differ_is_refused_and_nothing_is_armed()
     assert!(!s.v1.is_empty());
 }
 
+/// The chunks of the slot's index, from the `indexed the active slot` log line of
+/// an install run with `SHOAL_LOG=info`.
+fn indexed_chunks(stderr: &str) -> usize {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("indexed the active slot"))
+        .unwrap_or_else(|| panic!("no index logged:\n{stderr}"));
+    let n = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("chunks="))
+        .unwrap_or_else(|| panic!("no count: {line}"));
+    n.parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// A thin install on a running slot that holds its base where the kept manifest
+/// says does not read the whole slot: nothing is taken while the slot is indexed
+/// (the release is refused untouched if a chunk is missing), so only the chunks the
+/// new release needs are read and hashed, where the base puts them, and the slot's
+/// index lists those (each distinct chunk once), not every chunk of v1.
+#[test]
+fn a_thin_install_checks_only_the_chunks_it_needs_from_the_running_slot() {
+    let s = setup();
+    let dev = &s.dev;
+    let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+    let ids = |image: &[u8]| -> std::collections::BTreeSet<shoal_artifact::ChunkId> {
+        shoal_artifact::chunk::index(image, chunking)
+            .expect("cut")
+            .into_iter()
+            .map(|c| c.1)
+            .collect()
+    };
+    let (v1_ids, v2_ids) = (ids(&s.v1), ids(&s.v2));
+    let shared = v1_ids.intersection(&v2_ids).count();
+    assert!(
+        shared > 10 && shared * 2 < v1_ids.len(),
+        "{shared} of {}",
+        v1_ids.len()
+    );
+    let out = dev
+        .cmd(&["install", "--json", &s.plain.display().to_string()])
+        .env("SHOAL_LOG", "info")
+        .output()
+        .expect("running shoal");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let r = install_common::json(&ok(out));
+    assert_eq!(r["slot"], "B", "{r}");
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
+    assert_eq!(indexed_chunks(&stderr), shared, "{stderr}");
+    assert!(stderr.contains("partial=true"), "{stderr}");
+}
+
 /// The running slot is indexed along the chunk list of the release it should hold
 /// (the kept base manifest) rather than cut by content again; a slot that holds
 /// that release's chunks elsewhere (here one chunk written twice a third of the

@@ -1027,7 +1027,13 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     assert_eq!(slot, Slot::A);
 
     // The driver cuts the slot and hands over the needed chunks it meets.
+    assert!(engine.takes_while_indexing());
     let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
+    assert!(!needed.is_empty());
+    assert_eq!(
+        needed,
+        engine.awaited_chunks().ids().collect::<BTreeSet<_>>()
+    );
     let live = dev.live[slot_ordinal(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
@@ -1102,6 +1108,14 @@ fn nothing_is_taken_while_indexing_when_the_plan_may_refuse_the_release() {
     engine.offer(dev.now(), offer).expect("offer");
     while engine.poll_output().is_some() {}
     assert!(engine.needed_chunks().is_empty());
+    assert!(!engine.takes_while_indexing());
+    // What the install waits for from the slot is still known (a driver may check
+    // only those chunks): every chunk of v2, none journaled yet.
+    let awaited: BTreeSet<ChunkId> = engine.awaited_chunks().ids().collect();
+    assert_eq!(
+        awaited,
+        c2.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>()
+    );
     dev.handle(
         &mut engine,
         Input::checked(Origin::Slot(Slot::A), lacking, data),
@@ -1577,6 +1591,83 @@ impl crate::IndexReader for LiveIndexes {
     }
 }
 
+/// A partial index ([`Input::SlotIndexWritten`] with `partial`: only the chunks the
+/// waiting install needs, checked where the driver expected them) serves that
+/// install (the chunk no source holds is read from the slot on its word) but is
+/// not recorded, and is dropped when the install ends: another install indexes the
+/// slot again rather than miss the chunks it does not list.
+#[test]
+fn a_partial_index_serves_its_install_only_and_is_not_recorded() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let live = std::sync::Arc::new(LiveIndexes::default());
+    let mut state = dev.store.load();
+    state.indexes = Some(crate::IndexStore(live.clone()));
+    let mut engine = Engine::new(f.config(), state);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    // The stream holds all of v2's chunks but the first (a thin artifact): nothing
+    // is taken while indexing, and that chunk must be found in the slot.
+    let mut holds: BTreeSet<ChunkId> = c2.iter().map(|(id, _)| *id).collect();
+    let lacking = c2[0].0;
+    holds.remove(&lacking);
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(holds);
+    engine.offer(dev.now(), offer).expect("offer");
+    let mut index_slot = None;
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::IndexSlot { .. } => index_slot = Some(out),
+            other => dev.execute(&mut engine, other).expect("no crash"),
+        }
+    }
+    let Some(Output::IndexSlot {
+        slot,
+        chunking,
+        len,
+    }) = index_slot
+    else {
+        panic!("a device Shoal has not seen is indexed first");
+    };
+    assert!(!engine.takes_while_indexing());
+    // The driver checks only the awaited chunks where v1 puts them.
+    let awaited = engine.awaited_chunks();
+    let live_slot = dev.live[slot_ordinal(slot)].clone();
+    let whole =
+        crate::testing::index_fixed(&live_slot[..live_slot.len().min(len as usize)], chunking);
+    let mut seen = BTreeSet::new();
+    let mut cut = whole.clone();
+    cut.chunks
+        .retain(|c| awaited.contains(&c.id) && seen.insert(c.id));
+    assert!(cut.chunks.iter().any(|c| c.id == lacking));
+    assert!(cut.chunks.len() < whole.chunks.len());
+    let chunks = cut.chunks.len() as u64;
+    live.0.lock().expect("lock")[slot_ordinal(slot)] = Some(cut.clone());
+    dev.store.write_index(slot, cut);
+    engine.handle(
+        dev.now(),
+        Input::SlotIndexWritten {
+            slot,
+            chunking,
+            chunks,
+            partial: true,
+        },
+    );
+    assert_eq!(
+        engine.active_chunking(),
+        Some(chunking),
+        "taken for this install"
+    );
+    let streamed: Vec<(ChunkId, Vec<u8>)> = c2.iter().filter(|c| c.0 != lacking).cloned().collect();
+    dev.run(&mut engine, stream(&streamed)).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+    assert_eq!(&dev.durable[1][..v2.len()], &v2[..], "slot B holds v2");
+    // Never recorded, and gone with its install.
+    assert_eq!(dev.store.load().active_index, None);
+    assert_eq!(engine.active_chunking(), None);
+}
+
 /// A cut the driver wrote to the store ([`Input::SlotIndexWritten`]) is the slot's
 /// index once the engine's record says so: the engine holds no copy of it, reads it
 /// by id for the next install; written but not recorded (a power cut before the
@@ -1612,6 +1703,7 @@ fn a_cut_written_to_the_store_is_read_by_id_and_recorded_by_the_engine() {
             slot,
             chunking,
             chunks,
+            partial: false,
         },
     );
     let record = crate::Record::SlotIndexWritten {

@@ -365,6 +365,7 @@ impl Device {
                 slot: cut.slot,
                 chunking: cut.chunking,
                 chunks: written,
+                partial: false,
             },
         );
         self.apply_persists(&mut engine, None)?;

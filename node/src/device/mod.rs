@@ -2298,15 +2298,54 @@ impl<'a> Driver<'a> {
                         .open_reader(slot)
                         .with_context(|| format!("cannot open slot {slot}"))?;
                     let len = len.min(storage.len()?);
-                    // One bit a needed chunk, over the release's shared table.
-                    let wanted = self.engine.needed_chunks();
-                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
                     // The chunk list of the release the slot should hold (its kept
                     // manifest): its chunks are hashed where they lie instead of
                     // being found by the content-defined chunker again.
                     let along = self
                         .index_base
                         .and_then(|hash| expected_chunks(&self.dev.config.device.data_dir, &hash, chunking, len));
+                    if let Some(expected) = &along
+                        && !self.engine.takes_while_indexing()
+                    {
+                        // Nothing is taken while indexing (a thin artifact): the
+                        // install needs from the slot only where its chunks lie, so
+                        // only those are read and hashed, where the release puts
+                        // them. The index lists them only: a hint, as every index
+                        // (each chunk read on its word is hashed again), and after
+                        // the install the device runs the other slot.
+                        let awaited = self.engine.awaited_chunks();
+                        let checked = slotio::check_along(
+                            &*storage,
+                            len,
+                            expected.iter().map(|c| (c.id, c.size)),
+                            &|id| awaited.contains(id),
+                        )?;
+                        let (chunks, partial) = match checked {
+                            slotio::Along::Held(chunks) => (chunks, true),
+                            slotio::Along::Differs { offset, expected } => {
+                                // Not the release expected: cut by content, which
+                                // finds what the slot shares with the new release
+                                // wherever it lies.
+                                tracing::debug!(
+                                    offset,
+                                    %expected,
+                                    "the running slot does not hold its expected release: indexing it by content"
+                                );
+                                let chunks =
+                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
+                                (chunks, false)
+                            }
+                        };
+                        let written = self
+                            .dev
+                            .store
+                            .write_slot_index(slot, &chunks)
+                            .with_context(|| format!("cannot record the index of slot {slot}"))?;
+                        return Ok((written, partial));
+                    }
+                    // One bit a needed chunk, over the release's shared table.
+                    let wanted = self.engine.needed_chunks();
+                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
                     let sizes: Vec<u32> = along
                         .as_ref()
                         .map(|c| c.iter().map(|c| c.size).collect())
@@ -2362,16 +2401,18 @@ impl<'a> Driver<'a> {
                         .store
                         .write_slot_index(slot, &chunks)
                         .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                    Ok(written)
+                    Ok((written, false))
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                info!(slot = %slot, chunks = index, "indexed the active slot");
+                let (index, partial) = index;
+                info!(slot = %slot, chunks = index, partial, "indexed the active slot");
                 self.engine.handle(
                     now,
                     Input::SlotIndexWritten {
                         slot,
                         chunking,
                         chunks: index,
+                        partial,
                     },
                 );
             }

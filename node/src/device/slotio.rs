@@ -68,6 +68,8 @@ impl AlignedBlock {
 struct BlockPool {
     recycled: mpsc::Receiver<AlignedBlock>,
     allocated: usize,
+    /// Bytes of each block.
+    capacity: usize,
 }
 
 impl BlockPool {
@@ -78,7 +80,7 @@ impl BlockPool {
             Ok(block) => Some(block),
             Err(_) if self.allocated < BLOCKS_IN_FLIGHT => {
                 self.allocated += 1;
-                Some(AlignedBlock::new(BLOCK))
+                Some(AlignedBlock::new(self.capacity))
             }
             Err(_) => self.recycled.recv().ok(),
         }
@@ -115,6 +117,23 @@ pub fn read_ahead<T: Send>(
     end: u64,
     consume: impl FnOnce(&mut Blocks) -> T + Send,
 ) -> io::Result<T> {
+    let ranges = (start..end).step_by(BLOCK).map(|offset| {
+        (
+            offset,
+            usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
+        )
+    });
+    read_ranges_ahead(storage, ranges, BLOCK, consume)
+}
+
+/// [`read_ahead`], but of the ranges `(offset, len)` of `storage`, in the order
+/// given, each into one block of `capacity` bytes (a range is at most that long).
+fn read_ranges_ahead<T: Send>(
+    storage: &dyn Storage,
+    ranges: impl Iterator<Item = (u64, usize)>,
+    capacity: usize,
+    consume: impl FnOnce(&mut Blocks) -> T + Send,
+) -> io::Result<T> {
     let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(BLOCKS_IN_FLIGHT - 1);
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
@@ -122,18 +141,16 @@ pub fn read_ahead<T: Send>(
         let mut pool = BlockPool {
             recycled,
             allocated: 0,
+            capacity,
         };
-        let mut offset = start;
         let mut result = Ok(());
-        while offset < end {
-            let n = usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
+        for (offset, n) in ranges {
             // None: the consumer stopped early (it failed); its result says why.
             let Some(mut block) = pool.get() else { break };
             if let Err(e) = block.fill(storage, offset, n) {
                 result = Err(e);
                 break;
             }
-            offset += n as u64;
             if tx.send(block).is_err() {
                 break;
             }
@@ -141,6 +158,94 @@ pub fn read_ahead<T: Send>(
         drop(tx);
         let out = worker.join().expect("the slot reading worker panicked");
         result.map(|()| out)
+    })
+}
+
+/// A gap between two wanted chunks up to which [`check_along`] reads through it
+/// (one larger read) rather than reading the two apart: a direct read costs a
+/// request's latency, about as much as reading this much more.
+const GAP_READ_MAX: u64 = 64 * 1024;
+
+/// What [`check_along`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Along {
+    /// Every wanted chunk lies where the expected list puts it: `(offset, id,
+    /// length)` of its first position there, in slot order (an index of the slot
+    /// that lists those chunks only).
+    Held(Vec<(u64, ChunkId, u32)>),
+    /// The bytes at `offset` do not hash to `expected` (the first such position).
+    Differs { offset: u64, expected: ChunkId },
+}
+
+/// Checks that `storage` holds, where the chunk list `expected` (`(id, length)`,
+/// from offset 0: the release the slot should hold) puts them, the chunks whose
+/// id is `wanted`, reading and hashing only those: the first position of each
+/// wanted id (a repeated id is read once), neighbouring positions read together
+/// (gaps up to [`GAP_READ_MAX`], reads up to [`BLOCK`] or one chunk, aligned for
+/// direct reads), read ahead on this thread while another hashes what was read.
+/// Stops at the first position that does not hash to its id: the slot does not
+/// hold that release there (the caller then cuts it by content). `expected` must
+/// fit in `len`.
+pub fn check_along(
+    storage: &dyn Storage,
+    len: u64,
+    expected: impl IntoIterator<Item = (ChunkId, u32)>,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+) -> io::Result<Along> {
+    // The first position of each wanted id, in slot order.
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut targets: Vec<(u64, ChunkId, u32)> = Vec::new();
+    let mut offset = 0u64;
+    for (id, n) in expected {
+        if wanted(&id) && seen.insert(id) {
+            targets.push((offset, id, n));
+        }
+        offset += u64::from(n);
+    }
+    drop(seen);
+    assert!(offset <= len, "the expected chunks run past the slot");
+    // Reads `(start, len, targets)`: aligned, clamped to the slot.
+    let align = ALIGN as u64;
+    let mut reads: Vec<(u64, u64, std::ops::Range<usize>)> = Vec::new();
+    for (i, &(at, _, n)) in targets.iter().enumerate() {
+        let start = at / align * align;
+        let end = (at + u64::from(n)).next_multiple_of(align).min(len);
+        match reads.last_mut() {
+            Some((s, e, t)) if start <= *e + GAP_READ_MAX && end - *s <= BLOCK as u64 => {
+                *e = end.max(*e);
+                t.end = i + 1;
+            }
+            _ => reads.push((start, end, i..i + 1)),
+        }
+    }
+    let capacity = reads
+        .iter()
+        .map(|(s, e, _)| usize::try_from(e - s).expect("a read is at most a chunk or a block"))
+        .max()
+        .unwrap_or(0)
+        .max(BLOCK);
+    let ranges = reads
+        .iter()
+        .map(|(s, e, _)| (*s, usize::try_from(e - s).expect("checked above")));
+    let targets = &targets;
+    let reads = &reads;
+    read_ranges_ahead(storage, ranges, capacity, move |blocks| {
+        for (start, _, t) in reads {
+            let Some(block) = blocks.next() else {
+                // The reading failed: its error is returned.
+                return Along::Held(Vec::new());
+            };
+            let bytes = block.as_slice();
+            let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
+                let from = usize::try_from(at - start).expect("inside the block");
+                ChunkId::of(&bytes[from..from + n as usize]) != id
+            });
+            blocks.recycle(block);
+            if let Some(&(offset, expected, _)) = differs {
+                return Along::Differs { offset, expected };
+            }
+        }
+        Along::Held(targets.clone())
     })
 }
 
@@ -650,6 +755,7 @@ impl ReadAhead {
             let mut pool = BlockPool {
                 recycled,
                 allocated: 0,
+                capacity: BLOCK,
             };
             loop {
                 // A new position wins over reading on; with none to read on
@@ -1234,5 +1340,167 @@ mod tests {
         let mut ra = ReadAhead::start(storage, 3 * BLOCK as u64);
         let err = ra.read(BLOCK as u64 + 5, 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A storage that counts the reads made of it and the bytes they read.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Box<dyn Storage>,
+        reads: std::sync::atomic::AtomicU64,
+        bytes: std::sync::atomic::AtomicU64,
+    }
+
+    impl Counting {
+        fn new(inner: Box<dyn Storage>) -> Counting {
+            Counting {
+                inner,
+                reads: Default::default(),
+                bytes: Default::default(),
+            }
+        }
+
+        fn counts(&self) -> (u64, u64) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (self.reads.load(Relaxed), self.bytes.load(Relaxed))
+        }
+    }
+
+    impl Storage for Counting {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.reads.fetch_add(1, Relaxed);
+            self.bytes.fetch_add(buf.len() as u64, Relaxed);
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    #[test]
+    fn check_along_reads_and_hashes_only_the_wanted_chunks() {
+        let data = pattern(6 * BLOCK + 777, 21);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let chunks = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        assert!(chunks.len() > 100, "{} chunks", chunks.len());
+        // Every 10th chunk, from the second: far apart, each read alone.
+        let wanted: Vec<(u64, ChunkId, u32)> = chunks.iter().copied().skip(1).step_by(10).collect();
+        let wanted_ids: HashSet<ChunkId> = wanted.iter().map(|c| c.1).collect();
+        let wanted_bytes: u64 = wanted.iter().map(|c| u64::from(c.2)).sum();
+        // A byte changed in a chunk that is not wanted: not read, so not noticed.
+        let mut slot = data.clone();
+        let other = chunks[5];
+        assert!(!wanted_ids.contains(&other.1));
+        slot[other.0 as usize + 10] ^= 0xff;
+        let (_dir, storage) = file_with(&slot);
+        let counting = Counting::new(storage);
+        let got = check_along(
+            &counting,
+            slot.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|id| wanted_ids.contains(id),
+        )
+        .unwrap();
+        assert_eq!(got, Along::Held(wanted.clone()));
+        let (reads, bytes) = counting.counts();
+        assert!(
+            reads <= wanted.len() as u64,
+            "{reads} reads for {} chunks",
+            wanted.len()
+        );
+        assert!(
+            bytes >= wanted_bytes && bytes <= wanted_bytes + reads * 2 * ALIGN as u64,
+            "{bytes} bytes read for {wanted_bytes} wanted"
+        );
+        assert!(
+            bytes < slot.len() as u64 / 4,
+            "{bytes} of {} read",
+            slot.len()
+        );
+    }
+
+    #[test]
+    fn check_along_reports_the_first_wanted_chunk_that_differs() {
+        let data = pattern(3 * BLOCK, 22);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let chunks = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        // Two wanted chunks changed: the first in slot order is named.
+        let mut slot = data.clone();
+        for c in [chunks[7], chunks[30]] {
+            slot[c.0 as usize + usize::try_from(c.2 / 2).unwrap()] ^= 1;
+        }
+        let (_dir, storage) = file_with(&slot);
+        let got = check_along(
+            &*storage,
+            slot.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|_| true,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            Along::Differs {
+                offset: chunks[7].0,
+                expected: chunks[7].1
+            }
+        );
+        // The release's bytes elsewhere (shifted by a few bytes): the first chunk
+        // already differs.
+        let mut shifted = vec![0u8; 3];
+        shifted.extend_from_slice(&data);
+        let (_dir, storage) = file_with(&shifted);
+        let got = check_along(
+            &*storage,
+            shifted.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|id| *id == chunks[40].1,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            Along::Differs {
+                offset: chunks[40].0,
+                expected: chunks[40].1
+            }
+        );
+    }
+
+    #[test]
+    fn check_along_reads_a_repeated_chunk_once() {
+        // z, x, z, y, z: z wanted, x and y not, far apart (no read spans two z).
+        let z = pattern(8000, 23);
+        let (x, y) = (pattern(300_000, 24), pattern(200_000, 25));
+        let mut slot = Vec::new();
+        for part in [&z, &x, &z, &y, &z] {
+            slot.extend_from_slice(part);
+        }
+        let zid = ChunkId::of(&z);
+        let expected = [
+            (zid, 8000),
+            (ChunkId::of(&x), 300_000),
+            (zid, 8000),
+            (ChunkId::of(&y), 200_000),
+            (zid, 8000),
+        ];
+        // The later copies of z changed: only the first position is read.
+        slot[308_000 + 5] ^= 1;
+        let last = slot.len() - 5;
+        slot[last] ^= 1;
+        let (_dir, storage) = file_with(&slot);
+        let counting = Counting::new(storage);
+        let got = check_along(&counting, slot.len() as u64, expected, &|id| *id == zid).unwrap();
+        assert_eq!(got, Along::Held(vec![(0, zid, 8000)]));
+        let (reads, bytes) = counting.counts();
+        assert_eq!(reads, 1);
+        assert_eq!(bytes, 8000_u64.next_multiple_of(ALIGN as u64));
     }
 }

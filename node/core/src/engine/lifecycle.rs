@@ -293,6 +293,7 @@ impl Engine {
         let active = self.state.active;
         tracing::warn!(slot = %active, "the active slot does not hold what its index says; dropping the index");
         self.index = super::index::ActiveIndex::default();
+        self.index_partial = false;
         self.persist(vec![Record::SlotIndex {
             slot: active,
             index: None,
@@ -328,7 +329,7 @@ impl Engine {
             self.fail(err);
             return;
         }
-        let Some(job) = self.job.take() else { return };
+        let Some(job) = self.take_job() else { return };
         let Some(mut dep) = self.state.deployment.clone() else {
             return;
         };
@@ -494,6 +495,7 @@ impl Engine {
     fn switch_active(&mut self, slot: Slot) {
         self.state.active = slot;
         self.index = super::index::ActiveIndex::default();
+        self.index_partial = false;
     }
 
     pub(super) fn on_health(&mut self, result: Result<(), String>) {

@@ -171,6 +171,12 @@ pub enum Input {
     /// loaded) and persists [`Record::SlotIndexWritten`], which makes them the
     /// slot's index; entries written without that record (a power cut while they
     /// were written, or an index the engine did not take) are no index.
+    ///
+    /// A `partial` index lists only chunks the install waiting for it needs (the
+    /// driver checked those where it expected them: [`Engine::awaited_chunks`]):
+    /// the engine takes it for that install only. It is not recorded (the slot has
+    /// no index for a later run) and is dropped when the install ends, so another
+    /// install, or this one resumed, indexes the slot again.
     SlotIndexWritten {
         /// The slot.
         slot: Slot,
@@ -178,6 +184,8 @@ pub enum Input {
         chunking: Chunking,
         /// Entries written (distinct ids).
         chunks: u64,
+        /// Whether it lists only chunks the waiting install needs.
+        partial: bool,
     },
     /// A chunk, verified by the driver: the answer to [`Output::Read`] or
     /// [`Output::Fetch`], or pushed by a stream source. The engine never takes
@@ -623,6 +631,9 @@ pub struct Engine {
     state: DeviceState,
     /// The active slot's chunk index.
     index: index::ActiveIndex,
+    /// [`Engine::index`] lists only chunks the install in progress needs
+    /// ([`Input::SlotIndexWritten`]'s `partial`): dropped when the install ends.
+    index_partial: bool,
     job: Option<Job>,
     outputs: VecDeque<Output>,
     rng: Rng,
@@ -655,6 +666,7 @@ impl Engine {
             config,
             state,
             index: index::ActiveIndex::default(),
+            index_partial: false,
             job: None,
             outputs: VecDeque::new(),
             progress: Progress::default(),
@@ -693,6 +705,17 @@ impl Engine {
 
     fn set_index(&mut self, index: &SlotIndex) {
         self.index = index::ActiveIndex::own(index);
+        self.index_partial = false;
+    }
+
+    /// Takes the install's job away (it ended); a partial index of the active slot
+    /// (made for that install only) goes with it.
+    fn take_job(&mut self) -> Option<Job> {
+        if self.index_partial {
+            self.index_partial = false;
+            self.index = index::ActiveIndex::default();
+        }
+        self.job.take()
     }
 
     /// Shares `release`'s chunk table as the active slot's index, when the active
@@ -704,6 +727,7 @@ impl Engine {
             .is_some_and(|r| r.manifest_hash == release.release.manifest_hash);
         if holds {
             self.index = index::ActiveIndex::release(std::sync::Arc::clone(release));
+            self.index_partial = false;
         }
         holds
     }
@@ -773,9 +797,33 @@ impl Engine {
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
     pub fn needed_chunks(&self) -> NeededChunks {
+        if self.takes_while_indexing() {
+            self.awaited_chunks()
+        } else {
+            NeededChunks::default()
+        }
+    }
+
+    /// Whether the install waiting for the active slot's index takes the needed
+    /// chunks met while the slot is indexed ([`Engine::needed_chunks`] is then not
+    /// empty). `false` with no install waiting for an index, and when nothing may be
+    /// written before the index is complete (a thin artifact: its missing chunks
+    /// must all be found in the slot first).
+    pub fn takes_while_indexing(&self) -> bool {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing && j.take_while_indexing)
+            .is_some_and(|j| j.step == Step::Indexing && j.take_while_indexing)
+    }
+
+    /// The chunks the install waiting for the active slot's index still needs,
+    /// whether or not it takes them while indexing: an index that lists where in the
+    /// slot each of them lies serves this install as well as a whole one (a driver
+    /// that knows what the slot holds may check only those chunks where it expects
+    /// them). Empty with no install waiting for an index.
+    pub fn awaited_chunks(&self) -> NeededChunks {
+        self.job
+            .as_ref()
+            .filter(|j| j.step == Step::Indexing)
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
@@ -874,7 +922,8 @@ impl Engine {
                 slot,
                 chunking,
                 chunks,
-            } => self.on_index_written(now, slot, chunking, chunks),
+                partial,
+            } => self.on_index_written(now, slot, chunking, chunks, partial),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
@@ -951,10 +1000,21 @@ impl Engine {
         }
     }
 
-    fn on_index_written(&mut self, now: Instant, slot: Slot, chunking: Chunking, chunks: u64) {
+    fn on_index_written(
+        &mut self,
+        now: Instant,
+        slot: Slot,
+        chunking: Chunking,
+        chunks: u64,
+        partial: bool,
+    ) {
         let Some(waiting) = self.takes_cut(slot) else {
             return;
         };
+        if partial && !waiting {
+            // Made for an install that is gone: no index of the slot.
+            return;
+        }
         let store = self.state.indexes.as_ref();
         assert!(
             store.is_some(),
@@ -962,11 +1022,14 @@ impl Engine {
         );
         let Some(store) = store else { return };
         self.index = index::ActiveIndex::stored(slot, chunking, std::sync::Arc::clone(&store.0));
-        self.persist(vec![Record::SlotIndexWritten {
-            slot,
-            chunking,
-            chunks,
-        }]);
+        self.index_partial = partial;
+        if !partial {
+            self.persist(vec![Record::SlotIndexWritten {
+                slot,
+                chunking,
+                chunks,
+            }]);
+        }
         if waiting {
             self.plan(now);
         }
@@ -1020,7 +1083,7 @@ impl Engine {
     /// Ends the install in memory; the journal it kept (a bitfield while it ran)
     /// goes back to the device state.
     fn drop_job(&mut self) {
-        if let Some(job) = self.job.take() {
+        if let Some(job) = self.take_job() {
             self.state.journaled = job.journaled.iter().collect();
             self.journal_bytes = job.journal_bytes;
             self.state.wan_spent_bytes = job.budget.asked();
