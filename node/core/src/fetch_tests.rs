@@ -1103,6 +1103,31 @@ fn a_release_verified_from_its_envelope_file_is_the_one_verified_in_memory() {
     }
 }
 
+/// A stored envelope's file larger than any envelope is refused with the
+/// decoder's size error before a byte of it is read into memory.
+#[test]
+fn a_stored_envelope_file_larger_than_any_envelope_is_refused_unread() {
+    struct Huge(std::cell::Cell<u64>);
+    impl shoal_artifact::ReadAt for Huge {
+        fn read_at(&self, _at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.0.set(self.0.get() + buf.len() as u64);
+            buf.fill(0);
+            Ok(())
+        }
+    }
+    let f = Fixture::new();
+    let len = shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1;
+    let file = Huge(std::cell::Cell::new(0));
+    let ids = Box::new(IdsWriter(std::sync::Arc::new(IdsFile::default())));
+    match crate::VerifiedRelease::verify_file(&f.root, &file, len, [7; 32], None, ids) {
+        Err(crate::OfferError::Envelope(shoal_signing::DecodeError::TooLarge { size, max })) => {
+            assert_eq!((size as u64, max), (len, shoal_signing::ENVELOPE_SIZE_MAX));
+        }
+        other => panic!("expected the size error, got {:?}", other.map(|_| ())),
+    }
+    assert!(file.0.get() < 1024, "read {} bytes", file.0.get());
+}
+
 /// Issue 10: when the file of the release's ids cannot be read mid-install, the
 /// install ends with that failure (naming the file, worth a rerun), and every
 /// byte written to the slot is the image's: no chunk was written for an id that

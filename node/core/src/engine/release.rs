@@ -9,7 +9,9 @@ use shoal_artifact::{
     ChunkId, ChunkIdSink, Manifest, PayloadKind, ReadAt, StreamedError, StreamedIds,
     StreamedManifest,
 };
-use shoal_signing::{EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot};
+use shoal_signing::{
+    DecodeError, ENVELOPE_SIZE_MAX, EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot,
+};
 
 use super::table::{ChunkIdWriter, ChunkTable, FileIds, Ids, prefix};
 use crate::error::OfferError;
@@ -113,7 +115,14 @@ impl VerifiedRelease {
             .map_err(read_error)?;
         let Some(layout) = layout else {
             // Not laid out as a canonical envelope: the bytes in memory, for the
-            // decoder's own error (or, if they verify after all, the release).
+            // decoder's own error (or, if they verify after all, the release);
+            // a file larger than any envelope is refused before it is read.
+            if len > ENVELOPE_SIZE_MAX as u64 {
+                return Err(OfferError::Envelope(DecodeError::TooLarge {
+                    size: usize::try_from(len).unwrap_or(usize::MAX),
+                    max: ENVELOPE_SIZE_MAX,
+                }));
+            }
             let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
             file.read_at(0, &mut bytes).map_err(read_error)?;
             check_named(&bytes, &hash)?;
