@@ -227,11 +227,15 @@ impl VerifiedRelease {
             )),
         };
         let table = ChunkTable::build(ids, sizes.sizes, sizes.stored_sizes, sink.prefixes);
-        // The references' checks and the canonical form, against the table.
-        let manifest = streamed.finish(&TableIds(&table)).map_err(offer_error)?;
+        // The references' checks and the canonical form, against the table. An
+        // id the table could not read (zeros in its place) fails them as a
+        // manifest's fault: the read's failure is the error then, and also when
+        // they pass.
+        let checked = streamed.finish(&TableIds(&table));
         if let Some(e) = table.ids_error() {
             return Err(OfferError::ChunkIds(e.to_owned()));
         }
+        let manifest = checked.map_err(offer_error)?;
         let rootfs: Vec<usize> = (0..manifest.payloads.len())
             .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
             .collect();
