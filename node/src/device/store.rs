@@ -340,9 +340,9 @@ impl Store {
     /// file and its transaction. The envelope is encoded straight into the file
     /// (canonical CBOR, hashed as it is written, synced, then renamed to its
     /// hash), so its encoding is never in memory beside it: an 8 GiB image's
-    /// envelope is 17.6 MB. Read the bytes back with [`Store::stored_envelope`]
-    /// once the decoded envelope is dropped (open it: [`Store::open_stored_envelope`]). `None` on a store that keeps no
-    /// envelope files.
+    /// envelope is 17.6 MB. The offer verifies it from the file
+    /// ([`Store::open_stored_envelope`]) once the decoded envelope is dropped.
+    /// `None` on a store that keeps no envelope files.
     pub fn put_envelope_encoded(
         &self,
         envelope: &shoal_signing::Envelope,
