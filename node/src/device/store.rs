@@ -535,7 +535,7 @@ impl Store {
     }
 
     /// Where the chunk ids of the release whose stored envelope is named `hash`
-    /// go while it is verified ([`shoal_engine::VerifiedRelease::verify_stored_to`]):
+    /// go while it is verified ([`shoal_engine::VerifiedRelease::verify_file`]):
     /// a file next to the envelope, `<hash>.ids`, 32 bytes a position, derived
     /// again by every offer (never trusted from an earlier run), removed with the
     /// envelope when the deployment ends. `None` on a store that keeps no

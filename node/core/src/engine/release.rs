@@ -82,8 +82,10 @@ impl VerifiedRelease {
     /// the manifest is decoded (a device: a file next to the stored envelope),
     /// and read back from it by position: the release's ids (32 bytes a chunk)
     /// are then never in memory, nor is its chunk list decoded as a whole (40
-    /// bytes a chunk). A failure of `ids` is [`OfferError::ChunkIds`].
-    pub fn verify_stored_to(
+    /// bytes a chunk). A failure of `ids` is [`OfferError::ChunkIds`]. Tests'
+    /// (a driver verifies from the file: [`VerifiedRelease::verify_file`]).
+    #[cfg(test)]
+    pub(crate) fn verify_stored_to(
         root: &TrustRoot,
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
@@ -92,7 +94,7 @@ impl VerifiedRelease {
         Self::verify_as(root, envelope, wall_unix_s, true, Some(ids))
     }
 
-    /// [`VerifiedRelease::verify_stored_to`] of the envelope in a file (the
+    /// [`VerifiedRelease::verify_stored`] of the envelope in a file (the
     /// `len` bytes `file` reads) that the driver stored and named `hash` (the
     /// BLAKE3 of its bytes), read without holding it: its signatures are checked
     /// as its signed bytes are read once (with both hashes), then the manifest is
@@ -260,7 +262,7 @@ impl VerifiedRelease {
     }
 
     /// The first failure to read the release's chunk ids from the driver's file
-    /// ([`VerifiedRelease::verify_stored_to`]), if any: sticky; an install of it
+    /// ([`VerifiedRelease::verify_file`]), if any: sticky; an install of it
     /// ends with it ([`InstallError::ChunkIds`](crate::InstallError::ChunkIds)),
     /// and a driver that read the release's ids (the slot index, an artifact's
     /// packs) checks it before it trusts what it read.

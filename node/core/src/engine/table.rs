@@ -53,7 +53,7 @@ pub trait ChunkIdFile: Send + Sync + std::fmt::Debug {
 }
 
 /// Takes a release's chunk ids in position order while its manifest is decoded
-/// ([`VerifiedRelease::verify_stored_to`](crate::VerifiedRelease::verify_stored_to)),
+/// ([`VerifiedRelease::verify_file`](crate::VerifiedRelease::verify_file)),
 /// then gives them back to be read by position.
 pub trait ChunkIdWriter: Send {
     /// The id at the next position. The error says what failed, naming the file.
