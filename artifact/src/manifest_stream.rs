@@ -378,21 +378,19 @@ impl Manifest {
         decode: impl FnOnce(()) -> Result<Manifest, StreamedError>,
     ) -> Result<(StreamedManifest<'a>, S), StreamedError> {
         let ids: Box<dyn ChunkIdSink> = Box::new(ids);
-        STREAM.with(|c| {
-            *c.borrow_mut() = Some(Stream {
-                ids,
-                sizes: StreamedSizes::default(),
-                count: 0,
-                items: blake3::Hasher::new(),
-                items_len: 0,
-                buf: Vec::with_capacity(8192 + 64),
-                sink_error: None,
-                used: false,
-            })
+        let installed = Installed::install(Stream {
+            ids,
+            sizes: StreamedSizes::default(),
+            count: 0,
+            items: blake3::Hasher::new(),
+            items_len: 0,
+            buf: Vec::with_capacity(8192 + 64),
+            sink_error: None,
+            used: false,
         });
         let decoded = decode(());
-        let stream = STREAM
-            .with(|c| c.borrow_mut().take())
+        let stream = installed
+            .take()
             .expect("the stream is put back after every list");
         if let Some(e) = stream.sink_error {
             return Err(StreamedError::Sink(e));
@@ -419,6 +417,28 @@ impl Manifest {
                 .downcast::<S>()
                 .expect("the sink given"),
         ))
+    }
+}
+
+/// The thread's [`STREAM`] while a manifest is decoded: taken back when the
+/// decode ends, or when this is dropped (a decode that panicked leaves no stream
+/// on its thread for the next decode to find).
+struct Installed;
+
+impl Installed {
+    fn install(stream: Stream) -> Installed {
+        STREAM.with(|c| *c.borrow_mut() = Some(stream));
+        Installed
+    }
+
+    fn take(self) -> Option<Stream> {
+        STREAM.with(|c| c.borrow_mut().take())
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = STREAM.try_with(|c| c.try_borrow_mut().map(|mut s| s.take()));
     }
 }
 
@@ -469,5 +489,30 @@ impl StreamedManifest<'_> {
             && bytes.equals(at64, &list_head)?
             && bytes.equals(at64 + list_len, &empty[at + 1..])?
             && bytes.hash(at64 + list_head.len() as u64, self.items_len)? == self.items_hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Discard;
+
+    impl ChunkIdSink for Discard {
+        fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A decode that panics leaves no stream installed on its thread.
+    #[test]
+    fn a_decode_that_panics_leaves_no_stream_on_its_thread() {
+        let panicked = std::panic::catch_unwind(|| {
+            let _ = Manifest::decode_streaming(Source::Slice(&[]), Discard, |_| {
+                panic!("the decoder failed")
+            });
+        });
+        assert!(panicked.is_err());
+        assert!(STREAM.with(|c| c.borrow().is_none()));
     }
 }

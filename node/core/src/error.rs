@@ -172,7 +172,6 @@ pub enum InstallError {
         /// Their total size.
         bytes: u64,
     },
-    /// The install needs more bytes over the WAN than the data budget allows.
     /// The release's chunk ids could not be read from the driver's file (a
     /// device: the file next to its stored envelope); nothing was written for a
     /// chunk whose id was not read.
@@ -183,6 +182,7 @@ pub enum InstallError {
         /// What failed, naming the file.
         message: String,
     },
+    /// The install needs more bytes over the WAN than the data budget allows.
     #[error(
         "this install needs {needed} bytes over the WAN but the data budget allows {allowed}; nothing more was fetched"
     )]

@@ -1103,6 +1103,78 @@ fn a_release_verified_from_its_envelope_file_is_the_one_verified_in_memory() {
     }
 }
 
+/// Issue 10: an offer whose ids' file cannot be read while the chunk table is
+/// built (ids that share a prefix are read to tell them apart) is refused with
+/// that read's failure, not as an invalid manifest (the unread ids, zeros, made
+/// two distinct chunks one, and a reference to the second "not the first
+/// occurrence" of its id).
+#[test]
+fn an_offer_whose_ids_cannot_be_read_fails_with_the_read_not_the_manifest() {
+    let f = Fixture::new();
+    let image = bytes(25, MIB);
+    let (mut m, _) = release("acme-os", "1.0", 1, DEVICE, &image);
+    m.format_version = shoal_artifact::FORMAT_VERSION_REFERENCES;
+    m.base = Some(shoal_artifact::BaseRelease {
+        name: "acme-os".into(),
+        version: "0.9".into(),
+        manifest_hash: [3; 32],
+    });
+    let p = &mut m.payloads[0];
+    let mut twin = p.chunks[0].id;
+    twin.0[31] ^= 1;
+    p.chunks[1].id = twin;
+    p.references = vec![shoal_artifact::Reference {
+        ranges: vec![(0, 10)],
+        hash: [4; 32],
+        chunks: vec![1],
+    }];
+    // Readable ids: the release verifies.
+    let ok = sign(&m, &f.key);
+    verify_file(&f, &ok, *blake3::hash(&ok).as_bytes()).expect("verifies");
+    let envelope = sign(&m, &f.key);
+    let hash = *blake3::hash(&envelope).as_bytes();
+    let file = std::sync::Arc::new(IdsFile::default());
+    file.broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let ids = Box::new(IdsWriter(std::sync::Arc::clone(&file)));
+    let env = EnvelopeFile(envelope.clone());
+    match crate::VerifiedRelease::verify_file(&f.root, &env, envelope.len() as u64, hash, None, ids)
+    {
+        Err(crate::OfferError::ChunkIds(e)) => assert_eq!(
+            e,
+            "cannot read the release's chunk ids from /var/lib/shoal/envelopes/0123.ids: \
+             Input/output error (os error 5)"
+        ),
+        other => panic!("expected the ids' read error, got {:?}", other.map(|_| ())),
+    }
+    assert!(file.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// A stored envelope's file larger than any envelope is refused with the
+/// decoder's size error before a byte of it is read into memory.
+#[test]
+fn a_stored_envelope_file_larger_than_any_envelope_is_refused_unread() {
+    struct Huge(std::cell::Cell<u64>);
+    impl shoal_artifact::ReadAt for Huge {
+        fn read_at(&self, _at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.0.set(self.0.get() + buf.len() as u64);
+            buf.fill(0);
+            Ok(())
+        }
+    }
+    let f = Fixture::new();
+    let len = shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1;
+    let file = Huge(std::cell::Cell::new(0));
+    let ids = Box::new(IdsWriter(std::sync::Arc::new(IdsFile::default())));
+    match crate::VerifiedRelease::verify_file(&f.root, &file, len, [7; 32], None, ids) {
+        Err(crate::OfferError::Envelope(shoal_signing::DecodeError::TooLarge { size, max })) => {
+            assert_eq!((size as u64, max), (len, shoal_signing::ENVELOPE_SIZE_MAX));
+        }
+        other => panic!("expected the size error, got {:?}", other.map(|_| ())),
+    }
+    assert!(file.0.get() < 1024, "read {} bytes", file.0.get());
+}
+
 /// Issue 10: when the file of the release's ids cannot be read mid-install, the
 /// install ends with that failure (naming the file, worth a rerun), and every
 /// byte written to the slot is the image's: no chunk was written for an id that

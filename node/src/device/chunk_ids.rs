@@ -70,31 +70,34 @@ impl shoal_engine::ChunkIdWriter for IdsWriter {
 
     fn finish(mut self: Box<Self>) -> Result<Arc<dyn shoal_engine::ChunkIdFile>, String> {
         let out = self.out.take().expect("not finished");
-        let file = match out.into_inner() {
-            Ok(file) => file,
-            Err(e) => return Err(self.failed(e.error())),
-        };
-        // Not synced: a cut loses it, and the next offer writes it again.
-        match file.metadata() {
-            Ok(m) if m.len() == self.count * 32 => {}
-            Ok(m) => {
-                return Err(self.failed(format!(
-                    "{} bytes written for {} ids",
-                    m.len(),
-                    self.count
-                )));
+        let written = (|| -> Result<File, String> {
+            let file = out.into_inner().map_err(|e| self.failed(e.error()))?;
+            // Not synced: a cut loses it, and the next offer writes it again.
+            match file.metadata() {
+                Ok(m) if m.len() == self.count * 32 => {}
+                Ok(m) => {
+                    return Err(self.failed(format!(
+                        "{} bytes written for {} ids",
+                        m.len(),
+                        self.count
+                    )));
+                }
+                Err(e) => return Err(self.failed(e)),
             }
-            Err(e) => return Err(self.failed(e)),
+            std::fs::rename(&self.tmp, &self.path).map_err(|e| self.failed(e))?;
+            Ok(file)
+        })();
+        match written {
+            Ok(file) => Ok(Arc::new(IdsFile {
+                file,
+                path: self.path.clone(),
+            })),
+            Err(message) => {
+                // Finished (Drop no longer removes it): the temporary file goes.
+                let _ = std::fs::remove_file(&self.tmp);
+                Err(message)
+            }
         }
-        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
-            let message = self.failed(e);
-            let _ = std::fs::remove_file(&self.tmp);
-            return Err(message);
-        }
-        Ok(Arc::new(IdsFile {
-            file,
-            path: self.path.clone(),
-        }))
     }
 }
 
@@ -142,5 +145,43 @@ pub(crate) struct FileAt(pub(crate) File);
 impl shoal_artifact::ReadAt for FileAt {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.0.read_exact_at(buf, at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_engine::ChunkIdWriter as _;
+
+    /// The ids written are read back by position from the file renamed into
+    /// place; a finish that fails (here the temporary file was written behind
+    /// the writer's back: its length is not the ids') leaves no temporary file.
+    #[test]
+    fn a_finished_writer_leaves_its_file_and_a_failed_one_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ab.ids");
+        let mut w = Box::new(IdsWriter::create(path.clone()).expect("create"));
+        w.push(&ChunkId([1; 32])).expect("push");
+        w.push(&ChunkId([2; 32])).expect("push");
+        let file = w.finish().expect("finish");
+        let mut ids = [ChunkId([0; 32]); 2];
+        file.read_ids(0, &mut ids).expect("read");
+        assert_eq!(ids, [ChunkId([1; 32]), ChunkId([2; 32])]);
+        assert!(!path.with_extension("ids.tmp").exists());
+
+        let other = dir.path().join("cd.ids");
+        let tmp = other.with_extension("ids.tmp");
+        let mut w = Box::new(IdsWriter::create(other.clone()).expect("create"));
+        w.push(&ChunkId([3; 32])).expect("push");
+        std::fs::write(&tmp, [0u8; 100]).expect("write behind its back");
+        assert_eq!(
+            w.finish().err(),
+            Some(format!(
+                "cannot write the release's chunk ids to {}: 100 bytes written for 1 ids",
+                tmp.display()
+            ))
+        );
+        assert!(!tmp.exists(), "the temporary file is removed");
+        assert!(!other.exists());
     }
 }

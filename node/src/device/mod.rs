@@ -1097,35 +1097,21 @@ struct NewManifest {
 impl NewManifest {
     /// Keeps `envelope` (whose manifest hashes to `hash`); an install goes on
     /// without it, with a warning, when it cannot be written.
-    /// [`Kept::save`] of an envelope in a file (the store's: copied, not read
-    /// into memory).
-    fn save_file(&mut self, hash: [u8; 32], envelope: &std::fs::File) {
-        let id = crate::lan::proto::ManifestId(hash);
-        let path = crate::lan::serve::envelope_path(&self.data_dir, &id);
-        let copy = || -> anyhow::Result<()> {
-            let dir = path.parent().expect("has a parent");
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let tmp = path.with_extension("new");
-            let mut out = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            let mut src = std::io::BufReader::new(envelope);
-            std::io::copy(&mut src, &mut out)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            Ok(())
-        };
-        match copy() {
-            Ok(()) => self.hash = Some(hash),
-            Err(e) => {
-                tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");
-            }
-        }
+    fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
+        let kept = KeptManifests::save(&self.data_dir, &hash, envelope);
+        self.kept(hash, kept);
     }
 
-    fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
-        match KeptManifests::save(&self.data_dir, &hash, envelope) {
+    /// [`NewManifest::save`] of an envelope in a file (the store's: copied, not
+    /// read into memory).
+    fn save_file(&mut self, hash: [u8; 32], envelope: &std::fs::File) {
+        let id = crate::lan::proto::ManifestId(hash);
+        let kept = crate::lan::serve::save_envelope(&self.data_dir, &id, envelope);
+        self.kept(hash, kept);
+    }
+
+    fn kept(&mut self, hash: [u8; 32], kept: anyhow::Result<()>) {
+        match kept {
             Ok(()) => self.hash = Some(hash),
             Err(e) => {
                 tracing::warn!(error = %crate::cmd::one_line(&e), "cannot keep the release's manifest");

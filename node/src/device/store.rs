@@ -89,9 +89,10 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     db: Arc<Db>,
-    /// Write transactions committed (by this process): an index reader's cached
-    /// read snapshot is current while it has not moved ([`StoreIndexes`]).
-    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// The index readers' cached read snapshot ([`StoreIndexes`]): dropped by
+    /// every commit, so that it neither goes stale nor keeps redb from reusing
+    /// the pages later commits free.
+    index_table: SharedIndexTable,
     path: PathBuf,
     /// Where envelopes are kept as files (`None`: a store on a test backend keeps
     /// them in redb).
@@ -159,7 +160,7 @@ impl Store {
         };
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
-            generation: Arc::default(),
+            index_table: SharedIndexTable::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         };
@@ -190,7 +191,7 @@ impl Store {
         };
         Ok(Some(Store {
             db: Arc::new(Db::ReadOnly(db)),
-            generation: Arc::default(),
+            index_table: SharedIndexTable::default(),
             path,
             envelopes: Some(data_dir.join(ENVELOPE_DIR)),
         }))
@@ -211,7 +212,7 @@ impl Store {
             })?;
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
-            generation: Arc::default(),
+            index_table: SharedIndexTable::default(),
             path,
             envelopes: None,
         };
@@ -242,8 +243,13 @@ impl Store {
         })()
         .map_err(|e| self.db_err(e))?;
         let committed = txn.commit().map_err(|e| self.db_err(e));
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The snapshot read before this commit goes: the next lookup opens a
+        // current one, and until then no read transaction holds back the pages
+        // this and later commits free.
+        *self
+            .index_table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         committed
     }
 
@@ -334,9 +340,9 @@ impl Store {
     /// file and its transaction. The envelope is encoded straight into the file
     /// (canonical CBOR, hashed as it is written, synced, then renamed to its
     /// hash), so its encoding is never in memory beside it: an 8 GiB image's
-    /// envelope is 17.6 MB. Read the bytes back with [`Store::stored_envelope`]
-    /// once the decoded envelope is dropped (open it: [`Store::open_stored_envelope`]). `None` on a store that keeps no
-    /// envelope files.
+    /// envelope is 17.6 MB. The offer verifies it from the file
+    /// ([`Store::open_stored_envelope`]) once the decoded envelope is dropped.
+    /// `None` on a store that keeps no envelope files.
     pub fn put_envelope_encoded(
         &self,
         envelope: &shoal_signing::Envelope,
@@ -529,7 +535,7 @@ impl Store {
     }
 
     /// Where the chunk ids of the release whose stored envelope is named `hash`
-    /// go while it is verified ([`shoal_engine::VerifiedRelease::verify_stored_to`]):
+    /// go while it is verified ([`shoal_engine::VerifiedRelease::verify_file`]):
     /// a file next to the envelope, `<hash>.ids`, 32 bytes a position, derived
     /// again by every offer (never trusted from an earlier run), removed with the
     /// envelope when the deployment ends. `None` on a store that keeps no
@@ -606,8 +612,7 @@ impl Store {
         StoreIndexes {
             db: Arc::clone(&self.db),
             path: self.path.clone(),
-            generation: Arc::clone(&self.generation),
-            table: std::sync::Mutex::new(None),
+            table: Arc::clone(&self.index_table),
         }
     }
 
@@ -1011,18 +1016,23 @@ impl<T: Serialize> ErasedCbor for T {
 /// engine takes a stored index from `load`, a commit that checks `chunking`, or
 /// the input that records it). And an index is a hint: every chunk read on its
 /// word is hashed against its id.
-/// A point lookup reads through one read snapshot of the index table, kept while
-/// the store commits nothing (an install's reads of the running slot come between
-/// journal transactions: one snapshot serves a batch of them, instead of a read
-/// transaction each); a scan opens its own.
+/// A point lookup reads through one read snapshot of the index table, kept until
+/// the store's next commit drops it (an install's reads of the running slot come
+/// between journal transactions: one snapshot serves a batch of them, instead of
+/// a read transaction each, and no snapshot outlives the next commit: redb reuses
+/// a freed page only once no read transaction older than its freeing is alive);
+/// a scan opens its own.
 pub struct StoreIndexes {
     db: Arc<Db>,
     path: PathBuf,
-    generation: Arc<std::sync::atomic::AtomicU64>,
-    table: std::sync::Mutex<Option<(u64, IndexTable)>>,
+    table: SharedIndexTable,
 }
 
 type IndexTable = redb::ReadOnlyTable<&'static [u8], (u64, u32)>;
+
+/// The read snapshot shared by a [`Store`] (which drops it on commit) and its
+/// [`StoreIndexes`] (which open it on a lookup).
+type SharedIndexTable = Arc<std::sync::Mutex<Option<IndexTable>>>;
 
 impl std::fmt::Debug for StoreIndexes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1071,22 +1081,19 @@ impl StoreIndexes {
 
 impl IndexReader for StoreIndexes {
     fn get(&self, slot: Slot, id: &ChunkId) -> Result<Option<(u64, u32)>, IndexReadError> {
-        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let mut cached = self
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cached.as_ref().is_none_or(|(g, _)| *g != generation) {
-            // The old snapshot goes first (its pages are the writer's again).
-            *cached = None;
+        if cached.is_none() {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
             match txn.open_table(INDEX) {
-                Ok(t) => *cached = Some((generation, t)),
+                Ok(t) => *cached = Some(t),
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
                 Err(e) => return Err(self.err(e)),
             }
         }
-        let Some((_, table)) = cached.as_ref() else {
+        let Some(table) = cached.as_ref() else {
             return Ok(None);
         };
         Ok(table
@@ -1280,10 +1287,6 @@ mod tests {
         );
     }
 
-    /// The deployment's envelope is a file named by its hash, not a redb value (a
-    /// large one would be held twice while its transaction commits): it reads
-    /// back, a file no record names is removed by the next envelope record, a
-    /// changed file is an error naming it, and clearing the record removes it.
     /// The index reader's lookups keep one read snapshot while nothing commits,
     /// and see what a later transaction wrote (a slot cut again, a chunk unindexed).
     #[test]
@@ -1310,6 +1313,47 @@ mod tests {
             .expect("cut again");
         assert_eq!(reader.get(Slot::A, &id(1)).expect("read"), None);
         assert_eq!(reader.get(Slot::A, &id(3)).expect("read"), Some((5, 7)));
+    }
+
+    /// A lookup's read snapshot does not outlive the next commit: commits after
+    /// the last lookup free pages redb reuses, so the file does not grow with
+    /// them (a snapshot kept until the next lookup held back every page freed
+    /// since, and the file grew by each rewritten index).
+    #[test]
+    fn commits_after_a_lookup_reuse_the_pages_they_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let reader = store.index_reader();
+        let entries: Vec<(u64, ChunkId, u32)> = (0..2000u32)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                (u64::from(i) * 10, ChunkId(id), 10)
+            })
+            .collect();
+        store.write_slot_index(Slot::A, &entries).expect("write");
+        assert_eq!(
+            reader.get(Slot::A, &entries[5].1).expect("read"),
+            Some((50, 10))
+        );
+        let size = || {
+            std::fs::metadata(dir.path().join(FILE_NAME))
+                .expect("stat")
+                .len()
+        };
+        for _ in 0..10 {
+            store.write_slot_index(Slot::B, &entries).expect("rewrite");
+        }
+        let settled = size();
+        for _ in 0..100 {
+            store.write_slot_index(Slot::B, &entries).expect("rewrite");
+        }
+        assert!(
+            size() < settled * 2,
+            "the store grew from {settled} to {} bytes over 100 commits",
+            size()
+        );
+        assert!(store.index_table.lock().expect("lock").is_none());
     }
 
     #[test]

@@ -328,7 +328,7 @@ impl Lan {
     }
 
     fn keep(&self, s: &Served) {
-        if let Err(e) = serve::save_envelope(&self.data_dir, &s.manifest, &s.envelope) {
+        if let Err(e) = serve::save_envelope(&self.data_dir, &s.manifest, s.envelope.as_slice()) {
             warn!(error = %format!("{e:#}"), "cannot keep the manifest for peers");
         }
     }

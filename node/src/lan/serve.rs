@@ -235,13 +235,29 @@ pub fn envelope_path(data_dir: &Path, id: &ManifestId) -> PathBuf {
         .join(format!("{}.envelope", hex::encode(id.0)))
 }
 
-/// Keeps an envelope (written whole, then renamed).
-pub fn save_envelope(data_dir: &Path, id: &ManifestId, envelope: &[u8]) -> anyhow::Result<()> {
+/// Keeps the envelope `envelope` reads (copied into a `.new` file, then renamed
+/// over its name; the `.new` file is removed when the copy fails): an envelope in
+/// memory, or the store's file of it (copied, not read into memory).
+pub fn save_envelope(
+    data_dir: &Path,
+    id: &ManifestId,
+    mut envelope: impl std::io::Read,
+) -> anyhow::Result<()> {
     let path = envelope_path(data_dir, id);
     let dir = path.parent().expect("has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = path.with_extension("new");
-    std::fs::write(&tmp, envelope).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let copied = (|| -> anyhow::Result<()> {
+        let mut out = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::io::copy(&mut envelope, &mut out)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
@@ -249,6 +265,45 @@ pub fn save_envelope(data_dir: &Path, id: &ManifestId, envelope: &[u8]) -> anyho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An envelope is kept under its name; a copy that fails leaves neither the
+    /// name nor its `.new` file.
+    #[test]
+    fn a_kept_envelope_is_renamed_into_place_and_a_failed_copy_leaves_nothing() {
+        struct Failing(usize);
+        impl std::io::Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("Input/output error (os error 5)"));
+                }
+                let n = self.0.min(buf.len());
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = ManifestId([9; 32]);
+        save_envelope(dir.path(), &id, &b"envelope"[..]).expect("saved");
+        let path = envelope_path(dir.path(), &id);
+        assert_eq!(std::fs::read(&path).expect("read"), b"envelope");
+        let other = ManifestId([8; 32]);
+        let e = save_envelope(dir.path(), &other, Failing(100_000)).expect_err("fails");
+        let tmp = envelope_path(dir.path(), &other).with_extension("new");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot write {}: Input/output error (os error 5)",
+                tmp.display()
+            )
+        );
+        let mut names: Vec<String> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [format!("{}.envelope", hex::encode([9; 32]))]);
+    }
 
     fn served(sizes: &[u32]) -> Served {
         let mut positions = Vec::new();

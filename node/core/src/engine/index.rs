@@ -33,9 +33,11 @@ pub struct IndexReadError(pub String);
 
 /// The slot indexes the device store records, read by chunk id: what a driver
 /// keeps on disk (redb), or in memory for the simulator and tests
-/// ([`MemIndexes`]). Only entries of an index recorded complete are returned: an
-/// index the store holds half-written (a power cut while it was written) reads as
-/// empty.
+/// ([`MemIndexes`]). `get` and `scan` return the entries the store holds for the
+/// slot, recorded complete or not (a power cut may leave one half-written): the
+/// engine reads a slot's entries only once [`IndexReader::chunking`] is `Some`
+/// for it, the mark of a complete index, and hashes every chunk read on an
+/// entry's word against its id.
 pub trait IndexReader: fmt::Debug + Send + Sync {
     /// Where chunk `id` is in `slot`: `(offset, len)` (the first of the id in slot
     /// order).

@@ -9,7 +9,9 @@ use shoal_artifact::{
     ChunkId, ChunkIdSink, Manifest, PayloadKind, ReadAt, StreamedError, StreamedIds,
     StreamedManifest,
 };
-use shoal_signing::{EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot};
+use shoal_signing::{
+    DecodeError, ENVELOPE_SIZE_MAX, EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot,
+};
 
 use super::table::{ChunkIdWriter, ChunkTable, FileIds, Ids, prefix};
 use crate::error::OfferError;
@@ -80,8 +82,10 @@ impl VerifiedRelease {
     /// the manifest is decoded (a device: a file next to the stored envelope),
     /// and read back from it by position: the release's ids (32 bytes a chunk)
     /// are then never in memory, nor is its chunk list decoded as a whole (40
-    /// bytes a chunk). A failure of `ids` is [`OfferError::ChunkIds`].
-    pub fn verify_stored_to(
+    /// bytes a chunk). A failure of `ids` is [`OfferError::ChunkIds`]. Tests'
+    /// (a driver verifies from the file: [`VerifiedRelease::verify_file`]).
+    #[cfg(test)]
+    pub(crate) fn verify_stored_to(
         root: &TrustRoot,
         envelope: Vec<u8>,
         wall_unix_s: Option<u64>,
@@ -90,7 +94,7 @@ impl VerifiedRelease {
         Self::verify_as(root, envelope, wall_unix_s, true, Some(ids))
     }
 
-    /// [`VerifiedRelease::verify_stored_to`] of the envelope in a file (the
+    /// [`VerifiedRelease::verify_stored`] of the envelope in a file (the
     /// `len` bytes `file` reads) that the driver stored and named `hash` (the
     /// BLAKE3 of its bytes), read without holding it: its signatures are checked
     /// as its signed bytes are read once (with both hashes), then the manifest is
@@ -113,7 +117,14 @@ impl VerifiedRelease {
             .map_err(read_error)?;
         let Some(layout) = layout else {
             // Not laid out as a canonical envelope: the bytes in memory, for the
-            // decoder's own error (or, if they verify after all, the release).
+            // decoder's own error (or, if they verify after all, the release);
+            // a file larger than any envelope is refused before it is read.
+            if len > ENVELOPE_SIZE_MAX as u64 {
+                return Err(OfferError::Envelope(DecodeError::TooLarge {
+                    size: usize::try_from(len).unwrap_or(usize::MAX),
+                    max: ENVELOPE_SIZE_MAX,
+                }));
+            }
             let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
             file.read_at(0, &mut bytes).map_err(read_error)?;
             check_named(&bytes, &hash)?;
@@ -218,11 +229,15 @@ impl VerifiedRelease {
             )),
         };
         let table = ChunkTable::build(ids, sizes.sizes, sizes.stored_sizes, sink.prefixes);
-        // The references' checks and the canonical form, against the table.
-        let manifest = streamed.finish(&TableIds(&table)).map_err(offer_error)?;
+        // The references' checks and the canonical form, against the table. An
+        // id the table could not read (zeros in its place) fails them as a
+        // manifest's fault: the read's failure is the error then, and also when
+        // they pass.
+        let checked = streamed.finish(&TableIds(&table));
         if let Some(e) = table.ids_error() {
             return Err(OfferError::ChunkIds(e.to_owned()));
         }
+        let manifest = checked.map_err(offer_error)?;
         let rootfs: Vec<usize> = (0..manifest.payloads.len())
             .filter(|&i| manifest.payloads[i].kind == PayloadKind::RootfsImage)
             .collect();
@@ -247,7 +262,7 @@ impl VerifiedRelease {
     }
 
     /// The first failure to read the release's chunk ids from the driver's file
-    /// ([`VerifiedRelease::verify_stored_to`]), if any: sticky; an install of it
+    /// ([`VerifiedRelease::verify_file`]), if any: sticky; an install of it
     /// ends with it ([`InstallError::ChunkIds`](crate::InstallError::ChunkIds)),
     /// and a driver that read the release's ids (the slot index, an artifact's
     /// packs) checks it before it trusts what it read.

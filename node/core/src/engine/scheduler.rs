@@ -835,7 +835,8 @@ impl Engine {
                 match self.index.get(&id) {
                     Ok(at) => at,
                     Err(err) => {
-                        // Back in the queue: the install stops below.
+                        // `e` stays queued for a read but the queue has moved
+                        // past it: no matter, the install stops below.
                         failed = Some(err);
                         break;
                     }

@@ -26,7 +26,9 @@ const OFFSET_STRIDE: usize = 16;
 
 /// Ids a block of the cache holds (8 KiB): reads in position order (the artifact
 /// stream, the fetch plan) cost one read a block; a lookup in id order (the slot
-/// index written after an install) costs one small read.
+/// index written after an install, the plan's merge with the stored index) reads
+/// its one id (32 bytes) and keeps no block, so it neither reads 8 KiB for an id
+/// nor evicts the blocks of a pass in position order.
 const BLOCK_IDS: u32 = 256;
 
 /// Blocks the cache keeps (128 KiB).
@@ -51,7 +53,7 @@ pub trait ChunkIdFile: Send + Sync + std::fmt::Debug {
 }
 
 /// Takes a release's chunk ids in position order while its manifest is decoded
-/// ([`VerifiedRelease::verify_stored_to`](crate::VerifiedRelease::verify_stored_to)),
+/// ([`VerifiedRelease::verify_file`](crate::VerifiedRelease::verify_file)),
 /// then gives them back to be read by position.
 pub trait ChunkIdWriter: Send {
     /// The id at the next position. The error says what failed, naming the file.
@@ -92,7 +94,11 @@ impl Ids {
     }
 }
 
-/// Ids read from a [`ChunkIdFile`] through a cache of [`BLOCKS`] blocks. A read
+/// Ids read from a [`ChunkIdFile`] through a cache of [`BLOCKS`] blocks, filled
+/// by reads in position order: a miss at most two blocks' worth of positions
+/// after the last miss reads its block; any other miss reads only its id (so a
+/// pass in order reads each block once, or its first id alone and then the
+/// block when it starts or resumes, or when an id-order lookup came between). A read
 /// that fails is remembered (the first failure, sticky): the id it should have
 /// given is all zeros, which no chunk hashes to, and the engine ends the install
 /// with [`InstallError::ChunkIds`](crate::InstallError::ChunkIds) naming the file.
@@ -113,6 +119,8 @@ struct BlockCache {
     ids: Box<[ChunkId]>,
     /// The slot the next miss replaces.
     hand: usize,
+    /// The position of the last miss (`NONE`: none yet).
+    last_miss: u32,
 }
 
 impl FileIds {
@@ -125,6 +133,7 @@ impl FileIds {
                 tags: vec![NONE; slots].into_boxed_slice(),
                 ids: vec![ChunkId([0; 32]); slots * BLOCK_IDS as usize].into_boxed_slice(),
                 hand: 0,
+                last_miss: NONE,
             }),
             error: OnceLock::new(),
         }
@@ -137,31 +146,47 @@ impl FileIds {
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slot = match c.tags.iter().position(|&t| t == block) {
-            Some(slot) => slot,
-            None => {
-                let slot = c.hand;
-                c.hand = (slot + 1) % c.tags.len();
-                let from = block * BLOCK_IDS;
-                let n = BLOCK_IDS.min(self.len - from) as usize;
-                let at = slot * BLOCK_IDS as usize;
-                match self.file.read_ids(from, &mut c.ids[at..at + n]) {
-                    Ok(()) => c.tags[slot] = block,
-                    Err(e) => {
-                        c.tags[slot] = NONE;
-                        self.error.get_or_init(|| {
-                            format!(
-                                "cannot read the release's chunk ids from {}: {e}",
-                                self.file.describe()
-                            )
-                        });
-                        return ChunkId([0; 32]);
-                    }
-                }
-                slot
+        if let Some(slot) = c.tags.iter().position(|&t| t == block) {
+            return c.ids[slot * BLOCK_IDS as usize + (p % BLOCK_IDS) as usize];
+        }
+        // A pass in position order misses a little after its last miss (the
+        // first position of the block it then read); a lookup in id order, at a
+        // random position, rarely does.
+        let in_order = c.last_miss != NONE && p > c.last_miss && p - c.last_miss <= 2 * BLOCK_IDS;
+        c.last_miss = p;
+        if !in_order {
+            let mut one = [ChunkId([0; 32])];
+            return match self.file.read_ids(p, &mut one) {
+                Ok(()) => one[0],
+                Err(e) => self.failed(e),
+            };
+        }
+        let slot = c.hand;
+        c.hand = (slot + 1) % c.tags.len();
+        let from = block * BLOCK_IDS;
+        let n = BLOCK_IDS.min(self.len - from) as usize;
+        let at = slot * BLOCK_IDS as usize;
+        match self.file.read_ids(from, &mut c.ids[at..at + n]) {
+            Ok(()) => {
+                c.tags[slot] = block;
+                c.ids[at + (p % BLOCK_IDS) as usize]
             }
-        };
-        c.ids[slot * BLOCK_IDS as usize + (p % BLOCK_IDS) as usize]
+            Err(e) => {
+                c.tags[slot] = NONE;
+                self.failed(e)
+            }
+        }
+    }
+
+    /// Remembers the first failed read; the id no chunk has.
+    fn failed(&self, e: std::io::Error) -> ChunkId {
+        self.error.get_or_init(|| {
+            format!(
+                "cannot read the release's chunk ids from {}: {e}",
+                self.file.describe()
+            )
+        });
+        ChunkId([0; 32])
     }
 }
 
@@ -563,12 +588,15 @@ mod tests {
         ids: Vec<ChunkId>,
         fail_from: u32,
         reads: std::sync::atomic::AtomicUsize,
+        ids_read: std::sync::atomic::AtomicUsize,
     }
 
     impl ChunkIdFile for Flaky {
         fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> std::io::Result<()> {
             self.reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ids_read
+                .fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed);
             if from as usize + out.len() > self.fail_from as usize {
                 return Err(std::io::Error::other("input/output error"));
             }
@@ -585,6 +613,7 @@ mod tests {
             ids: list.iter().map(|c| c.id).collect(),
             fail_from,
             reads: Default::default(),
+            ids_read: Default::default(),
         });
         let ids = Ids::File(FileIds::new(
             Arc::clone(&file) as Arc<dyn ChunkIdFile>,
@@ -659,6 +688,45 @@ mod tests {
             mem.positions_of(0).collect::<Vec<_>>()
         );
         assert_eq!(file.ids_error(), None);
+    }
+
+    /// Issue 10: ids looked up in id order (random positions: the slot index
+    /// written after an install) are read one by one, not a block each, and keep
+    /// no block; a pass in position order still reads a block at a time, also
+    /// one resumed mid-file.
+    #[test]
+    fn lookups_in_id_order_read_one_id_and_passes_in_order_a_block() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = BLOCK_IDS * 512;
+        let list: Vec<ChunkRef> = (0..n)
+            .map(|k| ChunkRef {
+                id: ChunkId::of(&k.to_le_bytes()),
+                size: 10,
+                stored_size: 10,
+            })
+            .collect();
+        let (t, f) = file_table(&list, u32::MAX);
+        // (Building read the few ids that share their first 4 bytes.)
+        let built = f.ids_read.load(Relaxed);
+        let by_id: Vec<u32> = t.entries_by_id().collect();
+        for &e in &by_id {
+            assert_eq!(t.id(e), list[e as usize].id);
+        }
+        let read = f.ids_read.load(Relaxed) - built;
+        assert!(
+            read < 3 * n as usize,
+            "{read} ids read for {n} lookups in id order"
+        );
+        // A pass in position order from mid-file: a read a block (and the
+        // first position's own).
+        let (reads, ids) = (f.reads.load(Relaxed), f.ids_read.load(Relaxed));
+        let from = BLOCK_IDS * 10 + 3;
+        for p in from..n {
+            assert_eq!(t.id(p), list[p as usize].id);
+        }
+        let blocks = (n - from).div_ceil(BLOCK_IDS) as usize;
+        assert!(f.reads.load(Relaxed) - reads <= blocks + 2);
+        assert!(f.ids_read.load(Relaxed) - ids <= (blocks + 1) * BLOCK_IDS as usize);
     }
 
     /// Issue 10: a read of the ids' file that fails is remembered (sticky, naming
