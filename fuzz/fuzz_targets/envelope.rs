@@ -6,7 +6,9 @@
 //! inputs, decode them to the same envelope, and verify them alike; an accepted
 //! envelope is canonical (it re-encodes to exactly the input, and decodes again to
 //! itself) and within the signature limit; a rejected one is a `DecodeError` with a
-//! message.
+//! message. Locating an envelope file's parts without reading its signed bytes
+//! (`EnvelopeLayout::locate`: the install's stored envelope) finds them exactly
+//! where the decoders do, and only in what they accept.
 
 #![no_main]
 
@@ -14,7 +16,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use shoal_signing::{
-    DecodeError, Envelope, EnvelopeRef, RoleName, SIGNATURES_MAX, SignedRoot, TrustRoot,
+    DecodeError, Envelope, EnvelopeLayout, EnvelopeRef, RoleName, SIGNATURES_MAX, SignedRoot,
+    TrustRoot,
 };
 
 /// The trust root of `fuzz/seeds/`: seeds carry real signatures by its keys, so the
@@ -30,6 +33,21 @@ fn root() -> &'static TrustRoot {
 
 fuzz_target!(|data: &[u8]| {
     let borrowed = EnvelopeRef::from_bytes(data);
+    let located = EnvelopeLayout::locate(data.len() as u64, &mut |at, buf| {
+        let at = at as usize;
+        buf.copy_from_slice(&data[at..at + buf.len()]);
+        Ok(())
+    })
+    .expect("reads from memory");
+    match (&located, &borrowed) {
+        (Some(l), Ok(r)) => {
+            let at = l.signed_at as usize;
+            assert_eq!(&data[at..at + l.signed_len as usize], r.signed);
+            assert_eq!(l.signatures, r.signatures);
+        }
+        (None, Err(_)) => {}
+        (l, r) => panic!("locate and the decoder disagree: {l:?} vs {r:?}"),
+    }
     match Envelope::from_bytes(data) {
         Ok(env) => {
             let r = borrowed.expect("both decoders accept the same envelopes");
