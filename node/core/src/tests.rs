@@ -84,6 +84,21 @@ fn offer_over_usb(
         .expect("offer");
 }
 
+/// The chunks of `chunks` (a release's) that v1's image (`v1`, cut as the
+/// fixtures cut it) does not have.
+fn chunks_not_in(v1: &[u8], chunks: &[(ChunkId, Vec<u8>)]) -> Vec<(ChunkId, Vec<u8>)> {
+    let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, v1)
+        .1
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    chunks
+        .iter()
+        .filter(|(id, _)| !in_v1.contains(id))
+        .cloned()
+        .collect()
+}
+
 fn failed(events: &[Event]) -> Option<&InstallError> {
     events.iter().find_map(|e| match e {
         Event::Failed(err) => Some(err),
@@ -757,16 +772,7 @@ fn chunks_no_source_holds_are_refused_before_any_write() {
     let (v1, v2) = images();
     let (mut dev, _) = device_running_v1(&f, &v1);
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
-    let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, &v1)
-        .1
-        .iter()
-        .map(|(id, _)| *id)
-        .collect();
-    let new: Vec<(ChunkId, Vec<u8>)> = c2
-        .iter()
-        .filter(|(id, _)| !in_v1.contains(id))
-        .cloned()
-        .collect();
+    let new = chunks_not_in(&v1, &c2);
     assert!(new.len() >= 2, "v2 has new chunks");
     // The stream holds all new chunks but one.
     let mut offer = stream_offer(sign(&m2, &f.key));
@@ -806,16 +812,7 @@ fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
     let (v1, v2) = images();
     let (mut dev, _) = device_running_v1(&f, &v1);
     let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
-    let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, &v1)
-        .1
-        .iter()
-        .map(|(id, _)| *id)
-        .collect();
-    let new: Vec<(ChunkId, Vec<u8>)> = c2
-        .iter()
-        .filter(|(id, _)| !in_v1.contains(id))
-        .cloned()
-        .collect();
+    let new = chunks_not_in(&v1, &c2);
     let reused = c2.len() - new.len();
     assert!(
         new.len() >= 20 && reused >= 200,

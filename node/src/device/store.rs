@@ -347,43 +347,23 @@ impl Store {
         &self,
         envelope: &shoal_signing::Envelope,
     ) -> Result<Option<[u8; 32]>, StoreError> {
-        let Some(dir) = &self.envelopes else {
-            return Ok(None);
-        };
-        let io = |source| StoreError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join("encoding.tmp");
-        let (hash, len) = {
-            let file = std::fs::File::create(&tmp).map_err(io)?;
-            let mut out = HashingWriter {
-                file: std::io::BufWriter::with_capacity(64 * 1024, file),
-                hasher: blake3::Hasher::new(),
-                len: 0,
-            };
-            let mut ser = cbor4ii::serde::Serializer::new(&mut out);
+        self.put_envelope_with(|out| {
+            let mut ser = cbor4ii::serde::Serializer::new(cbor4ii::core::utils::IoWriter::new(out));
             serde::Serialize::serialize(envelope, &mut ser).map_err(|e| match e {
-                cbor4ii::serde::EncodeError::Core(cbor4ii::core::error::EncodeError::Write(e)) => {
-                    io(e)
-                }
-                other => io(std::io::Error::other(other.to_string())),
-            })?;
-            let file = out.file.into_inner().map_err(|e| io(e.into_error()))?;
-            file.sync_all().map_err(io)?;
-            (*out.hasher.finalize().as_bytes(), out.len)
-        };
-        let path = envelope_path(dir, &hash);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
-            std::fs::remove_file(&tmp).map_err(io)?;
-            return Ok(Some(hash));
+                cbor4ii::serde::EncodeError::Core(cbor4ii::core::error::EncodeError::Write(e)) => e,
+                other => std::io::Error::other(other.to_string()),
+            })
+        })?
+        .map(|r| r.map_err(|e| self.envelope_dir_error(e)))
+        .transpose()
+    }
+
+    /// The error of an envelope file that could not be written.
+    fn envelope_dir_error(&self, source: std::io::Error) -> StoreError {
+        StoreError::Dir {
+            path: self.envelopes.clone().unwrap_or_default(),
+            source,
         }
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(Some(hash))
     }
 
     /// [`Store::put_envelope_encoded`] for an envelope whose bytes `write` writes
@@ -441,31 +421,9 @@ impl Store {
     /// in them is trusted: the offer verifies them. `None` on a store that keeps
     /// no envelope files.
     pub fn put_envelope_bytes(&self, bytes: &[u8]) -> Result<Option<[u8; 32]>, StoreError> {
-        let Some(dir) = &self.envelopes else {
-            return Ok(None);
-        };
-        let io = |source| StoreError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let hash = *blake3::hash(bytes).as_bytes();
-        let path = envelope_path(dir, &hash);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
-            return Ok(Some(hash));
-        }
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join("encoding.tmp");
-        {
-            use std::io::Write as _;
-            let mut file = std::fs::File::create(&tmp).map_err(io)?;
-            file.write_all(bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(Some(hash))
+        self.put_envelope_with(|out| out.write_all(bytes))?
+            .map(|r| r.map_err(|e| self.envelope_dir_error(e)))
+            .transpose()
     }
 
     /// The bytes of the envelope file [`Store::put_envelope_encoded`] wrote,
@@ -953,9 +911,8 @@ fn create_atomically(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
 /// The `meta` key naming the deployment's envelope file (its 32-byte hash).
 const ENVELOPE_FILE_KEY: &str = "envelope.file";
 
-/// The file of the envelope whose bytes hash to `hash`.
 /// A file written through a buffer, hashed and counted as it goes (an envelope
-/// encoded straight to disk: [`Store::put_envelope_encoded`]).
+/// encoded or copied straight to disk: [`Store::put_envelope_with`]).
 struct HashingWriter {
     file: std::io::BufWriter<std::fs::File>,
     hasher: blake3::Hasher,
@@ -975,16 +932,7 @@ impl std::io::Write for HashingWriter {
     }
 }
 
-impl cbor4ii::core::enc::Write for HashingWriter {
-    type Error = std::io::Error;
-    fn push(&mut self, input: &[u8]) -> Result<(), std::io::Error> {
-        use std::io::Write as _;
-        self.hasher.update(input);
-        self.len += input.len() as u64;
-        self.file.write_all(input)
-    }
-}
-
+/// The file of the envelope whose bytes hash to `hash`.
 fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.envelope", hex::encode(hash)))
 }
