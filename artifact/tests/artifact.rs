@@ -1933,6 +1933,16 @@ fn read_bound_stored(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, St
     });
     assert!(r.envelope().signed.is_empty(), "the envelope is not held");
     r.shed_chunk_lists_unbound()?;
+    read_against(r, hash, &manifest)
+}
+
+/// Binds `r`'s packs to `manifest`'s distinct chunks (kept outside it, named by
+/// `hash`) and reads every chunk; returns what `holds` said and the chunks.
+fn read_against<R: std::io::Read>(
+    mut r: ArtifactReader<R>,
+    hash: [u8; 32],
+    manifest: &Manifest,
+) -> Result<(Vec<ChunkId>, Stored), ReadError> {
     let list = List {
         hash,
         chunks: manifest.distinct_chunks(),
@@ -2022,17 +2032,8 @@ fn read_bound_as(
     };
     r.shed_chunk_lists_unbound()?;
     assert!(r.manifest().payloads.iter().all(|p| p.chunks.is_empty()));
-    let list = List {
-        hash: *blake3::hash(&r.envelope().signed).as_bytes(),
-        chunks: manifest.distinct_chunks(),
-    };
-    r.bind_to(std::sync::Arc::new(list))?;
-    let holds = r.holds()?;
-    let mut out = Vec::new();
-    while let Some(c) = r.next_chunk()? {
-        out.push(c);
-    }
-    Ok((holds, out))
+    let hash = *blake3::hash(&r.envelope().signed).as_bytes();
+    read_against(r, hash, &manifest)
 }
 
 /// Issue 10 (memory): a reader whose packs are bound to a chunk list kept elsewhere
