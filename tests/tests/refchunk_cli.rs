@@ -564,6 +564,19 @@ fn the_manifest_travels_as_a_delta_against_the_kept_one_and_is_verified_whole() 
         })
         .collect();
     assert_eq!(kept, expected);
+    // Kept whole, byte for byte (LAN peers adopt a release from this file).
+    for a in [&a1, &whole] {
+        let (h, envelope) = envelope_of(a);
+        let file = dev
+            .path("data")
+            .join("manifests")
+            .join(format!("{h}.envelope"));
+        assert!(
+            std::fs::read(&file).expect("kept manifest") == envelope,
+            "{} is not the release's envelope",
+            file.display()
+        );
+    }
 }
 
 #[test]

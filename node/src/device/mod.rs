@@ -1105,8 +1105,14 @@ impl NewManifest {
     /// [`NewManifest::save`] of an envelope in a file (the store's: copied, not
     /// read into memory).
     fn save_file(&mut self, hash: [u8; 32], envelope: &std::fs::File) {
+        use std::io::Seek as _;
         let id = crate::lan::proto::ManifestId(hash);
-        let kept = crate::lan::serve::save_envelope(&self.data_dir, &id, envelope);
+        // From its first byte, wherever the checks before left the file's offset.
+        let mut envelope = envelope;
+        let kept = envelope
+            .rewind()
+            .context("cannot read back the signed manifest")
+            .and_then(|()| crate::lan::serve::save_envelope(&self.data_dir, &id, envelope));
         self.kept(hash, kept);
     }
 
