@@ -1732,15 +1732,7 @@ mod tests {
         let ids = std::mem::take(&mut *ids.lock().unwrap());
         let mut m = s.finish(&Kept(ids.clone())).map_err(unwrap)?;
         assert!(m.payloads[0].chunks.is_empty(), "the list was streamed out");
-        m.payloads[0].chunks = ids
-            .iter()
-            .zip(sizes.sizes.iter().zip(&sizes.stored_sizes))
-            .map(|(&id, (&size, &stored_size))| ChunkRef {
-                id,
-                size,
-                stored_size,
-            })
-            .collect();
+        m.payloads[0].chunks = sizes.chunk_refs(&ids);
         Ok(m)
     }
 

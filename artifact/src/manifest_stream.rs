@@ -41,6 +41,20 @@ pub struct StreamedSizes {
     pub stored_sizes: Vec<u32>,
 }
 
+impl StreamedSizes {
+    /// The chunk list again, from the streamed ids (by position) and these sizes.
+    pub fn chunk_refs(&self, ids: &[ChunkId]) -> Vec<ChunkRef> {
+        ids.iter()
+            .zip(self.sizes.iter().zip(&self.stored_sizes))
+            .map(|(&id, (&size, &stored_size))| ChunkRef {
+                id,
+                size,
+                stored_size,
+            })
+            .collect()
+    }
+}
+
 /// The streamed list's ids, as the caller keeps them, for the references' checks.
 pub trait StreamedIds {
     /// Positions in the list.

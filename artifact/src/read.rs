@@ -1945,16 +1945,7 @@ fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
     let sizes = std::mem::take(&mut streamed.sizes);
     let mut manifest = streamed.finish(&collected).map_err(manifest_error)?;
     if let Some(p) = manifest.payloads.first_mut() {
-        p.chunks = collected
-            .ids
-            .iter()
-            .zip(sizes.sizes.iter().zip(&sizes.stored_sizes))
-            .map(|(&id, (&size, &stored_size))| ChunkRef {
-                id,
-                size,
-                stored_size,
-            })
-            .collect();
+        p.chunks = sizes.chunk_refs(&collected.ids);
     }
     Ok(manifest)
 }

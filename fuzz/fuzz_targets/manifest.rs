@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use shoal_artifact::{ChunkId, ChunkRef, Manifest, ManifestError};
+use shoal_artifact::{ChunkId, Manifest, ManifestError};
 use shoal_artifact::{ChunkIdSink, StreamedError, StreamedIds};
 
 /// A sink keeping the streamed ids (shared, so they are read back).
@@ -64,15 +64,7 @@ fn streamed(data: &[u8], file: bool) -> Result<Manifest, ManifestError> {
     let ids = std::mem::take(&mut *ids.lock().unwrap());
     let mut m = s.finish(&Kept(ids.clone())).map_err(unwrap)?;
     assert!(m.payloads[0].chunks.is_empty(), "the list was streamed out");
-    m.payloads[0].chunks = ids
-        .iter()
-        .zip(sizes.sizes.iter().zip(&sizes.stored_sizes))
-        .map(|(&id, (&size, &stored_size))| ChunkRef {
-            id,
-            size,
-            stored_size,
-        })
-        .collect();
+    m.payloads[0].chunks = sizes.chunk_refs(&ids);
     Ok(m)
 }
 
