@@ -4,13 +4,25 @@
 //! smaller (its `.rela.dyn` of 24 bytes per pointer becomes a bitmap). It needs GNU
 //! ld >= 2.38 (or lld) to link and glibc >= 2.36 on the device to run; for an older
 //! device glibc, build with `SHOAL_NO_RELR=1` (the binary then says "version
-//! `GLIBC_ABI_DT_RELR' not found" otherwise). Other profiles link as usual.
+//! `GLIBC_ABI_DT_RELR' not found" otherwise).
+//!
+//! On Linux targets the device build also leaves out the unwind tables (`.eh_frame`,
+//! `.eh_frame_hdr`, `.gcc_except_table`: about 870 KB): the profile has panic =
+//! "abort", so nothing unwinds, and a stripped binary's backtrace has no names to
+//! print anyway (`RUST_BACKTRACE=full` then lists one raw address instead of a
+//! dozen). `-C force-unwind-tables=no` would need RUSTFLAGS, which apply to every
+//! profile (the tests unwind), and would leave std's tables (and those of every
+//! function that inlines std code) in; a linker script given to the link of `shoal`
+//! alone discards them all, with GNU ld and lld alike. `SHOAL_KEEP_UNWIND_TABLES=1`
+//! keeps them (e.g. to walk a core dump's stack in gdb). Other profiles link as
+//! usual.
 
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=SHOAL_NO_RELR");
+    println!("cargo:rerun-if-env-changed=SHOAL_KEEP_UNWIND_TABLES");
     // OUT_DIR is <target>/[<triple>/]<profile>/build/<package>-<hash>/out: the only
     // place a build script learns the name of a custom profile.
     let out_dir = std::env::var("OUT_DIR").unwrap_or_default();
@@ -22,8 +34,21 @@ fn main() {
         .unwrap_or_default()
         .to_owned();
     let var = |name: &str| std::env::var(name).unwrap_or_default();
-    let linux_gnu = var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ENV") == "gnu";
+    let linux = var("CARGO_CFG_TARGET_OS") == "linux";
+    let linux_gnu = linux && var("CARGO_CFG_TARGET_ENV") == "gnu";
     if profile == "device" && linux_gnu && std::env::var_os("SHOAL_NO_RELR").is_none() {
         println!("cargo:rustc-link-arg-bin=shoal=-Wl,-z,pack-relative-relocs");
+    }
+    if profile == "device" && linux && std::env::var_os("SHOAL_KEEP_UNWIND_TABLES").is_none() {
+        // `INSERT AFTER` makes the script amend the linker's default layout instead of
+        // replacing it.
+        let script = Path::new(&out_dir).join("no-unwind-tables.ld");
+        std::fs::write(
+            &script,
+            "SECTIONS {\n  /DISCARD/ : { *(.eh_frame) *(.eh_frame_hdr) \
+             *(.gcc_except_table .gcc_except_table.*) }\n} INSERT AFTER .text;\n",
+        )
+        .expect("write the device build's linker script to OUT_DIR");
+        println!("cargo:rustc-link-arg-bin=shoal=-Wl,-T,{}", script.display());
     }
 }
