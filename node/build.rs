@@ -49,6 +49,9 @@ fn main() {
              *(.gcc_except_table .gcc_except_table.*) }\n} INSERT AFTER .text;\n",
         )
         .expect("write the device build's linker script to OUT_DIR");
-        println!("cargo:rustc-link-arg-bin=shoal=-Wl,-T,{}", script.display());
+        // The C compiler driver's own `-T FILE` (not `-Wl,-T,FILE`, which a comma in
+        // the target directory's path would split).
+        println!("cargo:rustc-link-arg-bin=shoal=-T");
+        println!("cargo:rustc-link-arg-bin=shoal={}", script.display());
     }
 }
