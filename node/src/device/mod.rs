@@ -69,13 +69,14 @@ pub enum Source {
         /// The bytes.
         reader: ArtifactInput,
     },
-    /// A request source that answers asynchronously (the daemon's server), with the
-    /// signed manifest envelope it serves.
+    /// A request source that answers asynchronously (the daemon's server, LAN
+    /// peers), with the release it serves, verified once by the caller
+    /// ([`Device::verify_envelope`]); the offer does not verify it again.
     Remote {
         /// For messages: the server.
         name: String,
-        /// The signed manifest envelope (checked by the engine's offer).
-        envelope: Vec<u8>,
+        /// The release (its envelope stored by this device's store).
+        release: Arc<shoal_engine::VerifiedRelease>,
         /// How many requests, bytes and chunks at once.
         limits: SourceLimits,
         /// The source.
@@ -496,6 +497,96 @@ impl Device {
         Ok((engine.status(), boot))
     }
 
+    /// Verifies a signed envelope received as bytes (the server's, a LAN
+    /// peer's, a rebuilt manifest delta) for an install by this device, once:
+    /// stored first as a file of the device store ([`Store::put_envelope_bytes`]),
+    /// the bytes dropped, then verified from the file
+    /// ([`Device::verify_stored_file`]: its chunk ids to `<hash>.ids`, read by
+    /// position). The `Arc` goes to [`Source::Remote`], whose offer does not
+    /// verify it again, and its table serves the fetcher's and the LAN's lookups.
+    /// A release refused leaves no file behind; one verified but not installed
+    /// is given back with [`Device::forget_release`]. A refusal's error holds
+    /// the engine's [`OfferError`](shoal_engine::OfferError) (its
+    /// `ChunkIds`/`StoredEnvelope` variants: the device's trouble, not the
+    /// release's).
+    pub fn verify_envelope(
+        &self,
+        envelope: Vec<u8>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        self.verify_envelope_at(envelope, wall_clock())
+    }
+
+    fn verify_envelope_at(
+        &self,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        let stored = self
+            .store
+            .put_envelope_bytes(&envelope)
+            .context("cannot store the signed manifest")?;
+        let Some(hash) = stored else {
+            // A store without envelope files (the crash tests' backend): the
+            // release keeps the bytes.
+            return shoal_engine::VerifiedRelease::verify(&self.root, envelope, wall_unix_s)
+                .map_err(|e| anyhow!(e).context("the release was refused"));
+        };
+        drop(envelope);
+        let verified = self
+            .store
+            .open_stored_envelope(&hash)
+            .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))
+            .and_then(|(file, len)| self.verify_stored_file(&hash, &file, len, wall_unix_s));
+        if verified.is_err() {
+            self.store.forget_envelope(&hash);
+        }
+        verified
+    }
+
+    /// Removes the stored envelope (and its chunk ids) of a release verified by
+    /// [`Device::verify_envelope`] that is not installed after all, unless a
+    /// deployment names it.
+    pub fn forget_release(&self, release: &shoal_engine::VerifiedRelease) {
+        if let Some(hash) = release.stored_hash() {
+            self.store.forget_envelope(&hash);
+        }
+    }
+
+    /// Verifies the envelope the device store keeps as `hash` from its file
+    /// (`file`, `len` bytes: [`Store::open_stored_envelope`]) without holding it
+    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)),
+    /// its chunk ids going to `<hash>.ids` ([`Store::chunk_ids_writer`]) and read
+    /// from there by position: an 8 GiB image's 17.6 MB envelope and 13.8 MB of
+    /// ids stay on disk. The file and the ids install and every store-backed
+    /// install verify this way; the caller forgets the file on an error.
+    fn verify_stored_file(
+        &self,
+        hash: &[u8; 32],
+        file: &std::fs::File,
+        len: u64,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        let ids = self
+            .store
+            .chunk_ids_writer(hash)
+            .context("cannot keep the release's chunk ids")?
+            .expect("a store that keeps envelope files keeps their ids");
+        let file = chunk_ids::FileAt(
+            file.try_clone()
+                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
+        );
+        shoal_engine::VerifiedRelease::verify_file(&self.root, &file, len, *hash, wall_unix_s, ids)
+            .map_err(|e| match e {
+                shoal_engine::OfferError::ChunkIds(_) => {
+                    anyhow!(e).context("cannot keep the release's chunk ids")
+                }
+                shoal_engine::OfferError::StoredEnvelope(_) => {
+                    anyhow!(e).context("cannot read back the signed manifest")
+                }
+                e => anyhow!(e).context("the release was refused"),
+            })
+    }
+
     /// Installs a release into the inactive slot and arms its trial boot.
     /// `progress(done, total)` is called as bytes are done.
     pub fn install(
@@ -791,20 +882,26 @@ impl Device {
             }
             Source::Remote {
                 name,
-                envelope,
+                release,
                 limits,
                 requests,
             } => {
                 driver.requests = Some(requests);
-                // Decoded in place to name it (not copied: 17.6 MB at 8 GiB).
-                if let Ok(e) = shoal_signing::EnvelopeRef::from_bytes(&envelope) {
-                    let hash = *blake3::hash(e.signed).as_bytes();
-                    drop(e);
-                    kept.save(hash, &envelope);
+                // Kept from the store's file (copied, not read into memory).
+                let hash = release.release().manifest_hash;
+                match (release.envelope(), release.stored_hash()) {
+                    (Some(envelope), _) => kept.save(hash, &envelope),
+                    (None, Some(stored)) => match driver.dev.store.open_stored_envelope(&stored) {
+                        Ok((file, _)) => kept.save_file(hash, &file),
+                        Err(e) => kept.kept(
+                            hash,
+                            Err(anyhow!(e).context("cannot read back the signed manifest")),
+                        ),
+                    },
+                    (None, None) => {}
                 }
-                driver.offer_stored(
-                    envelope,
-                    wall,
+                driver.offer_verified_owned(
+                    &release,
                     vec![
                         SourceInfo::new(REMOTE, SourceKind::Requests, SourceClass::Wan, name)
                             .with_limits(limits),
@@ -1220,6 +1317,19 @@ pub(crate) fn running_references(
     let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, false)
         .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
     References::open(&boot, active, base)
+}
+
+/// The file of the device store holding the signed envelope of a release
+/// verified from it ([`Device::verify_envelope`]) while a deployment of it is in
+/// progress; `None` for a release that holds its envelope in memory.
+pub fn stored_envelope_path(
+    config: &Config,
+    release: &shoal_engine::VerifiedRelease,
+) -> Option<PathBuf> {
+    Some(store::envelope_file(
+        &config.device.data_dir,
+        &release.stored_hash()?,
+    ))
 }
 
 /// The engine's status and the bootloader's, read without writing or creating
@@ -1652,7 +1762,7 @@ impl<'a> Driver<'a> {
 
     /// Offers `envelope` through the device store: stored first as a file
     /// ([`Store::put_envelope_bytes`]), the bytes dropped, then verified from
-    /// the file as the file install does ([`Driver::verify_stored_file`]: never
+    /// the file as the file install does ([`Device::verify_stored_file`]: never
     /// whole in memory again, its chunk ids going to `<hash>.ids`) and offered
     /// verified, so the deployment names the file
     /// ([`Record::EnvelopeStored`](shoal_engine::Record::EnvelopeStored)) rather
@@ -1665,40 +1775,27 @@ impl<'a> Driver<'a> {
         sources: Vec<SourceInfo>,
         reboot: bool,
     ) -> anyhow::Result<()> {
-        let stored = self
-            .dev
-            .store
-            .put_envelope_bytes(&envelope)
-            .context("cannot store the signed manifest")?;
-        let Some(hash) = stored else {
-            let release =
-                shoal_engine::VerifiedRelease::verify(&self.dev.root, envelope, wall_unix_s)
-                    .map_err(|e| anyhow!(e).context("the release was refused"))?;
-            return self.offer_verified(&release, sources, reboot);
-        };
-        drop(envelope);
-        let offered = (|| {
-            let (file, len) = self
-                .dev
-                .store
-                .open_stored_envelope(&hash)
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?;
-            let release = self.verify_stored_file(&hash, &file, len, wall_unix_s)?;
-            self.offer_verified(&release, sources, reboot)
-        })();
+        let release = self.dev.verify_envelope_at(envelope, wall_unix_s)?;
+        self.offer_verified_owned(&release, sources, reboot)
+    }
+
+    /// [`Driver::offer_verified`] of a release verified from a file of the
+    /// device store ([`Device::verify_envelope`]): the file is forgotten when
+    /// the offer is refused.
+    fn offer_verified_owned(
+        &mut self,
+        release: &Arc<shoal_engine::VerifiedRelease>,
+        sources: Vec<SourceInfo>,
+        reboot: bool,
+    ) -> anyhow::Result<()> {
+        let offered = self.offer_verified(release, sources, reboot);
         if offered.is_err() {
-            self.dev.store.forget_envelope(&hash);
+            self.dev.forget_release(release);
         }
         offered
     }
 
-    /// Verifies the envelope the device store keeps as `hash` from its file
-    /// (`file`, `len` bytes: [`Store::open_stored_envelope`]) without holding it
-    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)),
-    /// its chunk ids going to `<hash>.ids` ([`Store::chunk_ids_writer`]) and read
-    /// from there by position: an 8 GiB image's 17.6 MB envelope and 13.8 MB of
-    /// ids stay on disk. The file and the ids install and every store-backed
-    /// install verify this way; the caller forgets the file on an error.
+    /// [`Device::verify_stored_file`].
     fn verify_stored_file(
         &self,
         hash: &[u8; 32],
@@ -1706,33 +1803,7 @@ impl<'a> Driver<'a> {
         len: u64,
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
-        let ids = self
-            .dev
-            .store
-            .chunk_ids_writer(hash)
-            .context("cannot keep the release's chunk ids")?
-            .expect("a store that keeps envelope files keeps their ids");
-        let file = chunk_ids::FileAt(
-            file.try_clone()
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
-        );
-        shoal_engine::VerifiedRelease::verify_file(
-            &self.dev.root,
-            &file,
-            len,
-            *hash,
-            wall_unix_s,
-            ids,
-        )
-        .map_err(|e| match e {
-            shoal_engine::OfferError::ChunkIds(_) => {
-                anyhow!(e).context("cannot keep the release's chunk ids")
-            }
-            shoal_engine::OfferError::StoredEnvelope(_) => {
-                anyhow!(e).context("cannot read back the signed manifest")
-            }
-            e => anyhow!(e).context("the release was refused"),
-        })
+        self.dev.verify_stored_file(hash, file, len, wall_unix_s)
     }
 
     /// Offers a release verified already.

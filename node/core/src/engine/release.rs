@@ -339,6 +339,57 @@ impl VerifiedRelease {
         }
     }
 
+    /// The BLAKE3 of the envelope's bytes, when the driver stored it as a file
+    /// named by it before verifying it ([`VerifiedRelease::verify_file`],
+    /// [`VerifiedRelease::verify_stored`]).
+    pub fn stored_hash(&self) -> Option<[u8; 32]> {
+        self.stored
+    }
+
+    /// A distinct chunk of the payload by its id, read from the table (a
+    /// search of the prefixes in memory, a full id read where one matches):
+    /// a network driver's lookup of the chunks it is asked for, without a map
+    /// of its own.
+    pub fn chunk(&self, id: &ChunkId) -> Option<shoal_artifact::ChunkRef> {
+        let e = self.table.entry(id)?;
+        Some(shoal_artifact::ChunkRef {
+            id: *id,
+            size: self.table.size(e),
+            stored_size: self.table.wire_size(e),
+        })
+    }
+
+    /// The first position of a chunk in the payload's chunk list, with its
+    /// offset and length there (a peer serving it reads it from there).
+    pub fn first_position(&self, id: &ChunkId) -> Option<(u32, u64, u32)> {
+        let e = self.table.entry(id)?;
+        Some((
+            self.table
+                .positions_of(e)
+                .next()
+                .expect("an entry has a position"),
+            self.table.first_offset(e),
+            self.table.size(e),
+        ))
+    }
+
+    /// Distinct chunks of the payload.
+    pub fn distinct_chunks(&self) -> u32 {
+        self.table.entries()
+    }
+
+    /// The chunks at the payload's positions, in order: offset and length
+    /// (have-bitfields over byte ranges), read from the table as it goes.
+    pub fn position_ranges(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let mut offset = 0u64;
+        (0..self.table.positions()).map(move |p| {
+            let size = self.table.size(self.table.entry_at(p));
+            let at = offset;
+            offset += u64::from(size);
+            (at, size)
+        })
+    }
+
     /// Heap bytes of its chunk table (what a fleet shares).
     pub fn table_heap_bytes(&self) -> usize {
         self.table.heap_bytes()
