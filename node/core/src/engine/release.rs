@@ -504,3 +504,39 @@ impl shoal_artifact::ChunkList for VerifiedRelease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    /// A driver's lookups by id and by position read the table: the chunk's
+    /// sizes, its first position and offset (a repeated chunk's first), and
+    /// every position's range in order; an id the release lacks is `None`.
+    #[test]
+    fn lookups_by_id_and_position_read_the_table() {
+        // Chunks of 2 KiB: 0, 1, 0 (repeated), 2.
+        let a = testing::bytes(1, 2048);
+        let b = testing::bytes(2, 2048);
+        let c = testing::bytes(3, 2048);
+        let image = [&a[..], &b[..], &a[..], &c[..]].concat();
+        let (key, root) = testing::keys(1);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[2048]);
+        let release =
+            VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies");
+        let id = |bytes: &[u8]| ChunkId::from(blake3::hash(bytes));
+        assert_eq!(release.distinct_chunks(), 3);
+        assert_eq!(release.chunk_count(), 4);
+        let got = release.chunk(&id(&b)).expect("b is listed");
+        assert_eq!((got.id, got.size, got.stored_size), (id(&b), 2048, 2048));
+        assert_eq!(release.first_position(&id(&a)), Some((0, 0, 2048)));
+        assert_eq!(release.first_position(&id(&c)), Some((3, 6144, 2048)));
+        assert_eq!(release.chunk(&ChunkId([7; 32])), None);
+        assert_eq!(release.first_position(&ChunkId([7; 32])), None);
+        assert_eq!(
+            release.position_ranges().collect::<Vec<_>>(),
+            [(0, 2048), (2048, 2048), (4096, 2048), (6144, 2048)]
+        );
+        assert_eq!(release.stored_hash(), None);
+    }
+}
