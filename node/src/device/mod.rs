@@ -18,7 +18,7 @@ mod slotio;
 pub mod store;
 mod write_behind;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -922,20 +922,17 @@ impl Device {
                         .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
                 };
                 let (envelope, manifest) = found.swap_remove(picked);
-                let refs = manifest
-                    .payloads
-                    .iter()
-                    .flat_map(|p| p.chunks.iter())
-                    .map(|c| (c.id, *c))
-                    .collect();
-                driver.chunk_store = Some((store, refs));
+                drop(found);
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
                 kept.save(manifest.hash(), &envelope);
                 drop(manifest);
-                driver.offer_stored(
-                    envelope,
-                    wall,
+                // Verified from the device store's file; the store's chunks are
+                // looked up in its table (no map of every chunk).
+                let release = driver.dev.verify_envelope_at(envelope, wall)?;
+                driver.chunk_store = Some((store, Arc::clone(&release)));
+                driver.offer_verified_owned(
+                    &release,
                     vec![
                         SourceInfo::new(
                             STORE,
@@ -1715,7 +1712,7 @@ struct Driver<'a> {
     write_behind: Option<write_behind::WriteBehind>,
     /// Reads of a slot (the running one) served from a stream read ahead.
     read_ahead: Option<(Slot, slotio::ReadAhead)>,
-    chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
+    chunk_store: Option<(ChunkStore, Arc<shoal_engine::VerifiedRelease>)>,
     requests: Option<Box<dyn Requests>>,
     events: Vec<Event>,
     reboot_asked: bool,
@@ -1758,25 +1755,6 @@ impl<'a> Driver<'a> {
         shoal_engine::Instant::from_millis(
             u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX),
         )
-    }
-
-    /// Offers `envelope` through the device store: stored first as a file
-    /// ([`Store::put_envelope_bytes`]), the bytes dropped, then verified from
-    /// the file as the file install does ([`Device::verify_stored_file`]: never
-    /// whole in memory again, its chunk ids going to `<hash>.ids`) and offered
-    /// verified, so the deployment names the file
-    /// ([`Record::EnvelopeStored`](shoal_engine::Record::EnvelopeStored)) rather
-    /// than the redb store carrying a copy, and a resume reads it back from the
-    /// file. A release refused leaves no file behind.
-    fn offer_stored(
-        &mut self,
-        envelope: Vec<u8>,
-        wall_unix_s: Option<u64>,
-        sources: Vec<SourceInfo>,
-        reboot: bool,
-    ) -> anyhow::Result<()> {
-        let release = self.dev.verify_envelope_at(envelope, wall_unix_s)?;
-        self.offer_verified_owned(&release, sources, reboot)
     }
 
     /// [`Driver::offer_verified`] of a release verified from a file of the
@@ -2521,12 +2499,12 @@ impl<'a> Driver<'a> {
                 }
             }
             Output::Fetch { source, ids, .. } => {
-                let Some((store, refs)) = self.chunk_store.as_ref() else {
+                let Some((store, release)) = self.chunk_store.as_ref() else {
                     return Err((IoOp::Fetch, anyhow!("no request source {source}")));
                 };
                 let mut answers = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let answer = match refs.get(&id).map(|r| (r, store.get_verified(r))) {
+                    let answer = match release.chunk(&id).map(|r| (r, store.get_verified(&r))) {
                         Some((r, Ok(chunk))) => {
                             self.source_bytes_read += u64::from(r.stored_size);
                             Input::Chunk {
