@@ -963,7 +963,8 @@ impl Daemon {
 fn refusal(e: &anyhow::Error) -> Option<String> {
     match e.downcast_ref::<shoal_engine::OfferError>()? {
         shoal_engine::OfferError::ChunkIds(_) | shoal_engine::OfferError::StoredEnvelope(_) => None,
-        other => Some(chain(other)),
+        // On one line, escaped: the manifest's text is untrusted.
+        other => Some(crate::cmd::escape(&chain(other)).into_owned()),
     }
 }
 
@@ -979,6 +980,41 @@ fn api_error(e: ApiError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release that does not verify is a refusal, said once on one line
+    /// (reported as "the manifest was refused: ..."); the device store's own
+    /// trouble while verifying it, or an error that is not the engine's, is not.
+    #[test]
+    fn only_the_release_s_faults_are_refusals() {
+        use shoal_engine::OfferError;
+        let refused = anyhow!(OfferError::Signature(
+            shoal_signing::VerifyError::MissingRole(shoal_signing::RoleName::Release)
+        ))
+        .context("the release was refused");
+        let why = refusal(&refused).expect("a refusal");
+        assert!(
+            why.starts_with(
+                "the release signature does not verify against the device's trust root: "
+            ),
+            "{why}"
+        );
+        // A key from the signed manifest, printed as it is by the error.
+        let escaped = anyhow!(OfferError::Depends {
+            key: "\u{1b}[2Jrootfs".into(),
+            wanted: vec!["1".into()],
+            have: None,
+        });
+        let why = refusal(&escaped).expect("a refusal");
+        assert!(!why.chars().any(char::is_control), "{why:?}");
+        for mine in [
+            OfferError::ChunkIds("cannot write x.ids: No space left on device".into()),
+            OfferError::StoredEnvelope("cannot read the stored envelope: EIO".into()),
+        ] {
+            let e = anyhow!(mine).context("cannot keep the release's chunk ids");
+            assert_eq!(refusal(&e), None, "{e:#}");
+        }
+        assert_eq!(refusal(&anyhow!("cannot open the device store")), None);
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_bound() {
