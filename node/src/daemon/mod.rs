@@ -274,26 +274,18 @@ impl Daemon {
             };
             let id = crate::lan::proto::ManifestId(release.manifest_hash);
             let path = crate::lan::serve::envelope_path(&self.config.device.data_dir, &id);
-            let envelope = match std::fs::read(&path) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
-            };
-            // Verified once, its chunk table kept (not a list or map of the
-            // chunks); the bytes are dropped and read from the kept file when a
-            // peer asks for them.
-            let verified = shoal_engine::VerifiedRelease::verify_stored(
+            // Verified once from the kept file (never whole in memory), its chunk
+            // ids on disk beside it: the table serves the peers' lookups, and the
+            // envelope is read from the file when a peer asks for it.
+            let Some(verified) = crate::device::KeptManifests::verify(
+                &self.config.device.data_dir,
                 &self.trust_root()?,
-                envelope,
+                &release.manifest_hash,
                 wall_clock(),
-            )
-            .map_err(|e| anyhow!(e))?;
-            if verified.release().manifest_hash != release.manifest_hash {
-                return Err(anyhow!(
-                    "{} is not the running release's manifest",
-                    path.display()
-                ));
-            }
+            )?
+            else {
+                return Ok(None);
+            };
             Ok(Some(crate::lan::serve::Served::new(
                 verified,
                 crate::lan::serve::EnvelopeAt::File(path),

@@ -1136,6 +1136,55 @@ impl KeptManifests {
         shoal_artifact::chunk::Dictionary::from_bytes(bytes).ok()
     }
 
+    /// The kept envelope of the release whose manifest hashes to `hash`, verified
+    /// against `root` from its file without holding it
+    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)):
+    /// its chunk ids go to `<hash>.ids` beside it (derived again by every call,
+    /// pruned with the envelope) and are read from there by position. `None`
+    /// when no envelope of `hash` is kept; an error when it does not verify or is
+    /// another release's.
+    pub fn verify(
+        data_dir: &Path,
+        root: &TrustRoot,
+        hash: &[u8; 32],
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Option<Arc<shoal_engine::VerifiedRelease>>> {
+        let dir = KeptManifests::new(data_dir).dir;
+        let name = hex::encode(hash);
+        let path = dir.join(format!("{name}.envelope"));
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        };
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        // The file's own hash, which the verification reads it against.
+        let file_hash = {
+            let mut hasher = blake3::Hasher::new();
+            io::copy(&mut (&file).take(len), &mut hasher)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            *hasher.finalize().as_bytes()
+        };
+        let ids = chunk_ids::IdsWriter::create(dir.join(format!("{name}.ids")))
+            .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
+        let release = shoal_engine::VerifiedRelease::verify_file(
+            root,
+            &chunk_ids::FileAt(file),
+            len,
+            file_hash,
+            wall_unix_s,
+            Box::new(ids),
+        )
+        .map_err(|e| anyhow!(e).context(format!("{} does not verify", path.display())))?;
+        if release.release().manifest_hash != *hash {
+            bail!("{} is not the manifest it is named after", path.display());
+        }
+        Ok(Some(release))
+    }
+
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
     /// manifests of its two slots (and of a thin artifact's base).
     pub fn prune(data_dir: &Path, keep: &[[u8; 32]]) -> anyhow::Result<()> {
@@ -1144,7 +1193,11 @@ impl KeptManifests {
             .iter()
             .flat_map(|h| {
                 let h = hex::encode(h);
-                [format!("{h}.envelope"), format!("{h}.dictionary")]
+                [
+                    format!("{h}.envelope"),
+                    format!("{h}.dictionary"),
+                    format!("{h}.ids"),
+                ]
             })
             .collect();
         for entry in
@@ -1152,7 +1205,9 @@ impl KeptManifests {
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if (name.ends_with(".envelope") || name.ends_with(".dictionary"))
+            if (name.ends_with(".envelope")
+                || name.ends_with(".dictionary")
+                || name.ends_with(".ids"))
                 && !names.contains(&name)
             {
                 let path = entry.path();
@@ -2816,5 +2871,60 @@ mod index_along_tests {
         // A chunk missing that is no repeat.
         assert!(!holds_chunks(&index[..2], &expected));
         assert!(!holds_chunks(&[], &expected));
+    }
+}
+
+#[cfg(test)]
+mod kept_tests {
+    use super::*;
+    use shoal_engine::testing;
+
+    /// The running release's kept envelope is verified from its file, its ids
+    /// written beside it and read back by position; a file named after another
+    /// manifest, or one that does not verify, is an error naming the file; none
+    /// kept is `None`; pruning takes the ids with their envelope.
+    #[test]
+    fn a_kept_envelope_verifies_from_its_file_with_its_ids_beside_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        let (key, root) = testing::keys(1);
+        let image = testing::bytes(5, 64 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[4096]);
+        let envelope = testing::sign(&manifest, &key);
+        let hash = manifest.hash();
+        assert!(
+            KeptManifests::verify(data, &root, &hash, None)
+                .expect("no error")
+                .is_none()
+        );
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        let release = KeptManifests::verify(data, &root, &hash, None)
+            .expect("verifies")
+            .expect("kept");
+        assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(release.chunk_count(), 16);
+        let ids_path = data
+            .join("manifests")
+            .join(format!("{}.ids", hex::encode(hash)));
+        assert_eq!(std::fs::metadata(&ids_path).expect("ids").len(), 16 * 32);
+        let first = ChunkId::from(blake3::hash(&image[..4096]));
+        assert_eq!(release.first_position(&first), Some((0, 0, 4096)));
+
+        // Another release's envelope under this name.
+        let (other, _) = testing::release_cut("os", "2", 1, "board", &image, &[8192]);
+        KeptManifests::save(data, &hash, &testing::sign(&other, &key)).expect("kept");
+        let e = KeptManifests::verify(data, &root, &hash, None).expect_err("another's");
+        assert!(
+            format!("{e:#}").ends_with("is not the manifest it is named after"),
+            "{e:#}"
+        );
+        // Signed by a key the root does not know.
+        let (stranger, _) = testing::keys(2);
+        KeptManifests::save(data, &hash, &testing::sign(&manifest, &stranger)).expect("kept");
+        let e = KeptManifests::verify(data, &root, &hash, None).expect_err("unsigned");
+        assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+
+        KeptManifests::prune(data, &[]).expect("pruned");
+        assert!(!ids_path.exists());
     }
 }
