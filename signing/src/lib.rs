@@ -32,4 +32,5 @@ pub use envelope::{
 pub use key::{KeyError, KeyId, PublicKey, SecretKey, StreamVerifier, pem_label};
 pub use root::{
     ROOT_KEYS_MAX, Role, RoleName, RootError, RotateError, SignedRoot, TrustRoot, VerifyError,
+    release_checks,
 };

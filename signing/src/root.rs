@@ -9,6 +9,18 @@ use std::path::PathBuf;
 use crate::envelope::{DecodeError, ENVELOPE_SIZE_MAX, Envelope, EnvelopeRef, from_cbor, to_cbor};
 use crate::key::{KeyId, PublicKey};
 
+/// Release envelopes this process checked against a trust root ([`release_checks`]).
+static RELEASE_CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times this process has checked a signed envelope against a trust
+/// root's `release` role (every [`TrustRoot::verify`], [`TrustRoot::verify_ref`]
+/// and [`TrustRoot::verify_streamed`] of that role, whatever the verdict). A
+/// diagnostic: the daemon logs how many checks a deployment took (one), which
+/// its tests assert.
+pub fn release_checks() -> u64 {
+    RELEASE_CHECKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The most keys a root may list.
 pub const ROOT_KEYS_MAX: usize = 64;
 
@@ -340,6 +352,9 @@ impl TrustRoot {
         now_unix_s: Option<u64>,
         feed: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
     ) -> Result<Result<(), VerifyError>, E> {
+        if role == RoleName::Release {
+            RELEASE_CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Err(e) = self.check_expiry(now_unix_s) {
             return Ok(Err(e));
         }

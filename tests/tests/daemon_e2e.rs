@@ -454,6 +454,14 @@ fn daemon_installs_resumes_deltas_and_stops_when_aborted() {
         Some(diff["needed_stored_bytes"].as_u64().unwrap() + framing),
         "{diff}\n{log}"
     );
+    // Each deployment's signed manifest was checked against the trust root once
+    // (the daemon's check is the install's: the verified release is handed on),
+    // also v1's after the restart and v2's, which came as a manifest delta.
+    assert_eq!(
+        installed_fields(&log, "manifest_checks"),
+        [1, 1],
+        "a deployment's manifest was verified more than once:\n{log}"
+    );
 
     // v3, slowly; aborted mid-download: the daemon stops it, nothing is armed.
     proxy.rate.store(50 * 1024, Ordering::Relaxed);

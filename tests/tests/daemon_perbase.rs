@@ -222,6 +222,12 @@ fn a_device_on_the_base_downloads_delta_records_and_others_plain_chunks() {
         "a manifest delta of {delta_bytes} bytes for an envelope of {}",
         envelope_len(&v3)
     );
+    // The rebuilt manifest was checked once: that check is the install's.
+    assert_eq!(
+        shoal_tests::installed_field(&log3, "manifest_checks"),
+        Some(1),
+        "{log3}"
+    );
 
     // A device on v1 whose running slot was damaged where v2 changed (chunks v2
     // does not reuse): the references there fail their hash; plain chunks follow.

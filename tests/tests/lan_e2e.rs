@@ -571,6 +571,16 @@ fn the_release_manifest_crosses_the_uplink_once_per_site() {
             .join("\n----\n")
     );
     assert_eq!(from_peers, 3, "three devices got the manifest from a peer");
+    // Each device checked the release's manifest against its trust root once,
+    // whether it came from the server or a peer: the install used that check.
+    for (n, dev) in site.devs.iter().enumerate() {
+        let log = dev.log();
+        assert_eq!(
+            installed_field(&log, "manifest_checks"),
+            Some(1),
+            "device {n}:\n{log}"
+        );
+    }
 }
 
 /// A site of four whose device 0 misbehaves as `fault` (the test-only fault mode)

@@ -69,7 +69,7 @@ struct Job {
 struct Shared {
     api: Api,
     path: String,
-    refs: BTreeMap<ChunkId, ChunkRef>,
+    refs: Arc<dyn ChunkLookup>,
     /// Dictionaries at hand.
     dictionaries: Mutex<HashMap<u32, Held>>,
     /// Held while a dictionary is fetched: one fetch per dictionary, not one per
@@ -94,6 +94,34 @@ struct Shared {
     /// The static host's index of per-base encodings (fetched once; `None`:
     /// there is none, or it was refused).
     static_index: std::sync::OnceLock<Option<HashMap<ChunkId, u32>>>,
+}
+
+/// The release's chunks by id, as the fetcher decodes them (sizes, sizes on
+/// the wire): the verified release's table on the device
+/// ([`shoal_engine::VerifiedRelease::chunk`], no map of its own), a map in tests.
+pub trait ChunkLookup: Send + Sync {
+    /// The chunk `id`, if the release has it.
+    fn chunk(&self, id: &ChunkId) -> Option<ChunkRef>;
+    /// Distinct chunks of the release.
+    fn distinct(&self) -> usize;
+}
+
+impl ChunkLookup for shoal_engine::VerifiedRelease {
+    fn chunk(&self, id: &ChunkId) -> Option<ChunkRef> {
+        shoal_engine::VerifiedRelease::chunk(self, id)
+    }
+    fn distinct(&self) -> usize {
+        self.distinct_chunks() as usize
+    }
+}
+
+impl ChunkLookup for BTreeMap<ChunkId, ChunkRef> {
+    fn chunk(&self, id: &ChunkId) -> Option<ChunkRef> {
+        self.get(id).copied()
+    }
+    fn distinct(&self) -> usize {
+        self.len()
+    }
 }
 
 /// The release the running slot holds, named to the server so it may send chunks
@@ -201,7 +229,7 @@ impl HttpRequests {
     pub fn start(
         api: Api,
         deployment: &str,
-        refs: BTreeMap<ChunkId, ChunkRef>,
+        refs: Arc<dyn ChunkLookup>,
         workers: u32,
         heartbeat: Duration,
         static_base: Option<StaticBase>,
@@ -403,7 +431,7 @@ fn fetch(shared: &Shared, job: Job, deliver: &dyn Fn(Answer) -> bool) {
     loop {
         match reader.next_item() {
             Ok(Some((id, stored))) => {
-                let Some(chunk) = shared.refs.get(&id) else {
+                let Some(ref chunk) = shared.refs.chunk(&id) else {
                     if !deliver(Answer::Unavailable(id)) {
                         return;
                     }
@@ -494,7 +522,7 @@ fn fetch_static(shared: &Shared, base: &StaticBase, job: Job, deliver: &dyn Fn(A
         if cancelled(shared, request) {
             return;
         }
-        let Some(chunk) = shared.refs.get(&id) else {
+        let Some(ref chunk) = shared.refs.chunk(&id) else {
             if !deliver(Answer::Unavailable(id)) {
                 return;
             }
@@ -616,7 +644,7 @@ fn static_delta_index<'a>(
                 }
                 return None;
             }
-            let max = (shared.refs.len() * shoal_artifact::delta_record::INDEX_ENTRY) as u64;
+            let max = (shared.refs.distinct() * shoal_artifact::delta_record::INDEX_ENTRY) as u64;
             let bytes = match read_counted(resp, max, &shared.static_bytes) {
                 Ok(b) => b,
                 Err(StaticRead::TooLarge) => {
@@ -630,7 +658,7 @@ fn static_delta_index<'a>(
             };
             match shoal_artifact::delta_record::parse_index(
                 &bytes,
-                shared.refs.len(),
+                shared.refs.distinct(),
                 STORED_MAX + DELTA_RECORD_OVERHEAD,
             ) {
                 Ok(i) => {
@@ -1085,7 +1113,7 @@ mod tests {
         Shared {
             api: Api::new(&server, key).expect("api"),
             path: "/deployments/d/chunks".into(),
-            refs: BTreeMap::new(),
+            refs: Arc::new(BTreeMap::new()),
             dictionaries: Mutex::new(HashMap::new()),
             dictionary_fetch: Mutex::new(()),
             peers: Some(Arc::clone(liar) as Arc<dyn PeerDictionaries>),
@@ -1219,7 +1247,7 @@ mod tests {
         let shared = Shared {
             api: Api::new(&server, key).expect("api"),
             path: "/deployments/d/chunks".into(),
-            refs: BTreeMap::new(),
+            refs: Arc::new(BTreeMap::new()),
             dictionaries: Mutex::new(HashMap::new()),
             dictionary_fetch: Mutex::new(()),
             peers: None,

@@ -11,10 +11,11 @@
 //! that does not answer is not asked again for this deployment.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p_identity::PeerId;
-use shoal_engine::{ManifestPlan, ManifestStep, ServerWhy};
+use shoal_engine::{ManifestPlan, ManifestStep, ServerWhy, VerifiedRelease};
 use tracing::{debug, info, warn};
 
 use super::Daemon;
@@ -35,14 +36,25 @@ fn named_id(dep: &NextDeployment) -> Option<ManifestId> {
     Some(ManifestId(bytes))
 }
 
+/// A deployment's signed manifest as it came.
+pub(super) enum Got {
+    /// Verified already, for the install (a LAN peer's envelope, or the server's
+    /// delta rebuilt: checked when it came, to know whether to use it).
+    Verified(Arc<VerifiedRelease>),
+    /// The server's envelope, not verified yet.
+    Envelope(Vec<u8>),
+}
+
 impl Daemon {
-    /// The signed manifest envelope of `dep`'s release: from a LAN peer when one
-    /// has it (or gets it within [`WAIT`]), else from the server.
-    pub(super) fn deployment_manifest(&self, dep: &NextDeployment) -> Result<Vec<u8>, ApiError> {
+    /// The signed manifest of `dep`'s release: from a LAN peer when one has it
+    /// (or gets it within [`WAIT`]), else from the server. Each envelope is
+    /// verified once, where it is first checked ([`Daemon::verify_release`]),
+    /// and the release handed on from there.
+    pub(super) fn deployment_manifest(&self, dep: &NextDeployment) -> Result<Got, ApiError> {
         if let (Some(lan), Some(id)) = (&self.lan, named_id(dep))
-            && let Some(envelope) = self.manifest_from_lan(lan, id)
+            && let Some(release) = self.manifest_from_lan(lan, id)
         {
-            return Ok(envelope);
+            return Ok(Got::Verified(release));
         }
         self.server_manifest(dep)
     }
@@ -52,7 +64,7 @@ impl Daemon {
     /// with the install path's code and verified whole (signatures and threshold,
     /// and the release the server named) before it is used; a delta that fails any
     /// of that is logged and the whole envelope asked for, once.
-    fn server_manifest(&self, dep: &NextDeployment) -> Result<Vec<u8>, ApiError> {
+    fn server_manifest(&self, dep: &NextDeployment) -> Result<Got, ApiError> {
         let held = if self.server.delta {
             self.held_manifests()
         } else {
@@ -62,12 +74,12 @@ impl Daemon {
             match self.api.manifest(&dep.id, &held)? {
                 Manifest::Envelope(envelope) => {
                     info!(deployment = %dep.id, bytes = envelope.len(), held = held.len(), "the release's manifest came from the server");
-                    return Ok(envelope);
+                    return Ok(Got::Envelope(envelope));
                 }
                 Manifest::Delta(bytes) => match self.rebuild_manifest(dep, &bytes, &held) {
-                    Ok((envelope, base)) => {
-                        info!(deployment = %dep.id, bytes = bytes.len(), manifest_bytes = envelope.len(), held = held.len(), base = %hex::encode(base), "the release's manifest came from the server as a delta");
-                        return Ok(envelope);
+                    Ok((release, manifest_bytes, base)) => {
+                        info!(deployment = %dep.id, bytes = bytes.len(), manifest_bytes, held = held.len(), base = %hex::encode(base), "the release's manifest came from the server as a delta");
+                        return Ok(Got::Verified(release));
                     }
                     Err(e) => {
                         warn!(deployment = %dep.id, bytes = bytes.len(), error = %crate::cmd::one_line(&e), "the server's manifest delta was refused; asking for the whole manifest");
@@ -78,7 +90,7 @@ impl Daemon {
         match self.api.manifest(&dep.id, &[])? {
             Manifest::Envelope(envelope) => {
                 info!(deployment = %dep.id, bytes = envelope.len(), held = 0, "the release's manifest came from the server");
-                Ok(envelope)
+                Ok(Got::Envelope(envelope))
             }
             Manifest::Delta(_) => Err(ApiError::Malformed(
                 "the server sent a manifest delta though none was asked for".into(),
@@ -113,15 +125,16 @@ impl Daemon {
         held
     }
 
-    /// The envelope a manifest delta from the server stands for, rebuilt against
+    /// The release a manifest delta from the server stands for, rebuilt against
     /// the kept manifest it names (one of `held`) and verified against the trust
-    /// root; it must be the release the server named. Also gives the base's hash.
+    /// root (once, for the install); it must be the release the server named.
+    /// Also gives the envelope's size and the base's hash.
     fn rebuild_manifest(
         &self,
         dep: &NextDeployment,
         bytes: &[u8],
         held: &[[u8; 32]],
-    ) -> anyhow::Result<(Vec<u8>, [u8; 32])> {
+    ) -> anyhow::Result<(Arc<VerifiedRelease>, usize, [u8; 32])> {
         let kept = crate::device::KeptManifests::new(&self.config.device.data_dir);
         let (envelope, base) = ManifestDelta::open(bytes, &kept)?;
         if !held.contains(&base) {
@@ -131,23 +144,31 @@ impl Daemon {
             );
         }
         let envelope = envelope.to_bytes();
-        let manifest = self
-            .verify(&envelope)
+        let len = envelope.len();
+        let release = self
+            .verify_release(envelope)?
             .map_err(|e| e.context("the rebuilt manifest does not verify"))?;
+        let hash = release.release().manifest_hash;
         if let Some(id) = named_id(dep)
-            && manifest.hash() != id.0
+            && hash != id.0
         {
+            self.forget_release(&release);
             anyhow::bail!(
                 "it rebuilds manifest {}, not the deployment's release {id}",
-                hex::encode(manifest.hash())
+                hex::encode(hash)
             );
         }
-        Ok((envelope, base))
+        Ok((release, len, base))
     }
 
-    /// The envelope of `id` from a peer, or `None` when this device is to fetch it
-    /// from the server (it is the owner, or none came within the wait).
-    fn manifest_from_lan(&self, lan: &crate::lan::Lan, id: ManifestId) -> Option<Vec<u8>> {
+    /// The release `id` from a peer's envelope (verified, for the install), or
+    /// `None` when this device is to fetch it from the server (it is the owner,
+    /// or none came within the wait).
+    fn manifest_from_lan(
+        &self,
+        lan: &crate::lan::Lan,
+        id: ManifestId,
+    ) -> Option<Arc<VerifiedRelease>> {
         let start = Instant::now();
         let now = || shoal_engine::Instant::from_millis(start.elapsed().as_millis() as u64);
         let me = crate::lan::node_key(&lan.peer_id());
@@ -177,23 +198,37 @@ impl Daemon {
                     let (_, peer) = *holders.iter().find(|(k, _)| *k == key)?;
                     skipped.insert(peer);
                     match lan.manifest(peer, id, timeout) {
-                        Ok(envelope) => match self.verify(&envelope) {
-                            Ok(m) if m.hash() == id.0 => {
-                                info!(%peer, release = %id, bytes = envelope.len(), "the release's manifest came from a LAN peer");
-                                return Some(envelope);
+                        Ok(envelope) => {
+                            let bytes = envelope.len();
+                            match self.verify_release(envelope) {
+                                Ok(Ok(r)) if r.release().manifest_hash == id.0 => {
+                                    info!(%peer, release = %id, bytes, "the release's manifest came from a LAN peer");
+                                    return Some(r);
+                                }
+                                Ok(Ok(r)) => {
+                                    let m = r.manifest();
+                                    warn!(%peer, release = %id, sent = %format!("{}@{}", m.name, m.version), "a LAN peer sent the manifest of another release");
+                                    self.forget_release(&r);
+                                    lan.block_because(
+                                        peer,
+                                        "it sent a manifest that is not the one asked for",
+                                    );
+                                }
+                                Ok(Err(e)) if super::refusal(&e).is_some() => {
+                                    warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's manifest was refused");
+                                    lan.block_because(
+                                        peer,
+                                        "it sent a manifest that does not verify",
+                                    );
+                                }
+                                // The device's trouble, not the peer's: the
+                                // server's manifest is checked the same way.
+                                Ok(Err(e)) | Err(e) => {
+                                    warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "cannot check a LAN peer's manifest; asking the server");
+                                    return None;
+                                }
                             }
-                            Ok(m) => {
-                                warn!(%peer, release = %id, sent = %format!("{}@{}", m.name, m.version), "a LAN peer sent the manifest of another release");
-                                lan.block_because(
-                                    peer,
-                                    "it sent a manifest that is not the one asked for",
-                                );
-                            }
-                            Err(e) => {
-                                warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's manifest was refused");
-                                lan.block_because(peer, "it sent a manifest that does not verify");
-                            }
-                        },
+                        }
                         Err(why) => {
                             debug!(%peer, release = %id, why, "no manifest from a LAN peer")
                         }

@@ -35,9 +35,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use serde::{Deserialize, Serialize};
-use shoal_artifact::{ChunkId, ChunkRef, Manifest};
 use shoal_engine::{Phase, SourceClass, SourceLimits, Verdict};
-use shoal_signing::{Envelope, RoleName, SecretKey, SignedRoot};
+use shoal_signing::{SecretKey, SignedRoot};
 use tracing::{info, warn};
 
 use crate::cmd::{EXIT_TEMPFAIL, Exit, chain, exit_code};
@@ -275,23 +274,23 @@ impl Daemon {
             };
             let id = crate::lan::proto::ManifestId(release.manifest_hash);
             let path = crate::lan::serve::envelope_path(&self.config.device.data_dir, &id);
-            let envelope = match std::fs::read(&path) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+            // Verified once from the kept file (never whole in memory), its chunk
+            // ids on disk beside it: the table serves the peers' lookups, and the
+            // envelope is read from the file when a peer asks for it.
+            let Some(verified) = crate::device::KeptManifests::verify(
+                &self.config.device.data_dir,
+                &self.trust_root()?,
+                &release.manifest_hash,
+                wall_clock(),
+            )?
+            else {
+                return Ok(None);
             };
-            let manifest = self.verify(&envelope)?;
-            if manifest.hash() != release.manifest_hash {
-                return Err(anyhow!(
-                    "{} is not the running release's manifest",
-                    path.display()
-                ));
-            }
             Ok(Some(crate::lan::serve::Served::new(
-                envelope,
-                &manifest,
+                verified,
+                crate::lan::serve::EnvelopeAt::File(path),
                 status.active,
-            )?))
+            )))
         })();
         match served {
             Ok(Some(s)) => {
@@ -616,37 +615,40 @@ impl Daemon {
         if self.report(dep, "downloading", None)? {
             return Ok(Handled::Done);
         }
-        let envelope = match self.deployment_manifest(dep) {
-            Ok(e) => e,
+        // The release is verified once (from the device store's file, its chunk
+        // ids on disk), and that `Arc` serves the fetcher's lookups, the LAN and
+        // the install, whose offer does not verify it again.
+        let checks = shoal_signing::release_checks();
+        let release = match self.deployment_manifest(dep) {
+            Ok(lan_manifest::Got::Verified(r)) => r,
+            Ok(lan_manifest::Got::Envelope(envelope)) => match self.verify_release(envelope)? {
+                Ok(r) => r,
+                Err(e) => {
+                    let message = match refusal(&e) {
+                        Some(why) => format!("the manifest was refused: {why}"),
+                        None => crate::cmd::one_line(&e),
+                    };
+                    warn!(deployment = %dep.id, %message);
+                    self.report(dep, "failure", Some(&message))?;
+                    save_record(&self.config, None)?;
+                    return Ok(Handled::Done);
+                }
+            },
             Err(ApiError::Conflict(m)) => return self.aborted(dep, &m),
             Err(e) => return Err(api_error(e)),
         };
-        // Checked here for the chunk list the fetcher needs; the engine checks the
-        // same envelope again before anything is written.
-        let manifest = match self.verify(&envelope) {
-            Ok(m) => m,
-            Err(e) => {
-                let message = format!("the manifest was refused: {}", crate::cmd::one_line(&e));
-                warn!(deployment = %dep.id, %message);
-                self.report(dep, "failure", Some(&message))?;
-                save_record(&self.config, None)?;
-                return Ok(Handled::Done);
-            }
-        };
+        let manifest = release.manifest();
         if manifest.name != dep.release.name || manifest.version != dep.release.version {
             let message = format!(
                 "the manifest is {}@{}, not the deployment's release {}@{}",
                 manifest.name, manifest.version, dep.release.name, dep.release.version
             );
+            self.forget_release(&release);
             self.report(dep, "failure", Some(&message))?;
             save_record(&self.config, None)?;
             return Ok(Handled::Done);
         }
-        let refs: BTreeMap<ChunkId, ChunkRef> = manifest
-            .distinct_chunks()
-            .into_iter()
-            .map(|c| (c.id, c))
-            .collect();
+        let manifest_hash = release.release().manifest_hash;
         let limits = SourceLimits::for_class(SourceClass::Wan);
         // A static chunk host the server names; one that does not parse is not
         // used (the server's own batches still work).
@@ -661,7 +663,7 @@ impl Daemon {
         let peer_dictionaries = self.lan.as_ref().map(|lan| {
             std::sync::Arc::new(lan_dictionary::LanDictionaries::new(
                 lan.clone(),
-                crate::lan::proto::ManifestId(manifest.hash()),
+                crate::lan::proto::ManifestId(manifest_hash),
                 self.config.device.data_dir.clone(),
                 Duration::from_secs(self.config.lan.request_timeout_s),
             )) as std::sync::Arc<dyn fetch::PeerDictionaries>
@@ -677,7 +679,7 @@ impl Daemon {
                 ) {
                     Ok(references) => Some(fetch::DeltaBase {
                         hash: r.manifest_hash,
-                        release: manifest.hash(),
+                        release: manifest_hash,
                         references: std::sync::Mutex::new(references),
                         off: std::sync::atomic::AtomicBool::new(false),
                     }),
@@ -692,7 +694,7 @@ impl Daemon {
         let requests = fetch::HttpRequests::start(
             self.api.clone(),
             &dep.id,
-            refs,
+            std::sync::Arc::clone(&release) as std::sync::Arc<dyn fetch::ChunkLookup>,
             limits.requests_max,
             self.poll_interval().min(Duration::from_secs(30)),
             static_base,
@@ -706,11 +708,7 @@ impl Daemon {
         let mut peer_bytes = None;
         let requests: Box<dyn crate::device::Requests> = match &self.lan {
             Some(lan) => {
-                let served = crate::lan::serve::Served::new(
-                    envelope.clone(),
-                    &manifest,
-                    status.active.other(),
-                )?;
+                let served = self.served_installing(&release, status.active.other())?;
                 let r = crate::lan::requests::LanRequests::start(
                     lan.clone(),
                     Box::new(requests),
@@ -723,7 +721,7 @@ impl Daemon {
         };
         let source = Source::Remote {
             name: self.server.url.clone(),
-            envelope,
+            release,
             limits,
             requests,
         };
@@ -796,6 +794,7 @@ impl Daemon {
                     from_peers = peer_bytes.map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)),
                     transferred_static = watch.static_bytes(),
                     delta_chunks = watch.delta_chunks(),
+                    manifest_checks = shoal_signing::release_checks() - checks,
                     "installed; trial armed"
                 );
                 if self.report(dep, "installing", None)? {
@@ -841,16 +840,54 @@ impl Daemon {
         }
     }
 
-    /// The manifest of a signed envelope, verified against the trust root.
-    fn verify(&self, envelope: &[u8]) -> anyhow::Result<Manifest> {
+    /// The device's trust root.
+    fn trust_root(&self) -> anyhow::Result<shoal_signing::TrustRoot> {
         let signed = SignedRoot::load(&self.config.device.trust_root)
             .map_err(|e| Exit::usage(format!("device.trust_root: {}", chain(&e))))?;
-        let env = Envelope::from_bytes(envelope).map_err(|e| anyhow!("{}", chain(&e)))?;
-        let payload = signed
-            .root
-            .verify(RoleName::Release, &env, wall_clock())
-            .map_err(|e| anyhow!("{}", chain(&e)))?;
-        Manifest::from_cbor(payload).map_err(|e| anyhow!("{}", chain(&e)))
+        Ok(signed.root)
+    }
+
+    /// Verifies a signed envelope for an install, once
+    /// ([`Device::verify_envelope`]: stored as a file of the device store,
+    /// verified from there, its chunk ids on disk). The outer error: the device
+    /// cannot be opened; the inner: the release was not verified ([`refusal`]
+    /// says whether it was refused).
+    fn verify_release(
+        &self,
+        envelope: Vec<u8>,
+    ) -> anyhow::Result<anyhow::Result<std::sync::Arc<shoal_engine::VerifiedRelease>>> {
+        let dev = Device::open(self.config.clone(), Reboot::Command)?;
+        Ok(dev.verify_envelope(envelope))
+    }
+
+    /// Gives back the stored envelope of a release [`Daemon::verify_release`]
+    /// verified that is not installed (best effort: a leftover file is removed
+    /// with the next deployment's record).
+    fn forget_release(&self, release: &shoal_engine::VerifiedRelease) {
+        match Device::open(self.config.clone(), Reboot::Command) {
+            Ok(dev) => dev.forget_release(release),
+            Err(e) => {
+                warn!(error = %crate::cmd::one_line(&e), "cannot remove a refused release's manifest")
+            }
+        }
+    }
+
+    /// LAN hook: the release being installed into `slot`, served to peers from
+    /// its table as it is written, its envelope read from the store's file.
+    fn served_installing(
+        &self,
+        release: &std::sync::Arc<shoal_engine::VerifiedRelease>,
+        slot: shoal_engine::Slot,
+    ) -> anyhow::Result<crate::lan::serve::Served> {
+        let envelope = crate::lan::serve::EnvelopeAt::of(
+            release,
+            crate::device::stored_envelope_path(&self.config, release),
+        )?;
+        Ok(crate::lan::serve::Served::new(
+            std::sync::Arc::clone(release),
+            envelope,
+            slot,
+        ))
     }
 
     /// Reports a state; `Ok(true)` when the server ended the deployment (409).
@@ -912,6 +949,17 @@ impl Daemon {
     }
 }
 
+/// Why a release was refused, when `e` (from [`Daemon::verify_release`]) is a
+/// refusal of the release (its signatures, its manifest, its payloads), not
+/// trouble of the device's store.
+fn refusal(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<shoal_engine::OfferError>()? {
+        shoal_engine::OfferError::ChunkIds(_) | shoal_engine::OfferError::StoredEnvelope(_) => None,
+        // On one line, escaped: the manifest's text is untrusted.
+        other => Some(crate::cmd::escape(&chain(other)).into_owned()),
+    }
+}
+
 /// An API error as the daemon's error: transient ones are retry-safe.
 fn api_error(e: ApiError) -> anyhow::Error {
     if e.is_transient() {
@@ -924,6 +972,41 @@ fn api_error(e: ApiError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release that does not verify is a refusal, said once on one line
+    /// (reported as "the manifest was refused: ..."); the device store's own
+    /// trouble while verifying it, or an error that is not the engine's, is not.
+    #[test]
+    fn only_the_release_s_faults_are_refusals() {
+        use shoal_engine::OfferError;
+        let refused = anyhow!(OfferError::Signature(
+            shoal_signing::VerifyError::MissingRole(shoal_signing::RoleName::Release)
+        ))
+        .context("the release was refused");
+        let why = refusal(&refused).expect("a refusal");
+        assert!(
+            why.starts_with(
+                "the release signature does not verify against the device's trust root: "
+            ),
+            "{why}"
+        );
+        // A key from the signed manifest, printed as it is by the error.
+        let escaped = anyhow!(OfferError::Depends {
+            key: "\u{1b}[2Jrootfs".into(),
+            wanted: vec!["1".into()],
+            have: None,
+        });
+        let why = refusal(&escaped).expect("a refusal");
+        assert!(!why.chars().any(char::is_control), "{why:?}");
+        for mine in [
+            OfferError::ChunkIds("cannot write x.ids: No space left on device".into()),
+            OfferError::StoredEnvelope("cannot read the stored envelope: EIO".into()),
+        ] {
+            let e = anyhow!(mine).context("cannot keep the release's chunk ids");
+            assert_eq!(refusal(&e), None, "{e:#}");
+        }
+        assert_eq!(refusal(&anyhow!("cannot open the device store")), None);
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_bound() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use libp2p_identity::PeerId;
-use shoal_artifact::{ChunkId, Manifest, PayloadKind};
+use shoal_artifact::ChunkId;
 use shoal_engine::{FetchFailure, PeerRelease, RequestId, SourceClass, SourceLimits};
 use tracing::{debug, info, warn};
 
@@ -120,11 +120,25 @@ impl Daemon {
                     continue;
                 }
             };
-            let manifest = match self.verify(&envelope) {
-                Ok(m) if m.hash() == id.0 => m,
-                Ok(m) => {
+            // Verified once, for the install too (the stored envelope is given
+            // back when it is not installed).
+            let release = match self.verify_release(envelope)? {
+                Ok(r) if r.release().manifest_hash == id.0 => r,
+                Ok(r) => {
+                    let m = r.manifest();
                     warn!(%peer, release = %id, sent = %format!("{}@{}", m.name, m.version), "a LAN peer sent the manifest of another release");
+                    self.forget_release(&r);
                     self.offers.refused.insert((peer, id));
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<shoal_engine::OfferError>(),
+                        Some(shoal_engine::OfferError::Payloads { .. })
+                    ) =>
+                {
+                    // Signed, but not a root filesystem release: not for this device.
+                    self.offers.decided.insert(id);
                     continue;
                 }
                 Err(e) => {
@@ -133,23 +147,17 @@ impl Daemon {
                     continue;
                 }
             };
-            let Some(payload) = manifest
-                .payloads
-                .iter()
-                .position(|p| p.kind == PayloadKind::RootfsImage)
-            else {
-                self.offers.decided.insert(id);
-                continue;
-            };
-            let offered = shoal_engine::Release::from_manifest(&manifest, payload);
+            let offered = release.release().clone();
             match shoal_engine::peer_release(&status, &offered) {
-                PeerRelease::Adopt => return self.lan_install(peer, envelope, manifest).map(Some),
+                PeerRelease::Adopt => return self.lan_install(peer, release).map(Some),
                 PeerRelease::Busy => {
                     debug!(release = %offered, "another deployment is in progress");
+                    self.forget_release(&release);
                     return Ok(None);
                 }
                 other => {
                     info!(%peer, release = %offered, why = ?other, "not installing a LAN peer's release");
+                    self.forget_release(&release);
                     self.offers.decided.insert(id);
                 }
             }
@@ -157,22 +165,21 @@ impl Daemon {
         Ok(None)
     }
 
-    /// Installs `manifest` (verified; `envelope` is its signed form) from the LAN
-    /// peers, then reboots into it.
+    /// Installs `release` (verified) from the LAN peers, then reboots into it.
     fn lan_install(
         &mut self,
         peer: PeerId,
-        envelope: Vec<u8>,
-        manifest: Manifest,
+        release: std::sync::Arc<shoal_engine::VerifiedRelease>,
     ) -> anyhow::Result<Handled> {
         let lan = self
             .lan
             .clone()
             .ok_or_else(|| anyhow!("the LAN is not joined"))?;
-        let id = ManifestId(manifest.hash());
+        let id = ManifestId(release.release().manifest_hash);
+        let verified = release;
         let release = shoal_fleet::report::Release {
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
+            name: verified.manifest().name.clone(),
+            version: verified.manifest().version.clone(),
         };
         info!(%peer, release = %format!("{}@{}", release.name, release.version), "installing a release a LAN peer runs");
         self.lan_report(
@@ -181,8 +188,7 @@ impl Daemon {
             Some(format!("from LAN peer {peer}")),
         );
         let (status, _) = crate::device::read_status(&self.config)?;
-        let served =
-            crate::lan::serve::Served::new(envelope.clone(), &manifest, status.active.other())?;
+        let served = self.served_installing(&verified, status.active.other())?;
         let requests = crate::lan::requests::LanRequests::start(
             lan.clone(),
             Box::new(NoServer::default()),
@@ -191,7 +197,7 @@ impl Daemon {
         let peer_bytes = requests.peer_bytes();
         let source = Source::Remote {
             name: "LAN peers".into(),
-            envelope,
+            release: verified,
             limits: SourceLimits::for_class(SourceClass::Wan),
             requests: Box::new(requests),
         };

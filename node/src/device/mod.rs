@@ -18,7 +18,7 @@ mod slotio;
 pub mod store;
 mod write_behind;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,13 +69,14 @@ pub enum Source {
         /// The bytes.
         reader: ArtifactInput,
     },
-    /// A request source that answers asynchronously (the daemon's server), with the
-    /// signed manifest envelope it serves.
+    /// A request source that answers asynchronously (the daemon's server, LAN
+    /// peers), with the release it serves, verified once by the caller
+    /// ([`Device::verify_envelope`]); the offer does not verify it again.
     Remote {
         /// For messages: the server.
         name: String,
-        /// The signed manifest envelope (checked by the engine's offer).
-        envelope: Vec<u8>,
+        /// The release (its envelope stored by this device's store).
+        release: Arc<shoal_engine::VerifiedRelease>,
         /// How many requests, bytes and chunks at once.
         limits: SourceLimits,
         /// The source.
@@ -496,6 +497,96 @@ impl Device {
         Ok((engine.status(), boot))
     }
 
+    /// Verifies a signed envelope received as bytes (the server's, a LAN
+    /// peer's, a rebuilt manifest delta) for an install by this device, once:
+    /// stored first as a file of the device store ([`Store::put_envelope_bytes`]),
+    /// the bytes dropped, then verified from the file
+    /// ([`Device::verify_stored_file`]: its chunk ids to `<hash>.ids`, read by
+    /// position). The `Arc` goes to [`Source::Remote`], whose offer does not
+    /// verify it again, and its table serves the fetcher's and the LAN's lookups.
+    /// A release refused leaves no file behind; one verified but not installed
+    /// is given back with [`Device::forget_release`]. A refusal's error holds
+    /// the engine's [`OfferError`](shoal_engine::OfferError) (its
+    /// `ChunkIds`/`StoredEnvelope` variants: the device's trouble, not the
+    /// release's).
+    pub fn verify_envelope(
+        &self,
+        envelope: Vec<u8>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        self.verify_envelope_at(envelope, wall_clock())
+    }
+
+    fn verify_envelope_at(
+        &self,
+        envelope: Vec<u8>,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        let stored = self
+            .store
+            .put_envelope_bytes(&envelope)
+            .context("cannot store the signed manifest")?;
+        let Some(hash) = stored else {
+            // A store without envelope files (the crash tests' backend): the
+            // release keeps the bytes.
+            return shoal_engine::VerifiedRelease::verify(&self.root, envelope, wall_unix_s)
+                .map_err(|e| anyhow!(e).context("the release was refused"));
+        };
+        drop(envelope);
+        let verified = self
+            .store
+            .open_stored_envelope(&hash)
+            .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))
+            .and_then(|(file, len)| self.verify_stored_file(&hash, &file, len, wall_unix_s));
+        if verified.is_err() {
+            self.store.forget_envelope(&hash);
+        }
+        verified
+    }
+
+    /// Removes the stored envelope (and its chunk ids) of a release verified by
+    /// [`Device::verify_envelope`] that is not installed after all, unless a
+    /// deployment names it.
+    pub fn forget_release(&self, release: &shoal_engine::VerifiedRelease) {
+        if let Some(hash) = release.stored_hash() {
+            self.store.forget_envelope(&hash);
+        }
+    }
+
+    /// Verifies the envelope the device store keeps as `hash` from its file
+    /// (`file`, `len` bytes: [`Store::open_stored_envelope`]) without holding it
+    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)),
+    /// its chunk ids going to `<hash>.ids` ([`Store::chunk_ids_writer`]) and read
+    /// from there by position: an 8 GiB image's 17.6 MB envelope and 13.8 MB of
+    /// ids stay on disk. The file and the ids install and every store-backed
+    /// install verify this way; the caller forgets the file on an error.
+    fn verify_stored_file(
+        &self,
+        hash: &[u8; 32],
+        file: &std::fs::File,
+        len: u64,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
+        let ids = self
+            .store
+            .chunk_ids_writer(hash)
+            .context("cannot keep the release's chunk ids")?
+            .expect("a store that keeps envelope files keeps their ids");
+        let file = chunk_ids::FileAt(
+            file.try_clone()
+                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
+        );
+        shoal_engine::VerifiedRelease::verify_file(&self.root, &file, len, *hash, wall_unix_s, ids)
+            .map_err(|e| match e {
+                shoal_engine::OfferError::ChunkIds(_) => {
+                    anyhow!(e).context("cannot keep the release's chunk ids")
+                }
+                shoal_engine::OfferError::StoredEnvelope(_) => {
+                    anyhow!(e).context("cannot read back the signed manifest")
+                }
+                e => anyhow!(e).context("the release was refused"),
+            })
+    }
+
     /// Installs a release into the inactive slot and arms its trial boot.
     /// `progress(done, total)` is called as bytes are done.
     pub fn install(
@@ -791,20 +882,26 @@ impl Device {
             }
             Source::Remote {
                 name,
-                envelope,
+                release,
                 limits,
                 requests,
             } => {
                 driver.requests = Some(requests);
-                // Decoded in place to name it (not copied: 17.6 MB at 8 GiB).
-                if let Ok(e) = shoal_signing::EnvelopeRef::from_bytes(&envelope) {
-                    let hash = *blake3::hash(e.signed).as_bytes();
-                    drop(e);
-                    kept.save(hash, &envelope);
+                // Kept from the store's file (copied, not read into memory).
+                let hash = release.release().manifest_hash;
+                match (release.envelope(), release.stored_hash()) {
+                    (Some(envelope), _) => kept.save(hash, &envelope),
+                    (None, Some(stored)) => match driver.dev.store.open_stored_envelope(&stored) {
+                        Ok((file, _)) => kept.save_file(hash, &file),
+                        Err(e) => kept.kept(
+                            hash,
+                            Err(anyhow!(e).context("cannot read back the signed manifest")),
+                        ),
+                    },
+                    (None, None) => {}
                 }
-                driver.offer_stored(
-                    envelope,
-                    wall,
+                driver.offer_verified_owned(
+                    &release,
                     vec![
                         SourceInfo::new(REMOTE, SourceKind::Requests, SourceClass::Wan, name)
                             .with_limits(limits),
@@ -825,20 +922,17 @@ impl Device {
                         .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
                 };
                 let (envelope, manifest) = found.swap_remove(picked);
-                let refs = manifest
-                    .payloads
-                    .iter()
-                    .flat_map(|p| p.chunks.iter())
-                    .map(|c| (c.id, *c))
-                    .collect();
-                driver.chunk_store = Some((store, refs));
+                drop(found);
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
                 kept.save(manifest.hash(), &envelope);
                 drop(manifest);
-                driver.offer_stored(
-                    envelope,
-                    wall,
+                // Verified from the device store's file; the store's chunks are
+                // looked up in its table (no map of every chunk).
+                let release = driver.dev.verify_envelope_at(envelope, wall)?;
+                driver.chunk_store = Some((store, Arc::clone(&release)));
+                driver.offer_verified_owned(
+                    &release,
                     vec![
                         SourceInfo::new(
                             STORE,
@@ -1042,6 +1136,55 @@ impl KeptManifests {
         shoal_artifact::chunk::Dictionary::from_bytes(bytes).ok()
     }
 
+    /// The kept envelope of the release whose manifest hashes to `hash`, verified
+    /// against `root` from its file without holding it
+    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)):
+    /// its chunk ids go to `<hash>.ids` beside it (derived again by every call,
+    /// pruned with the envelope) and are read from there by position. `None`
+    /// when no envelope of `hash` is kept; an error when it does not verify or is
+    /// another release's.
+    pub fn verify(
+        data_dir: &Path,
+        root: &TrustRoot,
+        hash: &[u8; 32],
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Option<Arc<shoal_engine::VerifiedRelease>>> {
+        let dir = KeptManifests::new(data_dir).dir;
+        let name = hex::encode(hash);
+        let path = dir.join(format!("{name}.envelope"));
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        };
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        // The file's own hash, which the verification reads it against.
+        let file_hash = {
+            let mut hasher = blake3::Hasher::new();
+            io::copy(&mut (&file).take(len), &mut hasher)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            *hasher.finalize().as_bytes()
+        };
+        let ids = chunk_ids::IdsWriter::create(dir.join(format!("{name}.ids")))
+            .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
+        let release = shoal_engine::VerifiedRelease::verify_file(
+            root,
+            &chunk_ids::FileAt(file),
+            len,
+            file_hash,
+            wall_unix_s,
+            Box::new(ids),
+        )
+        .map_err(|e| anyhow!(e).context(format!("{} does not verify", path.display())))?;
+        if release.release().manifest_hash != *hash {
+            bail!("{} is not the manifest it is named after", path.display());
+        }
+        Ok(Some(release))
+    }
+
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
     /// manifests of its two slots (and of a thin artifact's base).
     pub fn prune(data_dir: &Path, keep: &[[u8; 32]]) -> anyhow::Result<()> {
@@ -1050,7 +1193,11 @@ impl KeptManifests {
             .iter()
             .flat_map(|h| {
                 let h = hex::encode(h);
-                [format!("{h}.envelope"), format!("{h}.dictionary")]
+                [
+                    format!("{h}.envelope"),
+                    format!("{h}.dictionary"),
+                    format!("{h}.ids"),
+                ]
             })
             .collect();
         for entry in
@@ -1058,7 +1205,9 @@ impl KeptManifests {
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if (name.ends_with(".envelope") || name.ends_with(".dictionary"))
+            if (name.ends_with(".envelope")
+                || name.ends_with(".dictionary")
+                || name.ends_with(".ids"))
                 && !names.contains(&name)
             {
                 let path = entry.path();
@@ -1220,6 +1369,19 @@ pub(crate) fn running_references(
     let boot = shoal_bootctl::config::build(&config.slots, &config.bootloader, false)
         .map_err(|e| Exit::usage(format!("[slots]/[bootloader]: {}", chain(&e))))?;
     References::open(&boot, active, base)
+}
+
+/// The file of the device store holding the signed envelope of a release
+/// verified from it ([`Device::verify_envelope`]) while a deployment of it is in
+/// progress; `None` for a release that holds its envelope in memory.
+pub fn stored_envelope_path(
+    config: &Config,
+    release: &shoal_engine::VerifiedRelease,
+) -> Option<PathBuf> {
+    Some(store::envelope_file(
+        &config.device.data_dir,
+        &release.stored_hash()?,
+    ))
 }
 
 /// The engine's status and the bootloader's, read without writing or creating
@@ -1605,7 +1767,7 @@ struct Driver<'a> {
     write_behind: Option<write_behind::WriteBehind>,
     /// Reads of a slot (the running one) served from a stream read ahead.
     read_ahead: Option<(Slot, slotio::ReadAhead)>,
-    chunk_store: Option<(ChunkStore, BTreeMap<ChunkId, ChunkRef>)>,
+    chunk_store: Option<(ChunkStore, Arc<shoal_engine::VerifiedRelease>)>,
     requests: Option<Box<dyn Requests>>,
     events: Vec<Event>,
     reboot_asked: bool,
@@ -1650,55 +1812,23 @@ impl<'a> Driver<'a> {
         )
     }
 
-    /// Offers `envelope` through the device store: stored first as a file
-    /// ([`Store::put_envelope_bytes`]), the bytes dropped, then verified from
-    /// the file as the file install does ([`Driver::verify_stored_file`]: never
-    /// whole in memory again, its chunk ids going to `<hash>.ids`) and offered
-    /// verified, so the deployment names the file
-    /// ([`Record::EnvelopeStored`](shoal_engine::Record::EnvelopeStored)) rather
-    /// than the redb store carrying a copy, and a resume reads it back from the
-    /// file. A release refused leaves no file behind.
-    fn offer_stored(
+    /// [`Driver::offer_verified`] of a release verified from a file of the
+    /// device store ([`Device::verify_envelope`]): the file is forgotten when
+    /// the offer is refused.
+    fn offer_verified_owned(
         &mut self,
-        envelope: Vec<u8>,
-        wall_unix_s: Option<u64>,
+        release: &Arc<shoal_engine::VerifiedRelease>,
         sources: Vec<SourceInfo>,
         reboot: bool,
     ) -> anyhow::Result<()> {
-        let stored = self
-            .dev
-            .store
-            .put_envelope_bytes(&envelope)
-            .context("cannot store the signed manifest")?;
-        let Some(hash) = stored else {
-            let release =
-                shoal_engine::VerifiedRelease::verify(&self.dev.root, envelope, wall_unix_s)
-                    .map_err(|e| anyhow!(e).context("the release was refused"))?;
-            return self.offer_verified(&release, sources, reboot);
-        };
-        drop(envelope);
-        let offered = (|| {
-            let (file, len) = self
-                .dev
-                .store
-                .open_stored_envelope(&hash)
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?;
-            let release = self.verify_stored_file(&hash, &file, len, wall_unix_s)?;
-            self.offer_verified(&release, sources, reboot)
-        })();
+        let offered = self.offer_verified(release, sources, reboot);
         if offered.is_err() {
-            self.dev.store.forget_envelope(&hash);
+            self.dev.forget_release(release);
         }
         offered
     }
 
-    /// Verifies the envelope the device store keeps as `hash` from its file
-    /// (`file`, `len` bytes: [`Store::open_stored_envelope`]) without holding it
-    /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)),
-    /// its chunk ids going to `<hash>.ids` ([`Store::chunk_ids_writer`]) and read
-    /// from there by position: an 8 GiB image's 17.6 MB envelope and 13.8 MB of
-    /// ids stay on disk. The file and the ids install and every store-backed
-    /// install verify this way; the caller forgets the file on an error.
+    /// [`Device::verify_stored_file`].
     fn verify_stored_file(
         &self,
         hash: &[u8; 32],
@@ -1706,33 +1836,7 @@ impl<'a> Driver<'a> {
         len: u64,
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
-        let ids = self
-            .dev
-            .store
-            .chunk_ids_writer(hash)
-            .context("cannot keep the release's chunk ids")?
-            .expect("a store that keeps envelope files keeps their ids");
-        let file = chunk_ids::FileAt(
-            file.try_clone()
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
-        );
-        shoal_engine::VerifiedRelease::verify_file(
-            &self.dev.root,
-            &file,
-            len,
-            *hash,
-            wall_unix_s,
-            ids,
-        )
-        .map_err(|e| match e {
-            shoal_engine::OfferError::ChunkIds(_) => {
-                anyhow!(e).context("cannot keep the release's chunk ids")
-            }
-            shoal_engine::OfferError::StoredEnvelope(_) => {
-                anyhow!(e).context("cannot read back the signed manifest")
-            }
-            e => anyhow!(e).context("the release was refused"),
-        })
+        self.dev.verify_stored_file(hash, file, len, wall_unix_s)
     }
 
     /// Offers a release verified already.
@@ -2450,12 +2554,12 @@ impl<'a> Driver<'a> {
                 }
             }
             Output::Fetch { source, ids, .. } => {
-                let Some((store, refs)) = self.chunk_store.as_ref() else {
+                let Some((store, release)) = self.chunk_store.as_ref() else {
                     return Err((IoOp::Fetch, anyhow!("no request source {source}")));
                 };
                 let mut answers = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let answer = match refs.get(&id).map(|r| (r, store.get_verified(r))) {
+                    let answer = match release.chunk(&id).map(|r| (r, store.get_verified(&r))) {
                         Some((r, Ok(chunk))) => {
                             self.source_bytes_read += u64::from(r.stored_size);
                             Input::Chunk {
@@ -2767,5 +2871,60 @@ mod index_along_tests {
         // A chunk missing that is no repeat.
         assert!(!holds_chunks(&index[..2], &expected));
         assert!(!holds_chunks(&[], &expected));
+    }
+}
+
+#[cfg(test)]
+mod kept_tests {
+    use super::*;
+    use shoal_engine::testing;
+
+    /// The running release's kept envelope is verified from its file, its ids
+    /// written beside it and read back by position; a file named after another
+    /// manifest, or one that does not verify, is an error naming the file; none
+    /// kept is `None`; pruning takes the ids with their envelope.
+    #[test]
+    fn a_kept_envelope_verifies_from_its_file_with_its_ids_beside_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        let (key, root) = testing::keys(1);
+        let image = testing::bytes(5, 64 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[4096]);
+        let envelope = testing::sign(&manifest, &key);
+        let hash = manifest.hash();
+        assert!(
+            KeptManifests::verify(data, &root, &hash, None)
+                .expect("no error")
+                .is_none()
+        );
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        let release = KeptManifests::verify(data, &root, &hash, None)
+            .expect("verifies")
+            .expect("kept");
+        assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(release.chunk_count(), 16);
+        let ids_path = data
+            .join("manifests")
+            .join(format!("{}.ids", hex::encode(hash)));
+        assert_eq!(std::fs::metadata(&ids_path).expect("ids").len(), 16 * 32);
+        let first = ChunkId::from(blake3::hash(&image[..4096]));
+        assert_eq!(release.first_position(&first), Some((0, 0, 4096)));
+
+        // Another release's envelope under this name.
+        let (other, _) = testing::release_cut("os", "2", 1, "board", &image, &[8192]);
+        KeptManifests::save(data, &hash, &testing::sign(&other, &key)).expect("kept");
+        let e = KeptManifests::verify(data, &root, &hash, None).expect_err("another's");
+        assert!(
+            format!("{e:#}").ends_with("is not the manifest it is named after"),
+            "{e:#}"
+        );
+        // Signed by a key the root does not know.
+        let (stranger, _) = testing::keys(2);
+        KeptManifests::save(data, &hash, &testing::sign(&manifest, &stranger)).expect("kept");
+        let e = KeptManifests::verify(data, &root, &hash, None).expect_err("unsigned");
+        assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+
+        KeptManifests::prune(data, &[]).expect("pruned");
+        assert!(!ids_path.exists());
     }
 }

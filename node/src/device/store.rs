@@ -933,6 +933,12 @@ impl std::io::Write for HashingWriter {
 }
 
 /// The file of the envelope whose bytes hash to `hash`.
+/// The envelope file named `hash` of the store in `data_dir` (which may be
+/// gone: a reader opens it and takes what it finds).
+pub fn envelope_file(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
+    envelope_path(&data_dir.join(ENVELOPE_DIR), hash)
+}
+
 fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.envelope", hex::encode(hash)))
 }

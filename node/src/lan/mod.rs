@@ -328,7 +328,16 @@ impl Lan {
     }
 
     fn keep(&self, s: &Served) {
-        if let Err(e) = serve::save_envelope(&self.data_dir, &s.manifest, s.envelope.as_slice()) {
+        // A kept manifest served from its own file is kept already.
+        if matches!(&s.envelope, serve::EnvelopeAt::File(p) if *p == serve::envelope_path(&self.data_dir, &s.manifest))
+        {
+            return;
+        }
+        if let Err(e) = s
+            .envelope
+            .open()
+            .and_then(|r| serve::save_envelope(&self.data_dir, &s.manifest, r))
+        {
             warn!(error = %format!("{e:#}"), "cannot keep the manifest for peers");
         }
     }
@@ -1114,9 +1123,13 @@ impl EventLoop {
                 } => {
                     let answer = match self.release(&request.manifest) {
                         _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
-                        Some(s) => ManifestResponse::Envelope(serve::envelope_for_peer(
-                            s.envelope.to_vec(),
-                        )),
+                        Some(s) => match s.envelope.read() {
+                            Ok(e) => ManifestResponse::Envelope(serve::envelope_for_peer(e)),
+                            Err(e) => {
+                                warn!(%peer, error = %format!("{e:#}"), "cannot read the manifest a peer asked for");
+                                ManifestResponse::NotHere
+                            }
+                        },
                         None => ManifestResponse::NotHere,
                     };
                     let _ = self

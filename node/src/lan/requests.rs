@@ -72,8 +72,6 @@ pub struct LanRequests {
     peer_bytes: Arc<AtomicU64>,
     /// The positions written and verified, as last said to the peers.
     have: Bitfield,
-    /// Each chunk's first position in the release.
-    position: HashMap<ChunkId, u32>,
     /// Chunks asked of the server, by the request that asks for them, not answered
     /// yet.
     wan: HashMap<ChunkId, RequestId>,
@@ -97,7 +95,7 @@ impl LanRequests {
     /// Starts serving `release` (being written) to the LAN and carrying requests to
     /// the peers that have it, besides `server`.
     pub fn start(lan: Lan, server: Box<dyn Requests>, release: Served) -> LanRequests {
-        let positions = release.positions.len() as u32;
+        let positions = release.positions();
         let release = Arc::new(release);
         lan.serve_installing(Some((Arc::clone(&release), Bitfield::new(positions))));
         // Give the peers a moment to say whether they install it too.
@@ -116,10 +114,6 @@ impl LanRequests {
             std::thread::sleep(Duration::from_millis(50));
         }
         let (tx, rx) = channel();
-        let mut position = HashMap::with_capacity(release.positions.len());
-        for (p, (id, _, _)) in release.positions.iter().enumerate() {
-            position.entry(*id).or_insert(p as u32);
-        }
         LanRequests {
             server,
             me: node_key(&lan.peer_id()),
@@ -135,7 +129,6 @@ impl LanRequests {
             rx,
             peer_bytes: Arc::new(AtomicU64::new(0)),
             have: Bitfield::new(positions),
-            position,
             wan: HashMap::new(),
             got: HashSet::new(),
             fetching_changed: false,
@@ -156,15 +149,15 @@ impl LanRequests {
             return Some((false, Holds::All, None));
         }
         let i = state.installing.as_ref()?;
-        (i.manifest == self.release.manifest
-            && i.positions as usize == self.release.positions.len())
-        .then(|| {
-            (
-                true,
-                Holds::Positions(i.bitfield()),
-                Some(i.fetching_bitfield()),
-            )
-        })
+        (i.manifest == self.release.manifest && i.positions == self.release.positions()).then(
+            || {
+                (
+                    true,
+                    Holds::Positions(i.bitfield()),
+                    Some(i.fetching_bitfield()),
+                )
+            },
+        )
     }
 
     /// The changes in the peers since last looked at, as answers for the driver.
@@ -311,16 +304,16 @@ impl LanRequests {
         self.fetching_changed = false;
         let have = &self.have;
         self.got.retain(|id| {
-            let p = self.position.get(id).copied();
+            let p = self.release.position(id);
             p.is_some_and(|p| !have.get(p))
         });
-        let positions = self.release.positions.len() as u32;
+        let positions = self.release.positions();
         let fetching = Bitfield::from_members(
             positions,
             self.wan
                 .keys()
                 .chain(self.got.iter())
-                .filter_map(|id| self.position.get(id).copied())
+                .filter_map(|id| self.release.position(id))
                 .filter(|&p| !have.get(p)),
         );
         if fetching != self.fetching {

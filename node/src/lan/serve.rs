@@ -4,14 +4,13 @@
 //! hash to the id asked for leave the device (a slot region not yet written, or
 //! changed under us, is answered "not here").
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow};
-use shoal_artifact::{ChunkId, Manifest, PayloadKind};
+use shoal_artifact::ChunkId;
 use shoal_bootctl::BootControl;
-use shoal_engine::{Bitfield, Slot};
+use shoal_engine::{Bitfield, Slot, VerifiedRelease};
 
 use super::proto::{CHUNK_ANSWER_DATA_MAX, ChunkData, ManifestId};
 
@@ -20,48 +19,100 @@ use super::proto::{CHUNK_ANSWER_DATA_MAX, ChunkData, ManifestId};
 pub struct Served {
     /// Its id.
     pub manifest: ManifestId,
-    /// Its signed manifest envelope (for [`super::proto::MANIFEST`]).
-    pub envelope: Arc<Vec<u8>>,
+    /// Where its signed manifest envelope is read (for [`super::proto::MANIFEST`]).
+    pub envelope: EnvelopeAt,
     /// The slot holding (or receiving) its root filesystem payload.
     pub slot: Slot,
-    /// Each chunk's first position: (offset, length).
-    pub chunks: HashMap<ChunkId, (u64, u32)>,
-    /// The payload's chunk list, by position (for have-bitfields).
-    pub positions: Vec<(ChunkId, u64, u32)>,
+    /// The release, verified once: its chunk table (positions, offsets, lookups
+    /// by id), shared with the install; no list or map of its own.
+    pub release: Arc<VerifiedRelease>,
+}
+
+/// Where a served release's signed envelope is read from when a peer asks for it:
+/// a file (the device store's, or a kept manifest), so it is not held in memory
+/// while it is served, or bytes (a store without envelope files).
+#[derive(Debug, Clone)]
+pub enum EnvelopeAt {
+    /// A file holding exactly the envelope.
+    File(PathBuf),
+    /// The envelope.
+    Bytes(Arc<[u8]>),
+}
+
+impl EnvelopeAt {
+    /// The envelope of `release`, read from `file` if there is one.
+    pub fn of(release: &VerifiedRelease, file: Option<PathBuf>) -> anyhow::Result<EnvelopeAt> {
+        match (file, release.envelope()) {
+            (Some(path), _) => Ok(EnvelopeAt::File(path)),
+            (None, Some(bytes)) => Ok(EnvelopeAt::Bytes(bytes)),
+            (None, None) => Err(anyhow!("the release's signed manifest is not at hand")),
+        }
+    }
+
+    /// A reader of its bytes.
+    pub fn open(&self) -> anyhow::Result<Box<dyn std::io::Read + '_>> {
+        match self {
+            EnvelopeAt::File(path) => {
+                let f = std::fs::File::open(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(Box::new(f))
+            }
+            EnvelopeAt::Bytes(b) => Ok(Box::new(&b[..])),
+        }
+    }
+
+    /// Its bytes (bounded by the envelope size limit).
+    pub fn read(&self) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read as _;
+        let mut bytes = Vec::new();
+        self.open()?
+            .take(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .context("cannot read the signed manifest")?;
+        if bytes.len() > shoal_signing::ENVELOPE_SIZE_MAX {
+            return Err(anyhow!(
+                "the kept signed manifest is larger than any envelope"
+            ));
+        }
+        Ok(bytes)
+    }
 }
 
 impl Served {
-    /// The release of a verified manifest, in `slot`.
-    pub fn new(envelope: Vec<u8>, manifest: &Manifest, slot: Slot) -> anyhow::Result<Served> {
-        let payload = manifest
-            .payloads
-            .iter()
-            .find(|p| p.kind == PayloadKind::RootfsImage)
-            .ok_or_else(|| anyhow!("the release has no root filesystem payload"))?;
-        let mut positions = Vec::with_capacity(payload.chunks.len());
-        let mut chunks = HashMap::with_capacity(payload.chunks.len());
-        let mut offset = 0u64;
-        for c in &payload.chunks {
-            positions.push((c.id, offset, c.size));
-            chunks.entry(c.id).or_insert((offset, c.size));
-            offset += u64::from(c.size);
-        }
-        Ok(Served {
-            manifest: ManifestId(manifest.hash()),
-            envelope: Arc::new(envelope),
+    /// `release` (verified), its payload in `slot`.
+    pub fn new(release: Arc<VerifiedRelease>, envelope: EnvelopeAt, slot: Slot) -> Served {
+        Served {
+            manifest: ManifestId(release.release().manifest_hash),
+            envelope,
             slot,
-            chunks,
-            positions,
-        })
+            release,
+        }
+    }
+
+    /// Positions in the payload's chunk list.
+    pub fn positions(&self) -> u32 {
+        self.release.chunk_count()
+    }
+
+    /// A chunk's first position.
+    pub fn position(&self, id: &ChunkId) -> Option<u32> {
+        self.release.first_position(id).map(|(p, _, _)| p)
+    }
+
+    /// A chunk's first offset and length in the payload.
+    pub fn chunk(&self, id: &ChunkId) -> Option<(u64, u32)> {
+        self.release
+            .first_position(id)
+            .map(|(_, offset, len)| (offset, len))
     }
 
     /// Positions whose byte range lies inside `ranges` (journaled `(offset, len)`).
     pub fn have_of(&self, ranges: &[(u64, u64)]) -> Bitfield {
         let mut done: Vec<(u64, u64)> = ranges.to_vec();
         done.sort_unstable();
-        let mut have = Bitfield::new(self.positions.len() as u32);
+        let mut have = Bitfield::new(self.positions());
         let mut r = 0;
-        for (i, &(_, offset, size)) in self.positions.iter().enumerate() {
+        for (i, (offset, size)) in self.release.position_ranges().enumerate() {
             while r < done.len() && done[r].0 + done[r].1 <= offset {
                 r += 1;
             }
@@ -105,7 +156,7 @@ pub fn answer(
     let cap = (CHUNK_ANSWER_DATA_MAX as u64).min(budget);
     ids.iter()
         .map(|id| {
-            let Some(&(offset, len)) = release.chunks.get(id) else {
+            let Some((offset, len)) = release.chunk(id) else {
                 return ChunkData::NotHere;
             };
             if sent + u64::from(len) > cap && sent > 0 || budget < u64::from(len) {
@@ -305,33 +356,27 @@ mod tests {
         assert_eq!(names, [format!("{}.envelope", hex::encode([9; 32]))]);
     }
 
-    fn served(sizes: &[u32]) -> Served {
-        let mut positions = Vec::new();
-        let mut chunks = HashMap::new();
-        let mut offset = 0;
-        for (i, &s) in sizes.iter().enumerate() {
-            let id = ChunkId([i as u8; 32]);
-            positions.push((id, offset, s));
-            chunks.insert(id, (offset, s));
-            offset += u64::from(s);
-        }
-        Served {
-            manifest: ManifestId([0; 32]),
-            envelope: Arc::new(Vec::new()),
-            slot: Slot::B,
-            chunks,
-            positions,
-        }
+    /// A release of chunks of 1 KiB, each distinct.
+    fn served(chunks: usize) -> Served {
+        use shoal_engine::testing;
+        let image = testing::bytes(3, chunks * 1024);
+        let (key, root) = testing::keys(1);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let release =
+            VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies");
+        let envelope = EnvelopeAt::of(&release, None).expect("kept");
+        Served::new(release, envelope, Slot::B)
     }
 
     #[test]
     fn have_covers_whole_chunks_inside_journaled_ranges() {
-        let s = served(&[10, 10, 10, 10]);
+        let s = served(4);
+        assert_eq!(s.positions(), 4);
         // Chunk 0 and 2 written; chunk 3 half-covered only.
-        let have = s.have_of(&[(20, 10), (0, 10), (30, 5)]);
+        let have = s.have_of(&[(2048, 1024), (0, 1024), (3072, 512)]);
         assert_eq!(have.iter().collect::<Vec<_>>(), vec![0, 2]);
         // One range covering two chunks.
-        let have = s.have_of(&[(10, 20)]);
+        let have = s.have_of(&[(1024, 2048)]);
         assert_eq!(have.iter().collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(s.have_of(&[]).count(), 0);
     }

@@ -1,6 +1,5 @@
 //! Real libp2p on loopback, in one process: only the fleet is served.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,28 +126,30 @@ fn ask(
     rx.recv_timeout(Duration::from_secs(30)).expect("an answer")
 }
 
-/// `a` runs `release` from its slot A, whose image is `a_img`: four chunks, the
-/// first four 4 KiB of it. Returns their ids in order.
-fn serve_four_chunks(a: &Lan, a_img: &[u8], release: ManifestId) -> Vec<ChunkId> {
+/// A verified release of the first `chunks` 4 KiB chunks of `img`, served from
+/// `slot`.
+fn served(img: &[u8], chunks: usize, slot: Slot) -> Served {
+    use shoal_engine::testing;
+    let image = &img[..chunks * 4096];
+    let (key, root) = testing::keys(1);
+    let (manifest, _) = testing::release_cut("os", "1", 1, "board", image, &[4096]);
+    let release =
+        shoal_engine::VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None)
+            .expect("verifies");
+    let envelope = super::serve::EnvelopeAt::of(&release, None).expect("kept");
+    Served::new(release, envelope, slot)
+}
+
+/// `a` runs a release from its slot A, whose image is `a_img`: four chunks, the
+/// first four 4 KiB of it. Returns their ids in order, and the release.
+fn serve_four_chunks(a: &Lan, a_img: &[u8]) -> (Vec<ChunkId>, ManifestId) {
     let ids: Vec<ChunkId> = (0..4)
         .map(|i| ChunkId::from(blake3::hash(&a_img[i * 4096..(i + 1) * 4096])))
         .collect();
-    a.serve_running(Some(Arc::new(Served {
-        manifest: release,
-        envelope: Arc::new(b"envelope".to_vec()),
-        slot: Slot::A,
-        chunks: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, (i as u64 * 4096, 4096)))
-            .collect(),
-        positions: ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, i as u64 * 4096, 4096))
-            .collect(),
-    })));
-    ids
+    let s = served(a_img, 4, Slot::A);
+    let release = s.manifest;
+    a.serve_running(Some(Arc::new(s)));
+    (ids, release)
 }
 
 /// Waits up to 30 s for `b` to hear that `a` runs `release`; panics with `what`
@@ -170,14 +171,9 @@ fn only_members_of_the_fleet_get_chunks() {
     let a = Lan::start(&a_cfg, &a_key).expect("a starts");
     let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
     let id = ChunkId::from(blake3::hash(&a_img[..4096]));
-    let release = ManifestId([7; 32]);
-    a.serve_running(Some(Arc::new(Served {
-        manifest: release,
-        envelope: Arc::new(b"envelope".to_vec()),
-        slot: Slot::A,
-        chunks: HashMap::from([(id, (0, 4096))]),
-        positions: vec![(id, 0, 4096)],
-    })));
+    let s = served(&a_img, 1, Slot::A);
+    let release = s.manifest;
+    a.serve_running(Some(Arc::new(s)));
     let a_addr = address(&a_cfg);
     let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
 
@@ -246,8 +242,7 @@ fn each_peer_is_served_at_most_its_byte_rate() {
     a_cfg.lan.serve_rate_kib_s = 8;
     let a = Lan::start(&a_cfg, &a_key).expect("a starts");
     let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
-    let release = ManifestId([8; 32]);
-    let ids = serve_four_chunks(&a, &a_img, release);
+    let (ids, release) = serve_four_chunks(&a, &a_img);
     let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
     let (b_cfg, b_key) = device(
         dir.path(),
@@ -366,8 +361,7 @@ fn quic_alone_carries_chunks_to_members_only_and_blocks() {
     let (a_cfg, a_key) = device_on(dir.path(), 0, Some(("plant", FLEET_KEY)), &[], QUIC);
     let a = Lan::start(&a_cfg, &a_key).expect("a starts");
     let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
-    let release = ManifestId([9; 32]);
-    let ids = serve_four_chunks(&a, &a_img, release);
+    let (ids, release) = serve_four_chunks(&a, &a_img);
     // A listens on QUIC and nothing else: whoever reaches A does so over QUIC.
     let a_addrs = addresses(&a_cfg, 1);
     assert_eq!(a_addrs.len(), 1, "{a_addrs:?}");
@@ -528,15 +522,11 @@ fn mdns_finds_peers_over_quic_alone() {
         c
     };
     let (a_cfg, a_key) = device_on(dir.path(), 0, Some(("plant", FLEET_KEY)), &[], QUIC);
+    let a_img = std::fs::read(&a_cfg.slots.a.path).unwrap();
     let a = Lan::start(&mdns(a_cfg), &a_key).expect("a starts");
-    let release = ManifestId([9; 32]);
-    a.serve_running(Some(Arc::new(Served {
-        manifest: release,
-        envelope: Arc::new(b"envelope".to_vec()),
-        slot: Slot::A,
-        chunks: HashMap::new(),
-        positions: vec![],
-    })));
+    let s = served(&a_img, 1, Slot::A);
+    let release = s.manifest;
+    a.serve_running(Some(Arc::new(s)));
     let a_peer = keypair(&a_key).unwrap().public().to_peer_id();
     let (b_cfg, b_key) = device_on(dir.path(), 1, Some(("plant", FLEET_KEY)), &[], QUIC);
     let b = Lan::start(&mdns(b_cfg), &b_key).expect("b starts");

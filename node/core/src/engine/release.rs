@@ -339,6 +339,57 @@ impl VerifiedRelease {
         }
     }
 
+    /// The BLAKE3 of the envelope's bytes, when the driver stored it as a file
+    /// named by it before verifying it ([`VerifiedRelease::verify_file`],
+    /// [`VerifiedRelease::verify_stored`]).
+    pub fn stored_hash(&self) -> Option<[u8; 32]> {
+        self.stored
+    }
+
+    /// A distinct chunk of the payload by its id, read from the table (a
+    /// search of the prefixes in memory, a full id read where one matches):
+    /// a network driver's lookup of the chunks it is asked for, without a map
+    /// of its own.
+    pub fn chunk(&self, id: &ChunkId) -> Option<shoal_artifact::ChunkRef> {
+        let e = self.table.entry(id)?;
+        Some(shoal_artifact::ChunkRef {
+            id: *id,
+            size: self.table.size(e),
+            stored_size: self.table.wire_size(e),
+        })
+    }
+
+    /// The first position of a chunk in the payload's chunk list, with its
+    /// offset and length there (a peer serving it reads it from there).
+    pub fn first_position(&self, id: &ChunkId) -> Option<(u32, u64, u32)> {
+        let e = self.table.entry(id)?;
+        Some((
+            self.table
+                .positions_of(e)
+                .next()
+                .expect("an entry has a position"),
+            self.table.first_offset(e),
+            self.table.size(e),
+        ))
+    }
+
+    /// Distinct chunks of the payload.
+    pub fn distinct_chunks(&self) -> u32 {
+        self.table.entries()
+    }
+
+    /// The chunks at the payload's positions, in order: offset and length
+    /// (have-bitfields over byte ranges), read from the table as it goes.
+    pub fn position_ranges(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let mut offset = 0u64;
+        (0..self.table.positions()).map(move |p| {
+            let size = self.table.size(self.table.entry_at(p));
+            let at = offset;
+            offset += u64::from(size);
+            (at, size)
+        })
+    }
+
     /// Heap bytes of its chunk table (what a fleet shares).
     pub fn table_heap_bytes(&self) -> usize {
         self.table.heap_bytes()
@@ -451,5 +502,41 @@ impl shoal_artifact::ChunkList for VerifiedRelease {
             size: self.table.size(e),
             stored_size: self.table.wire_size(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    /// A driver's lookups by id and by position read the table: the chunk's
+    /// sizes, its first position and offset (a repeated chunk's first), and
+    /// every position's range in order; an id the release lacks is `None`.
+    #[test]
+    fn lookups_by_id_and_position_read_the_table() {
+        // Chunks of 2 KiB: 0, 1, 0 (repeated), 2.
+        let a = testing::bytes(1, 2048);
+        let b = testing::bytes(2, 2048);
+        let c = testing::bytes(3, 2048);
+        let image = [&a[..], &b[..], &a[..], &c[..]].concat();
+        let (key, root) = testing::keys(1);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[2048]);
+        let release =
+            VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies");
+        let id = |bytes: &[u8]| ChunkId::from(blake3::hash(bytes));
+        assert_eq!(release.distinct_chunks(), 3);
+        assert_eq!(release.chunk_count(), 4);
+        let got = release.chunk(&id(&b)).expect("b is listed");
+        assert_eq!((got.id, got.size, got.stored_size), (id(&b), 2048, 2048));
+        assert_eq!(release.first_position(&id(&a)), Some((0, 0, 2048)));
+        assert_eq!(release.first_position(&id(&c)), Some((3, 6144, 2048)));
+        assert_eq!(release.chunk(&ChunkId([7; 32])), None);
+        assert_eq!(release.first_position(&ChunkId([7; 32])), None);
+        assert_eq!(
+            release.position_ranges().collect::<Vec<_>>(),
+            [(0, 2048), (2048, 2048), (4096, 2048), (6144, 2048)]
+        );
+        assert_eq!(release.stored_hash(), None);
     }
 }
