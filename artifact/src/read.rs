@@ -7,8 +7,9 @@
 //! the manifest says comes next, decodes it (bounded by its declared size) and checks
 //! its hash before returning a byte of it. Works on any `Read`, a pipe included, and
 //! holds one chunk at a time; [`ArtifactReader::next_wanted`] skips the chunks a
-//! caller does not want without reading them when the source can skip ([`Skip`]),
-//! and, when the artifact has a pack table, without reading any pack's header.
+//! caller does not want without reading them when the source can skip ([`Skip`]);
+//! it still reads and checks every member header (one per data member, the default
+//! layout; one and a count per pack), as `verify` does.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -1767,9 +1768,10 @@ impl<R: Skip> ArtifactReader<R> {
     ///
     /// Every member header (and each pack's 4-byte count) is still read and checked
     /// exactly as `next_raw` and `verify` check it, so an artifact `verify` refuses
-    /// (a `..` path, a hard link or device node, packs out of order, a second
-    /// dictionary, a count that disagrees with the pack table) is refused here too,
-    /// even where none of its chunks is wanted: 516 bytes per pack.
+    /// (a `..` path, a hard link or device node, packs or data members out of order,
+    /// a second dictionary, a count that disagrees with the pack table, a data member
+    /// that ends inside a chunk) is refused here too, even where none of its chunks
+    /// is wanted: 512 bytes per data member (one for most images), 516 per pack.
     pub fn next_wanted(
         &mut self,
         mut want: impl FnMut(&ChunkId) -> bool,

@@ -2,9 +2,10 @@
 //!
 //! The build streams: a chunker thread cuts the image and hashes the whole payload,
 //! batches of chunks are hashed and compressed on all cores (rayon), and each new
-//! distinct chunk is appended to a pack member in a spool file. Only when the image is
-//! done is the manifest known; the artifact is then written as the envelope member
-//! followed by a copy of the spool. Memory is bounded by a few batches, whatever the
+//! distinct chunk is appended to a spool file (as is, for data members; in a pack
+//! member, for packs). Only when the image is done is the manifest known; the
+//! artifact is then written as the envelope member followed by a copy of the spool
+//! (under data member headers, for data members). Memory is bounded by a few batches, whatever the
 //! image size.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
