@@ -1090,3 +1090,57 @@ pub fn add_signatures(
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(count)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data members close after 4 GiB of stored bytes, at a chunk boundary, so each
+    /// stays under the 8 GiB an octal ustar size field holds; packs after 1 MiB or
+    /// 4096 chunks. `artifact_len` frames what the packer closes.
+    #[test]
+    fn data_members_close_after_4_gib_and_fit_an_octal_size() {
+        let chunk = 4u32 << 20;
+        let mut packer = Packer::of(Layout::Data);
+        let mut closed = Vec::new();
+        for _ in 0..2_100 {
+            closed.extend(packer.push(chunk as usize));
+        }
+        closed.extend(packer.finish());
+        assert_eq!(
+            closed,
+            [(1024, 4 << 30), (1024, 4 << 30), (52, 52 * (4 << 20))]
+        );
+        // Not on a 4 GiB boundary: the member takes the chunk that crosses it.
+        let mut packer = Packer::of(Layout::Data);
+        let first = std::iter::once(1000)
+            .chain(std::iter::repeat_n(chunk as usize, 1100))
+            .find_map(|s| packer.push(s));
+        assert_eq!(first, Some((1025, 1000 + 1024 * (4 << 20))));
+        let octal_max = (1u64 << 33) - 1;
+        assert!(DATA_MEMBER_BYTES + u64::from(chunk) < octal_max);
+        let len = artifact_len(
+            1000,
+            0,
+            None,
+            std::iter::repeat_n(chunk, 2_100),
+            Layout::Data,
+        );
+        let members = member_len(4 << 30) * 2 + member_len(52 * (4 << 20));
+        assert_eq!(len, member_len(1000) + members + 1024);
+        // Packs, for comparison: one per 1 MiB (here one a chunk), and the table.
+        let packs = artifact_len(
+            1000,
+            0,
+            None,
+            std::iter::repeat_n(1 << 20, 3),
+            Layout::Packs {
+                bytes: PACK_BYTES_DEFAULT,
+            },
+        );
+        assert_eq!(
+            packs,
+            member_len(1000) + 3 * member_len(4 + (1 << 20)) + member_len(12) + 1024
+        );
+    }
+}
