@@ -6,7 +6,7 @@ use serde::Serialize;
 use shoal_signing::Envelope;
 
 use crate::manifest::{ChunkId, Manifest};
-use crate::write::{PACK_BYTES_DEFAULT, artifact_len, thin_manifest};
+use crate::write::{Layout, artifact_len, thin_manifest};
 
 /// How much of a new release a device running an old one already has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,7 +83,7 @@ pub fn diff(
         new_dictionary_len,
         Some(distinct.len()),
         needed.iter().map(|c| c.stored_size),
-        PACK_BYTES_DEFAULT,
+        Layout::Data,
     );
     let store_dictionary = if needed.is_empty() {
         0

@@ -7,8 +7,9 @@
 //! the manifest says comes next, decodes it (bounded by its declared size) and checks
 //! its hash before returning a byte of it. Works on any `Read`, a pipe included, and
 //! holds one chunk at a time; [`ArtifactReader::next_wanted`] skips the chunks a
-//! caller does not want without reading them when the source can skip ([`Skip`]),
-//! and, when the artifact has a pack table, without reading any pack's header.
+//! caller does not want without reading them when the source can skip ([`Skip`]);
+//! it still reads and checks every member header (one per data member, the default
+//! layout; one and a count per pack), as `verify` does.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -64,6 +65,12 @@ pub fn pack_path(seq: u64) -> String {
 
 /// Most chunks in one pack.
 pub const PACK_CHUNKS_MAX: usize = 4096;
+
+/// Path of the `seq`th data member (from 0) of an artifact laid out in data members
+/// (`write::Layout::Data`): the stored chunks concatenated, no count, no table.
+pub fn data_path(seq: u64) -> String {
+    format!("data/{seq:08}")
+}
 
 /// Path of the pack table member, after the envelope, dictionary and contents and
 /// before the first pack: the chunk count of each pack, in order, so a reader knows
@@ -197,13 +204,27 @@ impl Expected {
     }
 }
 
-/// A pack member being read.
+/// A pack member (or a data member) being read.
 #[derive(Debug)]
 struct Pack {
     seq: u64,
+    /// The chunks of the member, or of a data member's window (at most
+    /// [`PACK_CHUNKS_MAX`] at a time: a data member may hold every chunk).
     chunks: Vec<ChunkRef>,
     next: usize,
     padding: usize,
+    /// A data member's bytes after its window; always 0 for a pack.
+    rest: u64,
+}
+
+/// How the chunks of an artifact are laid out, as its first member after the
+/// members before them says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `packs/N` members, each with its count (and, since it exists, the table).
+    Packs,
+    /// `data/N` members: the stored chunks alone.
+    Data,
 }
 
 /// Why an artifact was refused. Nothing read from an artifact is used after one.
@@ -304,7 +325,18 @@ pub enum ReadError {
         /// Member size.
         found: u64,
     },
-    /// A member that is not the next pack (or not a regular file).
+    /// A data member does not end where a chunk ends: it is empty, ends inside a
+    /// chunk (the next chunk's signed stored size is more than it has left), or goes
+    /// on after the last chunk the artifact holds.
+    #[error("data member {seq}: {reason}")]
+    BadDataMember {
+        /// The member's sequence number.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A member that is not the next pack or data member (or not a regular file), a
+    /// data member after packs or a pack table, a pack after data members.
     #[error("unexpected tar member {path:?}")]
     UnexpectedMember {
         /// The member's path.
@@ -637,6 +669,8 @@ pub struct ArtifactReader<R: Read> {
     ready: std::collections::VecDeque<RawChunk>,
     pack: Option<Pack>,
     packs_read: u64,
+    /// The layout, once the first pack or data member was read.
+    layout: Option<Layout>,
     dictionary: Option<Dictionary>,
     /// A dictionary the caller keeps, for an artifact that reuses its base's
     /// ([`ArtifactReader::hold_dictionary`]): used when the artifact has no member.
@@ -872,6 +906,7 @@ impl<R: Read> ArtifactReader<R> {
             ready: std::collections::VecDeque::new(),
             pack: None,
             packs_read: 0,
+            layout: None,
             dictionary: None,
             held_dictionary: None,
             contents: None,
@@ -1099,10 +1134,7 @@ impl<R: Read> ArtifactReader<R> {
     /// its place and size, but does not decode it. `Ok(None)` once the archive ended
     /// and every expected chunk was seen.
     pub fn next_raw(&mut self) -> Result<Option<RawChunk>, ReadError> {
-        if self.done {
-            return Ok(None);
-        }
-        if self.pack.is_none() && !self.open_pack()? {
+        if !self.window()? {
             return Ok(None);
         }
         let pack = self.pack.as_mut().expect("a pack is open");
@@ -1117,17 +1149,8 @@ impl<R: Read> ArtifactReader<R> {
             });
         }
         self.offset += u64::from(chunk.stored_size);
-        if pack.next == pack.chunks.len() {
-            let seq = pack.seq;
-            let mut pad = [0u8; BLOCK];
-            let pad = &mut pad[..pack.padding];
-            if !ustar::read_full(&mut self.src, pad, &mut got)? {
-                return Err(ReadError::Truncated {
-                    what: format!("pack {seq}"),
-                });
-            }
-            self.offset += pad.len() as u64;
-            self.pack = None;
+        if pack.next == pack.chunks.len() && pack.rest == 0 {
+            self.close_pack()?;
         }
         Ok(Some(RawChunk {
             chunk,
@@ -1135,6 +1158,78 @@ impl<R: Read> ArtifactReader<R> {
             dictionary: self.dictionary.clone(),
             reference: self.references.get(&chunk.id).cloned(),
         }))
+    }
+
+    /// Makes sure a pack (or a data member's window) with a chunk still to read is
+    /// open: opens the next member, or takes a data member's next chunks.
+    /// `Ok(false)` at the (checked) end of the archive.
+    fn window(&mut self) -> Result<bool, ReadError> {
+        loop {
+            if self.done {
+                return Ok(false);
+            }
+            match &self.pack {
+                Some(p) if p.next < p.chunks.len() => return Ok(true),
+                Some(_) => self.next_window()?,
+                None => {
+                    if !self.open_pack()? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the padding after the open pack's last chunk and closes it.
+    fn close_pack(&mut self) -> Result<(), ReadError> {
+        let pack = self.pack.take().expect("a pack is open");
+        let mut pad = [0u8; BLOCK];
+        let pad = &mut pad[..pack.padding];
+        let mut got = 0;
+        if !ustar::read_full(&mut self.src, pad, &mut got)? {
+            return Err(ReadError::Truncated {
+                what: match self.layout {
+                    Some(Layout::Data) => format!("data member {}", pack.seq),
+                    _ => format!("pack {}", pack.seq),
+                },
+            });
+        }
+        self.offset += pad.len() as u64;
+        Ok(())
+    }
+
+    /// Takes the next chunks of the open data member: as many as its bytes left
+    /// hold (at most [`PACK_CHUNKS_MAX`] at a time), by their signed stored sizes.
+    /// The member must end where a chunk ends, and hold no bytes past the last one.
+    fn next_window(&mut self) -> Result<(), ReadError> {
+        let pack = self.pack.as_mut().expect("a pack is open");
+        let expected = self.expected.as_mut().expect("bound");
+        let mut chunks = Vec::new();
+        let mut bytes = 0u64;
+        while chunks.len() < PACK_CHUNKS_MAX
+            && let Some(c) = expected.peek()
+            && bytes + u64::from(c.stored_size) <= pack.rest
+        {
+            bytes += u64::from(c.stored_size);
+            chunks.extend(expected.take(1));
+        }
+        if chunks.is_empty() {
+            let reason = match expected.peek() {
+                Some(c) => format!(
+                    "ends {} bytes into chunk {} of {} stored bytes",
+                    pack.rest, c.id, c.stored_size
+                ),
+                None => format!("{} bytes after the last chunk", pack.rest),
+            };
+            return Err(ReadError::BadDataMember {
+                seq: pack.seq,
+                reason,
+            });
+        }
+        pack.rest -= bytes;
+        pack.chunks = chunks;
+        pack.next = 0;
+        Ok(())
     }
 
     /// Reads the members before the first pack: the dictionary, contents and pack
@@ -1229,8 +1324,40 @@ impl<R: Read> ArtifactReader<R> {
             return Err(ReadError::UnsafePath { path: member.path });
         }
         let is_file = member.kind == b'0' || member.kind == 0;
-        if !is_file || member.path != pack_path(self.packs_read) {
+        // The first member says the layout: data members, or packs (and only packs
+        // come after a pack table).
+        let layout = match self.layout {
+            Some(l) => l,
+            None if self.table.is_none() && member.path == data_path(0) => Layout::Data,
+            None => Layout::Packs,
+        };
+        let path = match layout {
+            Layout::Packs => pack_path(self.packs_read),
+            Layout::Data => data_path(self.packs_read),
+        };
+        if !is_file || member.path != path {
             return Err(ReadError::UnexpectedMember { path: member.path });
+        }
+        self.layout = Some(layout);
+        if layout == Layout::Data {
+            self.bind()?;
+            let seq = self.packs_read;
+            self.packs_read += 1;
+            if member.size == 0 {
+                return Err(ReadError::BadDataMember {
+                    seq,
+                    reason: "no bytes".into(),
+                });
+            }
+            self.pack = Some(Pack {
+                seq,
+                chunks: Vec::new(),
+                next: 0,
+                padding: ustar::padding(member.size),
+                rest: member.size,
+            });
+            self.next_window()?;
+            return Ok(true);
         }
         self.bind()?;
         let seq = self.packs_read;
@@ -1289,6 +1416,7 @@ impl<R: Read> ArtifactReader<R> {
             chunks,
             next: 0,
             padding: ustar::padding(member.size),
+            rest: 0,
         });
         Ok(true)
     }
@@ -1640,9 +1768,10 @@ impl<R: Skip> ArtifactReader<R> {
     ///
     /// Every member header (and each pack's 4-byte count) is still read and checked
     /// exactly as `next_raw` and `verify` check it, so an artifact `verify` refuses
-    /// (a `..` path, a hard link or device node, packs out of order, a second
-    /// dictionary, a count that disagrees with the pack table) is refused here too,
-    /// even where none of its chunks is wanted: 516 bytes per pack.
+    /// (a `..` path, a hard link or device node, packs or data members out of order,
+    /// a second dictionary, a count that disagrees with the pack table, a data member
+    /// that ends inside a chunk) is refused here too, even where none of its chunks
+    /// is wanted: 512 bytes per data member (one for most images), 516 per pack.
     pub fn next_wanted(
         &mut self,
         mut want: impl FnMut(&ChunkId) -> bool,
@@ -1651,13 +1780,11 @@ impl<R: Skip> ArtifactReader<R> {
             if let Some(raw) = self.ready.pop_front() {
                 return Ok(Some(raw));
             }
-            if self.done {
-                return Ok(None);
-            }
-            // Every pack's header and count are read and checked as `next_raw`
-            // checks them (path, type, order, count against the table), also of a
-            // pack none of whose chunks are wanted: one reader, one set of rules.
-            if self.pack.is_none() && !self.open_pack()? {
+            // Every member's header (and a pack's count) is read and checked as
+            // `next_raw` checks it (path, type, order, count against the table, size),
+            // also of a member none of whose chunks are wanted: one reader, one set
+            // of rules.
+            if !self.window()? {
                 return Ok(None);
             }
             let pack = self.pack.as_mut().expect("a pack is open");
@@ -1678,7 +1805,7 @@ impl<R: Skip> ArtifactReader<R> {
                 pack.next += 1;
             }
             let end = pack.next;
-            let last = pack.next == pack.chunks.len();
+            let last = pack.next == pack.chunks.len() && pack.rest == 0;
             let padding = pack.padding as u64;
             let chunks = pack.chunks[start..end].to_vec();
             if last {

@@ -2,9 +2,10 @@
 //!
 //! The build streams: a chunker thread cuts the image and hashes the whole payload,
 //! batches of chunks are hashed and compressed on all cores (rayon), and each new
-//! distinct chunk is appended to a pack member in a spool file. Only when the image is
-//! done is the manifest known; the artifact is then written as the envelope member
-//! followed by a copy of the spool. Memory is bounded by a few batches, whatever the
+//! distinct chunk is appended to a spool file (as is, for data members; in a pack
+//! member, for packs). Only when the image is done is the manifest known; the
+//! artifact is then written as the envelope member followed by a copy of the spool
+//! (under data member headers, for data members). Memory is bounded by a few batches, whatever the
 //! image size.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,7 +27,7 @@ use crate::manifest::{
 use crate::manifest_delta::{HeldManifests, MANIFEST_DELTA_MEMBER, ManifestDelta};
 use crate::read::{
     CONTENTS_MEMBER, DICTIONARY_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_HEADER_LEN,
-    PACK_TABLE_ENTRY_LEN, PACK_TABLE_MEMBER, contents_bitmap, pack_path, pack_table,
+    PACK_TABLE_ENTRY_LEN, PACK_TABLE_MEMBER, contents_bitmap, data_path, pack_path, pack_table,
 };
 use crate::ustar;
 
@@ -56,8 +57,8 @@ pub struct BuildOptions {
     pub chunking: Chunking,
     /// zstd level.
     pub zstd_level: i32,
-    /// Stored bytes after which a pack member is closed.
-    pub pack_bytes: usize,
+    /// How the chunks are laid out in the archive (see [`Layout`]).
+    pub layout: Layout,
     /// Train a zstd dictionary on a sample of the chunks and compress with it (one
     /// more read of the image; see DESIGN.md for what it buys).
     pub dictionary: bool,
@@ -67,43 +68,85 @@ pub struct BuildOptions {
     pub manifest_delta: bool,
 }
 
-/// Default stored bytes per pack member: big enough that tar's per-member cost (a
-/// 512-byte header and padding) is noise, small enough to stay a streaming unit.
+/// Default stored bytes per pack member of [`Layout::Packs`]: big enough that tar's
+/// per-member cost (a 512-byte header and padding) is noise, small enough to stay a
+/// streaming unit.
 pub const PACK_BYTES_DEFAULT: usize = 1024 * 1024;
 
-/// Where packs close: after `limit` stored bytes or [`PACK_CHUNKS_MAX`] chunks. The
-/// writer packs with it, and [`artifact_len`] sizes artifacts with it, so a size
-/// computed from a manifest is the size a build writes.
+/// Stored bytes after which a data member of [`Layout::Data`] is closed: a member is
+/// at most this plus one chunk's stored form, under the 8 GiB a ustar size field
+/// holds in octal.
+pub const DATA_MEMBER_BYTES: u64 = 4 << 30;
+
+/// How an artifact lays out the stored chunks after the members before them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// The default: the chunks concatenated in `data/00000000`, `data/00000001`, …
+    /// members of about [`DATA_MEMBER_BYTES`] each (one for any image under 4 GiB of
+    /// stored chunks), with no count and no pack table: which chunks a member holds
+    /// follows from its size and the signed stored sizes. A reader reads one tar
+    /// header per member, so a device that needs a few chunks of a full artifact reads
+    /// no framing it would not read from the thin one.
+    #[default]
+    Data,
+    /// Pack members of about `bytes` stored bytes, each with its chunk count, and
+    /// the pack table: the layout before data members, which is all that readers
+    /// from before them read (`shoal artifact build --packs`, for a fleet still
+    /// running such a release).
+    Packs {
+        /// Stored bytes after which a pack is closed.
+        bytes: usize,
+    },
+}
+
+/// Where packs (or data members) close: after `limit` stored bytes or `chunks_max`
+/// chunks. The writer packs with it, and [`artifact_len`] sizes artifacts with it,
+/// so a size computed from a manifest is the size a build writes.
 #[derive(Debug, Clone)]
 pub struct Packer {
-    limit: usize,
+    limit: u64,
+    chunks_max: usize,
     count: usize,
-    bytes: usize,
+    bytes: u64,
 }
 
 impl Packer {
-    /// Packs closed after `limit` stored bytes.
+    /// Packs closed after `limit` stored bytes or [`PACK_CHUNKS_MAX`] chunks.
     pub fn new(limit: usize) -> Packer {
         Packer {
-            limit,
+            limit: limit as u64,
+            chunks_max: PACK_CHUNKS_MAX,
             count: 0,
             bytes: 0,
         }
     }
 
+    /// How `layout` closes its members.
+    pub fn of(layout: Layout) -> Packer {
+        match layout {
+            Layout::Packs { bytes } => Packer::new(bytes),
+            Layout::Data => Packer {
+                limit: DATA_MEMBER_BYTES,
+                chunks_max: usize::MAX,
+                count: 0,
+                bytes: 0,
+            },
+        }
+    }
+
     /// Adds a chunk of `stored` bytes to the open pack; returns the pack's
     /// `(chunks, stored bytes)` when it closes after this chunk.
-    pub fn push(&mut self, stored: usize) -> Option<(usize, usize)> {
+    pub fn push(&mut self, stored: usize) -> Option<(usize, u64)> {
         self.count += 1;
-        self.bytes += stored;
-        if self.bytes >= self.limit || self.count == PACK_CHUNKS_MAX {
+        self.bytes += stored as u64;
+        if self.bytes >= self.limit || self.count == self.chunks_max {
             return self.finish();
         }
         None
     }
 
     /// Closes the open pack, if it holds a chunk: its `(chunks, stored bytes)`.
-    pub fn finish(&mut self) -> Option<(usize, usize)> {
+    pub fn finish(&mut self) -> Option<(usize, u64)> {
         if self.count == 0 {
             return None;
         }
@@ -114,53 +157,118 @@ impl Packer {
     }
 }
 
-/// A pack member being filled, and the chunk counts of those written (the pack
-/// table).
+/// The members holding the chunks being written to a spool: pack members (whole,
+/// with their tar framing) for [`Layout::Packs`] and the pack table's counts; for
+/// [`Layout::Data`] the stored forms alone, and each data member's size, whose
+/// headers are written when the spool is copied into the artifact.
 #[derive(Debug)]
 struct PackWriter {
+    layout: Layout,
     packer: Packer,
     count: usize,
     data: Vec<u8>,
     seq: u64,
     counts: Vec<u32>,
+    /// Data bytes of each closed data member.
+    sizes: Vec<u64>,
+    /// Stored bytes pushed.
+    stored: u64,
 }
 
 impl PackWriter {
-    fn new(limit: usize) -> PackWriter {
+    fn new(layout: Layout) -> PackWriter {
         PackWriter {
-            packer: Packer::new(limit),
+            layout,
+            packer: Packer::of(layout),
             count: 0,
             data: Vec::new(),
             seq: 0,
             counts: Vec::new(),
+            sizes: Vec::new(),
+            stored: 0,
         }
     }
 
     fn push<W: Write>(&mut self, out: &mut W, stored: &[u8]) -> io::Result<()> {
         self.count += 1;
-        self.data.extend_from_slice(stored);
-        if self.packer.push(stored.len()).is_some() {
-            self.write(out)?;
+        self.stored += stored.len() as u64;
+        if self.layout == Layout::Data {
+            out.write_all(stored)?;
+        } else {
+            self.data.extend_from_slice(stored);
+        }
+        if let Some((_, bytes)) = self.packer.push(stored.len()) {
+            self.close(out, bytes)?;
         }
         Ok(())
     }
 
     fn flush<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
-        if self.packer.finish().is_some() {
-            self.write(out)?;
+        if let Some((_, bytes)) = self.packer.finish() {
+            self.close(out, bytes)?;
         }
         Ok(())
     }
 
-    fn write<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
-        let member = pack_member(self.count, &self.data);
-        ustar::write_member(out, &pack_path(self.seq), &member)?;
-        self.counts
-            .push(u32::try_from(self.count).expect("at most PACK_CHUNKS_MAX"));
+    fn close<W: Write>(&mut self, out: &mut W, bytes: u64) -> io::Result<()> {
+        if self.layout == Layout::Data {
+            self.sizes.push(bytes);
+        } else {
+            let member = pack_member(self.count, &self.data);
+            ustar::write_member(out, &pack_path(self.seq), &member)?;
+            self.counts
+                .push(u32::try_from(self.count).expect("at most PACK_CHUNKS_MAX"));
+            self.data.clear();
+        }
         self.seq += 1;
         self.count = 0;
-        self.data.clear();
         Ok(())
+    }
+
+    /// Bytes the spooled chunks take in the artifact, all framing included (and the
+    /// pack table).
+    fn artifact_bytes(&self) -> u64 {
+        match self.layout {
+            Layout::Data => self.sizes.iter().map(|&s| member_len(s)).sum(),
+            Layout::Packs { .. } => {
+                let packs: u64 = self.counts.len().try_into().expect("a pack count fits u64");
+                // Each pack: a 512-byte header, the 4-byte count, padding to 512
+                // (on average half a block); the stored bytes; the table member.
+                packs * (ustar::BLOCK as u64 + PACK_HEADER_LEN as u64 + ustar::BLOCK as u64 / 2)
+                    + self.stored
+                    + member_len(packs * PACK_TABLE_ENTRY_LEN as u64)
+            }
+        }
+    }
+
+    /// Writes the spooled chunks into the artifact: the pack table and the spool's
+    /// pack members, or each data member's header, its bytes from the spool and its
+    /// padding. Returns the bytes written.
+    fn copy_into<R: Read, W: Write>(&self, spool: R, out: &mut W) -> io::Result<u64> {
+        let mut spool = BufReader::with_capacity(1 << 20, spool);
+        match self.layout {
+            Layout::Packs { .. } => {
+                // Where each pack is, so a reader can seek to the chunks it wants.
+                let mut n = ustar::write_member(out, PACK_TABLE_MEMBER, &pack_table(&self.counts))?;
+                n += io::copy(&mut spool, out)?;
+                Ok(n)
+            }
+            Layout::Data => {
+                let mut n = 0;
+                for (seq, &size) in self.sizes.iter().enumerate() {
+                    let h = ustar::header(&data_path(seq as u64), size);
+                    out.write_all(h.as_bytes())?;
+                    let copied = io::copy(&mut (&mut spool).take(size), out)?;
+                    if copied != size {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let pad = ustar::padding(size);
+                    out.write_all(&[0u8; ustar::BLOCK][..pad])?;
+                    n += member_len(size);
+                }
+                Ok(n)
+            }
+        }
     }
 }
 
@@ -182,15 +290,15 @@ pub fn member_len(len: u64) -> u64 {
 
 /// The exact size of the artifact the builder writes for these parts: an envelope
 /// of `envelope_len` bytes, a dictionary member of `dictionary_len` bytes (0: none),
-/// a contents member for `contents_chunks` distinct chunks (`None`: none), the pack
-/// table, and chunks of these stored sizes, in order, packed after `pack_bytes`
-/// stored bytes.
+/// a contents member for `contents_chunks` distinct chunks (`None`: none), and
+/// chunks of these stored sizes, in order, laid out as `layout` says (the pack
+/// table included).
 pub fn artifact_len(
     envelope_len: u64,
     dictionary_len: u64,
     contents_chunks: Option<usize>,
     stored_sizes: impl IntoIterator<Item = u32>,
-    pack_bytes: usize,
+    layout: Layout,
 ) -> u64 {
     let mut len = member_len(envelope_len);
     if dictionary_len > 0 {
@@ -199,17 +307,23 @@ pub fn artifact_len(
     if let Some(n) = contents_chunks {
         len += member_len(n.div_ceil(8) as u64);
     }
-    let mut packs = 0u64;
-    let mut pack = |(_, bytes): (usize, usize)| {
-        packs += 1;
-        member_len((PACK_HEADER_LEN + bytes) as u64)
+    let index = match layout {
+        Layout::Packs { .. } => PACK_HEADER_LEN as u64,
+        Layout::Data => 0,
     };
-    let mut packer = Packer::new(pack_bytes);
+    let mut members = 0u64;
+    let mut member = |(_, bytes): (usize, u64)| {
+        members += 1;
+        member_len(index + bytes)
+    };
+    let mut packer = Packer::of(layout);
     for s in stored_sizes {
-        len += packer.push(s as usize).map_or(0, &mut pack);
+        len += packer.push(s as usize).map_or(0, &mut member);
     }
-    len += packer.finish().map_or(0, &mut pack);
-    len += member_len(packs * PACK_TABLE_ENTRY_LEN as u64);
+    len += packer.finish().map_or(0, &mut member);
+    if let Layout::Packs { .. } = layout {
+        len += member_len(members * PACK_TABLE_ENTRY_LEN as u64);
+    }
     // The end of the archive: two zero blocks.
     len + 2 * ustar::BLOCK as u64
 }
@@ -228,7 +342,7 @@ impl BuildOptions {
             payload_kind: PayloadKind::RootfsImage,
             chunking: chunk::CHUNKING_DEFAULT,
             zstd_level: chunk::ZSTD_LEVEL_DEFAULT,
-            pack_bytes: PACK_BYTES_DEFAULT,
+            layout: Layout::Data,
             dictionary: true,
             manifest_delta: false,
         }
@@ -442,7 +556,7 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     let mut nodict = match (dict, refbase) {
         (Some(_), Some(_)) => Some(NoDict {
             spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(spool_dir)?),
-            pack: PackWriter::new(opts.pack_bytes),
+            pack: PackWriter::new(opts.layout),
             stored_of: HashMap::new(),
             stored_bytes: 0,
         }),
@@ -459,7 +573,7 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     // both hold, and the new payload's offset of the batch.
     let mut anchor: Option<(u64, u64)> = None;
     let mut payload_offset = 0u64;
-    let mut pack = PackWriter::new(opts.pack_bytes);
+    let mut pack = PackWriter::new(opts.layout);
     let level = opts.zstd_level;
     // A delta build's dictionaries, digested once for all its threads.
     let prepared = refbase.map(|_| Prepared {
@@ -608,9 +722,8 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
     // What the thin delta manifest names: the dictionary its chunks need.
     let mut named = None;
     if let (Some(nd), Some(d)) = (nodict, dict) {
-        let with =
-            member_len(d.bytes().len() as u64) + pack_bytes_total(&pack.counts, stored_bytes);
-        let without = pack_bytes_total(&nd.pack.counts, nd.stored_bytes);
+        let with = member_len(d.bytes().len() as u64) + pack.artifact_bytes();
+        let without = nd.pack.artifact_bytes();
         tracing::debug!(
             with,
             without,
@@ -693,9 +806,7 @@ fn build_impl<R: Read + Seek + Send, W: Write>(
         let bits = contents_bitmap(&manifest.distinct_chunks(), |id| written.contains(id));
         artifact_len += ustar::write_member(&mut out, CONTENTS_MEMBER, &bits)?;
     }
-    // Where each pack is, so a reader can seek to the chunks it wants.
-    artifact_len += ustar::write_member(&mut out, PACK_TABLE_MEMBER, &pack_table(&pack.counts))?;
-    artifact_len += io::copy(&mut BufReader::with_capacity(1 << 20, spool), &mut out)?;
+    artifact_len += pack.copy_into(spool, &mut out)?;
     artifact_len += ustar::write_end(&mut out)?;
     out.flush()?;
     Ok(BuildReport {
@@ -864,16 +975,6 @@ struct NoDict {
     stored_bytes: u64,
 }
 
-/// Bytes the packs of a spool take in the artifact: their tar headers and padding,
-/// counts and chunks, and the pack table member.
-fn pack_bytes_total(counts: &[u32], stored_bytes: u64) -> u64 {
-    // Each pack: a 512-byte header, the 4-byte count, padding to 512; the stored
-    // bytes; then the table member.
-    counts.len() as u64 * (ustar::BLOCK as u64 + PACK_HEADER_LEN as u64 + ustar::BLOCK as u64 / 2)
-        + stored_bytes
-        + member_len(counts.len() as u64 * PACK_TABLE_ENTRY_LEN as u64)
-}
-
 /// How a thin manifest names its base.
 fn base_release(base: &Manifest) -> BaseRelease {
     BaseRelease {
@@ -988,4 +1089,58 @@ pub fn add_signatures(
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data members close after 4 GiB of stored bytes, at a chunk boundary, so each
+    /// stays under the 8 GiB an octal ustar size field holds; packs after 1 MiB or
+    /// 4096 chunks. `artifact_len` frames what the packer closes.
+    #[test]
+    fn data_members_close_after_4_gib_and_fit_an_octal_size() {
+        let chunk = 4u32 << 20;
+        let mut packer = Packer::of(Layout::Data);
+        let mut closed = Vec::new();
+        for _ in 0..2_100 {
+            closed.extend(packer.push(chunk as usize));
+        }
+        closed.extend(packer.finish());
+        assert_eq!(
+            closed,
+            [(1024, 4 << 30), (1024, 4 << 30), (52, 52 * (4 << 20))]
+        );
+        // Not on a 4 GiB boundary: the member takes the chunk that crosses it.
+        let mut packer = Packer::of(Layout::Data);
+        let first = std::iter::once(1000)
+            .chain(std::iter::repeat_n(chunk as usize, 1100))
+            .find_map(|s| packer.push(s));
+        assert_eq!(first, Some((1025, 1000 + 1024 * (4 << 20))));
+        let octal_max = (1u64 << 33) - 1;
+        assert!(DATA_MEMBER_BYTES + u64::from(chunk) < octal_max);
+        let len = artifact_len(
+            1000,
+            0,
+            None,
+            std::iter::repeat_n(chunk, 2_100),
+            Layout::Data,
+        );
+        let members = member_len(4 << 30) * 2 + member_len(52 * (4 << 20));
+        assert_eq!(len, member_len(1000) + members + 1024);
+        // Packs, for comparison: one per 1 MiB (here one a chunk), and the table.
+        let packs = artifact_len(
+            1000,
+            0,
+            None,
+            std::iter::repeat_n(1 << 20, 3),
+            Layout::Packs {
+                bytes: PACK_BYTES_DEFAULT,
+            },
+        );
+        assert_eq!(
+            packs,
+            member_len(1000) + 3 * member_len(4 + (1 << 20)) + member_len(12) + 1024
+        );
+    }
 }

@@ -6,10 +6,11 @@ use std::io::Cursor;
 use shoal_artifact::chunk;
 use shoal_artifact::manifest::Chunking;
 use shoal_artifact::read::{
-    CONTENTS_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_TABLE_MEMBER, pack_path, pack_table,
+    CONTENTS_MEMBER, ENVELOPE_MEMBER, PACK_CHUNKS_MAX, PACK_TABLE_MEMBER, data_path, pack_path,
+    pack_table,
 };
 use shoal_artifact::ustar;
-use shoal_artifact::write::{member_len, pack_member};
+use shoal_artifact::write::{Layout, member_len, pack_member};
 use shoal_artifact::{
     ArtifactReader, BuildOptions, BuildReport, ChunkError, ChunkId, ChunkRef, ChunkStore,
     ExtractError, Manifest, ReadError, StoreError,
@@ -57,7 +58,9 @@ fn opts() -> BuildOptions {
     let mut o = BuildOptions::rootfs("acme-os", "1.0", vec!["board".into()], 3);
     o.chunking = CHUNKING;
     o.zstd_level = 3;
-    o.pack_bytes = 8 * 1024;
+    // Several small packs: the pack layout's structure tests (data members have
+    // their own, `data_members_*`).
+    o.layout = Layout::Packs { bytes: 8 * 1024 };
     // Structure tests take artifacts apart; the dictionary has its own test.
     o.dictionary = false;
     o
@@ -138,10 +141,25 @@ fn parts(bytes: &[u8]) -> (Vec<u8>, Manifest, Stored) {
     // counts them.
     let mut order = m.distinct_chunks().into_iter();
     let mut chunks = Vec::new();
-    for (at, _, size) in ms[1..].iter().filter(|(_, p, _)| p.starts_with("packs/")) {
+    for (at, path, size) in ms[1..].iter() {
         let data = &bytes[at + 512..at + 512 + size];
-        let count = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
-        let mut pos = 4;
+        let (count, mut pos) = if path.starts_with("packs/") {
+            (
+                u32::from_le_bytes(data[..4].try_into().unwrap()) as usize,
+                4,
+            )
+        } else if path.starts_with("data/") {
+            // A data member: the chunks its bytes hold.
+            let mut rest = order.clone();
+            let (mut n, mut sum) = (0, 0);
+            while sum < *size {
+                sum += rest.next().unwrap().stored_size as usize;
+                n += 1;
+            }
+            (n, 0)
+        } else {
+            continue;
+        };
         for _ in 0..count {
             let c = order.next().unwrap();
             let n = c.stored_size as usize;
@@ -407,7 +425,7 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
     // the writer's own packing (small packs here, so several).
     let mut o = opts();
     o.version = "2.0".into();
-    o.pack_bytes = shoal_artifact::write::PACK_BYTES_DEFAULT;
+    o.layout = Layout::default();
     let (thin_default, _) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
     let (full2, f2) = build_with(&v2, &o, &[key(1)], None);
     let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0, false);
@@ -425,9 +443,22 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
             0,
             None,
             f2.manifest.distinct_chunks().iter().map(|c| c.stored_size),
-            o.pack_bytes,
+            o.layout,
         ),
         full2.len() as u64
+    );
+    // And for packs (several here).
+    let (packed, fp) = build_with(&v2, &opts(), &[key(1)], None);
+    assert!(members(&packed).len() > 3);
+    assert_eq!(
+        shoal_artifact::write::artifact_len(
+            fp.envelope_len,
+            0,
+            None,
+            fp.manifest.distinct_chunks().iter().map(|c| c.stored_size),
+            opts().layout,
+        ),
+        packed.len() as u64
     );
 }
 
@@ -1734,8 +1765,9 @@ fn a_thin_manifest_travels_as_a_delta_and_is_verified_whole() {
     let mut v2 = v1.clone();
     v2[100_000..100_400].copy_from_slice(&payload(400, 9));
     let (_, r1) = build_with(&v1, &opts(), &[key(1)], None);
-    let (plain, rp) = build_with(&v2, &opts(), &[key(1)], Some(&r1.manifest));
-    let mut o = opts();
+    // The default layout, which `diff` sizes.
+    let (plain, rp) = build_with(&v2, &data_opts(), &[key(1)], Some(&r1.manifest));
+    let mut o = data_opts();
     o.manifest_delta = true;
     let (delta, rd) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
     // The same signed manifest, sent smaller.
@@ -2288,4 +2320,211 @@ fn a_delta_build_names_a_new_dictionary_it_keeps_and_its_member_must_match() {
             if expected == named && found == other.id),
         "{e:?}"
     );
+}
+
+/// Options for the default layout: chunks in data members.
+fn data_opts() -> BuildOptions {
+    let mut o = opts();
+    o.layout = Layout::Data;
+    o
+}
+
+/// An artifact of an envelope and data members holding `counts` chunks each, in
+/// order (the builder splits only past 4 GiB).
+fn assemble_data(env: &[u8], chunks: &[(ChunkId, Vec<u8>)], counts: &[usize]) -> Vec<u8> {
+    assert_eq!(counts.iter().sum::<usize>(), chunks.len());
+    let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.to_vec())];
+    let mut rest = chunks;
+    for (seq, &n) in counts.iter().enumerate() {
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        let data: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        members.push((data_path(seq as u64), data));
+    }
+    tar(&members)
+}
+
+#[test]
+fn data_members_hold_the_chunks_and_a_seeking_reader_reads_one_header_each() {
+    let (bytes, report) = build_with(&payload(600_000, 11), &data_opts(), &[key(1)], None);
+    let root = root(&[1], 1);
+    let m = members(&bytes);
+    // The envelope and one data member of exactly the stored chunks: no count, no
+    // pack table.
+    assert_eq!(
+        m.iter().map(|(_, p, _)| p.as_str()).collect::<Vec<_>>(),
+        [ENVELOPE_MEMBER, "data/00000000"]
+    );
+    assert_eq!(m[1].2 as u64, report.stored_bytes);
+    let chunks = read_all(&bytes, &root).unwrap();
+    assert_eq!(chunks.len() as u64, report.chunks_distinct);
+    let mut r = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
+    assert_eq!(r.verify_rest(|_| {}).unwrap(), report.chunks_distinct);
+    assert_eq!(r.pack_table(), None);
+
+    let member = |size: usize| member_len(size as u64);
+    let distinct = report.manifest.distinct_chunks();
+    let want: Vec<ChunkRef> = distinct.iter().step_by(3).copied().collect();
+    let wanted: std::collections::HashSet<ChunkId> = want.iter().map(|c| c.id).collect();
+    let wanted_bytes: u64 = want.iter().map(|c| u64::from(c.stored_size)).sum();
+    let (got, end, read) = read_wanted(&bytes, &root, |id| wanted.contains(id));
+    assert_eq!(got.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
+    assert!(got.iter().all(|(c, d)| ChunkId::of(d) == c.id));
+    assert_eq!(end.unwrap(), bytes.len() as u64);
+    // The envelope, the data member's header, the wanted chunks and the end blocks:
+    // no framing per chunk or per MiB.
+    assert_eq!(read, member(m[0].2) + 512 + wanted_bytes + 1024);
+    let (got, end, read) = read_wanted(&bytes, &root, |_| false);
+    assert!(got.is_empty());
+    assert_eq!(end.unwrap(), bytes.len() as u64);
+    assert_eq!(read, member(m[0].2) + 512 + 1024);
+
+    // Chunks split over several data members (at chunk boundaries) read the same,
+    // each member's header read and checked; a window of a data member holds at
+    // most PACK_CHUNKS_MAX chunks, whatever the member holds.
+    let (env, _, cs) = parts(&bytes);
+    assert_eq!(cs.len(), chunks.len());
+    let split = assemble_data(&env, &cs, &[1, 7, cs.len() - 8]);
+    assert_eq!(read_all(&split, &root).unwrap(), chunks);
+    let (got, end, read) = read_wanted(&split, &root, |id| wanted.contains(id));
+    assert_eq!(got.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
+    assert_eq!(end.unwrap(), split.len() as u64);
+    assert_eq!(read, member(env.len()) + 3 * 512 + wanted_bytes + 1024);
+}
+
+#[test]
+fn bad_data_members_are_refused_with_their_error_by_every_reader() {
+    let (bytes, _) = build_with(&payload(300_000, 5), &data_opts(), &[key(1)], None);
+    let root = root(&[1], 1);
+    let (env, _, cs) = parts(&bytes);
+    assert!(cs.len() > 4);
+    let all: Vec<u8> = cs.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let (first, last) = (&cs[0], &cs[cs.len() - 1]);
+    let s0 = first.1.len();
+    let env_member = (ENVELOPE_MEMBER.to_string(), env.clone());
+    let with = |rest: Vec<(String, Vec<u8>)>| {
+        let mut members = vec![env_member.clone()];
+        members.extend(rest);
+        tar(&members)
+    };
+    let d = |seq: u64, data: &[u8]| (data_path(seq), data.to_vec());
+    // A data member whose header says it is a hard link.
+    let mut hardlink = with(vec![d(0, &all)]);
+    let at = members(&hardlink)[1].0;
+    let mut h = ustar::header(&data_path(0), all.len() as u64);
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_cksum();
+    hardlink[at..at + 512].copy_from_slice(h.as_bytes());
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "ends inside its last chunk",
+            with(vec![d(0, &all[..all.len() - 1])]),
+            format!(
+                "data member 0: ends {} bytes into chunk {} of {} stored bytes",
+                last.1.len() - 1,
+                last.0,
+                last.1.len()
+            ),
+        ),
+        (
+            "split inside a chunk",
+            with(vec![d(0, &all[..s0 + 1]), d(1, &all[s0 + 1..])]),
+            format!(
+                "data member 0: ends 1 bytes into chunk {} of {} stored bytes",
+                cs[1].0,
+                cs[1].1.len()
+            ),
+        ),
+        (
+            "bytes after the last chunk",
+            with(vec![d(0, &[&all[..], b"x"].concat())]),
+            "data member 0: 1 bytes after the last chunk".into(),
+        ),
+        (
+            "a member after the last chunk",
+            with(vec![d(0, &all), d(1, b"xy")]),
+            "data member 1: 2 bytes after the last chunk".into(),
+        ),
+        (
+            "empty",
+            with(vec![d(0, b""), d(1, &all)]),
+            "data member 0: no bytes".into(),
+        ),
+        (
+            "out of order",
+            with(vec![d(1, &all)]),
+            "unexpected tar member \"data/00000001\"".into(),
+        ),
+        (
+            "skipped number",
+            with(vec![d(0, &all[..s0]), d(2, &all[s0..])]),
+            "unexpected tar member \"data/00000002\"".into(),
+        ),
+        (
+            "after a pack table",
+            with(vec![
+                (PACK_TABLE_MEMBER.into(), pack_table(&[cs.len() as u32])),
+                d(0, &all),
+            ]),
+            "unexpected tar member \"data/00000000\"".into(),
+        ),
+        (
+            "a pack after data",
+            with(vec![
+                d(0, &all[..s0]),
+                (pack_path(1), pack_member(cs.len() - 1, &all[s0..])),
+            ]),
+            "unexpected tar member \"packs/00000001\"".into(),
+        ),
+        (
+            "data after a pack",
+            with(vec![
+                (pack_path(0), pack_member(1, &all[..s0])),
+                d(1, &all[s0..]),
+            ]),
+            "unexpected tar member \"data/00000001\"".into(),
+        ),
+        (
+            "unsafe path",
+            with(vec![("../data/00000000".into(), all.clone())]),
+            "tar member \"../data/00000000\" has an unsafe path".into(),
+        ),
+        (
+            "hard link",
+            hardlink,
+            "unexpected tar member \"data/00000000\"".into(),
+        ),
+    ];
+    for (name, input, why) in cases {
+        let sequential = read_all(&input, &root).unwrap_err().to_string();
+        assert_eq!(sequential, why, "{name}: read");
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        assert_eq!(
+            r.verify_rest(|_| {}).unwrap_err().to_string(),
+            why,
+            "{name}: verify"
+        );
+        // The seeking reader (an install) refuses it the same way, whether it
+        // wants every chunk or none.
+        let (_, end, _) = read_wanted(&input, &root, |_| true);
+        assert_eq!(
+            end.unwrap_err().to_string(),
+            why,
+            "{name}: every chunk wanted"
+        );
+        let (_, end, _) = read_wanted(&input, &root, |_| false);
+        assert_eq!(end.unwrap_err().to_string(), why, "{name}: nothing wanted");
+    }
+    // Truncated inside the data member, or before the end blocks.
+    let good = with(vec![d(0, &all)]);
+    let cut = &good[..good.len() - 1024 - ustar::padding(all.len() as u64) - 10];
+    assert!(matches!(
+        read_all(cut, &root),
+        Err(ReadError::Truncated { what }) if what == format!("chunk {}", last.0)
+    ));
+    let cut = &good[..good.len() - 1024];
+    assert!(matches!(
+        read_all(cut, &root),
+        Err(ReadError::Truncated { .. })
+    ));
 }

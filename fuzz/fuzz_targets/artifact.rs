@@ -1,6 +1,7 @@
 //! The `.shoal` reader (`ArtifactReader`): tar framing, the envelope member, the
-//! dictionary, contents and pack table members, pack headers and chunk frames,
-//! through all three ways the binary reads an artifact.
+//! dictionary, contents and pack table members, pack headers, data members (the
+//! default layout: seeds `data-*`) and chunk frames, through all three ways the
+//! binary reads an artifact.
 //!
 //! The first input byte picks the way, the rest is the artifact:
 //! - bits 0-1: 0 sequential (`next_chunk`, as `extract`), 1 batched (`verify_rest`,

@@ -678,15 +678,24 @@ fn rewrite_header(bytes: &mut [u8], at: usize, path: &str, kind: u8) {
 }
 
 /// Error contract: `install` refuses the members `verify` refuses (a `..` path, a
-/// hard link, packs out of order) even where it needs none of their bytes (here
-/// the running slot already holds every chunk): one reader, one set of rules.
+/// hard link, packs or data members out of order) even where it needs none of
+/// their bytes (here the running slot already holds every chunk): one reader, one
+/// set of rules. Both layouts: packs (`--packs`) and data members (the default).
 #[test]
 fn install_refuses_the_members_verify_refuses_even_unneeded() {
-    // Big enough for several packs (1 MiB each).
+    // Big enough for several packs (1 MiB each) with `--packs`; the default layout
+    // puts all of it in one data member. The device runs the same release, so it
+    // needs none of the chunks: every member is one it does not need.
     let factory = image(1, 5 * MIB);
     let dev = Device::new(&factory, 6 * MIB as u64);
-    let same = dev.build(&factory, "1.0", 1, None);
-    let good = std::fs::read(&same).expect("artifact");
+    let built = |extra: &[&str]| {
+        let path = dev.build_with(&factory, "1.0", 1, None, "board", &dev.key, extra);
+        std::fs::read(path).expect("artifact")
+    };
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let mut cases: Vec<(String, Vec<u8>, Edit, String)> = Vec::new();
+    // Packs: a later pack's header.
+    let good = built(&["--packs"]);
     let headers = member_headers(&good);
     let packs: Vec<usize> = headers
         .iter()
@@ -694,26 +703,56 @@ fn install_refuses_the_members_verify_refuses_even_unneeded() {
         .map(|(at, _, _)| *at)
         .collect();
     assert!(packs.len() >= 2, "{headers:?}");
-    type Edit<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
-    let cases: Vec<(&str, Edit, String)> = vec![
-        (
-            "dotdot",
-            Box::new(|b| rewrite_header(b, packs[1], "../packs/00000001", b'0')),
-            "tar member \"../packs/00000001\" has an unsafe path".to_string(),
-        ),
-        (
-            "hardlink",
-            Box::new(|b| rewrite_header(b, packs[1], "packs/00000001", b'1')),
-            "unexpected tar member \"packs/00000001\"".to_string(),
-        ),
-        (
-            "order",
-            Box::new(|b| rewrite_header(b, packs[0], "packs/00000001", b'0')),
-            "unexpected tar member \"packs/00000001\"".to_string(),
-        ),
-    ];
-    for (name, edit, why) in cases {
-        let mut bytes = good.clone();
+    let (p0, p1) = (packs[0], packs[1]);
+    cases.push((
+        "packs-dotdot".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, p1, "../packs/00000001", b'0')),
+        "tar member \"../packs/00000001\" has an unsafe path".to_string(),
+    ));
+    cases.push((
+        "packs-hardlink".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, p1, "packs/00000001", b'1')),
+        "unexpected tar member \"packs/00000001\"".to_string(),
+    ));
+    cases.push((
+        "packs-order".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, p0, "packs/00000001", b'0')),
+        "unexpected tar member \"packs/00000001\"".to_string(),
+    ));
+    // Data members (the default): the one data member's header.
+    let good = built(&[]);
+    let headers = member_headers(&good);
+    let data: Vec<usize> = headers
+        .iter()
+        .filter(|(_, p, _)| p.starts_with("data/"))
+        .map(|(at, _, _)| *at)
+        .collect();
+    assert_eq!(data.len(), 1, "{headers:?}");
+    assert!(!headers.iter().any(|(_, p, _)| p.starts_with("packs")));
+    let d0 = data[0];
+    cases.push((
+        "data-dotdot".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, d0, "../data/00000000", b'0')),
+        "tar member \"../data/00000000\" has an unsafe path".to_string(),
+    ));
+    cases.push((
+        "data-hardlink".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, d0, "data/00000000", b'1')),
+        "unexpected tar member \"data/00000000\"".to_string(),
+    ));
+    cases.push((
+        "data-order".into(),
+        good.clone(),
+        Box::new(move |b| rewrite_header(b, d0, "data/00000001", b'0')),
+        "unexpected tar member \"data/00000001\"".to_string(),
+    ));
+    for (name, good, edit, why) in cases {
+        let mut bytes = good;
         edit(&mut bytes);
         let path = dev.path(&format!("{name}.shoal"));
         std::fs::write(&path, &bytes).expect("write");

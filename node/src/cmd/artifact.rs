@@ -196,6 +196,13 @@ pub struct BuildArgs {
     /// Faster build, somewhat larger artifact: bigger chunks, lower zstd level.
     #[arg(long)]
     fast: bool,
+    /// Lay the chunks out in 1 MiB packs with a pack table, as artifacts were before
+    /// data members: for devices still running a Shoal release that reads only
+    /// packs (it refuses the default layout with "unexpected tar member
+    /// \"data/00000000\""). A device that needs few chunks then reads every pack's
+    /// header (516 bytes a pack).
+    #[arg(long)]
+    packs: bool,
     /// zstd level of the chunks (1-19; default 9, or 5 with --fast): lower builds
     /// faster and stores more bytes, without changing how the image is cut into
     /// chunks.
@@ -334,6 +341,11 @@ fn build(args: BuildArgs, ui: &Ui) -> anyhow::Result<()> {
     );
     if args.fast {
         opts = opts.fast();
+    }
+    if args.packs {
+        opts.layout = shoal_artifact::write::Layout::Packs {
+            bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
+        };
     }
     if let Some(level) = args.zstd_level {
         opts.zstd_level = level;

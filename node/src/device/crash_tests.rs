@@ -65,7 +65,7 @@ pub(super) fn fixture() -> Fixture {
         payload_kind: PayloadKind::RootfsImage,
         chunking: CHUNKING,
         zstd_level: 3,
-        pack_bytes: 64 * 1024,
+        layout: shoal_artifact::write::Layout::Data,
         dictionary: false,
         manifest_delta: false,
     };

@@ -221,34 +221,144 @@ enum Stored {
 
 struct CountingInput {
     inner: CountingInner,
+    /// Bytes read from a stream.
     bytes: u64,
 }
 
 enum CountingInner {
-    File(std::fs::File),
+    File(Replayed),
     Stream(BufReader<Box<dyn Read + Send>>),
+}
+
+/// A file the install reads front to back, some of whose bytes were read before
+/// (the envelope's first bytes and its signatures, by the signer check before the
+/// copy): those are served again from memory, so no byte of the source is read
+/// twice. `pos` is the reader's position; after a replayed read or a skip the
+/// file's own is `stale`, and is sought to `pos` before the next real read.
+struct Replayed {
+    file: std::fs::File,
+    pos: u64,
+    stale: bool,
+    /// Bytes read before, at their offsets (a few hundred bytes).
+    seen: Vec<(u64, Vec<u8>)>,
+    /// Bytes read from the file, those read before included.
+    read: u64,
+}
+
+/// A `Read + Seek` over a file that keeps what is read through it, with offsets:
+/// what [`Replayed`] serves again.
+struct Recording<'a> {
+    file: &'a mut std::fs::File,
+    seen: Vec<(u64, Vec<u8>)>,
+}
+
+impl Read for Recording<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let at = self.file.stream_position()?;
+        let n = self.file.read(buf)?;
+        if n > 0 {
+            self.seen.push((at, buf[..n].to_vec()));
+        }
+        Ok(n)
+    }
+}
+
+impl Seek for Recording<'_> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl Replayed {
+    /// `file`, to be read from `pos` on, of which `seen` was read already.
+    fn new(file: std::fs::File, pos: u64, seen: Vec<(u64, Vec<u8>)>) -> Replayed {
+        let read = seen.iter().map(|(_, b)| b.len() as u64).sum();
+        Replayed {
+            file,
+            pos,
+            stale: true,
+            seen,
+            read,
+        }
+    }
+}
+
+impl Read for Replayed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let pos = self.pos;
+        if let Some((at, bytes)) = self
+            .seen
+            .iter()
+            .find(|(at, b)| *at <= pos && pos - at < b.len() as u64)
+        {
+            let from = usize::try_from(pos - at).expect("within a short read");
+            let n = buf.len().min(bytes.len() - from);
+            buf[..n].copy_from_slice(&bytes[from..from + n]);
+            self.pos += n as u64;
+            self.stale = true;
+            return Ok(n);
+        }
+        if self.stale {
+            self.file.seek(io::SeekFrom::Start(pos))?;
+            self.stale = false;
+        }
+        // Up to the next piece read before, so it is not read again.
+        let len = self
+            .seen
+            .iter()
+            .filter(|(at, _)| *at > pos)
+            .map(|(at, _)| at - pos)
+            .min()
+            .map_or(buf.len(), |gap| {
+                usize::try_from(gap).map_or(buf.len(), |g| g.min(buf.len()))
+            });
+        let n = self.file.read(&mut buf[..len])?;
+        self.pos += n as u64;
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 impl CountingInput {
     fn new(input: ArtifactInput) -> CountingInput {
-        let inner = match input {
-            ArtifactInput::File(f) => CountingInner::File(f),
-            ArtifactInput::Stream(r) => {
-                CountingInner::Stream(BufReader::with_capacity(READ_BUFFER, r))
-            }
-        };
-        CountingInput { inner, bytes: 0 }
+        match input {
+            ArtifactInput::File(f) => CountingInput::file(Replayed::new(f, 0, Vec::new())),
+            ArtifactInput::Stream(r) => CountingInput {
+                inner: CountingInner::Stream(BufReader::with_capacity(READ_BUFFER, r)),
+                bytes: 0,
+            },
+        }
+    }
+
+    fn file(f: Replayed) -> CountingInput {
+        CountingInput {
+            inner: CountingInner::File(f),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read from the source (each once).
+    fn bytes_read(&self) -> u64 {
+        match &self.inner {
+            CountingInner::File(f) => f.read,
+            CountingInner::Stream(_) => self.bytes,
+        }
     }
 }
 
 impl Read for CountingInput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = match &mut self.inner {
-            CountingInner::File(f) => f.read(buf)?,
-            CountingInner::Stream(r) => r.read(buf)?,
-        };
-        self.bytes += n as u64;
-        Ok(n)
+        match &mut self.inner {
+            CountingInner::File(f) => f.read(buf),
+            CountingInner::Stream(r) => {
+                let n = r.read(buf)?;
+                self.bytes += n as u64;
+                Ok(n)
+            }
+        }
     }
 }
 
@@ -256,9 +366,12 @@ impl shoal_artifact::read::Skip for CountingInput {
     fn skip(&mut self, n: u64) -> io::Result<()> {
         match &mut self.inner {
             CountingInner::File(f) => {
-                let delta = i64::try_from(n)
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "skip too far"))?;
-                f.seek(io::SeekFrom::Current(delta)).map(|_| ())
+                f.pos = f
+                    .pos
+                    .checked_add(n)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "skip too far"))?;
+                f.stale = true;
+                Ok(())
             }
             CountingInner::Stream(r) => {
                 let copied = io::copy(&mut r.by_ref().take(n), &mut io::sink())?;
@@ -630,14 +743,28 @@ impl Device {
         driver.index_base = running_hash;
         let wall = wall_clock();
         match source {
-            Source::Artifact { name, mut reader } => {
+            Source::Artifact { name, reader } => {
                 // An unsigned (or not enough signed) envelope is refused before it
                 // is copied.
-                if let ArtifactInput::File(f) = &mut reader {
-                    shoal_artifact::read::check_envelope_signers(f, Some(&driver.dev.root))
+                // What the check read is kept, and served again to the reader below:
+                // no byte of the source is read twice.
+                let mut counted = match reader {
+                    ArtifactInput::File(mut f) => {
+                        let at = f.stream_position().context("cannot read the artifact")?;
+                        let mut recording = Recording {
+                            file: &mut f,
+                            seen: Vec::new(),
+                        };
+                        shoal_artifact::read::check_envelope_signers(
+                            &mut recording,
+                            Some(&driver.dev.root),
+                        )
                         .map_err(|e| artifact_error(&name, e))?;
-                }
-                let mut counted = CountingInput::new(reader);
+                        let seen = recording.seen;
+                        CountingInput::file(Replayed::new(f, at, seen))
+                    }
+                    stream => CountingInput::new(stream),
+                };
                 // A manifest that travels as a delta is rebuilt against a kept one,
                 // then verified whole.
                 let held = KeptManifests::new(&data_dir);
@@ -878,7 +1005,7 @@ impl Device {
                 }
                 let artifact = offered?;
                 driver.stream(artifact, &name)?;
-                driver.source_bytes_read = counted.bytes;
+                driver.source_bytes_read = counted.bytes_read();
             }
             Source::Remote {
                 name,
@@ -2926,5 +3053,41 @@ mod kept_tests {
 
         KeptManifests::prune(data, &[]).expect("pruned");
         assert!(!ids_path.exists());
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use std::io::Write;
+
+    /// The install's file source serves what the signer check read from memory:
+    /// the reader gets the file's bytes, and each byte is read from the file once.
+    #[test]
+    fn a_replayed_file_gives_the_files_bytes_and_reads_each_once() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut file = tempfile::tempfile().expect("tempfile");
+        file.write_all(&data).expect("write");
+        file.rewind().expect("rewind");
+        // As the signer check reads: the first block and a piece further on.
+        let mut rec = Recording {
+            file: &mut file,
+            seen: Vec::new(),
+        };
+        rec.read_exact(&mut [0u8; 512]).expect("read");
+        rec.seek(io::SeekFrom::Start(5_000)).expect("seek");
+        rec.read_exact(&mut [0u8; 100]).expect("read");
+        rec.seek(io::SeekFrom::Start(0)).expect("seek");
+        let seen = rec.seen;
+        let mut src = CountingInput::file(Replayed::new(file, 0, seen));
+        let mut head = vec![0u8; 600];
+        src.read_exact(&mut head).expect("read");
+        shoal_artifact::read::Skip::skip(&mut src, 100).expect("skip");
+        let mut rest = Vec::new();
+        src.read_to_end(&mut rest).expect("read");
+        assert_eq!(head, data[..600]);
+        assert_eq!(rest, data[700..]);
+        // Everything but the 100 bytes skipped, once.
+        assert_eq!(src.bytes_read(), 9_900);
     }
 }

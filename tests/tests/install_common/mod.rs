@@ -162,15 +162,40 @@ path = "{env}"
         device_type: &str,
         key: &Path,
     ) -> PathBuf {
+        self.build_with(image, version, counter, base, device_type, key, &[])
+    }
+
+    /// Like [`Device::build_as`], with more `artifact build` arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_with(
+        &self,
+        image: &[u8],
+        version: &str,
+        counter: u64,
+        base: Option<&Path>,
+        device_type: &str,
+        key: &Path,
+        extra: &[&str],
+    ) -> PathBuf {
         let img = self.path(&format!("v{version}-{device_type}.img"));
         std::fs::write(&img, image).expect("image");
         let signer = key
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let tag: String = extra
+            .iter()
+            .map(|a| a.trim_start_matches('-'))
+            .collect::<Vec<_>>()
+            .join("_");
+        let tag = if tag.is_empty() {
+            tag
+        } else {
+            format!("-{tag}")
+        };
         let name = match base {
-            Some(_) => format!("acme-os-{version}-{device_type}-{signer}-thin.shoal"),
-            None => format!("acme-os-{version}-{device_type}-{signer}.shoal"),
+            Some(_) => format!("acme-os-{version}-{device_type}-{signer}{tag}-thin.shoal"),
+            None => format!("acme-os-{version}-{device_type}-{signer}{tag}.shoal"),
         };
         let out = self.path(&name);
         let mut cmd = shoal();
@@ -191,6 +216,7 @@ path = "{env}"
         if let Some(base) = base {
             cmd.arg("--base").arg(base);
         }
+        cmd.args(extra);
         ok(cmd.output().expect("run"));
         std::fs::remove_file(&img).expect("rm image");
         out

@@ -89,7 +89,7 @@ pub fn build(
         payload_kind: PayloadKind::RootfsImage,
         chunking: CHUNKING_DEFAULT,
         zstd_level: ZSTD_LEVEL_FAST,
-        pack_bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
+        layout: shoal_artifact::write::Layout::Data,
         dictionary: false,
         manifest_delta: false,
     };
