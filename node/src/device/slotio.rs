@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -105,6 +106,25 @@ impl Blocks {
         // The reader may have finished; then the block is simply freed.
         let _ = self.recycle.send(block);
     }
+}
+
+/// What the cut of a slot ([`index`]) hands over as it goes.
+#[derive(Debug)]
+pub enum Met {
+    /// A wanted chunk, the first time the cut meets it (verified).
+    Chunk(shoal_artifact::VerifiedChunk),
+    /// Every chunk of the slot's first this many bytes was cut, hashed and handed
+    /// over.
+    Cut(u64),
+}
+
+/// Where the cut of a slot hands over what it meets, and the flag that stops it.
+#[derive(Debug, Clone, Copy)]
+pub struct Handover<'a> {
+    /// The receiver of the chunks met and of the progress.
+    pub tx: &'a mpsc::SyncSender<Met>,
+    /// Set (by the receiver) to stop the cut at its next block.
+    pub stop: &'a AtomicBool,
 }
 
 /// Reads `start..end` of `storage` in [`BLOCK`]s on this thread and hands them in
@@ -272,7 +292,10 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 ///
 /// The first time it meets a chunk in `wanted`, it sends it (verified) to `met`
 /// (an install takes the chunks it needs while the slot is indexed, instead of
-/// reading them again afterwards). A closed `met` stops the sending, not the index.
+/// reading them again afterwards), and after the chunks of each block how far the
+/// cut is ([`Met::Cut`]). A closed `met` stops the sending, not the index; `met`'s
+/// `stop` flag, once set, stops the index at the next block: it returns what it cut
+/// before (not an index of the whole slot).
 ///
 /// The cutting and hashing run in `pool`, or without one in rayon's global pool
 /// (started on first use, and alive from then on: an idle-time cut passes a pool
@@ -282,7 +305,7 @@ pub fn index(
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, &[], wanted, met, pool, false)
@@ -298,7 +321,7 @@ pub fn index_runs_once(
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, &[], wanted, met, pool, true)
@@ -322,7 +345,7 @@ pub fn index_along(
     chunking: Chunking,
     known: &[u32],
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, known, wanted, met, pool, true)
@@ -335,7 +358,7 @@ fn index_with(
     chunking: Chunking,
     known: &[u32],
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
     runs_once: bool,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
@@ -345,18 +368,30 @@ fn index_with(
         "the known chunks run past the slot"
     );
     let mut sent: HashSet<ChunkId> = HashSet::new();
-    let mut met = met;
-    let hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
-        if let Some(tx) = met
-            && wanted(&id)
-            && sent.insert(id)
-            // The proof the engine takes (hashed again, on this thread: the
-            // indexer's hash is of a slice it does not own).
-            && let Ok(chunk) =
-                shoal_artifact::VerifiedChunk::check(id, window[start..start + len].to_vec())
-            && tx.send(chunk).is_err()
-        {
-            met = None;
+    let stop = met.map(|m| m.stop);
+    let mut met = met.map(|m| m.tx);
+    let hand_over = move |what: HandOver<'_>| match what {
+        HandOver::Chunk(window, start, len, id) => {
+            if let Some(tx) = met
+                && wanted(&id)
+                && sent.insert(id)
+                // The proof the engine takes (hashed again, on this thread: the
+                // indexer's hash is of a slice it does not own).
+                && let Ok(chunk) =
+                    shoal_artifact::VerifiedChunk::check(id, window[start..start + len].to_vec())
+                && tx.send(Met::Chunk(chunk)).is_err()
+            {
+                met = None;
+            }
+            true
+        }
+        HandOver::Cut(n) => {
+            if let Some(tx) = met
+                && tx.send(Met::Cut(n)).is_err()
+            {
+                met = None;
+            }
+            !stop.is_some_and(|s| s.load(Ordering::Acquire))
         }
     };
     read_ahead(storage, 0, len, move |blocks| {
@@ -370,13 +405,21 @@ fn index_with(
     })
 }
 
-/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over.
+/// What [`cut_and_hash`] hands over: a chunk `(window, start, len, id)`, or how
+/// far the cut is (the answer then says whether to go on).
+enum HandOver<'w> {
+    Chunk(&'w [u8], usize, usize, ChunkId),
+    Cut(u64),
+}
+
+/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over,
+/// and how far it is after each block; stops early when that answer is `false`.
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
     known: &[u32],
     runs_once: bool,
-    mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
+    mut hand_over: impl FnMut(HandOver<'_>) -> bool,
 ) -> Vec<(u64, ChunkId, u32)> {
     {
         // The known chunks not yet cut, and where the first of them starts.
@@ -410,9 +453,15 @@ fn cut_and_hash(
                 || cut_along(&cutting, base, chunking, !more, &mut known, &mut known_at),
             );
             for ((offset, start, len), id) in pending.iter().zip(ids) {
-                hand_over(&hashing, *start, *len, id);
+                hand_over(HandOver::Chunk(&hashing, *start, *len, id));
                 let len = u32::try_from(*len).expect("a chunk is at most max_size");
                 push(&mut out, (*offset, id, len));
+            }
+            if let Some(&(offset, _, len)) = pending.last()
+                && !hand_over(HandOver::Cut(offset + len as u64))
+            {
+                // Stopped: what was cut so far (dropping `blocks` stops the reads).
+                return out;
             }
             // The finished chunks of `cutting` are hashed next round, from
             // `hashing`; the unfinished tail starts the next window.
@@ -428,9 +477,12 @@ fn cut_and_hash(
             base += finished as u64;
         }
         for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
-            hand_over(&hashing, *start, *len, id);
+            hand_over(HandOver::Chunk(&hashing, *start, *len, id));
             let len = u32::try_from(*len).expect("a chunk is at most max_size");
             push(&mut out, (*offset, id, len));
+        }
+        if let Some(&(offset, _, len)) = pending.last() {
+            hand_over(HandOver::Cut(offset + len as u64));
         }
         out
     }
@@ -1083,14 +1135,27 @@ mod tests {
         let mut wanted: HashSet<ChunkId> = all.iter().step_by(3).map(|c| c.1).collect();
         wanted.insert(ChunkId::of(b"elsewhere"));
         let (tx, rx) = mpsc::sync_channel(4);
-        let got = std::thread::scope(|scope| {
-            let receiver = scope.spawn(move || rx.iter().collect::<Vec<_>>());
+        let stop = AtomicBool::new(false);
+        let (got, cuts) = std::thread::scope(|scope| {
+            let receiver = scope.spawn(move || {
+                let (mut chunks, mut cuts) = (Vec::new(), Vec::new());
+                for met in rx {
+                    match met {
+                        Met::Chunk(c) => chunks.push(c),
+                        Met::Cut(n) => cuts.push(n),
+                    }
+                }
+                (chunks, cuts)
+            });
             let index = index(
                 &*storage,
                 data.len() as u64,
                 chunking,
                 &|id| wanted.contains(id),
-                Some(&tx),
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
                 None,
             )
             .unwrap();
@@ -1098,6 +1163,12 @@ mod tests {
             assert_eq!(index, all);
             receiver.join().unwrap()
         });
+        // How far the cut is, after each block, at the end of a chunk, to the end.
+        assert!(cuts.len() >= 2, "{cuts:?}");
+        assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+        let ends: HashSet<u64> = all.iter().map(|c| c.0 + u64::from(c.2)).collect();
+        assert!(cuts.iter().all(|n| ends.contains(n)), "{cuts:?}");
+        assert_eq!(cuts.last(), Some(&(data.len() as u64)));
         let ids: HashSet<ChunkId> = got.iter().map(|c| c.chunk().id).collect();
         assert_eq!(ids.len(), got.len(), "each chunk once");
         wanted.remove(&ChunkId::of(b"elsewhere"));
@@ -1113,11 +1184,63 @@ mod tests {
             data.len() as u64,
             chunking,
             &|id| wanted.contains(id),
-            Some(&tx),
+            Some(&Handover {
+                tx: &tx,
+                stop: &stop,
+            }),
             None,
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// The stop flag, set by the receiver, ends the cut at its next block: it
+    /// returns the chunks cut before (a prefix of the whole index) and reads no
+    /// further than a few blocks past where it was told to stop.
+    #[test]
+    fn index_stops_at_the_next_block_when_told() {
+        let data = pattern(8 * BLOCK, 41);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let stop = AtomicBool::new(false);
+        let (got, told_at) = std::thread::scope(|scope| {
+            let stop = &stop;
+            let receiver = scope.spawn(move || {
+                let mut told_at = None;
+                for met in rx {
+                    if let Met::Cut(n) = met
+                        && n >= 2 * BLOCK as u64
+                        && told_at.is_none()
+                    {
+                        stop.store(true, Ordering::Release);
+                        told_at = Some(n);
+                    }
+                }
+                told_at
+            });
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                Some(&Handover { tx: &tx, stop }),
+                None,
+            )
+            .unwrap();
+            drop(tx);
+            (got, receiver.join().unwrap())
+        });
+        let told_at = told_at.expect("told how far the cut is");
+        let end = got.last().map(|c| c.0 + u64::from(c.2)).unwrap();
+        assert!(end >= told_at, "stopped at {end}, told at {told_at}");
+        assert!(
+            end < told_at + 3 * BLOCK as u64,
+            "stopped at {end}, told at {told_at}"
+        );
+        assert!(end < data.len() as u64);
+        assert_eq!(got[..], all[..got.len()], "a prefix of the whole index");
     }
 
     /// #11: given a pool, the cutting and hashing run in it (the chunks are handed
@@ -1135,6 +1258,7 @@ mod tests {
         let in_pool = std::sync::atomic::AtomicUsize::new(0);
         let outside = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = mpsc::sync_channel(1);
+        let stop = AtomicBool::new(false);
         let got = std::thread::scope(|scope| {
             scope.spawn(move || rx.iter().count());
             let got = index(
@@ -1150,7 +1274,10 @@ mod tests {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     true
                 },
-                Some(&tx),
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
                 Some(&pool),
             )
             .unwrap();
