@@ -422,6 +422,7 @@ fn cut_and_hash(
     mut hand_over: impl FnMut(HandOver<'_>) -> bool,
 ) -> Vec<(u64, ChunkId, u32)> {
     {
+        let zero = ZeroRun::of(chunking);
         // The known chunks not yet cut, and where the first of them starts.
         let mut known = known;
         let mut known_at = 0u64;
@@ -449,8 +450,17 @@ fn cut_and_hash(
                 None => more = false,
             }
             let (ids, cuts) = rayon::join(
-                || hash_chunks(&hashing, &pending),
-                || cut_along(&cutting, base, chunking, !more, &mut known, &mut known_at),
+                || hash_chunks(&hashing, &pending, &zero),
+                || {
+                    cut_along(
+                        &cutting,
+                        base,
+                        (chunking, &zero),
+                        !more,
+                        &mut known,
+                        &mut known_at,
+                    )
+                },
             );
             for ((offset, start, len), id) in pending.iter().zip(ids) {
                 hand_over(HandOver::Chunk(&hashing, *start, *len, id));
@@ -476,7 +486,8 @@ fn cut_and_hash(
             cutting.extend_from_slice(&hashing[finished..]);
             base += finished as u64;
         }
-        for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
+        for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending, &zero))
+        {
             hand_over(HandOver::Chunk(&hashing, *start, *len, id));
             let len = u32::try_from(*len).expect("a chunk is at most max_size");
             push(&mut out, (*offset, id, len));
@@ -495,13 +506,13 @@ fn cut_and_hash(
 fn cut_along(
     window: &[u8],
     base: u64,
-    chunking: Chunking,
+    (chunking, zero): (Chunking, &ZeroRun),
     end: bool,
     known: &mut &[u32],
     known_at: &mut u64,
 ) -> Vec<(usize, usize)> {
     if known.is_empty() {
-        return cut(window, chunking, end);
+        return cut(window, chunking, zero, end);
     }
     // Every window starts where the previous one's last finished chunk ended.
     debug_assert_eq!(base, *known_at, "a window starts at a known chunk");
@@ -519,7 +530,7 @@ fn cut_along(
     }
     // The known chunks end inside this window: the rest is cut by content.
     cuts.extend(
-        cut(&window[start..], chunking, end)
+        cut(&window[start..], chunking, zero, end)
             .into_iter()
             .map(|(s, n)| (start + s, n)),
     );
@@ -530,18 +541,48 @@ fn cut_along(
 /// decided by its content or the maximum size, and at the `end` of the payload
 /// the last one too. A chunk reaching the end of the window otherwise waits for
 /// the next block (its cut point may lie beyond).
-fn cut(window: &[u8], chunking: Chunking, end: bool) -> Vec<(usize, usize)> {
+///
+/// A stretch of zeros (the free space of a file system, an erased partition) is
+/// not run through the chunker: where the `max_size` bytes from a chunk's start
+/// are all zeros, the chunker's cut depends on those bytes only (it looks no
+/// further than `max_size`), so it is the cut of a zero run, [`ZeroRun::len`],
+/// found once. Checking for zeros runs at memory speed and fails on the first
+/// non-zero byte, whose position is kept so no byte is checked twice.
+fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usize, usize)> {
     if window.is_empty() {
         return Vec::new();
     }
-    let mut cuts: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::new(
+    let max = chunking.max_size as usize;
+    let cdc = fastcdc::v2020::FastCDC::new(
         window,
         chunking.min_size as usize,
         chunking.avg_size as usize,
-        chunking.max_size as usize,
-    )
-    .map(|c| (c.offset, c.length))
-    .collect();
+        max,
+    );
+    let mut cuts = Vec::new();
+    let mut at = 0usize;
+    // A non-zero byte at or after `at`, when one is known.
+    let mut non_zero = 0usize;
+    while at < window.len() {
+        let remaining = window.len() - at;
+        if remaining >= max && non_zero < at + max {
+            non_zero = non_zero.max(at);
+            match first_non_zero(&window[non_zero..at + max]) {
+                None => {
+                    cuts.push((at, zero.len));
+                    at += zero.len;
+                    continue;
+                }
+                Some(k) => non_zero += k,
+            }
+        }
+        let (_, next) = cdc.cut(at, remaining);
+        if next <= at {
+            break;
+        }
+        cuts.push((at, next - at));
+        at = next;
+    }
     if !end
         && let Some(&(start, len)) = cuts.last()
         && start + len == window.len()
@@ -552,11 +593,61 @@ fn cut(window: &[u8], chunking: Chunking, end: bool) -> Vec<(usize, usize)> {
     cuts
 }
 
-fn hash_chunks(window: &[u8], chunks: &[(u64, usize, usize)]) -> Vec<ChunkId> {
+/// The ids of `chunks` of `window`; a chunk of zeros as long as the chunker cuts
+/// a zero run ([`ZeroRun`]) is not hashed again: its id is known.
+fn hash_chunks(window: &[u8], chunks: &[(u64, usize, usize)], zero: &ZeroRun) -> Vec<ChunkId> {
     chunks
         .par_iter()
-        .map(|&(_, start, len)| ChunkId::of(&window[start..start + len]))
+        .map(|&(_, start, len)| {
+            let bytes = &window[start..start + len];
+            if len == zero.len && first_non_zero(bytes).is_none() {
+                zero.id
+            } else {
+                ChunkId::of(bytes)
+            }
+        })
         .collect()
+}
+
+/// How the chunker cuts a run of zeros: every chunk that starts with `max_size`
+/// zeros is `len` bytes long (the cut of `max_size` zeros), with id `id`.
+#[derive(Debug, Clone, Copy)]
+struct ZeroRun {
+    len: usize,
+    id: ChunkId,
+}
+
+impl ZeroRun {
+    fn of(chunking: Chunking) -> ZeroRun {
+        let zeros = vec![0u8; chunking.max_size as usize];
+        let len = fastcdc::v2020::FastCDC::new(
+            &zeros,
+            chunking.min_size as usize,
+            chunking.avg_size as usize,
+            chunking.max_size as usize,
+        )
+        .next()
+        .map_or(zeros.len(), |c| c.length);
+        ZeroRun {
+            len,
+            id: ChunkId::of(&zeros[..len]),
+        }
+    }
+}
+
+/// The position of the first non-zero byte of `bytes`, checked 64 bytes at a time
+/// (vectorised).
+fn first_non_zero(bytes: &[u8]) -> Option<usize> {
+    let mut blocks = bytes.chunks_exact(64);
+    for (k, block) in blocks.by_ref().enumerate() {
+        if block.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return block.iter().position(|&b| b != 0).map(|i| k * 64 + i);
+        }
+    }
+    let tail = blocks.remainder();
+    tail.iter()
+        .position(|&b| b != 0)
+        .map(|i| bytes.len() - tail.len() + i)
 }
 
 /// Coalesced byte ranges `start..end`.
@@ -957,6 +1048,55 @@ mod tests {
         std::fs::write(&path, data).unwrap();
         let storage = FileStorage::open(&path, true).unwrap();
         (dir, Box::new(storage))
+    }
+
+    /// Stretches of zeros are cut without the chunker (a zero run's cut, found
+    /// once) and their chunks not hashed again: the index is still exactly the
+    /// chunker's, for runs shorter and longer than `max_size`, a run ending one
+    /// byte short of it, runs broken by single bytes, runs across block
+    /// boundaries, and a slot that is zeros to its end (the last chunk short).
+    #[test]
+    fn index_of_zero_runs_is_exactly_the_chunkers() {
+        let mut data = pattern(5 * BLOCK + 4_321, 11);
+        let max = shoal_artifact::chunk::CHUNKING_FAST.max_size as usize;
+        data[1_000..1_000 + max - 1].fill(0);
+        data[200_000..200_000 + 3 * max + 17].fill(0);
+        data[BLOCK - 70_000..2 * BLOCK + 50_000].fill(0);
+        for k in (BLOCK + 1_000..2 * BLOCK).step_by(40_000) {
+            data[k] = 1;
+        }
+        data[2 * BLOCK + 100_000..3 * BLOCK + 12].fill(0);
+        data[3 * BLOCK + 300_000] = 0;
+        data[4 * BLOCK - 5..].fill(0);
+        let (_dir, storage) = file_with(&data);
+        for chunking in [
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+            shoal_artifact::chunk::CHUNKING_FAST,
+        ] {
+            let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+            let zero = ZeroRun::of(chunking);
+            assert!(
+                expected.iter().filter(|c| c.1 == zero.id).count() >= 4,
+                "{chunking:?}: zero chunks"
+            );
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                None,
+                None,
+            )
+            .unwrap();
+            assert_eq!(got, expected, "{chunking:?}");
+        }
+        assert_eq!(first_non_zero(&[0; 200]), None);
+        for k in [0, 63, 64, 130, 199] {
+            let mut b = [0u8; 200];
+            b[k] = 9;
+            b[199] = 1;
+            assert_eq!(first_non_zero(&b), Some(k));
+        }
     }
 
     #[test]
