@@ -367,18 +367,14 @@ fn index_with(
         known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
         "the known chunks run past the slot"
     );
-    let mut sent: HashSet<ChunkId> = HashSet::new();
     let stop = met.map(|m| m.stop);
     let mut met = met.map(|m| m.tx);
-    let hand_over = move |what: HandOver<'_>| match what {
-        HandOver::Chunk(window, start, len, id) => {
+    // Nothing is wanted without a receiver.
+    let wanted: &(dyn Fn(&ChunkId) -> bool + Sync) =
+        if met.is_some() { wanted } else { &|_| false };
+    let hand_over = move |what: HandOver| match what {
+        HandOver::Chunk(chunk) => {
             if let Some(tx) = met
-                && wanted(&id)
-                && sent.insert(id)
-                // The proof the engine takes (hashed again, on this thread: the
-                // indexer's hash is of a slice it does not own).
-                && let Ok(chunk) =
-                    shoal_artifact::VerifiedChunk::check(id, window[start..start + len].to_vec())
                 && tx.send(Met::Chunk(chunk)).is_err()
             {
                 met = None;
@@ -397,7 +393,7 @@ fn index_with(
     read_ahead(storage, 0, len, move |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
-        let body = move || cut_and_hash(blocks, chunking, known, runs_once, hand_over);
+        let mut body = move || cut_and_hash(blocks, chunking, known, runs_once, wanted, hand_over);
         match pool {
             Some(pool) => pool.install(body),
             None => body(),
@@ -405,24 +401,28 @@ fn index_with(
     })
 }
 
-/// What [`cut_and_hash`] hands over: a chunk `(window, start, len, id)`, or how
+/// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
 /// far the cut is (the answer then says whether to go on).
-enum HandOver<'w> {
-    Chunk(&'w [u8], usize, usize, ChunkId),
+enum HandOver {
+    Chunk(shoal_artifact::VerifiedChunk),
     Cut(u64),
 }
 
-/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over,
-/// and how far it is after each block; stops early when that answer is `false`.
+/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing over each
+/// `wanted` one the first time it meets it (proved from the same hash, on the
+/// hashing threads) and how far it is after each block; stops early when that
+/// answer is `false`.
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
     known: &[u32],
     runs_once: bool,
-    mut hand_over: impl FnMut(HandOver<'_>) -> bool,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    mut hand_over: impl FnMut(HandOver) -> bool,
 ) -> Vec<(u64, ChunkId, u32)> {
     {
         let zero = ZeroRun::of(chunking);
+        let mut sent: HashSet<ChunkId> = HashSet::new();
         // The known chunks not yet cut, and where the first of them starts.
         let mut known = known;
         let mut known_at = 0u64;
@@ -449,8 +449,9 @@ fn cut_and_hash(
                 }
                 None => more = false,
             }
+            let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
             let (ids, cuts) = rayon::join(
-                || hash_chunks(&hashing, &pending, &zero),
+                || hash_chunks(&hashing, &pending, &zero, &keep),
                 || {
                     cut_along(
                         &cutting,
@@ -462,8 +463,12 @@ fn cut_and_hash(
                     )
                 },
             );
-            for ((offset, start, len), id) in pending.iter().zip(ids) {
-                hand_over(HandOver::Chunk(&hashing, *start, *len, id));
+            for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+                if let Some(chunk) = proof
+                    && sent.insert(id)
+                {
+                    hand_over(HandOver::Chunk(chunk));
+                }
                 let len = u32::try_from(*len).expect("a chunk is at most max_size");
                 push(&mut out, (*offset, id, len));
             }
@@ -486,9 +491,14 @@ fn cut_and_hash(
             cutting.extend_from_slice(&hashing[finished..]);
             base += finished as u64;
         }
-        for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending, &zero))
-        {
-            hand_over(HandOver::Chunk(&hashing, *start, *len, id));
+        let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
+        let ids = hash_chunks(&hashing, &pending, &zero, &keep);
+        for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+            if let Some(chunk) = proof
+                && sent.insert(id)
+            {
+                hand_over(HandOver::Chunk(chunk));
+            }
             let len = u32::try_from(*len).expect("a chunk is at most max_size");
             push(&mut out, (*offset, id, len));
         }
@@ -593,17 +603,29 @@ fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usi
     cuts
 }
 
-/// The ids of `chunks` of `window`; a chunk of zeros as long as the chunker cuts
-/// a zero run ([`ZeroRun`]) is not hashed again: its id is known.
-fn hash_chunks(window: &[u8], chunks: &[(u64, usize, usize)], zero: &ZeroRun) -> Vec<ChunkId> {
+/// The ids of `chunks` of `window`, and a proof of each that `keep` says to keep
+/// (made from the same hash: [`VerifiedChunk::hash_keeping`]); a chunk of zeros as
+/// long as the chunker cuts a zero run ([`ZeroRun`]) is not hashed again: its id is
+/// known.
+///
+/// [`VerifiedChunk::hash_keeping`]: shoal_artifact::VerifiedChunk::hash_keeping
+fn hash_chunks(
+    window: &[u8],
+    chunks: &[(u64, usize, usize)],
+    zero: &ZeroRun,
+    keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+) -> Vec<(ChunkId, Option<shoal_artifact::VerifiedChunk>)> {
     chunks
         .par_iter()
         .map(|&(_, start, len)| {
             let bytes = &window[start..start + len];
             if len == zero.len && first_non_zero(bytes).is_none() {
-                zero.id
+                let proof = keep(&zero.id)
+                    .then(|| shoal_artifact::VerifiedChunk::check(zero.id, bytes.to_vec()).ok())
+                    .flatten();
+                (zero.id, proof)
             } else {
-                ChunkId::of(bytes)
+                shoal_artifact::VerifiedChunk::hash_keeping(bytes, keep)
             }
         })
         .collect()
@@ -635,19 +657,21 @@ impl ZeroRun {
     }
 }
 
-/// The position of the first non-zero byte of `bytes`, checked 64 bytes at a time
-/// (vectorised).
+/// The position of the first non-zero byte of `bytes`, checked 256 bytes at a
+/// time (the words of a block or-ed together: vectorised).
 fn first_non_zero(bytes: &[u8]) -> Option<usize> {
-    let mut blocks = bytes.chunks_exact(64);
-    for (k, block) in blocks.by_ref().enumerate() {
-        if block.iter().fold(0u8, |a, &b| a | b) != 0 {
-            return block.iter().position(|&b| b != 0).map(|i| k * 64 + i);
+    const STEP: usize = 256;
+    let mut at = 0;
+    while let Some(block) = bytes.get(at..at + STEP) {
+        let words = block.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]))
+        });
+        if words != 0 {
+            break;
         }
+        at += STEP;
     }
-    let tail = blocks.remainder();
-    tail.iter()
-        .position(|&b| b != 0)
-        .map(|i| bytes.len() - tail.len() + i)
+    bytes[at..].iter().position(|&b| b != 0).map(|i| at + i)
 }
 
 /// Coalesced byte ranges `start..end`.
