@@ -30,24 +30,37 @@ const ALIGN: usize = 4096;
 /// the aligned window inside it; no `unsafe`).
 pub struct AlignedBlock {
     backing: Vec<u8>,
+    /// Where the bytes read start (aligned): after the room for bytes put before.
     start: usize,
     len: usize,
+    /// Room before `start` (see [`AlignedBlock::prepend`]), and how much of it is used.
+    head: usize,
+    front: usize,
 }
 
 impl AlignedBlock {
     /// A zeroed block of `capacity` bytes.
     pub fn new(capacity: usize) -> AlignedBlock {
-        let backing = vec![0u8; capacity + ALIGN];
-        let start = (ALIGN - backing.as_ptr().addr() % ALIGN) % ALIGN;
+        AlignedBlock::with_head(capacity, 0)
+    }
+
+    /// A zeroed block of `capacity` bytes with room for `head` bytes (rounded up to
+    /// the alignment) before them.
+    fn with_head(capacity: usize, head: usize) -> AlignedBlock {
+        let head = head.div_ceil(ALIGN) * ALIGN;
+        let backing = vec![0u8; head + capacity + ALIGN];
+        let start = head + (ALIGN - backing.as_ptr().addr() % ALIGN) % ALIGN;
         AlignedBlock {
             backing,
             start,
             len: capacity,
+            head,
+            front: 0,
         }
     }
 
     fn capacity(&self) -> usize {
-        self.backing.len() - ALIGN
+        self.backing.len() - ALIGN - self.head
     }
 
     /// Fills the first `len` bytes (at most the capacity) from `offset` of
@@ -55,12 +68,30 @@ impl AlignedBlock {
     fn fill(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
         assert!(len <= self.capacity(), "read larger than the block");
         self.len = len;
+        self.front = 0;
         storage.read_at(offset, &mut self.backing[self.start..self.start + len])
     }
 
     /// The bytes read.
     pub fn as_slice(&self) -> &[u8] {
         &self.backing[self.start..self.start + self.len]
+    }
+
+    /// Puts `bytes` (at most the room before the block) right before the bytes
+    /// read, so that [`AlignedBlock::window`] is the two together, without copying
+    /// the block.
+    fn prepend(&mut self, bytes: &[u8]) {
+        assert!(
+            bytes.len() <= self.head,
+            "more than the room before the block"
+        );
+        self.backing[self.start - bytes.len()..self.start].copy_from_slice(bytes);
+        self.front = bytes.len();
+    }
+
+    /// The bytes put before ([`AlignedBlock::prepend`]) and the bytes read.
+    fn window(&self) -> &[u8] {
+        &self.backing[self.start - self.front..self.start + self.len]
     }
 }
 
@@ -71,6 +102,10 @@ struct BlockPool {
     allocated: usize,
     /// Bytes of each block.
     capacity: usize,
+    /// Room before each block ([`AlignedBlock::prepend`]).
+    head: usize,
+    /// Blocks alive at most.
+    blocks: usize,
 }
 
 impl BlockPool {
@@ -79,9 +114,9 @@ impl BlockPool {
     fn get(&mut self) -> Option<AlignedBlock> {
         match self.recycled.try_recv() {
             Ok(block) => Some(block),
-            Err(_) if self.allocated < BLOCKS_IN_FLIGHT => {
+            Err(_) if self.allocated < self.blocks => {
                 self.allocated += 1;
-                Some(AlignedBlock::new(self.capacity))
+                Some(AlignedBlock::with_head(self.capacity, self.head))
             }
             Err(_) => self.recycled.recv().ok(),
         }
@@ -143,18 +178,19 @@ pub fn read_ahead<T: Send>(
             usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
         )
     });
-    read_ranges_ahead(storage, ranges, BLOCK, consume)
+    read_ranges_ahead(storage, ranges, (BLOCK, 0, BLOCKS_IN_FLIGHT), consume)
 }
 
 /// [`read_ahead`], but of the ranges `(offset, len)` of `storage`, in the order
-/// given, each into one block of `capacity` bytes (a range is at most that long).
+/// given, each into one block of `capacity` bytes (a range is at most that long)
+/// with room for `head` bytes before it, `blocks` alive at most.
 fn read_ranges_ahead<T: Send>(
     storage: &dyn Storage,
     ranges: impl Iterator<Item = (u64, usize)>,
-    capacity: usize,
+    (capacity, head, blocks): (usize, usize, usize),
     consume: impl FnOnce(&mut Blocks) -> T + Send,
 ) -> io::Result<T> {
-    let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(BLOCKS_IN_FLIGHT - 1);
+    let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(blocks - 1);
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
         let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
@@ -162,6 +198,8 @@ fn read_ranges_ahead<T: Send>(
             recycled,
             allocated: 0,
             capacity,
+            head,
+            blocks,
         };
         let mut result = Ok(());
         for (offset, n) in ranges {
@@ -249,24 +287,29 @@ pub fn check_along(
         .map(|(s, e, _)| (*s, usize::try_from(e - s).expect("checked above")));
     let targets = &targets;
     let reads = &reads;
-    read_ranges_ahead(storage, ranges, capacity, move |blocks| {
-        for (start, _, t) in reads {
-            let Some(block) = blocks.next() else {
-                // The reading failed: its error is returned.
-                return Along::Held(Vec::new());
-            };
-            let bytes = block.as_slice();
-            let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
-                let from = usize::try_from(at - start).expect("inside the block");
-                ChunkId::of(&bytes[from..from + n as usize]) != id
-            });
-            blocks.recycle(block);
-            if let Some(&(offset, expected, _)) = differs {
-                return Along::Differs { offset, expected };
+    read_ranges_ahead(
+        storage,
+        ranges,
+        (capacity, 0, BLOCKS_IN_FLIGHT),
+        move |blocks| {
+            for (start, _, t) in reads {
+                let Some(block) = blocks.next() else {
+                    // The reading failed: its error is returned.
+                    return Along::Held(Vec::new());
+                };
+                let bytes = block.as_slice();
+                let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
+                    let from = usize::try_from(at - start).expect("inside the block");
+                    ChunkId::of(&bytes[from..from + n as usize]) != id
+                });
+                blocks.recycle(block);
+                if let Some(&(offset, expected, _)) = differs {
+                    return Along::Differs { offset, expected };
+                }
             }
-        }
-        Along::Held(targets.clone())
-    })
+            Along::Held(targets.clone())
+        },
+    )
 }
 
 /// BLAKE3 of `0..len` of `storage`, read ahead.
@@ -390,7 +433,16 @@ fn index_with(
             !stop.is_some_and(|s| s.load(Ordering::Acquire))
         }
     };
-    read_ahead(storage, 0, len, move |blocks| {
+    let ranges = (0..len).step_by(BLOCK).map(|offset| {
+        (
+            offset,
+            usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
+        )
+    });
+    // Room before each block for the unfinished chunk of the window before (less
+    // than `max_size`); the consumer holds two blocks (one cut, one hashed).
+    let layout = (BLOCK, chunking.max_size as usize, BLOCKS_IN_FLIGHT + 1);
+    read_ranges_ahead(storage, ranges, layout, move |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
         let mut body = move || cut_and_hash(blocks, chunking, known, runs_once, wanted, hand_over);
@@ -432,29 +484,32 @@ fn cut_and_hash(
                 out.push(c);
             }
         };
-        // Two windows, each the carried-over tail of the previous one followed by a
-        // block: one is cut while the other's chunks are hashed.
-        let mut cutting: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
-        let mut hashing: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
-        // Payload offset of `cutting[0]`.
+        // Two windows, each a block read with the unfinished tail of the window
+        // before copied in front of it (no block is copied whole): one is cut
+        // while the other's chunks are hashed.
+        let mut hashing: Option<AlignedBlock> = None;
+        // Where the unfinished tail of `hashing`'s window starts.
+        let mut tail_at = 0usize;
+        // Payload offset of the window being cut.
         let mut base = 0u64;
         // Chunks of `hashing` still to hash: (offset in payload, start in window, len).
         let mut pending: Vec<(u64, usize, usize)> = Vec::new();
-        let mut more = true;
-        while more {
-            match blocks.next() {
-                Some(block) => {
-                    cutting.extend_from_slice(block.as_slice());
-                    blocks.recycle(block);
-                }
-                None => more = false,
+        loop {
+            let mut cutting = blocks.next();
+            let more = cutting.is_some();
+            let tail: &[u8] = hashing.as_ref().map_or(&[], |h| &h.window()[tail_at..]);
+            if let Some(block) = cutting.as_mut() {
+                block.prepend(tail);
             }
+            // At the end, the last tail is cut where it lies.
+            let window = cutting.as_ref().map_or(tail, AlignedBlock::window);
+            let hashed = hashing.as_ref().map_or(&[][..], AlignedBlock::window);
             let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
             let (ids, cuts) = rayon::join(
-                || hash_chunks(&hashing, &pending, &zero, &keep),
+                || hash_chunks(hashed, &pending, &zero, &keep),
                 || {
                     cut_along(
-                        &cutting,
+                        window,
                         base,
                         (chunking, &zero),
                         !more,
@@ -478,32 +533,36 @@ fn cut_and_hash(
                 // Stopped: what was cut so far (dropping `blocks` stops the reads).
                 return out;
             }
-            // The finished chunks of `cutting` are hashed next round, from
-            // `hashing`; the unfinished tail starts the next window.
+            // The finished chunks of the window just cut are hashed next.
             let finished: usize = cuts.iter().map(|&(_, len)| len).sum();
             pending = cuts
                 .into_iter()
                 .map(|(start, len)| (base + start as u64, start, len))
                 .collect();
-            std::mem::swap(&mut hashing, &mut cutting);
-            // `cutting` now holds the previous window again; keep only its tail.
-            cutting.clear();
-            cutting.extend_from_slice(&hashing[finished..]);
             base += finished as u64;
-        }
-        let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
-        let ids = hash_chunks(&hashing, &pending, &zero, &keep);
-        for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
-            if let Some(chunk) = proof
-                && sent.insert(id)
-            {
-                hand_over(HandOver::Chunk(chunk));
+            if !more {
+                // The last chunks, of the last tail.
+                let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
+                let ids = hash_chunks(window, &pending, &zero, &keep);
+                for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+                    if let Some(chunk) = proof
+                        && sent.insert(id)
+                    {
+                        hand_over(HandOver::Chunk(chunk));
+                    }
+                    let len = u32::try_from(*len).expect("a chunk is at most max_size");
+                    push(&mut out, (*offset, id, len));
+                }
+                if let Some(&(offset, _, len)) = pending.last() {
+                    hand_over(HandOver::Cut(offset + len as u64));
+                }
+                break;
             }
-            let len = u32::try_from(*len).expect("a chunk is at most max_size");
-            push(&mut out, (*offset, id, len));
-        }
-        if let Some(&(offset, _, len)) = pending.last() {
-            hand_over(HandOver::Cut(offset + len as u64));
+            if let Some(done) = hashing.take() {
+                blocks.recycle(done);
+            }
+            hashing = cutting;
+            tail_at = finished;
         }
         out
     }
@@ -923,6 +982,8 @@ impl ReadAhead {
                 recycled,
                 allocated: 0,
                 capacity: BLOCK,
+                head: 0,
+                blocks: BLOCKS_IN_FLIGHT,
             };
             loop {
                 // A new position wins over reading on; with none to read on
