@@ -806,17 +806,58 @@ impl Verifier {
         let worker = std::thread::spawn(move || {
             use blake3::hazmat::HasherExt;
             let mut cvs: Vec<Option<ChainingValue>> = vec![None; pieces];
-            let mut block = AlignedBlock::new(PIECE as usize);
-            // Each message is a piece to (re)read; the channel closes after the last.
-            while let Ok(piece) = rx.recv() {
+            let index = |p: u64| usize::try_from(p).expect("piece index fits usize");
+            let fill = |piece: u64, block: &mut AlignedBlock| -> io::Result<()> {
                 let start = piece * PIECE;
                 let n = usize::try_from((len - start).min(PIECE)).unwrap_or(0);
-                block.fill(&*storage, start, n)?;
-                let cv = blake3::Hasher::new()
-                    .set_input_offset(start)
+                block.fill(&*storage, start, n)
+            };
+            let cv = |piece: u64, block: &AlignedBlock| {
+                blake3::Hasher::new()
+                    .set_input_offset(piece * PIECE)
                     .update(block.as_slice())
-                    .finalize_non_root();
-                cvs[usize::try_from(piece).expect("piece index fits usize")] = Some(cv);
+                    .finalize_non_root()
+            };
+            // Two blocks: while one piece is hashed (on another core), the next
+            // waiting one is read into the other, so a verifier left behind by
+            // fast writes (chunks taken from the running slot) catches up sooner.
+            let mut blocks = [
+                AlignedBlock::new(PIECE as usize),
+                AlignedBlock::new(PIECE as usize),
+            ];
+            // A piece read and not hashed yet, and its block.
+            let mut read: Option<(u64, usize)> = None;
+            loop {
+                // Each message is a piece to (re)read; the channel closes after
+                // the last. With a piece in hand, only what already waits.
+                let next = match read {
+                    Some(_) => rx.try_recv().ok(),
+                    None => match rx.recv() {
+                        Ok(piece) => Some(piece),
+                        Err(_) => break,
+                    },
+                };
+                match (read.take(), next) {
+                    (Some((piece, k)), Some(then)) => {
+                        let [a, b] = &mut blocks;
+                        let (hashed, reading) = if k == 0 { (a, b) } else { (b, a) };
+                        let mut got = None;
+                        let hashed = &*hashed;
+                        let filled = rayon::in_place_scope(|scope| {
+                            scope.spawn(|_| got = Some(cv(piece, hashed)));
+                            fill(then, reading)
+                        });
+                        cvs[index(piece)] = got;
+                        filled?;
+                        read = Some((then, 1 - k));
+                    }
+                    (Some((piece, k)), None) => cvs[index(piece)] = Some(cv(piece, &blocks[k])),
+                    (None, Some(piece)) => {
+                        fill(piece, &mut blocks[0])?;
+                        read = Some((piece, 0));
+                    }
+                    (None, None) => break,
+                }
             }
             Ok(cvs)
         });
