@@ -90,8 +90,17 @@ fn device(slot_a: &[u8]) -> SimDevice {
 /// Offers v2 with `sources`, streams the artifact's chunks from source 1 when it is
 /// one, runs to the armed trial and checks slot B holds v2. Returns the engine.
 fn install(f: &Fixture, dev: &mut SimDevice, sources: Vec<SourceInfo>) -> Engine {
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    install_image(f, dev, sources, &v2())
+}
+
+/// [`install`] of a release of `image`.
+fn install_image(
+    f: &Fixture,
+    dev: &mut SimDevice,
+    sources: Vec<SourceInfo>,
+    image: &[u8],
+) -> Engine {
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, image);
     for s in sources.iter().filter(|s| s.kind == SourceKind::Requests) {
         dev.stores.insert(s.id, c2.iter().cloned().collect());
     }
@@ -150,22 +159,55 @@ fn the_cut_of_a_slot_of_zeros_stops_after_its_sample() {
     assert_eq!(dev.store.load().active_index, None);
 }
 
-/// A slot that holds an earlier release: its first bytes hold most of the new
-/// one's, and the cut runs to the end (and is the slot's index).
+/// A slot that holds an earlier release all along: every window gives new chunks,
+/// and the cut runs to the end (and is the slot's index).
 #[test]
-fn the_cut_of_a_slot_holding_an_earlier_release_runs_to_the_end() {
+fn the_cut_of_a_slot_holding_an_earlier_release_all_along_runs_to_the_end() {
+    let f = Fixture::new();
+    let v1 = bytes(5, 2 * MIB);
+    let mut image = v1.clone();
+    image[300_000..400_000].copy_from_slice(&bytes(3, 100_000));
+    let mut dev = device(&v1);
+    let engine = install_image(&f, &mut dev, vec![artifact()], &image);
+    assert_eq!(stopped(&dev.events), None);
+    assert!(dev.cuts_stopped.is_empty());
+    assert!(engine.progress().reused_bytes > 3 * MIB as u64 / 2);
+    assert!(
+        dev.store.load().active_index.is_some(),
+        "the whole index is recorded"
+    );
+}
+
+/// A slot that holds an earlier release followed by its free space (zeros): the
+/// cut goes on while its windows give new chunks, stops after the first window
+/// that gives none, and takes from the slot every chunk a whole cut would have
+/// (what a WAN source among the sources, which keeps the cut going, shows).
+#[test]
+fn the_cut_of_a_slot_holding_an_earlier_release_stops_only_past_its_data() {
     let f = Fixture::new();
     let mut v1 = v2();
     v1[300_000..400_000].copy_from_slice(&bytes(3, 100_000));
     let mut dev = device(&v1);
     let engine = install(&f, &mut dev, vec![artifact()]);
-    assert_eq!(stopped(&dev.events), None);
-    assert!(dev.cuts_stopped.is_empty());
-    assert!(engine.progress().reused_bytes > 500_000);
+    let (cut, found) = stopped(&dev.events).expect("stopped in the free space");
+    // The data and the zero chunk lie in the first 640 KiB: the windows to 1 MiB
+    // give new chunks, the next (1 to 1.5 MiB) none.
     assert!(
-        dev.store.load().active_index.is_some(),
-        "the whole index is recorded"
+        (3 * MIB as u64 / 2..2 * MIB as u64).contains(&cut),
+        "stopped at {cut}"
     );
+    let mut whole = device(&v1);
+    let wan = SourceInfo::new(
+        SourceId(2),
+        SourceKind::Requests,
+        SourceClass::Wan,
+        "server",
+    );
+    let all = install(&f, &mut whole, vec![artifact(), wan]);
+    assert!(whole.cuts_stopped.is_empty());
+    assert_eq!(engine.progress().reused_bytes, all.progress().reused_bytes);
+    assert!(found > 500_000, "found {found}");
+    assert_eq!(dev.store.load().active_index, None, "no index recorded");
 }
 
 /// A WAN source among the sources: every chunk found saves a download, and the

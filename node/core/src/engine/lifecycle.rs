@@ -257,7 +257,7 @@ impl Engine {
         if let Some(job) = self.job.as_mut() {
             job.index_len = len;
             job.index_found = 0;
-            job.index_judged = false;
+            job.index_window = (0, 0);
         }
         info!(slot = %active, len, "indexing the active slot");
         self.event(Event::Indexing { slot: active, len });
@@ -268,28 +268,31 @@ impl Engine {
         });
     }
 
-    /// The driver cut the active slot's first `cut` bytes ([`Input::IndexProgress`]):
-    /// once the cut covers its sample
+    /// The driver cut the active slot's first `cut` bytes ([`Input::IndexProgress`]).
+    /// The cut is judged by windows: the sample
     /// ([`Config::index_sample_min_bytes`](super::Config::index_sample_min_bytes),
-    /// or an [`INDEX_SAMPLE_PART`]th of the slot when that is more), the engine judges
-    /// once whether the rest is worth cutting ([`Engine::index_pays`]); if not, it
-    /// asks the driver to stop ([`Output::StopIndex`]) and plans the install
+    /// or an [`INDEX_SAMPLE_PART`]th of the slot when that is more), then each
+    /// stretch of that length after it. At the end of each window the engine
+    /// judges whether the rest is worth cutting ([`Engine::index_pays`]); if not,
+    /// it asks the driver to stop ([`Output::StopIndex`]) and plans the install
     /// without an index, taking every chunk still needed from the sources.
     pub(crate) fn on_index_progress(&mut self, now: Instant, slot: Slot, cut: u64) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
-        if slot != active || job.step != Step::Indexing || job.index_judged {
+        if slot != active || job.step != Step::Indexing {
             return;
         }
-        let sample = self
+        let window = self
             .config
             .index_sample_min_bytes
             .max(job.index_len / INDEX_SAMPLE_PART);
-        if cut < sample {
+        if cut < job.index_window.0.saturating_add(window) || cut >= job.index_len {
             return;
         }
-        job.index_judged = true;
-        if cut >= job.index_len || self.index_pays(cut) {
+        if self.index_pays(cut) {
+            if let Some(job) = self.job.as_mut() {
+                job.index_window = (cut, job.index_found);
+            }
             return;
         }
         let Some(job) = self.job.as_ref() else { return };
@@ -298,7 +301,7 @@ impl Engine {
             slot = %slot,
             cut,
             found,
-            "the active slot holds (next to) nothing this release needs: indexing stopped"
+            "the last stretch of the active slot held (next to) nothing this release needs: indexing stopped"
         );
         self.outputs.push_back(Output::StopIndex { slot });
         self.event(Event::IndexStopped { slot, cut, found });
@@ -306,35 +309,40 @@ impl Engine {
     }
 
     /// Whether the cut of the active slot that the install in progress waits for is
-    /// worth going on with, `cut` bytes into it. It is, unless all of these hold:
+    /// worth going on with, `cut` bytes into it (at the end of a window: see
+    /// [`Input::IndexProgress`]). It is, unless all of these hold:
     /// - needed chunks may be taken as they are met (not a thin artifact, whose
     ///   lacking chunks must all be found in the slot before anything is written);
-    /// - the needed chunks found so far (each once) are less than a
-    ///   [`INDEX_FOUND_PART`]th of the bytes cut;
+    /// - the needed chunks found (each once) since the window began are less than
+    ///   an [`INDEX_FOUND_PART`]th of the bytes cut since;
     /// - every chunk still needed comes from a local source that says it holds it,
     ///   and no source of another class is open ([`SourceClass`]).
     ///
     /// The cost model: cutting the rest of the slot reads, cuts and hashes every
     /// byte of it; each needed chunk it would find saves reading that chunk from
     /// the source and decoding it. From a local source that holds the whole
-    /// release (an artifact file, a USB stick), a slot in which the sample found
-    /// less than 1/64 of its bytes would, by the same proportion, save reading a
-    /// 64th of the slot's size from the source at the cost of reading the slot:
-    /// a loss unless the source is over 64 times slower to read than the slot.
-    /// With a LAN peer or the WAN among the sources, every chunk found saves a
-    /// download (and data budget): the index always runs to the end. Never tuned
-    /// to a kind of data: a slot of zeros gives the (one) zero chunk, a few KiB
-    /// found; a slot that holds an earlier release gives a large part of its
-    /// first bytes. What it gives up is never a wrong write: the chunks come from
-    /// the source, verified as always.
+    /// release (an artifact file, a USB stick), a stretch of the slot that gave
+    /// less than 1/64 of its bytes in new chunks says the rest would, by the same
+    /// proportion, save reading a 64th of its size from the source at the cost of
+    /// reading all of it: a loss unless the source is over 64 times slower to read
+    /// than the slot. With a LAN peer or the WAN among the sources, every chunk
+    /// found saves a download (and data budget): the index always runs to the end.
+    /// Never tuned to a kind of data: a slot of zeros gives the (one) zero chunk, a
+    /// few KiB, in its first window; a slot that holds an earlier release gives a
+    /// large part of each window until the release's data ends (its free space
+    /// then gives nothing new). What it gives up is never a wrong write: the
+    /// chunks come from the source, verified as always; what it may cost is source
+    /// reads of chunks the slot holds past a window that gave nothing.
     ///
     /// [`SourceClass`]: crate::SourceClass
     pub fn index_pays(&self, cut: u64) -> bool {
         let Some(job) = self.job.as_ref().filter(|j| j.step == Step::Indexing) else {
             return false;
         };
+        let (since, found_before) = job.index_window;
+        let found = job.index_found - found_before;
         !job.take_while_indexing
-            || job.index_found.saturating_mul(INDEX_FOUND_PART) >= cut
+            || found.saturating_mul(INDEX_FOUND_PART) >= cut.saturating_sub(since)
             || !job.served_locally()
     }
 

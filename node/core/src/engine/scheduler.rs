@@ -297,11 +297,11 @@ pub(crate) struct Job {
     /// (see [`Engine::needed_chunks`]).
     pub(crate) take_while_indexing: bool,
     /// The cut of the active slot this install waits for: bytes it cuts, bytes of
-    /// needed chunks (each once) taken from it so far, and whether the sample
-    /// was judged ([`Engine::index_pays`]).
+    /// needed chunks (each once) taken from it so far, and where the window being
+    /// judged began: bytes cut and found then ([`Engine::index_pays`]).
     pub(crate) index_len: u64,
     pub(crate) index_found: u64,
-    pub(crate) index_judged: bool,
+    pub(crate) index_window: (u64, u64),
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -402,7 +402,7 @@ impl Job {
             take_while_indexing: false,
             index_len: 0,
             index_found: 0,
-            index_judged: false,
+            index_window: (0, 0),
             journal_bytes: 0,
             corrupt: None,
             lan: None,
