@@ -609,18 +609,75 @@ fn cut_along(
 /// The finished chunks `(start, len)` of `window`: every chunk whose end was
 /// decided by its content or the maximum size, and at the `end` of the payload
 /// the last one too. A chunk reaching the end of the window otherwise waits for
-/// the next block (its cut point may lie beyond).
+/// the next block (its cut point may lie beyond). Stretches of zeros are cut
+/// without the chunker ([`chain`]).
 ///
-/// A stretch of zeros (the free space of a file system, an erased partition) is
-/// not run through the chunker: where the `max_size` bytes from a chunk's start
-/// are all zeros, the chunker's cut depends on those bytes only (it looks no
-/// further than `max_size`), so it is the cut of a zero run, [`ZeroRun::len`],
-/// found once. Checking for zeros runs at memory speed and fails on the first
-/// non-zero byte, whose position is kept so no byte is checked twice.
+/// A window of at least [`SPLIT_MIN`] chunks' worth is cut in two halves on two
+/// cores: the first from its start, the second from its middle as though a chunk
+/// started there; the first half's cut is then carried on from its last finished
+/// chunk until it reaches a chunk start of the second's (within a few chunks: the
+/// cut from a point depends only on the bytes after it, so from a common start
+/// the two are one), and the second's chunks are taken from there. Without such a
+/// meeting it is carried on to the end: the result is always the whole cut's.
 fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usize, usize)> {
     if window.is_empty() {
         return Vec::new();
     }
+    let max = chunking.max_size as usize;
+    let mut cuts = if window.len() >= SPLIT_MIN * max {
+        let mid = window.len() / 2;
+        let (mut first, second) = rayon::join(
+            || chain(&window[..mid], 0, chunking, zero, &[]).0,
+            || chain(window, mid, chunking, zero, &[]).0,
+        );
+        // A chunk reaching the middle unfinished is cut again below.
+        if let Some(&(start, len)) = first.last()
+            && start + len == mid
+            && len < max
+        {
+            first.pop();
+        }
+        let from = first.last().map_or(0, |&(start, len)| start + len);
+        let starts: Vec<usize> = second.iter().map(|&(start, _)| start).collect();
+        let (on, met) = chain(window, from, chunking, zero, &starts);
+        first.extend(on);
+        if let Some(k) = met {
+            first.extend_from_slice(&second[k..]);
+        }
+        first
+    } else {
+        chain(window, 0, chunking, zero, &[]).0
+    };
+    if !end
+        && let Some(&(start, len)) = cuts.last()
+        && start + len == window.len()
+        && len < max
+    {
+        cuts.pop();
+    }
+    cuts
+}
+
+/// Windows of at least this many `max_size` chunks are cut on two cores ([`cut`]).
+const SPLIT_MIN: usize = 4;
+
+/// The chunker's cuts `(start, len)` of `window` from `from` (taken as a chunk
+/// start) to its end, the last one as it falls. Stops at the first chunk start
+/// that is in `meet` (sorted) and says which: from there on, a cut that started
+/// there goes on the same.
+///
+/// A stretch of zeros is not run through the chunker: where the `max_size` bytes
+/// from a chunk's start are all zeros, the chunker's cut depends on those bytes
+/// only (it looks no further than `max_size`), so it is the cut of a zero run,
+/// [`ZeroRun::len`], found once. Checking for zeros runs at memory speed and fails
+/// on the first non-zero byte, whose position is kept so no byte is checked twice.
+fn chain(
+    window: &[u8],
+    from: usize,
+    chunking: Chunking,
+    zero: &ZeroRun,
+    meet: &[usize],
+) -> (Vec<(usize, usize)>, Option<usize>) {
     let max = chunking.max_size as usize;
     let cdc = fastcdc::v2020::FastCDC::new(
         window,
@@ -629,10 +686,13 @@ fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usi
         max,
     );
     let mut cuts = Vec::new();
-    let mut at = 0usize;
+    let mut at = from;
     // A non-zero byte at or after `at`, when one is known.
-    let mut non_zero = 0usize;
+    let mut non_zero = from;
     while at < window.len() {
+        if let Ok(k) = meet.binary_search(&at) {
+            return (cuts, Some(k));
+        }
         let remaining = window.len() - at;
         if remaining >= max && non_zero < at + max {
             non_zero = non_zero.max(at);
@@ -652,14 +712,7 @@ fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usi
         cuts.push((at, next - at));
         at = next;
     }
-    if !end
-        && let Some(&(start, len)) = cuts.last()
-        && start + len == window.len()
-        && len < chunking.max_size as usize
-    {
-        cuts.pop();
-    }
-    cuts
+    (cuts, None)
 }
 
 /// The ids of `chunks` of `window`, and a proof of each that `keep` says to keep
@@ -1222,6 +1275,44 @@ mod tests {
             b[k] = 9;
             b[199] = 1;
             assert_eq!(first_non_zero(&b), Some(k));
+        }
+    }
+
+    /// A window cut in two halves ([`cut`]) gives the cut made from its start
+    /// alone, at every length around the split threshold and the middle, with and
+    /// without the end of the payload, on data with zero runs and without.
+    #[test]
+    fn a_window_cut_in_halves_is_cut_as_a_whole() {
+        let mut data = pattern(3 * BLOCK, 5);
+        data[BLOCK..BLOCK + 300_000].fill(0);
+        for chunking in [
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+            shoal_artifact::chunk::CHUNKING_FAST,
+        ] {
+            let zero = ZeroRun::of(chunking);
+            let max = chunking.max_size as usize;
+            let lens = [
+                SPLIT_MIN * max - 1,
+                SPLIT_MIN * max,
+                BLOCK + 12_345,
+                3 * BLOCK,
+            ];
+            for (k, &len) in lens.iter().enumerate() {
+                for from in [0, BLOCK - 70_000] {
+                    let window = &data[from..from + len.min(data.len() - from)];
+                    for end in [false, true] {
+                        let mut whole = chain(window, 0, chunking, &zero, &[]).0;
+                        if !end
+                            && let Some(&(s, l)) = whole.last()
+                            && s + l == window.len()
+                            && l < max
+                        {
+                            whole.pop();
+                        }
+                        assert_eq!(cut(window, chunking, &zero, end), whole, "{k} {from} {end}");
+                    }
+                }
+            }
         }
     }
 
