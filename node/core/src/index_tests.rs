@@ -114,11 +114,7 @@ fn install_image(
     dev.run(&mut engine, stream).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(dev.boot.armed(), Some(Slot::B));
-    assert_eq!(
-        &dev.durable[1][..image.len()],
-        &image[..],
-        "slot B holds v2"
-    );
+    assert_eq!(&dev.durable[1][..image.len()], image, "slot B holds v2");
     engine
 }
 
