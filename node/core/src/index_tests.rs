@@ -186,10 +186,11 @@ fn the_cut_of_a_slot_holding_an_earlier_release_stops_only_past_its_data() {
     let mut dev = device(&v1);
     let engine = install(&f, &mut dev, vec![artifact()]);
     let (cut, found) = stopped(&dev.events).expect("stopped in the free space");
-    // The data and the zero chunk lie in the first 640 KiB: the windows to 1 MiB
-    // give new chunks, the next (1 to 1.5 MiB) none.
+    // The data and the zero chunk lie in the first 640 KiB: the sample (to 512
+    // KiB) and the next half-window (to 768 KiB) give new chunks, the next (768
+    // KiB to 1 MiB) none.
     assert!(
-        (3 * MIB as u64 / 2..2 * MIB as u64).contains(&cut),
+        (MIB as u64..MIB as u64 + 64 * 1024).contains(&cut),
         "stopped at {cut}"
     );
     let mut whole = device(&v1);

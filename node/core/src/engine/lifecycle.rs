@@ -271,8 +271,9 @@ impl Engine {
     /// The driver cut the active slot's first `cut` bytes ([`Input::IndexProgress`]).
     /// The cut is judged by windows: the sample
     /// ([`Config::index_sample_min_bytes`](super::Config::index_sample_min_bytes),
-    /// or an [`INDEX_SAMPLE_PART`]th of the slot when that is more), then each
-    /// stretch of that length after it. At the end of each window the engine
+    /// or an [`INDEX_SAMPLE_PART`]th of the slot when that is more), which says
+    /// whether the slot is related at all, then each stretch of half that length
+    /// after it, which says whether its related data goes on. At the end of each window the engine
     /// judges whether the rest is worth cutting ([`Engine::index_pays`]); if not,
     /// it asks the driver to stop ([`Output::StopIndex`]) and plans the install
     /// without an index, taking every chunk still needed from the sources.
@@ -282,10 +283,17 @@ impl Engine {
         if slot != active || job.step != Step::Indexing {
             return;
         }
-        let window = self
+        let sample = self
             .config
             .index_sample_min_bytes
             .max(job.index_len / INDEX_SAMPLE_PART);
+        // After the sample (whether the slot is related at all), half of it:
+        // where the related data ends.
+        let window = if job.index_window.0 == 0 {
+            sample
+        } else {
+            sample / 2
+        };
         if cut < job.index_window.0.saturating_add(window) || cut >= job.index_len {
             return;
         }
