@@ -553,8 +553,9 @@ impl RawChunk {
 /// Uncompressed chunk bytes that hash to their id: the proof a consumer (the update
 /// engine) takes instead of bytes, so it never hashes them again and never sees
 /// unverified ones. Made only by [`RawChunk::verify_chunk`] (a stored chunk decoded
-/// within its declared size) and [`VerifiedChunk::check`] (bytes read or received
-/// uncompressed); with the `sim` cargo feature also by
+/// within its declared size), [`VerifiedChunk::check`] (bytes read or received
+/// uncompressed) and [`VerifiedChunk::hash_keeping`] (bytes hashed for their id);
+/// with the `sim` cargo feature also by
 /// [`VerifiedChunk::simulated`], which carries an id and a length and no bytes (the
 /// fleet simulator's; production builds never enable it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,6 +586,30 @@ impl VerifiedChunk {
             },
             data,
         })
+    }
+
+    /// Hashes `bytes` for their id and, when `keep` says so of it, proves a copy of
+    /// them as that chunk: one hash for a reader that needs the id of every chunk
+    /// and the bytes of a few (the cut of a running slot hands over the chunks an
+    /// install needs). The bytes are borrowed for the call, so the copy is of what
+    /// was hashed. No proof of more than `u32::MAX` bytes (no chunk is that long).
+    pub fn hash_keeping(
+        bytes: &[u8],
+        keep: impl FnOnce(&ChunkId) -> bool,
+    ) -> (ChunkId, Option<VerifiedChunk>) {
+        let id = ChunkId::of(bytes);
+        let proof = match u32::try_from(bytes.len()) {
+            Ok(size) if keep(&id) => Some(VerifiedChunk {
+                chunk: ChunkRef {
+                    id,
+                    size,
+                    stored_size: size,
+                },
+                data: bytes.to_vec(),
+            }),
+            _ => None,
+        };
+        (id, proof)
     }
 
     /// Decodes a stored chunk expected to be `expected` (bounded by its declared
@@ -2398,6 +2423,25 @@ mod verified_tests {
         assert_eq!(
             VerifiedChunk::check(id, bad),
             Err(ChunkError::HashMismatch { id, actual })
+        );
+    }
+
+    #[test]
+    fn hash_keeping_gives_the_id_and_proves_a_copy_only_when_kept() {
+        let data = b"slot bytes".to_vec();
+        let id = ChunkId::of(&data);
+        let mut asked = None;
+        let (got, proof) = VerifiedChunk::hash_keeping(&data, |i| {
+            asked = Some(*i);
+            false
+        });
+        assert_eq!((got, proof, asked), (id, None, Some(id)));
+        let (got, proof) = VerifiedChunk::hash_keeping(&data, |_| true);
+        let proof = proof.expect("kept");
+        assert_eq!(got, id);
+        assert_eq!(
+            proof,
+            VerifiedChunk::check(id, data).expect("hashes to its id")
         );
     }
 }

@@ -368,3 +368,56 @@ fn anti_rollback_floor_refuses_older_releases_after_commit() {
         "{e}"
     );
 }
+
+/// A running slot of unrelated data, larger than the index's sample (64 MiB): the
+/// install of a full artifact stops cutting it after the sample (nothing of the
+/// release found), takes every chunk from the artifact and writes the release
+/// byte for byte. The cut that stopped is no index of the slot: the next install
+/// (another release, offered while the first is armed) cuts the slot again, and
+/// stops again.
+#[test]
+fn an_unrelated_running_slot_is_cut_only_as_far_as_its_sample() {
+    const BIG: usize = 80 * MIB;
+    let dev = Device::new(&image(21, BIG), BIG as u64);
+    let logged = |artifact: &std::path::Path| {
+        let out = dev
+            .cmd(&["install", "--json", &artifact.display().to_string()])
+            .env("SHOAL_LOG", "shoal=info")
+            .output()
+            .expect("run");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        (install_common::json(&ok(out)), log)
+    };
+    for (k, seed) in [(1u64, 22u64), (2, 23)] {
+        let v = image(seed, SIZE);
+        let a = dev.build(&v, &format!("{k}.0"), k, None);
+        let (r, log) = logged(&a);
+        assert!(
+            log.contains("indexing slot A"),
+            "run {k} cuts the slot: {log}"
+        );
+        let stopped = log
+            .lines()
+            .find(|l| l.contains("stopped indexing slot A after"))
+            .unwrap_or_else(|| panic!("run {k}: the cut stops: {log}"));
+        let cut: u64 = stopped
+            .split("after ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("bytes cut");
+        assert!(
+            (64 * MIB as u64..72 * MIB as u64).contains(&cut),
+            "run {k} stopped at {cut}"
+        );
+        // The zero chunk only (at each of its positions), found in the slot's zero runs.
+        assert!(u(&r, "reused_bytes") < (SIZE / 4) as u64, "{r}");
+        assert_eq!(u(&r, "reused_bytes") + u(&r, "fetched_bytes"), SIZE as u64);
+        assert_eq!(u(&r, "written_bytes"), SIZE as u64, "{r}");
+        assert_eq!(
+            dev.slot_hash(Slot::B, SIZE),
+            hash(&v),
+            "run {k}: slot B holds it"
+        );
+    }
+}

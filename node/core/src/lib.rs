@@ -91,6 +91,8 @@ mod timer;
 #[cfg(test)]
 mod fetch_tests;
 #[cfg(test)]
+mod index_tests;
+#[cfg(test)]
 mod lan_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -99,10 +101,10 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, IndexReadError,
-    IndexReader, IndexStore, Input, ManifestPlan, ManifestStep, MemIndexes, NeededChunks, NodeKey,
-    Offer, Offsets, Output, PeerRelease, PickError, Progress, ServerWhy, Status, Swarm,
-    VerifiedRelease, compare_versions, peer_release,
+    Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, INDEX_FOUND_PART,
+    INDEX_SAMPLE_PART, IndexReadError, IndexReader, IndexStore, Input, ManifestPlan, ManifestStep,
+    MemIndexes, NeededChunks, NodeKey, Offer, Offsets, Output, PeerRelease, PickError, Progress,
+    ServerWhy, Status, Swarm, VerifiedRelease, compare_versions, peer_release,
 };
 pub use error::{
     CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,

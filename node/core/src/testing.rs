@@ -191,6 +191,14 @@ pub struct SimDevice {
     /// fails the test (an engine that asks the same thing forever, such as a
     /// source for a chunk it said it lacks, never settles).
     pub steps_max: u64,
+    /// Cut the active slot as a device's driver does ([`Output::IndexSlot`]): in
+    /// slot order, handing over the needed chunks met ([`Engine::needed_chunks`])
+    /// and telling the engine every this many bytes how far the cut is
+    /// ([`Input::IndexProgress`]), stopping when it asks ([`Output::StopIndex`]).
+    /// `None`: the whole index at once, nothing handed over.
+    pub cut_progress: Option<u64>,
+    /// The cuts stopped by the engine, and where.
+    pub cuts_stopped: Vec<u64>,
     /// Outputs carried out by the current run.
     steps: u64,
     /// When each linked source is free again, in microseconds.
@@ -230,6 +238,8 @@ impl SimDevice {
             fail_requests: BTreeMap::new(),
             check: true,
             steps_max: 200_000,
+            cut_progress: None,
+            cuts_stopped: Vec::new(),
             steps: 0,
             busy_until_us: BTreeMap::new(),
             deliveries: BTreeMap::new(),
@@ -397,8 +407,36 @@ impl SimDevice {
                     .expect("fits")
                     .min(self.live[slot_ordinal(slot)].len());
                 let index = index_fixed(&self.live[slot_ordinal(slot)][..end], chunking);
+                if let Some(step) = self.cut_progress.filter(|_| engine.is_indexing()) {
+                    // As the device's driver: the needed chunks met, in slot order,
+                    // and how far the cut is; the engine may stop it.
+                    let needed = engine.needed_chunks();
+                    let mut sent = std::collections::BTreeSet::new();
+                    let mut told = 0u64;
+                    for c in &index.chunks {
+                        if needed.contains(&c.id) && sent.insert(c.id) {
+                            let o = usize::try_from(c.offset).expect("fits");
+                            let data =
+                                self.live[slot_ordinal(slot)][o..o + c.len as usize].to_vec();
+                            engine.handle(now, Input::checked(Origin::Slot(slot), c.id, data));
+                        }
+                        let cut = c.offset + u64::from(c.len);
+                        if cut >= told + step {
+                            told = cut;
+                            engine.handle(now, Input::IndexProgress { slot, cut });
+                            if !engine.is_indexing() {
+                                // It asked to stop ([`Output::StopIndex`], carried
+                                // out below as nothing more to do).
+                                self.cuts_stopped.push(cut);
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
+            // The cut it stops ended when the engine asked (above).
+            Output::StopIndex { .. } => {}
             Output::Read {
                 slot,
                 id,

@@ -1906,6 +1906,8 @@ struct Driver<'a> {
     /// slot should hold: the running release's, or a thin artifact's base. An
     /// index of the running slot hashes that release's chunks where they lie.
     index_base: Option<[u8; 32]>,
+    /// Set to stop the cut of the running slot in progress ([`Output::StopIndex`]).
+    index_stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'a> Driver<'a> {
@@ -1930,6 +1932,7 @@ impl<'a> Driver<'a> {
             progress,
             syncs_owed: std::collections::VecDeque::new(),
             index_base: None,
+            index_stop: None,
         }
     }
 
@@ -2500,6 +2503,7 @@ impl<'a> Driver<'a> {
                 | Output::Fetch { .. }
                 | Output::Event(_)
                 | Output::HashSlot { .. }
+                | Output::StopIndex { .. }
         );
         if !writing && let Some(wb) = self.write_behind.as_ref() {
             wb.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
@@ -2564,11 +2568,15 @@ impl<'a> Driver<'a> {
                             .store
                             .write_slot_index(slot, &chunks)
                             .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                        return Ok((written, partial));
+                        return Ok(Some((written, partial)));
                     }
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
                     let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+                    // Set when the engine stops the cut (`Output::StopIndex`).
+                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    self.index_stop = Some(Arc::clone(&stop));
+                    let stopped = Arc::clone(&stop);
                     let sizes: Vec<u32> = along
                         .as_ref()
                         .map(|c| c.iter().map(|c| c.size).collect())
@@ -2582,10 +2590,17 @@ impl<'a> Driver<'a> {
                             chunking,
                             &sizes,
                             &|id| wanted.contains(id),
-                            Some(&tx),
+                            Some(&slotio::Handover {
+                                tx: &tx,
+                                stop: &stopped,
+                            }),
                             None,
                         )?;
                         drop(tx);
+                        if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                            // What was cut before the stop: no index of the slot.
+                            return Ok(chunks);
+                        }
                         if let Some(expected) = &along
                             && !holds_chunks(&chunks, expected)
                         {
@@ -2606,28 +2621,48 @@ impl<'a> Driver<'a> {
                         }
                         Ok(chunks)
                     });
-                    for chunk in met {
-                        // Hashed by the indexer as it cut the slot.
-                        self.engine.handle(
-                            self.now(),
-                            Input::Chunk {
+                    let stopping = |stop: &std::sync::atomic::AtomicBool| {
+                        stop.load(std::sync::atomic::Ordering::Acquire)
+                    };
+                    for met in met {
+                        if stopping(&stop) {
+                            // Nothing more from a cut the engine stopped (the
+                            // worker ends at its next block).
+                            continue;
+                        }
+                        let input = match met {
+                            // Hashed by the indexer as it cut the slot.
+                            slotio::Met::Chunk(chunk) => Input::Chunk {
                                 origin: Origin::Slot(slot),
                                 chunk,
                             },
-                        );
+                            // The engine may stop the cut (`Output::StopIndex`).
+                            slotio::Met::Cut(cut) => Input::IndexProgress { slot, cut },
+                        };
+                        self.engine.handle(self.now(), input);
                         self.drain()?;
                     }
+                    self.index_stop = None;
                     let chunks = worker.join().expect("the indexing thread panicked")?;
+                    if stopping(&stop) {
+                        // The install goes on without an index of the slot: what
+                        // was cut is not one, and is neither kept nor recorded (a
+                        // later install, or this one resumed, cuts the slot again).
+                        info!(slot = %slot, chunks = chunks.len(), "stopped indexing the active slot");
+                        return Ok(None);
+                    }
                     // Into the store in batches; the engine reads them by id.
                     let written = self
                         .dev
                         .store
                         .write_slot_index(slot, &chunks)
                         .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                    Ok((written, false))
+                    Ok(Some((written, false)))
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                let (index, partial) = index;
+                let Some((index, partial)) = index else {
+                    return Ok(());
+                };
                 info!(slot = %slot, chunks = index, partial, "indexed the active slot");
                 self.engine.handle(
                     now,
@@ -2820,6 +2855,11 @@ impl<'a> Driver<'a> {
                     .apply(step)
                     .map_err(|e| (IoOp::Bootloader, anyhow!(e)))?;
             }
+            Output::StopIndex { .. } => {
+                if let Some(stop) = &self.index_stop {
+                    stop.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
                 let h = &self.dev.config.health;
@@ -2853,6 +2893,10 @@ fn short(e: &Event) -> String {
             format!("accepted {release} for slot {target} ({resumed_bytes} bytes already done)")
         }
         Event::Indexing { slot, len } => format!("indexing slot {slot} ({len} bytes)"),
+        Event::IndexStopped { slot, cut, found } => format!(
+            "stopped indexing slot {slot} after {cut} bytes: {found} bytes of this release \
+             found in them; taking the rest from the source"
+        ),
         Event::Verifying { slot } => format!("verifying slot {slot}"),
         Event::Armed { release, slot } => {
             format!("{release} armed for a trial boot of slot {slot}")

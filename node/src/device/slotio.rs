@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -29,24 +30,37 @@ const ALIGN: usize = 4096;
 /// the aligned window inside it; no `unsafe`).
 pub struct AlignedBlock {
     backing: Vec<u8>,
+    /// Where the bytes read start (aligned): after the room for bytes put before.
     start: usize,
     len: usize,
+    /// Room before `start` (see [`AlignedBlock::prepend`]), and how much of it is used.
+    head: usize,
+    front: usize,
 }
 
 impl AlignedBlock {
     /// A zeroed block of `capacity` bytes.
     pub fn new(capacity: usize) -> AlignedBlock {
-        let backing = vec![0u8; capacity + ALIGN];
-        let start = (ALIGN - backing.as_ptr().addr() % ALIGN) % ALIGN;
+        AlignedBlock::with_head(capacity, 0)
+    }
+
+    /// A zeroed block of `capacity` bytes with room for `head` bytes (rounded up to
+    /// the alignment) before them.
+    fn with_head(capacity: usize, head: usize) -> AlignedBlock {
+        let head = head.div_ceil(ALIGN) * ALIGN;
+        let backing = vec![0u8; head + capacity + ALIGN];
+        let start = head + (ALIGN - backing.as_ptr().addr() % ALIGN) % ALIGN;
         AlignedBlock {
             backing,
             start,
             len: capacity,
+            head,
+            front: 0,
         }
     }
 
     fn capacity(&self) -> usize {
-        self.backing.len() - ALIGN
+        self.backing.len() - ALIGN - self.head
     }
 
     /// Fills the first `len` bytes (at most the capacity) from `offset` of
@@ -54,12 +68,30 @@ impl AlignedBlock {
     fn fill(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
         assert!(len <= self.capacity(), "read larger than the block");
         self.len = len;
+        self.front = 0;
         storage.read_at(offset, &mut self.backing[self.start..self.start + len])
     }
 
     /// The bytes read.
     pub fn as_slice(&self) -> &[u8] {
         &self.backing[self.start..self.start + self.len]
+    }
+
+    /// Puts `bytes` (at most the room before the block) right before the bytes
+    /// read, so that [`AlignedBlock::window`] is the two together, without copying
+    /// the block.
+    fn prepend(&mut self, bytes: &[u8]) {
+        assert!(
+            bytes.len() <= self.head,
+            "more than the room before the block"
+        );
+        self.backing[self.start - bytes.len()..self.start].copy_from_slice(bytes);
+        self.front = bytes.len();
+    }
+
+    /// The bytes put before ([`AlignedBlock::prepend`]) and the bytes read.
+    fn window(&self) -> &[u8] {
+        &self.backing[self.start - self.front..self.start + self.len]
     }
 }
 
@@ -70,6 +102,10 @@ struct BlockPool {
     allocated: usize,
     /// Bytes of each block.
     capacity: usize,
+    /// Room before each block ([`AlignedBlock::prepend`]).
+    head: usize,
+    /// Blocks alive at most.
+    blocks: usize,
 }
 
 impl BlockPool {
@@ -78,9 +114,9 @@ impl BlockPool {
     fn get(&mut self) -> Option<AlignedBlock> {
         match self.recycled.try_recv() {
             Ok(block) => Some(block),
-            Err(_) if self.allocated < BLOCKS_IN_FLIGHT => {
+            Err(_) if self.allocated < self.blocks => {
                 self.allocated += 1;
-                Some(AlignedBlock::new(self.capacity))
+                Some(AlignedBlock::with_head(self.capacity, self.head))
             }
             Err(_) => self.recycled.recv().ok(),
         }
@@ -107,6 +143,25 @@ impl Blocks {
     }
 }
 
+/// What the cut of a slot ([`index`]) hands over as it goes.
+#[derive(Debug)]
+pub enum Met {
+    /// A wanted chunk, the first time the cut meets it (verified).
+    Chunk(shoal_artifact::VerifiedChunk),
+    /// Every chunk of the slot's first this many bytes was cut, hashed and handed
+    /// over.
+    Cut(u64),
+}
+
+/// Where the cut of a slot hands over what it meets, and the flag that stops it.
+#[derive(Debug, Clone, Copy)]
+pub struct Handover<'a> {
+    /// The receiver of the chunks met and of the progress.
+    pub tx: &'a mpsc::SyncSender<Met>,
+    /// Set (by the receiver) to stop the cut at its next block.
+    pub stop: &'a AtomicBool,
+}
+
 /// Reads `start..end` of `storage` in [`BLOCK`]s on this thread and hands them in
 /// order to `consume`, which runs on another thread: reading the medium overlaps
 /// the work on what was read. At most [`BLOCKS_IN_FLIGHT`] blocks are alive. A
@@ -123,18 +178,19 @@ pub fn read_ahead<T: Send>(
             usize::try_from((end - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
         )
     });
-    read_ranges_ahead(storage, ranges, BLOCK, consume)
+    read_ranges_ahead(storage, ranges, (BLOCK, 0, BLOCKS_IN_FLIGHT), consume)
 }
 
 /// [`read_ahead`], but of the ranges `(offset, len)` of `storage`, in the order
-/// given, each into one block of `capacity` bytes (a range is at most that long).
+/// given, each into one block of `capacity` bytes (a range is at most that long)
+/// with room for `head` bytes before it, `blocks` alive at most.
 fn read_ranges_ahead<T: Send>(
     storage: &dyn Storage,
     ranges: impl Iterator<Item = (u64, usize)>,
-    capacity: usize,
+    (capacity, head, blocks): (usize, usize, usize),
     consume: impl FnOnce(&mut Blocks) -> T + Send,
 ) -> io::Result<T> {
-    let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(BLOCKS_IN_FLIGHT - 1);
+    let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(blocks - 1);
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
         let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
@@ -142,6 +198,8 @@ fn read_ranges_ahead<T: Send>(
             recycled,
             allocated: 0,
             capacity,
+            head,
+            blocks,
         };
         let mut result = Ok(());
         for (offset, n) in ranges {
@@ -229,24 +287,29 @@ pub fn check_along(
         .map(|(s, e, _)| (*s, usize::try_from(e - s).expect("checked above")));
     let targets = &targets;
     let reads = &reads;
-    read_ranges_ahead(storage, ranges, capacity, move |blocks| {
-        for (start, _, t) in reads {
-            let Some(block) = blocks.next() else {
-                // The reading failed: its error is returned.
-                return Along::Held(Vec::new());
-            };
-            let bytes = block.as_slice();
-            let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
-                let from = usize::try_from(at - start).expect("inside the block");
-                ChunkId::of(&bytes[from..from + n as usize]) != id
-            });
-            blocks.recycle(block);
-            if let Some(&(offset, expected, _)) = differs {
-                return Along::Differs { offset, expected };
+    read_ranges_ahead(
+        storage,
+        ranges,
+        (capacity, 0, BLOCKS_IN_FLIGHT),
+        move |blocks| {
+            for (start, _, t) in reads {
+                let Some(block) = blocks.next() else {
+                    // The reading failed: its error is returned.
+                    return Along::Held(Vec::new());
+                };
+                let bytes = block.as_slice();
+                let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
+                    let from = usize::try_from(at - start).expect("inside the block");
+                    ChunkId::of(&bytes[from..from + n as usize]) != id
+                });
+                blocks.recycle(block);
+                if let Some(&(offset, expected, _)) = differs {
+                    return Along::Differs { offset, expected };
+                }
             }
-        }
-        Along::Held(targets.clone())
-    })
+            Along::Held(targets.clone())
+        },
+    )
 }
 
 /// BLAKE3 of `0..len` of `storage`, read ahead.
@@ -272,7 +335,10 @@ pub fn hash(storage: &dyn Storage, len: u64) -> io::Result<[u8; 32]> {
 ///
 /// The first time it meets a chunk in `wanted`, it sends it (verified) to `met`
 /// (an install takes the chunks it needs while the slot is indexed, instead of
-/// reading them again afterwards). A closed `met` stops the sending, not the index.
+/// reading them again afterwards), and after the chunks of each block how far the
+/// cut is ([`Met::Cut`]). A closed `met` stops the sending, not the index; `met`'s
+/// `stop` flag, once set, stops the index at the next block: it returns what it cut
+/// before (not an index of the whole slot).
 ///
 /// The cutting and hashing run in `pool`, or without one in rayon's global pool
 /// (started on first use, and alive from then on: an idle-time cut passes a pool
@@ -282,7 +348,7 @@ pub fn index(
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, &[], wanted, met, pool, false)
@@ -298,7 +364,7 @@ pub fn index_runs_once(
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, &[], wanted, met, pool, true)
@@ -322,7 +388,7 @@ pub fn index_along(
     chunking: Chunking,
     known: &[u32],
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(storage, len, chunking, known, wanted, met, pool, true)
@@ -335,7 +401,7 @@ fn index_with(
     chunking: Chunking,
     known: &[u32],
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&mpsc::SyncSender<shoal_artifact::VerifiedChunk>>,
+    met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
     runs_once: bool,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
@@ -344,25 +410,42 @@ fn index_with(
         known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
         "the known chunks run past the slot"
     );
-    let mut sent: HashSet<ChunkId> = HashSet::new();
-    let mut met = met;
-    let hand_over = move |window: &[u8], start: usize, len: usize, id: ChunkId| {
-        if let Some(tx) = met
-            && wanted(&id)
-            && sent.insert(id)
-            // The proof the engine takes (hashed again, on this thread: the
-            // indexer's hash is of a slice it does not own).
-            && let Ok(chunk) =
-                shoal_artifact::VerifiedChunk::check(id, window[start..start + len].to_vec())
-            && tx.send(chunk).is_err()
-        {
-            met = None;
+    let stop = met.map(|m| m.stop);
+    let mut met = met.map(|m| m.tx);
+    // Nothing is wanted without a receiver.
+    let wanted: &(dyn Fn(&ChunkId) -> bool + Sync) =
+        if met.is_some() { wanted } else { &|_| false };
+    let hand_over = move |what: HandOver| match what {
+        HandOver::Chunk(chunk) => {
+            if let Some(tx) = met
+                && tx.send(Met::Chunk(chunk)).is_err()
+            {
+                met = None;
+            }
+            true
+        }
+        HandOver::Cut(n) => {
+            if let Some(tx) = met
+                && tx.send(Met::Cut(n)).is_err()
+            {
+                met = None;
+            }
+            !stop.is_some_and(|s| s.load(Ordering::Acquire))
         }
     };
-    read_ahead(storage, 0, len, move |blocks| {
+    let ranges = (0..len).step_by(BLOCK).map(|offset| {
+        (
+            offset,
+            usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
+        )
+    });
+    // Room before each block for the unfinished chunk of the window before (less
+    // than `max_size`); the consumer holds two blocks (one cut, one hashed).
+    let layout = (BLOCK, chunking.max_size as usize, BLOCKS_IN_FLIGHT + 1);
+    read_ranges_ahead(storage, ranges, layout, move |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
-        let body = move || cut_and_hash(blocks, chunking, known, runs_once, hand_over);
+        let mut body = move || cut_and_hash(blocks, chunking, known, runs_once, wanted, hand_over);
         match pool {
             Some(pool) => pool.install(body),
             None => body(),
@@ -370,15 +453,28 @@ fn index_with(
     })
 }
 
-/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing each over.
+/// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
+/// far the cut is (the answer then says whether to go on).
+enum HandOver {
+    Chunk(shoal_artifact::VerifiedChunk),
+    Cut(u64),
+}
+
+/// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing over each
+/// `wanted` one the first time it meets it (proved from the same hash, on the
+/// hashing threads) and how far it is after each block; stops early when that
+/// answer is `false`.
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
     known: &[u32],
     runs_once: bool,
-    mut hand_over: impl FnMut(&[u8], usize, usize, ChunkId),
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    mut hand_over: impl FnMut(HandOver) -> bool,
 ) -> Vec<(u64, ChunkId, u32)> {
     {
+        let zero = ZeroRun::of(chunking);
+        let mut sent: HashSet<ChunkId> = HashSet::new();
         // The known chunks not yet cut, and where the first of them starts.
         let mut known = known;
         let mut known_at = 0u64;
@@ -388,49 +484,85 @@ fn cut_and_hash(
                 out.push(c);
             }
         };
-        // Two windows, each the carried-over tail of the previous one followed by a
-        // block: one is cut while the other's chunks are hashed.
-        let mut cutting: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
-        let mut hashing: Vec<u8> = Vec::with_capacity(BLOCK + chunking.max_size as usize);
-        // Payload offset of `cutting[0]`.
+        // Two windows, each a block read with the unfinished tail of the window
+        // before copied in front of it (no block is copied whole): one is cut
+        // while the other's chunks are hashed.
+        let mut hashing: Option<AlignedBlock> = None;
+        // Where the unfinished tail of `hashing`'s window starts.
+        let mut tail_at = 0usize;
+        // Payload offset of the window being cut.
         let mut base = 0u64;
         // Chunks of `hashing` still to hash: (offset in payload, start in window, len).
         let mut pending: Vec<(u64, usize, usize)> = Vec::new();
-        let mut more = true;
-        while more {
-            match blocks.next() {
-                Some(block) => {
-                    cutting.extend_from_slice(block.as_slice());
-                    blocks.recycle(block);
-                }
-                None => more = false,
+        loop {
+            let mut cutting = blocks.next();
+            let more = cutting.is_some();
+            let tail: &[u8] = hashing.as_ref().map_or(&[], |h| &h.window()[tail_at..]);
+            if let Some(block) = cutting.as_mut() {
+                block.prepend(tail);
             }
+            // At the end, the last tail is cut where it lies.
+            let window = cutting.as_ref().map_or(tail, AlignedBlock::window);
+            let hashed = hashing.as_ref().map_or(&[][..], AlignedBlock::window);
+            let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
             let (ids, cuts) = rayon::join(
-                || hash_chunks(&hashing, &pending),
-                || cut_along(&cutting, base, chunking, !more, &mut known, &mut known_at),
+                || hash_chunks(hashed, &pending, &zero, &keep),
+                || {
+                    cut_along(
+                        window,
+                        base,
+                        (chunking, &zero),
+                        !more,
+                        &mut known,
+                        &mut known_at,
+                    )
+                },
             );
-            for ((offset, start, len), id) in pending.iter().zip(ids) {
-                hand_over(&hashing, *start, *len, id);
+            for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+                if let Some(chunk) = proof
+                    && sent.insert(id)
+                {
+                    hand_over(HandOver::Chunk(chunk));
+                }
                 let len = u32::try_from(*len).expect("a chunk is at most max_size");
                 push(&mut out, (*offset, id, len));
             }
-            // The finished chunks of `cutting` are hashed next round, from
-            // `hashing`; the unfinished tail starts the next window.
+            if let Some(&(offset, _, len)) = pending.last()
+                && !hand_over(HandOver::Cut(offset + len as u64))
+            {
+                // Stopped: what was cut so far (dropping `blocks` stops the reads).
+                return out;
+            }
+            // The finished chunks of the window just cut are hashed next.
             let finished: usize = cuts.iter().map(|&(_, len)| len).sum();
             pending = cuts
                 .into_iter()
                 .map(|(start, len)| (base + start as u64, start, len))
                 .collect();
-            std::mem::swap(&mut hashing, &mut cutting);
-            // `cutting` now holds the previous window again; keep only its tail.
-            cutting.clear();
-            cutting.extend_from_slice(&hashing[finished..]);
             base += finished as u64;
-        }
-        for ((offset, start, len), id) in pending.iter().zip(hash_chunks(&hashing, &pending)) {
-            hand_over(&hashing, *start, *len, id);
-            let len = u32::try_from(*len).expect("a chunk is at most max_size");
-            push(&mut out, (*offset, id, len));
+            if !more {
+                // The last chunks, of the last tail.
+                let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
+                let ids = hash_chunks(window, &pending, &zero, &keep);
+                for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+                    if let Some(chunk) = proof
+                        && sent.insert(id)
+                    {
+                        hand_over(HandOver::Chunk(chunk));
+                    }
+                    let len = u32::try_from(*len).expect("a chunk is at most max_size");
+                    push(&mut out, (*offset, id, len));
+                }
+                if let Some(&(offset, _, len)) = pending.last() {
+                    hand_over(HandOver::Cut(offset + len as u64));
+                }
+                break;
+            }
+            if let Some(done) = hashing.take() {
+                blocks.recycle(done);
+            }
+            hashing = cutting;
+            tail_at = finished;
         }
         out
     }
@@ -443,13 +575,13 @@ fn cut_and_hash(
 fn cut_along(
     window: &[u8],
     base: u64,
-    chunking: Chunking,
+    (chunking, zero): (Chunking, &ZeroRun),
     end: bool,
     known: &mut &[u32],
     known_at: &mut u64,
 ) -> Vec<(usize, usize)> {
     if known.is_empty() {
-        return cut(window, chunking, end);
+        return cut(window, chunking, zero, end);
     }
     // Every window starts where the previous one's last finished chunk ended.
     debug_assert_eq!(base, *known_at, "a window starts at a known chunk");
@@ -467,7 +599,7 @@ fn cut_along(
     }
     // The known chunks end inside this window: the rest is cut by content.
     cuts.extend(
-        cut(&window[start..], chunking, end)
+        cut(&window[start..], chunking, zero, end)
             .into_iter()
             .map(|(s, n)| (start + s, n)),
     );
@@ -477,34 +609,181 @@ fn cut_along(
 /// The finished chunks `(start, len)` of `window`: every chunk whose end was
 /// decided by its content or the maximum size, and at the `end` of the payload
 /// the last one too. A chunk reaching the end of the window otherwise waits for
-/// the next block (its cut point may lie beyond).
-fn cut(window: &[u8], chunking: Chunking, end: bool) -> Vec<(usize, usize)> {
+/// the next block (its cut point may lie beyond). Stretches of zeros are cut
+/// without the chunker ([`chain`]).
+///
+/// A window of at least [`SPLIT_MIN`] chunks' worth is cut in two halves on two
+/// cores: the first from its start, the second from its middle as though a chunk
+/// started there; the first half's cut is then carried on from its last finished
+/// chunk until it reaches a chunk start of the second's (within a few chunks: the
+/// cut from a point depends only on the bytes after it, so from a common start
+/// the two are one), and the second's chunks are taken from there. Without such a
+/// meeting it is carried on to the end: the result is always the whole cut's.
+fn cut(window: &[u8], chunking: Chunking, zero: &ZeroRun, end: bool) -> Vec<(usize, usize)> {
     if window.is_empty() {
         return Vec::new();
     }
-    let mut cuts: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::new(
-        window,
-        chunking.min_size as usize,
-        chunking.avg_size as usize,
-        chunking.max_size as usize,
-    )
-    .map(|c| (c.offset, c.length))
-    .collect();
+    let max = chunking.max_size as usize;
+    let mut cuts = if window.len() >= SPLIT_MIN * max {
+        let mid = window.len() / 2;
+        let (mut first, second) = rayon::join(
+            || chain(&window[..mid], 0, chunking, zero, &[]).0,
+            || chain(window, mid, chunking, zero, &[]).0,
+        );
+        // A chunk reaching the middle unfinished is cut again below.
+        if let Some(&(start, len)) = first.last()
+            && start + len == mid
+            && len < max
+        {
+            first.pop();
+        }
+        let from = first.last().map_or(0, |&(start, len)| start + len);
+        let starts: Vec<usize> = second.iter().map(|&(start, _)| start).collect();
+        let (on, met) = chain(window, from, chunking, zero, &starts);
+        first.extend(on);
+        if let Some(k) = met {
+            first.extend_from_slice(&second[k..]);
+        }
+        first
+    } else {
+        chain(window, 0, chunking, zero, &[]).0
+    };
     if !end
         && let Some(&(start, len)) = cuts.last()
         && start + len == window.len()
-        && len < chunking.max_size as usize
+        && len < max
     {
         cuts.pop();
     }
     cuts
 }
 
-fn hash_chunks(window: &[u8], chunks: &[(u64, usize, usize)]) -> Vec<ChunkId> {
+/// Windows of at least this many `max_size` chunks are cut on two cores ([`cut`]).
+const SPLIT_MIN: usize = 4;
+
+/// The chunker's cuts `(start, len)` of `window` from `from` (taken as a chunk
+/// start) to its end, the last one as it falls. Stops at the first chunk start
+/// that is in `meet` (sorted) and says which: from there on, a cut that started
+/// there goes on the same.
+///
+/// A stretch of zeros is not run through the chunker: where the `max_size` bytes
+/// from a chunk's start are all zeros, the chunker's cut depends on those bytes
+/// only (it looks no further than `max_size`), so it is the cut of a zero run,
+/// [`ZeroRun::len`], found once. Checking for zeros runs at memory speed and fails
+/// on the first non-zero byte, whose position is kept so no byte is checked twice.
+fn chain(
+    window: &[u8],
+    from: usize,
+    chunking: Chunking,
+    zero: &ZeroRun,
+    meet: &[usize],
+) -> (Vec<(usize, usize)>, Option<usize>) {
+    let max = chunking.max_size as usize;
+    let cdc = fastcdc::v2020::FastCDC::new(
+        window,
+        chunking.min_size as usize,
+        chunking.avg_size as usize,
+        max,
+    );
+    let mut cuts = Vec::new();
+    let mut at = from;
+    // A non-zero byte at or after `at`, when one is known.
+    let mut non_zero = from;
+    while at < window.len() {
+        if let Ok(k) = meet.binary_search(&at) {
+            return (cuts, Some(k));
+        }
+        let remaining = window.len() - at;
+        if remaining >= max && non_zero < at + max {
+            non_zero = non_zero.max(at);
+            match first_non_zero(&window[non_zero..at + max]) {
+                None => {
+                    cuts.push((at, zero.len));
+                    at += zero.len;
+                    continue;
+                }
+                Some(k) => non_zero += k,
+            }
+        }
+        let (_, next) = cdc.cut(at, remaining);
+        if next <= at {
+            break;
+        }
+        cuts.push((at, next - at));
+        at = next;
+    }
+    (cuts, None)
+}
+
+/// The ids of `chunks` of `window`, and a proof of each that `keep` says to keep
+/// (made from the same hash: [`VerifiedChunk::hash_keeping`]); a chunk of zeros as
+/// long as the chunker cuts a zero run ([`ZeroRun`]) is not hashed again: its id is
+/// known.
+///
+/// [`VerifiedChunk::hash_keeping`]: shoal_artifact::VerifiedChunk::hash_keeping
+fn hash_chunks(
+    window: &[u8],
+    chunks: &[(u64, usize, usize)],
+    zero: &ZeroRun,
+    keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+) -> Vec<(ChunkId, Option<shoal_artifact::VerifiedChunk>)> {
     chunks
         .par_iter()
-        .map(|&(_, start, len)| ChunkId::of(&window[start..start + len]))
+        .map(|&(_, start, len)| {
+            let bytes = &window[start..start + len];
+            if len == zero.len && first_non_zero(bytes).is_none() {
+                let proof = keep(&zero.id)
+                    .then(|| shoal_artifact::VerifiedChunk::check(zero.id, bytes.to_vec()).ok())
+                    .flatten();
+                (zero.id, proof)
+            } else {
+                shoal_artifact::VerifiedChunk::hash_keeping(bytes, keep)
+            }
+        })
         .collect()
+}
+
+/// How the chunker cuts a run of zeros: every chunk that starts with `max_size`
+/// zeros is `len` bytes long (the cut of `max_size` zeros), with id `id`.
+#[derive(Debug, Clone, Copy)]
+struct ZeroRun {
+    len: usize,
+    id: ChunkId,
+}
+
+impl ZeroRun {
+    fn of(chunking: Chunking) -> ZeroRun {
+        let zeros = vec![0u8; chunking.max_size as usize];
+        let len = fastcdc::v2020::FastCDC::new(
+            &zeros,
+            chunking.min_size as usize,
+            chunking.avg_size as usize,
+            chunking.max_size as usize,
+        )
+        .next()
+        .map_or(zeros.len(), |c| c.length);
+        ZeroRun {
+            len,
+            id: ChunkId::of(&zeros[..len]),
+        }
+    }
+}
+
+/// The position of the first non-zero byte of `bytes`, checked 256 bytes at a
+/// time (the words of a block or-ed together: vectorised).
+fn first_non_zero(bytes: &[u8]) -> Option<usize> {
+    const STEP: usize = 256;
+    let mut at = 0;
+    while let Some(block) = bytes.get(at..at + STEP) {
+        let words = block.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]))
+        });
+        if words != 0 {
+            break;
+        }
+        at += STEP;
+    }
+    bytes[at..].iter().position(|&b| b != 0).map(|i| at + i)
 }
 
 /// Coalesced byte ranges `start..end`.
@@ -580,17 +859,58 @@ impl Verifier {
         let worker = std::thread::spawn(move || {
             use blake3::hazmat::HasherExt;
             let mut cvs: Vec<Option<ChainingValue>> = vec![None; pieces];
-            let mut block = AlignedBlock::new(PIECE as usize);
-            // Each message is a piece to (re)read; the channel closes after the last.
-            while let Ok(piece) = rx.recv() {
+            let index = |p: u64| usize::try_from(p).expect("piece index fits usize");
+            let fill = |piece: u64, block: &mut AlignedBlock| -> io::Result<()> {
                 let start = piece * PIECE;
                 let n = usize::try_from((len - start).min(PIECE)).unwrap_or(0);
-                block.fill(&*storage, start, n)?;
-                let cv = blake3::Hasher::new()
-                    .set_input_offset(start)
+                block.fill(&*storage, start, n)
+            };
+            let cv = |piece: u64, block: &AlignedBlock| {
+                blake3::Hasher::new()
+                    .set_input_offset(piece * PIECE)
                     .update(block.as_slice())
-                    .finalize_non_root();
-                cvs[usize::try_from(piece).expect("piece index fits usize")] = Some(cv);
+                    .finalize_non_root()
+            };
+            // Two blocks: while one piece is hashed (on another core), the next
+            // waiting one is read into the other, so a verifier left behind by
+            // fast writes (chunks taken from the running slot) catches up sooner.
+            let mut blocks = [
+                AlignedBlock::new(PIECE as usize),
+                AlignedBlock::new(PIECE as usize),
+            ];
+            // A piece read and not hashed yet, and its block.
+            let mut read: Option<(u64, usize)> = None;
+            loop {
+                // Each message is a piece to (re)read; the channel closes after
+                // the last. With a piece in hand, only what already waits.
+                let next = match read {
+                    Some(_) => rx.try_recv().ok(),
+                    None => match rx.recv() {
+                        Ok(piece) => Some(piece),
+                        Err(_) => break,
+                    },
+                };
+                match (read.take(), next) {
+                    (Some((piece, k)), Some(then)) => {
+                        let [a, b] = &mut blocks;
+                        let (hashed, reading) = if k == 0 { (a, b) } else { (b, a) };
+                        let mut got = None;
+                        let hashed = &*hashed;
+                        let filled = rayon::in_place_scope(|scope| {
+                            scope.spawn(|_| got = Some(cv(piece, hashed)));
+                            fill(then, reading)
+                        });
+                        cvs[index(piece)] = got;
+                        filled?;
+                        read = Some((then, 1 - k));
+                    }
+                    (Some((piece, k)), None) => cvs[index(piece)] = Some(cv(piece, &blocks[k])),
+                    (None, Some(piece)) => {
+                        fill(piece, &mut blocks[0])?;
+                        read = Some((piece, 0));
+                    }
+                    (None, None) => break,
+                }
             }
             Ok(cvs)
         });
@@ -756,6 +1076,8 @@ impl ReadAhead {
                 recycled,
                 allocated: 0,
                 capacity: BLOCK,
+                head: 0,
+                blocks: BLOCKS_IN_FLIGHT,
             };
             loop {
                 // A new position wins over reading on; with none to read on
@@ -905,6 +1227,93 @@ mod tests {
         std::fs::write(&path, data).unwrap();
         let storage = FileStorage::open(&path, true).unwrap();
         (dir, Box::new(storage))
+    }
+
+    /// Stretches of zeros are cut without the chunker (a zero run's cut, found
+    /// once) and their chunks not hashed again: the index is still exactly the
+    /// chunker's, for runs shorter and longer than `max_size`, a run ending one
+    /// byte short of it, runs broken by single bytes, runs across block
+    /// boundaries, and a slot that is zeros to its end (the last chunk short).
+    #[test]
+    fn index_of_zero_runs_is_exactly_the_chunkers() {
+        let mut data = pattern(5 * BLOCK + 4_321, 11);
+        let max = shoal_artifact::chunk::CHUNKING_FAST.max_size as usize;
+        data[1_000..1_000 + max - 1].fill(0);
+        data[200_000..200_000 + 3 * max + 17].fill(0);
+        data[BLOCK - 70_000..2 * BLOCK + 50_000].fill(0);
+        for k in (BLOCK + 1_000..2 * BLOCK).step_by(40_000) {
+            data[k] = 1;
+        }
+        data[2 * BLOCK + 100_000..3 * BLOCK + 12].fill(0);
+        data[3 * BLOCK + 300_000] = 0;
+        data[4 * BLOCK - 5..].fill(0);
+        let (_dir, storage) = file_with(&data);
+        for chunking in [
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+            shoal_artifact::chunk::CHUNKING_FAST,
+        ] {
+            let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+            let zero = ZeroRun::of(chunking);
+            assert!(
+                expected.iter().filter(|c| c.1 == zero.id).count() >= 4,
+                "{chunking:?}: zero chunks"
+            );
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                None,
+                None,
+            )
+            .unwrap();
+            assert_eq!(got, expected, "{chunking:?}");
+        }
+        assert_eq!(first_non_zero(&[0; 200]), None);
+        for k in [0, 63, 64, 130, 199] {
+            let mut b = [0u8; 200];
+            b[k] = 9;
+            b[199] = 1;
+            assert_eq!(first_non_zero(&b), Some(k));
+        }
+    }
+
+    /// A window cut in two halves ([`cut`]) gives the cut made from its start
+    /// alone, at every length around the split threshold and the middle, with and
+    /// without the end of the payload, on data with zero runs and without.
+    #[test]
+    fn a_window_cut_in_halves_is_cut_as_a_whole() {
+        let mut data = pattern(3 * BLOCK, 5);
+        data[BLOCK..BLOCK + 300_000].fill(0);
+        for chunking in [
+            shoal_artifact::chunk::CHUNKING_DEFAULT,
+            shoal_artifact::chunk::CHUNKING_FAST,
+        ] {
+            let zero = ZeroRun::of(chunking);
+            let max = chunking.max_size as usize;
+            let lens = [
+                SPLIT_MIN * max - 1,
+                SPLIT_MIN * max,
+                BLOCK + 12_345,
+                3 * BLOCK,
+            ];
+            for (k, &len) in lens.iter().enumerate() {
+                for from in [0, BLOCK - 70_000] {
+                    let window = &data[from..from + len.min(data.len() - from)];
+                    for end in [false, true] {
+                        let mut whole = chain(window, 0, chunking, &zero, &[]).0;
+                        if !end
+                            && let Some(&(s, l)) = whole.last()
+                            && s + l == window.len()
+                            && l < max
+                        {
+                            whole.pop();
+                        }
+                        assert_eq!(cut(window, chunking, &zero, end), whole, "{k} {from} {end}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1083,14 +1492,27 @@ mod tests {
         let mut wanted: HashSet<ChunkId> = all.iter().step_by(3).map(|c| c.1).collect();
         wanted.insert(ChunkId::of(b"elsewhere"));
         let (tx, rx) = mpsc::sync_channel(4);
-        let got = std::thread::scope(|scope| {
-            let receiver = scope.spawn(move || rx.iter().collect::<Vec<_>>());
+        let stop = AtomicBool::new(false);
+        let (got, cuts) = std::thread::scope(|scope| {
+            let receiver = scope.spawn(move || {
+                let (mut chunks, mut cuts) = (Vec::new(), Vec::new());
+                for met in rx {
+                    match met {
+                        Met::Chunk(c) => chunks.push(c),
+                        Met::Cut(n) => cuts.push(n),
+                    }
+                }
+                (chunks, cuts)
+            });
             let index = index(
                 &*storage,
                 data.len() as u64,
                 chunking,
                 &|id| wanted.contains(id),
-                Some(&tx),
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
                 None,
             )
             .unwrap();
@@ -1098,6 +1520,12 @@ mod tests {
             assert_eq!(index, all);
             receiver.join().unwrap()
         });
+        // How far the cut is, after each block, at the end of a chunk, to the end.
+        assert!(cuts.len() >= 2, "{cuts:?}");
+        assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+        let ends: HashSet<u64> = all.iter().map(|c| c.0 + u64::from(c.2)).collect();
+        assert!(cuts.iter().all(|n| ends.contains(n)), "{cuts:?}");
+        assert_eq!(cuts.last(), Some(&(data.len() as u64)));
         let ids: HashSet<ChunkId> = got.iter().map(|c| c.chunk().id).collect();
         assert_eq!(ids.len(), got.len(), "each chunk once");
         wanted.remove(&ChunkId::of(b"elsewhere"));
@@ -1113,11 +1541,63 @@ mod tests {
             data.len() as u64,
             chunking,
             &|id| wanted.contains(id),
-            Some(&tx),
+            Some(&Handover {
+                tx: &tx,
+                stop: &stop,
+            }),
             None,
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// The stop flag, set by the receiver, ends the cut at its next block: it
+    /// returns the chunks cut before (a prefix of the whole index) and reads no
+    /// further than a few blocks past where it was told to stop.
+    #[test]
+    fn index_stops_at_the_next_block_when_told() {
+        let data = pattern(8 * BLOCK, 41);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let stop = AtomicBool::new(false);
+        let (got, told_at) = std::thread::scope(|scope| {
+            let stop = &stop;
+            let receiver = scope.spawn(move || {
+                let mut told_at = None;
+                for met in rx {
+                    if let Met::Cut(n) = met
+                        && n >= 2 * BLOCK as u64
+                        && told_at.is_none()
+                    {
+                        stop.store(true, Ordering::Release);
+                        told_at = Some(n);
+                    }
+                }
+                told_at
+            });
+            let got = index(
+                &*storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                Some(&Handover { tx: &tx, stop }),
+                None,
+            )
+            .unwrap();
+            drop(tx);
+            (got, receiver.join().unwrap())
+        });
+        let told_at = told_at.expect("told how far the cut is");
+        let end = got.last().map(|c| c.0 + u64::from(c.2)).unwrap();
+        assert!(end >= told_at, "stopped at {end}, told at {told_at}");
+        assert!(
+            end < told_at + 3 * BLOCK as u64,
+            "stopped at {end}, told at {told_at}"
+        );
+        assert!(end < data.len() as u64);
+        assert_eq!(got[..], all[..got.len()], "a prefix of the whole index");
     }
 
     /// #11: given a pool, the cutting and hashing run in it (the chunks are handed
@@ -1135,6 +1615,7 @@ mod tests {
         let in_pool = std::sync::atomic::AtomicUsize::new(0);
         let outside = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = mpsc::sync_channel(1);
+        let stop = AtomicBool::new(false);
         let got = std::thread::scope(|scope| {
             scope.spawn(move || rx.iter().count());
             let got = index(
@@ -1150,7 +1631,10 @@ mod tests {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     true
                 },
-                Some(&tx),
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
                 Some(&pool),
             )
             .unwrap();

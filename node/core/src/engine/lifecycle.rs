@@ -19,6 +19,14 @@ use super::scheduler::{Job, SYNCS_ROOM, Step};
 use super::{Boot, Engine, Event, Offer, Output, Progress};
 use crate::source::SourceInfo;
 
+/// The part of the active slot cut for an install, at least (an eighth), before
+/// the engine judges whether the rest is worth cutting.
+pub const INDEX_SAMPLE_PART: u64 = 8;
+
+/// The cut of the active slot goes on when the needed chunks found in its sample
+/// are at least this part (a 64th) of the bytes cut ([`Engine::index_pays`]).
+pub const INDEX_FOUND_PART: u64 = 64;
+
 impl Engine {
     /// Offers a release: verifies its signed manifest against the trust root
     /// ([`VerifiedRelease::verify`]) and goes on as [`Engine::offer_verified`].
@@ -246,6 +254,11 @@ impl Engine {
             .map_or(self.state.slot_capacity[slot_ordinal(active)], |r| {
                 r.payload_size
             });
+        if let Some(job) = self.job.as_mut() {
+            job.index_len = len;
+            job.index_found = 0;
+            job.index_window = (0, 0);
+        }
         info!(slot = %active, len, "indexing the active slot");
         self.event(Event::Indexing { slot: active, len });
         self.outputs.push_back(Output::IndexSlot {
@@ -253,6 +266,92 @@ impl Engine {
             chunking,
             len,
         });
+    }
+
+    /// The driver cut the active slot's first `cut` bytes ([`Input::IndexProgress`]).
+    /// The cut is judged by windows: the sample
+    /// ([`Config::index_sample_min_bytes`](super::Config::index_sample_min_bytes),
+    /// or an [`INDEX_SAMPLE_PART`]th of the slot when that is more), which says
+    /// whether the slot is related at all, then each stretch of half that length
+    /// after it, which says whether its related data goes on. At the end of each window the engine
+    /// judges whether the rest is worth cutting ([`Engine::index_pays`]); if not,
+    /// it asks the driver to stop ([`Output::StopIndex`]) and plans the install
+    /// without an index, taking every chunk still needed from the sources.
+    pub(crate) fn on_index_progress(&mut self, now: Instant, slot: Slot, cut: u64) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut() else { return };
+        if slot != active || job.step != Step::Indexing {
+            return;
+        }
+        let sample = self
+            .config
+            .index_sample_min_bytes
+            .max(job.index_len / INDEX_SAMPLE_PART);
+        // After the sample (whether the slot is related at all), half of it:
+        // where the related data ends.
+        let window = if job.index_window.0 == 0 {
+            sample
+        } else {
+            sample / 2
+        };
+        if cut < job.index_window.0.saturating_add(window) || cut >= job.index_len {
+            return;
+        }
+        if self.index_pays(cut) {
+            if let Some(job) = self.job.as_mut() {
+                job.index_window = (cut, job.index_found);
+            }
+            return;
+        }
+        let Some(job) = self.job.as_ref() else { return };
+        let found = job.index_found;
+        info!(
+            slot = %slot,
+            cut,
+            found,
+            "the last stretch of the active slot held (next to) nothing this release needs: indexing stopped"
+        );
+        self.outputs.push_back(Output::StopIndex { slot });
+        self.event(Event::IndexStopped { slot, cut, found });
+        self.plan(now);
+    }
+
+    /// Whether the cut of the active slot that the install in progress waits for is
+    /// worth going on with, `cut` bytes into it (at the end of a window: see
+    /// [`Input::IndexProgress`]). It is, unless all of these hold:
+    /// - needed chunks may be taken as they are met (not a thin artifact, whose
+    ///   lacking chunks must all be found in the slot before anything is written);
+    /// - the needed chunks found (each once) since the window began are less than
+    ///   an [`INDEX_FOUND_PART`]th of the bytes cut since;
+    /// - every chunk still needed comes from a local source that says it holds it,
+    ///   and no source of another class is open ([`SourceClass`]).
+    ///
+    /// The cost model: cutting the rest of the slot reads, cuts and hashes every
+    /// byte of it; each needed chunk it would find saves reading that chunk from
+    /// the source and decoding it. From a local source that holds the whole
+    /// release (an artifact file, a USB stick), a stretch of the slot that gave
+    /// less than 1/64 of its bytes in new chunks says the rest would, by the same
+    /// proportion, save reading a 64th of its size from the source at the cost of
+    /// reading all of it: a loss unless the source is over 64 times slower to read
+    /// than the slot. With a LAN peer or the WAN among the sources, every chunk
+    /// found saves a download (and data budget): the index always runs to the end.
+    /// Never tuned to a kind of data: a slot of zeros gives the (one) zero chunk, a
+    /// few KiB, in its first window; a slot that holds an earlier release gives a
+    /// large part of each window until the release's data ends (its free space
+    /// then gives nothing new). What it gives up is never a wrong write: the
+    /// chunks come from the source, verified as always; what it may cost is source
+    /// reads of chunks the slot holds past a window that gave nothing.
+    ///
+    /// [`SourceClass`]: crate::SourceClass
+    pub fn index_pays(&self, cut: u64) -> bool {
+        let Some(job) = self.job.as_ref().filter(|j| j.step == Step::Indexing) else {
+            return false;
+        };
+        let (since, found_before) = job.index_window;
+        let found = job.index_found - found_before;
+        !job.take_while_indexing
+            || found.saturating_mul(INDEX_FOUND_PART) >= cut.saturating_sub(since)
+            || !job.served_locally()
     }
 
     /// Indexes the active slot while the device is idle, so that the next install

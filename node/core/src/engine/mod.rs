@@ -39,6 +39,7 @@ pub use adopt::{PeerRelease, compare_versions, peer_release};
 pub use index::{IndexReadError, IndexReader, IndexStore, MemIndexes};
 pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
+pub use lifecycle::{INDEX_FOUND_PART, INDEX_SAMPLE_PART};
 pub use pick::PickError;
 pub use release::VerifiedRelease;
 pub use table::{ChunkIdFile, ChunkIdWriter};
@@ -88,6 +89,10 @@ pub struct Config {
     pub wan_rate_bytes_per_s: Option<u64>,
     /// Seeds every random choice (which source serves a chunk).
     pub seed: u64,
+    /// The bytes of the active slot cut for an install, at least (and at least an
+    /// [`INDEX_SAMPLE_PART`]th of the slot), before the engine judges whether the
+    /// rest is worth cutting ([`Engine::index_pays`]). 64 MiB.
+    pub index_sample_min_bytes: u64,
 }
 
 impl Config {
@@ -106,6 +111,7 @@ impl Config {
             wan_budget_bytes: None,
             wan_rate_bytes_per_s: None,
             seed: 0,
+            index_sample_min_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -186,6 +192,18 @@ pub enum Input {
         chunks: u64,
         /// Whether it lists only chunks the waiting install needs.
         partial: bool,
+    },
+    /// The driver cutting the active slot for the install waiting for its index
+    /// ([`Output::IndexSlot`]) has cut the slot's first `cut` bytes and handed over
+    /// every needed chunk it met in them ([`Engine::needed_chunks`]). Sent every few
+    /// MiB of the cut, after the chunks it covers. The engine may answer
+    /// [`Output::StopIndex`]: the index does not pay (see
+    /// [`Engine::index_pays`]).
+    IndexProgress {
+        /// The slot.
+        slot: Slot,
+        /// Bytes of the slot cut so far, from offset 0.
+        cut: u64,
     },
     /// A chunk, verified by the driver: the answer to [`Output::Read`] or
     /// [`Output::Fetch`], or pushed by a stream source. The engine never takes
@@ -388,6 +406,16 @@ pub enum Output {
         /// Bytes to cut.
         len: u64,
     },
+    /// Stop the cut of the active slot asked for by [`Output::IndexSlot`]: the
+    /// install waiting for it goes on without it (it took the needed chunks met so
+    /// far, and found too few of them for the rest of the slot to be worth
+    /// reading: [`Engine::index_pays`]). Hand over nothing more from the cut, and
+    /// answer nothing: the slot has no index from it (what was cut is not the
+    /// slot's index, and is not kept as one).
+    StopIndex {
+        /// The slot.
+        slot: Slot,
+    },
     /// Read a chunk from a slot; answer [`Input::Chunk`] with `Origin::Slot(slot)`.
     Read {
         /// The slot.
@@ -513,6 +541,17 @@ pub enum Event {
         slot: Slot,
         /// Bytes to cut.
         len: u64,
+    },
+    /// The cut of the active slot was stopped: what it cut held (next to) none of
+    /// the release's chunks, and every chunk still needed comes from a local
+    /// source that holds them all ([`Engine::index_pays`]).
+    IndexStopped {
+        /// The slot.
+        slot: Slot,
+        /// Bytes of it that were cut.
+        cut: u64,
+        /// Bytes of needed chunks (each once) found in them.
+        found: u64,
     },
     /// Every chunk is written; the slot is being re-read to verify it.
     Verifying {
@@ -838,6 +877,13 @@ impl Engine {
         !self.syncing.is_empty() && self.job.as_ref().is_some_and(|j| j.step == Step::Flushing)
     }
 
+    /// Whether an install waits for the cut of the active slot it asked for
+    /// ([`Output::IndexSlot`]): `false` once the cut was taken or stopped
+    /// ([`Output::StopIndex`]).
+    pub fn is_indexing(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| j.step == Step::Indexing)
+    }
+
     /// Whether an install is running (fetching, indexing or verifying).
     pub fn is_installing(&self) -> bool {
         self.job.is_some()
@@ -924,6 +970,7 @@ impl Engine {
                 chunks,
                 partial,
             } => self.on_index_written(now, slot, chunking, chunks, partial),
+            Input::IndexProgress { slot, cut } => self.on_index_progress(now, slot, cut),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),

@@ -296,6 +296,12 @@ pub(crate) struct Job {
     /// Whether needed chunks met while the active slot is indexed are taken then
     /// (see [`Engine::needed_chunks`]).
     pub(crate) take_while_indexing: bool,
+    /// The cut of the active slot this install waits for: bytes it cuts, bytes of
+    /// needed chunks (each once) taken from it so far, and where the window being
+    /// judged began: bytes cut and found then ([`Engine::index_pays`]).
+    pub(crate) index_len: u64,
+    pub(crate) index_found: u64,
+    pub(crate) index_window: (u64, u64),
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -394,6 +400,9 @@ impl Job {
             probes_in_flight: 0,
             absent: Vec::new(),
             take_while_indexing: false,
+            index_len: 0,
+            index_found: 0,
+            index_window: (0, 0),
             journal_bytes: 0,
             corrupt: None,
             lan: None,
@@ -484,6 +493,22 @@ impl Job {
     fn paces_reads(&self) -> bool {
         self.sources.iter().any(SourceState::is_open_stream)
             && !self.sources.iter().any(SourceState::is_requests)
+    }
+
+    /// Whether every needed entry comes from a local source that says it holds it,
+    /// and no source of another class (a LAN peer, the WAN) is open: then reading
+    /// the active slot for a needed chunk saves no download, only a local read
+    /// and its decoding ([`Engine::index_pays`]).
+    pub(crate) fn served_locally(&self) -> bool {
+        let open = || self.sources.iter().filter(|s| s.gone.is_none());
+        if open().any(|s| s.info.class != SourceClass::Local) {
+            return false;
+        }
+        let holders: Vec<&Bitfield> = open().filter_map(|s| s.holds.as_ref()).collect();
+        !holders.is_empty()
+            && self
+                .needed_entries()
+                .all(|e| holders.iter().any(|h| h.get(e)))
     }
 
     /// The entries still needed (for [`Engine::needed_chunks`]).
@@ -1703,6 +1728,9 @@ impl Engine {
         job.batch_bytes += bytes;
         let since = *job.batch_since.get_or_insert(now);
         self.progress.written_bytes += bytes;
+        if source.is_none() && job.step == Step::Indexing {
+            job.index_found += u64::from(size);
+        }
         match source {
             None => self.progress.reused_bytes += bytes,
             Some(i) => {

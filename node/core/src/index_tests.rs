@@ -1,0 +1,317 @@
+//! When the cut of the active slot gives up ([`Engine::index_pays`]): a slot that
+//! holds (next to) nothing of the release, with every chunk from a local source
+//! that holds them all. Each test cuts the slot as a device's driver does
+//! ([`SimDevice::cut_progress`]: the needed chunks met handed over, the progress
+//! told every 64 KiB) on a 2 MiB slot, with a 512 KiB sample (a quarter of the
+//! slot, as 64 MiB is an eighth of the bench's 512 MiB slot).
+
+use shoal_artifact::{ChunkId, Manifest};
+use shoal_signing::{SecretKey, TrustRoot};
+
+use crate::state::slot_ordinal;
+use crate::testing::{SimDevice, bytes, keys, release, sign};
+use crate::{
+    Config, Engine, Event, Holds, InstallError, Offer, Slot, SourceClass, SourceId, SourceInfo,
+    SourceKind,
+};
+
+const DEVICE: &str = "acme-board";
+const MIB: usize = 1024 * 1024;
+const SAMPLE: u64 = 512 * 1024;
+
+struct Fixture {
+    key: SecretKey,
+    root: TrustRoot,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let (key, root) = keys(7);
+        Fixture { key, root }
+    }
+
+    fn config(&self) -> Config {
+        let mut c = Config::new(DEVICE, self.root.clone());
+        c.journal_batch_bytes = 64 * 1024;
+        c.index_sample_min_bytes = SAMPLE;
+        c
+    }
+
+    fn offer(&self, m: &Manifest, sources: Vec<SourceInfo>) -> Offer {
+        Offer {
+            envelope: sign(m, &self.key),
+            wall_unix_s: None,
+            sources,
+            reboot: false,
+        }
+    }
+}
+
+/// The artifact file: a local stream that holds every chunk (a full artifact).
+fn artifact() -> SourceInfo {
+    SourceInfo::new(
+        SourceId(1),
+        SourceKind::Stream,
+        SourceClass::Local,
+        "artifact",
+    )
+    .holding(Holds::All)
+}
+
+fn failed(events: &[Event]) -> Option<&InstallError> {
+    events.iter().find_map(|e| match e {
+        Event::Failed(err) => Some(err),
+        _ => None,
+    })
+}
+
+fn stopped(events: &[Event]) -> Option<(u64, u64)> {
+    events.iter().find_map(|e| match e {
+        Event::IndexStopped { cut, found, .. } => Some((*cut, *found)),
+        _ => None,
+    })
+}
+
+/// A release of 1 MiB: random data, then (from 640 KiB) zeros, as a file
+/// system's free space.
+fn v2() -> Vec<u8> {
+    let mut v2 = bytes(2, MIB);
+    v2[640 * 1024..].fill(0);
+    v2
+}
+
+/// A device whose slot A holds `slot_a`, cutting it as a driver does.
+fn device(slot_a: &[u8]) -> SimDevice {
+    let mut dev = SimDevice::new(slot_a, 2 * MIB as u64, 1);
+    dev.cut_progress = Some(64 * 1024);
+    dev
+}
+
+/// Offers v2 with `sources`, streams the artifact's chunks from source 1 when it is
+/// one, runs to the armed trial and checks slot B holds v2. Returns the engine.
+fn install(f: &Fixture, dev: &mut SimDevice, sources: Vec<SourceInfo>) -> Engine {
+    install_image(f, dev, sources, &v2())
+}
+
+/// [`install`] of a release of `image`.
+fn install_image(
+    f: &Fixture,
+    dev: &mut SimDevice,
+    sources: Vec<SourceInfo>,
+    image: &[u8],
+) -> Engine {
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, image);
+    for s in sources.iter().filter(|s| s.kind == SourceKind::Requests) {
+        dev.stores.insert(s.id, c2.iter().cloned().collect());
+    }
+    let streams = sources.iter().any(|s| s.id == SourceId(1));
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, sources))
+        .expect("offer");
+    let chunks: Vec<(ChunkId, Vec<u8>)> = c2.clone();
+    let stream = streams.then(|| (SourceId(1), chunks.into_iter()));
+    dev.run(&mut engine, stream).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+    assert_eq!(&dev.durable[1][..image.len()], image, "slot B holds v2");
+    engine
+}
+
+/// An unrelated slot (random data) and a full artifact: the cut stops once its
+/// sample is cut, nothing found, and the slot has no index afterwards (what was
+/// cut is not taken for the whole slot).
+#[test]
+fn the_cut_of_an_unrelated_slot_stops_after_its_sample_with_a_local_full_source() {
+    let f = Fixture::new();
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let engine = install(&f, &mut dev, vec![artifact()]);
+    assert_eq!(dev.cuts_stopped.len(), 1, "one cut, stopped");
+    let cut = dev.cuts_stopped[0];
+    assert!(
+        (SAMPLE..SAMPLE + 64 * 1024).contains(&cut),
+        "stopped at {cut}"
+    );
+    assert_eq!(stopped(&dev.events), Some((cut, 0)));
+    assert_eq!(engine.progress().reused_bytes, 0);
+    assert_eq!(dev.store.load().active_index, None, "no index recorded");
+    assert_eq!(engine.active_chunking(), None);
+}
+
+/// A slot of zeros (an erased partition) holds the release's zero chunk only: a
+/// few KiB found in the sample, under a 64th of it, and the cut stops.
+#[test]
+fn the_cut_of_a_slot_of_zeros_stops_after_its_sample() {
+    let f = Fixture::new();
+    let mut dev = device(&[]);
+    let engine = install(&f, &mut dev, vec![artifact()]);
+    let (cut, found) = stopped(&dev.events).expect("the cut stopped");
+    assert_eq!(found, 4096, "the one zero chunk, found and taken");
+    assert!(cut >= SAMPLE);
+    assert!(
+        engine.progress().reused_bytes > 0,
+        "the zero chunk's positions"
+    );
+    assert_eq!(dev.store.load().active_index, None);
+}
+
+/// A slot that holds an earlier release all along: every window gives new chunks,
+/// and the cut runs to the end (and is the slot's index).
+#[test]
+fn the_cut_of_a_slot_holding_an_earlier_release_all_along_runs_to_the_end() {
+    let f = Fixture::new();
+    let v1 = bytes(5, 2 * MIB);
+    let mut image = v1.clone();
+    image[300_000..400_000].copy_from_slice(&bytes(3, 100_000));
+    let mut dev = device(&v1);
+    let engine = install_image(&f, &mut dev, vec![artifact()], &image);
+    assert_eq!(stopped(&dev.events), None);
+    assert!(dev.cuts_stopped.is_empty());
+    assert!(engine.progress().reused_bytes > 3 * MIB as u64 / 2);
+    assert!(
+        dev.store.load().active_index.is_some(),
+        "the whole index is recorded"
+    );
+}
+
+/// A slot that holds an earlier release followed by its free space (zeros): the
+/// cut goes on while its windows give new chunks, stops after the first window
+/// that gives none, and takes from the slot every chunk a whole cut would have
+/// (what a WAN source among the sources, which keeps the cut going, shows).
+#[test]
+fn the_cut_of_a_slot_holding_an_earlier_release_stops_only_past_its_data() {
+    let f = Fixture::new();
+    let mut v1 = v2();
+    v1[300_000..400_000].copy_from_slice(&bytes(3, 100_000));
+    let mut dev = device(&v1);
+    let engine = install(&f, &mut dev, vec![artifact()]);
+    let (cut, found) = stopped(&dev.events).expect("stopped in the free space");
+    // The data and the zero chunk lie in the first 640 KiB: the sample (to 512
+    // KiB) and the next half-window (to 768 KiB) give new chunks, the next (768
+    // KiB to 1 MiB) none.
+    assert!(
+        (MIB as u64..MIB as u64 + 64 * 1024).contains(&cut),
+        "stopped at {cut}"
+    );
+    let mut whole = device(&v1);
+    let wan = SourceInfo::new(
+        SourceId(2),
+        SourceKind::Requests,
+        SourceClass::Wan,
+        "server",
+    );
+    let all = install(&f, &mut whole, vec![artifact(), wan]);
+    assert!(whole.cuts_stopped.is_empty());
+    assert_eq!(engine.progress().reused_bytes, all.progress().reused_bytes);
+    assert!(found > 500_000, "found {found}");
+    assert_eq!(dev.store.load().active_index, None, "no index recorded");
+}
+
+/// A WAN source among the sources: every chunk found saves a download, and the
+/// cut of an unrelated slot runs to the end.
+#[test]
+fn the_cut_runs_to_the_end_with_a_wan_source() {
+    let f = Fixture::new();
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let wan = SourceInfo::new(
+        SourceId(2),
+        SourceKind::Requests,
+        SourceClass::Wan,
+        "server",
+    );
+    install(&f, &mut dev, vec![artifact(), wan]);
+    assert_eq!(stopped(&dev.events), None);
+    assert!(dev.cuts_stopped.is_empty());
+    assert!(dev.store.load().active_index.is_some());
+}
+
+/// A LAN peer alone, or a local source that does not say what it holds (a chunk
+/// store: what it lacks would come from elsewhere): the cut runs to the end.
+#[test]
+fn the_cut_runs_to_the_end_without_a_local_source_holding_everything() {
+    let f = Fixture::new();
+    let peer = SourceInfo::new(SourceId(2), SourceKind::Requests, SourceClass::Peer, "peer")
+        .holding(Holds::All);
+    let store = SourceInfo::new(
+        SourceId(3),
+        SourceKind::Requests,
+        SourceClass::Local,
+        "store",
+    );
+    for sources in [vec![peer], vec![store]] {
+        let mut dev = device(&bytes(99, 2 * MIB));
+        install(&f, &mut dev, sources);
+        assert_eq!(stopped(&dev.events), None);
+        assert!(dev.cuts_stopped.is_empty());
+    }
+}
+
+/// A thin artifact (it lacks chunks the slot must hold): nothing is taken while
+/// indexing and the index is needed whole, so it is never given up, even on an
+/// unrelated slot (where the install is then refused untouched).
+#[test]
+fn the_cut_for_a_thin_artifact_is_never_given_up() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let holds = c2.iter().skip(1).map(|(id, _)| *id).collect();
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(
+            dev.now(),
+            f.offer(&m2, vec![artifact().holding(Holds::Ids(holds))]),
+        )
+        .expect("offer");
+    assert!(
+        engine.index_pays(u64::MAX),
+        "a thin artifact's index always pays"
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(stopped(&dev.events), None);
+    assert!(matches!(
+        failed(&dev.events),
+        Some(InstallError::MissingChunks { .. })
+    ));
+    assert_eq!(dev.durable[1], vec![0u8; 2 * MIB], "slot B untouched");
+}
+
+/// An install whose cut stopped, cut off by a power loss, resumes: offered again,
+/// it cuts the slot again (no index was recorded), stops again and completes.
+#[test]
+fn an_install_whose_cut_stopped_resumes_after_a_power_loss() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    // The operations of a whole install, to cut the power two thirds in.
+    let mut clean = device(&bytes(99, 2 * MIB));
+    install(&f, &mut clean, vec![artifact()]);
+    let mut dev = device(&bytes(99, 2 * MIB));
+    dev.crash_at = Some(dev.ops + clean.ops * 2 / 3);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+        .expect("offer");
+    let crashed = dev.run(&mut engine, Some((SourceId(1), c2.clone().into_iter())));
+    assert!(crashed.is_err(), "the power was cut");
+    assert_eq!(dev.cuts_stopped.len(), 1, "after the cut stopped");
+    dev.reboot();
+    assert_eq!(dev.store.load().active_index, None);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+        .expect("offer again");
+    assert!(
+        engine.progress().resumed_bytes > 0,
+        "journaled work is kept"
+    );
+    dev.run(&mut engine, Some((SourceId(1), c2.into_iter())))
+        .expect("no crash");
+    assert_eq!(dev.cuts_stopped.len(), 2, "cut again, stopped again");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+    assert_eq!(
+        &dev.durable[slot_ordinal(Slot::B)][..image.len()],
+        &image[..]
+    );
+}
