@@ -102,7 +102,7 @@ pub use engine::{
     Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, IndexReadError,
     IndexReader, IndexStore, Input, ManifestPlan, ManifestStep, MemIndexes, NeededChunks, NodeKey,
     Offer, Offsets, Output, PeerRelease, PickError, Progress, ServerWhy, Status, Swarm,
-    VerifiedRelease, compare_versions, peer_release,
+    VerifiedRelease, compare_versions, peer_busy, peer_release,
 };
 pub use error::{
     CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,

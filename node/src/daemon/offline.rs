@@ -113,6 +113,13 @@ impl Daemon {
             if self.offers.decided.contains(&id) {
                 continue;
             }
+            // Known from the hash: nothing fetched, verified or stored for an offer
+            // the device would only give back (every round, until the deployment
+            // in progress ends).
+            if shoal_engine::peer_busy(&status, &id.0) {
+                debug!(release = %id, "another deployment is in progress");
+                return Ok(None);
+            }
             let envelope = match lan.manifest(peer, id, MANIFEST_TIMEOUT) {
                 Ok(e) => e,
                 Err(why) => {
