@@ -110,6 +110,31 @@ impl VerifiedRelease {
         wall_unix_s: Option<u64>,
         ids: Box<dyn ChunkIdWriter>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_file_named(root, file, len, Some(hash), wall_unix_s, ids)
+    }
+
+    /// [`VerifiedRelease::verify_file`] of a file not named after its bytes' hash
+    /// (a kept manifest, named after the manifest's: the caller checks
+    /// [`Release::manifest_hash`] against it): the same checks and the same one
+    /// read of its signed bytes, without the whole file's hash to match.
+    pub fn verify_unnamed_file(
+        root: &TrustRoot,
+        file: &dyn ReadAt,
+        len: u64,
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_file_named(root, file, len, None, wall_unix_s, ids)
+    }
+
+    fn verify_file_named(
+        root: &TrustRoot,
+        file: &dyn ReadAt,
+        len: u64,
+        named: Option<[u8; 32]>,
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
         let read_error = |e: std::io::Error| {
             OfferError::StoredEnvelope(format!("cannot read the stored envelope: {e}"))
         };
@@ -127,7 +152,9 @@ impl VerifiedRelease {
             }
             let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
             file.read_at(0, &mut bytes).map_err(read_error)?;
-            check_named(&bytes, &hash)?;
+            if let Some(hash) = &named {
+                check_named(&bytes, hash)?;
+            }
             return Self::verify_as(root, bytes, wall_unix_s, true, Some(ids));
         };
         // One read: the signatures over the signed bytes, their hash (the
@@ -164,7 +191,8 @@ impl VerifiedRelease {
         })
         .map_err(read_error)?;
         drop(buf);
-        if *whole.finalize().as_bytes() != hash {
+        let hash = *whole.finalize().as_bytes();
+        if named.is_some_and(|named| named != hash) {
             return Err(OfferError::StoredEnvelope(
                 "the stored envelope does not hash to its name".into(),
             ));
