@@ -925,11 +925,22 @@ impl Device {
                 drop(found);
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
-                kept.save(manifest.hash(), &envelope);
+                let picked_hash = manifest.hash();
+                kept.save(picked_hash, &envelope);
                 drop(manifest);
                 // Verified from the device store's file; the store's chunks are
                 // looked up in its table (no map of every chunk).
                 let release = driver.dev.verify_envelope_at(envelope, wall)?;
+                if release.release().manifest_hash != picked_hash {
+                    // The bytes picked are the bytes verified, so this is a bug.
+                    driver.dev.forget_release(&release);
+                    bail!(
+                        "the chunk store {}'s release {} verified as another release ({})",
+                        dir.display(),
+                        crate::lan::proto::ManifestId(picked_hash),
+                        crate::lan::proto::ManifestId(release.release().manifest_hash)
+                    );
+                }
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
                     &release,
@@ -1447,10 +1458,10 @@ fn store_manifests(
         if path.extension().and_then(|e| e.to_str()) != Some("envelope") {
             continue;
         }
-        let manifest = store
-            .load_manifest(&path, root, wall)
+        // The bytes verified, not the file read again (it may have been replaced).
+        let (bytes, manifest) = store
+            .load_manifest_bytes(&path, root, wall)
             .map_err(|e| anyhow!("{}", chain(&e)))?;
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         found.push((bytes, manifest));
     }
     // Directory order is the file system's: the engine sees them by name.
