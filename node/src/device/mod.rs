@@ -887,19 +887,7 @@ impl Device {
                 requests,
             } => {
                 driver.requests = Some(requests);
-                // Kept from the store's file (copied, not read into memory).
-                let hash = release.release().manifest_hash;
-                match (release.envelope(), release.stored_hash()) {
-                    (Some(envelope), _) => kept.save(hash, &envelope),
-                    (None, Some(stored)) => match driver.dev.store.open_stored_envelope(&stored) {
-                        Ok((file, _)) => kept.save_file(hash, &file),
-                        Err(e) => kept.kept(
-                            hash,
-                            Err(anyhow!(e).context("cannot read back the signed manifest")),
-                        ),
-                    },
-                    (None, None) => {}
-                }
+                kept.save_verified(&driver.dev, &release);
                 driver.offer_verified_owned(
                     &release,
                     vec![
@@ -926,7 +914,6 @@ impl Device {
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
                 let picked_hash = manifest.hash();
-                kept.save(picked_hash, &envelope);
                 drop(manifest);
                 // Verified from the device store's file; the store's chunks are
                 // looked up in its table (no map of every chunk).
@@ -941,6 +928,7 @@ impl Device {
                         crate::lan::proto::ManifestId(release.release().manifest_hash)
                     );
                 }
+                kept.save_verified(&driver.dev, &release);
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
                     &release,
@@ -1154,15 +1142,23 @@ impl KeptManifests {
     /// by every call and written again only where they differ, pruned with the
     /// envelope) and are read from there by position. The file is read once
     /// (signatures and manifest), not hashed whole besides: it is named after the
-    /// manifest, checked after. `None`
-    /// when no envelope of `hash` is kept; an error when it does not verify or is
+    /// manifest, checked after. With the release, the file it was verified from
+    /// (its path, the open file, its length): what is served of it is read from
+    /// that handle, not from a file renamed over the path since. `None` when no
+    /// envelope of `hash` is kept; an error when it does not verify or is
     /// another release's.
+    #[allow(clippy::type_complexity)]
     pub fn verify(
         data_dir: &Path,
         root: &TrustRoot,
         hash: &[u8; 32],
         wall_unix_s: Option<u64>,
-    ) -> anyhow::Result<Option<Arc<shoal_engine::VerifiedRelease>>> {
+    ) -> anyhow::Result<
+        Option<(
+            Arc<shoal_engine::VerifiedRelease>,
+            (PathBuf, std::fs::File, u64),
+        )>,
+    > {
         let dir = KeptManifests::new(data_dir).dir;
         let name = hex::encode(hash);
         let path = dir.join(format!("{name}.envelope"));
@@ -1180,9 +1176,10 @@ impl KeptManifests {
         let ids = chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids")))
             .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
         // Named after the manifest, not the file's bytes: checked below.
+        let file = chunk_ids::FileAt(file);
         let release = shoal_engine::VerifiedRelease::verify_unnamed_file(
             root,
-            &chunk_ids::FileAt(file),
+            &file,
             len,
             wall_unix_s,
             Box::new(ids),
@@ -1191,7 +1188,7 @@ impl KeptManifests {
         if release.release().manifest_hash != *hash {
             bail!("{} is not the manifest it is named after", path.display());
         }
-        Ok(Some(release))
+        Ok(Some((release, (path, file.0, len))))
     }
 
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
@@ -1263,6 +1260,23 @@ impl NewManifest {
     fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
         let kept = KeptManifests::save(&self.data_dir, &hash, envelope);
         self.kept(hash, kept);
+    }
+
+    /// Keeps the envelope of `release` as verified: from the device store's file
+    /// (copied, not read into memory), or the bytes it holds.
+    fn save_verified(&mut self, dev: &Device, release: &shoal_engine::VerifiedRelease) {
+        let hash = release.release().manifest_hash;
+        match (release.envelope(), release.stored_hash()) {
+            (Some(envelope), _) => self.save(hash, &envelope),
+            (None, Some(stored)) => match dev.store.open_stored_envelope(&stored) {
+                Ok((file, _)) => self.save_file(hash, &file),
+                Err(e) => self.kept(
+                    hash,
+                    Err(anyhow!(e).context("cannot read back the signed manifest")),
+                ),
+            },
+            (None, None) => {}
+        }
     }
 
     /// [`NewManifest::save`] of an envelope in a file (the store's: copied, not
@@ -2912,10 +2926,20 @@ mod kept_tests {
                 .is_none()
         );
         KeptManifests::save(data, &hash, &envelope).expect("kept");
-        let release = KeptManifests::verify(data, &root, &hash, None)
+        let (release, (path, file, len)) = KeptManifests::verify(data, &root, &hash, None)
             .expect("verifies")
             .expect("kept");
         assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(len, envelope.len() as u64);
+        assert_eq!(
+            path,
+            data.join("manifests")
+                .join(format!("{}.envelope", hex::encode(hash)))
+        );
+        // What is served is read from the handle verified, not the path: an
+        // envelope renamed over it later is not.
+        let served =
+            crate::lan::serve::EnvelopeAt::of(&release, Some((path, file, len))).expect("at hand");
         assert_eq!(release.chunk_count(), 16);
         let ids_path = data
             .join("manifests")
@@ -2930,7 +2954,7 @@ mod kept_tests {
             std::fs::metadata(p).expect("ids").ino()
         };
         let before = inode(&ids_path);
-        let again = KeptManifests::verify(data, &root, &hash, None)
+        let (again, _) = KeptManifests::verify(data, &root, &hash, None)
             .expect("verifies")
             .expect("kept");
         assert_eq!(again.first_position(&first), Some((0, 0, 4096)));
@@ -2939,6 +2963,7 @@ mod kept_tests {
         // Another release's envelope under this name.
         let (other, _) = testing::release_cut("os", "2", 1, "board", &image, &[8192]);
         KeptManifests::save(data, &hash, &testing::sign(&other, &key)).expect("kept");
+        assert_eq!(served.read().expect("read"), envelope);
         let e = KeptManifests::verify(data, &root, &hash, None).expect_err("another's");
         assert!(
             format!("{e:#}").ends_with("is not the manifest it is named after"),

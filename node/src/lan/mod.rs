@@ -329,7 +329,7 @@ impl Lan {
 
     fn keep(&self, s: &Served) {
         // A kept manifest served from its own file is kept already.
-        if matches!(&s.envelope, serve::EnvelopeAt::File(p) if *p == serve::envelope_path(&self.data_dir, &s.manifest))
+        if matches!(&s.envelope, serve::EnvelopeAt::File { path, .. } if *path == serve::envelope_path(&self.data_dir, &s.manifest))
         {
             return;
         }
