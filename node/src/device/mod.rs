@@ -2973,7 +2973,13 @@ mod kept_tests {
         let (stranger, _) = testing::keys(2);
         KeptManifests::save(data, &hash, &testing::sign(&manifest, &stranger)).expect("kept");
         let e = KeptManifests::verify(data, &root, &hash, None).expect_err("unsigned");
-        assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+        assert!(
+            matches!(
+                e.downcast_ref::<shoal_engine::OfferError>(),
+                Some(shoal_engine::OfferError::Signature(_))
+            ),
+            "{e:#}"
+        );
 
         // The temporary ids of a verification killed midway go with their
         // release: another release's now, this one's when it is dropped.
@@ -2992,5 +2998,63 @@ mod kept_tests {
         KeptManifests::prune(data, &[]).expect("pruned");
         assert!(!ids_path.exists());
         assert!(!tmp_of(&hash).exists());
+    }
+
+    /// The daemon's one verification (`Device::verify_envelope`) stores the
+    /// envelope with its ids beside it; a refused one leaves neither;
+    /// `forget_release` removes both, unless a deployment names the envelope.
+    #[test]
+    fn a_verified_envelope_is_stored_with_its_ids_and_forgotten_unless_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, _) = crate::lan::tests::device(dir.path(), 1, None, &[]);
+        let dev = Device::open(config.clone(), Reboot::Command).expect("open");
+        let image = testing::bytes(5, 64 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[4096]);
+        let hash = manifest.hash();
+        let envelope = testing::sign(&manifest, &crate::lan::tests::key(2));
+        let stored = *blake3::hash(&envelope).as_bytes();
+        let envelopes = store::envelope_file(&config.device.data_dir, &stored)
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let names = || {
+            let mut n: Vec<String> = match std::fs::read_dir(&envelopes) {
+                Ok(d) => d
+                    .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => panic!("{e}"),
+            };
+            n.sort();
+            n
+        };
+        // Refused (a release key the root does not know): no file left.
+        let stranger = testing::sign(&manifest, &crate::lan::tests::key(9));
+        let e = dev.verify_envelope(stranger).expect_err("refused");
+        assert!(
+            matches!(
+                e.downcast_ref::<shoal_engine::OfferError>(),
+                Some(shoal_engine::OfferError::Signature(_))
+            ),
+            "{e:#}"
+        );
+        assert_eq!(names(), Vec::<String>::new());
+        // Verified: stored, its ids beside it.
+        let release = dev.verify_envelope(envelope.clone()).expect("verifies");
+        assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(release.stored_hash(), Some(stored));
+        let h = hex::encode(stored);
+        let both = [format!("{h}.envelope"), format!("{h}.ids")];
+        assert_eq!(names(), both);
+        // Not installed after all: both go.
+        dev.forget_release(&release);
+        assert_eq!(names(), Vec::<String>::new());
+        // Named by a deployment: both stay.
+        let release = dev.verify_envelope(envelope).expect("verifies");
+        dev.store
+            .apply(&[shoal_engine::Record::EnvelopeStored(stored)])
+            .expect("named");
+        dev.forget_release(&release);
+        assert_eq!(names(), both);
     }
 }

@@ -20,7 +20,7 @@ pub use shoal_node::peer_wire as proto;
 pub mod requests;
 pub mod serve;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
