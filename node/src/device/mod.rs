@@ -887,7 +887,7 @@ impl Device {
                 requests,
             } => {
                 driver.requests = Some(requests);
-                kept.save_verified(&driver.dev, &release);
+                kept.save_verified(driver.dev, &release);
                 driver.offer_verified_owned(
                     &release,
                     vec![
@@ -928,7 +928,7 @@ impl Device {
                         crate::lan::proto::ManifestId(release.release().manifest_hash)
                     );
                 }
-                kept.save_verified(&driver.dev, &release);
+                kept.save_verified(driver.dev, &release);
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
                     &release,

@@ -332,10 +332,8 @@ impl LanRequests {
     /// Notes what the server answered (chunks no longer in flight).
     fn on_server_answer(&mut self, answer: &Answer) {
         match answer {
-            Answer::Chunk(c) => {
-                if self.from_server.got(&c.chunk().id) {
-                    self.fetching_changed = true;
-                }
+            Answer::Chunk(c) if self.from_server.got(&c.chunk().id) => {
+                self.fetching_changed = true;
             }
             Answer::Unavailable(id) | Answer::Corrupt(id) if self.from_server.gone(id) => {
                 self.fetching_changed = true;

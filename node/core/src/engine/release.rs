@@ -618,10 +618,10 @@ mod tests {
         let id = |bytes: &[u8]| ChunkId::from(blake3::hash(bytes));
         assert_eq!(release.distinct_chunks(), 3);
         assert_eq!(release.chunk_count(), 4);
-        let got = release.chunk(&id(&b)).expect("b is listed");
-        assert_eq!((got.id, got.size, got.stored_size), (id(&b), 2048, 2048));
-        assert_eq!(release.first_position(&id(&a)), Some((0, 0, 2048)));
-        assert_eq!(release.first_position(&id(&c)), Some((3, 6144, 2048)));
+        let got = release.chunk(&id(b)).expect("b is listed");
+        assert_eq!((got.id, got.size, got.stored_size), (id(b), 2048, 2048));
+        assert_eq!(release.first_position(&id(a)), Some((0, 0, 2048)));
+        assert_eq!(release.first_position(&id(c)), Some((3, 6144, 2048)));
         assert_eq!(release.chunk(&ChunkId([7; 32])), None);
         assert_eq!(release.first_position(&ChunkId([7; 32])), None);
         assert_eq!(
