@@ -441,6 +441,19 @@ impl ChunkStore {
         root: &TrustRoot,
         now_unix_s: Option<u64>,
     ) -> Result<Manifest, StoreError> {
+        self.load_manifest_bytes(path, root, now_unix_s)
+            .map(|(_, manifest)| manifest)
+    }
+
+    /// [`ChunkStore::load_manifest`], with the envelope's bytes it verified (read
+    /// once: the file may be replaced meanwhile, so a caller that hands the
+    /// envelope on hands on these).
+    pub fn load_manifest_bytes(
+        &self,
+        path: &Path,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+    ) -> Result<(Vec<u8>, Manifest), StoreError> {
         let bad = |source: ReadError| StoreError::BadManifest {
             path: path.to_path_buf(),
             source,
@@ -460,7 +473,8 @@ impl ChunkStore {
         let signed = root
             .verify(RoleName::Release, &env, now_unix_s)
             .map_err(|e| bad(e.into()))?;
-        Manifest::from_cbor(signed).map_err(|e| bad(e.into()))
+        let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
+        Ok((bytes, manifest))
     }
 }
 

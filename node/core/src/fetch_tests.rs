@@ -1101,6 +1101,25 @@ fn a_release_verified_from_its_envelope_file_is_the_one_verified_in_memory() {
         }
         other => panic!("expected the name's mismatch, got {:?}", other.map(|_| ())),
     }
+    // A file not named after its hash (a kept manifest): the same release, the
+    // same errors, and no name to match.
+    let unnamed = |e: &[u8]| {
+        let ids = Box::new(IdsWriter(std::sync::Arc::new(IdsFile::default())));
+        VerifiedRelease::verify_unnamed_file(
+            &f.root,
+            &EnvelopeFile(e.to_vec()),
+            e.len() as u64,
+            None,
+            ids,
+        )
+    };
+    let rel = unnamed(&envelope).expect("verifies unnamed");
+    assert_eq!(rel.release(), held.release());
+    assert_eq!(rel.slot_index(), held.slot_index());
+    for (what, bytes) in &cases {
+        let want = in_memory(bytes).unwrap_or_else(|| panic!("{what}: refused in memory"));
+        assert_eq!(unnamed(bytes).err(), Some(want), "{what} (unnamed)");
+    }
 }
 
 /// Issue 10: an offer whose ids' file cannot be read while the chunk table is

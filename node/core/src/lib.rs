@@ -104,7 +104,7 @@ pub use engine::{
     Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, INDEX_FOUND_PART,
     INDEX_SAMPLE_PART, IndexReadError, IndexReader, IndexStore, Input, ManifestPlan, ManifestStep,
     MemIndexes, NeededChunks, NodeKey, Offer, Offsets, Output, PeerRelease, PickError, Progress,
-    ServerWhy, Status, Swarm, VerifiedRelease, compare_versions, peer_release,
+    ServerWhy, Status, Swarm, VerifiedRelease, compare_versions, peer_busy, peer_release,
 };
 pub use error::{
     CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,

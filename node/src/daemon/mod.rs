@@ -272,12 +272,11 @@ impl Daemon {
             let Some(release) = &status.releases[shoal_engine::slot_ordinal(status.active)] else {
                 return Ok(None);
             };
-            let id = crate::lan::proto::ManifestId(release.manifest_hash);
-            let path = crate::lan::serve::envelope_path(&self.config.device.data_dir, &id);
             // Verified once from the kept file (never whole in memory), its chunk
             // ids on disk beside it: the table serves the peers' lookups, and the
-            // envelope is read from the file when a peer asks for it.
-            let Some(verified) = crate::device::KeptManifests::verify(
+            // envelope is read from the file it was verified from (the handle,
+            // not the path) when a peer asks for it.
+            let Some((verified, file)) = crate::device::KeptManifests::verify(
                 &self.config.device.data_dir,
                 &self.trust_root()?,
                 &release.manifest_hash,
@@ -286,9 +285,10 @@ impl Daemon {
             else {
                 return Ok(None);
             };
+            let envelope = crate::lan::serve::EnvelopeAt::of(&verified, Some(file))?;
             Ok(Some(crate::lan::serve::Served::new(
                 verified,
-                crate::lan::serve::EnvelopeAt::File(path),
+                envelope,
                 status.active,
             )))
         })();
@@ -879,10 +879,20 @@ impl Daemon {
         release: &std::sync::Arc<shoal_engine::VerifiedRelease>,
         slot: shoal_engine::Slot,
     ) -> anyhow::Result<crate::lan::serve::Served> {
-        let envelope = crate::lan::serve::EnvelopeAt::of(
-            release,
-            crate::device::stored_envelope_path(&self.config, release),
-        )?;
+        // The store's file is named after its bytes' hash, which the
+        // verification checked; opened once here and served from this handle.
+        let file = crate::device::stored_envelope_path(&self.config, release)
+            .map(|path| -> anyhow::Result<_> {
+                let file = std::fs::File::open(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let len = file
+                    .metadata()
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .len();
+                Ok((path, file, len))
+            })
+            .transpose()?;
+        let envelope = crate::lan::serve::EnvelopeAt::of(release, file)?;
         Ok(crate::lan::serve::Served::new(
             std::sync::Arc::clone(release),
             envelope,

@@ -113,6 +113,13 @@ impl Daemon {
             if self.offers.decided.contains(&id) {
                 continue;
             }
+            // Known from the hash: nothing fetched, verified or stored for an offer
+            // the device would only give back (every round, until the deployment
+            // in progress ends).
+            if shoal_engine::peer_busy(&status, &id.0) {
+                debug!(release = %id, "another deployment is in progress");
+                return Ok(None);
+            }
             let envelope = match lan.manifest(peer, id, MANIFEST_TIMEOUT) {
                 Ok(e) => e,
                 Err(why) => {
@@ -131,19 +138,22 @@ impl Daemon {
                     self.offers.refused.insert((peer, id));
                     continue;
                 }
-                Err(e)
-                    if matches!(
-                        e.downcast_ref::<shoal_engine::OfferError>(),
-                        Some(shoal_engine::OfferError::Payloads { .. })
-                    ) =>
-                {
-                    // Signed, but not a root filesystem release: not for this device.
-                    self.offers.decided.insert(id);
-                    continue;
-                }
                 Err(e) => {
-                    warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's release manifest was refused");
-                    self.offers.refused.insert((peer, id));
+                    match offer_fault(&e) {
+                        // Signed, but not a root filesystem release: not for this
+                        // device.
+                        OfferFault::NotForThisDevice => {
+                            self.offers.decided.insert(id);
+                        }
+                        OfferFault::Peer => {
+                            warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "a LAN peer's release manifest was refused");
+                            self.offers.refused.insert((peer, id));
+                        }
+                        // Not held against the peer: tried again next round.
+                        OfferFault::Device => {
+                            warn!(%peer, release = %id, error = %crate::cmd::one_line(&e), "cannot check a LAN peer's release manifest");
+                        }
+                    }
                     continue;
                 }
             };
@@ -259,5 +269,63 @@ impl Daemon {
                 }),
             },
         );
+    }
+}
+
+/// Whose fault it is that a peer's release did not verify on this device.
+#[derive(Debug, PartialEq, Eq)]
+enum OfferFault {
+    /// A signed release, but not a root filesystem one: not for this device, from
+    /// any peer.
+    NotForThisDevice,
+    /// The release does not verify (the peer's: it is not asked again).
+    Peer,
+    /// The device's own trouble while verifying it (its store, the ids file, a
+    /// full disk): not held against the peer.
+    Device,
+}
+
+fn offer_fault(e: &anyhow::Error) -> OfferFault {
+    if matches!(
+        e.downcast_ref::<shoal_engine::OfferError>(),
+        Some(shoal_engine::OfferError::Payloads { .. })
+    ) {
+        OfferFault::NotForThisDevice
+    } else if super::refusal(e).is_some() {
+        OfferFault::Peer
+    } else {
+        OfferFault::Device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_engine::OfferError;
+
+    /// Only the release's faults are held against the peer that sent it; the
+    /// device store's trouble while verifying it is not.
+    #[test]
+    fn only_the_release_s_faults_count_against_the_peer() {
+        let bad = anyhow!(OfferError::Signature(
+            shoal_signing::VerifyError::MissingRole(shoal_signing::RoleName::Release)
+        ))
+        .context("the release was refused");
+        assert_eq!(offer_fault(&bad), OfferFault::Peer);
+        let other = anyhow!(OfferError::Payloads {
+            rootfs: 0,
+            other: 1
+        });
+        assert_eq!(offer_fault(&other), OfferFault::NotForThisDevice);
+        for mine in [
+            OfferError::ChunkIds("cannot write x.ids: No space left on device".into()),
+            OfferError::StoredEnvelope("cannot read the stored envelope: EIO".into()),
+        ] {
+            let e = anyhow!(mine).context("cannot keep the release's chunk ids");
+            assert_eq!(offer_fault(&e), OfferFault::Device, "{e:#}");
+        }
+        let enospc = anyhow!(std::io::Error::from_raw_os_error(28))
+            .context("cannot store the release's manifest");
+        assert_eq!(offer_fault(&enospc), OfferFault::Device);
     }
 }

@@ -1014,19 +1014,7 @@ impl Device {
                 requests,
             } => {
                 driver.requests = Some(requests);
-                // Kept from the store's file (copied, not read into memory).
-                let hash = release.release().manifest_hash;
-                match (release.envelope(), release.stored_hash()) {
-                    (Some(envelope), _) => kept.save(hash, &envelope),
-                    (None, Some(stored)) => match driver.dev.store.open_stored_envelope(&stored) {
-                        Ok((file, _)) => kept.save_file(hash, &file),
-                        Err(e) => kept.kept(
-                            hash,
-                            Err(anyhow!(e).context("cannot read back the signed manifest")),
-                        ),
-                    },
-                    (None, None) => {}
-                }
+                kept.save_verified(driver.dev, &release);
                 driver.offer_verified_owned(
                     &release,
                     vec![
@@ -1052,11 +1040,22 @@ impl Device {
                 drop(found);
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = envelope.len() as u64;
-                kept.save(manifest.hash(), &envelope);
+                let picked_hash = manifest.hash();
                 drop(manifest);
                 // Verified from the device store's file; the store's chunks are
                 // looked up in its table (no map of every chunk).
                 let release = driver.dev.verify_envelope_at(envelope, wall)?;
+                if release.release().manifest_hash != picked_hash {
+                    // The bytes picked are the bytes verified, so this is a bug.
+                    driver.dev.forget_release(&release);
+                    bail!(
+                        "the chunk store {}'s release {} verified as another release ({})",
+                        dir.display(),
+                        crate::lan::proto::ManifestId(picked_hash),
+                        crate::lan::proto::ManifestId(release.release().manifest_hash)
+                    );
+                }
+                kept.save_verified(driver.dev, &release);
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
                     &release,
@@ -1266,16 +1265,27 @@ impl KeptManifests {
     /// The kept envelope of the release whose manifest hashes to `hash`, verified
     /// against `root` from its file without holding it
     /// ([`VerifiedRelease::verify_file`](shoal_engine::VerifiedRelease::verify_file)):
-    /// its chunk ids go to `<hash>.ids` beside it (derived again by every call,
-    /// pruned with the envelope) and are read from there by position. `None`
-    /// when no envelope of `hash` is kept; an error when it does not verify or is
+    /// its chunk ids go to `<hash>.ids` beside it (checked against the manifest's
+    /// by every call and written again only where they differ, pruned with the
+    /// envelope) and are read from there by position. The file is read once
+    /// (signatures and manifest), not hashed whole besides: it is named after the
+    /// manifest, checked after. With the release, the file it was verified from
+    /// (its path, the open file, its length): what is served of it is read from
+    /// that handle, not from a file renamed over the path since. `None` when no
+    /// envelope of `hash` is kept; an error when it does not verify or is
     /// another release's.
+    #[allow(clippy::type_complexity)]
     pub fn verify(
         data_dir: &Path,
         root: &TrustRoot,
         hash: &[u8; 32],
         wall_unix_s: Option<u64>,
-    ) -> anyhow::Result<Option<Arc<shoal_engine::VerifiedRelease>>> {
+    ) -> anyhow::Result<
+        Option<(
+            Arc<shoal_engine::VerifiedRelease>,
+            (PathBuf, std::fs::File, u64),
+        )>,
+    > {
         let dir = KeptManifests::new(data_dir).dir;
         let name = hex::encode(hash);
         let path = dir.join(format!("{name}.envelope"));
@@ -1288,20 +1298,16 @@ impl KeptManifests {
             .metadata()
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
-        // The file's own hash, which the verification reads it against.
-        let file_hash = {
-            let mut hasher = blake3::Hasher::new();
-            io::copy(&mut (&file).take(len), &mut hasher)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            *hasher.finalize().as_bytes()
-        };
-        let ids = chunk_ids::IdsWriter::create(dir.join(format!("{name}.ids")))
+        // The ids of an earlier verification are kept when the manifest's match
+        // them (read, not written again: 13.8 MB at 8 GiB, at each start).
+        let ids = chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids")))
             .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
-        let release = shoal_engine::VerifiedRelease::verify_file(
+        // Named after the manifest, not the file's bytes: checked below.
+        let file = chunk_ids::FileAt(file);
+        let release = shoal_engine::VerifiedRelease::verify_unnamed_file(
             root,
-            &chunk_ids::FileAt(file),
+            &file,
             len,
-            file_hash,
             wall_unix_s,
             Box::new(ids),
         )
@@ -1309,7 +1315,7 @@ impl KeptManifests {
         if release.release().manifest_hash != *hash {
             bail!("{} is not the manifest it is named after", path.display());
         }
-        Ok(Some(release))
+        Ok(Some((release, (path, file.0, len))))
     }
 
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
@@ -1320,10 +1326,13 @@ impl KeptManifests {
             .iter()
             .flat_map(|h| {
                 let h = hex::encode(h);
+                // A kept release's `.ids.tmp` may be being written (its next
+                // verification rewrites it; it goes with the release).
                 [
                     format!("{h}.envelope"),
                     format!("{h}.dictionary"),
                     format!("{h}.ids"),
+                    format!("{h}.ids.tmp"),
                 ]
             })
             .collect();
@@ -1332,9 +1341,11 @@ impl KeptManifests {
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            // `.ids.tmp`: ids a verification killed midway was writing.
             if (name.ends_with(".envelope")
                 || name.ends_with(".dictionary")
-                || name.ends_with(".ids"))
+                || name.ends_with(".ids")
+                || name.ends_with(".ids.tmp"))
                 && !names.contains(&name)
             {
                 let path = entry.path();
@@ -1376,6 +1387,23 @@ impl NewManifest {
     fn save(&mut self, hash: [u8; 32], envelope: &[u8]) {
         let kept = KeptManifests::save(&self.data_dir, &hash, envelope);
         self.kept(hash, kept);
+    }
+
+    /// Keeps the envelope of `release` as verified: from the device store's file
+    /// (copied, not read into memory), or the bytes it holds.
+    fn save_verified(&mut self, dev: &Device, release: &shoal_engine::VerifiedRelease) {
+        let hash = release.release().manifest_hash;
+        match (release.envelope(), release.stored_hash()) {
+            (Some(envelope), _) => self.save(hash, &envelope),
+            (None, Some(stored)) => match dev.store.open_stored_envelope(&stored) {
+                Ok((file, _)) => self.save_file(hash, &file),
+                Err(e) => self.kept(
+                    hash,
+                    Err(anyhow!(e).context("cannot read back the signed manifest")),
+                ),
+            },
+            (None, None) => {}
+        }
     }
 
     /// [`NewManifest::save`] of an envelope in a file (the store's: copied, not
@@ -1571,10 +1599,10 @@ fn store_manifests(
         if path.extension().and_then(|e| e.to_str()) != Some("envelope") {
             continue;
         }
-        let manifest = store
-            .load_manifest(&path, root, wall)
+        // The bytes verified, not the file read again (it may have been replaced).
+        let (bytes, manifest) = store
+            .load_manifest_bytes(&path, root, wall)
             .map_err(|e| anyhow!("{}", chain(&e)))?;
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         found.push((bytes, manifest));
     }
     // Directory order is the file system's: the engine sees them by name.
@@ -3069,10 +3097,20 @@ mod kept_tests {
                 .is_none()
         );
         KeptManifests::save(data, &hash, &envelope).expect("kept");
-        let release = KeptManifests::verify(data, &root, &hash, None)
+        let (release, (path, file, len)) = KeptManifests::verify(data, &root, &hash, None)
             .expect("verifies")
             .expect("kept");
         assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(len, envelope.len() as u64);
+        assert_eq!(
+            path,
+            data.join("manifests")
+                .join(format!("{}.envelope", hex::encode(hash)))
+        );
+        // What is served is read from the handle verified, not the path: an
+        // envelope renamed over it later is not.
+        let served =
+            crate::lan::serve::EnvelopeAt::of(&release, Some((path, file, len))).expect("at hand");
         assert_eq!(release.chunk_count(), 16);
         let ids_path = data
             .join("manifests")
@@ -3080,10 +3118,23 @@ mod kept_tests {
         assert_eq!(std::fs::metadata(&ids_path).expect("ids").len(), 16 * 32);
         let first = ChunkId::from(blake3::hash(&image[..4096]));
         assert_eq!(release.first_position(&first), Some((0, 0, 4096)));
+        // Verified again (the daemon's next start): the ids on disk are the
+        // manifest's, so they are read, not written again.
+        let inode = |p: &Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(p).expect("ids").ino()
+        };
+        let before = inode(&ids_path);
+        let (again, _) = KeptManifests::verify(data, &root, &hash, None)
+            .expect("verifies")
+            .expect("kept");
+        assert_eq!(again.first_position(&first), Some((0, 0, 4096)));
+        assert_eq!(inode(&ids_path), before, "the same ids file");
 
         // Another release's envelope under this name.
         let (other, _) = testing::release_cut("os", "2", 1, "board", &image, &[8192]);
         KeptManifests::save(data, &hash, &testing::sign(&other, &key)).expect("kept");
+        assert_eq!(served.read().expect("read"), envelope);
         let e = KeptManifests::verify(data, &root, &hash, None).expect_err("another's");
         assert!(
             format!("{e:#}").ends_with("is not the manifest it is named after"),
@@ -3093,10 +3144,89 @@ mod kept_tests {
         let (stranger, _) = testing::keys(2);
         KeptManifests::save(data, &hash, &testing::sign(&manifest, &stranger)).expect("kept");
         let e = KeptManifests::verify(data, &root, &hash, None).expect_err("unsigned");
-        assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+        assert!(
+            matches!(
+                e.downcast_ref::<shoal_engine::OfferError>(),
+                Some(shoal_engine::OfferError::Signature(_))
+            ),
+            "{e:#}"
+        );
 
+        // The temporary ids of a verification killed midway go with their
+        // release: another release's now, this one's when it is dropped.
+        let tmp_of = |h: &[u8; 32]| {
+            data.join("manifests")
+                .join(format!("{}.ids.tmp", hex::encode(h)))
+        };
+        std::fs::write(tmp_of(&hash), [0; 64]).expect("orphan");
+        std::fs::write(tmp_of(&[7; 32]), [0; 64]).expect("orphan");
+        KeptManifests::prune(data, &[hash]).expect("pruned");
+        assert!(
+            tmp_of(&hash).exists(),
+            "a kept release's may be being written"
+        );
+        assert!(!tmp_of(&[7; 32]).exists());
         KeptManifests::prune(data, &[]).expect("pruned");
         assert!(!ids_path.exists());
+        assert!(!tmp_of(&hash).exists());
+    }
+
+    /// The daemon's one verification (`Device::verify_envelope`) stores the
+    /// envelope with its ids beside it; a refused one leaves neither;
+    /// `forget_release` removes both, unless a deployment names the envelope.
+    #[test]
+    fn a_verified_envelope_is_stored_with_its_ids_and_forgotten_unless_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, _) = crate::lan::tests::device(dir.path(), 1, None, &[]);
+        let dev = Device::open(config.clone(), Reboot::Command).expect("open");
+        let image = testing::bytes(5, 64 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[4096]);
+        let hash = manifest.hash();
+        let envelope = testing::sign(&manifest, &crate::lan::tests::key(2));
+        let stored = *blake3::hash(&envelope).as_bytes();
+        let envelopes = store::envelope_file(&config.device.data_dir, &stored)
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let names = || {
+            let mut n: Vec<String> = match std::fs::read_dir(&envelopes) {
+                Ok(d) => d
+                    .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => panic!("{e}"),
+            };
+            n.sort();
+            n
+        };
+        // Refused (a release key the root does not know): no file left.
+        let stranger = testing::sign(&manifest, &crate::lan::tests::key(9));
+        let e = dev.verify_envelope(stranger).expect_err("refused");
+        assert!(
+            matches!(
+                e.downcast_ref::<shoal_engine::OfferError>(),
+                Some(shoal_engine::OfferError::Signature(_))
+            ),
+            "{e:#}"
+        );
+        assert_eq!(names(), Vec::<String>::new());
+        // Verified: stored, its ids beside it.
+        let release = dev.verify_envelope(envelope.clone()).expect("verifies");
+        assert_eq!(release.release().manifest_hash, hash);
+        assert_eq!(release.stored_hash(), Some(stored));
+        let h = hex::encode(stored);
+        let both = [format!("{h}.envelope"), format!("{h}.ids")];
+        assert_eq!(names(), both);
+        // Not installed after all: both go.
+        dev.forget_release(&release);
+        assert_eq!(names(), Vec::<String>::new());
+        // Named by a deployment: both stay.
+        let release = dev.verify_envelope(envelope).expect("verifies");
+        dev.store
+            .apply(&[shoal_engine::Record::EnvelopeStored(stored)])
+            .expect("named");
+        dev.forget_release(&release);
+        assert_eq!(names(), both);
     }
 }
 

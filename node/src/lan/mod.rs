@@ -20,7 +20,7 @@ pub use shoal_node::peer_wire as proto;
 pub mod requests;
 pub mod serve;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -329,7 +329,7 @@ impl Lan {
 
     fn keep(&self, s: &Served) {
         // A kept manifest served from its own file is kept already.
-        if matches!(&s.envelope, serve::EnvelopeAt::File(p) if *p == serve::envelope_path(&self.data_dir, &s.manifest))
+        if matches!(&s.envelope, serve::EnvelopeAt::File { path, .. } if *path == serve::envelope_path(&self.data_dir, &s.manifest))
         {
             return;
         }
@@ -622,6 +622,11 @@ struct EventLoop {
     connected: HashSet<PeerId>,
     served_tx: mpsc::Sender<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
     served_rx: mpsc::Receiver<(PeerId, u64, ResponseChannel<ChunkResponse>, ChunkResponse)>,
+    /// Manifest answers read off the loop (a file read), to send.
+    manifest_tx: mpsc::Sender<(ResponseChannel<ManifestResponse>, ManifestResponse)>,
+    manifest_rx: mpsc::Receiver<(ResponseChannel<ManifestResponse>, ManifestResponse)>,
+    /// Held while an envelope is read for a peer.
+    manifest_reads: Arc<Mutex<()>>,
     buckets: HashMap<PeerId, Bucket>,
     rate: f64,
     data_dir: PathBuf,
@@ -650,6 +655,7 @@ impl EventLoop {
             listening,
         } = local;
         let (served_tx, served_rx) = mpsc::channel(COMMANDS_MAX);
+        let (manifest_tx, manifest_rx) = mpsc::channel(COMMANDS_MAX);
         EventLoop {
             swarm,
             commands,
@@ -669,6 +675,9 @@ impl EventLoop {
             connected: HashSet::new(),
             served_tx,
             served_rx,
+            manifest_tx,
+            manifest_rx,
+            manifest_reads: Arc::new(Mutex::new(())),
             buckets: HashMap::new(),
             rate: (lan.serve_rate_kib_s * 1024) as f64,
             membership,
@@ -692,6 +701,9 @@ impl EventLoop {
                 Some((peer, bytes, channel, response)) = self.served_rx.recv() => {
                     self.spend(peer, bytes);
                     let _ = self.swarm.behaviour_mut().chunk.send_response(channel, response);
+                }
+                Some((channel, answer)) = self.manifest_rx.recv() => {
+                    let _ = self.swarm.behaviour_mut().manifest.send_response(channel, answer);
                 }
                 _ = redial.tick() => self.redial(),
             }
@@ -1123,13 +1135,28 @@ impl EventLoop {
                 } => {
                     let answer = match self.release(&request.manifest) {
                         _ if !self.admitted.contains(&peer) => ManifestResponse::Refused,
-                        Some(s) => match s.envelope.read() {
-                            Ok(e) => ManifestResponse::Envelope(serve::envelope_for_peer(e)),
-                            Err(e) => {
-                                warn!(%peer, error = %format!("{e:#}"), "cannot read the manifest a peer asked for");
-                                ManifestResponse::NotHere
-                            }
-                        },
+                        Some(s) => {
+                            // Read off the event loop (up to the envelope size
+                            // limit from a file), one at a time (one envelope in
+                            // memory, as when it was read on the loop); answered
+                            // when read.
+                            let tx = self.manifest_tx.clone();
+                            let one = Arc::clone(&self.manifest_reads);
+                            tokio::task::spawn_blocking(move || {
+                                let _one = one.lock().unwrap_or_else(|e| e.into_inner());
+                                let answer = match s.envelope.read() {
+                                    Ok(e) => {
+                                        ManifestResponse::Envelope(serve::envelope_for_peer(e))
+                                    }
+                                    Err(e) => {
+                                        warn!(%peer, error = %format!("{e:#}"), "cannot read the manifest a peer asked for");
+                                        ManifestResponse::NotHere
+                                    }
+                                };
+                                let _ = tx.blocking_send((channel, answer));
+                            });
+                            return;
+                        }
                         None => ManifestResponse::NotHere,
                     };
                     let _ = self

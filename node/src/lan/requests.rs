@@ -54,6 +54,70 @@ struct Peer {
     fetching: Option<Bitfield>,
 }
 
+/// The chunks this device fetches from the server now, by position, as said to the
+/// peers: each chunk's position is looked up once, when it is asked for (a lookup
+/// by id searches the release's table and may read the ids file), not each time
+/// the peers are told.
+#[derive(Debug, Default)]
+struct FromServer {
+    /// Chunks asked of the server, not answered yet: the request that asks for
+    /// each, and its first position (`None`: not in the release).
+    wan: HashMap<ChunkId, (RequestId, Option<u32>)>,
+    /// Positions of the chunks the server sent that were not yet written and
+    /// verified (in `have`) when the peers were last told.
+    got: HashSet<u32>,
+}
+
+impl FromServer {
+    /// `id`, at `position`, is asked of the server by `request`.
+    fn sent(&mut self, request: RequestId, id: ChunkId, position: Option<u32>) {
+        self.wan.insert(id, (request, position));
+    }
+
+    /// The server sent `id`; whether it was asked for.
+    fn got(&mut self, id: &ChunkId) -> bool {
+        match self.wan.remove(id) {
+            Some((_, position)) => {
+                self.got.extend(position);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The server did not send `id` (unavailable, corrupt); whether it was asked
+    /// for.
+    fn gone(&mut self, id: &ChunkId) -> bool {
+        self.wan.remove(id).is_some()
+    }
+
+    /// `request` ended without its remaining chunks; whether it had any.
+    fn forget(&mut self, request: RequestId) -> bool {
+        let before = self.wan.len();
+        self.wan.retain(|_, (r, _)| *r != request);
+        self.wan.len() != before
+    }
+
+    /// Whether a chunk the server sent may still be missing from `have`.
+    fn got_any(&self) -> bool {
+        !self.got.is_empty()
+    }
+
+    /// The positions (of `positions`) fetched and not in `have`; forgets the
+    /// chunks sent that `have` now holds.
+    fn fetching(&mut self, positions: u32, have: &Bitfield) -> Bitfield {
+        self.got.retain(|&p| !have.get(p));
+        Bitfield::from_members(
+            positions,
+            self.wan
+                .values()
+                .filter_map(|&(_, p)| p)
+                .chain(self.got.iter().copied())
+                .filter(|&p| !have.get(p)),
+        )
+    }
+}
+
 /// The server plus the LAN peers that can serve the release being installed.
 pub struct LanRequests {
     server: Box<dyn Requests>,
@@ -72,12 +136,9 @@ pub struct LanRequests {
     peer_bytes: Arc<AtomicU64>,
     /// The positions written and verified, as last said to the peers.
     have: Bitfield,
-    /// Chunks asked of the server, by the request that asks for them, not answered
-    /// yet.
-    wan: HashMap<ChunkId, RequestId>,
-    /// Chunks the server sent that are not yet written and verified (in `have`).
-    got: HashSet<ChunkId>,
-    /// `wan` or `got` changed since the peers were told.
+    /// What is fetched from the server now, by position.
+    from_server: FromServer,
+    /// `from_server` changed since the peers were told.
     fetching_changed: bool,
     /// What the peers were last told this device fetches.
     fetching: Bitfield,
@@ -129,8 +190,7 @@ impl LanRequests {
             rx,
             peer_bytes: Arc::new(AtomicU64::new(0)),
             have: Bitfield::new(positions),
-            wan: HashMap::new(),
-            got: HashSet::new(),
+            from_server: FromServer::default(),
             fetching_changed: false,
             fetching: Bitfield::new(positions),
         }
@@ -272,14 +332,10 @@ impl LanRequests {
     /// Notes what the server answered (chunks no longer in flight).
     fn on_server_answer(&mut self, answer: &Answer) {
         match answer {
-            Answer::Chunk(c) => {
-                let id = c.chunk().id;
-                if self.wan.remove(&id).is_some() {
-                    self.got.insert(id);
-                    self.fetching_changed = true;
-                }
+            Answer::Chunk(c) if self.from_server.got(&c.chunk().id) => {
+                self.fetching_changed = true;
             }
-            Answer::Unavailable(id) | Answer::Corrupt(id) if self.wan.remove(id).is_some() => {
+            Answer::Unavailable(id) | Answer::Corrupt(id) if self.from_server.gone(id) => {
                 self.fetching_changed = true;
             }
             Answer::Failed { request, .. } => self.forget_request(*request),
@@ -289,9 +345,7 @@ impl LanRequests {
 
     /// A request to the server ended without its remaining chunks.
     fn forget_request(&mut self, request: RequestId) {
-        let before = self.wan.len();
-        self.wan.retain(|_, r| *r != request);
-        if self.wan.len() != before {
+        if self.from_server.forget(request) {
             self.fetching_changed = true;
         }
     }
@@ -302,20 +356,9 @@ impl LanRequests {
             return;
         }
         self.fetching_changed = false;
-        let have = &self.have;
-        self.got.retain(|id| {
-            let p = self.release.position(id);
-            p.is_some_and(|p| !have.get(p))
-        });
-        let positions = self.release.positions();
-        let fetching = Bitfield::from_members(
-            positions,
-            self.wan
-                .keys()
-                .chain(self.got.iter())
-                .filter_map(|id| self.release.position(id))
-                .filter(|&p| !have.get(p)),
-        );
+        let fetching = self
+            .from_server
+            .fetching(self.release.positions(), &self.have);
         if fetching != self.fetching {
             self.fetching = fetching.clone();
             self.lan.fetching(fetching);
@@ -326,7 +369,9 @@ impl LanRequests {
 impl Requests for LanRequests {
     fn send(&mut self, request: RequestId, ids: Vec<ChunkId>) {
         for id in &ids {
-            self.wan.insert(*id, request);
+            // Looked up once, here: the table's lookup reads the ids file.
+            self.from_server
+                .sent(request, *id, self.release.position(id));
         }
         self.fetching_changed = true;
         self.server.send(request, ids);
@@ -420,7 +465,7 @@ impl Requests for LanRequests {
             self.have = have.clone();
             self.lan.have(have);
             // Chunks now held are no longer said to be fetched.
-            if !self.got.is_empty() {
+            if self.from_server.got_any() {
                 self.fetching_changed = true;
             }
         }
@@ -460,5 +505,43 @@ impl Requests for LanRequests {
 
     fn stop_reason(&self) -> Option<String> {
         self.server.stop_reason()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    /// What is said to be fetched from the server: asked and not answered, or sent
+    /// and not yet held; a chunk the server did not send, or a request that ended,
+    /// is not.
+    #[test]
+    fn fetching_follows_the_server_s_answers_by_position() {
+        let mut f = FromServer::default();
+        let (r1, r2) = (RequestId(1), RequestId(2));
+        f.sent(r1, id(1), Some(3));
+        f.sent(r1, id(2), Some(5));
+        f.sent(r2, id(3), Some(7));
+        f.sent(r2, id(9), None);
+        let mut have = Bitfield::new(10);
+        let members = |b: &Bitfield| (0..10).filter(|&p| b.get(p)).collect::<Vec<_>>();
+        assert_eq!(members(&f.fetching(10, &have)), [3, 5, 7]);
+        assert!(f.got(&id(1)));
+        assert!(!f.got(&id(1)), "answered twice");
+        assert!(f.got_any());
+        assert_eq!(members(&f.fetching(10, &have)), [3, 5, 7]);
+        have.set(3);
+        assert_eq!(members(&f.fetching(10, &have)), [5, 7]);
+        assert!(!f.got_any(), "held chunks are forgotten");
+        assert!(f.gone(&id(2)));
+        assert!(!f.gone(&id(2)));
+        assert_eq!(members(&f.fetching(10, &have)), [7]);
+        assert!(f.forget(r2));
+        assert!(!f.forget(r2));
+        assert!(members(&f.fetching(10, &have)).is_empty());
     }
 }

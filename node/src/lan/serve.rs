@@ -33,17 +33,57 @@ pub struct Served {
 /// while it is served, or bytes (a store without envelope files).
 #[derive(Debug, Clone)]
 pub enum EnvelopeAt {
-    /// A file holding exactly the envelope.
-    File(PathBuf),
+    /// A file holding exactly the envelope: the handle it was verified from (or
+    /// opened by once), read by offset, so a file renamed over `path` later is
+    /// not what is served.
+    File {
+        /// Where it was opened (for messages, and to tell a kept manifest).
+        path: PathBuf,
+        /// The open file.
+        file: Arc<std::fs::File>,
+        /// The envelope's length.
+        len: u64,
+    },
     /// The envelope.
     Bytes(Arc<[u8]>),
 }
 
+/// Reads `file` from `at` to `end` by offset (no shared cursor).
+struct ReadFrom<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+    end: u64,
+}
+
+impl std::io::Read for ReadFrom<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt as _;
+        let n = (self.end - self.at).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..n], self.at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 impl EnvelopeAt {
-    /// The envelope of `release`, read from `file` if there is one.
-    pub fn of(release: &VerifiedRelease, file: Option<PathBuf>) -> anyhow::Result<EnvelopeAt> {
+    /// The envelope of `release`, read from `file` (its path, the open file and
+    /// the envelope's length) if there is one.
+    pub fn of(
+        release: &VerifiedRelease,
+        file: Option<(PathBuf, std::fs::File, u64)>,
+    ) -> anyhow::Result<EnvelopeAt> {
         match (file, release.envelope()) {
-            (Some(path), _) => Ok(EnvelopeAt::File(path)),
+            (Some((path, file, len)), _) => Ok(EnvelopeAt::File {
+                path,
+                file: Arc::new(file),
+                len,
+            }),
             (None, Some(bytes)) => Ok(EnvelopeAt::Bytes(bytes)),
             (None, None) => Err(anyhow!("the release's signed manifest is not at hand")),
         }
@@ -52,11 +92,11 @@ impl EnvelopeAt {
     /// A reader of its bytes.
     pub fn open(&self) -> anyhow::Result<Box<dyn std::io::Read + '_>> {
         match self {
-            EnvelopeAt::File(path) => {
-                let f = std::fs::File::open(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                Ok(Box::new(f))
-            }
+            EnvelopeAt::File { file, len, .. } => Ok(Box::new(ReadFrom {
+                file,
+                at: 0,
+                end: *len,
+            })),
             EnvelopeAt::Bytes(b) => Ok(Box::new(&b[..])),
         }
     }
@@ -68,7 +108,10 @@ impl EnvelopeAt {
         self.open()?
             .take(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
             .read_to_end(&mut bytes)
-            .context("cannot read the signed manifest")?;
+            .with_context(|| match self {
+                EnvelopeAt::File { path, .. } => format!("cannot read {}", path.display()),
+                EnvelopeAt::Bytes(_) => "cannot read the signed manifest".into(),
+            })?;
         if bytes.len() > shoal_signing::ENVELOPE_SIZE_MAX {
             return Err(anyhow!(
                 "the kept signed manifest is larger than any envelope"

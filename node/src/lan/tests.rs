@@ -17,7 +17,7 @@ use super::serve::Served;
 use super::{Lan, keypair};
 use crate::config::Config;
 
-fn key(n: u8) -> SecretKey {
+pub(crate) fn key(n: u8) -> SecretKey {
     SecretKey::from_seed(&[n; 32])
 }
 
@@ -26,7 +26,7 @@ const OTHER_FLEET_KEY: u8 = 4;
 
 /// A device with slot files and a trust root naming fleet key 3; `credential`
 /// is (fleet name, signing key) or none.
-fn device(
+pub(crate) fn device(
     dir: &Path,
     n: u8,
     credential: Option<(&str, u8)>,

@@ -37,12 +37,11 @@ pub enum PeerRelease {
 /// as an update (the install resumes from its journal).
 pub fn peer_release(state: &Status, offered: &Release) -> PeerRelease {
     if let Some(d) = &state.deployment {
-        return if d.release.manifest_hash == offered.manifest_hash
-            && d.phase == crate::Phase::Fetching
-        {
-            PeerRelease::Adopt
-        } else {
+        return if peer_busy(state, &offered.manifest_hash) {
             PeerRelease::Busy
+        } else {
+            debug_assert_eq!(d.release.manifest_hash, offered.manifest_hash);
+            PeerRelease::Adopt
         };
     }
     if let Some(last) = &state.last
@@ -70,6 +69,17 @@ pub fn peer_release(state: &Status, offered: &Release) -> PeerRelease {
     } else {
         PeerRelease::NotNewer
     }
+}
+
+/// Whether [`peer_release`] says [`PeerRelease::Busy`] for every release whose
+/// manifest hashes to `manifest_hash`: the device is in the middle of a deployment
+/// that an offer of it would not resume (another release, or its own past
+/// fetching). Known from the hash alone, so a device asks it before it fetches or
+/// verifies (and stores) a peer's manifest.
+pub fn peer_busy(state: &Status, manifest_hash: &[u8; 32]) -> bool {
+    state.deployment.as_ref().is_some_and(|d| {
+        d.release.manifest_hash != *manifest_hash || d.phase != crate::Phase::Fetching
+    })
 }
 
 /// Orders two free-form versions: split at `.`, `-`, `+` and `_`; numeric parts
@@ -208,14 +218,19 @@ mod tests {
             peer_release(&s, &release("os", "2.0", 1, 2)),
             PeerRelease::Adopt
         );
+        assert!(!peer_busy(&s, &[2; 32]));
         assert_eq!(
             peer_release(&s, &release("os", "3.0", 1, 3)),
             PeerRelease::Busy
         );
+        assert!(peer_busy(&s, &[3; 32]));
         s.deployment.as_mut().unwrap().phase = Phase::TrialArmed;
         assert_eq!(
             peer_release(&s, &release("os", "2.0", 1, 2)),
             PeerRelease::Busy
         );
+        assert!(peer_busy(&s, &[2; 32]));
+        s.deployment = None;
+        assert!(!peer_busy(&s, &[3; 32]));
     }
 }

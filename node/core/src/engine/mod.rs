@@ -35,7 +35,7 @@ mod release;
 mod scheduler;
 mod table;
 
-pub use adopt::{PeerRelease, compare_versions, peer_release};
+pub use adopt::{PeerRelease, compare_versions, peer_busy, peer_release};
 pub use index::{IndexReadError, IndexReader, IndexStore, MemIndexes};
 pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};

@@ -110,6 +110,31 @@ impl VerifiedRelease {
         wall_unix_s: Option<u64>,
         ids: Box<dyn ChunkIdWriter>,
     ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_file_named(root, file, len, Some(hash), wall_unix_s, ids)
+    }
+
+    /// [`VerifiedRelease::verify_file`] of a file not named after its bytes' hash
+    /// (a kept manifest, named after the manifest's: the caller checks
+    /// [`Release::manifest_hash`] against it): the same checks and the same one
+    /// read of its signed bytes, without the whole file's hash to match.
+    pub fn verify_unnamed_file(
+        root: &TrustRoot,
+        file: &dyn ReadAt,
+        len: u64,
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
+        Self::verify_file_named(root, file, len, None, wall_unix_s, ids)
+    }
+
+    fn verify_file_named(
+        root: &TrustRoot,
+        file: &dyn ReadAt,
+        len: u64,
+        named: Option<[u8; 32]>,
+        wall_unix_s: Option<u64>,
+        ids: Box<dyn ChunkIdWriter>,
+    ) -> Result<Arc<VerifiedRelease>, OfferError> {
         let read_error = |e: std::io::Error| {
             OfferError::StoredEnvelope(format!("cannot read the stored envelope: {e}"))
         };
@@ -127,7 +152,9 @@ impl VerifiedRelease {
             }
             let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
             file.read_at(0, &mut bytes).map_err(read_error)?;
-            check_named(&bytes, &hash)?;
+            if let Some(hash) = &named {
+                check_named(&bytes, hash)?;
+            }
             return Self::verify_as(root, bytes, wall_unix_s, true, Some(ids));
         };
         // One read: the signatures over the signed bytes, their hash (the
@@ -164,7 +191,8 @@ impl VerifiedRelease {
         })
         .map_err(read_error)?;
         drop(buf);
-        if *whole.finalize().as_bytes() != hash {
+        let hash = *whole.finalize().as_bytes();
+        if named.is_some_and(|named| named != hash) {
             return Err(OfferError::StoredEnvelope(
                 "the stored envelope does not hash to its name".into(),
             ));
@@ -524,19 +552,81 @@ mod tests {
         let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[2048]);
         let release =
             VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies");
+        lookups(&release, &a, &b, &c);
+        assert_eq!(release.stored_hash(), None);
+        // The same, the ids in a file (a device's): read from it.
+        let file = Arc::new(IdsInFile::default());
+        let envelope = testing::sign(&manifest, &key);
+        let stored = *blake3::hash(&envelope).as_bytes();
+        let release = VerifiedRelease::verify_stored_to(
+            &root,
+            envelope,
+            None,
+            Box::new(IdsTo(Arc::clone(&file))),
+        )
+        .expect("verifies");
+        lookups(&release, &a, &b, &c);
+        // (Four ids: one block, cached by the table's build; a lookup past the
+        // cache is `fetch_tests::a_release_with_its_ids_in_a_file_installs`'.)
+        assert!(
+            file.reads.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the ids are read from the file"
+        );
+        assert_eq!(release.stored_hash(), Some(stored));
+    }
+
+    /// Ids kept in a "file" that counts its reads.
+    #[derive(Debug, Default)]
+    struct IdsInFile {
+        bytes: std::sync::Mutex<Vec<u8>>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::ChunkIdFile for IdsInFile {
+        fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> std::io::Result<()> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let b = self.bytes.lock().expect("not poisoned");
+            for (k, id) in out.iter_mut().enumerate() {
+                let at = (from as usize + k) * 32;
+                id.0.copy_from_slice(&b[at..at + 32]);
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "ids".into()
+        }
+    }
+
+    struct IdsTo(Arc<IdsInFile>);
+
+    impl ChunkIdWriter for IdsTo {
+        fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+            self.0
+                .bytes
+                .lock()
+                .expect("not poisoned")
+                .extend_from_slice(&id.0);
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<Arc<dyn crate::ChunkIdFile>, String> {
+            Ok(self.0)
+        }
+    }
+
+    fn lookups(release: &VerifiedRelease, a: &[u8], b: &[u8], c: &[u8]) {
         let id = |bytes: &[u8]| ChunkId::from(blake3::hash(bytes));
         assert_eq!(release.distinct_chunks(), 3);
         assert_eq!(release.chunk_count(), 4);
-        let got = release.chunk(&id(&b)).expect("b is listed");
-        assert_eq!((got.id, got.size, got.stored_size), (id(&b), 2048, 2048));
-        assert_eq!(release.first_position(&id(&a)), Some((0, 0, 2048)));
-        assert_eq!(release.first_position(&id(&c)), Some((3, 6144, 2048)));
+        let got = release.chunk(&id(b)).expect("b is listed");
+        assert_eq!((got.id, got.size, got.stored_size), (id(b), 2048, 2048));
+        assert_eq!(release.first_position(&id(a)), Some((0, 0, 2048)));
+        assert_eq!(release.first_position(&id(c)), Some((3, 6144, 2048)));
         assert_eq!(release.chunk(&ChunkId([7; 32])), None);
         assert_eq!(release.first_position(&ChunkId([7; 32])), None);
         assert_eq!(
             release.position_ranges().collect::<Vec<_>>(),
             [(0, 2048), (2048, 2048), (4096, 2048), (6144, 2048)]
         );
-        assert_eq!(release.stored_hash(), None);
     }
 }
