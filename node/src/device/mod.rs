@@ -52,9 +52,6 @@ const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const JOURNALED_EVERY: Duration = Duration::from_millis(250);
 /// Needed chunks met while indexing the running slot, waiting for the engine.
 const MET_QUEUE: usize = 32;
-/// Reads of the running slot in flight, read then hashed together (on every
-/// core): at most this many chunks held at once.
-const READ_BATCH: usize = 8;
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
 /// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
@@ -1454,8 +1451,7 @@ fn engine_config(device: &Config, root: &TrustRoot) -> shoal_engine::Config {
     config.lan_timeout = Duration::from_secs(device.lan.owner_timeout_s);
     // Local sources answer at once: a few requests in flight keep the queue of
     // chunks waiting to be written (and so memory) small.
-    // Enough of them for a batch of reads hashed on every core ([`READ_BATCH`]).
-    config.reads_in_flight_max = READ_BATCH;
+    config.reads_in_flight_max = 2;
     config
 }
 
@@ -2417,29 +2413,7 @@ impl<'a> Driver<'a> {
     }
 
     fn drain_outputs(&mut self) {
-        let mut next = None;
-        while let Some(out) = next.take().or_else(|| self.engine.poll_output()) {
-            // Reads of the running slot asked for together are read in turn and
-            // hashed together, on every core, before the engine hears of them.
-            let out = if matches!(out, Output::Read { .. }) {
-                let mut reads = vec![out];
-                while reads.len() < READ_BATCH {
-                    match self.engine.poll_output() {
-                        Some(read @ Output::Read { .. }) => reads.push(read),
-                        other => {
-                            next = other;
-                            break;
-                        }
-                    }
-                }
-                if reads.len() > 1 {
-                    self.execute_reads(reads);
-                    continue;
-                }
-                reads.pop().expect("one read")
-            } else {
-                out
-            };
+        while let Some(out) = self.engine.poll_output() {
             if let Err((op, e)) = self.execute(out) {
                 let message = format!("{e:#}");
                 warn!(%op, %message, "output failed");
@@ -2502,55 +2476,6 @@ impl<'a> Driver<'a> {
         let (_, start, buf) = self.window.as_ref().expect("filled");
         let at = usize::try_from(offset - start).unwrap_or(0);
         Ok(buf[at..at + len].to_vec())
-    }
-
-    /// Runs several [`Output::Read`]s: reads their bytes in the order asked (the
-    /// running slot's stream reads ahead in that order), hashes them on every
-    /// core, then hands the engine each chunk (or why it could not be read), in
-    /// that order.
-    fn execute_reads(&mut self, reads: Vec<Output>) {
-        let read: Vec<_> = reads
-            .into_iter()
-            .map(|out| {
-                let Output::Read {
-                    slot,
-                    id,
-                    offset,
-                    len,
-                } = out
-                else {
-                    unreachable!("only reads are batched")
-                };
-                (slot, id, self.read(slot, offset, len as usize))
-            })
-            .collect();
-        let inputs: Vec<Input> = read
-            .into_par_iter()
-            .map(|(slot, id, data)| match data {
-                Ok(data) => Input::checked(Origin::Slot(slot), id, data),
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    warn!(op = %IoOp::Read, %message, "output failed");
-                    Input::Failed {
-                        op: IoOp::Read,
-                        message,
-                    }
-                }
-            })
-            .collect();
-        for input in inputs {
-            let now = self.now();
-            self.engine.handle(now, input);
-        }
-        if let Some((op, message)) = self
-            .write_behind
-            .as_ref()
-            .and_then(write_behind::WriteBehind::failure)
-        {
-            self.engine
-                .handle(self.now(), Input::Failed { op, message });
-        }
-        self.deliver_syncs(false);
     }
 
     fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
