@@ -2384,6 +2384,56 @@ fn read_envelope_data<R: Read>(
 mod verified_tests {
     use super::*;
 
+    /// A data member is read in windows of at most [`PACK_CHUNKS_MAX`] chunks
+    /// (the reader's memory), and of exactly that many while the member holds
+    /// more: invisible in what the readers yield, so looked at here.
+    #[test]
+    fn data_member_windows_hold_at_most_pack_chunks_max_chunks() {
+        let mut o = crate::BuildOptions::rootfs("acme-os", "1.0", vec!["board".into()], 1);
+        o.chunking = crate::manifest::Chunking {
+            min_size: 64,
+            avg_size: 256,
+            max_size: 1024,
+        };
+        o.dictionary = false;
+        let mut x = 7u64;
+        let image: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefgh"[(x >> 60) as usize % 8]
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let key = shoal_signing::SecretKey::from_seed(&[1; 32]);
+        let mut bytes = Vec::new();
+        crate::build(
+            io::Cursor::new(&image),
+            &o,
+            &[key],
+            None,
+            dir.path(),
+            &mut bytes,
+            |_| {},
+        )
+        .unwrap();
+        let mut r = ArtifactReader::open_unverified(&bytes[..]).unwrap();
+        let (mut chunks, mut windows) = (0usize, Vec::new());
+        while r.next_raw().unwrap().is_some() {
+            if let Some(p) = &r.pack
+                && p.next == 1
+            {
+                windows.push(p.chunks.len());
+            }
+            chunks += 1;
+        }
+        assert!(chunks > 2 * PACK_CHUNKS_MAX, "{chunks} chunks");
+        assert_eq!(windows.iter().sum::<usize>(), chunks, "{windows:?}");
+        assert_eq!(windows[..2], [PACK_CHUNKS_MAX; 2], "{windows:?}");
+        assert!(windows[2] < PACK_CHUNKS_MAX, "{windows:?}");
+    }
+
     #[test]
     fn check_proves_bytes_that_hash_to_the_id_and_refuses_others() {
         let data = b"chunk bytes".to_vec();

@@ -2528,3 +2528,137 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
         Err(ReadError::Truncated { .. })
     ));
 }
+
+/// A data member of more than two windows of [`PACK_CHUNKS_MAX`] chunks (every
+/// real rootfs past ~64 MiB), read by all three readers: chunks wanted and not at
+/// the window edges, a member split exactly at a window edge, and a byte after a
+/// full window.
+#[test]
+fn data_members_of_more_than_two_windows_read_the_same_by_every_reader() {
+    let mut o = data_opts();
+    // Small chunks: thousands of them from a few MiB.
+    o.chunking = Chunking {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    let (bytes, report) = build_with(&payload(3 << 20, 17), &o, &[key(1)], None);
+    let root = root(&[1], 1);
+    let m = members(&bytes);
+    assert_eq!(
+        m.iter().map(|(_, p, _)| p.as_str()).collect::<Vec<_>>(),
+        [ENVELOPE_MEMBER, "data/00000000"]
+    );
+    let (env, _, cs) = parts(&bytes);
+    let n = cs.len();
+    assert!(n > 2 * PACK_CHUNKS_MAX + 1, "{n} chunks");
+    let chunks = read_all(&bytes, &root).unwrap();
+    assert_eq!(chunks.len(), n);
+    assert!(
+        chunks
+            .iter()
+            .zip(&cs)
+            .all(|(d, (id, _))| ChunkId::of(d) == *id)
+    );
+    let mut r = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
+    assert_eq!(r.verify_rest(|_| {}).unwrap(), n as u64);
+
+    let distinct = report.manifest.distinct_chunks();
+    let edges = [
+        PACK_CHUNKS_MAX - 1,
+        PACK_CHUNKS_MAX,
+        PACK_CHUNKS_MAX + 1,
+        2 * PACK_CHUNKS_MAX,
+    ];
+    let env_len = member_len(env.len() as u64);
+    // The chunks at the edges wanted, then all chunks but those.
+    for edge_wanted in [true, false] {
+        let want: Vec<ChunkRef> = (0..n)
+            .filter(|i| edges.contains(i) == edge_wanted)
+            .map(|i| distinct[i])
+            .collect();
+        let wanted: std::collections::HashSet<ChunkId> = want.iter().map(|c| c.id).collect();
+        let wanted_bytes: u64 = want.iter().map(|c| u64::from(c.stored_size)).sum();
+        for (what, art, headers) in [
+            ("one member", bytes.clone(), 1),
+            (
+                "split at a window edge",
+                assemble_data(&env, &cs, &[PACK_CHUNKS_MAX, n - PACK_CHUNKS_MAX]),
+                2,
+            ),
+        ] {
+            let (got, end, read) = read_wanted(&art, &root, |id| wanted.contains(id));
+            assert_eq!(
+                got.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+                want,
+                "{what}"
+            );
+            assert!(got.iter().all(|(c, d)| ChunkId::of(d) == c.id), "{what}");
+            assert_eq!(end.unwrap(), art.len() as u64, "{what}");
+            // The envelope, one header per data member, the wanted chunks and the
+            // end blocks: exactly.
+            assert_eq!(
+                read,
+                env_len + 512 * headers + wanted_bytes + 1024,
+                "{what}, edges wanted: {edge_wanted}"
+            );
+            assert_eq!(read_all(&art, &root).unwrap(), chunks, "{what}");
+            let mut r = ArtifactReader::open(&art[..], &root, NOW).unwrap();
+            assert_eq!(r.verify_rest(|_| {}).unwrap(), n as u64, "{what}");
+        }
+    }
+
+    // A byte after a full window: inside the archive (the next chunk is in the
+    // next member) and after the last chunk (the last member holds one window).
+    let all: Vec<u8> = cs.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let cut = |k: usize| cs[..k].iter().map(|(_, d)| d.len()).sum::<usize>();
+    let (a, b) = (cut(PACK_CHUNKS_MAX), cut(n - PACK_CHUNKS_MAX));
+    let with = |rest: Vec<(String, Vec<u8>)>| {
+        let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.clone())];
+        members.extend(rest);
+        tar(&members)
+    };
+    let cases = [
+        (
+            "a byte after the first window",
+            with(vec![
+                (data_path(0), [&all[..a], b"x"].concat()),
+                (data_path(1), all[a..].to_vec()),
+            ]),
+            format!(
+                "data member 0: ends 1 bytes into chunk {} of {} stored bytes",
+                cs[PACK_CHUNKS_MAX].0,
+                cs[PACK_CHUNKS_MAX].1.len()
+            ),
+        ),
+        (
+            "a byte after the last window",
+            with(vec![
+                (data_path(0), all[..b].to_vec()),
+                (data_path(1), [&all[b..], b"x"].concat()),
+            ]),
+            "data member 1: 1 bytes after the last chunk".to_string(),
+        ),
+    ];
+    for (name, input, why) in cases {
+        assert_eq!(
+            read_all(&input, &root).unwrap_err().to_string(),
+            why,
+            "{name}: read"
+        );
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        assert_eq!(
+            r.verify_rest(|_| {}).unwrap_err().to_string(),
+            why,
+            "{name}: verify"
+        );
+        for want_all in [true, false] {
+            let (_, end, _) = read_wanted(&input, &root, |_| want_all);
+            assert_eq!(
+                end.unwrap_err().to_string(),
+                why,
+                "{name}: every chunk wanted: {want_all}"
+            );
+        }
+    }
+}
