@@ -187,6 +187,53 @@ impl Expected {
         }
     }
 
+    /// Checks that `size` bytes are the stored forms of a run of the chunks still
+    /// to come, whole (as a data member must be), without taking them: what is
+    /// wrong, as [`ReadError::BadDataMember`] says it, if not.
+    fn fits(&self, size: u64) -> Result<(), String> {
+        let mut sum = 0u64;
+        let mut check = |c: ChunkRef| -> Option<Result<(), String>> {
+            if sum == size {
+                return Some(Ok(()));
+            }
+            let next = sum + u64::from(c.stored_size);
+            if next > size {
+                return Some(Err(format!(
+                    "ends {} bytes into chunk {} of {} stored bytes",
+                    size - sum,
+                    c.id,
+                    c.stored_size
+                )));
+            }
+            sum = next;
+            None
+        };
+        match self {
+            Expected::Owned { chunks, next } => {
+                for &c in &chunks[*next..] {
+                    if let Some(out) = check(c) {
+                        return out;
+                    }
+                }
+            }
+            Expected::Shared {
+                list, bits, cursor, ..
+            } => {
+                let mut k = *cursor;
+                while let Some(at) = Self::held_from(list.as_ref(), bits.as_deref(), k) {
+                    if let Some(out) = check(list.distinct_chunk(at)) {
+                        return out;
+                    }
+                    k = at + 1;
+                }
+            }
+        }
+        match size - sum {
+            0 => Ok(()),
+            rest => Err(format!("{rest} bytes after the last chunk")),
+        }
+    }
+
     /// The ids of every chunk the packs hold, in order.
     fn ids(&self) -> Vec<ChunkId> {
         match self {
@@ -1349,6 +1396,14 @@ impl<R: Read> ArtifactReader<R> {
                     reason: "no bytes".into(),
                 });
             }
+            // Refused as it opens, before any of its chunks is handed out, as a
+            // pack whose size disagrees with its chunks is: the member holds a
+            // whole run of the chunks still to come.
+            self.expected
+                .as_ref()
+                .expect("bound")
+                .fits(member.size)
+                .map_err(|reason| ReadError::BadDataMember { seq, reason })?;
             self.pack = Some(Pack {
                 seq,
                 chunks: Vec::new(),

@@ -2662,3 +2662,81 @@ fn data_members_of_more_than_two_windows_read_the_same_by_every_reader() {
         }
     }
 }
+
+/// A data member whose size is not that of a whole run of the chunks still to
+/// come is refused as it opens, before any of its chunks is handed out (`store
+/// add` writes each chunk it is given), by every reader.
+#[test]
+fn a_bad_data_member_is_refused_before_any_of_its_chunks() {
+    let (bytes, _) = build_with(&payload(300_000, 5), &data_opts(), &[key(1)], None);
+    let root = root(&[1], 1);
+    let (env, _, cs) = parts(&bytes);
+    let n = cs.len();
+    assert!(n > 4);
+    let all: Vec<u8> = cs.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let s2: usize = cs[..2].iter().map(|(_, d)| d.len()).sum();
+    let last = &cs[n - 1];
+    let with = |rest: Vec<(String, Vec<u8>)>| {
+        let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.clone())];
+        members.extend(rest);
+        tar(&members)
+    };
+    // (name, artifact, chunks of the good members before the bad one, error)
+    let cases = [
+        (
+            "ends inside its last chunk",
+            with(vec![(data_path(0), all[..all.len() - 1].to_vec())]),
+            0,
+            format!(
+                "data member 0: ends {} bytes into chunk {} of {} stored bytes",
+                last.1.len() - 1,
+                last.0,
+                last.1.len()
+            ),
+        ),
+        (
+            "a byte after the last chunk",
+            with(vec![(data_path(0), [&all[..], b"x"].concat())]),
+            0,
+            "data member 0: 1 bytes after the last chunk".into(),
+        ),
+        (
+            "the second member a byte long",
+            with(vec![
+                (data_path(0), all[..s2].to_vec()),
+                (data_path(1), [&all[s2..], b"x"].concat()),
+            ]),
+            2,
+            "data member 1: 1 bytes after the last chunk".into(),
+        ),
+    ];
+    for (name, input, good, why) in cases {
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        let mut yielded = 0;
+        let e = loop {
+            match r.next_raw() {
+                Ok(Some(_)) => yielded += 1,
+                Ok(None) => panic!("{name}: read to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!((yielded, e.to_string()), (good, why.clone()), "{name}");
+        for want in [true, false] {
+            let (got, end, _) = read_wanted(&input, &root, |_| want);
+            assert_eq!(
+                (got.len(), end.unwrap_err().to_string()),
+                (if want { good } else { 0 }, why.clone()),
+                "{name}: wanted {want}"
+            );
+        }
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        let e = r.verify_rest(|_| {}).unwrap_err();
+        assert_eq!(e.to_string(), why, "{name}: verify");
+        // Bound to a chunk list kept elsewhere (a device's kept manifests).
+        assert_eq!(
+            read_bound(&input, &root).unwrap_err().to_string(),
+            why,
+            "{name}: bound"
+        );
+    }
+}
