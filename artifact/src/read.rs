@@ -101,6 +101,14 @@ pub trait ChunkList: Send + Sync + std::fmt::Debug {
     fn distinct_chunk(&self, k: usize) -> ChunkRef;
 }
 
+/// `n` bytes, in words: "1 byte", "2 bytes".
+fn count_bytes(n: u64) -> String {
+    match n {
+        1 => "1 byte".into(),
+        n => format!("{n} bytes"),
+    }
+}
+
 /// The chunks the packs hold, in order, and how many came already.
 #[derive(Debug)]
 enum Expected {
@@ -199,8 +207,8 @@ impl Expected {
             let next = sum + u64::from(c.stored_size);
             if next > size {
                 return Some(Err(format!(
-                    "ends {} bytes into chunk {} of {} stored bytes",
-                    size - sum,
+                    "ends {} into chunk {} of {} stored bytes",
+                    count_bytes(size - sum),
                     c.id,
                     c.stored_size
                 )));
@@ -230,7 +238,7 @@ impl Expected {
         }
         match size - sum {
             0 => Ok(()),
-            rest => Err(format!("{rest} bytes after the last chunk")),
+            rest => Err(format!("{} after the last chunk", count_bytes(rest))),
         }
     }
 
@@ -1263,10 +1271,12 @@ impl<R: Read> ArtifactReader<R> {
         if chunks.is_empty() {
             let reason = match expected.peek() {
                 Some(c) => format!(
-                    "ends {} bytes into chunk {} of {} stored bytes",
-                    pack.rest, c.id, c.stored_size
+                    "ends {} into chunk {} of {} stored bytes",
+                    count_bytes(pack.rest),
+                    c.id,
+                    c.stored_size
                 ),
-                None => format!("{} bytes after the last chunk", pack.rest),
+                None => format!("{} after the last chunk", count_bytes(pack.rest)),
             };
             return Err(ReadError::BadDataMember {
                 seq: pack.seq,

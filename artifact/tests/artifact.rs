@@ -2430,7 +2430,7 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
             "split inside a chunk",
             with(vec![d(0, &all[..s0 + 1]), d(1, &all[s0 + 1..])]),
             format!(
-                "data member 0: ends 1 bytes into chunk {} of {} stored bytes",
+                "data member 0: ends 1 byte into chunk {} of {} stored bytes",
                 cs[1].0,
                 cs[1].1.len()
             ),
@@ -2438,7 +2438,7 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
         (
             "bytes after the last chunk",
             with(vec![d(0, &[&all[..], b"x"].concat())]),
-            "data member 0: 1 bytes after the last chunk".into(),
+            "data member 0: 1 byte after the last chunk".into(),
         ),
         (
             "a member after the last chunk",
@@ -2626,7 +2626,7 @@ fn data_members_of_more_than_two_windows_read_the_same_by_every_reader() {
                 (data_path(1), all[a..].to_vec()),
             ]),
             format!(
-                "data member 0: ends 1 bytes into chunk {} of {} stored bytes",
+                "data member 0: ends 1 byte into chunk {} of {} stored bytes",
                 cs[PACK_CHUNKS_MAX].0,
                 cs[PACK_CHUNKS_MAX].1.len()
             ),
@@ -2637,7 +2637,7 @@ fn data_members_of_more_than_two_windows_read_the_same_by_every_reader() {
                 (data_path(0), all[..b].to_vec()),
                 (data_path(1), [&all[b..], b"x"].concat()),
             ]),
-            "data member 1: 1 bytes after the last chunk".to_string(),
+            "data member 1: 1 byte after the last chunk".to_string(),
         ),
     ];
     for (name, input, why) in cases {
@@ -2698,7 +2698,7 @@ fn a_bad_data_member_is_refused_before_any_of_its_chunks() {
             "a byte after the last chunk",
             with(vec![(data_path(0), [&all[..], b"x"].concat())]),
             0,
-            "data member 0: 1 bytes after the last chunk".into(),
+            "data member 0: 1 byte after the last chunk".into(),
         ),
         (
             "the second member a byte long",
@@ -2707,7 +2707,7 @@ fn a_bad_data_member_is_refused_before_any_of_its_chunks() {
                 (data_path(1), [&all[s2..], b"x"].concat()),
             ]),
             2,
-            "data member 1: 1 bytes after the last chunk".into(),
+            "data member 1: 1 byte after the last chunk".into(),
         ),
     ];
     for (name, input, good, why) in cases {

@@ -921,7 +921,7 @@ fn a_bad_end_after_a_full_last_batch_fails_the_install_without_arming() {
     let cases = [
         (
             "a trailing byte",
-            "data member 0: 1 bytes after the last chunk",
+            "data member 0: 1 byte after the last chunk",
         ),
         ("an extra member", "unexpected tar member \"evil\""),
         (

@@ -239,7 +239,8 @@ struct Replayed {
     file: std::fs::File,
     pos: u64,
     stale: bool,
-    /// Bytes read before, at their offsets (a few hundred bytes).
+    /// Bytes read before, at their offsets (the envelope's head: up to ~33 KB
+    /// with 256 signatures).
     seen: Vec<(u64, Vec<u8>)>,
     /// Bytes read from the file, those read before included.
     read: u64,
