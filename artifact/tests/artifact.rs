@@ -417,6 +417,7 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
         &envelope(&thin),
         r2.dictionary_len,
         false,
+        Layout::Data,
     );
     assert_eq!(d.chunks_needed, r2.chunks_written);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
@@ -428,8 +429,27 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
     o.layout = Layout::default();
     let (thin_default, _) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
     let (full2, f2) = build_with(&v2, &o, &[key(1)], None);
-    let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0, false);
+    let d = shoal_artifact::diff(
+        &r1.manifest,
+        &f2.manifest,
+        &envelope(&full2),
+        0,
+        false,
+        Layout::Data,
+    );
     assert_eq!(d.download_bytes, thin_default.len() as u64, "{d:?}");
+    // And a thin artifact of packs (`--packs`), sized with the pack layout.
+    let packs = opts().layout;
+    let d_packs = shoal_artifact::diff(
+        &r1.manifest,
+        &f2.manifest,
+        &envelope(&full2),
+        0,
+        false,
+        packs,
+    );
+    assert_eq!(d_packs.download_bytes, thin.len() as u64, "{d_packs:?}");
+    assert!(d_packs.download_bytes > d.download_bytes);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
     assert_eq!(
         d.store_download_bytes,
@@ -1791,7 +1811,14 @@ fn a_thin_manifest_travels_as_a_delta_and_is_verified_whole() {
         .unwrap()
         .envelope()
         .clone();
-    let d = shoal_artifact::diff(&r1.manifest, &rd.manifest, &plain_envelope, 0, true);
+    let d = shoal_artifact::diff(
+        &r1.manifest,
+        &rd.manifest,
+        &plain_envelope,
+        0,
+        true,
+        Layout::Data,
+    );
     assert_eq!(
         (d.manifest_bytes, d.download_bytes),
         (rd.envelope_len, delta.len() as u64)

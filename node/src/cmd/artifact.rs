@@ -126,6 +126,10 @@ pub enum Command {
         /// Also verify both manifests against this trust root.
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Size the thin artifact as `artifact build --packs` lays it out (1 MiB
+        /// packs and a pack table) instead of the default data members.
+        #[arg(long)]
+        packs: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -290,8 +294,17 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             old,
             new,
             root,
+            packs,
             json,
-        } => diff(&old, &new, root.as_deref(), json),
+        } => {
+            let layout = match packs {
+                true => shoal_artifact::write::Layout::Packs {
+                    bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
+                },
+                false => shoal_artifact::write::Layout::Data,
+            };
+            diff(&old, &new, root.as_deref(), layout, json)
+        }
     }
 }
 
@@ -940,7 +953,13 @@ impl std::io::Seek for BufRwFile<'_> {
 }
 
 #[cfg(feature = "host")]
-fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
+fn diff(
+    old: &Path,
+    new: &Path,
+    root: Option<&Path>,
+    layout: shoal_artifact::write::Layout,
+    json: bool,
+) -> anyhow::Result<()> {
     type Read = (Manifest, shoal_signing::Envelope, u64, bool);
     let read = |p: &Path, held: &dyn HeldManifests| -> anyhow::Result<Read> {
         let r = match root {
@@ -999,7 +1018,7 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
     // The manifest travels as a delta when NEW does, and in any delta-encoded
     // build (`--base-image`), which sends it so by default.
     let manifest_delta = new_delta || new_m.payloads.iter().any(|p| !p.references.is_empty());
-    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict, manifest_delta);
+    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict, manifest_delta, layout);
     let mut out = std::io::stdout().lock();
     if json {
         #[derive(Serialize)]
