@@ -209,6 +209,21 @@ fn build_inspect_verify_extract_diff_sign() {
         "{v_packs}"
     );
     assert_ne!(packs_len, thin_len);
+    // `inspect` says which layout an artifact has.
+    for (file, layout) in [
+        ("v2-thin-packs.shoal", "packs"),
+        ("v2-thin.shoal", "data"),
+        ("v2.shoal", "data"),
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(run_in(d, &["artifact", "inspect", file, "--json"]))).unwrap();
+        assert_eq!(v["layout"], layout, "{file}: {v}");
+    }
+    let text = ok(run_in(d, &["artifact", "inspect", "v2-thin-packs.shoal"]));
+    assert!(
+        text.contains("layout:           packs (--packs: every Shoal release reads it)"),
+        "{text}"
+    );
     let needed = v["needed_stored_bytes"].as_u64().unwrap();
     let store = v["store_download_bytes"].as_u64().unwrap();
     assert!(store > needed && store < download, "{v}");
