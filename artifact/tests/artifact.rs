@@ -92,6 +92,24 @@ fn build(data: &[u8]) -> (Vec<u8>, BuildReport) {
     build_with(data, &opts(), &[key(1)], None)
 }
 
+/// Both layouts the readers take: small packs (as [`opts`]) and data members (the
+/// default), for the tests that hold for both.
+fn layouts() -> [Layout; 2] {
+    [opts().layout, Layout::Data]
+}
+
+/// [`opts`] with `layout`.
+fn opts_in(layout: Layout) -> BuildOptions {
+    let mut o = opts();
+    o.layout = layout;
+    o
+}
+
+/// [`build`] with `layout`.
+fn build_in(data: &[u8], layout: Layout) -> (Vec<u8>, BuildReport) {
+    build_with(data, &opts_in(layout), &[key(1)], None)
+}
+
 /// Reads the whole artifact through the verifying reader.
 fn read_all(bytes: &[u8], root: &TrustRoot) -> Result<Vec<Vec<u8>>, ReadError> {
     let mut r = ArtifactReader::open(bytes, root, NOW)?;
@@ -700,7 +718,13 @@ fn signatures_threshold_and_unknown_keys() {
 
 #[test]
 fn truncated_anywhere_is_refused() {
-    let (bytes, _) = build(&payload(200_000, 7));
+    for layout in layouts() {
+        truncated_anywhere_is_refused_in(layout);
+    }
+}
+
+fn truncated_anywhere_is_refused_in(layout: Layout) {
+    let (bytes, _) = build_in(&payload(200_000, 7), layout);
     let root = root(&[1], 1);
     let m = members(&bytes);
     let (_, _, chunks) = parts(&bytes);
@@ -729,14 +753,20 @@ fn truncated_anywhere_is_refused() {
         let r = read_all(&bytes[..cut], &root);
         assert!(
             matches!(r, Err(ReadError::Truncated { .. })),
-            "cut {cut}: {r:?}"
+            "{layout:?}: cut {cut}: {r:?}"
         );
     }
 }
 
 #[test]
 fn flipped_bits_are_refused() {
-    let (bytes, _) = build(&payload(200_000, 8));
+    for layout in layouts() {
+        flipped_bits_are_refused_in(layout);
+    }
+}
+
+fn flipped_bits_are_refused_in(layout: Layout) {
+    let (bytes, _) = build_in(&payload(200_000, 8), layout);
     let root = root(&[1], 1);
     let env_bytes = parts(&bytes).0;
     let env = Envelope::from_bytes(&env_bytes).unwrap();
@@ -779,9 +809,14 @@ fn flipped_bits_are_refused() {
             ..
         }))
     ));
-    // In a chunk's data (the last bytes of a pack are chunk data, not its index).
+    // In a chunk's data (the last bytes of a pack or data member are chunk data,
+    // not a pack's index).
     let m = members(&bytes);
-    let (at, _, size) = m[3];
+    let (at, _, size) = *m.last().unwrap();
+    assert!(
+        m.len() > 3 || layout == Layout::Data,
+        "{layout:?}: several packs"
+    );
     let mut bad = bytes.clone();
     bad[at + 512 + size - 2] ^= 0x04;
     let r = read_all(&bad, &root);
@@ -1056,7 +1091,13 @@ fn store_verify_catches_corruption() {
 
 #[test]
 fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
-    let (bytes, report) = build(&payload(600_000, 13));
+    for layout in layouts() {
+        parallel_verify_reports_the_same_errors_as_reading_in_order_in(layout);
+    }
+}
+
+fn parallel_verify_reports_the_same_errors_as_reading_in_order_in(layout: Layout) {
+    let (bytes, report) = build_in(&payload(600_000, 13), layout);
     let root = root(&[1], 1);
     let verify = |b: &[u8]| -> Result<u64, ReadError> {
         let mut r = ArtifactReader::open(b, &root, NOW)?;
@@ -1078,7 +1119,7 @@ fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
     ] {
         let sequential = format!("{:?}", read_all(input, &root).unwrap_err());
         let parallel = format!("{:?}", verify(input).unwrap_err());
-        assert_eq!(sequential, parallel, "{name}");
+        assert_eq!(sequential, parallel, "{layout:?}: {name}");
     }
 }
 
@@ -1406,9 +1447,14 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 
 /// A base release (full) and a delta-encoded thin artifact of `new` against it.
 fn delta_pair(base: &[u8], new: &[u8]) -> (Manifest, Vec<u8>, BuildReport) {
+    delta_pair_in(base, new, opts().layout)
+}
+
+/// [`delta_pair`] with the thin artifact's chunks laid out as `layout` says.
+fn delta_pair_in(base: &[u8], new: &[u8], layout: Layout) -> (Manifest, Vec<u8>, BuildReport) {
     let (base_art, base_report) = build(base);
     drop(base_art);
-    let mut o = opts();
+    let mut o = opts_in(layout);
     o.version = "2.0".into();
     let (out, report) = build_delta_of(base, new, &base_report.manifest, &o, None);
     assert_eq!(report.artifact_len, out.len() as u64);
@@ -1464,15 +1510,21 @@ fn edited(base: &[u8]) -> Vec<u8> {
 
 #[test]
 fn delta_encoded_chunks_decode_only_against_their_checked_reference() {
+    for layout in layouts() {
+        delta_encoded_chunks_decode_only_against_their_checked_reference_in(layout);
+    }
+}
+
+fn delta_encoded_chunks_decode_only_against_their_checked_reference_in(layout: Layout) {
     let base = random(400_000, 5);
     let new = edited(&base);
-    let (base_m, art, report) = delta_pair(&base, &new);
+    let (base_m, art, report) = delta_pair_in(&base, &new, layout);
     let m = &report.manifest;
     assert_eq!(m.format_version, shoal_artifact::FORMAT_VERSION_REFERENCES);
     assert!(report.chunks_delta >= 3, "{report:?}");
     assert_eq!(report.chunks_delta, report.chunks_written, "{report:?}");
     // Far smaller than the same chunks stored plain (random bytes do not compress).
-    let (plain_thin, plain_report) = build_with(&new, &opts(), &[key(1)], Some(&base_m));
+    let (plain_thin, plain_report) = build_with(&new, &opts_in(layout), &[key(1)], Some(&base_m));
     assert!(
         report.stored_bytes * 5 < plain_report.stored_bytes,
         "delta {} vs plain {}",
@@ -2101,14 +2153,20 @@ fn read_bound_as(
 /// the chunk it lacks.
 #[test]
 fn packs_bound_to_a_shared_chunk_list_read_as_with_the_readers_own() {
+    for layout in layouts() {
+        bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout);
+    }
+}
+
+fn bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout: Layout) {
     // With zeros: chunks that repeat (the same id at several positions), which
     // the reader opened without its list counts once.
     let mut v1 = payload(600_000, 3);
     v1[100_000..400_000].fill(0);
     let mut v2 = v1.clone();
     v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
-    let (full1, r1) = build(&v1);
-    let mut o2 = opts();
+    let (full1, r1) = build_in(&v1, layout);
+    let mut o2 = opts_in(layout);
     o2.version = "2.0".into();
     let (thin, _) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
     let root = root(&[1], 1);
