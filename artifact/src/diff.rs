@@ -46,13 +46,15 @@ pub struct Diff {
 /// writer's own packing ([`artifact_len`]) around the thin manifest the writer would
 /// sign ([`thin_manifest`]), with `new_envelope`'s signatures; with `manifest_delta`,
 /// that manifest travels as a delta against `old`'s ([`crate::manifest_delta`]) when
-/// that is smaller, as the writer does.
+/// that is smaller, as the writer does; its chunks laid out as `layout` says (data
+/// members by default, packs for `artifact build --packs`).
 pub fn diff(
     old: &Manifest,
     new: &Manifest,
     new_envelope: &Envelope,
     new_dictionary_len: u64,
     manifest_delta: bool,
+    layout: Layout,
 ) -> Diff {
     let have: HashSet<ChunkId> = old
         .payloads
@@ -83,7 +85,7 @@ pub fn diff(
         new_dictionary_len,
         Some(distinct.len()),
         needed.iter().map(|c| c.stored_size),
-        Layout::Data,
+        layout,
     );
     let store_dictionary = if needed.is_empty() {
         0

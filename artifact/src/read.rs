@@ -101,6 +101,14 @@ pub trait ChunkList: Send + Sync + std::fmt::Debug {
     fn distinct_chunk(&self, k: usize) -> ChunkRef;
 }
 
+/// `n` bytes, in words: "1 byte", "2 bytes".
+fn count_bytes(n: u64) -> String {
+    match n {
+        1 => "1 byte".into(),
+        n => format!("{n} bytes"),
+    }
+}
+
 /// The chunks the packs hold, in order, and how many came already.
 #[derive(Debug)]
 enum Expected {
@@ -184,6 +192,53 @@ impl Expected {
                 *taken += count;
                 out
             }
+        }
+    }
+
+    /// Checks that `size` bytes are the stored forms of a run of the chunks still
+    /// to come, whole (as a data member must be), without taking them: what is
+    /// wrong, as [`ReadError::BadDataMember`] says it, if not.
+    fn fits(&self, size: u64) -> Result<(), String> {
+        let mut sum = 0u64;
+        let mut check = |c: ChunkRef| -> Option<Result<(), String>> {
+            if sum == size {
+                return Some(Ok(()));
+            }
+            let next = sum + u64::from(c.stored_size);
+            if next > size {
+                return Some(Err(format!(
+                    "ends {} into chunk {} of {} stored bytes",
+                    count_bytes(size - sum),
+                    c.id,
+                    c.stored_size
+                )));
+            }
+            sum = next;
+            None
+        };
+        match self {
+            Expected::Owned { chunks, next } => {
+                for &c in &chunks[*next..] {
+                    if let Some(out) = check(c) {
+                        return out;
+                    }
+                }
+            }
+            Expected::Shared {
+                list, bits, cursor, ..
+            } => {
+                let mut k = *cursor;
+                while let Some(at) = Self::held_from(list.as_ref(), bits.as_deref(), k) {
+                    if let Some(out) = check(list.distinct_chunk(at)) {
+                        return out;
+                    }
+                    k = at + 1;
+                }
+            }
+        }
+        match size - sum {
+            0 => Ok(()),
+            rest => Err(format!("{} after the last chunk", count_bytes(rest))),
         }
     }
 
@@ -1241,10 +1296,12 @@ impl<R: Read> ArtifactReader<R> {
         if chunks.is_empty() {
             let reason = match expected.peek() {
                 Some(c) => format!(
-                    "ends {} bytes into chunk {} of {} stored bytes",
-                    pack.rest, c.id, c.stored_size
+                    "ends {} into chunk {} of {} stored bytes",
+                    count_bytes(pack.rest),
+                    c.id,
+                    c.stored_size
                 ),
-                None => format!("{} bytes after the last chunk", pack.rest),
+                None => format!("{} after the last chunk", count_bytes(pack.rest)),
             };
             return Err(ReadError::BadDataMember {
                 seq: pack.seq,
@@ -1374,6 +1431,14 @@ impl<R: Read> ArtifactReader<R> {
                     reason: "no bytes".into(),
                 });
             }
+            // Refused as it opens, before any of its chunks is handed out, as a
+            // pack whose size disagrees with its chunks is: the member holds a
+            // whole run of the chunks still to come.
+            self.expected
+                .as_ref()
+                .expect("bound")
+                .fits(member.size)
+                .map_err(|reason| ReadError::BadDataMember { seq, reason })?;
             self.pack = Some(Pack {
                 seq,
                 chunks: Vec::new(),
@@ -2408,6 +2473,56 @@ fn read_envelope_data<R: Read>(
 #[cfg(test)]
 mod verified_tests {
     use super::*;
+
+    /// A data member is read in windows of at most [`PACK_CHUNKS_MAX`] chunks
+    /// (the reader's memory), and of exactly that many while the member holds
+    /// more: invisible in what the readers yield, so looked at here.
+    #[test]
+    fn data_member_windows_hold_at_most_pack_chunks_max_chunks() {
+        let mut o = crate::BuildOptions::rootfs("acme-os", "1.0", vec!["board".into()], 1);
+        o.chunking = crate::manifest::Chunking {
+            min_size: 64,
+            avg_size: 256,
+            max_size: 1024,
+        };
+        o.dictionary = false;
+        let mut x = 7u64;
+        let image: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefgh"[(x >> 60) as usize % 8]
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let key = shoal_signing::SecretKey::from_seed(&[1; 32]);
+        let mut bytes = Vec::new();
+        crate::build(
+            io::Cursor::new(&image),
+            &o,
+            &[key],
+            None,
+            dir.path(),
+            &mut bytes,
+            |_| {},
+        )
+        .unwrap();
+        let mut r = ArtifactReader::open_unverified(&bytes[..]).unwrap();
+        let (mut chunks, mut windows) = (0usize, Vec::new());
+        while r.next_raw().unwrap().is_some() {
+            if let Some(p) = &r.pack
+                && p.next == 1
+            {
+                windows.push(p.chunks.len());
+            }
+            chunks += 1;
+        }
+        assert!(chunks > 2 * PACK_CHUNKS_MAX, "{chunks} chunks");
+        assert_eq!(windows.iter().sum::<usize>(), chunks, "{windows:?}");
+        assert_eq!(windows[..2], [PACK_CHUNKS_MAX; 2], "{windows:?}");
+        assert!(windows[2] < PACK_CHUNKS_MAX, "{windows:?}");
+    }
 
     #[test]
     fn check_proves_bytes_that_hash_to_the_id_and_refuses_others() {

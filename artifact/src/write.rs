@@ -1118,7 +1118,10 @@ mod tests {
             .find_map(|s| packer.push(s));
         assert_eq!(first, Some((1025, 1000 + 1024 * (4 << 20))));
         let octal_max = (1u64 << 33) - 1;
-        assert!(DATA_MEMBER_BYTES + u64::from(chunk) < octal_max);
+        // A member closes after DATA_MEMBER_BYTES, with the chunk that crosses
+        // it, whose stored form is at most `stored_size_max` of the largest chunk.
+        let stored_max = crate::manifest::stored_size_max(crate::manifest::CHUNK_SIZE_MAX);
+        assert!(DATA_MEMBER_BYTES + u64::from(stored_max) < octal_max);
         let len = artifact_len(
             1000,
             0,

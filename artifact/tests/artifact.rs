@@ -92,6 +92,24 @@ fn build(data: &[u8]) -> (Vec<u8>, BuildReport) {
     build_with(data, &opts(), &[key(1)], None)
 }
 
+/// Both layouts the readers take: small packs (as [`opts`]) and data members (the
+/// default), for the tests that hold for both.
+fn layouts() -> [Layout; 2] {
+    [opts().layout, Layout::Data]
+}
+
+/// [`opts`] with `layout`.
+fn opts_in(layout: Layout) -> BuildOptions {
+    let mut o = opts();
+    o.layout = layout;
+    o
+}
+
+/// [`build`] with `layout`.
+fn build_in(data: &[u8], layout: Layout) -> (Vec<u8>, BuildReport) {
+    build_with(data, &opts_in(layout), &[key(1)], None)
+}
+
 /// Reads the whole artifact through the verifying reader.
 fn read_all(bytes: &[u8], root: &TrustRoot) -> Result<Vec<Vec<u8>>, ReadError> {
     let mut r = ArtifactReader::open(bytes, root, NOW)?;
@@ -417,6 +435,7 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
         &envelope(&thin),
         r2.dictionary_len,
         false,
+        Layout::Data,
     );
     assert_eq!(d.chunks_needed, r2.chunks_written);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
@@ -428,8 +447,27 @@ fn thin_artifact_holds_only_new_chunks_and_extracts_with_a_store() {
     o.layout = Layout::default();
     let (thin_default, _) = build_with(&v2, &o, &[key(1)], Some(&r1.manifest));
     let (full2, f2) = build_with(&v2, &o, &[key(1)], None);
-    let d = shoal_artifact::diff(&r1.manifest, &f2.manifest, &envelope(&full2), 0, false);
+    let d = shoal_artifact::diff(
+        &r1.manifest,
+        &f2.manifest,
+        &envelope(&full2),
+        0,
+        false,
+        Layout::Data,
+    );
     assert_eq!(d.download_bytes, thin_default.len() as u64, "{d:?}");
+    // And a thin artifact of packs (`--packs`), sized with the pack layout.
+    let packs = opts().layout;
+    let d_packs = shoal_artifact::diff(
+        &r1.manifest,
+        &f2.manifest,
+        &envelope(&full2),
+        0,
+        false,
+        packs,
+    );
+    assert_eq!(d_packs.download_bytes, thin.len() as u64, "{d_packs:?}");
+    assert!(d_packs.download_bytes > d.download_bytes);
     assert_eq!(d.needed_stored_bytes, r2.stored_bytes);
     assert_eq!(
         d.store_download_bytes,
@@ -680,7 +718,13 @@ fn signatures_threshold_and_unknown_keys() {
 
 #[test]
 fn truncated_anywhere_is_refused() {
-    let (bytes, _) = build(&payload(200_000, 7));
+    for layout in layouts() {
+        truncated_anywhere_is_refused_in(layout);
+    }
+}
+
+fn truncated_anywhere_is_refused_in(layout: Layout) {
+    let (bytes, _) = build_in(&payload(200_000, 7), layout);
     let root = root(&[1], 1);
     let m = members(&bytes);
     let (_, _, chunks) = parts(&bytes);
@@ -709,14 +753,20 @@ fn truncated_anywhere_is_refused() {
         let r = read_all(&bytes[..cut], &root);
         assert!(
             matches!(r, Err(ReadError::Truncated { .. })),
-            "cut {cut}: {r:?}"
+            "{layout:?}: cut {cut}: {r:?}"
         );
     }
 }
 
 #[test]
 fn flipped_bits_are_refused() {
-    let (bytes, _) = build(&payload(200_000, 8));
+    for layout in layouts() {
+        flipped_bits_are_refused_in(layout);
+    }
+}
+
+fn flipped_bits_are_refused_in(layout: Layout) {
+    let (bytes, _) = build_in(&payload(200_000, 8), layout);
     let root = root(&[1], 1);
     let env_bytes = parts(&bytes).0;
     let env = Envelope::from_bytes(&env_bytes).unwrap();
@@ -759,9 +809,14 @@ fn flipped_bits_are_refused() {
             ..
         }))
     ));
-    // In a chunk's data (the last bytes of a pack are chunk data, not its index).
+    // In a chunk's data (the last bytes of a pack or data member are chunk data,
+    // not a pack's index).
     let m = members(&bytes);
-    let (at, _, size) = m[3];
+    let (at, _, size) = *m.last().unwrap();
+    assert!(
+        m.len() > 3 || layout == Layout::Data,
+        "{layout:?}: several packs"
+    );
     let mut bad = bytes.clone();
     bad[at + 512 + size - 2] ^= 0x04;
     let r = read_all(&bad, &root);
@@ -1036,7 +1091,13 @@ fn store_verify_catches_corruption() {
 
 #[test]
 fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
-    let (bytes, report) = build(&payload(600_000, 13));
+    for layout in layouts() {
+        parallel_verify_reports_the_same_errors_as_reading_in_order_in(layout);
+    }
+}
+
+fn parallel_verify_reports_the_same_errors_as_reading_in_order_in(layout: Layout) {
+    let (bytes, report) = build_in(&payload(600_000, 13), layout);
     let root = root(&[1], 1);
     let verify = |b: &[u8]| -> Result<u64, ReadError> {
         let mut r = ArtifactReader::open(b, &root, NOW)?;
@@ -1058,7 +1119,7 @@ fn parallel_verify_reports_the_same_errors_as_reading_in_order() {
     ] {
         let sequential = format!("{:?}", read_all(input, &root).unwrap_err());
         let parallel = format!("{:?}", verify(input).unwrap_err());
-        assert_eq!(sequential, parallel, "{name}");
+        assert_eq!(sequential, parallel, "{layout:?}: {name}");
     }
 }
 
@@ -1386,9 +1447,14 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 
 /// A base release (full) and a delta-encoded thin artifact of `new` against it.
 fn delta_pair(base: &[u8], new: &[u8]) -> (Manifest, Vec<u8>, BuildReport) {
+    delta_pair_in(base, new, opts().layout)
+}
+
+/// [`delta_pair`] with the thin artifact's chunks laid out as `layout` says.
+fn delta_pair_in(base: &[u8], new: &[u8], layout: Layout) -> (Manifest, Vec<u8>, BuildReport) {
     let (base_art, base_report) = build(base);
     drop(base_art);
-    let mut o = opts();
+    let mut o = opts_in(layout);
     o.version = "2.0".into();
     let (out, report) = build_delta_of(base, new, &base_report.manifest, &o, None);
     assert_eq!(report.artifact_len, out.len() as u64);
@@ -1444,15 +1510,21 @@ fn edited(base: &[u8]) -> Vec<u8> {
 
 #[test]
 fn delta_encoded_chunks_decode_only_against_their_checked_reference() {
+    for layout in layouts() {
+        delta_encoded_chunks_decode_only_against_their_checked_reference_in(layout);
+    }
+}
+
+fn delta_encoded_chunks_decode_only_against_their_checked_reference_in(layout: Layout) {
     let base = random(400_000, 5);
     let new = edited(&base);
-    let (base_m, art, report) = delta_pair(&base, &new);
+    let (base_m, art, report) = delta_pair_in(&base, &new, layout);
     let m = &report.manifest;
     assert_eq!(m.format_version, shoal_artifact::FORMAT_VERSION_REFERENCES);
     assert!(report.chunks_delta >= 3, "{report:?}");
     assert_eq!(report.chunks_delta, report.chunks_written, "{report:?}");
     // Far smaller than the same chunks stored plain (random bytes do not compress).
-    let (plain_thin, plain_report) = build_with(&new, &opts(), &[key(1)], Some(&base_m));
+    let (plain_thin, plain_report) = build_with(&new, &opts_in(layout), &[key(1)], Some(&base_m));
     assert!(
         report.stored_bytes * 5 < plain_report.stored_bytes,
         "delta {} vs plain {}",
@@ -1791,7 +1863,14 @@ fn a_thin_manifest_travels_as_a_delta_and_is_verified_whole() {
         .unwrap()
         .envelope()
         .clone();
-    let d = shoal_artifact::diff(&r1.manifest, &rd.manifest, &plain_envelope, 0, true);
+    let d = shoal_artifact::diff(
+        &r1.manifest,
+        &rd.manifest,
+        &plain_envelope,
+        0,
+        true,
+        Layout::Data,
+    );
     assert_eq!(
         (d.manifest_bytes, d.download_bytes),
         (rd.envelope_len, delta.len() as u64)
@@ -2074,14 +2153,20 @@ fn read_bound_as(
 /// the chunk it lacks.
 #[test]
 fn packs_bound_to_a_shared_chunk_list_read_as_with_the_readers_own() {
+    for layout in layouts() {
+        bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout);
+    }
+}
+
+fn bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout: Layout) {
     // With zeros: chunks that repeat (the same id at several positions), which
     // the reader opened without its list counts once.
     let mut v1 = payload(600_000, 3);
     v1[100_000..400_000].fill(0);
     let mut v2 = v1.clone();
     v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
-    let (full1, r1) = build(&v1);
-    let mut o2 = opts();
+    let (full1, r1) = build_in(&v1, layout);
+    let mut o2 = opts_in(layout);
     o2.version = "2.0".into();
     let (thin, _) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
     let root = root(&[1], 1);
@@ -2430,7 +2515,7 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
             "split inside a chunk",
             with(vec![d(0, &all[..s0 + 1]), d(1, &all[s0 + 1..])]),
             format!(
-                "data member 0: ends 1 bytes into chunk {} of {} stored bytes",
+                "data member 0: ends 1 byte into chunk {} of {} stored bytes",
                 cs[1].0,
                 cs[1].1.len()
             ),
@@ -2438,7 +2523,7 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
         (
             "bytes after the last chunk",
             with(vec![d(0, &[&all[..], b"x"].concat())]),
-            "data member 0: 1 bytes after the last chunk".into(),
+            "data member 0: 1 byte after the last chunk".into(),
         ),
         (
             "a member after the last chunk",
@@ -2527,4 +2612,216 @@ fn bad_data_members_are_refused_with_their_error_by_every_reader() {
         read_all(cut, &root),
         Err(ReadError::Truncated { .. })
     ));
+}
+
+/// A data member of more than two windows of [`PACK_CHUNKS_MAX`] chunks (every
+/// real rootfs past ~64 MiB), read by all three readers: chunks wanted and not at
+/// the window edges, a member split exactly at a window edge, and a byte after a
+/// full window.
+#[test]
+fn data_members_of_more_than_two_windows_read_the_same_by_every_reader() {
+    let mut o = data_opts();
+    // Small chunks: thousands of them from a few MiB.
+    o.chunking = Chunking {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    let (bytes, report) = build_with(&payload(3 << 20, 17), &o, &[key(1)], None);
+    let root = root(&[1], 1);
+    let m = members(&bytes);
+    assert_eq!(
+        m.iter().map(|(_, p, _)| p.as_str()).collect::<Vec<_>>(),
+        [ENVELOPE_MEMBER, "data/00000000"]
+    );
+    let (env, _, cs) = parts(&bytes);
+    let n = cs.len();
+    assert!(n > 2 * PACK_CHUNKS_MAX + 1, "{n} chunks");
+    let chunks = read_all(&bytes, &root).unwrap();
+    assert_eq!(chunks.len(), n);
+    assert!(
+        chunks
+            .iter()
+            .zip(&cs)
+            .all(|(d, (id, _))| ChunkId::of(d) == *id)
+    );
+    let mut r = ArtifactReader::open(&bytes[..], &root, NOW).unwrap();
+    assert_eq!(r.verify_rest(|_| {}).unwrap(), n as u64);
+
+    let distinct = report.manifest.distinct_chunks();
+    let edges = [
+        PACK_CHUNKS_MAX - 1,
+        PACK_CHUNKS_MAX,
+        PACK_CHUNKS_MAX + 1,
+        2 * PACK_CHUNKS_MAX,
+    ];
+    let env_len = member_len(env.len() as u64);
+    // The chunks at the edges wanted, then all chunks but those.
+    for edge_wanted in [true, false] {
+        let want: Vec<ChunkRef> = (0..n)
+            .filter(|i| edges.contains(i) == edge_wanted)
+            .map(|i| distinct[i])
+            .collect();
+        let wanted: std::collections::HashSet<ChunkId> = want.iter().map(|c| c.id).collect();
+        let wanted_bytes: u64 = want.iter().map(|c| u64::from(c.stored_size)).sum();
+        for (what, art, headers) in [
+            ("one member", bytes.clone(), 1),
+            (
+                "split at a window edge",
+                assemble_data(&env, &cs, &[PACK_CHUNKS_MAX, n - PACK_CHUNKS_MAX]),
+                2,
+            ),
+        ] {
+            let (got, end, read) = read_wanted(&art, &root, |id| wanted.contains(id));
+            assert_eq!(
+                got.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+                want,
+                "{what}"
+            );
+            assert!(got.iter().all(|(c, d)| ChunkId::of(d) == c.id), "{what}");
+            assert_eq!(end.unwrap(), art.len() as u64, "{what}");
+            // The envelope, one header per data member, the wanted chunks and the
+            // end blocks: exactly.
+            assert_eq!(
+                read,
+                env_len + 512 * headers + wanted_bytes + 1024,
+                "{what}, edges wanted: {edge_wanted}"
+            );
+            assert_eq!(read_all(&art, &root).unwrap(), chunks, "{what}");
+            let mut r = ArtifactReader::open(&art[..], &root, NOW).unwrap();
+            assert_eq!(r.verify_rest(|_| {}).unwrap(), n as u64, "{what}");
+        }
+    }
+
+    // A byte after a full window: inside the archive (the next chunk is in the
+    // next member) and after the last chunk (the last member holds one window).
+    let all: Vec<u8> = cs.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let cut = |k: usize| cs[..k].iter().map(|(_, d)| d.len()).sum::<usize>();
+    let (a, b) = (cut(PACK_CHUNKS_MAX), cut(n - PACK_CHUNKS_MAX));
+    let with = |rest: Vec<(String, Vec<u8>)>| {
+        let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.clone())];
+        members.extend(rest);
+        tar(&members)
+    };
+    let cases = [
+        (
+            "a byte after the first window",
+            with(vec![
+                (data_path(0), [&all[..a], b"x"].concat()),
+                (data_path(1), all[a..].to_vec()),
+            ]),
+            format!(
+                "data member 0: ends 1 byte into chunk {} of {} stored bytes",
+                cs[PACK_CHUNKS_MAX].0,
+                cs[PACK_CHUNKS_MAX].1.len()
+            ),
+        ),
+        (
+            "a byte after the last window",
+            with(vec![
+                (data_path(0), all[..b].to_vec()),
+                (data_path(1), [&all[b..], b"x"].concat()),
+            ]),
+            "data member 1: 1 byte after the last chunk".to_string(),
+        ),
+    ];
+    for (name, input, why) in cases {
+        assert_eq!(
+            read_all(&input, &root).unwrap_err().to_string(),
+            why,
+            "{name}: read"
+        );
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        assert_eq!(
+            r.verify_rest(|_| {}).unwrap_err().to_string(),
+            why,
+            "{name}: verify"
+        );
+        for want_all in [true, false] {
+            let (_, end, _) = read_wanted(&input, &root, |_| want_all);
+            assert_eq!(
+                end.unwrap_err().to_string(),
+                why,
+                "{name}: every chunk wanted: {want_all}"
+            );
+        }
+    }
+}
+
+/// A data member whose size is not that of a whole run of the chunks still to
+/// come is refused as it opens, before any of its chunks is handed out (`store
+/// add` writes each chunk it is given), by every reader.
+#[test]
+fn a_bad_data_member_is_refused_before_any_of_its_chunks() {
+    let (bytes, _) = build_with(&payload(300_000, 5), &data_opts(), &[key(1)], None);
+    let root = root(&[1], 1);
+    let (env, _, cs) = parts(&bytes);
+    let n = cs.len();
+    assert!(n > 4);
+    let all: Vec<u8> = cs.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let s2: usize = cs[..2].iter().map(|(_, d)| d.len()).sum();
+    let last = &cs[n - 1];
+    let with = |rest: Vec<(String, Vec<u8>)>| {
+        let mut members = vec![(ENVELOPE_MEMBER.to_string(), env.clone())];
+        members.extend(rest);
+        tar(&members)
+    };
+    // (name, artifact, chunks of the good members before the bad one, error)
+    let cases = [
+        (
+            "ends inside its last chunk",
+            with(vec![(data_path(0), all[..all.len() - 1].to_vec())]),
+            0,
+            format!(
+                "data member 0: ends {} bytes into chunk {} of {} stored bytes",
+                last.1.len() - 1,
+                last.0,
+                last.1.len()
+            ),
+        ),
+        (
+            "a byte after the last chunk",
+            with(vec![(data_path(0), [&all[..], b"x"].concat())]),
+            0,
+            "data member 0: 1 byte after the last chunk".into(),
+        ),
+        (
+            "the second member a byte long",
+            with(vec![
+                (data_path(0), all[..s2].to_vec()),
+                (data_path(1), [&all[s2..], b"x"].concat()),
+            ]),
+            2,
+            "data member 1: 1 byte after the last chunk".into(),
+        ),
+    ];
+    for (name, input, good, why) in cases {
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        let mut yielded = 0;
+        let e = loop {
+            match r.next_raw() {
+                Ok(Some(_)) => yielded += 1,
+                Ok(None) => panic!("{name}: read to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!((yielded, e.to_string()), (good, why.clone()), "{name}");
+        for want in [true, false] {
+            let (got, end, _) = read_wanted(&input, &root, |_| want);
+            assert_eq!(
+                (got.len(), end.unwrap_err().to_string()),
+                (if want { good } else { 0 }, why.clone()),
+                "{name}: wanted {want}"
+            );
+        }
+        let mut r = ArtifactReader::open(&input[..], &root, NOW).unwrap();
+        let e = r.verify_rest(|_| {}).unwrap_err();
+        assert_eq!(e.to_string(), why, "{name}: verify");
+        // Bound to a chunk list kept elsewhere (a device's kept manifests).
+        assert_eq!(
+            read_bound(&input, &root).unwrap_err().to_string(),
+            why,
+            "{name}: bound"
+        );
+    }
 }

@@ -185,6 +185,45 @@ fn build_inspect_verify_extract_diff_sign() {
     ));
     let thin_len = std::fs::metadata(d.join("v2-thin.shoal")).unwrap().len();
     assert_eq!(download, thin_len, "{v}");
+    // `--packs` sizes the thin artifact `build --packs` writes (for older devices).
+    ok(build(
+        d,
+        "v2.img",
+        "2.0",
+        "v2-thin-packs.shoal",
+        &["--base", "v1.shoal", "--packs"],
+    ));
+    let v_packs: serde_json::Value = serde_json::from_str(&ok(run_in(
+        d,
+        &[
+            "artifact", "diff", "v1.shoal", "v2.shoal", "--packs", "--json",
+        ],
+    )))
+    .unwrap();
+    let packs_len = std::fs::metadata(d.join("v2-thin-packs.shoal"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        v_packs["download_bytes"].as_u64().unwrap(),
+        packs_len,
+        "{v_packs}"
+    );
+    assert_ne!(packs_len, thin_len);
+    // `inspect` says which layout an artifact has.
+    for (file, layout) in [
+        ("v2-thin-packs.shoal", "packs"),
+        ("v2-thin.shoal", "data"),
+        ("v2.shoal", "data"),
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(run_in(d, &["artifact", "inspect", file, "--json"]))).unwrap();
+        assert_eq!(v["layout"], layout, "{file}: {v}");
+    }
+    let text = ok(run_in(d, &["artifact", "inspect", "v2-thin-packs.shoal"]));
+    assert!(
+        text.contains("layout:           packs (--packs: every Shoal release reads it)"),
+        "{text}"
+    );
     let needed = v["needed_stored_bytes"].as_u64().unwrap();
     let store = v["store_download_bytes"].as_u64().unwrap();
     assert!(store > needed && store < download, "{v}");

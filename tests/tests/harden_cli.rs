@@ -819,3 +819,149 @@ fn a_huge_signed_manifest_is_refused_by_the_slot_size() {
     );
     no_trial_armed(&dev);
 }
+
+/// Random bytes (no runs of zeros: every chunk is distinct and incompressible).
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The device's decoding batch (`DECODE_BATCH_BYTES` in node/src/device/mod.rs):
+/// a batch is read until the chunks' sizes plus their stored sizes reach it.
+const DECODE_BATCH: u64 = 2 * MIB as u64;
+
+/// Each chunk's uncompressed size and the running sum of what a batch counts
+/// (`size + stored size`), in artifact order.
+fn batch_sums(artifact: &Path) -> Vec<(u64, u64)> {
+    let mut r = shoal_artifact::ArtifactReader::open_unverified(std::io::BufReader::new(
+        std::fs::File::open(artifact).expect("artifact"),
+    ))
+    .expect("artifact");
+    let mut sum = 0;
+    let mut out = Vec::new();
+    while let Some(raw) = r.next_raw().expect("chunk") {
+        sum += u64::from(raw.chunk.size) + raw.stored().len() as u64;
+        out.push((u64::from(raw.chunk.size), sum));
+    }
+    out
+}
+
+/// Rewrites the ustar header at `at` to say `size`, with its checksum.
+fn set_member_size(bytes: &mut [u8], at: usize, size: u64) {
+    let h = &mut bytes[at..at + 512];
+    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// `artifact` with one byte added after the last chunk of its one data member.
+fn with_trailing_byte(artifact: &[u8]) -> Vec<u8> {
+    let header = artifact
+        .chunks(512)
+        .position(|b| b.starts_with(b"data/00000000\0"))
+        .expect("a data member")
+        * 512;
+    assert!(
+        !artifact
+            .chunks(512)
+            .any(|b| b.starts_with(b"data/00000001\0")),
+        "one data member"
+    );
+    let size = u64::from_str_radix(
+        std::str::from_utf8(&artifact[header + 124..header + 135]).expect("octal"),
+        8,
+    )
+    .expect("size");
+    let data_end = header + 512 + size as usize;
+    let mut out = artifact[..data_end].to_vec();
+    out.push(0x55);
+    set_member_size(&mut out, header, size + 1);
+    out.resize(out.len().next_multiple_of(512), 0);
+    out.extend_from_slice(&artifact[data_end.next_multiple_of(512)..]);
+    out
+}
+
+/// Item 2 again, when the batch holding the last wanted chunk fills up exactly at
+/// that chunk: the reader stops before the end of the archive, and the next read
+/// fails. The batch was handed over before that failure was looked at, so the
+/// engine armed the trial and the install then exited 1.
+#[test]
+fn a_bad_end_after_a_full_last_batch_fails_the_install_without_arming() {
+    let dev = Device::new(&image(1, SIZE), SLOT);
+    // An image whose chunks fill one batch exactly at its last chunk: chunked
+    // by content, a prefix of random bytes ending at a chunk boundary has the
+    // same chunks up to there.
+    let long = random(2, 3 * MIB / 2);
+    let probe = dev.build(&long, "0.9", 1, None);
+    let sums = batch_sums(&probe);
+    let last = sums
+        .iter()
+        .position(|&(_, sum)| sum >= DECODE_BATCH)
+        .expect("the probe fills a batch");
+    let len: u64 = sums[..=last].iter().map(|&(size, _)| size).sum();
+    let img = &long[..len as usize];
+    let v1 = dev.build(img, "1.0", 1, None);
+    let sums = batch_sums(&v1);
+    assert_eq!(sums.len(), last + 1, "same chunks");
+    assert!(
+        sums[last - 1].1 < DECODE_BATCH && sums[last].1 >= DECODE_BATCH,
+        "the last chunk fills the batch: {:?}",
+        &sums[last - 1..]
+    );
+    // Each device has its own release key: each case builds the image again.
+    let cases = [
+        (
+            "a trailing byte",
+            "data member 0: 1 byte after the last chunk",
+        ),
+        ("an extra member", "unexpected tar member \"evil\""),
+        (
+            "cut before the end blocks",
+            "the artifact is truncated (ends inside the chunk list)",
+        ),
+    ];
+    for (what, want) in cases {
+        let dev = Device::new(&image(1, SIZE), SLOT);
+        let b_before = std::fs::read(dev.path("b.img")).expect("slot B");
+        let path = dev.build(img, "1.0", 1, None);
+        assert_eq!(batch_sums(&path), sums, "{what}: same chunks");
+        let pristine = std::fs::read(&path).expect("artifact");
+        match what {
+            "a trailing byte" => std::fs::write(&path, with_trailing_byte(&pristine)),
+            "an extra member" => {
+                append_member(&path, "evil", b'0', b"hello");
+                Ok(())
+            }
+            _ => std::fs::write(&path, &pristine[..pristine.len() - 1024]),
+        }
+        .expect("artifact");
+        let out = dev.run(&["install", &path.display().to_string()]);
+        let line = fails(out, 1);
+        assert_eq!(
+            line,
+            format!("shoal: installing {}: {want}", path.display()),
+            "{what}"
+        );
+        no_trial_armed(&dev);
+        let status = dev.status();
+        assert_ne!(
+            status["deployment"]["phase"], "trial-armed",
+            "{what}: {status}"
+        );
+        // Slot B never holds the whole new image.
+        let b = std::fs::read(dev.path("b.img")).expect("slot B");
+        assert!(
+            b == b_before || b[..img.len()] != *img,
+            "{what}: slot B holds the new image"
+        );
+    }
+}

@@ -71,9 +71,9 @@ fn full_install_trial_commit_then_delta_from_thin_artifact_and_chunk_store() {
     );
     assert_eq!(u(&r, "reused_bytes") + u(&r, "fetched_bytes"), SIZE as u64);
     // A thin artifact holds only chunks the device lacks: it is read once, all but
-    // its tar padding. Its chunks (under 1 MiB stored) make one pack, whose header
-    // and count are read and checked as `verify` checks them (issue 9), and whose
-    // padding (under 512 bytes) is skipped.
+    // its tar padding. Its chunks make one data member, whose header is read and
+    // checked as `verify` checks it (issue 9), and whose padding (under 512 bytes)
+    // is skipped.
     let thin_len = std::fs::metadata(&a2_thin).expect("artifact").len();
     let read = u(&r, "source_bytes_read");
     assert!(

@@ -126,6 +126,10 @@ pub enum Command {
         /// Also verify both manifests against this trust root.
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Size the thin artifact as `artifact build --packs` lays it out (1 MiB
+        /// packs and a pack table) instead of the default data members.
+        #[arg(long)]
+        packs: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -290,8 +294,17 @@ pub fn run(command: Command, ui: &Ui) -> anyhow::Result<()> {
             old,
             new,
             root,
+            packs,
             json,
-        } => diff(&old, &new, root.as_deref(), json),
+        } => {
+            let layout = match packs {
+                true => shoal_artifact::write::Layout::Packs {
+                    bytes: shoal_artifact::write::PACK_BYTES_DEFAULT,
+                },
+                false => shoal_artifact::write::Layout::Data,
+            };
+            diff(&old, &new, root.as_deref(), layout, json)
+        }
     }
 }
 
@@ -566,6 +579,7 @@ fn inspect(path: &Path, json: bool, chunks: bool, base: Option<&Path>) -> anyhow
     let r = ArtifactReader::open_unverified_held(open_input(path, None)?, &held)
         .with_context(|| format!("reading {}", path.display()))?;
     let info = manifest_info(r.manifest(), chunks);
+    let layout = layout_of(path);
     let sigs: Vec<String> = r
         .envelope()
         .signatures
@@ -579,12 +593,16 @@ fn inspect(path: &Path, json: bool, chunks: bool, base: Option<&Path>) -> anyhow
             #[serde(flatten)]
             manifest: &'a ManifestInfo,
             envelope_bytes: u64,
+            /// "data" (data members), "packs" (`build --packs`), or null when not
+            /// known (read from stdin, or no chunks).
+            layout: Option<&'static str>,
             signature_key_ids: &'a [String],
             signatures_verified: bool,
         }
         let v = Inspect {
             manifest: &info,
             envelope_bytes: r.envelope_len(),
+            layout: layout.map(|(name, _)| name),
             signature_key_ids: &sigs,
             signatures_verified: false,
         };
@@ -628,6 +646,9 @@ fn inspect(path: &Path, json: bool, chunks: bool, base: Option<&Path>) -> anyhow
         }
     }
     writeln!(out, "envelope:         {} bytes", r.envelope_len())?;
+    if let Some((_, says)) = layout {
+        writeln!(out, "layout:           {says}")?;
+    }
     for s in &sigs {
         writeln!(
             out,
@@ -635,6 +656,40 @@ fn inspect(path: &Path, json: bool, chunks: bool, base: Option<&Path>) -> anyhow
         )?;
     }
     Ok(())
+}
+
+/// How the artifact at `path` lays out its chunks, from the first member after the
+/// envelope, dictionary and contents members: `("data", ..)` for data members,
+/// `("packs", ..)` for packs (older devices read only these). `None` from stdin,
+/// without chunks, or where the headers do not say (`verify` says what is wrong).
+fn layout_of(path: &Path) -> Option<(&'static str, &'static str)> {
+    use shoal_artifact::ustar::{self, Block};
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    if path == Path::new("-") {
+        return None;
+    }
+    let mut f = File::open(path).ok()?;
+    let mut at = 0u64;
+    // The envelope, and at most a dictionary, contents and pack table before.
+    for _ in 0..4 {
+        let mut block = [0u8; ustar::BLOCK];
+        f.seek(SeekFrom::Start(at)).ok()?;
+        f.read_exact(&mut block).ok()?;
+        let Block::Member(m) = ustar::parse(&block).ok()? else {
+            return None;
+        };
+        if m.path.starts_with("data/") {
+            return Some((
+                "data",
+                "data members (the default; older Shoal releases read only --packs)",
+            ));
+        }
+        if m.path.starts_with("packs/") || m.path == shoal_artifact::read::PACK_TABLE_MEMBER {
+            return Some(("packs", "packs (--packs: every Shoal release reads it)"));
+        }
+        at += ustar::BLOCK as u64 + m.size + ustar::padding(m.size) as u64;
+    }
+    None
 }
 
 /// Opens `--base-image`.
@@ -940,7 +995,13 @@ impl std::io::Seek for BufRwFile<'_> {
 }
 
 #[cfg(feature = "host")]
-fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Result<()> {
+fn diff(
+    old: &Path,
+    new: &Path,
+    root: Option<&Path>,
+    layout: shoal_artifact::write::Layout,
+    json: bool,
+) -> anyhow::Result<()> {
     type Read = (Manifest, shoal_signing::Envelope, u64, bool);
     let read = |p: &Path, held: &dyn HeldManifests| -> anyhow::Result<Read> {
         let r = match root {
@@ -999,7 +1060,7 @@ fn diff(old: &Path, new: &Path, root: Option<&Path>, json: bool) -> anyhow::Resu
     // The manifest travels as a delta when NEW does, and in any delta-encoded
     // build (`--base-image`), which sends it so by default.
     let manifest_delta = new_delta || new_m.payloads.iter().any(|p| !p.references.is_empty());
-    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict, manifest_delta);
+    let d = shoal_artifact::diff(&old_m, &new_m, &new_env, new_dict, manifest_delta, layout);
     let mut out = std::io::stdout().lock();
     if json {
         #[derive(Serialize)]

@@ -239,7 +239,8 @@ struct Replayed {
     file: std::fs::File,
     pos: u64,
     stale: bool,
-    /// Bytes read before, at their offsets (a few hundred bytes).
+    /// Bytes read before, at their offsets (the envelope's head: up to ~33 KB
+    /// with 256 signatures).
     seen: Vec<(u64, Vec<u8>)>,
     /// Bytes read from the file, those read before included.
     read: u64,
@@ -2121,9 +2122,16 @@ impl<'a> Driver<'a> {
                         let out = decode_resolved(&to_decode, running);
                         (out, started.elapsed())
                     });
-                    let started = std::time::Instant::now();
-                    self.feed(previous, name)?;
-                    feed_time += started.elapsed();
+                    // A batch read before a failure is not handed over: it may
+                    // hold the last chunk the engine wants (the batch filled up
+                    // at that chunk, and the end of the archive was read only
+                    // now), which would let the engine arm a trial of an
+                    // artifact that failed.
+                    if failure.is_none() {
+                        let started = std::time::Instant::now();
+                        self.feed(previous, name)?;
+                        feed_time += started.elapsed();
+                    }
                     let (decoded, took) = decoder.join().expect("the decoding thread panicked");
                     decode_time += took;
                     Ok((
@@ -2150,11 +2158,12 @@ impl<'a> Driver<'a> {
             }
             if let Some(e) = failure {
                 // The archive is bad (or could not be read) past this point: the
-                // chunks read before it are not handed over, since the last of them
-                // would let the engine arm a trial of an artifact that failed. A
-                // batch is only ever handed over once the next ones were read, so
-                // the one that completes the payload waits for the end of the
-                // archive to be read and checked.
+                // chunks read before it (this batch and the one before, not
+                // handed over above) are dropped, since the last of them would
+                // let the engine arm a trial of an artifact that failed. A batch
+                // is only ever handed over once the next one was read without
+                // failure, so the one that completes the payload waits for the
+                // end of the archive to be read and checked.
                 let message = e.to_string();
                 let fault = match e {
                     ReadError::Io(_) => SourceFault::Unreadable(message),
