@@ -127,6 +127,8 @@ impl BlockPool {
 pub struct Blocks {
     rx: mpsc::Receiver<AlignedBlock>,
     recycle: mpsc::Sender<AlignedBlock>,
+    /// Set by the reader before it ends on a read error.
+    failed: std::sync::Arc<AtomicBool>,
 }
 
 impl Blocks {
@@ -134,6 +136,12 @@ impl Blocks {
     /// reports that error).
     pub fn next(&mut self) -> Option<AlignedBlock> {
         self.rx.recv().ok()
+    }
+
+    /// Whether the `None` of [`Blocks::next`] was a read error, not the end: the
+    /// blocks ended before the last range.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Gives a block back for the next read.
@@ -193,7 +201,15 @@ fn read_ranges_ahead<T: Send>(
     let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(blocks - 1);
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
-        let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
+        let failed = std::sync::Arc::new(AtomicBool::new(false));
+        let blocks_failed = std::sync::Arc::clone(&failed);
+        let worker = scope.spawn(move || {
+            consume(&mut Blocks {
+                rx,
+                recycle,
+                failed: blocks_failed,
+            })
+        });
         let mut pool = BlockPool {
             recycled,
             allocated: 0,
@@ -206,6 +222,8 @@ fn read_ranges_ahead<T: Send>(
             // None: the consumer stopped early (it failed); its result says why.
             let Some(mut block) = pool.get() else { break };
             if let Err(e) = block.fill(storage, offset, n) {
+                // Before the blocks end: the consumer tells this from the end.
+                failed.store(true, Ordering::Release);
                 result = Err(e);
                 break;
             }
@@ -508,6 +526,12 @@ fn cut_and_hash(
         let mut pending: Vec<(u64, usize, usize)> = Vec::new();
         loop {
             let mut cutting = blocks.next();
+            if cutting.is_none() && blocks.failed() {
+                // Not the end of the slot: the read failed (the reader reports
+                // it). The tail is not cut as a last chunk, and no position
+                // past what was cut is handed over.
+                return out;
+            }
             let more = cutting.is_some();
             let tail: &[u8] = hashing.as_ref().map_or(&[], |h| &h.window()[tail_at..]);
             if let Some(block) = cutting.as_mut() {
@@ -1599,6 +1623,56 @@ mod tests {
         }
         fn sync(&mut self) -> io::Result<()> {
             self.inner.sync()
+        }
+    }
+
+    /// A read error is not the end of the slot: the cut hands over no position it
+    /// did not reach (no last chunk cut where the reads ended).
+    #[test]
+    fn a_read_error_is_not_the_end_of_the_slot() {
+        let data = pattern(8 * BLOCK, 47);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let ends: HashSet<u64> = all.iter().map(|c| c.0 + u64::from(c.2)).collect();
+        let (_dir, inner) = file_with(&data);
+        let stop = AtomicBool::new(false);
+        let storage = FailingPast {
+            inner,
+            fail_at: 3 * BLOCK as u64,
+            stop: &stop,
+            wait: false,
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (got, cuts) = std::thread::scope(|scope| {
+            let receiver = scope.spawn(move || {
+                rx.into_iter()
+                    .filter_map(|met| match met {
+                        Met::Cut(n) => Some(n),
+                        Met::Chunk(_) => None,
+                    })
+                    .collect::<Vec<u64>>()
+            });
+            let got = index(
+                &storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
+                None,
+            );
+            drop(tx);
+            (got, receiver.join().unwrap())
+        });
+        assert_eq!(got.unwrap_err().to_string(), "injected read error");
+        assert!(!cuts.is_empty());
+        for n in cuts {
+            assert!(
+                n < 3 * BLOCK as u64 && ends.contains(&n),
+                "cut {n}: not a chunk's end"
+            );
         }
     }
 
