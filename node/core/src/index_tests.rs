@@ -138,6 +138,27 @@ fn the_cut_of_an_unrelated_slot_stops_after_its_sample_with_a_local_full_source(
     assert_eq!(engine.active_chunking(), None);
 }
 
+/// A local request source that holds every chunk (a chunk store that says so)
+/// and an unrelated slot: once the cut stops, no chunk is looked for at its own
+/// offset in the slot (the part cut showed the slot unrelated); all come from the
+/// source.
+#[test]
+fn after_the_cut_stops_no_chunk_is_read_at_its_own_offset() {
+    let f = Fixture::new();
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let store = SourceInfo::new(
+        SourceId(2),
+        SourceKind::Requests,
+        SourceClass::Local,
+        "store",
+    )
+    .holding(Holds::All);
+    let engine = install(&f, &mut dev, vec![store]);
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    assert_eq!(dev.slot_reads, 0, "no read of the active slot");
+    assert_eq!(engine.progress().reused_bytes, 0);
+}
+
 /// A slot of zeros (an erased partition) holds the release's zero chunk only: a
 /// few KiB found in the sample, under a 64th of it, and the cut stops.
 #[test]

@@ -199,6 +199,8 @@ pub struct SimDevice {
     pub cut_progress: Option<u64>,
     /// The cuts stopped by the engine, and where.
     pub cuts_stopped: Vec<u64>,
+    /// Reads of a slot carried out ([`Output::Read`]).
+    pub slot_reads: u64,
     /// [`Output::StopIndex`]es carried out and not yet followed by their
     /// [`Event::IndexStopped`] (each event comes with exactly one).
     stops_told: u32,
@@ -246,6 +248,7 @@ impl SimDevice {
             steps_max: 200_000,
             cut_progress: None,
             cuts_stopped: Vec::new(),
+            slot_reads: 0,
             stops_told: 0,
             cut_at: None,
             steps: 0,
@@ -459,6 +462,7 @@ impl SimDevice {
                 offset,
                 len,
             } => {
+                self.slot_reads += 1;
                 let o = usize::try_from(offset).expect("fits");
                 let data = self.live[slot_ordinal(slot)][o..o + len as usize].to_vec();
                 engine.handle(now, Input::checked(Origin::Slot(slot), id, data));

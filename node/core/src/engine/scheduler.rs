@@ -302,6 +302,11 @@ pub(crate) struct Job {
     pub(crate) index_len: u64,
     pub(crate) index_found: u64,
     pub(crate) index_window: (u64, u64),
+    /// Whether the engine stopped the cut of the active slot
+    /// ([`Output::StopIndex`](super::Output::StopIndex)): the part cut showed the
+    /// slot unrelated to the release, so a chunk is not looked for at its own
+    /// offset there either.
+    pub(crate) index_stopped: bool,
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -403,6 +408,7 @@ impl Job {
             index_len: 0,
             index_found: 0,
             index_window: (0, 0),
+            index_stopped: false,
             journal_bytes: 0,
             corrupt: None,
             lan: None,
@@ -695,6 +701,10 @@ impl Engine {
                 // Not indexed, but a stream that said it holds the chunk brings it:
                 // no read of the active slot on the off chance.
                 _ if job.stream_says_it_holds(e) => {}
+                // The cut was stopped: the slot proved unrelated where it was cut,
+                // and the sources hold every chunk still needed (a read at the
+                // chunk's own offset would, but for luck, fail).
+                _ if job.index_stopped => {}
                 // Not indexed: an image changed in place (or the last chunk of an
                 // image cut with the slot's trailing bytes) may still hold it at the
                 // same offset; one verified read decides before any source is asked.
