@@ -510,11 +510,12 @@ impl Job {
         if open().any(|s| s.info.class != SourceClass::Local) {
             return false;
         }
-        let holders: Vec<&Bitfield> = open().filter_map(|s| s.holds.as_ref()).collect();
+        // What it said it lacks since counts against what it said it holds.
+        let holders: Vec<&SourceState> = open().filter(|s| s.holds.is_some()).collect();
         !holders.is_empty()
             && self
                 .needed_entries()
-                .all(|e| holders.iter().any(|h| h.get(e)))
+                .all(|e| holders.iter().any(|s| s.may_hold(e)))
     }
 
     /// The entries still needed (for [`Engine::needed_chunks`]).
