@@ -410,6 +410,16 @@ fn an_unrelated_running_slot_is_cut_only_as_far_as_its_sample() {
             (64 * MIB as u64..72 * MIB as u64).contains(&cut),
             "run {k} stopped at {cut}"
         );
+        // The driver's own stop (`Output::StopIndex` carried out): its cut ended
+        // there, and nothing of it was recorded as an index of the slot.
+        assert!(
+            log.contains("stopped indexing the active slot"),
+            "run {k}: the driver stops its cut: {log}"
+        );
+        assert!(
+            !log.contains("indexed the active slot"),
+            "run {k}: no index of the slot recorded: {log}"
+        );
         // The zero chunk only (at each of its positions), found in the slot's zero runs.
         assert!(u(&r, "reused_bytes") < (SIZE / 4) as u64, "{r}");
         assert_eq!(u(&r, "reused_bytes") + u(&r, "fetched_bytes"), SIZE as u64);

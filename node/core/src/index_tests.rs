@@ -138,6 +138,72 @@ fn the_cut_of_an_unrelated_slot_stops_after_its_sample_with_a_local_full_source(
     assert_eq!(engine.active_chunking(), None);
 }
 
+/// A local request source that holds every chunk (a chunk store that says so)
+/// and an unrelated slot: once the cut stops, no chunk is looked for at its own
+/// offset in the slot (the part cut showed the slot unrelated); all come from the
+/// source.
+#[test]
+fn after_the_cut_stops_no_chunk_is_read_at_its_own_offset() {
+    let f = Fixture::new();
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let store = SourceInfo::new(
+        SourceId(2),
+        SourceKind::Requests,
+        SourceClass::Local,
+        "store",
+    )
+    .holding(Holds::All);
+    let engine = install(&f, &mut dev, vec![store]);
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    assert_eq!(dev.slot_reads, 0, "no read of the active slot");
+    assert_eq!(engine.progress().reused_bytes, 0);
+}
+
+/// A local chunk store that says it holds every chunk but answered that it lacks
+/// one: that chunk is not served locally by what a source says it holds, and the
+/// cut of an unrelated slot goes on (another local source, which does not say
+/// what it holds, brings it).
+#[test]
+fn a_chunk_a_holder_said_it_lacks_keeps_the_cut_going() {
+    let f = Fixture::new();
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let holder = SourceInfo::new(SourceId(2), SourceKind::Requests, SourceClass::Local, "usb")
+        .holding(Holds::All);
+    let other = SourceInfo::new(
+        SourceId(3),
+        SourceKind::Requests,
+        SourceClass::Local,
+        "disk",
+    );
+    let lacked = c2[0].0;
+    let mut held: std::collections::BTreeMap<ChunkId, Vec<u8>> = c2.iter().cloned().collect();
+    held.remove(&lacked);
+    dev.stores.insert(SourceId(2), held);
+    dev.stores.insert(SourceId(3), c2.iter().cloned().collect());
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![holder, other]))
+        .expect("offer");
+    dev.handle(
+        &mut engine,
+        crate::Input::Unavailable {
+            source: SourceId(2),
+            id: lacked,
+        },
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        &dev.durable[1][..image.len()],
+        &image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(stopped(&dev.events), None, "the cut runs to the end");
+    assert!(dev.cuts_stopped.is_empty());
+}
+
 /// A slot of zeros (an erased partition) holds the release's zero chunk only: a
 /// few KiB found in the sample, under a 64th of it, and the cut stops.
 #[test]

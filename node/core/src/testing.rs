@@ -199,6 +199,14 @@ pub struct SimDevice {
     pub cut_progress: Option<u64>,
     /// The cuts stopped by the engine, and where.
     pub cuts_stopped: Vec<u64>,
+    /// Reads of a slot carried out ([`Output::Read`]).
+    pub slot_reads: u64,
+    /// [`Output::StopIndex`]es carried out and not yet followed by their
+    /// [`Event::IndexStopped`] (each event comes with exactly one).
+    stops_told: u32,
+    /// How far the slot's cut is while the engine judges it (a `StopIndex` then
+    /// stops it there).
+    cut_at: Option<u64>,
     /// Outputs carried out by the current run.
     steps: u64,
     /// When each linked source is free again, in microseconds.
@@ -240,6 +248,9 @@ impl SimDevice {
             steps_max: 200_000,
             cut_progress: None,
             cuts_stopped: Vec::new(),
+            slot_reads: 0,
+            stops_told: 0,
+            cut_at: None,
             steps: 0,
             busy_until_us: BTreeMap::new(),
             deliveries: BTreeMap::new(),
@@ -409,8 +420,11 @@ impl SimDevice {
                 let index = index_fixed(&self.live[slot_ordinal(slot)][..end], chunking);
                 if let Some(step) = self.cut_progress.filter(|_| engine.is_indexing()) {
                     // As the device's driver: the needed chunks met, in slot order,
-                    // and how far the cut is; the engine may stop it.
+                    // and how far the cut is, each carried out at once (what the
+                    // engine asks meanwhile too); the engine may stop the cut
+                    // (`Output::StopIndex`), and it stops when that is carried out.
                     let needed = engine.needed_chunks();
+                    let told_before = self.cuts_stopped.len();
                     let mut sent = std::collections::BTreeSet::new();
                     let mut told = 0u64;
                     for c in &index.chunks {
@@ -419,15 +433,16 @@ impl SimDevice {
                             let data =
                                 self.live[slot_ordinal(slot)][o..o + c.len as usize].to_vec();
                             engine.handle(now, Input::checked(Origin::Slot(slot), c.id, data));
+                            self.drain_nested(engine)?;
                         }
                         let cut = c.offset + u64::from(c.len);
                         if cut >= told + step {
                             told = cut;
+                            self.cut_at = Some(cut);
                             engine.handle(now, Input::IndexProgress { slot, cut });
-                            if !engine.is_indexing() {
-                                // It asked to stop ([`Output::StopIndex`], carried
-                                // out below as nothing more to do).
-                                self.cuts_stopped.push(cut);
+                            self.drain_nested(engine)?;
+                            self.cut_at = None;
+                            if self.cuts_stopped.len() > told_before {
                                 return Ok(());
                             }
                         }
@@ -435,14 +450,19 @@ impl SimDevice {
                 }
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
-            // The cut it stops ended when the engine asked (above).
-            Output::StopIndex { .. } => {}
+            // The cut it stops ends when this is carried out (above).
+            Output::StopIndex { .. } => {
+                let cut = self.cut_at.expect("StopIndex only while the slot is cut");
+                self.cuts_stopped.push(cut);
+                self.stops_told += 1;
+            }
             Output::Read {
                 slot,
                 id,
                 offset,
                 len,
             } => {
+                self.slot_reads += 1;
                 let o = usize::try_from(offset).expect("fits");
                 let data = self.live[slot_ordinal(slot)][o..o + len as usize].to_vec();
                 engine.handle(now, Input::checked(Origin::Slot(slot), id, data));
@@ -575,7 +595,25 @@ impl SimDevice {
             Output::RunHealthChecks => {
                 engine.handle(now, Input::HealthChecked(self.health.clone()));
             }
-            Output::Event(e) => self.events.push(e),
+            Output::Event(e) => {
+                if let Event::IndexStopped { .. } = e {
+                    assert_eq!(
+                        self.stops_told, 1,
+                        "an IndexStopped event without exactly one StopIndex before it"
+                    );
+                    self.stops_told = 0;
+                }
+                self.events.push(e)
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out every output the engine has, as the device's driver does
+    /// after each input it hands over while it cuts the slot.
+    fn drain_nested(&mut self, engine: &mut Engine) -> Result<(), Crashed> {
+        while let Some(out) = engine.poll_output() {
+            self.execute(engine, out)?;
         }
         Ok(())
     }

@@ -1692,6 +1692,32 @@ fn expected_chunks(
     (total == payload.size && total <= len).then_some(payload.chunks)
 }
 
+/// The thread cutting the active slot during an install, and the flag that stops
+/// it: dropped before [`StopCut::join`] (the handover to the engine failed), it
+/// stops the cut and waits for the thread to end.
+struct StopCut<T> {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    worker: Option<std::thread::JoinHandle<T>>,
+}
+
+impl<T> StopCut<T> {
+    /// What the cut returned.
+    fn join(&mut self) -> T {
+        let worker = self.worker.take().expect("joined once");
+        worker.join().expect("the indexing thread panicked")
+    }
+}
+
+impl<T> Drop for StopCut<T> {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.stop.store(true, std::sync::atomic::Ordering::Release);
+            // Its result (or its panic) says nothing the install needs now.
+            let _ = worker.join();
+        }
+    }
+}
+
 /// Whether a slot index made along `expected` (see [`slotio::index_along`]) found
 /// every chunk of it: each listed at its offset with its id, or left out as the
 /// repeat of the chunk before it (a run of one chunk is listed once).
@@ -2658,10 +2684,18 @@ impl<'a> Driver<'a> {
                         }
                         Ok(chunks)
                     });
+                    // However the handover below ends (an error from `drain`, a
+                    // panic), the cut stops and its thread is joined: it does not
+                    // go on reading, cutting and hashing the slot for nobody.
+                    let mut worker = StopCut {
+                        stop: Arc::clone(&stop),
+                        worker: Some(worker),
+                    };
                     let stopping = |stop: &std::sync::atomic::AtomicBool| {
                         stop.load(std::sync::atomic::Ordering::Acquire)
                     };
-                    for met in met {
+                    let handed = (|| -> anyhow::Result<()> {
+                        for met in met {
                         if stopping(&stop) {
                             // Nothing more from a cut the engine stopped (the
                             // worker ends at its next block).
@@ -2679,8 +2713,11 @@ impl<'a> Driver<'a> {
                         self.engine.handle(self.now(), input);
                         self.drain()?;
                     }
+                    Ok(())
+                    })();
                     self.index_stop = None;
-                    let chunks = worker.join().expect("the indexing thread panicked")?;
+                    handed?;
+                    let chunks = worker.join()?;
                     if stopping(&stop) {
                         // The install goes on without an index of the slot: what
                         // was cut is not one, and is neither kept nor recorded (a
@@ -3272,5 +3309,43 @@ mod replay_tests {
         assert_eq!(rest, data[700..]);
         // Everything but the 100 bytes skipped, once.
         assert_eq!(src.bytes_read(), 9_900);
+    }
+}
+
+#[cfg(test)]
+mod stop_cut_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::StopCut;
+
+    /// A way out of the handover before the join (an error from `drain`) stops
+    /// the cut and waits for its thread: nothing goes on cutting the slot.
+    #[test]
+    fn leaving_before_the_join_stops_the_cut_and_waits_for_it() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
+            std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                while !stop.load(Ordering::Acquire)
+                    && start.elapsed() < std::time::Duration::from_secs(10)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                ended.store(true, Ordering::Release);
+            })
+        };
+        let handover = || -> anyhow::Result<()> {
+            let _cut = StopCut {
+                stop: Arc::clone(&stop),
+                worker: Some(worker),
+            };
+            anyhow::bail!("the handover failed")
+        };
+        assert_eq!(handover().unwrap_err().to_string(), "the handover failed");
+        assert!(stop.load(Ordering::Acquire), "the cut was told to stop");
+        assert!(ended.load(Ordering::Acquire), "and its thread ended");
     }
 }

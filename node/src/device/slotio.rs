@@ -127,6 +127,8 @@ impl BlockPool {
 pub struct Blocks {
     rx: mpsc::Receiver<AlignedBlock>,
     recycle: mpsc::Sender<AlignedBlock>,
+    /// Set by the reader before it ends on a read error.
+    failed: std::sync::Arc<AtomicBool>,
 }
 
 impl Blocks {
@@ -134,6 +136,12 @@ impl Blocks {
     /// reports that error).
     pub fn next(&mut self) -> Option<AlignedBlock> {
         self.rx.recv().ok()
+    }
+
+    /// Whether the `None` of [`Blocks::next`] was a read error, not the end: the
+    /// blocks ended before the last range.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Gives a block back for the next read.
@@ -193,7 +201,15 @@ fn read_ranges_ahead<T: Send>(
     let (tx, rx) = mpsc::sync_channel::<AlignedBlock>(blocks - 1);
     let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
     std::thread::scope(|scope| {
-        let worker = scope.spawn(move || consume(&mut Blocks { rx, recycle }));
+        let failed = std::sync::Arc::new(AtomicBool::new(false));
+        let blocks_failed = std::sync::Arc::clone(&failed);
+        let worker = scope.spawn(move || {
+            consume(&mut Blocks {
+                rx,
+                recycle,
+                failed: blocks_failed,
+            })
+        });
         let mut pool = BlockPool {
             recycled,
             allocated: 0,
@@ -206,6 +222,8 @@ fn read_ranges_ahead<T: Send>(
             // None: the consumer stopped early (it failed); its result says why.
             let Some(mut block) = pool.get() else { break };
             if let Err(e) = block.fill(storage, offset, n) {
+                // Before the blocks end: the consumer tells this from the end.
+                failed.store(true, Ordering::Release);
                 result = Err(e);
                 break;
             }
@@ -442,15 +460,27 @@ fn index_with(
     // Room before each block for the unfinished chunk of the window before (less
     // than `max_size`); the consumer holds two blocks (one cut, one hashed).
     let layout = (BLOCK, chunking.max_size as usize, BLOCKS_IN_FLIGHT + 1);
-    read_ranges_ahead(storage, ranges, layout, move |blocks| {
+    let mut cut = None;
+    let read = read_ranges_ahead(storage, ranges, layout, |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
         let mut body = move || cut_and_hash(blocks, chunking, known, runs_once, wanted, hand_over);
-        match pool {
+        cut = Some(match pool {
             Some(pool) => pool.install(body),
             None => body(),
+        });
+    });
+    match read {
+        Ok(()) => Ok(cut.expect("the cut ran")),
+        // The reader runs a few blocks ahead of the cut: a read failing after the
+        // cut was stopped is of bytes nobody needs (the install went on without
+        // them), not an error of the cut.
+        Err(e) if stop.is_some_and(|s| s.load(Ordering::Acquire)) => {
+            tracing::debug!(error = %e, "a read of the slot failed after its cut was stopped");
+            Ok(cut.unwrap_or_default())
         }
-    })
+        Err(e) => Err(e),
+    }
 }
 
 /// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
@@ -496,6 +526,12 @@ fn cut_and_hash(
         let mut pending: Vec<(u64, usize, usize)> = Vec::new();
         loop {
             let mut cutting = blocks.next();
+            if cutting.is_none() && blocks.failed() {
+                // Not the end of the slot: the read failed (the reader reports
+                // it). The tail is not cut as a last chunk, and no position
+                // past what was cut is handed over.
+                return out;
+            }
             let more = cutting.is_some();
             let tail: &[u8] = hashing.as_ref().map_or(&[], |h| &h.window()[tail_at..]);
             if let Some(block) = cutting.as_mut() {
@@ -1549,6 +1585,144 @@ mod tests {
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// A storage whose reads past `fail_at` fail, having waited for `stop` (up
+    /// to 10 s) if `wait`: a read error the reader meets after the cut was
+    /// stopped.
+    #[derive(Debug)]
+    struct FailingPast<'a> {
+        inner: Box<dyn Storage>,
+        fail_at: u64,
+        stop: &'a AtomicBool,
+        wait: bool,
+    }
+
+    impl Storage for FailingPast<'_> {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            if offset + buf.len() as u64 > self.fail_at {
+                let start = std::time::Instant::now();
+                while self.wait
+                    && !self.stop.load(Ordering::Acquire)
+                    && start.elapsed() < std::time::Duration::from_secs(10)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                return Err(io::Error::other("injected read error"));
+            }
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    /// A read error is not the end of the slot: the cut hands over no position it
+    /// did not reach (no last chunk cut where the reads ended).
+    #[test]
+    fn a_read_error_is_not_the_end_of_the_slot() {
+        let data = pattern(8 * BLOCK, 47);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let ends: HashSet<u64> = all.iter().map(|c| c.0 + u64::from(c.2)).collect();
+        let (_dir, inner) = file_with(&data);
+        let stop = AtomicBool::new(false);
+        let storage = FailingPast {
+            inner,
+            fail_at: 3 * BLOCK as u64,
+            stop: &stop,
+            wait: false,
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (got, cuts) = std::thread::scope(|scope| {
+            let receiver = scope.spawn(move || {
+                rx.into_iter()
+                    .filter_map(|met| match met {
+                        Met::Cut(n) => Some(n),
+                        Met::Chunk(_) => None,
+                    })
+                    .collect::<Vec<u64>>()
+            });
+            let got = index(
+                &storage,
+                data.len() as u64,
+                chunking,
+                &|_| false,
+                Some(&Handover {
+                    tx: &tx,
+                    stop: &stop,
+                }),
+                None,
+            );
+            drop(tx);
+            (got, receiver.join().unwrap())
+        });
+        assert_eq!(got.unwrap_err().to_string(), "injected read error");
+        assert!(!cuts.is_empty());
+        for n in cuts {
+            assert!(
+                n < 3 * BLOCK as u64 && ends.contains(&n),
+                "cut {n}: not a chunk's end"
+            );
+        }
+    }
+
+    /// A read that fails after the receiver stopped the cut (the reader runs a
+    /// few blocks ahead) does not fail the cut: it returns what it cut before.
+    /// A read that fails with no stop is an error.
+    #[test]
+    fn a_read_error_after_the_stop_is_not_an_error_of_the_cut() {
+        let data = pattern(8 * BLOCK, 43);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let all = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        for stops in [true, false] {
+            let (_dir, inner) = file_with(&data);
+            let stop = AtomicBool::new(false);
+            let storage = FailingPast {
+                inner,
+                fail_at: 2 * BLOCK as u64,
+                stop: &stop,
+                wait: stops,
+            };
+            let (tx, rx) = mpsc::sync_channel(1);
+            let got = std::thread::scope(|scope| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    for met in rx {
+                        if stops && matches!(met, Met::Cut(_)) {
+                            stop.store(true, Ordering::Release);
+                        }
+                    }
+                });
+                let got = index(
+                    &storage,
+                    data.len() as u64,
+                    chunking,
+                    &|_| false,
+                    Some(&Handover { tx: &tx, stop }),
+                    None,
+                );
+                drop(tx);
+                got
+            });
+            if stops {
+                let got = got.expect("a read error after the stop is not the cut's");
+                assert!(!got.is_empty() && got.len() < all.len(), "{}", got.len());
+                assert_eq!(got[..], all[..got.len()], "a prefix of the whole index");
+            } else {
+                let e = got.expect_err("a read error with no stop fails the cut");
+                assert_eq!(e.to_string(), "injected read error");
+            }
+        }
     }
 
     /// The stop flag, set by the receiver, ends the cut at its next block: it

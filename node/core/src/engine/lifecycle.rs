@@ -303,7 +303,8 @@ impl Engine {
             }
             return;
         }
-        let Some(job) = self.job.as_ref() else { return };
+        let Some(job) = self.job.as_mut() else { return };
+        job.index_stopped = true;
         let found = job.index_found;
         info!(
             slot = %slot,

@@ -195,8 +195,10 @@ pub enum Input {
     },
     /// The driver cutting the active slot for the install waiting for its index
     /// ([`Output::IndexSlot`]) has cut the slot's first `cut` bytes and handed over
-    /// every needed chunk it met in them ([`Engine::needed_chunks`]). Sent every few
-    /// MiB of the cut, after the chunks it covers. The engine may answer
+    /// every needed chunk it met in them ([`Engine::needed_chunks`]). The driver
+    /// sends it after each block it cuts (1 MiB), after the chunks that block
+    /// covers; the engine judges the cut only at the end of each window (tens of
+    /// MiB), so a driver may send it less often. The engine may answer
     /// [`Output::StopIndex`]: the index does not pay (see
     /// [`Engine::index_pays`]).
     IndexProgress {

@@ -302,6 +302,11 @@ pub(crate) struct Job {
     pub(crate) index_len: u64,
     pub(crate) index_found: u64,
     pub(crate) index_window: (u64, u64),
+    /// Whether the engine stopped the cut of the active slot
+    /// ([`Output::StopIndex`](super::Output::StopIndex)): the part cut showed the
+    /// slot unrelated to the release, so a chunk is not looked for at its own
+    /// offset there either.
+    pub(crate) index_stopped: bool,
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -403,6 +408,7 @@ impl Job {
             index_len: 0,
             index_found: 0,
             index_window: (0, 0),
+            index_stopped: false,
             journal_bytes: 0,
             corrupt: None,
             lan: None,
@@ -504,11 +510,12 @@ impl Job {
         if open().any(|s| s.info.class != SourceClass::Local) {
             return false;
         }
-        let holders: Vec<&Bitfield> = open().filter_map(|s| s.holds.as_ref()).collect();
+        // What it said it lacks since counts against what it said it holds.
+        let holders: Vec<&SourceState> = open().filter(|s| s.holds.is_some()).collect();
         !holders.is_empty()
             && self
                 .needed_entries()
-                .all(|e| holders.iter().any(|h| h.get(e)))
+                .all(|e| holders.iter().any(|s| s.may_hold(e)))
     }
 
     /// The entries still needed (for [`Engine::needed_chunks`]).
@@ -695,6 +702,10 @@ impl Engine {
                 // Not indexed, but a stream that said it holds the chunk brings it:
                 // no read of the active slot on the off chance.
                 _ if job.stream_says_it_holds(e) => {}
+                // The cut was stopped: the slot proved unrelated where it was cut,
+                // and the sources hold every chunk still needed (a read at the
+                // chunk's own offset would, but for luck, fail).
+                _ if job.index_stopped => {}
                 // Not indexed: an image changed in place (or the last chunk of an
                 // image cut with the slot's trailing bytes) may still hold it at the
                 // same offset; one verified read decides before any source is asked.
