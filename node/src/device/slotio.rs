@@ -1587,6 +1587,25 @@ mod tests {
         assert_eq!(index, all);
     }
 
+    /// The `Storage` methods a test wrapper passes to its `inner` storage as they
+    /// are (all but `read_at`, which each wrapper watches or breaks).
+    macro_rules! forward_storage {
+        () => {
+            fn len(&self) -> io::Result<u64> {
+                self.inner.len()
+            }
+            fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+                self.inner.write_at(offset, data)
+            }
+            fn set_len(&mut self, len: u64) -> io::Result<()> {
+                self.inner.set_len(len)
+            }
+            fn sync(&mut self) -> io::Result<()> {
+                self.inner.sync()
+            }
+        };
+    }
+
     /// A storage whose reads past `fail_at` fail, having waited for `stop` (up
     /// to 10 s) if `wait`: a read error the reader meets after the cut was
     /// stopped.
@@ -1599,9 +1618,7 @@ mod tests {
     }
 
     impl Storage for FailingPast<'_> {
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
+        forward_storage!();
         fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             if offset + buf.len() as u64 > self.fail_at {
                 let start = std::time::Instant::now();
@@ -1614,15 +1631,6 @@ mod tests {
                 return Err(io::Error::other("injected read error"));
             }
             self.inner.read_at(offset, buf)
-        }
-        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-            self.inner.write_at(offset, data)
-        }
-        fn set_len(&mut self, len: u64) -> io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn sync(&mut self) -> io::Result<()> {
-            self.inner.sync()
         }
     }
 
@@ -2024,23 +2032,12 @@ mod tests {
     }
 
     impl Storage for Counting {
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
+        forward_storage!();
         fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             use std::sync::atomic::Ordering::Relaxed;
             self.reads.fetch_add(1, Relaxed);
             self.bytes.fetch_add(buf.len() as u64, Relaxed);
             self.inner.read_at(offset, buf)
-        }
-        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-            self.inner.write_at(offset, data)
-        }
-        fn set_len(&mut self, len: u64) -> io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn sync(&mut self) -> io::Result<()> {
-            self.inner.sync()
         }
     }
 
