@@ -233,9 +233,8 @@ pub struct Payload {
 pub struct Reference {
     /// Byte ranges `(offset, len)` of the base payload, concatenated in this order.
     pub ranges: Vec<(u64, u32)>,
-    /// BLAKE3 of the concatenated bytes: when a chunk decoded with the bytes a
-    /// device read from its running slot fails its id, the device checks them
-    /// against it to tell a slot that does not hold the base from a bad artifact.
+    /// BLAKE3 of the concatenated bytes: a device checks the bytes it read from its
+    /// running slot against it before it decodes a chunk with them.
     pub hash: [u8; 32],
     /// Positions in the payload's `chunks` of the chunks encoded against these
     /// bytes, ascending; each the first occurrence of its id in the manifest.
@@ -262,10 +261,10 @@ impl Reference {
     }
 
     /// Takes bytes read for this reference (the ranges, concatenated), checking
-    /// only their length now: the hash is checked only when a chunk decoded with
-    /// them fails its id ([`ReferenceBytes::check`], which
-    /// [`crate::RawChunk::verify_against`] calls then), to say why; a chunk that
-    /// decodes to its signed id needs no other proof.
+    /// only their length now: the hash is checked once, before the first chunk is
+    /// decoded with them ([`ReferenceBytes::check`], which
+    /// [`crate::RawChunk::verify_against`] calls), so a reader can hand the hashing
+    /// to the threads that decode rather than do it while it reads.
     pub fn read(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
         if bytes.len() as u64 != self.len() {
             return Err(ReferenceError::Length {

@@ -566,15 +566,10 @@ impl RawChunk {
 
     /// Decodes a delta-encoded chunk with `reference` (bytes read for this chunk's
     /// [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other ones) and
-    /// checks the decoded bytes' hash against the chunk's id, which alone decides
-    /// whether they are used: bytes that are not the base release's cannot decode
-    /// to the signed id. The reference's own hash is checked only to explain a
-    /// failure: when the chunk does not decode to its id and the bytes fail the
-    /// reference's hash (checked once per [`ReferenceBytes`]), the error is
-    /// [`ChunkError::BadReference`]; otherwise the decoding's own error. Decoding
-    /// with unchecked bytes is bounded as any decoding is (the declared size; the
-    /// reference is only a zstd prefix, never parsed). A plain chunk decodes as
-    /// [`RawChunk::verify_chunk`] does.
+    /// checks the hash. Bytes that fail the reference's hash (checked here once per
+    /// [`ReferenceBytes`], whichever chunk comes first) are
+    /// [`ChunkError::BadReference`]: nothing is decoded with them. A plain chunk decodes as [`RawChunk::verify_chunk`]
+    /// does.
     pub fn verify_against(&self, reference: &ReferenceBytes) -> Result<VerifiedChunk, ChunkError> {
         let Some(r) = &self.reference else {
             return self.verify_chunk();
@@ -582,21 +577,17 @@ impl RawChunk {
         if r.hash != *reference.hash() {
             return Err(ChunkError::WrongReference { id: self.chunk.id });
         }
-        match chunk::decode_against(&self.stored, &self.chunk, reference.bytes()) {
-            Ok(data) => Ok(VerifiedChunk {
-                chunk: self.chunk,
-                data,
-            }),
-            // Diagnose: the base's bytes (the running slot changed, or holds
-            // another release) or the artifact.
-            Err(e) => match reference.check() {
-                Err(source) => Err(ChunkError::BadReference {
-                    id: self.chunk.id,
-                    source,
-                }),
-                Ok(()) => Err(e),
-            },
-        }
+        // Checked once per reference, by the first chunk decoded with it.
+        reference
+            .check()
+            .map_err(|source| ChunkError::BadReference {
+                id: self.chunk.id,
+                source,
+            })?;
+        Ok(VerifiedChunk {
+            chunk: self.chunk,
+            data: chunk::decode_against(&self.stored, &self.chunk, reference.bytes())?,
+        })
     }
 
     /// Like [`RawChunk::verify`], returning the bytes as a [`VerifiedChunk`], which

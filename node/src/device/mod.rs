@@ -1642,11 +1642,10 @@ fn resolve(
 }
 
 /// Decodes a batch whose references were read ([`resolve`]) with [`decode`], which
-/// checks every decoded chunk against its id and, only for one that fails, its
-/// reference's hash (once, on the decoding threads). `Err` names the first chunk
-/// whose reference fails its hash (the running slot, `running`: (slot, base
-/// release), is not the base release there): nothing of the batch is handed over
-/// then.
+/// checks each reference's hash (once, on the decoding threads) before decoding
+/// with it. `Err` names the first chunk whose reference fails its hash (the
+/// running slot, `running`: (slot, base release), is not the base release there):
+/// nothing of the batch is handed over then.
 fn decode_resolved(
     undecoded: &[Undecoded],
     running: &(String, String),
@@ -1782,9 +1781,9 @@ const SLOT_BLOCK: u64 = 256 * 1024;
 const SLOT_BLOCKS_KEPT: usize = 6;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
-/// from the running slot (which holds the base payload from offset 0). Every chunk
-/// decoded with them is checked against its id; their own hash only when one fails,
-/// to give the clear error (see [`shoal_artifact::RawChunk::verify_against`]).
+/// from the running slot (which holds the base payload from offset 0). Their hash is
+/// checked before any chunk is decoded with them, by the decoding threads, once per
+/// reference (see [`Reference::read`]).
 pub(crate) struct References {
     slot: Slot,
     storage: Box<dyn Storage>,
@@ -1892,8 +1891,8 @@ impl References {
         Ok(())
     }
 
-    /// The bytes of `r` (length checked; their hash only if a chunk decoded with
-    /// them fails its id), from the cache or read now.
+    /// The bytes of `r` (length checked; the decoding checks the hash), from the
+    /// cache or read now.
     pub(crate) fn get(&mut self, r: &Reference) -> anyhow::Result<ReferenceBytes> {
         if let Some(i) = self.cache.iter().position(|b| b.hash() == &r.hash) {
             let b = self.cache.remove(i).expect("found");
