@@ -86,6 +86,31 @@ fn offer_over_usb(
 
 /// The chunks of `chunks` (a release's) that v1's image (`v1`, cut as the
 /// fixtures cut it) does not have.
+/// Carries out the engine's outputs after an offer but its request to index the
+/// active slot, which it returns (slot, chunking, length): a device Shoal has not
+/// seen is indexed first.
+fn index_request(
+    dev: &mut SimDevice,
+    engine: &mut Engine,
+) -> (Slot, shoal_artifact::Chunking, u64) {
+    let mut index_slot = None;
+    while let Some(out) = engine.poll_output() {
+        match out {
+            Output::IndexSlot { .. } => index_slot = Some(out),
+            other => dev.execute(engine, other).expect("no crash"),
+        }
+    }
+    let Some(Output::IndexSlot {
+        slot,
+        chunking,
+        len,
+    }) = index_slot
+    else {
+        panic!("a device Shoal has not seen is indexed first");
+    };
+    (slot, chunking, len)
+}
+
 fn chunks_not_in(v1: &[u8], chunks: &[(ChunkId, Vec<u8>)]) -> Vec<(ChunkId, Vec<u8>)> {
     let in_v1: BTreeSet<ChunkId> = release("acme-os", "1.0", 1, DEVICE, v1)
         .1
@@ -1006,21 +1031,7 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
     engine
         .offer(dev.now(), stream_offer(sign(&m2, &f.key)))
         .expect("offer");
-    let mut index_slot = None;
-    while let Some(out) = engine.poll_output() {
-        match out {
-            Output::IndexSlot { .. } => index_slot = Some(out),
-            other => dev.execute(&mut engine, other).expect("no crash"),
-        }
-    }
-    let Some(Output::IndexSlot {
-        slot,
-        chunking,
-        len,
-    }) = index_slot
-    else {
-        panic!("a device Shoal has not seen is indexed first");
-    };
+    let (slot, chunking, len) = index_request(&mut dev, &mut engine);
     assert_eq!(slot, Slot::A);
 
     // The driver cuts the slot and hands over the needed chunks it meets.
@@ -1611,21 +1622,7 @@ fn a_partial_index_serves_its_install_only_and_is_not_recorded() {
     let mut offer = stream_offer(sign(&m2, &f.key));
     offer.sources[0].holds = Holds::Ids(holds);
     engine.offer(dev.now(), offer).expect("offer");
-    let mut index_slot = None;
-    while let Some(out) = engine.poll_output() {
-        match out {
-            Output::IndexSlot { .. } => index_slot = Some(out),
-            other => dev.execute(&mut engine, other).expect("no crash"),
-        }
-    }
-    let Some(Output::IndexSlot {
-        slot,
-        chunking,
-        len,
-    }) = index_slot
-    else {
-        panic!("a device Shoal has not seen is indexed first");
-    };
+    let (slot, chunking, len) = index_request(&mut dev, &mut engine);
     assert!(!engine.takes_while_indexing());
     // The driver checks only the awaited chunks where v1 puts them.
     let awaited = engine.awaited_chunks();
