@@ -626,3 +626,97 @@ fn a_data_budget_waits_for_the_resumed_cut() {
     assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
     assert!(engine.progress().wan_wire_bytes <= budget);
 }
+
+/// Slot A: unrelated data to 512 KiB (the sample), v2's first 512 KiB right
+/// after it, zeros.
+fn slot_with_v2_at_the_cut() -> Vec<u8> {
+    let mut a = bytes(99, 2 * MIB);
+    a[MIB / 2..MIB].copy_from_slice(&v2()[..MIB / 2]);
+    a[MIB..].fill(0);
+    a
+}
+
+/// The stick is pulled out once the cut stopped and the server shows up: the
+/// resumed cut's windows keep giving chunks, so the server is not asked for any
+/// chunk the slot may hold until the cut is past them: only the 32 chunks in no
+/// slot come over the WAN (without the hold, the fetches asked as the cut resumed
+/// brought the slot's chunks over the WAN too).
+#[test]
+fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    let p = engine.progress();
+    assert!(
+        p.wan_bytes <= 32 * CHUNK,
+        "{} bytes over the WAN",
+        p.wan_bytes
+    );
+    assert!(
+        p.wan_bytes + p.local_bytes >= 32 * CHUNK,
+        "the chunks in no slot"
+    );
+}
+
+/// A driver whose resumed cut tells nothing (a stalled read): the fetches held
+/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutHold`), and
+/// the install completes from the network (without the timer it waits forever).
+#[test]
+fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.stall_cuts = true;
+    let silence = f.config().cut_silence.as_millis() as u64;
+    dev.run_until(&mut engine, None, 30 + silence - 1)
+        .expect("no crash");
+    assert_eq!(
+        dev.requests_sent.get(&SourceId(3)),
+        None,
+        "the server is not asked while the cut may tell"
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert!(dev.requests_sent.get(&SourceId(3)).is_some());
+    assert_eq!(engine.progress().reused_bytes, 0);
+    // Every chunk in, the stalled cut is stopped.
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE, SAMPLE]);
+}

@@ -201,6 +201,11 @@ pub struct SimDevice {
     pub cuts_stopped: Vec<u64>,
     /// The cuts resumed by the engine ([`Output::ResumeIndex`]), and from where.
     pub cuts_resumed: Vec<u64>,
+    /// A resumed cut starts and then tells nothing (a stalled read): it ends only
+    /// when the engine stops it.
+    pub stall_cuts: bool,
+    /// The stalled cut, from where.
+    stalled: Option<u64>,
     /// Reads of a slot carried out ([`Output::Read`]).
     pub slot_reads: u64,
     /// [`Output::StopIndex`]es carried out and not yet followed by their
@@ -251,6 +256,8 @@ impl SimDevice {
             cut_progress: None,
             cuts_stopped: Vec::new(),
             cuts_resumed: Vec::new(),
+            stall_cuts: false,
+            stalled: None,
             slot_reads: 0,
             stops_told: 0,
             cut_at: None,
@@ -445,6 +452,10 @@ impl SimDevice {
                     c.offset += from;
                 }
                 self.cuts_resumed.push(from);
+                if self.stall_cuts {
+                    self.stalled = Some(from);
+                    return Ok(());
+                }
                 let step = self.cut_progress.unwrap_or(64 * 1024);
                 if !self.hand_over(engine, slot, &index.chunks, from, step)? {
                     engine.handle(now, Input::ResumedCutEnded { slot });
@@ -452,7 +463,10 @@ impl SimDevice {
             }
             // The cut it stops ends when this is carried out (above).
             Output::StopIndex { .. } => {
-                let cut = self.cut_at.expect("StopIndex only while the slot is cut");
+                let cut = self
+                    .cut_at
+                    .or(self.stalled.take())
+                    .expect("StopIndex only while the slot is cut");
                 self.cuts_stopped.push(cut);
                 self.stops_told += 1;
             }
