@@ -715,7 +715,7 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
         "slot B holds v2"
     );
     assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
-    assert!(dev.requests_sent.get(&SourceId(3)).is_some());
+    assert!(dev.requests_sent.contains_key(&SourceId(3)));
     assert_eq!(engine.progress().reused_bytes, 0);
     // Every chunk in, the stalled cut is stopped.
     assert_eq!(dev.cuts_stopped, vec![SAMPLE, SAMPLE]);

@@ -3488,3 +3488,63 @@ mod stop_cut_tests {
         assert!(ended.load(Ordering::Acquire), "and its thread ended");
     }
 }
+
+#[cfg(test)]
+mod resume_cut_tests {
+    use super::*;
+
+    /// What a resumed cut reads (`Tail`, from a block boundary) is the slot from
+    /// there, read-only; and its cut, as though a chunk started there, meets the
+    /// whole slot's chunk starts within a few chunks (3 here) and is the whole cut's from
+    /// then on (so the chunks it hands over are where the slot holds them).
+    #[test]
+    fn a_cut_from_a_block_boundary_joins_the_whole_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("slot-a.img");
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..4 * slotio::BLOCK)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        std::fs::write(&path, &data).expect("write");
+        let open = || Box::new(shoal_bootctl::FileStorage::open(&path, false).expect("open"));
+        let len = data.len() as u64;
+        let from = slotio::BLOCK as u64;
+        let mut tail = Tail {
+            inner: open(),
+            from,
+            len: len - from,
+        };
+        let mut buf = [0u8; 16];
+        tail.read_at(100, &mut buf).expect("read");
+        assert_eq!(&buf, &data[from as usize + 100..from as usize + 116]);
+        assert_eq!(
+            tail.read_at(len - from - 8, &mut buf).map_err(|e| e.kind()),
+            Err(io::ErrorKind::UnexpectedEof)
+        );
+        assert_eq!(
+            tail.write_at(0, &buf).map_err(|e| e.kind()),
+            Err(io::ErrorKind::PermissionDenied)
+        );
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let cut = |s: &dyn Storage, len: u64| {
+            slotio::index_along(s, len, chunking, &[], &|_| false, None, None).expect("cut")
+        };
+        let whole = cut(&*open(), len);
+        let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - from)
+            .into_iter()
+            .map(|(at, id, n)| (at + from, id, n))
+            .collect();
+        let meet = part
+            .iter()
+            .position(|c| whole.contains(c))
+            .expect("the cuts meet");
+        assert!(meet <= 4, "met after {meet} chunks");
+        let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
+        assert_eq!(&part[meet..], &whole[k..]);
+    }
+}

@@ -446,7 +446,7 @@ pub enum Output {
     /// progress with [`Input::IndexProgress`] (bytes from offset 0), and answer
     /// [`Input::ResumedCutEnded`] at the end. A driver may start before `from` (a
     /// block boundary), cutting as though a chunk started there: the cut from a
-    /// point meets the slot's own chunk starts within a chunk or two. Nothing of it
+    /// point meets the slot's own chunk starts within a few chunks. Nothing of it
     /// is recorded as the slot's index. The engine holds the fetches from the
     /// network of chunks the rest of the slot may hold meanwhile
     /// ([`Engine::index_pays`] says for how long), and may stop it again

@@ -2168,7 +2168,7 @@ impl Engine {
         if job.index_resumed {
             assert!(job.index_stopped, "a cut resumed that was never stopped");
             assert_eq!(job.step, Step::Fetching, "a cut resumed outside fetching");
-            assert!(job.index_cut < job.index_len, "a cut resumed past its end");
+            assert!(job.index_cut <= job.index_len, "a cut resumed past its end");
         }
         if job.step == Step::Fetching {
             assert_eq!(
