@@ -381,3 +381,342 @@ fn an_install_whose_cut_stopped_resumes_after_a_power_loss() {
         &image[..]
     );
 }
+
+// A cut stopped, then resumed (`Output::ResumeIndex`): the reason for the stop no
+// longer holds. Slot A: 1 MiB of unrelated data, then the first 512 KiB of v2
+// (its chunks 0..128), then zeros (v2's zero chunk); v2's chunks 128..160 are in
+// no slot. The cut stops after its 512 KiB sample, having found nothing.
+
+/// Bytes of a 4 KiB chunk of the test releases.
+const CHUNK: u64 = 4096;
+
+/// Slot A: unrelated data to 1 MiB, v2's first 512 KiB, zeros.
+fn slot_with_v2_past_the_cut() -> Vec<u8> {
+    let mut a = bytes(99, 2 * MIB);
+    a[MIB..MIB + MIB / 2].copy_from_slice(&v2()[..MIB / 2]);
+    a[MIB + MIB / 2..].fill(0);
+    a
+}
+
+/// A USB stick's chunk store: a local request source that says it holds every
+/// chunk, answering a chunk every 10 ms.
+fn stick(dev: &mut SimDevice, chunks: &[(ChunkId, Vec<u8>)]) -> SourceInfo {
+    dev.stores
+        .insert(SourceId(2), chunks.iter().cloned().collect());
+    dev.links.insert(
+        SourceId(2),
+        crate::testing::Link {
+            rtt_us: 1000,
+            per_chunk_us: 10_000,
+            bytes_per_s: 0,
+            silent: false,
+        },
+    );
+    SourceInfo::new(SourceId(2), SourceKind::Requests, SourceClass::Local, "usb")
+        .holding(Holds::All)
+}
+
+/// The server, holding every chunk.
+fn server(dev: &mut SimDevice, chunks: &[(ChunkId, Vec<u8>)]) -> SourceInfo {
+    dev.stores
+        .insert(SourceId(3), chunks.iter().cloned().collect());
+    SourceInfo::new(
+        SourceId(3),
+        SourceKind::Requests,
+        SourceClass::Wan,
+        "server",
+    )
+}
+
+fn resumed(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::IndexResumed { from, .. } => Some(*from),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A USB-stick install whose cut stopped; the server shows up 300 ms in (the
+/// stick has brought about 30 chunks), the stick is pulled out 100 ms later. The
+/// server's arrival resumes the cut where it stopped, which takes from the slot
+/// every chunk it holds that the stick had not brought: only chunks in no slot
+/// come over the WAN (without the resume, every chunk left when the stick goes,
+/// most of them in the slot, did).
+#[test]
+fn a_wan_source_added_after_the_stop_resumes_the_cut_and_the_slot_serves_what_it_holds() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_past_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 300).expect("no crash");
+    let (cut, found) = stopped(&dev.events).expect("the cut stopped");
+    assert_eq!((cut, found), (SAMPLE, 0));
+    let from_usb = engine.progress().local_bytes;
+    assert!(
+        (10 * CHUNK..100 * CHUNK).contains(&from_usb),
+        "the stick brought {from_usb} bytes by then"
+    );
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run_until(&mut engine, None, 400).expect("no crash");
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE], "resumed where it stopped");
+    assert_eq!(resumed(&dev.events), vec![SAMPLE]);
+    assert_eq!(dev.cuts_stopped.len(), 1, "the resumed cut ran to the end");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        &dev.durable[1][..image.len()],
+        &image[..],
+        "slot B holds v2"
+    );
+    let p = engine.progress();
+    // 128 chunks and the zero chunk are in the slot: what the stick had not
+    // brought of them came from it.
+    assert!(
+        p.wan_bytes <= 32 * CHUNK,
+        "{} bytes over the WAN",
+        p.wan_bytes
+    );
+    assert!(
+        p.reused_bytes >= 96 * CHUNK,
+        "the zero chunk's 96 positions at least"
+    );
+}
+
+/// The stick said it holds every chunk but lacks v2's first 32 (as a stick filled
+/// from an interrupted copy): after the cut stopped, its "lacks" leave chunks no
+/// source holds, and the cut resumes and finds them in the slot past where it
+/// stopped, running to the end (without the resume the install fails: nothing
+/// serves them). It stops once every chunk is in.
+#[test]
+fn a_local_sources_lacks_after_the_stop_resume_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_past_the_cut());
+    let usb = SourceInfo::new(SourceId(2), SourceKind::Requests, SourceClass::Local, "usb")
+        .holding(Holds::All);
+    let lacked: Vec<ChunkId> = c2.iter().take(32).map(|(id, _)| *id).collect();
+    dev.stores.insert(
+        SourceId(2),
+        c2.iter()
+            .filter(|(id, _)| !lacked.contains(id))
+            .cloned()
+            .collect(),
+    );
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        &dev.durable[1][..image.len()],
+        &image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    // The stick brought the rest at once; the last lacked chunk lies before 1
+    // MiB + 128 KiB (the progress last told at 1 MiB + 64 KiB): nothing more
+    // needed, the resumed cut stops (no event: the rule did not stop it).
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE, MIB as u64 + 64 * 1024]);
+    assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    assert_eq!(
+        dev.events
+            .iter()
+            .filter(|e| matches!(e, Event::IndexStopped { .. }))
+            .count(),
+        1
+    );
+    assert!(
+        engine.progress().reused_bytes >= 32 * CHUNK,
+        "the lacked chunks came from the slot"
+    );
+}
+
+/// The stick lacks one chunk, which the slot holds just past where the cut
+/// stopped: the resumed cut finds it in its first half-window; every chunk still
+/// needed is then held by the stick again, and the next half-window, which gives
+/// nothing, stops the cut again by the same rule.
+#[test]
+fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut slot = bytes(99, 2 * MIB);
+    let k = 10;
+    slot[600 * 1024..604 * 1024].copy_from_slice(&image[k * 4096..(k + 1) * 4096]);
+    let mut dev = device(&slot);
+    // Slow (a chunk every 10 ms): most chunks are still needed when the cut resumes.
+    let usb = stick(&mut dev, &c2);
+    let lacked = c2[k].0;
+    dev.stores.insert(
+        SourceId(2),
+        c2.iter().filter(|(id, _)| *id != lacked).cloned().collect(),
+    );
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        &dev.durable[1][..image.len()],
+        &image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    // The half-window to 768 KiB gave the chunk; the one to 1 MiB nothing.
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE, MIB as u64]);
+    let stops: Vec<(u64, u64)> = dev
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::IndexStopped { cut, found, .. } => Some((*cut, *found)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops, vec![(SAMPLE, 0), (MIB as u64, CHUNK)]);
+    assert_eq!(engine.progress().reused_bytes, CHUNK);
+}
+
+/// The stick is pulled out once the cut stopped, and the server shows up with a
+/// data budget that covers only the chunks in no slot: the resumed cut is waited
+/// for (the WAN is not asked for what the slot may hold until it ends), and the
+/// install fits the budget (without the resume it is refused over budget).
+#[test]
+fn a_data_budget_waits_for_the_resumed_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_past_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut config = f.config();
+    // Wire bytes of the 32 chunks in no slot (stored raw in the test releases).
+    let budget = 32 * CHUNK;
+    config.wan_budget_bytes = Some(budget);
+    let mut engine = dev.engine(config);
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(
+        &dev.durable[1][..image.len()],
+        &image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert!(engine.progress().wan_wire_bytes <= budget);
+}
+
+/// Slot A: unrelated data to 512 KiB (the sample), v2's first 512 KiB right
+/// after it, zeros.
+fn slot_with_v2_at_the_cut() -> Vec<u8> {
+    let mut a = bytes(99, 2 * MIB);
+    a[MIB / 2..MIB].copy_from_slice(&v2()[..MIB / 2]);
+    a[MIB..].fill(0);
+    a
+}
+
+/// The stick is pulled out once the cut stopped and the server shows up: the
+/// resumed cut's windows keep giving chunks, so the server is not asked for any
+/// chunk the slot may hold until the cut is past them: only the 32 chunks in no
+/// slot come over the WAN (without the hold, the fetches asked as the cut resumed
+/// brought the slot's chunks over the WAN too).
+#[test]
+fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    let p = engine.progress();
+    assert!(
+        p.wan_bytes <= 32 * CHUNK,
+        "{} bytes over the WAN",
+        p.wan_bytes
+    );
+    assert!(
+        p.wan_bytes + p.local_bytes >= 32 * CHUNK,
+        "the chunks in no slot"
+    );
+}
+
+/// A driver whose resumed cut tells nothing (a stalled read): the fetches held
+/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutHold`), and
+/// the install completes from the network (without the timer it waits forever).
+#[test]
+fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.stall_cuts = true;
+    let silence = f.config().cut_silence.as_millis() as u64;
+    dev.run_until(&mut engine, None, 30 + silence - 1)
+        .expect("no crash");
+    assert_eq!(
+        dev.requests_sent.get(&SourceId(3)),
+        None,
+        "the server is not asked while the cut may tell"
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert!(dev.requests_sent.contains_key(&SourceId(3)));
+    assert_eq!(engine.progress().reused_bytes, 0);
+    // Every chunk in, the stalled cut is stopped.
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE, SAMPLE]);
+}

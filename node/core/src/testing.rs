@@ -199,6 +199,13 @@ pub struct SimDevice {
     pub cut_progress: Option<u64>,
     /// The cuts stopped by the engine, and where.
     pub cuts_stopped: Vec<u64>,
+    /// The cuts resumed by the engine ([`Output::ResumeIndex`]), and from where.
+    pub cuts_resumed: Vec<u64>,
+    /// A resumed cut starts and then tells nothing (a stalled read): it ends only
+    /// when the engine stops it.
+    pub stall_cuts: bool,
+    /// The stalled cut, from where.
+    stalled: Option<u64>,
     /// Reads of a slot carried out ([`Output::Read`]).
     pub slot_reads: u64,
     /// [`Output::StopIndex`]es carried out and not yet followed by their
@@ -248,6 +255,9 @@ impl SimDevice {
             steps_max: 200_000,
             cut_progress: None,
             cuts_stopped: Vec::new(),
+            cuts_resumed: Vec::new(),
+            stall_cuts: false,
+            stalled: None,
             slot_reads: 0,
             stops_told: 0,
             cut_at: None,
@@ -418,41 +428,45 @@ impl SimDevice {
                     .expect("fits")
                     .min(self.live[slot_ordinal(slot)].len());
                 let index = index_fixed(&self.live[slot_ordinal(slot)][..end], chunking);
-                if let Some(step) = self.cut_progress.filter(|_| engine.is_indexing()) {
-                    // As the device's driver: the needed chunks met, in slot order,
-                    // and how far the cut is, each carried out at once (what the
-                    // engine asks meanwhile too); the engine may stop the cut
-                    // (`Output::StopIndex`), and it stops when that is carried out.
-                    let needed = engine.needed_chunks();
-                    let told_before = self.cuts_stopped.len();
-                    let mut sent = std::collections::BTreeSet::new();
-                    let mut told = 0u64;
-                    for c in &index.chunks {
-                        if needed.contains(&c.id) && sent.insert(c.id) {
-                            let o = usize::try_from(c.offset).expect("fits");
-                            let data =
-                                self.live[slot_ordinal(slot)][o..o + c.len as usize].to_vec();
-                            engine.handle(now, Input::checked(Origin::Slot(slot), c.id, data));
-                            self.drain_nested(engine)?;
-                        }
-                        let cut = c.offset + u64::from(c.len);
-                        if cut >= told + step {
-                            told = cut;
-                            self.cut_at = Some(cut);
-                            engine.handle(now, Input::IndexProgress { slot, cut });
-                            self.drain_nested(engine)?;
-                            self.cut_at = None;
-                            if self.cuts_stopped.len() > told_before {
-                                return Ok(());
-                            }
-                        }
-                    }
+                if let Some(step) = self.cut_progress.filter(|_| engine.is_indexing())
+                    && self.hand_over(engine, slot, &index.chunks, 0, step)?
+                {
+                    return Ok(());
                 }
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
+            Output::ResumeIndex {
+                slot,
+                chunking,
+                from,
+                len,
+            } => {
+                // From the block (here: fixed chunk) boundary at or before `from`,
+                // as a device's driver may.
+                let from = from - from % u64::from(chunking.avg_size);
+                let image = &self.live[slot_ordinal(slot)];
+                let end = usize::try_from(len).expect("fits").min(image.len());
+                let start = usize::try_from(from).expect("fits").min(end);
+                let mut index = index_fixed(&image[start..end], chunking);
+                for c in &mut index.chunks {
+                    c.offset += from;
+                }
+                self.cuts_resumed.push(from);
+                if self.stall_cuts {
+                    self.stalled = Some(from);
+                    return Ok(());
+                }
+                let step = self.cut_progress.unwrap_or(64 * 1024);
+                if !self.hand_over(engine, slot, &index.chunks, from, step)? {
+                    engine.handle(now, Input::ResumedCutEnded { slot });
+                }
+            }
             // The cut it stops ends when this is carried out (above).
             Output::StopIndex { .. } => {
-                let cut = self.cut_at.expect("StopIndex only while the slot is cut");
+                let cut = self
+                    .cut_at
+                    .or(self.stalled.take())
+                    .expect("StopIndex only while the slot is cut");
                 self.cuts_stopped.push(cut);
                 self.stops_told += 1;
             }
@@ -601,12 +615,64 @@ impl SimDevice {
                         self.stops_told, 1,
                         "an IndexStopped event without exactly one StopIndex before it"
                     );
+                }
+                // A resumed cut stopped because every chunk is written has no
+                // event: the count starts again with the next cut.
+                if let Event::IndexStopped { .. }
+                | Event::IndexResumed { .. }
+                | Event::Accepted { .. } = e
+                {
                     self.stops_told = 0;
                 }
                 self.events.push(e)
             }
         }
         Ok(())
+    }
+
+    /// Hands over what a cut of `slot` meets, as the device's driver does: in slot
+    /// order, the needed chunks ([`Engine::needed_chunks`]) and how far the cut is
+    /// every `step` bytes past `from` ([`Input::IndexProgress`]), each carried out
+    /// at once (and what the engine asks meanwhile too). The engine may stop the
+    /// cut ([`Output::StopIndex`]): returns whether it did.
+    fn hand_over(
+        &mut self,
+        engine: &mut Engine,
+        slot: Slot,
+        chunks: &[crate::IndexedChunk],
+        from: u64,
+        step: u64,
+    ) -> Result<bool, Crashed> {
+        let now = self.now();
+        let needed = engine.needed_chunks();
+        let told_before = self.cuts_stopped.len();
+        let mut sent = std::collections::BTreeSet::new();
+        let mut told = from;
+        self.cut_at = Some(from);
+        let stopped = |dev: &SimDevice| dev.cuts_stopped.len() > told_before;
+        for c in chunks {
+            if needed.contains(&c.id) && sent.insert(c.id) {
+                let o = usize::try_from(c.offset).expect("fits");
+                let data = self.live[slot_ordinal(slot)][o..o + c.len as usize].to_vec();
+                engine.handle(now, Input::checked(Origin::Slot(slot), c.id, data));
+                self.drain_nested(engine)?;
+                if stopped(self) {
+                    break;
+                }
+            }
+            let cut = c.offset + u64::from(c.len);
+            if cut >= told + step {
+                told = cut;
+                self.cut_at = Some(cut);
+                engine.handle(now, Input::IndexProgress { slot, cut });
+                self.drain_nested(engine)?;
+                if stopped(self) {
+                    break;
+                }
+            }
+        }
+        self.cut_at = None;
+        Ok(stopped(self))
     }
 
     /// Carries out every output the engine has, as the device's driver does

@@ -22,15 +22,20 @@ pub(crate) enum Timer {
     /// The open journal batch's first chunk is `journal_batch_age` old: it is
     /// committed (and so announced to LAN peers) even if no chunk follows.
     JournalAge = 4,
+    /// A resumed cut of the active slot, for which network fetches are held
+    /// ([`Output::ResumeIndex`](crate::Output::ResumeIndex)), told no progress for
+    /// [`Config::cut_silence`](crate::Config::cut_silence): the fetches go ahead.
+    CutHold = 5,
 }
 
 impl Timer {
-    const ALL: [Timer; 5] = [
+    const ALL: [Timer; 6] = [
         Timer::Silence,
         Timer::Backoff,
         Timer::LanOwner,
         Timer::Pacing,
         Timer::JournalAge,
+        Timer::CutHold,
     ];
 }
 
@@ -44,6 +49,12 @@ impl TimerTable {
     /// Sets (or, with `None`, stops) a timer.
     pub(crate) fn set(&mut self, timer: Timer, at: Option<Instant>) {
         self.data[timer as usize] = at;
+    }
+
+    /// The deadline of `timer`, if set.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn get(&self, timer: Timer) -> Option<Instant> {
+        self.data[timer as usize]
     }
 
     /// The earliest deadline.

@@ -2567,6 +2567,7 @@ impl<'a> Driver<'a> {
                 | Output::Event(_)
                 | Output::HashSlot { .. }
                 | Output::StopIndex { .. }
+                | Output::ResumeIndex { .. }
         );
         if !writing && let Some(wb) = self.write_behind.as_ref() {
             wb.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
@@ -2694,27 +2695,7 @@ impl<'a> Driver<'a> {
                     let stopping = |stop: &std::sync::atomic::AtomicBool| {
                         stop.load(std::sync::atomic::Ordering::Acquire)
                     };
-                    let handed = (|| -> anyhow::Result<()> {
-                        for met in met {
-                        if stopping(&stop) {
-                            // Nothing more from a cut the engine stopped (the
-                            // worker ends at its next block).
-                            continue;
-                        }
-                        let input = match met {
-                            // Hashed by the indexer as it cut the slot.
-                            slotio::Met::Chunk(chunk) => Input::Chunk {
-                                origin: Origin::Slot(slot),
-                                chunk,
-                            },
-                            // The engine may stop the cut (`Output::StopIndex`).
-                            slotio::Met::Cut(cut) => Input::IndexProgress { slot, cut },
-                        };
-                        self.engine.handle(self.now(), input);
-                        self.drain()?;
-                    }
-                    Ok(())
-                    })();
+                    let handed = self.hand_over_cut(slot, met, &stop, 0);
                     self.index_stop = None;
                     handed?;
                     let chunks = worker.join()?;
@@ -2934,6 +2915,14 @@ impl<'a> Driver<'a> {
                     stop.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
+            Output::ResumeIndex {
+                slot,
+                chunking,
+                from,
+                len,
+            } => self
+                .resume_cut(slot, chunking, from, len)
+                .map_err(|e| (IoOp::IndexSlot, e))?,
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
                 let h = &self.dev.config.health;
@@ -2957,6 +2946,152 @@ impl<'a> Driver<'a> {
     }
 }
 
+impl Driver<'_> {
+    /// Hands what the cut of `slot` meets to the engine as it comes (the chunks
+    /// it needs, how far the cut is: `from` plus the cut's own count), carrying
+    /// out what the engine asks meanwhile, until the cut ends; nothing more once
+    /// the engine stopped it (`stop`, set by [`Output::StopIndex`]).
+    fn hand_over_cut(
+        &mut self,
+        slot: Slot,
+        met: std::sync::mpsc::Receiver<slotio::Met>,
+        stop: &std::sync::atomic::AtomicBool,
+        from: u64,
+    ) -> anyhow::Result<()> {
+        for met in met {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                // Nothing more from a cut the engine stopped (the worker ends at
+                // its next block).
+                continue;
+            }
+            let input = match met {
+                // Hashed by the indexer as it cut the slot.
+                slotio::Met::Chunk(chunk) => Input::Chunk {
+                    origin: Origin::Slot(slot),
+                    chunk,
+                },
+                // The engine may stop the cut (`Output::StopIndex`).
+                slotio::Met::Cut(cut) => Input::IndexProgress {
+                    slot,
+                    cut: from + cut,
+                },
+            };
+            self.engine.handle(self.now(), input);
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Carries out [`Output::ResumeIndex`]: cuts `slot` from the block boundary at
+    /// or before `from` to `len` on a thread of its own, as though a chunk started
+    /// there, handing the needed chunks met to the engine; then
+    /// [`Input::ResumedCutEnded`], unless the engine stopped it. Nothing of it is
+    /// recorded (what was cut before the stop was not kept: no index of the slot).
+    /// Like the first cut, it runs to its end before the driver waits for a
+    /// source's answers again (they queue meanwhile).
+    fn resume_cut(
+        &mut self,
+        slot: Slot,
+        chunking: shoal_artifact::Chunking,
+        from: u64,
+        len: u64,
+    ) -> anyhow::Result<()> {
+        let storage = self
+            .dev
+            .boot
+            .open_reader(slot)
+            .with_context(|| format!("cannot open slot {slot}"))?;
+        let len = len.min(storage.len()?);
+        let from = (from - from % slotio::BLOCK as u64).min(len);
+        let tail = Tail {
+            inner: storage,
+            from,
+            len: len - from,
+        };
+        let wanted = self.engine.needed_chunks();
+        let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.index_stop = Some(Arc::clone(&stop));
+        let stopped = Arc::clone(&stop);
+        let worker = std::thread::spawn(move || {
+            slotio::index_along(
+                &tail,
+                tail.len,
+                chunking,
+                &[],
+                &|id| wanted.contains(id),
+                Some(&slotio::Handover {
+                    tx: &tx,
+                    stop: &stopped,
+                }),
+                None,
+            )
+            .map(|chunks| chunks.len())
+        });
+        let mut worker = StopCut {
+            stop: Arc::clone(&stop),
+            worker: Some(worker),
+        };
+        let handed = self.hand_over_cut(slot, met, &stop, from);
+        self.index_stop = None;
+        handed?;
+        let chunks = worker
+            .join()
+            .with_context(|| format!("cannot cut slot {slot}"))?;
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            info!(slot = %slot, from, chunks, "stopped the resumed cut of the active slot");
+            return Ok(());
+        }
+        info!(slot = %slot, from, chunks, "cut the rest of the active slot");
+        self.engine
+            .handle(self.now(), Input::ResumedCutEnded { slot });
+        Ok(())
+    }
+}
+
+/// The bytes of a slot from `from` on, read-only: what a resumed cut reads.
+#[derive(Debug)]
+struct Tail {
+    inner: Box<dyn Storage>,
+    from: u64,
+    len: u64,
+}
+
+impl Storage for Tail {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read at {offset} past the {} bytes cut", self.len),
+            ));
+        }
+        self.inner.read_at(self.from + offset, buf)
+    }
+
+    fn write_at(&mut self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn set_len(&mut self, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the slot is read to be cut, not written",
+    )
+}
+
 fn short(e: &Event) -> String {
     match e {
         Event::Accepted {
@@ -2970,6 +3105,10 @@ fn short(e: &Event) -> String {
         Event::IndexStopped { slot, cut, found } => format!(
             "stopped indexing slot {slot} after {cut} bytes: {found} bytes of this release \
              found in them; taking the rest from the source"
+        ),
+        Event::IndexResumed { slot, from } => format!(
+            "indexing slot {slot} again from byte {from}: a chunk still needed now comes \
+             from the network"
         ),
         Event::Verifying { slot } => format!("verifying slot {slot}"),
         Event::Armed { release, slot } => {
@@ -3347,5 +3486,65 @@ mod stop_cut_tests {
         assert_eq!(handover().unwrap_err().to_string(), "the handover failed");
         assert!(stop.load(Ordering::Acquire), "the cut was told to stop");
         assert!(ended.load(Ordering::Acquire), "and its thread ended");
+    }
+}
+
+#[cfg(test)]
+mod resume_cut_tests {
+    use super::*;
+
+    /// What a resumed cut reads (`Tail`, from a block boundary) is the slot from
+    /// there, read-only; and its cut, as though a chunk started there, meets the
+    /// whole slot's chunk starts within a few chunks (3 here) and is the whole cut's from
+    /// then on (so the chunks it hands over are where the slot holds them).
+    #[test]
+    fn a_cut_from_a_block_boundary_joins_the_whole_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("slot-a.img");
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..4 * slotio::BLOCK)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        std::fs::write(&path, &data).expect("write");
+        let open = || Box::new(shoal_bootctl::FileStorage::open(&path, false).expect("open"));
+        let len = data.len() as u64;
+        let from = slotio::BLOCK as u64;
+        let mut tail = Tail {
+            inner: open(),
+            from,
+            len: len - from,
+        };
+        let mut buf = [0u8; 16];
+        tail.read_at(100, &mut buf).expect("read");
+        assert_eq!(&buf, &data[from as usize + 100..from as usize + 116]);
+        assert_eq!(
+            tail.read_at(len - from - 8, &mut buf).map_err(|e| e.kind()),
+            Err(io::ErrorKind::UnexpectedEof)
+        );
+        assert_eq!(
+            tail.write_at(0, &buf).map_err(|e| e.kind()),
+            Err(io::ErrorKind::PermissionDenied)
+        );
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let cut = |s: &dyn Storage, len: u64| {
+            slotio::index_along(s, len, chunking, &[], &|_| false, None, None).expect("cut")
+        };
+        let whole = cut(&*open(), len);
+        let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - from)
+            .into_iter()
+            .map(|(at, id, n)| (at + from, id, n))
+            .collect();
+        let meet = part
+            .iter()
+            .position(|c| whole.contains(c))
+            .expect("the cuts meet");
+        assert!(meet <= 4, "met after {meet} chunks");
+        let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
+        assert_eq!(&part[meet..], &whole[k..]);
     }
 }

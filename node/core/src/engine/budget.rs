@@ -39,6 +39,11 @@ impl WanBudget {
         }
     }
 
+    /// Whether a data budget is set.
+    pub(crate) fn limited(&self) -> bool {
+        self.allowed.is_some()
+    }
+
     /// Wire bytes asked of WAN sources so far, by every run of the deployment.
     pub(crate) fn asked(&self) -> u64 {
         self.asked

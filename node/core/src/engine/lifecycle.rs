@@ -277,12 +277,28 @@ impl Engine {
     /// judges whether the rest is worth cutting ([`Engine::index_pays`]); if not,
     /// it asks the driver to stop ([`Output::StopIndex`]) and plans the install
     /// without an index, taking every chunk still needed from the sources.
+    ///
+    /// A resumed cut ([`Output::ResumeIndex`]) is judged the same way, by
+    /// half-windows from where it resumed: one that gives too little ends the hold
+    /// on network fetches ([`Job::hold_network`]) — the slot past the stop looks
+    /// unrelated again, and the network is not kept waiting for it (under a data
+    /// budget the hold lasts until the cut ends) — though with a
+    /// network source open the cut goes on (each chunk it finds still saves a
+    /// download, and a fetch of it in flight is cancelled); with none, and every
+    /// chunk held locally again, it is stopped as the first cut was.
     pub(crate) fn on_index_progress(&mut self, now: Instant, slot: Slot, cut: u64) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
-        if slot != active || job.step != Step::Indexing {
+        let resumed = job.index_resumed;
+        if slot != active || !(job.step == Step::Indexing || resumed) {
             return;
         }
+        job.index_cut = job.index_cut.max(cut.min(job.index_len));
+        if resumed {
+            job.cut_heard = now;
+            self.update_timers(now);
+        }
+        let Some(job) = self.job.as_mut() else { return };
         let sample = self
             .config
             .index_sample_min_bytes
@@ -297,14 +313,30 @@ impl Engine {
         if cut < job.index_window.0.saturating_add(window) || cut >= job.index_len {
             return;
         }
+        let (since, found_before) = job.index_window;
+        let gave = (job.index_found - found_before).saturating_mul(INDEX_FOUND_PART)
+            >= cut.saturating_sub(since);
         if self.index_pays(cut) {
             if let Some(job) = self.job.as_mut() {
                 job.index_window = (cut, job.index_found);
+            }
+            // Under a data budget, bytes count more than time: the hold lasts until
+            // the cut ends (a chunk fetched and then met in the slot would have
+            // spent budget for nothing, and could make the install refused).
+            let budget = self.job.as_ref().is_some_and(|j| j.budget.limited());
+            if resumed && !gave && !budget {
+                self.release_cut_hold(
+                    now,
+                    "the last stretch of the resumed cut held (next to) nothing",
+                );
             }
             return;
         }
         let Some(job) = self.job.as_mut() else { return };
         job.index_stopped = true;
+        job.index_resumed = false;
+        job.hold_network = false;
+        job.cut_recheck = false;
         let found = job.index_found;
         info!(
             slot = %slot,
@@ -314,7 +346,85 @@ impl Engine {
         );
         self.outputs.push_back(Output::StopIndex { slot });
         self.event(Event::IndexStopped { slot, cut, found });
-        self.plan(now);
+        if resumed {
+            // Planned already: what the hold left idle is queued again.
+            self.rescan(now);
+        } else {
+            self.plan(now);
+        }
+    }
+
+    /// Resumes the cut of the active slot that was stopped ([`Output::ResumeIndex`])
+    /// when the reason for the stop no longer holds: some chunk still needed is no
+    /// longer held by an open local source that says so, or a LAN peer or the WAN
+    /// is open ([`Job::served_locally`], the rule of [`Engine::index_pays`]). Run
+    /// at a pump after a source came, went, or said it lacks a chunk. Until the
+    /// cut gives too little, ends or stops, chunks it may meet are asked of local
+    /// sources only ([`Job::hold_network`]); a fetch already in flight goes on.
+    pub(crate) fn resume_cut(&mut self, now: Instant) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut() else { return };
+        job.cut_recheck = false;
+        if !job.index_stopped
+            || job.index_resumed
+            || job.step != Step::Fetching
+            || job.needed == 0
+            || job.index_cut >= job.index_len
+            || job.served_locally()
+        {
+            return;
+        }
+        job.index_resumed = true;
+        job.hold_network = true;
+        job.hold_generation = job.generation();
+        job.cut_heard = now;
+        // Judged by half-windows from here (the sample judged the slot already).
+        job.index_window = (job.index_cut, job.index_found);
+        let (from, len) = (job.index_cut, job.index_len);
+        let chunking = job.rel.manifest.chunking;
+        info!(
+            slot = %active,
+            from,
+            "a chunk still needed now comes from the network: cutting the rest of the active slot"
+        );
+        self.event(Event::IndexResumed { slot: active, from });
+        self.outputs.push_back(Output::ResumeIndex {
+            slot: active,
+            chunking,
+            from,
+            len,
+        });
+    }
+
+    /// The network fetches held for a resumed cut go ahead (the cut goes on).
+    pub(crate) fn release_cut_hold(&mut self, now: Instant, why: &str) {
+        let Some(job) = self.job.as_mut().filter(|j| j.hold_network) else {
+            return;
+        };
+        job.hold_network = false;
+        info!(
+            reason = why,
+            cut = job.index_cut,
+            "fetching from the network without waiting for the cut"
+        );
+        self.rescan(now);
+    }
+
+    /// The resumed cut reached the end of the slot ([`Input::ResumedCutEnded`]):
+    /// what it did not meet comes from the sources.
+    pub(crate) fn on_resumed_cut_ended(&mut self, now: Instant, slot: Slot) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut().filter(|j| j.index_resumed) else {
+            return;
+        };
+        if slot != active {
+            return;
+        }
+        job.index_resumed = false;
+        job.hold_network = false;
+        job.index_cut = job.index_len;
+        info!(%slot, found = job.index_found, "the resumed cut of the active slot ended");
+        self.rescan(now);
     }
 
     /// Whether the cut of the active slot that the install in progress waits for is
@@ -343,9 +453,16 @@ impl Engine {
     /// chunks come from the source, verified as always; what it may cost is source
     /// reads of chunks the slot holds past a window that gave nothing.
     ///
+    /// The same rule judges a resumed cut ([`Output::ResumeIndex`]) and says when
+    /// a stopped one resumes: once it no longer holds.
+    ///
     /// [`SourceClass`]: crate::SourceClass
     pub fn index_pays(&self, cut: u64) -> bool {
-        let Some(job) = self.job.as_ref().filter(|j| j.step == Step::Indexing) else {
+        let Some(job) = self
+            .job
+            .as_ref()
+            .filter(|j| j.step == Step::Indexing || j.index_resumed)
+        else {
             return false;
         };
         let (since, found_before) = job.index_window;

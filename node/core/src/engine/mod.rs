@@ -93,6 +93,10 @@ pub struct Config {
     /// [`INDEX_SAMPLE_PART`]th of the slot), before the engine judges whether the
     /// rest is worth cutting ([`Engine::index_pays`]). 64 MiB.
     pub index_sample_min_bytes: u64,
+    /// How long a resumed cut of the active slot ([`Output::ResumeIndex`]) may
+    /// tell no progress ([`Input::IndexProgress`]) before the network fetches held
+    /// for it go ahead (the cut itself goes on). 5 s.
+    pub cut_silence: std::time::Duration,
 }
 
 impl Config {
@@ -112,6 +116,7 @@ impl Config {
             wan_rate_bytes_per_s: None,
             seed: 0,
             index_sample_min_bytes: 64 * 1024 * 1024,
+            cut_silence: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -201,11 +206,21 @@ pub enum Input {
     /// MiB), so a driver may send it less often. The engine may answer
     /// [`Output::StopIndex`]: the index does not pay (see
     /// [`Engine::index_pays`]).
+    ///
+    /// The same for a resumed cut ([`Output::ResumeIndex`]): `cut` still counts
+    /// from offset 0 of the slot.
     IndexProgress {
         /// The slot.
         slot: Slot,
         /// Bytes of the slot cut so far, from offset 0.
         cut: u64,
+    },
+    /// The cut asked for by [`Output::ResumeIndex`] reached its end: every needed
+    /// chunk it met was handed over before this. It is no index of the slot (the
+    /// part before the stop was not kept); the engine records nothing.
+    ResumedCutEnded {
+        /// The slot.
+        slot: Slot,
     },
     /// A chunk, verified by the driver: the answer to [`Output::Read`] or
     /// [`Output::Fetch`], or pushed by a stream source. The engine never takes
@@ -414,9 +429,37 @@ pub enum Output {
     /// reading: [`Engine::index_pays`]). Hand over nothing more from the cut, and
     /// answer nothing: the slot has no index from it (what was cut is not the
     /// slot's index, and is not kept as one).
+    ///
+    /// Also stops a resumed cut ([`Output::ResumeIndex`]), by the same rule, or
+    /// because the install needs nothing more: answer nothing then either.
     StopIndex {
         /// The slot.
         slot: Slot,
+    },
+    /// Cut the active slot again from byte `from` (where a cut that
+    /// [`Output::StopIndex`] stopped had got to) to `len`, while the install goes
+    /// on fetching: the reason for the stop no longer holds (a WAN source or a LAN
+    /// peer came, or a local source turned out to lack chunks or went away), so
+    /// each needed chunk the rest of the slot holds saves a download. As for
+    /// [`Output::IndexSlot`] with an install waiting: hand over every needed chunk
+    /// met ([`Engine::needed_chunks`]) as [`Input::Chunk`] from the slot, tell the
+    /// progress with [`Input::IndexProgress`] (bytes from offset 0), and answer
+    /// [`Input::ResumedCutEnded`] at the end. A driver may start before `from` (a
+    /// block boundary), cutting as though a chunk started there: the cut from a
+    /// point meets the slot's own chunk starts within a few chunks. Nothing of it
+    /// is recorded as the slot's index. The engine holds the fetches from the
+    /// network of chunks the rest of the slot may hold meanwhile
+    /// ([`Engine::index_pays`] says for how long), and may stop it again
+    /// ([`Output::StopIndex`]).
+    ResumeIndex {
+        /// The slot.
+        slot: Slot,
+        /// FastCDC parameters.
+        chunking: Chunking,
+        /// Where the cut resumes (bytes from offset 0).
+        from: u64,
+        /// Where it ends.
+        len: u64,
     },
     /// Read a chunk from a slot; answer [`Input::Chunk`] with `Origin::Slot(slot)`.
     Read {
@@ -554,6 +597,15 @@ pub enum Event {
         cut: u64,
         /// Bytes of needed chunks (each once) found in them.
         found: u64,
+    },
+    /// The cut of the active slot that was stopped resumes ([`Output::ResumeIndex`]):
+    /// a source came or went, and some chunk still needed now comes only from the
+    /// network, or a network source is open.
+    IndexResumed {
+        /// The slot.
+        slot: Slot,
+        /// Where the cut resumes.
+        from: u64,
     },
     /// Every chunk is written; the slot is being re-read to verify it.
     Verifying {
@@ -837,8 +889,11 @@ impl Engine {
     /// says what it holds and some needed chunk is held by none, so the plan first
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
+    ///
+    /// While a resumed cut runs ([`Output::ResumeIndex`]) the same: the chunks it
+    /// may hand over.
     pub fn needed_chunks(&self) -> NeededChunks {
-        if self.takes_while_indexing() {
+        if self.takes_while_indexing() || self.job.as_ref().is_some_and(|j| j.index_resumed) {
             self.awaited_chunks()
         } else {
             NeededChunks::default()
@@ -864,7 +919,7 @@ impl Engine {
     pub fn awaited_chunks(&self) -> NeededChunks {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing)
+            .filter(|j| j.step == Step::Indexing || j.index_resumed)
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
@@ -973,6 +1028,7 @@ impl Engine {
                 partial,
             } => self.on_index_written(now, slot, chunking, chunks, partial),
             Input::IndexProgress { slot, cut } => self.on_index_progress(now, slot, cut),
+            Input::ResumedCutEnded { slot } => self.on_resumed_cut_ended(now, slot),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),

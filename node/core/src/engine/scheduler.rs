@@ -307,6 +307,25 @@ pub(crate) struct Job {
     /// slot unrelated to the release, so a chunk is not looked for at its own
     /// offset there either.
     pub(crate) index_stopped: bool,
+    /// How far the cut of the active slot got (bytes from offset 0): where a
+    /// stopped cut resumes ([`Output::ResumeIndex`](super::Output::ResumeIndex)).
+    pub(crate) index_cut: u64,
+    /// A resumed cut runs: asked for, not yet ended or stopped.
+    pub(crate) index_resumed: bool,
+    /// While a resumed cut runs, chunks the rest of the slot may hold are not asked
+    /// of a LAN peer or the WAN (only of local sources): until a window of the cut
+    /// gives too little to be worth waiting for, or the cut ends, stops or tells
+    /// nothing for [`Config::cut_silence`](crate::Config::cut_silence).
+    pub(crate) hold_network: bool,
+    /// When the resumed cut last told its progress (or was asked for).
+    pub(crate) cut_heard: Instant,
+    /// The request generation when the hold began (requests made since may not
+    /// go to the network: the invariants check).
+    pub(crate) hold_generation: u32,
+    /// A source came, went, or said it lacks a chunk since the cut was stopped:
+    /// whether the stop still holds is checked at the next pump (not on every
+    /// pump: the check reads every needed entry).
+    pub(crate) cut_recheck: bool,
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -409,6 +428,12 @@ impl Job {
             index_found: 0,
             index_window: (0, 0),
             index_stopped: false,
+            index_cut: 0,
+            index_resumed: false,
+            hold_network: false,
+            cut_heard: Instant::from_millis(0),
+            hold_generation: 0,
+            cut_recheck: false,
             journal_bytes: 0,
             corrupt: None,
             lan: None,
@@ -436,6 +461,11 @@ impl Job {
             .map(|p| u64::from(job.rel.table.size(job.rel.table.entry_at(p))))
             .sum();
         job
+    }
+
+    /// The generation of the last request made.
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
     }
 
     pub(crate) fn source_index(&self, id: SourceId) -> Option<usize> {
@@ -518,6 +548,39 @@ impl Job {
                 .all(|e| holders.iter().any(|s| s.may_hold(e)))
     }
 
+    /// Whether an open local request source may hold entry `e` (what a resumed
+    /// cut's hold leaves it to).
+    fn local_may_hold(&self, e: u32) -> bool {
+        self.sources
+            .iter()
+            .any(|s| s.is_requests() && s.info.class == SourceClass::Local && s.may_hold(e))
+    }
+
+    /// Whether an open local source that says what it holds may hold entry `e`
+    /// (what [`Job::served_locally`] asks of each needed entry).
+    fn held_locally(&self, e: u32) -> bool {
+        self.sources.iter().any(|s| {
+            s.gone.is_none()
+                && s.info.class == SourceClass::Local
+                && s.holds.is_some()
+                && s.may_hold(e)
+        })
+    }
+
+    /// Whether a request of generation `g` was made since the hold began.
+    #[cfg(any(test, feature = "testing"))]
+    fn made_while_held(&self, g: u32) -> bool {
+        g.wrapping_sub(self.hold_generation).wrapping_sub(1) < u32::MAX / 2
+    }
+
+    /// A source came, went or changed: whether a stopped cut should resume is
+    /// checked at the next pump.
+    pub(crate) fn sources_changed(&mut self) {
+        if self.index_stopped && !self.index_resumed {
+            self.cut_recheck = true;
+        }
+    }
+
     /// The entries still needed (for [`Engine::needed_chunks`]).
     pub(crate) fn needed_entries(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.rel.table.entries()).filter(|&e| self.need.get(e) != Need::Done)
@@ -563,6 +626,9 @@ enum Choice {
     Lan,
     /// Only the WAN could serve it, and the data budget does not allow it.
     OverBudget,
+    /// Only a LAN peer or the WAN could serve it, and a resumed cut of the active
+    /// slot may meet it: wait for the cut ([`Job::hold_network`]).
+    Cut,
 }
 
 /// Shortest window over which a source's delivery rate is measured.
@@ -607,6 +673,7 @@ impl Job {
         s.holds = holds_by_entry(holds, &self.rel.table);
         s.lacks = None;
         s.info.holds = Holds::Unknown;
+        self.sources_changed();
     }
 }
 
@@ -616,6 +683,7 @@ impl Engine {
         let rto = self.config.retry.rto_initial;
         if let Some(job) = self.job.as_mut() {
             job.add(info, rto);
+            job.sources_changed();
         }
     }
 
@@ -776,6 +844,10 @@ impl Engine {
             Step::Fetching => {}
             Step::Indexing | Step::Flushing | Step::Hashing => return,
         }
+        if job.cut_recheck {
+            self.resume_cut(now);
+        }
+        let Some(job) = self.job.as_ref() else { return };
         // Writes not yet carried out bound what is read and fetched.
         if job.writing_bytes < self.config.writing_bytes_max {
             self.pump_reads();
@@ -785,6 +857,14 @@ impl Engine {
         self.update_timers(now);
         let Some(job) = self.job.as_mut() else { return };
         if job.needed == 0 {
+            if job.index_resumed {
+                // Nothing more to find: the cut would read the rest for nobody.
+                job.index_resumed = false;
+                job.hold_network = false;
+                let slot = self.state.active;
+                info!(%slot, "every chunk is written: the resumed cut of the active slot stops");
+                self.outputs.push_back(Output::StopIndex { slot });
+            }
             self.flush_batch();
             let Some(job) = self.job.as_mut() else { return };
             job.step = Step::Flushing;
@@ -799,7 +879,10 @@ impl Engine {
             || job.need.queued_fetches() > 0
             || job.requests.iter().any(Option::is_some)
             || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
-            || job.sources.iter().any(SourceState::is_open_stream);
+            || job.sources.iter().any(SourceState::is_open_stream)
+            // Chunks held for a resumed cut, or that the budget kept from the WAN,
+            // may be met by it: wait for it.
+            || job.index_resumed;
         if !busy {
             self.stuck();
         }
@@ -918,6 +1001,11 @@ impl Engine {
         if job.stream_may_bring(e) {
             return Choice::Stream;
         }
+        // A resumed cut may meet it: only a local source is asked meanwhile.
+        let held = job.hold_network;
+        if held && !job.local_may_hold(e) {
+            return Choice::Cut;
+        }
         let size = job.rel.table.size(e);
         let wan = job.lan.is_none() || self.wan_allowed(job, e, now);
         let wire = u64::from(job.rel.table.wire_size(e));
@@ -927,6 +1015,7 @@ impl Engine {
         let usable = |s: &SourceState| {
             s.is_requests()
                 && s.may_hold(e)
+                && (!held || s.info.class == SourceClass::Local)
                 && (!super::lan::is_wan(s.info.class) || (wan && budget))
         };
         let resting =
@@ -1049,7 +1138,7 @@ impl Engine {
                         break;
                     }
                 }
-                Choice::Stream | Choice::Nobody => {
+                Choice::Stream | Choice::Nobody | Choice::Cut => {
                     if let Some(job) = self.job.as_mut() {
                         job.need.set(e, Need::Idle);
                     }
@@ -1097,7 +1186,7 @@ impl Engine {
             .filter(|&e| job.need.get(e) == Need::QueuedFetch)
             .collect();
         for e in queued {
-            if let Choice::Nobody | Choice::Stream | Choice::Lan | Choice::OverBudget =
+            if let Choice::Nobody | Choice::Stream | Choice::Lan | Choice::OverBudget | Choice::Cut =
                 self.choose(e, now)
                 && let Some(job) = self.job.as_mut()
                 && job.need.get(e) == Need::QueuedFetch
@@ -1214,6 +1303,7 @@ impl Engine {
                 && s.failures == 0
                 && !s.in_backoff(now)
                 && s.requests.len() < s.requests_limit()
+                && (!job.hold_network || s.info.class == SourceClass::Local)
         }));
         self.end_game_take(now, &takers);
         if let Some(job) = self.job.as_mut() {
@@ -1389,6 +1479,7 @@ impl Engine {
         let id = job.sources[i].info.id;
         info!(source = %id, reason = ?why, "source dropped");
         job.sources[i].gone = Some(why);
+        job.sources_changed();
         let kind = job.sources[i].info.kind;
         self.end_requests_of(i, why != Gone::Removed);
         self.requeue_lan();
@@ -1698,6 +1789,12 @@ impl Engine {
             _ => {}
         }
         let Some(job) = self.job.as_mut() else { return };
+        if state == Need::Lan
+            && let Some(lan) = job.lan.as_mut()
+        {
+            // Met elsewhere (the slot's cut) while it waited for a LAN peer.
+            lan.waiting -= 1;
+        }
         job.need.set(e, Need::Done);
         job.needed -= 1;
         job.needed_bytes -= u64::from(size);
@@ -1739,7 +1836,7 @@ impl Engine {
         job.batch_bytes += bytes;
         let since = *job.batch_since.get_or_insert(now);
         self.progress.written_bytes += bytes;
-        if source.is_none() && job.step == Step::Indexing {
+        if source.is_none() && (job.step == Step::Indexing || job.index_resumed) {
             job.index_found += u64::from(size);
         }
         match source {
@@ -1832,6 +1929,11 @@ impl Engine {
         let s = &mut job.sources[i];
         s.lack(e, entries);
         s.last_heard = Some(now);
+        // A chunk no local holder has any more: the cut may have to resume (the
+        // check of one entry here; of all at the next pump only then).
+        if job.need.get(e) != Need::Done && !job.held_locally(e) {
+            job.sources_changed();
+        }
         let owned = matches!(job.need.get(e), Need::Fetching { req }
             if job.requests[req as usize].as_ref().is_some_and(|r| r.source == i));
         if owned {
@@ -1873,6 +1975,7 @@ impl Engine {
                 job.sources[i].lack(e, n);
             }
             job.sources[i].last_heard = Some(now);
+            job.sources_changed();
         }
         if let Some(slot) = slot {
             self.end_request(slot, false);
@@ -1908,6 +2011,9 @@ impl Engine {
         if self.timers.is_expired(Timer::JournalAge, now) {
             self.flush_batch();
         }
+        if self.timers.is_expired(Timer::CutHold, now) {
+            self.release_cut_hold(now, "the resumed cut told no progress");
+        }
         // Backoffs that ended need no action but a pump.
         self.pump(now);
     }
@@ -1933,6 +2039,13 @@ impl Engine {
             .and_then(|job| job.batch_since)
             .map(|since| Instant::from_millis(since.as_millis().saturating_add(age)));
         self.timers.set(Timer::JournalAge, journal);
+        let silence = super::lan::ms(self.config.cut_silence);
+        let hold = self
+            .job
+            .as_ref()
+            .filter(|job| job.hold_network)
+            .map(|job| Instant::from_millis(job.cut_heard.as_millis().saturating_add(silence)));
+        self.timers.set(Timer::CutHold, hold);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
@@ -2045,6 +2158,38 @@ impl Engine {
                     job.need.fetch_reachable(e),
                     "queued entry {e} is behind the queue's cursor"
                 );
+            }
+        }
+        // A resumed cut of the active slot, and the network fetches held for it.
+        assert!(
+            !job.hold_network || job.index_resumed,
+            "a hold without a cut"
+        );
+        if job.index_resumed {
+            assert!(job.index_stopped, "a cut resumed that was never stopped");
+            assert_eq!(job.step, Step::Fetching, "a cut resumed outside fetching");
+            assert!(job.index_cut <= job.index_len, "a cut resumed past its end");
+        }
+        if job.step == Step::Fetching {
+            assert_eq!(
+                self.timers.get(Timer::CutHold).is_some(),
+                job.hold_network,
+                "the hold's timer"
+            );
+        }
+        if job.hold_network {
+            for (slot, r) in job.requests.iter().enumerate() {
+                let Some(r) = r else { continue };
+                if job.sources[r.source].info.class == SourceClass::Local {
+                    continue;
+                }
+                for &e in &r.entries {
+                    assert!(
+                        job.need.get(e) != (Need::Fetching { req: slot as u32 })
+                            || !job.made_while_held(r.generation),
+                        "entry {e} asked of the network while held for the cut"
+                    );
+                }
             }
         }
         assert_eq!(
