@@ -317,6 +317,102 @@ fn a_thin_install_checks_only_the_chunks_it_needs_from_the_running_slot() {
     assert!(stderr.contains("partial=true"), "{stderr}");
 }
 
+/// The chunks of v1 a thin v2 install needs from the running slot, where v1 puts
+/// them: the first position of each chunk of v1 that v2 has, in slot order
+/// (`(offset, id, length)`), as the install's check lists them.
+fn needed_along(s: &Setup) -> Vec<(u64, shoal_artifact::ChunkId, u32)> {
+    let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+    let v2: std::collections::HashSet<_> = shoal_artifact::chunk::index(&s.v2[..], chunking)
+        .expect("cut v2")
+        .into_iter()
+        .map(|c| c.1)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    shoal_artifact::chunk::index(&s.v1[..], chunking)
+        .expect("cut v1")
+        .into_iter()
+        .filter(|c| v2.contains(&c.1) && seen.insert(c.1))
+        .collect()
+}
+
+/// Chunks a thin install reads from the running slot before it writes anything
+/// (`ALONG_SAMPLE` in `node/src/device/mod.rs`), spread over the chunks it needs.
+const ALONG_SAMPLE: usize = 64;
+
+/// A thin install reads only a sample of the chunks it needs from the running slot
+/// before writing; the others are hashed as they are copied. A slot that holds the
+/// base but differs in a chunk the sample did not read fails the install when that
+/// chunk is copied, with one line naming the chunk and its offset: nothing is
+/// armed, slot A is untouched, and slot B holds only v2's bytes where it was
+/// written.
+#[test]
+fn a_running_slot_that_differs_outside_the_sample_fails_the_copy_naming_the_offset() {
+    let s = setup();
+    let dev = &s.dev;
+    let needed = needed_along(&s);
+    let n = needed.len();
+    assert!(n > ALONG_SAMPLE, "{n} chunks needed from slot A");
+    let sampled: Vec<usize> = (0..ALONG_SAMPLE)
+        .map(|i| i * (n - 1) / (ALONG_SAMPLE - 1))
+        .collect();
+    let i = (1..n)
+        .find(|i| !sampled.contains(i))
+        .expect("an unsampled chunk");
+    let (at, id, size) = needed[i];
+    let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
+    a[at as usize + size as usize / 2] ^= 0x5a;
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let err = fails(dev.run(&["install", &s.plain.display().to_string()]), 1);
+    assert!(
+        err.contains(&format!(
+            "the running slot A does not hold the base release's chunk {id} at offset {at}"
+        )) && err.contains("nothing is armed"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    assert!(
+        std::fs::read(dev.path("a.img")).expect("slot A") == a,
+        "slot A untouched"
+    );
+    let b = std::fs::read(dev.path("b.img")).expect("slot B");
+    for (j, (x, y)) in b[..SIZE].iter().zip(&s.v2).enumerate() {
+        assert!(
+            *x == 0 || x == y,
+            "slot B byte {j} is neither unwritten nor v2's"
+        );
+    }
+}
+
+/// A running slot that holds another release than the base its kept manifest names
+/// fails the install's sampled check at its first chunk and is cut by content: the
+/// chunks the thin artifact leaves out are not there, and the install is refused
+/// before anything is written.
+#[test]
+fn a_running_slot_holding_another_release_is_refused_untouched() {
+    let s = setup();
+    let dev = &s.dev;
+    let mut other = image(99, SIZE);
+    other.resize(SLOT as usize, 0);
+    std::fs::write(dev.path("a.img"), &other).expect("slot A");
+    let b_before = std::fs::read(dev.path("b.img")).expect("slot B");
+    let err = fails(dev.run(&["install", &s.plain.display().to_string()]), 1);
+    assert!(
+        err.contains("leaves out the chunks of base release acme-os 1.0")
+            && err.contains("are missing"),
+        "{err}"
+    );
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    assert!(
+        std::fs::read(dev.path("b.img")).expect("slot B") == b_before,
+        "slot B untouched"
+    );
+    assert!(
+        std::fs::read(dev.path("a.img")).expect("slot A") == other,
+        "slot A untouched"
+    );
+}
+
 /// The running slot is indexed along the chunk list of the release it should hold
 /// (the kept base manifest) rather than cut by content again; a slot that holds
 /// that release's chunks elsewhere (here one chunk written twice a third of the

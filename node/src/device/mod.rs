@@ -1936,6 +1936,27 @@ impl References {
     }
 }
 
+/// Chunks of the running slot a thin install reads and hashes before it writes
+/// anything, spread over the chunks it needs from the base release where its
+/// manifest puts them ([`slotio::check_along`]): enough to refuse, untouched,
+/// a slot that holds another release or the base's bytes elsewhere (its first
+/// sampled chunk already differs), at the cost of a few dozen chunk reads instead
+/// of every needed chunk read twice (once to check, once to copy). A slot that
+/// holds the base but differs somewhere the sample did not look is found when that
+/// chunk is copied (it is hashed before it is written) and fails the install.
+const ALONG_SAMPLE: usize = 64;
+
+/// An entry of a slot index taken from a sampled check: the chunk's offset and
+/// the first 8 bytes of its id ([`id_prefix`]).
+type Listed = (u64, [u8; 8]);
+
+/// The first 8 bytes of a chunk id.
+fn id_prefix(id: &ChunkId) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&id.as_bytes()[..8]);
+    p
+}
+
 /// Runs an engine's outputs against the device.
 struct Driver<'a> {
     dev: &'a mut Device,
@@ -1963,6 +1984,11 @@ struct Driver<'a> {
     index_base: Option<[u8; 32]>,
     /// Set to stop the cut of the running slot in progress ([`Output::StopIndex`]).
     index_stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The index of the running slot taken from a sampled check
+    /// ([`slotio::check_along`]): its entries (offset, id prefix), sorted,
+    /// most of them never read before they are copied. One that does not hash to
+    /// its id when read fails the install instead of being fetched elsewhere.
+    unproved: Option<(Slot, Vec<Listed>)>,
 }
 
 impl<'a> Driver<'a> {
@@ -1988,6 +2014,7 @@ impl<'a> Driver<'a> {
             syncs_owed: std::collections::VecDeque::new(),
             index_base: None,
             index_stop: None,
+            unproved: None,
         }
     }
 
@@ -2604,15 +2631,29 @@ impl<'a> Driver<'a> {
                         // them. The index lists them only: a hint, as every index
                         // (each chunk read on its word is hashed again), and after
                         // the install the device runs the other slot.
+                        //
+                        // Only a sample of them is read now (see
+                        // [`ALONG_SAMPLE`]): the rest are hashed when they are
+                        // copied, and one that does not hash to its id fails the
+                        // install (`Output::Read` below).
                         let awaited = self.engine.awaited_chunks();
                         let checked = slotio::check_along(
                             &*storage,
                             len,
                             expected.iter().map(|c| (c.id, c.size)),
                             &|id| awaited.contains(id),
+                            Some(ALONG_SAMPLE),
                         )?;
                         let (chunks, partial) = match checked {
-                            slotio::Along::Held(chunks) => (chunks, true),
+                            slotio::Along::Held(chunks) => {
+                                let mut listed: Vec<Listed> = chunks
+                                    .iter()
+                                    .map(|(offset, id, _)| (*offset, id_prefix(id)))
+                                    .collect();
+                                listed.sort_unstable();
+                                self.unproved = Some((slot, listed));
+                                (chunks, true)
+                            }
                             slotio::Along::Differs { offset, expected } => {
                                 // Not the release expected: cut by content, which
                                 // finds what the slot shares with the new release
@@ -2738,8 +2779,25 @@ impl<'a> Driver<'a> {
                 let data = self
                     .read(slot, offset, len as usize)
                     .map_err(|e| (IoOp::Read, e))?;
-                self.engine
-                    .handle(now, Input::checked(Origin::Slot(slot), id, data));
+                let input = Input::checked(Origin::Slot(slot), id, data);
+                if matches!(input, Input::Corrupt { .. })
+                    && let Some((unproved, listed)) = &self.unproved
+                    && *unproved == slot
+                    && listed.binary_search(&(offset, id_prefix(&id))).is_ok()
+                {
+                    // A chunk of the sampled check's list (the base release where
+                    // its manifest puts it) that is not there: the slot holds the
+                    // base release but differs from it here. Nothing of it was
+                    // written; the install stops (nothing armed, slot A untouched).
+                    return Err((
+                        IoOp::Read,
+                        anyhow!(
+                            "the running slot {slot} does not hold the base release's chunk {id} at offset {offset} (a check of {ALONG_SAMPLE} chunks spread over the slot found the base release there, but the slot differs from it here); slot {target} is partly written and nothing is armed: repair slot {slot} or install a full artifact",
+                            target = slot.other(),
+                        ),
+                    ));
+                }
+                self.engine.handle(now, input);
             }
             // Local requests are answered before the next output: nothing to cancel.
             Output::Cancel { source, request } => {

@@ -262,13 +262,44 @@ pub enum Along {
 /// Stops at the first position that does not hash to its id: the slot does not
 /// hold that release there (the caller then cuts it by content). `expected` must
 /// fit in `len`.
+///
+/// With `sample`, only that many of the wanted chunks are read and hashed, spread
+/// evenly over them in slot order (the first and the last among them): whether
+/// the slot holds the release at all, for a few dozen chunk reads instead of
+/// every wanted one. [`Along::Held`] then lists every wanted chunk all the same,
+/// most of them unread: the caller must treat those as unproved (hash each when it
+/// reads it, and fail, not fall back, when one does not hash to its id).
 pub fn check_along(
     storage: &dyn Storage,
     len: u64,
     expected: impl IntoIterator<Item = (ChunkId, u32)>,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    sample: Option<usize>,
 ) -> io::Result<Along> {
-    // The first position of each wanted id, in slot order.
+    let targets = targets_along(len, expected, wanted);
+    let picked = match (sample, targets.len()) {
+        (Some(sample), n) if n > sample => Some(
+            (0..sample)
+                .map(|i| targets[i * (n - 1) / (sample - 1).max(1)])
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+    Ok(
+        match check_targets(storage, len, picked.as_deref().unwrap_or(&targets))? {
+            Some((offset, expected)) => Along::Differs { offset, expected },
+            None => Along::Held(targets),
+        },
+    )
+}
+
+/// The first position of each wanted id of `expected` (from offset 0), in slot
+/// order: `(offset, id, length)`.
+fn targets_along(
+    len: u64,
+    expected: impl IntoIterator<Item = (ChunkId, u32)>,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+) -> Vec<(u64, ChunkId, u32)> {
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut targets: Vec<(u64, ChunkId, u32)> = Vec::new();
     let mut offset = 0u64;
@@ -278,8 +309,17 @@ pub fn check_along(
         }
         offset += u64::from(n);
     }
-    drop(seen);
     assert!(offset <= len, "the expected chunks run past the slot");
+    targets
+}
+
+/// Reads and hashes `targets` (in slot order) as [`check_along`] says; the first
+/// that does not hash to its id, if any.
+fn check_targets(
+    storage: &dyn Storage,
+    len: u64,
+    targets: &[(u64, ChunkId, u32)],
+) -> io::Result<Option<(u64, ChunkId)>> {
     // Reads `(start, len, targets)`: aligned, clamped to the slot.
     let align = ALIGN as u64;
     let mut reads: Vec<(u64, u64, std::ops::Range<usize>)> = Vec::new();
@@ -303,7 +343,6 @@ pub fn check_along(
     let ranges = reads
         .iter()
         .map(|(s, e, _)| (*s, usize::try_from(e - s).expect("checked above")));
-    let targets = &targets;
     let reads = &reads;
     read_ranges_ahead(
         storage,
@@ -313,7 +352,7 @@ pub fn check_along(
             for (start, _, t) in reads {
                 let Some(block) = blocks.next() else {
                     // The reading failed: its error is returned.
-                    return Along::Held(Vec::new());
+                    return None;
                 };
                 let bytes = block.as_slice();
                 let differs = targets[t.clone()].par_iter().find_first(|&&(at, id, n)| {
@@ -322,10 +361,10 @@ pub fn check_along(
                 });
                 blocks.recycle(block);
                 if let Some(&(offset, expected, _)) = differs {
-                    return Along::Differs { offset, expected };
+                    return Some((offset, expected));
                 }
             }
-            Along::Held(targets.clone())
+            None
         },
     )
 }
@@ -2063,6 +2102,7 @@ mod tests {
             slot.len() as u64,
             chunks.iter().map(|c| (c.1, c.2)),
             &|id| wanted_ids.contains(id),
+            None,
         )
         .unwrap();
         assert_eq!(got, Along::Held(wanted.clone()));
@@ -2099,6 +2139,7 @@ mod tests {
             slot.len() as u64,
             chunks.iter().map(|c| (c.1, c.2)),
             &|_| true,
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -2118,6 +2159,7 @@ mod tests {
             shifted.len() as u64,
             chunks.iter().map(|c| (c.1, c.2)),
             &|id| *id == chunks[40].1,
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -2125,6 +2167,82 @@ mod tests {
             Along::Differs {
                 offset: chunks[40].0,
                 expected: chunks[40].1
+            }
+        );
+    }
+
+    /// A sampled check reads only its sample, spread over the wanted chunks (the
+    /// first and the last among them), lists every wanted chunk, and does not see a
+    /// change in a wanted chunk outside the sample; a change in a sampled one (the
+    /// base's bytes elsewhere: the first wanted chunk already differs) is found.
+    #[test]
+    fn check_along_with_a_sample_reads_the_sample_only() {
+        let data = pattern(6 * BLOCK, 26);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let chunks = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let wanted: Vec<(u64, ChunkId, u32)> = chunks.iter().copied().step_by(2).collect();
+        assert!(wanted.len() > 40, "{} wanted", wanted.len());
+        let wanted_ids: HashSet<ChunkId> = wanted.iter().map(|c| c.1).collect();
+        let sample = 8;
+        let n = wanted.len();
+        let picked: Vec<usize> = (0..sample).map(|i| i * (n - 1) / (sample - 1)).collect();
+        assert_eq!((picked[0], picked[sample - 1]), (0, n - 1));
+        let picked_bytes: u64 = picked.iter().map(|&i| u64::from(wanted[i].2)).sum();
+        // A wanted chunk outside the sample changed: not read, not noticed.
+        let unsampled = (1..n).find(|i| !picked.contains(i)).unwrap();
+        let mut slot = data.clone();
+        slot[wanted[unsampled].0 as usize + 3] ^= 1;
+        let (_dir, storage) = file_with(&slot);
+        let counting = Counting::new(storage);
+        let got = check_along(
+            &counting,
+            slot.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|id| wanted_ids.contains(id),
+            Some(sample),
+        )
+        .unwrap();
+        assert_eq!(got, Along::Held(wanted.clone()));
+        let (reads, bytes) = counting.counts();
+        assert!(reads <= sample as u64, "{reads} reads");
+        assert!(
+            bytes >= picked_bytes
+                && bytes <= picked_bytes + reads * (2 * ALIGN as u64 + GAP_READ_MAX),
+            "{bytes} bytes read for a sample of {picked_bytes}"
+        );
+        // The same check of every wanted chunk finds the change.
+        let got = check_along(
+            &counting,
+            slot.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|id| wanted_ids.contains(id),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            Along::Differs {
+                offset: wanted[unsampled].0,
+                expected: wanted[unsampled].1
+            }
+        );
+        // The release's bytes elsewhere (shifted): the sample's first chunk differs.
+        let mut shifted = vec![0u8; 5];
+        shifted.extend_from_slice(&data);
+        let (_dir, storage) = file_with(&shifted);
+        let got = check_along(
+            &*storage,
+            shifted.len() as u64,
+            chunks.iter().map(|c| (c.1, c.2)),
+            &|id| wanted_ids.contains(id),
+            Some(sample),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            Along::Differs {
+                offset: wanted[0].0,
+                expected: wanted[0].1
             }
         );
     }
@@ -2152,7 +2270,14 @@ mod tests {
         slot[last] ^= 1;
         let (_dir, storage) = file_with(&slot);
         let counting = Counting::new(storage);
-        let got = check_along(&counting, slot.len() as u64, expected, &|id| *id == zid).unwrap();
+        let got = check_along(
+            &counting,
+            slot.len() as u64,
+            expected,
+            &|id| *id == zid,
+            None,
+        )
+        .unwrap();
         assert_eq!(got, Along::Held(vec![(0, zid, 8000)]));
         let (reads, bytes) = counting.counts();
         assert_eq!(reads, 1);
