@@ -28,7 +28,7 @@ use anyhow::{Context, anyhow, bail};
 use rayon::prelude::*;
 use shoal_artifact::read::{ArtifactReader, CopyError, EnvelopeHead};
 use shoal_artifact::{
-    ChunkError, ChunkId, ChunkRef, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
+    ChunkError, ChunkId, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
 };
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
@@ -3226,6 +3226,7 @@ mod reference_tests {
 #[cfg(test)]
 mod index_along_tests {
     use super::*;
+    use shoal_artifact::ChunkRef;
 
     fn ids(list: &[ChunkRef]) -> impl Iterator<Item = (ChunkId, u32)> + '_ {
         list.iter().map(|c| (c.id, c.size))
