@@ -722,7 +722,7 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
                 goals.push(Goal::not_run(
                     row,
                     format!("skipped: --large-max-gib {}", ctx.large_max_bytes >> 30),
-                    target.clone(),
+                    target,
                 ));
             }
             continue;
@@ -864,7 +864,7 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
                 goals.push(Goal::absolute(
                     row,
                     figure(&jobs, &job.series.label, "", rss),
-                    target.clone(),
+                    target,
                 ));
             }
             Ok(())
@@ -873,7 +873,7 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
         if let Err(e) = measured {
             let why = one_line(&format!("{e:#}"));
             for row in rows.iter().skip(goals.len() - before) {
-                goals.push(Goal::not_run(row, why.clone(), target.clone()));
+                goals.push(Goal::not_run(row, why.clone(), target));
             }
         }
     }
