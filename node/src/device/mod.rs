@@ -3271,6 +3271,74 @@ mod index_along_tests {
 }
 
 #[cfg(test)]
+mod expected_tests {
+    use super::*;
+    use shoal_engine::testing;
+
+    /// The kept manifest's chunk list is read by position (its ids from a
+    /// temporary file, a block at a time: 300 chunks cross a block), and a kept
+    /// file that cannot serve (none, another manifest under its name, a changed
+    /// byte, not an envelope) or a list that does not fit the slot (another
+    /// chunking, a payload larger than the slot) is `None`: the slot is then cut
+    /// by content. Nothing is left in the data directory.
+    #[test]
+    fn the_kept_chunk_list_is_read_by_position_and_what_cannot_serve_is_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        let (key, _) = testing::keys(1);
+        let image = testing::bytes(7, 300 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let hash = manifest.hash();
+        let chunking = manifest.chunking;
+        let len = image.len() as u64;
+        assert!(
+            expected_chunks(data, &hash, chunking, len).is_none(),
+            "none kept"
+        );
+        let envelope = testing::sign(&manifest, &key);
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        let want: Vec<(ChunkId, u32)> = manifest.payloads[0]
+            .chunks
+            .iter()
+            .map(|c| (c.id, c.size))
+            .collect();
+        assert!(want.len() > Expected::BLOCK, "{}", want.len());
+        let expected = expected_chunks(data, &hash, chunking, len).expect("read");
+        assert_eq!(expected.chunks().collect::<Vec<_>>(), want);
+        // Read twice (the check and the comparison each read it once).
+        assert_eq!(expected.chunks().count(), want.len());
+        drop(expected);
+        // Does not fit: a slot shorter than the payload, another chunking.
+        assert!(expected_chunks(data, &hash, chunking, len - 1).is_none());
+        let mut other = chunking;
+        other.avg_size *= 2;
+        assert!(expected_chunks(data, &hash, other, len).is_none());
+        // Another release's manifest under this name.
+        let (another, _) = testing::release_cut("os", "2", 1, "board", &image, &[4096]);
+        KeptManifests::save(data, &hash, &testing::sign(&another, &key)).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // A byte of the signed manifest changed (inside a chunk id: still laid
+        // out as an envelope, no longer the bytes named).
+        let mut changed = envelope.clone();
+        let at = changed.len() / 2;
+        changed[at] ^= 0x01;
+        KeptManifests::save(data, &hash, &changed).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // Not an envelope.
+        KeptManifests::save(data, &hash, b"not an envelope").expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // The good one again reads; nothing but the kept files is left.
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_some());
+        let left: Vec<_> = std::fs::read_dir(data)
+            .expect("data dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("manifests")]);
+    }
+}
+
+#[cfg(test)]
 mod kept_tests {
     use super::*;
     use shoal_engine::testing;
