@@ -2120,7 +2120,7 @@ impl<'a> Signed<'a> {
 
 /// A streamed decode's error as the reader's: the manifest's own, or (the file
 /// could not be read, or changed) an I/O error.
-fn manifest_error(e: crate::StreamedError) -> ReadError {
+pub(crate) fn manifest_error(e: crate::StreamedError) -> ReadError {
     match e {
         crate::StreamedError::Manifest(e) => ReadError::from(e),
         crate::StreamedError::Read(e) => ReadError::Io(io::Error::other(e)),

@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, RoleName, TrustRoot};
+use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, RoleName, TrustRoot};
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Manifest, stored_size_max};
@@ -445,6 +445,93 @@ impl ChunkStore {
             .map(|(_, manifest)| manifest)
     }
 
+    /// A release of the store as its signed manifest describes it, read from the
+    /// envelope file at `path` without holding it or its chunk list: the
+    /// signatures are checked against `root` as the signed bytes are read (once,
+    /// [`TrustRoot::verify_streamed`]), then the manifest is decoded from the file
+    /// with its chunk list streamed past (sizes checked against the chunking and
+    /// the payload, ids dropped), every field checked as
+    /// [`Manifest::from_cbor`] checks it, with the same errors
+    /// ([`StoreError::BadManifest`]). Enough to choose a release among the
+    /// store's (name, version, device types, security counter, base, the
+    /// manifest's hash); the one chosen is verified whole where it is installed
+    /// (its references and canonical form are checked there, against its ids).
+    /// An envelope not laid out canonically is read whole (bounded by
+    /// [`ENVELOPE_SIZE_MAX`]), for the decoder's own error, as
+    /// [`ChunkStore::load_manifest`] reads it.
+    pub fn release_head(
+        &self,
+        path: &Path,
+        root: &TrustRoot,
+        now_unix_s: Option<u64>,
+    ) -> Result<StoredRelease, StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let bad = |source: ReadError| StoreError::BadManifest {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len > ENVELOPE_SIZE_MAX as u64 {
+            return Err(bad(ReadError::EnvelopeTooLarge {
+                size: len,
+                max: ENVELOPE_SIZE_MAX,
+            }));
+        }
+        let layout = EnvelopeLayout::locate(len, &mut |at, buf| file.read_exact_at(buf, at))
+            .map_err(io_err(path))?;
+        let Some(layout) = layout else {
+            let (bytes, mut manifest) = self.load_manifest_bytes(path, root, now_unix_s)?;
+            let manifest_hash = manifest.hash();
+            for p in &mut manifest.payloads {
+                p.chunks = Vec::new();
+            }
+            return Ok(StoredRelease {
+                path: path.to_path_buf(),
+                manifest,
+                manifest_hash,
+                envelope_len: bytes.len() as u64,
+            });
+        };
+        let mut signed = blake3::Hasher::new();
+        let verdict = root
+            .verify_streamed(
+                RoleName::Release,
+                &layout.signatures,
+                now_unix_s,
+                |feed| -> io::Result<()> {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut done = 0;
+                    while done < layout.signed_len {
+                        let n = (layout.signed_len - done).min(buf.len() as u64) as usize;
+                        file.read_exact_at(&mut buf[..n], layout.signed_at + done)?;
+                        signed.update(&buf[..n]);
+                        feed(&buf[..n]);
+                        done += n as u64;
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(io_err(path))?;
+        verdict.map_err(|e| bad(e.into()))?;
+        let manifest_hash = *signed.finalize().as_bytes();
+        let at = FileAt(&file);
+        let (streamed, Discard) = Manifest::from_file_streaming(
+            &at,
+            layout.signed_at,
+            layout.signed_len,
+            &manifest_hash,
+            Discard,
+        )
+        .map_err(|e| bad(crate::read::manifest_error(e)))?;
+        Ok(StoredRelease {
+            path: path.to_path_buf(),
+            manifest: streamed.manifest().clone(),
+            manifest_hash,
+            envelope_len: len,
+        })
+    }
+
     /// [`ChunkStore::load_manifest`], with the envelope's bytes it verified (read
     /// once: the file may be replaced meanwhile, so a caller that hands the
     /// envelope on hands on these).
@@ -475,6 +562,40 @@ impl ChunkStore {
             .map_err(|e| bad(e.into()))?;
         let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
         Ok((bytes, manifest))
+    }
+}
+
+/// A release in a chunk store, from its signed manifest
+/// ([`ChunkStore::release_head`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRelease {
+    /// The envelope file it was read from.
+    pub path: PathBuf,
+    /// The verified manifest without its chunk lists (every payload's `chunks`
+    /// is empty: [`Manifest::hash`] of it is not the release's).
+    pub manifest: Manifest,
+    /// BLAKE3 of the signed manifest: the release's id.
+    pub manifest_hash: [u8; 32],
+    /// The envelope file's length.
+    pub envelope_len: u64,
+}
+
+/// A file read by offset, for the streamed decode.
+struct FileAt<'a>(&'a File);
+
+impl crate::ReadAt for FileAt<'_> {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        self.0.read_exact_at(buf, at)
+    }
+}
+
+/// Drops the streamed ids: choosing a release needs none.
+struct Discard;
+
+impl crate::ChunkIdSink for Discard {
+    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -2825,3 +2825,97 @@ fn a_bad_data_member_is_refused_before_any_of_its_chunks() {
         );
     }
 }
+
+/// A chunk store's release read from its envelope file without its chunk list
+/// (`ChunkStore::release_head`, what `shoal install --store` picks from): the
+/// signed fields and the manifest's hash; every bad envelope refused with its
+/// own error, the signatures checked before a byte of the manifest is decoded.
+#[test]
+fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_errors() {
+    let data = payload(200_000, 21);
+    let (bytes, report) = build(&data);
+    let root = root(&[1], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let added = store.add_artifact(&bytes[..], &root, NOW).unwrap();
+    let path = added.manifest_path;
+    let head = store.release_head(&path, &root, NOW).unwrap();
+    let m = &report.manifest;
+    assert_eq!(head.manifest_hash, m.hash());
+    assert_eq!(head.path, path);
+    assert_eq!(head.envelope_len, std::fs::metadata(&path).unwrap().len());
+    let mut fields = m.clone();
+    fields.payloads[0].chunks.clear();
+    assert_eq!(head.manifest, fields, "every field but the chunk list");
+    assert_eq!(head.manifest.payloads[0].size, data.len() as u64);
+
+    let bad = |file: &std::path::Path, root: &TrustRoot| match store.release_head(file, root, NOW) {
+        Err(StoreError::BadManifest { path, source }) => {
+            assert_eq!(path, file);
+            source
+        }
+        other => panic!("not a bad manifest: {other:?}"),
+    };
+    // Signed by a key the root does not trust.
+    assert!(matches!(
+        bad(&path, &self::root(&[5], 1)),
+        ReadError::Signature(VerifyError::BelowThreshold { valid: 0, .. })
+    ));
+    // A signed byte changed: the signature fails before the manifest is decoded.
+    let good = std::fs::read(&path).unwrap();
+    let other = dir.path().join("other.envelope");
+    let at = good.len() / 2;
+    let mut flipped = good.clone();
+    flipped[at] ^= 0x01;
+    std::fs::write(&other, &flipped).unwrap();
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            invalid: 1,
+            ..
+        })
+    ));
+    // Cut short: not an envelope.
+    std::fs::write(&other, &good[..good.len() - 10]).unwrap();
+    assert!(matches!(bad(&other, &root), ReadError::Envelope(_)));
+    // Larger than any envelope: refused before it is read.
+    let file = std::fs::File::create(&other).unwrap();
+    file.set_len(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
+        .unwrap();
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::EnvelopeTooLarge { size, .. } if size == shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1
+    ));
+    // Signed, but not a manifest.
+    let mut env = Envelope::new(b"not a manifest".to_vec());
+    env.sign(&key(1));
+    std::fs::write(&other, env.to_bytes()).unwrap();
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Manifest(shoal_artifact::ManifestError::Decode(_))
+    ));
+    // Signed, but its chunk sizes do not add up to its payload's size: the
+    // error `Manifest::from_cbor` gives.
+    let mut wrong = m.clone();
+    wrong.payloads[0].size += 1;
+    let expected = Manifest::from_cbor(&wrong.to_cbor()).unwrap_err();
+    assert!(matches!(
+        expected,
+        shoal_artifact::ManifestError::SizeMismatch { .. }
+    ));
+    std::fs::write(&other, signed(&wrong)).unwrap();
+    match bad(&other, &root) {
+        ReadError::Manifest(e) => assert_eq!(e, expected),
+        e => panic!("{e}"),
+    }
+    // The good one still reads.
+    std::fs::write(&other, &good).unwrap();
+    assert_eq!(
+        store
+            .release_head(&other, &root, NOW)
+            .unwrap()
+            .manifest_hash,
+        m.hash()
+    );
+}

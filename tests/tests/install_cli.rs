@@ -431,3 +431,78 @@ fn an_unrelated_running_slot_is_cut_only_as_far_as_its_sample() {
         );
     }
 }
+
+/// `shoal install --store DIR` picks among the store's releases from their signed
+/// manifests' fields, each read without its chunk list: the newest (highest
+/// security counter) for this device type, a thin release whose base the store
+/// holds included; `--release` names another; a store with nothing for this
+/// device, or two different releases tied on the counter, is refused naming them.
+#[test]
+fn a_chunk_store_install_picks_the_newest_compatible_release() {
+    let (dev, v1, v2) = setup();
+    let a1 = dev.build(&v1, "1.0", 1, None);
+    let a2_thin = dev.build(&v2, "2.0", 2, Some(&a1));
+    let v3 = modify(&v2, 4, 2, 100_000);
+    let toaster = dev.build_as(&v3, "3.0", 3, None, "toaster", &dev.key);
+    let root = dev.root.display().to_string();
+    let add = |store: &std::path::Path, a: &std::path::Path| {
+        ok(dev.run(&[
+            "store",
+            "add",
+            &store.display().to_string(),
+            &a.display().to_string(),
+            "--root",
+            &root,
+        ]));
+    };
+    let store = dev.path("store");
+    for a in [&a1, &a2_thin, &toaster] {
+        add(&store, a);
+    }
+    let store_arg = store.display().to_string();
+    let r = install_common::json(&ok(dev.run(&["install", "--json", &store_arg])));
+    assert_eq!(r["slot"], "B", "{r}");
+    assert_eq!(
+        dev.slot_hash(Slot::B, SIZE),
+        hash(&v2),
+        "slot B holds 2.0: {r}"
+    );
+    assert_eq!(dev.status()["slots"]["B"]["version"], "2.0");
+    // Named: the older one.
+    ok(dev.run(&["rollback"]));
+    let r = install_common::json(&ok(dev.run(&[
+        "install",
+        "--json",
+        &store_arg,
+        "--release",
+        "acme-os@1.0",
+    ])));
+    assert_eq!(
+        dev.slot_hash(Slot::B, SIZE),
+        hash(&v1),
+        "slot B holds 1.0: {r}"
+    );
+    assert_eq!(dev.status()["slots"]["B"]["version"], "1.0");
+    ok(dev.run(&["rollback"]));
+
+    // Nothing for this device.
+    let other = dev.path("store-toaster");
+    add(&other, &toaster);
+    let e = fails(dev.run(&["install", &other.display().to_string()]), 1);
+    assert!(
+        e.contains(r#"holds no compatible release (this device is "board")"#),
+        "{e}"
+    );
+    // Two different releases on the highest counter: not guessed.
+    let tied = dev.path("store-tied");
+    let a2b = dev.build(&v3, "2.0-hotfix", 2, None);
+    let a2 = dev.build(&v2, "2.0", 2, None);
+    add(&tied, &a2);
+    add(&tied, &a2b);
+    let e = fails(dev.run(&["install", &tied.display().to_string()]), 1);
+    assert!(
+        e.contains("several releases (acme-os@2.0, acme-os@2.0-hotfix)"),
+        "{e}"
+    );
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+}

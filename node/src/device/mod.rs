@@ -28,7 +28,7 @@ use anyhow::{Context, anyhow, bail};
 use rayon::prelude::*;
 use shoal_artifact::read::{ArtifactReader, CopyError, EnvelopeHead};
 use shoal_artifact::{
-    ChunkError, ChunkId, ChunkRef, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
+    ChunkError, ChunkId, ChunkStore, Manifest, ReadError, Reference, ReferenceBytes,
 };
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
@@ -657,6 +657,57 @@ impl Device {
         verified
     }
 
+    /// [`Device::verify_envelope`] of an envelope file (a chunk store's): copied
+    /// into the device store as it is read (64 KiB at a time, hashed as it is
+    /// written, at most [`shoal_signing::ENVELOPE_SIZE_MAX`] bytes), then
+    /// verified from the copy, never whole in memory. With the bytes copied.
+    fn verify_envelope_file(
+        &self,
+        path: &Path,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
+        let max = shoal_signing::ENVELOPE_SIZE_MAX as u64;
+        let cannot_read =
+            |e: io::Error| anyhow!(e).context(format!("cannot read {}", path.display()));
+        let file = std::fs::File::open(path).map_err(cannot_read)?;
+        let mut copied = 0u64;
+        let stored = self
+            .store
+            .put_envelope_with(|out| -> io::Result<()> {
+                copied = io::copy(&mut file.take(max + 1), out)?;
+                if copied > max {
+                    return Err(io::Error::other(format!(
+                        "the envelope is more than {max} bytes"
+                    )));
+                }
+                Ok(())
+            })
+            .context("cannot store the signed manifest")?;
+        let hash = match stored {
+            Some(Ok(hash)) => hash,
+            Some(Err(e)) => return Err(cannot_read(e)),
+            None => {
+                // A store without envelope files (the crash tests' backend): the
+                // release keeps the bytes.
+                let mut bytes = Vec::new();
+                std::fs::File::open(path)
+                    .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+                    .map_err(cannot_read)?;
+                let copied = bytes.len() as u64;
+                return Ok((self.verify_envelope_at(bytes, wall_unix_s)?, copied));
+            }
+        };
+        let verified = self
+            .store
+            .open_stored_envelope(&hash)
+            .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))
+            .and_then(|(file, len)| self.verify_stored_file(&hash, &file, len, wall_unix_s));
+        if verified.is_err() {
+            self.store.forget_envelope(&hash);
+        }
+        Ok((verified?, copied))
+    }
+
     /// Removes the stored envelope (and its chunk ids) of a release verified by
     /// [`Device::verify_envelope`] that is not installed after all, unless a
     /// deployment names it.
@@ -1031,28 +1082,31 @@ impl Device {
                     .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
                 let mut found = store_manifests(&store, &driver.dev.root, wall)?;
                 let picked = {
-                    let manifests: Vec<&Manifest> = found.iter().map(|(_, m)| m).collect();
+                    let releases: Vec<(&Manifest, [u8; 32])> = found
+                        .iter()
+                        .map(|r| (&r.manifest, r.manifest_hash))
+                        .collect();
                     driver
                         .engine
-                        .pick_release(&manifests, release.as_deref())
+                        .pick_release_hashed(&releases, release.as_deref())
                         .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
                 };
-                let (envelope, manifest) = found.swap_remove(picked);
+                let picked = found.swap_remove(picked);
                 drop(found);
+                // Copied into the device store as it is read and verified from
+                // there, once, as every install's (the chunk list to its table,
+                // the ids to `<hash>.ids`); the store's file may have changed since
+                // it was picked, so what verified must be what was picked.
+                let (release, copied) = driver.dev.verify_envelope_file(&picked.path, wall)?;
                 // The signed manifest is read from the source too.
-                driver.source_bytes_read = envelope.len() as u64;
-                let picked_hash = manifest.hash();
-                drop(manifest);
-                // Verified from the device store's file; the store's chunks are
-                // looked up in its table (no map of every chunk).
-                let release = driver.dev.verify_envelope_at(envelope, wall)?;
-                if release.release().manifest_hash != picked_hash {
-                    // The bytes picked are the bytes verified, so this is a bug.
+                driver.source_bytes_read = copied;
+                if release.release().manifest_hash != picked.manifest_hash {
                     driver.dev.forget_release(&release);
                     bail!(
-                        "the chunk store {}'s release {} verified as another release ({})",
+                        "the chunk store {}'s manifest {} changed while it was read: it was release {}, it is now {}",
                         dir.display(),
-                        crate::lan::proto::ManifestId(picked_hash),
+                        picked.path.display(),
+                        crate::lan::proto::ManifestId(picked.manifest_hash),
                         crate::lan::proto::ManifestId(release.release().manifest_hash)
                     );
                 }
@@ -1579,14 +1633,17 @@ fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
     }
 }
 
-/// The signed manifests of a chunk store, each verified against `root`, with its
-/// envelope's bytes (which one to install is the engine's choice:
-/// [`Engine::pick_release`]).
+/// The releases of a chunk store, each read from its envelope file as its
+/// signed manifest describes it ([`ChunkStore::release_head`]: signatures checked
+/// against `root` as the file is read, the manifest decoded with its chunk list
+/// streamed past, neither held), sorted by name and version; which one to install
+/// is the engine's choice ([`Engine::pick_release_hashed`]). A store manifest that
+/// does not verify stops the install with its error, as before.
 fn store_manifests(
     store: &ChunkStore,
     root: &TrustRoot,
     wall: Option<u64>,
-) -> anyhow::Result<Vec<(Vec<u8>, Manifest)>> {
+) -> anyhow::Result<Vec<shoal_artifact::StoredRelease>> {
     let dir = store.dir().join("manifests");
     let entries = std::fs::read_dir(&dir).with_context(|| {
         format!(
@@ -1594,20 +1651,27 @@ fn store_manifests(
             store.dir().display()
         )
     })?;
-    let mut found = Vec::new();
+    let mut paths = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("envelope") {
-            continue;
+        if path.extension().and_then(|e| e.to_str()) == Some("envelope") {
+            paths.push(path);
         }
-        // The bytes verified, not the file read again (it may have been replaced).
-        let (bytes, manifest) = store
-            .load_manifest_bytes(&path, root, wall)
-            .map_err(|e| anyhow!("{}", chain(&e)))?;
-        found.push((bytes, manifest));
     }
-    // Directory order is the file system's: the engine sees them by name.
-    found.sort_by(|a, b| (&a.1.name, &a.1.version).cmp(&(&b.1.name, &b.1.version)));
+    // Directory order is the file system's: read (and reported) by file name.
+    paths.sort();
+    let mut found = Vec::with_capacity(paths.len());
+    for path in paths {
+        found.push(
+            store
+                .release_head(&path, root, wall)
+                .map_err(|e| anyhow!("{}", chain(&e)))?,
+        );
+    }
+    // The engine sees them by name.
+    found.sort_by(|a, b| {
+        (&a.manifest.name, &a.manifest.version).cmp(&(&b.manifest.name, &b.manifest.version))
+    });
     Ok(found)
 }
 
@@ -1670,26 +1734,109 @@ fn decode_resolved(
 /// The chunk list of the root file system payload of the release whose kept
 /// manifest hashes to `hash`, when a slot index cut with `chunking` over `len`
 /// bytes can take it as the slot's first chunks (same chunking, payload within
-/// `len`). Nothing of it is trusted: the index hashes every chunk it lists.
+/// `len`), read by position, not decoded as a list: the kept envelope is read
+/// from its file (its signed bytes must hash to `hash`), the manifest decoded
+/// as it is read with its chunk list streamed out ([`Manifest::from_file_streaming`]:
+/// every check of a manifest's fields and sizes), the sizes kept (4 bytes a
+/// chunk), the ids written to an unnamed temporary file in the data directory
+/// (gone when the install drops it) and read from there in blocks
+/// ([`Expected::chunks`]). Its signatures
+/// are not checked: nothing of it is trusted, the index hashes every chunk it
+/// lists. `None` (the slot is cut by content) when it is not kept, cannot be
+/// read, or does not fit.
 fn expected_chunks(
     data_dir: &Path,
     hash: &[u8; 32],
     chunking: shoal_artifact::Chunking,
     len: u64,
-) -> Option<Vec<ChunkRef>> {
-    use shoal_artifact::HeldManifests;
-    let signed = KeptManifests::new(data_dir).manifest(hash)?;
-    let manifest = Manifest::from_cbor(&signed).ok()?;
-    drop(signed);
+) -> Option<Expected> {
+    use std::os::unix::fs::FileExt as _;
+    let dir = KeptManifests::new(data_dir).dir;
+    let name = hex::encode(hash);
+    let path = dir.join(format!("{name}.envelope"));
+    let file = std::fs::File::open(&path).ok()?;
+    let file_len = file.metadata().ok()?.len();
+    let layout =
+        shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| file.read_exact_at(buf, at))
+            .ok()??;
+    let ids = tempfile::tempfile_in(data_dir).ok()?;
+    let ids = ExpectedIds {
+        out: io::BufWriter::with_capacity(64 * 1024, ids),
+    };
+    let file = chunk_ids::FileAt(file);
+    let decoded =
+        Manifest::from_file_streaming(&file, layout.signed_at, layout.signed_len, hash, ids);
+    let (mut streamed, ids) = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "the kept manifest cannot be read: the slot is cut by content");
+            return None;
+        }
+    };
+    let manifest = streamed.manifest();
+    // The list streamed is the first payload's: the release's only one.
+    let payload = match &manifest.payloads[..] {
+        [p] if p.kind == shoal_artifact::PayloadKind::RootfsImage => p.size,
+        _ => return None,
+    };
     if manifest.chunking != chunking {
         return None;
     }
-    let payload = manifest
-        .payloads
-        .into_iter()
-        .find(|p| p.kind == shoal_artifact::PayloadKind::RootfsImage)?;
-    let total: u64 = payload.chunks.iter().map(|c| u64::from(c.size)).sum();
-    (total == payload.size && total <= len).then_some(payload.chunks)
+    let sizes = std::mem::take(&mut streamed.sizes.sizes);
+    drop(streamed);
+    let total: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
+    if total != payload || total > len {
+        return None;
+    }
+    let ids = ids.out.into_inner().ok()?;
+    Some(Expected { sizes, ids })
+}
+
+/// The kept manifest's ids, to a temporary file as they are decoded.
+struct ExpectedIds {
+    out: io::BufWriter<std::fs::File>,
+}
+
+impl shoal_artifact::ChunkIdSink for ExpectedIds {
+    fn push(&mut self, id: &ChunkId) -> Result<(), String> {
+        io::Write::write_all(&mut self.out, &id.0).map_err(|e| e.to_string())
+    }
+}
+
+/// The chunk list of the release a slot should hold ([`expected_chunks`]): the
+/// sizes in memory, the ids in a temporary file read by position.
+struct Expected {
+    sizes: Vec<u32>,
+    ids: std::fs::File,
+}
+
+impl Expected {
+    /// Ids read at a time (8 KiB).
+    const BLOCK: usize = 256;
+
+    /// `(id, size)` by position, the ids read a block at a time. An id that
+    /// cannot be read is all zeros, which no chunk hashes to: the slot is then
+    /// found not to hold the release, and is cut by content.
+    fn chunks(&self) -> impl Iterator<Item = (ChunkId, u32)> + '_ {
+        use std::os::unix::fs::FileExt as _;
+        let mut block = vec![0u8; Self::BLOCK * 32];
+        self.sizes.iter().enumerate().map(move |(pos, &size)| {
+            let at = pos % Self::BLOCK;
+            if at == 0 {
+                let n = (self.sizes.len() - pos).min(Self::BLOCK);
+                if let Err(e) = self
+                    .ids
+                    .read_exact_at(&mut block[..n * 32], pos as u64 * 32)
+                {
+                    tracing::debug!(error = %e, "cannot read the kept manifest's ids");
+                    block.fill(0);
+                }
+            }
+            let mut id = ChunkId([0; 32]);
+            id.0.copy_from_slice(&block[at * 32..at * 32 + 32]);
+            (id, size)
+        })
+    }
 }
 
 /// The thread cutting the active slot during an install, and the flag that stops
@@ -1721,23 +1868,26 @@ impl<T> Drop for StopCut<T> {
 /// Whether a slot index made along `expected` (see [`slotio::index_along`]) found
 /// every chunk of it: each listed at its offset with its id, or left out as the
 /// repeat of the chunk before it (a run of one chunk is listed once).
-fn holds_chunks(index: &[(u64, ChunkId, u32)], expected: &[ChunkRef]) -> bool {
+fn holds_chunks(
+    index: &[(u64, ChunkId, u32)],
+    expected: impl IntoIterator<Item = (ChunkId, u32)>,
+) -> bool {
     let mut listed = index.iter().peekable();
     let mut offset = 0u64;
     let mut last: Option<ChunkId> = None;
-    for c in expected {
+    for (c_id, c_size) in expected {
         match listed.peek() {
             Some(&&(at, id, len)) if at == offset => {
-                if id != c.id || len != c.size {
+                if id != c_id || len != c_size {
                     return false;
                 }
                 listed.next();
             }
-            _ if last == Some(c.id) => {}
+            _ if last == Some(c_id) => {}
             _ => return false,
         }
-        last = Some(c.id);
-        offset += u64::from(c.size);
+        last = Some(c_id);
+        offset += u64::from(c_size);
     }
     true
 }
@@ -2640,7 +2790,7 @@ impl<'a> Driver<'a> {
                         let checked = slotio::check_along(
                             &*storage,
                             len,
-                            expected.iter().map(|c| (c.id, c.size)),
+                            expected.chunks(),
                             &|id| awaited.contains(id),
                             Some(ALONG_SAMPLE),
                         )?;
@@ -2682,10 +2832,6 @@ impl<'a> Driver<'a> {
                     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     self.index_stop = Some(Arc::clone(&stop));
                     let stopped = Arc::clone(&stop);
-                    let sizes: Vec<u32> = along
-                        .as_ref()
-                        .map(|c| c.iter().map(|c| c.size).collect())
-                        .unwrap_or_default();
                     // A run of one repeated chunk is listed once: the engine keeps
                     // the first position of each id.
                     let worker = std::thread::spawn(move || {
@@ -2693,7 +2839,7 @@ impl<'a> Driver<'a> {
                             &*storage,
                             len,
                             chunking,
-                            &sizes,
+                            along.as_ref().map_or(&[][..], |e| &e.sizes[..]),
                             &|id| wanted.contains(id),
                             Some(&slotio::Handover {
                                 tx: &tx,
@@ -2707,7 +2853,7 @@ impl<'a> Driver<'a> {
                             return Ok(chunks);
                         }
                         if let Some(expected) = &along
-                            && !holds_chunks(&chunks, expected)
+                            && !holds_chunks(&chunks, expected.chunks())
                         {
                             // Not the release expected: cut by content, which finds
                             // what the slot shares with the new release wherever it
@@ -3277,6 +3423,11 @@ mod reference_tests {
 #[cfg(test)]
 mod index_along_tests {
     use super::*;
+    use shoal_artifact::ChunkRef;
+
+    fn ids(list: &[ChunkRef]) -> impl Iterator<Item = (ChunkId, u32)> + '_ {
+        list.iter().map(|c| (c.id, c.size))
+    }
 
     fn chunk(seed: u8, size: u32) -> ChunkRef {
         ChunkRef {
@@ -3296,23 +3447,91 @@ mod index_along_tests {
         let expected = [a, z, z, z, b];
         let listed = |c: &ChunkRef, at: u64| (at, c.id, c.size);
         let index = vec![listed(&a, 0), listed(&z, 5000), listed(&b, 29_000)];
-        assert!(holds_chunks(&index, &expected));
+        assert!(holds_chunks(&index, ids(&expected)));
         // Every repeat listed too (an index that does not collapse runs).
         let mut all = index.clone();
         all.insert(2, listed(&z, 13_000));
         all.insert(3, listed(&z, 21_000));
-        assert!(holds_chunks(&all, &expected));
+        assert!(holds_chunks(&all, ids(&expected)));
         // Another id where the release has one.
         let mut other = index.clone();
         other[2].1 = chunk(3, 6000).id;
-        assert!(!holds_chunks(&other, &expected));
+        assert!(!holds_chunks(&other, ids(&expected)));
         // Another length.
         let mut shorter = index.clone();
         shorter[0].2 = 4999;
-        assert!(!holds_chunks(&shorter, &expected));
+        assert!(!holds_chunks(&shorter, ids(&expected)));
         // A chunk missing that is no repeat.
-        assert!(!holds_chunks(&index[..2], &expected));
-        assert!(!holds_chunks(&[], &expected));
+        assert!(!holds_chunks(&index[..2], ids(&expected)));
+        assert!(!holds_chunks(&[], ids(&expected)));
+    }
+}
+
+#[cfg(test)]
+mod expected_tests {
+    use super::*;
+    use shoal_engine::testing;
+
+    /// The kept manifest's chunk list is read by position (its ids from a
+    /// temporary file, a block at a time: 300 chunks cross a block), and a kept
+    /// file that cannot serve (none, another manifest under its name, a changed
+    /// byte, not an envelope) or a list that does not fit the slot (another
+    /// chunking, a payload larger than the slot) is `None`: the slot is then cut
+    /// by content. Nothing is left in the data directory.
+    #[test]
+    fn the_kept_chunk_list_is_read_by_position_and_what_cannot_serve_is_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        let (key, _) = testing::keys(1);
+        let image = testing::bytes(7, 300 * 1024);
+        let (manifest, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let hash = manifest.hash();
+        let chunking = manifest.chunking;
+        let len = image.len() as u64;
+        assert!(
+            expected_chunks(data, &hash, chunking, len).is_none(),
+            "none kept"
+        );
+        let envelope = testing::sign(&manifest, &key);
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        let want: Vec<(ChunkId, u32)> = manifest.payloads[0]
+            .chunks
+            .iter()
+            .map(|c| (c.id, c.size))
+            .collect();
+        assert!(want.len() > Expected::BLOCK, "{}", want.len());
+        let expected = expected_chunks(data, &hash, chunking, len).expect("read");
+        assert_eq!(expected.chunks().collect::<Vec<_>>(), want);
+        // Read twice (the check and the comparison each read it once).
+        assert_eq!(expected.chunks().count(), want.len());
+        drop(expected);
+        // Does not fit: a slot shorter than the payload, another chunking.
+        assert!(expected_chunks(data, &hash, chunking, len - 1).is_none());
+        let mut other = chunking;
+        other.avg_size *= 2;
+        assert!(expected_chunks(data, &hash, other, len).is_none());
+        // Another release's manifest under this name.
+        let (another, _) = testing::release_cut("os", "2", 1, "board", &image, &[4096]);
+        KeptManifests::save(data, &hash, &testing::sign(&another, &key)).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // A byte of the signed manifest changed (inside a chunk id: still laid
+        // out as an envelope, no longer the bytes named).
+        let mut changed = envelope.clone();
+        let at = changed.len() / 2;
+        changed[at] ^= 0x01;
+        KeptManifests::save(data, &hash, &changed).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // Not an envelope.
+        KeptManifests::save(data, &hash, b"not an envelope").expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_none());
+        // The good one again reads; nothing but the kept files is left.
+        KeptManifests::save(data, &hash, &envelope).expect("kept");
+        assert!(expected_chunks(data, &hash, chunking, len).is_some());
+        let left: Vec<_> = std::fs::read_dir(data)
+            .expect("data dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("manifests")]);
     }
 }
 

@@ -43,6 +43,22 @@ impl Engine {
         manifests: &[&Manifest],
         want: Option<&str>,
     ) -> Result<usize, PickError> {
+        let releases: Vec<(&Manifest, [u8; 32])> =
+            manifests.iter().map(|&m| (m, m.hash())).collect();
+        self.pick_release_hashed(&releases, want)
+    }
+
+    /// [`Engine::pick_release`] among manifests given with the hash of their
+    /// signed bytes (the release's id), which tells two releases apart: a driver
+    /// that read each manifest's fields without its chunk list (a chunk store's
+    /// `ChunkStore::release_head`) cannot hash the manifest it holds.
+    pub fn pick_release_hashed(
+        &self,
+        releases: &[(&Manifest, [u8; 32])],
+        want: Option<&str>,
+    ) -> Result<usize, PickError> {
+        let manifests: Vec<&Manifest> = releases.iter().map(|&(m, _)| m).collect();
+        let manifests = &manifests[..];
         let (name, version) = match want {
             Some(w) => match w.split_once('@') {
                 Some((n, v)) => (Some(n), Some(v)),
@@ -81,7 +97,7 @@ impl Engine {
         let distinct = found
             .iter()
             .filter(|&&i| manifests[i].security_counter == top)
-            .any(|&i| manifests[i].hash() != manifests[best].hash());
+            .any(|&i| releases[i].1 != releases[best].1);
         if distinct {
             tied.sort();
             tied.dedup();
@@ -180,5 +196,23 @@ mod tests {
         // Two copies of one manifest are one release.
         let copy = a.clone();
         assert_eq!(e.pick_release(&[&low, &a, &copy], None), Ok(1));
+    }
+
+    /// Releases read without their chunk lists are told apart by the hash of
+    /// their signed bytes, not by their fields: the same fields with other
+    /// chunks are another release.
+    #[test]
+    fn releases_given_with_their_hashes_are_told_apart_by_them() {
+        let e = engine();
+        let low = manifest("acme-os", "1.0", 1, DEVICE);
+        let a = manifest("acme-os", "2.0", 2, DEVICE);
+        let picked = e.pick_release_hashed(&[(&low, [1; 32]), (&a, [2; 32]), (&a, [2; 32])], None);
+        assert_eq!(picked, Ok(1));
+        assert_eq!(
+            e.pick_release_hashed(&[(&low, [1; 32]), (&a, [2; 32]), (&a, [3; 32])], None),
+            Err(PickError::Ambiguous {
+                candidates: vec!["acme-os@2.0".to_string()]
+            })
+        );
     }
 }
