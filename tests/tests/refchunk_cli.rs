@@ -336,16 +336,16 @@ fn needed_along(s: &Setup) -> Vec<(u64, shoal_artifact::ChunkId, u32)> {
 }
 
 /// Chunks a thin install reads from the running slot before it writes anything
-/// (`ALONG_SAMPLE` in `node/src/device/mod.rs`), spread over the chunks it needs.
-const ALONG_SAMPLE: usize = 64;
+/// (`ALONG_SAMPLE` in `node/src/device/mod.rs`), picked from the chunks it needs by
+/// [`shoal_artifact::chunk::sample_positions`]. The install's log says it
+/// (`sampled=64`): the test checks the binary agrees.
+const ALONG_SAMPLE: shoal_artifact::chunk::Sample = shoal_artifact::chunk::Sample::new(64);
 
 /// The needed chunks of [`needed_along`] the install's check does not read (all
 /// but [`ALONG_SAMPLE`] of them, spread evenly), nearest the middle first.
 fn unsampled_near_the_middle(n: usize) -> Vec<usize> {
-    assert!(n > ALONG_SAMPLE, "{n} chunks needed from slot A");
-    let sampled: Vec<usize> = (0..ALONG_SAMPLE)
-        .map(|i| i * (n - 1) / (ALONG_SAMPLE - 1))
-        .collect();
+    assert!(n > ALONG_SAMPLE.get(), "{n} chunks needed from slot A");
+    let sampled: Vec<usize> = shoal_artifact::chunk::sample_positions(n, ALONG_SAMPLE).collect();
     let mut unsampled: Vec<usize> = (1..n).filter(|i| !sampled.contains(i)).collect();
     unsampled.sort_by_key(|&i| i.abs_diff(n / 2));
     unsampled
@@ -391,7 +391,8 @@ fn a_running_slot_that_differs_outside_the_sample_is_cut_by_content_then_refused
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
-        log.contains("cutting the slot by content") && log.contains("sampled=true"),
+        log.contains("cutting the slot by content")
+            && log.contains(&format!("sampled={}", ALONG_SAMPLE.get())),
         "{log}"
     );
     let err = log.lines().last().expect("an error line").to_owned();

@@ -2096,7 +2096,7 @@ impl References {
 /// chunk is copied (it is hashed before it is written): the engine then takes it
 /// from a source that holds it, or has the whole slot cut by content
 /// ([`Input::SlotIndexWritten`]'s `sampled`).
-const ALONG_SAMPLE: usize = 64;
+const ALONG_SAMPLE: shoal_artifact::chunk::Sample = shoal_artifact::chunk::Sample::new(64);
 
 /// Runs an engine's outputs against the device.
 struct Driver<'a> {
@@ -2779,8 +2779,9 @@ impl<'a> Driver<'a> {
                             &|id| awaited.contains(id),
                             Some(ALONG_SAMPLE),
                         )?;
-                        let (chunks, partial) = match checked {
-                            slotio::Along::Held(chunks) => (chunks, true),
+                        let (chunks, partial, sampled) = match checked {
+                            slotio::Along::Held(chunks) => (chunks, true, 0),
+                            slotio::Along::Sampled { chunks, checked } => (chunks, true, checked),
                             slotio::Along::Differs { offset, expected } => {
                                 // Not the release expected: cut by content, which
                                 // finds what the slot shares with the new release
@@ -2792,10 +2793,9 @@ impl<'a> Driver<'a> {
                                 );
                                 let chunks =
                                     slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
-                                (chunks, false)
+                                (chunks, false, 0)
                             }
                         };
-                        let sampled = partial;
                         let written = self
                             .dev
                             .store
@@ -2877,7 +2877,7 @@ impl<'a> Driver<'a> {
                         .store
                         .write_slot_index(slot, &chunks)
                         .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                    Ok(Some((written, false, false)))
+                    Ok(Some((written, false, 0)))
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
                 let Some((index, partial, sampled)) = index else {
@@ -2891,7 +2891,7 @@ impl<'a> Driver<'a> {
                         chunking,
                         chunks: index,
                         partial,
-                        sampled,
+                        sampled: sampled > 0,
                     },
                 );
             }
