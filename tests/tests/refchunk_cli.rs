@@ -427,6 +427,37 @@ fn a_running_slot_that_differs_outside_the_sample_is_cut_by_content_then_refused
     assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
 }
 
+/// The same slot (an unsampled needed chunk near the middle changed in place) with
+/// the delta-encoded artifact: its chunks are encoded against blocks of slot A that
+/// cover the changed chunk, and a reference block is hashed before anything is
+/// decoded from it, so the install fails there, as for any changed reference
+/// byte: one line naming the reference bytes, exit 1, nothing armed, slot A
+/// untouched, slot B holding only v2's bytes.
+#[test]
+fn a_delta_install_on_a_slot_that_differs_outside_the_sample_is_refused_by_its_references() {
+    let s = setup();
+    let dev = &s.dev;
+    let needed = needed_along(&s);
+    let i = unsampled_near_the_middle(needed.len())[0];
+    let (at, _, size) = needed[i];
+    let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
+    a[at as usize + size as usize / 2] ^= 0x5a;
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    assert!(
+        err.contains("of the running slot A fail their hash")
+            && err.contains("does not hold the base release acme-os 1.0"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    assert!(
+        std::fs::read(dev.path("a.img")).expect("slot A") == a,
+        "slot A untouched"
+    );
+    b_holds_only_v2(dev, &s.v2);
+}
+
 /// A running slot that holds another release than the base its kept manifest names
 /// fails the install's sampled check at its first chunk and is cut by content: the
 /// chunks the thin artifact leaves out are not there, and the install is refused
