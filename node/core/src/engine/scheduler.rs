@@ -1950,7 +1950,9 @@ impl Engine {
             .sources
             .iter()
             .any(|s| s.gone.is_none() && s.may_hold(e));
-        if held || job.need.get(e) == Need::Done || job.step != Step::Fetching {
+        // A cut that runs already may meet it (the engine waits for its end).
+        if held || job.index_resumed || job.need.get(e) == Need::Done || job.step != Step::Fetching
+        {
             return;
         }
         job.index_unproved = false;
