@@ -31,6 +31,37 @@ pub const CHUNKING_FAST: Chunking = Chunking {
     max_size: 256 * 1024,
 };
 
+/// How many of the chunks a sampled check reads ([`sample_positions`]): at least
+/// 2, the first and the last of those it samples from (checked when the constant
+/// is made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample(usize);
+
+impl Sample {
+    /// A sample of `k` chunks. Panics (at compile time in a constant) below 2.
+    pub const fn new(k: usize) -> Sample {
+        assert!(
+            k >= 2,
+            "a sample reads the first and the last chunk: at least 2"
+        );
+        Sample(k)
+    }
+
+    /// How many chunks it reads.
+    pub const fn get(self) -> usize {
+        self.0
+    }
+}
+
+/// The positions (of `0..n`) a sample of `k` chunks reads: `k` of them spread
+/// evenly, the first and the last included (`i * (n - 1) / (k - 1)`, increasing);
+/// every position when `n <= k`.
+pub fn sample_positions(n: usize, k: Sample) -> impl Iterator<Item = usize> {
+    let k = k.get();
+    let picks = if n > k { k } else { n };
+    (0..picks).map(move |i| if n > k { i * (n - 1) / (k - 1) } else { i })
+}
+
 /// Default zstd level, chosen by measurement (see `artifact/DESIGN.md`).
 pub const ZSTD_LEVEL_DEFAULT: i32 = 9;
 

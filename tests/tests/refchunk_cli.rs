@@ -336,37 +336,117 @@ fn needed_along(s: &Setup) -> Vec<(u64, shoal_artifact::ChunkId, u32)> {
 }
 
 /// Chunks a thin install reads from the running slot before it writes anything
-/// (`ALONG_SAMPLE` in `node/src/device/mod.rs`), spread over the chunks it needs.
-const ALONG_SAMPLE: usize = 64;
+/// (`ALONG_SAMPLE` in `node/src/device/mod.rs`), picked from the chunks it needs by
+/// [`shoal_artifact::chunk::sample_positions`]. The install's log says it
+/// (`sampled=64`): the test checks the binary agrees.
+const ALONG_SAMPLE: shoal_artifact::chunk::Sample = shoal_artifact::chunk::Sample::new(64);
+
+/// The needed chunks of [`needed_along`] the install's check does not read (all
+/// but [`ALONG_SAMPLE`] of them, spread evenly), nearest the middle first.
+fn unsampled_near_the_middle(n: usize) -> Vec<usize> {
+    assert!(n > ALONG_SAMPLE.get(), "{n} chunks needed from slot A");
+    let sampled: Vec<usize> = shoal_artifact::chunk::sample_positions(n, ALONG_SAMPLE).collect();
+    let mut unsampled: Vec<usize> = (1..n).filter(|i| !sampled.contains(i)).collect();
+    unsampled.sort_by_key(|&i| i.abs_diff(n / 2));
+    unsampled
+}
+
+/// Slot B holds nothing but v2's bytes (or zeros, unwritten) over the payload.
+fn b_holds_only_v2(dev: &Device, v2: &[u8]) -> Vec<u8> {
+    let b = std::fs::read(dev.path("b.img")).expect("slot B");
+    for (j, (x, y)) in b[..SIZE].iter().zip(v2).enumerate() {
+        assert!(
+            *x == 0 || x == y,
+            "slot B byte {j} is neither unwritten nor v2's"
+        );
+    }
+    b
+}
 
 /// A thin install reads only a sample of the chunks it needs from the running slot
 /// before writing; the others are hashed as they are copied. A slot that holds the
-/// base but differs in a chunk the sample did not read fails the install when that
-/// chunk is copied, with one line naming the chunk and its offset: nothing is
-/// armed, slot A is untouched, and slot B holds only v2's bytes where it was
-/// written.
+/// base but differs in a chunk the sample did not read (here one near the middle,
+/// changed in place and found nowhere else): when the copy reaches it, the engine
+/// has the whole slot cut by content (no source holds the chunk), which does not
+/// find it either, and the install fails as any thin install missing its base's
+/// chunks does: exit 1, one line, nothing armed, slot A untouched, slot B partly
+/// written with v2's bytes only. A rerun samples, resumes the journal and fails the
+/// same way, writing nothing wrong; a full artifact installs.
 #[test]
-fn a_running_slot_that_differs_outside_the_sample_fails_the_copy_naming_the_offset() {
+fn a_running_slot_that_differs_outside_the_sample_is_cut_by_content_then_refused() {
     let s = setup();
     let dev = &s.dev;
     let needed = needed_along(&s);
-    let n = needed.len();
-    assert!(n > ALONG_SAMPLE, "{n} chunks needed from slot A");
-    let sampled: Vec<usize> = (0..ALONG_SAMPLE)
-        .map(|i| i * (n - 1) / (ALONG_SAMPLE - 1))
-        .collect();
-    let i = (1..n)
-        .find(|i| !sampled.contains(i))
-        .expect("an unsampled chunk");
-    let (at, id, size) = needed[i];
+    let i = unsampled_near_the_middle(needed.len())[0];
+    let (at, _, size) = needed[i];
     let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
     a[at as usize + size as usize / 2] ^= 0x5a;
     std::fs::write(dev.path("a.img"), &a).expect("slot A");
-    let err = fails(dev.run(&["install", &s.plain.display().to_string()]), 1);
+    let path = s.plain.display().to_string();
+    let out = dev
+        .cmd(&["install", &path])
+        .env("SHOAL_LOG", "info")
+        .output()
+        .expect("running shoal");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
-        err.contains(&format!(
-            "the running slot A does not hold the base release's chunk {id} at offset {at}"
-        )) && err.contains("nothing is armed"),
+        log.contains("cutting the slot by content")
+            && log.contains(&format!("sampled={}", ALONG_SAMPLE.get())),
+        "{log}"
+    );
+    let err = log.lines().last().expect("an error line").to_owned();
+    assert!(
+        err.contains("leaves out the chunks of base release acme-os 1.0")
+            && err.contains("are missing"),
+        "{err}"
+    );
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    assert!(
+        std::fs::read(dev.path("a.img")).expect("slot A") == a,
+        "slot A untouched"
+    );
+    let b = b_holds_only_v2(dev, &s.v2);
+    // Chunks before the changed one were copied before it was found.
+    let (first, _, n) = needed[0];
+    let first = first as usize..first as usize + n as usize;
+    assert_eq!(
+        b[first.clone()],
+        s.v2[first],
+        "v2's first needed chunk written"
+    );
+    // The rerun fails the same way; what was written stays v2's.
+    let again = fails(dev.run(&["install", &path]), 1);
+    assert_eq!(again.trim(), err.trim());
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    b_holds_only_v2(dev, &s.v2);
+    // A full artifact does not need slot A's bytes: it installs.
+    let full = build(dev, &s.v2, "2.1", None);
+    let r = dev.install(&full);
+    assert_eq!(r["slot"], "B", "{r}");
+    assert_eq!(dev.slot_hash(Slot::B, SIZE), hash(&s.v2), "slot B holds v2");
+}
+
+/// The same slot (an unsampled needed chunk near the middle changed in place) with
+/// the delta-encoded artifact: its chunks are encoded against blocks of slot A that
+/// cover the changed chunk, and a reference block is hashed before anything is
+/// decoded from it, so the install fails there, as for any changed reference
+/// byte: one line naming the reference bytes, exit 1, nothing armed, slot A
+/// untouched, slot B holding only v2's bytes.
+#[test]
+fn a_delta_install_on_a_slot_that_differs_outside_the_sample_is_refused_by_its_references() {
+    let s = setup();
+    let dev = &s.dev;
+    let needed = needed_along(&s);
+    let i = unsampled_near_the_middle(needed.len())[0];
+    let (at, _, size) = needed[i];
+    let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
+    a[at as usize + size as usize / 2] ^= 0x5a;
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let err = fails(dev.run(&["install", &s.delta.display().to_string()]), 1);
+    assert!(
+        err.contains("of the running slot A fail their hash")
+            && err.contains("does not hold the base release acme-os 1.0"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
@@ -375,13 +455,7 @@ fn a_running_slot_that_differs_outside_the_sample_fails_the_copy_naming_the_offs
         std::fs::read(dev.path("a.img")).expect("slot A") == a,
         "slot A untouched"
     );
-    let b = std::fs::read(dev.path("b.img")).expect("slot B");
-    for (j, (x, y)) in b[..SIZE].iter().zip(&s.v2).enumerate() {
-        assert!(
-            *x == 0 || x == y,
-            "slot B byte {j} is neither unwritten nor v2's"
-        );
-    }
+    b_holds_only_v2(dev, &s.v2);
 }
 
 /// A running slot that holds another release than the base its kept manifest names

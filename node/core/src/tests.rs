@@ -1645,6 +1645,7 @@ fn a_partial_index_serves_its_install_only_and_is_not_recorded() {
             chunking,
             chunks,
             partial: true,
+            sampled: false,
         },
     );
     assert_eq!(
@@ -1660,6 +1661,127 @@ fn a_partial_index_serves_its_install_only_and_is_not_recorded() {
     // Never recorded, and gone with its install.
     assert_eq!(dev.store.load().active_index, None);
     assert_eq!(engine.active_chunking(), None);
+}
+
+/// A sampled index ([`Input::SlotIndexWritten`] with `sampled`) whose entry of a
+/// repeated chunk `R` (its first position, 8 KiB in) was overwritten after the
+/// check; `R` is also at 40 KiB unless `both`, and the stream carries it when
+/// `streamed`. Runs the install; returns the device (events, cuts resumed).
+fn install_over_a_sampled_index_missing_a_chunk(streamed: bool, both: bool) -> SimDevice {
+    let f = Fixture::new();
+    let (mut v1, _) = images();
+    let c = crate::testing::TEST_CHUNKING.avg_size as usize;
+    // v1 repeats chunk 2 at chunk 10; v2 keeps both.
+    let r = v1[2 * c..3 * c].to_vec();
+    v1[10 * c..11 * c].copy_from_slice(&r);
+    let mut v2 = v1.clone();
+    v2[300_000..400_000].copy_from_slice(&bytes(2, 100_000));
+    let mut dev = SimDevice::new(&v1, 2 * MIB as u64, 1);
+    let live = std::sync::Arc::new(LiveIndexes::default());
+    let mut state = dev.store.load();
+    state.indexes = Some(crate::IndexStore(live.clone()));
+    let mut engine = Engine::new(f.config(), state);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let r_id = ChunkId::of(&r);
+    // A thin artifact: the stream leaves out what v1 holds in the first 64 KiB
+    // (R among them, unless `streamed`).
+    let kept: BTreeSet<ChunkId> = (0..16)
+        .map(|i| ChunkId::of(&v1[i * c..(i + 1) * c]))
+        .collect();
+    let holds: BTreeSet<ChunkId> = c2
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !kept.contains(id) || (streamed && *id == r_id))
+        .collect();
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(holds.clone());
+    engine.offer(dev.now(), offer).expect("offer");
+    let (slot, chunking, len) = index_request(&mut dev, &mut engine);
+    // The driver lists the awaited chunks where v1 puts them (first positions),
+    // having read only a sample of them.
+    let awaited = engine.awaited_chunks();
+    assert!(awaited.contains(&r_id));
+    let live_slot = dev.live[slot_ordinal(slot)].clone();
+    let mut seen = BTreeSet::new();
+    let mut cut =
+        crate::testing::index_fixed(&live_slot[..live_slot.len().min(len as usize)], chunking);
+    cut.chunks
+        .retain(|c| awaited.contains(&c.id) && seen.insert(c.id));
+    assert_eq!(
+        cut.chunks.iter().find(|e| e.id == r_id).map(|e| e.offset),
+        Some(2 * c as u64),
+        "R listed at its first position"
+    );
+    let chunks = cut.chunks.len() as u64;
+    live.0.lock().expect("lock")[slot_ordinal(slot)] = Some(cut.clone());
+    dev.store.write_index(slot, cut);
+    engine.handle(
+        dev.now(),
+        Input::SlotIndexWritten {
+            slot,
+            chunking,
+            chunks,
+            partial: true,
+            sampled: true,
+        },
+    );
+    // Then the slot changes where the sample did not look.
+    let a = slot_ordinal(slot);
+    dev.live[a][2 * c..3 * c].fill(0xa5);
+    if both {
+        dev.live[a][10 * c..11 * c].fill(0x5a);
+    }
+    let streamed_chunks: Vec<(ChunkId, Vec<u8>)> = c2
+        .iter()
+        .filter(|c| holds.contains(&c.0))
+        .cloned()
+        .collect();
+    dev.run(&mut engine, stream(&streamed_chunks))
+        .expect("no crash");
+    if failed(&dev.events).is_none() {
+        assert_eq!(&dev.durable[1][..v2.len()], &v2[..], "slot B holds v2");
+    }
+    dev
+}
+
+/// Issue 12 (session 12, mend12b): a listed chunk of a sampled index that is not
+/// there, and that no source holds, is not the end of the install: the engine has
+/// the slot cut by content from its start ([`Output::ResumeIndex`] from 0), which
+/// finds the chunk where the slot repeats it. (Without it: `MissingChunks`.)
+#[test]
+fn a_sampled_index_missing_a_chunk_no_source_holds_cuts_the_slot_by_content() {
+    let dev = install_over_a_sampled_index_missing_a_chunk(false, false);
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.cuts_resumed, vec![0]);
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+}
+
+/// The same chunk carried by the stream (an artifact built against another base,
+/// v1 and v2 sharing the chunk): it comes from the stream, as a bad entry of any
+/// index does, without a cut.
+#[test]
+fn a_sampled_index_missing_a_chunk_the_stream_carries_takes_it_from_the_stream() {
+    let dev = install_over_a_sampled_index_missing_a_chunk(true, false);
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.cuts_resumed, Vec::<u64>::new());
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+}
+
+/// Gone from the slot everywhere, and no source holds it: the cut by content runs
+/// to its end and the install fails naming the missing chunk, nothing armed.
+#[test]
+fn a_sampled_index_missing_a_chunk_nowhere_fails_after_the_cut() {
+    let dev = install_over_a_sampled_index_missing_a_chunk(false, true);
+    match failed(&dev.events) {
+        Some(InstallError::MissingChunks {
+            count: 1, bytes, ..
+        }) => {
+            assert_eq!(*bytes, u64::from(crate::testing::TEST_CHUNKING.avg_size));
+        }
+        other => panic!("expected MissingChunks of one chunk, got {other:?}"),
+    }
+    assert_eq!(dev.cuts_resumed, vec![0]);
+    assert_eq!(dev.boot.armed(), None);
 }
 
 /// A cut the driver wrote to the store ([`Input::SlotIndexWritten`]) is the slot's
@@ -1698,6 +1820,7 @@ fn a_cut_written_to_the_store_is_read_by_id_and_recorded_by_the_engine() {
             chunking,
             chunks,
             partial: false,
+            sampled: false,
         },
     );
     let record = crate::Record::SlotIndexWritten {

@@ -366,6 +366,7 @@ impl Device {
                 chunking: cut.chunking,
                 chunks: written,
                 partial: false,
+                sampled: false,
             },
         );
         self.apply_persists(&mut engine, None)?;

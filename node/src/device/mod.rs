@@ -2093,19 +2093,10 @@ impl References {
 /// sampled chunk already differs), at the cost of a few dozen chunk reads instead
 /// of every needed chunk read twice (once to check, once to copy). A slot that
 /// holds the base but differs somewhere the sample did not look is found when that
-/// chunk is copied (it is hashed before it is written) and fails the install.
-const ALONG_SAMPLE: usize = 64;
-
-/// An entry of a slot index taken from a sampled check: the chunk's offset and
-/// the first 8 bytes of its id ([`id_prefix`]).
-type Listed = (u64, [u8; 8]);
-
-/// The first 8 bytes of a chunk id.
-fn id_prefix(id: &ChunkId) -> [u8; 8] {
-    let mut p = [0u8; 8];
-    p.copy_from_slice(&id.as_bytes()[..8]);
-    p
-}
+/// chunk is copied (it is hashed before it is written): the engine then takes it
+/// from a source that holds it, or has the whole slot cut by content
+/// ([`Input::SlotIndexWritten`]'s `sampled`).
+const ALONG_SAMPLE: shoal_artifact::chunk::Sample = shoal_artifact::chunk::Sample::new(64);
 
 /// Runs an engine's outputs against the device.
 struct Driver<'a> {
@@ -2134,11 +2125,6 @@ struct Driver<'a> {
     index_base: Option<[u8; 32]>,
     /// Set to stop the cut of the running slot in progress ([`Output::StopIndex`]).
     index_stop: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// The index of the running slot taken from a sampled check
-    /// ([`slotio::check_along`]): its entries (offset, id prefix), sorted,
-    /// most of them never read before they are copied. One that does not hash to
-    /// its id when read fails the install instead of being fetched elsewhere.
-    unproved: Option<(Slot, Vec<Listed>)>,
 }
 
 impl<'a> Driver<'a> {
@@ -2164,7 +2150,6 @@ impl<'a> Driver<'a> {
             syncs_owed: std::collections::VecDeque::new(),
             index_base: None,
             index_stop: None,
-            unproved: None,
         }
     }
 
@@ -2784,8 +2769,8 @@ impl<'a> Driver<'a> {
                         //
                         // Only a sample of them is read now (see
                         // [`ALONG_SAMPLE`]): the rest are hashed when they are
-                        // copied, and one that does not hash to its id fails the
-                        // install (`Output::Read` below).
+                        // copied, and the engine decides what to do about one
+                        // that does not hash to its id (`sampled`).
                         let awaited = self.engine.awaited_chunks();
                         let checked = slotio::check_along(
                             &*storage,
@@ -2794,16 +2779,9 @@ impl<'a> Driver<'a> {
                             &|id| awaited.contains(id),
                             Some(ALONG_SAMPLE),
                         )?;
-                        let (chunks, partial) = match checked {
-                            slotio::Along::Held(chunks) => {
-                                let mut listed: Vec<Listed> = chunks
-                                    .iter()
-                                    .map(|(offset, id, _)| (*offset, id_prefix(id)))
-                                    .collect();
-                                listed.sort_unstable();
-                                self.unproved = Some((slot, listed));
-                                (chunks, true)
-                            }
+                        let (chunks, partial, sampled) = match checked {
+                            slotio::Along::Held(chunks) => (chunks, true, 0),
+                            slotio::Along::Sampled { chunks, checked } => (chunks, true, checked),
                             slotio::Along::Differs { offset, expected } => {
                                 // Not the release expected: cut by content, which
                                 // finds what the slot shares with the new release
@@ -2815,7 +2793,7 @@ impl<'a> Driver<'a> {
                                 );
                                 let chunks =
                                     slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
-                                (chunks, false)
+                                (chunks, false, 0)
                             }
                         };
                         let written = self
@@ -2823,7 +2801,7 @@ impl<'a> Driver<'a> {
                             .store
                             .write_slot_index(slot, &chunks)
                             .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                        return Ok(Some((written, partial)));
+                        return Ok(Some((written, partial, sampled)));
                     }
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
@@ -2899,13 +2877,13 @@ impl<'a> Driver<'a> {
                         .store
                         .write_slot_index(slot, &chunks)
                         .with_context(|| format!("cannot record the index of slot {slot}"))?;
-                    Ok(Some((written, false)))
+                    Ok(Some((written, false, 0)))
                 })()
                 .map_err(|e| (IoOp::IndexSlot, e))?;
-                let Some((index, partial)) = index else {
+                let Some((index, partial, sampled)) = index else {
                     return Ok(());
                 };
-                info!(slot = %slot, chunks = index, partial, "indexed the active slot");
+                info!(slot = %slot, chunks = index, partial, sampled, "indexed the active slot");
                 self.engine.handle(
                     now,
                     Input::SlotIndexWritten {
@@ -2913,6 +2891,7 @@ impl<'a> Driver<'a> {
                         chunking,
                         chunks: index,
                         partial,
+                        sampled: sampled > 0,
                     },
                 );
             }
@@ -2925,25 +2904,8 @@ impl<'a> Driver<'a> {
                 let data = self
                     .read(slot, offset, len as usize)
                     .map_err(|e| (IoOp::Read, e))?;
-                let input = Input::checked(Origin::Slot(slot), id, data);
-                if matches!(input, Input::Corrupt { .. })
-                    && let Some((unproved, listed)) = &self.unproved
-                    && *unproved == slot
-                    && listed.binary_search(&(offset, id_prefix(&id))).is_ok()
-                {
-                    // A chunk of the sampled check's list (the base release where
-                    // its manifest puts it) that is not there: the slot holds the
-                    // base release but differs from it here. Nothing of it was
-                    // written; the install stops (nothing armed, slot A untouched).
-                    return Err((
-                        IoOp::Read,
-                        anyhow!(
-                            "the running slot {slot} does not hold the base release's chunk {id} at offset {offset} (a check of {ALONG_SAMPLE} chunks spread over the slot found the base release there, but the slot differs from it here); slot {target} is partly written and nothing is armed: repair slot {slot} or install a full artifact",
-                            target = slot.other(),
-                        ),
-                    ));
-                }
-                self.engine.handle(now, input);
+                self.engine
+                    .handle(now, Input::checked(Origin::Slot(slot), id, data));
             }
             // Local requests are answered before the next output: nothing to cancel.
             Output::Cancel { source, request } => {

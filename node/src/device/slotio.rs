@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use rayon::prelude::*;
+use shoal_artifact::chunk::{Sample, sample_positions};
 use shoal_artifact::{ChunkId, Chunking};
 use shoal_bootctl::storage::Storage;
 
@@ -245,10 +246,20 @@ const GAP_READ_MAX: u64 = 64 * 1024;
 /// What [`check_along`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Along {
-    /// Every wanted chunk lies where the expected list puts it: `(offset, id,
-    /// length)` of its first position there, in slot order (an index of the slot
-    /// that lists those chunks only).
+    /// Every wanted chunk was read and lies where the expected list puts it:
+    /// `(offset, id, length)` of its first position there, in slot order (an
+    /// index of the slot that lists those chunks only).
     Held(Vec<(u64, ChunkId, u32)>),
+    /// A sample of the wanted chunks (`checked` of them) was read and lies where
+    /// the list puts them; `chunks` lists every wanted chunk's first position as
+    /// [`Along::Held`] does, most of them unread: unproved (the caller hashes each
+    /// when it reads it, and may meet one that is not there).
+    Sampled {
+        /// Every wanted chunk, as for [`Along::Held`].
+        chunks: Vec<(u64, ChunkId, u32)>,
+        /// How many of them were read and hashed.
+        checked: usize,
+    },
     /// The bytes at `offset` do not hash to `expected` (the first such position).
     Differs { offset: u64, expected: ChunkId },
 }
@@ -263,32 +274,35 @@ pub enum Along {
 /// hold that release there (the caller then cuts it by content). `expected` must
 /// fit in `len`.
 ///
-/// With `sample`, only that many of the wanted chunks are read and hashed, spread
-/// evenly over them in slot order (the first and the last among them): whether
-/// the slot holds the release at all, for a few dozen chunk reads instead of
-/// every wanted one. [`Along::Held`] then lists every wanted chunk all the same,
-/// most of them unread: the caller must treat those as unproved (hash each when it
-/// reads it, and fail, not fall back, when one does not hash to its id).
+/// With `sample`, when more chunks are wanted than it reads, only those it picks
+/// are read and hashed ([`sample_positions`]: spread evenly over the wanted
+/// chunks in slot order, the first and the last among them), and the answer is
+/// [`Along::Sampled`]: whether the slot holds the release at all, for a few dozen
+/// chunk reads instead of every wanted one. With no more wanted than the sample,
+/// all are read: [`Along::Held`].
 pub fn check_along(
     storage: &dyn Storage,
     len: u64,
     expected: impl IntoIterator<Item = (ChunkId, u32)>,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    sample: Option<usize>,
+    sample: Option<Sample>,
 ) -> io::Result<Along> {
     let targets = targets_along(len, expected, wanted);
-    let picked = match (sample, targets.len()) {
-        (Some(sample), n) if n > sample => Some(
-            (0..sample)
-                .map(|i| targets[i * (n - 1) / (sample - 1).max(1)])
-                .collect::<Vec<_>>(),
-        ),
-        _ => None,
-    };
+    let picked = sample.filter(|k| targets.len() > k.get()).map(|k| {
+        sample_positions(targets.len(), k)
+            .map(|i| targets[i])
+            .collect::<Vec<_>>()
+    });
     Ok(
         match check_targets(storage, len, picked.as_deref().unwrap_or(&targets))? {
             Some((offset, expected)) => Along::Differs { offset, expected },
-            None => Along::Held(targets),
+            None => match picked {
+                Some(picked) => Along::Sampled {
+                    chunks: targets,
+                    checked: picked.len(),
+                },
+                None => Along::Held(targets),
+            },
         },
     )
 }
@@ -2183,10 +2197,11 @@ mod tests {
         let wanted: Vec<(u64, ChunkId, u32)> = chunks.iter().copied().step_by(2).collect();
         assert!(wanted.len() > 40, "{} wanted", wanted.len());
         let wanted_ids: HashSet<ChunkId> = wanted.iter().map(|c| c.1).collect();
-        let sample = 8;
+        let sample = Sample::new(8);
         let n = wanted.len();
-        let picked: Vec<usize> = (0..sample).map(|i| i * (n - 1) / (sample - 1)).collect();
-        assert_eq!((picked[0], picked[sample - 1]), (0, n - 1));
+        let picked: Vec<usize> = sample_positions(n, sample).collect();
+        assert_eq!(picked.len(), 8);
+        assert_eq!((picked[0], picked[7]), (0, n - 1));
         let picked_bytes: u64 = picked.iter().map(|&i| u64::from(wanted[i].2)).sum();
         // A wanted chunk outside the sample changed: not read, not noticed.
         let unsampled = (1..n).find(|i| !picked.contains(i)).unwrap();
@@ -2202,9 +2217,15 @@ mod tests {
             Some(sample),
         )
         .unwrap();
-        assert_eq!(got, Along::Held(wanted.clone()));
+        assert_eq!(
+            got,
+            Along::Sampled {
+                chunks: wanted.clone(),
+                checked: 8
+            }
+        );
         let (reads, bytes) = counting.counts();
-        assert!(reads <= sample as u64, "{reads} reads");
+        assert!(reads <= 8, "{reads} reads");
         assert!(
             bytes >= picked_bytes
                 && bytes <= picked_bytes + reads * (2 * ALIGN as u64 + GAP_READ_MAX),
@@ -2245,6 +2266,56 @@ mod tests {
                 expected: wanted[0].1
             }
         );
+    }
+
+    /// A sample as large as the wanted chunks (or larger) reads them all: the
+    /// answer is [`Along::Held`] (every chunk proved) or the first that differs,
+    /// never [`Along::Sampled`]. The picking: `k` positions, first and last.
+    #[test]
+    fn check_along_with_a_sample_of_all_the_wanted_chunks_checks_every_one() {
+        let data = pattern(2 * BLOCK, 27);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let chunks = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
+        let wanted: Vec<(u64, ChunkId, u32)> = chunks.iter().copied().step_by(3).collect();
+        let n = wanted.len();
+        assert!(n > 4, "{n} wanted");
+        let wanted_ids: HashSet<ChunkId> = wanted.iter().map(|c| c.1).collect();
+        let check = |slot: &[u8], k: usize| {
+            let (_dir, storage) = file_with(slot);
+            check_along(
+                &*storage,
+                slot.len() as u64,
+                chunks.iter().map(|c| (c.1, c.2)),
+                &|id| wanted_ids.contains(id),
+                Some(Sample::new(k)),
+            )
+            .unwrap()
+        };
+        assert_eq!(check(&data, n), Along::Held(wanted.clone()));
+        assert_eq!(check(&data, n + 10), Along::Held(wanted.clone()));
+        let mut slot = data.clone();
+        slot[wanted[n / 2].0 as usize + 1] ^= 1;
+        assert_eq!(
+            check(&slot, n),
+            Along::Differs {
+                offset: wanted[n / 2].0,
+                expected: wanted[n / 2].1
+            }
+        );
+        assert_eq!(
+            sample_positions(10, Sample::new(2)).collect::<Vec<_>>(),
+            vec![0, 9]
+        );
+        assert_eq!(
+            sample_positions(3, Sample::new(5)).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "at least 2")]
+    fn a_sample_of_one_chunk_is_refused() {
+        let _ = Sample::new(std::hint::black_box(1));
     }
 
     #[test]

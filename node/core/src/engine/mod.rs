@@ -188,6 +188,13 @@ pub enum Input {
     /// the engine takes it for that install only. It is not recorded (the slot has
     /// no index for a later run) and is dropped when the install ends, so another
     /// install, or this one resumed, indexes the slot again.
+    ///
+    /// A `sampled` index (partial too) lists the needed chunks where the release
+    /// the slot should hold puts them, but the driver read and hashed only a
+    /// sample of them: the rest are hashed when read as any slot read is. One of
+    /// them that does not hash to its id, and that no source holds, makes the
+    /// engine cut the whole slot by content ([`Output::ResumeIndex`] from 0): the
+    /// slot may hold it elsewhere.
     SlotIndexWritten {
         /// The slot.
         slot: Slot,
@@ -197,6 +204,8 @@ pub enum Input {
         chunks: u64,
         /// Whether it lists only chunks the waiting install needs.
         partial: bool,
+        /// Whether only a sample of its entries was checked (see above).
+        sampled: bool,
     },
     /// The driver cutting the active slot for the install waiting for its index
     /// ([`Output::IndexSlot`]) has cut the slot's first `cut` bytes and handed over
@@ -1026,7 +1035,8 @@ impl Engine {
                 chunking,
                 chunks,
                 partial,
-            } => self.on_index_written(now, slot, chunking, chunks, partial),
+                sampled,
+            } => self.on_index_written(now, slot, chunking, chunks, partial, sampled),
             Input::IndexProgress { slot, cut } => self.on_index_progress(now, slot, cut),
             Input::ResumedCutEnded { slot } => self.on_resumed_cut_ended(now, slot),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
@@ -1112,6 +1122,7 @@ impl Engine {
         chunking: Chunking,
         chunks: u64,
         partial: bool,
+        sampled: bool,
     ) {
         let Some(waiting) = self.takes_cut(slot) else {
             return;
@@ -1128,6 +1139,9 @@ impl Engine {
         let Some(store) = store else { return };
         self.index = index::ActiveIndex::stored(slot, chunking, std::sync::Arc::clone(&store.0));
         self.index_partial = partial;
+        if let Some(job) = self.job.as_mut().filter(|_| waiting) {
+            job.index_unproved = sampled && partial;
+        }
         if !partial {
             self.persist(vec![Record::SlotIndexWritten {
                 slot,

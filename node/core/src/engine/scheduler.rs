@@ -326,6 +326,12 @@ pub(crate) struct Job {
     /// whether the stop still holds is checked at the next pump (not on every
     /// pump: the check reads every needed entry).
     pub(crate) cut_recheck: bool,
+    /// The active slot's index was taken from a sampled check
+    /// ([`Input::SlotIndexWritten`](super::Input::SlotIndexWritten)'s `sampled`):
+    /// most of its entries were never read. Until one is found bad, a bad one
+    /// that no source holds makes the engine cut the whole slot by content
+    /// ([`Engine::on_bad_chunk`]).
+    pub(crate) index_unproved: bool,
     /// Bytes the journal holds (cached for `status()`).
     pub(crate) journal_bytes: u64,
     /// The first corrupt chunk a stream sent.
@@ -434,6 +440,7 @@ impl Job {
             cut_heard: Instant::from_millis(0),
             hold_generation: 0,
             cut_recheck: false,
+            index_unproved: false,
             journal_bytes: 0,
             corrupt: None,
             lan: None,
@@ -1906,6 +1913,9 @@ impl Engine {
                     job.indexed.clear(e);
                 }
                 self.persist(vec![Record::Unindex { slot, id }]);
+                if slot == active {
+                    self.distrust_sampled_index(e);
+                }
             }
             (Origin::Source(sid), Some(i)) => {
                 warn!(%id, source = %sid, "source sent a chunk that does not hash to its id; banning it");
@@ -1917,6 +1927,60 @@ impl Engine {
             (Origin::Source(_), None) => {}
         }
         self.pump(now);
+    }
+
+    /// An entry `e` of the active slot's index came back bad. With the index taken
+    /// from a sampled check ([`Job::index_unproved`]) the slot holds the base
+    /// release where the sample looked, but not here: changed in place (bit rot, a
+    /// read-write mount), perhaps with the chunk elsewhere (a repeated chunk's
+    /// first position overwritten, two chunks swapped). A source that may hold it
+    /// (an artifact stream that carries it, a peer, the WAN) brings it as for any
+    /// bad entry; with none, the index is no longer trusted as a whole, and the
+    /// slot is cut by content from its start ([`Output::ResumeIndex`] from 0, as
+    /// the full check did before the sample, which then cut it): every needed chunk
+    /// it meets is taken, and what it does not find fails the install with
+    /// [`InstallError::MissingChunks`](crate::InstallError::MissingChunks) when it
+    /// ends. Once only: a later bad entry is fetched as any other (the cut met
+    /// every chunk the slot holds).
+    fn distrust_sampled_index(&mut self, e: u32) {
+        let Some(job) = self.job.as_mut().filter(|j| j.index_unproved) else {
+            return;
+        };
+        let held = job
+            .sources
+            .iter()
+            .any(|s| s.gone.is_none() && s.may_hold(e));
+        // A cut that runs already may meet it (the engine waits for its end).
+        if held || job.index_resumed || job.need.get(e) == Need::Done || job.step != Step::Fetching
+        {
+            return;
+        }
+        job.index_unproved = false;
+        let active = self.state.active;
+        let chunking = job.rel.manifest.chunking;
+        let len = job.index_len;
+        // The sampled index is given up as the guide to the slot (its entries
+        // still queued are read, each hashed): a cut, from the start.
+        job.index_stopped = true;
+        job.index_resumed = true;
+        job.hold_network = false;
+        job.index_cut = 0;
+        job.index_window = (0, job.index_found);
+        info!(
+            slot = %active,
+            id = %job.rel.table.id(e),
+            "the sampled check of the active slot missed a change and no source holds the chunk: cutting the slot by content"
+        );
+        self.event(Event::IndexResumed {
+            slot: active,
+            from: 0,
+        });
+        self.outputs.push_back(Output::ResumeIndex {
+            slot: active,
+            chunking,
+            from: 0,
+            len,
+        });
     }
 
     /// A request source does not hold a chunk.
