@@ -717,6 +717,45 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
     assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
     assert!(dev.requests_sent.contains_key(&SourceId(3)));
     assert_eq!(engine.progress().reused_bytes, 0);
-    // Every chunk in, the stalled cut is stopped.
+    // The stalled cut is given up as the fetches go ahead.
     assert_eq!(dev.cuts_stopped, vec![SAMPLE, SAMPLE]);
+}
+
+/// A resumed cut that tells nothing, with one chunk needed in no source: the
+/// stick lacks it (it lies in the slot past the stop, where the stalled cut never
+/// gets), its answer resumes the cut, the cut is given up after
+/// [`Config::cut_silence`] and the install fails as stuck, naming the chunk
+/// (without it, the install counted itself busy while the cut was on, and waited
+/// forever with no timer set).
+#[test]
+fn a_silent_resumed_cut_with_a_chunk_in_no_source_fails_the_install() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    // The release's 31st chunk (16 KiB each), at 992 KiB in the slot.
+    let missing = c2[30].0;
+    dev.stores
+        .get_mut(&SourceId(2))
+        .expect("stored")
+        .remove(&missing);
+    dev.stall_cuts = true;
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(
+        dev.cuts_stopped,
+        vec![SAMPLE, SAMPLE],
+        "the silent cut given up"
+    );
+    match failed(&dev.events) {
+        Some(InstallError::MissingChunks { count, .. }) => assert_eq!(*count, 1),
+        other => panic!("not failed as stuck: {other:?}"),
+    }
+    assert!(!engine.is_installing());
 }

@@ -22,9 +22,11 @@ pub(crate) enum Timer {
     /// The open journal batch's first chunk is `journal_batch_age` old: it is
     /// committed (and so announced to LAN peers) even if no chunk follows.
     JournalAge = 4,
-    /// A resumed cut of the active slot, for which network fetches are held
-    /// ([`Output::ResumeIndex`](crate::Output::ResumeIndex)), told no progress for
-    /// [`Config::cut_silence`](crate::Config::cut_silence): the fetches go ahead.
+    /// A resumed cut of the active slot
+    /// ([`Output::ResumeIndex`](crate::Output::ResumeIndex)) told no progress for
+    /// [`Config::cut_silence`](crate::Config::cut_silence): it is given up
+    /// ([`Output::StopIndex`](crate::Output::StopIndex)), and the network fetches
+    /// held for it go ahead.
     CutHold = 5,
 }
 

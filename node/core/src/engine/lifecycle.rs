@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use shoal_artifact::{Manifest, PayloadKind};
 use shoal_signing::EnvelopeRef;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{CommitError, InstallError, OfferError, RollbackError};
 use crate::state::{
@@ -367,6 +367,7 @@ impl Engine {
         job.cut_recheck = false;
         if !job.index_stopped
             || job.index_resumed
+            || job.cut_given_up
             || job.step != Step::Fetching
             || job.needed == 0
             || job.index_cut >= job.index_len
@@ -407,6 +408,28 @@ impl Engine {
             cut = job.index_cut,
             "fetching from the network without waiting for the cut"
         );
+        self.rescan(now);
+    }
+
+    /// The resumed cut told no progress for [`Config::cut_silence`](super::Config::cut_silence)
+    /// (`Timer::CutHold`: a driver whose read stalled): it is given up
+    /// ([`Output::StopIndex`]) and not resumed again during this install. The
+    /// fetches held for it go ahead, and a chunk no source holds then fails the
+    /// install as stuck: the install never waits for a cut that tells nothing.
+    pub(crate) fn give_up_cut(&mut self, now: Instant) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut().filter(|j| j.index_resumed) else {
+            return;
+        };
+        job.index_resumed = false;
+        job.hold_network = false;
+        job.cut_given_up = true;
+        warn!(
+            slot = %active,
+            cut = job.index_cut,
+            "the resumed cut of the active slot told no progress: given up"
+        );
+        self.outputs.push_back(Output::StopIndex { slot: active });
         self.rescan(now);
     }
 

@@ -94,8 +94,9 @@ pub struct Config {
     /// rest is worth cutting ([`Engine::index_pays`]). 64 MiB.
     pub index_sample_min_bytes: u64,
     /// How long a resumed cut of the active slot ([`Output::ResumeIndex`]) may
-    /// tell no progress ([`Input::IndexProgress`]) before the network fetches held
-    /// for it go ahead (the cut itself goes on). 5 s.
+    /// tell no progress ([`Input::IndexProgress`]) before it is given up
+    /// ([`Output::StopIndex`]; not resumed again during the install) and the
+    /// network fetches held for it go ahead. 5 s.
     pub cut_silence: std::time::Duration,
 }
 

@@ -312,6 +312,10 @@ pub(crate) struct Job {
     pub(crate) index_cut: u64,
     /// A resumed cut runs: asked for, not yet ended or stopped.
     pub(crate) index_resumed: bool,
+    /// A resumed cut told nothing for [`Config::cut_silence`](crate::Config::cut_silence)
+    /// and was given up: the slot is not cut again during this install (a driver
+    /// whose read stalled would stall again).
+    pub(crate) cut_given_up: bool,
     /// While a resumed cut runs, chunks the rest of the slot may hold are not asked
     /// of a LAN peer or the WAN (only of local sources): until a window of the cut
     /// gives too little to be worth waiting for, or the cut ends, stops or tells
@@ -430,6 +434,7 @@ impl Job {
             index_stopped: false,
             index_cut: 0,
             index_resumed: false,
+            cut_given_up: false,
             hold_network: false,
             cut_heard: Instant::from_millis(0),
             hold_generation: 0,
@@ -2012,7 +2017,7 @@ impl Engine {
             self.flush_batch();
         }
         if self.timers.is_expired(Timer::CutHold, now) {
-            self.release_cut_hold(now, "the resumed cut told no progress");
+            self.give_up_cut(now);
         }
         // Backoffs that ended need no action but a pump.
         self.pump(now);
@@ -2043,7 +2048,7 @@ impl Engine {
         let hold = self
             .job
             .as_ref()
-            .filter(|job| job.hold_network)
+            .filter(|job| job.index_resumed)
             .map(|job| Instant::from_millis(job.cut_heard.as_millis().saturating_add(silence)));
         self.timers.set(Timer::CutHold, hold);
         let (silence, backoff) = match self.job.as_ref() {
@@ -2166,6 +2171,7 @@ impl Engine {
             "a hold without a cut"
         );
         if job.index_resumed {
+            assert!(!job.cut_given_up, "a cut resumed after it was given up");
             assert!(job.index_stopped, "a cut resumed that was never stopped");
             assert_eq!(job.step, Step::Fetching, "a cut resumed outside fetching");
             assert!(job.index_cut <= job.index_len, "a cut resumed past its end");
@@ -2173,8 +2179,8 @@ impl Engine {
         if job.step == Step::Fetching {
             assert_eq!(
                 self.timers.get(Timer::CutHold).is_some(),
-                job.hold_network,
-                "the hold's timer"
+                job.index_resumed,
+                "the resumed cut's silence timer"
             );
         }
         if job.hold_network {
