@@ -759,3 +759,95 @@ fn a_silent_resumed_cut_with_a_chunk_in_no_source_fails_the_install() {
     }
     assert!(!engine.is_installing());
 }
+
+/// The install fails (a write the driver reports failed) while a resumed cut runs:
+/// the cut is stopped with it ([`Output::StopIndex`]), so the driver does not read
+/// the rest of the slot for nobody (without it, the job was dropped and the cut,
+/// here a stalled one, was never told).
+#[test]
+fn an_install_failing_during_a_resumed_cut_stops_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    let wan = server(&mut dev, &c2);
+    dev.stall_cuts = true;
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run_until(&mut engine, None, 40).expect("no crash");
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE], "the cut resumed");
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE]);
+    dev.handle(
+        &mut engine,
+        crate::Input::Failed {
+            op: crate::IoOp::Write,
+            message: "no space left on device".into(),
+        },
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(matches!(
+        failed(&dev.events),
+        Some(InstallError::Io {
+            op: crate::IoOp::Write,
+            ..
+        })
+    ));
+    assert_eq!(
+        dev.cuts_stopped,
+        vec![SAMPLE, SAMPLE],
+        "the resumed cut stopped"
+    );
+}
+
+/// The install fails while its first cut of the active slot runs (the driver cut
+/// it on a thread of its own; the write of a chunk the cut handed over failed):
+/// the cut is stopped with it. A failure of the cut itself asks no stop (it is
+/// not running).
+#[test]
+fn an_install_failing_during_the_first_cut_stops_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, _) = release("acme-os", "2.0", 2, DEVICE, &image);
+    for (op, stops) in [(crate::IoOp::Write, true), (crate::IoOp::IndexSlot, false)] {
+        let dev = device(&slot_with_v2_at_the_cut());
+        let mut engine = dev.engine(f.config());
+        engine
+            .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+            .expect("offer");
+        let mut outs = Vec::new();
+        while let Some(o) = engine.poll_output() {
+            outs.push(o);
+        }
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, crate::Output::IndexSlot { .. })),
+            "the cut asked"
+        );
+        assert!(engine.is_indexing());
+        engine.handle(
+            dev.now(),
+            crate::Input::Failed {
+                op,
+                message: "failed".into(),
+            },
+        );
+        let mut outs = Vec::new();
+        while let Some(o) = engine.poll_output() {
+            outs.push(o);
+        }
+        assert_eq!(
+            outs.iter()
+                .filter(|o| matches!(o, crate::Output::StopIndex { slot: Slot::A }))
+                .count(),
+            usize::from(stops),
+            "{op:?}: {outs:?}"
+        );
+        assert!(!engine.is_installing());
+    }
+}

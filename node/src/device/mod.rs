@@ -3154,7 +3154,9 @@ impl Driver<'_> {
     /// Hands what the cut of `slot` meets to the engine as it comes (the chunks
     /// it needs, how far the cut is: `from` plus the cut's own count), carrying
     /// out what the engine asks meanwhile, until the cut ends; nothing more once
-    /// the engine stopped it (`stop`, set by [`Output::StopIndex`]).
+    /// the engine stopped it (`stop`, set by [`Output::StopIndex`]), or once the
+    /// install the cut was for ended (failed: a write, sync or journal record
+    /// that failed meanwhile), when `stop` is set here.
     fn hand_over_cut(
         &mut self,
         slot: Slot,
@@ -3162,7 +3164,12 @@ impl Driver<'_> {
         stop: &std::sync::atomic::AtomicBool,
         from: u64,
     ) -> anyhow::Result<()> {
+        // A cut made while idle (no install) runs to its end.
+        let for_install = self.engine.is_installing();
         for met in met {
+            if for_install && !self.engine.is_installing() {
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            }
             if stop.load(std::sync::atomic::Ordering::Acquire) {
                 // Nothing more from a cut the engine stopped (the worker ends at
                 // its next block).

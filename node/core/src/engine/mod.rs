@@ -1144,7 +1144,10 @@ impl Engine {
     /// A failure the driver reported: what it was asked to do is dropped, and the
     /// install in progress (if any) stops with `err`.
     fn stop(&mut self, err: InstallError) {
-        self.outputs.clear();
+        // A cut of the active slot asked to stop is still stopped: the driver
+        // would otherwise read the rest of the slot for nobody.
+        self.outputs
+            .retain(|o| matches!(o, Output::StopIndex { .. }));
         if self.job.is_some() {
             self.fail(err);
         } else {
@@ -1181,14 +1184,40 @@ impl Engine {
             }
             self.persist(records);
         }
-        self.drop_job();
+        // The cut of the active slot that failed is over already; any other is
+        // stopped with the install.
+        let cut_failed = matches!(
+            err,
+            InstallError::Io {
+                op: IoOp::IndexSlot,
+                ..
+            }
+        );
+        self.drop_job_stopping_cut(!cut_failed);
         self.timers.clear();
         self.event(Event::Failed(err));
     }
 
     /// Ends the install in memory; the journal it kept (a bitfield while it ran)
-    /// goes back to the device state.
+    /// goes back to the device state. A cut of the active slot it waits for (the
+    /// first, or a resumed one) is stopped ([`Output::StopIndex`]): nobody is left
+    /// to take what it meets.
     fn drop_job(&mut self) {
+        self.drop_job_stopping_cut(true);
+    }
+
+    /// [`Engine::drop_job`]; `stop_cut` false when the cut itself failed (it is
+    /// not running).
+    fn drop_job_stopping_cut(&mut self, stop_cut: bool) {
+        let cutting = self
+            .job
+            .as_ref()
+            .is_some_and(|j| j.step == Step::Indexing || j.index_resumed);
+        if stop_cut && cutting {
+            let slot = self.state.active;
+            info!(%slot, "the install ended: the cut of the active slot stops");
+            self.outputs.push_back(Output::StopIndex { slot });
+        }
         if let Some(job) = self.take_job() {
             self.state.journaled = job.journaled.iter().collect();
             self.journal_bytes = job.journal_bytes;
