@@ -2884,13 +2884,13 @@ impl<'a> Driver<'a> {
                     };
                     let handed = self.hand_over_cut(slot, met, &stop, 0);
                     self.index_stop = None;
-                    handed?;
+                    let handed = handed?;
                     let chunks = worker.join()?;
                     if stopping(&stop) {
                         // The install goes on without an index of the slot: what
                         // was cut is not one, and is neither kept nor recorded (a
                         // later install, or this one resumed, cuts the slot again).
-                        info!(slot = %slot, chunks = chunks.len(), "stopped indexing the active slot");
+                        info!(slot = %slot, chunks = chunks.len(), handed, "stopped indexing the active slot");
                         return Ok(None);
                     }
                     // Into the store in batches; the engine reads them by id.
@@ -3163,7 +3163,8 @@ impl Driver<'_> {
         met: std::sync::mpsc::Receiver<slotio::Met>,
         stop: &std::sync::atomic::AtomicBool,
         from: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
+        let mut handed = 0u64;
         // A cut made while idle (no install) runs to its end.
         let for_install = self.engine.is_installing();
         for met in met {
@@ -3177,10 +3178,13 @@ impl Driver<'_> {
             }
             let input = match met {
                 // Hashed by the indexer as it cut the slot.
-                slotio::Met::Chunk(chunk) => Input::Chunk {
-                    origin: Origin::Slot(slot),
-                    chunk,
-                },
+                slotio::Met::Chunk(chunk) => {
+                    handed += 1;
+                    Input::Chunk {
+                        origin: Origin::Slot(slot),
+                        chunk,
+                    }
+                }
                 // The engine may stop the cut (`Output::StopIndex`).
                 slotio::Met::Cut(cut) => Input::IndexProgress {
                     slot,
@@ -3190,7 +3194,7 @@ impl Driver<'_> {
             self.engine.handle(self.now(), input);
             self.drain()?;
         }
-        Ok(())
+        Ok(handed)
     }
 
     /// Carries out [`Output::ResumeIndex`]: cuts `slot` from the block boundary at
@@ -3225,19 +3229,17 @@ impl Driver<'_> {
         self.index_stop = Some(Arc::clone(&stop));
         let stopped = Arc::clone(&stop);
         let worker = std::thread::spawn(move || {
-            slotio::index_along(
+            // Counted, not listed: nothing of it is kept.
+            slotio::count_cut(
                 &tail,
                 tail.len,
                 chunking,
-                &[],
                 &|id| wanted.contains(id),
                 Some(&slotio::Handover {
                     tx: &tx,
                     stop: &stopped,
                 }),
-                None,
             )
-            .map(|chunks| chunks.len())
         });
         let mut worker = StopCut {
             stop: Arc::clone(&stop),
@@ -3245,15 +3247,15 @@ impl Driver<'_> {
         };
         let handed = self.hand_over_cut(slot, met, &stop, from);
         self.index_stop = None;
-        handed?;
+        let handed = handed?;
         let chunks = worker
             .join()
             .with_context(|| format!("cannot cut slot {slot}"))?;
         if stop.load(std::sync::atomic::Ordering::Acquire) {
-            info!(slot = %slot, from, chunks, "stopped the resumed cut of the active slot");
+            info!(slot = %slot, from, chunks, handed, "stopped the resumed cut of the active slot");
             return Ok(());
         }
-        info!(slot = %slot, from, chunks, "cut the rest of the active slot");
+        info!(slot = %slot, from, chunks, handed, "cut the rest of the active slot");
         self.engine
             .handle(self.now(), Input::ResumedCutEnded { slot });
         Ok(())
