@@ -187,9 +187,10 @@ pub struct SimDevice {
     pub fail_requests: BTreeMap<SourceId, FetchFailure>,
     /// Run [`Engine::check_invariants`] after every step.
     pub check: bool,
-    /// Liveness: most outputs one [`SimDevice::run_until`] carries out before it
-    /// fails the test (an engine that asks the same thing forever, such as a
-    /// source for a chunk it said it lacks, never settles).
+    /// Liveness: most outputs and timeouts one [`SimDevice::run_until`] carries
+    /// out before it fails the test (an engine that asks the same thing forever,
+    /// such as a source for a chunk it said it lacks, or sets a timer again and
+    /// again, never settles).
     pub steps_max: u64,
     /// Cut the active slot as a device's driver does ([`Output::IndexSlot`]): in
     /// slot order, handing over the needed chunks met ([`Engine::needed_chunks`])
@@ -380,6 +381,14 @@ impl SimDevice {
                     engine.handle(self.now(), delivery.input);
                 }
                 (_, Some(t)) => {
+                    // A timer that is set again and again without the engine
+                    // settling counts as outputs do.
+                    self.steps += 1;
+                    assert!(
+                        self.steps <= self.steps_max,
+                        "the engine did not settle: {} outputs and timeouts in one run, the last a timeout at {t:?}",
+                        self.steps
+                    );
                     self.now = self.now.max(t.as_millis());
                     engine.handle_timeout(self.now());
                 }
