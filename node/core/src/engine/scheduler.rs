@@ -678,7 +678,11 @@ impl Job {
         s.holds = holds_by_entry(holds, &self.rel.table);
         s.lacks = None;
         s.info.holds = Holds::Unknown;
-        self.sources_changed();
+        // Only what a local source holds enters whether the stop still holds
+        // ([`Job::served_locally`]); a LAN peer or the WAN is open or not.
+        if s.info.class == SourceClass::Local {
+            self.sources_changed();
+        }
     }
 }
 
@@ -1980,7 +1984,14 @@ impl Engine {
                 job.sources[i].lack(e, n);
             }
             job.sources[i].last_heard = Some(now);
-            job.sources_changed();
+            // A chunk no local holder has any more: the cut may have to resume
+            // (the check of these entries here; of all at the next pump only then).
+            if entries
+                .iter()
+                .any(|&e| job.need.get(e) != Need::Done && !job.held_locally(e))
+            {
+                job.sources_changed();
+            }
         }
         if let Some(slot) = slot {
             self.end_request(slot, false);
