@@ -1845,7 +1845,13 @@ impl Engine {
         job.batch_bytes += bytes;
         let since = *job.batch_since.get_or_insert(now);
         self.progress.written_bytes += bytes;
-        if source.is_none() && (job.step == Step::Indexing || job.index_resumed) {
+        // Found by the cut: not the answer to a read of the slot (`Output::Read`,
+        // of a chunk an index or a guess put there), which a resumed cut runs
+        // alongside.
+        if source.is_none()
+            && !matches!(state, Need::Reading { .. })
+            && (job.step == Step::Indexing || job.index_resumed)
+        {
             job.index_found += u64::from(size);
         }
         match source {
