@@ -3217,7 +3217,7 @@ impl Driver<'_> {
             .open_reader(slot)
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
-        let from = (from - from % slotio::BLOCK as u64).min(len);
+        let from = resume_start(from, chunking).min(len);
         let tail = Tail {
             inner: storage,
             from,
@@ -3260,6 +3260,17 @@ impl Driver<'_> {
             .handle(self.now(), Input::ResumedCutEnded { slot });
         Ok(())
     }
+}
+
+/// Where a resumed cut that the engine asks from `from` starts: the block boundary
+/// at or before `from - 2 * max_size`. Cut as though a chunk started there, it
+/// meets the slot's own chunk starts within a few chunks (a chunk ends where the
+/// content says, at most `max_size` on): so by `from` it cuts where the whole
+/// cut does, and the chunk that straddles `from` (where the first cut stopped)
+/// and those after it are met where they lie, not fetched.
+fn resume_start(from: u64, chunking: shoal_artifact::Chunking) -> u64 {
+    let back = from.saturating_sub(2 * u64::from(chunking.max_size));
+    back - back % slotio::BLOCK as u64
 }
 
 /// The bytes of a slot from `from` on, read-only: what a resumed cut reads.
@@ -3832,5 +3843,31 @@ mod resume_cut_tests {
         assert!(meet <= 4, "met after {meet} chunks");
         let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
         assert_eq!(&part[meet..], &whole[k..]);
+        // Asked from a point just past a block boundary (where a first cut
+        // stopped), the resumed cut starts far enough before it to cut every
+        // chunk from there where the whole cut does: the one straddling the
+        // point too (from the boundary at or before it, the first few were cut
+        // elsewhere).
+        for asked in [from + 100, 2 * from + 7_000, 3 * from] {
+            let start = resume_start(asked, chunking);
+            assert_eq!(start % slotio::BLOCK as u64, 0);
+            assert!(start + 2 * u64::from(chunking.max_size) <= asked);
+            let tail = Tail {
+                inner: open(),
+                from: start,
+                len: len - start,
+            };
+            let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - start)
+                .into_iter()
+                .map(|(at, id, n)| (at + start, id, n))
+                .collect();
+            let straddling = whole
+                .iter()
+                .position(|c| c.0 + u64::from(c.2) > asked)
+                .expect("a chunk there");
+            for c in &whole[straddling..] {
+                assert!(part.contains(c), "asked from {asked}: {c:?} not met");
+            }
+        }
     }
 }

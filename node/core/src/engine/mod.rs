@@ -445,9 +445,11 @@ pub enum Output {
     /// [`Output::IndexSlot`] with an install waiting: hand over every needed chunk
     /// met ([`Engine::needed_chunks`]) as [`Input::Chunk`] from the slot, tell the
     /// progress with [`Input::IndexProgress`] (bytes from offset 0), and answer
-    /// [`Input::ResumedCutEnded`] at the end. A driver may start before `from` (a
-    /// block boundary), cutting as though a chunk started there: the cut from a
-    /// point meets the slot's own chunk starts within a few chunks. Nothing of it
+    /// [`Input::ResumedCutEnded`] at the end. A driver should start a few chunks
+    /// before `from` (the device: at the block boundary at or before
+    /// `from - 2 * max_size`), cutting as though a chunk started there: the cut
+    /// from a point meets the slot's own chunk starts within a few chunks, so the
+    /// chunk that straddles `from` and those after it are met. Nothing of it
     /// is recorded as the slot's index. The engine holds the fetches from the
     /// network of chunks the rest of the slot may hold meanwhile
     /// ([`Engine::index_pays`] says for how long), and may stop it again
