@@ -3124,9 +3124,17 @@ impl<'a> Driver<'a> {
                 chunking,
                 from,
                 len,
-            } => self
-                .resume_cut(slot, chunking, from, len)
-                .map_err(|e| (IoOp::IndexSlot, e))?,
+            } => {
+                // The rest of the slot is cut to save fetches, not because the
+                // install needs it: a read that fails there (a bad sector past
+                // the release) ends the cut, and what it did not meet comes from
+                // the sources (the install fails as stuck if none holds it).
+                if let Err(e) = self.resume_cut(slot, chunking, from, len) {
+                    warn!(slot = %slot, from, error = %format!("{e:#}"), "the resumed cut of the active slot failed: the chunks it did not meet come from the sources");
+                    self.engine
+                        .handle(self.now(), Input::ResumedCutEnded { slot });
+                }
+            }
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
                 let h = &self.dev.config.health;

@@ -216,8 +216,10 @@ pub enum Input {
         /// Bytes of the slot cut so far, from offset 0.
         cut: u64,
     },
-    /// The cut asked for by [`Output::ResumeIndex`] reached its end: every needed
-    /// chunk it met was handed over before this. It is no index of the slot (the
+    /// The cut asked for by [`Output::ResumeIndex`] reached its end, or could not
+    /// go on (a read of the slot failed: the device says so in its log, and the
+    /// install goes on from the sources): every needed chunk it met was handed
+    /// over before this. It is no index of the slot (the
     /// part before the stop was not kept); the engine records nothing.
     ResumedCutEnded {
         /// The slot.
