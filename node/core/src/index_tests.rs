@@ -611,11 +611,13 @@ fn a_data_budget_waits_for_the_resumed_cut() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(
@@ -654,11 +656,13 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(
@@ -694,11 +698,13 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.stall_cuts = true;
     let silence = f.config().cut_silence.as_millis() as u64;
     dev.run_until(&mut engine, None, 30 + silence - 1)
@@ -850,4 +856,35 @@ fn an_install_failing_during_the_first_cut_stops_the_cut() {
         );
         assert!(!engine.is_installing());
     }
+}
+
+/// A full artifact sends a corrupt chunk after the cut of an unrelated slot
+/// stopped: it is banned and no source is left. The rest of the slot, which the
+/// sample showed unrelated, is not cut for the chunks left (without the check the
+/// cut resumed and read the rest of the slot before the install failed): the
+/// install fails at once, naming the corrupt chunk.
+#[test]
+fn a_corrupt_artifact_after_the_stop_fails_without_resuming_the_cut() {
+    let f = Fixture::new();
+    let (m2, mut c2) = release("acme-os", "2.0", 2, DEVICE, &v2());
+    let bad = c2[10].0;
+    c2[10].1[0] ^= 1;
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+        .expect("offer");
+    dev.run(&mut engine, Some((SourceId(1), c2.into_iter())))
+        .expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    match failed(&dev.events) {
+        Some(InstallError::CorruptChunk { id, .. }) => assert_eq!(*id, bad),
+        other => panic!("not failed as corrupt: {other:?}"),
+    }
+    assert_eq!(
+        resumed(&dev.events),
+        Vec::<u64>::new(),
+        "the cut not resumed"
+    );
+    assert!(dev.cuts_resumed.is_empty());
 }

@@ -375,6 +375,17 @@ impl Engine {
         {
             return;
         }
+        if job.sources.iter().all(|s| s.gone.is_some()) {
+            // No source left (the artifact banned for a corrupt chunk, the stick
+            // pulled out): the rest would come from the slot alone, which the
+            // part cut showed unrelated. Not read for that: the install fails
+            // now, saying why, and a rerun resumes it.
+            info!(
+                slot = %active,
+                "no source is left: the stopped cut of the active slot is not resumed"
+            );
+            return;
+        }
         job.index_resumed = true;
         job.hold_network = true;
         job.hold_generation = job.generation();
@@ -386,7 +397,7 @@ impl Engine {
         info!(
             slot = %active,
             from,
-            "a chunk still needed now comes from the network: cutting the rest of the active slot"
+            "a chunk still needed is no longer held by a local source: cutting the rest of the active slot"
         );
         self.event(Event::IndexResumed { slot: active, from });
         self.outputs.push_back(Output::ResumeIndex {
