@@ -284,7 +284,8 @@ impl Engine {
     /// unrelated again, and the network is not kept waiting for it (under a data
     /// budget the hold lasts until the cut ends) — though with a
     /// network source open the cut goes on (each chunk it finds still saves a
-    /// download, and a fetch of it in flight is cancelled); with none, and every
+    /// download; a request in flight for chunks it met is cancelled once none of
+    /// its chunks is awaited, not per chunk); with none, and every
     /// chunk held locally again, it is stopped as the first cut was.
     pub(crate) fn on_index_progress(&mut self, now: Instant, slot: Slot, cut: u64) {
         let active = self.state.active;
