@@ -629,6 +629,41 @@ fn a_data_budget_waits_for_the_resumed_cut() {
     assert!(engine.progress().wan_wire_bytes <= budget);
 }
 
+/// A data budget that fits every chunk over the WAN changes nothing: a window of
+/// the resumed cut that gives nothing releases the hold as without a budget (the
+/// server then brings chunks the slot holds further on). Without the check of
+/// what only the network can serve, any budget kept the hold to the cut's end.
+#[test]
+fn an_ample_data_budget_releases_the_hold_as_none_does() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let wan_bytes = |budget: Option<u64>| {
+        let mut dev = device(&slot_with_v2_past_the_cut());
+        let usb = stick(&mut dev, &c2);
+        let mut config = f.config();
+        config.wan_budget_bytes = budget;
+        let mut engine = dev.engine(config);
+        engine
+            .offer(dev.now(), f.offer(&m2, vec![usb]))
+            .expect("offer");
+        dev.run_until(&mut engine, None, 30).expect("no crash");
+        assert!(stopped(&dev.events).is_some(), "the cut stopped");
+        let wan = server(&mut dev, &c2);
+        engine.add_source(dev.now(), wan).expect("add the server");
+        engine
+            .remove_source(dev.now(), SourceId(2))
+            .expect("pull the stick out");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(failed(&dev.events), None);
+        assert_eq!(&dev.durable[1][..image.len()], &image[..]);
+        engine.progress().wan_wire_bytes
+    };
+    let none = wan_bytes(None);
+    assert!(none > 32 * CHUNK, "the hold released: {none}");
+    assert_eq!(wan_bytes(Some(4 * MIB as u64)), none);
+}
+
 /// Slot A: unrelated data to 512 KiB (the sample), v2's first 512 KiB right
 /// after it, zeros.
 fn slot_with_v2_at_the_cut() -> Vec<u8> {

@@ -282,7 +282,8 @@ impl Engine {
     /// half-windows from where it resumed: one that gives too little ends the hold
     /// on network fetches ([`Job::hold_network`]) — the slot past the stop looks
     /// unrelated again, and the network is not kept waiting for it (under a data
-    /// budget the hold lasts until the cut ends) — though with a
+    /// budget that what only the network can serve would pass, the hold lasts
+    /// until the cut ends or goes silent) — though with a
     /// network source open the cut goes on (each chunk it finds still saves a
     /// download; a request in flight for chunks it met is cancelled once none of
     /// its chunks is awaited, not per chunk); with none, and every
@@ -321,10 +322,12 @@ impl Engine {
             if let Some(job) = self.job.as_mut() {
                 job.index_window = (cut, job.index_found);
             }
-            // Under a data budget, bytes count more than time: the hold lasts until
-            // the cut ends (a chunk fetched and then met in the slot would have
-            // spent budget for nothing, and could make the install refused).
-            let budget = self.job.as_ref().is_some_and(|j| j.budget.limited());
+            // Under a data budget that what only the network can serve would pass,
+            // bytes count more than time: the hold lasts until the cut ends (a
+            // chunk fetched and then met in the slot would spend budget for
+            // nothing, and could get the install refused). A budget that fits it
+            // all changes nothing. Read once a window (every needed entry).
+            let budget = resumed && !gave && self.job.as_ref().is_some_and(Job::budget_tight);
             if resumed && !gave && !budget {
                 self.release_cut_hold(
                     now,

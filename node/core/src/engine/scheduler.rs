@@ -572,6 +572,23 @@ impl Job {
         })
     }
 
+    /// Whether the data budget could refuse what only the network can serve: the
+    /// WAN asked so far plus the wire bytes of the needed chunks no local source
+    /// holds (and none asked yet) pass it. Then a chunk fetched and later met in
+    /// the slot may get the install refused, and a resumed cut is waited for.
+    pub(crate) fn budget_tight(&self) -> bool {
+        if !self.budget.limited() {
+            return false;
+        }
+        let wire: u64 = self
+            .needed_entries()
+            .filter(|&e| !matches!(self.need.get(e), Need::Fetching { .. }))
+            .filter(|&e| !self.held_locally(e))
+            .map(|e| u64::from(self.rel.table.wire_size(e)))
+            .sum();
+        !self.budget.allows(wire)
+    }
+
     /// Whether a request of generation `g` was made since the hold began.
     #[cfg(any(test, feature = "testing"))]
     fn made_while_held(&self, g: u32) -> bool {
