@@ -590,6 +590,76 @@ fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
     assert_eq!(engine.progress().reused_bytes, CHUNK);
 }
 
+/// A LAN peer that shows up after the stop resumes the cut as the WAN does (each
+/// chunk the slot holds saves a download from it), and is not asked for what the
+/// slot holds while the windows give: the peer brings only the chunks in no slot.
+#[test]
+fn a_lan_peer_after_the_stop_resumes_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    dev.stores.insert(SourceId(3), c2.iter().cloned().collect());
+    let peer = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Peer, "peer");
+    engine.add_source(dev.now(), peer).expect("add the peer");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(resumed(&dev.events), vec![SAMPLE]);
+    let p = engine.progress();
+    assert!(p.reused_bytes >= 128 * CHUNK, "{} reused", p.reused_bytes);
+}
+
+/// Two resumes: the stick lacks two chunks the slot holds past the stop, one at
+/// 600 KiB, asked (and lacked) early, one at 1.5 MiB, asked about 1.5 s in. The
+/// first lack resumes the cut, which finds the first chunk and is stopped again at
+/// 1 MiB by the rule; the second lack resumes it again from where it got to
+/// (1 MiB), and it finds the second: both come from the slot.
+#[test]
+fn a_cut_stopped_twice_resumes_again_from_where_it_got_to() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut slot = bytes(99, 2 * MIB);
+    let (k, k2) = (10, 150);
+    slot[600 * 1024..604 * 1024].copy_from_slice(&image[k * 4096..(k + 1) * 4096]);
+    let at = MIB + MIB / 2;
+    slot[at..at + 4096].copy_from_slice(&image[k2 * 4096..(k2 + 1) * 4096]);
+    let mut dev = device(&slot);
+    let usb = stick(&mut dev, &c2);
+    let lacked = [c2[k].0, c2[k2].0];
+    dev.stores.insert(
+        SourceId(2),
+        c2.iter()
+            .filter(|(id, _)| !lacked.contains(id))
+            .cloned()
+            .collect(),
+    );
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.durable[1][..image.len()], &image[..]);
+    assert_eq!(dev.cuts_resumed, vec![SAMPLE, MIB as u64]);
+    assert_eq!(resumed(&dev.events), vec![SAMPLE, MIB as u64]);
+    assert_eq!(engine.progress().reused_bytes, 2 * CHUNK);
+}
+
 /// The stick is pulled out once the cut stopped, and the server shows up with a
 /// data budget that covers only the chunks in no slot: the resumed cut is waited
 /// for (the WAN is not asked for what the slot may hold until it ends), and the
