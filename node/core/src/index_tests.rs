@@ -382,7 +382,7 @@ fn an_install_whose_cut_stopped_resumes_after_a_power_loss() {
     );
 }
 
-// A cut stopped, then resumed (`Output::ResumeIndex`): the reason for the stop no
+// A cut stopped, then resumed (`Output::CutRest`): the reason for the stop no
 // longer holds. Slot A: 1 MiB of unrelated data, then the first 512 KiB of v2
 // (its chunks 0..128), then zeros (v2's zero chunk); v2's chunks 128..160 are in
 // no slot. The cut stops after its 512 KiB sample, having found nothing.
@@ -432,7 +432,7 @@ fn resumed(events: &[Event]) -> Vec<u64> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::IndexResumed { from, .. } => Some(*from),
+            Event::CutResumed { from, .. } => Some(*from),
             _ => None,
         })
         .collect()
@@ -466,7 +466,7 @@ fn a_wan_source_added_after_the_stop_resumes_the_cut_and_the_slot_serves_what_it
     let wan = server(&mut dev, &c2);
     engine.add_source(dev.now(), wan).expect("add the server");
     dev.run_until(&mut engine, None, 400).expect("no crash");
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE], "resumed where it stopped");
+    assert_eq!(dev.rest_cuts, vec![SAMPLE], "resumed where it stopped");
     assert_eq!(resumed(&dev.events), vec![SAMPLE]);
     assert_eq!(dev.cuts_stopped.len(), 1, "the resumed cut ran to the end");
     engine
@@ -525,7 +525,7 @@ fn a_local_sources_lacks_after_the_stop_resume_the_cut() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     // The stick brought the rest at once; the last lacked chunk lies before 1
     // MiB + 128 KiB (the progress last told at 1 MiB + 64 KiB): nothing more
     // needed, the resumed cut stops (no event: the rule did not stop it).
@@ -575,7 +575,7 @@ fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     // The half-window to 768 KiB gave the chunk; the one to 1 MiB nothing.
     assert_eq!(dev.cuts_stopped, vec![SAMPLE, MIB as u64]);
     let stops: Vec<(u64, u64)> = dev
@@ -655,7 +655,7 @@ fn a_cut_stopped_twice_resumes_again_from_where_it_got_to() {
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(&dev.durable[1][..image.len()], &image[..]);
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE, MIB as u64]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE, MIB as u64]);
     assert_eq!(resumed(&dev.events), vec![SAMPLE, MIB as u64]);
     assert_eq!(engine.progress().reused_bytes, 2 * CHUNK);
 }
@@ -695,14 +695,14 @@ fn a_data_budget_waits_for_the_resumed_cut() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     assert!(engine.progress().wan_wire_bytes <= budget);
 }
 
 /// A data budget that fits every chunk over the WAN changes nothing: a window of
-/// the resumed cut that gives nothing releases the hold as without a budget (the
+/// the resumed cut that gives nothing releases the pause as without a budget (the
 /// server then brings chunks the slot holds further on). Without the check of
-/// what only the network can serve, any budget kept the hold to the cut's end.
+/// what only the network can serve, any budget kept the pause to the cut's end.
 #[test]
 fn an_ample_data_budget_releases_the_hold_as_none_does() {
     let f = Fixture::new();
@@ -730,7 +730,7 @@ fn an_ample_data_budget_releases_the_hold_as_none_does() {
         engine.progress().wan_wire_bytes
     };
     let none = wan_bytes(None);
-    assert!(none > 32 * CHUNK, "the hold released: {none}");
+    assert!(none > 32 * CHUNK, "the pause released: {none}");
     assert_eq!(wan_bytes(Some(4 * MIB as u64)), none);
 }
 
@@ -746,7 +746,7 @@ fn slot_with_v2_at_the_cut() -> Vec<u8> {
 /// The stick is pulled out once the cut stopped and the server shows up: the
 /// resumed cut's windows keep giving chunks, so the server is not asked for any
 /// chunk the slot may hold until the cut is past them: only the 32 chunks in no
-/// slot come over the WAN (without the hold, the fetches asked as the cut resumed
+/// slot come over the WAN (without the pause, the fetches asked as the cut resumed
 /// brought the slot's chunks over the WAN too).
 #[test]
 fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
@@ -774,7 +774,7 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
         dev.durable[1][..image.len()] == image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     let p = engine.progress();
     assert!(
         p.wan_bytes <= 32 * CHUNK,
@@ -787,8 +787,8 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
     );
 }
 
-/// A driver whose resumed cut tells nothing (a stalled read): the fetches held
-/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutHold`), and
+/// A driver whose resumed cut tells nothing (a stalled read): the fetches paused
+/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutSilence`), and
 /// the install completes from the network (without the timer it waits forever).
 #[test]
 fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
@@ -825,7 +825,7 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
         dev.durable[1][..image.len()] == image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     assert!(dev.requests_sent.contains_key(&SourceId(3)));
     assert_eq!(engine.progress().reused_bytes, 0);
     // The stalled cut is given up as the fetches go ahead.
@@ -858,7 +858,7 @@ fn a_silent_resumed_cut_with_a_chunk_in_no_source_fails_the_install() {
         .expect("offer");
     dev.run(&mut engine, None).expect("no crash");
     assert!(stopped(&dev.events).is_some(), "the cut stopped");
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     assert_eq!(
         dev.cuts_stopped,
         vec![SAMPLE, SAMPLE],
@@ -892,7 +892,7 @@ fn an_install_failing_during_a_resumed_cut_stops_the_cut() {
     dev.stall_cuts = true;
     engine.add_source(dev.now(), wan).expect("add the server");
     dev.run_until(&mut engine, None, 40).expect("no crash");
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE], "the cut resumed");
+    assert_eq!(dev.rest_cuts, vec![SAMPLE], "the cut resumed");
     assert_eq!(dev.cuts_stopped, vec![SAMPLE]);
     dev.handle(
         &mut engine,
@@ -991,5 +991,5 @@ fn a_corrupt_artifact_after_the_stop_fails_without_resuming_the_cut() {
         Vec::<u64>::new(),
         "the cut not resumed"
     );
-    assert!(dev.cuts_resumed.is_empty());
+    assert!(dev.rest_cuts.is_empty());
 }

@@ -200,8 +200,8 @@ pub struct SimDevice {
     pub cut_progress: Option<u64>,
     /// The cuts stopped by the engine, and where.
     pub cuts_stopped: Vec<u64>,
-    /// The cuts resumed by the engine ([`Output::ResumeIndex`]), and from where.
-    pub cuts_resumed: Vec<u64>,
+    /// The cuts resumed by the engine ([`Output::CutRest`]), and from where.
+    pub rest_cuts: Vec<u64>,
     /// A resumed cut starts and then tells nothing (a stalled read): it ends only
     /// when the engine stops it.
     pub stall_cuts: bool,
@@ -256,7 +256,7 @@ impl SimDevice {
             steps_max: 200_000,
             cut_progress: None,
             cuts_stopped: Vec::new(),
-            cuts_resumed: Vec::new(),
+            rest_cuts: Vec::new(),
             stall_cuts: false,
             stalled: None,
             slot_reads: 0,
@@ -444,7 +444,7 @@ impl SimDevice {
                 }
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
-            Output::ResumeIndex {
+            Output::CutRest {
                 slot,
                 chunking,
                 from,
@@ -460,14 +460,14 @@ impl SimDevice {
                 for c in &mut index.chunks {
                     c.offset += from;
                 }
-                self.cuts_resumed.push(from);
+                self.rest_cuts.push(from);
                 if self.stall_cuts {
                     self.stalled = Some(from);
                     return Ok(());
                 }
                 let step = self.cut_progress.unwrap_or(64 * 1024);
                 if !self.hand_over(engine, slot, &index.chunks, from, step)? {
-                    engine.handle(now, Input::ResumedCutEnded { slot });
+                    engine.handle(now, Input::CutRestEnded { slot });
                 }
             }
             // The cut it stops ends when this is carried out (above).
@@ -628,7 +628,7 @@ impl SimDevice {
                 // A resumed cut stopped because every chunk is written has no
                 // event: the count starts again with the next cut.
                 if let Event::IndexStopped { .. }
-                | Event::IndexResumed { .. }
+                | Event::CutResumed { .. }
                 | Event::Accepted { .. } = e
                 {
                     self.stops_told = 0;

@@ -23,11 +23,11 @@ pub(crate) enum Timer {
     /// committed (and so announced to LAN peers) even if no chunk follows.
     JournalAge = 4,
     /// A resumed cut of the active slot
-    /// ([`Output::ResumeIndex`](crate::Output::ResumeIndex)) told no progress for
+    /// ([`Output::CutRest`](crate::Output::CutRest)) told no progress for
     /// [`Config::cut_silence`](crate::Config::cut_silence): it is given up
     /// ([`Output::StopIndex`](crate::Output::StopIndex)), and the network fetches
-    /// held for it go ahead.
-    CutHold = 5,
+    /// paused for it go ahead.
+    CutSilence = 5,
 }
 
 impl Timer {
@@ -37,7 +37,7 @@ impl Timer {
         Timer::LanOwner,
         Timer::Pacing,
         Timer::JournalAge,
-        Timer::CutHold,
+        Timer::CutSilence,
     ];
 }
 

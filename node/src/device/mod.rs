@@ -2744,7 +2744,7 @@ impl<'a> Driver<'a> {
                 | Output::Event(_)
                 | Output::HashSlot { .. }
                 | Output::StopIndex { .. }
-                | Output::ResumeIndex { .. }
+                | Output::CutRest { .. }
         );
         if !writing && let Some(wb) = self.write_behind.as_ref() {
             wb.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
@@ -3119,7 +3119,7 @@ impl<'a> Driver<'a> {
                     stop.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
-            Output::ResumeIndex {
+            Output::CutRest {
                 slot,
                 chunking,
                 from,
@@ -3129,10 +3129,9 @@ impl<'a> Driver<'a> {
                 // install needs it: a read that fails there (a bad sector past
                 // the release) ends the cut, and what it did not meet comes from
                 // the sources (the install fails as stuck if none holds it).
-                if let Err(e) = self.resume_cut(slot, chunking, from, len) {
+                if let Err(e) = self.cut_rest(slot, chunking, from, len) {
                     warn!(slot = %slot, from, error = %format!("{e:#}"), "the resumed cut of the active slot failed: the chunks it did not meet come from the sources");
-                    self.engine
-                        .handle(self.now(), Input::ResumedCutEnded { slot });
+                    self.engine.handle(self.now(), Input::CutRestEnded { slot });
                 }
             }
             Output::Reboot => self.reboot_asked = true,
@@ -3205,14 +3204,14 @@ impl Driver<'_> {
         Ok(handed)
     }
 
-    /// Carries out [`Output::ResumeIndex`]: cuts `slot` from the block boundary at
+    /// Carries out [`Output::CutRest`]: cuts `slot` from the block boundary at
     /// or before `from` to `len` on a thread of its own, as though a chunk started
     /// there, handing the needed chunks met to the engine; then
-    /// [`Input::ResumedCutEnded`], unless the engine stopped it. Nothing of it is
+    /// [`Input::CutRestEnded`], unless the engine stopped it. Nothing of it is
     /// recorded (what was cut before the stop was not kept: no index of the slot).
     /// Like the first cut, it runs to its end before the driver waits for a
     /// source's answers again (they queue meanwhile).
-    fn resume_cut(
+    fn cut_rest(
         &mut self,
         slot: Slot,
         chunking: shoal_artifact::Chunking,
@@ -3225,7 +3224,7 @@ impl Driver<'_> {
             .open_reader(slot)
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
-        let from = resume_start(from, chunking).min(len);
+        let from = rest_start(from, chunking).min(len);
         let tail = Tail {
             inner: storage,
             from,
@@ -3264,8 +3263,7 @@ impl Driver<'_> {
             return Ok(());
         }
         info!(slot = %slot, from, chunks, handed, "cut the rest of the active slot");
-        self.engine
-            .handle(self.now(), Input::ResumedCutEnded { slot });
+        self.engine.handle(self.now(), Input::CutRestEnded { slot });
         Ok(())
     }
 }
@@ -3276,7 +3274,7 @@ impl Driver<'_> {
 /// content says, at most `max_size` on): so by `from` it cuts where the whole
 /// cut does, and the chunk that straddles `from` (where the first cut stopped)
 /// and those after it are met where they lie, not fetched.
-fn resume_start(from: u64, chunking: shoal_artifact::Chunking) -> u64 {
+fn rest_start(from: u64, chunking: shoal_artifact::Chunking) -> u64 {
     let back = from.saturating_sub(2 * u64::from(chunking.max_size));
     back - back % slotio::BLOCK as u64
 }
@@ -3338,7 +3336,7 @@ fn short(e: &Event) -> String {
             "stopped indexing slot {slot} after {cut} bytes: {found} bytes of this release \
              found in them; taking the rest from the source"
         ),
-        Event::IndexResumed { slot, from } => format!(
+        Event::CutResumed { slot, from } => format!(
             "indexing slot {slot} again from byte {from}: a chunk still needed now comes \
              from the network"
         ),
@@ -3795,7 +3793,7 @@ mod stop_cut_tests {
 }
 
 #[cfg(test)]
-mod resume_cut_tests {
+mod cut_rest_tests {
     use super::*;
 
     /// What a resumed cut reads (`Tail`, from a block boundary) is the slot from
@@ -3857,7 +3855,7 @@ mod resume_cut_tests {
         // point too (from the boundary at or before it, the first few were cut
         // elsewhere).
         for asked in [from + 100, 2 * from + 7_000, 3 * from] {
-            let start = resume_start(asked, chunking);
+            let start = rest_start(asked, chunking);
             assert_eq!(start % slotio::BLOCK as u64, 0);
             assert!(start + 2 * u64::from(chunking.max_size) <= asked);
             let tail = Tail {

@@ -93,10 +93,10 @@ pub struct Config {
     /// [`INDEX_SAMPLE_PART`]th of the slot), before the engine judges whether the
     /// rest is worth cutting ([`Engine::index_pays`]). 64 MiB.
     pub index_sample_min_bytes: u64,
-    /// How long a resumed cut of the active slot ([`Output::ResumeIndex`]) may
+    /// How long a resumed cut of the active slot ([`Output::CutRest`]) may
     /// tell no progress ([`Input::IndexProgress`]) before it is given up
     /// ([`Output::StopIndex`]; not resumed again during the install) and the
-    /// network fetches held for it go ahead. 5 s.
+    /// network fetches paused for it go ahead. 5 s.
     pub cut_silence: std::time::Duration,
 }
 
@@ -208,7 +208,7 @@ pub enum Input {
     /// [`Output::StopIndex`]: the index does not pay (see
     /// [`Engine::index_pays`]).
     ///
-    /// The same for a resumed cut ([`Output::ResumeIndex`]): `cut` still counts
+    /// The same for a resumed cut ([`Output::CutRest`]): `cut` still counts
     /// from offset 0 of the slot.
     IndexProgress {
         /// The slot.
@@ -216,12 +216,12 @@ pub enum Input {
         /// Bytes of the slot cut so far, from offset 0.
         cut: u64,
     },
-    /// The cut asked for by [`Output::ResumeIndex`] reached its end, or could not
+    /// The cut asked for by [`Output::CutRest`] reached its end, or could not
     /// go on (a read of the slot failed: the device says so in its log, and the
     /// install goes on from the sources): every needed chunk it met was handed
     /// over before this. It is no index of the slot (the
     /// part before the stop was not kept); the engine records nothing.
-    ResumedCutEnded {
+    CutRestEnded {
         /// The slot.
         slot: Slot,
     },
@@ -433,7 +433,7 @@ pub enum Output {
     /// answer nothing: the slot has no index from it (what was cut is not the
     /// slot's index, and is not kept as one).
     ///
-    /// Also stops a resumed cut ([`Output::ResumeIndex`]), by the same rule, or
+    /// Also stops a resumed cut ([`Output::CutRest`]), by the same rule, or
     /// because the install needs nothing more: answer nothing then either.
     StopIndex {
         /// The slot.
@@ -447,7 +447,7 @@ pub enum Output {
     /// [`Output::IndexSlot`] with an install waiting: hand over every needed chunk
     /// met ([`Engine::needed_chunks`]) as [`Input::Chunk`] from the slot, tell the
     /// progress with [`Input::IndexProgress`] (bytes from offset 0), and answer
-    /// [`Input::ResumedCutEnded`] at the end. A driver should start a few chunks
+    /// [`Input::CutRestEnded`] at the end. A driver should start a few chunks
     /// before `from` (the device: at the block boundary at or before
     /// `from - 2 * max_size`), cutting as though a chunk started there: the cut
     /// from a point meets the slot's own chunk starts within a few chunks, so the
@@ -456,7 +456,7 @@ pub enum Output {
     /// network of chunks the rest of the slot may hold meanwhile
     /// ([`Engine::index_pays`] says for how long), and may stop it again
     /// ([`Output::StopIndex`]).
-    ResumeIndex {
+    CutRest {
         /// The slot.
         slot: Slot,
         /// FastCDC parameters.
@@ -603,10 +603,10 @@ pub enum Event {
         /// Bytes of needed chunks (each once) found in them.
         found: u64,
     },
-    /// The cut of the active slot that was stopped resumes ([`Output::ResumeIndex`]):
+    /// The cut of the active slot that was stopped resumes ([`Output::CutRest`]):
     /// a source came or went, and some chunk still needed now comes only from the
     /// network, or a network source is open.
-    IndexResumed {
+    CutResumed {
         /// The slot.
         slot: Slot,
         /// Where the cut resumes.
@@ -895,10 +895,10 @@ impl Engine {
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
     ///
-    /// While a resumed cut runs ([`Output::ResumeIndex`]) the same: the chunks it
+    /// While a resumed cut runs ([`Output::CutRest`]) the same: the chunks it
     /// may hand over.
     pub fn needed_chunks(&self) -> NeededChunks {
-        if self.takes_while_indexing() || self.job.as_ref().is_some_and(|j| j.index_resumed) {
+        if self.takes_while_indexing() || self.job.as_ref().is_some_and(|j| j.cutting_rest) {
             self.awaited_chunks()
         } else {
             NeededChunks::default()
@@ -924,7 +924,7 @@ impl Engine {
     pub fn awaited_chunks(&self) -> NeededChunks {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing || j.index_resumed)
+            .filter(|j| j.step == Step::Indexing || j.cutting_rest)
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
@@ -1033,7 +1033,7 @@ impl Engine {
                 partial,
             } => self.on_index_written(now, slot, chunking, chunks, partial),
             Input::IndexProgress { slot, cut } => self.on_index_progress(now, slot, cut),
-            Input::ResumedCutEnded { slot } => self.on_resumed_cut_ended(now, slot),
+            Input::CutRestEnded { slot } => self.on_cut_rest_ended(now, slot),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
@@ -1216,7 +1216,7 @@ impl Engine {
         let cutting = self
             .job
             .as_ref()
-            .is_some_and(|j| j.step == Step::Indexing || j.index_resumed);
+            .is_some_and(|j| j.step == Step::Indexing || j.cutting_rest);
         if stop_cut && cutting {
             let slot = self.state.active;
             info!(%slot, "the install ended: the cut of the active slot stops");

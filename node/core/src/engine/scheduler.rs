@@ -308,10 +308,10 @@ pub(crate) struct Job {
     /// offset there either.
     pub(crate) index_stopped: bool,
     /// How far the cut of the active slot got (bytes from offset 0): where a
-    /// stopped cut resumes ([`Output::ResumeIndex`](super::Output::ResumeIndex)).
+    /// stopped cut resumes ([`Output::CutRest`](super::Output::CutRest)).
     pub(crate) index_cut: u64,
     /// A resumed cut runs: asked for, not yet ended or stopped.
-    pub(crate) index_resumed: bool,
+    pub(crate) cutting_rest: bool,
     /// A resumed cut told nothing for [`Config::cut_silence`](crate::Config::cut_silence)
     /// and was given up: the slot is not cut again during this install (a driver
     /// whose read stalled would stall again).
@@ -320,12 +320,12 @@ pub(crate) struct Job {
     /// of a LAN peer or the WAN (only of local sources): until a window of the cut
     /// gives too little to be worth waiting for, or the cut ends, stops or tells
     /// nothing for [`Config::cut_silence`](crate::Config::cut_silence).
-    pub(crate) hold_network: bool,
+    pub(crate) network_paused: bool,
     /// When the resumed cut last told its progress (or was asked for).
     pub(crate) cut_heard: Instant,
-    /// The request generation when the hold began (requests made since may not
+    /// The request generation when the pause began (requests made since may not
     /// go to the network: the invariants check).
-    pub(crate) hold_generation: u32,
+    pub(crate) pause_generation: u32,
     /// A source came, went, or said it lacks a chunk since the cut was stopped:
     /// whether the stop still holds is checked at the next pump (not on every
     /// pump: the check reads every needed entry).
@@ -433,11 +433,11 @@ impl Job {
             index_window: (0, 0),
             index_stopped: false,
             index_cut: 0,
-            index_resumed: false,
+            cutting_rest: false,
             cut_given_up: false,
-            hold_network: false,
+            network_paused: false,
             cut_heard: Instant::from_millis(0),
-            hold_generation: 0,
+            pause_generation: 0,
             cut_recheck: false,
             journal_bytes: 0,
             corrupt: None,
@@ -589,16 +589,16 @@ impl Job {
         !self.budget.allows(wire)
     }
 
-    /// Whether a request of generation `g` was made since the hold began.
+    /// Whether a request of generation `g` was made since the pause began.
     #[cfg(any(test, feature = "testing"))]
-    fn made_while_held(&self, g: u32) -> bool {
-        g.wrapping_sub(self.hold_generation).wrapping_sub(1) < u32::MAX / 2
+    fn made_while_paused(&self, g: u32) -> bool {
+        g.wrapping_sub(self.pause_generation).wrapping_sub(1) < u32::MAX / 2
     }
 
     /// A source came, went or changed: whether a stopped cut should resume is
     /// checked at the next pump.
     pub(crate) fn sources_changed(&mut self) {
-        if self.index_stopped && !self.index_resumed {
+        if self.index_stopped && !self.cutting_rest {
             self.cut_recheck = true;
         }
     }
@@ -649,7 +649,7 @@ enum Choice {
     /// Only the WAN could serve it, and the data budget does not allow it.
     OverBudget,
     /// Only a LAN peer or the WAN could serve it, and a resumed cut of the active
-    /// slot may meet it: wait for the cut ([`Job::hold_network`]).
+    /// slot may meet it: wait for the cut ([`Job::network_paused`]).
     Cut,
 }
 
@@ -871,7 +871,7 @@ impl Engine {
             Step::Indexing | Step::Flushing | Step::Hashing => return,
         }
         if job.cut_recheck {
-            self.resume_cut(now);
+            self.cut_rest(now);
         }
         let Some(job) = self.job.as_ref() else { return };
         // Writes not yet carried out bound what is read and fetched.
@@ -883,10 +883,10 @@ impl Engine {
         self.update_timers(now);
         let Some(job) = self.job.as_mut() else { return };
         if job.needed == 0 {
-            if job.index_resumed {
+            if job.cutting_rest {
                 // Nothing more to find: the cut would read the rest for nobody.
-                job.index_resumed = false;
-                job.hold_network = false;
+                job.cutting_rest = false;
+                job.network_paused = false;
                 let slot = self.state.active;
                 info!(%slot, "every chunk is written: the resumed cut of the active slot stops");
                 self.outputs.push_back(Output::StopIndex { slot });
@@ -906,9 +906,9 @@ impl Engine {
             || job.requests.iter().any(Option::is_some)
             || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
             || job.sources.iter().any(SourceState::is_open_stream)
-            // Chunks held for a resumed cut, or that the budget kept from the WAN,
+            // Chunks paused for a resumed cut, or that the budget kept from the WAN,
             // may be met by it: wait for it.
-            || job.index_resumed;
+            || job.cutting_rest;
         if !busy {
             self.stuck();
         }
@@ -1028,7 +1028,7 @@ impl Engine {
             return Choice::Stream;
         }
         // A resumed cut may meet it: only a local source is asked meanwhile.
-        let held = job.hold_network;
+        let held = job.network_paused;
         if held && !job.local_may_hold(e) {
             return Choice::Cut;
         }
@@ -1329,7 +1329,7 @@ impl Engine {
                 && s.failures == 0
                 && !s.in_backoff(now)
                 && s.requests.len() < s.requests_limit()
-                && (!job.hold_network || s.info.class == SourceClass::Local)
+                && (!job.network_paused || s.info.class == SourceClass::Local)
         }));
         self.end_game_take(now, &takers);
         if let Some(job) = self.job.as_mut() {
@@ -1867,7 +1867,7 @@ impl Engine {
         // alongside.
         if source.is_none()
             && !matches!(state, Need::Reading { .. })
-            && (job.step == Step::Indexing || job.index_resumed)
+            && (job.step == Step::Indexing || job.cutting_rest)
         {
             job.index_found += u64::from(size);
         }
@@ -2050,7 +2050,7 @@ impl Engine {
         if self.timers.is_expired(Timer::JournalAge, now) {
             self.flush_batch();
         }
-        if self.timers.is_expired(Timer::CutHold, now) {
+        if self.timers.is_expired(Timer::CutSilence, now) {
             self.give_up_cut(now);
         }
         // Backoffs that ended need no action but a pump.
@@ -2082,9 +2082,9 @@ impl Engine {
         let hold = self
             .job
             .as_ref()
-            .filter(|job| job.index_resumed)
+            .filter(|job| job.cutting_rest)
             .map(|job| Instant::from_millis(job.cut_heard.as_millis().saturating_add(silence)));
-        self.timers.set(Timer::CutHold, hold);
+        self.timers.set(Timer::CutSilence, hold);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
@@ -2199,12 +2199,12 @@ impl Engine {
                 );
             }
         }
-        // A resumed cut of the active slot, and the network fetches held for it.
+        // A resumed cut of the active slot, and the network fetches paused for it.
         assert!(
-            !job.hold_network || job.index_resumed,
-            "a hold without a cut"
+            !job.network_paused || job.cutting_rest,
+            "a pause without a cut"
         );
-        if job.index_resumed {
+        if job.cutting_rest {
             assert!(!job.cut_given_up, "a cut resumed after it was given up");
             assert!(job.index_stopped, "a cut resumed that was never stopped");
             assert_eq!(job.step, Step::Fetching, "a cut resumed outside fetching");
@@ -2212,12 +2212,12 @@ impl Engine {
         }
         if job.step == Step::Fetching {
             assert_eq!(
-                self.timers.get(Timer::CutHold).is_some(),
-                job.index_resumed,
+                self.timers.get(Timer::CutSilence).is_some(),
+                job.cutting_rest,
                 "the resumed cut's silence timer"
             );
         }
-        if job.hold_network {
+        if job.network_paused {
             for (slot, r) in job.requests.iter().enumerate() {
                 let Some(r) = r else { continue };
                 if job.sources[r.source].info.class == SourceClass::Local {
@@ -2226,8 +2226,8 @@ impl Engine {
                 for &e in &r.entries {
                     assert!(
                         job.need.get(e) != (Need::Fetching { req: slot as u32 })
-                            || !job.made_while_held(r.generation),
-                        "entry {e} asked of the network while held for the cut"
+                            || !job.made_while_paused(r.generation),
+                        "entry {e} asked of the network while paused for the cut"
                     );
                 }
             }
