@@ -505,7 +505,7 @@ fn index_with(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
     (runs_once, list): (bool, bool),
-) -> io::Result<(Vec<(u64, ChunkId, u32)>, u64)> {
+) -> io::Result<Counted> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     assert!(
         known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
@@ -575,6 +575,10 @@ fn index_with(
     }
 }
 
+/// The chunks a cut listed (offset, id, length) and how many it cut (each run
+/// once): unlisted, only the last is kept.
+type Counted = (Vec<(u64, ChunkId, u32)>, u64);
+
 /// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
 /// far the cut is (the answer then says whether to go on).
 enum HandOver {
@@ -593,7 +597,7 @@ fn cut_and_hash(
     (runs_once, list): (bool, bool),
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     mut hand_over: impl FnMut(HandOver) -> bool,
-) -> (Vec<(u64, ChunkId, u32)>, u64) {
+) -> Counted {
     {
         let zero = ZeroRun::of(chunking);
         let mut sent: HashSet<ChunkId> = HashSet::new();
@@ -603,7 +607,7 @@ fn cut_and_hash(
         // The chunks cut and their count; not `list`ed, only the last is kept
         // (a run is listed once).
         let mut out = (Vec::new(), 0u64);
-        let push = |out: &mut (Vec<(u64, ChunkId, u32)>, u64), c: (u64, ChunkId, u32)| {
+        let push = |out: &mut Counted, c: (u64, ChunkId, u32)| {
             if !(runs_once && out.0.last().is_some_and(|l| l.1 == c.1)) {
                 if !list {
                     out.0.clear();
