@@ -432,6 +432,53 @@ fn an_unrelated_running_slot_is_cut_only_as_far_as_its_sample() {
     }
 }
 
+/// A full artifact with a corrupt chunk, on a running slot of unrelated data
+/// larger than the index's sample (64 MiB): the cut stops after the sample, and
+/// the corrupt chunk (read after the stop) fails the install at once, exit 1,
+/// naming it, nothing armed: the rest of the slot is not cut for the chunks still
+/// needed (the artifact reader reports the corruption as a fault of its source,
+/// which stops the install; had the engine only banned the source, no source is
+/// left and it does not resume the cut either: `index_tests`).
+#[test]
+fn a_corrupt_artifact_on_an_unrelated_slot_fails_without_resuming_the_cut() {
+    const BIG: usize = 80 * MIB;
+    let dev = Device::new(&image(31, BIG), BIG as u64);
+    let a = dev.build(&image(32, SIZE), "1.0", 1, None);
+    // Flip a byte in the last quarter of the packs (chunk data, not a header).
+    let mut bytes = std::fs::read(&a).expect("artifact");
+    let at = bytes.len() * 3 / 4;
+    bytes[at] ^= 0x55;
+    let bad = dev.path("bad.shoal");
+    std::fs::write(&bad, &bytes).expect("write");
+    let out = dev
+        .cmd(&["install", &bad.display().to_string()])
+        .env("SHOAL_LOG", "shoal=info")
+        .output()
+        .expect("run");
+    let log = fails(out, 1);
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "shoal: installing {}: install stopped: ",
+            bad.display()
+        )) && last.contains("is corrupt")
+            && !last.contains("resume"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stopped indexing slot A after"),
+        "the first cut stops: {log}"
+    );
+    assert!(
+        !log.contains("cutting the rest of the active slot")
+            && !log.contains("cut the rest of the active slot"),
+        "the cut did not resume: {log}"
+    );
+    let state = dev.boot_state();
+    assert_eq!(state.trial, None, "no trial armed: {state:?}");
+    assert_eq!(state.committed, Slot::A);
+}
+
 /// `shoal install --store DIR` picks among the store's releases from their signed
 /// manifests' fields, each read without its chunk list: the newest (highest
 /// security counter) for this device type, a thin release whose base the store

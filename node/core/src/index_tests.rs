@@ -382,7 +382,7 @@ fn an_install_whose_cut_stopped_resumes_after_a_power_loss() {
     );
 }
 
-// A cut stopped, then resumed (`Output::ResumeIndex`): the reason for the stop no
+// A cut stopped, then resumed (`Output::CutRest`): the reason for the stop no
 // longer holds. Slot A: 1 MiB of unrelated data, then the first 512 KiB of v2
 // (its chunks 0..128), then zeros (v2's zero chunk); v2's chunks 128..160 are in
 // no slot. The cut stops after its 512 KiB sample, having found nothing.
@@ -432,7 +432,7 @@ fn resumed(events: &[Event]) -> Vec<u64> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::IndexResumed { from, .. } => Some(*from),
+            Event::CutResumed { from, .. } => Some(*from),
             _ => None,
         })
         .collect()
@@ -466,7 +466,7 @@ fn a_wan_source_added_after_the_stop_resumes_the_cut_and_the_slot_serves_what_it
     let wan = server(&mut dev, &c2);
     engine.add_source(dev.now(), wan).expect("add the server");
     dev.run_until(&mut engine, None, 400).expect("no crash");
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE], "resumed where it stopped");
+    assert_eq!(dev.rest_cuts, vec![SAMPLE], "resumed where it stopped");
     assert_eq!(resumed(&dev.events), vec![SAMPLE]);
     assert_eq!(dev.cuts_stopped.len(), 1, "the resumed cut ran to the end");
     engine
@@ -525,7 +525,7 @@ fn a_local_sources_lacks_after_the_stop_resume_the_cut() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     // The stick brought the rest at once; the last lacked chunk lies before 1
     // MiB + 128 KiB (the progress last told at 1 MiB + 64 KiB): nothing more
     // needed, the resumed cut stops (no event: the rule did not stop it).
@@ -575,7 +575,7 @@ fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     // The half-window to 768 KiB gave the chunk; the one to 1 MiB nothing.
     assert_eq!(dev.cuts_stopped, vec![SAMPLE, MIB as u64]);
     let stops: Vec<(u64, u64)> = dev
@@ -588,6 +588,76 @@ fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
         .collect();
     assert_eq!(stops, vec![(SAMPLE, 0), (MIB as u64, CHUNK)]);
     assert_eq!(engine.progress().reused_bytes, CHUNK);
+}
+
+/// A LAN peer that shows up after the stop resumes the cut as the WAN does (each
+/// chunk the slot holds saves a download from it), and is not asked for what the
+/// slot holds while the windows give: the peer brings only the chunks in no slot.
+#[test]
+fn a_lan_peer_after_the_stop_resumes_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    dev.stores.insert(SourceId(3), c2.iter().cloned().collect());
+    let peer = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Peer, "peer");
+    engine.add_source(dev.now(), peer).expect("add the peer");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert!(
+        dev.durable[1][..image.len()] == image[..],
+        "slot B holds v2"
+    );
+    assert_eq!(resumed(&dev.events), vec![SAMPLE]);
+    let p = engine.progress();
+    assert!(p.reused_bytes >= 128 * CHUNK, "{} reused", p.reused_bytes);
+}
+
+/// Two resumes: the stick lacks two chunks the slot holds past the stop, one at
+/// 600 KiB, asked (and lacked) early, one at 1.5 MiB, asked about 1.5 s in. The
+/// first lack resumes the cut, which finds the first chunk and is stopped again at
+/// 1 MiB by the rule; the second lack resumes it again from where it got to
+/// (1 MiB), and it finds the second: both come from the slot.
+#[test]
+fn a_cut_stopped_twice_resumes_again_from_where_it_got_to() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut slot = bytes(99, 2 * MIB);
+    let (k, k2) = (10, 150);
+    slot[600 * 1024..604 * 1024].copy_from_slice(&image[k * 4096..(k + 1) * 4096]);
+    let at = MIB + MIB / 2;
+    slot[at..at + 4096].copy_from_slice(&image[k2 * 4096..(k2 + 1) * 4096]);
+    let mut dev = device(&slot);
+    let usb = stick(&mut dev, &c2);
+    let lacked = [c2[k].0, c2[k2].0];
+    dev.stores.insert(
+        SourceId(2),
+        c2.iter()
+            .filter(|(id, _)| !lacked.contains(id))
+            .cloned()
+            .collect(),
+    );
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(&dev.durable[1][..image.len()], &image[..]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE, MIB as u64]);
+    assert_eq!(resumed(&dev.events), vec![SAMPLE, MIB as u64]);
+    assert_eq!(engine.progress().reused_bytes, 2 * CHUNK);
 }
 
 /// The stick is pulled out once the cut stopped, and the server shows up with a
@@ -611,11 +681,13 @@ fn a_data_budget_waits_for_the_resumed_cut() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(
@@ -623,8 +695,43 @@ fn a_data_budget_waits_for_the_resumed_cut() {
         &image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     assert!(engine.progress().wan_wire_bytes <= budget);
+}
+
+/// A data budget that fits every chunk over the WAN changes nothing: a window of
+/// the resumed cut that gives nothing releases the pause as without a budget (the
+/// server then brings chunks the slot holds further on). Without the check of
+/// what only the network can serve, any budget kept the pause to the cut's end.
+#[test]
+fn an_ample_data_budget_releases_the_hold_as_none_does() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let wan_bytes = |budget: Option<u64>| {
+        let mut dev = device(&slot_with_v2_past_the_cut());
+        let usb = stick(&mut dev, &c2);
+        let mut config = f.config();
+        config.wan_budget_bytes = budget;
+        let mut engine = dev.engine(config);
+        engine
+            .offer(dev.now(), f.offer(&m2, vec![usb]))
+            .expect("offer");
+        dev.run_until(&mut engine, None, 30).expect("no crash");
+        assert!(stopped(&dev.events).is_some(), "the cut stopped");
+        let wan = server(&mut dev, &c2);
+        engine.add_source(dev.now(), wan).expect("add the server");
+        engine
+            .remove_source(dev.now(), SourceId(2))
+            .expect("pull the stick out");
+        dev.run(&mut engine, None).expect("no crash");
+        assert_eq!(failed(&dev.events), None);
+        assert_eq!(&dev.durable[1][..image.len()], &image[..]);
+        engine.progress().wan_wire_bytes
+    };
+    let none = wan_bytes(None);
+    assert!(none > 32 * CHUNK, "the pause released: {none}");
+    assert_eq!(wan_bytes(Some(4 * MIB as u64)), none);
 }
 
 /// Slot A: unrelated data to 512 KiB (the sample), v2's first 512 KiB right
@@ -639,7 +746,7 @@ fn slot_with_v2_at_the_cut() -> Vec<u8> {
 /// The stick is pulled out once the cut stopped and the server shows up: the
 /// resumed cut's windows keep giving chunks, so the server is not asked for any
 /// chunk the slot may hold until the cut is past them: only the 32 chunks in no
-/// slot come over the WAN (without the hold, the fetches asked as the cut resumed
+/// slot come over the WAN (without the pause, the fetches asked as the cut resumed
 /// brought the slot's chunks over the WAN too).
 #[test]
 fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
@@ -654,18 +761,20 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(
         dev.durable[1][..image.len()] == image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     let p = engine.progress();
     assert!(
         p.wan_bytes <= 32 * CHUNK,
@@ -678,8 +787,8 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
     );
 }
 
-/// A driver whose resumed cut tells nothing (a stalled read): the fetches held
-/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutHold`), and
+/// A driver whose resumed cut tells nothing (a stalled read): the fetches paused
+/// for it go ahead once [`Config::cut_silence`] passes (`Timer::CutSilence`), and
 /// the install completes from the network (without the timer it waits forever).
 #[test]
 fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
@@ -694,11 +803,13 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
         .expect("offer");
     dev.run_until(&mut engine, None, 30).expect("no crash");
     assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    // The server first: with no source left between the two, the install would
+    // fail as stuck (the cut is not resumed for the slot alone).
+    let wan = server(&mut dev, &c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
     engine
         .remove_source(dev.now(), SourceId(2))
         .expect("pull the stick out");
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
     dev.stall_cuts = true;
     let silence = f.config().cut_silence.as_millis() as u64;
     dev.run_until(&mut engine, None, 30 + silence - 1)
@@ -714,9 +825,171 @@ fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
         dev.durable[1][..image.len()] == image[..],
         "slot B holds v2"
     );
-    assert_eq!(dev.cuts_resumed, vec![SAMPLE]);
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
     assert!(dev.requests_sent.contains_key(&SourceId(3)));
     assert_eq!(engine.progress().reused_bytes, 0);
-    // Every chunk in, the stalled cut is stopped.
+    // The stalled cut is given up as the fetches go ahead.
     assert_eq!(dev.cuts_stopped, vec![SAMPLE, SAMPLE]);
+}
+
+/// A resumed cut that tells nothing, with one chunk needed in no source: the
+/// stick lacks it (it lies in the slot past the stop, where the stalled cut never
+/// gets), its answer resumes the cut, the cut is given up after
+/// [`Config::cut_silence`] and the install fails as stuck, naming the chunk
+/// (without it, the install counted itself busy while the cut was on, and waited
+/// forever with no timer set).
+#[test]
+fn a_silent_resumed_cut_with_a_chunk_in_no_source_fails_the_install() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    // The release's 31st chunk (16 KiB each), at 992 KiB in the slot.
+    let missing = c2[30].0;
+    dev.stores
+        .get_mut(&SourceId(2))
+        .expect("stored")
+        .remove(&missing);
+    dev.stall_cuts = true;
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    assert_eq!(dev.rest_cuts, vec![SAMPLE]);
+    assert_eq!(
+        dev.cuts_stopped,
+        vec![SAMPLE, SAMPLE],
+        "the silent cut given up"
+    );
+    match failed(&dev.events) {
+        Some(InstallError::MissingChunks { count, .. }) => assert_eq!(*count, 1),
+        other => panic!("not failed as stuck: {other:?}"),
+    }
+    assert!(!engine.is_installing());
+}
+
+/// The install fails (a write the driver reports failed) while a resumed cut runs:
+/// the cut is stopped with it ([`Output::StopIndex`]), so the driver does not read
+/// the rest of the slot for nobody (without it, the job was dropped and the cut,
+/// here a stalled one, was never told).
+#[test]
+fn an_install_failing_during_a_resumed_cut_stops_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(&slot_with_v2_at_the_cut());
+    let usb = stick(&mut dev, &c2);
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    let wan = server(&mut dev, &c2);
+    dev.stall_cuts = true;
+    engine.add_source(dev.now(), wan).expect("add the server");
+    dev.run_until(&mut engine, None, 40).expect("no crash");
+    assert_eq!(dev.rest_cuts, vec![SAMPLE], "the cut resumed");
+    assert_eq!(dev.cuts_stopped, vec![SAMPLE]);
+    dev.handle(
+        &mut engine,
+        crate::Input::Failed {
+            op: crate::IoOp::Write,
+            message: "no space left on device".into(),
+        },
+    );
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(matches!(
+        failed(&dev.events),
+        Some(InstallError::Io {
+            op: crate::IoOp::Write,
+            ..
+        })
+    ));
+    assert_eq!(
+        dev.cuts_stopped,
+        vec![SAMPLE, SAMPLE],
+        "the resumed cut stopped"
+    );
+}
+
+/// The install fails while its first cut of the active slot runs (the driver cut
+/// it on a thread of its own; the write of a chunk the cut handed over failed):
+/// the cut is stopped with it. A failure of the cut itself asks no stop (it is
+/// not running).
+#[test]
+fn an_install_failing_during_the_first_cut_stops_the_cut() {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, _) = release("acme-os", "2.0", 2, DEVICE, &image);
+    for (op, stops) in [(crate::IoOp::Write, true), (crate::IoOp::IndexSlot, false)] {
+        let dev = device(&slot_with_v2_at_the_cut());
+        let mut engine = dev.engine(f.config());
+        engine
+            .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+            .expect("offer");
+        let mut outs = Vec::new();
+        while let Some(o) = engine.poll_output() {
+            outs.push(o);
+        }
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, crate::Output::IndexSlot { .. })),
+            "the cut asked"
+        );
+        assert!(engine.is_indexing());
+        engine.handle(
+            dev.now(),
+            crate::Input::Failed {
+                op,
+                message: "failed".into(),
+            },
+        );
+        let mut outs = Vec::new();
+        while let Some(o) = engine.poll_output() {
+            outs.push(o);
+        }
+        assert_eq!(
+            outs.iter()
+                .filter(|o| matches!(o, crate::Output::StopIndex { slot: Slot::A }))
+                .count(),
+            usize::from(stops),
+            "{op:?}: {outs:?}"
+        );
+        assert!(!engine.is_installing());
+    }
+}
+
+/// A full artifact sends a corrupt chunk after the cut of an unrelated slot
+/// stopped: it is banned and no source is left. The rest of the slot, which the
+/// sample showed unrelated, is not cut for the chunks left (without the check the
+/// cut resumed and read the rest of the slot before the install failed): the
+/// install fails at once, naming the corrupt chunk.
+#[test]
+fn a_corrupt_artifact_after_the_stop_fails_without_resuming_the_cut() {
+    let f = Fixture::new();
+    let (m2, mut c2) = release("acme-os", "2.0", 2, DEVICE, &v2());
+    let bad = c2[10].0;
+    c2[10].1[0] ^= 1;
+    let mut dev = device(&bytes(99, 2 * MIB));
+    let mut engine = dev.engine(f.config());
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![artifact()]))
+        .expect("offer");
+    dev.run(&mut engine, Some((SourceId(1), c2.into_iter())))
+        .expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    match failed(&dev.events) {
+        Some(InstallError::CorruptChunk { id, .. }) => assert_eq!(*id, bad),
+        other => panic!("not failed as corrupt: {other:?}"),
+    }
+    assert_eq!(
+        resumed(&dev.events),
+        Vec::<u64>::new(),
+        "the cut not resumed"
+    );
+    assert!(dev.rest_cuts.is_empty());
 }

@@ -187,9 +187,10 @@ pub struct SimDevice {
     pub fail_requests: BTreeMap<SourceId, FetchFailure>,
     /// Run [`Engine::check_invariants`] after every step.
     pub check: bool,
-    /// Liveness: most outputs one [`SimDevice::run_until`] carries out before it
-    /// fails the test (an engine that asks the same thing forever, such as a
-    /// source for a chunk it said it lacks, never settles).
+    /// Liveness: most outputs and timeouts one [`SimDevice::run_until`] carries
+    /// out before it fails the test (an engine that asks the same thing forever,
+    /// such as a source for a chunk it said it lacks, or sets a timer again and
+    /// again, never settles).
     pub steps_max: u64,
     /// Cut the active slot as a device's driver does ([`Output::IndexSlot`]): in
     /// slot order, handing over the needed chunks met ([`Engine::needed_chunks`])
@@ -199,8 +200,8 @@ pub struct SimDevice {
     pub cut_progress: Option<u64>,
     /// The cuts stopped by the engine, and where.
     pub cuts_stopped: Vec<u64>,
-    /// The cuts resumed by the engine ([`Output::ResumeIndex`]), and from where.
-    pub cuts_resumed: Vec<u64>,
+    /// The cuts resumed by the engine ([`Output::CutRest`]), and from where.
+    pub rest_cuts: Vec<u64>,
     /// A resumed cut starts and then tells nothing (a stalled read): it ends only
     /// when the engine stops it.
     pub stall_cuts: bool,
@@ -255,7 +256,7 @@ impl SimDevice {
             steps_max: 200_000,
             cut_progress: None,
             cuts_stopped: Vec::new(),
-            cuts_resumed: Vec::new(),
+            rest_cuts: Vec::new(),
             stall_cuts: false,
             stalled: None,
             slot_reads: 0,
@@ -380,6 +381,14 @@ impl SimDevice {
                     engine.handle(self.now(), delivery.input);
                 }
                 (_, Some(t)) => {
+                    // A timer that is set again and again without the engine
+                    // settling counts as outputs do.
+                    self.steps += 1;
+                    assert!(
+                        self.steps <= self.steps_max,
+                        "the engine did not settle: {} outputs and timeouts in one run, the last a timeout at {t:?}",
+                        self.steps
+                    );
                     self.now = self.now.max(t.as_millis());
                     engine.handle_timeout(self.now());
                 }
@@ -435,7 +444,7 @@ impl SimDevice {
                 }
                 engine.handle(now, Input::SlotIndexed { slot, index });
             }
-            Output::ResumeIndex {
+            Output::CutRest {
                 slot,
                 chunking,
                 from,
@@ -451,14 +460,14 @@ impl SimDevice {
                 for c in &mut index.chunks {
                     c.offset += from;
                 }
-                self.cuts_resumed.push(from);
+                self.rest_cuts.push(from);
                 if self.stall_cuts {
                     self.stalled = Some(from);
                     return Ok(());
                 }
                 let step = self.cut_progress.unwrap_or(64 * 1024);
                 if !self.hand_over(engine, slot, &index.chunks, from, step)? {
-                    engine.handle(now, Input::ResumedCutEnded { slot });
+                    engine.handle(now, Input::CutRestEnded { slot });
                 }
             }
             // The cut it stops ends when this is carried out (above).
@@ -619,7 +628,7 @@ impl SimDevice {
                 // A resumed cut stopped because every chunk is written has no
                 // event: the count starts again with the next cut.
                 if let Event::IndexStopped { .. }
-                | Event::IndexResumed { .. }
+                | Event::CutResumed { .. }
                 | Event::Accepted { .. } = e
                 {
                     self.stops_told = 0;

@@ -22,10 +22,12 @@ pub(crate) enum Timer {
     /// The open journal batch's first chunk is `journal_batch_age` old: it is
     /// committed (and so announced to LAN peers) even if no chunk follows.
     JournalAge = 4,
-    /// A resumed cut of the active slot, for which network fetches are held
-    /// ([`Output::ResumeIndex`](crate::Output::ResumeIndex)), told no progress for
-    /// [`Config::cut_silence`](crate::Config::cut_silence): the fetches go ahead.
-    CutHold = 5,
+    /// A resumed cut of the active slot
+    /// ([`Output::CutRest`](crate::Output::CutRest)) told no progress for
+    /// [`Config::cut_silence`](crate::Config::cut_silence): it is given up
+    /// ([`Output::StopIndex`](crate::Output::StopIndex)), and the network fetches
+    /// paused for it go ahead.
+    CutSilence = 5,
 }
 
 impl Timer {
@@ -35,7 +37,7 @@ impl Timer {
         Timer::LanOwner,
         Timer::Pacing,
         Timer::JournalAge,
-        Timer::CutHold,
+        Timer::CutSilence,
     ];
 }
 

@@ -2729,7 +2729,7 @@ impl<'a> Driver<'a> {
                 | Output::Event(_)
                 | Output::HashSlot { .. }
                 | Output::StopIndex { .. }
-                | Output::ResumeIndex { .. }
+                | Output::CutRest { .. }
         );
         if !writing && let Some(wb) = self.write_behind.as_ref() {
             wb.barrier().map_err(|(op, e)| (op, anyhow!(e)))?;
@@ -2862,13 +2862,13 @@ impl<'a> Driver<'a> {
                     };
                     let handed = self.hand_over_cut(slot, met, &stop, 0);
                     self.index_stop = None;
-                    handed?;
+                    let handed = handed?;
                     let chunks = worker.join()?;
                     if stopping(&stop) {
                         // The install goes on without an index of the slot: what
                         // was cut is not one, and is neither kept nor recorded (a
                         // later install, or this one resumed, cuts the slot again).
-                        info!(slot = %slot, chunks = chunks.len(), "stopped indexing the active slot");
+                        info!(slot = %slot, chunks = chunks.len(), handed, "stopped indexing the active slot");
                         return Ok(None);
                     }
                     // Into the store in batches; the engine reads them by id.
@@ -3081,14 +3081,21 @@ impl<'a> Driver<'a> {
                     stop.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
-            Output::ResumeIndex {
+            Output::CutRest {
                 slot,
                 chunking,
                 from,
                 len,
-            } => self
-                .resume_cut(slot, chunking, from, len)
-                .map_err(|e| (IoOp::IndexSlot, e))?,
+            } => {
+                // The rest of the slot is cut to save fetches, not because the
+                // install needs it: a read that fails there (a bad sector past
+                // the release) ends the cut, and what it did not meet comes from
+                // the sources (the install fails as stuck if none holds it).
+                if let Err(e) = self.cut_rest(slot, chunking, from, len) {
+                    warn!(slot = %slot, from, error = %format!("{e:#}"), "the resumed cut of the active slot failed: the chunks it did not meet come from the sources");
+                    self.engine.handle(self.now(), Input::CutRestEnded { slot });
+                }
+            }
             Output::Reboot => self.reboot_asked = true,
             Output::RunHealthChecks => {
                 let h = &self.dev.config.health;
@@ -3116,15 +3123,23 @@ impl Driver<'_> {
     /// Hands what the cut of `slot` meets to the engine as it comes (the chunks
     /// it needs, how far the cut is: `from` plus the cut's own count), carrying
     /// out what the engine asks meanwhile, until the cut ends; nothing more once
-    /// the engine stopped it (`stop`, set by [`Output::StopIndex`]).
+    /// the engine stopped it (`stop`, set by [`Output::StopIndex`]), or once the
+    /// install the cut was for ended (failed: a write, sync or journal record
+    /// that failed meanwhile), when `stop` is set here.
     fn hand_over_cut(
         &mut self,
         slot: Slot,
         met: std::sync::mpsc::Receiver<slotio::Met>,
         stop: &std::sync::atomic::AtomicBool,
         from: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
+        let mut handed = 0u64;
+        // A cut made while idle (no install) runs to its end.
+        let for_install = self.engine.is_installing();
         for met in met {
+            if for_install && !self.engine.is_installing() {
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            }
             if stop.load(std::sync::atomic::Ordering::Acquire) {
                 // Nothing more from a cut the engine stopped (the worker ends at
                 // its next block).
@@ -3132,10 +3147,13 @@ impl Driver<'_> {
             }
             let input = match met {
                 // Hashed by the indexer as it cut the slot.
-                slotio::Met::Chunk(chunk) => Input::Chunk {
-                    origin: Origin::Slot(slot),
-                    chunk,
-                },
+                slotio::Met::Chunk(chunk) => {
+                    handed += 1;
+                    Input::Chunk {
+                        origin: Origin::Slot(slot),
+                        chunk,
+                    }
+                }
                 // The engine may stop the cut (`Output::StopIndex`).
                 slotio::Met::Cut(cut) => Input::IndexProgress {
                     slot,
@@ -3145,17 +3163,17 @@ impl Driver<'_> {
             self.engine.handle(self.now(), input);
             self.drain()?;
         }
-        Ok(())
+        Ok(handed)
     }
 
-    /// Carries out [`Output::ResumeIndex`]: cuts `slot` from the block boundary at
+    /// Carries out [`Output::CutRest`]: cuts `slot` from the block boundary at
     /// or before `from` to `len` on a thread of its own, as though a chunk started
     /// there, handing the needed chunks met to the engine; then
-    /// [`Input::ResumedCutEnded`], unless the engine stopped it. Nothing of it is
+    /// [`Input::CutRestEnded`], unless the engine stopped it. Nothing of it is
     /// recorded (what was cut before the stop was not kept: no index of the slot).
     /// Like the first cut, it runs to its end before the driver waits for a
     /// source's answers again (they queue meanwhile).
-    fn resume_cut(
+    fn cut_rest(
         &mut self,
         slot: Slot,
         chunking: shoal_artifact::Chunking,
@@ -3168,7 +3186,7 @@ impl Driver<'_> {
             .open_reader(slot)
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
-        let from = (from - from % slotio::BLOCK as u64).min(len);
+        let from = rest_start(from, chunking).min(len);
         let tail = Tail {
             inner: storage,
             from,
@@ -3180,19 +3198,17 @@ impl Driver<'_> {
         self.index_stop = Some(Arc::clone(&stop));
         let stopped = Arc::clone(&stop);
         let worker = std::thread::spawn(move || {
-            slotio::index_along(
+            // Counted, not listed: nothing of it is kept.
+            slotio::count_cut(
                 &tail,
                 tail.len,
                 chunking,
-                &[],
                 &|id| wanted.contains(id),
                 Some(&slotio::Handover {
                     tx: &tx,
                     stop: &stopped,
                 }),
-                None,
             )
-            .map(|chunks| chunks.len())
         });
         let mut worker = StopCut {
             stop: Arc::clone(&stop),
@@ -3200,19 +3216,29 @@ impl Driver<'_> {
         };
         let handed = self.hand_over_cut(slot, met, &stop, from);
         self.index_stop = None;
-        handed?;
+        let handed = handed?;
         let chunks = worker
             .join()
             .with_context(|| format!("cannot cut slot {slot}"))?;
         if stop.load(std::sync::atomic::Ordering::Acquire) {
-            info!(slot = %slot, from, chunks, "stopped the resumed cut of the active slot");
+            info!(slot = %slot, from, chunks, handed, "stopped the resumed cut of the active slot");
             return Ok(());
         }
-        info!(slot = %slot, from, chunks, "cut the rest of the active slot");
-        self.engine
-            .handle(self.now(), Input::ResumedCutEnded { slot });
+        info!(slot = %slot, from, chunks, handed, "cut the rest of the active slot");
+        self.engine.handle(self.now(), Input::CutRestEnded { slot });
         Ok(())
     }
+}
+
+/// Where a resumed cut that the engine asks from `from` starts: the block boundary
+/// at or before `from - 2 * max_size`. Cut as though a chunk started there, it
+/// meets the slot's own chunk starts within a few chunks (a chunk ends where the
+/// content says, at most `max_size` on): so by `from` it cuts where the whole
+/// cut does, and the chunk that straddles `from` (where the first cut stopped)
+/// and those after it are met where they lie, not fetched.
+fn rest_start(from: u64, chunking: shoal_artifact::Chunking) -> u64 {
+    let back = from.saturating_sub(2 * u64::from(chunking.max_size));
+    back - back % slotio::BLOCK as u64
 }
 
 /// The bytes of a slot from `from` on, read-only: what a resumed cut reads.
@@ -3272,7 +3298,7 @@ fn short(e: &Event) -> String {
             "stopped indexing slot {slot} after {cut} bytes: {found} bytes of this release \
              found in them; taking the rest from the source"
         ),
-        Event::IndexResumed { slot, from } => format!(
+        Event::CutResumed { slot, from } => format!(
             "indexing slot {slot} again from byte {from}: a chunk still needed now comes \
              from the network"
         ),
@@ -3729,7 +3755,7 @@ mod stop_cut_tests {
 }
 
 #[cfg(test)]
-mod resume_cut_tests {
+mod cut_rest_tests {
     use super::*;
 
     /// What a resumed cut reads (`Tail`, from a block boundary) is the slot from
@@ -3785,5 +3811,31 @@ mod resume_cut_tests {
         assert!(meet <= 4, "met after {meet} chunks");
         let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
         assert_eq!(&part[meet..], &whole[k..]);
+        // Asked from a point just past a block boundary (where a first cut
+        // stopped), the resumed cut starts far enough before it to cut every
+        // chunk from there where the whole cut does: the one straddling the
+        // point too (from the boundary at or before it, the first few were cut
+        // elsewhere).
+        for asked in [from + 100, 2 * from + 7_000, 3 * from] {
+            let start = rest_start(asked, chunking);
+            assert_eq!(start % slotio::BLOCK as u64, 0);
+            assert!(start + 2 * u64::from(chunking.max_size) <= asked);
+            let tail = Tail {
+                inner: open(),
+                from: start,
+                len: len - start,
+            };
+            let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - start)
+                .into_iter()
+                .map(|(at, id, n)| (at + start, id, n))
+                .collect();
+            let straddling = whole
+                .iter()
+                .position(|c| c.0 + u64::from(c.2) > asked)
+                .expect("a chunk there");
+            for c in &whole[straddling..] {
+                assert!(part.contains(c), "asked from {asked}: {c:?} not met");
+            }
+        }
     }
 }

@@ -422,7 +422,17 @@ pub fn index(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, &[], wanted, met, pool, false)
+    index_with(
+        storage,
+        len,
+        chunking,
+        &[],
+        wanted,
+        met,
+        pool,
+        (false, true),
+    )
+    .map(|c| c.0)
 }
 
 /// [`index`], but a run of one chunk repeated back to back (the zeros of a sparse
@@ -438,7 +448,7 @@ pub fn index_runs_once(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, &[], wanted, met, pool, true)
+    index_with(storage, len, chunking, &[], wanted, met, pool, (true, true)).map(|c| c.0)
 }
 
 /// [`index_runs_once`], but the slot is taken to begin with chunks of the lengths
@@ -462,7 +472,41 @@ pub fn index_along(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, known, wanted, met, pool, true)
+    index_with(
+        storage,
+        len,
+        chunking,
+        known,
+        wanted,
+        met,
+        pool,
+        (true, true),
+    )
+    .map(|c| c.0)
+}
+
+/// [`index_along`] from offset 0 with nothing known, handing over what it meets,
+/// but not listing the chunks: only how many it cut (each run once). What a
+/// resumed cut of the running slot needs, without holding a list of the slot's
+/// chunks (about 48 bytes a chunk: tens of MiB at 8 GiB).
+pub fn count_cut(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    met: Option<&Handover<'_>>,
+) -> io::Result<u64> {
+    index_with(
+        storage,
+        len,
+        chunking,
+        &[],
+        wanted,
+        met,
+        None,
+        (true, false),
+    )
+    .map(|c| c.1)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -474,8 +518,8 @@ fn index_with(
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
-    runs_once: bool,
-) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    (runs_once, list): (bool, bool),
+) -> io::Result<Counted> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     assert!(
         known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
@@ -517,7 +561,16 @@ fn index_with(
     let read = read_ranges_ahead(storage, ranges, layout, |blocks| {
         // `consume` runs on a thread of read_ahead's, outside any pool: rayon's
         // calls below would start (or use) the global pool unless sent into `pool`.
-        let mut body = move || cut_and_hash(blocks, chunking, known, runs_once, wanted, hand_over);
+        let mut body = move || {
+            cut_and_hash(
+                blocks,
+                chunking,
+                known,
+                (runs_once, list),
+                wanted,
+                hand_over,
+            )
+        };
         cut = Some(match pool {
             Some(pool) => pool.install(body),
             None => body(),
@@ -536,6 +589,10 @@ fn index_with(
     }
 }
 
+/// The chunks a cut listed (offset, id, length) and how many it cut (each run
+/// once): unlisted, only the last is kept.
+type Counted = (Vec<(u64, ChunkId, u32)>, u64);
+
 /// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
 /// far the cut is (the answer then says whether to go on).
 enum HandOver {
@@ -551,20 +608,26 @@ fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
     known: &[u32],
-    runs_once: bool,
+    (runs_once, list): (bool, bool),
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     mut hand_over: impl FnMut(HandOver) -> bool,
-) -> Vec<(u64, ChunkId, u32)> {
+) -> Counted {
     {
         let zero = ZeroRun::of(chunking);
         let mut sent: HashSet<ChunkId> = HashSet::new();
         // The known chunks not yet cut, and where the first of them starts.
         let mut known = known;
         let mut known_at = 0u64;
-        let mut out = Vec::new();
-        let push = |out: &mut Vec<(u64, ChunkId, u32)>, c: (u64, ChunkId, u32)| {
-            if !(runs_once && out.last().is_some_and(|l| l.1 == c.1)) {
-                out.push(c);
+        // The chunks cut and their count; not `list`ed, only the last is kept
+        // (a run is listed once).
+        let mut out = (Vec::new(), 0u64);
+        let push = |out: &mut Counted, c: (u64, ChunkId, u32)| {
+            if !(runs_once && out.0.last().is_some_and(|l| l.1 == c.1)) {
+                if !list {
+                    out.0.clear();
+                }
+                out.0.push(c);
+                out.1 += 1;
             }
         };
         // Two windows, each a block read with the unfinished tail of the window
@@ -652,6 +715,9 @@ fn cut_and_hash(
             }
             hashing = cutting;
             tail_at = finished;
+        }
+        if !list {
+            out.0.clear();
         }
         out
     }
@@ -1638,6 +1704,68 @@ mod tests {
         )
         .unwrap();
         assert_eq!(index, all);
+    }
+
+    /// The counting cut (a resumed cut of the running slot) counts what the
+    /// listing one lists (a run of zeros once) and hands over the same chunks,
+    /// holding no list.
+    #[test]
+    fn count_cut_counts_what_the_index_lists_and_hands_over_the_same() {
+        let mut data = pattern(3 * BLOCK + 12_345, 5);
+        data[BLOCK / 2..BLOCK / 2 + BLOCK].fill(0);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let len = data.len() as u64;
+        let listed = index_runs_once(&*storage, len, chunking, &|_| false, None, None).unwrap();
+        let wanted: HashSet<ChunkId> = listed.iter().step_by(3).map(|c| c.1).collect();
+        let stop = AtomicBool::new(false);
+        let cut = |count: bool| {
+            let (tx, rx) = mpsc::sync_channel(4);
+            std::thread::scope(|s| {
+                let receiver = s.spawn(move || {
+                    let mut ids = Vec::new();
+                    for m in rx {
+                        if let Met::Chunk(c) = m {
+                            ids.push(c.chunk().id);
+                        }
+                    }
+                    ids
+                });
+                let over = Handover {
+                    tx: &tx,
+                    stop: &stop,
+                };
+                let n = if count {
+                    count_cut(
+                        &*storage,
+                        len,
+                        chunking,
+                        &|id| wanted.contains(id),
+                        Some(&over),
+                    )
+                    .unwrap()
+                } else {
+                    index_runs_once(
+                        &*storage,
+                        len,
+                        chunking,
+                        &|id| wanted.contains(id),
+                        Some(&over),
+                        None,
+                    )
+                    .unwrap()
+                    .len() as u64
+                };
+                drop(tx);
+                (n, receiver.join().unwrap())
+            })
+        };
+        let (counted, counted_ids) = cut(true);
+        let (n, ids) = cut(false);
+        assert_eq!(counted, listed.len() as u64);
+        assert_eq!(n, counted);
+        assert_eq!(counted_ids, ids);
+        assert_eq!(counted_ids.len(), wanted.len());
     }
 
     /// The `Storage` methods a test wrapper passes to its `inner` storage as they

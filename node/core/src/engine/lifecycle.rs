@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use shoal_artifact::{Manifest, PayloadKind};
 use shoal_signing::EnvelopeRef;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{CommitError, InstallError, OfferError, RollbackError};
 use crate::state::{
@@ -278,18 +278,20 @@ impl Engine {
     /// it asks the driver to stop ([`Output::StopIndex`]) and plans the install
     /// without an index, taking every chunk still needed from the sources.
     ///
-    /// A resumed cut ([`Output::ResumeIndex`]) is judged the same way, by
-    /// half-windows from where it resumed: one that gives too little ends the hold
-    /// on network fetches ([`Job::hold_network`]) — the slot past the stop looks
+    /// A resumed cut ([`Output::CutRest`]) is judged the same way, by
+    /// half-windows from where it resumed: one that gives too little ends the pause
+    /// on network fetches ([`Job::network_paused`]) — the slot past the stop looks
     /// unrelated again, and the network is not kept waiting for it (under a data
-    /// budget the hold lasts until the cut ends) — though with a
+    /// budget that what only the network can serve would pass, the pause lasts
+    /// until the cut ends or goes silent) — though with a
     /// network source open the cut goes on (each chunk it finds still saves a
-    /// download, and a fetch of it in flight is cancelled); with none, and every
+    /// download; a request in flight for chunks it met is cancelled once none of
+    /// its chunks is awaited, not per chunk); with none, and every
     /// chunk held locally again, it is stopped as the first cut was.
     pub(crate) fn on_index_progress(&mut self, now: Instant, slot: Slot, cut: u64) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
-        let resumed = job.index_resumed;
+        let resumed = job.cutting_rest;
         if slot != active || !(job.step == Step::Indexing || resumed) {
             return;
         }
@@ -320,12 +322,14 @@ impl Engine {
             if let Some(job) = self.job.as_mut() {
                 job.index_window = (cut, job.index_found);
             }
-            // Under a data budget, bytes count more than time: the hold lasts until
-            // the cut ends (a chunk fetched and then met in the slot would have
-            // spent budget for nothing, and could make the install refused).
-            let budget = self.job.as_ref().is_some_and(|j| j.budget.limited());
+            // Under a data budget that what only the network can serve would pass,
+            // bytes count more than time: the pause lasts until the cut ends (a
+            // chunk fetched and then met in the slot would spend budget for
+            // nothing, and could get the install refused). A budget that fits it
+            // all changes nothing. Read once a window (every needed entry).
+            let budget = resumed && !gave && self.job.as_ref().is_some_and(Job::budget_tight);
             if resumed && !gave && !budget {
-                self.release_cut_hold(
+                self.unpause_network(
                     now,
                     "the last stretch of the resumed cut held (next to) nothing",
                 );
@@ -334,8 +338,8 @@ impl Engine {
         }
         let Some(job) = self.job.as_mut() else { return };
         job.index_stopped = true;
-        job.index_resumed = false;
-        job.hold_network = false;
+        job.cutting_rest = false;
+        job.network_paused = false;
         job.cut_recheck = false;
         let found = job.index_found;
         info!(
@@ -347,26 +351,27 @@ impl Engine {
         self.outputs.push_back(Output::StopIndex { slot });
         self.event(Event::IndexStopped { slot, cut, found });
         if resumed {
-            // Planned already: what the hold left idle is queued again.
+            // Planned already: what the pause left idle is queued again.
             self.rescan(now);
         } else {
             self.plan(now);
         }
     }
 
-    /// Resumes the cut of the active slot that was stopped ([`Output::ResumeIndex`])
+    /// Resumes the cut of the active slot that was stopped ([`Output::CutRest`])
     /// when the reason for the stop no longer holds: some chunk still needed is no
     /// longer held by an open local source that says so, or a LAN peer or the WAN
     /// is open ([`Job::served_locally`], the rule of [`Engine::index_pays`]). Run
     /// at a pump after a source came, went, or said it lacks a chunk. Until the
     /// cut gives too little, ends or stops, chunks it may meet are asked of local
-    /// sources only ([`Job::hold_network`]); a fetch already in flight goes on.
-    pub(crate) fn resume_cut(&mut self, now: Instant) {
+    /// sources only ([`Job::network_paused`]); a fetch already in flight goes on.
+    pub(crate) fn cut_rest(&mut self, now: Instant) {
         let active = self.state.active;
         let Some(job) = self.job.as_mut() else { return };
         job.cut_recheck = false;
         if !job.index_stopped
-            || job.index_resumed
+            || job.cutting_rest
+            || job.cut_given_up
             || job.step != Step::Fetching
             || job.needed == 0
             || job.index_cut >= job.index_len
@@ -374,9 +379,20 @@ impl Engine {
         {
             return;
         }
-        job.index_resumed = true;
-        job.hold_network = true;
-        job.hold_generation = job.generation();
+        if job.sources.iter().all(|s| s.gone.is_some()) {
+            // No source left (the artifact banned for a corrupt chunk, the stick
+            // pulled out): the rest would come from the slot alone, which the
+            // part cut showed unrelated. Not read for that: the install fails
+            // now, saying why, and a rerun resumes it.
+            info!(
+                slot = %active,
+                "no source is left: the stopped cut of the active slot is not resumed"
+            );
+            return;
+        }
+        job.cutting_rest = true;
+        job.network_paused = true;
+        job.pause_generation = job.generation();
         job.cut_heard = now;
         // Judged by half-windows from here (the sample judged the slot already).
         job.index_window = (job.index_cut, job.index_found);
@@ -385,10 +401,10 @@ impl Engine {
         info!(
             slot = %active,
             from,
-            "a chunk still needed now comes from the network: cutting the rest of the active slot"
+            "a chunk still needed is no longer held by a local source: cutting the rest of the active slot"
         );
-        self.event(Event::IndexResumed { slot: active, from });
-        self.outputs.push_back(Output::ResumeIndex {
+        self.event(Event::CutResumed { slot: active, from });
+        self.outputs.push_back(Output::CutRest {
             slot: active,
             chunking,
             from,
@@ -396,12 +412,12 @@ impl Engine {
         });
     }
 
-    /// The network fetches held for a resumed cut go ahead (the cut goes on).
-    pub(crate) fn release_cut_hold(&mut self, now: Instant, why: &str) {
-        let Some(job) = self.job.as_mut().filter(|j| j.hold_network) else {
+    /// The network fetches paused for a resumed cut go ahead (the cut goes on).
+    pub(crate) fn unpause_network(&mut self, now: Instant, why: &str) {
+        let Some(job) = self.job.as_mut().filter(|j| j.network_paused) else {
             return;
         };
-        job.hold_network = false;
+        job.network_paused = false;
         info!(
             reason = why,
             cut = job.index_cut,
@@ -410,18 +426,40 @@ impl Engine {
         self.rescan(now);
     }
 
-    /// The resumed cut reached the end of the slot ([`Input::ResumedCutEnded`]):
-    /// what it did not meet comes from the sources.
-    pub(crate) fn on_resumed_cut_ended(&mut self, now: Instant, slot: Slot) {
+    /// The resumed cut told no progress for [`Config::cut_silence`](super::Config::cut_silence)
+    /// (`Timer::CutSilence`: a driver whose read stalled): it is given up
+    /// ([`Output::StopIndex`]) and not resumed again during this install. The
+    /// fetches paused for it go ahead, and a chunk no source holds then fails the
+    /// install as stuck: the install never waits for a cut that tells nothing.
+    pub(crate) fn give_up_cut(&mut self, now: Instant) {
         let active = self.state.active;
-        let Some(job) = self.job.as_mut().filter(|j| j.index_resumed) else {
+        let Some(job) = self.job.as_mut().filter(|j| j.cutting_rest) else {
+            return;
+        };
+        job.cutting_rest = false;
+        job.network_paused = false;
+        job.cut_given_up = true;
+        warn!(
+            slot = %active,
+            cut = job.index_cut,
+            "the resumed cut of the active slot told no progress: given up"
+        );
+        self.outputs.push_back(Output::StopIndex { slot: active });
+        self.rescan(now);
+    }
+
+    /// The resumed cut reached the end of the slot ([`Input::CutRestEnded`]):
+    /// what it did not meet comes from the sources.
+    pub(crate) fn on_cut_rest_ended(&mut self, now: Instant, slot: Slot) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut().filter(|j| j.cutting_rest) else {
             return;
         };
         if slot != active {
             return;
         }
-        job.index_resumed = false;
-        job.hold_network = false;
+        job.cutting_rest = false;
+        job.network_paused = false;
         job.index_cut = job.index_len;
         info!(%slot, found = job.index_found, "the resumed cut of the active slot ended");
         self.rescan(now);
@@ -453,7 +491,7 @@ impl Engine {
     /// chunks come from the source, verified as always; what it may cost is source
     /// reads of chunks the slot holds past a window that gave nothing.
     ///
-    /// The same rule judges a resumed cut ([`Output::ResumeIndex`]) and says when
+    /// The same rule judges a resumed cut ([`Output::CutRest`]) and says when
     /// a stopped one resumes: once it no longer holds.
     ///
     /// [`SourceClass`]: crate::SourceClass
@@ -461,7 +499,7 @@ impl Engine {
         let Some(job) = self
             .job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing || j.index_resumed)
+            .filter(|j| j.step == Step::Indexing || j.cutting_rest)
         else {
             return false;
         };

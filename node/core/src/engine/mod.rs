@@ -93,9 +93,10 @@ pub struct Config {
     /// [`INDEX_SAMPLE_PART`]th of the slot), before the engine judges whether the
     /// rest is worth cutting ([`Engine::index_pays`]). 64 MiB.
     pub index_sample_min_bytes: u64,
-    /// How long a resumed cut of the active slot ([`Output::ResumeIndex`]) may
-    /// tell no progress ([`Input::IndexProgress`]) before the network fetches held
-    /// for it go ahead (the cut itself goes on). 5 s.
+    /// How long a resumed cut of the active slot ([`Output::CutRest`]) may
+    /// tell no progress ([`Input::IndexProgress`]) before it is given up
+    /// ([`Output::StopIndex`]; not resumed again during the install) and the
+    /// network fetches paused for it go ahead. 5 s.
     pub cut_silence: std::time::Duration,
 }
 
@@ -216,7 +217,7 @@ pub enum Input {
     /// [`Output::StopIndex`]: the index does not pay (see
     /// [`Engine::index_pays`]).
     ///
-    /// The same for a resumed cut ([`Output::ResumeIndex`]): `cut` still counts
+    /// The same for a resumed cut ([`Output::CutRest`]): `cut` still counts
     /// from offset 0 of the slot.
     IndexProgress {
         /// The slot.
@@ -224,10 +225,12 @@ pub enum Input {
         /// Bytes of the slot cut so far, from offset 0.
         cut: u64,
     },
-    /// The cut asked for by [`Output::ResumeIndex`] reached its end: every needed
-    /// chunk it met was handed over before this. It is no index of the slot (the
+    /// The cut asked for by [`Output::CutRest`] reached its end, or could not
+    /// go on (a read of the slot failed: the device says so in its log, and the
+    /// install goes on from the sources): every needed chunk it met was handed
+    /// over before this. It is no index of the slot (the
     /// part before the stop was not kept); the engine records nothing.
-    ResumedCutEnded {
+    CutRestEnded {
         /// The slot.
         slot: Slot,
     },
@@ -439,7 +442,7 @@ pub enum Output {
     /// answer nothing: the slot has no index from it (what was cut is not the
     /// slot's index, and is not kept as one).
     ///
-    /// Also stops a resumed cut ([`Output::ResumeIndex`]), by the same rule, or
+    /// Also stops a resumed cut ([`Output::CutRest`]), by the same rule, or
     /// because the install needs nothing more: answer nothing then either.
     StopIndex {
         /// The slot.
@@ -453,14 +456,16 @@ pub enum Output {
     /// [`Output::IndexSlot`] with an install waiting: hand over every needed chunk
     /// met ([`Engine::needed_chunks`]) as [`Input::Chunk`] from the slot, tell the
     /// progress with [`Input::IndexProgress`] (bytes from offset 0), and answer
-    /// [`Input::ResumedCutEnded`] at the end. A driver may start before `from` (a
-    /// block boundary), cutting as though a chunk started there: the cut from a
-    /// point meets the slot's own chunk starts within a few chunks. Nothing of it
+    /// [`Input::CutRestEnded`] at the end. A driver should start a few chunks
+    /// before `from` (the device: at the block boundary at or before
+    /// `from - 2 * max_size`), cutting as though a chunk started there: the cut
+    /// from a point meets the slot's own chunk starts within a few chunks, so the
+    /// chunk that straddles `from` and those after it are met. Nothing of it
     /// is recorded as the slot's index. The engine holds the fetches from the
     /// network of chunks the rest of the slot may hold meanwhile
     /// ([`Engine::index_pays`] says for how long), and may stop it again
     /// ([`Output::StopIndex`]).
-    ResumeIndex {
+    CutRest {
         /// The slot.
         slot: Slot,
         /// FastCDC parameters.
@@ -607,10 +612,10 @@ pub enum Event {
         /// Bytes of needed chunks (each once) found in them.
         found: u64,
     },
-    /// The cut of the active slot that was stopped resumes ([`Output::ResumeIndex`]):
+    /// The cut of the active slot that was stopped resumes ([`Output::CutRest`]):
     /// a source came or went, and some chunk still needed now comes only from the
     /// network, or a network source is open.
-    IndexResumed {
+    CutResumed {
         /// The slot.
         slot: Slot,
         /// Where the cut resumes.
@@ -899,10 +904,10 @@ impl Engine {
     /// checks the slot for it (a thin artifact whose base the device lacks is
     /// refused before a byte is written).
     ///
-    /// While a resumed cut runs ([`Output::ResumeIndex`]) the same: the chunks it
+    /// While a resumed cut runs ([`Output::CutRest`]) the same: the chunks it
     /// may hand over.
     pub fn needed_chunks(&self) -> NeededChunks {
-        if self.takes_while_indexing() || self.job.as_ref().is_some_and(|j| j.index_resumed) {
+        if self.takes_while_indexing() || self.job.as_ref().is_some_and(|j| j.cutting_rest) {
             self.awaited_chunks()
         } else {
             NeededChunks::default()
@@ -928,7 +933,7 @@ impl Engine {
     pub fn awaited_chunks(&self) -> NeededChunks {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing || j.index_resumed)
+            .filter(|j| j.step == Step::Indexing || j.cutting_rest)
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
@@ -1038,7 +1043,7 @@ impl Engine {
                 sampled,
             } => self.on_index_written(now, slot, chunking, chunks, partial, sampled),
             Input::IndexProgress { slot, cut } => self.on_index_progress(now, slot, cut),
-            Input::ResumedCutEnded { slot } => self.on_resumed_cut_ended(now, slot),
+            Input::CutRestEnded { slot } => self.on_cut_rest_ended(now, slot),
             Input::Chunk { origin, chunk } => self.on_chunk(now, origin, chunk),
             Input::Corrupt { origin, id } => self.on_corrupt(now, origin, id),
             Input::Unavailable { source, id } => self.on_unavailable(now, source, id),
@@ -1157,7 +1162,10 @@ impl Engine {
     /// A failure the driver reported: what it was asked to do is dropped, and the
     /// install in progress (if any) stops with `err`.
     fn stop(&mut self, err: InstallError) {
-        self.outputs.clear();
+        // A cut of the active slot asked to stop is still stopped: the driver
+        // would otherwise read the rest of the slot for nobody.
+        self.outputs
+            .retain(|o| matches!(o, Output::StopIndex { .. }));
         if self.job.is_some() {
             self.fail(err);
         } else {
@@ -1194,14 +1202,40 @@ impl Engine {
             }
             self.persist(records);
         }
-        self.drop_job();
+        // The cut of the active slot that failed is over already; any other is
+        // stopped with the install.
+        let cut_failed = matches!(
+            err,
+            InstallError::Io {
+                op: IoOp::IndexSlot,
+                ..
+            }
+        );
+        self.drop_job_stopping_cut(!cut_failed);
         self.timers.clear();
         self.event(Event::Failed(err));
     }
 
     /// Ends the install in memory; the journal it kept (a bitfield while it ran)
-    /// goes back to the device state.
+    /// goes back to the device state. A cut of the active slot it waits for (the
+    /// first, or a resumed one) is stopped ([`Output::StopIndex`]): nobody is left
+    /// to take what it meets.
     fn drop_job(&mut self) {
+        self.drop_job_stopping_cut(true);
+    }
+
+    /// [`Engine::drop_job`]; `stop_cut` false when the cut itself failed (it is
+    /// not running).
+    fn drop_job_stopping_cut(&mut self, stop_cut: bool) {
+        let cutting = self
+            .job
+            .as_ref()
+            .is_some_and(|j| j.step == Step::Indexing || j.cutting_rest);
+        if stop_cut && cutting {
+            let slot = self.state.active;
+            info!(%slot, "the install ended: the cut of the active slot stops");
+            self.outputs.push_back(Output::StopIndex { slot });
+        }
         if let Some(job) = self.take_job() {
             self.state.journaled = job.journaled.iter().collect();
             self.journal_bytes = job.journal_bytes;

@@ -308,20 +308,24 @@ pub(crate) struct Job {
     /// offset there either.
     pub(crate) index_stopped: bool,
     /// How far the cut of the active slot got (bytes from offset 0): where a
-    /// stopped cut resumes ([`Output::ResumeIndex`](super::Output::ResumeIndex)).
+    /// stopped cut resumes ([`Output::CutRest`](super::Output::CutRest)).
     pub(crate) index_cut: u64,
     /// A resumed cut runs: asked for, not yet ended or stopped.
-    pub(crate) index_resumed: bool,
+    pub(crate) cutting_rest: bool,
+    /// A resumed cut told nothing for [`Config::cut_silence`](crate::Config::cut_silence)
+    /// and was given up: the slot is not cut again during this install (a driver
+    /// whose read stalled would stall again).
+    pub(crate) cut_given_up: bool,
     /// While a resumed cut runs, chunks the rest of the slot may hold are not asked
     /// of a LAN peer or the WAN (only of local sources): until a window of the cut
     /// gives too little to be worth waiting for, or the cut ends, stops or tells
     /// nothing for [`Config::cut_silence`](crate::Config::cut_silence).
-    pub(crate) hold_network: bool,
+    pub(crate) network_paused: bool,
     /// When the resumed cut last told its progress (or was asked for).
     pub(crate) cut_heard: Instant,
-    /// The request generation when the hold began (requests made since may not
+    /// The request generation when the pause began (requests made since may not
     /// go to the network: the invariants check).
-    pub(crate) hold_generation: u32,
+    pub(crate) pause_generation: u32,
     /// A source came, went, or said it lacks a chunk since the cut was stopped:
     /// whether the stop still holds is checked at the next pump (not on every
     /// pump: the check reads every needed entry).
@@ -435,10 +439,11 @@ impl Job {
             index_window: (0, 0),
             index_stopped: false,
             index_cut: 0,
-            index_resumed: false,
-            hold_network: false,
+            cutting_rest: false,
+            cut_given_up: false,
+            network_paused: false,
             cut_heard: Instant::from_millis(0),
-            hold_generation: 0,
+            pause_generation: 0,
             cut_recheck: false,
             index_unproved: false,
             journal_bytes: 0,
@@ -574,16 +579,33 @@ impl Job {
         })
     }
 
-    /// Whether a request of generation `g` was made since the hold began.
+    /// Whether the data budget could refuse what only the network can serve: the
+    /// WAN asked so far plus the wire bytes of the needed chunks no local source
+    /// holds (and none asked yet) pass it. Then a chunk fetched and later met in
+    /// the slot may get the install refused, and a resumed cut is waited for.
+    pub(crate) fn budget_tight(&self) -> bool {
+        if !self.budget.limited() {
+            return false;
+        }
+        let wire: u64 = self
+            .needed_entries()
+            .filter(|&e| !matches!(self.need.get(e), Need::Fetching { .. }))
+            .filter(|&e| !self.held_locally(e))
+            .map(|e| u64::from(self.rel.table.wire_size(e)))
+            .sum();
+        !self.budget.allows(wire)
+    }
+
+    /// Whether a request of generation `g` was made since the pause began.
     #[cfg(any(test, feature = "testing"))]
-    fn made_while_held(&self, g: u32) -> bool {
-        g.wrapping_sub(self.hold_generation).wrapping_sub(1) < u32::MAX / 2
+    fn made_while_paused(&self, g: u32) -> bool {
+        g.wrapping_sub(self.pause_generation).wrapping_sub(1) < u32::MAX / 2
     }
 
     /// A source came, went or changed: whether a stopped cut should resume is
     /// checked at the next pump.
     pub(crate) fn sources_changed(&mut self) {
-        if self.index_stopped && !self.index_resumed {
+        if self.index_stopped && !self.cutting_rest {
             self.cut_recheck = true;
         }
     }
@@ -634,7 +656,7 @@ enum Choice {
     /// Only the WAN could serve it, and the data budget does not allow it.
     OverBudget,
     /// Only a LAN peer or the WAN could serve it, and a resumed cut of the active
-    /// slot may meet it: wait for the cut ([`Job::hold_network`]).
+    /// slot may meet it: wait for the cut ([`Job::network_paused`]).
     Cut,
 }
 
@@ -680,7 +702,11 @@ impl Job {
         s.holds = holds_by_entry(holds, &self.rel.table);
         s.lacks = None;
         s.info.holds = Holds::Unknown;
-        self.sources_changed();
+        // Only what a local source holds enters whether the stop still holds
+        // ([`Job::served_locally`]); a LAN peer or the WAN is open or not.
+        if s.info.class == SourceClass::Local {
+            self.sources_changed();
+        }
     }
 }
 
@@ -852,7 +878,7 @@ impl Engine {
             Step::Indexing | Step::Flushing | Step::Hashing => return,
         }
         if job.cut_recheck {
-            self.resume_cut(now);
+            self.cut_rest(now);
         }
         let Some(job) = self.job.as_ref() else { return };
         // Writes not yet carried out bound what is read and fetched.
@@ -864,10 +890,10 @@ impl Engine {
         self.update_timers(now);
         let Some(job) = self.job.as_mut() else { return };
         if job.needed == 0 {
-            if job.index_resumed {
+            if job.cutting_rest {
                 // Nothing more to find: the cut would read the rest for nobody.
-                job.index_resumed = false;
-                job.hold_network = false;
+                job.cutting_rest = false;
+                job.network_paused = false;
                 let slot = self.state.active;
                 info!(%slot, "every chunk is written: the resumed cut of the active slot stops");
                 self.outputs.push_back(Output::StopIndex { slot });
@@ -887,9 +913,9 @@ impl Engine {
             || job.requests.iter().any(Option::is_some)
             || job.lan.as_ref().is_some_and(|l| l.waiting > 0)
             || job.sources.iter().any(SourceState::is_open_stream)
-            // Chunks held for a resumed cut, or that the budget kept from the WAN,
+            // Chunks paused for a resumed cut, or that the budget kept from the WAN,
             // may be met by it: wait for it.
-            || job.index_resumed;
+            || job.cutting_rest;
         if !busy {
             self.stuck();
         }
@@ -1009,7 +1035,7 @@ impl Engine {
             return Choice::Stream;
         }
         // A resumed cut may meet it: only a local source is asked meanwhile.
-        let held = job.hold_network;
+        let held = job.network_paused;
         if held && !job.local_may_hold(e) {
             return Choice::Cut;
         }
@@ -1310,7 +1336,7 @@ impl Engine {
                 && s.failures == 0
                 && !s.in_backoff(now)
                 && s.requests.len() < s.requests_limit()
-                && (!job.hold_network || s.info.class == SourceClass::Local)
+                && (!job.network_paused || s.info.class == SourceClass::Local)
         }));
         self.end_game_take(now, &takers);
         if let Some(job) = self.job.as_mut() {
@@ -1843,7 +1869,13 @@ impl Engine {
         job.batch_bytes += bytes;
         let since = *job.batch_since.get_or_insert(now);
         self.progress.written_bytes += bytes;
-        if source.is_none() && (job.step == Step::Indexing || job.index_resumed) {
+        // Found by the cut: not the answer to a read of the slot (`Output::Read`,
+        // of a chunk an index or a guess put there), which a resumed cut runs
+        // alongside.
+        if source.is_none()
+            && !matches!(state, Need::Reading { .. })
+            && (job.step == Step::Indexing || job.cutting_rest)
+        {
             job.index_found += u64::from(size);
         }
         match source {
@@ -2039,7 +2071,14 @@ impl Engine {
                 job.sources[i].lack(e, n);
             }
             job.sources[i].last_heard = Some(now);
-            job.sources_changed();
+            // A chunk no local holder has any more: the cut may have to resume
+            // (the check of these entries here; of all at the next pump only then).
+            if entries
+                .iter()
+                .any(|&e| job.need.get(e) != Need::Done && !job.held_locally(e))
+            {
+                job.sources_changed();
+            }
         }
         if let Some(slot) = slot {
             self.end_request(slot, false);
@@ -2075,8 +2114,8 @@ impl Engine {
         if self.timers.is_expired(Timer::JournalAge, now) {
             self.flush_batch();
         }
-        if self.timers.is_expired(Timer::CutHold, now) {
-            self.release_cut_hold(now, "the resumed cut told no progress");
+        if self.timers.is_expired(Timer::CutSilence, now) {
+            self.give_up_cut(now);
         }
         // Backoffs that ended need no action but a pump.
         self.pump(now);
@@ -2107,9 +2146,9 @@ impl Engine {
         let hold = self
             .job
             .as_ref()
-            .filter(|job| job.hold_network)
+            .filter(|job| job.cutting_rest)
             .map(|job| Instant::from_millis(job.cut_heard.as_millis().saturating_add(silence)));
-        self.timers.set(Timer::CutHold, hold);
+        self.timers.set(Timer::CutSilence, hold);
         let (silence, backoff) = match self.job.as_ref() {
             Some(job) if job.step == Step::Fetching => (
                 job.sources
@@ -2224,24 +2263,25 @@ impl Engine {
                 );
             }
         }
-        // A resumed cut of the active slot, and the network fetches held for it.
+        // A resumed cut of the active slot, and the network fetches paused for it.
         assert!(
-            !job.hold_network || job.index_resumed,
-            "a hold without a cut"
+            !job.network_paused || job.cutting_rest,
+            "a pause without a cut"
         );
-        if job.index_resumed {
+        if job.cutting_rest {
+            assert!(!job.cut_given_up, "a cut resumed after it was given up");
             assert!(job.index_stopped, "a cut resumed that was never stopped");
             assert_eq!(job.step, Step::Fetching, "a cut resumed outside fetching");
             assert!(job.index_cut <= job.index_len, "a cut resumed past its end");
         }
         if job.step == Step::Fetching {
             assert_eq!(
-                self.timers.get(Timer::CutHold).is_some(),
-                job.hold_network,
-                "the hold's timer"
+                self.timers.get(Timer::CutSilence).is_some(),
+                job.cutting_rest,
+                "the resumed cut's silence timer"
             );
         }
-        if job.hold_network {
+        if job.network_paused {
             for (slot, r) in job.requests.iter().enumerate() {
                 let Some(r) = r else { continue };
                 if job.sources[r.source].info.class == SourceClass::Local {
@@ -2250,8 +2290,8 @@ impl Engine {
                 for &e in &r.entries {
                     assert!(
                         job.need.get(e) != (Need::Fetching { req: slot as u32 })
-                            || !job.made_while_held(r.generation),
-                        "entry {e} asked of the network while held for the cut"
+                            || !job.made_while_paused(r.generation),
+                        "entry {e} asked of the network while paused for the cut"
                     );
                 }
             }
