@@ -1746,13 +1746,13 @@ fn install_over_a_sampled_index_missing_a_chunk(streamed: bool, both: bool) -> S
 
 /// Issue 12 (session 12, mend12b): a listed chunk of a sampled index that is not
 /// there, and that no source holds, is not the end of the install: the engine has
-/// the slot cut by content from its start ([`Output::ResumeIndex`] from 0), which
+/// the slot cut by content from its start ([`Output::CutRest`] from 0), which
 /// finds the chunk where the slot repeats it. (Without it: `MissingChunks`.)
 #[test]
 fn a_sampled_index_missing_a_chunk_no_source_holds_cuts_the_slot_by_content() {
     let dev = install_over_a_sampled_index_missing_a_chunk(false, false);
     assert_eq!(failed(&dev.events), None);
-    assert_eq!(dev.cuts_resumed, vec![0]);
+    assert_eq!(dev.rest_cuts, vec![0]);
     assert_eq!(dev.boot.armed(), Some(Slot::B));
 }
 
@@ -1763,7 +1763,7 @@ fn a_sampled_index_missing_a_chunk_no_source_holds_cuts_the_slot_by_content() {
 fn a_sampled_index_missing_a_chunk_the_stream_carries_takes_it_from_the_stream() {
     let dev = install_over_a_sampled_index_missing_a_chunk(true, false);
     assert_eq!(failed(&dev.events), None);
-    assert_eq!(dev.cuts_resumed, Vec::<u64>::new());
+    assert_eq!(dev.rest_cuts, Vec::<u64>::new());
     assert_eq!(dev.boot.armed(), Some(Slot::B));
 }
 
@@ -1780,7 +1780,7 @@ fn a_sampled_index_missing_a_chunk_nowhere_fails_after_the_cut() {
         }
         other => panic!("expected MissingChunks of one chunk, got {other:?}"),
     }
-    assert_eq!(dev.cuts_resumed, vec![0]);
+    assert_eq!(dev.rest_cuts, vec![0]);
     assert_eq!(dev.boot.armed(), None);
 }
 

@@ -194,7 +194,7 @@ pub enum Input {
     /// the slot should hold puts them, but the driver read and hashed only a
     /// sample of them: the rest are hashed when read as any slot read is. One of
     /// them that does not hash to its id, and that no source holds, makes the
-    /// engine cut the whole slot by content ([`Output::ResumeIndex`] from 0): the
+    /// engine cut the whole slot by content ([`Output::CutRest`] from 0): the
     /// slot may hold it elsewhere.
     SlotIndexWritten {
         /// The slot.

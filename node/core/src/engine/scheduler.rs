@@ -1946,7 +1946,7 @@ impl Engine {
                 }
                 self.persist(vec![Record::Unindex { slot, id }]);
                 if slot == active {
-                    self.distrust_sampled_index(e);
+                    self.distrust_sampled_index(now, e);
                 }
             }
             (Origin::Source(sid), Some(i)) => {
@@ -1968,13 +1968,13 @@ impl Engine {
     /// first position overwritten, two chunks swapped). A source that may hold it
     /// (an artifact stream that carries it, a peer, the WAN) brings it as for any
     /// bad entry; with none, the index is no longer trusted as a whole, and the
-    /// slot is cut by content from its start ([`Output::ResumeIndex`] from 0, as
+    /// slot is cut by content from its start ([`Output::CutRest`] from 0, as
     /// the full check did before the sample, which then cut it): every needed chunk
     /// it meets is taken, and what it does not find fails the install with
     /// [`InstallError::MissingChunks`](crate::InstallError::MissingChunks) when it
     /// ends. Once only: a later bad entry is fetched as any other (the cut met
     /// every chunk the slot holds).
-    fn distrust_sampled_index(&mut self, e: u32) {
+    fn distrust_sampled_index(&mut self, now: Instant, e: u32) {
         let Some(job) = self.job.as_mut().filter(|j| j.index_unproved) else {
             return;
         };
@@ -1983,7 +1983,7 @@ impl Engine {
             .iter()
             .any(|s| s.gone.is_none() && s.may_hold(e));
         // A cut that runs already may meet it (the engine waits for its end).
-        if held || job.index_resumed || job.need.get(e) == Need::Done || job.step != Step::Fetching
+        if held || job.cutting_rest || job.need.get(e) == Need::Done || job.step != Step::Fetching
         {
             return;
         }
@@ -1994,8 +1994,9 @@ impl Engine {
         // The sampled index is given up as the guide to the slot (its entries
         // still queued are read, each hashed): a cut, from the start.
         job.index_stopped = true;
-        job.index_resumed = true;
-        job.hold_network = false;
+        job.cutting_rest = true;
+        job.network_paused = false;
+        job.cut_heard = now;
         job.index_cut = 0;
         job.index_window = (0, job.index_found);
         info!(
@@ -2003,11 +2004,11 @@ impl Engine {
             id = %job.rel.table.id(e),
             "the sampled check of the active slot missed a change and no source holds the chunk: cutting the slot by content"
         );
-        self.event(Event::IndexResumed {
+        self.event(Event::CutResumed {
             slot: active,
             from: 0,
         });
-        self.outputs.push_back(Output::ResumeIndex {
+        self.outputs.push_back(Output::CutRest {
             slot: active,
             chunking,
             from: 0,
