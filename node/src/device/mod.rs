@@ -1776,18 +1776,20 @@ const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 const REFERENCE_CACHE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Blocks of the running slot kept for reference reads (see
-/// [`References::read_range`]): their size and how many (so 2 MiB). On the bench's
-/// disk a direct read costs about as much per call as per byte (93 MB of slot A:
-/// 0.34-0.43 s in 64 KiB reads, 0.16-0.26 s in 256 KiB reads); a reference is 256 KiB
-/// to 2 MiB of neighbouring bytes. A block missing is read together with the
-/// missing blocks after it that the same range or the batch's other references
-/// need, up to `SLOT_RUN_BLOCKS` (1 MiB) in one read; the block given up for a new
-/// one is the one whose next use (by the manifest's reference list) is farthest.
-/// On the bench's v1 → v2 (669 references, 217 MB of ranges, 78.4 MB distinct):
-/// 257 reads of 110 MB instead of 471 reads of 123 MB (6 blocks, least recently
-/// used given up, one block a read), by a replay of the reads (session 12).
+/// [`References::read_range`]): their size and how many (so 1.25 MiB, and the
+/// 1 MiB buffer runs of them are read into). On the bench's disk a direct read
+/// costs about as much per call as per byte (93 MB of slot A: 0.34-0.43 s in 64 KiB
+/// reads, 0.16-0.26 s in 256 KiB reads); a reference is 256 KiB to 2 MiB of
+/// neighbouring bytes. A block missing is read together with the missing blocks
+/// after it that the same range or the batch's other references need, up to
+/// `SLOT_RUN_BLOCKS` (1 MiB) in one read; the block given up for a new one is the
+/// one whose next use (by the manifest's reference list) is farthest. On the
+/// bench's v1 → v2 (669 references, 217 MB of ranges, 78.4 MB distinct): 282 reads
+/// of 120 MB instead of 471 reads of 123 MB (6 blocks kept, the least recently
+/// used given up, one block a read); 6 blocks kept would read 116 MB in 272 reads
+/// for 0.25 MiB more, 8 blocks 110 MB in 257 (a replay of the reads, session 12).
 const SLOT_BLOCK: u64 = 256 * 1024;
-const SLOT_BLOCKS_KEPT: usize = 8;
+const SLOT_BLOCKS_KEPT: usize = 5;
 const SLOT_RUN_BLOCKS: u64 = 4;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
@@ -1821,6 +1823,8 @@ pub(crate) struct References {
     /// Blocks the references of the batch being read need, sorted
     /// ([`References::batch`]).
     wanted: Vec<u64>,
+    /// The buffer a run of blocks is read into (up to `SLOT_RUN_BLOCKS`).
+    run: Vec<u8>,
 }
 
 impl References {
@@ -1844,6 +1848,7 @@ impl References {
             uses: Vec::new(),
             now: 0,
             wanted: Vec::new(),
+            run: Vec::new(),
         }
     }
 
@@ -1899,8 +1904,8 @@ impl References {
 
     /// Reads block `b` of the running slot, with the missing blocks after it up to
     /// `last` (the range being read) or that the batch wants, up to
-    /// `SLOT_RUN_BLOCKS` in one read; then gives up blocks (not those just read)
-    /// down to `SLOT_BLOCKS_KEPT`, the one needed again last first.
+    /// `SLOT_RUN_BLOCKS` in one read (into `run`), after giving up blocks down to
+    /// `SLOT_BLOCKS_KEPT` with the run's, the one needed again last first.
     fn fill(&mut self, b: u64, last: u64) -> std::io::Result<()> {
         let held = |blocks: &std::collections::VecDeque<(u64, Vec<u8>)>, i: u64| {
             blocks.iter().any(|(j, _)| *j == i)
@@ -1923,35 +1928,36 @@ impl References {
             }
             n += 1;
         }
-        let to = (start + n * SLOT_BLOCK).min(self.slot_len);
-        let mut data = vec![0u8; (to - start) as usize];
-        let started = std::time::Instant::now();
-        self.storage.read_at(start, &mut data)?;
-        self.read_io += started.elapsed();
-        self.read_slot_bytes += data.len() as u64;
-        self.read_slot_calls += 1;
-        let mut i = b;
-        while !data.is_empty() {
-            let rest = data.split_off(data.len().min(SLOT_BLOCK as usize));
-            self.blocks.push_back((i, data));
-            data = rest;
-            i += 1;
-        }
-        while self.blocks.len() > SLOT_BLOCKS_KEPT {
+        // Blocks given up first (not one of the run's: none is held), their buffers
+        // reused for the run's.
+        let mut spare = Vec::new();
+        while self.blocks.len() + n as usize > SLOT_BLOCKS_KEPT {
             // Least recently used first among blocks needed equally late.
             let victim = self
                 .blocks
                 .iter()
                 .enumerate()
-                .filter(|(_, (j, _))| !(b..i).contains(j))
                 .max_by_key(|&(k, (j, _))| (self.next_use(*j), std::cmp::Reverse(k)))
                 .map(|(k, _)| k);
-            match victim {
-                Some(k) => {
-                    self.blocks.remove(k);
-                }
+            match victim.and_then(|k| self.blocks.remove(k)) {
+                Some((_, buf)) => spare.push(buf),
                 None => break,
             }
+        }
+        let to = (start + n * SLOT_BLOCK).min(self.slot_len);
+        self.run.resize((to - start) as usize, 0);
+        let started = std::time::Instant::now();
+        self.storage.read_at(start, &mut self.run)?;
+        self.read_io += started.elapsed();
+        self.read_slot_bytes += self.run.len() as u64;
+        self.read_slot_calls += 1;
+        for (i, bytes) in (b..).zip(self.run.chunks(SLOT_BLOCK as usize)) {
+            let mut buf = spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(SLOT_BLOCK as usize));
+            buf.clear();
+            buf.extend_from_slice(bytes);
+            self.blocks.push_back((i, buf));
         }
         Ok(())
     }
