@@ -2258,6 +2258,8 @@ impl<'a> Driver<'a> {
         // Time the decoding thread and the main thread (handing chunks over, and
         // what the engine asks meanwhile: writes, reads of the running slot) took.
         let (mut decode_time, mut feed_time) = (Duration::ZERO, Duration::ZERO);
+        // Time the main thread waited for the decoding and the reference reading.
+        let mut waits = (Duration::ZERO, Duration::ZERO);
         while self.engine.is_installing() {
             // Read the next batch. Each chunk comes once, so what the engine wants
             // of it does not depend on the batches still to be written.
@@ -2324,14 +2326,19 @@ impl<'a> Driver<'a> {
                         self.feed(previous, name)?;
                         feed_time += started.elapsed();
                     }
+                    // How long the main thread waits, after its own work, for the
+                    // decoding and then the reference reading thread: which of the
+                    // three each batch waited for.
+                    let waiting = std::time::Instant::now();
                     let (decoded, took) = decoder.join().expect("the decoding thread panicked");
                     decode_time += took;
-                    Ok((
-                        reader.map_or(Ok(Vec::new()), |r| {
-                            r.join().expect("the reference reading thread panicked")
-                        }),
-                        decoded,
-                    ))
+                    waits.0 += waiting.elapsed();
+                    let waiting = std::time::Instant::now();
+                    let read = reader.map_or(Ok(Vec::new()), |r| {
+                        r.join().expect("the reference reading thread panicked")
+                    });
+                    waits.1 += waiting.elapsed();
+                    Ok((read, decoded))
                 },
             )?;
             // The earlier batch's failure first: errors come in artifact order.
@@ -2380,6 +2387,8 @@ impl<'a> Driver<'a> {
                 slot_reads = r.read_slot_calls,
                 decode_ms = decode_time.as_millis() as u64,
                 feed_ms = feed_time.as_millis() as u64,
+                decode_wait_ms = waits.0.as_millis() as u64,
+                reference_wait_ms = waits.1.as_millis() as u64,
                 stream_ms = stream_started.elapsed().as_millis() as u64,
                 "delta-encoded chunks decoded"
             );
