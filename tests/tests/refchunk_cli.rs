@@ -162,11 +162,36 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
         "artifact",
         "inspect",
         "--json",
+        "--chunks",
         "--base",
         &dev.path("acme-os-1.0-full.shoal").display().to_string(),
         &s.delta.display().to_string(),
     ])));
     assert_eq!(inspect["format_version"], 2, "{inspect}");
+    // With `--chunks`, the references too: ranges of the base payload, and the
+    // positions of the chunks decoded with them.
+    let payload = &inspect["payloads"][0];
+    let chunks = payload["chunk_list"].as_array().expect("chunk_list").len();
+    let refs = payload["reference_list"]
+        .as_array()
+        .expect("reference_list");
+    assert!(!refs.is_empty(), "{payload}");
+    for r in refs {
+        assert_eq!(r["hash"].as_str().expect("hash").len(), 64, "{r}");
+        for range in r["ranges"].as_array().expect("ranges") {
+            let n64 = |v: &serde_json::Value| v.as_u64().expect("a number");
+            let (offset, n) = (n64(&range[0]), n64(&range[1]));
+            assert!(n > 0 && offset + n <= SIZE as u64, "{r}");
+        }
+        let at = r["chunks"].as_array().expect("chunks");
+        assert!(
+            !at.is_empty()
+                && at
+                    .iter()
+                    .all(|p| p.as_u64().is_some_and(|p| (p as usize) < chunks)),
+            "{r}"
+        );
+    }
 
     // Interrupted: the install is killed (a power cut) after a growing delay until
     // the journal records verified progress and the install has not finished.

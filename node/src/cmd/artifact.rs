@@ -508,6 +508,18 @@ struct PayloadInfo {
     stored_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunk_list: Option<Vec<(String, u32, u32)>>,
+    /// With `--chunks`, the references of delta-encoded chunks: the base payload's
+    /// byte ranges `(offset, len)`, their hash, and the positions (in `chunk_list`)
+    /// of the chunks encoded against them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference_list: Option<Vec<ReferenceInfo>>,
+}
+
+#[derive(Serialize)]
+struct ReferenceInfo {
+    ranges: Vec<(u64, u32)>,
+    hash: String,
+    chunks: Vec<u32>,
 }
 
 #[derive(Serialize)]
@@ -566,6 +578,16 @@ fn manifest_info(m: &Manifest, with_chunks: bool) -> ManifestInfo {
                         p.chunks
                             .iter()
                             .map(|c| (c.id.to_hex(), c.size, c.stored_size))
+                            .collect()
+                    }),
+                    reference_list: (with_chunks && !p.references.is_empty()).then(|| {
+                        p.references
+                            .iter()
+                            .map(|r| ReferenceInfo {
+                                ranges: r.ranges.clone(),
+                                hash: hex::encode(r.hash),
+                                chunks: r.chunks.clone(),
+                            })
                             .collect()
                     }),
                 }
