@@ -45,7 +45,7 @@ pub use manifest_stream::{
 };
 pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
-pub use store::{ChunkStore, StoreError, StoredRelease};
+pub use store::{ChunkStore, ReleaseHead, StoreError};
 #[cfg(feature = "fs")]
 pub use write::{
     BuildError, BuildOptions, BuildReport, SignError, add_signatures, build, build_delta,

@@ -462,6 +462,13 @@ impl StreamedManifest<'_> {
         &self.manifest
     }
 
+    /// The decoded manifest, moved out (its first payload's `chunks` empty),
+    /// neither its references nor its canonical form checked: for a caller that
+    /// reads its fields only.
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+
     /// Checks the references against the streamed ids (`ids`) and the canonical
     /// form, and returns the manifest (its first payload's `chunks` empty).
     pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, StreamedError> {

@@ -452,9 +452,9 @@ impl ChunkStore {
     /// with its chunk list streamed past (sizes checked against the chunking and
     /// the payload, ids dropped), every field checked as
     /// [`Manifest::from_cbor`] checks it, with the same errors
-    /// ([`StoreError::BadManifest`]). Enough to choose a release among the
-    /// store's (name, version, device types, security counter, base, the
-    /// manifest's hash); the one chosen is verified whole where it is installed
+    /// ([`StoreError::BadManifest`]). Returns its [`ReleaseHead`], enough to
+    /// choose a release among the store's (name, version, device types, security
+    /// counter, base, the manifest's hash), the rest dropped; the one chosen is verified whole where it is installed
     /// (its references and canonical form are checked there, against its ids).
     /// An envelope not laid out canonically is read whole (bounded by
     /// [`ENVELOPE_SIZE_MAX`]), for the decoder's own error, as
@@ -464,7 +464,7 @@ impl ChunkStore {
         path: &Path,
         root: &TrustRoot,
         now_unix_s: Option<u64>,
-    ) -> Result<StoredRelease, StoreError> {
+    ) -> Result<ReleaseHead, StoreError> {
         use std::os::unix::fs::FileExt as _;
         let bad = |source: ReadError| StoreError::BadManifest {
             path: path.to_path_buf(),
@@ -481,17 +481,9 @@ impl ChunkStore {
         let layout = EnvelopeLayout::locate(len, &mut |at, buf| file.read_exact_at(buf, at))
             .map_err(io_err(path))?;
         let Some(layout) = layout else {
-            let (bytes, mut manifest) = self.load_manifest_bytes(path, root, now_unix_s)?;
+            let (_, manifest) = self.load_manifest_bytes(path, root, now_unix_s)?;
             let manifest_hash = manifest.hash();
-            for p in &mut manifest.payloads {
-                p.chunks = Vec::new();
-            }
-            return Ok(StoredRelease {
-                path: path.to_path_buf(),
-                manifest,
-                manifest_hash,
-                envelope_len: bytes.len() as u64,
-            });
+            return Ok(ReleaseHead::of(path, manifest, manifest_hash));
         };
         let mut signed = blake3::Hasher::new();
         let verdict = root
@@ -524,12 +516,11 @@ impl ChunkStore {
             Discard,
         )
         .map_err(|e| bad(crate::read::manifest_error(e)))?;
-        Ok(StoredRelease {
-            path: path.to_path_buf(),
-            manifest: streamed.manifest().clone(),
+        Ok(ReleaseHead::of(
+            path,
+            streamed.into_manifest(),
             manifest_hash,
-            envelope_len: len,
-        })
+        ))
     }
 
     /// [`ChunkStore::load_manifest`], with the envelope's bytes it verified (read
@@ -566,18 +557,48 @@ impl ChunkStore {
 }
 
 /// A release in a chunk store, from its signed manifest
-/// ([`ChunkStore::release_head`]).
+/// ([`ChunkStore::release_head`]): what choosing among the store's releases
+/// reads, and no more (no chunk list, no references, no payloads: a store may
+/// hold many releases, each read before one is picked).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRelease {
+pub struct ReleaseHead {
     /// The envelope file it was read from.
     pub path: PathBuf,
-    /// The verified manifest without its chunk lists (every payload's `chunks`
-    /// is empty: [`Manifest::hash`] of it is not the release's).
-    pub manifest: Manifest,
+    /// The release's name.
+    pub name: String,
+    /// The release's version.
+    pub version: String,
+    /// The device types it may be installed on.
+    pub device_types: Vec<String>,
+    /// Its anti-rollback counter.
+    pub security_counter: u64,
+    /// For a thin release, the release it was built against.
+    pub base: Option<crate::BaseRelease>,
     /// BLAKE3 of the signed manifest: the release's id.
     pub manifest_hash: [u8; 32],
-    /// The envelope file's length.
-    pub envelope_len: u64,
+}
+
+impl ReleaseHead {
+    /// The head of `manifest`, moved out of it (the rest is dropped here).
+    fn of(path: &Path, manifest: Manifest, manifest_hash: [u8; 32]) -> ReleaseHead {
+        let Manifest {
+            base,
+            name,
+            version,
+            device_types,
+            security_counter,
+            ..
+        } = manifest;
+        ReleaseHead {
+            path: path.to_path_buf(),
+            name,
+            version,
+            device_types,
+            security_counter,
+            base,
+            manifest_hash,
+        }
+    }
 }
 
 /// A file read by offset, for the streamed decode.

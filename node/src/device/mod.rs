@@ -33,9 +33,9 @@ use shoal_artifact::{
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Origin, Output, Phase, Progress,
-    RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind, SourceLimits,
-    Status, slot_ordinal,
+    Boot, Candidate, Engine, Event, FetchFailure, Holds, Input, IoOp, Origin, Output, Phase,
+    Progress, RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind,
+    SourceLimits, Status, slot_ordinal,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -1082,13 +1082,19 @@ impl Device {
                     .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
                 let mut found = store_manifests(&store, &driver.dev.root, wall)?;
                 let picked = {
-                    let releases: Vec<(&Manifest, [u8; 32])> = found
+                    let releases: Vec<Candidate<'_>> = found
                         .iter()
-                        .map(|r| (&r.manifest, r.manifest_hash))
+                        .map(|r| Candidate {
+                            name: &r.name,
+                            version: &r.version,
+                            device_types: &r.device_types,
+                            security_counter: r.security_counter,
+                            hash: r.manifest_hash,
+                        })
                         .collect();
                     driver
                         .engine
-                        .pick_release_hashed(&releases, release.as_deref())
+                        .pick_candidate(&releases, release.as_deref())
                         .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
                 };
                 let picked = found.swap_remove(picked);
@@ -1637,13 +1643,13 @@ fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
 /// signed manifest describes it ([`ChunkStore::release_head`]: signatures checked
 /// against `root` as the file is read, the manifest decoded with its chunk list
 /// streamed past, neither held), sorted by name and version; which one to install
-/// is the engine's choice ([`Engine::pick_release_hashed`]). A store manifest that
+/// is the engine's choice ([`Engine::pick_candidate`]). A store manifest that
 /// does not verify stops the install with its error, as before.
 fn store_manifests(
     store: &ChunkStore,
     root: &TrustRoot,
     wall: Option<u64>,
-) -> anyhow::Result<Vec<shoal_artifact::StoredRelease>> {
+) -> anyhow::Result<Vec<shoal_artifact::ReleaseHead>> {
     let dir = store.dir().join("manifests");
     let entries = std::fs::read_dir(&dir).with_context(|| {
         format!(
@@ -1669,9 +1675,7 @@ fn store_manifests(
         );
     }
     // The engine sees them by name.
-    found.sort_by(|a, b| {
-        (&a.manifest.name, &a.manifest.version).cmp(&(&b.manifest.name, &b.manifest.version))
-    });
+    found.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
     Ok(found)
 }
 
