@@ -18,7 +18,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, RoleName, TrustRoot};
+use shoal_signing::{
+    ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot,
+};
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Manifest, stored_size_max};
@@ -73,6 +75,10 @@ pub enum StoreError {
         /// Why.
         source: ReadError,
     },
+    /// A stored manifest's path names something else than a regular file (a
+    /// FIFO, a device, a directory; through a symlink or not): not read.
+    #[error("manifest {0} is not a regular file")]
+    NotAFile(PathBuf),
     /// A stored manifest's file name is not the hash of its manifest.
     #[error("manifest {0} is not named by its hash")]
     MisnamedManifest(PathBuf),
@@ -456,9 +462,11 @@ impl ChunkStore {
     /// choose a release among the store's (name, version, device types, security
     /// counter, base, the manifest's hash), the rest dropped; the one chosen is verified whole where it is installed
     /// (its references and canonical form are checked there, against its ids).
-    /// An envelope not laid out canonically is read whole (bounded by
-    /// [`ENVELOPE_SIZE_MAX`]), for the decoder's own error, as
-    /// [`ChunkStore::load_manifest`] reads it.
+    /// An envelope not laid out canonically is read once, exactly its length
+    /// (bounded by [`ENVELOPE_SIZE_MAX`] before a byte is read), and decoded in
+    /// place for the decoder's own error. A path that is not a regular file
+    /// (a FIFO, a device, through a symlink or not) is [`StoreError::NotAFile`],
+    /// nothing read from it.
     pub fn release_head(
         &self,
         path: &Path,
@@ -470,8 +478,7 @@ impl ChunkStore {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let (file, len) = open_envelope_file(path)?;
         if len > ENVELOPE_SIZE_MAX as u64 {
             return Err(bad(ReadError::EnvelopeTooLarge {
                 size: len,
@@ -481,7 +488,18 @@ impl ChunkStore {
         let layout = EnvelopeLayout::locate(len, &mut |at, buf| file.read_exact_at(buf, at))
             .map_err(io_err(path))?;
         let Some(layout) = layout else {
-            let (_, manifest) = self.load_manifest_bytes(path, root, now_unix_s)?;
+            // Not laid out as a canonical envelope: the decoder's own error,
+            // from exactly the file's bytes (at most the bound checked above),
+            // read once and borrowed, not copied.
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, 0).map_err(io_err(path))?;
+            let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
+            // Decoded after all (`locate` and the decoder disagree): checked as
+            // any envelope is.
+            let signed = root
+                .verify_ref(RoleName::Release, &env, now_unix_s)
+                .map_err(|e| bad(e.into()))?;
+            let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
             let manifest_hash = manifest.hash();
             return Ok(ReleaseHead::of(path, manifest, manifest_hash));
         };
@@ -536,8 +554,9 @@ impl ChunkStore {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err(path))?;
-        let mut bytes = Vec::new();
+        let (file, len) = open_envelope_file(path)?;
+        // Its length read first (it may still grow: bounded below).
+        let mut bytes = Vec::with_capacity(len.min(ENVELOPE_SIZE_MAX as u64 + 1) as usize);
         file.take(ENVELOPE_SIZE_MAX as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(io_err(path))?;
@@ -547,11 +566,13 @@ impl ChunkStore {
                 max: ENVELOPE_SIZE_MAX,
             }));
         }
-        let env = Envelope::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
+        // Borrowed, not copied: the signed bytes are a slice of `bytes`.
+        let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
         let signed = root
-            .verify(RoleName::Release, &env, now_unix_s)
+            .verify_ref(RoleName::Release, &env, now_unix_s)
             .map_err(|e| bad(e.into()))?;
         let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
+        drop(env);
         Ok((bytes, manifest))
     }
 }
@@ -599,6 +620,24 @@ impl ReleaseHead {
             manifest_hash,
         }
     }
+}
+
+/// A stored envelope file opened for reading, with its length: a regular file
+/// (through a symlink or not), or [`StoreError::NotAFile`]. Opened without
+/// waiting (a FIFO would block the open until a writer came), then checked
+/// on the open file, so what is read is what was checked.
+fn open_envelope_file(path: &Path) -> Result<(File, u64), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile(path.to_path_buf()));
+    }
+    Ok((file, meta.len()))
 }
 
 /// A file read by offset, for the streamed decode.

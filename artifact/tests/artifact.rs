@@ -15,7 +15,7 @@ use shoal_artifact::{
     ArtifactReader, BuildOptions, BuildReport, ChunkError, ChunkId, ChunkRef, ChunkStore,
     ExtractError, Manifest, ReadError, StoreError,
 };
-use shoal_signing::{Envelope, RoleName, SecretKey, TrustRoot, VerifyError};
+use shoal_signing::{DecodeError, Envelope, RoleName, SecretKey, TrustRoot, VerifyError};
 
 const CHUNKING: Chunking = Chunking {
     min_size: 1024,
@@ -2879,7 +2879,43 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     ));
     // Cut short: not an envelope.
     std::fs::write(&other, &good[..good.len() - 10]).unwrap();
-    assert!(matches!(bad(&other, &root), ReadError::Envelope(_)));
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Envelope(DecodeError::Cbor(why)) if why == "the input ends inside bytes"
+    ));
+    // Not laid out canonically (a byte after the envelope): the decoder's
+    // own error, as a whole decode gives it.
+    let mut longer = good.clone();
+    longer.push(0);
+    std::fs::write(&other, &longer).unwrap();
+    assert_eq!(
+        Envelope::from_bytes(&longer),
+        Err(DecodeError::NonCanonical)
+    );
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Envelope(DecodeError::NonCanonical)
+    ));
+    // Not a regular file: refused before a byte is read (a symlink to a
+    // device reads as 0 bytes long and forever; a FIFO blocks its opener).
+    let zero = dir.path().join("zero.envelope");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let fifo = dir.path().join("fifo.envelope");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (package coreutils)");
+    assert!(status.success());
+    for file in [&zero, &fifo, &dir.path().join("chunks")] {
+        match store.release_head(file, &root, NOW) {
+            Err(StoreError::NotAFile(p)) => assert_eq!(&p, file),
+            other => panic!("{}: {other:?}", file.display()),
+        }
+        match store.load_manifest(file, &root, NOW) {
+            Err(StoreError::NotAFile(p)) => assert_eq!(&p, file),
+            other => panic!("{}: {other:?}", file.display()),
+        }
+    }
     // Larger than any envelope: refused before it is read.
     let file = std::fs::File::create(&other).unwrap();
     file.set_len(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
