@@ -473,8 +473,18 @@ impl StreamedManifest<'_> {
     /// form, and returns the manifest (its first payload's `chunks` empty).
     pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, StreamedError> {
         self.manifest.validate_references(Some(ids))?;
+        self.check_canonical()?;
+        Ok(self.manifest)
+    }
+
+    /// Checks the canonical form alone ([`ManifestError::NotCanonical`], as
+    /// [`StreamedManifest::finish`] gives it): for a caller that reads the
+    /// manifest's fields without its ids (and so cannot check its references),
+    /// which must still refuse what a whole decode refuses as not canonical
+    /// (non-shortest integers, keys out of order, bytes after the manifest).
+    pub fn check_canonical(&self) -> Result<(), StreamedError> {
         match self.is_canonical() {
-            Ok(true) => Ok(self.manifest),
+            Ok(true) => Ok(()),
             Ok(false) => Err(ManifestError::NotCanonical.into()),
             Err(e) => Err(StreamedError::Read(e.to_string())),
         }

@@ -460,8 +460,10 @@ impl ChunkStore {
     /// [`Manifest::from_cbor`] checks it, with the same errors
     /// ([`StoreError::BadManifest`]). Returns its [`ReleaseHead`], enough to
     /// choose a release among the store's (name, version, device types, security
-    /// counter, base, the manifest's hash), the rest dropped; the one chosen is verified whole where it is installed
-    /// (its references and canonical form are checked there, against its ids).
+    /// counter, base, the manifest's hash), the rest dropped. Its canonical
+    /// form is checked too ([`crate::ManifestError::NotCanonical`], as a whole
+    /// decode refuses it); its references, which need its ids, are checked
+    /// where the one chosen is verified whole, at its install.
     /// An envelope not laid out canonically is read once, exactly its length
     /// (bounded by [`ENVELOPE_SIZE_MAX`] before a byte is read), and decoded in
     /// place for the decoder's own error. A path that is not a regular file
@@ -534,6 +536,12 @@ impl ChunkStore {
             Discard,
         )
         .map_err(|e| bad(crate::read::manifest_error(e)))?;
+        // Refused here as a whole decode refuses it, not only at the copy: one
+        // manifest in two encodings is two hashes, which would look like two
+        // releases to the pick.
+        streamed
+            .check_canonical()
+            .map_err(|e| bad(crate::read::manifest_error(e)))?;
         Ok(ReleaseHead::of(
             path,
             streamed.into_manifest(),

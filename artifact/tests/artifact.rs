@@ -2955,6 +2955,38 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
             .manifest_hash,
         m.hash()
     );
+    // Signed, but not canonical: refused as a whole decode refuses it, not
+    // left for the install's copy to refuse. A non-shortest integer...
+    let cbor = m.to_cbor();
+    let field = b"\x70security_counter";
+    let at = cbor.windows(field.len()).position(|w| w == field).unwrap() + field.len();
+    assert!(cbor[at] < 24, "a counter encoded in its head");
+    let mut long_int = cbor[..at].to_vec();
+    long_int.extend_from_slice(&[0x18, cbor[at]]);
+    long_int.extend_from_slice(&cbor[at + 1..]);
+    // ... and a byte after the manifest's map.
+    let mut trailing = cbor.clone();
+    trailing.push(0x00);
+    for (what, bytes) in [
+        ("a non-shortest integer", long_int),
+        ("a byte after", trailing),
+    ] {
+        assert!(
+            matches!(
+                Manifest::from_cbor(&bytes),
+                Err(shoal_artifact::ManifestError::NotCanonical)
+            ),
+            "{what}: {:?}",
+            Manifest::from_cbor(&bytes)
+        );
+        let mut env = Envelope::new(bytes);
+        env.sign(&key(1));
+        std::fs::write(&other, env.to_bytes()).unwrap();
+        match bad(&other, &root) {
+            ReadError::Manifest(shoal_artifact::ManifestError::NotCanonical) => {}
+            e => panic!("{what}: {e:?}"),
+        }
+    }
     // A thin release: its base is read with the rest of its head.
     let mut thin = m.clone();
     thin.base = Some(shoal_artifact::BaseRelease {
