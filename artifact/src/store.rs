@@ -503,24 +503,41 @@ impl ChunkStore {
                 .map_err(|e| bad(e.into()))?;
             let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
             let manifest_hash = manifest.hash();
-            return Ok(ReleaseHead::of(path, manifest, manifest_hash));
+            let envelope_hash = *blake3::hash(&bytes).as_bytes();
+            return Ok(ReleaseHead::of(
+                path,
+                manifest,
+                manifest_hash,
+                envelope_hash,
+            ));
         };
         let mut signed = blake3::Hasher::new();
+        // The whole file's hash too, as the signed bytes are read (what is
+        // around them, the map's head and the signatures, is small).
+        let mut envelope = blake3::Hasher::new();
+        let signed_end = layout.signed_at + layout.signed_len;
         let verdict = root
             .verify_streamed(
                 RoleName::Release,
                 &layout.signatures,
                 now_unix_s,
                 |feed| -> io::Result<()> {
+                    let mut head = vec![0u8; layout.signed_at as usize];
+                    file.read_exact_at(&mut head, 0)?;
+                    envelope.update(&head);
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut done = 0;
                     while done < layout.signed_len {
                         let n = (layout.signed_len - done).min(buf.len() as u64) as usize;
                         file.read_exact_at(&mut buf[..n], layout.signed_at + done)?;
                         signed.update(&buf[..n]);
+                        envelope.update(&buf[..n]);
                         feed(&buf[..n]);
                         done += n as u64;
                     }
+                    let mut tail = vec![0u8; (len - signed_end) as usize];
+                    file.read_exact_at(&mut tail, signed_end)?;
+                    envelope.update(&tail);
                     Ok(())
                 },
             )
@@ -546,6 +563,7 @@ impl ChunkStore {
             path,
             streamed.into_manifest(),
             manifest_hash,
+            *envelope.finalize().as_bytes(),
         ))
     }
 
@@ -605,11 +623,19 @@ pub struct ReleaseHead {
     pub base: Option<crate::BaseRelease>,
     /// BLAKE3 of the signed manifest: the release's id.
     pub manifest_hash: [u8; 32],
+    /// BLAKE3 of the whole envelope file as it was read: a copy of it made
+    /// later is the file that was read if it hashes the same.
+    pub envelope_hash: [u8; 32],
 }
 
 impl ReleaseHead {
     /// The head of `manifest`, moved out of it (the rest is dropped here).
-    fn of(path: &Path, manifest: Manifest, manifest_hash: [u8; 32]) -> ReleaseHead {
+    fn of(
+        path: &Path,
+        manifest: Manifest,
+        manifest_hash: [u8; 32],
+        envelope_hash: [u8; 32],
+    ) -> ReleaseHead {
         let Manifest {
             base,
             name,
@@ -626,6 +652,7 @@ impl ReleaseHead {
             security_counter,
             base,
             manifest_hash,
+            envelope_hash,
         }
     }
 }

@@ -2844,6 +2844,10 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     assert_eq!(head.manifest_hash, m.hash());
     assert_eq!(head.path, path);
     assert_eq!(
+        head.envelope_hash,
+        *blake3::hash(&std::fs::read(&path).unwrap()).as_bytes()
+    );
+    assert_eq!(
         (&head.name, &head.version, &head.device_types),
         (&m.name, &m.version, &m.device_types)
     );
@@ -2996,6 +3000,10 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     });
     std::fs::write(&other, signed(&thin)).unwrap();
     let head = store.release_head(&other, &root, NOW).unwrap();
+    assert_eq!(
+        head.envelope_hash,
+        *blake3::hash(&std::fs::read(&other).unwrap()).as_bytes()
+    );
     assert_eq!(head.base, thin.base);
     assert_eq!(head.manifest_hash, thin.hash());
 }

@@ -661,31 +661,62 @@ impl Device {
     /// into the device store as it is read (64 KiB at a time, hashed as it is
     /// written, at most [`shoal_signing::ENVELOPE_SIZE_MAX`] bytes), then
     /// verified from the copy, never whole in memory. With the bytes copied.
+    /// With `picked` (the BLAKE3 of the file when a release was picked from it,
+    /// [`shoal_artifact::ReleaseHead::envelope_hash`]), a copy of other bytes is
+    /// refused before it is verified, as changed since the pick: what is
+    /// verified is what was picked. Errors say which side failed: reading the
+    /// file (`cannot read PATH`) or storing the copy (`cannot store the signed
+    /// manifest`).
     fn verify_envelope_file(
         &self,
         path: &Path,
+        picked: Option<&[u8; 32]>,
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
+        /// Which side of the copy failed.
+        enum CopyError {
+            Read(io::Error),
+            Write(io::Error),
+        }
         let max = shoal_signing::ENVELOPE_SIZE_MAX as u64;
         let cannot_read =
             |e: io::Error| anyhow!(e).context(format!("cannot read {}", path.display()));
+        let too_large = || io::Error::other(format!("the envelope is more than {max} bytes"));
+        let changed = |now: &[u8; 32]| {
+            anyhow!(
+                "{} changed since the release was picked from it (its bytes hashed {}, they now hash {}): nothing of it was installed",
+                path.display(),
+                hex::encode(picked.expect("compared with the picked hash")),
+                hex::encode(now)
+            )
+        };
         let file = std::fs::File::open(path).map_err(cannot_read)?;
         let mut copied = 0u64;
         let stored = self
             .store
-            .put_envelope_with(|out| -> io::Result<()> {
-                copied = io::copy(&mut file.take(max + 1), out)?;
-                if copied > max {
-                    return Err(io::Error::other(format!(
-                        "the envelope is more than {max} bytes"
-                    )));
+            .put_envelope_with(|out| -> Result<(), CopyError> {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match (&file).read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(CopyError::Read(e)),
+                    };
+                    copied += n as u64;
+                    if copied > max {
+                        return Err(CopyError::Read(too_large()));
+                    }
+                    out.write_all(&buf[..n]).map_err(CopyError::Write)?;
                 }
-                Ok(())
             })
             .context("cannot store the signed manifest")?;
         let hash = match stored {
             Some(Ok(hash)) => hash,
-            Some(Err(e)) => return Err(cannot_read(e)),
+            Some(Err(CopyError::Read(e))) => return Err(cannot_read(e)),
+            Some(Err(CopyError::Write(e))) => {
+                return Err(anyhow!(e).context("cannot store the signed manifest"));
+            }
             None => {
                 // A store without envelope files (the crash tests' backend): the
                 // release keeps the bytes.
@@ -693,10 +724,21 @@ impl Device {
                 std::fs::File::open(path)
                     .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
                     .map_err(cannot_read)?;
+                if bytes.len() as u64 > max {
+                    return Err(cannot_read(too_large()));
+                }
+                let now = *blake3::hash(&bytes).as_bytes();
+                if picked.is_some_and(|p| *p != now) {
+                    return Err(changed(&now));
+                }
                 let copied = bytes.len() as u64;
                 return Ok((self.verify_envelope_at(bytes, wall_unix_s)?, copied));
             }
         };
+        if picked.is_some_and(|p| *p != hash) {
+            self.store.forget_envelope(&hash);
+            return Err(changed(&hash));
+        }
         let verified = self
             .store
             .open_stored_envelope(&hash)
@@ -706,6 +748,20 @@ impl Device {
             self.store.forget_envelope(&hash);
         }
         Ok((verified?, copied))
+    }
+
+    /// The release picked from a chunk store ([`ChunkStore::release_head`]),
+    /// copied into the device store as its envelope file is read and verified
+    /// from there, once, as every install's (the chunk list to its table, the
+    /// ids to `<hash>.ids`): the store's file may have changed since it was
+    /// picked, so the copy must be the bytes that were picked (else refused,
+    /// nothing kept). With the bytes read.
+    fn copy_picked(
+        &self,
+        picked: &shoal_artifact::ReleaseHead,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
+        self.verify_envelope_file(&picked.path, Some(&picked.envelope_hash), wall_unix_s)
     }
 
     /// Removes the stored envelope (and its chunk ids) of a release verified by
@@ -1099,23 +1155,9 @@ impl Device {
                 };
                 let picked = found.swap_remove(picked);
                 drop(found);
-                // Copied into the device store as it is read and verified from
-                // there, once, as every install's (the chunk list to its table,
-                // the ids to `<hash>.ids`); the store's file may have changed since
-                // it was picked, so what verified must be what was picked.
-                let (release, copied) = driver.dev.verify_envelope_file(&picked.path, wall)?;
+                let (release, copied) = driver.dev.copy_picked(&picked, wall)?;
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = copied;
-                if release.release().manifest_hash != picked.manifest_hash {
-                    driver.dev.forget_release(&release);
-                    bail!(
-                        "the chunk store {}'s manifest {} changed while it was read: it was release {}, it is now {}",
-                        dir.display(),
-                        picked.path.display(),
-                        crate::lan::proto::ManifestId(picked.manifest_hash),
-                        crate::lan::proto::ManifestId(release.release().manifest_hash)
-                    );
-                }
                 kept.save_verified(driver.dev, &release);
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
@@ -3693,6 +3735,85 @@ mod kept_tests {
             .expect("named");
         dev.forget_release(&release);
         assert_eq!(names(), both);
+    }
+
+    /// A chunk store's release is copied as picked: a file changed between the
+    /// pick and the copy is refused as changed, before it is verified, nothing
+    /// of it kept in the device store; the copy's errors say which side failed
+    /// (the store's file read, or the device store written).
+    #[test]
+    fn a_picked_store_release_changed_before_its_copy_is_refused_and_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, _) = crate::lan::tests::device(dir.path(), 1, None, &[]);
+        let dev = Device::open(config.clone(), Reboot::Command).expect("open");
+        let key = crate::lan::tests::key(2);
+        // 2048 chunks: an envelope of more than one 64 KiB block.
+        let image = testing::bytes(5, 2 << 20);
+        let (v1, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let (v2, _) = testing::release_cut("os", "2", 2, "board", &image, &[2048]);
+        let (e1, e2) = (testing::sign(&v1, &key), testing::sign(&v2, &key));
+        assert!(e1.len() > 64 * 1024);
+        let sticks = dir.path().join("stick");
+        let store = ChunkStore::open(&sticks).expect("store");
+        let path = sticks.join("manifests").join("one.envelope");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        std::fs::write(&path, &e1).expect("write");
+        let picked = store.release_head(&path, &dev.root, None).expect("head");
+        assert_eq!(picked.manifest_hash, v1.hash());
+        let envelopes = store::envelope_file(&config.device.data_dir, &[0; 32])
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let kept = || match std::fs::read_dir(&envelopes) {
+            Ok(d) => d.count(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => panic!("{e}"),
+        };
+
+        // Swapped for another release, signed as well.
+        std::fs::write(&path, &e2).expect("write");
+        let e = dev.copy_picked(&picked, None).expect_err("changed");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "{} changed since the release was picked from it (its bytes hashed {}, they now hash {}): nothing of it was installed",
+                path.display(),
+                hex::encode(blake3::hash(&e1).as_bytes()),
+                hex::encode(blake3::hash(&e2).as_bytes())
+            )
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+
+        // The device store cannot be written: said so, not as a read of the
+        // stick's file.
+        std::fs::write(&path, &e1).expect("write");
+        std::fs::create_dir_all(&envelopes).expect("dir");
+        std::os::unix::fs::symlink("/dev/full", envelopes.join("encoding.tmp")).expect("link");
+        let e = dev.copy_picked(&picked, None).expect_err("full");
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot store the signed manifest: No space left on device (os error 28)"
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+        // The stick's file cannot be read (a directory now).
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("dir");
+        let e = dev.copy_picked(&picked, None).expect_err("a directory");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot read {}: Is a directory (os error 21)",
+                path.display()
+            )
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+
+        // As picked: verified from the copy, the release picked.
+        std::fs::remove_dir(&path).expect("rm");
+        std::fs::write(&path, &e1).expect("write");
+        let (release, copied) = dev.copy_picked(&picked, None).expect("copied");
+        assert_eq!(release.release().manifest_hash, v1.hash());
+        assert_eq!(copied, e1.len() as u64);
     }
 }
 
