@@ -2866,6 +2866,43 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
         bad(&path, &self::root(&[5], 1)),
         ReadError::Signature(VerifyError::BelowThreshold { valid: 0, .. })
     ));
+    // The root expired: refused as such, whatever the signatures.
+    match store.release_head(&path, &root, Some(3_000_000)) {
+        Err(StoreError::BadManifest {
+            source:
+                ReadError::Signature(VerifyError::Expired {
+                    expires_unix_s: 2_000_000,
+                    now_unix_s: 3_000_000,
+                }),
+            ..
+        }) => {}
+        other => panic!("not expired: {other:?}"),
+    }
+    // A root that needs two release signatures: one valid is not enough.
+    assert!(matches!(
+        bad(&path, &self::root(&[1, 2], 2)),
+        ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 1,
+            threshold: 2,
+            invalid: 0,
+            unknown: 0,
+            ..
+        })
+    ));
+    // Signed by the root's own key, which the release role does not list.
+    let mut by_root_key = Envelope::new(m.to_cbor());
+    by_root_key.sign(&key(200));
+    let other_role = dir.path().join("root-key.envelope");
+    std::fs::write(&other_role, by_root_key.to_bytes()).unwrap();
+    assert!(matches!(
+        bad(&other_role, &root),
+        ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            invalid: 0,
+            unknown: 1,
+            ..
+        })
+    ));
     // A signed byte changed: the signature fails before the manifest is decoded.
     let good = std::fs::read(&path).unwrap();
     let other = dir.path().join("other.envelope");
