@@ -1784,12 +1784,13 @@ fn decode_resolved(
 /// from its file (its signed bytes must hash to `hash`), the manifest decoded
 /// as it is read with its chunk list streamed out ([`Manifest::from_file_streaming`]:
 /// every check of a manifest's fields and sizes), the sizes kept (4 bytes a
-/// chunk), the ids written to an unnamed temporary file in the data directory
-/// (gone when the install drops it) and read from there in blocks
-/// ([`Expected::chunks`]). Its signatures
-/// are not checked: nothing of it is trusted, the index hashes every chunk it
-/// lists. `None` (the slot is cut by content) when it is not kept, cannot be
-/// read, or does not fit.
+/// chunk), the ids checked against (or written to) the kept manifest's own
+/// `<hash>.ids` beside it ([`chunk_ids::IdsWriter::reuse_or_create`]: nothing
+/// written when `KeptManifests::verify` wrote them already) and read from there
+/// in blocks ([`Expected::chunks`]). Its signatures are not checked: nothing of
+/// it is trusted, the index hashes every chunk it lists. `None` (the slot is cut
+/// by content) when it is not kept, cannot be read (warned, with the error), or
+/// does not fit.
 fn expected_chunks(
     data_dir: &Path,
     hash: &[u8; 32],
@@ -1800,27 +1801,44 @@ fn expected_chunks(
     let dir = KeptManifests::new(data_dir).dir;
     let name = hex::encode(hash);
     let path = dir.join(format!("{name}.envelope"));
-    let file = std::fs::File::open(&path).ok()?;
-    let file_len = file.metadata().ok()?.len();
-    let layout =
-        shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| file.read_exact_at(buf, at))
-            .ok()??;
-    let ids = tempfile::tempfile_in(data_dir).ok()?;
-    let ids = ExpectedIds {
-        out: io::BufWriter::with_capacity(64 * 1024, ids),
+    // A kept manifest that cannot be read is said so (the slot is then cut by
+    // content, as when none is kept): not silently.
+    let unreadable = |e: &dyn std::fmt::Display| -> Option<Expected> {
+        warn!(path = %path.display(), error = %e, "the kept manifest cannot be read: the running slot is indexed by content");
+        None
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => return unreadable(&e),
+    };
+    let file_len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return unreadable(&e),
+    };
+    let layout = match shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| {
+        file.read_exact_at(buf, at)
+    }) {
+        Ok(Some(layout)) => layout,
+        Ok(None) => return unreadable(&"not a canonical envelope"),
+        Err(e) => return unreadable(&e),
+    };
+    // The ids to the kept manifest's own `<hash>.ids` (checked, not written
+    // again, when it holds them already: `KeptManifests::verify` wrote it).
+    let ids = match chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids"))) {
+        Ok(ids) => ExpectedIds(Box::new(ids)),
+        Err(e) => return unreadable(&e),
     };
     let file = chunk_ids::FileAt(file);
     let decoded =
         Manifest::from_file_streaming(&file, layout.signed_at, layout.signed_len, hash, ids);
-    let (mut streamed, ids) = match decoded {
+    let (mut streamed, ExpectedIds(ids)) = match decoded {
         Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "the kept manifest cannot be read: the slot is cut by content");
-            return None;
-        }
+        Err(e) => return unreadable(&e),
     };
     let manifest = streamed.manifest();
-    // The list streamed is the first payload's: the release's only one.
+    // The list streamed is the first payload's: the release's only one. A
+    // list that does not fit the slot is no error: the slot is cut by content.
     let payload = match &manifest.payloads[..] {
         [p] if p.kind == shoal_artifact::PayloadKind::RootfsImage => p.size,
         _ => return None,
@@ -1834,26 +1852,34 @@ fn expected_chunks(
     if total != payload || total > len {
         return None;
     }
-    let ids = ids.out.into_inner().ok()?;
-    Some(Expected { sizes, ids })
+    let ids = match shoal_engine::ChunkIdWriter::finish(ids) {
+        Ok(ids) => ids,
+        Err(e) => return unreadable(&e),
+    };
+    Some(Expected {
+        sizes,
+        ids,
+        error: std::sync::Mutex::new(None),
+    })
 }
 
-/// The kept manifest's ids, to a temporary file as they are decoded.
-struct ExpectedIds {
-    out: io::BufWriter<std::fs::File>,
-}
+/// The kept manifest's ids, to its `<hash>.ids` as they are decoded.
+struct ExpectedIds(Box<chunk_ids::IdsWriter>);
 
 impl shoal_artifact::ChunkIdSink for ExpectedIds {
     fn push(&mut self, id: &ChunkId) -> Result<(), String> {
-        io::Write::write_all(&mut self.out, &id.0).map_err(|e| e.to_string())
+        shoal_engine::ChunkIdWriter::push(&mut *self.0, id)
     }
 }
 
 /// The chunk list of the release a slot should hold ([`expected_chunks`]): the
-/// sizes in memory, the ids in a temporary file read by position.
+/// sizes in memory, the ids in the kept manifest's `<hash>.ids`, read by
+/// position.
 struct Expected {
     sizes: Vec<u32>,
-    ids: std::fs::File,
+    ids: Arc<dyn shoal_engine::ChunkIdFile>,
+    /// The first error reading the ids ([`Expected::read_error`]).
+    error: std::sync::Mutex<Option<String>>,
 }
 
 impl Expected {
@@ -1861,27 +1887,33 @@ impl Expected {
     const BLOCK: usize = 256;
 
     /// `(id, size)` by position, the ids read a block at a time. An id that
-    /// cannot be read is all zeros, which no chunk hashes to: the slot is then
-    /// found not to hold the release, and is cut by content.
+    /// cannot be read is all zeros, which no chunk hashes to, and the error is
+    /// kept ([`Expected::read_error`], warned once): what a zero id was
+    /// compared with says nothing, so a caller asks.
     fn chunks(&self) -> impl Iterator<Item = (ChunkId, u32)> + '_ {
-        use std::os::unix::fs::FileExt as _;
-        let mut block = vec![0u8; Self::BLOCK * 32];
+        let mut block = vec![ChunkId([0; 32]); Self::BLOCK];
         self.sizes.iter().enumerate().map(move |(pos, &size)| {
             let at = pos % Self::BLOCK;
             if at == 0 {
                 let n = (self.sizes.len() - pos).min(Self::BLOCK);
-                if let Err(e) = self
-                    .ids
-                    .read_exact_at(&mut block[..n * 32], pos as u64 * 32)
-                {
-                    tracing::debug!(error = %e, "cannot read the kept manifest's ids");
-                    block.fill(0);
+                if let Err(e) = self.ids.read_ids(pos as u32, &mut block[..n]) {
+                    block.fill(ChunkId([0; 32]));
+                    let mut first = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                    if first.is_none() {
+                        let e = format!("cannot read {}: {e}", self.ids.describe());
+                        warn!(error = %e, "cannot read the kept manifest's ids: the running slot is indexed by content");
+                        *first = Some(e);
+                    }
                 }
             }
-            let mut id = ChunkId([0; 32]);
-            id.0.copy_from_slice(&block[at * 32..at * 32 + 32]);
-            (id, size)
+            (block[at], size)
         })
+    }
+
+    /// The first error reading the ids, if any: then the chunks read were not
+    /// the list's, and the slot is to be cut by content.
+    fn read_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -2841,6 +2873,14 @@ impl<'a> Driver<'a> {
                             Some(ALONG_SAMPLE),
                         )?;
                         let (chunks, partial) = match checked {
+                            // Ids that could not be read were zeros (warned by
+                            // `Expected::chunks`): what was held is not known,
+                            // so the slot is cut by content.
+                            slotio::Along::Held(_) if expected.read_error().is_some() => {
+                                let chunks =
+                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
+                                (chunks, false)
+                            }
                             slotio::Along::Held(chunks) => {
                                 let mut listed: Vec<Listed> = chunks
                                     .iter()
@@ -3518,8 +3558,9 @@ mod expected_tests {
     use super::*;
     use shoal_engine::testing;
 
-    /// The kept manifest's chunk list is read by position (its ids from a
-    /// temporary file, a block at a time: 300 chunks cross a block), and a kept
+    /// The kept manifest's chunk list is read by position (its ids from the
+    /// kept `<hash>.ids`, a block at a time: 300 chunks cross a block; an id that
+    /// cannot be read is zeros with the error kept), and a kept
     /// file that cannot serve (none, another manifest under its name, a changed
     /// byte, not an envelope) or a list that does not fit the slot (another
     /// chunking, a payload larger than the slot) is `None`: the slot is then cut
@@ -3550,7 +3591,47 @@ mod expected_tests {
         assert_eq!(expected.chunks().collect::<Vec<_>>(), want);
         // Read twice (the check and the comparison each read it once).
         assert_eq!(expected.chunks().count(), want.len());
+        assert_eq!(expected.read_error(), None);
         drop(expected);
+        // The ids went to the kept manifest's own `<hash>.ids`, which a second
+        // read checks and keeps (the same file, not written again).
+        let ids_path = data
+            .join("manifests")
+            .join(format!("{}.ids", hex::encode(hash)));
+        assert_eq!(
+            std::fs::metadata(&ids_path).expect("ids").len(),
+            want.len() as u64 * 32
+        );
+        let inode = |p: &Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(p).expect("ids").ino()
+        };
+        let before = inode(&ids_path);
+        let expected = expected_chunks(data, &hash, chunking, len).expect("read");
+        assert_eq!(inode(&ids_path), before, "the same ids file");
+        // Ids that cannot be read: zeros, and the first error kept for the
+        // caller, which then cuts the slot by content.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ids_path)
+            .and_then(|f| f.set_len(32 * Expected::BLOCK as u64))
+            .expect("cut short");
+        let read: Vec<(ChunkId, u32)> = expected.chunks().collect();
+        assert_eq!(read[..Expected::BLOCK], want[..Expected::BLOCK]);
+        assert!(
+            read[Expected::BLOCK..]
+                .iter()
+                .all(|(id, _)| id.0 == [0; 32])
+        );
+        assert_eq!(
+            expected.read_error(),
+            Some(format!(
+                "cannot read {}: failed to fill whole buffer",
+                ids_path.display()
+            ))
+        );
+        drop(expected);
+        std::fs::remove_file(&ids_path).expect("rm");
         // Does not fit: a slot shorter than the payload, another chunking.
         assert!(expected_chunks(data, &hash, chunking, len - 1).is_none());
         let mut other = chunking;
