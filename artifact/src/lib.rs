@@ -41,7 +41,7 @@ pub use manifest::{
 };
 pub use manifest_delta::{HeldManifests, ManifestDelta, ManifestDeltaError, NoManifests};
 pub use manifest_stream::{
-    ChunkIdSink, ReadAt, StreamedError, StreamedIds, StreamedManifest, StreamedSizes,
+    ChunkIdSink, Discard, ReadAt, StreamedError, StreamedIds, StreamedManifest, StreamedSizes,
 };
 pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]

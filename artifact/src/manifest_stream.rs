@@ -72,6 +72,24 @@ pub trait ReadAt {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()>;
 }
 
+/// A file, read by position (`pread`): a stored envelope.
+impl ReadAt for std::fs::File {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, at)
+    }
+}
+
+/// Drops the streamed ids: for a caller that needs none of them (choosing a
+/// release by its fields).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Discard;
+
+impl ChunkIdSink for Discard {
+    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Bytes in memory (an envelope on a store that keeps no files).
 impl ReadAt for &[u8] {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -553,14 +571,6 @@ impl StreamedManifest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Discard;
-
-    impl ChunkIdSink for Discard {
-        fn push(&mut self, _: &ChunkId) -> Result<(), String> {
-            Ok(())
-        }
-    }
 
     /// A decode that panics leaves no stream installed on its thread.
     #[test]

@@ -544,13 +544,12 @@ impl ChunkStore {
             .map_err(io_err(path))?;
         verdict.map_err(|e| bad(e.into()))?;
         let manifest_hash = *signed.finalize().as_bytes();
-        let at = FileAt(&file);
-        let (streamed, Discard) = Manifest::from_file_streaming(
-            &at,
+        let (streamed, crate::Discard) = Manifest::from_file_streaming(
+            &file,
             layout.signed_at,
             layout.signed_len,
             &manifest_hash,
-            Discard,
+            crate::Discard,
         )
         .map_err(|e| bad(crate::read::manifest_error(e)))?;
         // Refused here as a whole decode refuses it, not only at the copy: one
@@ -673,25 +672,6 @@ fn open_envelope_file(path: &Path) -> Result<(File, u64), StoreError> {
         return Err(StoreError::NotAFile(path.to_path_buf()));
     }
     Ok((file, meta.len()))
-}
-
-/// A file read by offset, for the streamed decode.
-struct FileAt<'a>(&'a File);
-
-impl crate::ReadAt for FileAt<'_> {
-    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
-        self.0.read_exact_at(buf, at)
-    }
-}
-
-/// Drops the streamed ids: choosing a release needs none.
-struct Discard;
-
-impl crate::ChunkIdSink for Discard {
-    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
-        Ok(())
-    }
 }
 
 /// The store's manifests (their signed bytes, found by hash; a manifest delta

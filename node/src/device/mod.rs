@@ -792,11 +792,7 @@ impl Device {
             .chunk_ids_writer(hash)
             .context("cannot keep the release's chunk ids")?
             .expect("a store that keeps envelope files keeps their ids");
-        let file = chunk_ids::FileAt(
-            file.try_clone()
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
-        );
-        shoal_engine::VerifiedRelease::verify_file(&self.root, &file, len, *hash, wall_unix_s, ids)
+        shoal_engine::VerifiedRelease::verify_file(&self.root, file, len, *hash, wall_unix_s, ids)
             .map_err(|e| match e {
                 shoal_engine::OfferError::ChunkIds(_) => {
                     anyhow!(e).context("cannot keep the release's chunk ids")
@@ -953,9 +949,7 @@ impl Device {
                             let release = driver.verify_stored_file(hash, &file, len, wall)?;
                             let artifact = ArtifactReader::open_stored(
                                 counted,
-                                &chunk_ids::FileAt(file.try_clone().map_err(|e| {
-                                    anyhow!(e).context("cannot read back the signed manifest")
-                                })?),
+                                &file,
                                 len,
                                 &release.release().manifest_hash,
                                 member_len,
@@ -1406,7 +1400,6 @@ impl KeptManifests {
         let ids = chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids")))
             .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
         // Named after the manifest, not the file's bytes: checked below.
-        let file = chunk_ids::FileAt(file);
         let release = shoal_engine::VerifiedRelease::verify_unnamed_file(
             root,
             &file,
@@ -1418,7 +1411,7 @@ impl KeptManifests {
         if release.release().manifest_hash != *hash {
             bail!("{} is not the manifest it is named after", path.display());
         }
-        Ok(Some((release, (path, file.0, len))))
+        Ok(Some((release, (path, file, len))))
     }
 
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
@@ -1829,7 +1822,6 @@ fn expected_chunks(
         Ok(ids) => ExpectedIds(Box::new(ids)),
         Err(e) => return unreadable(&e),
     };
-    let file = chunk_ids::FileAt(file);
     let decoded =
         Manifest::from_file_streaming(&file, layout.signed_at, layout.signed_len, hash, ids);
     let (mut streamed, ExpectedIds(ids)) = match decoded {
