@@ -41,11 +41,11 @@ pub use manifest::{
 };
 pub use manifest_delta::{HeldManifests, ManifestDelta, ManifestDeltaError, NoManifests};
 pub use manifest_stream::{
-    ChunkIdSink, ReadAt, StreamedError, StreamedIds, StreamedManifest, StreamedSizes,
+    ChunkIdSink, Discard, ReadAt, StreamedError, StreamedIds, StreamedManifest, StreamedSizes,
 };
 pub use read::{ArtifactReader, ChunkList, RawChunk, ReadError, ReferenceSource, VerifiedChunk};
 #[cfg(feature = "fs")]
-pub use store::{ChunkStore, StoreError, StoredRelease};
+pub use store::{ChunkStore, ReleaseHead, StoreError};
 #[cfg(feature = "fs")]
 pub use write::{
     BuildError, BuildOptions, BuildReport, SignError, add_signatures, build, build_delta,

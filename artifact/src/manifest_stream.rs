@@ -72,6 +72,24 @@ pub trait ReadAt {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()>;
 }
 
+/// A file, read by position (`pread`): a stored envelope.
+impl ReadAt for std::fs::File {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, at)
+    }
+}
+
+/// Drops the streamed ids: for a caller that needs none of them (choosing a
+/// release by its fields).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Discard;
+
+impl ChunkIdSink for Discard {
+    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Bytes in memory (an envelope on a store that keeps no files).
 impl ReadAt for &[u8] {
     fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -321,10 +339,24 @@ impl Manifest {
         bytes: &[u8],
         ids: S,
     ) -> Result<(StreamedManifest<'_>, S), StreamedError> {
-        Manifest::check_size_and_version(bytes)?;
+        if bytes.len() > MANIFEST_SIZE_MAX {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len(),
+                max: MANIFEST_SIZE_MAX,
+            }
+            .into());
+        }
         Manifest::decode_streaming(Source::Slice(bytes), ids, |_| {
-            cbor4ii::serde::from_slice::<Manifest>(bytes)
-                .map_err(|e| ManifestError::Decode(shoal_signing::describe_cbor_error(&e)).into())
+            cbor4ii::serde::from_slice::<Manifest>(bytes).map_err(|e| {
+                // The version read alone only when the decode fails (a manifest
+                // of this version decodes, and its version is checked with its
+                // fields): a newer manifest gets its clear error, as
+                // `Manifest::from_cbor` gives it.
+                match Manifest::check_size_and_version(bytes) {
+                    Err(v) => v.into(),
+                    Ok(()) => ManifestError::Decode(shoal_signing::describe_cbor_error(&e)).into(),
+                }
+            })
         })
     }
 
@@ -332,9 +364,11 @@ impl Manifest {
     /// (a stored envelope's signed bytes, whose signatures were checked as they
     /// were read: [`shoal_signing::TrustRoot::verify_streamed`]), read as they
     /// are decoded; they must hash (BLAKE3) to `hash`, what the signatures
-    /// were checked over. The version is read first, as
-    /// [`Manifest::from_cbor`] does (the decode's errors are worded as a
-    /// reader's: an input that ends early is "the input ends inside ...").
+    /// were checked over. The bytes are read once; when the decode fails, the
+    /// version alone is read again, so a newer manifest gets
+    /// [`ManifestError::UnsupportedVersion`] as from [`Manifest::from_cbor`]
+    /// (the decode's errors are worded as a reader's: an input that ends early
+    /// is "the input ends inside ...").
     pub fn from_file_streaming<'a, S: ChunkIdSink>(
         file: &'a dyn ReadAt,
         at: u64,
@@ -367,12 +401,23 @@ impl Manifest {
             }
             e => ManifestError::Decode(shoal_signing::describe_cbor_error(&e)).into(),
         };
-        let probe: crate::manifest::VersionProbe =
-            cbor4ii::serde::from_reader(reader(blake3::Hasher::new())).map_err(decode_error)?;
-        crate::manifest::check_version(probe.format_version)?;
         Manifest::decode_streaming(Source::File { file, at, len }, ids, |_| {
             let mut r = reader(blake3::Hasher::new());
-            let m = cbor4ii::serde::from_reader::<Manifest, _>(&mut r).map_err(decode_error)?;
+            let m = cbor4ii::serde::from_reader::<Manifest, _>(&mut r).map_err(|e| {
+                // The version read alone (the bytes read again) only when the
+                // decode fails: a manifest of this version decodes, and its
+                // version is checked with its fields; a newer one gets its
+                // clear error, as `Manifest::from_cbor` gives it.
+                let probe = cbor4ii::serde::from_reader::<crate::manifest::VersionProbe, _>(
+                    reader(blake3::Hasher::new()),
+                );
+                // The probe's own error when it fails too, as before.
+                match probe.map(|p| crate::manifest::check_version(p.format_version)) {
+                    Ok(Err(v)) => v.into(),
+                    Ok(Ok(())) => decode_error(e),
+                    Err(probe) => decode_error(probe),
+                }
+            })?;
             // What the decoder left unread is hashed too: the bytes read are
             // those the signatures were checked over, or nothing is trusted.
             let mut rest = r.into_inner();
@@ -462,12 +507,29 @@ impl StreamedManifest<'_> {
         &self.manifest
     }
 
+    /// The decoded manifest, moved out (its first payload's `chunks` empty),
+    /// neither its references nor its canonical form checked: for a caller that
+    /// reads its fields only.
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+
     /// Checks the references against the streamed ids (`ids`) and the canonical
     /// form, and returns the manifest (its first payload's `chunks` empty).
     pub fn finish(self, ids: &dyn StreamedIds) -> Result<Manifest, StreamedError> {
         self.manifest.validate_references(Some(ids))?;
+        self.check_canonical()?;
+        Ok(self.manifest)
+    }
+
+    /// Checks the canonical form alone ([`ManifestError::NotCanonical`], as
+    /// [`StreamedManifest::finish`] gives it): for a caller that reads the
+    /// manifest's fields without its ids (and so cannot check its references),
+    /// which must still refuse what a whole decode refuses as not canonical
+    /// (non-shortest integers, keys out of order, bytes after the manifest).
+    pub fn check_canonical(&self) -> Result<(), StreamedError> {
         match self.is_canonical() {
-            Ok(true) => Ok(self.manifest),
+            Ok(true) => Ok(()),
             Ok(false) => Err(ManifestError::NotCanonical.into()),
             Err(e) => Err(StreamedError::Read(e.to_string())),
         }
@@ -509,14 +571,6 @@ impl StreamedManifest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Discard;
-
-    impl ChunkIdSink for Discard {
-        fn push(&mut self, _: &ChunkId) -> Result<(), String> {
-            Ok(())
-        }
-    }
 
     /// A decode that panics leaves no stream installed on its thread.
     #[test]

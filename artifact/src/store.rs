@@ -18,7 +18,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_signing::{ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, RoleName, TrustRoot};
+use shoal_signing::{
+    ENVELOPE_SIZE_MAX, Envelope, EnvelopeLayout, EnvelopeRef, RoleName, TrustRoot,
+};
 
 use crate::chunk::{self, ChunkError, DICTIONARY_SIZE_MAX, Dictionary, DictionaryError};
 use crate::manifest::{CHUNK_SIZE_MAX, ChunkId, ChunkRef, Manifest, stored_size_max};
@@ -73,6 +75,10 @@ pub enum StoreError {
         /// Why.
         source: ReadError,
     },
+    /// A stored manifest's path names something else than a regular file (a
+    /// FIFO, a device, a directory; through a symlink or not): not read.
+    #[error("manifest {0} is not a regular file")]
+    NotAFile(PathBuf),
     /// A stored manifest's file name is not the hash of its manifest.
     #[error("manifest {0} is not named by its hash")]
     MisnamedManifest(PathBuf),
@@ -452,26 +458,29 @@ impl ChunkStore {
     /// with its chunk list streamed past (sizes checked against the chunking and
     /// the payload, ids dropped), every field checked as
     /// [`Manifest::from_cbor`] checks it, with the same errors
-    /// ([`StoreError::BadManifest`]). Enough to choose a release among the
-    /// store's (name, version, device types, security counter, base, the
-    /// manifest's hash); the one chosen is verified whole where it is installed
-    /// (its references and canonical form are checked there, against its ids).
-    /// An envelope not laid out canonically is read whole (bounded by
-    /// [`ENVELOPE_SIZE_MAX`]), for the decoder's own error, as
-    /// [`ChunkStore::load_manifest`] reads it.
+    /// ([`StoreError::BadManifest`]). Returns its [`ReleaseHead`], enough to
+    /// choose a release among the store's (name, version, device types, security
+    /// counter, base, the manifest's hash), the rest dropped. Its canonical
+    /// form is checked too ([`crate::ManifestError::NotCanonical`], as a whole
+    /// decode refuses it); its references, which need its ids, are checked
+    /// where the one chosen is verified whole, at its install.
+    /// An envelope not laid out canonically is read once, exactly its length
+    /// (bounded by [`ENVELOPE_SIZE_MAX`] before a byte is read), and decoded in
+    /// place for the decoder's own error. A path that is not a regular file
+    /// (a FIFO, a device, through a symlink or not) is [`StoreError::NotAFile`],
+    /// nothing read from it.
     pub fn release_head(
         &self,
         path: &Path,
         root: &TrustRoot,
         now_unix_s: Option<u64>,
-    ) -> Result<StoredRelease, StoreError> {
+    ) -> Result<ReleaseHead, StoreError> {
         use std::os::unix::fs::FileExt as _;
         let bad = |source: ReadError| StoreError::BadManifest {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let (file, len) = open_envelope_file(path)?;
         if len > ENVELOPE_SIZE_MAX as u64 {
             return Err(bad(ReadError::EnvelopeTooLarge {
                 size: len,
@@ -481,55 +490,80 @@ impl ChunkStore {
         let layout = EnvelopeLayout::locate(len, &mut |at, buf| file.read_exact_at(buf, at))
             .map_err(io_err(path))?;
         let Some(layout) = layout else {
-            let (bytes, mut manifest) = self.load_manifest_bytes(path, root, now_unix_s)?;
+            // Not laid out as a canonical envelope: the decoder's own error,
+            // from exactly the file's bytes (at most the bound checked above),
+            // read once and borrowed, not copied.
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, 0).map_err(io_err(path))?;
+            let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
+            // Decoded after all (`locate` and the decoder disagree): checked as
+            // any envelope is.
+            let signed = root
+                .verify_ref(RoleName::Release, &env, now_unix_s)
+                .map_err(|e| bad(e.into()))?;
+            let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
             let manifest_hash = manifest.hash();
-            for p in &mut manifest.payloads {
-                p.chunks = Vec::new();
-            }
-            return Ok(StoredRelease {
-                path: path.to_path_buf(),
+            let envelope_hash = *blake3::hash(&bytes).as_bytes();
+            return Ok(ReleaseHead::of(
+                path,
                 manifest,
                 manifest_hash,
-                envelope_len: bytes.len() as u64,
-            });
+                envelope_hash,
+            ));
         };
         let mut signed = blake3::Hasher::new();
+        // The whole file's hash too, as the signed bytes are read (what is
+        // around them, the map's head and the signatures, is small).
+        let mut envelope = blake3::Hasher::new();
+        let signed_end = layout.signed_at + layout.signed_len;
         let verdict = root
             .verify_streamed(
                 RoleName::Release,
                 &layout.signatures,
                 now_unix_s,
                 |feed| -> io::Result<()> {
+                    let mut head = vec![0u8; layout.signed_at as usize];
+                    file.read_exact_at(&mut head, 0)?;
+                    envelope.update(&head);
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut done = 0;
                     while done < layout.signed_len {
                         let n = (layout.signed_len - done).min(buf.len() as u64) as usize;
                         file.read_exact_at(&mut buf[..n], layout.signed_at + done)?;
                         signed.update(&buf[..n]);
+                        envelope.update(&buf[..n]);
                         feed(&buf[..n]);
                         done += n as u64;
                     }
+                    let mut tail = vec![0u8; (len - signed_end) as usize];
+                    file.read_exact_at(&mut tail, signed_end)?;
+                    envelope.update(&tail);
                     Ok(())
                 },
             )
             .map_err(io_err(path))?;
         verdict.map_err(|e| bad(e.into()))?;
         let manifest_hash = *signed.finalize().as_bytes();
-        let at = FileAt(&file);
-        let (streamed, Discard) = Manifest::from_file_streaming(
-            &at,
+        let (streamed, crate::Discard) = Manifest::from_file_streaming(
+            &file,
             layout.signed_at,
             layout.signed_len,
             &manifest_hash,
-            Discard,
+            crate::Discard,
         )
         .map_err(|e| bad(crate::read::manifest_error(e)))?;
-        Ok(StoredRelease {
-            path: path.to_path_buf(),
-            manifest: streamed.manifest().clone(),
+        // Refused here as a whole decode refuses it, not only at the copy: one
+        // manifest in two encodings is two hashes, which would look like two
+        // releases to the pick.
+        streamed
+            .check_canonical()
+            .map_err(|e| bad(crate::read::manifest_error(e)))?;
+        Ok(ReleaseHead::of(
+            path,
+            streamed.into_manifest(),
             manifest_hash,
-            envelope_len: len,
-        })
+            *envelope.finalize().as_bytes(),
+        ))
     }
 
     /// [`ChunkStore::load_manifest`], with the envelope's bytes it verified (read
@@ -545,8 +579,9 @@ impl ChunkStore {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err(path))?;
-        let mut bytes = Vec::new();
+        let (file, len) = open_envelope_file(path)?;
+        // Its length read first (it may still grow: bounded below).
+        let mut bytes = Vec::with_capacity(len.min(ENVELOPE_SIZE_MAX as u64 + 1) as usize);
         file.take(ENVELOPE_SIZE_MAX as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(io_err(path))?;
@@ -556,47 +591,87 @@ impl ChunkStore {
                 max: ENVELOPE_SIZE_MAX,
             }));
         }
-        let env = Envelope::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
+        // Borrowed, not copied: the signed bytes are a slice of `bytes`.
+        let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
         let signed = root
-            .verify(RoleName::Release, &env, now_unix_s)
+            .verify_ref(RoleName::Release, &env, now_unix_s)
             .map_err(|e| bad(e.into()))?;
         let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
+        drop(env);
         Ok((bytes, manifest))
     }
 }
 
 /// A release in a chunk store, from its signed manifest
-/// ([`ChunkStore::release_head`]).
+/// ([`ChunkStore::release_head`]): what choosing among the store's releases
+/// reads, and no more (no chunk list, no references, no payloads: a store may
+/// hold many releases, each read before one is picked).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRelease {
+pub struct ReleaseHead {
     /// The envelope file it was read from.
     pub path: PathBuf,
-    /// The verified manifest without its chunk lists (every payload's `chunks`
-    /// is empty: [`Manifest::hash`] of it is not the release's).
-    pub manifest: Manifest,
+    /// The release's name.
+    pub name: String,
+    /// The release's version.
+    pub version: String,
+    /// The device types it may be installed on.
+    pub device_types: Vec<String>,
+    /// Its anti-rollback counter.
+    pub security_counter: u64,
+    /// For a thin release, the release it was built against.
+    pub base: Option<crate::BaseRelease>,
     /// BLAKE3 of the signed manifest: the release's id.
     pub manifest_hash: [u8; 32],
-    /// The envelope file's length.
-    pub envelope_len: u64,
+    /// BLAKE3 of the whole envelope file as it was read: a copy of it made
+    /// later is the file that was read if it hashes the same.
+    pub envelope_hash: [u8; 32],
 }
 
-/// A file read by offset, for the streamed decode.
-struct FileAt<'a>(&'a File);
-
-impl crate::ReadAt for FileAt<'_> {
-    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
-        self.0.read_exact_at(buf, at)
+impl ReleaseHead {
+    /// The head of `manifest`, moved out of it (the rest is dropped here).
+    fn of(
+        path: &Path,
+        manifest: Manifest,
+        manifest_hash: [u8; 32],
+        envelope_hash: [u8; 32],
+    ) -> ReleaseHead {
+        let Manifest {
+            base,
+            name,
+            version,
+            device_types,
+            security_counter,
+            ..
+        } = manifest;
+        ReleaseHead {
+            path: path.to_path_buf(),
+            name,
+            version,
+            device_types,
+            security_counter,
+            base,
+            manifest_hash,
+            envelope_hash,
+        }
     }
 }
 
-/// Drops the streamed ids: choosing a release needs none.
-struct Discard;
-
-impl crate::ChunkIdSink for Discard {
-    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
-        Ok(())
+/// A stored envelope file opened for reading, with its length: a regular file
+/// (through a symlink or not), or [`StoreError::NotAFile`]. Opened without
+/// waiting (a FIFO would block the open until a writer came), then checked
+/// on the open file, so what is read is what was checked.
+fn open_envelope_file(path: &Path) -> Result<(File, u64), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile(path.to_path_buf()));
     }
+    Ok((file, meta.len()))
 }
 
 /// The store's manifests (their signed bytes, found by hash; a manifest delta

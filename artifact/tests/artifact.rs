@@ -15,7 +15,7 @@ use shoal_artifact::{
     ArtifactReader, BuildOptions, BuildReport, ChunkError, ChunkId, ChunkRef, ChunkStore,
     ExtractError, Manifest, ReadError, StoreError,
 };
-use shoal_signing::{Envelope, RoleName, SecretKey, TrustRoot, VerifyError};
+use shoal_signing::{DecodeError, Envelope, RoleName, SecretKey, TrustRoot, VerifyError};
 
 const CHUNKING: Chunking = Chunking {
     min_size: 1024,
@@ -2843,11 +2843,16 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     let m = &report.manifest;
     assert_eq!(head.manifest_hash, m.hash());
     assert_eq!(head.path, path);
-    assert_eq!(head.envelope_len, std::fs::metadata(&path).unwrap().len());
-    let mut fields = m.clone();
-    fields.payloads[0].chunks.clear();
-    assert_eq!(head.manifest, fields, "every field but the chunk list");
-    assert_eq!(head.manifest.payloads[0].size, data.len() as u64);
+    assert_eq!(
+        head.envelope_hash,
+        *blake3::hash(&std::fs::read(&path).unwrap()).as_bytes()
+    );
+    assert_eq!(
+        (&head.name, &head.version, &head.device_types),
+        (&m.name, &m.version, &m.device_types)
+    );
+    assert_eq!(head.security_counter, m.security_counter);
+    assert_eq!(head.base, m.base);
 
     let bad = |file: &std::path::Path, root: &TrustRoot| match store.release_head(file, root, NOW) {
         Err(StoreError::BadManifest { path, source }) => {
@@ -2860,6 +2865,43 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     assert!(matches!(
         bad(&path, &self::root(&[5], 1)),
         ReadError::Signature(VerifyError::BelowThreshold { valid: 0, .. })
+    ));
+    // The root expired: refused as such, whatever the signatures.
+    match store.release_head(&path, &root, Some(3_000_000)) {
+        Err(StoreError::BadManifest {
+            source:
+                ReadError::Signature(VerifyError::Expired {
+                    expires_unix_s: 2_000_000,
+                    now_unix_s: 3_000_000,
+                }),
+            ..
+        }) => {}
+        other => panic!("not expired: {other:?}"),
+    }
+    // A root that needs two release signatures: one valid is not enough.
+    assert!(matches!(
+        bad(&path, &self::root(&[1, 2], 2)),
+        ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 1,
+            threshold: 2,
+            invalid: 0,
+            unknown: 0,
+            ..
+        })
+    ));
+    // Signed by the root's own key, which the release role does not list.
+    let mut by_root_key = Envelope::new(m.to_cbor());
+    by_root_key.sign(&key(200));
+    let other_role = dir.path().join("root-key.envelope");
+    std::fs::write(&other_role, by_root_key.to_bytes()).unwrap();
+    assert!(matches!(
+        bad(&other_role, &root),
+        ReadError::Signature(VerifyError::BelowThreshold {
+            valid: 0,
+            invalid: 0,
+            unknown: 1,
+            ..
+        })
     ));
     // A signed byte changed: the signature fails before the manifest is decoded.
     let good = std::fs::read(&path).unwrap();
@@ -2878,7 +2920,43 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
     ));
     // Cut short: not an envelope.
     std::fs::write(&other, &good[..good.len() - 10]).unwrap();
-    assert!(matches!(bad(&other, &root), ReadError::Envelope(_)));
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Envelope(DecodeError::Cbor(why)) if why == "the input ends inside bytes"
+    ));
+    // Not laid out canonically (a byte after the envelope): the decoder's
+    // own error, as a whole decode gives it.
+    let mut longer = good.clone();
+    longer.push(0);
+    std::fs::write(&other, &longer).unwrap();
+    assert_eq!(
+        Envelope::from_bytes(&longer),
+        Err(DecodeError::NonCanonical)
+    );
+    assert!(matches!(
+        bad(&other, &root),
+        ReadError::Envelope(DecodeError::NonCanonical)
+    ));
+    // Not a regular file: refused before a byte is read (a symlink to a
+    // device reads as 0 bytes long and forever; a FIFO blocks its opener).
+    let zero = dir.path().join("zero.envelope");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let fifo = dir.path().join("fifo.envelope");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (package coreutils)");
+    assert!(status.success());
+    for file in [&zero, &fifo, &dir.path().join("chunks")] {
+        match store.release_head(file, &root, NOW) {
+            Err(StoreError::NotAFile(p)) => assert_eq!(&p, file),
+            other => panic!("{}: {other:?}", file.display()),
+        }
+        match store.load_manifest(file, &root, NOW) {
+            Err(StoreError::NotAFile(p)) => assert_eq!(&p, file),
+            other => panic!("{}: {other:?}", file.display()),
+        }
+    }
     // Larger than any envelope: refused before it is read.
     let file = std::fs::File::create(&other).unwrap();
     file.set_len(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
@@ -2918,4 +2996,121 @@ fn a_store_release_is_read_from_its_signed_fields_and_bad_envelopes_give_their_e
             .manifest_hash,
         m.hash()
     );
+    // Signed, but not canonical: refused as a whole decode refuses it, not
+    // left for the install's copy to refuse. A non-shortest integer...
+    let cbor = m.to_cbor();
+    let field = b"\x70security_counter";
+    let at = cbor.windows(field.len()).position(|w| w == field).unwrap() + field.len();
+    assert!(cbor[at] < 24, "a counter encoded in its head");
+    let mut long_int = cbor[..at].to_vec();
+    long_int.extend_from_slice(&[0x18, cbor[at]]);
+    long_int.extend_from_slice(&cbor[at + 1..]);
+    // ... and a byte after the manifest's map.
+    let mut trailing = cbor.clone();
+    trailing.push(0x00);
+    for (what, bytes) in [
+        ("a non-shortest integer", long_int),
+        ("a byte after", trailing),
+    ] {
+        assert!(
+            matches!(
+                Manifest::from_cbor(&bytes),
+                Err(shoal_artifact::ManifestError::NotCanonical)
+            ),
+            "{what}: {:?}",
+            Manifest::from_cbor(&bytes)
+        );
+        let mut env = Envelope::new(bytes);
+        env.sign(&key(1));
+        std::fs::write(&other, env.to_bytes()).unwrap();
+        match bad(&other, &root) {
+            ReadError::Manifest(shoal_artifact::ManifestError::NotCanonical) => {}
+            e => panic!("{what}: {e:?}"),
+        }
+    }
+    // A thin release: its base is read with the rest of its head.
+    let mut thin = m.clone();
+    thin.base = Some(shoal_artifact::BaseRelease {
+        name: "acme-os".into(),
+        version: "0.9".into(),
+        manifest_hash: [7; 32],
+    });
+    std::fs::write(&other, signed(&thin)).unwrap();
+    let head = store.release_head(&other, &root, NOW).unwrap();
+    assert_eq!(
+        head.envelope_hash,
+        *blake3::hash(&std::fs::read(&other).unwrap()).as_bytes()
+    );
+    assert_eq!(head.base, thin.base);
+    assert_eq!(head.manifest_hash, thin.hash());
+}
+
+/// Bytes in memory that count what is read of them.
+struct CountedAt<'a>(&'a [u8], std::cell::Cell<u64>);
+
+impl shoal_artifact::ReadAt for CountedAt<'_> {
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.1.set(self.1.get() + buf.len() as u64);
+        self.0.read_at(at, buf)
+    }
+}
+
+struct DropIds;
+
+impl shoal_artifact::ChunkIdSink for DropIds {
+    fn push(&mut self, _: &ChunkId) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A manifest decoded from a file (a chunk store's, `release_head`) is decoded
+/// in one read of it: its version is read alone only when the decode fails, which still
+/// gives a newer manifest its own error.
+#[test]
+fn a_manifest_streamed_from_a_file_is_read_once_and_a_newer_one_says_so() {
+    let (_, report) = build(&payload(300_000, 22));
+    let m = &report.manifest;
+    let cbor = m.to_cbor();
+    let at = CountedAt(&cbor, std::cell::Cell::new(0));
+    let (streamed, DropIds) =
+        Manifest::from_file_streaming(&at, 0, cbor.len() as u64, &m.hash(), DropIds).unwrap();
+    assert_eq!(streamed.manifest().name, m.name);
+    assert_eq!(at.1.get(), cbor.len() as u64, "decoded in one read");
+    // The canonical form: every byte once more (outside the list compared,
+    // the list hashed).
+    streamed.check_canonical().unwrap();
+    assert_eq!(at.1.get(), 2 * cbor.len() as u64);
+    // A newer format (with a field this build does not know): the decode
+    // fails, the version read alone says why.
+    #[derive(serde::Serialize)]
+    struct Newer {
+        format_version: u32,
+        later: u32,
+    }
+    let newer = cbor4ii::serde::to_vec(
+        Vec::new(),
+        &Newer {
+            format_version: 9,
+            later: 1,
+        },
+    )
+    .unwrap();
+    let hash = *blake3::hash(&newer).as_bytes();
+    let at = CountedAt(&newer, std::cell::Cell::new(0));
+    match Manifest::from_file_streaming(&at, 0, newer.len() as u64, &hash, DropIds) {
+        Err(shoal_artifact::StreamedError::Manifest(
+            shoal_artifact::ManifestError::UnsupportedVersion { found: 9 },
+        )) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        Manifest::from_cbor(&newer).unwrap_err(),
+        shoal_artifact::ManifestError::UnsupportedVersion { found: 9 }
+    );
+    match Manifest::from_cbor_streaming(&newer, DropIds) {
+        Err(shoal_artifact::StreamedError::Manifest(
+            shoal_artifact::ManifestError::UnsupportedVersion { found: 9 },
+        )) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
 }

@@ -700,13 +700,14 @@ fn large_rows(label: &str) -> [String; 3] {
 /// from the artifact file, from a chunk store holding it, and (a second release,
 /// thin, on top of the image) along the kept base manifest. Disk is spent one image
 /// at a time and given back: the image is written, built into an artifact and a
-/// chunk store; a second image (the first with a few regions changed) is built
-/// into a thin artifact against it and removed. The file and store installs run
+/// chunk store, and removed; a second image (the first, generated again from its
+/// seed, with a few regions changed) is built into a thin artifact against it and
+/// removed. The file and store installs run
 /// on a device whose slot A is a sparse file (the running slot holds nothing of
 /// the release, and the install cuts an index of it as on any device Shoal meets
 /// for the first time); that device is removed, then the first image becomes the
 /// slot A of a device that keeps its manifest (as a factory image ships it), which
-/// installs the thin artifact.
+/// installs the thin artifact (generated again from its seed: the same bytes).
 fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
     let mut goals = Vec::new();
     let mut facts = Vec::new();
@@ -782,10 +783,15 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
                 .arg("--root")
                 .arg(shoal.root())
                 .run_plain()?;
+            // The image is not kept meanwhile (8 GiB of disk at the largest): the
+            // second one is generated from the same seed, and the first again
+            // where it becomes a slot.
+            measure::remove_any(&image)?;
             progress(&format!(
                 "building a thin artifact of a second {label} release against it (untimed)"
             ));
-            write_changed_copy(&image, &image2, 0x7ee0 + k as u64)?;
+            write_generated_image(&image2, size, 0x5ee0 + k as u64)?;
+            change_regions(&image2, 0x7ee0 + k as u64)?;
             let started = std::time::Instant::now();
             shoal
                 .build(
@@ -832,7 +838,10 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
             run_rounds(ctx, &mut jobs)?;
             measure::remove_any(&work_path(ctx, &name))?;
             measure::remove_any(&store)?;
-            // The thin artifact, on a device running the image with its manifest.
+            // The thin artifact, on a device running the image with its manifest
+            // (generated again: the same bytes, from the same seed).
+            progress(&format!("generating the {label} image again (untimed)"));
+            write_generated_image(&image, size, 0x5ee0 + k as u64)?;
             let mut dev = Device::create(ctx, shoal, &kept_name, SlotA::Moved(&image), size)?;
             dev.ship = dev.ship_manifest(ctx, &artifact)?;
             measure::remove_any(&artifact)?;
@@ -880,16 +889,11 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
     Ok((goals, facts))
 }
 
-/// Writes a copy of the generated image `src` to `dst` with a few regions changed
-/// (64 regions of 64 KiB spread over it, with content from `seed`): a second
-/// release that shares nearly every chunk with the first.
-fn write_changed_copy(src: &Path, dst: &Path, seed: u64) -> Result<()> {
+/// Changes a few regions of the generated image at `dst` in place (64 regions of
+/// 64 KiB spread over it, with content from `seed`): a second release that shares
+/// nearly every chunk with the first.
+fn change_regions(dst: &Path, seed: u64) -> Result<()> {
     use std::os::unix::fs::FileExt as _;
-    Cmd::new("cp")
-        .arg("--sparse=never")
-        .arg(src)
-        .arg(dst)
-        .run_plain()?;
     let file = fs::OpenOptions::new()
         .write(true)
         .open(dst)

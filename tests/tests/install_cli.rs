@@ -551,5 +551,19 @@ fn a_chunk_store_install_picks_the_newest_compatible_release() {
         e.contains("several releases (acme-os@2.0, acme-os@2.0-hotfix)"),
         "{e}"
     );
+    // Two different images under one name and version, on one counter: told
+    // apart by the hashes of their signed manifests (their fields are the same
+    // but for the chunk lists, which the pick does not read), not guessed.
+    let same = dev.path("store-same-version");
+    add(&same, &a2);
+    // (Built to the same file name: added after the first is in the store.)
+    let v2b = modify(&v2, 9, 3, 50_000);
+    let a2c = dev.build(&v2b, "2.0", 2, None);
+    add(&same, &a2c);
+    let e = fails(dev.run(&["install", &same.display().to_string()]), 1);
+    assert!(
+        e.contains("several releases (acme-os@2.0); pick one with --release NAME@VERSION"),
+        "{e}"
+    );
     assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
 }

@@ -71,7 +71,7 @@
 //!   switched outside Shoal ([`Engine::observe_running`]), an operator's commit
 //!   without a boot check ([`Engine::commit_running`]), whether a failure is worth
 //!   retrying ([`InstallError::worth_retrying`], from the driver's [`SourceFault`]),
-//!   which release of a chunk store to install ([`Engine::pick_release`]), and what
+//!   which release of a chunk store to install ([`Engine::pick_candidate`]), and what
 //!   the bootloader's state means at boot ([`Boot::from_bootloader`]); bootloader
 //!   outputs map to the steps of bootctl's one bootloader model
 //!   ([`Output::boot_step`], `shoal_bootctl::model`).
@@ -101,10 +101,11 @@ mod tests;
 
 pub use bits::Bitfield;
 pub use engine::{
-    Boot, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event, INDEX_FOUND_PART,
-    INDEX_SAMPLE_PART, IndexReadError, IndexReader, IndexStore, Input, ManifestPlan, ManifestStep,
-    MemIndexes, NeededChunks, NodeKey, Offer, Offsets, Output, PeerRelease, PickError, Progress,
-    ServerWhy, Status, Swarm, VerifiedRelease, compare_versions, peer_busy, peer_release,
+    Boot, Candidate, ChunkIdFile, ChunkIdWriter, Config, DeploymentStatus, Engine, Event,
+    INDEX_FOUND_PART, INDEX_SAMPLE_PART, IndexReadError, IndexReader, IndexStore, Input,
+    ManifestPlan, ManifestStep, MemIndexes, NeededChunks, NodeKey, Offer, Offsets, Output,
+    PeerRelease, PickError, Progress, ServerWhy, Status, Swarm, VerifiedRelease, compare_versions,
+    peer_busy, peer_release,
 };
 pub use error::{
     CommitError, InstallError, IoOp, OfferError, RollbackError, SourceError, SourceFault,

@@ -226,17 +226,6 @@ impl shoal_engine::ChunkIdFile for IdsFile {
     }
 }
 
-/// A file read by offset ([`shoal_artifact::ReadAt`]): the stored envelope, as
-/// the engine verifies it.
-#[derive(Debug)]
-pub(crate) struct FileAt(pub(crate) File);
-
-impl shoal_artifact::ReadAt for FileAt {
-    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, at)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

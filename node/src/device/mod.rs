@@ -33,9 +33,9 @@ use shoal_artifact::{
 use shoal_bootctl::BootControl;
 use shoal_bootctl::storage::Storage;
 use shoal_engine::{
-    Boot, Engine, Event, FetchFailure, Holds, Input, IoOp, Origin, Output, Phase, Progress,
-    RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind, SourceLimits,
-    Status, slot_ordinal,
+    Boot, Candidate, Engine, Event, FetchFailure, Holds, Input, IoOp, Origin, Output, Phase,
+    Progress, RequestId, Slot, SourceClass, SourceFault, SourceId, SourceInfo, SourceKind,
+    SourceLimits, Status, slot_ordinal,
 };
 use shoal_signing::{SignedRoot, TrustRoot};
 use tracing::{info, warn};
@@ -661,31 +661,62 @@ impl Device {
     /// into the device store as it is read (64 KiB at a time, hashed as it is
     /// written, at most [`shoal_signing::ENVELOPE_SIZE_MAX`] bytes), then
     /// verified from the copy, never whole in memory. With the bytes copied.
+    /// With `picked` (the BLAKE3 of the file when a release was picked from it,
+    /// [`shoal_artifact::ReleaseHead::envelope_hash`]), a copy of other bytes is
+    /// refused before it is verified, as changed since the pick: what is
+    /// verified is what was picked. Errors say which side failed: reading the
+    /// file (`cannot read PATH`) or storing the copy (`cannot store the signed
+    /// manifest`).
     fn verify_envelope_file(
         &self,
         path: &Path,
+        picked: Option<&[u8; 32]>,
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
+        /// Which side of the copy failed.
+        enum CopyError {
+            Read(io::Error),
+            Write(io::Error),
+        }
         let max = shoal_signing::ENVELOPE_SIZE_MAX as u64;
         let cannot_read =
             |e: io::Error| anyhow!(e).context(format!("cannot read {}", path.display()));
+        let too_large = || io::Error::other(format!("the envelope is more than {max} bytes"));
+        let changed = |now: &[u8; 32]| {
+            anyhow!(
+                "{} changed since the release was picked from it (its bytes hashed {}, they now hash {}): nothing of it was installed",
+                path.display(),
+                hex::encode(picked.expect("compared with the picked hash")),
+                hex::encode(now)
+            )
+        };
         let file = std::fs::File::open(path).map_err(cannot_read)?;
         let mut copied = 0u64;
         let stored = self
             .store
-            .put_envelope_with(|out| -> io::Result<()> {
-                copied = io::copy(&mut file.take(max + 1), out)?;
-                if copied > max {
-                    return Err(io::Error::other(format!(
-                        "the envelope is more than {max} bytes"
-                    )));
+            .put_envelope_with(|out| -> Result<(), CopyError> {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match (&file).read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(CopyError::Read(e)),
+                    };
+                    copied += n as u64;
+                    if copied > max {
+                        return Err(CopyError::Read(too_large()));
+                    }
+                    out.write_all(&buf[..n]).map_err(CopyError::Write)?;
                 }
-                Ok(())
             })
             .context("cannot store the signed manifest")?;
         let hash = match stored {
             Some(Ok(hash)) => hash,
-            Some(Err(e)) => return Err(cannot_read(e)),
+            Some(Err(CopyError::Read(e))) => return Err(cannot_read(e)),
+            Some(Err(CopyError::Write(e))) => {
+                return Err(anyhow!(e).context("cannot store the signed manifest"));
+            }
             None => {
                 // A store without envelope files (the crash tests' backend): the
                 // release keeps the bytes.
@@ -693,10 +724,21 @@ impl Device {
                 std::fs::File::open(path)
                     .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
                     .map_err(cannot_read)?;
+                if bytes.len() as u64 > max {
+                    return Err(cannot_read(too_large()));
+                }
+                let now = *blake3::hash(&bytes).as_bytes();
+                if picked.is_some_and(|p| *p != now) {
+                    return Err(changed(&now));
+                }
                 let copied = bytes.len() as u64;
                 return Ok((self.verify_envelope_at(bytes, wall_unix_s)?, copied));
             }
         };
+        if picked.is_some_and(|p| *p != hash) {
+            self.store.forget_envelope(&hash);
+            return Err(changed(&hash));
+        }
         let verified = self
             .store
             .open_stored_envelope(&hash)
@@ -706,6 +748,20 @@ impl Device {
             self.store.forget_envelope(&hash);
         }
         Ok((verified?, copied))
+    }
+
+    /// The release picked from a chunk store ([`ChunkStore::release_head`]),
+    /// copied into the device store as its envelope file is read and verified
+    /// from there, once, as every install's (the chunk list to its table, the
+    /// ids to `<hash>.ids`): the store's file may have changed since it was
+    /// picked, so the copy must be the bytes that were picked (else refused,
+    /// nothing kept). With the bytes read.
+    fn copy_picked(
+        &self,
+        picked: &shoal_artifact::ReleaseHead,
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
+        self.verify_envelope_file(&picked.path, Some(&picked.envelope_hash), wall_unix_s)
     }
 
     /// Removes the stored envelope (and its chunk ids) of a release verified by
@@ -736,11 +792,7 @@ impl Device {
             .chunk_ids_writer(hash)
             .context("cannot keep the release's chunk ids")?
             .expect("a store that keeps envelope files keeps their ids");
-        let file = chunk_ids::FileAt(
-            file.try_clone()
-                .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))?,
-        );
-        shoal_engine::VerifiedRelease::verify_file(&self.root, &file, len, *hash, wall_unix_s, ids)
+        shoal_engine::VerifiedRelease::verify_file(&self.root, file, len, *hash, wall_unix_s, ids)
             .map_err(|e| match e {
                 shoal_engine::OfferError::ChunkIds(_) => {
                     anyhow!(e).context("cannot keep the release's chunk ids")
@@ -897,9 +949,7 @@ impl Device {
                             let release = driver.verify_stored_file(hash, &file, len, wall)?;
                             let artifact = ArtifactReader::open_stored(
                                 counted,
-                                &chunk_ids::FileAt(file.try_clone().map_err(|e| {
-                                    anyhow!(e).context("cannot read back the signed manifest")
-                                })?),
+                                &file,
                                 len,
                                 &release.release().manifest_hash,
                                 member_len,
@@ -1082,34 +1132,26 @@ impl Device {
                     .with_context(|| format!("cannot open the chunk store {}", dir.display()))?;
                 let mut found = store_manifests(&store, &driver.dev.root, wall)?;
                 let picked = {
-                    let releases: Vec<(&Manifest, [u8; 32])> = found
+                    let releases: Vec<Candidate<'_>> = found
                         .iter()
-                        .map(|r| (&r.manifest, r.manifest_hash))
+                        .map(|r| Candidate {
+                            name: &r.name,
+                            version: &r.version,
+                            device_types: &r.device_types,
+                            security_counter: r.security_counter,
+                            hash: r.manifest_hash,
+                        })
                         .collect();
                     driver
                         .engine
-                        .pick_release_hashed(&releases, release.as_deref())
+                        .pick_candidate(&releases, release.as_deref())
                         .map_err(|e| anyhow!("the chunk store {} holds {e}", dir.display()))?
                 };
                 let picked = found.swap_remove(picked);
                 drop(found);
-                // Copied into the device store as it is read and verified from
-                // there, once, as every install's (the chunk list to its table,
-                // the ids to `<hash>.ids`); the store's file may have changed since
-                // it was picked, so what verified must be what was picked.
-                let (release, copied) = driver.dev.verify_envelope_file(&picked.path, wall)?;
+                let (release, copied) = driver.dev.copy_picked(&picked, wall)?;
                 // The signed manifest is read from the source too.
                 driver.source_bytes_read = copied;
-                if release.release().manifest_hash != picked.manifest_hash {
-                    driver.dev.forget_release(&release);
-                    bail!(
-                        "the chunk store {}'s manifest {} changed while it was read: it was release {}, it is now {}",
-                        dir.display(),
-                        picked.path.display(),
-                        crate::lan::proto::ManifestId(picked.manifest_hash),
-                        crate::lan::proto::ManifestId(release.release().manifest_hash)
-                    );
-                }
                 kept.save_verified(driver.dev, &release);
                 driver.chunk_store = Some((store, Arc::clone(&release)));
                 driver.offer_verified_owned(
@@ -1358,7 +1400,6 @@ impl KeptManifests {
         let ids = chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids")))
             .with_context(|| format!("cannot write the chunk ids of {}", path.display()))?;
         // Named after the manifest, not the file's bytes: checked below.
-        let file = chunk_ids::FileAt(file);
         let release = shoal_engine::VerifiedRelease::verify_unnamed_file(
             root,
             &file,
@@ -1370,7 +1411,7 @@ impl KeptManifests {
         if release.release().manifest_hash != *hash {
             bail!("{} is not the manifest it is named after", path.display());
         }
-        Ok(Some((release, (path, file.0, len))))
+        Ok(Some((release, (path, file, len))))
     }
 
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
@@ -1637,13 +1678,13 @@ fn artifact_error(name: &str, e: ReadError) -> anyhow::Error {
 /// signed manifest describes it ([`ChunkStore::release_head`]: signatures checked
 /// against `root` as the file is read, the manifest decoded with its chunk list
 /// streamed past, neither held), sorted by name and version; which one to install
-/// is the engine's choice ([`Engine::pick_release_hashed`]). A store manifest that
+/// is the engine's choice ([`Engine::pick_candidate`]). A store manifest that
 /// does not verify stops the install with its error, as before.
 fn store_manifests(
     store: &ChunkStore,
     root: &TrustRoot,
     wall: Option<u64>,
-) -> anyhow::Result<Vec<shoal_artifact::StoredRelease>> {
+) -> anyhow::Result<Vec<shoal_artifact::ReleaseHead>> {
     let dir = store.dir().join("manifests");
     let entries = std::fs::read_dir(&dir).with_context(|| {
         format!(
@@ -1669,9 +1710,7 @@ fn store_manifests(
         );
     }
     // The engine sees them by name.
-    found.sort_by(|a, b| {
-        (&a.manifest.name, &a.manifest.version).cmp(&(&b.manifest.name, &b.manifest.version))
-    });
+    found.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
     Ok(found)
 }
 
@@ -1741,12 +1780,13 @@ fn decode_resolved(
 /// from its file (its signed bytes must hash to `hash`), the manifest decoded
 /// as it is read with its chunk list streamed out ([`Manifest::from_file_streaming`]:
 /// every check of a manifest's fields and sizes), the sizes kept (4 bytes a
-/// chunk), the ids written to an unnamed temporary file in the data directory
-/// (gone when the install drops it) and read from there in blocks
-/// ([`Expected::chunks`]). Its signatures
-/// are not checked: nothing of it is trusted, the index hashes every chunk it
-/// lists. `None` (the slot is cut by content) when it is not kept, cannot be
-/// read, or does not fit.
+/// chunk), the ids checked against (or written to) the kept manifest's own
+/// `<hash>.ids` beside it ([`chunk_ids::IdsWriter::reuse_or_create`]: nothing
+/// written when `KeptManifests::verify` wrote them already) and read from there
+/// in blocks ([`Expected::chunks`]). Its signatures are not checked: nothing of
+/// it is trusted, the index hashes every chunk it lists. `None` (the slot is cut
+/// by content) when it is not kept, cannot be read (warned, with the error), or
+/// does not fit.
 fn expected_chunks(
     data_dir: &Path,
     hash: &[u8; 32],
@@ -1757,27 +1797,43 @@ fn expected_chunks(
     let dir = KeptManifests::new(data_dir).dir;
     let name = hex::encode(hash);
     let path = dir.join(format!("{name}.envelope"));
-    let file = std::fs::File::open(&path).ok()?;
-    let file_len = file.metadata().ok()?.len();
-    let layout =
-        shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| file.read_exact_at(buf, at))
-            .ok()??;
-    let ids = tempfile::tempfile_in(data_dir).ok()?;
-    let ids = ExpectedIds {
-        out: io::BufWriter::with_capacity(64 * 1024, ids),
+    // A kept manifest that cannot be read is said so (the slot is then cut by
+    // content, as when none is kept): not silently.
+    let unreadable = |e: &dyn std::fmt::Display| -> Option<Expected> {
+        warn!(path = %path.display(), error = %e, "the kept manifest cannot be read: the running slot is indexed by content");
+        None
     };
-    let file = chunk_ids::FileAt(file);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => return unreadable(&e),
+    };
+    let file_len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return unreadable(&e),
+    };
+    let layout = match shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| {
+        file.read_exact_at(buf, at)
+    }) {
+        Ok(Some(layout)) => layout,
+        Ok(None) => return unreadable(&"not a canonical envelope"),
+        Err(e) => return unreadable(&e),
+    };
+    // The ids to the kept manifest's own `<hash>.ids` (checked, not written
+    // again, when it holds them already: `KeptManifests::verify` wrote it).
+    let ids = match chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids"))) {
+        Ok(ids) => ExpectedIds(Box::new(ids)),
+        Err(e) => return unreadable(&e),
+    };
     let decoded =
         Manifest::from_file_streaming(&file, layout.signed_at, layout.signed_len, hash, ids);
-    let (mut streamed, ids) = match decoded {
+    let (mut streamed, ExpectedIds(ids)) = match decoded {
         Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "the kept manifest cannot be read: the slot is cut by content");
-            return None;
-        }
+        Err(e) => return unreadable(&e),
     };
     let manifest = streamed.manifest();
-    // The list streamed is the first payload's: the release's only one.
+    // The list streamed is the first payload's: the release's only one. A
+    // list that does not fit the slot is no error: the slot is cut by content.
     let payload = match &manifest.payloads[..] {
         [p] if p.kind == shoal_artifact::PayloadKind::RootfsImage => p.size,
         _ => return None,
@@ -1791,26 +1847,34 @@ fn expected_chunks(
     if total != payload || total > len {
         return None;
     }
-    let ids = ids.out.into_inner().ok()?;
-    Some(Expected { sizes, ids })
+    let ids = match shoal_engine::ChunkIdWriter::finish(ids) {
+        Ok(ids) => ids,
+        Err(e) => return unreadable(&e),
+    };
+    Some(Expected {
+        sizes,
+        ids,
+        error: std::sync::Mutex::new(None),
+    })
 }
 
-/// The kept manifest's ids, to a temporary file as they are decoded.
-struct ExpectedIds {
-    out: io::BufWriter<std::fs::File>,
-}
+/// The kept manifest's ids, to its `<hash>.ids` as they are decoded.
+struct ExpectedIds(Box<chunk_ids::IdsWriter>);
 
 impl shoal_artifact::ChunkIdSink for ExpectedIds {
     fn push(&mut self, id: &ChunkId) -> Result<(), String> {
-        io::Write::write_all(&mut self.out, &id.0).map_err(|e| e.to_string())
+        shoal_engine::ChunkIdWriter::push(&mut *self.0, id)
     }
 }
 
 /// The chunk list of the release a slot should hold ([`expected_chunks`]): the
-/// sizes in memory, the ids in a temporary file read by position.
+/// sizes in memory, the ids in the kept manifest's `<hash>.ids`, read by
+/// position.
 struct Expected {
     sizes: Vec<u32>,
-    ids: std::fs::File,
+    ids: Arc<dyn shoal_engine::ChunkIdFile>,
+    /// The first error reading the ids ([`Expected::read_error`]).
+    error: std::sync::Mutex<Option<String>>,
 }
 
 impl Expected {
@@ -1818,27 +1882,33 @@ impl Expected {
     const BLOCK: usize = 256;
 
     /// `(id, size)` by position, the ids read a block at a time. An id that
-    /// cannot be read is all zeros, which no chunk hashes to: the slot is then
-    /// found not to hold the release, and is cut by content.
+    /// cannot be read is all zeros, which no chunk hashes to, and the error is
+    /// kept ([`Expected::read_error`], warned once): what a zero id was
+    /// compared with says nothing, so a caller asks.
     fn chunks(&self) -> impl Iterator<Item = (ChunkId, u32)> + '_ {
-        use std::os::unix::fs::FileExt as _;
-        let mut block = vec![0u8; Self::BLOCK * 32];
+        let mut block = vec![ChunkId([0; 32]); Self::BLOCK];
         self.sizes.iter().enumerate().map(move |(pos, &size)| {
             let at = pos % Self::BLOCK;
             if at == 0 {
                 let n = (self.sizes.len() - pos).min(Self::BLOCK);
-                if let Err(e) = self
-                    .ids
-                    .read_exact_at(&mut block[..n * 32], pos as u64 * 32)
-                {
-                    tracing::debug!(error = %e, "cannot read the kept manifest's ids");
-                    block.fill(0);
+                if let Err(e) = self.ids.read_ids(pos as u32, &mut block[..n]) {
+                    block.fill(ChunkId([0; 32]));
+                    let mut first = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                    if first.is_none() {
+                        let e = format!("cannot read {}: {e}", self.ids.describe());
+                        warn!(error = %e, "cannot read the kept manifest's ids: the running slot is indexed by content");
+                        *first = Some(e);
+                    }
                 }
             }
-            let mut id = ChunkId([0; 32]);
-            id.0.copy_from_slice(&block[at * 32..at * 32 + 32]);
-            (id, size)
+            (block[at], size)
         })
+    }
+
+    /// The first error reading the ids, if any: then the chunks read were not
+    /// the list's, and the slot is to be cut by content.
+    fn read_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -2929,6 +2999,16 @@ impl<'a> Driver<'a> {
                             Some(ALONG_SAMPLE),
                         )?;
                         let (chunks, partial, sampled) = match checked {
+                            // Ids that could not be read were zeros (warned by
+                            // `Expected::chunks`): what was held is not known,
+                            // so the slot is cut by content.
+                            slotio::Along::Held(_) | slotio::Along::Sampled { .. }
+                                if expected.read_error().is_some() =>
+                            {
+                                let chunks =
+                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
+                                (chunks, false, 0)
+                            }
                             slotio::Along::Held(chunks) => (chunks, true, 0),
                             slotio::Along::Sampled { chunks, checked } => (chunks, true, checked),
                             slotio::Along::Differs { offset, expected } => {
@@ -3685,8 +3765,9 @@ mod expected_tests {
     use super::*;
     use shoal_engine::testing;
 
-    /// The kept manifest's chunk list is read by position (its ids from a
-    /// temporary file, a block at a time: 300 chunks cross a block), and a kept
+    /// The kept manifest's chunk list is read by position (its ids from the
+    /// kept `<hash>.ids`, a block at a time: 300 chunks cross a block; an id that
+    /// cannot be read is zeros with the error kept), and a kept
     /// file that cannot serve (none, another manifest under its name, a changed
     /// byte, not an envelope) or a list that does not fit the slot (another
     /// chunking, a payload larger than the slot) is `None`: the slot is then cut
@@ -3717,7 +3798,47 @@ mod expected_tests {
         assert_eq!(expected.chunks().collect::<Vec<_>>(), want);
         // Read twice (the check and the comparison each read it once).
         assert_eq!(expected.chunks().count(), want.len());
+        assert_eq!(expected.read_error(), None);
         drop(expected);
+        // The ids went to the kept manifest's own `<hash>.ids`, which a second
+        // read checks and keeps (the same file, not written again).
+        let ids_path = data
+            .join("manifests")
+            .join(format!("{}.ids", hex::encode(hash)));
+        assert_eq!(
+            std::fs::metadata(&ids_path).expect("ids").len(),
+            want.len() as u64 * 32
+        );
+        let inode = |p: &Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(p).expect("ids").ino()
+        };
+        let before = inode(&ids_path);
+        let expected = expected_chunks(data, &hash, chunking, len).expect("read");
+        assert_eq!(inode(&ids_path), before, "the same ids file");
+        // Ids that cannot be read: zeros, and the first error kept for the
+        // caller, which then cuts the slot by content.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ids_path)
+            .and_then(|f| f.set_len(32 * Expected::BLOCK as u64))
+            .expect("cut short");
+        let read: Vec<(ChunkId, u32)> = expected.chunks().collect();
+        assert_eq!(read[..Expected::BLOCK], want[..Expected::BLOCK]);
+        assert!(
+            read[Expected::BLOCK..]
+                .iter()
+                .all(|(id, _)| id.0 == [0; 32])
+        );
+        assert_eq!(
+            expected.read_error(),
+            Some(format!(
+                "cannot read {}: failed to fill whole buffer",
+                ids_path.display()
+            ))
+        );
+        drop(expected);
+        std::fs::remove_file(&ids_path).expect("rm");
         // Does not fit: a slot shorter than the payload, another chunking.
         assert!(expected_chunks(data, &hash, chunking, len - 1).is_none());
         let mut other = chunking;
@@ -3902,6 +4023,85 @@ mod kept_tests {
             .expect("named");
         dev.forget_release(&release);
         assert_eq!(names(), both);
+    }
+
+    /// A chunk store's release is copied as picked: a file changed between the
+    /// pick and the copy is refused as changed, before it is verified, nothing
+    /// of it kept in the device store; the copy's errors say which side failed
+    /// (the store's file read, or the device store written).
+    #[test]
+    fn a_picked_store_release_changed_before_its_copy_is_refused_and_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, _) = crate::lan::tests::device(dir.path(), 1, None, &[]);
+        let dev = Device::open(config.clone(), Reboot::Command).expect("open");
+        let key = crate::lan::tests::key(2);
+        // 2048 chunks: an envelope of more than one 64 KiB block.
+        let image = testing::bytes(5, 2 << 20);
+        let (v1, _) = testing::release_cut("os", "1", 1, "board", &image, &[1024]);
+        let (v2, _) = testing::release_cut("os", "2", 2, "board", &image, &[2048]);
+        let (e1, e2) = (testing::sign(&v1, &key), testing::sign(&v2, &key));
+        assert!(e1.len() > 64 * 1024);
+        let sticks = dir.path().join("stick");
+        let store = ChunkStore::open(&sticks).expect("store");
+        let path = sticks.join("manifests").join("one.envelope");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        std::fs::write(&path, &e1).expect("write");
+        let picked = store.release_head(&path, &dev.root, None).expect("head");
+        assert_eq!(picked.manifest_hash, v1.hash());
+        let envelopes = store::envelope_file(&config.device.data_dir, &[0; 32])
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let kept = || match std::fs::read_dir(&envelopes) {
+            Ok(d) => d.count(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => panic!("{e}"),
+        };
+
+        // Swapped for another release, signed as well.
+        std::fs::write(&path, &e2).expect("write");
+        let e = dev.copy_picked(&picked, None).expect_err("changed");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "{} changed since the release was picked from it (its bytes hashed {}, they now hash {}): nothing of it was installed",
+                path.display(),
+                hex::encode(blake3::hash(&e1).as_bytes()),
+                hex::encode(blake3::hash(&e2).as_bytes())
+            )
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+
+        // The device store cannot be written: said so, not as a read of the
+        // stick's file.
+        std::fs::write(&path, &e1).expect("write");
+        std::fs::create_dir_all(&envelopes).expect("dir");
+        std::os::unix::fs::symlink("/dev/full", envelopes.join("encoding.tmp")).expect("link");
+        let e = dev.copy_picked(&picked, None).expect_err("full");
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot store the signed manifest: No space left on device (os error 28)"
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+        // The stick's file cannot be read (a directory now).
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("dir");
+        let e = dev.copy_picked(&picked, None).expect_err("a directory");
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot read {}: Is a directory (os error 21)",
+                path.display()
+            )
+        );
+        assert_eq!(kept(), 0, "nothing kept");
+
+        // As picked: verified from the copy, the release picked.
+        std::fs::remove_dir(&path).expect("rm");
+        std::fs::write(&path, &e1).expect("write");
+        let (release, copied) = dev.copy_picked(&picked, None).expect("copied");
+        assert_eq!(release.release().manifest_hash, v1.hash());
+        assert_eq!(copied, e1.len() as u64);
     }
 }
 

@@ -40,7 +40,7 @@ pub use index::{IndexReadError, IndexReader, IndexStore, MemIndexes};
 pub use lan::{NodeKey, Swarm};
 pub use lan_manifest::{ManifestPlan, ManifestStep, ServerWhy};
 pub use lifecycle::{INDEX_FOUND_PART, INDEX_SAMPLE_PART};
-pub use pick::PickError;
+pub use pick::{Candidate, PickError};
 pub use release::VerifiedRelease;
 pub use table::{ChunkIdFile, ChunkIdWriter};
 

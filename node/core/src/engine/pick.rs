@@ -30,6 +30,38 @@ pub enum PickError {
     },
 }
 
+/// A release to pick from, as much of it as the choice needs: its name, version,
+/// device types and security counter, and the hash of its signed manifest (the
+/// release's id, which tells two releases with the same fields apart). A driver
+/// that read a stored manifest's fields without its chunk lists (a chunk store's
+/// `ChunkStore::release_head`) gives these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    /// The release's name.
+    pub name: &'a str,
+    /// The release's version.
+    pub version: &'a str,
+    /// The device types it may be installed on.
+    pub device_types: &'a [String],
+    /// Its anti-rollback counter.
+    pub security_counter: u64,
+    /// BLAKE3 of its signed manifest.
+    pub hash: [u8; 32],
+}
+
+impl<'a> Candidate<'a> {
+    /// The candidate of a whole manifest whose signed bytes hash to `hash`.
+    pub fn of(m: &'a Manifest, hash: [u8; 32]) -> Candidate<'a> {
+        Candidate {
+            name: &m.name,
+            version: &m.version,
+            device_types: &m.device_types,
+            security_counter: m.security_counter,
+            hash,
+        }
+    }
+}
+
 impl Engine {
     /// Picks the release to install among `manifests` (verified by the driver):
     /// with `want` (`NAME` or `NAME@VERSION`) the one of that name and version,
@@ -43,22 +75,23 @@ impl Engine {
         manifests: &[&Manifest],
         want: Option<&str>,
     ) -> Result<usize, PickError> {
-        let releases: Vec<(&Manifest, [u8; 32])> =
-            manifests.iter().map(|&m| (m, m.hash())).collect();
-        self.pick_release_hashed(&releases, want)
+        let releases: Vec<Candidate<'_>> = manifests
+            .iter()
+            .map(|&m| Candidate::of(m, m.hash()))
+            .collect();
+        self.pick_candidate(&releases, want)
     }
 
-    /// [`Engine::pick_release`] among manifests given with the hash of their
-    /// signed bytes (the release's id), which tells two releases apart: a driver
-    /// that read each manifest's fields without its chunk list (a chunk store's
-    /// `ChunkStore::release_head`) cannot hash the manifest it holds.
-    pub fn pick_release_hashed(
+    /// [`Engine::pick_release`] among releases given by the fields the choice
+    /// reads and the hash of their signed bytes (the release's id), which tells
+    /// two releases apart: a driver that read each manifest's fields without its
+    /// chunk lists (a chunk store's `ChunkStore::release_head`) holds no more.
+    pub fn pick_candidate(
         &self,
-        releases: &[(&Manifest, [u8; 32])],
+        releases: &[Candidate<'_>],
         want: Option<&str>,
     ) -> Result<usize, PickError> {
-        let manifests: Vec<&Manifest> = releases.iter().map(|&(m, _)| m).collect();
-        let manifests = &manifests[..];
+        let manifests = releases;
         let (name, version) = match want {
             Some(w) => match w.split_once('@') {
                 Some((n, v)) => (Some(n), Some(v)),
@@ -97,7 +130,7 @@ impl Engine {
         let distinct = found
             .iter()
             .filter(|&&i| manifests[i].security_counter == top)
-            .any(|&i| releases[i].1 != releases[best].1);
+            .any(|&i| releases[i].hash != releases[best].hash);
         if distinct {
             tied.sort();
             tied.dedup();
@@ -206,10 +239,11 @@ mod tests {
         let e = engine();
         let low = manifest("acme-os", "1.0", 1, DEVICE);
         let a = manifest("acme-os", "2.0", 2, DEVICE);
-        let picked = e.pick_release_hashed(&[(&low, [1; 32]), (&a, [2; 32]), (&a, [2; 32])], None);
+        let c = Candidate::of;
+        let picked = e.pick_candidate(&[c(&low, [1; 32]), c(&a, [2; 32]), c(&a, [2; 32])], None);
         assert_eq!(picked, Ok(1));
         assert_eq!(
-            e.pick_release_hashed(&[(&low, [1; 32]), (&a, [2; 32]), (&a, [3; 32])], None),
+            e.pick_candidate(&[c(&low, [1; 32]), c(&a, [2; 32]), c(&a, [3; 32])], None),
             Err(PickError::Ambiguous {
                 candidates: vec!["acme-os@2.0".to_string()]
             })

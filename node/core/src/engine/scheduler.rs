@@ -1983,8 +1983,7 @@ impl Engine {
             .iter()
             .any(|s| s.gone.is_none() && s.may_hold(e));
         // A cut that runs already may meet it (the engine waits for its end).
-        if held || job.cutting_rest || job.need.get(e) == Need::Done || job.step != Step::Fetching
-        {
+        if held || job.cutting_rest || job.need.get(e) == Need::Done || job.step != Step::Fetching {
             return;
         }
         job.index_unproved = false;
