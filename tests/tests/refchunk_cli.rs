@@ -193,27 +193,30 @@ fn delta_artifact_is_small_installs_from_the_running_slot_and_resumes() {
         );
     }
 
-    // Interrupted: the install is killed (a power cut) after a growing delay until
-    // the journal records verified progress and the install has not finished.
-    let path = s.delta.display().to_string();
+    // Interrupted: the install is killed (a power cut) while it waits for the
+    // artifact's last kilobyte (its end-of-archive blocks), which it is never given
+    // (a pipe on its standard input): it cannot finish first, however fast the
+    // machine. It is killed after a growing delay until the journal records
+    // verified progress.
+    let bytes = std::fs::read(&s.delta).expect("the delta artifact");
     let mut journaled = 0;
-    // Steps of 50 ms first: on a fast machine the install journals its first
-    // chunks and finishes within a few hundred milliseconds.
-    for wait_ms in (2..16u64).map(|k| k * 50).chain([1600, 3200, 6400]) {
+    for wait_ms in [300u64, 1000, 3000, 9000] {
         let mut child = dev
-            .cmd(&["install", "--json", &path])
+            .cmd(&["install", "--json", "-"])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, &bytes[..bytes.len() - 1024])
+            .expect("the install reads the artifact but its end");
         std::thread::sleep(std::time::Duration::from_millis(wait_ms));
-        let finished = child.try_wait().expect("wait").is_some();
+        let running = child.try_wait().expect("wait").is_none();
         let _ = child.kill();
         let _ = child.wait();
-        assert!(
-            !finished,
-            "the install finished within {wait_ms} ms, before it could be interrupted"
-        );
+        drop(stdin);
+        assert!(running, "the install ended without the end of its artifact");
         let st = dev.status();
         if st["deployment"]["phase"] == "fetching" {
             journaled = u(&st["deployment"], "journal_bytes");
