@@ -1666,8 +1666,14 @@ fn a_partial_index_serves_its_install_only_and_is_not_recorded() {
 /// A sampled index ([`Input::SlotIndexWritten`] with `sampled`) whose entry of a
 /// repeated chunk `R` (its first position, 8 KiB in) was overwritten after the
 /// check; `R` is also at 40 KiB unless `both`, and the stream carries it when
-/// `streamed`. Runs the install; returns the device (events, cuts resumed).
-fn install_over_a_sampled_index_missing_a_chunk(streamed: bool, both: bool) -> SimDevice {
+/// `streamed`; with `server`, a WAN request source that says nothing of what it
+/// holds (so it may hold `R`) but holds nothing is offered too. Runs the install;
+/// returns the device (events, cuts resumed).
+fn install_over_a_sampled_index_missing_a_chunk(
+    streamed: bool,
+    both: bool,
+    server: bool,
+) -> SimDevice {
     let f = Fixture::new();
     let (mut v1, _) = images();
     let c = crate::testing::TEST_CHUNKING.avg_size as usize;
@@ -1695,6 +1701,14 @@ fn install_over_a_sampled_index_missing_a_chunk(streamed: bool, both: bool) -> S
         .collect();
     let mut offer = stream_offer(sign(&m2, &f.key));
     offer.sources[0].holds = Holds::Ids(holds.clone());
+    if server {
+        offer.sources.push(SourceInfo::new(
+            SourceId(3),
+            SourceKind::Requests,
+            SourceClass::Wan,
+            "server",
+        ));
+    }
     engine.offer(dev.now(), offer).expect("offer");
     let (slot, chunking, len) = index_request(&mut dev, &mut engine);
     // The driver lists the awaited chunks where v1 puts them (first positions),
@@ -1750,7 +1764,7 @@ fn install_over_a_sampled_index_missing_a_chunk(streamed: bool, both: bool) -> S
 /// finds the chunk where the slot repeats it. (Without it: `MissingChunks`.)
 #[test]
 fn a_sampled_index_missing_a_chunk_no_source_holds_cuts_the_slot_by_content() {
-    let dev = install_over_a_sampled_index_missing_a_chunk(false, false);
+    let dev = install_over_a_sampled_index_missing_a_chunk(false, false, false);
     assert_eq!(failed(&dev.events), None);
     assert_eq!(dev.rest_cuts, vec![0]);
     assert_eq!(dev.boot.armed(), Some(Slot::B));
@@ -1761,9 +1775,22 @@ fn a_sampled_index_missing_a_chunk_no_source_holds_cuts_the_slot_by_content() {
 /// index does, without a cut.
 #[test]
 fn a_sampled_index_missing_a_chunk_the_stream_carries_takes_it_from_the_stream() {
-    let dev = install_over_a_sampled_index_missing_a_chunk(true, false);
+    let dev = install_over_a_sampled_index_missing_a_chunk(true, false, false);
     assert_eq!(failed(&dev.events), None);
     assert_eq!(dev.rest_cuts, Vec::<u64>::new());
+    assert_eq!(dev.boot.armed(), Some(Slot::B));
+}
+
+/// A source that may hold the chunk (a server that says nothing of what it holds)
+/// is asked first, as for any bad entry; when it turns out not to hold it, the
+/// install is not failed as stuck while the sampled index is unproved: the slot
+/// is cut by content from its start, which finds the chunk where the slot repeats
+/// it. (Without it: `MissingChunks` with no cut; review12d.)
+#[test]
+fn a_sampled_index_missing_a_chunk_a_server_lacks_too_cuts_the_slot_by_content() {
+    let dev = install_over_a_sampled_index_missing_a_chunk(false, false, true);
+    assert_eq!(failed(&dev.events), None);
+    assert_eq!(dev.rest_cuts, vec![0]);
     assert_eq!(dev.boot.armed(), Some(Slot::B));
 }
 
@@ -1771,7 +1798,7 @@ fn a_sampled_index_missing_a_chunk_the_stream_carries_takes_it_from_the_stream()
 /// to its end and the install fails naming the missing chunk, nothing armed.
 #[test]
 fn a_sampled_index_missing_a_chunk_nowhere_fails_after_the_cut() {
-    let dev = install_over_a_sampled_index_missing_a_chunk(false, true);
+    let dev = install_over_a_sampled_index_missing_a_chunk(false, true, false);
     match failed(&dev.events) {
         Some(InstallError::MissingChunks {
             count: 1, bytes, ..

@@ -917,6 +917,13 @@ impl Engine {
             // may be met by it: wait for it.
             || job.cutting_rest;
         if !busy {
+            // A sampled index may have listed a chunk where the slot no longer
+            // holds it while a source said it might bring it, and that source
+            // then did not: before failing, the slot is cut by content from its
+            // start (once), as when no source held it at the bad read.
+            if job.index_unproved && !job.cut_given_up && self.cut_slot_from_start(now) {
+                return;
+            }
             self.stuck();
         }
     }
@@ -1975,7 +1982,7 @@ impl Engine {
     /// ends. Once only: a later bad entry is fetched as any other (the cut met
     /// every chunk the slot holds).
     fn distrust_sampled_index(&mut self, now: Instant, e: u32) {
-        let Some(job) = self.job.as_mut().filter(|j| j.index_unproved) else {
+        let Some(job) = self.job.as_ref().filter(|j| j.index_unproved) else {
             return;
         };
         let held = job
@@ -1983,11 +1990,30 @@ impl Engine {
             .iter()
             .any(|s| s.gone.is_none() && s.may_hold(e));
         // A cut that runs already may meet it (the engine waits for its end).
-        if held || job.cutting_rest || job.need.get(e) == Need::Done || job.step != Step::Fetching {
+        if held
+            || job.cutting_rest
+            || job.cut_given_up
+            || job.need.get(e) == Need::Done
+            || job.step != Step::Fetching
+        {
             return;
         }
-        job.index_unproved = false;
+        let _ = self.cut_slot_from_start(now);
+    }
+
+    /// Whether it started the cut. The sampled index is given up as the guide to the active slot, which is
+    /// cut by content from its start ([`Output::CutRest`] from 0): see
+    /// [`Self::distrust_sampled_index`]; also when the install would otherwise
+    /// fail as stuck with the index still unproved.
+    fn cut_slot_from_start(&mut self, now: Instant) -> bool {
         let active = self.state.active;
+        let Some(job) = self.job.as_mut() else {
+            return false;
+        };
+        if !job.index_unproved || job.cutting_rest || job.step != Step::Fetching {
+            return false;
+        }
+        job.index_unproved = false;
         let chunking = job.rel.manifest.chunking;
         let len = job.index_len;
         // The sampled index is given up as the guide to the slot (its entries
@@ -2000,8 +2026,7 @@ impl Engine {
         job.index_window = (0, job.index_found);
         info!(
             slot = %active,
-            id = %job.rel.table.id(e),
-            "the sampled check of the active slot missed a change and no source holds the chunk: cutting the slot by content"
+            "the sampled check of the active slot missed a change and no source brings the chunk: cutting the slot by content"
         );
         self.event(Event::CutResumed {
             slot: active,
@@ -2013,6 +2038,7 @@ impl Engine {
             from: 0,
             len,
         });
+        true
     }
 
     /// A request source does not hold a chunk.
