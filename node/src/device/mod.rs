@@ -2034,10 +2034,15 @@ pub(crate) struct References {
     read_slot_calls: u64,
     read_io: Duration,
     /// Where the references ahead use each block of the running slot: (block,
-    /// position in the payload of a chunk decoded with it), sorted; from the
-    /// manifest ([`References::plan`]). Empty without one: blocks are then given
-    /// up least recently used first.
-    uses: Vec<(u64, u32)>,
+    /// the span of `positions` listing the chunks decoded with a reference that
+    /// reads it), sorted; from the manifest ([`References::plan`]). One entry a
+    /// block a reference reads, not one a chunk: a plan's size follows the
+    /// references, plus 4 bytes a delta-encoded chunk. Empty without one: blocks
+    /// are then given up least recently used first.
+    uses: Vec<(u64, u32, u32)>,
+    /// The positions in the payload of the chunks decoded with each reference,
+    /// ascending within a reference, the references one after another.
+    positions: Vec<u32>,
     /// The position of the chunk whose reference was read last.
     now: u32,
     /// Blocks the references of the batch being read need, sorted
@@ -2066,6 +2071,7 @@ impl References {
             read_slot_calls: 0,
             read_io: Duration::ZERO,
             uses: Vec::new(),
+            positions: Vec::new(),
             now: 0,
             wanted: Vec::new(),
             run: Vec::new(),
@@ -2087,15 +2093,16 @@ impl References {
     /// chunks decoded with it) use the running slot's blocks, so that the block
     /// given up for a new one is the one needed again last.
     pub(crate) fn plan<'a>(&mut self, references: impl IntoIterator<Item = &'a Reference>) {
-        let mut uses = Vec::new();
+        let (mut uses, mut positions) = (Vec::new(), Vec::new());
         for r in references {
-            for b in Self::blocks_of(r) {
-                uses.extend(r.chunks.iter().map(|&p| (b, p)));
-            }
+            let start = positions.len() as u32;
+            positions.extend_from_slice(&r.chunks);
+            let end = positions.len() as u32;
+            uses.extend(Self::blocks_of(r).map(|b| (b, start, end)));
         }
         uses.sort_unstable();
-        uses.dedup();
         self.uses = uses;
+        self.positions = positions;
     }
 
     /// Tells which references the batch being read needs (those not in the cache):
@@ -2115,11 +2122,19 @@ impl References {
     /// The position of the next chunk (from the current one on) decoded with a
     /// reference in block `b`, `u32::MAX` for none (or no plan).
     fn next_use(&self, b: u64) -> u32 {
-        let i = self.uses.partition_point(|&u| u < (b, self.now));
-        match self.uses.get(i) {
-            Some(&(block, p)) if block == b => p,
-            _ => u32::MAX,
-        }
+        let i = self.uses.partition_point(|&(block, _, _)| block < b);
+        self.uses[i..]
+            .iter()
+            .take_while(|&&(block, _, _)| block == b)
+            .filter_map(|&(_, start, end)| {
+                // A reference's chunks are ascending (checked by the manifest).
+                let chunks = &self.positions[start as usize..end as usize];
+                chunks
+                    .get(chunks.partition_point(|&p| p < self.now))
+                    .copied()
+            })
+            .min()
+            .unwrap_or(u32::MAX)
     }
 
     /// Reads block `b` of the running slot, with the missing blocks after it up to
