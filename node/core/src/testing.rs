@@ -471,13 +471,14 @@ impl SimDevice {
                 }
             }
             // The cut it stops ends when this is carried out (above).
+            // A stop with no cut running (an install that failed with a resumed
+            // cut queued, then dropped its job: two stops) is ignored, as the
+            // device ignores it.
             Output::StopIndex { .. } => {
-                let cut = self
-                    .cut_at
-                    .or(self.stalled.take())
-                    .expect("StopIndex only while the slot is cut");
-                self.cuts_stopped.push(cut);
-                self.stops_told += 1;
+                if let Some(cut) = self.cut_at.or(self.stalled.take()) {
+                    self.cuts_stopped.push(cut);
+                    self.stops_told += 1;
+                }
             }
             Output::Read {
                 slot,
