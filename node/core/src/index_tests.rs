@@ -438,6 +438,51 @@ fn resumed(events: &[Event]) -> Vec<u64> {
         .collect()
 }
 
+/// v2 offered over a stick holding all of it to a device whose active slot is
+/// `slot`, under `budget` (WAN wire bytes), run until the slot's cut stopped
+/// (30 ms in).
+struct Stopped {
+    f: Fixture,
+    image: Vec<u8>,
+    c2: Vec<(ChunkId, Vec<u8>)>,
+    dev: SimDevice,
+    engine: Engine,
+}
+
+fn stopped_over_a_stick(slot: &[u8], budget: Option<u64>) -> Stopped {
+    let f = Fixture::new();
+    let image = v2();
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
+    let mut dev = device(slot);
+    let usb = stick(&mut dev, &c2);
+    let mut config = f.config();
+    config.wan_budget_bytes = budget;
+    let mut engine = dev.engine(config);
+    engine
+        .offer(dev.now(), f.offer(&m2, vec![usb]))
+        .expect("offer");
+    dev.run_until(&mut engine, None, 30).expect("no crash");
+    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    Stopped {
+        f,
+        image,
+        c2,
+        dev,
+        engine,
+    }
+}
+
+/// The server comes (holding every chunk), then the stick is pulled out. The
+/// server first: with no source left between the two, the install would fail as
+/// stuck (the cut is not resumed for the slot alone).
+fn server_then_no_stick(dev: &mut SimDevice, engine: &mut Engine, c2: &[(ChunkId, Vec<u8>)]) {
+    let wan = server(dev, c2);
+    engine.add_source(dev.now(), wan).expect("add the server");
+    engine
+        .remove_source(dev.now(), SourceId(2))
+        .expect("pull the stick out");
+}
+
 /// A USB-stick install whose cut stopped; the server shows up 300 ms in (the
 /// stick has brought about 30 chunks), the stick is pulled out 100 ms later. The
 /// server's arrival resumes the cut where it stopped, which takes from the slot
@@ -595,16 +640,13 @@ fn a_resumed_cut_is_stopped_again_by_the_same_rule() {
 /// slot holds while the windows give: the peer brings only the chunks in no slot.
 #[test]
 fn a_lan_peer_after_the_stop_resumes_the_cut() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
-    let mut dev = device(&slot_with_v2_at_the_cut());
-    let usb = stick(&mut dev, &c2);
-    let mut engine = dev.engine(f.config());
-    engine
-        .offer(dev.now(), f.offer(&m2, vec![usb]))
-        .expect("offer");
-    dev.run_until(&mut engine, None, 30).expect("no crash");
+    let Stopped {
+        image,
+        c2,
+        mut dev,
+        mut engine,
+        ..
+    } = stopped_over_a_stick(&slot_with_v2_at_the_cut(), None);
     assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
     dev.stores.insert(SourceId(3), c2.iter().cloned().collect());
     let peer = SourceInfo::new(SourceId(3), SourceKind::Requests, SourceClass::Peer, "peer");
@@ -666,28 +708,16 @@ fn a_cut_stopped_twice_resumes_again_from_where_it_got_to() {
 /// install fits the budget (without the resume it is refused over budget).
 #[test]
 fn a_data_budget_waits_for_the_resumed_cut() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
-    let mut dev = device(&slot_with_v2_past_the_cut());
-    let usb = stick(&mut dev, &c2);
-    let mut config = f.config();
     // Wire bytes of the 32 chunks in no slot (stored raw in the test releases).
     let budget = 32 * CHUNK;
-    config.wan_budget_bytes = Some(budget);
-    let mut engine = dev.engine(config);
-    engine
-        .offer(dev.now(), f.offer(&m2, vec![usb]))
-        .expect("offer");
-    dev.run_until(&mut engine, None, 30).expect("no crash");
-    assert!(stopped(&dev.events).is_some(), "the cut stopped");
-    // The server first: with no source left between the two, the install would
-    // fail as stuck (the cut is not resumed for the slot alone).
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
-    engine
-        .remove_source(dev.now(), SourceId(2))
-        .expect("pull the stick out");
+    let Stopped {
+        image,
+        c2,
+        mut dev,
+        mut engine,
+        ..
+    } = stopped_over_a_stick(&slot_with_v2_past_the_cut(), Some(budget));
+    server_then_no_stick(&mut dev, &mut engine, &c2);
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(
@@ -705,25 +735,15 @@ fn a_data_budget_waits_for_the_resumed_cut() {
 /// what only the network can serve, any budget kept the pause to the cut's end.
 #[test]
 fn an_ample_data_budget_releases_the_hold_as_none_does() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
     let wan_bytes = |budget: Option<u64>| {
-        let mut dev = device(&slot_with_v2_past_the_cut());
-        let usb = stick(&mut dev, &c2);
-        let mut config = f.config();
-        config.wan_budget_bytes = budget;
-        let mut engine = dev.engine(config);
-        engine
-            .offer(dev.now(), f.offer(&m2, vec![usb]))
-            .expect("offer");
-        dev.run_until(&mut engine, None, 30).expect("no crash");
-        assert!(stopped(&dev.events).is_some(), "the cut stopped");
-        let wan = server(&mut dev, &c2);
-        engine.add_source(dev.now(), wan).expect("add the server");
-        engine
-            .remove_source(dev.now(), SourceId(2))
-            .expect("pull the stick out");
+        let Stopped {
+            image,
+            c2,
+            mut dev,
+            mut engine,
+            ..
+        } = stopped_over_a_stick(&slot_with_v2_past_the_cut(), budget);
+        server_then_no_stick(&mut dev, &mut engine, &c2);
         dev.run(&mut engine, None).expect("no crash");
         assert_eq!(failed(&dev.events), None);
         assert_eq!(&dev.durable[1][..image.len()], &image[..]);
@@ -750,24 +770,15 @@ fn slot_with_v2_at_the_cut() -> Vec<u8> {
 /// brought the slot's chunks over the WAN too).
 #[test]
 fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
-    let mut dev = device(&slot_with_v2_at_the_cut());
-    let usb = stick(&mut dev, &c2);
-    let mut engine = dev.engine(f.config());
-    engine
-        .offer(dev.now(), f.offer(&m2, vec![usb]))
-        .expect("offer");
-    dev.run_until(&mut engine, None, 30).expect("no crash");
+    let Stopped {
+        image,
+        c2,
+        mut dev,
+        mut engine,
+        ..
+    } = stopped_over_a_stick(&slot_with_v2_at_the_cut(), None);
     assert_eq!(stopped(&dev.events), Some((SAMPLE, 0)));
-    // The server first: with no source left between the two, the install would
-    // fail as stuck (the cut is not resumed for the slot alone).
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
-    engine
-        .remove_source(dev.now(), SourceId(2))
-        .expect("pull the stick out");
+    server_then_no_stick(&mut dev, &mut engine, &c2);
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert!(
@@ -792,24 +803,14 @@ fn network_fetches_of_what_the_slot_may_hold_wait_for_the_resumed_cut() {
 /// the install completes from the network (without the timer it waits forever).
 #[test]
 fn held_fetches_go_ahead_when_the_resumed_cut_is_silent() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
-    let mut dev = device(&slot_with_v2_at_the_cut());
-    let usb = stick(&mut dev, &c2);
-    let mut engine = dev.engine(f.config());
-    engine
-        .offer(dev.now(), f.offer(&m2, vec![usb]))
-        .expect("offer");
-    dev.run_until(&mut engine, None, 30).expect("no crash");
-    assert!(stopped(&dev.events).is_some(), "the cut stopped");
-    // The server first: with no source left between the two, the install would
-    // fail as stuck (the cut is not resumed for the slot alone).
-    let wan = server(&mut dev, &c2);
-    engine.add_source(dev.now(), wan).expect("add the server");
-    engine
-        .remove_source(dev.now(), SourceId(2))
-        .expect("pull the stick out");
+    let Stopped {
+        f,
+        image,
+        c2,
+        mut dev,
+        mut engine,
+    } = stopped_over_a_stick(&slot_with_v2_at_the_cut(), None);
+    server_then_no_stick(&mut dev, &mut engine, &c2);
     dev.stall_cuts = true;
     let silence = f.config().cut_silence.as_millis() as u64;
     dev.run_until(&mut engine, None, 30 + silence - 1)
@@ -877,17 +878,12 @@ fn a_silent_resumed_cut_with_a_chunk_in_no_source_fails_the_install() {
 /// here a stalled one, was never told).
 #[test]
 fn an_install_failing_during_a_resumed_cut_stops_the_cut() {
-    let f = Fixture::new();
-    let image = v2();
-    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &image);
-    let mut dev = device(&slot_with_v2_at_the_cut());
-    let usb = stick(&mut dev, &c2);
-    let mut engine = dev.engine(f.config());
-    engine
-        .offer(dev.now(), f.offer(&m2, vec![usb]))
-        .expect("offer");
-    dev.run_until(&mut engine, None, 30).expect("no crash");
-    assert!(stopped(&dev.events).is_some(), "the cut stopped");
+    let Stopped {
+        c2,
+        mut dev,
+        mut engine,
+        ..
+    } = stopped_over_a_stick(&slot_with_v2_at_the_cut(), None);
     let wan = server(&mut dev, &c2);
     dev.stall_cuts = true;
     engine.add_source(dev.now(), wan).expect("add the server");
