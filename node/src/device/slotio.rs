@@ -2222,6 +2222,25 @@ mod tests {
         }
     }
 
+    /// [`check_along`] of the first `len` bytes of `storage` along `chunks` (a
+    /// cut's list: offset, id, length), wanting what `wanted` says.
+    fn check_cut(
+        storage: &dyn Storage,
+        len: u64,
+        chunks: &[(u64, ChunkId, u32)],
+        wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+        sample: Option<Sample>,
+    ) -> Along {
+        check_along(
+            storage,
+            len,
+            chunks.iter().map(|c| (c.1, c.2)),
+            wanted,
+            sample,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn check_along_reads_and_hashes_only_the_wanted_chunks() {
         let data = pattern(6 * BLOCK + 777, 21);
@@ -2239,14 +2258,13 @@ mod tests {
         slot[other.0 as usize + 10] ^= 0xff;
         let (_dir, storage) = file_with(&slot);
         let counting = Counting::new(storage);
-        let got = check_along(
+        let got = check_cut(
             &counting,
             slot.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
+            &chunks,
             &|id| wanted_ids.contains(id),
             None,
-        )
-        .unwrap();
+        );
         assert_eq!(got, Along::Held(wanted.clone()));
         let (reads, bytes) = counting.counts();
         assert!(
@@ -2276,14 +2294,7 @@ mod tests {
             slot[c.0 as usize + usize::try_from(c.2 / 2).unwrap()] ^= 1;
         }
         let (_dir, storage) = file_with(&slot);
-        let got = check_along(
-            &*storage,
-            slot.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
-            &|_| true,
-            None,
-        )
-        .unwrap();
+        let got = check_cut(&*storage, slot.len() as u64, &chunks, &|_| true, None);
         assert_eq!(
             got,
             Along::Differs {
@@ -2296,14 +2307,13 @@ mod tests {
         let mut shifted = vec![0u8; 3];
         shifted.extend_from_slice(&data);
         let (_dir, storage) = file_with(&shifted);
-        let got = check_along(
+        let got = check_cut(
             &*storage,
             shifted.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
+            &chunks,
             &|id| *id == chunks[40].1,
             None,
-        )
-        .unwrap();
+        );
         assert_eq!(
             got,
             Along::Differs {
@@ -2337,14 +2347,13 @@ mod tests {
         slot[wanted[unsampled].0 as usize + 3] ^= 1;
         let (_dir, storage) = file_with(&slot);
         let counting = Counting::new(storage);
-        let got = check_along(
+        let got = check_cut(
             &counting,
             slot.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
+            &chunks,
             &|id| wanted_ids.contains(id),
             Some(sample),
-        )
-        .unwrap();
+        );
         assert_eq!(
             got,
             Along::Sampled {
@@ -2360,14 +2369,13 @@ mod tests {
             "{bytes} bytes read for a sample of {picked_bytes}"
         );
         // The same check of every wanted chunk finds the change.
-        let got = check_along(
+        let got = check_cut(
             &counting,
             slot.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
+            &chunks,
             &|id| wanted_ids.contains(id),
             None,
-        )
-        .unwrap();
+        );
         assert_eq!(
             got,
             Along::Differs {
@@ -2379,14 +2387,13 @@ mod tests {
         let mut shifted = vec![0u8; 5];
         shifted.extend_from_slice(&data);
         let (_dir, storage) = file_with(&shifted);
-        let got = check_along(
+        let got = check_cut(
             &*storage,
             shifted.len() as u64,
-            chunks.iter().map(|c| (c.1, c.2)),
+            &chunks,
             &|id| wanted_ids.contains(id),
             Some(sample),
-        )
-        .unwrap();
+        );
         assert_eq!(
             got,
             Along::Differs {
@@ -2410,14 +2417,13 @@ mod tests {
         let wanted_ids: HashSet<ChunkId> = wanted.iter().map(|c| c.1).collect();
         let check = |slot: &[u8], k: usize| {
             let (_dir, storage) = file_with(slot);
-            check_along(
+            check_cut(
                 &*storage,
                 slot.len() as u64,
-                chunks.iter().map(|c| (c.1, c.2)),
+                &chunks,
                 &|id| wanted_ids.contains(id),
                 Some(Sample::new(k)),
             )
-            .unwrap()
         };
         assert_eq!(check(&data, n), Along::Held(wanted.clone()));
         assert_eq!(check(&data, n + 10), Along::Held(wanted.clone()));
