@@ -390,19 +390,31 @@ impl Engine {
             );
             return;
         }
-        job.cutting_rest = true;
-        job.network_paused = true;
-        job.pause_generation = job.generation();
-        job.cut_heard = now;
-        // Judged by half-windows from here (the sample judged the slot already).
-        job.index_window = (job.index_cut, job.index_found);
-        let (from, len) = (job.index_cut, job.index_len);
-        let chunking = job.rel.manifest.chunking;
+        let from = job.index_cut;
         info!(
             slot = %active,
             from,
             "a chunk still needed is no longer held by a local source: cutting the rest of the active slot"
         );
+        self.start_cut(now, from, true);
+    }
+
+    /// Asks the driver to cut the active slot from `from` to its end
+    /// ([`Output::CutRest`]), judged by half-windows from there; with `pause`,
+    /// network fetches of what the cut may meet wait for it
+    /// ([`Job::network_paused`]).
+    pub(crate) fn start_cut(&mut self, now: Instant, from: u64, pause: bool) {
+        let active = self.state.active;
+        let Some(job) = self.job.as_mut() else { return };
+        job.cutting_rest = true;
+        job.network_paused = pause;
+        if pause {
+            job.pause_generation = job.generation();
+        }
+        job.cut_heard = now;
+        job.index_cut = from;
+        job.index_window = (from, job.index_found);
+        let (len, chunking) = (job.index_len, job.rel.manifest.chunking);
         self.event(Event::CutResumed { slot: active, from });
         self.outputs.push_back(Output::CutRest {
             slot: active,
@@ -496,11 +508,7 @@ impl Engine {
     ///
     /// [`SourceClass`]: crate::SourceClass
     pub fn index_pays(&self, cut: u64) -> bool {
-        let Some(job) = self
-            .job
-            .as_ref()
-            .filter(|j| j.step == Step::Indexing || j.cutting_rest)
-        else {
+        let Some(job) = self.job.as_ref().filter(|j| j.cut_running()) else {
             return false;
         };
         let (since, found_before) = job.index_window;

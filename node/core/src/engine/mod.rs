@@ -933,7 +933,7 @@ impl Engine {
     pub fn awaited_chunks(&self) -> NeededChunks {
         self.job
             .as_ref()
-            .filter(|j| j.step == Step::Indexing || j.cutting_rest)
+            .filter(|j| j.cut_running())
             .map(|j| NeededChunks {
                 bits: crate::Bitfield::from_members(j.rel.table.entries(), j.needed_entries()),
                 rel: Some(std::sync::Arc::clone(&j.rel)),
@@ -1227,10 +1227,7 @@ impl Engine {
     /// [`Engine::drop_job`]; `stop_cut` false when the cut itself failed (it is
     /// not running).
     fn drop_job_stopping_cut(&mut self, stop_cut: bool) {
-        let cutting = self
-            .job
-            .as_ref()
-            .is_some_and(|j| j.step == Step::Indexing || j.cutting_rest);
+        let cutting = self.job.as_ref().is_some_and(Job::cut_running);
         if stop_cut && cutting {
             let slot = self.state.active;
             info!(%slot, "the install ended: the cut of the active slot stops");

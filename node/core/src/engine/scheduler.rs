@@ -543,6 +543,12 @@ impl Job {
             && !self.sources.iter().any(SourceState::is_requests)
     }
 
+    /// Whether a cut of the active slot runs for this install: the first one
+    /// (indexing) or a resumed one ([`Output::CutRest`](super::Output::CutRest)).
+    pub(crate) fn cut_running(&self) -> bool {
+        self.step == Step::Indexing || self.cutting_rest
+    }
+
     /// Whether every needed entry comes from a local source that says it holds it,
     /// and no source of another class (a LAN peer, the WAN) is open: then reading
     /// the active slot for a needed chunk saves no download, only a local read
@@ -1879,10 +1885,7 @@ impl Engine {
         // Found by the cut: not the answer to a read of the slot (`Output::Read`,
         // of a chunk an index or a guess put there), which a resumed cut runs
         // alongside.
-        if source.is_none()
-            && !matches!(state, Need::Reading { .. })
-            && (job.step == Step::Indexing || job.cutting_rest)
-        {
+        if source.is_none() && !matches!(state, Need::Reading { .. }) && job.cut_running() {
             job.index_found += u64::from(size);
         }
         match source {
@@ -2014,30 +2017,14 @@ impl Engine {
             return false;
         }
         job.index_unproved = false;
-        let chunking = job.rel.manifest.chunking;
-        let len = job.index_len;
         // The sampled index is given up as the guide to the slot (its entries
         // still queued are read, each hashed): a cut, from the start.
         job.index_stopped = true;
-        job.cutting_rest = true;
-        job.network_paused = false;
-        job.cut_heard = now;
-        job.index_cut = 0;
-        job.index_window = (0, job.index_found);
         info!(
             slot = %active,
             "the sampled check of the active slot missed a change and no source brings the chunk: cutting the slot by content"
         );
-        self.event(Event::CutResumed {
-            slot: active,
-            from: 0,
-        });
-        self.outputs.push_back(Output::CutRest {
-            slot: active,
-            chunking,
-            from: 0,
-            len,
-        });
+        self.start_cut(now, 0, false);
         true
     }
 
