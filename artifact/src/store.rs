@@ -447,8 +447,22 @@ impl ChunkStore {
         root: &TrustRoot,
         now_unix_s: Option<u64>,
     ) -> Result<Manifest, StoreError> {
-        self.load_manifest_bytes(path, root, now_unix_s)
-            .map(|(_, manifest)| manifest)
+        let (file, len) = open_envelope_file(path)?;
+        // Its length read first (it may still grow: bounded below).
+        let mut bytes = Vec::with_capacity(len.min(ENVELOPE_SIZE_MAX as u64 + 1) as usize);
+        file.take(ENVELOPE_SIZE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(path))?;
+        if bytes.len() > ENVELOPE_SIZE_MAX {
+            return Err(StoreError::BadManifest {
+                path: path.to_path_buf(),
+                source: ReadError::EnvelopeTooLarge {
+                    size: bytes.len() as u64,
+                    max: ENVELOPE_SIZE_MAX,
+                },
+            });
+        }
+        verified_manifest(&bytes, path, root, now_unix_s)
     }
 
     /// A release of the store as its signed manifest describes it, read from the
@@ -495,13 +509,9 @@ impl ChunkStore {
             // read once and borrowed, not copied.
             let mut bytes = vec![0u8; len as usize];
             file.read_exact_at(&mut bytes, 0).map_err(io_err(path))?;
-            let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
             // Decoded after all (`locate` and the decoder disagree): checked as
             // any envelope is.
-            let signed = root
-                .verify_ref(RoleName::Release, &env, now_unix_s)
-                .map_err(|e| bad(e.into()))?;
-            let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
+            let manifest = verified_manifest(&bytes, path, root, now_unix_s)?;
             let manifest_hash = manifest.hash();
             let envelope_hash = *blake3::hash(&bytes).as_bytes();
             return Ok(ReleaseHead::of(
@@ -565,41 +575,26 @@ impl ChunkStore {
             *envelope.finalize().as_bytes(),
         ))
     }
+}
 
-    /// [`ChunkStore::load_manifest`], with the envelope's bytes it verified (read
-    /// once: the file may be replaced meanwhile, so a caller that hands the
-    /// envelope on hands on these).
-    pub fn load_manifest_bytes(
-        &self,
-        path: &Path,
-        root: &TrustRoot,
-        now_unix_s: Option<u64>,
-    ) -> Result<(Vec<u8>, Manifest), StoreError> {
-        let bad = |source: ReadError| StoreError::BadManifest {
-            path: path.to_path_buf(),
-            source,
-        };
-        let (file, len) = open_envelope_file(path)?;
-        // Its length read first (it may still grow: bounded below).
-        let mut bytes = Vec::with_capacity(len.min(ENVELOPE_SIZE_MAX as u64 + 1) as usize);
-        file.take(ENVELOPE_SIZE_MAX as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io_err(path))?;
-        if bytes.len() > ENVELOPE_SIZE_MAX {
-            return Err(bad(ReadError::EnvelopeTooLarge {
-                size: bytes.len() as u64,
-                max: ENVELOPE_SIZE_MAX,
-            }));
-        }
-        // Borrowed, not copied: the signed bytes are a slice of `bytes`.
-        let env = EnvelopeRef::from_bytes(&bytes).map_err(|e| bad(e.into()))?;
-        let signed = root
-            .verify_ref(RoleName::Release, &env, now_unix_s)
-            .map_err(|e| bad(e.into()))?;
-        let manifest = Manifest::from_cbor(signed).map_err(|e| bad(e.into()))?;
-        drop(env);
-        Ok((bytes, manifest))
-    }
+/// The manifest of the envelope `bytes` (the file at `path`), its signatures
+/// verified against `root`, decoded whole; borrowed, not copied (the signed
+/// bytes are a slice of `bytes`).
+fn verified_manifest(
+    bytes: &[u8],
+    path: &Path,
+    root: &TrustRoot,
+    now_unix_s: Option<u64>,
+) -> Result<Manifest, StoreError> {
+    let bad = |source: ReadError| StoreError::BadManifest {
+        path: path.to_path_buf(),
+        source,
+    };
+    let env = EnvelopeRef::from_bytes(bytes).map_err(|e| bad(e.into()))?;
+    let signed = root
+        .verify_ref(RoleName::Release, &env, now_unix_s)
+        .map_err(|e| bad(e.into()))?;
+    Manifest::from_cbor(signed).map_err(|e| bad(e.into()))
 }
 
 /// A release in a chunk store, from its signed manifest
