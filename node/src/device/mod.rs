@@ -3013,32 +3013,31 @@ impl<'a> Driver<'a> {
                             &|id| awaited.contains(id),
                             Some(ALONG_SAMPLE),
                         )?;
-                        let (chunks, partial, sampled) = match checked {
+                        let held = match checked {
                             // Ids that could not be read were zeros (warned by
-                            // `Expected::chunks`): what was held is not known,
-                            // so the slot is cut by content.
-                            slotio::Along::Held(_) | slotio::Along::Sampled { .. }
-                                if expected.read_error().is_some() =>
-                            {
-                                let chunks =
-                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
-                                (chunks, false, 0)
-                            }
-                            slotio::Along::Held(chunks) => (chunks, true, 0),
-                            slotio::Along::Sampled { chunks, checked } => (chunks, true, checked),
+                            // `Expected::chunks`): what was held is not known.
+                            _ if expected.read_error().is_some() => None,
+                            slotio::Along::Held(chunks) => Some((chunks, 0)),
+                            slotio::Along::Sampled { chunks, checked } => Some((chunks, checked)),
                             slotio::Along::Differs { offset, expected } => {
-                                // Not the release expected: cut by content, which
-                                // finds what the slot shares with the new release
-                                // wherever it lies.
                                 tracing::debug!(
                                     offset,
                                     %expected,
                                     "the running slot does not hold its expected release: indexing it by content"
                                 );
-                                let chunks =
-                                    slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?;
-                                (chunks, false, 0)
+                                None
                             }
+                        };
+                        // Not the release expected (or not known): cut by content,
+                        // which finds what the slot shares with the new release
+                        // wherever it lies.
+                        let (chunks, partial, sampled) = match held {
+                            Some((chunks, sampled)) => (chunks, true, sampled),
+                            None => (
+                                slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?,
+                                false,
+                                0,
+                            ),
                         };
                         let written = self
                             .dev
