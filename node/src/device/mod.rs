@@ -646,13 +646,23 @@ impl Device {
                 .map_err(|e| anyhow!(e).context("the release was refused"));
         };
         drop(envelope);
+        self.verify_stored_or_forget(&hash, wall_unix_s)
+    }
+
+    /// Verifies the envelope the device store keeps as `hash` from its file
+    /// ([`Device::verify_stored_file`]), forgetting the file if it does not.
+    fn verify_stored_or_forget(
+        &self,
+        hash: &[u8; 32],
+        wall_unix_s: Option<u64>,
+    ) -> anyhow::Result<Arc<shoal_engine::VerifiedRelease>> {
         let verified = self
             .store
-            .open_stored_envelope(&hash)
+            .open_stored_envelope(hash)
             .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))
-            .and_then(|(file, len)| self.verify_stored_file(&hash, &file, len, wall_unix_s));
+            .and_then(|(file, len)| self.verify_stored_file(hash, &file, len, wall_unix_s));
         if verified.is_err() {
-            self.store.forget_envelope(&hash);
+            self.store.forget_envelope(hash);
         }
         verified
     }
@@ -661,8 +671,8 @@ impl Device {
     /// into the device store as it is read (64 KiB at a time, hashed as it is
     /// written, at most [`shoal_signing::ENVELOPE_SIZE_MAX`] bytes), then
     /// verified from the copy, never whole in memory. With the bytes copied.
-    /// With `picked` (the BLAKE3 of the file when a release was picked from it,
-    /// [`shoal_artifact::ReleaseHead::envelope_hash`]), a copy of other bytes is
+    /// `picked` is the BLAKE3 of the file when a release was picked from it
+    /// ([`shoal_artifact::ReleaseHead::envelope_hash`]): a copy of other bytes is
     /// refused before it is verified, as changed since the pick: what is
     /// verified is what was picked. Errors say which side failed: reading the
     /// file (`cannot read PATH`) or storing the copy (`cannot store the signed
@@ -670,7 +680,7 @@ impl Device {
     fn verify_envelope_file(
         &self,
         path: &Path,
-        picked: Option<&[u8; 32]>,
+        picked: &[u8; 32],
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
         /// Which side of the copy failed.
@@ -686,7 +696,7 @@ impl Device {
             anyhow!(
                 "{} changed since the release was picked from it (its bytes hashed {}, they now hash {}): nothing of it was installed",
                 path.display(),
-                hex::encode(picked.expect("compared with the picked hash")),
+                hex::encode(picked),
                 hex::encode(now)
             )
         };
@@ -728,26 +738,21 @@ impl Device {
                     return Err(cannot_read(too_large()));
                 }
                 let now = *blake3::hash(&bytes).as_bytes();
-                if picked.is_some_and(|p| *p != now) {
+                if *picked != now {
                     return Err(changed(&now));
                 }
                 let copied = bytes.len() as u64;
-                return Ok((self.verify_envelope_at(bytes, wall_unix_s)?, copied));
+                let verified =
+                    shoal_engine::VerifiedRelease::verify(&self.root, bytes, wall_unix_s)
+                        .map_err(|e| anyhow!(e).context("the release was refused"))?;
+                return Ok((verified, copied));
             }
         };
-        if picked.is_some_and(|p| *p != hash) {
+        if *picked != hash {
             self.store.forget_envelope(&hash);
             return Err(changed(&hash));
         }
-        let verified = self
-            .store
-            .open_stored_envelope(&hash)
-            .map_err(|e| anyhow!(e).context("cannot read back the signed manifest"))
-            .and_then(|(file, len)| self.verify_stored_file(&hash, &file, len, wall_unix_s));
-        if verified.is_err() {
-            self.store.forget_envelope(&hash);
-        }
-        Ok((verified?, copied))
+        Ok((self.verify_stored_or_forget(&hash, wall_unix_s)?, copied))
     }
 
     /// The release picked from a chunk store ([`ChunkStore::release_head`]),
@@ -761,7 +766,7 @@ impl Device {
         picked: &shoal_artifact::ReleaseHead,
         wall_unix_s: Option<u64>,
     ) -> anyhow::Result<(Arc<shoal_engine::VerifiedRelease>, u64)> {
-        self.verify_envelope_file(&picked.path, Some(&picked.envelope_hash), wall_unix_s)
+        self.verify_envelope_file(&picked.path, &picked.envelope_hash, wall_unix_s)
     }
 
     /// Removes the stored envelope (and its chunk ids) of a release verified by
