@@ -315,9 +315,7 @@ impl Engine {
         if cut < job.index_window.0.saturating_add(window) || cut >= job.index_len {
             return;
         }
-        let (since, found_before) = job.index_window;
-        let gave = (job.index_found - found_before).saturating_mul(INDEX_FOUND_PART)
-            >= cut.saturating_sub(since);
+        let gave = job.window_gave(cut);
         if self.index_pays(cut) {
             if let Some(job) = self.job.as_mut() {
                 job.index_window = (cut, job.index_found);
@@ -511,11 +509,7 @@ impl Engine {
         let Some(job) = self.job.as_ref().filter(|j| j.cut_running()) else {
             return false;
         };
-        let (since, found_before) = job.index_window;
-        let found = job.index_found - found_before;
-        !job.take_while_indexing
-            || found.saturating_mul(INDEX_FOUND_PART) >= cut.saturating_sub(since)
-            || !job.served_locally()
+        !job.take_while_indexing || job.window_gave(cut) || !job.served_locally()
     }
 
     /// Indexes the active slot while the device is idle, so that the next install

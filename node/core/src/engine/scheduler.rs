@@ -549,6 +549,14 @@ impl Job {
         self.step == Step::Indexing || self.cutting_rest
     }
 
+    /// Whether the cut's window so far, to `cut`, gave at least an
+    /// [`INDEX_FOUND_PART`](super::INDEX_FOUND_PART)th of its bytes in needed chunks.
+    pub(crate) fn window_gave(&self, cut: u64) -> bool {
+        let (since, found_before) = self.index_window;
+        (self.index_found - found_before).saturating_mul(super::INDEX_FOUND_PART)
+            >= cut.saturating_sub(since)
+    }
+
     /// Whether every needed entry comes from a local source that says it holds it,
     /// and no source of another class (a LAN peer, the WAN) is open: then reading
     /// the active slot for a needed chunk saves no download, only a local read
@@ -559,11 +567,7 @@ impl Job {
             return false;
         }
         // What it said it lacks since counts against what it said it holds.
-        let holders: Vec<&SourceState> = open().filter(|s| s.holds.is_some()).collect();
-        !holders.is_empty()
-            && self
-                .needed_entries()
-                .all(|e| holders.iter().any(|s| s.may_hold(e)))
+        open().any(|s| s.holds.is_some()) && self.needed_entries().all(|e| self.held_locally(e))
     }
 
     /// Whether an open local request source may hold entry `e` (what a resumed
