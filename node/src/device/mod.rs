@@ -3108,7 +3108,7 @@ impl<'a> Driver<'a> {
                     let stopping = |stop: &std::sync::atomic::AtomicBool| {
                         stop.load(std::sync::atomic::Ordering::Acquire)
                     };
-                    let handed = self.hand_over_cut(slot, met, &stop, 0);
+                    let handed = self.hand_over_cut(slot, met, &stop);
                     self.index_stop = None;
                     let handed = handed?;
                     let chunks = worker.join()?;
@@ -3369,7 +3369,7 @@ impl<'a> Driver<'a> {
 
 impl Driver<'_> {
     /// Hands what the cut of `slot` meets to the engine as it comes (the chunks
-    /// it needs, how far the cut is: `from` plus the cut's own count), carrying
+    /// it needs, how far the cut is), carrying
     /// out what the engine asks meanwhile, until the cut ends; nothing more once
     /// the engine stopped it (`stop`, set by [`Output::StopIndex`]), or once the
     /// install the cut was for ended (failed: a write, sync or journal record
@@ -3379,7 +3379,6 @@ impl Driver<'_> {
         slot: Slot,
         met: std::sync::mpsc::Receiver<slotio::Met>,
         stop: &std::sync::atomic::AtomicBool,
-        from: u64,
     ) -> anyhow::Result<u64> {
         let mut handed = 0u64;
         // A cut made while idle (no install) runs to its end.
@@ -3403,10 +3402,7 @@ impl Driver<'_> {
                     }
                 }
                 // The engine may stop the cut (`Output::StopIndex`).
-                slotio::Met::Cut(cut) => Input::IndexProgress {
-                    slot,
-                    cut: from + cut,
-                },
+                slotio::Met::Cut(cut) => Input::IndexProgress { slot, cut },
             };
             self.engine.handle(self.now(), input);
             self.drain()?;
@@ -3435,11 +3431,6 @@ impl Driver<'_> {
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
         let from = rest_start(from, chunking).min(len);
-        let tail = Tail {
-            inner: storage,
-            from,
-            len: len - from,
-        };
         let wanted = self.engine.needed_chunks();
         let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -3448,8 +3439,9 @@ impl Driver<'_> {
         let worker = std::thread::spawn(move || {
             // Counted, not listed: nothing of it is kept.
             slotio::count_cut(
-                &tail,
-                tail.len,
+                &*storage,
+                from,
+                len,
                 chunking,
                 &|id| wanted.contains(id),
                 Some(&slotio::Handover {
@@ -3462,7 +3454,7 @@ impl Driver<'_> {
             stop: Arc::clone(&stop),
             worker: Some(worker),
         };
-        let handed = self.hand_over_cut(slot, met, &stop, from);
+        let handed = self.hand_over_cut(slot, met, &stop);
         self.index_stop = None;
         let handed = handed?;
         let chunks = worker
@@ -3487,49 +3479,6 @@ impl Driver<'_> {
 fn rest_start(from: u64, chunking: shoal_artifact::Chunking) -> u64 {
     let back = from.saturating_sub(2 * u64::from(chunking.max_size));
     back - back % slotio::BLOCK as u64
-}
-
-/// The bytes of a slot from `from` on, read-only: what a resumed cut reads.
-#[derive(Debug)]
-struct Tail {
-    inner: Box<dyn Storage>,
-    from: u64,
-    len: u64,
-}
-
-impl Storage for Tail {
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.len)
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if offset.saturating_add(buf.len() as u64) > self.len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("read at {offset} past the {} bytes cut", self.len),
-            ));
-        }
-        self.inner.read_at(self.from + offset, buf)
-    }
-
-    fn write_at(&mut self, _offset: u64, _data: &[u8]) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    fn set_len(&mut self, _len: u64) -> io::Result<()> {
-        Err(read_only())
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn read_only() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        "the slot is read to be cut, not written",
-    )
 }
 
 fn short(e: &Event) -> String {
@@ -4202,84 +4151,65 @@ mod stop_cut_tests {
 mod cut_rest_tests {
     use super::*;
 
-    /// What a resumed cut reads (`Tail`, from a block boundary) is the slot from
-    /// there, read-only; and its cut, as though a chunk started there, meets the
-    /// whole slot's chunk starts within a few chunks (3 here) and is the whole cut's from
-    /// then on (so the chunks it hands over are where the slot holds them).
+    /// Asked from a point just past a block boundary (where a first cut
+    /// stopped), the resumed cut starts at a block boundary far enough before it
+    /// to cut every chunk from there where the whole cut does: it hands over the
+    /// chunk straddling the point and every one after it, and its progress as
+    /// offsets in the slot, to the slot's end (from the boundary at or before the
+    /// point, the first few were cut elsewhere).
     #[test]
-    fn a_cut_from_a_block_boundary_joins_the_whole_cut() {
+    fn a_resumed_cut_meets_every_chunk_from_where_it_was_asked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("slot-a.img");
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..4 * slotio::BLOCK)
-            .map(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng as u8
-            })
-            .collect();
+        let data = crash_tests::bytes(0x9e37_79b9_7f4a_7c15, 4 * slotio::BLOCK);
         std::fs::write(&path, &data).expect("write");
-        let open = || Box::new(shoal_bootctl::FileStorage::open(&path, false).expect("open"));
+        let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
         let len = data.len() as u64;
-        let from = slotio::BLOCK as u64;
-        let mut tail = Tail {
-            inner: open(),
-            from,
-            len: len - from,
-        };
-        let mut buf = [0u8; 16];
-        tail.read_at(100, &mut buf).expect("read");
-        assert_eq!(&buf, &data[from as usize + 100..from as usize + 116]);
-        assert_eq!(
-            tail.read_at(len - from - 8, &mut buf).map_err(|e| e.kind()),
-            Err(io::ErrorKind::UnexpectedEof)
-        );
-        assert_eq!(
-            tail.write_at(0, &buf).map_err(|e| e.kind()),
-            Err(io::ErrorKind::PermissionDenied)
-        );
         let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
-        let cut = |s: &dyn Storage, len: u64| {
-            slotio::index_along(s, len, chunking, &[], &|_| false, None, None).expect("cut")
-        };
-        let whole = cut(&*open(), len);
-        let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - from)
-            .into_iter()
-            .map(|(at, id, n)| (at + from, id, n))
-            .collect();
-        let meet = part
-            .iter()
-            .position(|c| whole.contains(c))
-            .expect("the cuts meet");
-        assert!(meet <= 4, "met after {meet} chunks");
-        let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
-        assert_eq!(&part[meet..], &whole[k..]);
-        // Asked from a point just past a block boundary (where a first cut
-        // stopped), the resumed cut starts far enough before it to cut every
-        // chunk from there where the whole cut does: the one straddling the
-        // point too (from the boundary at or before it, the first few were cut
-        // elsewhere).
-        for asked in [from + 100, 2 * from + 7_000, 3 * from] {
+        let whole = slotio::index(&storage, len, chunking, &|_| false, None, None).expect("cut");
+        let block = slotio::BLOCK as u64;
+        for asked in [block + 100, 2 * block + 7_000, 3 * block] {
             let start = rest_start(asked, chunking);
-            assert_eq!(start % slotio::BLOCK as u64, 0);
+            assert_eq!(start % block, 0);
             assert!(start + 2 * u64::from(chunking.max_size) <= asked);
-            let tail = Tail {
-                inner: open(),
-                from: start,
-                len: len - start,
-            };
-            let part: Vec<(u64, ChunkId, u32)> = cut(&tail, len - start)
-                .into_iter()
-                .map(|(at, id, n)| (at + start, id, n))
-                .collect();
             let straddling = whole
                 .iter()
                 .position(|c| c.0 + u64::from(c.2) > asked)
                 .expect("a chunk there");
-            for c in &whole[straddling..] {
-                assert!(part.contains(c), "asked from {asked}: {c:?} not met");
-            }
+            let wanted: HashSet<ChunkId> = whole[straddling..].iter().map(|c| c.1).collect();
+            let (tx, rx) = std::sync::mpsc::sync_channel(MET_QUEUE);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let (met, cuts) = std::thread::scope(|s| {
+                let receiver = s.spawn(move || {
+                    let (mut met, mut cuts) = (HashSet::new(), Vec::new());
+                    for m in rx {
+                        match m {
+                            slotio::Met::Chunk(c) => {
+                                met.insert(c.chunk().id);
+                            }
+                            slotio::Met::Cut(n) => cuts.push(n),
+                        }
+                    }
+                    (met, cuts)
+                });
+                slotio::count_cut(
+                    &storage,
+                    start,
+                    len,
+                    chunking,
+                    &|id| wanted.contains(id),
+                    Some(&slotio::Handover {
+                        tx: &tx,
+                        stop: &stop,
+                    }),
+                )
+                .expect("cut");
+                drop(tx);
+                receiver.join().expect("receiver")
+            });
+            assert_eq!(met, wanted, "asked from {asked}");
+            assert!(cuts.iter().all(|&n| n > start), "{cuts:?} from {start}");
+            assert_eq!(cuts.last(), Some(&len));
         }
     }
 }

@@ -157,8 +157,8 @@ impl Blocks {
 pub enum Met {
     /// A wanted chunk, the first time the cut meets it (verified).
     Chunk(shoal_artifact::VerifiedChunk),
-    /// Every chunk of the slot's first this many bytes was cut, hashed and handed
-    /// over.
+    /// Every chunk of the slot up to this offset (from where the cut started)
+    /// was cut, hashed and handed over.
     Cut(u64),
 }
 
@@ -424,6 +424,7 @@ pub fn index(
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(
         storage,
+        0,
         len,
         chunking,
         &[],
@@ -448,7 +449,18 @@ pub fn index_runs_once(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(storage, len, chunking, &[], wanted, met, pool, (true, true)).map(|c| c.0)
+    index_with(
+        storage,
+        0,
+        len,
+        chunking,
+        &[],
+        wanted,
+        met,
+        pool,
+        (true, true),
+    )
+    .map(|c| c.0)
 }
 
 /// [`index_runs_once`], but the slot is taken to begin with chunks of the lengths
@@ -474,6 +486,7 @@ pub fn index_along(
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(
         storage,
+        0,
         len,
         chunking,
         known,
@@ -485,12 +498,15 @@ pub fn index_along(
     .map(|c| c.0)
 }
 
-/// [`index_along`] from offset 0 with nothing known, handing over what it meets,
-/// but not listing the chunks: only how many it cut (each run once). What a
-/// resumed cut of the running slot needs, without holding a list of the slot's
-/// chunks (about 48 bytes a chunk: tens of MiB at 8 GiB).
+/// [`index_runs_once`] of `from..len` (as though a chunk started at `from`, a
+/// multiple of [`BLOCK`]), handing over what it meets, but not listing the
+/// chunks: only how many it cut (each run once). What a resumed cut of the
+/// running slot needs, without holding a list of the slot's chunks (about 48
+/// bytes a chunk: tens of MiB at 8 GiB). The progress it hands over
+/// ([`Met::Cut`]) is an offset in the slot.
 pub fn count_cut(
     storage: &dyn Storage,
+    from: u64,
     len: u64,
     chunking: Chunking,
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
@@ -498,6 +514,7 @@ pub fn count_cut(
 ) -> io::Result<u64> {
     index_with(
         storage,
+        from,
         len,
         chunking,
         &[],
@@ -509,9 +526,13 @@ pub fn count_cut(
     .map(|c| c.1)
 }
 
+/// The cut of `from..len` of `storage` (`from` a block boundary, where a chunk is
+/// taken to start; the known chunks start there too): see [`index`] and
+/// [`index_along`].
 #[allow(clippy::too_many_arguments)]
 fn index_with(
     storage: &dyn Storage,
+    from: u64,
     len: u64,
     chunking: Chunking,
     known: &[u32],
@@ -522,7 +543,11 @@ fn index_with(
 ) -> io::Result<Counted> {
     assert!(chunking.validate().is_ok(), "invalid chunking {chunking:?}");
     assert!(
-        known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len,
+        from <= len && from.is_multiple_of(BLOCK as u64),
+        "a cut starts at a block boundary in the slot, not at {from} (of {len})"
+    );
+    assert!(
+        known.iter().map(|&n| u64::from(n)).sum::<u64>() <= len - from,
         "the known chunks run past the slot"
     );
     let stop = met.map(|m| m.stop);
@@ -548,7 +573,7 @@ fn index_with(
             !stop.is_some_and(|s| s.load(Ordering::Acquire))
         }
     };
-    let ranges = (0..len).step_by(BLOCK).map(|offset| {
+    let ranges = (from..len).step_by(BLOCK).map(|offset| {
         (
             offset,
             usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK),
@@ -565,7 +590,7 @@ fn index_with(
             cut_and_hash(
                 blocks,
                 chunking,
-                known,
+                (from, known),
                 (runs_once, list),
                 wanted,
                 hand_over,
@@ -607,7 +632,7 @@ enum HandOver {
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
-    known: &[u32],
+    (from, known): (u64, &[u32]),
     (runs_once, list): (bool, bool),
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     mut hand_over: impl FnMut(HandOver) -> bool,
@@ -617,7 +642,7 @@ fn cut_and_hash(
         let mut sent: HashSet<ChunkId> = HashSet::new();
         // The known chunks not yet cut, and where the first of them starts.
         let mut known = known;
-        let mut known_at = 0u64;
+        let mut known_at = from;
         // The chunks cut and their count; not `list`ed, only the last is kept
         // (a run is listed once).
         let mut out = (Vec::new(), 0u64);
@@ -637,7 +662,7 @@ fn cut_and_hash(
         // Where the unfinished tail of `hashing`'s window starts.
         let mut tail_at = 0usize;
         // Payload offset of the window being cut.
-        let mut base = 0u64;
+        let mut base = from;
         // Chunks of `hashing` still to hash: (offset in payload, start in window, len).
         let mut pending: Vec<(u64, usize, usize)> = Vec::new();
         loop {
@@ -1706,6 +1731,51 @@ mod tests {
         assert_eq!(index, all);
     }
 
+    /// A cut from a block boundary (a resumed cut) reads the slot from there
+    /// only, lists the chunks at their offsets in the slot, and, cut as though a
+    /// chunk started there, meets the whole slot's chunk starts within a few
+    /// chunks (3 here): from then on it is the whole cut (so the chunks it hands
+    /// over are where the slot holds them).
+    #[test]
+    fn a_cut_from_a_block_boundary_joins_the_whole_cut() {
+        let data = pattern(4 * BLOCK, 11);
+        let (_dir, storage) = file_with(&data);
+        let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
+        let len = data.len() as u64;
+        let from = BLOCK as u64;
+        let whole = index(&*storage, len, chunking, &|_| false, None, None).unwrap();
+        let watched = Watched {
+            inner: storage,
+            lowest: std::sync::atomic::AtomicU64::new(u64::MAX),
+        };
+        let (part, count) = index_with(
+            &watched,
+            from,
+            len,
+            chunking,
+            &[],
+            &|_| false,
+            None,
+            None,
+            (false, true),
+        )
+        .unwrap();
+        assert_eq!(watched.lowest.load(Ordering::Relaxed), from);
+        assert_eq!(count, part.len() as u64);
+        assert_eq!(part[0].0, from);
+        let meet = part
+            .iter()
+            .position(|c| whole.contains(c))
+            .expect("the cuts meet");
+        assert!(meet <= 4, "met after {meet} chunks");
+        let k = whole.iter().position(|c| *c == part[meet]).expect("listed");
+        assert_eq!(&part[meet..], &whole[k..]);
+        for (at, id, n) in &part {
+            let bytes = &data[*at as usize..*at as usize + *n as usize];
+            assert_eq!(*id, ChunkId::of(bytes), "the chunk at {at}");
+        }
+    }
+
     /// The counting cut (a resumed cut of the running slot) counts what the
     /// listing one lists (a run of zeros once) and hands over the same chunks,
     /// holding no list.
@@ -1738,6 +1808,7 @@ mod tests {
                 let n = if count {
                     count_cut(
                         &*storage,
+                        0,
                         len,
                         chunking,
                         &|id| wanted.contains(id),
@@ -1785,6 +1856,21 @@ mod tests {
                 self.inner.sync()
             }
         };
+    }
+
+    /// A storage that records the lowest offset read.
+    #[derive(Debug)]
+    struct Watched {
+        inner: Box<dyn Storage>,
+        lowest: std::sync::atomic::AtomicU64,
+    }
+
+    impl Storage for Watched {
+        forward_storage!();
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.lowest.fetch_min(offset, Ordering::Relaxed);
+            self.inner.read_at(offset, buf)
+        }
     }
 
     /// A storage whose reads past `fail_at` fail, having waited for `stop` (up
