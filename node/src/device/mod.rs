@@ -3053,14 +3053,9 @@ impl<'a> Driver<'a> {
                     }
                     // One bit a needed chunk, over the release's shared table.
                     let wanted = self.engine.needed_chunks();
-                    let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
-                    // Set when the engine stops the cut (`Output::StopIndex`).
-                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    self.index_stop = Some(Arc::clone(&stop));
-                    let stopped = Arc::clone(&stop);
                     // A run of one repeated chunk is listed once: the engine keeps
                     // the first position of each id.
-                    let worker = std::thread::spawn(move || {
+                    let ran = self.run_cut(slot, move |tx, stopped| {
                         let chunks = slotio::index_along(
                             &*storage,
                             len,
@@ -3069,7 +3064,7 @@ impl<'a> Driver<'a> {
                             &|id| wanted.contains(id),
                             Some(&slotio::Handover {
                                 tx: &tx,
-                                stop: &stopped,
+                                stop: stopped,
                             }),
                             None,
                         )?;
@@ -3097,22 +3092,9 @@ impl<'a> Driver<'a> {
                             );
                         }
                         Ok(chunks)
-                    });
-                    // However the handover below ends (an error from `drain`, a
-                    // panic), the cut stops and its thread is joined: it does not
-                    // go on reading, cutting and hashing the slot for nobody.
-                    let mut worker = StopCut {
-                        stop: Arc::clone(&stop),
-                        worker: Some(worker),
-                    };
-                    let stopping = |stop: &std::sync::atomic::AtomicBool| {
-                        stop.load(std::sync::atomic::Ordering::Acquire)
-                    };
-                    let handed = self.hand_over_cut(slot, met, &stop);
-                    self.index_stop = None;
-                    let handed = handed?;
-                    let chunks = worker.join()?;
-                    if stopping(&stop) {
+                    })?;
+                    let (chunks, handed) = (ran.cut?, ran.handed);
+                    if ran.stopped {
                         // The install goes on without an index of the slot: what
                         // was cut is not one, and is neither kept nor recorded (a
                         // later install, or this one resumed, cuts the slot again).
@@ -3367,10 +3349,54 @@ impl<'a> Driver<'a> {
     }
 }
 
+/// How a cut of the active slot run by [`Driver::run_cut`] ended.
+struct RanCut<T> {
+    /// What the cut returned.
+    cut: T,
+    /// How many chunks it handed over to the engine.
+    handed: u64,
+    /// Whether it was stopped (by the engine, or as the install ended) before
+    /// its end.
+    stopped: bool,
+}
+
 impl Driver<'_> {
+    /// Runs `cut` (of `slot`) on a thread of its own, given where to hand over
+    /// what it meets and the flag that stops it (set by [`Output::StopIndex`]),
+    /// and hands what it meets to the engine meanwhile ([`Self::hand_over_cut`]),
+    /// until it ends. However the handover ends (an error from `drain`, a
+    /// panic), the cut stops and its thread is joined: it does not go on reading,
+    /// cutting and hashing the slot for nobody.
+    fn run_cut<T, F>(&mut self, slot: Slot, cut: F) -> anyhow::Result<RanCut<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(std::sync::mpsc::SyncSender<slotio::Met>, &std::sync::atomic::AtomicBool) -> T
+            + Send
+            + 'static,
+    {
+        let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.index_stop = Some(Arc::clone(&stop));
+        let stopped = Arc::clone(&stop);
+        let worker = std::thread::spawn(move || cut(tx, &stopped));
+        let mut worker = StopCut {
+            stop: Arc::clone(&stop),
+            worker: Some(worker),
+        };
+        let handed = self.hand_over_cut(slot, met, &stop);
+        self.index_stop = None;
+        let handed = handed?;
+        let cut = worker.join();
+        Ok(RanCut {
+            cut,
+            handed,
+            stopped: stop.load(std::sync::atomic::Ordering::Acquire),
+        })
+    }
+
     /// Hands what the cut of `slot` meets to the engine as it comes (the chunks
-    /// it needs, how far the cut is), carrying
-    /// out what the engine asks meanwhile, until the cut ends; nothing more once
+    /// it needs, how far the cut is), carrying out what the engine asks
+    /// meanwhile, until the cut ends; nothing more once
     /// the engine stopped it (`stop`, set by [`Output::StopIndex`]), or once the
     /// install the cut was for ended (failed: a write, sync or journal record
     /// that failed meanwhile), when `stop` is set here.
@@ -3432,11 +3458,7 @@ impl Driver<'_> {
         let len = len.min(storage.len()?);
         let from = rest_start(from, chunking).min(len);
         let wanted = self.engine.needed_chunks();
-        let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.index_stop = Some(Arc::clone(&stop));
-        let stopped = Arc::clone(&stop);
-        let worker = std::thread::spawn(move || {
+        let ran = self.run_cut(slot, move |tx, stop| {
             // Counted, not listed: nothing of it is kept.
             slotio::count_cut(
                 &*storage,
@@ -3444,23 +3466,14 @@ impl Driver<'_> {
                 len,
                 chunking,
                 &|id| wanted.contains(id),
-                Some(&slotio::Handover {
-                    tx: &tx,
-                    stop: &stopped,
-                }),
+                Some(&slotio::Handover { tx: &tx, stop }),
             )
-        });
-        let mut worker = StopCut {
-            stop: Arc::clone(&stop),
-            worker: Some(worker),
-        };
-        let handed = self.hand_over_cut(slot, met, &stop);
-        self.index_stop = None;
-        let handed = handed?;
-        let chunks = worker
-            .join()
-            .with_context(|| format!("cannot cut slot {slot}"))?;
-        if stop.load(std::sync::atomic::Ordering::Acquire) {
+        })?;
+        let (chunks, handed) = (
+            ran.cut.with_context(|| format!("cannot cut slot {slot}"))?,
+            ran.handed,
+        );
+        if ran.stopped {
             info!(slot = %slot, from, chunks, handed, "stopped the resumed cut of the active slot");
             return Ok(());
         }
