@@ -614,8 +614,8 @@ fn index_with(
     }
 }
 
-/// The chunks a cut listed (offset, id, length) and how many it cut (each run
-/// once): unlisted, only the last is kept.
+/// The chunks a cut listed (offset, id, length; none unless asked to list them)
+/// and how many it cut (each run once, if asked).
 type Counted = (Vec<(u64, ChunkId, u32)>, u64);
 
 /// What [`cut_and_hash`] hands over: a wanted chunk met for the first time, or how
@@ -628,7 +628,8 @@ enum HandOver {
 /// [`index`]'s consumer: cuts the blocks and hashes the chunks, handing over each
 /// `wanted` one the first time it meets it (proved from the same hash, on the
 /// hashing threads) and how far it is after each block; stops early when that
-/// answer is `false`.
+/// answer is `false`. The chunks are counted, and listed only if `list`: a
+/// counting cut holds no list of the slot's chunks.
 fn cut_and_hash(
     blocks: &mut Blocks,
     chunking: Chunking,
@@ -637,114 +638,104 @@ fn cut_and_hash(
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     mut hand_over: impl FnMut(HandOver) -> bool,
 ) -> Counted {
-    {
-        let zero = ZeroRun::of(chunking);
-        let mut sent: HashSet<ChunkId> = HashSet::new();
-        // The known chunks not yet cut, and where the first of them starts.
-        let mut known = known;
-        let mut known_at = from;
-        // The chunks cut and their count; not `list`ed, only the last is kept
-        // (a run is listed once).
-        let mut out = (Vec::new(), 0u64);
-        let push = |out: &mut Counted, c: (u64, ChunkId, u32)| {
-            if !(runs_once && out.0.last().is_some_and(|l| l.1 == c.1)) {
-                if !list {
-                    out.0.clear();
+    let zero = ZeroRun::of(chunking);
+    let mut sent: HashSet<ChunkId> = HashSet::new();
+    // The known chunks not yet cut, and where the first of them starts.
+    let mut known = known;
+    let mut known_at = from;
+    // The chunks cut (if `list`ed) and their count, and the id of the last one
+    // (a run is counted once if `runs_once`).
+    let mut out: Counted = (Vec::new(), 0);
+    let mut last: Option<ChunkId> = None;
+    // Two windows, each a block read with the unfinished tail of the window
+    // before copied in front of it (no block is copied whole): one is cut while
+    // the other's chunks are hashed.
+    let mut hashing: Option<AlignedBlock> = None;
+    // Where the unfinished tail of `hashing`'s window starts.
+    let mut tail_at = 0usize;
+    // Payload offset of the window being cut.
+    let mut base = from;
+    // Chunks of `hashing` still to hash: (offset in payload, start in its window,
+    // len).
+    let mut pending: Vec<(u64, usize, usize)> = Vec::new();
+    // Whether the last tail was cut (in `hashing`'s window, where it lies): only
+    // its chunks are left to hash.
+    let mut ended = false;
+    loop {
+        let mut cutting = if ended { None } else { blocks.next() };
+        if !ended && cutting.is_none() && blocks.failed() {
+            // Not the end of the slot: the read failed (the reader reports it).
+            // The tail is not cut as a last chunk, and no position past what was
+            // cut is handed over.
+            return out;
+        }
+        let hashed = hashing.as_ref().map_or(&[][..], AlignedBlock::window);
+        let tail = &hashed[tail_at..];
+        if let Some(block) = cutting.as_mut() {
+            block.prepend(tail);
+        }
+        // At the end, the last tail is cut where it lies.
+        let window = cutting.as_ref().map_or(tail, AlignedBlock::window);
+        let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
+        let (ids, cuts) = rayon::join(
+            || hash_chunks(hashed, &pending, &zero, &keep),
+            || {
+                if ended {
+                    return Vec::new();
                 }
-                out.0.push(c);
-                out.1 += 1;
-            }
-        };
-        // Two windows, each a block read with the unfinished tail of the window
-        // before copied in front of it (no block is copied whole): one is cut
-        // while the other's chunks are hashed.
-        let mut hashing: Option<AlignedBlock> = None;
-        // Where the unfinished tail of `hashing`'s window starts.
-        let mut tail_at = 0usize;
-        // Payload offset of the window being cut.
-        let mut base = from;
-        // Chunks of `hashing` still to hash: (offset in payload, start in window, len).
-        let mut pending: Vec<(u64, usize, usize)> = Vec::new();
-        loop {
-            let mut cutting = blocks.next();
-            if cutting.is_none() && blocks.failed() {
-                // Not the end of the slot: the read failed (the reader reports
-                // it). The tail is not cut as a last chunk, and no position
-                // past what was cut is handed over.
-                return out;
-            }
-            let more = cutting.is_some();
-            let tail: &[u8] = hashing.as_ref().map_or(&[], |h| &h.window()[tail_at..]);
-            if let Some(block) = cutting.as_mut() {
-                block.prepend(tail);
-            }
-            // At the end, the last tail is cut where it lies.
-            let window = cutting.as_ref().map_or(tail, AlignedBlock::window);
-            let hashed = hashing.as_ref().map_or(&[][..], AlignedBlock::window);
-            let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
-            let (ids, cuts) = rayon::join(
-                || hash_chunks(hashed, &pending, &zero, &keep),
-                || {
-                    cut_along(
-                        window,
-                        base,
-                        (chunking, &zero),
-                        !more,
-                        &mut known,
-                        &mut known_at,
-                    )
-                },
-            );
-            for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
-                if let Some(chunk) = proof
-                    && sent.insert(id)
-                {
-                    hand_over(HandOver::Chunk(chunk));
-                }
-                let len = u32::try_from(*len).expect("a chunk is at most max_size");
-                push(&mut out, (*offset, id, len));
-            }
-            if let Some(&(offset, _, len)) = pending.last()
-                && !hand_over(HandOver::Cut(offset + len as u64))
+                cut_along(
+                    window,
+                    base,
+                    (chunking, &zero),
+                    cutting.is_none(),
+                    &mut known,
+                    &mut known_at,
+                )
+            },
+        );
+        for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
+            if let Some(chunk) = proof
+                && sent.insert(id)
             {
-                // Stopped: what was cut so far (dropping `blocks` stops the reads).
-                return out;
+                hand_over(HandOver::Chunk(chunk));
             }
-            // The finished chunks of the window just cut are hashed next.
-            let finished: usize = cuts.iter().map(|&(_, len)| len).sum();
-            pending = cuts
-                .into_iter()
-                .map(|(start, len)| (base + start as u64, start, len))
-                .collect();
-            base += finished as u64;
-            if !more {
-                // The last chunks, of the last tail.
-                let keep = |id: &ChunkId| wanted(id) && !sent.contains(id);
-                let ids = hash_chunks(window, &pending, &zero, &keep);
-                for ((offset, _, len), (id, proof)) in pending.iter().zip(ids) {
-                    if let Some(chunk) = proof
-                        && sent.insert(id)
-                    {
-                        hand_over(HandOver::Chunk(chunk));
-                    }
+            if !(runs_once && last == Some(id)) {
+                last = Some(id);
+                out.1 += 1;
+                if list {
                     let len = u32::try_from(*len).expect("a chunk is at most max_size");
-                    push(&mut out, (*offset, id, len));
+                    out.0.push((*offset, id, len));
                 }
-                if let Some(&(offset, _, len)) = pending.last() {
-                    hand_over(HandOver::Cut(offset + len as u64));
+            }
+        }
+        if let Some(&(offset, _, len)) = pending.last()
+            && !hand_over(HandOver::Cut(offset + len as u64))
+        {
+            // Stopped: what was cut so far (dropping `blocks` stops the reads).
+            return out;
+        }
+        if ended {
+            return out;
+        }
+        // The finished chunks of the window just cut are hashed next: from
+        // `cutting`'s window, or (the last tail) from `hashing`'s, after the
+        // chunks hashed now.
+        let finished: usize = cuts.iter().map(|&(_, len)| len).sum();
+        let at = if cutting.is_some() { 0 } else { tail_at };
+        pending = cuts
+            .into_iter()
+            .map(|(start, len)| (base + start as u64, at + start, len))
+            .collect();
+        base += finished as u64;
+        match cutting {
+            Some(block) => {
+                if let Some(done) = hashing.replace(block) {
+                    blocks.recycle(done);
                 }
-                break;
+                tail_at = finished;
             }
-            if let Some(done) = hashing.take() {
-                blocks.recycle(done);
-            }
-            hashing = cutting;
-            tail_at = finished;
+            None => ended = true,
         }
-        if !list {
-            out.0.clear();
-        }
-        out
     }
 }
 
