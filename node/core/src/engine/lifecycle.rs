@@ -336,8 +336,7 @@ impl Engine {
         }
         let Some(job) = self.job.as_mut() else { return };
         job.index_stopped = true;
-        job.cutting_rest = false;
-        job.network_paused = false;
+        job.end_cut(false);
         job.cut_recheck = false;
         let found = job.index_found;
         info!(
@@ -446,9 +445,7 @@ impl Engine {
         let Some(job) = self.job.as_mut().filter(|j| j.cutting_rest) else {
             return;
         };
-        job.cutting_rest = false;
-        job.network_paused = false;
-        job.cut_given_up = true;
+        job.end_cut(true);
         warn!(
             slot = %active,
             cut = job.index_cut,
@@ -468,8 +465,7 @@ impl Engine {
         if slot != active {
             return;
         }
-        job.cutting_rest = false;
-        job.network_paused = false;
+        job.end_cut(false);
         job.index_cut = job.index_len;
         info!(%slot, found = job.index_found, "the resumed cut of the active slot ended");
         self.rescan(now);

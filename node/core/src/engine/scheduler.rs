@@ -612,6 +612,15 @@ impl Job {
         g.wrapping_sub(self.pause_generation).wrapping_sub(1) < u32::MAX / 2
     }
 
+    /// The resumed cut of the active slot no longer runs (it ended, stopped, or
+    /// was `given_up`: then it is not resumed again during this install), and no
+    /// network fetch waits for it any more.
+    pub(crate) fn end_cut(&mut self, given_up: bool) {
+        self.cutting_rest = false;
+        self.network_paused = false;
+        self.cut_given_up |= given_up;
+    }
+
     /// A source came, went or changed: whether a stopped cut should resume is
     /// checked at the next pump.
     pub(crate) fn sources_changed(&mut self) {
@@ -902,8 +911,7 @@ impl Engine {
         if job.needed == 0 {
             if job.cutting_rest {
                 // Nothing more to find: the cut would read the rest for nobody.
-                job.cutting_rest = false;
-                job.network_paused = false;
+                job.end_cut(false);
                 let slot = self.state.active;
                 info!(%slot, "every chunk is written: the resumed cut of the active slot stops");
                 self.outputs.push_back(Output::StopIndex { slot });
