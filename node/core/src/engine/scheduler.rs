@@ -621,6 +621,24 @@ impl Job {
         self.cut_given_up |= given_up;
     }
 
+    /// Source `i` said (at `now`) it lacks `entries`. If one of them is still
+    /// needed and no local holder has it any more, the stopped cut may have to
+    /// resume ([`Self::sources_changed`]; the check of these entries here, of
+    /// all at the next pump only then).
+    pub(crate) fn source_lacks(&mut self, i: usize, entries: &[u32], now: Instant) {
+        let n = self.rel.table.entries();
+        for &e in entries {
+            self.sources[i].lack(e, n);
+        }
+        self.sources[i].last_heard = Some(now);
+        if entries
+            .iter()
+            .any(|&e| self.need.get(e) != Need::Done && !self.held_locally(e))
+        {
+            self.sources_changed();
+        }
+    }
+
     /// A source came, went or changed: whether a stopped cut should resume is
     /// checked at the next pump.
     pub(crate) fn sources_changed(&mut self) {
@@ -2046,15 +2064,7 @@ impl Engine {
         let (Some(i), Some(e)) = (job.source_index(source), job.rel.table.entry(&id)) else {
             return;
         };
-        let entries = job.rel.table.entries();
-        let s = &mut job.sources[i];
-        s.lack(e, entries);
-        s.last_heard = Some(now);
-        // A chunk no local holder has any more: the cut may have to resume (the
-        // check of one entry here; of all at the next pump only then).
-        if job.need.get(e) != Need::Done && !job.held_locally(e) {
-            job.sources_changed();
-        }
+        job.source_lacks(i, &[e], now);
         let owned = matches!(job.need.get(e), Need::Fetching { req }
             if job.requests[req as usize].as_ref().is_some_and(|r| r.source == i));
         if owned {
@@ -2091,19 +2101,7 @@ impl Engine {
             .unwrap_or_default();
         debug!(%source, %request, ?failure, "request failed");
         if failure == FetchFailure::NotThere {
-            let n = job.rel.table.entries();
-            for &e in &entries {
-                job.sources[i].lack(e, n);
-            }
-            job.sources[i].last_heard = Some(now);
-            // A chunk no local holder has any more: the cut may have to resume
-            // (the check of these entries here; of all at the next pump only then).
-            if entries
-                .iter()
-                .any(|&e| job.need.get(e) != Need::Done && !job.held_locally(e))
-            {
-                job.sources_changed();
-            }
+            job.source_lacks(i, &entries, now);
         }
         if let Some(slot) = slot {
             self.end_request(slot, false);
