@@ -1298,24 +1298,32 @@ impl Device {
 /// ([`shoal_artifact::manifest_delta`]), and the LAN serves the running release.
 /// A kept file is only a reference: a manifest rebuilt against it is verified whole.
 pub struct KeptManifests {
-    dir: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl KeptManifests {
     /// The manifests kept under `data_dir`.
     pub fn new(data_dir: &Path) -> KeptManifests {
         KeptManifests {
-            dir: data_dir.join("manifests"),
+            data_dir: data_dir.to_path_buf(),
         }
+    }
+
+    /// The directory of the manifests kept under `data_dir` (and of their ids and
+    /// dictionaries).
+    fn dir(data_dir: &Path) -> PathBuf {
+        data_dir.join("manifests")
+    }
+
+    /// The file of the kept manifest hashing to `hash`.
+    fn envelope_path(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
+        crate::lan::serve::envelope_path(data_dir, &crate::lan::proto::ManifestId(*hash))
     }
 
     /// Whether a manifest hashing to `hash` is kept (its file is there; its bytes
     /// are checked when it is read).
     pub fn holds(data_dir: &Path, hash: &[u8; 32]) -> bool {
-        KeptManifests::new(data_dir)
-            .dir
-            .join(format!("{}.envelope", hex::encode(hash)))
-            .is_file()
+        KeptManifests::envelope_path(data_dir, hash).is_file()
     }
 
     /// Keeps `envelope` (whose manifest hashes to `hash`).
@@ -1326,9 +1334,7 @@ impl KeptManifests {
 
     /// Where the dictionary of the release whose manifest hashes to `hash` is kept.
     pub fn dictionary_path(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
-        KeptManifests::new(data_dir)
-            .dir
-            .join(format!("{}.dictionary", hex::encode(hash)))
+        KeptManifests::dir(data_dir).join(format!("{}.dictionary", hex::encode(hash)))
     }
 
     /// Keeps the zstd dictionary the chunks of the release `hash` were compressed
@@ -1388,18 +1394,14 @@ impl KeptManifests {
             (PathBuf, std::fs::File, u64),
         )>,
     > {
-        let dir = KeptManifests::new(data_dir).dir;
+        let dir = KeptManifests::dir(data_dir);
         let name = hex::encode(hash);
-        let path = dir.join(format!("{name}.envelope"));
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        let path = KeptManifests::envelope_path(data_dir, hash);
+        let Some((file, len)) =
+            open_with_len(&path).with_context(|| format!("cannot read {}", path.display()))?
+        else {
+            return Ok(None);
         };
-        let len = file
-            .metadata()
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .len();
         // The ids of an earlier verification are kept when the manifest's match
         // them (read, not written again: 13.8 MB at 8 GiB, at each start).
         let ids = chunk_ids::IdsWriter::reuse_or_create(dir.join(format!("{name}.ids")))
@@ -1422,7 +1424,7 @@ impl KeptManifests {
     /// Drops every kept manifest (and dictionary) not in `keep`: a device holds the
     /// manifests of its two slots (and of a thin artifact's base).
     pub fn prune(data_dir: &Path, keep: &[[u8; 32]]) -> anyhow::Result<()> {
-        let dir = KeptManifests::new(data_dir).dir;
+        let dir = KeptManifests::dir(data_dir);
         let names: HashSet<String> = keep
             .iter()
             .flat_map(|h| {
@@ -1460,7 +1462,7 @@ impl KeptManifests {
 
 impl shoal_artifact::HeldManifests for KeptManifests {
     fn manifest(&self, hash: &[u8; 32]) -> Option<Vec<u8>> {
-        let path = self.dir.join(format!("{}.envelope", hex::encode(hash)));
+        let path = KeptManifests::envelope_path(&self.data_dir, hash);
         let file = std::fs::File::open(&path).ok()?;
         let mut bytes = Vec::new();
         file.take(shoal_signing::ENVELOPE_SIZE_MAX as u64 + 1)
@@ -1469,6 +1471,17 @@ impl shoal_artifact::HeldManifests for KeptManifests {
         let envelope = shoal_signing::Envelope::from_bytes(&bytes).ok()?;
         (blake3::hash(&envelope.signed).as_bytes() == hash).then_some(envelope.signed)
     }
+}
+
+/// `path` opened for reading, and its length; `None` if there is no such file.
+fn open_with_len(path: &Path) -> io::Result<Option<(std::fs::File, u64)>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    Ok(Some((file, len)))
 }
 
 /// The manifest of the release an install writes, kept from when it is read; an
@@ -1799,22 +1812,18 @@ fn expected_chunks(
     len: u64,
 ) -> Option<Expected> {
     use std::os::unix::fs::FileExt as _;
-    let dir = KeptManifests::new(data_dir).dir;
+    let dir = KeptManifests::dir(data_dir);
     let name = hex::encode(hash);
-    let path = dir.join(format!("{name}.envelope"));
+    let path = KeptManifests::envelope_path(data_dir, hash);
     // A kept manifest that cannot be read is said so (the slot is then cut by
     // content, as when none is kept): not silently.
     let unreadable = |e: &dyn std::fmt::Display| -> Option<Expected> {
         warn!(path = %path.display(), error = %e, "the kept manifest cannot be read: the running slot is indexed by content");
         None
     };
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => return unreadable(&e),
-    };
-    let file_len = match file.metadata() {
-        Ok(m) => m.len(),
+    let (file, file_len) = match open_with_len(&path) {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return None,
         Err(e) => return unreadable(&e),
     };
     let layout = match shoal_signing::EnvelopeLayout::locate(file_len, &mut |at, buf| {

@@ -932,7 +932,6 @@ impl std::io::Write for HashingWriter {
     }
 }
 
-/// The file of the envelope whose bytes hash to `hash`.
 /// The envelope file named `hash` of the store in `data_dir` (which may be
 /// gone: a reader opens it and takes what it finds).
 pub fn envelope_file(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
