@@ -1312,7 +1312,7 @@ impl KeptManifests {
     /// The directory of the manifests kept under `data_dir` (and of their ids and
     /// dictionaries).
     fn dir(data_dir: &Path) -> PathBuf {
-        data_dir.join("manifests")
+        crate::lan::serve::manifests_dir(data_dir)
     }
 
     /// The file of the kept manifest hashing to `hash`.
@@ -3364,8 +3364,8 @@ struct RanCut<T> {
     cut: T,
     /// How many chunks it handed over to the engine.
     handed: u64,
-    /// Whether it was stopped (by the engine, or as the install ended) before
-    /// its end.
+    /// Whether its stop flag was set (by the engine, or as the install ended;
+    /// the cut may have reached its end all the same).
     stopped: bool,
 }
 
@@ -3465,7 +3465,8 @@ impl Driver<'_> {
             .open_reader(slot)
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
-        let from = rest_start(from, chunking).min(len);
+        // A block boundary at or before the slot's end (a cut starts at one).
+        let from = rest_start(from, chunking).min(len - len % slotio::BLOCK as u64);
         let wanted = self.engine.needed_chunks();
         let ran = self.run_cut(slot, move |tx, stop| {
             // Counted, not listed: nothing of it is kept.

@@ -1725,7 +1725,7 @@ mod tests {
     /// A cut from a block boundary (a resumed cut) reads the slot from there
     /// only, lists the chunks at their offsets in the slot, and, cut as though a
     /// chunk started there, meets the whole slot's chunk starts within a few
-    /// chunks (3 here): from then on it is the whole cut (so the chunks it hands
+    /// chunks (at most 4): from then on it is the whole cut (so the chunks it hands
     /// over are where the slot holds them).
     #[test]
     fn a_cut_from_a_block_boundary_joins_the_whole_cut() {

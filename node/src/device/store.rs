@@ -293,7 +293,7 @@ impl Store {
             .as_slice()
             .try_into()
             .map_err(|_| corrupt(format!("{} bytes, not a 32-byte hash", name.len())))?;
-        let path = envelope_path(dir, &hash);
+        let path = envelope_in(dir, &hash);
         let bytes = std::fs::read(&path)
             .map_err(|e| corrupt(format!("cannot read {}: {e}", path.display())))?;
         if *blake3::hash(&bytes).as_bytes() != hash {
@@ -309,7 +309,7 @@ impl Store {
     /// directory) unless it is there; returns its hash.
     fn write_envelope_file(&self, dir: &Path, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
         let hash = *blake3::hash(bytes).as_bytes();
-        let path = envelope_path(dir, &hash);
+        let path = envelope_in(dir, &hash);
         let io = |source| StoreError::Dir {
             path: dir.to_path_buf(),
             source,
@@ -402,7 +402,7 @@ impl Store {
             file.sync_all().map_err(io)?;
             (*out.hasher.finalize().as_bytes(), out.len)
         };
-        let path = envelope_path(dir, &hash);
+        let path = envelope_in(dir, &hash);
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
             std::fs::remove_file(&tmp).map_err(io)?;
             return Ok(Some(Ok(hash)));
@@ -435,7 +435,7 @@ impl Store {
             .envelopes
             .as_deref()
             .expect("stored_envelope on a store that keeps envelope files");
-        let path = envelope_path(dir, hash);
+        let path = envelope_in(dir, hash);
         let corrupt = |message: String| StoreError::Corrupt {
             path: self.path.clone(),
             key: ENVELOPE_FILE_KEY.to_string(),
@@ -461,7 +461,7 @@ impl Store {
             .envelopes
             .as_deref()
             .expect("open_stored_envelope on a store that keeps envelope files");
-        let path = envelope_path(dir, hash);
+        let path = envelope_in(dir, hash);
         let corrupt = |message: String| StoreError::Corrupt {
             path: self.path.clone(),
             key: ENVELOPE_FILE_KEY.to_string(),
@@ -487,7 +487,7 @@ impl Store {
         if let Ok(named) = self.get_raw(ENVELOPE_FILE_KEY)
             && named.as_deref() != Some(&hash[..])
         {
-            let _ = std::fs::remove_file(envelope_path(dir, hash));
+            let _ = std::fs::remove_file(envelope_in(dir, hash));
             let _ = std::fs::remove_file(chunk_ids_path(dir, hash));
         }
     }
@@ -520,7 +520,7 @@ impl Store {
     fn prune_envelope_files(dir: &Path, keep: Option<&[u8; 32]>) {
         // The envelope's chunk ids (an offer in this run wrote them) stay with it.
         let keep_ids = keep.map(|h| chunk_ids_path(dir, h));
-        let keep = keep.map(|h| envelope_path(dir, h));
+        let keep = keep.map(|h| envelope_in(dir, h));
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -634,7 +634,7 @@ impl Store {
                     // file that is not there would leave a deployment without its
                     // envelope, so it is refused before the transaction.
                     Record::EnvelopeStored(hash) => {
-                        let path = envelope_path(dir, hash);
+                        let path = envelope_in(dir, hash);
                         if !path.is_file() {
                             return Err(StoreError::Corrupt {
                                 path: self.path.clone(),
@@ -935,10 +935,10 @@ impl std::io::Write for HashingWriter {
 /// The envelope file named `hash` of the store in `data_dir` (which may be
 /// gone: a reader opens it and takes what it finds).
 pub fn envelope_file(data_dir: &Path, hash: &[u8; 32]) -> PathBuf {
-    envelope_path(&data_dir.join(ENVELOPE_DIR), hash)
+    envelope_in(&data_dir.join(ENVELOPE_DIR), hash)
 }
 
-fn envelope_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
+fn envelope_in(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.envelope", hex::encode(hash)))
 }
 
@@ -1375,7 +1375,7 @@ mod tests {
             .expect("put")
             .expect("a store on a directory keeps envelope files");
         assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
-        let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        let path = envelope_in(&dir.path().join(ENVELOPE_DIR), &hash);
         assert_eq!(std::fs::read(&path).expect("its file"), bytes);
         assert!(!dir.path().join(ENVELOPE_DIR).join("encoding.tmp").exists());
         // Again (an offer of the same release resumed): the same file.
@@ -1397,7 +1397,7 @@ mod tests {
             .expect("put")
             .expect("kept");
         store.forget_envelope(&h);
-        assert!(!envelope_path(&dir.path().join(ENVELOPE_DIR), &h).exists());
+        assert!(!envelope_in(&dir.path().join(ENVELOPE_DIR), &h).exists());
         assert!(path.exists(), "the named one stays");
     }
 
@@ -1413,7 +1413,7 @@ mod tests {
             .expect("put")
             .expect("a store on a directory keeps envelope files");
         assert_eq!(hash, *blake3::hash(&bytes).as_bytes());
-        let path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        let path = envelope_in(&dir.path().join(ENVELOPE_DIR), &hash);
         assert_eq!(std::fs::read(&path).expect("its file"), bytes);
         assert_eq!(store.stored_envelope(&hash).expect("read back"), bytes);
         assert!(
@@ -1471,7 +1471,7 @@ mod tests {
             .expect("put")
             .expect("kept");
         let ids_path = chunk_ids_path(&dir.path().join(ENVELOPE_DIR), &hash);
-        let env_path = envelope_path(&dir.path().join(ENVELOPE_DIR), &hash);
+        let env_path = envelope_in(&dir.path().join(ENVELOPE_DIR), &hash);
         let ids: Vec<ChunkId> = (0..600u32).map(|k| ChunkId::of(&k.to_le_bytes())).collect();
         let write = |ids: &[ChunkId]| {
             let mut w = store

@@ -324,9 +324,13 @@ fn test_lying_dictionary(mut bytes: Vec<u8>) -> Vec<u8> {
 /// (`data_dir/manifests/<id>.envelope`), so it serves its running release after a
 /// restart and reads manifest deltas against them (`crate::device::KeptManifests`).
 pub fn envelope_path(data_dir: &Path, id: &ManifestId) -> PathBuf {
-    data_dir
-        .join("manifests")
-        .join(format!("{}.envelope", hex::encode(id.0)))
+    manifests_dir(data_dir).join(format!("{}.envelope", hex::encode(id.0)))
+}
+
+/// The directory of the manifests kept under `data_dir` (their envelopes, ids and
+/// dictionaries; see [`envelope_path`]).
+pub fn manifests_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("manifests")
 }
 
 /// Keeps the envelope `envelope` reads (copied into a `.new` file, then renamed
