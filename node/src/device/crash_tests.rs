@@ -42,10 +42,10 @@ pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub(super) struct Fixture {
-    root: TrustRoot,
+    pub(super) root: TrustRoot,
     pub(super) factory: Vec<u8>,
     pub(super) v2: Vec<u8>,
-    artifact: Vec<u8>,
+    pub(super) artifact: Vec<u8>,
 }
 
 pub(super) fn fixture() -> Fixture {
@@ -195,11 +195,20 @@ pub(super) fn device(f: &Fixture, disk: &CrashDisk, data: &std::path::Path) -> D
 
 /// The device, or why it cannot open (a cut while the store is created).
 fn try_device(f: &Fixture, disk: &CrashDisk, _data: &std::path::Path) -> anyhow::Result<Device> {
+    try_device_with_slots(f, disk, Box::new(CrashSlots::new(disk, "a", "b")))
+}
+
+/// The device, its slots opened through `slots` (over the disk's "a" and "b").
+pub(super) fn try_device_with_slots(
+    f: &Fixture,
+    disk: &CrashDisk,
+    slots: Box<dyn shoal_bootctl::control::SlotStorage>,
+) -> anyhow::Result<Device> {
     let boot = BootControl::new(
         Backend::File.open(disk),
         Scheme::Shoal,
         Flavor::File,
-        Box::new(CrashSlots::new(disk, "a", "b")),
+        slots,
         Detect::Bootloader,
     );
     let store = Store::open_with_backend(StoreFile::new(disk), "crash-disk/store".into())?;

@@ -12,6 +12,8 @@
 mod chunk_ids;
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod cut_wait_tests;
 pub mod health;
 pub mod idle_index;
 mod slotio;
@@ -52,6 +54,10 @@ const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const JOURNALED_EVERY: Duration = Duration::from_millis(250);
 /// Needed chunks met while indexing the running slot, waiting for the engine.
 const MET_QUEUE: usize = 32;
+/// While a cut of the running slot runs, how often the driver serves the request
+/// source (its answers, the engine's timers, a withdrawn deployment) between what
+/// the cut meets.
+const CUT_SERVES_EVERY: Duration = Duration::from_millis(10);
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
 /// Slot reads are read ahead, and contiguous slot writes gathered, up to this size.
@@ -2676,44 +2682,62 @@ impl<'a> Driver<'a> {
                     // A sync may return meanwhile: hand it over soon.
                     Duration::from_millis(20)
                 });
-            let answers = match self.requests.as_mut() {
-                Some(r) => {
-                    if let Some(message) = r.stop_reason() {
-                        // The journal keeps what was verified; nothing is armed.
-                        self.engine.handle(
-                            self.now(),
-                            Input::SourceFailed {
-                                source: REMOTE,
-                                fault: SourceFault::Withdrawn(message),
-                            },
-                        );
-                        self.drain()?;
-                        break;
-                    }
-                    r.wait(timeout)
-                }
-                None => bail!("no request source to wait for"),
-            };
-            let now = self.now();
-            for answer in answers {
-                self.answer(now, REMOTE, answer);
-                self.drain()?;
-            }
-            // LAN hook: what the target slot holds, verified, for the peers.
-            if last_journaled.elapsed() >= JOURNALED_EVERY
-                && let Some(r) = self.requests.as_mut()
-            {
-                last_journaled = std::time::Instant::now();
-                r.journaled(&self.engine.journaled_ranges());
-            }
-            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-                self.engine.handle_timeout(now);
+            if !self.serve_requests(timeout, &mut last_journaled)? {
+                break;
             }
         }
         if let Some(r) = self.requests.as_ref() {
             self.source_bytes_read += r.bytes_read();
         }
         Ok(())
+    }
+
+    /// One turn of serving the [`Requests`] source, for [`Self::pump`] and, while
+    /// a cut of the running slot runs, for [`Self::hand_over_cut`]: the install
+    /// stops if the deployment was withdrawn (`false` then); otherwise the
+    /// answers that come within `timeout` are handed to the engine, the source is
+    /// told the journaled ranges every [`JOURNALED_EVERY`], and the engine's timer
+    /// that is due runs.
+    fn serve_requests(
+        &mut self,
+        timeout: Duration,
+        last_journaled: &mut std::time::Instant,
+    ) -> anyhow::Result<bool> {
+        let answers = match self.requests.as_mut() {
+            Some(r) => {
+                if let Some(message) = r.stop_reason() {
+                    // The journal keeps what was verified; nothing is armed.
+                    self.engine.handle(
+                        self.now(),
+                        Input::SourceFailed {
+                            source: REMOTE,
+                            fault: SourceFault::Withdrawn(message),
+                        },
+                    );
+                    self.drain()?;
+                    return Ok(false);
+                }
+                r.wait(timeout)
+            }
+            None => bail!("no request source to wait for"),
+        };
+        let now = self.now();
+        for answer in answers {
+            self.answer(now, REMOTE, answer);
+            self.drain()?;
+        }
+        // LAN hook: what the target slot holds, verified, for the peers.
+        if last_journaled.elapsed() >= JOURNALED_EVERY
+            && let Some(r) = self.requests.as_mut()
+        {
+            *last_journaled = std::time::Instant::now();
+            r.journaled(&self.engine.journaled_ranges());
+        }
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+            self.drain()?;
+        }
+        Ok(true)
     }
 
     /// Hands one answer of a [`Requests`] source (`source`, or a source it carries)
@@ -3408,20 +3432,46 @@ impl Driver<'_> {
     /// meanwhile, until the cut ends; nothing more once
     /// the engine stopped it (`stop`, set by [`Output::StopIndex`]), or once the
     /// install the cut was for ended (failed: a write, sync or journal record
-    /// that failed meanwhile), when `stop` is set here.
+    /// that failed meanwhile, or the deployment withdrawn), when `stop` is set
+    /// here. While a cut for an install from a [`Requests`] source runs, the
+    /// source is served between what the cut meets, at least every
+    /// [`CUT_SERVES_EVERY`] ([`Self::serve_requests`]): its answers reach the
+    /// engine, the engine's timers run (a resumed cut that tells nothing is given
+    /// up: `Timer::CutSilence`) and a withdrawn deployment stops the install,
+    /// instead of all of it waiting for the cut's end (minutes on a slow disk).
     fn hand_over_cut(
         &mut self,
         slot: Slot,
         met: std::sync::mpsc::Receiver<slotio::Met>,
         stop: &std::sync::atomic::AtomicBool,
     ) -> anyhow::Result<u64> {
+        use std::sync::mpsc::RecvTimeoutError;
         let mut handed = 0u64;
         // A cut made while idle (no install) runs to its end.
         let for_install = self.engine.is_installing();
-        for met in met {
+        let mut last_journaled = std::time::Instant::now();
+        let mut last_served = std::time::Instant::now();
+        loop {
+            let serving = for_install && self.requests.is_some() && self.engine.is_installing();
+            let wait = if serving {
+                CUT_SERVES_EVERY.saturating_sub(last_served.elapsed())
+            } else {
+                // Nothing else to do meanwhile.
+                Duration::from_secs(3600)
+            };
+            let met = match met.recv_timeout(wait) {
+                Ok(met) => Some(met),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if serving && last_served.elapsed() >= CUT_SERVES_EVERY {
+                last_served = std::time::Instant::now();
+                self.serve_requests(Duration::ZERO, &mut last_journaled)?;
+            }
             if for_install && !self.engine.is_installing() {
                 stop.store(true, std::sync::atomic::Ordering::Release);
             }
+            let Some(met) = met else { continue };
             if stop.load(std::sync::atomic::Ordering::Acquire) {
                 // Nothing more from a cut the engine stopped (the worker ends at
                 // its next block).
