@@ -21,8 +21,9 @@ use super::{Answer, Requests, Source, slotio};
 /// How long each read of the running slot takes (an SD card: a 1 MiB block at
 /// 20 MB/s is ~50 ms).
 const READ_DELAY: Duration = Duration::from_millis(50);
-/// The running slot's size: a cut of it reads this many 1 MiB blocks.
-const RUNNING_SLOT: usize = 8 * slotio::BLOCK;
+/// The running slot's size: a cut of it reads this many 1 MiB blocks (a few
+/// ahead of the one cut).
+const RUNNING_SLOT: usize = 16 * slotio::BLOCK;
 
 /// What the slow running slot saw: bytes read, and whether a read started.
 #[derive(Debug, Default)]
@@ -124,7 +125,7 @@ impl Requests for Withdrawn {
 fn a_deployment_withdrawn_during_a_slow_cut_stops_it() {
     let f = fixture();
     let disk = fresh_disk(&f);
-    // Slot A: the factory image, in a slot larger than it (a cut of 8 blocks).
+    // Slot A: the factory image, in a slot larger than it (a cut of 16 blocks).
     let mut a = f.factory.clone();
     a.resize(RUNNING_SLOT, 0);
     disk.put("a", &a);
