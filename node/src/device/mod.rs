@@ -54,9 +54,10 @@ const DECODE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const JOURNALED_EVERY: Duration = Duration::from_millis(250);
 /// Needed chunks met while indexing the running slot, waiting for the engine.
 const MET_QUEUE: usize = 32;
-/// While a cut of the running slot runs, how often the driver serves the request
-/// source (its answers, the engine's timers, a withdrawn deployment) between what
-/// the cut meets.
+/// While a cut of the running slot runs, about how often the driver serves the
+/// request source (its answers, the engine's timers, a withdrawn deployment)
+/// between what the cut meets (a write or sync the engine asks for meanwhile may
+/// make a turn longer).
 const CUT_SERVES_EVERY: Duration = Duration::from_millis(10);
 /// Read buffer of artifact sources and of slot indexing.
 const READ_BUFFER: usize = 256 * 1024;
@@ -3101,7 +3102,9 @@ impl<'a> Driver<'a> {
                             }),
                             None,
                         )?;
-                        drop(tx);
+                        // `tx` lives until this returns, so the driver goes on
+                        // serving the request source during a cut by content
+                        // below (it hands nothing over and is not stopped).
                         if stopped.load(std::sync::atomic::Ordering::Acquire) {
                             // What was cut before the stop: no index of the slot.
                             return Ok(chunks);
@@ -3147,8 +3150,12 @@ impl<'a> Driver<'a> {
                     return Ok(());
                 };
                 info!(slot = %slot, chunks = index, partial, sampled, "indexed the active slot");
+                // The time now, not the time the cut began: the engine plans its
+                // fetches at this input (a request stamped with the cut's start
+                // would be past its timeout at once), and the serving during the
+                // cut moved the engine's clock on already.
                 self.engine.handle(
-                    now,
+                    self.now(),
                     Input::SlotIndexWritten {
                         slot,
                         chunking,
@@ -3409,7 +3416,10 @@ impl Driver<'_> {
     {
         let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.index_stop = Some(Arc::clone(&stop));
+        // A cut started while another one winds down (not reached today: the
+        // engine resumes a cut only once the first was stopped) leaves the outer
+        // one's stop flag as it was.
+        let outer = self.index_stop.replace(Arc::clone(&stop));
         let stopped = Arc::clone(&stop);
         let worker = std::thread::spawn(move || cut(tx, &stopped));
         let mut worker = StopCut {
@@ -3417,7 +3427,7 @@ impl Driver<'_> {
             worker: Some(worker),
         };
         let handed = self.hand_over_cut(slot, met, &stop);
-        self.index_stop = None;
+        self.index_stop = outer;
         let handed = handed?;
         let cut = worker.join();
         Ok(RanCut {
@@ -3465,8 +3475,10 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             if serving && last_served.elapsed() >= CUT_SERVES_EVERY {
-                last_served = std::time::Instant::now();
+                // As a turn of `pump`: what returned meanwhile (syncs) first.
+                self.drain()?;
                 self.serve_requests(Duration::ZERO, &mut last_journaled)?;
+                last_served = std::time::Instant::now();
             }
             if for_install && !self.engine.is_installing() {
                 stop.store(true, std::sync::atomic::Ordering::Release);
@@ -3500,8 +3512,8 @@ impl Driver<'_> {
     /// there, handing the needed chunks met to the engine; then
     /// [`Input::CutRestEnded`], unless the engine stopped it. Nothing of it is
     /// recorded (what was cut before the stop was not kept: no index of the slot).
-    /// Like the first cut, it runs to its end before the driver waits for a
-    /// source's answers again (they queue meanwhile).
+    /// Like the first cut, it is handed over by [`Driver::hand_over_cut`], which
+    /// serves a request source meanwhile.
     fn cut_rest(
         &mut self,
         slot: Slot,
