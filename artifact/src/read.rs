@@ -828,13 +828,15 @@ impl<R: Read> ArtifactReader<R> {
     /// [`ArtifactReader::open_held`] for a caller that binds the packs to the
     /// chunk list it keeps ([`ArtifactReader::shed_chunk_lists_unbound`], then
     /// [`ArtifactReader::bind_to`]: the installer, whose engine decodes the list
-    /// into its own table): the manifest of a full artifact is decoded with its
-    /// chunk list streamed out and dropped, so the list (40 bytes a chunk: 17.2 MB
-    /// for an 8 GiB image) is never held beside the envelope here. Its distinct
-    /// chunk count (the contents member's length) is found from the ids' first 4
-    /// bytes, and the full ids of the positions whose first 4 bytes repeat, in a
-    /// second decode. A thin artifact (its base and references need the ids) is
-    /// decoded whole. The same checks and errors as [`ArtifactReader::open_held`].
+    /// into its own table): the manifest, full or thin, is decoded with its chunk
+    /// list streamed out and dropped, so the list (40 bytes a chunk: 17.2 MB for
+    /// an 8 GiB image) is never held beside the envelope here. Its distinct chunk
+    /// count (the contents member's length) is found from the ids' first 4 bytes,
+    /// and the full ids of the positions whose first 4 bytes repeat and of those
+    /// a reference names (a thin artifact's delta-encoded chunks), in a second
+    /// decode. A thin artifact whose base is told ([`ArtifactReader::set_base`])
+    /// is checked against it when bound. (A manifest of several payloads is
+    /// decoded whole.) The same checks and errors as [`ArtifactReader::open_held`].
     pub fn open_held_unbound(
         mut src: R,
         root: &TrustRoot,
@@ -843,13 +845,18 @@ impl<R: Read> ArtifactReader<R> {
     ) -> Result<Self, ReadError> {
         let (envelope, envelope_len, delta_base) = read_envelope(&mut src, held)?;
         let signed = root.verify(RoleName::Release, &envelope, now_unix_s)?;
-        let (manifest, distinct) = match decode_counting(Signed::Slice(signed))? {
-            Some((m, distinct)) => (m, Some(distinct)),
-            None => (Manifest::from_cbor(signed)?, None),
-        };
-        let mut reader = Self::from_parts(src, envelope, envelope_len, delta_base, manifest, None);
-        reader.streamed_distinct = distinct;
-        Ok(reader)
+        Ok(match decode_unlisted(Signed::Slice(signed))? {
+            Some(u) => {
+                let mut reader =
+                    Self::from_parts(src, envelope, envelope_len, delta_base, u.manifest, None);
+                reader.unlisted(u.distinct, u.references);
+                reader
+            }
+            None => {
+                let manifest = Manifest::from_cbor(signed)?;
+                Self::from_parts(src, envelope, envelope_len, delta_base, manifest, None)
+            }
+        })
     }
 
     /// [`ArtifactReader::open_held_unbound`] for an installer that copied the
@@ -860,10 +867,9 @@ impl<R: Read> ArtifactReader<R> {
     /// as it is read, its signed bytes checked against `manifest_hash`, the
     /// BLAKE3 the verifier checked the signatures over, so nothing here is
     /// trusted that the verdict did not cover. The envelope is never in memory
-    /// ([`ArtifactReader::envelope`] is empty); a full artifact's chunk list is
-    /// streamed out and dropped (bind the packs with
-    /// [`ArtifactReader::bind_to`]), a thin one's kept (its base and references
-    /// need it).
+    /// ([`ArtifactReader::envelope`] is empty), and its chunk list is streamed
+    /// out and dropped, a full artifact's or a thin one's (bind the packs with
+    /// [`ArtifactReader::bind_to`]): only the ids its references name are kept.
     pub fn open_stored(
         src: R,
         file: &dyn crate::ReadAt,
@@ -895,8 +901,9 @@ impl<R: Read> ArtifactReader<R> {
                 Signed::Slice(&in_memory.signed)
             }
         };
-        let (manifest, distinct) = match decode_counting(signed)? {
-            Some((m, distinct)) => (m, Some(distinct)),
+        let unlisted = decode_unlisted(signed)?;
+        let (manifest, unlisted) = match unlisted {
+            Some(u) => (u.manifest, Some((u.distinct, u.references))),
             None => (decode_whole(signed)?, None),
         };
         let mut reader = Self::from_parts_hashed(
@@ -908,7 +915,9 @@ impl<R: Read> ArtifactReader<R> {
             manifest,
             None,
         );
-        reader.streamed_distinct = distinct;
+        if let Some((distinct, references)) = unlisted {
+            reader.unlisted(distinct, references);
+        }
         Ok(reader)
     }
 
@@ -1006,6 +1015,13 @@ impl<R: Read> ArtifactReader<R> {
         reader
     }
 
+    /// Records what a decode without the chunk list ([`decode_unlisted`]) found
+    /// in its place: the distinct chunk count, and the references by chunk id.
+    fn unlisted(&mut self, distinct: usize, references: HashMap<ChunkId, Arc<Reference>>) {
+        self.streamed_distinct = Some(distinct);
+        self.references = references;
+    }
+
     /// Tells the reader of a thin artifact its base release's manifest, so it checks
     /// that exactly the chunks the base lacks are present. Call it before reading any
     /// chunk; it is a no-op for a full artifact.
@@ -1101,11 +1117,15 @@ impl<R: Read> ArtifactReader<R> {
     /// hold unbound: [`ArtifactReader::bind_to`] binds them, before any chunk is
     /// read, to the distinct chunks someone else keeps (the engine's chunk table),
     /// so no list of them is ever built here. (A thin artifact whose base release
-    /// was told, [`ArtifactReader::set_base`], is bound here: that check needs the
-    /// ids.)
+    /// was told, [`ArtifactReader::set_base`], and whose chunk list was decoded,
+    /// is bound here against its own list; opened without it, it is checked
+    /// against its base in [`ArtifactReader::bind_to`].)
     pub fn shed_chunk_lists_unbound(&mut self) -> Result<(), ReadError> {
         self.read_preamble()?;
-        if self.manifest.base.is_some() && self.base_held.is_some() {
+        if self.manifest.base.is_some()
+            && self.base_held.is_some()
+            && self.streamed_distinct.is_none()
+        {
             self.bind()?;
         }
         if self.expected.is_none() {
@@ -1120,8 +1140,10 @@ impl<R: Read> ArtifactReader<R> {
     /// Binds the chunks the packs hold to `list`, the distinct chunks of this
     /// artifact's manifest kept elsewhere, after
     /// [`ArtifactReader::shed_chunk_lists_unbound`]: those the contents member
-    /// marks (a full artifact must mark every one), or every one of a full artifact
-    /// without it. A no-op when they are bound already.
+    /// marks (a full artifact must mark every one, a thin one every one its base
+    /// lacks when the base was told), or without it every one of a full artifact
+    /// (of a thin one, every one its base lacks). A no-op when they are bound
+    /// already.
     ///
     /// # Panics
     /// When `list` is of another manifest, or of another chunk count (a caller's
@@ -1138,16 +1160,30 @@ impl<R: Read> ArtifactReader<R> {
             "bind_to a chunk list of another manifest"
         );
         let thin = self.manifest.base.is_some();
+        // Whatever the contents say, a full artifact holds every chunk and a thin
+        // one every chunk its base lacks (when the base was told).
+        let held = self.base_held.as_ref().filter(|_| thin);
+        let must =
+            |k: usize| !thin || held.is_some_and(|h| !h.contains(&list.distinct_chunk(k).id));
         let (bits, len) = match self.contents.take() {
             Some(bits) => {
                 let marked = |k: usize| bits[k / 8] & (1 << (k % 8)) != 0;
-                if !thin && let Some(k) = (0..n).find(|&k| !marked(k)) {
+                if let Some(k) = (0..n).find(|&k| !marked(k) && must(k)) {
                     return Err(ReadError::MissingChunk(list.distinct_chunk(k).id));
                 }
                 let len = bits.iter().map(|b| b.count_ones() as usize).sum();
                 (Some(bits), len)
             }
             None if !thin => (None, n),
+            // A thin artifact without contents holds what its base lacks.
+            None if held.is_some() => {
+                let mut bits = vec![0u8; n.div_ceil(8)];
+                for k in (0..n).filter(|&k| must(k)) {
+                    bits[k / 8] |= 1 << (k % 8);
+                }
+                let len = bits.iter().map(|b| b.count_ones() as usize).sum();
+                (Some(bits), len)
+            }
             None => return Err(ReadError::MissingContents),
         };
         self.unbound_distinct = None;
@@ -1618,7 +1654,9 @@ impl<R: Read> ArtifactReader<R> {
                 }
                 Ok(n)
             }
-            Some(bits) if self.base_held.is_none() => {
+            // (Opened without its chunk list, a thin artifact is checked against
+            // its base when it is bound: `bind_to`.)
+            Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => {
                 Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
             }
             None if !thin => Ok(self.distinct_count()),
@@ -2130,8 +2168,9 @@ pub(crate) fn manifest_error(e: crate::StreamedError) -> ReadError {
 }
 
 /// The whole manifest (its chunk list included) decoded from the signed bytes
-/// of a stored envelope file as they are read, for a reader that needs the list
-/// (a thin artifact's): the bytes are never whole in memory, only the list.
+/// of a stored envelope file as they are read, for a manifest of several
+/// payloads (which [`decode_unlisted`] leaves whole, and a device refuses): the
+/// bytes are never whole in memory, only the list.
 fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
     use crate::{ChunkIdSink, StreamedIds};
     #[derive(Default)]
@@ -2171,13 +2210,35 @@ fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
     Ok(manifest)
 }
 
-/// The manifest of a full artifact decoded without its chunk list, and its
-/// distinct chunk count ([`ArtifactReader::open_held_unbound`]); `None` for a
-/// manifest whose reader needs the list (a thin one, several payloads).
-fn decode_counting(signed: Signed<'_>) -> Result<Option<(Manifest, usize)>, ReadError> {
+/// A manifest decoded without its chunk list ([`decode_unlisted`]).
+struct Unlisted {
+    manifest: Manifest,
+    /// Distinct chunks of its payload.
+    distinct: usize,
+    /// The reference of each delta-encoded chunk, by its id (the ids at the
+    /// references' positions, the only ones kept).
+    references: HashMap<ChunkId, Arc<Reference>>,
+}
+
+/// The manifest of an artifact decoded without its chunk list, with its
+/// distinct chunk count and the ids its references name
+/// ([`ArtifactReader::open_held_unbound`], [`ArtifactReader::open_stored`]);
+/// `None` for a manifest of several payloads (a device installs one). Neither
+/// the ids (32 bytes a chunk) nor a map of their first positions (about 70
+/// bytes a chunk) is ever held: the distinct count is found from the ids'
+/// first 4 bytes, and a second decode keeps the full ids only at the positions
+/// whose first 4 bytes repeat (their first positions, to count them and to
+/// tell a reference's position is its id's first) and at the positions the
+/// references name. The references are checked as a whole decode checks them,
+/// with the same errors.
+fn decode_unlisted(signed: Signed<'_>) -> Result<Option<Unlisted>, ReadError> {
     use crate::{ChunkIdSink, StreamedIds};
     fn prefix(id: &ChunkId) -> u32 {
         u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+    }
+    fn bit(bits: &[u64], at: u32) -> bool {
+        bits.get(at as usize / 64)
+            .is_some_and(|w| w >> (at % 64) & 1 == 1)
     }
     struct Prefixes(Vec<u32>);
     impl ChunkIdSink for Prefixes {
@@ -2189,48 +2250,60 @@ fn decode_counting(signed: Signed<'_>) -> Result<Option<(Manifest, usize)>, Read
             self.0.reserve_exact(positions);
         }
     }
-    /// The distinct ids at the positions marked in `need`.
-    struct Needed {
-        need: Vec<u64>,
-        at: usize,
-        ids: std::collections::HashSet<ChunkId>,
+    /// The full ids the second decode keeps.
+    struct Kept {
+        /// Positions whose prefix repeats.
+        repeats: Vec<u64>,
+        /// Positions a reference names.
+        referenced: Vec<u64>,
+        positions: u32,
+        at: u32,
+        /// Each id at a repeated prefix, at its first position.
+        first: HashMap<ChunkId, u32>,
+        /// The id at each referenced position.
+        named: HashMap<u32, ChunkId>,
     }
-    impl ChunkIdSink for Needed {
+    impl ChunkIdSink for Kept {
         fn push(&mut self, id: &ChunkId) -> Result<(), String> {
-            if self.need[self.at / 64] >> (self.at % 64) & 1 == 1 {
-                self.ids.insert(*id);
+            if bit(&self.repeats, self.at) {
+                self.first.entry(*id).or_insert(self.at);
+            }
+            if bit(&self.referenced, self.at) {
+                self.named.insert(self.at, *id);
             }
             self.at += 1;
             Ok(())
         }
     }
-    /// No reference to check (a manifest without any).
-    struct NoIds;
-    impl StreamedIds for NoIds {
+    impl StreamedIds for Kept {
         fn positions(&self) -> u32 {
-            0
+            self.positions
         }
-        fn is_first(&self, _: u32) -> bool {
-            unreachable!("a manifest without references")
+        // Asked of the referenced positions only (each below `positions`).
+        fn is_first(&self, pos: u32) -> bool {
+            !bit(&self.repeats, pos) || self.first.get(&self.id(pos)) == Some(&pos)
         }
-        fn id(&self, _: u32) -> ChunkId {
-            unreachable!("a manifest without references")
+        // Asked of a referenced position (the only payload's).
+        fn id(&self, pos: u32) -> ChunkId {
+            *self
+                .named
+                .get(&pos)
+                .expect("the ids of the referenced positions are kept")
         }
     }
     let (mut streamed, prefixes) = signed
         .stream(Prefixes(Vec::new()))
         .map_err(manifest_error)?;
-    let m = streamed.manifest();
-    if m.payloads.len() != 1 || m.base.is_some() || !m.payloads[0].references.is_empty() {
+    if streamed.manifest().payloads.len() != 1 {
         return Ok(None);
     }
     streamed.sizes = Default::default();
-    let manifest = streamed.finish(&NoIds).map_err(manifest_error)?;
     let p = prefixes.0;
     let n = p.len();
-    let mut order: Vec<u32> = (0..n as u32).collect();
+    let positions = u32::try_from(n).expect("bounded by the manifest size");
+    let mut order: Vec<u32> = (0..positions).collect();
     order.sort_unstable_by_key(|&q| p[q as usize]);
-    let mut need = vec![0u64; n.div_ceil(64)];
+    let mut repeats = vec![0u64; n.div_ceil(64)];
     let mut distinct = 0;
     let mut any = false;
     for group in order.chunk_by(|&a, &b| p[a as usize] == p[b as usize]) {
@@ -2239,22 +2312,47 @@ fn decode_counting(signed: Signed<'_>) -> Result<Option<(Manifest, usize)>, Read
         } else {
             any = true;
             for &q in group {
-                need[q as usize / 64] |= 1 << (q % 64);
+                repeats[q as usize / 64] |= 1 << (q % 64);
             }
         }
     }
     drop(order);
     drop(p);
-    if any {
-        let needed = Needed {
-            need,
-            at: 0,
-            ids: std::collections::HashSet::new(),
-        };
-        let (_, needed) = signed.stream(needed).map_err(manifest_error)?;
-        distinct += needed.ids.len();
+    let mut referenced = vec![0u64; n.div_ceil(64)];
+    let references = &streamed.manifest().payloads[0].references;
+    for &pos in references.iter().flat_map(|r| &r.chunks) {
+        // One out of range is the references' check's to refuse.
+        if pos < positions {
+            referenced[pos as usize / 64] |= 1 << (pos % 64);
+        }
     }
-    Ok(Some((manifest, distinct)))
+    let mut kept = Kept {
+        repeats,
+        referenced,
+        positions,
+        at: 0,
+        first: HashMap::new(),
+        named: HashMap::new(),
+    };
+    if any || !references.is_empty() {
+        kept = signed.stream(kept).map_err(manifest_error)?.1;
+    }
+    distinct += kept.first.len();
+    let manifest = streamed.finish(&kept).map_err(manifest_error)?;
+    let mut by_id = HashMap::new();
+    for r in &manifest.payloads[0].references {
+        let shared = Arc::new(r.clone());
+        for pos in &r.chunks {
+            if let Some(id) = kept.named.get(pos) {
+                by_id.insert(*id, Arc::clone(&shared));
+            }
+        }
+    }
+    Ok(Some(Unlisted {
+        manifest,
+        distinct,
+        references: by_id,
+    }))
 }
 
 /// The first member of an artifact, as [`read_envelope_head`] found it.

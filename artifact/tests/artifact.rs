@@ -2035,11 +2035,9 @@ fn read_bound_stored(bytes: &[u8], root: &TrustRoot) -> Result<(Vec<ChunkId>, St
     let len = copied.len() as u64;
     let mut r = ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None)?;
     assert_eq!(*r.manifest(), {
+        // The list, a full artifact's or a thin one's, is streamed out and dropped.
         let mut m = manifest.clone();
-        if r.manifest().base.is_none() {
-            // A full artifact's list is streamed out and dropped.
-            m.payloads[0].chunks.clear();
-        }
+        m.payloads[0].chunks.clear();
         m
     });
     assert!(r.envelope().signed.is_empty(), "the envelope is not held");
@@ -2203,6 +2201,185 @@ fn bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout: Layout) 
         read_bound(&lacking, &root),
         Err(ReadError::MissingChunk(id)) if id == left_out
     ));
+}
+
+/// Issue 10 (memory): a thin artifact with delta-encoded chunks opened as the
+/// installer opens it (from its copied envelope, or streamed) holds no chunk
+/// list, not even before its lists are shed, yet gives each chunk the same
+/// reference as a reader with its own list, and reads the same chunks.
+#[test]
+fn a_thin_reader_opened_without_its_list_keeps_only_its_references_ids() {
+    // Zeros in both: ids that repeat, so the references' first positions are
+    // told from full ids, not from unique prefixes alone.
+    let mut base = random(400_000, 8);
+    base[100_000..180_000].fill(0);
+    let new = edited(&base);
+    let (_, art, report) = delta_pair(&base, &new);
+    assert!(report.chunks_delta >= 3, "{report:?}");
+    assert!(report.manifest.distinct_count() < report.manifest.payloads[0].chunks.len());
+    let root = root(&[1], 1);
+    let references = |mut r: ArtifactReader<&[u8]>| {
+        let mut out = Vec::new();
+        while let Some(raw) = r.next_raw().unwrap() {
+            out.push((raw.chunk.id, raw.reference().map(|r| (**r).clone())));
+        }
+        out
+    };
+    let whole = references(ArtifactReader::open(&art[..], &root, NOW).unwrap());
+    assert!(
+        whole.iter().all(|(_, r)| r.is_some()),
+        "every chunk is delta"
+    );
+
+    let (copied, hash, rest) = copy_envelope(&art, &root).unwrap();
+    let len = copied.len() as u64;
+    let stored = ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).unwrap();
+    let streamed =
+        ArtifactReader::open_held_unbound(&art[..], &root, NOW, &shoal_artifact::NoManifests)
+            .unwrap();
+    let list = std::sync::Arc::new(List {
+        hash,
+        chunks: report.manifest.distinct_chunks(),
+    });
+    for mut r in [stored, streamed] {
+        assert!(r.is_thin());
+        assert!(
+            r.manifest().payloads[0].chunks.is_empty(),
+            "no chunk list is decoded"
+        );
+        assert_eq!(
+            r.manifest().payloads[0].references,
+            report.manifest.payloads[0].references
+        );
+        r.shed_chunk_lists_unbound().unwrap();
+        r.bind_to(list.clone()).unwrap();
+        assert_eq!(
+            r.holds().unwrap(),
+            whole.iter().map(|(id, _)| *id).collect::<Vec<_>>()
+        );
+        assert_eq!(references(r), whole);
+    }
+}
+
+/// Issue 10: the references of a thin manifest decoded without its chunk list
+/// are checked as a whole decode checks them, with the same errors: a position
+/// out of the list, one that is not its id's first (an id that repeats), and
+/// one that is (allowed).
+#[test]
+fn a_thin_manifests_references_are_checked_without_its_list_as_with_it() {
+    let mut base = random(400_000, 9);
+    base[100_000..180_000].fill(0);
+    let new = edited(&base);
+    let (_, art, report) = delta_pair(&base, &new);
+    let m = &report.manifest;
+    let chunks = &m.payloads[0].chunks;
+    // A repeated id: its first position and a later one.
+    let (first, later) = (0..chunks.len())
+        .find_map(|j| {
+            let i = chunks.iter().position(|c| c.id == chunks[j].id)?;
+            (i < j).then_some((i as u32, j as u32))
+        })
+        .expect("zeros repeat");
+    let root = root(&[1], 1);
+    let opened = |bytes: &[u8]| -> [Result<(), String>; 3] {
+        let debug = |r: Result<(), ReadError>| r.map_err(|e| format!("{e:?}"));
+        let whole = debug(ArtifactReader::open(bytes, &root, NOW).map(|_| ()));
+        let streamed = debug(
+            ArtifactReader::open_held_unbound(bytes, &root, NOW, &shoal_artifact::NoManifests)
+                .map(|_| ()),
+        );
+        let stored = debug(
+            copy_envelope(bytes, &root).and_then(|(copied, hash, rest)| {
+                let len = copied.len() as u64;
+                ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).map(|_| ())
+            }),
+        );
+        [whole, streamed, stored]
+    };
+    let with_chunks = |positions: Vec<u32>| {
+        let mut m = m.clone();
+        m.payloads[0].references[0].chunks = positions;
+        let mut ms = member_data(&art);
+        ms[0].1 = signed(&m);
+        tar(&ms)
+    };
+    let out_of_range = with_chunks(vec![chunks.len() as u32]);
+    let not_first = with_chunks(vec![later]);
+    let is_first = with_chunks(vec![first]);
+    for (bytes, problem) in [
+        (&out_of_range, Some("ChunkOutOfRange")),
+        (&not_first, Some("NotFirst")),
+        (&is_first, None),
+    ] {
+        let [whole, streamed, stored] = opened(bytes);
+        match problem {
+            Some(p) => assert!(
+                whole.as_ref().is_err_and(|e| e.contains(p)),
+                "{p}: {whole:?}"
+            ),
+            None => assert_eq!(whole, Ok(())),
+        }
+        assert_eq!(streamed, whole, "{problem:?}");
+        assert_eq!(stored, whole, "{problem:?}");
+    }
+}
+
+/// Issue 10: a thin artifact opened without its chunk list, told its base
+/// release, is checked against it when its packs are bound: a chunk the base
+/// lacks that the contents member leaves out is refused, by id, as a reader
+/// with its own list refuses it.
+#[test]
+fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
+    let v1 = payload(600_000, 3);
+    let mut v2 = v1.clone();
+    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
+    let (_, r1) = build(&v1);
+    let mut o2 = opts();
+    o2.version = "2.0".into();
+    let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let root = root(&[1], 1);
+    let distinct = r2.manifest.distinct_chunks();
+    let in_base: std::collections::HashSet<ChunkId> = r1.manifest.payloads[0]
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let lacking = distinct
+        .iter()
+        .find(|c| !in_base.contains(&c.id))
+        .expect("a new chunk")
+        .id;
+    let mut ms = member_data(&thin);
+    let at = ms
+        .iter()
+        .position(|(p, _)| p == CONTENTS_MEMBER)
+        .expect("contents");
+    ms[at].1 = shoal_artifact::read::contents_bitmap(&distinct, |id| {
+        !in_base.contains(id) && *id != lacking
+    });
+    // Without its pack table (whose counts no longer add up): found when binding.
+    ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
+    let list = std::sync::Arc::new(List {
+        hash: r2.manifest.hash(),
+        chunks: distinct.clone(),
+    });
+    for bytes in [thin.clone(), tar(&ms)] {
+        let mut own =
+            ArtifactReader::open_with_base(&bytes[..], &root, NOW, Some(&r1.manifest)).unwrap();
+        let own = own.holds();
+        let mut r =
+            ArtifactReader::open_held_unbound(&bytes[..], &root, NOW, &shoal_artifact::NoManifests)
+                .unwrap();
+        r.set_base(&r1.manifest);
+        r.shed_chunk_lists_unbound().unwrap();
+        let bound = r.bind_to(list.clone()).and_then(|()| r.holds());
+        assert_eq!(format!("{bound:?}"), format!("{own:?}"));
+        if bytes != thin {
+            assert!(matches!(bound, Err(ReadError::MissingChunk(id)) if id == lacking));
+        } else {
+            assert!(bound.unwrap().len() < distinct.len());
+        }
+    }
 }
 
 /// Text-like bytes a dictionary helps with: `phrase` repeated with a slow drift.

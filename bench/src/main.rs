@@ -89,6 +89,12 @@ enum Only {
     /// Issue 12: delta-encoded chunks (v1 → v2, and the v2 → v3 hotfix when
     /// `v3.img` exists: `bench/make-hotfix-image.sh`).
     Refchunk,
+    /// Issue 10: only the install section's rows on generated images (up to
+    /// `--large-max-gib`), without its rows on the real images.
+    Large,
+    /// Issue 10: only the thin artifact's row on each generated image (its base's
+    /// manifest kept), without the full and store installs.
+    LargeThin,
 }
 
 /// Everything the sections share.
@@ -374,7 +380,7 @@ fn engine_only() -> Result<()> {
 fn run(args: Args) -> Result<()> {
     let v1 = args.images.join("v1.img");
     let v2 = args.images.join("v2.img");
-    let needs_images = args.only != Only::Harden;
+    let needs_images = !matches!(args.only, Only::Harden | Only::Large | Only::LargeThin);
     for img in [&v1, &v2] {
         if needs_images && !img.is_file() {
             bail!(
@@ -445,6 +451,13 @@ fn run(args: Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Install) {
         report.sections.push(sections::install(&ctx, &shoal)?);
+    }
+    if let Only::Large | Only::LargeThin = args.only {
+        report.sections.push(sections::install_generated(
+            &ctx,
+            &shoal,
+            args.only == Only::LargeThin,
+        )?);
     }
     if matches!(args.only, Only::All | Only::Harden) {
         report.sections.push(sections::harden(&ctx, &shoal)?);
@@ -589,6 +602,8 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
                     Only::Install => " --only install",
                     Only::Harden => " --only harden",
                     Only::Refchunk => " --only refchunk",
+                    Only::Large => " --only large",
+                    Only::LargeThin => " --only large-thin",
                 }
             ),
         ),

@@ -648,7 +648,7 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         rss_cap,
     ));
     let (large_goals, large_facts) = match &ready {
-        Ok((s, _)) => install_large(ctx, s)?,
+        Ok((s, _)) => install_large(ctx, s, false)?,
         Err(why) => (
             LARGE_IMAGES
                 .iter()
@@ -667,6 +667,36 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         title: "Issue 4 — `shoal install`".to_owned(),
         goals,
         series: jobs.into_iter().map(|j| j.series).collect(),
+        facts,
+    })
+}
+
+/// The install section's rows on generated images alone (`--only large`), or its
+/// thin artifact's rows alone (`--only large-thin`: the full and store installs
+/// are not run), to measure them without the rows on the real images.
+pub fn install_generated(
+    ctx: &Ctx,
+    shoal: &Result<Shoal, String>,
+    thin_only: bool,
+) -> Result<Section> {
+    let (goals, facts) = match shoal {
+        Ok(s) => install_large(ctx, s, thin_only)?,
+        Err(why) => (
+            LARGE_IMAGES
+                .iter()
+                .flat_map(|&(label, _, cap)| {
+                    large_rows(label).map(|row| {
+                        Goal::not_run(&row, why.clone(), Target::AtMost(Quantity::Mebibytes(cap)))
+                    })
+                })
+                .collect(),
+            Vec::new(),
+        ),
+    };
+    Ok(Section {
+        title: "Issue 4 — `shoal install` (generated images)".to_owned(),
+        goals,
+        series: Vec::new(),
         facts,
     })
 }
@@ -708,7 +738,9 @@ fn large_rows(label: &str) -> [String; 3] {
 /// for the first time); that device is removed, then the first image becomes the
 /// slot A of a device that keeps its manifest (as a factory image ships it), which
 /// installs the thin artifact (generated again from its seed: the same bytes).
-fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
+/// With `thin_only`, the file and store installs are not run (nor the store
+/// built): their rows say so.
+fn install_large(ctx: &Ctx, shoal: &Shoal, thin_only: bool) -> Result<(Vec<Goal>, Facts)> {
     let mut goals = Vec::new();
     let mut facts = Vec::new();
     for (k, &(label, size, cap)) in LARGE_IMAGES.iter().enumerate() {
@@ -772,17 +804,19 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
                 format!("{label} generated image: artifact build (`--zstd-level {LARGE_ZSTD_LEVEL}`, one run)"),
                 format!("{build_s:.1} s, {artifact_bytes} bytes"),
             ));
-            progress(&format!(
-                "adding the {label} artifact to a chunk store (untimed)"
-            ));
-            shoal
-                .cmd()
-                .args(["--quiet", "store", "add"])
-                .arg(&store)
-                .arg(&artifact)
-                .arg("--root")
-                .arg(shoal.root())
-                .run_plain()?;
+            if !thin_only {
+                progress(&format!(
+                    "adding the {label} artifact to a chunk store (untimed)"
+                ));
+                shoal
+                    .cmd()
+                    .args(["--quiet", "store", "add"])
+                    .arg(&store)
+                    .arg(&artifact)
+                    .arg("--root")
+                    .arg(shoal.root())
+                    .run_plain()?;
+            }
             // The image is not kept meanwhile (8 GiB of disk at the largest): the
             // second one is generated from the same seed, and the first again
             // where it becomes a slot.
@@ -816,27 +850,30 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
 
             // The artifact file and the chunk store, on a device running nothing
             // of the release.
-            let dev = Device::create(ctx, shoal, &name, SlotA::Sparse, size)?;
-            let mut jobs = vec![
-                Job::new(
-                    &format!("shoal install ({label} generated image)"),
-                    dev.install(shoal, &artifact),
-                    &dev.clean(),
-                    Output::None,
-                    true,
-                )
-                .with_prepare(dev.prepare(shoal)),
-                Job::new(
-                    &format!("shoal install --store ({label} generated image)"),
-                    dev.install(shoal, &store),
-                    &dev.clean(),
-                    Output::None,
-                    true,
-                )
-                .with_prepare(dev.prepare(shoal)),
-            ];
-            run_rounds(ctx, &mut jobs)?;
-            measure::remove_any(&work_path(ctx, &name))?;
+            let mut jobs = Vec::new();
+            if !thin_only {
+                let dev = Device::create(ctx, shoal, &name, SlotA::Sparse, size)?;
+                jobs = vec![
+                    Job::new(
+                        &format!("shoal install ({label} generated image)"),
+                        dev.install(shoal, &artifact),
+                        &dev.clean(),
+                        Output::None,
+                        true,
+                    )
+                    .with_prepare(dev.prepare(shoal)),
+                    Job::new(
+                        &format!("shoal install --store ({label} generated image)"),
+                        dev.install(shoal, &store),
+                        &dev.clean(),
+                        Output::None,
+                        true,
+                    )
+                    .with_prepare(dev.prepare(shoal)),
+                ];
+                run_rounds(ctx, &mut jobs)?;
+                measure::remove_any(&work_path(ctx, &name))?;
+            }
             measure::remove_any(&store)?;
             // The thin artifact, on a device running the image with its manifest
             // (generated again: the same bytes, from the same seed).
@@ -860,7 +897,19 @@ fn install_large(ctx: &Ctx, shoal: &Shoal) -> Result<(Vec<Goal>, Facts)> {
             for (kept, _) in &dev.ship {
                 measure::remove_any(kept)?;
             }
-            for (job, row) in jobs.iter().zip(&rows) {
+            let measured_rows = if thin_only {
+                for row in &rows[..2] {
+                    goals.push(Goal::not_run(
+                        row,
+                        "skipped: --only large-thin".to_owned(),
+                        target,
+                    ));
+                }
+                &rows[2..]
+            } else {
+                &rows[..]
+            };
+            for (job, row) in jobs.iter().zip(measured_rows) {
                 if let Ok(v) = job.result().and_then(|_| {
                     serde_json::from_slice::<serde_json::Value>(&job.last_stdout)
                         .map_err(|e| e.to_string())

@@ -3048,16 +3048,18 @@ impl<'a> Driver<'a> {
                         let checked = slotio::check_along(
                             &*storage,
                             len,
-                            expected.chunks(),
-                            &|id| awaited.contains(id),
+                            || expected.chunks(),
+                            &|id| awaited.key(id),
                             Some(ALONG_SAMPLE),
                         )?;
                         let held = match checked {
                             // Ids that could not be read were zeros (warned by
                             // `Expected::chunks`): what was held is not known.
                             _ if expected.read_error().is_some() => None,
-                            slotio::Along::Held(chunks) => Some((chunks, 0)),
-                            slotio::Along::Sampled { chunks, checked } => Some((chunks, checked)),
+                            slotio::Along::Held(positions) => Some((positions, 0)),
+                            slotio::Along::Sampled { positions, checked } => {
+                                Some((positions, checked))
+                            }
                             slotio::Along::Differs { offset, expected } => {
                                 tracing::debug!(
                                     offset,
@@ -3067,22 +3069,43 @@ impl<'a> Driver<'a> {
                                 None
                             }
                         };
+                        let store = &self.dev.store;
+                        let record = |chunks: &mut dyn Iterator<Item = (u64, ChunkId, u32)>| {
+                            store
+                                .write_slot_index_from(slot, chunks)
+                                .with_context(|| format!("cannot record the index of slot {slot}"))
+                        };
+                        // The held chunks' index entries, written as they are read
+                        // along the kept list (its ids read by position again).
+                        let along = match held {
+                            Some((positions, sampled)) => {
+                                let written = record(&mut slotio::at_positions(
+                                    expected.chunks(),
+                                    &positions,
+                                ))?;
+                                // An id that could not be read now was a zero in the
+                                // index: not the list, so cut by content after all.
+                                expected.read_error().is_none().then_some((written, sampled))
+                            }
+                            None => None,
+                        };
                         // Not the release expected (or not known): cut by content,
                         // which finds what the slot shares with the new release
                         // wherever it lies.
-                        let (chunks, partial, sampled) = match held {
-                            Some((chunks, sampled)) => (chunks, true, sampled),
-                            None => (
-                                slotio::index_runs_once(&*storage, len, chunking, &|_| false, None, None)?,
-                                false,
-                                0,
-                            ),
+                        let (written, partial, sampled) = match along {
+                            Some((written, sampled)) => (written, true, sampled),
+                            None => {
+                                let chunks = slotio::index_runs_once(
+                                    &*storage,
+                                    len,
+                                    chunking,
+                                    &|_| false,
+                                    None,
+                                    None,
+                                )?;
+                                (record(&mut chunks.into_iter())?, false, 0)
+                            }
                         };
-                        let written = self
-                            .dev
-                            .store
-                            .write_slot_index(slot, &chunks)
-                            .with_context(|| format!("cannot record the index of slot {slot}"))?;
                         return Ok(Some((written, partial, sampled)));
                     }
                     // One bit a needed chunk, over the release's shared table.

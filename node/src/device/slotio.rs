@@ -247,16 +247,17 @@ const GAP_READ_MAX: u64 = 64 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Along {
     /// Every wanted chunk was read and lies where the expected list puts it:
-    /// `(offset, id, length)` of its first position there, in slot order (an
-    /// index of the slot that lists those chunks only).
-    Held(Vec<(u64, ChunkId, u32)>),
+    /// the positions in that list of each wanted id's first position, ascending
+    /// ([`at_positions`] gives their offsets, ids and lengths: an index of the
+    /// slot that lists those chunks only).
+    Held(Vec<u32>),
     /// A sample of the wanted chunks (`checked` of them) was read and lies where
-    /// the list puts them; `chunks` lists every wanted chunk's first position as
-    /// [`Along::Held`] does, most of them unread: unproved (the caller hashes each
-    /// when it reads it, and may meet one that is not there).
+    /// the list puts them; `positions` lists every wanted chunk's first position
+    /// as [`Along::Held`] does, most of them unread: unproved (the caller hashes
+    /// each when it reads it, and may meet one that is not there).
     Sampled {
         /// Every wanted chunk, as for [`Along::Held`].
-        chunks: Vec<(u64, ChunkId, u32)>,
+        positions: Vec<u32>,
         /// How many of them were read and hashed.
         checked: usize,
     },
@@ -264,15 +265,22 @@ pub enum Along {
     Differs { offset: u64, expected: ChunkId },
 }
 
-/// Checks that `storage` holds, where the chunk list `expected` (`(id, length)`,
-/// from offset 0: the release the slot should hold) puts them, the chunks whose
-/// id is `wanted`, reading and hashing only those: the first position of each
-/// wanted id (a repeated id is read once), neighbouring positions read together
-/// (gaps up to [`GAP_READ_MAX`], reads up to [`BLOCK`] or one chunk, aligned for
-/// direct reads), read ahead on this thread while another hashes what was read.
-/// Stops at the first position that does not hash to its id: the slot does not
-/// hold that release there (the caller then cuts it by content). `expected` must
-/// fit in `len`.
+/// Checks that `storage` holds, where the chunk list `expected()` (`(id,
+/// length)`, from offset 0: the release the slot should hold; walked twice, as
+/// the kept manifest's ids are read from their file) puts them, the chunks
+/// `wanted` gives a key (equal keys for one id, below `u32::MAX`: an entry of
+/// the new release's table), reading and hashing only those: the first position
+/// of each wanted id (a repeated id is read once), neighbouring positions read
+/// together (gaps up to [`GAP_READ_MAX`], reads up to [`BLOCK`] or one chunk,
+/// aligned for direct reads), read ahead on this thread while another hashes
+/// what was read. Stops at the first position that does not hash to its id: the
+/// slot does not hold that release there (the caller then cuts it by content).
+/// `expected` must fit in `len`.
+///
+/// What it keeps a wanted chunk is its position (4 bytes) and a bit of its key:
+/// at 8 GiB, about 430,000 wanted chunks, a list of `(offset, id, length)` (48
+/// bytes) and a set of their ids (about 40) were 41 MB, the peak of a thin
+/// install.
 ///
 /// With `sample`, when more chunks are wanted than it reads, only those it picks
 /// are read and hashed ([`sample_positions`]: spread evenly over the wanted
@@ -280,51 +288,82 @@ pub enum Along {
 /// [`Along::Sampled`]: whether the slot holds the release at all, for a few dozen
 /// chunk reads instead of every wanted one. With no more wanted than the sample,
 /// all are read: [`Along::Held`].
-pub fn check_along(
+pub fn check_along<I: IntoIterator<Item = (ChunkId, u32)>>(
     storage: &dyn Storage,
     len: u64,
-    expected: impl IntoIterator<Item = (ChunkId, u32)>,
-    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    expected: impl Fn() -> I,
+    wanted: &(dyn Fn(&ChunkId) -> Option<u32> + Sync),
     sample: Option<Sample>,
 ) -> io::Result<Along> {
-    let targets = targets_along(len, expected, wanted);
-    let picked = sample.filter(|k| targets.len() > k.get()).map(|k| {
-        sample_positions(targets.len(), k)
-            .map(|i| targets[i])
-            .collect::<Vec<_>>()
+    let positions = positions_along(len, expected(), wanted);
+    let picked: Option<Vec<u32>> = sample.filter(|k| positions.len() > k.get()).map(|k| {
+        sample_positions(positions.len(), k)
+            .map(|i| positions[i])
+            .collect()
     });
-    Ok(
-        match check_targets(storage, len, picked.as_deref().unwrap_or(&targets))? {
-            Some((offset, expected)) => Along::Differs { offset, expected },
-            None => match picked {
-                Some(picked) => Along::Sampled {
-                    chunks: targets,
-                    checked: picked.len(),
-                },
-                None => Along::Held(targets),
+    let targets: Vec<(u64, ChunkId, u32)> =
+        at_positions(expected(), picked.as_deref().unwrap_or(&positions)).collect();
+    Ok(match check_targets(storage, len, &targets)? {
+        Some((offset, expected)) => Along::Differs { offset, expected },
+        None => match picked {
+            Some(picked) => Along::Sampled {
+                positions,
+                checked: picked.len(),
             },
+            None => Along::Held(positions),
         },
-    )
+    })
 }
 
-/// The first position of each wanted id of `expected` (from offset 0), in slot
-/// order: `(offset, id, length)`.
-fn targets_along(
+/// The first position of each wanted id of `expected` (from offset 0), ascending.
+fn positions_along(
     len: u64,
     expected: impl IntoIterator<Item = (ChunkId, u32)>,
-    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-) -> Vec<(u64, ChunkId, u32)> {
-    let mut seen: HashSet<ChunkId> = HashSet::new();
-    let mut targets: Vec<(u64, ChunkId, u32)> = Vec::new();
+    wanted: &(dyn Fn(&ChunkId) -> Option<u32> + Sync),
+) -> Vec<u32> {
+    // A bit a key: whether its id was met already.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut positions: Vec<u32> = Vec::new();
     let mut offset = 0u64;
-    for (id, n) in expected {
-        if wanted(&id) && seen.insert(id) {
-            targets.push((offset, id, n));
+    for (pos, (id, n)) in expected.into_iter().enumerate() {
+        if let Some(key) = wanted(&id) {
+            let (word, bit) = (key as usize / 64, key % 64);
+            if word >= seen.len() {
+                seen.resize(word + 1, 0);
+            }
+            if seen[word] >> bit & 1 == 0 {
+                seen[word] |= 1 << bit;
+                positions.push(u32::try_from(pos).expect("a chunk list's positions fit a u32"));
+            }
         }
         offset += u64::from(n);
     }
     assert!(offset <= len, "the expected chunks run past the slot");
-    targets
+    positions
+}
+
+/// `(offset, id, length)` of the chunks of `expected` (from offset 0) at
+/// `positions` (ascending), in that order: the slot index [`Along`] lists.
+pub fn at_positions<'a>(
+    expected: impl IntoIterator<Item = (ChunkId, u32)> + 'a,
+    positions: &'a [u32],
+) -> impl Iterator<Item = (u64, ChunkId, u32)> + 'a {
+    let mut next = positions.iter().peekable();
+    let mut offset = 0u64;
+    let mut expected = expected.into_iter().enumerate();
+    std::iter::from_fn(move || {
+        loop {
+            // Nothing read past the last position asked.
+            let &&want = next.peek()?;
+            let (pos, (id, n)) = expected.next()?;
+            let at = offset;
+            offset += u64::from(n);
+            if pos as u32 == want {
+                next.next();
+                return Some((at, id, n));
+            }
+        }
+    })
 }
 
 /// Reads and hashes `targets` (in slot order) as [`check_along`] says; the first
@@ -2358,7 +2397,8 @@ mod tests {
     }
 
     /// [`check_along`] of the first `len` bytes of `storage` along `chunks` (a
-    /// cut's list: offset, id, length), wanting what `wanted` says.
+    /// cut's list: offset, id, length), wanting what `wanted` says (each wanted
+    /// id keyed by its first position in `chunks`).
     fn check_cut(
         storage: &dyn Storage,
         len: u64,
@@ -2366,14 +2406,51 @@ mod tests {
         wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
         sample: Option<Sample>,
     ) -> Along {
+        let mut keys = std::collections::HashMap::new();
+        for (k, c) in chunks.iter().enumerate() {
+            keys.entry(c.1).or_insert(k as u32);
+        }
         check_along(
             storage,
             len,
-            chunks.iter().map(|c| (c.1, c.2)),
-            wanted,
+            || chunks.iter().map(|c| (c.1, c.2)),
+            &|id| keys.get(id).copied().filter(|_| wanted(id)),
             sample,
         )
         .unwrap()
+    }
+
+    /// The positions in `chunks` of `wanted`'s chunks (taken from it).
+    fn positions_of(chunks: &[(u64, ChunkId, u32)], wanted: &[(u64, ChunkId, u32)]) -> Vec<u32> {
+        wanted
+            .iter()
+            .map(|w| chunks.iter().position(|c| c == w).unwrap() as u32)
+            .collect()
+    }
+
+    /// The entries at `positions` are the chunks there, with their offsets, and
+    /// only those: what the slot index along the list records.
+    #[test]
+    fn at_positions_gives_the_chunks_at_those_positions_and_stops_after_the_last() {
+        let list = [
+            (id(1), 10),
+            (id(2), 20),
+            (id(1), 10),
+            (id(3), 5),
+            (id(4), 7),
+        ];
+        let got: Vec<_> = at_positions(list, &[1, 3]).collect();
+        assert_eq!(got, vec![(10, id(2), 20), (40, id(3), 5)]);
+        assert_eq!(at_positions(list, &[]).count(), 0);
+        // The list is read no further than the last position asked.
+        let mut read = 0;
+        let counted = list.iter().inspect(|_| read += 1).copied();
+        assert_eq!(at_positions(counted, &[0]).count(), 1);
+        assert_eq!(read, 1);
+    }
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
     }
 
     #[test]
@@ -2400,7 +2477,7 @@ mod tests {
             &|id| wanted_ids.contains(id),
             None,
         );
-        assert_eq!(got, Along::Held(wanted.clone()));
+        assert_eq!(got, Along::Held(positions_of(&chunks, &wanted)));
         let (reads, bytes) = counting.counts();
         assert!(
             reads <= wanted.len() as u64,
@@ -2492,7 +2569,7 @@ mod tests {
         assert_eq!(
             got,
             Along::Sampled {
-                chunks: wanted.clone(),
+                positions: positions_of(&chunks, &wanted),
                 checked: 8
             }
         );
@@ -2560,8 +2637,9 @@ mod tests {
                 Some(Sample::new(k)),
             )
         };
-        assert_eq!(check(&data, n), Along::Held(wanted.clone()));
-        assert_eq!(check(&data, n + 10), Along::Held(wanted.clone()));
+        let held = Along::Held(positions_of(&chunks, &wanted));
+        assert_eq!(check(&data, n), held);
+        assert_eq!(check(&data, n + 10), held);
         let mut slot = data.clone();
         slot[wanted[n / 2].0 as usize + 1] ^= 1;
         assert_eq!(
@@ -2613,12 +2691,12 @@ mod tests {
         let got = check_along(
             &counting,
             slot.len() as u64,
-            expected,
-            &|id| *id == zid,
+            || expected,
+            &|id| (*id == zid).then_some(0),
             None,
         )
         .unwrap();
-        assert_eq!(got, Along::Held(vec![(0, zid, 8000)]));
+        assert_eq!(got, Along::Held(vec![0]));
         let (reads, bytes) = counting.counts();
         assert_eq!(reads, 1);
         assert_eq!(bytes, 8000_u64.next_multiple_of(ALIGN as u64));

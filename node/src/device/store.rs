@@ -827,6 +827,16 @@ impl Store {
         slot: Slot,
         chunks: &[(u64, ChunkId, u32)],
     ) -> Result<u64, StoreError> {
+        self.write_slot_index_from(slot, chunks.iter().copied())
+    }
+
+    /// [`Store::write_slot_index`] of entries as they come (from a list read by
+    /// position, never whole in memory): [`INDEX_BATCH`] of them at a time.
+    pub fn write_slot_index_from(
+        &self,
+        slot: Slot,
+        chunks: impl IntoIterator<Item = (u64, ChunkId, u32)>,
+    ) -> Result<u64, StoreError> {
         self.write(|txn| {
             let mut index = txn.open_table(INDEX)?;
             let lo = index_key(slot, &ChunkId([0; 32]));
@@ -837,8 +847,13 @@ impl Store {
             Ok(())
         })?;
         let mut written = 0u64;
-        let mut order: Vec<u32> = Vec::with_capacity(INDEX_BATCH.min(chunks.len()));
-        for batch in chunks.chunks(INDEX_BATCH) {
+        let mut order: Vec<u32> = Vec::new();
+        let mut chunks = chunks.into_iter().peekable();
+        let mut batch: Vec<(u64, ChunkId, u32)> = Vec::new();
+        while chunks.peek().is_some() {
+            batch.clear();
+            batch.extend(chunks.by_ref().take(INDEX_BATCH));
+            let batch = &batch[..];
             order.clear();
             order.extend(0..batch.len() as u32);
             // Stable: of one id, the first in slot order comes first.

@@ -1294,6 +1294,16 @@ impl NeededChunks {
             .is_some_and(|e| self.bits.get(e))
     }
 
+    /// The key of chunk `id` when it is needed: its entry in the release's
+    /// table (one for each distinct chunk, below the table's entry count), so a
+    /// caller keeps a bit a chunk it met, not a set of ids.
+    pub fn key(&self, id: &ChunkId) -> Option<u32> {
+        self.rel
+            .as_ref()
+            .and_then(|r| r.table.entry(id))
+            .filter(|&e| self.bits.get(e))
+    }
+
     /// How many distinct chunks are needed.
     pub fn len(&self) -> u32 {
         self.bits.count()
