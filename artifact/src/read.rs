@@ -487,6 +487,16 @@ pub enum ReadError {
     /// which chunks its packs hold is unknown.
     #[error("the thin artifact has no contents member and its base release is not at hand")]
     MissingContents,
+    /// The chunk list a reader opened without its own is bound to
+    /// ([`ArtifactReader::bind_to`]) counts other distinct chunks than the reader
+    /// found in the same manifest.
+    #[error("the chunk list bound counts {list} distinct chunks, the manifest read {found}")]
+    ChunkListLength {
+        /// Distinct chunks the reader found in the manifest.
+        found: usize,
+        /// Distinct chunks the list holds.
+        list: usize,
+    },
     /// A chunk the artifact should hold but does not.
     #[error("chunk {0} is missing from the artifact")]
     MissingChunk(ChunkId),
@@ -779,6 +789,24 @@ pub struct ArtifactReader<R: Read> {
     /// without a pack table): the first pack's header, or what stands in its place.
     peeked: Option<Block>,
     done: bool,
+}
+
+/// How many chunks the packs hold, as known when the pack table is read.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// Exactly these.
+    Exact(usize),
+    /// At most these (a thin artifact without contents opened without its chunk
+    /// list: the exact count is known when it is bound, `bind_to`).
+    AtMost(usize),
+}
+
+impl Bound {
+    fn chunks(self) -> usize {
+        match self {
+            Bound::Exact(n) | Bound::AtMost(n) => n,
+        }
+    }
 }
 
 impl<R: Read> ArtifactReader<R> {
@@ -1145,9 +1173,12 @@ impl<R: Read> ArtifactReader<R> {
     /// (of a thin one, every one its base lacks). A no-op when they are bound
     /// already.
     ///
+    /// A `list` of the same manifest that counts other distinct chunks than this
+    /// reader found in it is refused ([`ReadError::ChunkListLength`]).
+    ///
     /// # Panics
-    /// When `list` is of another manifest, or of another chunk count (a caller's
-    /// bug: it must come from the manifest this reader verified).
+    /// When `list` is of another manifest (a caller's bug: it must come from the
+    /// manifest this reader verified).
     pub fn bind_to(&mut self, list: Arc<dyn ChunkList>) -> Result<(), ReadError> {
         if self.expected.is_some() {
             return Ok(());
@@ -1156,9 +1187,15 @@ impl<R: Read> ArtifactReader<R> {
             .unbound_distinct
             .expect("bind_to after shed_chunk_lists_unbound");
         assert!(
-            list.manifest_hash() == self.manifest_hash && list.distinct_len() == n,
+            list.manifest_hash() == self.manifest_hash,
             "bind_to a chunk list of another manifest"
         );
+        if list.distinct_len() != n {
+            return Err(ReadError::ChunkListLength {
+                found: n,
+                list: list.distinct_len(),
+            });
+        }
         let thin = self.manifest.base.is_some();
         // Whatever the contents say, a full artifact holds every chunk and a thin
         // one every chunk its base lacks (when the base was told).
@@ -1186,6 +1223,12 @@ impl<R: Read> ArtifactReader<R> {
             }
             None => return Err(ReadError::MissingContents),
         };
+        if let Some(table) = &self.table {
+            let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
+            if sum != len as u64 {
+                return Err(ReadError::PackTableSum { sum, chunks: len });
+            }
+        }
         self.unbound_distinct = None;
         self.expected = Some(Expected::Shared {
             list,
@@ -1633,9 +1676,9 @@ impl<R: Read> ArtifactReader<R> {
     /// How many chunks the packs hold, without binding them when the contents
     /// member or the kind of artifact says (a full artifact holds every distinct
     /// chunk; whether the contents member marks them all is checked when binding).
-    fn held_count(&mut self) -> Result<usize, ReadError> {
+    fn held_count(&mut self) -> Result<Bound, ReadError> {
         if let Some(e) = &self.expected {
-            return Ok(e.len());
+            return Ok(Bound::Exact(e.len()));
         }
         let thin = self.manifest.base.is_some();
         match &self.contents {
@@ -1652,18 +1695,25 @@ impl<R: Read> ArtifactReader<R> {
                         self.manifest.distinct_chunks()[k].id,
                     ));
                 }
-                Ok(n)
+                Ok(Bound::Exact(n))
             }
             // (Opened without its chunk list, a thin artifact is checked against
             // its base when it is bound: `bind_to`.)
-            Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => {
-                Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
-            }
-            None if !thin => Ok(self.distinct_count()),
+            Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => Ok(
+                Bound::Exact(bits.iter().map(|b| b.count_ones() as usize).sum()),
+            ),
+            None if !thin => Ok(Bound::Exact(self.distinct_count())),
+            // A thin artifact without contents opened without its chunk list: it
+            // holds what its base lacks, known only when bound (`bind_to`, which
+            // checks the table's sum); until then, at most every distinct chunk.
+            None if self.streamed_distinct.is_some() => match self.base_held {
+                Some(_) => Ok(Bound::AtMost(self.distinct_count())),
+                None => Err(ReadError::MissingContents),
+            },
             // A thin artifact checked against its base, or without contents.
             _ => {
                 self.bind()?;
-                Ok(self.expected.as_ref().expect("bound").len())
+                Ok(Bound::Exact(self.expected.as_ref().expect("bound").len()))
             }
         }
     }
@@ -1672,7 +1722,8 @@ impl<R: Read> ArtifactReader<R> {
     /// (every pack holds at least one) before it is read, then every count must be a
     /// possible pack's and they must add up to exactly those chunks.
     fn read_table_member(&mut self, size: u64) -> Result<(), ReadError> {
-        let chunks = self.held_count()?;
+        let bound = self.held_count()?;
+        let chunks = bound.chunks();
         let entry = PACK_TABLE_ENTRY_LEN as u64;
         let max = chunks as u64 * entry;
         if size > max {
@@ -1701,7 +1752,12 @@ impl<R: Read> ArtifactReader<R> {
             });
         }
         let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
-        if sum != chunks as u64 {
+        let fits = match bound {
+            Bound::Exact(_) => sum == chunks as u64,
+            // Checked exactly when bound (`bind_to`).
+            Bound::AtMost(_) => sum <= chunks as u64,
+        };
+        if !fits {
             return Err(ReadError::PackTableSum { sum, chunks });
         }
         self.table = Some(table);

@@ -2382,6 +2382,89 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
     }
 }
 
+/// Issue 10 (review13c): a thin artifact whose (unsigned) contents member was
+/// removed, its pack table kept, opened as the installer opens it (from its
+/// copied envelope, or streamed) fails without its base release with
+/// `MissingContents`, not a panic; told its base, it holds what its base lacks,
+/// as a reader with its own list finds, and a pack table that does not add up
+/// to those is refused when bound, as is a chunk list of another length.
+#[test]
+fn a_thin_reader_without_its_list_or_contents_needs_its_base() {
+    let v1 = payload(600_000, 3);
+    let mut v2 = v1.clone();
+    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
+    let (_, r1) = build(&v1);
+    let mut o2 = opts();
+    o2.version = "2.0".into();
+    let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let root = root(&[1], 1);
+    let mut ms = member_data(&thin);
+    assert!(ms.iter().any(|(p, _)| p == PACK_TABLE_MEMBER));
+    ms.retain(|(p, _)| p != CONTENTS_MEMBER);
+    let bytes = tar(&ms);
+    // The same, with a pack table one chunk short of what the base lacks.
+    let mut short = ms.clone();
+    let table = short
+        .iter_mut()
+        .find(|(p, _)| p == PACK_TABLE_MEMBER)
+        .expect("a pack table");
+    let first = u32::from_le_bytes(table.1[..4].try_into().unwrap());
+    assert!(first > 1, "a pack of several chunks");
+    table.1[..4].copy_from_slice(&(first - 1).to_le_bytes());
+    let short = tar(&short);
+    let list = std::sync::Arc::new(List {
+        hash: r2.manifest.hash(),
+        chunks: r2.manifest.distinct_chunks(),
+    });
+    let own = ArtifactReader::open_with_base(&bytes[..], &root, NOW, Some(&r1.manifest))
+        .unwrap()
+        .holds()
+        .unwrap();
+    assert!(own.len() < list.chunks.len());
+    for (bytes, base) in [(&bytes, false), (&bytes, true), (&short, true)] {
+        let (copied, hash, rest) = copy_envelope(bytes, &root).unwrap();
+        let len = copied.len() as u64;
+        let stored =
+            ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).unwrap();
+        let streamed =
+            ArtifactReader::open_held_unbound(&bytes[..], &root, NOW, &shoal_artifact::NoManifests)
+                .unwrap();
+        for mut r in [stored, streamed] {
+            if base {
+                r.set_base(&r1.manifest);
+            } else {
+                assert!(matches!(
+                    r.shed_chunk_lists_unbound(),
+                    Err(ReadError::MissingContents)
+                ));
+                continue;
+            }
+            r.shed_chunk_lists_unbound().unwrap();
+            // A list of the manifest that counts other chunks: refused, not a panic.
+            let fewer = std::sync::Arc::new(List {
+                hash: list.hash,
+                chunks: list.chunks[1..].to_vec(),
+            });
+            let n = list.chunks.len();
+            assert!(
+                matches!(r.bind_to(fewer), Err(ReadError::ChunkListLength { found, list })
+                    if found == n && list + 1 == n)
+            );
+            let bound = r.bind_to(list.clone());
+            if bytes == &short {
+                assert!(
+                    matches!(bound, Err(ReadError::PackTableSum { sum, chunks })
+                        if sum + 1 == chunks as u64 && chunks == own.len()),
+                    "{bound:?}"
+                );
+            } else {
+                bound.unwrap();
+                assert_eq!(r.holds().unwrap(), own);
+            }
+        }
+    }
+}
+
 /// Text-like bytes a dictionary helps with: `phrase` repeated with a slow drift.
 fn text(len: usize, phrase: &[u8]) -> Vec<u8> {
     (0..len)
