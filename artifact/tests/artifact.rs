@@ -2324,6 +2324,65 @@ fn a_thin_manifests_references_are_checked_without_its_list_as_with_it() {
     }
 }
 
+/// Issue 10 (review13c): two different ids that share their first 4 bytes (the
+/// only case where a reader without its chunk list needs full ids) are two
+/// distinct chunks, and the later one's position is its id's first: a reference
+/// naming it is accepted, and the distinct count (the contents member's length,
+/// the list bound) is a reader's with its own list.
+#[test]
+fn a_thin_reader_without_its_list_tells_ids_that_share_a_prefix() {
+    let base = random(400_000, 10);
+    let new = edited(&base);
+    let (_, art, report) = delta_pair(&base, &new);
+    let mut m = report.manifest.clone();
+    let chunks = &m.payloads[0].chunks;
+    let unique = |k: usize| chunks.iter().filter(|c| c.id == chunks[k].id).count() == 1;
+    // A position a reference names, and an earlier one, both of ids that do not repeat.
+    let j = m.payloads[0].references[0].chunks[0] as usize;
+    let i = (0..j).find(|&i| unique(i)).expect("an earlier chunk");
+    assert!(unique(j));
+    let mut id = chunks[j].id;
+    id.0[..4].copy_from_slice(&chunks[i].id.0[..4]);
+    assert_ne!(id, chunks[i].id);
+    m.payloads[0].chunks[j].id = id;
+    let distinct = m.distinct_chunks();
+    assert_eq!(distinct.len(), report.manifest.distinct_count());
+    let mut ms = member_data(&art);
+    ms[0].1 = signed(&m);
+    let contents = &mut ms
+        .iter_mut()
+        .find(|(p, _)| p == CONTENTS_MEMBER)
+        .expect("contents")
+        .1;
+    assert_eq!(contents.len(), distinct.len().div_ceil(8));
+    // The last distinct chunk marked (its pack table, which no longer adds up,
+    // left out): a count one short would be refused.
+    *contents.last_mut().unwrap() |= 1 << ((distinct.len() - 1) % 8);
+    ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
+    let bytes = tar(&ms);
+    let root = root(&[1], 1);
+    let own = ArtifactReader::open(&bytes[..], &root, NOW)
+        .unwrap()
+        .holds()
+        .unwrap();
+    let list = std::sync::Arc::new(List {
+        hash: m.hash(),
+        chunks: distinct,
+    });
+    let (copied, hash, rest) = copy_envelope(&bytes, &root).unwrap();
+    let len = copied.len() as u64;
+    let stored = ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).unwrap();
+    let streamed =
+        ArtifactReader::open_held_unbound(&bytes[..], &root, NOW, &shoal_artifact::NoManifests)
+            .unwrap();
+    for mut r in [stored, streamed] {
+        assert!(r.manifest().payloads[0].chunks.is_empty());
+        r.shed_chunk_lists_unbound().unwrap();
+        r.bind_to(list.clone()).unwrap();
+        assert_eq!(r.holds().unwrap(), own);
+    }
+}
+
 /// Issue 10: a thin artifact opened without its chunk list, told its base
 /// release, is checked against it when its packs are bound: a chunk the base
 /// lacks that the contents member leaves out is refused, by id, as a reader
