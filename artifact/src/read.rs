@@ -2717,4 +2717,83 @@ mod verified_tests {
             VerifiedChunk::check(id, data).expect("hashes to its id")
         );
     }
+
+    /// A thin manifest decoded without its chunk list keeps the full ids only of
+    /// the positions its references name: its reference map holds exactly those
+    /// (not a repeated id's, nor an id that shares another's first 4 bytes), and
+    /// its distinct count tells ids apart by all their bytes.
+    #[test]
+    fn a_manifest_decoded_without_its_list_keeps_only_the_referenced_ids() {
+        use crate::manifest::{BaseRelease, Chunking, Payload, PayloadKind, Reference};
+        let c = ChunkId::of(b"c");
+        let mut d = ChunkId::of(b"d");
+        d.0[..4].copy_from_slice(&c.0[..4]);
+        let ids = [
+            ChunkId::of(b"a"),
+            ChunkId::of(b"b"),
+            ChunkId::of(b"a"),
+            c,
+            d,
+        ];
+        let chunks: Vec<ChunkRef> = ids
+            .iter()
+            .map(|&id| ChunkRef {
+                id,
+                size: 4000,
+                stored_size: 100,
+            })
+            .collect();
+        let reference = |at: u64, pos: u32| Reference {
+            ranges: vec![(at, 1000)],
+            hash: [at as u8; 32],
+            chunks: vec![pos],
+        };
+        let m = Manifest {
+            base: Some(BaseRelease {
+                name: "acme-os".into(),
+                version: "1.0".into(),
+                manifest_hash: [3; 32],
+            }),
+            name: "acme-os".into(),
+            depends: Default::default(),
+            version: "1.1".into(),
+            chunking: Chunking {
+                min_size: 1024,
+                avg_size: 4096,
+                max_size: 16384,
+            },
+            payloads: vec![Payload {
+                hash: [1; 32],
+                kind: PayloadKind::RootfsImage,
+                name: "rootfs".into(),
+                size: 5 * 4000,
+                chunks,
+                references: vec![reference(5000, 1), reference(9000, 4)],
+            }],
+            provides: Default::default(),
+            dictionary: None,
+            device_types: vec!["board".into()],
+            format_version: crate::FORMAT_VERSION_REFERENCES,
+            security_counter: 0,
+        };
+        m.validate().unwrap();
+        let cbor = m.to_cbor();
+        let u = decode_unlisted(Signed::Slice(&cbor))
+            .unwrap()
+            .expect("one payload");
+        assert!(u.manifest.payloads[0].chunks.is_empty());
+        assert_eq!(u.manifest.payloads[0].references, m.payloads[0].references);
+        assert_eq!(u.distinct, m.distinct_count());
+        assert_eq!(u.distinct, 4);
+        let mut kept: Vec<(ChunkId, Reference)> = u
+            .references
+            .iter()
+            .map(|(id, r)| (*id, (**r).clone()))
+            .collect();
+        kept.sort_by_key(|(id, _)| *id == d);
+        assert_eq!(
+            kept,
+            vec![(ids[1], reference(5000, 1)), (d, reference(9000, 4))]
+        );
+    }
 }
