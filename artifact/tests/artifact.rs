@@ -2418,7 +2418,30 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
     ms[at].1 = shoal_artifact::read::contents_bitmap(&distinct, |id| {
         !in_base.contains(id) && *id != lacking
     });
-    // Without its pack table (whose counts no longer add up): found when binding.
+    // With its pack table, whose counts no longer add up to what the contents
+    // member marks: refused as the members before the first pack are read (a
+    // reader with its own list checks the base first).
+    let with_table = tar(&ms);
+    {
+        let mut r = ArtifactReader::open_held_unbound(
+            &with_table[..],
+            &root,
+            NOW,
+            &shoal_artifact::NoManifests,
+        )
+        .unwrap();
+        r.set_base(&r1.manifest);
+        let shed = r.shed_chunk_lists_unbound();
+        assert!(
+            matches!(shed, Err(ReadError::PackTableSum { .. })),
+            "{shed:?}"
+        );
+        let own = ArtifactReader::open_with_base(&with_table[..], &root, NOW, Some(&r1.manifest))
+            .unwrap()
+            .holds();
+        assert!(matches!(own, Err(ReadError::MissingChunk(id)) if id == lacking));
+    }
+    // Without its pack table: found when binding.
     ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
     let list = std::sync::Arc::new(List {
         hash: r2.manifest.hash(),
