@@ -1002,14 +1002,9 @@ impl<R: Read> ArtifactReader<R> {
         let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
         let mut references = HashMap::new();
         for p in &manifest.payloads {
-            for r in &p.references {
-                let shared = Arc::new(r.clone());
-                for &pos in &r.chunks {
-                    if let Some(c) = p.chunks.get(pos as usize) {
-                        references.insert(c.id, Arc::clone(&shared));
-                    }
-                }
-            }
+            references_by_id(&mut references, &p.references, |pos| {
+                p.chunks.get(pos as usize).map(|c| c.id)
+            });
         }
         let mut reader = ArtifactReader {
             src,
@@ -2266,6 +2261,24 @@ fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
     Ok(manifest)
 }
 
+/// Adds to `by_id` the reference of each chunk `references` name (one shared
+/// copy each), by the id `id_at` gives of its position (none: past the list,
+/// which the manifest's check refuses).
+fn references_by_id(
+    by_id: &mut HashMap<ChunkId, Arc<Reference>>,
+    references: &[Reference],
+    mut id_at: impl FnMut(u32) -> Option<ChunkId>,
+) {
+    for r in references {
+        let shared = Arc::new(r.clone());
+        for &pos in &r.chunks {
+            if let Some(id) = id_at(pos) {
+                by_id.insert(id, Arc::clone(&shared));
+            }
+        }
+    }
+}
+
 /// A manifest decoded without its chunk list ([`decode_unlisted`]).
 struct Unlisted {
     manifest: Manifest,
@@ -2395,15 +2408,26 @@ fn decode_unlisted(signed: Signed<'_>) -> Result<Option<Unlisted>, ReadError> {
     }
     distinct += kept.first.len();
     let manifest = streamed.finish(&kept).map_err(manifest_error)?;
+    // The ids by position are drained into the map by id, the drained map
+    // shrunk as it empties: not both alive whole (nor with the rest of what the
+    // decode kept).
+    let Kept {
+        mut named,
+        first,
+        repeats,
+        referenced,
+        ..
+    } = kept;
+    drop((first, repeats, referenced));
     let mut by_id = HashMap::new();
-    for r in &manifest.payloads[0].references {
-        let shared = Arc::new(r.clone());
-        for pos in &r.chunks {
-            if let Some(id) = kept.named.get(pos) {
-                by_id.insert(*id, Arc::clone(&shared));
-            }
+    references_by_id(&mut by_id, &manifest.payloads[0].references, |pos| {
+        let id = named.remove(&pos);
+        if named.len() < named.capacity() / 4 {
+            named.shrink_to_fit();
         }
-    }
+        id
+    });
+    drop(named);
     Ok(Some(Unlisted {
         manifest,
         distinct,
