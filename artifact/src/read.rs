@@ -2748,58 +2748,36 @@ mod verified_tests {
     /// its distinct count tells ids apart by all their bytes.
     #[test]
     fn a_manifest_decoded_without_its_list_keeps_only_the_referenced_ids() {
-        use crate::manifest::{BaseRelease, Chunking, Payload, PayloadKind, Reference};
+        use crate::manifest::{BaseRelease, Reference};
+        // The sample's chunks are a, b, a, c: d, whose first 4 bytes are c's,
+        // comes last.
+        let mut m = crate::manifest::tests::sample();
         let c = ChunkId::of(b"c");
         let mut d = ChunkId::of(b"d");
         d.0[..4].copy_from_slice(&c.0[..4]);
-        let ids = [
-            ChunkId::of(b"a"),
-            ChunkId::of(b"b"),
-            ChunkId::of(b"a"),
-            c,
-            d,
-        ];
-        let chunks: Vec<ChunkRef> = ids
-            .iter()
-            .map(|&id| ChunkRef {
-                id,
-                size: 4000,
-                stored_size: 100,
-            })
-            .collect();
+        let p = &mut m.payloads[0];
+        assert_eq!((p.chunks[3].id, p.chunks[3].size), (c, 1));
+        // (Only the last chunk may be shorter than the smallest cut.)
+        p.chunks[3].size = 4000;
+        p.chunks.push(ChunkRef {
+            id: d,
+            size: 1,
+            stored_size: 1,
+        });
+        p.size += 4000;
+        let ids: Vec<ChunkId> = p.chunks.iter().map(|c| c.id).collect();
         let reference = |at: u64, pos: u32| Reference {
             ranges: vec![(at, 1000)],
             hash: [at as u8; 32],
             chunks: vec![pos],
         };
-        let m = Manifest {
-            base: Some(BaseRelease {
-                name: "acme-os".into(),
-                version: "1.0".into(),
-                manifest_hash: [3; 32],
-            }),
+        p.references = vec![reference(5000, 1), reference(9000, 4)];
+        m.base = Some(BaseRelease {
             name: "acme-os".into(),
-            depends: Default::default(),
-            version: "1.1".into(),
-            chunking: Chunking {
-                min_size: 1024,
-                avg_size: 4096,
-                max_size: 16384,
-            },
-            payloads: vec![Payload {
-                hash: [1; 32],
-                kind: PayloadKind::RootfsImage,
-                name: "rootfs".into(),
-                size: 5 * 4000,
-                chunks,
-                references: vec![reference(5000, 1), reference(9000, 4)],
-            }],
-            provides: Default::default(),
-            dictionary: None,
-            device_types: vec!["board".into()],
-            format_version: crate::FORMAT_VERSION_REFERENCES,
-            security_counter: 0,
-        };
+            version: "1.0".into(),
+            manifest_hash: [3; 32],
+        });
+        m.format_version = crate::FORMAT_VERSION_REFERENCES;
         m.validate().unwrap();
         let cbor = m.to_cbor();
         let u = decode_unlisted(Signed::Slice(&cbor))

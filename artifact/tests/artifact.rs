@@ -2385,12 +2385,9 @@ fn a_thin_reader_without_its_list_tells_ids_that_share_a_prefix() {
     }
 }
 
-/// Issue 10: a thin artifact opened without its chunk list, told its base
-/// release, is checked against it when its packs are bound: a chunk the base
-/// lacks that the contents member leaves out is refused, by id, as a reader
-/// with its own list refuses it.
-#[test]
-fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
+/// A thin artifact of a 600 kB image with 10 kB changed, against the image's
+/// full build: the thin artifact, the base's report and its own.
+fn thin_of_one_edit() -> (Vec<u8>, BuildReport, BuildReport) {
     let v1 = payload(600_000, 3);
     let mut v2 = v1.clone();
     v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
@@ -2398,6 +2395,16 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
     let mut o2 = opts();
     o2.version = "2.0".into();
     let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    (thin, r1, r2)
+}
+
+/// Issue 10: a thin artifact opened without its chunk list, told its base
+/// release, is checked against it when its packs are bound: a chunk the base
+/// lacks that the contents member leaves out is refused, by id, as a reader
+/// with its own list refuses it.
+#[test]
+fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
+    let (thin, r1, r2) = thin_of_one_edit();
     let root = root(&[1], 1);
     let distinct = r2.manifest.distinct_chunks();
     let in_base: std::collections::HashSet<ChunkId> = r1.manifest.payloads[0]
@@ -2481,13 +2488,7 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
 /// to those is refused when bound, as is a chunk list of another length.
 #[test]
 fn a_thin_reader_without_its_list_or_contents_needs_its_base() {
-    let v1 = payload(600_000, 3);
-    let mut v2 = v1.clone();
-    v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
-    let (_, r1) = build(&v1);
-    let mut o2 = opts();
-    o2.version = "2.0".into();
-    let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    let (thin, r1, r2) = thin_of_one_edit();
     let root = root(&[1], 1);
     let mut ms = member_data(&thin);
     assert!(ms.iter().any(|(p, _)| p == PACK_TABLE_MEMBER));
