@@ -487,6 +487,16 @@ pub enum ReadError {
     /// which chunks its packs hold is unknown.
     #[error("the thin artifact has no contents member and its base release is not at hand")]
     MissingContents,
+    /// The chunk list a reader opened without its own is bound to
+    /// ([`ArtifactReader::bind_to`]) counts other distinct chunks than the reader
+    /// found in the same manifest.
+    #[error("the chunk list bound counts {list} distinct chunks, the manifest read {found}")]
+    ChunkListLength {
+        /// Distinct chunks the reader found in the manifest.
+        found: usize,
+        /// Distinct chunks the list holds.
+        list: usize,
+    },
     /// A chunk the artifact should hold but does not.
     #[error("chunk {0} is missing from the artifact")]
     MissingChunk(ChunkId),
@@ -781,6 +791,24 @@ pub struct ArtifactReader<R: Read> {
     done: bool,
 }
 
+/// How many chunks the packs hold, as known when the pack table is read.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// Exactly these.
+    Exact(usize),
+    /// At most these (a thin artifact without contents opened without its chunk
+    /// list: the exact count is known when it is bound, `bind_to`).
+    AtMost(usize),
+}
+
+impl Bound {
+    fn chunks(self) -> usize {
+        match self {
+            Bound::Exact(n) | Bound::AtMost(n) => n,
+        }
+    }
+}
+
 impl<R: Read> ArtifactReader<R> {
     /// Reads the envelope, verifies it against `root`'s `release` role (and its
     /// expiry, when `now_unix_s` is known) and decodes the manifest. A thin artifact
@@ -974,14 +1002,9 @@ impl<R: Read> ArtifactReader<R> {
         let offset = BLOCK as u64 + envelope_len + ustar::padding(envelope_len) as u64;
         let mut references = HashMap::new();
         for p in &manifest.payloads {
-            for r in &p.references {
-                let shared = Arc::new(r.clone());
-                for &pos in &r.chunks {
-                    if let Some(c) = p.chunks.get(pos as usize) {
-                        references.insert(c.id, Arc::clone(&shared));
-                    }
-                }
-            }
+            references_by_id(&mut references, &p.references, |pos| {
+                p.chunks.get(pos as usize).map(|c| c.id)
+            });
         }
         let mut reader = ArtifactReader {
             src,
@@ -1145,9 +1168,12 @@ impl<R: Read> ArtifactReader<R> {
     /// (of a thin one, every one its base lacks). A no-op when they are bound
     /// already.
     ///
+    /// A `list` of the same manifest that counts other distinct chunks than this
+    /// reader found in it is refused ([`ReadError::ChunkListLength`]).
+    ///
     /// # Panics
-    /// When `list` is of another manifest, or of another chunk count (a caller's
-    /// bug: it must come from the manifest this reader verified).
+    /// When `list` is of another manifest (a caller's bug: it must come from the
+    /// manifest this reader verified).
     pub fn bind_to(&mut self, list: Arc<dyn ChunkList>) -> Result<(), ReadError> {
         if self.expected.is_some() {
             return Ok(());
@@ -1156,9 +1182,15 @@ impl<R: Read> ArtifactReader<R> {
             .unbound_distinct
             .expect("bind_to after shed_chunk_lists_unbound");
         assert!(
-            list.manifest_hash() == self.manifest_hash && list.distinct_len() == n,
+            list.manifest_hash() == self.manifest_hash,
             "bind_to a chunk list of another manifest"
         );
+        if list.distinct_len() != n {
+            return Err(ReadError::ChunkListLength {
+                found: n,
+                list: list.distinct_len(),
+            });
+        }
         let thin = self.manifest.base.is_some();
         // Whatever the contents say, a full artifact holds every chunk and a thin
         // one every chunk its base lacks (when the base was told).
@@ -1186,6 +1218,12 @@ impl<R: Read> ArtifactReader<R> {
             }
             None => return Err(ReadError::MissingContents),
         };
+        if let Some(table) = &self.table {
+            let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
+            if sum != len as u64 {
+                return Err(ReadError::PackTableSum { sum, chunks: len });
+            }
+        }
         self.unbound_distinct = None;
         self.expected = Some(Expected::Shared {
             list,
@@ -1633,9 +1671,9 @@ impl<R: Read> ArtifactReader<R> {
     /// How many chunks the packs hold, without binding them when the contents
     /// member or the kind of artifact says (a full artifact holds every distinct
     /// chunk; whether the contents member marks them all is checked when binding).
-    fn held_count(&mut self) -> Result<usize, ReadError> {
+    fn held_count(&mut self) -> Result<Bound, ReadError> {
         if let Some(e) = &self.expected {
-            return Ok(e.len());
+            return Ok(Bound::Exact(e.len()));
         }
         let thin = self.manifest.base.is_some();
         match &self.contents {
@@ -1652,18 +1690,25 @@ impl<R: Read> ArtifactReader<R> {
                         self.manifest.distinct_chunks()[k].id,
                     ));
                 }
-                Ok(n)
+                Ok(Bound::Exact(n))
             }
             // (Opened without its chunk list, a thin artifact is checked against
             // its base when it is bound: `bind_to`.)
-            Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => {
-                Ok(bits.iter().map(|b| b.count_ones() as usize).sum())
-            }
-            None if !thin => Ok(self.distinct_count()),
+            Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => Ok(
+                Bound::Exact(bits.iter().map(|b| b.count_ones() as usize).sum()),
+            ),
+            None if !thin => Ok(Bound::Exact(self.distinct_count())),
+            // A thin artifact without contents opened without its chunk list: it
+            // holds what its base lacks, known only when bound (`bind_to`, which
+            // checks the table's sum); until then, at most every distinct chunk.
+            None if self.streamed_distinct.is_some() => match self.base_held {
+                Some(_) => Ok(Bound::AtMost(self.distinct_count())),
+                None => Err(ReadError::MissingContents),
+            },
             // A thin artifact checked against its base, or without contents.
             _ => {
                 self.bind()?;
-                Ok(self.expected.as_ref().expect("bound").len())
+                Ok(Bound::Exact(self.expected.as_ref().expect("bound").len()))
             }
         }
     }
@@ -1672,7 +1717,8 @@ impl<R: Read> ArtifactReader<R> {
     /// (every pack holds at least one) before it is read, then every count must be a
     /// possible pack's and they must add up to exactly those chunks.
     fn read_table_member(&mut self, size: u64) -> Result<(), ReadError> {
-        let chunks = self.held_count()?;
+        let bound = self.held_count()?;
+        let chunks = bound.chunks();
         let entry = PACK_TABLE_ENTRY_LEN as u64;
         let max = chunks as u64 * entry;
         if size > max {
@@ -1701,7 +1747,12 @@ impl<R: Read> ArtifactReader<R> {
             });
         }
         let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
-        if sum != chunks as u64 {
+        let fits = match bound {
+            Bound::Exact(_) => sum == chunks as u64,
+            // Checked exactly when bound (`bind_to`).
+            Bound::AtMost(_) => sum <= chunks as u64,
+        };
+        if !fits {
             return Err(ReadError::PackTableSum { sum, chunks });
         }
         self.table = Some(table);
@@ -2210,6 +2261,24 @@ fn decode_whole(signed: Signed<'_>) -> Result<Manifest, ReadError> {
     Ok(manifest)
 }
 
+/// Adds to `by_id` the reference of each chunk `references` name (one shared
+/// copy each), by the id `id_at` gives of its position (none: past the list,
+/// which the manifest's check refuses).
+fn references_by_id(
+    by_id: &mut HashMap<ChunkId, Arc<Reference>>,
+    references: &[Reference],
+    mut id_at: impl FnMut(u32) -> Option<ChunkId>,
+) {
+    for r in references {
+        let shared = Arc::new(r.clone());
+        for &pos in &r.chunks {
+            if let Some(id) = id_at(pos) {
+                by_id.insert(id, Arc::clone(&shared));
+            }
+        }
+    }
+}
+
 /// A manifest decoded without its chunk list ([`decode_unlisted`]).
 struct Unlisted {
     manifest: Manifest,
@@ -2339,15 +2408,26 @@ fn decode_unlisted(signed: Signed<'_>) -> Result<Option<Unlisted>, ReadError> {
     }
     distinct += kept.first.len();
     let manifest = streamed.finish(&kept).map_err(manifest_error)?;
+    // The ids by position are drained into the map by id, the drained map
+    // shrunk as it empties: not both alive whole (nor with the rest of what the
+    // decode kept).
+    let Kept {
+        mut named,
+        first,
+        repeats,
+        referenced,
+        ..
+    } = kept;
+    drop((first, repeats, referenced));
     let mut by_id = HashMap::new();
-    for r in &manifest.payloads[0].references {
-        let shared = Arc::new(r.clone());
-        for pos in &r.chunks {
-            if let Some(id) = kept.named.get(pos) {
-                by_id.insert(*id, Arc::clone(&shared));
-            }
+    references_by_id(&mut by_id, &manifest.payloads[0].references, |pos| {
+        let id = named.remove(&pos);
+        if named.len() < named.capacity() / 4 {
+            named.shrink_to_fit();
         }
-    }
+        id
+    });
+    drop(named);
     Ok(Some(Unlisted {
         manifest,
         distinct,
@@ -2659,6 +2739,63 @@ mod verified_tests {
         assert_eq!(
             proof,
             VerifiedChunk::check(id, data).expect("hashes to its id")
+        );
+    }
+
+    /// A thin manifest decoded without its chunk list keeps the full ids only of
+    /// the positions its references name: its reference map holds exactly those
+    /// (not a repeated id's, nor an id that shares another's first 4 bytes), and
+    /// its distinct count tells ids apart by all their bytes.
+    #[test]
+    fn a_manifest_decoded_without_its_list_keeps_only_the_referenced_ids() {
+        use crate::manifest::{BaseRelease, Reference};
+        // The sample's chunks are a, b, a, c: d, whose first 4 bytes are c's,
+        // comes last.
+        let mut m = crate::manifest::tests::sample();
+        let c = ChunkId::of(b"c");
+        let mut d = ChunkId::of(b"d");
+        d.0[..4].copy_from_slice(&c.0[..4]);
+        let p = &mut m.payloads[0];
+        assert_eq!((p.chunks[3].id, p.chunks[3].size), (c, 1));
+        // (Only the last chunk may be shorter than the smallest cut.)
+        p.chunks[3].size = 4000;
+        p.chunks.push(ChunkRef {
+            id: d,
+            size: 1,
+            stored_size: 1,
+        });
+        p.size += 4000;
+        let ids: Vec<ChunkId> = p.chunks.iter().map(|c| c.id).collect();
+        let reference = |at: u64, pos: u32| Reference {
+            ranges: vec![(at, 1000)],
+            hash: [at as u8; 32],
+            chunks: vec![pos],
+        };
+        p.references = vec![reference(5000, 1), reference(9000, 4)];
+        m.base = Some(BaseRelease {
+            name: "acme-os".into(),
+            version: "1.0".into(),
+            manifest_hash: [3; 32],
+        });
+        m.format_version = crate::FORMAT_VERSION_REFERENCES;
+        m.validate().unwrap();
+        let cbor = m.to_cbor();
+        let u = decode_unlisted(Signed::Slice(&cbor))
+            .unwrap()
+            .expect("one payload");
+        assert!(u.manifest.payloads[0].chunks.is_empty());
+        assert_eq!(u.manifest.payloads[0].references, m.payloads[0].references);
+        assert_eq!(u.distinct, m.distinct_count());
+        assert_eq!(u.distinct, 4);
+        let mut kept: Vec<(ChunkId, Reference)> = u
+            .references
+            .iter()
+            .map(|(id, r)| (*id, (**r).clone()))
+            .collect();
+        kept.sort_by_key(|(id, _)| *id == d);
+        assert_eq!(
+            kept,
+            vec![(ids[1], reference(5000, 1)), (d, reference(9000, 4))]
         );
     }
 }

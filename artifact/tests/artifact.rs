@@ -2206,9 +2206,11 @@ fn bound_to_a_shared_chunk_list_read_as_with_the_readers_own_in(layout: Layout) 
 /// Issue 10 (memory): a thin artifact with delta-encoded chunks opened as the
 /// installer opens it (from its copied envelope, or streamed) holds no chunk
 /// list, not even before its lists are shed, yet gives each chunk the same
-/// reference as a reader with its own list, and reads the same chunks.
+/// reference as a reader with its own list, and reads the same chunks. (That
+/// only the referenced positions' ids are kept is checked where the manifest is
+/// decoded: `a_manifest_decoded_without_its_list_keeps_only_the_referenced_ids`.)
 #[test]
-fn a_thin_reader_opened_without_its_list_keeps_only_its_references_ids() {
+fn a_thin_reader_opened_without_its_list_gives_its_chunks_their_references() {
     // Zeros in both: ids that repeat, so the references' first positions are
     // told from full ids, not from unique prefixes alone.
     let mut base = random(400_000, 8);
@@ -2324,12 +2326,68 @@ fn a_thin_manifests_references_are_checked_without_its_list_as_with_it() {
     }
 }
 
-/// Issue 10: a thin artifact opened without its chunk list, told its base
-/// release, is checked against it when its packs are bound: a chunk the base
-/// lacks that the contents member leaves out is refused, by id, as a reader
-/// with its own list refuses it.
+/// Issue 10 (review13c): two different ids that share their first 4 bytes (the
+/// only case where a reader without its chunk list needs full ids) are two
+/// distinct chunks, and the later one's position is its id's first: a reference
+/// naming it is accepted, and the distinct count (the contents member's length,
+/// the list bound) is a reader's with its own list.
 #[test]
-fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
+fn a_thin_reader_without_its_list_tells_ids_that_share_a_prefix() {
+    let base = random(400_000, 10);
+    let new = edited(&base);
+    let (_, art, report) = delta_pair(&base, &new);
+    let mut m = report.manifest.clone();
+    let chunks = &m.payloads[0].chunks;
+    let unique = |k: usize| chunks.iter().filter(|c| c.id == chunks[k].id).count() == 1;
+    // A position a reference names, and an earlier one, both of ids that do not repeat.
+    let j = m.payloads[0].references[0].chunks[0] as usize;
+    let i = (0..j).find(|&i| unique(i)).expect("an earlier chunk");
+    assert!(unique(j));
+    let mut id = chunks[j].id;
+    id.0[..4].copy_from_slice(&chunks[i].id.0[..4]);
+    assert_ne!(id, chunks[i].id);
+    m.payloads[0].chunks[j].id = id;
+    let distinct = m.distinct_chunks();
+    assert_eq!(distinct.len(), report.manifest.distinct_count());
+    let mut ms = member_data(&art);
+    ms[0].1 = signed(&m);
+    let contents = &mut ms
+        .iter_mut()
+        .find(|(p, _)| p == CONTENTS_MEMBER)
+        .expect("contents")
+        .1;
+    assert_eq!(contents.len(), distinct.len().div_ceil(8));
+    // The last distinct chunk marked (its pack table, which no longer adds up,
+    // left out): a count one short would be refused.
+    *contents.last_mut().unwrap() |= 1 << ((distinct.len() - 1) % 8);
+    ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
+    let bytes = tar(&ms);
+    let root = root(&[1], 1);
+    let own = ArtifactReader::open(&bytes[..], &root, NOW)
+        .unwrap()
+        .holds()
+        .unwrap();
+    let list = std::sync::Arc::new(List {
+        hash: m.hash(),
+        chunks: distinct,
+    });
+    let (copied, hash, rest) = copy_envelope(&bytes, &root).unwrap();
+    let len = copied.len() as u64;
+    let stored = ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).unwrap();
+    let streamed =
+        ArtifactReader::open_held_unbound(&bytes[..], &root, NOW, &shoal_artifact::NoManifests)
+            .unwrap();
+    for mut r in [stored, streamed] {
+        assert!(r.manifest().payloads[0].chunks.is_empty());
+        r.shed_chunk_lists_unbound().unwrap();
+        r.bind_to(list.clone()).unwrap();
+        assert_eq!(r.holds().unwrap(), own);
+    }
+}
+
+/// A thin artifact of a 600 kB image with 10 kB changed, against the image's
+/// full build: the thin artifact, the base's report and its own.
+fn thin_of_one_edit() -> (Vec<u8>, BuildReport, BuildReport) {
     let v1 = payload(600_000, 3);
     let mut v2 = v1.clone();
     v2[300_000..310_000].copy_from_slice(&payload(10_000, 4));
@@ -2337,6 +2395,16 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
     let mut o2 = opts();
     o2.version = "2.0".into();
     let (thin, r2) = build_with(&v2, &o2, &[key(1)], Some(&r1.manifest));
+    (thin, r1, r2)
+}
+
+/// Issue 10: a thin artifact opened without its chunk list, told its base
+/// release, is checked against it when its packs are bound: a chunk the base
+/// lacks that the contents member leaves out is refused, by id, as a reader
+/// with its own list refuses it.
+#[test]
+fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
+    let (thin, r1, r2) = thin_of_one_edit();
     let root = root(&[1], 1);
     let distinct = r2.manifest.distinct_chunks();
     let in_base: std::collections::HashSet<ChunkId> = r1.manifest.payloads[0]
@@ -2357,7 +2425,30 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
     ms[at].1 = shoal_artifact::read::contents_bitmap(&distinct, |id| {
         !in_base.contains(id) && *id != lacking
     });
-    // Without its pack table (whose counts no longer add up): found when binding.
+    // With its pack table, whose counts no longer add up to what the contents
+    // member marks: refused as the members before the first pack are read (a
+    // reader with its own list checks the base first).
+    let with_table = tar(&ms);
+    {
+        let mut r = ArtifactReader::open_held_unbound(
+            &with_table[..],
+            &root,
+            NOW,
+            &shoal_artifact::NoManifests,
+        )
+        .unwrap();
+        r.set_base(&r1.manifest);
+        let shed = r.shed_chunk_lists_unbound();
+        assert!(
+            matches!(shed, Err(ReadError::PackTableSum { .. })),
+            "{shed:?}"
+        );
+        let own = ArtifactReader::open_with_base(&with_table[..], &root, NOW, Some(&r1.manifest))
+            .unwrap()
+            .holds();
+        assert!(matches!(own, Err(ReadError::MissingChunk(id)) if id == lacking));
+    }
+    // Without its pack table: found when binding.
     ms.retain(|(p, _)| p != PACK_TABLE_MEMBER);
     let list = std::sync::Arc::new(List {
         hash: r2.manifest.hash(),
@@ -2372,12 +2463,96 @@ fn a_thin_reader_without_its_list_checks_its_base_when_bound() {
                 .unwrap();
         r.set_base(&r1.manifest);
         r.shed_chunk_lists_unbound().unwrap();
-        let bound = r.bind_to(list.clone()).and_then(|()| r.holds());
-        assert_eq!(format!("{bound:?}"), format!("{own:?}"));
+        // The error comes from binding itself, not from a later read.
+        let bound = r.bind_to(list.clone());
         if bytes != thin {
-            assert!(matches!(bound, Err(ReadError::MissingChunk(id)) if id == lacking));
+            assert!(
+                matches!(bound, Err(ReadError::MissingChunk(id)) if id == lacking),
+                "{bound:?}"
+            );
+            assert!(matches!(own, Err(ReadError::MissingChunk(id)) if id == lacking));
         } else {
-            assert!(bound.unwrap().len() < distinct.len());
+            bound.unwrap();
+            let holds = r.holds().unwrap();
+            assert!(holds.len() < distinct.len());
+            assert_eq!(holds, own.unwrap());
+        }
+    }
+}
+
+/// Issue 10 (review13c): a thin artifact whose (unsigned) contents member was
+/// removed, its pack table kept, opened as the installer opens it (from its
+/// copied envelope, or streamed) fails without its base release with
+/// `MissingContents`, not a panic; told its base, it holds what its base lacks,
+/// as a reader with its own list finds, and a pack table that does not add up
+/// to those is refused when bound, as is a chunk list of another length.
+#[test]
+fn a_thin_reader_without_its_list_or_contents_needs_its_base() {
+    let (thin, r1, r2) = thin_of_one_edit();
+    let root = root(&[1], 1);
+    let mut ms = member_data(&thin);
+    assert!(ms.iter().any(|(p, _)| p == PACK_TABLE_MEMBER));
+    ms.retain(|(p, _)| p != CONTENTS_MEMBER);
+    let bytes = tar(&ms);
+    // The same, with a pack table one chunk short of what the base lacks.
+    let mut short = ms.clone();
+    let table = short
+        .iter_mut()
+        .find(|(p, _)| p == PACK_TABLE_MEMBER)
+        .expect("a pack table");
+    let first = u32::from_le_bytes(table.1[..4].try_into().unwrap());
+    assert!(first > 1, "a pack of several chunks");
+    table.1[..4].copy_from_slice(&(first - 1).to_le_bytes());
+    let short = tar(&short);
+    let list = std::sync::Arc::new(List {
+        hash: r2.manifest.hash(),
+        chunks: r2.manifest.distinct_chunks(),
+    });
+    let own = ArtifactReader::open_with_base(&bytes[..], &root, NOW, Some(&r1.manifest))
+        .unwrap()
+        .holds()
+        .unwrap();
+    assert!(own.len() < list.chunks.len());
+    for (bytes, base) in [(&bytes, false), (&bytes, true), (&short, true)] {
+        let (copied, hash, rest) = copy_envelope(bytes, &root).unwrap();
+        let len = copied.len() as u64;
+        let stored =
+            ArtifactReader::open_stored(rest, &&copied[..], len, &hash, len, None).unwrap();
+        let streamed =
+            ArtifactReader::open_held_unbound(&bytes[..], &root, NOW, &shoal_artifact::NoManifests)
+                .unwrap();
+        for mut r in [stored, streamed] {
+            if base {
+                r.set_base(&r1.manifest);
+            } else {
+                assert!(matches!(
+                    r.shed_chunk_lists_unbound(),
+                    Err(ReadError::MissingContents)
+                ));
+                continue;
+            }
+            r.shed_chunk_lists_unbound().unwrap();
+            // A list of the manifest that counts other chunks: refused, not a panic.
+            let fewer = std::sync::Arc::new(List {
+                hash: list.hash,
+                chunks: list.chunks[1..].to_vec(),
+            });
+            let n = list.chunks.len();
+            assert!(
+                matches!(r.bind_to(fewer), Err(ReadError::ChunkListLength { found, list })
+                    if found == n && list + 1 == n)
+            );
+            let bound = r.bind_to(list.clone());
+            if bytes == &short {
+                assert!(
+                    matches!(bound, Err(ReadError::PackTableSum { sum, chunks })
+                        if sum + 1 == chunks as u64 && chunks == own.len()),
+                    "{bound:?}"
+                );
+            } else {
+                bound.unwrap();
+                assert_eq!(r.holds().unwrap(), own);
+            }
         }
     }
 }

@@ -649,17 +649,7 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
     ));
     let (large_goals, large_facts) = match &ready {
         Ok((s, _)) => install_large(ctx, s, false)?,
-        Err(why) => (
-            LARGE_IMAGES
-                .iter()
-                .flat_map(|&(label, _, cap)| {
-                    large_rows(label).map(|row| {
-                        Goal::not_run(&row, why.clone(), Target::AtMost(Quantity::Mebibytes(cap)))
-                    })
-                })
-                .collect(),
-            Vec::new(),
-        ),
+        Err(why) => (large_not_run(why), Vec::new()),
     };
     goals.extend(large_goals);
     facts.extend(large_facts);
@@ -669,6 +659,22 @@ pub fn install(ctx: &Ctx, shoal: &Result<Shoal, String>) -> Result<Section> {
         series: jobs.into_iter().map(|j| j.series).collect(),
         facts,
     })
+}
+
+/// The rows of the installs on generated images, not run because of `why`.
+fn large_not_run(why: &str) -> Vec<Goal> {
+    LARGE_IMAGES
+        .iter()
+        .flat_map(|&(label, _, cap)| {
+            large_rows(label).map(move |row| {
+                Goal::not_run(
+                    &row,
+                    why.to_owned(),
+                    Target::AtMost(Quantity::Mebibytes(cap)),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The install section's rows on generated images alone (`--only large`), or its
@@ -681,17 +687,7 @@ pub fn install_generated(
 ) -> Result<Section> {
     let (goals, facts) = match shoal {
         Ok(s) => install_large(ctx, s, thin_only)?,
-        Err(why) => (
-            LARGE_IMAGES
-                .iter()
-                .flat_map(|&(label, _, cap)| {
-                    large_rows(label).map(|row| {
-                        Goal::not_run(&row, why.clone(), Target::AtMost(Quantity::Mebibytes(cap)))
-                    })
-                })
-                .collect(),
-            Vec::new(),
-        ),
+        Err(why) => (large_not_run(why), Vec::new()),
     };
     Ok(Section {
         title: "Issue 4 — `shoal install` (generated images)".to_owned(),

@@ -1933,6 +1933,78 @@ impl Expected {
     }
 }
 
+/// Indexes `slot` (`storage`, its first `len` bytes) along the chunk list of
+/// the release it should hold, `expected`, for an install that takes nothing
+/// while indexing (a thin artifact): only the chunks `wanted` gives a key are
+/// read and hashed, a sample of them ([`ALONG_SAMPLE`]), where the list puts
+/// them, and only their entries are written to the store (`partial`). When the
+/// slot does not hold that release, or the list's ids cannot be read (on any
+/// of its passes), the slot is cut by content instead and the whole index
+/// written. Returns the entries written, whether the index is partial, and how
+/// many chunks were sampled.
+fn index_along_kept(
+    store: &Store,
+    slot: Slot,
+    storage: &dyn Storage,
+    len: u64,
+    chunking: shoal_artifact::Chunking,
+    expected: &Expected,
+    wanted: &(dyn Fn(&ChunkId) -> Option<u32> + Sync),
+) -> anyhow::Result<(u64, bool, usize)> {
+    let checked = slotio::check_along(
+        storage,
+        len,
+        || expected.chunks(),
+        wanted,
+        Some(ALONG_SAMPLE),
+    )?;
+    let held = match checked {
+        // Ids that could not be read were zeros (warned by
+        // `Expected::chunks`): what was held is not known.
+        _ if expected.read_error().is_some() => None,
+        slotio::Along::Held(positions) => Some((positions, 0)),
+        slotio::Along::Sampled { positions, checked } => Some((positions, checked)),
+        slotio::Along::Differs { offset, expected } => {
+            tracing::debug!(
+                offset,
+                %expected,
+                "the running slot does not hold its expected release: indexing it by content"
+            );
+            None
+        }
+    };
+    let record = |chunks: &mut dyn Iterator<Item = (u64, ChunkId, u32)>| {
+        store
+            .write_slot_index_from(slot, chunks)
+            .with_context(|| format!("cannot record the index of slot {slot}"))
+    };
+    // The held chunks' index entries, written as they are read
+    // along the kept list (its ids read by position again).
+    let along = match held {
+        Some((positions, sampled)) => {
+            let written = record(&mut slotio::at_positions(expected.chunks(), &positions))?;
+            // An id that could not be read now was a zero in the
+            // index: not the list, so cut by content after all.
+            expected
+                .read_error()
+                .is_none()
+                .then_some((written, sampled))
+        }
+        None => None,
+    };
+    // Not the release expected (or not known): cut by content,
+    // which finds what the slot shares with the new release
+    // wherever it lies.
+    let (written, partial, sampled) = match along {
+        Some((written, sampled)) => (written, true, sampled),
+        None => {
+            let chunks = slotio::index_runs_once(storage, len, chunking, &|_| false, None, None)?;
+            (record(&mut chunks.into_iter())?, false, 0)
+        }
+    };
+    Ok((written, partial, sampled))
+}
+
 /// The thread cutting the active slot during an install, and the flag that stops
 /// it: dropped before [`StopCut::join`] (the handover to the engine failed), it
 /// stops the cut and waits for the thread to end.
@@ -3045,67 +3117,15 @@ impl<'a> Driver<'a> {
                         // copied, and the engine decides what to do about one
                         // that does not hash to its id (`sampled`).
                         let awaited = self.engine.awaited_chunks();
-                        let checked = slotio::check_along(
+                        let (written, partial, sampled) = index_along_kept(
+                            &self.dev.store,
+                            slot,
                             &*storage,
                             len,
-                            || expected.chunks(),
+                            chunking,
+                            expected,
                             &|id| awaited.key(id),
-                            Some(ALONG_SAMPLE),
                         )?;
-                        let held = match checked {
-                            // Ids that could not be read were zeros (warned by
-                            // `Expected::chunks`): what was held is not known.
-                            _ if expected.read_error().is_some() => None,
-                            slotio::Along::Held(positions) => Some((positions, 0)),
-                            slotio::Along::Sampled { positions, checked } => {
-                                Some((positions, checked))
-                            }
-                            slotio::Along::Differs { offset, expected } => {
-                                tracing::debug!(
-                                    offset,
-                                    %expected,
-                                    "the running slot does not hold its expected release: indexing it by content"
-                                );
-                                None
-                            }
-                        };
-                        let store = &self.dev.store;
-                        let record = |chunks: &mut dyn Iterator<Item = (u64, ChunkId, u32)>| {
-                            store
-                                .write_slot_index_from(slot, chunks)
-                                .with_context(|| format!("cannot record the index of slot {slot}"))
-                        };
-                        // The held chunks' index entries, written as they are read
-                        // along the kept list (its ids read by position again).
-                        let along = match held {
-                            Some((positions, sampled)) => {
-                                let written = record(&mut slotio::at_positions(
-                                    expected.chunks(),
-                                    &positions,
-                                ))?;
-                                // An id that could not be read now was a zero in the
-                                // index: not the list, so cut by content after all.
-                                expected.read_error().is_none().then_some((written, sampled))
-                            }
-                            None => None,
-                        };
-                        // Not the release expected (or not known): cut by content,
-                        // which finds what the slot shares with the new release
-                        // wherever it lies.
-                        let (written, partial, sampled) = match along {
-                            Some((written, sampled)) => (written, true, sampled),
-                            None => {
-                                let chunks = slotio::index_runs_once(
-                                    &*storage,
-                                    len,
-                                    chunking,
-                                    &|_| false,
-                                    None,
-                                    None,
-                                )?;
-                                (record(&mut chunks.into_iter())?, false, 0)
-                            }
-                        };
                         return Ok(Some((written, partial, sampled)));
                     }
                     // One bit a needed chunk, over the release's shared table.
@@ -3833,6 +3853,100 @@ mod index_along_tests {
         // A chunk missing that is no repeat.
         assert!(!holds_chunks(&index[..2], ids(&expected)));
         assert!(!holds_chunks(&[], ids(&expected)));
+    }
+
+    /// A release's ids read by position from memory; every read from the
+    /// `fail_from`th on fails.
+    #[derive(Debug)]
+    struct FailingIds {
+        ids: Vec<ChunkId>,
+        reads: std::sync::atomic::AtomicUsize,
+        fail_from: usize,
+    }
+
+    impl shoal_engine::ChunkIdFile for FailingIds {
+        fn read_ids(&self, from: u32, out: &mut [ChunkId]) -> io::Result<()> {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.reads.fetch_add(1, Relaxed) >= self.fail_from {
+                return Err(io::Error::other("the ids file went away"));
+            }
+            out.copy_from_slice(&self.ids[from as usize..][..out.len()]);
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "the test's ids".to_owned()
+        }
+    }
+
+    /// The slot holds the release its kept list names, but the list's ids
+    /// cannot be read from some read on (the check's passes, or the later pass
+    /// that writes the index): the index is not the partial one along the list
+    /// but the slot cut by content, whole, as when no list is kept.
+    #[test]
+    fn ids_unreadable_on_any_pass_index_the_slot_by_content() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let chunking = shoal_artifact::chunk::CHUNKING_FAST;
+        let data = crash_tests::bytes(5, 40 * 1024 * 1024);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("slot");
+        std::fs::write(&path, &data).expect("slot");
+        let storage = shoal_bootctl::storage::FileStorage::open(&path, true).expect("open");
+        let len = data.len() as u64;
+        let list = shoal_artifact::chunk::index(&data[..], chunking).expect("cut");
+        assert!(list.len() > 2 * Expected::BLOCK, "{}", list.len());
+        // The new release wants every other chunk of the slot.
+        let keys: std::collections::HashMap<ChunkId, u32> = list
+            .iter()
+            .step_by(2)
+            .enumerate()
+            .map(|(k, c)| (c.1, k as u32))
+            .collect();
+        let wanted = |id: &ChunkId| keys.get(id).copied();
+        let run = |fail_from: usize| {
+            let data_dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(data_dir.path()).expect("store");
+            let ids = Arc::new(FailingIds {
+                ids: list.iter().map(|c| c.1).collect(),
+                reads: 0.into(),
+                fail_from,
+            });
+            let expected = Expected {
+                sizes: list.iter().map(|c| c.2).collect(),
+                ids: ids.clone(),
+                error: std::sync::Mutex::new(None),
+            };
+            let out =
+                index_along_kept(&store, Slot::A, &storage, len, chunking, &expected, &wanted)
+                    .expect("indexed");
+            let index = store.slot_index_entries(Slot::A).expect("index");
+            (out, index, ids.reads.load(Relaxed))
+        };
+        let ((written, partial, sampled), along, reads) = run(usize::MAX);
+        assert!(partial);
+        assert!(sampled > 0);
+        assert_eq!(written, keys.len() as u64);
+        assert_eq!(along.len(), keys.len());
+        // The cut by content, as the driver records it.
+        let content = {
+            let data_dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(data_dir.path()).expect("store");
+            let chunks = slotio::index_runs_once(&storage, len, chunking, &|_| false, None, None)
+                .expect("cut");
+            let written = store.write_slot_index_from(Slot::A, chunks).expect("write");
+            (written, store.slot_index_entries(Slot::A).expect("index"))
+        };
+        assert!(content.1.len() > along.len());
+        // Three passes over the list, each of several reads: the last fails
+        // only in the pass that writes the index.
+        let per_pass = list.len().div_ceil(Expected::BLOCK);
+        assert_eq!(reads, 3 * per_pass);
+        for fail_from in [0, 1, per_pass, 2 * per_pass, 2 * per_pass + 1, reads - 1] {
+            let ((written, partial, sampled), index, _) = run(fail_from);
+            assert!(!partial, "failing from read {fail_from}");
+            assert_eq!(sampled, 0);
+            assert_eq!((written, index), content, "failing from read {fail_from}");
+        }
     }
 }
 

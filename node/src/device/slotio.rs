@@ -266,8 +266,9 @@ pub enum Along {
 }
 
 /// Checks that `storage` holds, where the chunk list `expected()` (`(id,
-/// length)`, from offset 0: the release the slot should hold; walked twice, as
-/// the kept manifest's ids are read from their file) puts them, the chunks
+/// length)`, from offset 0: the release the slot should hold; walked twice here,
+/// as the kept manifest's ids are read from their file, and a third time by the
+/// driver to write the index, [`at_positions`]) puts them, the chunks
 /// `wanted` gives a key (equal keys for one id, below `u32::MAX`: an entry of
 /// the new release's table), reading and hashing only those: the first position
 /// of each wanted id (a repeated id is read once), neighbouring positions read

@@ -581,6 +581,14 @@ impl Store {
         let Some(chunking) = self.get::<Chunking>(&format!("chunking.{}", slot_name(slot)))? else {
             return Ok(None);
         };
+        let chunks = self.slot_index_entries(slot)?;
+        Ok(Some(SlotIndex { chunking, chunks }))
+    }
+
+    /// The entries of `slot`'s index, by offset, whether or not its chunking
+    /// was recorded (tests compare them).
+    #[cfg(test)]
+    pub fn slot_index_entries(&self, slot: Slot) -> Result<Vec<IndexedChunk>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(INDEX).map_err(|e| self.db_err(e))?;
         let lo = index_key(slot, &ChunkId([0; 32]));
@@ -602,7 +610,7 @@ impl Store {
             });
         }
         chunks.sort_by_key(|c| c.offset);
-        Ok(Some(SlotIndex { chunking, chunks }))
+        Ok(chunks)
     }
 
     /// Applies one [`Output::Persist`](shoal_engine::Output::Persist) atomically
