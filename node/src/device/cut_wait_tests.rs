@@ -40,9 +40,7 @@ struct Slow {
 }
 
 impl Storage for Slow {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
+    forward_storage!();
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.reads.started.store(true, Ordering::SeqCst);
@@ -51,18 +49,6 @@ impl Storage for Slow {
             .bytes
             .fetch_add(buf.len() as u64, Ordering::SeqCst);
         self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.inner.write_at(offset, data)
-    }
-
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        self.inner.sync()
     }
 }
 

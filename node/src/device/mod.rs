@@ -10,6 +10,27 @@
 //! threads of its own (the daemon's server: several requests in flight).
 
 mod chunk_ids;
+
+/// The `Storage` methods a test wrapper passes to its `inner` storage as they are
+/// (all but `read_at`, which each wrapper watches, slows or breaks).
+#[cfg(test)]
+macro_rules! forward_storage {
+    () => {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+    };
+}
+
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]

@@ -462,18 +462,7 @@ pub fn index(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_with(
-        storage,
-        0,
-        len,
-        chunking,
-        &[],
-        wanted,
-        met,
-        pool,
-        (false, true),
-    )
-    .map(|c| c.0)
+    index_from_start(storage, len, chunking, wanted, met, pool, false)
 }
 
 /// [`index`], but a run of one chunk repeated back to back (the zeros of a sparse
@@ -489,6 +478,20 @@ pub fn index_runs_once(
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    index_from_start(storage, len, chunking, wanted, met, pool, true)
+}
+
+/// [`index`] or [`index_runs_once`] (`runs_once`): the whole slot cut by content,
+/// listed.
+fn index_from_start(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
+    met: Option<&Handover<'_>>,
+    pool: Option<&rayon::ThreadPool>,
+    runs_once: bool,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(
         storage,
         0,
@@ -498,7 +501,7 @@ pub fn index_runs_once(
         wanted,
         met,
         pool,
-        (true, true),
+        (runs_once, true),
     )
     .map(|c| c.0)
 }
@@ -1926,25 +1929,6 @@ mod tests {
         assert_eq!(n, counted);
         assert_eq!(counted_ids, ids);
         assert_eq!(counted_ids.len(), wanted.len());
-    }
-
-    /// The `Storage` methods a test wrapper passes to its `inner` storage as they
-    /// are (all but `read_at`, which each wrapper watches or breaks).
-    macro_rules! forward_storage {
-        () => {
-            fn len(&self) -> io::Result<u64> {
-                self.inner.len()
-            }
-            fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-                self.inner.write_at(offset, data)
-            }
-            fn set_len(&mut self, len: u64) -> io::Result<()> {
-                self.inner.set_len(len)
-            }
-            fn sync(&mut self) -> io::Result<()> {
-                self.inner.sync()
-            }
-        };
     }
 
     /// A storage that records the lowest offset read.
