@@ -1036,12 +1036,19 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
 
     // The driver cuts the slot and hands over the needed chunks it meets.
     assert!(engine.takes_while_indexing());
-    let needed: BTreeSet<ChunkId> = engine.needed_chunks().ids().collect();
+    let needed_now = engine.needed_chunks();
+    let needed: BTreeSet<ChunkId> = needed_now.ids().collect();
     assert!(!needed.is_empty());
     assert_eq!(
         needed,
         engine.awaited_chunks().ids().collect::<BTreeSet<_>>()
     );
+    // A needed chunk's key is its own entry of the release's table.
+    let keys: BTreeSet<u32> = needed
+        .iter()
+        .map(|id| needed_now.key(id).expect("a needed chunk has a key"))
+        .collect();
+    assert_eq!(keys.len(), needed.len());
     let live = dev.live[slot_ordinal(slot)].clone();
     let end = usize::try_from(len).expect("fits").min(live.len());
     let index = crate::testing::index_fixed(&live[..end], chunking);
@@ -1069,6 +1076,13 @@ fn needed_chunks_met_while_indexing_are_written_and_not_read_again() {
         writes >= handed.len(),
         "each handed chunk is written at once"
     );
+    // A chunk written is no longer needed: no key (a cut keeps no bit for it);
+    // nor has a chunk the release does not list.
+    let after = engine.needed_chunks();
+    for id in &needed {
+        assert_eq!(after.key(id).is_some(), !handed.contains(id), "chunk {id}");
+    }
+    assert_eq!(after.key(&ChunkId::from(blake3::hash(b"not in v2"))), None);
     // A chunk the install does not need is ignored.
     dev.handle(
         &mut engine,

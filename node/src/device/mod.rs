@@ -1593,8 +1593,7 @@ impl Drop for NewManifest {
             && Some(hash) != self.running
             && Some(hash) != self.base
         {
-            let id = crate::lan::proto::ManifestId(hash);
-            let _ = std::fs::remove_file(crate::lan::serve::envelope_path(&self.data_dir, &id));
+            let _ = std::fs::remove_file(KeptManifests::envelope_path(&self.data_dir, &hash));
             let _ = std::fs::remove_file(KeptManifests::dictionary_path(&self.data_dir, &hash));
         }
     }
@@ -3182,12 +3181,19 @@ impl<'a> Driver<'a> {
                             tracing::debug!(
                                 "the running slot does not hold its expected release: indexing it by content"
                             );
+                            // Stoppable (a withdrawn deployment, an install that
+                            // ended), handing nothing over: its progress would
+                            // restart the engine's count of the cut.
+                            let (closed, _) = std::sync::mpsc::sync_channel(0);
                             return slotio::index_runs_once(
                                 &*storage,
                                 len,
                                 chunking,
                                 &|_| false,
-                                None,
+                                Some(&slotio::Handover {
+                                    tx: &closed,
+                                    stop: stopped,
+                                }),
                                 None,
                             );
                         }
@@ -3480,9 +3486,10 @@ impl Driver<'_> {
     {
         let (tx, met) = std::sync::mpsc::sync_channel(MET_QUEUE);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // A cut started while another one winds down (not reached today: the
-        // engine resumes a cut only once the first was stopped) leaves the outer
-        // one's stop flag as it was.
+        // A cut started while another one winds down (a source that lacks a
+        // chunk, answered while a stopped cut's last blocks are read, resumes
+        // the cut from within the outer one's handover; the nested cut runs to
+        // its end first) leaves the outer one's stop flag as it was.
         let outer = self.index_stop.replace(Arc::clone(&stop));
         let stopped = Arc::clone(&stop);
         let worker = std::thread::spawn(move || cut(tx, &stopped));
@@ -3592,13 +3599,13 @@ impl Driver<'_> {
             .with_context(|| format!("cannot open slot {slot}"))?;
         let len = len.min(storage.len()?);
         // A block boundary at or before the slot's end (a cut starts at one).
-        let from = rest_start(from, chunking).min(len - len % slotio::BLOCK as u64);
+        let start = rest_start(from, chunking).min(len - len % slotio::BLOCK as u64);
         let wanted = self.engine.needed_chunks();
         let ran = self.run_cut(slot, move |tx, stop| {
             // Counted, not listed: nothing of it is kept.
             slotio::count_cut(
                 &*storage,
-                from,
+                start,
                 len,
                 chunking,
                 &|id| wanted.contains(id),
@@ -3610,10 +3617,10 @@ impl Driver<'_> {
             ran.handed,
         );
         if ran.stopped {
-            info!(slot = %slot, from, chunks, handed, "stopped the resumed cut of the active slot");
+            info!(slot = %slot, from, start, chunks, handed, "stopped the resumed cut of the active slot");
             return Ok(());
         }
-        info!(slot = %slot, from, chunks, handed, "cut the rest of the active slot");
+        info!(slot = %slot, from, start, chunks, handed, "cut the rest of the active slot");
         self.engine.handle(self.now(), Input::CutRestEnded { slot });
         Ok(())
     }
