@@ -793,7 +793,7 @@ pub struct ArtifactReader<R: Read> {
 
 /// How many chunks the packs hold, as known when the pack table is read.
 #[derive(Clone, Copy)]
-enum Bound {
+enum HeldCount {
     /// Exactly these.
     Exact(usize),
     /// At most these (a thin artifact without contents opened without its chunk
@@ -801,10 +801,10 @@ enum Bound {
     AtMost(usize),
 }
 
-impl Bound {
+impl HeldCount {
     fn chunks(self) -> usize {
         match self {
-            Bound::Exact(n) | Bound::AtMost(n) => n,
+            HeldCount::Exact(n) | HeldCount::AtMost(n) => n,
         }
     }
 }
@@ -864,7 +864,11 @@ impl<R: Read> ArtifactReader<R> {
     /// a reference names (a thin artifact's delta-encoded chunks), in a second
     /// decode. A thin artifact whose base is told ([`ArtifactReader::set_base`])
     /// is checked against it when bound. (A manifest of several payloads is
-    /// decoded whole.) The same checks and errors as [`ArtifactReader::open_held`].
+    /// decoded whole.) The same checks and errors as [`ArtifactReader::open_held`],
+    /// but one: a thin artifact told its base whose pack table adds up to what the
+    /// base lacks and not to what its contents member marks fails with
+    /// [`ReadError::PackTableSum`] (the table is checked against the contents
+    /// member first), where `open_held` gives [`ReadError::MissingChunk`].
     pub fn open_held_unbound(
         mut src: R,
         root: &TrustRoot,
@@ -1671,9 +1675,9 @@ impl<R: Read> ArtifactReader<R> {
     /// How many chunks the packs hold, without binding them when the contents
     /// member or the kind of artifact says (a full artifact holds every distinct
     /// chunk; whether the contents member marks them all is checked when binding).
-    fn held_count(&mut self) -> Result<Bound, ReadError> {
+    fn held_count(&mut self) -> Result<HeldCount, ReadError> {
         if let Some(e) = &self.expected {
-            return Ok(Bound::Exact(e.len()));
+            return Ok(HeldCount::Exact(e.len()));
         }
         let thin = self.manifest.base.is_some();
         match &self.contents {
@@ -1690,35 +1694,37 @@ impl<R: Read> ArtifactReader<R> {
                         self.manifest.distinct_chunks()[k].id,
                     ));
                 }
-                Ok(Bound::Exact(n))
+                Ok(HeldCount::Exact(n))
             }
             // (Opened without its chunk list, a thin artifact is checked against
             // its base when it is bound: `bind_to`.)
             Some(bits) if self.base_held.is_none() || self.streamed_distinct.is_some() => Ok(
-                Bound::Exact(bits.iter().map(|b| b.count_ones() as usize).sum()),
+                HeldCount::Exact(bits.iter().map(|b| b.count_ones() as usize).sum()),
             ),
-            None if !thin => Ok(Bound::Exact(self.distinct_count())),
+            None if !thin => Ok(HeldCount::Exact(self.distinct_count())),
             // A thin artifact without contents opened without its chunk list: it
             // holds what its base lacks, known only when bound (`bind_to`, which
             // checks the table's sum); until then, at most every distinct chunk.
             None if self.streamed_distinct.is_some() => match self.base_held {
-                Some(_) => Ok(Bound::AtMost(self.distinct_count())),
+                Some(_) => Ok(HeldCount::AtMost(self.distinct_count())),
                 None => Err(ReadError::MissingContents),
             },
             // A thin artifact checked against its base, or without contents.
             _ => {
                 self.bind()?;
-                Ok(Bound::Exact(self.expected.as_ref().expect("bound").len()))
+                Ok(HeldCount::Exact(self.expected.as_ref().expect("bound").len()))
             }
         }
     }
 
     /// Reads the pack table member's data: bounded by the chunks the artifact holds
     /// (every pack holds at least one) before it is read, then every count must be a
-    /// possible pack's and they must add up to exactly those chunks.
+    /// possible pack's and they must add up to exactly those chunks (to at most
+    /// them when only an upper count is known yet, [`HeldCount::AtMost`]: checked
+    /// exactly in [`ArtifactReader::bind_to`]).
     fn read_table_member(&mut self, size: u64) -> Result<(), ReadError> {
-        let bound = self.held_count()?;
-        let chunks = bound.chunks();
+        let held = self.held_count()?;
+        let chunks = held.chunks();
         let entry = PACK_TABLE_ENTRY_LEN as u64;
         let max = chunks as u64 * entry;
         if size > max {
@@ -1747,10 +1753,10 @@ impl<R: Read> ArtifactReader<R> {
             });
         }
         let sum: u64 = table.iter().map(|&c| u64::from(c)).sum();
-        let fits = match bound {
-            Bound::Exact(_) => sum == chunks as u64,
+        let fits = match held {
+            HeldCount::Exact(_) => sum == chunks as u64,
             // Checked exactly when bound (`bind_to`).
-            Bound::AtMost(_) => sum <= chunks as u64,
+            HeldCount::AtMost(_) => sum <= chunks as u64,
         };
         if !fits {
             return Err(ReadError::PackTableSum { sum, chunks });

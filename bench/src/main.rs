@@ -97,6 +97,26 @@ enum Only {
     LargeThin,
 }
 
+impl Only {
+    /// Whether these goals run on the real images (`v1.img`, `v2.img`).
+    fn needs_images(self) -> bool {
+        !matches!(self, Only::Harden | Only::Large | Only::LargeThin)
+    }
+
+    /// How the command line says it (`""` for every group).
+    fn flag(self) -> &'static str {
+        match self {
+            Only::All => "",
+            Only::Artifact => " --only artifact",
+            Only::Install => " --only install",
+            Only::Harden => " --only harden",
+            Only::Refchunk => " --only refchunk",
+            Only::Large => " --only large",
+            Only::LargeThin => " --only large-thin",
+        }
+    }
+}
+
 /// Everything the sections share.
 #[derive(Debug)]
 pub struct Ctx {
@@ -380,7 +400,7 @@ fn engine_only() -> Result<()> {
 fn run(args: Args) -> Result<()> {
     let v1 = args.images.join("v1.img");
     let v2 = args.images.join("v2.img");
-    let needs_images = !matches!(args.only, Only::Harden | Only::Large | Only::LargeThin);
+    let needs_images = args.only.needs_images();
     for img in [&v1, &v2] {
         if needs_images && !img.is_file() {
             bail!(
@@ -544,8 +564,8 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
         ),
         (
             "images".into(),
-            if args.only == Only::Harden {
-                "none needed (--only harden)".to_owned()
+            if !args.only.needs_images() {
+                format!("none needed ({})", args.only.flag().trim())
             } else {
                 format!(
                     "{} ({}), {} ({}); page cache warm",
@@ -592,19 +612,12 @@ fn context(ctx: &Ctx, args: &Args, load_before: &str) -> Result<Vec<(String, Str
         (
             "command".into(),
             format!(
-                "`shoal-bench {} --shoal {} --runs {}{}`",
+                "`shoal-bench {} --shoal {} --runs {}{} --large-max-gib {}`",
                 args.images.display(),
                 args.shoal.display(),
                 args.runs,
-                match args.only {
-                    Only::All => "",
-                    Only::Artifact => " --only artifact",
-                    Only::Install => " --only install",
-                    Only::Harden => " --only harden",
-                    Only::Refchunk => " --only refchunk",
-                    Only::Large => " --only large",
-                    Only::LargeThin => " --only large-thin",
-                }
+                args.only.flag(),
+                args.large_max_gib,
             ),
         ),
     ])
