@@ -1712,7 +1712,9 @@ impl<R: Read> ArtifactReader<R> {
             // A thin artifact checked against its base, or without contents.
             _ => {
                 self.bind()?;
-                Ok(HeldCount::Exact(self.expected.as_ref().expect("bound").len()))
+                Ok(HeldCount::Exact(
+                    self.expected.as_ref().expect("bound").len(),
+                ))
             }
         }
     }
