@@ -261,10 +261,10 @@ impl Reference {
     }
 
     /// Takes bytes read for this reference (the ranges, concatenated), checking
-    /// only their length now: the hash is checked at most once
-    /// ([`ReferenceBytes::check`]), by [`crate::RawChunk::verify_against`] when a
-    /// chunk decoded with them fails its id (each chunk is hashed anyway), so a
-    /// reader neither hashes them while it reads nor at all when they are right.
+    /// only their length now: the hash is checked once, before the first chunk is
+    /// decoded with them ([`ReferenceBytes::check`], which
+    /// [`crate::RawChunk::verify_against`] calls), so a reader can hand the hashing
+    /// to the threads that decode rather than do it while it reads.
     pub fn read(&self, bytes: Vec<u8>) -> Result<ReferenceBytes, ReferenceError> {
         if bytes.len() as u64 != self.len() {
             return Err(ReferenceError::Length {
@@ -332,11 +332,6 @@ impl ReferenceBytes {
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.inner.bytes
-    }
-
-    /// Whether their hash was computed ([`ReferenceBytes::check`]) yet.
-    pub fn is_checked(&self) -> bool {
-        self.inner.checked.get().is_some()
     }
 
     /// Whether the bytes hash to the manifest's hash (computed once, then

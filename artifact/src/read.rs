@@ -576,13 +576,9 @@ impl RawChunk {
 
     /// Decodes a delta-encoded chunk with `reference` (bytes read for this chunk's
     /// [`RawChunk::reference`]; [`ChunkError::WrongReference`] for other ones) and
-    /// checks the chunk's hash, which proves the decoded bytes whatever the
-    /// reference held. The reference's own hash is checked (once per
-    /// [`ReferenceBytes`]) only when the chunk fails: bytes that fail it make the
-    /// failure a [`ChunkError::BadReference`] (the running slot is not the base
-    /// there), not a damaged chunk. Reference bytes are thus hashed only to explain
-    /// a failure (an install decoding 57 MB of chunks against 221 MB of references
-    /// hashed them all before). A plain chunk decodes as [`RawChunk::verify_chunk`]
+    /// checks the hash. Bytes that fail the reference's hash (checked here once per
+    /// [`ReferenceBytes`], whichever chunk comes first) are
+    /// [`ChunkError::BadReference`]: nothing is decoded with them. A plain chunk decodes as [`RawChunk::verify_chunk`]
     /// does.
     pub fn verify_against(&self, reference: &ReferenceBytes) -> Result<VerifiedChunk, ChunkError> {
         let Some(r) = &self.reference else {
@@ -591,22 +587,17 @@ impl RawChunk {
         if r.hash != *reference.hash() {
             return Err(ChunkError::WrongReference { id: self.chunk.id });
         }
-        // The decoded bytes are checked against the chunk's id whatever the
-        // reference holds, so its hash is needed only to say why a chunk failed:
-        // checked (once per reference) when one does.
-        match chunk::decode_against(&self.stored, &self.chunk, reference.bytes()) {
-            Ok(data) => Ok(VerifiedChunk {
-                chunk: self.chunk,
-                data,
-            }),
-            Err(e) => Err(match reference.check() {
-                Err(source) => ChunkError::BadReference {
-                    id: self.chunk.id,
-                    source,
-                },
-                Ok(()) => e,
-            }),
-        }
+        // Checked once per reference, by the first chunk decoded with it.
+        reference
+            .check()
+            .map_err(|source| ChunkError::BadReference {
+                id: self.chunk.id,
+                source,
+            })?;
+        Ok(VerifiedChunk {
+            chunk: self.chunk,
+            data: chunk::decode_against(&self.stored, &self.chunk, reference.bytes())?,
+        })
     }
 
     /// Like [`RawChunk::verify`], returning the bytes as a [`VerifiedChunk`], which

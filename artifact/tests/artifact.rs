@@ -1693,16 +1693,14 @@ fn unchecked_reference_bytes_decode_and_wrong_ones_name_the_reference() {
     let mut reader = ArtifactReader::open(&art[..], &r, NOW).unwrap();
     let raw = reader.next_raw().unwrap().unwrap();
     let reference = raw.reference().unwrap().clone();
-    // Bytes read without their hash check decode the chunk (which is hashed), and
-    // are never hashed themselves: the chunk's id proves what was decoded.
+    // Bytes read without their hash check decode the chunk (which is hashed).
     let read = reference.read(reference_bytes(&base, &reference)).unwrap();
     assert_eq!(
         ChunkId::of(raw.verify_against(&read).unwrap().data()),
         raw.chunk.id
     );
-    assert!(!read.is_checked());
-    // Wrong bytes of the right length: the chunk fails, and the reference's hash
-    // says why.
+    // Wrong bytes of the right length: refused by the reference's hash, before any
+    // decoding.
     let mut wrong = reference_bytes(&base, &reference);
     for b in wrong.iter_mut() {
         *b ^= 0x5a;

@@ -1793,11 +1793,10 @@ fn resolve(
 }
 
 /// Decodes a batch whose references were read ([`resolve`]) with [`decode`], which
-/// hashes every chunk and a reference only when a chunk decoded with it fails
-/// ([`shoal_artifact::RawChunk::verify_against`]). `Err` names the first chunk
-/// whose reference fails its hash (the running slot, `running`: (slot, base
-/// release), is not the base release there): nothing of the batch is handed over
-/// then.
+/// checks each reference's hash (once, on the decoding threads) before decoding
+/// with it. `Err` names the first chunk whose reference fails its hash (the
+/// running slot, `running`: (slot, base release), is not the base release there):
+/// nothing of the batch is handed over then.
 fn decode_resolved(
     undecoded: &[Undecoded],
     running: &(String, String),
@@ -2127,9 +2126,9 @@ const SLOT_BLOCKS_KEPT: usize = 5;
 const SLOT_RUN_BLOCKS: u64 = 4;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
-/// from the running slot (which holds the base payload from offset 0). Each chunk
-/// decoded with them is hashed; their own hash is checked, on the decoding threads,
-/// only to explain a chunk that fails (see [`Reference::read`]).
+/// from the running slot (which holds the base payload from offset 0). Their hash is
+/// checked before any chunk is decoded with them, by the decoding threads, once per
+/// reference (see [`Reference::read`]).
 pub(crate) struct References {
     slot: Slot,
     storage: Box<dyn Storage>,
