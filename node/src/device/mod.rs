@@ -1792,6 +1792,62 @@ fn resolve(
     Ok(undecoded)
 }
 
+/// Chunks of an artifact read for [`Driver::stream`]: up to `DECODE_BATCH_BYTES`
+/// of chunks (decoded and stored sizes) or `REFERENCE_BATCH_BYTES` of distinct
+/// references, whichever comes first.
+struct ReadBatch {
+    raws: Vec<shoal_artifact::RawChunk>,
+    /// What the batch holds in memory until it is decoded: its stored chunks, and
+    /// its distinct references once read.
+    held: usize,
+    /// Why the archive could not be read past the batch's chunks.
+    failure: Option<ReadError>,
+    /// The end of the archive was read (and checked).
+    ended: bool,
+}
+
+/// Reads the next batch of the chunks of `artifact` that `wants` takes. Each
+/// distinct reference of a batch is read (or found in the cache) once, however
+/// many of its chunks the batch holds.
+fn read_batch<R: shoal_artifact::read::Skip>(
+    artifact: &mut ArtifactReader<R>,
+    mut wants: impl FnMut(&ChunkId) -> bool,
+) -> ReadBatch {
+    let mut batch = ReadBatch {
+        raws: Vec::new(),
+        held: 0,
+        failure: None,
+        ended: false,
+    };
+    let mut bytes = 0usize;
+    let mut references: HashSet<[u8; 32]> = HashSet::new();
+    let mut reference_bytes = 0usize;
+    while bytes < DECODE_BATCH_BYTES && reference_bytes < REFERENCE_BATCH_BYTES {
+        match artifact.next_wanted(&mut wants) {
+            Ok(Some(raw)) => {
+                bytes += raw.chunk.size as usize + raw.stored().len();
+                batch.held += raw.stored().len();
+                if let Some(r) = raw.reference()
+                    && references.insert(r.hash)
+                {
+                    reference_bytes += usize::try_from(r.len()).unwrap_or(usize::MAX);
+                }
+                batch.raws.push(raw);
+            }
+            Ok(None) => {
+                batch.ended = true;
+                break;
+            }
+            Err(e) => {
+                batch.failure = Some(e);
+                break;
+            }
+        }
+    }
+    batch.held = batch.held.saturating_add(reference_bytes);
+    batch
+}
+
 /// Decodes a batch whose references were read ([`resolve`]) with [`decode`], which
 /// checks each reference's hash (once, on the decoding threads) before decoding
 /// with it. `Err` names the first chunk whose reference fails its hash (the
@@ -2102,6 +2158,19 @@ fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedCh
 /// RSS of 28.8-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
 /// pipeline), at the same speed.
 const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
+
+/// How far the reference reader of [`Driver::stream`] runs ahead of the decoding:
+/// batches handed to it and not decoded yet, and the bytes they hold (stored
+/// chunks and distinct references; the last batch may go past). Read in lockstep
+/// (one batch ahead), a batch whose references took long to read held up the
+/// writing of the one before, and one that took long to write held up the
+/// reading: on the bench's v1 → v2 the main thread waited 150-200 ms for the
+/// reader. 3 batches and 2 MiB: delta install medians 0.77 s (one ahead) → 0.71 s,
+/// peak RSS 30.9 → 31.1 MiB (4 and 3 MiB: 0.73 s, 31.6 MiB; 7 alternating runs,
+/// session 14, measured with references hashed only when a chunk failed, an
+/// experiment not kept).
+const REFERENCE_BATCHES_AHEAD: usize = 3;
+const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
@@ -2543,19 +2612,17 @@ impl<'a> Driver<'a> {
 
     /// Feeds an artifact's chunks the engine still wants, decoded in parallel
     /// batches, in a pipeline of three: while one batch is written, the next one is
-    /// decoded (on all cores) and the references of the one after it are read from
-    /// the running slot (on a thread of their own). Chunks and errors still reach
-    /// the engine in artifact order.
+    /// decoded (on all cores), and a thread of its own reads the references of the
+    /// batches after it from the running slot, running ahead of the decoding by up
+    /// to `REFERENCES_AHEAD_BYTES` (so a batch that takes long to write, or whose
+    /// references take long to read, does not stall the other stages). Chunks and
+    /// errors still reach the engine in artifact order.
     fn stream<R: shoal_artifact::read::Skip>(
         &mut self,
         mut artifact: ArtifactReader<R>,
         name: &str,
     ) -> anyhow::Result<()> {
         let stream_started = std::time::Instant::now();
-        // Decoded, to hand over; references read, to decode.
-        let mut decoded: Vec<Decoded> = Vec::new();
-        let mut resolved: Vec<Undecoded> = Vec::new();
-        let mut ended = false;
         // Delta-encoded chunks are decoded with bytes of the running slot.
         let mut references = match artifact
             .manifest()
@@ -2588,128 +2655,157 @@ impl<'a> Driver<'a> {
             .map_or((String::new(), String::new()), |r| {
                 (r.slot.to_string(), r.base.clone())
             });
-        // Time the decoding thread and the main thread (handing chunks over, and
-        // what the engine asks meanwhile: writes, reads of the running slot) took.
+        // Time the decoding threads and the main thread (handing chunks over, and
+        // what the engine asks meanwhile: writes, reads of the running slot) took,
+        // and how long the main thread waited for the decoding and the reference
+        // reading.
         let (mut decode_time, mut feed_time) = (Duration::ZERO, Duration::ZERO);
-        // Time the main thread waited for the decoding and the reference reading.
-        let mut waits = (Duration::ZERO, Duration::ZERO);
-        while self.engine.is_installing() {
-            // Read the next batch. Each chunk comes once, so what the engine wants
-            // of it does not depend on the batches still to be written.
-            let mut raws: Vec<shoal_artifact::RawChunk> = Vec::new();
-            let mut failure = None;
-            let mut bytes = 0usize;
-            // Distinct references of the batch: each is read (or found in the
-            // cache) once, however many of its chunks the batch holds.
-            let mut batch_refs: HashSet<[u8; 32]> = HashSet::new();
-            let mut ref_bytes = 0usize;
-            while !ended
-                && failure.is_none()
-                && bytes < DECODE_BATCH_BYTES
-                && ref_bytes < REFERENCE_BATCH_BYTES
-            {
-                let engine = &self.engine;
-                match artifact.next_wanted(|id| engine.wants(id)) {
-                    Ok(Some(raw)) => {
-                        bytes += raw.chunk.size as usize + raw.stored().len();
-                        if let Some(r) = raw.reference()
-                            && batch_refs.insert(r.hash)
-                        {
-                            ref_bytes += usize::try_from(r.len()).unwrap_or(usize::MAX);
+        let (mut decode_wait, mut reference_wait) = (Duration::ZERO, Duration::ZERO);
+        let running = &running;
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            // Batches handed to the reference reader and the batches it read the
+            // references of, in order; without references (plain chunks) a batch
+            // is resolved at once, and only one is read ahead.
+            let (to_read, read_rx) = std::sync::mpsc::channel::<Vec<shoal_artifact::RawChunk>>();
+            let (read_tx, resolved_rx) = std::sync::mpsc::channel::<Resolved>();
+            let reading = references.is_some();
+            if let Some(refs) = references.as_mut() {
+                scope.spawn(move || {
+                    for raws in read_rx {
+                        let out = resolve(raws, Some(&mut *refs));
+                        let failed = out.is_err();
+                        // The stream stopped taking batches, or the reader cannot
+                        // go on: nothing after a failure is read.
+                        if read_tx.send(out).is_err() || failed {
+                            break;
                         }
-                        raws.push(raw);
                     }
-                    Ok(None) => ended = true,
-                    Err(e) => failure = Some(e),
-                }
+                });
             }
-            if failure.is_some() {
-                // Nothing of a batch that ends in a bad archive is handed over
-                // (below): its references need not be read.
-                raws.clear();
-            }
-            // While the batch before last is written, the reader thread reads the
-            // new batch's references (from the running slot) and the decoding
-            // thread decodes the last batch.
-            let previous = std::mem::take(&mut decoded);
-            let mut to_decode = std::mem::take(&mut resolved);
-            if references.is_none() {
-                // No references to read (plain chunks): the batch just read is
-                // decoded now, a pipeline of two as before delta-encoded chunks.
-                to_decode = resolve(std::mem::take(&mut raws), None).map_err(|e| anyhow!("{e}"))?;
-            }
-            let refs = references.as_mut();
-            let running = &running;
-            let (read_out, decode_out) = std::thread::scope(
-                |scope| -> anyhow::Result<(Resolved, Result<Vec<Decoded>, String>)> {
-                    let reader =
-                        (!raws.is_empty()).then(|| scope.spawn(move || resolve(raws, refs)));
-                    let decoder = scope.spawn(move || {
-                        let started = std::time::Instant::now();
-                        let out = decode_resolved(&to_decode, running);
-                        (out, started.elapsed())
-                    });
-                    // A batch read before a failure is not handed over: it may
-                    // hold the last chunk the engine wants (the batch filled up
-                    // at that chunk, and the end of the archive was read only
-                    // now), which would let the engine arm a trial of an
-                    // artifact that failed.
-                    if failure.is_none() {
-                        let started = std::time::Instant::now();
-                        self.feed(previous, name)?;
-                        feed_time += started.elapsed();
+            let mut inline: std::collections::VecDeque<Resolved> = Default::default();
+            // Batches handed over to be resolved and not taken back yet: the bytes
+            // each holds (stored chunks, distinct references).
+            let mut ahead: std::collections::VecDeque<usize> = Default::default();
+            // Decoded, to hand over.
+            let mut decoded: Vec<Decoded> = Vec::new();
+            let mut ended = false;
+            while self.engine.is_installing() {
+                // Read batches ahead. Each chunk comes once, so what the engine
+                // wants of it does not depend on the batches still to be written.
+                let mut failure = None;
+                while !ended
+                    && (ahead.is_empty()
+                        || (reading
+                            && ahead.len() < REFERENCE_BATCHES_AHEAD
+                            && ahead.iter().sum::<usize>() < REFERENCES_AHEAD_BYTES))
+                {
+                    let engine = &self.engine;
+                    let batch = read_batch(&mut artifact, |id| engine.wants(id));
+                    ended = batch.ended;
+                    if let Some(e) = batch.failure {
+                        // Nothing of a batch that ends in a bad archive is handed
+                        // over: its references need not be read.
+                        failure = Some(e);
+                        break;
                     }
-                    // How long the main thread waits, after its own work, for the
-                    // decoding and then the reference reading thread: which of the
-                    // three each batch waited for.
-                    let waiting = std::time::Instant::now();
-                    let (decoded, took) = decoder.join().expect("the decoding thread panicked");
-                    decode_time += took;
-                    waits.0 += waiting.elapsed();
-                    let waiting = std::time::Instant::now();
-                    let read = reader.map_or(Ok(Vec::new()), |r| {
-                        r.join().expect("the reference reading thread panicked")
-                    });
-                    waits.1 += waiting.elapsed();
-                    Ok((read, decoded))
-                },
-            )?;
-            // The earlier batch's failure first: errors come in artifact order.
-            let reference_failure = match (decode_out, read_out) {
-                (Err(message), _) | (Ok(_), Err(message)) => Some(message),
-                (Ok(d), Ok(r)) => {
-                    decoded = d;
-                    resolved = r;
-                    None
+                    if batch.raws.is_empty() {
+                        break;
+                    }
+                    ahead.push_back(batch.held);
+                    if reading {
+                        // The reader stops only after sending a failure, which is
+                        // taken (and ends the stream) before this is sent again.
+                        let _ = to_read.send(batch.raws);
+                    } else {
+                        inline.push_back(resolve(batch.raws, None));
+                    }
                 }
-            };
-            if let Some(message) = reference_failure {
-                // The running slot is not the base the chunks were encoded
-                // against: nothing decoded with it is written.
-                return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
-            }
-            if let Some(e) = failure {
-                // The archive is bad (or could not be read) past this point: the
-                // chunks read before it (this batch and the one before, not
-                // handed over above) are dropped, since the last of them would
-                // let the engine arm a trial of an artifact that failed. A batch
-                // is only ever handed over once the next one was read without
-                // failure, so the one that completes the payload waits for the
-                // end of the archive to be read and checked.
-                let message = e.to_string();
-                let fault = match e {
-                    ReadError::Io(_) => SourceFault::Unreadable(message),
-                    _ => SourceFault::Damaged(message),
+                if let Some(e) = failure {
+                    // The archive is bad (or could not be read) past this point:
+                    // nothing read before it is handed over, since the last of it
+                    // would let the engine arm a trial of an artifact that failed
+                    // (a batch is only handed over once the next one was read
+                    // without failure, so the one that completes the payload waits
+                    // for the end of the archive to be read and checked). A
+                    // reference of an earlier chunk that fails comes first: errors
+                    // come in artifact order.
+                    for _ in 0..ahead.len() {
+                        let undecoded = match reading {
+                            true => resolved_rx.recv().unwrap_or_else(|_| Ok(Vec::new())),
+                            false => inline.pop_front().unwrap_or_else(|| Ok(Vec::new())),
+                        };
+                        let checked = undecoded.and_then(|u| decode_resolved(&u, running));
+                        if let Err(message) = checked {
+                            return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
+                        }
+                    }
+                    let message = e.to_string();
+                    let fault = match e {
+                        ReadError::Io(_) => SourceFault::Unreadable(message),
+                        _ => SourceFault::Damaged(message),
+                    };
+                    return Err(self.stop_reading(STREAM, fault)?);
+                }
+                // The next batch whose references were read.
+                let next = match ahead.pop_front() {
+                    None => None,
+                    Some(_) => {
+                        let waiting = std::time::Instant::now();
+                        let resolved = if reading {
+                            resolved_rx
+                                .recv()
+                                .expect("the reference reader ended early")
+                        } else {
+                            inline.pop_front().expect("resolved inline")
+                        };
+                        reference_wait += waiting.elapsed();
+                        Some(resolved)
+                    }
                 };
-                return Err(self.stop_reading(STREAM, fault)?);
+                let to_decode = match next {
+                    Some(Err(message)) => {
+                        // The running slot is not the base the chunks were encoded
+                        // against: nothing decoded with it is written (what was
+                        // decoded before it is).
+                        self.feed(std::mem::take(&mut decoded), name)?;
+                        return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
+                    }
+                    Some(Ok(u)) => u,
+                    None if decoded.is_empty() => {
+                        // Read to the end, which was checked, and all handed over.
+                        self.engine
+                            .handle(self.now(), Input::SourceEnded { source: STREAM });
+                        self.drain()?;
+                        break;
+                    }
+                    None => Vec::new(),
+                };
+                // While the batch before is written, this one is decoded.
+                let previous = std::mem::take(&mut decoded);
+                let decoder = scope.spawn(move || {
+                    let started = std::time::Instant::now();
+                    let out = decode_resolved(&to_decode, running);
+                    (out, started.elapsed())
+                });
+                let started = std::time::Instant::now();
+                let fed = self.feed(previous, name);
+                feed_time += started.elapsed();
+                let waiting = std::time::Instant::now();
+                let (out, took) = decoder.join().expect("the decoding thread panicked");
+                decode_wait += waiting.elapsed();
+                decode_time += took;
+                fed?;
+                match out {
+                    Ok(d) => decoded = d,
+                    Err(message) => {
+                        // A reference that fails its hash: nothing of the batch is
+                        // written.
+                        return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
+                    }
+                }
             }
-            if ended && decoded.is_empty() && resolved.is_empty() {
-                self.engine
-                    .handle(self.now(), Input::SourceEnded { source: STREAM });
-                self.drain()?;
-                break;
-            }
-        }
+            Ok(())
+        })?;
         if let Some(r) = &references {
             tracing::debug!(
                 references_read = r.read.0,
@@ -2720,8 +2816,8 @@ impl<'a> Driver<'a> {
                 slot_reads = r.read_slot_calls,
                 decode_ms = decode_time.as_millis() as u64,
                 feed_ms = feed_time.as_millis() as u64,
-                decode_wait_ms = waits.0.as_millis() as u64,
-                reference_wait_ms = waits.1.as_millis() as u64,
+                decode_wait_ms = decode_wait.as_millis() as u64,
+                reference_wait_ms = reference_wait.as_millis() as u64,
                 stream_ms = stream_started.elapsed().as_millis() as u64,
                 "delta-encoded chunks decoded"
             );

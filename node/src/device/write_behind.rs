@@ -13,8 +13,9 @@
 //! bounded ([`BUDGET`]). The read-back of the written slot ([`Verifier`]) rides
 //! along, told of each write and of each completed sync.
 //!
-//! The thread gathers contiguous writes into one, and runs of zero chunks into one
-//! range to zero ([`SlotWriter::write_zeroes_at`]: the free space of a file system
+//! The thread gathers contiguous writes into one (up to [`GATHER_RUNS`] runs at
+//! once, each written out when it cannot grow, or before a write over its bytes),
+//! and runs of zero chunks into one range to zero ([`SlotWriter::write_zeroes_at`]: the free space of a file system
 //! image is not written byte by byte).
 //!
 //! The first failure stops the thread's work (nothing after it is written, synced
@@ -34,6 +35,14 @@ use crate::cmd::chain;
 
 /// Bytes of write data queued for the thread at most.
 pub const BUDGET: u64 = 2 * 1024 * 1024;
+
+/// Runs of contiguous writes gathered at once. An install that reuses chunks of the
+/// running slot writes two interleaved ascending sequences (the chunks copied from
+/// the running slot and those the stream brings): gathered one run at a time, its
+/// writes were cut at every switch (the bench's v1 → v2 delta install: 4,814
+/// writes and as many `sync_file_range` calls; 2,284 with two runs, and the
+/// install's median 0.82 → 0.74 s; three runs no better; session 14).
+const GATHER_RUNS: usize = 2;
 
 /// Why the thread's work failed: the operation and the message for the engine.
 pub type Failure = (IoOp, String);
@@ -113,7 +122,7 @@ impl WriteBehind {
         let writing = Writing {
             writer,
             gather,
-            pending: None,
+            pending: std::collections::VecDeque::new(),
             pending_zeros: None,
             written: Vec::new(),
             budget: Arc::clone(&budget),
@@ -270,8 +279,9 @@ enum SyncJob {
 struct Writing {
     writer: SlotWriter,
     gather: usize,
-    /// Contiguous writes gathered into one.
-    pending: Option<(u64, Vec<u8>)>,
+    /// Runs of contiguous writes, each gathered into one write, least recently
+    /// extended first (at most [`GATHER_RUNS`]).
+    pending: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// Contiguous zero chunks gathered into one range: (start, length).
     pending_zeros: Option<(u64, u64)>,
     /// Ranges written since the last sync was handed on.
@@ -343,31 +353,39 @@ impl Writing {
     fn write(&mut self, offsets: &[u64], data: &[u8], zeros: bool) -> Result<(), String> {
         let len = data.len() as u64;
         for &offset in offsets {
+            // What is gathered is written later, in another order: a write over
+            // bytes still gathered must land after them.
+            self.flush_overlapping(offset, len)?;
             if zeros {
                 match self.pending_zeros.as_mut() {
                     Some((start, run)) if *start + *run == offset => *run += len,
                     _ => {
-                        self.flush()?;
+                        self.flush_zeros()?;
                         self.pending_zeros = Some((offset, len));
                     }
                 }
             } else {
-                match self.pending.as_mut() {
-                    Some((start, buf))
-                        if *start + buf.len() as u64 == offset
-                            && buf.len() + data.len() <= self.gather =>
-                    {
-                        buf.extend_from_slice(data);
+                let gather = self.gather;
+                let extends = self.pending.iter().position(|(start, buf)| {
+                    *start + buf.len() as u64 == offset && buf.len() + data.len() <= gather
+                });
+                match extends {
+                    Some(i) => {
+                        let mut run = self.pending.remove(i).expect("found");
+                        run.1.extend_from_slice(data);
+                        self.pending.push_back(run);
                     }
-                    _ => {
-                        self.flush()?;
-                        if data.len() >= self.gather {
-                            self.writer.write_at(offset, data).map_err(|e| chain(&e))?;
-                        } else {
-                            let mut buf = Vec::with_capacity(self.gather);
-                            buf.extend_from_slice(data);
-                            self.pending = Some((offset, buf));
-                        }
+                    None if data.len() >= gather => {
+                        self.writer.write_at(offset, data).map_err(|e| chain(&e))?;
+                    }
+                    None => {
+                        let mut buf = match self.pending.len() >= GATHER_RUNS {
+                            true => self.flush_oldest()?,
+                            false => Vec::with_capacity(gather),
+                        };
+                        buf.clear();
+                        buf.extend_from_slice(data);
+                        self.pending.push_back((offset, buf));
                     }
                 }
             }
@@ -379,14 +397,50 @@ impl Writing {
         Ok(())
     }
 
-    /// Writes out what was gathered.
-    fn flush(&mut self) -> Result<(), String> {
+    /// Writes out the gathered runs that overlap `len` bytes at `offset`.
+    fn flush_overlapping(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        let end = offset + len;
+        if self
+            .pending_zeros
+            .is_some_and(|(start, run)| start < end && offset < start + run)
+        {
+            self.flush_zeros()?;
+        }
+        while let Some(i) = self
+            .pending
+            .iter()
+            .position(|(start, buf)| *start < end && offset < start + buf.len() as u64)
+        {
+            let (start, buf) = self.pending.remove(i).expect("found");
+            self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the run least recently extended; its buffer, for the next.
+    fn flush_oldest(&mut self) -> Result<Vec<u8>, String> {
+        match self.pending.pop_front() {
+            Some((start, buf)) => {
+                self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+                Ok(buf)
+            }
+            None => Ok(Vec::with_capacity(self.gather)),
+        }
+    }
+
+    fn flush_zeros(&mut self) -> Result<(), String> {
         if let Some((start, len)) = self.pending_zeros.take() {
             self.writer
                 .write_zeroes_at(start, len)
                 .map_err(|e| chain(&e))?;
         }
-        if let Some((start, buf)) = self.pending.take() {
+        Ok(())
+    }
+
+    /// Writes out everything gathered.
+    fn flush(&mut self) -> Result<(), String> {
+        self.flush_zeros()?;
+        while let Some((start, buf)) = self.pending.pop_front() {
             self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
         }
         Ok(())
@@ -463,7 +517,56 @@ impl Syncing {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zeros;
+    use super::{WriteBehind, is_zeros};
+    use shoal_bootctl::testing::CrashDisk;
+    use shoal_bootctl::{Slot, SlotWriter};
+
+    /// A write-behind over a 1 MiB slot `b` of a fresh [`CrashDisk`] (which counts
+    /// the writes), gathering up to 64 KiB.
+    fn writing() -> (CrashDisk, WriteBehind) {
+        let disk = CrashDisk::new();
+        disk.put("b", &vec![0xee; 1024 * 1024]);
+        let writer = |disk: &CrashDisk| {
+            SlotWriter::new(Box::new(disk.storage("b")), Slot::B, 1024 * 1024).unwrap()
+        };
+        let wb = WriteBehind::start(writer(&disk), writer(&disk), None, 64 * 1024);
+        (disk, wb)
+    }
+
+    #[test]
+    fn two_interleaved_runs_are_each_gathered_into_one_write() {
+        let (disk, wb) = writing();
+        let mut expected = vec![0xee; 1024 * 1024];
+        for i in 0..8u8 {
+            for (base, tag) in [(0usize, 1u8), (512 * 1024, 100)] {
+                let at = base + usize::from(i) * 4096;
+                let data = vec![tag + i; 4096];
+                expected[at..at + 4096].copy_from_slice(&data);
+                wb.write(vec![at as u64], data).unwrap();
+            }
+        }
+        wb.finish().unwrap();
+        // One write per run (gathering one run at a time wrote all 16).
+        assert_eq!(disk.ops(), 2);
+        assert_eq!(disk.live("b"), expected);
+    }
+
+    #[test]
+    fn a_write_over_gathered_bytes_lands_after_them() {
+        let (disk, wb) = writing();
+        // x is gathered; y overlaps it (not contiguous: a run of its own); w
+        // extends x's run and overlaps y. Written out in the order runs end, x's
+        // run (with w) would land after y and put x back under y.
+        wb.write(vec![0], vec![b'x'; 4096]).unwrap();
+        wb.write(vec![2048], vec![b'y'; 4096]).unwrap();
+        wb.write(vec![4096], vec![b'w'; 4096]).unwrap();
+        wb.finish().unwrap();
+        let live = disk.live("b");
+        assert!(live[..2048].iter().all(|&b| b == b'x'));
+        assert!(live[2048..4096].iter().all(|&b| b == b'y'));
+        assert!(live[4096..8192].iter().all(|&b| b == b'w'));
+        assert!(live[8192..].iter().all(|&b| b == 0xee));
+    }
 
     #[test]
     fn zero_chunks_are_recognized_whatever_their_length() {
