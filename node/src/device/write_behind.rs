@@ -14,9 +14,10 @@
 //! along, told of each write and of each completed sync.
 //!
 //! The thread gathers contiguous writes into one (up to [`GATHER_RUNS`] runs at
-//! once, each written out when it cannot grow, or before a write over its bytes),
-//! and runs of zero chunks into one range to zero ([`SlotWriter::write_zeroes_at`]: the free space of a file system
-//! image is not written byte by byte).
+//! once, each written out when it is full and continued, when a new run needs its
+//! place (the least recently continued), or before a write over its bytes), and
+//! runs of zero chunks into one range to zero ([`SlotWriter::write_zeroes_at`]:
+//! the free space of a file system image is not written byte by byte).
 //!
 //! The first failure stops the thread's work (nothing after it is written, synced
 //! or persisted) and is handed back to the driver, which tells the engine.
@@ -366,17 +367,29 @@ impl Writing {
                 }
             } else {
                 let gather = self.gather;
-                let extends = self.pending.iter().position(|(start, buf)| {
-                    *start + buf.len() as u64 == offset && buf.len() + data.len() <= gather
-                });
-                match extends {
-                    Some(i) => {
+                // The run this write continues, if one does.
+                let continues = self
+                    .pending
+                    .iter()
+                    .position(|(start, buf)| *start + buf.len() as u64 == offset);
+                match continues {
+                    Some(i) if self.pending[i].1.len() + data.len() <= gather => {
                         let mut run = self.pending.remove(i).expect("found");
                         run.1.extend_from_slice(data);
                         self.pending.push_back(run);
                     }
-                    None if data.len() >= gather => {
+                    _ if data.len() >= gather => {
                         self.writer.write_at(offset, data).map_err(|e| chain(&e))?;
+                    }
+                    Some(i) => {
+                        // The run it continues is full: written out, and its
+                        // buffer starts the run's next part (the other run, still
+                        // growing, stays).
+                        let (start, mut buf) = self.pending.remove(i).expect("found");
+                        self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+                        buf.clear();
+                        buf.extend_from_slice(data);
+                        self.pending.push_back((offset, buf));
                     }
                     None => {
                         let mut buf = match self.pending.len() >= GATHER_RUNS {
@@ -549,6 +562,37 @@ mod tests {
         // One write per run (gathering one run at a time wrote all 16).
         assert_eq!(disk.ops(), 2);
         assert_eq!(disk.live("b"), expected);
+    }
+
+    #[test]
+    fn a_full_run_continued_is_written_out_not_the_other_one() {
+        let (disk, wb) = writing();
+        // b starts a run; a fills one (64 KiB, the most recently continued) and
+        // continues it, and b continues its own: a's full run goes, b's stays.
+        wb.write(vec![512 * 1024], vec![1; 4096]).unwrap();
+        for i in 0..17u64 {
+            wb.write(vec![i * 4096], vec![2; 4096]).unwrap();
+        }
+        wb.write(vec![516 * 1024], vec![3; 4096]).unwrap();
+        wb.finish().unwrap();
+        // a's 64 KiB, a's last chunk, b's 8 KiB (writing out the least recently
+        // continued run, b's, cut it in two: 4 writes).
+        assert_eq!(disk.ops(), 3);
+        let live = disk.live("b");
+        assert!(live[..17 * 4096].iter().all(|&b| b == 2));
+        assert!(live[512 * 1024..516 * 1024].iter().all(|&b| b == 1));
+        assert!(live[516 * 1024..520 * 1024].iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn data_over_gathered_zeros_lands_after_them() {
+        let (disk, wb) = writing();
+        // The zeros are gathered; the data (a gather's size: written at once)
+        // must not be zeroed when they are written out.
+        wb.write(vec![0], vec![0; 64 * 1024]).unwrap();
+        wb.write(vec![0], vec![7; 64 * 1024]).unwrap();
+        wb.finish().unwrap();
+        assert!(disk.live("b")[..64 * 1024].iter().all(|&b| b == 7));
     }
 
     #[test]
