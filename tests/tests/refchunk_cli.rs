@@ -486,6 +486,36 @@ fn a_delta_install_on_a_slot_that_differs_outside_the_sample_is_refused_by_its_r
     b_holds_only_v2(dev, &s.v2);
 }
 
+/// A reference that fails its hash in one of the batches read ahead when the
+/// archive turns out truncated: the stream reads up to 3 batches ahead of the
+/// decoding, and an archive failure drops them, but the failing reference of an
+/// earlier chunk is what the install reports (errors come in artifact order), and
+/// nothing is armed.
+#[test]
+fn a_bad_reference_read_ahead_of_a_truncated_end_is_reported_first() {
+    let s = setup();
+    let dev = &s.dev;
+    // Near the end of the image: a reference of one of the batches read ahead
+    // when the cut end is read (with the batches ahead not checked, the install
+    // says the artifact is truncated: seen).
+    let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
+    let at = s.edits[s.edits.len() - 8];
+    a[at + 1] ^= 0x55;
+    std::fs::write(dev.path("a.img"), &a).expect("slot A");
+    let pristine = std::fs::read(&s.delta).expect("artifact");
+    let cut = dev.path("cut.shoal");
+    std::fs::write(&cut, &pristine[..pristine.len() - 1024]).expect("artifact");
+    let err = fails(dev.run(&["install", &cut.display().to_string()]), 1);
+    assert!(
+        err.contains("fail their hash")
+            && err.contains("does not hold the base release acme-os 1.0"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(dev.boot_state().next_boot(), Slot::A, "nothing armed");
+    b_holds_only_v2(dev, &s.v2);
+}
+
 /// A running slot that holds another release than the base its kept manifest names
 /// fails the install's sampled check at its first chunk and is cut by content: the
 /// chunks the thin artifact leaves out are not there, and the install is refused

@@ -1862,16 +1862,39 @@ fn decode_resolved(
     for ((raw, _), (id, result)) in undecoded.iter().zip(decoded) {
         match result {
             Err(ChunkError::BadReference { source, .. }) => {
-                let (slot, base) = running;
-                let ranges = raw.reference().map_or_else(String::new, |r| r.describe());
-                return Err(format!(
-                    "chunk {id}: the reference bytes {ranges} of the running slot {slot} fail their hash ({source}): the slot does not hold the base release {base} there; install a full artifact instead"
-                ));
+                return Err(wrong_base(raw, &source, running));
             }
             other => out.push((id, other.map_err(|e| e.to_string()))),
         }
     }
     Ok(out)
+}
+
+/// Checks the hash of each reference of a batch whose references were read,
+/// without decoding anything (what [`decode_resolved`] would say of them): `Err`
+/// names the first chunk whose reference fails.
+fn check_references(undecoded: &[Undecoded], running: &(String, String)) -> Result<(), String> {
+    for (raw, reference) in undecoded {
+        if let Some(Err(source)) = reference.as_ref().map(ReferenceBytes::check) {
+            return Err(wrong_base(raw, &source, running));
+        }
+    }
+    Ok(())
+}
+
+/// The message of a chunk whose reference bytes, read from the running slot
+/// `running` ((slot, base release)), fail their hash.
+fn wrong_base(
+    raw: &shoal_artifact::RawChunk,
+    source: &shoal_artifact::ReferenceError,
+    running: &(String, String),
+) -> String {
+    let (slot, base) = running;
+    let id = raw.chunk.id;
+    let ranges = raw.reference().map_or_else(String::new, |r| r.describe());
+    format!(
+        "chunk {id}: the reference bytes {ranges} of the running slot {slot} fail their hash ({source}): the slot does not hold the base release {base} there; install a full artifact instead"
+    )
 }
 
 /// The chunk list of the root file system payload of the release whose kept
@@ -2153,22 +2176,25 @@ fn decode(raws: &[Undecoded]) -> Vec<(ChunkId, Result<shoal_artifact::VerifiedCh
 /// chunks, bounds a batch. Counting them apart from the chunks keeps batches of
 /// delta-encoded chunks as large as others (a reference is several times its
 /// chunk), so the decoding worker is handed a few large batches, not many small.
-/// The stream's pipeline holds the references of two batches (one being read, one
-/// being decoded): 1 MiB each, not 2, took the bench's delta install from a peak
-/// RSS of 28.8-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5 MiB before the
-/// pipeline), at the same speed.
+/// When the stream's pipeline held the references of two batches (one being read,
+/// one being decoded; session 10), 1 MiB each, not 2, took the bench's delta
+/// install from a peak RSS of 28.8-31.0 MiB to 27.9-28.6 MiB (goal 32 MiB; 25.3-25.5
+/// MiB before the pipeline), at the same speed. Since session 14 up to
+/// [`REFERENCE_BATCHES_AHEAD`] batches are read ahead of the one being decoded.
 const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// How far the reference reader of [`Driver::stream`] runs ahead of the decoding:
 /// batches handed to it and not decoded yet, and the bytes they hold (stored
-/// chunks and distinct references; the last batch may go past). Read in lockstep
-/// (one batch ahead), a batch whose references took long to read held up the
-/// writing of the one before, and one that took long to write held up the
-/// reading: on the bench's v1 → v2 the main thread waited 150-200 ms for the
-/// reader. 3 batches and 2 MiB: delta install medians 0.77 s (one ahead) → 0.71 s,
-/// peak RSS 30.9 → 31.1 MiB (4 and 3 MiB: 0.73 s, 31.6 MiB; 7 alternating runs,
-/// session 14, measured with references hashed only when a chunk failed, an
-/// experiment not kept).
+/// chunks and distinct references). The bytes are checked before a batch is read,
+/// so the last one may go past them by a whole batch: at worst ~6 MiB in flight
+/// (a batch's references reach 1 MiB plus one reference of up to 2 MiB), on the
+/// bench's v1 → v2 about 2-3 MiB, most of it shared with the 2 MiB reference
+/// cache. Read in lockstep (one batch ahead), a batch whose references took long
+/// to read held up the writing of the one before, and one that took long to write
+/// held up the reading: on the bench's v1 → v2 the main thread waited 150-200 ms
+/// for the reader. Medians of 9 alternating runs (session 14, the full install
+/// 0.66 s in the same minutes): one batch ahead 0.87 s; 3 batches / 2 MiB 0.81 s,
+/// peak 31.2 MiB; 4 / 3 MiB 0.77 s but 31.8 MiB, too near the 32 MiB goal.
 const REFERENCE_BATCHES_AHEAD: usize = 3;
 const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
 
@@ -2713,8 +2739,9 @@ impl<'a> Driver<'a> {
                     }
                     ahead.push_back(batch.held);
                     if reading {
-                        // The reader stops only after sending a failure, which is
-                        // taken (and ends the stream) before this is sent again.
+                        // A send after the reader stopped (at a failure) fails; its
+                        // failure comes out of `resolved_rx` before these batches
+                        // are asked for.
                         let _ = to_read.send(batch.raws);
                     } else {
                         inline.push_back(resolve(batch.raws, None));
@@ -2726,15 +2753,17 @@ impl<'a> Driver<'a> {
                     // would let the engine arm a trial of an artifact that failed
                     // (a batch is only handed over once the next one was read
                     // without failure, so the one that completes the payload waits
-                    // for the end of the archive to be read and checked). A
-                    // reference of an earlier chunk that fails comes first: errors
-                    // come in artifact order.
+                    // for the end of the archive to be read and checked). The
+                    // batches read ahead are dropped (up to 3, their chunks read
+                    // again by a rerun), their references only checked: one of an
+                    // earlier chunk that fails comes first (errors come in
+                    // artifact order).
                     for _ in 0..ahead.len() {
                         let undecoded = match reading {
                             true => resolved_rx.recv().unwrap_or_else(|_| Ok(Vec::new())),
                             false => inline.pop_front().unwrap_or_else(|| Ok(Vec::new())),
                         };
-                        let checked = undecoded.and_then(|u| decode_resolved(&u, running));
+                        let checked = undecoded.and_then(|u| check_references(&u, running));
                         if let Err(message) = checked {
                             return Err(self.stop_reading(STREAM, SourceFault::WrongBase(message))?);
                         }
