@@ -497,7 +497,10 @@ fn a_bad_reference_read_ahead_of_a_truncated_end_is_reported_first() {
     let dev = &s.dev;
     // Near the end of the image: a reference of one of the batches read ahead
     // when the cut end is read (with the batches ahead not checked, the install
-    // says the artifact is truncated: seen).
+    // says the artifact is truncated: seen). This rests on the fixture's sizes
+    // (8 MiB, an edit every 24 KiB) and the stream's batch sizes: 8 edits from the
+    // end lie within the 3 batches read ahead; an earlier edit's reference fails
+    // on the ordinary decoding path instead (edit len - 20 did, seen).
     let mut a = std::fs::read(dev.path("a.img")).expect("slot A");
     let at = s.edits[s.edits.len() - 8];
     a[at + 1] ^= 0x55;

@@ -2757,7 +2757,9 @@ impl<'a> Driver<'a> {
                     // batches read ahead are dropped (up to 3, their chunks read
                     // again by a rerun), their references only checked: one of an
                     // earlier chunk that fails comes first (errors come in
-                    // artifact order).
+                    // artifact order). The batch decoded and not handed over is
+                    // dropped too, unread: a chunk of it that failed its hash would
+                    // be `Damaged` as the archive is, only named differently.
                     for _ in 0..ahead.len() {
                         let undecoded = match reading {
                             true => resolved_rx.recv().unwrap_or_else(|_| Ok(Vec::new())),

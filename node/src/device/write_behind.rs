@@ -41,7 +41,7 @@ pub const BUDGET: u64 = 2 * 1024 * 1024;
 /// running slot writes two interleaved ascending sequences (the chunks copied from
 /// the running slot and those the stream brings): gathered one run at a time, its
 /// writes were cut at every switch (the bench's v1 → v2 delta install: 4,814
-/// writes and as many `sync_file_range` calls; 2,284 with two runs, and the
+/// writes and as many `sync_file_range` calls; 2,202 and 1,756 with two runs; the
 /// install's median 0.82 → 0.74 s, three runs 0.78 s, in 7 alternating runs of a
 /// build that hashed references only when a chunk failed, an experiment not kept;
 /// session 14).
