@@ -167,7 +167,15 @@ impl Cut {
                 .name("shoal-idle-read".into())
                 .spawn_scoped(scope, move || {
                     lower_priority();
-                    slotio::index(&*storage, len, chunking, &|_| false, None, Some(pool_ref))
+                    slotio::index(
+                        &*storage,
+                        len,
+                        chunking,
+                        &|_| false,
+                        None,
+                        Some(pool_ref),
+                        slotio::Repeats::Listed,
+                    )
                 })
                 .context("cannot start the slot reading thread")?
                 .join()
@@ -426,13 +434,11 @@ mod tests {
         let path = dir.path().join("slot");
         std::fs::write(&path, bytes).expect("write");
         let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
-        let mut chunks: Vec<IndexedChunk> = slotio::index(
+        let mut chunks: Vec<IndexedChunk> = slotio::list_chunks(
             &storage,
             bytes.len() as u64,
             chunking,
-            &|_| false,
-            None,
-            None,
+            slotio::Repeats::Listed,
         )
         .expect("cut")
         .into_iter()

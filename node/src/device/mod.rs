@@ -2097,7 +2097,7 @@ fn index_along_kept(
     let (written, partial, sampled) = match along {
         Some((written, sampled)) => (written, true, sampled),
         None => {
-            let chunks = slotio::index_runs_once(storage, len, chunking, &|_| false, None, None)?;
+            let chunks = slotio::list_chunks(storage, len, chunking, slotio::Repeats::Once)?;
             (record(&mut chunks.into_iter())?, false, 0)
         }
     };
@@ -3312,7 +3312,7 @@ impl<'a> Driver<'a> {
                             // ended), handing nothing over: its progress would
                             // restart the engine's count of the cut.
                             let (closed, _) = std::sync::mpsc::sync_channel(0);
-                            return slotio::index_runs_once(
+                            return slotio::index(
                                 &*storage,
                                 len,
                                 chunking,
@@ -3321,7 +3321,7 @@ impl<'a> Driver<'a> {
                                     tx: &closed,
                                     stop: stopped,
                                 }),
-                                None,
+                                None, slotio::Repeats::Once
                             );
                         }
                         Ok(chunks)
@@ -4086,8 +4086,8 @@ mod index_along_tests {
         let content = {
             let data_dir = tempfile::tempdir().expect("tempdir");
             let store = Store::open(data_dir.path()).expect("store");
-            let chunks = slotio::index_runs_once(&storage, len, chunking, &|_| false, None, None)
-                .expect("cut");
+            let chunks =
+                slotio::list_chunks(&storage, len, chunking, slotio::Repeats::Once).expect("cut");
             let written = store.write_slot_index_from(Slot::A, chunks).expect("write");
             (written, store.slot_index_entries(Slot::A).expect("index"))
         };
@@ -4543,7 +4543,8 @@ mod cut_rest_tests {
         let storage = shoal_bootctl::FileStorage::open(&path, false).expect("open");
         let len = data.len() as u64;
         let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
-        let whole = slotio::index(&storage, len, chunking, &|_| false, None, None).expect("cut");
+        let whole =
+            slotio::list_chunks(&storage, len, chunking, slotio::Repeats::Listed).expect("cut");
         let block = slotio::BLOCK as u64;
         for asked in [block + 100, 2 * block + 7_000, 3 * block] {
             let start = rest_start(asked, chunking);

@@ -461,36 +461,7 @@ pub fn index(
     wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
     met: Option<&Handover<'_>>,
     pool: Option<&rayon::ThreadPool>,
-) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_from_start(storage, len, chunking, wanted, met, pool, false)
-}
-
-/// [`index`], but a run of one chunk repeated back to back (the zeros of a sparse
-/// or erased region: an 8 GiB sparse slot is 131,072 max-size zero chunks, 6 MiB
-/// as a list) is listed once, at its first position, as it is cut: for an index
-/// that keeps the first position of each id anyway (the engine's, the store's),
-/// the list is never in memory whole.
-pub fn index_runs_once(
-    storage: &dyn Storage,
-    len: u64,
-    chunking: Chunking,
-    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&Handover<'_>>,
-    pool: Option<&rayon::ThreadPool>,
-) -> io::Result<Vec<(u64, ChunkId, u32)>> {
-    index_from_start(storage, len, chunking, wanted, met, pool, true)
-}
-
-/// [`index`] or [`index_runs_once`] (`runs_once`): the whole slot cut by content,
-/// listed.
-fn index_from_start(
-    storage: &dyn Storage,
-    len: u64,
-    chunking: Chunking,
-    wanted: &(dyn Fn(&ChunkId) -> bool + Sync),
-    met: Option<&Handover<'_>>,
-    pool: Option<&rayon::ThreadPool>,
-    runs_once: bool,
+    repeats: Repeats,
 ) -> io::Result<Vec<(u64, ChunkId, u32)>> {
     index_with(
         storage,
@@ -501,17 +472,41 @@ fn index_from_start(
         wanted,
         met,
         pool,
-        (runs_once, true),
+        (repeats == Repeats::Once, true),
     )
     .map(|c| c.0)
 }
 
-/// [`index_runs_once`], but the slot is taken to begin with chunks of the lengths
+/// [`index`] of the whole slot with nothing wanted, handed over or pooled: its
+/// chunks, listed.
+pub fn list_chunks(
+    storage: &dyn Storage,
+    len: u64,
+    chunking: Chunking,
+    repeats: Repeats,
+) -> io::Result<Vec<(u64, ChunkId, u32)>> {
+    index(storage, len, chunking, &|_| false, None, None, repeats)
+}
+
+/// How [`index`] lists a run of one chunk repeated back to back (the zeros of a
+/// sparse or erased region: an 8 GiB sparse slot is 131,072 max-size zero chunks,
+/// 6 MiB as a list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeats {
+    /// Every chunk at its offset.
+    Listed,
+    /// The run listed once, at its first position, as it is cut: for an index that
+    /// keeps the first position of each id anyway (the engine's, the store's), the
+    /// list is never in memory whole.
+    Once,
+}
+
+/// [`index`] with [`Repeats::Once`], but the slot is taken to begin with chunks of the lengths
 /// `known` (the chunk list of the release it is expected to hold, from offset 0):
 /// those are hashed where they lie, without running the content-defined chunker
 /// over them (about as much CPU as the hashing); whatever lies past them is cut as
 /// [`index`] cuts. When the slot does hold that release, the index lists the
-/// release's chunks where [`index_runs_once`] lists them (the release's chunk
+/// release's chunks where [`index`] with [`Repeats::Once`] lists them (the release's chunk
 /// list *is* FastCDC's cut of its payload; only past the payload's end, in a slot
 /// larger than it, may the two cut elsewhere); when it does not, it is still an
 /// index of what the slot holds (every id is the hash of the bytes at its
@@ -541,7 +536,7 @@ pub fn index_along(
     .map(|c| c.0)
 }
 
-/// [`index_runs_once`] of `from..len` (as though a chunk started at `from`, a
+/// [`index`] with [`Repeats::Once`] of `from..len` (as though a chunk started at `from`, a
 /// multiple of [`BLOCK`]), handing over what it meets, but not listing the
 /// chunks: only how many it cut (each run once). What a resumed cut of the
 /// running slot needs, without holding a list of the slot's chunks (about 48
@@ -1472,15 +1467,7 @@ mod tests {
                 expected.iter().filter(|c| c.1 == zero.id).count() >= 4,
                 "{chunking:?}: zero chunks"
             );
-            let got = index(
-                &*storage,
-                data.len() as u64,
-                chunking,
-                &|_| false,
-                None,
-                None,
-            )
-            .unwrap();
+            let got = list_chunks(&*storage, data.len() as u64, chunking, Repeats::Listed).unwrap();
             assert_eq!(got, expected, "{chunking:?}");
         }
         assert_eq!(first_non_zero(&[0; 200]), None);
@@ -1542,15 +1529,7 @@ mod tests {
             shoal_artifact::chunk::CHUNKING_FAST,
         ] {
             let expected = shoal_artifact::chunk::index(&data[..], chunking).unwrap();
-            let got = index(
-                &*storage,
-                data.len() as u64,
-                chunking,
-                &|_| false,
-                None,
-                None,
-            )
-            .unwrap();
+            let got = list_chunks(&*storage, data.len() as u64, chunking, Repeats::Listed).unwrap();
             assert_eq!(got.len(), expected.len(), "{chunking:?}");
             assert_eq!(got, expected, "{chunking:?}");
         }
@@ -1559,24 +1538,20 @@ mod tests {
         let expected =
             shoal_artifact::chunk::index(&data[..len], shoal_artifact::chunk::CHUNKING_DEFAULT)
                 .unwrap();
-        let got = index(
+        let got = list_chunks(
             &*storage,
             len as u64,
             shoal_artifact::chunk::CHUNKING_DEFAULT,
-            &|_| false,
-            None,
-            None,
+            Repeats::Listed,
         )
         .unwrap();
         assert_eq!(got, expected);
         assert!(
-            index(
+            list_chunks(
                 &*storage,
                 0,
                 shoal_artifact::chunk::CHUNKING_DEFAULT,
-                &|_| false,
-                None,
-                None
+                Repeats::Listed
             )
             .unwrap()
             .is_empty()
@@ -1587,7 +1562,7 @@ mod tests {
     /// repeated back to back once, at its first position (a sparse slot's zeros
     /// are one entry, not 6 MiB of them); every other chunk stays, in slot order.
     #[test]
-    fn index_runs_once_lists_a_repeated_run_once_at_its_first_position() {
+    fn index_once_lists_a_repeated_run_once_at_its_first_position() {
         let mut data = pattern(3 * BLOCK, 9);
         data[BLOCK / 2..BLOCK / 2 + 2 * BLOCK].fill(0);
         let (_dir, storage) = file_with(&data);
@@ -1601,15 +1576,7 @@ mod tests {
             all.len(),
             expected.len()
         );
-        let got = index_runs_once(
-            &*storage,
-            data.len() as u64,
-            chunking,
-            &|_| false,
-            None,
-            None,
-        )
-        .unwrap();
+        let got = list_chunks(&*storage, data.len() as u64, chunking, Repeats::Once).unwrap();
         assert_eq!(got, expected);
     }
 
@@ -1688,7 +1655,7 @@ mod tests {
         assert_eq!(got, expected);
         assert_ne!(
             got,
-            index(&*storage, covered, chunking, &|_| false, None, None).unwrap(),
+            list_chunks(&*storage, covered, chunking, Repeats::Listed).unwrap(),
             "the content cut differs here"
         );
     }
@@ -1728,6 +1695,7 @@ mod tests {
                     stop: &stop,
                 }),
                 None,
+                Repeats::Listed,
             )
             .unwrap();
             drop(tx);
@@ -1760,6 +1728,7 @@ mod tests {
                 stop: &stop,
             }),
             None,
+            Repeats::Listed,
         )
         .unwrap();
         assert_eq!(index, all);
@@ -1777,7 +1746,7 @@ mod tests {
         let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
         let len = data.len() as u64;
         let from = BLOCK as u64;
-        let whole = index(&*storage, len, chunking, &|_| false, None, None).unwrap();
+        let whole = list_chunks(&*storage, len, chunking, Repeats::Listed).unwrap();
         let watched = Watched {
             inner: storage,
             lowest: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -1825,15 +1794,7 @@ mod tests {
         let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
         let cut = |data: &[u8]| {
             let (_dir, storage) = file_with(data);
-            index(
-                &*storage,
-                data.len() as u64,
-                chunking,
-                &|_| false,
-                None,
-                None,
-            )
-            .unwrap()
+            list_chunks(&*storage, data.len() as u64, chunking, Repeats::Listed).unwrap()
         };
         let base = cut(&data);
         let span = |c: &(u64, ChunkId, u32)| c.0 as usize..c.0 as usize + c.2 as usize;
@@ -1878,7 +1839,7 @@ mod tests {
         let (_dir, storage) = file_with(&data);
         let chunking = shoal_artifact::chunk::CHUNKING_DEFAULT;
         let len = data.len() as u64;
-        let listed = index_runs_once(&*storage, len, chunking, &|_| false, None, None).unwrap();
+        let listed = list_chunks(&*storage, len, chunking, Repeats::Once).unwrap();
         let wanted: HashSet<ChunkId> = listed.iter().step_by(3).map(|c| c.1).collect();
         let stop = AtomicBool::new(false);
         let cut = |count: bool| {
@@ -1908,13 +1869,14 @@ mod tests {
                     )
                     .unwrap()
                 } else {
-                    index_runs_once(
+                    index(
                         &*storage,
                         len,
                         chunking,
                         &|id| wanted.contains(id),
                         Some(&over),
                         None,
+                        Repeats::Once,
                     )
                     .unwrap()
                     .len() as u64
@@ -2010,6 +1972,7 @@ mod tests {
                     stop: &stop,
                 }),
                 None,
+                Repeats::Listed,
             );
             drop(tx);
             (got, receiver.join().unwrap())
@@ -2058,6 +2021,7 @@ mod tests {
                     &|_| false,
                     Some(&Handover { tx: &tx, stop }),
                     None,
+                    Repeats::Listed,
                 );
                 drop(tx);
                 got
@@ -2106,6 +2070,7 @@ mod tests {
                 &|_| false,
                 Some(&Handover { tx: &tx, stop }),
                 None,
+                Repeats::Listed,
             )
             .unwrap();
             drop(tx);
@@ -2158,6 +2123,7 @@ mod tests {
                     stop: &stop,
                 }),
                 Some(&pool),
+                Repeats::Listed,
             )
             .unwrap();
             drop(tx);

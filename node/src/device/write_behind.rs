@@ -388,7 +388,7 @@ impl Writing {
                         // buffer starts the run's next part (the other run, still
                         // growing, stays).
                         let (start, mut buf) = self.pending.remove(i).expect("found");
-                        self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+                        self.write_out(start, &buf)?;
                         buf.clear();
                         buf.extend_from_slice(data);
                         self.pending.push_back((offset, buf));
@@ -427,16 +427,24 @@ impl Writing {
             .position(|(start, buf)| *start < end && offset < start + buf.len() as u64)
         {
             let (start, buf) = self.pending.remove(i).expect("found");
-            self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+            self.write_out(start, &buf)?;
         }
         Ok(())
+    }
+
+    /// Writes out a gathered run of `buf` at `start`.
+    fn write_out(&mut self, start: u64, buf: &[u8]) -> Result<(), String> {
+        self.writer
+            .write_at(start, buf)
+            .map(drop)
+            .map_err(|e| chain(&e))
     }
 
     /// Writes out the run least recently extended; its buffer, for the next.
     fn flush_oldest(&mut self) -> Result<Vec<u8>, String> {
         match self.pending.pop_front() {
             Some((start, buf)) => {
-                self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+                self.write_out(start, &buf)?;
                 Ok(buf)
             }
             None => Ok(Vec::with_capacity(self.gather)),
@@ -456,7 +464,7 @@ impl Writing {
     fn flush(&mut self) -> Result<(), String> {
         self.flush_zeros()?;
         while let Some((start, buf)) = self.pending.pop_front() {
-            self.writer.write_at(start, &buf).map_err(|e| chain(&e))?;
+            self.write_out(start, &buf)?;
         }
         Ok(())
     }
