@@ -352,10 +352,18 @@ impl SimDevice {
                 match chunks.next() {
                     Some((id, data)) => {
                         if engine.wants(&id) {
-                            engine.handle(
-                                self.now(),
-                                Input::checked(Origin::Source(source), id, data),
-                            );
+                            // As a driver does before it reads a chunk's
+                            // references: the reads up to it go first.
+                            engine.handle(self.now(), Input::StreamAt { source, id });
+                            while let Some(out) = engine.poll_output() {
+                                self.execute(engine, out)?;
+                            }
+                            if engine.wants(&id) {
+                                engine.handle(
+                                    self.now(),
+                                    Input::checked(Origin::Source(source), id, data),
+                                );
+                            }
                         }
                     }
                     None => {

@@ -827,12 +827,14 @@ fn chunks_no_source_holds_are_refused_before_any_write() {
     assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
 }
 
-/// Reads of the active slot keep pace with the stream that brings the rest (a thin
-/// artifact): the driver answers reads at once, so without the pacing every reused
-/// chunk would be read before the stream's first chunk, and the stream's decoding
-/// would then run alone.
-#[test]
-fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
+/// Feeds v2's new chunks as a stream to a device running v1 (config's lead
+/// `lead`), sending [`Input::StreamAt`] before each chunk when `stream_at`; returns
+/// the reads carried out before each stream chunk was handed over, and the payload
+/// offsets (first occurrence) of v2's chunks.
+fn reads_before_each_stream_chunk(
+    lead: u64,
+    stream_at: bool,
+) -> (Vec<usize>, Vec<(ChunkId, u64)>, usize) {
     let f = Fixture::new();
     let (v1, v2) = images();
     let (mut dev, _) = device_running_v1(&f, &v1);
@@ -844,13 +846,21 @@ fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
         "{} new, {reused} reused",
         new.len()
     );
+    let mut offsets = Vec::new();
+    let mut at = 0u64;
+    for (id, data) in &c2 {
+        if !offsets.iter().any(|(i, _)| i == id) {
+            offsets.push((*id, at));
+        }
+        at += data.len() as u64;
+    }
     let mut offer = stream_offer(sign(&m2, &f.key));
     offer.sources[0].holds = Holds::Ids(new.iter().map(|(id, _)| *id).collect());
     let mut config = f.config();
-    config.writing_bytes_max = 64 * 1024;
+    config.stream_read_lead_bytes = lead;
     let mut engine = dev.engine(config);
     engine.offer(dev.now(), offer).expect("offer");
-    // Reads carried out before each stream chunk is handed over.
+    let source = SourceId(1);
     let mut reads = 0usize;
     let mut before = Vec::new();
     let mut stream = new.clone().into_iter();
@@ -860,38 +870,72 @@ fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
             dev.execute(&mut engine, out).expect("no crash");
         }
         let Some((id, data)) = stream.next() else {
-            dev.handle(
-                &mut engine,
-                Input::SourceEnded {
-                    source: SourceId(1),
-                },
-            );
+            dev.handle(&mut engine, Input::SourceEnded { source });
             break;
         };
-        before.push(reads);
         assert!(engine.wants(&id), "chunk {id} of the stream is needed");
+        if stream_at {
+            dev.handle(&mut engine, Input::StreamAt { source, id });
+            while let Some(out) = engine.poll_output() {
+                reads += usize::from(matches!(out, Output::Read { .. }));
+                dev.execute(&mut engine, out).expect("no crash");
+            }
+        }
+        before.push(reads);
         dev.handle(
             &mut engine,
-            Input::checked(Origin::Source(SourceId(1)), id, data),
+            Input::checked(Origin::Source(source), id, data),
         );
     }
     dev.run(&mut engine, None).expect("no crash");
     assert_eq!(failed(&dev.events), None);
     assert_eq!(&dev.live[0][..v2.len()], &v2[..]);
     assert_eq!(reads, reused, "each reused chunk read once");
-    // Before the stream's first chunk: 64 KiB of reads ahead (16 chunks of 4 KiB).
-    assert_eq!(before[0], 16, "reads before the stream's first chunk");
-    // Halfway through the stream, about half of the reads (and the bytes ahead).
-    let half = before[new.len() / 2];
+    let first = |id: &ChunkId| offsets.iter().find(|(i, _)| i == id).expect("in v2").1;
+    let expected = new
+        .iter()
+        .enumerate()
+        .map(|(k, (id, _))| {
+            // Where the stream is before it hands over chunk k.
+            let position = match (stream_at, k) {
+                (true, _) | (false, 0) => first(id),
+                (false, _) => first(&new[k - 1].0) + new[k - 1].1.len() as u64,
+            };
+            offsets
+                .iter()
+                .filter(|(i, at)| !new.iter().any(|(n, _)| n == i) && *at < position + lead)
+                .count()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(before, expected, "reads before each stream chunk");
+    (before, offsets, reused)
+}
+
+/// Reads of the active slot keep pace with the position in the payload of the
+/// stream that brings the rest (a thin artifact): the driver answers reads at once,
+/// so without the pacing every reused chunk would be read before the stream's first
+/// chunk, and the stream's decoding would then run alone. The stream says where it
+/// is ([`Input::StreamAt`]) before each chunk: the reads carried out by then are
+/// exactly those of the reused chunks before that chunk (plus the lead).
+#[test]
+fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
+    let (before, offsets, reused) = reads_before_each_stream_chunk(16 * 1024, true);
+    // The stretch changed in v2 starts at 300 000: every reused chunk before it (and
+    // 16 KiB more) is read before the stream's first chunk, none after it.
+    let upto = offsets.iter().filter(|(_, at)| *at < 300_000).count();
     assert!(
-        half <= reused / 2 + 16 + 1,
-        "{half} of {reused} reads before the stream's chunk {}",
-        new.len() / 2
+        before[0] >= upto - 1 && before[0] < reused / 2,
+        "{} reads of {reused} before the stream's first chunk ({upto} chunks before it)",
+        before[0]
     );
-    assert!(
-        half > 16,
-        "reads go on as the stream brings chunks: {before:?}"
-    );
+}
+
+/// Without [`Input::StreamAt`], the stream's position is the end of the last chunk it
+/// handed over (and, before the first, where the first chunk it brings lies).
+#[test]
+fn reads_keep_pace_with_the_chunks_a_stream_handed_over_when_it_says_nothing() {
+    let (before, _, reused) = reads_before_each_stream_chunk(0, false);
+    assert!(before[0] > 16 && before[0] < reused / 2, "{before:?}");
 }
 
 /// A stream that holds the chunks planned for reading too (a full artifact) does not

@@ -2738,6 +2738,13 @@ impl<'a> Driver<'a> {
                         break;
                     }
                     ahead.push_back(batch.held);
+                    // The engine paces the reads of the running slot by the
+                    // stream's position in the payload: the kept chunks up to the
+                    // last chunk read are copied while the batch is decoded.
+                    if let Some(id) = batch.raws.last().map(|r| r.chunk.id) {
+                        let input = Input::StreamAt { source: STREAM, id };
+                        self.engine.handle(self.now(), input);
+                    }
                     if reading {
                         // A send after the reader stopped (at a failure) fails; its
                         // failure comes out of `resolved_rx` before these batches

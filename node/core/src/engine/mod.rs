@@ -77,6 +77,9 @@ pub struct Config {
     /// Bytes of writes asked for and not yet [`Input::Written`] beyond which no more
     /// chunks are read or fetched (how a slow disk slows the install down).
     pub writing_bytes_max: u64,
+    /// How far (in payload bytes) reads of the active slot may run ahead of the
+    /// position of the stream they keep pace with ([`Input::StreamAt`]). 256 KiB.
+    pub stream_read_lead_bytes: u64,
     /// A data budget per deployment: most wire bytes (the manifest's stored sizes)
     /// asked of WAN sources. A plan that needs more is refused before anything is
     /// fetched ([`InstallError::OverBudget`]); an install never asks for more.
@@ -113,6 +116,7 @@ impl Config {
             retry: RetryConfig::default(),
             lan_timeout: std::time::Duration::from_secs(5),
             writing_bytes_max: 16 * 1024 * 1024,
+            stream_read_lead_bytes: 256 * 1024,
             wan_budget_bytes: None,
             wan_rate_bytes_per_s: None,
             seed: 0,
@@ -272,6 +276,19 @@ pub enum Input {
         /// The source.
         source: SourceId,
         /// The chunk.
+        id: ChunkId,
+    },
+    /// A stream source has read chunk `id` and is about to hand it over (or
+    /// decode it): it has reached the payload offset where `id` first lies.
+    /// While the stream is the only source open, reads of the active slot keep
+    /// to that position (up to [`Config::stream_read_lead_bytes`] ahead), so a
+    /// driver that sends this before it reads the references of a delta-encoded
+    /// chunk gets the reads of the chunks around them first. Optional: without
+    /// it, the position is the end of the last chunk the stream handed over.
+    StreamAt {
+        /// The stream.
+        source: SourceId,
+        /// The chunk it reached.
         id: ChunkId,
     },
     /// A stream source has no more chunks.
@@ -1052,6 +1069,7 @@ impl Engine {
                 request,
                 failure,
             } => self.on_fetch_failed(now, source, request, failure),
+            Input::StreamAt { source, id } => self.on_stream_at(now, source, &id),
             Input::SourceEnded { source } => {
                 if let Some(i) = self.job.as_ref().and_then(|j| j.source_index(source)) {
                     self.drop_source(i, Gone::Ended, now);

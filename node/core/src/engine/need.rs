@@ -169,6 +169,11 @@ impl NeedTable {
         Some(e)
     }
 
+    /// The next queued read, without moving the cursor.
+    pub(crate) fn first_read(&self) -> Option<u32> {
+        self.scan(self.read_cursor, QUEUED_READ, self.queued_reads)
+    }
+
     /// The next queued fetch after the cursor, which moves past it (it stays queued
     /// until its state is set; [`NeedTable::rewind_fetches`] brings the cursor back
     /// to an entry left queued).

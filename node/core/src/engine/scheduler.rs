@@ -362,33 +362,42 @@ pub(crate) struct Job {
 /// answers reads at once, so reads issued all at once would all be carried out
 /// before the stream's next chunk, and the stream's decoding would then run alone.
 /// Instead, while a stream is the only source left open, the reads issued keep
-/// to the stream's progress: after the stream brought a fraction of the bytes it
-/// was planned to bring, at most that fraction of the bytes planned for reading
-/// (plus [`Config::writing_bytes_max`](crate::Config::writing_bytes_max) ahead) is
-/// read. A stream that ends, fails or is dropped releases the rest. A stream that
-/// also holds chunks planned for reading (a full artifact) does not pace them.
+/// to the stream's position in the payload: the read of an entry is issued once
+/// the stream has reached, less
+/// [`Config::stream_read_lead_bytes`](crate::Config::stream_read_lead_bytes), the
+/// payload offset where the entry first lies. Entries are in payload order, so the
+/// reads and the stream then move through the payload together (and a driver that
+/// reads the references of a delta-encoded chunk from the active slot finds them
+/// near what it reads for the copy). The stream's position is what it says
+/// ([`Input::StreamAt`](crate::Input::StreamAt)) or else the end of the last chunk
+/// it handed over; it starts at the first chunk the stream is left to bring. A
+/// stream that brought all it was planned to, ends, fails or is dropped releases
+/// the rest. A stream that also holds chunks planned for reading (a full artifact)
+/// does not pace them.
 #[derive(Debug, Default, Clone, Copy)]
 struct Interleave {
-    /// Bytes of the needed entries left to an open stream at the plan.
+    /// Bytes of the needed entries left to an open stream at the plan (0: the
+    /// reads are not paced).
     stream_planned: u64,
     /// Bytes of those the stream brought since.
     stream_brought: u64,
-    /// Bytes of the entries queued for reading at the plan.
-    reads_planned: u64,
-    /// Bytes of the reads issued since.
-    reads_issued: u64,
+    /// The payload offset the stream has reached.
+    position: u64,
 }
 
 impl Interleave {
-    /// Whether another read may be issued, `ahead` bytes of reads allowed beyond
-    /// the stream's share.
-    fn allows_read(&self, ahead: u64) -> bool {
+    /// Whether the read of an entry whose first payload offset is `offset` may be
+    /// issued, `lead` bytes of payload allowed beyond the stream's position.
+    fn allows_read(&self, offset: u64, lead: u64) -> bool {
         if self.stream_planned == 0 || self.stream_brought >= self.stream_planned {
             return true;
         }
-        let share = u128::from(self.reads_planned) * u128::from(self.stream_brought)
-            / u128::from(self.stream_planned);
-        u128::from(self.reads_issued) < share + u128::from(ahead)
+        offset < self.position.saturating_add(lead)
+    }
+
+    /// The stream has reached payload offset `offset` (it never moves back).
+    fn reached(&mut self, offset: u64) {
+        self.position = self.position.max(offset);
     }
 }
 
@@ -858,16 +867,22 @@ impl Engine {
         // them (read from the source) instead of skipping them.
         let mut interleave = Interleave::default();
         let mut overlap = false;
+        let mut first = None;
         for e in 0..job.rel.table.entries() {
             let size = u64::from(job.rel.table.size(e));
             match job.need.get(e) {
-                Need::QueuedRead => {
-                    interleave.reads_planned += size;
-                    overlap |= job.stream_may_bring(e);
+                Need::QueuedRead => overlap |= job.stream_may_bring(e),
+                Need::Idle if job.stream_may_bring(e) => {
+                    interleave.stream_planned += size;
+                    first.get_or_insert(e);
                 }
-                Need::Idle if job.stream_may_bring(e) => interleave.stream_planned += size,
                 _ => {}
             }
+        }
+        // The stream starts at the first chunk it is left to bring (a resumed
+        // install's first one still wanted).
+        if let Some(e) = first {
+            interleave.reached(job.rel.table.first_offset(e));
         }
         job.interleave = if overlap {
             Interleave::default()
@@ -1007,13 +1022,21 @@ impl Engine {
     fn pump_reads(&mut self) {
         let active = self.state.active;
         let capacity = self.state.slot_capacity[slot_ordinal(active)];
-        let ahead = self.config.writing_bytes_max;
+        let lead = self.config.stream_read_lead_bytes;
         let Some(job) = self.job.as_mut() else { return };
         let mut failed = None;
         let paced = job.paces_reads();
         while (job.reads_in_flight as usize) < self.config.reads_in_flight_max {
-            if paced && !job.interleave.allows_read(ahead) {
-                break;
+            if paced {
+                let Some(e) = job.need.first_read() else {
+                    break;
+                };
+                if !job
+                    .interleave
+                    .allows_read(job.rel.table.first_offset(e), lead)
+                {
+                    break;
+                }
             }
             let Some(e) = job.need.next_read() else {
                 break;
@@ -1053,7 +1076,6 @@ impl Engine {
             };
             job.need.set(e, Need::Reading { guess });
             job.reads_in_flight += 1;
-            job.interleave.reads_issued += u64::from(len);
             self.outputs.push_back(Output::Read {
                 slot: active,
                 id,
@@ -1831,6 +1853,23 @@ impl Engine {
     }
 
     /// A verified chunk arrived.
+    /// [`Input::StreamAt`](crate::Input::StreamAt): the stream's position moves
+    /// to where `id` first lies, and the reads up to it (and the lead) go out.
+    pub(crate) fn on_stream_at(&mut self, now: Instant, source: SourceId, id: &ChunkId) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Some(i) = job.source_index(source) else {
+            return;
+        };
+        if job.sources[i].info.kind != SourceKind::Stream {
+            return;
+        }
+        let Some(e) = job.rel.table.entry(id) else {
+            return;
+        };
+        job.interleave.reached(job.rel.table.first_offset(e));
+        self.pump(now);
+    }
+
     pub(crate) fn on_chunk(&mut self, now: Instant, origin: Origin, chunk: VerifiedChunk) {
         let id = chunk.chunk().id;
         let Some(job) = self.job.as_ref() else { return };
@@ -1924,6 +1963,8 @@ impl Engine {
                 let wire = u64::from(job.rel.table.wire_size(e));
                 if job.sources[i].info.kind == SourceKind::Stream {
                     job.interleave.stream_brought += u64::from(size);
+                    let end = job.rel.table.first_offset(e) + u64::from(size);
+                    job.interleave.reached(end);
                 }
                 let s = &mut job.sources[i];
                 s.chunks += 1;
