@@ -2194,14 +2194,19 @@ const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 /// held up the reading: on the bench's v1 → v2 the main thread waited 150-200 ms
 /// for the reader. Medians of 9 alternating runs (session 14, the full install
 /// 0.66 s in the same minutes): one batch ahead 0.87 s; 3 batches / 2 MiB 0.81 s,
-/// peak 31.2 MiB; 4 / 3 MiB 0.77 s but 31.8 MiB, too near the 32 MiB goal.
+/// peak 31.2 MiB; 4 / 3 MiB 0.77 s but 31.8 MiB, too near the 32 MiB goal. Since
+/// session 15 most references come from the copy's blocks ([`slotio::Recent`]),
+/// read fast: 1 MiB ahead is as fast as 2 and leaves room for the block the copy
+/// keeps behind (`slotio::RECENT_BEHIND`).
 const REFERENCE_BATCHES_AHEAD: usize = 3;
-const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
+const REFERENCES_AHEAD_BYTES: usize = 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
-/// install's memory (a reference is at most `REFERENCE_LEN_MAX`, 2 MiB).
-const REFERENCE_CACHE_BYTES: usize = 2 * 1024 * 1024;
+/// install's memory (a reference is at most `REFERENCE_LEN_MAX`, 2 MiB). 1 MiB
+/// since session 15: a reference assembled again from the copy's blocks costs a
+/// copy in memory, not a read.
+const REFERENCE_CACHE_BYTES: usize = 1024 * 1024;
 
 /// Blocks of the running slot kept for reference reads (see
 /// [`References::read_range`]): their size and how many (so 1.25 MiB, and the
@@ -2216,9 +2221,13 @@ const REFERENCE_CACHE_BYTES: usize = 2 * 1024 * 1024;
 /// of 120 MB instead of 471 reads of 123 MB (6 blocks kept, the least recently
 /// used given up, one block a read); 6 blocks kept would read 116 MB in 272 reads
 /// for 0.25 MiB more, 8 blocks 110 MB in 257 (a replay of the reads, session 12).
+/// Since session 15 the blocks of the copy of kept chunks are looked in first
+/// ([`References::fill_block`], [`References::read_range`]): on the bench's v1 → v2
+/// 170 MB of the 221 MB of references come from them and 60 MB are read (119 MB
+/// before), so a run is 2 blocks (the buffer 0.5 MiB).
 const SLOT_BLOCK: u64 = 256 * 1024;
 const SLOT_BLOCKS_KEPT: usize = 5;
-const SLOT_RUN_BLOCKS: u64 = 4;
+const SLOT_RUN_BLOCKS: u64 = 2;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
 /// from the running slot (which holds the base payload from offset 0). Their hash is
@@ -2257,7 +2266,11 @@ pub(crate) struct References {
     /// ([`References::batch`]).
     wanted: Vec<u64>,
     /// The buffer a run of blocks is read into (up to `SLOT_RUN_BLOCKS`).
-    run: Vec<u8>,
+    run: Option<slotio::AlignedBlock>,
+    /// Blocks of the running slot the copy of kept chunks read lately.
+    recent: Option<slotio::Recent>,
+    /// Bytes found there: whole ranges, blocks.
+    recent_hits: (u64, u64),
 }
 
 impl References {
@@ -2282,7 +2295,9 @@ impl References {
             positions: Vec::new(),
             now: 0,
             wanted: Vec::new(),
-            run: Vec::new(),
+            run: None,
+            recent: None,
+            recent_hits: (0, 0),
         }
     }
 
@@ -2388,13 +2403,15 @@ impl References {
             }
         }
         let to = (start + n * SLOT_BLOCK).min(self.slot_len);
-        self.run.resize((to - start) as usize, 0);
+        let run = self.run.get_or_insert_with(|| {
+            slotio::AlignedBlock::new((SLOT_RUN_BLOCKS * SLOT_BLOCK) as usize)
+        });
         let started = std::time::Instant::now();
-        self.storage.read_at(start, &mut self.run)?;
+        run.fill(&*self.storage, start, (to - start) as usize)?;
         self.read_io += started.elapsed();
-        self.read_slot_bytes += self.run.len() as u64;
+        self.read_slot_bytes += to - start;
         self.read_slot_calls += 1;
-        for (i, bytes) in (b..).zip(self.run.chunks(SLOT_BLOCK as usize)) {
+        for (i, bytes) in (b..).zip(run.as_slice().chunks(SLOT_BLOCK as usize)) {
             let mut buf = spare
                 .pop()
                 .unwrap_or_else(|| Vec::with_capacity(SLOT_BLOCK as usize));
@@ -2403,6 +2420,37 @@ impl References {
             self.blocks.push_back((i, buf));
         }
         Ok(())
+    }
+
+    /// Puts block `b` among the blocks kept: from the copy's blocks when they hold
+    /// it, else read ([`References::fill`]).
+    fn fill_block(&mut self, b: u64, last: u64) -> std::io::Result<()> {
+        let start = b * SLOT_BLOCK;
+        let n = (self.slot_len.saturating_sub(start)).min(SLOT_BLOCK) as usize;
+        if n > 0
+            && let Some(recent) = &self.recent
+            && recent.covers(start, n as u64)
+        {
+            let mut buf = if self.blocks.len() >= SLOT_BLOCKS_KEPT {
+                let victim = self
+                    .blocks
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|&(k, (j, _))| (self.next_use(*j), std::cmp::Reverse(k)))
+                    .map(|(k, _)| k)
+                    .expect("blocks kept");
+                self.blocks.remove(victim).expect("found").1
+            } else {
+                Vec::with_capacity(SLOT_BLOCK as usize)
+            };
+            buf.resize(n, 0);
+            if recent.copy(start, &mut buf) {
+                self.recent_hits.1 += n as u64;
+                self.blocks.push_back((b, buf));
+                return Ok(());
+            }
+        }
+        self.fill(b, last)
     }
 
     /// The running slot `slot` of `boot`, opened read-only, as the source of
@@ -2422,13 +2470,20 @@ impl References {
     /// a reference was read for the previous ones.
     fn read_range(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
+        if end <= self.slot_len
+            && let Some(recent) = &self.recent
+            && recent.copy(offset, buf)
+        {
+            self.recent_hits.0 += buf.len() as u64;
+            return Ok(());
+        }
         let mut b = offset / SLOT_BLOCK;
         while b * SLOT_BLOCK < end {
             let block_start = b * SLOT_BLOCK;
             let k = match self.blocks.iter().position(|(i, _)| *i == b) {
                 Some(k) => k,
                 None => {
-                    self.fill(b, (end - 1) / SLOT_BLOCK)?;
+                    self.fill_block(b, (end - 1) / SLOT_BLOCK)?;
                     self.blocks
                         .iter()
                         .position(|(i, _)| *i == b)
@@ -2665,6 +2720,7 @@ impl<'a> Driver<'a> {
                     .as_ref()
                     .map_or_else(String::new, |b| format!("{} {}", b.name, b.version));
                 let mut refs = References::open(&self.dev.boot, slot, base)?;
+                refs.recent = Some(self.read_ahead(slot)?.recent());
                 refs.plan(
                     artifact
                         .manifest()
@@ -2846,6 +2902,8 @@ impl<'a> Driver<'a> {
         })?;
         if let Some(r) = &references {
             tracing::debug!(
+                recent_range_bytes = r.recent_hits.0,
+                recent_block_bytes = r.recent_hits.1,
                 references_read = r.read.0,
                 reference_bytes_read = r.read.1,
                 reference_read_ms = r.read.2.as_millis() as u64,
@@ -3163,16 +3221,7 @@ impl<'a> Driver<'a> {
     /// reused from the running slot mostly come in slot order), or for a read
     /// behind it through a window of its own.
     fn read(&mut self, slot: Slot, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
-        if self.read_ahead.as_ref().is_none_or(|(s, _)| *s != slot) {
-            let storage = self
-                .dev
-                .boot
-                .open_reader(slot)
-                .with_context(|| format!("cannot open slot {slot}"))?;
-            let len = self.dev.capacity[slot_ordinal(slot)];
-            self.read_ahead = Some((slot, slotio::ReadAhead::start(storage, len)));
-        }
-        let (_, ahead) = self.read_ahead.as_mut().expect("just started");
+        let ahead = self.read_ahead(slot)?;
         if let Some(data) = ahead
             .read(offset, len)
             .with_context(|| format!("cannot read slot {slot}"))?
@@ -3200,6 +3249,20 @@ impl<'a> Driver<'a> {
         let (_, start, buf) = self.window.as_ref().expect("filled");
         let at = usize::try_from(offset - start).unwrap_or(0);
         Ok(buf[at..at + len].to_vec())
+    }
+
+    /// The stream of `slot` read ahead, started at its first use.
+    fn read_ahead(&mut self, slot: Slot) -> anyhow::Result<&mut slotio::ReadAhead> {
+        if self.read_ahead.as_ref().is_none_or(|(s, _)| *s != slot) {
+            let storage = self
+                .dev
+                .boot
+                .open_reader(slot)
+                .with_context(|| format!("cannot open slot {slot}"))?;
+            let len = self.dev.capacity[slot_ordinal(slot)];
+            self.read_ahead = Some((slot, slotio::ReadAhead::start(storage, len)));
+        }
+        Ok(&mut self.read_ahead.as_mut().expect("just started").1)
     }
 
     fn reader(&mut self, slot: Slot) -> anyhow::Result<&dyn Storage> {
@@ -3906,36 +3969,74 @@ mod reference_tests {
         }
     }
 
+    /// A reference whose bytes the copy of kept chunks read lately is taken from
+    /// its blocks, not read again; one outside them is read.
+    #[test]
+    fn references_in_the_copys_blocks_are_not_read_again() {
+        let len = 12 * slotio::BLOCK;
+        let (dir, data, mut refs) = references(len);
+        let storage =
+            shoal_bootctl::FileStorage::open(&dir.path().join("slot-a.img"), false).expect("open");
+        let mut ahead = slotio::ReadAhead::start(Box::new(storage), len as u64);
+        refs.recent = Some(ahead.recent());
+        // The copy reads the slot's first 3 MiB.
+        for at in (0..3 * slotio::BLOCK).step_by(128 * 1024) {
+            ahead
+                .read(at as u64, 128 * 1024)
+                .expect("read")
+                .expect("ahead");
+        }
+        let near = reference(8..12, &[0], 1);
+        let got = refs.get(&near).expect("near");
+        assert_eq!(
+            got.bytes(),
+            &data[8 * SLOT_BLOCK as usize..12 * SLOT_BLOCK as usize]
+        );
+        assert_eq!(
+            (refs.read_slot_calls, refs.recent_hits.0),
+            (0, 4 * SLOT_BLOCK)
+        );
+        let far = reference(40..41, &[1], 2);
+        let got = refs.get(&far).expect("far");
+        assert_eq!(
+            got.bytes(),
+            &data[40 * SLOT_BLOCK as usize..41 * SLOT_BLOCK as usize]
+        );
+        assert_eq!(refs.read_slot_calls, 1);
+    }
+
     #[test]
     fn a_missing_block_is_read_with_the_blocks_after_it_the_range_needs() {
         let (_dir, data, mut refs) = references(10 * SLOT_BLOCK as usize);
         let mut buf = vec![0u8; 7 * SLOT_BLOCK as usize - 100];
         refs.read_range(50, &mut buf).expect("read");
         assert_eq!(buf, data[50..50 + buf.len()]);
-        // Blocks 0..7 in runs of 4 and 3: two reads, not seven.
+        // Blocks 0..7 in runs of up to `SLOT_RUN_BLOCKS` (2: four reads), not
+        // seven.
         assert_eq!(
             (refs.read_slot_calls, refs.read_slot_bytes),
-            (2, 7 * SLOT_BLOCK)
+            (7u64.div_ceil(SLOT_RUN_BLOCKS), 7 * SLOT_BLOCK)
         );
     }
 
     #[test]
     fn a_read_brings_the_blocks_the_batch_needs_next() {
         let (_dir, data, mut refs) = references(10 * SLOT_BLOCK as usize);
+        let run = SLOT_RUN_BLOCKS;
         let x = reference(0..1, &[0], 1);
-        let y = reference(1..4, &[1], 2);
+        let y = reference(1..run, &[1], 2);
         refs.batch([&x, &y]);
         let got = refs.get(&x).expect("x");
         assert_eq!(got.bytes(), &data[..SLOT_BLOCK as usize]);
-        // Block 0 was read with the three blocks after it that y needs.
+        // Block 0 was read with the blocks after it that y needs.
         assert_eq!(
             (refs.read_slot_calls, refs.read_slot_bytes),
-            (1, 4 * SLOT_BLOCK)
+            (1, run * SLOT_BLOCK)
         );
         let got = refs.get(&y).expect("y");
         assert_eq!(
             got.bytes(),
-            &data[SLOT_BLOCK as usize..4 * SLOT_BLOCK as usize]
+            &data[SLOT_BLOCK as usize..(run * SLOT_BLOCK) as usize]
         );
         assert_eq!(refs.read_slot_calls, 1);
     }
@@ -3959,13 +4060,14 @@ mod reference_tests {
                 &data[offset as usize..offset as usize + n as usize]
             );
         }
-        // a: two reads of four blocks; b: one block, which gives up one of a's
-        // (all needed again by c); c: that one block again, giving up b's block
-        // (needed last, by d) rather than one of its own. Least recently used
-        // first, c would read all of its blocks again, each giving up the next.
+        // a: its blocks in runs of `SLOT_RUN_BLOCKS`; b: one block, which gives
+        // up one of a's (all needed again by c); c: that one block again, giving
+        // up b's block (needed last, by d) rather than one of its own. Least
+        // recently used first, c would read all of its blocks again, each giving
+        // up the next.
         assert_eq!(
             (refs.read_slot_calls, refs.read_slot_bytes),
-            (4, (kept + 2) * SLOT_BLOCK)
+            (kept.div_ceil(SLOT_RUN_BLOCKS) + 2, (kept + 2) * SLOT_BLOCK)
         );
         assert!(refs.blocks.iter().all(|(i, _)| *i < kept));
     }

@@ -66,7 +66,7 @@ impl AlignedBlock {
 
     /// Fills the first `len` bytes (at most the capacity) from `offset` of
     /// `storage`.
-    fn fill(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
+    pub fn fill(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
         assert!(len <= self.capacity(), "read larger than the block");
         self.len = len;
         self.front = 0;
@@ -1236,13 +1236,79 @@ impl Drop for Verifier {
     }
 }
 
+/// Blocks a [`ReadAhead`] read lately, shared with another reader of the same
+/// slot ([`Recent::copy`]), most recent last: the references of a delta install's
+/// chunks lie in the running slot around the kept chunks copied from it, and the
+/// engine keeps the copy at the stream's position (`Input::StreamAt`), so most of
+/// them are in these blocks and need no read of their own. The reading thread
+/// puts each block in as it is read and gives up the oldest before it reads the
+/// next; the other reader copies out under the lock, holding no block.
+#[derive(Clone, Default)]
+pub struct Recent(std::sync::Arc<std::sync::Mutex<HeldBlocks>>);
+
+/// Blocks held in [`Recent`]: (offset, bytes), oldest first.
+type HeldBlocks = std::collections::VecDeque<(u64, std::sync::Arc<AlignedBlock>)>;
+
+impl std::fmt::Debug for Recent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recent").finish_non_exhaustive()
+    }
+}
+
+/// Blocks a [`ReadAhead`] keeps in [`Recent`] besides those in flight: the one
+/// before the block being served (the references of delta-encoded chunks lie
+/// around where the copy reads, before as often as after). Two cost 1 MiB more
+/// for about the same reads (session 15).
+pub const RECENT_BEHIND: usize = 1;
+
+impl Recent {
+    /// Whether the blocks held cover `len` bytes at `offset`.
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        let held = self.0.lock().expect("recent blocks");
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            match held
+                .iter()
+                .find(|(start, b)| *start <= at && at < start + b.as_slice().len() as u64)
+            {
+                Some((start, b)) => at = start + b.as_slice().len() as u64,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Fills `buf` with the bytes at `offset` when the blocks held cover all of
+    /// them; `false` (and `buf` unspecified) otherwise.
+    pub fn copy(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let held = self.0.lock().expect("recent blocks");
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let Some((start, block)) = held
+                .iter()
+                .find(|(start, b)| *start <= at && at < start + b.as_slice().len() as u64)
+            else {
+                return false;
+            };
+            let bytes = block.as_slice();
+            let to = end.min(start + bytes.len() as u64);
+            buf[(at - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&bytes[(at - start) as usize..(to - start) as usize]);
+            at = to;
+        }
+        true
+    }
+}
+
 /// How far past the block being served a read may land and still be reached by
 /// reading on through the stream (rather than starting it again there).
 const SKIP_MAX: u64 = 4 * 1024 * 1024;
 
 /// A block read ahead: the generation of the stream it belongs to, its offset,
 /// and the bytes (or why they could not be read).
-type Ahead = (u64, u64, io::Result<AlignedBlock>);
+type Ahead = (u64, u64, io::Result<std::sync::Arc<AlignedBlock>>);
 
 /// Serves reads of the running slot from a stream of [`BLOCK`]s read ahead on
 /// its own thread. The chunks an install reuses from the running slot are asked
@@ -1258,7 +1324,8 @@ pub struct ReadAhead {
     generation: u64,
     len: u64,
     /// The block being served: its offset and bytes.
-    current: Option<(u64, AlignedBlock)>,
+    current: Option<(u64, std::sync::Arc<AlignedBlock>)>,
+    recent: Recent,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -1278,6 +1345,8 @@ impl ReadAhead {
         let (seek, seeks) = mpsc::channel::<(u64, u64)>();
         let (tx, blocks) = mpsc::sync_channel::<Ahead>(1);
         let (recycle, recycled) = mpsc::channel::<AlignedBlock>();
+        let recent = Recent::default();
+        let shared = recent.clone();
         let worker = std::thread::spawn(move || {
             let mut generation = 0;
             let mut at: Option<u64> = None;
@@ -1286,7 +1355,7 @@ impl ReadAhead {
                 allocated: 0,
                 capacity: BLOCK,
                 head: 0,
-                blocks: BLOCKS_IN_FLIGHT,
+                blocks: BLOCKS_IN_FLIGHT + RECENT_BEHIND,
             };
             loop {
                 // A new position wins over reading on; with none to read on
@@ -1310,9 +1379,30 @@ impl ReadAhead {
                     at = None;
                     continue;
                 };
-                let Some(mut block) = pool.get() else { return };
+                // One block of the pool is not shared, so one comes back.
+                let mut spare = None;
+                {
+                    let mut held = shared.0.lock().expect("recent blocks");
+                    while held.len() >= BLOCKS_IN_FLIGHT + RECENT_BEHIND {
+                        if let Some((_, old)) = held.pop_front()
+                            && let Some(old) = std::sync::Arc::into_inner(old)
+                            && spare.replace(old).is_some()
+                        {
+                            // Freed: the pool may make another.
+                            pool.allocated -= 1;
+                        }
+                    }
+                }
+                let Some(mut block) = spare.or_else(|| pool.get()) else {
+                    return;
+                };
                 let n = usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
-                let result = block.fill(&*storage, offset, n).map(|()| block);
+                let result = block.fill(&*storage, offset, n).map(|()| {
+                    let block = std::sync::Arc::new(block);
+                    let mut held = shared.0.lock().expect("recent blocks");
+                    held.push_back((offset, std::sync::Arc::clone(&block)));
+                    block
+                });
                 // After an error, wait for a new position.
                 at = result.is_ok().then_some(offset + n as u64);
                 if tx.send((generation, offset, result)).is_err() {
@@ -1327,7 +1417,19 @@ impl ReadAhead {
             generation: 0,
             len,
             current: None,
+            recent,
             worker: Some(worker),
+        }
+    }
+
+    /// The blocks read lately, for another reader of the slot.
+    pub fn recent(&self) -> Recent {
+        self.recent.clone()
+    }
+
+    fn give_back(&self, block: std::sync::Arc<AlignedBlock>) {
+        if let Some(block) = std::sync::Arc::into_inner(block) {
+            let _ = self.recycle.send(block);
         }
     }
 
@@ -1375,7 +1477,7 @@ impl ReadAhead {
     /// Moves the stream to the aligned block around `offset`.
     fn restart(&mut self, offset: u64) -> io::Result<()> {
         if let Some((_, block)) = self.current.take() {
-            let _ = self.recycle.send(block);
+            self.give_back(block);
         }
         self.generation += 1;
         let start = offset - offset % ALIGN as u64;
@@ -1388,7 +1490,7 @@ impl ReadAhead {
     /// Replaces the current block with the next one of this generation.
     fn next_block(&mut self) -> io::Result<()> {
         if let Some((_, block)) = self.current.take() {
-            let _ = self.recycle.send(block);
+            self.give_back(block);
         }
         loop {
             let (generation, offset, result) = self
@@ -1397,7 +1499,7 @@ impl ReadAhead {
                 .map_err(|_| io::Error::other("the slot reading thread stopped"))?;
             if generation != self.generation {
                 if let Ok(block) = result {
-                    let _ = self.recycle.send(block);
+                    self.give_back(block);
                 }
                 continue;
             }
@@ -1436,6 +1538,45 @@ mod tests {
         std::fs::write(&path, data).unwrap();
         let storage = FileStorage::open(&path, true).unwrap();
         (dir, Box::new(storage))
+    }
+
+    /// The blocks a [`ReadAhead`] read serve another reader of the slot
+    /// ([`Recent::copy`]): a range inside them, across two of them, and not one
+    /// that lies partly outside; no more than `BLOCKS_IN_FLIGHT + RECENT_BEHIND`
+    /// are held, the oldest given up first.
+    #[test]
+    fn blocks_read_ahead_serve_another_reader_of_the_slot() {
+        let len = 12 * BLOCK;
+        let data = pattern(len, 7);
+        let (_dir, storage) = file_with(&data);
+        let mut ahead = ReadAhead::start(storage, len as u64);
+        let recent = ahead.recent();
+        let mut buf = vec![0u8; 1000];
+        assert!(!recent.copy(0, &mut buf), "nothing read yet");
+        // Read the slot's first 5 MiB in chunks, as the copy of kept chunks does.
+        for at in (0..5 * BLOCK).step_by(64 * 1024) {
+            let got = ahead.read(at as u64, 64 * 1024).unwrap().expect("ahead");
+            assert_eq!(got, data[at..at + 64 * 1024]);
+        }
+        // Inside the block being served, and across it and the one before (kept
+        // until the block after the next is read, which waits for the copy).
+        let mut inside = vec![0u8; 300_000];
+        assert!(recent.copy(4 * BLOCK as u64 + 10, &mut inside));
+        assert_eq!(inside, data[4 * BLOCK + 10..4 * BLOCK + 300_010]);
+        let mut across = vec![0u8; 200_000];
+        let at = 4 * BLOCK - 100_000;
+        assert!(recent.copy(at as u64, &mut across));
+        assert_eq!(across, data[at..at + 200_000]);
+        // The first block was given up, and the ones after 7 MiB are not read yet:
+        // a range partly in them is not served.
+        assert!(!recent.copy(0, &mut buf));
+        let mut past = vec![0u8; 4 * BLOCK];
+        assert!(!recent.copy(4 * BLOCK as u64, &mut past));
+        let held = recent.0.lock().unwrap().len();
+        assert!(
+            held <= BLOCKS_IN_FLIGHT + RECENT_BEHIND,
+            "{held} blocks held"
+        );
     }
 
     /// Stretches of zeros are cut without the chunker (a zero run's cut, found
