@@ -2195,11 +2195,13 @@ const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 /// for the reader. Medians of 9 alternating runs (session 14, the full install
 /// 0.66 s in the same minutes): one batch ahead 0.87 s; 3 batches / 2 MiB 0.81 s,
 /// peak 31.2 MiB; 4 / 3 MiB 0.77 s but 31.8 MiB, too near the 32 MiB goal. Since
-/// session 15 most references come from the copy's blocks ([`slotio::Recent`]),
-/// read fast: 1 MiB ahead is as fast as 2 and leaves room for the block the copy
-/// keeps behind (`slotio::RECENT_BEHIND`).
+/// session 15 most references come from the copy's blocks ([`slotio::Recent`]);
+/// 1 MiB ahead put the reading back in lockstep (the main thread waited 200-290 ms
+/// for it, 40 ms at 2 MiB). Medians of 11 alternating runs (session 15, the full
+/// install 0.80 s): 1 MiB 0.86 s, peak 31.1 MiB; 2 MiB 0.80 s, 31.7 MiB; 2 MiB
+/// without the block the copy keeps behind 0.85 s, 31.2 MiB.
 const REFERENCE_BATCHES_AHEAD: usize = 3;
-const REFERENCES_AHEAD_BYTES: usize = 1024 * 1024;
+const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
 /// repeat); with the batches in flight this bounds what delta decoding adds to an
