@@ -2199,8 +2199,10 @@ const REFERENCE_BATCH_BYTES: usize = 1024 * 1024;
 /// 1 MiB ahead put the reading back in lockstep (the main thread waited 200-290 ms
 /// for it, 40 ms at 2 MiB). Medians of 11 alternating runs (session 15, the full
 /// install 0.80 s): 1 MiB 0.86 s, peak 31.1 MiB; 2 MiB 0.80 s, 31.7 MiB; 2 MiB
-/// without the block the copy keeps behind 0.85 s, 31.2 MiB.
-const REFERENCE_BATCHES_AHEAD: usize = 3;
+/// without the block the copy keeps behind 0.85 s, 31.2 MiB. Two batches ahead
+/// (not three) within the 2 MiB are as fast (0.79 against 0.81 s, the full install
+/// 0.80) and peak lower (31.4 against 32.4 MiB in 11 runs).
+const REFERENCE_BATCHES_AHEAD: usize = 2;
 const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
 
 /// Total reference bytes kept between batches (references of neighbouring chunks
@@ -2211,13 +2213,13 @@ const REFERENCES_AHEAD_BYTES: usize = 2 * 1024 * 1024;
 const REFERENCE_CACHE_BYTES: usize = 1024 * 1024;
 
 /// Blocks of the running slot kept for reference reads (see
-/// [`References::read_range`]): their size and how many (so 1.25 MiB, and the
-/// 1 MiB buffer runs of them are read into). On the bench's disk a direct read
+/// [`References::read_range`]): their size and how many (so 0.75 MiB, and the
+/// 0.5 MiB buffer runs of them are read into; 1.25 and 1 MiB before session 15). On the bench's disk a direct read
 /// costs about as much per call as per byte (93 MB of slot A: 0.34-0.43 s in 64 KiB
 /// reads, 0.16-0.26 s in 256 KiB reads); a reference is 256 KiB to 2 MiB of
 /// neighbouring bytes. A block missing is read together with the missing blocks
 /// after it that the same range or the batch's other references need, up to
-/// `SLOT_RUN_BLOCKS` (1 MiB) in one read; the block given up for a new one is the
+/// `SLOT_RUN_BLOCKS` in one read; the block given up for a new one is the
 /// one whose next use (by the manifest's reference list) is farthest. On the
 /// bench's v1 → v2 (669 references, 217 MB of ranges, 78.4 MB distinct): 282 reads
 /// of 120 MB instead of 471 reads of 123 MB (6 blocks kept, the least recently
@@ -2226,9 +2228,10 @@ const REFERENCE_CACHE_BYTES: usize = 1024 * 1024;
 /// Since session 15 the blocks of the copy of kept chunks are looked in first
 /// ([`References::fill_block`], [`References::read_range`]): on the bench's v1 → v2
 /// 170 MB of the 221 MB of references come from them and 60 MB are read (119 MB
-/// before), so a run is 2 blocks (the buffer 0.5 MiB).
+/// before), so a run is 2 blocks and 3 are kept: 0.6 MiB less at the peak
+/// (median of 11 runs) for the same time.
 const SLOT_BLOCK: u64 = 256 * 1024;
-const SLOT_BLOCKS_KEPT: usize = 5;
+const SLOT_BLOCKS_KEPT: usize = 3;
 const SLOT_RUN_BLOCKS: u64 = 2;
 
 /// The base-release bytes delta-encoded chunks of an artifact are decoded with, read
