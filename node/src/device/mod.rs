@@ -2214,20 +2214,21 @@ const REFERENCE_CACHE_BYTES: usize = 1024 * 1024;
 
 /// Blocks of the running slot kept for reference reads (see
 /// [`References::read_range`]): their size and how many (so 0.75 MiB, and the
-/// 0.5 MiB buffer runs of them are read into; 1.25 and 1 MiB before session 15). On the bench's disk a direct read
-/// costs about as much per call as per byte (93 MB of slot A: 0.34-0.43 s in 64 KiB
-/// reads, 0.16-0.26 s in 256 KiB reads); a reference is 256 KiB to 2 MiB of
-/// neighbouring bytes. A block missing is read together with the missing blocks
-/// after it that the same range or the batch's other references need, up to
-/// `SLOT_RUN_BLOCKS` in one read; the block given up for a new one is the
-/// one whose next use (by the manifest's reference list) is farthest. On the
+/// 0.5 MiB buffer runs of them are read into; 1.25 and 1 MiB before session 15).
+/// On the bench's disk a direct read costs about as much per call as per byte
+/// (93 MB of slot A: 0.34-0.43 s in 64 KiB reads, 0.16-0.26 s in 256 KiB reads); a
+/// reference is 256 KiB to 2 MiB of neighbouring bytes. A block missing is read
+/// together with the missing blocks after it that the same range or the batch's
+/// other references need, up to `SLOT_RUN_BLOCKS` in one read; the block given up
+/// for a new one is the one whose next use (by the manifest's reference list) is
+/// farthest. On the
 /// bench's v1 → v2 (669 references, 217 MB of ranges, 78.4 MB distinct): 282 reads
 /// of 120 MB instead of 471 reads of 123 MB (6 blocks kept, the least recently
 /// used given up, one block a read); 6 blocks kept would read 116 MB in 272 reads
 /// for 0.25 MiB more, 8 blocks 110 MB in 257 (a replay of the reads, session 12).
 /// Since session 15 the blocks of the copy of kept chunks are looked in first
 /// ([`References::fill_block`], [`References::read_range`]): on the bench's v1 → v2
-/// 170 MB of the 221 MB of references come from them and 60 MB are read (119 MB
+/// 170 MB of the 221 MB of references come from them and 61-63 MB are read (119 MB
 /// before), so a run is 2 blocks and 3 are kept: 0.6 MiB less at the peak
 /// (median of 11 runs) for the same time.
 const SLOT_BLOCK: u64 = 256 * 1024;
