@@ -2396,15 +2396,8 @@ impl References {
         // reused for the run's.
         let mut spare = Vec::new();
         while self.blocks.len() + n as usize > SLOT_BLOCKS_KEPT {
-            // Least recently used first among blocks needed equally late.
-            let victim = self
-                .blocks
-                .iter()
-                .enumerate()
-                .max_by_key(|&(k, (j, _))| (self.next_use(*j), std::cmp::Reverse(k)))
-                .map(|(k, _)| k);
-            match victim.and_then(|k| self.blocks.remove(k)) {
-                Some((_, buf)) => spare.push(buf),
+            match self.give_up_block() {
+                Some(buf) => spare.push(buf),
                 None => break,
             }
         }
@@ -2428,27 +2421,33 @@ impl References {
         Ok(())
     }
 
+    /// Gives up the kept block needed again last (least recently used first among
+    /// blocks needed equally late); its buffer, for the next.
+    fn give_up_block(&mut self) -> Option<Vec<u8>> {
+        let victim = self
+            .blocks
+            .iter()
+            .enumerate()
+            .max_by_key(|&(k, (j, _))| (self.next_use(*j), std::cmp::Reverse(k)))
+            .map(|(k, _)| k)?;
+        self.blocks.remove(victim).map(|(_, buf)| buf)
+    }
+
     /// Puts block `b` among the blocks kept: from the copy's blocks when they hold
     /// it, else read ([`References::fill`]).
     fn fill_block(&mut self, b: u64, last: u64) -> std::io::Result<()> {
         let start = b * SLOT_BLOCK;
         let n = (self.slot_len.saturating_sub(start)).min(SLOT_BLOCK) as usize;
+        // A handle of its own (a shared pointer): kept blocks are given up below.
         if n > 0
-            && let Some(recent) = &self.recent
+            && let Some(recent) = self.recent.clone()
             && recent.covers(start, n as u64)
         {
-            let mut buf = if self.blocks.len() >= SLOT_BLOCKS_KEPT {
-                let victim = self
-                    .blocks
-                    .iter()
-                    .enumerate()
-                    .max_by_key(|&(k, (j, _))| (self.next_use(*j), std::cmp::Reverse(k)))
-                    .map(|(k, _)| k)
-                    .expect("blocks kept");
-                self.blocks.remove(victim).expect("found").1
-            } else {
-                Vec::with_capacity(SLOT_BLOCK as usize)
-            };
+            let mut buf = match self.blocks.len() >= SLOT_BLOCKS_KEPT {
+                true => self.give_up_block(),
+                false => None,
+            }
+            .unwrap_or_else(|| Vec::with_capacity(SLOT_BLOCK as usize));
             buf.resize(n, 0);
             if recent.copy(start, &mut buf) {
                 self.recent_hits.1 += n as u64;

@@ -1262,28 +1262,12 @@ impl std::fmt::Debug for Recent {
 pub const RECENT_BEHIND: usize = 1;
 
 impl Recent {
-    /// Whether the blocks held cover `len` bytes at `offset`.
-    pub fn covers(&self, offset: u64, len: u64) -> bool {
+    /// Walks the blocks held over `len` bytes at `offset`, handing `each` the
+    /// offset of each piece and its bytes, in order; `false` at the first byte no
+    /// block holds.
+    fn walk(&self, offset: u64, len: u64, mut each: impl FnMut(u64, &[u8])) -> bool {
         let held = self.0.lock().expect("recent blocks");
         let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            match held
-                .iter()
-                .find(|(start, b)| *start <= at && at < start + b.as_slice().len() as u64)
-            {
-                Some((start, b)) => at = start + b.as_slice().len() as u64,
-                None => return false,
-            }
-        }
-        true
-    }
-
-    /// Fills `buf` with the bytes at `offset` when the blocks held cover all of
-    /// them; `false` (and `buf` unspecified) otherwise.
-    pub fn copy(&self, offset: u64, buf: &mut [u8]) -> bool {
-        let held = self.0.lock().expect("recent blocks");
-        let end = offset + buf.len() as u64;
         let mut at = offset;
         while at < end {
             let Some((start, block)) = held
@@ -1294,11 +1278,24 @@ impl Recent {
             };
             let bytes = block.as_slice();
             let to = end.min(start + bytes.len() as u64);
-            buf[(at - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&bytes[(at - start) as usize..(to - start) as usize]);
+            each(at, &bytes[(at - start) as usize..(to - start) as usize]);
             at = to;
         }
         true
+    }
+
+    /// Whether the blocks held cover `len` bytes at `offset`.
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        self.walk(offset, len, |_, _| {})
+    }
+
+    /// Fills `buf` with the bytes at `offset` when the blocks held cover all of
+    /// them; `false` (and `buf` unspecified) otherwise.
+    pub fn copy(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.walk(offset, buf.len() as u64, |at, bytes| {
+            let from = (at - offset) as usize;
+            buf[from..from + bytes.len()].copy_from_slice(bytes);
+        })
     }
 }
 
