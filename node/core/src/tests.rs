@@ -930,6 +930,100 @@ fn reads_of_the_active_slot_are_interleaved_with_the_stream() {
     );
 }
 
+/// The reads of the active slot an install has queued, listed before the stream
+/// starts ([`Engine::queued_slot_reads`]), are the reads it then asks for, in that
+/// order: `(offset, len)` where the slot holds each reused chunk, and the payload
+/// offset of each, ascending; the payload offset of a position is where the
+/// chunk list puts it.
+#[test]
+fn queued_slot_reads_are_the_reads_to_come_in_order() {
+    let f = Fixture::new();
+    let (v1, v2) = images();
+    let (mut dev, _) = device_running_v1(&f, &v1);
+    let (m2, c2) = release("acme-os", "2.0", 2, DEVICE, &v2);
+    let new = chunks_not_in(&v1, &c2);
+    let mut offer = stream_offer(sign(&m2, &f.key));
+    offer.sources[0].holds = Holds::Ids(new.iter().map(|(id, _)| *id).collect());
+    let mut engine = dev.engine(f.config());
+    assert_eq!(engine.queued_slot_reads().expect("index"), Vec::new());
+    engine.offer(dev.now(), offer).expect("offer");
+    let source = SourceId(1);
+    let mut asked = Vec::new();
+    let mut planned = None;
+    let mut stream = new.clone().into_iter();
+    loop {
+        while let Some(out) = engine.poll_output() {
+            if let Output::Read { offset, len, .. } = &out {
+                asked.push((*offset, *len));
+            }
+            dev.execute(&mut engine, out).expect("no crash");
+        }
+        let Some((id, data)) = stream.next() else {
+            dev.handle(&mut engine, Input::SourceEnded { source });
+            break;
+        };
+        if planned.is_none() {
+            // The plan is made: what is left to read, listed before the stream.
+            let done = asked.len();
+            planned = Some((done, engine.queued_slot_reads().expect("index")));
+            let mut at = 0u64;
+            for (p, (_, d)) in c2.iter().enumerate() {
+                assert_eq!(engine.payload_offset(p as u32), Some(at), "position {p}");
+                at += d.len() as u64;
+            }
+            assert_eq!(engine.payload_offset(c2.len() as u32), None);
+        }
+        dev.handle(&mut engine, Input::StreamAt { source, id });
+        dev.handle(
+            &mut engine,
+            Input::checked(Origin::Source(source), id, data),
+        );
+    }
+    dev.run(&mut engine, None).expect("no crash");
+    assert_eq!(failed(&dev.events), None);
+    let (done, planned) = planned.expect("the stream brought chunks");
+    let reused = c2.len() - new.len();
+    assert!(
+        planned.len() > reused / 2,
+        "{} of {reused} reads planned",
+        planned.len()
+    );
+    assert_eq!(
+        planned.iter().map(|&(_, o, n)| (o, n)).collect::<Vec<_>>(),
+        asked[done..],
+        "the reads planned are those asked, in order"
+    );
+    // Where each chunk lies in v1 (the slot) and in v2 (the payload).
+    let first_at = |chunks: &[(ChunkId, Vec<u8>)], id: &ChunkId| {
+        let mut at = 0u64;
+        for (i, d) in chunks {
+            if i == id {
+                return Some((at, d.len() as u32));
+            }
+            at += d.len() as u64;
+        }
+        None
+    };
+    let (_, c1) = release("acme-os", "1.0", 1, DEVICE, &v1);
+    let mut last = None;
+    for &(payload, offset, len) in &planned {
+        let id = ChunkId::of(&v2[payload as usize..payload as usize + len as usize]);
+        assert_eq!(
+            first_at(&c2, &id),
+            Some((payload, len)),
+            "payload offset of {id}"
+        );
+        assert_eq!(
+            first_at(&c1, &id),
+            Some((offset, len)),
+            "slot offset of {id}"
+        );
+        assert!(last < Some(payload), "payload offsets ascend");
+        last = Some(payload);
+    }
+    assert_eq!(engine.payload_offset(0), None, "no install in progress");
+}
+
 /// Without [`Input::StreamAt`], the stream's position is the end of the last chunk it
 /// handed over (and, before the first, where the first chunk it brings lies).
 #[test]
