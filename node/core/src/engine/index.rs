@@ -290,61 +290,6 @@ impl ActiveIndex {
         Ok(held)
     }
 
-    /// Where each of `wanted` (entries of `table`, ascending) lies in the slot,
-    /// `(entry, offset, len)` in entry order; entries the index does not hold at
-    /// their size are left out. For the store's index, one range read merged with
-    /// the ids in id order (not a lookup per chunk).
-    pub(crate) fn locate(
-        &self,
-        table: &ChunkTable,
-        wanted: &[u32],
-    ) -> Result<Vec<(u32, u64, u32)>, IndexReadError> {
-        let mut out = Vec::with_capacity(wanted.len());
-        let mut rest: Vec<(ChunkId, u32)> = Vec::new();
-        for &e in wanted {
-            let id = table.id(e);
-            if let Some(&(offset, len)) = self.found.get(&id) {
-                out.push((e, offset, len));
-            } else if !self.dropped.contains(&id) {
-                rest.push((id, e));
-            }
-        }
-        match &self.base {
-            Base::Stored { slot, reader } => {
-                rest.sort_unstable();
-                let mut ids = rest.iter().peekable();
-                if let Some(&&(first, _)) = ids.peek() {
-                    reader.scan(*slot, &first, &mut |id, offset, len| {
-                        while let Some(&&(want, e)) = ids.peek() {
-                            match want.cmp(id) {
-                                std::cmp::Ordering::Less => {
-                                    ids.next();
-                                }
-                                std::cmp::Ordering::Equal => {
-                                    out.push((e, offset, len));
-                                    ids.next();
-                                    break;
-                                }
-                                std::cmp::Ordering::Greater => break,
-                            }
-                        }
-                        ids.peek().is_some()
-                    })?;
-                }
-            }
-            _ => {
-                for (id, e) in rest {
-                    if let Some((offset, len)) = self.get(&id)? {
-                        out.push((e, offset, len));
-                    }
-                }
-            }
-        }
-        out.retain(|&(e, _, len)| len == table.size(e));
-        out.sort_unstable_by_key(|&(e, _, _)| e);
-        Ok(out)
-    }
-
     /// A chunk found at `at` (a probe read verified it there).
     pub(crate) fn insert(&mut self, id: ChunkId, at: (u64, u32)) {
         self.dropped.remove(&id);

@@ -910,35 +910,6 @@ impl Engine {
             .collect()
     }
 
-    /// The reads of the active slot the install in progress has queued, in the
-    /// order it will ask for them ([`Output::Read`]): `(payload offset, slot
-    /// offset, len)` of each chunk the index places. A driver may read them ahead
-    /// of the asking, and share what it reads with other readers of the slot (the
-    /// references of delta-encoded chunks); the engine still asks for each chunk
-    /// and checks it by its hash. Empty without an install in progress.
-    pub fn queued_slot_reads(&self) -> Result<Vec<(u64, u64, u32)>, IndexReadError> {
-        let Some(job) = self.job.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let table = &job.rel.table;
-        let wanted: Vec<u32> = (0..table.entries())
-            .filter(|&e| job.need.get(e) == need::Need::QueuedRead && job.indexed.get(e))
-            .collect();
-        Ok(self
-            .index
-            .locate(table, &wanted)?
-            .into_iter()
-            .map(|(e, offset, len)| (table.first_offset(e), offset, len))
-            .collect())
-    }
-
-    /// The payload offset of the chunk at `position` of the release being
-    /// installed (its chunk list's order), if it has one.
-    pub fn payload_offset(&self, position: u32) -> Option<u64> {
-        let job = self.job.as_ref()?;
-        (position < job.rel.table.positions()).then(|| job.rel.table.offset_at(position))
-    }
-
     /// The chunks the install in progress still needs. While the active slot is
     /// being indexed ([`Output::IndexSlot`]), [`Input::Chunk`] from the active slot
     /// is taken for any of them (hashed, then written like a chunk read from the
