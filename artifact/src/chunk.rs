@@ -789,7 +789,11 @@ mod tests {
             let mut data = reference[1_000..41_000].to_vec();
             data[20_000..20_100].copy_from_slice(&pseudo_random(100, 99 + seed));
             let stored = encode_against(&data, 3, &reference);
-            assert!(stored.len() < 2_000, "{} bytes: the reference was not used", stored.len());
+            assert!(
+                stored.len() < 2_000,
+                "{} bytes: the reference was not used",
+                stored.len()
+            );
             let r = ChunkRef {
                 id: ChunkId::of(&data),
                 size: data.len() as u32,

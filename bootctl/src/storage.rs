@@ -8,6 +8,12 @@
 //! indexed, served and verified from are the medium's, not the page cache's. A
 //! block device's page cache is shared with a file system mounted from it, and a
 //! journaled ext4 mounted read-only changes cached blocks it never writes back.
+//! A regular file's direct reads go through an `io_uring`, one at a time: a
+//! blocking direct read holds the file's lock (`i_rwsem` on ext4 and XFS) until the
+//! medium answers, and a buffered write to the file waits that long, so a slot
+//! file read back while it is written (the install's verifier) stalled its
+//! writer (150 ms of the bench's delta install, session 16); queued through a ring
+//! the read holds the lock only while it is queued.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -124,6 +130,19 @@ const DIRECT_IO_MAX: usize = 1024 * 1024;
 struct DirectReader {
     file: File,
     align: usize,
+    /// An `io_uring` the reads of a regular file go through, waited for one at a
+    /// time (see [`DirectReader::read_at`]); `None` for a block device, or when
+    /// the kernel refused a ring (then `pread`).
+    ring: std::sync::Mutex<Option<Ring>>,
+}
+
+/// An `io_uring` (its `Debug` says nothing).
+struct Ring(io_uring::IoUring);
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ring")
+    }
 }
 
 impl DirectReader {
@@ -151,9 +170,20 @@ impl DirectReader {
         } else {
             DIRECT_ALIGN_MIN
         };
+        // A regular file's direct read holds the file's lock until the medium
+        // answers when it is a blocking `pread` (ext4, XFS: `i_rwsem`, shared), and
+        // every buffered write to the file (the slot being written, while its
+        // written part is read back) waits for it; through a ring the lock is held
+        // only while the read is queued. Block devices take no such lock.
+        let ring = (!block_device)
+            .then(|| io_uring::IoUring::new(2).ok())
+            .flatten()
+            .map(Ring);
+        let ring = std::sync::Mutex::new(ring);
         let reader = DirectReader {
             file: direct,
             align,
+            ring,
         };
         // Some file systems accept the flag at open and refuse the reads.
         let mut probe = AlignedBuf::new(align, align);
@@ -172,7 +202,7 @@ impl DirectReader {
     fn read_full(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         let mut got = 0;
         while got < buf.len() {
-            match self.file.read_at(&mut buf[got..], pos + got as u64) {
+            match self.read_at(&mut buf[got..], pos + got as u64) {
                 Ok(0) => break,
                 Ok(n) => {
                     got += n;
@@ -187,6 +217,25 @@ impl DirectReader {
             }
         }
         Ok(got)
+    }
+
+    /// One read of up to `buf.len()` bytes at `pos`, like `pread`: through the
+    /// ring when there is one (it is given up for `pread` when it fails).
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = ring.as_mut() {
+            match ring_read(&mut r.0, &self.file, buf, pos) {
+                Ok(n) => return Ok(n),
+                Err(RingError::Read(e)) => return Err(e),
+                Err(RingError::Ring(e)) => {
+                    // Given up: a read it did not take must never be submitted.
+                    tracing::debug!(error = %e, "io_uring refused a read; reading with pread");
+                    *ring = None;
+                }
+            }
+        }
+        drop(ring);
+        self.file.read_at(buf, pos)
     }
 
     /// Fills `out` from byte `pos` of the file, reading the aligned blocks that
@@ -240,6 +289,61 @@ impl DirectReader {
             pos += take as u64;
         }
         Ok(())
+    }
+}
+
+/// Why a read through a ring failed: the read itself (as `pread` would have), or
+/// the ring (the read was not made; `pread` does it).
+enum RingError {
+    Read(io::Error),
+    Ring(io::Error),
+}
+
+/// One read of up to `buf.len()` bytes at `pos` of `file` through `ring`, waited
+/// for before returning.
+fn ring_read(
+    ring: &mut io_uring::IoUring,
+    file: &File,
+    buf: &mut [u8],
+    pos: u64,
+) -> Result<usize, RingError> {
+    use std::os::fd::AsRawFd;
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX & !0xfff);
+    let read =
+        io_uring::opcode::Read::new(io_uring::types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), len)
+            .offset(pos)
+            .build();
+    #[allow(unsafe_code)]
+    // SAFETY: the kernel writes into `buf` and reads `file`'s descriptor until the
+    // read completes; both are borrowed for this whole function, which returns
+    // only once the completion is taken, or once it is known that the kernel
+    // never took the read (it is then still queued, and the ring is not
+    // submitted again: the caller gives it up).
+    let pushed = unsafe { ring.submission().push(&read) };
+    pushed.map_err(|_| RingError::Ring(io::Error::other("the submission queue is full")))?;
+    loop {
+        let waited = ring.submit_and_wait(1);
+        if let Some(done) = ring.completion().next() {
+            let n = done.result();
+            return match usize::try_from(n) {
+                Ok(n) => Ok(n),
+                Err(_) if matches!(-n, libc::EINVAL | libc::EOPNOTSUPP | libc::EAGAIN) => {
+                    Err(RingError::Ring(io::Error::from_raw_os_error(-n)))
+                }
+                Err(_) => Err(RingError::Read(io::Error::from_raw_os_error(-n))),
+            };
+        }
+        match waited {
+            Ok(_) => {}
+            Err(e) if ring.submission().is_empty() => {
+                // Taken by the kernel: its completion must be waited for.
+                if e.kind() != io::ErrorKind::Interrupted {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(RingError::Ring(e)),
+        }
     }
 }
 
@@ -530,6 +634,77 @@ impl Storage for FileStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ring_of(s: &FileStorage) -> bool {
+        s.direct
+            .as_ref()
+            .is_some_and(|d| d.ring.lock().unwrap().is_some())
+    }
+
+    /// Direct reads of a regular file go through an `io_uring` (a blocking direct
+    /// read would hold the file's lock against the writes of the slot being
+    /// written until the medium answers), and read what `pread` reads.
+    #[test]
+    fn direct_reads_of_a_regular_file_go_through_a_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let s = FileStorage::open(&path, false).unwrap();
+        assert_eq!(
+            s.read_mode(),
+            ReadMode::Direct {
+                align: DIRECT_ALIGN_MIN
+            }
+        );
+        assert!(
+            ring_of(&s),
+            "no io_uring: the kernel refused io_uring_setup"
+        );
+        for (offset, len) in [
+            (0, 4096),
+            (1, 10),
+            (4095, 2 * 1024 * 1024),
+            (3 * 1024 * 1024, 123),
+        ] {
+            let mut buf = vec![0u8; len];
+            s.read_at(offset, &mut buf).unwrap();
+            assert_eq!(
+                buf,
+                data[offset as usize..offset as usize + len],
+                "at {offset}"
+            );
+        }
+        let mut past = vec![0u8; 200];
+        let err = s.read_at(3 * 1024 * 1024, &mut past).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(ring_of(&s), "the ring is kept after a short read");
+    }
+
+    /// A read the ring fails with `EINVAL` (here a buffer `O_DIRECT` cannot take)
+    /// gives the ring up, so a read it never took cannot be submitted later; the
+    /// read is made with `pread`, whose answer is the read's.
+    #[test]
+    fn a_ring_that_refuses_a_read_is_given_up_for_pread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let s = FileStorage::open(&path, false).unwrap();
+        assert!(ring_of(&s));
+        let direct = s.direct.as_ref().unwrap();
+        let mut buf = AlignedBuf::new(8192 + 4096, 4096);
+        // One byte past an aligned start: not a buffer `O_DIRECT` reads into.
+        let misaligned = &mut buf.as_mut_slice()[1..4097];
+        let err = direct.read_at(misaligned, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        assert!(!ring_of(&s), "the ring is given up");
+        let mut out = vec![0u8; 5000];
+        s.read_at(100, &mut out).unwrap();
+        assert_eq!(out, data[100..5100]);
+    }
 
     #[test]
     fn region_is_bounded_and_offset() {
