@@ -308,7 +308,8 @@ fn ring_read(
     pos: u64,
 ) -> Result<usize, RingError> {
     use std::os::fd::AsRawFd;
-    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX & !0xfff);
+    // At most 4 GiB - 4 KiB at once (aligned); `read_full` reads on.
+    let len = u32::try_from(buf.len()).unwrap_or(!0xfff);
     let read =
         io_uring::opcode::Read::new(io_uring::types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), len)
             .offset(pos)
