@@ -92,6 +92,15 @@ impl NeedTable {
         }
     }
 
+    /// `n` entries, all [`Need::Idle`]: [`NeedTable::new`] then
+    /// [`NeedTable::set`] of each to `Idle`, without the walk.
+    pub(crate) fn all_idle(n: u32) -> NeedTable {
+        NeedTable {
+            codes: vec![IDLE; n as usize],
+            ..NeedTable::new(0)
+        }
+    }
+
     pub(crate) fn get(&self, e: u32) -> Need {
         match self.codes[e as usize] {
             DONE => Need::Done,

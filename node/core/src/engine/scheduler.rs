@@ -461,19 +461,24 @@ impl Job {
             budget,
             spare_entries: Vec::new(),
             takers: Vec::new(),
-            wire_max: (0..n)
-                .map(|e| u64::from(table.wire_size(e)))
-                .max()
-                .unwrap_or(0),
+            wire_max: u64::from(table.wire_max()),
             writing_bytes: 0,
             interleave: Interleave::default(),
         };
-        for e in 0..n {
-            let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
-            if !all_done {
-                job.need.set(e, Need::Idle);
-                job.needed += 1;
-                job.needed_bytes += u64::from(job.rel.table.size(e));
+        if done_positions.is_empty() {
+            // A fresh install needs every entry: no walk over them (an offer
+            // to each of a fleet's devices asks this of the shared release).
+            job.need = NeedTable::all_idle(n);
+            job.needed = n;
+            job.needed_bytes = job.rel.table.distinct_bytes();
+        } else {
+            for e in 0..n {
+                let all_done = job.rel.table.positions_of(e).all(|p| job.written.get(p));
+                if !all_done {
+                    job.need.set(e, Need::Idle);
+                    job.needed += 1;
+                    job.needed_bytes += u64::from(job.rel.table.size(e));
+                }
             }
         }
         job.journal_bytes = job
@@ -2387,4 +2392,60 @@ fn observe_rtt(s: &mut SourceState, rtt_ms: u64, retry: &crate::RetryConfig) {
 
 fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    /// A fresh install's plan (nothing written yet) is made without a walk over
+    /// the entries: it is the walk's, on a release with a repeated chunk, and a
+    /// resumed plan still walks (a repeated chunk is done only with every one of
+    /// its positions written).
+    #[test]
+    fn a_fresh_plan_needs_every_entry_as_the_walk_finds() {
+        let (a, b, c) = (
+            testing::bytes(1, 2048),
+            testing::bytes(2, 3072),
+            testing::bytes(3, 4096),
+        );
+        // Chunks a, b, a (repeated), c.
+        let image = [&a[..], &b[..], &a[..], &c[..]].concat();
+        let (key, root) = testing::keys(1);
+        let (manifest, _) =
+            testing::release_cut("os", "1", 1, "board", &image, &[2048, 3072, 2048, 4096]);
+        let rel = Arc::new(
+            VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies"),
+        );
+        let plan = |done: &[u32]| {
+            let job = Job::new(
+                Arc::clone(&rel),
+                Slot::B,
+                false,
+                done,
+                WanBudget::new(None, 0),
+            );
+            let needs: Vec<Need> = (0..rel.table.entries()).map(|e| job.need.get(e)).collect();
+            (job.needed, job.needed_bytes, needs, job.wire_max)
+        };
+        let wire_max = (0..rel.table.entries())
+            .map(|e| u64::from(rel.table.wire_size(e)))
+            .max()
+            .expect("entries");
+        let fresh = plan(&[]);
+        assert_eq!(
+            fresh,
+            (3, 2048 + 3072 + 4096, vec![Need::Idle; 3], wire_max)
+        );
+        // A position past the payload is ignored: nothing written, by the walk.
+        assert_eq!(plan(&[u32::MAX]), fresh);
+        // One of the repeated chunk's two positions written: still needed.
+        assert_eq!(plan(&[0]), fresh);
+        // Both: done.
+        let a_entry = rel.table.entry_at(0);
+        let (needed, bytes, needs, _) = plan(&[0, 2]);
+        assert_eq!((needed, bytes), (2, 3072 + 4096));
+        assert_eq!(needs[a_entry as usize], Need::Done);
+    }
 }

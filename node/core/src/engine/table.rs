@@ -220,6 +220,11 @@ pub(crate) struct ChunkTable {
     /// `(entry, offsets of its positions after the first)` for each entry with
     /// several positions, sorted by entry: shared with each write of it.
     repeats: Vec<(u32, Arc<[u64]>)>,
+    /// The entries' sizes added up (each distinct chunk once), and the largest
+    /// size on the wire: what every offer of a fresh install asks, worked out
+    /// once for every device sharing the release.
+    distinct_bytes: u64,
+    wire_max: u32,
 }
 
 impl ChunkTable {
@@ -267,6 +272,8 @@ impl ChunkTable {
             offsets: Vec::with_capacity(n.div_ceil(OFFSET_STRIDE)),
             by_id: Vec::new(),
             repeats: Vec::new(),
+            distinct_bytes: 0,
+            wire_max: 0,
         };
         // Positions sorted by (prefix, position); then, within each run of equal
         // prefixes, by (id, position): each id's positions are a run, first
@@ -331,6 +338,10 @@ impl ChunkTable {
             offset += u64::from(t.sizes[p]);
         }
         drop(first_of);
+        for &p in &t.first {
+            t.distinct_bytes += u64::from(t.sizes[p as usize]);
+            t.wire_max = t.wire_max.max(t.wire[p as usize]);
+        }
         // `order` holds each id's first position in id order: the lookup array.
         t.by_id = order
             .iter()
@@ -413,6 +424,16 @@ impl ChunkTable {
 
     pub(crate) fn wire_size(&self, e: u32) -> u32 {
         self.wire[self.first[e as usize] as usize]
+    }
+
+    /// The entries' sizes added up: each distinct chunk once.
+    pub(crate) fn distinct_bytes(&self) -> u64 {
+        self.distinct_bytes
+    }
+
+    /// The largest size on the wire of any entry.
+    pub(crate) fn wire_max(&self) -> u32 {
+        self.wire_max
     }
 
     /// Payload offset of the entry's first position.
@@ -513,6 +534,8 @@ mod tests {
             (t.entry_at(2), t.first_offset(2), t.wire_size(1)),
             (0, 40, 10)
         );
+        // Each distinct chunk's size once; the largest on the wire.
+        assert_eq!((t.distinct_bytes(), t.wire_max()), (10 + 20 + 30, 15));
         // The repeats after the first position, for the entries that repeat only.
         assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
         assert_eq!(t.repeat_offsets(1), None);
