@@ -387,6 +387,10 @@ impl ChunkTable {
 
     /// The offsets of the entry's positions after the first, if it has several.
     pub(crate) fn repeat_offsets(&self, e: u32) -> Option<&Arc<[u64]>> {
+        // Nearly every entry appears once: told by its bit, without a search.
+        if self.repeated[e as usize / 64] >> (e % 64) & 1 == 0 {
+            return None;
+        }
         self.repeats
             .binary_search_by_key(&e, |&(r, _)| r)
             .ok()
@@ -406,12 +410,50 @@ impl ChunkTable {
     /// The entry of chunk `id`, if the payload has it.
     pub(crate) fn entry(&self, id: &ChunkId) -> Option<u32> {
         let want = prefix(id);
-        let from = self.by_id.partition_point(|&(p, _)| p < want);
+        let from = self.first_with_prefix(want);
         self.by_id[from..]
             .iter()
             .take_while(|&&(p, _)| p == want)
             .map(|&(_, e)| e)
             .find(|&e| self.id(e) == *id)
+    }
+
+    /// The index in `by_id` of the first prefix not below `want`. Ids are BLAKE3
+    /// hashes, so their prefixes spread evenly over the `u32`s: the search starts
+    /// where `want` would lie if they were spread exactly, and gallops from there
+    /// (a few probes, against ~14 for a binary search of 10,000 entries, each a
+    /// cache miss). Any order of prefixes is still searched correctly, only more
+    /// slowly.
+    fn first_with_prefix(&self, want: u32) -> usize {
+        let v = &self.by_id;
+        let n = v.len();
+        if n == 0 {
+            return 0;
+        }
+        let guess = ((u64::from(want) * n as u64) >> 32) as usize;
+        // Bounds (lo, hi) with every index below lo under `want` and every index
+        // from hi on not under it, widened by doubling steps from the guess.
+        let (mut lo, mut hi);
+        if v[guess].0 < want {
+            lo = guess + 1;
+            let mut step = 1;
+            hi = lo;
+            while hi < n && v[hi].0 < want {
+                lo = hi + 1;
+                hi = (hi + step).min(n);
+                step *= 2;
+            }
+        } else {
+            hi = guess;
+            let mut step = 1;
+            lo = hi;
+            while lo > 0 && v[lo - 1].0 >= want {
+                hi = lo - 1;
+                lo = lo.saturating_sub(step);
+                step *= 2;
+            }
+        }
+        lo + v[lo..hi].partition_point(|&(p, _)| p < want)
     }
 
     pub(crate) fn id(&self, e: u32) -> ChunkId {
@@ -540,6 +582,70 @@ mod tests {
         assert_eq!(t.repeat_offsets(0).map(|r| &r[..]), Some(&[30u64, 70][..]));
         assert_eq!(t.repeat_offsets(1), None);
         assert_eq!(t.repeat_offsets(2), None);
+    }
+
+    /// Lookups by id start where the prefix would lie if prefixes were spread
+    /// evenly ([`ChunkTable::first_with_prefix`]): every id is found and an id
+    /// absent is not, with prefixes spread evenly (hashes), at both ends of the
+    /// range, and crowded into a few values (a guess far off).
+    #[test]
+    fn lookups_find_every_id_however_the_prefixes_lie() {
+        let with_prefix = |p: u32, n: u32| {
+            let mut b = [0u8; 32];
+            b[..4].copy_from_slice(&p.to_be_bytes());
+            b[4..8].copy_from_slice(&n.to_be_bytes());
+            ChunkId(b)
+        };
+        let even: Vec<ChunkId> = (0..3000u32)
+            .map(|n| ChunkId::from(blake3::hash(&n.to_le_bytes())))
+            .collect();
+        let ends: Vec<ChunkId> = (0..50)
+            .flat_map(|n| {
+                [
+                    with_prefix(0, n),
+                    with_prefix(1, n),
+                    with_prefix(u32::MAX, n),
+                    with_prefix(u32::MAX - 1, n),
+                ]
+            })
+            .collect();
+        let crowded: Vec<ChunkId> = (0..2000)
+            .map(|n| with_prefix(0x4000_0000 + n % 7, n))
+            .collect();
+        for ids in [
+            even,
+            ends,
+            crowded.clone(),
+            [
+                crowded,
+                (0..500u32)
+                    .map(|n| ChunkId::from(blake3::hash(&n.to_be_bytes())))
+                    .collect(),
+            ]
+            .concat(),
+        ] {
+            let list: Vec<ChunkRef> = ids
+                .iter()
+                .map(|&id| ChunkRef {
+                    id,
+                    size: 10,
+                    stored_size: 10,
+                })
+                .collect();
+            let t = ChunkTable::new(list);
+            for (k, id) in ids.iter().enumerate() {
+                assert_eq!(t.entry(id), Some(k as u32), "id {k}");
+            }
+            for absent in [
+                with_prefix(0, u32::MAX),
+                with_prefix(u32::MAX, u32::MAX),
+                with_prefix(0x4000_0003, u32::MAX),
+                with_prefix(0x8000_0000, 7),
+                ChunkId::from(blake3::hash(b"absent")),
+            ] {
+                assert_eq!(t.entry(&absent), None);
+            }
+        }
     }
 
     #[test]
