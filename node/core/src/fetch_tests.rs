@@ -481,6 +481,50 @@ fn fetches_are_batched_by_bytes() {
     assert_eq!(requests, (chunks.len() as u64).div_ceil(4));
 }
 
+/// A request that the next queued chunk does not fit (by bytes), to a source
+/// that takes no further request, is sent as it is: the queue is not searched
+/// for a chunk small enough to top it up (which scanned hundreds of entries for
+/// every request filled), so chunks are asked for in order.
+#[test]
+fn a_request_the_next_chunk_does_not_fit_is_sent_as_it_is() {
+    let f = Fixture::new();
+    // Chunks of 6, 6 and 2 KiB, in turn.
+    let image = bytes(21, 14 * 1024 * 8);
+    let mut dev = SimDevice::new(&[], 2 * MIB as u64, 1);
+    let (m, chunks) =
+        crate::testing::release_cut("acme-os", "1.0", 1, DEVICE, &image, &[6144, 6144, 2048]);
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    dev.requests_log = Some(Vec::new());
+    let limits = SourceLimits {
+        requests_max: 1,
+        request_bytes_max: 10 * 1024,
+        request_chunks_max: 1000,
+    };
+    let mut engine = dev.engine(f.config());
+    let offer = f.offer(&m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(armed(&dev.events));
+    let size = |id: &ChunkId| {
+        chunks
+            .iter()
+            .find(|(c, _)| c == id)
+            .map(|(_, d)| d.len() / 1024)
+            .expect("a chunk of the release")
+    };
+    let sizes: Vec<Vec<usize>> = dev
+        .requests_log
+        .as_ref()
+        .expect("logged")
+        .iter()
+        .map(|r| r.iter().map(size).collect())
+        .collect();
+    // Whole chunks in order, as many as fit 10 KiB from where the last ended
+    // (not [6, 2, 2], [6, 2, 2], ...: topped up with chunks from further on).
+    assert_eq!(sizes[..4], [vec![6], vec![6, 2], vec![6], vec![6, 2]]);
+}
+
 /// The acceptance experiment of the dead-source review: 30,000 chunks from two
 /// request sources, one of which never answers, finish within 1.2 × the time of the
 /// healthy source alone (virtual time), with batched requests.

@@ -181,6 +181,8 @@ pub struct SimDevice {
     pub links: BTreeMap<SourceId, Link>,
     /// Requests each source was sent, and chunks asked.
     pub requests_sent: BTreeMap<SourceId, (u64, u64)>,
+    /// When `Some`, every request's chunk ids, in the order sent.
+    pub requests_log: Option<Vec<Vec<ChunkId>>>,
     /// Cancels received.
     pub cancels: u64,
     /// Sources that answer every request with [`Input::FetchFailed`].
@@ -250,6 +252,7 @@ impl SimDevice {
             bytes_written: 0,
             links: BTreeMap::new(),
             requests_sent: BTreeMap::new(),
+            requests_log: None,
             cancels: 0,
             fail_requests: BTreeMap::new(),
             check: true,
@@ -507,6 +510,9 @@ impl SimDevice {
                 let sent = self.requests_sent.entry(source).or_default();
                 sent.0 += 1;
                 sent.1 += ids.len() as u64;
+                if let Some(log) = self.requests_log.as_mut() {
+                    log.push(ids.clone());
+                }
                 if self.drop_requests > 0 {
                     self.drop_requests -= 1;
                     return Ok(());

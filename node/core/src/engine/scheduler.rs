@@ -698,6 +698,11 @@ enum Choice {
     Source(usize),
     /// A source that can serve it is busy or backing off: keep it queued.
     Wait,
+    /// Like [`Choice::Wait`], and this source's open request has no room left for
+    /// it (by bytes) while the source takes no further request: send that request
+    /// now, rather than look on through the queue for a chunk small enough to top
+    /// it up (a scan of hundreds of entries for each request filled).
+    Full(usize),
     /// An open stream brings it.
     Stream,
     /// No source can serve it.
@@ -1154,6 +1159,7 @@ impl Engine {
         let mut best: Option<(bool, usize, usize)> = None;
         let mut ties = 0usize;
         let mut pick = None;
+        let mut full = None;
         for (i, s) in job.sources.iter().enumerate() {
             if !usable(s) || resting(s) || s.info.class.cost() != class {
                 continue;
@@ -1165,6 +1171,11 @@ impl Engine {
                 })
             });
             if !open_room && s.requests.len() >= s.requests_limit() {
+                // An open request is sent once it has as many chunks as it
+                // takes ([`Engine::assign`]): one still open lacks bytes.
+                if s.open.is_some() {
+                    full.get_or_insert(i);
+                }
                 continue;
             }
             let key = (!open_room, s.requests.len(), 0);
@@ -1183,9 +1194,10 @@ impl Engine {
                 }
             }
         }
-        match pick {
-            Some(i) => Choice::Source(i),
-            None => Choice::Wait,
+        match (pick, full) {
+            (Some(i), _) => Choice::Source(i),
+            (None, Some(i)) => Choice::Full(i),
+            (None, None) => Choice::Wait,
         }
     }
 
@@ -1234,6 +1246,18 @@ impl Engine {
             }
             match self.choose(e, now) {
                 Choice::Source(i) => self.assign(i, e, now),
+                Choice::Full(i) => {
+                    if let Some(job) = self.job.as_mut()
+                        && let Some(slot) = job.sources[i].open.take()
+                    {
+                        self.emit_fetch(slot);
+                    }
+                    parked += 1;
+                    first_parked.get_or_insert(e);
+                    if parked >= PARKED_MAX {
+                        break;
+                    }
+                }
                 Choice::Wait => {
                     parked += 1;
                     first_parked.get_or_insert(e);
