@@ -1529,12 +1529,11 @@ impl LengthsOnly {
                     }
                 }
                 Output::Write {
-                    slot, offsets, id, ..
+                    slot, offsets, len, ..
                 } => {
-                    let size = self.sizes.get(&id).copied().unwrap_or(0);
                     self.pending.push_back(Input::Written {
                         slot,
-                        bytes: u64::from(size) * offsets.len() as u64,
+                        bytes: u64::from(len) * offsets.len() as u64,
                     });
                 }
                 Output::Sync { slot } => self.pending.push_back(Input::Synced { slot }),

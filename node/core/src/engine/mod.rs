@@ -537,6 +537,9 @@ pub enum Output {
         offsets: Offsets,
         /// The bytes (verified; empty for a simulated chunk).
         data: Vec<u8>,
+        /// The chunk's length: `data`'s, or a simulated chunk's (which carries no
+        /// bytes), so a driver that models writes needs no lookup.
+        len: u32,
     },
     /// Make every write to the slot so far durable; answer [`Input::Synced`] once
     /// it is (the journal records of those writes wait for it).

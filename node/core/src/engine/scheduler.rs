@@ -2019,6 +2019,7 @@ impl Engine {
             slot: target,
             id,
             offsets,
+            len: size,
             data: chunk.into_data(),
         });
         if flush {
