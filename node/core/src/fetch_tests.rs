@@ -458,23 +458,37 @@ fn a_stream_and_a_request_source_work_at_the_same_time() {
     assert!(slot_b_holds(&dev, &image));
 }
 
+/// Installs `m` on `dev` from one WAN request source (id 1) holding `chunks`,
+/// which takes `requests_max` requests of `request_bytes_max` bytes at a time;
+/// the slot is armed.
+fn install_from_one_wan_source(
+    f: &Fixture,
+    dev: &mut SimDevice,
+    m: &Manifest,
+    chunks: &[(ChunkId, Vec<u8>)],
+    requests_max: u32,
+    request_bytes_max: u32,
+) {
+    dev.stores
+        .insert(SourceId(1), chunks.iter().cloned().collect());
+    let limits = SourceLimits {
+        requests_max,
+        request_bytes_max,
+        request_chunks_max: 1000,
+    };
+    let mut engine = dev.engine(f.config());
+    let offer = f.offer(m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
+    engine.offer(dev.now(), offer).expect("offer");
+    dev.run(&mut engine, None).expect("no crash");
+    assert!(armed(&dev.events));
+}
+
 #[test]
 fn fetches_are_batched_by_bytes() {
     let f = Fixture::new();
     let image = bytes(11, MIB);
     let (mut dev, m, chunks) = setup(&image);
-    dev.stores
-        .insert(SourceId(1), chunks.iter().cloned().collect());
-    let limits = SourceLimits {
-        requests_max: 3,
-        request_bytes_max: 16 * 1024,
-        request_chunks_max: 1000,
-    };
-    let mut engine = dev.engine(f.config());
-    let offer = f.offer(&m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
-    engine.offer(dev.now(), offer).expect("offer");
-    dev.run(&mut engine, None).expect("no crash");
-    assert!(armed(&dev.events));
+    install_from_one_wan_source(&f, &mut dev, &m, &chunks, 3, 16 * 1024);
     let (requests, asked_chunks) = asked(&dev, 1);
     assert_eq!(asked_chunks, chunks.len() as u64);
     // 4 KiB chunks, 16 KiB requests: 4 per request.
@@ -493,19 +507,8 @@ fn a_request_the_next_chunk_does_not_fit_is_sent_as_it_is() {
     let mut dev = SimDevice::new(&[], 2 * MIB as u64, 1);
     let (m, chunks) =
         crate::testing::release_cut("acme-os", "1.0", 1, DEVICE, &image, &[6144, 6144, 2048]);
-    dev.stores
-        .insert(SourceId(1), chunks.iter().cloned().collect());
     dev.requests_log = Some(Vec::new());
-    let limits = SourceLimits {
-        requests_max: 1,
-        request_bytes_max: 10 * 1024,
-        request_chunks_max: 1000,
-    };
-    let mut engine = dev.engine(f.config());
-    let offer = f.offer(&m, vec![source(1, SourceClass::Wan).with_limits(limits)]);
-    engine.offer(dev.now(), offer).expect("offer");
-    dev.run(&mut engine, None).expect("no crash");
-    assert!(armed(&dev.events));
+    install_from_one_wan_source(&f, &mut dev, &m, &chunks, 1, 10 * 1024);
     let size = |id: &ChunkId| {
         chunks
             .iter()
