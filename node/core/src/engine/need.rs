@@ -67,6 +67,7 @@ impl Hasher for EntryHasher {
 
 /// See the module documentation.
 #[derive(Debug)]
+#[cfg_attr(test, derive(PartialEq))]
 pub(crate) struct NeedTable {
     codes: Vec<u8>,
     /// Entry → request slab slot, for the entries in [`Need::Fetching`].
@@ -95,10 +96,10 @@ impl NeedTable {
     /// `n` entries, all [`Need::Idle`]: [`NeedTable::new`] then
     /// [`NeedTable::set`] of each to `Idle`, without the walk.
     pub(crate) fn all_idle(n: u32) -> NeedTable {
-        NeedTable {
-            codes: vec![IDLE; n as usize],
-            ..NeedTable::new(0)
-        }
+        let mut t = NeedTable::new(0);
+        t.codes = vec![IDLE; n as usize];
+        (t.read_cursor, t.fetch_cursor) = (n, n);
+        t
     }
 
     pub(crate) fn get(&self, e: u32) -> Need {

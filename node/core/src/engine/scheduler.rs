@@ -2454,6 +2454,18 @@ mod tests {
             let needs: Vec<Need> = (0..rel.table.entries()).map(|e| job.need.get(e)).collect();
             (job.needed, job.needed_bytes, needs, job.wire_max)
         };
+        // The whole table (codes, cursors, counts) as the walk leaves it.
+        let walked = |done: &[u32]| {
+            Job::new(
+                Arc::clone(&rel),
+                Slot::B,
+                false,
+                done,
+                WanBudget::new(None, 0),
+            )
+            .need
+        };
+        assert_eq!(walked(&[]), walked(&[u32::MAX]));
         let wire_max = (0..rel.table.entries())
             .map(|e| u64::from(rel.table.wire_size(e)))
             .max()
