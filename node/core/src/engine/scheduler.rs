@@ -345,8 +345,6 @@ pub(crate) struct Job {
     /// The data budget and rate cap of WAN requests (what every run asked is
     /// persisted with each journal batch).
     pub(crate) budget: WanBudget,
-    /// The largest wire size of a chunk of the release.
-    wire_max: u64,
     /// Cleared entry lists of ended requests, for the next ones.
     spare_entries: Vec<Vec<u32>>,
     /// The end game's list of sources that may take over a request (kept, with
@@ -427,7 +425,12 @@ impl Job {
             reboot,
             step: Step::Indexing,
             sources: Vec::new(),
-            need: NeedTable::new(n),
+            // A fresh install needs every entry: no walk over them below (an
+            // offer to each of a fleet's devices asks this of the shared release).
+            need: match done_positions.is_empty() {
+                true => NeedTable::all_idle(n),
+                false => NeedTable::new(n),
+            },
             guessed: Bitfield::new(n),
             indexed: Bitfield::new(n),
             written,
@@ -461,14 +464,10 @@ impl Job {
             budget,
             spare_entries: Vec::new(),
             takers: Vec::new(),
-            wire_max: u64::from(table.wire_max()),
             writing_bytes: 0,
             interleave: Interleave::default(),
         };
         if done_positions.is_empty() {
-            // A fresh install needs every entry: no walk over them (an offer
-            // to each of a fleet's devices asks this of the shared release).
-            job.need = NeedTable::all_idle(n);
             job.needed = n;
             job.needed_bytes = job.rel.table.distinct_bytes();
         } else {
@@ -487,6 +486,11 @@ impl Job {
             .map(|p| u64::from(job.rel.table.size(job.rel.table.entry_at(p))))
             .sum();
         job
+    }
+
+    /// The largest wire size of a chunk of the release.
+    fn wire_max(&self) -> u64 {
+        u64::from(self.rel.table.wire_max())
     }
 
     /// The generation of the last request made.
@@ -921,7 +925,7 @@ impl Engine {
             self.fail(refusal);
             return;
         }
-        let largest = job.wire_max;
+        let largest = job.wire_max();
         job.budget
             .start_pacing(self.config.wan_rate_bytes_per_s, largest, now);
         self.rescan(now);
@@ -1246,19 +1250,13 @@ impl Engine {
             }
             match self.choose(e, now) {
                 Choice::Source(i) => self.assign(i, e, now),
-                Choice::Full(i) => {
-                    if let Some(job) = self.job.as_mut()
+                choice @ (Choice::Wait | Choice::Full(_)) => {
+                    if let Choice::Full(i) = choice
+                        && let Some(job) = self.job.as_mut()
                         && let Some(slot) = job.sources[i].open.take()
                     {
                         self.emit_fetch(slot);
                     }
-                    parked += 1;
-                    first_parked.get_or_insert(e);
-                    if parked >= PARKED_MAX {
-                        break;
-                    }
-                }
-                Choice::Wait => {
                     parked += 1;
                     first_parked.get_or_insert(e);
                     if parked >= PARKED_MAX {
@@ -2192,7 +2190,7 @@ impl Engine {
                 (0..job.sources.len())
                     .filter(|&i| {
                         job.sources[i]
-                            .silence_deadline(&job.requests, job.wire_max)
+                            .silence_deadline(&job.requests, job.wire_max())
                             .is_some_and(|t| t <= now)
                     })
                     .collect()
@@ -2248,7 +2246,7 @@ impl Engine {
                 job.sources
                     .iter()
                     .filter(|s| s.gone.is_none())
-                    .filter_map(|s| s.silence_deadline(&job.requests, job.wire_max))
+                    .filter_map(|s| s.silence_deadline(&job.requests, job.wire_max()))
                     .min(),
                 job.sources
                     .iter()
@@ -2452,7 +2450,7 @@ mod tests {
                 WanBudget::new(None, 0),
             );
             let needs: Vec<Need> = (0..rel.table.entries()).map(|e| job.need.get(e)).collect();
-            (job.needed, job.needed_bytes, needs, job.wire_max)
+            (job.needed, job.needed_bytes, needs, job.wire_max())
         };
         // The whole table (codes, cursors, counts) as the walk leaves it.
         let walked = |done: &[u32]| {

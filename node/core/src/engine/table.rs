@@ -385,10 +385,15 @@ impl ChunkTable {
         self.ids.get(p)
     }
 
+    /// Whether the entry has several positions: told by its bit (nearly every
+    /// entry appears once), without a search of the repeats.
+    fn is_repeated(&self, e: u32) -> bool {
+        self.repeated[e as usize / 64] >> (e % 64) & 1 == 1
+    }
+
     /// The offsets of the entry's positions after the first, if it has several.
     pub(crate) fn repeat_offsets(&self, e: u32) -> Option<&Arc<[u64]>> {
-        // Nearly every entry appears once: told by its bit, without a search.
-        if self.repeated[e as usize / 64] >> (e % 64) & 1 == 0 {
+        if !self.is_repeated(e) {
             return None;
         }
         self.repeats
@@ -507,7 +512,7 @@ impl ChunkTable {
 
     /// The entry's positions, in payload order.
     pub(crate) fn positions_of(&self, e: u32) -> impl Iterator<Item = u32> + '_ {
-        let more: &[u32] = if self.repeated[e as usize / 64] >> (e % 64) & 1 == 1 {
+        let more: &[u32] = if self.is_repeated(e) {
             let k = self
                 .more
                 .binary_search_by_key(&e, |&(r, _)| r)
