@@ -2483,4 +2483,85 @@ mod tests {
         assert_eq!((needed, bytes), (2, 3072 + 4096));
         assert_eq!(needs[a_entry as usize], Need::Done);
     }
+
+    /// The message `check_invariants` panics with, or `None` when it passes.
+    fn broken_invariant(engine: &Engine) -> Option<String> {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.check_invariants();
+        }));
+        caught.err().map(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default()
+        })
+    }
+
+    /// The check run after every step in tests catches bookkeeping that
+    /// disagrees with the need table (each corruption one a bug could make), and
+    /// passes again once it is undone.
+    #[test]
+    fn the_invariants_check_catches_broken_bookkeeping() {
+        let image = testing::bytes(5, 64 * 1024);
+        let (key, root) = testing::keys(1);
+        let (manifest, chunks) = testing::release("os", "1", 1, "board", &image);
+        let mut dev = testing::SimDevice::new(&[], 1024 * 1024, 1);
+        let id = crate::SourceId(1);
+        dev.stores.insert(id, chunks.into_iter().collect());
+        // It never answers, so its requests stay in flight.
+        let silent = testing::Link {
+            silent: true,
+            ..testing::Link::default()
+        };
+        dev.links.insert(id, silent);
+        let mut engine = dev.engine(crate::Config::new("board", root));
+        let offer = crate::Offer {
+            envelope: testing::sign(&manifest, &key),
+            wall_unix_s: None,
+            sources: vec![crate::SourceInfo::new(
+                id,
+                crate::SourceKind::Requests,
+                crate::SourceClass::Wan,
+                "s1",
+            )],
+            reboot: false,
+        };
+        engine.offer(dev.now(), offer).expect("offer");
+        dev.run_until(&mut engine, None, 100).expect("no crash");
+        assert_eq!(broken_invariant(&engine), None, "sound after the steps");
+        fn job(e: &mut Engine) -> &mut Job {
+            e.job.as_mut().expect("an install in progress")
+        }
+        fn request(e: &mut Engine, slot: usize) -> &mut Request {
+            job(e).requests[slot].as_mut().expect("the request is live")
+        }
+
+        // The count of needed entries one off.
+        job(&mut engine).needed += 1;
+        let broken = broken_invariant(&engine).expect("caught");
+        assert!(broken.contains("needed count"), "{broken}");
+        job(&mut engine).needed -= 1;
+
+        // A live request that counts one entry fewer than it owns.
+        let slot = job(&mut engine)
+            .requests
+            .iter()
+            .position(Option::is_some)
+            .expect("a request in flight");
+        assert!(request(&mut engine, slot).left > 1, "owns several chunks");
+        request(&mut engine, slot).left -= 1;
+        let broken = broken_invariant(&engine).expect("caught");
+        assert!(broken.contains(&format!("request {slot} owns")), "{broken}");
+        request(&mut engine, slot).left += 1;
+
+        // An entry the request lists but that is not marked as fetched by it.
+        let entry = request(&mut engine, slot).entries[0];
+        job(&mut engine).need.set(entry, Need::Idle);
+        assert!(broken_invariant(&engine).is_some(), "an orphaned entry");
+        job(&mut engine)
+            .need
+            .set(entry, Need::Fetching { req: slot as u32 });
+
+        assert_eq!(broken_invariant(&engine), None, "sound once undone");
+    }
 }
