@@ -196,6 +196,22 @@ pub fn rows(image: &Path) -> Result<(Vec<Goal>, Facts)> {
     }
     let after = alloc_count::live_bytes();
     let per_device_kib = after.saturating_sub(before) as f64 / DEVICES as f64 / 1024.0;
+    // `status()` half-way through fetching: from cached counters (5-6 ms before
+    // issue 10, when it walked the chunk maps).
+    let status_us = {
+        let e = engines.first().context("no engine")?;
+        let mut took = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = Clock::now();
+            std::hint::black_box(e.status());
+            took.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        median(took)
+    };
+    facts.push((
+        "`status()` of an engine half-way through fetching the release (median of 200; 5-6 ms before issue 10)".to_string(),
+        format!("{status_us:.2} µs"),
+    ));
     drop(engines);
     facts.push((
         "engine memory: the shared release (chunk table), and the engine's own count of its per-install arrays".to_string(),
