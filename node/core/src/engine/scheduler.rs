@@ -2497,6 +2497,14 @@ mod tests {
         })
     }
 
+    fn job(e: &mut Engine) -> &mut Job {
+        e.job.as_mut().expect("an install in progress")
+    }
+
+    fn request(e: &mut Engine, slot: usize) -> &mut Request {
+        job(e).requests[slot].as_mut().expect("the request is live")
+    }
+
     /// The check run after every step in tests catches bookkeeping that
     /// disagrees with the need table (each corruption one a bug could make), and
     /// passes again once it is undone.
@@ -2529,12 +2537,6 @@ mod tests {
         engine.offer(dev.now(), offer).expect("offer");
         dev.run_until(&mut engine, None, 100).expect("no crash");
         assert_eq!(broken_invariant(&engine), None, "sound after the steps");
-        fn job(e: &mut Engine) -> &mut Job {
-            e.job.as_mut().expect("an install in progress")
-        }
-        fn request(e: &mut Engine, slot: usize) -> &mut Request {
-            job(e).requests[slot].as_mut().expect("the request is live")
-        }
 
         // The count of needed entries one off.
         job(&mut engine).needed += 1;
@@ -2557,7 +2559,8 @@ mod tests {
         // An entry the request lists but that is not marked as fetched by it.
         let entry = request(&mut engine, slot).entries[0];
         job(&mut engine).need.set(entry, Need::Idle);
-        assert!(broken_invariant(&engine).is_some(), "an orphaned entry");
+        let broken = broken_invariant(&engine).expect("caught");
+        assert!(broken.contains(&format!("request {slot} owns")), "{broken}");
         job(&mut engine)
             .need
             .set(entry, Need::Fetching { req: slot as u32 });
