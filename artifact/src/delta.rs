@@ -260,4 +260,64 @@ mod tests {
         assert!(shared(&fa, &fb) >= 6, "{}", shared(&fa, &fb));
         assert_eq!(shared(&fa, &fc), 0);
     }
+    /// A base of `size` bytes (the file is not read by `ranges`), its chunks
+    /// starting at `starts`, and the features of `similar` as those of base chunk
+    /// `i` (nothing else in the sketch).
+    fn base(size: u64, starts: Vec<u64>, similar: Option<(&[u8], u32)>) -> RefBase {
+        let mut sketch: HashMap<u64, Vec<u32>> = HashMap::new();
+        if let Some((data, i)) = similar {
+            for f in features(data) {
+                sketch.entry(f).or_default().push(i);
+            }
+        }
+        RefBase {
+            file: tempfile::tempfile().expect("a temporary file"),
+            size,
+            held_end: HashMap::new(),
+            starts,
+            sketch,
+        }
+    }
+
+    #[test]
+    fn the_locality_window_lies_around_the_anchor_quantized_and_within_the_payload() {
+        const MIB: u64 = 1024 * 1024;
+        let b = base(4 * MIB, vec![0], None);
+        let chunk = vec![1u8; 4096];
+        // A quarter window before the anchor's quantum, a window long.
+        let around = (1_000_000 / QUANTUM * QUANTUM - WINDOW / 4, WINDOW as u32);
+        assert_eq!(b.ranges(Some(1_000_000), &chunk), vec![around]);
+        // Anchors in one quantum share the reference (read and checked once).
+        assert_eq!(b.ranges(Some(1_040_000), &chunk), vec![around]);
+        assert_ne!(b.ranges(Some(1_050_000), &chunk), vec![around]);
+        // Clipped at the payload's start and end.
+        assert_eq!(b.ranges(Some(10_000), &chunk), vec![(0, WINDOW as u32)]);
+        assert_eq!(
+            b.ranges(Some(4 * MIB + 5), &chunk),
+            vec![(4 * MIB - WINDOW / 4, (WINDOW / 4) as u32)]
+        );
+        // No anchor (the chunk follows nothing the base holds), nothing similar.
+        assert_eq!(b.ranges(None, &chunk), Vec::<(u64, u32)>::new());
+    }
+
+    #[test]
+    fn the_similar_chunks_window_follows_the_locality_one_or_merges_with_it() {
+        const MIB: u64 = 1024 * 1024;
+        let data: Vec<u8> = (0..16384u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        // Base chunk 1, which shares the chunk's features, starts at 3 MiB.
+        let b = base(4 * MIB, vec![0, 3 * MIB], Some((&data, 1)));
+        let at_3 = (3 * MIB - WINDOW / 4, WINDOW as u32);
+        // Alone, when there is no anchor.
+        assert_eq!(b.ranges(None, &data), vec![at_3]);
+        // After the locality window, far from it.
+        let at_1 = (MIB - WINDOW / 4, WINDOW as u32);
+        assert_eq!(b.ranges(Some(MIB), &data), vec![at_1, at_3]);
+        // One window where the two overlap.
+        assert_eq!(
+            b.ranges(Some(3 * MIB + QUANTUM), &data),
+            vec![(3 * MIB - WINDOW / 4, (WINDOW + QUANTUM) as u32)]
+        );
+    }
 }
