@@ -418,6 +418,9 @@ impl Job {
             }
         }
         let journaled = written.clone();
+        // A fresh install needs every entry: no walk over them below (an offer to
+        // each of a fleet's devices asks this of the shared release).
+        let fresh = done_positions.is_empty();
         let mut job = Job {
             rel: Arc::clone(&rel),
             journaled,
@@ -425,11 +428,10 @@ impl Job {
             reboot,
             step: Step::Indexing,
             sources: Vec::new(),
-            // A fresh install needs every entry: no walk over them below (an
-            // offer to each of a fleet's devices asks this of the shared release).
-            need: match done_positions.is_empty() {
-                true => NeedTable::all_idle(n),
-                false => NeedTable::new(n),
+            need: if fresh {
+                NeedTable::all_idle(n)
+            } else {
+                NeedTable::new(n)
             },
             guessed: Bitfield::new(n),
             indexed: Bitfield::new(n),
@@ -467,7 +469,7 @@ impl Job {
             writing_bytes: 0,
             interleave: Interleave::default(),
         };
-        if done_positions.is_empty() {
+        if fresh {
             job.needed = n;
             job.needed_bytes = job.rel.table.distinct_bytes();
         } else {
@@ -2441,19 +2443,7 @@ mod tests {
         let rel = Arc::new(
             VerifiedRelease::verify(&root, testing::sign(&manifest, &key), None).expect("verifies"),
         );
-        let plan = |done: &[u32]| {
-            let job = Job::new(
-                Arc::clone(&rel),
-                Slot::B,
-                false,
-                done,
-                WanBudget::new(None, 0),
-            );
-            let needs: Vec<Need> = (0..rel.table.entries()).map(|e| job.need.get(e)).collect();
-            (job.needed, job.needed_bytes, needs, job.wire_max())
-        };
-        // The whole table (codes, cursors, counts) as the walk leaves it.
-        let walked = |done: &[u32]| {
+        let job = |done: &[u32]| {
             Job::new(
                 Arc::clone(&rel),
                 Slot::B,
@@ -2461,8 +2451,14 @@ mod tests {
                 done,
                 WanBudget::new(None, 0),
             )
-            .need
         };
+        let plan = |done: &[u32]| {
+            let job = job(done);
+            let needs: Vec<Need> = (0..rel.table.entries()).map(|e| job.need.get(e)).collect();
+            (job.needed, job.needed_bytes, needs, job.wire_max())
+        };
+        // The whole table (codes, cursors, counts) as the walk leaves it.
+        let walked = |done: &[u32]| job(done).need;
         assert_eq!(walked(&[]), walked(&[u32::MAX]));
         let wire_max = (0..rel.table.entries())
             .map(|e| u64::from(rel.table.wire_size(e)))
