@@ -17,24 +17,24 @@ use crate::{
 const DEVICE: &str = "acme-board";
 const MIB: usize = 1024 * 1024;
 
-struct Fixture {
+pub(crate) struct Fixture {
     key: SecretKey,
     root: TrustRoot,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let (key, root) = keys(3);
         Fixture { key, root }
     }
 
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let mut c = Config::new(DEVICE, self.root.clone());
         c.journal_batch_bytes = 256 * 1024;
         c
     }
 
-    fn offer(&self, m: &Manifest, sources: Vec<SourceInfo>) -> Offer {
+    pub(crate) fn offer(&self, m: &Manifest, sources: Vec<SourceInfo>) -> Offer {
         Offer {
             envelope: sign(m, &self.key),
             wall_unix_s: None,
@@ -55,13 +55,13 @@ fn armed(events: &[Event]) -> bool {
     events.iter().any(|e| matches!(e, Event::Armed { .. }))
 }
 
-fn source(id: u32, class: SourceClass) -> SourceInfo {
+pub(crate) fn source(id: u32, class: SourceClass) -> SourceInfo {
     SourceInfo::new(SourceId(id), SourceKind::Requests, class, format!("s{id}"))
 }
 
 /// A device whose active slot shares nothing with `image` (so every chunk is
 /// fetched), and a release of `image` in 4 KiB chunks.
-fn setup(image: &[u8]) -> (SimDevice, Manifest, Vec<(ChunkId, Vec<u8>)>) {
+pub(crate) fn setup(image: &[u8]) -> (SimDevice, Manifest, Vec<(ChunkId, Vec<u8>)>) {
     let dev = SimDevice::new(&[], 2 * MIB as u64, 1);
     let (m, chunks) = release("acme-os", "1.0", 1, DEVICE, image);
     (dev, m, chunks)

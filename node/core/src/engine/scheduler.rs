@@ -2506,10 +2506,10 @@ mod tests {
     /// passes again once it is undone.
     #[test]
     fn the_invariants_check_catches_broken_bookkeeping() {
+        use crate::fetch_tests::{Fixture, setup, source};
+        let f = Fixture::new();
         let image = testing::bytes(5, 64 * 1024);
-        let (key, root) = testing::keys(1);
-        let (manifest, chunks) = testing::release("os", "1", 1, "board", &image);
-        let mut dev = testing::SimDevice::new(&[], 1024 * 1024, 1);
+        let (mut dev, manifest, chunks) = setup(&image);
         let id = crate::SourceId(1);
         dev.stores.insert(id, chunks.into_iter().collect());
         // It never answers, so its requests stay in flight.
@@ -2518,18 +2518,8 @@ mod tests {
             ..testing::Link::default()
         };
         dev.links.insert(id, silent);
-        let mut engine = dev.engine(crate::Config::new("board", root));
-        let offer = crate::Offer {
-            envelope: testing::sign(&manifest, &key),
-            wall_unix_s: None,
-            sources: vec![crate::SourceInfo::new(
-                id,
-                crate::SourceKind::Requests,
-                crate::SourceClass::Wan,
-                "s1",
-            )],
-            reboot: false,
-        };
+        let mut engine = dev.engine(f.config());
+        let offer = f.offer(&manifest, vec![source(1, crate::SourceClass::Wan)]);
         engine.offer(dev.now(), offer).expect("offer");
         dev.run_until(&mut engine, None, 100).expect("no crash");
         assert_eq!(broken_invariant(&engine), None, "sound after the steps");
